@@ -1,0 +1,32 @@
+"""flashtile: FlashAttention as a Python library.
+
+Exact attention computed tile by tile with an online softmax, behind flash-attn 2's API:
+Triton kernels on GPUs, a tiled PyTorch engine on every device.
+"""
+
+from .dispatch import BackendUnavailableError, use_backend
+from .interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
+from .padding import pad_input, unpad_input
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "pad_input",
+    "unpad_input",
+    "use_backend",
+    "__version__",
+]

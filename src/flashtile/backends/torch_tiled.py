@@ -1,0 +1,301 @@
+"""The tiled online-softmax engine in plain PyTorch: forward and backward on any device.
+
+Layout inside the engine ("packed GQA"): the ``G = H // Hk`` query heads that share a
+key/value head are folded into the rows, so q becomes ``(B, Hk, Sq * G, D)`` with row
+``r <-> (query position r // G, head hk * G + r % G)`` and K/V are never repeated.
+Everything is computed in float32 (float64 stays float64).
+
+Forward: for each block of query rows, walk the key blocks that the causal/window mask
+leaves visible, keeping the running max ``m_i``, normaliser ``l_i`` and accumulator ``acc``.
+Backward (FlashAttention-2): ``delta = rowsum(dout * out)``; for each key block, walk the
+visible query blocks, recompute ``p = exp(s - lse)``, accumulate dK/dV for the block and add
+into dQ. Extra memory: the fp32 copies of q/k/v/out/dout and the gradients, O((Sq + Sk) * D)
+per head, plus one ``(rows x keys)`` tile whose size does not grow with the sequence length.
+The loops are sequential, so gradients are bitwise reproducible (``deterministic`` is always met).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..mask import block_fully_visible, key_range, visible
+from ..rng import dropout_threshold, philox_word
+from ..spec import AttnSpec, Problem
+
+#: Elements in one score tile (all batch x heads together); 2**20 fp32 = 4 MiB fits in cache
+#: on typical CPUs and keeps Python overhead per tile small. Override: FLASHTILE_TORCH_TILE.
+_TILE_ELEMS = int(os.environ.get("FLASHTILE_TORCH_TILE", 1 << 20))
+_BLOCK_N = 512
+
+
+@dataclass
+class _Seq:
+    """One group of equal-length sequences: rows and keys of ``qh`` / ``kh`` it owns."""
+
+    row0: int  # first query position (not row) in qh
+    sq: int
+    col0: int
+    sk: int
+    batch: slice  # batch slice into qh/kh
+    bh0: int  # (first sequence index) * H, for the dropout counter
+    slopes: torch.Tensor | None  # (nb, H) fp32 or None
+
+
+def _blocks(problem_rows: int, nbh: int, groups: int) -> tuple[int, int]:
+    bn = _BLOCK_N
+    bm = max(16, _TILE_ELEMS // max(1, nbh * groups * bn))
+    return min(bm, max(problem_rows, 1)), bn
+
+
+class _Ctx:
+    """Per-call constants and the shared per-tile score computation."""
+
+    def __init__(self, spec: AttnSpec, H: int, Hk: int, D: int, seed: int):
+        self.spec = spec
+        self.H, self.Hk, self.G, self.D = H, Hk, H // Hk, D
+        self.cap = spec.softcap
+        # q is pre-scaled by c, so that u = (c q) . k; s = cap * tanh(u) (softcap) or u.
+        self.c = spec.softmax_scale / spec.softcap if spec.softcap > 0 else spec.softmax_scale
+        self.seed = seed
+        self.left, self.right = spec.window_left, spec.window_right
+
+    def scores(
+        self,
+        qb: torch.Tensor,
+        kb: torch.Tensor,
+        seq: _Seq,
+        i0: int,
+        i1: int,
+        j0: int,
+        j1: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores of query positions [i0, i1) against keys [j0, j1) of one sequence group,
+        masked with -inf. Returns (s, t) with t = tanh(u) when softcap is on (for the backward)."""
+        G = self.G
+        s = torch.matmul(qb, kb.transpose(-1, -2))  # (nb, Hk, (i1-i0)*G, j1-j0)
+        t = None
+        if self.cap > 0:
+            t = s.tanh_()
+            s = t * self.cap
+        offset = seq.sk - seq.sq
+        need_mask = not block_fully_visible(i0, i1, j0, j1, offset, self.left, self.right)
+        if need_mask or seq.slopes is not None:
+            dev = s.device
+            rows = torch.arange(i0, i1, device=dev).repeat_interleave(G)
+            cols = torch.arange(j0, j1, device=dev)
+            if seq.slopes is not None:
+                nb = s.shape[0]
+                sl = seq.slopes.view(nb, self.Hk, 1, G).expand(nb, self.Hk, i1 - i0, G)
+                dist = (rows.unsqueeze(-1) + offset - cols).abs().to(s.dtype)
+                s = s - sl.reshape(nb, self.Hk, -1, 1).to(s.dtype) * dist
+            if need_mask:
+                vis = visible(rows, cols, offset, self.left, self.right)
+                s = s.masked_fill(~vis, float("-inf"))
+        return s, t
+
+    def keep(self, seq: _Seq, nb: int, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> torch.Tensor:
+        """Dropout keep mask for the tile, shaped like the scores."""
+        G, Hk = self.G, self.Hk
+        rows = torch.arange(i0, i1, device=device).repeat_interleave(G)
+        heads = torch.arange(self.H, device=device).view(Hk, 1, G).expand(Hk, i1 - i0, G).reshape(Hk, -1)
+        b = torch.arange(nb, device=device).view(nb, 1, 1)
+        bh = seq.bh0 + b * self.H + heads  # (nb, Hk, R)
+        cols = torch.arange(j0, j1, device=device)
+        word = philox_word(self.seed, cols.view(1, 1, 1, -1), rows.view(1, 1, -1, 1), bh.unsqueeze(-1))
+        return (word >> 8) >= dropout_threshold(self.spec.dropout_p)
+
+
+def _to_rows(x: torch.Tensor, Hk: int, cdt: torch.dtype) -> torch.Tensor:
+    """(B, S, H, D) -> a fresh (B, Hk, S * G, D) contiguous buffer in the compute dtype
+    (always a copy, so the engine may update it in place)."""
+    B, S, H, D = x.shape
+    G = H // Hk
+    buf = torch.empty((B, Hk, S, G, D), dtype=cdt, device=x.device)
+    buf.copy_(x.view(B, S, Hk, G, D).permute(0, 2, 1, 3, 4))
+    return buf.view(B, Hk, S * G, D)
+
+
+def _from_rows(x: torch.Tensor, H: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, Hk, S * G, D) -> (B, S, H, D) in dtype."""
+    B, Hk, R, D = x.shape
+    G = H // Hk
+    S = R // G
+    return x.view(B, Hk, S, G, D).permute(0, 2, 1, 3, 4).reshape(B, S, H, D).to(dtype)
+
+
+def _kv_heads(x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """(B, S, Hk, D) -> (B, Hk, S, D) contiguous in the compute dtype."""
+    return x.permute(0, 2, 1, 3).to(cdt).contiguous()
+
+
+def _groups(
+    B: int,
+    Sq: int,
+    Sk: int,
+    H: int,
+    cu_q: torch.Tensor | None,
+    cu_k: torch.Tensor | None,
+    slopes: torch.Tensor | None,
+) -> list[_Seq]:
+    if cu_q is None:
+        return [_Seq(0, Sq, 0, Sk, slice(0, B), 0, slopes)]
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    out = []
+    for n in range(len(cq) - 1):
+        sl = None if slopes is None else slopes[n : n + 1]
+        out.append(_Seq(cq[n], cq[n + 1] - cq[n], ck[n], ck[n + 1] - ck[n], slice(0, 1), n * H, sl))
+    return out
+
+
+class TorchTiledBackend:
+    """Tiled PyTorch attention: every option, every device, fp16/bf16/fp32/fp64 inputs."""
+
+    name = "torch"
+
+    def available(self) -> str | None:
+        return None
+
+    def supports(self, problem: Problem, spec: AttnSpec) -> str | None:
+        return None
+
+    @torch.no_grad()
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        spec: AttnSpec,
+        *,
+        cu_seqlens_q: torch.Tensor | None,
+        cu_seqlens_k: torch.Tensor | None,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        alibi_slopes: torch.Tensor | None,
+        seed: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, Sq, H, D = q.shape
+        Sk, Hk = k.shape[1], k.shape[2]
+        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        ctx = _Ctx(spec, H, Hk, D, seed)
+        G = ctx.G
+        qh = _to_rows(q, Hk, cdt)
+        qh.mul_(ctx.c)
+        kh, vh = _kv_heads(k, cdt), _kv_heads(v, cdt)
+        out = torch.zeros(B, Hk, Sq * G, D, dtype=cdt, device=q.device)
+        lse = torch.full((B, Hk, Sq * G), float("-inf"), dtype=torch.float32, device=q.device)
+        drop = spec.dropout_p > 0
+        for seq in _groups(B, Sq, Sk, H, cu_seqlens_q, cu_seqlens_k, alibi_slopes):
+            nb = seq.batch.stop - seq.batch.start
+            bm, bn = _blocks(seq.sq, nb * Hk, G)
+            offset = seq.sk - seq.sq
+            kseq = kh[seq.batch, :, seq.col0 : seq.col0 + seq.sk]
+            vseq = vh[seq.batch, :, seq.col0 : seq.col0 + seq.sk]
+            for i0 in range(0, seq.sq, bm):
+                i1 = min(i0 + bm, seq.sq)
+                r0, r1 = (seq.row0 + i0) * G, (seq.row0 + i1) * G
+                qb = qh[seq.batch, :, r0:r1]
+                lo, hi = key_range(i0, i1, seq.sk, offset, ctx.left, ctx.right)
+                m_i = torch.full(qb.shape[:-1], float("-inf"), dtype=cdt, device=q.device)
+                l_i = torch.zeros_like(m_i)
+                acc = torch.zeros_like(qb)
+                for j0 in range(lo, hi, bn):
+                    j1 = min(j0 + bn, hi)
+                    s, _ = ctx.scores(qb, kseq[:, :, j0:j1], seq, i0, i1, j0, j1)
+                    m_new = torch.maximum(m_i, s.amax(-1))
+                    m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+                    p = s.sub_(m_safe.unsqueeze(-1)).exp_()
+                    alpha = torch.exp(m_i - m_safe)
+                    l_i = l_i.mul_(alpha).add_(p.sum(-1))
+                    if drop:
+                        p = p.masked_fill_(~ctx.keep(seq, nb, i0, i1, j0, j1, q.device), 0.0)
+                    acc = acc.mul_(alpha.unsqueeze(-1)).add_(torch.matmul(p, vseq[:, :, j0:j1]))
+                    m_i = m_new
+                empty = l_i == 0
+                scale = torch.where(empty, torch.zeros_like(l_i), 1.0 / l_i)
+                if drop:
+                    scale = scale / (1.0 - spec.dropout_p)
+                out[seq.batch, :, r0:r1] = acc * scale.unsqueeze(-1)
+                lse[seq.batch, :, r0:r1] = torch.where(empty, float("-inf"), m_i + torch.log(l_i)).float()
+        lse_out = lse.view(B, Hk, Sq, G).permute(0, 1, 3, 2).reshape(B, H, Sq)
+        return _from_rows(out, H, q.dtype), lse_out
+
+    @torch.no_grad()
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        spec: AttnSpec,
+        *,
+        cu_seqlens_q: torch.Tensor | None,
+        cu_seqlens_k: torch.Tensor | None,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        alibi_slopes: torch.Tensor | None,
+        seed: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, Sq, H, D = q.shape
+        Sk, Hk = k.shape[1], k.shape[2]
+        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        ctx = _Ctx(spec, H, Hk, D, seed)
+        G = ctx.G
+        qh = _to_rows(q, Hk, cdt)
+        qh.mul_(ctx.c)
+        doh = _to_rows(dout, Hk, cdt)
+        delta = (doh * _to_rows(out, Hk, cdt)).sum(-1)  # (B, Hk, Sq*G)
+        kh, vh = _kv_heads(k, cdt), _kv_heads(v, cdt)
+        # lse in row layout; rows that saw no key get +inf so that p = exp(s - lse) = 0 there.
+        lse_r = lse.view(B, Hk, G, Sq).permute(0, 1, 3, 2).reshape(B, Hk, Sq * G).to(cdt)
+        lse_r = torch.where(torch.isneginf(lse_r), float("inf"), lse_r)
+        dq = torch.zeros_like(qh)
+        dk = torch.zeros_like(kh)
+        dv = torch.zeros_like(vh)
+        drop = spec.dropout_p > 0
+        inv_keep = 1.0 / (1.0 - spec.dropout_p)
+        for seq in _groups(B, Sq, Sk, H, cu_seqlens_q, cu_seqlens_k, alibi_slopes):
+            nb = seq.batch.stop - seq.batch.start
+            bm, bn = _blocks(seq.sq, nb * Hk, G)
+            offset = seq.sk - seq.sq
+            for j0 in range(0, seq.sk, bn):
+                j1 = min(j0 + bn, seq.sk)
+                c0, c1 = seq.col0 + j0, seq.col0 + j1
+                kb, vb = kh[seq.batch, :, c0:c1], vh[seq.batch, :, c0:c1]
+                dk_acc = torch.zeros_like(kb)
+                dv_acc = torch.zeros_like(vb)
+                # query positions that see any key in [j0, j1)
+                i_lo = 0 if ctx.right < 0 else max(0, j0 - offset - ctx.right)
+                i_hi = seq.sq if ctx.left < 0 else min(seq.sq, j1 - 1 - offset + ctx.left + 1)
+                for i0 in range(i_lo, i_hi, bm):
+                    i1 = min(i0 + bm, seq.sq)
+                    r0, r1 = (seq.row0 + i0) * G, (seq.row0 + i1) * G
+                    qb = qh[seq.batch, :, r0:r1]
+                    dob = doh[seq.batch, :, r0:r1]
+                    s, t = ctx.scores(qb, kb, seq, i0, i1, j0, j1)
+                    p = s.sub_(lse_r[seq.batch, :, r0:r1].unsqueeze(-1)).exp_()
+                    dp = torch.matmul(dob, vb.transpose(-1, -2))
+                    if drop:
+                        keep = ctx.keep(seq, nb, i0, i1, j0, j1, q.device)
+                        pd = p.masked_fill(~keep, 0.0).mul_(inv_keep)
+                        dp = dp.masked_fill_(~keep, 0.0).mul_(inv_keep)
+                    else:
+                        pd = p
+                    dv_acc.add_(torch.matmul(pd.transpose(-1, -2), dob))
+                    ds = p.mul_(dp.sub_(delta[seq.batch, :, r0:r1].unsqueeze(-1)))
+                    if t is not None:
+                        ds = ds.mul_(t.square_().neg_().add_(1.0)).mul_(ctx.cap)
+                    dq[seq.batch, :, r0:r1] += torch.matmul(ds, kb)
+                    dk_acc.add_(torch.matmul(ds.transpose(-1, -2), qb))
+                dk[seq.batch, :, c0:c1] = dk_acc
+                dv[seq.batch, :, c0:c1] = dv_acc
+        dq.mul_(ctx.c)
+        dq_out = _from_rows(dq, H, q.dtype)
+        return dq_out, dk.permute(0, 2, 1, 3).to(k.dtype), dv.permute(0, 2, 1, 3).to(v.dtype)
+
+
+backend = TorchTiledBackend()

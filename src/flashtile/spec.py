@@ -1,0 +1,232 @@
+"""One place for flash-attn's semantics: validated, normalised options and shape checks.
+
+Every public entry point turns its arguments into an :class:`AttnSpec` (the options) and a
+:class:`Problem` (the shapes, dtype and device) here, so backends never re-interpret the
+options and every bad input is rejected with an error that names the argument.
+
+Semantics (flash-attn 2.8):
+
+* ``softmax_scale`` defaults to ``1 / sqrt(headdim)``.
+* ``softcap > 0``: ``s = softcap * tanh(softmax_scale * q.k / softcap)``.
+* ALiBi: ``s += -slope * |i + seqlen_k - seqlen_q - j|``, added after softcap.
+* ``window_size = (left, right)``, ``-1`` = unbounded: query ``i`` sees keys ``j`` with
+  ``i + sk - sq - left <= j <= i + sk - sq + right``. ``causal=True`` sets ``right = 0``
+  (the mask is aligned to the bottom-right corner when ``sq != sk``).
+* GQA/MQA: query head ``i`` uses key/value head ``i // (nheads // nheads_k)``.
+* Rows that see no key output 0 and have ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Largest head dimension the public API accepts. The torch backend serves all of it; each
+#: backend states its own limit through ``supports()``.
+MAX_HEADDIM = 512
+
+
+@dataclass(frozen=True)
+class AttnSpec:
+    """Normalised attention options, shared by every backend.
+
+    ``window_left`` / ``window_right`` use ``-1`` for "unbounded"; ``causal`` is already folded
+    into ``window_right = 0``.
+    """
+
+    softmax_scale: float
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    dropout_p: float = 0.0
+    deterministic: bool = False
+
+    @property
+    def is_causal(self) -> bool:
+        return self.window_right == 0
+
+    @property
+    def has_window(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Shapes, dtype and device of one call, for backend selection.
+
+    For varlen calls ``batch`` is the number of sequences and ``seqlen_q`` / ``seqlen_k``
+    are the ``max_seqlen`` values.
+    """
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    nheads: int
+    nheads_k: int
+    headdim: int
+    dtype: torch.dtype
+    device: torch.device
+    varlen: bool = False
+    has_alibi: bool = False
+
+
+def _check_tensor(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _shape(x: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in x.shape) + ")"
+
+
+def check_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    varlen: bool,
+    names: tuple[str, str, str] = ("q", "k", "v"),
+) -> None:
+    """Validate rank, dtype, device, head counts, head dim and contiguity of q, k, v.
+
+    Dense layout: q ``(batch, seqlen_q, nheads, headdim)``, k/v ``(batch, seqlen_k, nheads_k, headdim)``.
+    Varlen layout: q ``(total_q, nheads, headdim)``, k/v ``(total_k, nheads_k, headdim)``.
+    """
+    qn, kn, vn = names
+    for x, n in ((q, qn), (k, kn), (v, vn)):
+        _check_tensor(x, n)
+    rank = 3 if varlen else 4
+    layout_q = "(total_q, nheads, headdim)" if varlen else "(batch, seqlen_q, nheads, headdim)"
+    layout_k = "(total_k, nheads_k, headdim)" if varlen else "(batch, seqlen_k, nheads_k, headdim)"
+    for x, n, lay in ((q, qn, layout_q), (k, kn, layout_k), (v, vn, layout_k)):
+        if x.dim() != rank:
+            raise ValueError(f"{n} must have {rank} dimensions {lay}, got shape {_shape(x)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{qn} must be float16, bfloat16 or float32, got {q.dtype}")
+    for x, n in ((k, kn), (v, vn)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{n} must have the same dtype as {qn} ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{n} must be on the same device as {qn} ({q.device}), got {x.device}")
+    if not varlen and not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(
+            f"{qn}, {kn}, {vn} must have the same batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}"
+        )
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"{kn} and {vn} must have the same shape, got {_shape(k)} and {_shape(v)}")
+    h, hk = q.shape[-2], k.shape[-2]
+    if h == 0 or hk == 0 or h % hk != 0:
+        raise ValueError(
+            f"the number of query heads ({h}) must be a positive multiple of the number of "
+            f"key/value heads ({hk}) in {kn}/{vn}"
+        )
+    d = q.shape[-1]
+    for x, n in ((k, kn), (v, vn)):
+        if x.shape[-1] != d:
+            raise ValueError(f"{n} must have the same head dim as {qn} ({d}), got {x.shape[-1]}")
+    if not 1 <= d <= MAX_HEADDIM:
+        raise ValueError(f"head dim of {qn} must be between 1 and {MAX_HEADDIM}, got {d}")
+    for x, n in ((q, qn), (k, kn), (v, vn)):
+        if x.stride(-1) != 1 and x.numel() > 0:
+            raise ValueError(
+                f"{n} must be contiguous in its last dimension (stride 1), got strides {tuple(x.stride())}"
+            )
+
+
+def normalize_window(window_size: Sequence[int], causal: bool) -> tuple[int, int]:
+    """Check ``window_size`` and fold ``causal`` into it: returns ``(left, right)``."""
+    try:
+        left, right = (int(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1 means unbounded), got {(left, right)}")
+    if causal:
+        right = 0
+    return left, right
+
+
+def make_spec(
+    *,
+    headdim: int,
+    dropout_p: float,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: Sequence[int],
+    softcap: float,
+    deterministic: bool,
+) -> AttnSpec:
+    """Validate the scalar options and return the normalised :class:`AttnSpec`."""
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if not isinstance(softcap, (int, float)) or float(softcap) < 0.0 or math.isnan(softcap):
+        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap!r}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(headdim)
+    elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    left, right = normalize_window(window_size, causal)
+    return AttnSpec(
+        softmax_scale=float(softmax_scale),
+        window_left=left,
+        window_right=right,
+        softcap=float(softcap),
+        dropout_p=float(dropout_p),
+        deterministic=bool(deterministic),
+    )
+
+
+def check_alibi(
+    alibi_slopes: torch.Tensor | None, batch: int, nheads: int, device: torch.device
+) -> torch.Tensor | None:
+    """Validate ALiBi slopes (fp32, ``(nheads,)`` or ``(batch, nheads)``) and return them as a
+    contiguous fp32 ``(batch, nheads)`` tensor."""
+    if alibi_slopes is None:
+        return None
+    _check_tensor(alibi_slopes, "alibi_slopes")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on the same device as q ({device}), got {alibi_slopes.device}")
+    if alibi_slopes.shape == (nheads,):
+        alibi_slopes = alibi_slopes.unsqueeze(0).expand(batch, nheads)
+    elif alibi_slopes.shape != (batch, nheads):
+        raise ValueError(
+            f"alibi_slopes must have shape (nheads,) = ({nheads},) or (batch, nheads) = ({batch}, {nheads}), "
+            f"got {_shape(alibi_slopes)}"
+        )
+    return alibi_slopes.contiguous()
+
+
+def check_cu_seqlens_meta(cu: torch.Tensor, name: str, device: torch.device) -> int:
+    """Metadata checks for ``cu_seqlens`` (no device sync): returns the number of sequences."""
+    _check_tensor(cu, name)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(f"{name} must be a 1-D tensor of shape (batch + 1,) with batch >= 1, got {_shape(cu)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on the same device as q ({device}), got {cu.device}")
+    return cu.shape[0] - 1
+
+
+def check_cu_seqlens_values(cu: torch.Tensor, name: str, total: int, max_seqlen: int, max_name: str) -> None:
+    """Value checks for ``cu_seqlens`` (reads it on the host): starts at 0, non-decreasing,
+    ends at ``total``, no sequence longer than ``max_seqlen``."""
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {vals[0]}")
+    lens = [b - a for a, b in zip(vals[:-1], vals[1:], strict=True)]
+    if any(n < 0 for n in lens):
+        raise ValueError(f"{name} must be non-decreasing (cumulative sequence lengths), got {vals}")
+    if vals[-1] != total:
+        raise ValueError(
+            f"{name}[-1] must equal the total number of tokens in the packed tensor ({total}), got {vals[-1]}"
+        )
+    if lens and max(lens) > max_seqlen:
+        raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in {name} ({max(lens)})")
