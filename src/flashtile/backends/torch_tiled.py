@@ -42,6 +42,13 @@ class _Seq:
     batch: slice  # batch slice into qh/kh
     bh0: int  # (first sequence index) * H, for the dropout counter
     slopes: torch.Tensor | None  # (nb, H) fp32 or None
+    #: key column aligned with query 0 (the mask diagonal); None = bottom-right, sk - sq.
+    #: A piece of a longer key range (split-KV) passes the offset of the whole range.
+    key_offset: int | None = None
+
+    @property
+    def offset(self) -> int:
+        return self.sk - self.sq if self.key_offset is None else self.key_offset
 
 
 def _blocks(problem_rows: int, nbh: int, groups: int) -> tuple[int, int]:
@@ -80,7 +87,7 @@ class _Ctx:
         if self.cap > 0:
             t = s.tanh_()
             s = t * self.cap
-        offset = seq.sk - seq.sq
+        offset = seq.offset
         need_mask = not block_fully_visible(i0, i1, j0, j1, offset, self.left, self.right)
         if need_mask or seq.slopes is not None:
             dev = s.device
@@ -150,34 +157,14 @@ def _groups(
     return out
 
 
-class TorchTiledBackend:
-    """Tiled PyTorch attention: every option, every device, fp16/bf16/fp32/fp64 inputs."""
-
-    name = "torch"
-
-    def available(self) -> str | None:
-        return None
-
-    def supports(self, problem: Problem, spec: AttnSpec) -> str | None:
-        return None
-
-    @torch.no_grad()
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        spec: AttnSpec,
-        *,
-        cu_seqlens_q: torch.Tensor | None,
-        cu_seqlens_k: torch.Tensor | None,
-        max_seqlen_q: int,
-        max_seqlen_k: int,
-        alibi_slopes: torch.Tensor | None,
-        seed: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_seqs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, seqs: list[_Seq], seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward over explicit sequence groups (the engine behind ``TorchTiledBackend.forward``;
+    also used directly by split-KV decoding, whose pieces carry their own mask offset)."""
+    with torch.no_grad():
         B, Sq, H, D = q.shape
-        Sk, Hk = k.shape[1], k.shape[2]
+        Hk = k.shape[2]
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         ctx = _Ctx(spec, H, Hk, D, seed)
         G = ctx.G
@@ -187,10 +174,10 @@ class TorchTiledBackend:
         out = torch.zeros(B, Hk, Sq * G, D, dtype=cdt, device=q.device)
         lse = torch.full((B, Hk, Sq * G), float("-inf"), dtype=torch.float32, device=q.device)
         drop = spec.dropout_p > 0
-        for seq in _groups(B, Sq, Sk, H, cu_seqlens_q, cu_seqlens_k, alibi_slopes):
+        for seq in seqs:
             nb = seq.batch.stop - seq.batch.start
             bm, bn = _blocks(seq.sq, nb * Hk, G)
-            offset = seq.sk - seq.sq
+            offset = seq.offset
             kseq = kh[seq.batch, :, seq.col0 : seq.col0 + seq.sk]
             vseq = vh[seq.batch, :, seq.col0 : seq.col0 + seq.sk]
             for i0 in range(0, seq.sq, bm):
@@ -221,6 +208,37 @@ class TorchTiledBackend:
                 lse[seq.batch, :, r0:r1] = torch.where(empty, float("-inf"), m_i + torch.log(l_i)).float()
         lse_out = lse.view(B, Hk, Sq, G).permute(0, 1, 3, 2).reshape(B, H, Sq)
         return _from_rows(out, H, q.dtype), lse_out
+
+
+class TorchTiledBackend:
+    """Tiled PyTorch attention: every option, every device, fp16/bf16/fp32/fp64 inputs."""
+
+    name = "torch"
+
+    def available(self) -> str | None:
+        return None
+
+    def supports(self, problem: Problem, spec: AttnSpec) -> str | None:
+        return None
+
+    @torch.no_grad()
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        spec: AttnSpec,
+        *,
+        cu_seqlens_q: torch.Tensor | None,
+        cu_seqlens_k: torch.Tensor | None,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        alibi_slopes: torch.Tensor | None,
+        seed: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs = _groups(q.shape[0], q.shape[1], k.shape[1], q.shape[2], cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+        return forward_seqs(q, k, v, spec, seqs, seed)
+
 
     @torch.no_grad()
     def backward(
@@ -261,7 +279,7 @@ class TorchTiledBackend:
         for seq in _groups(B, Sq, Sk, H, cu_seqlens_q, cu_seqlens_k, alibi_slopes):
             nb = seq.batch.stop - seq.batch.start
             bm, bn = _blocks(seq.sq, nb * Hk, G)
-            offset = seq.sk - seq.sq
+            offset = seq.offset
             for j0 in range(0, seq.sk, bn):
                 j1 = min(j0 + bn, seq.sk)
                 c0, c1 = seq.col0 + j0, seq.col0 + j1
