@@ -140,8 +140,8 @@ def _fwd_step(
 ):
     """One key block of the online softmax: returns the updated (acc, l_i, m_i)."""
     cols = start_n + offs_n
-    kb = k_base + start_n.to(tl.int64) * stride_ks
-    vb = v_base + start_n.to(tl.int64) * stride_vs
+    kb = k_base + tl.cast(start_n, tl.int64) * stride_ks
+    vb = v_base + tl.cast(start_n, tl.int64) * stride_vs
     kT_ptrs = kb + offs_n[None, :] * stride_ks + offs_d[:, None]
     v_ptrs = vb + offs_n[:, None] * stride_vs + offs_d[None, :]
     if MASKED:

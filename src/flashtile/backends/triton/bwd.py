@@ -1,0 +1,325 @@
+"""Backward attention kernels: preprocess (delta = rowsum(dO * O)), dK/dV pass, dQ pass.
+
+Both main passes recompute P = exp2(s - lse) from the saved lse. The dK/dV pass owns one
+block of keys of one key/value head and loops over every query head of its GQA group, so
+the group's dK/dV sum stays in registers; the dQ pass owns one block of query rows. No
+pass uses atomics: the backward is bitwise reproducible whatever ``deterministic`` says.
+
+With dropout, Z the keep mask and r = 1 / (1 - p):
+    dV = (P * Z * r)^T dO,  dP = (dO V^T) * Z * r,  dS = P * (dP - delta),
+and delta = rowsum(dO * O) = rowsum(P * dP). Softcap multiplies dS by (1 - tanh^2).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .fwd import _block_range, _keep, _mm, _mma, _scores, _visible
+
+
+@triton.jit
+def _bwd_preprocess(
+    O, DO, DELTA,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    stride_db, stride_dh,
+    seqlen,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Grid (row blocks, nheads, batch). Varlen runs as one batch over all packed rows."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
+    r64 = rows.to(tl.int64)
+    o = tl.load(O + b * stride_ob + h * stride_oh + r64[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + r64[:, None] * stride_dos + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b * stride_db + h * stride_dh + rows, delta, mask=rows < seqlen)
+
+
+@triton.jit
+def _load_lse2(lse_ptrs, mask):
+    """lse in base 2, with +inf for rows that saw no key, so that exp2(s - lse2) = 0 there."""
+    lse = tl.load(lse_ptrs, mask=mask, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+# ---------------------------------------------------------------------------------------
+# dK / dV
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dkdv_step(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, cols, offs_m, offs_d,
+    stride_qs, stride_dos, seqlen_q, seqlen_k, off, wl, wr,
+    qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
+    MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One block of query rows against this program's key block, in transposed orientation
+    (keys along dim 0): returns the updated (dk, dv)."""
+    rows = start_m + offs_m
+    qb = q_base + tl.cast(start_m, tl.int64) * stride_qs
+    dob = do_base + tl.cast(start_m, tl.int64) * stride_dos
+    qT_ptrs = qb + offs_m[None, :] * stride_qs + offs_d[:, None]
+    do_ptrs = dob + offs_m[:, None] * stride_dos + offs_d[None, :]
+    if MASKED:
+        row_ok = rows < seqlen_q
+        qT = tl.load(qT_ptrs, mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        lse2 = _load_lse2(lse_base + rows, row_ok)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    else:
+        if PAD_D:
+            qT = tl.load(qT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            qT = tl.load(qT_ptrs)
+            do = tl.load(do_ptrs)
+        lse2 = _load_lse2(lse_base + rows, rows >= 0)
+        delta = tl.load(delta_base + rows)
+    qkT = _mm(k, qT, UPCAST)
+    sT, tT = _scores(qkT, rows[None, :], cols[:, None], off, qk_scale, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
+    if MASKED:
+        vis = _visible(rows[None, :], cols[:, None], off, seqlen_q, seqlen_k, wl, wr, HAS_WL, HAS_WR)
+        sT = tl.where(vis, sT, float("-inf"))
+    pT = tl.exp2(sT - lse2[None, :])
+    dpT = _mm(v, tl.trans(do), UPCAST)
+    if HAS_DROPOUT:
+        keep = _keep(seed_lo, seed_hi, rows[None, :], cols[:, None], bh, thresh)
+        pdT = tl.where(keep, pT * drop_scale, 0.0)
+        dpT = tl.where(keep, dpT * drop_scale, 0.0)
+    else:
+        pdT = pT
+    dv = _mma(pdT.to(do.dtype), do, dv, UPCAST)
+    dsT = pT * (dpT - delta[None, :])
+    if HAS_SOFTCAP:
+        dsT = dsT * (1.0 - tT * tT)
+    dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, UPCAST)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "thresh", "seed_lo", "seed_hi"])
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, ALIBI, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh, stride_ab,
+    seqlen_q, seqlen_k, nheads, group,
+    qk_scale, cap_out, alibi_mul, sm_scale,
+    window_left, window_right,
+    thresh, drop_scale, seed_lo, seed_hi,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Grid (key blocks, nheads_k, batch or sequences). DELTA has LSE's strides."""
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = b * 0
+        k_start = b * 0
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    off = seqlen_k - seqlen_q
+    b64 = b.to(tl.int64)
+    kv_row0 = (k_start + n0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = n0 + offs_n
+    kv_mask = (cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + kv_row0 * stride_ks
+                + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + kv_row0 * stride_vs
+                + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # query rows that see this key block: the forward's rule with rows and columns swapped
+    c_hi = tl.minimum(n0 + BLOCK_N, seqlen_k)
+    mb_lo, fu_lo, fu_hi, mb_hi = _block_range(n0, c_hi, seqlen_q, -off, window_right, window_left,
+                                              HAS_WR, HAS_WL, BLOCK_M)
+    n_a = fu_lo - mb_lo
+    n_masked = n_a + mb_hi - fu_hi
+    q_row0 = q_start.to(tl.int64)
+    for g in range(0, group):
+        h = hk * group + g
+        q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_row0 * stride_qs
+        do_base = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_row0 * stride_dos
+        lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        delta_base = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(ALIBI + b64 * stride_ab + h) * alibi_mul
+        bh = b * nheads + h
+        for blk in range(fu_lo, fu_hi):
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, blk * BLOCK_M, cols, offs_m, offs_d,
+                stride_qs, stride_dos, seqlen_q, seqlen_k, off, window_left, window_right,
+                qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
+                False, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
+        for i in range(0, n_masked):
+            blk = tl.where(i < n_a, mb_lo + i, fu_hi + i - n_a)
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, blk * BLOCK_M, cols, offs_m, offs_d,
+                stride_qs, stride_dos, seqlen_q, seqlen_k, off, window_left, window_right,
+                qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
+                True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
+
+    dk = dk * sm_scale
+    dk_ptrs = (DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + kv_row0 * stride_dks
+               + offs_n[:, None] * stride_dks + offs_d[None, :])
+    dv_ptrs = (DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + kv_row0 * stride_dvs
+               + offs_n[:, None] * stride_dvs + offs_d[None, :])
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# dQ
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dq_step(
+    dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d,
+    stride_ks, stride_vs, seqlen_q, seqlen_k, off, wl, wr,
+    qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
+    MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One key block against this program's query rows: returns the updated dq."""
+    cols = start_n + offs_n
+    kb = k_base + tl.cast(start_n, tl.int64) * stride_ks
+    vb = v_base + tl.cast(start_n, tl.int64) * stride_vs
+    kT_ptrs = kb + offs_n[None, :] * stride_ks + offs_d[:, None]
+    vT_ptrs = vb + offs_n[None, :] * stride_vs + offs_d[:, None]
+    if MASKED:
+        m = (cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM)
+        kT = tl.load(kT_ptrs, mask=m, other=0.0)
+        vT = tl.load(vT_ptrs, mask=m, other=0.0)
+    elif PAD_D:
+        kT = tl.load(kT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        vT = tl.load(vT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+    else:
+        kT = tl.load(kT_ptrs)
+        vT = tl.load(vT_ptrs)
+    qk = _mm(q, kT, UPCAST)
+    s, t = _scores(qk, rows[:, None], cols[None, :], off, qk_scale, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
+    if MASKED:
+        vis = _visible(rows[:, None], cols[None, :], off, seqlen_q, seqlen_k, wl, wr, HAS_WL, HAS_WR)
+        s = tl.where(vis, s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dp = _mm(do, vT, UPCAST)
+    if HAS_DROPOUT:
+        keep = _keep(seed_lo, seed_hi, rows[:, None], cols[None, :], bh, thresh)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, UPCAST)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "thresh", "seed_lo", "seed_hi"])
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, ALIBI, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh, stride_ab,
+    seqlen_q, seqlen_k, nheads, group,
+    qk_scale, cap_out, alibi_mul, sm_scale,
+    window_left, window_right,
+    thresh, drop_scale, seed_lo, seed_hi,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE_M: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Grid (query blocks, nheads, batch or sequences)."""
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    pid_m = tl.program_id(0)
+    if REVERSE_M:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = b * 0
+        k_start = b * 0
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    hk = h // group
+    off = seqlen_k - seqlen_q
+    b64 = b.to(tl.int64)
+    q_row0 = (q_start + m0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = m0 + offs_m
+    row_ok = rows < seqlen_q
+    qd_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_row0 * stride_qs
+                + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_row0 * stride_dos
+                 + offs_m[:, None] * stride_dos + offs_d[None, :], mask=qd_mask, other=0.0)
+    lrow = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows
+    lse2 = _load_lse2(LSE + lrow, row_ok)
+    delta = tl.load(DELTA + lrow, mask=row_ok, other=0.0)
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b64 * stride_ab + h) * alibi_mul
+    bh = b * nheads + h
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    r_hi = tl.minimum(m0 + BLOCK_M, seqlen_q)
+    nb_lo, fu_lo, fu_hi, nb_hi = _block_range(m0, r_hi, seqlen_k, off, window_left, window_right,
+                                              HAS_WL, HAS_WR, BLOCK_N)
+    for blk in range(fu_lo, fu_hi):
+        dq = _dq_step(
+            dq, q, do, lse2, delta, k_base, v_base, blk * BLOCK_N, rows, offs_n, offs_d,
+            stride_ks, stride_vs, seqlen_q, seqlen_k, off, window_left, window_right,
+            qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
+            False, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
+    n_a = fu_lo - nb_lo
+    n_masked = n_a + nb_hi - fu_hi
+    for i in range(0, n_masked):
+        blk = tl.where(i < n_a, nb_lo + i, fu_hi + i - n_a)
+        dq = _dq_step(
+            dq, q, do, lse2, delta, k_base, v_base, blk * BLOCK_N, rows, offs_n, offs_d,
+            stride_ks, stride_vs, seqlen_q, seqlen_k, off, window_left, window_right,
+            qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
+            True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + q_row0 * stride_dqs
+             + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)

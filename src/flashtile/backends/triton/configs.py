@@ -1,0 +1,148 @@
+"""Tile configurations for the Triton kernels, per architecture, head-dim bucket and dtype.
+
+No autotuning happens at import or call time: each entry below is a fixed choice, and the
+comment beside it records the measurement that chose it (or says plainly that it was not
+measured). ``benchmarks/bench_attention.py --sweep`` re-runs the measurement on a GPU.
+
+If a config asks for more shared memory than a device has, ``launch`` steps down through
+:func:`fallbacks` (fewer stages, then smaller tiles) once per key and remembers the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    block_m: int  # query rows per program
+    block_n: int  # key columns per inner step
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    block_m1: int  # dK/dV pass: query rows per inner step
+    block_n1: int  # dK/dV pass: key rows per program
+    block_m2: int  # dQ pass: query rows per program
+    block_n2: int  # dQ pass: key columns per inner step
+    num_warps1: int
+    num_stages1: int
+    num_warps2: int
+    num_stages2: int
+
+
+# Under TRITON_INTERPRET=1 the kernels run in numpy on the CPU: small tiles keep tests quick
+# and still cover several blocks (masked and unmasked) per program at seqlen 33..64.
+INTERPRET_FWD = FwdConfig(32, 16, 4, 1)
+INTERPRET_BWD = BwdConfig(16, 32, 32, 16, 4, 1, 4, 1)
+
+# --- forward ------------------------------------------------------------------------------
+# key: (arch, head-dim bucket) with bucket = BLOCK_D capped at 64 / 128 / 256; 16-bit dtypes.
+_FWD: dict[tuple[str, int], FwdConfig] = {
+    # sm90 (H100/H200): see benchmarks/NOTES.md "Triton backend" for the sweep numbers.
+    ("sm90", 64): FwdConfig(128, 128, 4, 3),
+    ("sm90", 128): FwdConfig(128, 64, 8, 3),
+    ("sm90", 256): FwdConfig(64, 64, 4, 2),
+    # sm80 (A100, 164 KiB smem): NOT measured; sized to fit 2-3 stages of K/V.
+    ("sm80", 64): FwdConfig(128, 64, 4, 3),
+    ("sm80", 128): FwdConfig(128, 64, 8, 2),
+    ("sm80", 256): FwdConfig(64, 32, 4, 2),
+    # sm86 / sm89 (~100 KiB smem): NOT measured; sized to fit the smaller shared memory.
+    ("sm86", 64): FwdConfig(128, 64, 4, 2),
+    ("sm86", 128): FwdConfig(64, 64, 4, 2),
+    ("sm86", 256): FwdConfig(64, 32, 4, 1),
+    # AMD / HIP (CDNA): UNTESTED, no measurement at all; 64-wide wavefronts prefer 4 warps.
+    ("hip", 64): FwdConfig(128, 64, 4, 1),
+    ("hip", 128): FwdConfig(128, 64, 4, 1),
+    ("hip", 256): FwdConfig(64, 32, 4, 1),
+}
+
+# --- backward -----------------------------------------------------------------------------
+_BWD: dict[tuple[str, int], BwdConfig] = {
+    # sm90: see benchmarks/NOTES.md "Triton backend".
+    ("sm90", 64): BwdConfig(64, 128, 128, 64, 8, 3, 8, 3),
+    ("sm90", 128): BwdConfig(64, 128, 128, 64, 8, 2, 8, 2),
+    ("sm90", 256): BwdConfig(32, 64, 64, 32, 4, 1, 4, 1),
+    # sm80: NOT measured.
+    ("sm80", 64): BwdConfig(32, 128, 128, 32, 4, 2, 4, 2),
+    ("sm80", 128): BwdConfig(32, 128, 128, 32, 8, 2, 8, 2),
+    ("sm80", 256): BwdConfig(16, 64, 64, 16, 4, 1, 4, 1),
+    # sm86 / sm89: NOT measured.
+    ("sm86", 64): BwdConfig(32, 64, 64, 32, 4, 2, 4, 2),
+    ("sm86", 128): BwdConfig(32, 64, 64, 32, 4, 1, 4, 1),
+    ("sm86", 256): BwdConfig(16, 32, 32, 16, 4, 1, 4, 1),
+    # AMD / HIP: UNTESTED.
+    ("hip", 64): BwdConfig(32, 64, 64, 32, 4, 1, 4, 1),
+    ("hip", 128): BwdConfig(32, 64, 64, 32, 4, 1, 4, 1),
+    ("hip", 256): BwdConfig(16, 32, 32, 16, 4, 1, 4, 1),
+}
+
+# fp32 inputs (IEEE products, no tensor cores): correctness over speed, tiles sized for the
+# 4-byte elements on every architecture. NOT tuned.
+_FWD_FP32 = {64: FwdConfig(64, 32, 4, 2), 128: FwdConfig(64, 32, 4, 1), 256: FwdConfig(32, 32, 4, 1)}
+_BWD_FP32 = {
+    64: BwdConfig(32, 64, 64, 32, 4, 1, 4, 1),
+    128: BwdConfig(32, 64, 64, 32, 4, 1, 4, 1),
+    256: BwdConfig(16, 32, 32, 16, 4, 1, 4, 1),
+}
+
+
+def arch_of(device: torch.device) -> str:
+    """'sm90', 'sm80', 'sm86' (also for sm89 and other consumer parts), or 'hip'."""
+    if getattr(torch.version, "hip", None):
+        return "hip"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 9:
+        return "sm90"
+    if major == 8 and minor == 0:
+        return "sm80"
+    return "sm86"
+
+
+def bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def fwd_config(arch: str, block_d: int, dtype: torch.dtype) -> FwdConfig:
+    if arch == "interpret":
+        return INTERPRET_FWD
+    if dtype == torch.float32:
+        return _FWD_FP32[bucket(block_d)]
+    return _FWD[(arch, bucket(block_d))]
+
+
+def bwd_config(arch: str, block_d: int, dtype: torch.dtype) -> BwdConfig:
+    if arch == "interpret":
+        return INTERPRET_BWD
+    if dtype == torch.float32:
+        return _BWD_FP32[bucket(block_d)]
+    return _BWD[(arch, bucket(block_d))]
+
+
+def fallbacks(cfg: FwdConfig | BwdConfig) -> Iterator[FwdConfig | BwdConfig]:
+    """cfg, then ever smaller variants (stages first, then tiles) for devices with less
+    shared memory or registers than the table assumed."""
+    yield cfg
+    if isinstance(cfg, FwdConfig):
+        while cfg.num_stages > 1:
+            cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+            yield cfg
+        while cfg.block_n > 16 or cfg.block_m > 16:
+            if cfg.block_n >= cfg.block_m and cfg.block_n > 16:
+                cfg = replace(cfg, block_n=cfg.block_n // 2)
+            else:
+                cfg = replace(cfg, block_m=cfg.block_m // 2)
+            yield cfg
+    else:
+        while cfg.num_stages1 > 1 or cfg.num_stages2 > 1:
+            cfg = replace(cfg, num_stages1=max(1, cfg.num_stages1 - 1), num_stages2=max(1, cfg.num_stages2 - 1))
+            yield cfg
+        while max(cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2) > 16:
+            cfg = replace(cfg, block_m1=max(16, cfg.block_m1 // 2), block_n1=max(16, cfg.block_n1 // 2),
+                          block_m2=max(16, cfg.block_m2 // 2), block_n2=max(16, cfg.block_n2 // 2))
+            yield cfg

@@ -1,0 +1,330 @@
+"""Kernel-level parity of the Triton backend against the oracle in flashtile.reference.
+
+Calls ``flashtile.backends.triton.backend.forward/backward`` directly on the internal layout.
+Tolerance rule (flash-attn's): the kernel's max abs error against the fp32 oracle
+(``attention_ref(upcast=True)``) must be within 2x (forward) / 3x (gradients) of the error of
+the same computation done in the input dtype (``upcast=False``, the "pt" baseline), plus a
+small atol. Reference gradients come from autograd through ``attention_ref``.
+
+Without CUDA the module runs the kernels through Triton's interpreter (TRITON_INTERPRET=1,
+set here before Triton is imported) on small fp16/fp32 shapes; with CUDA the same tests run
+on the GPU with bf16 too and larger shapes, and the ``gpu`` tests are added.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+pytest.importorskip("triton")
+
+from flashtile.backends.triton import backend  # noqa: E402
+from flashtile.reference import attention_ref  # noqa: E402
+from flashtile.rng import dropout_mask  # noqa: E402
+from flashtile.spec import Problem, make_spec  # noqa: E402
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16, torch.float32]
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+
+FWD_ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
+BWD_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _spec(d, causal=False, window=(-1, -1), softcap=0.0, dropout_p=0.0, deterministic=False):
+    return make_spec(headdim=d, dropout_p=dropout_p, softmax_scale=None, causal=causal, window_size=window,
+                     softcap=softcap, deterministic=deterministic)
+
+
+def _slopes(kind, b, h):
+    if kind is None:
+        return None, None
+    if kind == "h":
+        s = torch.rand(h, device=DEVICE) * 0.3 + 0.05
+        return s, s.unsqueeze(0).expand(b, h).contiguous()
+    s = torch.rand(b, h, device=DEVICE) * 0.3 + 0.05
+    return s, s
+
+
+def _ref(q, k, v, *, upcast, dout, alibi=None, keep=None, **kw):
+    """(out, lse, (dq, dk, dv)) of the oracle; upcast=True runs on fp32 copies of the inputs."""
+    leaves = [(x.float() if upcast else x).detach().requires_grad_() for x in (q, k, v)]
+    out, lse = attention_ref(*leaves, alibi_slopes=alibi, dropout_mask=keep, upcast=upcast, **kw)
+    grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
+    return out.detach(), lse.detach(), grads
+
+
+def _err(a, b):
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+def _check_close(name, got, ref, pt, mult, atol):
+    e, e_pt = _err(got, ref), _err(pt, ref)
+    assert torch.isfinite(got.float()).all(), f"{name}: non-finite values"
+    assert e <= mult * e_pt + atol, f"{name}: error {e:.3e} > {mult} x pt error {e_pt:.3e} + {atol:.0e}"
+
+
+def _check_lse(lse, lse_ref):
+    inf = torch.isinf(lse_ref)
+    assert torch.equal(torch.isinf(lse), inf), "lse: -inf rows differ"
+    if (~inf).any():
+        assert _err(lse[~inf], lse_ref[~inf]) < 1e-3
+    assert (lse[inf] == float("-inf")).all()
+
+
+def _call(q, k, v, spec, *, alibi=None, seed=0, cu=None, maxs=None):
+    cu_q, cu_k = cu if cu is not None else (None, None)
+    mq, mk = maxs if maxs is not None else (q.shape[1], k.shape[1])
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk, alibi_slopes=alibi, seed=seed)
+    out, lse = backend.forward(q, k, v, spec, **kw)
+    return out, lse, kw
+
+
+def run_dense(b, sq, sk, h, hk, d, dtype, *, causal=False, window=(-1, -1), softcap=0.0, alibi=None,
+              dropout_p=0.0, seed=1234, bwd=True):
+    torch.manual_seed(sq * 1000 + sk * 10 + d)
+    q = torch.randn(b, sq, h, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(b, sk, hk, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(b, sk, hk, d, device=DEVICE, dtype=dtype)
+    slopes_ref, slopes = _slopes(alibi, b, h)
+    spec = _spec(d, causal, window, softcap, dropout_p)
+    assert backend.supports(Problem(b, sq, sk, h, hk, d, dtype, DEVICE, has_alibi=alibi is not None), spec) is None
+    out, lse, kw = _call(q, k, v, spec, alibi=slopes, seed=seed)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
+    keep = dropout_mask(seed, dropout_p, b, h, sq, sk, device=DEVICE) if dropout_p > 0 else None
+    dout = torch.randn_like(out)
+    rkw = dict(causal=causal, window_size=window, softcap=softcap, alibi=slopes_ref, keep=keep, dropout_p=dropout_p)
+    o_ref, lse_ref, g_ref = _ref(q, k, v, upcast=True, dout=dout, **rkw)
+    o_pt, _, g_pt = _ref(q, k, v, upcast=False, dout=dout, **rkw)
+    _check_close("out", out, o_ref, o_pt, 2, FWD_ATOL[dtype])
+    _check_lse(lse, lse_ref)
+    if not bwd:
+        return
+    grads = backend.backward(dout, q, k, v, out, lse, spec, **kw)
+    for name, g, gr, gp, x in zip(("dq", "dk", "dv"), grads, g_ref, g_pt, (q, k, v), strict=True):
+        assert g.shape == x.shape and g.dtype == x.dtype
+        _check_close(name, g, gr, gp, 3, BWD_ATOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------
+# dense
+# ---------------------------------------------------------------------------------------
+
+SHAPES = (
+    [(1, 1, 64), (17, 1, 40), (1, 17, 64), (33, 47, 40), (47, 33, 72), (64, 64, 64)]
+    if not ON_GPU else
+    [(1, 1, 64), (17, 1, 40), (113, 203, 72), (203, 113, 96), (128, 128, 128), (512, 512, 64), (1024, 1024, 128)]
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk,d", SHAPES)
+def test_dense(sq, sk, d, causal, dtype):
+    run_dense(2, sq, sk, 2, 2, d, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("window", [(8, 0), (5, 3), (0, -1), (-1, 4)])
+@pytest.mark.parametrize("sq,sk", [(40, 57), (57, 40)] if not ON_GPU else [(300, 517), (517, 300)])
+def test_window(sq, sk, window):
+    run_dense(1, sq, sk, 2, 1, 64, torch.float16, window=window)
+
+
+def test_fully_masked_rows():
+    # window with sq > sk: the first query rows see no key at all -> out 0, lse -inf, finite grads
+    run_dense(1, 60, 20, 2, 2, 40, torch.float16, window=(3, 0))
+    run_dense(1, 48, 16, 2, 2, 64, torch.float32, window=(2, 1))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_softcap(causal):
+    s = 64 if not ON_GPU else 333
+    run_dense(2, s, s - 7, 2, 2, 64, torch.float16, causal=causal, softcap=3.0)
+
+
+@pytest.mark.parametrize("kind,causal", [("h", False), ("bh", True)])
+def test_alibi(kind, causal):
+    s = 48 if not ON_GPU else 257
+    run_dense(2, s, s + 9, 2, 2, 40, torch.float16, causal=causal, alibi=kind)
+
+
+def test_softcap_alibi_window():
+    run_dense(1, 45, 45, 2, 1, 64, torch.float16, window=(9, 2), softcap=5.0, alibi="h")
+
+
+@pytest.mark.parametrize("hk", [2, 1], ids=["gqa", "mqa"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa(hk, causal):
+    s = 40 if not ON_GPU else 300
+    run_dense(2, s, s + 8, 4, hk, 64, torch.float16, causal=causal)
+
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (6, 6))])
+def test_dropout(causal, window):
+    s = 40 if not ON_GPU else 200
+    run_dense(2, s, s + 5, 2, 1, 64, torch.float16, causal=causal, window=window, dropout_p=0.17, seed=2**40 + 77)
+
+
+def test_bf16_interpreter_workaround():
+    # the interpreter's bf16 dot is wrong; the kernels upcast bf16 operands there (on GPUs: native)
+    run_dense(1, 33, 33, 2, 2, 64, torch.bfloat16, causal=True)
+
+
+# ---------------------------------------------------------------------------------------
+# varlen
+# ---------------------------------------------------------------------------------------
+
+
+def _varlen_ref(q, k, v, cu_q, cu_k, *, upcast, dout, alibi=None, dropout_p=0.0, seed=0, **kw):
+    """Oracle on packed (total, h, d) tensors: one attention_ref call per sequence."""
+    leaves = [(x.float() if upcast else x).detach().requires_grad_() for x in (q, k, v)]
+    lq, lk, lv = leaves
+    h = q.shape[1]
+    outs, lses = [], []
+    for i in range(cu_q.numel() - 1):
+        a, e = int(cu_q[i]), int(cu_q[i + 1])
+        c, f = int(cu_k[i]), int(cu_k[i + 1])
+        if e == a:
+            continue
+        if f == c:  # no keys: out 0, lse -inf
+            outs.append(lq[a:e] * 0)
+            lses.append(torch.full((h, e - a), float("-inf"), device=q.device))
+            continue
+        keep = dropout_mask(seed, dropout_p, 1, h, e - a, f - c, device=q.device, batch_start=i) if dropout_p else None
+        o, lse = attention_ref(lq[a:e][None], lk[c:f][None], lv[c:f][None], upcast=upcast, dropout_p=dropout_p,
+                               dropout_mask=keep, alibi_slopes=None if alibi is None else alibi[i:i + 1], **kw)
+        outs.append(o[0])
+        lses.append(lse[0])
+    out = torch.cat(outs, 0)
+    grads = torch.autograd.grad(out, leaves, dout.to(out.dtype), allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)]
+    return out.detach(), torch.cat(lses, 1).detach(), grads
+
+
+@pytest.mark.parametrize(
+    "causal,window,alibi,dropout_p",
+    [(False, (-1, -1), False, 0.0), (True, (-1, -1), True, 0.0), (False, (4, 2), False, 0.0),
+     (True, (-1, -1), False, 0.2)],
+)
+def test_varlen(causal, window, alibi, dropout_p):
+    dtype, h, hk, d = torch.float16, 4, 2, 40
+    # an empty sequence, a length-1 sequence, sq != sk both ways, a key-less sequence
+    if not ON_GPU:
+        lens_q, lens_k = [5, 0, 1, 33, 20, 3], [7, 3, 1, 25, 41, 0]
+    else:
+        lens_q, lens_k = [5, 0, 1, 333, 200, 3, 1024], [7, 3, 1, 250, 411, 0, 1024]
+    cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device=DEVICE).cumsum(0).to(torch.int32)
+    torch.manual_seed(0)
+    q = torch.randn(sum(lens_q), h, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(sum(lens_k), hk, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(sum(lens_k), hk, d, device=DEVICE, dtype=dtype)
+    slopes = torch.rand(len(lens_q), h, device=DEVICE) * 0.3 if alibi else None
+    seed = 99
+    spec = _spec(d, causal, window, dropout_p=dropout_p)
+    out, lse, kw = _call(q[None], k[None], v[None], spec, alibi=slopes, seed=seed, cu=(cu_q, cu_k),
+                         maxs=(max(lens_q), max(lens_k)))
+    assert lse.shape == (1, h, sum(lens_q))
+    dout = torch.randn_like(out[0])
+    rkw = dict(causal=causal, window_size=window, alibi=slopes, dropout_p=dropout_p, seed=seed)
+    o_ref, lse_ref, g_ref = _varlen_ref(q, k, v, cu_q, cu_k, upcast=True, dout=dout, **rkw)
+    o_pt, _, g_pt = _varlen_ref(q, k, v, cu_q, cu_k, upcast=False, dout=dout, **rkw)
+    _check_close("out", out[0], o_ref, o_pt, 2, FWD_ATOL[dtype])
+    _check_lse(lse[0], lse_ref)
+    grads = backend.backward(dout[None], q[None], k[None], v[None], out, lse, spec, **kw)
+    for name, g, gr, gp in zip(("dq", "dk", "dv"), grads, g_ref, g_pt, strict=True):
+        _check_close(name, g[0], gr, gp, 3, BWD_ATOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------
+# determinism, contract details
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_deterministic_bitwise(dropout_p):
+    torch.manual_seed(3)
+    b, s, h, hk, d = 2, (45 if not ON_GPU else 700), 4, 2, 64
+    q, k, v = (torch.randn(b, s, n, d, device=DEVICE, dtype=torch.float16) for n in (h, hk, hk))
+    spec = _spec(d, causal=True, dropout_p=dropout_p, deterministic=True)
+    out, lse, kw = _call(q, k, v, spec, seed=5)
+    dout = torch.randn_like(out)
+    first = backend.backward(dout, q, k, v, out, lse, spec, **kw)
+    out2, lse2, _ = _call(q, k, v, spec, seed=5)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    for _ in range(2):
+        again = backend.backward(dout, q, k, v, out, lse, spec, **kw)
+        for a, b_ in zip(first, again, strict=True):
+            assert torch.equal(a, b_)
+
+
+def test_dropout_seed_changes_output():
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, 32, 2, 64, device=DEVICE, dtype=torch.float16) for _ in range(3))
+    spec = _spec(64, dropout_p=0.5)
+    o1, _, _ = _call(q, k, v, spec, seed=1)
+    o2, _, _ = _call(q, k, v, spec, seed=2)
+    assert not torch.equal(o1, o2)
+
+
+def test_strided_inputs():
+    # q/k/v as views into one packed qkv tensor (stride(-1) == 1, other strides arbitrary)
+    torch.manual_seed(5)
+    qkv = torch.randn(2, 37, 3, 2, 64, device=DEVICE, dtype=torch.float16)
+    q, k, v = qkv.unbind(2)
+    spec = _spec(64, causal=True)
+    out, lse, kw = _call(q, k, v, spec)
+    ref, _ = attention_ref(q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
+    pt, _ = attention_ref(q, k, v, causal=True, upcast=False)
+    _check_close("out", out, ref, pt, 2, FWD_ATOL[torch.float16])
+    dq, dk, dv = backend.backward(torch.ones_like(out), q, k, v, out, lse, spec, **kw)
+    assert dq.shape == q.shape and dk.shape == k.shape and torch.isfinite(dq).all()
+
+
+def test_supports_reasons():
+    spec = _spec(64)
+    ok = Problem(1, 8, 8, 2, 2, 64, torch.float16, DEVICE)
+    assert backend.supports(ok, spec) is None
+    big = Problem(1, 8, 8, 2, 2, 320, torch.float16, DEVICE)
+    assert "head dim" in backend.supports(big, spec)
+    f64 = Problem(1, 8, 8, 2, 2, 64, torch.float64, DEVICE)
+    assert backend.supports(f64, spec) is not None
+    assert backend.name == "triton" and backend.available() is None
+
+
+# ---------------------------------------------------------------------------------------
+# GPU only: bf16 / fp16 at realistic sizes, head dim 256
+# ---------------------------------------------------------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [192, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_large_headdim(d, causal, dtype):
+    run_dense(2, 384, 384, 4, 2, d, dtype, causal=causal)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("s,d,causal", [(1024, 64, True), (1024, 128, False), (2048, 128, True)])
+def test_gpu_long(s, d, causal, dtype):
+    run_dense(1, s, s, 4, 4, d, dtype, causal=causal)
+
+
+@gpu
+def test_gpu_fp32():
+    run_dense(1, 200, 300, 2, 1, 96, torch.float32, causal=True)
+    run_dense(1, 150, 150, 2, 2, 256, torch.float32, softcap=4.0)
