@@ -1,0 +1,244 @@
+"""``flash_attn_with_kvcache``: attention of new queries against a (dense or paged) KV cache,
+appending the new keys/values in place first. flash-attn 2.8's semantics, any page size.
+
+The keys of batch row ``i`` are the cache positions ``[leftpad_i, cache_seqlens_i + seqlen_new)``
+(``leftpad_i = cache_leftpad[i]`` or 0), numbered from 0 at ``leftpad_i``; causal / window /
+ALiBi alignment uses ``seqlen_k_i = cache_seqlens_i + seqlen_new - leftpad_i``, so with
+``causal=True`` the last query sees every key and query ``t`` sees keys up to
+``seqlen_k_i - seqlen_q + t``.
+
+Backends: the attention runs through the dispatcher's varlen path (Triton on CUDA, the tiled
+torch engine elsewhere) on the gathered keys; ``num_splits > 1`` splits each row's key range
+into pieces computed separately (torch engine) and merged with :func:`flashtile.merge.merge_states`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends.torch_tiled import _Seq, forward_seqs
+from .interface import flash_attn_varlen_func
+from .merge import merge_states
+from .rotary import apply_rotary_at
+from .spec import check_alibi, check_qkv, make_spec
+
+
+def _as_int32_vec(x: object, name: str, b: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor of shape (batch,) = ({b},), got {type(x).__name__}")
+    if x.dtype != torch.int32 or x.shape != (b,):
+        raise ValueError(f"{name} must be an int32 tensor of shape (batch,) = ({b},), got {x.dtype} {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on the same device as q ({device}), got {x.device}")
+    return x.long()
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Rank, dtype, device, heads and head dim of the caches against q (their first dim is
+    cache rows or pages, not q's batch)."""
+    for x, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] < 1:
+            raise ValueError(f"{n} must be a 4-D tensor (batch_cache or num_blocks, seqlen_cache or page_block_size, "
+                             f"nheads_k, headdim) with at least one row, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")  # fmt: skip
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)}")  # fmt: skip
+    b = q.shape[0]
+    check_qkv(q, k_cache[:1].expand(b, *k_cache.shape[1:]), v_cache[:1].expand(b, *v_cache.shape[1:]),
+              varlen=False, names=("q", "k_cache", "v_cache"))  # fmt: skip
+
+
+def _cache_index(
+    batch_rows: torch.Tensor,
+    pos: torch.Tensor,
+    block_table: torch.Tensor | None,
+    cache_rows: torch.Tensor,
+    page: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second) cache indices of token position ``pos`` of batch row ``batch_rows``."""
+    if block_table is None:
+        return cache_rows[batch_rows], pos
+    return block_table[batch_rows, pos // page].long(), pos % page
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    cache_seqlens: int | torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+):
+    """Attend ``q`` to a KV cache, after appending ``k`` / ``v`` to it in place.
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``.
+        k_cache, v_cache: dense ``(batch_cache, seqlen_cache, nheads_k, headdim)``, or paged
+            ``(num_blocks, page_block_size, nheads_k, headdim)`` when ``block_table`` is given
+            (any page size). Updated in place when ``k`` / ``v`` are given.
+        k, v: optional new tokens ``(batch, seqlen_new, nheads_k, headdim)``, written at
+            positions ``cache_seqlens[i] ..`` of row ``i`` before attending.
+        rotary_cos, rotary_sin: optional ``(seqlen_ro, rotary_dim / 2)``: rotary embedding of the
+            new k at positions ``cache_seqlens - cache_leftpad + t``, and of q at the same
+            positions when ``causal`` or a window is set (else all of q at position
+            ``cache_seqlens - cache_leftpad``). ``rotary_interleaved``: GPT-J (True) or NeoX (False).
+        cache_seqlens: int or int32 ``(batch,)``: tokens already in the cache per row
+            (None = the whole cache).
+        cache_batch_idx: int32 ``(batch,)``: the cache row each batch row uses (dense caches).
+        cache_leftpad: int32 ``(batch,)``: where each row's keys start in the cache.
+        block_table: int32 ``(batch, max_blocks_per_seq)``: cache blocks of each row, in order.
+        softmax_scale, causal, window_size, softcap, alibi_slopes: as :func:`flash_attn_func`.
+        num_splits: key-range pieces per row computed separately and merged (0 = choose, 1 = no split).
+        return_softmax_lse: also return lse float32 ``(batch, nheads, seqlen_q)``.
+
+    Returns:
+        out ``(batch, seqlen_q, nheads, headdim)``, or ``(out, lse)``.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q must be a 4-D tensor (batch, seqlen_q, nheads, headdim), got "
+                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")  # fmt: skip
+    _check_cache(q, k_cache, v_cache)
+    b, sq, h, d = q.shape
+    dev = q.device
+    paged = block_table is not None
+    if paged:
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
+                or block_table.shape[0] != b:  # fmt: skip
+            raise ValueError(f"block_table must be an int32 tensor of shape (batch, max_blocks) with batch = {b}, "
+                             f"got {getattr(block_table, 'dtype', None)} {tuple(getattr(block_table, 'shape', ()))}")
+        if block_table.device != dev:
+            raise ValueError(f"block_table must be on the same device as q ({dev}), got {block_table.device}")
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be used with block_table (a paged cache)")
+        num_blocks, page = k_cache.shape[0], k_cache.shape[1]
+        capacity = block_table.shape[1] * page
+    else:
+        num_blocks, page = 0, 0
+        capacity = k_cache.shape[1]
+    hk = k_cache.shape[2]
+
+    if cache_batch_idx is not None:
+        cache_rows = _as_int32_vec(cache_batch_idx, "cache_batch_idx", b, dev)
+        if cache_rows.numel() and (int(cache_rows.min()) < 0 or int(cache_rows.max()) >= k_cache.shape[0]):
+            raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]}) (rows of k_cache)")
+    else:
+        if not paged and k_cache.shape[0] < b:
+            raise ValueError(f"k_cache has {k_cache.shape[0]} rows but q has batch {b}; pass cache_batch_idx")
+        cache_rows = torch.arange(b, device=dev)
+
+    if cache_seqlens is None:
+        seqlens = torch.full((b,), capacity, dtype=torch.long, device=dev)
+    elif isinstance(cache_seqlens, int):
+        seqlens = torch.full((b,), cache_seqlens, dtype=torch.long, device=dev)
+    else:
+        seqlens = _as_int32_vec(cache_seqlens, "cache_seqlens", b, dev)
+    leftpad = torch.zeros(b, dtype=torch.long, device=dev) if cache_leftpad is None else \
+        _as_int32_vec(cache_leftpad, "cache_leftpad", b, dev)  # fmt: skip
+
+    sn = 0
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new tokens to append) or both be None")
+    if k is not None:
+        check_qkv(q, k, v, varlen=False, names=("q", "k", "v"))
+        if k.shape[2] != hk:
+            raise ValueError(f"k must have nheads_k = {hk} heads like k_cache, got {k.shape[2]}")
+        sn = k.shape[1]
+    sl, lp = seqlens.tolist(), leftpad.tolist()
+    for i in range(b):
+        if sl[i] < 0 or sl[i] + sn > capacity:
+            raise ValueError(
+                f"cache_seqlens[{i}] + seqlen_new = {sl[i]} + {sn} exceeds the cache capacity {capacity}"
+                + (" (max_blocks_per_seq * page_block_size)" if paged else " (seqlen_cache)")
+            )
+        if not 0 <= lp[i] <= sl[i]:
+            raise ValueError(f"cache_leftpad[{i}] = {lp[i]} must be in [0, cache_seqlens[{i}] = {sl[i]}]")
+    seqlens_k = seqlens + sn  # end of each row's keys in the cache
+    if paged:
+        used_blocks = [(sl[i] + sn + page - 1) // page for i in range(b)]
+        for i in range(b):
+            if used_blocks[i]:
+                ids = block_table[i, : used_blocks[i]]
+                if int(ids.min()) < 0 or int(ids.max()) >= num_blocks:
+                    raise ValueError(f"block_table[{i}] has entries outside [0, {num_blocks}) (blocks of k_cache) "
+                                     f"among the {used_blocks[i]} blocks the row uses")  # fmt: skip
+
+    spec = make_spec(headdim=d, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                     softcap=softcap, deterministic=False)  # fmt: skip
+    alibi = check_alibi(alibi_slopes, b, h, dev)
+    rot = rotary_cos is not None
+    if rot != (rotary_sin is not None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+
+    # 1. rotary on the new keys, then append them in place.
+    if k is not None:
+        pos_new = (seqlens - leftpad).view(b, 1) + torch.arange(sn, device=dev).view(1, sn)
+        if rot:
+            k = apply_rotary_at(k, rotary_cos, rotary_sin, pos_new, rotary_interleaved)
+        rows = torch.arange(b, device=dev).view(b, 1).expand(b, sn)
+        at = seqlens.view(b, 1) + torch.arange(sn, device=dev).view(1, sn)
+        i0, i1 = _cache_index(rows, at, block_table, cache_rows, page)
+        k_cache[i0, i1] = k.to(k_cache.dtype)
+        v_cache[i0, i1] = v.to(v_cache.dtype)
+    # 2. rotary on q.
+    if rot:
+        base = (seqlens - leftpad).view(b, 1)
+        pos_q = base + torch.arange(sq, device=dev).view(1, sq) if spec.has_window else base.expand(b, sq)
+        q = apply_rotary_at(q, rotary_cos, rotary_sin, pos_q, rotary_interleaved)
+    # 3. gather each row's keys [leftpad, seqlens_k) into the packed layout.
+    lens_k = seqlens_k - leftpad
+    total_k = int(lens_k.sum())
+    row_of = torch.repeat_interleave(torch.arange(b, device=dev), lens_k, output_size=total_k)
+    cu_k = torch.zeros(b + 1, dtype=torch.int32, device=dev)
+    cu_k[1:] = torch.cumsum(lens_k, 0)
+    pos = torch.arange(total_k, device=dev) - cu_k[:-1].long()[row_of] + leftpad[row_of]
+    i0, i1 = _cache_index(row_of, pos, block_table, cache_rows, page)
+    kp, vp = k_cache[i0, i1], v_cache[i0, i1]  # (total_k, hk, d)
+
+    splits = 1 if num_splits <= 1 else int(num_splits)
+    if splits == 1:
+        cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=dev)
+        out, lse, _ = flash_attn_varlen_func(
+            q.reshape(b * sq, h, d), kp, vp, cu_q, cu_k, sq, int(lens_k.max()) if b else 0,
+            softmax_scale=spec.softmax_scale, window_size=(spec.window_left, spec.window_right),
+            softcap=softcap, alibi_slopes=alibi, return_attn_probs=True,
+        )  # fmt: skip
+        out = out.view(b, sq, h, d)
+        lse = lse.view(h, b, sq).permute(1, 0, 2).contiguous()
+    else:
+        out, lse = _split_attention(q, kp, vp, cu_k.tolist(), spec, alibi, splits)
+    return (out, lse) if return_softmax_lse else out
+
+
+def _split_attention(q, kp, vp, cu_k, spec, alibi, splits):
+    """Split each row's keys into ``splits`` pieces, attend to each piece, merge the states."""
+    b, sq, h, d = q.shape
+    outs, lses = [], []
+    for piece in range(splits):
+        seqs = []
+        for i in range(b):
+            n = cu_k[i + 1] - cu_k[i]
+            chunk = -(-n // splits) if n else 0
+            lo, hi = min(n, piece * chunk), min(n, (piece + 1) * chunk)
+            sl = None if alibi is None else alibi[i : i + 1]
+            # Keys [lo, hi) of a row with n keys: the diagonal sits at column n - sq - lo of the piece.
+            seqs.append(_Seq(row0=i * sq, sq=sq, col0=cu_k[i] + lo, sk=hi - lo, batch=slice(0, 1), bh0=0,
+                             slopes=sl, key_offset=n - sq - lo))  # fmt: skip
+        # Packed layout: q rows of batch i at [i * sq, (i + 1) * sq), keys as gathered.
+        out, lse = forward_seqs(q.reshape(1, b * sq, h, d), kp.unsqueeze(0), vp.unsqueeze(0), spec, seqs)
+        outs.append(out.view(b, sq, h, d))
+        lses.append(lse.view(h, b, sq).permute(1, 0, 2))
+    return merge_states(outs, lses)
