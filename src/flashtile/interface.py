@@ -52,9 +52,10 @@ import torch
 
 from . import dispatch
 from .ops import attention
+from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
 from .reference import attention_probs_ref
 from .rng import draw_seed, dropout_mask
-from .spec import Problem, check_alibi, check_cu_seqlens_meta, check_qkv, make_spec
+from .spec import Problem, check_alibi, check_cu_seqlens_meta, check_cu_seqlens_values, check_qkv, make_spec
 
 _Window = Sequence[int]
 
@@ -252,6 +253,7 @@ def flash_attn_varlen_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    block_table: torch.Tensor | None = None,
 ):
     """Attention over a batch of variable-length sequences packed without padding.
 
@@ -263,17 +265,42 @@ def flash_attn_varlen_func(
         max_seqlen_q, max_seqlen_k: the longest sequence lengths (upper bounds are accepted).
         Other options: see the module docstring; causal/window alignment uses each sequence's
         own lengths; ``alibi_slopes`` may be ``(batch, nheads)``.
+        block_table: optional int32 ``(batch, max_blocks_per_seq)``: k and v are then paged caches
+            ``(num_blocks, page_block_size, nheads_k, headdim)`` (any page size) and sequence ``b``'s
+            keys are its first ``cu_seqlens_k[b+1] - cu_seqlens_k[b]`` cache tokens (prefill from a
+            paged cache).
 
     Returns:
         out ``(total_q, nheads, headdim)``; with ``return_attn_probs=True``,
         ``(out, softmax_lse (nheads, total_q) float32, attn_probs or None)``.
     """
+    if block_table is not None:
+        k, v = _gather_paged(q, k, v, cu_seqlens_k, max_seqlen_k, block_table)
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
         return_attn_probs=return_attn_probs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
+
+
+def _gather_paged(q, k_cache, v_cache, cu_seqlens_k, max_seqlen_k, block_table):
+    """Validate a paged k/v cache and gather each sequence's keys into the packed layout."""
+    for x, n in ((k_cache, "k"), (v_cache, "v")):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{n} must be a paged cache (num_blocks, page_block_size, nheads_k, headdim) when "
+                             f"block_table is given, got {tuple(getattr(x, 'shape', ()))}")  # fmt: skip
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k and v caches must have the same shape, got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    nseq = check_cu_seqlens_meta(cu_seqlens_k, "cu_seqlens_k", q.device)
+    check_block_table(block_table, nseq, k_cache.shape[0], q.device)
+    lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    check_cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", int(cu_seqlens_k[-1]), max_seqlen_k, "max_seqlen_k")
+    page = k_cache.shape[1]
+    check_used_blocks(block_table, lens.tolist(), page, k_cache.shape[0])
+    rows, pos = packed_positions(lens)
+    i0, i1 = cache_index(rows, pos, block_table, None, page)
+    return k_cache[i0, i1], v_cache[i0, i1]
 
 
 def flash_attn_varlen_qkvpacked_func(

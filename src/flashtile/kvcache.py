@@ -19,6 +19,7 @@ import torch
 from .backends.torch_tiled import _Seq, forward_seqs
 from .interface import flash_attn_varlen_func
 from .merge import merge_states
+from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
 from .rotary import apply_rotary_at
 from .spec import check_alibi, check_qkv, make_spec
 
@@ -47,19 +48,6 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     b = q.shape[0]
     check_qkv(q, k_cache[:1].expand(b, *k_cache.shape[1:]), v_cache[:1].expand(b, *v_cache.shape[1:]),
               varlen=False, names=("q", "k_cache", "v_cache"))  # fmt: skip
-
-
-def _cache_index(
-    batch_rows: torch.Tensor,
-    pos: torch.Tensor,
-    block_table: torch.Tensor | None,
-    cache_rows: torch.Tensor,
-    page: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first, second) cache indices of token position ``pos`` of batch row ``batch_rows``."""
-    if block_table is None:
-        return cache_rows[batch_rows], pos
-    return block_table[batch_rows, pos // page].long(), pos % page
 
 
 def flash_attn_with_kvcache(
@@ -116,12 +104,7 @@ def flash_attn_with_kvcache(
     dev = q.device
     paged = block_table is not None
     if paged:
-        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
-                or block_table.shape[0] != b:  # fmt: skip
-            raise ValueError(f"block_table must be an int32 tensor of shape (batch, max_blocks) with batch = {b}, "
-                             f"got {getattr(block_table, 'dtype', None)} {tuple(getattr(block_table, 'shape', ()))}")
-        if block_table.device != dev:
-            raise ValueError(f"block_table must be on the same device as q ({dev}), got {block_table.device}")
+        check_block_table(block_table, b, k_cache.shape[0], dev)
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be used with block_table (a paged cache)")
         num_blocks, page = k_cache.shape[0], k_cache.shape[1]
@@ -168,13 +151,7 @@ def flash_attn_with_kvcache(
             raise ValueError(f"cache_leftpad[{i}] = {lp[i]} must be in [0, cache_seqlens[{i}] = {sl[i]}]")
     seqlens_k = seqlens + sn  # end of each row's keys in the cache
     if paged:
-        used_blocks = [(sl[i] + sn + page - 1) // page for i in range(b)]
-        for i in range(b):
-            if used_blocks[i]:
-                ids = block_table[i, : used_blocks[i]]
-                if int(ids.min()) < 0 or int(ids.max()) >= num_blocks:
-                    raise ValueError(f"block_table[{i}] has entries outside [0, {num_blocks}) (blocks of k_cache) "
-                                     f"among the {used_blocks[i]} blocks the row uses")  # fmt: skip
+        check_used_blocks(block_table, [n + sn for n in sl], page, num_blocks)
 
     spec = make_spec(headdim=d, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                      softcap=softcap, deterministic=False)  # fmt: skip
@@ -190,7 +167,7 @@ def flash_attn_with_kvcache(
             k = apply_rotary_at(k, rotary_cos, rotary_sin, pos_new, rotary_interleaved)
         rows = torch.arange(b, device=dev).view(b, 1).expand(b, sn)
         at = seqlens.view(b, 1) + torch.arange(sn, device=dev).view(1, sn)
-        i0, i1 = _cache_index(rows, at, block_table, cache_rows, page)
+        i0, i1 = cache_index(rows, at, block_table, cache_rows, page)
         k_cache[i0, i1] = k.to(k_cache.dtype)
         v_cache[i0, i1] = v.to(v_cache.dtype)
     # 2. rotary on q.
@@ -200,12 +177,10 @@ def flash_attn_with_kvcache(
         q = apply_rotary_at(q, rotary_cos, rotary_sin, pos_q, rotary_interleaved)
     # 3. gather each row's keys [leftpad, seqlens_k) into the packed layout.
     lens_k = seqlens_k - leftpad
-    total_k = int(lens_k.sum())
-    row_of = torch.repeat_interleave(torch.arange(b, device=dev), lens_k, output_size=total_k)
     cu_k = torch.zeros(b + 1, dtype=torch.int32, device=dev)
     cu_k[1:] = torch.cumsum(lens_k, 0)
-    pos = torch.arange(total_k, device=dev) - cu_k[:-1].long()[row_of] + leftpad[row_of]
-    i0, i1 = _cache_index(row_of, pos, block_table, cache_rows, page)
+    row_of, pos = packed_positions(lens_k, leftpad)
+    i0, i1 = cache_index(row_of, pos, block_table, cache_rows, page)
     kp, vp = k_cache[i0, i1], v_cache[i0, i1]  # (total_k, hk, d)
 
     splits = 1 if num_splits <= 1 else int(num_splits)
