@@ -1,0 +1,235 @@
+"""flash_attn_with_kvcache: decoding with a cache equals full attention over the sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashtile import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from flashtile.merge import merge_states, merge_two
+from flashtile.reference import attention_ref
+from flashtile.rotary import apply_rotary_emb, rotary_cos_sin
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL = 2e-5 if DEV == "cpu" else 2e-3
+
+
+def _paged_cache(b, capacity, page, hk, d, dtype, gen):
+    nblk = -(-capacity // page)
+    num_blocks = b * nblk + 3  # spare blocks, so the table is a random subset
+    kc = torch.randn(num_blocks, page, hk, d, dtype=dtype, device=DEV, generator=gen)
+    vc = torch.randn_like(kc)
+    perm = torch.randperm(num_blocks, generator=gen, device="cpu")[: b * nblk]
+    return kc, vc, perm.view(b, nblk).to(torch.int32).to(DEV)
+
+
+def _decode(q, k, v, *, paged, prefill, page=5, num_splits=1, rotary=None, **kw):
+    """Prefill the first `prefill` tokens, then decode one token at a time; returns (out, lse)."""
+    b, s, h, d = q.shape
+    hk = k.shape[2]
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    if paged:
+        kc, vc, bt = _paged_cache(b, s + 2, page, hk, d, q.dtype, gen)
+    else:
+        kc = torch.randn(b, s + 2, hk, d, dtype=q.dtype, generator=gen).to(DEV)
+        vc, bt = torch.randn_like(kc), None
+    rot = {} if rotary is None else dict(rotary_cos=rotary[0], rotary_sin=rotary[1], rotary_interleaved=rotary[2])
+    outs, lses = [], []
+    steps = [(0, prefill)] + [(t, t + 1) for t in range(prefill, s)]
+    for a, e in steps:
+        o, lse = flash_attn_with_kvcache(
+            q[:, a:e], kc, vc, k[:, a:e], v[:, a:e], cache_seqlens=torch.full((b,), a, dtype=torch.int32, device=DEV),
+            block_table=bt, num_splits=num_splits, return_softmax_lse=True, **rot, **kw,
+        )  # fmt: skip
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, 1), torch.cat(lses, 2)
+
+
+def _qkv(b, s, h, hk, d, dtype=torch.float32, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda n: torch.randn(b, s, n, d, generator=g, dtype=dtype).to(DEV)
+    return mk(h), mk(hk), mk(hk)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(causal=True),
+        dict(causal=True, window_size=(6, 0)),
+        dict(causal=True, softcap=5.0),
+        dict(causal=True, alibi=True),
+    ],
+    ids=["causal", "window", "softcap", "alibi"],
+)
+def test_decode_equals_full_attention(paged, num_splits, opts):
+    b, s, h, hk, d = 2, 29, 4, 2, 16
+    q, k, v = _qkv(b, s, h, hk, d)
+    opts = dict(opts)
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = torch.rand(b, h, device=DEV) * 0.5
+    ref_out, ref_lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, **opts)
+    out, lse = _decode(q, k, v, paged=paged, prefill=7, num_splits=num_splits, **opts)
+    torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_with_rotary(interleaved, paged):
+    b, s, h, hk, d = 2, 21, 4, 1, 16
+    q, k, v = _qkv(b, s, h, hk, d, seed=3)
+    cos, sin = rotary_cos_sin(64, 8, device=DEV)  # partial rotary: 8 of 16 channels
+    qr = apply_rotary_emb(q, cos, sin, interleaved=interleaved)
+    kr = apply_rotary_emb(k, cos, sin, interleaved=interleaved)
+    ref = flash_attn_func(qr, kr, v, causal=True)
+    out, _ = _decode(q, k, v, paged=paged, prefill=4, rotary=(cos, sin, interleaved), causal=True)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_rotary_matches_complex_formula():
+    q, _, _ = _qkv(1, 9, 2, 2, 8, seed=5)
+    cos, sin = rotary_cos_sin(16, 8, device=DEV)
+    out = apply_rotary_emb(q, cos, sin, interleaved=True)
+    # interleaved pairs (2c, 2c+1) as complex numbers rotated by angle pos * inv_freq_c
+    z = torch.view_as_complex(q.float().reshape(1, 9, 2, 4, 2).contiguous())
+    ang = torch.complex(cos[:9], sin[:9]).view(1, 9, 1, 4)
+    expect = torch.view_as_real(z * ang).reshape(1, 9, 2, 8)
+    torch.testing.assert_close(out, expect, atol=1e-5, rtol=0)
+    # NeoX style: halves paired, and the inverse rotation undoes it
+    neox = apply_rotary_emb(q, cos, sin, interleaved=False)
+    back = apply_rotary_emb(neox, cos, -sin, interleaved=False)
+    torch.testing.assert_close(back, q, atol=1e-5, rtol=0)
+
+
+def test_non_causal_query_chunk_and_leftpad_and_batch_idx():
+    b, s, h, hk, d = 3, 16, 4, 2, 8
+    g = torch.Generator(device="cpu").manual_seed(7)
+    kc = torch.randn(5, s + 4, hk, d, generator=g).to(DEV)
+    vc = torch.randn_like(kc)
+    q = torch.randn(b, 3, h, d, generator=g).to(DEV)
+    knew = torch.randn(b, 3, hk, d, generator=g).to(DEV)
+    vnew = torch.randn(b, 3, hk, d, generator=g).to(DEV)
+    seqlens = torch.tensor([5, 9, 12], dtype=torch.int32, device=DEV)
+    leftpad = torch.tensor([0, 4, 2], dtype=torch.int32, device=DEV)
+    bidx = torch.tensor([4, 0, 2], dtype=torch.int32, device=DEV)
+    kc0, vc0 = kc.clone(), vc.clone()
+    out, lse = flash_attn_with_kvcache(q, kc, vc, knew, vnew, cache_seqlens=seqlens, cache_leftpad=leftpad,
+                                       cache_batch_idx=bidx, causal=True, return_softmax_lse=True)  # fmt: skip
+    for i in range(b):
+        r, n, lp = int(bidx[i]), int(seqlens[i]), int(leftpad[i])
+        # the new tokens landed in the right cache row, at cache_seqlens
+        torch.testing.assert_close(kc[r, n : n + 3], knew[i])
+        torch.testing.assert_close(vc[r, n : n + 3], vnew[i])
+        keys = torch.cat([kc0[r, lp:n], knew[i]])[None]
+        vals = torch.cat([vc0[r, lp:n], vnew[i]])[None]
+        ro, rl = attention_ref(q[i : i + 1], keys, vals, causal=True)
+        torch.testing.assert_close(out[i : i + 1], ro, atol=ATOL, rtol=0)
+        torch.testing.assert_close(lse[i : i + 1], rl, atol=ATOL, rtol=0)
+    # rows not named in cache_batch_idx are untouched
+    torch.testing.assert_close(kc[1], kc0[1])
+    torch.testing.assert_close(kc[3], kc0[3])
+
+
+def test_no_new_tokens_and_int_cache_seqlens():
+    b, h, d = 2, 2, 8
+    q, k, v = _qkv(b, 11, h, h, d, seed=9)
+    out = flash_attn_with_kvcache(q[:, -1:], k, v, cache_seqlens=11)
+    ref = flash_attn_func(q[:, -1:], k, v)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_varlen_prefill_from_paged_cache():
+    lens = [7, 0, 12, 1]
+    h, hk, d, page = 4, 2, 8, 3
+    g = torch.Generator(device="cpu").manual_seed(11)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    tot = sum(lens)
+    q = torch.randn(tot, h, d, generator=g).to(DEV)
+    k = torch.randn(tot, hk, d, generator=g).to(DEV)
+    v = torch.randn(tot, hk, d, generator=g).to(DEV)
+    kc, vc, bt = _paged_cache(len(lens), max(lens), page, hk, d, torch.float32, g)
+    for i, n in enumerate(lens):
+        for p in range(n):
+            kc[bt[i, p // page], p % page] = k[int(cu[i]) + p]
+            vc[bt[i, p // page], p % page] = v[int(cu[i]) + p]
+    ref = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+    out = flash_attn_varlen_func(q, kc, vc, cu, cu, max(lens), max(lens), causal=True, block_table=bt)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_merge_states_matches_full_softmax():
+    q, k, v = _qkv(2, 6, 2, 2, 8, seed=13)
+    full_o, full_l, _ = flash_attn_func(q, k, v, return_attn_probs=True)
+    parts = [flash_attn_func(q, k[:, a:e], v[:, a:e], return_attn_probs=True) for a, e in ((0, 2), (2, 3), (3, 6))]
+    o, lse = merge_states([p[0] for p in parts], [p[1] for p in parts])
+    torch.testing.assert_close(o, full_o, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, full_l, atol=1e-5, rtol=0)
+    o2, l2 = merge_two(parts[0][0], parts[0][1], *merge_states([p[0] for p in parts[1:]], [p[1] for p in parts[1:]]))
+    torch.testing.assert_close(o2, full_o, atol=1e-5, rtol=0)
+    # an empty piece (lse = -inf everywhere) changes nothing, and two empty pieces give 0 / -inf
+    empty_l = torch.full_like(full_l, float("-inf"))
+    o3, l3 = merge_two(full_o, full_l, torch.randn_like(full_o), empty_l)
+    torch.testing.assert_close(o3, full_o)
+    o4, l4 = merge_two(full_o, empty_l, full_o, empty_l)
+    assert torch.all(o4 == 0) and torch.all(torch.isneginf(l4))
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.q, self.k, self.v = _qkv(2, 1, 4, 2, 8, seed=17)
+        self.kc = torch.randn(2, 10, 2, 8, device=DEV)
+        self.vc = torch.randn_like(self.kc)
+
+    def test_capacity(self):
+        with pytest.raises(ValueError, match="capacity"):
+            flash_attn_with_kvcache(self.q, self.kc, self.vc, self.k, self.v, cache_seqlens=10)
+
+    def test_block_table_out_of_range(self):
+        kc = torch.randn(4, 4, 2, 8, device=DEV)
+        bt = torch.tensor([[0, 1, 2], [3, 9, 0]], dtype=torch.int32, device=DEV)
+        with pytest.raises(ValueError, match="block_table"):
+            flash_attn_with_kvcache(self.q, kc, kc.clone(), cache_seqlens=6, block_table=bt)
+
+    def test_block_table_dtype(self):
+        kc = torch.randn(4, 4, 2, 8, device=DEV)
+        bt = torch.zeros(2, 2, dtype=torch.int64, device=DEV)
+        with pytest.raises(ValueError, match="block_table must be an int32"):
+            flash_attn_with_kvcache(self.q, kc, kc.clone(), cache_seqlens=3, block_table=bt)
+
+    def test_mismatched_page_shapes(self):
+        kc = torch.randn(4, 4, 2, 8, device=DEV)
+        vc = torch.randn(4, 5, 2, 8, device=DEV)
+        bt = torch.zeros(2, 2, dtype=torch.int32, device=DEV)
+        with pytest.raises(ValueError, match="same shape"):
+            flash_attn_with_kvcache(self.q, kc, vc, cache_seqlens=3, block_table=bt)
+
+    def test_dtype(self):
+        with pytest.raises(TypeError, match="k_cache"):
+            flash_attn_with_kvcache(self.q, self.kc.double(), self.vc.double(), cache_seqlens=3)
+
+    def test_cache_seqlens_dtype(self):
+        with pytest.raises(ValueError, match="cache_seqlens"):
+            flash_attn_with_kvcache(self.q, self.kc, self.vc, cache_seqlens=torch.tensor([1, 2], device=DEV))
+
+    def test_batch_idx_range(self):
+        with pytest.raises(ValueError, match="cache_batch_idx"):
+            flash_attn_with_kvcache(self.q, self.kc, self.vc, cache_seqlens=3,
+                                    cache_batch_idx=torch.tensor([0, 5], dtype=torch.int32, device=DEV))  # fmt: skip
+
+    def test_leftpad_range(self):
+        with pytest.raises(ValueError, match="cache_leftpad"):
+            flash_attn_with_kvcache(self.q, self.kc, self.vc, cache_seqlens=3,
+                                    cache_leftpad=torch.tensor([0, 4], dtype=torch.int32, device=DEV))  # fmt: skip
+
+    def test_k_without_v(self):
+        with pytest.raises(ValueError, match="together"):
+            flash_attn_with_kvcache(self.q, self.kc, self.vc, self.k, None, cache_seqlens=3)
+
+    def test_rotary_out_of_range(self):
+        cos, sin = rotary_cos_sin(4, 8, device=DEV)
+        with pytest.raises(ValueError, match="rotary"):
+            flash_attn_with_kvcache(self.q, self.kc, self.vc, self.k, self.v, rotary_cos=cos, rotary_sin=sin,
+                                    cache_seqlens=6)  # fmt: skip
