@@ -1,0 +1,5 @@
+"""Models built from flashtile's modules."""
+
+from .gpt import GPT, PRESETS, GPTConfig
+
+__all__ = ["GPT", "GPTConfig", "PRESETS"]
