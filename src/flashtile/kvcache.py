@@ -7,21 +7,23 @@ ALiBi alignment uses ``seqlen_k_i = cache_seqlens_i + seqlen_new - leftpad_i``, 
 ``causal=True`` the last query sees every key and query ``t`` sees keys up to
 ``seqlen_k_i - seqlen_q + t``.
 
-Backends: the attention runs through the dispatcher's varlen path (Triton on CUDA, the tiled
-torch engine elsewhere) on the gathered keys; ``num_splits > 1`` splits each row's key range
-into pieces computed separately (torch engine) and merged with :func:`flashtile.merge.merge_states`.
+Backends (chosen by :mod:`flashtile.dispatch`): ``triton`` runs the split-KV kernel of
+:mod:`flashtile.backends.triton.decode`, which reads the cache in place; ``torch`` gathers each
+row's keys and runs the tiled engine (``num_splits > 1``: pieces of the key range computed
+separately). Both merge pieces with :func:`flashtile.merge.merge_states`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import dispatch
 from .backends.torch_tiled import _Seq, forward_seqs
 from .interface import flash_attn_varlen_func
 from .merge import merge_states
 from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
 from .rotary import apply_rotary_at
-from .spec import check_alibi, check_qkv, make_spec
+from .spec import Problem, check_alibi, check_qkv, make_spec
 
 
 def _as_int32_vec(x: object, name: str, b: int, device: torch.device) -> torch.Tensor:
@@ -175,8 +177,19 @@ def flash_attn_with_kvcache(
         base = (seqlens - leftpad).view(b, 1)
         pos_q = base + torch.arange(sq, device=dev).view(1, sq) if spec.has_window else base.expand(b, sq)
         q = apply_rotary_at(q, rotary_cos, rotary_sin, pos_q, rotary_interleaved)
-    # 3. gather each row's keys [leftpad, seqlens_k) into the packed layout.
     lens_k = seqlens_k - leftpad
+    max_keys = int(lens_k.max()) if b else 0
+    problem = Problem(batch=b, seqlen_q=sq, seqlen_k=max_keys, nheads=h, nheads_k=hk, headdim=d, dtype=q.dtype,
+                      device=dev, varlen=False, has_alibi=alibi is not None)  # fmt: skip
+    if dispatch.choose(problem, spec) == "triton":
+        from .backends.triton.decode import decode
+
+        table = block_table if paged else cache_rows.view(b, 1).to(torch.int32)
+        out, lse = decode(q.contiguous() if q.stride(-1) != 1 else q, k_cache, v_cache, table,
+                          seqlens_k.to(torch.int32), leftpad.to(torch.int32), spec, alibi_slopes=alibi,
+                          max_keys=max_keys, num_splits=num_splits)  # fmt: skip
+        return (out, lse) if return_softmax_lse else out
+    # 3. (torch path) gather each row's keys [leftpad, seqlens_k) into the packed layout.
     cu_k = torch.zeros(b + 1, dtype=torch.int32, device=dev)
     cu_k[1:] = torch.cumsum(lens_k, 0)
     row_of, pos = packed_positions(lens_k, leftpad)
@@ -187,7 +200,7 @@ def flash_attn_with_kvcache(
     if splits == 1:
         cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=dev)
         out, lse, _ = flash_attn_varlen_func(
-            q.reshape(b * sq, h, d), kp, vp, cu_q, cu_k, sq, int(lens_k.max()) if b else 0,
+            q.reshape(b * sq, h, d), kp, vp, cu_q, cu_k, sq, max_keys,
             softmax_scale=spec.softmax_scale, window_size=(spec.window_left, spec.window_right),
             softcap=softcap, alibi_slopes=alibi, return_attn_probs=True,
         )  # fmt: skip
