@@ -13,6 +13,7 @@ on the GPU with bf16 too and larger shapes, and the ``gpu`` tests are added.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -91,8 +92,23 @@ def _call(q, k, v, spec, *, alibi=None, seed=0, cu=None, maxs=None):
     return out, lse, kw
 
 
+def _atomic_config(d, dtype):
+    """The table's backward config with the fused atomic-dQ pass switched on."""
+    from flashtile.backends.triton import launch
+
+    return dataclasses.replace(launch.bwd_config_for(DEVICE, d, dtype), atomic_dq=True)
+
+
+def _backward(dout, q, k, v, out, lse, spec, kw, bwd_config=None):
+    if bwd_config is None:
+        return backend.backward(dout, q, k, v, out, lse, spec, **kw)
+    from flashtile.backends.triton import launch
+
+    return launch.backward(dout, q, k, v, out, lse, spec, **kw, config=bwd_config)
+
+
 def run_dense(b, sq, sk, h, hk, d, dtype, *, causal=False, window=(-1, -1), softcap=0.0, alibi=None,
-              dropout_p=0.0, seed=1234, bwd=True):
+              dropout_p=0.0, seed=1234, bwd=True, bwd_config=None):
     torch.manual_seed(sq * 1000 + sk * 10 + d)
     q = torch.randn(b, sq, h, d, device=DEVICE, dtype=dtype)
     k = torch.randn(b, sk, hk, d, device=DEVICE, dtype=dtype)
@@ -112,7 +128,7 @@ def run_dense(b, sq, sk, h, hk, d, dtype, *, causal=False, window=(-1, -1), soft
     _check_lse(lse, lse_ref)
     if not bwd:
         return
-    grads = backend.backward(dout, q, k, v, out, lse, spec, **kw)
+    grads = _backward(dout, q, k, v, out, lse, spec, kw, bwd_config)
     for name, g, gr, gp, x in zip(("dq", "dk", "dv"), grads, g_ref, g_pt, (q, k, v), strict=True):
         assert g.shape == x.shape and g.dtype == x.dtype
         _check_close(name, g, gr, gp, 3, BWD_ATOL[dtype])
@@ -177,6 +193,18 @@ def test_dropout(causal, window):
     run_dense(2, s, s + 5, 2, 1, 64, torch.float16, causal=causal, window=window, dropout_p=0.17, seed=2**40 + 77)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [dict(causal=True), dict(window=(3, 0), sq=60, sk=20), dict(dropout_p=0.2, alibi="h", softcap=2.0)],
+    ids=["causal", "masked-rows", "dropout-alibi-softcap"],
+)
+def test_atomic_dq(kw):
+    # the fused dK/dV + atomic dQ backward (deterministic=False configs with atomic_dq=True)
+    kw = dict(kw)
+    sq, sk = kw.pop("sq", 45 if not ON_GPU else 555), kw.pop("sk", 52 if not ON_GPU else 600)
+    run_dense(2, sq, sk, 4, 2, 40, torch.float16, bwd_config=_atomic_config(40, torch.float16), **kw)
+
+
 def test_bf16_interpreter_workaround():
     # the interpreter's bf16 dot is wrong; the kernels upcast bf16 operands there (on GPUs: native)
     run_dense(1, 33, 33, 2, 2, 64, torch.bfloat16, causal=True)
@@ -214,11 +242,11 @@ def _varlen_ref(q, k, v, cu_q, cu_k, *, upcast, dout, alibi=None, dropout_p=0.0,
 
 
 @pytest.mark.parametrize(
-    "causal,window,alibi,dropout_p",
-    [(False, (-1, -1), False, 0.0), (True, (-1, -1), True, 0.0), (False, (4, 2), False, 0.0),
-     (True, (-1, -1), False, 0.2)],
+    "causal,window,alibi,dropout_p,atomic",
+    [(False, (-1, -1), False, 0.0, False), (True, (-1, -1), True, 0.0, False), (False, (4, 2), False, 0.0, False),
+     (True, (-1, -1), False, 0.2, False), (True, (-1, -1), False, 0.0, True)],
 )
-def test_varlen(causal, window, alibi, dropout_p):
+def test_varlen(causal, window, alibi, dropout_p, atomic):
     dtype, h, hk, d = torch.float16, 4, 2, 40
     # an empty sequence, a length-1 sequence, sq != sk both ways, a key-less sequence
     if not ON_GPU:
@@ -233,6 +261,7 @@ def test_varlen(causal, window, alibi, dropout_p):
     v = torch.randn(sum(lens_k), hk, d, device=DEVICE, dtype=dtype)
     slopes = torch.rand(len(lens_q), h, device=DEVICE) * 0.3 if alibi else None
     seed = 99
+    bwd_config = _atomic_config(d, dtype) if atomic else None
     spec = _spec(d, causal, window, dropout_p=dropout_p)
     out, lse, kw = _call(q[None], k[None], v[None], spec, alibi=slopes, seed=seed, cu=(cu_q, cu_k),
                          maxs=(max(lens_q), max(lens_k)))
@@ -243,7 +272,7 @@ def test_varlen(causal, window, alibi, dropout_p):
     o_pt, _, g_pt = _varlen_ref(q, k, v, cu_q, cu_k, upcast=False, dout=dout, **rkw)
     _check_close("out", out[0], o_ref, o_pt, 2, FWD_ATOL[dtype])
     _check_lse(lse[0], lse_ref)
-    grads = backend.backward(dout[None], q[None], k[None], v[None], out, lse, spec, **kw)
+    grads = _backward(dout[None], q[None], k[None], v[None], out, lse, spec, kw, bwd_config)
     for name, g, gr, gp in zip(("dq", "dk", "dv"), grads, g_ref, g_pt, strict=True):
         _check_close(name, g[0], gr, gp, 3, BWD_ATOL[dtype])
 

@@ -2,8 +2,10 @@
 
 Both main passes recompute P = exp2(s - lse) from the saved lse. The dK/dV pass owns one
 block of keys of one key/value head and loops over every query head of its GQA group, so
-the group's dK/dV sum stays in registers; the dQ pass owns one block of query rows. No
-pass uses atomics: the backward is bitwise reproducible whatever ``deterministic`` says.
+the group's dK/dV sum stays in registers; the dQ pass owns one block of query rows. By
+default no pass uses atomics and the backward is bitwise reproducible. The faster option
+(``ATOMIC_DQ``, used only when ``deterministic=False`` and the config asks for it) fuses the
+dQ pass into the dK/dV pass, adding dQ tiles into an fp32 buffer with atomics.
 
 With dropout, Z the keep mask and r = 1 / (1 - p):
     dV = (P * Z * r)^T dO,  dP = (dO V^T) * Z * r,  dS = P * (dP - delta),
@@ -55,15 +57,16 @@ def _load_lse2(lse_ptrs, mask):
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, cols, offs_m, offs_d,
-    stride_qs, stride_dos, seqlen_q, seqlen_k, off, wl, wr,
+    dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, start_m, cols, offs_m, offs_d,
+    stride_qs, stride_dos, stride_dqs, seqlen_q, seqlen_k, off, wl, wr,
     qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
     MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """One block of query rows against this program's key block, in transposed orientation
-    (keys along dim 0): returns the updated (dk, dv)."""
+    (keys along dim 0): returns the updated (dk, dv). ATOMIC_DQ: also adds this tile's share
+    of dQ (unscaled, fp32) into dq_base with relaxed atomics (not bitwise reproducible)."""
     rows = start_m + offs_m
     qb = q_base + tl.cast(start_m, tl.int64) * stride_qs
     dob = do_base + tl.cast(start_m, tl.int64) * stride_dos
@@ -101,19 +104,30 @@ def _dkdv_step(
     dsT = pT * (dpT - delta[None, :])
     if HAS_SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
-    dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, UPCAST)
+    dsT = dsT.to(qT.dtype)
+    dk = _mma(dsT, tl.trans(qT), dk, UPCAST)
+    if ATOMIC_DQ:
+        dq = _mm(tl.trans(dsT), k, UPCAST)
+        dq_ptrs = dq_base + tl.cast(start_m, tl.int64) * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :]
+        if MASKED:
+            tl.atomic_add(dq_ptrs, dq, mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+        elif PAD_D:
+            tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < HEAD_DIM, sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "thresh", "seed_lo", "seed_hi"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, ALIBI, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, ALIBI, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh, stride_ab,
     seqlen_q, seqlen_k, nheads, group,
     qk_scale, cap_out, alibi_mul, sm_scale,
@@ -121,9 +135,10 @@ def _bwd_dkdv_kernel(
     thresh, drop_scale, seed_lo, seed_hi,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    """Grid (key blocks, nheads_k, batch or sequences). DELTA has LSE's strides."""
+    """Grid (key blocks, nheads_k, batch or sequences). DELTA has LSE's strides. ATOMIC_DQ:
+    DQ is a zeroed fp32 buffer that collects the unscaled dQ (the dQ kernel is then skipped)."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -165,6 +180,7 @@ def _bwd_dkdv_kernel(
         h = hk * group + g
         q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_row0 * stride_qs
         do_base = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_row0 * stride_dos
+        dq_base = DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + q_row0 * stride_dqs
         lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
         delta_base = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
         slope2 = 0.0
@@ -173,17 +189,17 @@ def _bwd_dkdv_kernel(
         bh = b * nheads + h
         for blk in range(fu_lo, fu_hi):
             dk, dv = _dkdv_step(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, blk * BLOCK_M, cols, offs_m, offs_d,
-                stride_qs, stride_dos, seqlen_q, seqlen_k, off, window_left, window_right,
+                dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, blk * BLOCK_M, cols, offs_m, offs_d,
+                stride_qs, stride_dos, stride_dqs, seqlen_q, seqlen_k, off, window_left, window_right,
                 qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
-                False, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
+                False, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, ATOMIC_DQ)
         for i in range(0, n_masked):
             blk = tl.where(i < n_a, mb_lo + i, fu_hi + i - n_a)
             dk, dv = _dkdv_step(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, blk * BLOCK_M, cols, offs_m, offs_d,
-                stride_qs, stride_dos, seqlen_q, seqlen_k, off, window_left, window_right,
+                dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, blk * BLOCK_M, cols, offs_m, offs_d,
+                stride_qs, stride_dos, stride_dqs, seqlen_q, seqlen_k, off, window_left, window_right,
                 qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
-                True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
+                True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, ATOMIC_DQ)
 
     dk = dk * sm_scale
     dk_ptrs = (DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + kv_row0 * stride_dks

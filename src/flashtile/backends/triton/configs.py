@@ -34,6 +34,9 @@ class BwdConfig:
     num_stages1: int
     num_warps2: int
     num_stages2: int
+    # fuse the dQ pass into the dK/dV pass with fp32 atomics (used only when the call is not
+    # deterministic=True; the *2 fields are then unused)
+    atomic_dq: bool = False
 
 
 # Under TRITON_INTERPRET=1 the kernels run in numpy on the CPU: small tiles keep tests quick

@@ -204,7 +204,8 @@ def backward(
     seed: int,
     config: BwdConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) shaped and typed like (q, k, v); bitwise reproducible (no atomics)."""
+    """(dq, dk, dv) shaped and typed like (q, k, v). Bitwise reproducible unless the config
+    fuses dQ with atomics (``atomic_dq``), which ``spec.deterministic`` switches off."""
     B, Sq, H, D = q.shape
     Hk = k.shape[2]
     varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k = _geometry(
@@ -220,6 +221,7 @@ def backward(
         out = out.contiguous()
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
+    dq_acc = None
     block_d = _block_d(D)
     arch = _arch(q.device)
     cfg = config or configs.bwd_config(arch, block_d, q.dtype)
@@ -241,6 +243,11 @@ def backward(
     )
 
     def launch(c: BwdConfig) -> None:
+        nonlocal dq_acc
+        atomic = c.atomic_dq and not spec.deterministic
+        if atomic:
+            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dq_dst = dq_acc if atomic else dq
         pre_m = 64 if not INTERPRET else 32
         _bwd_preprocess[(triton.cdiv(Sq, pre_m), H, B)](
             out, dout, delta,
@@ -250,12 +257,14 @@ def backward(
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m,
         )
         _bwd_dkdv_kernel[(triton.cdiv(rows_k, c.block_n1), Hk, nb)](
-            q, k, v, dout, lse, delta, dk, dv, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-            *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dk), *bstr(dv),
+            q, k, v, dout, lse, delta, dk, dv, dq_dst, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+            *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dk), *bstr(dv), *bstr(dq_dst),
             *common,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=c.block_m1, BLOCK_N=c.block_n1, **flags,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=c.block_m1, BLOCK_N=c.block_n1, ATOMIC_DQ=atomic, **flags,
             num_warps=c.num_warps1, num_stages=c.num_stages1,
         )
+        if atomic:
+            return
         _bwd_dq_kernel[(triton.cdiv(rows_q, c.block_m2), H, nb)](
             q, k, v, dout, lse, delta, dq, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
             *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dq),
@@ -266,8 +275,20 @@ def backward(
         )
 
     with _DeviceGuard(q.device):
-        _fit(("bwd", arch, q.dtype, block_d), cfg, launch)
+        _fit(("bwd", arch, q.dtype, block_d, spec.deterministic), cfg, launch)
+        if dq_acc is not None:
+            dq.copy_(dq_acc.mul_(spec.softmax_scale))
     return dq, dk, dv
+
+
+def fwd_config_for(device: torch.device, headdim: int, dtype: torch.dtype) -> FwdConfig:
+    """The table's forward config for a call (before any shared-memory fallback)."""
+    return configs.fwd_config(_arch(device), _block_d(headdim), dtype)
+
+
+def bwd_config_for(device: torch.device, headdim: int, dtype: torch.dtype) -> BwdConfig:
+    """The table's backward config for a call (before any shared-memory fallback)."""
+    return configs.bwd_config(_arch(device), _block_d(headdim), dtype)
 
 
 def describe(device: torch.device, headdim: int, dtype: torch.dtype) -> str:
@@ -277,4 +298,4 @@ def describe(device: torch.device, headdim: int, dtype: torch.dtype) -> str:
     return f"{arch}: fwd {configs.fwd_config(arch, block_d, dtype)}, bwd {configs.bwd_config(arch, block_d, dtype)}"
 
 
-__all__ = ["forward", "backward", "describe", "INTERPRET"]
+__all__ = ["forward", "backward", "describe", "fwd_config_for", "bwd_config_for", "INTERPRET"]
