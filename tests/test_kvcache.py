@@ -233,3 +233,36 @@ class TestBadInput:
         with pytest.raises(ValueError, match="rotary"):
             flash_attn_with_kvcache(self.q, self.kc, self.vc, self.k, self.v, rotary_cos=cos, rotary_sin=sin,
                                     cache_seqlens=6)  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("num_splits", [0, 1, 4])
+def test_decode_low_precision_gpu(dtype, paged, num_splits):
+    """bf16/fp16 decode on the GPU: error vs the fp32 oracle within 2x a same-dtype PyTorch implementation."""
+    b, s, h, hk, d = 4, 1000, 32, 8, 128
+    g = torch.Generator(device="cpu").manual_seed(21)
+    q = torch.randn(b, 1, h, d, generator=g).to(DEV, dtype)
+    k = torch.randn(b, s, hk, d, generator=g).to(DEV, dtype)
+    v = torch.randn(b, s, hk, d, generator=g).to(DEV, dtype)
+    seqlens = torch.tensor([1000, 1, 517, 64], dtype=torch.int32, device=DEV)
+    if paged:
+        page = 16
+        kc, vc, bt = _paged_cache(b, s, page, hk, d, dtype, g)
+        for i in range(b):
+            n = int(seqlens[i])
+            for p0 in range(0, n, page):
+                m = min(page, n - p0)
+                kc[bt[i, p0 // page], :m] = k[i, p0 : p0 + m]
+                vc[bt[i, p0 // page], :m] = v[i, p0 : p0 + m]
+    else:
+        kc, vc, bt = k.clone(), v.clone(), None
+    out = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens, block_table=bt, num_splits=num_splits, causal=True)
+    for i in range(b):
+        n = int(seqlens[i])
+        ref, _ = attention_ref(q[i : i + 1], k[i : i + 1, :n], v[i : i + 1, :n], causal=True)
+        pt, _ = attention_ref(q[i : i + 1], k[i : i + 1, :n], v[i : i + 1, :n], causal=True, upcast=False)
+        err = (out[i : i + 1].float() - ref.float()).abs().max().item()
+        pt_err = (pt.float() - ref.float()).abs().max().item()
+        assert err <= 2 * pt_err + 1e-3, (i, err, pt_err)
