@@ -1,0 +1,208 @@
+"""Hugging Face transformers integration: ``attn_implementation="flashtile"``.
+
+::
+
+    import flashtile.integrations.transformers as ft_hf
+    ft_hf.register()
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="flashtile")
+
+:func:`register` adds two entries (transformers >= 4.53, tested with 5.23):
+
+* ``AttentionInterface["flashtile"]`` = :func:`flashtile_attention_forward`: every attention layer
+  of the model calls it with ``(batch, heads, seqlen, headdim)`` q/k/v; it runs
+  :func:`flashtile.flash_attn_func`, or :func:`flashtile.flash_attn_varlen_func` when there is
+  padding (padded tokens are dropped, never computed) or packed sequences.
+* ``AttentionMaskInterface["flashtile"]`` = :func:`flashtile_mask`: the model's mask builder hands
+  over the 2-D padding mask (or None) instead of building a 4-D one; causal and sliding-window
+  structure come from the layer's ``is_causal`` / ``sliding_window`` and are applied in-kernel.
+
+Served: causal and bidirectional layers, left or right padding, GQA/MQA, ``sliding_window``
+(the layer's argument, e.g. Mistral, Gemma-2's sliding layers), ``softcap`` (Gemma-2),
+``scaling``, ``dropout`` (what the model passes: non-zero only in training), KV caches
+(dynamic, sliding, static), packed sequences (``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs,
+or ``position_ids`` restarting inside one row). Not served (raise): ready-made 4-D masks,
+attention sinks (``s_aux``). Mask patterns other than causal / sliding window / padding that a
+model adds through its mask functions (chunked attention, bidirectional image-token blocks) are
+not represented, as with transformers' own flash-attention path. ``output_attentions`` returns
+None weights.
+
+A wrinkle of transformers >= 5: it treats every implementation name containing ``"flash"`` as a
+FlashAttention kernel and tries to load one at model construction. :func:`register` therefore
+wraps ``transformers.modeling_utils.lazy_import_flash_attention`` so that the names registered
+here load nothing (other names pass through unchanged). This happens only inside
+:func:`register`, and only when the installed transformers applies that rule to the name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..interface import flash_attn_func, flash_attn_varlen_func
+from ..padding import pad_input, unpad_input
+
+_MISSING = (
+    "flashtile's transformers integration needs Hugging Face transformers >= 4.53 (AttentionInterface and "
+    "AttentionMaskInterface). Install it with: pip install 'flashtile[hf]'"
+)
+_registered: set[str] = set()
+
+
+def _interfaces():
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as e:
+        raise ImportError(_MISSING) from e
+    return AttentionInterface, AttentionMaskInterface
+
+
+def flashtile_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Callable | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """transformers' mask hook: the bool ``(batch, kv_length)`` padding mask (True = real token),
+    or None when nothing is padded. The last ``kv_length`` columns are kept (a sliding-window
+    cache holds only the most recent keys)."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:].bool()
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def _packed_from_position_ids(position_ids: torch.Tensor, total: int):
+    """``(cu_seqlens, max_seqlen)`` when one row holds several sequences (a position that is not
+    the previous one plus 1 starts a new sequence), else None."""
+    pos = position_ids.reshape(-1)
+    if pos.numel() != total or total < 2:
+        return None
+    starts = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
+    if starts.numel() == 0:
+        return None
+    bounds = [0, *starts.tolist(), total]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=pos.device)
+    return cu, max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def flashtile_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention hook. q ``(b, h, sq, d)``, k/v ``(b, hk, sk, d)`` (``d_v`` may
+    differ) -> ``(out (b, sq, h, d_v), None)``.
+
+    ``attention_mask``: None or the bool ``(b, sk')`` padding mask from :func:`flashtile_mask`;
+    queries are the last ``sq`` positions of it (``sk' < sk`` happens with static caches: the
+    keys beyond the mask are unused slots and are dropped). ``sliding_window = w``: each query
+    sees the ``w`` most recent positions including itself (window ``(w - 1, 0)`` when causal,
+    ``(w - 1, w - 1)`` otherwise), as transformers' eager masks do.
+    """
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("flashtile does not support attention sinks (s_aux); use another attn_implementation")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"flashtile attention takes a 2-D (batch, seqlen) padding mask, got a {attention_mask.dim()}-D mask of "
+            f"shape {tuple(attention_mask.shape)}; custom 4-D masks are not supported "
+            "(use attn_implementation='sdpa' or 'eager' for those)"
+        )
+    b, h, sq, d = query.shape
+    dv = value.shape[-1]
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (b, s, heads, d)
+    if dv < d:  # e.g. MLA: pad v to the q/k head dim (zeros change nothing), crop the output
+        v = F.pad(v, (0, d - dv))
+    elif dv > d:
+        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
+        scaling = d**-0.5 if scaling is None else scaling
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    window = (-1, -1)
+    if sliding_window is not None and sliding_window > 0:
+        window = (sliding_window - 1, 0 if causal else sliding_window - 1)
+    opts = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0)
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if attention_mask is not None:
+        keep_k = attention_mask.bool()
+        if k.shape[1] > keep_k.shape[1]:  # static cache: slots past the mask are unused
+            k, v = k[:, : keep_k.shape[1]], v[:, : keep_k.shape[1]]
+        kv_u, _, cu_k, max_k, _ = unpad_input(torch.stack((k, v), dim=2), keep_k)  # (t_k, 2, hk, d)
+        q_u, idx_q, cu_q, max_q, _ = unpad_input(q, keep_k[:, -sq:])  # queries: the last sq positions
+        out = flash_attn_varlen_func(q_u, kv_u[:, 0], kv_u[:, 1], cu_q, cu_k, max_q, max_k, **opts)
+        out = pad_input(out, idx_q, b, sq)
+    elif cu_q is not None and cu_k is not None and max_q is not None and max_k is not None:
+        out = flash_attn_varlen_func(
+            q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),
+            cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k), **opts,
+        ).view(b, sq, h, -1)  # fmt: skip
+    else:
+        pos = kwargs.get("position_ids")
+        packed = _packed_from_position_ids(pos, sq) if (pos is not None and b == 1 and sq == k.shape[1]) else None
+        if packed is not None:
+            cu, mx = packed
+            out = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, mx, mx, **opts).unsqueeze(0)
+        else:
+            out = flash_attn_func(q, k, v, **opts)
+    return out[..., :dv], None
+
+
+def _skip_flash_kernel_loading(name: str) -> None:
+    """transformers >= 5 calls ``lazy_import_flash_attention(name)`` at model construction for any
+    name containing "flash"; make it a no-op for flashtile's names (see the module docstring)."""
+    try:
+        import transformers.modeling_utils as mu
+        from transformers.utils.generic import is_flash_attention_requested
+    except ImportError:
+        return
+    if not is_flash_attention_requested(requested_attention_implementation=name):
+        return
+    original = getattr(mu, "lazy_import_flash_attention", None)
+    if original is None:
+        return
+    names = getattr(original, "_flashtile_names", None)
+    if names is not None:  # already wrapped
+        names.add(name)
+        return
+
+    def lazy_import_flash_attention(implementation, *args, **kwargs):
+        if implementation in lazy_import_flash_attention._flashtile_names:
+            return None  # flashtile needs no kernel package; transformers ignores the value here
+        return original(implementation, *args, **kwargs)
+
+    lazy_import_flash_attention._flashtile_names = {name}
+    lazy_import_flash_attention.__wrapped__ = original
+    mu.lazy_import_flash_attention = lazy_import_flash_attention
+
+
+def register(name: str = "flashtile") -> str:
+    """Register flashtile with transformers under ``name`` (idempotent); returns the name, for
+    ``from_pretrained(..., attn_implementation=name)`` / ``from_config``."""
+    attention_interface, mask_interface = _interfaces()
+    attention_interface.register(name, flashtile_attention_forward)
+    mask_interface.register(name, flashtile_mask)
+    _skip_flash_kernel_loading(name)
+    _registered.add(name)
+    return name
+
+
+__all__ = ["register", "flashtile_attention_forward", "flashtile_mask"]

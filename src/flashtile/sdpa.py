@@ -1,0 +1,144 @@
+"""``torch.nn.functional.scaled_dot_product_attention``'s signature on flashtile.
+
+Replace ``F.scaled_dot_product_attention`` with :func:`scaled_dot_product_attention` in code
+that uses the ``(batch, heads, seqlen, headdim)`` layout, and the attention runs through
+flashtile's kernels (the tiled torch engine or Triton) without materialising the scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .interface import flash_attn_func, flash_attn_varlen_func
+from .padding import unpad_input
+
+
+def _key_padding(attn_mask: torch.Tensor, b: int, sk: int) -> torch.Tensor:
+    """A mask broadcastable to ``(b, h, sq, sk)`` that depends on the batch and key only, as a
+    bool ``(b, sk)`` keep-mask; anything else raises."""
+    m = attn_mask
+    if m.dim() > 4:
+        raise ValueError(f"attn_mask must broadcast to (batch, heads, seqlen_q, seqlen_k), got {tuple(m.shape)}")
+    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))  # (B?, H?, Sq?, Sk?)
+    if m.shape[1] != 1 or m.shape[2] != 1 or m.shape[0] not in (1, b) or m.shape[3] not in (1, sk):
+        raise ValueError(
+            "flashtile's scaled_dot_product_attention serves attn_mask only as a key-padding mask, of a shape "
+            f"broadcastable as (batch, 1, 1, seqlen_k) = ({b}, 1, 1, {sk}) (e.g. (batch, 1, 1, seqlen_k) or "
+            f"(seqlen_k,)); got {tuple(attn_mask.shape)}. Masks that vary over heads or query rows are not "
+            "supported: express causal / sliding-window masks with is_causal or flashtile.flash_attn_func's "
+            "window_size, or use torch.nn.functional.scaled_dot_product_attention for arbitrary masks."
+        )
+    m = m.reshape(m.shape[0], m.shape[3]).expand(b, sk)
+    if m.dtype == torch.bool:
+        return m
+    if not m.is_floating_point():
+        raise TypeError(f"attn_mask must be bool or floating point, got {m.dtype}")
+    keep = m == 0
+    if not bool((keep | (m == float("-inf"))).all()):
+        raise ValueError(
+            "flashtile's scaled_dot_product_attention serves an additive (float) attn_mask only when it is a "
+            "key-padding mask whose entries are 0 (attend) or -inf (ignore); arbitrary biases are not supported "
+            "(use torch.nn.functional.scaled_dot_product_attention for those)"
+        )
+    return keep
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``softmax(query @ key^T * scale + mask) @ value`` with PyTorch's SDPA signature and layout.
+
+    Args:
+        query: ``(..., heads, seqlen_q, E)``; the leading dims are the batch (3-D input: no batch).
+        key: ``(..., heads_k, seqlen_k, E)``; value: ``(..., heads_k, seqlen_k, Ev)``. The batch dims
+            must be equal (no broadcasting). ``Ev != E`` is served (the shorter of q/k and v is
+            zero-padded internally, which changes no result; the output has ``Ev`` channels).
+            dtypes: float16, bfloat16, float32.
+        attn_mask: optional, served only as a **key-padding mask**: its shape must broadcast as
+            ``(batch, 1, 1, seqlen_k)``: the same keys are hidden from every head and query row.
+            Boolean: True = take part (SDPA's convention). Float (additive): every entry 0 or
+            ``-inf``. The kept keys of each batch row are packed and run through the varlen kernel
+            (masked keys cost nothing). Any other mask raises ``ValueError`` naming the supported
+            shapes; so does a float mask with other values. Reading the mask syncs with the device.
+        dropout_p: dropout on the attention probabilities, applied whenever ``dropout_p > 0``
+            (as in PyTorch, pass ``0.0`` at evaluation). Drawn from flashtile's generator, so
+            the dropped entries differ from PyTorch's for the same seed.
+        is_causal: PyTorch's causal mask, aligned to the **top-left** corner: query ``i`` sees keys
+            ``j <= i`` (flash-attn aligns to the bottom-right; the two agree when
+            ``seqlen_q == seqlen_k``). Mapped exactly: with ``seqlen_k > seqlen_q`` the keys past
+            ``seqlen_q`` are never visible and are dropped; with ``seqlen_k < seqlen_q`` a window
+            ``(-1, seqlen_q - seqlen_k)`` reproduces the top-left diagonal. Cannot be combined with
+            ``attn_mask`` (as in PyTorch).
+        scale: default ``1 / sqrt(E)``.
+        enable_gqa: allow ``heads_k`` to divide ``heads``: query head ``i`` uses key/value head
+            ``i // (heads // heads_k)`` (PyTorch's grouping).
+
+    Returns:
+        ``(..., heads, seqlen_q, Ev)``, in query's dtype (a transposed view of flashtile's
+        ``(batch, seqlen, heads, Ev)`` output). Differences from PyTorch: a query row that sees no
+        key outputs 0 (PyTorch gives NaN); no broadcasting of batch dims.
+    """
+    for x, n in ((query, "query"), (key, "key"), (value, "value")):
+        if not isinstance(x, torch.Tensor) or x.dim() < 3:
+            raise ValueError(f"{n} must be a tensor (..., heads, seqlen, headdim) with at least 3 dims")
+    if not (query.shape[:-3] == key.shape[:-3] == value.shape[:-3]):
+        raise ValueError(f"query, key, value must have the same batch dims, got {tuple(query.shape[:-3])}, "
+                         f"{tuple(key.shape[:-3])}, {tuple(value.shape[:-3])}")  # fmt: skip
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(f"key and value must agree except in the last dim, got {tuple(key.shape)} and "
+                         f"{tuple(value.shape)}")  # fmt: skip
+    h, hk = query.shape[-3], key.shape[-3]
+    if h != hk and not enable_gqa:
+        raise ValueError(f"query has {h} heads and key/value {hk}: pass enable_gqa=True for grouped-query attention")
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask and is_causal cannot both be set (as in PyTorch's SDPA)")
+
+    batch_shape = query.shape[:-3]
+    sq, sk, e, ev = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
+    scale = 1.0 / math.sqrt(e) if scale is None else scale
+
+    def bshd(x: torch.Tensor) -> torch.Tensor:  # (..., h, s, d) -> (b, s, h, d), last dim contiguous
+        x = x.reshape(-1, *x.shape[-3:]).transpose(1, 2)
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    q, k, v = bshd(query), bshd(key), bshd(value)
+    d = max(e, ev)
+    if e < d:
+        q, k = F.pad(q, (0, d - e)), F.pad(k, (0, d - e))
+    elif ev < d:
+        v = F.pad(v, (0, d - ev))
+    b = q.shape[0]
+
+    causal, window = False, (-1, -1)
+    if is_causal and sk > sq:  # top-left: keys j >= sq are seen by no query
+        k, v, sk, causal = k[:, :sq], v[:, :sq], sq, True
+    elif is_causal and sk < sq:  # top-left diagonal j <= i is the bottom-right one shifted by sq - sk
+        window = (-1, sq - sk)
+    elif is_causal:
+        causal = True
+
+    if attn_mask is None:
+        out = flash_attn_func(q, k, v, dropout_p, softmax_scale=scale, causal=causal, window_size=window)
+    else:
+        keep = _key_padding(attn_mask.to(q.device), b, sk)  # (b, sk)
+        kv_u, _, cu_k, max_k, _ = unpad_input(torch.stack((k, v), dim=2), keep)  # (t_k, 2, hk, d): kept keys
+        k_u, v_u = kv_u.unbind(1)
+        cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
+        out = flash_attn_varlen_func(q.reshape(b * sq, h, d), k_u, v_u, cu_q, cu_k, sq, max_k, dropout_p,
+                                     softmax_scale=scale)  # fmt: skip
+        out = out.view(b, sq, h, d)
+    out = out[..., :ev].transpose(1, 2)  # (b, h, sq, ev)
+    return out.reshape(*batch_shape, h, sq, ev) if len(batch_shape) != 1 else out
+
+
+__all__ = ["scaled_dot_product_attention"]
