@@ -48,15 +48,17 @@ FWD_CANDIDATES = {
     64: [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 128, 8, 2)],
     128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 3)],
 }
-BWD_CANDIDATES = {  # last field: atomic_dq (fused dK/dV/dQ pass; the *2 fields are then unused)
-    64: [(64, 128, 128, 64, 8, 3, 8, 3, False), (32, 128, 128, 32, 4, 3, 4, 3, False),
-         (64, 64, 64, 64, 4, 3, 4, 3, False), (32, 64, 64, 32, 4, 3, 4, 3, False),
-         (64, 128, 64, 64, 8, 2, 4, 2, True), (32, 128, 32, 128, 4, 2, 4, 2, True),
-         (64, 64, 64, 64, 4, 3, 4, 3, True)],
-    128: [(64, 128, 128, 64, 8, 2, 8, 2, False), (32, 128, 128, 32, 8, 2, 8, 2, False),
-          (32, 128, 128, 32, 4, 2, 4, 2, False), (64, 64, 64, 64, 4, 2, 4, 2, False),
-          (64, 128, 64, 128, 8, 2, 8, 2, True), (32, 128, 32, 128, 8, 2, 8, 2, True),
-          (64, 64, 64, 64, 4, 2, 4, 2, True)],
+# Sweep 1 (H200, seqlen 4096) put atomic_dq=True 8-55% behind the split backward in every
+# cell, so sweep 2 explores the split backward only.
+BWD_CANDIDATES = {
+    64: [(64, 64, 64, 64, 4, 3, 4, 3, False), (64, 64, 64, 64, 4, 4, 4, 4, False),
+         (64, 64, 128, 64, 4, 3, 8, 3, False), (64, 128, 64, 64, 8, 3, 4, 3, False),
+         (128, 64, 64, 64, 8, 3, 4, 3, False), (64, 64, 64, 32, 4, 3, 4, 3, False),
+         (64, 128, 128, 64, 8, 3, 8, 3, False)],
+    128: [(64, 128, 128, 64, 8, 2, 8, 2, False), (64, 128, 128, 64, 8, 3, 8, 3, False),
+          (64, 128, 64, 64, 8, 2, 4, 2, False), (64, 64, 128, 64, 4, 2, 8, 2, False),
+          (64, 128, 128, 32, 8, 2, 8, 3, False), (64, 64, 64, 64, 4, 3, 4, 3, False),
+          (128, 64, 128, 64, 8, 2, 8, 2, False)],
 }
 
 
@@ -219,7 +221,8 @@ def sweep(hdims, seqlen, jobs_parallel=8):
                     else:
                         try:
                             if kind == "fwd":
-                                ms = _bench(functools.partial(launch.forward, *args, config=configs.FwdConfig(*cfg)))
+                                ms = _bench(functools.partial(launch.forward, *args, **kw,
+                                                              config=configs.FwdConfig(*cfg)))
                             else:
                                 ms = _bench(functools.partial(launch.backward, dout, *args[:3], out, lse, spec,
                                                               **kw, config=configs.BwdConfig(*cfg)))
@@ -232,6 +235,7 @@ def sweep(hdims, seqlen, jobs_parallel=8):
                     print(f"sweep {kind} d={d} causal={int(causal)} s={seqlen} {cfg}: {ms:.3f} ms {tf:.0f} TFLOP/s",
                           note, flush=True)
             q = k = v = out = lse = dout = args = None
+    winners = {}
     for d in hdims:
         for kind in ("fwd", "bwd"):
             best = {}
@@ -240,7 +244,20 @@ def sweep(hdims, seqlen, jobs_parallel=8):
                 best[cfg] = sum(ts) / len(ts) if all(not math.isnan(t) for t in ts) else float("nan")
             top = max((c for c in best if not math.isnan(best[c])), key=lambda c: best[c], default=None)
             print(f"sweep best {kind} d={d}: {top} mean {best.get(top, float('nan')):.0f} TFLOP/s", flush=True)
-    return rows
+            if top is not None:
+                winners[(kind, d)] = top
+    return rows, winners
+
+
+def apply_winners(winners):
+    """Use the sweep's winners for the rest of this run (configs.py keeps the recorded ones)."""
+    from flashtile.backends.triton import configs
+
+    arch = configs.arch_of(torch.device("cuda"))
+    for (kind, d), cfg in winners.items():
+        table = configs._FWD if kind == "fwd" else configs._BWD
+        table[(arch, configs.bucket(d))] = (configs.FwdConfig if kind == "fwd" else configs.BwdConfig)(*cfg)
+        print(f"using sweep winner for {kind} d={d}: {table[(arch, configs.bucket(d))]}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,6 +313,7 @@ def main():
 
     for d in args.hdims:
         print("configs", launch.describe(torch.device("cuda"), d, torch.bfloat16), flush=True)
+        meta[f"configs_d{d}"] = launch.describe(torch.device("cuda"), d, torch.bfloat16)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = _bench(functools.partial(torch.matmul, a, a), warmup=50, rep=200)
     meta["matmul_bf16_tflops"] = 2 * 8192**3 / ms / 1e9
@@ -312,10 +330,12 @@ def main():
             json.dump(result, fh, indent=1)
 
     if args.sweep or args.sweep_only:
-        result["sweep"] = sweep(args.hdims, args.sweep_seqlen)
+        result["sweep"], winners = sweep(args.hdims, args.sweep_seqlen)
         save()
         if args.sweep_only:
             return
+        apply_winners(winners)
+        meta["configs_from_sweep"] = {f"{k}_{d}": list(c) for (k, d), c in winners.items()}
 
     table, how = impls()
     meta["flashtile_call"] = how
