@@ -1,0 +1,127 @@
+"""Pieces shared by the ring and all-to-all strategies: argument checks, seeds, communication."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..spec import AttnSpec, check_cu_seqlens_meta, check_cu_seqlens_values, check_qkv, make_spec
+
+_M64 = (1 << 64) - 1
+
+
+def mix_seed(*vals: int) -> int:
+    """A 62-bit seed from integers (splitmix64 steps): independent dropout streams for the
+    pieces of one call, derived from its one base seed."""
+    h = 0
+    for v in vals:
+        h = (h ^ (int(v) & _M64)) & _M64
+        h = (h + 0x9E3779B97F4A7C15) & _M64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _M64
+        h ^= h >> 31
+    return h >> 2
+
+
+def seed_tensor(seed: int) -> torch.Tensor:
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    varlen: bool,
+    names: tuple[str, str, str],
+    dropout_p: float,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: Sequence[int],
+    softcap: float,
+    deterministic: bool,
+    return_attn_probs: bool,
+    fn: str,
+) -> AttnSpec:
+    check_qkv(q, k, v, varlen=varlen, names=names)
+    spec = make_spec(
+        headdim=q.shape[-1], dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+        window_size=window_size, softcap=softcap, deterministic=deterministic,
+    )  # fmt: skip
+    if return_attn_probs and spec.dropout_p > 0:
+        raise NotImplementedError(
+            f"{fn}: return_attn_probs=True with dropout_p > 0 (the materialised attention probabilities) is not "
+            "available for context-parallel attention; use dropout_p=0.0 or flash_attn_func on the full sequence"
+        )
+    return spec
+
+
+def check_varlen_cu(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    world: int,
+) -> tuple[list[int], list[int]]:
+    """Check the global ``cu_seqlens`` against the local shards (``W`` times shorter); return them on the host."""
+    nseq = check_cu_seqlens_meta(cu_seqlens_q, "cu_seqlens_q", q.device)
+    if check_cu_seqlens_meta(cu_seqlens_k, "cu_seqlens_k", q.device) != nseq:
+        raise ValueError(
+            f"cu_seqlens_k must have the same length as cu_seqlens_q ({nseq + 1}), got {cu_seqlens_k.shape[0]}"
+        )
+    for val, n in ((max_seqlen_q, "max_seqlen_q"), (max_seqlen_k, "max_seqlen_k")):
+        if not isinstance(val, int) or val < 0:
+            raise ValueError(f"{n} must be a non-negative int, got {val!r}")
+    # cu_seqlens describe the full (global) batch: W times the tokens of this rank's shard.
+    check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0] * world, max_seqlen_q, "max_seqlen_q")
+    check_cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", k.shape[0] * world, max_seqlen_k, "max_seqlen_k")
+    return cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+
+
+def unbind_packed(x: torch.Tensor, name: str, n: int, dim: int) -> tuple[torch.Tensor, ...]:
+    """Split a packed ``qkv`` (n=3) / ``kv`` (n=2) along ``dim`` with a clear error on a bad shape."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    want = {
+        (3, 2): "(batch, seqlen, 3, nheads, headdim)",
+        (3, 1): "(total, 3, nheads, headdim)",
+        (2, 2): "(batch, seqlen_k, 2, nheads_k, headdim)",
+        (2, 1): "(total_k, 2, nheads_k, headdim)",
+    }[(n, dim)]
+    if x.dim() != dim + 3 or x.shape[dim] != n:
+        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    return x.unbind(dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# communication
+
+
+def global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+class RingPeers:
+    """The neighbours of this rank on the ring ``0 -> 1 -> ... -> W-1 -> 0`` of ``group``."""
+
+    def __init__(self, group: dist.ProcessGroup | None, world: int, rank: int):
+        self.group, self.world = group, world
+        self.next = global_rank(group, (rank + 1) % world)
+        self.prev = global_rank(group, (rank - 1) % world)
+
+    def exchange(self, tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
+        """Start sending ``tensors`` to the next rank and receiving their like from the previous
+        one; returns the receive buffers and the requests to wait on."""
+        recv = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in recv]
+        return recv, dist.batch_isend_irecv(ops)
+
+
+def wait_all(reqs: list) -> None:
+    for r in reqs:
+        r.wait()

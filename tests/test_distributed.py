@@ -1,0 +1,340 @@
+"""Context-parallel attention (flashtile.distributed) against single-process attention.
+
+The planner tests are pure (no process group): the calls the ring makes on every (rank,
+source) step must tile the global mask exactly once. The parity tests start one real gloo
+group of 4 CPU processes (spawn is slow, so it is started once per module): every check runs
+on the whole group (W = 4) and on two groups of 2 (ranks {0, 2} and {1, 3}, so group ranks
+differ from global ranks), compares this rank's out, lse and dq/dk/dv with the matching shard
+of single-process ``flash_attn_func`` on the full sequence, and writes its verdict to a file
+that the parametrised tests below read.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+import traceback
+from functools import partial
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import flashtile
+from flashtile.distributed import (
+    ring_flash_attn_func,
+    ring_flash_attn_qkvpacked_func,
+    ring_flash_attn_varlen_func,
+    ring_flash_attn_varlen_qkvpacked_func,
+    shard,
+    shard_cu_seqlens,
+    ulysses_flash_attn_func,
+    ulysses_flash_attn_qkvpacked_func,
+    ulysses_flash_attn_varlen_func,
+    ulysses_flash_attn_varlen_qkvpacked_func,
+    unshard,
+)
+from flashtile.distributed.ring import _build_calls, plan_step, plan_varlen_step
+from flashtile.distributed.shard import chunk_ids, positions
+from flashtile.mask import visible
+from flashtile.reference import attention_ref
+from flashtile.rng import draw_seed, dropout_mask
+from flashtile.spec import make_spec
+
+# ----------------------------------------------------------------------------------------------
+# the planner, without processes
+
+
+def _global_mask_from_plan(layout, world, sq, sk, left, right):
+    """Rebuild the (sq, sk) mask from the pieces of every (rank, source) step; count coverage."""
+    from flashtile.distributed.shard import num_chunks
+
+    n = num_chunks(layout, world)
+    cover = torch.zeros(sq, sk, dtype=torch.int64)
+    for r in range(world):
+        pq = positions(sq, world, r, layout)
+        for s in range(world):
+            pk = positions(sk, world, s, layout)
+            for p in plan_step(chunk_ids(layout, world, r), chunk_ids(layout, world, s), sq // n, sk // n,
+                               sk - sq, left, right):  # fmt: skip
+                nq, nk = p.q_hi - p.q_lo, p.k_hi - p.k_lo
+                assert nq > 0 and nk > 0
+                m = visible(torch.arange(nq), torch.arange(nk), nk - nq, p.left, p.right)
+                m = torch.ones(nq, nk, dtype=torch.bool) if m is None else m
+                rows, cols = pq[p.q_lo : p.q_hi], pk[p.k_lo : p.k_hi]
+                cover[rows.view(-1, 1), cols.view(1, -1)] += m.long()
+    return cover
+
+
+WINDOWS = [(-1, -1), (-1, 0), (3, 0), (7, 2), (0, 0), (-1, 5), (9, -1), (13, 13), (1, 30), (30, 1)]
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_plan_tiles_the_global_mask_once(layout, world):
+    n = 2 * world if layout == "zigzag" else world
+    for sq, sk in ((4 * n, 4 * n), (2 * n, 5 * n), (5 * n, 2 * n), (n, n)):
+        for left, right in WINDOWS:
+            cover = _global_mask_from_plan(layout, world, sq, sk, left, right)
+            want = visible(torch.arange(sq), torch.arange(sk), sk - sq, left, right)
+            want = torch.ones(sq, sk, dtype=torch.bool) if want is None else want
+            assert cover.max() <= 1, (layout, world, sq, sk, left, right)
+            assert torch.equal(cover.bool(), want), (layout, world, sq, sk, left, right)
+
+
+def test_plan_zigzag_causal_is_one_call_per_step():
+    for world in (2, 4, 8):
+        for r in range(world):
+            for s in range(world):
+                ps = plan_step(chunk_ids("zigzag", world, r), chunk_ids("zigzag", world, s), 16, 16, 0, -1, 0)
+                assert len(ps) == 1
+                want = (-1, 0) if r == s else (-1, -1)
+                assert (ps[0].left, ps[0].right) == want
+
+
+def test_plan_varlen():
+    qc, kc = chunk_ids("zigzag", 2, 1), chunk_ids("zigzag", 2, 0)
+    # causal, equal lengths: the same slot plan for every sequence (empty ones ignored)
+    assert plan_varlen_step(qc, kc, [(8, 8), (0, 0), (16, 16)], 4, -1, 0)
+    with pytest.raises(NotImplementedError, match="window_size"):
+        plan_varlen_step(qc, kc, [(8, 8), (16, 16)], 4, 3, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the process group: one spawn of 4 ranks, every check on W = 4 and on two groups of W = 2
+
+#: Measured worst difference over every fp32 check: 1.5e-6 (merge order differs from one pass).
+FP32_TOL = dict(atol=1e-5, rtol=1e-5)
+LAYOUTS = ("zigzag", "contiguous")
+
+
+def _close(x, ref, name, tol):
+    torch.testing.assert_close(x.detach(), ref.detach(), msg=lambda m: f"{name}: {m}", **tol)
+
+
+def _inputs(seed, shapes, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g).to(dtype) for s in shapes]
+
+
+def _dense_case(group, strategy, layout, *, b=2, sq=48, sk=None, h=4, hk=4, d=16, packed=False,
+                dtype=torch.float32, tol=FP32_TOL, **opts):  # fmt: skip
+    sk = sq if sk is None else sk
+    q, k, v, dout = _inputs(sq * 1000 + sk * 10 + hk, [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d), (b, sq, h, d)],
+                            dtype)  # fmt: skip
+    if packed:
+        qkv = torch.stack([q, k, v], dim=2).requires_grad_()
+        out, lse, _ = flashtile.flash_attn_qkvpacked_func(qkv, return_attn_probs=True, **opts)
+        (g_ref,) = torch.autograd.grad(out, (qkv,), dout)
+        qkv_l = shard(qkv.detach(), group, layout).requires_grad_()
+        fn = ring_flash_attn_qkvpacked_func if strategy == "ring" else ulysses_flash_attn_qkvpacked_func
+        out_l, lse_l, _ = fn(qkv_l, group=group, layout=layout, return_attn_probs=True, **opts)
+        (g_l,) = torch.autograd.grad(out_l, (qkv_l,), shard(dout, group, layout))
+        grads, grads_ref = [g_l], [shard(g_ref, group, layout)]
+    else:
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse, _ = flashtile.flash_attn_func(*leaves, return_attn_probs=True, **opts)
+        g_ref = torch.autograd.grad(out, leaves, dout)
+        loc = [shard(x, group, layout).requires_grad_() for x in (q, k, v)]
+        fn = ring_flash_attn_func if strategy == "ring" else ulysses_flash_attn_func
+        out_l, lse_l, _ = fn(*loc, group=group, layout=layout, return_attn_probs=True, **opts)
+        grads = torch.autograd.grad(out_l, loc, shard(dout, group, layout))
+        grads_ref = [shard(x, group, layout) for x in g_ref]
+    full = unshard(out_l.detach(), group, layout)  # every collective before the first assert
+    assert out_l.dtype == dtype and lse_l.dtype == torch.float32
+    _close(out_l, shard(out, group, layout), "out", tol)
+    _close(lse_l, shard(lse, group, layout, dim=2), "lse", tol)
+    for i, (a, r) in enumerate(zip(grads, grads_ref, strict=True)):
+        _close(a, r, f"grad[{i}]", tol)
+    _close(full, out, "unshard(out)", tol)
+
+
+def _varlen_case(group, strategy, layout, *, lens_q, lens_k=None, h=4, hk=4, d=16, packed=False, **opts):
+    lens_k = lens_q if lens_k is None else lens_k
+    cu_q = torch.tensor([0] + lens_q).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k).cumsum(0).to(torch.int32)
+    tq, tk = int(cu_q[-1]), int(cu_k[-1])
+    q, k, v, dout = _inputs(tq + 7 * tk, [(tq, h, d), (tk, hk, d), (tk, hk, d), (tq, h, d)])
+    mq, mk = max(lens_q), max(lens_k)
+    sh_q = partial(shard, group=group, layout=layout, dim=0, cu_seqlens=cu_q)
+    sh_k = partial(shard, group=group, layout=layout, dim=0, cu_seqlens=cu_k)
+    if packed:
+        qkv = torch.stack([q, k, v], dim=1).requires_grad_()
+        out, lse, _ = flashtile.flash_attn_varlen_qkvpacked_func(qkv, cu_q, mq, return_attn_probs=True, **opts)
+        (g_ref,) = torch.autograd.grad(out, (qkv,), dout)
+        qkv_l = sh_q(qkv.detach()).requires_grad_()
+        fn = ring_flash_attn_varlen_qkvpacked_func if strategy == "ring" else ulysses_flash_attn_varlen_qkvpacked_func
+        out_l, lse_l, _ = fn(qkv_l, cu_q, mq, group=group, layout=layout, return_attn_probs=True, **opts)
+        grads, grads_ref = torch.autograd.grad(out_l, (qkv_l,), sh_q(dout)), [sh_q(g_ref)]
+    else:
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse, _ = flashtile.flash_attn_varlen_func(*leaves, cu_q, cu_k, mq, mk, return_attn_probs=True, **opts)
+        g_ref = torch.autograd.grad(out, leaves, dout)
+        loc = [sh_q(q).requires_grad_(), sh_k(k).requires_grad_(), sh_k(v).requires_grad_()]
+        fn = ring_flash_attn_varlen_func if strategy == "ring" else ulysses_flash_attn_varlen_func
+        out_l, lse_l, _ = fn(*loc, cu_q, cu_k, mq, mk, group=group, layout=layout, return_attn_probs=True, **opts)
+        grads = torch.autograd.grad(out_l, loc, sh_q(dout))
+        grads_ref = [sh_q(g_ref[0]), sh_k(g_ref[1]), sh_k(g_ref[2])]
+    full = unshard(out_l.detach(), group, layout, dim=0, cu_seqlens=cu_q)  # collectives before asserts
+    _close(out_l, sh_q(out), "out", FP32_TOL)
+    _close(lse_l, shard(lse, group, layout, dim=1, cu_seqlens=cu_q), "lse", FP32_TOL)
+    for i, (a, r) in enumerate(zip(grads, grads_ref, strict=True)):
+        _close(a, r, f"grad[{i}]", FP32_TOL)
+    _close(full, out, "unshard(out)", FP32_TOL)
+    assert torch.equal(shard_cu_seqlens(cu_q, group), cu_q // dist.get_world_size(group))
+
+
+def _ring_dropout_case(group, layout, *, b=2, s=32, h=4, hk=2, d=16, p=0.3, causal=True):
+    """Dropout: rebuild the global keep mask from the per-call seeds and compare with the oracle."""
+    world = dist.get_world_size(group)
+    q, k, v, dout = _inputs(99, [(b, s, h, d), (b, s, hk, d), (b, s, hk, d), (b, s, h, d)])
+    torch.manual_seed(1234)
+    base = int(draw_seed(torch.device("cpu")))
+    spec = make_spec(headdim=d, dropout_p=p, softmax_scale=None, causal=causal, window_size=(-1, -1), softcap=0.0,
+                     deterministic=False)  # fmt: skip
+    keep = torch.ones(b, h, s, s, dtype=torch.bool)
+    sl = s // world
+    for r in range(world):
+        calls = _build_calls(spec, layout, world, r, base, torch.device("cpu"), (s, s), None)
+        pq = positions(s, world, r, layout)
+        for src in range(world):
+            pk = positions(s, world, src, layout)
+            for c in calls[src]:
+                rows, cols = pq[range(sl)[c.q_sel]], pk[range(sl)[c.k_sel]]
+                m = dropout_mask(int(c.seed), p, b, h, len(rows), len(cols))
+                keep[:, :, rows.view(-1, 1), cols.view(1, -1)] = m
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, _ = attention_ref(*leaves, causal=causal, dropout_p=p, dropout_mask=keep)
+    g_ref = torch.autograd.grad(out, leaves, dout)
+    loc = [shard(x, group, layout).requires_grad_() for x in (q, k, v)]
+    torch.manual_seed(1234)
+    out_l = ring_flash_attn_func(*loc, group=group, layout=layout, dropout_p=p, causal=causal)
+    grads = torch.autograd.grad(out_l, loc, shard(dout, group, layout))
+    _close(out_l, shard(out, group, layout), "out", FP32_TOL)
+    for i, (a, r_) in enumerate(zip(grads, g_ref, strict=True)):
+        _close(a, shard(r_, group, layout), f"grad[{i}]", FP32_TOL)
+
+
+def _errors_case(group):
+    q = torch.randn(1, 8, 4, 16)
+    with pytest.raises(NotImplementedError, match="alibi_slopes"):
+        ring_flash_attn_func(q, q, q, group=group, alibi_slopes=torch.ones(4))
+    with pytest.raises(NotImplementedError, match="return_attn_probs"):
+        ring_flash_attn_func(q, q, q, group=group, dropout_p=0.1, return_attn_probs=True)
+    with pytest.raises(ValueError, match="layout"):
+        ring_flash_attn_func(q, q, q, group=group, layout="striped")
+    with pytest.raises(ValueError, match="divisible"):
+        ring_flash_attn_func(q[:, :3], q[:, :3], q[:, :3], group=group)
+    with pytest.raises(ValueError, match="heads"):
+        ulysses_flash_attn_func(q[:, :, :3], q[:, :, :3], q[:, :, :3], group=group)
+    cu = torch.tensor([0, 8 * dist.get_world_size(group)], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="window_size"):
+        t = torch.randn(8, 4, 16)
+        ring_flash_attn_varlen_func(t, t, t, cu, cu, int(cu[-1]), int(cu[-1]), group=group, window_size=(3, 0))
+
+
+def _shard_case(group, layout):
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    x = torch.arange(2 * 8 * world, dtype=torch.float32).view(2, 8 * world)
+    loc = shard(x, group, layout)
+    xr = x.clone().requires_grad_()  # differentiable both ways
+    full = unshard(shard(xr, group, layout), group, layout)
+    full.sum().backward()
+    assert torch.equal(full, x)
+    assert loc.shape == (2, 8)
+    want_pos = positions(8 * world, world, rank, layout)
+    assert torch.equal(loc[0], want_pos.float())
+    if layout == "zigzag":  # chunks r and 2W-1-r
+        assert torch.equal(loc[0, :4], torch.arange(rank * 4, (rank + 1) * 4).float())
+        assert torch.equal(loc[0, 4:], torch.arange((2 * world - 1 - rank) * 4, (2 * world - rank) * 4).float())
+    assert torch.equal(xr.grad.view(-1).bool(), torch.zeros_like(x).index_fill_(1, want_pos, 1).view(-1).bool())
+
+
+def _checks():
+    """(name, fn(group)) of every check run on each group."""
+    out = []
+
+    def add(name, fn, **kw):
+        out.append((name, partial(fn, **kw)))
+
+    for lay in LAYOUTS:
+        for st in ("ring", "ulysses"):
+            dense = partial(add, fn=_dense_case, strategy=st, layout=lay)
+            varlen = partial(add, fn=_varlen_case, strategy=st, layout=lay)
+            for c in (False, True):
+                dense(f"{st}-{lay}-causal{int(c)}", causal=c)
+                dense(f"{st}-{lay}-causal{int(c)}-gqa", causal=c, hk=2)
+                varlen(f"{st}-{lay}-varlen-causal{int(c)}", lens_q=[16, 0, 8, 24], hk=2, causal=c)
+            dense(f"{st}-{lay}-mqa-softcap", causal=True, hk=1, softcap=3.0, softmax_scale=0.3)
+            dense(f"{st}-{lay}-window", window_size=(7, 2))
+            dense(f"{st}-{lay}-window-causal", causal=True, window_size=(5, -1))
+            dense(f"{st}-{lay}-sq<sk-causal", sq=24, sk=48, causal=True, b=1)
+            dense(f"{st}-{lay}-sq>sk-causal", sq=48, sk=24, causal=True, b=1)
+            dense(f"{st}-{lay}-qkvpacked", causal=True, packed=True)
+            varlen(f"{st}-{lay}-varlen-qkvpacked", lens_q=[8, 24], causal=True, packed=True)
+            varlen(f"{st}-{lay}-varlen-cross", lens_q=[8, 16], lens_k=[24, 8])
+        slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+        add(f"ulysses-{lay}-alibi", _dense_case, strategy="ulysses", layout=lay, causal=True, alibi_slopes=slopes)
+        add(f"ulysses-{lay}-varlen-window", _varlen_case, strategy="ulysses", layout=lay, lens_q=[16, 24],
+            window_size=(4, 1))  # fmt: skip
+        add(f"ring-{lay}-dropout", _ring_dropout_case, layout=lay)
+        add(f"shard-{lay}", _shard_case, layout=lay)
+    add("ring-zigzag-bf16", _dense_case, strategy="ring", layout="zigzag", causal=True, hk=2, dtype=torch.bfloat16,
+        tol=dict(atol=2e-2, rtol=2e-2))  # fmt: skip
+    out.append(("errors", _errors_case))
+    return out
+
+
+CHECKS = _checks()
+WORLD = 4
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    pairs = (dist.new_group([0, 2]), dist.new_group([1, 3]))
+    results = {}
+    for w, group in ((WORLD, None), (2, pairs[rank % 2])):
+        for name, fn in CHECKS:
+            try:
+                with flashtile.use_backend("torch"):
+                    fn(group)
+                results[f"W{w}-{name}"] = "ok"
+            except Exception:
+                results[f"W{w}-{name}"] = traceback.format_exc()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def group_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    ctx = mp.start_processes(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=False,
+                             start_method="spawn")  # fmt: skip
+    deadline = 300
+    t0 = time.time()
+    while not ctx.join(timeout=5):
+        if time.time() - t0 > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"the process group did not finish in {deadline} s")
+    res = {}
+    for r in range(WORLD):
+        with open(tmp / f"rank{r}.json") as f:
+            res[r] = json.load(f)
+    return res
+
+
+@pytest.mark.parametrize("world", [WORLD, 2])
+@pytest.mark.parametrize("name", [n for n, _ in CHECKS])
+def test_distributed_parity(group_results, world, name):
+    key = f"W{world}-{name}"
+    failures = {r: res[key] for r, res in group_results.items() if res.get(key) != "ok"}
+    assert not failures, "\n".join(f"rank {r}:\n{msg}" for r, msg in failures.items())
