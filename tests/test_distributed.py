@@ -312,19 +312,50 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def group_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist")
+DEADLINE_S = 300
+
+
+def _run_group(tmp) -> None:
     ctx = mp.start_processes(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=False,
                              start_method="spawn")  # fmt: skip
-    deadline = 300
     t0 = time.time()
     while not ctx.join(timeout=5):
-        if time.time() - t0 > deadline:
+        if time.time() - t0 > DEADLINE_S:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            pytest.fail(f"the process group did not finish in {deadline} s")
+            raise RuntimeError(f"the process group did not finish in {DEADLINE_S} s")
+
+
+@pytest.fixture(scope="module")
+def group_results(tmp_path_factory):
+    """Start the group once. Under pytest-xdist the workers share one run: the first to create
+    the lock directory runs it, the others wait for its results."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    tmp = base / "flashtile_dist_group"
+    try:
+        tmp.mkdir()
+        owner = True
+    except FileExistsError:
+        owner = False
+    done = tmp / "done"
+    if owner:
+        try:
+            _run_group(tmp)
+            status = "ok"
+        except Exception as e:
+            status = f"{type(e).__name__}: {e}"
+        (tmp / "done.tmp").write_text(status)
+        os.replace(tmp / "done.tmp", done)  # atomic: waiting workers never read half a file
+    else:
+        t0 = time.time()
+        while not done.exists() and time.time() - t0 < DEADLINE_S + 60:
+            time.sleep(1)
+    status = done.read_text() if done.exists() else "timed out waiting for another worker's group"
+    if status != "ok":
+        pytest.fail(f"the process group failed: {status}")
     res = {}
     for r in range(WORLD):
         with open(tmp / f"rank{r}.json") as f:

@@ -24,6 +24,17 @@ query chunk after key chunk = full, same chunk = causal, before = skipped. Calls
 full blocks are fused, and with zigzag + causal every step is one call (step 0 is causal on
 the whole shard, because the local order of positions is the global order).
 
+Semantics of the public functions (every rank of ``group``, None = the default group, calls
+with its shard and the same options; ``layout`` is ``"zigzag"`` or ``"contiguous"``, see
+:mod:`flashtile.distributed.shard`): ``dropout_p``, ``softmax_scale``, ``causal``,
+``window_size`` (any window, dense form), ``softcap``, ``deterministic`` are those of
+:func:`flashtile.flash_attn_func` applied to *global* positions: the result is the
+single-process call on the full sequence, sharded. ``return_attn_probs=True`` returns
+``(out, softmax_lse, None)``, the lse of this rank's queries. Not available:
+``alibi_slopes`` (the backends align ALiBi to each call's corner, not to global positions:
+use the Ulysses functions), and ``return_attn_probs`` together with dropout; both raise
+NotImplementedError.
+
 Dropout: each call gets its own seed, derived from one base seed (drawn from torch's
 generator like ``flash_attn_func``) and (rank, source rank, call index); the backward reuses
 them. The dropout pattern therefore differs from single-process ``flash_attn_func`` (whose
@@ -335,8 +346,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ring: _Ring):
         B, Sq, H, _ = q.shape
-        acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        acc_lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+        acc_out = acc_lse = None  # float32 running state of the local rows
         kv = [k.contiguous(), v.contiguous()]
         for t in range(ring.world):
             src = (ring.rank - t) % ring.world
@@ -344,12 +354,21 @@ class _RingAttention(torch.autograd.Function):
                 nxt, reqs = ring.peers.exchange(kv)  # pass this block on while computing on it
             for c in ring.calls[src]:
                 o, lse = _fwd_call(c, q, kv[0], kv[1], ring.backend)
+                if acc_out is None and isinstance(c.q_sel, slice) and c.q_sel == slice(None):  # all rows: no merge
+                    acc_out, acc_lse = o.float(), lse.float()
+                    continue
+                if acc_out is None:
+                    acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+                    acc_lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
                 mo, ml = merge_two(_cut(acc_out, c.q_sel, 1), _cut(acc_lse, c.q_sel, 2), o, lse)
                 _set(acc_out, c.q_sel, 1, mo)
                 _set(acc_lse, c.q_sel, 2, ml)
             if t + 1 < ring.world:
                 wait_all(reqs)
                 kv = nxt
+        if acc_out is None:  # no key visible to any local row
+            acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            acc_lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
         out = acc_out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, acc_lse)
         ctx.ring = ring
@@ -429,7 +448,7 @@ def _ring(
             "bottom-right corner, not to global positions); use ulysses_flash_attn_func, which sees the whole "
             "sequence"
         )
-    world, rank = group_world_rank(None if group is None else group)
+    world, rank = group_world_rank(group)
     n = num_chunks(layout, world)
     nslots = n // world
     if varlen:
@@ -470,20 +489,6 @@ def _ring(
     return out, lse, None
 
 
-_ARGS_DOC = """
-    The sequence is sharded over the ranks of ``group`` (None: the default group) with
-    ``layout`` (``"zigzag"``, balanced for causal masks, or ``"contiguous"``; see
-    :mod:`flashtile.distributed.shard`); every rank of the group must call with its shard and
-    the same options. ``dropout_p``, ``softmax_scale``, ``causal``, ``window_size``, ``softcap``,
-    ``deterministic``, ``return_attn_probs``: as in :func:`flashtile.flash_attn_func`, applied to
-    the *global* positions (the result equals the single-process call on the full sequence,
-    sharded). Differences: ``alibi_slopes`` raises NotImplementedError (use the Ulysses
-    functions); dropout draws one seed per call piece, so its pattern (not its distribution)
-    differs from the single-process one; ``return_attn_probs=True`` gives
-    ``(out, softmax_lse, None)`` with the lse of this rank's queries, and raises
-    NotImplementedError together with dropout."""
-
-
 def ring_flash_attn_func(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -507,7 +512,8 @@ def ring_flash_attn_func(
         k, v: this rank's shards ``(batch, seqlen_k / W, nheads_k, headdim)`` (GQA: ``nheads_k``
             divides ``nheads``). Each local length must divide into the layout's chunks (2 per
             rank for zigzag).
-    {args}
+        group, layout, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+        deterministic, return_attn_probs: see the module docstring.
 
     Returns:
         out ``(batch, seqlen_q / W, nheads, headdim)``, this rank's shard of the output; with
@@ -576,9 +582,9 @@ def ring_flash_attn_varlen_func(
         cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)``: the **global** cumulative lengths,
             the same on every rank (this rank's shard has ``cu_seqlens // W``).
         max_seqlen_q, max_seqlen_k: the global longest lengths (upper bounds accepted).
-    {args}
-        Masks: no mask, or causal with equal query and key lengths per sequence (other
-        windows raise NotImplementedError: use the dense function or Ulysses).
+        Other arguments: see the module docstring. Masks: none, or causal with equal query and
+        key lengths per sequence (other windows raise NotImplementedError: use the dense
+        function, or Ulysses).
 
     Returns:
         out ``(total_q / W, nheads, headdim)``; with ``return_attn_probs=True``,
@@ -617,7 +623,3 @@ def ring_flash_attn_varlen_qkvpacked_func(
         max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, names=("qkv[:, 0]", "qkv[:, 1]", "qkv[:, 2]"),
         fn="ring_flash_attn_varlen_qkvpacked_func",
     )  # fmt: skip
-
-
-for _f in (ring_flash_attn_func, ring_flash_attn_varlen_func):
-    _f.__doc__ = _f.__doc__.replace("    {args}", _ARGS_DOC.strip("\n"))
