@@ -61,6 +61,20 @@ BWD_CANDIDATES = {
           (128, 64, 128, 64, 8, 2, 8, 2, False)],
 }
 
+# Short sequences (configs._FWD_SHORT / _BWD_SHORT, max seqlen <= 512): first entry = the long table's.
+FWD_SHORT_CANDIDATES = {
+    64: [(128, 64, 4, 4), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 128, 4, 2), (64, 32, 4, 2)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
+}
+BWD_SHORT_CANDIDATES = {
+    64: [(64, 64, 64, 64, 4, 4, 4, 4, False), (64, 64, 64, 64, 4, 2, 4, 2, False),
+         (32, 64, 64, 32, 4, 3, 4, 3, False), (64, 64, 64, 64, 4, 3, 4, 3, False),
+         (32, 64, 64, 32, 4, 2, 4, 2, False), (64, 128, 128, 64, 8, 2, 8, 2, False)],
+    128: [(64, 128, 128, 64, 8, 3, 8, 3, False), (64, 128, 128, 64, 8, 2, 8, 2, False),
+          (64, 128, 64, 64, 8, 3, 4, 3, False), (32, 128, 128, 32, 8, 2, 8, 2, False),
+          (32, 64, 64, 32, 4, 2, 4, 2, False), (64, 64, 64, 64, 4, 2, 4, 2, False)],
+}
+
 
 def flops(b, h, s, d, causal, mode):
     f = 4 * b * h * s * s * d / (2 if causal else 1)
@@ -193,11 +207,12 @@ def _compile_one(job):
         return job, f"{type(e).__name__}: {str(e)[:200]}"
 
 
-def sweep(hdims, seqlen, jobs_parallel=8):
+def sweep(hdims, seqlen, jobs_parallel=8, short=False):
     from flashtile.backends.triton import configs, launch
 
-    jobs = [("fwd", d, c, cfg) for d in hdims for c in (False, True) for cfg in FWD_CANDIDATES[d]]
-    jobs += [("bwd", d, c, cfg) for d in hdims for c in (False, True) for cfg in BWD_CANDIDATES[d]]
+    fwd_c, bwd_c = (FWD_SHORT_CANDIDATES, BWD_SHORT_CANDIDATES) if short else (FWD_CANDIDATES, BWD_CANDIDATES)
+    jobs = [("fwd", d, c, cfg) for d in hdims for c in (False, True) for cfg in fwd_c[d]]
+    jobs += [("bwd", d, c, cfg) for d in hdims for c in (False, True) for cfg in bwd_c[d]]
     t0 = time.time()
     errors = {}
     ctx = torch.multiprocessing.get_context("spawn")
@@ -214,7 +229,7 @@ def sweep(hdims, seqlen, jobs_parallel=8):
             args = (q, k, v, spec)
             out, lse = launch.forward(*args, **kw)
             dout = torch.randn_like(out)
-            for kind, cands in (("fwd", FWD_CANDIDATES[d]), ("bwd", BWD_CANDIDATES[d])):
+            for kind, cands in (("fwd", fwd_c[d]), ("bwd", bwd_c[d])):
                 for cfg in cands:
                     if (kind, d, causal, cfg) in errors:
                         ms, note = float("nan"), errors[(kind, d, causal, cfg)]
@@ -239,7 +254,7 @@ def sweep(hdims, seqlen, jobs_parallel=8):
     for d in hdims:
         for kind in ("fwd", "bwd"):
             best = {}
-            for cfg in (FWD_CANDIDATES if kind == "fwd" else BWD_CANDIDATES)[d]:
+            for cfg in (fwd_c if kind == "fwd" else bwd_c)[d]:
                 ts = [r["tflops"] for r in rows if r["kind"] == kind and r["hdim"] == d and tuple(r["config"]) == cfg]
                 best[cfg] = sum(ts) / len(ts) if all(not math.isnan(t) for t in ts) else float("nan")
             top = max((c for c in best if not math.isnan(best[c])), key=lambda c: best[c], default=None)
@@ -249,15 +264,38 @@ def sweep(hdims, seqlen, jobs_parallel=8):
     return rows, winners
 
 
-def apply_winners(winners):
+def apply_winners(winners, short=False):
     """Use the sweep's winners for the rest of this run (configs.py keeps the recorded ones)."""
     from flashtile.backends.triton import configs
 
     arch = configs.arch_of(torch.device("cuda"))
     for (kind, d), cfg in winners.items():
-        table = configs._FWD if kind == "fwd" else configs._BWD
+        if short:
+            table = configs._FWD_SHORT if kind == "fwd" else configs._BWD_SHORT
+        else:
+            table = configs._FWD if kind == "fwd" else configs._BWD
         table[(arch, configs.bucket(d))] = (configs.FwdConfig if kind == "fwd" else configs.BwdConfig)(*cfg)
-        print(f"using sweep winner for {kind} d={d}: {table[(arch, configs.bucket(d))]}", flush=True)
+        print(f"using sweep winner for {kind} d={d}{' (short)' if short else ''}: {table[(arch, configs.bucket(d))]}",
+              flush=True)
+
+
+def check_vs_sdpa(ft, d, causal, s):
+    """Max abs difference of flashtile's out and dq against SDPA flash on the same bf16 inputs
+    (two flash implementations: expect ~1e-2 for out, a few 1e-2 relative for dq)."""
+    from torch.nn.attention import SDPBackend
+
+    flash = _sdpa(SDPBackend.FLASH_ATTENTION)
+    h = 2048 // d
+    q, k, v = (torch.randn(1, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, s, h, d, device="cuda", dtype=torch.bfloat16)
+    o1 = ft(q, k, v, causal)
+    dq1 = torch.autograd.grad(o1, q, g)[0]
+    qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    o2 = flash(qt, kt, vt, causal)
+    dq2 = torch.autograd.grad(o2, qt, g.transpose(1, 2))[0]
+    e_out = (o1 - o2.transpose(1, 2)).abs().max().item()
+    e_dq = ((dq1 - dq2.transpose(1, 2)).abs().max() / dq2.abs().max()).item()
+    return e_out, e_dq
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,7 +358,7 @@ def main():
     print(f"ceiling bf16 matmul 8192^3: {meta['matmul_bf16_tflops']:.0f} TFLOP/s", flush=True)
     a = None
 
-    result = dict(meta=meta, rows=[], sweep=[], memory=[])
+    result = dict(meta=meta, rows=[], sweep=[], memory=[], checks=[])
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M")
     gpu_tag = props.name.replace("NVIDIA ", "").replace(" ", "-")
     path = os.path.join(args.out, f"bench_{gpu_tag}_{stamp}.json")
@@ -330,12 +368,14 @@ def main():
             json.dump(result, fh, indent=1)
 
     if args.sweep or args.sweep_only:
-        result["sweep"], winners = sweep(args.hdims, args.sweep_seqlen)
+        short = args.sweep_seqlen <= 512
+        result["sweep"], winners = sweep(args.hdims, args.sweep_seqlen, short=short)
         save()
         if args.sweep_only:
             return
-        apply_winners(winners)
-        meta["configs_from_sweep"] = {f"{k}_{d}": list(c) for (k, d), c in winners.items()}
+        apply_winners(winners, short=short)
+        tag = "configs_from_sweep" + ("_short" if short else "")
+        meta[tag] = {f"{k}_{d}": list(c) for (k, d), c in winners.items()}
 
     table, how = impls()
     meta["flashtile_call"] = how
@@ -345,6 +385,17 @@ def main():
         for causal in (False, True):
             for s in args.seqlens:
                 b = max(1, 16384 // s)
+                if "flashtile" in names:
+                    try:
+                        e_out, e_dq = check_vs_sdpa(table["flashtile"][0], d, causal, s)
+                    except Exception as e:  # noqa: BLE001
+                        e_out = e_dq = float("nan")
+                        print("check fail", d, causal, s, e)
+                    bad = not (e_out < 3e-2 and e_dq < 5e-2)
+                    result["checks"].append(dict(hdim=d, causal=causal, seqlen=s, out_maxabs=e_out, dq_rel=e_dq,
+                                                 ok=not bad))
+                    print(f"check d={d} causal={int(causal)} s={s}: out max|diff| {e_out:.2e}, dq rel {e_dq:.2e}"
+                          f"{'  <-- SUSPICIOUS' if bad else ''}", flush=True)
                 for name in names:
                     fn, layout = table[name]
                     if name == "standard" and s > args.standard_max_seqlen:
@@ -414,6 +465,13 @@ def print_table(result):
         fa4s = f"{fa4[0]:4d}/{fa4[1]:4d} {ratio(fa4)}" if fa4 else f"{'':>9} {'':>11}"
         print(f"{d:4d} {int(c):6d} {s:6d} | {pair(ft)} | {pair(fl)} {ratio(fl)} | {pair(cu)} {ratio(cu)} | {fa4s}")
     print(f"worst flashtile / sdpa-flash: fwd {worst[0]:.2f}, bwd {worst[1]:.2f}")
+    checks = result.get("checks", [])
+    if checks:
+        n_ok = sum(c["ok"] for c in checks)
+        e_out = max(c["out_maxabs"] for c in checks)
+        e_dq = max(c["dq_rel"] for c in checks)
+        print(f"flashtile vs sdpa-flash outputs: {n_ok}/{len(checks)} cells within bf16 tolerance "
+              f"(max out diff {e_out:.2e}, max dq rel {e_dq:.2e})")
     for m in result["memory"]:
         print(f"memory {m['impl']:10s} s={m['seqlen']:5d} {m['mode']:7s} peak extra {m['peak_extra_mib']:.1f} MiB")
 

@@ -47,9 +47,15 @@ INTERPRET_BWD = BwdConfig(16, 32, 32, 16, 4, 1, 4, 1)
 # --- forward ------------------------------------------------------------------------------
 # key: (arch, head-dim bucket) with bucket = BLOCK_D capped at 64 / 128 / 256; 16-bit dtypes.
 _FWD: dict[tuple[str, int], FwdConfig] = {
-    # sm90 (H100/H200): see benchmarks/NOTES.md "Triton backend" for the sweep numbers.
-    ("sm90", 64): FwdConfig(128, 128, 4, 3),
+    # sm90, measured on an H200 (Triton 3.6, bf16, b*s = 16384, h*d = 2048, seqlen 4096,
+    # TFLOP/s non-causal / causal; benchmarks/NOTES.md has the full sweep):
+    #   d=64:  (128,64,4,4) 400/354 | (128,64,4,3) 396/350 | (64,64,4,3) 378/343 | (128,128,4,3) 346/312
+    #          | (128,128,8,3) 348/312 | (128,128,8,2) 296/247
+    #   d=128: (128,64,8,3) 442/396 | (128,128,8,2) 452/384 | (128,64,8,4) 442/384 | (128,32,4,3) 430/375
+    #          | (64,64,4,3) 417/378 | (128,64,4,3) 208/252
+    ("sm90", 64): FwdConfig(128, 64, 4, 4),
     ("sm90", 128): FwdConfig(128, 64, 8, 3),
+    # d=256: NOT swept; passes the GPU tests (bf16/fp16, d=192/256).
     ("sm90", 256): FwdConfig(64, 64, 4, 2),
     # sm80 (A100, 164 KiB smem): NOT measured; sized to fit 2-3 stages of K/V.
     ("sm80", 64): FwdConfig(128, 64, 4, 3),
@@ -67,9 +73,17 @@ _FWD: dict[tuple[str, int], FwdConfig] = {
 
 # --- backward -----------------------------------------------------------------------------
 _BWD: dict[tuple[str, int], BwdConfig] = {
-    # sm90: see benchmarks/NOTES.md "Triton backend".
-    ("sm90", 64): BwdConfig(64, 128, 128, 64, 8, 3, 8, 3),
-    ("sm90", 128): BwdConfig(64, 128, 128, 64, 8, 2, 8, 2),
+    # sm90, H200, seqlen 4096, TFLOP/s non-causal / causal (two sweeps, benchmarks/NOTES.md):
+    #   d=64:  (64,64,64,64,4,4,4,4) 333/301 | (64,64,64,64,4,3,4,3) 326-351/294-309
+    #          | (64,128,128,64,8,3,8,3) 314-319/271-273 | (32,128,128,32,4,3,4,3) 292/258
+    #          | atomic_dq (64,64,64,64,4,3) 319/253, (64,128,..,8,2) 288/264
+    #   d=128: (64,128,128,64,8,3,8,3) 390/326 | (64,128,128,64,8,2,8,2) 348-353/309
+    #          | (64,128,64,64,8,2,4,2) 347/316 | (64,64,64,64,4,2,4,2) 344/282
+    #          | atomic_dq (64,128,..,8,2) 307/257, (64,64,..,4,2) 142/156
+    # The fused atomic-dQ backward lost everywhere: the split (deterministic) one is the default.
+    ("sm90", 64): BwdConfig(64, 64, 64, 64, 4, 4, 4, 4),
+    ("sm90", 128): BwdConfig(64, 128, 128, 64, 8, 3, 8, 3),
+    # d=256: NOT swept; passes the GPU tests.
     ("sm90", 256): BwdConfig(32, 64, 64, 32, 4, 1, 4, 1),
     # sm80: NOT measured.
     ("sm80", 64): BwdConfig(32, 128, 128, 32, 4, 2, 4, 2),
@@ -84,6 +98,13 @@ _BWD: dict[tuple[str, int], BwdConfig] = {
     ("hip", 128): BwdConfig(32, 64, 64, 32, 4, 1, 4, 1),
     ("hip", 256): BwdConfig(16, 32, 32, 16, 4, 1, 4, 1),
 }
+
+# --- short sequences -------------------------------------------------------------------
+# Sequences of at most SHORT_SEQLEN tokens (queries and keys) give each program only a few
+# key blocks, so pipeline fill and the epilogue weigh more: a separate, sparser table.
+SHORT_SEQLEN = 512
+_FWD_SHORT: dict[tuple[str, int], FwdConfig] = {}
+_BWD_SHORT: dict[tuple[str, int], BwdConfig] = {}
 
 # fp32 inputs (IEEE products, no tensor cores): correctness over speed, tiles sized for the
 # 4-byte elements on every architecture. NOT tuned.
@@ -111,20 +132,28 @@ def bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
-def fwd_config(arch: str, block_d: int, dtype: torch.dtype) -> FwdConfig:
+def fwd_config(arch: str, block_d: int, dtype: torch.dtype, max_seqlen: int = 1 << 30) -> FwdConfig:
+    """``max_seqlen``: the longer of the (max) query and key lengths; <= SHORT_SEQLEN picks
+    the short-sequence table where it has an entry."""
     if arch == "interpret":
         return INTERPRET_FWD
     if dtype == torch.float32:
         return _FWD_FP32[bucket(block_d)]
-    return _FWD[(arch, bucket(block_d))]
+    key = (arch, bucket(block_d))
+    if max_seqlen <= SHORT_SEQLEN and key in _FWD_SHORT:
+        return _FWD_SHORT[key]
+    return _FWD[key]
 
 
-def bwd_config(arch: str, block_d: int, dtype: torch.dtype) -> BwdConfig:
+def bwd_config(arch: str, block_d: int, dtype: torch.dtype, max_seqlen: int = 1 << 30) -> BwdConfig:
     if arch == "interpret":
         return INTERPRET_BWD
     if dtype == torch.float32:
         return _BWD_FP32[bucket(block_d)]
-    return _BWD[(arch, bucket(block_d))]
+    key = (arch, bucket(block_d))
+    if max_seqlen <= SHORT_SEQLEN and key in _BWD_SHORT:
+        return _BWD_SHORT[key]
+    return _BWD[key]
 
 
 def fallbacks(cfg: FwdConfig | BwdConfig) -> Iterator[FwdConfig | BwdConfig]:

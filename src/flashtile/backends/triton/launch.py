@@ -159,7 +159,7 @@ def forward(
         return out, lse
     block_d = _block_d(D)
     arch = _arch(q.device)
-    cfg = config or configs.fwd_config(arch, block_d, q.dtype)
+    cfg = config or configs.fwd_config(arch, block_d, q.dtype, max(rows_q, rows_k))
     flags = _flags(spec, alibi_slopes, varlen, q.dtype)
     scal = _scalars(spec, seed)
     stride_ab = alibi_slopes.stride(0) if alibi_slopes is not None else 0
@@ -224,7 +224,7 @@ def backward(
     dq_acc = None
     block_d = _block_d(D)
     arch = _arch(q.device)
-    cfg = config or configs.bwd_config(arch, block_d, q.dtype)
+    cfg = config or configs.bwd_config(arch, block_d, q.dtype, max(rows_q, rows_k))
     flags = _flags(spec, alibi_slopes, varlen, q.dtype)
     scal = _scalars(spec, seed)
     stride_ab = alibi_slopes.stride(0) if alibi_slopes is not None else 0
@@ -281,14 +281,14 @@ def backward(
     return dq, dk, dv
 
 
-def fwd_config_for(device: torch.device, headdim: int, dtype: torch.dtype) -> FwdConfig:
+def fwd_config_for(device: torch.device, headdim: int, dtype: torch.dtype, max_seqlen: int = 1 << 30) -> FwdConfig:
     """The table's forward config for a call (before any shared-memory fallback)."""
-    return configs.fwd_config(_arch(device), _block_d(headdim), dtype)
+    return configs.fwd_config(_arch(device), _block_d(headdim), dtype, max_seqlen)
 
 
-def bwd_config_for(device: torch.device, headdim: int, dtype: torch.dtype) -> BwdConfig:
+def bwd_config_for(device: torch.device, headdim: int, dtype: torch.dtype, max_seqlen: int = 1 << 30) -> BwdConfig:
     """The table's backward config for a call (before any shared-memory fallback)."""
-    return configs.bwd_config(_arch(device), _block_d(headdim), dtype)
+    return configs.bwd_config(_arch(device), _block_d(headdim), dtype, max_seqlen)
 
 
 def describe(device: torch.device, headdim: int, dtype: torch.dtype) -> str:
