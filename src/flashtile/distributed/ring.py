@@ -294,6 +294,14 @@ def _build_calls(
     n = num_chunks(layout, world)
     nslots = n // world
     q_chunks = chunk_ids(layout, world, rank)
+    spans: dict[tuple[str, int, int], tuple] = {}  # varlen row selections, shared by the steps
+
+    def span(side: str, lo: int, hi: int) -> tuple:
+        if (side, lo, hi) not in spans:
+            local = [x // world for x in varlen[0 if side == "q" else 1]]
+            spans[(side, lo, hi)] = _span(local, nslots, lo, hi, device)
+        return spans[(side, lo, hi)]
+
     calls = []
     for s in range(world):
         k_chunks = chunk_ids(layout, world, s)
@@ -313,10 +321,8 @@ def _build_calls(
                 ks = slice(None) if (p.k_lo, p.k_hi) == (0, nslots * (dense[1] // n)) else slice(p.k_lo, p.k_hi)
                 step.append(_Call(qs, ks, pspec, seed))
             else:
-                local_q = [x // world for x in varlen[0]]
-                local_k = [x // world for x in varlen[1]]
-                qs, cu_q, mq = _span(local_q, nslots, p.q_lo, p.q_hi, device)
-                ks, cu_k, mk = _span(local_k, nslots, p.k_lo, p.k_hi, device)
+                qs, cu_q, mq = span("q", p.q_lo, p.q_hi)
+                ks, cu_k, mk = span("k", p.k_lo, p.k_hi)
                 step.append(_Call(qs, ks, pspec, seed, cu_q, cu_k, mq, mk))
         calls.append(step)
     return calls
