@@ -56,8 +56,10 @@ class GPTConfig:
 _GPT2 = dict(vocab_size=50304, block_size=1024, mlp="gelu", norm="layernorm", pos_emb="learned", bias=True)
 PRESETS: dict[str, GPTConfig] = {
     # Tests and the CPU example: a few hundred thousand parameters, Llama-style choices.
-    "tiny": GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, mlp="swiglu",
-                      norm="rmsnorm", pos_emb="rotary", bias=False),  # fmt: skip
+    "tiny": GPTConfig(
+        vocab_size=256, block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+        mlp="swiglu", norm="rmsnorm", pos_emb="rotary", bias=False,
+    ),  # fmt: skip
     # GPT-2 sizes (vocab padded to a multiple of 64).
     "gpt2-small": GPTConfig(n_layer=12, n_head=12, n_embd=768, **_GPT2),
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024, **_GPT2),

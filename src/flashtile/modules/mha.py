@@ -168,7 +168,8 @@ class MHA(nn.Module):
         self.cross_attn, self.causal, self.layer_idx = cross_attn, causal, layer_idx
         self.dropout, self.softmax_scale = dropout, softmax_scale
         self.window_size, self.softcap = tuple(window_size), softcap
-        self.rotary_emb_dim, self.rotary_emb_interleaved = rotary_emb_dim, rotary_emb_interleaved
+        self.rotary_emb_dim, self.rotary_emb_base = rotary_emb_dim, rotary_emb_base
+        self.rotary_emb_interleaved = rotary_emb_interleaved
 
         q_dim, kv_dim = num_heads * hd, self.num_heads_kv * hd
         if cross_attn:

@@ -1,0 +1,189 @@
+"""Hugging Face transformers with attn_implementation="flashtile" against "eager".
+
+Tiny randomly initialised Llama (GQA), Mistral (sliding window) and Gemma-2 (softcap, sliding and
+full layers) models built from configs (no download): same logits with left / right / no
+padding, same greedy generations (dynamic, sliding and static caches), packed sequences,
+dropout in training. Skipped when transformers is not installed (except the error-message test).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+
+import flashtile.integrations.transformers as ft_hf
+
+try:
+    import transformers
+except ImportError:
+    transformers = None
+
+needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed (pip install flashtile[hf])")
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+
+
+def configs():
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig
+
+    return {
+        "llama-gqa": LlamaConfig(**COMMON),
+        "mistral-sliding-window": MistralConfig(**COMMON, sliding_window=4),
+        "gemma2-softcap": Gemma2Config(**COMMON, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                                       attn_logit_softcapping=3.0, final_logit_softcapping=20.0),  # fmt: skip
+    }
+
+
+NAMES = ["llama-gqa", "mistral-sliding-window", "gemma2-softcap"]
+
+
+def pair(name: str):
+    """(flashtile model, eager model) with the same random weights, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    ft_hf.register()
+    cfg = configs()[name]
+    torch.manual_seed(0)
+    ft = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="flashtile").eval()
+    eager = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    eager.load_state_dict(ft.state_dict())
+    assert ft.config._attn_implementation == "flashtile" and eager.config._attn_implementation == "eager"
+    return ft, eager
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the flashtile kernel calls made by the integration."""
+    n = {"dense": 0, "varlen": 0}
+
+    def spy(key, fn):
+        def wrapper(*a, **kw):
+            n[key] += 1
+            return fn(*a, **kw)
+
+        return wrapper
+
+    monkeypatch.setattr(ft_hf, "flash_attn_func", spy("dense", ft_hf.flash_attn_func))
+    monkeypatch.setattr(ft_hf, "flash_attn_varlen_func", spy("varlen", ft_hf.flash_attn_varlen_func))
+    return n
+
+
+def masks(b=3, s=12):
+    left = torch.ones(b, s, dtype=torch.long)
+    left[0, :5] = 0
+    left[2, :1] = 0
+    return {"none": None, "left": left, "right": left.flip(1)}
+
+
+@needs_hf
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_logits_match_eager(name, padding, calls):
+    ft, eager = pair(name)
+    ids = torch.randint(0, 97, (3, 12))
+    mask = masks()[padding]
+    with torch.no_grad():
+        a = ft(ids, attention_mask=mask).logits
+        b = eager(ids, attention_mask=mask).logits
+    real = torch.ones(3, 12, dtype=torch.bool) if mask is None else mask.bool()
+    torch.testing.assert_close(a[real], b[real], atol=2e-5, rtol=1e-4)
+    assert calls["varlen" if mask is not None else "dense"] == 2  # one call per layer, on flashtile
+
+
+@needs_hf
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_generate_matches_eager(name, calls):
+    """Left-padded batch, 14 new tokens: past the sliding window, through the KV cache."""
+    ft, eager = pair(name)
+    ids = torch.randint(3, 97, (3, 12))
+    mask = masks()["left"]
+    kw = dict(attention_mask=mask, max_new_tokens=14, min_new_tokens=14, do_sample=False)
+    with torch.no_grad():
+        a, b = ft.generate(ids, **kw), eager.generate(ids, **kw)
+    assert a.shape == (3, 26)
+    assert torch.equal(a, b)
+    # prefill + 13 decode steps, 2 layers; varlen while padding is in view (a sliding-window cache
+    # drops the padded keys once they are older than the window, then the dense kernel serves)
+    assert calls["varlen"] + calls["dense"] == 2 * 14 and calls["varlen"] >= 2
+
+
+@needs_hf
+def test_generate_static_cache_matches_eager():
+    ft, eager = pair("llama-gqa")
+    ids = torch.randint(3, 97, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        assert torch.equal(ft.generate(ids, **kw), eager.generate(ids, **kw))
+
+
+@needs_hf
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-sliding-window"])
+def test_packed_position_ids_match_separate_sequences(name, calls):
+    """One row holding two sequences (position_ids restart): attention stays inside each."""
+    ft, _ = pair(name)
+    a, b = torch.randint(0, 97, (1, 5)), torch.randint(0, 97, (1, 7))
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    with torch.no_grad():
+        packed = ft(torch.cat([a, b], 1), position_ids=pos).logits
+        sep = torch.cat([ft(a).logits, ft(b).logits], 1)
+    torch.testing.assert_close(packed, sep, atol=2e-5, rtol=1e-4)
+    assert calls["varlen"] == 2
+
+
+@needs_hf
+def test_dropout_in_training():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    ft_hf.register()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**COMMON, attention_dropout=0.3),
+                                             attn_implementation="flashtile")  # fmt: skip
+    ids = torch.randint(0, 97, (2, 10))
+    model.eval()
+    with torch.no_grad():
+        ref = model(ids).logits
+    model.train()
+    torch.manual_seed(1)
+    a = model(ids, labels=ids)
+    torch.manual_seed(1)
+    b = model(ids).logits
+    torch.manual_seed(2)
+    c = model(ids).logits
+    assert torch.equal(a.logits, b), "dropout follows torch.manual_seed"
+    assert not torch.allclose(a.logits, c) and not torch.allclose(a.logits, ref)
+    a.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@needs_hf
+def test_register_is_idempotent_and_other_implementations_still_load():
+    from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig
+    from transformers.masking_utils import AttentionMaskInterface
+
+    assert ft_hf.register() == "flashtile" and ft_hf.register() == "flashtile"
+    assert AttentionInterface._global_mapping["flashtile"] is ft_hf.flashtile_attention_forward
+    assert AttentionMaskInterface._global_mapping["flashtile"] is ft_hf.flashtile_mask
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**COMMON), attn_implementation="sdpa")
+    assert model.config._attn_implementation == "sdpa"
+
+
+@needs_hf
+def test_unsupported_inputs_raise():
+    q = torch.randn(1, 4, 3, 8)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match="2-D"):
+        ft_hf.flashtile_attention_forward(module, q, q, q, torch.ones(1, 1, 3, 3, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        ft_hf.flashtile_attention_forward(module, q, q, q, None, s_aux=torch.zeros(4))
+
+
+def test_missing_transformers_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(ImportError, match=r"pip install 'flashtile\[hf\]'"):
+        ft_hf.register()
