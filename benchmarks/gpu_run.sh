@@ -6,7 +6,7 @@
 # No stage named = all three, in that order. Logs and JSON go to $OUT (default
 # /tmp/flashtile_gpu); the last lines printed are a short summary. Test compilation is spread
 # over CPU cores with pytest-xdist when it is installed. Timeouts (seconds): KERNELS_TIMEOUT,
-# BENCH_TIMEOUT, SUITE_TIMEOUT.
+# BENCH_TIMEOUT, SUITE_TIMEOUT; SUITE_FILES (default: tests) narrows the suite stage.
 set -o pipefail
 stages=()
 while [[ $# -gt 0 && $1 != -- ]]; do stages+=("$1"); shift; done
@@ -46,9 +46,10 @@ for stage in "${stages[@]}"; do
       # forcing FLASHTILE_BACKEND=triton instead would also fail every test that uses CPU tensors.
       # -v names each result in the log as it happens, even if the timeout cuts the run.
       FLASHTILE_TEST_BACKENDS=triton timeout "${SUITE_TIMEOUT:-300}" \
-        $PY -m pytest tests $XDIST -v -rfE --tb=short -p no:cacheprovider --ignore=tests/test_triton_kernels.py \
+        $PY -m pytest ${SUITE_FILES:-tests} $XDIST -v -rfE --tb=short -p no:cacheprovider \
+        --ignore=tests/test_triton_kernels.py \
         2>&1 | quiet > "$OUT/tests_suite_triton.log"
-      grep -E "\] (FAILED|ERROR) " "$OUT/tests_suite_triton.log" | sed 's/^.*\] //' | sort | head -40
+      grep -E "\] (FAILED|ERROR) " "$OUT/tests_suite_triton.log" | grep -oE "(FAILED|ERROR) tests/\S+" | sort | head -40
       npass=$(grep -c "\] PASSED " "$OUT/tests_suite_triton.log")
       nfail=$(grep -cE "\] (FAILED|ERROR) " "$OUT/tests_suite_triton.log")
       nskip=$(grep -c "\] SKIPPED " "$OUT/tests_suite_triton.log")

@@ -103,8 +103,19 @@ _BWD: dict[tuple[str, int], BwdConfig] = {
 # Sequences of at most SHORT_SEQLEN tokens (queries and keys) give each program only a few
 # key blocks, so pipeline fill and the epilogue weigh more: a separate, sparser table.
 SHORT_SEQLEN = 512
-_FWD_SHORT: dict[tuple[str, int], FwdConfig] = {}
-_BWD_SHORT: dict[tuple[str, int], BwdConfig] = {}
+# sm90, H200, seqlen 512 (b=32), TFLOP/s non-causal / causal (sweep 3, benchmarks/NOTES.md):
+#   fwd d=64:  (64,64,4,3) 301/223 | (128,64,4,4) 303/186 | (64,64,4,2) 259/218 | (64,32,4,2) 259/192
+#   fwd d=128: (64,64,4,3) 327/222 | (128,64,8,3) 308/194 | (64,64,4,2) 294/210 | (128,128,8,2) 282/189
+#   bwd d=64:  (64,64,64,64,4,3,4,3) 254/158 | (32,64,64,32,4,3,4,3) 244/166 | (64,64,64,64,4,4,4,4) 237/150
+#   bwd d=128: (64,64,64,64,4,2,4,2) 239/149 | (64,128,128,64,8,3,8,3) 266/118 | (32,64,64,32,4,2,4,2) 218/159
+_FWD_SHORT: dict[tuple[str, int], FwdConfig] = {
+    ("sm90", 64): FwdConfig(64, 64, 4, 3),
+    ("sm90", 128): FwdConfig(64, 64, 4, 3),
+}
+_BWD_SHORT: dict[tuple[str, int], BwdConfig] = {
+    ("sm90", 64): BwdConfig(64, 64, 64, 64, 4, 3, 4, 3),
+    ("sm90", 128): BwdConfig(64, 64, 64, 64, 4, 2, 4, 2),
+}
 
 # fp32 inputs (IEEE products, no tensor cores): correctness over speed, tiles sized for the
 # 4-byte elements on every architecture. NOT tuned.
