@@ -20,9 +20,11 @@ run_pytest() {
 
 start=$SECONDS
 echo "== pass 1/2: pytest -q tests =="
-run_pytest -q tests
+rc1=0
+run_pytest -q tests || rc1=$?
 
 echo "== pass 2/2: Triton kernels under the interpreter =="
+rc2=0
 files=()
 for f in tests/test_parity.py tests/test_triton_kernels.py; do
   if [ -f "$f" ]; then files+=("$f"); fi
@@ -32,6 +34,8 @@ if [ "${#files[@]}" -eq 0 ]; then
 elif ! why=$("$PYTHON" -c 'import flashtile.backends.triton' 2>&1); then
   echo "skipped: the triton backend is not importable: $(echo "$why" | tail -n 1)"
 else
-  TRITON_INTERPRET=1 FLASHTILE_TEST_BACKENDS=triton run_pytest -q "${files[@]}"
+  TRITON_INTERPRET=1 FLASHTILE_TEST_BACKENDS=triton run_pytest -q "${files[@]}" || rc2=$?
 fi
-echo "scripts/test.sh: both passes done in $((SECONDS - start)) s"
+echo "scripts/test.sh: done in $((SECONDS - start)) s (pass 1 exit code $rc1, pass 2 exit code $rc2)"
+if [ "$rc1" -ne 0 ]; then exit "$rc1"; fi
+exit "$rc2"

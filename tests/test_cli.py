@@ -157,3 +157,16 @@ def test_flops_and_standard_attention():
 def test_bad_seqlens_are_rejected(bad):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--seqlens", bad])
+
+
+def test_demo_runs_check_and_bench_and_writes_the_plot(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "CASES", tuple(c for c in cli.CASES if c.name in cli.QUICK))
+    png, js = tmp_path / "demo.png", tmp_path / "demo.json"
+    rc = cli.main(["demo", "--device", "cpu", "--seqlens", "64", "--repeats", "1", "--plot", str(png),
+                   "--json", str(js)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "PASS: 4 checks" in out and "demo: check passed" in out
+    assert len(json.loads(js.read_text())["rows"]) == 2 * 3
+    if cli._have_matplotlib():
+        assert png.read_bytes()[:4] == b"\x89PNG"

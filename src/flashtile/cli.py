@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,11 @@ from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
 from . import __version__, dispatch
 from .interface import flash_attn_func, flash_attn_varlen_func
@@ -541,22 +545,28 @@ def _rss_status(key: str) -> int:
     raise OSError(f"{key} not in /proc/self/status")
 
 
+def _maxrss_bytes() -> int:
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ru if sys.platform == "darwin" else ru * 1024  # bytes on macOS, KiB on Linux
+
+
 class _CpuPeak:
     """Peak resident memory of this process during a block, over its resident memory at the start.
 
-    Resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5) and reads ``VmHWM``;
-    where that is not allowed, falls back to ``ru_maxrss`` (fine in a fresh process, whose
-    earlier peak is the imports')."""
+    Linux: resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5) and reads
+    ``VmHWM``. Elsewhere (or where that is not allowed): ``ru_maxrss``, which is right in a fresh
+    process whose earlier peak was its imports, and reads 0 when the block stayed below that."""
 
     def __enter__(self) -> _CpuPeak:
         gc.collect()
+        self.hwm = False
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
+            self.base = _rss_status("VmRSS")
             self.hwm = True
         except OSError:
-            self.hwm = False
-        self.base = _rss_status("VmRSS")
+            self.base = _maxrss_bytes() if resource is not None else 0
         self.peak = 0
         return self
 
@@ -564,7 +574,7 @@ class _CpuPeak:
         if self.hwm:
             top = _rss_status("VmHWM")
         else:
-            top = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            top = _maxrss_bytes() if resource is not None else 0
         self.peak = max(0, top - self.base)
 
 
@@ -575,13 +585,13 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg)
 
 
-def bench_case(c: dict) -> dict:
+def bench_case(c: dict, isolated: bool = False) -> dict:
     """Time and peak memory of one (method, mode, seqlen) case in this process.
 
     Runs a small warm-up, allocates the inputs, measures memory over one run and then times
-    ``repeats`` runs. On the CPU the address space is capped at the inputs + ``max_mem_bytes``
-    (+ slack), so a case that needs more fails with a clean "oom" instead of swapping or
-    waking the kernel's OOM killer."""
+    ``repeats`` runs. In an ``isolated`` process on the CPU, the address space is capped at the
+    inputs + ``max_mem_bytes`` (+ slack), so a case that needs more fails with a clean "oom"
+    instead of swapping or waking the kernel's OOM killer."""
     device = torch.device(c["device"])
     dtype = _DTYPES[c["dtype"]]
     b, h, d, s, causal = c["batch"], c["heads"], c["headdim"], c["seqlen"], c["causal"]
@@ -619,7 +629,8 @@ def bench_case(c: dict) -> dict:
                 _sync(device)
                 result["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device) - base
             else:
-                _cap_address_space(c["max_mem_bytes"])
+                if isolated:
+                    _cap_address_space(c["max_mem_bytes"])
                 with _CpuPeak() as peak:
                     step(*inputs)
                 result["peak_mem_bytes"] = peak.peak
@@ -651,6 +662,8 @@ def _chosen_backend(c: dict, device: torch.device, dtype: torch.dtype) -> str:
 
 def _cap_address_space(max_bytes: int) -> None:
     """Limit this process's virtual memory to what it uses now + ``max_bytes`` + 512 MiB of slack."""
+    if resource is None:  # pragma: no cover - Windows
+        return
     try:
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
         limit = _rss_status("VmSize") + int(max_bytes) + 512 * _MiB
@@ -680,7 +693,7 @@ def _fork_server() -> None:
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
             try:
-                res = bench_case(req["case"])
+                res = bench_case(req["case"], isolated=True)
             except Exception as e:  # noqa: BLE001 - the parent shows it
                 res = {"status": "error", "note": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
             os.write(w, json.dumps(res).encode())
@@ -787,6 +800,11 @@ def run_bench(args: argparse.Namespace) -> int:
         print("error: --plot needs matplotlib: pip install 'flashtile[bench]' (or pip install matplotlib)",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.repeats is None:
+        args.repeats = 3 if device.type == "cpu" else 20
+    if args.repeats < 1:
+        print("error: --repeats must be >= 1", file=sys.stderr)
+        return 2
     dtype = _DTYPES[args.dtype]
     free = _free_memory_bytes(device)
     cap_gb = args.max_mem_gb if args.max_mem_gb is not None else 0.4 * free / _GiB
@@ -857,13 +875,18 @@ def format_bench_table(rows: list[dict], markdown: bool = False) -> str:
         name = r["method"] + (f" ({r['backend']})" if r.get("backend") else "")
         if r["status"] == "ok":
             ref = sdpa.get((r["mode"], r["seqlen"]))
-            out.append([r["mode"], str(r["seqlen"]), name, f"{r['time_ms']:.1f}", f"{r['tflops']:.3f}",
+            tf = r["tflops"]
+            out.append([r["mode"], str(r["seqlen"]), name, _ms(r["time_ms"]), f"{tf:.3f}" if tf < 10 else f"{tf:.1f}",
                         f"{r['peak_mem_bytes'] / _MiB:.1f}", f"{r['time_ms'] / ref:.2f}x" if ref else "-", ""])
         else:
             out.append([r["mode"], str(r["seqlen"]), name, "-", "-", "-", "-",
                         f"{r['status'].upper()}: {r.get('note', '')}"])  # fmt: skip
     return _table(["mode", "seqlen", "method", "time (ms)", "TFLOP/s", "peak mem (MiB)", "vs sdpa", "note"], out,
                   markdown=markdown)  # fmt: skip
+
+
+def _ms(t: float) -> str:
+    return f"{t:.3f}" if t < 1 else f"{t:.2f}" if t < 10 else f"{t:.1f}"
 
 
 def _have_matplotlib() -> bool:
@@ -942,7 +965,9 @@ def run_demo(args: argparse.Namespace) -> int:
     print()
     print("== flashtile demo, step 2/2: bench ==")
     seqlens = args.seqlens or ("512,1024,2048,4096" if device == "cpu" else "1024,2048,4096,8192,16384")
-    bench = ["bench", "--device", device, "--seqlens", seqlens, "--repeats", str(args.repeats)]
+    bench = ["bench", "--device", device, "--seqlens", seqlens]
+    if args.repeats:
+        bench += ["--repeats", str(args.repeats)]
     if _have_matplotlib():
         bench += ["--plot", args.plot]
     else:
@@ -994,7 +1019,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--methods", type=_choice_list(METHODS), default=list(METHODS),
                     help="flashtile,standard,sdpa (default all)")  # fmt: skip
     sp.add_argument("--backend", help="force flashtile's backend (default: auto)")
-    sp.add_argument("--repeats", type=int, default=3, help="timed runs per case; the median is reported (default 3)")
+    sp.add_argument("--repeats", type=int,
+                    help="timed runs per case; the median is reported (default 3 on cpu, 20 on cuda)")  # fmt: skip
     sp.add_argument("--max-mem-gb", type=float,
                     help="memory cap per case; standard attention is skipped when its score matrix alone exceeds it "
                          "(default: 40%% of free RAM / GPU memory)")  # fmt: skip
@@ -1007,7 +1033,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="check + a small bench with a plot (about 2 minutes on a 2-core CPU)")
     sp.add_argument("--device", help="cpu or cuda (default: cuda if available, else cpu)")
     sp.add_argument("--seqlens", help="default 512,1024,2048,4096 on cpu, 1024..16384 on cuda")
-    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--repeats", type=int, help="as in bench (default 3 on cpu, 20 on cuda)")
     sp.add_argument("--plot", default="flashtile_demo.png", help="default flashtile_demo.png")
     sp.add_argument("--json", help="also write the bench rows to this file")
     sp.set_defaults(func=run_demo)
