@@ -117,3 +117,6 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _override = prev
+
+
+_load()  # at import: registering lazily inside code traced by torch.compile happens too late for the op

@@ -87,7 +87,7 @@ def attention_ref(
         masked = masked | ~key_padding_mask.view(b, 1, 1, sk)
     scores = scores.masked_fill(masked, float("-inf"))
     lse = torch.logsumexp(scores.float(), dim=-1)
-    m = scores.amax(dim=-1, keepdim=True)
+    m = scores.amax(dim=-1, keepdim=True) if sk > 0 else scores.new_zeros((*scores.shape[:-1], 1))
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     p = torch.exp(scores - m)
     denom = p.sum(-1, keepdim=True)

@@ -30,6 +30,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 512
 
 
+_REAL = (int, float, torch.SymInt, torch.SymFloat)
+
+
 @dataclass(frozen=True)
 class AttnSpec:
     """Normalised attention options, shared by every backend.
@@ -162,13 +165,15 @@ def make_spec(
     deterministic: bool,
 ) -> AttnSpec:
     """Validate the scalar options and return the normalised :class:`AttnSpec`."""
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+    # Plain comparisons only (no math.isnan / isfinite): under torch.compile these may be
+    # symbolic floats, and comparisons on them become guards instead of graph breaks.
+    if not isinstance(dropout_p, _REAL) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if not isinstance(softcap, (int, float)) or float(softcap) < 0.0 or math.isnan(softcap):
+    if not isinstance(softcap, _REAL) or not softcap >= 0.0:  # also rejects NaN
         raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap!r}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(headdim)
-    elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+    elif not isinstance(softmax_scale, _REAL) or not -math.inf < softmax_scale < math.inf:
         raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
     left, right = normalize_window(window_size, causal)
     return AttnSpec(
