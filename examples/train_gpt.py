@@ -168,7 +168,7 @@ def main(argv=None) -> None:
                     "chars": data.chars, "step": step, "history": history}, ckpt_path)  # fmt: skip
 
     model.train()
-    todo = max(0, args.steps - step)
+    todo, start_step = max(0, args.steps - step), step
     bar = tqdm(total=todo, desc="train", dynamic_ncols=True, mininterval=1.0) if tqdm and todo else None
     t_start = time.perf_counter()
     t_win, tok_win, loss_win = t_start, 0, []
@@ -211,7 +211,7 @@ def main(argv=None) -> None:
     if todo:
         save()
         elapsed = time.perf_counter() - t_start
-        print(f"trained {todo if step >= args.steps else step} steps in {elapsed:.0f}s; checkpoint: {ckpt_path}")
+        print(f"trained {step - start_step} steps in {elapsed:.0f}s; checkpoint: {ckpt_path}")
         curve = ", ".join(f"{h['step']}: {h['train_loss']:.3f}" for h in history)
         print(f"loss curve (step: mean train loss since the previous point): {curve}")
         rates = [h["tok_s"] for h in history]

@@ -307,6 +307,9 @@ def test_alibi_slopes():
     torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
     s = alibi_slopes(6)  # 4 geometric slopes + 2 interleaved from the 8-head sequence
     torch.testing.assert_close(s, torch.tensor([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]))
+    m = MHA(48, 6, use_alibi=True).to(torch.bfloat16)  # casting the module keeps exact fp32 slopes
+    assert m.alibi_slopes.dtype == torch.float32
+    torch.testing.assert_close(m.alibi_slopes, s, atol=0, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

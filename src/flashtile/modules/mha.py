@@ -23,16 +23,18 @@ from ..padding import pad_input, unpad_input
 from ..rotary import apply_rotary_emb, rotary_cos_sin
 
 
-def alibi_slopes(nheads: int) -> torch.Tensor:
-    """ALiBi slopes (Press et al.), float32 ``(nheads,)``: the geometric sequence ``2^(-8 i / n)``
-    for the largest power of two ``n <= nheads``, then every other slope of the ``2 n`` sequence."""
-
-    def geometric(n: int) -> list[float]:
-        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
-
+def _alibi_exponents(nheads: int) -> tuple[list[int], int]:
+    """ALiBi slopes as ``2^(-k_i / den)`` with integers ``k_i``: for the largest power of two
+    ``n <= nheads``, the geometric sequence ``2^(-8 i / n)``, i = 1..n, then every other slope of
+    the ``2 n`` sequence (Press et al.); ``den = 2 n``."""
     n = 2 ** int(math.floor(math.log2(nheads)))
-    slopes = geometric(n) + geometric(2 * n)[0::2][: nheads - n]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return [16 * (i + 1) for i in range(n)] + [8 * (2 * j + 1) for j in range(nheads - n)], 2 * n
+
+
+def alibi_slopes(nheads: int) -> torch.Tensor:
+    """The standard ALiBi slopes, float32 ``(nheads,)`` (8 heads: 1/2, 1/4, ..., 1/256)."""
+    ks, den = _alibi_exponents(nheads)
+    return torch.tensor([2.0 ** (-k / den) for k in ks], dtype=torch.float32)
 
 
 class InferenceParams:
@@ -184,8 +186,18 @@ class MHA(nn.Module):
             cos, sin = rotary_cos_sin(rotary_max_seqlen, rotary_emb_dim, rotary_emb_base, device=device)
             self.register_buffer("rotary_cos", cos, persistent=False)  # (rotary_max_seqlen, rotary_emb_dim / 2)
             self.register_buffer("rotary_sin", sin, persistent=False)
-        self.register_buffer("alibi_slopes", alibi_slopes(num_heads).to(device) if use_alibi else None,
+        # ALiBi slopes 2^(-k / den) kept as the integers k: an integer buffer follows .to(device) but
+        # not .to(dtype), so the slopes stay exact float32 in a module cast to half precision.
+        ks, self._alibi_den = _alibi_exponents(num_heads)
+        self.register_buffer("alibi_exponents", torch.tensor(ks, device=device) if use_alibi else None,
                              persistent=False)  # fmt: skip
+
+    @property
+    def alibi_slopes(self) -> torch.Tensor | None:
+        """float32 ``(num_heads,)`` ALiBi slopes, or None."""
+        if self.alibi_exponents is None:
+            return None
+        return torch.exp2(self.alibi_exponents.float() / -self._alibi_den)
 
     def _opts(self) -> dict:
         return dict(
