@@ -17,7 +17,7 @@ ATOL = 2e-5 if DEV == "cpu" else 2e-3
 def _paged_cache(b, capacity, page, hk, d, dtype, gen):
     nblk = -(-capacity // page)
     num_blocks = b * nblk + 3  # spare blocks, so the table is a random subset
-    kc = torch.randn(num_blocks, page, hk, d, dtype=dtype, device=DEV, generator=gen)
+    kc = torch.randn(num_blocks, page, hk, d, dtype=dtype, generator=gen).to(DEV)
     vc = torch.randn_like(kc)
     perm = torch.randperm(num_blocks, generator=gen, device="cpu")[: b * nblk]
     return kc, vc, perm.view(b, nblk).to(torch.int32).to(DEV)

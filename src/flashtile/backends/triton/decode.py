@@ -22,8 +22,7 @@ from ...merge import merge_states
 from ...spec import AttnSpec
 from .fwd import _mm, _mma, _tanh
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # host side only: kernels may not read non-constexpr globals
 
 
 @triton.jit
@@ -72,7 +71,7 @@ def _decode_kernel(
     if HAS_WL:
         lo = tl.maximum(lo, t_min + off - window_left)
     if HAS_ALIBI:
-        slope = tl.load(SLOPES + b * stride_ab + head, mask=row_ok, other=0.0) * LOG2E
+        slope = tl.load(SLOPES + b * stride_ab + head, mask=row_ok, other=0.0) * 1.4426950408889634  # log2(e)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -112,7 +111,7 @@ def _decode_kernel(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln(2)
     tl.store(
         O + split * stride_os + b * stride_ob + t[:, None] * stride_oq + head[:, None] * stride_oh + offs_d[None, :],
         out, mask=row_ok[:, None] & d_ok[None, :],
