@@ -6,7 +6,7 @@
     ft_hf.register()
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="flashtile")
 
-:func:`register` adds two entries (transformers >= 4.53, tested with 5.23):
+:func:`register` adds two entries (tested with transformers 5.23):
 
 * ``AttentionInterface["flashtile"]`` = :func:`flashtile_attention_forward`: every attention layer
   of the model calls it with ``(batch, heads, seqlen, headdim)`` q/k/v; it runs
@@ -44,8 +44,8 @@ from ..interface import flash_attn_func, flash_attn_varlen_func
 from ..padding import pad_input, unpad_input
 
 _MISSING = (
-    "flashtile's transformers integration needs Hugging Face transformers >= 4.53 (AttentionInterface and "
-    "AttentionMaskInterface). Install it with: pip install 'flashtile[hf]'"
+    "flashtile's transformers integration needs Hugging Face transformers with AttentionInterface and "
+    "AttentionMaskInterface (tested with 5.23). Install it with: pip install 'flashtile[hf]'"
 )
 _registered: set[str] = set()
 
