@@ -292,6 +292,34 @@ def test_mha_kv_cache_matches_full_forward(opts, page_size):
     torch.testing.assert_close(torch.cat(outs, 1), full.detach(), atol=2e-5, rtol=1e-4)
 
 
+def test_mha_kv_cache_per_row_lengths():
+    """lengths_per_sample: row 0 continues after 5 cached tokens, row 1 after 3 (its 2 last
+    cached tokens are overwritten): each row equals a full pass over its own prefix + new token."""
+    m = make_mha(layer_idx=0, causal=True, num_heads_kv=2, rotary_emb_dim=8, use_alibi=True)
+    x, new = torch.randn(2, 5, D), torch.randn(2, 1, D)
+    params = InferenceParams(2, 8)
+    with torch.no_grad():
+        m(x, inference_params=params)
+        params.lengths_per_sample = torch.tensor([5, 3], dtype=torch.int32)
+        out = m(new, inference_params=params)
+        for i, n in enumerate([5, 3]):
+            ref = m(torch.cat([x[i : i + 1, :n], new[i : i + 1]], 1))[:, -1]
+            torch.testing.assert_close(out[i], ref, atol=2e-5, rtol=1e-4)
+
+
+def test_gpt_per_row_lengths_learned_positions():
+    model = GPT(small_cfg(pos_emb="learned")).eval()
+    idx, new = torch.randint(0, 61, (2, 6)), torch.randint(0, 61, (2, 1))
+    params = InferenceParams(2, 10)
+    with torch.no_grad():
+        model(idx, inference_params=params)
+        params.lengths_per_sample = torch.tensor([6, 4], dtype=torch.int32)
+        out, _ = model(new, inference_params=params)
+        for i, n in enumerate([6, 4]):
+            ref, _ = model(torch.cat([idx[i : i + 1, :n], new[i : i + 1]], 1))
+            torch.testing.assert_close(out[i, -1], ref[0, -1], atol=1e-5, rtol=1e-4)
+
+
 def test_mha_rejects_bad_configs():
     with pytest.raises(ValueError, match="divisible"):
         MHA(30, 4)

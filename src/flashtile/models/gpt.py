@@ -151,8 +151,12 @@ class GPT(nn.Module):
             lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
             starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens, output_size=idx.shape[0])
             return torch.arange(idx.shape[0], device=idx.device) - starts
-        offset = inference_params.seqlen_offset if inference_params is not None else 0
-        return torch.arange(offset, offset + idx.shape[1], device=idx.device)
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        if inference_params is None:
+            return pos
+        if inference_params.lengths_per_sample is not None:  # per-row cache lengths: (b, s)
+            return inference_params.lengths_per_sample[: idx.shape[0], None].long() + pos
+        return inference_params.seqlen_offset + pos
 
     def forward(
         self,

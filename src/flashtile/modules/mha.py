@@ -46,9 +46,11 @@ class InferenceParams:
     page_size))``) maps each row's pages to cache blocks; the default gives row ``i`` the blocks
     ``i * n .. i * n + n - 1``; pass any other table (e.g. a shuffled one) to share a pool.
 
-    ``seqlen_offset`` is the number of tokens already in the cache (every row the same); the model
-    advances it after each forward. ``lengths_per_sample`` (int32 ``(batch,)``), when set,
-    replaces it with per-row lengths.
+    ``seqlen_offset`` is the number of tokens already in the cache (every row the same);
+    :class:`flashtile.models.GPT` advances it after each forward (a bare :class:`MHA` leaves that
+    to the caller). ``lengths_per_sample`` (int32 ``(batch,)``), when set, replaces it with
+    per-row lengths (new tokens are written at, and rotated from, each row's own length), and the
+    caller keeps it up to date.
     """
 
     def __init__(
