@@ -266,3 +266,15 @@ def test_decode_low_precision_gpu(dtype, paged, num_splits):
         err = (out[i : i + 1].float() - ref.float()).abs().max().item()
         pt_err = (pt.float() - ref.float()).abs().max().item()
         assert err <= 2 * pt_err + 1e-3, (i, err, pt_err)
+
+
+@pytest.mark.parametrize("page", [32, 256])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_pages_of_whole_key_blocks(page, num_splits):
+    """Pages that hold whole key blocks take the Triton kernel's one-block-id-per-tile path."""
+    b, s, h, hk, d = 2, 75, 2, 1, 16
+    q, k, v = _qkv(b, s, h, hk, d, seed=23)
+    for opts in (dict(causal=True), dict(causal=True, window_size=(40, 0))):
+        ref = flash_attn_func(q, k, v, **opts)
+        out, _ = _decode(q, k, v, paged=True, prefill=70, page=page, num_splits=num_splits, **opts)
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)

@@ -4,6 +4,7 @@ Exact attention computed tile by tile with an online softmax, behind flash-attn 
 Triton kernels on GPUs, a tiled PyTorch engine on every device.
 """
 
+from . import models, modules
 from .dispatch import BackendUnavailableError, use_backend
 from .interface import (
     flash_attn_func,
@@ -15,6 +16,7 @@ from .interface import (
 )
 from .kvcache import flash_attn_with_kvcache
 from .padding import pad_input, unpad_input
+from .sdpa import scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
@@ -27,7 +29,10 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "models",
+    "modules",
     "pad_input",
+    "scaled_dot_product_attention",
     "unpad_input",
     "use_backend",
     "__version__",

@@ -52,6 +52,48 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
               varlen=False, names=("q", "k_cache", "v_cache"))  # fmt: skip
 
 
+def _check_values(
+    seqlens: torch.Tensor,
+    leftpad: torch.Tensor,
+    sn: int,
+    capacity: int,
+    cache_rows: torch.Tensor | None,
+    n_rows: int,
+    block_table: torch.Tensor | None,
+    page: int,
+    num_blocks: int,
+) -> None:
+    """Every index the kernels will use is in range. All checks run on the device and are read
+    back with one host sync (skipped while a CUDA graph is being captured); the detailed
+    message is worked out only when something is wrong."""
+    if seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    checks = [(seqlens < 0) | (seqlens + sn > capacity), (leftpad < 0) | (leftpad > seqlens)]
+    if cache_rows is not None:
+        checks.append((cache_rows < 0) | (cache_rows >= n_rows))
+    if block_table is not None:
+        used = (seqlens + sn + page - 1) // page
+        cols = torch.arange(block_table.shape[1], device=block_table.device)
+        bad = (cols[None, :] < used[:, None]) & ((block_table < 0) | (block_table >= num_blocks))
+        checks.append(bad.any(1))
+    flags = torch.stack([c.any() for c in checks]).tolist() if seqlens.numel() else []
+    if not any(flags):
+        return
+    sl, lp = seqlens.tolist(), leftpad.tolist()
+    for i in range(len(sl)):
+        if sl[i] < 0 or sl[i] + sn > capacity:
+            raise ValueError(
+                f"cache_seqlens[{i}] + seqlen_new = {sl[i]} + {sn} exceeds the cache capacity {capacity}"
+                + (" (max_blocks_per_seq * page_block_size)" if block_table is not None else " (seqlen_cache)")
+            )
+        if not 0 <= lp[i] <= sl[i]:
+            raise ValueError(f"cache_leftpad[{i}] = {lp[i]} must be in [0, cache_seqlens[{i}] = {sl[i]}]")
+    if cache_rows is not None and flags[2]:
+        raise ValueError(f"cache_batch_idx entries must be in [0, {n_rows}) (rows of k_cache)")
+    check_used_blocks(block_table, [n + sn for n in sl], page, num_blocks)
+    raise AssertionError("unreachable: a range check failed without a message")  # pragma: no cover
+
+
 def flash_attn_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -118,8 +160,6 @@ def flash_attn_with_kvcache(
 
     if cache_batch_idx is not None:
         cache_rows = _as_int32_vec(cache_batch_idx, "cache_batch_idx", b, dev)
-        if cache_rows.numel() and (int(cache_rows.min()) < 0 or int(cache_rows.max()) >= k_cache.shape[0]):
-            raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]}) (rows of k_cache)")
     else:
         if not paged and k_cache.shape[0] < b:
             raise ValueError(f"k_cache has {k_cache.shape[0]} rows but q has batch {b}; pass cache_batch_idx")
@@ -142,18 +182,9 @@ def flash_attn_with_kvcache(
         if k.shape[2] != hk:
             raise ValueError(f"k must have nheads_k = {hk} heads like k_cache, got {k.shape[2]}")
         sn = k.shape[1]
-    sl, lp = seqlens.tolist(), leftpad.tolist()
-    for i in range(b):
-        if sl[i] < 0 or sl[i] + sn > capacity:
-            raise ValueError(
-                f"cache_seqlens[{i}] + seqlen_new = {sl[i]} + {sn} exceeds the cache capacity {capacity}"
-                + (" (max_blocks_per_seq * page_block_size)" if paged else " (seqlen_cache)")
-            )
-        if not 0 <= lp[i] <= sl[i]:
-            raise ValueError(f"cache_leftpad[{i}] = {lp[i]} must be in [0, cache_seqlens[{i}] = {sl[i]}]")
     seqlens_k = seqlens + sn  # end of each row's keys in the cache
-    if paged:
-        check_used_blocks(block_table, [n + sn for n in sl], page, num_blocks)
+    _check_values(seqlens, leftpad, sn, capacity, cache_rows if cache_batch_idx is not None else None,
+                  k_cache.shape[0], block_table, page, num_blocks)  # fmt: skip
 
     spec = make_spec(headdim=d, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                      softcap=softcap, deterministic=False)  # fmt: skip
@@ -178,7 +209,7 @@ def flash_attn_with_kvcache(
         pos_q = base + torch.arange(sq, device=dev).view(1, sq) if spec.has_window else base.expand(b, sq)
         q = apply_rotary_at(q, rotary_cos, rotary_sin, pos_q, rotary_interleaved)
     lens_k = seqlens_k - leftpad
-    max_keys = int(lens_k.max()) if b else 0
+    max_keys = capacity  # an upper bound, so that the fast path needs no host sync
     problem = Problem(batch=b, seqlen_q=sq, seqlen_k=max_keys, nheads=h, nheads_k=hk, headdim=d, dtype=q.dtype,
                       device=dev, varlen=False, has_alibi=alibi is not None)  # fmt: skip
     if dispatch.choose(problem, spec) == "triton":
@@ -187,7 +218,8 @@ def flash_attn_with_kvcache(
         table = block_table if paged else cache_rows.view(b, 1).to(torch.int32)
         out, lse = decode(q.contiguous() if q.stride(-1) != 1 else q, k_cache, v_cache, table,
                           seqlens_k.to(torch.int32), leftpad.to(torch.int32), spec, alibi_slopes=alibi,
-                          max_keys=max_keys, num_splits=num_splits)  # fmt: skip
+                          max_keys=max_keys, num_splits=num_splits, dense=not paged,
+                          has_leftpad=cache_leftpad is not None)  # fmt: skip
         return (out, lse) if return_softmax_lse else out
     # 3. (torch path) gather each row's keys [leftpad, seqlens_k) into the packed layout.
     cu_k = torch.zeros(b + 1, dtype=torch.int32, device=dev)
@@ -200,7 +232,7 @@ def flash_attn_with_kvcache(
     if splits == 1:
         cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=dev)
         out, lse, _ = flash_attn_varlen_func(
-            q.reshape(b * sq, h, d), kp, vp, cu_q, cu_k, sq, max_keys,
+            q.reshape(b * sq, h, d), kp, vp, cu_q, cu_k, sq, int(lens_k.max()) if b else 0,
             softmax_scale=spec.softmax_scale, window_size=(spec.window_left, spec.window_right),
             softcap=softcap, alibi_slopes=alibi, return_attn_probs=True,
         )  # fmt: skip

@@ -48,7 +48,9 @@ def apply_rotary_at(
         raise ValueError(f"rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2), got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")  # fmt: skip
     positions = positions.to(device=x.device, dtype=torch.long)
-    if positions.numel() and (int(positions.max()) >= cos.shape[0] or int(positions.min()) < 0):
+    if positions.numel() and not torch.compiler.is_compiling() and (
+        int(positions.max()) >= cos.shape[0] or int(positions.min()) < 0
+    ):
         raise ValueError(
             f"rotary position {int(positions.max())} is out of range of rotary_cos/rotary_sin "
             f"(seqlen_ro = {cos.shape[0]})"

@@ -8,8 +8,8 @@ is ``cache_batch_idx``). Any page size works: each key's address is
 Grid: ``(B * Hk, num_splits, row blocks)``. The ``G = H / Hk`` query heads that share a KV head
 are packed into the rows of one program (row ``r`` = query ``r // G``, head ``kh * G + r % G``),
 so each KV head is read once per split. Each split covers a contiguous piece of the row's key
-range and writes a partial ``(out, lse)``; the pieces are merged with
-:func:`flashtile.merge.merge_states` (one piece: written directly).
+range and writes a partial ``(out, lse)``; ``_merge_kernel`` combines the pieces by
+log-sum-exp (the rule of :func:`flashtile.merge.merge_states`, fused into one launch).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ...merge import merge_states
 from ...spec import AttnSpec
 from .fwd import _mm, _mma, _tanh
 
@@ -39,7 +38,7 @@ def _decode_kernel(
     qk_scale, cap_out, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, KV_MODE: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -69,7 +68,8 @@ def _decode_kernel(
     if HAS_WR:
         hi = tl.minimum(hi, t_max + off + window_right + 1)
     if HAS_WL:
-        lo = tl.maximum(lo, t_min + off - window_left)
+        # stay on whole key blocks (aligned pages); the mask drops the columns before the window
+        lo = tl.maximum(lo, t_min + off - window_left) // BLOCK_N * BLOCK_N
     if HAS_ALIBI:
         slope = tl.load(SLOPES + b * stride_ab + head, mask=row_ok, other=0.0) * 1.4426950408889634  # log2(e)
 
@@ -80,10 +80,18 @@ def _decode_kernel(
         cols = j0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         pos = cols + lp
-        blk = tl.load(BT + b * stride_btb + pos // page, mask=col_ok, other=0).to(tl.int64)
-        tok = pos % page
+        if KV_MODE == 0:  # dense: the row's one "page" holds every position
+            blk = tl.load(BT + b * stride_btb).to(tl.int64)
+            tok = pos
+        elif KV_MODE == 1:  # pages hold whole key blocks: one block id per tile, contiguous rows
+            blk = tl.load(BT + b * stride_btb + j0 // page).to(tl.int64)
+            tok = pos % page
+        else:  # any page size: a block id per key
+            blk = tl.load(BT + b * stride_btb + pos // page, mask=col_ok, other=0).to(tl.int64)
+            blk = blk[:, None]
+            tok = pos % page
         kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + blk[:, None] * stride_kblk + tok[:, None] * stride_kt + kh * stride_kh + offs_d[None, :],
+        k = tl.load(K + blk * stride_kblk + tok[:, None] * stride_kt + kh * stride_kh + offs_d[None, :],
                     mask=kv_mask, other=0.0)  # fmt: skip
         qk = _mm(q, tl.trans(k), UPCAST)
         if HAS_SOFTCAP:
@@ -104,7 +112,7 @@ def _decode_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + blk[:, None] * stride_vblk + tok[:, None] * stride_vt + kh * stride_vh + offs_d[None, :],
+        v = tl.load(V + blk * stride_vblk + tok[:, None] * stride_vt + kh * stride_vh + offs_d[None, :],
                     mask=kv_mask, other=0.0)  # fmt: skip
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
@@ -117,6 +125,37 @@ def _decode_kernel(
         out, mask=row_ok[:, None] & d_ok[None, :],
     )  # fmt: skip
     tl.store(LSE + split * stride_ls + b * stride_lb + head * stride_lh + t, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    O, LSE, OUT, LSE_OUT, splits,
+    stride_os, stride_ob, stride_oq, stride_oh,
+    stride_ls, stride_lb, stride_lh,
+    stride_ub, stride_uq, stride_uh,
+    stride_mb, stride_mh,
+    H, Sq,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One (batch, query, head) row: out = sum_i exp(lse_i - lse) out_i, lse = logsumexp_i lse_i."""
+    pid = tl.program_id(0)
+    hh = pid % H
+    t = (pid // H) % Sq
+    b = pid // (H * Sq)
+    si = tl.arange(0, BLOCK_S)
+    s_ok = si < splits
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    lse = tl.load(LSE + si * stride_ls + b * stride_lb + hh * stride_lh + t, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe)
+    tot = tl.sum(w, 0)
+    o = tl.load(O + si[:, None] * stride_os + b * stride_ob + t * stride_oq + hh * stride_oh + offs_d[None, :],
+                mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    out = tl.sum(w[:, None] * o, 0) / tl.where(tot == 0.0, 1.0, tot)
+    tl.store(OUT + b * stride_ub + t * stride_uq + hh * stride_uh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
+    tl.store(LSE_OUT + b * stride_mb + hh * stride_mh + t, tl.where(tot == 0.0, float("-inf"), m_safe + tl.log(tot)))
 
 
 def _interpret() -> bool:
@@ -144,12 +183,16 @@ def decode(
     alibi_slopes: torch.Tensor | None,
     max_keys: int,
     num_splits: int = 0,
+    dense: bool = False,
+    has_leftpad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q (B, Sq, H, D)`` over the cache; returns (out like q, lse (B, H, Sq) fp32).
 
     ``block_table`` int32 ``(B, max_blocks)`` into the first dim of the cache ``(nblk, page, Hk, D)``;
     row ``b``'s keys are cache positions ``[leftpad[b], seqlens_k[b])`` (int32 ``(B,)`` each).
-    ``max_keys`` bounds ``seqlens_k - leftpad`` (sizes the splits).
+    ``max_keys`` bounds ``seqlens_k - leftpad`` (sizes the splits). ``dense``: one page per row
+    (``block_table`` holds cache rows); ``has_leftpad=False`` promises ``leftpad == 0``, which lets
+    pages that are multiples of the key block be read one block id per tile.
     """
     B, Sq, H, D = q.shape
     Hk = k_cache.shape[2]
@@ -163,6 +206,8 @@ def decode(
     chunk = triton.cdiv(max(max_keys, 1), splits)
     chunk = triton.cdiv(chunk, block_n) * block_n  # whole key blocks per piece
     splits = max(1, triton.cdiv(max(max_keys, 1), chunk))
+    page = k_cache.shape[1]
+    kv_mode = 0 if dense else (1 if not has_leftpad and page % block_n == 0 else 2)
     o = torch.empty((splits, B, Sq, H, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((splits, B, H, Sq), dtype=torch.float32, device=q.device)
     if spec.softcap > 0:
@@ -180,18 +225,27 @@ def decode(
             o.stride(0), o.stride(1), o.stride(2), o.stride(3),
             lse.stride(0), lse.stride(1), lse.stride(2),
             alibi_slopes.stride(0) if alibi_slopes is not None else 0,
-            Sq, k_cache.shape[1], chunk, Hk, G,
+            Sq, page, chunk, Hk, G,
             qk_scale, cap_out, spec.window_left, spec.window_right,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_SOFTCAP=spec.softcap > 0, HAS_ALIBI=alibi_slopes is not None,
             HAS_WL=spec.window_left >= 0, HAS_WR=spec.window_right >= 0,
-            UPCAST=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16),
+            UPCAST=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16), KV_MODE=kv_mode,
             num_warps=num_warps, num_stages=2,
         )  # fmt: skip
-    if splits == 1:
-        return o[0].to(q.dtype), lse[0]
-    out, lse_m = merge_states(o, lse)
-    return out.to(q.dtype), lse_m
+        if splits == 1:
+            return o[0].to(q.dtype), lse[0]
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse_m = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+        _merge_kernel[(B * Sq * H,)](
+            o, lse, out, lse_m, splits,
+            o.stride(0), o.stride(1), o.stride(2), o.stride(3),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse_m.stride(0), lse_m.stride(1),
+            H, Sq, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+        )  # fmt: skip
+    return out, lse_m
 
 
 class _Null:
