@@ -1,0 +1,160 @@
+"""Backend registry and selection: auto, FLASHTILE_BACKEND, use_backend, report(), and the error
+a forced backend raises when it cannot serve a call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import qkv_inputs, requires_cuda
+
+import flashtile
+from flashtile import BackendUnavailableError, dispatch, flash_attn_func
+from flashtile.backends import registry
+from flashtile.spec import Problem, make_spec
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("FLASHTILE_BACKEND", raising=False)
+    yield
+
+
+def problem(device="cpu", dtype=torch.float32, d=64, **kw) -> Problem:
+    base = dict(batch=2, seqlen_q=16, seqlen_k=16, nheads=4, nheads_k=4, headdim=d, dtype=dtype,
+                device=torch.device(device))  # fmt: skip
+    base.update(kw)
+    return Problem(**base)
+
+
+def spec(d=64, **kw):
+    base = dict(headdim=d, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                deterministic=False)  # fmt: skip
+    base.update(kw)
+    return make_spec(**base)
+
+
+class Recorder:
+    """A backend that delegates to the torch engine and records its calls."""
+
+    def __init__(self, name="recorder", reason=None):
+        self.name, self.reason, self.calls = name, reason, []
+        self._torch = dispatch.backends()["torch"]
+
+    def available(self):
+        return None
+
+    def supports(self, problem, spec):
+        return self.reason
+
+    def forward(self, *args, **kwargs):
+        self.calls.append("forward")
+        return self._torch.forward(*args, **kwargs)
+
+    def backward(self, *args, **kwargs):
+        self.calls.append("backward")
+        return self._torch.backward(*args, **kwargs)
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    rec = Recorder()
+    monkeypatch.setitem(registry(), rec.name, rec)
+    return rec
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_auto_picks_torch_on_cpu(monkeypatch, dtype, interpret):
+    """auto on CPU tensors is the torch engine, even when Triton's interpreter is enabled."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    assert dispatch.requested() == "auto"
+    assert dispatch.choose(problem(dtype=dtype), spec()) == "torch"
+    assert dispatch.choose(problem(d=512), spec(d=512)) == "torch"
+    assert dispatch.choose(problem(varlen=True, has_alibi=True), spec(causal=True, dropout_p=0.1)) == "torch"
+
+
+@requires_cuda
+def test_auto_picks_triton_on_cuda():
+    why = dispatch.why_not("triton", problem("cuda", torch.float16), spec())
+    expected = "triton" if why is None else "torch"
+    assert dispatch.choose(problem("cuda", torch.float16), spec()) == expected
+    # head dims the Triton kernels do not serve fall back to the torch engine
+    assert dispatch.choose(problem("cuda", torch.float16, d=512), spec(d=512)) == "torch"
+
+
+def test_report_lists_torch_usable():
+    rep = dispatch.report()
+    names = [name for name, _ in rep]
+    assert "torch" in names and "triton" in names
+    assert dict(rep)["torch"] is None
+    for name, reason in rep:
+        assert isinstance(name, str) and (reason is None or (isinstance(reason, str) and reason))
+    assert set(names) == set(dispatch.backends())
+
+
+def test_report_triton_reason_without_cuda(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = dict(dispatch.report())["triton"]
+    assert reason, "triton must say why it is unusable without CUDA or TRITON_INTERPRET"
+
+
+def test_use_backend_context_restores(monkeypatch):
+    assert dispatch.requested() == "auto"
+    with flashtile.use_backend("torch"):
+        assert dispatch.requested() == "torch"
+        with flashtile.use_backend("auto"):
+            assert dispatch.requested() == "auto"
+        assert dispatch.requested() == "torch"
+    assert dispatch.requested() == "auto"
+    with pytest.raises(RuntimeError, match="boom"), flashtile.use_backend("torch"):
+        raise RuntimeError("boom")
+    assert dispatch.requested() == "auto"
+
+
+def test_env_var_respected(monkeypatch, recorder):
+    for value in ("torch", " Torch ", "TORCH"):
+        monkeypatch.setenv("FLASHTILE_BACKEND", value)
+        assert dispatch.requested() == "torch"
+    for value in ("", "auto", "AUTO"):
+        monkeypatch.setenv("FLASHTILE_BACKEND", value)
+        assert dispatch.requested() == "auto"
+    monkeypatch.setenv("FLASHTILE_BACKEND", "recorder")
+    q, k, v = (x.requires_grad_() for x in qkv_inputs(1, 8, 8, 2, 2, 16, torch.float32, "cpu"))
+    flash_attn_func(q, k, v).sum().backward()
+    assert recorder.calls == ["forward", "backward"]
+
+
+def test_use_backend_beats_env(monkeypatch, recorder):
+    monkeypatch.setenv("FLASHTILE_BACKEND", "recorder")
+    with flashtile.use_backend("torch"):
+        assert dispatch.requested() == "torch"
+        flash_attn_func(*qkv_inputs(1, 8, 8, 2, 2, 16, torch.float32, "cpu"))
+    assert recorder.calls == []
+    with flashtile.use_backend("recorder"):
+        flash_attn_func(*qkv_inputs(1, 8, 8, 2, 2, 16, torch.float32, "cpu"))
+    assert recorder.calls == ["forward"]
+
+
+def test_forced_backend_that_declines_says_why(monkeypatch):
+    rec = Recorder("picky", reason="head dim 16 is not served by picky")
+    monkeypatch.setitem(registry(), rec.name, rec)
+    with flashtile.use_backend("picky"):
+        with pytest.raises(
+            BackendUnavailableError, match=r"'picky'.*cannot serve this call: head dim 16 is not served"
+        ):
+            flash_attn_func(*qkv_inputs(1, 8, 8, 2, 2, 16, torch.float32, "cpu"))
+    assert rec.calls == []
+    assert issubclass(BackendUnavailableError, RuntimeError)
+
+
+def test_backend_result_identical_to_torch(recorder):
+    """The name passed through the custom op is the backend that runs (here: the recorder)."""
+    inputs = qkv_inputs(2, 11, 13, 4, 2, 16, torch.float32, "cpu")
+    with flashtile.use_backend("recorder"):
+        a = flash_attn_func(*inputs, causal=True)
+    with flashtile.use_backend("torch"):
+        b = flash_attn_func(*inputs, causal=True)
+    assert recorder.calls == ["forward"]
+    assert torch.equal(a, b)
