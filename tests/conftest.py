@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import flashtile
+from flashtile import dispatch
 
 # ----------------------------------------------------------------------------------------------
 # backends and devices
@@ -240,6 +241,23 @@ def assert_lse_close(lse: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor, ato
 # comparing a function against the oracle
 
 
+#: Largest softmax_scale (times softcap's tanh' <= 1) that any test passes.
+MAX_TEST_SCALE = 2.0
+
+
+def _rounded_out_slack(out, ref_out, dout, leaves) -> float:
+    """The Triton backend, like flash-attn 2/3/4, computes ``delta = rowsum(dout * out)`` from
+    the fp16/bf16 ``out`` it returned. That rounding error enters ``ds = p * (dp - delta)`` and so
+    dq / dk, and where the softmax is saturated it is as large as the gradient itself. The torch
+    backend recomputes ``out`` in fp32 and needs no slack. The slack is the measured delta error
+    of this very output, times the largest ``scale * |k|`` (or ``|q|``) it can be multiplied by."""
+    if dispatch.requested() != "triton" or out.dtype == torch.float32:
+        return 0.0
+    d_err = (dout.double() * (out.double() - ref_out.detach().double())).sum(-1).abs().max().item()
+    big = max(_max_abs(x.detach().double()) for x in leaves)
+    return BWD_FACTOR * MAX_TEST_SCALE * d_err * big
+
+
 def compare_with_oracle(fn, oracle, inputs, *, grads: bool = True, dout: torch.Tensor | None = None) -> dict:
     """Run ``fn(*leaves) -> (out, lse)`` and ``oracle(*leaves, upcast) -> (out, lse)`` on fresh
     leaf copies of ``inputs`` and check out, lse (unless ``fn`` returns None for it) and (when
@@ -268,10 +286,11 @@ def compare_with_oracle(fn, oracle, inputs, *, grads: bool = True, dout: torch.T
     g = torch.autograd.grad(out, leaves, dout)
     g_ref = torch.autograd.grad(ref_out, ref_leaves, dout.to(hi), allow_unused=True)
     g_pt = torch.autograd.grad(pt_out, leaves, dout, allow_unused=True)
+    slack = _rounded_out_slack(out, ref_out, dout, leaves)
     for i, (a, r, p) in enumerate(zip(g, g_ref, g_pt, strict=True)):
         r = torch.zeros_like(ref_leaves[i]) if r is None else r
         p = torch.zeros_like(a) if p is None else p
         assert a.dtype == inputs[i].dtype and a.shape == inputs[i].shape
-        assert_close_to_ref(a, r, p, BWD_FACTOR, BWD_ATOL[dtype], f"grad[{i}]")
+        assert_close_to_ref(a, r, p, BWD_FACTOR, BWD_ATOL[dtype] + slack, f"grad[{i}]")
     res["grads"], res["ref_grads"] = g, g_ref
     return res

@@ -9,8 +9,10 @@ Forward: for each block of query rows, walk the key blocks that the causal/windo
 leaves visible, keeping the running max ``m_i``, normaliser ``l_i`` and accumulator ``acc``.
 Backward (FlashAttention-2): ``delta = rowsum(dout * out)``; for each key block, walk the
 visible query blocks, recompute ``p = exp(s - lse)``, accumulate dK/dV for the block and add
-into dQ. Extra memory: the fp32 copies of q/k/v/out/dout and the gradients, O((Sq + Sk) * D)
-per head, plus one ``(rows x keys)`` tile whose size does not grow with the sequence length.
+into dQ. For fp16/bf16 inputs ``delta`` uses ``out`` recomputed in fp32 (one extra forward
+pass), not the rounded ``out``: see the comment in ``backward``. Extra memory: the fp32
+copies of q/k/v/out/dout and the gradients, O((Sq + Sk) * D) per head, plus one
+``(rows x keys)`` tile whose size does not grow with the sequence length.
 The loops are sequential, so gradients are bitwise reproducible (``deterministic`` is always met).
 """
 
@@ -171,10 +173,17 @@ def _groups(
 
 
 def forward_seqs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, seqs: list[_Seq], seed: int = 0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: AttnSpec,
+    seqs: list[_Seq],
+    seed: int = 0,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward over explicit sequence groups (the engine behind ``TorchTiledBackend.forward``;
-    also used directly by split-KV decoding, whose pieces carry their own mask offset)."""
+    also used directly by split-KV decoding, whose pieces carry their own mask offset).
+    ``out_dtype``: dtype of the returned out (default q's)."""
     with torch.no_grad():
         B, Sq, H, D = q.shape
         Hk = k.shape[2]
@@ -220,7 +229,7 @@ def forward_seqs(
                 out[seq.batch, :, r0:r1] = acc * scale.unsqueeze(-1)
                 lse[seq.batch, :, r0:r1] = torch.where(empty, float("-inf"), m_i + torch.log(l_i)).float()
         lse_out = lse.view(B, Hk, Sq, G).permute(0, 1, 3, 2).reshape(B, H, Sq)
-        return _from_rows(out, H, q.dtype), lse_out
+        return _from_rows(out, H, out_dtype or q.dtype), lse_out
 
 
 class TorchTiledBackend:
@@ -279,6 +288,13 @@ class TorchTiledBackend:
         qh = _to_rows(q, Hk, cdt)
         qh.mul_(ctx.c)
         doh = _to_rows(dout, Hk, cdt)
+        seqs = _groups(B, Sq, Sk, H, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+        if out.dtype != cdt:
+            # delta = rowsum(dout * out) from an fp16/bf16 `out` carries out's rounding error into
+            # every ds = p * (dp - delta); where the softmax is saturated that error is as large as
+            # the true gradient (seen: dq off by 0.01 where |dq| ~ 0.01). Recompute out in fp32
+            # (one forward pass, same dropout mask) so the gradients are as accurate as fp32 math.
+            out = forward_seqs(q, k, v, spec, seqs, seed, out_dtype=cdt)[0]
         delta = (doh * _to_rows(out, Hk, cdt)).sum(-1)  # (B, Hk, Sq*G)
         kh, vh = _kv_heads(k, cdt), _kv_heads(v, cdt)
         # lse in row layout; rows that saw no key get +inf so that p = exp(s - lse) = 0 there.
@@ -289,7 +305,7 @@ class TorchTiledBackend:
         dv = torch.zeros_like(vh)
         drop = spec.dropout_p > 0
         inv_keep = 1.0 / (1.0 - spec.dropout_p)
-        for seq in _groups(B, Sq, Sk, H, cu_seqlens_q, cu_seqlens_k, alibi_slopes):
+        for seq in seqs:
             nb = seq.batch.stop - seq.batch.start
             bm, bn = _blocks(seq.sq, nb * Hk, G)
             offset = seq.offset
