@@ -2,7 +2,8 @@
 # The test suite: the README's test command, and what CI (.ci/run) runs.
 #   pass 1: every test, on the torch backend (and the triton backend where a GPU is present)
 #   pass 2: the Triton kernels under Triton's CPU interpreter (TRITON_INTERPRET=1), limited to
-#           the parity and kernel tests, the only ones meaningful (and fast enough) there
+#           the parity and kernel tests, then the KV-cache tests with the backend forced to triton
+#           (the decode kernel), the ones meaningful (and fast enough) there
 # pytest's exit code 5 ("no tests collected") is not a failure here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,10 @@ elif ! why=$("$PYTHON" -c 'import flashtile.backends.triton' 2>&1); then
   echo "skipped: the triton backend is not importable: $(echo "$why" | tail -n 1)"
 else
   TRITON_INTERPRET=1 FLASHTILE_TEST_BACKENDS=triton run_pytest -q "${files[@]}" || rc2=$?
+  if [ -f tests/test_kvcache.py ]; then
+    echo "== pass 2b: the Triton decode kernel (flash_attn_with_kvcache) under the interpreter =="
+    TRITON_INTERPRET=1 FLASHTILE_BACKEND=triton run_pytest -q tests/test_kvcache.py || rc2=$?
+  fi
 fi
 echo "scripts/test.sh: done in $((SECONDS - start)) s (pass 1 exit code $rc1, pass 2 exit code $rc2)"
 if [ "$rc1" -ne 0 ]; then exit "$rc1"; fi

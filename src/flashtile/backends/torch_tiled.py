@@ -9,8 +9,7 @@ Forward: for each block of query rows, walk the key blocks that the causal/windo
 leaves visible, keeping the running max ``m_i``, normaliser ``l_i`` and accumulator ``acc``.
 Backward (FlashAttention-2): ``delta = rowsum(dout * out)``; for each key block, walk the
 visible query blocks, recompute ``p = exp(s - lse)``, accumulate dK/dV for the block and add
-into dQ. For fp16/bf16 inputs ``delta`` uses ``out`` recomputed in fp32 (one extra forward
-pass), not the rounded ``out``: see the comment in ``backward``. Extra memory: the fp32
+into dQ (``delta`` from the given ``out``: see the comment in ``backward``). Extra memory: the fp32
 copies of q/k/v/out/dout and the gradients, O((Sq + Sk) * D) per head, plus one
 ``(rows x keys)`` tile whose size does not grow with the sequence length.
 The loops are sequential, so gradients are bitwise reproducible (``deterministic`` is always met).
@@ -289,12 +288,10 @@ class TorchTiledBackend:
         qh.mul_(ctx.c)
         doh = _to_rows(dout, Hk, cdt)
         seqs = _groups(B, Sq, Sk, H, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
-        if out.dtype != cdt:
-            # delta = rowsum(dout * out) from an fp16/bf16 `out` carries out's rounding error into
-            # every ds = p * (dp - delta); where the softmax is saturated that error is as large as
-            # the true gradient (seen: dq off by 0.01 where |dq| ~ 0.01). Recompute out in fp32
-            # (one forward pass, same dropout mask) so the gradients are as accurate as fp32 math.
-            out = forward_seqs(q, k, v, spec, seqs, seed, out_dtype=cdt)[0]
+        # delta = rowsum(dout * out) uses the `out` we are given, as flash-attn does: callers such
+        # as ring attention pass the *global* out / lse of a longer key range than this k / v, so
+        # it cannot be recomputed here. For fp16/bf16 that carries out's rounding into
+        # ds = p * (dp - delta): small, but as large as the gradient where the softmax saturates.
         delta = (doh * _to_rows(out, Hk, cdt)).sum(-1)  # (B, Hk, Sq*G)
         kh, vh = _kv_heads(k, cdt), _kv_heads(v, cdt)
         # lse in row layout; rows that saw no key get +inf so that p = exp(s - lse) = 0 there.
