@@ -55,7 +55,16 @@ from .ops import attention
 from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
 from .reference import attention_probs_ref
 from .rng import draw_seed, dropout_mask
-from .spec import Problem, check_alibi, check_cu_seqlens_meta, check_cu_seqlens_values, check_qkv, make_spec
+from .spec import (
+    Problem,
+    check_alibi,
+    check_cu_seqlens_meta,
+    check_cu_seqlens_values,
+    check_qkv,
+    check_varlen_meta,
+    make_spec,
+    unbind_packed,
+)
 
 _Window = Sequence[int]
 
@@ -86,14 +95,7 @@ def _run(
         window_size=window_size, softcap=softcap, deterministic=deterministic,
     )  # fmt: skip
     if varlen:
-        nseq = check_cu_seqlens_meta(cu_seqlens_q, "cu_seqlens_q", q.device)
-        if check_cu_seqlens_meta(cu_seqlens_k, "cu_seqlens_k", q.device) != nseq:
-            raise ValueError(
-                f"cu_seqlens_k must have the same length as cu_seqlens_q ({nseq + 1}), got {cu_seqlens_k.shape[0]}"
-            )
-        for val, n in ((max_seqlen_q, "max_seqlen_q"), (max_seqlen_k, "max_seqlen_k")):
-            if not isinstance(val, int) or val < 0:
-                raise ValueError(f"{n} must be a non-negative int, got {val!r}")
+        nseq = check_varlen_meta(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.device)
         batch, sq, sk = nseq, max_seqlen_q, max_seqlen_k
         q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     else:
@@ -177,17 +179,6 @@ def flash_attn_func(
     )  # fmt: skip
 
 
-def _unbind_packed(x: torch.Tensor, name: str, n: int, dim: int) -> tuple[torch.Tensor, ...]:
-    want = "(batch, seqlen, 3, nheads, headdim)" if n == 3 else "(batch, seqlen_k, 2, nheads_k, headdim)"
-    if dim == 1:
-        want = want.replace("(batch, seqlen, ", "(total, ").replace("(batch, seqlen_k, ", "(total_k, ")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != dim + 3 or x.shape[dim] != n:
-        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
-    return x.unbind(dim)
-
-
 def flash_attn_qkvpacked_func(
     qkv: torch.Tensor,
     dropout_p: float = 0.0,
@@ -204,7 +195,7 @@ def flash_attn_qkvpacked_func(
     Returns out ``(batch, seqlen, nheads, headdim)`` (and lse, probs as in :func:`flash_attn_func`).
     The gradient flows back to ``qkv``.
     """
-    q, k, v = _unbind_packed(qkv, "qkv", 3, 2)
+    q, k, v = unbind_packed(qkv, "qkv", 3, 2)
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
@@ -229,7 +220,7 @@ def flash_attn_kvpacked_func(
 
     Returns out ``(batch, seqlen_q, nheads, headdim)`` (and lse, probs as in :func:`flash_attn_func`).
     """
-    k, v = _unbind_packed(kv, "kv", 2, 2)
+    k, v = unbind_packed(kv, "kv", 2, 2)
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
@@ -317,7 +308,7 @@ def flash_attn_varlen_qkvpacked_func(
     return_attn_probs: bool = False,
 ):
     """:func:`flash_attn_varlen_func` with ``qkv (total, 3, nheads, headdim)`` and one ``cu_seqlens``."""
-    q, k, v = _unbind_packed(qkv, "qkv", 3, 1)
+    q, k, v = unbind_packed(qkv, "qkv", 3, 1)
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
@@ -344,7 +335,7 @@ def flash_attn_varlen_kvpacked_func(
 ):
     """:func:`flash_attn_varlen_func` with q ``(total_q, nheads, headdim)`` and
     ``kv (total_k, 2, nheads_k, headdim)``."""
-    k, v = _unbind_packed(kv, "kv", 2, 1)
+    k, v = unbind_packed(kv, "kv", 2, 1)
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,

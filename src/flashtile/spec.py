@@ -235,3 +235,40 @@ def check_cu_seqlens_values(cu: torch.Tensor, name: str, total: int, max_seqlen:
         )
     if lens and max(lens) > max_seqlen:
         raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in {name} ({max(lens)})")
+
+
+def check_varlen_meta(
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    device: torch.device,
+) -> int:
+    """Metadata checks of a varlen call (no device sync): both ``cu_seqlens`` int32 1-D of the
+    same length on q's device, ``max_seqlen_*`` non-negative ints. Returns the number of sequences."""
+    nseq = check_cu_seqlens_meta(cu_seqlens_q, "cu_seqlens_q", device)
+    if check_cu_seqlens_meta(cu_seqlens_k, "cu_seqlens_k", device) != nseq:
+        raise ValueError(
+            f"cu_seqlens_k must have the same length as cu_seqlens_q ({nseq + 1}), got {cu_seqlens_k.shape[0]}"
+        )
+    for val, n in ((max_seqlen_q, "max_seqlen_q"), (max_seqlen_k, "max_seqlen_k")):
+        if not isinstance(val, int) or val < 0:
+            raise ValueError(f"{n} must be a non-negative int, got {val!r}")
+    return nseq
+
+
+_PACKED_LAYOUTS = {
+    (3, 2): "(batch, seqlen, 3, nheads, headdim)",
+    (3, 1): "(total, 3, nheads, headdim)",
+    (2, 2): "(batch, seqlen_k, 2, nheads_k, headdim)",
+    (2, 1): "(total_k, 2, nheads_k, headdim)",
+}
+
+
+def unbind_packed(x: object, name: str, n: int, dim: int) -> tuple[torch.Tensor, ...]:
+    """Split a packed ``qkv`` (n=3) / ``kv`` (n=2) along ``dim`` (2 dense, 1 varlen) into views,
+    with an error naming ``name`` and the expected layout on a bad shape."""
+    _check_tensor(x, name)
+    if x.dim() != dim + 3 or x.shape[dim] != n:
+        raise ValueError(f"{name} must have shape {_PACKED_LAYOUTS[(n, dim)]}, got {tuple(x.shape)}")
+    return x.unbind(dim)

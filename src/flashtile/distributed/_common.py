@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ..spec import AttnSpec, check_cu_seqlens_meta, check_cu_seqlens_values, check_qkv, make_spec
+from ..spec import AttnSpec, check_cu_seqlens_values, check_qkv, check_varlen_meta, make_spec
 
 _M64 = (1 << 64) - 1
 
@@ -68,33 +68,11 @@ def check_varlen_cu(
     world: int,
 ) -> tuple[list[int], list[int]]:
     """Check the global ``cu_seqlens`` against the local shards (``W`` times shorter); return them on the host."""
-    nseq = check_cu_seqlens_meta(cu_seqlens_q, "cu_seqlens_q", q.device)
-    if check_cu_seqlens_meta(cu_seqlens_k, "cu_seqlens_k", q.device) != nseq:
-        raise ValueError(
-            f"cu_seqlens_k must have the same length as cu_seqlens_q ({nseq + 1}), got {cu_seqlens_k.shape[0]}"
-        )
-    for val, n in ((max_seqlen_q, "max_seqlen_q"), (max_seqlen_k, "max_seqlen_k")):
-        if not isinstance(val, int) or val < 0:
-            raise ValueError(f"{n} must be a non-negative int, got {val!r}")
+    check_varlen_meta(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.device)
     # cu_seqlens describe the full (global) batch: W times the tokens of this rank's shard.
     check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0] * world, max_seqlen_q, "max_seqlen_q")
     check_cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", k.shape[0] * world, max_seqlen_k, "max_seqlen_k")
     return cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-
-
-def unbind_packed(x: torch.Tensor, name: str, n: int, dim: int) -> tuple[torch.Tensor, ...]:
-    """Split a packed ``qkv`` (n=3) / ``kv`` (n=2) along ``dim`` with a clear error on a bad shape."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    want = {
-        (3, 2): "(batch, seqlen, 3, nheads, headdim)",
-        (3, 1): "(total, 3, nheads, headdim)",
-        (2, 2): "(batch, seqlen_k, 2, nheads_k, headdim)",
-        (2, 1): "(total_k, 2, nheads_k, headdim)",
-    }[(n, dim)]
-    if x.dim() != dim + 3 or x.shape[dim] != n:
-        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
-    return x.unbind(dim)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,14 +55,13 @@ from ..mask import block_fully_visible
 from ..merge import merge_two
 from ..ops import attn_bwd, attn_fwd
 from ..rng import draw_seed
-from ..spec import AttnSpec, Problem
+from ..spec import AttnSpec, Problem, unbind_packed
 from ._common import (
     RingPeers,
     check_inputs,
     check_varlen_cu,
     mix_seed,
     seed_tensor,
-    unbind_packed,
     wait_all,
 )
 from .shard import check_layout, chunk_ids, group_world_rank, num_chunks

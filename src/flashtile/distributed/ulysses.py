@@ -25,8 +25,8 @@ import torch.distributed as dist
 from .. import dispatch
 from ..ops import attention
 from ..rng import draw_seed
-from ..spec import Problem, check_alibi
-from ._common import check_inputs, check_varlen_cu, mix_seed, seed_tensor, unbind_packed
+from ..spec import Problem, check_alibi, unbind_packed
+from ._common import check_inputs, check_varlen_cu, mix_seed, seed_tensor
 from .shard import check_layout, group_world_rank, positions, varlen_positions
 
 _Window = Sequence[int]
