@@ -58,11 +58,10 @@ from .rng import draw_seed, dropout_mask
 from .spec import (
     Problem,
     check_alibi,
+    check_call,
     check_cu_seqlens_meta,
     check_cu_seqlens_values,
-    check_qkv,
     check_varlen_meta,
-    make_spec,
     unbind_packed,
 )
 
@@ -89,9 +88,8 @@ def _run(
     names: tuple[str, str, str] = ("q", "k", "v"),
 ):
     varlen = cu_seqlens_q is not None
-    check_qkv(q, k, v, varlen=varlen, names=names)
-    spec = make_spec(
-        headdim=q.shape[-1], dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+    spec = check_call(
+        q, k, v, varlen=varlen, names=names, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, deterministic=deterministic,
     )  # fmt: skip
     if varlen:

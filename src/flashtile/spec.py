@@ -272,3 +272,26 @@ def unbind_packed(x: object, name: str, n: int, dim: int) -> tuple[torch.Tensor,
     if x.dim() != dim + 3 or x.shape[dim] != n:
         raise ValueError(f"{name} must have shape {_PACKED_LAYOUTS[(n, dim)]}, got {tuple(x.shape)}")
     return x.unbind(dim)
+
+
+def check_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    varlen: bool,
+    names: tuple[str, str, str],
+    dropout_p: float,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: Sequence[int],
+    softcap: float,
+    deterministic: bool,
+) -> AttnSpec:
+    """The checks every attention entry point starts with: tensors (:func:`check_qkv`), then
+    options (:func:`make_spec`). Returns the normalised :class:`AttnSpec`."""
+    check_qkv(q, k, v, varlen=varlen, names=names)
+    return make_spec(
+        headdim=q.shape[-1], dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+        window_size=window_size, softcap=softcap, deterministic=deterministic,
+    )  # fmt: skip

@@ -178,11 +178,9 @@ def forward_seqs(
     spec: AttnSpec,
     seqs: list[_Seq],
     seed: int = 0,
-    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward over explicit sequence groups (the engine behind ``TorchTiledBackend.forward``;
-    also used directly by split-KV decoding, whose pieces carry their own mask offset).
-    ``out_dtype``: dtype of the returned out (default q's)."""
+    also used directly by split-KV decoding, whose pieces carry their own mask offset)."""
     with torch.no_grad():
         B, Sq, H, D = q.shape
         Hk = k.shape[2]
@@ -228,7 +226,7 @@ def forward_seqs(
                 out[seq.batch, :, r0:r1] = acc * scale.unsqueeze(-1)
                 lse[seq.batch, :, r0:r1] = torch.where(empty, float("-inf"), m_i + torch.log(l_i)).float()
         lse_out = lse.view(B, Hk, Sq, G).permute(0, 1, 3, 2).reshape(B, H, Sq)
-        return _from_rows(out, H, out_dtype or q.dtype), lse_out
+        return _from_rows(out, H, q.dtype), lse_out
 
 
 class TorchTiledBackend:

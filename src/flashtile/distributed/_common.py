@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ..spec import AttnSpec, check_cu_seqlens_values, check_qkv, check_varlen_meta, make_spec
+from ..spec import AttnSpec, check_call, check_cu_seqlens_values, check_varlen_meta
 
 _M64 = (1 << 64) - 1
 
@@ -45,9 +45,8 @@ def check_inputs(
     return_attn_probs: bool,
     fn: str,
 ) -> AttnSpec:
-    check_qkv(q, k, v, varlen=varlen, names=names)
-    spec = make_spec(
-        headdim=q.shape[-1], dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+    spec = check_call(
+        q, k, v, varlen=varlen, names=names, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, deterministic=deterministic,
     )  # fmt: skip
     if return_attn_probs and spec.dropout_p > 0:
