@@ -224,6 +224,13 @@ class TestBadInput:
             flash_attn_with_kvcache(self.q, self.kc, self.vc, cache_seqlens=3,
                                     cache_leftpad=torch.tensor([0, 4], dtype=torch.int32, device=DEV))  # fmt: skip
 
+    def test_capacity_tensor_leaves_bad_row_alone(self):
+        kc, vc = self.kc.clone(), self.vc.clone()
+        seqlens = torch.tensor([3, 10], dtype=torch.int32, device=DEV)
+        with pytest.raises(ValueError, match=r"cache_seqlens\[1\] \+ seqlen_new = 10 \+ 1 exceeds"):
+            flash_attn_with_kvcache(self.q, kc, vc, self.k, self.v, cache_seqlens=seqlens)
+        assert torch.equal(kc[1], self.kc[1]) and torch.equal(vc[1], self.vc[1])
+
     def test_k_without_v(self):
         with pytest.raises(ValueError, match="together"):
             flash_attn_with_kvcache(self.q, self.kc, self.vc, self.k, None, cache_seqlens=3)
@@ -278,3 +285,45 @@ def test_decode_pages_of_whole_key_blocks(page, num_splits):
         ref = flash_attn_func(q, k, v, **opts)
         out, _ = _decode(q, k, v, paged=True, prefill=70, page=page, num_splits=num_splits, **opts)
         torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("paged", [False, True])
+def test_cuda_graph_replay(paged):
+    """Captured in a CUDA graph (no host read-back), replays equal eager calls; a bad index
+    given at replay time gives NaN rows for that sequence, never an out-of-bounds access."""
+    b, s, h, hk, d = 3, 300, 8, 2, 64
+    g = torch.Generator(device="cpu").manual_seed(31)
+    q = torch.randn(b, 1, h, d, generator=g).to(DEV, torch.float16)
+    kn = torch.randn(b, 1, hk, d, generator=g).to(DEV, torch.float16)
+    vn = torch.randn_like(kn)
+    if paged:
+        kc, vc, bt = _paged_cache(b, s, 16, hk, d, torch.float16, g)
+    else:
+        kc = torch.randn(b, s, hk, d, generator=g).to(DEV, torch.float16)
+        vc, bt = torch.randn_like(kc), None
+    seqlens = torch.tensor([10, 200, 299], dtype=torch.int32, device=DEV)
+    kc0, vc0 = kc.clone(), vc.clone()
+    call = lambda: flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, block_table=bt, causal=True,
+                                           return_softmax_lse=True)  # fmt: skip
+    ref_out, ref_lse = call()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = call()
+    kc.copy_(kc0)
+    vc.copy_(vc0)
+    graph.replay()
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=0, rtol=0)
+    seqlens[1] = s + 5  # beyond the capacity
+    if paged:
+        bt[2, 3] = 10**6  # a block that does not exist
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+    assert torch.isnan(out[2]).all() == paged

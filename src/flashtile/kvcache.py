@@ -26,14 +26,14 @@ from .rotary import apply_rotary_at
 from .spec import Problem, check_alibi, check_qkv, make_spec
 
 
-def _as_int32_vec(x: object, name: str, b: int, device: torch.device) -> torch.Tensor:
+def _int32_vec(x: object, name: str, b: int, device: torch.device) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be an int32 tensor of shape (batch,) = ({b},), got {type(x).__name__}")
     if x.dtype != torch.int32 or x.shape != (b,):
         raise ValueError(f"{name} must be an int32 tensor of shape (batch,) = ({b},), got {x.dtype} {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} must be on the same device as q ({device}), got {x.device}")
-    return x.long()
+    return x
 
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -151,77 +151,133 @@ def flash_attn_with_kvcache(
         check_block_table(block_table, b, k_cache.shape[0], dev)
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be used with block_table (a paged cache)")
-        num_blocks, page = k_cache.shape[0], k_cache.shape[1]
-        capacity = block_table.shape[1] * page
+        capacity = block_table.shape[1] * k_cache.shape[1]
     else:
-        num_blocks, page = 0, 0
         capacity = k_cache.shape[1]
-    hk = k_cache.shape[2]
-
-    if cache_batch_idx is not None:
-        cache_rows = _as_int32_vec(cache_batch_idx, "cache_batch_idx", b, dev)
-    else:
-        if not paged and k_cache.shape[0] < b:
+        if cache_batch_idx is None and k_cache.shape[0] < b:
             raise ValueError(f"k_cache has {k_cache.shape[0]} rows but q has batch {b}; pass cache_batch_idx")
-        cache_rows = torch.arange(b, device=dev)
-
-    if cache_seqlens is None:
-        seqlens = torch.full((b,), capacity, dtype=torch.long, device=dev)
-    elif isinstance(cache_seqlens, int):
-        seqlens = torch.full((b,), cache_seqlens, dtype=torch.long, device=dev)
-    else:
-        seqlens = _as_int32_vec(cache_seqlens, "cache_seqlens", b, dev)
-    leftpad = torch.zeros(b, dtype=torch.long, device=dev) if cache_leftpad is None else \
-        _as_int32_vec(cache_leftpad, "cache_leftpad", b, dev)  # fmt: skip
-
-    sn = 0
+    hk = k_cache.shape[2]
+    if cache_batch_idx is not None:
+        _int32_vec(cache_batch_idx, "cache_batch_idx", b, dev)
+    if cache_leftpad is not None:
+        _int32_vec(cache_leftpad, "cache_leftpad", b, dev)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new tokens to append) or both be None")
+    sn = 0
     if k is not None:
         check_qkv(q, k, v, varlen=False, names=("q", "k", "v"))
         if k.shape[2] != hk:
             raise ValueError(f"k must have nheads_k = {hk} heads like k_cache, got {k.shape[2]}")
         sn = k.shape[1]
-    seqlens_k = seqlens + sn  # end of each row's keys in the cache
-    _check_values(seqlens, leftpad, sn, capacity, cache_rows if cache_batch_idx is not None else None,
-                  k_cache.shape[0], block_table, page, num_blocks)  # fmt: skip
-
+    if isinstance(cache_seqlens, torch.Tensor):
+        _int32_vec(cache_seqlens, "cache_seqlens", b, dev)
+    else:  # None (the whole cache) or one int: checked here, no device work
+        n = capacity - sn if cache_seqlens is None else int(cache_seqlens)
+        if n < 0 or n + sn > capacity:
+            raise ValueError(f"cache_seqlens + seqlen_new = {n} + {sn} exceeds the cache capacity {capacity}")
+        cache_seqlens = n
     spec = make_spec(headdim=d, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                      softcap=softcap, deterministic=False)  # fmt: skip
     alibi = check_alibi(alibi_slopes, b, h, dev)
-    rot = rotary_cos is not None
-    if rot != (rotary_sin is not None):
+    rotary = None
+    if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        rotary = (rotary_cos, rotary_sin, rotary_interleaved)
+    problem = Problem(batch=b, seqlen_q=sq, seqlen_k=capacity, nheads=h, nheads_k=hk, headdim=d, dtype=q.dtype,
+                      device=dev, varlen=False, has_alibi=alibi is not None)  # fmt: skip
+    args = (q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, spec, alibi,
+            rotary, capacity, num_splits)  # fmt: skip
+    if dispatch.choose(problem, spec) == "triton":
+        out, lse = _triton_kvcache(*args)
+    else:
+        out, lse = _torch_kvcache(*args)
+    return (out, lse) if return_softmax_lse else out
 
+
+def _positions(seqlens: torch.Tensor, leftpad: torch.Tensor | None, n: int, along: bool) -> torch.Tensor:
+    """Rotary positions ``(b, n)``: ``seqlens - leftpad (+ t if along)``."""
+    base = (seqlens if leftpad is None else seqlens - leftpad).long().view(-1, 1)
+    return base + torch.arange(n, device=seqlens.device).view(1, n) if along else base.expand(-1, n)
+
+
+def _full_checks(seqlens, leftpad, sn, capacity, cache_batch_idx, k_cache, block_table) -> None:
+    """Every index in range, with a message naming the offender (one host sync)."""
+    paged = block_table is not None
+    _check_values(seqlens.long(), torch.zeros_like(seqlens, dtype=torch.long) if leftpad is None else leftpad.long(),
+                  sn, capacity, None if cache_batch_idx is None else cache_batch_idx.long(), k_cache.shape[0],
+                  block_table, k_cache.shape[1] if paged else 0, k_cache.shape[0] if paged else 0)  # fmt: skip
+
+
+def _triton_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, spec,
+                    alibi, rotary, capacity, num_splits):  # fmt: skip
+    """The GPU path: the append and attention kernels check every index they use (never reading
+    or writing out of bounds) and raise one error flag, read back after both are queued, so the
+    host sync overlaps the work; the detailed message is worked out only on error. No read-back
+    while a CUDA graph is captured (rows with a bad index then come out NaN)."""
+    from .backends.triton.decode import append_kv, decode
+
+    b, dev = q.shape[0], q.device
+    sn = 0 if k is None else k.shape[1]
+    paged = block_table is not None
+    seqlens = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else \
+        torch.full((b,), cache_seqlens, dtype=torch.int32, device=dev)  # fmt: skip
+    check = not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    has_index_tensors = isinstance(cache_seqlens, torch.Tensor) or cache_batch_idx is not None \
+        or cache_leftpad is not None or paged  # fmt: skip
+    if rotary is not None and check and has_index_tensors:
+        # rotary reads positions on the host anyway: check the indices first, by name
+        _full_checks(seqlens, cache_leftpad, sn, capacity, cache_batch_idx, k_cache, block_table)
+    table = block_table if paged else (None if cache_batch_idx is None else cache_batch_idx.view(b, 1))
+    n_index = k_cache.shape[0]
+    err = torch.zeros(1, dtype=torch.int32, device=dev)
+    if k is not None:
+        if rotary is not None:
+            k = apply_rotary_at(k, rotary[0], rotary[1], _positions(seqlens, cache_leftpad, sn, True), rotary[2])
+        append_kv(k, v, k_cache, v_cache, table, seqlens, cache_leftpad, capacity=capacity, n_index=n_index,
+                  dense=not paged, err=err)  # fmt: skip
+    if rotary is not None:
+        q = apply_rotary_at(q, rotary[0], rotary[1], _positions(seqlens, cache_leftpad, q.shape[1], spec.has_window),
+                            rotary[2])  # fmt: skip
+    out, lse = decode(q if q.stride(-1) == 1 else q.contiguous(), k_cache, v_cache, table, seqlens, cache_leftpad,
+                      spec, sn=sn, capacity=capacity, n_index=n_index, dense=not paged, err=err,
+                      alibi_slopes=alibi, num_splits=num_splits)  # fmt: skip
+    if check and has_index_tensors and rotary is None:
+        code = int(err.item())
+        if code:
+            _full_checks(seqlens, cache_leftpad, sn, capacity, cache_batch_idx, k_cache, block_table)
+            raise ValueError(f"flash_attn_with_kvcache: an index was out of range (error bits {code}: 1 cache_seqlens,"
+                             " 2 cache_leftpad, 4 cache_batch_idx, 8 block_table)")  # fmt: skip
+    return out, lse
+
+
+def _torch_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, spec,
+                   alibi, rotary, capacity, num_splits):  # fmt: skip
+    """Any device: append with indexing, gather each row's keys, run the tiled engine."""
+    b, sq, h, d = q.shape
+    dev = q.device
+    sn = 0 if k is None else k.shape[1]
+    paged = block_table is not None
+    page = k_cache.shape[1] if paged else 0
+    cache_rows = torch.arange(b, device=dev) if cache_batch_idx is None else cache_batch_idx.long()
+    seqlens = cache_seqlens.long() if isinstance(cache_seqlens, torch.Tensor) else \
+        torch.full((b,), cache_seqlens, dtype=torch.long, device=dev)  # fmt: skip
+    leftpad = torch.zeros(b, dtype=torch.long, device=dev) if cache_leftpad is None else cache_leftpad.long()
+    _full_checks(seqlens, cache_leftpad, sn, capacity, cache_batch_idx, k_cache, block_table)
     # 1. rotary on the new keys, then append them in place.
     if k is not None:
-        pos_new = (seqlens - leftpad).view(b, 1) + torch.arange(sn, device=dev).view(1, sn)
-        if rot:
-            k = apply_rotary_at(k, rotary_cos, rotary_sin, pos_new, rotary_interleaved)
+        if rotary is not None:
+            k = apply_rotary_at(k, rotary[0], rotary[1], _positions(seqlens, leftpad, sn, True), rotary[2])
         rows = torch.arange(b, device=dev).view(b, 1).expand(b, sn)
         at = seqlens.view(b, 1) + torch.arange(sn, device=dev).view(1, sn)
         i0, i1 = cache_index(rows, at, block_table, cache_rows, page)
         k_cache[i0, i1] = k.to(k_cache.dtype)
         v_cache[i0, i1] = v.to(v_cache.dtype)
     # 2. rotary on q.
-    if rot:
-        base = (seqlens - leftpad).view(b, 1)
-        pos_q = base + torch.arange(sq, device=dev).view(1, sq) if spec.has_window else base.expand(b, sq)
-        q = apply_rotary_at(q, rotary_cos, rotary_sin, pos_q, rotary_interleaved)
-    lens_k = seqlens_k - leftpad
-    max_keys = capacity  # an upper bound, so that the fast path needs no host sync
-    problem = Problem(batch=b, seqlen_q=sq, seqlen_k=max_keys, nheads=h, nheads_k=hk, headdim=d, dtype=q.dtype,
-                      device=dev, varlen=False, has_alibi=alibi is not None)  # fmt: skip
-    if dispatch.choose(problem, spec) == "triton":
-        from .backends.triton.decode import decode
-
-        table = block_table if paged else cache_rows.view(b, 1).to(torch.int32)
-        out, lse = decode(q.contiguous() if q.stride(-1) != 1 else q, k_cache, v_cache, table,
-                          seqlens_k.to(torch.int32), leftpad.to(torch.int32), spec, alibi_slopes=alibi,
-                          max_keys=max_keys, num_splits=num_splits, dense=not paged,
-                          has_leftpad=cache_leftpad is not None)  # fmt: skip
-        return (out, lse) if return_softmax_lse else out
-    # 3. (torch path) gather each row's keys [leftpad, seqlens_k) into the packed layout.
+    if rotary is not None:
+        q = apply_rotary_at(q, rotary[0], rotary[1], _positions(seqlens, leftpad, sq, spec.has_window), rotary[2])
+    # 3. gather each row's keys [leftpad, seqlens + sn) into the packed layout.
+    lens_k = seqlens + sn - leftpad
     cu_k = torch.zeros(b + 1, dtype=torch.int32, device=dev)
     cu_k[1:] = torch.cumsum(lens_k, 0)
     row_of, pos = packed_positions(lens_k, leftpad)
@@ -234,13 +290,10 @@ def flash_attn_with_kvcache(
         out, lse, _ = flash_attn_varlen_func(
             q.reshape(b * sq, h, d), kp, vp, cu_q, cu_k, sq, int(lens_k.max()) if b else 0,
             softmax_scale=spec.softmax_scale, window_size=(spec.window_left, spec.window_right),
-            softcap=softcap, alibi_slopes=alibi, return_attn_probs=True,
+            softcap=spec.softcap, alibi_slopes=alibi, return_attn_probs=True,
         )  # fmt: skip
-        out = out.view(b, sq, h, d)
-        lse = lse.view(h, b, sq).permute(1, 0, 2).contiguous()
-    else:
-        out, lse = _split_attention(q, kp, vp, cu_k.tolist(), spec, alibi, splits)
-    return (out, lse) if return_softmax_lse else out
+        return out.view(b, sq, h, d), lse.view(h, b, sq).permute(1, 0, 2).contiguous()
+    return _split_attention(q, kp, vp, cu_k.tolist(), spec, alibi, splits)
 
 
 def _split_attention(q, kp, vp, cu_k, spec, alibi, splits):

@@ -24,9 +24,33 @@ from .fwd import _mm, _mma, _tanh
 LOG2E = 1.4426950408889634  # host side only: kernels may not read non-constexpr globals
 
 
+# Error bits a kernel ORs into ERR[0] when an index it was handed is out of range. The kernels
+# never read or write out of bounds: a row with a bad index is skipped (its output is NaN).
+ERR_SEQLENS, ERR_LEFTPAD, ERR_ROW, ERR_BLOCK = 1, 2, 4, 8
+
+
+@triton.jit
+def _row_checks(SEQ, LEFTPAD, BT, b, stride_btb, sn, capacity, n_index,
+                HAS_LEFTPAD: tl.constexpr, HAS_BT: tl.constexpr, KV_MODE: tl.constexpr):  # fmt: skip
+    """Per batch row: (tokens in the cache before the new ones, leftpad, dense cache row, error bits)."""
+    sl = tl.load(SEQ + b)
+    code = tl.where((sl < 0) | (sl + sn > capacity), 1, 0)
+    if HAS_LEFTPAD:
+        lp = tl.load(LEFTPAD + b)
+        code = code | tl.where((lp < 0) | (lp > sl), 2, 0)
+    else:
+        lp = sl * 0
+    row = b
+    if KV_MODE == 0:
+        if HAS_BT:  # cache_batch_idx
+            row = tl.load(BT + b * stride_btb)
+            code = code | tl.where((row < 0) | (row >= n_index), 4, 0)
+    return sl, lp, row, code
+
+
 @triton.jit
 def _decode_kernel(
-    Q, K, V, BT, SEQK, LEFTPAD, SLOPES, O, LSE,
+    Q, K, V, BT, SEQ, LEFTPAD, SLOPES, O, LSE, ERR,
     stride_qb, stride_qs, stride_qh,
     stride_kblk, stride_kt, stride_kh,
     stride_vblk, stride_vt, stride_vh,
@@ -34,11 +58,11 @@ def _decode_kernel(
     stride_os, stride_ob, stride_oq, stride_oh,
     stride_ls, stride_lb, stride_lh,
     stride_ab,
-    seqlen_q, page, chunk, Hk, G,
+    seqlen_q, sn, capacity, n_index, page, chunk, Hk, G,
     qk_scale, cap_out, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-    UPCAST: tl.constexpr, KV_MODE: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr, HAS_BT: tl.constexpr, UPCAST: tl.constexpr, KV_MODE: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -51,15 +75,16 @@ def _decode_kernel(
     t = rows // G
     head = kh * G + rows % G
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
+    if BLOCK_D == HEAD_DIM:  # no column mask: lets the loads vectorise
+        q_mask = row_ok[:, None]
+    else:
+        q_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b * stride_qb + t[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
+                mask=q_mask, other=0.0)  # fmt: skip
 
-    q = tl.load(
-        Q + b * stride_qb + t[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-    )  # fmt: skip
-
-    lp = tl.load(LEFTPAD + b)
-    n_keys = tl.load(SEQK + b) - lp  # keys of this row, numbered from 0 at leftpad
+    sl, lp, row, code = _row_checks(SEQ, LEFTPAD, BT, b, stride_btb, sn, capacity, n_index,
+                                    HAS_LEFTPAD, HAS_BT, KV_MODE)  # fmt: skip
+    n_keys = tl.where(code == 0, sl + sn - lp, 0)  # keys of this row, numbered from 0 at leftpad
     off = n_keys - seqlen_q  # key column aligned with query 0
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_keys)
@@ -76,23 +101,37 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bad_blk = code * 0
+    k_base = K + kh * stride_kh + offs_d[None, :]
+    v_base = V + kh * stride_vh + offs_d[None, :]
     for j0 in range(lo, hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         pos = cols + lp
         if KV_MODE == 0:  # dense: the row's one "page" holds every position
-            blk = tl.load(BT + b * stride_btb).to(tl.int64)
-            tok = pos
+            k_off = row.to(tl.int64) * stride_kblk + pos[:, None] * stride_kt
+            v_off = row.to(tl.int64) * stride_vblk + pos[:, None] * stride_vt
         elif KV_MODE == 1:  # pages hold whole key blocks: one block id per tile, contiguous rows
-            blk = tl.load(BT + b * stride_btb + j0 // page).to(tl.int64)
-            tok = pos % page
+            blk = tl.load(BT + b * stride_btb + j0 // page)
+            blk_ok = (blk >= 0) & (blk < n_index)
+            bad_blk = bad_blk | tl.where(blk_ok, 0, 8)
+            blk = tl.where(blk_ok, blk, 0).to(tl.int64)
+            col_ok = cols < tl.where(blk_ok, hi, j0)  # (scalar & vector: the interpreter gets it wrong)
+            k_off = blk * stride_kblk + (pos % page)[:, None] * stride_kt
+            v_off = blk * stride_vblk + (pos % page)[:, None] * stride_vt
         else:  # any page size: a block id per key
-            blk = tl.load(BT + b * stride_btb + pos // page, mask=col_ok, other=0).to(tl.int64)
-            blk = blk[:, None]
-            tok = pos % page
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + blk * stride_kblk + tok[:, None] * stride_kt + kh * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # fmt: skip
+            blk = tl.load(BT + b * stride_btb + pos // page, mask=col_ok, other=0)
+            blk_ok = (blk >= 0) & (blk < n_index)
+            bad_blk = bad_blk | tl.max(tl.where(blk_ok | ~col_ok, 0, 8), 0)
+            col_ok = col_ok & blk_ok
+            blk = tl.where(blk_ok, blk, 0).to(tl.int64)[:, None]
+            k_off = blk * stride_kblk + (pos % page)[:, None] * stride_kt
+            v_off = blk * stride_vblk + (pos % page)[:, None] * stride_vt
+        if BLOCK_D == HEAD_DIM:
+            kv_mask = col_ok[:, None]
+        else:
+            kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_base + k_off, mask=kv_mask, other=0.0)
         qk = _mm(q, tl.trans(k), UPCAST)
         if HAS_SOFTCAP:
             s = _tanh(qk * qk_scale) * cap_out
@@ -112,19 +151,64 @@ def _decode_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + blk * stride_vblk + tok[:, None] * stride_vt + kh * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # fmt: skip
+        v = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
 
+    code = code | bad_blk
+    tl.atomic_or(ERR, code, mask=code != 0)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln(2)
+    out = tl.where(code == 0, out, float("nan"))
+    lse = tl.where(code == 0, lse, float("nan"))
     tl.store(
         O + split * stride_os + b * stride_ob + t[:, None] * stride_oq + head[:, None] * stride_oh + offs_d[None, :],
-        out, mask=row_ok[:, None] & d_ok[None, :],
+        out.to(O.dtype.element_ty), mask=q_mask,
     )  # fmt: skip
     tl.store(LSE + split * stride_ls + b * stride_lb + head * stride_lh + t, lse, mask=row_ok)
+
+
+@triton.jit
+def _append_kernel(
+    KN, VN, K, V, BT, SEQ, LEFTPAD, ERR,
+    stride_knb, stride_knt, stride_knh,
+    stride_vnb, stride_vnt, stride_vnh,
+    stride_kblk, stride_kt, stride_kh,
+    stride_vblk, stride_vt, stride_vh,
+    stride_btb,
+    sn, capacity, n_index, page, Hk,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr, HAS_BT: tl.constexpr, KV_MODE: tl.constexpr,
+):  # fmt: skip
+    """Write the new tokens ``KN/VN (B, sn, Hk, D)`` at cache positions ``SEQ[b] ..`` of row b.
+    Grid ``(B * Hk, cdiv(sn, BLOCK_T))``. A row with an out-of-range index writes nothing."""
+    b = tl.program_id(0) // Hk
+    kh = tl.program_id(0) % Hk
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    sl, lp, row, code = _row_checks(SEQ, LEFTPAD, BT, b, stride_btb, sn, capacity, n_index,
+                                    HAS_LEFTPAD, HAS_BT, KV_MODE)  # fmt: skip
+    ok = t < tl.where(code == 0, sn, 0)
+    pos = sl + t
+    if KV_MODE == 0:
+        blk = tl.zeros([BLOCK_T], tl.int64) + row
+        tok = pos
+    else:
+        blk = tl.load(BT + b * stride_btb + pos // page, mask=ok, other=0)
+        blk_ok = (blk >= 0) & (blk < n_index)
+        code = code | tl.max(tl.where(blk_ok | ~ok, 0, 8), 0)
+        ok = ok & blk_ok
+        blk = blk.to(tl.int64)
+        tok = pos % page
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    kn = tl.load(KN + b * stride_knb + t[:, None] * stride_knt + kh * stride_knh + offs_d[None, :], mask=mask)
+    vn = tl.load(VN + b * stride_vnb + t[:, None] * stride_vnt + kh * stride_vnh + offs_d[None, :], mask=mask)
+    tl.store(K + blk[:, None] * stride_kblk + tok[:, None] * stride_kt + kh * stride_kh + offs_d[None, :],
+             kn.to(K.dtype.element_ty), mask=mask)  # fmt: skip
+    tl.store(V + blk[:, None] * stride_vblk + tok[:, None] * stride_vt + kh * stride_vh + offs_d[None, :],
+             vn.to(V.dtype.element_ty), mask=mask)  # fmt: skip
+    tl.atomic_or(ERR, code, mask=code != 0)
 
 
 @triton.jit
@@ -163,89 +247,161 @@ def _interpret() -> bool:
 
 
 def choose_splits(batch: int, hk: int, row_blocks: int, max_keys: int, device: torch.device) -> int:
-    """Enough programs to fill the device about twice, each with at least 256 keys, at most 64 pieces."""
+    """Pieces per row: none when the (batch, KV head) programs already cover every SM, else enough
+    to fill the device about four times over, each piece at least 256 keys, at most 64 pieces
+    (measured on H200: benchmarks/NOTES.md, "Decode")."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     programs = max(1, batch * hk * row_blocks)
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(max(max_keys, 1), 256), 64))
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(max(max_keys, 1), 256), 64))
+
+
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def _config(D: int, kv_mode: int, interp: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages), from the H200 sweep (benchmarks/sweep_decode.py): key
+    blocks read whole (dense, page-aligned) stream best with 8 warps and 3 stages; a block id
+    per key (small pages) with 4 warps and 2."""
+    if interp:
+        return 32, 4, 1
+    if D > 128:
+        return 64, 4, 2
+    return (128, 4, 2) if kv_mode == 2 else (128, 8, 3)
+
+
+def append_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor | None,
+    seqlens: torch.Tensor,
+    leftpad: torch.Tensor | None,
+    *,
+    capacity: int,
+    n_index: int,
+    dense: bool,
+    err: torch.Tensor,
+) -> None:
+    """Write ``k, v (B, sn, Hk, D)`` into the cache at positions ``seqlens[b] ..`` (in place).
+
+    ``table``: the block table (paged) or ``cache_batch_idx`` as ``(B, 1)`` (dense; None = row b).
+    Rows whose indices are out of range (against ``capacity`` positions and ``n_index`` cache
+    blocks / rows) write nothing and set bits in ``err`` (int32 ``(1,)``).
+    """
+    B, sn, Hk, D = k.shape
+    if B == 0 or sn == 0:
+        return
+    block_t = min(64, max(16, triton.next_power_of_2(sn)))
+    with torch.cuda.device(k.device) if k.is_cuda else _Null():
+        _append_kernel[(B * Hk, triton.cdiv(sn, block_t))](
+            k, v, k_cache, v_cache, table, seqlens, leftpad, err,
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            table.stride(0) if table is not None else 0,
+            sn, capacity, n_index, k_cache.shape[1], Hk,
+            HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t,
+            HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None, KV_MODE=0 if dense else 2,
+        )  # fmt: skip
 
 
 def decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seqlens_k: torch.Tensor,
-    leftpad: torch.Tensor,
+    table: torch.Tensor | None,
+    seqlens: torch.Tensor,
+    leftpad: torch.Tensor | None,
     spec: AttnSpec,
     *,
-    alibi_slopes: torch.Tensor | None,
-    max_keys: int,
+    sn: int,
+    capacity: int,
+    n_index: int,
+    dense: bool,
+    err: torch.Tensor,
+    alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
-    dense: bool = False,
-    has_leftpad: bool = True,
+    config: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q (B, Sq, H, D)`` over the cache; returns (out like q, lse (B, H, Sq) fp32).
 
-    ``block_table`` int32 ``(B, max_blocks)`` into the first dim of the cache ``(nblk, page, Hk, D)``;
-    row ``b``'s keys are cache positions ``[leftpad[b], seqlens_k[b])`` (int32 ``(B,)`` each).
-    ``max_keys`` bounds ``seqlens_k - leftpad`` (sizes the splits). ``dense``: one page per row
-    (``block_table`` holds cache rows); ``has_leftpad=False`` promises ``leftpad == 0``, which lets
-    pages that are multiples of the key block be read one block id per tile.
+    Row ``b``'s keys are cache positions ``[leftpad[b], seqlens[b] + sn)`` (``leftpad`` None = 0):
+    ``seqlens`` int32 ``(B,)`` counts the tokens before the ``sn`` new ones. ``table``: int32
+    block table ``(B, max_blocks)`` into the first dim of a paged cache ``(n_index, page, Hk, D)``,
+    or (``dense``) ``cache_batch_idx`` as ``(B, 1)`` into ``(n_index, capacity, Hk, D)`` (None =
+    row b). ``capacity`` (positions a row can hold) also bounds the key count, which sizes the
+    splits without a host sync. Out-of-range indices set bits in ``err`` (int32 ``(1,)``) and
+    give NaN rows; nothing is read out of bounds. ``config``: (BLOCK_N, num_warps, num_stages).
     """
     B, Sq, H, D = q.shape
     Hk = k_cache.shape[2]
     G = H // Hk
     interp = _interpret()
+    page = k_cache.shape[1]
+    block_n, num_warps, num_stages = config or _config(D, 1, interp)
+    kv_mode = 0 if dense else (1 if leftpad is None and page % block_n == 0 else 2)
+    if kv_mode == 2:
+        block_n, num_warps, num_stages = config or _config(D, 2, interp)
     block_m = 16 if Sq * G <= 16 else (32 if interp else 64)
-    block_n = 32 if interp else (64 if D > 128 else 128)
     block_d = max(16, triton.next_power_of_2(D))
     row_blocks = triton.cdiv(Sq * G, block_m)
+    max_keys = max(capacity, 1)
     splits = num_splits if num_splits > 0 else choose_splits(B, Hk, row_blocks, max_keys, q.device)
-    chunk = triton.cdiv(max(max_keys, 1), splits)
-    chunk = triton.cdiv(chunk, block_n) * block_n  # whole key blocks per piece
-    splits = max(1, triton.cdiv(max(max_keys, 1), chunk))
-    page = k_cache.shape[1]
-    kv_mode = 0 if dense else (1 if not has_leftpad and page % block_n == 0 else 2)
-    o = torch.empty((splits, B, Sq, H, D), dtype=torch.float32, device=q.device)
-    lse = torch.empty((splits, B, H, Sq), dtype=torch.float32, device=q.device)
+    chunk = triton.cdiv(triton.cdiv(max_keys, splits), block_n) * block_n  # whole key blocks per piece
+    splits = triton.cdiv(max_keys, chunk)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse_out = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    if splits == 1:  # the kernel writes the result itself
+        o, lse = out.unsqueeze(0), lse_out.unsqueeze(0)
+    else:
+        o = torch.empty((splits, B, Sq, H, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((splits, B, H, Sq), dtype=torch.float32, device=q.device)
     if spec.softcap > 0:
         qk_scale, cap_out = spec.softmax_scale / spec.softcap, spec.softcap * LOG2E
     else:
         qk_scale, cap_out = spec.softmax_scale * LOG2E, 0.0
-    num_warps = 4
     with torch.cuda.device(q.device) if q.is_cuda else _Null():
         _decode_kernel[(B * Hk, splits, row_blocks)](
-            q, k_cache, v_cache, block_table, seqlens_k, leftpad, alibi_slopes, o, lse,
+            q, k_cache, v_cache, table, seqlens, leftpad, alibi_slopes, o, lse, err,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            block_table.stride(0),
+            table.stride(0) if table is not None else 0,
             o.stride(0), o.stride(1), o.stride(2), o.stride(3),
             lse.stride(0), lse.stride(1), lse.stride(2),
             alibi_slopes.stride(0) if alibi_slopes is not None else 0,
-            Sq, page, chunk, Hk, G,
+            Sq, sn, capacity, n_index, page, chunk, Hk, G,
             qk_scale, cap_out, spec.window_left, spec.window_right,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_SOFTCAP=spec.softcap > 0, HAS_ALIBI=alibi_slopes is not None,
             HAS_WL=spec.window_left >= 0, HAS_WR=spec.window_right >= 0,
+            HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None,
             UPCAST=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16), KV_MODE=kv_mode,
-            num_warps=num_warps, num_stages=2,
+            num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
-        if splits == 1:
-            return o[0].to(q.dtype), lse[0]
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse_m = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-        _merge_kernel[(B * Sq * H,)](
-            o, lse, out, lse_m, splits,
-            o.stride(0), o.stride(1), o.stride(2), o.stride(3),
-            lse.stride(0), lse.stride(1), lse.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse_m.stride(0), lse_m.stride(1),
-            H, Sq, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
-        )  # fmt: skip
-    return out, lse_m
+        if splits > 1:
+            _merge_kernel[(B * Sq * H,)](
+                o, lse, out, lse_out, splits,
+                o.stride(0), o.stride(1), o.stride(2), o.stride(3),
+                lse.stride(0), lse.stride(1), lse.stride(2),
+                out.stride(0), out.stride(1), out.stride(2),
+                lse_out.stride(0), lse_out.stride(1),
+                H, Sq, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+            )  # fmt: skip
+    return out, lse_out
 
 
 class _Null:
