@@ -5,13 +5,15 @@ For each shape (bf16, h = 32, hk = 8, d = 128, seqlen_q = 1) and cache layout, t
 of 1x / 2x / 4x the heuristic's, and prints the best few against the copy ceiling. Used to
 choose ``decode._config`` and ``choose_splits``; see benchmarks/NOTES.md.
 
-    PYTHONPATH=src python benchmarks/sweep_decode.py
+    PYTHONPATH=src python benchmarks/sweep_decode.py                  # tile x split sweep
+    PYTHONPATH=src python benchmarks/sweep_decode.py --compare-merge  # fused merge vs 2nd kernel
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import sys
 
 import torch
 import triton
@@ -24,7 +26,53 @@ CONFIGS = [(32, 2, 2), (32, 4, 3), (64, 2, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4
 SHAPES = [(1, 8192), (1, 32768), (8, 8192), (8, 32768), (64, 1024), (64, 8192), (64, 32768)]
 
 
+def graph_ms(fn) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph (no host time)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+
+
+def compare_merge() -> None:
+    """Default tiles and splits: merge fused into the attention kernel vs a second launch."""
+    h, hk, d, dtype = 32, 8, 128, torch.bfloat16
+    spec = make_spec(headdim=d, dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+                     deterministic=False)  # fmt: skip
+    print("| batch | cache | page | fused merge us | merge kernel us |")
+    print("|---|---|---|---|---|")
+    for (batch, L), page in itertools.product([(1, 1024)] + SHAPES, (0, 16)):
+        q, kc, vc, table, seqlens = _inputs(batch, L, page, h, hk, d, dtype)
+        err = torch.zeros(1, dtype=torch.int32, device="cuda")
+        ts = [graph_ms(functools.partial(decode, q, kc, vc, table, seqlens, None, spec, sn=1, capacity=L,
+                                         n_index=kc.shape[0], dense=page == 0, err=err, fused_merge=fused))
+              for fused in (True, False)]  # fmt: skip
+        print(f"| {batch} | {L} | {page or 'dense'} | {ts[0] * 1e3:.1f} | {ts[1] * 1e3:.1f} |", flush=True)
+
+
+def _inputs(batch, L, page, h, hk, d, dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(batch, 1, h, d, device="cuda", dtype=dtype, generator=g)
+    seqlens = torch.full((batch,), L - 1, dtype=torch.int32, device="cuda")
+    if page == 0:
+        kc = torch.randn(batch, L, hk, d, device="cuda", dtype=dtype, generator=g)
+        table = None
+    else:
+        nblk = L // page
+        kc = torch.randn(batch * nblk, page, hk, d, device="cuda", dtype=dtype, generator=g)
+        table = torch.randperm(batch * nblk, device="cuda", generator=g).view(batch, nblk).to(torch.int32)
+    return q, kc, torch.randn_like(kc), table, seqlens
+
+
 def main() -> None:
+    if "--compare-merge" in sys.argv:
+        compare_merge()
+        return
     h, hk, d, dtype = 32, 8, 128, torch.bfloat16
     n = 1 << 30
     src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
@@ -35,19 +83,9 @@ def main() -> None:
                      deterministic=False)  # fmt: skip
     print(f"copy ceiling {ceil:.0f} GB/s")
     for (batch, L), page in itertools.product(SHAPES, (0, 16, 256)):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(batch, 1, h, d, device="cuda", dtype=dtype, generator=g)
-        seqlens = torch.full((batch,), L - 1, dtype=torch.int32, device="cuda")
-        if page == 0:
-            kc = torch.randn(batch, L, hk, d, device="cuda", dtype=dtype, generator=g)
-            table = None
-        else:
-            nblk = L // page
-            kc = torch.randn(batch * nblk, page, hk, d, device="cuda", dtype=dtype, generator=g)
-            table = torch.randperm(batch * nblk, device="cuda", generator=g).view(batch, nblk).to(torch.int32)
-        vc = torch.randn_like(kc)
+        q, kc, vc, table, seqlens = _inputs(batch, L, page, h, hk, d, dtype)
         err = torch.zeros(1, dtype=torch.int32, device="cuda")
-        base = choose_splits(batch, hk, 1, L, q.device)
+        base = choose_splits(batch * hk, L, 128, torch.cuda.get_device_properties(0).multi_processor_count, 4)
         nbytes = 2 * batch * L * hk * d * 2
         res = []
         for cfg, mult in itertools.product(CONFIGS, (1, 2, 4)):

@@ -14,6 +14,8 @@ log-sum-exp (the rule of :func:`flashtile.merge.merge_states`, fused into one la
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -50,7 +52,7 @@ def _row_checks(SEQ, LEFTPAD, BT, b, stride_btb, sn, capacity, n_index,
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, BT, SEQ, LEFTPAD, SLOPES, O, LSE, ERR,
+    Q, K, V, BT, SEQ, LEFTPAD, SLOPES, O, LSE, ERR, SEM, OUT, LSE_OUT,
     stride_qb, stride_qs, stride_qh,
     stride_kblk, stride_kt, stride_kh,
     stride_vblk, stride_vt, stride_vh,
@@ -58,12 +60,18 @@ def _decode_kernel(
     stride_os, stride_ob, stride_oq, stride_oh,
     stride_ls, stride_lb, stride_lh,
     stride_ab,
-    seqlen_q, sn, capacity, n_index, page, chunk, Hk, G,
+    stride_ub, stride_uq, stride_uh,
+    stride_mb, stride_mh,
+    seqlen_q, sn, capacity, n_index, page, chunk, n_splits, Hk, G,
     qk_scale, cap_out, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, HAS_BT: tl.constexpr, UPCAST: tl.constexpr, KV_MODE: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
 ):  # fmt: skip
+    """One (batch row, KV head, key piece, block of packed query rows). With ``FUSED_MERGE`` the
+    pieces' partial (out, lse) go to O/LSE and the last program of each (row, head, row block)
+    to finish (counted in SEM, which it resets to 0) merges them into OUT/LSE_OUT."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -162,11 +170,36 @@ def _decode_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln(2)
     out = tl.where(code == 0, out, float("nan"))
     lse = tl.where(code == 0, lse, float("nan"))
-    tl.store(
-        O + split * stride_os + b * stride_ob + t[:, None] * stride_oq + head[:, None] * stride_oh + offs_d[None, :],
-        out.to(O.dtype.element_ty), mask=q_mask,
-    )  # fmt: skip
-    tl.store(LSE + split * stride_ls + b * stride_lb + head * stride_lh + t, lse, mask=row_ok)
+    o_off = b * stride_ob + t[:, None] * stride_oq + head[:, None] * stride_oh + offs_d[None, :]
+    l_off = b * stride_lb + head * stride_lh + t
+    tl.store(O + split * stride_os + o_off, out.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + split * stride_ls + l_off, lse, mask=row_ok)
+    if FUSED_MERGE:
+        tl.debug_barrier()  # every thread's partial is stored before the count goes up (release below)
+        sem = SEM + pid_bh * tl.num_programs(2) + pid_m
+        done = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
+        if done == n_splits - 1:  # the last piece to finish: merge them all (rule of merge.merge_states)
+            m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            den = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for si in range(0, n_splits):
+                l_s = tl.load(LSE + si * stride_ls + l_off, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                o_s = tl.load(O + si * stride_os + o_off, mask=q_mask, other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m, l_s)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                scale = tl.exp(m - m_safe)
+                w = tl.exp(l_s - m_safe)
+                den = den * scale + w
+                acc = acc * scale[:, None] + w[:, None] * o_s
+                m = m_new
+            empty = den == 0.0
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            out = acc / tl.where(empty, 1.0, den)[:, None]
+            lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den)))
+            tl.store(OUT + b * stride_ub + t[:, None] * stride_uq + head[:, None] * stride_uh + offs_d[None, :],
+                     out.to(OUT.dtype.element_ty), mask=q_mask)  # fmt: skip
+            tl.store(LSE_OUT + b * stride_mb + head * stride_mh + t, lse, mask=row_ok)
+            tl.atomic_xchg(sem, 0)  # ready for the next call
 
 
 @triton.jit
@@ -246,27 +279,64 @@ def _interpret() -> bool:
     return type(_decode_kernel).__name__ == "InterpretedFunction"
 
 
-def choose_splits(batch: int, hk: int, row_blocks: int, max_keys: int, device: torch.device) -> int:
-    """Pieces per row: none when the (batch, KV head) programs already cover every SM, else enough
-    to fill the device about four times over, each piece at least 256 keys, at most 64 pieces
-    (measured on H200: benchmarks/NOTES.md, "Decode")."""
-    if device.type != "cuda":
+def choose_splits(programs: int, max_keys: int, block_n: int, slots: int, waves: int) -> int:
+    """Key pieces per row. ``programs`` (batch x KV heads x row blocks) already filling the
+    ``slots`` (SMs x programs resident per SM): none. Else the fewest pieces giving at least
+    ``waves`` waves whose last wave is >= 95% full, or as many as allowed if none does; each
+    piece at least 256 keys, at most 64 pieces (H200 sweep: benchmarks/NOTES.md, "Decode")."""
+    if programs >= slots:
         return 1
-    sms = _sm_count(device)
-    programs = max(1, batch * hk * row_blocks)
-    if programs >= sms:
-        return 1
-    return max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(max(max_keys, 1), 256), 64))
+    max_keys = max(max_keys, 1)
+    top = max(1, min(64, triton.cdiv(max_keys, 256)))
+    splits = 1
+    for want in range(1, top + 1):
+        splits = triton.cdiv(max_keys, triton.cdiv(triton.cdiv(max_keys, want), block_n) * block_n)
+        total = programs * splits
+        if total >= waves * slots and total / (slots * triton.cdiv(total, slots)) >= 0.95:
+            break
+    return splits
 
 
-_SMS: dict[int, int] = {}
+_SMS: dict[int, tuple[int, int]] = {}
 
 
-def _sm_count(device: torch.device) -> int:
+def _sm_info(device: torch.device) -> tuple[int, int]:
+    """(SM count, shared memory bytes per SM) of a CUDA device."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        p = torch.cuda.get_device_properties(idx)
+        _SMS[idx] = (p.multi_processor_count, getattr(p, "shared_memory_per_multiprocessor", 0) or 228 * 1024)
     return _SMS[idx]
+
+
+_SCRATCH: dict[tuple[str, int, int], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown scratch a captured CUDA graph may still point at
+
+
+def scratch(device: torch.device, n: int, kind: str) -> torch.Tensor:
+    """A zero-initialised int32 buffer of at least ``n``, kept per (kind, device, stream) on CUDA
+    so that a call needs no memset: ``"sem"`` (merge counters, which every call leaves at 0)
+    and ``"err"`` (the error flag, which the reader resets after a non-zero read). Buffers made
+    while a CUDA graph is captured belong to that graph (zeroed on each replay), not the cache."""
+    if device.type != "cuda":
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    key = (kind, device.index, torch.cuda.current_stream(device).cuda_stream)
+    buf = _SCRATCH.get(key)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    new = torch.zeros(max(n, 2 * buf.numel() if buf is not None else 64), dtype=torch.int32, device=device)
+    if not torch.cuda.is_current_stream_capturing():
+        if buf is not None:
+            _RETIRED.append(buf)
+        _SCRATCH[key] = new
+    return new
+
+
+def _on(device: torch.device):
+    """Make ``device`` current for a launch (a no-op when it already is)."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _config(D: int, kv_mode: int, interp: bool) -> tuple[int, int, int]:
@@ -304,7 +374,7 @@ def append_kv(
     if B == 0 or sn == 0:
         return
     block_t = min(64, max(16, triton.next_power_of_2(sn)))
-    with torch.cuda.device(k.device) if k.is_cuda else _Null():
+    with _on(k.device):
         _append_kernel[(B * Hk, triton.cdiv(sn, block_t))](
             k, v, k_cache, v_cache, table, seqlens, leftpad, err,
             k.stride(0), k.stride(1), k.stride(2),
@@ -335,6 +405,7 @@ def decode(
     alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
     config: tuple[int, int, int] | None = None,
+    fused_merge: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q (B, Sq, H, D)`` over the cache; returns (out like q, lse (B, H, Sq) fp32).
 
@@ -345,6 +416,8 @@ def decode(
     row b). ``capacity`` (positions a row can hold) also bounds the key count, which sizes the
     splits without a host sync. Out-of-range indices set bits in ``err`` (int32 ``(1,)``) and
     give NaN rows; nothing is read out of bounds. ``config``: (BLOCK_N, num_warps, num_stages).
+    Split pieces are merged by the last program of each group to finish (``fused_merge``; one
+    launch) or by a second kernel (``fused_merge=False``, kept for measurement).
     """
     B, Sq, H, D = q.shape
     Hk = k_cache.shape[2]
@@ -359,23 +432,34 @@ def decode(
     block_d = max(16, triton.next_power_of_2(D))
     row_blocks = triton.cdiv(Sq * G, block_m)
     max_keys = max(capacity, 1)
-    splits = num_splits if num_splits > 0 else choose_splits(B, Hk, row_blocks, max_keys, q.device)
+    programs = B * Hk * row_blocks
+    if num_splits > 0:
+        splits = num_splits
+    elif q.is_cuda:
+        sms, smem = _sm_info(q.device)
+        per_sm = max(1, min(smem // (2 * block_n * block_d * q.element_size() * max(num_stages, 1)), 64 // num_warps))
+        splits = choose_splits(programs, max_keys, block_n, sms * per_sm, 8 if kv_mode == 2 else 4)
+    else:
+        splits = 1
     chunk = triton.cdiv(triton.cdiv(max_keys, splits), block_n) * block_n  # whole key blocks per piece
     splits = triton.cdiv(max_keys, chunk)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_out = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    sem = None
     if splits == 1:  # the kernel writes the result itself
         o, lse = out.unsqueeze(0), lse_out.unsqueeze(0)
     else:
         o = torch.empty((splits, B, Sq, H, D), dtype=torch.float32, device=q.device)
         lse = torch.empty((splits, B, H, Sq), dtype=torch.float32, device=q.device)
+        if fused_merge:
+            sem = scratch(q.device, programs, "sem")
     if spec.softcap > 0:
         qk_scale, cap_out = spec.softmax_scale / spec.softcap, spec.softcap * LOG2E
     else:
         qk_scale, cap_out = spec.softmax_scale * LOG2E, 0.0
-    with torch.cuda.device(q.device) if q.is_cuda else _Null():
+    with _on(q.device):
         _decode_kernel[(B * Hk, splits, row_blocks)](
-            q, k_cache, v_cache, table, seqlens, leftpad, alibi_slopes, o, lse, err,
+            q, k_cache, v_cache, table, seqlens, leftpad, alibi_slopes, o, lse, err, sem, out, lse_out,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -383,16 +467,18 @@ def decode(
             o.stride(0), o.stride(1), o.stride(2), o.stride(3),
             lse.stride(0), lse.stride(1), lse.stride(2),
             alibi_slopes.stride(0) if alibi_slopes is not None else 0,
-            Sq, sn, capacity, n_index, page, chunk, Hk, G,
+            out.stride(0), out.stride(1), out.stride(2),
+            lse_out.stride(0), lse_out.stride(1),
+            Sq, sn, capacity, n_index, page, chunk, splits, Hk, G,
             qk_scale, cap_out, spec.window_left, spec.window_right,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_SOFTCAP=spec.softcap > 0, HAS_ALIBI=alibi_slopes is not None,
             HAS_WL=spec.window_left >= 0, HAS_WR=spec.window_right >= 0,
             HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None,
             UPCAST=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16), KV_MODE=kv_mode,
-            num_warps=num_warps, num_stages=num_stages,
+            FUSED_MERGE=sem is not None, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
-        if splits > 1:
+        if splits > 1 and sem is None:
             _merge_kernel[(B * Sq * H,)](
                 o, lse, out, lse_out, splits,
                 o.stride(0), o.stride(1), o.stride(2), o.stride(3),
@@ -402,11 +488,3 @@ def decode(
                 H, Sq, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
             )  # fmt: skip
     return out, lse_out
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
