@@ -215,7 +215,7 @@ def _triton_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, c
     or writing out of bounds) and raise one error flag, read back after both are queued, so the
     host sync overlaps the work; the detailed message is worked out only on error. No read-back
     while a CUDA graph is captured (rows with a bad index then come out NaN)."""
-    from .backends.triton.decode import append_kv, decode, scratch
+    from .backends.triton.decode import append_kv, decode, error_flag
 
     b, dev = q.shape[0], q.device
     sn = 0 if k is None else k.shape[1]
@@ -230,7 +230,7 @@ def _triton_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, c
         _full_checks(seqlens, cache_leftpad, sn, capacity, cache_batch_idx, k_cache, block_table)
     table = block_table if paged else (None if cache_batch_idx is None else cache_batch_idx.view(b, 1))
     n_index = k_cache.shape[0]
-    err = scratch(dev, 1, "err")
+    err = error_flag(dev)
     if k is not None:
         if rotary is not None:
             k = apply_rotary_at(k, rotary[0], rotary[1], _positions(seqlens, cache_leftpad, sn, True), rotary[2])

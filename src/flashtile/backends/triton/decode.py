@@ -52,7 +52,7 @@ def _row_checks(SEQ, LEFTPAD, BT, b, stride_btb, sn, capacity, n_index,
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, BT, SEQ, LEFTPAD, SLOPES, O, LSE, ERR, SEM, OUT, LSE_OUT,
+    Q, K, V, BT, SEQ, LEFTPAD, SLOPES, O, LSE, ERR,
     stride_qb, stride_qs, stride_qh,
     stride_kblk, stride_kt, stride_kh,
     stride_vblk, stride_vt, stride_vh,
@@ -60,18 +60,13 @@ def _decode_kernel(
     stride_os, stride_ob, stride_oq, stride_oh,
     stride_ls, stride_lb, stride_lh,
     stride_ab,
-    stride_ub, stride_uq, stride_uh,
-    stride_mb, stride_mh,
-    seqlen_q, sn, capacity, n_index, page, chunk, n_splits, Hk, G,
+    seqlen_q, sn, capacity, n_index, page, chunk, Hk, G,
     qk_scale, cap_out, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, HAS_BT: tl.constexpr, UPCAST: tl.constexpr, KV_MODE: tl.constexpr,
-    FUSED_MERGE: tl.constexpr,
 ):  # fmt: skip
-    """One (batch row, KV head, key piece, block of packed query rows). With ``FUSED_MERGE`` the
-    pieces' partial (out, lse) go to O/LSE and the last program of each (row, head, row block)
-    to finish (counted in SEM, which it resets to 0) merges them into OUT/LSE_OUT."""
+    """One (batch row, KV head, key piece, block of packed query rows): the piece's (out, lse)."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -174,32 +169,6 @@ def _decode_kernel(
     l_off = b * stride_lb + head * stride_lh + t
     tl.store(O + split * stride_os + o_off, out.to(O.dtype.element_ty), mask=q_mask)
     tl.store(LSE + split * stride_ls + l_off, lse, mask=row_ok)
-    if FUSED_MERGE:
-        tl.debug_barrier()  # every thread's partial is stored before the count goes up (release below)
-        sem = SEM + pid_bh * tl.num_programs(2) + pid_m
-        done = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
-        if done == n_splits - 1:  # the last piece to finish: merge them all (rule of merge.merge_states)
-            m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            den = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for si in range(0, n_splits):
-                l_s = tl.load(LSE + si * stride_ls + l_off, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                o_s = tl.load(O + si * stride_os + o_off, mask=q_mask, other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m, l_s)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                scale = tl.exp(m - m_safe)
-                w = tl.exp(l_s - m_safe)
-                den = den * scale + w
-                acc = acc * scale[:, None] + w[:, None] * o_s
-                m = m_new
-            empty = den == 0.0
-            m_safe = tl.where(m == float("-inf"), 0.0, m)
-            out = acc / tl.where(empty, 1.0, den)[:, None]
-            lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den)))
-            tl.store(OUT + b * stride_ub + t[:, None] * stride_uq + head[:, None] * stride_uh + offs_d[None, :],
-                     out.to(OUT.dtype.element_ty), mask=q_mask)  # fmt: skip
-            tl.store(LSE_OUT + b * stride_mb + head * stride_mh + t, lse, mask=row_ok)
-            tl.atomic_xchg(sem, 0)  # ready for the next call
 
 
 @triton.jit
@@ -309,27 +278,23 @@ def _sm_info(device: torch.device) -> tuple[int, int]:
     return _SMS[idx]
 
 
-_SCRATCH: dict[tuple[str, int, int], torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown scratch a captured CUDA graph may still point at
+_ERR: dict[tuple[int, int], torch.Tensor] = {}
 
 
-def scratch(device: torch.device, n: int, kind: str) -> torch.Tensor:
-    """A zero-initialised int32 buffer of at least ``n``, kept per (kind, device, stream) on CUDA
-    so that a call needs no memset: ``"sem"`` (merge counters, which every call leaves at 0)
-    and ``"err"`` (the error flag, which the reader resets after a non-zero read). Buffers made
-    while a CUDA graph is captured belong to that graph (zeroed on each replay), not the cache."""
+def error_flag(device: torch.device) -> torch.Tensor:
+    """The int32 ``(1,)`` flag the kernels OR error bits into. On CUDA one per (device, stream),
+    reused so that a call needs no memset: whoever reads it non-zero resets it (bits may be
+    stale, from CUDA graph replays that read nothing back). One made while a graph is being
+    captured belongs to that graph (zeroed on each replay) and is not kept."""
     if device.type != "cuda":
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    key = (kind, device.index, torch.cuda.current_stream(device).cuda_stream)
-    buf = _SCRATCH.get(key)
-    if buf is not None and buf.numel() >= n:
-        return buf
-    new = torch.zeros(max(n, 2 * buf.numel() if buf is not None else 64), dtype=torch.int32, device=device)
-    if not torch.cuda.is_current_stream_capturing():
-        if buf is not None:
-            _RETIRED.append(buf)
-        _SCRATCH[key] = new
-    return new
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    flag = _ERR.get(key)
+    if flag is None:
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        if not torch.cuda.is_current_stream_capturing():
+            _ERR[key] = flag
+    return flag
 
 
 def _on(device: torch.device):
@@ -405,7 +370,6 @@ def decode(
     alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
     config: tuple[int, int, int] | None = None,
-    fused_merge: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q (B, Sq, H, D)`` over the cache; returns (out like q, lse (B, H, Sq) fp32).
 
@@ -416,8 +380,6 @@ def decode(
     row b). ``capacity`` (positions a row can hold) also bounds the key count, which sizes the
     splits without a host sync. Out-of-range indices set bits in ``err`` (int32 ``(1,)``) and
     give NaN rows; nothing is read out of bounds. ``config``: (BLOCK_N, num_warps, num_stages).
-    Split pieces are merged by the last program of each group to finish (``fused_merge``; one
-    launch) or by a second kernel (``fused_merge=False``, kept for measurement).
     """
     B, Sq, H, D = q.shape
     Hk = k_cache.shape[2]
@@ -445,21 +407,18 @@ def decode(
     splits = triton.cdiv(max_keys, chunk)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_out = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-    sem = None
     if splits == 1:  # the kernel writes the result itself
         o, lse = out.unsqueeze(0), lse_out.unsqueeze(0)
     else:
         o = torch.empty((splits, B, Sq, H, D), dtype=torch.float32, device=q.device)
         lse = torch.empty((splits, B, H, Sq), dtype=torch.float32, device=q.device)
-        if fused_merge:
-            sem = scratch(q.device, programs, "sem")
     if spec.softcap > 0:
         qk_scale, cap_out = spec.softmax_scale / spec.softcap, spec.softcap * LOG2E
     else:
         qk_scale, cap_out = spec.softmax_scale * LOG2E, 0.0
     with _on(q.device):
         _decode_kernel[(B * Hk, splits, row_blocks)](
-            q, k_cache, v_cache, table, seqlens, leftpad, alibi_slopes, o, lse, err, sem, out, lse_out,
+            q, k_cache, v_cache, table, seqlens, leftpad, alibi_slopes, o, lse, err,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -467,18 +426,16 @@ def decode(
             o.stride(0), o.stride(1), o.stride(2), o.stride(3),
             lse.stride(0), lse.stride(1), lse.stride(2),
             alibi_slopes.stride(0) if alibi_slopes is not None else 0,
-            out.stride(0), out.stride(1), out.stride(2),
-            lse_out.stride(0), lse_out.stride(1),
-            Sq, sn, capacity, n_index, page, chunk, splits, Hk, G,
+            Sq, sn, capacity, n_index, page, chunk, Hk, G,
             qk_scale, cap_out, spec.window_left, spec.window_right,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_SOFTCAP=spec.softcap > 0, HAS_ALIBI=alibi_slopes is not None,
             HAS_WL=spec.window_left >= 0, HAS_WR=spec.window_right >= 0,
             HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None,
             UPCAST=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16), KV_MODE=kv_mode,
-            FUSED_MERGE=sem is not None, num_warps=num_warps, num_stages=num_stages,
+            num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
-        if splits > 1 and sem is None:
+        if splits > 1:
             _merge_kernel[(B * Sq * H,)](
                 o, lse, out, lse_out, splits,
                 o.stride(0), o.stride(1), o.stride(2), o.stride(3),
