@@ -249,10 +249,12 @@ def _interpret() -> bool:
 
 
 def choose_splits(programs: int, max_keys: int, block_n: int, slots: int, waves: int) -> int:
-    """Key pieces per row. ``programs`` (batch x KV heads x row blocks) already filling the
-    ``slots`` (SMs x programs resident per SM): none. Else the fewest pieces giving at least
-    ``waves`` waves whose last wave is >= 95% full, or as many as allowed if none does; each
-    piece at least 256 keys, at most 64 pieces (H200 sweep: benchmarks/NOTES.md, "Decode")."""
+    """Key pieces per row. None when ``programs`` (batch x KV heads x row blocks) already fill
+    the ``slots`` (SMs x programs resident per SM). Else the fewest pieces whose programs make
+    at least ``waves`` waves with the last one >= 95% full, or as many as allowed if none do;
+    each piece at least 256 keys, at most 64 pieces. H200 sweep (benchmarks/NOTES.md, "Decode"):
+    reading whole key blocks is fastest with one well-filled wave (``waves=0``), gathering a
+    block id per key with about eight (``waves=8``)."""
     if programs >= slots:
         return 1
     max_keys = max(max_keys, 1)
@@ -400,7 +402,7 @@ def decode(
     elif q.is_cuda:
         sms, smem = _sm_info(q.device)
         per_sm = max(1, min(smem // (2 * block_n * block_d * q.element_size() * max(num_stages, 1)), 64 // num_warps))
-        splits = choose_splits(programs, max_keys, block_n, sms * per_sm, 8 if kv_mode == 2 else 4)
+        splits = choose_splits(programs, max_keys, block_n, sms * per_sm, 8 if kv_mode == 2 else 0)
     else:
         splits = 1
     chunk = triton.cdiv(triton.cdiv(max_keys, splits), block_n) * block_n  # whole key blocks per piece
