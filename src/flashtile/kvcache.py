@@ -47,9 +47,7 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
                          f"and {tuple(v_cache.shape)}")  # fmt: skip
-    b = q.shape[0]
-    check_qkv(q, k_cache[:1].expand(b, *k_cache.shape[1:]), v_cache[:1].expand(b, *v_cache.shape[1:]),
-              varlen=False, names=("q", "k_cache", "v_cache"))  # fmt: skip
+    check_qkv(q, k_cache, v_cache, varlen=False, names=("q", "k_cache", "v_cache"), same_batch=False)
 
 
 def _check_values(

@@ -94,11 +94,13 @@ def check_qkv(
     *,
     varlen: bool,
     names: tuple[str, str, str] = ("q", "k", "v"),
+    same_batch: bool = True,
 ) -> None:
     """Validate rank, dtype, device, head counts, head dim and contiguity of q, k, v.
 
     Dense layout: q ``(batch, seqlen_q, nheads, headdim)``, k/v ``(batch, seqlen_k, nheads_k, headdim)``.
     Varlen layout: q ``(total_q, nheads, headdim)``, k/v ``(total_k, nheads_k, headdim)``.
+    ``same_batch=False``: k/v's first dim is not q's batch (KV caches: rows or pages).
     """
     qn, kn, vn = names
     for x, n in ((q, qn), (k, kn), (v, vn)):
@@ -116,7 +118,7 @@ def check_qkv(
             raise TypeError(f"{n} must have the same dtype as {qn} ({q.dtype}), got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{n} must be on the same device as {qn} ({q.device}), got {x.device}")
-    if not varlen and not (q.shape[0] == k.shape[0] == v.shape[0]):
+    if not varlen and same_batch and not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(
             f"{qn}, {kn}, {vn} must have the same batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}"
         )

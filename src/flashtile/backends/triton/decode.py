@@ -306,15 +306,18 @@ def _on(device: torch.device):
     return torch.cuda.device(device)
 
 
-def _config(D: int, kv_mode: int, interp: bool) -> tuple[int, int, int]:
+def _config(D: int, kv_mode: int, max_keys: int, interp: bool) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages), from the H200 sweep (benchmarks/sweep_decode.py): key
-    blocks read whole (dense, page-aligned) stream best with 8 warps and 3 stages; a block id
-    per key (small pages) with 4 warps and 2."""
+    blocks read whole (dense, page-aligned) stream best with 8 warps and 3 stages, or for short
+    caches (<= 2k keys) with 64-key blocks and more programs per SM; a block id per key (small
+    pages) with 4 warps and 2 stages."""
     if interp:
         return 32, 4, 1
     if D > 128:
         return 64, 4, 2
-    return (128, 4, 2) if kv_mode == 2 else (128, 8, 3)
+    if kv_mode == 2:
+        return 128, 4, 2
+    return (64, 4, 2) if max_keys <= 2048 else (128, 8, 3)
 
 
 def append_kv(
@@ -388,10 +391,10 @@ def decode(
     G = H // Hk
     interp = _interpret()
     page = k_cache.shape[1]
-    block_n, num_warps, num_stages = config or _config(D, 1, interp)
+    block_n, num_warps, num_stages = config or _config(D, 1, capacity, interp)
     kv_mode = 0 if dense else (1 if leftpad is None and page % block_n == 0 else 2)
     if kv_mode == 2:
-        block_n, num_warps, num_stages = config or _config(D, 2, interp)
+        block_n, num_warps, num_stages = config or _config(D, 2, capacity, interp)
     block_m = 16 if Sq * G <= 16 else (32 if interp else 64)
     block_d = max(16, triton.next_power_of_2(D))
     row_blocks = triton.cdiv(Sq * G, block_m)
