@@ -248,17 +248,18 @@ def _interpret() -> bool:
     return type(_decode_kernel).__name__ == "InterpretedFunction"
 
 
-def choose_splits(programs: int, max_keys: int, block_n: int, slots: int, waves: int) -> int:
+def choose_splits(programs: int, max_keys: int, block_n: int, slots: int, waves: int, min_keys: int = 256) -> int:
     """Key pieces per row. None when ``programs`` (batch x KV heads x row blocks) already fill
     the ``slots`` (SMs x programs resident per SM). Else the fewest pieces whose programs make
     at least ``waves`` waves with the last one >= 95% full, or as many as allowed if none do;
-    each piece at least 256 keys, at most 64 pieces. H200 sweep (benchmarks/NOTES.md, "Decode"):
-    reading whole key blocks is fastest with one well-filled wave (``waves=0``), gathering a
-    block id per key with about eight (``waves=8``)."""
+    each piece at least ``min_keys`` keys, at most 64 pieces. H200 sweep (benchmarks/NOTES.md,
+    "Decode"): reading whole key blocks is fastest with one well-filled wave (``waves=0``) and
+    pieces down to 128 keys, gathering a block id per key with about eight (``waves=8``) and
+    pieces of at least 256."""
     if programs >= slots:
         return 1
     max_keys = max(max_keys, 1)
-    top = max(1, min(64, triton.cdiv(max_keys, 256)))
+    top = max(1, min(64, triton.cdiv(max_keys, min_keys)))
     splits = 1
     for want in range(1, top + 1):
         splits = triton.cdiv(max_keys, triton.cdiv(triton.cdiv(max_keys, want), block_n) * block_n)
@@ -405,7 +406,8 @@ def decode(
     elif q.is_cuda:
         sms, smem = _sm_info(q.device)
         per_sm = max(1, min(smem // (2 * block_n * block_d * q.element_size() * max(num_stages, 1)), 64 // num_warps))
-        splits = choose_splits(programs, max_keys, block_n, sms * per_sm, 8 if kv_mode == 2 else 0)
+        gather = kv_mode == 2
+        splits = choose_splits(programs, max_keys, block_n, sms * per_sm, 8 if gather else 0, 256 if gather else 128)
     else:
         splits = 1
     chunk = triton.cdiv(triton.cdiv(max_keys, splits), block_n) * block_n  # whole key blocks per piece
