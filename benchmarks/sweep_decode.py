@@ -16,6 +16,7 @@ import itertools
 
 import torch
 import triton
+from bench_decode import graph_ms  # benchmarks/ is the script's directory
 
 from flashtile.backends.triton.decode import choose_splits, decode
 from flashtile.spec import make_spec
@@ -23,19 +24,6 @@ from flashtile.spec import make_spec
 CONFIGS = [(32, 2, 2), (32, 4, 3), (64, 2, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2),
            (128, 8, 2), (128, 8, 3)]  # fmt: skip
 SHAPES = [(1, 8192), (1, 32768), (8, 8192), (8, 32768), (64, 1024), (64, 8192), (64, 32768)]
-
-
-def graph_ms(fn) -> float:
-    """Median ms of ``fn`` replayed from a CUDA graph (no host time)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
 
 
 def _inputs(batch, L, page, h, hk, d, dtype):
@@ -79,7 +67,7 @@ def main() -> None:
             f = functools.partial(decode, q, kc, vc, table, seqlens, None, spec, sn=1, capacity=L,
                                   n_index=kc.shape[0], dense=page == 0, err=err, num_splits=splits, config=cfg)
             try:
-                ms = graph_ms(f)
+                ms = graph_ms(f, rep=100)
             except Exception as e:  # out of resources
                 print(f"  {cfg} x{mult}: {type(e).__name__}")
                 continue
