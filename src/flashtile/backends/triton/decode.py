@@ -184,7 +184,8 @@ def _append_kernel(
     HAS_LEFTPAD: tl.constexpr, HAS_BT: tl.constexpr, KV_MODE: tl.constexpr,
 ):  # fmt: skip
     """Write the new tokens ``KN/VN (B, sn, Hk, D)`` at cache positions ``SEQ[b] ..`` of row b.
-    Grid ``(B * Hk, cdiv(sn, BLOCK_T))``. A row with an out-of-range index writes nothing."""
+    Grid ``(B * Hk, cdiv(sn, BLOCK_T))``. Nothing is written for a row whose seqlens / leftpad /
+    cache row is out of range, nor for a token whose block id is."""
     b = tl.program_id(0) // Hk
     kh = tl.program_id(0) % Hk
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
