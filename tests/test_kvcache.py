@@ -8,7 +8,7 @@ import torch
 from flashtile import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from flashtile.merge import merge_states, merge_two
 from flashtile.reference import attention_ref
-from flashtile.rotary import apply_rotary_emb, rotary_cos_sin
+from flashtile.rotary import apply_rotary_at, apply_rotary_emb, rotary_cos_sin
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = 2e-5 if DEV == "cpu" else 2e-3
@@ -139,6 +139,20 @@ def test_no_new_tokens_and_int_cache_seqlens():
     out = flash_attn_with_kvcache(q[:, -1:], k, v, cache_seqlens=11)
     ref = flash_attn_func(q[:, -1:], k, v)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_rotary_positions_traced():
+    """Under torch.compile (no host check) in-range positions rotate as eagerly and
+    out-of-range ones give NaN, never an out-of-bounds read."""
+    cos, sin = rotary_cos_sin(8, 8, device=DEV)
+    x = torch.randn(2, 3, 2, 8, generator=torch.Generator().manual_seed(5)).to(DEV)
+    pos = torch.tensor([[0, 3, 7], [1, 2, 9]], device=DEV)
+    traced = torch.compile(apply_rotary_at, fullgraph=True, backend="eager")
+    got = traced(x, cos, sin, pos, False)
+    torch.testing.assert_close(got[0], apply_rotary_at(x[:1], cos, sin, pos[:1], False)[0])
+    assert torch.isnan(got[1, 2]).all() and not torch.isnan(got[1, :2]).any()
+    with pytest.raises(ValueError, match="rotary position 9"):
+        apply_rotary_at(x, cos, sin, pos, False)
 
 
 def test_varlen_prefill_from_paged_cache():
@@ -289,7 +303,8 @@ def test_decode_pages_of_whole_key_blocks(page, num_splits):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("paged", [False, True])
-def test_cuda_graph_replay(paged):
+@pytest.mark.parametrize("rotary", [False, True])
+def test_cuda_graph_replay(paged, rotary):
     """Captured in a CUDA graph (no host read-back), replays equal eager calls; a bad index
     given at replay time gives NaN rows for that sequence, never an out-of-bounds access."""
     b, s, h, hk, d = 3, 300, 8, 2, 64
@@ -304,8 +319,12 @@ def test_cuda_graph_replay(paged):
         vc, bt = torch.randn_like(kc), None
     seqlens = torch.tensor([10, 200, 299], dtype=torch.int32, device=DEV)
     kc0, vc0 = kc.clone(), vc.clone()
+    rot = {}
+    if rotary:
+        cos, sin = rotary_cos_sin(s, d // 2, device=DEV)
+        rot = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False)
     call = lambda: flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, block_table=bt, causal=True,
-                                           return_softmax_lse=True)  # fmt: skip
+                                           return_softmax_lse=True, **rot)  # fmt: skip
     ref_out, ref_lse = call()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -35,6 +35,13 @@ def rotary_cos_sin(
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
+def _can_sync(t: torch.Tensor) -> bool:
+    """Whether reading ``t`` back to the host is allowed now (not traced, not graph-captured)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def apply_rotary_at(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool = False
 ) -> torch.Tensor:
@@ -48,15 +55,20 @@ def apply_rotary_at(
         raise ValueError(f"rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2), got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")  # fmt: skip
     positions = positions.to(device=x.device, dtype=torch.long)
-    if positions.numel() and not torch.compiler.is_compiling() and (
-        int(positions.max()) >= cos.shape[0] or int(positions.min()) < 0
-    ):
-        raise ValueError(
-            f"rotary position {int(positions.max())} is out of range of rotary_cos/rotary_sin "
-            f"(seqlen_ro = {cos.shape[0]})"
-        )
-    c = cos.float()[positions].unsqueeze(-2)  # (..., s, 1, half)
-    s = sin.float()[positions].unsqueeze(-2)
+    n = cos.shape[0]
+    if not _can_sync(positions):
+        # Traced (torch.compile) or captured in a CUDA graph: no host check possible. Stay in
+        # bounds and make out-of-range positions NaN rather than silently rotated by another angle.
+        bad = (positions < 0) | (positions >= n)
+        positions = positions.clamp(0, max(n - 1, 0))
+        c = torch.where(bad[..., None], float("nan"), cos.float()[positions]).unsqueeze(-2)
+        s = torch.where(bad[..., None], float("nan"), sin.float()[positions]).unsqueeze(-2)
+    else:
+        if positions.numel() and (int(positions.max()) >= n or int(positions.min()) < 0):
+            raise ValueError(f"rotary position {int(positions.max())} is out of range of rotary_cos/rotary_sin "
+                             f"(seqlen_ro = {n})")  # fmt: skip
+        c = cos.float()[positions].unsqueeze(-2)  # (..., s, 1, half)
+        s = sin.float()[positions].unsqueeze(-2)
     xf = x[..., :rd].float()
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
