@@ -41,3 +41,10 @@ def test_memory_blowup_stops_standard_attention_at_the_limit():
     assert "would need > 8.0 MiB" in rows[1024]
     mib = [float(x) for x in re.findall(r"([0-9.]+) MiB \(", rows[512])]
     assert mib and mib[0] >= 2.0  # standard attention holds at least the 2 MiB score matrix
+
+
+def test_decode_cuda_graph_example():
+    out = _run("decode_cuda_graph.py", "--batch", "3", "--steps", "4")
+    assert "3 sequences" in out and "4 decode steps" in out
+    worst = float(re.search(r"max \|diff\| = ([0-9.e+-]+)", out).group(1))
+    assert worst <= 1e-4 and out.rstrip().endswith("OK")
