@@ -89,6 +89,35 @@ def test_decode_with_rotary(interleaved, paged):
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rotary_non_causal_with_leftpad(interleaved):
+    """Non-causal: every query rotated to position cache_seqlens - leftpad, new keys to
+    cache_seqlens - leftpad + t, against attention over the rotated keys gathered by hand."""
+    b, h, hk, d, sn, cap = 2, 4, 2, 16, 3, 24
+    g = torch.Generator(device="cpu").manual_seed(9)
+    kc = torch.randn(b, cap, hk, d, generator=g).to(DEV)
+    vc = torch.randn_like(kc)
+    q = torch.randn(b, 2, h, d, generator=g).to(DEV)
+    kn, vn = torch.randn(b, sn, hk, d, generator=g).to(DEV), torch.randn(b, sn, hk, d, generator=g).to(DEV)
+    seqlens = torch.tensor([10, 17], dtype=torch.int32, device=DEV)
+    leftpad = torch.tensor([2, 0], dtype=torch.int32, device=DEV)
+    cos, sin = rotary_cos_sin(40, 12, device=DEV)  # 12 of 16 channels rotated
+    k0, v0 = kc.clone(), vc.clone()
+    out = flash_attn_with_kvcache(q, kc, vc, kn, vn, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved,
+                                  cache_seqlens=seqlens, cache_leftpad=leftpad)  # fmt: skip
+    for i in range(b):
+        n, lp = int(seqlens[i]), int(leftpad[i])
+        knr = apply_rotary_at(kn[i : i + 1], cos, sin, torch.arange(sn, device=DEV).view(1, sn) + n - lp, interleaved)
+        keys = torch.cat([k0[i : i + 1, lp:n], knr], 1)
+        vals = torch.cat([v0[i : i + 1, lp:n], vn[i : i + 1]], 1)
+        qr = apply_rotary_at(q[i : i + 1], cos, sin, torch.full((1, 2), n - lp, device=DEV), interleaved)
+        torch.testing.assert_close(out[i : i + 1], flash_attn_func(qr, keys, vals), atol=ATOL, rtol=0)
+        torch.testing.assert_close(kc[i, n : n + sn], knr[0], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="rotary position 17 is out of range"):  # row 1's queries sit at 17
+        flash_attn_with_kvcache(q, kc, vc, rotary_cos=cos[:15], rotary_sin=sin[:15], cache_seqlens=seqlens,
+                                cache_leftpad=leftpad)  # fmt: skip
+
+
 def test_rotary_matches_complex_formula():
     q, _, _ = _qkv(1, 9, 2, 2, 8, seed=5)
     cos, sin = rotary_cos_sin(16, 8, device=DEV)

@@ -22,7 +22,7 @@ from .backends.torch_tiled import _Seq, forward_seqs
 from .interface import flash_attn_varlen_func
 from .merge import merge_states
 from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
-from .rotary import apply_rotary_at
+from .rotary import apply_rotary_at, check_rotary_tables
 from .spec import Problem, check_alibi, check_qkv, make_spec
 
 
@@ -199,12 +199,24 @@ def _positions(seqlens: torch.Tensor, leftpad: torch.Tensor | None, n: int, alon
     return base + torch.arange(n, device=seqlens.device).view(1, n) if along else base.expand(-1, n)
 
 
-def _full_checks(seqlens, leftpad, sn, capacity, cache_batch_idx, k_cache, block_table) -> None:
-    """Every index in range, with a message naming the offender (one host sync)."""
+def _full_checks(seqlens, leftpad, sn, capacity, cache_batch_idx, k_cache, block_table, rotary=None, sq=0,
+                 along=False) -> None:  # fmt: skip
+    """Every index in range, with a message naming the offender (host syncs): the cache indices,
+    then the rotary positions (new keys at ``seqlens - leftpad + t``, queries there too when
+    ``along``, else at ``seqlens - leftpad``)."""
     paged = block_table is not None
-    _check_values(seqlens.long(), torch.zeros_like(seqlens, dtype=torch.long) if leftpad is None else leftpad.long(),
-                  sn, capacity, None if cache_batch_idx is None else cache_batch_idx.long(), k_cache.shape[0],
-                  block_table, k_cache.shape[1] if paged else 0, k_cache.shape[0] if paged else 0)  # fmt: skip
+    lp = torch.zeros_like(seqlens, dtype=torch.long) if leftpad is None else leftpad.long()
+    _check_values(seqlens.long(), lp, sn, capacity, None if cache_batch_idx is None else cache_batch_idx.long(),
+                  k_cache.shape[0], block_table, k_cache.shape[1] if paged else 0,
+                  k_cache.shape[0] if paged else 0)  # fmt: skip
+    if rotary is not None and seqlens.numel():
+        last = int((seqlens.long() - lp).max()) + max(sn - 1, sq - 1 if along else 0, 0)
+        _check_rotary_end(last, rotary[0].shape[0])
+
+
+def _check_rotary_end(last: int, seqlen_ro: int) -> None:
+    if last >= seqlen_ro:
+        raise ValueError(f"rotary position {last} is out of range of rotary_cos/rotary_sin (seqlen_ro = {seqlen_ro})")
 
 
 def _triton_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, spec,
@@ -223,28 +235,26 @@ def _triton_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, c
     check = not (q.is_cuda and torch.cuda.is_current_stream_capturing())
     has_index_tensors = isinstance(cache_seqlens, torch.Tensor) or cache_batch_idx is not None \
         or cache_leftpad is not None or paged  # fmt: skip
-    if rotary is not None and check and has_index_tensors:
-        # rotary reads positions on the host anyway: check the indices first, by name
-        _full_checks(seqlens, cache_leftpad, sn, capacity, cache_batch_idx, k_cache, block_table)
+    if rotary is not None:
+        check_rotary_tables(rotary[0], rotary[1], q.shape[-1], dev)
+        if not has_index_tensors:  # positions known here: seqlens is an int, no leftpad
+            _check_rotary_end(cache_seqlens + max(sn - 1, q.shape[1] - 1 if spec.has_window else 0, 0),
+                              rotary[0].shape[0])  # fmt: skip
     table = block_table if paged else (None if cache_batch_idx is None else cache_batch_idx.view(b, 1))
     n_index = k_cache.shape[0]
     err = error_flag(dev)
     if k is not None:
-        if rotary is not None:
-            k = apply_rotary_at(k, rotary[0], rotary[1], _positions(seqlens, cache_leftpad, sn, True), rotary[2])
         append_kv(k, v, k_cache, v_cache, table, seqlens, cache_leftpad, capacity=capacity, n_index=n_index,
-                  dense=not paged, err=err)  # fmt: skip
-    if rotary is not None:
-        q = apply_rotary_at(q, rotary[0], rotary[1], _positions(seqlens, cache_leftpad, q.shape[1], spec.has_window),
-                            rotary[2])  # fmt: skip
+                  dense=not paged, err=err, rotary=rotary)  # fmt: skip
     out, lse = decode(q if q.stride(-1) == 1 else q.contiguous(), k_cache, v_cache, table, seqlens, cache_leftpad,
                       spec, sn=sn, capacity=capacity, n_index=n_index, dense=not paged, err=err,
-                      alibi_slopes=alibi, num_splits=num_splits)  # fmt: skip
-    if check and has_index_tensors and rotary is None:
+                      alibi_slopes=alibi, num_splits=num_splits, rotary=rotary)  # fmt: skip
+    if check and has_index_tensors:
         code = int(err.item())
         if code:  # this call's, or stale bits of CUDA graph replays on this stream: check by name
             err.zero_()
-            _full_checks(seqlens, cache_leftpad, sn, capacity, cache_batch_idx, k_cache, block_table)
+            _full_checks(seqlens, cache_leftpad, sn, capacity, cache_batch_idx, k_cache, block_table, rotary,
+                         q.shape[1], spec.has_window)  # fmt: skip
     return out, lse
 
 

@@ -35,6 +35,23 @@ def rotary_cos_sin(
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
+def check_rotary_tables(cos: object, sin: object, headdim: int, device: torch.device) -> None:
+    """``cos`` / ``sin``: floating tensors ``(seqlen_ro, rotary_dim / 2)`` on ``device`` with
+    ``rotary_dim <= headdim`` and a contiguous last dim."""
+    for t, n in ((cos, "rotary_cos"), (sin, "rotary_sin")):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{n} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.device != device:
+            raise ValueError(f"{n} must be on the same device as the rotated tensor ({device}), got {t.device}")
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] == 0:
+        raise ValueError(f"rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2), got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")  # fmt: skip
+    if 2 * cos.shape[1] > headdim:
+        raise ValueError(f"rotary dim {2 * cos.shape[1]} (2 * cos.shape[-1]) is larger than the head dim {headdim}")
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("rotary_cos and rotary_sin must be contiguous in their last dimension")
+
+
 def _can_sync(t: torch.Tensor) -> bool:
     """Whether reading ``t`` back to the host is allowed now (not traced, not graph-captured)."""
     if torch.compiler.is_compiling():
@@ -47,13 +64,9 @@ def apply_rotary_at(
 ) -> torch.Tensor:
     """Rotate ``x (..., seqlen, nheads, headdim)`` with token positions ``positions`` broadcastable
     to ``x.shape[:-2]`` (int tensor). Returns a new tensor."""
+    check_rotary_tables(cos, sin, x.shape[-1], x.device)
     half = cos.shape[-1]
     rd = 2 * half
-    if rd > x.shape[-1]:
-        raise ValueError(f"rotary dim {rd} (2 * cos.shape[-1]) is larger than the head dim {x.shape[-1]}")
-    if cos.shape != sin.shape or cos.dim() != 2:
-        raise ValueError(f"rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2), got "
-                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")  # fmt: skip
     positions = positions.to(device=x.device, dtype=torch.long)
     n = cos.shape[0]
     if not _can_sync(positions):

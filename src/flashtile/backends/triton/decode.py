@@ -28,7 +28,7 @@ LOG2E = 1.4426950408889634  # host side only: kernels may not read non-constexpr
 
 # Error bits a kernel ORs into ERR[0] when an index it was handed is out of range. The kernels
 # never read or write out of bounds: a row with a bad index is skipped (its output is NaN).
-ERR_SEQLENS, ERR_LEFTPAD, ERR_ROW, ERR_BLOCK = 1, 2, 4, 8
+ERR_SEQLENS, ERR_LEFTPAD, ERR_ROW, ERR_BLOCK, ERR_ROTARY = 1, 2, 4, 8, 16
 
 
 @triton.jit
@@ -51,12 +51,39 @@ def _row_checks(SEQ, LEFTPAD, BT, b, stride_btb, sn, capacity, n_index,
 
 
 @triton.jit
+def _rot_layout(offs_d, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Rotary pairing of each channel d: (partner channel, cos/sin column, sign of the partner
+    term, rotated?). Channels >= ROT_DIM pass through (partner d, sign 0)."""
+    in_rot = offs_d < ROT_DIM
+    if INTERLEAVED:  # GPT-J: (2c, 2c + 1)
+        partner = offs_d ^ 1
+        col = offs_d // 2
+        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+    else:  # NeoX: (c, c + ROT_DIM / 2)
+        lo = offs_d < ROT_DIM // 2
+        partner = tl.where(lo, offs_d + ROT_DIM // 2, offs_d - ROT_DIM // 2)
+        col = tl.where(lo, offs_d, offs_d - ROT_DIM // 2)
+        sign = tl.where(lo, -1.0, 1.0)
+    return tl.where(in_rot, partner, offs_d), tl.where(in_rot, col, 0), tl.where(in_rot, sign, 0.0), in_rot
+
+
+@triton.jit
+def _rotate(x, xp, COS, SIN, stride_ro, pos, col, sign, in_rot, mask):
+    """Rows of ``x`` (partner channels ``xp``) rotated to positions ``pos``, in fp32 (the rule
+    of :func:`flashtile.rotary.apply_rotary_at`)."""
+    cmask = mask & in_rot[None, :]
+    c = tl.load(COS + pos[:, None] * stride_ro + col[None, :], mask=cmask, other=1.0).to(tl.float32)
+    sn = tl.load(SIN + pos[:, None] * stride_ro + col[None, :], mask=cmask, other=0.0).to(tl.float32)
+    return x.to(tl.float32) * c + sign[None, :] * xp.to(tl.float32) * sn
+
+
+@triton.jit
 def _decode_kernel(
-    Q, K, V, BT, SEQ, LEFTPAD, SLOPES, O, LSE, ERR,
+    Q, K, V, BT, SEQ, LEFTPAD, SLOPES, O, LSE, ERR, COS, SIN,
     stride_qb, stride_qs, stride_qh,
     stride_kblk, stride_kt, stride_kh,
     stride_vblk, stride_vt, stride_vh,
-    stride_btb,
+    stride_btb, stride_ro, n_ro,
     stride_os, stride_ob, stride_oq, stride_oh,
     stride_ls, stride_lb, stride_lh,
     stride_ab,
@@ -65,8 +92,11 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, HAS_BT: tl.constexpr, UPCAST: tl.constexpr, KV_MODE: tl.constexpr,
+    ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, ROT_ALONG: tl.constexpr,
 ):  # fmt: skip
-    """One (batch row, KV head, key piece, block of packed query rows): the piece's (out, lse)."""
+    """One (batch row, KV head, key piece, block of packed query rows): the piece's (out, lse).
+    ``ROT_DIM`` > 0: q is rotated on load to position ``seqlens - leftpad`` (+ its index when
+    ``ROT_ALONG``) with the (n_ro, ROT_DIM / 2) tables COS / SIN."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -82,11 +112,22 @@ def _decode_kernel(
         q_mask = row_ok[:, None]
     else:
         q_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + b * stride_qb + t[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
-                mask=q_mask, other=0.0)  # fmt: skip
+    q_base = Q + b * stride_qb + t[:, None] * stride_qs + head[:, None] * stride_qh
+    q = tl.load(q_base + offs_d[None, :], mask=q_mask, other=0.0)
 
     sl, lp, row, code = _row_checks(SEQ, LEFTPAD, BT, b, stride_btb, sn, capacity, n_index,
                                     HAS_LEFTPAD, HAS_BT, KV_MODE)  # fmt: skip
+    if ROT_DIM > 0:
+        pos_q = sl - lp + t * 0  # query positions: all at the end of the cache,
+        last = sl - lp  # (the row's furthest)
+        if ROT_ALONG:  # or one each (causal / windowed)
+            pos_q = pos_q + t
+            last = last + seqlen_q - 1
+        code = code | tl.where((code == 0) & (last >= n_ro), 16, 0)
+        partner, col, sign, in_rot = _rot_layout(offs_d, ROT_DIM, INTERLEAVED)
+        r_mask = (rows < tl.where(code == 0, seqlen_q * G, 0))[:, None] & (offs_d < HEAD_DIM)[None, :]
+        qp = tl.load(q_base + partner[None, :], mask=r_mask, other=0.0)
+        q = _rotate(q, qp, COS, SIN, stride_ro, pos_q, col, sign, in_rot, r_mask).to(q.dtype)
     n_keys = tl.where(code == 0, sl + sn - lp, 0)  # keys of this row, numbered from 0 at leftpad
     off = n_keys - seqlen_q  # key column aligned with query 0
     lo = split * chunk
@@ -173,24 +214,28 @@ def _decode_kernel(
 
 @triton.jit
 def _append_kernel(
-    KN, VN, K, V, BT, SEQ, LEFTPAD, ERR,
+    KN, VN, K, V, BT, SEQ, LEFTPAD, ERR, COS, SIN,
     stride_knb, stride_knt, stride_knh,
     stride_vnb, stride_vnt, stride_vnh,
     stride_kblk, stride_kt, stride_kh,
     stride_vblk, stride_vt, stride_vh,
-    stride_btb,
+    stride_btb, stride_ro, n_ro,
     sn, capacity, n_index, page, Hk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, HAS_BT: tl.constexpr, KV_MODE: tl.constexpr,
+    ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):  # fmt: skip
     """Write the new tokens ``KN/VN (B, sn, Hk, D)`` at cache positions ``SEQ[b] ..`` of row b.
-    Grid ``(B * Hk, cdiv(sn, BLOCK_T))``. Nothing is written for a row whose seqlens / leftpad /
-    cache row is out of range, nor for a token whose block id is."""
+    Grid ``(B * Hk, cdiv(sn, BLOCK_T))``. ``ROT_DIM`` > 0: k is rotated to its position
+    ``SEQ[b] - leftpad + t`` first. Nothing is written for a row whose seqlens / leftpad / cache
+    row / rotary positions are out of range, nor for a token whose block id is."""
     b = tl.program_id(0) // Hk
     kh = tl.program_id(0) % Hk
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     sl, lp, row, code = _row_checks(SEQ, LEFTPAD, BT, b, stride_btb, sn, capacity, n_index,
                                     HAS_LEFTPAD, HAS_BT, KV_MODE)  # fmt: skip
+    if ROT_DIM > 0:
+        code = code | tl.where((code == 0) & (sl - lp + sn - 1 >= n_ro), 16, 0)
     ok = t < tl.where(code == 0, sn, 0)
     pos = sl + t
     if KV_MODE == 0:
@@ -205,7 +250,12 @@ def _append_kernel(
         tok = pos % page
     offs_d = tl.arange(0, BLOCK_D)
     mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    kn = tl.load(KN + b * stride_knb + t[:, None] * stride_knt + kh * stride_knh + offs_d[None, :], mask=mask)
+    kn_base = KN + b * stride_knb + t[:, None] * stride_knt + kh * stride_knh
+    kn = tl.load(kn_base + offs_d[None, :], mask=mask)
+    if ROT_DIM > 0:
+        partner, col, sign, in_rot = _rot_layout(offs_d, ROT_DIM, INTERLEAVED)
+        knp = tl.load(kn_base + partner[None, :], mask=mask)
+        kn = _rotate(kn, knp, COS, SIN, stride_ro, sl - lp + t, col, sign, in_rot, mask)
     vn = tl.load(VN + b * stride_vnb + t[:, None] * stride_vnt + kh * stride_vnh + offs_d[None, :], mask=mask)
     tl.store(K + blk[:, None] * stride_kblk + tok[:, None] * stride_kt + kh * stride_kh + offs_d[None, :],
              kn.to(K.dtype.element_ty), mask=mask)  # fmt: skip
@@ -335,8 +385,10 @@ def append_kv(
     n_index: int,
     dense: bool,
     err: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
 ) -> None:
-    """Write ``k, v (B, sn, Hk, D)`` into the cache at positions ``seqlens[b] ..`` (in place).
+    """Write ``k, v (B, sn, Hk, D)`` into the cache at positions ``seqlens[b] ..`` (in place),
+    rotating k first when ``rotary = (cos, sin, interleaved)`` is given.
 
     ``table``: the block table (paged) or ``cache_batch_idx`` as ``(B, 1)`` (dense; None = row b).
     Rows whose indices are out of range (against ``capacity`` positions and ``n_index`` cache
@@ -347,16 +399,19 @@ def append_kv(
         return
     block_t = min(64, max(16, triton.next_power_of_2(sn)))
     with _on(k.device):
+        cos, sin, interleaved = rotary or (None, None, False)
         _append_kernel[(B * Hk, triton.cdiv(sn, block_t))](
-            k, v, k_cache, v_cache, table, seqlens, leftpad, err,
+            k, v, k_cache, v_cache, table, seqlens, leftpad, err, cos, sin,
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             table.stride(0) if table is not None else 0,
+            cos.stride(0) if rotary else 0, cos.shape[0] if rotary else 0,
             sn, capacity, n_index, k_cache.shape[1], Hk,
             HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t,
             HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None, KV_MODE=0 if dense else 2,
+            ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved,
         )  # fmt: skip
 
 
@@ -376,6 +431,7 @@ def decode(
     err: torch.Tensor,
     alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
+    rotary: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
     config: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q (B, Sq, H, D)`` over the cache; returns (out like q, lse (B, H, Sq) fp32).
@@ -386,7 +442,9 @@ def decode(
     or (``dense``) ``cache_batch_idx`` as ``(B, 1)`` into ``(n_index, capacity, Hk, D)`` (None =
     row b). ``capacity`` (positions a row can hold) also bounds the key count, which sizes the
     splits without a host sync. Out-of-range indices set bits in ``err`` (int32 ``(1,)``) and
-    give NaN rows; nothing is read out of bounds. ``config``: (BLOCK_N, num_warps, num_stages).
+    give NaN rows; nothing is read out of bounds. ``rotary = (cos, sin, interleaved)``: q is
+    rotated on load to position ``seqlens - leftpad`` (+ its index when causal or windowed).
+    ``config``: (BLOCK_N, num_warps, num_stages).
     """
     B, Sq, H, D = q.shape
     Hk = k_cache.shape[2]
@@ -420,17 +478,19 @@ def decode(
     else:
         o = torch.empty((splits, B, Sq, H, D), dtype=torch.float32, device=q.device)
         lse = torch.empty((splits, B, H, Sq), dtype=torch.float32, device=q.device)
+    cos, sin, interleaved = rotary or (None, None, False)
     if spec.softcap > 0:
         qk_scale, cap_out = spec.softmax_scale / spec.softcap, spec.softcap * LOG2E
     else:
         qk_scale, cap_out = spec.softmax_scale * LOG2E, 0.0
     with _on(q.device):
         _decode_kernel[(B * Hk, splits, row_blocks)](
-            q, k_cache, v_cache, table, seqlens, leftpad, alibi_slopes, o, lse, err,
+            q, k_cache, v_cache, table, seqlens, leftpad, alibi_slopes, o, lse, err, cos, sin,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             table.stride(0) if table is not None else 0,
+            cos.stride(0) if rotary else 0, cos.shape[0] if rotary else 0,
             o.stride(0), o.stride(1), o.stride(2), o.stride(3),
             lse.stride(0), lse.stride(1), lse.stride(2),
             alibi_slopes.stride(0) if alibi_slopes is not None else 0,
@@ -441,6 +501,7 @@ def decode(
             HAS_WL=spec.window_left >= 0, HAS_WR=spec.window_right >= 0,
             HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None,
             UPCAST=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16), KV_MODE=kv_mode,
+            ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved, ROT_ALONG=spec.has_window,
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         if splits > 1:
