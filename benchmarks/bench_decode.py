@@ -7,7 +7,8 @@ and 256 tokens, block tables shuffled). Achieved bandwidth counts the cache byte
 the same run (bytes read + bytes written). SDPA gets the dense cache as k/v in its
 (b, h, s, d) layout (a transposed view, as a server would pass it) with ``enable_gqa=True``.
 Medians of ``triton.testing.do_bench``; flashtile is timed eagerly (the default call,
-including its one read-back of the index checks) and replayed from a CUDA graph.
+including its one read-back of the index checks) and replayed from a CUDA graph; on dense
+caches also ``flash_attn_func(q, k_cache, v_cache)`` (how the Hugging Face integration decodes).
 
     PYTHONPATH=src python benchmarks/bench_decode.py --out benchmarks/results
 """
@@ -24,7 +25,7 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flashtile import flash_attn_with_kvcache
+from flashtile import flash_attn_func, flash_attn_with_kvcache
 
 
 def copy_ceiling_gbs() -> float:
@@ -67,7 +68,9 @@ def bench_case(batch: int, L: int, page: int | None, h: int, hk: int, d: int, dt
     row = dict(batch=batch, cache_len=L, page=page or 0, flashtile_ms=ms, flashtile_gbs=nbytes / ms / 1e6)
     # the same call captured in a CUDA graph (how servers run decode): no host work, no range read-back
     row["flashtile_graph_ms"] = graph_ms(fn)
-    if page is None:  # SDPA peers on the dense cache
+    if page is None:  # SDPA peers on the dense cache, and flash_attn_func (the Hugging Face path)
+        f = lambda: flash_attn_func(q, kc, vc)
+        row["flashtile_func_ms"] = triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
         qt = q.transpose(1, 2)
         kt, vt = kc.transpose(1, 2), vc.transpose(1, 2)
         for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
@@ -103,7 +106,7 @@ def main() -> None:
                 peers = " ".join(f"{k[5:-3]}={r[k]:.3f}" for k in r if k.startswith("sdpa") and k.endswith("_ms")
                                  and r[k] is not None)  # fmt: skip
                 print(f"b={batch:3d} L={L:6d} page={page:4d} ft={r['flashtile_ms']:.4f} ms "
-                      f"graph={r['flashtile_graph_ms']:.4f} ms "
+                      f"graph={r['flashtile_graph_ms']:.4f} ms func={r.get('flashtile_func_ms') or 0:.4f} ms "
                       f"{r['flashtile_gbs']:7.0f} GB/s ({100 * r['flashtile_gbs'] / ceiling:5.1f}% of copy) {peers}",
                       flush=True)  # fmt: skip
     meta = dict(

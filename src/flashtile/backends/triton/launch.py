@@ -130,6 +130,19 @@ def _geometry(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     return False, q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1]
 
 
+def _decode_shaped(q, k, v, spec: AttnSpec, alibi_slopes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Few query rows per KV head (decoding, speculative or chunked steps): the split-KV kernel
+    of :mod:`.decode`, which reads each KV head once for its whole query group and spreads the
+    keys over the SMs, where the forward kernel would give each query head a mostly empty row
+    block and read K/V once per query head. Same semantics (bottom-right causal alignment)."""
+    from .decode import decode, error_flag
+
+    B, Sk = k.shape[0], k.shape[1]
+    seqlens = torch.full((B,), Sk, dtype=torch.int32, device=q.device)
+    return decode(q, k, v, None, seqlens, None, spec, sn=0, capacity=Sk, n_index=B, dense=True,
+                  err=error_flag(q.device), alibi_slopes=alibi_slopes)  # fmt: skip
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -157,6 +170,8 @@ def forward(
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
+    if config is None and not varlen and spec.dropout_p == 0.0 and Sq * (H // Hk) <= 64:
+        return _decode_shaped(q, k, v, spec, alibi_slopes)
     block_d = _block_d(D)
     arch = _arch(q.device)
     cfg = config or configs.fwd_config(arch, block_d, q.dtype, max(rows_q, rows_k))
