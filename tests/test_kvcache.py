@@ -23,6 +23,14 @@ def _paged_cache(b, capacity, page, hk, d, dtype, gen):
     return kc, vc, perm.view(b, nblk).to(torch.int32).to(DEV)
 
 
+def _cache(b, s, hk, d, dtype, gen, paged, page=16):
+    """A random cache of ``s`` positions per row: dense, or paged with a shuffled block table."""
+    if paged:
+        return _paged_cache(b, s, page, hk, d, dtype, gen)
+    kc = torch.randn(b, s, hk, d, generator=gen).to(DEV, dtype)
+    return kc, torch.randn_like(kc), None
+
+
 def _decode(q, k, v, *, paged, prefill, page=5, num_splits=1, rotary=None, **kw):
     """Prefill the first `prefill` tokens, then decode one token at a time; returns (out, lse)."""
     b, s, h, d = q.shape
@@ -341,11 +349,7 @@ def test_cuda_graph_replay(paged, rotary):
     q = torch.randn(b, 1, h, d, generator=g).to(DEV, torch.float16)
     kn = torch.randn(b, 1, hk, d, generator=g).to(DEV, torch.float16)
     vn = torch.randn_like(kn)
-    if paged:
-        kc, vc, bt = _paged_cache(b, s, 16, hk, d, torch.float16, g)
-    else:
-        kc = torch.randn(b, s, hk, d, generator=g).to(DEV, torch.float16)
-        vc, bt = torch.randn_like(kc), None
+    kc, vc, bt = _cache(b, s, hk, d, torch.float16, g, paged)
     seqlens = torch.tensor([10, 200, 299], dtype=torch.int32, device=DEV)
     kc0, vc0 = kc.clone(), vc.clone()
     rot = {}
@@ -385,11 +389,7 @@ def test_split_merge_repeatable_gpu(paged):
     b, s, h, hk, d = 3, 5000, 16, 4, 128
     g = torch.Generator(device="cpu").manual_seed(41)
     q = torch.randn(b, 1, h, d, generator=g).to(DEV, torch.bfloat16)
-    if paged:
-        kc, vc, bt = _paged_cache(b, s, 16, hk, d, torch.bfloat16, g)
-    else:
-        kc = torch.randn(b, s, hk, d, generator=g).to(DEV, torch.bfloat16)
-        vc, bt = torch.randn_like(kc), None
+    kc, vc, bt = _cache(b, s, hk, d, torch.bfloat16, g, paged)
     seqlens = torch.tensor([5000, 77, 2500], dtype=torch.int32, device=DEV)
     ref, ref_lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens, block_table=bt, num_splits=1,
                                            return_softmax_lse=True)  # fmt: skip
