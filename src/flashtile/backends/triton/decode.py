@@ -10,6 +10,11 @@ are packed into the rows of one program (row ``r`` = query ``r // G``, head ``kh
 so each KV head is read once per split. Each split covers a contiguous piece of the row's key
 range and writes a partial ``(out, lse)``; ``_merge_kernel`` combines the pieces by
 log-sum-exp (the rule of :func:`flashtile.merge.merge_states`, fused into one launch).
+
+``_append_kernel`` writes new tokens into the cache first. Rotary embedding is applied inside
+both kernels (k as it is written, q as it is loaded). Every index a kernel is handed is
+checked before use and reported through an error flag (``ERR_*`` bits below); nothing is
+read or written out of bounds, so the host needs at most one read-back per call.
 """
 
 from __future__ import annotations
