@@ -23,7 +23,7 @@ from .interface import flash_attn_varlen_func
 from .merge import merge_states
 from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
 from .rotary import apply_rotary_at, check_rotary_tables
-from .spec import Problem, check_alibi, check_qkv, make_spec
+from .spec import Problem, capturing, check_alibi, check_qkv, make_spec
 
 
 def _int32_vec(x: object, name: str, b: int, device: torch.device) -> torch.Tensor:
@@ -50,46 +50,56 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     check_qkv(q, k_cache, v_cache, varlen=False, names=("q", "k_cache", "v_cache"), same_batch=False)
 
 
-def _check_values(
+def _check_indices(
     seqlens: torch.Tensor,
-    leftpad: torch.Tensor,
+    leftpad: torch.Tensor | None,
     sn: int,
     capacity: int,
-    cache_rows: torch.Tensor | None,
-    n_rows: int,
+    cache_batch_idx: torch.Tensor | None,
+    k_cache: torch.Tensor,
     block_table: torch.Tensor | None,
-    page: int,
-    num_blocks: int,
+    rotary: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
+    sq: int = 0,
+    along: bool = False,
 ) -> None:
-    """Every index the kernels will use is in range. All checks run on the device and are read
-    back with one host sync (skipped while a CUDA graph is being captured); the detailed
-    message is worked out only when something is wrong."""
-    if seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+    """Every index in range, with a message naming the offender: the cache indices, then the
+    rotary positions (new keys at ``seqlens - leftpad + t``, queries there too when ``along``,
+    else at ``seqlens - leftpad``). The cache checks run on the device and are read back with
+    one host sync; the detailed message is worked out only when something is wrong. Nothing is
+    read back while a CUDA graph is being captured."""
+    if capturing(seqlens):
         return
-    checks = [(seqlens < 0) | (seqlens + sn > capacity), (leftpad < 0) | (leftpad > seqlens)]
-    if cache_rows is not None:
-        checks.append((cache_rows < 0) | (cache_rows >= n_rows))
-    if block_table is not None:
+    paged = block_table is not None
+    page, n_rows = (k_cache.shape[1] if paged else 0), k_cache.shape[0]
+    seqlens = seqlens.long()
+    lp = torch.zeros_like(seqlens) if leftpad is None else leftpad.long()
+    rows = None if cache_batch_idx is None else cache_batch_idx.long()
+    checks = [(seqlens < 0) | (seqlens + sn > capacity), (lp < 0) | (lp > seqlens)]
+    if rows is not None:
+        checks.append((rows < 0) | (rows >= n_rows))
+    if paged:
         used = (seqlens + sn + page - 1) // page
         cols = torch.arange(block_table.shape[1], device=block_table.device)
-        bad = (cols[None, :] < used[:, None]) & ((block_table < 0) | (block_table >= num_blocks))
+        bad = (cols[None, :] < used[:, None]) & ((block_table < 0) | (block_table >= n_rows))
         checks.append(bad.any(1))
     flags = torch.stack([c.any() for c in checks]).tolist() if seqlens.numel() else []
-    if not any(flags):
-        return
-    sl, lp = seqlens.tolist(), leftpad.tolist()
-    for i in range(len(sl)):
-        if sl[i] < 0 or sl[i] + sn > capacity:
-            raise ValueError(
-                f"cache_seqlens[{i}] + seqlen_new = {sl[i]} + {sn} exceeds the cache capacity {capacity}"
-                + (" (max_blocks_per_seq * page_block_size)" if block_table is not None else " (seqlen_cache)")
-            )
-        if not 0 <= lp[i] <= sl[i]:
-            raise ValueError(f"cache_leftpad[{i}] = {lp[i]} must be in [0, cache_seqlens[{i}] = {sl[i]}]")
-    if cache_rows is not None and flags[2]:
-        raise ValueError(f"cache_batch_idx entries must be in [0, {n_rows}) (rows of k_cache)")
-    check_used_blocks(block_table, [n + sn for n in sl], page, num_blocks)
-    raise AssertionError("unreachable: a range check failed without a message")  # pragma: no cover
+    if any(flags):
+        sl, lpl = seqlens.tolist(), lp.tolist()
+        for i in range(len(sl)):
+            if sl[i] < 0 or sl[i] + sn > capacity:
+                raise ValueError(
+                    f"cache_seqlens[{i}] + seqlen_new = {sl[i]} + {sn} exceeds the cache capacity {capacity}"
+                    + (" (max_blocks_per_seq * page_block_size)" if paged else " (seqlen_cache)")
+                )
+            if not 0 <= lpl[i] <= sl[i]:
+                raise ValueError(f"cache_leftpad[{i}] = {lpl[i]} must be in [0, cache_seqlens[{i}] = {sl[i]}]")
+        if rows is not None and flags[2]:
+            raise ValueError(f"cache_batch_idx entries must be in [0, {n_rows}) (rows of k_cache)")
+        check_used_blocks(block_table, [n + sn for n in sl], page, n_rows)
+        raise AssertionError("unreachable: a range check failed without a message")  # pragma: no cover
+    if rotary is not None and seqlens.numel():
+        last = int((seqlens - lp).max()) + max(sn - 1, sq - 1 if along else 0, 0)
+        _check_rotary_end(last, rotary[0].shape[0])
 
 
 def flash_attn_with_kvcache(
@@ -199,21 +209,6 @@ def _positions(seqlens: torch.Tensor, leftpad: torch.Tensor | None, n: int, alon
     return base + torch.arange(n, device=seqlens.device).view(1, n) if along else base.expand(-1, n)
 
 
-def _full_checks(seqlens, leftpad, sn, capacity, cache_batch_idx, k_cache, block_table, rotary=None, sq=0,
-                 along=False) -> None:  # fmt: skip
-    """Every index in range, with a message naming the offender (host syncs): the cache indices,
-    then the rotary positions (new keys at ``seqlens - leftpad + t``, queries there too when
-    ``along``, else at ``seqlens - leftpad``)."""
-    paged = block_table is not None
-    lp = torch.zeros_like(seqlens, dtype=torch.long) if leftpad is None else leftpad.long()
-    _check_values(seqlens.long(), lp, sn, capacity, None if cache_batch_idx is None else cache_batch_idx.long(),
-                  k_cache.shape[0], block_table, k_cache.shape[1] if paged else 0,
-                  k_cache.shape[0] if paged else 0)  # fmt: skip
-    if rotary is not None and seqlens.numel():
-        last = int((seqlens.long() - lp).max()) + max(sn - 1, sq - 1 if along else 0, 0)
-        _check_rotary_end(last, rotary[0].shape[0])
-
-
 def _check_rotary_end(last: int, seqlen_ro: int) -> None:
     if last >= seqlen_ro:
         raise ValueError(f"rotary position {last} is out of range of rotary_cos/rotary_sin (seqlen_ro = {seqlen_ro})")
@@ -232,7 +227,7 @@ def _triton_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, c
     paged = block_table is not None
     seqlens = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else \
         torch.full((b,), cache_seqlens, dtype=torch.int32, device=dev)  # fmt: skip
-    check = not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    check = not capturing(q)
     has_index_tensors = isinstance(cache_seqlens, torch.Tensor) or cache_batch_idx is not None \
         or cache_leftpad is not None or paged  # fmt: skip
     if rotary is not None:
@@ -253,8 +248,8 @@ def _triton_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, c
         code = int(err.item())
         if code:  # this call's, or stale bits of CUDA graph replays on this stream: check by name
             err.zero_()
-            _full_checks(seqlens, cache_leftpad, sn, capacity, cache_batch_idx, k_cache, block_table, rotary,
-                         q.shape[1], spec.has_window)  # fmt: skip
+            _check_indices(seqlens, cache_leftpad, sn, capacity, cache_batch_idx, k_cache, block_table, rotary,
+                           q.shape[1], spec.has_window)  # fmt: skip
     return out, lse
 
 
@@ -270,7 +265,7 @@ def _torch_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, ca
     seqlens = cache_seqlens.long() if isinstance(cache_seqlens, torch.Tensor) else \
         torch.full((b,), cache_seqlens, dtype=torch.long, device=dev)  # fmt: skip
     leftpad = torch.zeros(b, dtype=torch.long, device=dev) if cache_leftpad is None else cache_leftpad.long()
-    _full_checks(seqlens, cache_leftpad, sn, capacity, cache_batch_idx, k_cache, block_table)
+    _check_indices(seqlens, cache_leftpad, sn, capacity, cache_batch_idx, k_cache, block_table)
     # 1. rotary on the new keys, then append them in place.
     if k is not None:
         if rotary is not None:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .backends import registry
-from .spec import AttnSpec, check_cu_seqlens_values
+from .spec import AttnSpec, capturing, check_cu_seqlens_values
 
 
 def _spec(
@@ -30,7 +30,7 @@ def _seed_int(seed: Optional[torch.Tensor]) -> int:
 def _check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
     if cu_seqlens_q is None:
         return
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing(q):
         return  # values cannot be read during CUDA graph capture; shapes were checked before
     check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", q.shape[1], max_seqlen_q, "max_seqlen_q")
     check_cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", k.shape[1], max_seqlen_k, "max_seqlen_k")

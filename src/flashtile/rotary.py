@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .spec import capturing
+
 
 def rotary_cos_sin(
     seqlen: int,
@@ -52,13 +54,6 @@ def check_rotary_tables(cos: object, sin: object, headdim: int, device: torch.de
         raise ValueError("rotary_cos and rotary_sin must be contiguous in their last dimension")
 
 
-def _can_sync(t: torch.Tensor) -> bool:
-    """Whether reading ``t`` back to the host is allowed now (not traced, not graph-captured)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
 def apply_rotary_at(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool = False
 ) -> torch.Tensor:
@@ -69,7 +64,7 @@ def apply_rotary_at(
     rd = 2 * half
     positions = positions.to(device=x.device, dtype=torch.long)
     n = cos.shape[0]
-    if not _can_sync(positions):
+    if torch.compiler.is_compiling() or capturing(positions):
         # Traced (torch.compile) or captured in a CUDA graph: no host check possible. Stay in
         # bounds and make out-of-range positions NaN rather than silently rotated by another angle.
         bad = (positions < 0) | (positions >= n)

@@ -267,6 +267,11 @@ _PACKED_LAYOUTS = {
 }
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s stream is being captured into a CUDA graph (no host read-back allowed)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def unbind_packed(x: object, name: str, n: int, dim: int) -> tuple[torch.Tensor, ...]:
     """Split a packed ``qkv`` (n=3) / ``kv`` (n=2) along ``dim`` (2 dense, 1 varlen) into views,
     with an error naming ``name`` and the expected layout on a bad shape."""

@@ -89,16 +89,21 @@ def shard_cu_seqlens(cu_seqlens: torch.Tensor, group: dist.ProcessGroup | None =
     return cu_seqlens // world
 
 
+def _global_cu(cu_seqlens: torch.Tensor, full_len: int) -> list[int]:
+    """The global ``cu_seqlens`` on the host, checked against the full number of tokens."""
+    cu = cu_seqlens.tolist()
+    if cu[-1] != full_len:
+        raise ValueError(f"cu_seqlens[-1] ({cu[-1]}) must equal the full number of tokens ({full_len})")
+    return cu
+
+
 def _positions_for(
     x: torch.Tensor, dim: int, world: int, rank: int, layout: str, cu_seqlens: torch.Tensor | None, full_len: int
 ) -> torch.Tensor | None:
     """Indices of rank's tokens along ``dim`` of the full tensor (None for dense: use narrow)."""
     if cu_seqlens is None:
         return None
-    cu = cu_seqlens.tolist()
-    if cu[-1] != full_len:
-        raise ValueError(f"cu_seqlens[-1] ({cu[-1]}) must equal the full number of tokens ({full_len})")
-    return varlen_positions(cu, world, rank, layout, x.device)
+    return varlen_positions(_global_cu(cu_seqlens, full_len), world, rank, layout, x.device)
 
 
 def _take(x: torch.Tensor, dim: int, world: int, rank: int, layout: str, cu_seqlens: torch.Tensor | None):
@@ -145,9 +150,7 @@ class _Unshard(torch.autograd.Function):
         dist.all_gather(parts, x, group=group)
         full_len = x.shape[dim] * world
         if cu_seqlens is not None:
-            cu = cu_seqlens.tolist()
-            if cu[-1] != full_len:
-                raise ValueError(f"cu_seqlens[-1] ({cu[-1]}) must equal the full number of tokens ({full_len})")
+            cu = _global_cu(cu_seqlens, full_len)
             idx = torch.cat([varlen_positions(cu, world, r, layout, x.device) for r in range(world)])
             shape = list(x.shape)
             shape[dim] = full_len

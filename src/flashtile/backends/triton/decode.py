@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...spec import AttnSpec
+from ...spec import AttnSpec, capturing
 from .fwd import _mm, _mma, _tanh
 
 LOG2E = 1.4426950408889634  # host side only: kernels may not read non-constexpr globals
@@ -351,7 +351,7 @@ def error_flag(device: torch.device) -> torch.Tensor:
     flag = _ERR.get(key)
     if flag is None:
         flag = torch.zeros(1, dtype=torch.int32, device=device)
-        if not torch.cuda.is_current_stream_capturing():
+        if not capturing(flag):
             _ERR[key] = flag
     return flag
 
