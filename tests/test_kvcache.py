@@ -126,6 +126,17 @@ def test_rotary_non_causal_with_leftpad(interleaved):
                                 cache_leftpad=leftpad)  # fmt: skip
 
 
+def test_rotary_packed_positions_restart_per_sequence():
+    """With cu_seqlens, each packed sequence is rotated as if alone (positions from its offset)."""
+    cos, sin = rotary_cos_sin(32, 8, device=DEV)
+    x = torch.randn(1, 12, 2, 8, generator=torch.Generator().manual_seed(13)).to(DEV)
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32, device=DEV)
+    got = apply_rotary_emb(x[0], cos, sin, cu_seqlens=cu, max_seqlen=7, seqlen_offsets=3)
+    for a, b in ((0, 5), (5, 12)):
+        ref = apply_rotary_emb(x[:, a:b], cos, sin, seqlen_offsets=3)[0]
+        torch.testing.assert_close(got[a:b], ref)
+
+
 def test_rotary_matches_complex_formula():
     q, _, _ = _qkv(1, 9, 2, 2, 8, seed=5)
     cos, sin = rotary_cos_sin(16, 8, device=DEV)

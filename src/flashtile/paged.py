@@ -43,10 +43,13 @@ def cache_index(
     return block_table[rows, pos // page].long(), pos % page
 
 
-def packed_positions(lens: torch.Tensor, starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_positions(
+    lens: torch.Tensor, starts: torch.Tensor | None = None, total: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For sequences of ``lens`` tokens starting at cache position ``starts`` (default 0):
-    the (row, position) of every token in the packed order."""
-    total = int(lens.sum())
+    the (row, position) of every token in the packed order. ``total``: ``lens.sum()`` when
+    known (saves a host sync)."""
+    total = int(lens.sum()) if total is None else total
     b = lens.numel()
     rows = torch.repeat_interleave(torch.arange(b, device=lens.device), lens, output_size=total)
     first = torch.cumsum(lens, 0) - lens

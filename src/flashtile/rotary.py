@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .paged import packed_positions
 from .spec import capturing
 
 
@@ -121,11 +122,8 @@ def apply_rotary_emb(
     else:
         if x.dim() != 3:
             raise ValueError(f"x must be (total, nheads, headdim) with cu_seqlens, got {tuple(x.shape)}")
-        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        seq_id = torch.repeat_interleave(torch.arange(lens.numel(), device=x.device), lens.to(x.device),
-                                         output_size=x.shape[0])  # fmt: skip
-        starts = cu_seqlens[:-1].long().to(x.device)
-        pos = torch.arange(x.shape[0], device=x.device) - starts[seq_id]
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(x.device)
+        seq_id, pos = packed_positions(lens, total=x.shape[0])
         if isinstance(seqlen_offsets, torch.Tensor):
             pos = pos + seqlen_offsets.to(x.device).long()[seq_id]
         else:
