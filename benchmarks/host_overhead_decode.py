@@ -17,7 +17,7 @@ import time
 import torch
 
 from flashtile import flash_attn_with_kvcache
-from flashtile.backends.triton.decode import decode
+from flashtile.backends.triton.launch_decode import decode
 from flashtile.spec import make_spec
 
 

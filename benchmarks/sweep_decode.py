@@ -18,7 +18,7 @@ import torch
 import triton
 from bench_decode import graph_ms  # benchmarks/ is the script's directory
 
-from flashtile.backends.triton.decode import choose_splits, decode
+from flashtile.backends.triton.launch_decode import choose_splits, decode
 from flashtile.spec import make_spec
 
 CONFIGS = [(32, 2, 2), (32, 4, 3), (64, 2, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2),

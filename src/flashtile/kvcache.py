@@ -220,7 +220,7 @@ def _triton_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, c
     or writing out of bounds) and raise one error flag, read back after both are queued, so the
     host sync overlaps the work; the detailed message is worked out only on error. No read-back
     while a CUDA graph is captured (rows with a bad index then come out NaN)."""
-    from .backends.triton.decode import append_kv, decode, error_flag
+    from .backends.triton.launch_decode import append_kv, decode, error_flag
 
     b, dev = q.shape[0], q.device
     sn = 0 if k is None else k.shape[1]

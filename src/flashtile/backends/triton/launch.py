@@ -135,7 +135,7 @@ def _decode_shaped(q, k, v, spec: AttnSpec, alibi_slopes) -> tuple[torch.Tensor,
     of :mod:`.decode`, which reads each KV head once for its whole query group and spreads the
     keys over the SMs, where the forward kernel would give each query head a mostly empty row
     block and read K/V once per query head. Same semantics (bottom-right causal alignment)."""
-    from .decode import decode, error_flag
+    from .launch_decode import decode, error_flag
 
     B, Sk = k.shape[0], k.shape[1]
     seqlens = torch.full((B,), Sk, dtype=torch.int32, device=q.device)

@@ -1,0 +1,235 @@
+"""Host side of the split-KV decode kernels (:mod:`.decode`): tile configs, the number of key
+pieces, the error flag, and the ``append_kv`` / ``decode`` launchers."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+
+from ...spec import AttnSpec, capturing
+from .decode import _append_kernel, _decode_kernel, _merge_kernel
+
+LOG2E = 1.4426950408889634
+
+
+def _interpret() -> bool:
+    return type(_decode_kernel).__name__ == "InterpretedFunction"
+
+
+def choose_splits(programs: int, max_keys: int, block_n: int, slots: int, waves: int, min_keys: int = 256) -> int:
+    """Key pieces per row. None when ``programs`` (batch x KV heads x row blocks) already fill
+    the ``slots`` (SMs x programs resident per SM). Else the fewest pieces whose programs make
+    at least ``waves`` waves with the last one >= 95% full, or as many as allowed if none do;
+    each piece at least ``min_keys`` keys, at most 64 pieces. H200 sweep (benchmarks/NOTES.md,
+    "Decode"): reading whole key blocks is fastest with one well-filled wave (``waves=0``) and
+    pieces down to 128 keys, gathering a block id per key with about eight (``waves=8``) and
+    pieces of at least 256."""
+    if programs >= slots:
+        return 1
+    max_keys = max(max_keys, 1)
+    top = max(1, min(64, triton.cdiv(max_keys, min_keys)))
+    splits = 1
+    for want in range(1, top + 1):
+        splits = triton.cdiv(max_keys, triton.cdiv(triton.cdiv(max_keys, want), block_n) * block_n)
+        total = programs * splits
+        if total >= waves * slots and total / (slots * triton.cdiv(total, slots)) >= 0.95:
+            break
+    return splits
+
+
+_SMS: dict[int, tuple[int, int]] = {}
+
+
+def _sm_info(device: torch.device) -> tuple[int, int]:
+    """(SM count, shared memory bytes per SM) of a CUDA device."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        p = torch.cuda.get_device_properties(idx)
+        _SMS[idx] = (p.multi_processor_count, getattr(p, "shared_memory_per_multiprocessor", 0) or 228 * 1024)
+    return _SMS[idx]
+
+
+_ERR: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def error_flag(device: torch.device) -> torch.Tensor:
+    """The int32 ``(1,)`` flag the kernels OR error bits into. On CUDA one per (device, stream),
+    reused so that a call needs no memset: whoever reads it non-zero resets it (bits may be
+    stale, from CUDA graph replays that read nothing back). One made while a graph is being
+    captured belongs to that graph (zeroed on each replay) and is not kept."""
+    if device.type != "cuda":
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    flag = _ERR.get(key)
+    if flag is None:
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        if not capturing(flag):
+            _ERR[key] = flag
+    return flag
+
+
+def _on(device: torch.device):
+    """Make ``device`` current for a launch (a no-op when it already is)."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def _config(D: int, kv_mode: int, max_keys: int, interp: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages), from the H200 sweep (benchmarks/sweep_decode.py): key
+    blocks read whole (dense, page-aligned) stream best with 8 warps and 3 stages, or for short
+    caches (<= 2k keys) with 64-key blocks and more programs per SM; a block id per key (small
+    pages) with 4 warps and 2 stages."""
+    if interp:
+        return 32, 4, 1
+    if D > 128:
+        return 64, 4, 2
+    if kv_mode == 2:
+        return 128, 4, 2
+    return (64, 4, 2) if max_keys <= 2048 else (128, 8, 3)
+
+
+def append_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor | None,
+    seqlens: torch.Tensor,
+    leftpad: torch.Tensor | None,
+    *,
+    capacity: int,
+    n_index: int,
+    dense: bool,
+    err: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
+) -> None:
+    """Write ``k, v (B, sn, Hk, D)`` into the cache at positions ``seqlens[b] ..`` (in place),
+    rotating k first when ``rotary = (cos, sin, interleaved)`` is given.
+
+    ``table``: the block table (paged) or ``cache_batch_idx`` as ``(B, 1)`` (dense; None = row b).
+    Rows whose indices are out of range (against ``capacity`` positions and ``n_index`` cache
+    blocks / rows) write nothing and set bits in ``err`` (int32 ``(1,)``).
+    """
+    B, sn, Hk, D = k.shape
+    if B == 0 or sn == 0:
+        return
+    block_t = min(64, max(16, triton.next_power_of_2(sn)))
+    with _on(k.device):
+        cos, sin, interleaved = rotary or (None, None, False)
+        _append_kernel[(B * Hk, triton.cdiv(sn, block_t))](
+            k, v, k_cache, v_cache, table, seqlens, leftpad, err, cos, sin,
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            table.stride(0) if table is not None else 0,
+            cos.stride(0) if rotary else 0, cos.shape[0] if rotary else 0,
+            sn, capacity, n_index, k_cache.shape[1], Hk,
+            HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t,
+            HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None, KV_MODE=0 if dense else 2,
+            ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved,
+        )  # fmt: skip
+
+
+def decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor | None,
+    seqlens: torch.Tensor,
+    leftpad: torch.Tensor | None,
+    spec: AttnSpec,
+    *,
+    sn: int,
+    capacity: int,
+    n_index: int,
+    dense: bool,
+    err: torch.Tensor,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    rotary: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
+    config: tuple[int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q (B, Sq, H, D)`` over the cache; returns (out like q, lse (B, H, Sq) fp32).
+
+    Row ``b``'s keys are cache positions ``[leftpad[b], seqlens[b] + sn)`` (``leftpad`` None = 0):
+    ``seqlens`` int32 ``(B,)`` counts the tokens before the ``sn`` new ones. ``table``: int32
+    block table ``(B, max_blocks)`` into the first dim of a paged cache ``(n_index, page, Hk, D)``,
+    or (``dense``) ``cache_batch_idx`` as ``(B, 1)`` into ``(n_index, capacity, Hk, D)`` (None =
+    row b). ``capacity`` (positions a row can hold) also bounds the key count, which sizes the
+    splits without a host sync. Out-of-range indices set bits in ``err`` (int32 ``(1,)``) and
+    give NaN rows; nothing is read out of bounds. ``rotary = (cos, sin, interleaved)``: q is
+    rotated on load to position ``seqlens - leftpad`` (+ its index when causal or windowed).
+    ``config``: (BLOCK_N, num_warps, num_stages).
+    """
+    B, Sq, H, D = q.shape
+    Hk = k_cache.shape[2]
+    G = H // Hk
+    interp = _interpret()
+    page = k_cache.shape[1]
+    block_n, num_warps, num_stages = config or _config(D, 1, capacity, interp)
+    kv_mode = 0 if dense else (1 if leftpad is None and page % block_n == 0 else 2)
+    if kv_mode == 2:
+        block_n, num_warps, num_stages = config or _config(D, 2, capacity, interp)
+    block_m = 16 if Sq * G <= 16 else (32 if interp else 64)
+    block_d = max(16, triton.next_power_of_2(D))
+    row_blocks = triton.cdiv(Sq * G, block_m)
+    max_keys = max(capacity, 1)
+    programs = B * Hk * row_blocks
+    if num_splits > 0:
+        splits = num_splits
+    elif q.is_cuda:
+        sms, smem = _sm_info(q.device)
+        per_sm = max(1, min(smem // (2 * block_n * block_d * q.element_size() * max(num_stages, 1)), 64 // num_warps))
+        gather = kv_mode == 2
+        splits = choose_splits(programs, max_keys, block_n, sms * per_sm, 8 if gather else 0, 256 if gather else 128)
+    else:
+        splits = 1
+    chunk = triton.cdiv(triton.cdiv(max_keys, splits), block_n) * block_n  # whole key blocks per piece
+    splits = triton.cdiv(max_keys, chunk)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse_out = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    if splits == 1:  # the kernel writes the result itself
+        o, lse = out.unsqueeze(0), lse_out.unsqueeze(0)
+    else:
+        o = torch.empty((splits, B, Sq, H, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((splits, B, H, Sq), dtype=torch.float32, device=q.device)
+    cos, sin, interleaved = rotary or (None, None, False)
+    if spec.softcap > 0:
+        qk_scale, cap_out = spec.softmax_scale / spec.softcap, spec.softcap * LOG2E
+    else:
+        qk_scale, cap_out = spec.softmax_scale * LOG2E, 0.0
+    with _on(q.device):
+        _decode_kernel[(B * Hk, splits, row_blocks)](
+            q, k_cache, v_cache, table, seqlens, leftpad, alibi_slopes, o, lse, err, cos, sin,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            table.stride(0) if table is not None else 0,
+            cos.stride(0) if rotary else 0, cos.shape[0] if rotary else 0,
+            o.stride(0), o.stride(1), o.stride(2), o.stride(3),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            alibi_slopes.stride(0) if alibi_slopes is not None else 0,
+            Sq, sn, capacity, n_index, page, chunk, Hk, G,
+            qk_scale, cap_out, spec.window_left, spec.window_right,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_SOFTCAP=spec.softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+            HAS_WL=spec.window_left >= 0, HAS_WR=spec.window_right >= 0,
+            HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None,
+            UPCAST=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16), KV_MODE=kv_mode,
+            ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved, ROT_ALONG=spec.has_window,
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        if splits > 1:
+            _merge_kernel[(B * Sq * H,)](
+                o, lse, out, lse_out, splits,
+                o.stride(0), o.stride(1), o.stride(2), o.stride(3),
+                lse.stride(0), lse.stride(1), lse.stride(2),
+                out.stride(0), out.stride(1), out.stride(2),
+                lse_out.stride(0), lse_out.stride(1),
+                H, Sq, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+            )  # fmt: skip
+    return out, lse_out
