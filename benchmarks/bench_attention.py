@@ -105,15 +105,14 @@ def _flashtile():
     except Exception as e:  # the public API not there: call the backend directly
         print("flashtile API unavailable, timing the backend directly:", e)
         from flashtile.backends.triton import backend
-        from flashtile.spec import make_spec
+        from flashtile.spec import make_call
 
         class _Fn(torch.autograd.Function):
             @staticmethod
             def forward(ctx, q, k, v, causal):
-                spec = make_spec(headdim=q.shape[-1], dropout_p=0.0, softmax_scale=None, causal=causal,
+                spec = make_call(headdim=q.shape[-1], dropout_p=0.0, softmax_scale=None, causal=causal,
                                  window_size=(-1, -1), softcap=0.0, deterministic=False)
-                kw = dict(cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1],
-                          alibi_slopes=None, seed=0)
+                kw = {}  # the call carries every option
                 out, lse = backend.forward(q, k, v, spec, **kw)
                 ctx.save_for_backward(q, k, v, out, lse)
                 ctx.spec, ctx.kw = spec, kw
@@ -177,15 +176,14 @@ def time_impl(fn, layout, b, h, s, d, causal, mode, dtype=torch.bfloat16):
 
 
 def _sweep_inputs(d, causal, s, b=None):
-    from flashtile.spec import make_spec
+    from flashtile.spec import make_call
 
     h = 2048 // d
     b = b or max(1, 16384 // s)
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    spec = make_spec(headdim=d, dropout_p=0.0, softmax_scale=None, causal=causal, window_size=(-1, -1),
+    spec = make_call(headdim=d, dropout_p=0.0, softmax_scale=None, causal=causal, window_size=(-1, -1),
                      softcap=0.0, deterministic=False)
-    kw = dict(cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=s, max_seqlen_k=s, alibi_slopes=None, seed=0)
-    return q, k, v, spec, kw
+    return q, k, v, spec, {}  # the call carries every option
 
 
 def _compile_one(job):
@@ -266,9 +264,9 @@ def sweep(hdims, seqlen, jobs_parallel=8, short=False):
 
 def apply_winners(winners, short=False):
     """Use the sweep's winners for the rest of this run (configs.py keeps the recorded ones)."""
-    from flashtile.backends.triton import configs
+    from flashtile.backends.triton import configs, launch
 
-    arch = configs.arch_of(torch.device("cuda"))
+    arch = launch.arch(torch.device("cuda"))
     for (kind, d), cfg in winners.items():
         if short:
             table = configs._FWD_SHORT if kind == "fwd" else configs._BWD_SHORT

@@ -57,7 +57,7 @@ from flashtile.distributed import (  # noqa: E402
     ulysses_flash_attn_varlen_func,
 )
 from flashtile.reference import attention_ref  # noqa: E402
-from flashtile.spec import Problem, make_spec  # noqa: E402
+from flashtile.spec import Problem, make_call  # noqa: E402
 
 FWD_ATOL = {torch.float32: 5e-6, torch.bfloat16: 8e-3}
 BWD_ATOL = {torch.float32: 5e-5, torch.bfloat16: 1e-2}
@@ -334,7 +334,7 @@ def _worker(rank: int, world: int, init: str, args) -> None:
                             timeout=_dt.timedelta(seconds=args.timeout), **kw)  # fmt: skip
     report = {"env": _env_info(device), "world": world, "device": args.device, "args": vars(args)}
     with flashtile.use_backend(args.backend):
-        spec = make_spec(headdim=args.headdim, dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1),
+        spec = make_call(headdim=args.headdim, dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1),
                          softcap=0.0, deterministic=False)  # fmt: skip
         prob = Problem(batch=1, seqlen_q=4096, seqlen_k=4096, nheads=args.heads, nheads_k=args.heads_k or args.heads,
                        headdim=args.headdim, dtype=DTYPES[args.dtype], device=device)  # fmt: skip

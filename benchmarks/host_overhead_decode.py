@@ -18,7 +18,7 @@ import torch
 
 from flashtile import flash_attn_with_kvcache
 from flashtile.backends.triton.launch_decode import decode
-from flashtile.spec import make_spec
+from flashtile.spec import make_call
 
 
 def per_call_us(fn, n: int = 2000) -> float:
@@ -39,7 +39,7 @@ def main() -> None:
     vc = torch.randn_like(kc)
     seqlens = torch.full((b,), L - 1, dtype=torch.int32, device="cuda")
     err = torch.zeros(1, dtype=torch.int32, device="cuda")
-    spec = make_spec(headdim=d, dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+    spec = make_call(headdim=d, dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
                      deterministic=False)  # fmt: skip
     cases = {
         "call, cache_seqlens tensor (read-back)": lambda: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens),

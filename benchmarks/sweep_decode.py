@@ -19,7 +19,7 @@ import triton
 from bench_decode import graph_ms  # benchmarks/ is the script's directory
 
 from flashtile.backends.triton.launch_decode import choose_splits, decode
-from flashtile.spec import make_spec
+from flashtile.spec import make_call
 
 CONFIGS = [(32, 2, 2), (32, 4, 3), (64, 2, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2),
            (128, 8, 2), (128, 8, 3)]  # fmt: skip
@@ -53,7 +53,7 @@ def main() -> None:
     ceil = 2 * n / triton.testing.do_bench(functools.partial(dst.copy_, src), warmup=20, rep=200,
                                            return_mode="median") / 1e6  # fmt: skip
     del src, dst
-    spec = make_spec(headdim=d, dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
+    spec = make_call(headdim=d, dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
                      deterministic=False)  # fmt: skip
     print(f"copy ceiling {ceil:.0f} GB/s")
     for (batch, L), page in itertools.product(shapes, pages):

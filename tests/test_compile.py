@@ -16,7 +16,9 @@ from flashtile import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
+    ops,
 )
+from flashtile.spec import AttnCall
 
 
 @pytest.fixture(autouse=True)
@@ -200,7 +202,10 @@ def _fwd_args(backend, device, *, varlen=False, options=False):
     q, k, v = leaves(q, k, v)
     seed = torch.tensor(1234, dtype=torch.int64) if options else None
     window, softcap, p = ((3, -1), 2.0, 0.25) if options else ((-1, 0), 0.0, 0.0)
-    return (q, k, v, cq, ck, mq, mk, alibi, seed, 0.25, *window, softcap, p, True, backend)
+    call = AttnCall(softmax_scale=0.25, window_left=window[0], window_right=window[1], softcap=softcap, dropout_p=p,
+                    deterministic=True, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=mq, max_seqlen_k=mk,
+                    alibi_slopes=alibi, seed=seed)  # fmt: skip
+    return (q, k, v, *ops.flatten(call), backend)
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])

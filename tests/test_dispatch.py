@@ -10,7 +10,8 @@ from conftest import qkv_inputs, requires_cuda
 import flashtile
 from flashtile import BackendUnavailableError, dispatch, flash_attn_func
 from flashtile.backends import registry
-from flashtile.spec import Problem, make_spec
+from flashtile.backends.base import Capabilities
+from flashtile.spec import FEATURES, AttnCall, Problem, make_call
 
 
 @pytest.fixture(autouse=True)
@@ -27,23 +28,23 @@ def problem(device="cpu", dtype=torch.float32, d=64, **kw) -> Problem:
 
 
 def spec(d=64, **kw):
-    base = dict(headdim=d, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                deterministic=False)  # fmt: skip
-    base.update(kw)
-    return make_spec(**base)
+    return make_call(headdim=d, **kw)
 
 
 class Recorder:
     """A backend that delegates to the torch engine and records its calls."""
 
-    def __init__(self, name="recorder", reason=None):
+    def __init__(self, name="recorder", reason=None, capabilities=None):
         self.name, self.reason, self.calls = name, reason, []
         self._torch = dispatch.backends()["torch"]
+        self.capabilities = capabilities or Capabilities(
+            priority=-10, dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}), max_headdim=256
+        )
 
     def available(self):
         return None
 
-    def supports(self, problem, spec):
+    def supports(self, problem, call):
         return self.reason
 
     def forward(self, *args, **kwargs):
@@ -70,7 +71,11 @@ def test_auto_picks_torch_on_cpu(monkeypatch, dtype, interpret):
     assert dispatch.requested() == "auto"
     assert dispatch.choose(problem(dtype=dtype), spec()) == "torch"
     assert dispatch.choose(problem(d=512), spec(d=512)) == "torch"
-    assert dispatch.choose(problem(varlen=True, has_alibi=True), spec(causal=True, dropout_p=0.1)) == "torch"
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32)
+    full = spec(causal=True, dropout_p=0.1, softcap=5.0, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                alibi_slopes=torch.ones(2, 4))  # fmt: skip
+    assert full.features() == {"causal", "dropout", "softcap", "varlen", "alibi"}
+    assert dispatch.choose(problem(), full) == "torch"
 
 
 @requires_cuda
@@ -158,3 +163,56 @@ def test_backend_result_identical_to_torch(recorder):
         b = flash_attn_func(*inputs, causal=True)
     assert recorder.calls == ["forward"]
     assert torch.equal(a, b)
+
+
+def test_auto_orders_by_declared_priority(monkeypatch):
+    """auto tries the highest priority first: a usable backend that outranks the others wins,
+    with no list of names to edit; report() lists backends in that order."""
+    top = Recorder("top", capabilities=Capabilities(priority=100, dtypes=frozenset({torch.float32}), max_headdim=64))
+    monkeypatch.setitem(registry(), top.name, top)
+    assert list(dispatch.backends())[0] == "top"
+    assert dispatch.report()[0][0] == "top"
+    assert dispatch.choose(problem(), spec()) == "top"
+    # its declarations exclude fp16 and head dim 128: auto falls through to the next backend
+    assert dispatch.choose(problem(dtype=torch.float16), spec()) != "top"
+    assert dispatch.choose(problem(d=128), spec(d=128)) != "top"
+
+
+def test_declared_capabilities_explain_refusals(monkeypatch):
+    caps = Capabilities(priority=-5, dtypes=frozenset({torch.float16}), max_headdim=128,
+                        features=FEATURES - {"softcap"})  # fmt: skip
+    rec = Recorder("narrow", capabilities=caps)
+    monkeypatch.setitem(registry(), rec.name, rec)
+    f16 = problem(dtype=torch.float16)
+    assert dispatch.why_not("narrow", f16, spec()) is None
+    assert dispatch.why_not("narrow", problem(), spec()) == "dtype torch.float32 is not supported (float16)"
+    assert dispatch.why_not("narrow", problem(dtype=torch.float16, d=256), spec(d=256)) == "head dim 256 > 128"
+    assert dispatch.why_not("narrow", f16, spec(softcap=30.0)) == "does not implement softcap"
+    assert dispatch.why_not("narrow", f16, spec(), decode=True) == "does not implement KV-cache decoding"
+    with flashtile.use_backend("narrow"), pytest.raises(BackendUnavailableError, match="does not implement softcap"):
+        flash_attn_func(*qkv_inputs(1, 8, 8, 2, 2, 16, torch.float16, "cpu"), softcap=30.0)
+
+
+def test_every_registered_backend_declares_capabilities():
+    for name, be in dispatch.backends().items():
+        caps = be.capabilities
+        assert isinstance(caps, Capabilities), name
+        assert caps.features <= FEATURES, f"{name} declares unknown features {caps.features - FEATURES}"
+    assert dispatch.backends()["torch"].capabilities.decode
+
+
+def test_op_schema_is_derived_from_the_carrier():
+    """Every field of AttnCall crosses the custom-op boundary, in order, and comes back intact."""
+    import dataclasses
+
+    from flashtile import ops
+
+    schema = str(torch.ops.flashtile.attn_fwd.default._schema)
+    names = [f.name for f in dataclasses.fields(AttnCall)]
+    positions = [schema.index(f" {n},") for n in names]
+    assert positions == sorted(positions)
+    call = spec(causal=True, softcap=2.0, dropout_p=0.25, seed=torch.tensor(7), alibi_slopes=torch.ones(1, 2))
+    back = ops.unflatten(ops.flatten(call))
+    for n in names:
+        a, b = getattr(call, n), getattr(back, n)
+        assert a is b or a == b, n

@@ -42,7 +42,7 @@ from flashtile.distributed.shard import chunk_ids, positions
 from flashtile.mask import visible
 from flashtile.reference import attention_ref
 from flashtile.rng import draw_seed, dropout_mask
-from flashtile.spec import make_spec
+from flashtile.spec import make_call
 
 # ----------------------------------------------------------------------------------------------
 # the planner, without processes
@@ -193,7 +193,7 @@ def _ring_dropout_case(group, layout, *, b=2, s=32, h=4, hk=2, d=16, p=0.3, caus
     q, k, v, dout = _inputs(99, [(b, s, h, d), (b, s, hk, d), (b, s, hk, d), (b, s, h, d)])
     torch.manual_seed(1234)
     base = int(draw_seed(torch.device("cpu")))
-    spec = make_spec(headdim=d, dropout_p=p, softmax_scale=None, causal=causal, window_size=(-1, -1), softcap=0.0,
+    spec = make_call(headdim=d, dropout_p=p, softmax_scale=None, causal=causal, window_size=(-1, -1), softcap=0.0,
                      deterministic=False)  # fmt: skip
     keep = torch.ones(b, h, s, s, dtype=torch.bool)
     sl = s // world
@@ -204,7 +204,7 @@ def _ring_dropout_case(group, layout, *, b=2, s=32, h=4, hk=2, d=16, p=0.3, caus
             pk = positions(s, world, src, layout)
             for c in calls[src]:
                 rows, cols = pq[range(sl)[c.q_sel]], pk[range(sl)[c.k_sel]]
-                m = dropout_mask(int(c.seed), p, b, h, len(rows), len(cols))
+                m = dropout_mask(int(c.call.seed), p, b, h, len(rows), len(cols))
                 keep[:, :, rows.view(-1, 1), cols.view(1, -1)] = m
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     out, _ = attention_ref(*leaves, causal=causal, dropout_p=p, dropout_mask=keep)

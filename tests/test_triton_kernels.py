@@ -28,10 +28,11 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
 
 pytest.importorskip("triton")
 
+from flashtile import dispatch  # noqa: E402
 from flashtile.backends.triton import backend  # noqa: E402
 from flashtile.reference import attention_ref  # noqa: E402
 from flashtile.rng import dropout_mask  # noqa: E402
-from flashtile.spec import Problem, make_spec  # noqa: E402
+from flashtile.spec import Problem, make_call  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16, torch.float32]
@@ -47,7 +48,7 @@ BWD_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}
 
 
 def _spec(d, causal=False, window=(-1, -1), softcap=0.0, dropout_p=0.0, deterministic=False):
-    return make_spec(headdim=d, dropout_p=dropout_p, softmax_scale=None, causal=causal, window_size=window,
+    return make_call(headdim=d, dropout_p=dropout_p, softmax_scale=None, causal=causal, window_size=window,
                      softcap=softcap, deterministic=deterministic)
 
 
@@ -90,9 +91,10 @@ def _check_lse(lse, lse_ref):
 def _call(q, k, v, spec, *, alibi=None, seed=0, cu=None, maxs=None):
     cu_q, cu_k = cu if cu is not None else (None, None)
     mq, mk = maxs if maxs is not None else (q.shape[1], k.shape[1])
-    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk, alibi_slopes=alibi, seed=seed)
-    out, lse = backend.forward(q, k, v, spec, **kw)
-    return out, lse, kw
+    varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk) if cu is not None else {}
+    call = dataclasses.replace(spec, alibi_slopes=alibi, seed=torch.tensor(seed), **varlen)
+    out, lse = backend.forward(q, k, v, call)
+    return out, lse, call
 
 
 def _atomic_config(d, dtype):
@@ -102,12 +104,12 @@ def _atomic_config(d, dtype):
     return dataclasses.replace(launch.bwd_config_for(DEVICE, d, dtype), atomic_dq=True)
 
 
-def _backward(dout, q, k, v, out, lse, spec, kw, bwd_config=None):
+def _backward(dout, q, k, v, out, lse, call, bwd_config=None):
     if bwd_config is None:
-        return backend.backward(dout, q, k, v, out, lse, spec, **kw)
+        return backend.backward(dout, q, k, v, out, lse, call)
     from flashtile.backends.triton import launch
 
-    return launch.backward(dout, q, k, v, out, lse, spec, **kw, config=bwd_config)
+    return launch.backward(dout, q, k, v, out, lse, call, config=bwd_config)
 
 
 def run_dense(b, sq, sk, h, hk, d, dtype, *, causal=False, window=(-1, -1), softcap=0.0, alibi=None,
@@ -118,7 +120,7 @@ def run_dense(b, sq, sk, h, hk, d, dtype, *, causal=False, window=(-1, -1), soft
     v = torch.randn(b, sk, hk, d, device=DEVICE, dtype=dtype)
     slopes_ref, slopes = _slopes(alibi, b, h)
     spec = _spec(d, causal, window, softcap, dropout_p)
-    assert backend.supports(Problem(b, sq, sk, h, hk, d, dtype, DEVICE, has_alibi=alibi is not None), spec) is None
+    assert dispatch.why_not("triton", Problem(b, sq, sk, h, hk, d, dtype, DEVICE), spec) is None
     out, lse, kw = _call(q, k, v, spec, alibi=slopes, seed=seed)
     assert out.shape == q.shape and out.dtype == dtype
     assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
@@ -131,7 +133,7 @@ def run_dense(b, sq, sk, h, hk, d, dtype, *, causal=False, window=(-1, -1), soft
     _check_lse(lse, lse_ref)
     if not bwd:
         return
-    grads = _backward(dout, q, k, v, out, lse, spec, kw, bwd_config)
+    grads = _backward(dout, q, k, v, out, lse, kw, bwd_config)
     for name, g, gr, gp, x in zip(("dq", "dk", "dv"), grads, g_ref, g_pt, (q, k, v), strict=True):
         assert g.shape == x.shape and g.dtype == x.dtype
         _check_close(name, g, gr, gp, 3, BWD_ATOL[dtype])
@@ -275,7 +277,7 @@ def test_varlen(causal, window, alibi, dropout_p, atomic):
     o_pt, _, g_pt = _varlen_ref(q, k, v, cu_q, cu_k, upcast=False, dout=dout, **rkw)
     _check_close("out", out[0], o_ref, o_pt, 2, FWD_ATOL[dtype])
     _check_lse(lse[0], lse_ref)
-    grads = _backward(dout[None], q[None], k[None], v[None], out, lse, spec, kw, bwd_config)
+    grads = _backward(dout[None], q[None], k[None], v[None], out, lse, kw, bwd_config)
     for name, g, gr, gp in zip(("dq", "dk", "dv"), grads, g_ref, g_pt, strict=True):
         _check_close(name, g[0], gr, gp, 3, BWD_ATOL[dtype])
 
@@ -293,11 +295,11 @@ def test_deterministic_bitwise(dropout_p):
     spec = _spec(d, causal=True, dropout_p=dropout_p, deterministic=True)
     out, lse, kw = _call(q, k, v, spec, seed=5)
     dout = torch.randn_like(out)
-    first = backend.backward(dout, q, k, v, out, lse, spec, **kw)
+    first = backend.backward(dout, q, k, v, out, lse, kw)
     out2, lse2, _ = _call(q, k, v, spec, seed=5)
     assert torch.equal(out, out2) and torch.equal(lse, lse2)
     for _ in range(2):
-        again = backend.backward(dout, q, k, v, out, lse, spec, **kw)
+        again = backend.backward(dout, q, k, v, out, lse, kw)
         for a, b_ in zip(first, again, strict=True):
             assert torch.equal(a, b_)
 
@@ -321,18 +323,18 @@ def test_strided_inputs():
     ref, _ = attention_ref(q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
     pt, _ = attention_ref(q, k, v, causal=True, upcast=False)
     _check_close("out", out, ref, pt, 2, FWD_ATOL[torch.float16])
-    dq, dk, dv = backend.backward(torch.ones_like(out), q, k, v, out, lse, spec, **kw)
+    dq, dk, dv = backend.backward(torch.ones_like(out), q, k, v, out, lse, kw)
     assert dq.shape == q.shape and dk.shape == k.shape and torch.isfinite(dq).all()
 
 
 def test_supports_reasons():
     spec = _spec(64)
     ok = Problem(1, 8, 8, 2, 2, 64, torch.float16, DEVICE)
-    assert backend.supports(ok, spec) is None
+    assert dispatch.why_not("triton", ok, spec) is None
     big = Problem(1, 8, 8, 2, 2, 320, torch.float16, DEVICE)
-    assert "head dim" in backend.supports(big, spec)
+    assert "head dim 320 > 256" in dispatch.why_not("triton", big, spec)
     f64 = Problem(1, 8, 8, 2, 2, 64, torch.float64, DEVICE)
-    assert backend.supports(f64, spec) is not None
+    assert "dtype torch.float64 is not supported" in dispatch.why_not("triton", f64, spec)
     assert backend.name == "triton" and backend.available() is None
 
 

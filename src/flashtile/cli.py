@@ -39,7 +39,7 @@ from .interface import flash_attn_func, flash_attn_varlen_func
 from .padding import pad_input
 from .reference import attention_ref
 from .rng import draw_seed, dropout_mask
-from .spec import Problem, make_spec
+from .spec import Problem, make_call
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _GiB = 2**30
@@ -180,7 +180,7 @@ def _auto_pick(device_type: str, dtype: torch.dtype) -> str:
     """The backend ``auto`` would pick for a plain call on this device type and dtype."""
     problem = Problem(batch=1, seqlen_q=128, seqlen_k=128, nheads=8, nheads_k=8, headdim=64, dtype=dtype,
                       device=torch.device(device_type))  # fmt: skip
-    spec = make_spec(headdim=64, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+    spec = make_call(headdim=64, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                      deterministic=False)  # fmt: skip
     with dispatch.use_backend("auto"):
         try:
@@ -654,7 +654,7 @@ def bench_case(c: dict, isolated: bool = False) -> dict:
 def _chosen_backend(c: dict, device: torch.device, dtype: torch.dtype) -> str:
     problem = Problem(batch=c["batch"], seqlen_q=c["seqlen"], seqlen_k=c["seqlen"], nheads=c["heads"],
                       nheads_k=c["heads"], headdim=c["headdim"], dtype=dtype, device=device)  # fmt: skip
-    spec = make_spec(headdim=c["headdim"], dropout_p=0.0, softmax_scale=None, causal=c["causal"],
+    spec = make_call(headdim=c["headdim"], dropout_p=0.0, softmax_scale=None, causal=c["causal"],
                      window_size=(-1, -1), softcap=0.0, deterministic=False)  # fmt: skip
     with dispatch.use_backend(c.get("backend") or "auto"):
         return dispatch.choose(problem, spec)

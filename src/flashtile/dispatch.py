@@ -1,28 +1,32 @@
-"""Backend selection: each backend says what it supports, and why not.
+"""Backend selection from the backends' own declarations, and why not.
 
-``FLASHTILE_BACKEND=auto|torch|triton`` (or :func:`use_backend`) chooses. ``auto`` takes the
-first backend, in order of preference, that is available in this process and serves the call
-(``triton`` only for CUDA tensors); a forced backend that cannot serve a call raises
-:class:`BackendUnavailableError` with the reason.
+Backends register themselves (:func:`flashtile.backends.base.register`); this module imports
+every module of :mod:`flashtile.backends` (and the ``flashtile.backends`` entry-point group) once,
+so a new backend changes nothing here. ``FLASHTILE_BACKEND=auto|<name>`` (or :func:`use_backend`)
+chooses. ``auto`` tries the usable backends from the highest ``capabilities.priority`` down,
+skipping those whose ``auto_devices`` exclude the tensors' device; a forced backend that cannot
+serve a call raises :class:`BackendUnavailableError` with the reason. Nowhere else compares
+backend names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.metadata
 import os
+import pkgutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .backends import registry
-from .backends.base import Backend, register
-from .backends.torch_tiled import backend as _torch_backend
-from .spec import AttnSpec, Problem
+import torch
+
+from . import backends as _pkg
+from .backends.base import Backend, Capabilities, register, registry
+from .spec import AttnCall, Problem
 
 ENV_VAR = "FLASHTILE_BACKEND"
-#: Preference order for ``auto``.
-PREFERENCE = ("triton", "torch")
-#: Device types on which ``auto`` may pick each backend (absent = any device).
-AUTO_DEVICES = {"triton": ("cuda",)}
+ENTRY_POINTS = "flashtile.backends"
 
 _override: str | None = None
 _loaded = False
@@ -32,36 +36,44 @@ class BackendUnavailableError(RuntimeError):
     """A forced backend cannot serve the call (the message says why)."""
 
 
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    register(_torch_backend)
-    try:
-        from .backends.triton import backend as triton_backend
-    except Exception as e:  # pragma: no cover - depends on the environment
-        register(_Missing("triton", f"cannot import the triton backend: {type(e).__name__}: {e}"))
-    else:
-        register(triton_backend)
-    _loaded = True
-
-
 @dataclass
 class _Missing:
+    """Stands in for a backend module that failed to import, so that its reason is reported."""
+
     name: str
     reason: str
+    capabilities: Capabilities = Capabilities(priority=-1, dtypes=frozenset(), max_headdim=0)
 
     def available(self) -> str | None:
         return self.reason
 
-    def supports(self, problem: Problem, spec: AttnSpec) -> str | None:
+    def supports(self, problem: Problem, call: AttnCall) -> str | None:
         return self.reason
 
 
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in pkgutil.iter_modules(_pkg.__path__):
+        if mod.name.startswith("_") or mod.name == "base":
+            continue
+        try:
+            importlib.import_module(f"{_pkg.__name__}.{mod.name}")
+        except Exception as e:  # pragma: no cover - depends on the environment
+            register(_Missing(mod.name, f"cannot import the {mod.name} backend: {type(e).__name__}: {e}"))
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINTS):  # third-party backends
+        try:
+            ep.load()
+        except Exception as e:  # pragma: no cover - depends on the environment
+            register(_Missing(ep.name, f"cannot load entry point {ep.value}: {type(e).__name__}: {e}"))
+
+
 def backends() -> dict[str, Backend]:
-    """All registered backends by name."""
+    """All registered backends by name, highest priority first."""
     _load()
-    return registry()
+    return dict(sorted(registry().items(), key=lambda kv: -kv[1].capabilities.priority))
 
 
 def requested() -> str:
@@ -72,37 +84,50 @@ def requested() -> str:
     return name
 
 
-def why_not(name: str, problem: Problem, spec: AttnSpec) -> str | None:
-    """None if backend ``name`` can serve the call, else the reason."""
+def why_not(name: str, problem: Problem, call: AttnCall, *, decode: bool = False) -> str | None:
+    """None if backend ``name`` can serve the call (``decode``: through ``Backend.decode``), else the reason."""
     be = backends()[name]
-    return be.available() or be.supports(problem, spec)
+    return be.available() or be.capabilities.refuse(problem, call, decode) or be.supports(problem, call)
 
 
-def choose(problem: Problem, spec: AttnSpec) -> str:
+def choose(problem: Problem, call: AttnCall, *, decode: bool = False) -> str:
     """Name of the backend that will run this call."""
     name = requested()
     if name != "auto":
-        reason = why_not(name, problem, spec)
+        reason = why_not(name, problem, call, decode=decode)
         if reason:
             raise BackendUnavailableError(f"backend {name!r} was requested but cannot serve this call: {reason}")
         return name
     reasons = []
-    for cand in PREFERENCE:
-        if cand not in backends():
-            continue
-        devs = AUTO_DEVICES.get(cand)
+    for cand, be in backends().items():
+        devs = be.capabilities.auto_devices
         if devs is not None and problem.device.type not in devs:
             reasons.append(f"{cand}: auto uses it only on {'/'.join(devs)} tensors")
             continue
-        reason = why_not(cand, problem, spec)
+        reason = why_not(cand, problem, call, decode=decode)
         if reason is None:
             return cand
         reasons.append(f"{cand}: {reason}")
-    raise BackendUnavailableError("no backend can serve this call: " + "; ".join(reasons))  # pragma: no cover
+    raise BackendUnavailableError("no backend can serve this call: " + "; ".join(reasons))
+
+
+def backend_for(problem: Problem, call: AttnCall, *, decode: bool = False) -> Backend:
+    """The backend object :func:`choose` picks."""
+    return backends()[choose(problem, call, decode=decode)]
+
+
+def auto_choice(device: torch.device | str, dtype: torch.dtype, headdim: int = 64) -> str:
+    """The backend ``auto`` would pick for a plain call on ``device`` (for ``flashtile env`` and the CLI)."""
+    device = torch.device(device)
+    problem = Problem(batch=1, seqlen_q=128, seqlen_k=128, nheads=1, nheads_k=1, headdim=headdim, dtype=dtype,
+                      device=device)  # fmt: skip
+    call = AttnCall(softmax_scale=headdim**-0.5)
+    with use_backend("auto"):
+        return choose(problem, call)
 
 
 def report() -> list[tuple[str, str | None]]:
-    """``(name, reason)`` for every backend: reason None when it is usable in this process."""
+    """``(name, reason)`` for every backend, highest priority first: reason None when it is usable in this process."""
     return [(name, be.available()) for name, be in backends().items()]
 
 

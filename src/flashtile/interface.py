@@ -46,22 +46,24 @@ Semantics shared by every function:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
 from . import dispatch
+from .backends.torch_tiled import attention_probs
 from .ops import attention
 from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
-from .reference import attention_probs_ref
-from .rng import draw_seed, dropout_mask
+from .rng import draw_seed
 from .spec import (
     Problem,
     check_alibi,
-    check_call,
     check_cu_seqlens_meta,
     check_cu_seqlens_values,
+    check_qkv,
     check_varlen_meta,
+    make_call,
     unbind_packed,
 )
 
@@ -88,60 +90,29 @@ def _run(
     names: tuple[str, str, str] = ("q", "k", "v"),
 ):
     varlen = cu_seqlens_q is not None
-    spec = check_call(
-        q, k, v, varlen=varlen, names=names, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-        window_size=window_size, softcap=softcap, deterministic=deterministic,
-    )  # fmt: skip
+    check_qkv(q, k, v, varlen=varlen, names=names)
     if varlen:
-        nseq = check_varlen_meta(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.device)
-        batch, sq, sk = nseq, max_seqlen_q, max_seqlen_k
+        batch = check_varlen_meta(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.device)
         q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        lens = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),
+                    max_seqlen_k=int(max_seqlen_k))  # fmt: skip
     else:
-        batch, sq, sk = q.shape[0], q.shape[1], k.shape[1]
-        q4, k4, v4 = q, k, v
+        batch, q4, k4, v4, lens = q.shape[0], q, k, v, {}
     alibi = check_alibi(alibi_slopes, batch, q.shape[-2], q.device)
-    problem = Problem(
-        batch=batch, seqlen_q=sq, seqlen_k=sk, nheads=q.shape[-2], nheads_k=k.shape[-2], headdim=q.shape[-1],
-        dtype=q.dtype, device=q.device, varlen=varlen, has_alibi=alibi is not None,
+    call = make_call(
+        headdim=q.shape[-1], dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        softcap=softcap, deterministic=deterministic, alibi_slopes=alibi, **lens,
     )  # fmt: skip
-    backend = dispatch.choose(problem, spec)
-    seed = draw_seed(q.device) if spec.dropout_p > 0 else None
-    out, lse = attention(
-        q4, k4, v4, spec, backend, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, alibi_slopes=alibi, seed=seed,
-    )  # fmt: skip
+    if call.dropout_p > 0:
+        call = dataclasses.replace(call, seed=draw_seed(q.device))
+    backend = dispatch.choose(Problem.of(q4, k4, call), call)
+    out, lse = attention(q4, k4, v4, call, backend)
     if varlen:
         out, lse = out.squeeze(0), lse.squeeze(0)
     if not return_attn_probs:
         return out
-    probs = None
-    if spec.dropout_p > 0:
-        probs = _attn_probs(q, k, v, spec, alibi, int(seed), cu_seqlens_q, cu_seqlens_k, sq, sk)
+    probs = attention_probs(q4, k4, call) if call.dropout_p > 0 else None
     return out, lse, probs
-
-
-@torch.no_grad()
-def _attn_probs(q, k, v, spec, alibi, seed, cu_q, cu_k, max_sq, max_sk) -> torch.Tensor:
-    """Materialise the dropped-out probabilities (testing aid, O(seqlen^2))."""
-    kw = dict(
-        window_size=(spec.window_left, spec.window_right), softcap=spec.softcap,
-        softmax_scale=spec.softmax_scale, dropout_p=spec.dropout_p,
-    )  # fmt: skip
-    h = q.shape[-2]
-    if cu_q is None:
-        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
-        mask = dropout_mask(seed, spec.dropout_p, b, h, sq, sk, q.device)
-        return attention_probs_ref(q, k, v, alibi_slopes=alibi, dropout_mask=mask, **kw)
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    probs = q.new_zeros((len(cq) - 1, h, max_sq, max_sk), dtype=torch.float32)
-    for n in range(len(cq) - 1):
-        qs, ks, vs = (x[a:b_].unsqueeze(0) for x, a, b_ in ((q, cq[n], cq[n + 1]), (k, ck[n], ck[n + 1]),
-                                                            (v, ck[n], ck[n + 1])))  # fmt: skip
-        mask = dropout_mask(seed, spec.dropout_p, 1, h, qs.shape[1], ks.shape[1], q.device, batch_start=n)
-        sl = None if alibi is None else alibi[n : n + 1]
-        p = attention_probs_ref(qs, ks, vs, alibi_slopes=sl, dropout_mask=mask, **kw)
-        probs[n, :, : qs.shape[1], : ks.shape[1]] = p[0]
-    return probs
 
 
 def flash_attn_func(

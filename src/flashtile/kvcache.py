@@ -7,10 +7,9 @@ ALiBi alignment uses ``seqlen_k_i = cache_seqlens_i + seqlen_new - leftpad_i``, 
 ``causal=True`` the last query sees every key and query ``t`` sees keys up to
 ``seqlen_k_i - seqlen_q + t``.
 
-Backends (chosen by :mod:`flashtile.dispatch`): ``triton`` runs the split-KV kernel of
-:mod:`flashtile.backends.triton.decode`, which reads the cache in place; ``torch`` gathers each
-row's keys and runs the tiled engine (``num_splits > 1``: pieces of the key range computed
-separately). Both merge pieces with :func:`flashtile.merge.merge_states`.
+This module validates the call and hands it, as an :class:`~flashtile.spec.AttnCall` and a
+:class:`~flashtile.spec.KVCache`, to ``decode`` of the backend :mod:`flashtile.dispatch` picks
+among those that declare KV-cache decoding (``Capabilities.decode``).
 """
 
 from __future__ import annotations
@@ -18,12 +17,9 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .backends.torch_tiled import _Seq, forward_seqs
-from .interface import flash_attn_varlen_func
-from .merge import merge_states
-from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
-from .rotary import apply_rotary_at, check_rotary_tables
-from .spec import Problem, capturing, check_alibi, check_qkv, make_spec
+from .paged import check_block_table, check_rotary_end
+from .rotary import check_rotary_tables
+from .spec import KVCache, Problem, check_alibi, check_qkv, make_call
 
 
 def _int32_vec(x: object, name: str, b: int, device: torch.device) -> torch.Tensor:
@@ -48,58 +44,6 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
                          f"and {tuple(v_cache.shape)}")  # fmt: skip
     check_qkv(q, k_cache, v_cache, varlen=False, names=("q", "k_cache", "v_cache"), same_batch=False)
-
-
-def _check_indices(
-    seqlens: torch.Tensor,
-    leftpad: torch.Tensor | None,
-    sn: int,
-    capacity: int,
-    cache_batch_idx: torch.Tensor | None,
-    k_cache: torch.Tensor,
-    block_table: torch.Tensor | None,
-    rotary: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
-    sq: int = 0,
-    along: bool = False,
-) -> None:
-    """Every index in range, with a message naming the offender: the cache indices, then the
-    rotary positions (new keys at ``seqlens - leftpad + t``, queries there too when ``along``,
-    else at ``seqlens - leftpad``). The cache checks run on the device and are read back with
-    one host sync; the detailed message is worked out only when something is wrong. Nothing is
-    read back while a CUDA graph is being captured."""
-    if capturing(seqlens):
-        return
-    paged = block_table is not None
-    page, n_rows = (k_cache.shape[1] if paged else 0), k_cache.shape[0]
-    seqlens = seqlens.long()
-    lp = torch.zeros_like(seqlens) if leftpad is None else leftpad.long()
-    rows = None if cache_batch_idx is None else cache_batch_idx.long()
-    checks = [(seqlens < 0) | (seqlens + sn > capacity), (lp < 0) | (lp > seqlens)]
-    if rows is not None:
-        checks.append((rows < 0) | (rows >= n_rows))
-    if paged:
-        used = (seqlens + sn + page - 1) // page
-        cols = torch.arange(block_table.shape[1], device=block_table.device)
-        bad = (cols[None, :] < used[:, None]) & ((block_table < 0) | (block_table >= n_rows))
-        checks.append(bad.any(1))
-    flags = torch.stack([c.any() for c in checks]).tolist() if seqlens.numel() else []
-    if any(flags):
-        sl, lpl = seqlens.tolist(), lp.tolist()
-        for i in range(len(sl)):
-            if sl[i] < 0 or sl[i] + sn > capacity:
-                raise ValueError(
-                    f"cache_seqlens[{i}] + seqlen_new = {sl[i]} + {sn} exceeds the cache capacity {capacity}"
-                    + (" (max_blocks_per_seq * page_block_size)" if paged else " (seqlen_cache)")
-                )
-            if not 0 <= lpl[i] <= sl[i]:
-                raise ValueError(f"cache_leftpad[{i}] = {lpl[i]} must be in [0, cache_seqlens[{i}] = {sl[i]}]")
-        if rows is not None and flags[2]:
-            raise ValueError(f"cache_batch_idx entries must be in [0, {n_rows}) (rows of k_cache)")
-        check_used_blocks(block_table, [n + sn for n in sl], page, n_rows)
-        raise AssertionError("unreachable: a range check failed without a message")  # pragma: no cover
-    if rotary is not None and seqlens.numel():
-        last = int((seqlens - lp).max()) + max(sn - 1, sq - 1 if along else 0, 0)
-        _check_rotary_end(last, rotary[0].shape[0])
 
 
 def flash_attn_with_kvcache(
@@ -184,136 +128,20 @@ def flash_attn_with_kvcache(
         if n < 0 or n + sn > capacity:
             raise ValueError(f"cache_seqlens + seqlen_new = {n} + {sn} exceeds the cache capacity {capacity}")
         cache_seqlens = n
-    spec = make_spec(headdim=d, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                     softcap=softcap, deterministic=False)  # fmt: skip
-    alibi = check_alibi(alibi_slopes, b, h, dev)
+    call = make_call(headdim=d, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+                     alibi_slopes=check_alibi(alibi_slopes, b, h, dev))  # fmt: skip
     rotary = None
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")
     if rotary_cos is not None:
+        check_rotary_tables(rotary_cos, rotary_sin, d, dev)
         rotary = (rotary_cos, rotary_sin, rotary_interleaved)
+    cache = KVCache(k_cache=k_cache, v_cache=v_cache, k_new=k, v_new=v, seqlens=cache_seqlens,
+                    batch_idx=cache_batch_idx, leftpad=cache_leftpad, block_table=block_table, rotary=rotary,
+                    capacity=capacity, num_splits=int(num_splits))  # fmt: skip
+    if rotary is not None and not cache.has_index_tensors:  # positions known here: seqlens is an int, no leftpad
+        check_rotary_end(cache_seqlens + max(sn - 1, sq - 1 if call.has_window else 0, 0), rotary_cos.shape[0])
     problem = Problem(batch=b, seqlen_q=sq, seqlen_k=capacity, nheads=h, nheads_k=hk, headdim=d, dtype=q.dtype,
-                      device=dev, varlen=False, has_alibi=alibi is not None)  # fmt: skip
-    args = (q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, spec, alibi,
-            rotary, capacity, num_splits)  # fmt: skip
-    if dispatch.choose(problem, spec) == "triton":
-        out, lse = _triton_kvcache(*args)
-    else:
-        out, lse = _torch_kvcache(*args)
+                      device=dev)  # fmt: skip
+    out, lse = dispatch.backend_for(problem, call, decode=True).decode(q, cache, call)
     return (out, lse) if return_softmax_lse else out
-
-
-def _positions(seqlens: torch.Tensor, leftpad: torch.Tensor | None, n: int, along: bool) -> torch.Tensor:
-    """Rotary positions ``(b, n)``: ``seqlens - leftpad (+ t if along)``."""
-    base = (seqlens if leftpad is None else seqlens - leftpad).long().view(-1, 1)
-    return base + torch.arange(n, device=seqlens.device).view(1, n) if along else base.expand(-1, n)
-
-
-def _check_rotary_end(last: int, seqlen_ro: int) -> None:
-    if last >= seqlen_ro:
-        raise ValueError(f"rotary position {last} is out of range of rotary_cos/rotary_sin (seqlen_ro = {seqlen_ro})")
-
-
-def _triton_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, spec,
-                    alibi, rotary, capacity, num_splits):  # fmt: skip
-    """The GPU path: the append and attention kernels check every index they use (never reading
-    or writing out of bounds) and raise one error flag, read back after both are queued, so the
-    host sync overlaps the work; the detailed message is worked out only on error. No read-back
-    while a CUDA graph is captured (rows with a bad index then come out NaN)."""
-    from .backends.triton.launch_decode import append_kv, decode, error_flag
-
-    b, dev = q.shape[0], q.device
-    sn = 0 if k is None else k.shape[1]
-    paged = block_table is not None
-    seqlens = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else \
-        torch.full((b,), cache_seqlens, dtype=torch.int32, device=dev)  # fmt: skip
-    check = not capturing(q)
-    has_index_tensors = isinstance(cache_seqlens, torch.Tensor) or cache_batch_idx is not None \
-        or cache_leftpad is not None or paged  # fmt: skip
-    if rotary is not None:
-        check_rotary_tables(rotary[0], rotary[1], q.shape[-1], dev)
-        if not has_index_tensors:  # positions known here: seqlens is an int, no leftpad
-            _check_rotary_end(cache_seqlens + max(sn - 1, q.shape[1] - 1 if spec.has_window else 0, 0),
-                              rotary[0].shape[0])  # fmt: skip
-    table = block_table if paged else (None if cache_batch_idx is None else cache_batch_idx.view(b, 1))
-    n_index = k_cache.shape[0]
-    err = error_flag(dev)
-    if k is not None:
-        append_kv(k, v, k_cache, v_cache, table, seqlens, cache_leftpad, capacity=capacity, n_index=n_index,
-                  dense=not paged, err=err, rotary=rotary)  # fmt: skip
-    out, lse = decode(q if q.stride(-1) == 1 else q.contiguous(), k_cache, v_cache, table, seqlens, cache_leftpad,
-                      spec, sn=sn, capacity=capacity, n_index=n_index, dense=not paged, err=err,
-                      alibi_slopes=alibi, num_splits=num_splits, rotary=rotary)  # fmt: skip
-    if check and has_index_tensors:
-        code = int(err.item())
-        if code:  # this call's, or stale bits of CUDA graph replays on this stream: check by name
-            err.zero_()
-            _check_indices(seqlens, cache_leftpad, sn, capacity, cache_batch_idx, k_cache, block_table, rotary,
-                           q.shape[1], spec.has_window)  # fmt: skip
-    return out, lse
-
-
-def _torch_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, spec,
-                   alibi, rotary, capacity, num_splits):  # fmt: skip
-    """Any device: append with indexing, gather each row's keys, run the tiled engine."""
-    b, sq, h, d = q.shape
-    dev = q.device
-    sn = 0 if k is None else k.shape[1]
-    paged = block_table is not None
-    page = k_cache.shape[1] if paged else 0
-    cache_rows = torch.arange(b, device=dev) if cache_batch_idx is None else cache_batch_idx.long()
-    seqlens = cache_seqlens.long() if isinstance(cache_seqlens, torch.Tensor) else \
-        torch.full((b,), cache_seqlens, dtype=torch.long, device=dev)  # fmt: skip
-    leftpad = torch.zeros(b, dtype=torch.long, device=dev) if cache_leftpad is None else cache_leftpad.long()
-    _check_indices(seqlens, cache_leftpad, sn, capacity, cache_batch_idx, k_cache, block_table)
-    # 1. rotary on the new keys, then append them in place.
-    if k is not None:
-        if rotary is not None:
-            k = apply_rotary_at(k, rotary[0], rotary[1], _positions(seqlens, leftpad, sn, True), rotary[2])
-        rows = torch.arange(b, device=dev).view(b, 1).expand(b, sn)
-        at = seqlens.view(b, 1) + torch.arange(sn, device=dev).view(1, sn)
-        i0, i1 = cache_index(rows, at, block_table, cache_rows, page)
-        k_cache[i0, i1] = k.to(k_cache.dtype)
-        v_cache[i0, i1] = v.to(v_cache.dtype)
-    # 2. rotary on q.
-    if rotary is not None:
-        q = apply_rotary_at(q, rotary[0], rotary[1], _positions(seqlens, leftpad, sq, spec.has_window), rotary[2])
-    # 3. gather each row's keys [leftpad, seqlens + sn) into the packed layout.
-    lens_k = seqlens + sn - leftpad
-    cu_k = torch.zeros(b + 1, dtype=torch.int32, device=dev)
-    cu_k[1:] = torch.cumsum(lens_k, 0)
-    row_of, pos = packed_positions(lens_k, leftpad)
-    i0, i1 = cache_index(row_of, pos, block_table, cache_rows, page)
-    kp, vp = k_cache[i0, i1], v_cache[i0, i1]  # (total_k, hk, d)
-
-    splits = 1 if num_splits <= 1 else int(num_splits)
-    if splits == 1:
-        cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=dev)
-        out, lse, _ = flash_attn_varlen_func(
-            q.reshape(b * sq, h, d), kp, vp, cu_q, cu_k, sq, int(lens_k.max()) if b else 0,
-            softmax_scale=spec.softmax_scale, window_size=(spec.window_left, spec.window_right),
-            softcap=spec.softcap, alibi_slopes=alibi, return_attn_probs=True,
-        )  # fmt: skip
-        return out.view(b, sq, h, d), lse.view(h, b, sq).permute(1, 0, 2).contiguous()
-    return _split_attention(q, kp, vp, cu_k.tolist(), spec, alibi, splits)
-
-
-def _split_attention(q, kp, vp, cu_k, spec, alibi, splits):
-    """Split each row's keys into ``splits`` pieces, attend to each piece, merge the states."""
-    b, sq, h, d = q.shape
-    outs, lses = [], []
-    for piece in range(splits):
-        seqs = []
-        for i in range(b):
-            n = cu_k[i + 1] - cu_k[i]
-            chunk = -(-n // splits) if n else 0
-            lo, hi = min(n, piece * chunk), min(n, (piece + 1) * chunk)
-            sl = None if alibi is None else alibi[i : i + 1]
-            # Keys [lo, hi) of a row with n keys: the diagonal sits at column n - sq - lo of the piece.
-            seqs.append(_Seq(row0=i * sq, sq=sq, col0=cu_k[i] + lo, sk=hi - lo, batch=slice(0, 1), bh0=0,
-                             slopes=sl, key_offset=n - sq - lo))  # fmt: skip
-        # Packed layout: q rows of batch i at [i * sq, (i + 1) * sq), keys as gathered.
-        out, lse = forward_seqs(q.reshape(1, b * sq, h, d), kp.unsqueeze(0), vp.unsqueeze(0), spec, seqs)
-        outs.append(out.view(b, sq, h, d))
-        lses.append(lse.view(h, b, sq).permute(1, 0, 2))
-    return merge_states(outs, lses)

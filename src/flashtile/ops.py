@@ -1,163 +1,124 @@
 """The one autograd path: ``flashtile::attn_fwd`` / ``flashtile::attn_bwd`` custom ops.
 
-Every public function (dense, packed, varlen) ends in :func:`attention`, which calls the
-forward custom op; its registered autograd formula calls the backward op. Both ops have fake
-(meta) implementations, so ``torch.compile(fullgraph=True)`` traces through them without a
-graph break. The backend is chosen before the op (see :mod:`flashtile.dispatch`) and passed
-in by name. Outputs are always contiguous (the fake implementations promise that).
+Every public function (dense, packed, varlen) and every caller (modules, distributed) ends in
+:func:`attention`, which calls the forward op; its registered autograd formula calls the
+backward op. Both ops have fake (meta) implementations, so ``torch.compile(fullgraph=True)``
+traces through them without a graph break. The backend is chosen before the op (see
+:mod:`flashtile.dispatch`) and passed in by name. Outputs are always contiguous.
+
+The op schemas are derived from the fields of :class:`flashtile.spec.AttnCall`: the carrier is
+flattened into the op's arguments by :func:`flatten` and rebuilt by :func:`unflatten`, here and
+nowhere else, so adding an option to the carrier changes nothing in this file.
 """
 
-# No `from __future__ import annotations` here: torch.library infers the op schema from
-# the annotations at runtime.
-from typing import Optional
+from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from .backends import registry
-from .spec import AttnSpec, capturing, check_cu_seqlens_values
+from .spec import AttnCall, check_call_values
+
+#: Schema type of each carrier field type (the annotations are strings).
+_SCHEMA_TYPES = {"float": "float", "int": "SymInt", "bool": "bool", "torch.Tensor | None": "Tensor?"}
+_FIELDS = dataclasses.fields(AttnCall)
+try:
+    _CALL_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in _FIELDS)
+except KeyError as e:  # pragma: no cover - a developer added a field of a new type
+    raise TypeError(f"AttnCall field type {e} has no custom-op schema type: extend ops._SCHEMA_TYPES") from None
+#: Indices (in the flattened call) of the tensor fields, saved for backward.
+_TENSOR_FIELDS = tuple(i for i, f in enumerate(_FIELDS) if _SCHEMA_TYPES[f.type] == "Tensor?")
 
 
-def _spec(
-    softmax_scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float, deterministic: bool
-) -> AttnSpec:
-    return AttnSpec(softmax_scale, window_left, window_right, softcap, dropout_p, deterministic)
+def flatten(call: AttnCall) -> tuple:
+    """The carrier as the ops' positional arguments (field order)."""
+    return tuple(getattr(call, f.name) for f in _FIELDS)
 
 
-def _seed_int(seed: Optional[torch.Tensor]) -> int:
-    return 0 if seed is None else int(seed.item())
+def unflatten(args: tuple) -> AttnCall:
+    """The inverse of :func:`flatten`."""
+    return AttnCall(*args)
 
 
-def _check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
-    if cu_seqlens_q is None:
-        return
-    if capturing(q):
-        return  # values cannot be read during CUDA graph capture; shapes were checked before
-    check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", q.shape[1], max_seqlen_q, "max_seqlen_q")
-    check_cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", k.shape[1], max_seqlen_k, "max_seqlen_k")
+_lib = torch.library.Library("flashtile", "FRAGMENT")  # kept alive for the module's lifetime
+_lib.define(f"attn_fwd(Tensor q, Tensor k, Tensor v, {_CALL_SCHEMA}, str backend) -> (Tensor, Tensor)")
+_lib.define(
+    f"attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_CALL_SCHEMA}, str backend) "
+    "-> (Tensor, Tensor, Tensor)"
+)
 
 
-@torch.library.custom_op("flashtile::attn_fwd", mutates_args=())
-def attn_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: Optional[torch.Tensor],
-    cu_seqlens_k: Optional[torch.Tensor],
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    alibi_slopes: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    softmax_scale: float,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    dropout_p: float,
-    deterministic: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    spec = _spec(softmax_scale, window_left, window_right, softcap, dropout_p, deterministic)
-    out, lse = registry()[backend].forward(
-        q, k, v, spec,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        alibi_slopes=alibi_slopes, seed=_seed_int(seed),
-    )  # fmt: skip
+def _fwd_impl(q, k, v, *args):
+    call, backend = unflatten(args[:-1]), args[-1]
+    check_call_values(q, k, call)
+    out, lse = registry()[backend].forward(q, k, v, call)
     return out.contiguous(), lse.contiguous()
 
 
-@attn_fwd.register_fake
-def _attn_fwd_fake(q, k, v, *args):
+def _bwd_impl(dout, q, k, v, out, lse, *args):
+    call, backend = unflatten(args[:-1]), args[-1]
+    dq, dk, dv = registry()[backend].backward(dout, q, k, v, out, lse, call)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+def _fwd_fake(q, k, v, *args):
     B, S, H, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, S), dtype=torch.float32)
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty((B, H, S), dtype=torch.float32)
 
 
-@torch.library.custom_op("flashtile::attn_bwd", mutates_args=())
-def attn_bwd(
+def _bwd_fake(dout, q, k, v, out, lse, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+torch.library.impl("flashtile::attn_fwd", "CompositeExplicitAutograd", lib=_lib)(_fwd_impl)
+torch.library.impl("flashtile::attn_bwd", "CompositeExplicitAutograd", lib=_lib)(_bwd_impl)
+torch.library.register_fake("flashtile::attn_fwd", _fwd_fake, lib=_lib)
+torch.library.register_fake("flashtile::attn_bwd", _bwd_fake, lib=_lib)
+
+attn_fwd = torch.ops.flashtile.attn_fwd.default
+attn_bwd = torch.ops.flashtile.attn_bwd.default
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *(args[i] for i in _TENSOR_FIELDS))
+    ctx.args = [None if i in _TENSOR_FIELDS else a for i, a in enumerate(args)]
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    args = list(ctx.args)
+    for i, t in zip(_TENSOR_FIELDS, tensors, strict=True):
+        args[i] = t
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, *args)
+    return (dq, dk, dv) + (None,) * len(args)
+
+
+torch.library.register_autograd("flashtile::attn_fwd", _backward, setup_context=_setup_context, lib=_lib)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable ``(out, lse)`` on the internal layout (see :mod:`flashtile.backends.base`)."""
+    return attn_fwd(q, k, v, *flatten(call), backend)
+
+
+def attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    cu_seqlens_q: Optional[torch.Tensor],
-    cu_seqlens_k: Optional[torch.Tensor],
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    alibi_slopes: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    softmax_scale: float,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    dropout_p: float,
-    deterministic: bool,
+    call: AttnCall,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    spec = _spec(softmax_scale, window_left, window_right, softcap, dropout_p, deterministic)
-    dq, dk, dv = registry()[backend].backward(
-        dout, q, k, v, out, lse, spec,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        alibi_slopes=alibi_slopes, seed=_seed_int(seed),
-    )  # fmt: skip
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-
-@attn_bwd.register_fake
-def _attn_bwd_fake(dout, q, k, v, out, lse, *args):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-_ARG_NAMES = (
-    "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "alibi_slopes", "seed", "softmax_scale",
-    "window_left", "window_right", "softcap", "dropout_p", "deterministic", "backend",
-)  # fmt: skip
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v = inputs[:3]
-    out, lse = output
-    rest = dict(zip(_ARG_NAMES, inputs[3:], strict=True))
-    ctx.save_for_backward(q, k, v, out, lse, rest["cu_seqlens_q"], rest["cu_seqlens_k"], rest["alibi_slopes"],
-                          rest["seed"])  # fmt: skip
-    ctx.args = {n: rest[n] for n in _ARG_NAMES if n not in ("cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "seed")}
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, alibi, seed = ctx.saved_tensors
-    a = ctx.args
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
-    dq, dk, dv = attn_bwd(
-        dout, q, k, v, out, lse, cu_q, cu_k, a["max_seqlen_q"], a["max_seqlen_k"], alibi, seed,
-        a["softmax_scale"], a["window_left"], a["window_right"], a["softcap"], a["dropout_p"],
-        a["deterministic"], a["backend"],
-    )  # fmt: skip
-    return (dq, dk, dv) + (None,) * len(_ARG_NAMES)
-
-
-attn_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    spec: AttnSpec,
-    backend: str,
-    *,
-    cu_seqlens_q: Optional[torch.Tensor] = None,
-    cu_seqlens_k: Optional[torch.Tensor] = None,
-    max_seqlen_q: int = 0,
-    max_seqlen_k: int = 0,
-    alibi_slopes: Optional[torch.Tensor] = None,
-    seed: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable attention on the internal layout (see :mod:`flashtile.backends.base`)."""
-    return attn_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), alibi_slopes, seed,
-        spec.softmax_scale, spec.window_left, spec.window_right, spec.softcap, spec.dropout_p,
-        spec.deterministic, backend,
-    )  # fmt: skip
+    """``(dq, dk, dv)`` through the backward op, for callers that drive the backward themselves
+    (ring attention passes the global ``out`` / ``lse`` of a longer key range)."""
+    return attn_bwd(dout, q, k, v, out, lse, *flatten(call), backend)

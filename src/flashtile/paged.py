@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from .spec import KVCache, capturing
+
 
 def check_block_table(block_table: object, batch: int, num_blocks: int, device: torch.device) -> torch.Tensor:
     """Shape, dtype and device of ``block_table``."""
@@ -57,3 +59,53 @@ def packed_positions(
     if starts is not None:
         pos = pos + starts[rows]
     return rows, pos
+
+
+def check_rotary_end(last: int, seqlen_ro: int) -> None:
+    if last >= seqlen_ro:
+        raise ValueError(f"rotary position {last} is out of range of rotary_cos/rotary_sin (seqlen_ro = {seqlen_ro})")
+
+
+def check_cache_indices(cache: KVCache, seqlens: torch.Tensor, *, sq: int = 0, along: bool = False,
+                        rotary: bool = False) -> None:
+    """Every index of ``cache`` in range (``seqlens``: its ``seqlens`` as a tensor), with a message
+    naming the offender: the cache indices, then (``rotary``) the rotary positions (new keys at
+    ``seqlens - leftpad + t``, queries there too when ``along``, else at ``seqlens - leftpad``).
+    The cache checks run on the device and are read back with one host sync; the detailed message
+    is worked out only when something is wrong. Nothing is read back while a CUDA graph is being
+    captured."""
+    if capturing(seqlens):
+        return
+    leftpad, sn, capacity, cache_batch_idx = cache.leftpad, cache.seqlen_new, cache.capacity, cache.batch_idx
+    k_cache, block_table = cache.k_cache, cache.block_table
+    paged = block_table is not None
+    page, n_rows = (k_cache.shape[1] if paged else 0), k_cache.shape[0]
+    seqlens = seqlens.long()
+    lp = torch.zeros_like(seqlens) if leftpad is None else leftpad.long()
+    rows = None if cache_batch_idx is None else cache_batch_idx.long()
+    checks = [(seqlens < 0) | (seqlens + sn > capacity), (lp < 0) | (lp > seqlens)]
+    if rows is not None:
+        checks.append((rows < 0) | (rows >= n_rows))
+    if paged:
+        used = (seqlens + sn + page - 1) // page
+        cols = torch.arange(block_table.shape[1], device=block_table.device)
+        bad = (cols[None, :] < used[:, None]) & ((block_table < 0) | (block_table >= n_rows))
+        checks.append(bad.any(1))
+    flags = torch.stack([c.any() for c in checks]).tolist() if seqlens.numel() else []
+    if any(flags):
+        sl, lpl = seqlens.tolist(), lp.tolist()
+        for i in range(len(sl)):
+            if sl[i] < 0 or sl[i] + sn > capacity:
+                raise ValueError(
+                    f"cache_seqlens[{i}] + seqlen_new = {sl[i]} + {sn} exceeds the cache capacity {capacity}"
+                    + (" (max_blocks_per_seq * page_block_size)" if paged else " (seqlen_cache)")
+                )
+            if not 0 <= lpl[i] <= sl[i]:
+                raise ValueError(f"cache_leftpad[{i}] = {lpl[i]} must be in [0, cache_seqlens[{i}] = {sl[i]}]")
+        if rows is not None and flags[2]:
+            raise ValueError(f"cache_batch_idx entries must be in [0, {n_rows}) (rows of k_cache)")
+        check_used_blocks(block_table, [n + sn for n in sl], page, n_rows)
+        raise AssertionError("unreachable: a range check failed without a message")  # pragma: no cover
+    if rotary and cache.rotary is not None and seqlens.numel():
+        last = int((seqlens - lp).max()) + max(sn - 1, sq - 1 if along else 0, 0)
+        check_rotary_end(last, cache.rotary[0].shape[0])

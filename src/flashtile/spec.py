@@ -1,8 +1,9 @@
 """One place for flash-attn's semantics: validated, normalised options and shape checks.
 
-Every public entry point turns its arguments into an :class:`AttnSpec` (the options) and a
-:class:`Problem` (the shapes, dtype and device) here, so backends never re-interpret the
-options and every bad input is rejected with an error that names the argument.
+Every public entry point turns its arguments into an :class:`AttnCall` (the options and
+optional tensors of the call: the one carrier down to the kernels) and a :class:`Problem` (the
+shapes, dtype and device) here, so backends never re-interpret the options and every bad input
+is rejected with an error that names the argument.
 
 Semantics (flash-attn 2.8):
 
@@ -34,11 +35,21 @@ _REAL = (int, float, torch.SymInt, torch.SymFloat)
 
 
 @dataclass(frozen=True)
-class AttnSpec:
-    """Normalised attention options, shared by every backend.
+class AttnCall:
+    """Every option and optional tensor of one attention call: the one carrier from validation
+    through dispatch, the custom ops and the backends to the kernels.
 
-    ``window_left`` / ``window_right`` use ``-1`` for "unbounded"; ``causal`` is already folded
-    into ``window_right = 0``.
+    Built by :func:`make_call` (validated, normalised); backends read it and never re-interpret
+    the public arguments. ``window_left`` / ``window_right`` use ``-1`` for "unbounded";
+    ``causal`` is already folded into ``window_right = 0``. Varlen calls carry int32
+    ``cu_seqlens_q`` / ``cu_seqlens_k`` ``(nseq + 1,)`` and ``max_seqlen_*``; ``alibi_slopes`` is
+    None or contiguous fp32 ``(batch_or_nseq, nheads)``; ``seed`` is the dropout seed, an int64
+    ``()`` tensor (None when ``dropout_p == 0``).
+
+    Adding an option: add a field here (a scalar ``float`` / ``int`` / ``bool``, or an optional
+    ``torch.Tensor | None``), set it in :func:`make_call`, name the feature in :meth:`features`
+    if a backend may lack it, and implement it in the kernels. The custom-op schema
+    (:mod:`flashtile.ops`) is derived from these fields, so nothing in between changes.
     """
 
     softmax_scale: float
@@ -47,6 +58,12 @@ class AttnSpec:
     softcap: float = 0.0
     dropout_p: float = 0.0
     deterministic: bool = False
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    alibi_slopes: torch.Tensor | None = None
+    seed: torch.Tensor | None = None
 
     @property
     def is_causal(self) -> bool:
@@ -56,14 +73,43 @@ class AttnSpec:
     def has_window(self) -> bool:
         return self.window_left >= 0 or self.window_right >= 0
 
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def seed_int(self) -> int:
+        """The dropout seed as a Python int (0 without dropout): one host read."""
+        return 0 if self.seed is None else int(self.seed.item())
+
+    def features(self) -> frozenset[str]:
+        """The optional features this call uses, by the names backends declare in
+        :class:`flashtile.backends.base.Capabilities` (``FEATURES``)."""
+        used = []
+        if self.is_causal:
+            used.append("causal")
+        if self.has_window and not (self.is_causal and self.window_left < 0):
+            used.append("window")
+        if self.softcap > 0:
+            used.append("softcap")
+        if self.alibi_slopes is not None:
+            used.append("alibi")
+        if self.dropout_p > 0:
+            used.append("dropout")
+        if self.varlen:
+            used.append("varlen")
+        return frozenset(used)
+
+
+#: Every feature name :meth:`AttnCall.features` can report.
+FEATURES = frozenset({"causal", "window", "softcap", "alibi", "dropout", "varlen"})
+
 
 @dataclass(frozen=True)
 class Problem:
-    """Shapes, dtype and device of one call, for backend selection.
-
-    For varlen calls ``batch`` is the number of sequences and ``seqlen_q`` / ``seqlen_k``
-    are the ``max_seqlen`` values.
-    """
+    """Shapes, dtype and device of one call, for backend selection (the options are in the
+    :class:`AttnCall`). For varlen calls ``batch`` is the number of sequences and
+    ``seqlen_q`` / ``seqlen_k`` are the ``max_seqlen`` values."""
 
     batch: int
     seqlen_q: int
@@ -73,8 +119,56 @@ class Problem:
     headdim: int
     dtype: torch.dtype
     device: torch.device
-    varlen: bool = False
-    has_alibi: bool = False
+
+    @classmethod
+    def of(cls, q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> Problem:
+        """The problem of a call on the internal layout (dense ``(B, S, H, D)``, varlen ``(1, total, H, D)``)."""
+        if call.varlen:
+            batch, sq, sk = call.cu_seqlens_q.shape[0] - 1, call.max_seqlen_q, call.max_seqlen_k
+        else:
+            batch, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+        return cls(batch=batch, seqlen_q=sq, seqlen_k=sk, nheads=q.shape[-2], nheads_k=k.shape[-2],
+                   headdim=q.shape[-1], dtype=q.dtype, device=q.device)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """The cache side of one ``flash_attn_with_kvcache`` call, validated (see :mod:`flashtile.kvcache`).
+
+    ``k_cache`` / ``v_cache``: dense ``(batch_cache, seqlen_cache, Hk, D)`` or paged
+    ``(num_blocks, page, Hk, D)`` with ``block_table`` int32 ``(batch, max_blocks)``;
+    ``k_new`` / ``v_new``: None or ``(batch, seqlen_new, Hk, D)``, appended at positions
+    ``seqlens[b] ..`` before attending; ``seqlens``: int32 ``(batch,)`` or one int (tokens already
+    cached); ``batch_idx`` / ``leftpad``: None or int32 ``(batch,)``; ``rotary``: None or
+    ``(cos, sin, interleaved)``; ``capacity``: positions a row can hold; ``num_splits``: key
+    pieces per row (0 = the backend chooses).
+    """
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    k_new: torch.Tensor | None
+    v_new: torch.Tensor | None
+    seqlens: torch.Tensor | int
+    batch_idx: torch.Tensor | None
+    leftpad: torch.Tensor | None
+    block_table: torch.Tensor | None
+    rotary: tuple[torch.Tensor, torch.Tensor, bool] | None
+    capacity: int
+    num_splits: int = 0
+
+    @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+    @property
+    def seqlen_new(self) -> int:
+        return 0 if self.k_new is None else self.k_new.shape[1]
+
+    @property
+    def has_index_tensors(self) -> bool:
+        """Whether any index comes from a tensor (so it can only be checked on the device)."""
+        return (isinstance(self.seqlens, torch.Tensor) or self.batch_idx is not None or self.leftpad is not None
+                or self.paged)  # fmt: skip
 
 
 def _check_tensor(x: object, name: str) -> torch.Tensor:
@@ -156,17 +250,21 @@ def normalize_window(window_size: Sequence[int], causal: bool) -> tuple[int, int
     return left, right
 
 
-def make_spec(
+def make_call(
     *,
     headdim: int,
-    dropout_p: float,
-    softmax_scale: float | None,
-    causal: bool,
-    window_size: Sequence[int],
-    softcap: float,
-    deterministic: bool,
-) -> AttnSpec:
-    """Validate the scalar options and return the normalised :class:`AttnSpec`."""
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    deterministic: bool = False,
+    **tensors,
+) -> AttnCall:
+    """Validate the scalar options and return the normalised :class:`AttnCall`.
+
+    ``tensors``: the call's other fields (``cu_seqlens_q``, ``alibi_slopes``, ``seed``, ...),
+    taken as given: validate them first (:func:`check_alibi`, :func:`check_varlen_meta`)."""
     # Plain comparisons only (no math.isnan / isfinite): under torch.compile these may be
     # symbolic floats, and comparisons on them become guards instead of graph breaks.
     if not isinstance(dropout_p, _REAL) or not 0.0 <= dropout_p < 1.0:
@@ -178,13 +276,14 @@ def make_spec(
     elif not isinstance(softmax_scale, _REAL) or not -math.inf < softmax_scale < math.inf:
         raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
     left, right = normalize_window(window_size, causal)
-    return AttnSpec(
+    return AttnCall(
         softmax_scale=float(softmax_scale),
         window_left=left,
         window_right=right,
         softcap=float(softcap),
         dropout_p=float(dropout_p),
         deterministic=bool(deterministic),
+        **tensors,
     )
 
 
@@ -294,11 +393,21 @@ def check_call(
     window_size: Sequence[int],
     softcap: float,
     deterministic: bool,
-) -> AttnSpec:
+    **tensors,
+) -> AttnCall:
     """The checks every attention entry point starts with: tensors (:func:`check_qkv`), then
-    options (:func:`make_spec`). Returns the normalised :class:`AttnSpec`."""
+    options (:func:`make_call`, which takes the call's validated ``tensors`` as they are)."""
     check_qkv(q, k, v, varlen=varlen, names=names)
-    return make_spec(
+    return make_call(
         headdim=q.shape[-1], dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-        window_size=window_size, softcap=softcap, deterministic=deterministic,
+        window_size=window_size, softcap=softcap, deterministic=deterministic, **tensors,
     )  # fmt: skip
+
+
+def check_call_values(q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> None:
+    """The checks that read tensors back to the host (varlen ``cu_seqlens`` values), run inside
+    the custom op so that a compiled graph has no sync; skipped during CUDA graph capture."""
+    if call.cu_seqlens_q is None or capturing(q):
+        return
+    check_cu_seqlens_values(call.cu_seqlens_q, "cu_seqlens_q", q.shape[1], call.max_seqlen_q, "max_seqlen_q")
+    check_cu_seqlens_values(call.cu_seqlens_k, "cu_seqlens_k", k.shape[1], call.max_seqlen_k, "max_seqlen_k")

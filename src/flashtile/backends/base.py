@@ -1,50 +1,94 @@
-"""The contract every backend fulfils, and the registry the dispatcher reads.
+"""The contract every backend fulfils, its declared capabilities, and the registry.
 
 A backend computes attention on the *internal layout*:
 
-* dense calls: q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hk, D)``, ``cu_seqlens_* = None``;
-* varlen calls: q ``(1, total_q, H, D)``, k/v ``(1, total_k, Hk, D)`` with int32
-  ``cu_seqlens_q`` / ``cu_seqlens_k`` of shape ``(nseq + 1,)`` and ``max_seqlen_*``.
+* dense calls: q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hk, D)``;
+* varlen calls (``call.varlen``): q ``(1, total_q, H, D)``, k/v ``(1, total_k, Hk, D)``, with
+  ``call.cu_seqlens_q`` / ``call.cu_seqlens_k`` and ``call.max_seqlen_*``.
 
-``forward`` returns ``(out, lse)``: out like q, lse float32 ``(B, H, Sq)`` (varlen:
-``(1, H, total_q)``), ``-inf`` on rows that see no key (their out is 0).
-``backward`` recomputes from ``(q, k, v, out, lse, dout)`` and returns ``(dq, dk, dv)`` shaped
-and typed like ``(q, k, v)``. ``alibi_slopes`` is None or fp32 ``(nseq_or_batch, H)``
-contiguous; ``seed`` is the dropout seed (used only when ``spec.dropout_p > 0``; the keep
-mask is :func:`flashtile.rng.keep_mask`). All option semantics are in :mod:`flashtile.spec`.
+``forward(q, k, v, call)`` returns ``(out, lse)``: out like q, lse float32 ``(B, H, Sq)``
+(varlen: ``(1, H, total_q)``), ``-inf`` on rows that see no key (their out is 0).
+``backward(dout, q, k, v, out, lse, call)`` recomputes from the saved tensors and returns
+``(dq, dk, dv)`` shaped and typed like ``(q, k, v)``. Every option is a field of the
+:class:`flashtile.spec.AttnCall` (``call.seed`` is the dropout seed; the keep mask is
+:func:`flashtile.rng.keep_mask`); all option semantics are in :mod:`flashtile.spec`.
+
+``decode(q, cache, call)`` (optional, declared by ``Capabilities.decode``) serves
+``flash_attn_with_kvcache``: it appends ``cache.k_new`` / ``cache.v_new`` to the cache in place,
+then attends q ``(B, Sq, H, D)`` to each row's keys; returns ``(out, lse)`` as ``forward``.
+Index checks that need the device's values are the backend's (see
+:func:`flashtile.paged.check_cache_indices`).
+
+Adding a backend
+----------------
+1. A module or package under ``flashtile/backends/`` (a name not starting with ``_``) whose
+   import never fails for lack of an optional dependency: import those on first use, and say
+   why the backend is unusable in ``available()``.
+2. A class with ``name``, ``capabilities`` (a :class:`Capabilities`), ``available()``,
+   ``supports(problem, call)`` (checks the declarations cannot express, e.g. compute
+   capability), ``forward``, ``backward`` and, if ``capabilities.decode``, ``decode``.
+3. ``register(instance)`` at the end of the module: discovery imports every module of this
+   package (and entry points of the group ``flashtile.backends``), so nothing central changes.
+4. Tests: ``tests/test_parity.py`` runs every registered backend usable in the process against
+   the oracle (``FLASHTILE_TEST_BACKENDS`` selects); add GPU-only cases with the ``gpu`` marker.
+5. A benchmark row in ``benchmarks/bench_attention.py`` against SDPA flash and cuDNN.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from ..spec import AttnSpec, Problem
+from ..spec import FEATURES, AttnCall, KVCache, Problem
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend serves, read by :mod:`flashtile.dispatch` to choose and to explain.
+
+    ``priority``: ``auto`` tries backends from the highest down. ``auto_devices``: the device
+    types ``auto`` may pick it for (None: any); a forced backend is still checked against the
+    rest. ``dtypes``, ``max_headdim``: what the kernels accept. ``features``: the optional
+    features of :meth:`flashtile.spec.AttnCall.features` it implements. ``decode``: whether it
+    implements :meth:`Backend.decode`.
+    """
+
+    priority: int
+    dtypes: frozenset[torch.dtype]
+    max_headdim: int
+    features: frozenset[str] = FEATURES
+    auto_devices: tuple[str, ...] | None = None
+    decode: bool = False
+
+    def refuse(self, problem: Problem, call: AttnCall, decode: bool = False) -> str | None:
+        """The reason these declarations exclude the call, or None."""
+        if problem.dtype not in self.dtypes:
+            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
+            return f"dtype {problem.dtype} is not supported ({names})"
+        if problem.headdim > self.max_headdim:
+            return f"head dim {problem.headdim} > {self.max_headdim}"
+        missing = call.features() - self.features
+        if missing:
+            return f"does not implement {', '.join(sorted(missing))}"
+        if decode and not self.decode:
+            return "does not implement KV-cache decoding"
+        return None
 
 
 class Backend(Protocol):
     name: str
+    capabilities: Capabilities
 
     def available(self) -> str | None:
         """None if the backend can run in this process, else the reason it cannot."""
 
-    def supports(self, problem: Problem, spec: AttnSpec) -> str | None:
-        """None if the backend serves this call, else the reason it does not."""
+    def supports(self, problem: Problem, call: AttnCall) -> str | None:
+        """None if the backend serves this call (beyond its declarations), else the reason."""
 
     def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        spec: AttnSpec,
-        *,
-        cu_seqlens_q: torch.Tensor | None,
-        cu_seqlens_k: torch.Tensor | None,
-        max_seqlen_q: int,
-        max_seqlen_k: int,
-        alibi_slopes: torch.Tensor | None,
-        seed: int,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def backward(
@@ -55,22 +99,19 @@ class Backend(Protocol):
         v: torch.Tensor,
         out: torch.Tensor,
         lse: torch.Tensor,
-        spec: AttnSpec,
-        *,
-        cu_seqlens_q: torch.Tensor | None,
-        cu_seqlens_k: torch.Tensor | None,
-        max_seqlen_q: int,
-        max_seqlen_k: int,
-        alibi_slopes: torch.Tensor | None,
-        seed: int,
+        call: AttnCall,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def decode(self, q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """Optional (``capabilities.decode``): append to the cache, then attend (see the module doc)."""
+        raise NotImplementedError
 
 
 _REGISTRY: dict[str, Backend] = {}
 
 
 def register(backend: Backend) -> Backend:
-    """Add a backend to the registry (later registrations take precedence in ``auto``)."""
+    """Add a backend to the registry (``auto`` orders by ``capabilities.priority``)."""
     _REGISTRY[backend.name] = backend
     return backend
 

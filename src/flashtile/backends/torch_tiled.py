@@ -23,8 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from ..mask import block_fully_visible, key_range, visible
+from ..merge import merge_states
+from ..paged import cache_index, check_cache_indices, packed_positions
 from ..rng import dropout_threshold, philox_word
-from ..spec import AttnSpec, Problem
+from ..rotary import apply_rotary_at
+from ..spec import AttnCall, KVCache, Problem
+from .base import Capabilities, register
 
 #: Elements in one score tile (all batch x heads together); 2**20 fp32 = 4 MiB fits in cache
 #: on typical CPUs and keeps Python overhead per tile small. Override: FLASHTILE_TORCH_TILE.
@@ -61,14 +65,14 @@ def _blocks(problem_rows: int, nbh: int, groups: int) -> tuple[int, int]:
 class _Ctx:
     """Per-call constants and the shared per-tile score computation."""
 
-    def __init__(self, spec: AttnSpec, H: int, Hk: int, D: int, seed: int):
-        self.spec = spec
+    def __init__(self, call: AttnCall, H: int, Hk: int, D: int, seed: int):
+        self.call = call
         self.H, self.Hk, self.G, self.D = H, Hk, H // Hk, D
-        self.cap = spec.softcap
+        self.cap = call.softcap
         # q is pre-scaled by c, so that u = (c q) . k; s = cap * tanh(u) (softcap) or u.
-        self.c = spec.softmax_scale / spec.softcap if spec.softcap > 0 else spec.softmax_scale
+        self.c = call.softmax_scale / call.softcap if call.softcap > 0 else call.softmax_scale
         self.seed = seed
-        self.left, self.right = spec.window_left, spec.window_right
+        self.left, self.right = call.window_left, call.window_right
         self._scratch: dict[str, torch.Tensor] = {}
 
     def scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -126,7 +130,7 @@ class _Ctx:
         bh = seq.bh0 + b * self.H + heads  # (nb, Hk, R)
         cols = torch.arange(j0, j1, device=device)
         word = philox_word(self.seed, cols.view(1, 1, 1, -1), rows.view(1, 1, -1, 1), bh.unsqueeze(-1))
-        return (word >> 8) >= dropout_threshold(self.spec.dropout_p)
+        return (word >> 8) >= dropout_threshold(self.call.dropout_p)
 
 
 def _to_rows(x: torch.Tensor, Hk: int, cdt: torch.dtype) -> torch.Tensor:
@@ -152,15 +156,8 @@ def _kv_heads(x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
     return x.permute(0, 2, 1, 3).to(cdt).contiguous()
 
 
-def _groups(
-    B: int,
-    Sq: int,
-    Sk: int,
-    H: int,
-    cu_q: torch.Tensor | None,
-    cu_k: torch.Tensor | None,
-    slopes: torch.Tensor | None,
-) -> list[_Seq]:
+def _groups(B: int, Sq: int, Sk: int, H: int, call: AttnCall) -> list[_Seq]:
+    cu_q, cu_k, slopes = call.cu_seqlens_q, call.cu_seqlens_k, call.alibi_slopes
     if cu_q is None:
         return [_Seq(0, Sq, 0, Sk, slice(0, B), 0, slopes)]
     cq, ck = cu_q.tolist(), cu_k.tolist()
@@ -175,7 +172,7 @@ def forward_seqs(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    spec: AttnSpec,
+    call: AttnCall,
     seqs: list[_Seq],
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,14 +182,14 @@ def forward_seqs(
         B, Sq, H, D = q.shape
         Hk = k.shape[2]
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        ctx = _Ctx(spec, H, Hk, D, seed)
+        ctx = _Ctx(call, H, Hk, D, seed)
         G = ctx.G
         qh = _to_rows(q, Hk, cdt)
         qh.mul_(ctx.c)
         kh, vh = _kv_heads(k, cdt), _kv_heads(v, cdt)
-        out = torch.zeros(B, Hk, Sq * G, D, dtype=cdt, device=q.device)
+        out = torch.zeros(B, Hk, Sq * G, v.shape[-1], dtype=cdt, device=q.device)
         lse = torch.full((B, Hk, Sq * G), float("-inf"), dtype=torch.float32, device=q.device)
-        drop = spec.dropout_p > 0
+        drop = call.dropout_p > 0
         for seq in seqs:
             nb = seq.batch.stop - seq.batch.start
             bm, bn = _blocks(seq.sq, nb * Hk, G)
@@ -206,7 +203,7 @@ def forward_seqs(
                 lo, hi = key_range(i0, i1, seq.sk, offset, ctx.left, ctx.right)
                 m_i = torch.full(qb.shape[:-1], float("-inf"), dtype=cdt, device=q.device)
                 l_i = torch.zeros_like(m_i)
-                acc = torch.zeros_like(qb)
+                acc = qb.new_zeros((*qb.shape[:-1], vseq.shape[-1]))
                 for j0 in range(lo, hi, bn):
                     j1 = min(j0 + bn, hi)
                     s, _ = ctx.scores(qb, kseq[:, :, j0:j1], seq, i0, i1, j0, j1)
@@ -222,7 +219,7 @@ def forward_seqs(
                 empty = l_i == 0
                 scale = torch.where(empty, torch.zeros_like(l_i), 1.0 / l_i)
                 if drop:
-                    scale = scale / (1.0 - spec.dropout_p)
+                    scale = scale / (1.0 - call.dropout_p)
                 out[seq.batch, :, r0:r1] = acc * scale.unsqueeze(-1)
                 lse[seq.batch, :, r0:r1] = torch.where(empty, float("-inf"), m_i + torch.log(l_i)).float()
         lse_out = lse.view(B, Hk, Sq, G).permute(0, 1, 3, 2).reshape(B, H, Sq)
@@ -230,34 +227,83 @@ def forward_seqs(
 
 
 class TorchTiledBackend:
-    """Tiled PyTorch attention: every option, every device, fp16/bf16/fp32/fp64 inputs."""
+    """Tiled PyTorch attention: every option, every device, fp16/bf16/fp32/fp64 inputs, any
+    head dim the API accepts, and KV-cache decoding."""
 
     name = "torch"
+    capabilities = Capabilities(
+        priority=0,
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+        max_headdim=1 << 30,
+        decode=True,
+    )
 
     def available(self) -> str | None:
         return None
 
-    def supports(self, problem: Problem, spec: AttnSpec) -> str | None:
+    def supports(self, problem: Problem, call: AttnCall) -> str | None:
         return None
 
     @torch.no_grad()
     def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        spec: AttnSpec,
-        *,
-        cu_seqlens_q: torch.Tensor | None,
-        cu_seqlens_k: torch.Tensor | None,
-        max_seqlen_q: int,
-        max_seqlen_k: int,
-        alibi_slopes: torch.Tensor | None,
-        seed: int,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        seqs = _groups(q.shape[0], q.shape[1], k.shape[1], q.shape[2], cu_seqlens_q, cu_seqlens_k, alibi_slopes)
-        return forward_seqs(q, k, v, spec, seqs, seed)
+        seqs = _groups(q.shape[0], q.shape[1], k.shape[1], q.shape[2], call)
+        return forward_seqs(q, k, v, call, seqs, call.seed_int)
 
+    @torch.no_grad()
+    def decode(self, q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any device: check the indices (one host sync), append with indexing, gather each row's
+        keys into the packed layout and run the engine (``num_splits > 1``: pieces of each row's
+        key range computed separately and merged)."""
+        b, sq, h, d = q.shape
+        dev = q.device
+        sn, paged = cache.seqlen_new, cache.paged
+        page = cache.k_cache.shape[1] if paged else 0
+        cache_rows = torch.arange(b, device=dev) if cache.batch_idx is None else cache.batch_idx.long()
+        seqlens = cache.seqlens.long() if isinstance(cache.seqlens, torch.Tensor) else \
+            torch.full((b,), cache.seqlens, dtype=torch.long, device=dev)  # fmt: skip
+        leftpad = torch.zeros(b, dtype=torch.long, device=dev) if cache.leftpad is None else cache.leftpad.long()
+        check_cache_indices(cache, seqlens)
+        rot = cache.rotary
+        # 1. rotary on the new keys, then append them in place.
+        if cache.k_new is not None:
+            k = cache.k_new
+            if rot is not None:
+                k = apply_rotary_at(k, rot[0], rot[1], _rotary_positions(seqlens, leftpad, sn, True), rot[2])
+            rows = torch.arange(b, device=dev).view(b, 1).expand(b, sn)
+            at = seqlens.view(b, 1) + torch.arange(sn, device=dev).view(1, sn)
+            i0, i1 = cache_index(rows, at, cache.block_table, cache_rows, page)
+            cache.k_cache[i0, i1] = k.to(cache.k_cache.dtype)
+            cache.v_cache[i0, i1] = cache.v_new.to(cache.v_cache.dtype)
+        # 2. rotary on q.
+        if rot is not None:
+            q = apply_rotary_at(q, rot[0], rot[1], _rotary_positions(seqlens, leftpad, sq, call.has_window), rot[2])
+        # 3. gather each row's keys [leftpad, seqlens + sn) into the packed layout.
+        lens_k = seqlens + sn - leftpad
+        cu_k = [0] + torch.cumsum(lens_k, 0).tolist()
+        row_of, pos = packed_positions(lens_k, leftpad, cu_k[-1])
+        i0, i1 = cache_index(row_of, pos, cache.block_table, cache_rows, page)
+        kp, vp = cache.k_cache[i0, i1].unsqueeze(0), cache.v_cache[i0, i1].unsqueeze(0)  # (1, total_k, hk, d)
+        qp = q.reshape(1, b * sq, h, d)  # row i's queries at [i * sq, (i + 1) * sq)
+        splits = max(1, cache.num_splits)
+        outs, lses = [], []
+        for piece in range(splits):
+            seqs = []
+            for i in range(b):
+                n = cu_k[i + 1] - cu_k[i]
+                chunk = -(-n // splits) if n else 0
+                lo, hi = min(n, piece * chunk), min(n, (piece + 1) * chunk)
+                sl = None if call.alibi_slopes is None else call.alibi_slopes[i : i + 1]
+                # Keys [lo, hi) of a row with n keys: the diagonal sits at column n - sq - lo of the piece.
+                seqs.append(_Seq(row0=i * sq, sq=sq, col0=cu_k[i] + lo, sk=hi - lo, batch=slice(0, 1), bh0=0,
+                                 slopes=sl, key_offset=n - sq - lo))  # fmt: skip
+            out, lse = forward_seqs(qp, kp, vp, call, seqs)
+            outs.append(out.view(b, sq, h, d))
+            lses.append(lse.view(h, b, sq).permute(1, 0, 2))
+        if splits == 1:
+            return outs[0], lses[0].contiguous()
+        return merge_states(outs, lses)
 
     @torch.no_grad()
     def backward(
@@ -268,24 +314,17 @@ class TorchTiledBackend:
         v: torch.Tensor,
         out: torch.Tensor,
         lse: torch.Tensor,
-        spec: AttnSpec,
-        *,
-        cu_seqlens_q: torch.Tensor | None,
-        cu_seqlens_k: torch.Tensor | None,
-        max_seqlen_q: int,
-        max_seqlen_k: int,
-        alibi_slopes: torch.Tensor | None,
-        seed: int,
+        call: AttnCall,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, Sq, H, D = q.shape
         Sk, Hk = k.shape[1], k.shape[2]
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        ctx = _Ctx(spec, H, Hk, D, seed)
+        ctx = _Ctx(call, H, Hk, D, call.seed_int)
         G = ctx.G
         qh = _to_rows(q, Hk, cdt)
         qh.mul_(ctx.c)
         doh = _to_rows(dout, Hk, cdt)
-        seqs = _groups(B, Sq, Sk, H, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+        seqs = _groups(B, Sq, Sk, H, call)
         # delta = rowsum(dout * out) uses the `out` we are given, as flash-attn does: callers such
         # as ring attention pass the *global* out / lse of a longer key range than this k / v, so
         # it cannot be recomputed here. For fp16/bf16 that carries out's rounding into
@@ -298,8 +337,8 @@ class TorchTiledBackend:
         dq = torch.zeros_like(qh)
         dk = torch.zeros_like(kh)
         dv = torch.zeros_like(vh)
-        drop = spec.dropout_p > 0
-        inv_keep = 1.0 / (1.0 - spec.dropout_p)
+        drop = call.dropout_p > 0
+        inv_keep = 1.0 / (1.0 - call.dropout_p)
         for seq in seqs:
             nb = seq.batch.stop - seq.batch.start
             bm, bn = _blocks(seq.sq, nb * Hk, G)
@@ -340,4 +379,35 @@ class TorchTiledBackend:
         return dq_out, dk.permute(0, 2, 1, 3).to(k.dtype), dv.permute(0, 2, 1, 3).to(v.dtype)
 
 
-backend = TorchTiledBackend()
+def _rotary_positions(seqlens: torch.Tensor, leftpad: torch.Tensor, n: int, along: bool) -> torch.Tensor:
+    """Rotary positions ``(b, n)`` of a decode step: ``seqlens - leftpad (+ t if along)``."""
+    base = (seqlens - leftpad).view(-1, 1)
+    return base + torch.arange(n, device=seqlens.device).view(1, n) if along else base.expand(-1, n)
+
+
+@torch.no_grad()
+def attention_probs(q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> torch.Tensor:
+    """The attention probabilities after dropout, materialised (``return_attn_probs``, a testing
+    aid: O(seqlen_q * seqlen_k) memory): the engine run with v = the identity over each sequence's
+    keys, so that its output is the probabilities, with the call's dropout mask (the one every
+    backend draws from ``call.seed``). On the internal layout; returns float32
+    ``(batch, nheads, seqlen_q, seqlen_k)``, varlen ``(nseq, nheads, max_seqlen_q, max_seqlen_k)``
+    zero-padded, such that ``out = probs @ v``."""
+    qf, kf, hk = q.float(), k.float(), k.shape[2]
+    if not call.varlen:
+        b, sk = k.shape[0], k.shape[1]
+        eye = torch.eye(sk, dtype=torch.float32, device=q.device).view(1, sk, 1, sk).expand(b, sk, hk, sk)
+        out, _ = backend.forward(qf, kf, eye.contiguous(), call)
+        return out.permute(0, 2, 1, 3)
+    cq, ck = call.cu_seqlens_q.tolist(), call.cu_seqlens_k.tolist()
+    lens_k = call.cu_seqlens_k.diff().long()
+    rows, pos = packed_positions(lens_k, None, ck[-1])
+    eye = torch.nn.functional.one_hot(pos, max(call.max_seqlen_k, 1)).float()  # (total_k, max_sk)
+    out, _ = backend.forward(qf, kf, eye.view(1, -1, 1, eye.shape[-1]).expand(1, -1, hk, -1).contiguous(), call)
+    probs = q.new_zeros((len(cq) - 1, q.shape[2], call.max_seqlen_q, eye.shape[-1]), dtype=torch.float32)
+    for n in range(len(cq) - 1):
+        probs[n, :, : cq[n + 1] - cq[n]] = out[0, cq[n] : cq[n + 1]].transpose(0, 1)
+    return probs[..., : call.max_seqlen_k]
+
+
+backend = register(TorchTiledBackend())

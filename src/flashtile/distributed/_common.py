@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ..spec import AttnSpec, check_call, check_cu_seqlens_values, check_varlen_meta
+from ..spec import AttnCall, check_call, check_cu_seqlens_values, check_varlen_meta
 
 _M64 = (1 << 64) - 1
 
@@ -44,7 +44,7 @@ def check_inputs(
     deterministic: bool,
     return_attn_probs: bool,
     fn: str,
-) -> AttnSpec:
+) -> AttnCall:
     spec = check_call(
         q, k, v, varlen=varlen, names=names, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, deterministic=deterministic,

@@ -53,9 +53,9 @@ import torch.distributed as dist
 from .. import dispatch
 from ..mask import block_fully_visible
 from ..merge import merge_two
-from ..ops import attn_bwd, attn_fwd
+from ..ops import attention, attention_backward
 from ..rng import draw_seed
-from ..spec import AttnSpec, Problem, unbind_packed
+from ..spec import AttnCall, Problem, unbind_packed
 from ._common import (
     RingPeers,
     check_inputs,
@@ -224,12 +224,7 @@ def plan_varlen_step(
 class _Call:
     q_sel: slice | torch.Tensor  # rows of the local q/out (dim 1) and lse (dim 2)
     k_sel: slice | torch.Tensor  # rows of the travelling k/v (dim 1)
-    spec: AttnSpec
-    seed: torch.Tensor | None
-    cu_q: torch.Tensor | None = None
-    cu_k: torch.Tensor | None = None
-    max_q: int = 0
-    max_k: int = 0
+    call: AttnCall  # the piece's window, seed and (varlen) cu_seqlens of the selection
 
 
 def _cut(x: torch.Tensor, sel: slice | torch.Tensor, dim: int) -> torch.Tensor:
@@ -281,7 +276,7 @@ class _Ring:
 
 
 def _build_calls(
-    spec: AttnSpec,
+    spec: AttnCall,
     layout: str,
     world: int,
     rank: int,
@@ -313,34 +308,29 @@ def _build_calls(
             pieces = plan_varlen_step(q_chunks, k_chunks, lens, n, spec.window_left, spec.window_right)
         step = []
         for i, p in enumerate(pieces):
-            pspec = dataclasses.replace(spec, window_left=p.left, window_right=p.right)
             seed = None if base_seed is None else seed_tensor(mix_seed(base_seed, rank, s, i))
+            pspec = dataclasses.replace(spec, window_left=p.left, window_right=p.right, seed=seed)
             if dense is not None:
                 qs = slice(None) if (p.q_lo, p.q_hi) == (0, nslots * (dense[0] // n)) else slice(p.q_lo, p.q_hi)
                 ks = slice(None) if (p.k_lo, p.k_hi) == (0, nslots * (dense[1] // n)) else slice(p.k_lo, p.k_hi)
-                step.append(_Call(qs, ks, pspec, seed))
+                step.append(_Call(qs, ks, pspec))
             else:
                 qs, cu_q, mq = span("q", p.q_lo, p.q_hi)
                 ks, cu_k, mk = span("k", p.k_lo, p.k_hi)
-                step.append(_Call(qs, ks, pspec, seed, cu_q, cu_k, mq, mk))
+                lens = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk)
+                step.append(_Call(qs, ks, dataclasses.replace(pspec, **lens)))
         calls.append(step)
     return calls
 
 
 def _fwd_call(c: _Call, q, k, v, backend: str):
-    s = c.spec
-    return attn_fwd(
-        _cut(q, c.q_sel, 1), _cut(k, c.k_sel, 1), _cut(v, c.k_sel, 1), c.cu_q, c.cu_k, c.max_q, c.max_k, None,
-        c.seed, s.softmax_scale, s.window_left, s.window_right, s.softcap, s.dropout_p, s.deterministic, backend,
-    )  # fmt: skip
+    return attention(_cut(q, c.q_sel, 1), _cut(k, c.k_sel, 1), _cut(v, c.k_sel, 1), c.call, backend)
 
 
 def _bwd_call(c: _Call, dout, q, k, v, out, lse, backend: str):
-    s = c.spec
-    return attn_bwd(
+    return attention_backward(
         _cut(dout, c.q_sel, 1), _cut(q, c.q_sel, 1), _cut(k, c.k_sel, 1), _cut(v, c.k_sel, 1),
-        _cut(out, c.q_sel, 1), _cut(lse, c.q_sel, 2).contiguous(), c.cu_q, c.cu_k, c.max_q, c.max_k, None,
-        c.seed, s.softmax_scale, s.window_left, s.window_right, s.softcap, s.dropout_p, s.deterministic, backend,
+        _cut(out, c.q_sel, 1), _cut(lse, c.q_sel, 2).contiguous(), c.call, backend,
     )  # fmt: skip
 
 
@@ -478,11 +468,11 @@ def _ring(
         q4, k4, v4 = q, k, v
         batch, lq, lk = q.shape[0], q.shape[1], k.shape[1]
         dense, var = (q.shape[1] * world, k.shape[1] * world), None
-    problem = Problem(
-        batch=batch, seqlen_q=lq, seqlen_k=lk, nheads=q.shape[-2], nheads_k=k.shape[-2], headdim=q.shape[-1],
-        dtype=q.dtype, device=q.device, varlen=varlen, has_alibi=False,
-    )  # fmt: skip
-    backend = dispatch.choose(problem, spec)
+    problem = Problem(batch=batch, seqlen_q=lq, seqlen_k=lk, nheads=q.shape[-2], nheads_k=k.shape[-2],
+                      headdim=q.shape[-1], dtype=q.dtype, device=q.device)  # fmt: skip
+    # what a piece of this call uses (the varlen pieces carry their cu_seqlens: a placeholder here)
+    shape = spec if not varlen else dataclasses.replace(spec, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    backend = dispatch.choose(problem, shape)
     base_seed = int(draw_seed(q.device)) if spec.dropout_p > 0 else None
     calls = _build_calls(spec, layout, world, rank, base_seed, q.device, dense, var)
     ring = _Ring(RingPeers(group, world, rank), world, rank, backend, calls)

@@ -16,6 +16,7 @@ keeps query head ``i`` on key/value head ``i // (nheads / nheads_k)``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -139,17 +140,13 @@ def _ulysses(
     kh, vh = rk.heads(k, seq_dim, head_dim), rk.heads(v, seq_dim, head_dim)
     if varlen:
         qh, kh, vh = qh.unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0)
-    problem = Problem(
-        batch=batch, seqlen_q=sq, seqlen_k=sk, nheads=hl, nheads_k=kh.shape[-2], headdim=q.shape[-1],
-        dtype=q.dtype, device=q.device, varlen=varlen, has_alibi=alibi is not None,
-    )  # fmt: skip
-    backend = dispatch.choose(problem, spec)
     # Ranks hold different heads but would index the dropout mask by local head: give each its own stream.
     seed = seed_tensor(mix_seed(int(draw_seed(q.device)), rank)) if spec.dropout_p > 0 else None
-    out, lse = attention(
-        qh, kh, vh, spec, backend, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, alibi_slopes=alibi, seed=seed,
-    )  # fmt: skip
+    lens = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),
+                max_seqlen_k=int(max_seqlen_k)) if varlen else {}  # fmt: skip
+    call = dataclasses.replace(spec, alibi_slopes=alibi, seed=seed, **lens)
+    backend = dispatch.choose(Problem.of(qh, kh, call), call)
+    out, lse = attention(qh, kh, vh, call, backend)
     if varlen:
         out = rq.seq(out.squeeze(0), 0, 1)
     else:

@@ -127,18 +127,6 @@ _BWD_FP32 = {
 }
 
 
-def arch_of(device: torch.device) -> str:
-    """'sm90', 'sm80', 'sm86' (also for sm89 and other consumer parts), or 'hip'."""
-    if getattr(torch.version, "hip", None):
-        return "hip"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major >= 9:
-        return "sm90"
-    if major == 8 and minor == 0:
-        return "sm80"
-    return "sm86"
-
-
 def bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 

@@ -2,18 +2,22 @@
 
 Works on the internal layout of :mod:`flashtile.backends.base` (dense ``(B, S, H, D)``;
 varlen ``(1, total, H, D)`` with ``cu_seqlens``). Under ``TRITON_INTERPRET=1`` the same
-kernels run on CPU tensors through Triton's interpreter.
+kernels run on CPU tensors through Triton's interpreter. The launch-side pieces every Triton
+launcher shares (the device guard, the architecture, the scalar and flag arguments derived from
+an :class:`~flashtile.call.AttnCall`) live here; :mod:`.launch_decode` uses them too.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 import triton
 
 from ...rng import dropout_threshold
-from ...spec import AttnSpec
+from ...spec import AttnCall
+from .. import _device
 from . import configs
 from .bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess
 from .configs import BwdConfig, FwdConfig
@@ -33,11 +37,19 @@ INTERPRET = type(_fwd_kernel).__name__ == "InterpretedFunction"
 _FITTED: dict[tuple, FwdConfig | BwdConfig] = {}
 
 
-def _arch(device: torch.device) -> str:
-    return "interpret" if INTERPRET else configs.arch_of(device)
+def arch(device: torch.device) -> str:
+    """The config table's architecture key for ``device`` (``interpret`` under the interpreter)."""
+    return "interpret" if INTERPRET else _device.info(device).arch
 
 
-def _block_d(d: int) -> int:
+def device_guard(device: torch.device):
+    """Make ``device`` current for a launch (a no-op when it already is, or off CUDA)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
@@ -52,22 +64,25 @@ def _seed_words(seed: int | torch.Tensor) -> tuple[int, int]:
     return i32(s & 0xFFFFFFFF), i32((s >> 32) & 0xFFFFFFFF)
 
 
-def _scalars(spec: AttnSpec, seed: int | torch.Tensor) -> dict:
+def score_scales(call: AttnCall) -> tuple[float, float]:
+    """``(qk_scale, cap_out)``: the kernels compute scores in log2 units as
+    ``cap_out * tanh(qk_scale * q.k)`` with softcap, else ``qk_scale * q.k``."""
+    if call.softcap > 0:
+        return call.softmax_scale / call.softcap, call.softcap * LOG2E
+    return call.softmax_scale * LOG2E, 0.0
+
+
+def _scalars(call: AttnCall) -> dict:
     """Scalar kernel arguments shared by the forward and backward launches."""
-    if spec.softcap > 0:
-        qk_scale = spec.softmax_scale / spec.softcap
-        cap_out = spec.softcap * LOG2E
-    else:
-        qk_scale = spec.softmax_scale * LOG2E
-        cap_out = 0.0
-    p = spec.dropout_p
-    seed_lo, seed_hi = _seed_words(seed) if p > 0 else (0, 0)
+    qk_scale, cap_out = score_scales(call)
+    p = call.dropout_p
+    seed_lo, seed_hi = _seed_words(call.seed_int) if p > 0 else (0, 0)
     return dict(
         qk_scale=qk_scale,
         cap_out=cap_out,
         alibi_mul=LOG2E,
-        window_left=spec.window_left,
-        window_right=spec.window_right,
+        window_left=call.window_left,
+        window_right=call.window_right,
         thresh=dropout_threshold(p) if p > 0 else 0,
         drop_scale=1.0 / (1.0 - p),
         seed_lo=seed_lo,
@@ -75,16 +90,21 @@ def _scalars(spec: AttnSpec, seed: int | torch.Tensor) -> dict:
     )
 
 
-def _flags(spec: AttnSpec, alibi: torch.Tensor | None, varlen: bool, dtype: torch.dtype) -> dict:
+def upcast(dtype: torch.dtype) -> bool:
+    """Whether the kernels compute products in fp32: fp32 inputs (IEEE fp32 products), and bf16
+    under the interpreter, whose bf16 dot is wrong."""
+    return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
+
+
+def _flags(call: AttnCall, dtype: torch.dtype) -> dict:
     return dict(
-        HAS_WL=spec.window_left >= 0,
-        HAS_WR=spec.window_right >= 0,
-        HAS_SOFTCAP=spec.softcap > 0,
-        HAS_ALIBI=alibi is not None,
-        HAS_DROPOUT=spec.dropout_p > 0,
-        IS_VARLEN=varlen,
-        # fp32 inputs: IEEE fp32 products; bf16 under the interpreter: its bf16 dot is wrong
-        UPCAST=dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16),
+        HAS_WL=call.window_left >= 0,
+        HAS_WR=call.window_right >= 0,
+        HAS_SOFTCAP=call.softcap > 0,
+        HAS_ALIBI=call.alibi_slopes is not None,
+        HAS_DROPOUT=call.dropout_p > 0,
+        IS_VARLEN=call.varlen,
+        UPCAST=upcast(dtype),
     )
 
 
@@ -106,62 +126,29 @@ def _fit(key: tuple, cfg: FwdConfig | BwdConfig, launch: Callable[[FwdConfig | B
     raise RuntimeError(f"flashtile triton: no tile config fits this device ({err})")
 
 
-class _DeviceGuard:
-    def __init__(self, device: torch.device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
-def _geometry(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def _geometry(q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> tuple[bool, int, int, int, int, int]:
     """(varlen, nbatch, seqlen_q, seqlen_k, rows_q, rows_k): rows_* size the grids."""
-    varlen = cu_seqlens_q is not None
-    if varlen:
+    if call.varlen:
         if q.shape[0] != 1 or k.shape[0] != 1:
             raise ValueError("varlen tensors must have the internal layout (1, total, heads, headdim)")
-        nb = cu_seqlens_q.shape[0] - 1
-        return True, nb, 0, 0, int(max_seqlen_q), int(max_seqlen_k)
+        nb = call.cu_seqlens_q.shape[0] - 1
+        return True, nb, 0, 0, int(call.max_seqlen_q), int(call.max_seqlen_k)
     return False, q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1]
-
-
-def _decode_shaped(q, k, v, spec: AttnSpec, alibi_slopes) -> tuple[torch.Tensor, torch.Tensor]:
-    """Few query rows per KV head (decoding, speculative or chunked steps): the split-KV kernel
-    of :mod:`.decode`, which reads each KV head once for its whole query group and spreads the
-    keys over the SMs, where the forward kernel would give each query head a mostly empty row
-    block and read K/V once per query head. Same semantics (bottom-right causal alignment)."""
-    from .launch_decode import decode, error_flag
-
-    B, Sk = k.shape[0], k.shape[1]
-    seqlens = torch.full((B,), Sk, dtype=torch.int32, device=q.device)
-    return decode(q, k, v, None, seqlens, None, spec, sn=0, capacity=Sk, n_index=B, dense=True,
-                  err=error_flag(q.device), alibi_slopes=alibi_slopes)  # fmt: skip
 
 
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    spec: AttnSpec,
+    call: AttnCall,
     *,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    alibi_slopes: torch.Tensor | None,
-    seed: int,
     config: FwdConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) on the internal layout; ``config`` overrides the table (benchmark sweeps)."""
     B, Sq, H, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
-    varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k = _geometry(
-        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k = _geometry(q, k, call)
+    alibi_slopes, cu_seqlens_q, cu_seqlens_k = call.alibi_slopes, call.cu_seqlens_q, call.cu_seqlens_k
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or nb == 0 or rows_q == 0:
@@ -170,13 +157,11 @@ def forward(
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    if config is None and not varlen and spec.dropout_p == 0.0 and Sq * (H // Hk) <= 64:
-        return _decode_shaped(q, k, v, spec, alibi_slopes)
-    block_d = _block_d(D)
-    arch = _arch(q.device)
-    cfg = config or configs.fwd_config(arch, block_d, q.dtype, max(rows_q, rows_k))
-    flags = _flags(spec, alibi_slopes, varlen, q.dtype)
-    scal = _scalars(spec, seed)
+    bd = block_d(D)
+    ar = arch(q.device)
+    cfg = config or configs.fwd_config(ar, bd, q.dtype, max(rows_q, rows_k))
+    flags = _flags(call, q.dtype)
+    scal = _scalars(call)
     stride_ab = alibi_slopes.stride(0) if alibi_slopes is not None else 0
 
     def launch(c: FwdConfig) -> None:
@@ -192,13 +177,13 @@ def forward(
             scal["qk_scale"], scal["cap_out"], scal["alibi_mul"],
             scal["window_left"], scal["window_right"],
             scal["thresh"], scal["drop_scale"], scal["seed_lo"], scal["seed_hi"],
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-            REVERSE_M=spec.window_right >= 0, **flags,
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+            REVERSE_M=call.window_right >= 0, **flags,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
 
-    with _DeviceGuard(q.device):
-        _fit(("fwd", arch, q.dtype, block_d), cfg, launch)
+    with device_guard(q.device):
+        _fit(("fwd", ar, q.dtype, bd), cfg, launch)
     return out, lse
 
 
@@ -209,22 +194,16 @@ def backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    spec: AttnSpec,
+    call: AttnCall,
     *,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    alibi_slopes: torch.Tensor | None,
-    seed: int,
     config: BwdConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shaped and typed like (q, k, v). Bitwise reproducible unless the config
-    fuses dQ with atomics (``atomic_dq``), which ``spec.deterministic`` switches off."""
+    fuses dQ with atomics (``atomic_dq``), which ``call.deterministic`` switches off."""
     B, Sq, H, D = q.shape
     Hk = k.shape[2]
-    varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k = _geometry(
-        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k = _geometry(q, k, call)
+    alibi_slopes, cu_seqlens_q, cu_seqlens_k = call.alibi_slopes, call.cu_seqlens_q, call.cu_seqlens_k
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -237,11 +216,11 @@ def backward(
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     dq_acc = None
-    block_d = _block_d(D)
-    arch = _arch(q.device)
-    cfg = config or configs.bwd_config(arch, block_d, q.dtype, max(rows_q, rows_k))
-    flags = _flags(spec, alibi_slopes, varlen, q.dtype)
-    scal = _scalars(spec, seed)
+    bd = block_d(D)
+    ar = arch(q.device)
+    cfg = config or configs.bwd_config(ar, bd, q.dtype, max(rows_q, rows_k))
+    flags = _flags(call, q.dtype)
+    scal = _scalars(call)
     stride_ab = alibi_slopes.stride(0) if alibi_slopes is not None else 0
     stride_lb = 0 if varlen else lse.stride(0)
     group = H // Hk
@@ -252,14 +231,14 @@ def backward(
     common = (
         stride_lb, lse.stride(1), stride_ab,
         seqlen_q, seqlen_k, H, group,
-        scal["qk_scale"], scal["cap_out"], scal["alibi_mul"], spec.softmax_scale,
+        scal["qk_scale"], scal["cap_out"], scal["alibi_mul"], call.softmax_scale,
         scal["window_left"], scal["window_right"],
         scal["thresh"], scal["drop_scale"], scal["seed_lo"], scal["seed_hi"],
     )
 
     def launch(c: BwdConfig) -> None:
         nonlocal dq_acc
-        atomic = c.atomic_dq and not spec.deterministic
+        atomic = c.atomic_dq and not call.deterministic
         if atomic:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dq_dst = dq_acc if atomic else dq
@@ -269,13 +248,13 @@ def backward(
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             delta.stride(0), delta.stride(1), Sq,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m,
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_m,
         )
         _bwd_dkdv_kernel[(triton.cdiv(rows_k, c.block_n1), Hk, nb)](
             q, k, v, dout, lse, delta, dk, dv, dq_dst, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
             *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dk), *bstr(dv), *bstr(dq_dst),
             *common,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=c.block_m1, BLOCK_N=c.block_n1, ATOMIC_DQ=atomic, **flags,
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m1, BLOCK_N=c.block_n1, ATOMIC_DQ=atomic, **flags,
             num_warps=c.num_warps1, num_stages=c.num_stages1,
         )
         if atomic:
@@ -284,33 +263,32 @@ def backward(
             q, k, v, dout, lse, delta, dq, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
             *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dq),
             *common,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=c.block_m2, BLOCK_N=c.block_n2,
-            REVERSE_M=spec.window_right >= 0, **flags,
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m2, BLOCK_N=c.block_n2,
+            REVERSE_M=call.window_right >= 0, **flags,
             num_warps=c.num_warps2, num_stages=c.num_stages2,
         )
 
-    with _DeviceGuard(q.device):
-        _fit(("bwd", arch, q.dtype, block_d, spec.deterministic), cfg, launch)
+    with device_guard(q.device):
+        _fit(("bwd", ar, q.dtype, bd, call.deterministic), cfg, launch)
         if dq_acc is not None:
-            dq.copy_(dq_acc.mul_(spec.softmax_scale))
+            dq.copy_(dq_acc.mul_(call.softmax_scale))
     return dq, dk, dv
 
 
 def fwd_config_for(device: torch.device, headdim: int, dtype: torch.dtype, max_seqlen: int = 1 << 30) -> FwdConfig:
     """The table's forward config for a call (before any shared-memory fallback)."""
-    return configs.fwd_config(_arch(device), _block_d(headdim), dtype, max_seqlen)
+    return configs.fwd_config(arch(device), block_d(headdim), dtype, max_seqlen)
 
 
 def bwd_config_for(device: torch.device, headdim: int, dtype: torch.dtype, max_seqlen: int = 1 << 30) -> BwdConfig:
     """The table's backward config for a call (before any shared-memory fallback)."""
-    return configs.bwd_config(_arch(device), _block_d(headdim), dtype, max_seqlen)
+    return configs.bwd_config(arch(device), block_d(headdim), dtype, max_seqlen)
 
 
 def describe(device: torch.device, headdim: int, dtype: torch.dtype) -> str:
     """One line naming the configs a call would use (for `flashtile env`)."""
-    block_d = _block_d(headdim)
-    arch = _arch(device)
-    return f"{arch}: fwd {configs.fwd_config(arch, block_d, dtype)}, bwd {configs.bwd_config(arch, block_d, dtype)}"
+    bd, ar = block_d(headdim), arch(device)
+    return f"{ar}: fwd {configs.fwd_config(ar, bd, dtype)}, bwd {configs.bwd_config(ar, bd, dtype)}"
 
 
 __all__ = ["forward", "backward", "describe", "fwd_config_for", "bwd_config_for", "INTERPRET"]

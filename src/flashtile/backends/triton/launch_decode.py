@@ -1,17 +1,18 @@
 """Host side of the split-KV decode kernels (:mod:`.decode`): tile configs, the number of key
-pieces, the error flag, and the ``append_kv`` / ``decode`` launchers."""
+pieces, the error flag, the ``append_kv`` / ``decode`` launchers, and the two ways the backend
+uses them: :func:`kvcache` (``flash_attn_with_kvcache``) and :func:`dense` (decode-shaped
+``flash_attn_func`` calls)."""
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import triton
 
-from ...spec import AttnSpec, capturing
+from ...paged import check_cache_indices
+from ...spec import AttnCall, KVCache, capturing
+from .. import _device
 from .decode import _append_kernel, _decode_kernel, _merge_kernel
-
-LOG2E = 1.4426950408889634
+from .launch import block_d, device_guard, score_scales, upcast
 
 
 def _interpret() -> bool:
@@ -39,18 +40,6 @@ def choose_splits(programs: int, max_keys: int, block_n: int, slots: int, waves:
     return splits
 
 
-_SMS: dict[int, tuple[int, int]] = {}
-
-
-def _sm_info(device: torch.device) -> tuple[int, int]:
-    """(SM count, shared memory bytes per SM) of a CUDA device."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        p = torch.cuda.get_device_properties(idx)
-        _SMS[idx] = (p.multi_processor_count, getattr(p, "shared_memory_per_multiprocessor", 0) or 228 * 1024)
-    return _SMS[idx]
-
-
 _ERR: dict[tuple[int, int], torch.Tensor] = {}
 
 
@@ -68,13 +57,6 @@ def error_flag(device: torch.device) -> torch.Tensor:
         if not capturing(flag):
             _ERR[key] = flag
     return flag
-
-
-def _on(device: torch.device):
-    """Make ``device`` current for a launch (a no-op when it already is)."""
-    if device.type != "cuda" or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
 
 
 def _config(D: int, kv_mode: int, max_keys: int, interp: bool) -> tuple[int, int, int]:
@@ -117,7 +99,7 @@ def append_kv(
     if B == 0 or sn == 0:
         return
     block_t = min(64, max(16, triton.next_power_of_2(sn)))
-    with _on(k.device):
+    with device_guard(k.device):
         cos, sin, interleaved = rotary or (None, None, False)
         _append_kernel[(B * Hk, triton.cdiv(sn, block_t))](
             k, v, k_cache, v_cache, table, seqlens, leftpad, err, cos, sin,
@@ -128,7 +110,7 @@ def append_kv(
             table.stride(0) if table is not None else 0,
             cos.stride(0) if rotary else 0, cos.shape[0] if rotary else 0,
             sn, capacity, n_index, k_cache.shape[1], Hk,
-            HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t,
+            HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_T=block_t,
             HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None, KV_MODE=0 if dense else 2,
             ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved,
         )  # fmt: skip
@@ -141,14 +123,13 @@ def decode(
     table: torch.Tensor | None,
     seqlens: torch.Tensor,
     leftpad: torch.Tensor | None,
-    spec: AttnSpec,
+    call: AttnCall,
     *,
     sn: int,
     capacity: int,
     n_index: int,
     dense: bool,
     err: torch.Tensor,
-    alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
     rotary: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
     config: tuple[int, int, int] | None = None,
@@ -175,15 +156,16 @@ def decode(
     if kv_mode == 2:
         block_n, num_warps, num_stages = config or _config(D, 2, capacity, interp)
     block_m = 16 if Sq * G <= 16 else (32 if interp else 64)
-    block_d = max(16, triton.next_power_of_2(D))
+    bd = block_d(D)
     row_blocks = triton.cdiv(Sq * G, block_m)
     max_keys = max(capacity, 1)
     programs = B * Hk * row_blocks
     if num_splits > 0:
         splits = num_splits
     elif q.is_cuda:
-        sms, smem = _sm_info(q.device)
-        per_sm = max(1, min(smem // (2 * block_n * block_d * q.element_size() * max(num_stages, 1)), 64 // num_warps))
+        info = _device.info(q.device)
+        sms, smem = info.sm_count, info.smem_per_sm
+        per_sm = max(1, min(smem // (2 * block_n * bd * q.element_size() * max(num_stages, 1)), 64 // num_warps))
         gather = kv_mode == 2
         splits = choose_splits(programs, max_keys, block_n, sms * per_sm, 8 if gather else 0, 256 if gather else 128)
     else:
@@ -198,13 +180,10 @@ def decode(
         o = torch.empty((splits, B, Sq, H, D), dtype=torch.float32, device=q.device)
         lse = torch.empty((splits, B, H, Sq), dtype=torch.float32, device=q.device)
     cos, sin, interleaved = rotary or (None, None, False)
-    if spec.softcap > 0:
-        qk_scale, cap_out = spec.softmax_scale / spec.softcap, spec.softcap * LOG2E
-    else:
-        qk_scale, cap_out = spec.softmax_scale * LOG2E, 0.0
-    with _on(q.device):
+    qk_scale, cap_out = score_scales(call)
+    with device_guard(q.device):
         _decode_kernel[(B * Hk, splits, row_blocks)](
-            q, k_cache, v_cache, table, seqlens, leftpad, alibi_slopes, o, lse, err, cos, sin,
+            q, k_cache, v_cache, table, seqlens, leftpad, call.alibi_slopes, o, lse, err, cos, sin,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -212,15 +191,15 @@ def decode(
             cos.stride(0) if rotary else 0, cos.shape[0] if rotary else 0,
             o.stride(0), o.stride(1), o.stride(2), o.stride(3),
             lse.stride(0), lse.stride(1), lse.stride(2),
-            alibi_slopes.stride(0) if alibi_slopes is not None else 0,
+            call.alibi_slopes.stride(0) if call.alibi_slopes is not None else 0,
             Sq, sn, capacity, n_index, page, chunk, Hk, G,
-            qk_scale, cap_out, spec.window_left, spec.window_right,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_SOFTCAP=spec.softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-            HAS_WL=spec.window_left >= 0, HAS_WR=spec.window_right >= 0,
+            qk_scale, cap_out, call.window_left, call.window_right,
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_SOFTCAP=call.softcap > 0, HAS_ALIBI=call.alibi_slopes is not None,
+            HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0,
             HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None,
-            UPCAST=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16), KV_MODE=kv_mode,
-            ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved, ROT_ALONG=spec.has_window,
+            UPCAST=upcast(q.dtype), KV_MODE=kv_mode,
+            ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved, ROT_ALONG=call.has_window,
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         if splits > 1:
@@ -230,6 +209,43 @@ def decode(
                 lse.stride(0), lse.stride(1), lse.stride(2),
                 out.stride(0), out.stride(1), out.stride(2),
                 lse_out.stride(0), lse_out.stride(1),
-                H, Sq, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+                H, Sq, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=bd,
             )  # fmt: skip
     return out, lse_out
+
+
+def kvcache(q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flash_attn_with_kvcache`` on the GPU: the append and attention kernels check every index
+    they use (never reading or writing out of bounds) and raise one error flag, read back after
+    both are queued, so the host sync overlaps the work; the detailed message is worked out only
+    on error. No read-back while a CUDA graph is captured (rows with a bad index then come out NaN)."""
+    b, dev = q.shape[0], q.device
+    seqlens = cache.seqlens if isinstance(cache.seqlens, torch.Tensor) else \
+        torch.full((b,), cache.seqlens, dtype=torch.int32, device=dev)  # fmt: skip
+    if cache.paged:
+        table = cache.block_table
+    else:
+        table = None if cache.batch_idx is None else cache.batch_idx.view(b, 1)
+    n_index, dense_cache = cache.k_cache.shape[0], not cache.paged
+    err = error_flag(dev)
+    if cache.k_new is not None:
+        append_kv(cache.k_new, cache.v_new, cache.k_cache, cache.v_cache, table, seqlens, cache.leftpad,
+                  capacity=cache.capacity, n_index=n_index, dense=dense_cache, err=err, rotary=cache.rotary)  # fmt: skip
+    out, lse = decode(q if q.stride(-1) == 1 else q.contiguous(), cache.k_cache, cache.v_cache, table, seqlens,
+                      cache.leftpad, call, sn=cache.seqlen_new, capacity=cache.capacity, n_index=n_index,
+                      dense=dense_cache, err=err, num_splits=cache.num_splits, rotary=cache.rotary)  # fmt: skip
+    if cache.has_index_tensors and not capturing(q):
+        if int(err.item()):  # this call's, or stale bits of CUDA graph replays on this stream: check by name
+            err.zero_()
+            check_cache_indices(cache, seqlens, sq=q.shape[1], along=call.has_window, rotary=True)
+    return out, lse
+
+
+def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode-shaped forward (few query rows per KV head) over dense ``k, v (B, Sk, Hk, D)``,
+    each batch row's keys all of its ``Sk``: same semantics as the forward kernel (bottom-right
+    causal alignment)."""
+    B, Sk = k.shape[0], k.shape[1]
+    seqlens = torch.full((B,), Sk, dtype=torch.int32, device=q.device)
+    return decode(q, k, v, None, seqlens, None, call, sn=0, capacity=Sk, n_index=B, dense=True,
+                  err=error_flag(q.device))  # fmt: skip
