@@ -75,20 +75,17 @@ def _run(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    dropout_p: float,
-    softmax_scale: float | None,
-    causal: bool,
-    window_size: _Window,
-    softcap: float,
     alibi_slopes: torch.Tensor | None,
-    deterministic: bool,
     return_attn_probs: bool,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
     names: tuple[str, str, str] = ("q", "k", "v"),
+    **options,
 ):
+    """Every public function's path: validate, build the call (``options``: the scalar options of
+    :func:`flashtile.spec.make_call`), dispatch, run the op."""
     varlen = cu_seqlens_q is not None
     check_qkv(q, k, v, varlen=varlen, names=names)
     if varlen:
@@ -99,10 +96,7 @@ def _run(
     else:
         batch, q4, k4, v4, lens = q.shape[0], q, k, v, {}
     alibi = check_alibi(alibi_slopes, batch, q.shape[-2], q.device)
-    call = make_call(
-        headdim=q.shape[-1], dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-        softcap=softcap, deterministic=deterministic, alibi_slopes=alibi, **lens,
-    )  # fmt: skip
+    call = make_call(headdim=q.shape[-1], alibi_slopes=alibi, **lens, **options)
     if call.dropout_p > 0:
         call = dataclasses.replace(call, seed=draw_seed(q.device))
     backend = dispatch.choose(Problem.of(q4, k4, call), call)

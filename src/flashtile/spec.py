@@ -387,21 +387,12 @@ def check_call(
     *,
     varlen: bool,
     names: tuple[str, str, str],
-    dropout_p: float,
-    softmax_scale: float | None,
-    causal: bool,
-    window_size: Sequence[int],
-    softcap: float,
-    deterministic: bool,
-    **tensors,
+    **options,
 ) -> AttnCall:
     """The checks every attention entry point starts with: tensors (:func:`check_qkv`), then
-    options (:func:`make_call`, which takes the call's validated ``tensors`` as they are)."""
+    ``options`` (:func:`make_call`)."""
     check_qkv(q, k, v, varlen=varlen, names=names)
-    return make_call(
-        headdim=q.shape[-1], dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-        window_size=window_size, softcap=softcap, deterministic=deterministic, **tensors,
-    )  # fmt: skip
+    return make_call(headdim=q.shape[-1], **options)
 
 
 def check_call_values(q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> None:

@@ -36,19 +36,13 @@ def check_inputs(
     *,
     varlen: bool,
     names: tuple[str, str, str],
-    dropout_p: float,
-    softmax_scale: float | None,
-    causal: bool,
-    window_size: Sequence[int],
-    softcap: float,
-    deterministic: bool,
     return_attn_probs: bool,
     fn: str,
+    **options,
 ) -> AttnCall:
-    spec = check_call(
-        q, k, v, varlen=varlen, names=names, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-        window_size=window_size, softcap=softcap, deterministic=deterministic,
-    )  # fmt: skip
+    """The common checks (:func:`flashtile.spec.check_call`; ``options``: its scalar options),
+    then what context parallelism does not offer."""
+    spec = check_call(q, k, v, varlen=varlen, names=names, **options)
     if return_attn_probs and spec.dropout_p > 0:
         raise NotImplementedError(
             f"{fn}: return_attn_probs=True with dropout_p > 0 (the materialised attention probabilities) is not "

@@ -90,13 +90,7 @@ def _ulysses(
     *,
     group: dist.ProcessGroup | None,
     layout: str,
-    dropout_p: float,
-    softmax_scale: float | None,
-    causal: bool,
-    window_size: _Window,
-    softcap: float,
     alibi_slopes: torch.Tensor | None,
-    deterministic: bool,
     return_attn_probs: bool,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
@@ -104,13 +98,10 @@ def _ulysses(
     max_seqlen_k: int = 0,
     names: tuple[str, str, str] = ("q", "k", "v"),
     fn: str = "ulysses_flash_attn_func",
+    **options,
 ):
     varlen = cu_seqlens_q is not None
-    spec = check_inputs(
-        q, k, v, varlen=varlen, names=names, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-        window_size=window_size, softcap=softcap, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, fn=fn,
-    )  # fmt: skip
+    spec = check_inputs(q, k, v, varlen=varlen, names=names, return_attn_probs=return_attn_probs, fn=fn, **options)
     check_layout(layout)
     world, rank = group_world_rank(group)
     h, hk = q.shape[-2], k.shape[-2]
