@@ -37,9 +37,9 @@ except ImportError:  # pragma: no cover - Windows
 from . import __version__, dispatch
 from .interface import flash_attn_func, flash_attn_varlen_func
 from .padding import pad_input
-from .reference import attention_ref
 from .rng import draw_seed, dropout_mask
 from .spec import Problem, make_spec
+from .testing import attention_ref
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _GiB = 2**30

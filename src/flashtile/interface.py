@@ -53,7 +53,6 @@ import torch
 from . import dispatch
 from .ops import attention
 from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
-from .reference import attention_probs_ref
 from .rng import draw_seed, dropout_mask
 from .spec import (
     Problem,
@@ -64,6 +63,7 @@ from .spec import (
     check_varlen_meta,
     unbind_packed,
 )
+from .testing import attention_probs_ref
 
 _Window = Sequence[int]
 
