@@ -33,6 +33,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
+from flashtile.testing import attention_flops, standard_attention  # noqa: E402
+
 # FlashAttention-4 (flash-attn-4 4.0.0b36) on an H200, from the project's anchor table:
 # (hdim, causal, seqlen) -> (fwd, bwd) TFLOP/s. Only meaningful against H200 runs.
 FA4_H200 = {
@@ -74,11 +76,6 @@ BWD_SHORT_CANDIDATES = {
           (64, 128, 64, 64, 8, 3, 4, 3, False), (32, 128, 128, 32, 8, 2, 8, 2, False),
           (32, 64, 64, 32, 4, 2, 4, 2, False), (64, 64, 64, 64, 4, 2, 4, 2, False)],
 }
-
-
-def flops(b, h, s, d, causal, mode):
-    f = 4 * b * h * s * s * d / (2 if causal else 1)
-    return f if mode == "fwd" else 2.5 * f
 
 
 def _bench(fn, warmup=25, rep=100):
@@ -137,12 +134,7 @@ def _sdpa(backend):
 
 
 def _standard(q, k, v, causal):
-    s = q.shape[-2]
-    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-    if causal:
-        mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(mask, float("-inf"))
-    return torch.softmax(scores.float(), -1).to(q.dtype) @ v
+    return standard_attention(q, k, v, causal, layout="bhsd", softmax_dtype=torch.float32)
 
 
 def impls():
@@ -242,7 +234,7 @@ def sweep(hdims, seqlen, jobs_parallel=8, short=False):
                             note = ""
                         except Exception as e:  # noqa: BLE001
                             ms, note = float("nan"), f"{type(e).__name__}: {str(e)[:120]}"
-                    tf = flops(b, h, seqlen, d, causal, kind) / ms / 1e9
+                    tf = attention_flops(b, h, seqlen, d, causal, kind) / ms / 1e9
                     rows.append(dict(kind=kind, hdim=d, causal=causal, seqlen=seqlen, config=list(cfg), ms=ms,
                                      tflops=tf, note=note))
                     print(f"sweep {kind} d={d} causal={int(causal)} s={seqlen} {cfg}: {ms:.3f} ms {tf:.0f} TFLOP/s",
@@ -404,7 +396,7 @@ def main():
                             err = ""
                         except Exception as e:  # noqa: BLE001
                             ms, err = float("nan"), f"{type(e).__name__}: {str(e)[:160]}"
-                        tf = flops(b, h, s, d, causal, mode) / ms / 1e9
+                        tf = attention_flops(b, h, s, d, causal, mode) / ms / 1e9
                         result["rows"].append(dict(impl=name, mode=mode, hdim=d, causal=causal, seqlen=s, batch=b,
                                                    nheads=h, ms=ms, tflops=tf, error=err))
                         print(f"{name:10s} {mode} d={d:3d} causal={int(causal)} s={s:6d} {ms:8.3f} ms "

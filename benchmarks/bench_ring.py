@@ -3,7 +3,7 @@
 1. Parity: ring and Ulysses, both layouts, causal and not, GQA, one varlen case, bf16 and fp32,
    against single-device ``flash_attn_func`` and the fp32 oracle on the full sequence. Rule
    (flash-attn's): ``max|cp - ref| <= factor * max|single - ref| + atol`` for out, lse, dq, dk,
-   dv (factor 2 forward, 3 backward; atol as tests/conftest.py).
+   dv (factor 2 forward, 3 backward; atol and rule from flashtile.testing).
 2. Throughput: causal, bf16, ``--heads`` x ``--headdim`` (32 x 128), batch 1, total seqlen
    ``--seqlens`` (32k 64k 128k): tokens/s of forward + backward on W devices (each holding
    seqlen / W tokens) against one device running the whole sequence (skipped where it does
@@ -56,11 +56,19 @@ from flashtile.distributed import (  # noqa: E402
     ulysses_flash_attn_func,
     ulysses_flash_attn_varlen_func,
 )
-from flashtile.reference import attention_ref  # noqa: E402
 from flashtile.spec import Problem, make_call  # noqa: E402
+from flashtile.testing import (  # noqa: E402
+    BWD_ATOL,
+    BWD_FACTOR,
+    FWD_ATOL,
+    FWD_FACTOR,
+    attention_flops,
+    attention_ref,
+    cu_seqlens,
+    max_err,
+    tolerance,
+)
 
-FWD_ATOL = {torch.float32: 5e-6, torch.bfloat16: 8e-3}
-BWD_ATOL = {torch.float32: 5e-5, torch.bfloat16: 1e-2}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STRATEGIES = {"ring": ring_flash_attn_func, "ulysses": ulysses_flash_attn_func}
 VARLEN = {"ring": ring_flash_attn_varlen_func, "ulysses": ulysses_flash_attn_varlen_func}
@@ -76,15 +84,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _maxerr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().double(), ref.detach().double()
-    fin = torch.isfinite(ref)
-    if not torch.equal(torch.isfinite(x), fin) or not torch.equal(x[~fin], ref[~fin]):
-        return float("inf")
-    d = (x[fin] - ref[fin]).abs()
-    return d.max().item() if d.numel() else 0.0
-
-
 # ----------------------------------------------------------------------------------------------
 # parity
 
@@ -94,7 +93,7 @@ def _parity_case(group, device, strategy, layout, causal, dtype, *, s, h, hk, d,
     g = torch.Generator(device="cpu").manual_seed(1000 + s + hk)
     if varlen:
         lens = [s // 2, s // 4, s // 4]
-        cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32).to(device)
+        cu = cu_seqlens(lens, device)
         shapes = [(s, h, d), (s, hk, d), (s, hk, d), (s, h, d)]
     else:
         shapes = [(1, s, h, d), (1, s, hk, d), (1, s, hk, d), (1, s, h, d)]
@@ -138,15 +137,15 @@ def _parity_case(group, device, strategy, layout, causal, dtype, *, s, h, hk, d,
     lse_dim = 1 if varlen else 2
     rows = []
     for name, x, one, ref, factor, atol in (
-        ("out", out, sh(out1), sh(ref_out), 2, FWD_ATOL[dtype]),
+        ("out", out, sh(out1), sh(ref_out), FWD_FACTOR, FWD_ATOL[dtype]),
         ("lse", lse, shard(lse1, group, layout, dim=lse_dim, cu_seqlens=kw["cu_seqlens"]),
-         shard(ref_lse, group, layout, dim=lse_dim, cu_seqlens=kw["cu_seqlens"]), 2, FWD_ATOL[dtype]),
-        *((f"d{n}", gc, sh(gs), sh(gr), 3, BWD_ATOL[dtype])
+         shard(ref_lse, group, layout, dim=lse_dim, cu_seqlens=kw["cu_seqlens"]), FWD_FACTOR, FWD_ATOL[dtype]),
+        *((f"d{n}", gc, sh(gs), sh(gr), BWD_FACTOR, BWD_ATOL[dtype])
           for n, gc, gs, gr in zip("qkv", gcp, g1, gref, strict=True)),
     ):  # fmt: skip
-        err, err1 = _maxerr(x, ref), _maxerr(one, ref)
-        rows.append({"tensor": name, "err": err, "single_err": err1, "vs_single": _maxerr(x, one),
-                     "ok": err <= factor * err1 + atol})  # fmt: skip
+        err, err1 = max_err(x, ref), max_err(one, ref)
+        rows.append({"tensor": name, "err": err, "single_err": err1, "vs_single": max_err(x, one),
+                     "ok": err <= tolerance(err1, factor, atol)})  # fmt: skip
     return {"ok": all(r["ok"] for r in rows), "errors": rows}
 
 
@@ -182,11 +181,6 @@ def run_parity(group, rank, world, device, args) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------
 # throughput
-
-
-def _flops(s: int, h: int, d: int, causal: bool) -> float:
-    fwd = 4 * s * s * h * d / (2 if causal else 1)
-    return fwd * 3.5  # forward + backward (2.5x)
 
 
 def _time_iters(fn, device, group, warmup: int, iters: int, collective: bool) -> list[float]:
@@ -244,7 +238,7 @@ def run_throughput(group, rank, world, device, args) -> list[dict]:
                     times = _time_iters(step, device, None, args.warmup, args.iters, collective=False)
                     t = statistics.median(times)
                     single = {"status": "ok", "time_s": t, "times_s": times, "tokens_per_s": s / t,
-                              "tflops_per_device": _flops(s, h, d, True) / t / 1e12}  # fmt: skip
+                              "tflops_per_device": attention_flops(1, h, s, d, True, "fwd_bwd") / t / 1e12}  # fmt: skip
                     del q, k, v, dout, step
                 except Exception as e:
                     if not _is_oom(e):
@@ -267,8 +261,9 @@ def run_throughput(group, rank, world, device, args) -> list[dict]:
                                     q, k, v, dout)  # fmt: skip
                     times = _time_iters(step, device, group, args.warmup, args.iters, collective=True)
                     t = statistics.median(times)
+                    flops = attention_flops(1, h, s, d, True, "fwd_bwd")
                     row.update(status="ok", time_s=t, times_s=times, tokens_per_s=s / t,
-                               tflops_per_device=_flops(s, h, d, True) / t / 1e12 / world)  # fmt: skip
+                               tflops_per_device=flops / t / 1e12 / world)  # fmt: skip
                     if single.get("status") == "ok":
                         row["speedup_vs_single"] = single["time_s"] / t
                     if device.type == "cuda":

@@ -28,15 +28,9 @@ import time
 import torch
 
 from flashtile import flash_attn_func
+from flashtile.testing import standard_attention  # softmax(q k^T / sqrt(d)) v, holding the (s x s) scores
 
 MiB, GiB = 2**20, 2**30
-
-
-def standard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v with the whole score matrix in memory. Layout (b, s, h, d)."""
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (b, h, s, d)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (b, h, s, s): the blow-up
-    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)
 
 
 def _status(key: str) -> int | None:

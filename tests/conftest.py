@@ -1,5 +1,6 @@
-"""Shared test machinery: the backend parametrisation, device choice, interpreter shrinking and
-flash-attn's tolerance rule.
+"""Shared test machinery: the backend parametrisation, device choice and interpreter shrinking.
+The oracle, flash-attn's tolerance rule and the input makers live in :mod:`flashtile.testing`
+(shared with ``flashtile check`` and the benchmarks); this file holds what needs pytest.
 
 * ``FLASHTILE_TEST_BACKENDS`` (comma list) picks the backends the parity tests run on; the
   default is ``torch``, plus ``triton`` when CUDA is available. A test that takes the
@@ -7,9 +8,6 @@ flash-attn's tolerance rule.
 * Triton's CPU interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors, slowly and
   with a wrong bf16 dot: under it, bf16 cases are skipped and shapes are shrunk
   (:func:`is_interpreter`, :func:`shrink`, :func:`skip_if_too_big`).
-* :func:`assert_close_to_ref`: ``max|x - ref| <= factor * max|pt - ref| + atol`` where ``ref`` is
-  the upcast oracle (fp32 math; float64 for fp32 inputs) and ``pt`` the same-dtype oracle; NaN
-  never passes. :func:`compare_with_oracle` applies it to out, lse and every gradient.
 * The torch engine runs with tiny tiles under the ``backend`` fixture (``TORCH_TEST_TILES``), so
   that small problems still cross many block boundaries; ``default_tiles`` undoes that.
 """
@@ -151,152 +149,7 @@ def _seed():
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 # ----------------------------------------------------------------------------------------------
-# inputs
+# dtype parametrisation (inputs, the oracle and the tolerance rule: flashtile.testing)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
-
-
-def qkv_inputs(b, sq, sk, h, hk, d, dtype, device):
-    """Fresh standard-normal q ``(b, sq, h, d)``, k and v ``(b, sk, hk, d)``."""
-    q = torch.randn(b, sq, h, d, dtype=dtype, device=device)
-    k = torch.randn(b, sk, hk, d, dtype=dtype, device=device)
-    v = torch.randn(b, sk, hk, d, dtype=dtype, device=device)
-    return q, k, v
-
-
-def make_alibi(kind: str | None, b: int, h: int, device) -> torch.Tensor | None:
-    """ALiBi slopes: None, ``"h"`` for shape ``(h,)`` or ``"bh"`` for ``(b, h)``; fp32 in [0.01, 0.51)."""
-    if kind is None:
-        return None
-    shape = (h,) if kind == "h" else (b, h)
-    return torch.rand(shape, device=device, dtype=torch.float32) * 0.5 + 0.01
-
-
-def cu(lens: list[int], device) -> torch.Tensor:
-    """int32 cu_seqlens ``(len(lens) + 1,)`` for the given sequence lengths."""
-    out = [0]
-    for n in lens:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32, device=device)
-
-
-# ----------------------------------------------------------------------------------------------
-# tolerances (flash-attn's rule)
-
-#: atol added to ``factor * pt_error``: forward (out, lse) and backward (dq, dk, dv). fp16/bf16:
-#: flash-attn's choice, about twice the rounding step of values of magnitude 1. fp32 (measured
-#: against the float64 oracle over ~1000 random problems): the worst excess over ``factor *
-#: pt_error`` was 2e-6 for out/lse and 1.7e-5 for gradients (gradients that are exactly 0 in the
-#: oracle, e.g. with one visible key, where rowsum(dout * out) cancels dout . v; head dim 256).
-FWD_ATOL = {torch.float32: 5e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-BWD_ATOL = {torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-#: lse is float32 for every input dtype, but is computed from scores of the input's precision.
-LSE_ATOL = {torch.float32: 5e-6, torch.float16: 1e-3, torch.bfloat16: 1e-3}
-FWD_FACTOR = 2.0
-BWD_FACTOR = 3.0
-
-
-def _max_abs(x: torch.Tensor) -> float:
-    return x.abs().max().item() if x.numel() else 0.0
-
-
-def assert_close_to_ref(
-    x: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor, factor: float, atol: float, name: str = "tensor"
-) -> None:
-    """flash-attn's rule: ``max|x - ref| <= factor * max|pt - ref| + atol`` (compared in fp64).
-
-    ``ref`` is the fp32 oracle, ``pt`` the same-dtype one. ``x`` must be finite wherever ``ref``
-    is (so NaN never passes); non-finite entries of ``ref`` must be matched exactly by ``x``.
-    """
-    assert x.shape == ref.shape == pt.shape, f"{name}: shapes {tuple(x.shape)}, {tuple(ref.shape)}, {tuple(pt.shape)}"
-    # one rounding step of x's own format at the result's magnitude: a result stored in fp16/bf16
-    # can land one step away from the rounded oracle even when its fp32 value is closer
-    step = torch.finfo(x.dtype).eps if x.dtype in (torch.float16, torch.bfloat16) else 0.0
-    x, ref, pt = x.detach().double(), ref.detach().double(), pt.detach().double()
-    assert not torch.isnan(x).any(), f"{name}: contains NaN"
-    assert not torch.isnan(ref).any(), f"{name}: the oracle contains NaN"
-    fin = torch.isfinite(ref)
-    if not fin.all():
-        assert torch.equal(x[~fin], ref[~fin]), f"{name}: non-finite entries differ from the oracle"
-        assert torch.isfinite(x[fin]).all(), f"{name}: non-finite where the oracle is finite"
-        x, ref, pt = x[fin], ref[fin], pt[fin]
-    assert torch.isfinite(x).all(), f"{name}: non-finite where the oracle is finite"
-    pt_ok = torch.isfinite(pt)  # an overflowing baseline must not make the bound vacuous
-    pt_err = _max_abs((pt - ref)[pt_ok])
-    err = _max_abs(x - ref)
-    bound = factor * pt_err + atol + step * _max_abs(ref)
-    assert err <= bound, f"{name}: max|x - ref| = {err:.3g} > {factor} * {pt_err:.3g} + {atol:.3g}"
-
-
-def assert_lse_close(lse: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor, atol: float, name: str = "lse") -> None:
-    """lse: the ``-inf`` positions (rows that see no key) must match exactly, the finite ones
-    follow the forward rule."""
-    assert lse.dtype == torch.float32, f"{name} must be float32, got {lse.dtype}"
-    assert lse.shape == ref.shape, f"{name}: shape {tuple(lse.shape)} != {tuple(ref.shape)}"
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref)), f"{name}: -inf positions differ from the oracle"
-    fin = torch.isfinite(ref)
-    assert_close_to_ref(lse[fin], ref[fin], pt[fin], FWD_FACTOR, atol, name)
-
-
-# ----------------------------------------------------------------------------------------------
-# comparing a function against the oracle
-
-
-#: Largest softmax_scale (times softcap's tanh' <= 1) that any test passes.
-MAX_TEST_SCALE = 2.0
-
-
-def _rounded_out_slack(out, oracle, dout, leaves) -> float:
-    """Both backends, like flash-attn 2/3/4, compute ``delta = rowsum(dout * out)`` from the
-    fp16/bf16 ``out`` they returned (the backward's contract: ring attention passes a global
-    ``out``, so it cannot be recomputed). That rounding error enters ``ds = p * (dp - delta)``
-    and so dq / dk, and where the softmax is saturated it is as large as the gradient itself
-    (the same-dtype PyTorch baseline differentiates softmax directly and does not have it).
-    The slack is the measured delta error of this very output, times the largest
-    ``scale * |k|`` (or ``|q|``) it can be multiplied by."""
-    if out.dtype == torch.float32:
-        return 0.0
-    with torch.no_grad():  # the oracle's out before rounding to the input dtype
-        exact_out = oracle(*[x.detach().float() for x in leaves], upcast=True)[0]
-    d_err = (dout.double() * (out.double() - exact_out.double())).sum(-1).abs().max().item()
-    big = max(_max_abs(x.detach().double()) for x in leaves)
-    return BWD_FACTOR * MAX_TEST_SCALE * d_err * big
-
-
-def compare_with_oracle(fn, oracle, inputs, *, grads: bool = True, dout: torch.Tensor | None = None) -> dict:
-    """Run ``fn(*leaves) -> (out, lse)`` and ``oracle(*leaves, upcast) -> (out, lse)`` on fresh
-    leaf copies of ``inputs`` and check out, lse (unless ``fn`` returns None for it) and (when
-    ``grads``) the gradient of every input against flash-attn's rule. Returns the tensors.
-
-    "ref" is the oracle with ``upcast=True`` (fp32 math) for fp16/bf16 inputs, and the oracle on
-    float64 copies for fp32 inputs (so that fp32 has a baseline error too); "pt" is the oracle
-    in the input dtype (``upcast=False``).
-    """
-    dtype = inputs[0].dtype
-    leaves = [x.detach().clone().requires_grad_(grads) for x in inputs]
-    hi = torch.float64 if dtype == torch.float32 else dtype
-    ref_leaves = [x.detach().to(hi).requires_grad_(grads) for x in inputs]
-    out, lse = fn(*leaves)
-    ref_out, ref_lse = oracle(*ref_leaves, upcast=True)
-    pt_out, pt_lse = oracle(*leaves, upcast=False)
-    assert out.dtype == dtype, f"out dtype {out.dtype} != {dtype}"
-    assert_close_to_ref(out, ref_out, pt_out, FWD_FACTOR, FWD_ATOL[dtype], "out")
-    if lse is not None:
-        assert_lse_close(lse, ref_lse, pt_lse, LSE_ATOL[dtype])
-    res = {"out": out, "lse": lse, "ref_out": ref_out, "ref_lse": ref_lse}
-    if not grads:
-        return res
-    if dout is None:
-        dout = torch.randn_like(out)
-    g = torch.autograd.grad(out, leaves, dout)
-    g_ref = torch.autograd.grad(ref_out, ref_leaves, dout.to(hi), allow_unused=True)
-    g_pt = torch.autograd.grad(pt_out, leaves, dout, allow_unused=True)
-    slack = _rounded_out_slack(out, oracle, dout, leaves)
-    for i, (a, r, p) in enumerate(zip(g, g_ref, g_pt, strict=True)):
-        r = torch.zeros_like(ref_leaves[i]) if r is None else r
-        p = torch.zeros_like(a) if p is None else p
-        assert a.dtype == inputs[i].dtype and a.shape == inputs[i].shape
-        assert_close_to_ref(a, r, p, BWD_FACTOR, BWD_ATOL[dtype] + slack, f"grad[{i}]")
-    res["grads"], res["ref_grads"] = g, g_ref
-    return res

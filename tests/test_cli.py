@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from flashtile import cli
+from flashtile import cli, testing
 from flashtile.backends.torch_tiled import backend as torch_backend
+from flashtile.cli import bench, check, plot
 
 
 def test_env_reports_versions_backends_and_auto(capsys):
@@ -44,7 +45,7 @@ def test_check_quick_passes_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "PASS: 4 checks on torch" in out
     assert "FAIL" not in out
-    for name in cli.QUICK:
+    for name in check.QUICK:
         assert name in out
 
 
@@ -72,9 +73,9 @@ def test_check_reports_a_crash_as_error(capsys, monkeypatch):
 
 def test_check_tolerance_is_tight(monkeypatch, capsys):
     """With no slack (factor 0, atol 0) the tiled engine's rounding differences fail the check."""
-    monkeypatch.setattr(cli, "FWD_FACTOR", 0.0)
-    monkeypatch.setattr(cli, "BWD_FACTOR", 0.0)
-    monkeypatch.setattr(cli, "ATOL_EPS", 0.0)
+    monkeypatch.setattr(testing, "FWD_FACTOR", 0.0)
+    monkeypatch.setattr(testing, "BWD_FACTOR", 0.0)
+    monkeypatch.setattr(testing, "ATOL_EPS", 0.0)
     assert cli.main(["check", "--quick", "--backends", "torch"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
@@ -100,7 +101,7 @@ def test_bench_writes_json_and_plot(tmp_path, capsys):
     assert meta["device_type"] == "cpu" and meta["versions"]["torch"] == torch.__version__
     assert {"date", "args", "rows", "memory_method", "max_mem_gb"} <= set(meta)
     rows = meta["rows"]
-    assert [(r["seqlen"], r["method"]) for r in rows] == [(s, m) for s in (64, 128) for m in cli.METHODS]
+    assert [(r["seqlen"], r["method"]) for r in rows] == [(s, m) for s in (64, 128) for m in bench.METHODS]
     for r in rows:
         assert r["status"] == "ok", r
         assert r["mode"] == "fwd" and r["time_ms"] > 0 and r["tflops"] > 0 and r["peak_mem_bytes"] >= 0
@@ -124,14 +125,14 @@ def test_bench_case_reports_oom_under_the_cap():
     """A case that needs more than the cap fails cleanly with status "oom" in its own process."""
     c = dict(device="cpu", dtype="float32", batch=1, heads=8, headdim=16, causal=False, repeats=1,
              max_mem_bytes=64 * 2**20, backend=None, seqlen=8192, mode="fwd", method="standard")  # fmt: skip
-    with cli.CaseRunner() as runner:
+    with bench.CaseRunner() as runner:
         assert runner.run(c, timeout=300)["status"] == "oom"
 
 
 def test_bench_case_timeout():
     c = dict(device="cpu", dtype="float32", batch=1, heads=8, headdim=64, causal=False, repeats=50,
              max_mem_bytes=2**30, backend=None, seqlen=2048, mode="fwd_bwd", method="standard")  # fmt: skip
-    with cli.CaseRunner() as runner:
+    with bench.CaseRunner() as runner:
         res = runner.run(c, timeout=0.5)
         assert res["status"] == "timeout" and "0.5 s" in res["note"]
         c.update(seqlen=64, repeats=1)
@@ -139,18 +140,24 @@ def test_bench_case_timeout():
 
 
 def test_bench_plot_without_matplotlib_is_a_friendly_error(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(cli, "_have_matplotlib", lambda: False)
+    monkeypatch.setattr(plot, "have_matplotlib", lambda: False)
     assert cli.main(["bench", "--seqlens", "64", "--plot", str(tmp_path / "x.png")]) == 2
     assert "pip install" in capsys.readouterr().err
 
 
 def test_flops_and_standard_attention():
-    assert cli._flops(1, 8, 1024, 64, False, "fwd") == 4 * 8 * 1024 * 1024 * 64
-    assert cli._flops(1, 8, 1024, 64, True, "fwd_bwd") == 4 * 8 * 1024 * 1024 * 64 / 2 * 3.5
+    assert testing.attention_flops(1, 8, 1024, 64, False, "fwd") == 4 * 8 * 1024 * 1024 * 64
+    assert testing.attention_flops(1, 8, 1024, 64, True, "fwd_bwd") == 4 * 8 * 1024 * 1024 * 64 / 2 * 3.5
     q, k, v = (torch.randn(2, 33, 4, 16) for _ in range(3))
     ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                            is_causal=True).transpose(1, 2)  # fmt: skip
-    torch.testing.assert_close(cli.standard_attention(q, k, v, causal=True), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(testing.standard_attention(q, k, v, causal=True), ref, atol=1e-5, rtol=1e-5)
+    # the benchmarks' variant: SDPA's (b, h, s, d) layout, softmax in float32
+    assert testing.attention_flops(2, 8, 1024, 64, False, "bwd") == 2.5 * 4 * 2 * 8 * 1024 * 1024 * 64
+    qt, kt, vt = (x.transpose(1, 2).bfloat16() for x in (q, k, v))
+    out = testing.standard_attention(qt, kt, vt, True, layout="bhsd", softmax_dtype=torch.float32)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.transpose(1, 2), atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("bad", ["0", "a,b", ""])
@@ -160,7 +167,7 @@ def test_bad_seqlens_are_rejected(bad):
 
 
 def test_demo_runs_check_and_bench_and_writes_the_plot(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "CASES", tuple(c for c in cli.CASES if c.name in cli.QUICK))
+    monkeypatch.setattr(check, "CASES", tuple(c for c in check.CASES if c.name in check.QUICK))
     png, js = tmp_path / "demo.png", tmp_path / "demo.json"
     rc = cli.main(["demo", "--device", "cpu", "--seqlens", "64", "--repeats", "1", "--plot", str(png),
                    "--json", str(js)])  # fmt: skip
@@ -168,5 +175,5 @@ def test_demo_runs_check_and_bench_and_writes_the_plot(tmp_path, capsys, monkeyp
     assert rc == 0, out
     assert "PASS: 4 checks" in out and "demo: check passed" in out
     assert len(json.loads(js.read_text())["rows"]) == 2 * 3
-    if cli._have_matplotlib():
+    if plot.have_matplotlib():
         assert png.read_bytes()[:4] == b"\x89PNG"

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import cu, make_alibi, qkv_inputs, shrink
+from conftest import shrink
 
 from flashtile import (
     flash_attn_func,
@@ -19,6 +19,7 @@ from flashtile import (
     ops,
 )
 from flashtile.spec import AttnCall
+from flashtile.testing import cu_seqlens, make_alibi, qkv_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +103,7 @@ def test_varlen_matches_eager(backend, device):
     q = torch.randn(sum(lens_q), 4, 32, device=device)
     k = torch.randn(sum(lens_k), 2, 32, device=device)
     v = torch.randn(sum(lens_k), 2, 32, device=device)
-    cu_q, cu_k = cu(lens_q, device), cu(lens_k, device)
+    cu_q, cu_k = cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
     alibi = make_alibi("bh", len(lens_q), 4, device)
 
     def fn(q, k, v):
@@ -192,7 +193,7 @@ def _fwd_args(backend, device, *, varlen=False, options=False):
     if varlen:
         q = torch.randn(1, 20, 4, 16, device=device)
         k, v = torch.randn(1, 25, 2, 16, device=device), torch.randn(1, 25, 2, 16, device=device)
-        cq, ck, mq, mk = cu([5, 15], device), cu([10, 15], device), 15, 15
+        cq, ck, mq, mk = cu_seqlens([5, 15], device), cu_seqlens([10, 15], device), 15, 15
         alibi = make_alibi("bh", 2, 4, device)
     else:
         q, k, v = qkv_inputs(2, 9, 11, 4, 2, 16, torch.float32, device)

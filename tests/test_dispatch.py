@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import qkv_inputs, requires_cuda
+from conftest import requires_cuda
 
 import flashtile
 from flashtile import BackendUnavailableError, dispatch, flash_attn_func
 from flashtile.backends import registry
 from flashtile.backends.base import Capabilities
 from flashtile.spec import FEATURES, AttnCall, Problem, make_call
+from flashtile.testing import qkv_inputs
 
 
 @pytest.fixture(autouse=True)

@@ -40,9 +40,9 @@ from flashtile.distributed import (
 from flashtile.distributed.ring import _build_calls, plan_step, plan_varlen_step
 from flashtile.distributed.shard import chunk_ids, positions
 from flashtile.mask import visible
-from flashtile.reference import attention_ref
 from flashtile.rng import draw_seed, dropout_mask
 from flashtile.spec import make_call
+from flashtile.testing import attention_ref, cu_seqlens
 
 # ----------------------------------------------------------------------------------------------
 # the planner, without processes
@@ -154,8 +154,7 @@ def _dense_case(group, strategy, layout, *, b=2, sq=48, sk=None, h=4, hk=4, d=16
 
 def _varlen_case(group, strategy, layout, *, lens_q, lens_k=None, h=4, hk=4, d=16, packed=False, **opts):
     lens_k = lens_q if lens_k is None else lens_k
-    cu_q = torch.tensor([0] + lens_q).cumsum(0).to(torch.int32)
-    cu_k = torch.tensor([0] + lens_k).cumsum(0).to(torch.int32)
+    cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
     tq, tk = int(cu_q[-1]), int(cu_k[-1])
     q, k, v, dout = _inputs(tq + 7 * tk, [(tq, h, d), (tk, hk, d), (tk, hk, d), (tq, h, d)])
     mq, mk = max(lens_q), max(lens_k)

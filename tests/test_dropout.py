@@ -9,11 +9,18 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPE_IDS, DTYPES, compare_with_oracle, cu, make_alibi, qkv_inputs, shrink
+from conftest import DTYPE_IDS, DTYPES, shrink
 
 from flashtile import flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func
-from flashtile.reference import attention_probs_ref, attention_ref
 from flashtile.rng import dropout_mask
+from flashtile.testing import (
+    attention_probs_ref,
+    attention_ref,
+    compare_with_oracle,
+    cu_seqlens,
+    make_alibi,
+    qkv_inputs,
+)
 
 
 def redraw_seed(torch_seed: int, device: torch.device) -> int:
@@ -133,7 +140,7 @@ def test_qkvpacked_dropout_matches_oracle(backend, device):
 
 def varlen_dropout_oracle(lens_q, lens_k, seed, p, **opts):
     """Per-sequence oracle; sequence n's keep mask is dropout_mask(..., batch_start=n)."""
-    cq, ck = cu(lens_q, "cpu").tolist(), cu(lens_k, "cpu").tolist()
+    cq, ck = cu_seqlens(lens_q, "cpu").tolist(), cu_seqlens(lens_k, "cpu").tolist()
 
     def oracle(q, k, v, upcast):
         h = q.shape[1]
@@ -173,7 +180,7 @@ def test_varlen_dropout(backend, device, dtype, causal, name, lens_q, lens_k):
     q = torch.randn(sum(lens_q), h, d, dtype=dtype, device=device)
     k = torch.randn(sum(lens_k), hk, d, dtype=dtype, device=device)
     v = torch.randn(sum(lens_k), hk, d, dtype=dtype, device=device)
-    cu_q, cu_k = cu(lens_q, device), cu(lens_k, device)
+    cu_q, cu_k = cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
 
     def fn(q, k, v):
         torch.manual_seed(99)
@@ -194,7 +201,7 @@ def test_varlen_dropout_probs(backend, device, name, lens_q, lens_k):
     q = torch.randn(sum(lens_q), h, d, device=device)
     k = torch.randn(sum(lens_k), hk, d, device=device)
     v = torch.randn(sum(lens_k), hk, d, device=device)
-    cu_q, cu_k = cu(lens_q, device), cu(lens_k, device)
+    cu_q, cu_k = cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
     cq, ck = cu_q.tolist(), cu_k.tolist()
 
     def fn(q, k, v):

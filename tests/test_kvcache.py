@@ -7,8 +7,8 @@ import torch
 
 from flashtile import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from flashtile.merge import merge_states, merge_two
-from flashtile.reference import attention_ref
 from flashtile.rotary import apply_rotary_at, apply_rotary_emb, rotary_cos_sin
+from flashtile.testing import FWD_FACTOR, attention_ref, cu_seqlens, make_alibi, max_err, tolerance
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = 2e-5 if DEV == "cpu" else 2e-3
@@ -77,7 +77,7 @@ def test_decode_equals_full_attention(paged, num_splits, opts):
     q, k, v = _qkv(b, s, h, hk, d)
     opts = dict(opts)
     if opts.pop("alibi", False):
-        opts["alibi_slopes"] = torch.rand(b, h, device=DEV) * 0.5
+        opts["alibi_slopes"] = make_alibi("bh", b, h, DEV, low=0.0)
     ref_out, ref_lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, **opts)
     out, lse = _decode(q, k, v, paged=paged, prefill=7, num_splits=num_splits, **opts)
     torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=0)
@@ -207,7 +207,7 @@ def test_varlen_prefill_from_paged_cache():
     lens = [7, 0, 12, 1]
     h, hk, d, page = 4, 2, 8, 3
     g = torch.Generator(device="cpu").manual_seed(11)
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    cu = cu_seqlens(lens, DEV)
     tot = sum(lens)
     q = torch.randn(tot, h, d, generator=g).to(DEV)
     k = torch.randn(tot, hk, d, generator=g).to(DEV)
@@ -332,9 +332,8 @@ def test_decode_low_precision_gpu(dtype, paged, num_splits):
         n = int(seqlens[i])
         ref, _ = attention_ref(q[i : i + 1], k[i : i + 1, :n], v[i : i + 1, :n], causal=True)
         pt, _ = attention_ref(q[i : i + 1], k[i : i + 1, :n], v[i : i + 1, :n], causal=True, upcast=False)
-        err = (out[i : i + 1].float() - ref.float()).abs().max().item()
-        pt_err = (pt.float() - ref.float()).abs().max().item()
-        assert err <= 2 * pt_err + 1e-3, (i, err, pt_err)
+        err, pt_err = max_err(out[i : i + 1], ref), max_err(pt, ref)
+        assert err <= tolerance(pt_err, FWD_FACTOR, 1e-3), (i, err, pt_err)
 
 
 @pytest.mark.parametrize("page", [32, 256])

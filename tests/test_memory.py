@@ -19,9 +19,10 @@ import textwrap
 
 import pytest
 import torch
-from conftest import cu, make_alibi, qkv_inputs, requires_cuda, shrink
+from conftest import requires_cuda, shrink
 
 from flashtile import flash_attn_func, flash_attn_varlen_func
+from flashtile.testing import cu_seqlens, make_alibi, qkv_inputs
 
 MIB = 1 << 20
 
@@ -30,7 +31,7 @@ _SCRIPT = textwrap.dedent(
     import sys
     import torch
     import flashtile
-    from flashtile.reference import attention_ref
+    from flashtile.testing import attention_ref
 
     mode, n, b, h, d = sys.argv[1], *map(int, sys.argv[2:])
 
@@ -131,7 +132,7 @@ def test_deterministic_varlen(backend, device):
         torch.randn(sum(lens_k), 1, 32, device=device),
         torch.randn(sum(lens_k), 1, 32, device=device),
     )
-    cu_q, cu_k = cu(lens_q, device), cu(lens_k, device)
+    cu_q, cu_k = cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
     fn = lambda q, k, v: flash_attn_varlen_func(
         q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), window_size=(16, 4), deterministic=True
     )

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from flashtile.models import GPT, GPTConfig
 from flashtile.modules import MHA, InferenceParams, alibi_slopes
+from flashtile.testing import cu_seqlens
 
 D, H = 32, 4  # embed dim, heads (head dim 8)
 LENS = [7, 9, 11]  # real tokens per row of the padded batch (seqlen 11)
@@ -179,7 +180,7 @@ def test_mha_padding_mask_matches_reference(opts):
 def test_mha_packed_matches_reference(opts):
     m = make_mha(**opts)
     lens = [5, 11, 1, 6]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    cu = cu_seqlens(lens, "cpu")
     x = torch.randn(sum(lens), D)
     seqs = list(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True))
     check_fwd_bwd(m, lambda x: m(x, cu_seqlens=cu, max_seqlen=max(lens)), lambda x: mha_ref(m, x, seqs=seqs), [x])

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPE_IDS, DTYPES, compare_with_oracle, make_alibi, shrink
+from conftest import DTYPE_IDS, DTYPES, shrink
 
 from flashtile import flash_attn_varlen_func
 from flashtile.padding import pad_input, unpad_input
-from flashtile.reference import attention_ref
+from flashtile.testing import attention_ref, compare_with_oracle, make_alibi, qkv_inputs
 
 
 def right_padded_mask(lens: list[int], seqlen: int, device="cpu") -> torch.Tensor:
@@ -102,9 +102,7 @@ def test_varlen_on_unpadded_equals_padded_reference(backend, device, dtype, opts
     qmask = right_padded_mask(lens_q, sq, device)
     kmask = right_padded_mask(lens_k, sk, device)
     alibi = make_alibi(opts.pop("alibi", None), b, h, device)
-    q = torch.randn(b, sq, h, d, dtype=dtype, device=device)
-    k = torch.randn(b, sk, hk, d, dtype=dtype, device=device)
-    v = torch.randn(b, sk, hk, d, dtype=dtype, device=device)
+    q, k, v = qkv_inputs(b, sq, sk, h, hk, d, dtype, device)
 
     def fn(q, k, v):
         qu, iq, cu_q, mq, _ = unpad_input(q, qmask)

@@ -1,4 +1,4 @@
-"""Parity of every public function with the oracle (``flashtile.reference.attention_ref``):
+"""Parity of every public function with the oracle (``flashtile.testing.attention_ref``):
 forward (out, lse) and backward (dq, dk, dv), under flash-attn's tolerance rule.
 
 Runs once per backend of ``FLASHTILE_TEST_BACKENDS`` (see conftest.py).
@@ -10,19 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import (
-    DTYPE_IDS,
-    DTYPES,
-    assert_close_to_ref,
-    assert_lse_close,
-    compare_with_oracle,
-    cu,
-    is_interpreter,
-    make_alibi,
-    qkv_inputs,
-    shrink,
-    skip_if_too_big,
-)
+from conftest import DTYPE_IDS, DTYPES, is_interpreter, shrink, skip_if_too_big
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -34,7 +22,15 @@ from flashtile import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
-from flashtile.reference import attention_ref
+from flashtile.testing import (
+    assert_close_to_ref,
+    assert_lse_close,
+    attention_ref,
+    compare_with_oracle,
+    cu_seqlens,
+    make_alibi,
+    qkv_inputs,
+)
 
 
 def _opts(causal=False, window=(-1, -1), softcap=0.0, alibi=None, scale=None) -> dict:
@@ -280,7 +276,7 @@ def test_kvpacked(backend, device, dtype, causal):
 def varlen_oracle(lens_q, lens_k, alibi=None, **opts):
     """Oracle per sequence: each sequence is attention_ref with batch 1; a sequence with no key
     gives out 0 and lse -inf (attention_ref cannot reduce over zero keys)."""
-    cq, ck = cu(lens_q, "cpu").tolist(), cu(lens_k, "cpu").tolist()
+    cq, ck = cu_seqlens(lens_q, "cpu").tolist(), cu_seqlens(lens_k, "cpu").tolist()
 
     def oracle(q, k, v, upcast):
         outs, lses = [], []
@@ -304,7 +300,7 @@ def varlen_oracle(lens_q, lens_k, alibi=None, **opts):
 
 
 def varlen_fn(lens_q, lens_k, device, **opts):
-    cu_q, cu_k = cu(lens_q, device), cu(lens_k, device)
+    cu_q, cu_k = cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
 
     def fn(q, k, v):
         out, lse, _ = flash_attn_varlen_func(
@@ -356,7 +352,7 @@ def test_varlen_max_seqlen_upper_bound(backend, device):
     lens_q, lens_k = [3, 8], [5, 2]
     q = torch.randn(11, 2, 16, device=device)
     k, v = torch.randn(7, 2, 16, device=device), torch.randn(7, 2, 16, device=device)
-    cu_q, cu_k = cu(lens_q, device), cu(lens_k, device)
+    cu_q, cu_k = cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
     a = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 8, 5, causal=True)
     b = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 64, 64, causal=True)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
@@ -367,7 +363,7 @@ def test_varlen_qkvpacked(backend, device, dtype):
     lens = [shrink(backend, n) for n in (11, 1, 0, 40)]
     h, d = 3, 24
     qkv = torch.randn(sum(lens), 3, h, d, dtype=dtype, device=device)
-    cu_s = cu(lens, device)
+    cu_s = cu_seqlens(lens, device)
     alibi = make_alibi("bh", len(lens), h, device)
 
     def fn(qkv):
@@ -388,7 +384,7 @@ def test_varlen_kvpacked(backend, device, dtype):
     h, hk, d = 4, 1, 64
     q = torch.randn(sum(lens_q), h, d, dtype=dtype, device=device)
     kv = torch.randn(sum(lens_k), 2, hk, d, dtype=dtype, device=device)
-    cu_q, cu_k = cu(lens_q, device), cu(lens_k, device)
+    cu_q, cu_k = cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
 
     def fn(q, kv):
         out, lse, _ = flash_attn_varlen_kvpacked_func(
@@ -405,7 +401,7 @@ def test_varlen_equals_dense_batch(backend, device):
     """Equal-length sequences: varlen on the flattened batch equals the dense call."""
     b, s, h, d = 3, shrink(backend, 21), 2, 32
     q, k, v = qkv_inputs(b, s, s, h, h, d, torch.float32, device)
-    cu_s = cu([s] * b, device)
+    cu_s = cu_seqlens([s] * b, device)
     dense = flash_attn_func(q, k, v, causal=True)
     var = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_s, cu_s, s, s, causal=True)
     torch.testing.assert_close(var.view(b, s, h, d), dense, rtol=1e-5, atol=1e-5)

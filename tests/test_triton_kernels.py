@@ -1,4 +1,4 @@
-"""Kernel-level parity of the Triton backend against the oracle in flashtile.reference.
+"""Kernel-level parity of the Triton backend against the oracle in flashtile.testing.
 
 Calls ``flashtile.backends.triton.backend.forward/backward`` directly on the internal layout.
 Tolerance rule (flash-attn's): the kernel's max abs error against the fp32 oracle
@@ -30,9 +30,18 @@ pytest.importorskip("triton")
 
 from flashtile import dispatch  # noqa: E402
 from flashtile.backends.triton import backend  # noqa: E402
-from flashtile.reference import attention_ref  # noqa: E402
 from flashtile.rng import dropout_mask  # noqa: E402
 from flashtile.spec import Problem, make_call  # noqa: E402
+from flashtile.testing import (  # noqa: E402
+    BWD_FACTOR,
+    FWD_FACTOR,
+    attention_ref,
+    cu_seqlens,
+    make_alibi,
+    max_err,
+    qkv_inputs,
+    tolerance,
+)
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16, torch.float32]
@@ -55,11 +64,8 @@ def _spec(d, causal=False, window=(-1, -1), softcap=0.0, dropout_p=0.0, determin
 def _slopes(kind, b, h):
     if kind is None:
         return None, None
-    if kind == "h":
-        s = torch.rand(h, device=DEVICE) * 0.3 + 0.05
-        return s, s.unsqueeze(0).expand(b, h).contiguous()
-    s = torch.rand(b, h, device=DEVICE) * 0.3 + 0.05
-    return s, s
+    s = make_alibi(kind, b, h, DEVICE, low=0.05, width=0.3)
+    return s, (s.unsqueeze(0).expand(b, h).contiguous() if kind == "h" else s)
 
 
 def _ref(q, k, v, *, upcast, dout, alibi=None, keep=None, **kw):
@@ -70,21 +76,17 @@ def _ref(q, k, v, *, upcast, dout, alibi=None, keep=None, **kw):
     return out.detach(), lse.detach(), grads
 
 
-def _err(a, b):
-    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
-
-
 def _check_close(name, got, ref, pt, mult, atol):
-    e, e_pt = _err(got, ref), _err(pt, ref)
+    e, e_pt = max_err(got, ref), max_err(pt, ref)
     assert torch.isfinite(got.float()).all(), f"{name}: non-finite values"
-    assert e <= mult * e_pt + atol, f"{name}: error {e:.3e} > {mult} x pt error {e_pt:.3e} + {atol:.0e}"
+    assert e <= tolerance(e_pt, mult, atol), f"{name}: error {e:.3e} > {mult} x pt error {e_pt:.3e} + {atol:.0e}"
 
 
 def _check_lse(lse, lse_ref):
     inf = torch.isinf(lse_ref)
     assert torch.equal(torch.isinf(lse), inf), "lse: -inf rows differ"
     if (~inf).any():
-        assert _err(lse[~inf], lse_ref[~inf]) < 1e-3
+        assert max_err(lse[~inf], lse_ref[~inf]) < 1e-3
     assert (lse[inf] == float("-inf")).all()
 
 
@@ -115,9 +117,7 @@ def _backward(dout, q, k, v, out, lse, call, bwd_config=None):
 def run_dense(b, sq, sk, h, hk, d, dtype, *, causal=False, window=(-1, -1), softcap=0.0, alibi=None,
               dropout_p=0.0, seed=1234, bwd=True, bwd_config=None):
     torch.manual_seed(sq * 1000 + sk * 10 + d)
-    q = torch.randn(b, sq, h, d, device=DEVICE, dtype=dtype)
-    k = torch.randn(b, sk, hk, d, device=DEVICE, dtype=dtype)
-    v = torch.randn(b, sk, hk, d, device=DEVICE, dtype=dtype)
+    q, k, v = qkv_inputs(b, sq, sk, h, hk, d, dtype, DEVICE)
     slopes_ref, slopes = _slopes(alibi, b, h)
     spec = _spec(d, causal, window, softcap, dropout_p)
     assert dispatch.why_not("triton", Problem(b, sq, sk, h, hk, d, dtype, DEVICE), spec) is None
@@ -129,14 +129,14 @@ def run_dense(b, sq, sk, h, hk, d, dtype, *, causal=False, window=(-1, -1), soft
     rkw = dict(causal=causal, window_size=window, softcap=softcap, alibi=slopes_ref, keep=keep, dropout_p=dropout_p)
     o_ref, lse_ref, g_ref = _ref(q, k, v, upcast=True, dout=dout, **rkw)
     o_pt, _, g_pt = _ref(q, k, v, upcast=False, dout=dout, **rkw)
-    _check_close("out", out, o_ref, o_pt, 2, FWD_ATOL[dtype])
+    _check_close("out", out, o_ref, o_pt, FWD_FACTOR, FWD_ATOL[dtype])
     _check_lse(lse, lse_ref)
     if not bwd:
         return
     grads = _backward(dout, q, k, v, out, lse, kw, bwd_config)
     for name, g, gr, gp, x in zip(("dq", "dk", "dv"), grads, g_ref, g_pt, (q, k, v), strict=True):
         assert g.shape == x.shape and g.dtype == x.dtype
-        _check_close(name, g, gr, gp, 3, BWD_ATOL[dtype])
+        _check_close(name, g, gr, gp, BWD_FACTOR, BWD_ATOL[dtype])
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,13 +258,12 @@ def test_varlen(causal, window, alibi, dropout_p, atomic):
         lens_q, lens_k = [5, 0, 1, 33, 20, 3], [7, 3, 1, 25, 41, 0]
     else:
         lens_q, lens_k = [5, 0, 1, 333, 200, 3, 1024], [7, 3, 1, 250, 411, 0, 1024]
-    cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
-    cu_k = torch.tensor([0] + lens_k, device=DEVICE).cumsum(0).to(torch.int32)
+    cu_q, cu_k = cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE)
     torch.manual_seed(0)
     q = torch.randn(sum(lens_q), h, d, device=DEVICE, dtype=dtype)
     k = torch.randn(sum(lens_k), hk, d, device=DEVICE, dtype=dtype)
     v = torch.randn(sum(lens_k), hk, d, device=DEVICE, dtype=dtype)
-    slopes = torch.rand(len(lens_q), h, device=DEVICE) * 0.3 if alibi else None
+    slopes = make_alibi("bh" if alibi else None, len(lens_q), h, DEVICE, low=0.0, width=0.3)
     seed = 99
     bwd_config = _atomic_config(d, dtype) if atomic else None
     spec = _spec(d, causal, window, dropout_p=dropout_p)
@@ -275,11 +274,11 @@ def test_varlen(causal, window, alibi, dropout_p, atomic):
     rkw = dict(causal=causal, window_size=window, alibi=slopes, dropout_p=dropout_p, seed=seed)
     o_ref, lse_ref, g_ref = _varlen_ref(q, k, v, cu_q, cu_k, upcast=True, dout=dout, **rkw)
     o_pt, _, g_pt = _varlen_ref(q, k, v, cu_q, cu_k, upcast=False, dout=dout, **rkw)
-    _check_close("out", out[0], o_ref, o_pt, 2, FWD_ATOL[dtype])
+    _check_close("out", out[0], o_ref, o_pt, FWD_FACTOR, FWD_ATOL[dtype])
     _check_lse(lse[0], lse_ref)
     grads = _backward(dout[None], q[None], k[None], v[None], out, lse, kw, bwd_config)
     for name, g, gr, gp in zip(("dq", "dk", "dv"), grads, g_ref, g_pt, strict=True):
-        _check_close(name, g[0], gr, gp, 3, BWD_ATOL[dtype])
+        _check_close(name, g[0], gr, gp, BWD_FACTOR, BWD_ATOL[dtype])
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,7 +321,7 @@ def test_strided_inputs():
     out, lse, kw = _call(q, k, v, spec)
     ref, _ = attention_ref(q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
     pt, _ = attention_ref(q, k, v, causal=True, upcast=False)
-    _check_close("out", out, ref, pt, 2, FWD_ATOL[torch.float16])
+    _check_close("out", out, ref, pt, FWD_FACTOR, FWD_ATOL[torch.float16])
     dq, dk, dv = backend.backward(torch.ones_like(out), q, k, v, out, lse, kw)
     assert dq.shape == q.shape and dk.shape == k.shape and torch.isfinite(dq).all()
 

@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-from conftest import cu
 
 import flashtile
 from flashtile import (
@@ -20,21 +19,18 @@ from flashtile import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
+from flashtile.testing import cu_seqlens, qkv_inputs
 
 
 def qkv(b=2, sq=8, sk=8, h=4, hk=4, d=16, dtype=torch.float32):
-    return (
-        torch.randn(b, sq, h, d, dtype=dtype),
-        torch.randn(b, sk, hk, d, dtype=dtype),
-        torch.randn(b, sk, hk, d, dtype=dtype),
-    )
+    return qkv_inputs(b, sq, sk, h, hk, d, dtype, "cpu")
 
 
 def varlen_qkv(lens_q=(3, 5), lens_k=(4, 6), h=2, d=16):
     q = torch.randn(sum(lens_q), h, d)
     k = torch.randn(sum(lens_k), h, d)
     v = torch.randn(sum(lens_k), h, d)
-    return q, k, v, cu(list(lens_q), "cpu"), cu(list(lens_k), "cpu"), max(lens_q), max(lens_k)
+    return q, k, v, cu_seqlens(list(lens_q), "cpu"), cu_seqlens(list(lens_k), "cpu"), max(lens_q), max(lens_k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,13 +294,13 @@ def test_kvpacked_wrong_shape(shape):
 
 def test_varlen_qkvpacked_wrong_shape():
     with pytest.raises(ValueError, match=r"^qkv must have shape \(total, 3, nheads, headdim\)"):
-        flash_attn_varlen_qkvpacked_func(torch.randn(8, 2, 4, 16), cu([8], "cpu"), 8)
+        flash_attn_varlen_qkvpacked_func(torch.randn(8, 2, 4, 16), cu_seqlens([8], "cpu"), 8)
 
 
 def test_varlen_kvpacked_wrong_shape():
-    q = torch.randn(8, 4, 16)
+    q, cu = torch.randn(8, 4, 16), cu_seqlens([8], "cpu")
     with pytest.raises(ValueError, match=r"^kv must have shape \(total_k, 2, nheads_k, headdim\)"):
-        flash_attn_varlen_kvpacked_func(q, torch.randn(8, 3, 4, 16), cu([8], "cpu"), cu([8], "cpu"), 8, 8)
+        flash_attn_varlen_kvpacked_func(q, torch.randn(8, 3, 4, 16), cu, cu, 8, 8)
 
 
 def test_packed_errors_name_the_slice():

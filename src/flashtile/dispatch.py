@@ -19,8 +19,6 @@ import pkgutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-
 from . import backends as _pkg
 from .backends.base import Backend, Capabilities, register, registry
 from .spec import AttnCall, Problem
@@ -114,16 +112,6 @@ def choose(problem: Problem, call: AttnCall, *, decode: bool = False) -> str:
 def backend_for(problem: Problem, call: AttnCall, *, decode: bool = False) -> Backend:
     """The backend object :func:`choose` picks."""
     return backends()[choose(problem, call, decode=decode)]
-
-
-def auto_choice(device: torch.device | str, dtype: torch.dtype, headdim: int = 64) -> str:
-    """The backend ``auto`` would pick for a plain call on ``device`` (for ``flashtile env`` and the CLI)."""
-    device = torch.device(device)
-    problem = Problem(batch=1, seqlen_q=128, seqlen_k=128, nheads=1, nheads_k=1, headdim=headdim, dtype=dtype,
-                      device=device)  # fmt: skip
-    call = AttnCall(softmax_scale=headdim**-0.5)
-    with use_backend("auto"):
-        return choose(problem, call)
 
 
 def report() -> list[tuple[str, str | None]]:

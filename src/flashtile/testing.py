@@ -1,0 +1,441 @@
+"""Test support for flashtile: the oracle, flash-attn's tolerance rule, input makers, and the
+plain-PyTorch baselines that the tests, ``flashtile check`` and the benchmarks share.
+
+* **The oracle** :func:`attention_ref` materialises the (seqlen_q x seqlen_k) score matrix and
+  supports every option of the public API. It runs in two modes: ``upcast=True`` (default)
+  computes in float32 (float64 for float64 inputs), the "ref"; ``upcast=False`` computes in the
+  input dtype, as a plain PyTorch implementation would, the "pt" baseline.
+  :func:`attention_probs_ref` gives its probabilities after dropout.
+* **The tolerance rule** (flash-attn's): an implementation's error against "ref" must be at most
+  :data:`FWD_FACTOR` (2) times that of "pt" for out and lse, :data:`BWD_FACTOR` (3) times for
+  gradients, plus a tiny atol (:func:`tolerance`). The tests use the absolute atols
+  :data:`FWD_ATOL` / :data:`BWD_ATOL` / :data:`LSE_ATOL` (:func:`assert_close_to_ref`,
+  :func:`compare_with_oracle`); ``flashtile check`` uses a few eps of the dtype, scaled by the
+  oracle's magnitude (:func:`eps_atol`).
+* **Inputs**: :func:`qkv_inputs`, :func:`make_alibi`, :func:`cu_seqlens`.
+* **Baselines for benchmarks**: :func:`standard_attention` (textbook attention that holds the
+  whole score matrix) and :func:`attention_flops` (the FLOP count behind every TFLOP/s figure).
+
+Everything here is O(seqlen_q * seqlen_k) in memory: for tests, checks and benchmarks only.
+This module imports torch and flashtile's pure helpers only (no pytest).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .mask import alibi_bias, visible
+
+__all__ = [
+    "ATOL_EPS",
+    "BWD_ATOL",
+    "BWD_FACTOR",
+    "FWD_ATOL",
+    "FWD_FACTOR",
+    "LSE_ATOL",
+    "MAX_TEST_SCALE",
+    "assert_close_to_ref",
+    "assert_lse_close",
+    "attention_flops",
+    "attention_probs_ref",
+    "attention_ref",
+    "compare_with_oracle",
+    "cu_seqlens",
+    "eps_atol",
+    "make_alibi",
+    "max_err",
+    "qkv_inputs",
+    "standard_attention",
+    "tolerance",
+]
+
+# ----------------------------------------------------------------------------------------------
+# the oracle
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    query_padding_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention in the dense layout.
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``.
+        k, v: ``(batch, seqlen_k, nheads_k, headdim)``; ``nheads % nheads_k == 0``.
+        query_padding_mask / key_padding_mask: optional bool ``(batch, seqlen)``, True = real token.
+            Sequences are taken as right-padded: the causal/window alignment uses each
+            sequence's own lengths, exactly as the varlen API does.
+        causal, window_size, softcap, alibi_slopes, softmax_scale: as in ``flash_attn_func``.
+        dropout_p, dropout_mask: bool keep mask ``(batch, nheads, seqlen_q, seqlen_k)``; kept
+            probabilities are scaled by ``1 / (1 - dropout_p)``.
+        upcast: compute in float32 (True) or in the input dtype (False).
+
+    Returns:
+        ``(out, lse)``: out ``(batch, seqlen_q, nheads, headdim)`` in q's dtype, lse float32
+        ``(batch, nheads, seqlen_q)``; rows that see no key give out = 0 and lse = -inf.
+    """
+    dtype_og = q.dtype
+    if upcast:
+        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    g = h // hk
+    k = k.repeat_interleave(g, dim=2)
+    v = v.repeat_interleave(g, dim=2)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    scores = torch.einsum("bthd,bshd->bhts", q * scale if softcap == 0 else q, k)
+    if softcap > 0:
+        scores = torch.tanh(scores * (scale / softcap)) * softcap
+    rows = torch.arange(sq, device=q.device)
+    cols = torch.arange(sk, device=q.device)
+    if query_padding_mask is not None or key_padding_mask is not None:
+        len_q = query_padding_mask.sum(-1) if query_padding_mask is not None else torch.full((b,), sq)
+        len_k = key_padding_mask.sum(-1) if key_padding_mask is not None else torch.full((b,), sk)
+        offset = (len_k - len_q).to(q.device).view(b, 1, 1, 1)
+    else:
+        offset = sk - sq
+    if alibi_slopes is not None:
+        slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0).expand(b, h)
+        scores = scores + alibi_bias(slopes.view(b, h, 1, 1), rows, cols, offset).to(scores.dtype)
+    left, right = window_size
+    if causal:
+        right = 0
+    vis = visible(rows, cols, offset, left, right)
+    masked = torch.zeros(1, dtype=torch.bool, device=q.device)
+    if vis is not None:
+        masked = masked | ~vis
+    if key_padding_mask is not None:
+        masked = masked | ~key_padding_mask.view(b, 1, 1, sk)
+    scores = scores.masked_fill(masked, float("-inf"))
+    lse = torch.logsumexp(scores.float(), dim=-1)
+    m = scores.amax(dim=-1, keepdim=True) if sk > 0 else scores.new_zeros((*scores.shape[:-1], 1))
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(scores - m)
+    denom = p.sum(-1, keepdim=True)
+    p = p / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            raise ValueError("attention_ref needs dropout_mask when dropout_p > 0")
+        p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+    out = torch.einsum("bhts,bshd->bthd", p.to(v.dtype), v)
+    if query_padding_mask is not None:
+        out = out.masked_fill(~query_padding_mask.view(b, sq, 1, 1), 0.0)
+        lse = lse.masked_fill(~query_padding_mask.view(b, 1, sq), float("-inf"))
+    return out.to(dtype_og), lse
+
+
+def attention_probs_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """The attention probabilities ``(batch, nheads, seqlen_q, seqlen_k)`` after dropout (zeros
+    where dropped, kept entries scaled by ``1 / (1 - p)``), such that ``out = probs @ v``.
+    Same arguments as :func:`attention_ref`; computed in float32."""
+    # Recover P from the reference by running it with v = identity over keys.
+    b, sk = k.shape[0], k.shape[1]
+    h = q.shape[2]
+    hk = k.shape[2]
+    eye = torch.eye(sk, dtype=torch.float32, device=q.device)
+    v_eye = eye.view(1, sk, 1, sk).expand(b, sk, hk, sk)
+    probs, _ = attention_ref(q.float(), k.float(), v_eye, **kwargs)
+    return probs.permute(0, 2, 1, 3).reshape(b, h, q.shape[1], sk)
+
+
+# ----------------------------------------------------------------------------------------------
+# baselines for benchmarks
+
+
+def standard_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    *,
+    layout: str = "bshd",
+    softmax_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Textbook attention in plain PyTorch: materialises the (seqlen_q x seqlen_k) scores and
+    probabilities, ``softmax(q k^T / sqrt(d)) v``; the memory baseline flashtile avoids.
+
+    Args:
+        q, k, v: ``(batch, seqlen, nheads, headdim)`` for ``layout="bshd"`` (flash-attn's layout,
+            transposed as views), ``(batch, nheads, seqlen, headdim)`` for ``"bhsd"`` (SDPA's).
+            Same number of heads for q, k and v.
+        causal: bottom-right aligned causal mask (query ``i`` sees keys ``j <= i + sk - sq``).
+        softmax_dtype: compute the softmax in this dtype (e.g. float32 for bf16 inputs); the
+            default is the input dtype.
+
+    Returns:
+        The output in the input layout and dtype.
+    """
+    if layout not in ("bshd", "bhsd"):
+        raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
+    if layout == "bshd":
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    if causal:
+        sq, sk = s.shape[-2:]
+        hidden = torch.ones(sq, sk, dtype=torch.bool, device=s.device).triu(sk - sq + 1)
+        s = s.masked_fill(hidden, float("-inf"))
+    p = torch.softmax(s if softmax_dtype is None else s.to(softmax_dtype), dim=-1).to(v.dtype)
+    out = torch.matmul(p, v)
+    return out.transpose(1, 2) if layout == "bshd" else out
+
+
+#: FLOPs of each pass relative to the forward: the backward does 2.5x the forward's matmul work.
+_PASS_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+
+
+def attention_flops(
+    batch: int, nheads: int, seqlen: int, headdim: int, causal: bool = False, mode: str = "fwd"
+) -> float:
+    """Matmul FLOPs of attention, the convention behind every TFLOP/s figure (flash-attn's):
+    forward ``4 * batch * nheads * seqlen**2 * headdim`` (two matmuls), halved when causal;
+    ``mode`` ``"bwd"`` is 2.5x the forward, ``"fwd_bwd"`` 3.5x."""
+    if mode not in _PASS_FLOPS:
+        raise ValueError(f"mode must be one of {', '.join(_PASS_FLOPS)}, got {mode!r}")
+    f = 4.0 * batch * nheads * seqlen * seqlen * headdim
+    if causal:
+        f /= 2
+    return f * _PASS_FLOPS[mode]
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+
+def qkv_inputs(
+    b: int,
+    sq: int,
+    sk: int,
+    h: int,
+    hk: int,
+    d: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fresh standard-normal q ``(b, sq, h, d)``, k and v ``(b, sk, hk, d)``, drawn in that order
+    (from ``generator`` when given, else torch's global generator)."""
+    q = torch.randn(b, sq, h, d, dtype=dtype, device=device, generator=generator)
+    k = torch.randn(b, sk, hk, d, dtype=dtype, device=device, generator=generator)
+    v = torch.randn(b, sk, hk, d, dtype=dtype, device=device, generator=generator)
+    return q, k, v
+
+
+def make_alibi(
+    kind: str | None,
+    b: int,
+    h: int,
+    device: torch.device | str,
+    *,
+    low: float = 0.01,
+    width: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor | None:
+    """ALiBi slopes: None for ``kind`` None or ``""``, ``"h"`` for shape ``(h,)``, ``"bh"`` for
+    ``(b, h)``; float32, uniform in ``[low, low + width)`` (default [0.01, 0.51))."""
+    if not kind:
+        return None
+    shape = (h,) if kind == "h" else (b, h)
+    return torch.rand(shape, device=device, dtype=torch.float32, generator=generator) * width + low
+
+
+def cu_seqlens(lens: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """int32 cu_seqlens ``(len(lens) + 1,)``: 0 and the running sums of the sequence lengths."""
+    out = [0]
+    for n in lens:
+        out.append(out[-1] + int(n))
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# the tolerance rule (flash-attn's)
+
+#: Error against the oracle may be this many times the error of "pt" (same dtype): out and lse.
+FWD_FACTOR = 2.0
+#: The same for gradients.
+BWD_FACTOR = 3.0
+#: atol added to ``factor * pt_error`` by the tests: forward (out, lse) and backward (dq, dk, dv).
+#: fp16/bf16: flash-attn's choice, about twice the rounding step of values of magnitude 1. fp32
+#: (measured against the float64 oracle over ~1000 random problems): the worst excess over
+#: ``factor * pt_error`` was 2e-6 for out/lse and 1.7e-5 for gradients (gradients that are exactly
+#: 0 in the oracle, e.g. with one visible key, where rowsum(dout * out) cancels dout . v; head
+#: dim 256).
+FWD_ATOL = {torch.float32: 5e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+BWD_ATOL = {torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+#: lse is float32 for every input dtype, but is computed from scores of the input's precision.
+LSE_ATOL = {torch.float32: 5e-6, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+#: ``flashtile check``'s atol, in units of the dtype's eps times ``max(1, max|oracle|)``
+#: (:func:`eps_atol`): its cases span magnitudes, so its atol scales with them.
+ATOL_EPS = 4.0
+
+
+def tolerance(pt_err: float, factor: float, atol: float) -> float:
+    """flash-attn's bound on the error against the oracle: ``factor * pt_err + atol``, where
+    ``pt_err`` is the error of the same computation in plain PyTorch in the same dtype. A
+    non-finite ``pt_err`` (the baseline overflowed or produced NaN) leaves ``atol`` alone: the
+    bound never becomes vacuous."""
+    if not math.isfinite(pt_err):
+        return atol
+    return factor * pt_err + atol
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |x - ref|`` computed in float64, where equal infinities count as 0 and NaN (or an
+    infinity that ``ref`` does not have at that position) as inf; 0 for empty tensors."""
+    if x.numel() == 0:
+        return 0.0
+    x, ref = x.detach().double(), ref.detach().double()
+    d = (x - ref).abs()
+    d = torch.where(x == ref, torch.zeros_like(d), d)
+    return float(torch.nan_to_num(d, nan=math.inf).max())
+
+
+def _max_abs(x: torch.Tensor) -> float:
+    return x.abs().max().item() if x.numel() else 0.0
+
+
+def _finite_absmax(x: torch.Tensor) -> float:
+    x = x.detach().double()
+    x = x[torch.isfinite(x)]
+    return float(x.abs().max()) if x.numel() else 0.0
+
+
+def eps_atol(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    """``flashtile check``'s atol: ``ATOL_EPS * eps(dtype) * max(1, max|ref|)`` over the finite
+    entries of ``ref``."""
+    return ATOL_EPS * torch.finfo(dtype).eps * max(1.0, _finite_absmax(ref))
+
+
+def _expect(ok: bool | torch.Tensor, message: str) -> None:
+    if not ok:
+        raise AssertionError(message)
+
+
+def assert_close_to_ref(
+    x: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor, factor: float, atol: float, name: str = "tensor"
+) -> None:
+    """flash-attn's rule: ``max|x - ref| <= factor * max|pt - ref| + atol`` (compared in fp64).
+
+    ``ref`` is the fp32 oracle, ``pt`` the same-dtype one. ``x`` must be finite wherever ``ref``
+    is (so NaN never passes); non-finite entries of ``ref`` must be matched exactly by ``x``.
+    Raises ``AssertionError`` with the numbers when the rule is broken.
+    """
+    _expect(x.shape == ref.shape == pt.shape, f"{name}: shapes {tuple(x.shape)}, {tuple(ref.shape)}, {tuple(pt.shape)}")
+    # one rounding step of x's own format at the result's magnitude: a result stored in fp16/bf16
+    # can land one step away from the rounded oracle even when its fp32 value is closer
+    step = torch.finfo(x.dtype).eps if x.dtype in (torch.float16, torch.bfloat16) else 0.0
+    x, ref, pt = x.detach().double(), ref.detach().double(), pt.detach().double()
+    _expect(not torch.isnan(x).any(), f"{name}: contains NaN")
+    _expect(not torch.isnan(ref).any(), f"{name}: the oracle contains NaN")
+    fin = torch.isfinite(ref)
+    if not fin.all():
+        _expect(torch.equal(x[~fin], ref[~fin]), f"{name}: non-finite entries differ from the oracle")
+        _expect(torch.isfinite(x[fin]).all(), f"{name}: non-finite where the oracle is finite")
+        x, ref, pt = x[fin], ref[fin], pt[fin]
+    _expect(torch.isfinite(x).all(), f"{name}: non-finite where the oracle is finite")
+    pt_ok = torch.isfinite(pt)  # an overflowing baseline must not make the bound vacuous
+    pt_err = max_err(pt[pt_ok], ref[pt_ok])
+    err = max_err(x, ref)
+    bound = tolerance(pt_err, factor, atol) + step * _max_abs(ref)
+    _expect(err <= bound, f"{name}: max|x - ref| = {err:.3g} > {factor} * {pt_err:.3g} + {atol:.3g}")
+
+
+def assert_lse_close(lse: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor, atol: float, name: str = "lse") -> None:
+    """lse: the ``-inf`` positions (rows that see no key) must match exactly, the finite ones
+    follow the forward rule."""
+    _expect(lse.dtype == torch.float32, f"{name} must be float32, got {lse.dtype}")
+    _expect(lse.shape == ref.shape, f"{name}: shape {tuple(lse.shape)} != {tuple(ref.shape)}")
+    _expect(torch.equal(torch.isneginf(lse), torch.isneginf(ref)), f"{name}: -inf positions differ from the oracle")
+    fin = torch.isfinite(ref)
+    assert_close_to_ref(lse[fin], ref[fin], pt[fin], FWD_FACTOR, atol, name)
+
+
+#: Largest softmax_scale (times softcap's tanh' <= 1) that any test passes.
+MAX_TEST_SCALE = 2.0
+
+#: ``fn(*leaves) -> (out, lse or None)`` and ``oracle(*leaves, upcast) -> (out, lse)``.
+AttentionFn = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+def _rounded_out_slack(out: torch.Tensor, oracle: AttentionFn, dout: torch.Tensor, leaves: list[torch.Tensor]) -> float:
+    """Both backends, like flash-attn 2/3/4, compute ``delta = rowsum(dout * out)`` from the
+    fp16/bf16 ``out`` they returned (the backward's contract: ring attention passes a global
+    ``out``, so it cannot be recomputed). That rounding error enters ``ds = p * (dp - delta)``
+    and so dq / dk, and where the softmax is saturated it is as large as the gradient itself
+    (the same-dtype PyTorch baseline differentiates softmax directly and does not have it).
+    The slack is the measured delta error of this very output, times the largest
+    ``scale * |k|`` (or ``|q|``) it can be multiplied by."""
+    if out.dtype == torch.float32:
+        return 0.0
+    with torch.no_grad():  # the oracle's out before rounding to the input dtype
+        exact_out = oracle(*[x.detach().float() for x in leaves], upcast=True)[0]
+    d_err = (dout.double() * (out.double() - exact_out.double())).sum(-1).abs().max().item()
+    big = max(_max_abs(x.detach().double()) for x in leaves)
+    return BWD_FACTOR * MAX_TEST_SCALE * d_err * big
+
+
+def compare_with_oracle(
+    fn: AttentionFn,
+    oracle: AttentionFn,
+    inputs: Sequence[torch.Tensor],
+    *,
+    grads: bool = True,
+    dout: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Run ``fn(*leaves) -> (out, lse)`` and ``oracle(*leaves, upcast) -> (out, lse)`` on fresh
+    leaf copies of ``inputs`` and check out, lse (unless ``fn`` returns None for it) and (when
+    ``grads``) the gradient of every input against flash-attn's rule. Returns the tensors.
+
+    "ref" is the oracle with ``upcast=True`` (fp32 math) for fp16/bf16 inputs, and the oracle on
+    float64 copies for fp32 inputs (so that fp32 has a baseline error too); "pt" is the oracle
+    in the input dtype (``upcast=False``).
+    """
+    dtype = inputs[0].dtype
+    leaves = [x.detach().clone().requires_grad_(grads) for x in inputs]
+    hi = torch.float64 if dtype == torch.float32 else dtype
+    ref_leaves = [x.detach().to(hi).requires_grad_(grads) for x in inputs]
+    out, lse = fn(*leaves)
+    ref_out, ref_lse = oracle(*ref_leaves, upcast=True)
+    pt_out, pt_lse = oracle(*leaves, upcast=False)
+    _expect(out.dtype == dtype, f"out dtype {out.dtype} != {dtype}")
+    assert_close_to_ref(out, ref_out, pt_out, FWD_FACTOR, FWD_ATOL[dtype], "out")
+    if lse is not None:
+        assert_lse_close(lse, ref_lse, pt_lse, LSE_ATOL[dtype])
+    res = {"out": out, "lse": lse, "ref_out": ref_out, "ref_lse": ref_lse}
+    if not grads:
+        return res
+    if dout is None:
+        dout = torch.randn_like(out)
+    g = torch.autograd.grad(out, leaves, dout)
+    g_ref = torch.autograd.grad(ref_out, ref_leaves, dout.to(hi), allow_unused=True)
+    g_pt = torch.autograd.grad(pt_out, leaves, dout, allow_unused=True)
+    slack = _rounded_out_slack(out, oracle, dout, leaves)
+    for i, (a, r, p) in enumerate(zip(g, g_ref, g_pt, strict=True)):
+        r = torch.zeros_like(ref_leaves[i]) if r is None else r
+        p = torch.zeros_like(a) if p is None else p
+        _expect(a.dtype == inputs[i].dtype and a.shape == inputs[i].shape, f"grad[{i}]: dtype or shape differs")
+        assert_close_to_ref(a, r, p, BWD_FACTOR, BWD_ATOL[dtype] + slack, f"grad[{i}]")
+    res["grads"], res["ref_grads"] = g, g_ref
+    return res
