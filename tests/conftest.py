@@ -3,7 +3,7 @@ The oracle, flash-attn's tolerance rule and the input makers live in :mod:`flash
 (shared with ``flashtile check`` and the benchmarks); this file holds what needs pytest.
 
 * ``FLASHTILE_TEST_BACKENDS`` (comma list) picks the backends the parity tests run on; the
-  default is ``torch``, plus ``triton`` when CUDA is available. A test that takes the
+  default is every registered backend usable here (on a CPU machine: ``torch``). A test that takes the
   ``backend`` fixture runs once per backend, inside ``flashtile.use_backend(name)``.
 * Triton's CPU interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors, slowly and
   with a wrong bf16 dot: under it, bf16 cases are skipped and shapes are shrunk
@@ -26,9 +26,15 @@ import flashtile
 
 
 def _default_backends() -> list[str]:
-    names = ["torch"]
-    if torch.cuda.is_available():
-        names.append("triton")
+    """Every registered backend usable in this process (the registry's own answer), except that
+    one whose ``auto`` devices exclude where the tests run (triton under the interpreter on CPU)
+    is left to an explicit ``FLASHTILE_TEST_BACKENDS``."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    names = []
+    for name, reason in flashtile.dispatch.report():
+        devs = flashtile.dispatch.backends()[name].capabilities.auto_devices
+        if reason is None and (devs is None or dev in devs):
+            names.append(name)
     return names
 
 
@@ -115,6 +121,19 @@ def backend(request, monkeypatch):
             yield name
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A parity test whose call the backend under test declares it does not serve (e.g. ALiBi on
+    a kernel without it) is skipped with the declared reason: the refusal itself is tested in
+    tests/test_dispatch.py, and auto hands such calls to the next backend."""
+    try:
+        return (yield)
+    except flashtile.BackendUnavailableError as e:
+        if "backend" not in pyfuncitem.fixturenames or "was requested but cannot serve" not in str(e):
+            raise
+        pytest.skip(str(e))
 
 
 @pytest.fixture
