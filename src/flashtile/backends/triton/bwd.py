@@ -17,7 +17,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fwd import _block_range, _keep, _mm, _mma, _scores, _visible
+from .common import (
+    LOG2E,
+    _alibi_slope,
+    _block_id,
+    _block_ptrs,
+    _block_range,
+    _head_ptr,
+    _keep,
+    _load_block,
+    _masked_block,
+    _mm,
+    _mma,
+    _row_ptr,
+    _score_tile,
+    _seqlens_qk,
+    _tile_ptrs,
+)
 
 
 @triton.jit
@@ -37,17 +53,27 @@ def _bwd_preprocess(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
     r64 = rows.to(tl.int64)
-    o = tl.load(O + b * stride_ob + h * stride_oh + r64[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + r64[:, None] * stride_dos + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(_head_ptr(O, b, h, stride_ob, stride_oh) + r64[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(_head_ptr(DO, b, h, stride_dob, stride_doh) + r64[:, None] * stride_dos + offs_d[None, :], mask=mask,
+                 other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + b * stride_db + h * stride_dh + rows, delta, mask=rows < seqlen)
+    tl.store(_head_ptr(DELTA, b, h, stride_db, stride_dh) + rows, delta, mask=rows < seqlen)
 
 
 @triton.jit
 def _load_lse2(lse_ptrs, mask):
     """lse in base 2, with +inf for rows that saw no key, so that exp2(s - lse2) = 0 there."""
     lse = tl.load(lse_ptrs, mask=mask, other=float("-inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def _dscores(p, dp, delta, t, HAS_SOFTCAP: tl.constexpr):
+    """dS = P * (dP - delta), times tanh' = 1 - t^2 under softcap (t from _scores)."""
+    ds = p * (dp - delta)
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return ds
 
 
 # ---------------------------------------------------------------------------------------
@@ -68,30 +94,19 @@ def _dkdv_step(
     (keys along dim 0): returns the updated (dk, dv). ATOMIC_DQ: also adds this tile's share
     of dQ (unscaled, fp32) into dq_base with relaxed atomics (not bitwise reproducible)."""
     rows = start_m + offs_m
-    qb = q_base + tl.cast(start_m, tl.int64) * stride_qs
-    dob = do_base + tl.cast(start_m, tl.int64) * stride_dos
-    qT_ptrs = qb + offs_m[None, :] * stride_qs + offs_d[:, None]
-    do_ptrs = dob + offs_m[:, None] * stride_dos + offs_d[None, :]
+    qT_ptrs = _block_ptrs(q_base, start_m, offs_m, offs_d, stride_qs, True)
+    do_ptrs = _block_ptrs(do_base, start_m, offs_m, offs_d, stride_dos, False)
+    qT = _load_block(qT_ptrs, rows, seqlen_q, offs_d, HEAD_DIM, MASKED, PAD_D, True)
+    do = _load_block(do_ptrs, rows, seqlen_q, offs_d, HEAD_DIM, MASKED, PAD_D, False)
     if MASKED:
         row_ok = rows < seqlen_q
-        qT = tl.load(qT_ptrs, mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         lse2 = _load_lse2(lse_base + rows, row_ok)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     else:
-        if PAD_D:
-            qT = tl.load(qT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            qT = tl.load(qT_ptrs)
-            do = tl.load(do_ptrs)
         lse2 = _load_lse2(lse_base + rows, rows >= 0)
         delta = tl.load(delta_base + rows)
-    qkT = _mm(k, qT, UPCAST)
-    sT, tT = _scores(qkT, rows[None, :], cols[:, None], off, qk_scale, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
-    if MASKED:
-        vis = _visible(rows[None, :], cols[:, None], off, seqlen_q, seqlen_k, wl, wr, HAS_WL, HAS_WR)
-        sT = tl.where(vis, sT, float("-inf"))
+    sT, tT = _score_tile(k, qT, rows[None, :], cols[:, None], off, seqlen_q, seqlen_k, wl, wr, qk_scale, cap_out,
+                         slope2, MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
     pT = tl.exp2(sT - lse2[None, :])
     dpT = _mm(v, tl.trans(do), UPCAST)
     if HAS_DROPOUT:
@@ -101,14 +116,11 @@ def _dkdv_step(
     else:
         pdT = pT
     dv = _mma(pdT.to(do.dtype), do, dv, UPCAST)
-    dsT = pT * (dpT - delta[None, :])
-    if HAS_SOFTCAP:
-        dsT = dsT * (1.0 - tT * tT)
-    dsT = dsT.to(qT.dtype)
+    dsT = _dscores(pT, dpT, delta[None, :], tT, HAS_SOFTCAP).to(qT.dtype)
     dk = _mma(dsT, tl.trans(qT), dk, UPCAST)
     if ATOMIC_DQ:
         dq = _mm(tl.trans(dsT), k, UPCAST)
-        dq_ptrs = dq_base + tl.cast(start_m, tl.int64) * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :]
+        dq_ptrs = _block_ptrs(dq_base, start_m, offs_m, offs_d, stride_dqs, False)
         if MASKED:
             tl.atomic_add(dq_ptrs, dq, mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
         elif PAD_D:
@@ -143,14 +155,7 @@ def _bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = b * 0
-        k_start = b * 0
+    q_start, seqlen_q, k_start, seqlen_k = _seqlens_qk(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return
@@ -162,10 +167,8 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     cols = n0 + offs_n
     kv_mask = (cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + kv_row0 * stride_ks
-                + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + kv_row0 * stride_vs
-                + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(_tile_ptrs(K, b64, hk, kv_row0, offs_n, offs_d, stride_kb, stride_kh, stride_ks), mask=kv_mask, other=0.0)
+    v = tl.load(_tile_ptrs(V, b64, hk, kv_row0, offs_n, offs_d, stride_vb, stride_vh, stride_vs), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -178,14 +181,12 @@ def _bwd_dkdv_kernel(
     q_row0 = q_start.to(tl.int64)
     for g in range(0, group):
         h = hk * group + g
-        q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_row0 * stride_qs
-        do_base = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_row0 * stride_dos
-        dq_base = DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + q_row0 * stride_dqs
-        lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
-        delta_base = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
-        slope2 = 0.0
-        if HAS_ALIBI:
-            slope2 = tl.load(ALIBI + b64 * stride_ab + h) * alibi_mul
+        q_base = _row_ptr(Q, b64, h, q_row0, stride_qb, stride_qh, stride_qs)
+        do_base = _row_ptr(DO, b64, h, q_row0, stride_dob, stride_doh, stride_dos)
+        dq_base = _row_ptr(DQ, b64, h, q_row0, stride_dqb, stride_dqh, stride_dqs)
+        lse_base = _head_ptr(LSE, b64, h, stride_lb, stride_lh) + q_start
+        delta_base = _head_ptr(DELTA, b64, h, stride_lb, stride_lh) + q_start
+        slope2 = _alibi_slope(ALIBI, b64, h, stride_ab, alibi_mul, HAS_ALIBI)
         bh = b * nheads + h
         for blk in range(fu_lo, fu_hi):
             dk, dv = _dkdv_step(
@@ -194,7 +195,7 @@ def _bwd_dkdv_kernel(
                 qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
                 False, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, ATOMIC_DQ)
         for i in range(0, n_masked):
-            blk = tl.where(i < n_a, mb_lo + i, fu_hi + i - n_a)
+            blk = _masked_block(i, n_a, mb_lo, fu_hi)
             dk, dv = _dkdv_step(
                 dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, blk * BLOCK_M, cols, offs_m, offs_d,
                 stride_qs, stride_dos, stride_dqs, seqlen_q, seqlen_k, off, window_left, window_right,
@@ -202,10 +203,8 @@ def _bwd_dkdv_kernel(
                 True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, ATOMIC_DQ)
 
     dk = dk * sm_scale
-    dk_ptrs = (DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + kv_row0 * stride_dks
-               + offs_n[:, None] * stride_dks + offs_d[None, :])
-    dv_ptrs = (DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + kv_row0 * stride_dvs
-               + offs_n[:, None] * stride_dvs + offs_d[None, :])
+    dk_ptrs = _tile_ptrs(DK, b64, hk, kv_row0, offs_n, offs_d, stride_dkb, stride_dkh, stride_dks)
+    dv_ptrs = _tile_ptrs(DV, b64, hk, kv_row0, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvs)
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -226,33 +225,18 @@ def _dq_step(
 ):
     """One key block against this program's query rows: returns the updated dq."""
     cols = start_n + offs_n
-    kb = k_base + tl.cast(start_n, tl.int64) * stride_ks
-    vb = v_base + tl.cast(start_n, tl.int64) * stride_vs
-    kT_ptrs = kb + offs_n[None, :] * stride_ks + offs_d[:, None]
-    vT_ptrs = vb + offs_n[None, :] * stride_vs + offs_d[:, None]
-    if MASKED:
-        m = (cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM)
-        kT = tl.load(kT_ptrs, mask=m, other=0.0)
-        vT = tl.load(vT_ptrs, mask=m, other=0.0)
-    elif PAD_D:
-        kT = tl.load(kT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        vT = tl.load(vT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-    else:
-        kT = tl.load(kT_ptrs)
-        vT = tl.load(vT_ptrs)
-    qk = _mm(q, kT, UPCAST)
-    s, t = _scores(qk, rows[:, None], cols[None, :], off, qk_scale, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
-    if MASKED:
-        vis = _visible(rows[:, None], cols[None, :], off, seqlen_q, seqlen_k, wl, wr, HAS_WL, HAS_WR)
-        s = tl.where(vis, s, float("-inf"))
+    kT_ptrs = _block_ptrs(k_base, start_n, offs_n, offs_d, stride_ks, True)
+    vT_ptrs = _block_ptrs(v_base, start_n, offs_n, offs_d, stride_vs, True)
+    kT = _load_block(kT_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASKED, PAD_D, True)
+    vT = _load_block(vT_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASKED, PAD_D, True)
+    s, t = _score_tile(q, kT, rows[:, None], cols[None, :], off, seqlen_q, seqlen_k, wl, wr, qk_scale, cap_out,
+                       slope2, MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
     p = tl.exp2(s - lse2[:, None])
     dp = _mm(do, vT, UPCAST)
     if HAS_DROPOUT:
         keep = _keep(seed_lo, seed_hi, rows[:, None], cols[None, :], bh, thresh)
         dp = tl.where(keep, dp * drop_scale, 0.0)
-    ds = p * (dp - delta[:, None])
-    if HAS_SOFTCAP:
-        ds = ds * (1.0 - t * t)
+    ds = _dscores(p, dp, delta[:, None], t, HAS_SOFTCAP)
     dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, UPCAST)
     return dq
 
@@ -276,19 +260,10 @@ def _bwd_dq_kernel(
 ):
     """Grid (query blocks, nheads, batch or sequences)."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    pid_m = tl.program_id(0)
-    if REVERSE_M:
-        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_m = _block_id(REVERSE_M)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = b * 0
-        k_start = b * 0
+    q_start, seqlen_q, k_start, seqlen_k = _seqlens_qk(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -302,18 +277,15 @@ def _bwd_dq_kernel(
     rows = m0 + offs_m
     row_ok = rows < seqlen_q
     qd_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_row0 * stride_qs
-                + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_row0 * stride_dos
-                 + offs_m[:, None] * stride_dos + offs_d[None, :], mask=qd_mask, other=0.0)
-    lrow = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows
+    q = tl.load(_tile_ptrs(Q, b64, h, q_row0, offs_m, offs_d, stride_qb, stride_qh, stride_qs), mask=qd_mask, other=0.0)
+    do = tl.load(_tile_ptrs(DO, b64, h, q_row0, offs_m, offs_d, stride_dob, stride_doh, stride_dos), mask=qd_mask,
+                 other=0.0)
+    lrow = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows  # LSE and DELTA share strides
     lse2 = _load_lse2(LSE + lrow, row_ok)
     delta = tl.load(DELTA + lrow, mask=row_ok, other=0.0)
-    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
-    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
-    slope2 = 0.0
-    if HAS_ALIBI:
-        slope2 = tl.load(ALIBI + b64 * stride_ab + h) * alibi_mul
+    k_base = _row_ptr(K, b64, hk, k_start, stride_kb, stride_kh, stride_ks)
+    v_base = _row_ptr(V, b64, hk, k_start, stride_vb, stride_vh, stride_vs)
+    slope2 = _alibi_slope(ALIBI, b64, h, stride_ab, alibi_mul, HAS_ALIBI)
     bh = b * nheads + h
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -329,7 +301,7 @@ def _bwd_dq_kernel(
     n_a = fu_lo - nb_lo
     n_masked = n_a + nb_hi - fu_hi
     for i in range(0, n_masked):
-        blk = tl.where(i < n_a, nb_lo + i, fu_hi + i - n_a)
+        blk = _masked_block(i, n_a, nb_lo, fu_hi)
         dq = _dq_step(
             dq, q, do, lse2, delta, k_base, v_base, blk * BLOCK_N, rows, offs_n, offs_d,
             stride_ks, stride_vs, seqlen_q, seqlen_k, off, window_left, window_right,
@@ -337,5 +309,5 @@ def _bwd_dq_kernel(
             True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
 
     dq = dq * sm_scale
-    tl.store(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + q_row0 * stride_dqs
-             + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
+    dq_ptrs = _tile_ptrs(DQ, b64, h, q_row0, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqs)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=qd_mask)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fwd import _mm, _mma, _tanh
+from .common import LOG2E, _alibi_slope, _mm, _mma, _scores, _softmax_end, _softmax_step, _window
 
 # Error bits a kernel ORs into ERR[0] when an index it was handed is out of range. The kernels
 # never read or write out of bounds: a row with a bad index is skipped (its output is NaN).
@@ -137,8 +137,8 @@ def _decode_kernel(
     if HAS_WL:
         # stay on whole key blocks (aligned pages); the mask drops the columns before the window
         lo = tl.maximum(lo, t_min + off - window_left) // BLOCK_N * BLOCK_N
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + b * stride_ab + head, mask=row_ok, other=0.0) * 1.4426950408889634  # log2(e)
+    # (rows, 1) slopes; head < H on every row, the padded ones too: no mask needed
+    slope2 = _alibi_slope(SLOPES, b, head[:, None], stride_ab, LOG2E, HAS_ALIBI)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -175,33 +175,17 @@ def _decode_kernel(
             kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
         k = tl.load(k_base + k_off, mask=kv_mask, other=0.0)
         qk = _mm(q, tl.trans(k), UPCAST)
-        if HAS_SOFTCAP:
-            s = _tanh(qk * qk_scale) * cap_out
-        else:
-            s = qk * qk_scale
-        if HAS_ALIBI:
-            dist = tl.abs(t[:, None] + off - cols[None, :]).to(tl.float32)
-            s = s - slope[:, None] * dist
-        vis = col_ok[None, :] & row_ok[:, None]
-        if HAS_WR:
-            vis = vis & (cols[None, :] <= t[:, None] + off + window_right)
-        if HAS_WL:
-            vis = vis & (cols[None, :] >= t[:, None] + off - window_left)
+        s, _ = _scores(qk, t[:, None], cols[None, :], off, qk_scale, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
+        vis = _window(col_ok[None, :] & row_ok[:, None], t[:, None], cols[None, :], off, window_left, window_right,
+                      HAS_WL, HAS_WR)
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, True)
         v = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
-        m_i = m_new
 
     code = code | bad_blk
     tl.atomic_or(ERR, code, mask=code != 0)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln(2)
+    out, lse = _softmax_end(acc, m_i, l_i, 1.0, True)
     out = tl.where(code == 0, out, float("nan"))
     lse = tl.where(code == 0, lse, float("nan"))
     o_off = b * stride_ob + t[:, None] * stride_oq + head[:, None] * stride_oh + offs_d[None, :]

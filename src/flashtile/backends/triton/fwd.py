@@ -1,8 +1,8 @@
-"""Forward attention kernel, plus the small @triton.jit helpers the backward shares.
+"""Forward attention kernel.
 
-One kernel serves every option through constexpr switches. Scores live in base 2: the
-host folds ``log2(e)`` into the scale (and into the softcap / ALiBi constants), so the
-online softmax uses ``exp2`` and the stored lse is converted back to natural log.
+One kernel serves every option through constexpr switches; the pieces it shares with the
+backward and decode kernels (sequence bounds, pointers, scores, masks, dropout, the online
+softmax) are in :mod:`.common`. Scores live in base 2 and the stored lse is in natural log.
 
 For one block of query rows the visible key columns split into three runs of key blocks
 (see ``_block_range``): masked blocks below, unmasked blocks, masked blocks above. Only
@@ -13,120 +13,23 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.random import philox_impl
 
-# ---------------------------------------------------------------------------------------
-# helpers (inlined into the kernels)
-# ---------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _mm(a, b, UPCAST: tl.constexpr):
-    """a @ b in fp32. UPCAST: fp32 operands with IEEE products (fp32 inputs, and bf16 under
-    the interpreter, whose bf16 dot is wrong)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b in fp32."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh(x) = sign(x) * (1 - e) / (1 + e), e = exp(-2|x|): no overflow, no cancellation near 0
-    e = tl.exp2(-2.8853900817779268 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def _scores(qk, rr, cc, off, qk_scale, cap_out, slope2, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
-    """Base-2 scores from raw q.k products; rr / cc are broadcastable row / column indices.
-
-    Returns (s, t) with t = tanh(...) when HAS_SOFTCAP (needed by the backward), else s.
-    Plain: s = qk * scale * log2e. Softcap: s = cap * log2e * tanh(qk * scale / cap).
-    ALiBi adds -slope * log2e * |i + off - j|.
-    """
-    if HAS_SOFTCAP:
-        t = _tanh(qk * qk_scale)
-        s = t * cap_out
-    else:
-        s = qk * qk_scale
-        t = s
-    if HAS_ALIBI:
-        dist = rr + off - cc
-        s = s - slope2 * tl.abs(dist).to(tl.float32)
-    return s, t
-
-
-@triton.jit
-def _visible(rr, cc, off, seqlen_r, seqlen_c, wl, wr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
-    """Visibility of (row, col) pairs: in range, and inside the window (bottom-right aligned)."""
-    m = (rr < seqlen_r) & (cc < seqlen_c)
-    if HAS_WR:
-        m = m & (cc <= rr + off + wr)
-    if HAS_WL:
-        m = m & (cc >= rr + off - wl)
-    return m
-
-
-@triton.jit
-def _keep(seed_lo, seed_hi, rr, cc, bh, thresh):
-    """Dropout keep mask: Philox-4x32-10 word 0 of counter (col, row, bh, 0), key (lo, hi);
-    keep iff word >> 8 >= thresh (see flashtile.rng)."""
-    z = (rr + cc) * 0
-    c0 = (cc + z).to(tl.uint32, bitcast=True)
-    c1 = (rr + z).to(tl.uint32, bitcast=True)
-    c2 = (z + bh).to(tl.uint32, bitcast=True)
-    c3 = z.to(tl.uint32, bitcast=True)
-    k0 = seed_lo.to(tl.uint32, bitcast=True)
-    k1 = seed_hi.to(tl.uint32, bitcast=True)
-    r0, _, _, _ = philox_impl(c0, c1, c2, c3, k0, k1, 10)
-    return (r0 >> 8).to(tl.int32) >= thresh
-
-
-@triton.jit
-def _block_range(r_lo, r_hi, n_cols, off, wl, wr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BLOCK: tl.constexpr):
-    """Column blocks to visit for rows [r_lo, r_hi) (r_hi > r_lo), as block indices
-    nb_lo <= fu_lo <= fu_hi <= nb_hi: [nb_lo, fu_lo) and [fu_hi, nb_hi) need masks, [fu_lo, fu_hi)
-    is visible to every row. Row i sees columns [i + off - wl, i + off + wr] (unbounded sides
-    when the HAS_ flag is off), clipped to [0, n_cols).
-
-    The backward's dK/dV pass calls it with rows and columns swapped (off -> -off, wl <-> wr).
-    """
-    lo = r_lo * 0
-    full_lo = r_lo * 0
-    hi = n_cols + r_lo * 0
-    full_hi = n_cols + r_lo * 0
-    if HAS_WL:
-        lo = tl.maximum(r_lo + off - wl, 0)
-        full_lo = tl.maximum(r_hi - 1 + off - wl, 0)
-    if HAS_WR:
-        hi = tl.minimum(r_hi + off + wr, n_cols)
-        full_hi = tl.minimum(r_lo + off + wr + 1, n_cols)
-    nb_lo = lo // BLOCK
-    nb_hi = (hi + BLOCK - 1) // BLOCK
-    empty = hi <= lo
-    nb_lo = tl.where(empty, 0, nb_lo)
-    nb_hi = tl.where(empty, 0, nb_hi)
-    fu_lo = (full_lo + BLOCK - 1) // BLOCK
-    fu_hi = full_hi // BLOCK
-    fu_lo = tl.minimum(tl.maximum(fu_lo, nb_lo), nb_hi)
-    fu_hi = tl.minimum(tl.maximum(fu_hi, fu_lo), nb_hi)
-    return nb_lo, fu_lo, fu_hi, nb_hi
-
-
-# ---------------------------------------------------------------------------------------
-# forward
-# ---------------------------------------------------------------------------------------
+from .common import (
+    _alibi_slope,
+    _block_id,
+    _block_ptrs,
+    _block_range,
+    _head_ptr,
+    _keep,
+    _load_block,
+    _masked_block,
+    _mma,
+    _row_ptr,
+    _score_tile,
+    _seqlens_qk,
+    _softmax_end,
+    _softmax_step,
+)
 
 
 @triton.jit
@@ -140,40 +43,17 @@ def _fwd_step(
 ):
     """One key block of the online softmax: returns the updated (acc, l_i, m_i)."""
     cols = start_n + offs_n
-    kb = k_base + tl.cast(start_n, tl.int64) * stride_ks
-    vb = v_base + tl.cast(start_n, tl.int64) * stride_vs
-    kT_ptrs = kb + offs_n[None, :] * stride_ks + offs_d[:, None]
-    v_ptrs = vb + offs_n[:, None] * stride_vs + offs_d[None, :]
-    if MASKED:
-        kT = tl.load(kT_ptrs, mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-    elif PAD_D:
-        kT = tl.load(kT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-    else:
-        kT = tl.load(kT_ptrs)
-    qk = _mm(q, kT, UPCAST)
-    s, t = _scores(qk, rows[:, None], cols[None, :], off, qk_scale, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
-    if MASKED:
-        vis = _visible(rows[:, None], cols[None, :], off, seqlen_q, seqlen_k, wl, wr, HAS_WL, HAS_WR)
-        s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:
-        # a row that has seen no visible key yet keeps m = -inf: subtract 0 instead (no NaN)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
-    p = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    kT_ptrs = _block_ptrs(k_base, start_n, offs_n, offs_d, stride_ks, True)
+    v_ptrs = _block_ptrs(v_base, start_n, offs_n, offs_d, stride_vs, False)
+    kT = _load_block(kT_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASKED, PAD_D, True)
+    s, t = _score_tile(q, kT, rows[:, None], cols[None, :], off, seqlen_q, seqlen_k, wl, wr, qk_scale, cap_out,
+                       slope2, MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+    p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i, MASKED)
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
         keep = _keep(seed_lo, seed_hi, rows[:, None], cols[None, :], bh, thresh)
         p = tl.where(keep, p, 0.0)
-    if MASKED:
-        v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    elif PAD_D:
-        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    else:
-        v = tl.load(v_ptrs)
+    v = _load_block(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASKED, PAD_D, False)
     acc = _mma(p.to(v.dtype), v, acc, UPCAST)
     return acc, l_i, m_new
 
@@ -196,30 +76,21 @@ def _fwd_kernel(
 ):
     """Grid (query blocks, nheads, batch or sequences). Writes out and lse (natural log)."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    pid_m = tl.program_id(0)
-    if REVERSE_M:  # causal: the heaviest query blocks (last rows) start first
-        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_m = _block_id(REVERSE_M)  # causal: the heaviest query blocks (last rows) start first
     h = tl.program_id(1)
     b = tl.program_id(2)
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = b * 0
-        k_start = b * 0
+    q_start, seqlen_q, k_start, seqlen_k = _seqlens_qk(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
     hk = h // group
     off = seqlen_k - seqlen_q
     b64 = b.to(tl.int64)
-    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + (q_start + m0).to(tl.int64) * stride_qs
-    o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + (q_start + m0).to(tl.int64) * stride_os
-    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
-    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
-    lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + m0
+    q_base = _row_ptr(Q, b64, h, q_start + m0, stride_qb, stride_qh, stride_qs)
+    o_base = _row_ptr(O, b64, h, q_start + m0, stride_ob, stride_oh, stride_os)
+    k_base = _row_ptr(K, b64, hk, k_start, stride_kb, stride_kh, stride_ks)
+    v_base = _row_ptr(V, b64, hk, k_start, stride_vb, stride_vh, stride_vs)
+    lse_base = _head_ptr(LSE, b64, h, stride_lb, stride_lh) + q_start + m0
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -229,9 +100,7 @@ def _fwd_kernel(
     q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
-    slope2 = 0.0
-    if HAS_ALIBI:
-        slope2 = tl.load(ALIBI + b64 * stride_ab + h) * alibi_mul
+    slope2 = _alibi_slope(ALIBI, b64, h, stride_ab, alibi_mul, HAS_ALIBI)
     bh = b * nheads + h
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -252,17 +121,14 @@ def _fwd_kernel(
     n_a = fu_lo - nb_lo
     n_masked = n_a + nb_hi - fu_hi
     for i in range(0, n_masked):
-        blk = tl.where(i < n_a, nb_lo + i, fu_hi + i - n_a)
+        blk = _masked_block(i, n_a, nb_lo, fu_hi)
         acc, l_i, m_i = _fwd_step(
             acc, l_i, m_i, q, k_base, v_base, blk * BLOCK_N, rows, offs_n, offs_d,
             stride_ks, stride_vs, seqlen_q, seqlen_k, off, window_left, window_right,
             qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh,
             True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc * (drop_scale / l_safe)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    out, lse = _softmax_end(acc, m_i, l_i, drop_scale, False)
     tl.store(lse_base + offs_m, lse, mask=row_ok)
     o_ptrs = o_base + offs_m[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
