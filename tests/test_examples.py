@@ -46,5 +46,7 @@ def test_memory_blowup_stops_standard_attention_at_the_limit():
 def test_decode_cuda_graph_example():
     out = _run("decode_cuda_graph.py", "--batch", "3", "--steps", "4")
     assert "3 sequences" in out and "4 decode steps" in out
-    worst = float(re.search(r"max \|diff\| = ([0-9.e+-]+)", out).group(1))
-    assert worst <= 1e-4 and out.rstrip().endswith("OK")
+    m = re.search(r"max \|diff\| = ([0-9.e+-]+) \(tolerance ([0-9.e+-]+)\)", out)
+    worst, tol = float(m.group(1)), float(m.group(2))
+    # fp32 on the CPU, bf16 on a GPU (the last step and the reference may split the keys differently)
+    assert tol in (1e-4, 2e-2) and worst <= tol and out.rstrip().endswith("OK")

@@ -68,10 +68,18 @@ def _load() -> None:
             register(_Missing(ep.name, f"cannot load entry point {ep.value}: {type(e).__name__}: {e}"))
 
 
+_order: tuple[tuple, dict[str, Backend]] = ((), {})
+
+
 def backends() -> dict[str, Backend]:
-    """All registered backends by name, highest priority first."""
+    """All registered backends by name, highest priority first (recomputed only when the registry changes)."""
     _load()
-    return dict(sorted(registry().items(), key=lambda kv: -kv[1].capabilities.priority))
+    global _order
+    reg = registry()
+    key = tuple((name, id(be)) for name, be in reg.items())
+    if key != _order[0]:
+        _order = (key, dict(sorted(reg.items(), key=lambda kv: -kv[1].capabilities.priority)))
+    return _order[1]
 
 
 def requested() -> str:
@@ -84,7 +92,10 @@ def requested() -> str:
 
 def why_not(name: str, problem: Problem, call: AttnCall, *, decode: bool = False) -> str | None:
     """None if backend ``name`` can serve the call (``decode``: through ``Backend.decode``), else the reason."""
-    be = backends()[name]
+    return _why_not(backends()[name], problem, call, decode)
+
+
+def _why_not(be: Backend, problem: Problem, call: AttnCall, decode: bool) -> str | None:
     return be.available() or be.capabilities.refuse(problem, call, decode) or be.supports(problem, call)
 
 
@@ -92,7 +103,7 @@ def choose(problem: Problem, call: AttnCall, *, decode: bool = False) -> str:
     """Name of the backend that will run this call."""
     name = requested()
     if name != "auto":
-        reason = why_not(name, problem, call, decode=decode)
+        reason = _why_not(backends()[name], problem, call, decode)
         if reason:
             raise BackendUnavailableError(f"backend {name!r} was requested but cannot serve this call: {reason}")
         return name
@@ -102,7 +113,7 @@ def choose(problem: Problem, call: AttnCall, *, decode: bool = False) -> str:
         if devs is not None and problem.device.type not in devs:
             reasons.append(f"{cand}: auto uses it only on {'/'.join(devs)} tensors")
             continue
-        reason = why_not(cand, problem, call, decode=decode)
+        reason = _why_not(be, problem, call, decode)
         if reason is None:
             return cand
         reasons.append(f"{cand}: {reason}")
