@@ -144,7 +144,6 @@ def chosen_backend(
     The one place the CLI builds a ``Problem`` and a spec and calls ``dispatch.choose``."""
     problem = Problem(batch=batch, seqlen_q=seqlen, seqlen_k=seqlen, nheads=nheads, nheads_k=nheads, headdim=headdim,
                       dtype=dtype, device=device)  # fmt: skip
-    spec = make_call(headdim=headdim, dropout_p=0.0, softmax_scale=None, causal=causal, window_size=(-1, -1),
-                     softcap=0.0, deterministic=False)  # fmt: skip
+    spec = make_call(headdim=headdim, causal=causal)
     with dispatch.use_backend(backend):
         return dispatch.choose(problem, spec)
