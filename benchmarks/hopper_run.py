@@ -17,8 +17,11 @@
    ``triton.testing.do_bench`` medians. A short table last; JSON to ``$OUT`` when set.
 
 ``--variant`` (repeatable) adds hopper config variants (``HopperConfig`` fields, applied to every
-head dim): each gets a quick correctness pass, then its own benchmark column. ``--quick``: a
-smaller correctness set and two benchmark cells.
+head dim, e.g. ``kernel=plain`` or ``block_n=64,num_stages=3``): each gets a quick correctness
+pass, then its own benchmark column. ``--quick``: a smaller correctness set and two benchmark
+cells. ``--keep-going``: a failing variant is reported and dropped, the others still run (exit
+code 1 at the end). A watchdog ends the process (exit code 3) if one case or benchmark cell runs
+longer than ``--case-timeout`` seconds (a hung kernel), naming it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import json
 import math
 import os
 import sys
+import threading
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -48,6 +53,27 @@ T0 = time.time()
 
 def log(msg: str) -> None:
     print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+@contextmanager
+def watchdog(seconds: float, what: str):
+    """Exit the process (code 3) if the block takes longer than ``seconds``: a kernel that hangs
+    on an mbarrier cannot be interrupted otherwise."""
+
+    def fire():
+        print(f"[{time.time() - T0:6.1f}s] HANG: {what} still running after {seconds:.0f} s; exiting", flush=True)
+        os._exit(3)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+CASE_TIMEOUT = 180.0  # set from --case-timeout
 
 
 # ------------------------------------------------------------------------------------------
@@ -209,7 +235,8 @@ def run_correctness(quick: bool, config_overrides: dict | None = None, label: st
                 continue
         dt = "fp16" if kw.get("dtype") == torch.float16 else "bf16"
         try:
-            msg = run_case(name, config=cfg, **kw)
+            with watchdog(CASE_TIMEOUT, f"[{label}] {name}"):
+                msg = run_case(name, config=cfg, **kw)
         except CaseFailure as e:
             log(f"FAIL [{label}] {name} ({dt}, {kw}): {e}")
             return False
@@ -292,9 +319,10 @@ def run_bench(quick: bool, variants: list[tuple[str, dict]]) -> list[dict]:
         row = {"b": b, "h": h, "s": s, "d": d, "causal": causal}
         for name, fn in _contenders(b, h, s, d, causal, variants).items():
             try:
-                fn()
-                torch.cuda.synchronize()
-                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                with watchdog(CASE_TIMEOUT, f"bench {name} b{b} h{h} s{s} d{d} causal={causal}"):
+                    fn()
+                    torch.cuda.synchronize()
+                    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                 row[name] = round(_tflops(b, h, s, d, causal, ms), 1)
             except Exception as e:  # one contender failing must not hide the others
                 row[name] = None
@@ -317,7 +345,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer correctness cases, two benchmark cells")
     ap.add_argument("--variant", action="append", default=[], help="config overrides, e.g. block_n=64,num_stages=3")
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--keep-going", action="store_true", help="drop a failing variant instead of stopping")
+    ap.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT, help="watchdog per case / cell (s)")
     args = ap.parse_args()
+    globals()["CASE_TIMEOUT"] = args.case_timeout
     import triton
 
     log(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
@@ -325,26 +356,29 @@ def main() -> int:
     if reason:
         log(f"FAIL hopper backend unavailable: {reason}")
         return 1
-    variants = [("", {})] + [_parse_variant(v) for v in args.variant]
-    try:
-        if not run_correctness(args.quick):
-            return 1
-        for label, ov in variants[1:]:
-            if not run_correctness(True, ov, label):
-                return 1
-        run_api_check()
-    except CaseFailure as e:
-        log(f"FAIL {e}")
-        return 1
-    except Exception as e:  # a compile or launch error is a failure too; show it whole
-        import traceback
+    from flashtile.backends.hopper import configs
 
-        traceback.print_exc()
-        log(f"FAIL {type(e).__name__}: {e}")
-        return 1
-    log("correctness: all PASS")
-    if args.no_bench:
-        return 0
+    log(f"default configs: {', '.join(f'd={d}: {configs.config(d)}' for d in configs.HEADDIMS)}")
+    variants = [("", {})] + [_parse_variant(v) for v in args.variant]
+    passed, failed = [], []
+    for i, (label, ov) in enumerate(variants):
+        try:
+            ok = run_correctness(args.quick if i == 0 else True, ov, label or "default")
+            if ok and i == 0:
+                run_api_check()
+        except Exception as e:  # a compile or launch error is a failure too; show it whole
+            import traceback
+
+            traceback.print_exc()
+            log(f"FAIL [{label or 'default'}] {type(e).__name__}: {e}")
+            ok = False
+        (passed if ok else failed).append((label, ov))
+        if not ok and not args.keep_going:
+            return 1
+    log(f"correctness: {len(passed)} variant(s) PASS, {len(failed)} FAIL {[lb or 'default' for lb, _ in failed]}")
+    if args.no_bench or not passed:
+        return 1 if failed else 0
+    variants = passed
     rows = run_bench(args.quick, variants)
     names = [k for k in rows[0] if k not in ("b", "h", "s", "d", "causal")] if rows else []
     print("\nTFLOP/s (bf16 forward)")
@@ -360,7 +394,7 @@ def main() -> int:
                        "argv": sys.argv, "rows": rows}, f, indent=1)  # fmt: skip
         log(f"wrote {path}")
     log(f"done in {time.time() - T0:.0f} s (geomean hopper/triton: {_geo(rows, 'hopper', 'triton')})")
-    return 0
+    return 1 if failed else 0
 
 
 def _geo(rows: list[dict], a: str, b: str) -> str:

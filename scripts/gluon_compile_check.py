@@ -66,18 +66,19 @@ def compile_one(kernel: str, dtype: str, d: int, mask: str, varlen: bool, overri
 
     configs = _load("hopper_configs", PKG / "configs.py")
     fwd = _load("hopper_fwd", PKG / "fwd.py")
-    cfg = configs.config(d, **overrides)
-    name = f"{kernel} {dtype} d={d} {mask}{' varlen' if varlen else ''} {cfg.block_m}x{cfg.block_n}x{cfg.num_stages}"
+    cfg = configs.config(d, kernel=kernel, **overrides)
+    tiles = f"{cfg.block_m}x{cfg.block_n}x{cfg.num_stages}"
+    name = f"{cfg.kernel} {dtype} d={d} {mask}{' varlen' if varlen else ''} {tiles}"
     res = {"name": name, "ok": False}
     bad = configs.check(cfg, d)
     if bad:
         res["error"] = bad
         return res
-    fn = {"plain": fwd.attn_fwd_plain}[cfg.kernel]
+    fn = {"plain": fwd.attn_fwd_plain, "ws": fwd.attn_fwd_ws}[cfg.kernel]
     bd = configs.block_d(d)
     sig = {
-        "q_desc": _desc_sig(dtype, cfg.block_m, bd, varlen), "k_desc": _desc_sig(dtype, cfg.block_n, bd, varlen),
-        "v_desc": _desc_sig(dtype, cfg.block_n, bd, varlen), "o_desc": _desc_sig(dtype, cfg.block_m, bd, varlen),
+        "q_desc": _desc_sig(dtype, cfg.q_rows, bd, varlen), "k_desc": _desc_sig(dtype, cfg.block_n, bd, varlen),
+        "v_desc": _desc_sig(dtype, cfg.block_n, bd, varlen), "o_desc": _desc_sig(dtype, cfg.q_rows, bd, varlen),
         "O": f"*{dtype}", "LSE": "*fp32",
         "CU_Q": "*i32" if varlen else "constexpr", "CU_K": "*i32" if varlen else "constexpr",
         "stride_os": "i32", "stride_oh": "i32", "stride_lb": "i32", "stride_lh": "i32",
@@ -89,6 +90,8 @@ def compile_one(kernel: str, dtype: str, d: int, mask: str, varlen: bool, overri
                   **MASKS[mask])  # fmt: skip
     if not varlen:
         consts.update(CU_Q=None, CU_K=None)
+    if cfg.kernel == "ws":
+        consts.update(CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs)
     for k in consts:
         sig[k] = "constexpr"
     try:
@@ -117,6 +120,8 @@ def compile_one(kernel: str, dtype: str, d: int, mask: str, varlen: bool, overri
     res["utmaldg"] = len(re.findall(r"\bUTMALDG", sass))
     res["utmastg"] = len(re.findall(r"\bUTMASTG", sass))
     res["local"] = len(re.findall(r"\b(?:LDL|STL)\b", sass))
+    regs = re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"])
+    res["setmaxnreg"] = sorted({int(x) for x in regs})
     res["boxes"] = sorted({tuple(t["block_size"]) for t in (k.metadata.tensordesc_meta or [])})
     res["ok"] = res["n_hgmma"] > 0 and res["utmaldg"] > 0 and res["spill"] == (0, 0) and res["local"] == 0
     if dump:
@@ -162,6 +167,8 @@ def main() -> int:
             failed += not r["ok"]
             hg = f"{r['n_hgmma']} {','.join(r['hgmma'])}"
             boxes = " ".join("x".join(map(str, b)) for b in r["boxes"])
+            if r["setmaxnreg"]:
+                boxes += f"  setmaxnreg {'/'.join(map(str, r['setmaxnreg']))}"
             flag = "" if r["ok"] else "  <-- CHECK" + (f" (local mem ops {r['local']})" if r["local"] else "")
             print(f"{r['name']:58} {r['smem']:>7} {r['regs']:>4} {r['spill'][0]:>4}/{r['spill'][1]:<4} {hg:>22} "
                   f"{r['utmaldg']:>4}/{r['utmastg']:<4}  {boxes}{flag}")  # fmt: skip

@@ -195,7 +195,9 @@ def test_config_table_sane():
         cfg = configs.config(d)
         assert configs.check(cfg, d) is None, (d, cfg)
         assert configs.smem_bytes(cfg, d) + 1024 <= configs.SM90_SMEM_LIMIT
-        assert cfg.block_m == 128 and cfg.num_warps == 8 and cfg.kernel in configs.KERNELS
+        assert cfg.block_m == 128 and cfg.kernel in configs.KERNELS
+        assert cfg.num_warps == (8 if cfg.kernel == "plain" else 4)
+        assert cfg.q_rows == (128 if cfg.kernel == "plain" else 64)
         assert configs.block_d(d) >= d and configs.block_d(d) & (configs.block_d(d) - 1) == 0
     assert configs.block_d(96) == 128 and configs.block_d(192) == 256 and configs.block_d(64) == 64
     with pytest.raises(ValueError, match="head dims"):
@@ -204,6 +206,9 @@ def test_config_table_sane():
     assert "shared memory" in configs.check(configs.config(256, num_stages=4), 256)
     assert "block_n" in configs.check(configs.config(128, block_n=72), 128)
     assert "kernel" in configs.check(configs.config(128, kernel="nope"), 128)
+    assert configs.check(configs.config(128, kernel="plain"), 128) is None
+    assert "registers" in configs.check(configs.config(128, kernel="ws", consumer_regs=256, producer_regs=56), 128)
+    assert "multiples of 8" in configs.check(configs.config(128, kernel="ws", consumer_regs=236), 128)
 
 
 def test_configs_module_is_torch_free():

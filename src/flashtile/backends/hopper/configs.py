@@ -18,24 +18,41 @@ from dataclasses import dataclass, replace
 HEADDIMS = (64, 96, 128, 192, 256)
 #: Shared memory one CTA may use on sm_90 (bytes).
 SM90_SMEM_LIMIT = 227 * 1024
-#: Kernel variants: ``plain`` = design step A (one partition of 2 consumer warpgroups).
-KERNELS = ("plain",)
+#: Kernel variants: ``plain`` (design step A: one partition of 2 warpgroups, 8 warps, that
+#: also issues the TMA loads) and ``ws`` (step B: warp-specialised, a 1-warp TMA producer and 2
+#: consumer warpgroups of 4 warps in ping-pong).
+KERNELS = ("plain", "ws")
 
 
 @dataclass(frozen=True)
 class HopperConfig:
     """``block_m`` query rows per program (2 warpgroups x 64 rows), ``block_n`` keys per
-    K/V ring slot, ``num_stages`` ring slots, ``num_warps`` of the consumer partition."""
+    K/V ring slot, ``num_stages`` ring slots, ``kernel`` one of :data:`KERNELS`; ``ws`` only:
+    ``consumer_regs`` / ``producer_regs`` per thread of the consumer / producer partitions
+    (``setmaxnreg``; 2 x 128 x consumer + 128 x producer <= 65536)."""
 
     block_m: int
     block_n: int
     num_stages: int
-    num_warps: int = 8
-    kernel: str = "plain"
+    kernel: str = "ws"
+    consumer_regs: int = 240
+    producer_regs: int = 24
+
+    @property
+    def num_warps(self) -> int:
+        """The launch's ``num_warps``: the plain kernel's 8, or the ws kernel's default partition (4)."""
+        return 8 if self.kernel == "plain" else 4
+
+    @property
+    def q_rows(self) -> int:
+        """Rows of one Q / O TMA block: the whole tile (plain) or one consumer's half (ws)."""
+        return self.block_m if self.kernel == "plain" else self.block_m // 2
 
 
 # NOT measured yet: sized from shared memory and the register budget (ptxas reports in
-# scripts/gluon_compile_check.py), waiting for the first H200 sweep (benchmarks/hopper_run.py).
+# scripts/gluon_compile_check.py: no spills anywhere), waiting for the first H200 sweep
+# (benchmarks/hopper_run.py --variant ...). The warp-specialised kernel is the default; the
+# plain one (step A) stays selectable with kernel="plain".
 _TABLE: dict[int, HopperConfig] = {
     64: HopperConfig(128, 128, 3),   # 16 KiB Q + 3 x 32 KiB K/V = 112 KiB
     96: HopperConfig(128, 128, 2),   # padded to 128: 32 KiB Q + 2 x 64 KiB = 160 KiB
@@ -68,8 +85,12 @@ def check(cfg: HopperConfig, headdim: int) -> str | None:
     """Why ``cfg`` cannot work for ``headdim`` (None if it can)."""
     if cfg.kernel not in KERNELS:
         return f"kernel {cfg.kernel!r} is not one of {KERNELS}"
-    if cfg.num_warps != 8 or cfg.block_m != 128:
-        return "the consumer partition is 2 warpgroups of 64 rows: block_m = 128, num_warps = 8"
+    if cfg.block_m != 128:
+        return "the consumers are 2 warpgroups of 64 rows: block_m = 128"
+    if cfg.kernel == "ws" and (2 * cfg.consumer_regs + cfg.producer_regs) * 128 > 65536:
+        return f"registers: 2 x 128 x {cfg.consumer_regs} + 128 x {cfg.producer_regs} > 65536"
+    if cfg.kernel == "ws" and (cfg.consumer_regs % 8 or cfg.producer_regs % 8 or cfg.producer_regs < 24):
+        return "setmaxnreg counts are multiples of 8, at least 24"
     if cfg.block_n % 16 or not 16 <= cfg.block_n <= 256:
         return f"block_n must be a multiple of 16 in [16, 256], got {cfg.block_n}"
     if cfg.num_stages < 1:

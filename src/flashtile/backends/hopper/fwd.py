@@ -43,6 +43,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
 NEG_2LOG2E: gl.constexpr = gl.constexpr(-2.8853900817779268)  # exp(-2|x|) = exp2(this * |x|)
+#: Integer arguments that get no value specialisation (== 1, % 16): one compiled kernel serves
+#: every sequence length, window, GQA group and stride, instead of one per divisibility class.
+_NO_SPECIALIZE = ["stride_os", "stride_oh", "stride_lb", "stride_lh", "seqlen_q", "seqlen_k", "group",
+                  "window_left", "window_right"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,7 +257,7 @@ def _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, REVERSE_M: gl.constexpr, IS_VAR
 # ---------------------------------------------------------------------------------------
 
 
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right"])
+@gluon.jit(do_not_specialize=_NO_SPECIALIZE)
 def attn_fwd_plain(
     q_desc, k_desc, v_desc, o_desc, O, LSE, CU_Q, CU_K,
     stride_os, stride_oh, stride_lb, stride_lh,
@@ -335,3 +339,189 @@ def attn_fwd_plain(
     _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, m0, q_start, seqlen_q,
               stride_os, stride_oh, stride_lb, stride_lh,
               IS_VARLEN, BLOCK_M, HEAD_DIM, BLOCK_D, row_layout, o_layout)
+
+
+# ---------------------------------------------------------------------------------------
+# step B: warp specialisation (1 producer warp, 2 consumer warpgroups in ping-pong)
+# ---------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _ws_producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
+                 b, h, hk, q_start, k_start, m0, nb_lo, n_total,
+                 SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
+    """1 warp: TMA loads of both consumers' Q tiles, then K and V of every key block into the
+    ring, each slot reloaded once both consumers released it (``k_empty`` / ``v_empty``)."""
+    for c in gl.static_range(2):
+        mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
+        _tma_load(q_desc, q_bars.index(c), q_bufs.index(c), b, q_start + m0 + c * SUB_M, h, IS_VARLEN)
+    for i in range(n_total):
+        stage = i % NUM_STAGES
+        phase = (i // NUM_STAGES) & 1
+        row = k_start + (nb_lo + i) * BLOCK_N
+        # a fresh barrier passes a wait on phase 1: the first NUM_STAGES loads do not wait
+        mbarrier.wait(k_empty.index(stage), phase ^ 1)
+        mbarrier.expect(k_full.index(stage), k_desc.block_type.nbytes)
+        _tma_load(k_desc, k_full.index(stage), k_bufs.index(stage), b, row, hk, IS_VARLEN)
+        mbarrier.wait(v_empty.index(stage), phase ^ 1)
+        mbarrier.expect(v_full.index(stage), v_desc.block_type.nbytes)
+        _tma_load(v_desc, v_full.index(stage), v_bufs.index(stage), b, row, hk, IS_VARLEN)
+
+
+@gluon.jit
+def _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn,
+              rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+              CID: gl.constexpr, MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
+              HAS_SOFTCAP: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+              s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Key block ``blk`` (ring iteration ``it`` >= 1) of one consumer warpgroup, FA3's schedule:
+    on this warpgroup's turn issue S = Q K_blk^T and O += P_prev V_prev, hand the turn to the
+    other warpgroup, then run the softmax of S while P_prev V_prev is still on the tensor cores."""
+    stage = it % NUM_STAGES
+    phase = (it // NUM_STAGES) & 1
+    pstage = (it - 1) % NUM_STAGES
+    pphase = ((it - 1) // NUM_STAGES) & 1
+    mbarrier.wait(k_full.index(stage), phase)
+    mbarrier.wait(turn.index(CID), (it & 1) ^ (1 - CID))  # turn `it` (turn 0: the first block)
+    s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
+    s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s0, use_acc=False, is_async=True)
+    mbarrier.wait(v_full.index(pstage), pphase)
+    acc = warpgroup_mma(p_op, v_bufs.index(pstage), acc, is_async=True)
+    mbarrier.arrive(turn.index(1 - CID))
+    s = warpgroup_mma_wait(1, deps=(s,))  # groups retire in order: S is done, P V may still run
+    mbarrier.arrive(k_empty.index(stage))
+    p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                        MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout)
+    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))  # p_op's registers live until P V is done
+    mbarrier.arrive(v_empty.index(pstage))
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    p_op = gl.convert_layout(p.to(q_smem.dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+    return acc, l_i, m_i, p_op
+
+
+@gluon.jit
+def _ws_consumer(q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                 o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                 nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                 CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
+                 HAS_SOFTCAP: gl.constexpr, IS_VARLEN: gl.constexpr):
+    """One consumer warpgroup (4 warps): query rows ``m0 + CID * SUB_M ..`` of the tile, over the
+    key blocks of the whole tile (both consumers see the same blocks, so their turns pair up)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_D, 16])
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    q_smem = q_bufs.index(CID)
+    r0 = m0 + CID * SUB_M
+    rows = r0 + gl.arange(0, SUB_M, layout=row_layout)
+    m_i = gl.full([SUB_M], float("-inf"), gl.float32, row_layout)
+    l_i = gl.zeros([SUB_M], gl.float32, row_layout)
+    acc = gl.zeros([SUB_M, BLOCK_D], gl.float32, o_layout)
+    n_total = nb_hi - nb_lo
+    mbarrier.wait(q_bars.index(CID), 0)
+    if n_total > 0:
+        # first block: S only (always with masks: it may be any of the three kinds)
+        mbarrier.wait(k_full.index(0), 0)
+        mbarrier.wait(turn.index(CID), 1 - CID)
+        s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
+        s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s0, use_acc=False, is_async=True)
+        mbarrier.arrive(turn.index(1 - CID))
+        s = warpgroup_mma_wait(0, deps=(s,))
+        mbarrier.arrive(k_empty.index(0))
+        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout)
+        p_op = gl.convert_layout(p.to(q_smem.dtype),
+                                 gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+        it = 1
+        for blk in range(nb_lo + 1, fu_lo):
+            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
+                                            k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                            s_layout, o_layout)
+            it += 1
+        for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
+            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
+                                            k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                            s_layout, o_layout)
+            it += 1
+        for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
+            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
+                                            k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                            s_layout, o_layout)
+            it += 1
+        # last P V
+        last = n_total - 1
+        lstage = last % NUM_STAGES
+        mbarrier.wait(v_full.index(lstage), (last // NUM_STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_bufs.index(lstage), acc, is_async=True)
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+        mbarrier.arrive(v_empty.index(lstage))
+    if r0 < seqlen_q:
+        _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, r0, q_start, seqlen_q,
+                  stride_os, stride_oh, stride_lb, stride_lh,
+                  IS_VARLEN, SUB_M, HEAD_DIM, BLOCK_D, row_layout, o_layout)
+
+
+@gluon.jit(do_not_specialize=_NO_SPECIALIZE)
+def attn_fwd_ws(
+    q_desc, k_desc, v_desc, o_desc, O, LSE, CU_Q, CU_K,
+    stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group, qk_scale, cap_out, window_left, window_right,
+    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+    IS_VARLEN: gl.constexpr, REVERSE_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (the default
+    partition: consumer 0) + 4 (consumer 1) + 1 (producer) warps. q_desc / o_desc have
+    ``BLOCK_M // 2``-row blocks (one per consumer). Writes o and lse."""
+    pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k,
+                                                                     REVERSE_M, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    SUB_M: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_desc.dtype
+    hk = h // group
+    off = seqlen_k - seqlen_q
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
+                                                     element_bitwidth=dtype.primitive_bitwidth, rank=2)
+    q_bufs = gl.allocate_shared_memory(dtype, [2, SUB_M, BLOCK_D], smem_layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], smem_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], smem_layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(2):
+        mbarrier.init(q_bars.index(c), count=1)
+        mbarrier.init(turn.index(c), count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=2)
+
+    r_hi = gl.minimum(m0 + BLOCK_M, seqlen_q)
+    nb_lo, fu_lo, fu_hi, nb_hi = _block_range(m0, r_hi, seqlen_k, off, window_left, window_right,
+                                              HAS_WL, HAS_WR, BLOCK_N)
+    n_total = nb_hi - nb_lo
+    # (tuples are spelled out in the call: a tuple assigned to a variable turns its constexprs into tensors)
+    gl.warp_specialize([
+        (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                        o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
+                        qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                        0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN)),
+        (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                        o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
+                        qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                        1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN)),
+        (_ws_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
+                        b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

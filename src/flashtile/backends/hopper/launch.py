@@ -16,7 +16,7 @@ from ...spec import AttnCall
 from ..triton.launch import device_guard, score_scales
 from . import configs
 from .configs import HopperConfig
-from .fwd import attn_fwd_plain
+from .fwd import attn_fwd_plain, attn_fwd_ws
 
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
@@ -89,21 +89,26 @@ def forward(
         raise ValueError(f"flashtile hopper: config {cfg} for head dim {D}: {bad}")
     q, k, v = (x if tma_compatible(x) else x.contiguous() for x in (q, k, v))
     qk_scale, cap_out = score_scales(call)
-    q_desc = _descriptor(q, cfg.block_m, varlen)
+    q_desc = _descriptor(q, cfg.q_rows, varlen)
     k_desc = _descriptor(k, cfg.block_n, varlen)
     v_desc = _descriptor(v, cfg.block_n, varlen)
-    o_desc = _descriptor(out, cfg.block_m, varlen)
+    o_desc = _descriptor(out, cfg.q_rows, varlen)
     grid = (triton.cdiv(rows_q, cfg.block_m), H, nb)
+    args = (
+        q_desc, k_desc, v_desc, o_desc, out, lse, call.cu_seqlens_q, call.cu_seqlens_k,
+        out.stride(1), out.stride(2), 0 if varlen else lse.stride(0), lse.stride(1),
+        Sq, Sk, H // Hk, qk_scale, cap_out, call.window_left, call.window_right,
+    )  # fmt: skip
+    consts = dict(
+        HEAD_DIM=D, BLOCK_D=configs.block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
+        HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
+        IS_VARLEN=varlen, REVERSE_M=call.window_right >= 0, num_warps=cfg.num_warps,
+    )  # fmt: skip
     with device_guard(q.device):
-        attn_fwd_plain[grid](
-            q_desc, k_desc, v_desc, o_desc, out, lse, call.cu_seqlens_q, call.cu_seqlens_k,
-            out.stride(1), out.stride(2), 0 if varlen else lse.stride(0), lse.stride(1),
-            Sq, Sk, H // Hk, qk_scale, cap_out, call.window_left, call.window_right,
-            HEAD_DIM=D, BLOCK_D=configs.block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
-            HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
-            IS_VARLEN=varlen, REVERSE_M=call.window_right >= 0,
-            num_warps=cfg.num_warps,
-        )  # fmt: skip
+        if cfg.kernel == "plain":
+            attn_fwd_plain[grid](*args, **consts)
+        else:
+            attn_fwd_ws[grid](*args, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, **consts)
     return out, lse
 
 
