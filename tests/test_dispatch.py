@@ -81,9 +81,10 @@ def test_auto_picks_torch_on_cpu(monkeypatch, dtype, interpret):
 
 @requires_cuda
 def test_auto_picks_triton_on_cuda():
-    why = dispatch.why_not("triton", problem("cuda", torch.float16), spec())
-    expected = "triton" if why is None else "torch"
-    assert dispatch.choose(problem("cuda", torch.float16), spec()) == expected
+    """auto on CUDA: the Gluon hopper backend where it serves the call (sm_90), else triton, else torch."""
+    p, c = problem("cuda", torch.float16), spec()
+    expected = next((n for n in ("hopper", "triton") if dispatch.why_not(n, p, c) is None), "torch")
+    assert dispatch.choose(p, c) == expected
     # head dims the Triton kernels do not serve fall back to the torch engine
     assert dispatch.choose(problem("cuda", torch.float16, d=512), spec(d=512)) == "torch"
 

@@ -1,0 +1,406 @@
+"""One H200 run of the Gluon Hopper backend: correctness first, then speed.
+
+    PYTHONPATH=src python benchmarks/hopper_run.py [--quick] [--variant block_n=64,num_stages=3 ...]
+
+1. Correctness of the kernel (``flashtile.backends.hopper.launch.forward``, called directly so that
+   short query lengths are not routed to the decode kernel) on small odd shapes against the fp32
+   oracle (``flashtile.reference.attention_ref``, materialised scores), for every option the
+   backend declares: seqlen 1, 17, 113 vs 203 both ways, GQA 8/2, causal, windows, softcap,
+   varlen with empty and length-1 sequences, rows that see no key, every head dim, fp16 and
+   bf16. Rule (the project's, tests/conftest.py): ``max|x - ref| <= 2 * max|pt - ref| + atol
+   + eps(dtype) * max|ref|`` with ``pt`` the same oracle in the input dtype; lse ``-inf`` exactly
+   where the oracle has it, out 0 there, no NaN. Prints PASS/FAIL per case and stops at the first
+   failure (exit code 1). Then the backend through the public API (forward + Triton backward).
+2. Speed: bf16, batch * seqlen = 16384 tokens, nheads * headdim = 2048, head dims 64 and 128
+   (and 256 at b4 h8 s4096), causal and not, seqlen 1k/4k/16k: hopper vs flashtile's triton
+   backend vs SDPA flash vs SDPA cuDNN; TFLOP/s = 4 b h s^2 d / t (halved when causal),
+   ``triton.testing.do_bench`` medians. A short table last; JSON to ``$OUT`` when set.
+
+``--variant`` (repeatable) adds hopper config variants (``HopperConfig`` fields, applied to every
+head dim, e.g. ``kernel=plain`` or ``block_n=64,num_stages=3``): each gets a quick correctness
+pass, then its own benchmark column. ``--quick``: a smaller correctness set and two benchmark
+cells. ``--keep-going``: a failing variant is reported and dropped, the others still run (exit
+code 1 at the end). A watchdog ends the process (exit code 3) if one case or benchmark cell runs
+longer than ``--case-timeout`` seconds (a hung kernel), naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+import flashtile  # noqa: E402
+from flashtile import dispatch  # noqa: E402
+from flashtile.backends import hopper  # noqa: E402
+from flashtile.reference import attention_ref  # noqa: E402
+from flashtile.spec import make_call  # noqa: E402
+
+FWD_ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+LSE_ATOL = 1e-3
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+@contextmanager
+def watchdog(seconds: float, what: str):
+    """Exit the process (code 3) if the block takes longer than ``seconds``: a kernel that hangs
+    on an mbarrier cannot be interrupted otherwise."""
+
+    def fire():
+        print(f"[{time.time() - T0:6.1f}s] HANG: {what} still running after {seconds:.0f} s; exiting", flush=True)
+        os._exit(3)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+CASE_TIMEOUT = 180.0  # set from --case-timeout
+
+
+# ------------------------------------------------------------------------------------------
+# correctness
+
+
+class CaseFailure(Exception):
+    pass
+
+
+def _max_abs(x: torch.Tensor) -> float:
+    return x.abs().max().item() if x.numel() else 0.0
+
+
+def _check(name: str, x: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor) -> tuple[float, float]:
+    """(error, baseline error) on the oracle's finite entries; non-finite oracle entries must be
+    matched exactly, and NaN never passes."""
+    x, ref, pt = x.double(), ref.double(), pt.double()
+    if torch.isnan(x).any():
+        raise CaseFailure(f"{name}: NaN")
+    fin = torch.isfinite(ref)
+    if not torch.equal(x[~fin], ref[~fin]):
+        raise CaseFailure(f"{name}: non-finite entries differ from the oracle")
+    x, ref, pt = x[fin], ref[fin], pt[fin]
+    if not torch.isfinite(x).all():
+        raise CaseFailure(f"{name}: non-finite where the oracle is finite")
+    pt_ok = torch.isfinite(pt)
+    err, pt_err = _max_abs(x - ref), _max_abs((pt - ref)[pt_ok])
+    return err, pt_err
+
+
+def _ref_dense(q, k, v, call, upcast: bool):
+    return attention_ref(q, k, v, causal=False, window_size=(call.window_left, call.window_right),
+                         softcap=call.softcap, softmax_scale=call.softmax_scale, upcast=upcast)  # fmt: skip
+
+
+def _ref(q, k, v, call, lens_q, lens_k, upcast: bool):
+    """Oracle (out, lse) on the internal layout (varlen: per sequence, concatenated)."""
+    if lens_q is None:
+        return _ref_dense(q, k, v, call, upcast)
+    outs, lses = [], []
+    cq, ck = 0, 0
+    for nq, nk in zip(lens_q, lens_k, strict=True):
+        qs, ks, vs = q[:, cq:cq + nq], k[:, ck:ck + nk], v[:, ck:ck + nk]
+        if nq == 0:
+            pass
+        elif nk == 0:
+            outs.append(torch.zeros_like(qs))
+            lses.append(torch.full((1, q.shape[2], nq), float("-inf"), device=q.device))
+        else:
+            o, lse = _ref_dense(qs, ks, vs, call, upcast)
+            outs.append(o)
+            lses.append(lse)
+        cq, ck = cq + nq, ck + nk
+    return torch.cat(outs, 1), torch.cat(lses, 2)
+
+
+def run_case(name, *, b=2, sq=17, sk=17, h=4, hk=None, d=64, dtype=torch.bfloat16, causal=False,
+             window=(-1, -1), softcap=0.0, scale=None, lens=None, packed=False, config=None) -> str:  # fmt: skip
+    """One correctness case; raises CaseFailure with the errors on failure, else returns a summary."""
+    from flashtile.backends.hopper import launch
+
+    hk = hk or h
+    dev = torch.device("cuda")
+    if lens is not None:  # varlen: lens = (lens_q, lens_k)
+        lens_q, lens_k = lens
+        tq, tk = sum(lens_q), sum(lens_k)
+        q = torch.randn(1, tq, h, d, device=dev, dtype=dtype)
+        k = torch.randn(1, tk, hk, d, device=dev, dtype=dtype)
+        v = torch.randn(1, tk, hk, d, device=dev, dtype=dtype)
+        cu = lambda ls: torch.tensor([0] + list(torch.tensor(ls).cumsum(0).tolist()), dtype=torch.int32, device=dev)
+        call = make_call(headdim=d, softmax_scale=scale, causal=causal, window_size=window, softcap=softcap,
+                         cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k),
+                         max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))  # fmt: skip
+    else:
+        lens_q = lens_k = None
+        if packed:  # q, k, v as views of one (b, s, 3, h, d) tensor: non-contiguous, TMA-compatible strides
+            qkv = torch.randn(b, sq, 3, h, d, device=dev, dtype=dtype)
+            q, k, v = qkv.unbind(2)
+        else:
+            q = torch.randn(b, sq, h, d, device=dev, dtype=dtype)
+            k = torch.randn(b, sk, hk, d, device=dev, dtype=dtype)
+            v = torch.randn(b, sk, hk, d, device=dev, dtype=dtype)
+        call = make_call(headdim=d, softmax_scale=scale, causal=causal, window_size=window, softcap=softcap)
+    out, lse = launch.forward(q, k, v, call, config=config)
+    torch.cuda.synchronize()
+    ref_out, ref_lse = _ref(q.float(), k.float(), v.float(), call, lens_q, lens_k, upcast=True)
+    pt_out, pt_lse = _ref(q, k, v, call, lens_q, lens_k, upcast=False)
+    if out.dtype != dtype or out.shape != q.shape or lse.dtype != torch.float32:
+        raise CaseFailure(f"out {out.dtype} {tuple(out.shape)}, lse {lse.dtype}")
+    if lse.shape != ref_lse.shape:
+        raise CaseFailure(f"lse shape {tuple(lse.shape)} != {tuple(ref_lse.shape)}")
+    dead = torch.isneginf(ref_lse)  # rows that see no key: (B, H, Sq)
+    if not torch.equal(torch.isneginf(lse), dead):
+        raise CaseFailure(f"lse -inf at {int(torch.isneginf(lse).sum())} rows, oracle at {int(dead.sum())}")
+    if dead.any() and _max_abs(out.float().permute(0, 2, 1, 3)[dead]) != 0:
+        raise CaseFailure("out is not 0 on rows that see no key")
+    e_o, p_o = _check("out", out, ref_out, pt_out)
+    bound_o = 2 * p_o + FWD_ATOL[dtype] + torch.finfo(dtype).eps * _max_abs(ref_out.float())
+    e_l, p_l = _check("lse", lse, ref_lse, pt_lse)
+    bound_l = 2 * p_l + LSE_ATOL
+    msg = (f"out err {e_o:.2e} (bound {bound_o:.2e}), lse err {e_l:.2e} (bound {bound_l:.2e}), "
+           f"{int(dead.sum())} dead rows")  # fmt: skip
+    if e_o > bound_o or e_l > bound_l:
+        raise CaseFailure(msg)
+    return msg
+
+
+def correctness_cases(quick: bool) -> list[tuple[str, dict]]:
+    fp = torch.float16  # bf16 is the default dtype of run_case
+    cases = [
+        ("seqlen 1", dict(sq=1, sk=1, d=128)),
+        ("seqlen 17", dict(sq=17, sk=17, d=64)),
+        ("113 q vs 203 k", dict(sq=113, sk=203, d=128)),
+        ("203 q vs 113 k causal (dead rows)", dict(sq=203, sk=113, d=128, causal=True)),
+        ("113 q vs 203 k causal", dict(sq=113, sk=203, d=128, causal=True)),
+        ("GQA 8/2 causal fp16", dict(sq=203, sk=203, h=8, hk=2, d=128, causal=True, dtype=fp)),
+        ("window (32, 8)", dict(sq=300, sk=300, d=64, window=(32, 8))),
+        ("softcap 30", dict(sq=203, sk=203, d=128, softcap=30.0, scale=0.5)),
+        ("varlen empty/len-1 causal",
+         dict(lens=([0, 1, 17, 130, 0, 300], [5, 0, 40, 130, 3, 257]), d=128, causal=True)),
+        ("d=256 causal", dict(sq=300, sk=300, d=256, causal=True)),
+    ]
+    if quick:
+        return cases
+    cases += [
+        ("seqlen 17 fp16 d=96", dict(sq=17, sk=17, d=96, dtype=fp)),
+        ("203 q vs 113 k", dict(sq=203, sk=113, d=64)),
+        ("MQA 8/1 window (-1, 16)", dict(sq=113, sk=203, h=8, hk=1, d=64, window=(-1, 16))),
+        ("window (0, 0) sq > sk (dead rows)", dict(sq=203, sk=113, d=128, window=(0, 0))),
+        ("window (64, -1)", dict(sq=300, sk=257, d=128, window=(64, -1))),
+        ("causal + softcap fp16", dict(sq=300, sk=300, d=64, causal=True, softcap=5.0, dtype=fp)),
+        ("window + softcap", dict(sq=113, sk=203, d=128, window=(40, 3), softcap=20.0)),
+        ("varlen none", dict(lens=([7, 128, 1, 255], [300, 128, 1, 31]), d=64)),
+        ("varlen window fp16", dict(lens=([129, 0, 64, 200], [129, 9, 1, 150]), d=128, window=(20, 5), dtype=fp)),
+        ("varlen softcap GQA", dict(lens=([50, 260], [70, 255]), h=6, hk=2, d=64, softcap=10.0)),
+        ("packed qkv views", dict(sq=257, sk=257, d=128, causal=True, packed=True)),
+        ("d=96 causal", dict(sq=300, sk=300, d=96, causal=True)),
+        ("d=192 causal", dict(sq=300, sk=300, d=192, causal=True)),
+        ("d=192 varlen fp16", dict(lens=([1, 200, 33], [1, 199, 300]), d=192, dtype=fp)),
+        ("d=256 window fp16", dict(sq=203, sk=300, d=256, window=(50, 50), dtype=fp)),
+        ("d=64 long causal", dict(b=1, sq=1024, sk=1024, h=2, d=64, causal=True)),
+        ("d=128 long", dict(b=1, sq=1000, sk=1500, h=2, d=128)),
+    ]
+    return cases
+
+
+def run_correctness(quick: bool, config_overrides: dict | None = None, label: str = "default") -> bool:
+    from flashtile.backends.hopper import configs
+
+    ok = True
+    for name, kw in correctness_cases(quick):
+        cfg = None
+        if config_overrides:
+            cfg = configs.config(kw.get("d", 64), **config_overrides)
+            bad = configs.check(cfg, kw.get("d", 64))
+            if bad:
+                log(f"SKIP [{label}] {name}: {bad}")
+                continue
+        dt = "fp16" if kw.get("dtype") == torch.float16 else "bf16"
+        try:
+            with watchdog(CASE_TIMEOUT, f"[{label}] {name}"):
+                msg = run_case(name, config=cfg, **kw)
+        except CaseFailure as e:
+            log(f"FAIL [{label}] {name} ({dt}, {kw}): {e}")
+            return False
+        log(f"PASS [{label}] {name} ({dt}): {msg}")
+    return ok
+
+
+def run_api_check() -> None:
+    """The backend through the public API: auto picks hopper, forward + (Triton) backward."""
+    q, k, v = (torch.randn(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    chosen = dispatch.auto_choice("cuda", torch.bfloat16, 128)
+    with flashtile.use_backend("hopper"):
+        out = flashtile.flash_attn_func(q, k, v, causal=True)
+        out.float().square().sum().backward()
+    ref = attention_ref(q.float(), k.float(), v.float(), causal=True)[0]
+    e = _max_abs(out.float() - ref)
+    if not torch.isfinite(q.grad).all() or e > 0.05:
+        raise CaseFailure(f"public API: out err {e:.3e} or non-finite grads")
+    log(f"PASS public API (auto picks {chosen!r}; flash_attn_func forward + backward under use_backend('hopper'))")
+
+
+# ------------------------------------------------------------------------------------------
+# speed
+
+
+def _tflops(b, h, s, d, causal, ms):
+    f = 4 * b * h * s * s * d / (2 if causal else 1)
+    return f / (ms * 1e-3) / 1e12
+
+
+def bench_cells(quick: bool) -> list[tuple[int, int, int, int, bool]]:
+    """(b, h, s, d, causal) cells."""
+    if quick:
+        return [(4, 16, 4096, 128, False), (4, 16, 4096, 128, True)]
+    cells = []
+    for d in (64, 128):
+        for s in (1024, 4096, 16384):
+            for causal in (False, True):
+                cells.append((16384 // s, 2048 // d, s, d, causal))
+    cells += [(4, 8, 4096, 256, False), (4, 8, 4096, 256, True)]
+    return cells
+
+
+def _contenders(b, h, s, d, causal, variants) -> dict:
+    """name -> zero-argument function running one forward of that contender on fresh inputs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashtile.backends.hopper import configs
+    from flashtile.backends.hopper import launch as hlaunch
+    from flashtile.backends.triton import launch as tlaunch
+
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # SDPA's (b, h, s, d) as views: no copy timed
+    call = make_call(headdim=d, causal=causal)
+    fns = {}
+    for label, ov in variants:
+        cfg = configs.config(d, **ov) if ov else None
+        if cfg is not None and configs.check(cfg, d):
+            continue
+        fns[f"hopper{label}"] = lambda cfg=cfg: hlaunch.forward(q, k, v, call, config=cfg)
+    fns["triton"] = lambda: tlaunch.forward(q, k, v, call)
+
+    def sdpa(backend):
+        def f():
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+        return f
+
+    fns["sdpa_flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
+    fns["sdpa_cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+    return fns
+
+
+def run_bench(quick: bool, variants: list[tuple[str, dict]]) -> list[dict]:
+    import triton
+
+    rows = []
+    for b, h, s, d, causal in bench_cells(quick):
+        row = {"b": b, "h": h, "s": s, "d": d, "causal": causal}
+        for name, fn in _contenders(b, h, s, d, causal, variants).items():
+            try:
+                with watchdog(CASE_TIMEOUT, f"bench {name} b{b} h{h} s{s} d{d} causal={causal}"):
+                    fn()
+                    torch.cuda.synchronize()
+                    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                row[name] = round(_tflops(b, h, s, d, causal, ms), 1)
+            except Exception as e:  # one contender failing must not hide the others
+                row[name] = None
+                log(f"{name} failed at b{b} h{h} s{s} d{d} causal={causal}: {type(e).__name__}: {str(e)[:200]}")
+        log("bench " + " ".join(f"{k}={v}" for k, v in row.items()))
+        rows.append(row)
+    return rows
+
+
+def _parse_variant(text: str) -> tuple[str, dict]:
+    ov = {}
+    for kv in text.split(","):
+        key, val = kv.split("=")
+        ov[key.strip()] = val.strip() if key.strip() == "kernel" else int(val)
+    return "[" + text + "]", ov
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer correctness cases, two benchmark cells")
+    ap.add_argument("--variant", action="append", default=[], help="config overrides, e.g. block_n=64,num_stages=3")
+    ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--keep-going", action="store_true", help="drop a failing variant instead of stopping")
+    ap.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT, help="watchdog per case / cell (s)")
+    args = ap.parse_args()
+    globals()["CASE_TIMEOUT"] = args.case_timeout
+    import triton
+
+    log(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
+    reason = hopper.backend.available()
+    if reason:
+        log(f"FAIL hopper backend unavailable: {reason}")
+        return 1
+    from flashtile.backends.hopper import configs
+
+    log(f"default configs: {', '.join(f'd={d}: {configs.config(d)}' for d in configs.HEADDIMS)}")
+    variants = [("", {})] + [_parse_variant(v) for v in args.variant]
+    passed, failed = [], []
+    for i, (label, ov) in enumerate(variants):
+        try:
+            ok = run_correctness(args.quick if i == 0 else True, ov, label or "default")
+            if ok and i == 0:
+                run_api_check()
+        except Exception as e:  # a compile or launch error is a failure too; show it whole
+            import traceback
+
+            traceback.print_exc()
+            log(f"FAIL [{label or 'default'}] {type(e).__name__}: {e}")
+            ok = False
+        (passed if ok else failed).append((label, ov))
+        if not ok and not args.keep_going:
+            return 1
+    log(f"correctness: {len(passed)} variant(s) PASS, {len(failed)} FAIL {[lb or 'default' for lb, _ in failed]}")
+    if args.no_bench or not passed:
+        return 1 if failed else 0
+    variants = passed
+    rows = run_bench(args.quick, variants)
+    names = [k for k in rows[0] if k not in ("b", "h", "s", "d", "causal")] if rows else []
+    print("\nTFLOP/s (bf16 forward)")
+    print(f"{'b':>3} {'h':>3} {'s':>6} {'d':>4} {'causal':>6} " + " ".join(f"{n:>{max(10, len(n))}}" for n in names))
+    for r in rows:
+        vals = " ".join(f"{('-' if r.get(n) is None else r[n]):>{max(10, len(n))}}" for n in names)
+        print(f"{r['b']:>3} {r['h']:>3} {r['s']:>6} {r['d']:>4} {str(r['causal']):>6} {vals}")
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        path = os.path.join(out_dir, "hopper_run.json")
+        with open(path, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                       "argv": sys.argv, "rows": rows}, f, indent=1)  # fmt: skip
+        log(f"wrote {path}")
+    log(f"done in {time.time() - T0:.0f} s (geomean hopper/triton: {_geo(rows, 'hopper', 'triton')})")
+    return 1 if failed else 0
+
+
+def _geo(rows: list[dict], a: str, b: str) -> str:
+    r = [x[a] / x[b] for x in rows if x.get(a) and x.get(b)]
+    return f"{math.exp(sum(map(math.log, r)) / len(r)):.2f}x" if r else "n/a"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Compile every variant of the Gluon Hopper kernels for sm_90 on a machine without a GPU.
+
+Run with a Python that has Triton 3.6 (torch is not needed): the kernels and the config table are
+loaded from their files, not through the ``flashtile`` package::
+
+    /work/tri36/bin/python scripts/gluon_compile_check.py [--quick] [--jobs 8] [--dump DIR]
+
+For every (kernel, dtype, head dim, mask option, varlen) it prints the shared memory, registers
+and spills (``ptxas -v``), whether the SASS has HGMMA (wgmma) and UTMALDG (TMA loads) and any
+local-memory traffic, and exits 1 if a variant fails to compile, spills, or lacks HGMMA/UTMALDG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "src" / "flashtile" / "backends" / "hopper"
+
+MASKS = {
+    "none": dict(HAS_WL=False, HAS_WR=False, HAS_SOFTCAP=False),
+    "causal": dict(HAS_WL=False, HAS_WR=True, HAS_SOFTCAP=False),
+    "window": dict(HAS_WL=True, HAS_WR=True, HAS_SOFTCAP=False),
+    "softcap": dict(HAS_WL=False, HAS_WR=False, HAS_SOFTCAP=True),
+    "causal+softcap": dict(HAS_WL=False, HAS_WR=True, HAS_SOFTCAP=True),
+}
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _bin(tool: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def _desc_sig(dtype: str, rows: int, d: int, varlen: bool) -> str:
+    """The launcher's signature string of a descriptor made by launch._descriptor (d: BLOCK_D)."""
+    from triton.experimental.gluon import language as gl
+
+    sw = next((s for s in (128, 64, 32) if (2 * d) % s == 0), 0)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=sw, element_bitwidth=16, rank=3 if varlen else 4)
+    block = [rows, 1, d] if varlen else [1, rows, 1, d]
+    return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
+
+
+def compile_one(kernel: str, dtype: str, d: int, mask: str, varlen: bool, overrides: dict, dump: str | None) -> dict:
+    """Compile one variant; returns a dict of what the report prints."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    configs = _load("hopper_configs", PKG / "configs.py")
+    fwd = _load("hopper_fwd", PKG / "fwd.py")
+    cfg = configs.config(d, kernel=kernel, **overrides)
+    tiles = f"{cfg.block_m}x{cfg.block_n}x{cfg.num_stages}"
+    name = f"{cfg.kernel} {dtype} d={d} {mask}{' varlen' if varlen else ''} {tiles}"
+    res = {"name": name, "ok": False}
+    bad = configs.check(cfg, d)
+    if bad:
+        res["error"] = bad
+        return res
+    fn = {"plain": fwd.attn_fwd_plain, "ws": fwd.attn_fwd_ws}[cfg.kernel]
+    bd = configs.block_d(d)
+    sig = {
+        "q_desc": _desc_sig(dtype, cfg.q_rows, bd, varlen), "k_desc": _desc_sig(dtype, cfg.block_n, bd, varlen),
+        "v_desc": _desc_sig(dtype, cfg.block_n, bd, varlen), "o_desc": _desc_sig(dtype, cfg.q_rows, bd, varlen),
+        "O": f"*{dtype}", "LSE": "*fp32",
+        "CU_Q": "*i32" if varlen else "constexpr", "CU_K": "*i32" if varlen else "constexpr",
+        "stride_os": "i32", "stride_oh": "i32", "stride_lb": "i32", "stride_lh": "i32",
+        "seqlen_q": "i32", "seqlen_k": "i32", "group": "i32", "qk_scale": "fp32", "cap_out": "fp32",
+        "window_left": "i32", "window_right": "i32",
+    }  # fmt: skip
+    consts = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
+                  IS_VARLEN=varlen, REVERSE_M=MASKS[mask]["HAS_WR"], num_warps=cfg.num_warps,
+                  **MASKS[mask])  # fmt: skip
+    if not varlen:
+        consts.update(CU_Q=None, CU_K=None)
+    if cfg.kernel == "ws":
+        consts.update(CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs)
+    for k in consts:
+        sig[k] = "constexpr"
+    try:
+        k = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=cfg.num_warps))  # fmt: skip
+    except Exception as e:  # report, do not stop the other variants
+        res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        res["trace"] = str(e)
+        return res
+    res["smem"] = k.metadata.shared
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        Path(ptx).write_text(k.asm["ptx"])
+        arch = re.search(r"\.target\s+(sm_\w+)", k.asm["ptx"]).group(1)
+        out = subprocess.run([_bin("ptxas"), f"-arch={arch}", "-v", ptx, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True).stderr  # fmt: skip
+        cub = os.path.join(tmp, "k.cubin")
+        Path(cub).write_bytes(k.asm["cubin"])
+        sass = subprocess.run([_bin("cuobjdump"), "-sass", cub], capture_output=True, text=True).stdout
+    m = re.search(r"Used (\d+) registers", out)
+    res["regs"] = int(m.group(1)) if m else -1
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    res["spill"] = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+    res["hgmma"] = sorted(set(re.findall(r"HGMMA\.(\d+x\d+x\d+)", sass)))
+    res["n_hgmma"] = len(re.findall(r"\bHGMMA\.", sass))
+    res["utmaldg"] = len(re.findall(r"\bUTMALDG", sass))
+    res["utmastg"] = len(re.findall(r"\bUTMASTG", sass))
+    res["local"] = len(re.findall(r"\b(?:LDL|STL)\b", sass))
+    regs = re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"])
+    res["setmaxnreg"] = sorted({int(x) for x in regs})
+    res["boxes"] = sorted({tuple(t["block_size"]) for t in (k.metadata.tensordesc_meta or [])})
+    res["ok"] = res["n_hgmma"] > 0 and res["utmaldg"] > 0 and res["spill"] == (0, 0) and res["local"] == 0
+    if dump:
+        stem = re.sub(r"[^\w.=+-]+", "_", name)
+        for ext in ("ttgir", "ptx"):
+            Path(dump, f"{stem}.{ext}").write_text(k.asm[ext])
+        Path(dump, f"{stem}.sass").write_text(sass)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fp16 only, masks none/causal, d in 64/128/256")
+    ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1))
+    ap.add_argument("--dump", help="write ttgir/ptx/sass of every variant into this folder")
+    ap.add_argument("--headdim", type=int, action="append", help="only these head dims")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
+                    help="override a config field for every variant (block_n=64, num_stages=3)")
+    args = ap.parse_args()
+    overrides = {}
+    for kv in args.set:
+        key, val = kv.split("=")
+        overrides[key] = val if key == "kernel" else int(val)
+    configs = _load("hopper_configs", PKG / "configs.py")
+    dims = args.headdim or ([64, 128, 256] if args.quick else list(configs.HEADDIMS))
+    dtypes = ["fp16"] if args.quick else ["fp16", "bf16"]
+    masks = ["none", "causal"] if args.quick else list(MASKS)
+    kernels = [overrides.pop("kernel")] if "kernel" in overrides else list(configs.KERNELS)
+    variants = [(kn, dt, d, mk, vl) for kn in kernels for dt in dtypes for d in dims for mk in masks
+                for vl in (False, True)]  # fmt: skip
+    if args.dump:
+        os.makedirs(args.dump, exist_ok=True)
+    failed = 0
+    with cf.ProcessPoolExecutor(args.jobs) as ex:
+        futs = [ex.submit(compile_one, *v, overrides, args.dump) for v in variants]
+        print(f"{'variant':58} {'smem':>7} {'regs':>4} {'spill':>9} {'HGMMA':>22} {'TMA ld/st':>9}  boxes")
+        for f in futs:
+            r = f.result()
+            if "error" in r:
+                failed += 1
+                print(f"{r['name']:58} FAILED: {r['error']}")
+                continue
+            failed += not r["ok"]
+            hg = f"{r['n_hgmma']} {','.join(r['hgmma'])}"
+            boxes = " ".join("x".join(map(str, b)) for b in r["boxes"])
+            if r["setmaxnreg"]:
+                boxes += f"  setmaxnreg {'/'.join(map(str, r['setmaxnreg']))}"
+            flag = "" if r["ok"] else "  <-- CHECK" + (f" (local mem ops {r['local']})" if r["local"] else "")
+            print(f"{r['name']:58} {r['smem']:>7} {r['regs']:>4} {r['spill'][0]:>4}/{r['spill'][1]:<4} {hg:>22} "
+                  f"{r['utmaldg']:>4}/{r['utmastg']:<4}  {boxes}{flag}")  # fmt: skip
+    print(f"{len(variants)} variants, {failed} failed or flagged")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The ``hopper`` backend: a forward attention kernel for sm_90 written in Gluon
+(``triton.experimental.gluon``), FA3's design: TMA loads into an mbarrier-guarded K/V ring,
+``warpgroup_mma`` for Q K^T and P V, online softmax in the wgmma accumulator layout.
+
+Serves fp16 and bf16 with head dims 64, 96, 128, 192 and 256 on compute capability 9.x, with
+causal and sliding windows (bottom-right aligned), softcap, GQA/MQA, ``seqlen_q != seqlen_k``
+and varlen. Not ALiBi, not dropout (``auto`` then picks the next backend). The backward is the
+Triton backend's (it needs only ``out`` and ``lse``, whose semantics are the same).
+
+Gluon is an experimental API that changes between Triton releases: the backend runs only with
+the Triton versions it was tested with (:data:`TESTED_TRITON`); ``available()`` names the
+version found otherwise. Importing this package never imports Triton; :mod:`.launch` and the
+kernels are imported on the first call.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import sys
+
+import torch
+
+from ...spec import AttnCall, Problem
+from .. import _device
+from ..base import Capabilities, register
+from .configs import HEADDIMS
+
+#: Triton releases whose Gluon this backend was compiled and tested against.
+TESTED_TRITON = ("3.6.0",)
+MAX_HEADDIM = max(HEADDIMS)
+
+_gluon_error: list[str | None] = []  # cached result of the first Gluon import (when CUDA is present)
+
+
+def _triton_version() -> str | None:
+    """Triton's version without importing it (importing Triton early would defeat a later
+    ``TRITON_INTERPRET=1`` for the triton backend): the loaded module's, else the installed
+    distribution's; None if Triton is not installed."""
+    mod = sys.modules.get("triton")
+    if mod is not None:
+        return getattr(mod, "__version__", None)
+    if importlib.util.find_spec("triton") is None:
+        return None
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _gluon_files_present() -> bool:
+    """Whether the installed Triton ships Gluon's Hopper module (checked on disk: no import)."""
+    spec = importlib.util.find_spec("triton")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.exists(os.path.join(root, "experimental", "gluon", "language", "nvidia", "hopper", "__init__.py")):
+            return True
+    return False
+
+
+def _gluon_import_error() -> str | None:
+    """Import Gluon's Hopper module once; the error message if that fails."""
+    if not _gluon_error:
+        try:
+            importlib.import_module("triton.experimental.gluon.language.nvidia.hopper")
+            _gluon_error.append(None)
+        except Exception as e:  # pragma: no cover - depends on the installation
+            _gluon_error.append(f"{type(e).__name__}: {e}")
+    return _gluon_error[0]
+
+
+class HopperBackend:
+    """Implements :class:`flashtile.backends.base.Backend` with Gluon kernels for sm_90.
+
+    Forward calls with few query rows per KV head (decoding-shaped: the triton backend's
+    ``DECODE_SHAPED_ROWS`` rule, not varlen) run the triton backend's split-KV decode kernel
+    instead: a 128-row tile would be almost empty there.
+    """
+
+    name = "hopper"
+    capabilities = Capabilities(
+        priority=20,
+        dtypes=frozenset({torch.float16, torch.bfloat16}),
+        max_headdim=MAX_HEADDIM,
+        features=frozenset({"causal", "window", "softcap", "varlen"}),
+        auto_devices=("cuda",),
+        decode=False,
+    )
+
+    def available(self) -> str | None:
+        version = _triton_version()
+        if version is None:
+            return "triton is not installed (pip install triton==3.6.0)"
+        if version not in TESTED_TRITON:
+            return (f"triton {version} is installed; the Gluon kernels are tested only with triton "
+                    f"{', '.join(TESTED_TRITON)} (Gluon's API changes between releases)")  # fmt: skip
+        if not _gluon_files_present():
+            return f"triton {version} has no Gluon Hopper module (triton.experimental.gluon.language.nvidia.hopper)"
+        if torch.version.hip:
+            return "ROCm build of PyTorch: the Gluon kernels are for NVIDIA Hopper"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        err = _gluon_import_error()
+        if err:
+            return f"cannot import Gluon: {err}"
+        return None
+
+    def supports(self, problem: Problem, call: AttnCall) -> str | None:
+        dev = problem.device
+        if dev.type != "cuda":
+            return f"needs CUDA tensors, got {dev.type}"
+        info = _device.info(dev)
+        if info is not None and info.major != 9:
+            return f"needs compute capability 9.x (Hopper), device has {info.major}.{info.minor}"
+        if problem.headdim not in HEADDIMS:
+            return f"head dim {problem.headdim} is not one of {', '.join(map(str, HEADDIMS))}"
+        # k and v share one head dim (spec.check_qkv), so headdim_v == headdim always holds here.
+        if not call.softmax_scale > 0:
+            return f"softmax_scale must be > 0 for the hopper kernels, got {call.softmax_scale}"
+        return None
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..triton import DECODE_SHAPED_ROWS
+        from ..triton import backend as triton_backend
+
+        if not call.varlen and q.shape[1] * (q.shape[2] // k.shape[2]) <= DECODE_SHAPED_ROWS:
+            return triton_backend.forward(q, k, v, call)
+        from . import launch
+
+        return launch.forward(q, k, v, call)
+
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        call: AttnCall,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from ..triton import backend as triton_backend
+
+        return triton_backend.backward(dout, q, k, v, out, lse, call)
+
+
+backend = register(HopperBackend())
+
+__all__ = ["HopperBackend", "backend", "TESTED_TRITON", "MAX_HEADDIM"]

@@ -1,0 +1,101 @@
+"""Tile configurations of the Gluon Hopper kernels, per head dim (16-bit dtypes only).
+
+Pure Python (no torch, no triton): ``scripts/gluon_compile_check.py`` loads this file on a
+machine without torch. No autotuning: each entry is a fixed choice and its comment says how it
+was chosen. Shared memory per CTA (227 KiB usable on sm_90) is
+``2 * BLOCK_D * (BLOCK_M + NUM_STAGES * 2 * BLOCK_N)`` bytes plus a few barriers
+(:func:`smem_bytes`), with ``BLOCK_D`` the head dim rounded up to a power of two (Gluon tiles
+have power-of-two shapes; TMA zero-fills the columns past ``D`` and clips them on stores, so
+d = 96 and 192 compute on 128 and 256 columns: a third of their MMA work is padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+#: Head dims the kernels are compiled for (``D`` is the wgmma N of P V, a multiple of 8, and
+#: the TMA box's contiguous dim, a multiple of 16 bytes).
+HEADDIMS = (64, 96, 128, 192, 256)
+#: Shared memory one CTA may use on sm_90 (bytes).
+SM90_SMEM_LIMIT = 227 * 1024
+#: Kernel variants: ``plain`` (design step A: one partition of 2 warpgroups, 8 warps, that
+#: also issues the TMA loads) and ``ws`` (step B: warp-specialised, a 1-warp TMA producer and 2
+#: consumer warpgroups of 4 warps in ping-pong).
+KERNELS = ("plain", "ws")
+
+
+@dataclass(frozen=True)
+class HopperConfig:
+    """``block_m`` query rows per program (2 warpgroups x 64 rows), ``block_n`` keys per
+    K/V ring slot, ``num_stages`` ring slots, ``kernel`` one of :data:`KERNELS`; ``ws`` only:
+    ``consumer_regs`` / ``producer_regs`` per thread of the consumer / producer partitions
+    (``setmaxnreg``; 2 x 128 x consumer + 128 x producer <= 65536)."""
+
+    block_m: int
+    block_n: int
+    num_stages: int
+    kernel: str = "ws"
+    consumer_regs: int = 240
+    producer_regs: int = 24
+
+    @property
+    def num_warps(self) -> int:
+        """The launch's ``num_warps``: the plain kernel's 8, or the ws kernel's default partition (4)."""
+        return 8 if self.kernel == "plain" else 4
+
+    @property
+    def q_rows(self) -> int:
+        """Rows of one Q / O TMA block: the whole tile (plain) or one consumer's half (ws)."""
+        return self.block_m if self.kernel == "plain" else self.block_m // 2
+
+
+# NOT measured yet: sized from shared memory and the register budget (ptxas reports in
+# scripts/gluon_compile_check.py: no spills anywhere), waiting for the first H200 sweep
+# (benchmarks/hopper_run.py --variant ...). The warp-specialised kernel is the default; the
+# plain one (step A) stays selectable with kernel="plain".
+_TABLE: dict[int, HopperConfig] = {
+    64: HopperConfig(128, 128, 3),   # 16 KiB Q + 3 x 32 KiB K/V = 112 KiB
+    96: HopperConfig(128, 128, 2),   # padded to 128: 32 KiB Q + 2 x 64 KiB = 160 KiB
+    128: HopperConfig(128, 128, 2),  # 32 KiB Q + 2 x 64 KiB = 160 KiB
+    192: HopperConfig(128, 64, 2),   # padded to 256: 64 KiB Q + 2 x 64 KiB = 192 KiB
+    256: HopperConfig(128, 64, 2),   # 64 KiB Q + 2 x 64 KiB = 192 KiB
+}
+
+
+def config(headdim: int, **overrides) -> HopperConfig:
+    """The table's config for ``headdim`` (one of :data:`HEADDIMS`), with fields replaced by
+    ``overrides`` (benchmark sweeps: ``block_n=64, num_stages=3``)."""
+    if headdim not in _TABLE:
+        raise ValueError(f"hopper kernels serve head dims {HEADDIMS}, got {headdim}")
+    cfg = _TABLE[headdim]
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def block_d(headdim: int) -> int:
+    """The tile width of the head dim: ``headdim`` rounded up to a power of two (>= 16)."""
+    return max(16, 1 << (headdim - 1).bit_length())
+
+
+def smem_bytes(cfg: HopperConfig, headdim: int, elem_bytes: int = 2) -> int:
+    """Shared memory the tiles of ``cfg`` take (Q, and the K/V ring), without barriers."""
+    return elem_bytes * block_d(headdim) * (cfg.block_m + 2 * cfg.num_stages * cfg.block_n)
+
+
+def check(cfg: HopperConfig, headdim: int) -> str | None:
+    """Why ``cfg`` cannot work for ``headdim`` (None if it can)."""
+    if cfg.kernel not in KERNELS:
+        return f"kernel {cfg.kernel!r} is not one of {KERNELS}"
+    if cfg.block_m != 128:
+        return "the consumers are 2 warpgroups of 64 rows: block_m = 128"
+    if cfg.kernel == "ws" and (2 * cfg.consumer_regs + cfg.producer_regs) * 128 > 65536:
+        return f"registers: 2 x 128 x {cfg.consumer_regs} + 128 x {cfg.producer_regs} > 65536"
+    if cfg.kernel == "ws" and (cfg.consumer_regs % 8 or cfg.producer_regs % 8 or cfg.producer_regs < 24):
+        return "setmaxnreg counts are multiples of 8, at least 24"
+    if cfg.block_n % 16 or not 16 <= cfg.block_n <= 256:
+        return f"block_n must be a multiple of 16 in [16, 256], got {cfg.block_n}"
+    if cfg.num_stages < 1:
+        return f"num_stages must be >= 1, got {cfg.num_stages}"
+    need = smem_bytes(cfg, headdim)
+    if need > SM90_SMEM_LIMIT:
+        return f"needs {need // 1024} KiB of shared memory, sm_90 has {SM90_SMEM_LIMIT // 1024} KiB per CTA"
+    return None

@@ -1,0 +1,527 @@
+"""Gluon forward attention kernels for Hopper (sm_90): TMA loads, mbarrier-guarded K/V ring,
+``warpgroup_mma`` (wgmma) for both products, online softmax in the wgmma accumulator layout.
+
+Kernels only: the host side (descriptors, grid, configs) is :mod:`.launch`. Importing this
+module needs Triton >= 3.6 with Gluon (``triton.experimental.gluon``).
+
+Layouts and semantics
+---------------------
+Dense calls: q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hk, D)`` through 4-D TMA descriptors with
+blocks ``[1, rows, 1, D]``: rows past a batch's sequence end are zero-filled by TMA on loads
+and clipped on stores. Varlen calls: q ``(total_q, H, D)``, k/v ``(total_k, Hk, D)`` (the
+``(1, total, H, D)`` internal layout without its unit batch) through 3-D descriptors with blocks
+``[rows, 1, D]`` and ``cu_seqlens``: a tile near a sequence end reads the next sequence's tokens;
+those keys are masked to -inf (their V rows are multiplied by exact zeros), and rows outside the
+sequence are never written (masked stores for a ragged last query tile).
+
+Query head ``h`` reads KV head ``h // group``. Query ``i`` sees key ``j`` when
+``i + off - wl <= j <= i + off + wr`` (``off = seqlen_k - seqlen_q``: bottom-right alignment;
+a missing side is unbounded). Scores are in base 2: ``s = q.k * softmax_scale * log2(e)``, or
+with softcap ``s = softcap * log2(e) * tanh(q.k * softmax_scale / softcap)``; the host passes
+these two constants as ``qk_scale`` / ``cap_out``. Outputs: o like q, lse float32 natural log
+(``(B, H, Sq)``; varlen ``(1, H, total_q)``), ``-inf`` with o = 0 on rows that see no key.
+
+Kernels
+-------
+``attn_fwd_plain`` (design step A): one program per (128-row query tile, head, batch), 8 warps
+= 2 warpgroups of 64 rows each issuing their own wgmma. The key blocks a tile visits are one
+contiguous run, split into masked blocks below the window, unmasked blocks, and masked blocks
+at the diagonal / window edge / ragged key end: only the masked ones pay for mask arithmetic.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
+NEG_2LOG2E: gl.constexpr = gl.constexpr(-2.8853900817779268)  # exp(-2|x|) = exp2(this * |x|)
+#: Integer arguments that get no value specialisation (== 1, % 16): one compiled kernel serves
+#: every sequence length, window, GQA group and stride, instead of one per divisibility class.
+_NO_SPECIALIZE = ["stride_os", "stride_oh", "stride_lb", "stride_lh", "seqlen_q", "seqlen_k", "group",
+                  "window_left", "window_right"]
+
+
+# ---------------------------------------------------------------------------------------
+# helpers (inlined)
+# ---------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _tanh(x):
+    """tanh through exp2 (no overflow, no cancellation near 0): sign(x) (1 - e) / (1 + e), e = exp(-2|x|)."""
+    e = gl.exp2(NEG_2LOG2E * gl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return gl.where(x < 0, -t, t)
+
+
+@gluon.jit
+def _block_range(r_lo, r_hi, n_cols, off, wl, wr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
+                 BLOCK: gl.constexpr):
+    """Key blocks to visit for query rows ``[r_lo, r_hi)`` (``r_hi > r_lo``), as block indices
+    ``nb_lo <= fu_lo <= fu_hi <= nb_hi``: ``[nb_lo, fu_lo)`` and ``[fu_hi, nb_hi)`` need masks,
+    ``[fu_lo, fu_hi)`` is visible to every row. Row ``i`` sees columns ``[i + off - wl, i + off + wr]``
+    (a side is unbounded when its flag is off), clipped to ``[0, n_cols)``."""
+    lo = r_lo * 0
+    full_lo = r_lo * 0
+    hi = n_cols + r_lo * 0
+    full_hi = n_cols + r_lo * 0
+    if HAS_WL:
+        lo = gl.maximum(r_lo + off - wl, 0)
+        full_lo = gl.maximum(r_hi - 1 + off - wl, 0)
+    if HAS_WR:
+        hi = gl.minimum(r_hi + off + wr, n_cols)
+        full_hi = gl.minimum(r_lo + off + wr + 1, n_cols)
+    nb_lo = lo // BLOCK
+    nb_hi = (hi + BLOCK - 1) // BLOCK
+    empty = hi <= lo
+    nb_lo = gl.where(empty, 0, nb_lo)
+    nb_hi = gl.where(empty, 0, nb_hi)
+    fu_lo = (full_lo + BLOCK - 1) // BLOCK
+    fu_hi = full_hi // BLOCK
+    fu_lo = gl.minimum(gl.maximum(fu_lo, nb_lo), nb_hi)
+    fu_hi = gl.minimum(gl.maximum(fu_hi, fu_lo), nb_hi)
+    return nb_lo, fu_lo, fu_hi, nb_hi
+
+
+@gluon.jit
+def _tma_load(desc, bar, buf, b, row, head, IS_VARLEN: gl.constexpr):
+    """TMA-copy the ``[rows, D]`` tile at token ``row`` (of batch ``b``; varlen: a global token
+    index), head ``head`` into the 2-D buffer ``buf``, completing on ``bar``."""
+    view = buf._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+    if IS_VARLEN:
+        tma.async_copy_global_to_shared(desc, [row, head, 0], bar, view)
+    else:
+        tma.async_copy_global_to_shared(desc, [b, row, head, 0], bar, view)
+
+
+@gluon.jit
+def _tma_store(desc, buf, b, row, head, IS_VARLEN: gl.constexpr):
+    view = buf._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+    if IS_VARLEN:
+        tma.async_copy_shared_to_global(desc, [row, head, 0], view)
+    else:
+        tma.async_copy_shared_to_global(desc, [b, row, head, 0], view)
+
+
+@gluon.jit
+def _issue_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, stage, blk, b, hk, k_start,
+              BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr):
+    """Start the TMA loads of key block ``blk`` into ring slot ``stage`` (K and V on their own
+    barriers, so that Q K^T can start before V has landed)."""
+    k_bar = k_bars.index(stage)
+    v_bar = v_bars.index(stage)
+    row = k_start + blk * BLOCK_N
+    mbarrier.expect(k_bar, k_desc.block_type.nbytes)
+    _tma_load(k_desc, k_bar, k_bufs.index(stage), b, row, hk, IS_VARLEN)
+    mbarrier.expect(v_bar, v_desc.block_type.nbytes)
+    _tma_load(v_desc, v_bar, v_bufs.index(stage), b, row, hk, IS_VARLEN)
+
+
+@gluon.jit
+def _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                   MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                   BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    """Online-softmax update for one block of raw scores ``s = Q K^T`` ``[BLOCK_M, BLOCK_N]``
+    (fp32, wgmma accumulator layout). ``m_i`` is the running row max in scaled base-2 units.
+    Returns ``(p, alpha, m_new, l_new)``: unnormalised probabilities, the factor to rescale the
+    output accumulator by, the new max and row sum."""
+    if HAS_SOFTCAP:
+        s = _tanh(s * qk_scale) * cap_out
+    if MASKED:
+        cols = blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        c2 = gl.expand_dims(cols, 0)
+        r2 = gl.expand_dims(rows, 1)
+        vis = c2 < seqlen_k
+        if HAS_WR:
+            vis = vis & (c2 <= r2 + (off + wr))
+        if HAS_WL:
+            vis = vis & (c2 >= r2 + (off - wl))
+        s = gl.where(vis, s, float("-inf"))
+    if HAS_SOFTCAP:
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+    else:
+        # qk_scale > 0 (checked on the host): the max of raw scores scales to the scaled max
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    if MASKED:
+        # rows that have seen no visible key keep m = -inf: subtract 0 instead (no NaN)
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    if HAS_SOFTCAP:
+        p = gl.exp2(s - gl.expand_dims(m_use, 1))
+    else:
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+    alpha = gl.exp2(m_i - m_use)
+    l_new = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_new
+
+
+@gluon.jit
+def _plain_step(acc, l_i, m_i, it, blk, q_smem, k_bufs, v_bufs, k_bars, v_bars, k_desc, v_desc,
+                b, hk, k_start, n_total, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                IS_VARLEN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """One key block of ``attn_fwd_plain``: S = Q K^T, softmax update, O = O * alpha + P V, then
+    refill the freed ring slot with the block NUM_STAGES ahead."""
+    stage = it % NUM_STAGES
+    phase = (it // NUM_STAGES) & 1
+    k_buf = k_bufs.index(stage)
+    v_buf = v_bufs.index(stage)
+    mbarrier.wait(k_bars.index(stage), phase)
+    s0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    s = warpgroup_mma(q_smem, k_buf.permute((1, 0)), s0, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                        MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    p_op = gl.convert_layout(p.to(q_smem.dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+    mbarrier.wait(v_bars.index(stage), phase)
+    acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    # both warpgroups have finished reading this slot before TMA overwrites it
+    gl.thread_barrier()
+    nxt = it + NUM_STAGES
+    if nxt < n_total:
+        _issue_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, stage, nb_lo + nxt, b, hk, k_start,
+                  BLOCK_N, IS_VARLEN)
+    return acc, l_i, m_i
+
+
+@gluon.jit
+def _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, m0, q_start, seqlen_q,
+              stride_os, stride_oh, stride_lb, stride_lh,
+              IS_VARLEN: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
+              row_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Normalise and write one query tile: o (TMA store when the tile may be written whole,
+    else masked stores) and lse (natural log; -inf and o = 0 for rows that saw no key).
+    ``q_smem`` is reused as the staging buffer of the TMA store."""
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+    rows = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
+    lse_ptrs = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + (q_start + rows)
+    gl.store(lse_ptrs, lse, mask=rows < seqlen_q)
+    inv = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout))
+    o = (acc * gl.expand_dims(inv, 1)).to(q_smem.dtype)
+    if IS_VARLEN:
+        if m0 + BLOCK_M <= seqlen_q:
+            q_smem.store(o)
+            fence_async_shared()
+            gl.thread_barrier()
+            _tma_store(o_desc, q_smem, b, q_start + m0, h, IS_VARLEN)
+            tma.store_wait(0)
+        else:
+            orow = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+            ocol = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, o_layout))
+            base = O + h.to(gl.int64) * stride_oh
+            ptrs = base + gl.expand_dims((q_start + orow).to(gl.int64) * stride_os, 1) + gl.expand_dims(ocol, 0)
+            gl.store(ptrs, o, mask=gl.expand_dims(orow < seqlen_q, 1) & gl.expand_dims(ocol < HEAD_DIM, 0))
+    else:
+        q_smem.store(o)
+        fence_async_shared()
+        gl.thread_barrier()
+        _tma_store(o_desc, q_smem, b, m0, h, IS_VARLEN)
+        tma.store_wait(0)
+
+
+@gluon.jit
+def _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, REVERSE_M: gl.constexpr, IS_VARLEN: gl.constexpr):
+    """(pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k) of this program (varlen: per sequence)."""
+    pid_m = gl.program_id(0)
+    if REVERSE_M:  # causal / windowed: the heaviest query tiles (last rows) start first
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    h = gl.program_id(1)
+    b = gl.program_id(2)
+    if IS_VARLEN:
+        q_start = gl.load(CU_Q + b)
+        seqlen_q = gl.load(CU_Q + b + 1) - q_start
+        k_start = gl.load(CU_K + b)
+        seqlen_k = gl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = b * 0
+        k_start = b * 0
+    return pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k
+
+
+# ---------------------------------------------------------------------------------------
+# step A: one partition, 2 warpgroups, K/V ring with TMA
+# ---------------------------------------------------------------------------------------
+
+
+@gluon.jit(do_not_specialize=_NO_SPECIALIZE)
+def attn_fwd_plain(
+    q_desc, k_desc, v_desc, o_desc, O, LSE, CU_Q, CU_K,
+    stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group, qk_scale, cap_out, window_left, window_right,
+    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+    IS_VARLEN: gl.constexpr, REVERSE_M: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 8``. Writes o and lse."""
+    pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k,
+                                                                     REVERSE_M, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    dtype: gl.constexpr = q_desc.dtype
+    hk = h // group
+    off = seqlen_k - seqlen_q
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_D, 16])
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
+                                                     element_bitwidth=dtype.primitive_bitwidth, rank=2)
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], smem_layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], smem_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], smem_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+
+    r_hi = gl.minimum(m0 + BLOCK_M, seqlen_q)
+    nb_lo, fu_lo, fu_hi, nb_hi = _block_range(m0, r_hi, seqlen_k, off, window_left, window_right,
+                                              HAS_WL, HAS_WR, BLOCK_N)
+    n_total = nb_hi - nb_lo
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    _tma_load(q_desc, q_bar, q_smem, b, q_start + m0, h, IS_VARLEN)
+    for i in gl.static_range(NUM_STAGES):
+        if i < n_total:
+            _issue_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, i, nb_lo + i, b, hk, k_start,
+                      BLOCK_N, IS_VARLEN)
+
+    rows = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
+    l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
+    acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
+    mbarrier.wait(q_bar, 0)
+
+    it = 0
+    for blk in range(nb_lo, fu_lo):
+        acc, l_i, m_i = _plain_step(acc, l_i, m_i, it, blk, q_smem, k_bufs, v_bufs, k_bars, v_bars, k_desc, v_desc,
+                                    b, hk, k_start, n_total, nb_lo, rows, seqlen_k, off, window_left, window_right,
+                                    qk_scale, cap_out, True, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                                    BLOCK_M, BLOCK_N, NUM_STAGES, s_layout, o_layout)
+        it += 1
+    for blk in range(fu_lo, fu_hi):
+        acc, l_i, m_i = _plain_step(acc, l_i, m_i, it, blk, q_smem, k_bufs, v_bufs, k_bars, v_bars, k_desc, v_desc,
+                                    b, hk, k_start, n_total, nb_lo, rows, seqlen_k, off, window_left, window_right,
+                                    qk_scale, cap_out, False, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                                    BLOCK_M, BLOCK_N, NUM_STAGES, s_layout, o_layout)
+        it += 1
+    for blk in range(fu_hi, nb_hi):
+        acc, l_i, m_i = _plain_step(acc, l_i, m_i, it, blk, q_smem, k_bufs, v_bufs, k_bars, v_bars, k_desc, v_desc,
+                                    b, hk, k_start, n_total, nb_lo, rows, seqlen_k, off, window_left, window_right,
+                                    qk_scale, cap_out, True, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                                    BLOCK_M, BLOCK_N, NUM_STAGES, s_layout, o_layout)
+        it += 1
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+    _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, m0, q_start, seqlen_q,
+              stride_os, stride_oh, stride_lb, stride_lh,
+              IS_VARLEN, BLOCK_M, HEAD_DIM, BLOCK_D, row_layout, o_layout)
+
+
+# ---------------------------------------------------------------------------------------
+# step B: warp specialisation (1 producer warp, 2 consumer warpgroups in ping-pong)
+# ---------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _ws_producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
+                 b, h, hk, q_start, k_start, m0, nb_lo, n_total,
+                 SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
+    """1 warp: TMA loads of both consumers' Q tiles, then K and V of every key block into the
+    ring, each slot reloaded once both consumers released it (``k_empty`` / ``v_empty``)."""
+    for c in gl.static_range(2):
+        mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
+        _tma_load(q_desc, q_bars.index(c), q_bufs.index(c), b, q_start + m0 + c * SUB_M, h, IS_VARLEN)
+    for i in range(n_total):
+        stage = i % NUM_STAGES
+        phase = (i // NUM_STAGES) & 1
+        row = k_start + (nb_lo + i) * BLOCK_N
+        # a fresh barrier passes a wait on phase 1: the first NUM_STAGES loads do not wait
+        mbarrier.wait(k_empty.index(stage), phase ^ 1)
+        mbarrier.expect(k_full.index(stage), k_desc.block_type.nbytes)
+        _tma_load(k_desc, k_full.index(stage), k_bufs.index(stage), b, row, hk, IS_VARLEN)
+        mbarrier.wait(v_empty.index(stage), phase ^ 1)
+        mbarrier.expect(v_full.index(stage), v_desc.block_type.nbytes)
+        _tma_load(v_desc, v_full.index(stage), v_bufs.index(stage), b, row, hk, IS_VARLEN)
+
+
+@gluon.jit
+def _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn,
+              rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+              CID: gl.constexpr, MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
+              HAS_SOFTCAP: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+              s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Key block ``blk`` (ring iteration ``it`` >= 1) of one consumer warpgroup, FA3's schedule:
+    on this warpgroup's turn issue S = Q K_blk^T and O += P_prev V_prev, hand the turn to the
+    other warpgroup, then run the softmax of S while P_prev V_prev is still on the tensor cores."""
+    stage = it % NUM_STAGES
+    phase = (it // NUM_STAGES) & 1
+    pstage = (it - 1) % NUM_STAGES
+    pphase = ((it - 1) // NUM_STAGES) & 1
+    mbarrier.wait(k_full.index(stage), phase)
+    mbarrier.wait(turn.index(CID), (it & 1) ^ (1 - CID))  # turn `it` (turn 0: the first block)
+    s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
+    s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s0, use_acc=False, is_async=True)
+    mbarrier.wait(v_full.index(pstage), pphase)
+    acc = warpgroup_mma(p_op, v_bufs.index(pstage), acc, is_async=True)
+    mbarrier.arrive(turn.index(1 - CID))
+    s = warpgroup_mma_wait(1, deps=(s,))  # groups retire in order: S is done, P V may still run
+    mbarrier.arrive(k_empty.index(stage))
+    p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                        MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout)
+    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))  # p_op's registers live until P V is done
+    mbarrier.arrive(v_empty.index(pstage))
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    p_op = gl.convert_layout(p.to(q_smem.dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+    return acc, l_i, m_i, p_op
+
+
+@gluon.jit
+def _ws_consumer(q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                 o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                 nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                 CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
+                 HAS_SOFTCAP: gl.constexpr, IS_VARLEN: gl.constexpr):
+    """One consumer warpgroup (4 warps): query rows ``m0 + CID * SUB_M ..`` of the tile, over the
+    key blocks of the whole tile (both consumers see the same blocks, so their turns pair up)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_D, 16])
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    q_smem = q_bufs.index(CID)
+    r0 = m0 + CID * SUB_M
+    rows = r0 + gl.arange(0, SUB_M, layout=row_layout)
+    m_i = gl.full([SUB_M], float("-inf"), gl.float32, row_layout)
+    l_i = gl.zeros([SUB_M], gl.float32, row_layout)
+    acc = gl.zeros([SUB_M, BLOCK_D], gl.float32, o_layout)
+    n_total = nb_hi - nb_lo
+    mbarrier.wait(q_bars.index(CID), 0)
+    if n_total > 0:
+        # first block: S only (always with masks: it may be any of the three kinds)
+        mbarrier.wait(k_full.index(0), 0)
+        mbarrier.wait(turn.index(CID), 1 - CID)
+        s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
+        s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s0, use_acc=False, is_async=True)
+        mbarrier.arrive(turn.index(1 - CID))
+        s = warpgroup_mma_wait(0, deps=(s,))
+        mbarrier.arrive(k_empty.index(0))
+        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout)
+        p_op = gl.convert_layout(p.to(q_smem.dtype),
+                                 gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+        it = 1
+        for blk in range(nb_lo + 1, fu_lo):
+            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
+                                            k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                            s_layout, o_layout)
+            it += 1
+        for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
+            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
+                                            k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                            s_layout, o_layout)
+            it += 1
+        for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
+            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
+                                            k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                            s_layout, o_layout)
+            it += 1
+        # last P V
+        last = n_total - 1
+        lstage = last % NUM_STAGES
+        mbarrier.wait(v_full.index(lstage), (last // NUM_STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_bufs.index(lstage), acc, is_async=True)
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+        mbarrier.arrive(v_empty.index(lstage))
+    if r0 < seqlen_q:
+        _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, r0, q_start, seqlen_q,
+                  stride_os, stride_oh, stride_lb, stride_lh,
+                  IS_VARLEN, SUB_M, HEAD_DIM, BLOCK_D, row_layout, o_layout)
+
+
+@gluon.jit(do_not_specialize=_NO_SPECIALIZE)
+def attn_fwd_ws(
+    q_desc, k_desc, v_desc, o_desc, O, LSE, CU_Q, CU_K,
+    stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group, qk_scale, cap_out, window_left, window_right,
+    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+    IS_VARLEN: gl.constexpr, REVERSE_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (the default
+    partition: consumer 0) + 4 (consumer 1) + 1 (producer) warps. q_desc / o_desc have
+    ``BLOCK_M // 2``-row blocks (one per consumer). Writes o and lse."""
+    pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k,
+                                                                     REVERSE_M, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    SUB_M: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_desc.dtype
+    hk = h // group
+    off = seqlen_k - seqlen_q
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
+                                                     element_bitwidth=dtype.primitive_bitwidth, rank=2)
+    q_bufs = gl.allocate_shared_memory(dtype, [2, SUB_M, BLOCK_D], smem_layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], smem_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], smem_layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(2):
+        mbarrier.init(q_bars.index(c), count=1)
+        mbarrier.init(turn.index(c), count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=2)
+
+    r_hi = gl.minimum(m0 + BLOCK_M, seqlen_q)
+    nb_lo, fu_lo, fu_hi, nb_hi = _block_range(m0, r_hi, seqlen_k, off, window_left, window_right,
+                                              HAS_WL, HAS_WR, BLOCK_N)
+    n_total = nb_hi - nb_lo
+    # (tuples are spelled out in the call: a tuple assigned to a variable turns its constexprs into tensors)
+    gl.warp_specialize([
+        (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                        o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
+                        qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                        0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN)),
+        (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                        o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
+                        qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                        1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN)),
+        (_ws_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
+                        b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

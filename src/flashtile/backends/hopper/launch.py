@@ -1,0 +1,120 @@
+"""Host side of the Hopper backend: TMA descriptors, grid and config -> Gluon kernel launch.
+
+Works on the internal layout of :mod:`flashtile.backends.base` (dense ``(B, S, H, D)``;
+varlen ``(1, total, H, D)`` with ``cu_seqlens``). Imports Triton and Gluon: import it only
+once :meth:`HopperBackend.available` said yes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ...spec import AttnCall
+from ..triton.launch import device_guard, score_scales
+from . import configs
+from .configs import HopperConfig
+from .fwd import attn_fwd_plain, attn_fwd_ws
+
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+
+
+def swizzle_bytes(headdim: int, elem_bytes: int = 2) -> int:
+    """The NVMMA swizzle width of a ``[rows, headdim]`` tile: the largest of 128/64/32 bytes that
+    divides a row (what ``NVMMASharedLayout.get_default_for`` picks for these tiles)."""
+    row = headdim * elem_bytes
+    for sw in (128, 64, 32):
+        if row % sw == 0:
+            return sw
+    return 0
+
+
+def tma_compatible(t: torch.Tensor) -> bool:
+    """Whether TMA can read ``t`` as it is: 16-byte aligned base, unit last stride, every other
+    stride a positive multiple of 16 bytes."""
+    es = t.element_size()
+    if t.data_ptr() % 16 or t.stride(-1) != 1:
+        return False
+    return all(s > 0 and (s * es) % 16 == 0 for s in t.stride()[:-1])
+
+
+def _descriptor(t: torch.Tensor, rows: int, varlen: bool) -> TensorDescriptor:
+    """Descriptor of ``t`` (``(B, S, H, D)``) for ``[rows, BLOCK_D]`` tiles of one head: 4-D with
+    blocks ``[1, rows, 1, BLOCK_D]`` (dense: bounds per batch), or 3-D over ``t[0]`` with blocks
+    ``[rows, 1, BLOCK_D]`` (varlen: bounds are the whole packed tensor). ``BLOCK_D`` > D (d = 96,
+    192): TMA zero-fills the extra columns on loads and clips them on stores."""
+    d = configs.block_d(t.shape[-1])
+    sw = swizzle_bytes(d, t.element_size())
+    if varlen:
+        x = t[0]
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=sw, element_bitwidth=8 * t.element_size(), rank=3)
+        return TensorDescriptor(x, list(x.shape), list(x.stride()), [rows, 1, d], layout)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=sw, element_bitwidth=8 * t.element_size(), rank=4)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, d], layout)
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    call: AttnCall,
+    *,
+    config: HopperConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) on the internal layout: out like q, lse float32 ``(B, H, Sq)`` (varlen
+    ``(1, H, total_q)``) in natural log, -inf (out 0) on rows that see no key. ``config``
+    overrides the table (benchmark sweeps)."""
+    B, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    varlen = call.varlen
+    if varlen:
+        if B != 1 or k.shape[0] != 1:
+            raise ValueError("varlen tensors must have the internal layout (1, total, heads, headdim)")
+        nb, rows_q, rows_k = call.cu_seqlens_q.shape[0] - 1, int(call.max_seqlen_q), int(call.max_seqlen_k)
+    else:
+        nb, rows_q, rows_k = B, Sq, Sk
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or nb == 0 or rows_q == 0:
+        return out, lse
+    if Sk == 0 or rows_k == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    cfg = config or configs.config(D)
+    bad = configs.check(cfg, D)
+    if bad:
+        raise ValueError(f"flashtile hopper: config {cfg} for head dim {D}: {bad}")
+    q, k, v = (x if tma_compatible(x) else x.contiguous() for x in (q, k, v))
+    qk_scale, cap_out = score_scales(call)
+    q_desc = _descriptor(q, cfg.q_rows, varlen)
+    k_desc = _descriptor(k, cfg.block_n, varlen)
+    v_desc = _descriptor(v, cfg.block_n, varlen)
+    o_desc = _descriptor(out, cfg.q_rows, varlen)
+    grid = (triton.cdiv(rows_q, cfg.block_m), H, nb)
+    args = (
+        q_desc, k_desc, v_desc, o_desc, out, lse, call.cu_seqlens_q, call.cu_seqlens_k,
+        out.stride(1), out.stride(2), 0 if varlen else lse.stride(0), lse.stride(1),
+        Sq, Sk, H // Hk, qk_scale, cap_out, call.window_left, call.window_right,
+    )  # fmt: skip
+    consts = dict(
+        HEAD_DIM=D, BLOCK_D=configs.block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
+        HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
+        IS_VARLEN=varlen, REVERSE_M=call.window_right >= 0, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    with device_guard(q.device):
+        if cfg.kernel == "plain":
+            attn_fwd_plain[grid](*args, **consts)
+        else:
+            attn_fwd_ws[grid](*args, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, **consts)
+    return out, lse
+
+
+def describe(headdim: int) -> str:
+    """One line naming the config a call with this head dim uses (for ``flashtile env``)."""
+    return f"sm90 gluon: {configs.config(headdim)}"
+
+
+__all__ = ["forward", "describe", "swizzle_bytes", "tma_compatible"]

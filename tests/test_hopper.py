@@ -1,0 +1,302 @@
+"""The Gluon ``hopper`` backend: declarations, ``available()`` / ``supports()`` reasons, dispatch,
+the config table (all CPU-only), and GPU parity against the oracle (``gpu`` marker: skipped
+without CUDA or when the backend is unusable, e.g. not an sm_90 device or another Triton).
+
+The kernels themselves are compiled for sm_90 on CPU machines by ``scripts/gluon_compile_check.py``
+(needs Triton 3.6); ``benchmarks/hopper_run.py`` is the full GPU check.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import compare_with_oracle, cu, qkv_inputs
+
+import flashtile
+from flashtile import BackendUnavailableError, dispatch, flash_attn_func, flash_attn_varlen_func
+from flashtile.backends import _device, hopper
+from flashtile.backends.hopper import configs
+from flashtile.reference import attention_ref
+from flashtile.spec import Problem, make_call
+
+BE = hopper.backend
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("FLASHTILE_BACKEND", raising=False)
+    yield
+
+
+def _problem(device="cuda", dtype=torch.bfloat16, d=128, **kw) -> Problem:
+    base = dict(batch=2, seqlen_q=256, seqlen_k=256, nheads=4, nheads_k=4, headdim=d, dtype=dtype,
+                device=torch.device(device))  # fmt: skip
+    base.update(kw)
+    return Problem(**base)
+
+
+def _hopper_device(monkeypatch, major=9, minor=0):
+    """Pretend the CUDA device is of compute capability major.minor (no GPU needed)."""
+    info = _device.DeviceInfo(major, minor, 132, 228 * 1024)
+    monkeypatch.setattr(_device, "info", lambda device=None: info)
+
+
+# ----------------------------------------------------------------------------------------------
+# declarations
+
+
+def test_registered_with_declared_capabilities():
+    assert dispatch.backends()["hopper"] is BE
+    caps = BE.capabilities
+    assert BE.name == "hopper"
+    assert caps.priority == 20 and caps.priority > dispatch.backends()["triton"].capabilities.priority
+    assert caps.dtypes == frozenset({torch.float16, torch.bfloat16})
+    assert caps.max_headdim == 256
+    assert caps.features == frozenset({"causal", "window", "softcap", "varlen"})
+    assert caps.auto_devices == ("cuda",)
+    assert caps.decode is False
+    assert hopper.TESTED_TRITON == ("3.6.0",)
+
+
+def test_declarations_refuse_what_the_kernel_lacks():
+    p = _problem()
+    assert BE.capabilities.refuse(p, make_call(headdim=128)) is None
+    assert BE.capabilities.refuse(p, make_call(headdim=128, causal=True, window_size=(8, -1), softcap=3.0)) is None
+    assert "dropout" in BE.capabilities.refuse(p, make_call(headdim=128, dropout_p=0.1))
+    alibi = make_call(headdim=128, alibi_slopes=torch.ones(2, 4))
+    assert "alibi" in BE.capabilities.refuse(p, alibi)
+    assert "dtype" in BE.capabilities.refuse(_problem(dtype=torch.float32), make_call(headdim=128))
+    assert "head dim" in BE.capabilities.refuse(_problem(d=512), make_call(headdim=512))
+    assert BE.capabilities.refuse(p, make_call(headdim=128), decode=True)
+
+
+def test_import_does_not_import_triton():
+    """Importing flashtile (and so this backend) must not import triton: the triton backend's
+    interpreter switch is read when triton is imported."""
+    code = "import sys, flashtile.backends.hopper as h; h.backend.capabilities; print('triton' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------------------------
+# available()
+
+
+def test_available_reason_without_triton(monkeypatch):
+    monkeypatch.setattr(hopper, "_triton_version", lambda: None)
+    reason = BE.available()
+    assert reason and "triton is not installed" in reason
+
+
+@pytest.mark.parametrize("version", ["3.5.1", "3.9.0", "3.6.0+git1234"])
+def test_available_reason_names_untested_triton(monkeypatch, version):
+    monkeypatch.setattr(hopper, "_triton_version", lambda: version)
+    reason = BE.available()
+    assert reason and version in reason and "3.6.0" in reason
+
+
+def test_available_reason_without_gluon(monkeypatch):
+    monkeypatch.setattr(hopper, "_triton_version", lambda: "3.6.0")
+    monkeypatch.setattr(hopper, "_gluon_files_present", lambda: False)
+    reason = BE.available()
+    assert reason and "Gluon" in reason
+
+
+def test_available_reason_without_cuda(monkeypatch):
+    monkeypatch.setattr(hopper, "_triton_version", lambda: "3.6.0")
+    monkeypatch.setattr(hopper, "_gluon_files_present", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert BE.available() == "no CUDA device"
+
+
+def test_available_never_raises():
+    reason = BE.available()
+    assert reason is None or (isinstance(reason, str) and reason)
+
+
+def test_triton_version_is_read_without_import():
+    v = hopper._triton_version()
+    if v is not None:
+        assert isinstance(v, str) and v
+
+
+# ----------------------------------------------------------------------------------------------
+# supports()
+
+
+def test_supports_sm90_head_dims(monkeypatch):
+    _hopper_device(monkeypatch)
+    call = make_call(headdim=128, causal=True)
+    for d in configs.HEADDIMS:
+        assert BE.supports(_problem(d=d), make_call(headdim=d)) is None, d
+    assert BE.supports(_problem(), call) is None
+    for d in (32, 80, 160, 48):
+        reason = BE.supports(_problem(d=d), make_call(headdim=d))
+        assert reason and f"head dim {d}" in reason
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (8, 9), (10, 0), (12, 0)])
+def test_supports_refuses_other_architectures(monkeypatch, cc):
+    _hopper_device(monkeypatch, *cc)
+    reason = BE.supports(_problem(), make_call(headdim=128))
+    assert reason and "9.x" in reason and f"{cc[0]}.{cc[1]}" in reason
+
+
+def test_supports_refuses_cpu_tensors_and_bad_scale(monkeypatch):
+    assert "CUDA" in BE.supports(_problem("cpu"), make_call(headdim=128))
+    _hopper_device(monkeypatch)
+    assert "softmax_scale" in BE.supports(_problem(), make_call(headdim=128, softmax_scale=-0.1))
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_auto_never_picks_hopper_on_cpu(dtype):
+    p = _problem("cpu", dtype=dtype)
+    assert dispatch.choose(p, make_call(headdim=128)) != "hopper"
+    q, k, v = qkv_inputs(1, 16, 16, 2, 2, 64, dtype, "cpu")
+    flash_attn_func(q, k, v)  # runs (on the torch engine)
+
+
+def test_forcing_hopper_on_cpu_says_why():
+    q, k, v = qkv_inputs(1, 16, 16, 2, 2, 64, torch.bfloat16, "cpu")
+    with flashtile.use_backend("hopper"):
+        with pytest.raises(BackendUnavailableError, match="'hopper' was requested but cannot serve"):
+            flash_attn_func(q, k, v)
+
+
+def test_forcing_hopper_for_undeclared_feature_says_why(monkeypatch):
+    monkeypatch.setattr(BE, "available", lambda: None)
+    _hopper_device(monkeypatch)
+    with flashtile.use_backend("hopper"):
+        with pytest.raises(BackendUnavailableError, match="dropout"):
+            dispatch.choose(_problem(), make_call(headdim=128, dropout_p=0.1))
+
+
+def test_auto_prefers_hopper_when_usable(monkeypatch):
+    monkeypatch.setattr(BE, "available", lambda: None)
+    _hopper_device(monkeypatch)
+    assert dispatch.choose(_problem(), make_call(headdim=128, causal=True)) == "hopper"
+    # a head dim it does not serve goes to the next backend down
+    assert dispatch.choose(_problem(d=80), make_call(headdim=80)) != "hopper"
+
+
+# ----------------------------------------------------------------------------------------------
+# config table
+
+
+def test_config_table_sane():
+    for d in configs.HEADDIMS:
+        cfg = configs.config(d)
+        assert configs.check(cfg, d) is None, (d, cfg)
+        assert configs.smem_bytes(cfg, d) + 1024 <= configs.SM90_SMEM_LIMIT
+        assert cfg.block_m == 128 and cfg.kernel in configs.KERNELS
+        assert cfg.num_warps == (8 if cfg.kernel == "plain" else 4)
+        assert cfg.q_rows == (128 if cfg.kernel == "plain" else 64)
+        assert configs.block_d(d) >= d and configs.block_d(d) & (configs.block_d(d) - 1) == 0
+    assert configs.block_d(96) == 128 and configs.block_d(192) == 256 and configs.block_d(64) == 64
+    with pytest.raises(ValueError, match="head dims"):
+        configs.config(80)
+    assert configs.config(128, num_stages=3).num_stages == 3
+    assert "shared memory" in configs.check(configs.config(256, num_stages=4), 256)
+    assert "block_n" in configs.check(configs.config(128, block_n=72), 128)
+    assert "kernel" in configs.check(configs.config(128, kernel="nope"), 128)
+    assert configs.check(configs.config(128, kernel="plain"), 128) is None
+    assert "registers" in configs.check(configs.config(128, kernel="ws", consumer_regs=256, producer_regs=56), 128)
+    assert "multiples of 8" in configs.check(configs.config(128, kernel="ws", consumer_regs=236), 128)
+
+
+def test_configs_module_is_torch_free():
+    """scripts/gluon_compile_check.py loads configs.py on machines without torch."""
+    src = open(configs.__file__).read()
+    assert "import torch" not in src and "import triton" not in src
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU parity (skipped without a usable backend)
+
+
+def _gpu_ready() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    reason = BE.available()
+    if reason:
+        return f"hopper backend unavailable: {reason}"
+    reason = BE.supports(_problem(), make_call(headdim=128))
+    return f"hopper backend does not serve this device: {reason}" if reason else None
+
+
+_NOT_READY = _gpu_ready()
+gpu_only = pytest.mark.skipif(_NOT_READY is not None, reason=str(_NOT_READY))
+
+
+def _dense_fn(**opts):
+    def fn(q, k, v):
+        out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, **opts)
+        return out, lse
+
+    return fn
+
+
+def _dense_oracle(**opts):
+    def oracle(q, k, v, upcast):
+        return attention_ref(q, k, v, upcast=upcast, **opts)
+
+    return oracle
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "sq,sk,h,hk,d,opts",
+    [
+        (113, 203, 4, 4, 128, {}),
+        (203, 113, 4, 4, 128, {"causal": True}),
+        (300, 300, 8, 2, 64, {"causal": True}),
+        (257, 300, 4, 1, 96, {"window_size": (40, 8)}),
+        (203, 203, 2, 2, 192, {"softcap": 20.0}),
+        (300, 257, 2, 2, 256, {"causal": True, "softcap": 5.0}),
+    ],
+)
+def test_gpu_parity_dense(dtype, sq, sk, h, hk, d, opts):
+    q, k, v = qkv_inputs(2, sq, sk, h, hk, d, dtype, "cuda")
+    with flashtile.use_backend("hopper"):
+        compare_with_oracle(_dense_fn(**opts), _dense_oracle(**opts), (q, k, v))
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_parity_varlen(causal):
+    lens_q, lens_k = [0, 1, 17, 130, 300], [5, 0, 40, 130, 257]
+    dev, dtype, h, d = "cuda", torch.bfloat16, 4, 128
+    q = torch.randn(sum(lens_q), h, d, device=dev, dtype=dtype)
+    k = torch.randn(sum(lens_k), h, d, device=dev, dtype=dtype)
+    v = torch.randn(sum(lens_k), h, d, device=dev, dtype=dtype)
+    with flashtile.use_backend("hopper"):
+        out, lse, _ = flash_attn_varlen_func(q, k, v, cu(lens_q, dev), cu(lens_k, dev), max(lens_q), max(lens_k),
+                                             causal=causal, return_attn_probs=True)  # fmt: skip
+    assert not torch.isnan(out).any()
+    cq = ck = 0
+    for nq, nk in zip(lens_q, lens_k, strict=True):
+        if nq:
+            sl_o, sl_l = out[cq:cq + nq], lse[:, cq:cq + nq]
+            if nk == 0:
+                assert (sl_o == 0).all() and torch.isneginf(sl_l).all()
+            else:
+                ro, rl = attention_ref(q[None, cq:cq + nq].float(), k[None, ck:ck + nk].float(),
+                                       v[None, ck:ck + nk].float(), causal=causal)  # fmt: skip
+                po, _ = attention_ref(q[None, cq:cq + nq], k[None, ck:ck + nk], v[None, ck:ck + nk], causal=causal,
+                                      upcast=False)  # fmt: skip
+                err, pt_err = (sl_o.float() - ro[0]).abs().max().item(), (po[0].float() - ro[0]).abs().max().item()
+                assert err <= 2 * pt_err + 8e-3, (nq, nk, err, pt_err)
+                fin = torch.isfinite(rl[0])
+                assert torch.equal(torch.isneginf(sl_l), ~fin)
+                assert (sl_l[fin] - rl[0][fin]).abs().max().item() <= 2e-3
+        cq, ck = cq + nq, ck + nk
