@@ -4,7 +4,7 @@
 
 1. Correctness of the kernel (``flashtile.backends.hopper.launch.forward``, called directly so that
    short query lengths are not routed to the decode kernel) on small odd shapes against the fp32
-   oracle (``flashtile.reference.attention_ref``, materialised scores), for every option the
+   oracle (``flashtile.testing.attention_ref``, materialised scores), for every option the
    backend declares: seqlen 1, 17, 113 vs 203 both ways, GQA 8/2, causal, windows, softcap,
    varlen with empty and length-1 sequences, rows that see no key, every head dim, fp16 and
    bf16. Rule (the project's, tests/conftest.py): ``max|x - ref| <= 2 * max|pt - ref| + atol
@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 import flashtile  # noqa: E402
 from flashtile import dispatch  # noqa: E402
 from flashtile.backends import hopper  # noqa: E402
-from flashtile.reference import attention_ref  # noqa: E402
 from flashtile.spec import make_call  # noqa: E402
+from flashtile.testing import attention_ref  # noqa: E402
 
 FWD_ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 LSE_ATOL = 1e-3

@@ -13,14 +13,14 @@ import sys
 
 import pytest
 import torch
-from conftest import compare_with_oracle, cu, qkv_inputs
 
 import flashtile
 from flashtile import BackendUnavailableError, dispatch, flash_attn_func, flash_attn_varlen_func
 from flashtile.backends import _device, hopper
 from flashtile.backends.hopper import configs
-from flashtile.reference import attention_ref
 from flashtile.spec import Problem, make_call
+from flashtile.testing import attention_ref, compare_with_oracle, qkv_inputs
+from flashtile.testing import cu_seqlens as cu
 
 BE = hopper.backend
 
