@@ -1,6 +1,10 @@
 """One H200 run of the Gluon Hopper backend: correctness first, then speed.
 
-    PYTHONPATH=src python benchmarks/hopper_run.py [--quick] [--variant block_n=64,num_stages=3 ...]
+    PYTHONPATH=src python benchmarks/hopper_run.py [--quick] [--keep-going] [--variant kernel=plain ...]
+
+The default config is the table's (``configs.py``: the warp-specialised ``ws`` kernel); the
+other kernels are variants: ``--variant kernel=plain`` (step A), ``--variant kernel=persistent``
+(step C), and tile sweeps like ``--variant block_n=64,num_stages=3``.
 
 1. Correctness of the kernel (``flashtile.backends.hopper.launch.forward``, called directly so that
    short query lengths are not routed to the decode kernel) on small odd shapes against the fp32
@@ -365,7 +369,8 @@ def main() -> int:
         try:
             ok = run_correctness(args.quick if i == 0 else True, ov, label or "default")
             if ok and i == 0:
-                run_api_check()
+                with watchdog(CASE_TIMEOUT, "public API check"):
+                    run_api_check()
         except Exception as e:  # a compile or launch error is a failure too; show it whole
             import traceback
 

@@ -8,6 +8,7 @@ The kernels themselves are compiled for sm_90 on CPU machines by ``scripts/gluon
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ import torch
 import flashtile
 from flashtile import BackendUnavailableError, dispatch, flash_attn_func, flash_attn_varlen_func
 from flashtile.backends import _device, hopper
-from flashtile.backends.hopper import configs
+from flashtile.backends.hopper import configs, sched
 from flashtile.spec import Problem, make_call
 from flashtile.testing import attention_ref, compare_with_oracle, qkv_inputs
 from flashtile.testing import cu_seqlens as cu
@@ -218,6 +219,94 @@ def test_configs_module_is_torch_free():
 
 
 # ----------------------------------------------------------------------------------------------
+# tile schedule of the persistent kernel (sched.py)
+
+
+def _visible(i: int, j: int, sq: int, sk: int, wl: int, wr: int) -> bool:
+    off = sk - sq
+    return 0 <= j < sk and (wl < 0 or j >= i + off - wl) and (wr < 0 or j <= i + off + wr)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_range_matches_brute_force(seed):
+    """The host twin of the kernel's _block_range: visited blocks cover every visible pair, blocks
+    outside are invisible, 'full' blocks are visible to every row of the tile."""
+    rng = torch.Generator().manual_seed(seed)
+    for _ in range(60):
+        sq, sk = (int(x) for x in torch.randint(1, 300, (2,), generator=rng))
+        wl, wr = (int(x) - 1 for x in torch.randint(0, 80, (2,), generator=rng))
+        if int(torch.randint(0, 3, (1,), generator=rng)) == 0:
+            wl = -1
+        if int(torch.randint(0, 3, (1,), generator=rng)) == 0:
+            wr = -1
+        bm, bn = [(16, 16), (64, 32), (128, 128), (128, 64)][int(torch.randint(0, 4, (1,), generator=rng))]
+        for r_lo in range(0, sq, bm):
+            r_hi = min(r_lo + bm, sq)
+            nb_lo, fu_lo, fu_hi, nb_hi = sched.block_range(r_lo, r_hi, sk, sk - sq, wl, wr, bn)
+            assert 0 <= nb_lo <= fu_lo <= fu_hi <= nb_hi <= -(-sk // bn)
+            for blk in range(-(-sk // bn)):
+                cols = range(blk * bn, min(blk * bn + bn, sk))
+                vis = [[_visible(i, j, sq, sk, wl, wr) for j in cols] for i in range(r_lo, r_hi)]
+                if not nb_lo <= blk < nb_hi:
+                    assert not any(map(any, vis)), (sq, sk, wl, wr, bm, bn, r_lo, blk)
+                if fu_lo <= blk < fu_hi:
+                    assert all(map(all, vis)) and len(cols) == bn, (sq, sk, wl, wr, bm, bn, r_lo, blk)
+
+
+def _cost(sq, sk, bm, bn, wl, wr, n_mb):
+    return lambda code: sched.key_blocks(code % n_mb, bm, bn, sq, sk, wl, wr) + sched.TILE_OVERHEAD
+
+
+@pytest.mark.parametrize(
+    "b,h,sq,sk,wl,wr,g",
+    [(1, 16, 16384, 16384, -1, 0, 132), (4, 16, 4096, 4096, -1, 0, 132), (2, 3, 1000, 700, -1, 0, 7),
+     (1, 8, 8192, 8192, 256, 0, 132), (16, 32, 1024, 1024, -1, -1, 132), (1, 1, 200, 200, -1, 0, 132),
+     (3, 5, 513, 2049, 64, 64, 11), (4, 16, 4096, 4096, -1, 0, 20), (2, 8, 4096, 4096, 300, -1, 9)],
+)  # fmt: skip
+def test_schedule_covers_every_tile_heaviest_first(b, h, sq, sk, wl, wr, g):
+    """Both dealing paths (LPT heap; the snake above SNAKE_ABOVE tiles per program)."""
+    bm, bn = 128, 128
+    n_mb = -(-sq // bm)
+    codes, offsets = sched.schedule(b, h, sq, sk, bm, bn, wl, wr, g)
+    n_tiles = b * h * n_mb
+    assert sorted(codes) == list(range(n_tiles))
+    assert offsets[0] == 0 and offsets[-1] == n_tiles and len(offsets) == min(g, n_tiles) + 1
+    assert all(a < c for a, c in zip(offsets[:-1], offsets[1:], strict=True))  # every program has a tile
+    cost = _cost(sq, sk, bm, bn, wl, wr, n_mb)
+    for a, c in zip(offsets[:-1], offsets[1:], strict=True):
+        costs = [cost(x) for x in codes[a:c]]
+        assert costs == sorted(costs, reverse=True)  # each program: heaviest tiles first
+    # LPT bound: makespan <= 4/3 of the lower bound max(mean load, heaviest tile)
+    total = sum(cost(x) for x in range(n_tiles))
+    lower = max(total / len(offsets[:-1]), max(cost(x) for x in range(n_tiles)))
+    assert sched.makespan(codes, offsets, cost) <= 4 / 3 * lower + 1
+
+
+def test_schedule_causal_beats_round_robin():
+    b, h, s, bm, bn, g = 1, 16, 16384, 128, 128, 132
+    n_mb = s // bm
+    codes, offsets = sched.schedule(b, h, s, s, bm, bn, -1, 0, g)
+    cost = _cost(s, s, bm, bn, -1, 0, n_mb)
+    # the non-persistent grid's order: heaviest query block first, programs take tiles in turn
+    rr = sorted(range(b * h * n_mb), key=lambda c: (-cost(c), c))
+    per = [rr[p::g] for p in range(g)]
+    rr_codes = tuple(c for lst in per for c in lst)
+    rr_offsets = tuple([0] + list(itertools.accumulate(len(lst) for lst in per)))
+    assert sched.makespan(codes, offsets, cost) <= sched.makespan(rr_codes, rr_offsets, cost)
+    # and it is close to perfect balance
+    total = sum(cost(c) for c in range(b * h * n_mb))
+    assert sched.makespan(codes, offsets, cost) <= 1.02 * total / g + max(map(cost, range(n_mb)))
+
+
+def test_schedule_uniform_is_round_robin_in_code_order():
+    codes, offsets = sched.schedule(2, 4, 1024, 1024, 128, 128, -1, -1, 5)
+    n = 2 * 4 * 8
+    for p in range(5):
+        assert list(codes[offsets[p]:offsets[p + 1]]) == list(range(p, n, 5))
+    assert sched.schedule(0, 4, 1024, 1024, 128, 128, -1, -1, 5) == ((), (0,))
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU parity (skipped without a usable backend)
 
 
@@ -300,3 +389,26 @@ def test_gpu_parity_varlen(causal):
                 assert torch.equal(torch.isneginf(sl_l), ~fin)
                 assert (sl_l[fin] - rl[0][fin]).abs().max().item() <= 2e-3
         cq, ck = cq + nq, ck + nk
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("kernel", configs.KERNELS)
+@pytest.mark.parametrize("opts", [{}, {"causal": True}, {"window_size": (100, 20), "softcap": 8.0}])
+def test_gpu_every_kernel_variant(kernel, opts):
+    """Each kernel (plain / ws / persistent) through launch.forward with its config forced."""
+    from flashtile.backends.hopper import launch
+
+    q, k, v = qkv_inputs(2, 389, 517, 6, 2, 128, torch.bfloat16, "cuda")
+    call = make_call(headdim=128, causal=opts.get("causal", False), window_size=opts.get("window_size", (-1, -1)),
+                     softcap=opts.get("softcap", 0.0))  # fmt: skip
+    out, lse = launch.forward(q, k, v, call, config=configs.config(128, kernel=kernel))
+    ref = dict(causal=opts.get("causal", False), window_size=opts.get("window_size", (-1, -1)),
+               softcap=opts.get("softcap", 0.0))  # fmt: skip
+    ro, rl = attention_ref(q.float(), k.float(), v.float(), **ref)
+    po, _ = attention_ref(q, k, v, upcast=False, **ref)
+    err, pt_err = (out.float() - ro).abs().max().item(), (po.float() - ro).abs().max().item()
+    assert err <= 2 * pt_err + 8e-3, (err, pt_err)
+    fin = torch.isfinite(rl)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert (lse[fin] - rl[fin]).abs().max().item() <= 2e-3

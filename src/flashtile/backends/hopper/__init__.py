@@ -1,6 +1,8 @@
 """The ``hopper`` backend: a forward attention kernel for sm_90 written in Gluon
 (``triton.experimental.gluon``), FA3's design: TMA loads into an mbarrier-guarded K/V ring,
-``warpgroup_mma`` for Q K^T and P V, online softmax in the wgmma accumulator layout.
+``warpgroup_mma`` for Q K^T and P V, online softmax in the wgmma accumulator layout, a
+warp-specialised TMA producer and two consumer warpgroups in ping-pong, and a persistent variant
+over a host-computed tile schedule (kernels in :mod:`.fwd`, configs in :mod:`.configs`).
 
 Serves fp16 and bf16 with head dims 64, 96, 128, 192 and 256 on compute capability 9.x, with
 causal and sliding windows (bottom-right aligned), softcap, GQA/MQA, ``seqlen_q != seqlen_k``

@@ -19,9 +19,11 @@ HEADDIMS = (64, 96, 128, 192, 256)
 #: Shared memory one CTA may use on sm_90 (bytes).
 SM90_SMEM_LIMIT = 227 * 1024
 #: Kernel variants: ``plain`` (design step A: one partition of 2 warpgroups, 8 warps, that
-#: also issues the TMA loads) and ``ws`` (step B: warp-specialised, a 1-warp TMA producer and 2
-#: consumer warpgroups of 4 warps in ping-pong).
-KERNELS = ("plain", "ws")
+#: also issues the TMA loads), ``ws`` (step B: warp-specialised, a 1-warp TMA producer and 2
+#: consumer warpgroups of 4 warps in ping-pong) and ``persistent`` (step C: ``ws`` partitions
+#: looping over a host-computed LPT tile schedule, one program per SM; dense calls only, varlen
+#: calls run ``ws``).
+KERNELS = ("plain", "ws", "persistent")
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,12 @@ module needs Triton >= 3.6 with Gluon (``triton.experimental.gluon``).
 Layouts and semantics
 ---------------------
 Dense calls: q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hk, D)`` through 4-D TMA descriptors with
-blocks ``[1, rows, 1, D]``: rows past a batch's sequence end are zero-filled by TMA on loads
-and clipped on stores. Varlen calls: q ``(total_q, H, D)``, k/v ``(total_k, Hk, D)`` (the
-``(1, total, H, D)`` internal layout without its unit batch) through 3-D descriptors with blocks
-``[rows, 1, D]`` and ``cu_seqlens``: a tile near a sequence end reads the next sequence's tokens;
+blocks ``[1, rows, 1, BLOCK_D]``: rows past a batch's sequence end are zero-filled by TMA on
+loads and clipped on stores (``BLOCK_D``: ``D`` rounded up to a power of two, as Gluon tiles
+are; the extra columns are zero-filled and clipped the same way). Varlen calls: q
+``(total_q, H, D)``, k/v ``(total_k, Hk, D)`` (the ``(1, total, H, D)`` internal layout without
+its unit batch) through 3-D descriptors with blocks ``[rows, 1, BLOCK_D]`` and ``cu_seqlens``:
+a tile near a sequence end reads the next sequence's tokens;
 those keys are masked to -inf (their V rows are multiplied by exact zeros), and rows outside the
 sequence are never written (masked stores for a ragged last query tile).
 
@@ -23,10 +25,23 @@ these two constants as ``qk_scale`` / ``cap_out``. Outputs: o like q, lse float3
 
 Kernels
 -------
-``attn_fwd_plain`` (design step A): one program per (128-row query tile, head, batch), 8 warps
-= 2 warpgroups of 64 rows each issuing their own wgmma. The key blocks a tile visits are one
-contiguous run, split into masked blocks below the window, unmasked blocks, and masked blocks
-at the diagonal / window edge / ragged key end: only the masked ones pay for mask arithmetic.
+The key blocks a query tile visits are one contiguous run, split into masked blocks below the
+window, unmasked blocks, and masked blocks at the diagonal / window edge / ragged key end: only
+the masked ones pay for mask arithmetic. Every kernel uses 128-row query tiles handled as two
+64-row warpgroups (wgmma M = 64 each).
+
+* ``attn_fwd_plain`` (design step A): one program per (query tile, head, batch), 8 warps in one
+  partition that also issues the TMA loads; a CTA-wide barrier per key block before a ring slot
+  is refilled.
+* ``attn_fwd_ws`` (step B, the default): warp-specialised. A 1-warp producer issues every TMA
+  load (Q halves, then K/V through full/empty mbarriers); two 4-warp consumer warpgroups each own
+  64 query rows and follow FA3's schedule: S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued on
+  the warpgroup's turn (ping-pong through a pair of mbarriers, so one warpgroup's softmax overlaps
+  the other's wgmma), and the softmax of S_j runs while P_{j-1} V_{j-1} is still in flight.
+* ``attn_fwd_persistent`` (step C, dense calls): the ``ws`` partitions loop over a tile list
+  computed on the host (:mod:`.sched`: heaviest tiles first, LPT-balanced over one program per
+  SM); the K/V ring and the turns run on across tiles, and each consumer releases its Q buffer
+  (``q_empty``) once its output tile is stored, so the next tile's loads overlap the epilogue.
 """
 
 from __future__ import annotations
@@ -208,7 +223,8 @@ def _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, m0, q_start, seqlen_q
     l_safe = gl.where(empty, 1.0, l_i)
     lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
     rows = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
-    lse_ptrs = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + (q_start + rows)
+    # int32 offsets: the host checks lse.numel() < 2**31 (keeps 64-bit strides out of the registers)
+    lse_ptrs = LSE + (b * stride_lb + h * stride_lh) + (q_start + rows)
     gl.store(lse_ptrs, lse, mask=rows < seqlen_q)
     inv = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout))
     o = (acc * gl.expand_dims(inv, 1)).to(q_smem.dtype)
@@ -347,19 +363,16 @@ def attn_fwd_plain(
 
 
 @gluon.jit
-def _ws_producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
-                 b, h, hk, q_start, k_start, m0, nb_lo, n_total,
-                 SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
-    """1 warp: TMA loads of both consumers' Q tiles, then K and V of every key block into the
-    ring, each slot reloaded once both consumers released it (``k_empty`` / ``v_empty``)."""
-    for c in gl.static_range(2):
-        mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
-        _tma_load(q_desc, q_bars.index(c), q_bufs.index(c), b, q_start + m0 + c * SUB_M, h, IS_VARLEN)
+def _ws_load_kv(k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, b, hk, k_start, nb_lo, n_total,
+                it0, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
+    """Producer: K and V of key blocks ``nb_lo ..`` (``n_total`` of them) into the ring, from ring
+    iteration ``it0`` on; a slot is reloaded once both consumers released it (``k_empty`` /
+    ``v_empty``). A fresh barrier passes a wait on phase 1, so the first NUM_STAGES loads do not wait."""
     for i in range(n_total):
-        stage = i % NUM_STAGES
-        phase = (i // NUM_STAGES) & 1
+        it = it0 + i
+        stage = it % NUM_STAGES
+        phase = (it // NUM_STAGES) & 1
         row = k_start + (nb_lo + i) * BLOCK_N
-        # a fresh barrier passes a wait on phase 1: the first NUM_STAGES loads do not wait
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
         mbarrier.expect(k_full.index(stage), k_desc.block_type.nbytes)
         _tma_load(k_desc, k_full.index(stage), k_bufs.index(stage), b, row, hk, IS_VARLEN)
@@ -369,20 +382,34 @@ def _ws_producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full,
 
 
 @gluon.jit
+def _ws_producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
+                 b, h, hk, q_start, k_start, m0, nb_lo, n_total,
+                 SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
+    """1 warp: TMA loads of both consumers' Q tiles, then K and V of every key block."""
+    for c in gl.static_range(2):
+        mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
+        _tma_load(q_desc, q_bars.index(c), q_bufs.index(c), b, q_start + m0 + c * SUB_M, h, IS_VARLEN)
+    _ws_load_kv(k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, b, hk, k_start, nb_lo, n_total,
+                0, BLOCK_N, NUM_STAGES, IS_VARLEN)
+
+
+@gluon.jit
 def _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn,
               rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
               CID: gl.constexpr, MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
               HAS_SOFTCAP: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
               s_layout: gl.constexpr, o_layout: gl.constexpr):
-    """Key block ``blk`` (ring iteration ``it`` >= 1) of one consumer warpgroup, FA3's schedule:
-    on this warpgroup's turn issue S = Q K_blk^T and O += P_prev V_prev, hand the turn to the
-    other warpgroup, then run the softmax of S while P_prev V_prev is still on the tensor cores."""
+    """Key block ``blk`` (not a tile's first) of one consumer warpgroup, FA3's schedule: on this
+    warpgroup's turn issue S = Q K_blk^T and O += P_prev V_prev, hand the turn to the other
+    warpgroup, then run the softmax of S while P_prev V_prev is still on the tensor cores.
+    ``it`` counts key blocks over the program's life: it picks the ring slot and phase, and the
+    turn (each block takes one turn; both consumers visit the same blocks)."""
     stage = it % NUM_STAGES
     phase = (it // NUM_STAGES) & 1
     pstage = (it - 1) % NUM_STAGES
     pphase = ((it - 1) // NUM_STAGES) & 1
     mbarrier.wait(k_full.index(stage), phase)
-    mbarrier.wait(turn.index(CID), (it & 1) ^ (1 - CID))  # turn `it` (turn 0: the first block)
+    mbarrier.wait(turn.index(CID), (it & 1) ^ (1 - CID))
     s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
     s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s0, use_acc=False, is_async=True)
     mbarrier.wait(v_full.index(pstage), pphase)
@@ -397,6 +424,62 @@ def _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_fu
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
     p_op = gl.convert_layout(p.to(q_smem.dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
     return acc, l_i, m_i, p_op
+
+
+@gluon.jit
+def _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, rows, it0,
+             nb_lo, fu_lo, fu_hi, nb_hi, seqlen_k, off, wl, wr, qk_scale, cap_out,
+             CID: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr,
+             NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+             s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """One consumer's attention over key blocks ``[nb_lo, nb_hi)`` (ring iterations ``it0 ..``);
+    Q is in ``q_smem``. Returns the unnormalised ``(acc, l_i, m_i)``."""
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    m_i = gl.full([SUB_M], float("-inf"), gl.float32, row_layout)
+    l_i = gl.zeros([SUB_M], gl.float32, row_layout)
+    acc = gl.zeros([SUB_M, BLOCK_D], gl.float32, o_layout)
+    n_total = nb_hi - nb_lo
+    if n_total > 0:
+        # first block: S only (always with masks: it may be any of the three kinds)
+        stage = it0 % NUM_STAGES
+        mbarrier.wait(k_full.index(stage), (it0 // NUM_STAGES) & 1)
+        mbarrier.wait(turn.index(CID), (it0 & 1) ^ (1 - CID))
+        s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
+        s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s0, use_acc=False, is_async=True)
+        mbarrier.arrive(turn.index(1 - CID))
+        s = warpgroup_mma_wait(0, deps=(s,))
+        mbarrier.arrive(k_empty.index(stage))
+        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout)
+        p_op = gl.convert_layout(p.to(q_smem.dtype),
+                                 gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+        it = it0 + 1
+        for blk in range(nb_lo + 1, fu_lo):
+            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
+                                            k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                            s_layout, o_layout)
+            it += 1
+        for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
+            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
+                                            k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                            s_layout, o_layout)
+            it += 1
+        for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
+            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
+                                            k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                            s_layout, o_layout)
+            it += 1
+        # the last block's P V
+        last = it0 + n_total - 1
+        lstage = last % NUM_STAGES
+        mbarrier.wait(v_full.index(lstage), (last // NUM_STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_bufs.index(lstage), acc, is_async=True)
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+        mbarrier.arrive(v_empty.index(lstage))
+    return acc, l_i, m_i
 
 
 @gluon.jit
@@ -416,50 +499,11 @@ def _ws_consumer(q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empt
     q_smem = q_bufs.index(CID)
     r0 = m0 + CID * SUB_M
     rows = r0 + gl.arange(0, SUB_M, layout=row_layout)
-    m_i = gl.full([SUB_M], float("-inf"), gl.float32, row_layout)
-    l_i = gl.zeros([SUB_M], gl.float32, row_layout)
-    acc = gl.zeros([SUB_M, BLOCK_D], gl.float32, o_layout)
-    n_total = nb_hi - nb_lo
     mbarrier.wait(q_bars.index(CID), 0)
-    if n_total > 0:
-        # first block: S only (always with masks: it may be any of the three kinds)
-        mbarrier.wait(k_full.index(0), 0)
-        mbarrier.wait(turn.index(CID), 1 - CID)
-        s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
-        s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s0, use_acc=False, is_async=True)
-        mbarrier.arrive(turn.index(1 - CID))
-        s = warpgroup_mma_wait(0, deps=(s,))
-        mbarrier.arrive(k_empty.index(0))
-        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                            True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout)
-        p_op = gl.convert_layout(p.to(q_smem.dtype),
-                                 gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
-        it = 1
-        for blk in range(nb_lo + 1, fu_lo):
-            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
-                                            k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                            CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                            s_layout, o_layout)
-            it += 1
-        for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
-            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
-                                            k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                            CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                            s_layout, o_layout)
-            it += 1
-        for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
-            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
-                                            k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                            CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                            s_layout, o_layout)
-            it += 1
-        # last P V
-        last = n_total - 1
-        lstage = last % NUM_STAGES
-        mbarrier.wait(v_full.index(lstage), (last // NUM_STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_bufs.index(lstage), acc, is_async=True)
-        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-        mbarrier.arrive(v_empty.index(lstage))
+    acc, l_i, m_i = _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, rows, 0,
+                             nb_lo, fu_lo, fu_hi, nb_hi, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                             CID, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
+                             s_layout, o_layout)
     if r0 < seqlen_q:
         _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, r0, q_start, seqlen_q,
                   stride_os, stride_oh, stride_lb, stride_lh,
@@ -524,4 +568,139 @@ def attn_fwd_ws(
                         1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN)),
         (_ws_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
                         b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# ---------------------------------------------------------------------------------------
+# step C: persistent warp-specialised kernel over a host-computed tile schedule (dense only)
+# ---------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _pers_tile(TILES, t, n_mb, nheads, seqlen_q, seqlen_k, wl, wr,
+               HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Decode tile ``TILES[t]`` (``(b * nheads + h) * n_mb + m_block``): ``(b, h, m0, key block range)``."""
+    code = gl.load(TILES + t)
+    m0 = (code % n_mb) * BLOCK_M
+    bh = code // n_mb
+    h = bh % nheads
+    b = bh // nheads
+    r_hi = gl.minimum(m0 + BLOCK_M, seqlen_q)
+    nb_lo, fu_lo, fu_hi, nb_hi = _block_range(m0, r_hi, seqlen_k, seqlen_k - seqlen_q, wl, wr, HAS_WL, HAS_WR, BLOCK_N)
+    return b, h, m0, nb_lo, fu_lo, fu_hi, nb_hi
+
+
+@gluon.jit
+def _pers_producer(TILES, OFFS, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, q_empty,
+                   k_full, v_full, k_empty, v_empty, n_mb, nheads, group, seqlen_q, seqlen_k, wl, wr,
+                   SUB_M: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                   HAS_WL: gl.constexpr, HAS_WR: gl.constexpr):
+    """1 warp, for each tile of this program: both Q halves (once the consumers released the
+    previous tile's Q buffer, ``q_empty``), then its K/V blocks into the ring; the ring runs on
+    across tiles, so the next tile's loads overlap the current tile's last blocks and epilogue."""
+    pid = gl.program_id(0)
+    start = gl.load(OFFS + pid)
+    end = gl.load(OFFS + pid + 1)
+    it = 0
+    for t in range(start, end):
+        j = t - start
+        b, h, m0, nb_lo, fu_lo, fu_hi, nb_hi = _pers_tile(TILES, t, n_mb, nheads, seqlen_q, seqlen_k, wl, wr,
+                                                          HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
+        for c in gl.static_range(2):
+            mbarrier.wait(q_empty.index(c), (j & 1) ^ 1)
+            mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
+            _tma_load(q_desc, q_bars.index(c), q_bufs.index(c), b, m0 + c * SUB_M, h, False)
+        n_total = nb_hi - nb_lo
+        _ws_load_kv(k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, b, h // group, 0, nb_lo,
+                    n_total, it, BLOCK_N, NUM_STAGES, False)
+        it += n_total
+
+
+@gluon.jit
+def _pers_consumer(TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full, v_full, k_empty, v_empty, turn,
+                   o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, wl, wr, qk_scale, cap_out,
+                   stride_os, stride_oh, stride_lb, stride_lh,
+                   CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr,
+                   HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
+    """One consumer warpgroup over this program's tiles (rows ``m0 + CID * SUB_M ..`` of each)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_D, 16])
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    q_smem = q_bufs.index(CID)
+    pid = gl.program_id(0)
+    start = gl.load(OFFS + pid)
+    end = gl.load(OFFS + pid + 1)
+    off = seqlen_k - seqlen_q
+    zero = pid * 0
+    it = 0
+    for t in range(start, end):
+        j = t - start
+        b, h, m0, nb_lo, fu_lo, fu_hi, nb_hi = _pers_tile(TILES, t, n_mb, nheads, seqlen_q, seqlen_k, wl, wr,
+                                                          HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
+        r0 = m0 + CID * SUB_M
+        rows = r0 + gl.arange(0, SUB_M, layout=row_layout)
+        mbarrier.wait(q_bars.index(CID), j & 1)
+        acc, l_i, m_i = _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, rows, it,
+                                 nb_lo, fu_lo, fu_hi, nb_hi, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                 CID, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
+                                 s_layout, o_layout)
+        if r0 < seqlen_q:
+            _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, r0, zero, seqlen_q,
+                      stride_os, stride_oh, stride_lb, stride_lh,
+                      False, SUB_M, HEAD_DIM, BLOCK_D, row_layout, o_layout)
+        # Q buffer free (the epilogue's TMA store out of it has completed): next tile's Q may land
+        mbarrier.arrive(q_empty.index(CID))
+        it += nb_hi - nb_lo
+
+
+@gluon.jit(do_not_specialize=_NO_SPECIALIZE + ["n_mb", "nheads"])
+def attn_fwd_persistent(
+    q_desc, k_desc, v_desc, o_desc, O, LSE, TILES, OFFS,
+    stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group, n_mb, nheads, qk_scale, cap_out, window_left, window_right,
+    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Dense calls only. Grid ``(len(OFFS) - 1,)``: program ``p`` runs the tiles
+    ``TILES[OFFS[p]:OFFS[p + 1]]`` (int32 codes ``(b * nheads + h) * n_mb + m_block``, from
+    :func:`flashtile.backends.hopper.sched.schedule`), with the partitions of ``attn_fwd_ws``."""
+    SUB_M: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_desc.dtype
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
+                                                     element_bitwidth=dtype.primitive_bitwidth, rank=2)
+    q_bufs = gl.allocate_shared_memory(dtype, [2, SUB_M, BLOCK_D], smem_layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], smem_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], smem_layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(2):
+        mbarrier.init(q_bars.index(c), count=1)
+        mbarrier.init(q_empty.index(c), count=1)
+        mbarrier.init(turn.index(c), count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=2)
+    gl.warp_specialize([
+        (_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full, v_full, k_empty, v_empty,
+                          turn, o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, window_left, window_right,
+                          qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
+                          0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP)),
+        (_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full, v_full, k_empty, v_empty,
+                          turn, o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, window_left, window_right,
+                          qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
+                          1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP)),
+        (_pers_producer, (TILES, OFFS, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, q_empty,
+                          k_full, v_full, k_empty, v_empty, n_mb, nheads, group, seqlen_q, seqlen_k,
+                          window_left, window_right, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

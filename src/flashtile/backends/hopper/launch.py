@@ -7,18 +7,23 @@ once :meth:`HopperBackend.available` said yes.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ...spec import AttnCall
+from .. import _device
 from ..triton.launch import device_guard, score_scales
 from . import configs
 from .configs import HopperConfig
-from .fwd import attn_fwd_plain, attn_fwd_ws
+from .fwd import attn_fwd_persistent, attn_fwd_plain, attn_fwd_ws
+from .sched import schedule
 
-_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+# (schedule key, device) -> (codes, offsets) int32 tensors of the persistent kernel's schedule
+_SCHEDULES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def swizzle_bytes(headdim: int, elem_bytes: int = 2) -> int:
@@ -83,10 +88,16 @@ def forward(
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
+    if not call.softmax_scale > 0:
+        raise ValueError(f"flashtile hopper: softmax_scale must be > 0, got {call.softmax_scale}")
+    if lse.numel() >= 2**31:
+        raise ValueError(f"flashtile hopper: lse has {lse.numel()} elements; the kernels index it with int32")
     cfg = config or configs.config(D)
     bad = configs.check(cfg, D)
     if bad:
         raise ValueError(f"flashtile hopper: config {cfg} for head dim {D}: {bad}")
+    if varlen and cfg.kernel == "persistent":  # the host knows no sequence lengths to schedule
+        cfg = replace(cfg, kernel="ws")
     q, k, v = (x if tma_compatible(x) else x.contiguous() for x in (q, k, v))
     qk_scale, cap_out = score_scales(call)
     q_desc = _descriptor(q, cfg.q_rows, varlen)
@@ -107,9 +118,39 @@ def forward(
     with device_guard(q.device):
         if cfg.kernel == "plain":
             attn_fwd_plain[grid](*args, **consts)
-        else:
+        elif cfg.kernel == "ws":
             attn_fwd_ws[grid](*args, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, **consts)
+        else:
+            tiles, offs = _schedule_tensors(q.device, B, H, Sq, Sk, cfg, call)
+            for key in ("IS_VARLEN", "REVERSE_M"):
+                consts.pop(key)
+            attn_fwd_persistent[(offs.shape[0] - 1,)](
+                q_desc, k_desc, v_desc, o_desc, out, lse, tiles, offs,
+                out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+                Sq, Sk, H // Hk, triton.cdiv(Sq, cfg.block_m), H, qk_scale, cap_out,
+                call.window_left, call.window_right,
+                CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, **consts,
+            )  # fmt: skip
     return out, lse
+
+
+def _schedule_tensors(
+    device: torch.device, B: int, H: int, Sq: int, Sk: int, cfg: HopperConfig, call: AttnCall
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The persistent kernel's tile schedule (:func:`.sched.schedule`, one program per SM) as
+    int32 device tensors, built once per shape and device."""
+    info = _device.info(device)
+    n_programs = info.sm_count if info is not None else 132
+    key = (B, H, Sq, Sk, cfg.block_m, cfg.block_n, call.window_left, call.window_right, n_programs)
+    found = _SCHEDULES.get((key, device))
+    if found is None:
+        codes, offsets = schedule(*key)
+        found = (torch.tensor(codes, dtype=torch.int32, device=device),
+                 torch.tensor(offsets, dtype=torch.int32, device=device))  # fmt: skip
+        if len(_SCHEDULES) > 256:
+            _SCHEDULES.clear()
+        _SCHEDULES[(key, device)] = found
+    return found
 
 
 def describe(headdim: int) -> str:
