@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 import flashtile  # noqa: E402
 from flashtile import dispatch  # noqa: E402
 from flashtile.backends import hopper  # noqa: E402
-from flashtile.spec import make_call  # noqa: E402
+from flashtile.spec import Problem, make_call  # noqa: E402
 from flashtile.testing import attention_ref  # noqa: E402
 
 FWD_ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -251,7 +251,8 @@ def run_correctness(quick: bool, config_overrides: dict | None = None, label: st
 def run_api_check() -> None:
     """The backend through the public API: auto picks hopper, forward + (Triton) backward."""
     q, k, v = (torch.randn(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    chosen = dispatch.auto_choice("cuda", torch.bfloat16, 128)
+    call = make_call(headdim=128, causal=True)
+    chosen = dispatch.choose(Problem.of(q, k, call), call)
     with flashtile.use_backend("hopper"):
         out = flashtile.flash_attn_func(q, k, v, causal=True)
         out.float().square().sum().backward()
