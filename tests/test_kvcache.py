@@ -293,6 +293,42 @@ class TestBadInput:
             flash_attn_with_kvcache(self.q, kc, vc, self.k, self.v, cache_seqlens=seqlens)
         assert torch.equal(kc[1], self.kc[1]) and torch.equal(vc[1], self.vc[1])
 
+    @pytest.mark.parametrize("seqlens", [-3, "tensor"])
+    def test_negative_cache_seqlens(self, seqlens):
+        kc, vc = self.kc.clone(), self.vc.clone()
+        if seqlens == "tensor":
+            seqlens = torch.tensor([2, -3], dtype=torch.int32, device=DEV)
+            match = r"^cache_seqlens\[1\] = -3 must be >= 0"
+        else:
+            match = r"^cache_seqlens must be >= 0 \(the number of tokens already in the cache\), got -3$"
+        for new in ((), (self.k, self.v)):
+            with pytest.raises(ValueError, match=match):
+                flash_attn_with_kvcache(self.q, kc, vc, *new, cache_seqlens=seqlens)
+        assert torch.equal(kc[1], self.kc[1]) and torch.equal(vc[1], self.vc[1])  # the bad row is left alone
+
+    @pytest.mark.parametrize("bad", [1.5, 2.0, True, "3"])
+    def test_cache_seqlens_int_must_be_an_int(self, bad):
+        with pytest.raises(ValueError, match=r"^cache_seqlens must be an int"):
+            flash_attn_with_kvcache(self.q, self.kc, self.vc, cache_seqlens=bad)
+
+    @pytest.mark.parametrize("bad", [-1, -8, 1.5, True])
+    def test_num_splits_must_be_a_non_negative_int(self, bad):
+        with pytest.raises(ValueError, match=r"^num_splits must be an int >= 0 \(0 = choose, 1 = no split\)"):
+            flash_attn_with_kvcache(self.q, self.kc, self.vc, cache_seqlens=3, num_splits=bad)
+
+    @pytest.mark.parametrize("which", ["k_cache", "v_cache"])
+    def test_cache_requiring_grad_with_new_tokens(self, which):
+        """The new k/v are written into the cache in place: a cache that requires grad is refused by name
+        (autograd forbids that write); without new tokens, or under no_grad, it is only read."""
+        caches = {"k_cache": self.kc.clone(), "v_cache": self.vc.clone()}
+        caches[which].requires_grad_()
+        with pytest.raises(ValueError, match=rf"^{which} requires grad, but the new k/v are written into it in place"):
+            flash_attn_with_kvcache(self.q, caches["k_cache"], caches["v_cache"], self.k, self.v, cache_seqlens=3)
+        flash_attn_with_kvcache(self.q, caches["k_cache"], caches["v_cache"], cache_seqlens=3)
+        with torch.no_grad():
+            flash_attn_with_kvcache(self.q, caches["k_cache"], caches["v_cache"], self.k, self.v, cache_seqlens=3)
+        assert torch.equal(caches[which][:, 3].detach(), (self.k if which == "k_cache" else self.v)[:, 0])
+
     def test_k_without_v(self):
         with pytest.raises(ValueError, match="together"):
             flash_attn_with_kvcache(self.q, self.kc, self.vc, self.k, None, cache_seqlens=3)

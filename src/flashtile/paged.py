@@ -95,7 +95,10 @@ def check_cache_indices(cache: KVCache, seqlens: torch.Tensor, *, sq: int = 0, a
     if any(flags):
         sl, lpl = seqlens.tolist(), lp.tolist()
         for i in range(len(sl)):
-            if sl[i] < 0 or sl[i] + sn > capacity:
+            if sl[i] < 0:
+                raise ValueError(f"cache_seqlens[{i}] = {sl[i]} must be >= 0 (the number of tokens already in "
+                                 "the cache)")  # fmt: skip
+            if sl[i] + sn > capacity:
                 raise ValueError(
                     f"cache_seqlens[{i}] + seqlen_new = {sl[i]} + {sn} exceeds the cache capacity {capacity}"
                     + (" (max_blocks_per_seq * page_block_size)" if paged else " (seqlen_cache)")

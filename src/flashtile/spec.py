@@ -20,6 +20,7 @@ Semantics (flash-attn 2.8):
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -237,10 +238,25 @@ def check_qkv(
             )
 
 
+def as_int(x: object, name: str, expected: str = "an int") -> int:
+    """``x`` as a Python int, for an integer argument ``name``: ints (SymInts under
+    ``torch.compile``, as ``int()`` would) and integer scalars with ``__index__`` (numpy integers,
+    0-d integer tensors). Bools, floats (never truncated) and anything else raise ``ValueError``
+    saying that ``name`` must be ``expected``."""
+    if isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool):
+        return int(x)
+    if not isinstance(x, (bool, float)):
+        try:
+            return operator.index(x)
+        except TypeError:
+            pass
+    raise ValueError(f"{name} must be {expected}, got {x!r} ({type(x).__name__})")
+
+
 def normalize_window(window_size: Sequence[int], causal: bool) -> tuple[int, int]:
-    """Check ``window_size`` and fold ``causal`` into it: returns ``(left, right)``."""
+    """Check ``window_size`` (two ints) and fold ``causal`` into it: returns ``(left, right)``."""
     try:
-        left, right = (int(w) for w in window_size)
+        left, right = (as_int(w, "window_size") for w in window_size)
     except (TypeError, ValueError):
         raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
     if left < -1 or right < -1:
