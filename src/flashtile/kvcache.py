@@ -7,6 +7,11 @@ ALiBi alignment uses ``seqlen_k_i = cache_seqlens_i + seqlen_new - leftpad_i``, 
 ``causal=True`` the last query sees every key and query ``t`` sees keys up to
 ``seqlen_k_i - seqlen_q + t``.
 
+Rotary positions are flash-attn's, which are cache indices, leftpad included (not key numbers): new
+key ``t`` of row ``i`` is rotated at ``cache_seqlens_i + t``, where it is written; query ``t`` at
+``cache_seqlens_i + t`` when the attention is causal or local (a window side >= the cache
+capacity counts as unbounded, as flash-attn clamps it), else every query at ``cache_seqlens_i``.
+
 This module validates the call and hands it, as an :class:`~flashtile.spec.AttnCall` and a
 :class:`~flashtile.spec.KVCache`, to ``decode`` of the backend :mod:`flashtile.dispatch` picks
 among those that declare KV-cache decoding (``Capabilities.decode``).
@@ -78,9 +83,10 @@ def flash_attn_with_kvcache(
         k, v: optional new tokens ``(batch, seqlen_new, nheads_k, headdim)``, written at
             positions ``cache_seqlens[i] ..`` of row ``i`` before attending.
         rotary_cos, rotary_sin: optional ``(seqlen_ro, rotary_dim / 2)``: rotary embedding of the
-            new k at positions ``cache_seqlens - cache_leftpad + t``, and of q at the same
-            positions when ``causal`` or a window is set (else all of q at position
-            ``cache_seqlens - cache_leftpad``). ``rotary_interleaved``: GPT-J (True) or NeoX (False).
+            new k at positions ``cache_seqlens, cache_seqlens + 1, ...`` (their indices in the
+            cache, ``cache_leftpad`` included, as in flash-attn), and of q at the same positions
+            when ``causal`` or a window is set (else all of q at position ``cache_seqlens``); see
+            the module docstring. ``rotary_interleaved``: GPT-J (True) or NeoX (False).
         cache_seqlens: int or int32 ``(batch,)``: tokens already in the cache per row, >= 0
             (None = the whole cache).
         cache_batch_idx: int32 ``(batch,)``: the cache row each batch row uses (dense caches).
@@ -160,7 +166,8 @@ def flash_attn_with_kvcache(
                     batch_idx=cache_batch_idx, leftpad=cache_leftpad, block_table=block_table, rotary=rotary,
                     capacity=capacity, num_splits=num_splits)  # fmt: skip
     if rotary is not None and not cache.has_index_tensors:  # positions known here: seqlens is an int, no leftpad
-        check_rotary_end(cache_seqlens + max(sn - 1, sq - 1 if call.has_window else 0, 0), rotary_cos.shape[0])
+        along = cache.rotary_along(call)
+        check_rotary_end(cache_seqlens + max(sn - 1, sq - 1 if along else 0, 0), rotary_cos.shape[0])
     problem = Problem(batch=b, seqlen_q=sq, seqlen_k=capacity, nheads=h, nheads_k=hk, headdim=d, dtype=q.dtype,
                       device=dev)  # fmt: skip
     out, lse = dispatch.backend_for(problem, call, decode=True).decode(q, cache, call)

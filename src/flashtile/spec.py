@@ -143,6 +143,10 @@ class KVCache:
     cached); ``batch_idx`` / ``leftpad``: None or int32 ``(batch,)``; ``rotary``: None or
     ``(cos, sin, interleaved)``; ``capacity``: positions a row can hold; ``num_splits``: key
     pieces per row (0 = the backend chooses).
+
+    Rotary positions (flash-attn's): new key ``t`` of row ``b`` at ``seqlens[b] + t``, its index in
+    the cache (leftpad included); query ``t`` there too when :meth:`rotary_along`, else every query
+    at ``seqlens[b]``.
     """
 
     k_cache: torch.Tensor
@@ -164,6 +168,12 @@ class KVCache:
     @property
     def seqlen_new(self) -> int:
         return 0 if self.k_new is None else self.k_new.shape[1]
+
+    def rotary_along(self, call: AttnCall) -> bool:
+        """Whether query ``t`` is rotated at ``seqlens + t`` (else every query at ``seqlens``): when
+        the attention is causal or local, as flash-attn decides it, where a window side of at least
+        the cache capacity counts as unbounded."""
+        return 0 <= call.window_left < self.capacity or 0 <= call.window_right < self.capacity
 
     @property
     def has_index_tensors(self) -> bool:
