@@ -177,3 +177,52 @@ def test_demo_runs_check_and_bench_and_writes_the_plot(tmp_path, capsys, monkeyp
     assert len(json.loads(js.read_text())["rows"]) == 2 * 3
     if plot.have_matplotlib():
         assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("command", ["check", "bench", "demo"])
+@pytest.mark.parametrize("device", ["foo", "cuda:x", "cuda"])
+def test_every_command_checks_the_device_the_same_way(command, device, capsys):
+    """A device that is not one, or CUDA on a machine without it: one line on stderr and exit code 2
+    (no traceback), the same for every command."""
+    if device == "cuda" and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.device_count()}"  # one past the last device
+    assert cli.main([command, "--device", device]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: --device {device} ") and err.count("\n") == 1, err
+    assert "Traceback" not in out + err
+    if device == "cuda":
+        assert err == "error: --device cuda but CUDA is not available here\n"
+
+
+def test_unknown_option_shows_the_subcommand_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: flashtile bench ") and "unrecognized arguments: --bogus" in err
+    with pytest.raises(SystemExit):
+        cli.main(["--bogus"])
+    assert capsys.readouterr().err.startswith("usage: flashtile [-h]")
+
+
+def test_help_describes_the_command(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]
+    assert "``" not in out and "The flashtile command." not in description
+    assert description.startswith("Check, benchmark and inspect flashtile"), description
+    for command in ("env", "check", "bench", "demo"):
+        assert command in out
+
+
+@pytest.mark.parametrize(
+    "methods,head",
+    [(["flashtile"], "flashtile on"), (["flashtile", "sdpa"], "flashtile vs SDPA on"),
+     (list(bench.METHODS), "flashtile vs standard attention vs SDPA on")],
+)  # fmt: skip
+def test_plot_title_names_the_methods_that_ran(methods, head):
+    args = dict(dtype="float32", batch=1, heads=8, headdim=64, causal=False)
+    meta = {"device": "a CPU", "args": args, "rows": [{"method": m, "mode": "fwd", "seqlen": 64} for m in methods]}
+    title = plot.plot_title(meta)
+    assert title.startswith(head + " a CPU\n"), title

@@ -97,33 +97,69 @@ def test_decode_with_rotary(interleaved, paged):
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("interleaved", [True, False])
-def test_rotary_non_causal_with_leftpad(interleaved):
-    """Non-causal: every query rotated to position cache_seqlens - leftpad, new keys to
-    cache_seqlens - leftpad + t, against attention over the rotated keys gathered by hand."""
-    b, h, hk, d, sn, cap = 2, 4, 2, 16, 3, 24
+@pytest.mark.parametrize("interleaved", [True, False], ids=["gptj", "neox"])
+@pytest.mark.parametrize(
+    "opts",
+    [dict(), dict(causal=True), dict(window_size=(4, 1)), dict(window_size=(40, -1)), dict(causal=True, num_splits=2)],
+    ids=["full", "causal", "window", "window>=capacity", "causal-splits"],
+)
+def test_rotary_positions_with_leftpad_match_flash_attn(opts, interleaved):
+    """flash-attn's rotary positions with cache_leftpad: the new keys at cache_seqlens + t (their index
+    in the cache, leftpad included), q at cache_seqlens + t when causal or local, else all at
+    cache_seqlens (a window side >= the cache capacity is no window, as flash-attn clamps it); the
+    causal/window alignment still uses each row's key count cache_seqlens + seqlen_new - leftpad.
+    Reference: the oracle over keys/queries rotated by hand at those positions."""
+    b, sq, sn, h, hk, d, cap = 3, 3, 3, 4, 2, 16, 24
     g = torch.Generator(device="cpu").manual_seed(9)
     kc = torch.randn(b, cap, hk, d, generator=g).to(DEV)
     vc = torch.randn_like(kc)
-    q = torch.randn(b, 2, h, d, generator=g).to(DEV)
+    q = torch.randn(b, sq, h, d, generator=g).to(DEV)
     kn, vn = torch.randn(b, sn, hk, d, generator=g).to(DEV), torch.randn(b, sn, hk, d, generator=g).to(DEV)
-    seqlens = torch.tensor([10, 17], dtype=torch.int32, device=DEV)
-    leftpad = torch.tensor([2, 0], dtype=torch.int32, device=DEV)
-    cos, sin = rotary_cos_sin(40, 12, device=DEV)  # 12 of 16 channels rotated
+    seqlens = torch.tensor([10, 17, 6], dtype=torch.int32, device=DEV)
+    leftpad = torch.tensor([3, 0, 5], dtype=torch.int32, device=DEV)
+    cos, sin = rotary_cos_sin(cap, 6, device=DEV)  # 12 of 16 channels rotated
     k0, v0 = kc.clone(), vc.clone()
-    out = flash_attn_with_kvcache(q, kc, vc, kn, vn, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved,
-                                  cache_seqlens=seqlens, cache_leftpad=leftpad)  # fmt: skip
+    opts = dict(opts)
+    mask_opts = dict(causal=opts.get("causal", False), window_size=opts.get("window_size", (-1, -1)))
+    along = mask_opts["causal"] or mask_opts["window_size"] == (4, 1)
+    out, lse = flash_attn_with_kvcache(q, kc, vc, kn, vn, rotary_cos=cos, rotary_sin=sin,
+                                       rotary_interleaved=interleaved, cache_seqlens=seqlens, cache_leftpad=leftpad,
+                                       return_softmax_lse=True, **opts)  # fmt: skip
     for i in range(b):
         n, lp = int(seqlens[i]), int(leftpad[i])
-        knr = apply_rotary_at(kn[i : i + 1], cos, sin, torch.arange(sn, device=DEV).view(1, sn) + n - lp, interleaved)
-        keys = torch.cat([k0[i : i + 1, lp:n], knr], 1)
+        t = torch.arange(sn, device=DEV).view(1, sn)
+        knr = apply_rotary_at(kn[i : i + 1], cos, sin, n + t, interleaved)
+        keys = torch.cat([k0[i : i + 1, lp:n], knr], 1)  # the row's keys: cache positions [lp, n + sn)
         vals = torch.cat([v0[i : i + 1, lp:n], vn[i : i + 1]], 1)
-        qr = apply_rotary_at(q[i : i + 1], cos, sin, torch.full((1, 2), n - lp, device=DEV), interleaved)
-        torch.testing.assert_close(out[i : i + 1], flash_attn_func(qr, keys, vals), atol=ATOL, rtol=0)
+        pos_q = n + torch.arange(sq, device=DEV).view(1, sq) if along else torch.full((1, sq), n, device=DEV)
+        qr = apply_rotary_at(q[i : i + 1], cos, sin, pos_q, interleaved)
+        ref_out, ref_lse = attention_ref(qr, keys, vals, **mask_opts)
+        torch.testing.assert_close(out[i : i + 1], ref_out, atol=ATOL, rtol=0)
+        torch.testing.assert_close(lse[i : i + 1], ref_lse, atol=ATOL, rtol=0)
         torch.testing.assert_close(kc[i, n : n + sn], knr[0], atol=ATOL, rtol=0)
-    with pytest.raises(ValueError, match="rotary position 17 is out of range"):  # row 1's queries sit at 17
-        flash_attn_with_kvcache(q, kc, vc, rotary_cos=cos[:15], rotary_sin=sin[:15], cache_seqlens=seqlens,
+        torch.testing.assert_close(vc[i, n : n + sn], vn[i], atol=0, rtol=0)
+
+
+def test_rotary_range_is_checked_at_flash_attn_positions():
+    """The rotary range check uses the same positions: with leftpad, the last new key of row 0 sits at
+    cache_seqlens + seqlen_new - 1 = 12, past a 12-entry table (it fitted at 10 - 6 + 2 before)."""
+    b, h, hk, d, sn = 2, 4, 2, 16, 3
+    g = torch.Generator(device="cpu").manual_seed(5)
+    kc = torch.randn(b, 16, hk, d, generator=g).to(DEV)
+    vc = torch.randn_like(kc)
+    q, kn, vn = (torch.randn(b, 1, n, d, generator=g).to(DEV) for n in (h, hk, hk))
+    kn, vn = kn.expand(b, sn, hk, d).contiguous(), vn.expand(b, sn, hk, d).contiguous()
+    seqlens = torch.tensor([10, 4], dtype=torch.int32, device=DEV)
+    leftpad = torch.tensor([6, 0], dtype=torch.int32, device=DEV)
+    cos, sin = rotary_cos_sin(12, 8, device=DEV)
+    with pytest.raises(ValueError, match="rotary position 12 is out of range"):
+        flash_attn_with_kvcache(q, kc, vc, kn, vn, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens,
                                 cache_leftpad=leftpad)  # fmt: skip
+    with pytest.raises(ValueError, match="rotary position 12 is out of range"):  # causal queries alone: 10 .. 12
+        flash_attn_with_kvcache(q.expand(b, 3, h, d).contiguous(), kc, vc, rotary_cos=cos, rotary_sin=sin,
+                                cache_seqlens=seqlens, cache_leftpad=leftpad, causal=True)  # fmt: skip
+    flash_attn_with_kvcache(q, kc, vc, kn, vn, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens - 1,
+                            cache_leftpad=leftpad)  # fmt: skip
 
 
 def test_rotary_packed_positions_restart_per_sequence():
@@ -292,6 +328,42 @@ class TestBadInput:
         with pytest.raises(ValueError, match=r"cache_seqlens\[1\] \+ seqlen_new = 10 \+ 1 exceeds"):
             flash_attn_with_kvcache(self.q, kc, vc, self.k, self.v, cache_seqlens=seqlens)
         assert torch.equal(kc[1], self.kc[1]) and torch.equal(vc[1], self.vc[1])
+
+    @pytest.mark.parametrize("seqlens", [-3, "tensor"])
+    def test_negative_cache_seqlens(self, seqlens):
+        kc, vc = self.kc.clone(), self.vc.clone()
+        if seqlens == "tensor":
+            seqlens = torch.tensor([2, -3], dtype=torch.int32, device=DEV)
+            match = r"^cache_seqlens\[1\] = -3 must be >= 0"
+        else:
+            match = r"^cache_seqlens must be >= 0 \(the number of tokens already in the cache\), got -3$"
+        for new in ((), (self.k, self.v)):
+            with pytest.raises(ValueError, match=match):
+                flash_attn_with_kvcache(self.q, kc, vc, *new, cache_seqlens=seqlens)
+        assert torch.equal(kc[1], self.kc[1]) and torch.equal(vc[1], self.vc[1])  # the bad row is left alone
+
+    @pytest.mark.parametrize("bad", [1.5, 2.0, True, "3"])
+    def test_cache_seqlens_int_must_be_an_int(self, bad):
+        with pytest.raises(ValueError, match=r"^cache_seqlens must be an int"):
+            flash_attn_with_kvcache(self.q, self.kc, self.vc, cache_seqlens=bad)
+
+    @pytest.mark.parametrize("bad", [-1, -8, 1.5, True])
+    def test_num_splits_must_be_a_non_negative_int(self, bad):
+        with pytest.raises(ValueError, match=r"^num_splits must be an int >= 0 \(0 = choose, 1 = no split\)"):
+            flash_attn_with_kvcache(self.q, self.kc, self.vc, cache_seqlens=3, num_splits=bad)
+
+    @pytest.mark.parametrize("which", ["k_cache", "v_cache"])
+    def test_cache_requiring_grad_with_new_tokens(self, which):
+        """The new k/v are written into the cache in place: a cache that requires grad is refused by name
+        (autograd forbids that write); without new tokens, or under no_grad, it is only read."""
+        caches = {"k_cache": self.kc.clone(), "v_cache": self.vc.clone()}
+        caches[which].requires_grad_()
+        with pytest.raises(ValueError, match=rf"^{which} requires grad, but the new k/v are written into it in place"):
+            flash_attn_with_kvcache(self.q, caches["k_cache"], caches["v_cache"], self.k, self.v, cache_seqlens=3)
+        flash_attn_with_kvcache(self.q, caches["k_cache"], caches["v_cache"], cache_seqlens=3)
+        with torch.no_grad():
+            flash_attn_with_kvcache(self.q, caches["k_cache"], caches["v_cache"], self.k, self.v, cache_seqlens=3)
+        assert torch.equal(caches[which][:, 3].detach(), (self.k if which == "k_cache" else self.v)[:, 0])
 
     def test_k_without_v(self):
         with pytest.raises(ValueError, match="together"):

@@ -332,6 +332,40 @@ def test_mha_rejects_bad_configs():
         MHA(32, 4, causal=True)(torch.randn(1, 2, 32), inference_params=InferenceParams(1, 4))
 
 
+def test_mha_checks_its_own_input():
+    """Bad input to MHA is named as the module's argument (x, x_kv, key_padding_mask), not as an internal
+    tensor (q) or a matmul operand (mat1 and mat2)."""
+    m, mc = MHA(64, 4), MHA(64, 4, cross_attn=True)
+    x = torch.randn(2, 8, 64)
+    with pytest.raises(ValueError, match=r"^x must have shape \(batch, seqlen, embed_dim=64\).*got shape \(8, 64\)"):
+        m(torch.randn(8, 64))
+    with pytest.raises(ValueError, match=r"^x must have shape \(total, embed_dim=64\) with cu_seqlens .*\(2, 8, 64\)"):
+        m(x, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32), max_seqlen=8)
+    with pytest.raises(ValueError, match=r"^x must have embed_dim = 64 features in its last dimension, got 32"):
+        m(torch.randn(2, 8, 32))
+    for dtype in (torch.float64, torch.float16, torch.int64):
+        with pytest.raises(TypeError, match=rf"^x must have the module's dtype \(torch.float32\), got {dtype}"):
+            m(torch.ones(2, 8, 64, dtype=dtype))
+    with pytest.raises(TypeError, match=r"^x must be a torch.Tensor"):
+        m([[0.0] * 64])
+    with pytest.raises(ValueError, match=r"^x_kv must have embed_dim = 64 features in its last dimension, got 48"):
+        mc(x, torch.randn(2, 5, 48))
+    with pytest.raises(ValueError, match=r"^x_kv .*cross-attention"):
+        mc(x)
+    with pytest.raises(ValueError, match=r"^x_kv is only used by cross-attention"):
+        m(x, torch.randn(2, 5, 64))
+    with pytest.raises(ValueError, match=r"^x_kv must have the same batch size as x \(2\), got 3"):
+        mc(x, torch.randn(3, 5, 64))
+    with pytest.raises(ValueError, match=r"^key_padding_mask must be a bool tensor of shape \(batch, seqlen_k\) = "
+                                         r"\(2, 8\) .*got torch.float32 \(2, 8\)"):
+        m(x, key_padding_mask=torch.ones(2, 8))
+    with pytest.raises(ValueError, match=r"^key_padding_mask must be a bool tensor of shape \(batch, seqlen_k\) = "
+                                         r"\(2, 5\) .*got torch.bool \(2, 8\)"):
+        mc(x, torch.randn(2, 5, 64), key_padding_mask=torch.ones(2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^x must have shape \(batch, seqlen, embed_dim=64\)"):
+        MHA(64, 4, layer_idx=0)(torch.randn(8, 64), inference_params=InferenceParams(1, 16))
+
+
 def test_alibi_slopes():
     torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
     s = alibi_slopes(6)  # 4 geometric slopes + 2 interleaved from the 8-head sequence

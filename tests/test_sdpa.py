@@ -126,3 +126,29 @@ def test_compiles_without_graph_breaks():
     out = f(q, k, v)
     out.sum().backward()
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [dict(sq=4, sk=0), dict(sq=0, sk=5), dict(h=0, hk=0), dict(sq=0, sk=0), dict(h=0, hk=0, sq=0, sk=0),
+     dict(b=0)],
+    ids=["no-keys", "no-queries", "no-heads", "no-queries-no-keys", "all-empty", "no-batch"],
+)  # fmt: skip
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_zero_size_sequences_and_heads_match_torch(sizes, is_causal):
+    """Empty sequences or head counts give PyTorch's result (zeros where there are no keys, an
+    empty tensor where there are no queries or heads), gradients included."""
+    compare(*qkv(**sizes), is_causal=is_causal)
+    compare(*qkv(**sizes, ev=8), is_causal=is_causal)  # Ev != E
+    compare(*qkv(**sizes, dtype=torch.float16))
+
+
+def test_zero_size_with_mask_gqa_and_no_batch_dim():
+    q, k, v = qkv(sq=3, sk=0)
+    compare(q, k, v, attn_mask=torch.ones(2, 1, 1, 0, dtype=torch.bool))
+    compare(*qkv(h=4, hk=2, sk=0), enable_gqa=True)
+    compare(*qkv(h=0, hk=0, batch=()))
+    with pytest.raises(TypeError, match="query"):  # the dtype rule holds for empty inputs too
+        ft_sdpa(*qkv(sk=0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="heads"):
+        ft_sdpa(*qkv(h=4, hk=0), enable_gqa=True)

@@ -151,6 +151,29 @@ def test_window_not_a_pair(window):
         flash_attn_func(*qkv(), window_size=window)
 
 
+@pytest.mark.parametrize("window", [(1.5, 0), (0, 2.0), (-1.0, -1), (True, 0), (3, "2")], ids=str)
+def test_window_entries_must_be_ints(window):
+    """Floats are not truncated (``(1.5, 0)`` was silently ``(1, 0)``), bools are not windows."""
+    with pytest.raises(ValueError, match=r"^window_size must be a pair of ints"):
+        flash_attn_func(*qkv(), window_size=window)
+
+
+def test_window_integer_like_entries_are_accepted():
+    """Any integer (a list, numpy-style integer scalars, 0-d integer tensors) is a window entry."""
+    q, k, v = qkv()
+    ref = flash_attn_func(q, k, v, window_size=(3, 0))
+    torch.testing.assert_close(flash_attn_func(q, k, v, window_size=[3, 0]), ref, atol=0, rtol=0)
+    torch.testing.assert_close(flash_attn_func(q, k, v, window_size=(torch.tensor(3), 0)), ref, atol=0, rtol=0)
+
+
+def test_window_from_symbolic_shapes_under_compile():
+    """Under torch.compile with dynamic shapes a window computed from a shape is a SymInt: accepted."""
+    q, k, v = qkv(sq=8, sk=12)
+    f = torch.compile(lambda q, k, v: flash_attn_func(q, k, v, window_size=(k.shape[1] - q.shape[1], 0)),
+                      fullgraph=True, dynamic=True, backend="eager")  # fmt: skip
+    torch.testing.assert_close(f(q, k, v), flash_attn_func(q, k, v, window_size=(4, 0)), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan"), "0.1"])
 def test_dropout_out_of_range(p):
     with pytest.raises(ValueError, match=r"^dropout_p must be in \[0, 1\)"):

@@ -5,6 +5,7 @@ Triton kernels on GPUs, a tiled PyTorch engine on every device.
 """
 
 from . import models, modules
+from ._version import __version__
 from .dispatch import BackendUnavailableError, use_backend
 from .interface import (
     flash_attn_func,
@@ -17,8 +18,6 @@ from .interface import (
 from .kvcache import flash_attn_with_kvcache
 from .padding import pad_input, unpad_input
 from .sdpa import scaled_dot_product_attention
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",

@@ -22,7 +22,8 @@ Semantics shared by every function:
         1 0
         1 1
 
-  Rows that see no key (the first three above) output 0, and their lse is ``-inf``.
+  Rows that see no key (the first three above) output 0, and their lse is ``-inf`` (a
+  deliberate difference: flash-attn gives ``+inf`` on most of its paths).
 * ``window_size = (left, right)`` (sliding window, ``-1`` = unbounded): query ``i`` sees keys
   ``j`` with ``i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right``.
   ``causal=True`` is ``right = 0``.
@@ -38,6 +39,8 @@ Semantics shared by every function:
   ``attn_probs``: ``None`` when ``dropout_p == 0``; with dropout, the materialised
   probabilities after dropout ``(batch, nheads, seqlen_q, seqlen_k)`` (varlen: padded to
   ``max_seqlen``), such that ``out = attn_probs @ v``, for testing only (O(seqlen^2) memory).
+  (A deliberate difference: flash-attn returns its kernel's internal ``S_dmask`` encoding, or an
+  empty tensor without dropout.)
   lse carries no gradient.
 * dtypes: float16, bfloat16, float32 (all of q, k, v the same); head dim 1 to 512 (the Triton
   backend serves up to 256 and hands larger ones to the torch backend). The last dimension of

@@ -7,6 +7,11 @@ ALiBi alignment uses ``seqlen_k_i = cache_seqlens_i + seqlen_new - leftpad_i``, 
 ``causal=True`` the last query sees every key and query ``t`` sees keys up to
 ``seqlen_k_i - seqlen_q + t``.
 
+Rotary positions are flash-attn's, which are cache indices, leftpad included (not key numbers): new
+key ``t`` of row ``i`` is rotated at ``cache_seqlens_i + t``, where it is written; query ``t`` at
+``cache_seqlens_i + t`` when the attention is causal or local (a window side >= the cache
+capacity counts as unbounded, as flash-attn clamps it), else every query at ``cache_seqlens_i``.
+
 This module validates the call and hands it, as an :class:`~flashtile.spec.AttnCall` and a
 :class:`~flashtile.spec.KVCache`, to ``decode`` of the backend :mod:`flashtile.dispatch` picks
 among those that declare KV-cache decoding (``Capabilities.decode``).
@@ -19,7 +24,7 @@ import torch
 from . import dispatch
 from .paged import check_block_table, check_rotary_end
 from .rotary import check_rotary_tables
-from .spec import KVCache, Problem, check_alibi, check_qkv, make_call
+from .spec import KVCache, Problem, as_int, check_alibi, check_qkv, make_call
 
 
 def _int32_vec(x: object, name: str, b: int, device: torch.device) -> torch.Tensor:
@@ -73,20 +78,23 @@ def flash_attn_with_kvcache(
         q: ``(batch, seqlen_q, nheads, headdim)``.
         k_cache, v_cache: dense ``(batch_cache, seqlen_cache, nheads_k, headdim)``, or paged
             ``(num_blocks, page_block_size, nheads_k, headdim)`` when ``block_table`` is given
-            (any page size). Updated in place when ``k`` / ``v`` are given.
+            (any page size). Updated in place when ``k`` / ``v`` are given (so they must not
+            require grad then, unless under ``torch.no_grad()``).
         k, v: optional new tokens ``(batch, seqlen_new, nheads_k, headdim)``, written at
             positions ``cache_seqlens[i] ..`` of row ``i`` before attending.
         rotary_cos, rotary_sin: optional ``(seqlen_ro, rotary_dim / 2)``: rotary embedding of the
-            new k at positions ``cache_seqlens - cache_leftpad + t``, and of q at the same
-            positions when ``causal`` or a window is set (else all of q at position
-            ``cache_seqlens - cache_leftpad``). ``rotary_interleaved``: GPT-J (True) or NeoX (False).
-        cache_seqlens: int or int32 ``(batch,)``: tokens already in the cache per row
+            new k at positions ``cache_seqlens, cache_seqlens + 1, ...`` (their indices in the
+            cache, ``cache_leftpad`` included, as in flash-attn), and of q at the same positions
+            when ``causal`` or a window is set (else all of q at position ``cache_seqlens``); see
+            the module docstring. ``rotary_interleaved``: GPT-J (True) or NeoX (False).
+        cache_seqlens: int or int32 ``(batch,)``: tokens already in the cache per row, >= 0
             (None = the whole cache).
         cache_batch_idx: int32 ``(batch,)``: the cache row each batch row uses (dense caches).
         cache_leftpad: int32 ``(batch,)``: where each row's keys start in the cache.
         block_table: int32 ``(batch, max_blocks_per_seq)``: cache blocks of each row, in order.
         softmax_scale, causal, window_size, softcap, alibi_slopes: as :func:`flash_attn_func`.
-        num_splits: key-range pieces per row computed separately and merged (0 = choose, 1 = no split).
+        num_splits: key-range pieces per row computed separately and merged, an int >= 0 (0 = choose,
+            1 = no split).
         return_softmax_lse: also return lse float32 ``(batch, nheads, seqlen_q)``.
 
     Returns:
@@ -121,13 +129,31 @@ def flash_attn_with_kvcache(
         if k.shape[2] != hk:
             raise ValueError(f"k must have nheads_k = {hk} heads like k_cache, got {k.shape[2]}")
         sn = k.shape[1]
+        if torch.is_grad_enabled():
+            for x, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+                if x.requires_grad:
+                    raise ValueError(
+                        f"{n} requires grad, but the new k/v are written into it in place, which autograd does "
+                        f"not allow on a tensor that requires grad (and flash_attn_with_kvcache has no backward): "
+                        f"pass a cache that does not require grad (e.g. {n}.detach(), which shares its memory) "
+                        "or call it under torch.no_grad()"
+                    )
     if isinstance(cache_seqlens, torch.Tensor):
         _int32_vec(cache_seqlens, "cache_seqlens", b, dev)
-    else:  # None (the whole cache) or one int: checked here, no device work
-        n = capacity - sn if cache_seqlens is None else int(cache_seqlens)
-        if n < 0 or n + sn > capacity:
+    elif cache_seqlens is None:  # the whole cache: checked here, no device work
+        if sn > capacity:
+            raise ValueError(f"k has seqlen_new = {sn} new tokens, more than the cache capacity {capacity}")
+        cache_seqlens = capacity - sn
+    else:  # one int: checked here, no device work
+        n = as_int(cache_seqlens, "cache_seqlens", "an int or an int32 tensor of shape (batch,)")
+        if n < 0:
+            raise ValueError(f"cache_seqlens must be >= 0 (the number of tokens already in the cache), got {n}")
+        if n + sn > capacity:
             raise ValueError(f"cache_seqlens + seqlen_new = {n} + {sn} exceeds the cache capacity {capacity}")
         cache_seqlens = n
+    num_splits = as_int(num_splits, "num_splits", "an int >= 0 (0 = choose, 1 = no split)")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = choose, 1 = no split), got {num_splits}")
     call = make_call(headdim=d, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
                      alibi_slopes=check_alibi(alibi_slopes, b, h, dev))  # fmt: skip
     rotary = None
@@ -138,9 +164,10 @@ def flash_attn_with_kvcache(
         rotary = (rotary_cos, rotary_sin, rotary_interleaved)
     cache = KVCache(k_cache=k_cache, v_cache=v_cache, k_new=k, v_new=v, seqlens=cache_seqlens,
                     batch_idx=cache_batch_idx, leftpad=cache_leftpad, block_table=block_table, rotary=rotary,
-                    capacity=capacity, num_splits=int(num_splits))  # fmt: skip
+                    capacity=capacity, num_splits=num_splits)  # fmt: skip
     if rotary is not None and not cache.has_index_tensors:  # positions known here: seqlens is an int, no leftpad
-        check_rotary_end(cache_seqlens + max(sn - 1, sq - 1 if call.has_window else 0, 0), rotary_cos.shape[0])
+        along = cache.rotary_along(call)
+        check_rotary_end(cache_seqlens + max(sn - 1, sq - 1 if along else 0, 0), rotary_cos.shape[0])
     problem = Problem(batch=b, seqlen_q=sq, seqlen_k=capacity, nheads=h, nheads_k=hk, headdim=d, dtype=q.dtype,
                       device=dev)  # fmt: skip
     out, lse = dispatch.backend_for(problem, call, decode=True).decode(q, cache, call)

@@ -69,8 +69,8 @@ def check_rotary_end(last: int, seqlen_ro: int) -> None:
 def check_cache_indices(cache: KVCache, seqlens: torch.Tensor, *, sq: int = 0, along: bool = False,
                         rotary: bool = False) -> None:
     """Every index of ``cache`` in range (``seqlens``: its ``seqlens`` as a tensor), with a message
-    naming the offender: the cache indices, then (``rotary``) the rotary positions (new keys at
-    ``seqlens - leftpad + t``, queries there too when ``along``, else at ``seqlens - leftpad``).
+    naming the offender: the cache indices, then (``rotary``) the rotary positions, flash-attn's (new
+    keys at ``seqlens + t``, queries there too when ``along``, else at ``seqlens``).
     The cache checks run on the device and are read back with one host sync; the detailed message
     is worked out only when something is wrong. Nothing is read back while a CUDA graph is being
     captured."""
@@ -95,7 +95,10 @@ def check_cache_indices(cache: KVCache, seqlens: torch.Tensor, *, sq: int = 0, a
     if any(flags):
         sl, lpl = seqlens.tolist(), lp.tolist()
         for i in range(len(sl)):
-            if sl[i] < 0 or sl[i] + sn > capacity:
+            if sl[i] < 0:
+                raise ValueError(f"cache_seqlens[{i}] = {sl[i]} must be >= 0 (the number of tokens already in "
+                                 "the cache)")  # fmt: skip
+            if sl[i] + sn > capacity:
                 raise ValueError(
                     f"cache_seqlens[{i}] + seqlen_new = {sl[i]} + {sn} exceeds the cache capacity {capacity}"
                     + (" (max_blocks_per_seq * page_block_size)" if paged else " (seqlen_cache)")
@@ -107,5 +110,5 @@ def check_cache_indices(cache: KVCache, seqlens: torch.Tensor, *, sq: int = 0, a
         check_used_blocks(block_table, [n + sn for n in sl], page, n_rows)
         raise AssertionError("unreachable: a range check failed without a message")  # pragma: no cover
     if rotary and cache.rotary is not None and seqlens.numel():
-        last = int((seqlens - lp).max()) + max(sn - 1, sq - 1 if along else 0, 0)
+        last = int(seqlens.max()) + max(sn - 1, sq - 1 if along else 0, 0)
         check_rotary_end(last, cache.rotary[0].shape[0])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .interface import flash_attn_func, flash_attn_varlen_func
 from .padding import unpad_input
+from .spec import SUPPORTED_DTYPES
 
 
 def _key_padding(attn_mask: torch.Tensor, b: int, sk: int) -> torch.Tensor:
@@ -86,7 +87,9 @@ def scaled_dot_product_attention(
     Returns:
         ``(..., heads, seqlen_q, Ev)``, in query's dtype (a transposed view of flashtile's
         ``(batch, seqlen, heads, Ev)`` output). Differences from PyTorch: a query row that sees no
-        key outputs 0 (PyTorch gives NaN); no broadcasting of batch dims.
+        key outputs 0 (PyTorch gives NaN); no broadcasting of batch dims. Empty sequences or head
+        counts give PyTorch's result: zeros where there is no key, an empty tensor where there is
+        no query or head.
     """
     for x, n in ((query, "query"), (key, "key"), (value, "value")):
         if not isinstance(x, torch.Tensor) or x.dim() < 3:
@@ -100,15 +103,27 @@ def scaled_dot_product_attention(
     h, hk = query.shape[-3], key.shape[-3]
     if h != hk and not enable_gqa:
         raise ValueError(f"query has {h} heads and key/value {hk}: pass enable_gqa=True for grouped-query attention")
+    if h != hk and (hk == 0 or h % hk):
+        raise ValueError(f"enable_gqa: the key/value heads ({hk}) must divide the query heads ({h})")
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask and is_causal cannot both be set (as in PyTorch's SDPA)")
+    if query.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"query must be float16, bfloat16 or float32, got {query.dtype}")
+    for x, n in ((key, "key"), (value, "value")):
+        if x.dtype != query.dtype:
+            raise TypeError(f"{n} must have the same dtype as query ({query.dtype}), got {x.dtype}")
+        if x.device != query.device:
+            raise ValueError(f"{n} must be on the same device as query ({query.device}), got {x.device}")
 
     batch_shape = query.shape[:-3]
     sq, sk, e, ev = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
     scale = 1.0 / math.sqrt(e) if scale is None else scale
+    if h == 0:  # no heads: an empty result, still in the autograd graph of the inputs (as PyTorch's)
+        return query.new_zeros(*batch_shape, 0, sq, ev) + 0 * (query.sum() + key.sum() + value.sum())
+    nb = math.prod(batch_shape)  # explicit: reshape(-1, ...) is ambiguous when a sequence is empty
 
     def bshd(x: torch.Tensor) -> torch.Tensor:  # (..., h, s, d) -> (b, s, h, d), last dim contiguous
-        x = x.reshape(-1, *x.shape[-3:]).transpose(1, 2)
+        x = x.reshape(nb, *x.shape[-3:]).transpose(1, 2)
         return x if x.stride(-1) == 1 else x.contiguous()
 
     q, k, v = bshd(query), bshd(key), bshd(value)

@@ -20,6 +20,7 @@ Semantics (flash-attn 2.8):
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -142,6 +143,10 @@ class KVCache:
     cached); ``batch_idx`` / ``leftpad``: None or int32 ``(batch,)``; ``rotary``: None or
     ``(cos, sin, interleaved)``; ``capacity``: positions a row can hold; ``num_splits``: key
     pieces per row (0 = the backend chooses).
+
+    Rotary positions (flash-attn's): new key ``t`` of row ``b`` at ``seqlens[b] + t``, its index in
+    the cache (leftpad included); query ``t`` there too when :meth:`rotary_along`, else every query
+    at ``seqlens[b]``.
     """
 
     k_cache: torch.Tensor
@@ -163,6 +168,12 @@ class KVCache:
     @property
     def seqlen_new(self) -> int:
         return 0 if self.k_new is None else self.k_new.shape[1]
+
+    def rotary_along(self, call: AttnCall) -> bool:
+        """Whether query ``t`` is rotated at ``seqlens + t`` (else every query at ``seqlens``): when
+        the attention is causal or local, as flash-attn decides it, where a window side of at least
+        the cache capacity counts as unbounded."""
+        return 0 <= call.window_left < self.capacity or 0 <= call.window_right < self.capacity
 
     @property
     def has_index_tensors(self) -> bool:
@@ -237,10 +248,25 @@ def check_qkv(
             )
 
 
+def as_int(x: object, name: str, expected: str = "an int") -> int:
+    """``x`` as a Python int, for an integer argument ``name``: ints (SymInts under
+    ``torch.compile``, as ``int()`` would) and integer scalars with ``__index__`` (numpy integers,
+    0-d integer tensors). Bools, floats (never truncated) and anything else raise ``ValueError``
+    saying that ``name`` must be ``expected``."""
+    if isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool):
+        return int(x)
+    if not isinstance(x, (bool, float)):
+        try:
+            return operator.index(x)
+        except TypeError:
+            pass
+    raise ValueError(f"{name} must be {expected}, got {x!r} ({type(x).__name__})")
+
+
 def normalize_window(window_size: Sequence[int], causal: bool) -> tuple[int, int]:
-    """Check ``window_size`` and fold ``causal`` into it: returns ``(left, right)``."""
+    """Check ``window_size`` (two ints) and fold ``causal`` into it: returns ``(left, right)``."""
     try:
-        left, right = (int(w) for w in window_size)
+        left, right = (as_int(w, "window_size") for w in window_size)
     except (TypeError, ValueError):
         raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
     if left < -1 or right < -1:

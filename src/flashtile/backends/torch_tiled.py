@@ -266,11 +266,11 @@ class TorchTiledBackend:
         leftpad = torch.zeros(b, dtype=torch.long, device=dev) if cache.leftpad is None else cache.leftpad.long()
         check_cache_indices(cache, seqlens)
         rot = cache.rotary
-        # 1. rotary on the new keys, then append them in place.
+        # 1. rotary on the new keys (at their cache positions), then append them in place.
         if cache.k_new is not None:
             k = cache.k_new
             if rot is not None:
-                k = apply_rotary_at(k, rot[0], rot[1], _rotary_positions(seqlens, leftpad, sn, True), rot[2])
+                k = apply_rotary_at(k, rot[0], rot[1], _rotary_positions(seqlens, sn, True), rot[2])
             rows = torch.arange(b, device=dev).view(b, 1).expand(b, sn)
             at = seqlens.view(b, 1) + torch.arange(sn, device=dev).view(1, sn)
             i0, i1 = cache_index(rows, at, cache.block_table, cache_rows, page)
@@ -278,7 +278,7 @@ class TorchTiledBackend:
             cache.v_cache[i0, i1] = cache.v_new.to(cache.v_cache.dtype)
         # 2. rotary on q.
         if rot is not None:
-            q = apply_rotary_at(q, rot[0], rot[1], _rotary_positions(seqlens, leftpad, sq, call.has_window), rot[2])
+            q = apply_rotary_at(q, rot[0], rot[1], _rotary_positions(seqlens, sq, cache.rotary_along(call)), rot[2])
         # 3. gather each row's keys [leftpad, seqlens + sn) into the packed layout.
         lens_k = seqlens + sn - leftpad
         cu_k = [0] + torch.cumsum(lens_k, 0).tolist()
@@ -379,9 +379,10 @@ class TorchTiledBackend:
         return dq_out, dk.permute(0, 2, 1, 3).to(k.dtype), dv.permute(0, 2, 1, 3).to(v.dtype)
 
 
-def _rotary_positions(seqlens: torch.Tensor, leftpad: torch.Tensor, n: int, along: bool) -> torch.Tensor:
-    """Rotary positions ``(b, n)`` of a decode step: ``seqlens - leftpad (+ t if along)``."""
-    base = (seqlens - leftpad).view(-1, 1)
+def _rotary_positions(seqlens: torch.Tensor, n: int, along: bool) -> torch.Tensor:
+    """Rotary positions ``(b, n)`` of a decode step, flash-attn's: ``seqlens (+ t if along)``, the
+    cache index of the first new token (leftpad included)."""
+    base = seqlens.view(-1, 1)
     return base + torch.arange(n, device=seqlens.device).view(1, n) if along else base.expand(-1, n)
 
 

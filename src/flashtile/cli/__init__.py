@@ -1,4 +1,4 @@
-"""The ``flashtile`` command.
+"""The ``flashtile`` command: check, benchmark and inspect flashtile on this machine.
 
     flashtile env     versions, devices, which backends are usable here (and why not)
     flashtile check   parity of every usable backend against the oracle; exit code 1 on a failure
@@ -9,7 +9,8 @@
 tqdm (progress bar) and matplotlib (``--plot``): ``pip install 'flashtile[bench]'``.
 
 One module per command (``env``, ``check``, ``bench`` with ``plot``, ``demo``); ``_util`` holds
-the shared formatting and the one call into ``dispatch.choose``. The oracle, the tolerance rule,
+the shared formatting, the one ``--device`` check (run by :func:`main` for every command) and
+the one call into ``dispatch.choose``. The oracle, the tolerance rule,
 standard attention and the FLOP count come from :mod:`flashtile.testing`.
 """
 
@@ -20,13 +21,19 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from ._util import DTYPES
+from ._util import DTYPES, device_problem
 from .bench import METHODS, MODES, run_bench
 from .check import QUICK, run_check
 from .demo import run_demo
 from .env import cmd_env
 
 __all__ = ["build_parser", "main"]
+
+#: ``flashtile --help``'s description.
+DESCRIPTION = (
+    "Check, benchmark and inspect flashtile (FlashAttention as a Python library: exact attention tile by tile, "
+    "with flash-attn 2's API) on this machine."
+)
 
 
 def int_list(text: str) -> list[int]:
@@ -55,11 +62,11 @@ def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``flashtile`` argument parser: one subcommand per module of this package."""
-    p = argparse.ArgumentParser(prog="flashtile", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="flashtile", description=DESCRIPTION,
                                 epilog="Run 'flashtile COMMAND --help' for a command's options.")  # fmt: skip
     p.add_argument("--version", action="version", version=f"flashtile {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p.set_defaults(_commands=sub.choices)  # name -> subparser: main reports unknown options with its usage
 
     sp = sub.add_parser("env", help="versions, devices and which backends are usable here")
     sp.set_defaults(func=cmd_env)
@@ -110,11 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The console entry point: run one subcommand and return its exit code (2 with no command)."""
+    """The console entry point: run one subcommand and return its exit code (2 with no command,
+    or with a ``--device`` that is not usable here; argparse exits with 2 on a bad option)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    commands = vars(args).pop("_commands")
+    if unknown:  # with the usage of the command they were given to
+        commands.get(getattr(args, "command", None), parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "device", None) is not None:  # the one device check, for every command
+        why = device_problem(args.device)
+        if why:
+            print(f"error: {why}", file=sys.stderr)
+            return 2
     return int(args.func(args) or 0)

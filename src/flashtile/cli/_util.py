@@ -24,6 +24,28 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_problem(text: str) -> str | None:
+    """Why ``--device text`` cannot be used on this machine (one line, naming the option), or None.
+    The one device check of the command line: :func:`flashtile.cli.main` runs it for every command."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        return f"--device {text} is not a device (expected cpu, cuda or cuda:N)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {text} but CUDA is not available here"
+        n = torch.cuda.device_count()
+        if device.index is not None and device.index >= n:
+            return f"--device {text} but there {'is' if n == 1 else 'are'} {n} CUDA device{'s' * (n != 1)} here"
+    elif device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except Exception as e:  # noqa: BLE001 - reported as the reason
+            first = (str(e).splitlines() or [""])[0].split(". ")[0][:120]  # the first sentence
+            return f"--device {text} is not usable here ({type(e).__name__}: {first})"
+    return None
+
+
 def pkg_version(*names: str) -> str:
     """The installed version of the first of ``names`` that is installed, else ``"not installed"``."""
     for name in names:

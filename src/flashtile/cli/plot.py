@@ -16,6 +16,19 @@ def have_matplotlib() -> bool:
     return True
 
 
+#: How the plot's title names each method.
+METHOD_TITLES = {"flashtile": "flashtile", "standard": "standard attention", "sdpa": "SDPA"}
+
+
+def plot_title(meta: dict) -> str:
+    """The plot's title: the methods that ran (``flashtile vs standard attention vs SDPA``, or fewer),
+    the device, and the problem."""
+    a = meta["args"]
+    methods = " vs ".join(METHOD_TITLES.get(m, m) for m in dict.fromkeys(r["method"] for r in meta["rows"]))
+    return (f"{methods} on {meta['device']}\n{a['dtype']}, batch {a['batch']}, heads {a['heads']}, "
+            f"headdim {a['headdim']}, {'causal' if a['causal'] else 'not causal'}")  # fmt: skip
+
+
 def plot_bench(meta: dict, path: str) -> None:
     """Time and peak memory against sequence length (log-log), one line per method and mode."""
     import matplotlib
@@ -51,7 +64,6 @@ def plot_bench(meta: dict, path: str) -> None:
         ax_m.axhline(meta["max_mem_gb"] * 1024, color="gray", ls=":", lw=1)
         ax_m.annotate("memory cap", (0.01, meta["max_mem_gb"] * 1024), xycoords=("axes fraction", "data"),
                       va="bottom", fontsize=8, color="gray")  # fmt: skip
-    a = meta["args"]
     seqlens = sorted({r["seqlen"] for r in rows})
     for ax, title, unit in ((ax_t, "time", "ms"), (ax_m, "peak memory", "MiB")):
         ax.set_xscale("log", base=2)
@@ -63,9 +75,7 @@ def plot_bench(meta: dict, path: str) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=8)
-    fig.suptitle(f"flashtile vs standard attention vs SDPA on {meta['device']}\n{a['dtype']}, batch {a['batch']}, "
-                 f"heads {a['heads']}, headdim {a['headdim']}, {'causal' if a['causal'] else 'not causal'}",
-                 fontsize=10)  # fmt: skip
+    fig.suptitle(plot_title(meta), fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -37,6 +37,14 @@ def alibi_slopes(nheads: int) -> torch.Tensor:
     return torch.tensor([2.0 ** (-k / den) for k in ks], dtype=torch.float32)
 
 
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (then inputs may differ from the weights' dtype)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 class InferenceParams:
     """The KV cache of a model during incremental decoding, shared by all its layers.
 
@@ -253,6 +261,23 @@ class MHA(nn.Module):
             inference_params: decode with a KV cache: the new k/v are appended to this layer's
                 cache and q attends to everything cached (self-attention, dense ``x`` only).
         """
+        packed = cu_seqlens is not None
+        self._check_input(x, "x", packed)
+        if self.cross_attn:
+            if x_kv is None:
+                raise ValueError("x_kv (the source of keys and values) is required: this MHA is cross-attention "
+                                 "(cross_attn=True)")  # fmt: skip
+            self._check_input(x_kv, "x_kv", packed, batch=None if packed else x.shape[0])
+        elif x_kv is not None:
+            raise ValueError("x_kv is only used by cross-attention (cross_attn=True); this MHA is self-attention")
+        if key_padding_mask is not None and not packed:
+            sk = (x_kv if self.cross_attn else x).shape[1]
+            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool \
+                    or tuple(key_padding_mask.shape) != (x.shape[0], sk):  # fmt: skip
+                got = (f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                       if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__)  # fmt: skip
+                raise ValueError(f"key_padding_mask must be a bool tensor of shape (batch, seqlen_k) = "
+                                 f"({x.shape[0]}, {sk}) (True = real token), got {got}")  # fmt: skip
         if inference_params is not None and not self.cross_attn:
             if key_padding_mask is not None or cu_seqlens is not None:
                 raise ValueError("inference_params cannot be combined with key_padding_mask or cu_seqlens")
@@ -266,6 +291,30 @@ class MHA(nn.Module):
         q, k = self._rotary(q, k)
         out = flash_attn_func(q, k, v, dropout_p, **self._opts())  # (b, s, h, hd)
         return self.out_proj(out.flatten(-2))
+
+    def _check_input(self, x: object, name: str, packed: bool, batch: int | None = None) -> None:
+        """Type, rank, embed dim, dtype and device of the input ``x`` / ``x_kv`` (named ``name``)
+        against this module's configuration and weights; ``batch``: the batch size it must have."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        d = self.embed_dim
+        if packed and x.dim() != 2:
+            cu = "cu_seqlens_k" if name == "x_kv" else "cu_seqlens"
+            raise ValueError(f"{name} must have shape (total, embed_dim={d}) with {cu} (a packed batch), got shape "
+                             f"{tuple(x.shape)}")  # fmt: skip
+        if not packed and x.dim() != 3:
+            raise ValueError(f"{name} must have shape (batch, seqlen, embed_dim={d}) (a packed batch (total, "
+                             f"embed_dim) needs cu_seqlens and max_seqlen), got shape {tuple(x.shape)}")  # fmt: skip
+        if x.shape[-1] != d:
+            raise ValueError(f"{name} must have embed_dim = {d} features in its last dimension, got {x.shape[-1]}")
+        w = self.out_proj.weight
+        if x.dtype != w.dtype and not (x.is_floating_point() and _autocast(x.device.type)):
+            raise TypeError(f"{name} must have the module's dtype ({w.dtype}), got {x.dtype}: convert one of them "
+                            f"({name}.to(dtype) or module.to(dtype))")  # fmt: skip
+        if x.device != w.device:
+            raise ValueError(f"{name} must be on the module's device ({w.device}), got {x.device}")
+        if batch is not None and x.shape[0] != batch:
+            raise ValueError(f"{name} must have the same batch size as x ({batch}), got {x.shape[0]}")
 
     def _forward_packed(self, x, x_kv, cu_q, max_q, cu_k, max_k, dropout_p):
         if max_q is None:

@@ -93,8 +93,9 @@ def _decode_kernel(
     ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, ROT_ALONG: tl.constexpr,
 ):  # fmt: skip
     """One (batch row, KV head, key piece, block of packed query rows): the piece's (out, lse).
-    ``ROT_DIM`` > 0: q is rotated on load to position ``seqlens - leftpad`` (+ its index when
-    ``ROT_ALONG``) with the (n_ro, ROT_DIM / 2) tables COS / SIN."""
+    ``ROT_DIM`` > 0: q is rotated on load to position ``seqlens`` (+ its index when ``ROT_ALONG``),
+    flash-attn's (the cache index of the first new token, leftpad included), with the
+    (n_ro, ROT_DIM / 2) tables COS / SIN."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -116,8 +117,8 @@ def _decode_kernel(
     sl, lp, row, code = _row_checks(SEQ, LEFTPAD, BT, b, stride_btb, sn, capacity, n_index,
                                     HAS_LEFTPAD, HAS_BT, KV_MODE)  # fmt: skip
     if ROT_DIM > 0:
-        pos_q = sl - lp + t * 0  # query positions: all at the end of the cache,
-        last = sl - lp  # (the row's furthest)
+        pos_q = sl + t * 0  # query positions: all at the end of the cache,
+        last = sl  # (the row's furthest)
         if ROT_ALONG:  # or one each (causal / windowed)
             pos_q = pos_q + t
             last = last + seqlen_q - 1
@@ -209,7 +210,7 @@ def _append_kernel(
 ):  # fmt: skip
     """Write the new tokens ``KN/VN (B, sn, Hk, D)`` at cache positions ``SEQ[b] ..`` of row b.
     Grid ``(B * Hk, cdiv(sn, BLOCK_T))``. ``ROT_DIM`` > 0: k is rotated to its position
-    ``SEQ[b] - leftpad + t`` first. Nothing is written for a row whose seqlens / leftpad / cache
+    ``SEQ[b] + t`` first (its index in the cache, as flash-attn). Nothing is written for a row whose seqlens / leftpad / cache
     row / rotary positions are out of range, nor for a token whose block id is."""
     b = tl.program_id(0) // Hk
     kh = tl.program_id(0) % Hk
@@ -217,7 +218,7 @@ def _append_kernel(
     sl, lp, row, code = _row_checks(SEQ, LEFTPAD, BT, b, stride_btb, sn, capacity, n_index,
                                     HAS_LEFTPAD, HAS_BT, KV_MODE)  # fmt: skip
     if ROT_DIM > 0:
-        code = code | tl.where((code == 0) & (sl - lp + sn - 1 >= n_ro), 16, 0)
+        code = code | tl.where((code == 0) & (sl + sn - 1 >= n_ro), 16, 0)
     ok = t < tl.where(code == 0, sn, 0)
     pos = sl + t
     if KV_MODE == 0:
@@ -237,7 +238,7 @@ def _append_kernel(
     if ROT_DIM > 0:
         partner, col, sign, in_rot = _rot_layout(offs_d, ROT_DIM, INTERLEAVED)
         knp = tl.load(kn_base + partner[None, :], mask=mask)
-        kn = _rotate(kn, knp, COS, SIN, stride_ro, sl - lp + t, col, sign, in_rot, mask)
+        kn = _rotate(kn, knp, COS, SIN, stride_ro, sl + t, col, sign, in_rot, mask)
     vn = tl.load(VN + b * stride_vnb + t[:, None] * stride_vnt + kh * stride_vnh + offs_d[None, :], mask=mask)
     tl.store(K + blk[:, None] * stride_kblk + tok[:, None] * stride_kt + kh * stride_kh + offs_d[None, :],
              kn.to(K.dtype.element_ty), mask=mask)  # fmt: skip

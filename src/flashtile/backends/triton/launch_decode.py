@@ -89,7 +89,7 @@ def append_kv(
     rotary: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
 ) -> None:
     """Write ``k, v (B, sn, Hk, D)`` into the cache at positions ``seqlens[b] ..`` (in place),
-    rotating k first when ``rotary = (cos, sin, interleaved)`` is given.
+    rotating k first to its cache position when ``rotary = (cos, sin, interleaved)`` is given.
 
     ``table``: the block table (paged) or ``cache_batch_idx`` as ``(B, 1)`` (dense; None = row b).
     Rows whose indices are out of range (against ``capacity`` positions and ``n_index`` cache
@@ -132,6 +132,7 @@ def decode(
     err: torch.Tensor,
     num_splits: int = 0,
     rotary: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
+    rotary_along: bool = False,
     config: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q (B, Sq, H, D)`` over the cache; returns (out like q, lse (B, H, Sq) fp32).
@@ -143,7 +144,8 @@ def decode(
     row b). ``capacity`` (positions a row can hold) also bounds the key count, which sizes the
     splits without a host sync. Out-of-range indices set bits in ``err`` (int32 ``(1,)``) and
     give NaN rows; nothing is read out of bounds. ``rotary = (cos, sin, interleaved)``: q is
-    rotated on load to position ``seqlens - leftpad`` (+ its index when causal or windowed).
+    rotated on load to position ``seqlens`` (+ its index when ``rotary_along``: causal or local,
+    :meth:`flashtile.spec.KVCache.rotary_along`).
     ``config``: (BLOCK_N, num_warps, num_stages).
     """
     B, Sq, H, D = q.shape
@@ -199,7 +201,7 @@ def decode(
             HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0,
             HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None,
             UPCAST=upcast(q.dtype), KV_MODE=kv_mode,
-            ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved, ROT_ALONG=call.has_window,
+            ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved, ROT_ALONG=rotary_along,
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         if splits > 1:
@@ -233,11 +235,12 @@ def kvcache(q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tens
                   capacity=cache.capacity, n_index=n_index, dense=dense_cache, err=err, rotary=cache.rotary)  # fmt: skip
     out, lse = decode(q if q.stride(-1) == 1 else q.contiguous(), cache.k_cache, cache.v_cache, table, seqlens,
                       cache.leftpad, call, sn=cache.seqlen_new, capacity=cache.capacity, n_index=n_index,
-                      dense=dense_cache, err=err, num_splits=cache.num_splits, rotary=cache.rotary)  # fmt: skip
+                      dense=dense_cache, err=err, num_splits=cache.num_splits, rotary=cache.rotary,
+                      rotary_along=cache.rotary_along(call))  # fmt: skip
     if cache.has_index_tensors and not capturing(q):
         if int(err.item()):  # this call's, or stale bits of CUDA graph replays on this stream: check by name
             err.zero_()
-            check_cache_indices(cache, seqlens, sq=q.shape[1], along=call.has_window, rotary=True)
+            check_cache_indices(cache, seqlens, sq=q.shape[1], along=cache.rotary_along(call), rotary=True)
     return out, lse
 
 
