@@ -118,7 +118,7 @@ def _flashtile():
             @staticmethod
             def backward(ctx, dout):
                 q, k, v, out, lse = ctx.saved_tensors
-                return (*backend.backward(dout, q, k, v, out, lse, ctx.spec, **ctx.kw), None)
+                return (*backend.backward(dout, q, k, v, out, lse, ctx.spec, **ctx.kw)[:3], None)
 
         return (lambda q, k, v, causal: _Fn.apply(q, k, v, causal)), "direct"
 

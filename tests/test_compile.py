@@ -189,7 +189,7 @@ def test_first_call_compiled_in_fresh_process():
 # opcheck
 
 
-def _fwd_args(backend, device, *, varlen=False, options=False):
+def _fwd_args(backend, device, *, varlen=False, options=False, sink=False):
     if varlen:
         q = torch.randn(1, 20, 4, 16, device=device)
         k, v = torch.randn(1, 25, 2, 16, device=device), torch.randn(1, 25, 2, 16, device=device)
@@ -205,7 +205,8 @@ def _fwd_args(backend, device, *, varlen=False, options=False):
     window, softcap, p = ((3, -1), 2.0, 0.25) if options else ((-1, 0), 0.0, 0.0)
     call = AttnCall(softmax_scale=0.25, window_left=window[0], window_right=window[1], softcap=softcap, dropout_p=p,
                     deterministic=True, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=mq, max_seqlen_k=mk,
-                    alibi_slopes=alibi, seed=seed)  # fmt: skip
+                    alibi_slopes=alibi, seed=seed,
+                    learnable_sink=torch.randn(4, device=device).requires_grad_() if sink else None)  # fmt: skip
     return (q, k, v, *ops.flatten(call), backend)
 
 
@@ -216,9 +217,18 @@ def test_opcheck_fwd(backend, device, varlen, options):
     torch.library.opcheck(torch.ops.flashtile.attn_fwd.default, args)
 
 
-def test_opcheck_bwd(backend, device):
-    args = _fwd_args(backend, device, varlen=True, options=True)
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_opcheck_fwd_sink(backend, device, varlen):
+    """A differentiable carrier field (the sink logits) gets its gradient through the op."""
+    args = _fwd_args(backend, device, varlen=varlen, options=varlen, sink=True)
+    torch.library.opcheck(torch.ops.flashtile.attn_fwd.default, args)
+
+
+@pytest.mark.parametrize("sink", [False, True], ids=["no-sink", "sink"])
+def test_opcheck_bwd(backend, device, sink):
+    args = _fwd_args(backend, device, varlen=True, options=True, sink=sink)
     out, lse = torch.ops.flashtile.attn_fwd.default(*args)
     q, k, v, *rest = args
+    rest = [x.detach() if isinstance(x, torch.Tensor) else x for x in rest]
     bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, *rest)
     torch.library.opcheck(torch.ops.flashtile.attn_bwd.default, bargs)

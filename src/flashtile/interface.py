@@ -42,6 +42,14 @@ Semantics shared by every function:
   (A deliberate difference: flash-attn returns its kernel's internal ``S_dmask`` encoding, or an
   empty tensor without dropout.)
   lse carries no gradient.
+* ``learnable_sink``: optional float32 ``(nheads,)`` per-head sink logits (gpt-oss; flash-attn
+  4's ``learnable_sink``): each row's softmax denominator gets one more term ``exp(sink_h)``, a
+  key without value, so ``p_ij = exp(s_ij - lse_i)`` with ``lse_i = log(sum_j exp(s_ij) +
+  exp(sink_h))`` (``s`` after scale, softcap, ALiBi and mask; the sink is neither scaled nor
+  capped). The returned lse includes the sink; rows that see no key output 0 with
+  ``lse = sink_h``. With dropout the sink is in the denominator before dropout (dropout drops
+  keys only). It may require grad (``dsink_h = -sum_{b,i} exp(sink_h - lse_i) * rowsum(dout_i *
+  out_i)``). Served by the torch backend (the kernels do not implement it yet).
 * dtypes: float16, bfloat16, float32 (all of q, k, v the same); head dim 1 to 512 (the Triton
   backend serves up to 256 and hands larger ones to the torch backend). The last dimension of
   every input must be contiguous.
@@ -65,6 +73,7 @@ from .spec import (
     check_cu_seqlens_meta,
     check_cu_seqlens_values,
     check_qkv,
+    check_sink,
     check_varlen_meta,
     make_call,
     unbind_packed,
@@ -80,6 +89,7 @@ def _run(
     *,
     alibi_slopes: torch.Tensor | None,
     return_attn_probs: bool,
+    learnable_sink: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0,
@@ -99,7 +109,8 @@ def _run(
     else:
         batch, q4, k4, v4, lens = q.shape[0], q, k, v, {}
     alibi = check_alibi(alibi_slopes, batch, q.shape[-2], q.device)
-    call = make_call(headdim=q.shape[-1], alibi_slopes=alibi, **lens, **options)
+    sink = check_sink(learnable_sink, q.shape[-2], q.device)
+    call = make_call(headdim=q.shape[-1], alibi_slopes=alibi, learnable_sink=sink, **lens, **options)
     if call.dropout_p > 0:
         call = dataclasses.replace(call, seed=draw_seed(q.device))
     backend = dispatch.choose(Problem.of(q4, k4, call), call)
@@ -124,6 +135,7 @@ def flash_attn_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    learnable_sink: torch.Tensor | None = None,
 ):
     """Exact attention, ``softmax(q k^T * scale + mask) v``, never materialising the scores.
 
@@ -132,7 +144,7 @@ def flash_attn_func(
         k: ``(batch, seqlen_k, nheads_k, headdim)``.
         v: ``(batch, seqlen_k, nheads_k, headdim)``.
         dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-        return_attn_probs: see the module docstring.
+        return_attn_probs, learnable_sink: see the module docstring.
 
     Returns:
         out ``(batch, seqlen_q, nheads, headdim)``; with ``return_attn_probs=True``,
@@ -141,7 +153,7 @@ def flash_attn_func(
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs,
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
     )  # fmt: skip
 
 
@@ -155,6 +167,7 @@ def flash_attn_qkvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    learnable_sink: torch.Tensor | None = None,
 ):
     """:func:`flash_attn_func` with q, k, v packed: ``qkv (batch, seqlen, 3, nheads, headdim)``.
 
@@ -165,7 +178,8 @@ def flash_attn_qkvpacked_func(
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, names=("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]"),
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
+        names=("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]"),
     )  # fmt: skip
 
 
@@ -180,6 +194,7 @@ def flash_attn_kvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    learnable_sink: torch.Tensor | None = None,
 ):
     """:func:`flash_attn_func` with k, v packed: q ``(batch, seqlen_q, nheads, headdim)``,
     ``kv (batch, seqlen_k, 2, nheads_k, headdim)``.
@@ -190,7 +205,8 @@ def flash_attn_kvpacked_func(
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, names=("q", "kv[:, :, 0]", "kv[:, :, 1]"),
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
+        names=("q", "kv[:, :, 0]", "kv[:, :, 1]"),
     )  # fmt: skip
 
 
@@ -211,6 +227,7 @@ def flash_attn_varlen_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     block_table: torch.Tensor | None = None,
+    learnable_sink: torch.Tensor | None = None,
 ):
     """Attention over a batch of variable-length sequences packed without padding.
 
@@ -226,6 +243,7 @@ def flash_attn_varlen_func(
             ``(num_blocks, page_block_size, nheads_k, headdim)`` (any page size) and sequence ``b``'s
             keys are its first ``cu_seqlens_k[b+1] - cu_seqlens_k[b]`` cache tokens (prefill from a
             paged cache).
+        learnable_sink: optional float32 ``(nheads,)`` sink logits, see the module docstring.
 
     Returns:
         out ``(total_q, nheads, headdim)``; with ``return_attn_probs=True``,
@@ -236,7 +254,8 @@ def flash_attn_varlen_func(
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
 
@@ -272,13 +291,15 @@ def flash_attn_varlen_qkvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    learnable_sink: torch.Tensor | None = None,
 ):
     """:func:`flash_attn_varlen_func` with ``qkv (total, 3, nheads, headdim)`` and one ``cu_seqlens``."""
     q, k, v = unbind_packed(qkv, "qkv", 3, 1)
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
+        cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
         max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, names=("qkv[:, 0]", "qkv[:, 1]", "qkv[:, 2]"),
     )  # fmt: skip
 
@@ -298,6 +319,7 @@ def flash_attn_varlen_kvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    learnable_sink: torch.Tensor | None = None,
 ):
     """:func:`flash_attn_varlen_func` with q ``(total_q, nheads, headdim)`` and
     ``kv (total_k, 2, nheads_k, headdim)``."""
@@ -305,6 +327,7 @@ def flash_attn_varlen_kvpacked_func(
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, names=("q", "kv[:, 0]", "kv[:, 1]"),
     )  # fmt: skip

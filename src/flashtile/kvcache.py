@@ -24,7 +24,7 @@ import torch
 from . import dispatch
 from .paged import check_block_table, check_rotary_end
 from .rotary import check_rotary_tables
-from .spec import KVCache, Problem, as_int, check_alibi, check_qkv, make_call
+from .spec import KVCache, Problem, as_int, check_alibi, check_qkv, check_sink, make_call
 
 
 def _int32_vec(x: object, name: str, b: int, device: torch.device) -> torch.Tensor:
@@ -71,6 +71,7 @@ def flash_attn_with_kvcache(
     alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
     return_softmax_lse: bool = False,
+    learnable_sink: torch.Tensor | None = None,
 ):
     """Attend ``q`` to a KV cache, after appending ``k`` / ``v`` to it in place.
 
@@ -96,6 +97,9 @@ def flash_attn_with_kvcache(
         num_splits: key-range pieces per row computed separately and merged, an int >= 0 (0 = choose,
             1 = no split).
         return_softmax_lse: also return lse float32 ``(batch, nheads, seqlen_q)``.
+        learnable_sink: optional float32 ``(nheads,)`` per-head sink logits (as
+            :func:`flash_attn_func`; the lse includes the sink, counted once however many
+            ``num_splits``). Served by the torch backend.
 
     Returns:
         out ``(batch, seqlen_q, nheads, headdim)``, or ``(out, lse)``.
@@ -155,7 +159,8 @@ def flash_attn_with_kvcache(
     if num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = choose, 1 = no split), got {num_splits}")
     call = make_call(headdim=d, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-                     alibi_slopes=check_alibi(alibi_slopes, b, h, dev))  # fmt: skip
+                     alibi_slopes=check_alibi(alibi_slopes, b, h, dev),
+                     learnable_sink=check_sink(learnable_sink, h, dev))  # fmt: skip
     rotary = None
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")

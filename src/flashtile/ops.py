@@ -9,6 +9,11 @@ traces through them without a graph break. The backend is chosen before the op (
 The op schemas are derived from the fields of :class:`flashtile.spec.AttnCall`: the carrier is
 flattened into the op's arguments by :func:`flatten` and rebuilt by :func:`unflatten`, here and
 nowhere else, so adding an option to the carrier changes nothing in this file.
+
+Differentiable carrier fields (tensor fields declared with ``metadata={"grad": True}``) get a
+gradient: the backward op returns ``(dq, dk, dv)`` and then one tensor per such field, in field
+order (the field's gradient from the backend's ``field_grads``, or an empty placeholder when the
+call leaves the field None), and the autograd formula routes them to the fields' op inputs.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ except KeyError as e:  # pragma: no cover - a developer added a field of a new t
     raise TypeError(f"AttnCall field type {e} has no custom-op schema type: extend ops._SCHEMA_TYPES") from None
 #: Indices (in the flattened call) of the tensor fields, saved for backward.
 _TENSOR_FIELDS = tuple(i for i, f in enumerate(_FIELDS) if _SCHEMA_TYPES[f.type] == "Tensor?")
+#: Indices (in the flattened call) of the differentiable fields, whose gradients attn_bwd returns.
+_GRAD_FIELDS = tuple(i for i in _TENSOR_FIELDS if _FIELDS[i].metadata.get("grad", False))
 
 
 def flatten(call: AttnCall) -> tuple:
@@ -45,8 +52,13 @@ _lib = torch.library.Library("flashtile", "FRAGMENT")  # kept alive for the modu
 _lib.define(f"attn_fwd(Tensor q, Tensor k, Tensor v, {_CALL_SCHEMA}, str backend) -> (Tensor, Tensor)")
 _lib.define(
     f"attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_CALL_SCHEMA}, str backend) "
-    "-> (Tensor, Tensor, Tensor)"
+    f"-> ({', '.join(['Tensor'] * (3 + len(_GRAD_FIELDS)))})"
 )
+
+
+def _placeholder(q: torch.Tensor) -> torch.Tensor:
+    """The backward op's output for a differentiable field the call leaves None."""
+    return q.new_empty((0,), dtype=torch.float32)
 
 
 def _fwd_impl(q, k, v, *args):
@@ -58,8 +70,17 @@ def _fwd_impl(q, k, v, *args):
 
 def _bwd_impl(dout, q, k, v, out, lse, *args):
     call, backend = unflatten(args[:-1]), args[-1]
-    dq, dk, dv = registry()[backend].backward(dout, q, k, v, out, lse, call)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    dq, dk, dv, field_grads = registry()[backend].backward(dout, q, k, v, out, lse, call)
+    extra = []
+    for i in _GRAD_FIELDS:
+        name = _FIELDS[i].name
+        if args[i] is None:
+            extra.append(_placeholder(q))
+        elif name not in field_grads:  # pragma: no cover - dispatch only picks backends implementing it
+            raise RuntimeError(f"backend {backend!r} returned no gradient for {name}")
+        else:
+            extra.append(field_grads[name].contiguous())
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), *extra
 
 
 def _fwd_fake(q, k, v, *args):
@@ -68,7 +89,8 @@ def _fwd_fake(q, k, v, *args):
 
 
 def _bwd_fake(dout, q, k, v, out, lse, *args):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    extra = [_placeholder(q) if args[i] is None else torch.empty_like(args[i]) for i in _GRAD_FIELDS]
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *extra
 
 
 torch.library.impl("flashtile::attn_fwd", "CompositeExplicitAutograd", lib=_lib)(_fwd_impl)
@@ -95,8 +117,12 @@ def _backward(ctx, dout, dlse):
         args[i] = t
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, *args)
-    return (dq, dk, dv) + (None,) * len(args)
+    dq, dk, dv, *extra = attn_bwd(dout, q, k, v, out, lse, *args)
+    grads = [None] * len(args)
+    for i, g in zip(_GRAD_FIELDS, extra, strict=True):
+        if args[i] is not None and ctx.needs_input_grad[3 + i]:
+            grads[i] = g
+    return (dq, dk, dv, *grads)
 
 
 torch.library.register_autograd("flashtile::attn_fwd", _backward, setup_context=_setup_context, lib=_lib)
@@ -120,5 +146,7 @@ def attention_backward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` through the backward op, for callers that drive the backward themselves
-    (ring attention passes the global ``out`` / ``lse`` of a longer key range)."""
-    return attn_bwd(dout, q, k, v, out, lse, *flatten(call), backend)
+    (ring attention passes the global ``out`` / ``lse`` of a longer key range). The gradients of
+    differentiable carrier fields (e.g. ``learnable_sink``) are not returned: such callers do not
+    pass them yet."""
+    return tuple(attn_bwd(dout, q, k, v, out, lse, *flatten(call), backend)[:3])

@@ -15,6 +15,15 @@ Semantics (flash-attn 2.8):
   (the mask is aligned to the bottom-right corner when ``sq != sk``).
 * GQA/MQA: query head ``i`` uses key/value head ``i // (nheads // nheads_k)``.
 * Rows that see no key output 0 and have ``lse = -inf``.
+* ``learnable_sink`` (gpt-oss, flash-attn 4's ``learnable_sink``): float32 ``(nheads,)``, one
+  logit per query head added to every row's softmax denominator as a key without value:
+  ``p_ij = exp(s_ij - lse_i)`` with ``lse_i = log(sum_j exp(s_ij) + exp(sink_h))`` (s after
+  scale, softcap, ALiBi and mask; the sink is neither scaled nor capped). The returned lse
+  includes the sink. Rows that see no key output 0 and have ``lse = sink_h`` (the sink is then
+  the only term of the denominator: the consistent value, and ``exp(sink - lse) = 1`` keeps the
+  sink's gradient formula valid there). With dropout, the sink is in the denominator before
+  dropout, which applies to the keys' probabilities only. It may require grad:
+  ``dsink_h = -sum_{b,i} exp(sink_h - lse_i) * rowsum(dout_i * out_i)``.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,7 +54,11 @@ class AttnCall:
     ``causal`` is already folded into ``window_right = 0``. Varlen calls carry int32
     ``cu_seqlens_q`` / ``cu_seqlens_k`` ``(nseq + 1,)`` and ``max_seqlen_*``; ``alibi_slopes`` is
     None or contiguous fp32 ``(batch_or_nseq, nheads)``; ``seed`` is the dropout seed, an int64
-    ``()`` tensor (None when ``dropout_p == 0``).
+    ``()`` tensor (None when ``dropout_p == 0``); ``learnable_sink`` is None or fp32 ``(nheads,)``.
+
+    A tensor field declared with ``field(default=None, metadata={"grad": True})`` is
+    differentiable: the custom op returns its gradient (see :mod:`flashtile.ops`) and backends
+    that implement it return that gradient from ``backward`` (see :mod:`flashtile.backends.base`).
 
     Adding an option: add a field here (a scalar ``float`` / ``int`` / ``bool``, or an optional
     ``torch.Tensor | None``), set it in :func:`make_call`, name the feature in :meth:`features`
@@ -65,6 +78,7 @@ class AttnCall:
     max_seqlen_k: int = 0
     alibi_slopes: torch.Tensor | None = None
     seed: torch.Tensor | None = None
+    learnable_sink: torch.Tensor | None = field(default=None, metadata={"grad": True})
 
     @property
     def is_causal(self) -> bool:
@@ -99,11 +113,13 @@ class AttnCall:
             used.append("dropout")
         if self.varlen:
             used.append("varlen")
+        if self.learnable_sink is not None:
+            used.append("sink")
         return frozenset(used)
 
 
 #: Every feature name :meth:`AttnCall.features` can report.
-FEATURES = frozenset({"causal", "window", "softcap", "alibi", "dropout", "varlen"})
+FEATURES = frozenset({"causal", "window", "softcap", "alibi", "dropout", "varlen", "sink"})
 
 
 @dataclass(frozen=True)
@@ -333,6 +349,21 @@ def check_alibi(
             f"got {_shape(alibi_slopes)}"
         )
     return alibi_slopes.contiguous()
+
+
+def check_sink(sink: torch.Tensor | None, nheads: int, device: torch.device) -> torch.Tensor | None:
+    """Validate the per-head sink logits (float32 ``(nheads,)`` on q's device); returned as given
+    (so that its gradient reaches the caller's tensor)."""
+    if sink is None:
+        return None
+    _check_tensor(sink, "learnable_sink")
+    if sink.dtype != torch.float32:
+        raise TypeError(f"learnable_sink must be float32, got {sink.dtype}")
+    if sink.device != device:
+        raise ValueError(f"learnable_sink must be on the same device as q ({device}), got {sink.device}")
+    if sink.shape != (nheads,):
+        raise ValueError(f"learnable_sink must have shape (nheads,) = ({nheads},), got {_shape(sink)}")
+    return sink
 
 
 def check_cu_seqlens_meta(cu: torch.Tensor, name: str, device: torch.device) -> int:

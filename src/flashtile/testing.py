@@ -72,6 +72,7 @@ def attention_ref(
     dropout_mask: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     upcast: bool = True,
+    learnable_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention in the dense layout.
 
@@ -85,10 +86,14 @@ def attention_ref(
         dropout_p, dropout_mask: bool keep mask ``(batch, nheads, seqlen_q, seqlen_k)``; kept
             probabilities are scaled by ``1 / (1 - dropout_p)``.
         upcast: compute in float32 (True) or in the input dtype (False).
+        learnable_sink: optional ``(nheads,)`` sink logits: one more column of the scores per
+            row, without value (its probability is dropped after the softmax, before dropout);
+            cast to the compute dtype.
 
     Returns:
         ``(out, lse)``: out ``(batch, seqlen_q, nheads, headdim)`` in q's dtype, lse float32
-        ``(batch, nheads, seqlen_q)``; rows that see no key give out = 0 and lse = -inf.
+        ``(batch, nheads, seqlen_q)``; rows that see no key give out = 0 and lse = -inf (with a
+        sink: lse = the sink).
     """
     dtype_og = q.dtype
     if upcast:
@@ -124,12 +129,14 @@ def attention_ref(
     if key_padding_mask is not None:
         masked = masked | ~key_padding_mask.view(b, 1, 1, sk)
     scores = scores.masked_fill(masked, float("-inf"))
-    lse = torch.logsumexp(scores.float(), dim=-1)
-    m = scores.amax(dim=-1, keepdim=True) if sk > 0 else scores.new_zeros((*scores.shape[:-1], 1))
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    p = torch.exp(scores - m)
-    denom = p.sum(-1, keepdim=True)
-    p = p / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if learnable_sink is not None:  # the sink column: finite, so every row's max and sum are too
+        sink = learnable_sink.to(scores.dtype).view(1, h, 1, 1).expand(b, h, sq, 1)
+        ext = torch.cat([scores, sink], dim=-1)
+        lse = torch.logsumexp(ext.float(), dim=-1)
+        e = torch.exp(ext - ext.amax(dim=-1, keepdim=True))
+        p = e[..., :sk] / e.sum(-1, keepdim=True)
+    else:
+        p, lse = _softmax(scores, sk)
     if dropout_p > 0.0:
         if dropout_mask is None:
             raise ValueError("attention_ref needs dropout_mask when dropout_p > 0")
@@ -139,6 +146,16 @@ def attention_ref(
         out = out.masked_fill(~query_padding_mask.view(b, sq, 1, 1), 0.0)
         lse = lse.masked_fill(~query_padding_mask.view(b, 1, sq), float("-inf"))
     return out.to(dtype_og), lse
+
+
+def _softmax(scores: torch.Tensor, sk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row softmax of masked scores and its lse; rows without a key give p = 0, lse = -inf."""
+    lse = torch.logsumexp(scores.float(), dim=-1)
+    m = scores.amax(dim=-1, keepdim=True) if sk > 0 else scores.new_zeros((*scores.shape[:-1], 1))
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(scores - m)
+    denom = p.sum(-1, keepdim=True)
+    return p / torch.where(denom == 0, torch.ones_like(denom), denom), lse
 
 
 def attention_probs_ref(
@@ -415,7 +432,8 @@ def compare_with_oracle(
     dtype = inputs[0].dtype
     leaves = [x.detach().clone().requires_grad_(grads) for x in inputs]
     hi = torch.float64 if dtype == torch.float32 else dtype
-    ref_leaves = [x.detach().to(hi).requires_grad_(grads) for x in inputs]
+    # inputs of another dtype (fp32 sink logits beside fp16 q) keep theirs, unless fp32 goes to fp64
+    ref_leaves = [x.detach().to(hi if x.dtype == dtype else x.dtype).requires_grad_(grads) for x in inputs]
     out, lse = fn(*leaves)
     ref_out, ref_lse = oracle(*ref_leaves, upcast=True)
     pt_out, pt_lse = oracle(*leaves, upcast=False)

@@ -7,11 +7,16 @@ A backend computes attention on the *internal layout*:
   ``call.cu_seqlens_q`` / ``call.cu_seqlens_k`` and ``call.max_seqlen_*``.
 
 ``forward(q, k, v, call)`` returns ``(out, lse)``: out like q, lse float32 ``(B, H, Sq)``
-(varlen: ``(1, H, total_q)``), ``-inf`` on rows that see no key (their out is 0).
+(varlen: ``(1, H, total_q)``), ``-inf`` on rows that see no key (their out is 0; with
+``call.learnable_sink`` the lse includes the sink, and is the sink on such rows).
 ``backward(dout, q, k, v, out, lse, call)`` recomputes from the saved tensors and returns
-``(dq, dk, dv)`` shaped and typed like ``(q, k, v)``. Every option is a field of the
-:class:`flashtile.spec.AttnCall` (``call.seed`` is the dropout seed; the keep mask is
-:func:`flashtile.rng.keep_mask`); all option semantics are in :mod:`flashtile.spec`.
+``(dq, dk, dv, field_grads)``: dq, dk, dv shaped and typed like ``(q, k, v)``; ``field_grads`` a
+dict from the name of each *differentiable* carrier field the call sets (those declared with
+``metadata={"grad": True}``, e.g. ``learnable_sink``) to its gradient, shaped and typed like the
+field (one for every such field the call sets; ``{}`` from a backend that implements none).
+Every option is a field of the :class:`flashtile.spec.AttnCall` (``call.seed`` is the dropout
+seed; the keep mask is :func:`flashtile.rng.keep_mask`); all option semantics are in
+:mod:`flashtile.spec`.
 
 ``decode(q, cache, call)`` (optional, declared by ``Capabilities.decode``) serves
 ``flash_attn_with_kvcache``: it appends ``cache.k_new`` / ``cache.v_new`` to the cache in place,
@@ -100,7 +105,7 @@ class Backend(Protocol):
         out: torch.Tensor,
         lse: torch.Tensor,
         call: AttnCall,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def decode(self, q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
         """Optional (``capabilities.decode``): append to the cache, then attend (see the module doc)."""

@@ -9,7 +9,11 @@ Forward: for each block of query rows, walk the key blocks that the causal/windo
 leaves visible, keeping the running max ``m_i``, normaliser ``l_i`` and accumulator ``acc``.
 Backward (FlashAttention-2): ``delta = rowsum(dout * out)``; for each key block, walk the
 visible query blocks, recompute ``p = exp(s - lse)``, accumulate dK/dV for the block and add
-into dQ (``delta`` from the given ``out``: see the comment in ``backward``). Extra memory: the fp32
+into dQ (``delta`` from the given ``out``: see the comment in ``backward``).
+``learnable_sink``: the forward folds ``exp(sink - m)`` into each row's ``m_i`` / ``l_i`` after the
+key blocks (so the lse includes it; a row without keys gets ``lse = sink``, out 0); the backward
+is unchanged given that lse, plus ``dsink = -sum exp(sink - lse) * delta``. Split-KV decoding
+computes the pieces without the sink and merges it in once, as a state ``(out 0, lse = sink)``. Extra memory: the fp32
 copies of q/k/v/out/dout and the gradients, O((Sq + Sk) * D) per head, plus one
 ``(rows x keys)`` tile whose size does not grow with the sequence length.
 The loops are sequential, so gradients are bitwise reproducible (``deterministic`` is always met).
@@ -17,6 +21,7 @@ The loops are sequential, so gradients are bitwise reproducible (``deterministic
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -168,6 +173,12 @@ def _groups(B: int, Sq: int, Sk: int, H: int, call: AttnCall) -> list[_Seq]:
     return out
 
 
+def _sink_rows(sink: torch.Tensor, Hk: int, n: int, cdt: torch.dtype) -> torch.Tensor:
+    """The per-head sink ``(H,)`` on ``n`` query positions of the row layout: ``(1, Hk, n * G)``."""
+    G = sink.shape[0] // Hk
+    return sink.to(cdt).view(1, Hk, 1, G).expand(1, Hk, n, G).reshape(1, Hk, n * G)
+
+
 def forward_seqs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -215,6 +226,13 @@ def forward_seqs(
                     if drop:
                         p = p.masked_fill_(~ctx.keep(seq, nb, i0, i1, j0, j1, q.device), 0.0)
                     acc = acc.mul_(alpha.unsqueeze(-1)).add_(torch.matmul(p, vseq[:, :, j0:j1]))
+                    m_i = m_new
+                if call.learnable_sink is not None:  # one more term of the denominator, without value
+                    sink = _sink_rows(call.learnable_sink, Hk, i1 - i0, cdt)
+                    m_new = torch.maximum(m_i, sink)  # finite: the sink is
+                    alpha = torch.exp(m_i - m_new)  # 0 on rows without keys
+                    l_i = l_i.mul_(alpha).add_(torch.exp(sink - m_new))
+                    acc = acc.mul_(alpha.unsqueeze(-1))
                     m_i = m_new
                 empty = l_i == 0
                 scale = torch.where(empty, torch.zeros_like(l_i), 1.0 / l_i)
@@ -287,6 +305,9 @@ class TorchTiledBackend:
         kp, vp = cache.k_cache[i0, i1].unsqueeze(0), cache.v_cache[i0, i1].unsqueeze(0)  # (1, total_k, hk, d)
         qp = q.reshape(1, b * sq, h, d)  # row i's queries at [i * sq, (i + 1) * sq)
         splits = max(1, cache.num_splits)
+        sink = call.learnable_sink
+        if splits > 1 and sink is not None:  # the sink is merged in once below, not in every piece
+            call = dataclasses.replace(call, learnable_sink=None)
         outs, lses = [], []
         for piece in range(splits):
             seqs = []
@@ -303,6 +324,9 @@ class TorchTiledBackend:
             lses.append(lse.view(h, b, sq).permute(1, 0, 2))
         if splits == 1:
             return outs[0], lses[0].contiguous()
+        if sink is not None:  # the sink as one more piece: no value (out 0), lse = sink
+            outs.append(torch.zeros_like(outs[0]))
+            lses.append(sink.float().view(1, h, 1).expand(b, h, sq))
         return merge_states(outs, lses)
 
     @torch.no_grad()
@@ -315,7 +339,7 @@ class TorchTiledBackend:
         out: torch.Tensor,
         lse: torch.Tensor,
         call: AttnCall,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         B, Sq, H, D = q.shape
         Sk, Hk = k.shape[1], k.shape[2]
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -376,7 +400,13 @@ class TorchTiledBackend:
                 dv[seq.batch, :, c0:c1] = dv_acc
         dq.mul_(ctx.c)
         dq_out = _from_rows(dq, H, q.dtype)
-        return dq_out, dk.permute(0, 2, 1, 3).to(k.dtype), dv.permute(0, 2, 1, 3).to(v.dtype)
+        grads = {}
+        sink = call.learnable_sink
+        if sink is not None:
+            # dsink_h = -sum_{b,i} p_sink * delta_i with p_sink = exp(sink_h - lse_i).
+            p_sink = torch.exp(_sink_rows(sink, Hk, Sq, cdt) - lse_r)
+            grads["learnable_sink"] = (-(p_sink * delta)).view(B, Hk, Sq, G).sum((0, 2)).reshape(H).to(sink.dtype)
+        return dq_out, dk.permute(0, 2, 1, 3).to(k.dtype), dv.permute(0, 2, 1, 3).to(v.dtype), grads
 
 
 def _rotary_positions(seqlens: torch.Tensor, n: int, along: bool) -> torch.Tensor:

@@ -144,7 +144,7 @@ class HopperBackend:
         out: torch.Tensor,
         lse: torch.Tensor,
         call: AttnCall,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         from ..triton import backend as triton_backend
 
         return triton_backend.backward(dout, q, k, v, out, lse, call)

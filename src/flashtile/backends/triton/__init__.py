@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from ...spec import AttnCall, KVCache, Problem
+from ...spec import FEATURES, AttnCall, KVCache, Problem
 from .. import _device
 from ..base import Capabilities, register
 
@@ -58,6 +58,7 @@ class TritonBackend:
         priority=10,
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         max_headdim=MAX_HEADDIM,
+        features=FEATURES - {"sink"},
         auto_devices=("cuda",),
         decode=True,
     )
@@ -103,10 +104,11 @@ class TritonBackend:
         out: torch.Tensor,
         lse: torch.Tensor,
         call: AttnCall,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         from . import launch
 
-        return launch.backward(dout, q, k, v, out, lse, call)
+        dq, dk, dv = launch.backward(dout, q, k, v, out, lse, call)
+        return dq, dk, dv, {}  # no differentiable carrier field is implemented (no "sink")
 
     def decode(self, q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
         from . import launch_decode
