@@ -137,12 +137,34 @@ def _standard(q, k, v, causal):
     return standard_attention(q, k, v, causal, layout="bhsd", softmax_dtype=torch.float32)
 
 
+def _flashtile_backend(name):
+    """flash_attn_func forced onto one backend; None when that backend is not usable here."""
+    try:
+        import flashtile
+    except Exception:  # noqa: BLE001 - the public API not there
+        return None
+    be = flashtile.dispatch.backends().get(name)
+    if be is None or be.available() is not None:
+        return None
+
+    def f(q, k, v, causal):
+        with flashtile.use_backend(name):
+            return flashtile.flash_attn_func(q, k, v, causal=causal)
+
+    return f
+
+
 def impls():
     from torch.nn.attention import SDPBackend
 
     ft, how = _flashtile()
+    extra = {}
+    hopper = _flashtile_backend("hopper")  # the Gluon sm_90 forward (backward: the Triton kernels)
+    if hopper is not None:
+        extra["flashtile-hopper"] = (hopper, "bshd")
     return {
         "flashtile": (ft, "bshd"),
+        **extra,
         "sdpa-flash": (_sdpa(SDPBackend.FLASH_ATTENTION), "bhsd"),
         "sdpa-cudnn": (_sdpa(SDPBackend.CUDNN_ATTENTION), "bhsd"),
         "sdpa-effic": (_sdpa(SDPBackend.EFFICIENT_ATTENTION), "bhsd"),
@@ -455,6 +477,13 @@ def print_table(result):
         fa4s = f"{fa4[0]:4d}/{fa4[1]:4d} {ratio(fa4)}" if fa4 else f"{'':>9} {'':>11}"
         print(f"{d:4d} {int(c):6d} {s:6d} | {pair(ft)} | {pair(fl)} {ratio(fl)} | {pair(cu)} {ratio(cu)} | {fa4s}")
     print(f"worst flashtile / sdpa-flash: fwd {worst[0]:.2f}, bwd {worst[1]:.2f}")
+    if any(r["impl"] == "flashtile-hopper" for r in rows):
+        print("\nflashtile-hopper (Gluon sm_90 forward; backward = Triton kernels), fwd TFLOP/s and ratios")
+        print(f"{'hdim':>4} {'causal':>6} {'seqlen':>6} | {'hopper':>6} | {'x triton':>8} {'x FA2':>6} {'x cuDNN':>7}")
+        for d, c, s in keys:
+            hp = tf("flashtile-hopper", "fwd", d, c, s)
+            tr, fl, cu = (tf(n, "fwd", d, c, s) for n in ("flashtile", "sdpa-flash", "sdpa-cudnn"))
+            print(f"{d:4d} {int(c):6d} {s:6d} | {hp:6.0f} | {hp / tr:8.2f} {hp / fl:6.2f} {hp / cu:7.2f}")
     checks = result.get("checks", [])
     if checks:
         n_ok = sum(c["ok"] for c in checks)
