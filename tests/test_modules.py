@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from flashtile.models import GPT, GPTConfig
 from flashtile.modules import MHA, InferenceParams, alibi_slopes
-from flashtile.testing import cu_seqlens
+from flashtile.testing import attention_ref, cu_seqlens
 
 D, H = 32, 4  # embed dim, heads (head dim 8)
 LENS = [7, 9, 11]  # real tokens per row of the padded batch (seqlen 11)
@@ -93,7 +93,14 @@ def mha_ref(m: MHA, x, x_kv=None, key_padding_mask=None, seqs=None):
         if m.rotary_emb_dim:
             q = rope_ref(q, m.rotary_emb_dim, m.rotary_emb_base, m.rotary_emb_interleaved)
             k = rope_ref(k, m.rotary_emb_dim, m.rotary_emb_base, m.rotary_emb_interleaved)
-        return F.linear(attn_ref(q, k, v, **opts).flatten(-2), m.out_proj.weight, m.out_proj.bias)
+        if m.sink is not None:  # the library's oracle, which knows the sink
+            o, _ = attention_ref(q[None], k[None], v[None], causal=m.causal, window_size=m.window_size,
+                                 softcap=m.softcap, alibi_slopes=m.alibi_slopes, softmax_scale=scale,
+                                 learnable_sink=m.sink)  # fmt: skip
+            o = o[0]
+        else:
+            o = attn_ref(q, k, v, **opts)
+        return F.linear(o.flatten(-2), m.out_proj.weight, m.out_proj.bias)
 
     if seqs is not None:
         return torch.cat([one(x[a:b], x[a:b]) for a, b in seqs])
@@ -197,6 +204,60 @@ def test_mha_cross_attention_matches_reference(opts, padded):
                   [x, x_kv])  # fmt: skip
 
 
+SINK_OPTIONS = {
+    "plain": dict(),
+    "causal-gqa": dict(causal=True, num_heads_kv=2),
+    "everything": dict(num_heads_kv=2, causal=True, rotary_emb_dim=6, use_alibi=True, window_size=(4, 0),
+                       softcap=5.0),  # fmt: skip
+}
+
+
+def make_sink_mha(**kw) -> MHA:
+    m = make_mha(learnable_sink=True, **kw)
+    assert m.sink.dtype == torch.float32 and m.sink.shape == (H,)
+    with torch.no_grad():
+        m.sink.copy_(torch.tensor([-1.0, 0.5, 2.0, 0.0]))
+    return m
+
+
+@pytest.mark.parametrize("opts", SINK_OPTIONS.values(), ids=SINK_OPTIONS.keys())
+@pytest.mark.parametrize("layout", ["dense", "padded", "packed"])
+def test_mha_learnable_sink_matches_reference(opts, layout):
+    """The sink parameter reaches every attention path; output and every gradient (the sink's
+    included, via check_fwd_bwd's parameter list) match attention_ref with the same weights."""
+    m = make_sink_mha(**opts)
+    if layout == "dense":
+        x = torch.randn(3, 11, D)
+        check_fwd_bwd(m, m, lambda x: mha_ref(m, x), [x])
+    elif layout == "padded":
+        x, mask = torch.randn(3, 11, D), padding_mask()
+        check_fwd_bwd(m, lambda x: m(x, key_padding_mask=mask), lambda x: mha_ref(m, x, key_padding_mask=mask), [x],
+                      mask=mask)  # fmt: skip
+    else:
+        lens = [5, 11, 1, 6]
+        cu = cu_seqlens(lens, "cpu")
+        seqs = list(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True))
+        check_fwd_bwd(m, lambda x: m(x, cu_seqlens=cu, max_seqlen=max(lens)), lambda x: mha_ref(m, x, seqs=seqs),
+                      [torch.randn(sum(lens), D)])  # fmt: skip
+
+
+def test_mha_learnable_sink_grad_and_defaults():
+    assert make_mha().sink is None
+    assert MHA(D, H, learnable_sink=True).sink.abs().max() == 0  # zero init (gpt-oss)
+    m = make_sink_mha(causal=True)
+    x = torch.randn(2, 7, D)
+    (g,) = torch.autograd.grad(m(x).square().sum(), [m.sink])
+    (g_ref,) = torch.autograd.grad(mha_ref(m, x).square().sum(), [m.sink])
+    assert g.abs().min() > 0
+    torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+    # a module cast to half precision (the sink with it): the sink is upcast per call, its grad flows
+    mb = make_sink_mha(causal=True).to(torch.bfloat16)
+    out = mb(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    (gb,) = torch.autograd.grad(out.float().square().sum(), [mb.sink])
+    assert gb.dtype == torch.bfloat16 and torch.isfinite(gb).all() and gb.abs().max() > 0
+
+
 def torch_mha_like(m: MHA) -> torch.nn.MultiheadAttention:
     """nn.MultiheadAttention carrying m's weights (same [q | k | v] layout of the input projection)."""
     t = torch.nn.MultiheadAttention(D, H, batch_first=True)
@@ -271,6 +332,7 @@ CACHE_OPTIONS = {
     "gqa-rotary": dict(causal=True, num_heads_kv=2, rotary_emb_dim=8),
     "rotary-gptj-partial": dict(causal=True, rotary_emb_dim=4, rotary_emb_interleaved=True),
     "alibi-window-softcap": dict(causal=True, use_alibi=True, window_size=(3, 0), softcap=4.0, num_heads_kv=1),
+    "sink-gqa-rotary": dict(causal=True, num_heads_kv=2, rotary_emb_dim=8, learnable_sink=True),
 }
 
 

@@ -140,6 +140,9 @@ class MHA(nn.Module):
         use_alibi: ALiBi bias with the standard slopes (:func:`alibi_slopes`).
         window_size: ``(left, right)`` sliding window, ``-1`` = unbounded (flash-attn's rule).
         softcap: ``softcap * tanh(scores / softcap)`` (0 = off).
+        learnable_sink: a learned per-head attention sink (gpt-oss): the parameter ``sink``, float32
+            ``(num_heads,)``, zero-initialised, joins each row's softmax denominator as a key
+            without value (see :func:`flashtile.flash_attn_func`); off: ``sink`` is None.
     """
 
     def __init__(
@@ -161,6 +164,7 @@ class MHA(nn.Module):
         use_alibi: bool = False,
         window_size: tuple[int, int] = (-1, -1),
         softcap: float = 0.0,
+        learnable_sink: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -190,6 +194,9 @@ class MHA(nn.Module):
         else:
             self.Wqkv = nn.Linear(embed_dim, q_dim + 2 * kv_dim, bias=qkv_proj_bias, **fk)
         self.out_proj = nn.Linear(q_dim, embed_dim, bias=out_proj_bias, **fk)
+        # The sink logits are float32 whatever the module's dtype (a cast module's is upcast per call).
+        sink = nn.Parameter(torch.zeros(num_heads, dtype=torch.float32, device=device)) if learnable_sink else None
+        self.register_parameter("sink", sink)
 
         # Tables and slopes are derived, not learned: non-persistent buffers (they follow .to()).
         if rotary_emb_dim:
@@ -213,6 +220,7 @@ class MHA(nn.Module):
         return dict(
             softmax_scale=self.softmax_scale, causal=self.causal, window_size=self.window_size,
             softcap=self.softcap, alibi_slopes=self.alibi_slopes,
+            learnable_sink=None if self.sink is None else self.sink.float(),
         )  # fmt: skip
 
     def _split_qkv(self, x: torch.Tensor, x_kv: torch.Tensor | None):
