@@ -1,7 +1,8 @@
 """Hugging Face transformers with attn_implementation="flashtile" against "eager".
 
 Tiny randomly initialised Llama (GQA), Mistral (sliding window) and Gemma-2 (softcap, sliding and
-full layers) models built from configs (no download): same logits with left / right / no
+full layers) and gpt-oss (learned attention sinks, sliding and full layers) models built from
+configs (no download): same logits with left / right / no
 padding, same greedy generations (dynamic, sliding and static caches), packed sequences,
 dropout in training. Skipped when transformers is not installed (except the error-message test).
 """
@@ -30,28 +31,39 @@ COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_la
 def configs():
     from transformers import Gemma2Config, LlamaConfig, MistralConfig
 
-    return {
+    cfgs = {
         "llama-gqa": LlamaConfig(**COMMON),
         "mistral-sliding-window": MistralConfig(**COMMON, sliding_window=4),
         "gemma2-softcap": Gemma2Config(**COMMON, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
                                        attn_logit_softcapping=3.0, final_logit_softcapping=20.0),  # fmt: skip
     }
+    if HAS_GPT_OSS:  # layer_types alternate sliding / full attention (the config's default)
+        cfgs["gpt-oss-sinks"] = transformers.GptOssConfig(**COMMON, head_dim=16, sliding_window=4, num_local_experts=4,
+                                                          num_experts_per_tok=2)  # fmt: skip
+    return cfgs
 
 
-NAMES = ["llama-gqa", "mistral-sliding-window", "gemma2-softcap"]
+HAS_GPT_OSS = transformers is not None and hasattr(transformers, "GptOssConfig")
+NAMES = ["llama-gqa", "mistral-sliding-window", "gemma2-softcap"] + (["gpt-oss-sinks"] if HAS_GPT_OSS else [])
 
 
 def pair(name: str):
     """(flashtile model, eager model) with the same random weights, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    ft_hf.register()
+    # gpt-oss lists its own flash implementations and swaps any name containing "flash" for one of
+    # them: flashtile registers under a name without it there (see the integration's docstring)
+    impl = ft_hf.register("tile_attention" if name == "gpt-oss-sinks" else "flashtile")
     cfg = configs()[name]
     torch.manual_seed(0)
-    ft = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="flashtile").eval()
+    ft = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl).eval()
     eager = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    if name == "gpt-oss-sinks":  # sinks large enough to matter, of both signs
+        with torch.no_grad():
+            for layer in ft.model.layers:
+                layer.self_attn.sinks.copy_(torch.tensor([-1.0, 0.5, 2.0, 0.0]))
     eager.load_state_dict(ft.state_dict())
-    assert ft.config._attn_implementation == "flashtile" and eager.config._attn_implementation == "eager"
+    assert ft.config._attn_implementation == impl and eager.config._attn_implementation == "eager"
     return ft, eager
 
 
@@ -109,6 +121,28 @@ def test_greedy_generate_matches_eager(name, calls):
     # prefill + 13 decode steps, 2 layers; varlen while padding is in view (a sliding-window cache
     # drops the padded keys once they are older than the window, then the dense kernel serves)
     assert calls["varlen"] + calls["dense"] == 2 * 14 and calls["varlen"] >= 2
+
+
+@needs_hf
+@pytest.mark.skipif(not HAS_GPT_OSS, reason="this transformers has no gpt-oss (GptOssConfig)")
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_gpt_oss_sink_gradients_match_eager(padding, calls):
+    """gpt-oss passes its sinks as s_aux: the loss's gradients w.r.t. the sinks (and other
+    attention weights) equal eager's, through the sliding and the full layer."""
+    ft, eager = pair("gpt-oss-sinks")
+    ids = torch.randint(0, 97, (3, 12))
+    mask = masks()[padding]
+    labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    grads = []
+    names = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("sinks", "q_proj.weight", "k_proj.weight")]
+    for model in (ft, eager):
+        out = model(ids, attention_mask=mask, labels=labels)
+        params = dict(model.named_parameters())
+        grads.append(torch.autograd.grad(out.loss, [params[n] for n in names]))
+    for n, a, b in zip(names, *grads, strict=True):
+        assert a.abs().max() > 0, n
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=n)
+    assert calls["varlen" if mask is not None else "dense"] == 2
 
 
 @needs_hf
@@ -179,8 +213,13 @@ def test_unsupported_inputs_raise():
     module = torch.nn.Module()
     with pytest.raises(ValueError, match="2-D"):
         ft_hf.flashtile_attention_forward(module, q, q, q, torch.ones(1, 1, 3, 3, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="s_aux"):
-        ft_hf.flashtile_attention_forward(module, q, q, q, None, s_aux=torch.zeros(4))
+    with pytest.raises(ValueError, match="s_aux"):
+        ft_hf.flashtile_attention_forward(module, q, q, q, None, s_aux=torch.zeros(3))
+    # per-head sinks in half precision: accepted, upcast to float32, the gradient reaches them
+    sinks = torch.randn(4, dtype=torch.bfloat16, requires_grad=True)
+    out, _ = ft_hf.flashtile_attention_forward(module, q, q, q, None, s_aux=sinks)
+    out.sum().backward()
+    assert sinks.grad is not None and sinks.grad.dtype == torch.bfloat16
 
 
 def test_missing_transformers_gives_install_hint(monkeypatch):

@@ -20,17 +20,21 @@ Served: causal and bidirectional layers, left or right padding, GQA/MQA, ``slidi
 (the layer's argument, e.g. Mistral, Gemma-2's sliding layers), ``softcap`` (Gemma-2),
 ``scaling``, ``dropout`` (what the model passes: non-zero only in training), KV caches
 (dynamic, sliding, static), packed sequences (``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs,
-or ``position_ids`` restarting inside one row). Not served (raise): ready-made 4-D masks,
-attention sinks (``s_aux``). Mask patterns other than causal / sliding window / padding that a
-model adds through its mask functions (chunked attention, bidirectional image-token blocks) are
-not represented, as with transformers' own flash-attention path. ``output_attentions`` returns
-None weights.
+or ``position_ids`` restarting inside one row), attention sinks (gpt-oss's ``s_aux``: per-head
+logits in the module's dtype, passed as float32 ``learnable_sink``; their gradient reaches the
+model's ``sinks`` parameter). Not served (raise): ready-made 4-D masks. Mask patterns other
+than causal / sliding window / padding that a model adds through its mask functions (chunked
+attention, bidirectional image-token blocks) are not represented, as with transformers' own
+flash-attention path. ``output_attentions`` returns None weights.
 
 A wrinkle of transformers >= 5: it treats every implementation name containing ``"flash"`` as a
 FlashAttention kernel and tries to load one at model construction. :func:`register` therefore
 wraps ``transformers.modeling_utils.lazy_import_flash_attention`` so that the names registered
 here load nothing (other names pass through unchanged). This happens only inside
 :func:`register`, and only when the installed transformers applies that rule to the name.
+Models that list their own ``_compatible_flash_implementations`` (gpt-oss) go further and replace
+any such name with one of theirs: for those, register under a name without "flash", e.g.
+``register("tile_attention")``, and pass that name as ``attn_implementation``.
 """
 
 from __future__ import annotations
@@ -116,8 +120,7 @@ def flashtile_attention_forward(
     sees the ``w`` most recent positions including itself (window ``(w - 1, 0)`` when causal,
     ``(w - 1, w - 1)`` otherwise), as transformers' eager masks do.
     """
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("flashtile does not support attention sinks (s_aux); use another attn_implementation")
+    s_aux = kwargs.get("s_aux")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"flashtile attention takes a 2-D (batch, seqlen) padding mask, got a {attention_mask.dim()}-D mask of "
@@ -139,6 +142,11 @@ def flashtile_attention_forward(
     if sliding_window is not None and sliding_window > 0:
         window = (sliding_window - 1, 0 if causal else sliding_window - 1)
     opts = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0)
+    if s_aux is not None:  # gpt-oss's per-head sinks, in the module's dtype: float32 for flashtile (grad flows)
+        if not isinstance(s_aux, torch.Tensor) or s_aux.numel() != h:
+            got = tuple(s_aux.shape) if isinstance(s_aux, torch.Tensor) else type(s_aux).__name__
+            raise ValueError(f"s_aux (attention sinks) must be a tensor of {h} per-head logits, got {got}")
+        opts["learnable_sink"] = s_aux.reshape(h).to(device=query.device, dtype=torch.float32)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
