@@ -120,30 +120,63 @@ def _inputs(seed, shapes, dtype=torch.float32):
     return [torch.randn(*s, generator=g).to(dtype) for s in shapes]
 
 
+def _sink_leaves(opts):
+    """Pops ``learnable_sink`` from ``opts``: ([ref leaf], [local leaf], ref kwarg, local kwarg), all
+    empty without a sink (ring attention does not take the keyword)."""
+    sink = opts.pop("learnable_sink", None)
+    if sink is None:
+        return [], [], {}, {}
+    ref, loc = sink.clone().requires_grad_(), sink.clone().requires_grad_()
+    return [ref], [loc], {"learnable_sink": ref}, {"learnable_sink": loc}
+
+
+def _split_sink_grad(grads, sink):
+    """grads of (q, k, v[, sink]) -> [gq, gk, gv, [gsink] or []]."""
+    grads = list(grads)
+    return grads[:3] + [grads[3:]] if sink else grads + [[]]
+
+
+def _check_sink_grad(gs_l, gs_ref, group, tol):
+    """Each rank's sink gradient holds its heads' entries only; summed over the group (as a
+    data-parallel all-reduce would) it is the single-process gradient."""
+    if not gs_l:
+        return
+    (g,), (g_ref,) = gs_l, gs_ref
+    h, world, rank = g.numel(), dist.get_world_size(group), dist.get_rank(group)
+    mine = torch.zeros(h, dtype=torch.bool)
+    mine[rank * h // world : (rank + 1) * h // world] = True
+    own = g.clone()
+    dist.all_reduce(g, group=group)
+    assert own[~mine].abs().max() == 0 and own[mine].abs().min() > 0
+    _close(g, g_ref, "grad[sink] summed over the group", tol)
+
+
 def _dense_case(group, strategy, layout, *, b=2, sq=48, sk=None, h=4, hk=4, d=16, packed=False,
                 dtype=torch.float32, tol=FP32_TOL, **opts):  # fmt: skip
     sk = sq if sk is None else sk
     q, k, v, dout = _inputs(sq * 1000 + sk * 10 + hk, [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d), (b, sq, h, d)],
                             dtype)  # fmt: skip
+    sink, sink_l, sk_ref, sk_l = _sink_leaves(opts)
     if packed:
         qkv = torch.stack([q, k, v], dim=2).requires_grad_()
-        out, lse, _ = flashtile.flash_attn_qkvpacked_func(qkv, return_attn_probs=True, **opts)
-        (g_ref,) = torch.autograd.grad(out, (qkv,), dout)
+        out, lse, _ = flashtile.flash_attn_qkvpacked_func(qkv, return_attn_probs=True, **opts, **sk_ref)
+        (g_ref, *gs_ref) = torch.autograd.grad(out, (qkv, *sink), dout)
         qkv_l = shard(qkv.detach(), group, layout).requires_grad_()
         fn = ring_flash_attn_qkvpacked_func if strategy == "ring" else ulysses_flash_attn_qkvpacked_func
-        out_l, lse_l, _ = fn(qkv_l, group=group, layout=layout, return_attn_probs=True, **opts)
-        (g_l,) = torch.autograd.grad(out_l, (qkv_l,), shard(dout, group, layout))
+        out_l, lse_l, _ = fn(qkv_l, group=group, layout=layout, return_attn_probs=True, **opts, **sk_l)
+        (g_l, *gs_l) = torch.autograd.grad(out_l, (qkv_l, *sink_l), shard(dout, group, layout))
         grads, grads_ref = [g_l], [shard(g_ref, group, layout)]
     else:
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        out, lse, _ = flashtile.flash_attn_func(*leaves, return_attn_probs=True, **opts)
-        g_ref = torch.autograd.grad(out, leaves, dout)
+        out, lse, _ = flashtile.flash_attn_func(*leaves, return_attn_probs=True, **opts, **sk_ref)
+        *g_ref, gs_ref = _split_sink_grad(torch.autograd.grad(out, [*leaves, *sink], dout), sink)
         loc = [shard(x, group, layout).requires_grad_() for x in (q, k, v)]
         fn = ring_flash_attn_func if strategy == "ring" else ulysses_flash_attn_func
-        out_l, lse_l, _ = fn(*loc, group=group, layout=layout, return_attn_probs=True, **opts)
-        grads = torch.autograd.grad(out_l, loc, shard(dout, group, layout))
+        out_l, lse_l, _ = fn(*loc, group=group, layout=layout, return_attn_probs=True, **opts, **sk_l)
+        *grads, gs_l = _split_sink_grad(torch.autograd.grad(out_l, [*loc, *sink_l], shard(dout, group, layout)), sink)
         grads_ref = [shard(x, group, layout) for x in g_ref]
     full = unshard(out_l.detach(), group, layout)  # every collective before the first assert
+    _check_sink_grad(gs_l, gs_ref, group, tol)  # its all-reduce comes before its asserts
     assert out_l.dtype == dtype and lse_l.dtype == torch.float32
     _close(out_l, shard(out, group, layout), "out", tol)
     _close(lse_l, shard(lse, group, layout, dim=2), "lse", tol)
@@ -160,24 +193,30 @@ def _varlen_case(group, strategy, layout, *, lens_q, lens_k=None, h=4, hk=4, d=1
     mq, mk = max(lens_q), max(lens_k)
     sh_q = partial(shard, group=group, layout=layout, dim=0, cu_seqlens=cu_q)
     sh_k = partial(shard, group=group, layout=layout, dim=0, cu_seqlens=cu_k)
+    sink, sink_l, sk_ref, sk_l = _sink_leaves(opts)
     if packed:
         qkv = torch.stack([q, k, v], dim=1).requires_grad_()
-        out, lse, _ = flashtile.flash_attn_varlen_qkvpacked_func(qkv, cu_q, mq, return_attn_probs=True, **opts)
-        (g_ref,) = torch.autograd.grad(out, (qkv,), dout)
+        out, lse, _ = flashtile.flash_attn_varlen_qkvpacked_func(qkv, cu_q, mq, return_attn_probs=True, **opts,
+                                                                 **sk_ref)  # fmt: skip
+        (g_ref, *gs_ref) = torch.autograd.grad(out, (qkv, *sink), dout)
         qkv_l = sh_q(qkv.detach()).requires_grad_()
         fn = ring_flash_attn_varlen_qkvpacked_func if strategy == "ring" else ulysses_flash_attn_varlen_qkvpacked_func
-        out_l, lse_l, _ = fn(qkv_l, cu_q, mq, group=group, layout=layout, return_attn_probs=True, **opts)
-        grads, grads_ref = torch.autograd.grad(out_l, (qkv_l,), sh_q(dout)), [sh_q(g_ref)]
+        out_l, lse_l, _ = fn(qkv_l, cu_q, mq, group=group, layout=layout, return_attn_probs=True, **opts, **sk_l)
+        (g_l, *gs_l) = torch.autograd.grad(out_l, (qkv_l, *sink_l), sh_q(dout))
+        grads, grads_ref = [g_l], [sh_q(g_ref)]
     else:
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        out, lse, _ = flashtile.flash_attn_varlen_func(*leaves, cu_q, cu_k, mq, mk, return_attn_probs=True, **opts)
-        g_ref = torch.autograd.grad(out, leaves, dout)
+        out, lse, _ = flashtile.flash_attn_varlen_func(*leaves, cu_q, cu_k, mq, mk, return_attn_probs=True, **opts,
+                                                       **sk_ref)  # fmt: skip
+        *g_ref, gs_ref = _split_sink_grad(torch.autograd.grad(out, [*leaves, *sink], dout), sink)
         loc = [sh_q(q).requires_grad_(), sh_k(k).requires_grad_(), sh_k(v).requires_grad_()]
         fn = ring_flash_attn_varlen_func if strategy == "ring" else ulysses_flash_attn_varlen_func
-        out_l, lse_l, _ = fn(*loc, cu_q, cu_k, mq, mk, group=group, layout=layout, return_attn_probs=True, **opts)
-        grads = torch.autograd.grad(out_l, loc, sh_q(dout))
+        out_l, lse_l, _ = fn(*loc, cu_q, cu_k, mq, mk, group=group, layout=layout, return_attn_probs=True, **opts,
+                             **sk_l)  # fmt: skip
+        *grads, gs_l = _split_sink_grad(torch.autograd.grad(out_l, [*loc, *sink_l], sh_q(dout)), sink)
         grads_ref = [sh_q(g_ref[0]), sh_k(g_ref[1]), sh_k(g_ref[2])]
     full = unshard(out_l.detach(), group, layout, dim=0, cu_seqlens=cu_q)  # collectives before asserts
+    _check_sink_grad(gs_l, gs_ref, group, FP32_TOL)  # its all-reduce comes before its asserts
     _close(out_l, sh_q(out), "out", FP32_TOL)
     _close(lse_l, shard(lse, group, layout, dim=1, cu_seqlens=cu_q), "lse", FP32_TOL)
     for i, (a, r) in enumerate(zip(grads, grads_ref, strict=True)):
@@ -279,6 +318,15 @@ def _checks():
         add(f"ulysses-{lay}-alibi", _dense_case, strategy="ulysses", layout=lay, causal=True, alibi_slopes=slopes)
         add(f"ulysses-{lay}-varlen-window", _varlen_case, strategy="ulysses", layout=lay, lens_q=[16, 24],
             window_size=(4, 1))  # fmt: skip
+        sink = torch.tensor([-1.0, 0.5, 2.0, 0.0])
+        add(f"ulysses-{lay}-sink-gqa", _dense_case, strategy="ulysses", layout=lay, causal=True, hk=2,
+            learnable_sink=sink)  # fmt: skip
+        add(f"ulysses-{lay}-sink-alibi-window-packed", _dense_case, strategy="ulysses", layout=lay, packed=True,
+            window_size=(7, 2), alibi_slopes=slopes, learnable_sink=sink)  # fmt: skip
+        add(f"ulysses-{lay}-varlen-sink", _varlen_case, strategy="ulysses", layout=lay, lens_q=[16, 0, 8, 24], hk=2,
+            causal=True, learnable_sink=sink)  # fmt: skip
+        add(f"ulysses-{lay}-varlen-qkvpacked-sink", _varlen_case, strategy="ulysses", layout=lay, lens_q=[8, 24],
+            causal=True, packed=True, learnable_sink=sink)  # fmt: skip
         add(f"ring-{lay}-dropout", _ring_dropout_case, layout=lay)
         add(f"shard-{lay}", _shard_case, layout=lay)
     add("ring-zigzag-bf16", _dense_case, strategy="ring", layout="zigzag", causal=True, hk=2, dtype=torch.bfloat16,

@@ -9,7 +9,7 @@ strategies compute exact attention over the whole sequence from the shards:
   log-sum-exp. Memory per rank O(S / W); any number of heads.
 * **all-to-all / Ulysses** (:func:`ulysses_flash_attn_func` ...): two all-to-alls re-shard
   sequence <-> heads around one ordinary attention call on the whole sequence. Every option
-  (ALiBi, any window) works; needs ``nheads`` divisible by ``W``.
+  (ALiBi, any window, ``learnable_sink``) works; needs ``nheads`` divisible by ``W``.
 
 Both run on every flashtile backend and are differentiable; the result equals
 :func:`flashtile.flash_attn_func` on the full sequence, sharded the same way::

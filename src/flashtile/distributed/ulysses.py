@@ -5,7 +5,8 @@ Each rank holds a shard of the sequence with all heads. One all-to-all gives eve
 (:mod:`flashtile.ops`, any backend) on them, and a second all-to-all returns the output to
 the sequence shards. Because each rank sees the whole sequence, every option works exactly
 as in :func:`flashtile.flash_attn_func`: causal, any window, softcap, ALiBi (the slopes of the
-rank's heads), GQA. Communication is ``O(S * H * D / W)`` per rank per all-to-all,
+rank's heads), GQA, learnable sinks (``learnable_sink``, float32 ``(nheads,)``, the same tensor
+on every rank: each rank uses its heads' entries). Communication is ``O(S * H * D / W)`` per rank per all-to-all,
 independent of the mask.
 
 Requirements: ``nheads`` divisible by ``W``. GQA: k/v heads are exchanged as they are when
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from .. import dispatch
 from ..ops import attention
 from ..rng import draw_seed
-from ..spec import Problem, check_alibi, unbind_packed
+from ..spec import Problem, check_alibi, check_sink, unbind_packed
 from ._common import check_inputs, check_varlen_cu, mix_seed, seed_tensor
 from .shard import check_layout, group_world_rank, positions, varlen_positions
 
@@ -92,6 +93,7 @@ def _ulysses(
     layout: str,
     alibi_slopes: torch.Tensor | None,
     return_attn_probs: bool,
+    learnable_sink: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0,
@@ -127,6 +129,9 @@ def _ulysses(
     alibi = check_alibi(alibi_slopes, batch, h, q.device)
     if alibi is not None:
         alibi = alibi[:, rank * hl : (rank + 1) * hl].contiguous()
+    sink = check_sink(learnable_sink, h, q.device)
+    if sink is not None:  # this rank's heads; a view, so the gradient lands in those entries of the caller's tensor
+        sink = sink[rank * hl : (rank + 1) * hl]
     qh = rq.heads(q, seq_dim, head_dim)
     kh, vh = rk.heads(k, seq_dim, head_dim), rk.heads(v, seq_dim, head_dim)
     if varlen:
@@ -135,7 +140,7 @@ def _ulysses(
     seed = seed_tensor(mix_seed(int(draw_seed(q.device)), rank)) if spec.dropout_p > 0 else None
     lens = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),
                 max_seqlen_k=int(max_seqlen_k)) if varlen else {}  # fmt: skip
-    call = dataclasses.replace(spec, alibi_slopes=alibi, seed=seed, **lens)
+    call = dataclasses.replace(spec, alibi_slopes=alibi, learnable_sink=sink, seed=seed, **lens)
     backend = dispatch.choose(Problem.of(qh, kh, call), call)
     out, lse = attention(qh, kh, vh, call, backend)
     if varlen:
@@ -163,6 +168,7 @@ def ulysses_flash_attn_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     layout: str = "zigzag",
+    learnable_sink: torch.Tensor | None = None,
 ):
     """All-to-all context-parallel attention: :func:`flashtile.flash_attn_func` on a sequence sharded
     over the ranks of ``group`` (None: the default group) with ``layout``.
@@ -175,6 +181,11 @@ def ulysses_flash_attn_func(
         Other options: exactly as :func:`flashtile.flash_attn_func` on the full sequence
         (``alibi_slopes`` ``(nheads,)`` or ``(batch, nheads)`` for all heads). Dropout uses one
         stream per rank, so its pattern differs from the single-process call.
+        learnable_sink: optional float32 ``(nheads,)`` sink logits for all heads (the same on every
+            rank, as a replicated parameter). Each rank attends with its heads' entries, so its
+            gradient holds those entries only (zeros elsewhere): sum it over the group (the
+            all-reduce a data-parallel wrapper does for any replicated parameter) to get the
+            single-process gradient.
 
     Returns:
         out ``(batch, seqlen_q / W, nheads, headdim)``; with ``return_attn_probs=True``,
@@ -184,7 +195,7 @@ def ulysses_flash_attn_func(
     return _ulysses(
         q, k, v, group=group, layout=layout, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs,
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
     )  # fmt: skip
 
 
@@ -200,13 +211,15 @@ def ulysses_flash_attn_qkvpacked_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     layout: str = "zigzag",
+    learnable_sink: torch.Tensor | None = None,
 ):
     """:func:`ulysses_flash_attn_func` with ``qkv (batch, seqlen / W, 3, nheads, headdim)``."""
     q, k, v = unbind_packed(qkv, "qkv", 3, 2)
     return _ulysses(
         q, k, v, group=group, layout=layout, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, names=("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]"),
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
+        names=("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]"),
         fn="ulysses_flash_attn_qkvpacked_func",
     )  # fmt: skip
 
@@ -229,6 +242,7 @@ def ulysses_flash_attn_varlen_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     layout: str = "zigzag",
+    learnable_sink: torch.Tensor | None = None,
 ):
     """All-to-all attention on a packed batch of variable-length sequences, every one sharded (the
     layout of :func:`flashtile.distributed.ring_flash_attn_varlen_func`: each sequence cut into
@@ -238,7 +252,8 @@ def ulysses_flash_attn_varlen_func(
     return _ulysses(
         q, k, v, group=group, layout=layout, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, fn="ulysses_flash_attn_varlen_func",
     )  # fmt: skip
 
@@ -257,6 +272,7 @@ def ulysses_flash_attn_varlen_qkvpacked_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     layout: str = "zigzag",
+    learnable_sink: torch.Tensor | None = None,
 ):
     """:func:`ulysses_flash_attn_varlen_func` with ``qkv (total / W, 3, nheads, headdim)`` and one
     (global) ``cu_seqlens``."""
@@ -264,7 +280,8 @@ def ulysses_flash_attn_varlen_qkvpacked_func(
     return _ulysses(
         q, k, v, group=group, layout=layout, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink, cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
         max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, names=("qkv[:, 0]", "qkv[:, 1]", "qkv[:, 2]"),
         fn="ulysses_flash_attn_varlen_qkvpacked_func",
     )  # fmt: skip
