@@ -17,6 +17,7 @@ kernels are imported on the first call.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -43,6 +44,13 @@ def _triton_version() -> str | None:
     mod = sys.modules.get("triton")
     if mod is not None:
         return getattr(mod, "__version__", None)
+    return _installed_triton_version()
+
+
+@functools.cache
+def _installed_triton_version() -> str | None:
+    """The installed distribution's version, read from its metadata once (``available()`` runs
+    on every dispatch, and a metadata lookup scans the environment)."""
     if importlib.util.find_spec("triton") is None:
         return None
     for dist in ("triton", "pytorch-triton"):
@@ -53,8 +61,10 @@ def _triton_version() -> str | None:
     return "unknown"
 
 
+@functools.cache
 def _gluon_files_present() -> bool:
-    """Whether the installed Triton ships Gluon's Hopper module (checked on disk: no import)."""
+    """Whether the installed Triton ships Gluon's Hopper module (checked on disk once: no import;
+    ``available()`` runs on every dispatch)."""
     spec = importlib.util.find_spec("triton")
     for root in (spec.submodule_search_locations or []) if spec else []:
         if os.path.exists(os.path.join(root, "experimental", "gluon", "language", "nvidia", "hopper", "__init__.py")):

@@ -16,7 +16,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ...spec import AttnCall
 from .. import _device
-from ..triton.launch import device_guard, score_scales
+from ..triton.launch import device_guard, forward_outputs, score_scales
 from . import configs
 from .configs import HopperConfig
 from .fwd import attn_fwd_persistent, attn_fwd_plain, attn_fwd_ws
@@ -73,21 +73,10 @@ def forward(
     overrides the table (benchmark sweeps)."""
     B, Sq, H, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
-    varlen = call.varlen
-    if varlen:
-        if B != 1 or k.shape[0] != 1:
-            raise ValueError("varlen tensors must have the internal layout (1, total, heads, headdim)")
-        nb, rows_q, rows_k = call.cu_seqlens_q.shape[0] - 1, int(call.max_seqlen_q), int(call.max_seqlen_k)
-    else:
-        nb, rows_q, rows_k = B, Sq, Sk
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or nb == 0 or rows_q == 0:
+    out, lse, geo = forward_outputs(q, k, call)
+    if geo is None:
         return out, lse
-    if Sk == 0 or rows_k == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return out, lse
+    varlen, nb, _, _, rows_q, _ = geo
     if not call.softmax_scale > 0:
         raise ValueError(f"flashtile hopper: softmax_scale must be > 0, got {call.softmax_scale}")
     if lse.numel() >= 2**31:

@@ -136,6 +136,26 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> tuple[bool, i
     return False, q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1]
 
 
+def forward_outputs(
+    q: torch.Tensor, k: torch.Tensor, call: AttnCall
+) -> tuple[torch.Tensor, torch.Tensor, tuple[bool, int, int, int, int, int] | None]:
+    """``(out, lse, geometry)`` of a forward launch, shared by the forward launchers: out like q,
+    lse float32 ``(B, H, Sq)``, and :func:`_geometry`'s tuple; geometry None when the problem is
+    empty and (out, lse) are already final (no query rows: nothing to write; no keys: out 0,
+    lse -inf)."""
+    geo = _geometry(q, k, call)
+    _, nb, _, _, rows_q, rows_k = geo
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or nb == 0 or rows_q == 0:
+        return out, lse, None
+    if k.shape[1] == 0 or rows_k == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse, None
+    return out, lse, geo
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -146,17 +166,12 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) on the internal layout; ``config`` overrides the table (benchmark sweeps)."""
     B, Sq, H, D = q.shape
-    Sk, Hk = k.shape[1], k.shape[2]
-    varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k = _geometry(q, k, call)
+    Hk = k.shape[2]
+    out, lse, geo = forward_outputs(q, k, call)
+    if geo is None:
+        return out, lse
+    varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k = geo
     alibi_slopes, cu_seqlens_q, cu_seqlens_k = call.alibi_slopes, call.cu_seqlens_q, call.cu_seqlens_k
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or nb == 0 or rows_q == 0:
-        return out, lse
-    if Sk == 0 or rows_k == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return out, lse
     bd = block_d(D)
     ar = arch(q.device)
     cfg = config or configs.fwd_config(ar, bd, q.dtype, max(rows_q, rows_k))
