@@ -108,7 +108,8 @@ def forward(
         if cfg.kernel == "plain":
             attn_fwd_plain[grid](*args, **consts)
         elif cfg.kernel == "ws":
-            attn_fwd_ws[grid](*args, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, **consts)
+            attn_fwd_ws[grid](*args, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
+                              NUM_CONSUMERS=cfg.consumers, **consts)
         else:
             tiles, offs = _schedule_tensors(q.device, B, H, Sq, Sk, cfg, call)
             for key in ("IS_VARLEN", "REVERSE_M"):
@@ -118,7 +119,8 @@ def forward(
                 out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
                 Sq, Sk, H // Hk, triton.cdiv(Sq, cfg.block_m), H, qk_scale, cap_out,
                 call.window_left, call.window_right,
-                CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, **consts,
+                CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers,
+                **consts,
             )  # fmt: skip
     return out, lse
 
