@@ -226,6 +226,19 @@ def test_three_consumer_configs():
     assert "plain" in configs.check(configs.config(64, kernel="plain", consumers=3), 64)
 
 
+def test_config_for_picks_consumers_by_causality_and_length():
+    """Head dim 64: 3 consumers except causal calls shorter than the threshold; others: the table."""
+    n = configs.D64_CAUSAL_THREE_CONSUMERS_FROM
+    assert configs.config_for(64, causal=False, seqlen_q=1024).consumers == 3
+    assert configs.config_for(64, causal=True, seqlen_q=n).consumers == 3
+    assert configs.config_for(64, causal=True, seqlen_q=n - 1).consumers == 2
+    for d in configs.HEADDIMS:
+        cfg = configs.config_for(d, causal=True, seqlen_q=4096)
+        assert configs.check(cfg, d) is None
+        if d != 64:
+            assert cfg == configs.config(d)
+
+
 def test_configs_module_is_torch_free():
     """scripts/gluon_compile_check.py loads configs.py on machines without torch."""
     src = open(configs.__file__).read()

@@ -67,6 +67,22 @@ _TABLE: dict[int, HopperConfig] = {
 }
 
 
+#: Head dim 64 runs 3 consumer warpgroups (192-row tiles, FA3's choice there) except on causal
+#: calls shorter than this many query rows, where 192-row tiles put more of the work on the
+#: diagonal (H200, `results/hopper_H200_20261201_stepD_consumers3.json`: non-causal 1k-16k
+#: +8-20%, causal 16k +10%, causal 4k +0%, causal 1k -33%).
+D64_CAUSAL_THREE_CONSUMERS_FROM = 8192
+_D64_THREE = HopperConfig(192, 128, 2, consumers=3, consumer_regs=160)  # 24 KiB Q + 2 x 32 KiB = 88 KiB
+
+
+def config_for(headdim: int, *, causal: bool, seqlen_q: int) -> HopperConfig:
+    """The config a call runs: the table's, with head dim 64's consumer count chosen by
+    causality and (max) query length (:data:`D64_CAUSAL_THREE_CONSUMERS_FROM`)."""
+    if headdim == 64 and (not causal or seqlen_q >= D64_CAUSAL_THREE_CONSUMERS_FROM):
+        return _D64_THREE
+    return config(headdim)
+
+
 def config(headdim: int, **overrides) -> HopperConfig:
     """The table's config for ``headdim`` (one of :data:`HEADDIMS`), with fields replaced by
     ``overrides`` (benchmark sweeps: ``block_n=64, num_stages=3``)."""
