@@ -61,7 +61,7 @@ import torch
 import torch.distributed as dist
 
 from ..mask import block_fully_visible
-from ..merge import merge_two
+from ..merge import merge_two, merge_two_
 from ..ops import attention, attention_backward
 from ..spec import AttnCall, unbind_packed
 from ._common import RingPeers, mix_seed, seed_tensor, wait_all
@@ -374,6 +374,9 @@ class _RingAttention(torch.autograd.Function):
                 if acc_out is None:
                     acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
                     acc_lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+                if isinstance(c.q_sel, slice):  # rows of a slice are views: merge in place
+                    merge_two_(_cut(acc_out, c.q_sel, 1), _cut(acc_lse, c.q_sel, 2), o, lse)
+                    continue
                 mo, ml = merge_two(_cut(acc_out, c.q_sel, 1), _cut(acc_lse, c.q_sel, 2), o, lse)
                 _set(acc_out, c.q_sel, 1, mo)
                 _set(acc_lse, c.q_sel, 2, ml)
@@ -410,13 +413,23 @@ class _RingAttention(torch.autograd.Function):
             if t + 1 < ring.world:
                 nxt, reqs = ring.peers.exchange(kv, bufs[t % 2])
             dk, dv = acc[t % 2]
-            dk.zero_()
-            dv.zero_()
+            fresh = True  # dk / dv hold nothing of this step yet
             for c in ring.calls[src]:
                 dq_c, dk_c, dv_c = _bwd_call(c, dout, q, kv[0], kv[1], out, lse, ring.backend)
                 _add(dq, c.q_sel, 1, dq_c)
-                _add(dk, c.k_sel, 1, dk_c)
-                _add(dv, c.k_sel, 1, dv_c)
+                if fresh and isinstance(c.k_sel, slice) and c.k_sel == slice(None):  # all keys: copy, no zeroing
+                    dk.copy_(dk_c)
+                    dv.copy_(dv_c)
+                else:
+                    if fresh:
+                        dk.zero_()
+                        dv.zero_()
+                    _add(dk, c.k_sel, 1, dk_c)
+                    _add(dv, c.k_sel, 1, dv_c)
+                fresh = False
+            if fresh:  # no call against this block
+                dk.zero_()
+                dv.zero_()
             if dkv_reqs is not None:  # the gradients of this block from the ranks before us
                 wait_all(dkv_reqs)
                 dk += drecv[0]
