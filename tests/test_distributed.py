@@ -346,6 +346,8 @@ def _hybrid_errors_case(group):
     if world > 2:  # a ring of 2 positions: ALiBi needs the whole sequence in one call
         with pytest.raises(NotImplementedError, match="alibi_slopes"):
             hybrid_flash_attn_func(q, q, q, group=group, ulysses_size=world // 2, alibi_slopes=torch.ones(4))
+    with pytest.raises(ValueError, match="not a member"):  # what new_group returns on the ranks outside it
+        hybrid_flash_attn_func(q, q, q, group=dist.GroupMember.NON_GROUP_MEMBER, ulysses_size=1)
     # ranks that disagree on ulysses_size: caught by the grid's one-time check (a fresh cache,
     # so that no rank skips the check)
     from flashtile.distributed import _common

@@ -63,7 +63,13 @@ def group_world_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     """``(world size, rank)`` of this process in ``group`` (None: the default group)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
-    return dist.get_world_size(group), dist.get_rank(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the process group passed as group; "
+            "every rank must pass a group it belongs to (e.g. the one new_group returned on that rank)"
+        )
+    return dist.get_world_size(group), rank
 
 
 def num_chunks(layout: str, world: int) -> int:

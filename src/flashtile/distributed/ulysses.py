@@ -9,6 +9,10 @@ rank's heads), GQA, learnable sinks (``learnable_sink``, float32 ``(nheads,)``, 
 on every rank: each rank uses its heads' entries). Communication is ``O(S * H * D / W)`` per rank per all-to-all,
 independent of the mask.
 
+This module holds the all-to-all stage (:class:`_Resharder`) of the one context-parallel
+implementation, :func:`flashtile.distributed.hybrid.context_parallel`; the public Ulysses
+functions are that implementation with ``ulysses_size = W`` (a ring of one position).
+
 Requirements: ``nheads`` divisible by ``W``. GQA: k/v heads are exchanged as they are when
 ``nheads_k`` is divisible by ``W``; otherwise each k/v head is repeated
 ``lcm(nheads_k, W) / nheads_k`` times first (the smallest repetition that divides), which
