@@ -457,7 +457,8 @@ def summary_table(reports: list[dict]) -> str:
         if r["status"] != "ok":
             lines.append(f"| {_k(r['seqlen'])} | {r['world']} | {r['strategy']} | {r['status']} | | | |")
             continue
-        sp = f"{one['time_s'] / r['time_s']:.2f}x" if one else "-"
+        sp = one["time_s"] / r["time_s"] if one else r.get("speedup_vs_single")  # else the run's own single row
+        sp = f"{sp:.2f}x" if sp else "-"
         model = f"{r['model_speedup']:.2f}x" if "model_speedup" in r else "-"
         lines.append(f"| {_k(r['seqlen'])} | {r['world']} | {r['strategy']} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tflops_per_device']:.0f} | {sp} | {model} |")  # fmt: skip

@@ -109,6 +109,25 @@ def test_plan_varlen():
         plan_varlen_step(qc, kc, [(8, 8), (16, 16)], 4, 3, 0)
 
 
+def test_merge_two_in_place_matches_merge_two():
+    """The ring's in-place merge (on a view of the running state, bf16 piece, rows that saw no
+    key on either side) equals merge_two and leaves the rows outside the view alone."""
+    from flashtile.merge import merge_two, merge_two_
+
+    g = torch.Generator().manual_seed(5)
+    acc_out, acc_lse = torch.randn(2, 12, 3, 8, generator=g), torch.randn(2, 3, 12, generator=g)
+    o, lse = torch.randn(2, 5, 3, 8, generator=g).bfloat16(), torch.randn(2, 3, 5, generator=g)
+    acc_lse[0, 1, 4:7] = float("-inf")
+    lse[0, 1, :3] = float("-inf")  # rows 4 and 5 of the view: empty on both sides
+    want_out, want_lse = merge_two(acc_out[:, 4:9], acc_lse[:, :, 4:9], o, lse)
+    before = acc_out.clone()
+    merge_two_(acc_out[:, 4:9], acc_lse[:, :, 4:9], o, lse)
+    torch.testing.assert_close(acc_out[:, 4:9], want_out)
+    torch.testing.assert_close(acc_lse[:, :, 4:9], want_lse)
+    assert torch.equal(acc_out[:, :4], before[:, :4]) and torch.equal(acc_out[:, 9:], before[:, 9:])
+    assert torch.isneginf(acc_lse[0, 1, 4:6]).all() and (acc_out[0, 4:6, 1] == 0).all()
+
+
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 def test_2d_layout_gathers_the_ring_shard(layout):
     """What a Ulysses subgroup gathers (its members' shards, sorted) is its ring position's shard
