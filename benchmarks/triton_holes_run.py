@@ -281,6 +281,14 @@ def time_sdpa(kind, cell, backend):
 # ------------------------------------------------------------------------------------------
 
 
+def short(cfg) -> str:
+    """(M, N, W, S) / (M1, N1, M2, N2, W1, S1, W2, S2) of a config, as the labels write it."""
+    vals = list(vars(cfg).values())
+    if isinstance(cfg, BwdConfig):
+        vals = vals[:8] + (["atomic"] if cfg.atomic_dq else [])
+    return "(" + ",".join(map(str, vals)) + ")"
+
+
 def parse_cfgs(vals, cls):
     return {f"({v})": cls(*(int(x) for x in v.split(","))) for v in vals}
 
@@ -315,14 +323,14 @@ def main() -> int:
         plan.append(("fwd d256 causal", "fwd", CELL256, lab, c, "new", None))
     for lab, c in bwd256.items():
         plan.append(("bwd d256 causal", "bwd", CELL256, lab, c, "new", None))
-    plan.append(("fwd d256 non-causal", "fwd", CELL256_NC, f"default {default_fwd}", default_fwd, "new", None))
-    plan.append(("bwd d256 non-causal", "bwd", CELL256_NC, f"default {default_bwd}", default_bwd, "new", None))
+    plan.append(("fwd d256 non-causal", "fwd", CELL256_NC, f"default {short(default_fwd)}", default_fwd, "new", None))
+    plan.append(("bwd d256 non-causal", "bwd", CELL256_NC, f"default {short(default_bwd)}", default_bwd, "new", None))
+    sc_group = "bwd d128 GQA32/8 softcap30"
     for lab, c in sc_bwd.items():
-        plan.append(("bwd d128 GQA32/8 softcap30", "bwd", CELL_SC, lab, c, "new", None))
+        plan.append((sc_group, "bwd", CELL_SC, lab, c, "new", None))
     if base_dir:
-        plan.append(("bwd d128 GQA32/8 softcap30", "bwd", CELL_SC, f"BASE tree {default_sc}", default_sc, "base",
-                     None))  # fmt: skip
-    plan.append(("bwd d128 GQA32/8 softcap30", "bwd", CELL_SC, f"no softcap {default_sc}", default_sc, "new", 0.0))
+        plan.append((sc_group, "bwd", CELL_SC, f"BASE tree {short(default_sc)}", default_sc, "base", None))
+    plan.append((sc_group, "bwd", CELL_SC, f"no softcap {short(default_sc)}", default_sc, "new", 0.0))
 
     # 1. compile everything in parallel (fills Triton's cache; the checks and timings reuse it)
     jobs = []
@@ -395,7 +403,7 @@ def main() -> int:
                 log(f"time {group} {lab}: {type(e).__name__}: {str(e)[:200]}")
                 ms = float("nan")
         if fitted(c) != c:
-            lab += f" RAN AS {fitted(c)}"
+            lab += f" RAN AS {short(fitted(c))}"
         b, h, hk, s, d, causal, _ = cell
         flops = attention_flops(b, h, s, d, causal, kind)
         tf = flops / (ms * 1e-3) / 1e12
