@@ -50,8 +50,8 @@ def _tanh(x, FAST: tl.constexpr = False):
     """tanh of an fp32 tensor. FAST (compiled for CUDA only, never under the interpreter): the
     hardware's tanh.approx.f32, one special-function op instead of two (exp2 and a reciprocal)
     and a few fewer ALU ops; max relative error about 2^-11, the same approximation flash-attn's
-    softcap uses. The backward asks for it with fp16/bf16 inputs, where it is below the inputs'
-    own rounding (benchmarks/NOTES.md, "Triton holes")."""
+    softcap uses. The backward asks for it with fp16/bf16 inputs, where it is about fp16's own
+    rounding and below bf16's (benchmarks/NOTES.md, "Triton holes")."""
     if FAST and _ASM_TANH:
         return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
                                          pack=1)  # fmt: skip
