@@ -58,9 +58,10 @@ _FWD: dict[tuple[str, int], FwdConfig] = {
     # d=256: (64,64,4,2) measured 257 causal at seqlen 4096 (b4 h8) against FA2's 284-320: its
     # 64x256 fp32 accumulator on 4 warps spills (ptxas: 188 B, 15 local ops per key block in the
     # hot loop; scripts/triton_compile_check.py). 8 warps halve the accumulator per thread.
-    # PREDICTION, not measured yet (benchmarks/triton_holes_run.py measures it against
-    # (128,32,8,3) and the old entry): hot loop 507 instructions per 128x64 block, 1 local op.
-    ("sm90", 256): FwdConfig(128, 64, 8, 2),
+    # Measured (H200, b4 h8 s4096 causal, benchmarks/triton_holes_run.py,
+    # results/triton_holes_20261201-183728.json): (64,64,4,2) 261 | (128,64,8,2) 368 |
+    # (128,32,8,3) 387 TFLOP/s; FA2 285, cuDNN 552 in the same run.
+    ("sm90", 256): FwdConfig(128, 32, 8, 3),
     # sm80 (A100, 164 KiB smem): NOT measured; sized to fit 2-3 stages of K/V.
     ("sm80", 64): FwdConfig(128, 64, 4, 3),
     ("sm80", 128): FwdConfig(128, 64, 8, 2),
@@ -91,8 +92,10 @@ _BWD: dict[tuple[str, int], BwdConfig] = {
     # a 64-key block are 2 x 64x256 fp32 = 256 registers per thread on 4 warps, so they spill
     # (ptxas: 3.5 KB). 8 warps: 128 per thread, a hot loop without local memory at BLOCK_M1 32
     # (BLOCK_M1 64 spills in it again); dQ pass 128 query rows on 8 warps, no spills.
-    # PREDICTION, not measured yet (benchmarks/triton_holes_run.py sweeps it).
-    ("sm90", 256): BwdConfig(32, 64, 128, 32, 8, 3, 8, 2),
+    # Measured (same run as the forward's d256 entry), causal: (32,64,64,32,4,1,4,1) 92 |
+    # (32,64,128,32,8,3,8,2) 184 | (32,64,128,32,8,2,8,3) 199 | (64,64,128,32,8,2,8,2) 205;
+    # FA2 230, cuDNN 334: 0.89x FA2 (on sm_90 the hopper backend's backward serves d256).
+    ("sm90", 256): BwdConfig(64, 64, 128, 32, 8, 2, 8, 2),
     # sm80: NOT measured.
     ("sm80", 64): BwdConfig(32, 128, 128, 32, 4, 2, 4, 2),
     ("sm80", 128): BwdConfig(32, 128, 128, 32, 8, 2, 8, 2),
