@@ -101,3 +101,83 @@ def check(cfg: HopperConfig, headdim: int) -> str | None:
     if need > SM90_SMEM_LIMIT:
         return f"needs {need // 1024} KiB of shared memory, sm_90 has {SM90_SMEM_LIMIT // 1024} KiB per CTA"
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# backward (:mod:`.bwd`)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HopperBwdConfig:
+    """Backward tiles: ``block_n`` keys per program (dK / dV in registers), ``block_m`` query
+    rows per ring slot (Q and dO tiles), ``num_stages`` ring slots; 8 warps in one partition."""
+
+    block_m: int
+    block_n: int
+    num_stages: int
+    dq_chunk: int = 0
+    num_warps: int = 8
+
+    def chunk(self, headdim: int) -> int:
+        """Columns of dQ computed and added at once (``dq_chunk``; 0: the whole tile)."""
+        return self.dq_chunk or block_d(headdim)
+
+
+# NOT measured yet: sized from shared memory and registers (ptxas reports of
+# scripts/gluon_compile_check.py), waiting for the first H200 run (benchmarks/hopper_bwd_run.py).
+# Registers per thread (8 warps): dK + dV take 2 * block_n * BLOCK_D / 256 fp32 each,
+# S^T and dP^T 2 * block_n * block_m / 256, dQ block_m * BLOCK_D / 256.
+_BWD_TABLE: dict[int, HopperBwdConfig] = {
+    64: HopperBwdConfig(64, 128, 2),   # K/V 32 KiB + 2 x (Q, dO) 16 KiB + P, dS 32 KiB = 96 KiB
+    96: HopperBwdConfig(64, 64, 2),    # padded to 128, as 128
+    128: HopperBwdConfig(64, 64, 2),   # K/V 32 KiB + 2 x 32 KiB + P, dS 16 KiB = 112 KiB (block_n 128 spills)
+    192: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # padded to 256, as 256
+    256: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # K/V 64 KiB + 2 x 64 KiB + P, dS 16 KiB = 208 KiB
+}
+
+
+def bwd_config(headdim: int, **overrides) -> HopperBwdConfig:
+    """The backward table's config for ``headdim`` (one of :data:`HEADDIMS`), with fields
+    replaced by ``overrides``."""
+    if headdim not in _BWD_TABLE:
+        raise ValueError(f"hopper kernels serve head dims {HEADDIMS}, got {headdim}")
+    cfg = _BWD_TABLE[headdim]
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def bwd_smem_bytes(cfg: HopperBwdConfig, headdim: int, elem_bytes: int = 2) -> int:
+    """Shared memory of the backward's tiles: K and V, the (Q, dO) ring, P and dS."""
+    d = block_d(headdim)
+    return elem_bytes * (2 * cfg.block_n * d + 2 * cfg.num_stages * cfg.block_m * d + 2 * cfg.block_n * cfg.block_m)
+
+
+def bwd_accumulator_regs(cfg: HopperBwdConfig, headdim: int) -> int:
+    """fp32 registers per thread of the accumulators live at once: dK and dV, plus S^T and dP^T
+    or dQ (dQ is computed once P^T and dP^T are dead). The floor of the kernel's register use;
+    the rest is addresses, the P^T / dS^T operands and the loop's state."""
+    d = block_d(headdim)
+    threads = 32 * cfg.num_warps
+    return (2 * cfg.block_n * d + max(2 * cfg.block_n * cfg.block_m, cfg.block_m * cfg.chunk(headdim))) // threads
+
+
+def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
+    """Why ``cfg`` cannot work for ``headdim`` (None if it can)."""
+    if cfg.num_warps != 8:
+        return "the backward runs 2 warpgroups in one partition: num_warps = 8"
+    if cfg.block_n not in (64, 128):
+        return f"block_n (keys per program, the wgmma M of two warpgroups) must be 64 or 128, got {cfg.block_n}"
+    if cfg.block_m not in (64, 128):
+        return f"block_m must be 64 or 128, got {cfg.block_m}"
+    if cfg.num_stages < 1:
+        return f"num_stages must be >= 1, got {cfg.num_stages}"
+    d = block_d(headdim)
+    if cfg.dq_chunk and (cfg.dq_chunk % 64 or d % cfg.dq_chunk):
+        return f"dq_chunk must be a multiple of 64 dividing {d}, got {cfg.dq_chunk}"
+    need = bwd_smem_bytes(cfg, headdim)
+    if need > SM90_SMEM_LIMIT:
+        return f"needs {need // 1024} KiB of shared memory, sm_90 has {SM90_SMEM_LIMIT // 1024} KiB per CTA"
+    regs = bwd_accumulator_regs(cfg, headdim)
+    if regs > 192:
+        return f"the accumulators take {regs} fp32 registers per thread (> 192 of 255)"
+    return None
