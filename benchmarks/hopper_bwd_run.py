@@ -18,8 +18,11 @@
    (``torch.autograd.grad`` of a retained SDPA graph). Then a short table; JSON to ``$OUT`` (else
    benchmarks/results/).
 
-``--quick``: a smaller correctness set and three benchmark cells (about 2 minutes). A watchdog
-(from ``hopper_run.py``) ends the process (exit code 3) if a case or cell hangs.
+``--quick``: a smaller correctness set and three benchmark cells (about 2 minutes).
+``--variant block_m=128,dq_chunk=64`` (repeatable): a backward config variant (``HopperBwdConfig``
+fields over the table's, every head dim): its gradients are checked against the default
+config's on a few shapes, then it gets its own benchmark column. A watchdog (from
+``hopper_run.py``) ends the process (exit code 3) if a case or cell hangs.
 """
 
 from __future__ import annotations
@@ -214,6 +217,33 @@ def correctness_cases(quick: bool) -> list[tuple[str, object, dict]]:
     return cases
 
 
+def _variant_case(overrides: dict) -> str:
+    """A config variant's gradients against the default config's (checked against the oracle
+    above) on a few shapes: within 1e-2 of the largest gradient."""
+    from flashtile.backends.hopper import configs, launch, launch_bwd
+
+    shapes = [(2, 203, 300, 4, 2, 128, dict(causal=True)), (1, 300, 300, 2, 2, 64, dict(softcap=20.0)),
+              (1, 257, 203, 2, 2, 256, dict(window_size=(50, 8))), (2, 130, 130, 4, 4, 96, {})]  # fmt: skip
+    done = []
+    for b, sq, sk, h, hk, d, opts in shapes:
+        cfg = configs.bwd_config(d, **overrides)
+        if configs.bwd_check(cfg, d):
+            continue
+        q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        call = make_call(headdim=d, **opts)
+        out, lse = launch.forward(q, k, v, call)
+        dout = torch.randn_like(out)
+        ref = launch_bwd.backward(dout, q, k, v, out, lse, call)
+        got = launch_bwd.backward(dout, q, k, v, out, lse, call, config=cfg)
+        for name, a, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
+            err, big = (a.float() - r.float()).abs().max().item(), r.float().abs().max().item()
+            if not err <= 1e-2 * max(big, 1.0):
+                raise CaseFailure(f"d={d} {opts} {name}: differs from the default config by {err:.3e}")
+        done.append(d)
+    return f"matches the default config at head dims {done}"
+
+
 def run_correctness(quick: bool) -> bool:
     for name, fn, kw in correctness_cases(quick):
         t = time.time()
@@ -245,7 +275,7 @@ def bench_cells(quick: bool) -> list[tuple[int, int, int, int, int, bool, float]
     return cells
 
 
-def _contenders(b, h, hk, s, d, causal, softcap) -> dict:
+def _contenders(b, h, hk, s, d, causal, softcap, variants=()) -> dict:
     """name -> zero-argument function running one backward of that contender."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -259,10 +289,14 @@ def _contenders(b, h, hk, s, d, causal, softcap) -> dict:
     call = make_call(headdim=d, causal=causal, softcap=softcap)
     out, lse = hlaunch.forward(q, k, v, call)
     dout = torch.randn_like(out)
-    fns = {
-        "hopper": lambda: launch_bwd.backward(dout, q, k, v, out, lse, call),
-        "triton": lambda: tlaunch.backward(dout, q, k, v, out, lse, call),
-    }
+    from flashtile.backends.hopper import configs
+
+    fns = {"hopper": lambda: launch_bwd.backward(dout, q, k, v, out, lse, call)}
+    for label, ov in variants:
+        cfg = configs.bwd_config(d, **ov)
+        if not configs.bwd_check(cfg, d):
+            fns[f"hopper{label}"] = lambda cfg=cfg: launch_bwd.backward(dout, q, k, v, out, lse, call, config=cfg)
+    fns["triton"] = lambda: tlaunch.backward(dout, q, k, v, out, lse, call)
     if softcap:
         return fns  # SDPA has no softcap
 
@@ -281,14 +315,14 @@ def _contenders(b, h, hk, s, d, causal, softcap) -> dict:
     return fns
 
 
-def run_bench(quick: bool) -> list[dict]:
+def run_bench(quick: bool, variants=()) -> list[dict]:
     import triton
 
     rows = []
     for b, h, hk, s, d, causal, softcap in bench_cells(quick):
         row = {"b": b, "h": h, "hk": hk, "s": s, "d": d, "causal": causal, "softcap": softcap}
         flops = attention_flops(b, h, s, d, causal, mode="bwd")
-        for name, fn in _contenders(b, h, hk, s, d, causal, softcap).items():
+        for name, fn in _contenders(b, h, hk, s, d, causal, softcap, variants).items():
             try:
                 with watchdog(CASE_TIMEOUT, f"bench {name} {row}"):
                     fn()
@@ -313,6 +347,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer correctness cases, three benchmark cells")
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--variant", action="append", default=[], help="bwd config overrides, e.g. block_m=128,dq_chunk=64")
     ap.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT, help="watchdog per case / cell (s)")
     args = ap.parse_args()
     globals()["CASE_TIMEOUT"] = args.case_timeout
@@ -337,15 +372,24 @@ def main() -> int:
         log("correctness FAILED: no benchmark")
         return 1
     log("correctness: all PASS")
+    variants = []
+    for text in args.variant:
+        ov = {kv.split("=")[0].strip(): int(kv.split("=")[1]) for kv in text.split(",")}
+        try:
+            with watchdog(CASE_TIMEOUT, f"variant {text}"):
+                log(f"PASS variant [{text}]: {_variant_case(ov)}")
+            variants.append((f"[{text}]", ov))
+        except Exception as e:  # a failing variant is dropped, the default still benchmarks
+            log(f"FAIL variant [{text}] (dropped): {type(e).__name__}: {str(e)[:1000]}")
     if args.no_bench:
         return 0
-    rows = run_bench(args.quick)
-    names = ["hopper", "triton", "sdpa_flash", "sdpa_cudnn"]
+    rows = run_bench(args.quick, variants)
+    names = ["hopper"] + [f"hopper{lb}" for lb, _ in variants] + ["triton", "sdpa_flash", "sdpa_cudnn"]
     print("\nTFLOP/s (bf16 backward alone, 2.5x forward FLOPs)")
     print(f"{'b':>3} {'h':>3} {'hk':>3} {'s':>6} {'d':>4} {'causal':>6} {'cap':>4} "
-          + " ".join(f"{n:>10}" for n in names) + "  hopper/cudnn")  # fmt: skip
+          + " ".join(f"{n:>{max(10, len(n))}}" for n in names) + "  hopper/cudnn")  # fmt: skip
     for r in rows:
-        vals = " ".join(f"{('-' if r.get(n) is None else r[n]):>10}" for n in names)
+        vals = " ".join(f"{('-' if r.get(n) is None else r[n]):>{max(10, len(n))}}" for n in names)
         ratio = f"{r['hopper'] / r['sdpa_cudnn']:.2f}" if r.get("hopper") and r.get("sdpa_cudnn") else "-"
         print(f"{r['b']:>3} {r['h']:>3} {r['hk']:>3} {r['s']:>6} {r['d']:>4} {str(r['causal']):>6} "
               f"{r['softcap']:>4g} {vals}  {ratio:>12}")  # fmt: skip

@@ -111,12 +111,17 @@ def check(cfg: HopperConfig, headdim: int) -> str | None:
 @dataclass(frozen=True)
 class HopperBwdConfig:
     """Backward tiles: ``block_n`` keys per program (dK / dV in registers), ``block_m`` query
-    rows per ring slot (Q and dO tiles), ``num_stages`` ring slots; 8 warps in one partition."""
+    rows per ring slot (Q and dO tiles), ``num_stages`` ring slots; 8 warps in one partition.
+    ``dq_chunk``: columns of dQ = dS K computed and added at once (0: all; fewer live registers
+    at head dim 256). ``atomic_dq``: dQ added by the kernel with fp32 atomics (1, the default
+    unless ``deterministic=True``), or 0: computed by a second pass (the Triton dQ kernel, as in
+    deterministic mode; an A/B switch for the cost of the atomics)."""
 
     block_m: int
     block_n: int
     num_stages: int
     dq_chunk: int = 0
+    atomic_dq: int = 1
     num_warps: int = 8
 
     def chunk(self, headdim: int) -> int:
@@ -124,15 +129,18 @@ class HopperBwdConfig:
         return self.dq_chunk or block_d(headdim)
 
 
-# NOT measured yet: sized from shared memory and registers (ptxas reports of
-# scripts/gluon_compile_check.py), waiting for the first H200 run (benchmarks/hopper_bwd_run.py).
-# Registers per thread (8 warps): dK + dV take 2 * block_n * BLOCK_D / 256 fp32 each,
-# S^T and dP^T 2 * block_n * block_m / 256, dQ block_m * BLOCK_D / 256.
+# NOT measured yet: sized from shared memory and registers (ptxas -v of
+# scripts/gluon_compile_check.py --only bwd: no spills in any variant), waiting for the first
+# H200 run (benchmarks/hopper_bwd_run.py). Registers bind, not shared memory: 8 warps at up to
+# 255 registers fill the register file, so one CTA per SM whatever the tiles; dK + dV take
+# 2 * block_n * BLOCK_D / 256 fp32 registers per thread. block_n = 128 at head dim 128 (FA3's
+# tile) spills 36-276 bytes in one partition, hence 64 there. Extra ring stages are free (one
+# CTA per SM anyway) where shared memory allows.
 _BWD_TABLE: dict[int, HopperBwdConfig] = {
-    64: HopperBwdConfig(64, 128, 2),   # K/V 32 KiB + 2 x (Q, dO) 16 KiB + P, dS 32 KiB = 96 KiB
-    96: HopperBwdConfig(64, 64, 2),    # padded to 128, as 128
-    128: HopperBwdConfig(64, 64, 2),   # K/V 32 KiB + 2 x 32 KiB + P, dS 16 KiB = 112 KiB (block_n 128 spills)
-    192: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # padded to 256, as 256
+    64: HopperBwdConfig(64, 128, 3),   # K/V 32 KiB + 3 x (Q, dO) 16 KiB + P, dS 32 KiB = 112 KiB
+    96: HopperBwdConfig(64, 64, 3),    # padded to 128: as 128
+    128: HopperBwdConfig(64, 64, 3),   # K/V 32 KiB + 3 x 32 KiB + P, dS 16 KiB = 144 KiB
+    192: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # padded to 256: as 256
     256: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # K/V 64 KiB + 2 x 64 KiB + P, dS 16 KiB = 208 KiB
 }
 

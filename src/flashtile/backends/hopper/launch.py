@@ -144,7 +144,7 @@ def _schedule_tensors(
 
 def describe(headdim: int) -> str:
     """One line naming the config a call with this head dim uses (for ``flashtile env``)."""
-    return f"sm90 gluon: {configs.config(headdim)}"
+    return f"sm90 gluon: {configs.config(headdim)}, bwd {configs.bwd_config(headdim)}"
 
 
 __all__ = ["forward", "describe", "swizzle_bytes", "tma_compatible"]

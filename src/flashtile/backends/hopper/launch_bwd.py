@@ -12,7 +12,8 @@ Steps:
    buffer (``call.deterministic=False``).
 3. dQ conversion: ``dq = scale * acc[..., :D]`` in q's dtype.
 
-``call.deterministic=True``: atomics make the order of the dQ additions vary from run to run,
+``call.deterministic=True`` (or a config with ``atomic_dq=0``): atomics make the order of the
+dQ additions vary from run to run,
 so the Gluon kernel runs without them (``ATOMIC_DQ=False``: dK/dV only, which are written by
 one program each and so reproducible) and dQ comes from the Triton backend's dQ kernel (one
 program per query block, summing key blocks in a fixed order): bitwise reproducible, at the cost
@@ -66,7 +67,7 @@ def backward(
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     bd = configs.block_d(D)
-    atomic = not call.deterministic
+    atomic = bool(cfg.atomic_dq) and not call.deterministic
     # fp32 dQ accumulator, BLOCK_D wide (no column masks on the atomics)
     dq_acc = torch.zeros((B, Sq, H, bd), dtype=torch.float32, device=q.device) if atomic else dq
     qk_scale, cap_out = score_scales(call)
@@ -97,16 +98,16 @@ def backward(
         if atomic:
             dq.copy_(dq_acc[..., :D].mul_(call.softmax_scale))
         else:
-            _triton_dq(q, k, v, dout, lse, delta, dq, call, varlen, nb, seqlen_q, seqlen_k, rows_q)
+            _triton_dq(q, k, v, dout, lse, delta, dq, call, varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k)
     return dq, dk, dv
 
 
 def _triton_dq(q, k, v, dout, lse, delta, dq, call: AttnCall, varlen: bool, nb: int, seqlen_q: int,
-               seqlen_k: int, rows_q: int) -> None:  # fmt: skip
+               seqlen_k: int, rows_q: int, rows_k: int) -> None:  # fmt: skip
     """The deterministic dQ: the Triton backend's dQ kernel (no atomics)."""
     H, D = q.shape[2], q.shape[3]
     bd = configs.block_d(D)
-    c = triton_configs.bwd_config(arch(q.device), bd, q.dtype, max(rows_q, k.shape[1]))
+    c = triton_configs.bwd_config(arch(q.device), bd, q.dtype, max(rows_q, rows_k))
     scal = _scalars(call)
 
     def bstr(t: torch.Tensor) -> tuple[int, int, int]:
