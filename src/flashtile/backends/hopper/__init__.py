@@ -6,8 +6,9 @@ over a host-computed tile schedule (kernels in :mod:`.fwd`, configs in :mod:`.co
 
 Serves fp16 and bf16 with head dims 64, 96, 128, 192 and 256 on compute capability 9.x, with
 causal and sliding windows (bottom-right aligned), softcap, GQA/MQA, ``seqlen_q != seqlen_k``
-and varlen. Not ALiBi, not dropout (``auto`` then picks the next backend). The backward is the
-Triton backend's (it needs only ``out`` and ``lse``, whose semantics are the same).
+and varlen. Not ALiBi, not dropout (``auto`` then picks the next backend). The backward is
+Gluon too (:mod:`.bwd`, host side :mod:`.launch_bwd`); ``FLASHTILE_HOPPER_BWD=triton`` switches
+it to the Triton backend's kernels (which need only ``out`` and ``lse``, of the same semantics).
 
 Gluon is an experimental API that changes between Triton releases: the backend runs only with
 the Triton versions it was tested with (:data:`TESTED_TRITON`); ``available()`` names the
@@ -155,11 +156,32 @@ class HopperBackend:
         lse: torch.Tensor,
         call: AttnCall,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        from ..triton import backend as triton_backend
+        if bwd_kernel(call) == "triton":
+            from ..triton import backend as triton_backend
 
-        return triton_backend.backward(dout, q, k, v, out, lse, call)
+            return triton_backend.backward(dout, q, k, v, out, lse, call)
+        from . import launch_bwd
+
+        dq, dk, dv = launch_bwd.backward(dout, q, k, v, out, lse, call)
+        return dq, dk, dv, {}
+
+
+#: Environment variable choosing the backward kernels: ``gluon`` (default) or ``triton``.
+BWD_ENV = "FLASHTILE_HOPPER_BWD"
+
+
+def bwd_kernel(call: AttnCall) -> str:
+    """Which kernels run the backward of ``call``: ``gluon`` (:mod:`.bwd`) or ``triton`` (the
+    Triton backend's, also the path for anything the Gluon kernel does not serve: a learnable
+    sink). ``FLASHTILE_HOPPER_BWD=triton`` forces the Triton kernels (A/B comparisons)."""
+    choice = os.environ.get(BWD_ENV, "gluon").strip().lower() or "gluon"
+    if choice not in ("gluon", "triton"):
+        raise ValueError(f"{BWD_ENV} must be 'gluon' or 'triton', got {choice!r}")
+    if choice == "triton" or call.learnable_sink is not None:
+        return "triton"
+    return "gluon"
 
 
 backend = register(HopperBackend())
 
-__all__ = ["HopperBackend", "backend", "TESTED_TRITON", "MAX_HEADDIM"]
+__all__ = ["HopperBackend", "backend", "bwd_kernel", "BWD_ENV", "TESTED_TRITON", "MAX_HEADDIM"]

@@ -146,10 +146,11 @@ def _schedule_tensors(
 
 def describe(headdim: int) -> str:
     """One line naming the config a call with this head dim uses (for ``flashtile env``)."""
+    bwd = f", bwd {configs.bwd_config(headdim)}"
     if headdim == 64:
         return (f"sm90 gluon: {configs.config_for(64, causal=False, seqlen_q=0)} (causal calls shorter than "
-                f"{configs.D64_CAUSAL_THREE_CONSUMERS_FROM} rows: {configs.config(64)})")  # fmt: skip
-    return f"sm90 gluon: {configs.config(headdim)}"
+                f"{configs.D64_CAUSAL_THREE_CONSUMERS_FROM} rows: {configs.config(64)}){bwd}")  # fmt: skip
+    return f"sm90 gluon: {configs.config(headdim)}{bwd}"
 
 
 __all__ = ["forward", "describe", "swizzle_bytes", "tma_compatible"]
