@@ -205,7 +205,8 @@ def test_incoherent_processing_cuts_outlier_error():
     for x in (q, k):
         n = x.numel()
         idx = torch.randperm(n, generator=g)[: n // 1000]
-        x.view(-1)[idx] = (torch.rand(idx.numel(), generator=g) * 90 + 10) * torch.sign(torch.randn(idx.numel(), generator=g))
+        sign = torch.sign(torch.randn(idx.numel(), generator=g))
+        x.view(-1)[idx] = (torch.rand(idx.numel(), generator=g) * 90 + 10) * sign
     ref, _ = attention_ref(q, k, v)
 
     def rmse(qq, kk):

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from .fp8 import OUT_DTYPE, compute_dtype, is_fp8
 from .paged import check_block_table, check_rotary_end
 from .rotary import check_rotary_tables
-from .fp8 import OUT_DTYPE, compute_dtype, is_fp8
 from .spec import KVCache, Problem, as_int, check_alibi, check_descales, check_qkv, check_sink, make_call
 
 
@@ -215,7 +215,8 @@ def _fp8_kvcache(q, k_cache, v_cache, k, v, q_descale, k_descale, v_descale, **o
         dsc = ds[name]
         if dsc is not None and shared_rows and b > 1 and dsc.stride(0) != 0:
             raise ValueError(f"{name} must be one scale per KV head, shape (1, nheads_k) = (1, {hk}), with "
-                             f"block_table or cache_batch_idx (cache rows are not batch rows), got (batch, nheads_k)")  # fmt: skip
+                             "block_table or cache_batch_idx (cache rows are not batch rows), got "
+                             "(batch, nheads_k)")  # fmt: skip
     if k is not None and not (k.dtype == v.dtype == q.dtype):
         raise TypeError(f"k and v must have q's dtype ({q.dtype}), got {k.dtype} and {v.dtype}")
     dtype = compute_dtype(q.device)
