@@ -242,3 +242,41 @@ def test_fp8_hopper_kernel(d, opts):
     with flashtile.use_backend("hopper"):
         out = flash_attn_func(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd, **opts)
     _check(out.cpu(), q8.cpu(), k8.cpu(), v8.cpu(), qd.cpu(), kd.cpu(), vd.cpu(), quantized_p=True, **opts)
+
+
+def test_fp8_declarations_and_configs():
+    from flashtile import dispatch
+    from flashtile.backends.hopper import configs
+    from flashtile.spec import Problem, make_call
+
+    hop = dispatch.backends()["hopper"].capabilities
+    assert fp8.serves_fp8(hop) and not fp8.serves_fp8(dispatch.backends()["triton"].capabilities)
+    for d in configs.HEADDIMS:
+        cfg = configs.fp8_config(d)
+        assert configs.check_fp8(cfg, d) is None, (d, cfg)
+        assert configs.fp8_smem_bytes(cfg, d) <= configs.SM90_SMEM_LIMIT
+    assert "multiple of 32" in configs.check_fp8(configs.fp8_config(128, block_n=48), 128)
+    assert "shared memory" in configs.check_fp8(configs.fp8_config(256, block_n=256, num_stages=3), 256)
+    assert "ws kernel" in configs.check_fp8(configs.fp8_config(128, kernel="plain"), 128)
+    # a backend without FP8 kernels is judged on the dtype the call is dequantised to
+    p = Problem(batch=1, seqlen_q=8, seqlen_k=8, nheads=2, nheads_k=2, headdim=64, dtype=E4M3,
+                device=torch.device("cpu"))  # fmt: skip
+    call = make_call(headdim=64)
+    assert dispatch.why_not("torch", p, call) is None
+    assert dispatch.choose(p, call) == "torch"
+    assert "dtype" in hop.refuse(p.__class__(**{**p.__dict__, "dtype": torch.float8_e5m2}), call)
+
+
+def test_readme_fp8_snippet_runs():
+    """The README's FP8 example, as written there (q, k, v: bf16 inputs)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sec = text[text.index("## FP8 (e4m3) forward") :]
+    code = re.search(r"```python\n(.*?)```", sec, flags=re.S).group(1)
+    q, k, v = (torch.randn(1, 64, 4, 64).bfloat16() for _ in range(3))
+    ns = {"q": q, "k": k, "v": v}
+    exec(code, ns)
+    assert ns["out"].dtype == torch.bfloat16 and ns["out"].shape == q.shape
+    assert ns["q8"].dtype == E4M3 and len(ns["descales"]) == 3
