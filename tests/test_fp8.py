@@ -280,3 +280,29 @@ def test_readme_fp8_snippet_runs():
     exec(code, ns)
     assert ns["out"].dtype == torch.bfloat16 and ns["out"].shape == q.shape
     assert ns["q8"].dtype == E4M3 and len(ns["descales"]) == 3
+
+
+def test_fp8_kvcache_paged_shared_descales():
+    """Paged FP8 cache: one descale per KV head (cache rows are not batch rows), new tokens land
+    in their pages bit for bit; a per-batch descale is refused with a message."""
+    g = torch.Generator().manual_seed(2)
+    nb, page, hk, d, b, h = 6, 16, 2, 64, 2, 4
+    kc = torch.randn(nb, page, hk, d, generator=g).to(E4M3)
+    vc = torch.randn(nb, page, hk, d, generator=g).to(E4M3)
+    bt = torch.tensor([[3, 1, 0], [5, 2, 4]], dtype=torch.int32)
+    q = torch.randn(b, 2, h, d, generator=g).to(E4M3)
+    kn, vn = (torch.randn(b, 2, hk, d, generator=g).to(E4M3) for _ in range(2))
+    kd, vd = torch.rand(1, hk, generator=g) + 0.5, torch.rand(1, hk, generator=g) + 0.5
+    seqlens = torch.tensor([5, 20], dtype=torch.int32)
+    out = flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, block_table=bt, causal=True,
+                                  k_descale=kd, v_descale=vd)  # fmt: skip
+    assert torch.equal(kc[3, 5:7].view(torch.uint8), kn[0].view(torch.uint8))
+    assert torch.equal(vc[2, 4:6].view(torch.uint8), vn[1].view(torch.uint8))  # row 1: positions 20, 21
+    for i in range(b):
+        n = int(seqlens[i]) + 2
+        rows = [int(x) for x in bt[i]]
+        keys = torch.cat([kc[r] for r in rows])[:n][None]
+        vals = torch.cat([vc[r] for r in rows])[:n][None]
+        _check(out[i : i + 1], q[i : i + 1], keys, vals, None, kd, vd, causal=True)
+    with pytest.raises(ValueError, match=r"k_descale must be one scale per KV head"):
+        flash_attn_with_kvcache(q, kc, vc, block_table=bt, cache_seqlens=3, k_descale=torch.rand(b, hk) + 0.5)
