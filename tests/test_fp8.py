@@ -198,25 +198,27 @@ def test_hadamard_and_rotation_preserve_scores():
 
 def test_incoherent_processing_cuts_outlier_error():
     """With 0.1% outliers of magnitude 10-100 in q and k, rotating before quantising lowers the
-    error of the FP8 call against the fp32 attention on the original inputs."""
-    g = torch.Generator().manual_seed(1)
+    error of the FP8 call against the fp32 attention on the original inputs (mean over 3 draws;
+    a single draw varies: benchmarks/fp8_rmse.py measures ~0.76x at s=1024)."""
     b, s, h, d = 1, 512, 4, 128
-    q, k, v = (torch.randn(b, s, h, d, generator=g) for _ in range(3))
-    for x in (q, k):
-        n = x.numel()
-        idx = torch.randperm(n, generator=g)[: n // 1000]
-        sign = torch.sign(torch.randn(idx.numel(), generator=g))
-        x.view(-1)[idx] = (torch.rand(idx.numel(), generator=g) * 90 + 10) * sign
-    ref, _ = attention_ref(q, k, v)
+    ratios = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(b, s, h, d, generator=g) for _ in range(3))
+        for x in (q, k):
+            n = x.numel()
+            idx = torch.randperm(n, generator=g)[: n // 1000]
+            sign = torch.sign(torch.randn(idx.numel(), generator=g))
+            x.view(-1)[idx] = (torch.rand(idx.numel(), generator=g) * 90 + 10) * sign
+        ref, _ = attention_ref(q, k, v)
 
-    def rmse(qq, kk):
-        q8, k8, v8, qd, kd, vd = fp8.quantize(qq, kk, v)
-        out = flash_attn_func(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd).float()
-        return float((out - ref).pow(2).mean().sqrt())
+        def rmse(qq, kk, v=v, ref=ref):
+            q8, k8, v8, qd, kd, vd = fp8.quantize(qq, kk, v)
+            out = flash_attn_func(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd).float()
+            return float((out - ref).pow(2).mean().sqrt())
 
-    plain = rmse(q, k)
-    rotated = rmse(*fp8.rotate_qk(q, k, generator=g))
-    assert rotated < 0.95 * plain, (plain, rotated)
+        ratios.append(rmse(*fp8.rotate_qk(q, k, generator=g)) / rmse(q, k))
+    assert sum(ratios) / 3 < 0.92, ratios
 
 
 # ---------------------------------------------------------------------------------------
