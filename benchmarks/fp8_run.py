@@ -44,6 +44,7 @@ from flashtile.spec import Problem, make_call  # noqa: E402
 from flashtile.testing import attention_ref, fp8_dequantized, fp8_error_bound  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn
+DEV = "cuda"  # the correctness cases' device (a CPU dry run of the script's checks sets "cpu")
 T0 = time.time()
 CASE_TIMEOUT = 180.0
 
@@ -94,6 +95,11 @@ def _inputs(b, sq, sk, h, hk, d, kind, dev, lens=None):
     return q8, k8, v8, qd, kd, vd, cu
 
 
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
 def _check_dense(out, lse, q8, k8, v8, qd, kd, vd, opts, what=""):
     qf, kf, vf = fp8_dequantized(q8, qd), fp8_dequantized(k8, kd), fp8_dequantized(v8, vd)
     ref, ref_lse = attention_ref(qf, kf, vf, **opts)
@@ -122,7 +128,7 @@ def run_case(name, *, b=2, sq=17, sk=17, h=4, hk=None, d=128, causal=False, wind
     cfg = configs.fp8_config(d, **overrides) if overrides else None
 
     hk = hk or h
-    dev = torch.device("cuda")
+    dev = torch.device(DEV)
     q8, k8, v8, qd, kd, vd, cu = _inputs(b, sq, sk, h, hk, d, kind, dev, lens)
     opts = dict(causal=causal, window_size=window, softcap=softcap)
     ds = dict(q_descale=qd, k_descale=kd, v_descale=vd)
@@ -132,7 +138,7 @@ def run_case(name, *, b=2, sq=17, sk=17, h=4, hk=None, d=128, causal=False, wind
         call = make_call(headdim=d, causal=causal, window_size=window, softcap=softcap, cu_seqlens_q=cu[0],
                          cu_seqlens_k=cu[1], max_seqlen_q=max(lens[0]), max_seqlen_k=max(lens[1]), **ds)  # fmt: skip
         out, lse = launch.forward_fp8(q8[None], k8[None], v8[None], call, config=cfg)
-        torch.cuda.synchronize()
+        _sync()
         errs = []
         cq, ck = cu[0].tolist(), cu[1].tolist()
         for i in range(nseq):
@@ -152,7 +158,7 @@ def run_case(name, *, b=2, sq=17, sk=17, h=4, hk=None, d=128, causal=False, wind
         call = make_call(headdim=d, causal=causal, window_size=window, softcap=softcap,
                          **{n: None if x is None else x.expand(b, hk) for n, x in ds.items()})  # fmt: skip
         out, lse = launch.forward_fp8(q8, k8, v8, call, config=cfg)
-        torch.cuda.synchronize()
+        _sync()
         if out.dtype != torch.bfloat16:
             raise CaseFailure(f"out dtype {out.dtype}, expected bfloat16")
         err = _check_dense(out, lse, q8, k8, v8, qd, kd, vd, opts)
