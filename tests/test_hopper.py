@@ -54,7 +54,7 @@ def test_registered_with_declared_capabilities():
     caps = BE.capabilities
     assert BE.name == "hopper"
     assert caps.priority == 20 and caps.priority > dispatch.backends()["triton"].capabilities.priority
-    assert caps.dtypes == frozenset({torch.float16, torch.bfloat16})
+    assert caps.dtypes == frozenset({torch.float16, torch.bfloat16, torch.float8_e4m3fn})
     assert caps.max_headdim == 256
     assert caps.features == frozenset({"causal", "window", "softcap", "varlen"})
     assert caps.auto_devices == ("cuda",)

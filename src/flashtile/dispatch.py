@@ -12,6 +12,7 @@ backend names.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.metadata
 import os
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import backends as _pkg
+from . import fp8
 from .backends.base import Backend, Capabilities, register, registry
 from .spec import AttnCall, Problem
 
@@ -96,6 +98,9 @@ def why_not(name: str, problem: Problem, call: AttnCall, *, decode: bool = False
 
 
 def _why_not(be: Backend, problem: Problem, call: AttnCall, decode: bool) -> str | None:
+    if fp8.is_fp8(problem.dtype) and not fp8.serves_fp8(be.capabilities):
+        # served on dequantised inputs (flashtile.ops upcasts FP8 calls for such backends)
+        problem = dataclasses.replace(problem, dtype=fp8.compute_dtype(problem.device))
     return be.available() or be.capabilities.refuse(problem, call, decode) or be.supports(problem, call)
 
 

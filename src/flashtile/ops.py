@@ -22,6 +22,7 @@ import dataclasses
 
 import torch
 
+from . import fp8
 from .backends import registry
 from .spec import AttnCall, check_call_values
 
@@ -64,7 +65,12 @@ def _placeholder(q: torch.Tensor) -> torch.Tensor:
 def _fwd_impl(q, k, v, *args):
     call, backend = unflatten(args[:-1]), args[-1]
     check_call_values(q, k, call)
-    out, lse = registry()[backend].forward(q, k, v, call)
+    be = registry()[backend]
+    if fp8.is_fp8(q.dtype) and not fp8.serves_fp8(be.capabilities):
+        # FP8 inputs for a backend without FP8 kernels: dequantised here, once for all of them
+        out, lse = fp8.run_upcast(be.forward, q, k, v, call)
+    else:
+        out, lse = be.forward(q, k, v, call)
     return out.contiguous(), lse.contiguous()
 
 
@@ -85,7 +91,8 @@ def _bwd_impl(dout, q, k, v, out, lse, *args):
 
 def _fwd_fake(q, k, v, *args):
     B, S, H, _ = q.shape
-    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty((B, H, S), dtype=torch.float32)
+    dtype = fp8.OUT_DTYPE if fp8.is_fp8(q.dtype) else q.dtype
+    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=dtype), q.new_empty((B, H, S), dtype=torch.float32)
 
 
 def _bwd_fake(dout, q, k, v, out, lse, *args):
@@ -112,6 +119,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
+    if fp8.is_fp8(q.dtype):
+        raise RuntimeError(
+            "flashtile: FP8 (float8_e4m3fn) attention is forward only (as in flash-attn 3): there is no "
+            "backward through an FP8 call; use bfloat16/float16 inputs to train, or detach the inputs "
+            "(and descales) of the FP8 call"
+        )
     args = list(ctx.args)
     for i, t in zip(_TENSOR_FIELDS, tensors, strict=True):
         args[i] = t

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: FP8 inputs (forward only, flash-attn 3's API: descales, bf16 output; see :mod:`flashtile.fp8`).
+FP8_DTYPES = (torch.float8_e4m3fn,)
 #: Largest head dimension the public API accepts. The torch backend serves all of it; each
 #: backend states its own limit through ``supports()``.
 MAX_HEADDIM = 512
@@ -54,7 +56,9 @@ class AttnCall:
     ``causal`` is already folded into ``window_right = 0``. Varlen calls carry int32
     ``cu_seqlens_q`` / ``cu_seqlens_k`` ``(nseq + 1,)`` and ``max_seqlen_*``; ``alibi_slopes`` is
     None or contiguous fp32 ``(batch_or_nseq, nheads)``; ``seed`` is the dropout seed, an int64
-    ``()`` tensor (None when ``dropout_p == 0``); ``learnable_sink`` is None or fp32 ``(nheads,)``.
+    ``()`` tensor (None when ``dropout_p == 0``); ``learnable_sink`` is None or fp32 ``(nheads,)``;
+    ``q_descale`` / ``k_descale`` / ``v_descale`` (FP8 calls only, see :mod:`flashtile.fp8`) are
+    None (1) or fp32 ``(batch_or_nseq, nheads_k)``, possibly expanded views (zero strides).
 
     A tensor field declared with ``field(default=None, metadata={"grad": True})`` is
     differentiable: the custom op returns its gradient (see :mod:`flashtile.ops`) and backends
@@ -79,6 +83,9 @@ class AttnCall:
     alibi_slopes: torch.Tensor | None = None
     seed: torch.Tensor | None = None
     learnable_sink: torch.Tensor | None = field(default=None, metadata={"grad": True})
+    q_descale: torch.Tensor | None = None
+    k_descale: torch.Tensor | None = None
+    v_descale: torch.Tensor | None = None
 
     @property
     def is_causal(self) -> bool:
@@ -232,8 +239,8 @@ def check_qkv(
     for x, n, lay in ((q, qn, layout_q), (k, kn, layout_k), (v, vn, layout_k)):
         if x.dim() != rank:
             raise ValueError(f"{n} must have {rank} dimensions {lay}, got shape {_shape(x)}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{qn} must be float16, bfloat16 or float32, got {q.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES + FP8_DTYPES:
+        raise TypeError(f"{qn} must be float16, bfloat16, float32 or float8_e4m3fn, got {q.dtype}")
     for x, n in ((k, kn), (v, vn)):
         if x.dtype != q.dtype:
             raise TypeError(f"{n} must have the same dtype as {qn} ({q.dtype}), got {x.dtype}")
@@ -364,6 +371,34 @@ def check_sink(sink: torch.Tensor | None, nheads: int, device: torch.device) -> 
     if sink.shape != (nheads,):
         raise ValueError(f"learnable_sink must have shape (nheads,) = ({nheads},), got {_shape(sink)}")
     return sink
+
+
+def check_descales(
+    dtype: torch.dtype, batch: int, nheads_k: int, device: torch.device, **descales: torch.Tensor | None
+) -> dict[str, torch.Tensor | None]:
+    """Validate flash-attn 3's ``q_descale`` / ``k_descale`` / ``v_descale`` (keywords of
+    ``descales``): float32 on q's device, broadcastable to ``(batch, nheads_k)`` (per-tensor
+    scales as ``(1, 1)``), only with float8_e4m3fn inputs. Returns them expanded to
+    ``(batch, nheads_k)`` (views, no copy), None left as None (1)."""
+    given = {n: d for n, d in descales.items() if d is not None}
+    if given and dtype not in FP8_DTYPES:
+        raise ValueError(f"{', '.join(given)} apply to float8_e4m3fn inputs only, got {dtype} inputs")
+    out: dict[str, torch.Tensor | None] = dict.fromkeys(descales)
+    for n, d in given.items():
+        _check_tensor(d, n)
+        if d.dtype != torch.float32:
+            raise TypeError(f"{n} must be float32, got {d.dtype}")
+        if d.device != device:
+            raise ValueError(f"{n} must be on the same device as q ({device}), got {d.device}")
+        try:
+            ok = d.dim() <= 2 and torch.broadcast_shapes(d.shape, (batch, nheads_k)) == (batch, nheads_k)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{n} must have shape (batch, nheads_k) = ({batch}, {nheads_k}) (or broadcast to "
+                             f"it, e.g. (1, 1) for one scale), got {_shape(d)}")  # fmt: skip
+        out[n] = d.expand(batch, nheads_k)
+    return out
 
 
 def check_cu_seqlens_meta(cu: torch.Tensor, name: str, device: torch.device) -> int:

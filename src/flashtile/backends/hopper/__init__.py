@@ -4,7 +4,8 @@
 warp-specialised TMA producer and two consumer warpgroups in ping-pong, and a persistent variant
 over a host-computed tile schedule (kernels in :mod:`.fwd`, configs in :mod:`.configs`).
 
-Serves fp16 and bf16 with head dims 64, 96, 128, 192 and 256 on compute capability 9.x, with
+Serves fp16, bf16 and FP8 e4m3 (forward: both products in FP8 wgmma, :mod:`.fwd_fp8`; output
+bf16) with head dims 64, 96, 128, 192 and 256 on compute capability 9.x, with
 causal and sliding windows (bottom-right aligned), softcap, GQA/MQA, ``seqlen_q != seqlen_k``
 and varlen. Not ALiBi, not dropout (``auto`` then picks the next backend). The backward is
 Gluon too (:mod:`.bwd`, host side :mod:`.launch_bwd`); ``FLASHTILE_HOPPER_BWD=triton`` switches
@@ -26,6 +27,7 @@ import sys
 
 import torch
 
+from ...fp8 import is_fp8, run_upcast
 from ...spec import AttnCall, Problem
 from .. import _device
 from ..base import Capabilities, register
@@ -95,7 +97,7 @@ class HopperBackend:
     name = "hopper"
     capabilities = Capabilities(
         priority=20,
-        dtypes=frozenset({torch.float16, torch.bfloat16}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float8_e4m3fn}),
         max_headdim=MAX_HEADDIM,
         features=frozenset({"causal", "window", "softcap", "varlen"}),
         auto_devices=("cuda",),
@@ -141,6 +143,8 @@ class HopperBackend:
         from ..triton import backend as triton_backend
 
         if not call.varlen and q.shape[1] * (q.shape[2] // k.shape[2]) <= DECODE_SHAPED_ROWS:
+            if is_fp8(q.dtype):  # the triton kernels have no FP8: dequantised first
+                return run_upcast(triton_backend.forward, q, k, v, call)
             return triton_backend.forward(q, k, v, call)
         from . import launch
 

@@ -83,6 +83,48 @@ def config_for(headdim: int, *, causal: bool, seqlen_q: int) -> HopperConfig:
     return config(headdim)
 
 
+# FP8 (e4m3) forward (kernel ``attn_fwd_ws_fp8``, the ``ws`` design): elements are 1 byte, so a
+# key block of twice the keys costs the shared memory of a 16-bit one; the P V wgmma has K =
+# block_n (a multiple of 32 for e4m3). Shared memory adds the bf16 output staging tile
+# (2 x 64 x BLOCK_D x 2 bytes). NOT measured yet: sized from shared memory and registers
+# (scripts/gluon_compile_check.py --fp8 reports no spills), waiting for benchmarks/fp8_run.py.
+_FP8_TABLE: dict[int, HopperConfig] = {
+    64: HopperConfig(128, 128, 3),  # 8 KiB Q + 3 x 16 KiB K/V^T + 16 KiB O = 72 KiB
+    96: HopperConfig(128, 128, 2),  # padded to 128: 16 KiB Q + 2 x 32 KiB + 32 KiB O = 112 KiB
+    128: HopperConfig(128, 128, 2),  # 16 KiB Q + 2 x 32 KiB + 32 KiB O = 112 KiB
+    192: HopperConfig(128, 64, 2),  # padded to 256: 32 KiB Q + 2 x 32 KiB + 64 KiB O = 160 KiB
+    256: HopperConfig(128, 64, 2),  # 32 KiB Q + 2 x 32 KiB + 64 KiB O = 160 KiB (acc: 128 regs/thread)
+}
+
+
+def fp8_config(headdim: int, **overrides) -> HopperConfig:
+    """The FP8 table's config for ``headdim`` (kernel ``ws`` always), with ``overrides``."""
+    if headdim not in _FP8_TABLE:
+        raise ValueError(f"hopper FP8 kernels serve head dims {HEADDIMS}, got {headdim}")
+    cfg = _FP8_TABLE[headdim]
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def fp8_smem_bytes(cfg: HopperConfig, headdim: int) -> int:
+    """Shared memory of the FP8 kernel's tiles: e4m3 Q, K and V^T ring, bf16 output staging."""
+    return smem_bytes(cfg, headdim, elem_bytes=1) + 2 * (cfg.block_m // 2) * block_d(headdim) * 2
+
+
+def check_fp8(cfg: HopperConfig, headdim: int) -> str | None:
+    """Why ``cfg`` cannot work for the FP8 kernel at ``headdim`` (None if it can)."""
+    if cfg.kernel != "ws" or cfg.consumers != 2:
+        return f"the FP8 forward is a ws kernel with 2 consumers, got kernel={cfg.kernel!r}, consumers={cfg.consumers}"
+    if cfg.block_n % 32 or not 32 <= cfg.block_n <= 256:
+        return f"block_n must be a multiple of 32 in [32, 256] (e4m3 wgmma K = 32), got {cfg.block_n}"
+    bad = check(replace(cfg, block_n=16), headdim)  # the shared checks (registers, stages, block_m)
+    if bad:
+        return bad
+    need = fp8_smem_bytes(cfg, headdim)
+    if need > SM90_SMEM_LIMIT:
+        return f"needs {need // 1024} KiB of shared memory, sm_90 has {SM90_SMEM_LIMIT // 1024} KiB per CTA"
+    return None
+
+
 def config(headdim: int, **overrides) -> HopperConfig:
     """The table's config for ``headdim`` (one of :data:`HEADDIMS`), with fields replaced by
     ``overrides`` (benchmark sweeps: ``block_n=64, num_stages=3``)."""
