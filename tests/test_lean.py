@@ -201,7 +201,47 @@ def test_dispatch_cache_follows_the_environment(monkeypatch):
     q, k, v = qkv_inputs(1, 4, 4, 2, 2, 8, torch.float32, "cpu")
     monkeypatch.delenv("FLASHTILE_BACKEND", raising=False)
     flashtile.flash_attn_func(q, k, v)
-    assert dispatch.choose(dispatch.Problem.of(q, k, AttnCall(softmax_scale=1.0)), AttnCall(softmax_scale=1.0)) == "torch"
+    assert (
+        dispatch.choose(dispatch.Problem.of(q, k, AttnCall(softmax_scale=1.0)), AttnCall(softmax_scale=1.0)) == "torch"
+    )
     monkeypatch.setenv("FLASHTILE_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="FLASHTILE_BACKEND"):
         flashtile.flash_attn_func(q, k, v)
+
+
+def test_dropout_seed_reproducible_on_cpu():
+    from flashtile.rng import draw_seed
+
+    torch.manual_seed(3)
+    a = int(draw_seed(torch.device("cpu")))
+    torch.manual_seed(3)
+    assert int(draw_seed(torch.device("cpu"))) == a == int(
+        (torch.manual_seed(3), torch.randint(0, 2**62, (), dtype=torch.int64))[1]
+    )
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@pytest.mark.gpu
+def test_dense_calls_do_not_sync_the_host():
+    """Forward + backward with dropout, and a decode with an int cache length: no device sync
+    (torch's sync debug mode raises on one)."""
+    q, k, v = (x.requires_grad_() for x in qkv_inputs(2, 64, 64, 4, 2, 64, torch.float16, "cuda"))
+    kc, vc = torch.randn(2, 128, 2, 64, device="cuda", dtype=torch.float16), torch.randn(2, 128, 2, 64, device="cuda",
+                                                                                         dtype=torch.float16)  # fmt: skip
+    flashtile.flash_attn_func(q, k, v, dropout_p=0.1, causal=True).sum().backward()  # compile first
+    flashtile.flash_attn_with_kvcache(q[:, :1].detach(), kc, vc, cache_seqlens=100, causal=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.manual_seed(1)
+        out = flashtile.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)
+        out.backward(torch.ones_like(out))
+        flashtile.flash_attn_with_kvcache(q[:, :1].detach(), kc, vc, cache_seqlens=100, causal=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.manual_seed(1)
+    again = flashtile.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)
+    torch.testing.assert_close(out, again, rtol=0, atol=0)

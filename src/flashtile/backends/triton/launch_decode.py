@@ -15,7 +15,6 @@ from .decode import _append_kernel, _decode_kernel, _merge_kernel
 from .fastlaunch import fast
 from .launch import block_d, device_guard, score_scales, upcast
 
-
 _APPEND, _DECODE, _MERGE = fast(_append_kernel), fast(_decode_kernel), fast(_merge_kernel)
 
 
