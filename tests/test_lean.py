@@ -229,8 +229,7 @@ def test_dense_calls_do_not_sync_the_host():
     """Forward + backward with dropout, and a decode with an int cache length: no device sync
     (torch's sync debug mode raises on one)."""
     q, k, v = (x.requires_grad_() for x in qkv_inputs(2, 64, 64, 4, 2, 64, torch.float16, "cuda"))
-    kc, vc = torch.randn(2, 128, 2, 64, device="cuda", dtype=torch.float16), torch.randn(2, 128, 2, 64, device="cuda",
-                                                                                         dtype=torch.float16)  # fmt: skip
+    kc, vc = (torch.randn(2, 128, 2, 64, device="cuda", dtype=torch.float16) for _ in range(2))
     flashtile.flash_attn_func(q, k, v, dropout_p=0.1, causal=True).sum().backward()  # compile first
     flashtile.flash_attn_with_kvcache(q[:, :1].detach(), kc, vc, cache_seqlens=100, causal=True)
     torch.cuda.synchronize()
