@@ -114,6 +114,7 @@ _FIELD_KEYS = tuple(
     (f.name, "Tensor" in str(f.type)) for f in dataclasses.fields(AttnCall) if not f.name.startswith("max_seqlen")
 )  # max_seqlen_* are the Problem's sequence lengths on varlen calls
 _CACHE: dict[tuple, str] = {}
+_last_opts: tuple[AttnCall | None, tuple] = (None, ())
 _CACHE_MAX = 512
 _env_names: tuple[int, tuple[str, ...]] = (-1, ())
 
@@ -136,7 +137,13 @@ def _env_key(generation: int) -> tuple:
 
 
 def _key(device, dtype, nheads: int, nheads_k: int, headdim: int, call: AttnCall, decode: bool) -> tuple:
-    opts = tuple((getattr(call, n) is None) if tensor else getattr(call, n) for n, tensor in _FIELD_KEYS)
+    global _last_opts
+    if _last_opts[0] is call:  # make_call returns one object per option set: its key part is known
+        opts = _last_opts[1]
+    else:
+        opts = tuple((getattr(call, n) is None) if tensor else getattr(call, n) for n, tensor in _FIELD_KEYS)
+        if all(opts[i] for i, (_, tensor) in enumerate(_FIELD_KEYS) if tensor):  # holds no tensor alive
+            _last_opts = (call, opts)
     return (_override, _generation, _env_key(_generation), device, dtype, nheads, nheads_k, headdim, decode, opts)
 
 
