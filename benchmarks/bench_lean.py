@@ -344,6 +344,10 @@ _FIRST = textwrap.dedent(
     dt = torch.bfloat16
     q, k, v = (torch.randn(2, 1024, 16, 128, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
     g = torch.randn_like(q)
+    t = time.perf_counter(); import triton; r["import_triton"] = time.perf_counter() - t
+    t = time.perf_counter(); import flashtile.backends.triton.launch; r["import_kernels"] = time.perf_counter() - t
+    t = time.perf_counter(); flashtile.dispatch.choose_for(q, k, flashtile.spec.make_call(headdim=128, causal=True))
+    r["first_dispatch"] = time.perf_counter() - t
     out = timed("fwd", lambda: flashtile.flash_attn_func(q, k, v, causal=True))
     timed("bwd", lambda: torch.autograd.grad(out, (q, k, v), g))
     out2 = timed("fwd_window_softcap", lambda: flashtile.flash_attn_func(q, k, v, window_size=(256, 0), softcap=30.0))
@@ -379,6 +383,17 @@ def first_calls() -> dict:
                 res[label] = None
                 continue
             res[label] = dict(json.loads(line[0][7:]), process_wall=wall)
+    with tempfile.TemporaryDirectory() as cache:  # flashtile warmup, then a fresh process
+        env = dict(os.environ, TRITON_CACHE_DIR=cache)
+        t = time.perf_counter()
+        w = subprocess.run([sys.executable, "-m", "flashtile.cli", "warmup", "--headdims", "128", "--dtypes", "bfloat16",
+                            "--features", "causal,window+softcap,decode"], env=env, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+        res["warmup_command_s"] = time.perf_counter() - t
+        print("  " + (w.stdout.strip().splitlines() or ["(no output)"])[-1])
+        p = subprocess.run([sys.executable, "-c", _FIRST], env=env, capture_output=True, text=True, timeout=240)
+        line = [s for s in p.stdout.splitlines() if s.startswith("RESULT ")]
+        res["after_warmup"] = json.loads(line[0][7:]) if line else None
     return res
 
 

@@ -244,3 +244,27 @@ def test_dense_calls_do_not_sync_the_host():
     torch.manual_seed(1)
     again = flashtile.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)
     torch.testing.assert_close(out, again, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# flashtile warmup
+
+
+def test_warmup_grid_calls_are_valid_api_calls(monkeypatch):
+    """Every feature set's calls run (here on the torch engine; on a GPU they compile kernels)."""
+    from flashtile.backends.triton import configs
+    from flashtile.cli import warmup
+
+    monkeypatch.setattr(configs, "SHORT_SEQLEN", 40)  # small "long" calls on the CPU
+    for fs in warmup.parse_feature_sets("plain,causal+softcap,window+alibi,dropout,varlen+causal,decode+causal"):
+        for call in warmup._calls(fs, 16, torch.float32, torch.device("cpu")):
+            call()
+    with pytest.raises(ValueError, match="unknown feature"):
+        warmup.parse_feature_sets("causal+nope")
+
+
+def test_warmup_on_cpu_has_nothing_to_do(capsys):
+    from flashtile.cli import main
+
+    assert main(["warmup", "--device", "cpu"]) == 0
+    assert "nothing to warm up" in capsys.readouterr().out

@@ -431,10 +431,13 @@ def check_cu_seqlens_meta(cu: torch.Tensor, name: str, device: torch.device) -> 
     return cu.shape[0] - 1
 
 
-def check_cu_seqlens_values(cu: torch.Tensor, name: str, total: int, max_seqlen: int, max_name: str) -> None:
-    """Value checks for ``cu_seqlens`` (reads it on the host): starts at 0, non-decreasing,
-    ends at ``total``, no sequence longer than ``max_seqlen``."""
-    vals = cu.tolist()
+def check_cu_seqlens_values(
+    cu: torch.Tensor, name: str, total: int, max_seqlen: int, max_name: str, vals: list[int] | None = None
+) -> None:
+    """Value checks for ``cu_seqlens`` (reads it on the host, unless its values ``vals`` are
+    given): starts at 0, non-decreasing, ends at ``total``, no sequence longer than ``max_seqlen``."""
+    if vals is None:
+        vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"{name} must start at 0, got {vals[0]}")
     lens = [b - a for a, b in zip(vals[:-1], vals[1:], strict=True)]
@@ -510,5 +513,9 @@ def check_call_values(q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> None:
     the custom op so that a compiled graph has no sync; skipped during CUDA graph capture."""
     if call.cu_seqlens_q is None or capturing(q):
         return
-    check_cu_seqlens_values(call.cu_seqlens_q, "cu_seqlens_q", q.shape[1], call.max_seqlen_q, "max_seqlen_q")
-    check_cu_seqlens_values(call.cu_seqlens_k, "cu_seqlens_k", k.shape[1], call.max_seqlen_k, "max_seqlen_k")
+    cq, ck = call.cu_seqlens_q, call.cu_seqlens_k
+    both = (cq.tolist(),) * 2 if ck is cq else torch.cat((cq, ck)).tolist()  # one host read
+    if ck is not cq:
+        both = both[: cq.shape[0]], both[cq.shape[0] :]
+    check_cu_seqlens_values(cq, "cu_seqlens_q", q.shape[1], call.max_seqlen_q, "max_seqlen_q", both[0])
+    check_cu_seqlens_values(ck, "cu_seqlens_k", k.shape[1], call.max_seqlen_k, "max_seqlen_k", both[1])

@@ -4,6 +4,7 @@
     flashtile check   parity of every usable backend against the oracle; exit code 1 on a failure
     flashtile bench   time and peak memory: flashtile vs standard attention vs PyTorch SDPA
     flashtile demo    check + a small bench with a plot (about 2 minutes on a 2-core CPU)
+    flashtile warmup  compile a grid of Triton kernel variants into Triton's cache ahead of time
 
 ``flashtile COMMAND --help`` lists each command's options. The optional dependencies are
 tqdm (progress bar) and matplotlib (``--plot``): ``pip install 'flashtile[bench]'``.
@@ -26,6 +27,7 @@ from .bench import METHODS, MODES, run_bench
 from .check import QUICK, run_check
 from .demo import run_demo
 from .env import cmd_env
+from .warmup import DEFAULT_FEATURES, FEATURE_NAMES, run_warmup
 
 __all__ = ["build_parser", "main"]
 
@@ -113,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--plot", default="flashtile_demo.png", help="default flashtile_demo.png")
     sp.add_argument("--json", help="also write the bench rows to this file")
     sp.set_defaults(func=run_demo)
+
+    sp = sub.add_parser("warmup", help="compile a grid of Triton kernel variants into Triton's cache ahead of time")
+    sp.add_argument("--device", help="cuda (default when available; on cpu there is nothing to compile)")
+    sp.add_argument("--headdims", type=int_list, default=[64, 128], help="comma-separated (default 64,128)")
+    sp.add_argument("--dtypes", type=choice_list(tuple(DTYPES)), default=["bfloat16", "float16"],
+                    help="comma-separated (default bfloat16,float16)")  # fmt: skip
+    sp.add_argument("--features", default=DEFAULT_FEATURES,
+                    help=f"comma-separated feature sets, features combined with '+' (from {', '.join(FEATURE_NAMES)}; "
+                         f"default {DEFAULT_FEATURES})")  # fmt: skip
+    sp.set_defaults(func=run_warmup)
     return p
 
 
