@@ -185,7 +185,7 @@ def checks() -> None:
         ref = F.scaled_dot_product_attention(rq, rk, rv, is_causal=True, enable_gqa=h != hk).transpose(1, 2)
         rg = torch.autograd.grad(ref, (rq, rk, rv), g.float())
         outs = []
-        for rep in range(3):  # the first launch is Triton's generic one, the later ones the lean path
+        for _ in range(3):  # the first launch is Triton's generic one, the later ones the lean path
             out = flashtile.flash_attn_func(q, k, v, causal=True)
             grads = torch.autograd.grad(out, (q, k, v), g)
             outs.append((out, *grads))
@@ -194,9 +194,10 @@ def checks() -> None:
             close(f"d{name} b{b} s{s} h{h}/{hk} d{d}", a, r.transpose(1, 2), 6e-2)
         for a, c in zip(outs[0], outs[2], strict=True):
             if not torch.equal(a, c):
-                raise AssertionError("check failed: the lean launch path gives a different result than the first launch")
+                raise AssertionError("check failed: the lean launch path differs from the first launch")
         print("  ok  lean launches repeat the first launch bitwise")
-    launched = {n: (k.fast_launches, k.generic_launches) for n, k in vars(flashtile.backends.triton.launch).items()
+    launch = flashtile.backends.triton.launch
+    launched = {n: (k.fast_launches, k.generic_launches) for n, k in vars(launch).items()
                 if isinstance(k, fastlaunch.FastKernel)}  # fmt: skip
     print(f"  lean launch path enabled: {fastlaunch.ENABLED} (triton {__import__('triton').__version__}); "
           f"(fast, generic) launches: {launched}")
@@ -206,8 +207,8 @@ def checks() -> None:
     kc = torch.randn(b, 1024, hk, d, device="cuda", dtype=dt)
     vc = torch.randn(b, 1024, hk, d, device="cuda", dtype=dt)
     lens = torch.full((b,), n, dtype=torch.int32, device="cuda")
-    ref = F.scaled_dot_product_attention(q.transpose(1, 2).float(), kc[:, :n].transpose(1, 2).float(),
-                                         vc[:, :n].transpose(1, 2).float(), enable_gqa=True).transpose(1, 2)  # fmt: skip
+    qf, kf, vf = (x.transpose(1, 2).float() for x in (q, kc[:, :n], vc[:, :n]))
+    ref = F.scaled_dot_product_attention(qf, kf, vf, enable_gqa=True).transpose(1, 2)
     out = flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)
     close("decode (tensor cache lengths)", out, ref, 2e-2)
     out_int = flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=n)
@@ -272,59 +273,61 @@ def small_calls(calls: int, repeats: int) -> list[dict]:
 
 
 def decode_calls(calls: int, repeats: int) -> list[dict]:
+    return [row for b in (1, 8) for row in _decode_rows(b, calls, repeats)]
+
+
+def _decode_rows(b: int, calls: int, repeats: int) -> list[dict]:
     import torch.nn.functional as F
 
     import flashtile
 
-    rows = []
     dt = torch.bfloat16
     h, hk, d, n = 32, 8, 128, 8192
-    for b in (1, 8):
-        torch.manual_seed(0)
-        q = torch.randn(b, 1, h, d, device="cuda", dtype=dt)
-        kc = torch.randn(b, n, hk, d, device="cuda", dtype=dt)
-        vc = torch.randn(b, n, hk, d, device="cuda", dtype=dt)
-        lens = torch.full((b,), n, dtype=torch.int32, device="cuda")
-        qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
-        kx, vx = kt.repeat_interleave(h // hk, 1), vt.repeat_interleave(h // hk, 1)
+    torch.manual_seed(0)
+    q = torch.randn(b, 1, h, d, device="cuda", dtype=dt)
+    kc = torch.randn(b, n, hk, d, device="cuda", dtype=dt)
+    vc = torch.randn(b, n, hk, d, device="cuda", dtype=dt)
+    lens = torch.full((b,), n, dtype=torch.int32, device="cuda")
+    qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+    kx, vx = kt.repeat_interleave(h // hk, 1), vt.repeat_interleave(h // hk, 1)
 
-        def sd(gqa=True):
-            if gqa:
-                return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
-            return F.scaled_dot_product_attention(qt, kx, vx)
+    def sd(gqa=True):
+        if gqa:
+            return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+        return F.scaled_dot_product_attention(qt, kx, vx)
 
-        variants = {
-            "flashtile": lambda: flashtile.flash_attn_with_kvcache(q, kc, vc),
-            "flashtile_tensor_lens": lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens),
-        }
-        row = dict(call=f"flash_attn_with_kvcache decode b{b} 8k h32/8 d128, eager")
-        for name, fn in variants.items():
-            row[name] = per_call_us(fn, calls, repeats)
-        for name, be in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_cudnn", "CUDNN_ATTENTION")):
-            row[name] = None
-            for gqa in (True, False):  # enable_gqa where the backend takes it, else k/v expanded beforehand
-                try:
-                    with _sdpa(be):
-                        row[name] = per_call_us(lambda gqa=gqa: sd(gqa), calls, repeats)
-                    row[name + "_gqa"] = gqa
-                    break
-                except Exception as e:  # noqa: BLE001
-                    print(f"  {name} decode b{b} gqa={gqa}: {type(e).__name__}: {str(e)[:100]}")
-        rows.append(row)
-        if b == 1:
-            grow = dict(call="same, b1, replayed from a CUDA graph")
-            g, _ = _graph(lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens))
-            grow["flashtile"] = per_call_us(g.replay, calls, repeats)
-            for name, be in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_cudnn", "CUDNN_ATTENTION")):
-                try:
-                    with _sdpa(be):
-                        gs, _ = _graph(lambda gqa=row.get(name + "_gqa", True): sd(gqa))
-                    grow[name] = per_call_us(gs.replay, calls, repeats)
-                except Exception as e:  # noqa: BLE001
-                    grow[name] = None
-                    print(f"  {name} graph: {type(e).__name__}: {str(e)[:100]}")
-            rows.append(grow)
-    return rows
+    def ft_lens():
+        return flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)
+
+    row = dict(call=f"flash_attn_with_kvcache decode b{b} 8k h32/8 d128, eager")
+    row["flashtile"] = per_call_us(lambda: flashtile.flash_attn_with_kvcache(q, kc, vc), calls, repeats)
+    row["flashtile_tensor_lens"] = per_call_us(ft_lens, calls, repeats)
+    gqa_used = {}
+    for name, be in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_cudnn", "CUDNN_ATTENTION")):
+        row[name] = None
+        for gqa in (True, False):  # enable_gqa where the backend takes it, else k/v expanded beforehand
+            try:
+                with _sdpa(be):
+                    row[name] = per_call_us(lambda gqa=gqa: sd(gqa), calls, repeats)
+                row[name + "_gqa"] = gqa_used[name] = gqa
+                break
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
+                print(f"  {name} decode b{b} gqa={gqa}: {type(e).__name__}: {str(e)[:100]}")
+    if b != 1:
+        return [row]
+    grow = dict(call="same, b1, replayed from a CUDA graph (tensor cache lengths)")
+    g, _ = _graph(ft_lens)
+    grow["flashtile"] = per_call_us(g.replay, calls, repeats)
+    for name, be in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_cudnn", "CUDNN_ATTENTION")):
+        try:
+            gqa = gqa_used.get(name, True)
+            with _sdpa(be):
+                gs, _ = _graph(lambda gqa=gqa: sd(gqa))
+            grow[name] = per_call_us(gs.replay, calls, repeats)
+        except Exception as e:  # noqa: BLE001
+            grow[name] = None
+            print(f"  {name} graph: {type(e).__name__}: {str(e)[:100]}")
+    return [row, grow]
 
 
 _FIRST = textwrap.dedent(
@@ -386,9 +389,9 @@ def first_calls() -> dict:
     with tempfile.TemporaryDirectory() as cache:  # flashtile warmup, then a fresh process
         env = dict(os.environ, TRITON_CACHE_DIR=cache)
         t = time.perf_counter()
-        w = subprocess.run([sys.executable, "-m", "flashtile.cli", "warmup", "--headdims", "128", "--dtypes", "bfloat16",
-                            "--features", "causal,window+softcap,decode"], env=env, capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
+        cmd = [sys.executable, "-m", "flashtile.cli", "warmup", "--headdims", "128", "--dtypes", "bfloat16",
+               "--features", "causal,window+softcap,decode"]  # fmt: skip
+        w = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         res["warmup_command_s"] = time.perf_counter() - t
         print("  " + (w.stdout.strip().splitlines() or ["(no output)"])[-1])
         p = subprocess.run([sys.executable, "-c", _FIRST], env=env, capture_output=True, text=True, timeout=240)
@@ -504,8 +507,8 @@ def main() -> None:
         print("\nfirst call in a fresh process (s): " + ", ".join(
             f"{label}: " + " ".join(f"{k}={v:.3f}" for k, v in (d or {}).items()) for label, d in first.items()))
     if hf:
-        print("HF greedy generate, tokens/s: " + ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 1)}"
-                                                          for k, v in hf.items()))  # fmt: skip
+        items = (f"{k}={round(v, 1) if isinstance(v, float) else v}" for k, v in hf.items())
+        print("HF greedy generate, tokens/s: " + ", ".join(items))
     print(f"total {meta['seconds']:.0f} s")
 
 

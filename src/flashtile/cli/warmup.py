@@ -144,6 +144,7 @@ def run_warmup(args: argparse.Namespace) -> int:
             print(f"[{i + 1}/{len(grid)}] {label}: {status}", flush=True)
     if bar is not None:
         bar.close()
-    print(f"warmup: {len(grid)} variant sets in {time.perf_counter() - t0:.1f} s"
-          + (f", {failures} failed" if failures else "") + " (Triton's cache: TRITON_CACHE_DIR or ~/.triton/cache)")  # fmt: skip
+    failed = f", {failures} failed" if failures else ""
+    print(f"warmup: {len(grid)} variant sets in {time.perf_counter() - t0:.1f} s{failed} "
+          "(Triton's cache: TRITON_CACHE_DIR or ~/.triton/cache)")  # fmt: skip
     return 1 if failures else 0
