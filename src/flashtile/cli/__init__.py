@@ -98,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="flashtile,standard,sdpa (default all)")  # fmt: skip
     sp.add_argument("--backend", help="force flashtile's backend (default: auto)")
     sp.add_argument("--repeats", type=int,
-                    help="timed runs per case; the median is reported (default 3 on cpu, 20 on cuda)")  # fmt: skip
+                    help="timed runs per case; median, min and max are reported (default 3 on cpu, 20 on cuda)",
+                    )  # fmt: skip
+    sp.add_argument("--threads", type=int,
+                    help="CPU threads for every method (default: torch's; the torch engine then lowers its own "
+                         "count on a busy machine, see README)")  # fmt: skip
     sp.add_argument("--max-mem-gb", type=float,
                     help="memory cap per case; standard attention is skipped when its score matrix alone exceeds it "
                          "(default: 40%% of free RAM / GPU memory)")  # fmt: skip
@@ -114,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=int, help="as in bench (default 3 on cpu, 20 on cuda)")
     sp.add_argument("--plot", default="flashtile_demo.png", help="default flashtile_demo.png")
     sp.add_argument("--json", help="also write the bench rows to this file")
+    sp.add_argument("--threads", type=int, help="as in bench")
     sp.set_defaults(func=run_demo)
 
     sp = sub.add_parser("warmup", help="compile a grid of Triton kernel variants into Triton's cache ahead of time")
