@@ -132,11 +132,15 @@ def host_profile() -> list[tuple[str, float]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU
+# GPU (``--dry-cpu`` runs the same code on the CPU, in float32 with a 512-key cache: a smoke test
+# of the script itself)
+
+DEV, DT, CACHE = "cuda", torch.bfloat16, 8192
 
 
 def _sync():
-    torch.cuda.synchronize()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def per_call_us(fn, calls: int, repeats: int, warmup: int = 30) -> tuple[float, float, float]:
@@ -175,12 +179,12 @@ def checks() -> None:
         print(f"  ok  {name} (max err {err:.2g})")
 
     torch.manual_seed(0)
-    dt = torch.bfloat16
+    dt = DT
     for b, s, h, hk, d in ((1, 128, 8, 8, 64), (2, 113, 4, 2, 72)):
-        q = torch.randn(b, s, h, d, device="cuda", dtype=dt, requires_grad=True)
-        k = torch.randn(b, s, hk, d, device="cuda", dtype=dt, requires_grad=True)
-        v = torch.randn(b, s, hk, d, device="cuda", dtype=dt, requires_grad=True)
-        g = torch.randn(b, s, h, d, device="cuda", dtype=dt)
+        q = torch.randn(b, s, h, d, device=DEV, dtype=dt, requires_grad=True)
+        k = torch.randn(b, s, hk, d, device=DEV, dtype=dt, requires_grad=True)
+        v = torch.randn(b, s, hk, d, device=DEV, dtype=dt, requires_grad=True)
+        g = torch.randn(b, s, h, d, device=DEV, dtype=dt)
         rq, rk, rv = (x.detach().float().transpose(1, 2).requires_grad_() for x in (q, k, v))
         ref = F.scaled_dot_product_attention(rq, rk, rv, is_causal=True, enable_gqa=h != hk).transpose(1, 2)
         rg = torch.autograd.grad(ref, (rq, rk, rv), g.float())
@@ -196,27 +200,31 @@ def checks() -> None:
             if not torch.equal(a, c):
                 raise AssertionError("check failed: the lean launch path differs from the first launch")
         print("  ok  lean launches repeat the first launch bitwise")
-    launch = flashtile.backends.triton.launch
+    import flashtile.backends.triton.launch as launch
+
     launched = {n: (k.fast_launches, k.generic_launches) for n, k in vars(launch).items()
                 if isinstance(k, fastlaunch.FastKernel)}  # fmt: skip
     print(f"  lean launch path enabled: {fastlaunch.ENABLED} (triton {__import__('triton').__version__}); "
           f"(fast, generic) launches: {launched}")
+    if DEV == "cuda" and fastlaunch.ENABLED and not any(f for f, _ in launched.values()):
+        raise AssertionError("check failed: the lean launch path was enabled but never taken")
     # decode against SDPA, eager and from a CUDA graph
     b, h, hk, d, n = 2, 8, 2, 128, 1000
-    q = torch.randn(b, 1, h, d, device="cuda", dtype=dt)
-    kc = torch.randn(b, 1024, hk, d, device="cuda", dtype=dt)
-    vc = torch.randn(b, 1024, hk, d, device="cuda", dtype=dt)
-    lens = torch.full((b,), n, dtype=torch.int32, device="cuda")
+    q = torch.randn(b, 1, h, d, device=DEV, dtype=dt)
+    kc = torch.randn(b, 1024, hk, d, device=DEV, dtype=dt)
+    vc = torch.randn(b, 1024, hk, d, device=DEV, dtype=dt)
+    lens = torch.full((b,), n, dtype=torch.int32, device=DEV)
     qf, kf, vf = (x.transpose(1, 2).float() for x in (q, kc[:, :n], vc[:, :n]))
     ref = F.scaled_dot_product_attention(qf, kf, vf, enable_gqa=True).transpose(1, 2)
     out = flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)
     close("decode (tensor cache lengths)", out, ref, 2e-2)
     out_int = flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=n)
     close("decode (int cache length)", out_int, ref, 2e-2)
-    graph, static_out = _graph(lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens))
-    graph.replay()
-    _sync()
-    close("decode replayed from a CUDA graph", static_out, out, 0.0)
+    if DEV == "cuda":
+        graph, static_out = _graph(lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens))
+        graph.replay()
+        _sync()
+        close("decode replayed from a CUDA graph", static_out, out, 0.0)
 
 
 def _graph(fn):
@@ -239,9 +247,9 @@ def small_calls(calls: int, repeats: int) -> list[dict]:
     import flashtile
 
     rows = []
-    dt = torch.bfloat16
+    dt = DT
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 128, 8, 64, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 128, 8, 64, device=DEV, dtype=dt, requires_grad=True) for _ in range(3))
     g = torch.randn_like(q)
     qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
     gt = g.transpose(1, 2).contiguous()
@@ -281,13 +289,13 @@ def _decode_rows(b: int, calls: int, repeats: int) -> list[dict]:
 
     import flashtile
 
-    dt = torch.bfloat16
-    h, hk, d, n = 32, 8, 128, 8192
+    dt = DT
+    h, hk, d, n = 32, 8, 128, CACHE
     torch.manual_seed(0)
-    q = torch.randn(b, 1, h, d, device="cuda", dtype=dt)
-    kc = torch.randn(b, n, hk, d, device="cuda", dtype=dt)
-    vc = torch.randn(b, n, hk, d, device="cuda", dtype=dt)
-    lens = torch.full((b,), n, dtype=torch.int32, device="cuda")
+    q = torch.randn(b, 1, h, d, device=DEV, dtype=dt)
+    kc = torch.randn(b, n, hk, d, device=DEV, dtype=dt)
+    vc = torch.randn(b, n, hk, d, device=DEV, dtype=dt)
+    lens = torch.full((b,), n, dtype=torch.int32, device=DEV)
     qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
     kx, vx = kt.repeat_interleave(h // hk, 1), vt.repeat_interleave(h // hk, 1)
 
@@ -299,7 +307,7 @@ def _decode_rows(b: int, calls: int, repeats: int) -> list[dict]:
     def ft_lens():
         return flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)
 
-    row = dict(call=f"flash_attn_with_kvcache decode b{b} 8k h32/8 d128, eager")
+    row = dict(call=f"flash_attn_with_kvcache decode b{b} {n // 1024}k h32/8 d128, eager")
     row["flashtile"] = per_call_us(lambda: flashtile.flash_attn_with_kvcache(q, kc, vc), calls, repeats)
     row["flashtile_tensor_lens"] = per_call_us(ft_lens, calls, repeats)
     gqa_used = {}
@@ -313,7 +321,7 @@ def _decode_rows(b: int, calls: int, repeats: int) -> list[dict]:
                 break
             except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
                 print(f"  {name} decode b{b} gqa={gqa}: {type(e).__name__}: {str(e)[:100]}")
-    if b != 1:
+    if b != 1 or DEV != "cuda":
         return [row]
     grow = dict(call="same, b1, replayed from a CUDA graph (tensor cache lengths)")
     g, _ = _graph(ft_lens)
@@ -400,7 +408,7 @@ def first_calls() -> dict:
     return res
 
 
-def hf_generate(new_tokens: int = 128, prompt: int = 1024) -> dict | None:
+def hf_generate(new_tokens: int = 128, prompt: int = 1024, layers: int = 8, hidden: int = 2048) -> dict | None:
     try:
         import transformers
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -411,19 +419,20 @@ def hf_generate(new_tokens: int = 128, prompt: int = 1024) -> dict | None:
 
     ft_hf.register()
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
-                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)  # fmt: skip
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                      num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+                      max_position_embeddings=4096)  # fmt: skip
     res = dict(transformers=transformers.__version__)
-    base = LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    base = LlamaForCausalLM(cfg).to(device=DEV, dtype=DT).eval()
     state = base.state_dict()
     del base
-    ids = torch.randint(0, cfg.vocab_size, (1, prompt), device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt), device=DEV)
     tokens = {}
     for impl in ("flashtile", "sdpa", "eager"):
         try:
-            model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl, torch_dtype=torch.bfloat16)
+            model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl, dtype=DT)
             model.load_state_dict(state)
-            model = model.to("cuda").eval()
+            model = model.to(DEV).eval()
             kw = dict(do_sample=False, pad_token_id=0)
             with torch.no_grad():
                 model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
@@ -459,11 +468,21 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: first,hf")
+    ap.add_argument("--dry-cpu", action="store_true", help="smoke-test this script on the CPU (tiny, float32)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     args = ap.parse_args()
     meta = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
                 python=sys.version.split()[0])  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
+    if args.dry_cpu:
+        global DEV, DT, CACHE
+        DEV, DT, CACHE = "cpu", torch.float32, 512
+        checks()
+        small_calls(2, 1)
+        decode_calls(2, 1)
+        print("generate:", hf_generate(new_tokens=4, prompt=16, layers=1, hidden=256))
+        print("dry run on the CPU: ok")
+        return
     if args.host or not torch.cuda.is_available():
         if not args.host:
             print("no CUDA device: running the host profile (--host)")
