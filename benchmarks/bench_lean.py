@@ -430,7 +430,10 @@ def hf_generate(new_tokens: int = 128, prompt: int = 1024, layers: int = 8, hidd
     tokens = {}
     for impl in ("flashtile", "sdpa", "eager"):
         try:
-            model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl, dtype=DT)
+            try:
+                model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl, dtype=DT)
+            except TypeError:  # transformers < 4.56 names it torch_dtype
+                model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl, torch_dtype=DT)
             model.load_state_dict(state)
             model = model.to(DEV).eval()
             kw = dict(do_sample=False, pad_token_id=0)
