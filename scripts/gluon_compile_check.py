@@ -94,7 +94,7 @@ def compile_one(kernel: str, dtype: str, d: int, mask: str, varlen: bool, overri
     if not varlen:
         consts.update(CU_Q=None, CU_K=None)
     if cfg.kernel != "plain":
-        consts.update(CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs)
+        consts.update(CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers)
     if cfg.kernel == "persistent":
         for key in ("CU_Q", "CU_K", "IS_VARLEN", "REVERSE_M"):
             sig.pop(key, None)

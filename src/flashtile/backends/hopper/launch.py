@@ -81,7 +81,7 @@ def forward(
         raise ValueError(f"flashtile hopper: softmax_scale must be > 0, got {call.softmax_scale}")
     if lse.numel() >= 2**31:
         raise ValueError(f"flashtile hopper: lse has {lse.numel()} elements; the kernels index it with int32")
-    cfg = config or configs.config(D)
+    cfg = config or configs.config_for(D, causal=call.window_right >= 0, seqlen_q=rows_q)
     bad = configs.check(cfg, D)
     if bad:
         raise ValueError(f"flashtile hopper: config {cfg} for head dim {D}: {bad}")
@@ -108,7 +108,8 @@ def forward(
         if cfg.kernel == "plain":
             attn_fwd_plain[grid](*args, **consts)
         elif cfg.kernel == "ws":
-            attn_fwd_ws[grid](*args, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, **consts)
+            attn_fwd_ws[grid](*args, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
+                              NUM_CONSUMERS=cfg.consumers, **consts)
         else:
             tiles, offs = _schedule_tensors(q.device, B, H, Sq, Sk, cfg, call)
             for key in ("IS_VARLEN", "REVERSE_M"):
@@ -118,7 +119,8 @@ def forward(
                 out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
                 Sq, Sk, H // Hk, triton.cdiv(Sq, cfg.block_m), H, qk_scale, cap_out,
                 call.window_left, call.window_right,
-                CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, **consts,
+                CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers,
+                **consts,
             )  # fmt: skip
     return out, lse
 
@@ -144,6 +146,9 @@ def _schedule_tensors(
 
 def describe(headdim: int) -> str:
     """One line naming the config a call with this head dim uses (for ``flashtile env``)."""
+    if headdim == 64:
+        return (f"sm90 gluon: {configs.config_for(64, causal=False, seqlen_q=0)} (causal calls shorter than "
+                f"{configs.D64_CAUSAL_THREE_CONSUMERS_FROM} rows: {configs.config(64)})")  # fmt: skip
     return f"sm90 gluon: {configs.config(headdim)}"
 
 
