@@ -78,7 +78,6 @@ from .ops import attention
 from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
 from .rng import draw_seed
 from .spec import (
-    Problem,
     check_alibi,
     check_cu_seqlens_meta,
     check_cu_seqlens_values,
@@ -129,7 +128,7 @@ def _run(
     call = make_call(headdim=q.shape[-1], alibi_slopes=alibi, learnable_sink=sink, **lens, **descales, **options)
     if call.dropout_p > 0:
         call = dataclasses.replace(call, seed=draw_seed(q.device))
-    backend = dispatch.choose(Problem.of(q4, k4, call), call)
+    backend = dispatch.choose_for(q4, k4, call)
     out, lse = attention(q4, k4, v4, call, backend)
     if varlen:
         out, lse = out.squeeze(0), lse.squeeze(0)

@@ -197,9 +197,10 @@ def flash_attn_with_kvcache(
     if rotary is not None and not cache.has_index_tensors:  # positions known here: seqlens is an int, no leftpad
         along = cache.rotary_along(call)
         check_rotary_end(cache_seqlens + max(sn - 1, sq - 1 if along else 0, 0), rotary_cos.shape[0])
-    problem = Problem(batch=b, seqlen_q=sq, seqlen_k=capacity, nheads=h, nheads_k=hk, headdim=d, dtype=q.dtype,
-                      device=dev)  # fmt: skip
-    out, lse = dispatch.backend_for(problem, call, decode=True).decode(q, cache, call)
+    problem = lambda: Problem(batch=b, seqlen_q=sq, seqlen_k=capacity, nheads=h, nheads_k=hk, headdim=d,  # noqa: E731
+                              dtype=q.dtype, device=dev)  # fmt: skip
+    backend = dispatch.backends()[dispatch.choose_for(q, k_cache, call, problem, decode=True)]
+    out, lse = backend.decode(q, cache, call)
     return (out, lse) if return_softmax_lse else out
 
 
