@@ -201,7 +201,9 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable ``(out, lse)`` on the internal layout (see :mod:`flashtile.backends.base`)."""
-    if _fast_path(q, k, v):
+    # FP8 calls take the ops: their descales are tensor fields outside _GRAD_FIELDS, and a backward
+    # through them must reach _backward's "forward only" error (and they are large prefills).
+    if _fast_path(q, k, v) and not fp8.is_fp8(q.dtype):
         fields = tuple(getattr(call, _FIELDS[i].name) for i in _GRAD_FIELDS)
         if torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad
