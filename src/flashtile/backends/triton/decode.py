@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import LOG2E, _alibi_slope, _mm, _mma, _scores, _softmax_end, _softmax_step, _window
+from .common import LOG2E, _alibi_slope, _mm, _mma, _scores, _softmax_end, _softmax_sink, _softmax_step, _window
 
 # Error bits a kernel ORs into ERR[0] when an index it was handed is out of range. The kernels
 # never read or write out of bounds: a row with a bad index is skipped (its output is NaN).
@@ -91,8 +91,11 @@ def _decode_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, HAS_BT: tl.constexpr, UPCAST: tl.constexpr, KV_MODE: tl.constexpr,
     ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, ROT_ALONG: tl.constexpr,
+    SINK=None, HAS_SINK: tl.constexpr = False,
 ):  # fmt: skip
     """One (batch row, KV head, key piece, block of packed query rows): the piece's (out, lse).
+    ``HAS_SINK`` (only with one piece; split rows get the sink in ``_merge_kernel``): the fp32
+    per-head logits SINK join each row's denominator.
     ``ROT_DIM`` > 0: q is rotated on load to position ``seqlens`` (+ its index when ``ROT_ALONG``),
     flash-attn's (the cache index of the first new token, leftpad included), with the
     (n_ro, ROT_DIM / 2) tables COS / SIN."""
@@ -186,6 +189,8 @@ def _decode_kernel(
 
     code = code | bad_blk
     tl.atomic_or(ERR, code, mask=code != 0)
+    if HAS_SINK:
+        acc, l_i, m_i = _softmax_sink(acc, m_i, l_i, tl.load(SINK + head) * LOG2E)
     out, lse = _softmax_end(acc, m_i, l_i, 1.0, True)
     out = tl.where(code == 0, out, float("nan"))
     lse = tl.where(code == 0, lse, float("nan"))
@@ -256,8 +261,11 @@ def _merge_kernel(
     stride_mb, stride_mh,
     H, Sq,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINK=None, HAS_SINK: tl.constexpr = False,
 ):  # fmt: skip
-    """One (batch, query, head) row: out = sum_i exp(lse_i - lse) out_i, lse = logsumexp_i lse_i."""
+    """One (batch, query, head) row: out = sum_i exp(lse_i - lse) out_i, lse = logsumexp_i lse_i.
+    HAS_SINK: the head's sink logit is one more term of the logsumexp, without value (counted
+    once here, the pieces were computed without it)."""
     pid = tl.program_id(0)
     hh = pid % H
     t = (pid // H) % Sq
@@ -268,9 +276,14 @@ def _merge_kernel(
     d_ok = offs_d < HEAD_DIM
     lse = tl.load(LSE + si * stride_ls + b * stride_lb + hh * stride_lh + t, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
+    if HAS_SINK:
+        sink = tl.load(SINK + hh)
+        m = tl.maximum(m, sink)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse - m_safe)
     tot = tl.sum(w, 0)
+    if HAS_SINK:
+        tot += tl.exp(sink - m_safe)
     o = tl.load(O + si[:, None] * stride_os + b * stride_ob + t * stride_oq + hh * stride_oh + offs_d[None, :],
                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
     out = tl.sum(w[:, None] * o, 0) / tl.where(tot == 0.0, 1.0, tot)

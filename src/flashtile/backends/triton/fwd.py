@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    LOG2E,
     _alibi_slope,
     _block_id,
     _block_ptrs,
@@ -28,6 +29,7 @@ from .common import (
     _score_tile,
     _seqlens_qk,
     _softmax_end,
+    _softmax_sink,
     _softmax_step,
 )
 
@@ -73,8 +75,10 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE_M: tl.constexpr, UPCAST: tl.constexpr,
+    SINK=None, HAS_SINK: tl.constexpr = False,
 ):
-    """Grid (query blocks, nheads, batch or sequences). Writes out and lse (natural log)."""
+    """Grid (query blocks, nheads, batch or sequences). Writes out and lse (natural log).
+    HAS_SINK: SINK holds one fp32 logit per query head, folded into the denominator after the keys."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     pid_m = _block_id(REVERSE_M)  # causal: the heaviest query blocks (last rows) start first
     h = tl.program_id(1)
@@ -128,6 +132,8 @@ def _fwd_kernel(
             qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh,
             True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
 
+    if HAS_SINK:
+        acc, l_i, m_i = _softmax_sink(acc, m_i, l_i, tl.load(SINK + h) * LOG2E)
     out, lse = _softmax_end(acc, m_i, l_i, drop_scale, False)
     tl.store(lse_base + offs_m, lse, mask=row_ok)
     o_ptrs = o_base + offs_m[:, None] * stride_os + offs_d[None, :]

@@ -108,6 +108,21 @@ def _flags(call: AttnCall, dtype: torch.dtype) -> dict:
     )
 
 
+def _sink_args(call: AttnCall) -> dict:
+    """The sink's kernel arguments: none without one (the kernels' defaults), else the fp32
+    ``(nheads,)`` logits and the switch."""
+    if call.learnable_sink is None:
+        return {}
+    return dict(SINK=call.learnable_sink.detach().contiguous(), HAS_SINK=True)
+
+
+def sink_grad(sink: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The sink's gradient ``dsink_h = -sum_{b,i} exp(sink_h - lse_i) * delta_i`` from the
+    backward's lse and delta (float32 ``(B, H, Sq)``, every entry a real row): a few elementwise
+    passes over ``B * H * Sq`` floats, no atomics (deterministic)."""
+    return torch.exp(sink.detach().view(1, -1, 1) - lse).mul_(delta).sum((0, 2)).neg_()
+
+
 def _fit(key: tuple, cfg: FwdConfig | BwdConfig, launch: Callable[[FwdConfig | BwdConfig], None]) -> None:
     """Launch with cfg, stepping down through smaller configs on OutOfResources (once per key)."""
     fitted = _FITTED.get(key + (cfg,))
@@ -142,7 +157,7 @@ def forward_outputs(
     """``(out, lse, geometry)`` of a forward launch, shared by the forward launchers: out like q,
     lse float32 ``(B, H, Sq)``, and :func:`_geometry`'s tuple; geometry None when the problem is
     empty and (out, lse) are already final (no query rows: nothing to write; no keys: out 0,
-    lse -inf)."""
+    lse -inf, or the sink with ``learnable_sink``)."""
     geo = _geometry(q, k, call)
     _, nb, _, _, rows_q, rows_k = geo
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -151,7 +166,10 @@ def forward_outputs(
         return out, lse, None
     if k.shape[1] == 0 or rows_k == 0:
         out.zero_()
-        lse.fill_(float("-inf"))
+        if call.learnable_sink is None:
+            lse.fill_(float("-inf"))
+        else:
+            lse.copy_(call.learnable_sink.detach().view(1, -1, 1).expand_as(lse))
         return out, lse, None
     return out, lse, geo
 
@@ -193,7 +211,7 @@ def forward(
             scal["window_left"], scal["window_right"],
             scal["thresh"], scal["drop_scale"], scal["seed_lo"], scal["seed_hi"],
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-            REVERSE_M=call.window_right >= 0, **flags,
+            REVERSE_M=call.window_right >= 0, **flags, **_sink_args(call),
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
 
@@ -212,9 +230,11 @@ def backward(
     call: AttnCall,
     *,
     config: BwdConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) shaped and typed like (q, k, v). Bitwise reproducible unless the config
-    fuses dQ with atomics (``atomic_dq``), which ``call.deterministic`` switches off."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(dq, dk, dv, field_grads): dq, dk, dv shaped and typed like (q, k, v); field_grads holds
+    ``learnable_sink``'s gradient when the call has one (the backend contract). Bitwise
+    reproducible unless the config fuses dQ with atomics (``atomic_dq``), which
+    ``call.deterministic`` switches off."""
     B, Sq, H, D = q.shape
     Hk = k.shape[2]
     varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k = _geometry(q, k, call)
@@ -222,8 +242,11 @@ def backward(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    sink = call.learnable_sink
     if nb == 0 or q.numel() == 0 or k.numel() == 0 or rows_q == 0 or rows_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        # no rows, or no keys: out = 0, so delta = rowsum(dout * out) = 0 and so is dsink
+        grads = {} if sink is None else {"learnable_sink": torch.zeros_like(sink)}
+        return dq.zero_(), dk.zero_(), dv.zero_(), grads
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     if out.stride(-1) != 1:
@@ -287,7 +310,8 @@ def backward(
         _fit(("bwd", ar, q.dtype, bd, call.deterministic), cfg, launch)
         if dq_acc is not None:
             dq.copy_(dq_acc.mul_(call.softmax_scale))
-    return dq, dk, dv
+    grads = {} if sink is None else {"learnable_sink": sink_grad(sink, lse, delta)}
+    return dq, dk, dv, grads
 
 
 def fwd_config_for(device: torch.device, headdim: int, dtype: torch.dtype, max_seqlen: int = 1 << 30) -> FwdConfig:

@@ -12,7 +12,7 @@ from ...paged import check_cache_indices
 from ...spec import AttnCall, KVCache, capturing
 from .. import _device
 from .decode import _append_kernel, _decode_kernel, _merge_kernel
-from .launch import block_d, device_guard, score_scales, upcast
+from .launch import _sink_args, block_d, device_guard, score_scales, upcast
 
 
 def _interpret() -> bool:
@@ -183,6 +183,7 @@ def decode(
         lse = torch.empty((splits, B, H, Sq), dtype=torch.float32, device=q.device)
     cos, sin, interleaved = rotary or (None, None, False)
     qk_scale, cap_out = score_scales(call)
+    sink = _sink_args(call)  # in the kernel with one piece, else once in the merge
     with device_guard(q.device):
         _decode_kernel[(B * Hk, splits, row_blocks)](
             q, k_cache, v_cache, table, seqlens, leftpad, call.alibi_slopes, o, lse, err, cos, sin,
@@ -202,7 +203,7 @@ def decode(
             HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None,
             UPCAST=upcast(q.dtype), KV_MODE=kv_mode,
             ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved, ROT_ALONG=rotary_along,
-            num_warps=num_warps, num_stages=num_stages,
+            **(sink if splits == 1 else {}), num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         if splits > 1:
             _merge_kernel[(B * Sq * H,)](
@@ -211,7 +212,7 @@ def decode(
                 lse.stride(0), lse.stride(1), lse.stride(2),
                 out.stride(0), out.stride(1), out.stride(2),
                 lse_out.stride(0), lse_out.stride(1),
-                H, Sq, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=bd,
+                H, Sq, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=bd, **sink,
             )  # fmt: skip
     return out, lse_out
 
