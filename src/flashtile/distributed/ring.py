@@ -30,7 +30,13 @@ with its shard and the same options; ``layout`` is ``"zigzag"`` or ``"contiguous
 ``window_size`` (any window, dense form), ``softcap``, ``deterministic`` are those of
 :func:`flashtile.flash_attn_func` applied to *global* positions: the result is the
 single-process call on the full sequence, sharded. ``return_attn_probs=True`` returns
-``(out, softmax_lse, None)``, the lse of this rank's queries. Not available:
+``(out, softmax_lse, None)``, the lse of this rank's queries. ``learnable_sink`` (float32
+``(nheads,)``, the same tensor on every rank, as a replicated parameter): the ring steps are
+computed without it and the sink joins each row's state once, at the end, as one more piece
+``(out 0, lse = sink)``; the backward needs nothing more (the global lse includes the sink), and
+the sink's gradient is this rank's rows' share ``-sum exp(sink - lse) * rowsum(dout * out)``: sum
+it over the group (the all-reduce a data-parallel wrapper does for any replicated parameter)
+to get the single-process gradient. Not available:
 ``alibi_slopes`` (the backends align ALiBi to each call's corner, not to global positions:
 use the Ulysses functions), and ``return_attn_probs`` together with dropout; both raise
 NotImplementedError.
@@ -55,7 +61,7 @@ from ..mask import block_fully_visible
 from ..merge import merge_two
 from ..ops import attention, attention_backward
 from ..rng import draw_seed
-from ..spec import AttnCall, Problem, unbind_packed
+from ..spec import AttnCall, Problem, check_sink, unbind_packed
 from ._common import (
     RingPeers,
     check_inputs,
@@ -323,6 +329,11 @@ def _build_calls(
     return calls
 
 
+def acc_shape(q: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
+    """The output's shape: q's rows and heads, v's head dim."""
+    return (*q.shape[:-1], v.shape[-1])
+
+
 def _fwd_call(c: _Call, q, k, v, backend: str):
     return attention(_cut(q, c.q_sel, 1), _cut(k, c.k_sel, 1), _cut(v, c.k_sel, 1), c.call, backend)
 
@@ -336,10 +347,11 @@ def _bwd_call(c: _Call, dout, q, k, v, out, lse, backend: str):
 
 class _RingAttention(torch.autograd.Function):
     """Ring attention on the internal layout (q ``(B, Sq_local, H, D)``, k/v ``(B, Sk_local, Hk, D)``,
-    varlen with B = 1): returns ``(out, lse)`` of this rank's queries over the whole sequence."""
+    varlen with B = 1): returns ``(out, lse)`` of this rank's queries over the whole sequence.
+    ``sink``: None or float32 ``(H,)``, merged in once after the ring (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ring: _Ring):
+    def forward(ctx, q, k, v, sink, ring: _Ring):
         B, Sq, H, _ = q.shape
         acc_out = acc_lse = None  # float32 running state of the local rows
         kv = [k.contiguous(), v.contiguous()]
@@ -353,7 +365,7 @@ class _RingAttention(torch.autograd.Function):
                     acc_out, acc_lse = o.float(), lse.float()
                     continue
                 if acc_out is None:
-                    acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+                    acc_out = torch.zeros(acc_shape(q, v), dtype=torch.float32, device=q.device)
                     acc_lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
                 mo, ml = merge_two(_cut(acc_out, c.q_sel, 1), _cut(acc_lse, c.q_sel, 2), o, lse)
                 _set(acc_out, c.q_sel, 1, mo)
@@ -362,17 +374,21 @@ class _RingAttention(torch.autograd.Function):
                 wait_all(reqs)
                 kv = nxt
         if acc_out is None:  # no key visible to any local row
-            acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            acc_out = torch.zeros(acc_shape(q, v), dtype=torch.float32, device=q.device)
             acc_lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+        if sink is not None:  # the sink as one more piece (out 0, lse = sink), counted once
+            lse_s = torch.logaddexp(acc_lse, sink.detach().float().view(1, H, 1))
+            acc_out = acc_out * torch.exp(acc_lse - lse_s).transpose(1, 2).unsqueeze(-1)
+            acc_lse = lse_s
         out = acc_out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, acc_lse)
+        ctx.save_for_backward(q, k, v, out, acc_lse, sink)
         ctx.ring = ring
         ctx.mark_non_differentiable(acc_lse)
         return out, acc_lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sink = ctx.saved_tensors
         ring: _Ring = ctx.ring
         dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -401,7 +417,11 @@ class _RingAttention(torch.autograd.Function):
         if dkv_reqs is not None:
             wait_all(dkv_reqs)
             dk, dv = dkv_recv
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        dsink = None
+        if sink is not None and ctx.needs_input_grad[3]:  # this rank's rows: -sum exp(sink - lse) * delta
+            delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # (B, H, Sq)
+            dsink = -(torch.exp(sink.detach().float().view(1, -1, 1) - lse) * delta).sum((0, 2))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsink, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,10 +443,12 @@ def _ring(
     max_seqlen_k: int = 0,
     names: tuple[str, str, str] = ("q", "k", "v"),
     fn: str = "ring_flash_attn_func",
+    learnable_sink: torch.Tensor | None = None,
     **options,
 ):
     varlen = cu_seqlens_q is not None
     spec = check_inputs(q, k, v, varlen=varlen, names=names, return_attn_probs=return_attn_probs, fn=fn, **options)
+    sink = check_sink(learnable_sink, q.shape[-2], q.device)
     check_layout(layout)
     if alibi_slopes is not None:
         raise NotImplementedError(
@@ -467,7 +489,7 @@ def _ring(
     base_seed = int(draw_seed(q.device)) if spec.dropout_p > 0 else None
     calls = _build_calls(spec, layout, world, rank, base_seed, q.device, dense, var)
     ring = _Ring(RingPeers(group, world, rank), world, rank, backend, calls)
-    out, lse = _RingAttention.apply(q4, k4, v4, ring)
+    out, lse = _RingAttention.apply(q4, k4, v4, sink, ring)
     if varlen:
         out, lse = out.squeeze(0), lse.squeeze(0)
     if not return_attn_probs:
@@ -489,6 +511,7 @@ def ring_flash_attn_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     layout: str = "zigzag",
+    learnable_sink: torch.Tensor | None = None,
 ):
     """Ring attention over the ranks of ``group``: :func:`flashtile.flash_attn_func` on a sequence
     sharded along ``seqlen``.
@@ -499,7 +522,8 @@ def ring_flash_attn_func(
             divides ``nheads``). Each local length must divide into the layout's chunks (2 per
             rank for zigzag).
         group, layout, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-        deterministic, return_attn_probs: see the module docstring.
+        deterministic, return_attn_probs, learnable_sink: see the module docstring (sink: float32
+        ``(nheads,)``, the same on every rank; sum its gradient over the group).
 
     Returns:
         out ``(batch, seqlen_q / W, nheads, headdim)``, this rank's shard of the output; with
@@ -508,7 +532,7 @@ def ring_flash_attn_func(
     return _ring(
         q, k, v, group=group, layout=layout, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs,
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
     )  # fmt: skip
 
 
@@ -524,6 +548,7 @@ def ring_flash_attn_qkvpacked_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     layout: str = "zigzag",
+    learnable_sink: torch.Tensor | None = None,
 ):
     """:func:`ring_flash_attn_func` with ``qkv (batch, seqlen / W, 3, nheads, headdim)`` (this
     rank's shard); the gradient flows back to ``qkv``."""
@@ -531,8 +556,8 @@ def ring_flash_attn_qkvpacked_func(
     return _ring(
         q, k, v, group=group, layout=layout, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, names=("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]"),
-        fn="ring_flash_attn_qkvpacked_func",
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
+        names=("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]"), fn="ring_flash_attn_qkvpacked_func",
     )  # fmt: skip
 
 
@@ -554,6 +579,7 @@ def ring_flash_attn_varlen_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     layout: str = "zigzag",
+    learnable_sink: torch.Tensor | None = None,
 ):
     """Ring attention on a packed batch of variable-length sequences, every one sharded.
 
@@ -579,8 +605,9 @@ def ring_flash_attn_varlen_func(
     return _ring(
         q, k, v, group=group, layout=layout, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, fn="ring_flash_attn_varlen_func",
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        fn="ring_flash_attn_varlen_func",
     )  # fmt: skip
 
 
@@ -598,6 +625,7 @@ def ring_flash_attn_varlen_qkvpacked_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     layout: str = "zigzag",
+    learnable_sink: torch.Tensor | None = None,
 ):
     """:func:`ring_flash_attn_varlen_func` with ``qkv (total / W, 3, nheads, headdim)`` and one
     (global) ``cu_seqlens``."""
@@ -605,7 +633,8 @@ def ring_flash_attn_varlen_qkvpacked_func(
     return _ring(
         q, k, v, group=group, layout=layout, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-        max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, names=("qkv[:, 0]", "qkv[:, 1]", "qkv[:, 2]"),
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink, cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+        names=("qkv[:, 0]", "qkv[:, 1]", "qkv[:, 2]"),
         fn="ring_flash_attn_varlen_qkvpacked_func",
     )  # fmt: skip
