@@ -482,7 +482,7 @@ def _ring(
         batch, lq, lk = q.shape[0], q.shape[1], k.shape[1]
         dense, var = (q.shape[1] * world, k.shape[1] * world), None
     problem = Problem(batch=batch, seqlen_q=lq, seqlen_k=lk, nheads=q.shape[-2], nheads_k=k.shape[-2],
-                      headdim=q.shape[-1], dtype=q.dtype, device=q.device)  # fmt: skip
+                      headdim=q.shape[-1], dtype=q.dtype, device=q.device, headdim_v=v.shape[-1])  # fmt: skip
     # what a piece of this call uses (the varlen pieces carry their cu_seqlens: a placeholder here)
     shape = spec if not varlen else dataclasses.replace(spec, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     backend = dispatch.choose(problem, shape)

@@ -141,7 +141,7 @@ def _ulysses(
     lens = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),
                 max_seqlen_k=int(max_seqlen_k)) if varlen else {}  # fmt: skip
     call = dataclasses.replace(spec, alibi_slopes=alibi, learnable_sink=sink, seed=seed, **lens)
-    backend = dispatch.choose(Problem.of(qh, kh, call), call)
+    backend = dispatch.choose(Problem.of(qh, kh, call, vh), call)
     out, lse = attention(qh, kh, vh, call, backend)
     if varlen:
         out = rq.seq(out.squeeze(0), 0, 1)
