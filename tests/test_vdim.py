@@ -13,7 +13,7 @@ import torch
 from conftest import DTYPE_IDS, DTYPES, shrink, skip_if_too_big
 from test_dropout import redraw_seed
 
-from flashtile import dispatch, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from flashtile import dispatch, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, ops
 from flashtile.backends import _device
 from flashtile.backends.base import registry
 from flashtile.rng import dropout_mask
@@ -219,3 +219,20 @@ def test_hopper_declines_unequal_head_dims(monkeypatch):
     assert be.supports(p, call) == "v head dim 128 differs from the q/k head dim 192"
     assert be.supports(dataclasses.replace(p, headdim_v=192), call) is None
     assert "differs" in dispatch.why_not("hopper", p, call)
+
+
+@pytest.mark.parametrize("opts", [dict(causal=True), dict(window_size=(1, 1), softcap=2.0)], ids=["causal", "window"])
+def test_gradcheck_float64(opts):
+    """torch.autograd.gradcheck through the custom op with v's head dim 3 and q/k's 5, sink included."""
+    b, sq, sk, h, hk, d, dv = 1, 5, 4, 2, 1, 5, 3
+    q = torch.randn(b, sq, h, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, sk, hk, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, sk, hk, dv, dtype=torch.float64, requires_grad=True)
+    sink = torch.randn(h, dtype=torch.float64, requires_grad=True)
+    base = make_call(headdim=d, **opts)
+
+    def fn(q, k, v, sink):
+        return ops.attention(q, k, v, dataclasses.replace(base, learnable_sink=sink), "torch")[0]
+
+    assert fn(q, k, v, sink).shape == (b, sq, h, dv)
+    assert torch.autograd.gradcheck(fn, (q, k, v, sink))
