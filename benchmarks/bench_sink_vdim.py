@@ -36,7 +36,7 @@ import triton
 
 import flashtile
 from flashtile import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
-from flashtile.backends.base import registry
+from flashtile.dispatch import backends
 from flashtile.spec import make_call
 from flashtile.testing import attention_ref, compare_with_oracle, cu_seqlens
 
@@ -218,7 +218,7 @@ def _sink_decode(cache: int, b: int, h: int, hk: int, d: int) -> dict:
 
 def bench_sinks() -> list[dict]:
     """gpt-oss's attention: 64 query heads, 8 KV heads, head dim 64."""
-    be = registry()["triton"]
+    be = backends()["triton"]
     rows = []
     for s in (4096, 8192, 16384):
         rows += _sink_prefill(be, s, 64, 8, 64)
@@ -249,7 +249,7 @@ def _vdim_case(be, s: int, h: int, d: int, dv: int) -> dict:
 
 def bench_vdim() -> list[dict]:
     """DeepSeek-V3's 192/128 (32 heads here) against v zero-padded to 192."""
-    be = registry()["triton"]
+    be = backends()["triton"]
     return [_vdim_case(be, s, 32, 192, 128) for s in (4096, 8192)]
 
 

@@ -153,10 +153,11 @@ def _check_sink_grad(gs_l, gs_ref, group, tol, strategy="ulysses"):
     _close(g, g_ref, "grad[sink] summed over the group", tol)
 
 
-def _dense_case(group, strategy, layout, *, b=2, sq=48, sk=None, h=4, hk=4, d=16, packed=False,
+def _dense_case(group, strategy, layout, *, b=2, sq=48, sk=None, h=4, hk=4, d=16, dv=None, packed=False,
                 dtype=torch.float32, tol=FP32_TOL, **opts):  # fmt: skip
     sk = sq if sk is None else sk
-    q, k, v, dout = _inputs(sq * 1000 + sk * 10 + hk, [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d), (b, sq, h, d)],
+    dv = d if dv is None else dv  # v's head dim
+    q, k, v, dout = _inputs(sq * 1000 + sk * 10 + hk, [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, dv), (b, sq, h, dv)],
                             dtype)  # fmt: skip
     sink, sink_l, sk_ref, sk_l = _sink_leaves(opts)
     if packed:
@@ -339,6 +340,10 @@ def _checks():
             causal=True, learnable_sink=sink)  # fmt: skip
         add(f"ring-{lay}-varlen-qkvpacked-sink", _varlen_case, strategy="ring", layout=lay, lens_q=[8, 24],
             causal=True, packed=True, learnable_sink=sink)  # fmt: skip
+        add(f"ring-{lay}-vdim-sink-gqa", _dense_case, strategy="ring", layout=lay, causal=True, hk=2, d=24, dv=16,
+            learnable_sink=sink)  # fmt: skip
+        add(f"ulysses-{lay}-vdim-window", _dense_case, strategy="ulysses", layout=lay, window_size=(7, 2), hk=2, d=24,
+            dv=40)  # fmt: skip
         add(f"ring-{lay}-dropout", _ring_dropout_case, layout=lay)
         add(f"shard-{lay}", _shard_case, layout=lay)
     add("ring-zigzag-bf16", _dense_case, strategy="ring", layout="zigzag", causal=True, hk=2, dtype=torch.bfloat16,

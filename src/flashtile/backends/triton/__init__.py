@@ -5,7 +5,7 @@ CUDA (and ROCm, untested) devices, and on CPU tensors when ``TRITON_INTERPRET=1`
 before Triton is imported (the kernels then run in Triton's numpy interpreter: slow, for
 tests). Every option of :class:`flashtile.spec.AttnCall` is supported: causal and sliding
 windows, softcap, ALiBi, dropout, GQA/MQA, ``seqlen_q != seqlen_k``, varlen, learnable sinks
-(with their gradient), and KV-cache decoding (:mod:`.launch_decode`).
+(with their gradient), a v head dim of its own, and KV-cache decoding (:mod:`.launch_decode`).
 
 Importing this module never needs Triton; the kernels are imported on first use, so the
 interpreter switch read at kernel definition time is honoured even if this module was
