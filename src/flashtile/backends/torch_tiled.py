@@ -409,7 +409,7 @@ class TorchTiledBackend:
                 seqs.append(_Seq(row0=i * sq, sq=sq, col0=cu_k[i] + lo, sk=hi - lo, batch=slice(0, 1), bh0=0,
                                  slopes=sl, key_offset=n - sq - lo))  # fmt: skip
             out, lse = forward_seqs(qp, kp, vp, call, seqs)
-            outs.append(out.view(b, sq, h, d))
+            outs.append(out.view(b, sq, h, vp.shape[-1]))
             lses.append(lse.view(h, b, sq).permute(1, 0, 2))
         if splits == 1:
             return outs[0], lses[0].contiguous()

@@ -132,7 +132,8 @@ class HopperBackend:
             return f"needs compute capability 9.x (Hopper), device has {info.major}.{info.minor}"
         if problem.headdim not in HEADDIMS:
             return f"head dim {problem.headdim} is not one of {', '.join(map(str, HEADDIMS))}"
-        # k and v share one head dim (spec.check_qkv), so headdim_v == headdim always holds here.
+        if problem.headdim_v != problem.headdim:
+            return f"v head dim {problem.headdim_v} differs from the q/k head dim {problem.headdim}"
         if not call.softmax_scale > 0:
             return f"softmax_scale must be > 0 for the hopper kernels, got {call.softmax_scale}"
         return None
