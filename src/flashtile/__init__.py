@@ -4,9 +4,10 @@ Exact attention computed tile by tile with an online softmax, behind flash-attn 
 Triton kernels on GPUs, a tiled PyTorch engine on every device.
 """
 
-from . import models, modules
+from . import masks, models, modules
 from ._version import __version__
 from .dispatch import BackendUnavailableError, use_backend
+from .flex import BlockMask, create_block_mask, flex_attention
 from .interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -21,6 +22,10 @@ from .sdpa import scaled_dot_product_attention
 
 __all__ = [
     "BackendUnavailableError",
+    "BlockMask",
+    "create_block_mask",
+    "flex_attention",
+    "masks",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",

@@ -50,6 +50,12 @@ Semantics shared by every function:
   ``lse = sink_h``. With dropout the sink is in the denominator before dropout (dropout drops
   keys only). It may require grad (``dsink_h = -sum_{b,i} exp(sink_h - lse_i) * rowsum(dout_i *
   out_i)``). Served by the torch backend (the kernels do not implement it yet).
+* ``score_mod`` / ``block_mask`` (``flash_attn_func`` and ``flash_attn_varlen_func``):
+  FlexAttention's mods, see :mod:`flashtile.flex`: ``score_mod(score, b, h, q_idx, kv_idx)``
+  applies after scale, softcap and ALiBi, then the masks (causal / window and the block mask's
+  ``mask_mod``) apply. Tensors the score_mod captures get gradients. Served by the torch backend
+  (the kernels do not compile mods in yet); such calls run eagerly under ``torch.compile``
+  (a graph break).
 * dtypes: float16, bfloat16, float32 (all of q, k, v the same); head dim 1 to 512 (the Triton
   backend serves up to 256 and hands larger ones to the torch backend). The last dimension of
   every input must be contiguous.
@@ -95,10 +101,14 @@ def _run(
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
     names: tuple[str, str, str] = ("q", "k", "v"),
+    score_mod=None,
+    block_mask=None,
+    probs: bool = True,
     **options,
 ):
     """Every public function's path: validate, build the call (``options``: the scalar options of
-    :func:`flashtile.spec.make_call`), dispatch, run the op."""
+    :func:`flashtile.spec.make_call`), dispatch, run the op. ``probs=False``: with
+    ``return_attn_probs``, return None instead of materialising the probabilities."""
     varlen = cu_seqlens_q is not None
     check_qkv(q, k, v, varlen=varlen, names=names)
     if varlen:
@@ -110,7 +120,14 @@ def _run(
         batch, q4, k4, v4, lens = q.shape[0], q, k, v, {}
     alibi = check_alibi(alibi_slopes, batch, q.shape[-2], q.device)
     sink = check_sink(learnable_sink, q.shape[-2], q.device)
-    call = make_call(headdim=q.shape[-1], alibi_slopes=alibi, learnable_sink=sink, **lens, **options)
+    mods = {}
+    if score_mod is not None or block_mask is not None:
+        from .flex import check_mods
+
+        sq, sk = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
+        check_mods(score_mod, block_mask, batch, q.shape[-2], sq, sk, q.device)
+        mods = dict(score_mod=score_mod, block_mask=block_mask)
+    call = make_call(headdim=q.shape[-1], alibi_slopes=alibi, learnable_sink=sink, **lens, **mods, **options)
     if call.dropout_p > 0:
         call = dataclasses.replace(call, seed=draw_seed(q.device))
     backend = dispatch.choose(Problem.of(q4, k4, call), call)
@@ -119,8 +136,8 @@ def _run(
         out, lse = out.squeeze(0), lse.squeeze(0)
     if not return_attn_probs:
         return out
-    probs = attention_probs(q4, k4, call) if call.dropout_p > 0 else None
-    return out, lse, probs
+    p = attention_probs(q4, k4, call) if call.dropout_p > 0 and probs else None
+    return out, lse, p
 
 
 def flash_attn_func(
@@ -136,6 +153,8 @@ def flash_attn_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     learnable_sink: torch.Tensor | None = None,
+    score_mod=None,
+    block_mask=None,
 ):
     """Exact attention, ``softmax(q k^T * scale + mask) v``, never materialising the scores.
 
@@ -144,7 +163,7 @@ def flash_attn_func(
         k: ``(batch, seqlen_k, nheads_k, headdim)``.
         v: ``(batch, seqlen_k, nheads_k, headdim)``.
         dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-        return_attn_probs, learnable_sink: see the module docstring.
+        return_attn_probs, learnable_sink, score_mod, block_mask: see the module docstring.
 
     Returns:
         out ``(batch, seqlen_q, nheads, headdim)``; with ``return_attn_probs=True``,
@@ -154,6 +173,7 @@ def flash_attn_func(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
         return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
+        score_mod=score_mod, block_mask=block_mask,
     )  # fmt: skip
 
 
@@ -228,6 +248,8 @@ def flash_attn_varlen_func(
     return_attn_probs: bool = False,
     block_table: torch.Tensor | None = None,
     learnable_sink: torch.Tensor | None = None,
+    score_mod=None,
+    block_mask=None,
 ):
     """Attention over a batch of variable-length sequences packed without padding.
 
@@ -244,6 +266,9 @@ def flash_attn_varlen_func(
             keys are its first ``cu_seqlens_k[b+1] - cu_seqlens_k[b]`` cache tokens (prefill from a
             paged cache).
         learnable_sink: optional float32 ``(nheads,)`` sink logits, see the module docstring.
+        score_mod, block_mask: see the module docstring; ``b`` is the sequence index and
+            ``q_idx`` / ``kv_idx`` positions within the sequence; a block mask's batch dim is 1 or
+            the number of sequences, its lengths at least ``max_seqlen_q`` / ``max_seqlen_k``.
 
     Returns:
         out ``(total_q, nheads, headdim)``; with ``return_attn_probs=True``,
@@ -256,7 +281,7 @@ def flash_attn_varlen_func(
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
         return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, score_mod=score_mod, block_mask=block_mask,
     )  # fmt: skip
 
 
