@@ -401,7 +401,10 @@ def test_kernels_refuse_mod_calls_and_torch_serves_them():
     reason = Capabilities(priority=1, dtypes=frozenset({torch.float16}), max_headdim=256,
                           features=FEATURES).refuse(prob, call)  # fmt: skip
     assert reason is not None and "score_mod" in reason
-    assert flashtile.dispatch.choose(prob, call) == "torch"
+    # on CUDA, flashtile.masks' mods go to the Triton forward (flex_triton), elsewhere to the torch engine
+    assert flashtile.dispatch.choose(prob, call) == ("flex_triton" if DEV.type == "cuda" else "torch")
+    custom = make_call(headdim=16, score_mod=lambda s, b, h, qi, ki: s)
+    assert flashtile.dispatch.choose(prob, custom) == "torch"
     assert "score_mod" not in flashtile.ops._CALL_SCHEMA and "block_mask" not in flashtile.ops._CALL_SCHEMA
 
 

@@ -28,6 +28,10 @@ the block lists *define* the mask: a key in a skipped block is never attended, o
 block always is (``mask_mod`` is not evaluated there). torch's own ``BlockMask`` objects are
 accepted too.
 
+Backends: the torch engine serves every mod call (forward and backward); on CUDA the
+``flex_triton`` backend serves the forward of calls whose mods all come from
+:mod:`flashtile.masks` (Triton versions written beside them), the backward staying the engine's.
+
 ``torch.compile``: a call with a ``score_mod`` or ``block_mask`` runs eagerly, as a graph break
 (``torch.compiler.disable``); ``fullgraph=True`` is therefore not supported for such calls.
 """

@@ -51,6 +51,14 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _twin(fn: Callable, name: str, a0: object = 0, a1: object = 0, a2: object = 0) -> Callable:
+    """Name the Triton version of ``fn`` written beside it (``backends/flex_triton/kernels.py``)
+    and its three arguments (a captured tensor, a stride, a scalar), for kernels that compile
+    the mod in; a mod without it is served by the torch engine."""
+    fn._flashtile_triton = (name, (a0, a1, a2))
+    return fn
+
+
 def _check_int(x: object, name: str, low: int) -> int:
     if isinstance(x, bool) or not isinstance(x, int) or x < low:
         raise ValueError(f"{name} must be an int >= {low}, got {x!r}")
@@ -62,6 +70,9 @@ def causal(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.
     return q_idx >= kv_idx
 
 
+_twin(causal, "causal")
+
+
 def sliding_window(window: int) -> MaskMod:
     """mask_mod: causal, query ``i`` sees keys ``i - window <= j <= i`` (``window + 1`` keys)."""
     window = _check_int(window, "window", 0)
@@ -70,7 +81,7 @@ def sliding_window(window: int) -> MaskMod:
         d = q_idx - kv_idx
         return (d >= 0) & (d <= window)
 
-    return sliding_window_mask
+    return _twin(sliding_window_mask, "sliding_window", a2=window)
 
 
 def _ids(ids: torch.Tensor, name: str) -> torch.Tensor:
@@ -100,6 +111,8 @@ def document(seq_ids: torch.Tensor, kv_seq_ids: torch.Tensor | None = None, caus
         same = _at(qs, b, q_idx) == _at(ks, b, kv_idx)
         return same & (q_idx >= kv_idx) if causal else same
 
+    if kv_seq_ids is None:
+        _twin(document_mask, "document", qs.contiguous(), qs.shape[-1] if qs.dim() == 2 else 0, int(causal))
     return document_mask
 
 
@@ -115,12 +128,14 @@ def prefix_lm(prefix_len: int | torch.Tensor) -> MaskMod:
         def prefix_lm_mask(b, h, q_idx, kv_idx):
             return (kv_idx < plen[b]) | (q_idx >= kv_idx)
 
+        _twin(prefix_lm_mask, "prefix_lm_per_row", plen.contiguous())
     else:
         n = _check_int(prefix_len, "prefix_len", 0)
 
         def prefix_lm_mask(b, h, q_idx, kv_idx):
             return (kv_idx < n) | (q_idx >= kv_idx)
 
+        _twin(prefix_lm_mask, "prefix_lm", a2=n)
     return prefix_lm_mask
 
 
@@ -133,7 +148,7 @@ def chunked(chunk: int, causal: bool = True) -> MaskMod:
         same = (q_idx // chunk) == (kv_idx // chunk)
         return same & (q_idx >= kv_idx) if causal else same
 
-    return chunked_mask
+    return _twin(chunked_mask, "chunked", a1=chunk, a2=int(causal))
 
 
 def bidirectional_blocks(block_ids: torch.Tensor) -> MaskMod:
@@ -146,7 +161,8 @@ def bidirectional_blocks(block_ids: torch.Tensor) -> MaskMod:
         bq = _at(ids, b, q_idx)
         return (q_idx >= kv_idx) | ((bq >= 0) & (bq == _at(ids, b, kv_idx)))
 
-    return bidirectional_blocks_mask
+    stride = ids.shape[-1] if ids.dim() == 2 else 0
+    return _twin(bidirectional_blocks_mask, "bidirectional_blocks", ids.contiguous(), stride)
 
 
 def alibi(slopes: torch.Tensor) -> ScoreMod:
@@ -159,7 +175,7 @@ def alibi(slopes: torch.Tensor) -> ScoreMod:
         s = slopes[h] if slopes.dim() == 1 else slopes[b, h]
         return score - s * (q_idx - kv_idx).abs()
 
-    return alibi_score
+    return _twin(alibi_score, "alibi", slopes, slopes.stride(0) if slopes.dim() == 2 else 0)
 
 
 def softcap(cap: float) -> ScoreMod:
@@ -171,7 +187,7 @@ def softcap(cap: float) -> ScoreMod:
     def softcap_score(score, b, h, q_idx, kv_idx):
         return torch.tanh(score / cap) * cap
 
-    return softcap_score
+    return _twin(softcap_score, "softcap", a2=cap)
 
 
 def relative_bias(table: torch.Tensor) -> ScoreMod:
@@ -187,7 +203,7 @@ def relative_bias(table: torch.Tensor) -> ScoreMod:
         d = (q_idx - kv_idx).clamp(-m, m) + m
         return score + (table[d] if table.dim() == 1 else table[h, d])
 
-    return relative_bias_score
+    return _twin(relative_bias_score, "relative_bias", table, table.stride(0) if table.dim() == 2 else 0, m)
 
 
 def draw(
