@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: the launcher's choice (backends/flex_triton/__init__.py); W / ST env vars to try others
 WARPS, STAGES = int(os.environ.get("W", 8)), int(os.environ.get("ST", 1))
+BWD_WARPS = int(os.environ.get("BW", 8))
 
 
 def _load():
@@ -43,30 +44,37 @@ def main() -> int:
     ]
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     ok = True
-    for mask, margs, score, sargs, has_bm, block, d in variants:
-        names = list(K.flex_fwd.arg_names)
-        sig = {}
-        for n in names:
-            sig[n] = "i32"
-        for n in ("Q", "K", "V", "O"):
-            sig[n] = "*bf16"
-        sig["LSE"] = "*fp32"
-        for n in ("KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX"):
-            sig[n] = "*i32"
+    jobs = [(v, "fwd") for v in variants] + [(v, "bwd") for v in variants]
+    for (mask, margs, score, sargs, has_bm, block, d), which in jobs:
+        kern = K.flex_fwd if which == "fwd" else K.flex_bwd
+        sig = {n: "i32" for n in kern.arg_names}
+        for n in ("Q", "K", "V", "O", "DO", "DK", "DV"):
+            if n in sig:
+                sig[n] = "*bf16"
+        for n in ("LSE", "DQ", "DELTA"):
+            if n in sig:
+                sig[n] = "*fp32"
+        for n in ("KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "Q_NUM", "Q_IDX"):
+            if n in sig:
+                sig[n] = "*i32"
+        if "G0" in sig:
+            sig["G0"] = "*fp32" if sargs[0].startswith("*") else "i32"
         sig["qk_scale"] = "fp32"
         for n, t in zip(("MA0", "MA1", "MA2"), margs, strict=True):
             sig[n] = t
         for n, t in zip(("SA0", "SA1", "SA2"), sargs, strict=True):
             sig[n] = t
-        consts = dict(MASK_MOD=getattr(K, mask), SCORE_MOD=getattr(K, score), HAS_BLOCK_MASK=has_bm,
+        extra = {} if which == "fwd" else dict(SCORE_BWD=getattr(K, f"{score}_bwd"), GRAD=sargs[0].startswith("*"))
+        consts = dict(MASK_MOD=getattr(K, mask), SCORE_MOD=getattr(K, score), HAS_BLOCK_MASK=has_bm, **extra,
                       HAS_FULL=has_bm, BM_B=0, BM_H=0, BLOCK_M=block, BLOCK_N=block, BLOCK_D=d, HEAD_DIM=d,
                       SUB_N=64, SUB_M=64)  # fmt: skip
         for n in consts:
             sig[n] = "constexpr"
-        name = f"{mask}+{score} block={block} d={d}"
+        name = f"{which} {mask}+{score} block={block} d={d}"
         try:
-            k = triton.compile(ASTSource(K.flex_fwd, sig, consts), target=GPUTarget("cuda", 90, 32),
-                               options=dict(num_warps=WARPS, num_stages=STAGES))  # fmt: skip
+            warps = WARPS if which == "fwd" else BWD_WARPS
+            k = triton.compile(ASTSource(kern, sig, consts), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=warps, num_stages=STAGES))  # fmt: skip
         except Exception as e:  # noqa: BLE001
             print(f"FAIL {name}: {type(e).__name__}: {str(e)[-400:]}")
             ok = False

@@ -260,6 +260,8 @@ def test_block_mask_construction_vs_dense(mask_name, bs):
         for i in range(st.shape[2]):
             got = sorted(idx[0, 0, i, : num[0, 0, i]].tolist())
             assert got == torch.nonzero(st[0, 0, i] == code).flatten().tolist()
+    for t in (bm.kv_indices, bm.full_kv_indices, bm.q_indices, bm.full_q_indices, bm.q_num_blocks):
+        assert t.is_contiguous()  # kernels read the lists with unit stride
     qst = st.transpose(-1, -2)
     assert torch.equal(bm.q_num_blocks, (qst == 1).sum(-1, dtype=torch.int32))
     assert torch.equal(bm.to_dense(), (st > 0).to(torch.int32))

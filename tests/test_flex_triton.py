@@ -1,5 +1,5 @@
-"""The ``flex_triton`` backend (Triton forward with flashtile.masks' mods compiled in, block-mask
-skipping; the torch engine's backward) against the oracle. Runs on a GPU, or on CPU under
+"""The ``flex_triton`` backend (Triton forward and backward with flashtile.masks' mods compiled in,
+block-mask skipping, captured-tensor gradients) against the oracle. Runs on a GPU, or on CPU under
 ``TRITON_INTERPRET=1`` (fp16: the interpreter's bf16 dot is wrong); skipped otherwise."""
 
 from __future__ import annotations
@@ -100,3 +100,20 @@ def test_refusals_name_the_reason():
     ):  # fmt: skip
         reason = flashtile.dispatch.why_not("flex_triton", Problem.of(q, k, call), call)
         assert reason is not None and why in reason, reason
+
+
+def test_deterministic_backward_takes_the_torch_engine(monkeypatch):
+    """The Triton backward adds dQ atomically: deterministic calls use the engine's backward."""
+    from flashtile.backends import torch_tiled
+
+    calls = []
+    orig = torch_tiled.backend.backward
+    monkeypatch.setattr(torch_tiled.backend, "backward", lambda *a: calls.append(1) or orig(*a))
+    q, k, v = (x.requires_grad_() for x in qkv_inputs(1, 70, 70, 2, 2, 16, torch.float16, DEV))
+    bm = create_block_mask(masks.causal, None, None, 70, 70, device=DEV, BLOCK_SIZE=64)
+    with flashtile.use_backend("flex_triton"):
+        a = torch.autograd.grad(flash_attn_func(q, k, v, block_mask=bm).sum(), q)[0]
+        assert calls == []
+        b = torch.autograd.grad(flash_attn_func(q, k, v, block_mask=bm, deterministic=True).sum(), q)[0]
+        assert calls == [1]
+    torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-2)

@@ -29,8 +29,8 @@ block always is (``mask_mod`` is not evaluated there). torch's own ``BlockMask``
 accepted too.
 
 Backends: the torch engine serves every mod call (forward and backward); on CUDA the
-``flex_triton`` backend serves the forward of calls whose mods all come from
-:mod:`flashtile.masks` (Triton versions written beside them), the backward staying the engine's.
+``flex_triton`` backend serves calls whose mods all come from :mod:`flashtile.masks` (Triton
+versions, and for score mods their derivatives, written beside them).
 
 ``torch.compile``: a call with a ``score_mod`` or ``block_mask`` runs eagerly, as a graph break
 (``torch.compiler.disable``); ``fullgraph=True`` is therefore not supported for such calls.
@@ -88,8 +88,8 @@ def or_masks(*mods: Callable) -> Callable:
 def _first(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(count, indices)`` of the True entries of ``mask`` along the last dim, int32, the True
     indices first in ascending order (FlexAttention's layout)."""
-    count = mask.sum(-1, dtype=torch.int32)
-    idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    count = mask.sum(-1, dtype=torch.int32).contiguous()
+    idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32).contiguous()
     return count, idx
 
 

@@ -54,7 +54,7 @@ Semantics shared by every function:
   FlexAttention's mods, see :mod:`flashtile.flex`: ``score_mod(score, b, h, q_idx, kv_idx)``
   applies after scale, softcap and ALiBi, then the masks (causal / window and the block mask's
   ``mask_mod``) apply. Tensors the score_mod captures get gradients. Served by the torch engine,
-  and on CUDA by a Triton forward (``flex_triton``) when every mod comes from
+  and on CUDA by Triton kernels (``flex_triton``) when every mod comes from
   :mod:`flashtile.masks`; such calls run eagerly under ``torch.compile`` (a graph break).
 * dtypes: float16, bfloat16, float32 (all of q, k, v the same); head dim 1 to 512 (the Triton
   backend serves up to 256 and hands larger ones to the torch backend). The last dimension of

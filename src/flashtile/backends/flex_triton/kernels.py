@@ -186,3 +186,155 @@ def flex_fwd(
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=qmask)
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + bh * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward: the score mods' derivatives, written beside them. ``score_bwd(ds, s, b, h, q, kv,
+# A0, A1, A2, G0, VIS, GRAD) -> ds_in``: the gradient of the score before the mod from that of the
+# score after it (``s``: the score before the mod), adding the captured tensor's gradient into the
+# fp32 buffer ``G0`` (laid out like the tensor) when ``GRAD``, over the visible entries ``VIS``.
+
+
+@triton.jit
+def no_score_bwd(ds, s, b, h, q, kv, A0, A1, A2, G0, VIS, GRAD: tl.constexpr):
+    return ds
+
+
+@triton.jit
+def alibi_bwd(ds, s, b, h, q, kv, A0, A1, A2, G0, VIS, GRAD: tl.constexpr):
+    if GRAD:
+        d = q - kv
+        dist = tl.where(d >= 0, d, -d).to(tl.float32)
+        tl.atomic_add(G0 + b * A1 + h, -tl.sum(tl.sum(tl.where(VIS, ds * dist, 0.0), 1), 0))
+    return ds
+
+
+@triton.jit
+def softcap_bwd(ds, s, b, h, q, kv, A0, A1, A2, G0, VIS, GRAD: tl.constexpr):
+    x = s / A2
+    t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    return ds * (1.0 - t * t)
+
+
+@triton.jit
+def relative_bias_bwd(ds, s, b, h, q, kv, A0, A1, A2, G0, VIS, GRAD: tl.constexpr):
+    if GRAD:
+        d = q - kv
+        d = tl.minimum(tl.maximum(d, -A2), A2) + A2
+        tl.atomic_add(G0 + h * A1 + d, ds, mask=VIS)
+    return ds
+
+
+@triton.jit
+def _bwd_block(
+    dk, dv, q_base, do_base, dq_base, lse_base, delta_base, kT, vT, k, start_m, offs_m0, cols, offs_d, b, h,
+    stride_qs, stride_dos, stride_dqs, seqlen_q, seqlen_k, qk_scale,
+    MA0, MA1, MA2, SA0, SA1, SA2, G0,
+    MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_BWD: tl.constexpr, GRAD: tl.constexpr,
+    APPLY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    offs_m = start_m + offs_m0
+    rmask = offs_m < seqlen_q
+    qmask = rmask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=qmask, other=0.0)
+    lse = tl.load(lse_base + offs_m, mask=rmask, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: p = 0
+    delta = tl.load(delta_base + offs_m, mask=rmask, other=0.0)
+    s = tl.dot(q, kT) * qk_scale
+    qi = tl.minimum(offs_m, seqlen_q - 1)[:, None]
+    ki = tl.minimum(cols, seqlen_k - 1)[None, :]
+    sm = SCORE_MOD(s, b, h, qi, ki, SA0, SA1, SA2)
+    vis = rmask[:, None] & (cols[None, :] < seqlen_k)
+    if APPLY_MASK:
+        vis = vis & MASK_MOD(b, h, qi, ki, MA0, MA1, MA2)
+    vis = vis != 0  # a plain bool tile (a mod may mix in scalars; atomics' masks need it)
+    p = tl.where(vis, tl.exp2((sm - lse[:, None]) * 1.4426950408889634), 0.0)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+    dp = tl.dot(do, vT)
+    ds = p * (dp - delta[:, None])
+    ds = SCORE_BWD(ds, s, b, h, qi, ki, SA0, SA1, SA2, G0, vis, GRAD)
+    ds = tl.where(vis, ds, 0.0)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dq = tl.dot(ds.to(k.dtype), k) * qk_scale
+    tl.atomic_add(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], dq, mask=qmask)
+    return dk, dv
+
+
+@triton.jit
+def flex_bwd(
+    Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
+    Q_NUM, Q_IDX, FULL_NUM, FULL_IDX,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    bm_sb, bm_sh, bm_sk, bmi_sb, bmi_sh, bmi_sk, fbm_sb, fbm_sh, fbm_sk, fbmi_sb, fbmi_sh, fbmi_sk,
+    seqlen_q, seqlen_k, nheads, nheads_k, groups, n_q_blocks, qk_scale,
+    MA0, MA1, MA2, SA0, SA1, SA2, G0,
+    MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_BWD: tl.constexpr, GRAD: tl.constexpr,
+    HAS_BLOCK_MASK: tl.constexpr, HAS_FULL: tl.constexpr, BM_B: tl.constexpr, BM_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SUB_M: tl.constexpr, SUB_N: tl.constexpr,
+):
+    """One program per (SUB_N keys, batch x kv head): dK / dV for those keys over the query heads
+    of the group and the query blocks the block mask lists for their key block (transposed
+    lists), dQ added atomically (fp32)."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // nheads_k
+    hk = bhk % nheads_k
+    start_n = pid_n * SUB_N
+    kb = start_n // BLOCK_N
+    cols = start_n + tl.arange(0, SUB_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m0 = tl.arange(0, SUB_M)
+    kvmask = (cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_ks + offs_d[None, :], mask=kvmask,
+                other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vs + offs_d[None, :], mask=kvmask,
+                other=0.0)
+    kT = tl.trans(k)
+    vT = tl.trans(v)
+    dk = tl.zeros((SUB_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((SUB_N, BLOCK_D), tl.float32)
+    for g in range(0, groups):
+        h = hk * groups + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        dq_base = DQ + b * stride_dqb + h * stride_dqh
+        lse_base = LSE + (b * nheads + h) * seqlen_q
+        delta_base = DELTA + (b * nheads + h) * seqlen_q
+        if HAS_BLOCK_MASK:
+            bb = b * BM_B
+            hb = h * BM_H
+            num = tl.load(Q_NUM + bb * bm_sb + hb * bm_sh + kb * bm_sk)
+            idx = Q_IDX + bb * bmi_sb + hb * bmi_sh + kb * bmi_sk
+            for i in range(0, num):
+                start_m = tl.load(idx + i) * BLOCK_M
+                for sub in tl.static_range(BLOCK_M // SUB_M):
+                    dk, dv = _bwd_block(dk, dv, q_base, do_base, dq_base, lse_base, delta_base, kT, vT, k,
+                                        start_m + sub * SUB_M, offs_m0, cols, offs_d, b, h, stride_qs, stride_dos,
+                                        stride_dqs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2, G0,
+                                        MASK_MOD, SCORE_MOD, SCORE_BWD, GRAD, True, HEAD_DIM)
+            if HAS_FULL:
+                fnum = tl.load(FULL_NUM + bb * fbm_sb + hb * fbm_sh + kb * fbm_sk)
+                fidx = FULL_IDX + bb * fbmi_sb + hb * fbmi_sh + kb * fbmi_sk
+                for i in range(0, fnum):
+                    start_m = tl.load(fidx + i) * BLOCK_M
+                    for sub in tl.static_range(BLOCK_M // SUB_M):
+                        dk, dv = _bwd_block(dk, dv, q_base, do_base, dq_base, lse_base, delta_base, kT, vT, k,
+                                            start_m + sub * SUB_M, offs_m0, cols, offs_d, b, h, stride_qs,
+                                            stride_dos, stride_dqs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2,
+                                            SA0, SA1, SA2, G0, MASK_MOD, SCORE_MOD, SCORE_BWD, GRAD, False,
+                                            HEAD_DIM)
+        else:
+            for j in range(0, n_q_blocks * (BLOCK_M // SUB_M)):
+                dk, dv = _bwd_block(dk, dv, q_base, do_base, dq_base, lse_base, delta_base, kT, vT, k, j * SUB_M,
+                                    offs_m0, cols, offs_d, b, h, stride_qs, stride_dos, stride_dqs, seqlen_q,
+                                    seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2, G0, MASK_MOD, SCORE_MOD,
+                                    SCORE_BWD, GRAD, False, HEAD_DIM)
+    dk = dk * qk_scale
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kvmask)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kvmask)
