@@ -330,6 +330,55 @@ def check_mods(score_mod: Any, block_mask: Any, batch: int, nheads: int, seqlen_
         check_block_mask(block_mask, batch, nheads, seqlen_q, seqlen_k, device)
 
 
+def mods_from_dense_mask(
+    mask: torch.Tensor, batch: int, nheads: int, seqlen_q: int, seqlen_k: int
+) -> tuple[BlockMask | None, Callable | None]:
+    """A dense attention mask as ``(block_mask, score_mod)`` for ``flash_attn_func``.
+
+    ``mask``: broadcastable to ``(batch, nheads, seqlen_q, seqlen_k)`` (at most 4 dims); bool
+    (True = attend), or additive float: entries below half the dtype's minimum (or ``-inf``) hide
+    the key, other non-zero entries become a bias added to the scaled scores (a ``score_mod``
+    indexing the mask, which gets a gradient if the mask requires one). The block mask skips the
+    blocks the mask hides entirely (None when it hides nothing)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() > 4:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"the mask must be a tensor broadcastable to (batch, heads, seqlen_q, seqlen_k), got {got}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"the mask must be bool or floating point, got {mask.dtype}")
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    ok = [m.shape[i] in (1, n) for i, n in enumerate((batch, nheads, seqlen_q, seqlen_k))]
+    if not all(ok):
+        raise ValueError(
+            f"the mask must broadcast to (batch, heads, seqlen_q, seqlen_k) = ({batch}, {nheads}, {seqlen_q}, "
+            f"{seqlen_k}), got {tuple(mask.shape)}"
+        )
+    mb, mh = m.shape[:2]
+    m = m.expand(mb, mh, seqlen_q, seqlen_k)
+    if m.dtype == torch.bool:
+        vis, bias = m, None
+    else:
+        vis = m > torch.finfo(m.dtype).min / 2
+        bias = m.float().masked_fill(~vis, 0.0)
+        bias = bias if bool(bias.detach().any()) else None
+
+    def _at(t, bi, hi, qi, ki):
+        return t[bi if mb > 1 else 0, hi if mh > 1 else 0, qi, ki]
+
+    def mask_mod(bi, hi, qi, ki):
+        return _at(vis, bi, hi, qi, ki)
+
+    score_mod = None
+    if bias is not None:
+
+        def score_mod(score, bi, hi, qi, ki):
+            return score + _at(bias, bi, hi, qi, ki)
+
+    block_mask = None
+    if not bool(vis.all()):
+        block_mask = create_block_mask(mask_mod, mb, mh, seqlen_q, seqlen_k, device=vis.device)
+    return block_mask, score_mod
+
+
 # ----------------------------------------------------------------------------------------------
 # the tensors a score_mod captures (they get gradients)
 

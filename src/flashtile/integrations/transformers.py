@@ -50,7 +50,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..flex import BlockMask, create_block_mask
+from ..flex import BlockMask, create_block_mask, mods_from_dense_mask
 from ..interface import flash_attn_func, flash_attn_varlen_func
 from ..padding import pad_input, unpad_input
 
@@ -135,39 +135,15 @@ def _standard_mask_function(fn: Callable, depth: int = 0) -> bool:
 
 
 def _mods_from_4d(mask: torch.Tensor, b: int, h: int, sq: int, sk: int):
-    """A ready-made 4-D mask ``(b or 1, h or 1, sq, >= sk)`` as ``(block_mask, score_mod)``: bool
-    (True = attend), or additive float (entries below half the dtype's minimum, or -inf, hide; other
-    non-zero entries are a bias added to the scaled scores, as eager attention adds the mask)."""
+    """A ready-made 4-D mask ``(b or 1, h or 1, sq, >= sk)`` as ``(block_mask, score_mod)``
+    (:func:`flashtile.flex.mods_from_dense_mask`: bool, True = attend, or additive float, as eager
+    attention adds it)."""
     if mask.shape[0] not in (1, b) or mask.shape[1] not in (1, h) or mask.shape[2] != sq or mask.shape[3] < sk:
         raise ValueError(
             f"a 4-D attention mask must have shape (batch or 1, heads or 1, seqlen_q, >= seqlen_k) = "
             f"({b}, {h}, {sq}, {sk}), got {tuple(mask.shape)}"
         )
-    mask = mask[..., :sk]
-    if mask.dtype == torch.bool:
-        vis, bias = mask, None
-    else:
-        vis = mask > torch.finfo(mask.dtype).min / 2
-        bias = mask.float().masked_fill(~vis, 0.0)
-        bias = bias if bool(bias.any()) else None
-    mb, mh = vis.shape[:2]
-
-    def _at(t, bi, hi, qi, ki):
-        return t[bi if mb > 1 else 0, hi if mh > 1 else 0, qi, ki]
-
-    def mask_mod(bi, hi, qi, ki):
-        return _at(vis, bi, hi, qi, ki)
-
-    score_mod = None
-    if bias is not None:
-
-        def score_mod(score, bi, hi, qi, ki):
-            return score + _at(bias, bi, hi, qi, ki)
-
-    block_mask = None
-    if not bool(vis.all()):
-        block_mask = create_block_mask(mask_mod, mb, mh, sq, sk, device=vis.device)
-    return block_mask, score_mod
+    return mods_from_dense_mask(mask[..., :sk], b, h, sq, sk)
 
 
 def _packed_from_position_ids(position_ids: torch.Tensor, total: int):
