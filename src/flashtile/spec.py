@@ -35,6 +35,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -89,6 +90,11 @@ class AttnCall:
     q_descale: torch.Tensor | None = None
     k_descale: torch.Tensor | None = None
     v_descale: torch.Tensor | None = None
+    #: Python objects (see :mod:`flashtile.flex`): a ``score_mod`` callable and a ``BlockMask``.
+    #: ``metadata={"python": True}``: outside the custom-op schema; calls that set them take
+    #: :func:`flashtile.flex.mod_attention` instead of the op.
+    score_mod: Callable | None = field(default=None, metadata={"python": True})
+    block_mask: Any = field(default=None, metadata={"python": True})
 
     @property
     def is_causal(self) -> bool:
@@ -125,11 +131,18 @@ class AttnCall:
             used.append("varlen")
         if self.learnable_sink is not None:
             used.append("sink")
+        if self.score_mod is not None:
+            used.append("score_mod")
+        if self.block_mask is not None:
+            used.append("block_mask")
         return frozenset(used)
 
 
-#: Every feature name :meth:`AttnCall.features` can report.
+#: Every feature name :meth:`AttnCall.features` can report, except :data:`MOD_FEATURES`.
 FEATURES = frozenset({"causal", "window", "softcap", "alibi", "dropout", "varlen", "sink"})
+#: Python mods (:mod:`flashtile.flex`): not in ``Capabilities``' default, so that a backend
+#: serves them only when it declares them (the kernels would otherwise ignore them silently).
+MOD_FEATURES = frozenset({"score_mod", "block_mask"})
 
 
 @dataclass(frozen=True)
