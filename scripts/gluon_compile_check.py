@@ -43,6 +43,20 @@ def _load(name: str, path: Path):
     return mod
 
 
+def _load_bwd():
+    """bwd.py imports ``.fwd``: load both as modules of a stand-in package (no flashtile import)."""
+    if "hopper_pkg.bwd" in sys.modules:
+        return sys.modules["hopper_pkg.bwd"]
+    import types
+
+    pkg = types.ModuleType("hopper_pkg")
+    pkg.__path__ = [str(PKG)]
+    sys.modules["hopper_pkg"] = pkg
+    import importlib
+
+    return importlib.import_module("hopper_pkg.bwd")
+
+
 def _bin(tool: str) -> str:
     import triton
 
@@ -110,7 +124,7 @@ def compile_one_fp8(d: int, mask: str, varlen: bool, descales: bool, overrides: 
         res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         res["trace"] = str(e)
         return res
-    return _report(k, res, name, dump)
+    return _analyse(k, res, name, dump)
 
 
 def _load_fp8():
@@ -182,11 +196,11 @@ def compile_one(kernel: str, dtype: str, d: int, mask: str, varlen: bool, overri
         res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         res["trace"] = str(e)
         return res
-    return _report(k, res, name, dump)
+    return _analyse(k, res, name, dump)
 
 
-def _report(k, res: dict, name: str, dump: str | None) -> dict:
-    """ptxas / SASS facts of a compiled kernel into ``res``."""
+def _analyse(k, res: dict, name: str, dump: str | None) -> dict:
+    """ptxas -v registers / spills and SASS counts of a compiled kernel into ``res``."""
     res["smem"] = k.metadata.shared
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
@@ -220,16 +234,63 @@ def _report(k, res: dict, name: str, dump: str | None) -> dict:
     return res
 
 
+#: backward option sets: the mask flags, and ATOMIC_DQ (False: deterministic mode's dK/dV-only kernel)
+BWD_OPTS = {**{m: dict(f, ATOMIC_DQ=True) for m, f in MASKS.items()},
+            "deterministic": dict(HAS_WL=False, HAS_WR=True, HAS_SOFTCAP=False, ATOMIC_DQ=False)}  # fmt: skip
+
+
+def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dump: str | None) -> dict:
+    """Compile one variant of the backward kernel (bwd.attn_bwd)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    configs = _load("hopper_configs", PKG / "configs.py")
+    bwd = _load_bwd()
+    cfg = configs.bwd_config(d, **overrides)
+    name = f"bwd {dtype} d={d} {opt}{' varlen' if varlen else ''} {cfg.block_m}x{cfg.block_n}x{cfg.num_stages}"
+    res = {"name": name, "ok": False}
+    bad = configs.bwd_check(cfg, d)
+    if bad:
+        res["error"] = bad
+        return res
+    bd = configs.block_d(d)
+    sig = {
+        "q_desc": _desc_sig(dtype, cfg.block_m, bd, varlen), "k_desc": _desc_sig(dtype, cfg.block_n, bd, varlen),
+        "v_desc": _desc_sig(dtype, cfg.block_n, bd, varlen), "do_desc": _desc_sig(dtype, cfg.block_m, bd, varlen),
+        "DQ": "*fp32", "DK": f"*{dtype}", "DV": f"*{dtype}", "LSE": "*fp32", "DELTA": "*fp32",
+        "CU_Q": "*i32" if varlen else "constexpr", "CU_K": "*i32" if varlen else "constexpr",
+        **{f"stride_{n}": "i32" for n in ("dqb", "dqs", "dqh", "dkb", "dks", "dkh", "lb", "lh")},
+        "seqlen_q": "i32", "seqlen_k": "i32", "group": "i32", "qk_scale": "fp32", "cap_out": "fp32",
+        "sm_scale": "fp32", "window_left": "i32", "window_right": "i32",
+    }  # fmt: skip
+    consts = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
+                  IS_VARLEN=varlen, DQ_CHUNK=cfg.chunk(d), num_warps=cfg.num_warps, **BWD_OPTS[opt])  # fmt: skip
+    if not varlen:
+        consts.update(CU_Q=None, CU_K=None)
+    for key in consts:
+        sig[key] = "constexpr"
+    try:
+        k = triton.compile(GluonASTSource(bwd.attn_bwd, sig, consts), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=cfg.num_warps))  # fmt: skip
+    except Exception as e:
+        res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        res["trace"] = str(e)
+        return res
+    return _analyse(k, res, name, dump)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fp16 only, masks none/causal, d in 64/128/256")
     ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--dump", help="write ttgir/ptx/sass of every variant into this folder")
     ap.add_argument("--headdim", type=int, action="append", help="only these head dims")
+    ap.add_argument("--only", choices=("fwd", "bwd"), help="only the forward or the backward kernels")
+    ap.add_argument("--trace", action="store_true", help="print the full error of failed variants")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
                     help="override a config field for every variant (block_n=64, num_stages=3)")
     ap.add_argument("--fp8", action="store_true", help="the FP8 kernel (fwd_fp8.py) instead of the 16-bit ones")
-    ap.add_argument("--trace", action="store_true", help="print the full error of failed variants")
     args = ap.parse_args()
     overrides = {}
     for kv in args.set:
@@ -240,18 +301,23 @@ def main() -> int:
     dtypes = ["fp16"] if args.quick else ["fp16", "bf16"]
     masks = ["none", "causal"] if args.quick else list(MASKS)
     kernels = [overrides.pop("kernel")] if "kernel" in overrides else list(configs.KERNELS)
-    variants = [(kn, dt, d, mk, vl) for kn in kernels for dt in dtypes for d in dims for mk in masks
-                for vl in (False, True)]  # fmt: skip
-    fn = compile_one
+    jobs = []
+    if args.only != "bwd":
+        jobs += [(compile_one, (kn, dt, d, mk, vl, overrides)) for kn in kernels for dt in dtypes for d in dims
+                 for mk in masks for vl in (False, True)]  # fmt: skip
+    if args.only != "fwd":
+        bopts = ["none", "causal", "deterministic"] if args.quick else list(BWD_OPTS)
+        bwd_over = {k: v for k, v in overrides.items() if k in ("block_m", "block_n", "num_stages", "dq_chunk")}
+        jobs += [(compile_bwd, (dt, d, op, vl, bwd_over)) for dt in dtypes for d in dims for op in bopts
+                 for vl in (False, True)]  # fmt: skip
     if args.fp8:  # (head dim, mask, varlen, descales given)
-        fn = compile_one_fp8
-        variants = [(d, mk, vl, True) for d in dims for mk in masks for vl in (False, True)]
-        variants.append((dims[0], masks[0], False, False))
+        jobs = [(compile_one_fp8, (d, mk, vl, True, overrides)) for d in dims for mk in masks for vl in (False, True)]
+        jobs.append((compile_one_fp8, (dims[0], masks[0], False, False, overrides)))
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
     failed = 0
     with cf.ProcessPoolExecutor(args.jobs) as ex:
-        futs = [ex.submit(fn, *v, overrides, args.dump) for v in variants]
+        futs = [ex.submit(fn, *v, args.dump) for fn, v in jobs]
         print(f"{'variant':58} {'smem':>7} {'regs':>4} {'spill':>9} {'HGMMA':>22} {'TMA ld/st':>9}  boxes")
         for f in futs:
             r = f.result()
@@ -273,7 +339,7 @@ def main() -> int:
             flag += "".join(f"\n    ptxas: {n}" for n in r["ptxas_notes"])
             print(f"{r['name']:58} {r['smem']:>7} {r['regs']:>4} {r['spill'][0]:>4}/{r['spill'][1]:<4} {hg:>22} "
                   f"{r['utmaldg']:>4}/{r['utmastg']:<4}  {boxes}{flag}")  # fmt: skip
-    print(f"{len(variants)} variants, {failed} failed or flagged")
+    print(f"{len(jobs)} variants, {failed} failed or flagged")
     return 1 if failed else 0
 
 

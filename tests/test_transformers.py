@@ -2,7 +2,8 @@
 
 Tiny randomly initialised Llama (GQA), Mistral (sliding window) and Gemma-2 (softcap, sliding and
 full layers) and gpt-oss (learned attention sinks, sliding and full layers) models built from
-configs (no download): same logits with left / right / no
+configs (no download), and DeepSeek-V3 (multi-head latent attention: v's head dim differs from
+q/k's, served unpadded): same logits with left / right / no
 padding, same greedy generations (dynamic, sliding and static caches), packed sequences,
 dropout in training. Skipped when transformers is not installed (except the error-message test).
 """
@@ -37,6 +38,12 @@ def configs():
         "gemma2-softcap": Gemma2Config(**COMMON, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
                                        attn_logit_softcapping=3.0, final_logit_softcapping=20.0),  # fmt: skip
     }
+    if HAS_DEEPSEEK_V3:  # multi-head latent attention: q/k head dim 24 (16 + 8 rotary), v head dim 16
+        cfgs["deepseek-v3-mla"] = transformers.DeepseekV3Config(
+            **{**COMMON, "num_key_value_heads": 4}, moe_intermediate_size=32, q_lora_rank=None, kv_lora_rank=16,
+            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+        )  # fmt: skip
     if HAS_GPT_OSS:  # layer_types alternate sliding / full attention (the config's default)
         cfgs["gpt-oss-sinks"] = transformers.GptOssConfig(**COMMON, head_dim=16, sliding_window=4, num_local_experts=4,
                                                           num_experts_per_tok=2)  # fmt: skip
@@ -44,7 +51,10 @@ def configs():
 
 
 HAS_GPT_OSS = transformers is not None and hasattr(transformers, "GptOssConfig")
-NAMES = ["llama-gqa", "mistral-sliding-window", "gemma2-softcap"] + (["gpt-oss-sinks"] if HAS_GPT_OSS else [])
+HAS_DEEPSEEK_V3 = transformers is not None and hasattr(transformers, "DeepseekV3Config")
+NAMES = ["llama-gqa", "mistral-sliding-window", "gemma2-softcap"] + (["gpt-oss-sinks"] if HAS_GPT_OSS else []) + (
+    ["deepseek-v3-mla"] if HAS_DEEPSEEK_V3 else []
+)
 
 
 def pair(name: str):
@@ -142,6 +152,48 @@ def test_gpt_oss_sink_gradients_match_eager(padding, calls):
     for n, a, b in zip(names, *grads, strict=True):
         assert a.abs().max() > 0, n
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=n)
+    assert calls["varlen" if mask is not None else "dense"] == 2
+
+
+@needs_hf
+@pytest.mark.skipif(not HAS_DEEPSEEK_V3, reason="this transformers has no DeepSeek-V3 (DeepseekV3Config)")
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_deepseek_v3_unpadded_v_gradients_match_eager(padding, calls, monkeypatch):
+    """DeepSeek-V3's attention (q/k head dim 24, v 16) reaches flashtile with v unpadded; the
+    loss's gradients w.r.t. every parameter equal eager's. With padding, the first real token is
+    no label either: the logits that predict it are a padded position's, whose attention output is
+    not defined alike by the two implementations."""
+    ft, eager = pair("deepseek-v3-mla")
+    dims = []
+    varlen = ft_hf.flash_attn_varlen_func
+
+    def spy(q, k, v, *a, **kw):
+        dims.append((q.shape[-1], v.shape[-1]))
+        return varlen(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(ft_hf, "flash_attn_varlen_func", spy)
+    ids = torch.randint(0, 97, (3, 12))
+    mask = masks()[padding]
+    labels = ids
+    if mask is not None:
+        after_pad = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], 1) == 0
+        labels = ids.masked_fill((mask == 0) | after_pad, -100)
+    grads = []
+    for model in (ft, eager):
+        out = model(ids, attention_mask=mask, labels=labels)
+        params = dict(model.named_parameters())
+        names = sorted(params)
+        grads.append(torch.autograd.grad(out.loss, [params[n] for n in names], allow_unused=True))
+    checked = 0
+    for n, a, b in zip(names, *grads, strict=True):
+        if b is None:  # (MoE experts no token was routed to)
+            assert a is None or a.abs().max() == 0, n
+            continue
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=n)
+        checked += "self_attn" in n
+    assert checked >= 8
+    if mask is not None:
+        assert dims == [(24, 16)] * 2
     assert calls["varlen" if mask is not None else "dense"] == 2
 
 

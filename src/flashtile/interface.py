@@ -49,7 +49,10 @@ Semantics shared by every function:
   capped). The returned lse includes the sink; rows that see no key output 0 with
   ``lse = sink_h``. With dropout the sink is in the denominator before dropout (dropout drops
   keys only). It may require grad (``dsink_h = -sum_{b,i} exp(sink_h - lse_i) * rowsum(dout_i *
-  out_i)``). Served by the torch backend (the kernels do not implement it yet).
+  out_i)``). Served by the torch and triton backends.
+* ``v`` may have its own head dim (``headdim_v``, e.g. DeepSeek's 192 for q/k and 128 for v,
+  forward and backward, every option): the output has v's head dim. Packed ``qkv`` / ``kv``
+  inputs have one head dim.
 * dtypes: float16, bfloat16, float32 (all of q, k, v the same); head dim 1 to 512 (the Triton
   backend serves up to 256 and hands larger ones to the torch backend). The last dimension of
   every input must be contiguous.
@@ -78,7 +81,6 @@ from .ops import attention
 from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
 from .rng import draw_seed
 from .spec import (
-    Problem,
     check_alibi,
     check_cu_seqlens_meta,
     check_cu_seqlens_values,
@@ -129,7 +131,7 @@ def _run(
     call = make_call(headdim=q.shape[-1], alibi_slopes=alibi, learnable_sink=sink, **lens, **descales, **options)
     if call.dropout_p > 0:
         call = dataclasses.replace(call, seed=draw_seed(q.device))
-    backend = dispatch.choose(Problem.of(q4, k4, call), call)
+    backend = dispatch.choose_for(q4, k4, call, v=v4)
     out, lse = attention(q4, k4, v4, call, backend)
     if varlen:
         out, lse = out.squeeze(0), lse.squeeze(0)

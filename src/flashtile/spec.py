@@ -15,6 +15,8 @@ Semantics (flash-attn 2.8):
   (the mask is aligned to the bottom-right corner when ``sq != sk``).
 * GQA/MQA: query head ``i`` uses key/value head ``i // (nheads // nheads_k)``.
 * Rows that see no key output 0 and have ``lse = -inf``.
+* ``v`` may have its own head dim (DeepSeek's 192 for q/k, 128 for v): out and dv have v's head
+  dim; ``softmax_scale`` still defaults to ``1 / sqrt(headdim of q)``.
 * ``learnable_sink`` (gpt-oss, flash-attn 4's ``learnable_sink``): float32 ``(nheads,)``, one
   logit per query head added to every row's softmax denominator as a key without value:
   ``p_ij = exp(s_ij - lse_i)`` with ``lse_i = log(sum_j exp(s_ij) + exp(sink_h))`` (s after
@@ -28,9 +30,10 @@ Semantics (flash-attn 2.8):
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -133,7 +136,8 @@ FEATURES = frozenset({"causal", "window", "softcap", "alibi", "dropout", "varlen
 class Problem:
     """Shapes, dtype and device of one call, for backend selection (the options are in the
     :class:`AttnCall`). For varlen calls ``batch`` is the number of sequences and
-    ``seqlen_q`` / ``seqlen_k`` are the ``max_seqlen`` values."""
+    ``seqlen_q`` / ``seqlen_k`` are the ``max_seqlen`` values. ``headdim`` is q's and k's,
+    ``headdim_v`` v's (and the output's); 0 (the default) means the same as ``headdim``."""
 
     batch: int
     seqlen_q: int
@@ -143,16 +147,23 @@ class Problem:
     headdim: int
     dtype: torch.dtype
     device: torch.device
+    headdim_v: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.headdim_v:
+            object.__setattr__(self, "headdim_v", self.headdim)
 
     @classmethod
-    def of(cls, q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> Problem:
-        """The problem of a call on the internal layout (dense ``(B, S, H, D)``, varlen ``(1, total, H, D)``)."""
+    def of(cls, q: torch.Tensor, k: torch.Tensor, call: AttnCall, v: torch.Tensor | None = None) -> Problem:
+        """The problem of a call on the internal layout (dense ``(B, S, H, D)``, varlen ``(1, total, H, D)``);
+        ``v`` gives the v head dim (None: q's)."""
         if call.varlen:
             batch, sq, sk = call.cu_seqlens_q.shape[0] - 1, call.max_seqlen_q, call.max_seqlen_k
         else:
             batch, sq, sk = q.shape[0], q.shape[1], k.shape[1]
         return cls(batch=batch, seqlen_q=sq, seqlen_k=sk, nheads=q.shape[-2], nheads_k=k.shape[-2],
-                   headdim=q.shape[-1], dtype=q.dtype, device=q.device)  # fmt: skip
+                   headdim=q.shape[-1], dtype=q.dtype, device=q.device,
+                   headdim_v=q.shape[-1] if v is None else v.shape[-1])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -160,7 +171,8 @@ class KVCache:
     """The cache side of one ``flash_attn_with_kvcache`` call, validated (see :mod:`flashtile.kvcache`).
 
     ``k_cache`` / ``v_cache``: dense ``(batch_cache, seqlen_cache, Hk, D)`` or paged
-    ``(num_blocks, page, Hk, D)`` with ``block_table`` int32 ``(batch, max_blocks)``;
+    ``(num_blocks, page, Hk, D)`` with ``block_table`` int32 ``(batch, max_blocks)`` (``v_cache``
+    and ``v_new`` may have their own head dim ``Dv``);
     ``k_new`` / ``v_new``: None or ``(batch, seqlen_new, Hk, D)``, appended at positions
     ``seqlens[b] ..`` before attending; ``seqlens``: int32 ``(batch,)`` or one int (tokens already
     cached); ``batch_idx`` / ``leftpad``: None or int32 ``(batch,)``; ``rotary``: None or
@@ -215,6 +227,27 @@ def _shape(x: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in x.shape) + ")"
 
 
+def _qkv_ok(q: object, k: object, v: object, rank: int, same_batch: bool) -> bool:
+    """True only if :func:`check_qkv` passes (one pass over the common case, no messages built);
+    False sends the call through the detailed checks, which raise the error."""
+    T = torch.Tensor
+    if not (isinstance(q, T) and isinstance(k, T) and isinstance(v, T)):
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != rank or len(ks) != rank or ks != vs:
+        return False
+    dt = q.dtype
+    if dt not in SUPPORTED_DTYPES or k.dtype != dt or v.dtype != dt:
+        return False
+    dev = q.device
+    if k.device != dev or v.device != dev or (same_batch and qs[0] != ks[0]):
+        return False
+    h, hk, d = qs[-2], ks[-2], qs[-1]
+    if hk == 0 or h == 0 or h % hk or ks[-1] != d or not 1 <= d <= MAX_HEADDIM:
+        return False
+    return q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+
+
 def check_qkv(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -228,8 +261,11 @@ def check_qkv(
 
     Dense layout: q ``(batch, seqlen_q, nheads, headdim)``, k/v ``(batch, seqlen_k, nheads_k, headdim)``.
     Varlen layout: q ``(total_q, nheads, headdim)``, k/v ``(total_k, nheads_k, headdim)``.
+    k has q's head dim; v may have its own (``headdim_v``, 1 to ``MAX_HEADDIM``).
     ``same_batch=False``: k/v's first dim is not q's batch (KV caches: rows or pages).
     """
+    if _qkv_ok(q, k, v, 3 if varlen else 4, same_batch and not varlen):
+        return
     qn, kn, vn = names
     for x, n in ((q, qn), (k, kn), (v, vn)):
         _check_tensor(x, n)
@@ -251,7 +287,9 @@ def check_qkv(
             f"{qn}, {kn}, {vn} must have the same batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}"
         )
     if k.shape[:-1] != v.shape[:-1]:
-        raise ValueError(f"{kn} and {vn} must have the same shape, got {_shape(k)} and {_shape(v)}")
+        raise ValueError(
+            f"{kn} and {vn} must have the same shape except the head dim, got {_shape(k)} and {_shape(v)}"
+        )
     h, hk = q.shape[-2], k.shape[-2]
     if h == 0 or hk == 0 or h % hk != 0:
         raise ValueError(
@@ -259,11 +297,12 @@ def check_qkv(
             f"key/value heads ({hk}) in {kn}/{vn}"
         )
     d = q.shape[-1]
-    for x, n in ((k, kn), (v, vn)):
-        if x.shape[-1] != d:
-            raise ValueError(f"{n} must have the same head dim as {qn} ({d}), got {x.shape[-1]}")
+    if k.shape[-1] != d:
+        raise ValueError(f"{kn} must have the same head dim as {qn} ({d}), got {k.shape[-1]}")
     if not 1 <= d <= MAX_HEADDIM:
         raise ValueError(f"head dim of {qn} must be between 1 and {MAX_HEADDIM}, got {d}")
+    if not 1 <= v.shape[-1] <= MAX_HEADDIM:
+        raise ValueError(f"head dim of {vn} must be between 1 and {MAX_HEADDIM}, got {v.shape[-1]}")
     for x, n in ((q, qn), (k, kn), (v, vn)):
         if x.stride(-1) != 1 and x.numel() > 0:
             raise ValueError(
@@ -299,6 +338,35 @@ def normalize_window(window_size: Sequence[int], causal: bool) -> tuple[int, int
     return left, right
 
 
+_CALLS: dict[tuple, AttnCall] = {}
+
+
+def _cached(make: Callable[..., AttnCall]) -> Callable[..., AttnCall]:
+    """Cache :func:`make_call` for calls without tensors, by every option's value and type (and
+    the types of a tuple's entries, so that ``(-1.0, -1)`` is not ``(-1, -1)``): the
+    result is a frozen value, the same for the same options (raising calls are not cached; the
+    cache is bypassed while torch.compile traces)."""
+
+    @functools.wraps(make)
+    def cached(**options) -> AttnCall:
+        if torch.compiler.is_compiling() or any(isinstance(x, torch.Tensor) for x in options.values()):
+            return make(**options)
+        key = tuple((n, type(x), x, tuple(map(type, x)) if type(x) is tuple else ()) for n, x in options.items())
+        try:
+            found = _CALLS.get(key)
+        except TypeError:  # an unhashable option value (e.g. a list): not cached
+            return make(**options)
+        if found is None:
+            found = make(**options)
+            if len(_CALLS) >= 256:
+                _CALLS.clear()
+            _CALLS[key] = found
+        return found
+
+    return cached
+
+
+@_cached
 def make_call(
     *,
     headdim: int,
@@ -413,10 +481,13 @@ def check_cu_seqlens_meta(cu: torch.Tensor, name: str, device: torch.device) -> 
     return cu.shape[0] - 1
 
 
-def check_cu_seqlens_values(cu: torch.Tensor, name: str, total: int, max_seqlen: int, max_name: str) -> None:
-    """Value checks for ``cu_seqlens`` (reads it on the host): starts at 0, non-decreasing,
-    ends at ``total``, no sequence longer than ``max_seqlen``."""
-    vals = cu.tolist()
+def check_cu_seqlens_values(
+    cu: torch.Tensor, name: str, total: int, max_seqlen: int, max_name: str, vals: list[int] | None = None
+) -> None:
+    """Value checks for ``cu_seqlens`` (reads it on the host, unless its values ``vals`` are
+    given): starts at 0, non-decreasing, ends at ``total``, no sequence longer than ``max_seqlen``."""
+    if vals is None:
+        vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"{name} must start at 0, got {vals[0]}")
     lens = [b - a for a, b in zip(vals[:-1], vals[1:], strict=True)]
@@ -492,5 +563,9 @@ def check_call_values(q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> None:
     the custom op so that a compiled graph has no sync; skipped during CUDA graph capture."""
     if call.cu_seqlens_q is None or capturing(q):
         return
-    check_cu_seqlens_values(call.cu_seqlens_q, "cu_seqlens_q", q.shape[1], call.max_seqlen_q, "max_seqlen_q")
-    check_cu_seqlens_values(call.cu_seqlens_k, "cu_seqlens_k", k.shape[1], call.max_seqlen_k, "max_seqlen_k")
+    cq, ck = call.cu_seqlens_q, call.cu_seqlens_k
+    both = (cq.tolist(),) * 2 if ck is cq else torch.cat((cq, ck)).tolist()  # one host read
+    if ck is not cq:
+        both = both[: cq.shape[0]], both[cq.shape[0] :]
+    check_cu_seqlens_values(cq, "cu_seqlens_q", q.shape[1], call.max_seqlen_q, "max_seqlen_q", both[0])
+    check_cu_seqlens_values(ck, "cu_seqlens_k", k.shape[1], call.max_seqlen_k, "max_seqlen_k", both[1])

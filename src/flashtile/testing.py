@@ -78,7 +78,8 @@ def attention_ref(
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``.
-        k, v: ``(batch, seqlen_k, nheads_k, headdim)``; ``nheads % nheads_k == 0``.
+        k, v: ``(batch, seqlen_k, nheads_k, headdim)``; ``nheads % nheads_k == 0``; v may have its
+            own head dim ``headdim_v`` (then so does out).
         query_padding_mask / key_padding_mask: optional bool ``(batch, seqlen)``, True = real token.
             Sequences are taken as right-padded: the causal/window alignment uses each
             sequence's own lengths, exactly as the varlen API does.
@@ -91,7 +92,7 @@ def attention_ref(
             cast to the compute dtype.
 
     Returns:
-        ``(out, lse)``: out ``(batch, seqlen_q, nheads, headdim)`` in q's dtype, lse float32
+        ``(out, lse)``: out ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype, lse float32
         ``(batch, nheads, seqlen_q)``; rows that see no key give out = 0 and lse = -inf (with a
         sink: lse = the sink).
     """

@@ -22,10 +22,11 @@ Served: causal and bidirectional layers, left or right padding, GQA/MQA, ``slidi
 (dynamic, sliding, static), packed sequences (``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs,
 or ``position_ids`` restarting inside one row), attention sinks (gpt-oss's ``s_aux``: per-head
 logits in the module's dtype, passed as float32 ``learnable_sink``; their gradient reaches the
-model's ``sinks`` parameter). Not served (raise): ready-made 4-D masks. Mask patterns other
-than causal / sliding window / padding that a model adds through its mask functions (chunked
-attention, bidirectional image-token blocks) are not represented, as with transformers' own
-flash-attention path. ``output_attentions`` returns None weights.
+model's ``sinks`` parameter), a v head dim of its own (DeepSeek V2/V3's multi-head latent
+attention, 192 / 128: v is passed as it is, never padded to the q/k head dim). Not served
+(raise): ready-made 4-D masks. Mask patterns other than causal / sliding window / padding that a
+model adds through its mask functions (chunked attention, bidirectional image-token blocks) are
+not represented, as with transformers' own flash-attention path. ``output_attentions`` returns None weights.
 
 A wrinkle of transformers >= 5: it treats every implementation name containing ``"flash"`` as a
 FlashAttention kernel and tries to load one at model construction. :func:`register` therefore
@@ -42,7 +43,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..interface import flash_attn_func, flash_attn_varlen_func
 from ..padding import pad_input, unpad_input
@@ -127,14 +127,8 @@ def flashtile_attention_forward(
             f"shape {tuple(attention_mask.shape)}; custom 4-D masks are not supported "
             "(use attn_implementation='sdpa' or 'eager' for those)"
         )
-    b, h, sq, d = query.shape
-    dv = value.shape[-1]
+    b, h, sq, d = query.shape  # v's head dim may differ (DeepSeek's MLA: 192 / 128): served as it is, never padded
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (b, s, heads, d)
-    if dv < d:  # e.g. MLA: pad v to the q/k head dim (zeros change nothing), crop the output
-        v = F.pad(v, (0, d - dv))
-    elif dv > d:
-        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
-        scaling = d**-0.5 if scaling is None else scaling
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -154,9 +148,9 @@ def flashtile_attention_forward(
         keep_k = attention_mask.bool()
         if k.shape[1] > keep_k.shape[1]:  # static cache: slots past the mask are unused
             k, v = k[:, : keep_k.shape[1]], v[:, : keep_k.shape[1]]
-        kv_u, _, cu_k, max_k, _ = unpad_input(torch.stack((k, v), dim=2), keep_k)  # (t_k, 2, hk, d)
+        kv_u, _, cu_k, max_k, _ = unpad_input(torch.cat((k, v), dim=-1), keep_k)  # (t_k, hk, d + dv): one gather
         q_u, idx_q, cu_q, max_q, _ = unpad_input(q, keep_k[:, -sq:])  # queries: the last sq positions
-        out = flash_attn_varlen_func(q_u, kv_u[:, 0], kv_u[:, 1], cu_q, cu_k, max_q, max_k, **opts)
+        out = flash_attn_varlen_func(q_u, kv_u[..., :d], kv_u[..., d:], cu_q, cu_k, max_q, max_k, **opts)
         out = pad_input(out, idx_q, b, sq)
     elif cu_q is not None and cu_k is not None and max_q is not None and max_k is not None:
         out = flash_attn_varlen_func(
@@ -171,7 +165,7 @@ def flashtile_attention_forward(
             out = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, mx, mx, **opts).unsqueeze(0)
         else:
             out = flash_attn_func(q, k, v, **opts)
-    return out[..., :dv], None
+    return out, None
 
 
 def _skip_flash_kernel_loading(name: str) -> None:

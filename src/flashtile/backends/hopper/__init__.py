@@ -7,8 +7,10 @@ over a host-computed tile schedule (kernels in :mod:`.fwd`, configs in :mod:`.co
 Serves fp16, bf16 and FP8 e4m3 (forward: both products in FP8 wgmma, :mod:`.fwd_fp8`; output
 bf16) with head dims 64, 96, 128, 192 and 256 on compute capability 9.x, with
 causal and sliding windows (bottom-right aligned), softcap, GQA/MQA, ``seqlen_q != seqlen_k``
-and varlen. Not ALiBi, not dropout (``auto`` then picks the next backend). The backward is the
-Triton backend's (it needs only ``out`` and ``lse``, whose semantics are the same).
+and varlen. Not ALiBi, not dropout (``auto`` then picks the next backend). The backward is
+Gluon too (:mod:`.bwd`, host side :mod:`.launch_bwd`); ``FLASHTILE_HOPPER_BWD=triton`` switches
+it to the Triton backend's kernels (which need only ``out`` and ``lse``, of the same semantics);
+the Triton kernels are the default until the Gluon backward is faster (:data:`DEFAULT_BWD`).
 
 Gluon is an experimental API that changes between Triton releases: the backend runs only with
 the Triton versions it was tested with (:data:`TESTED_TRITON`); ``available()`` names the
@@ -130,7 +132,8 @@ class HopperBackend:
             return f"needs compute capability 9.x (Hopper), device has {info.major}.{info.minor}"
         if problem.headdim not in HEADDIMS:
             return f"head dim {problem.headdim} is not one of {', '.join(map(str, HEADDIMS))}"
-        # k and v share one head dim (spec.check_qkv), so headdim_v == headdim always holds here.
+        if problem.headdim_v != problem.headdim:
+            return f"v head dim {problem.headdim_v} differs from the q/k head dim {problem.headdim}"
         if not call.softmax_scale > 0:
             return f"softmax_scale must be > 0 for the hopper kernels, got {call.softmax_scale}"
         return None
@@ -159,11 +162,37 @@ class HopperBackend:
         lse: torch.Tensor,
         call: AttnCall,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        from ..triton import backend as triton_backend
+        if bwd_kernel(call) == "triton":
+            from ..triton import backend as triton_backend
 
-        return triton_backend.backward(dout, q, k, v, out, lse, call)
+            return triton_backend.backward(dout, q, k, v, out, lse, call)
+        from . import launch_bwd
+
+        dq, dk, dv = launch_bwd.backward(dout, q, k, v, out, lse, call)
+        return dq, dk, dv, {}
+
+
+#: Environment variable choosing the backward kernels: ``gluon`` or ``triton``.
+BWD_ENV = "FLASHTILE_HOPPER_BWD"
+#: The default backward: the Triton kernels. The Gluon backward passes every correctness case on
+#: the H200 but runs at 0.3-0.5x cuDNN, 0.52x the Triton backward (first measurement,
+#: ``benchmarks/results/hopper_bwd_H200_20261201_first.json``): opt in with
+#: ``FLASHTILE_HOPPER_BWD=gluon`` until it is faster.
+DEFAULT_BWD = "triton"
+
+
+def bwd_kernel(call: AttnCall) -> str:
+    """Which kernels run the backward of ``call``: ``gluon`` (:mod:`.bwd`) or ``triton`` (the
+    Triton backend's, also the path for anything the Gluon kernel does not serve: a learnable
+    sink). ``FLASHTILE_HOPPER_BWD=triton`` forces the Triton kernels (A/B comparisons)."""
+    choice = os.environ.get(BWD_ENV, DEFAULT_BWD).strip().lower() or DEFAULT_BWD
+    if choice not in ("gluon", "triton"):
+        raise ValueError(f"{BWD_ENV} must be 'gluon' or 'triton', got {choice!r}")
+    if choice == "triton" or call.learnable_sink is not None:
+        return "triton"
+    return "gluon"
 
 
 backend = register(HopperBackend())
 
-__all__ = ["HopperBackend", "backend", "TESTED_TRITON", "MAX_HEADDIM"]
+__all__ = ["HopperBackend", "backend", "bwd_kernel", "BWD_ENV", "TESTED_TRITON", "MAX_HEADDIM"]

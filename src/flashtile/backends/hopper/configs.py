@@ -174,3 +174,91 @@ def check(cfg: HopperConfig, headdim: int) -> str | None:
     if need > SM90_SMEM_LIMIT:
         return f"needs {need // 1024} KiB of shared memory, sm_90 has {SM90_SMEM_LIMIT // 1024} KiB per CTA"
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# backward (:mod:`.bwd`)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HopperBwdConfig:
+    """Backward tiles: ``block_n`` keys per program (dK / dV in registers), ``block_m`` query
+    rows per ring slot (Q and dO tiles), ``num_stages`` ring slots; 8 warps in one partition.
+    ``dq_chunk``: columns of dQ = dS K computed and added at once (0: all; fewer live registers
+    at head dim 256). ``atomic_dq``: dQ added by the kernel with fp32 atomics (1, the default
+    unless ``deterministic=True``), or 0: computed by a second pass (the Triton dQ kernel, as in
+    deterministic mode; an A/B switch for the cost of the atomics)."""
+
+    block_m: int
+    block_n: int
+    num_stages: int
+    dq_chunk: int = 0
+    atomic_dq: int = 1
+    num_warps: int = 8
+
+    def chunk(self, headdim: int) -> int:
+        """Columns of dQ computed and added at once (``dq_chunk``; 0: the whole tile)."""
+        return self.dq_chunk or block_d(headdim)
+
+
+# NOT measured yet: sized from shared memory and registers (ptxas -v of
+# scripts/gluon_compile_check.py --only bwd: no spills in any variant), waiting for the first
+# H200 run (benchmarks/hopper_bwd_run.py). Registers bind, not shared memory: 8 warps at up to
+# 255 registers fill the register file, so one CTA per SM whatever the tiles; dK + dV take
+# 2 * block_n * BLOCK_D / 256 fp32 registers per thread. block_n = 128 at head dim 128 (FA3's
+# tile) spills 36-276 bytes in one partition, hence 64 there. Extra ring stages are free (one
+# CTA per SM anyway) where shared memory allows.
+_BWD_TABLE: dict[int, HopperBwdConfig] = {
+    64: HopperBwdConfig(64, 128, 3),   # K/V 32 KiB + 3 x (Q, dO) 16 KiB + P, dS 32 KiB = 112 KiB
+    96: HopperBwdConfig(64, 64, 3),    # padded to 128: as 128
+    128: HopperBwdConfig(64, 64, 3),   # K/V 32 KiB + 3 x 32 KiB + P, dS 16 KiB = 144 KiB
+    192: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # padded to 256: as 256
+    256: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # K/V 64 KiB + 2 x 64 KiB + P, dS 16 KiB = 208 KiB
+}
+
+
+def bwd_config(headdim: int, **overrides) -> HopperBwdConfig:
+    """The backward table's config for ``headdim`` (one of :data:`HEADDIMS`), with fields
+    replaced by ``overrides``."""
+    if headdim not in _BWD_TABLE:
+        raise ValueError(f"hopper kernels serve head dims {HEADDIMS}, got {headdim}")
+    cfg = _BWD_TABLE[headdim]
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def bwd_smem_bytes(cfg: HopperBwdConfig, headdim: int, elem_bytes: int = 2) -> int:
+    """Shared memory of the backward's tiles: K and V, the (Q, dO) ring, P and dS."""
+    d = block_d(headdim)
+    return elem_bytes * (2 * cfg.block_n * d + 2 * cfg.num_stages * cfg.block_m * d + 2 * cfg.block_n * cfg.block_m)
+
+
+def bwd_accumulator_regs(cfg: HopperBwdConfig, headdim: int) -> int:
+    """fp32 registers per thread of the accumulators live at once: dK and dV, plus S^T and dP^T
+    or dQ (dQ is computed once P^T and dP^T are dead). The floor of the kernel's register use;
+    the rest is addresses, the P^T / dS^T operands and the loop's state."""
+    d = block_d(headdim)
+    threads = 32 * cfg.num_warps
+    return (2 * cfg.block_n * d + max(2 * cfg.block_n * cfg.block_m, cfg.block_m * cfg.chunk(headdim))) // threads
+
+
+def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
+    """Why ``cfg`` cannot work for ``headdim`` (None if it can)."""
+    if cfg.num_warps != 8:
+        return "the backward runs 2 warpgroups in one partition: num_warps = 8"
+    if cfg.block_n not in (64, 128):
+        return f"block_n (keys per program, the wgmma M of two warpgroups) must be 64 or 128, got {cfg.block_n}"
+    if cfg.block_m not in (64, 128):
+        return f"block_m must be 64 or 128, got {cfg.block_m}"
+    if cfg.num_stages < 1:
+        return f"num_stages must be >= 1, got {cfg.num_stages}"
+    d = block_d(headdim)
+    if cfg.dq_chunk and (cfg.dq_chunk % 64 or d % cfg.dq_chunk):
+        return f"dq_chunk must be a multiple of 64 dividing {d}, got {cfg.dq_chunk}"
+    need = bwd_smem_bytes(cfg, headdim)
+    if need > SM90_SMEM_LIMIT:
+        return f"needs {need // 1024} KiB of shared memory, sm_90 has {SM90_SMEM_LIMIT // 1024} KiB per CTA"
+    regs = bwd_accumulator_regs(cfg, headdim)
+    if regs > 192:
+        return f"the accumulators take {regs} fp32 registers per thread (> 192 of 255)"
+    return None

@@ -222,11 +222,11 @@ def _schedule_tensors(
 
 def describe(headdim: int) -> str:
     """One line naming the config a call with this head dim uses (for ``flashtile env``)."""
-    fp8 = f"; fp8: {configs.fp8_config(headdim)}"
+    extra = f", bwd {configs.bwd_config(headdim)}; fp8: {configs.fp8_config(headdim)}"
     if headdim == 64:
         return (f"sm90 gluon: {configs.config_for(64, causal=False, seqlen_q=0)} (causal calls shorter than "
-                f"{configs.D64_CAUSAL_THREE_CONSUMERS_FROM} rows: {configs.config(64)}){fp8}")  # fmt: skip
-    return f"sm90 gluon: {configs.config(headdim)}{fp8}"
+                f"{configs.D64_CAUSAL_THREE_CONSUMERS_FROM} rows: {configs.config(64)}){extra}")  # fmt: skip
+    return f"sm90 gluon: {configs.config(headdim)}{extra}"
 
 
 __all__ = ["forward", "forward_fp8", "describe", "swizzle_bytes", "transpose_v", "tma_compatible"]

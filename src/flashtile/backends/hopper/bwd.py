@@ -1,0 +1,284 @@
+"""Gluon backward attention kernel for Hopper (sm_90): one program per key block keeps dK and dV
+in registers (fp32 wgmma accumulators) and loops over the query blocks (and, under GQA, the
+query heads of its KV head) that see it; Q and dO tiles arrive by TMA through a multi-stage
+mbarrier ring; ``warpgroup_mma`` (wgmma) computes the five products; dQ partials are added into
+an fp32 buffer with atomics.
+
+Kernels only: the host side (descriptors, preprocess, dQ conversion, deterministic mode) is
+:mod:`.launch_bwd`. Importing this module needs Triton >= 3.6 with Gluon.
+
+Semantics are the forward's (:mod:`.fwd`): query ``i`` sees key ``j`` when
+``i + off - wl <= j <= i + off + wr`` (``off = seqlen_k - seqlen_q``), scores in base 2
+(``qk_scale`` / ``cap_out`` from the host), lse in natural log with ``-inf`` on rows that see no
+key (their P, hence every gradient they feed, is exactly 0). With ``delta = rowsum(dO * O)``
+(preprocess) and ``t = tanh(q.k * scale / cap)`` under softcap::
+
+    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta) [* (1 - t^2)],  dK = scale * dS^T Q,
+    dQ = scale * dS K  (the scale of dQ is applied by the host's conversion).
+
+Orientation: the program computes the *transposed* tiles ``S^T = K Q^T`` and ``dP^T = V dO^T``
+(keys along the wgmma M dimension), so that ``dV += P^T dO`` and ``dK += dS^T Q`` take P^T and
+dS^T straight from registers (wgmma's register A operand) and Q / dO from the ring buffers as
+they landed. ``dQ = dS K`` needs dS with queries along M: dS^T is written to shared memory once
+and read back transposed (an M-major A operand).
+
+Warps: ``num_warps = 8`` (two warpgroups) in one partition. With ``BLOCK_N = 128`` each
+warpgroup owns 64 keys (layout warps ``[8, 1]``); with ``BLOCK_N = 64`` (head dims 192/256) the
+warpgroups split the N dimension of every product (warps ``[4, 2]``). dQ ``[BLOCK_M, D]`` is
+split the same way by its own layout. The loads of the query block ``NUM_STAGES`` ahead are issued
+by the same warps once every warp is done with the slot (a CTA barrier per block, as the forward's
+``plain`` kernel).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from .fwd import _block_range, _tma_load
+
+LOG2E: gl.constexpr = gl.constexpr(1.4426950408889634)
+TWO_LOG2E: gl.constexpr = gl.constexpr(2.8853900817779268)  # exp(2x) = exp2(this * x)
+_NO_SPECIALIZE = ["stride_dqb", "stride_dqs", "stride_dqh", "stride_dkb", "stride_dks", "stride_dkh",
+                  "stride_lb", "stride_lh", "seqlen_q", "seqlen_k", "group", "window_left", "window_right"]
+
+
+@gluon.jit
+def _tanh_fast(x):
+    """tanh(x) = 1 - 2 / (1 + exp(2x)) with an approximate division (``div.full.f32``): few
+    instructions and registers (the backward is register-bound at head dim 256). Exact limits
+    (exp2 overflows to inf: t = 1; underflows to 0: t = -1); otherwise the absolute error is
+    below ~5e-7 (2 ulp of a value <= 2, no cancellation worse than that), i.e. ~2e-5 in the
+    base-2 score for softcap 30: P off by ~1e-5 relative, far below bf16/fp16 resolution."""
+    return 1.0 - gl.fdiv(2.0, 1.0 + gl.exp2(TWO_LOG2E * x))
+
+
+@gluon.jit
+def _issue_q_do(q_desc, do_desc, q_bufs, do_bufs, q_bars, do_bars, i, b, hk, group, q_start, mb_lo, n_mb,
+                BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
+    """Start the TMA loads of the Q and dO tiles of loop iteration ``i`` (query head
+    ``hk * group + i // n_mb``, query block ``mb_lo + i % n_mb``) into ring slot ``i % NUM_STAGES``."""
+    stage = i % NUM_STAGES
+    g = i // n_mb
+    row = q_start + (mb_lo + i - g * n_mb) * BLOCK_M
+    h = hk * group + g
+    q_bar = q_bars.index(stage)
+    do_bar = do_bars.index(stage)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    _tma_load(q_desc, q_bar, q_bufs.index(stage), b, row, h, IS_VARLEN)
+    mbarrier.expect(do_bar, do_desc.block_type.nbytes)
+    _tma_load(do_desc, do_bar, do_bufs.index(stage), b, row, h, IS_VARLEN)
+
+
+@gluon.jit
+def _store_rows(PTR, x, row0, n_rows, stride_s, HEAD_DIM: gl.constexpr, BLOCK_R: gl.constexpr,
+                BLOCK_D: gl.constexpr, layout: gl.constexpr):
+    """Store the ``[BLOCK_R, BLOCK_D]`` tile ``x`` (in ``layout``) at rows ``row0 ..`` of a
+    row-major tensor at ``PTR`` (row stride ``stride_s``), rows ``< n_rows`` and columns
+    ``< HEAD_DIM`` only."""
+    r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, layout))
+    c = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, layout))
+    ptrs = PTR + gl.expand_dims((row0 + r).to(gl.int64) * stride_s, 1) + gl.expand_dims(c, 0)
+    mask = gl.expand_dims(r < n_rows, 1) & gl.expand_dims(c < HEAD_DIM, 0)
+    gl.store(ptrs, x, mask=mask)
+
+
+@gluon.jit(do_not_specialize=_NO_SPECIALIZE)
+def attn_bwd(
+    q_desc, k_desc, v_desc, do_desc, DQ, DK, DV, LSE, DELTA, CU_Q, CU_K,
+    stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group, qk_scale, cap_out, sm_scale, window_left, window_right,
+    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+    IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, DQ_CHUNK: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Grid ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``, ``num_warps = 8``.
+
+    q_desc / do_desc: ``[BLOCK_M, BLOCK_D]`` tiles of q / dout; k_desc / v_desc:
+    ``[BLOCK_N, BLOCK_D]`` tiles (4-D dense, 3-D varlen descriptors, as the forward's). DK / DV
+    like k (contiguous, ``stride_dk*`` shared by both), written whole (zeros for keys no query
+    sees). DQ: fp32 ``(B, Sq, H, BLOCK_D)`` zeroed buffer, ``ATOMIC_DQ``: the unscaled dS K is
+    added into it with relaxed atomics (else dQ is left to another kernel). LSE (natural log) and
+    DELTA share the strides ``stride_lb`` / ``stride_lh`` (varlen: one row of ``total_q``)."""
+    pid_n = gl.program_id(0)
+    hk = gl.program_id(1)
+    b = gl.program_id(2)
+    if IS_VARLEN:
+        q_start = gl.load(CU_Q + b)
+        seqlen_q = gl.load(CU_Q + b + 1) - q_start
+        k_start = gl.load(CU_K + b)
+        seqlen_k = gl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = b * 0
+        k_start = b * 0
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    dtype: gl.constexpr = q_desc.dtype
+    off = seqlen_k - seqlen_q
+
+    # S and dP: queries along M (BLOCK_M = 64: the two warpgroups split the keys; 128: the rows);
+    # dK and dV: keys along M (BLOCK_N = 128: 64 keys per warpgroup; 64: they split the head dim);
+    # dQ: queries along M, split as S.
+    SM: gl.constexpr = BLOCK_M // 16 if BLOCK_M // 16 < num_warps else num_warps
+    SN: gl.constexpr = num_warps // SM
+    KM: gl.constexpr = BLOCK_N // 16 if BLOCK_N // 16 < num_warps else num_warps
+    KN: gl.constexpr = num_warps // KM
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[SM, SN],
+                                                       instr_shape=[16, BLOCK_N // SN, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[KM, KN],
+                                                        instr_shape=[16, BLOCK_D // KN, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[SM, SN],
+                                                        instr_shape=[16, DQ_CHUNK // SN, 16])
+    # dP = dO V^T is issued right after S (overlapping the softmax) unless registers are short:
+    # softcap at head dims > 128 issues it after P (its accumulator is not live during the softmax)
+    EARLY_DP: gl.constexpr = not (HAS_SOFTCAP and BLOCK_D > 128)
+    qry_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
+                                                     element_bitwidth=dtype.primitive_bitwidth, rank=2)
+    ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
+    do_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
+    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], ps_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], ps_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    do_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for st in gl.static_range(NUM_STAGES):
+        mbarrier.init(q_bars.index(st), count=1)
+        mbarrier.init(do_bars.index(st), count=1)
+
+    # query blocks that see this key block: the forward's rule with rows and columns swapped
+    c_hi = gl.minimum(n0 + BLOCK_N, seqlen_k)
+    mb_lo, fu_lo, fu_hi, mb_hi = _block_range(n0, c_hi, seqlen_q, -off, window_right, window_left,
+                                              HAS_WR, HAS_WL, BLOCK_M)
+    if n0 + BLOCK_N > seqlen_k:
+        # ragged key block: its rows past seqlen_k are zeros (dense) or the next sequence's keys
+        # (varlen), which must not reach dQ: every query block takes the masked path
+        fu_hi = fu_lo
+    n_mb = mb_hi - mb_lo
+    total = n_mb * group
+
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    _tma_load(k_desc, kv_bar, k_smem, b, k_start + n0, hk, IS_VARLEN)
+    _tma_load(v_desc, kv_bar, v_smem, b, k_start + n0, hk, IS_VARLEN)
+    for st in gl.static_range(NUM_STAGES):
+        if st < total:
+            _issue_q_do(q_desc, do_desc, q_bufs, do_bufs, q_bars, do_bars, st, b, hk, group, q_start, mb_lo, n_mb,
+                        BLOCK_M, NUM_STAGES, IS_VARLEN)
+
+    keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
+    dk = gl.zeros([BLOCK_N, BLOCK_D], gl.float32, kv_layout)
+    dv = gl.zeros([BLOCK_N, BLOCK_D], gl.float32, kv_layout)
+    mbarrier.wait(kv_bar, 0)
+
+    for i in range(total):
+        stage = i % NUM_STAGES
+        phase = (i // NUM_STAGES) & 1
+        g = i // n_mb
+        blk = mb_lo + i - g * n_mb
+        h = hk * group + g
+        m0 = blk * BLOCK_M
+        q_buf = q_bufs.index(stage)
+        do_buf = do_bufs.index(stage)
+
+        # lse (base 2, +inf on rows that see no key: P = 0 there) and delta of the block's rows
+        qrows = m0 + gl.arange(0, BLOCK_M, layout=qry_layout)
+        qok = qrows < seqlen_q
+        lrow = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + (q_start + qrows)
+        lse = gl.load(LSE + lrow, mask=qok, other=float("-inf"))
+        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        delta = gl.load(DELTA + lrow, mask=qok, other=0.0)
+
+        mbarrier.wait(q_bars.index(stage), phase)
+        s = warpgroup_mma(q_buf, k_smem.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+        if EARLY_DP:
+            mbarrier.wait(do_bars.index(stage), phase)
+            dp = warpgroup_mma(do_buf, v_smem.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                               use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s,))
+        else:
+            s = warpgroup_mma_wait(0, deps=(s,))
+
+        if HAS_SOFTCAP:
+            t = _tanh_fast(s * qk_scale)
+            s2 = t * cap_out
+        else:
+            s2 = s * qk_scale
+        masked = (blk < fu_lo) | (blk >= fu_hi)
+        if masked:
+            c2 = gl.expand_dims(keys, 0)
+            r2 = gl.expand_dims(qrows, 1)
+            vis = c2 < seqlen_k
+            if HAS_WR:
+                vis = vis & (c2 <= r2 + (off + window_right))
+            if HAS_WL:
+                vis = vis & (c2 >= r2 + (off - window_left))
+            s2 = gl.where(vis, s2, float("-inf"))
+        p = gl.exp2(s2 - gl.expand_dims(lse2, 1))
+        p_smem.store(p.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()  # all of P is in shared memory before either warpgroup reads it
+        if not EARLY_DP:
+            mbarrier.wait(do_bars.index(stage), phase)
+        dv = warpgroup_mma(p_smem.permute((1, 0)), do_buf, dv, is_async=True)
+        if HAS_SOFTCAP:
+            p = p * (1.0 - t * t)  # tanh' folded into P now: t need not stay live until dS
+        if EARLY_DP:
+            dp = warpgroup_mma_wait(1, deps=(dp,))  # groups retire in order: dP done, dV may still run
+        else:
+            dp = warpgroup_mma(do_buf, v_smem.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                               use_acc=False, is_async=True)
+            dp = warpgroup_mma_wait(0, deps=(dp,))
+        ds = p * (dp - gl.expand_dims(delta, 1))
+        ds_smem.store(ds.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        dk = warpgroup_mma(ds_smem.permute((1, 0)), q_buf, dk, is_async=True)
+        if ATOMIC_DQ:
+            # dQ = dS K in column chunks of DQ_CHUNK (fewer live registers for the atomics)
+            base = DQ + (b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh)
+            qr = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
+            qmask = gl.expand_dims(qr < seqlen_q, 1)
+            for c in gl.static_range(BLOCK_D // DQ_CHUNK):
+                dq0 = gl.zeros([BLOCK_M, DQ_CHUNK], gl.float32, dq_layout)
+                if BLOCK_D == DQ_CHUNK:
+                    dq = warpgroup_mma(ds_smem, k_smem, dq0, use_acc=False, is_async=True)
+                else:
+                    dq = warpgroup_mma(ds_smem, k_smem.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1), dq0, use_acc=False,
+                                       is_async=True)
+                dq = warpgroup_mma_wait(0, deps=(dq,))
+                qc = c * DQ_CHUNK + gl.arange(0, DQ_CHUNK, layout=gl.SliceLayout(0, dq_layout))
+                ptrs = base + gl.expand_dims((q_start + qr).to(gl.int64) * stride_dqs, 1) + gl.expand_dims(qc, 0)
+                gl.atomic_add(ptrs, dq, mask=qmask, sem="relaxed")
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+        else:
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+        # every warp is done with this ring slot (and with P, dS) before they are overwritten
+        gl.thread_barrier()
+        nxt = i + NUM_STAGES
+        if nxt < total:
+            _issue_q_do(q_desc, do_desc, q_bufs, do_bufs, q_bars, do_bars, nxt, b, hk, group, q_start, mb_lo, n_mb,
+                        BLOCK_M, NUM_STAGES, IS_VARLEN)
+
+    mbarrier.invalidate(kv_bar)
+    for st in gl.static_range(NUM_STAGES):
+        mbarrier.invalidate(q_bars.index(st))
+        mbarrier.invalidate(do_bars.index(st))
+    kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
+    _store_rows(DV + kv_off, dv.to(dtype), k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM, BLOCK_N, BLOCK_D,
+                kv_layout)
+    _store_rows(DK + kv_off, (dk * sm_scale).to(dtype), k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM,
+                BLOCK_N, BLOCK_D, kv_layout)

@@ -1,0 +1,130 @@
+"""Host side of the Hopper backward: preprocess, the Gluon dK/dV/dQ kernel, dQ conversion.
+
+Works on the internal layout of :mod:`flashtile.backends.base` (dense ``(B, S, H, D)``; varlen
+``(1, total, H, D)`` with ``cu_seqlens``). Imports Triton and Gluon: import it only once
+:meth:`HopperBackend.available` said yes.
+
+Steps:
+
+1. ``delta = rowsum(dO * O)`` (float32, lse's shape): the Triton backend's preprocess kernel.
+2. :func:`.bwd.attn_bwd`, one program per (key block, KV head, batch or sequence): dK and dV
+   written directly; dQ (unscaled) added with fp32 atomics into a zeroed ``(B, Sq, H, BLOCK_D)``
+   buffer (``call.deterministic=False``).
+3. dQ conversion: ``dq = scale * acc[..., :D]`` in q's dtype.
+
+``call.deterministic=True`` (or a config with ``atomic_dq=0``): atomics make the order of the
+dQ additions vary from run to run,
+so the Gluon kernel runs without them (``ATOMIC_DQ=False``: dK/dV only, which are written by
+one program each and so reproducible) and dQ comes from the Triton backend's dQ kernel (one
+program per query block, summing key blocks in a fixed order): bitwise reproducible, at the cost
+of recomputing S and dP once more.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ...spec import AttnCall
+from ..triton import configs as triton_configs
+from ..triton.bwd import _bwd_dq_kernel, _bwd_preprocess
+from ..triton.launch import _flags, _geometry, _scalars, arch, device_guard, score_scales
+from . import configs
+from .bwd import attn_bwd
+from .configs import HopperBwdConfig
+from .launch import _descriptor, tma_compatible
+
+
+def backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    call: AttnCall,
+    *,
+    config: HopperBwdConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) shaped and typed like (q, k, v). ``config`` overrides the table (sweeps)."""
+    B, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k = _geometry(q, k, call)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if nb == 0 or q.numel() == 0 or k.numel() == 0 or rows_q == 0 or rows_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if not call.softmax_scale > 0:
+        raise ValueError(f"flashtile hopper: softmax_scale must be > 0, got {call.softmax_scale}")
+    cfg = config or configs.bwd_config(D)
+    bad = configs.bwd_check(cfg, D)
+    if bad:
+        raise ValueError(f"flashtile hopper: backward config {cfg} for head dim {D}: {bad}")
+    q, k, v, dout = (x if tma_compatible(x) else x.contiguous() for x in (q, k, v, dout))
+    if out.stride(-1) != 1:
+        out = out.contiguous()
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    bd = configs.block_d(D)
+    atomic = bool(cfg.atomic_dq) and not call.deterministic
+    # fp32 dQ accumulator, BLOCK_D wide (no column masks on the atomics)
+    dq_acc = torch.zeros((B, Sq, H, bd), dtype=torch.float32, device=q.device) if atomic else dq
+    qk_scale, cap_out = score_scales(call)
+    stride_lb = 0 if varlen else lse.stride(0)
+
+    with device_guard(q.device):
+        pre_m = 64
+        _bwd_preprocess[(triton.cdiv(Sq, pre_m), H, B)](
+            out, dout, delta,
+            out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            delta.stride(0), delta.stride(1), Sq,
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_m,
+        )  # fmt: skip
+        q_desc = _descriptor(q, cfg.block_m, varlen)
+        do_desc = _descriptor(dout, cfg.block_m, varlen)
+        k_desc = _descriptor(k, cfg.block_n, varlen)
+        v_desc = _descriptor(v, cfg.block_n, varlen)
+        attn_bwd[(triton.cdiv(rows_k, cfg.block_n), Hk, nb)](
+            q_desc, k_desc, v_desc, do_desc, dq_acc, dk, dv, lse, delta, call.cu_seqlens_q, call.cu_seqlens_k,
+            0 if varlen else dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
+            0 if varlen else dk.stride(0), dk.stride(1), dk.stride(2), stride_lb, lse.stride(1),
+            Sq, Sk, H // Hk, qk_scale, cap_out, call.softmax_scale, call.window_left, call.window_right,
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
+            HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
+            IS_VARLEN=varlen, ATOMIC_DQ=atomic, DQ_CHUNK=cfg.chunk(D), num_warps=cfg.num_warps,
+        )  # fmt: skip
+        if atomic:
+            dq.copy_(dq_acc[..., :D].mul_(call.softmax_scale))
+        else:
+            _triton_dq(q, k, v, dout, lse, delta, dq, call, varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k)
+    return dq, dk, dv
+
+
+def _triton_dq(q, k, v, dout, lse, delta, dq, call: AttnCall, varlen: bool, nb: int, seqlen_q: int,
+               seqlen_k: int, rows_q: int, rows_k: int) -> None:  # fmt: skip
+    """The deterministic dQ: the Triton backend's dQ kernel (no atomics)."""
+    H, D = q.shape[2], q.shape[3]
+    bd = configs.block_d(D)
+    c = triton_configs.bwd_config(arch(q.device), bd, q.dtype, max(rows_q, rows_k))
+    scal = _scalars(call)
+
+    def bstr(t: torch.Tensor) -> tuple[int, int, int]:
+        return (0 if varlen else t.stride(0), t.stride(1), t.stride(2))
+
+    _bwd_dq_kernel[(triton.cdiv(rows_q, c.block_m2), H, nb)](
+        q, k, v, dout, lse, delta, dq, None, call.cu_seqlens_q, call.cu_seqlens_k,
+        *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dq),
+        0 if varlen else lse.stride(0), lse.stride(1), 0,
+        seqlen_q, seqlen_k, H, H // k.shape[2],
+        scal["qk_scale"], scal["cap_out"], scal["alibi_mul"], call.softmax_scale,
+        scal["window_left"], scal["window_right"],
+        scal["thresh"], scal["drop_scale"], scal["seed_lo"], scal["seed_hi"],
+        HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m2, BLOCK_N=c.block_n2,
+        REVERSE_M=call.window_right >= 0, **_flags(call, q.dtype),
+        num_warps=c.num_warps2, num_stages=c.num_stages2,
+    )  # fmt: skip
+
+
+__all__ = ["backward"]
