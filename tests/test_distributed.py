@@ -216,7 +216,7 @@ def _check_sink_grad(gs_l, gs_ref, group, tol, n_u):
     mine[u * h // n_u : (u + 1) * h // n_u] = True
     own = g.clone()
     dist.all_reduce(g, group=group)
-    assert bool((own[~mine] == 0).all()) and bool((own[mine] != 0).all())
+    assert bool((own[~mine] == 0).all())  # (a rank whose rows see no key may have a zero share too)
     _close(g, g_ref, "grad[sink] summed over the group", tol)
 
 

@@ -6,10 +6,8 @@ Triton kernels on GPUs, a tiled PyTorch engine on every device.
 
 import importlib
 
-from . import masks
 from ._version import __version__
 from .dispatch import BackendUnavailableError, use_backend
-from .flex import BlockMask, create_block_mask, flex_attention
 from .interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -45,8 +43,15 @@ __all__ = [
 ]
 
 
+_FLEX_NAMES = ("BlockMask", "create_block_mask", "flex_attention")
+
+
 def __getattr__(name: str):
-    """``flashtile.models`` / ``flashtile.modules`` are imported on first use (start-up time)."""
-    if name in ("models", "modules"):
+    """``flashtile.models`` / ``modules`` / ``masks`` and the FlexAttention API (:mod:`flashtile.flex`,
+    which imports torch's flex_attention and so Triton) are imported on first use (start-up time;
+    and the triton backend's interpreter switch is read when Triton is first imported)."""
+    if name in ("models", "modules", "masks"):
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _FLEX_NAMES:
+        return getattr(importlib.import_module(f"{__name__}.flex"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .flex import mods_from_dense_mask
 from .interface import flash_attn_func, flash_attn_varlen_func
 from .padding import unpad_input
 from .spec import SUPPORTED_DTYPES
@@ -143,6 +142,8 @@ def scaled_dot_product_attention(
         if len(batch_shape) != 1 and mask.dim() == 4 and mask.shape[0] != 1:
             raise ValueError("with several batch dims, a 4-D attn_mask must have batch dim 1, got "
                              f"{tuple(attn_mask.shape)}")  # fmt: skip
+        from .flex import mods_from_dense_mask  # (imports torch._dynamo: only for general masks)
+
         block_mask, score_mod = mods_from_dense_mask(mask, b, h, sq, sk)
         out = flash_attn_func(q, k, v, dropout_p, softmax_scale=scale, block_mask=block_mask, score_mod=score_mod)
     elif attn_mask is not None:
