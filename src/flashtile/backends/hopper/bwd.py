@@ -137,8 +137,9 @@ def attn_bwd(
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[SM, SN],
                                                         instr_shape=[16, DQ_CHUNK // SN, 16])
     # dP = dO V^T is issued right after S (overlapping the softmax) unless registers are short:
-    # softcap at head dims > 128 issues it after P (its accumulator is not live during the softmax)
-    EARLY_DP: gl.constexpr = not (HAS_SOFTCAP and BLOCK_D > 128)
+    # softcap at head dims >= 128 issues it after P (its accumulator is not live during the
+    # softmax; ptxas spilled 16-52 bytes otherwise)
+    EARLY_DP: gl.constexpr = not (HAS_SOFTCAP and BLOCK_D >= 128)
     qry_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
