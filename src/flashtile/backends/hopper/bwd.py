@@ -103,8 +103,10 @@ def attn_bwd(
     q_desc / do_desc: ``[BLOCK_M, BLOCK_D]`` tiles of q / dout; k_desc / v_desc:
     ``[BLOCK_N, BLOCK_D]`` tiles (4-D dense, 3-D varlen descriptors, as the forward's). DK / DV
     like k (contiguous, ``stride_dk*`` shared by both), written whole (zeros for keys no query
-    sees). DQ: fp32 ``(B, Sq, H, BLOCK_D)`` zeroed buffer, ``ATOMIC_DQ``: the unscaled dS K is
-    added into it with relaxed atomics (else dQ is left to another kernel). LSE (natural log) and
+    sees). DQ: fp32 ``(B, Sq + BLOCK_M, H, BLOCK_D)`` zeroed buffer (varlen ``total_q + BLOCK_M``
+    rows), ``ATOMIC_DQ``: the unscaled dS K is added into it with relaxed atomics, whole query
+    blocks without masks (rows past a sequence's end add exact zeros, into the spare rows or the
+    next sequence's); else dQ is left to another kernel. LSE (natural log) and
     DELTA share the strides ``stride_lb`` / ``stride_lh`` (varlen: one row of ``total_q``)."""
     pid_n = gl.program_id(0)
     hk = gl.program_id(1)
@@ -250,9 +252,10 @@ def attn_bwd(
         dk = warpgroup_mma(ds_smem.permute((1, 0)), q_buf, dk, is_async=True)
         if ATOMIC_DQ:
             # dQ = dS K in column chunks of DQ_CHUNK (fewer live registers for the atomics)
+            # no row mask (a masked atomic is a branch per element): DQ has BLOCK_M spare rows past
+            # the last one, and rows past seqlen_q add exact zeros (their P, hence dS, is 0)
             base = DQ + (b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh)
             qr = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-            qmask = gl.expand_dims(qr < seqlen_q, 1)
             for c in gl.static_range(BLOCK_D // DQ_CHUNK):
                 dq0 = gl.zeros([BLOCK_M, DQ_CHUNK], gl.float32, dq_layout)
                 if BLOCK_D == DQ_CHUNK:
@@ -263,7 +266,7 @@ def attn_bwd(
                 dq = warpgroup_mma_wait(0, deps=(dq,))
                 qc = c * DQ_CHUNK + gl.arange(0, DQ_CHUNK, layout=gl.SliceLayout(0, dq_layout))
                 ptrs = base + gl.expand_dims((q_start + qr).to(gl.int64) * stride_dqs, 1) + gl.expand_dims(qc, 0)
-                gl.atomic_add(ptrs, dq, mask=qmask, sem="relaxed")
+                gl.atomic_add(ptrs, dq, sem="relaxed")
             dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
         else:
             dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
