@@ -147,6 +147,127 @@ def test_launch_bwd_import_is_lazy():
 
 
 # ----------------------------------------------------------------------------------------------
+# launch_bwd's argument preparation on CPU tensors (kernels replaced by recorders; needs Triton
+# with Gluon importable, which the CPU venv has)
+
+
+class _Recorder:
+    """Stands in for a JIT kernel: ``kernel[grid](*args, **kw)`` is recorded, and ``effect`` (if
+    given) runs on the arguments (a stand-in for what the kernel writes)."""
+
+    def __init__(self, effect=None):
+        self.calls = []
+        self.effect = effect
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.calls.append((grid, args, kw))
+            if self.effect:
+                self.effect(*args, **kw)
+
+        return launch
+
+
+@pytest.fixture
+def lb(monkeypatch):
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from flashtile.backends.hopper import launch_bwd
+
+    def fill_dq(*args, **kw):  # the fused kernel: a known unscaled dQ sum in every accumulator cell
+        if kw["ATOMIC_DQ"]:
+            args[4].fill_(2.0)
+
+    rec = {"main": _Recorder(fill_dq), "pre": _Recorder(), "dq": _Recorder()}
+    monkeypatch.setattr(launch_bwd, "attn_bwd", rec["main"])
+    monkeypatch.setattr(launch_bwd, "_bwd_preprocess", rec["pre"])
+    monkeypatch.setattr(launch_bwd, "_bwd_dq_kernel", rec["dq"])
+    monkeypatch.setattr(launch_bwd, "_descriptor", lambda t, rows, varlen: ("desc", tuple(t.shape), rows, varlen))
+    monkeypatch.setattr(launch_bwd, "arch", lambda device: "sm90")
+    return launch_bwd, rec
+
+
+def _lse(b, h, s):
+    return torch.randn(b, h, s)
+
+
+def test_launch_bwd_dense_arguments(lb):
+    launch_bwd, rec = lb
+    B, Sq, Sk, H, Hk, D = 2, 70, 90, 4, 2, 96
+    q, k, v = qkv_inputs(B, Sq, Sk, H, Hk, D, torch.bfloat16, "cpu")
+    call = make_call(headdim=D, causal=True, softmax_scale=0.25)
+    dq, dk, dv = launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(B, H, Sq), call)
+    cfg = configs.bwd_config(D)
+    (grid, args, kw), = rec["main"].calls
+    assert grid == (-(-Sk // cfg.block_n), Hk, B)
+    acc = args[4]
+    assert acc.dtype == torch.float32 and acc.shape == (B, Sq + cfg.block_m, H, 128)  # spare rows, BLOCK_D wide
+    assert args[11:14] == acc.stride()[:3] and args[14:17] == dk.stride()[:3]
+    assert args[19:22] == (Sq, Sk, 2)
+    assert args[22] == pytest.approx(0.25 * 1.4426950408889634) and args[23] == 0.0 and args[24] == 0.25
+    assert args[25:27] == (-1, 0)
+    assert kw["HAS_WR"] and not kw["HAS_WL"] and not kw["HAS_SOFTCAP"] and not kw["IS_VARLEN"]
+    assert kw["ATOMIC_DQ"] and kw["HEAD_DIM"] == 96 and kw["BLOCK_D"] == 128 and kw["DQ_CHUNK"] == 128
+    assert args[9] is None and args[10] is None
+    # the conversion: scale x the accumulator, its first D columns and Sq rows, in q's dtype
+    assert dq.dtype == q.dtype and dq.shape == q.shape and torch.all(dq == 0.5)
+    assert dk.shape == k.shape and dv.shape == v.shape
+    (pgrid, pargs, pkw), = rec["pre"].calls
+    assert pgrid[1:] == (H, B) and pkw["HEAD_DIM"] == D
+    assert not rec["dq"].calls
+
+
+def test_launch_bwd_deterministic_uses_the_ordered_dq_pass(lb):
+    launch_bwd, rec = lb
+    q, k, v = qkv_inputs(1, 200, 200, 8, 2, 128, torch.float16, "cpu")
+    call = make_call(headdim=128, deterministic=True, softcap=30.0)
+    dq, _, _ = launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(1, 8, 200), call)
+    (_, args, kw), = rec["main"].calls
+    assert not kw["ATOMIC_DQ"] and kw["HAS_SOFTCAP"] and args[4] is dq
+    assert args[23] == pytest.approx(30.0 * 1.4426950408889634)
+    (grid, dargs, dkw), = rec["dq"].calls
+    assert grid[1:] == (8, 1) and dargs[6] is dq and dkw["HAS_SOFTCAP"] and not dkw["HAS_ALIBI"]
+    # the same second pass for a config with atomic_dq=0
+    launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(1, 8, 200), make_call(headdim=128),
+                        config=configs.bwd_config(128, atomic_dq=0))  # fmt: skip
+    assert len(rec["dq"].calls) == 2 and not rec["main"].calls[1][2]["ATOMIC_DQ"]
+
+
+def test_launch_bwd_varlen_arguments(lb):
+    launch_bwd, rec = lb
+    lens_q, lens_k = [0, 1, 17, 130], [5, 0, 40, 130]
+    tq, tk, H, Hk, D = sum(lens_q), sum(lens_k), 4, 4, 64
+    q = torch.randn(1, tq, H, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, tk, Hk, D, dtype=torch.bfloat16) for _ in range(2))
+    call = make_call(headdim=D, cu_seqlens_q=cu(lens_q, "cpu"), cu_seqlens_k=cu(lens_k, "cpu"),
+                     max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), window_size=(8, 3))  # fmt: skip
+    launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(1, H, tq), call)
+    cfg = configs.bwd_config(D)
+    (grid, args, kw), = rec["main"].calls
+    assert grid == (-(-max(lens_k) // cfg.block_n), Hk, len(lens_q))
+    assert args[4].shape == (1, tq + cfg.block_m, H, D)
+    assert args[11] == 0 and args[14] == 0 and args[17] == 0  # no batch strides: rows are global
+    assert args[9] is call.cu_seqlens_q and args[10] is call.cu_seqlens_k
+    assert kw["IS_VARLEN"] and kw["HAS_WL"] and kw["HAS_WR"] and args[25:27] == (8, 3)
+
+
+def test_launch_bwd_empty_problem_launches_nothing(lb):
+    launch_bwd, rec = lb
+    q = torch.randn(2, 0, 4, 64, dtype=torch.bfloat16)
+    k = v = torch.randn(2, 10, 4, 64, dtype=torch.bfloat16)
+    dq, dk, dv = launch_bwd.backward(q, q, k, v, q, _lse(2, 4, 0), make_call(headdim=64))
+    assert dq.shape == q.shape and torch.all(dk == 0) and torch.all(dv == 0)
+    assert not rec["main"].calls and not rec["pre"].calls
+
+
+def test_launch_bwd_rejects_bad_config(lb):
+    launch_bwd, _ = lb
+    q, k, v = qkv_inputs(1, 8, 8, 2, 2, 128, torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match="backward config"):
+        launch_bwd.backward(q, q, k, v, q, _lse(1, 2, 8), make_call(headdim=128),
+                            config=configs.bwd_config(128, block_n=32))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU parity (skipped without a usable backend)
 
 
