@@ -94,7 +94,8 @@ def backward(
             Sq, Sk, H // Hk, qk_scale, cap_out, call.softmax_scale, call.window_left, call.window_right,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
             HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
-            IS_VARLEN=varlen, ATOMIC_DQ=atomic, DQ_CHUNK=cfg.chunk(D), num_warps=cfg.num_warps,
+            IS_VARLEN=varlen, ATOMIC_DQ=atomic, DQ_CHUNK=cfg.chunk(D), RED_VEC=cfg.red_vec,
+            num_warps=cfg.num_warps,
         )  # fmt: skip
         if atomic:
             dq.copy_(dq_acc[:, :Sq, :, :D].mul_(call.softmax_scale))
