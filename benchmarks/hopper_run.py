@@ -78,6 +78,7 @@ def watchdog(seconds: float, what: str):
 
 
 CASE_TIMEOUT = 180.0  # set from --case-timeout
+HEADDIMS: list[int] | None = None  # set from --headdim
 
 
 # ------------------------------------------------------------------------------------------
@@ -200,6 +201,9 @@ def correctness_cases(quick: bool) -> list[tuple[str, dict]]:
         ("varlen empty/len-1 causal",
          dict(lens=([0, 1, 17, 130, 0, 300], [5, 0, 40, 130, 3, 257]), d=128, causal=True)),
         ("d=256 causal", dict(sq=300, sk=300, d=256, causal=True)),
+        ("d=64 GQA 8/2 causal 113 vs 203", dict(sq=113, sk=203, h=8, hk=2, d=64, causal=True)),
+        ("d=64 varlen empty/len-1 causal", dict(lens=([0, 1, 17, 400, 0, 300], [5, 0, 40, 400, 3, 257]), d=64,
+                                                causal=True)),
     ]
     if quick:
         return cases
@@ -232,7 +236,10 @@ def run_correctness(quick: bool, config_overrides: dict | None = None, label: st
     for name, kw in correctness_cases(quick):
         cfg = None
         if config_overrides:
-            cfg = configs.config(kw.get("d", 64), **config_overrides)
+            ov = dict(config_overrides)
+            if ov.pop("d", kw.get("d", 64)) != kw.get("d", 64):
+                continue  # a variant for another head dim
+            cfg = configs.config(kw.get("d", 64), **ov)
             bad = configs.check(cfg, kw.get("d", 64))
             if bad:
                 log(f"SKIP [{label}] {name}: {bad}")
@@ -272,37 +279,71 @@ def _tflops(b, h, s, d, causal, ms):
     return f / (ms * 1e-3) / 1e12
 
 
-def bench_cells(quick: bool) -> list[tuple[int, int, int, int, bool]]:
-    """(b, h, s, d, causal) cells."""
+def bench_cells(quick: bool) -> list[dict]:
+    """Cells as dicts: b, h, hk (KV heads), s, d, causal, varlen (varlen: ``b`` sequences of
+    random lengths averaging ``s``, packed)."""
+
+    def cell(b, h, s, d, causal, hk=None, varlen=False):
+        return dict(b=b, h=h, hk=hk or h, s=s, d=d, causal=causal, varlen=varlen)
+
     if quick:
-        return [(4, 16, 4096, 128, False), (4, 16, 4096, 128, True)]
+        return [cell(4, 16, 4096, 128, False), cell(4, 16, 4096, 128, True)]
     cells = []
     for d in (64, 128):
         for s in (1024, 4096, 16384):
             for causal in (False, True):
-                cells.append((16384 // s, 2048 // d, s, d, causal))
-    cells += [(4, 8, 4096, 256, False), (4, 8, 4096, 256, True)]
+                cells.append(cell(16384 // s, 2048 // d, s, d, causal))
+    cells += [cell(4, 8, 4096, 256, False), cell(4, 8, 4096, 256, True)]
+    cells += [cell(2, 32, 8192, 128, c, hk=8) for c in (False, True)]  # GQA 32/8 (Llama-3 8B's heads)
+    cells += [cell(8, 16, 2048, 128, c, varlen=True) for c in (False, True)]
     return cells
 
 
-def _contenders(b, h, s, d, causal, variants) -> dict:
-    """name -> zero-argument function running one forward of that contender on fresh inputs."""
+def _varlen_lens(b: int, s: int) -> list[int]:
+    """``b`` sequence lengths averaging ``s`` (fixed seed: the same in every run)."""
+    g = torch.Generator().manual_seed(0)
+    lens = (torch.rand(b, generator=g) * s + s // 2).long()
+    lens = (lens * (b * s) // lens.sum()).clamp(min=1)
+    return lens.tolist()
+
+
+def _contenders(c: dict, variants) -> dict:
+    """name -> zero-argument function running one forward of that contender on fresh inputs.
+    Varlen cells have no SDPA contenders (SDPA takes no cu_seqlens)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from flashtile.backends.hopper import configs
     from flashtile.backends.hopper import launch as hlaunch
     from flashtile.backends.triton import launch as tlaunch
 
-    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # SDPA's (b, h, s, d) as views: no copy timed
-    call = make_call(headdim=d, causal=causal)
+    b, h, hk, s, d, causal = c["b"], c["h"], c["hk"], c["s"], c["d"], c["causal"]
     fns = {}
+    if c["varlen"]:
+        lens = _varlen_lens(b, s)
+        cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+        total, mx = int(cu[-1]), max(lens)
+        q = torch.randn(1, total, h, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, total, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        call = make_call(headdim=d, causal=causal, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mx, max_seqlen_k=mx)
+    else:
+        q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        call = make_call(headdim=d, causal=causal)
     for label, ov in variants:
+        ov = dict(ov)
+        if ov.pop("d", d) != d:
+            continue  # a variant for another head dim
         cfg = configs.config(d, **ov) if ov else None
         if cfg is not None and configs.check(cfg, d):
             continue
         fns[f"hopper{label}"] = lambda cfg=cfg: hlaunch.forward(q, k, v, call, config=cfg)
     fns["triton"] = lambda: tlaunch.forward(q, k, v, call)
+    if c["varlen"]:
+        return fns
+    # SDPA's (b, h, s, d) as views: no copy timed; GQA: K/V expanded beforehand (not timed)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    if hk != h:
+        kt, vt = (x.repeat_interleave(h // hk, dim=1) for x in (kt, vt))
 
     def sdpa(backend):
         def f():
@@ -320,15 +361,18 @@ def run_bench(quick: bool, variants: list[tuple[str, dict]]) -> list[dict]:
     import triton
 
     rows = []
-    for b, h, s, d, causal in bench_cells(quick):
-        row = {"b": b, "h": h, "s": s, "d": d, "causal": causal}
-        for name, fn in _contenders(b, h, s, d, causal, variants).items():
+    for c in bench_cells(quick):
+        if HEADDIMS and c["d"] not in HEADDIMS:
+            continue
+        b, h, s, d, causal = c["b"], c["h"], c["s"], c["d"], c["causal"]
+        row = dict(c)
+        for name, fn in _contenders(c, variants).items():
             try:
                 with watchdog(CASE_TIMEOUT, f"bench {name} b{b} h{h} s{s} d{d} causal={causal}"):
                     fn()
                     torch.cuda.synchronize()
                     ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                row[name] = round(_tflops(b, h, s, d, causal, ms), 1)
+                row[name] = round(_tflops(b, h, s, d, causal, ms), 1)  # varlen: b*s tokens in all
             except Exception as e:  # one contender failing must not hide the others
                 row[name] = None
                 log(f"{name} failed at b{b} h{h} s{s} d{d} causal={causal}: {type(e).__name__}: {str(e)[:200]}")
@@ -348,12 +392,15 @@ def _parse_variant(text: str) -> tuple[str, dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer correctness cases, two benchmark cells")
-    ap.add_argument("--variant", action="append", default=[], help="config overrides, e.g. block_n=64,num_stages=3")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="config overrides, e.g. block_n=64,num_stages=3 (d=64: only for head dim 64)")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--keep-going", action="store_true", help="drop a failing variant instead of stopping")
     ap.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT, help="watchdog per case / cell (s)")
+    ap.add_argument("--headdim", type=int, action="append", help="benchmark only cells of these head dims")
     args = ap.parse_args()
     globals()["CASE_TIMEOUT"] = args.case_timeout
+    globals()["HEADDIMS"] = args.headdim
     import triton
 
     log(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
@@ -386,12 +433,15 @@ def main() -> int:
         return 1 if failed else 0
     variants = passed
     rows = run_bench(args.quick, variants)
-    names = [k for k in rows[0] if k not in ("b", "h", "s", "d", "causal")] if rows else []
-    print("\nTFLOP/s (bf16 forward)")
-    print(f"{'b':>3} {'h':>3} {'s':>6} {'d':>4} {'causal':>6} " + " ".join(f"{n:>{max(10, len(n))}}" for n in names))
+    keys = ("b", "h", "hk", "s", "d", "causal", "varlen")
+    names = list(dict.fromkeys(k for r in rows for k in r if k not in keys))
+    print("\nTFLOP/s (bf16 forward; varlen rows: b sequences averaging s tokens)")
+    print(f"{'b':>3} {'h':>3} {'hk':>3} {'s':>6} {'d':>4} {'causal':>6} {'varlen':>6} "
+          + " ".join(f"{n:>{max(10, len(n))}}" for n in names))  # fmt: skip
     for r in rows:
         vals = " ".join(f"{('-' if r.get(n) is None else r[n]):>{max(10, len(n))}}" for n in names)
-        print(f"{r['b']:>3} {r['h']:>3} {r['s']:>6} {r['d']:>4} {str(r['causal']):>6} {vals}")
+        print(f"{r['b']:>3} {r['h']:>3} {r['hk']:>3} {r['s']:>6} {r['d']:>4} {str(r['causal']):>6} "
+              f"{str(r['varlen']):>6} {vals}")  # fmt: skip
     out_dir = os.environ.get("OUT")
     if out_dir:
         path = os.path.join(out_dir, "hopper_run.json")

@@ -4,6 +4,7 @@ Run with a Python that has Triton 3.6 (torch is not needed): the kernels and the
 loaded from their files, not through the ``flashtile`` package::
 
     /work/tri36/bin/python scripts/gluon_compile_check.py [--quick] [--jobs 8] [--dump DIR]
+    /work/tri36/bin/python scripts/gluon_compile_check.py --fp8 [--quick]   # the FP8 kernel
 
 For every (kernel, dtype, head dim, mask option, varlen) it prints the shared memory, registers
 and spills (``ptxas -v``), whether the SASS has HGMMA (wgmma) and UTMALDG (TMA loads) and any
@@ -62,14 +63,81 @@ def _bin(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
-def _desc_sig(dtype: str, rows: int, d: int, varlen: bool) -> str:
-    """The launcher's signature string of a descriptor made by launch._descriptor (d: BLOCK_D)."""
+def _desc_sig(dtype: str, rows: int, d: int, varlen: bool, block: list[int] | None = None) -> str:
+    """The launcher's signature string of a descriptor made by launch._descriptor (d: BLOCK_D), or
+    of any ``block`` (its last dim contiguous)."""
     from triton.experimental.gluon import language as gl
 
-    sw = next((s for s in (128, 64, 32) if (2 * d) % s == 0), 0)
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=sw, element_bitwidth=16, rank=3 if varlen else 4)
-    block = [rows, 1, d] if varlen else [1, rows, 1, d]
+    bits = 8 if dtype.startswith("fp8") else 16
+    if block is None:
+        block = [rows, 1, d] if varlen else [1, rows, 1, d]
+    row = block[-1] * bits // 8
+    sw = next((s for s in (128, 64, 32) if row % s == 0), 0)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=sw, element_bitwidth=bits, rank=len(block))
     return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
+
+
+def compile_one_fp8(d: int, mask: str, varlen: bool, descales: bool, overrides: dict, dump: str | None) -> dict:
+    """Compile one variant of the FP8 kernel (fwd_fp8.attn_fwd_ws_fp8)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    configs = _load("hopper_configs", PKG / "configs.py")
+    _load("hopper_fwd", PKG / "fwd.py")
+    fwd8 = _load_fp8()
+    cfg = configs.fp8_config(d, **overrides)
+    tiles = f"{cfg.block_m}x{cfg.block_n}x{cfg.num_stages}"
+    name = f"fp8 ws e4m3 d={d} {mask}{' varlen' if varlen else ''}{'' if descales else ' no-descale'} {tiles}"
+    res = {"name": name, "ok": False}
+    bad = configs.check_fp8(cfg, d)
+    if bad:
+        res["error"] = bad
+        return res
+    bd = configs.block_d(d)
+    vt_block = [1, bd, cfg.block_n] if varlen else [1, 1, bd, cfg.block_n]
+    ptr = "*fp32" if descales else "constexpr"
+    sig = {
+        "q_desc": _desc_sig("fp8e4nv", cfg.q_rows, bd, varlen), "k_desc": _desc_sig("fp8e4nv", cfg.block_n, bd, varlen),
+        "vt_desc": _desc_sig("fp8e4nv", 0, bd, varlen, vt_block), "o_desc": _desc_sig("bf16", cfg.q_rows, bd, varlen),
+        "O": "*bf16", "LSE": "*fp32",
+        "CU_Q": "*i32" if varlen else "constexpr", "CU_K": "*i32" if varlen else "constexpr",
+        "QD": ptr, "KD": ptr, "VD": ptr,
+        "sqd_b": "i32", "sqd_h": "i32", "skd_b": "i32", "skd_h": "i32", "svd_b": "i32", "svd_h": "i32",
+        "stride_os": "i32", "stride_oh": "i32", "stride_lb": "i32", "stride_lh": "i32",
+        "seqlen_q": "i32", "seqlen_k": "i32", "group": "i32", "qk_scale": "fp32", "cap_out": "fp32",
+        "window_left": "i32", "window_right": "i32",
+    }  # fmt: skip
+    consts = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
+                  IS_VARLEN=varlen, REVERSE_M=MASKS[mask]["HAS_WR"], num_warps=cfg.num_warps,
+                  CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, **MASKS[mask])  # fmt: skip
+    if not varlen:
+        consts.update(CU_Q=None, CU_K=None)
+    if not descales:
+        consts.update(QD=None, KD=None, VD=None)
+    for k in consts:
+        sig[k] = "constexpr"
+    try:
+        k = triton.compile(GluonASTSource(fwd8.attn_fwd_ws_fp8, sig, consts), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=cfg.num_warps))  # fmt: skip
+    except Exception as e:  # report, do not stop the other variants
+        res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        res["trace"] = str(e)
+        return res
+    return _analyse(k, res, name, dump)
+
+
+def _load_fp8():
+    """fwd_fp8.py imports ``.fwd`` relatively: load both as modules of a stand-in package."""
+    import types
+
+    pkg = sys.modules.get("hopper_pkg")
+    if pkg is None:
+        pkg = types.ModuleType("hopper_pkg")
+        pkg.__path__ = [str(PKG)]
+        sys.modules["hopper_pkg"] = pkg
+        _load("hopper_pkg.fwd", PKG / "fwd.py")
+    return _load("hopper_pkg.fwd_fp8", PKG / "fwd_fp8.py")
 
 
 def compile_one(kernel: str, dtype: str, d: int, mask: str, varlen: bool, overrides: dict, dump: str | None) -> dict:
@@ -108,7 +176,7 @@ def compile_one(kernel: str, dtype: str, d: int, mask: str, varlen: bool, overri
     if not varlen:
         consts.update(CU_Q=None, CU_K=None)
     if cfg.kernel != "plain":
-        consts.update(CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs)
+        consts.update(CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers)
     if cfg.kernel == "persistent":
         for key in ("CU_Q", "CU_K", "IS_VARLEN", "REVERSE_M"):
             sig.pop(key, None)
@@ -147,15 +215,17 @@ def _analyse(k, res: dict, name: str, dump: str | None) -> dict:
     res["regs"] = int(m.group(1)) if m else -1
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     res["spill"] = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
-    res["hgmma"] = sorted(set(re.findall(r"HGMMA\.(\d+x\d+x\d+)", sass)))
-    res["n_hgmma"] = len(re.findall(r"\bHGMMA\.", sass))
+    res["ptxas_notes"] = [ln.strip() for ln in out.splitlines() if "wgmma" in ln.lower() or "warning" in ln.lower()]
+    res["hgmma"] = sorted(set(re.findall(r"[HQ]GMMA\.(\d+x\d+x\d+(?:\.\w+)*)", sass)))
+    res["n_hgmma"] = len(re.findall(r"\b[HQ]GMMA\.", sass))  # QGMMA: the fp8 wgmma
     res["utmaldg"] = len(re.findall(r"\bUTMALDG", sass))
     res["utmastg"] = len(re.findall(r"\bUTMASTG", sass))
     res["local"] = len(re.findall(r"\b(?:LDL|STL)\b", sass))
     regs = re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"])
     res["setmaxnreg"] = sorted({int(x) for x in regs})
     res["boxes"] = sorted({tuple(t["block_size"]) for t in (k.metadata.tensordesc_meta or [])})
-    res["ok"] = res["n_hgmma"] > 0 and res["utmaldg"] > 0 and res["spill"] == (0, 0) and res["local"] == 0
+    res["ok"] = (res["n_hgmma"] > 0 and res["utmaldg"] > 0 and res["spill"] == (0, 0) and res["local"] == 0
+                 and not res["ptxas_notes"])  # fmt: skip
     if dump:
         stem = re.sub(r"[^\w.=+-]+", "_", name)
         for ext in ("ttgir", "ptx"):
@@ -221,6 +291,7 @@ def main() -> int:
     ap.add_argument("--trace", action="store_true", help="print the full error of failed variants")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
                     help="override a config field for every variant (block_n=64, num_stages=3)")
+    ap.add_argument("--fp8", action="store_true", help="the FP8 kernel (fwd_fp8.py) instead of the 16-bit ones")
     args = ap.parse_args()
     overrides = {}
     for kv in args.set:
@@ -241,6 +312,9 @@ def main() -> int:
                     if k in ("block_m", "block_n", "num_stages", "dq_chunk", "atomic_dq", "red_vec")}  # fmt: skip
         jobs += [(compile_bwd, (dt, d, op, vl, bwd_over)) for dt in dtypes for d in dims for op in bopts
                  for vl in (False, True)]  # fmt: skip
+    if args.fp8:  # (head dim, mask, varlen, descales given)
+        jobs = [(compile_one_fp8, (d, mk, vl, True, overrides)) for d in dims for mk in masks for vl in (False, True)]
+        jobs.append((compile_one_fp8, (dims[0], masks[0], False, False, overrides)))
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
     failed = 0
@@ -264,6 +338,7 @@ def main() -> int:
             if r["setmaxnreg"]:
                 boxes += f"  setmaxnreg {'/'.join(map(str, r['setmaxnreg']))}"
             flag = "" if r["ok"] else "  <-- CHECK" + (f" (local mem ops {r['local']})" if r["local"] else "")
+            flag += "".join(f"\n    ptxas: {n}" for n in r["ptxas_notes"])
             print(f"{r['name']:58} {r['smem']:>7} {r['regs']:>4} {r['spill'][0]:>4}/{r['spill'][1]:<4} {hg:>22} "
                   f"{r['utmaldg']:>4}/{r['utmastg']:<4}  {boxes}{flag}")  # fmt: skip
     print(f"{len(jobs)} variants, {failed} failed or flagged")

@@ -105,9 +105,24 @@ def test_bench_writes_json_and_plot(tmp_path, capsys):
     for r in rows:
         assert r["status"] == "ok", r
         assert r["mode"] == "fwd" and r["time_ms"] > 0 and r["tflops"] > 0 and r["peak_mem_bytes"] >= 0
+        assert r["time_min_ms"] <= r["time_ms"] <= r["time_max_ms"] and len(r["times_ms"]) == 1
     assert rows[0]["backend"] == "torch"
     if png is not None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_threads_and_spread(tmp_path, capsys):
+    js = tmp_path / "t.json"
+    assert cli.main(["bench", "--device", "cpu", "--seqlens", "64", "--heads", "2", "--headdim", "16", "--repeats",
+                     "3", "--mode", "fwd", "--threads", "1", "--json", str(js)]) == 0  # fmt: skip
+    assert "threads: 1 for every method" in capsys.readouterr().out
+    rows = json.loads(js.read_text())["rows"]
+    assert all(r["threads"] == 1 and len(r["times_ms"]) == 3 for r in rows)
+    noisy = dict(rows[0], times_ms=[1.0, 1.1, 2.0], time_ms=1.1, time_min_ms=1.0, time_max_ms=2.0)
+    quiet = dict(rows[0], times_ms=[1.0, 1.05, 1.1], time_ms=1.05, time_min_ms=1.0, time_max_ms=1.1)
+    assert bench.spread(noisy) > bench.SPREAD_WARN > bench.spread(quiet)
+    text = bench.format_bench_table([noisy, quiet])
+    assert "1.00-2.00 !" in text and "1.00-1.10 " in text
 
 
 def test_bench_skips_standard_attention_over_the_memory_cap(tmp_path, capsys):
@@ -175,6 +190,7 @@ def test_demo_runs_check_and_bench_and_writes_the_plot(tmp_path, capsys, monkeyp
     assert rc == 0, out
     assert "PASS: 4 checks" in out and "demo: check passed" in out
     assert len(json.loads(js.read_text())["rows"]) == 2 * 3
+    assert "takeaway: at seqlen 64 (forward + backward)" in out and "the time of PyTorch's SDPA" in out
     if plot.have_matplotlib():
         assert png.read_bytes()[:4] == b"\x89PNG"
 

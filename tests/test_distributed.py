@@ -1,12 +1,14 @@
 """Context-parallel attention (flashtile.distributed) against single-process attention.
 
 The planner tests are pure (no process group): the calls the ring makes on every (rank,
-source) step must tile the global mask exactly once. The parity tests start one real gloo
-group of 4 CPU processes (spawn is slow, so it is started once per module): every check runs
-on the whole group (W = 4) and on two groups of 2 (ranks {0, 2} and {1, 3}, so group ranks
-differ from global ranks), compares this rank's out, lse and dq/dk/dv with the matching shard
-of single-process ``flash_attn_func`` on the full sequence, and writes its verdict to a file
-that the parametrised tests below read.
+source) step must tile the global mask exactly once. The parity tests start real gloo groups of
+CPU processes (spawn is slow, so each is started once per module): a group of 4 where every
+check runs on the whole group (W = 4) and on two groups of 2 (ranks {0, 2} and {1, 3}, so group
+ranks differ from global ranks), and a group of 8 for the 2-D grids of 8 ranks (every
+factorisation 1x8, 2x4, 4x2, 8x1 on the whole group, and 2x2 on the two groups of 4 even / odd
+ranks). Each check compares this rank's out, lse and dq/dk/dv (and the sink's gradient summed
+over the group) with the matching shard of single-process ``flash_attn_func`` on the full
+sequence, and writes its verdict to a file that the parametrised tests below read.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ import torch.multiprocessing as mp
 
 import flashtile
 from flashtile.distributed import (
+    hybrid_flash_attn_func,
+    hybrid_flash_attn_qkvpacked_func,
+    hybrid_flash_attn_varlen_func,
+    hybrid_flash_attn_varlen_qkvpacked_func,
     ring_flash_attn_func,
     ring_flash_attn_qkvpacked_func,
     ring_flash_attn_varlen_func,
@@ -103,6 +109,44 @@ def test_plan_varlen():
         plan_varlen_step(qc, kc, [(8, 8), (16, 16)], 4, 3, 0)
 
 
+def test_merge_two_in_place_matches_merge_two():
+    """The ring's in-place merge (on a view of the running state, bf16 piece, rows that saw no
+    key on either side) equals merge_two and leaves the rows outside the view alone."""
+    from flashtile.merge import merge_two, merge_two_
+
+    g = torch.Generator().manual_seed(5)
+    acc_out, acc_lse = torch.randn(2, 12, 3, 8, generator=g), torch.randn(2, 3, 12, generator=g)
+    o, lse = torch.randn(2, 5, 3, 8, generator=g).bfloat16(), torch.randn(2, 3, 5, generator=g)
+    acc_lse[0, 1, 4:7] = float("-inf")
+    lse[0, 1, :3] = float("-inf")  # rows 4 and 5 of the view: empty on both sides
+    want_out, want_lse = merge_two(acc_out[:, 4:9], acc_lse[:, :, 4:9], o, lse)
+    before = acc_out.clone()
+    merge_two_(acc_out[:, 4:9], acc_lse[:, :, 4:9], o, lse)
+    torch.testing.assert_close(acc_out[:, 4:9], want_out)
+    torch.testing.assert_close(acc_lse[:, :, 4:9], want_lse)
+    assert torch.equal(acc_out[:, :4], before[:, :4]) and torch.equal(acc_out[:, 9:], before[:, 9:])
+    assert torch.isneginf(acc_lse[0, 1, 4:6]).all() and (acc_out[0, 4:6, 1] == 0).all()
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_2d_layout_gathers_the_ring_shard(layout):
+    """What a Ulysses subgroup gathers (its members' shards, sorted) is its ring position's shard
+    of the ring over W / U positions, dense and varlen: the premise of the 2-D form."""
+    from flashtile.distributed.shard import varlen_positions
+
+    cu = [0, 32, 32, 80, 96]  # every length divisible by 2W
+    for world in (2, 4, 8):
+        s = 16 * world
+        for n_u in (u for u in (1, 2, 4, 8) if world % u == 0):
+            n_r = world // n_u
+            for r in range(n_r):
+                members = range(r * n_u, (r + 1) * n_u)
+                got = torch.cat([positions(s, world, g, layout) for g in members]).sort().values
+                assert torch.equal(got, positions(s, n_r, r, layout)), (world, n_u, r)
+                got = torch.cat([varlen_positions(cu, world, g, layout) for g in members]).sort().values
+                assert torch.equal(got, varlen_positions(cu, n_r, r, layout)), (world, n_u, r, "varlen")
+
+
 # ----------------------------------------------------------------------------------------------
 # the process group: one spawn of 4 ranks, every check on W = 4 and on two groups of W = 2
 
@@ -122,7 +166,7 @@ def _inputs(seed, shapes, dtype=torch.float32):
 
 def _sink_leaves(opts):
     """Pops ``learnable_sink`` from ``opts``: ([ref leaf], [local leaf], ref kwarg, local kwarg), all
-    empty without a sink (ring attention does not take the keyword)."""
+    empty without a sink."""
     sink = opts.pop("learnable_sink", None)
     if sink is None:
         return [], [], {}, {}
@@ -136,63 +180,92 @@ def _split_sink_grad(grads, sink):
     return grads[:3] + [grads[3:]] if sink else grads + [[]]
 
 
-def _check_sink_grad(gs_l, gs_ref, group, tol):
-    """Each rank's sink gradient holds its heads' entries only; summed over the group (as a
+#: strategy -> (dense, qkvpacked, varlen, varlen_qkvpacked)
+FUNCS = {
+    "ring": (ring_flash_attn_func, ring_flash_attn_qkvpacked_func, ring_flash_attn_varlen_func,
+             ring_flash_attn_varlen_qkvpacked_func),
+    "ulysses": (ulysses_flash_attn_func, ulysses_flash_attn_qkvpacked_func, ulysses_flash_attn_varlen_func,
+                ulysses_flash_attn_varlen_qkvpacked_func),
+    "hybrid": (hybrid_flash_attn_func, hybrid_flash_attn_qkvpacked_func, hybrid_flash_attn_varlen_func,
+               hybrid_flash_attn_varlen_qkvpacked_func),
+}  # fmt: skip
+
+
+def _ulysses_size(group, strategy, ulysses):
+    """The Ulysses size of a check: 1 for ring, W for Ulysses, ``ulysses`` for hybrid ("W": the group's size)."""
+    world = dist.get_world_size(group)
+    if strategy != "hybrid":
+        return 1 if strategy == "ring" else world
+    return world if ulysses == "W" else ulysses
+
+
+def _fn(strategy, kind, group, ulysses):
+    fn = FUNCS[strategy][kind]
+    return partial(fn, ulysses_size=_ulysses_size(group, strategy, ulysses)) if strategy == "hybrid" else fn
+
+
+def _check_sink_grad(gs_l, gs_ref, group, tol, n_u):
+    """Each rank's sink gradient holds its rows' part of its Ulysses member's heads' entries
+    (``n_u`` = ulysses_size: all heads for ring), zeros elsewhere; summed over the group (as a
     data-parallel all-reduce would) it is the single-process gradient."""
     if not gs_l:
         return
     (g,), (g_ref,) = gs_l, gs_ref
-    h, world, rank = g.numel(), dist.get_world_size(group), dist.get_rank(group)
+    h, u = g.numel(), dist.get_rank(group) % n_u
     mine = torch.zeros(h, dtype=torch.bool)
-    mine[rank * h // world : (rank + 1) * h // world] = True
+    mine[u * h // n_u : (u + 1) * h // n_u] = True
     own = g.clone()
     dist.all_reduce(g, group=group)
-    assert own[~mine].abs().max() == 0 and own[mine].abs().min() > 0
+    assert bool((own[~mine] == 0).all()) and bool((own[mine] != 0).all())
     _close(g, g_ref, "grad[sink] summed over the group", tol)
 
 
 def _dense_case(group, strategy, layout, *, b=2, sq=48, sk=None, h=4, hk=4, d=16, packed=False,
-                dtype=torch.float32, tol=FP32_TOL, **opts):  # fmt: skip
+                dtype=torch.float32, tol=FP32_TOL, ulysses=None, **opts):  # fmt: skip
     sk = sq if sk is None else sk
+    n_u = _ulysses_size(group, strategy, ulysses)
     q, k, v, dout = _inputs(sq * 1000 + sk * 10 + hk, [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d), (b, sq, h, d)],
                             dtype)  # fmt: skip
     sink, sink_l, sk_ref, sk_l = _sink_leaves(opts)
+    sh = partial(shard, group=group, layout=layout, ulysses_size=n_u)
     if packed:
         qkv = torch.stack([q, k, v], dim=2).requires_grad_()
         out, lse, _ = flashtile.flash_attn_qkvpacked_func(qkv, return_attn_probs=True, **opts, **sk_ref)
         (g_ref, *gs_ref) = torch.autograd.grad(out, (qkv, *sink), dout)
-        qkv_l = shard(qkv.detach(), group, layout).requires_grad_()
-        fn = ring_flash_attn_qkvpacked_func if strategy == "ring" else ulysses_flash_attn_qkvpacked_func
+        qkv_l = sh(qkv.detach()).requires_grad_()
+        fn = _fn(strategy, 1, group, ulysses)
         out_l, lse_l, _ = fn(qkv_l, group=group, layout=layout, return_attn_probs=True, **opts, **sk_l)
-        (g_l, *gs_l) = torch.autograd.grad(out_l, (qkv_l, *sink_l), shard(dout, group, layout))
-        grads, grads_ref = [g_l], [shard(g_ref, group, layout)]
+        (g_l, *gs_l) = torch.autograd.grad(out_l, (qkv_l, *sink_l), sh(dout))
+        grads, grads_ref = [g_l], [sh(g_ref)]
     else:
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         out, lse, _ = flashtile.flash_attn_func(*leaves, return_attn_probs=True, **opts, **sk_ref)
         *g_ref, gs_ref = _split_sink_grad(torch.autograd.grad(out, [*leaves, *sink], dout), sink)
-        loc = [shard(x, group, layout).requires_grad_() for x in (q, k, v)]
-        fn = ring_flash_attn_func if strategy == "ring" else ulysses_flash_attn_func
+        loc = [sh(x).requires_grad_() for x in (q, k, v)]
+        fn = _fn(strategy, 0, group, ulysses)
         out_l, lse_l, _ = fn(*loc, group=group, layout=layout, return_attn_probs=True, **opts, **sk_l)
-        *grads, gs_l = _split_sink_grad(torch.autograd.grad(out_l, [*loc, *sink_l], shard(dout, group, layout)), sink)
-        grads_ref = [shard(x, group, layout) for x in g_ref]
-    full = unshard(out_l.detach(), group, layout)  # every collective before the first assert
-    _check_sink_grad(gs_l, gs_ref, group, tol)  # its all-reduce comes before its asserts
+        *grads, gs_l = _split_sink_grad(torch.autograd.grad(out_l, [*loc, *sink_l], sh(dout)), sink)
+        grads_ref = [sh(x) for x in g_ref]
+    full = unshard(out_l.detach(), group, layout, ulysses_size=n_u)  # every collective before the first assert
+    _check_sink_grad(gs_l, gs_ref, group, tol, n_u)  # its all-reduce comes before its asserts
     assert out_l.dtype == dtype and lse_l.dtype == torch.float32
-    _close(out_l, shard(out, group, layout), "out", tol)
+    _close(out_l, sh(out), "out", tol)
     _close(lse_l, shard(lse, group, layout, dim=2), "lse", tol)
     for i, (a, r) in enumerate(zip(grads, grads_ref, strict=True)):
         _close(a, r, f"grad[{i}]", tol)
     _close(full, out, "unshard(out)", tol)
 
 
-def _varlen_case(group, strategy, layout, *, lens_q, lens_k=None, h=4, hk=4, d=16, packed=False, **opts):
+def _varlen_case(group, strategy, layout, *, lens_q, lens_k=None, h=4, hk=4, d=16, packed=False, ulysses=None,
+                 **opts):  # fmt: skip
     lens_k = lens_q if lens_k is None else lens_k
+    n_u = _ulysses_size(group, strategy, ulysses)
     cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
     tq, tk = int(cu_q[-1]), int(cu_k[-1])
     q, k, v, dout = _inputs(tq + 7 * tk, [(tq, h, d), (tk, hk, d), (tk, hk, d), (tq, h, d)])
     mq, mk = max(lens_q), max(lens_k)
-    sh_q = partial(shard, group=group, layout=layout, dim=0, cu_seqlens=cu_q)
-    sh_k = partial(shard, group=group, layout=layout, dim=0, cu_seqlens=cu_k)
+    sh_q = partial(shard, group=group, layout=layout, dim=0, cu_seqlens=cu_q, ulysses_size=n_u)
+    sh_k = partial(shard, group=group, layout=layout, dim=0, cu_seqlens=cu_k, ulysses_size=n_u)
     sink, sink_l, sk_ref, sk_l = _sink_leaves(opts)
     if packed:
         qkv = torch.stack([q, k, v], dim=1).requires_grad_()
@@ -200,7 +273,7 @@ def _varlen_case(group, strategy, layout, *, lens_q, lens_k=None, h=4, hk=4, d=1
                                                                  **sk_ref)  # fmt: skip
         (g_ref, *gs_ref) = torch.autograd.grad(out, (qkv, *sink), dout)
         qkv_l = sh_q(qkv.detach()).requires_grad_()
-        fn = ring_flash_attn_varlen_qkvpacked_func if strategy == "ring" else ulysses_flash_attn_varlen_qkvpacked_func
+        fn = _fn(strategy, 3, group, ulysses)
         out_l, lse_l, _ = fn(qkv_l, cu_q, mq, group=group, layout=layout, return_attn_probs=True, **opts, **sk_l)
         (g_l, *gs_l) = torch.autograd.grad(out_l, (qkv_l, *sink_l), sh_q(dout))
         grads, grads_ref = [g_l], [sh_q(g_ref)]
@@ -210,13 +283,13 @@ def _varlen_case(group, strategy, layout, *, lens_q, lens_k=None, h=4, hk=4, d=1
                                                        **sk_ref)  # fmt: skip
         *g_ref, gs_ref = _split_sink_grad(torch.autograd.grad(out, [*leaves, *sink], dout), sink)
         loc = [sh_q(q).requires_grad_(), sh_k(k).requires_grad_(), sh_k(v).requires_grad_()]
-        fn = ring_flash_attn_varlen_func if strategy == "ring" else ulysses_flash_attn_varlen_func
+        fn = _fn(strategy, 2, group, ulysses)
         out_l, lse_l, _ = fn(*loc, cu_q, cu_k, mq, mk, group=group, layout=layout, return_attn_probs=True, **opts,
                              **sk_l)  # fmt: skip
         *grads, gs_l = _split_sink_grad(torch.autograd.grad(out_l, [*loc, *sink_l], sh_q(dout)), sink)
         grads_ref = [sh_q(g_ref[0]), sh_k(g_ref[1]), sh_k(g_ref[2])]
-    full = unshard(out_l.detach(), group, layout, dim=0, cu_seqlens=cu_q)  # collectives before asserts
-    _check_sink_grad(gs_l, gs_ref, group, FP32_TOL)  # its all-reduce comes before its asserts
+    full = unshard(out_l.detach(), group, layout, dim=0, cu_seqlens=cu_q, ulysses_size=n_u)  # collectives first
+    _check_sink_grad(gs_l, gs_ref, group, FP32_TOL, n_u)  # its all-reduce comes before its asserts
     _close(out_l, sh_q(out), "out", FP32_TOL)
     _close(lse_l, shard(lse, group, layout, dim=1, cu_seqlens=cu_q), "lse", FP32_TOL)
     for i, (a, r) in enumerate(zip(grads, grads_ref, strict=True)):
@@ -272,6 +345,46 @@ def _errors_case(group):
     with pytest.raises(NotImplementedError, match="window_size"):
         t = torch.randn(8, 4, 16)
         ring_flash_attn_varlen_func(t, t, t, cu, cu, int(cu[-1]), int(cu[-1]), group=group, window_size=(3, 0))
+
+
+def _hybrid_errors_case(group):
+    """The 2-D form's own errors (every rank raises the same, so the group stays in step)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    q = torch.randn(1, 8, 4, 16)
+    with pytest.raises(ValueError, match="ulysses_size .3. must divide"):
+        hybrid_flash_attn_func(q, q, q, group=group, ulysses_size=3)
+    with pytest.raises(ValueError, match="positive"):
+        hybrid_flash_attn_func(q, q, q, group=group, ulysses_size=0)
+    with pytest.raises(ValueError, match="ulysses_size"):
+        shard(torch.randn(1, 8 * world, 4, 16), group, ulysses_size=3)
+    t3 = torch.randn(1, 8, 3, 16)
+    with pytest.raises(ValueError, match=r"heads of q \(3\) must be divisible by ulysses_size \(2"):
+        hybrid_flash_attn_func(t3, t3, t3, group=group, ulysses_size=2)
+    with pytest.raises(ValueError, match="2 x ring_size x ulysses_size"):
+        hybrid_flash_attn_func(q[:, :3], q[:, :3], q[:, :3], group=group, ulysses_size=2)
+    if world > 2:  # a ring of 2 positions: ALiBi needs the whole sequence in one call
+        with pytest.raises(NotImplementedError, match="alibi_slopes"):
+            hybrid_flash_attn_func(q, q, q, group=group, ulysses_size=world // 2, alibi_slopes=torch.ones(4))
+    with pytest.raises(ValueError, match="not a member"):  # what new_group returns on the ranks outside it
+        hybrid_flash_attn_func(q, q, q, group=dist.GroupMember.NON_GROUP_MEMBER, ulysses_size=1)
+    # ranks that disagree on ulysses_size: caught by the grid's one-time check (a fresh cache,
+    # so that no rank skips the check)
+    from flashtile.distributed import _common
+
+    _common._GRIDS.clear()
+    with pytest.raises(ValueError, match="different ulysses_size"):
+        hybrid_flash_attn_func(q, q, q, group=group, ulysses_size=1 if rank == 0 else 2)
+
+
+def _layout_2d_case(group):
+    """shard / unshard with ulysses_size: the inverse of each other, and the same layout as without."""
+    world = dist.get_world_size(group)
+    x = torch.randn(2, 4 * world, 3)
+    for n_u in (1, 2, world):
+        for lay in LAYOUTS:
+            loc = shard(x, group, lay, ulysses_size=n_u)
+            assert torch.equal(loc, shard(x, group, lay))
+            assert torch.equal(unshard(loc, group, lay, ulysses_size=n_u), x)
 
 
 def _shard_case(group, layout):
@@ -331,22 +444,78 @@ def _checks():
         add(f"shard-{lay}", _shard_case, layout=lay)
     add("ring-zigzag-bf16", _dense_case, strategy="ring", layout="zigzag", causal=True, hk=2, dtype=torch.bfloat16,
         tol=dict(atol=2e-2, rtol=2e-2))  # fmt: skip
+    # ring with learnable sinks (folded in after the merge; the gradient summed over the group)
+    sink = torch.tensor([-1.0, 0.5, 2.0, 0.0])
+    add("ring-zigzag-sink-gqa", _dense_case, strategy="ring", layout="zigzag", causal=True, hk=2, learnable_sink=sink)
+    add("ring-contiguous-sink-window", _dense_case, strategy="ring", layout="contiguous", window_size=(7, 2),
+        learnable_sink=sink)  # fmt: skip
+    add("ring-zigzag-varlen-sink", _varlen_case, strategy="ring", layout="zigzag", lens_q=[16, 0, 8, 24], hk=2,
+        causal=True, learnable_sink=sink)  # fmt: skip
+    # 2-D: ulysses_size 2 is a 2 x 2 grid on W = 4 (and Ulysses on the pairs); 1 and W are the edge cases
+    hy = partial(add, fn=_dense_case, strategy="hybrid", ulysses=2)
+    hv = partial(add, fn=_varlen_case, strategy="hybrid", ulysses=2)
+    for lay in LAYOUTS:
+        for c in (False, True):
+            hy(f"hybrid2-{lay}-causal{int(c)}-gqa", layout=lay, causal=c, hk=2)
+            hv(f"hybrid2-{lay}-varlen-causal{int(c)}", layout=lay, lens_q=[16, 0, 8, 24], hk=2, causal=c)
+    hy("hybrid2-zigzag-mqa-softcap", layout="zigzag", causal=True, hk=1, softcap=3.0, softmax_scale=0.3)
+    hy("hybrid2-zigzag-window", layout="zigzag", window_size=(7, 2))
+    hy("hybrid2-contiguous-window-causal", layout="contiguous", causal=True, window_size=(5, -1))
+    hy("hybrid2-zigzag-sq<sk-causal", layout="zigzag", sq=24, sk=48, causal=True, b=1)
+    hy("hybrid2-zigzag-qkvpacked-sink", layout="zigzag", causal=True, packed=True, learnable_sink=sink)
+    hv("hybrid2-zigzag-varlen-qkvpacked", layout="zigzag", lens_q=[8, 24], causal=True, packed=True)
+    hv("hybrid2-zigzag-varlen-cross-sink", layout="zigzag", lens_q=[8, 16], lens_k=[24, 8], learnable_sink=sink)
+    hy("hybrid2-zigzag-bf16", layout="zigzag", causal=True, hk=2, dtype=torch.bfloat16, tol=dict(atol=2e-2, rtol=2e-2))
+    add("hybrid1-zigzag-causal-gqa", _dense_case, strategy="hybrid", ulysses=1, layout="zigzag", causal=True, hk=2)
+    add("hybridW-zigzag-alibi-window", _dense_case, strategy="hybrid", ulysses="W", layout="zigzag",
+        window_size=(5, 1), alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625]))  # fmt: skip
+    out.append(("layout-2d", _layout_2d_case))
     out.append(("errors", _errors_case))
+    out.append(("hybrid-errors", _hybrid_errors_case))
+    return out
+
+
+def _checks_world8():
+    """The 2-D grids of 8 ranks: every factorisation on the whole group (h = 8, hk = 2: with
+    ulysses_size 4 and 8 the k/v heads are replicated), 2 x 2 on the even / odd halves."""
+    out = []
+    sink = torch.linspace(-1.0, 1.5, 8)
+    for n_u in (1, 2, 4, 8):
+        kw = dict(strategy="hybrid", ulysses=n_u, h=8, d=16)
+        dense, varlen = partial(_dense_case, **kw), partial(_varlen_case, **kw)
+        out.append((f"U{n_u}-zigzag-causal-gqa", partial(dense, layout="zigzag", causal=True, hk=2, b=1, sq=64)))
+        out.append((f"U{n_u}-contiguous-window", partial(dense, layout="contiguous", window_size=(9, 3), hk=4, b=1,
+                                                         sq=32)))  # fmt: skip
+        out.append((f"U{n_u}-zigzag-varlen-causal-sink", partial(varlen, layout="zigzag", lens_q=[32, 0, 16, 48], hk=2,
+                                                                 causal=True, learnable_sink=sink)))  # fmt: skip
     return out
 
 
 CHECKS = _checks()
+CHECKS_W8 = _checks_world8()
 WORLD = 4
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _suite(name: str, rank: int):
+    """(world size, [(W, group, checks)]) of a spawned suite; called inside the worker, after
+    init_process_group (every rank creates every subgroup, in the same order)."""
+    if name == "w4":
+        pairs = (dist.new_group([0, 2]), dist.new_group([1, 3]))
+        return [(4, None, CHECKS), (2, pairs[rank % 2], CHECKS)]
+    halves = (dist.new_group([0, 2, 4, 6]), dist.new_group([1, 3, 5, 7]))
+    return [(8, None, CHECKS_W8), (4, halves[rank % 2], [c for c in CHECKS_W8 if c[0].startswith("U2-")])]
+
+
+SUITE_WORLD = {"w4": WORLD, "w8": 8}
+
+
+def _worker(rank: int, init_file: str, out_dir: str, suite: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=SUITE_WORLD[suite],
                             timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    pairs = (dist.new_group([0, 2]), dist.new_group([1, 3]))
     results = {}
-    for w, group in ((WORLD, None), (2, pairs[rank % 2])):
-        for name, fn in CHECKS:
+    for w, group, checks in _suite(suite, rank):
+        for name, fn in checks:
             try:
                 with flashtile.use_backend("torch"):
                     fn(group)
@@ -362,9 +531,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 DEADLINE_S = 300
 
 
-def _run_group(tmp) -> None:
-    ctx = mp.start_processes(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=False,
-                             start_method="spawn")  # fmt: skip
+def _run_group(tmp, suite: str) -> None:
+    ctx = mp.start_processes(_worker, args=(str(tmp / "store"), str(tmp), suite), nprocs=SUITE_WORLD[suite],
+                             join=False, start_method="spawn")  # fmt: skip
     t0 = time.time()
     while not ctx.join(timeout=5):
         if time.time() - t0 > DEADLINE_S:
@@ -374,14 +543,13 @@ def _run_group(tmp) -> None:
             raise RuntimeError(f"the process group did not finish in {DEADLINE_S} s")
 
 
-@pytest.fixture(scope="module")
-def group_results(tmp_path_factory):
-    """Start the group once. Under pytest-xdist the workers share one run: the first to create
-    the lock directory runs it, the others wait for its results."""
+def _group_results(tmp_path_factory, suite: str) -> dict:
+    """Start the suite's group once. Under pytest-xdist the workers share one run: the first to
+    create the lock directory runs it, the others wait for its results."""
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent
-    tmp = base / "flashtile_dist_group"
+    tmp = base / f"flashtile_dist_group_{suite}"
     try:
         tmp.mkdir()
         owner = True
@@ -390,7 +558,7 @@ def group_results(tmp_path_factory):
     done = tmp / "done"
     if owner:
         try:
-            _run_group(tmp)
+            _run_group(tmp, suite)
             status = "ok"
         except Exception as e:
             status = f"{type(e).__name__}: {e}"
@@ -404,15 +572,35 @@ def group_results(tmp_path_factory):
     if status != "ok":
         pytest.fail(f"the process group failed: {status}")
     res = {}
-    for r in range(WORLD):
+    for r in range(SUITE_WORLD[suite]):
         with open(tmp / f"rank{r}.json") as f:
             res[r] = json.load(f)
     return res
 
 
+@pytest.fixture(scope="module")
+def group_results(tmp_path_factory):
+    return _group_results(tmp_path_factory, "w4")
+
+
+@pytest.fixture(scope="module")
+def group8_results(tmp_path_factory):
+    return _group_results(tmp_path_factory, "w8")
+
+
+def _verdict(results: dict, key: str) -> None:
+    failures = {r: res.get(key, "not run") for r, res in results.items() if res.get(key) != "ok"}
+    assert not failures, "\n".join(f"rank {r}:\n{msg}" for r, msg in failures.items())
+
+
 @pytest.mark.parametrize("world", [WORLD, 2])
 @pytest.mark.parametrize("name", [n for n, _ in CHECKS])
 def test_distributed_parity(group_results, world, name):
-    key = f"W{world}-{name}"
-    failures = {r: res[key] for r, res in group_results.items() if res.get(key) != "ok"}
-    assert not failures, "\n".join(f"rank {r}:\n{msg}" for r, msg in failures.items())
+    _verdict(group_results, f"W{world}-{name}")
+
+
+@pytest.mark.parametrize(
+    "key", [f"W8-{n}" for n, _ in CHECKS_W8] + [f"W4-{n}" for n, _ in CHECKS_W8 if n.startswith("U2-")]
+)
+def test_hybrid_world8_parity(group8_results, key):
+    _verdict(group8_results, key)

@@ -12,7 +12,7 @@ import torch
 from conftest import DTYPE_IDS, DTYPES, shrink
 
 from flashtile import flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func
-from flashtile.rng import dropout_mask
+from flashtile.rng import draw_seed, dropout_mask
 from flashtile.testing import (
     attention_probs_ref,
     attention_ref,
@@ -26,8 +26,7 @@ from flashtile.testing import (
 def redraw_seed(torch_seed: int, device: torch.device) -> int:
     """The dropout seed a call made right after ``torch.manual_seed(torch_seed)`` used."""
     torch.manual_seed(torch_seed)
-    gen_device = device if torch.device(device).type == "cuda" else "cpu"
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64, device=gen_device).item())
+    return int(draw_seed(torch.device(device)))
 
 
 def test_same_seed_reproduces(backend, device):

@@ -54,7 +54,7 @@ def test_registered_with_declared_capabilities():
     caps = BE.capabilities
     assert BE.name == "hopper"
     assert caps.priority == 20 and caps.priority > dispatch.backends()["triton"].capabilities.priority
-    assert caps.dtypes == frozenset({torch.float16, torch.bfloat16})
+    assert caps.dtypes == frozenset({torch.float16, torch.bfloat16, torch.float8_e4m3fn})
     assert caps.max_headdim == 256
     assert caps.features == frozenset({"causal", "window", "softcap", "varlen"})
     assert caps.auto_devices == ("cuda",)
@@ -196,7 +196,7 @@ def test_config_table_sane():
         cfg = configs.config(d)
         assert configs.check(cfg, d) is None, (d, cfg)
         assert configs.smem_bytes(cfg, d) + 1024 <= configs.SM90_SMEM_LIMIT
-        assert cfg.block_m == 128 and cfg.kernel in configs.KERNELS
+        assert cfg.block_m == 64 * cfg.consumers and cfg.kernel in configs.KERNELS
         assert cfg.num_warps == (8 if cfg.kernel == "plain" else 4)
         assert cfg.q_rows == (128 if cfg.kernel == "plain" else 64)
         assert configs.block_d(d) >= d and configs.block_d(d) & (configs.block_d(d) - 1) == 0
@@ -210,6 +210,33 @@ def test_config_table_sane():
     assert configs.check(configs.config(128, kernel="plain"), 128) is None
     assert "registers" in configs.check(configs.config(128, kernel="ws", consumer_regs=256, producer_regs=56), 128)
     assert "multiples of 8" in configs.check(configs.config(128, kernel="ws", consumer_regs=236), 128)
+
+
+def test_three_consumer_configs():
+    """consumers=3 brings block_m = 192 and a register split that fits 64K registers (3 x 128 x r
+    + 128 x producer); the plain kernel and bad counts are refused with the reason."""
+    cfg = configs.config(64, consumers=3)
+    assert (cfg.block_m, cfg.q_rows) == (192, 64)
+    assert configs.check(cfg, 64) is None
+    assert (3 * cfg.consumer_regs + cfg.producer_regs) * 128 <= 65536 and cfg.consumer_regs % 8 == 0
+    assert configs.config(64, consumers=2).block_m == 128
+    assert "block_m" in configs.check(configs.config(64, consumers=3, block_m=128), 64)
+    assert "consumers" in configs.check(configs.config(64, consumers=4), 64)
+    assert "registers" in configs.check(configs.config(64, consumers=3, consumer_regs=240), 64)
+    assert "plain" in configs.check(configs.config(64, kernel="plain", consumers=3), 64)
+
+
+def test_config_for_picks_consumers_by_causality_and_length():
+    """Head dim 64: 3 consumers except causal calls shorter than the threshold; others: the table."""
+    n = configs.D64_CAUSAL_THREE_CONSUMERS_FROM
+    assert configs.config_for(64, causal=False, seqlen_q=1024).consumers == 3
+    assert configs.config_for(64, causal=True, seqlen_q=n).consumers == 3
+    assert configs.config_for(64, causal=True, seqlen_q=n - 1).consumers == 2
+    for d in configs.HEADDIMS:
+        cfg = configs.config_for(d, causal=True, seqlen_q=4096)
+        assert configs.check(cfg, d) is None
+        if d != 64:
+            assert cfg == configs.config(d)
 
 
 def test_configs_module_is_torch_free():
@@ -393,16 +420,18 @@ def test_gpu_parity_varlen(causal):
 
 @pytest.mark.gpu
 @gpu_only
-@pytest.mark.parametrize("kernel", configs.KERNELS)
+@pytest.mark.parametrize("kernel,consumers,d", [(kn, 2, 128) for kn in configs.KERNELS]
+                         + [("ws", 3, 64), ("persistent", 3, 64)])  # fmt: skip
 @pytest.mark.parametrize("opts", [{}, {"causal": True}, {"window_size": (100, 20), "softcap": 8.0}])
-def test_gpu_every_kernel_variant(kernel, opts):
-    """Each kernel (plain / ws / persistent) through launch.forward with its config forced."""
+def test_gpu_every_kernel_variant(kernel, consumers, d, opts):
+    """Each kernel (plain / ws / persistent, 2 or 3 consumer warpgroups) through launch.forward
+    with its config forced."""
     from flashtile.backends.hopper import launch
 
-    q, k, v = qkv_inputs(2, 389, 517, 6, 2, 128, torch.bfloat16, "cuda")
-    call = make_call(headdim=128, causal=opts.get("causal", False), window_size=opts.get("window_size", (-1, -1)),
+    q, k, v = qkv_inputs(2, 389, 517, 6, 2, d, torch.bfloat16, "cuda")
+    call = make_call(headdim=d, causal=opts.get("causal", False), window_size=opts.get("window_size", (-1, -1)),
                      softcap=opts.get("softcap", 0.0))  # fmt: skip
-    out, lse = launch.forward(q, k, v, call, config=configs.config(128, kernel=kernel))
+    out, lse = launch.forward(q, k, v, call, config=configs.config(d, kernel=kernel, consumers=consumers))
     ref = dict(causal=opts.get("causal", False), window_size=opts.get("window_size", (-1, -1)),
                softcap=opts.get("softcap", 0.0))  # fmt: skip
     ro, rl = attention_ref(q.float(), k.float(), v.float(), **ref)

@@ -28,7 +28,7 @@ BE = hopper.backend
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     monkeypatch.delenv("FLASHTILE_BACKEND", raising=False)
-    monkeypatch.delenv(hopper.BWD_ENV, raising=False)
+    monkeypatch.setenv(hopper.BWD_ENV, "gluon")  # the kernels under test (the default is Triton's)
     yield
 
 
@@ -90,6 +90,9 @@ def test_bwd_config_rejects_unknown_head_dim():
 
 def test_bwd_kernel_choice_and_env(monkeypatch):
     call = make_call(headdim=128)
+    monkeypatch.delenv(hopper.BWD_ENV)
+    assert hopper.bwd_kernel(call) == hopper.DEFAULT_BWD == "triton"
+    monkeypatch.setenv(hopper.BWD_ENV, "gluon")
     assert hopper.bwd_kernel(call) == "gluon"
     monkeypatch.setenv(hopper.BWD_ENV, "triton")
     assert hopper.bwd_kernel(call) == "triton"

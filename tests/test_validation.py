@@ -49,7 +49,7 @@ def test_dtype_mismatch(which):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.int64, torch.uint8])
 def test_unsupported_dtype(dtype):
     q, k, v = (x.to(dtype) for x in qkv())
-    with pytest.raises(TypeError, match=r"^q must be float16, bfloat16 or float32, got torch\."):
+    with pytest.raises(TypeError, match=r"^q must be float16, bfloat16, float32 or float8_e4m3fn, got torch\."):
         flash_attn_func(q, k, v)
 
 

@@ -4,7 +4,8 @@ Exact attention computed tile by tile with an online softmax, behind flash-attn 
 Triton kernels on GPUs, a tiled PyTorch engine on every device.
 """
 
-from . import models, modules
+import importlib
+
 from ._version import __version__
 from .dispatch import BackendUnavailableError, use_backend
 from .interface import (
@@ -36,3 +37,10 @@ __all__ = [
     "use_backend",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """``flashtile.models`` / ``flashtile.modules`` are imported on first use (start-up time)."""
+    if name in ("models", "modules"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

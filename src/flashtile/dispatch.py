@@ -12,14 +12,18 @@ backend names.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.metadata
 import os
 import pkgutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
+
 from . import backends as _pkg
+from . import fp8
 from .backends.base import Backend, Capabilities, register, registry
 from .spec import AttnCall, Problem
 
@@ -69,16 +73,18 @@ def _load() -> None:
 
 
 _order: tuple[tuple, dict[str, Backend]] = ((), {})
+_generation = 0  # bumped whenever the registry changes (part of the dispatch cache's key)
 
 
 def backends() -> dict[str, Backend]:
     """All registered backends by name, highest priority first (recomputed only when the registry changes)."""
-    _load()
-    global _order
-    reg = registry()
-    key = tuple((name, id(be)) for name, be in reg.items())
-    if key != _order[0]:
-        _order = (key, dict(sorted(reg.items(), key=lambda kv: -kv[1].capabilities.priority)))
+    if not _loaded:
+        _load()
+    global _order, _generation
+    items = tuple(registry().items())
+    if items != _order[0]:
+        _order = (items, dict(sorted(items, key=lambda kv: -kv[1].capabilities.priority)))
+        _generation += 1
     return _order[1]
 
 
@@ -96,11 +102,102 @@ def why_not(name: str, problem: Problem, call: AttnCall, *, decode: bool = False
 
 
 def _why_not(be: Backend, problem: Problem, call: AttnCall, decode: bool) -> str | None:
+    if fp8.is_fp8(problem.dtype) and not fp8.serves_fp8(be.capabilities):
+        # served on dequantised inputs (flashtile.ops upcasts FP8 calls for such backends)
+        problem = dataclasses.replace(problem, dtype=fp8.compute_dtype(problem.device))
     return be.available() or be.capabilities.refuse(problem, call, decode) or be.supports(problem, call)
+
+
+# The decision, cached per signature (issue 16: dispatch ran on every call). What determines it:
+# the backend asked for, the registry, the device, dtype, head counts and head dim, the call's
+# scalar options and which of its optional tensors are set, decode or not, and the values of the
+# environment variables backends name in a ``dispatch_env`` attribute (triton: TRITON_INTERPRET).
+# Not batch or sequence lengths: no backend's ``available()`` / ``supports()`` may depend on them
+# (see flashtile.backends.base). Only successful choices are cached; refusals are re-explained.
+_FIELD_KEYS = tuple(
+    (f.name, "Tensor" in str(f.type)) for f in dataclasses.fields(AttnCall) if not f.name.startswith("max_seqlen")
+)  # max_seqlen_* are the Problem's sequence lengths on varlen calls
+_CACHE: dict[tuple, str] = {}
+_last_opts: tuple[AttnCall | None, tuple] = (None, ())
+_CACHE_MAX = 512
+_env_names: tuple[int, tuple[str, ...]] = (-1, ())
+
+
+# os.environ's own mapping, keyed by encoded names: a lookup there skips the encoding and decoding
+# of os.environ.get (~1 us each on a slow CPU); os.environ's writes keep it current.
+_ENVIRON = getattr(os.environ, "_data", None)
+_encode = getattr(os.environ, "encodekey", None)
+if _ENVIRON is None or _encode is None:  # pragma: no cover - not CPython's os.environ
+    _ENVIRON, _encode = os.environ, lambda n: n
+
+
+def _env_key(generation: int) -> tuple:
+    global _env_names
+    if _env_names[0] != generation:
+        names = sorted({n for be in registry().values() for n in getattr(be, "dispatch_env", ())})
+        _env_names = (generation, tuple(_encode(n) for n in (ENV_VAR, *names)))
+    environ = _ENVIRON
+    return tuple(environ.get(n) for n in _env_names[1])
+
+
+def _key(device, dtype, nheads: int, nheads_k: int, headdim: int, call: AttnCall, decode: bool) -> tuple:
+    global _last_opts
+    if _last_opts[0] is call:  # make_call returns one object per option set: its key part is known
+        opts = _last_opts[1]
+    else:
+        opts = tuple((getattr(call, n) is None) if tensor else getattr(call, n) for n, tensor in _FIELD_KEYS)
+        if all(opts[i] for i, (_, tensor) in enumerate(_FIELD_KEYS) if tensor):  # holds no tensor alive
+            _last_opts = (call, opts)
+    return (_override, _generation, _env_key(_generation), device, dtype, nheads, nheads_k, headdim, decode, opts)
+
+
+def _remember(key: tuple | None, name: str) -> str:
+    if key is not None and not torch.compiler.is_compiling():
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.clear()
+        _CACHE[key] = name
+    return name
+
+
+def choose_for(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    call: AttnCall,
+    problem: Problem | Callable[[], Problem] | None = None,
+    *,
+    decode: bool = False,
+) -> str:
+    """:func:`choose` for a call on ``q`` / ``k`` (internal layout), from the cache when this
+    signature was seen before; the :class:`~flashtile.spec.Problem` (``problem``, a function
+    returning it, or ``Problem.of(q, k, call)``) is built only when it was not."""
+    backends()  # the registry key is current
+    key = None
+    if not torch.compiler.is_compiling():
+        key = _key(q.device, q.dtype, q.shape[-2], k.shape[-2], q.shape[-1], call, decode)
+        name = _CACHE.get(key)
+        if name is not None:
+            return name
+    if problem is None:
+        problem = Problem.of(q, k, call)
+    elif callable(problem):
+        problem = problem()
+    return _remember(key, _choose(problem, call, decode))
 
 
 def choose(problem: Problem, call: AttnCall, *, decode: bool = False) -> str:
     """Name of the backend that will run this call."""
+    backends()
+    key = None
+    if not torch.compiler.is_compiling():
+        p = problem
+        key = _key(p.device, p.dtype, p.nheads, p.nheads_k, p.headdim, call, decode)
+        name = _CACHE.get(key)
+        if name is not None:
+            return name
+    return _remember(key, _choose(problem, call, decode))
+
+
+def _choose(problem: Problem, call: AttnCall, decode: bool) -> str:
     name = requested()
     if name != "auto":
         reason = _why_not(backends()[name], problem, call, decode)
@@ -123,6 +220,11 @@ def choose(problem: Problem, call: AttnCall, *, decode: bool = False) -> str:
 def backend_for(problem: Problem, call: AttnCall, *, decode: bool = False) -> Backend:
     """The backend object :func:`choose` picks."""
     return backends()[choose(problem, call, decode=decode)]
+
+
+def clear_cache() -> None:
+    """Forget the cached decisions (they are keyed on everything they depend on; for tests)."""
+    _CACHE.clear()
 
 
 def report() -> list[tuple[str, str | None]]:

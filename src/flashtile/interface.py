@@ -53,6 +53,16 @@ Semantics shared by every function:
 * dtypes: float16, bfloat16, float32 (all of q, k, v the same); head dim 1 to 512 (the Triton
   backend serves up to 256 and hands larger ones to the torch backend). The last dimension of
   every input must be contiguous.
+* FP8 (flash-attn 3's API, forward only): q, k, v may all be ``torch.float8_e4m3fn``, with the
+  keyword-only descales ``q_descale``, ``k_descale``, ``v_descale``: float32 ``(batch, nheads_k)``
+  (varlen: ``batch`` = number of sequences; anything broadcasting to it, e.g. ``(1, 1)`` for one
+  scale), default None = 1. The call attends over the dequantised inputs
+  ``x.float() * x_descale[b, hk]`` (query head ``h`` uses its KV head's entry; descales must be
+  positive) and returns the output in **bfloat16** (flash-attn 3's output dtype for FP8), lse as
+  for other dtypes. The ``hopper`` backend runs both products in FP8 (P rounded to e4m3); every
+  other backend dequantises first (slow, exact up to bf16/fp32 rounding). A backward through an
+  FP8 call raises. Descales with non-FP8 inputs are an error. Quantisation helpers:
+  :mod:`flashtile.fp8`.
 """
 
 from __future__ import annotations
@@ -62,16 +72,16 @@ from collections.abc import Sequence
 
 import torch
 
-from . import dispatch
+from . import dispatch, fp8
 from .backends.torch_tiled import attention_probs
 from .ops import attention
 from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
 from .rng import draw_seed
 from .spec import (
-    Problem,
     check_alibi,
     check_cu_seqlens_meta,
     check_cu_seqlens_values,
+    check_descales,
     check_qkv,
     check_sink,
     check_varlen_meta,
@@ -95,6 +105,9 @@ def _run(
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
     names: tuple[str, str, str] = ("q", "k", "v"),
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
     **options,
 ):
     """Every public function's path: validate, build the call (``options``: the scalar options of
@@ -110,15 +123,19 @@ def _run(
         batch, q4, k4, v4, lens = q.shape[0], q, k, v, {}
     alibi = check_alibi(alibi_slopes, batch, q.shape[-2], q.device)
     sink = check_sink(learnable_sink, q.shape[-2], q.device)
-    call = make_call(headdim=q.shape[-1], alibi_slopes=alibi, learnable_sink=sink, **lens, **options)
+    descales = check_descales(q.dtype, batch, k.shape[-2], q.device, q_descale=q_descale, k_descale=k_descale,
+                              v_descale=v_descale)  # fmt: skip
+    call = make_call(headdim=q.shape[-1], alibi_slopes=alibi, learnable_sink=sink, **lens, **descales, **options)
     if call.dropout_p > 0:
         call = dataclasses.replace(call, seed=draw_seed(q.device))
-    backend = dispatch.choose(Problem.of(q4, k4, call), call)
+    backend = dispatch.choose_for(q4, k4, call)
     out, lse = attention(q4, k4, v4, call, backend)
     if varlen:
         out, lse = out.squeeze(0), lse.squeeze(0)
     if not return_attn_probs:
         return out
+    if call.dropout_p > 0 and fp8.is_fp8(q.dtype):
+        q4, k4, _, call = fp8.dequantize_call(q4, k4, v4, call, torch.float32)
     probs = attention_probs(q4, k4, call) if call.dropout_p > 0 else None
     return out, lse, probs
 
@@ -136,6 +153,10 @@ def flash_attn_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     learnable_sink: torch.Tensor | None = None,
+    *,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
 ):
     """Exact attention, ``softmax(q k^T * scale + mask) v``, never materialising the scores.
 
@@ -144,7 +165,7 @@ def flash_attn_func(
         k: ``(batch, seqlen_k, nheads_k, headdim)``.
         v: ``(batch, seqlen_k, nheads_k, headdim)``.
         dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-        return_attn_probs, learnable_sink: see the module docstring.
+        return_attn_probs, learnable_sink, q_descale, k_descale, v_descale: see the module docstring.
 
     Returns:
         out ``(batch, seqlen_q, nheads, headdim)``; with ``return_attn_probs=True``,
@@ -154,6 +175,7 @@ def flash_attn_func(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
         return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
+        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
     )  # fmt: skip
 
 
@@ -228,6 +250,10 @@ def flash_attn_varlen_func(
     return_attn_probs: bool = False,
     block_table: torch.Tensor | None = None,
     learnable_sink: torch.Tensor | None = None,
+    *,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
 ):
     """Attention over a batch of variable-length sequences packed without padding.
 
@@ -244,6 +270,8 @@ def flash_attn_varlen_func(
             keys are its first ``cu_seqlens_k[b+1] - cu_seqlens_k[b]`` cache tokens (prefill from a
             paged cache).
         learnable_sink: optional float32 ``(nheads,)`` sink logits, see the module docstring.
+        q_descale, k_descale, v_descale: FP8 descales ``(batch, nheads_k)``, ``batch`` the number
+            of sequences; see the module docstring.
 
     Returns:
         out ``(total_q, nheads, headdim)``; with ``return_attn_probs=True``,
@@ -257,6 +285,7 @@ def flash_attn_varlen_func(
         return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
     )  # fmt: skip
 
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from .fp8 import OUT_DTYPE, compute_dtype, is_fp8
 from .paged import check_block_table, check_rotary_end
 from .rotary import check_rotary_tables
-from .spec import KVCache, Problem, as_int, check_alibi, check_qkv, check_sink, make_call
+from .spec import KVCache, Problem, as_int, check_alibi, check_descales, check_qkv, check_sink, make_call
 
 
 def _int32_vec(x: object, name: str, b: int, device: torch.device) -> torch.Tensor:
@@ -72,6 +73,10 @@ def flash_attn_with_kvcache(
     num_splits: int = 0,
     return_softmax_lse: bool = False,
     learnable_sink: torch.Tensor | None = None,
+    *,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
 ):
     """Attend ``q`` to a KV cache, after appending ``k`` / ``v`` to it in place.
 
@@ -100,6 +105,14 @@ def flash_attn_with_kvcache(
         learnable_sink: optional float32 ``(nheads,)`` per-head sink logits (as
             :func:`flash_attn_func`; the lse includes the sink, counted once however many
             ``num_splits``). Served by the torch backend.
+        q_descale, k_descale, v_descale: FP8 caches (flash-attn 3's API): with q, the caches and
+            k / v all ``torch.float8_e4m3fn``, float32 descales ``(batch, nheads_k)`` (None = 1;
+            k_descale / v_descale apply to the cache and the new tokens alike); the output is
+            bfloat16. Computed by dequantising the caches (a full copy per call: slow, for
+            correctness on every device); the new tokens are appended to the FP8 cache as given
+            (rotated ones re-quantised with the row's descale). With ``block_table`` or
+            ``cache_batch_idx`` the cache rows are not the batch rows, so k_descale / v_descale
+            must then be one per KV head (shape ``(1, nheads_k)`` or an expanded view).
 
     Returns:
         out ``(batch, seqlen_q, nheads, headdim)``, or ``(out, lse)``.
@@ -108,6 +121,17 @@ def flash_attn_with_kvcache(
         raise ValueError(f"q must be a 4-D tensor (batch, seqlen_q, nheads, headdim), got "
                          f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")  # fmt: skip
     _check_cache(q, k_cache, v_cache)
+    if is_fp8(q.dtype):
+        return _fp8_kvcache(
+            q, k_cache, v_cache, k, v, q_descale, k_descale, v_descale, rotary_cos=rotary_cos,
+            rotary_sin=rotary_sin, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+            cache_leftpad=cache_leftpad, block_table=block_table, softmax_scale=softmax_scale, causal=causal,
+            window_size=window_size, softcap=softcap, rotary_interleaved=rotary_interleaved,
+            alibi_slopes=alibi_slopes, num_splits=num_splits, return_softmax_lse=return_softmax_lse,
+            learnable_sink=learnable_sink,
+        )  # fmt: skip
+    check_descales(q.dtype, q.shape[0], k_cache.shape[2], q.device, q_descale=q_descale, k_descale=k_descale,
+                   v_descale=v_descale)  # fmt: skip
     b, sq, h, d = q.shape
     dev = q.device
     paged = block_table is not None
@@ -173,7 +197,52 @@ def flash_attn_with_kvcache(
     if rotary is not None and not cache.has_index_tensors:  # positions known here: seqlens is an int, no leftpad
         along = cache.rotary_along(call)
         check_rotary_end(cache_seqlens + max(sn - 1, sq - 1 if along else 0, 0), rotary_cos.shape[0])
-    problem = Problem(batch=b, seqlen_q=sq, seqlen_k=capacity, nheads=h, nheads_k=hk, headdim=d, dtype=q.dtype,
-                      device=dev)  # fmt: skip
-    out, lse = dispatch.backend_for(problem, call, decode=True).decode(q, cache, call)
+    problem = lambda: Problem(batch=b, seqlen_q=sq, seqlen_k=capacity, nheads=h, nheads_k=hk, headdim=d,  # noqa: E731
+                              dtype=q.dtype, device=dev)  # fmt: skip
+    backend = dispatch.backends()[dispatch.choose_for(q, k_cache, call, problem, decode=True)]
+    out, lse = backend.decode(q, cache, call)
     return (out, lse) if return_softmax_lse else out
+
+
+def _fp8_kvcache(q, k_cache, v_cache, k, v, q_descale, k_descale, v_descale, **options):
+    """An FP8 ``flash_attn_with_kvcache`` call on dequantised copies (see its docstring): the
+    descales are applied, the call runs in :func:`flashtile.fp8.compute_dtype`, and the copies of
+    the caches are written back to the FP8 caches when new tokens were appended (e4m3 -> x descale
+    -> bf16/fp32 -> / descale -> e4m3 is exact, so untouched entries keep their bits)."""
+    b, hk = q.shape[0], k_cache.shape[2]
+    ds = check_descales(q.dtype, b, hk, q.device, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+    shared_rows = options["block_table"] is not None or options["cache_batch_idx"] is not None
+    for name in ("k_descale", "v_descale"):
+        dsc = ds[name]
+        if dsc is not None and shared_rows and b > 1 and dsc.stride(0) != 0:
+            raise ValueError(f"{name} must be one scale per KV head, shape (1, nheads_k) = (1, {hk}), with "
+                             "block_table or cache_batch_idx (cache rows are not batch rows), got "
+                             "(batch, nheads_k)")  # fmt: skip
+    if k is not None and not (k.dtype == v.dtype == q.dtype):
+        raise TypeError(f"k and v must have q's dtype ({q.dtype}), got {k.dtype} and {v.dtype}")
+    dtype = compute_dtype(q.device)
+
+    def scale_of(dsc, rows, heads):  # (rows, 1, heads, 1) float32 factors, or None
+        if dsc is None:
+            return None
+        dsc = dsc.float().repeat_interleave(heads // hk, dim=1)
+        if dsc.shape[0] != rows:
+            dsc = dsc[:1].expand(rows, heads) if shared_rows else torch.cat(
+                [dsc, dsc.new_ones(rows - dsc.shape[0], heads)])  # cache rows past the batch: unused
+        return dsc.reshape(rows, 1, heads, 1)
+
+    def deq(x, dsc):
+        f = scale_of(dsc, x.shape[0], x.shape[2])
+        return (x.float() if f is None else x.float() * f).to(dtype)
+
+    kc, vc = deq(k_cache, ds["k_descale"]), deq(v_cache, ds["v_descale"])
+    kn = None if k is None else deq(k, ds["k_descale"])
+    vn = None if v is None else deq(v, ds["v_descale"])
+    res = flash_attn_with_kvcache(deq(q, ds["q_descale"]), kc, vc, kn, vn, **options)
+    if k is not None:
+        for cache, copy, dsc in ((k_cache, kc, ds["k_descale"]), (v_cache, vc, ds["v_descale"])):
+            f = scale_of(dsc, cache.shape[0], hk)
+            cache.copy_((copy.float() if f is None else copy.float() / f).to(cache.dtype))
+    if options["return_softmax_lse"]:
+        return res[0].to(OUT_DTYPE), res[1]
+    return res.to(OUT_DTYPE)

@@ -40,14 +40,30 @@ def merge_states(
     return out.to(outs.dtype), lse
 
 
-def merge_two(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two partial states of the same shape (see :func:`merge_states`); numerically stable."""
+def _weights(lse_a: torch.Tensor, lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lse, wa, wb)`` of merging two states: the merged float32 lse and each state's weight,
+    shaped ``(..., s, h, 1)`` to scale outputs; weights are 0 where the row is empty."""
     lse_a, lse_b = lse_a.float(), lse_b.float()
     lse = torch.logaddexp(lse_a, lse_b)
     lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     wa = torch.exp(lse_a - lse_safe).transpose(-1, -2).unsqueeze(-1)
     wb = torch.exp(lse_b - lse_safe).transpose(-1, -2).unsqueeze(-1)
+    return lse, wa, wb
+
+
+def merge_two(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two partial states of the same shape (see :func:`merge_states`); numerically stable."""
+    lse, wa, wb = _weights(lse_a, lse_b)
     out = wa * out_a.float() + wb * out_b.float()
     return out.to(out_a.dtype), lse
+
+
+def merge_two_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    """:func:`merge_two` into a float32 running state ``(acc_out, acc_lse)`` in place (views
+    allowed): ``acc_out = wa * acc_out + wb * out_b`` in two passes over ``acc_out`` instead of
+    new tensors for every term."""
+    lse, wa, wb = _weights(acc_lse, lse_b)
+    acc_out.mul_(wa).addcmul_(out_b, wb)
+    acc_lse.copy_(lse)

@@ -22,6 +22,7 @@ import dataclasses
 
 import torch
 
+from . import fp8
 from .backends import registry
 from .spec import AttnCall, check_call_values
 
@@ -61,20 +62,31 @@ def _placeholder(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((0,), dtype=torch.float32)
 
 
-def _fwd_impl(q, k, v, *args):
-    call, backend = unflatten(args[:-1]), args[-1]
+def _fwd_run(q, k, v, call: AttnCall, backend: str):
     check_call_values(q, k, call)
-    out, lse = registry()[backend].forward(q, k, v, call)
+    be = registry()[backend]
+    if fp8.is_fp8(q.dtype) and not fp8.serves_fp8(be.capabilities):
+        # FP8 inputs for a backend without FP8 kernels: dequantised here, once for all of them
+        out, lse = fp8.run_upcast(be.forward, q, k, v, call)
+    else:
+        out, lse = be.forward(q, k, v, call)
     return out.contiguous(), lse.contiguous()
 
 
+def _fwd_impl(q, k, v, *args):
+    return _fwd_run(q, k, v, unflatten(args[:-1]), args[-1])
+
+
 def _bwd_impl(dout, q, k, v, out, lse, *args):
-    call, backend = unflatten(args[:-1]), args[-1]
+    return _bwd_run(dout, q, k, v, out, lse, unflatten(args[:-1]), args[-1])
+
+
+def _bwd_run(dout, q, k, v, out, lse, call: AttnCall, backend: str):
     dq, dk, dv, field_grads = registry()[backend].backward(dout, q, k, v, out, lse, call)
     extra = []
     for i in _GRAD_FIELDS:
         name = _FIELDS[i].name
-        if args[i] is None:
+        if getattr(call, name) is None:
             extra.append(_placeholder(q))
         elif name not in field_grads:  # pragma: no cover - dispatch only picks backends implementing it
             raise RuntimeError(f"backend {backend!r} returned no gradient for {name}")
@@ -85,7 +97,8 @@ def _bwd_impl(dout, q, k, v, out, lse, *args):
 
 def _fwd_fake(q, k, v, *args):
     B, S, H, _ = q.shape
-    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty((B, H, S), dtype=torch.float32)
+    dtype = fp8.OUT_DTYPE if fp8.is_fp8(q.dtype) else q.dtype
+    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=dtype), q.new_empty((B, H, S), dtype=torch.float32)
 
 
 def _bwd_fake(dout, q, k, v, out, lse, *args):
@@ -112,6 +125,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
+    if fp8.is_fp8(q.dtype):
+        raise RuntimeError(
+            "flashtile: FP8 (float8_e4m3fn) attention is forward only (as in flash-attn 3): there is no "
+            "backward through an FP8 call; use bfloat16/float16 inputs to train, or detach the inputs "
+            "(and descales) of the FP8 call"
+        )
     args = list(ctx.args)
     for i, t in zip(_TENSOR_FIELDS, tensors, strict=True):
         args[i] = t
@@ -128,10 +147,70 @@ def _backward(ctx, dout, dlse):
 torch.library.register_autograd("flashtile::attn_fwd", _backward, setup_context=_setup_context, lib=_lib)
 
 
+# Eager fast path (issue 16). In plain eager mode (plain tensors; no torch.compile, functorch
+# transform, dispatch mode or profiler) the ops' implementations run directly under the
+# autograd.Function below, with the same backward formula: going through the dispatcher costs
+# the marshalling of ~17 arguments into and out of C++ per op call, and the autograd kernel torch
+# generates for ``register_autograd`` calls ``torch._library.utils.fill_defaults``, which re-reads
+# the op's schema once per argument (quadratic in the argument count: ~0.45 ms per call on a
+# 2-core CPU). Nothing observable changes: the ops have no autocast or other kernels, and every
+# context where the dispatcher matters (tracing, subclasses, modes, the profiler) takes the ops.
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_profiling = getattr(torch.autograd.profiler, "_is_profiler_enabled", None)
+_FAST = _transforms_active is not None and _dispatch_stack_len is not None and isinstance(_profiling, bool)
+
+
+def _fast_path(*xs: torch.Tensor) -> bool:
+    """Whether the eager fast path applies to a call on tensors ``xs``."""
+    return (
+        _FAST
+        and all(type(x) is torch.Tensor for x in xs)
+        and not torch.autograd.profiler._is_profiler_enabled
+        and not torch.compiler.is_compiling()
+        and not _transforms_active()
+        and _dispatch_stack_len() == 0
+    )
+
+
+class _Attention(torch.autograd.Function):
+    """``attn_fwd`` with ``attn_bwd`` as its backward, for the eager fast path. Inputs: q, k, v,
+    the call, the backend name, then the call's differentiable fields (for their gradients)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, call, backend, *grad_fields):
+        out, lse = _fwd_run(q, k, v, call, backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call, ctx.backend = call, backend
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dq, dk, dv, *extra = _bwd_run(dout, q, k, v, out, lse, ctx.call, ctx.backend)
+        need = ctx.needs_input_grad[5:]
+        grads = [g if getattr(ctx.call, _FIELDS[i].name) is not None and need[j] else None
+                 for j, (i, g) in enumerate(zip(_GRAD_FIELDS, extra, strict=True))]  # fmt: skip
+        return dq, dk, dv, None, None, *grads
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable ``(out, lse)`` on the internal layout (see :mod:`flashtile.backends.base`)."""
+    # FP8 calls take the ops: their descales are tensor fields outside _GRAD_FIELDS, and a backward
+    # through them must reach _backward's "forward only" error (and they are large prefills).
+    if _fast_path(q, k, v) and not fp8.is_fp8(q.dtype):
+        fields = tuple(getattr(call, _FIELDS[i].name) for i in _GRAD_FIELDS)
+        if torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad
+            or any(f is not None and f.requires_grad for f in fields)
+        ):  # fmt: skip
+            return _Attention.apply(q, k, v, call, backend, *fields)
+        return _fwd_run(q, k, v, call, backend)
     return attn_fwd(q, k, v, *flatten(call), backend)
 
 

@@ -74,11 +74,38 @@ def dropout_mask(
     return keep_mask(seed, p, bh, rows, cols)
 
 
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def _cuda_seed(device: torch.device) -> int | None:
+    """A seed from the CUDA generator's host-side state (its seed and Philox offset, which it then
+    advances as a kernel drawing numbers would): no kernel, no device read. None where the
+    generator does not offer it (then :func:`draw_seed` draws on the device)."""
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        gen = torch.cuda.default_generators[index]
+        offset = gen.get_offset()
+        gen.set_offset(offset + 4)
+        return _splitmix64(_splitmix64(gen.initial_seed()) ^ offset) >> 2
+    except (AttributeError, RuntimeError):  # pragma: no cover - older torch, or a graph capture
+        return None
+
+
 def draw_seed(device: torch.device) -> torch.Tensor:
     """A fresh 62-bit seed from torch's generator for ``device`` (reproducible under torch.manual_seed).
 
-    Returned as a 0-d int64 CPU tensor, so that it can travel through custom ops and autograd.
+    Returned as a 0-d int64 CPU tensor, so that it can travel through custom ops and autograd. On
+    CUDA it comes from the generator's host-side state (no device sync; issue 16), except while
+    torch.compile traces, where it is drawn on the device as before.
     """
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        seed = _cuda_seed(device)
+        if seed is not None:
+            return torch.tensor(seed, dtype=torch.int64)
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     s = torch.randint(0, 2**62, (), dtype=torch.int64, device=gen_device)
     return s.cpu()

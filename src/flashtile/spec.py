@@ -28,14 +28,17 @@ Semantics (flash-attn 2.8):
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: FP8 inputs (forward only, flash-attn 3's API: descales, bf16 output; see :mod:`flashtile.fp8`).
+FP8_DTYPES = (torch.float8_e4m3fn,)
 #: Largest head dimension the public API accepts. The torch backend serves all of it; each
 #: backend states its own limit through ``supports()``.
 MAX_HEADDIM = 512
@@ -54,7 +57,9 @@ class AttnCall:
     ``causal`` is already folded into ``window_right = 0``. Varlen calls carry int32
     ``cu_seqlens_q`` / ``cu_seqlens_k`` ``(nseq + 1,)`` and ``max_seqlen_*``; ``alibi_slopes`` is
     None or contiguous fp32 ``(batch_or_nseq, nheads)``; ``seed`` is the dropout seed, an int64
-    ``()`` tensor (None when ``dropout_p == 0``); ``learnable_sink`` is None or fp32 ``(nheads,)``.
+    ``()`` tensor (None when ``dropout_p == 0``); ``learnable_sink`` is None or fp32 ``(nheads,)``;
+    ``q_descale`` / ``k_descale`` / ``v_descale`` (FP8 calls only, see :mod:`flashtile.fp8`) are
+    None (1) or fp32 ``(batch_or_nseq, nheads_k)``, possibly expanded views (zero strides).
 
     A tensor field declared with ``field(default=None, metadata={"grad": True})`` is
     differentiable: the custom op returns its gradient (see :mod:`flashtile.ops`) and backends
@@ -79,6 +84,9 @@ class AttnCall:
     alibi_slopes: torch.Tensor | None = None
     seed: torch.Tensor | None = None
     learnable_sink: torch.Tensor | None = field(default=None, metadata={"grad": True})
+    q_descale: torch.Tensor | None = None
+    k_descale: torch.Tensor | None = None
+    v_descale: torch.Tensor | None = None
 
     @property
     def is_causal(self) -> bool:
@@ -208,6 +216,27 @@ def _shape(x: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in x.shape) + ")"
 
 
+def _qkv_ok(q: object, k: object, v: object, rank: int, same_batch: bool) -> bool:
+    """True only if :func:`check_qkv` passes (one pass over the common case, no messages built);
+    False sends the call through the detailed checks, which raise the error."""
+    T = torch.Tensor
+    if not (isinstance(q, T) and isinstance(k, T) and isinstance(v, T)):
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != rank or len(ks) != rank or ks != vs:
+        return False
+    dt = q.dtype
+    if dt not in SUPPORTED_DTYPES or k.dtype != dt or v.dtype != dt:
+        return False
+    dev = q.device
+    if k.device != dev or v.device != dev or (same_batch and qs[0] != ks[0]):
+        return False
+    h, hk, d = qs[-2], ks[-2], qs[-1]
+    if hk == 0 or h == 0 or h % hk or ks[-1] != d or not 1 <= d <= MAX_HEADDIM:
+        return False
+    return q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+
+
 def check_qkv(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -223,6 +252,8 @@ def check_qkv(
     Varlen layout: q ``(total_q, nheads, headdim)``, k/v ``(total_k, nheads_k, headdim)``.
     ``same_batch=False``: k/v's first dim is not q's batch (KV caches: rows or pages).
     """
+    if _qkv_ok(q, k, v, 3 if varlen else 4, same_batch and not varlen):
+        return
     qn, kn, vn = names
     for x, n in ((q, qn), (k, kn), (v, vn)):
         _check_tensor(x, n)
@@ -232,8 +263,8 @@ def check_qkv(
     for x, n, lay in ((q, qn, layout_q), (k, kn, layout_k), (v, vn, layout_k)):
         if x.dim() != rank:
             raise ValueError(f"{n} must have {rank} dimensions {lay}, got shape {_shape(x)}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{qn} must be float16, bfloat16 or float32, got {q.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES + FP8_DTYPES:
+        raise TypeError(f"{qn} must be float16, bfloat16, float32 or float8_e4m3fn, got {q.dtype}")
     for x, n in ((k, kn), (v, vn)):
         if x.dtype != q.dtype:
             raise TypeError(f"{n} must have the same dtype as {qn} ({q.dtype}), got {x.dtype}")
@@ -292,6 +323,35 @@ def normalize_window(window_size: Sequence[int], causal: bool) -> tuple[int, int
     return left, right
 
 
+_CALLS: dict[tuple, AttnCall] = {}
+
+
+def _cached(make: Callable[..., AttnCall]) -> Callable[..., AttnCall]:
+    """Cache :func:`make_call` for calls without tensors, by every option's value and type (and
+    the types of a tuple's entries, so that ``(-1.0, -1)`` is not ``(-1, -1)``): the
+    result is a frozen value, the same for the same options (raising calls are not cached; the
+    cache is bypassed while torch.compile traces)."""
+
+    @functools.wraps(make)
+    def cached(**options) -> AttnCall:
+        if torch.compiler.is_compiling() or any(isinstance(x, torch.Tensor) for x in options.values()):
+            return make(**options)
+        key = tuple((n, type(x), x, tuple(map(type, x)) if type(x) is tuple else ()) for n, x in options.items())
+        try:
+            found = _CALLS.get(key)
+        except TypeError:  # an unhashable option value (e.g. a list): not cached
+            return make(**options)
+        if found is None:
+            found = make(**options)
+            if len(_CALLS) >= 256:
+                _CALLS.clear()
+            _CALLS[key] = found
+        return found
+
+    return cached
+
+
+@_cached
 def make_call(
     *,
     headdim: int,
@@ -366,6 +426,34 @@ def check_sink(sink: torch.Tensor | None, nheads: int, device: torch.device) -> 
     return sink
 
 
+def check_descales(
+    dtype: torch.dtype, batch: int, nheads_k: int, device: torch.device, **descales: torch.Tensor | None
+) -> dict[str, torch.Tensor | None]:
+    """Validate flash-attn 3's ``q_descale`` / ``k_descale`` / ``v_descale`` (keywords of
+    ``descales``): float32 on q's device, broadcastable to ``(batch, nheads_k)`` (per-tensor
+    scales as ``(1, 1)``), only with float8_e4m3fn inputs. Returns them expanded to
+    ``(batch, nheads_k)`` (views, no copy), None left as None (1)."""
+    given = {n: d for n, d in descales.items() if d is not None}
+    if given and dtype not in FP8_DTYPES:
+        raise ValueError(f"{', '.join(given)} apply to float8_e4m3fn inputs only, got {dtype} inputs")
+    out: dict[str, torch.Tensor | None] = dict.fromkeys(descales)
+    for n, d in given.items():
+        _check_tensor(d, n)
+        if d.dtype != torch.float32:
+            raise TypeError(f"{n} must be float32, got {d.dtype}")
+        if d.device != device:
+            raise ValueError(f"{n} must be on the same device as q ({device}), got {d.device}")
+        try:
+            ok = d.dim() <= 2 and torch.broadcast_shapes(d.shape, (batch, nheads_k)) == (batch, nheads_k)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{n} must have shape (batch, nheads_k) = ({batch}, {nheads_k}) (or broadcast to "
+                             f"it, e.g. (1, 1) for one scale), got {_shape(d)}")  # fmt: skip
+        out[n] = d.expand(batch, nheads_k)
+    return out
+
+
 def check_cu_seqlens_meta(cu: torch.Tensor, name: str, device: torch.device) -> int:
     """Metadata checks for ``cu_seqlens`` (no device sync): returns the number of sequences."""
     _check_tensor(cu, name)
@@ -378,10 +466,13 @@ def check_cu_seqlens_meta(cu: torch.Tensor, name: str, device: torch.device) -> 
     return cu.shape[0] - 1
 
 
-def check_cu_seqlens_values(cu: torch.Tensor, name: str, total: int, max_seqlen: int, max_name: str) -> None:
-    """Value checks for ``cu_seqlens`` (reads it on the host): starts at 0, non-decreasing,
-    ends at ``total``, no sequence longer than ``max_seqlen``."""
-    vals = cu.tolist()
+def check_cu_seqlens_values(
+    cu: torch.Tensor, name: str, total: int, max_seqlen: int, max_name: str, vals: list[int] | None = None
+) -> None:
+    """Value checks for ``cu_seqlens`` (reads it on the host, unless its values ``vals`` are
+    given): starts at 0, non-decreasing, ends at ``total``, no sequence longer than ``max_seqlen``."""
+    if vals is None:
+        vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"{name} must start at 0, got {vals[0]}")
     lens = [b - a for a, b in zip(vals[:-1], vals[1:], strict=True)]
@@ -457,5 +548,9 @@ def check_call_values(q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> None:
     the custom op so that a compiled graph has no sync; skipped during CUDA graph capture."""
     if call.cu_seqlens_q is None or capturing(q):
         return
-    check_cu_seqlens_values(call.cu_seqlens_q, "cu_seqlens_q", q.shape[1], call.max_seqlen_q, "max_seqlen_q")
-    check_cu_seqlens_values(call.cu_seqlens_k, "cu_seqlens_k", k.shape[1], call.max_seqlen_k, "max_seqlen_k")
+    cq, ck = call.cu_seqlens_q, call.cu_seqlens_k
+    both = (cq.tolist(),) * 2 if ck is cq else torch.cat((cq, ck)).tolist()  # one host read
+    if ck is not cq:
+        both = both[: cq.shape[0]], both[cq.shape[0] :]
+    check_cu_seqlens_values(cq, "cu_seqlens_q", q.shape[1], call.max_seqlen_q, "max_seqlen_q", both[0])
+    check_cu_seqlens_values(ck, "cu_seqlens_k", k.shape[1], call.max_seqlen_k, "max_seqlen_k", both[1])

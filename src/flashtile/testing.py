@@ -457,3 +457,73 @@ def compare_with_oracle(
         assert_close_to_ref(a, r, p, BWD_FACTOR, BWD_ATOL[dtype] + slack, f"grad[{i}]")
     res["grads"], res["ref_grads"] = g, g_ref
     return res
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 (e4m3) calls: the oracle on dequantised inputs, the error bound, and a reference of the
+# FP8 kernel's numerics
+
+#: e4m3 rounding (round to nearest even): relative error <= 2^-4 for normal values (3 stored
+#: mantissa bits), absolute error <= 2^-10 for subnormals (below 2^-6, spacing 2^-9).
+FP8_REL = 2.0**-4
+FP8_SUBNORMAL_ABS = 2.0**-10
+#: bfloat16 output rounding: relative error <= 2^-8.
+BF16_REL = 2.0**-8
+
+
+def fp8_dequantized(x: torch.Tensor, descale: torch.Tensor | None, nheads: int | None = None) -> torch.Tensor:
+    """float32 ``x.float() * descale[b, hk]`` of a dense FP8 tensor ``(B, S, H, D)``; ``descale``
+    ``(B, Hk)`` (or broadcasting to it) or None; query heads share their KV head's entry."""
+    xf = x.float()
+    if descale is None:
+        return xf
+    b, _, h, _ = x.shape
+    d = descale.float().expand(b, descale.shape[-1]) if descale.dim() == 2 else descale.float().reshape(1, 1)
+    d = d.expand(b, d.shape[1]).repeat_interleave(h // d.shape[1], dim=1)
+    return xf * d.view(b, 1, h, 1)
+
+
+def fp8_error_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, quantized_p: bool, **options) -> torch.Tensor:
+    """Elementwise bound on ``|out - oracle|`` of an FP8 call, from the dequantised float32 inputs
+    (dense layout) and the options of :func:`attention_ref` (padding masks included).
+
+    * Always: the bf16 output rounding, ``2^-8 |o|``, plus the float32 engine's error (``1e-5 max|v|``).
+    * ``quantized_p`` (the FP8 kernels, which round the unnormalised probabilities
+      ``p = exp(s - m) <= 1`` to e4m3 for the P V product): ``sum_j |dp_j| |v_j| / l`` with
+      ``|dp_j| <= 2^-4 p_j`` (normal) or ``2^-10`` (subnormal, ``p_j < 2^-6``); as ``l >= 1``
+      this is at most ``2^-4 (P |V|) + 2^-10 sum_{j visible} |v_j| / l``; the second term is
+      bounded here by ``2^-9 max|v|`` (independent rounding errors of both signs: their sum grows as
+      the square root of the visible keys, and ``l`` grows with them), and the fp8 wgmma's
+      reduced-precision accumulation of Q K^T (about 2^-13 relative per partial sum) adds
+      ``2^-8 (P |V|)``.
+    """
+    out, _ = attention_ref(q, k, v, **options)
+    vmax = float(v.abs().max()) if v.numel() else 0.0
+    bound = BF16_REL * out.abs() + 1e-5 * max(vmax, 1.0)
+    if quantized_p:
+        pv_abs, _ = attention_ref(q, k, v.abs(), **options)
+        bound = bound + (FP8_REL + 2.0**-8) * pv_abs + 2.0**-9 * vmax
+    return bound
+
+
+def fp8_kernel_emulation(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                         softmax_scale: float | None = None) -> torch.Tensor:
+    """The FP8 kernel's numerics in PyTorch, dense layout, float32 dequantised inputs: scores in
+    float32, unnormalised probabilities ``exp(s - rowmax)`` rounded to e4m3 for P V, the row sum
+    from the unrounded ones (the kernel uses a running max per key block; the row max here is its
+    final value). For error studies (``benchmarks/fp8_rmse.py``), not a test oracle."""
+    b, sq, h, d = q.shape
+    g = h // k.shape[2]
+    kk = k.float().repeat_interleave(g, dim=2)
+    vv = v.float().repeat_interleave(g, dim=2)
+    scale = softmax_scale if softmax_scale is not None else d**-0.5
+    s = torch.einsum("bthd,bshd->bhts", q.float(), kk) * scale
+    if causal:
+        vis = visible(torch.arange(sq), torch.arange(k.shape[1]), k.shape[1] - sq, -1, 0)
+        s = s.masked_fill(~vis, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - m)
+    l_sum = p.sum(-1, keepdim=True)
+    p8 = p.to(torch.float8_e4m3fn).float()
+    out = torch.einsum("bhts,bshd->bthd", p8 / l_sum, vv)
+    return out.to(torch.bfloat16)

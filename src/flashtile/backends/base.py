@@ -32,6 +32,9 @@ Adding a backend
 2. A class with ``name``, ``capabilities`` (a :class:`Capabilities`), ``available()``,
    ``supports(problem, call)`` (checks the declarations cannot express, e.g. compute
    capability), ``forward``, ``backward`` and, if ``capabilities.decode``, ``decode``.
+   :mod:`flashtile.dispatch` caches its choice per call signature, so ``available()`` and
+   ``supports()`` must not depend on batch size or sequence lengths, and a backend whose answer
+   depends on environment variables names them in a ``dispatch_env`` tuple attribute.
 3. ``register(instance)`` at the end of the module: discovery imports every module of this
    package (and entry points of the group ``flashtile.backends``), so nothing central changes.
 4. Tests: ``tests/test_parity.py`` runs every registered backend usable in the process against

@@ -22,7 +22,9 @@ The loops are sequential, so gradients are bitwise reproducible (``deterministic
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +61,91 @@ class _Seq:
     @property
     def offset(self) -> int:
         return self.sk - self.sq if self.key_offset is None else self.key_offset
+
+
+# --- threads (issue 16) -----------------------------------------------------------------------
+# The engine runs ~15 torch ops per tile, each a parallel region ending in a barrier. When the
+# machine is oversubscribed (another CPU-bound job on a 2-core machine), a barrier waits for a
+# descheduled sibling thread for up to a scheduler time slice, every op: measured on a 2-core VM,
+# the forward at seqlen 1024 went from 0.2 s (1 thread) to 2.7 s (2 threads) while SDPA's single
+# parallel region kept ~0.11 s. So each CPU call takes min(torch.get_num_threads(), idle cores)
+# threads, the idle cores counted from the runnable tasks in /proc/loadavg minus this process's
+# own running threads. Only where that count describes the CPUs this process may use (Linux,
+# affinity = every CPU of the machine, i.e. not a container slice of a larger host); elsewhere,
+# torch's own setting. FLASHTILE_TORCH_THREADS=N fixes the count (0 or unset: automatic).
+_ENV_THREADS = "FLASHTILE_TORCH_THREADS"
+
+
+def _running_tasks() -> int | None:
+    """Runnable tasks on the machine, less this process's own running threads (None if unknown)."""
+    try:
+        with open("/proc/loadavg", "rb") as fh:
+            running = int(fh.read().split()[3].split(b"/")[0])
+        own = 0
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat", "rb") as fh:
+                    own += fh.read().rsplit(b")", 1)[1].split()[0] == b"R"
+            except OSError:
+                continue
+        return max(0, running - own)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def engine_threads() -> int:
+    """Threads the engine uses for a CPU call (see the comment above)."""
+    want = torch.get_num_threads()
+    env = os.environ.get(_ENV_THREADS, "").strip()
+    if env and env != "0":
+        return max(1, int(env))
+    if want <= 1 or not hasattr(os, "sched_getaffinity"):
+        return want
+    ncpu = len(os.sched_getaffinity(0))
+    if ncpu != os.cpu_count():
+        return want
+    global _last_check
+    now = time.monotonic()
+    if now - _last_check[0] > 0.2:  # a fresh look at most 5 times a second (it costs ~50-100 us)
+        _last_check = (now, _running_tasks())
+    others = _last_check[1]
+    if others is None:
+        return want
+    return max(1, min(want, ncpu - others))
+
+
+_last_check: tuple[float, int | None] = (-1.0, None)
+
+
+class _threads:
+    """``with _threads(device):`` runs the block with :func:`engine_threads` threads on CPU tensors."""
+
+    def __init__(self, device: torch.device):
+        self.prev = None
+        if device.type == "cpu" and not torch.compiler.is_compiling():
+            n = engine_threads()
+            prev = torch.get_num_threads()
+            if n != prev:
+                self.prev = prev
+                torch.set_num_threads(n)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        if self.prev is not None:
+            torch.set_num_threads(self.prev)
+
+
+def _with_threads(method):
+    """Run a backend method (first argument a tensor) under :class:`_threads`."""
+
+    @functools.wraps(method)
+    def run(self, x, *args, **kwargs):
+        with _threads(x.device):
+            return method(self, x, *args, **kwargs)
+
+    return run
 
 
 def _blocks(problem_rows: int, nbh: int, groups: int) -> tuple[int, int]:
@@ -262,6 +349,7 @@ class TorchTiledBackend:
     def supports(self, problem: Problem, call: AttnCall) -> str | None:
         return None
 
+    @_with_threads
     @torch.no_grad()
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall
@@ -269,6 +357,7 @@ class TorchTiledBackend:
         seqs = _groups(q.shape[0], q.shape[1], k.shape[1], q.shape[2], call)
         return forward_seqs(q, k, v, call, seqs, call.seed_int)
 
+    @_with_threads
     @torch.no_grad()
     def decode(self, q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
         """Any device: check the indices (one host sync), append with indexing, gather each row's
@@ -329,6 +418,7 @@ class TorchTiledBackend:
             lses.append(sink.float().view(1, h, 1).expand(b, h, sq))
         return merge_states(outs, lses)
 
+    @_with_threads
     @torch.no_grad()
     def backward(
         self,

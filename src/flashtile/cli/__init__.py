@@ -4,6 +4,7 @@
     flashtile check   parity of every usable backend against the oracle; exit code 1 on a failure
     flashtile bench   time and peak memory: flashtile vs standard attention vs PyTorch SDPA
     flashtile demo    check + a small bench with a plot (about 2 minutes on a 2-core CPU)
+    flashtile warmup  compile a grid of Triton kernel variants into Triton's cache ahead of time
 
 ``flashtile COMMAND --help`` lists each command's options. The optional dependencies are
 tqdm (progress bar) and matplotlib (``--plot``): ``pip install 'flashtile[bench]'``.
@@ -26,6 +27,7 @@ from .bench import METHODS, MODES, run_bench
 from .check import QUICK, run_check
 from .demo import run_demo
 from .env import cmd_env
+from .warmup import DEFAULT_FEATURES, FEATURE_NAMES, run_warmup
 
 __all__ = ["build_parser", "main"]
 
@@ -96,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="flashtile,standard,sdpa (default all)")  # fmt: skip
     sp.add_argument("--backend", help="force flashtile's backend (default: auto)")
     sp.add_argument("--repeats", type=int,
-                    help="timed runs per case; the median is reported (default 3 on cpu, 20 on cuda)")  # fmt: skip
+                    help="timed runs per case; median, min and max are reported (default 3 on cpu, 20 on cuda)",
+                    )  # fmt: skip
+    sp.add_argument("--threads", type=int,
+                    help="CPU threads for every method (default: torch's; the torch engine then lowers its own "
+                         "count on a busy machine, see README)")  # fmt: skip
     sp.add_argument("--max-mem-gb", type=float,
                     help="memory cap per case; standard attention is skipped when its score matrix alone exceeds it "
                          "(default: 40%% of free RAM / GPU memory)")  # fmt: skip
@@ -112,7 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=int, help="as in bench (default 3 on cpu, 20 on cuda)")
     sp.add_argument("--plot", default="flashtile_demo.png", help="default flashtile_demo.png")
     sp.add_argument("--json", help="also write the bench rows to this file")
+    sp.add_argument("--threads", type=int, help="as in bench")
     sp.set_defaults(func=run_demo)
+
+    sp = sub.add_parser("warmup", help="compile a grid of Triton kernel variants into Triton's cache ahead of time")
+    sp.add_argument("--device", help="cuda (default when available; on cpu there is nothing to compile)")
+    sp.add_argument("--headdims", type=int_list, default=[64, 128], help="comma-separated (default 64,128)")
+    sp.add_argument("--dtypes", type=choice_list(tuple(DTYPES)), default=["bfloat16", "float16"],
+                    help="comma-separated (default bfloat16,float16)")  # fmt: skip
+    sp.add_argument("--features", default=DEFAULT_FEATURES,
+                    help=f"comma-separated feature sets, features combined with '+' (from {', '.join(FEATURE_NAMES)}; "
+                         f"default {DEFAULT_FEATURES})")  # fmt: skip
+    sp.set_defaults(func=run_warmup)
     return p
 
 

@@ -116,6 +116,9 @@ def bench_case(c: dict, isolated: bool = False) -> dict:
     dtype = DTYPES[c["dtype"]]
     b, h, d, s, causal = c["batch"], c["heads"], c["headdim"], c["seqlen"], c["causal"]
     grad = c["mode"] == "fwd_bwd"
+    if c.get("threads"):  # --threads: every method with this many threads (the torch engine too)
+        torch.set_num_threads(c["threads"])
+        os.environ["FLASHTILE_TORCH_THREADS"] = str(c["threads"])
     result: dict = {"status": "ok", "threads": torch.get_num_threads()}
     if c["method"] == "flashtile":
         fwd = lambda q, k, v: flash_attn_func(q, k, v, causal=causal)
@@ -169,7 +172,18 @@ def bench_case(c: dict, isolated: bool = False) -> dict:
             return {"status": "oom", "note": f"out of memory {where}"}
     result["times_ms"] = times
     result["time_ms"] = statistics.median(times)
+    result["time_min_ms"], result["time_max_ms"] = min(times), max(times)
     return result
+
+
+#: Repeats whose (max - min) / median exceeds this are flagged in the table ("!") and warned about.
+SPREAD_WARN = 0.25
+
+
+def spread(row: dict) -> float:
+    """(max - min) / median of a row's repeats (0 with fewer than two)."""
+    t = row.get("times_ms") or []
+    return (max(t) - min(t)) / statistics.median(t) if len(t) > 1 and statistics.median(t) > 0 else 0.0
 
 
 def _cap_address_space(max_bytes: int) -> None:
@@ -332,8 +346,15 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"flashtile bench on {meta['device']}: {args.dtype}, batch {args.batch}, heads {args.heads}, "
           f"headdim {args.headdim}, {'causal' if args.causal else 'not causal'}, median of {args.repeats}")  # fmt: skip
     print(f"memory cap per case: {cap_gb:.1f} GiB (--max-mem-gb; default 40% of free memory)")
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        print("error: --threads must be >= 1", file=sys.stderr)
+        return 2
+    if threads:
+        print(f"threads: {threads} for every method (--threads)")
     base = dict(device=str(device), dtype=args.dtype, batch=args.batch, heads=args.heads, headdim=args.headdim,
-                causal=args.causal, repeats=args.repeats, max_mem_bytes=int(cap_gb * GiB), backend=args.backend)
+                causal=args.causal, repeats=args.repeats, max_mem_bytes=int(cap_gb * GiB), backend=args.backend,
+                threads=threads)  # fmt: skip
     cases = [(s, mode, m) for s in sorted(args.seqlens) for mode in args.mode for m in args.methods]
     rows: list[dict] = []
     gave_up: dict[tuple[str, str], str] = {}
@@ -366,6 +387,11 @@ def run_bench(args: argparse.Namespace) -> int:
     print()
     print(MEMORY_NOTE[device.type if device.type == "cuda" else "cpu"] + "; vs sdpa = time / SDPA's time")
     print(format_bench_table(rows, markdown=args.markdown))
+    noisy = [r for r in rows if r["status"] == "ok" and spread(r) > SPREAD_WARN]
+    if noisy:
+        print(f"warning: in {len(noisy)} case(s) (marked !) the repeats differ by more than {SPREAD_WARN:.0%} of "
+              "their median: the machine is probably busy (another process competing for the CPU cores or the "
+              "GPU); compare times with care, or rerun with more --repeats on a quieter machine")  # fmt: skip
     rc = 0
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -389,13 +415,17 @@ def format_bench_table(rows: list[dict], markdown: bool = False) -> str:
         if r["status"] == "ok":
             ref = sdpa.get((r["mode"], r["seqlen"]))
             tf = r["tflops"]
-            out.append([r["mode"], str(r["seqlen"]), name, _ms(r["time_ms"]), f"{tf:.3f}" if tf < 10 else f"{tf:.1f}",
-                        f"{r['peak_mem_bytes'] / MiB:.1f}", f"{r['time_ms'] / ref:.2f}x" if ref else "-", ""])
+            lo, hi = r.get("time_min_ms", r["time_ms"]), r.get("time_max_ms", r["time_ms"])
+            flag = " !" if spread(r) > SPREAD_WARN else ""
+            out.append([r["mode"], str(r["seqlen"]), name, _ms(r["time_ms"]), f"{_ms(lo)}-{_ms(hi)}{flag}",
+                        f"{tf:.3f}" if tf < 10 else f"{tf:.1f}",
+                        f"{r['peak_mem_bytes'] / MiB:.1f}", f"{r['time_ms'] / ref:.2f}x" if ref else "-",
+                        ""])  # fmt: skip
         else:
-            out.append([r["mode"], str(r["seqlen"]), name, "-", "-", "-", "-",
+            out.append([r["mode"], str(r["seqlen"]), name, "-", "-", "-", "-", "-",
                         f"{r['status'].upper()}: {r.get('note', '')}"])  # fmt: skip
-    return table(["mode", "seqlen", "method", "time (ms)", "TFLOP/s", "peak mem (MiB)", "vs sdpa", "note"], out,
-                 markdown=markdown)  # fmt: skip
+    return table(["mode", "seqlen", "method", "median (ms)", "min-max (ms)", "TFLOP/s", "peak mem (MiB)", "vs sdpa",
+                  "note"], out, markdown=markdown)  # fmt: skip
 
 
 def _ms(t: float) -> str:

@@ -1,8 +1,8 @@
 """Context-parallel attention over ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
 
 A sequence too long for one device is sharded along its length over the ranks of a process
-group (:func:`shard` / :func:`unshard`, layouts ``"zigzag"`` and ``"contiguous"``), and two
-strategies compute exact attention over the whole sequence from the shards:
+group (:func:`shard` / :func:`unshard`, layouts ``"zigzag"`` and ``"contiguous"``), and these
+forms compute exact attention over the whole sequence from the shards:
 
 * **ring** (:func:`ring_flash_attn_func` and its packed / varlen forms): K/V shards travel around
   the ranks with point-to-point sends overlapped with compute; partial ``(out, lse)`` merged by
@@ -10,8 +10,13 @@ strategies compute exact attention over the whole sequence from the shards:
 * **all-to-all / Ulysses** (:func:`ulysses_flash_attn_func` ...): two all-to-alls re-shard
   sequence <-> heads around one ordinary attention call on the whole sequence. Every option
   (ALiBi, any window, ``learnable_sink``) works; needs ``nheads`` divisible by ``W``.
+* **2-D** (:func:`hybrid_flash_attn_func` ...): a grid of ``ulysses_size x ring_size`` ranks,
+  all-to-all over heads inside each group of ``ulysses_size`` consecutive ranks, zigzag ring
+  across the groups. It is the one implementation: ring is ``ulysses_size = 1`` and Ulysses is
+  ``ulysses_size = W``. Past 2 ranks it keeps the ring's steps long and few while using more
+  ranks than there are k/v heads (see :mod:`flashtile.distributed.hybrid`).
 
-Both run on every flashtile backend and are differentiable; the result equals
+All run on every flashtile backend and are differentiable; the result equals
 :func:`flashtile.flash_attn_func` on the full sequence, sharded the same way::
 
     q, k, v = (shard(x, group, "zigzag") for x in (q_full, k_full, v_full))  # (b, s / W, h, d)
@@ -19,6 +24,12 @@ Both run on every flashtile backend and are differentiable; the result equals
     out_full = unshard(out, group, "zigzag")
 """
 
+from .hybrid import (
+    hybrid_flash_attn_func,
+    hybrid_flash_attn_qkvpacked_func,
+    hybrid_flash_attn_varlen_func,
+    hybrid_flash_attn_varlen_qkvpacked_func,
+)
 from .ring import (
     ring_flash_attn_func,
     ring_flash_attn_qkvpacked_func,
@@ -35,6 +46,10 @@ from .ulysses import (
 
 __all__ = [
     "LAYOUTS",
+    "hybrid_flash_attn_func",
+    "hybrid_flash_attn_qkvpacked_func",
+    "hybrid_flash_attn_varlen_func",
+    "hybrid_flash_attn_varlen_qkvpacked_func",
     "ring_flash_attn_func",
     "ring_flash_attn_qkvpacked_func",
     "ring_flash_attn_varlen_func",

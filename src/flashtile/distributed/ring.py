@@ -24,16 +24,26 @@ query chunk after key chunk = full, same chunk = causal, before = skipped. Calls
 full blocks are fused, and with zigzag + causal every step is one call (step 0 is causal on
 the whole shard, because the local order of positions is the global order).
 
+Learnable sinks are folded in once per row after the merge (``lse' = logaddexp(lse, sink)``,
+``out' = out * exp(lse - lse')``); the blocks' backward then gets the global ``lse'`` and the
+sink's gradient is ``-sum_i exp(sink - lse'_i) * rowsum(dout_i * out_i)`` over this rank's rows.
+
+This module holds the ring stage (:class:`_RingAttention`, the planner) of the one
+context-parallel implementation, :func:`flashtile.distributed.hybrid.context_parallel`; the
+public ring functions are that implementation with ``ulysses_size = 1``.
+
 Semantics of the public functions (every rank of ``group``, None = the default group, calls
 with its shard and the same options; ``layout`` is ``"zigzag"`` or ``"contiguous"``, see
 :mod:`flashtile.distributed.shard`): ``dropout_p``, ``softmax_scale``, ``causal``,
 ``window_size`` (any window, dense form), ``softcap``, ``deterministic`` are those of
 :func:`flashtile.flash_attn_func` applied to *global* positions: the result is the
 single-process call on the full sequence, sharded. ``return_attn_probs=True`` returns
-``(out, softmax_lse, None)``, the lse of this rank's queries. Not available:
-``alibi_slopes`` (the backends align ALiBi to each call's corner, not to global positions:
-use the Ulysses functions), and ``return_attn_probs`` together with dropout; both raise
-NotImplementedError.
+``(out, softmax_lse, None)``, the lse of this rank's queries. ``learnable_sink`` (float32
+``(nheads,)``, the same on every rank): its gradient on each rank is its rows' contribution;
+summed over the group (the all-reduce of a replicated parameter) it is the single-process
+gradient. Not available: ``alibi_slopes`` (the backends align ALiBi to each call's corner, not to
+global positions: use the Ulysses functions), and ``return_attn_probs`` together with dropout;
+both raise NotImplementedError.
 
 Dropout: each call gets its own seed, derived from one base seed (drawn from torch's
 generator like ``flash_attn_func``) and (rank, source rank, call index); the backward reuses
@@ -50,21 +60,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .. import dispatch
 from ..mask import block_fully_visible
-from ..merge import merge_two
+from ..merge import merge_two, merge_two_
 from ..ops import attention, attention_backward
-from ..rng import draw_seed
-from ..spec import AttnCall, Problem, unbind_packed
-from ._common import (
-    RingPeers,
-    check_inputs,
-    check_varlen_cu,
-    mix_seed,
-    seed_tensor,
-    wait_all,
-)
-from .shard import check_layout, chunk_ids, group_world_rank, num_chunks
+from ..spec import AttnCall, unbind_packed
+from ._common import RingPeers, mix_seed, seed_tensor, wait_all
+from .shard import chunk_ids, num_chunks
 
 _Window = Sequence[int]
 
@@ -209,8 +210,8 @@ def plan_varlen_step(
             raise NotImplementedError(
                 f"ring varlen attention: the mask (causal={right == 0 and left < 0}, window_size=({left}, {right})) "
                 "does not cut every sequence at chunk boundaries in the same way; supported are no mask, and "
-                "causal with equal query/key lengths per sequence. Use the dense ring_flash_attn_func (any "
-                "window_size) or ulysses_flash_attn_varlen_func"
+                "causal with equal query/key lengths per sequence. Use the dense form (any window_size) or "
+                "ulysses_size = the group size (ulysses_flash_attn_varlen_func)"
             )
         plan = this
     return list(plan or ())
@@ -272,7 +273,7 @@ class _Ring:
     world: int
     rank: int
     backend: str
-    calls: list[list[_Call]]  # calls[s] = the calls against the K/V of rank s
+    calls: list[list[_Call]]  # calls[s] = the calls against the K/V of ring position s
 
 
 def _build_calls(
@@ -334,19 +335,37 @@ def _bwd_call(c: _Call, dout, q, k, v, out, lse, backend: str):
     )  # fmt: skip
 
 
+def _add_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold per-head sink logits into merged float32 ``(out (B, S, H, D), lse (B, H, S))``: one more
+    term ``exp(sink_h)`` in every row's denominator (the sink is counted once, after the merge)."""
+    new = torch.logaddexp(lse, sink.view(1, -1, 1))
+    out.mul_(torch.exp(lse - new).transpose(1, 2).unsqueeze(-1))
+    return out, new
+
+
 class _RingAttention(torch.autograd.Function):
     """Ring attention on the internal layout (q ``(B, Sq_local, H, D)``, k/v ``(B, Sk_local, Hk, D)``,
-    varlen with B = 1): returns ``(out, lse)`` of this rank's queries over the whole sequence."""
+    varlen with B = 1, ``sink`` None or float32 ``(H,)``): returns ``(out, lse)`` of this rank's
+    queries over the whole sequence.
+
+    Overlap: every step posts the exchange of the block it is about to use (to the next rank,
+    from the previous one) before enqueueing its attention, so the transfer of block ``t + 1``
+    runs on the communication stream while block ``t`` is computed; the wait at the end of the
+    step only orders the compute stream after the transfer (no host synchronisation inside the
+    loop). Receive buffers are two preallocated sets used in turn (the block being computed on and
+    the one arriving); in the backward the travelling dK/dV accumulators alternate the same way.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, ring: _Ring):
+    def forward(ctx, q, k, v, sink, ring: _Ring):
         B, Sq, H, _ = q.shape
         acc_out = acc_lse = None  # float32 running state of the local rows
         kv = [k.contiguous(), v.contiguous()]
+        bufs = [[torch.empty_like(x) for x in kv] for _ in range(min(2, ring.world - 1))]
         for t in range(ring.world):
             src = (ring.rank - t) % ring.world
             if t + 1 < ring.world:
-                nxt, reqs = ring.peers.exchange(kv)  # pass this block on while computing on it
+                nxt, reqs = ring.peers.exchange(kv, bufs[t % 2])  # pass this block on while computing on it
             for c in ring.calls[src]:
                 o, lse = _fwd_call(c, q, kv[0], kv[1], ring.backend)
                 if acc_out is None and isinstance(c.q_sel, slice) and c.q_sel == slice(None):  # all rows: no merge
@@ -355,6 +374,9 @@ class _RingAttention(torch.autograd.Function):
                 if acc_out is None:
                     acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
                     acc_lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+                if isinstance(c.q_sel, slice):  # rows of a slice are views: merge in place
+                    merge_two_(_cut(acc_out, c.q_sel, 1), _cut(acc_lse, c.q_sel, 2), o, lse)
+                    continue
                 mo, ml = merge_two(_cut(acc_out, c.q_sel, 1), _cut(acc_lse, c.q_sel, 2), o, lse)
                 _set(acc_out, c.q_sel, 1, mo)
                 _set(acc_lse, c.q_sel, 2, ml)
@@ -364,115 +386,79 @@ class _RingAttention(torch.autograd.Function):
         if acc_out is None:  # no key visible to any local row
             acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             acc_lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+        if sink is not None:
+            acc_out, acc_lse = _add_sink(acc_out, acc_lse, sink.detach())
         out = acc_out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, acc_lse)
+        ctx.save_for_backward(q, k, v, out, acc_lse, sink)
         ctx.ring = ring
         ctx.mark_non_differentiable(acc_lse)
         return out, acc_lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sink = ctx.saved_tensors
         ring: _Ring = ctx.ring
         dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = [k.contiguous(), v.contiguous()]
-        dkv_reqs, dkv_recv = None, None
+        bufs = [[torch.empty_like(x) for x in kv] for _ in range(min(2, ring.world - 1))]
+        # dK/dV of the block in hand, float32: two accumulators in turn (one may still be in
+        # flight to the next rank while the other fills) and one receive buffer.
+        acc = [[torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in kv]
+               for _ in range(min(2, ring.world))]  # fmt: skip
+        drecv = [torch.empty_like(x) for x in acc[0]] if ring.world > 1 else None
+        dkv_reqs = None
         for t in range(ring.world):
             src = (ring.rank - t) % ring.world
             if t + 1 < ring.world:
-                nxt, reqs = ring.peers.exchange(kv)
-            dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-            dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+                nxt, reqs = ring.peers.exchange(kv, bufs[t % 2])
+            dk, dv = acc[t % 2]
+            fresh = True  # dk / dv hold nothing of this step yet
             for c in ring.calls[src]:
                 dq_c, dk_c, dv_c = _bwd_call(c, dout, q, kv[0], kv[1], out, lse, ring.backend)
                 _add(dq, c.q_sel, 1, dq_c)
-                _add(dk, c.k_sel, 1, dk_c)
-                _add(dv, c.k_sel, 1, dv_c)
+                if fresh and isinstance(c.k_sel, slice) and c.k_sel == slice(None):  # all keys: copy, no zeroing
+                    dk.copy_(dk_c)
+                    dv.copy_(dv_c)
+                else:
+                    if fresh:
+                        dk.zero_()
+                        dv.zero_()
+                    _add(dk, c.k_sel, 1, dk_c)
+                    _add(dv, c.k_sel, 1, dv_c)
+                fresh = False
+            if fresh:  # no call against this block
+                dk.zero_()
+                dv.zero_()
             if dkv_reqs is not None:  # the gradients of this block from the ranks before us
                 wait_all(dkv_reqs)
-                dk += dkv_recv[0]
-                dv += dkv_recv[1]
+                dk += drecv[0]
+                dv += drecv[1]
             if ring.world > 1:  # pass them on; after a full turn they reach the block's owner
-                dkv_recv, dkv_reqs = ring.peers.exchange([dk, dv])
+                _, dkv_reqs = ring.peers.exchange([dk, dv], drecv)
             if t + 1 < ring.world:
                 wait_all(reqs)
                 kv = nxt
         if dkv_reqs is not None:
             wait_all(dkv_reqs)
-            dk, dv = dkv_recv
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+            dk, dv = drecv
+        dsink = None
+        if sink is not None and ctx.needs_input_grad[3]:
+            # d lse_i / d sink = exp(sink - lse_i); dsink = -sum_i exp(sink - lse_i) * rowsum(dout_i * out_i)
+            delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # (B, H, S)
+            dsink = -(torch.exp(sink.view(1, -1, 1) - lse) * delta).sum((0, 2))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsink, None
 
 
 # ----------------------------------------------------------------------------------------------
 # public functions
 
 
-def _ring(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    group: dist.ProcessGroup | None,
-    layout: str,
-    alibi_slopes: torch.Tensor | None,
-    return_attn_probs: bool,
-    cu_seqlens_q: torch.Tensor | None = None,
-    cu_seqlens_k: torch.Tensor | None = None,
-    max_seqlen_q: int = 0,
-    max_seqlen_k: int = 0,
-    names: tuple[str, str, str] = ("q", "k", "v"),
-    fn: str = "ring_flash_attn_func",
-    **options,
-):
-    varlen = cu_seqlens_q is not None
-    spec = check_inputs(q, k, v, varlen=varlen, names=names, return_attn_probs=return_attn_probs, fn=fn, **options)
-    check_layout(layout)
-    if alibi_slopes is not None:
-        raise NotImplementedError(
-            f"{fn}: alibi_slopes is not supported by ring attention (the backends align ALiBi to each call's "
-            "bottom-right corner, not to global positions); use ulysses_flash_attn_func, which sees the whole "
-            "sequence"
-        )
-    world, rank = group_world_rank(group)
-    n = num_chunks(layout, world)
-    nslots = n // world
-    if varlen:
-        cuq, cuk = check_varlen_cu(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, world)
-        for cu, nm in ((cuq, "cu_seqlens_q"), (cuk, "cu_seqlens_k")):
-            for i, (a, b) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
-                if (b - a) % n:
-                    raise ValueError(
-                        f"{fn}: sequence {i} of {nm} has length {b - a}, not divisible by {n} (layout {layout!r} "
-                        f"cuts every sequence into {n} chunks for {world} ranks)"
-                    )
-        q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-        batch, lq, lk = len(cuq) - 1, max_seqlen_q // world, max_seqlen_k // world
-        dense, var = None, (cuq, cuk)
-    else:
-        for x, nm in ((q, names[0]), (k, names[1])):
-            if x.shape[1] % nslots:
-                raise ValueError(
-                    f"{fn}: the local sequence length of {nm} ({x.shape[1]}) must be divisible by {nslots}: with "
-                    f"layout {layout!r} each rank holds {nslots} chunk(s)"
-                )
-        q4, k4, v4 = q, k, v
-        batch, lq, lk = q.shape[0], q.shape[1], k.shape[1]
-        dense, var = (q.shape[1] * world, k.shape[1] * world), None
-    problem = Problem(batch=batch, seqlen_q=lq, seqlen_k=lk, nheads=q.shape[-2], nheads_k=k.shape[-2],
-                      headdim=q.shape[-1], dtype=q.dtype, device=q.device)  # fmt: skip
-    # what a piece of this call uses (the varlen pieces carry their cu_seqlens: a placeholder here)
-    shape = spec if not varlen else dataclasses.replace(spec, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    backend = dispatch.choose(problem, shape)
-    base_seed = int(draw_seed(q.device)) if spec.dropout_p > 0 else None
-    calls = _build_calls(spec, layout, world, rank, base_seed, q.device, dense, var)
-    ring = _Ring(RingPeers(group, world, rank), world, rank, backend, calls)
-    out, lse = _RingAttention.apply(q4, k4, v4, ring)
-    if varlen:
-        out, lse = out.squeeze(0), lse.squeeze(0)
-    if not return_attn_probs:
-        return out
-    return out, lse, None
+def _ring(q, k, v, *, group, fn: str = "ring_flash_attn_func", **kwargs):
+    """Ring attention = the 2-D form with ``ulysses_size = 1`` (no all-to-all)."""
+    from .hybrid import context_parallel
+
+    return context_parallel(q, k, v, group=group, ulysses_size=1, fn=fn, check_grid=False, **kwargs)
 
 
 def ring_flash_attn_func(
@@ -489,6 +475,7 @@ def ring_flash_attn_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     layout: str = "zigzag",
+    learnable_sink: torch.Tensor | None = None,
 ):
     """Ring attention over the ranks of ``group``: :func:`flashtile.flash_attn_func` on a sequence
     sharded along ``seqlen``.
@@ -499,7 +486,7 @@ def ring_flash_attn_func(
             divides ``nheads``). Each local length must divide into the layout's chunks (2 per
             rank for zigzag).
         group, layout, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-        deterministic, return_attn_probs: see the module docstring.
+        deterministic, return_attn_probs, learnable_sink: see the module docstring.
 
     Returns:
         out ``(batch, seqlen_q / W, nheads, headdim)``, this rank's shard of the output; with
@@ -508,7 +495,7 @@ def ring_flash_attn_func(
     return _ring(
         q, k, v, group=group, layout=layout, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs,
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
     )  # fmt: skip
 
 
@@ -524,6 +511,7 @@ def ring_flash_attn_qkvpacked_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     layout: str = "zigzag",
+    learnable_sink: torch.Tensor | None = None,
 ):
     """:func:`ring_flash_attn_func` with ``qkv (batch, seqlen / W, 3, nheads, headdim)`` (this
     rank's shard); the gradient flows back to ``qkv``."""
@@ -531,7 +519,8 @@ def ring_flash_attn_qkvpacked_func(
     return _ring(
         q, k, v, group=group, layout=layout, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, names=("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]"),
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
+        names=("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]"),
         fn="ring_flash_attn_qkvpacked_func",
     )  # fmt: skip
 
@@ -554,6 +543,7 @@ def ring_flash_attn_varlen_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     layout: str = "zigzag",
+    learnable_sink: torch.Tensor | None = None,
 ):
     """Ring attention on a packed batch of variable-length sequences, every one sharded.
 
@@ -579,7 +569,8 @@ def ring_flash_attn_varlen_func(
     return _ring(
         q, k, v, group=group, layout=layout, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, fn="ring_flash_attn_varlen_func",
     )  # fmt: skip
 
@@ -598,6 +589,7 @@ def ring_flash_attn_varlen_qkvpacked_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     layout: str = "zigzag",
+    learnable_sink: torch.Tensor | None = None,
 ):
     """:func:`ring_flash_attn_varlen_func` with ``qkv (total / W, 3, nheads, headdim)`` and one
     (global) ``cu_seqlens``."""
@@ -605,7 +597,8 @@ def ring_flash_attn_varlen_qkvpacked_func(
     return _ring(
         q, k, v, group=group, layout=layout, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+        return_attn_probs=return_attn_probs, learnable_sink=learnable_sink, cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
         max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, names=("qkv[:, 0]", "qkv[:, 1]", "qkv[:, 2]"),
         fn="ring_flash_attn_varlen_qkvpacked_func",
     )  # fmt: skip

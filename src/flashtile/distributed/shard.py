@@ -12,6 +12,17 @@ group holds some of them, concatenated in increasing order ("slots"):
                                    chunk        0     1     2     3
                                    rank 0 holds 0 1 6 7, rank 1 holds 2 3 4 5
 
+2-D context parallelism (:func:`flashtile.distributed.hybrid_flash_attn_func`, a grid of
+``ulysses_size x ring_size = W`` ranks, group rank ``g = r * ulysses_size + u``) needs no layout of
+its own: the zigzag over ``W`` ranks *is* the zigzag over the ``ring_size`` ring positions
+(chunks ``r`` and ``2 ring_size - 1 - r``, which balance the ring's causal work) with each of
+those two chunks cut again into ``ulysses_size`` pieces, piece ``u`` of the first and piece
+``ulysses_size - 1 - u`` of the second going to rank ``(r, u)`` (chunk ``r * ulysses_size + u`` and
+``2W - 1 - g`` of ``2W``). So what the all-to-all gathers inside a Ulysses subgroup is exactly the
+ring position's zigzag shard, and a sequence sharded once serves ring, Ulysses and every 2-D
+factorisation; the same holds for ``"contiguous"``. The ``ulysses_size`` argument of
+:func:`shard` / :func:`unshard` is therefore only checked (it must divide ``W``).
+
 Varlen (packed) batches: every sequence of ``cu_seqlens`` is cut this way on its own, and a
 rank holds its chunks of sequence 0, then of sequence 1, ... back to back. Its shard is then a
 packed batch whose ``cu_seqlens`` is the global one divided by ``W`` (see
@@ -35,11 +46,30 @@ def check_layout(layout: str) -> str:
     return layout
 
 
+def check_ulysses_size(ulysses_size: int, world: int, fn: str = "") -> int:
+    """``ulysses_size`` must be a positive int dividing the group's size ``world``."""
+    where = f"{fn}: " if fn else ""
+    if isinstance(ulysses_size, bool) or not isinstance(ulysses_size, int) or ulysses_size < 1:
+        raise ValueError(f"{where}ulysses_size must be a positive int, got {ulysses_size!r}")
+    if world % ulysses_size:
+        raise ValueError(
+            f"{where}ulysses_size ({ulysses_size}) must divide the size of the process group ({world}): the grid "
+            f"is ulysses_size x ring_size = {world} ranks"
+        )
+    return ulysses_size
+
+
 def group_world_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     """``(world size, rank)`` of this process in ``group`` (None: the default group)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
-    return dist.get_world_size(group), dist.get_rank(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the process group passed as group; "
+            "every rank must pass a group it belongs to (e.g. the one new_group returned on that rank)"
+        )
+    return dist.get_world_size(group), rank
 
 
 def num_chunks(layout: str, world: int) -> int:
@@ -121,6 +151,7 @@ def shard(
     layout: str = "zigzag",
     dim: int = 1,
     cu_seqlens: torch.Tensor | None = None,
+    ulysses_size: int = 1,
 ) -> torch.Tensor:
     """This rank's shard of the full tensor ``x`` along the sequence dimension ``dim``.
 
@@ -131,11 +162,14 @@ def shard(
         layout: ``"zigzag"`` or ``"contiguous"`` (see the module docstring).
         cu_seqlens: for a packed varlen batch, its (global) int32 ``cu_seqlens``; each
             sequence is then sharded on its own.
+        ulysses_size: the Ulysses size of the 2-D call the shard is for (must divide ``W``); the
+            layout is the same for every value (see the module docstring).
 
     Returns:
         The shard, of length ``x.shape[dim] // W`` along ``dim``. Differentiable.
     """
     world, rank = group_world_rank(group)
+    check_ulysses_size(ulysses_size, world)
     dim = dim % x.dim()
     return _take(x, dim, world, rank, layout, cu_seqlens)
 
@@ -177,6 +211,7 @@ def unshard(
     layout: str = "zigzag",
     dim: int = 1,
     cu_seqlens: torch.Tensor | None = None,
+    ulysses_size: int = 1,
 ) -> torch.Tensor:
     """Gather every rank's shard back into the full tensor (on every rank): the inverse of :func:`shard`.
 
@@ -185,4 +220,5 @@ def unshard(
     slice of this rank's gradient (the result is treated as replicated, not summed over ranks).
     """
     check_layout(layout)
+    check_ulysses_size(ulysses_size, group_world_rank(group)[0])
     return _Unshard.apply(x, group, layout, dim % x.dim(), cu_seqlens)

@@ -9,6 +9,10 @@ rank's heads), GQA, learnable sinks (``learnable_sink``, float32 ``(nheads,)``, 
 on every rank: each rank uses its heads' entries). Communication is ``O(S * H * D / W)`` per rank per all-to-all,
 independent of the mask.
 
+This module holds the all-to-all stage (:class:`_Resharder`) of the one context-parallel
+implementation, :func:`flashtile.distributed.hybrid.context_parallel`; the public Ulysses
+functions are that implementation with ``ulysses_size = W`` (a ring of one position).
+
 Requirements: ``nheads`` divisible by ``W``. GQA: k/v heads are exchanged as they are when
 ``nheads_k`` is divisible by ``W``; otherwise each k/v head is repeated
 ``lcm(nheads_k, W) / nheads_k`` times first (the smallest repetition that divides), which
@@ -17,141 +21,96 @@ keeps query head ``i`` on key/value head ``i // (nheads / nheads_k)``.
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import functools
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
-from .. import dispatch
-from ..ops import attention
-from ..rng import draw_seed
-from ..spec import Problem, check_alibi, check_sink, unbind_packed
-from ._common import check_inputs, check_varlen_cu, mix_seed, seed_tensor
-from .shard import check_layout, group_world_rank, positions, varlen_positions
+from ..spec import unbind_packed
+from ._common import Grid
+from .shard import group_world_rank, positions, varlen_positions
 
 _Window = Sequence[int]
 
 
 class _AllToAll(torch.autograd.Function):
-    """Split ``x`` into ``W`` pieces along ``scatter_dim``, send piece ``j`` to rank ``j``, and
-    concatenate the pieces received (in rank order) along ``gather_dim``."""
+    """Inside this rank's Ulysses subgroup of ``grid`` (``U`` ranks): split ``x`` into ``U`` pieces
+    along ``scatter_dim``, send piece ``j`` to member ``j``, and concatenate the pieces received
+    (in member order) along ``gather_dim``."""
 
     @staticmethod
-    def forward(ctx, x, group, scatter_dim, gather_dim):
-        ctx.args = (group, scatter_dim, gather_dim)
-        return _all_to_all(x, group, scatter_dim, gather_dim)
+    def forward(ctx, x, grid, scatter_dim, gather_dim):
+        ctx.args = (grid, scatter_dim, gather_dim)
+        return _all_to_all(x, grid, scatter_dim, gather_dim)
 
     @staticmethod
     def backward(ctx, grad):
-        group, scatter_dim, gather_dim = ctx.args
-        return _all_to_all(grad.contiguous(), group, gather_dim, scatter_dim), None, None, None
+        grid, scatter_dim, gather_dim = ctx.args
+        return _all_to_all(grad.contiguous(), grid, gather_dim, scatter_dim), None, None, None
 
 
-def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-    world = dist.get_world_size(group)
-    if world == 1:
+def _all_to_all(x: torch.Tensor, grid: Grid, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    n = grid.ulysses
+    if n == 1:
         return x
-    send = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()  # (W, ...): piece j for rank j
+    send = torch.stack(x.chunk(n, dim=scatter_dim)).contiguous()  # (U, ...): piece j for member j
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    # One all-to-all over the whole group; the split sizes give every rank outside the subgroup
+    # an empty piece (None: the subgroup is the group, equal pieces).
+    splits = grid.a2a_splits
+    dist.all_to_all_single(recv, send, output_split_sizes=splits, input_split_sizes=splits, group=grid.group)
     return torch.cat(recv.unbind(0), dim=gather_dim)
 
 
-class _Resharder:
-    """Moves tensors between "this rank's sequence shard, all heads" and "the whole sequence, this
-    rank's heads", in the global token order."""
+@functools.lru_cache(maxsize=64)
+def _orders(grid: Grid, layout: str, lengths: tuple[int, ...] | int, device: torch.device):
+    """``(to_rank_major, to_sorted)`` index tensors on ``device`` (None, None when the gathered
+    order is already sorted): the tokens of this rank's Ulysses subgroup, gathered member after
+    member, are put into increasing global position (the ring position's shard, see
+    :mod:`flashtile.distributed.shard`) by ``index_select(to_sorted)`` and back by
+    ``index_select(to_rank_major)``. ``lengths``: the sequence length (dense) or the global
+    ``cu_seqlens`` as a tuple (varlen)."""
+    if grid.ulysses == 1:
+        return None, None
+    if isinstance(lengths, int):
+        pos = [positions(lengths, grid.world, g, layout) for g in grid.members]
+    else:
+        pos = [varlen_positions(list(lengths), grid.world, g, layout) for g in grid.members]
+    rank_major = torch.cat(pos)  # global position of each gathered token
+    if rank_major.numel() < 2 or bool((rank_major[1:] > rank_major[:-1]).all()):
+        return None, None
+    to_sorted = torch.argsort(rank_major)
+    return torch.argsort(to_sorted).to(device), to_sorted.to(device)
 
-    def __init__(self, group, world: int, layout: str, seq_positions: list[torch.Tensor]):
-        self.group = group
-        rank_major = torch.cat(seq_positions)  # global position of each token, in rank-major order
-        if torch.equal(rank_major, torch.arange(rank_major.numel(), device=rank_major.device)):
-            self.to_rank_major = self.to_global = None  # contiguous layout: already in order
-        else:
-            self.to_rank_major = rank_major
-            self.to_global = torch.argsort(rank_major)
+
+class _Resharder:
+    """Moves tensors between "this rank's sequence shard, all heads" and "the sequence shard of
+    this rank's ring position (its Ulysses subgroup's shards together, in global order), this
+    rank's ``1 / U`` of the heads". With ``U = W`` (pure Ulysses) that is the whole sequence."""
+
+    def __init__(self, grid: Grid, layout: str, lengths: tuple[int, ...] | int, device: torch.device):
+        self.grid = grid
+        self.to_rank_major, self.to_sorted = _orders(grid, layout, lengths, device)
 
     def heads(self, x: torch.Tensor, seq_dim: int, head_dim: int) -> torch.Tensor:
-        """Sequence shard (all heads) -> whole sequence (this rank's heads)."""
-        y = _AllToAll.apply(x, self.group, head_dim, seq_dim)
-        return y if self.to_global is None else y.index_select(seq_dim, self.to_global)
+        """Sequence shard (all heads) -> ring position's shard (this rank's heads)."""
+        y = _AllToAll.apply(x, self.grid, head_dim, seq_dim)
+        return y if self.to_sorted is None else y.index_select(seq_dim, self.to_sorted)
 
     def seq(self, x: torch.Tensor, seq_dim: int, head_dim: int) -> torch.Tensor:
-        """Whole sequence (this rank's heads) -> sequence shard (all heads)."""
+        """Ring position's shard (this rank's heads) -> sequence shard (all heads)."""
         if self.to_rank_major is not None:
             x = x.index_select(seq_dim, self.to_rank_major)
-        return _AllToAll.apply(x, self.group, seq_dim, head_dim)
+        return _AllToAll.apply(x, self.grid, seq_dim, head_dim)
 
 
-def _ulysses(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    group: dist.ProcessGroup | None,
-    layout: str,
-    alibi_slopes: torch.Tensor | None,
-    return_attn_probs: bool,
-    learnable_sink: torch.Tensor | None = None,
-    cu_seqlens_q: torch.Tensor | None = None,
-    cu_seqlens_k: torch.Tensor | None = None,
-    max_seqlen_q: int = 0,
-    max_seqlen_k: int = 0,
-    names: tuple[str, str, str] = ("q", "k", "v"),
-    fn: str = "ulysses_flash_attn_func",
-    **options,
-):
-    varlen = cu_seqlens_q is not None
-    spec = check_inputs(q, k, v, varlen=varlen, names=names, return_attn_probs=return_attn_probs, fn=fn, **options)
-    check_layout(layout)
-    world, rank = group_world_rank(group)
-    h, hk = q.shape[-2], k.shape[-2]
-    if h % world:
-        raise ValueError(f"{fn}: the number of heads of {names[0]} ({h}) must be divisible by the group size ({world})")
-    if hk % world:  # GQA with too few k/v heads: repeat them to the smallest count that divides
-        rep = math.lcm(hk, world) // hk
-        k, v = k.repeat_interleave(rep, dim=-2), v.repeat_interleave(rep, dim=-2)
-    seq_dim, head_dim = (0, 1) if varlen else (1, 2)
-    if varlen:
-        cuq, cuk = check_varlen_cu(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, world)
-        pos_q = [varlen_positions(cuq, world, r, layout, q.device) for r in range(world)]
-        pos_k = pos_q if cuk == cuq else [varlen_positions(cuk, world, r, layout, q.device) for r in range(world)]
-        batch, sq, sk = len(cuq) - 1, max_seqlen_q, max_seqlen_k
-    else:
-        sq, sk = q.shape[1] * world, k.shape[1] * world
-        pos_q = [positions(sq, world, r, layout, q.device) for r in range(world)]
-        pos_k = pos_q if sk == sq else [positions(sk, world, r, layout, q.device) for r in range(world)]
-        batch = q.shape[0]
-    rq = _Resharder(group, world, layout, pos_q)
-    rk = rq if pos_k is pos_q else _Resharder(group, world, layout, pos_k)
-    hl = h // world
-    alibi = check_alibi(alibi_slopes, batch, h, q.device)
-    if alibi is not None:
-        alibi = alibi[:, rank * hl : (rank + 1) * hl].contiguous()
-    sink = check_sink(learnable_sink, h, q.device)
-    if sink is not None:  # this rank's heads; a view, so the gradient lands in those entries of the caller's tensor
-        sink = sink[rank * hl : (rank + 1) * hl]
-    qh = rq.heads(q, seq_dim, head_dim)
-    kh, vh = rk.heads(k, seq_dim, head_dim), rk.heads(v, seq_dim, head_dim)
-    if varlen:
-        qh, kh, vh = qh.unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0)
-    # Ranks hold different heads but would index the dropout mask by local head: give each its own stream.
-    seed = seed_tensor(mix_seed(int(draw_seed(q.device)), rank)) if spec.dropout_p > 0 else None
-    lens = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),
-                max_seqlen_k=int(max_seqlen_k)) if varlen else {}  # fmt: skip
-    call = dataclasses.replace(spec, alibi_slopes=alibi, learnable_sink=sink, seed=seed, **lens)
-    backend = dispatch.choose(Problem.of(qh, kh, call), call)
-    out, lse = attention(qh, kh, vh, call, backend)
-    if varlen:
-        out = rq.seq(out.squeeze(0), 0, 1)
-    else:
-        out = rq.seq(out, 1, 2)
-    if not return_attn_probs:
-        return out
-    # lse (B, H / W, S) of the whole sequence -> (B, H, S / W) of this rank's shard.
-    lse = rq.seq(lse.squeeze(0), 1, 0) if varlen else rq.seq(lse, 2, 1)
-    return out, lse, None
+def _ulysses(q, k, v, *, group, fn: str = "ulysses_flash_attn_func", **kwargs):
+    """Ulysses = the 2-D form with ``ulysses_size`` = the group's size (a ring of one position)."""
+    from .hybrid import context_parallel
+
+    world, _ = group_world_rank(group)
+    return context_parallel(q, k, v, group=group, ulysses_size=world, fn=fn, check_grid=False, **kwargs)
 
 
 def ulysses_flash_attn_func(

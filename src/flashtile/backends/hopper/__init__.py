@@ -4,11 +4,13 @@
 warp-specialised TMA producer and two consumer warpgroups in ping-pong, and a persistent variant
 over a host-computed tile schedule (kernels in :mod:`.fwd`, configs in :mod:`.configs`).
 
-Serves fp16 and bf16 with head dims 64, 96, 128, 192 and 256 on compute capability 9.x, with
+Serves fp16, bf16 and FP8 e4m3 (forward: both products in FP8 wgmma, :mod:`.fwd_fp8`; output
+bf16) with head dims 64, 96, 128, 192 and 256 on compute capability 9.x, with
 causal and sliding windows (bottom-right aligned), softcap, GQA/MQA, ``seqlen_q != seqlen_k``
 and varlen. Not ALiBi, not dropout (``auto`` then picks the next backend). The backward is
 Gluon too (:mod:`.bwd`, host side :mod:`.launch_bwd`); ``FLASHTILE_HOPPER_BWD=triton`` switches
-it to the Triton backend's kernels (which need only ``out`` and ``lse``, of the same semantics).
+it to the Triton backend's kernels (which need only ``out`` and ``lse``, of the same semantics);
+the Triton kernels are the default until the Gluon backward is faster (:data:`DEFAULT_BWD`).
 
 Gluon is an experimental API that changes between Triton releases: the backend runs only with
 the Triton versions it was tested with (:data:`TESTED_TRITON`); ``available()`` names the
@@ -26,6 +28,7 @@ import sys
 
 import torch
 
+from ...fp8 import is_fp8, run_upcast
 from ...spec import AttnCall, Problem
 from .. import _device
 from ..base import Capabilities, register
@@ -95,7 +98,7 @@ class HopperBackend:
     name = "hopper"
     capabilities = Capabilities(
         priority=20,
-        dtypes=frozenset({torch.float16, torch.bfloat16}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float8_e4m3fn}),
         max_headdim=MAX_HEADDIM,
         features=frozenset({"causal", "window", "softcap", "varlen"}),
         auto_devices=("cuda",),
@@ -141,6 +144,8 @@ class HopperBackend:
         from ..triton import backend as triton_backend
 
         if not call.varlen and q.shape[1] * (q.shape[2] // k.shape[2]) <= DECODE_SHAPED_ROWS:
+            if is_fp8(q.dtype):  # the triton kernels have no FP8: dequantised first
+                return run_upcast(triton_backend.forward, q, k, v, call)
             return triton_backend.forward(q, k, v, call)
         from . import launch
 
@@ -166,15 +171,20 @@ class HopperBackend:
         return dq, dk, dv, {}
 
 
-#: Environment variable choosing the backward kernels: ``gluon`` (default) or ``triton``.
+#: Environment variable choosing the backward kernels: ``gluon`` or ``triton``.
 BWD_ENV = "FLASHTILE_HOPPER_BWD"
+#: The default backward: the Triton kernels. The Gluon backward passes every correctness case on
+#: the H200 but runs at 0.3-0.5x cuDNN, 0.52x the Triton backward (first measurement,
+#: ``benchmarks/results/hopper_bwd_H200_20261201_first.json``): opt in with
+#: ``FLASHTILE_HOPPER_BWD=gluon`` until it is faster.
+DEFAULT_BWD = "triton"
 
 
 def bwd_kernel(call: AttnCall) -> str:
     """Which kernels run the backward of ``call``: ``gluon`` (:mod:`.bwd`) or ``triton`` (the
     Triton backend's, also the path for anything the Gluon kernel does not serve: a learnable
     sink). ``FLASHTILE_HOPPER_BWD=triton`` forces the Triton kernels (A/B comparisons)."""
-    choice = os.environ.get(BWD_ENV, "gluon").strip().lower() or "gluon"
+    choice = os.environ.get(BWD_ENV, DEFAULT_BWD).strip().lower() or DEFAULT_BWD
     if choice not in ("gluon", "triton"):
         raise ValueError(f"{BWD_ENV} must be 'gluon' or 'triton', got {choice!r}")
     if choice == "triton" or call.learnable_sink is not None:

@@ -28,10 +28,12 @@ KERNELS = ("plain", "ws", "persistent")
 
 @dataclass(frozen=True)
 class HopperConfig:
-    """``block_m`` query rows per program (2 warpgroups x 64 rows), ``block_n`` keys per
-    K/V ring slot, ``num_stages`` ring slots, ``kernel`` one of :data:`KERNELS`; ``ws`` only:
+    """``block_m`` query rows per program (``consumers`` warpgroups x 64 rows), ``block_n`` keys
+    per K/V ring slot, ``num_stages`` ring slots, ``kernel`` one of :data:`KERNELS`; ``ws`` and
+    ``persistent`` only: ``consumers`` consumer warpgroups in ping-pong (2, or 3 as FA3 runs head
+    dim 64: more warps share the softmax while one issues its matrix products), and
     ``consumer_regs`` / ``producer_regs`` per thread of the consumer / producer partitions
-    (``setmaxnreg``; 2 x 128 x consumer + 128 x producer <= 65536)."""
+    (``setmaxnreg``; consumers x 128 x consumer_regs + 128 x producer_regs <= 65536)."""
 
     block_m: int
     block_n: int
@@ -39,6 +41,7 @@ class HopperConfig:
     kernel: str = "ws"
     consumer_regs: int = 240
     producer_regs: int = 24
+    consumers: int = 2
 
     @property
     def num_warps(self) -> int:
@@ -47,8 +50,8 @@ class HopperConfig:
 
     @property
     def q_rows(self) -> int:
-        """Rows of one Q / O TMA block: the whole tile (plain) or one consumer's half (ws)."""
-        return self.block_m if self.kernel == "plain" else self.block_m // 2
+        """Rows of one Q / O TMA block: the whole tile (plain) or one consumer's share (ws)."""
+        return self.block_m if self.kernel == "plain" else self.block_m // self.consumers
 
 
 # NOT measured yet: sized from shared memory and the register budget (ptxas reports in
@@ -64,12 +67,76 @@ _TABLE: dict[int, HopperConfig] = {
 }
 
 
+#: Head dim 64 runs 3 consumer warpgroups (192-row tiles, FA3's choice there) except on causal
+#: calls shorter than this many query rows, where 192-row tiles put more of the work on the
+#: diagonal (H200, `results/hopper_H200_20261201_stepD_consumers3.json`: non-causal 1k-16k
+#: +8-20%, causal 16k +10%, causal 4k +0%, causal 1k -33%).
+D64_CAUSAL_THREE_CONSUMERS_FROM = 8192
+_D64_THREE = HopperConfig(192, 128, 2, consumers=3, consumer_regs=160)  # 24 KiB Q + 2 x 32 KiB = 88 KiB
+
+
+def config_for(headdim: int, *, causal: bool, seqlen_q: int) -> HopperConfig:
+    """The config a call runs: the table's, with head dim 64's consumer count chosen by
+    causality and (max) query length (:data:`D64_CAUSAL_THREE_CONSUMERS_FROM`)."""
+    if headdim == 64 and (not causal or seqlen_q >= D64_CAUSAL_THREE_CONSUMERS_FROM):
+        return _D64_THREE
+    return config(headdim)
+
+
+# FP8 (e4m3) forward (kernel ``attn_fwd_ws_fp8``, the ``ws`` design): elements are 1 byte, so a
+# key block of twice the keys costs the shared memory of a 16-bit one; the P V wgmma has K =
+# block_n (a multiple of 32 for e4m3). Shared memory adds the bf16 output staging tile
+# (2 x 64 x BLOCK_D x 2 bytes). NOT measured yet: sized from shared memory and registers
+# (scripts/gluon_compile_check.py --fp8 reports no spills), waiting for benchmarks/fp8_run.py.
+_FP8_TABLE: dict[int, HopperConfig] = {
+    64: HopperConfig(128, 128, 3),  # 8 KiB Q + 3 x 16 KiB K/V^T + 16 KiB O = 72 KiB
+    96: HopperConfig(128, 128, 2),  # padded to 128: 16 KiB Q + 2 x 32 KiB + 32 KiB O = 112 KiB
+    128: HopperConfig(128, 128, 2),  # 16 KiB Q + 2 x 32 KiB + 32 KiB O = 112 KiB
+    192: HopperConfig(128, 64, 2),  # padded to 256: 32 KiB Q + 2 x 32 KiB + 64 KiB O = 160 KiB
+    256: HopperConfig(128, 64, 2),  # 32 KiB Q + 2 x 32 KiB + 64 KiB O = 160 KiB (acc: 128 regs/thread)
+}
+
+
+def fp8_config(headdim: int, **overrides) -> HopperConfig:
+    """The FP8 table's config for ``headdim`` (kernel ``ws`` always), with ``overrides``."""
+    if headdim not in _FP8_TABLE:
+        raise ValueError(f"hopper FP8 kernels serve head dims {HEADDIMS}, got {headdim}")
+    cfg = _FP8_TABLE[headdim]
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def fp8_smem_bytes(cfg: HopperConfig, headdim: int) -> int:
+    """Shared memory of the FP8 kernel's tiles: e4m3 Q, K and V^T ring, bf16 output staging."""
+    return smem_bytes(cfg, headdim, elem_bytes=1) + 2 * (cfg.block_m // 2) * block_d(headdim) * 2
+
+
+def check_fp8(cfg: HopperConfig, headdim: int) -> str | None:
+    """Why ``cfg`` cannot work for the FP8 kernel at ``headdim`` (None if it can)."""
+    if cfg.kernel != "ws" or cfg.consumers != 2:
+        return f"the FP8 forward is a ws kernel with 2 consumers, got kernel={cfg.kernel!r}, consumers={cfg.consumers}"
+    if cfg.block_n % 32 or not 32 <= cfg.block_n <= 256:
+        return f"block_n must be a multiple of 32 in [32, 256] (e4m3 wgmma K = 32), got {cfg.block_n}"
+    bad = check(replace(cfg, block_n=16), headdim)  # the shared checks (registers, stages, block_m)
+    if bad:
+        return bad
+    need = fp8_smem_bytes(cfg, headdim)
+    if need > SM90_SMEM_LIMIT:
+        return f"needs {need // 1024} KiB of shared memory, sm_90 has {SM90_SMEM_LIMIT // 1024} KiB per CTA"
+    return None
+
+
 def config(headdim: int, **overrides) -> HopperConfig:
     """The table's config for ``headdim`` (one of :data:`HEADDIMS`), with fields replaced by
     ``overrides`` (benchmark sweeps: ``block_n=64, num_stages=3``)."""
     if headdim not in _TABLE:
         raise ValueError(f"hopper kernels serve head dims {HEADDIMS}, got {headdim}")
     cfg = _TABLE[headdim]
+    if "consumers" in overrides and overrides["consumers"] != cfg.consumers:
+        # a new consumer count brings its tile height and register split unless given too
+        n = overrides["consumers"]
+        overrides.setdefault("block_m", 64 * n)
+        budget = 65536 // 128 - overrides.get("producer_regs", cfg.producer_regs)
+        overrides.setdefault("consumer_regs", min(240, budget // n // 8 * 8))
     return replace(cfg, **overrides) if overrides else cfg
 
 
@@ -87,11 +154,17 @@ def check(cfg: HopperConfig, headdim: int) -> str | None:
     """Why ``cfg`` cannot work for ``headdim`` (None if it can)."""
     if cfg.kernel not in KERNELS:
         return f"kernel {cfg.kernel!r} is not one of {KERNELS}"
-    if cfg.block_m != 128:
-        return "the consumers are 2 warpgroups of 64 rows: block_m = 128"
-    if cfg.kernel == "ws" and (2 * cfg.consumer_regs + cfg.producer_regs) * 128 > 65536:
-        return f"registers: 2 x 128 x {cfg.consumer_regs} + 128 x {cfg.producer_regs} > 65536"
-    if cfg.kernel == "ws" and (cfg.consumer_regs % 8 or cfg.producer_regs % 8 or cfg.producer_regs < 24):
+    if cfg.kernel == "plain" and (cfg.block_m != 128 or cfg.consumers != 2):
+        return "the plain kernel runs 2 warpgroups of 64 rows: block_m = 128, consumers = 2"
+    if cfg.consumers not in (2, 3):
+        return f"consumers must be 2 or 3, got {cfg.consumers}"
+    if cfg.block_m != 64 * cfg.consumers:
+        return f"each consumer warpgroup owns 64 rows: block_m = 64 x consumers = {64 * cfg.consumers}"
+    ws = cfg.kernel != "plain"
+    if ws and (cfg.consumers * cfg.consumer_regs + cfg.producer_regs) * 128 > 65536:
+        return (f"registers: {cfg.consumers} x 128 x {cfg.consumer_regs} + 128 x {cfg.producer_regs} "
+                f"> 65536")  # fmt: skip
+    if ws and (cfg.consumer_regs % 8 or cfg.producer_regs % 8 or cfg.producer_regs < 24):
         return "setmaxnreg counts are multiples of 8, at least 24"
     if cfg.block_n % 16 or not 16 <= cfg.block_n <= 256:
         return f"block_n must be a multiple of 16 in [16, 256], got {cfg.block_n}"

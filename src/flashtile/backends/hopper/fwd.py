@@ -384,9 +384,10 @@ def _ws_load_kv(k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty
 @gluon.jit
 def _ws_producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
                  b, h, hk, q_start, k_start, m0, nb_lo, n_total,
-                 SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
-    """1 warp: TMA loads of both consumers' Q tiles, then K and V of every key block."""
-    for c in gl.static_range(2):
+                 SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr,
+                 NUM_CONSUMERS: gl.constexpr):
+    """1 warp: TMA loads of every consumer's Q tile, then K and V of every key block."""
+    for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
         _tma_load(q_desc, q_bars.index(c), q_bufs.index(c), b, q_start + m0 + c * SUB_M, h, IS_VARLEN)
     _ws_load_kv(k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, b, hk, k_start, nb_lo, n_total,
@@ -394,27 +395,44 @@ def _ws_producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full,
 
 
 @gluon.jit
+def _turn_wait(turn, it, CID: gl.constexpr):
+    """Wait for consumer ``CID``'s turn at ring iteration ``it``. Turns go round the consumers
+    (0, 1, .., N-1, 0, ..), one per key block each; ``turn[c]`` is arrived on by the consumer
+    before ``c``. Consumer 0's first wait (parity 1 on a fresh barrier) passes at once."""
+    if CID == 0:
+        mbarrier.wait(turn.index(0), (it & 1) ^ 1)
+    else:
+        mbarrier.wait(turn.index(CID), it & 1)
+
+
+@gluon.jit
+def _turn_pass(turn, CID: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+    """Hand the turn to the next consumer warpgroup."""
+    mbarrier.arrive(turn.index((CID + 1) % NUM_CONSUMERS))
+
+
+@gluon.jit
 def _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn,
               rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
               CID: gl.constexpr, MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
               HAS_SOFTCAP: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-              s_layout: gl.constexpr, o_layout: gl.constexpr):
+              NUM_CONSUMERS: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
     """Key block ``blk`` (not a tile's first) of one consumer warpgroup, FA3's schedule: on this
-    warpgroup's turn issue S = Q K_blk^T and O += P_prev V_prev, hand the turn to the other
+    warpgroup's turn issue S = Q K_blk^T and O += P_prev V_prev, hand the turn to the next
     warpgroup, then run the softmax of S while P_prev V_prev is still on the tensor cores.
     ``it`` counts key blocks over the program's life: it picks the ring slot and phase, and the
-    turn (each block takes one turn; both consumers visit the same blocks)."""
+    turn (each block takes one turn; all consumers visit the same blocks)."""
     stage = it % NUM_STAGES
     phase = (it // NUM_STAGES) & 1
     pstage = (it - 1) % NUM_STAGES
     pphase = ((it - 1) // NUM_STAGES) & 1
     mbarrier.wait(k_full.index(stage), phase)
-    mbarrier.wait(turn.index(CID), (it & 1) ^ (1 - CID))
+    _turn_wait(turn, it, CID)
     s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
     s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s0, use_acc=False, is_async=True)
     mbarrier.wait(v_full.index(pstage), pphase)
     acc = warpgroup_mma(p_op, v_bufs.index(pstage), acc, is_async=True)
-    mbarrier.arrive(turn.index(1 - CID))
+    _turn_pass(turn, CID, NUM_CONSUMERS)
     s = warpgroup_mma_wait(1, deps=(s,))  # groups retire in order: S is done, P V may still run
     mbarrier.arrive(k_empty.index(stage))
     p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
@@ -431,7 +449,7 @@ def _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, row
              nb_lo, fu_lo, fu_hi, nb_hi, seqlen_k, off, wl, wr, qk_scale, cap_out,
              CID: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr,
              NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-             s_layout: gl.constexpr, o_layout: gl.constexpr):
+             NUM_CONSUMERS: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
     """One consumer's attention over key blocks ``[nb_lo, nb_hi)`` (ring iterations ``it0 ..``);
     Q is in ``q_smem``. Returns the unnormalised ``(acc, l_i, m_i)``."""
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
@@ -443,10 +461,10 @@ def _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, row
         # first block: S only (always with masks: it may be any of the three kinds)
         stage = it0 % NUM_STAGES
         mbarrier.wait(k_full.index(stage), (it0 // NUM_STAGES) & 1)
-        mbarrier.wait(turn.index(CID), (it0 & 1) ^ (1 - CID))
+        _turn_wait(turn, it0, CID)
         s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
         s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s0, use_acc=False, is_async=True)
-        mbarrier.arrive(turn.index(1 - CID))
+        _turn_pass(turn, CID, NUM_CONSUMERS)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(stage))
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
@@ -458,19 +476,19 @@ def _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, row
             acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                             CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                            s_layout, o_layout)
+                                            NUM_CONSUMERS, s_layout, o_layout)
             it += 1
         for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
             acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                             CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                            s_layout, o_layout)
+                                            NUM_CONSUMERS, s_layout, o_layout)
             it += 1
         for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
             acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                             CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                            s_layout, o_layout)
+                                            NUM_CONSUMERS, s_layout, o_layout)
             it += 1
         # the last block's P V
         last = it0 + n_total - 1
@@ -488,9 +506,9 @@ def _ws_consumer(q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empt
                  nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                  CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
-                 HAS_SOFTCAP: gl.constexpr, IS_VARLEN: gl.constexpr):
+                 HAS_SOFTCAP: gl.constexpr, IS_VARLEN: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
     """One consumer warpgroup (4 warps): query rows ``m0 + CID * SUB_M ..`` of the tile, over the
-    key blocks of the whole tile (both consumers see the same blocks, so their turns pair up)."""
+    key blocks of the whole tile (all consumers see the same blocks, so their turns line up)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -503,7 +521,7 @@ def _ws_consumer(q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empt
     acc, l_i, m_i = _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, rows, 0,
                              nb_lo, fu_lo, fu_hi, nb_hi, seqlen_k, off, wl, wr, qk_scale, cap_out,
                              CID, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                             s_layout, o_layout)
+                             NUM_CONSUMERS, s_layout, o_layout)
     if r0 < seqlen_q:
         _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, r0, q_start, seqlen_q,
                   stride_os, stride_oh, stride_lb, stride_lh,
@@ -518,57 +536,84 @@ def attn_fwd_ws(
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     IS_VARLEN: gl.constexpr, REVERSE_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-    num_warps: gl.constexpr,
+    NUM_CONSUMERS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (the default
-    partition: consumer 0) + 4 (consumer 1) + 1 (producer) warps. q_desc / o_desc have
-    ``BLOCK_M // 2``-row blocks (one per consumer). Writes o and lse."""
+    partition: consumer 0) + 4 per further consumer (NUM_CONSUMERS = 2 or 3) + 1 (producer)
+    warps. q_desc / o_desc have ``BLOCK_M // NUM_CONSUMERS``-row blocks (one per consumer).
+    Writes o and lse."""
     pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k,
                                                                      REVERSE_M, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
-    SUB_M: gl.constexpr = BLOCK_M // 2
+    SUB_M: gl.constexpr = BLOCK_M // NUM_CONSUMERS
     dtype: gl.constexpr = q_desc.dtype
     hk = h // group
     off = seqlen_k - seqlen_q
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
                                                      element_bitwidth=dtype.primitive_bitwidth, rank=2)
-    q_bufs = gl.allocate_shared_memory(dtype, [2, SUB_M, BLOCK_D], smem_layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, SUB_M, BLOCK_D], smem_layout)
     k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], smem_layout)
     v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], smem_layout)
-    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_bars = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    for c in gl.static_range(2):
+    for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.init(q_bars.index(c), count=1)
         mbarrier.init(turn.index(c), count=1)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_full.index(i), count=1)
         mbarrier.init(v_full.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
-        mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(k_empty.index(i), count=NUM_CONSUMERS)  # one arrival per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=NUM_CONSUMERS)
 
     r_hi = gl.minimum(m0 + BLOCK_M, seqlen_q)
     nb_lo, fu_lo, fu_hi, nb_hi = _block_range(m0, r_hi, seqlen_k, off, window_left, window_right,
                                               HAS_WL, HAS_WR, BLOCK_N)
     n_total = nb_hi - nb_lo
-    # (tuples are spelled out in the call: a tuple assigned to a variable turns its constexprs into tensors)
-    gl.warp_specialize([
-        (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
-                        o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
-                        qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
-                        0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN)),
-        (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
-                        o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
-                        qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
-                        1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN)),
-        (_ws_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
-                        b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    # (tuples are spelled out in the call: a tuple assigned to a variable turns its constexprs into
+    # tensors; hence one spelled-out list per consumer count)
+    if NUM_CONSUMERS == 3:
+        gl.warp_specialize([
+            (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                            o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
+                            qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                            0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                            NUM_CONSUMERS)),
+            (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                            o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
+                            qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                            1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                            NUM_CONSUMERS)),
+            (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                            o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
+                            qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                            2, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                            NUM_CONSUMERS)),
+            (_ws_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
+                            b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
+                            NUM_CONSUMERS)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                            o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
+                            qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                            0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                            NUM_CONSUMERS)),
+            (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                            o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
+                            qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                            1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                            NUM_CONSUMERS)),
+            (_ws_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
+                            b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
+                            NUM_CONSUMERS)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # ---------------------------------------------------------------------------------------
@@ -594,8 +639,8 @@ def _pers_tile(TILES, t, n_mb, nheads, seqlen_q, seqlen_k, wl, wr,
 def _pers_producer(TILES, OFFS, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, q_empty,
                    k_full, v_full, k_empty, v_empty, n_mb, nheads, group, seqlen_q, seqlen_k, wl, wr,
                    SUB_M: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                   HAS_WL: gl.constexpr, HAS_WR: gl.constexpr):
-    """1 warp, for each tile of this program: both Q halves (once the consumers released the
+                   HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+    """1 warp, for each tile of this program: every consumer's Q share (once the consumers released the
     previous tile's Q buffer, ``q_empty``), then its K/V blocks into the ring; the ring runs on
     across tiles, so the next tile's loads overlap the current tile's last blocks and epilogue."""
     pid = gl.program_id(0)
@@ -606,7 +651,7 @@ def _pers_producer(TILES, OFFS, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, 
         j = t - start
         b, h, m0, nb_lo, fu_lo, fu_hi, nb_hi = _pers_tile(TILES, t, n_mb, nheads, seqlen_q, seqlen_k, wl, wr,
                                                           HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
-        for c in gl.static_range(2):
+        for c in gl.static_range(NUM_CONSUMERS):
             mbarrier.wait(q_empty.index(c), (j & 1) ^ 1)
             mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
             _tma_load(q_desc, q_bars.index(c), q_bufs.index(c), b, m0 + c * SUB_M, h, False)
@@ -622,7 +667,7 @@ def _pers_consumer(TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full,
                    stride_os, stride_oh, stride_lb, stride_lh,
                    CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr,
                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr,
-                   HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
+                   HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
     """One consumer warpgroup over this program's tiles (rows ``m0 + CID * SUB_M ..`` of each)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -646,7 +691,7 @@ def _pers_consumer(TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full,
         acc, l_i, m_i = _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, rows, it,
                                  nb_lo, fu_lo, fu_hi, nb_hi, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                  CID, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                                 s_layout, o_layout)
+                                 NUM_CONSUMERS, s_layout, o_layout)
         if r0 < seqlen_q:
             _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, r0, zero, seqlen_q,
                       stride_os, stride_oh, stride_lb, stride_lh,
@@ -663,44 +708,70 @@ def attn_fwd_persistent(
     seqlen_q, seqlen_k, group, n_mb, nheads, qk_scale, cap_out, window_left, window_right,
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, NUM_CONSUMERS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Dense calls only. Grid ``(len(OFFS) - 1,)``: program ``p`` runs the tiles
     ``TILES[OFFS[p]:OFFS[p + 1]]`` (int32 codes ``(b * nheads + h) * n_mb + m_block``, from
     :func:`flashtile.backends.hopper.sched.schedule`), with the partitions of ``attn_fwd_ws``."""
-    SUB_M: gl.constexpr = BLOCK_M // 2
+    SUB_M: gl.constexpr = BLOCK_M // NUM_CONSUMERS
     dtype: gl.constexpr = q_desc.dtype
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
                                                      element_bitwidth=dtype.primitive_bitwidth, rank=2)
-    q_bufs = gl.allocate_shared_memory(dtype, [2, SUB_M, BLOCK_D], smem_layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, SUB_M, BLOCK_D], smem_layout)
     k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], smem_layout)
     v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], smem_layout)
-    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_bars = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    for c in gl.static_range(2):
+    for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.init(q_bars.index(c), count=1)
         mbarrier.init(q_empty.index(c), count=1)
         mbarrier.init(turn.index(c), count=1)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_full.index(i), count=1)
         mbarrier.init(v_full.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
-        mbarrier.init(v_empty.index(i), count=2)
-    gl.warp_specialize([
-        (_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full, v_full, k_empty, v_empty,
-                          turn, o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, window_left, window_right,
-                          qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
-                          0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP)),
-        (_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full, v_full, k_empty, v_empty,
-                          turn, o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, window_left, window_right,
-                          qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
-                          1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP)),
-        (_pers_producer, (TILES, OFFS, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, q_empty,
-                          k_full, v_full, k_empty, v_empty, n_mb, nheads, group, seqlen_q, seqlen_k,
-                          window_left, window_right, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        mbarrier.init(k_empty.index(i), count=NUM_CONSUMERS)  # one arrival per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=NUM_CONSUMERS)
+    if NUM_CONSUMERS == 3:
+        gl.warp_specialize([
+            (_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full, v_full, k_empty,
+                              v_empty, turn, o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, window_left,
+                              window_right, qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
+                              0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
+                              HAS_SOFTCAP, NUM_CONSUMERS)),
+            (_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full, v_full, k_empty,
+                              v_empty, turn, o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, window_left,
+                              window_right, qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
+                              1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
+                              HAS_SOFTCAP, NUM_CONSUMERS)),
+            (_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full, v_full, k_empty,
+                              v_empty, turn, o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, window_left,
+                              window_right, qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
+                              2, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
+                              HAS_SOFTCAP, NUM_CONSUMERS)),
+            (_pers_producer, (TILES, OFFS, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, q_empty,
+                              k_full, v_full, k_empty, v_empty, n_mb, nheads, group, seqlen_q, seqlen_k,
+                              window_left, window_right, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
+                              NUM_CONSUMERS)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full, v_full, k_empty,
+                              v_empty, turn, o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, window_left,
+                              window_right, qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
+                              0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
+                              HAS_SOFTCAP, NUM_CONSUMERS)),
+            (_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full, v_full, k_empty,
+                              v_empty, turn, o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, window_left,
+                              window_right, qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
+                              1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
+                              HAS_SOFTCAP, NUM_CONSUMERS)),
+            (_pers_producer, (TILES, OFFS, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, q_empty,
+                              k_full, v_full, k_empty, v_empty, n_mb, nheads, group, seqlen_q, seqlen_k,
+                              window_left, window_right, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
+                              NUM_CONSUMERS)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -20,6 +20,7 @@ from ..triton.launch import device_guard, forward_outputs, score_scales
 from . import configs
 from .configs import HopperConfig
 from .fwd import attn_fwd_persistent, attn_fwd_plain, attn_fwd_ws
+from .fwd_fp8 import attn_fwd_ws_fp8
 from .sched import schedule
 
 # (schedule key, device) -> (codes, offsets) int32 tensors of the persistent kernel's schedule
@@ -71,6 +72,8 @@ def forward(
     """(out, lse) on the internal layout: out like q, lse float32 ``(B, H, Sq)`` (varlen
     ``(1, H, total_q)``) in natural log, -inf (out 0) on rows that see no key. ``config``
     overrides the table (benchmark sweeps)."""
+    if q.dtype == torch.float8_e4m3fn:
+        return forward_fp8(q, k, v, call, config=config)
     B, Sq, H, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
     out, lse, geo = forward_outputs(q, k, call)
@@ -81,7 +84,7 @@ def forward(
         raise ValueError(f"flashtile hopper: softmax_scale must be > 0, got {call.softmax_scale}")
     if lse.numel() >= 2**31:
         raise ValueError(f"flashtile hopper: lse has {lse.numel()} elements; the kernels index it with int32")
-    cfg = config or configs.config(D)
+    cfg = config or configs.config_for(D, causal=call.window_right >= 0, seqlen_q=rows_q)
     bad = configs.check(cfg, D)
     if bad:
         raise ValueError(f"flashtile hopper: config {cfg} for head dim {D}: {bad}")
@@ -108,7 +111,8 @@ def forward(
         if cfg.kernel == "plain":
             attn_fwd_plain[grid](*args, **consts)
         elif cfg.kernel == "ws":
-            attn_fwd_ws[grid](*args, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, **consts)
+            attn_fwd_ws[grid](*args, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
+                              NUM_CONSUMERS=cfg.consumers, **consts)
         else:
             tiles, offs = _schedule_tensors(q.device, B, H, Sq, Sk, cfg, call)
             for key in ("IS_VARLEN", "REVERSE_M"):
@@ -118,8 +122,82 @@ def forward(
                 out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
                 Sq, Sk, H // Hk, triton.cdiv(Sq, cfg.block_m), H, qk_scale, cap_out,
                 call.window_left, call.window_right,
-                CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, **consts,
+                CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers,
+                **consts,
             )  # fmt: skip
+    return out, lse
+
+
+def transpose_v(v: torch.Tensor, varlen: bool) -> torch.Tensor:
+    """V^T for the FP8 kernel, whose P V wgmma needs V with the keys contiguous: dense
+    ``(B, Sk, Hk, D)`` -> ``(B, Hk, D, Sk_pad)``, varlen ``(1, total, Hk, D)`` -> ``(Hk, D, total_pad)``,
+    the key dim padded with zeros to a multiple of 16 (TMA strides are multiples of 16 bytes; the
+    padding keys are masked, and zeros keep ``0 * v`` finite). One read and one write of V
+    (1 byte per element), independent of the sequence length per token: at the benchmark's
+    anchors (batch x seqlen = 16k, heads x d = 2048) 2 x 32 MiB, ~20-40 us, against ~2.2 ms of
+    non-causal attention at seqlen 16k (1-2%) but ~0.14 ms at 1k (15-30%: a fused transpose in
+    shared memory would remove it)."""
+    x = v[0].permute(1, 2, 0) if varlen else v.permute(0, 2, 3, 1)  # (..., D, S)
+    s = x.shape[-1]
+    sp = (s + 15) // 16 * 16
+    vt = torch.empty((*x.shape[:-1], sp), dtype=v.dtype, device=v.device)
+    vt[..., :s].copy_(x)
+    if sp > s:
+        vt[..., s:].zero_()
+    return vt
+
+
+def forward_fp8(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    call: AttnCall,
+    *,
+    config: HopperConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of an FP8 (e4m3) call on the internal layout, out bf16 (see :mod:`.fwd_fp8`):
+    the ``ws`` kernel with both products in FP8 wgmma; ``config`` overrides the FP8 table."""
+    B, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    out, lse, geo = forward_outputs(q, k, call)
+    if geo is None:
+        return out.to(torch.bfloat16), lse
+    out = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device)
+    varlen, nb, _, _, rows_q, _ = geo
+    if not call.softmax_scale > 0:
+        raise ValueError(f"flashtile hopper: softmax_scale must be > 0, got {call.softmax_scale}")
+    if lse.numel() >= 2**31:
+        raise ValueError(f"flashtile hopper: lse has {lse.numel()} elements; the kernels index it with int32")
+    cfg = config or configs.fp8_config(D)
+    bad = configs.check_fp8(cfg, D)
+    if bad:
+        raise ValueError(f"flashtile hopper: FP8 config {cfg} for head dim {D}: {bad}")
+    q, k = (x if tma_compatible(x) else x.contiguous() for x in (q, k))
+    vt = transpose_v(v, varlen)
+    qk_scale, cap_out = score_scales(call)
+    bd = configs.block_d(D)
+    vt_layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle_bytes(cfg.block_n, 1), element_bitwidth=8,
+                                     rank=vt.dim())  # fmt: skip
+    vt_block = [1, bd, cfg.block_n] if varlen else [1, 1, bd, cfg.block_n]
+    vt_desc = TensorDescriptor(vt, list(vt.shape), list(vt.stride()), vt_block, vt_layout)
+    q_desc = _descriptor(q, cfg.q_rows, varlen)
+    k_desc = _descriptor(k, cfg.block_n, varlen)
+    o_desc = _descriptor(out, cfg.q_rows, varlen)
+    descales, strides = [], []
+    for d in (call.q_descale, call.k_descale, call.v_descale):
+        descales.append(d)
+        strides += [0, 0] if d is None else [d.stride(0), d.stride(1)]
+    grid = (triton.cdiv(rows_q, cfg.block_m), H, nb)
+    with device_guard(q.device):
+        attn_fwd_ws_fp8[grid](
+            q_desc, k_desc, vt_desc, o_desc, out, lse, call.cu_seqlens_q, call.cu_seqlens_k, *descales, *strides,
+            out.stride(1), out.stride(2), 0 if varlen else lse.stride(0), lse.stride(1),
+            Sq, Sk, H // Hk, qk_scale, cap_out, call.window_left, call.window_right,
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
+            HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
+            IS_VARLEN=varlen, REVERSE_M=call.window_right >= 0, CONSUMER_REGS=cfg.consumer_regs,
+            PRODUCER_REGS=cfg.producer_regs, num_warps=cfg.num_warps,
+        )  # fmt: skip
     return out, lse
 
 
@@ -144,7 +222,11 @@ def _schedule_tensors(
 
 def describe(headdim: int) -> str:
     """One line naming the config a call with this head dim uses (for ``flashtile env``)."""
-    return f"sm90 gluon: {configs.config(headdim)}, bwd {configs.bwd_config(headdim)}"
+    extra = f", bwd {configs.bwd_config(headdim)}; fp8: {configs.fp8_config(headdim)}"
+    if headdim == 64:
+        return (f"sm90 gluon: {configs.config_for(64, causal=False, seqlen_q=0)} (causal calls shorter than "
+                f"{configs.D64_CAUSAL_THREE_CONSUMERS_FROM} rows: {configs.config(64)}){extra}")  # fmt: skip
+    return f"sm90 gluon: {configs.config(headdim)}{extra}"
 
 
-__all__ = ["forward", "describe", "swizzle_bytes", "tma_compatible"]
+__all__ = ["forward", "forward_fp8", "describe", "swizzle_bytes", "transpose_v", "tma_compatible"]

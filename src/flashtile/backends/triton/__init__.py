@@ -54,6 +54,7 @@ class TritonBackend:
     """
 
     name = "triton"
+    dispatch_env = ("TRITON_INTERPRET",)  # available() / supports() read it (flashtile.dispatch caches on it)
     capabilities = Capabilities(
         priority=10,
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),

@@ -105,10 +105,14 @@ def _dkdv_step(
     else:
         lse2 = _load_lse2(lse_base + rows, rows >= 0)
         delta = tl.load(delta_base + rows)
+    if HAS_SOFTCAP:
+        # dP first: the tanh tile then lives only through the elementwise code, not across a product
+        dpT = _mm(v, tl.trans(do), UPCAST)
     sT, tT = _score_tile(k, qT, rows[None, :], cols[:, None], off, seqlen_q, seqlen_k, wl, wr, qk_scale, cap_out,
-                         slope2, MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+                         slope2, MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, UPCAST, FAST_TANH=not UPCAST)
     pT = tl.exp2(sT - lse2[None, :])
-    dpT = _mm(v, tl.trans(do), UPCAST)
+    if not HAS_SOFTCAP:
+        dpT = _mm(v, tl.trans(do), UPCAST)
     if HAS_DROPOUT:
         keep = _keep(seed_lo, seed_hi, rows[None, :], cols[:, None], bh, thresh)
         pdT = tl.where(keep, pT * drop_scale, 0.0)
@@ -229,10 +233,13 @@ def _dq_step(
     vT_ptrs = _block_ptrs(v_base, start_n, offs_n, offs_d, stride_vs, True)
     kT = _load_block(kT_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASKED, PAD_D, True)
     vT = _load_block(vT_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASKED, PAD_D, True)
+    if HAS_SOFTCAP:
+        dp = _mm(do, vT, UPCAST)  # first, as in _dkdv_step
     s, t = _score_tile(q, kT, rows[:, None], cols[None, :], off, seqlen_q, seqlen_k, wl, wr, qk_scale, cap_out,
-                       slope2, MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+                       slope2, MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, UPCAST, FAST_TANH=not UPCAST)
     p = tl.exp2(s - lse2[:, None])
-    dp = _mm(do, vT, UPCAST)
+    if not HAS_SOFTCAP:
+        dp = _mm(do, vT, UPCAST)
     if HAS_DROPOUT:
         keep = _keep(seed_lo, seed_hi, rows[:, None], cols[None, :], bh, thresh)
         dp = tl.where(keep, dp * drop_scale, 0.0)

@@ -13,6 +13,7 @@ Layout of a tensor seen by a program: ``PTR + b * stride_b + h * stride_h + row 
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.random import philox_impl
@@ -45,11 +46,24 @@ def _mma(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _tanh(x):
-    # tanh(x) = sign(x) * (1 - e) / (1 + e), e = exp(-2|x|): no overflow, no cancellation near 0
-    e = tl.exp2(-2.8853900817779268 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
+def _tanh(x, FAST: tl.constexpr = False):
+    """tanh of an fp32 tensor. FAST (compiled for CUDA only, never under the interpreter): the
+    hardware's tanh.approx.f32, one special-function op instead of two (exp2 and a reciprocal)
+    and a few fewer ALU ops; max relative error about 2^-11, the same approximation flash-attn's
+    softcap uses. The backward asks for it with fp16/bf16 inputs, where it is about fp16's own
+    rounding and below bf16's (benchmarks/NOTES.md, "Triton holes")."""
+    if FAST and _ASM_TANH:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)  # fmt: skip
+    else:
+        # tanh(x) = sign(x) * (1 - e) / (1 + e), e = exp(-2|x|): no overflow, no cancellation near 0
+        e = tl.exp2(-2.8853900817779268 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -t, t)
+
+
+#: inline PTX is usable: the kernels are compiled (not interpreted) and the build is not ROCm.
+_ASM_TANH = tl.constexpr(type(_tanh).__name__ != "InterpretedFunction" and torch.version.hip is None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,15 +211,17 @@ def _load_block(ptrs, idx, n, offs_d, HEAD_DIM: tl.constexpr,
 
 
 @triton.jit
-def _scores(qk, rr, cc, off, qk_scale, cap_out, slope2, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+def _scores(qk, rr, cc, off, qk_scale, cap_out, slope2, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+            FAST_TANH: tl.constexpr = False):  # fmt: skip
     """Base-2 scores from raw q.k products; rr / cc are broadcastable row / column indices.
 
     Returns (s, t) with t = tanh(...) when HAS_SOFTCAP (needed by the backward), else s.
-    Plain: s = qk * scale * log2e. Softcap: s = cap * log2e * tanh(qk * scale / cap).
+    Plain: s = qk * scale * log2e. Softcap: s = cap * log2e * tanh(qk * scale / cap), with
+    _tanh's FAST approximation when FAST_TANH.
     ALiBi adds -slope * log2e * |i + off - j| (slope2 broadcastable to the tile).
     """
     if HAS_SOFTCAP:
-        t = _tanh(qk * qk_scale)
+        t = _tanh(qk * qk_scale, FAST_TANH)
         s = t * cap_out
     else:
         s = qk * qk_scale
@@ -235,11 +251,12 @@ def _visible(rr, cc, off, seqlen_r, seqlen_c, wl, wr, HAS_WL: tl.constexpr, HAS_
 @triton.jit
 def _score_tile(a, b, rr, cc, off, seqlen_r, seqlen_c, wl, wr, qk_scale, cap_out, slope2,
                 MASKED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+                FAST_TANH: tl.constexpr = False):  # fmt: skip
     """(s, t) of _scores for the q.k products a @ b; MASKED: s = -inf where (rr, cc) is not
     visible (an interior tile needs no mask)."""
     qk = _mm(a, b, UPCAST)
-    s, t = _scores(qk, rr, cc, off, qk_scale, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
+    s, t = _scores(qk, rr, cc, off, qk_scale, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     if MASKED:
         vis = _visible(rr, cc, off, seqlen_r, seqlen_c, wl, wr, HAS_WL, HAS_WR)
         s = tl.where(vis, s, float("-inf"))

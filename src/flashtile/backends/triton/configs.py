@@ -55,8 +55,13 @@ _FWD: dict[tuple[str, int], FwdConfig] = {
     #          | (64,64,4,3) 417/378 | (128,64,4,3) 208/252
     ("sm90", 64): FwdConfig(128, 64, 4, 4),
     ("sm90", 128): FwdConfig(128, 64, 8, 3),
-    # d=256: NOT swept; passes the GPU tests (bf16/fp16, d=192/256).
-    ("sm90", 256): FwdConfig(64, 64, 4, 2),
+    # d=256: (64,64,4,2) measured 257 causal at seqlen 4096 (b4 h8) against FA2's 284-320: its
+    # 64x256 fp32 accumulator on 4 warps spills (ptxas: 188 B, 15 local ops per key block in the
+    # hot loop; scripts/triton_compile_check.py). 8 warps halve the accumulator per thread.
+    # Measured (H200, b4 h8 s4096 causal, benchmarks/triton_holes_run.py,
+    # results/triton_holes_20261201-183728.json): (64,64,4,2) 261 | (128,64,8,2) 368 |
+    # (128,32,8,3) 387 TFLOP/s; FA2 285, cuDNN 552 in the same run.
+    ("sm90", 256): FwdConfig(128, 32, 8, 3),
     # sm80 (A100, 164 KiB smem): NOT measured; sized to fit 2-3 stages of K/V.
     ("sm80", 64): FwdConfig(128, 64, 4, 3),
     ("sm80", 128): FwdConfig(128, 64, 8, 2),
@@ -83,8 +88,14 @@ _BWD: dict[tuple[str, int], BwdConfig] = {
     # The fused atomic-dQ backward lost everywhere: the split (deterministic) one is the default.
     ("sm90", 64): BwdConfig(64, 64, 64, 64, 4, 4, 4, 4),
     ("sm90", 128): BwdConfig(64, 128, 128, 64, 8, 3, 8, 3),
-    # d=256: NOT swept; passes the GPU tests.
-    ("sm90", 256): BwdConfig(32, 64, 64, 32, 4, 1, 4, 1),
+    # d=256: (32,64,64,32,4,1,4,1) measured 92 causal at seqlen 4096 (b4 h8), FA2 217: dK + dV of
+    # a 64-key block are 2 x 64x256 fp32 = 256 registers per thread on 4 warps, so they spill
+    # (ptxas: 3.5 KB). 8 warps: 128 per thread, a hot loop without local memory at BLOCK_M1 32
+    # (BLOCK_M1 64 spills in it again); dQ pass 128 query rows on 8 warps, no spills.
+    # Measured (same run as the forward's d256 entry), causal: (32,64,64,32,4,1,4,1) 92 |
+    # (32,64,128,32,8,3,8,2) 184 | (32,64,128,32,8,2,8,3) 199 | (64,64,128,32,8,2,8,2) 205;
+    # FA2 230, cuDNN 334: 0.89x FA2 (on sm_90 the hopper backend's backward serves d256).
+    ("sm90", 256): BwdConfig(64, 64, 128, 32, 8, 2, 8, 2),
     # sm80: NOT measured.
     ("sm80", 64): BwdConfig(32, 128, 128, 32, 4, 2, 4, 2),
     ("sm80", 128): BwdConfig(32, 128, 128, 32, 8, 2, 8, 2),

@@ -21,6 +21,7 @@ from .. import _device
 from . import configs
 from .bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess
 from .configs import BwdConfig, FwdConfig
+from .fastlaunch import fast
 from .fwd import _fwd_kernel
 
 try:  # Triton >= 3.0
@@ -32,6 +33,9 @@ LOG2E = 1.4426950408889634
 
 #: True when Triton was imported with TRITON_INTERPRET=1: kernels are numpy programs.
 INTERPRET = type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+# The kernels through the lean launch path (:mod:`.fastlaunch`).
+_FWD, _BWD_PRE, _BWD_DKDV, _BWD_DQ = fast(_fwd_kernel), fast(_bwd_preprocess), fast(_bwd_dkdv_kernel), fast(_bwd_dq_kernel)
 
 # (kernel name, arch, dtype, head-dim bucket, requested config) -> config that fitted
 _FITTED: dict[tuple, FwdConfig | BwdConfig] = {}
@@ -181,7 +185,7 @@ def forward(
 
     def launch(c: FwdConfig) -> None:
         grid = (triton.cdiv(rows_q, c.block_m), H, nb)
-        _fwd_kernel[grid](
+        _FWD[grid](
             q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
             0 if varlen else q.stride(0), q.stride(1), q.stride(2),
             0 if varlen else k.stride(0), k.stride(1), k.stride(2),
@@ -258,14 +262,14 @@ def backward(
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dq_dst = dq_acc if atomic else dq
         pre_m = 64 if not INTERPRET else 32
-        _bwd_preprocess[(triton.cdiv(Sq, pre_m), H, B)](
+        _BWD_PRE[(triton.cdiv(Sq, pre_m), H, B)](
             out, dout, delta,
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             delta.stride(0), delta.stride(1), Sq,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_m,
         )
-        _bwd_dkdv_kernel[(triton.cdiv(rows_k, c.block_n1), Hk, nb)](
+        _BWD_DKDV[(triton.cdiv(rows_k, c.block_n1), Hk, nb)](
             q, k, v, dout, lse, delta, dk, dv, dq_dst, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
             *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dk), *bstr(dv), *bstr(dq_dst),
             *common,
@@ -274,7 +278,7 @@ def backward(
         )
         if atomic:
             return
-        _bwd_dq_kernel[(triton.cdiv(rows_q, c.block_m2), H, nb)](
+        _BWD_DQ[(triton.cdiv(rows_q, c.block_m2), H, nb)](
             q, k, v, dout, lse, delta, dq, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
             *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dq),
             *common,

@@ -12,7 +12,10 @@ from ...paged import check_cache_indices
 from ...spec import AttnCall, KVCache, capturing
 from .. import _device
 from .decode import _append_kernel, _decode_kernel, _merge_kernel
+from .fastlaunch import fast
 from .launch import block_d, device_guard, score_scales, upcast
+
+_APPEND, _DECODE, _MERGE = fast(_append_kernel), fast(_decode_kernel), fast(_merge_kernel)
 
 
 def _interpret() -> bool:
@@ -101,7 +104,7 @@ def append_kv(
     block_t = min(64, max(16, triton.next_power_of_2(sn)))
     with device_guard(k.device):
         cos, sin, interleaved = rotary or (None, None, False)
-        _append_kernel[(B * Hk, triton.cdiv(sn, block_t))](
+        _APPEND[(B * Hk, triton.cdiv(sn, block_t))](
             k, v, k_cache, v_cache, table, seqlens, leftpad, err, cos, sin,
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -184,7 +187,7 @@ def decode(
     cos, sin, interleaved = rotary or (None, None, False)
     qk_scale, cap_out = score_scales(call)
     with device_guard(q.device):
-        _decode_kernel[(B * Hk, splits, row_blocks)](
+        _DECODE[(B * Hk, splits, row_blocks)](
             q, k_cache, v_cache, table, seqlens, leftpad, call.alibi_slopes, o, lse, err, cos, sin,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -205,7 +208,7 @@ def decode(
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         if splits > 1:
-            _merge_kernel[(B * Sq * H,)](
+            _MERGE[(B * Sq * H,)](
                 o, lse, out, lse_out, splits,
                 o.stride(0), o.stride(1), o.stride(2), o.stride(3),
                 lse.stride(0), lse.stride(1), lse.stride(2),

@@ -1,0 +1,246 @@
+"""Gluon FP8 (e4m3) forward attention kernel for Hopper: the ``ws`` kernel's design (1 TMA
+producer warp, two consumer warpgroups in FA3's ping-pong, K/V ring on full/empty mbarriers)
+with both products in FP8 wgmma.
+
+Kernels only (the host side is :mod:`.launch`); the mask, online-softmax, tile-coordinate and
+epilogue helpers are :mod:`.fwd`'s, shared with the 16-bit kernels. What differs from ``ws``:
+
+* Q K^T: e4m3 ``warpgroup_mma`` (wgmma k = 32) on Q and K tiles in shared memory, both K-major
+  as FP8 wgmma requires (Q ``[rows, D]`` and K ``[keys, D]`` row-major, K read through a
+  permuted view, exactly as in the 16-bit kernels). The descales are folded into the score
+  scale: ``qk_scale * q_descale[b, hk] * k_descale[b, hk]`` (one multiply per program).
+* P V: the unnormalised probabilities ``p = exp2(s - m) <= 1`` are rounded to e4m3 in registers
+  (a dot-operand layout with 4 elements per 32-bit register, ``k_width = 4``) and multiplied by
+  V^T tiles: FP8 wgmma needs its B operand K-major, i.e. the keys contiguous, which V
+  ``(..., keys, D)`` is not. The launcher transposes V once into ``(B, Hk, D, Sk_pad)`` (dense)
+  or ``(Hk, D, total_pad)`` (varlen) in global memory, and the producer loads ``[D, BLOCK_N]``
+  V^T tiles by TMA; the consumers read them through a permuted ``[BLOCK_N, D]`` view. The row
+  sums ``l`` use the unrounded p.
+* Epilogue: ``o = acc * v_descale[b, hk] / l`` in bfloat16 (flash-attn 3's output dtype for
+  FP8), staged through its own bf16 shared buffer (the FP8 Q buffer is half the size) and
+  stored by TMA, or by masked stores for a ragged varlen tile.
+
+A descale argument passed as None means 1 (a constexpr: no load). Descales must be positive
+(the softmax takes the max of raw scores times the scale).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from .fwd import _NO_SPECIALIZE, _block_range, _epilogue, _softmax_block, _tile_coords, _tma_load
+
+_NO_SPECIALIZE_FP8 = _NO_SPECIALIZE + ["sqd_b", "sqd_h", "skd_b", "skd_h", "svd_b", "svd_h"]
+
+
+@gluon.jit
+def _tma_load_vt(desc, bar, buf, b, row, hk, IS_VARLEN: gl.constexpr):
+    """TMA-copy the ``[D, BLOCK_N]`` V^T tile of keys ``row ..`` (of batch ``b``; varlen: global
+    token index) of KV head ``hk`` into ``buf``, completing on ``bar``."""
+    view = buf._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+    if IS_VARLEN:
+        tma.async_copy_global_to_shared(desc, [hk, 0, row], bar, view)
+    else:
+        tma.async_copy_global_to_shared(desc, [b, hk, 0, row], bar, view)
+
+
+@gluon.jit
+def _fp8_producer(q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
+                  b, h, hk, q_start, k_start, m0, nb_lo, n_total,
+                  SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
+    """1 warp: both consumers' Q tiles, then K and V^T of every key block into the ring (a slot
+    is reloaded once both consumers released it; fresh barriers pass a wait on phase 1)."""
+    for c in gl.static_range(2):
+        mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
+        _tma_load(q_desc, q_bars.index(c), q_bufs.index(c), b, q_start + m0 + c * SUB_M, h, IS_VARLEN)
+    for i in range(n_total):
+        stage = i % NUM_STAGES
+        phase = (i // NUM_STAGES) & 1
+        row = k_start + (nb_lo + i) * BLOCK_N
+        mbarrier.wait(k_empty.index(stage), phase ^ 1)
+        mbarrier.expect(k_full.index(stage), k_desc.block_type.nbytes)
+        _tma_load(k_desc, k_full.index(stage), k_bufs.index(stage), b, row, hk, IS_VARLEN)
+        mbarrier.wait(v_empty.index(stage), phase ^ 1)
+        mbarrier.expect(v_full.index(stage), vt_desc.block_type.nbytes)
+        _tma_load_vt(vt_desc, v_full.index(stage), vt_bufs.index(stage), b, row, hk, IS_VARLEN)
+
+
+@gluon.jit
+def _p_operand(p, o_layout: gl.constexpr):
+    """Probabilities ``[SUB_M, BLOCK_N]`` (fp32) rounded to e4m3, as the register A operand of P V."""
+    return gl.convert_layout(p.to(gl.float8e4nv), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4))
+
+
+@gluon.jit
+def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full, k_empty, v_empty, turn,
+               rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+               CID: gl.constexpr, MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
+               HAS_SOFTCAP: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+               s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Key block ``blk`` (not the tile's first), the ``ws`` schedule: on this warpgroup's turn
+    issue S = Q K^T and O += P_prev V_prev (FP8 wgmma both), pass the turn, run the softmax of S
+    while P_prev V_prev is still on the tensor cores."""
+    stage = it % NUM_STAGES
+    phase = (it // NUM_STAGES) & 1
+    pstage = (it - 1) % NUM_STAGES
+    pphase = ((it - 1) // NUM_STAGES) & 1
+    mbarrier.wait(k_full.index(stage), phase)
+    mbarrier.wait(turn.index(CID), (it & 1) ^ (1 - CID))
+    s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
+    s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s0, use_acc=False, is_async=True)
+    mbarrier.wait(v_full.index(pstage), pphase)
+    acc = warpgroup_mma(p_op, vt_bufs.index(pstage).permute((1, 0)), acc, is_async=True)
+    mbarrier.arrive(turn.index(1 - CID))
+    s = warpgroup_mma_wait(1, deps=(s,))
+    mbarrier.arrive(k_empty.index(stage))
+    p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                        MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout)
+    acc = warpgroup_mma_wait(0, deps=(acc,))  # (8-bit p_op cannot be a wait dep: see the module doc)
+    mbarrier.arrive(v_empty.index(pstage))
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    p_op = _p_operand(p, o_layout)
+    return acc, l_i, m_i, p_op
+
+
+@gluon.jit
+def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                  o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
+                  b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                  nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                  CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
+                  HAS_SOFTCAP: gl.constexpr, IS_VARLEN: gl.constexpr):
+    """One consumer warpgroup: query rows ``m0 + CID * SUB_M ..`` over the tile's key blocks."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_D, 32])
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    # descales: folded into the score scale (Q K^T) and the output (P V)
+    if QD is not None:
+        qk_scale = qk_scale * gl.load(QD + b * sqd_b + hk * sqd_h)
+    if KD is not None:
+        qk_scale = qk_scale * gl.load(KD + b * skd_b + hk * skd_h)
+    q_smem = q_bufs.index(CID)
+    r0 = m0 + CID * SUB_M
+    rows = r0 + gl.arange(0, SUB_M, layout=row_layout)
+    m_i = gl.full([SUB_M], float("-inf"), gl.float32, row_layout)
+    l_i = gl.zeros([SUB_M], gl.float32, row_layout)
+    acc = gl.zeros([SUB_M, BLOCK_D], gl.float32, o_layout)
+    mbarrier.wait(q_bars.index(CID), 0)
+    n_total = nb_hi - nb_lo
+    if n_total > 0:
+        # first block: S only, with masks
+        mbarrier.wait(k_full.index(0), 0)
+        mbarrier.wait(turn.index(CID), 1 - CID)
+        s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
+        s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s0, use_acc=False, is_async=True)
+        mbarrier.arrive(turn.index(1 - CID))
+        s = warpgroup_mma_wait(0, deps=(s,))
+        mbarrier.arrive(k_empty.index(0))
+        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout)
+        p_op = _p_operand(p, o_layout)
+        it = 1
+        for blk in range(nb_lo + 1, fu_lo):
+            acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
+                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                             CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                             s_layout, o_layout)
+            it += 1
+        for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
+            acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
+                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                             CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                             s_layout, o_layout)
+            it += 1
+        for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
+            acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
+                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                             CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                             s_layout, o_layout)
+            it += 1
+        # the last block's P V
+        last = n_total - 1
+        lstage = last % NUM_STAGES
+        mbarrier.wait(v_full.index(lstage), (last // NUM_STAGES) & 1)
+        acc = warpgroup_mma(p_op, vt_bufs.index(lstage).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))  # (8-bit p_op cannot be a wait dep: see the module doc)
+        mbarrier.arrive(v_empty.index(lstage))
+    if VD is not None:
+        acc = acc * gl.load(VD + b * svd_b + hk * svd_h)
+    if r0 < seqlen_q:
+        _epilogue(acc, l_i, m_i, o_bufs.index(CID), o_desc, O, LSE, b, h, r0, q_start, seqlen_q,
+                  stride_os, stride_oh, stride_lb, stride_lh,
+                  IS_VARLEN, SUB_M, HEAD_DIM, BLOCK_D, row_layout, o_layout)
+
+
+@gluon.jit(do_not_specialize=_NO_SPECIALIZE_FP8)
+def attn_fwd_ws_fp8(
+    q_desc, k_desc, vt_desc, o_desc, O, LSE, CU_Q, CU_K, QD, KD, VD,
+    sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
+    stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group, qk_scale, cap_out, window_left, window_right,
+    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+    IS_VARLEN: gl.constexpr, REVERSE_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (+ 4 + 1 in the
+    other partitions). q_desc / k_desc: e4m3 ``[rows, D]`` tiles as the 16-bit kernels'; vt_desc:
+    e4m3 V^T ``[D, BLOCK_N]`` tiles; o_desc: bf16 ``BLOCK_M // 2``-row tiles. QD / KD / VD:
+    float32 descales indexed ``[b * s_b + hk * s_h]``, or None (1). Writes o (bf16) and lse."""
+    pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k,
+                                                                     REVERSE_M, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    SUB_M: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_desc.dtype
+    hk = h // group
+    off = seqlen_k - seqlen_q
+    qk_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
+                                                   element_bitwidth=8, rank=2)
+    vt_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=vt_desc.layout.swizzle_byte_width,
+                                                   element_bitwidth=8, rank=2)
+    o_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=o_desc.layout.swizzle_byte_width,
+                                                  element_bitwidth=16, rank=2)
+    q_bufs = gl.allocate_shared_memory(dtype, [2, SUB_M, BLOCK_D], qk_layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], qk_layout)
+    vt_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_D, BLOCK_N], vt_layout)
+    o_bufs = gl.allocate_shared_memory(o_desc.dtype, [2, SUB_M, BLOCK_D], o_layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(2):
+        mbarrier.init(q_bars.index(c), count=1)
+        mbarrier.init(turn.index(c), count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=2)
+
+    r_hi = gl.minimum(m0 + BLOCK_M, seqlen_q)
+    nb_lo, fu_lo, fu_hi, nb_hi = _block_range(m0, r_hi, seqlen_k, off, window_left, window_right,
+                                              HAS_WL, HAS_WR, BLOCK_N)
+    n_total = nb_hi - nb_lo
+    gl.warp_specialize([
+        (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                         o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
+                         b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
+                         nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                         0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN)),
+        (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                         o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
+                         b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
+                         nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                         1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN)),
+        (_fp8_producer, (q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
+                         b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -1,0 +1,129 @@
+"""A lean launch path for the Triton kernels: ``fast(kernel)[grid](*args, **constexprs)`` launches
+like ``kernel[grid](...)``, but after the first launch of a specialisation it calls the compiled
+kernel's own launcher directly instead of Triton's generic per-call work (argument binding, the
+specialisation of every argument, the string cache key, knob reads, the global-value check).
+
+How: the first launch with a given *signature key* goes through ``kernel[grid](...)``, which
+compiles (or loads from Triton's cache) and returns the ``CompiledKernel``; it is kept under that
+key. Later launches with the same key call ``compiled.run(grid_x, grid_y, grid_z, stream,
+compiled.function, compiled.packed_metadata, None, None, None, *args)`` with every parameter in
+declaration order, which is exactly the call Triton's ``JITFunction.run`` ends with.
+
+The signature key refines Triton's specialisation, so two launches with the same key get the same
+compiled kernel from Triton: for each tensor its dtype and whether its address is 16-byte aligned;
+for each int whether it is 1, whether it is a multiple of 16 and its integer width class; the type
+of floats and bools; None; the constexpr values; the launch options (``num_warps``, ...); the
+current device.
+
+Verified against the source of Triton 3.6.0 (the H200's) and 3.9.0 (``JITFunction.run`` and the
+NVIDIA ``CudaLauncher``); other versions, the interpreter (``TRITON_INTERPRET=1``), launch hooks
+(profilers such as proton add to ``knobs.runtime.launch_enter_hook``) and
+``FLASHTILE_TRITON_FAST_LAUNCH=0`` take Triton's generic launch every time. Knobs that change how
+Triton compiles (``TRITON_DEBUG``, instrumentation) are read at the first launch of a key only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+
+#: Triton versions whose launch path this module was checked against (major.minor).
+VERIFIED = ("3.6", "3.9")
+_INT32 = 1 << 31
+
+
+def _version_ok() -> bool:
+    return ".".join(triton.__version__.split(".")[:2]) in VERIFIED
+
+
+ENABLED = os.environ.get("FLASHTILE_TRITON_FAST_LAUNCH", "1").strip().lower() not in ("0", "false", "off", "no") \
+    and _version_ok()  # fmt: skip
+
+try:  # where the launch hooks live (Triton >= 3.3)
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - older Triton: never fast
+    _knobs = None
+    ENABLED = False
+
+
+def _arg_key(a: Any) -> Any:
+    """The part of the signature key for one non-constexpr argument (see the module docstring)."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, not (a.data_ptr() & 15)
+    if a is None:
+        return None
+    t = type(a)
+    if t is int:
+        width = 0 if -_INT32 <= a < _INT32 else (1 if -(1 << 63) <= a < (1 << 63) else 2)
+        return 3 * width + (0 if a == 1 else (1 if (a & 15) == 0 else 2))
+    if t is float or t is bool:
+        return t
+    return t, a  # anything else (numpy scalars, ...): keyed on its value
+
+
+def _hooked(hook: Any) -> bool:
+    """Whether a launch hook is set: a function, or a non-empty ``HookChain`` (Triton >= 3.5 keeps
+    an empty chain there by default and calls it on every generic launch)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+class FastKernel:
+    """Wraps a ``triton.jit`` kernel: ``FastKernel(kernel)[grid](*args, **kwargs)`` launches it as
+    ``kernel[grid](*args, **kwargs)`` does (see the module docstring)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.names: tuple[str, ...] = tuple(getattr(fn, "arg_names", ()))
+        self.nameset = frozenset(self.names)
+        self.compiled: dict[tuple, Any] = {}
+        self.fast = ENABLED and type(fn).__name__ == "JITFunction" and bool(self.names)
+        self.generic_launches = 0  # counted for the tests and benchmarks
+        self.fast_launches = 0
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        if not self.fast:
+            self.fn[grid](*args, **kwargs)
+            return
+        names = self.names
+        n = len(args)
+        try:
+            extra = [kwargs[name] for name in names[n:]]
+        except KeyError:  # a parameter left to its default: Triton binds it
+            self.fn[grid](*args, **kwargs)
+            return
+        nameset = self.nameset
+        options = tuple(kv for kv in kwargs.items() if kv[0] not in nameset)  # num_warps, num_stages, ...
+        drv = triton.runtime.driver.active
+        device = drv.get_current_device()
+        key = (device, tuple(map(_arg_key, args)), tuple(extra), options)
+        try:
+            compiled = self.compiled.get(key)
+        except TypeError:  # an unhashable argument: Triton binds it
+            self.fn[grid](*args, **kwargs)
+            return
+        rt = _knobs.runtime
+        if compiled is None or _hooked(rt.launch_enter_hook) or _hooked(rt.launch_exit_hook):
+            compiled = self.fn[grid](*args, **kwargs)
+            self.generic_launches += 1
+            if compiled is not None and hasattr(compiled, "packed_metadata") and hasattr(compiled, "function"):
+                self.compiled[key] = compiled
+            return
+        g = len(grid)
+        compiled.run(grid[0], grid[1] if g > 1 else 1, grid[2] if g > 2 else 1, drv.get_current_stream(device),
+                     compiled.function, compiled.packed_metadata, None, None, None, *args, *extra)  # fmt: skip
+        self.fast_launches += 1
+
+
+def fast(fn: Any) -> FastKernel:
+    """``fn`` wrapped for the lean launch path (a no-op wrapper where it does not apply)."""
+    return FastKernel(fn)
+
+
+__all__ = ["FastKernel", "fast", "ENABLED", "VERIFIED"]

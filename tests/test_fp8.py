@@ -1,0 +1,310 @@
+"""FP8 (e4m3) forward calls: flash-attn 3's descale API on every backend (CPU: the upcast path),
+validation, the forward-only rule, the quantisation / incoherent-processing helpers, and GPU
+parity of the hopper FP8 kernels (``gpu`` marker).
+
+Error bound (:func:`flashtile.testing.fp8_error_bound`): against the float32 oracle run on the
+dequantised inputs, a backend without FP8 kernels only rounds its output to bf16 (``2^-8 |o|``);
+the FP8 kernels also round the probabilities to e4m3 (``2^-4 (P |V|)`` and a subnormal term).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from flashtile import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, fp8
+from flashtile.testing import attention_ref, cu_seqlens, fp8_dequantized, fp8_error_bound
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _fp8_inputs(b, sq, sk, h, hk, d, device="cpu", descale_kind="head", gen=None):
+    """Fresh FP8 q, k, v (quantised standard normals) and descales of the given kind."""
+    q = torch.randn(b, sq, h, d, generator=gen, device=device) * 2
+    k = torch.randn(b, sk, hk, d, generator=gen, device=device)
+    v = torch.randn(b, sk, hk, d, generator=gen, device=device) * 3
+    if descale_kind == "none":
+        return q.clamp(-448, 448).to(E4M3), k.to(E4M3), v.to(E4M3), None, None, None
+    gran = "head" if descale_kind == "head" else "tensor"
+    q8, k8, v8, qd, kd, vd = fp8.quantize(q, k, v, granularity=gran)
+    if descale_kind == "scalar":  # (1, 1): one scale for the tensor, broadcast
+        qd, kd, vd = (x[:1, :1].clone() for x in (qd, kd, vd))
+    return q8, k8, v8, qd, kd, vd
+
+
+def _check(out, q8, k8, v8, qd, kd, vd, *, quantized_p=False, **options):
+    assert out.dtype == torch.bfloat16
+    qf, kf, vf = fp8_dequantized(q8, qd), fp8_dequantized(k8, kd), fp8_dequantized(v8, vd)
+    ref, _ = attention_ref(qf, kf, vf, **options)
+    bound = fp8_error_bound(qf, kf, vf, quantized_p=quantized_p, **options)
+    err = (out.float() - ref).abs()
+    worst = (err - bound).max()
+    assert worst <= 0, f"error exceeds the bound by {float(worst):.3g} (max err {float(err.max()):.3g})"
+
+
+CASES = list(itertools.product(
+    [(1, 1, 1), (2, 113, 203), (2, 203, 113), (1, 64, 64)],  # (b, sq, sk)
+    [(4, 4), (4, 1), (6, 2)],  # (h, hk)
+    [dict(), dict(causal=True), dict(window_size=(17, 5)), dict(softcap=20.0), dict(causal=True, softcap=5.0)],
+    ["head", "tensor", "scalar", "none"],
+))  # fmt: skip
+
+
+@pytest.mark.parametrize("shape,heads,opts,kind", CASES[::5] + [CASES[1], CASES[-1]])
+def test_fp8_dense_matches_dequantized_oracle(shape, heads, opts, kind):
+    b, sq, sk = shape
+    h, hk = heads
+    g = torch.Generator().manual_seed(hash((shape, heads, kind)) % 2**31)
+    q8, k8, v8, qd, kd, vd = _fp8_inputs(b, sq, sk, h, hk, 40 if sq == 113 else 64, descale_kind=kind, gen=g)
+    out, lse, _ = flash_attn_func(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd, return_attn_probs=True,
+                                  **opts)  # fmt: skip
+    _check(out, q8, k8, v8, qd, kd, vd, **opts)
+    qf, kf, vf = fp8_dequantized(q8, qd), fp8_dequantized(k8, kd), fp8_dequantized(v8, vd)
+    _, lse_ref = attention_ref(qf, kf, vf, **opts)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("granularity", ["head", "tensor"])
+def test_fp8_varlen(causal, granularity):
+    g = torch.Generator().manual_seed(7)
+    lens_q, lens_k = [5, 0, 70, 1], [9, 3, 70, 33]
+    h, hk, d = 4, 2, 72
+    q = torch.randn(sum(lens_q), h, d, generator=g)
+    k = torch.randn(sum(lens_k), hk, d, generator=g)
+    v = torch.randn(sum(lens_k), hk, d, generator=g)
+    cq, ck = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
+    q8, k8, v8, qd, kd, vd = fp8.quantize(q, k, v, granularity=granularity, cu_seqlens_q=cq, cu_seqlens_k=ck)
+    assert qd.shape == (4, hk)
+    out = flash_attn_varlen_func(q8, k8, v8, cq, ck, max(lens_q), max(lens_k), causal=causal,
+                                 q_descale=qd, k_descale=kd, v_descale=vd)  # fmt: skip
+    assert out.dtype == torch.bfloat16 and out.shape == (sum(lens_q), h, d)
+    for i in range(4):  # per sequence against the dense oracle
+        sl_q, sl_k = slice(int(cq[i]), int(cq[i + 1])), slice(int(ck[i]), int(ck[i + 1]))
+        if lens_q[i] == 0:
+            continue
+        qs, ks, vs = q8[sl_q][None], k8[sl_k][None], v8[sl_k][None]
+        _check(out[sl_q][None], qs, ks, vs, qd[i : i + 1], kd[i : i + 1], vd[i : i + 1], causal=causal)
+
+
+def test_fp8_matches_bf16_reference_roughly():
+    """The FP8 call on quantised bf16 inputs is close to the bf16 call (quantisation error only)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 128, 4, 64, generator=g) for _ in range(3))
+    q8, k8, v8, qd, kd, vd = fp8.quantize(q, k, v)
+    out8 = flash_attn_func(q8, k8, v8, causal=True, q_descale=qd, k_descale=kd, v_descale=vd).float()
+    ref = flash_attn_func(q, k, v, causal=True)
+    rel = (out8 - ref).norm() / ref.norm()
+    assert 1e-3 < rel < 0.08, rel  # e4m3: about 2^-5 relative per input; > 0: quantisation happened
+
+
+def test_fp8_kvcache_dense_append():
+    g = torch.Generator().manual_seed(11)
+    b, cap, hk, h, d = 2, 40, 2, 4, 64
+    kc = torch.randn(b, cap, hk, d, generator=g).to(E4M3)
+    vc = torch.randn(b, cap, hk, d, generator=g).to(E4M3)
+    q = torch.randn(b, 3, h, d, generator=g).to(E4M3)
+    kn = torch.randn(b, 3, hk, d, generator=g).to(E4M3)
+    vn = torch.randn(b, 3, hk, d, generator=g).to(E4M3)
+    kd = torch.rand(b, hk, generator=g) + 0.5
+    vd = torch.rand(b, hk, generator=g) + 0.5
+    qd = torch.rand(b, hk, generator=g) + 0.5
+    seqlens = torch.tensor([10, 30], dtype=torch.int32)
+    kc0, vc0 = kc.clone(), vc.clone()
+    out = flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, causal=True,
+                                  q_descale=qd, k_descale=kd, v_descale=vd)  # fmt: skip
+    assert out.dtype == torch.bfloat16
+    for i in range(b):
+        n = int(seqlens[i])
+        # the new tokens were appended to the FP8 cache bit for bit, the rest is untouched
+        assert torch.equal(kc[i, n : n + 3].view(torch.uint8), kn[i].view(torch.uint8))
+        assert torch.equal(vc[i, :n].view(torch.uint8), vc0[i, :n].view(torch.uint8))
+        assert torch.equal(kc[i, n + 3 :].view(torch.uint8), kc0[i, n + 3 :].view(torch.uint8))
+        sl = slice(0, n + 3)
+        _check(out[i : i + 1], q[i : i + 1], kc[i : i + 1, sl], vc[i : i + 1, sl], qd[i : i + 1], kd[i : i + 1],
+               vd[i : i + 1], causal=True)  # fmt: skip
+
+
+def test_fp8_backward_raises():
+    q8, k8, v8, qd, kd, vd = _fp8_inputs(1, 8, 8, 2, 2, 32)
+    qd.requires_grad_()
+    out = flash_attn_func(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd)
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match="forward only"):
+        out.sum().backward()
+
+
+def test_fp8_validation():
+    q8, k8, v8, qd, kd, vd = _fp8_inputs(2, 8, 8, 4, 2, 32)
+    with pytest.raises(ValueError, match=r"q_descale must have shape \(batch, nheads_k\) = \(2, 2\)"):
+        flash_attn_func(q8, k8, v8, q_descale=torch.ones(2, 4))
+    with pytest.raises(TypeError, match="k_descale must be float32"):
+        flash_attn_func(q8, k8, v8, k_descale=kd.double())
+    with pytest.raises(ValueError, match="apply to float8_e4m3fn inputs only"):
+        flash_attn_func(q8.float(), k8.float(), v8.float(), v_descale=vd)
+    with pytest.raises(TypeError, match="v must have the same dtype as q"):
+        flash_attn_func(q8, k8, v8.bfloat16())
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        flash_attn_func(q8.to(torch.float8_e5m2), k8.to(torch.float8_e5m2), v8.to(torch.float8_e5m2))
+
+
+def test_fp8_compiles_without_graph_break():
+    q8, k8, v8, qd, kd, vd = _fp8_inputs(1, 16, 16, 2, 1, 32)
+    f = torch.compile(lambda *a: flash_attn_func(*a[:3], causal=True, q_descale=a[3], k_descale=a[4],
+                                                 v_descale=a[5]), fullgraph=True)  # fmt: skip
+    out = f(q8, k8, v8, qd, kd, vd)
+    torch.testing.assert_close(out, flash_attn_func(q8, k8, v8, causal=True, q_descale=qd, k_descale=kd,
+                                                    v_descale=vd))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.mark.parametrize("granularity", ["head", "tensor"])
+def test_quantize_roundtrip(granularity):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 50, 6, 40, generator=g) * torch.tensor([1.0, 100.0]).view(2, 1, 1, 1)
+    x8, d = fp8.quantize_one(x, nheads_k=3, granularity=granularity)
+    assert x8.dtype == E4M3 and d.shape == (2, 3) and d.dtype == torch.float32
+    back = fp8_dequantized(x8, d)
+    dd = d.repeat_interleave(2, dim=1).view(2, 1, 6, 1)
+    # e4m3 round to nearest: 2^-4 relative (normals), 2^-10 * descale absolute (subnormals)
+    assert ((back - x).abs() <= 2**-4 * x.abs() + 2**-10 * dd + 1e-6).all()
+    amax = x.abs().amax(dim=(1, 3)).view(2, 3, 2).amax(-1)
+    if granularity == "head":
+        torch.testing.assert_close(d, amax / 448)
+    else:
+        assert torch.all(d == x.abs().max() / 448)
+
+
+def test_hadamard_and_rotation_preserve_scores():
+    g = torch.Generator().manual_seed(9)
+    for d in (64, 128, 40):
+        q, k = torch.randn(2, 17, 4, d, generator=g), torch.randn(2, 19, 4, d, generator=g)
+        qr, kr = fp8.rotate_qk(q, k, generator=g)
+        assert not torch.allclose(qr, q)
+        torch.testing.assert_close(torch.einsum("bqhd,bkhd->bhqk", qr, kr), torch.einsum("bqhd,bkhd->bhqk", q, k),
+                                   atol=1e-4, rtol=1e-4)  # fmt: skip
+    x = torch.randn(3, 32, generator=g)
+    h = fp8.hadamard_transform(torch.eye(32))
+    torch.testing.assert_close(h @ h.T, torch.eye(32), atol=1e-6, rtol=0)
+    torch.testing.assert_close(fp8.hadamard_transform(x), x @ h, atol=1e-5, rtol=0)
+    r = fp8.random_rotation(40, generator=g)
+    torch.testing.assert_close(r @ r.T, torch.eye(40), atol=1e-5, rtol=0)
+
+
+def test_incoherent_processing_cuts_outlier_error():
+    """With 0.1% outliers of magnitude 10-100 in q and k, rotating before quantising lowers the
+    error of the FP8 call against the fp32 attention on the original inputs (mean over 3 draws;
+    a single draw varies: benchmarks/fp8_rmse.py measures ~0.76x at s=1024)."""
+    b, s, h, d = 1, 512, 4, 128
+    ratios = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(b, s, h, d, generator=g) for _ in range(3))
+        for x in (q, k):
+            n = x.numel()
+            idx = torch.randperm(n, generator=g)[: n // 1000]
+            sign = torch.sign(torch.randn(idx.numel(), generator=g))
+            x.view(-1)[idx] = (torch.rand(idx.numel(), generator=g) * 90 + 10) * sign
+        ref, _ = attention_ref(q, k, v)
+
+        def rmse(qq, kk, v=v, ref=ref):
+            q8, k8, v8, qd, kd, vd = fp8.quantize(qq, kk, v)
+            out = flash_attn_func(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd).float()
+            return float((out - ref).pow(2).mean().sqrt())
+
+        ratios.append(rmse(*fp8.rotate_qk(q, k, generator=g)) / rmse(q, k))
+    assert sum(ratios) / 3 < 0.92, ratios
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: the hopper FP8 kernels
+
+
+def _hopper_usable() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from flashtile import dispatch
+
+    return dispatch.backends()["hopper"].available() is None and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper_usable(), reason="needs an sm_90 GPU with the hopper backend usable")
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window_size=(100, 30)), dict(softcap=20.0)])
+def test_fp8_hopper_kernel(d, opts):
+    import flashtile
+
+    q8, k8, v8, qd, kd, vd = _fp8_inputs(2, 333, 517, 8, 2, d, device="cuda")
+    with flashtile.use_backend("hopper"):
+        out = flash_attn_func(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd, **opts)
+    _check(out.cpu(), q8.cpu(), k8.cpu(), v8.cpu(), qd.cpu(), kd.cpu(), vd.cpu(), quantized_p=True, **opts)
+
+
+def test_fp8_declarations_and_configs():
+    from flashtile import dispatch
+    from flashtile.backends.hopper import configs
+    from flashtile.spec import Problem, make_call
+
+    hop = dispatch.backends()["hopper"].capabilities
+    assert fp8.serves_fp8(hop) and not fp8.serves_fp8(dispatch.backends()["triton"].capabilities)
+    for d in configs.HEADDIMS:
+        cfg = configs.fp8_config(d)
+        assert configs.check_fp8(cfg, d) is None, (d, cfg)
+        assert configs.fp8_smem_bytes(cfg, d) <= configs.SM90_SMEM_LIMIT
+    assert "multiple of 32" in configs.check_fp8(configs.fp8_config(128, block_n=48), 128)
+    assert "shared memory" in configs.check_fp8(configs.fp8_config(256, block_n=256, num_stages=3), 256)
+    assert "ws kernel" in configs.check_fp8(configs.fp8_config(128, kernel="plain"), 128)
+    # a backend without FP8 kernels is judged on the dtype the call is dequantised to
+    p = Problem(batch=1, seqlen_q=8, seqlen_k=8, nheads=2, nheads_k=2, headdim=64, dtype=E4M3,
+                device=torch.device("cpu"))  # fmt: skip
+    call = make_call(headdim=64)
+    assert dispatch.why_not("torch", p, call) is None
+    assert dispatch.choose(p, call) == "torch"
+    assert "dtype" in hop.refuse(p.__class__(**{**p.__dict__, "dtype": torch.float8_e5m2}), call)
+
+
+def test_readme_fp8_snippet_runs():
+    """The README's FP8 example, as written there (q, k, v: bf16 inputs)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sec = text[text.index("## FP8 (e4m3) forward") :]
+    code = re.search(r"```python\n(.*?)```", sec, flags=re.S).group(1)
+    q, k, v = (torch.randn(1, 64, 4, 64).bfloat16() for _ in range(3))
+    ns = {"q": q, "k": k, "v": v}
+    exec(code, ns)
+    assert ns["out"].dtype == torch.bfloat16 and ns["out"].shape == q.shape
+    assert ns["q8"].dtype == E4M3 and len(ns["descales"]) == 3
+
+
+def test_fp8_kvcache_paged_shared_descales():
+    """Paged FP8 cache: one descale per KV head (cache rows are not batch rows), new tokens land
+    in their pages bit for bit; a per-batch descale is refused with a message."""
+    g = torch.Generator().manual_seed(2)
+    nb, page, hk, d, b, h = 6, 16, 2, 64, 2, 4
+    kc = torch.randn(nb, page, hk, d, generator=g).to(E4M3)
+    vc = torch.randn(nb, page, hk, d, generator=g).to(E4M3)
+    bt = torch.tensor([[3, 1, 0], [5, 2, 4]], dtype=torch.int32)
+    q = torch.randn(b, 2, h, d, generator=g).to(E4M3)
+    kn, vn = (torch.randn(b, 2, hk, d, generator=g).to(E4M3) for _ in range(2))
+    kd, vd = torch.rand(1, hk, generator=g) + 0.5, torch.rand(1, hk, generator=g) + 0.5
+    seqlens = torch.tensor([5, 20], dtype=torch.int32)
+    out = flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, block_table=bt, causal=True,
+                                  k_descale=kd, v_descale=vd)  # fmt: skip
+    assert torch.equal(kc[3, 5:7].view(torch.uint8), kn[0].view(torch.uint8))
+    assert torch.equal(vc[2, 4:6].view(torch.uint8), vn[1].view(torch.uint8))  # row 1: positions 20, 21
+    for i in range(b):
+        n = int(seqlens[i]) + 2
+        rows = [int(x) for x in bt[i]]
+        keys = torch.cat([kc[r] for r in rows])[:n][None]
+        vals = torch.cat([vc[r] for r in rows])[:n][None]
+        _check(out[i : i + 1], q[i : i + 1], keys, vals, None, kd, vd, causal=True)
+    with pytest.raises(ValueError, match=r"k_descale must be one scale per KV head"):
+        flash_attn_with_kvcache(q, kc, vc, block_table=bt, cache_seqlens=3, k_descale=torch.rand(b, hk) + 0.5)

@@ -1,0 +1,270 @@
+"""The lean call path (issue 16): the eager fast path of the ops gives what the custom ops give,
+the Triton launch cache's key refines Triton's own specialisation and launches with Triton's
+argument order, the dispatch cache follows what determines the choice, and the dropout seed needs
+no device read."""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import flashtile
+from flashtile import dispatch, ops
+from flashtile.spec import AttnCall
+from flashtile.testing import qkv_inputs
+
+# ----------------------------------------------------------------------------------------------
+# ops: eager fast path == the custom ops
+
+
+def _grads(fn, inputs):
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*xs)
+    dout = torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).sin()
+    return (out.detach(), *torch.autograd.grad(out, xs, dout))
+
+
+@pytest.mark.parametrize("sink", [False, True])
+def test_fast_path_matches_the_ops(sink):
+    torch.manual_seed(0)
+    q, k, v = qkv_inputs(2, 13, 21, 4, 2, 16, torch.float32, "cpu")
+    s = torch.randn(4) if sink else None
+    call = AttnCall(softmax_scale=0.3, window_left=5, window_right=0, softcap=2.0)
+
+    def via(path):
+        def fn(q, k, v, *rest):
+            c = call if not rest else AttnCall(**{**call.__dict__, "learnable_sink": rest[0]})
+            if path == "op":
+                return ops.attn_fwd(q, k, v, *ops.flatten(c), "torch")[0]
+            assert ops._fast_path(q, k, v)
+            return ops.attention(q, k, v, c, "torch")[0]
+
+        return fn
+
+    inputs = (q, k, v) + ((s,) if sink else ())
+    fast, slow = _grads(via("fast"), inputs), _grads(via("op"), inputs)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fast_path_is_taken_in_eager_and_not_under_a_dispatch_mode():
+    q, k, v = qkv_inputs(1, 5, 5, 2, 2, 8, torch.float32, "cpu")
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    out = flashtile.flash_attn_func(q, k, v, causal=True)
+    with Record():
+        assert not ops._fast_path(q, k, v)
+        out2 = flashtile.flash_attn_func(q, k, v, causal=True)
+    assert any("flashtile.attn_fwd" in s for s in seen), seen
+    torch.testing.assert_close(out, out2, rtol=0, atol=0)
+
+
+def test_fast_path_no_grad_returns_no_graph():
+    q, k, v = (x.requires_grad_() for x in qkv_inputs(1, 7, 7, 2, 1, 8, torch.float32, "cpu"))
+    with torch.no_grad():
+        out = flashtile.flash_attn_func(q, k, v)
+    assert out.grad_fn is None and not out.requires_grad
+    out = flashtile.flash_attn_func(q, k, v)
+    assert out.grad_fn is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton launch cache
+
+triton = pytest.importorskip("triton")
+fastlaunch = importlib.import_module("flashtile.backends.triton.fastlaunch")
+
+
+def test_key_refines_tritons_specialisation():
+    """Two arguments with the same key get the same specialisation from Triton's own code."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    base = torch.zeros(64)
+    values = [base, base[1:], base[4:], base.half(), base[8:].half(), None, 1.5, -2.0, True, False]
+    ints = [0, 1, 2, 15, 16, 17, 32, -1, -16, -(1 << 31), (1 << 31) - 1, 1 << 31, (1 << 31) + 16,
+            -(1 << 31) - 1, (1 << 63) - 1, 1 << 63, (1 << 63) + 16, 1 << 40]  # fmt: skip
+    values += ints
+    for a in values:
+        for b in values:
+            if type(a) is not type(b) or fastlaunch._arg_key(a) != fastlaunch._arg_key(b):
+                continue
+            for spec in (True, False):
+                sa = native_specialize_impl(BaseBackend, a, False, spec, True)
+                sb = native_specialize_impl(BaseBackend, b, False, spec, True)
+                assert sa == sb, (a, b, sa, sb)
+
+
+class _Compiled:
+    function, packed_metadata = "fn-handle", "meta"
+
+    def __init__(self, log):
+        self.log = log
+
+    def run(self, *args):
+        self.log.append(("fast", args))
+
+
+class JITFunction:  # the name the launcher checks
+    arg_names = ["x", "n", "y", "BLOCK", "FLAG"]
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(("generic", grid, args, kwargs))
+            return _Compiled(self.log)
+
+        return launch
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    drv = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 1234)
+    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
+    monkeypatch.setattr(fastlaunch, "ENABLED", True)
+
+
+def test_second_launch_calls_the_compiled_kernel_in_declaration_order(fake_driver):
+    fn = JITFunction()
+    k = fastlaunch.fast(fn)
+    x, y = torch.zeros(8), torch.zeros(8)
+    k[(3, 2)](x, 5, y, FLAG=True, BLOCK=64, num_warps=4)
+    k[(4,)](x, 7, y, BLOCK=64, FLAG=True, num_warps=4)
+    assert [e[0] for e in fn.log] == ["generic", "fast"]
+    assert fn.log[1][1] == (4, 1, 1, 1234, "fn-handle", "meta", None, None, None, x, 7, y, 64, True)
+    # another constexpr, option, alignment or int class: Triton's launch again
+    k[(4,)](x, 7, y, BLOCK=32, FLAG=True, num_warps=4)
+    k[(4,)](x, 7, y, BLOCK=64, FLAG=True, num_warps=8)
+    k[(4,)](x[1:], 7, y, BLOCK=64, FLAG=True, num_warps=4)
+    k[(4,)](x, 16, y, BLOCK=64, FLAG=True, num_warps=4)
+    k[(4,)](x, 1, y, BLOCK=64, FLAG=True, num_warps=4)
+    assert [e[0] for e in fn.log[2:]] == ["generic"] * 5
+    assert k.fast_launches == 1 and k.generic_launches == 6
+
+
+def test_launch_hooks_and_disabled_take_the_generic_launch(fake_driver, monkeypatch):
+    fn = JITFunction()
+    k = fastlaunch.fast(fn)
+    x = torch.zeros(8)
+    k[(1,)](x, 5, x, BLOCK=16, FLAG=False)
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda *a: None)
+    k[(1,)](x, 5, x, BLOCK=16, FLAG=False)
+    chain = triton.knobs.HookChain()
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", chain)  # empty chain: no hook
+    k[(1,)](x, 5, x, BLOCK=16, FLAG=False)
+    chain.add(lambda *a: None)
+    k[(1,)](x, 5, x, BLOCK=16, FLAG=False)
+    assert [e[0] for e in fn.log] == ["generic", "generic", "fast", "generic"]
+    monkeypatch.setattr(fastlaunch, "ENABLED", False)
+    k2 = fastlaunch.fast(fn)
+    k2[(1,)](x, 5, x, BLOCK=16, FLAG=False)
+    k2[(1,)](x, 5, x, BLOCK=16, FLAG=False)
+    assert [e[0] for e in fn.log[4:]] == ["generic", "generic"] and k2.generic_launches == 0
+
+
+def test_non_jit_kernels_are_launched_as_given():
+    class Interpreted:
+        arg_names = ["x"]
+
+        def __init__(self):
+            self.calls = 0
+
+        def __getitem__(self, grid):
+            def go(*a, **kw):
+                self.calls += 1
+
+            return go
+
+    fn = Interpreted()
+    k = fastlaunch.fast(fn)
+    k[(1,)](1)
+    k[(1,)](1)
+    assert fn.calls == 2 and not k.fast
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch and dropout seed
+
+
+def test_dispatch_cache_follows_the_environment(monkeypatch):
+    q, k, v = qkv_inputs(1, 4, 4, 2, 2, 8, torch.float32, "cpu")
+    monkeypatch.delenv("FLASHTILE_BACKEND", raising=False)
+    flashtile.flash_attn_func(q, k, v)
+    assert (
+        dispatch.choose(dispatch.Problem.of(q, k, AttnCall(softmax_scale=1.0)), AttnCall(softmax_scale=1.0)) == "torch"
+    )
+    monkeypatch.setenv("FLASHTILE_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FLASHTILE_BACKEND"):
+        flashtile.flash_attn_func(q, k, v)
+
+
+def test_dropout_seed_reproducible_on_cpu():
+    from flashtile.rng import draw_seed
+
+    torch.manual_seed(3)
+    a = int(draw_seed(torch.device("cpu")))
+    torch.manual_seed(3)
+    assert int(draw_seed(torch.device("cpu"))) == a == int(
+        (torch.manual_seed(3), torch.randint(0, 2**62, (), dtype=torch.int64))[1]
+    )
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@pytest.mark.gpu
+def test_dense_calls_do_not_sync_the_host():
+    """Forward + backward with dropout, and a decode with an int cache length: no device sync
+    (torch's sync debug mode raises on one)."""
+    q, k, v = (x.requires_grad_() for x in qkv_inputs(2, 64, 64, 4, 2, 64, torch.float16, "cuda"))
+    kc, vc = (torch.randn(2, 128, 2, 64, device="cuda", dtype=torch.float16) for _ in range(2))
+    flashtile.flash_attn_func(q, k, v, dropout_p=0.1, causal=True).sum().backward()  # compile first
+    flashtile.flash_attn_with_kvcache(q[:, :1].detach(), kc, vc, cache_seqlens=100, causal=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.manual_seed(1)
+        out = flashtile.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)
+        out.backward(torch.ones_like(out))
+        flashtile.flash_attn_with_kvcache(q[:, :1].detach(), kc, vc, cache_seqlens=100, causal=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.manual_seed(1)
+    again = flashtile.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)
+    torch.testing.assert_close(out, again, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# flashtile warmup
+
+
+def test_warmup_grid_calls_are_valid_api_calls(monkeypatch):
+    """Every feature set's calls run (here on the torch engine; on a GPU they compile kernels)."""
+    from flashtile.backends.triton import configs
+    from flashtile.cli import warmup
+
+    monkeypatch.setattr(configs, "SHORT_SEQLEN", 40)  # small "long" calls on the CPU
+    for fs in warmup.parse_feature_sets("plain,causal+softcap,window+alibi,dropout,varlen+causal,decode+causal"):
+        for call in warmup._calls(fs, 16, torch.float32, torch.device("cpu")):
+            call()
+    with pytest.raises(ValueError, match="unknown feature"):
+        warmup.parse_feature_sets("causal+nope")
+
+
+def test_warmup_on_cpu_has_nothing_to_do(capsys):
+    from flashtile.cli import main
+
+    assert main(["warmup", "--device", "cpu"]) == 0
+    assert "nothing to warm up" in capsys.readouterr().out
