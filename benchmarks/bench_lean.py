@@ -526,8 +526,13 @@ def main() -> None:
         ratio = f"{r['flashtile'][0] / min(sd):.2f}x" if sd else "-"
         print(f"| {r['call']} | " + " | ".join(_fmt(r.get(c)) for c in cols) + f" | {ratio} |")
     if first:
-        print("\nfirst call in a fresh process (s): " + ", ".join(
-            f"{label}: " + " ".join(f"{k}={v:.3f}" for k, v in (d or {}).items()) for label, d in first.items()))
+        def _fmt_first(d):  # a dict of phases, one number, or None
+            if isinstance(d, dict):
+                return " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+            return f"{d:.3f}" if isinstance(d, float) else str(d)
+
+        print("\nfirst call in a fresh process (s): " + ", ".join(f"{label}: {_fmt_first(d)}"
+                                                               for label, d in first.items()))
     if hf:
         items = (f"{k}={round(v, 1) if isinstance(v, float) else v}" for k, v in hf.items())
         print("HF greedy generate, tokens/s: " + ", ".join(items))

@@ -351,6 +351,7 @@ def main() -> int:
     ap.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT, help="watchdog per case / cell (s)")
     args = ap.parse_args()
     os.environ[hopper.BWD_ENV] = "gluon"  # the kernels under test (the backend's default is Triton's)
+    hopper.SMALL_ROWS = 0  # small checks run the Gluon forward too (not the launch-bound Triton route)
     globals()["CASE_TIMEOUT"] = args.case_timeout
     import triton
 

@@ -401,6 +401,7 @@ def main() -> int:
     args = ap.parse_args()
     globals()["CASE_TIMEOUT"] = args.case_timeout
     globals()["HEADDIMS"] = args.headdim
+    hopper.SMALL_ROWS = 0  # the public-API check runs the Gluon kernel, not the small-call Triton route
     import triton
 
     log(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")

@@ -11,7 +11,7 @@ import flashtile
 from flashtile import BackendUnavailableError, dispatch, flash_attn_func
 from flashtile.backends import registry
 from flashtile.backends.base import Capabilities
-from flashtile.spec import FEATURES, AttnCall, Problem, make_call
+from flashtile.spec import FEATURES, MOD_FEATURES, AttnCall, Problem, make_call
 from flashtile.testing import qkv_inputs
 
 
@@ -199,18 +199,21 @@ def test_every_registered_backend_declares_capabilities():
     for name, be in dispatch.backends().items():
         caps = be.capabilities
         assert isinstance(caps, Capabilities), name
-        assert caps.features <= FEATURES, f"{name} declares unknown features {caps.features - FEATURES}"
+        known = FEATURES | MOD_FEATURES
+        assert caps.features <= known, f"{name} declares unknown features {caps.features - known}"
     assert dispatch.backends()["torch"].capabilities.decode
 
 
 def test_op_schema_is_derived_from_the_carrier():
-    """Every field of AttnCall crosses the custom-op boundary, in order, and comes back intact."""
+    """Every field of AttnCall crosses the custom-op boundary, in order, and comes back intact
+    (except the Python mods, ``metadata={"python": True}``, which never enter the op)."""
     import dataclasses
 
     from flashtile import ops
 
     schema = str(torch.ops.flashtile.attn_fwd.default._schema)
-    names = [f.name for f in dataclasses.fields(AttnCall)]
+    names = [f.name for f in dataclasses.fields(AttnCall) if not f.metadata.get("python")]
+    assert {"score_mod", "block_mask"}.isdisjoint(names)
     positions = [schema.index(f" {n},") for n in names]
     assert positions == sorted(positions)
     call = spec(causal=True, softcap=2.0, dropout_p=0.25, seed=torch.tensor(7), alibi_slopes=torch.ones(1, 2))

@@ -220,11 +220,12 @@ def _check_sink_grad(gs_l, gs_ref, group, tol, n_u):
     _close(g, g_ref, "grad[sink] summed over the group", tol)
 
 
-def _dense_case(group, strategy, layout, *, b=2, sq=48, sk=None, h=4, hk=4, d=16, packed=False,
+def _dense_case(group, strategy, layout, *, b=2, sq=48, sk=None, h=4, hk=4, d=16, dv=None, packed=False,
                 dtype=torch.float32, tol=FP32_TOL, ulysses=None, **opts):  # fmt: skip
     sk = sq if sk is None else sk
+    dv = d if dv is None else dv  # v's head dim
     n_u = _ulysses_size(group, strategy, ulysses)
-    q, k, v, dout = _inputs(sq * 1000 + sk * 10 + hk, [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d), (b, sq, h, d)],
+    q, k, v, dout = _inputs(sq * 1000 + sk * 10 + hk, [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, dv), (b, sq, h, dv)],
                             dtype)  # fmt: skip
     sink, sink_l, sk_ref, sk_l = _sink_leaves(opts)
     sh = partial(shard, group=group, layout=layout, ulysses_size=n_u)
@@ -440,6 +441,20 @@ def _checks():
             causal=True, learnable_sink=sink)  # fmt: skip
         add(f"ulysses-{lay}-varlen-qkvpacked-sink", _varlen_case, strategy="ulysses", layout=lay, lens_q=[8, 24],
             causal=True, packed=True, learnable_sink=sink)  # fmt: skip
+        add(f"ring-{lay}-sink-gqa", _dense_case, strategy="ring", layout=lay, causal=True, hk=2,
+            learnable_sink=sink * 3)  # fmt: skip
+        add(f"ring-{lay}-sink-window-softcap-packed", _dense_case, strategy="ring", layout=lay, packed=True,
+            window_size=(7, 2), softcap=3.0, learnable_sink=sink)  # fmt: skip
+        add(f"ring-{lay}-sink-sq>sk-causal", _dense_case, strategy="ring", layout=lay, sq=48, sk=24, causal=True, b=1,
+            learnable_sink=sink)  # fmt: skip
+        add(f"ring-{lay}-varlen-sink", _varlen_case, strategy="ring", layout=lay, lens_q=[16, 0, 8, 24], hk=2,
+            causal=True, learnable_sink=sink)  # fmt: skip
+        add(f"ring-{lay}-varlen-qkvpacked-sink", _varlen_case, strategy="ring", layout=lay, lens_q=[8, 24],
+            causal=True, packed=True, learnable_sink=sink)  # fmt: skip
+        add(f"ring-{lay}-vdim-sink-gqa", _dense_case, strategy="ring", layout=lay, causal=True, hk=2, d=24, dv=16,
+            learnable_sink=sink)  # fmt: skip
+        add(f"ulysses-{lay}-vdim-window", _dense_case, strategy="ulysses", layout=lay, window_size=(7, 2), hk=2, d=24,
+            dv=40)  # fmt: skip
         add(f"ring-{lay}-dropout", _ring_dropout_case, layout=lay)
         add(f"shard-{lay}", _shard_case, layout=lay)
     add("ring-zigzag-bf16", _dense_case, strategy="ring", layout="zigzag", causal=True, hk=2, dtype=torch.bfloat16,

@@ -452,6 +452,7 @@ GPT_VARIANTS = {
                                           tie_embeddings=False),  # fmt: skip
     "alibi-window-softcap": dict(pos_emb="alibi", window=5, softcap=10.0),
     "partial-rotary-gptj": dict(rotary_dim=4, rotary_interleaved=True),
+    "sinks-window": dict(window=5, sink=True),
 }
 
 

@@ -1,7 +1,10 @@
 """Learnable attention sinks (gpt-oss, flash-attn 4's ``learnable_sink``): one logit per query head
 in every row's softmax denominator, without value. Out, lse (which includes the sink) and the
 gradients of q, k, v and the sink against the oracle; dropout; split-KV decoding (the sink counted
-once); gradcheck in float64; validation; dispatch (the kernels do not declare ``"sink"``).
+once); gradcheck in float64; validation; dispatch (the hopper kernel does not declare ``"sink"``).
+Every backend-parametrised test runs on the Triton kernels too (``FLASHTILE_TEST_BACKENDS=triton``
+with ``TRITON_INTERPRET=1`` on CPU): forward, backward (the sink's gradient), decode and the
+split-KV merge kernel.
 """
 
 from __future__ import annotations
@@ -300,10 +303,14 @@ class TestValidation:
         assert [f.name for f in dataclasses.fields(AttnCall) if f.metadata.get("grad")] == ["learnable_sink"]
 
 
-@pytest.mark.parametrize("name", ["triton", "hopper"])
+def test_triton_declares_sink():
+    assert "sink" in registry()["triton"].capabilities.features
+
+
+@pytest.mark.parametrize("name", ["hopper"])
 def test_dispatch_refuses_kernels_without_sink(monkeypatch, name):
-    """The kernels do not declare "sink": forced, they refuse with that reason; auto (even where it
-    would pick them) hands sink calls to torch."""
+    """The hopper kernel does not declare "sink": forced, it refuses with that reason; auto (even
+    where it would pick it) hands sink calls to the next backend (torch here)."""
     be = registry()[name]
     monkeypatch.setattr(be, "available", lambda: None)
     monkeypatch.setattr(be, "supports", lambda problem, call: None)

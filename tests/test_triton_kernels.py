@@ -113,7 +113,7 @@ def _backward(dout, q, k, v, out, lse, call, bwd_config=None):
         return dq, dk, dv
     from flashtile.backends.triton import launch
 
-    return launch.backward(dout, q, k, v, out, lse, call, config=bwd_config)
+    return launch.backward(dout, q, k, v, out, lse, call, config=bwd_config)[:3]
 
 
 def run_dense(b, sq, sk, h, hk, d, dtype, *, causal=False, window=(-1, -1), softcap=0.0, alibi=None,

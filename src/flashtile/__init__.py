@@ -6,8 +6,10 @@ Triton kernels on GPUs, a tiled PyTorch engine on every device.
 
 import importlib
 
+from . import masks
 from ._version import __version__
 from .dispatch import BackendUnavailableError, use_backend
+from .flex import BlockMask, create_block_mask, flex_attention
 from .interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -22,6 +24,10 @@ from .sdpa import scaled_dot_product_attention
 
 __all__ = [
     "BackendUnavailableError",
+    "BlockMask",
+    "create_block_mask",
+    "flex_attention",
+    "masks",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",

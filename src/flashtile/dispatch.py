@@ -140,7 +140,8 @@ def _env_key(generation: int) -> tuple:
     return tuple(environ.get(n) for n in _env_names[1])
 
 
-def _key(device, dtype, nheads: int, nheads_k: int, headdim: int, call: AttnCall, decode: bool) -> tuple:
+def _key(device, dtype, nheads: int, nheads_k: int, headdim: int, headdim_v: int, call: AttnCall,
+         decode: bool) -> tuple:
     global _last_opts
     if _last_opts[0] is call:  # make_call returns one object per option set: its key part is known
         opts = _last_opts[1]
@@ -148,7 +149,8 @@ def _key(device, dtype, nheads: int, nheads_k: int, headdim: int, call: AttnCall
         opts = tuple((getattr(call, n) is None) if tensor else getattr(call, n) for n, tensor in _FIELD_KEYS)
         if all(opts[i] for i, (_, tensor) in enumerate(_FIELD_KEYS) if tensor):  # holds no tensor alive
             _last_opts = (call, opts)
-    return (_override, _generation, _env_key(_generation), device, dtype, nheads, nheads_k, headdim, decode, opts)
+    return (_override, _generation, _env_key(_generation), device, dtype, nheads, nheads_k, headdim, headdim_v, decode,
+            opts)
 
 
 def _remember(key: tuple | None, name: str) -> str:
@@ -166,19 +168,22 @@ def choose_for(
     problem: Problem | Callable[[], Problem] | None = None,
     *,
     decode: bool = False,
+    v: torch.Tensor | None = None,
 ) -> str:
     """:func:`choose` for a call on ``q`` / ``k`` (internal layout), from the cache when this
     signature was seen before; the :class:`~flashtile.spec.Problem` (``problem``, a function
-    returning it, or ``Problem.of(q, k, call)``) is built only when it was not."""
+    returning it, or ``Problem.of(q, k, call, v)``) is built only when it was not; ``v`` (or the v
+    cache) gives the v head dim (None: q's)."""
     backends()  # the registry key is current
     key = None
     if not torch.compiler.is_compiling():
-        key = _key(q.device, q.dtype, q.shape[-2], k.shape[-2], q.shape[-1], call, decode)
+        dv = q.shape[-1] if v is None else v.shape[-1]
+        key = _key(q.device, q.dtype, q.shape[-2], k.shape[-2], q.shape[-1], dv, call, decode)
         name = _CACHE.get(key)
         if name is not None:
             return name
     if problem is None:
-        problem = Problem.of(q, k, call)
+        problem = Problem.of(q, k, call, v)
     elif callable(problem):
         problem = problem()
     return _remember(key, _choose(problem, call, decode))
@@ -190,7 +195,7 @@ def choose(problem: Problem, call: AttnCall, *, decode: bool = False) -> str:
     key = None
     if not torch.compiler.is_compiling():
         p = problem
-        key = _key(p.device, p.dtype, p.nheads, p.nheads_k, p.headdim, call, decode)
+        key = _key(p.device, p.dtype, p.nheads, p.nheads_k, p.headdim, p.headdim_v, call, decode)
         name = _CACHE.get(key)
         if name is not None:
             return name

@@ -49,7 +49,16 @@ Semantics shared by every function:
   capped). The returned lse includes the sink; rows that see no key output 0 with
   ``lse = sink_h``. With dropout the sink is in the denominator before dropout (dropout drops
   keys only). It may require grad (``dsink_h = -sum_{b,i} exp(sink_h - lse_i) * rowsum(dout_i *
-  out_i)``). Served by the torch backend (the kernels do not implement it yet).
+  out_i)``). Served by the torch and triton backends.
+* ``v`` may have its own head dim (``headdim_v``, e.g. DeepSeek's 192 for q/k and 128 for v,
+  forward and backward, every option): the output has v's head dim. Packed ``qkv`` / ``kv``
+  inputs have one head dim.
+* ``score_mod`` / ``block_mask`` (``flash_attn_func`` and ``flash_attn_varlen_func``):
+  FlexAttention's mods, see :mod:`flashtile.flex`: ``score_mod(score, b, h, q_idx, kv_idx)``
+  applies after scale, softcap and ALiBi, then the masks (causal / window and the block mask's
+  ``mask_mod``) apply. Tensors the score_mod captures get gradients. Served by the torch engine,
+  and on CUDA by Triton kernels (``flex_triton``) when every mod comes from
+  :mod:`flashtile.masks`; such calls run eagerly under ``torch.compile`` (a graph break).
 * dtypes: float16, bfloat16, float32 (all of q, k, v the same); head dim 1 to 512 (the Triton
   backend serves up to 256 and hands larger ones to the torch backend). The last dimension of
   every input must be contiguous.
@@ -108,10 +117,14 @@ def _run(
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
+    score_mod=None,
+    block_mask=None,
+    probs: bool = True,
     **options,
 ):
     """Every public function's path: validate, build the call (``options``: the scalar options of
-    :func:`flashtile.spec.make_call`), dispatch, run the op."""
+    :func:`flashtile.spec.make_call`), dispatch, run the op. ``probs=False``: with
+    ``return_attn_probs``, return None instead of materialising the probabilities."""
     varlen = cu_seqlens_q is not None
     check_qkv(q, k, v, varlen=varlen, names=names)
     if varlen:
@@ -125,19 +138,27 @@ def _run(
     sink = check_sink(learnable_sink, q.shape[-2], q.device)
     descales = check_descales(q.dtype, batch, k.shape[-2], q.device, q_descale=q_descale, k_descale=k_descale,
                               v_descale=v_descale)  # fmt: skip
-    call = make_call(headdim=q.shape[-1], alibi_slopes=alibi, learnable_sink=sink, **lens, **descales, **options)
+    mods = {}
+    if score_mod is not None or block_mask is not None:
+        from .flex import check_mods
+
+        sq, sk = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
+        check_mods(score_mod, block_mask, batch, q.shape[-2], sq, sk, q.device)
+        mods = dict(score_mod=score_mod, block_mask=block_mask)
+    call = make_call(headdim=q.shape[-1], alibi_slopes=alibi, learnable_sink=sink, **lens, **descales, **mods,
+                     **options)  # fmt: skip
     if call.dropout_p > 0:
         call = dataclasses.replace(call, seed=draw_seed(q.device))
-    backend = dispatch.choose_for(q4, k4, call)
+    backend = dispatch.choose_for(q4, k4, call, v=v4)
     out, lse = attention(q4, k4, v4, call, backend)
     if varlen:
         out, lse = out.squeeze(0), lse.squeeze(0)
     if not return_attn_probs:
         return out
-    if call.dropout_p > 0 and fp8.is_fp8(q.dtype):
+    if call.dropout_p > 0 and probs and fp8.is_fp8(q.dtype):
         q4, k4, _, call = fp8.dequantize_call(q4, k4, v4, call, torch.float32)
-    probs = attention_probs(q4, k4, call) if call.dropout_p > 0 else None
-    return out, lse, probs
+    p = attention_probs(q4, k4, call) if call.dropout_p > 0 and probs else None
+    return out, lse, p
 
 
 def flash_attn_func(
@@ -157,6 +178,8 @@ def flash_attn_func(
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
+    score_mod=None,
+    block_mask=None,
 ):
     """Exact attention, ``softmax(q k^T * scale + mask) v``, never materialising the scores.
 
@@ -165,7 +188,8 @@ def flash_attn_func(
         k: ``(batch, seqlen_k, nheads_k, headdim)``.
         v: ``(batch, seqlen_k, nheads_k, headdim)``.
         dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-        return_attn_probs, learnable_sink, q_descale, k_descale, v_descale: see the module docstring.
+        return_attn_probs, learnable_sink, q_descale, k_descale, v_descale, score_mod, block_mask: see
+            the module docstring.
 
     Returns:
         out ``(batch, seqlen_q, nheads, headdim)``; with ``return_attn_probs=True``,
@@ -176,6 +200,7 @@ def flash_attn_func(
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
         return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
         q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        score_mod=score_mod, block_mask=block_mask,
     )  # fmt: skip
 
 
@@ -254,6 +279,8 @@ def flash_attn_varlen_func(
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
+    score_mod=None,
+    block_mask=None,
 ):
     """Attention over a batch of variable-length sequences packed without padding.
 
@@ -272,6 +299,9 @@ def flash_attn_varlen_func(
         learnable_sink: optional float32 ``(nheads,)`` sink logits, see the module docstring.
         q_descale, k_descale, v_descale: FP8 descales ``(batch, nheads_k)``, ``batch`` the number
             of sequences; see the module docstring.
+        score_mod, block_mask: see the module docstring; ``b`` is the sequence index and
+            ``q_idx`` / ``kv_idx`` positions within the sequence; a block mask's batch dim is 1 or
+            the number of sequences, its lengths at least ``max_seqlen_q`` / ``max_seqlen_k``.
 
     Returns:
         out ``(total_q, nheads, headdim)``; with ``return_attn_probs=True``,
@@ -286,6 +316,7 @@ def flash_attn_varlen_func(
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        score_mod=score_mod, block_mask=block_mask,
     )  # fmt: skip
 
 

@@ -46,9 +46,9 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
             raise ValueError(f"{n} must be a 4-D tensor (batch_cache or num_blocks, seqlen_cache or page_block_size, "
                              f"nheads_k, headdim) with at least one row, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")  # fmt: skip
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
-                         f"and {tuple(v_cache.shape)}")  # fmt: skip
+    if k_cache.shape[:-1] != v_cache.shape[:-1]:
+        raise ValueError(f"k_cache and v_cache must have the same shape except the head dim, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")  # fmt: skip
     check_qkv(q, k_cache, v_cache, varlen=False, names=("q", "k_cache", "v_cache"), same_batch=False)
 
 
@@ -104,7 +104,7 @@ def flash_attn_with_kvcache(
         return_softmax_lse: also return lse float32 ``(batch, nheads, seqlen_q)``.
         learnable_sink: optional float32 ``(nheads,)`` per-head sink logits (as
             :func:`flash_attn_func`; the lse includes the sink, counted once however many
-            ``num_splits``). Served by the torch backend.
+            ``num_splits``).
         q_descale, k_descale, v_descale: FP8 caches (flash-attn 3's API): with q, the caches and
             k / v all ``torch.float8_e4m3fn``, float32 descales ``(batch, nheads_k)`` (None = 1;
             k_descale / v_descale apply to the cache and the new tokens alike); the output is
@@ -114,8 +114,11 @@ def flash_attn_with_kvcache(
             ``cache_batch_idx`` the cache rows are not the batch rows, so k_descale / v_descale
             must then be one per KV head (shape ``(1, nheads_k)`` or an expanded view).
 
+    v_cache (and v) may have their own head dim ``headdim_v`` (e.g. 128 with 192 for q/k); the
+    output then has it.
+
     Returns:
-        out ``(batch, seqlen_q, nheads, headdim)``, or ``(out, lse)``.
+        out ``(batch, seqlen_q, nheads, headdim_v)``, or ``(out, lse)``.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q must be a 4-D tensor (batch, seqlen_q, nheads, headdim), got "
@@ -156,6 +159,8 @@ def flash_attn_with_kvcache(
         check_qkv(q, k, v, varlen=False, names=("q", "k", "v"))
         if k.shape[2] != hk:
             raise ValueError(f"k must have nheads_k = {hk} heads like k_cache, got {k.shape[2]}")
+        if v.shape[-1] != v_cache.shape[-1]:
+            raise ValueError(f"v must have the head dim of v_cache ({v_cache.shape[-1]}), got {v.shape[-1]}")
         sn = k.shape[1]
         if torch.is_grad_enabled():
             for x, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
@@ -198,8 +203,8 @@ def flash_attn_with_kvcache(
         along = cache.rotary_along(call)
         check_rotary_end(cache_seqlens + max(sn - 1, sq - 1 if along else 0, 0), rotary_cos.shape[0])
     problem = lambda: Problem(batch=b, seqlen_q=sq, seqlen_k=capacity, nheads=h, nheads_k=hk, headdim=d,  # noqa: E731
-                              dtype=q.dtype, device=dev)  # fmt: skip
-    backend = dispatch.backends()[dispatch.choose_for(q, k_cache, call, problem, decode=True)]
+                              dtype=q.dtype, device=dev, headdim_v=v_cache.shape[-1])  # fmt: skip
+    backend = dispatch.backends()[dispatch.choose_for(q, k_cache, call, problem, decode=True, v=v_cache)]
     out, lse = backend.decode(q, cache, call)
     return (out, lse) if return_softmax_lse else out
 

@@ -28,7 +28,9 @@ from .spec import AttnCall, check_call_values
 
 #: Schema type of each carrier field type (the annotations are strings).
 _SCHEMA_TYPES = {"float": "float", "int": "SymInt", "bool": "bool", "torch.Tensor | None": "Tensor?"}
-_FIELDS = dataclasses.fields(AttnCall)
+#: The schema-typed fields (those with ``metadata={"python": True}`` -- score_mod, block_mask --
+#: never enter the op: calls that set them take :func:`flashtile.flex.mod_attention`).
+_FIELDS = tuple(f for f in dataclasses.fields(AttnCall) if not f.metadata.get("python"))
 try:
     _CALL_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in _FIELDS)
 except KeyError as e:  # pragma: no cover - a developer added a field of a new type
@@ -46,7 +48,7 @@ def flatten(call: AttnCall) -> tuple:
 
 def unflatten(args: tuple) -> AttnCall:
     """The inverse of :func:`flatten`."""
-    return AttnCall(*args)
+    return AttnCall(**{f.name: a for f, a in zip(_FIELDS, args, strict=True)})
 
 
 _lib = torch.library.Library("flashtile", "FRAGMENT")  # kept alive for the module's lifetime
@@ -201,6 +203,10 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable ``(out, lse)`` on the internal layout (see :mod:`flashtile.backends.base`)."""
+    if call.score_mod is not None or call.block_mask is not None:
+        from .flex import mod_attention
+
+        return mod_attention(q, k, v, call, backend)
     # FP8 calls take the ops: their descales are tensor fields outside _GRAD_FIELDS, and a backward
     # through them must reach _backward's "forward only" error (and they are large prefills).
     if _fast_path(q, k, v) and not fp8.is_fp8(q.dtype):
@@ -228,4 +234,6 @@ def attention_backward(
     (ring attention passes the global ``out`` / ``lse`` of a longer key range). The gradients of
     differentiable carrier fields (e.g. ``learnable_sink``) are not returned: such callers do not
     pass them yet."""
+    if call.score_mod is not None or call.block_mask is not None:
+        raise NotImplementedError("attention_backward does not take calls with score_mod / block_mask")
     return tuple(attn_bwd(dout, q, k, v, out, lse, *flatten(call), backend)[:3])

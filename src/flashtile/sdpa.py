@@ -12,39 +12,29 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .flex import mods_from_dense_mask
 from .interface import flash_attn_func, flash_attn_varlen_func
 from .padding import unpad_input
 from .spec import SUPPORTED_DTYPES
 
 
-def _key_padding(attn_mask: torch.Tensor, b: int, sk: int) -> torch.Tensor:
-    """A mask broadcastable to ``(b, h, sq, sk)`` that depends on the batch and key only, as a
-    bool ``(b, sk)`` keep-mask; anything else raises."""
+def _key_padding(attn_mask: torch.Tensor, b: int, sk: int) -> torch.Tensor | None:
+    """A mask broadcastable to ``(b, h, sq, sk)`` that depends on the batch and key only, and is
+    bool or 0 / -inf, as a bool ``(b, sk)`` keep-mask (served by dropping keys); None for any other
+    mask (served through a block mask, see :func:`flashtile.flex.mods_from_dense_mask`)."""
     m = attn_mask
     if m.dim() > 4:
         raise ValueError(f"attn_mask must broadcast to (batch, heads, seqlen_q, seqlen_k), got {tuple(m.shape)}")
+    if m.dtype != torch.bool and not m.is_floating_point():
+        raise TypeError(f"attn_mask must be bool or floating point, got {m.dtype}")
     m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))  # (B?, H?, Sq?, Sk?)
     if m.shape[1] != 1 or m.shape[2] != 1 or m.shape[0] not in (1, b) or m.shape[3] not in (1, sk):
-        raise ValueError(
-            "flashtile's scaled_dot_product_attention serves attn_mask only as a key-padding mask, of a shape "
-            f"broadcastable as (batch, 1, 1, seqlen_k) = ({b}, 1, 1, {sk}) (e.g. (batch, 1, 1, seqlen_k) or "
-            f"(seqlen_k,)); got {tuple(attn_mask.shape)}. Masks that vary over heads or query rows are not "
-            "supported: express causal / sliding-window masks with is_causal or flashtile.flash_attn_func's "
-            "window_size, or use torch.nn.functional.scaled_dot_product_attention for arbitrary masks."
-        )
+        return None
     m = m.reshape(m.shape[0], m.shape[3]).expand(b, sk)
     if m.dtype == torch.bool:
         return m
-    if not m.is_floating_point():
-        raise TypeError(f"attn_mask must be bool or floating point, got {m.dtype}")
     keep = m == 0
-    if not bool((keep | (m == float("-inf"))).all()):
-        raise ValueError(
-            "flashtile's scaled_dot_product_attention serves an additive (float) attn_mask only when it is a "
-            "key-padding mask whose entries are 0 (attend) or -inf (ignore); arbitrary biases are not supported "
-            "(use torch.nn.functional.scaled_dot_product_attention for those)"
-        )
-    return keep
+    return keep if bool((keep | (m == float("-inf"))).all()) else None
 
 
 def scaled_dot_product_attention(
@@ -65,12 +55,14 @@ def scaled_dot_product_attention(
             must be equal (no broadcasting). ``Ev != E`` is served (the shorter of q/k and v is
             zero-padded internally, which changes no result; the output has ``Ev`` channels).
             dtypes: float16, bfloat16, float32.
-        attn_mask: optional, served only as a **key-padding mask**: its shape must broadcast as
-            ``(batch, 1, 1, seqlen_k)``: the same keys are hidden from every head and query row.
-            Boolean: True = take part (SDPA's convention). Float (additive): every entry 0 or
-            ``-inf``. The kept keys of each batch row are packed and run through the varlen kernel
-            (masked keys cost nothing). Any other mask raises ``ValueError`` naming the supported
-            shapes; so does a float mask with other values. Reading the mask syncs with the device.
+        attn_mask: optional, broadcastable to ``(batch, heads, seqlen_q, seqlen_k)`` (at most 4
+            dims). Boolean: True = take part (SDPA's convention); float: added to the scores.
+            A **key-padding mask** (shape ``(batch, 1, 1, seqlen_k)`` broadcast, bool or 0 / -inf)
+            drops the masked keys and runs the varlen kernel (they cost nothing); any other mask
+            is served as a block mask of it (:func:`flashtile.flex.mods_from_dense_mask`: blocks
+            it hides entirely are skipped; float entries other than 0 and very negative ones are a
+            bias added by a score_mod, with a gradient if the mask requires one). Reading the mask
+            syncs with the device.
         dropout_p: dropout on the attention probabilities, applied whenever ``dropout_p > 0``
             (as in PyTorch, pass ``0.0`` at evaluation). Drawn from flashtile's generator, so
             the dropped entries differ from PyTorch's for the same seed.
@@ -146,6 +138,14 @@ def scaled_dot_product_attention(
         out = flash_attn_func(q, k, v, dropout_p, softmax_scale=scale, causal=causal, window_size=window)
     else:
         keep = _key_padding(attn_mask.to(q.device), b, sk)  # (b, sk)
+    if attn_mask is not None and keep is None:  # any other mask: a block mask (and a bias score_mod)
+        mask = attn_mask.to(q.device)
+        if len(batch_shape) != 1 and mask.dim() == 4 and mask.shape[0] != 1:
+            raise ValueError("with several batch dims, a 4-D attn_mask must have batch dim 1, got "
+                             f"{tuple(attn_mask.shape)}")  # fmt: skip
+        block_mask, score_mod = mods_from_dense_mask(mask, b, h, sq, sk)
+        out = flash_attn_func(q, k, v, dropout_p, softmax_scale=scale, block_mask=block_mask, score_mod=score_mod)
+    elif attn_mask is not None:
         kv_u, _, cu_k, max_k, _ = unpad_input(torch.stack((k, v), dim=2), keep)  # (t_k, 2, hk, d): kept keys
         k_u, v_u = kv_u.unbind(1)
         cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)

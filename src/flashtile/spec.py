@@ -15,6 +15,8 @@ Semantics (flash-attn 2.8):
   (the mask is aligned to the bottom-right corner when ``sq != sk``).
 * GQA/MQA: query head ``i`` uses key/value head ``i // (nheads // nheads_k)``.
 * Rows that see no key output 0 and have ``lse = -inf``.
+* ``v`` may have its own head dim (DeepSeek's 192 for q/k, 128 for v): out and dv have v's head
+  dim; ``softmax_scale`` still defaults to ``1 / sqrt(headdim of q)``.
 * ``learnable_sink`` (gpt-oss, flash-attn 4's ``learnable_sink``): float32 ``(nheads,)``, one
   logit per query head added to every row's softmax denominator as a key without value:
   ``p_ij = exp(s_ij - lse_i)`` with ``lse_i = log(sum_j exp(s_ij) + exp(sink_h))`` (s after
@@ -33,6 +35,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -87,6 +90,11 @@ class AttnCall:
     q_descale: torch.Tensor | None = None
     k_descale: torch.Tensor | None = None
     v_descale: torch.Tensor | None = None
+    #: Python objects (see :mod:`flashtile.flex`): a ``score_mod`` callable and a ``BlockMask``.
+    #: ``metadata={"python": True}``: outside the custom-op schema; calls that set them take
+    #: :func:`flashtile.flex.mod_attention` instead of the op.
+    score_mod: Callable | None = field(default=None, metadata={"python": True})
+    block_mask: Any = field(default=None, metadata={"python": True})
 
     @property
     def is_causal(self) -> bool:
@@ -123,18 +131,26 @@ class AttnCall:
             used.append("varlen")
         if self.learnable_sink is not None:
             used.append("sink")
+        if self.score_mod is not None:
+            used.append("score_mod")
+        if self.block_mask is not None:
+            used.append("block_mask")
         return frozenset(used)
 
 
-#: Every feature name :meth:`AttnCall.features` can report.
+#: Every feature name :meth:`AttnCall.features` can report, except :data:`MOD_FEATURES`.
 FEATURES = frozenset({"causal", "window", "softcap", "alibi", "dropout", "varlen", "sink"})
+#: Python mods (:mod:`flashtile.flex`): not in ``Capabilities``' default, so that a backend
+#: serves them only when it declares them (the kernels would otherwise ignore them silently).
+MOD_FEATURES = frozenset({"score_mod", "block_mask"})
 
 
 @dataclass(frozen=True)
 class Problem:
     """Shapes, dtype and device of one call, for backend selection (the options are in the
     :class:`AttnCall`). For varlen calls ``batch`` is the number of sequences and
-    ``seqlen_q`` / ``seqlen_k`` are the ``max_seqlen`` values."""
+    ``seqlen_q`` / ``seqlen_k`` are the ``max_seqlen`` values. ``headdim`` is q's and k's,
+    ``headdim_v`` v's (and the output's); 0 (the default) means the same as ``headdim``."""
 
     batch: int
     seqlen_q: int
@@ -144,16 +160,23 @@ class Problem:
     headdim: int
     dtype: torch.dtype
     device: torch.device
+    headdim_v: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.headdim_v:
+            object.__setattr__(self, "headdim_v", self.headdim)
 
     @classmethod
-    def of(cls, q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> Problem:
-        """The problem of a call on the internal layout (dense ``(B, S, H, D)``, varlen ``(1, total, H, D)``)."""
+    def of(cls, q: torch.Tensor, k: torch.Tensor, call: AttnCall, v: torch.Tensor | None = None) -> Problem:
+        """The problem of a call on the internal layout (dense ``(B, S, H, D)``, varlen ``(1, total, H, D)``);
+        ``v`` gives the v head dim (None: q's)."""
         if call.varlen:
             batch, sq, sk = call.cu_seqlens_q.shape[0] - 1, call.max_seqlen_q, call.max_seqlen_k
         else:
             batch, sq, sk = q.shape[0], q.shape[1], k.shape[1]
         return cls(batch=batch, seqlen_q=sq, seqlen_k=sk, nheads=q.shape[-2], nheads_k=k.shape[-2],
-                   headdim=q.shape[-1], dtype=q.dtype, device=q.device)  # fmt: skip
+                   headdim=q.shape[-1], dtype=q.dtype, device=q.device,
+                   headdim_v=q.shape[-1] if v is None else v.shape[-1])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -161,7 +184,8 @@ class KVCache:
     """The cache side of one ``flash_attn_with_kvcache`` call, validated (see :mod:`flashtile.kvcache`).
 
     ``k_cache`` / ``v_cache``: dense ``(batch_cache, seqlen_cache, Hk, D)`` or paged
-    ``(num_blocks, page, Hk, D)`` with ``block_table`` int32 ``(batch, max_blocks)``;
+    ``(num_blocks, page, Hk, D)`` with ``block_table`` int32 ``(batch, max_blocks)`` (``v_cache``
+    and ``v_new`` may have their own head dim ``Dv``);
     ``k_new`` / ``v_new``: None or ``(batch, seqlen_new, Hk, D)``, appended at positions
     ``seqlens[b] ..`` before attending; ``seqlens``: int32 ``(batch,)`` or one int (tokens already
     cached); ``batch_idx`` / ``leftpad``: None or int32 ``(batch,)``; ``rotary``: None or
@@ -250,6 +274,7 @@ def check_qkv(
 
     Dense layout: q ``(batch, seqlen_q, nheads, headdim)``, k/v ``(batch, seqlen_k, nheads_k, headdim)``.
     Varlen layout: q ``(total_q, nheads, headdim)``, k/v ``(total_k, nheads_k, headdim)``.
+    k has q's head dim; v may have its own (``headdim_v``, 1 to ``MAX_HEADDIM``).
     ``same_batch=False``: k/v's first dim is not q's batch (KV caches: rows or pages).
     """
     if _qkv_ok(q, k, v, 3 if varlen else 4, same_batch and not varlen):
@@ -275,7 +300,9 @@ def check_qkv(
             f"{qn}, {kn}, {vn} must have the same batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}"
         )
     if k.shape[:-1] != v.shape[:-1]:
-        raise ValueError(f"{kn} and {vn} must have the same shape, got {_shape(k)} and {_shape(v)}")
+        raise ValueError(
+            f"{kn} and {vn} must have the same shape except the head dim, got {_shape(k)} and {_shape(v)}"
+        )
     h, hk = q.shape[-2], k.shape[-2]
     if h == 0 or hk == 0 or h % hk != 0:
         raise ValueError(
@@ -283,11 +310,12 @@ def check_qkv(
             f"key/value heads ({hk}) in {kn}/{vn}"
         )
     d = q.shape[-1]
-    for x, n in ((k, kn), (v, vn)):
-        if x.shape[-1] != d:
-            raise ValueError(f"{n} must have the same head dim as {qn} ({d}), got {x.shape[-1]}")
+    if k.shape[-1] != d:
+        raise ValueError(f"{kn} must have the same head dim as {qn} ({d}), got {k.shape[-1]}")
     if not 1 <= d <= MAX_HEADDIM:
         raise ValueError(f"head dim of {qn} must be between 1 and {MAX_HEADDIM}, got {d}")
+    if not 1 <= v.shape[-1] <= MAX_HEADDIM:
+        raise ValueError(f"head dim of {vn} must be between 1 and {MAX_HEADDIM}, got {v.shape[-1]}")
     for x, n in ((q, qn), (k, kn), (v, vn)):
         if x.stride(-1) != 1 and x.numel() > 0:
             raise ValueError(

@@ -47,6 +47,8 @@ __all__ = [
     "cu_seqlens",
     "eps_atol",
     "make_alibi",
+    "mask_from_block_mask",
+    "mask_from_mod",
     "max_err",
     "qkv_inputs",
     "standard_attention",
@@ -73,12 +75,15 @@ def attention_ref(
     softmax_scale: float | None = None,
     upcast: bool = True,
     learnable_sink: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    score_mod: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention in the dense layout.
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``.
-        k, v: ``(batch, seqlen_k, nheads_k, headdim)``; ``nheads % nheads_k == 0``.
+        k, v: ``(batch, seqlen_k, nheads_k, headdim)``; ``nheads % nheads_k == 0``; v may have its
+            own head dim ``headdim_v`` (then so does out).
         query_padding_mask / key_padding_mask: optional bool ``(batch, seqlen)``, True = real token.
             Sequences are taken as right-padded: the causal/window alignment uses each
             sequence's own lengths, exactly as the varlen API does.
@@ -89,9 +94,16 @@ def attention_ref(
         learnable_sink: optional ``(nheads,)`` sink logits: one more column of the scores per
             row, without value (its probability is dropped after the softmax, before dropout);
             cast to the compute dtype.
+        mask: optional dense bool mask broadcastable to ``(batch, nheads, seqlen_q, seqlen_k)``,
+            True = visible (combined with the others): e.g. :func:`mask_from_mod`,
+            :func:`mask_from_block_mask`.
+        score_mod: optional ``score_mod(score, b, h, q_idx, kv_idx)`` applied to the whole score
+            matrix (after scale, softcap and ALiBi, before the masks) with index tensors ``b (batch,
+            1, 1, 1)``, ``h (1, nheads, 1, 1)``, ``q_idx (1, 1, seqlen_q, 1)``, ``kv_idx (1, 1, 1,
+            seqlen_k)``; positions within each (right-padded) sequence.
 
     Returns:
-        ``(out, lse)``: out ``(batch, seqlen_q, nheads, headdim)`` in q's dtype, lse float32
+        ``(out, lse)``: out ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype, lse float32
         ``(batch, nheads, seqlen_q)``; rows that see no key give out = 0 and lse = -inf (with a
         sink: lse = the sink).
     """
@@ -119,11 +131,18 @@ def attention_ref(
     if alibi_slopes is not None:
         slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0).expand(b, h)
         scores = scores + alibi_bias(slopes.view(b, h, 1, 1), rows, cols, offset).to(scores.dtype)
+    if score_mod is not None:
+        idx = dict(dtype=torch.int32, device=q.device)
+        bi, hi = torch.arange(b, **idx).view(b, 1, 1, 1), torch.arange(h, **idx).view(1, h, 1, 1)
+        qi, ki = torch.arange(sq, **idx).view(1, 1, sq, 1), torch.arange(sk, **idx).view(1, 1, 1, sk)
+        scores = score_mod(scores, bi, hi, qi, ki).to(scores.dtype).expand(scores.shape)
     left, right = window_size
     if causal:
         right = 0
     vis = visible(rows, cols, offset, left, right)
     masked = torch.zeros(1, dtype=torch.bool, device=q.device)
+    if mask is not None:
+        masked = masked | ~mask.to(q.device)
     if vis is not None:
         masked = masked | ~vis
     if key_padding_mask is not None:
@@ -146,6 +165,33 @@ def attention_ref(
         out = out.masked_fill(~query_padding_mask.view(b, sq, 1, 1), 0.0)
         lse = lse.masked_fill(~query_padding_mask.view(b, 1, sq), float("-inf"))
     return out.to(dtype_og), lse
+
+
+def mask_from_mod(mask_mod: Callable, b: int | None, h: int | None, sq: int, sk: int, device="cpu") -> torch.Tensor:
+    """A mask_mod as a dense bool ``(b or 1, h or 1, sq, sk)`` mask for :func:`attention_ref`."""
+    from .flex import dense_mask
+
+    return dense_mask(mask_mod, b, h, sq, sk, device)
+
+
+def mask_from_block_mask(block_mask: Any, sq: int, sk: int) -> torch.Tensor:
+    """The dense bool ``(B, H, sq, sk)`` mask a block mask defines (FlexAttention's semantics:
+    skipped blocks hidden, full blocks visible, partial blocks by ``mask_mod``)."""
+    from .flex import BlockMask, dense_mask
+
+    if not hasattr(block_mask, "block_states"):
+        block_mask = BlockMask.from_kv_blocks(
+            block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+            block_mask.full_kv_indices, tuple(block_mask.BLOCK_SIZE), block_mask.mask_mod,
+            tuple(block_mask.seq_lengths),
+        )  # fmt: skip
+    st = block_mask.block_states()
+    bq, bk = block_mask.BLOCK_SIZE
+    st = st.repeat_interleave(bq, 2).repeat_interleave(bk, 3)[:, :, :sq, :sk]
+    B, H = st.shape[:2]
+    mm = block_mask.mask_mod
+    part = dense_mask(mm, B, H, sq, sk, st.device) if mm is not None else torch.ones_like(st, dtype=torch.bool)
+    return (st == 2) | ((st == 1) & part)
 
 
 def _softmax(scores: torch.Tensor, sk: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 A backend computes attention on the *internal layout*:
 
-* dense calls: q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hk, D)``;
+* dense calls: q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hk, D)`` (v may have its own head dim ``Dv``,
+  and then so do out and dv);
 * varlen calls (``call.varlen``): q ``(1, total_q, H, D)``, k/v ``(1, total_k, Hk, D)``, with
   ``call.cu_seqlens_q`` / ``call.cu_seqlens_k`` and ``call.max_seqlen_*``.
 
@@ -75,8 +76,8 @@ class Capabilities:
         if problem.dtype not in self.dtypes:
             names = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
             return f"dtype {problem.dtype} is not supported ({names})"
-        if problem.headdim > self.max_headdim:
-            return f"head dim {problem.headdim} > {self.max_headdim}"
+        if max(problem.headdim, problem.headdim_v) > self.max_headdim:
+            return f"head dim {max(problem.headdim, problem.headdim_v)} > {self.max_headdim}"
         missing = call.features() - self.features
         if missing:
             return f"does not implement {', '.join(sorted(missing))}"

@@ -34,7 +34,7 @@ from ..merge import merge_states
 from ..paged import cache_index, check_cache_indices, packed_positions
 from ..rng import dropout_threshold, philox_word
 from ..rotary import apply_rotary_at
-from ..spec import AttnCall, KVCache, Problem
+from ..spec import FEATURES, MOD_FEATURES, AttnCall, KVCache, Problem
 from .base import Capabilities, register
 
 #: Elements in one score tile (all batch x heads together); 2**20 fp32 = 4 MiB fits in cache
@@ -166,6 +166,7 @@ class _Ctx:
         self.seed = seed
         self.left, self.right = call.window_left, call.window_right
         self._scratch: dict[str, torch.Tensor] = {}
+        self.mods = _Mods(call, H, Hk) if call.score_mod is not None or call.block_mask is not None else None
 
     def scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A contiguous tile-sized buffer reused across tiles: fresh multi-MiB allocations per
@@ -208,9 +209,11 @@ class _Ctx:
                 sl = seq.slopes.view(nb, self.Hk, 1, G).expand(nb, self.Hk, i1 - i0, G)
                 dist = (rows.unsqueeze(-1) + offset - cols).abs().to(s.dtype)
                 s.sub_(sl.reshape(nb, self.Hk, -1, 1).to(s.dtype) * dist)
-            if need_mask:
-                vis = visible(rows, cols, offset, self.left, self.right)
-                s.masked_fill_(~vis, float("-inf"))
+        if self.mods is not None:  # score_mod (after softcap and ALiBi), then the block mask
+            s = self.mods.apply(s, seq, i0, i1, j0, j1)
+        if need_mask:
+            vis = visible(rows, cols, offset, self.left, self.right)
+            s.masked_fill_(~vis, float("-inf"))
         return s, t
 
     def keep(self, seq: _Seq, nb: int, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> torch.Tensor:
@@ -304,6 +307,8 @@ def forward_seqs(
                 acc = qb.new_zeros((*qb.shape[:-1], vseq.shape[-1]))
                 for j0 in range(lo, hi, bn):
                     j1 = min(j0 + bn, hi)
+                    if ctx.mods is not None and ctx.mods.skip(seq, i0, i1, j0, j1):
+                        continue
                     s, _ = ctx.scores(qb, kseq[:, :, j0:j1], seq, i0, i1, j0, j1)
                     m_new = torch.maximum(m_i, s.amax(-1))
                     m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
@@ -340,6 +345,7 @@ class TorchTiledBackend:
         priority=0,
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
         max_headdim=1 << 30,
+        features=FEATURES | MOD_FEATURES,
         decode=True,
     )
 
@@ -409,7 +415,7 @@ class TorchTiledBackend:
                 seqs.append(_Seq(row0=i * sq, sq=sq, col0=cu_k[i] + lo, sk=hi - lo, batch=slice(0, 1), bh0=0,
                                  slopes=sl, key_offset=n - sq - lo))  # fmt: skip
             out, lse = forward_seqs(qp, kp, vp, call, seqs)
-            outs.append(out.view(b, sq, h, d))
+            outs.append(out.view(b, sq, h, vp.shape[-1]))
             lses.append(lse.view(h, b, sq).permute(1, 0, 2))
         if splits == 1:
             return outs[0], lses[0].contiguous()
@@ -434,6 +440,8 @@ class TorchTiledBackend:
         Sk, Hk = k.shape[1], k.shape[2]
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         ctx = _Ctx(call, H, Hk, D, call.seed_int)
+        if ctx.mods is not None:
+            ctx.mods.grad = True
         G = ctx.G
         qh = _to_rows(q, Hk, cdt)
         qh.mul_(ctx.c)
@@ -468,6 +476,8 @@ class TorchTiledBackend:
                 i_hi = seq.sq if ctx.left < 0 else min(seq.sq, j1 - 1 - offset + ctx.left + 1)
                 for i0 in range(i_lo, i_hi, bm):
                     i1 = min(i0 + bm, seq.sq)
+                    if ctx.mods is not None and ctx.mods.skip(seq, i0, i1, j0, j1):
+                        continue
                     r0, r1 = (seq.row0 + i0) * G, (seq.row0 + i1) * G
                     qb = qh[seq.batch, :, r0:r1]
                     dob = doh[seq.batch, :, r0:r1]
@@ -482,6 +492,8 @@ class TorchTiledBackend:
                         pd = p
                     dv_acc.add_(torch.matmul(pd.transpose(-1, -2), dob))
                     ds = p.mul_(dp.sub_(delta[seq.batch, :, r0:r1].unsqueeze(-1)))
+                    if ctx.mods is not None:  # through score_mod (and into its captured tensors)
+                        ds = ctx.mods.vjp(ds)
                     if t is not None:
                         ds = ds.mul_(t.square_().neg_().add_(1.0)).mul_(ctx.cap)
                     dq[seq.batch, :, r0:r1] += torch.matmul(ds, kb)
@@ -496,7 +508,130 @@ class TorchTiledBackend:
             # dsink_h = -sum_{b,i} p_sink * delta_i with p_sink = exp(sink_h - lse_i).
             p_sink = torch.exp(_sink_rows(sink, Hk, Sq, cdt) - lse_r)
             grads["learnable_sink"] = (-(p_sink * delta)).view(B, Hk, Sq, G).sum((0, 2)).reshape(H).to(sink.dtype)
+        if ctx.mods is not None and call.score_mod is not None:
+            grads["score_mod"] = ctx.mods.captured_grads()
         return dq_out, dk.permute(0, 2, 1, 3).to(k.dtype), dv.permute(0, 2, 1, 3).to(v.dtype), grads
+
+
+# ----------------------------------------------------------------------------------------------
+# mods: score_mod / block_mask (see flashtile.flex) evaluated tile by tile
+
+
+class _Mods:
+    """A call's ``score_mod`` and ``block_mask`` on the engine's tiles.
+
+    Index tensors follow the packed-GQA row layout: for a tile of query positions [i0, i1) and
+    keys [j0, j1) the mods see ``b (nb, 1, 1, 1)``, ``h (1, Hk, R, 1)`` (the query head of each
+    row), ``q_idx (1, 1, R, 1)``, ``kv_idx (1, 1, 1, C)``, int32, broadcasting to the score tile
+    ``(nb, Hk, R, C)``. Block mask: tiles whose blocks are all skipped are not computed
+    (:meth:`skip`), tiles whose blocks are all full evaluate no mask, the others take the
+    block-state map (skipped -> hidden, full -> visible, partial -> ``mask_mod``). Backward
+    (``grad``): the score_mod runs under autograd on each tile and :meth:`vjp` carries the score
+    gradient through it, accumulating the gradients of its captured tensors.
+    """
+
+    def __init__(self, call: AttnCall, H: int, Hk: int):
+        from ..flex import captured_tensors
+
+        self.H, self.Hk, self.G = H, Hk, H // Hk
+        self.score_mod = call.score_mod
+        self.grad = False
+        self.graph: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.captured = captured_tensors(call.score_mod) if call.score_mod is not None else ()
+        self.acc: list[torch.Tensor | None] = [None] * len(self.captured)
+        bm = call.block_mask
+        self.block = bm
+        if bm is not None:
+            self.mask_mod = bm.mask_mod
+            self.BQ, self.BK = bm.BLOCK_SIZE
+            st = bm.block_states() if hasattr(bm, "block_states") else _torch_block_states(bm)
+            self.state = st  # (Bm, Hm, nq, nk) int8 on the mask's device
+            self.state_cpu = st.cpu()
+            self.Bm, self.Hm = st.shape[:2]
+
+    def _grids(self, seq, nb: int, i0: int, i1: int, j0: int, j1: int, dev: torch.device):
+        G, Hk = self.G, self.Hk
+        b0 = seq.bh0 // self.H
+        b = torch.arange(b0, b0 + nb, device=dev, dtype=torch.int32).view(nb, 1, 1, 1)
+        h = torch.arange(self.H, device=dev, dtype=torch.int32).view(1, Hk, 1, G)
+        h = h.expand(1, Hk, i1 - i0, G).reshape(1, Hk, -1, 1)
+        qi = torch.arange(i0, i1, device=dev, dtype=torch.int32).repeat_interleave(G).view(1, 1, -1, 1)
+        ki = torch.arange(j0, j1, device=dev, dtype=torch.int32).view(1, 1, 1, -1)
+        return b, h, qi, ki
+
+    def _tile_states(self, seq, nb: int, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+        b0 = seq.bh0 // self.H
+        bsel = slice(0, 1) if self.Bm == 1 else slice(b0, b0 + nb)
+        qb0, qb1 = i0 // self.BQ, -(-i1 // self.BQ)
+        kb0, kb1 = j0 // self.BK, -(-j1 // self.BK)
+        return self.state_cpu[bsel, :, qb0:qb1, kb0:kb1]
+
+    def skip(self, seq, i0: int, i1: int, j0: int, j1: int) -> bool:
+        """Whether the block mask skips every block the tile touches."""
+        if self.block is None:
+            return False
+        nb = seq.batch.stop - seq.batch.start
+        return not bool(self._tile_states(seq, nb, i0, i1, j0, j1).any())
+
+    def apply(self, s: torch.Tensor, seq, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+        """The tile's scores through score_mod, then hidden (-inf) where the block mask hides."""
+        nb = s.shape[0]
+        b, h, qi, ki = self._grids(seq, nb, i0, i1, j0, j1, s.device)
+        if self.score_mod is not None:
+            if self.grad:
+                x = s.detach().requires_grad_()
+                with torch.enable_grad():
+                    y = torch.as_tensor(self.score_mod(x, b, h, qi, ki), device=s.device)
+                    y = y.to(s.dtype).expand(s.shape)
+                self.graph = (x, y)
+                s = y.detach().clone()
+            else:
+                y = torch.as_tensor(self.score_mod(s, b, h, qi, ki), device=s.device).to(s.dtype)
+                s = y if y.shape == s.shape and y.is_contiguous() else y.expand(s.shape).contiguous()
+        if self.block is not None:
+            st = self._tile_states(seq, nb, i0, i1, j0, j1)
+            if not bool((st == 2).all()):
+                bi = b.long() if self.Bm > 1 else torch.zeros_like(b, dtype=torch.long)
+                hi = h.long() if self.Hm > 1 else torch.zeros_like(h, dtype=torch.long)
+                tile = self.state[bi, hi, qi.long() // self.BQ, ki.long() // self.BK]
+                vis = tile == 2
+                if bool((st == 1).any()):
+                    part = tile == 1
+                    if self.mask_mod is not None:
+                        m = torch.as_tensor(self.mask_mod(b, h, qi, ki), device=s.device)
+                        part = part & m
+                    vis = vis | part
+                s.masked_fill_(~vis, float("-inf"))
+        return s
+
+    def vjp(self, ds: torch.Tensor) -> torch.Tensor:
+        """The gradient of the pre-score_mod scores from that of the modified ones; accumulates
+        the captured tensors' gradients."""
+        if self.graph is None:
+            return ds
+        x, y = self.graph
+        self.graph = None
+        g = torch.autograd.grad(y, [x, *self.captured], ds, allow_unused=True)
+        for i, gi in enumerate(g[1:]):
+            if gi is not None:
+                gi = gi.to(torch.float64 if gi.dtype == torch.float64 else torch.float32)
+                self.acc[i] = gi if self.acc[i] is None else self.acc[i].add_(gi)
+        return torch.zeros_like(ds) if g[0] is None else g[0]
+
+    def captured_grads(self) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            torch.zeros_like(t) if a is None else a.to(t.dtype) for t, a in zip(self.captured, self.acc, strict=True)
+        )
+
+
+def _torch_block_states(bm) -> torch.Tensor:
+    """torch's ``BlockMask`` as flashtile's block-state map (0 skipped, 1 partial, 2 full)."""
+    from ..flex import BlockMask
+
+    return BlockMask.from_kv_blocks(
+        bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, tuple(bm.BLOCK_SIZE),
+        bm.mask_mod, tuple(bm.seq_lengths),
+    ).block_states()  # fmt: skip
 
 
 def _rotary_positions(seqlens: torch.Tensor, n: int, along: bool) -> torch.Tensor:

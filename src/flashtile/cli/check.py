@@ -36,6 +36,8 @@ class Case:
     dropout_p: float = 0.0
     seqlens_q: tuple[int, ...] = ()
     seqlens_k: tuple[int, ...] = ()
+    headdim_v: int = 0  # v's head dim; 0 = headdim
+    sink: bool = False  # learnable_sink: random per-head logits
 
     @property
     def varlen(self) -> bool:
@@ -49,7 +51,8 @@ class Case:
     def shape(self) -> str:
         b, sq, sk = self.dims()
         lens = f" lens q{list(self.seqlens_q)} k{list(self.seqlens_k)}" if self.varlen else ""
-        return f"b{b} {sq}x{sk} h{self.nheads}/{self.nheads_k} d{self.headdim}{lens}"
+        dv = f"/{self.headdim_v}" if self.headdim_v else ""
+        return f"b{b} {sq}x{sk} h{self.nheads}/{self.nheads_k} d{self.headdim}{dv}{lens}"
 
 
 CASES: tuple[Case, ...] = (
@@ -73,8 +76,14 @@ CASES: tuple[Case, ...] = (
     Case("varlen, causal, GQA", nheads=8, nheads_k=2, causal=True, seqlens_q=(90, 1, 33), seqlens_k=(40, 7, 33)),
     Case("varlen, window, alibi", window=(16, 4), alibi="bh", seqlens_q=(70, 12), seqlens_k=(70, 30)),
     Case("dropout 0.17, causal", dropout_p=0.17, causal=True),
+    Case("headdim 192/128 (v), causal", batch=1, headdim=192, headdim_v=128, seqlen_q=97, seqlen_k=130,
+         causal=True),
+    Case("headdim 40/72 (v), varlen, GQA", nheads=8, nheads_k=2, headdim=40, headdim_v=72, seqlens_q=(70, 12),
+         seqlens_k=(70, 30)),
+    Case("sink, causal, GQA", nheads=8, nheads_k=2, causal=True, sink=True),
+    Case("sink, sq > sk, window (empty rows)", seqlen_q=203, seqlen_k=97, window=(16, 0), sink=True),
     Case("all options", seqlen_q=113, seqlen_k=203, nheads=6, nheads_k=2, causal=True, window=(48, -1), softcap=3.0,
-         alibi="h"),
+         alibi="h", sink=True),
 )  # fmt: skip
 QUICK = ("plain", "causal, sq > sk (empty rows)", "varlen (empty, length-1)", "all options")
 QUANTITIES = ("out", "lse", "dq", "dk", "dv")
@@ -102,7 +111,11 @@ class _Inputs:
         b, sq, sk = case.dims()
         h, hk, d = case.nheads, case.nheads_k, case.headdim
         q, k, v = qkv_inputs(b, sq, sk, h, hk, d, torch.float64, "cpu", generator=g)
-        dout = torch.randn(b, sq, h, d, generator=g, dtype=torch.float64)
+        dv = case.headdim_v or d
+        if dv != d:
+            v = torch.randn(b, sk, hk, dv, generator=g, dtype=torch.float64)
+        dout = torch.randn(b, sq, h, dv, generator=g, dtype=torch.float64)
+        self.sink = torch.randn(h, generator=g) * 2 if case.sink else None
         q, k, v, dout = (t.to(dtype).double() for t in (q, k, v, dout))
         self.slopes = make_alibi(case.alibi, b, h, "cpu", low=0.0, generator=g)
         self.b, self.sq, self.sk = b, sq, sk
@@ -127,7 +140,8 @@ def _run_flashtile(case: Case, x: _Inputs, dtype: torch.dtype, device: torch.dev
     q, k, v = (t.to(device, dtype, copy=True).requires_grad_() for t in (x.q, x.k, x.v))
     slopes = None if x.slopes is None else x.slopes.to(device)
     kw = dict(dropout_p=case.dropout_p, causal=case.causal, window_size=case.window, softcap=case.softcap,
-              alibi_slopes=slopes, return_attn_probs=True)  # fmt: skip
+              alibi_slopes=slopes, return_attn_probs=True,
+              learnable_sink=None if x.sink is None else x.sink.to(device))  # fmt: skip
     torch.manual_seed(seed)  # the dropout seed is drawn from torch's generator
     if case.varlen:
         cu_q, cu_k = x.cu_q.to(device), x.cu_k.to(device)
@@ -147,7 +161,8 @@ def _run_reference(
     if slopes is not None and dtype == torch.float64:
         slopes = slopes.double()  # an exact ALiBi bias for the float64 oracle
     kw = dict(causal=case.causal, window_size=case.window, softcap=case.softcap, alibi_slopes=slopes,
-              dropout_p=case.dropout_p, dropout_mask=keep, upcast=upcast)  # fmt: skip
+              dropout_p=case.dropout_p, dropout_mask=keep, upcast=upcast,
+              learnable_sink=None if x.sink is None else x.sink.to(device, torch.float64))  # fmt: skip
     if case.varlen:
         qp = pad_input(q, x.idx_q.to(device), x.b, x.sq)
         kp = pad_input(k, x.idx_k.to(device), x.b, x.sk)

@@ -324,6 +324,11 @@ def _build_calls(
     return calls
 
 
+def acc_shape(q: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
+    """The output's shape: q's rows and heads, v's head dim."""
+    return (*q.shape[:-1], v.shape[-1])
+
+
 def _fwd_call(c: _Call, q, k, v, backend: str):
     return attention(_cut(q, c.q_sel, 1), _cut(k, c.k_sel, 1), _cut(v, c.k_sel, 1), c.call, backend)
 
@@ -372,7 +377,7 @@ class _RingAttention(torch.autograd.Function):
                     acc_out, acc_lse = o.float(), lse.float()
                     continue
                 if acc_out is None:
-                    acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+                    acc_out = torch.zeros(acc_shape(q, v), dtype=torch.float32, device=q.device)
                     acc_lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
                 if isinstance(c.q_sel, slice):  # rows of a slice are views: merge in place
                     merge_two_(_cut(acc_out, c.q_sel, 1), _cut(acc_lse, c.q_sel, 2), o, lse)
@@ -384,7 +389,7 @@ class _RingAttention(torch.autograd.Function):
                 wait_all(reqs)
                 kv = nxt
         if acc_out is None:  # no key visible to any local row
-            acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            acc_out = torch.zeros(acc_shape(q, v), dtype=torch.float32, device=q.device)
             acc_lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
         if sink is not None:
             acc_out, acc_lse = _add_sink(acc_out, acc_lse, sink.detach())

@@ -15,6 +15,10 @@
 * ``AttentionMaskInterface["flashtile"]`` = :func:`flashtile_mask`: the model's mask builder hands
   over the 2-D padding mask (or None) instead of building a 4-D one; causal and sliding-window
   structure come from the layer's ``is_causal`` / ``sliding_window`` and are applied in-kernel.
+  Any other pattern the model builds with its mask functions (Llama 4's chunked attention,
+  bidirectional image-token blocks, custom ``or_mask_function`` / ``and_mask_function``) becomes a
+  :class:`flashtile.BlockMask` of that mask function (padding and offsets included), served with
+  ``block_mask=`` (see :mod:`flashtile.flex`).
 
 Served: causal and bidirectional layers, left or right padding, GQA/MQA, ``sliding_window``
 (the layer's argument, e.g. Mistral, Gemma-2's sliding layers), ``softcap`` (Gemma-2),
@@ -22,10 +26,13 @@ Served: causal and bidirectional layers, left or right padding, GQA/MQA, ``slidi
 (dynamic, sliding, static), packed sequences (``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs,
 or ``position_ids`` restarting inside one row), attention sinks (gpt-oss's ``s_aux``: per-head
 logits in the module's dtype, passed as float32 ``learnable_sink``; their gradient reaches the
-model's ``sinks`` parameter). Not served (raise): ready-made 4-D masks. Mask patterns other
-than causal / sliding window / padding that a model adds through its mask functions (chunked
-attention, bidirectional image-token blocks) are not represented, as with transformers' own
-flash-attention path. ``output_attentions`` returns None weights.
+model's ``sinks`` parameter), a v head dim of its own (DeepSeek V2/V3's multi-head latent
+attention, 192 / 128: v is passed as it is, never padded to the q/k head dim), ready-made 4-D
+masks (a bool mask, True = attend, or an additive float mask: 0 / very negative entries become a
+block mask, other values a score_mod bias), chunked and bidirectional-block patterns (above).
+``output_attentions`` returns None weights. Chunked models (Llama 4): transformers refuses
+chunked attention longer than the chunk for any implementation whose name contains "flash":
+register under another name, e.g. ``register("tile_attention")``.
 
 A wrinkle of transformers >= 5: it treats every implementation name containing ``"flash"`` as a
 FlashAttention kernel and tries to load one at model construction. :func:`register` therefore
@@ -42,8 +49,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from ..flex import BlockMask, create_block_mask, mods_from_dense_mask
 from ..interface import flash_attn_func, flash_attn_varlen_func
 from ..padding import pad_input, unpad_input
 
@@ -75,13 +82,68 @@ def flashtile_mask(
 ) -> torch.Tensor | None:
     """transformers' mask hook: the bool ``(batch, kv_length)`` padding mask (True = real token),
     or None when nothing is padded. The last ``kv_length`` columns are kept (a sliding-window
-    cache holds only the most recent keys)."""
+    cache holds only the most recent keys). A ``mask_function`` beyond causal / bidirectional /
+    sliding window / packed sequences (e.g. chunked, blockwise) gives a :class:`BlockMask` of it
+    instead, with the padding and the offsets folded in (as transformers' flex_attention path)."""
+    if mask_function is not None and not _standard_mask_function(mask_function):
+        from transformers.masking_utils import (
+            add_offsets_to_mask_function,
+            and_masks,
+            padding_mask_function,
+            prepare_padding_mask,
+        )
+
+        fn = mask_function
+        if attention_mask is not None and not bool(attention_mask.all()):
+            fn = and_masks(fn, padding_mask_function(prepare_padding_mask(attention_mask, kv_length, kv_offset)))
+        fn = add_offsets_to_mask_function(fn, q_offset, kv_offset)
+        device = kwargs.get("device") or (attention_mask.device if attention_mask is not None else None)
+        return create_block_mask(fn, batch_size, None, q_length, kv_length, device=device)
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:].bool()
     if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+#: transformers' mask functions (by qualified name) whose structure the attention hook applies
+#: itself (causal / sliding window from the layer, packed sequences from position_ids), and the
+#: combinators whose parts are looked into.
+_STANDARD_MASKS = frozenset({
+    "causal_mask_function", "bidirectional_mask_function", "sliding_window_overlay.<locals>.inner_mask",
+    "sliding_window_bidirectional_overlay.<locals>.inner_mask", "packed_sequence_mask_function.<locals>.inner_mask",
+})  # fmt: skip
+_COMBINATORS = frozenset({"and_masks.<locals>.and_mask", "remap_positions_for_packed_sequence.<locals>.inner_mask"})
+
+
+def _standard_mask_function(fn: Callable, depth: int = 0) -> bool:
+    """Whether ``fn`` is built only from the mask functions the hook applies by itself."""
+    if getattr(fn, "__module__", "") != "transformers.masking_utils" or depth > 8:
+        return False
+    name = fn.__qualname__
+    if name in _STANDARD_MASKS:
+        return True
+    if name not in _COMBINATORS:
+        return False
+    parts = []
+    for cell in fn.__closure__ or ():
+        val = cell.cell_contents
+        parts.extend(val if isinstance(val, tuple) else [val])
+    parts = [p for p in parts if callable(p)]
+    return bool(parts) and all(_standard_mask_function(p, depth + 1) for p in parts)
+
+
+def _mods_from_4d(mask: torch.Tensor, b: int, h: int, sq: int, sk: int):
+    """A ready-made 4-D mask ``(b or 1, h or 1, sq, >= sk)`` as ``(block_mask, score_mod)``
+    (:func:`flashtile.flex.mods_from_dense_mask`: bool, True = attend, or additive float, as eager
+    attention adds it)."""
+    if mask.shape[0] not in (1, b) or mask.shape[1] not in (1, h) or mask.shape[2] != sq or mask.shape[3] < sk:
+        raise ValueError(
+            f"a 4-D attention mask must have shape (batch or 1, heads or 1, seqlen_q, >= seqlen_k) = "
+            f"({b}, {h}, {sq}, {sk}), got {tuple(mask.shape)}"
+        )
+    return mods_from_dense_mask(mask[..., :sk], b, h, sq, sk)
 
 
 def _packed_from_position_ids(position_ids: torch.Tensor, total: int):
@@ -121,20 +183,16 @@ def flashtile_attention_forward(
     ``(w - 1, w - 1)`` otherwise), as transformers' eager masks do.
     """
     s_aux = kwargs.get("s_aux")
-    if attention_mask is not None and attention_mask.dim() != 2:
+    mods = isinstance(attention_mask, BlockMask) or (
+        isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+    )
+    if attention_mask is not None and not mods and attention_mask.dim() != 2:
         raise ValueError(
-            f"flashtile attention takes a 2-D (batch, seqlen) padding mask, got a {attention_mask.dim()}-D mask of "
-            f"shape {tuple(attention_mask.shape)}; custom 4-D masks are not supported "
-            "(use attn_implementation='sdpa' or 'eager' for those)"
+            f"flashtile attention takes a 2-D (batch, seqlen) padding mask, a 4-D mask or a BlockMask, got a "
+            f"{attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)}"
         )
-    b, h, sq, d = query.shape
-    dv = value.shape[-1]
+    b, h, sq, d = query.shape  # v's head dim may differ (DeepSeek's MLA: 192 / 128): served as it is, never padded
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (b, s, heads, d)
-    if dv < d:  # e.g. MLA: pad v to the q/k head dim (zeros change nothing), crop the output
-        v = F.pad(v, (0, d - dv))
-    elif dv > d:
-        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
-        scaling = d**-0.5 if scaling is None else scaling
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -150,13 +208,23 @@ def flashtile_attention_forward(
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
-    if attention_mask is not None:
+    if mods:  # the mask holds the whole pattern (causal / window included), as eager's 4-D masks do
+        opts.update(causal=False, window_size=(-1, -1))
+        if isinstance(attention_mask, BlockMask):
+            block_mask, score_mod = attention_mask, None
+            sk = min(k.shape[1], block_mask.seq_lengths[1])
+        else:
+            sk = min(k.shape[1], attention_mask.shape[-1])
+            block_mask, score_mod = _mods_from_4d(attention_mask, b, h, sq, sk)
+        k, v = k[:, :sk], v[:, :sk]  # static cache: slots past the mask are unused
+        out = flash_attn_func(q, k, v, block_mask=block_mask, score_mod=score_mod, **opts)
+    elif attention_mask is not None:
         keep_k = attention_mask.bool()
         if k.shape[1] > keep_k.shape[1]:  # static cache: slots past the mask are unused
             k, v = k[:, : keep_k.shape[1]], v[:, : keep_k.shape[1]]
-        kv_u, _, cu_k, max_k, _ = unpad_input(torch.stack((k, v), dim=2), keep_k)  # (t_k, 2, hk, d)
+        kv_u, _, cu_k, max_k, _ = unpad_input(torch.cat((k, v), dim=-1), keep_k)  # (t_k, hk, d + dv): one gather
         q_u, idx_q, cu_q, max_q, _ = unpad_input(q, keep_k[:, -sq:])  # queries: the last sq positions
-        out = flash_attn_varlen_func(q_u, kv_u[:, 0], kv_u[:, 1], cu_q, cu_k, max_q, max_k, **opts)
+        out = flash_attn_varlen_func(q_u, kv_u[..., :d], kv_u[..., d:], cu_q, cu_k, max_q, max_k, **opts)
         out = pad_input(out, idx_q, b, sq)
     elif cu_q is not None and cu_k is not None and max_q is not None and max_k is not None:
         out = flash_attn_varlen_func(
@@ -171,7 +239,7 @@ def flashtile_attention_forward(
             out = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, mx, mx, **opts).unsqueeze(0)
         else:
             out = flash_attn_func(q, k, v, **opts)
-    return out[..., :dv], None
+    return out, None
 
 
 def _skip_flash_kernel_loading(name: str) -> None:

@@ -1,7 +1,7 @@
 """A GPT in one short file: token embedding -> pre-norm blocks (attention, MLP) -> norm -> logits.
 
 Attention is :class:`flashtile.modules.MHA` (causal, fused QKV, optional GQA, rotary / ALiBi /
-learned positions, sliding window, softcap); generation decodes through its KV cache. Shapes in
+learned positions, sliding window, softcap, attention sinks); generation decodes through its KV cache. Shapes in
 comments: ``b`` batch, ``s`` sequence, ``d`` n_embd, ``V`` vocab_size.
 """
 
@@ -36,6 +36,7 @@ class GPTConfig:
     rotary_interleaved: bool = False  # GPT-J pairs (True) or NeoX halves (False)
     window: int = -1  # sliding window: each token sees itself and the `window` tokens before (-1 = all)
     softcap: float = 0.0  # attention logit softcap (Gemma-2 style), 0 = off
+    sink: bool = False  # a learnable attention sink per head (gpt-oss style; MHA's `sink` parameter)
     dropout: float = 0.0  # embedding / residual dropout (training only)
     attn_dropout: float = 0.0  # attention-probability dropout (training only)
     bias: bool = True  # biases in the linear layers and LayerNorm
@@ -107,6 +108,7 @@ class Block(nn.Module):
             rotary_emb_dim=(cfg.rotary_dim or cfg.head_dim) if rotary else 0, rotary_emb_base=cfg.rotary_base,
             rotary_emb_interleaved=cfg.rotary_interleaved, rotary_max_seqlen=cfg.block_size,
             use_alibi=cfg.pos_emb == "alibi", window_size=(cfg.window, 0), softcap=cfg.softcap,
+            learnable_sink=cfg.sink,
         )  # fmt: skip
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)

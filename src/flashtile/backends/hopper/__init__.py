@@ -87,12 +87,21 @@ def _gluon_import_error() -> str | None:
     return _gluon_error[0]
 
 
+#: Dense calls with at most this many query rows (batch x seqlen_q x heads: under one wave of
+#: 128-row tiles on an H100/H200) run the Triton forward: there the launch, not the kernel, is
+#: the cost, and the Triton kernels take the lean launch path (issue 16); the Gluon kernel's
+#: speed-up needs a full GPU.
+SMALL_ROWS = 16384
+
+
 class HopperBackend:
     """Implements :class:`flashtile.backends.base.Backend` with Gluon kernels for sm_90.
 
     Forward calls with few query rows per KV head (decoding-shaped: the triton backend's
     ``DECODE_SHAPED_ROWS`` rule, not varlen) run the triton backend's split-KV decode kernel
-    instead: a 128-row tile would be almost empty there.
+    instead: a 128-row tile would be almost empty there. Dense calls of at most
+    :data:`SMALL_ROWS` query rows run the triton backend's forward (launch-bound sizes), and FP8
+    varlen calls the bf16 Gluon kernel on dequantised inputs (the FP8 kernel is dense-only).
     """
 
     name = "hopper"
@@ -132,7 +141,8 @@ class HopperBackend:
             return f"needs compute capability 9.x (Hopper), device has {info.major}.{info.minor}"
         if problem.headdim not in HEADDIMS:
             return f"head dim {problem.headdim} is not one of {', '.join(map(str, HEADDIMS))}"
-        # k and v share one head dim (spec.check_qkv), so headdim_v == headdim always holds here.
+        if problem.headdim_v != problem.headdim:
+            return f"v head dim {problem.headdim_v} differs from the q/k head dim {problem.headdim}"
         if not call.softmax_scale > 0:
             return f"softmax_scale must be > 0 for the hopper kernels, got {call.softmax_scale}"
         return None
@@ -143,12 +153,15 @@ class HopperBackend:
         from ..triton import DECODE_SHAPED_ROWS
         from ..triton import backend as triton_backend
 
-        if not call.varlen and q.shape[1] * (q.shape[2] // k.shape[2]) <= DECODE_SHAPED_ROWS:
+        small = not call.varlen and q.shape[0] * q.shape[1] * q.shape[2] <= SMALL_ROWS
+        if small or (not call.varlen and q.shape[1] * (q.shape[2] // k.shape[2]) <= DECODE_SHAPED_ROWS):
             if is_fp8(q.dtype):  # the triton kernels have no FP8: dequantised first
                 return run_upcast(triton_backend.forward, q, k, v, call)
             return triton_backend.forward(q, k, v, call)
         from . import launch
 
+        if is_fp8(q.dtype) and call.varlen:  # the FP8 kernel is dense-only so far: the bf16 kernel, upcast
+            return run_upcast(launch.forward, q, k, v, call)
         return launch.forward(q, k, v, call)
 
     def backward(

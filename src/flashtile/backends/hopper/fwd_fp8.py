@@ -20,8 +20,11 @@ epilogue helpers are :mod:`.fwd`'s, shared with the 16-bit kernels. What differs
   FP8), staged through its own bf16 shared buffer (the FP8 Q buffer is half the size) and
   stored by TMA, or by masked stores for a ragged varlen tile.
 
-A descale argument passed as None means 1 (a constexpr: no load). Descales must be positive
-(the softmax takes the max of raw scores times the scale).
+The turns (``_turn_wait`` / ``_turn_pass``) are the 16-bit kernels', with 2 consumers. A
+descale argument passed as None means 1 (a constexpr: no load). Descales must be positive (the
+softmax takes the max of raw scores times the scale). ``warpgroup_mma_wait`` cannot take the 8-bit
+P operand as a dependency (Triton 3.6's lowering rejects 8-bit deps), so only the accumulator is
+passed; ptxas keeps an in-flight wgmma's operand registers (it reports no wgmma serialisation).
 """
 
 from __future__ import annotations
@@ -30,7 +33,16 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .fwd import _NO_SPECIALIZE, _block_range, _epilogue, _softmax_block, _tile_coords, _tma_load
+from .fwd import (
+    _NO_SPECIALIZE,
+    _block_range,
+    _epilogue,
+    _softmax_block,
+    _tile_coords,
+    _tma_load,
+    _turn_pass,
+    _turn_wait,
+)
 
 _NO_SPECIALIZE_FP8 = _NO_SPECIALIZE + ["sqd_b", "sqd_h", "skd_b", "skd_h", "svd_b", "svd_h"]
 
@@ -87,12 +99,12 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
     pstage = (it - 1) % NUM_STAGES
     pphase = ((it - 1) // NUM_STAGES) & 1
     mbarrier.wait(k_full.index(stage), phase)
-    mbarrier.wait(turn.index(CID), (it & 1) ^ (1 - CID))
+    _turn_wait(turn, it, CID)
     s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
     s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s0, use_acc=False, is_async=True)
     mbarrier.wait(v_full.index(pstage), pphase)
     acc = warpgroup_mma(p_op, vt_bufs.index(pstage).permute((1, 0)), acc, is_async=True)
-    mbarrier.arrive(turn.index(1 - CID))
+    _turn_pass(turn, CID, 2)
     s = warpgroup_mma_wait(1, deps=(s,))
     mbarrier.arrive(k_empty.index(stage))
     p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
@@ -134,10 +146,10 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
     if n_total > 0:
         # first block: S only, with masks
         mbarrier.wait(k_full.index(0), 0)
-        mbarrier.wait(turn.index(CID), 1 - CID)
+        _turn_wait(turn, 0, CID)
         s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
         s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s0, use_acc=False, is_async=True)
-        mbarrier.arrive(turn.index(1 - CID))
+        _turn_pass(turn, CID, 2)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0))
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,

@@ -4,8 +4,8 @@ Serves fp16, bf16 and fp32 (IEEE fp32 products, never tf32) with head dims up to
 CUDA (and ROCm, untested) devices, and on CPU tensors when ``TRITON_INTERPRET=1`` is set
 before Triton is imported (the kernels then run in Triton's numpy interpreter: slow, for
 tests). Every option of :class:`flashtile.spec.AttnCall` is supported: causal and sliding
-windows, softcap, ALiBi, dropout, GQA/MQA, ``seqlen_q != seqlen_k``, varlen, and KV-cache
-decoding (:mod:`.launch_decode`).
+windows, softcap, ALiBi, dropout, GQA/MQA, ``seqlen_q != seqlen_k``, varlen, learnable sinks
+(with their gradient), a v head dim of its own, and KV-cache decoding (:mod:`.launch_decode`).
 
 Importing this module never needs Triton; the kernels are imported on first use, so the
 interpreter switch read at kernel definition time is honoured even if this module was
@@ -59,7 +59,7 @@ class TritonBackend:
         priority=10,
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         max_headdim=MAX_HEADDIM,
-        features=FEATURES - {"sink"},
+        features=FEATURES,
         auto_devices=("cuda",),
         decode=True,
     )
@@ -108,8 +108,7 @@ class TritonBackend:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         from . import launch
 
-        dq, dk, dv = launch.backward(dout, q, k, v, out, lse, call)
-        return dq, dk, dv, {}  # no differentiable carrier field is implemented (no "sink")
+        return launch.backward(dout, q, k, v, out, lse, call)
 
     def decode(self, q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
         from . import launch_decode

@@ -89,15 +89,17 @@ def _dkdv_step(
     MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    offs_dv, PAD_DV: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
     """One block of query rows against this program's key block, in transposed orientation
     (keys along dim 0): returns the updated (dk, dv). ATOMIC_DQ: also adds this tile's share
-    of dQ (unscaled, fp32) into dq_base with relaxed atomics (not bitwise reproducible)."""
+    of dQ (unscaled, fp32) into dq_base with relaxed atomics (not bitwise reproducible).
+    dO, v and dv have v's head dim HEAD_DIM_V (columns offs_dv)."""
     rows = start_m + offs_m
     qT_ptrs = _block_ptrs(q_base, start_m, offs_m, offs_d, stride_qs, True)
-    do_ptrs = _block_ptrs(do_base, start_m, offs_m, offs_d, stride_dos, False)
+    do_ptrs = _block_ptrs(do_base, start_m, offs_m, offs_dv, stride_dos, False)
     qT = _load_block(qT_ptrs, rows, seqlen_q, offs_d, HEAD_DIM, MASKED, PAD_D, True)
-    do = _load_block(do_ptrs, rows, seqlen_q, offs_d, HEAD_DIM, MASKED, PAD_D, False)
+    do = _load_block(do_ptrs, rows, seqlen_q, offs_dv, HEAD_DIM_V, MASKED, PAD_DV, False)
     if MASKED:
         row_ok = rows < seqlen_q
         lse2 = _load_lse2(lse_base + rows, row_ok)
@@ -152,10 +154,15 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
 ):
     """Grid (key blocks, nheads_k, batch or sequences). DELTA has LSE's strides. ATOMIC_DQ:
-    DQ is a zeroed fp32 buffer that collects the unscaled dQ (the dQ kernel is then skipped)."""
+    DQ is a zeroed fp32 buffer that collects the unscaled dQ (the dQ kernel is then skipped).
+    HEAD_DIM_V / BLOCK_DV: v's head dim and block when it differs from q/k's (0: the same)."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    HD_V: tl.constexpr = HEAD_DIM_V if HEAD_DIM_V > 0 else HEAD_DIM
+    BDV: tl.constexpr = BLOCK_DV if BLOCK_DV > 0 else BLOCK_D
+    PAD_DV: tl.constexpr = BDV != HD_V
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -169,12 +176,14 @@ def _bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BDV)
     cols = n0 + offs_n
     kv_mask = (cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    v_mask = (cols[:, None] < seqlen_k) & (offs_dv[None, :] < HD_V)
     k = tl.load(_tile_ptrs(K, b64, hk, kv_row0, offs_n, offs_d, stride_kb, stride_kh, stride_ks), mask=kv_mask, other=0.0)
-    v = tl.load(_tile_ptrs(V, b64, hk, kv_row0, offs_n, offs_d, stride_vb, stride_vh, stride_vs), mask=kv_mask, other=0.0)
+    v = tl.load(_tile_ptrs(V, b64, hk, kv_row0, offs_n, offs_dv, stride_vb, stride_vh, stride_vs), mask=v_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BDV], dtype=tl.float32)
 
     # query rows that see this key block: the forward's rule with rows and columns swapped
     c_hi = tl.minimum(n0 + BLOCK_N, seqlen_k)
@@ -197,20 +206,22 @@ def _bwd_dkdv_kernel(
                 dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, blk * BLOCK_M, cols, offs_m, offs_d,
                 stride_qs, stride_dos, stride_dqs, seqlen_q, seqlen_k, off, window_left, window_right,
                 qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
-                False, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, ATOMIC_DQ)
+                False, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, ATOMIC_DQ,
+                offs_dv, PAD_DV, HD_V)
         for i in range(0, n_masked):
             blk = _masked_block(i, n_a, mb_lo, fu_hi)
             dk, dv = _dkdv_step(
                 dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, blk * BLOCK_M, cols, offs_m, offs_d,
                 stride_qs, stride_dos, stride_dqs, seqlen_q, seqlen_k, off, window_left, window_right,
                 qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
-                True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, ATOMIC_DQ)
+                True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, ATOMIC_DQ,
+                offs_dv, PAD_DV, HD_V)
 
     dk = dk * sm_scale
     dk_ptrs = _tile_ptrs(DK, b64, hk, kv_row0, offs_n, offs_d, stride_dkb, stride_dkh, stride_dks)
-    dv_ptrs = _tile_ptrs(DV, b64, hk, kv_row0, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvs)
+    dv_ptrs = _tile_ptrs(DV, b64, hk, kv_row0, offs_n, offs_dv, stride_dvb, stride_dvh, stride_dvs)
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=v_mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,13 +237,15 @@ def _dq_step(
     MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    offs_dv, PAD_DV: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
-    """One key block against this program's query rows: returns the updated dq."""
+    """One key block against this program's query rows: returns the updated dq (v and dO have
+    v's head dim HEAD_DIM_V, columns offs_dv)."""
     cols = start_n + offs_n
     kT_ptrs = _block_ptrs(k_base, start_n, offs_n, offs_d, stride_ks, True)
-    vT_ptrs = _block_ptrs(v_base, start_n, offs_n, offs_d, stride_vs, True)
+    vT_ptrs = _block_ptrs(v_base, start_n, offs_n, offs_dv, stride_vs, True)
     kT = _load_block(kT_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASKED, PAD_D, True)
-    vT = _load_block(vT_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASKED, PAD_D, True)
+    vT = _load_block(vT_ptrs, cols, seqlen_k, offs_dv, HEAD_DIM_V, MASKED, PAD_DV, True)
     if HAS_SOFTCAP:
         dp = _mm(do, vT, UPCAST)  # first, as in _dkdv_step
     s, t = _score_tile(q, kT, rows[:, None], cols[None, :], off, seqlen_q, seqlen_k, wl, wr, qk_scale, cap_out,
@@ -264,9 +277,14 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE_M: tl.constexpr, UPCAST: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
 ):
-    """Grid (query blocks, nheads, batch or sequences)."""
+    """Grid (query blocks, nheads, batch or sequences). HEAD_DIM_V / BLOCK_DV: v's head dim and
+    block when it differs from q/k's (0: the same)."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    HD_V: tl.constexpr = HEAD_DIM_V if HEAD_DIM_V > 0 else HEAD_DIM
+    BDV: tl.constexpr = BLOCK_DV if BLOCK_DV > 0 else BLOCK_D
+    PAD_DV: tl.constexpr = BDV != HD_V
     pid_m = _block_id(REVERSE_M)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -281,12 +299,13 @@ def _bwd_dq_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BDV)
     rows = m0 + offs_m
     row_ok = rows < seqlen_q
     qd_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(_tile_ptrs(Q, b64, h, q_row0, offs_m, offs_d, stride_qb, stride_qh, stride_qs), mask=qd_mask, other=0.0)
-    do = tl.load(_tile_ptrs(DO, b64, h, q_row0, offs_m, offs_d, stride_dob, stride_doh, stride_dos), mask=qd_mask,
-                 other=0.0)
+    do = tl.load(_tile_ptrs(DO, b64, h, q_row0, offs_m, offs_dv, stride_dob, stride_doh, stride_dos),
+                 mask=row_ok[:, None] & (offs_dv[None, :] < HD_V), other=0.0)
     lrow = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows  # LSE and DELTA share strides
     lse2 = _load_lse2(LSE + lrow, row_ok)
     delta = tl.load(DELTA + lrow, mask=row_ok, other=0.0)
@@ -304,7 +323,7 @@ def _bwd_dq_kernel(
             dq, q, do, lse2, delta, k_base, v_base, blk * BLOCK_N, rows, offs_n, offs_d,
             stride_ks, stride_vs, seqlen_q, seqlen_k, off, window_left, window_right,
             qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
-            False, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
+            False, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, offs_dv, PAD_DV, HD_V)
     n_a = fu_lo - nb_lo
     n_masked = n_a + nb_hi - fu_hi
     for i in range(0, n_masked):
@@ -313,7 +332,7 @@ def _bwd_dq_kernel(
             dq, q, do, lse2, delta, k_base, v_base, blk * BLOCK_N, rows, offs_n, offs_d,
             stride_ks, stride_vs, seqlen_q, seqlen_k, off, window_left, window_right,
             qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
-            True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
+            True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, offs_dv, PAD_DV, HD_V)
 
     dq = dq * sm_scale
     dq_ptrs = _tile_ptrs(DQ, b64, h, q_row0, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqs)

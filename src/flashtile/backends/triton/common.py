@@ -300,6 +300,17 @@ def _softmax_step(s, m_i, l_i, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _softmax_sink(acc, m_i, l_i, sink2):
+    """Fold a base-2 sink logit (a scalar, or one per row) into the running (acc, l_i, m_i) as one
+    more key without value (learnable_sink): returns the updated (acc, l_i, m_i). A row that saw no
+    key gets m = sink, l = 1 and keeps acc = 0, so _softmax_end gives it out 0 and lse = sink."""
+    m_new = tl.maximum(m_i, sink2)
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.exp2(sink2 - m_new)
+    return acc * alpha[:, None], l_i, m_new
+
+
+@triton.jit
 def _softmax_end(acc, m_i, l_i, scale, DIVIDE: tl.constexpr):
     """(out, lse in natural log) from the running (acc, m_i, l_i): out = acc * (scale / l), or
     acc / l when DIVIDE. A row that saw no key keeps acc (zeros) and gets lse = -inf."""

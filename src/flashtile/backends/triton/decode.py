@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import LOG2E, _alibi_slope, _mm, _mma, _scores, _softmax_end, _softmax_step, _window
+from .common import LOG2E, _alibi_slope, _mm, _mma, _scores, _softmax_end, _softmax_sink, _softmax_step, _window
 
 # Error bits a kernel ORs into ERR[0] when an index it was handed is out of range. The kernels
 # never read or write out of bounds: a row with a bad index is skipped (its output is NaN).
@@ -91,8 +91,12 @@ def _decode_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, HAS_BT: tl.constexpr, UPCAST: tl.constexpr, KV_MODE: tl.constexpr,
     ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, ROT_ALONG: tl.constexpr,
+    SINK=None, HAS_SINK: tl.constexpr = False, HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
 ):  # fmt: skip
     """One (batch row, KV head, key piece, block of packed query rows): the piece's (out, lse).
+    ``HEAD_DIM_V`` / ``BLOCK_DV``: v's (and out's) head dim and block when it differs (0: the same).
+    ``HAS_SINK`` (only with one piece; split rows get the sink in ``_merge_kernel``): the fp32
+    per-head logits SINK join each row's denominator.
     ``ROT_DIM`` > 0: q is rotated on load to position ``seqlens`` (+ its index when ``ROT_ALONG``),
     flash-attn's (the cache index of the first new token, leftpad included), with the
     (n_ro, ROT_DIM / 2) tables COS / SIN."""
@@ -107,10 +111,17 @@ def _decode_kernel(
     t = rows // G
     head = kh * G + rows % G
     offs_d = tl.arange(0, BLOCK_D)
+    HD_V: tl.constexpr = HEAD_DIM_V if HEAD_DIM_V > 0 else HEAD_DIM
+    BDV: tl.constexpr = BLOCK_DV if BLOCK_DV > 0 else BLOCK_D
+    offs_dv = tl.arange(0, BDV)
     if BLOCK_D == HEAD_DIM:  # no column mask: lets the loads vectorise
         q_mask = row_ok[:, None]
     else:
         q_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    if BDV == HD_V:
+        o_mask = row_ok[:, None]
+    else:
+        o_mask = row_ok[:, None] & (offs_dv < HD_V)[None, :]
     q_base = Q + b * stride_qb + t[:, None] * stride_qs + head[:, None] * stride_qh
     q = tl.load(q_base + offs_d[None, :], mask=q_mask, other=0.0)
 
@@ -143,10 +154,10 @@ def _decode_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BDV], tl.float32)
     bad_blk = code * 0
     k_base = K + kh * stride_kh + offs_d[None, :]
-    v_base = V + kh * stride_vh + offs_d[None, :]
+    v_base = V + kh * stride_vh + offs_dv[None, :]
     for j0 in range(lo, hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
@@ -174,6 +185,10 @@ def _decode_kernel(
             kv_mask = col_ok[:, None]
         else:
             kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        if BDV == HD_V:
+            v_mask = col_ok[:, None]
+        else:
+            v_mask = col_ok[:, None] & (offs_dv < HD_V)[None, :]
         k = tl.load(k_base + k_off, mask=kv_mask, other=0.0)
         qk = _mm(q, tl.trans(k), UPCAST)
         s, _ = _scores(qk, t[:, None], cols[None, :], off, qk_scale, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
@@ -181,17 +196,19 @@ def _decode_kernel(
                       HAS_WL, HAS_WR)
         s = tl.where(vis, s, float("-inf"))
         p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, True)
-        v = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + v_off, mask=v_mask, other=0.0)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
 
     code = code | bad_blk
     tl.atomic_or(ERR, code, mask=code != 0)
+    if HAS_SINK:
+        acc, l_i, m_i = _softmax_sink(acc, m_i, l_i, tl.load(SINK + head) * LOG2E)
     out, lse = _softmax_end(acc, m_i, l_i, 1.0, True)
     out = tl.where(code == 0, out, float("nan"))
     lse = tl.where(code == 0, lse, float("nan"))
-    o_off = b * stride_ob + t[:, None] * stride_oq + head[:, None] * stride_oh + offs_d[None, :]
+    o_off = b * stride_ob + t[:, None] * stride_oq + head[:, None] * stride_oh + offs_dv[None, :]
     l_off = b * stride_lb + head * stride_lh + t
-    tl.store(O + split * stride_os + o_off, out.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(O + split * stride_os + o_off, out.to(O.dtype.element_ty), mask=o_mask)
     tl.store(LSE + split * stride_ls + l_off, lse, mask=row_ok)
 
 
@@ -207,8 +224,10 @@ def _append_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, HAS_BT: tl.constexpr, KV_MODE: tl.constexpr,
     ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
 ):  # fmt: skip
-    """Write the new tokens ``KN/VN (B, sn, Hk, D)`` at cache positions ``SEQ[b] ..`` of row b.
+    """Write the new tokens ``KN/VN (B, sn, Hk, D)`` at cache positions ``SEQ[b] ..`` of row b
+    (``HEAD_DIM_V`` / ``BLOCK_DV``: VN's head dim and block when it differs, 0: the same).
     Grid ``(B * Hk, cdiv(sn, BLOCK_T))``. ``ROT_DIM`` > 0: k is rotated to its position
     ``SEQ[b] + t`` first (its index in the cache, as flash-attn). Nothing is written for a row whose seqlens / leftpad / cache
     row / rotary positions are out of range, nor for a token whose block id is."""
@@ -239,11 +258,15 @@ def _append_kernel(
         partner, col, sign, in_rot = _rot_layout(offs_d, ROT_DIM, INTERLEAVED)
         knp = tl.load(kn_base + partner[None, :], mask=mask)
         kn = _rotate(kn, knp, COS, SIN, stride_ro, sl + t, col, sign, in_rot, mask)
-    vn = tl.load(VN + b * stride_vnb + t[:, None] * stride_vnt + kh * stride_vnh + offs_d[None, :], mask=mask)
+    HD_V: tl.constexpr = HEAD_DIM_V if HEAD_DIM_V > 0 else HEAD_DIM
+    BDV: tl.constexpr = BLOCK_DV if BLOCK_DV > 0 else BLOCK_D
+    offs_dv = tl.arange(0, BDV)
+    mask_v = ok[:, None] & (offs_dv < HD_V)[None, :]
+    vn = tl.load(VN + b * stride_vnb + t[:, None] * stride_vnt + kh * stride_vnh + offs_dv[None, :], mask=mask_v)
     tl.store(K + blk[:, None] * stride_kblk + tok[:, None] * stride_kt + kh * stride_kh + offs_d[None, :],
              kn.to(K.dtype.element_ty), mask=mask)  # fmt: skip
-    tl.store(V + blk[:, None] * stride_vblk + tok[:, None] * stride_vt + kh * stride_vh + offs_d[None, :],
-             vn.to(V.dtype.element_ty), mask=mask)  # fmt: skip
+    tl.store(V + blk[:, None] * stride_vblk + tok[:, None] * stride_vt + kh * stride_vh + offs_dv[None, :],
+             vn.to(V.dtype.element_ty), mask=mask_v)  # fmt: skip
     tl.atomic_or(ERR, code, mask=code != 0)
 
 
@@ -256,8 +279,11 @@ def _merge_kernel(
     stride_mb, stride_mh,
     H, Sq,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINK=None, HAS_SINK: tl.constexpr = False,
 ):  # fmt: skip
-    """One (batch, query, head) row: out = sum_i exp(lse_i - lse) out_i, lse = logsumexp_i lse_i."""
+    """One (batch, query, head) row: out = sum_i exp(lse_i - lse) out_i, lse = logsumexp_i lse_i.
+    HAS_SINK: the head's sink logit is one more term of the logsumexp, without value (counted
+    once here, the pieces were computed without it)."""
     pid = tl.program_id(0)
     hh = pid % H
     t = (pid // H) % Sq
@@ -268,9 +294,14 @@ def _merge_kernel(
     d_ok = offs_d < HEAD_DIM
     lse = tl.load(LSE + si * stride_ls + b * stride_lb + hh * stride_lh + t, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
+    if HAS_SINK:
+        sink = tl.load(SINK + hh)
+        m = tl.maximum(m, sink)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse - m_safe)
     tot = tl.sum(w, 0)
+    if HAS_SINK:
+        tot += tl.exp(sink - m_safe)
     o = tl.load(O + si[:, None] * stride_os + b * stride_ob + t * stride_oq + hh * stride_oh + offs_d[None, :],
                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
     out = tl.sum(w[:, None] * o, 0) / tl.where(tot == 0.0, 1.0, tot)

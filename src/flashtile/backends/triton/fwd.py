@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    LOG2E,
     _alibi_slope,
     _block_id,
     _block_ptrs,
@@ -28,6 +29,7 @@ from .common import (
     _score_tile,
     _seqlens_qk,
     _softmax_end,
+    _softmax_sink,
     _softmax_step,
 )
 
@@ -40,11 +42,13 @@ def _fwd_step(
     MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    offs_dv, PAD_DV: tl.constexpr, HEAD_DIM_V: tl.constexpr,
 ):
-    """One key block of the online softmax: returns the updated (acc, l_i, m_i)."""
+    """One key block of the online softmax: returns the updated (acc, l_i, m_i). v's head dim is
+    HEAD_DIM_V (columns offs_dv)."""
     cols = start_n + offs_n
     kT_ptrs = _block_ptrs(k_base, start_n, offs_n, offs_d, stride_ks, True)
-    v_ptrs = _block_ptrs(v_base, start_n, offs_n, offs_d, stride_vs, False)
+    v_ptrs = _block_ptrs(v_base, start_n, offs_n, offs_dv, stride_vs, False)
     kT = _load_block(kT_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASKED, PAD_D, True)
     s, t = _score_tile(q, kT, rows[:, None], cols[None, :], off, seqlen_q, seqlen_k, wl, wr, qk_scale, cap_out,
                        slope2, MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
@@ -53,7 +57,7 @@ def _fwd_step(
     if HAS_DROPOUT:
         keep = _keep(seed_lo, seed_hi, rows[:, None], cols[None, :], bh, thresh)
         p = tl.where(keep, p, 0.0)
-    v = _load_block(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASKED, PAD_D, False)
+    v = _load_block(v_ptrs, cols, seqlen_k, offs_dv, HEAD_DIM_V, MASKED, PAD_DV, False)
     acc = _mma(p.to(v.dtype), v, acc, UPCAST)
     return acc, l_i, m_new
 
@@ -73,9 +77,16 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE_M: tl.constexpr, UPCAST: tl.constexpr,
+    SINK=None, HAS_SINK: tl.constexpr = False, HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
 ):
-    """Grid (query blocks, nheads, batch or sequences). Writes out and lse (natural log)."""
+    """Grid (query blocks, nheads, batch or sequences). Writes out and lse (natural log).
+    HAS_SINK: SINK holds one fp32 logit per query head, folded into the denominator after the keys.
+    HEAD_DIM_V / BLOCK_DV: v's (and out's) head dim and its block, when it differs from q/k's
+    (0: the same)."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    HD_V: tl.constexpr = HEAD_DIM_V if HEAD_DIM_V > 0 else HEAD_DIM
+    BDV: tl.constexpr = BLOCK_DV if BLOCK_DV > 0 else BLOCK_D
+    PAD_DV: tl.constexpr = BDV != HD_V
     pid_m = _block_id(REVERSE_M)  # causal: the heaviest query blocks (last rows) start first
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -95,6 +106,7 @@ def _fwd_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BDV)
     rows = m0 + offs_m
     row_ok = rows < seqlen_q
     q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :]
@@ -105,7 +117,7 @@ def _fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BDV], dtype=tl.float32)
 
     r_hi = tl.minimum(m0 + BLOCK_M, seqlen_q)
     nb_lo, fu_lo, fu_hi, nb_hi = _block_range(m0, r_hi, seqlen_k, off, window_left, window_right,
@@ -116,7 +128,7 @@ def _fwd_kernel(
             acc, l_i, m_i, q, k_base, v_base, blk * BLOCK_N, rows, offs_n, offs_d,
             stride_ks, stride_vs, seqlen_q, seqlen_k, off, window_left, window_right,
             qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh,
-            False, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
+            False, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, offs_dv, PAD_DV, HD_V)
     # boundary key blocks (window edges, causal diagonal, ragged end of the keys)
     n_a = fu_lo - nb_lo
     n_masked = n_a + nb_hi - fu_hi
@@ -126,9 +138,11 @@ def _fwd_kernel(
             acc, l_i, m_i, q, k_base, v_base, blk * BLOCK_N, rows, offs_n, offs_d,
             stride_ks, stride_vs, seqlen_q, seqlen_k, off, window_left, window_right,
             qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh,
-            True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
+            True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, offs_dv, PAD_DV, HD_V)
 
+    if HAS_SINK:
+        acc, l_i, m_i = _softmax_sink(acc, m_i, l_i, tl.load(SINK + h) * LOG2E)
     out, lse = _softmax_end(acc, m_i, l_i, drop_scale, False)
     tl.store(lse_base + offs_m, lse, mask=row_ok)
-    o_ptrs = o_base + offs_m[:, None] * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    o_ptrs = o_base + offs_m[:, None] * stride_os + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HD_V))

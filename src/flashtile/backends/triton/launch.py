@@ -112,6 +112,21 @@ def _flags(call: AttnCall, dtype: torch.dtype) -> dict:
     )
 
 
+def _sink_args(call: AttnCall) -> dict:
+    """The sink's kernel arguments: none without one (the kernels' defaults), else the fp32
+    ``(nheads,)`` logits and the switch."""
+    if call.learnable_sink is None:
+        return {}
+    return dict(SINK=call.learnable_sink.detach().contiguous(), HAS_SINK=True)
+
+
+def sink_grad(sink: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The sink's gradient ``dsink_h = -sum_{b,i} exp(sink_h - lse_i) * delta_i`` from the
+    backward's lse and delta (float32 ``(B, H, Sq)``, every entry a real row): a few elementwise
+    passes over ``B * H * Sq`` floats, no atomics (deterministic)."""
+    return torch.exp(sink.detach().view(1, -1, 1) - lse).mul_(delta).sum((0, 2)).neg_()
+
+
 def _fit(key: tuple, cfg: FwdConfig | BwdConfig, launch: Callable[[FwdConfig | BwdConfig], None]) -> None:
     """Launch with cfg, stepping down through smaller configs on OutOfResources (once per key)."""
     fitted = _FITTED.get(key + (cfg,))
@@ -141,21 +156,26 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> tuple[bool, i
 
 
 def forward_outputs(
-    q: torch.Tensor, k: torch.Tensor, call: AttnCall
+    q: torch.Tensor, k: torch.Tensor, call: AttnCall, v: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[bool, int, int, int, int, int] | None]:
-    """``(out, lse, geometry)`` of a forward launch, shared by the forward launchers: out like q,
+    """``(out, lse, geometry)`` of a forward launch, shared by the forward launchers: out like q
+    (with v's head dim when ``v`` is given),
     lse float32 ``(B, H, Sq)``, and :func:`_geometry`'s tuple; geometry None when the problem is
     empty and (out, lse) are already final (no query rows: nothing to write; no keys: out 0,
-    lse -inf)."""
+    lse -inf, or the sink with ``learnable_sink``)."""
     geo = _geometry(q, k, call)
     _, nb, _, _, rows_q, rows_k = geo
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dv = q.shape[-1] if v is None else v.shape[-1]
+    out = torch.empty((*q.shape[:-1], dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or nb == 0 or rows_q == 0:
         return out, lse, None
     if k.shape[1] == 0 or rows_k == 0:
         out.zero_()
-        lse.fill_(float("-inf"))
+        if call.learnable_sink is None:
+            lse.fill_(float("-inf"))
+        else:
+            lse.copy_(call.learnable_sink.detach().view(1, -1, 1).expand_as(lse))
         return out, lse, None
     return out, lse, geo
 
@@ -168,17 +188,19 @@ def forward(
     *,
     config: FwdConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) on the internal layout; ``config`` overrides the table (benchmark sweeps)."""
+    """(out, lse) on the internal layout; ``config`` overrides the table (benchmark sweeps).
+    v (and out) may have their own head dim."""
     B, Sq, H, D = q.shape
-    Hk = k.shape[2]
-    out, lse, geo = forward_outputs(q, k, call)
+    Hk, Dv = k.shape[2], v.shape[-1]
+    out, lse, geo = forward_outputs(q, k, call, v)
     if geo is None:
         return out, lse
     varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k = geo
     alibi_slopes, cu_seqlens_q, cu_seqlens_k = call.alibi_slopes, call.cu_seqlens_q, call.cu_seqlens_k
-    bd = block_d(D)
+    bd, bdv = block_d(D), block_d(Dv)
+    bd_cfg = max(bd, bdv)  # the tile table's bucket: the larger head dim
     ar = arch(q.device)
-    cfg = config or configs.fwd_config(ar, bd, q.dtype, max(rows_q, rows_k))
+    cfg = config or configs.fwd_config(ar, bd_cfg, q.dtype, max(rows_q, rows_k))
     flags = _flags(call, q.dtype)
     scal = _scalars(call)
     stride_ab = alibi_slopes.stride(0) if alibi_slopes is not None else 0
@@ -197,12 +219,12 @@ def forward(
             scal["window_left"], scal["window_right"],
             scal["thresh"], scal["drop_scale"], scal["seed_lo"], scal["seed_hi"],
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-            REVERSE_M=call.window_right >= 0, **flags,
+            REVERSE_M=call.window_right >= 0, **flags, **_sink_args(call), HEAD_DIM_V=Dv, BLOCK_DV=bdv,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
 
     with device_guard(q.device):
-        _fit(("fwd", ar, q.dtype, bd), cfg, launch)
+        _fit(("fwd", ar, q.dtype, bd, bdv), cfg, launch)
     return out, lse
 
 
@@ -216,18 +238,23 @@ def backward(
     call: AttnCall,
     *,
     config: BwdConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) shaped and typed like (q, k, v). Bitwise reproducible unless the config
-    fuses dQ with atomics (``atomic_dq``), which ``call.deterministic`` switches off."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(dq, dk, dv, field_grads): dq, dk, dv shaped and typed like (q, k, v); field_grads holds
+    ``learnable_sink``'s gradient when the call has one (the backend contract). Bitwise
+    reproducible unless the config fuses dQ with atomics (``atomic_dq``), which
+    ``call.deterministic`` switches off."""
     B, Sq, H, D = q.shape
-    Hk = k.shape[2]
+    Hk, Dv = k.shape[2], v.shape[-1]
     varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k = _geometry(q, k, call)
     alibi_slopes, cu_seqlens_q, cu_seqlens_k = call.alibi_slopes, call.cu_seqlens_q, call.cu_seqlens_k
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    sink = call.learnable_sink
     if nb == 0 or q.numel() == 0 or k.numel() == 0 or rows_q == 0 or rows_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        # no rows, or no keys: out = 0, so delta = rowsum(dout * out) = 0 and so is dsink
+        grads = {} if sink is None else {"learnable_sink": torch.zeros_like(sink)}
+        return dq.zero_(), dk.zero_(), dv.zero_(), grads
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     if out.stride(-1) != 1:
@@ -235,9 +262,9 @@ def backward(
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     dq_acc = None
-    bd = block_d(D)
+    bd, bdv = block_d(D), block_d(Dv)
     ar = arch(q.device)
-    cfg = config or configs.bwd_config(ar, bd, q.dtype, max(rows_q, rows_k))
+    cfg = config or configs.bwd_config(ar, max(bd, bdv), q.dtype, max(rows_q, rows_k))
     flags = _flags(call, q.dtype)
     scal = _scalars(call)
     stride_ab = alibi_slopes.stride(0) if alibi_slopes is not None else 0
@@ -267,13 +294,14 @@ def backward(
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             delta.stride(0), delta.stride(1), Sq,
-            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_m,
+            HEAD_DIM=Dv, BLOCK_D=bdv, BLOCK_M=pre_m,
         )
         _BWD_DKDV[(triton.cdiv(rows_k, c.block_n1), Hk, nb)](
             q, k, v, dout, lse, delta, dk, dv, dq_dst, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
             *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dk), *bstr(dv), *bstr(dq_dst),
             *common,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m1, BLOCK_N=c.block_n1, ATOMIC_DQ=atomic, **flags,
+            HEAD_DIM_V=Dv, BLOCK_DV=bdv,
             num_warps=c.num_warps1, num_stages=c.num_stages1,
         )
         if atomic:
@@ -283,15 +311,16 @@ def backward(
             *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dq),
             *common,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m2, BLOCK_N=c.block_n2,
-            REVERSE_M=call.window_right >= 0, **flags,
+            REVERSE_M=call.window_right >= 0, **flags, HEAD_DIM_V=Dv, BLOCK_DV=bdv,
             num_warps=c.num_warps2, num_stages=c.num_stages2,
         )
 
     with device_guard(q.device):
-        _fit(("bwd", ar, q.dtype, bd, call.deterministic), cfg, launch)
+        _fit(("bwd", ar, q.dtype, bd, bdv, call.deterministic), cfg, launch)
         if dq_acc is not None:
             dq.copy_(dq_acc.mul_(call.softmax_scale))
-    return dq, dk, dv
+    grads = {} if sink is None else {"learnable_sink": sink_grad(sink, lse, delta)}
+    return dq, dk, dv, grads
 
 
 def fwd_config_for(device: torch.device, headdim: int, dtype: torch.dtype, max_seqlen: int = 1 << 30) -> FwdConfig:

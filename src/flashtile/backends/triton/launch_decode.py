@@ -13,7 +13,7 @@ from ...spec import AttnCall, KVCache, capturing
 from .. import _device
 from .decode import _append_kernel, _decode_kernel, _merge_kernel
 from .fastlaunch import fast
-from .launch import block_d, device_guard, score_scales, upcast
+from .launch import _sink_args, block_d, device_guard, score_scales, upcast
 
 _APPEND, _DECODE, _MERGE = fast(_append_kernel), fast(_decode_kernel), fast(_merge_kernel)
 
@@ -99,6 +99,7 @@ def append_kv(
     blocks / rows) write nothing and set bits in ``err`` (int32 ``(1,)``).
     """
     B, sn, Hk, D = k.shape
+    Dv = v.shape[-1]
     if B == 0 or sn == 0:
         return
     block_t = min(64, max(16, triton.next_power_of_2(sn)))
@@ -116,6 +117,7 @@ def append_kv(
             HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_T=block_t,
             HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None, KV_MODE=0 if dense else 2,
             ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved,
+            HEAD_DIM_V=Dv, BLOCK_DV=block_d(Dv),
         )  # fmt: skip
 
 
@@ -138,7 +140,8 @@ def decode(
     rotary_along: bool = False,
     config: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q (B, Sq, H, D)`` over the cache; returns (out like q, lse (B, H, Sq) fp32).
+    """Attention of ``q (B, Sq, H, D)`` over the cache; returns (out like q with v_cache's head dim,
+    lse (B, H, Sq) fp32).
 
     Row ``b``'s keys are cache positions ``[leftpad[b], seqlens[b] + sn)`` (``leftpad`` None = 0):
     ``seqlens`` int32 ``(B,)`` counts the tokens before the ``sn`` new ones. ``table``: int32
@@ -152,7 +155,7 @@ def decode(
     ``config``: (BLOCK_N, num_warps, num_stages).
     """
     B, Sq, H, D = q.shape
-    Hk = k_cache.shape[2]
+    Hk, Dv = k_cache.shape[2], v_cache.shape[-1]
     G = H // Hk
     interp = _interpret()
     page = k_cache.shape[1]
@@ -161,7 +164,7 @@ def decode(
     if kv_mode == 2:
         block_n, num_warps, num_stages = config or _config(D, 2, capacity, interp)
     block_m = 16 if Sq * G <= 16 else (32 if interp else 64)
-    bd = block_d(D)
+    bd, bdv = block_d(D), block_d(Dv)
     row_blocks = triton.cdiv(Sq * G, block_m)
     max_keys = max(capacity, 1)
     programs = B * Hk * row_blocks
@@ -177,15 +180,16 @@ def decode(
         splits = 1
     chunk = triton.cdiv(triton.cdiv(max_keys, splits), block_n) * block_n  # whole key blocks per piece
     splits = triton.cdiv(max_keys, chunk)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty((B, Sq, H, Dv), dtype=q.dtype, device=q.device)
     lse_out = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if splits == 1:  # the kernel writes the result itself
         o, lse = out.unsqueeze(0), lse_out.unsqueeze(0)
     else:
-        o = torch.empty((splits, B, Sq, H, D), dtype=torch.float32, device=q.device)
+        o = torch.empty((splits, B, Sq, H, Dv), dtype=torch.float32, device=q.device)
         lse = torch.empty((splits, B, H, Sq), dtype=torch.float32, device=q.device)
     cos, sin, interleaved = rotary or (None, None, False)
     qk_scale, cap_out = score_scales(call)
+    sink = _sink_args(call)  # in the kernel with one piece, else once in the merge
     with device_guard(q.device):
         _DECODE[(B * Hk, splits, row_blocks)](
             q, k_cache, v_cache, table, seqlens, leftpad, call.alibi_slopes, o, lse, err, cos, sin,
@@ -205,7 +209,7 @@ def decode(
             HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None,
             UPCAST=upcast(q.dtype), KV_MODE=kv_mode,
             ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved, ROT_ALONG=rotary_along,
-            num_warps=num_warps, num_stages=num_stages,
+            **(sink if splits == 1 else {}), HEAD_DIM_V=Dv, BLOCK_DV=bdv, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         if splits > 1:
             _MERGE[(B * Sq * H,)](
@@ -214,7 +218,7 @@ def decode(
                 lse.stride(0), lse.stride(1), lse.stride(2),
                 out.stride(0), out.stride(1), out.stride(2),
                 lse_out.stride(0), lse_out.stride(1),
-                H, Sq, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=bd,
+                H, Sq, HEAD_DIM=Dv, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=bdv, **sink,
             )  # fmt: skip
     return out, lse_out
 

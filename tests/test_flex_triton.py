@@ -1,0 +1,119 @@
+"""The ``flex_triton`` backend (Triton forward and backward with flashtile.masks' mods compiled in,
+block-mask skipping, captured-tensor gradients) against the oracle. Runs on a GPU, or on CPU under
+``TRITON_INTERPRET=1`` (fp16: the interpreter's bf16 dot is wrong); skipped otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashtile
+from flashtile import create_block_mask, flash_attn_func, masks
+from flashtile.spec import Problem, make_call
+from flashtile.testing import attention_ref, compare_with_oracle, mask_from_mod, qkv_inputs
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BE = flashtile.dispatch.backends().get("flex_triton")
+pytestmark = pytest.mark.skipif(BE is None or BE.available() is not None, reason="flex_triton is not usable here")
+DTYPES = [torch.float16] + ([torch.bfloat16] if DEV.type == "cuda" else [])
+
+
+def _ids(b, s, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, s, generator=g) < 0.1).cumsum(-1).to(DEV)
+
+
+MASKS = {
+    "causal": lambda b, s: masks.causal,
+    "sliding_window": lambda b, s: masks.sliding_window(40),
+    "document": lambda b, s: masks.document(_ids(b, s)),
+    "document_bidir_1d": lambda b, s: masks.document(_ids(1, s, 2)[0], causal=False),
+    "prefix_lm": lambda b, s: masks.prefix_lm(70),
+    "prefix_lm_per_row": lambda b, s: masks.prefix_lm(torch.tensor([5, 90], device=DEV)[:b]),
+    "chunked": lambda b, s: masks.chunked(48),
+    "bidirectional_blocks": lambda b, s: masks.bidirectional_blocks(
+        torch.where((torch.arange(s, device=DEV) // 30) % 3 == 1, torch.arange(s, device=DEV) // 30, -1)
+    ),
+}
+SCORES = {
+    "none": (None, None),
+    "alibi": (masks.alibi, lambda h, b: torch.rand(h, device=DEV) * 0.3),
+    "alibi_bh": (masks.alibi, lambda h, b: torch.rand(b, h, device=DEV) * 0.3),
+    "softcap": (lambda t: masks.softcap(2.0), None),
+    "relative_bias": (masks.relative_bias, lambda h, b: torch.randn(h, 2 * 33 - 1, device=DEV)),
+}
+
+
+def run(mask_name, score_name, dtype=torch.float16, b=2, s=150, h=4, hk=2, d=40, block=64):
+    mm = MASKS[mask_name](b, s) if mask_name else None
+    make, cap_fn = SCORES[score_name]
+    cap = cap_fn(h, b) if cap_fn else None
+    q, k, v = qkv_inputs(b, s, s, h, hk, d, dtype, DEV)
+    bm = create_block_mask(mm, b, None, s, s, device=DEV, BLOCK_SIZE=block) if mm else None
+    dense = mask_from_mod(mm, b, None, s, s, DEV) if mm else None
+    sm = None if make is None else make(cap)
+    call = make_call(headdim=d, score_mod=sm, block_mask=bm)
+    assert flashtile.dispatch.why_not("flex_triton", Problem.of(q, k, call), call) is None
+    inputs = (q, k, v) if cap is None else (q, k, v, cap)
+
+    def fn(q, k, v, *t):
+        with flashtile.use_backend("flex_triton"):
+            out, lse, _ = flash_attn_func(q, k, v, score_mod=make(t[0] if t else None) if make else None,
+                                          block_mask=bm, return_attn_probs=True)  # fmt: skip
+        return out, lse
+
+    def oracle(q, k, v, *t, upcast):
+        return attention_ref(q, k, v, mask=dense, score_mod=make(t[0] if t else None) if make else None, upcast=upcast)
+
+    compare_with_oracle(fn, oracle, inputs)
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+def test_masks(mask_name):
+    run(mask_name, "none")
+
+
+@pytest.mark.parametrize("score_name", [s for s in SCORES if s != "none"])
+def test_scores(score_name):
+    run("document", score_name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_score_only_and_block128(dtype):
+    run(None, "relative_bias", dtype, s=97, d=64)
+    run("chunked", "alibi", dtype, s=200, block=128, d=32)
+
+
+def test_refusals_name_the_reason():
+    q, k, v = qkv_inputs(1, 16, 16, 2, 2, 16, torch.float16, DEV)
+
+    def custom(b, h, qi, ki):
+        return qi >= ki
+
+    for call, why in (
+        (make_call(headdim=16, score_mod=lambda s, b, h, qi, ki: s), "no Triton version"),
+        (make_call(headdim=16, block_mask=create_block_mask(custom, None, None, 16, 16, device=DEV)),
+         "no Triton version"),
+        (make_call(headdim=16, block_mask=create_block_mask(masks.causal, None, None, 16, 16, device=DEV,
+                                                            BLOCK_SIZE=32)), "BLOCK_SIZE"),
+        (make_call(headdim=16), "score_mod / block_mask only"),
+    ):  # fmt: skip
+        reason = flashtile.dispatch.why_not("flex_triton", Problem.of(q, k, call), call)
+        assert reason is not None and why in reason, reason
+
+
+def test_deterministic_backward_takes_the_torch_engine(monkeypatch):
+    """The Triton backward adds dQ atomically: deterministic calls use the engine's backward."""
+    from flashtile.backends import torch_tiled
+
+    calls = []
+    orig = torch_tiled.backend.backward
+    monkeypatch.setattr(torch_tiled.backend, "backward", lambda *a: calls.append(1) or orig(*a))
+    q, k, v = (x.requires_grad_() for x in qkv_inputs(1, 70, 70, 2, 2, 16, torch.float16, DEV))
+    bm = create_block_mask(masks.causal, None, None, 70, 70, device=DEV, BLOCK_SIZE=64)
+    with flashtile.use_backend("flex_triton"):
+        a = torch.autograd.grad(flash_attn_func(q, k, v, block_mask=bm).sum(), q)[0]
+        assert calls == []
+        b = torch.autograd.grad(flash_attn_func(q, k, v, block_mask=bm, deterministic=True).sum(), q)[0]
+        assert calls == [1]
+    torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-2)
