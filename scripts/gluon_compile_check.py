@@ -265,7 +265,8 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
         "sm_scale": "fp32", "window_left": "i32", "window_right": "i32",
     }  # fmt: skip
     consts = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
-                  IS_VARLEN=varlen, DQ_CHUNK=cfg.chunk(d), num_warps=cfg.num_warps, **BWD_OPTS[opt])  # fmt: skip
+                  IS_VARLEN=varlen, DQ_CHUNK=cfg.chunk(d), RED_VEC=cfg.red_vec, num_warps=cfg.num_warps,
+                  **BWD_OPTS[opt])  # fmt: skip
     if not varlen:
         consts.update(CU_Q=None, CU_K=None)
     for key in consts:
@@ -307,7 +308,8 @@ def main() -> int:
                  for mk in masks for vl in (False, True)]  # fmt: skip
     if args.only != "fwd":
         bopts = ["none", "causal", "deterministic"] if args.quick else list(BWD_OPTS)
-        bwd_over = {k: v for k, v in overrides.items() if k in ("block_m", "block_n", "num_stages", "dq_chunk")}
+        bwd_over = {k: v for k, v in overrides.items()
+                    if k in ("block_m", "block_n", "num_stages", "dq_chunk", "atomic_dq", "red_vec")}  # fmt: skip
         jobs += [(compile_bwd, (dt, d, op, vl, bwd_over)) for dt in dtypes for d in dims for op in bopts
                  for vl in (False, True)]  # fmt: skip
     if args.fp8:  # (head dim, mask, varlen, descales given)

@@ -60,6 +60,24 @@ def _tanh_fast(x):
 
 
 @gluon.jit
+def _red_v4(base, x, row0, col0, stride_s, BLOCK_R: gl.constexpr, BLOCK_C: gl.constexpr, num_warps: gl.constexpr):
+    """Add the fp32 tile ``x`` ``[BLOCK_R, BLOCK_C]`` into rows ``row0 ..``, columns ``col0 ..`` at
+    ``base`` (row stride ``stride_s``) with vector reductions ``red.global.add.v4.f32`` (sm_90):
+    ``x`` goes through shared memory into a layout where each thread holds 4 consecutive columns,
+    so a warp's reduction covers whole 32-byte sectors, a quarter of the scalar requests."""
+    TPR: gl.constexpr = BLOCK_C // 4 if BLOCK_C // 4 < 32 else 32
+    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPR, TPR], [num_warps, 1], [1, 0])
+    xb = gl.convert_layout(x, layout)
+    r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, layout))
+    c = col0 + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, layout))
+    ptrs = base + gl.expand_dims((row0 + r).to(gl.int64) * stride_s, 1) + gl.expand_dims(c, 0)
+    gl.inline_asm_elementwise(
+        "red.relaxed.gpu.global.add.v4.f32 [$4], {$8, $9, $10, $11};\n\tmov.b32 $0, 0;\n\tmov.b32 $1, 0;"
+        "\n\tmov.b32 $2, 0;\n\tmov.b32 $3, 0;",
+        "=r,=r,=r,=r,l,l,l,l,f,f,f,f", [ptrs.to(gl.int64), xb], dtype=gl.int32, is_pure=False, pack=4)
+
+
+@gluon.jit
 def _issue_q_do(q_desc, do_desc, q_bufs, do_bufs, q_bars, do_bars, i, b, hk, group, q_start, mb_lo, n_mb,
                 BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
     """Start the TMA loads of the Q and dO tiles of loop iteration ``i`` (query head
@@ -96,15 +114,18 @@ def attn_bwd(
     seqlen_q, seqlen_k, group, qk_scale, cap_out, sm_scale, window_left, window_right,
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-    IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, DQ_CHUNK: gl.constexpr, num_warps: gl.constexpr,
+    IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, DQ_CHUNK: gl.constexpr, RED_VEC: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``, ``num_warps = 8``.
 
     q_desc / do_desc: ``[BLOCK_M, BLOCK_D]`` tiles of q / dout; k_desc / v_desc:
     ``[BLOCK_N, BLOCK_D]`` tiles (4-D dense, 3-D varlen descriptors, as the forward's). DK / DV
     like k (contiguous, ``stride_dk*`` shared by both), written whole (zeros for keys no query
-    sees). DQ: fp32 ``(B, Sq, H, BLOCK_D)`` zeroed buffer, ``ATOMIC_DQ``: the unscaled dS K is
-    added into it with relaxed atomics (else dQ is left to another kernel). LSE (natural log) and
+    sees). DQ: fp32 ``(B, Sq + BLOCK_M, H, BLOCK_D)`` zeroed buffer (varlen ``total_q + BLOCK_M``
+    rows), ``ATOMIC_DQ``: the unscaled dS K is added into it with relaxed atomics, whole query
+    blocks without masks (rows past a sequence's end add exact zeros, into the spare rows or the
+    next sequence's); else dQ is left to another kernel. LSE (natural log) and
     DELTA share the strides ``stride_lb`` / ``stride_lh`` (varlen: one row of ``total_q``)."""
     pid_n = gl.program_id(0)
     hk = gl.program_id(1)
@@ -137,8 +158,9 @@ def attn_bwd(
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[SM, SN],
                                                         instr_shape=[16, DQ_CHUNK // SN, 16])
     # dP = dO V^T is issued right after S (overlapping the softmax) unless registers are short:
-    # softcap at head dims > 128 issues it after P (its accumulator is not live during the softmax)
-    EARLY_DP: gl.constexpr = not (HAS_SOFTCAP and BLOCK_D > 128)
+    # softcap at head dims >= 128 issues it after P (its accumulator is not live during the
+    # softmax; ptxas spilled 16-52 bytes otherwise)
+    EARLY_DP: gl.constexpr = not (HAS_SOFTCAP and BLOCK_D >= 128)
     qry_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
@@ -249,9 +271,10 @@ def attn_bwd(
         dk = warpgroup_mma(ds_smem.permute((1, 0)), q_buf, dk, is_async=True)
         if ATOMIC_DQ:
             # dQ = dS K in column chunks of DQ_CHUNK (fewer live registers for the atomics)
+            # no row mask (a masked atomic is a branch per element): DQ has BLOCK_M spare rows past
+            # the last one, and rows past seqlen_q add exact zeros (their P, hence dS, is 0)
             base = DQ + (b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh)
             qr = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-            qmask = gl.expand_dims(qr < seqlen_q, 1)
             for c in gl.static_range(BLOCK_D // DQ_CHUNK):
                 dq0 = gl.zeros([BLOCK_M, DQ_CHUNK], gl.float32, dq_layout)
                 if BLOCK_D == DQ_CHUNK:
@@ -260,9 +283,17 @@ def attn_bwd(
                     dq = warpgroup_mma(ds_smem, k_smem.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1), dq0, use_acc=False,
                                        is_async=True)
                 dq = warpgroup_mma_wait(0, deps=(dq,))
-                qc = c * DQ_CHUNK + gl.arange(0, DQ_CHUNK, layout=gl.SliceLayout(0, dq_layout))
-                ptrs = base + gl.expand_dims((q_start + qr).to(gl.int64) * stride_dqs, 1) + gl.expand_dims(qc, 0)
-                gl.atomic_add(ptrs, dq, mask=qmask, sem="relaxed")
+                if RED_VEC == 4:
+                    _red_v4(base, dq, q_start + m0, c * DQ_CHUNK, stride_dqs, BLOCK_M, DQ_CHUNK, num_warps)
+                else:
+                    qc = c * DQ_CHUNK + gl.arange(0, DQ_CHUNK, layout=gl.SliceLayout(0, dq_layout))
+                    ptrs = base + gl.expand_dims((q_start + qr).to(gl.int64) * stride_dqs, 1) + gl.expand_dims(qc, 0)
+                    if BLOCK_D > 128:
+                        # the row mask is not needed (spare rows, see above) but its form is the one
+                        # ptxas fits in 255 registers at head dim 256 (unmasked: 28-32 bytes spilled)
+                        gl.atomic_add(ptrs, dq, mask=gl.expand_dims(qr < seqlen_q, 1), sem="relaxed")
+                    else:
+                        gl.atomic_add(ptrs, dq, sem="relaxed")
             dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
         else:
             dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))

@@ -188,13 +188,17 @@ class HopperBwdConfig:
     ``dq_chunk``: columns of dQ = dS K computed and added at once (0: all; fewer live registers
     at head dim 256). ``atomic_dq``: dQ added by the kernel with fp32 atomics (1, the default
     unless ``deterministic=True``), or 0: computed by a second pass (the Triton dQ kernel, as in
-    deterministic mode; an A/B switch for the cost of the atomics)."""
+    deterministic mode; an A/B switch for the cost of the atomics). ``red_vec``: 1, scalar fp32
+    atomics straight from the wgmma accumulator; 4, the dQ chunk through shared memory into 4
+    consecutive columns a thread and ``red.global.add.v4.f32`` (a quarter of the requests; needs
+    ``block_m * chunk * 4`` bytes more shared memory)."""
 
     block_m: int
     block_n: int
     num_stages: int
     dq_chunk: int = 0
     atomic_dq: int = 1
+    red_vec: int = 1
     num_warps: int = 8
 
     def chunk(self, headdim: int) -> int:
@@ -228,9 +232,12 @@ def bwd_config(headdim: int, **overrides) -> HopperBwdConfig:
 
 
 def bwd_smem_bytes(cfg: HopperBwdConfig, headdim: int, elem_bytes: int = 2) -> int:
-    """Shared memory of the backward's tiles: K and V, the (Q, dO) ring, P and dS."""
+    """Shared memory of the backward's tiles: K and V, the (Q, dO) ring, P and dS (and the dQ
+    chunk's layout conversion with ``red_vec = 4``)."""
     d = block_d(headdim)
-    return elem_bytes * (2 * cfg.block_n * d + 2 * cfg.num_stages * cfg.block_m * d + 2 * cfg.block_n * cfg.block_m)
+    red = 4 * cfg.block_m * cfg.chunk(headdim) if cfg.red_vec == 4 else 0  # layout conversion scratch
+    tiles = 2 * cfg.block_n * d + 2 * cfg.num_stages * cfg.block_m * d + 2 * cfg.block_n * cfg.block_m
+    return elem_bytes * tiles + red
 
 
 def bwd_accumulator_regs(cfg: HopperBwdConfig, headdim: int) -> int:
@@ -253,6 +260,8 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
     if cfg.num_stages < 1:
         return f"num_stages must be >= 1, got {cfg.num_stages}"
     d = block_d(headdim)
+    if cfg.red_vec not in (1, 4):
+        return f"red_vec must be 1 or 4, got {cfg.red_vec}"
     if cfg.dq_chunk and (cfg.dq_chunk % 64 or d % cfg.dq_chunk):
         return f"dq_chunk must be a multiple of 64 dividing {d}, got {cfg.dq_chunk}"
     need = bwd_smem_bytes(cfg, headdim)

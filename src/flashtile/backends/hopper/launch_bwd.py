@@ -68,8 +68,9 @@ def backward(
     delta = torch.empty_like(lse)
     bd = configs.block_d(D)
     atomic = bool(cfg.atomic_dq) and not call.deterministic
-    # fp32 dQ accumulator, BLOCK_D wide (no column masks on the atomics)
-    dq_acc = torch.zeros((B, Sq, H, bd), dtype=torch.float32, device=q.device) if atomic else dq
+    # fp32 dQ accumulator, BLOCK_D wide and BLOCK_M rows longer: the kernel's atomics need no
+    # masks (rows past a sequence add exact zeros)
+    dq_acc = torch.zeros((B, Sq + cfg.block_m, H, bd), dtype=torch.float32, device=q.device) if atomic else dq
     qk_scale, cap_out = score_scales(call)
     stride_lb = 0 if varlen else lse.stride(0)
 
@@ -93,10 +94,11 @@ def backward(
             Sq, Sk, H // Hk, qk_scale, cap_out, call.softmax_scale, call.window_left, call.window_right,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
             HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
-            IS_VARLEN=varlen, ATOMIC_DQ=atomic, DQ_CHUNK=cfg.chunk(D), num_warps=cfg.num_warps,
+            IS_VARLEN=varlen, ATOMIC_DQ=atomic, DQ_CHUNK=cfg.chunk(D), RED_VEC=cfg.red_vec,
+            num_warps=cfg.num_warps,
         )  # fmt: skip
         if atomic:
-            dq.copy_(dq_acc[..., :D].mul_(call.softmax_scale))
+            dq.copy_(dq_acc[:, :Sq, :, :D].mul_(call.softmax_scale))
         else:
             _triton_dq(q, k, v, dout, lse, delta, dq, call, varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k)
     return dq, dk, dv
