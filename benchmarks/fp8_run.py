@@ -192,10 +192,16 @@ def correctness_cases(quick: bool) -> list[tuple[str, dict]]:
     ]
 
 
+SKIP: list[str] = []  # set from --skip
+
+
 def run_correctness(quick: bool, overrides: dict | None = None, label: str = "default") -> bool:
     from flashtile.backends.hopper import configs
 
     for name, kw in correctness_cases(quick):
+        if any(part in name for part in SKIP):
+            log(f"SKIP [{label}] {name} (--skip)")
+            continue
         d = kw.get("d", 128)
         if overrides and configs.check_fp8(configs.fp8_config(d, **overrides), d):
             continue
@@ -335,11 +341,13 @@ def run_bench(quick: bool, variants: list[tuple[str, dict]]) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer correctness cases, four benchmark cells")
+    ap.add_argument("--skip", action="append", default=[], help="skip correctness cases whose name contains this")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT, help="watchdog per case / cell (s)")
     ap.add_argument("--variant", action="append", default=[],
                     help="FP8 config overrides benchmarked as extra columns, e.g. block_n=256 or num_stages=3")
     args = ap.parse_args()
+    SKIP[:] = args.skip
     variants = []
     for text in args.variant:
         variants.append((f"[{text}]", {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(","))}))

@@ -93,6 +93,7 @@ def test_bwd_kernel_choice_and_env(monkeypatch):
     call = make_call(headdim=128)
     monkeypatch.delenv(hopper.BWD_ENV)
     assert hopper.bwd_kernel(call) == hopper.DEFAULT_BWD == "triton"
+    assert hopper.bwd_kernel(call, 128) == "triton" and hopper.bwd_kernel(call, 256) == "gluon"
     monkeypatch.setenv(hopper.BWD_ENV, "gluon")
     assert hopper.bwd_kernel(call) == "gluon"
     monkeypatch.setenv(hopper.BWD_ENV, "triton")

@@ -174,7 +174,7 @@ class HopperBackend:
         lse: torch.Tensor,
         call: AttnCall,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        if bwd_kernel(call) == "triton":
+        if bwd_kernel(call, q.shape[-1]) == "triton":
             from ..triton import backend as triton_backend
 
             return triton_backend.backward(dout, q, k, v, out, lse, call)
@@ -186,20 +186,23 @@ class HopperBackend:
 
 #: Environment variable choosing the backward kernels: ``gluon`` or ``triton``.
 BWD_ENV = "FLASHTILE_HOPPER_BWD"
-#: The default backward: the Triton kernels. The Gluon backward passes every correctness case on
-#: the H200 but runs at 0.3-0.5x cuDNN, 0.52x the Triton backward (first measurement,
-#: ``benchmarks/results/hopper_bwd_H200_20261201_first.json``): opt in with
-#: ``FLASHTILE_HOPPER_BWD=gluon`` until it is faster.
+#: The default backward: the Triton kernels, except at the head dims in :data:`GLUON_BWD_HEADDIMS`.
+#: The Gluon backward passes every correctness case on the H200 but runs at 0.3-0.5x cuDNN, 0.5x
+#: the Triton backward at head dims 64-128 (``benchmarks/results/hopper_bwd_H200_20261201_*.json``);
+#: at head dim 256 with vector dQ reductions (``red_vec=4``) it is 257 TFLOP/s causal 4k against
+#: Triton's 203 and FA2's 230. ``FLASHTILE_HOPPER_BWD=gluon|triton`` forces one for every head dim.
 DEFAULT_BWD = "triton"
+GLUON_BWD_HEADDIMS = (256,)
 
 
-def bwd_kernel(call: AttnCall) -> str:
-    """Which kernels run the backward of ``call``: ``gluon`` (:mod:`.bwd`) or ``triton`` (the
-    Triton backend's, also the path for anything the Gluon kernel does not serve: a learnable
-    sink). ``FLASHTILE_HOPPER_BWD=triton`` forces the Triton kernels (A/B comparisons)."""
-    choice = os.environ.get(BWD_ENV, DEFAULT_BWD).strip().lower() or DEFAULT_BWD
-    if choice not in ("gluon", "triton"):
-        raise ValueError(f"{BWD_ENV} must be 'gluon' or 'triton', got {choice!r}")
+def bwd_kernel(call: AttnCall, headdim: int | None = None) -> str:
+    """Which kernels run the backward of ``call`` (q/k head dim ``headdim``): ``gluon``
+    (:mod:`.bwd`) or ``triton`` (the Triton backend's, also the path for anything the Gluon kernel
+    does not serve: a learnable sink). ``FLASHTILE_HOPPER_BWD`` forces one (A/B comparisons)."""
+    env = os.environ.get(BWD_ENV, "").strip().lower()
+    if env and env not in ("gluon", "triton"):
+        raise ValueError(f"{BWD_ENV} must be 'gluon' or 'triton', got {env!r}")
+    choice = env or ("gluon" if headdim in GLUON_BWD_HEADDIMS else DEFAULT_BWD)
     if choice == "triton" or call.learnable_sink is not None:
         return "triton"
     return "gluon"
