@@ -3,7 +3,8 @@
 
 Each grid point runs tiny calls through the public API on the GPU, which compiles exactly the
 variants real calls of that head dim, dtype and feature set use: the forward and backward for
-short (<= the short-sequence config table's bound) and long sequences, the decode-shaped forward,
+short (<= the short-sequence config table's bound) and long sequences, with and without GQA, the
+long ones past the hopper backend's small-call bound (its Gluon kernels), the decode-shaped forward,
 and ``flash_attn_with_kvcache`` (appending, with int and tensor cache lengths). Triton writes
 them to its cache (``TRITON_CACHE_DIR``, default ``~/.triton/cache``). On a machine without CUDA
 the torch engine serves every call and has nothing to compile: the command says so and exits 0.
@@ -63,9 +64,10 @@ def _calls(features: tuple[str, ...], d: int, dtype: torch.dtype, device: torch.
     def rnd(*shape, grad=False):
         return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
 
-    def dense(s: int):
+    def dense(s: int, hk: int, batch: int = 1):
         def run():
-            q, k, v = rnd(1, s, h, d, grad=True), rnd(1, s, hk, d, grad=True), rnd(1, s, hk, d, grad=True)
+            q = rnd(batch, s, h, d, grad=True)
+            k, v = rnd(batch, s, hk, d, grad=True), rnd(batch, s, hk, d, grad=True)
             out = flash_attn_func(q, k, v, **opts)
             out.backward(torch.ones_like(out))
 
@@ -95,7 +97,13 @@ def _calls(features: tuple[str, ...], d: int, dtype: torch.dtype, device: torch.
     long = SHORT_SEQLEN + 64
     if "varlen" in f:
         return [varlen(128), varlen(2 * long)]
-    return [dense(128), dense(long)]
+    # MHA and GQA both: Triton compiles a kernel per value class of the group size (1 or not);
+    # the long shape has more query rows than the hopper backend's small-call bound, so on sm_90
+    # its Gluon kernels are compiled too (smaller calls run the Triton forward).
+    from ..backends.hopper import SMALL_ROWS
+
+    batch = SMALL_ROWS // (long * h) + 1
+    return [dense(128, hk), dense(128, h), dense(long, hk, batch), dense(long, h, batch)]
 
 
 def run_warmup(args: argparse.Namespace) -> int:
