@@ -28,14 +28,15 @@ import json
 import math
 import os
 import sys
-import threading
 import time
-from contextlib import contextmanager
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import hopper_run  # noqa: E402  (log, watchdog, CaseFailure)
 
 import flashtile  # noqa: E402
 from flashtile import dispatch, fp8  # noqa: E402
@@ -49,29 +50,7 @@ T0 = time.time()
 CASE_TIMEOUT = 180.0
 
 
-def log(msg: str) -> None:
-    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
-
-
-@contextmanager
-def watchdog(seconds: float, what: str):
-    """Exit (code 3) if the block runs longer than ``seconds``: a kernel hung on an mbarrier."""
-
-    def fire():
-        print(f"[{time.time() - T0:6.1f}s] HANG: {what} still running after {seconds:.0f} s; exiting", flush=True)
-        os._exit(3)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-
-
-class CaseFailure(Exception):
-    pass
+log, watchdog, CaseFailure = hopper_run.log, hopper_run.watchdog, hopper_run.CaseFailure
 
 
 def _inputs(b, sq, sk, h, hk, d, kind, dev, lens=None):

@@ -41,7 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .fwd import _block_range, _tma_load
+from .fwd import _block_range, _tile_coords, _tma_load
 
 LOG2E: gl.constexpr = gl.constexpr(1.4426950408889634)
 TWO_LOG2E: gl.constexpr = gl.constexpr(2.8853900817779268)  # exp(2x) = exp2(this * x)
@@ -127,17 +127,8 @@ def attn_bwd(
     blocks without masks (rows past a sequence's end add exact zeros, into the spare rows or the
     next sequence's); else dQ is left to another kernel. LSE (natural log) and
     DELTA share the strides ``stride_lb`` / ``stride_lh`` (varlen: one row of ``total_q``)."""
-    pid_n = gl.program_id(0)
-    hk = gl.program_id(1)
-    b = gl.program_id(2)
-    if IS_VARLEN:
-        q_start = gl.load(CU_Q + b)
-        seqlen_q = gl.load(CU_Q + b + 1) - q_start
-        k_start = gl.load(CU_K + b)
-        seqlen_k = gl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = b * 0
-        k_start = b * 0
+    pid_n, hk, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, False,
+                                                                      IS_VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return
