@@ -77,9 +77,13 @@ Semantics shared by every function:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # flashtile.flex imports torch._dynamo: only for type checkers here
+    from .flex import BlockMask
 
 from . import dispatch, fp8
 from .backends.torch_tiled import attention_probs
@@ -117,8 +121,8 @@ def _run(
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
-    score_mod=None,
-    block_mask=None,
+    score_mod: Callable[..., torch.Tensor] | None = None,
+    block_mask: BlockMask | None = None,
     probs: bool = True,
     **options,
 ):
@@ -178,8 +182,8 @@ def flash_attn_func(
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
-    score_mod=None,
-    block_mask=None,
+    score_mod: Callable[..., torch.Tensor] | None = None,
+    block_mask: BlockMask | None = None,
 ):
     """Exact attention, ``softmax(q k^T * scale + mask) v``, never materialising the scores.
 
@@ -279,8 +283,8 @@ def flash_attn_varlen_func(
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
-    score_mod=None,
-    block_mask=None,
+    score_mod: Callable[..., torch.Tensor] | None = None,
+    block_mask: BlockMask | None = None,
 ):
     """Attention over a batch of variable-length sequences packed without padding.
 
