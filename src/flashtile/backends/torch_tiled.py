@@ -17,6 +17,8 @@ computes the pieces without the sink and merges it in once, as a state ``(out 0,
 copies of q/k/v/out/dout and the gradients, O((Sq + Sk) * D) per head, plus one
 ``(rows x keys)`` tile whose size does not grow with the sequence length.
 The loops are sequential, so gradients are bitwise reproducible (``deterministic`` is always met).
+On the CPU, plain calls (fp32/fp16/bf16, no GQA, no options but causal on square problems) take
+torch's fused flash-attention CPU kernels instead of the loops: see ``_fused_ok``.
 """
 
 from __future__ import annotations
@@ -536,15 +538,15 @@ class TorchTiledBackend:
         if ctx.mods is not None:
             ctx.mods.grad = True
         G = ctx.G
-        qh = _to_rows(q, Hk, cdt)
-        qh.mul_(ctx.c)
+        qh = _to_rows(q, Hk, cdt, ctx.c)
         doh = _to_rows(dout, Hk, cdt)
         seqs = _groups(B, Sq, Sk, H, call)
         # delta = rowsum(dout * out) uses the `out` we are given, as flash-attn does: callers such
         # as ring attention pass the *global* out / lse of a longer key range than this k / v, so
         # it cannot be recomputed here. For fp16/bf16 that carries out's rounding into
         # ds = p * (dp - delta): small, but as large as the gradient where the softmax saturates.
-        delta = (doh * _to_rows(out, Hk, cdt)).sum(-1)  # (B, Hk, Sq*G)
+        delta = (dout.to(cdt) * out.to(cdt)).sum(-1)  # (B, Sq, H) -> rows (B, Hk, Sq*G)
+        delta = delta.view(B, Sq, Hk, G).permute(0, 2, 1, 3).reshape(B, Hk, Sq * G)
         kh, vh = _kv_heads(k, cdt), _kv_heads(v, cdt)
         # lse in row layout; rows that saw no key get +inf so that p = exp(s - lse) = 0 there.
         lse_r = lse.view(B, Hk, G, Sq).permute(0, 1, 3, 2).reshape(B, Hk, Sq * G).to(cdt)
@@ -562,8 +564,8 @@ class TorchTiledBackend:
                 j1 = min(j0 + bn, seq.sk)
                 c0, c1 = seq.col0 + j0, seq.col0 + j1
                 kb, vb = kh[seq.batch, :, c0:c1], vh[seq.batch, :, c0:c1]
-                dk_acc = torch.zeros_like(kb)
-                dv_acc = torch.zeros_like(vb)
+                dk_acc = dk[seq.batch, :, c0:c1]  # accumulated in place (views of dk / dv)
+                dv_acc = dv[seq.batch, :, c0:c1]
                 # query positions that see any key in [j0, j1)
                 i_lo = 0 if ctx.right < 0 else max(0, j0 - offset - ctx.right)
                 i_hi = seq.sq if ctx.left < 0 else min(seq.sq, j1 - 1 - offset + ctx.left + 1)
@@ -576,23 +578,22 @@ class TorchTiledBackend:
                     dob = doh[seq.batch, :, r0:r1]
                     s, t = ctx.scores(qb, kb, seq, i0, i1, j0, j1)
                     p = s.sub_(lse_r[seq.batch, :, r0:r1].unsqueeze(-1)).exp_()
-                    dp = torch.matmul(dob, vb.transpose(-1, -2), out=ctx.scratch("dp", p.shape, p))
+                    dp = ctx.scratch("dp", p.shape, p)
+                    torch.bmm(_b3(dob), _b3(vb).transpose(1, 2), out=_b3(dp))
                     if drop:
                         keep = ctx.keep(seq, nb, i0, i1, j0, j1, q.device)
                         pd = p.masked_fill(~keep, 0.0).mul_(inv_keep)
                         dp = dp.masked_fill_(~keep, 0.0).mul_(inv_keep)
                     else:
                         pd = p
-                    dv_acc.add_(torch.matmul(pd.transpose(-1, -2), dob))
+                    _b3(dv_acc).baddbmm_(_b3(pd).transpose(1, 2), _b3(dob))
                     ds = p.mul_(dp.sub_(delta[seq.batch, :, r0:r1].unsqueeze(-1)))
                     if ctx.mods is not None:  # through score_mod (and into its captured tensors)
                         ds = ctx.mods.vjp(ds)
                     if t is not None:
                         ds = ds.mul_(t.square_().neg_().add_(1.0)).mul_(ctx.cap)
-                    dq[seq.batch, :, r0:r1] += torch.matmul(ds, kb)
-                    dk_acc.add_(torch.matmul(ds.transpose(-1, -2), qb))
-                dk[seq.batch, :, c0:c1] = dk_acc
-                dv[seq.batch, :, c0:c1] = dv_acc
+                    _b3(dq[seq.batch, :, r0:r1]).baddbmm_(_b3(ds), _b3(kb))
+                    _b3(dk_acc).baddbmm_(_b3(ds).transpose(1, 2), _b3(qb))
         dq.mul_(ctx.c)
         dq_out = _from_rows(dq, H, q.dtype)
         grads = {}
