@@ -415,8 +415,12 @@ def _fused_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
-    """(B, S, H, D) -> a (B, H, S, D) fp32 view (a copy only to upcast)."""
-    return x.transpose(1, 2) if x.dtype == torch.float32 else x.float().transpose(1, 2)
+    """(B, S, H, D) -> a (B, H, S, D) fp32 view; a copy only to upcast or where D is strided (the
+    fused kernels read D as contiguous whatever its stride: measured wrong results otherwise;
+    other strides, including 0 from expand, are read correctly)."""
+    if x.dtype != torch.float32 or x.stride(-1) != 1:
+        x = x.float() if x.stride(-1) == 1 else x.float().contiguous()
+    return x.transpose(1, 2)
 
 
 class TorchTiledBackend:
@@ -527,7 +531,7 @@ class TorchTiledBackend:
         if _fused_ok(q, k, v, call):
             dq, dk, dv = _ATEN_BWD(
                 _heads_first(dout), _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(out),
-                lse.float(), 0.0, call.is_causal, scale=call.softmax_scale,
+                lse.float().contiguous(), 0.0, call.is_causal, scale=call.softmax_scale,
             )  # fmt: skip
             dq, dk, dv = (g.transpose(1, 2).to(x.dtype).contiguous() for g, x in ((dq, q), (dk, k), (dv, v)))
             return dq, dk, dv, {}
