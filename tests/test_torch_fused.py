@@ -41,12 +41,13 @@ def fused_calls(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("sq,sk,d", SHAPES)
-def test_plain_calls(monkeypatch, fused_calls, fused, dtype, causal, sq, sk, d):
+@pytest.mark.parametrize("h,hk", [(3, 3), (4, 2)], ids=["mha", "gqa"])
+def test_plain_calls(monkeypatch, fused_calls, fused, dtype, causal, sq, sk, d, h, hk):
     monkeypatch.setattr(tt, "_FUSED", fused)
     if not fused:  # the engine with small tiles, as the backend fixture runs it
         for attr, value in TORCH_TEST_TILES.items():
             monkeypatch.setattr(tt, attr, value)
-    q, k, v = (torch.randn(2, s, 3, d).to(dtype) for s in (sq, sk, sk))
+    q, k, v = (torch.randn(2, s, n, d).to(dtype) for s, n in ((sq, h), (sk, hk), (sk, hk)))
     with flashtile.use_backend("torch"):
         compare_with_oracle(dense_fn(causal=causal), dense_oracle(causal=causal), (q, k, v))
     # the fused path exactly where it computes the same thing: causal only when sq == sk
@@ -62,7 +63,7 @@ def test_routing():
     assert tt._fused_ok(q.bfloat16(), k.bfloat16(), k.bfloat16(), plain)
     assert not tt._fused_ok(q.double(), k.double(), k.double(), plain)
     assert not tt._fused_ok(q, k[:, :5], k[:, :5], make_call(headdim=64, causal=True))  # sq != sk
-    assert not tt._fused_ok(q, k[:, :, :2], k[:, :, :2], plain)  # GQA
+    assert tt._fused_ok(q, k[:, :, :2], k[:, :, :2], plain)  # GQA: K/V heads repeated
     assert not tt._fused_ok(q, k, k[..., :32], plain)  # v head dim of its own
     for opts in ({"window_size": (3, 0)}, {"softcap": 5.0}, {"deterministic": True}, {"dropout_p": 0.1}):
         assert not tt._fused_ok(q, k, k, make_call(headdim=64, **opts)), opts
@@ -73,8 +74,9 @@ def test_backward_uses_given_out_and_lse(monkeypatch, causal):
     """Ring attention hands the backward the global out / lse of a longer key range: both paths
     must use them as given (not recompute them) and so agree on perturbed ones."""
     torch.manual_seed(0)
-    b, s, h, d = 2, 70, 3, 32
-    q, k, v, dout = (torch.randn(b, s, h, d) for _ in range(4))
+    b, s, h, d = 2, 70, 4, 32
+    q, dout = torch.randn(b, s, h, d), torch.randn(b, s, h, d)
+    k, v = torch.randn(b, s, 2, d), torch.randn(b, s, 2, d)  # GQA
     call = make_call(headdim=d, causal=causal)
     out, lse = tt.backend.forward(q, k, v, call)
     out = out + 0.05 * torch.randn_like(out)

@@ -17,7 +17,7 @@ computes the pieces without the sink and merges it in once, as a state ``(out 0,
 copies of q/k/v/out/dout and the gradients, O((Sq + Sk) * D) per head, plus one
 ``(rows x keys)`` tile whose size does not grow with the sequence length.
 The loops are sequential, so gradients are bitwise reproducible (``deterministic`` is always met).
-On the CPU, plain calls (fp32/fp16/bf16, no GQA, no options but causal on square problems) take
+On the CPU, plain calls (fp32/fp16/bf16, one head dim, no options but causal on square problems) take
 torch's fused flash-attention CPU kernels instead of the loops: see ``_fused_ok``.
 """
 
@@ -384,7 +384,7 @@ def forward_seqs(
 # out / lse (flash-attn's semantics, which ring attention relies on). The tiled engine runs ~8
 # eager ops per score tile and streams each 4 MiB tile through memory 6 times: measured 1.4-1.5x
 # SDPA at 1k-4k even after trimming it. Taken only where both compute the same thing: CPU, fp32
-# (fp16/bf16 upcast to fp32 first, as the engine does), equal q/k/v heads and head dims, dense,
+# (fp16/bf16 upcast to fp32 first, as the engine does), GQA by repeating K/V heads, equal head dims, dense,
 # no window except causal with seqlen_q == seqlen_k (top-left = bottom-right alignment), no
 # softcap/ALiBi/dropout/sink/FP8/mods, not ``deterministic`` (the engine's loops are bitwise
 # reproducible by construction). FLASHTILE_TORCH_FUSED=0 turns it off.
@@ -401,7 +401,7 @@ def _fused_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall)
         return False
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
-    if k.shape[2] != H or v.shape[2] != H or k.shape[-1] != D or v.shape[-1] != D or Sq == 0 or Sk == 0:
+    if k.shape[-1] != D or v.shape[-1] != D or Sq == 0 or Sk == 0:
         return False
     causal_square = call.window_left < 0 and call.window_right == 0 and Sq == Sk
     if call.has_window and not causal_square:
@@ -414,13 +414,16 @@ def _fused_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall)
     )  # fmt: skip
 
 
-def _heads_first(x: torch.Tensor) -> torch.Tensor:
-    """(B, S, H, D) -> a (B, H, S, D) fp32 view; a copy only to upcast or where D is strided (the
+def _heads_first(x: torch.Tensor, heads: int = 0) -> torch.Tensor:
+    """(B, S, Hx, D) -> a (B, H, S, D) fp32 view; a copy only to upcast or where D is strided (the
     fused kernels read D as contiguous whatever its stride: measured wrong results otherwise;
-    other strides, including 0 from expand, are read correctly)."""
+    other strides, including 0 from expand, are read correctly). GQA (``heads`` = H > Hx): each
+    K/V head repeated for its H // Hx query heads (flash-attn's mapping: query head h reads kv
+    head h // (H // Hx)), a copy of H heads."""
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float() if x.stride(-1) == 1 else x.float().contiguous()
-    return x.transpose(1, 2)
+    x = x.transpose(1, 2)
+    return x.repeat_interleave(heads // x.shape[1], dim=1) if heads > x.shape[1] else x
 
 
 class TorchTiledBackend:
@@ -447,9 +450,14 @@ class TorchTiledBackend:
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        H = q.shape[2]
         if _fused_ok(q, k, v, call):
             out, lse = _ATEN_FWD(
-                _heads_first(q), _heads_first(k), _heads_first(v), is_causal=call.is_causal, scale=call.softmax_scale
+                _heads_first(q),
+                _heads_first(k, H),
+                _heads_first(v, H),
+                is_causal=call.is_causal,
+                scale=call.softmax_scale,
             )
             return out.transpose(1, 2).to(q.dtype).contiguous(), lse
         seqs = _groups(q.shape[0], q.shape[1], k.shape[1], q.shape[2], call)
@@ -528,11 +536,14 @@ class TorchTiledBackend:
         lse: torch.Tensor,
         call: AttnCall,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        H, Hk = q.shape[2], k.shape[2]
         if _fused_ok(q, k, v, call):
             dq, dk, dv = _ATEN_BWD(
-                _heads_first(dout), _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(out),
+                _heads_first(dout), _heads_first(q), _heads_first(k, H), _heads_first(v, H), _heads_first(out),
                 lse.float().contiguous(), 0.0, call.is_causal, scale=call.softmax_scale,
             )  # fmt: skip
+            if Hk < H:  # GQA: the repeated K/V heads' gradients summed back onto each K/V head
+                dk, dv = (g.unflatten(1, (Hk, H // Hk)).sum(2) for g in (dk, dv))
             dq, dk, dv = (g.transpose(1, 2).to(x.dtype).contiguous() for g, x in ((dq, q), (dk, k), (dv, v)))
             return dq, dk, dv, {}
         B, Sq, H, D = q.shape
