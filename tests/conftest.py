@@ -113,6 +113,10 @@ def backend(request, monkeypatch):
         for attr, value in TORCH_TEST_TILES.items():
             if attr in TORCH_DEFAULT_TILES:
                 monkeypatch.setattr(_torch_engine(), attr, value)
+        # the suite checks the tiled loop; plain CPU calls' fused path (torch's CPU flash kernels)
+        # has its own tests in tests/test_torch_fused.py
+        if hasattr(_torch_engine(), "_FUSED"):
+            monkeypatch.setattr(_torch_engine(), "_FUSED", False)
     threads = torch.get_num_threads()
     if device_for(name).type == "cpu":
         torch.set_num_threads(1)
