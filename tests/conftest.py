@@ -176,3 +176,26 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+def dense_fn(**opts):
+    """A dense call under test: ``(q, k, v) -> (out, lse)`` through ``flash_attn_func`` (no dropout:
+    no probabilities materialised)."""
+
+    def fn(q, k, v):
+        out, lse, probs = flashtile.flash_attn_func(q, k, v, return_attn_probs=True, **opts)
+        assert probs is None  # no dropout: nothing materialised
+        return out, lse
+
+    return fn
+
+
+def dense_oracle(**opts):
+    """The oracle of :func:`dense_fn`: ``attention_ref`` with the same options."""
+
+    def oracle(q, k, v, upcast):
+        from flashtile.testing import attention_ref
+
+        return attention_ref(q, k, v, upcast=upcast, **opts)
+
+    return oracle

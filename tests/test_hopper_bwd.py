@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from conftest import dense_fn, dense_oracle
 
 import flashtile
 from flashtile import flash_attn_func, flash_attn_varlen_func
@@ -292,19 +293,6 @@ _NOT_READY = _gpu_ready()
 gpu_only = pytest.mark.skipif(_NOT_READY is not None, reason=str(_NOT_READY))
 
 
-def _dense_fn(**opts):
-    def fn(q, k, v):
-        out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, **opts)
-        return out, lse
-
-    return fn
-
-
-def _dense_oracle(**opts):
-    def oracle(q, k, v, upcast):
-        return attention_ref(q, k, v, upcast=upcast, **opts)
-
-    return oracle
 
 
 @pytest.mark.gpu
@@ -328,7 +316,7 @@ def _dense_oracle(**opts):
 def test_gpu_bwd_parity_dense(dtype, sq, sk, h, hk, d, opts):
     q, k, v = qkv_inputs(2, sq, sk, h, hk, d, dtype, "cuda")
     with flashtile.use_backend("hopper"):
-        res = compare_with_oracle(_dense_fn(**opts), _dense_oracle(**opts), (q, k, v))
+        res = compare_with_oracle(dense_fn(**opts), dense_oracle(**opts), (q, k, v))
     for g in res["grads"]:
         assert torch.isfinite(g).all()
     dead = torch.isneginf(res["ref_lse"])

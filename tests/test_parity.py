@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import DTYPE_IDS, DTYPES, is_interpreter, shrink, skip_if_too_big
+from conftest import DTYPE_IDS, DTYPES, dense_fn, dense_oracle, is_interpreter, shrink, skip_if_too_big
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -37,20 +37,6 @@ def _opts(causal=False, window=(-1, -1), softcap=0.0, alibi=None, scale=None) ->
     return dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=alibi, softmax_scale=scale)
 
 
-def dense_fn(**opts):
-    def fn(q, k, v):
-        out, lse, probs = flash_attn_func(q, k, v, return_attn_probs=True, **opts)
-        assert probs is None  # no dropout: nothing materialised
-        return out, lse
-
-    return fn
-
-
-def dense_oracle(**opts):
-    def oracle(q, k, v, upcast):
-        return attention_ref(q, k, v, upcast=upcast, **opts)
-
-    return oracle
 
 
 def test_tolerance_rule_itself():

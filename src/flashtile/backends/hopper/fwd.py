@@ -118,6 +118,18 @@ def _tma_load(desc, bar, buf, b, row, head, IS_VARLEN: gl.constexpr):
 
 
 @gluon.jit
+def _tma_load_vt(desc, bar, buf, b, row, hk, IS_VARLEN: gl.constexpr):
+    """TMA-copy the ``[D, BLOCK_N]`` V^T tile of keys ``row ..`` (of batch ``b``; varlen: global
+    token index) of KV head ``hk`` into ``buf``, completing on ``bar`` (the FP8 kernel's V, keys
+    contiguous: see ``launch.transpose_v``)."""
+    view = buf._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+    if IS_VARLEN:
+        tma.async_copy_global_to_shared(desc, [hk, 0, row], bar, view)
+    else:
+        tma.async_copy_global_to_shared(desc, [b, hk, 0, row], bar, view)
+
+
+@gluon.jit
 def _tma_store(desc, buf, b, row, head, IS_VARLEN: gl.constexpr):
     view = buf._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
     if IS_VARLEN:
@@ -364,7 +376,8 @@ def attn_fwd_plain(
 
 @gluon.jit
 def _ws_load_kv(k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, b, hk, k_start, nb_lo, n_total,
-                it0, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
+                it0, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr,
+                V_T: gl.constexpr = False):
     """Producer: K and V of key blocks ``nb_lo ..`` (``n_total`` of them) into the ring, from ring
     iteration ``it0`` on; a slot is reloaded once both consumers released it (``k_empty`` /
     ``v_empty``). A fresh barrier passes a wait on phase 1, so the first NUM_STAGES loads do not wait."""
@@ -378,20 +391,23 @@ def _ws_load_kv(k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty
         _tma_load(k_desc, k_full.index(stage), k_bufs.index(stage), b, row, hk, IS_VARLEN)
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
         mbarrier.expect(v_full.index(stage), v_desc.block_type.nbytes)
-        _tma_load(v_desc, v_full.index(stage), v_bufs.index(stage), b, row, hk, IS_VARLEN)
+        if V_T:  # V^T tiles (FP8 kernel)
+            _tma_load_vt(v_desc, v_full.index(stage), v_bufs.index(stage), b, row, hk, IS_VARLEN)
+        else:
+            _tma_load(v_desc, v_full.index(stage), v_bufs.index(stage), b, row, hk, IS_VARLEN)
 
 
 @gluon.jit
 def _ws_producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
                  b, h, hk, q_start, k_start, m0, nb_lo, n_total,
                  SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr,
-                 NUM_CONSUMERS: gl.constexpr):
-    """1 warp: TMA loads of every consumer's Q tile, then K and V of every key block."""
+                 NUM_CONSUMERS: gl.constexpr, V_T: gl.constexpr = False):
+    """1 warp: TMA loads of every consumer's Q tile, then K and V (``V_T``: V^T) of every key block."""
     for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
         _tma_load(q_desc, q_bars.index(c), q_bufs.index(c), b, q_start + m0 + c * SUB_M, h, IS_VARLEN)
     _ws_load_kv(k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, b, hk, k_start, nb_lo, n_total,
-                0, BLOCK_N, NUM_STAGES, IS_VARLEN)
+                0, BLOCK_N, NUM_STAGES, IS_VARLEN, V_T)
 
 
 @gluon.jit

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
 from .fwd import (
     _NO_SPECIALIZE,
@@ -39,44 +39,12 @@ from .fwd import (
     _epilogue,
     _softmax_block,
     _tile_coords,
-    _tma_load,
     _turn_pass,
     _turn_wait,
+    _ws_producer,
 )
 
 _NO_SPECIALIZE_FP8 = _NO_SPECIALIZE + ["sqd_b", "sqd_h", "skd_b", "skd_h", "svd_b", "svd_h"]
-
-
-@gluon.jit
-def _tma_load_vt(desc, bar, buf, b, row, hk, IS_VARLEN: gl.constexpr):
-    """TMA-copy the ``[D, BLOCK_N]`` V^T tile of keys ``row ..`` (of batch ``b``; varlen: global
-    token index) of KV head ``hk`` into ``buf``, completing on ``bar``."""
-    view = buf._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
-    if IS_VARLEN:
-        tma.async_copy_global_to_shared(desc, [hk, 0, row], bar, view)
-    else:
-        tma.async_copy_global_to_shared(desc, [b, hk, 0, row], bar, view)
-
-
-@gluon.jit
-def _fp8_producer(q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
-                  b, h, hk, q_start, k_start, m0, nb_lo, n_total,
-                  SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
-    """1 warp: both consumers' Q tiles, then K and V^T of every key block into the ring (a slot
-    is reloaded once both consumers released it; fresh barriers pass a wait on phase 1)."""
-    for c in gl.static_range(2):
-        mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
-        _tma_load(q_desc, q_bars.index(c), q_bufs.index(c), b, q_start + m0 + c * SUB_M, h, IS_VARLEN)
-    for i in range(n_total):
-        stage = i % NUM_STAGES
-        phase = (i // NUM_STAGES) & 1
-        row = k_start + (nb_lo + i) * BLOCK_N
-        mbarrier.wait(k_empty.index(stage), phase ^ 1)
-        mbarrier.expect(k_full.index(stage), k_desc.block_type.nbytes)
-        _tma_load(k_desc, k_full.index(stage), k_bufs.index(stage), b, row, hk, IS_VARLEN)
-        mbarrier.wait(v_empty.index(stage), phase ^ 1)
-        mbarrier.expect(v_full.index(stage), vt_desc.block_type.nbytes)
-        _tma_load_vt(vt_desc, v_full.index(stage), vt_bufs.index(stage), b, row, hk, IS_VARLEN)
 
 
 @gluon.jit
@@ -253,6 +221,7 @@ def attn_fwd_ws_fp8(
                          b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
                          nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                          1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN)),
-        (_fp8_producer, (q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
-                         b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN)),
+        (_ws_producer, (q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
+                        b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
+                        2, True)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -61,6 +61,18 @@ def _descriptor(t: torch.Tensor, rows: int, varlen: bool) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, d], layout)
 
 
+def _check_launch(call: AttnCall, lse: torch.Tensor, cfg, headdim: int, check, what: str) -> None:
+    """What every forward launch needs: a positive scale, int32-indexable lse, a config that fits
+    (``check(cfg, headdim)``, named ``what`` in the error)."""
+    if not call.softmax_scale > 0:
+        raise ValueError(f"flashtile hopper: softmax_scale must be > 0, got {call.softmax_scale}")
+    if lse.numel() >= 2**31:
+        raise ValueError(f"flashtile hopper: lse has {lse.numel()} elements; the kernels index it with int32")
+    bad = check(cfg, headdim)
+    if bad:
+        raise ValueError(f"flashtile hopper: {what} {cfg} for head dim {headdim}: {bad}")
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -80,14 +92,8 @@ def forward(
     if geo is None:
         return out, lse
     varlen, nb, _, _, rows_q, _ = geo
-    if not call.softmax_scale > 0:
-        raise ValueError(f"flashtile hopper: softmax_scale must be > 0, got {call.softmax_scale}")
-    if lse.numel() >= 2**31:
-        raise ValueError(f"flashtile hopper: lse has {lse.numel()} elements; the kernels index it with int32")
     cfg = config or configs.config_for(D, causal=call.window_right >= 0, seqlen_q=rows_q)
-    bad = configs.check(cfg, D)
-    if bad:
-        raise ValueError(f"flashtile hopper: config {cfg} for head dim {D}: {bad}")
+    _check_launch(call, lse, cfg, D, configs.check, "config")
     if varlen and cfg.kernel == "persistent":  # the host knows no sequence lengths to schedule
         cfg = replace(cfg, kernel="ws")
     q, k, v = (x if tma_compatible(x) else x.contiguous() for x in (q, k, v))
@@ -164,14 +170,8 @@ def forward_fp8(
         return out.to(torch.bfloat16), lse
     out = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device)
     varlen, nb, _, _, rows_q, _ = geo
-    if not call.softmax_scale > 0:
-        raise ValueError(f"flashtile hopper: softmax_scale must be > 0, got {call.softmax_scale}")
-    if lse.numel() >= 2**31:
-        raise ValueError(f"flashtile hopper: lse has {lse.numel()} elements; the kernels index it with int32")
     cfg = config or configs.fp8_config(D)
-    bad = configs.check_fp8(cfg, D)
-    if bad:
-        raise ValueError(f"flashtile hopper: FP8 config {cfg} for head dim {D}: {bad}")
+    _check_launch(call, lse, cfg, D, configs.check_fp8, "FP8 config")
     q, k = (x if tma_compatible(x) else x.contiguous() for x in (q, k))
     vt = transpose_v(v, varlen)
     qk_scale, cap_out = score_scales(call)

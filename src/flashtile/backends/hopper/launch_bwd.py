@@ -32,7 +32,7 @@ from ..triton.launch import _flags, _geometry, _scalars, arch, device_guard, sco
 from . import configs
 from .bwd import attn_bwd
 from .configs import HopperBwdConfig
-from .launch import _descriptor, tma_compatible
+from .launch import _check_launch, _descriptor, tma_compatible
 
 
 def backward(
@@ -55,12 +55,8 @@ def backward(
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if nb == 0 or q.numel() == 0 or k.numel() == 0 or rows_q == 0 or rows_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    if not call.softmax_scale > 0:
-        raise ValueError(f"flashtile hopper: softmax_scale must be > 0, got {call.softmax_scale}")
     cfg = config or configs.bwd_config(D)
-    bad = configs.bwd_check(cfg, D)
-    if bad:
-        raise ValueError(f"flashtile hopper: backward config {cfg} for head dim {D}: {bad}")
+    _check_launch(call, lse, cfg, D, configs.bwd_check, "backward config")
     q, k, v, dout = (x if tma_compatible(x) else x.contiguous() for x in (q, k, v, dout))
     if out.stride(-1) != 1:
         out = out.contiguous()
