@@ -102,6 +102,12 @@ def main() -> None:
     only = [c for c in args.only.split(",") if c] or list(cases)
     for c in only:
         _profile(c, cases[c], args.calls, args.top)
+    from flashtile.backends.triton import launch, launch_decode
+
+    counts = {name: (kern.fast_launches, kern.generic_launches) for name, kern in (
+        ("fwd", launch._FWD), ("bwd_pre", launch._BWD_PRE), ("bwd_dkdv", launch._BWD_DKDV), ("bwd_dq", launch._BWD_DQ),
+        ("decode", launch_decode._DECODE), ("merge", launch_decode._MERGE))}  # fmt: skip
+    print("\nTriton launches (fast, generic):", counts)
     if not args.only:
         env = dict(os.environ, FLASHTILE_TRITON_FAST_LAUNCH="0")
         print("\n##### FLASHTILE_TRITON_FAST_LAUNCH=0 #####", flush=True)

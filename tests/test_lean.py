@@ -6,6 +6,7 @@ no device read."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import types
 
 import pytest
@@ -114,8 +115,13 @@ class _Compiled:
         self.log.append(("fast", args))
 
 
-class JITFunction:  # the name the launcher checks
-    arg_names = ["x", "n", "y", "BLOCK", "FLAG"]
+def _param(name, const=False, default=inspect.Parameter.empty):
+    return types.SimpleNamespace(name=name, is_constexpr=const, default=default)
+
+
+class JITFunction:  # the name the launcher checks; params as Triton's KernelParam
+    params = [_param("x"), _param("n"), _param("y"), _param("BLOCK", True), _param("FLAG", True),
+              _param("Z", default=None), _param("WIDE", True, default=0)]  # fmt: skip
 
     def __init__(self):
         self.log = []
@@ -142,7 +148,7 @@ def test_second_launch_calls_the_compiled_kernel_in_declaration_order(fake_drive
     k[(3, 2)](x, 5, y, FLAG=True, BLOCK=64, num_warps=4)
     k[(4,)](x, 7, y, BLOCK=64, FLAG=True, num_warps=4)
     assert [e[0] for e in fn.log] == ["generic", "fast"]
-    assert fn.log[1][1] == (4, 1, 1, 1234, "fn-handle", "meta", None, None, None, x, 7, y, 64, True)
+    assert fn.log[1][1] == (4, 1, 1, 1234, "fn-handle", "meta", None, None, None, x, 7, y, 64, True, None, 0)
     # another constexpr, option, alignment or int class: Triton's launch again
     k[(4,)](x, 7, y, BLOCK=32, FLAG=True, num_warps=4)
     k[(4,)](x, 7, y, BLOCK=64, FLAG=True, num_warps=8)
@@ -151,6 +157,26 @@ def test_second_launch_calls_the_compiled_kernel_in_declaration_order(fake_drive
     k[(4,)](x, 1, y, BLOCK=64, FLAG=True, num_warps=4)
     assert [e[0] for e in fn.log[2:]] == ["generic"] * 5
     assert k.fast_launches == 1 and k.generic_launches == 6
+
+
+def test_defaults_and_tensor_keywords_stay_on_the_fast_path(fake_driver):
+    """Parameters left to their defaults are filled as Triton binds them (a kernel with defaulted
+    parameters took the generic launch on every call before); a tensor passed by keyword enters
+    the key by dtype and alignment only (new tensors each call: still one entry, still fast)."""
+    fn = JITFunction()
+    k = fastlaunch.fast(fn)
+    x = torch.zeros(8)
+    for _ in range(3):
+        k[(2,)](x, 5, x, BLOCK=16, FLAG=False)
+    assert [e[0] for e in fn.log] == ["generic", "fast", "fast"]
+    assert fn.log[2][1][-2:] == (None, 0)
+    for _ in range(3):
+        z = torch.zeros(8)
+        k[(2,)](x, 5, x, BLOCK=16, FLAG=False, Z=z, WIDE=2)
+    assert [e[0] for e in fn.log[3:]] == ["generic", "fast", "fast"]
+    assert fn.log[5][1][-2] is z and len(k.compiled) == 2
+    k[(2,)](x, 5, x, BLOCK=16, FLAG=False, WIDE=3)  # another constexpr value: another kernel
+    assert fn.log[-1][0] == "generic"
 
 
 def test_launch_hooks_and_disabled_take_the_generic_launch(fake_driver, monkeypatch):
@@ -175,7 +201,7 @@ def test_launch_hooks_and_disabled_take_the_generic_launch(fake_driver, monkeypa
 
 def test_non_jit_kernels_are_launched_as_given():
     class Interpreted:
-        arg_names = ["x"]
+        params = [_param("x")]
 
         def __init__(self):
             self.calls = 0
@@ -268,3 +294,14 @@ def test_warmup_on_cpu_has_nothing_to_do(capsys):
 
     assert main(["warmup", "--device", "cpu"]) == 0
     assert "nothing to warm up" in capsys.readouterr().out
+
+
+def test_host_int_helpers_match_tritons():
+    """The plain-Python cdiv / next_power_of_2 used on the host (Triton's are constexpr functions,
+    microseconds a call) agree with Triton's."""
+    from flashtile.backends._ints import cdiv, next_power_of_2
+
+    for a in [0, 1, 2, 15, 16, 17, 127, 128, 129, 8191, 8192, 8193, 10**9 + 7]:
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 16, 64, 128, 129):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)

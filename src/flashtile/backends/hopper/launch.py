@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import triton
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ...spec import AttnCall
 from .. import _device
+from .._ints import cdiv
 from ..triton.launch import device_guard, forward_outputs, score_scales
 from . import configs
 from .configs import HopperConfig
@@ -102,7 +102,7 @@ def forward(
     k_desc = _descriptor(k, cfg.block_n, varlen)
     v_desc = _descriptor(v, cfg.block_n, varlen)
     o_desc = _descriptor(out, cfg.q_rows, varlen)
-    grid = (triton.cdiv(rows_q, cfg.block_m), H, nb)
+    grid = (cdiv(rows_q, cfg.block_m), H, nb)
     args = (
         q_desc, k_desc, v_desc, o_desc, out, lse, call.cu_seqlens_q, call.cu_seqlens_k,
         out.stride(1), out.stride(2), 0 if varlen else lse.stride(0), lse.stride(1),
@@ -126,7 +126,7 @@ def forward(
             attn_fwd_persistent[(offs.shape[0] - 1,)](
                 q_desc, k_desc, v_desc, o_desc, out, lse, tiles, offs,
                 out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-                Sq, Sk, H // Hk, triton.cdiv(Sq, cfg.block_m), H, qk_scale, cap_out,
+                Sq, Sk, H // Hk, cdiv(Sq, cfg.block_m), H, qk_scale, cap_out,
                 call.window_left, call.window_right,
                 CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers,
                 **consts,
@@ -187,7 +187,7 @@ def forward_fp8(
     for d in (call.q_descale, call.k_descale, call.v_descale):
         descales.append(d)
         strides += [0, 0] if d is None else [d.stride(0), d.stride(1)]
-    grid = (triton.cdiv(rows_q, cfg.block_m), H, nb)
+    grid = (cdiv(rows_q, cfg.block_m), H, nb)
     with device_guard(q.device):
         attn_fwd_ws_fp8[grid](
             q_desc, k_desc, vt_desc, o_desc, out, lse, call.cu_seqlens_q, call.cu_seqlens_k, *descales, *strides,

@@ -13,7 +13,10 @@ The signature key refines Triton's specialisation, so two launches with the same
 compiled kernel from Triton: for each tensor its dtype and whether its address is 16-byte aligned;
 for each int whether it is 1, whether it is a multiple of 16 and its integer width class; the type
 of floats and bools; None; the constexpr values; the launch options (``num_warps``, ...); the
-current device.
+current device. Parameters the call leaves out take their declared defaults, as Triton's binder
+does (a kernel whose new parameters have defaults stays on the lean path; found on the H200,
+where such kernels took the generic launch on every call). Tensors never enter the key themselves
+(only their dtype and alignment), whether passed by position or by keyword.
 
 Verified against the source of Triton 3.6.0 (the H200's) and 3.9.0 (``JITFunction.run`` and the
 NVIDIA ``CudaLauncher``); other versions, the interpreter (``TRITON_INTERPRET=1``), launch hooks
@@ -24,6 +27,7 @@ Triton compiles (``TRITON_DEBUG``, instrumentation) are read at the first launch
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -77,8 +81,13 @@ class FastKernel:
 
     def __init__(self, fn: Any) -> None:
         self.fn = fn
-        self.names: tuple[str, ...] = tuple(getattr(fn, "arg_names", ()))
+        params = list(getattr(fn, "params", ()))
+        self.names: tuple[str, ...] = tuple(p.name for p in params)
         self.nameset = frozenset(self.names)
+        #: per parameter: whether it is a constexpr (its value is part of the key, not its class)
+        self.const: tuple[bool, ...] = tuple(bool(p.is_constexpr) for p in params)
+        #: parameters with a default value (taken when the call leaves them out, as Triton binds)
+        self.defaults: dict[str, Any] = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
         self.compiled: dict[tuple, Any] = {}
         self.fast = ENABLED and type(fn).__name__ == "JITFunction" and bool(self.names)
         self.generic_launches = 0  # counted for the tests and benchmarks
@@ -87,25 +96,29 @@ class FastKernel:
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
+    def _key_part(self, vals: tuple) -> tuple:
+        return tuple([v if c else _arg_key(v) for v, c in zip(vals, self.const, strict=True)])
+
     def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
         if not self.fast:
             self.fn[grid](*args, **kwargs)
             return
         names = self.names
         n = len(args)
+        defaults = self.defaults
         try:
-            extra = [kwargs[name] for name in names[n:]]
-        except KeyError:  # a parameter left to its default: Triton binds it
+            extra = tuple([kwargs[name] if name in kwargs else defaults[name] for name in names[n:]])
+        except KeyError:  # a required parameter is missing: Triton raises its own error
             self.fn[grid](*args, **kwargs)
             return
         nameset = self.nameset
         options = tuple(kv for kv in kwargs.items() if kv[0] not in nameset)  # num_warps, num_stages, ...
         drv = triton.runtime.driver.active
         device = drv.get_current_device()
-        key = (device, tuple(map(_arg_key, args)), tuple(extra), options)
         try:
+            key = (device, self._key_part(args + extra), options)
             compiled = self.compiled.get(key)
-        except TypeError:  # an unhashable argument: Triton binds it
+        except (TypeError, ValueError):  # an unhashable argument, or too many: Triton binds them
             self.fn[grid](*args, **kwargs)
             return
         rt = _knobs.runtime

@@ -13,11 +13,11 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-import triton
 
 from ...rng import dropout_threshold
 from ...spec import AttnCall
 from .. import _device
+from .._ints import cdiv, next_power_of_2
 from . import configs
 from .bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess
 from .configs import BwdConfig, FwdConfig
@@ -54,7 +54,7 @@ def device_guard(device: torch.device):
 
 
 def block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def _seed_words(seed: int | torch.Tensor) -> tuple[int, int]:
@@ -206,7 +206,7 @@ def forward(
     stride_ab = alibi_slopes.stride(0) if alibi_slopes is not None else 0
 
     def launch(c: FwdConfig) -> None:
-        grid = (triton.cdiv(rows_q, c.block_m), H, nb)
+        grid = (cdiv(rows_q, c.block_m), H, nb)
         _FWD[grid](
             q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
             0 if varlen else q.stride(0), q.stride(1), q.stride(2),
@@ -289,14 +289,14 @@ def backward(
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dq_dst = dq_acc if atomic else dq
         pre_m = 64 if not INTERPRET else 32
-        _BWD_PRE[(triton.cdiv(Sq, pre_m), H, B)](
+        _BWD_PRE[(cdiv(Sq, pre_m), H, B)](
             out, dout, delta,
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             delta.stride(0), delta.stride(1), Sq,
             HEAD_DIM=Dv, BLOCK_D=bdv, BLOCK_M=pre_m,
         )
-        _BWD_DKDV[(triton.cdiv(rows_k, c.block_n1), Hk, nb)](
+        _BWD_DKDV[(cdiv(rows_k, c.block_n1), Hk, nb)](
             q, k, v, dout, lse, delta, dk, dv, dq_dst, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
             *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dk), *bstr(dv), *bstr(dq_dst),
             *common,
@@ -306,7 +306,7 @@ def backward(
         )
         if atomic:
             return
-        _BWD_DQ[(triton.cdiv(rows_q, c.block_m2), H, nb)](
+        _BWD_DQ[(cdiv(rows_q, c.block_m2), H, nb)](
             q, k, v, dout, lse, delta, dq, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
             *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dq),
             *common,

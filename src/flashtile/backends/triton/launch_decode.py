@@ -5,12 +5,14 @@ uses them: :func:`kvcache` (``flash_attn_with_kvcache``) and :func:`dense` (deco
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import triton
 
 from ...paged import check_cache_indices
 from ...spec import AttnCall, KVCache, capturing
 from .. import _device
+from .._ints import cdiv, next_power_of_2
 from .decode import _append_kernel, _decode_kernel, _merge_kernel
 from .fastlaunch import fast
 from .launch import _sink_args, block_d, device_guard, score_scales, upcast
@@ -22,6 +24,7 @@ def _interpret() -> bool:
     return type(_decode_kernel).__name__ == "InterpretedFunction"
 
 
+@functools.lru_cache(maxsize=4096)
 def choose_splits(programs: int, max_keys: int, block_n: int, slots: int, waves: int, min_keys: int = 256) -> int:
     """Key pieces per row. None when ``programs`` (batch x KV heads x row blocks) already fill
     the ``slots`` (SMs x programs resident per SM). Else the fewest pieces whose programs make
@@ -33,12 +36,12 @@ def choose_splits(programs: int, max_keys: int, block_n: int, slots: int, waves:
     if programs >= slots:
         return 1
     max_keys = max(max_keys, 1)
-    top = max(1, min(64, triton.cdiv(max_keys, min_keys)))
+    top = max(1, min(64, cdiv(max_keys, min_keys)))
     splits = 1
     for want in range(1, top + 1):
-        splits = triton.cdiv(max_keys, triton.cdiv(triton.cdiv(max_keys, want), block_n) * block_n)
+        splits = cdiv(max_keys, cdiv(cdiv(max_keys, want), block_n) * block_n)
         total = programs * splits
-        if total >= waves * slots and total / (slots * triton.cdiv(total, slots)) >= 0.95:
+        if total >= waves * slots and total / (slots * cdiv(total, slots)) >= 0.95:
             break
     return splits
 
@@ -102,10 +105,10 @@ def append_kv(
     Dv = v.shape[-1]
     if B == 0 or sn == 0:
         return
-    block_t = min(64, max(16, triton.next_power_of_2(sn)))
+    block_t = min(64, max(16, next_power_of_2(sn)))
     with device_guard(k.device):
         cos, sin, interleaved = rotary or (None, None, False)
-        _APPEND[(B * Hk, triton.cdiv(sn, block_t))](
+        _APPEND[(B * Hk, cdiv(sn, block_t))](
             k, v, k_cache, v_cache, table, seqlens, leftpad, err, cos, sin,
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -165,7 +168,7 @@ def decode(
         block_n, num_warps, num_stages = config or _config(D, 2, capacity, interp)
     block_m = 16 if Sq * G <= 16 else (32 if interp else 64)
     bd, bdv = block_d(D), block_d(Dv)
-    row_blocks = triton.cdiv(Sq * G, block_m)
+    row_blocks = cdiv(Sq * G, block_m)
     max_keys = max(capacity, 1)
     programs = B * Hk * row_blocks
     if num_splits > 0:
@@ -178,8 +181,8 @@ def decode(
         splits = choose_splits(programs, max_keys, block_n, sms * per_sm, 8 if gather else 0, 256 if gather else 128)
     else:
         splits = 1
-    chunk = triton.cdiv(triton.cdiv(max_keys, splits), block_n) * block_n  # whole key blocks per piece
-    splits = triton.cdiv(max_keys, chunk)
+    chunk = cdiv(cdiv(max_keys, splits), block_n) * block_n  # whole key blocks per piece
+    splits = cdiv(max_keys, chunk)
     out = torch.empty((B, Sq, H, Dv), dtype=q.dtype, device=q.device)
     lse_out = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if splits == 1:  # the kernel writes the result itself
@@ -218,7 +221,7 @@ def decode(
                 lse.stride(0), lse.stride(1), lse.stride(2),
                 out.stride(0), out.stride(1), out.stride(2),
                 lse_out.stride(0), lse_out.stride(1),
-                H, Sq, HEAD_DIM=Dv, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=bdv, **sink,
+                H, Sq, HEAD_DIM=Dv, BLOCK_S=max(2, next_power_of_2(splits)), BLOCK_D=bdv, **sink,
             )  # fmt: skip
     return out, lse_out
 
