@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -74,6 +75,21 @@ def test_bwd_check_names_the_problem(overrides, needle):
     cfg = configs.bwd_config(256, **overrides)
     reason = configs.bwd_check(cfg, 256)
     assert reason and needle in reason
+
+
+def test_bwd_ws_config_checks_and_shared_memory():
+    """The warp-specialised kernel's fields are checked, and its dQ tile (fp32 block_m x BLOCK_D,
+    only with atomic dQ) counts in shared memory."""
+    ws = configs.HopperBwdConfig(64, 128, 2, kernel="ws")
+    plain = configs.HopperBwdConfig(64, 128, 2)
+    assert configs.bwd_check(ws, 128) is None
+    assert configs.bwd_smem_bytes(ws, 128) == configs.bwd_smem_bytes(plain, 128) + 4 * 64 * 128
+    assert configs.bwd_smem_bytes(replace(ws, atomic_dq=0), 128) == configs.bwd_smem_bytes(plain, 128)
+    for bad, needle in ((dict(kernel="pp"), "kernel"), (dict(worker_regs=20), "worker_regs"),
+                        (dict(red_rows=3), "red_rows"), (dict(red_vec=4), "red_vec"),
+                        (dict(num_stages=4), "shared memory")):  # fmt: skip
+        reason = configs.bwd_check(replace(ws, **bad), 128)
+        assert reason and needle in reason, (bad, reason)
 
 
 def test_bwd_check_refuses_register_hungry_tiles():
@@ -185,6 +201,7 @@ def lb(monkeypatch):
 
     rec = {"main": _Recorder(fill_dq), "pre": _Recorder(), "dq": _Recorder()}
     monkeypatch.setattr(launch_bwd, "attn_bwd", rec["main"])
+    monkeypatch.setattr(launch_bwd, "attn_bwd_ws", rec["main"])  # (the table picks per head dim)
     monkeypatch.setattr(launch_bwd, "_bwd_preprocess", rec["pre"])
     monkeypatch.setattr(launch_bwd, "_bwd_dq_kernel", rec["dq"])
     monkeypatch.setattr(launch_bwd, "_descriptor", lambda t, rows, varlen: ("desc", tuple(t.shape), rows, varlen))
@@ -212,7 +229,11 @@ def test_launch_bwd_dense_arguments(lb):
     assert args[22] == pytest.approx(0.25 * 1.4426950408889634) and args[23] == 0.0 and args[24] == 0.25
     assert args[25:27] == (-1, 0)
     assert kw["HAS_WR"] and not kw["HAS_WL"] and not kw["HAS_SOFTCAP"] and not kw["IS_VARLEN"]
-    assert kw["ATOMIC_DQ"] and kw["HEAD_DIM"] == 96 and kw["BLOCK_D"] == 128 and kw["DQ_CHUNK"] == 128
+    assert kw["ATOMIC_DQ"] and kw["HEAD_DIM"] == 96 and kw["BLOCK_D"] == 128
+    if cfg.kernel == "ws":
+        assert kw["WORKER_REGS"] == cfg.worker_regs and kw["RED_ROWS"] == cfg.red_rows and "DQ_CHUNK" not in kw
+    else:
+        assert kw["DQ_CHUNK"] == 128 and kw["RED_VEC"] == cfg.red_vec
     assert args[9] is None and args[10] is None
     # the conversion: scale x the accumulator, its first D columns and Sq rows, in q's dtype
     assert dq.dtype == q.dtype and dq.shape == q.shape and torch.all(dq == 0.5)

@@ -200,23 +200,33 @@ class HopperBwdConfig:
     atomic_dq: int = 1
     red_vec: int = 1
     num_warps: int = 8
+    #: "plain": :func:`.bwd.attn_bwd`, one 8-warp partition doing everything; "ws":
+    #: :func:`.bwd.attn_bwd_ws`, the 8 compute warps plus a worker warpgroup (TMA loads, and the
+    #: dQ reductions from a shared-memory tile, off the compute warps' path)
+    kernel: str = "plain"
+    #: ws: registers of the worker warpgroup (the compute warps get the rest: 256 - worker / 2)
+    worker_regs: int = 32
+    #: ws: rows of the dQ tile the worker adds per step (its registers: ``red_rows * BLOCK_D / 128`` floats)
+    red_rows: int = 8
 
     def chunk(self, headdim: int) -> int:
         """Columns of dQ computed and added at once (``dq_chunk``; 0: the whole tile)."""
         return self.dq_chunk or block_d(headdim)
 
 
-# NOT measured yet: sized from shared memory and registers (ptxas -v of
-# scripts/gluon_compile_check.py --only bwd: no spills in any variant), waiting for the first
-# H200 run (benchmarks/hopper_bwd_run.py). Registers bind, not shared memory: 8 warps at up to
-# 255 registers fill the register file, so one CTA per SM whatever the tiles; dK + dV take
-# 2 * block_n * BLOCK_D / 256 fp32 registers per thread. block_n = 128 at head dim 128 (FA3's
-# tile) spills 36-276 bytes in one partition, hence 64 there. Extra ring stages are free (one
-# CTA per SM anyway) where shared memory allows.
+# Registers bind, not shared memory: 8 compute warps at up to 240-255 registers fill the register
+# file, so one CTA per SM whatever the tiles; dK + dV take 2 * block_n * BLOCK_D / 256 fp32
+# registers per thread. The plain kernel at block_n = 128, head dim 128 (FA3's tile) spilled
+# 36-276 bytes (its dQ atomics' addresses live beside dK/dV); the ws kernel hands dQ to the worker
+# through shared memory and fits it in 240 registers (ptxas: a few scalar spills, 16-60 bytes).
+# Head dims 192/256 stay on the plain kernel (dK + dV at 128 keys would take 256 registers; at 64
+# keys the ws kernel's extra dQ tile does not fit in shared memory with 2 ring stages).
 _BWD_TABLE: dict[int, HopperBwdConfig] = {
-    64: HopperBwdConfig(64, 128, 3),   # K/V 32 KiB + 3 x (Q, dO) 16 KiB + P, dS 32 KiB = 112 KiB
-    96: HopperBwdConfig(64, 64, 3),    # padded to 128: as 128
-    128: HopperBwdConfig(64, 64, 3),   # K/V 32 KiB + 3 x 32 KiB + P, dS 16 KiB = 144 KiB
+    # ws: K/V 32 KiB + 3 x (Q, dO) 16 KiB + P, dS 32 KiB + dQ tile 16 KiB = 128 KiB
+    64: HopperBwdConfig(64, 128, 3, kernel="ws", worker_regs=24),
+    96: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24),  # padded to 128: as 128
+    # ws (FA3's tile): K/V 64 KiB + 2 x (Q, dO) 32 KiB + P, dS 32 KiB + dQ tile 32 KiB = 192 KiB
+    128: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24),
     192: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # padded to 256: as 256
     # d256: red_vec=4 measured 257 TFLOP/s causal 4k b4 h8 against red_vec=1's 136 (H200, same run,
     # results/hopper_bwd_H200_20261201_redvec.json); the default backward at d256 (GLUON_BWD_HEADDIMS)
@@ -237,7 +247,10 @@ def bwd_smem_bytes(cfg: HopperBwdConfig, headdim: int, elem_bytes: int = 2) -> i
     """Shared memory of the backward's tiles: K and V, the (Q, dO) ring, P and dS (and the dQ
     chunk's layout conversion with ``red_vec = 4``)."""
     d = block_d(headdim)
-    red = 4 * cfg.block_m * cfg.chunk(headdim) if cfg.red_vec == 4 else 0  # layout conversion scratch
+    if cfg.kernel == "ws":
+        red = 4 * cfg.block_m * d if cfg.atomic_dq else 0  # the dQ tile handed to the worker
+    else:
+        red = 4 * cfg.block_m * cfg.chunk(headdim) if cfg.red_vec == 4 else 0  # layout conversion scratch
     tiles = 2 * cfg.block_n * d + 2 * cfg.num_stages * cfg.block_m * d + 2 * cfg.block_n * cfg.block_m
     return elem_bytes * tiles + red
 
@@ -254,7 +267,16 @@ def bwd_accumulator_regs(cfg: HopperBwdConfig, headdim: int) -> int:
 def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
     """Why ``cfg`` cannot work for ``headdim`` (None if it can)."""
     if cfg.num_warps != 8:
-        return "the backward runs 2 warpgroups in one partition: num_warps = 8"
+        return "the backward runs 2 compute warpgroups: num_warps = 8"
+    if cfg.kernel not in ("plain", "ws"):
+        return f"kernel must be 'plain' or 'ws', got {cfg.kernel!r}"
+    if cfg.kernel == "ws":
+        if cfg.worker_regs % 8 or not 24 <= cfg.worker_regs <= 256:
+            return f"worker_regs must be a multiple of 8 in [24, 256], got {cfg.worker_regs}"
+        if cfg.red_rows not in (4, 8, 16, 32) or cfg.block_m % cfg.red_rows:
+            return f"red_rows must be 4, 8, 16 or 32 and divide block_m, got {cfg.red_rows}"
+        if cfg.dq_chunk or cfg.red_vec != 1:
+            return "the ws kernel computes dQ whole and reduces it from shared memory: no dq_chunk / red_vec"
     if cfg.block_n not in (64, 128):
         return f"block_n (keys per program, the wgmma M of two warpgroups) must be 64 or 128, got {cfg.block_n}"
     if cfg.block_m not in (64, 128):

@@ -7,7 +7,9 @@ Works on the internal layout of :mod:`flashtile.backends.base` (dense ``(B, S, H
 Steps:
 
 1. ``delta = rowsum(dO * O)`` (float32, lse's shape): the Triton backend's preprocess kernel.
-2. :func:`.bwd.attn_bwd`, one program per (key block, KV head, batch or sequence): dK and dV
+2. :func:`.bwd.attn_bwd_ws` (config ``kernel="ws"``: two compute warpgroups and a worker
+   warpgroup for the loads and the dQ reductions) or :func:`.bwd.attn_bwd` (``"plain"``: one
+   8-warp partition), one program per (key block, KV head, batch or sequence): dK and dV
    written directly; dQ (unscaled) added with fp32 atomics into a zeroed ``(B, Sq, H, BLOCK_D)``
    buffer (``call.deterministic=False``).
 3. dQ conversion: ``dq = scale * acc[..., :D]`` in q's dtype.
@@ -30,7 +32,7 @@ from ..triton import configs as triton_configs
 from ..triton.bwd import _bwd_dq_kernel, _bwd_preprocess
 from ..triton.launch import _flags, _geometry, _scalars, arch, device_guard, score_scales
 from . import configs
-from .bwd import attn_bwd
+from .bwd import attn_bwd, attn_bwd_ws
 from .configs import HopperBwdConfig
 from .launch import _check_launch, _descriptor, tma_compatible
 
@@ -83,15 +85,18 @@ def backward(
         do_desc = _descriptor(dout, cfg.block_m, varlen)
         k_desc = _descriptor(k, cfg.block_n, varlen)
         v_desc = _descriptor(v, cfg.block_n, varlen)
-        attn_bwd[(cdiv(rows_k, cfg.block_n), Hk, nb)](
+        if cfg.kernel == "ws":
+            kernel, extra = attn_bwd_ws, dict(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows)
+        else:
+            kernel, extra = attn_bwd, dict(DQ_CHUNK=cfg.chunk(D), RED_VEC=cfg.red_vec)
+        kernel[(cdiv(rows_k, cfg.block_n), Hk, nb)](
             q_desc, k_desc, v_desc, do_desc, dq_acc, dk, dv, lse, delta, call.cu_seqlens_q, call.cu_seqlens_k,
             0 if varlen else dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
             0 if varlen else dk.stride(0), dk.stride(1), dk.stride(2), stride_lb, lse.stride(1),
             Sq, Sk, H // Hk, qk_scale, cap_out, call.softmax_scale, call.window_left, call.window_right,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
             HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
-            IS_VARLEN=varlen, ATOMIC_DQ=atomic, DQ_CHUNK=cfg.chunk(D), RED_VEC=cfg.red_vec,
-            num_warps=cfg.num_warps,
+            IS_VARLEN=varlen, ATOMIC_DQ=atomic, **extra, num_warps=cfg.num_warps,
         )  # fmt: skip
         if atomic:
             dq.copy_(dq_acc[:, :Sq, :, :D].mul_(call.softmax_scale))
