@@ -110,7 +110,9 @@ def test_bwd_kernel_choice_and_env(monkeypatch):
     call = make_call(headdim=128)
     monkeypatch.delenv(hopper.BWD_ENV)
     assert hopper.bwd_kernel(call) == hopper.DEFAULT_BWD == "triton"
-    assert hopper.bwd_kernel(call, 128) == "triton" and hopper.bwd_kernel(call, 256) == "gluon"
+    assert hopper.bwd_kernel(call, 64) == "triton" and hopper.bwd_kernel(call, 256) == "gluon"
+    # head dim 128: the Gluon kernel from 2k keys on (below, the Triton backward is faster)
+    assert hopper.bwd_kernel(call, 128, 1024) == "triton" and hopper.bwd_kernel(call, 128, 4096) == "gluon"
     monkeypatch.setenv(hopper.BWD_ENV, "gluon")
     assert hopper.bwd_kernel(call) == "gluon"
     monkeypatch.setenv(hopper.BWD_ENV, "triton")

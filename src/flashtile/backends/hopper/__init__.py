@@ -174,7 +174,8 @@ class HopperBackend:
         lse: torch.Tensor,
         call: AttnCall,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        if bwd_kernel(call, q.shape[-1]) == "triton":
+        keys = int(call.max_seqlen_k) if call.varlen else k.shape[1]
+        if bwd_kernel(call, q.shape[-1], keys) == "triton":
             from ..triton import backend as triton_backend
 
             return triton_backend.backward(dout, q, k, v, out, lse, call)
@@ -186,23 +187,29 @@ class HopperBackend:
 
 #: Environment variable choosing the backward kernels: ``gluon`` or ``triton``.
 BWD_ENV = "FLASHTILE_HOPPER_BWD"
-#: The default backward: the Triton kernels, except at the head dims in :data:`GLUON_BWD_HEADDIMS`.
-#: The Gluon backward passes every correctness case on the H200 but runs at 0.3-0.5x cuDNN, 0.5x
-#: the Triton backward at head dims 64-128 (``benchmarks/results/hopper_bwd_H200_20261201_*.json``);
-#: at head dim 256 with vector dQ reductions (``red_vec=4``) it is 257 TFLOP/s causal 4k against
-#: Triton's 203 and FA2's 230. ``FLASHTILE_HOPPER_BWD=gluon|triton`` forces one for every head dim.
+#: The default backward: the Triton kernels, except at the head dims in :data:`GLUON_BWD_HEADDIMS`
+#: with at least that many keys (the longest sequence's). Measured on the H200 in one run
+#: (``benchmarks/results/hopper_bwd_H200_20261201_ws.json``, backward TFLOP/s, bf16): the
+#: warp-specialised Gluon kernel at head dim 128 is 412 / 337 at 4k (non-causal / causal) and
+#: 455 / 437 at 16k against the Triton backward's 397 / 331 and 421 / 396 (GQA 32/8 8k causal 390
+#: vs 361, with softcap 311 vs 298), but 284 / 191 against 334 / 196 at 1k; at head dim 64 it is
+#: below Triton's except causal 16k (346 vs 345); at 256 the plain Gluon kernel is 281 / 257 against
+#: 209 / 204. ``FLASHTILE_HOPPER_BWD=gluon|triton`` forces one for every call.
 DEFAULT_BWD = "triton"
-GLUON_BWD_HEADDIMS = (256,)
+GLUON_BWD_HEADDIMS: dict[int, int] = {96: 2048, 128: 2048, 256: 0}
 
 
-def bwd_kernel(call: AttnCall, headdim: int | None = None) -> str:
-    """Which kernels run the backward of ``call`` (q/k head dim ``headdim``): ``gluon``
-    (:mod:`.bwd`) or ``triton`` (the Triton backend's, also the path for anything the Gluon kernel
-    does not serve: a learnable sink). ``FLASHTILE_HOPPER_BWD`` forces one (A/B comparisons)."""
+def bwd_kernel(call: AttnCall, headdim: int | None = None, keys: int | None = None) -> str:
+    """Which kernels run the backward of ``call`` (q/k head dim ``headdim``, ``keys`` keys in the
+    longest sequence; unknown: as long as needed): ``gluon`` (:mod:`.bwd`) or ``triton`` (the
+    Triton backend's, also the path for anything the Gluon kernel does not serve: a learnable
+    sink). ``FLASHTILE_HOPPER_BWD`` forces one (A/B comparisons)."""
     env = os.environ.get(BWD_ENV, "").strip().lower()
     if env and env not in ("gluon", "triton"):
         raise ValueError(f"{BWD_ENV} must be 'gluon' or 'triton', got {env!r}")
-    choice = env or ("gluon" if headdim in GLUON_BWD_HEADDIMS else DEFAULT_BWD)
+    min_keys = GLUON_BWD_HEADDIMS.get(headdim) if headdim is not None else None
+    auto = "gluon" if min_keys is not None and (keys is None or keys >= min_keys) else DEFAULT_BWD
+    choice = env or auto
     if choice == "triton" or call.learnable_sink is not None:
         return "triton"
     return "gluon"
