@@ -202,10 +202,14 @@ class HopperBwdConfig:
     num_warps: int = 8
     #: "plain": :func:`.bwd.attn_bwd`, one 8-warp partition doing everything; "ws":
     #: :func:`.bwd.attn_bwd_ws`, the 8 compute warps plus a worker warpgroup (TMA loads, and the
-    #: dQ reductions from a shared-memory tile, off the compute warps' path)
+    #: dQ reductions from a shared-memory tile, off the compute warps' path); "ws2":
+    #: :func:`.bwd.attn_bwd_ws2`, the two compute warpgroups in partitions of their own (half of
+    #: the keys and a dQ partial each; they never wait for each other) plus the worker
     kernel: str = "plain"
-    #: ws: registers of the worker warpgroup (the compute warps get the rest: 256 - worker / 2)
+    #: ws / ws2: registers of the worker warpgroup (ws: the compute warps get the rest, 256 - worker / 2)
     worker_regs: int = 32
+    #: ws2: registers of each compute warpgroup
+    compute_regs: int = 240
     #: ws: rows of the dQ tile the worker adds per step (its registers: ``red_rows * BLOCK_D / 128`` floats)
     red_rows: int = 8
 
@@ -247,8 +251,9 @@ def bwd_smem_bytes(cfg: HopperBwdConfig, headdim: int, elem_bytes: int = 2) -> i
     """Shared memory of the backward's tiles: K and V, the (Q, dO) ring, P and dS (and the dQ
     chunk's layout conversion with ``red_vec = 4``)."""
     d = block_d(headdim)
-    if cfg.kernel == "ws":
-        red = 4 * cfg.block_m * d if cfg.atomic_dq else 0  # the dQ tile handed to the worker
+    if cfg.kernel in ("ws", "ws2"):
+        # the dQ tile(s) handed to the worker (ws2: one partial per compute warpgroup)
+        red = (2 if cfg.kernel == "ws2" else 1) * 4 * cfg.block_m * d if cfg.atomic_dq else 0
     else:
         red = 4 * cfg.block_m * cfg.chunk(headdim) if cfg.red_vec == 4 else 0  # layout conversion scratch
     tiles = 2 * cfg.block_n * d + 2 * cfg.num_stages * cfg.block_m * d + 2 * cfg.block_n * cfg.block_m
@@ -268,9 +273,14 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
     """Why ``cfg`` cannot work for ``headdim`` (None if it can)."""
     if cfg.num_warps != 8:
         return "the backward runs 2 compute warpgroups: num_warps = 8"
-    if cfg.kernel not in ("plain", "ws"):
-        return f"kernel must be 'plain' or 'ws', got {cfg.kernel!r}"
-    if cfg.kernel == "ws":
+    if cfg.kernel not in ("plain", "ws", "ws2"):
+        return f"kernel must be 'plain', 'ws' or 'ws2', got {cfg.kernel!r}"
+    if cfg.kernel == "ws2" and (cfg.compute_regs % 8 or (2 * cfg.compute_regs + cfg.worker_regs) * 128 > 65536):
+        return (f"registers: 2 x 128 x compute_regs {cfg.compute_regs} + 128 x worker_regs {cfg.worker_regs} "
+                f"> 65536 (or not multiples of 8)")  # fmt: skip
+    if cfg.kernel == "ws2" and cfg.block_n != 128:
+        return "ws2 splits 128 keys between its two compute warpgroups: block_n = 128"
+    if cfg.kernel in ("ws", "ws2"):
         if cfg.worker_regs % 8 or not 24 <= cfg.worker_regs <= 256:
             return f"worker_regs must be a multiple of 8 in [24, 256], got {cfg.worker_regs}"
         if cfg.red_rows not in (4, 8, 16, 32) or cfg.block_m % cfg.red_rows:

@@ -32,7 +32,7 @@ from ..triton import configs as triton_configs
 from ..triton.bwd import _bwd_dq_kernel, _bwd_preprocess
 from ..triton.launch import _flags, _geometry, _scalars, arch, device_guard, score_scales
 from . import configs
-from .bwd import attn_bwd, attn_bwd_ws
+from .bwd import attn_bwd, attn_bwd_ws, attn_bwd_ws2
 from .configs import HopperBwdConfig
 from .launch import _check_launch, _descriptor, tma_compatible
 
@@ -85,8 +85,12 @@ def backward(
         do_desc = _descriptor(dout, cfg.block_m, varlen)
         k_desc = _descriptor(k, cfg.block_n, varlen)
         v_desc = _descriptor(v, cfg.block_n, varlen)
+        warps = cfg.num_warps
         if cfg.kernel == "ws":
             kernel, extra = attn_bwd_ws, dict(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows)
+        elif cfg.kernel == "ws2":  # the default partition is one compute warpgroup
+            kernel, warps = attn_bwd_ws2, 4
+            extra = dict(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows, COMPUTE_REGS=cfg.compute_regs)
         else:
             kernel, extra = attn_bwd, dict(DQ_CHUNK=cfg.chunk(D), RED_VEC=cfg.red_vec)
         kernel[(cdiv(rows_k, cfg.block_n), Hk, nb)](
@@ -96,7 +100,7 @@ def backward(
             Sq, Sk, H // Hk, qk_scale, cap_out, call.softmax_scale, call.window_left, call.window_right,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
             HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
-            IS_VARLEN=varlen, ATOMIC_DQ=atomic, **extra, num_warps=cfg.num_warps,
+            IS_VARLEN=varlen, ATOMIC_DQ=atomic, **extra, num_warps=warps,
         )  # fmt: skip
         if atomic:
             dq.copy_(dq_acc[:, :Sq, :, :D].mul_(call.softmax_scale))
