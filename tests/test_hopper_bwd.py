@@ -110,9 +110,14 @@ def test_bwd_kernel_choice_and_env(monkeypatch):
     call = make_call(headdim=128)
     monkeypatch.delenv(hopper.BWD_ENV)
     assert hopper.bwd_kernel(call) == hopper.DEFAULT_BWD == "triton"
-    assert hopper.bwd_kernel(call, 64) == "triton" and hopper.bwd_kernel(call, 256) == "gluon"
-    # head dim 128: the Gluon kernel from 2k keys on (below, the Triton backward is faster)
+    assert hopper.bwd_kernel(call, 192) == "triton" and hopper.bwd_kernel(call, 256) == "gluon"
+    # head dims 64/128: the Gluon kernels from 2k keys on (below, the Triton backward is faster);
+    # causal head dim 64 from 8k keys
     assert hopper.bwd_kernel(call, 128, 1024) == "triton" and hopper.bwd_kernel(call, 128, 4096) == "gluon"
+    assert hopper.bwd_kernel(call, 64, 1024) == "triton" and hopper.bwd_kernel(call, 64, 4096) == "gluon"
+    causal = make_call(headdim=64, causal=True)
+    assert hopper.bwd_kernel(causal, 64, 4096) == "triton" and hopper.bwd_kernel(causal, 64, 8192) == "gluon"
+    assert configs.bwd_config(64, masked=True).kernel == "ws2" and configs.bwd_config(64).kernel == "ws"
     monkeypatch.setenv(hopper.BWD_ENV, "gluon")
     assert hopper.bwd_kernel(call) == "gluon"
     monkeypatch.setenv(hopper.BWD_ENV, "triton")
@@ -204,6 +209,7 @@ def lb(monkeypatch):
     rec = {"main": _Recorder(fill_dq), "pre": _Recorder(), "dq": _Recorder()}
     monkeypatch.setattr(launch_bwd, "attn_bwd", rec["main"])
     monkeypatch.setattr(launch_bwd, "attn_bwd_ws", rec["main"])  # (the table picks per head dim)
+    monkeypatch.setattr(launch_bwd, "attn_bwd_ws2", rec["main"])
     monkeypatch.setattr(launch_bwd, "_bwd_preprocess", rec["pre"])
     monkeypatch.setattr(launch_bwd, "_bwd_dq_kernel", rec["dq"])
     monkeypatch.setattr(launch_bwd, "_descriptor", lambda t, rows, varlen: ("desc", tuple(t.shape), rows, varlen))
@@ -270,8 +276,9 @@ def test_launch_bwd_varlen_arguments(lb):
     call = make_call(headdim=D, cu_seqlens_q=cu(lens_q, "cpu"), cu_seqlens_k=cu(lens_k, "cpu"),
                      max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), window_size=(8, 3))  # fmt: skip
     launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(1, H, tq), call)
-    cfg = configs.bwd_config(D)
+    cfg = configs.bwd_config(D, masked=True)  # a window: the masked table (d64: ws2, 4 warps a partition)
     (grid, args, kw), = rec["main"].calls
+    assert kw["num_warps"] == (4 if cfg.kernel == "ws2" else 8)
     assert grid == (-(-max(lens_k) // cfg.block_n), Hk, len(lens_q))
     assert args[4].shape == (1, tq + cfg.block_m, H, D)
     assert args[11] == 0 and args[14] == 0 and args[17] == 0  # no batch strides: rows are global

@@ -187,16 +187,20 @@ class HopperBackend:
 
 #: Environment variable choosing the backward kernels: ``gluon`` or ``triton``.
 BWD_ENV = "FLASHTILE_HOPPER_BWD"
-#: The default backward: the Triton kernels, except at the head dims in :data:`GLUON_BWD_HEADDIMS`
-#: with at least that many keys (the longest sequence's). Measured on the H200 in one run
-#: (``benchmarks/results/hopper_bwd_H200_20261201_ws.json``, backward TFLOP/s, bf16): the
-#: warp-specialised Gluon kernel at head dim 128 is 412 / 337 at 4k (non-causal / causal) and
-#: 455 / 437 at 16k against the Triton backward's 397 / 331 and 421 / 396 (GQA 32/8 8k causal 390
-#: vs 361, with softcap 311 vs 298), but 284 / 191 against 334 / 196 at 1k; at head dim 64 it is
-#: below Triton's except causal 16k (346 vs 345); at 256 the plain Gluon kernel is 281 / 257 against
-#: 209 / 204. ``FLASHTILE_HOPPER_BWD=gluon|triton`` forces one for every call.
+#: The default backward: the Triton kernels, except for (head dim, masked) in
+#: :data:`GLUON_BWD_MIN_KEYS` with at least that many keys (the longest sequence's; masked: causal
+#: or windowed). Measured on the H200 (``benchmarks/results/hopper_bwd_H200_20261201_ws*.json``,
+#: backward TFLOP/s, bf16, each against the Triton backward in the same run): head dim 128, the ws
+#: kernel, 410 / 341 at 4k (non-causal / causal) and 457 / 437 at 16k against 391 / 334 and
+#: 403 / 394 (GQA 32/8 8k causal 390 vs 361, softcap 311 vs 300), but 286 / 192 against 335 / 197
+#: at 1k; head dim 64, non-causal (ws, 128-row blocks) 367 / 403 at 4k / 16k against 335 / 327,
+#: 262 vs 283 at 1k; causal (ws2) 289 / 367 against 299 / 341 at 4k / 16k; head dim 256 (plain
+#: Gluon kernel) 282 / 259 against 210 / 205. ``FLASHTILE_HOPPER_BWD=gluon|triton`` forces one.
 DEFAULT_BWD = "triton"
-GLUON_BWD_HEADDIMS: dict[int, int] = {96: 2048, 128: 2048, 256: 0}
+GLUON_BWD_MIN_KEYS: dict[tuple[int, bool], int] = {
+    (64, False): 2048, (64, True): 8192, (96, False): 2048, (96, True): 2048,
+    (128, False): 2048, (128, True): 2048, (256, False): 0, (256, True): 0,
+}
 
 
 def bwd_kernel(call: AttnCall, headdim: int | None = None, keys: int | None = None) -> str:
@@ -207,7 +211,8 @@ def bwd_kernel(call: AttnCall, headdim: int | None = None, keys: int | None = No
     env = os.environ.get(BWD_ENV, "").strip().lower()
     if env and env not in ("gluon", "triton"):
         raise ValueError(f"{BWD_ENV} must be 'gluon' or 'triton', got {env!r}")
-    min_keys = GLUON_BWD_HEADDIMS.get(headdim) if headdim is not None else None
+    masked = call.window_left >= 0 or call.window_right >= 0
+    min_keys = GLUON_BWD_MIN_KEYS.get((headdim, masked)) if headdim is not None else None
     auto = "gluon" if min_keys is not None and (keys is None or keys >= min_keys) else DEFAULT_BWD
     choice = env or auto
     if choice == "triton" or call.learnable_sink is not None:

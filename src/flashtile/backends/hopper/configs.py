@@ -226,24 +226,34 @@ class HopperBwdConfig:
 # Head dims 192/256 stay on the plain kernel (dK + dV at 128 keys would take 256 registers; at 64
 # keys the ws kernel's extra dQ tile does not fit in shared memory with 2 ring stages).
 _BWD_TABLE: dict[int, HopperBwdConfig] = {
-    # ws: K/V 32 KiB + 3 x (Q, dO) 16 KiB + P, dS 32 KiB + dQ tile 16 KiB = 128 KiB
-    64: HopperBwdConfig(64, 128, 3, kernel="ws", worker_regs=24),
+    # d64 (H200, results/hopper_bwd_H200_20261201_ws2.json): 128-row query blocks, 367 / 403 TFLOP/s
+    # non-causal at 4k / 16k against 301 / 326 with 64 rows (Triton 335 / 327); K/V 32 KiB + 2 x
+    # (Q, dO) 32 KiB + P, dS 64 KiB + dQ tile 32 KiB = 192 KiB. Masked calls: _BWD_MASKED.
+    64: HopperBwdConfig(128, 128, 2, kernel="ws", worker_regs=24),
     96: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24),  # padded to 128: as 128
-    # ws (FA3's tile): K/V 64 KiB + 2 x (Q, dO) 32 KiB + P, dS 32 KiB + dQ tile 32 KiB = 192 KiB
+    # ws (FA3's tile): K/V 64 KiB + 2 x (Q, dO) 32 KiB + P, dS 32 KiB + dQ tile 32 KiB = 192 KiB;
+    # 410 / 341 TFLOP/s at 4k, 457 / 437 at 16k (non-causal / causal); ws2 (two independent compute
+    # partitions) 388 / 301 and 426 / 383 in the same run: its compute partitions spill
     128: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24),
     192: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # padded to 256: as 256
     # d256: red_vec=4 measured 257 TFLOP/s causal 4k b4 h8 against red_vec=1's 136 (H200, same run,
-    # results/hopper_bwd_H200_20261201_redvec.json); the default backward at d256 (GLUON_BWD_HEADDIMS)
+    # results/hopper_bwd_H200_20261201_redvec.json); the default backward at d256 (GLUON_BWD_MIN_KEYS)
     256: HopperBwdConfig(64, 64, 2, dq_chunk=64, red_vec=4),  # K/V 64 KiB + 2 x 64 KiB + P, dS 16 KiB = 208 KiB
+}
+#: Entries for causal / windowed calls where they differ: at d64 the ws2 kernel (each compute
+#: warpgroup in its own partition) measured 289 / 367 causal at 4k / 16k against 276-280 / 345-350
+#: for ws with 64- or 128-row blocks (same run as above; Triton 299 / 341).
+_BWD_MASKED: dict[int, HopperBwdConfig] = {
+    64: HopperBwdConfig(64, 128, 3, kernel="ws2", worker_regs=24),
 }
 
 
-def bwd_config(headdim: int, **overrides) -> HopperBwdConfig:
-    """The backward table's config for ``headdim`` (one of :data:`HEADDIMS`), with fields
-    replaced by ``overrides``."""
+def bwd_config(headdim: int, masked: bool = False, **overrides) -> HopperBwdConfig:
+    """The backward table's config for ``headdim`` (one of :data:`HEADDIMS`; ``masked``: a causal or
+    windowed call), with fields replaced by ``overrides``."""
     if headdim not in _BWD_TABLE:
         raise ValueError(f"hopper kernels serve head dims {HEADDIMS}, got {headdim}")
-    cfg = _BWD_TABLE[headdim]
+    cfg = _BWD_MASKED.get(headdim, _BWD_TABLE[headdim]) if masked else _BWD_TABLE[headdim]
     return replace(cfg, **overrides) if overrides else cfg
 
 

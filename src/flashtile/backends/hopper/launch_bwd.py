@@ -57,7 +57,7 @@ def backward(
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if nb == 0 or q.numel() == 0 or k.numel() == 0 or rows_q == 0 or rows_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cfg = config or configs.bwd_config(D)
+    cfg = config or configs.bwd_config(D, call.window_left >= 0 or call.window_right >= 0)
     _check_launch(call, lse, cfg, D, configs.bwd_check, "backward config")
     q, k, v, dout = (x if tma_compatible(x) else x.contiguous() for x in (q, k, v, dout))
     if out.stride(-1) != 1:
