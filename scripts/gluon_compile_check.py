@@ -270,6 +270,8 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
         consts.update(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows)
         if cfg.kernel == "ws2":
             consts.update(COMPUTE_REGS=cfg.compute_regs, num_warps=4)
+        else:
+            consts.update(DEFER_DK=bool(cfg.defer_dk))
         name = name.replace("bwd ", f"bwd_{cfg.kernel} ", 1)
         res["name"] = name
     else:
@@ -319,7 +321,7 @@ def main() -> int:
         bopts = ["none", "causal", "deterministic"] if args.quick else list(BWD_OPTS)
         bwd_over = {k: v for k, v in overrides.items()
                     if k in ("block_m", "block_n", "num_stages", "dq_chunk", "atomic_dq", "red_vec", "worker_regs",
-                             "red_rows", "compute_regs")}  # fmt: skip
+                             "red_rows", "compute_regs", "defer_dk")}  # fmt: skip
         if args.bwd_kernel:
             bwd_over["kernel"] = args.bwd_kernel
         jobs += [(compile_bwd, (dt, d, op, vl, bwd_over)) for dt in dtypes for d in dims for op in bopts

@@ -407,10 +407,12 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
                     qk_scale, cap_out, sm_scale, window_left, window_right,
                     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
-                    HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr):
+                    HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr, DEFER_DK: gl.constexpr = False):
     """The two compute warpgroups (the default partition, 8 warps): for each query block of the
     ring, the five products and the softmax recomputation; dK and dV stay in registers (each
-    warpgroup owns ``BLOCK_N / 2`` keys), dQ goes to ``dq_smem`` for the worker."""
+    warpgroup owns ``BLOCK_N / 2`` keys), dQ goes to ``dq_smem`` for the worker. ``DEFER_DK``
+    (with atomic dQ): dQ is issued before dK and only dQ (and dV) are waited for before the dQ
+    tile is handed to the worker, so dK's wgmma runs under the hand-off."""
     dtype: gl.constexpr = q_bufs.dtype
     off = seqlen_k - seqlen_q
     NW: gl.constexpr = 8
@@ -487,17 +489,28 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
         ds_smem.store(ds.to(dtype))
         fence_async_shared()
         gl.thread_barrier()  # dQ of either warpgroup reads the dS of both
-        dk = warpgroup_mma(ds_smem.permute((1, 0)), q_buf, dk, is_async=True)
-        if ATOMIC_DQ:
+        if DEFER_DK and ATOMIC_DQ:
             dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, BLOCK_D], gl.float32, dq_layout), use_acc=False,
                                is_async=True)
+            dk = warpgroup_mma(ds_smem.permute((1, 0)), q_buf, dk, is_async=True)
             mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tile
-            dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
+            dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))  # dV and dQ retired, dK may still run
             dq_smem.index(0).store(dq)
-            mbarrier.arrive(dq_full)  # (lowered after a barrier of the 8 warps: the whole tile is stored)
+            mbarrier.arrive(dq_full)
+            dk = warpgroup_mma_wait(0, deps=(dk,))
+            mbarrier.arrive(ld_empty.index(stage))
         else:
-            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-        mbarrier.arrive(ld_empty.index(stage))  # Q and dO of this slot are no longer read
+            dk = warpgroup_mma(ds_smem.permute((1, 0)), q_buf, dk, is_async=True)
+            if ATOMIC_DQ:
+                dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, BLOCK_D], gl.float32, dq_layout),
+                                   use_acc=False, is_async=True)
+                mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tile
+                dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
+                dq_smem.index(0).store(dq)
+                mbarrier.arrive(dq_full)  # (lowered after a barrier of the 8 warps: the whole tile is stored)
+            else:
+                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+            mbarrier.arrive(ld_empty.index(stage))  # Q and dO of this slot are no longer read
         lse2 = lse2_n
         delta = delta_n
     kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
@@ -515,7 +528,7 @@ def attn_bwd_ws(
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, WORKER_REGS: gl.constexpr, RED_ROWS: gl.constexpr,
-    num_warps: gl.constexpr,
+    num_warps: gl.constexpr, DEFER_DK: gl.constexpr = False,
 ):
     """Warp-specialised backward, same arguments and semantics as :func:`attn_bwd` (grid
     ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``), ``num_warps = 8``: the two compute
@@ -566,7 +579,8 @@ def attn_bwd_ws(
                            DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb, total,
                            seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
                            qk_scale, cap_out, sm_scale, window_left, window_right,
-                           HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, ATOMIC_DQ)),
+                           HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, ATOMIC_DQ,
+                           DEFER_DK)),
         (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
                           kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
                           mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,

@@ -210,6 +210,8 @@ class HopperBwdConfig:
     worker_regs: int = 32
     #: ws2: registers of each compute warpgroup
     compute_regs: int = 240
+    #: ws: issue dQ before dK and let dK's wgmma run under the dQ hand-off (1) or wait for all (0)
+    defer_dk: int = 0
     #: ws: rows of the dQ tile the worker adds per step (its registers: ``red_rows * BLOCK_D / 128`` floats)
     red_rows: int = 8
 

@@ -87,7 +87,8 @@ def backward(
         v_desc = _descriptor(v, cfg.block_n, varlen)
         warps = cfg.num_warps
         if cfg.kernel == "ws":
-            kernel, extra = attn_bwd_ws, dict(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows)
+            kernel, extra = attn_bwd_ws, dict(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows,
+                                              DEFER_DK=bool(cfg.defer_dk))
         elif cfg.kernel == "ws2":  # the default partition is one compute warpgroup
             kernel, warps = attn_bwd_ws2, 4
             extra = dict(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows, COMPUTE_REGS=cfg.compute_regs)
