@@ -56,14 +56,14 @@ except ImportError:  # pragma: no cover - older Triton: never fast
 
 def _arg_key(a: Any) -> Any:
     """The part of the signature key for one non-constexpr argument (see the module docstring)."""
-    if isinstance(a, torch.Tensor):
-        return a.dtype, not (a.data_ptr() & 15)
-    if a is None:
-        return None
     t = type(a)
     if t is int:
         width = 0 if -_INT32 <= a < _INT32 else (1 if -(1 << 63) <= a < (1 << 63) else 2)
         return 3 * width + (0 if a == 1 else (1 if (a & 15) == 0 else 2))
+    if t is torch.Tensor or isinstance(a, torch.Tensor):
+        return a.dtype, not (a.data_ptr() & 15)
+    if a is None:
+        return None
     if t is float or t is bool:
         return t
     return t, a  # anything else (numpy scalars, ...): keyed on its value
@@ -86,6 +86,8 @@ class FastKernel:
         self.nameset = frozenset(self.names)
         #: per parameter: whether it is a constexpr (its value is part of the key, not its class)
         self.const: tuple[bool, ...] = tuple(bool(p.is_constexpr) for p in params)
+        #: how many leading parameters are not constexprs
+        self.plain_head = next((i for i, c in enumerate(self.const) if c), len(self.const))
         #: parameters with a default value (taken when the call leaves them out, as Triton binds)
         self.defaults: dict[str, Any] = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
         self.compiled: dict[tuple, Any] = {}
@@ -96,8 +98,14 @@ class FastKernel:
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
-    def _key_part(self, vals: tuple) -> tuple:
-        return tuple([v if c else _arg_key(v) for v, c in zip(vals, self.const, strict=True)])
+    def _key_part(self, args: tuple, extra: tuple) -> tuple:
+        """The arguments' part of the key: constexprs by value, the others by :func:`_arg_key`."""
+        const = self.const
+        if len(args) <= self.plain_head:  # the usual call: positional arguments are all non-constexpr
+            head = tuple(map(_arg_key, args))
+        else:
+            head = tuple([v if c else _arg_key(v) for v, c in zip(args, const[: len(args)], strict=True)])
+        return head + tuple([v if c else _arg_key(v) for v, c in zip(extra, const[len(args):], strict=True)])
 
     def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
         if not self.fast:
@@ -116,7 +124,7 @@ class FastKernel:
         drv = triton.runtime.driver.active
         device = drv.get_current_device()
         try:
-            key = (device, self._key_part(args + extra), options)
+            key = (device, self._key_part(args, extra), options)
             compiled = self.compiled.get(key)
         except (TypeError, ValueError):  # an unhashable argument, or too many: Triton binds them
             self.fn[grid](*args, **kwargs)
