@@ -115,7 +115,7 @@ def _triton_dq(q, k, v, dout, lse, delta, dq, call: AttnCall, varlen: bool, nb: 
     """The deterministic dQ: the Triton backend's dQ kernel (no atomics)."""
     H, D = q.shape[2], q.shape[3]
     bd = configs.block_d(D)
-    c = triton_configs.bwd_config(arch(q.device), bd, q.dtype, max(rows_q, rows_k))
+    c = triton_configs.bwd_config(arch(q.device), bd, q.dtype, max(rows_q, rows_k), call.window_right >= 0)
     scal = _scalars(call)
 
     def bstr(t: torch.Tensor) -> tuple[int, int, int]:
