@@ -53,7 +53,7 @@ def _p_operand(p, o_layout: gl.constexpr, PERM_P: gl.constexpr = False):
 
     ``PERM_P``: the keys are reordered within each 32-key chunk so that the operand is the
     accumulator's own registers: column ``32g + 16h + 4c + 2x + e`` of the operand is column
-    ``32g + 16h + 8x + 2c + e`` of P (``launch.key_perm32``), which is how the wgmma
+    ``32g + 16h + 8x + 2c + e`` of P (``vt.key_perm32``), which is how the wgmma
     accumulator layout (2 consecutive columns per thread in each 8-column group) lines up with the
     8-bit A operand layout (4 consecutive k per register); V^T comes with its keys reordered the
     same way (``launch.transpose_v``), so P V is unchanged. Without it the conversion shuffles

@@ -22,6 +22,7 @@ from .configs import HopperConfig
 from .fwd import attn_fwd_persistent, attn_fwd_plain, attn_fwd_ws
 from .fwd_fp8 import attn_fwd_ws_fp8
 from .sched import schedule
+from .vt import key_perm32
 
 # (schedule key, device) -> (codes, offsets) int32 tensors of the persistent kernel's schedule
 _SCHEDULES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -134,12 +135,6 @@ def forward(
     return out, lse
 
 
-def key_perm32() -> list[int]:
-    """The FP8 kernel's key order within each 32-key chunk of a dense V^T (``fwd_fp8._p_operand``):
-    position ``k = 16h + 4c + 2x + e`` holds key ``16h + 8x + 2c + e``."""
-    return [16 * (k // 16) + 8 * ((k // 2) % 2) + 2 * ((k // 4) % 4) + k % 2 for k in range(32)]
-
-
 _PERM_IDX: dict[tuple[int, str], torch.Tensor] = {}
 
 
@@ -149,10 +144,13 @@ def transpose_v(v: torch.Tensor, varlen: bool) -> torch.Tensor:
     :func:`key_perm32` (the kernel's P operand comes in that order), ``Sk_pad`` a multiple of 32;
     varlen ``(1, total, Hk, D)`` -> ``(Hk, D, total_pad)`` in key order, a multiple of 16. Padding
     keys are zeros (TMA strides are multiples of 16 bytes; the padding keys are masked, and zeros
-    keep ``0 * v`` finite). One read and one write of V (1 byte per element): at the benchmark's
-    anchors (batch x seqlen = 16k, heads x d = 2048) 2 x 32 MiB, ~20-40 us, against ~2.2 ms of
-    non-causal attention at seqlen 16k (1-2%) but ~0.14 ms at 1k (15-30%: a fused transpose in
-    shared memory would remove it)."""
+    keep ``0 * v`` finite). On CUDA one Triton pass (:mod:`.vt`: coalesced reads of V's rows,
+    transposed in the kernel); torch's strided copy took ~180-200 us for the benchmark's 32 MiB on
+    the H200 (6-20% of an FP8 forward). Elsewhere (CPU tests) this torch version, the reference."""
+    if v.is_cuda:  # one Triton pass (hopper/vt.py); the torch version below is the reference
+        from .vt import transpose_v_kernel
+
+        return transpose_v_kernel(v, varlen)
     x = v[0].permute(1, 2, 0) if varlen else v.permute(0, 2, 3, 1)  # (..., D, S)
     s = x.shape[-1]
     if varlen:
