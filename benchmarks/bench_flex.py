@@ -16,7 +16,9 @@ benchmarks/results).
     PYTHONPATH=src python benchmarks/bench_flex.py [--seqlen 16384] [--heads 16] [--hdim 128]
 
 Each row records which backward served flashtile's mod path (``flashtile_bwd_path``: the
-flex_triton passes or the torch engine's tile loop).
+flex_triton passes or the torch engine's tile loop). ``FLASHTILE_FLEX_FWD=M,N,W,S`` /
+``FLASHTILE_FLEX_BWD=M1,N1,M2,N2,W1,S1,W2,S2`` force the flex_triton tile configs (with
+``--skip-check --flex-deadline 0`` a quick way to time another config).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, budget_s: float = 4.0, max_reps: int = 20) -> float:
+def timed(fn, budget_s: float = 3.0, max_reps: int = 20) -> float:
     """Median milliseconds of fn() after one warm-up; fewer repetitions for slow functions."""
     fn()
     _sync()
@@ -156,7 +158,7 @@ def main():
     ap.add_argument("--hdim", type=int, default=128)
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--flex-deadline", type=float, default=240.0,
+    ap.add_argument("--flex-deadline", type=float, default=200.0,
                     help="seconds after which FlexAttention rows (a compile each) are skipped")  # fmt: skip
     ap.add_argument("--check-vs-flex", action="store_true", help="also compare outputs with FlexAttention (compiles)")
     args = ap.parse_args()
@@ -169,12 +171,12 @@ def main():
         print(f"FlexAttention unavailable: {type(e).__name__}: {e}")
     all_cases = cases(s, h)
     if not args.skip_check:
-        # 377: ragged lengths (the kernels' bounds-checked path); 512: multiples of the block mask's
-        # block, the unchecked path the timed 16k runs take
-        for sc in (377, 512):
+        # 377, head dim 64: ragged lengths (the kernels' bounds-checked path); 512, head dim d:
+        # multiples of the block mask's block, the unchecked kernels the timed runs then reuse
+        for sc, dc in ((377, 64), (512, d)):
             for name, c in cases(sc, 4).items():
                 try:
-                    check(name, c, tflex, tcbm, s=sc, vs_flex=args.check_vs_flex)
+                    check(name, c, tflex, tcbm, s=sc, d=dc, vs_flex=args.check_vs_flex)
                 except AssertionError as e:
                     print(f"CORRECTNESS FAILURE in {name} (seqlen {sc}): {e}")
                     sys.exit(1)
@@ -238,6 +240,7 @@ def main():
                 backend_for_mods=flashtile.dispatch.choose(
                     flashtile.spec.Problem(1, s, s, h, h, d, DT, torch.device(DEV)),
                     flashtile.spec.make_call(headdim=d, score_mod=masks.softcap(1.0))),
+                flex_cfg_env={k: os.environ.get(k) for k in ("FLASHTILE_FLEX_FWD", "FLASHTILE_FLEX_BWD")},
                 total_s=time.perf_counter() - t0)  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"flex_{gpu.replace(' ', '_')}_"

@@ -3,14 +3,16 @@
 Tile configs come from the built-in Triton kernels' table (``backends/triton/configs.py``, the
 same loop shape), with blocks clipped to the block mask's ``BLOCK_SIZE`` (a program's query rows
 and each step's keys must lie in one block-mask block) and 4 warps for a 64-row program, unless
-:data:`_TABLE` names a config of its own; on ``OutOfResources`` the launch steps down through
+:data:`_TABLE` names a config of its own (``FLASHTILE_FLEX_FWD`` / ``FLASHTILE_FLEX_BWD`` force one, to
+measure others on a GPU); on ``OutOfResources`` the launch steps down through
 ``configs.fallbacks`` once per key and remembers what fitted.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
+import os
+from dataclasses import fields, replace
 
 import torch
 
@@ -49,8 +51,23 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _env_cfg(name: str, cls):
+    """A config forced through the environment (for measuring others on a GPU):
+    ``FLASHTILE_FLEX_FWD=M,N,WARPS,STAGES`` / ``FLASHTILE_FLEX_BWD=M1,N1,M2,N2,W1,S1,W2,S2``."""
+    val = os.environ.get(name)
+    if not val:
+        return None
+    try:
+        return cls(*(int(x) for x in val.split(",")))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be {len(fields(cls))} comma-separated ints, got {val!r}") from e
+
+
 def fwd_cfg(arch: str, d: int, dtype: torch.dtype, mb: int, max_seqlen: int) -> FwdConfig:
     """The forward's tile config for block-mask block ``mb`` (128 without a block mask)."""
+    forced = _env_cfg("FLASHTILE_FLEX_FWD", FwdConfig)
+    if forced is not None and arch != "interpret":
+        return _clip(forced, mb)
     bd = _bd(d)
     over = _TABLE.get((arch, mb, configs.bucket(bd)))
     if over is not None:
@@ -62,6 +79,9 @@ def fwd_cfg(arch: str, d: int, dtype: torch.dtype, mb: int, max_seqlen: int) -> 
 
 
 def bwd_cfg(arch: str, d: int, dtype: torch.dtype, mb: int, max_seqlen: int) -> BwdConfig:
+    forced = _env_cfg("FLASHTILE_FLEX_BWD", BwdConfig)
+    if forced is not None and arch != "interpret":
+        return _clip(forced, mb)
     bd = _bd(d)
     over = _TABLE.get((arch, mb, configs.bucket(bd)))
     if over is not None:
@@ -247,7 +267,9 @@ def backward(
     mb, even = _geometry(bm, Sq, Sk)
     consts, margs, sargs, score_name = _mods(call)
     arch = _arch(q.device)
-    cfg = mod_bwd_cfg(bwd_cfg(arch, D, q.dtype, mb, max(Sq, Sk)), score_name)
+    cfg = bwd_cfg(arch, D, q.dtype, mb, max(Sq, Sk))
+    if not os.environ.get("FLASHTILE_FLEX_BWD"):
+        cfg = mod_bwd_cfg(cfg, score_name)
     bd = _bd(D)
     up = _upcast(q.dtype)
     scale, sm_scale = _scale(call), float(call.softmax_scale)
