@@ -44,7 +44,7 @@ SCORES = {
 }
 
 
-def run(mask_name, score_name, dtype=torch.float16, b=2, s=150, h=4, hk=2, d=40, block=64):
+def run(mask_name, score_name, dtype=torch.float16, b=2, s=150, h=4, hk=2, d=40, block=64, per_head=False):
     """One call through flex_triton against the oracle, forward and backward (and the captured
     tensor's gradient). Under the interpreter the kernels take 32-row / 16-key tiles, so a
     64-block mask block is visited in several steps."""
@@ -52,7 +52,7 @@ def run(mask_name, score_name, dtype=torch.float16, b=2, s=150, h=4, hk=2, d=40,
     make, cap_fn = SCORES[score_name]
     cap = cap_fn(h, b) if cap_fn else None
     q, k, v = qkv_inputs(b, s, s, h, hk, d, dtype, DEV)
-    bm = create_block_mask(mm, b, None, s, s, device=DEV, BLOCK_SIZE=block) if mm else None
+    bm = create_block_mask(mm, b, h if per_head else None, s, s, device=DEV, BLOCK_SIZE=block) if mm else None
     dense = mask_from_mod(mm, b, None, s, s, DEV) if mm else None
     sm = None if make is None else make(cap)
     call = make_call(headdim=d, score_mod=sm, block_mask=bm)
@@ -110,6 +110,13 @@ def test_even_lengths_fast_path(score_name):
     """Lengths that are multiples of the block mask's block: the kernels' unchecked path (EVEN),
     with GQA, full and partial blocks, and for the bias table tiles wholly clamped and inside."""
     run("prefix_lm", score_name, s=128, h=4, hk=1, d=64, block=64)
+
+
+def test_even_per_head_block_mask_and_no_block_mask():
+    """A block mask with per-batch and per-head lists (read per query head in the dK/dV pass's
+    GQA loop), and a score mod without a block mask, at lengths multiple of 128."""
+    run("sliding_window", "alibi_bh", s=128, h=4, hk=2, d=32, block=64, per_head=True)
+    run(None, "softcap", s=128, h=2, hk=2, d=32)
 
 
 def test_deterministic_backward(monkeypatch):
