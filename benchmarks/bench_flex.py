@@ -18,7 +18,8 @@ benchmarks/results).
 Each row records which backward served flashtile's mod path (``flashtile_bwd_path``: the
 flex_triton passes or the torch engine's tile loop). ``FLASHTILE_FLEX_FWD=M,N,W,S`` /
 ``FLASHTILE_FLEX_BWD=M1,N1,M2,N2,W1,S1,W2,S2`` force the flex_triton tile configs (with
-``--skip-check --flex-deadline 0`` a quick way to time another config).
+``--skip-check --flex-deadline 0`` a quick way to time another config); ``--fwd-cfgs
+"64,64,4,3;128,64,4,3"`` times the forward again with each of these.
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ def fwd_bwd_times(run, inputs):
     return fwd, bwd
 
 
+def _ms(x) -> str:
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
 def torch_flex():
     from torch.nn.attention.flex_attention import create_block_mask as tcbm
     from torch.nn.attention.flex_attention import flex_attention as tfa
@@ -161,6 +166,8 @@ def main():
     ap.add_argument("--flex-deadline", type=float, default=200.0,
                     help="seconds after which FlexAttention rows (a compile each) are skipped")  # fmt: skip
     ap.add_argument("--check-vs-flex", action="store_true", help="also compare outputs with FlexAttention (compiles)")
+    ap.add_argument("--fwd-cfgs", type=lambda x: [c for c in x.split(";") if c], default=[],
+                    help="also time flashtile's forward with these tile configs, 'M,N,W,S;M,N,W,S'")  # fmt: skip
     args = ap.parse_args()
     s, h, d = args.seqlen, args.heads, args.hdim
     t0 = time.perf_counter()
@@ -209,6 +216,19 @@ def main():
             torch_tiled.backend.backward = engine_bwd
         # which backward served the mod path: the Triton passes, or the torch engine's tile loop
         row["flashtile_bwd_path"] = "torch engine" if engine_calls else "triton"
+        for cfg in args.fwd_cfgs:  # the forward again with other tile configs (forced by env var)
+            old = os.environ.get("FLASHTILE_FLEX_FWD")
+            os.environ["FLASHTILE_FLEX_FWD"] = cfg
+            try:
+                with torch.no_grad():
+                    row[f"flashtile_fwd_ms@{cfg}"] = timed(lambda ours=ours, ins=ins: ours(*ins))
+            except Exception as e:  # noqa: BLE001
+                row[f"flashtile_fwd_ms@{cfg}"] = f"{type(e).__name__}: {str(e)[:120]}"
+            finally:
+                if old is None:
+                    os.environ.pop("FLASHTILE_FLEX_FWD", None)
+                else:
+                    os.environ["FLASHTILE_FLEX_FWD"] = old
         if tflex is not None and time.perf_counter() - t0 > args.flex_deadline:
             row["flex_error"] = f"skipped: past --flex-deadline ({args.flex_deadline:.0f}s; compiles are slow)"
         elif tflex is not None:
@@ -263,6 +283,9 @@ def main():
             bp = r.get("flashtile_bwd_path")
             path = f"  ({bp})" if p == "bwd" and bp != "triton" else ""
             print(f"{r['case']:<12} {p:<4} {f(ft)} {f(fx)} {ratio} {f(bi)} {cost}{path}")
+    for cfg in args.fwd_cfgs:
+        print(f"forward with FLASHTILE_FLEX_FWD={cfg}: " + ", ".join(
+            f"{r['case']} {_ms(r.get(f'flashtile_fwd_ms@{cfg}'))}" for r in rows))  # fmt: skip
 
 
 if __name__ == "__main__":

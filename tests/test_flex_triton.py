@@ -112,6 +112,12 @@ def test_even_lengths_fast_path(score_name):
     run("prefix_lm", score_name, s=128, h=4, hk=1, d=64, block=64)
 
 
+def test_even_block128_document_bias_table():
+    """Block 128 at an even length: each block-mask block visited in several kernel steps, the
+    document mask's partial blocks and the bias table's clamped and inner tiles."""
+    run("document", "relative_bias", b=1, s=256, h=2, hk=1, d=32, block=128)
+
+
 def test_even_per_head_block_mask_and_no_block_mask():
     """A block mask with per-batch and per-head lists (read per query head in the dK/dV pass's
     GQA loop), and a score mod without a block mask, at lengths multiple of 128."""

@@ -38,6 +38,8 @@ def _twin(fn) -> tuple[str, tuple] | None:
 def _why_not_mods(call: AttnCall, problem: Problem) -> str | None:
     if call.score_mod is not None and _twin(call.score_mod) is None:
         return "the score_mod has no Triton version (only flashtile.masks' mods do)"
+    if call.score_mod is None and not call.softmax_scale > 0:
+        return "softmax_scale must be > 0 without a score_mod (the kernels take the row max before scaling)"
     bm = call.block_mask
     if bm is not None:
         if bm.mask_mod is not None and _twin(bm.mask_mod) is None:

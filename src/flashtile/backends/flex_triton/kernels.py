@@ -243,11 +243,15 @@ def _load_tile(ptrs, idx, n, offs_d, HEAD_DIM: tl.constexpr, BOUNDS: tl.constexp
 def _mods(qk, b, h, rr, cc, seqlen_r, seqlen_c, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
           MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, HAS_SCORE: tl.constexpr, APPLY_MASK: tl.constexpr,
           BOUNDS: tl.constexpr):
-    """(s, t): the visible, modified scores of a q.k tile in natural units, -inf where hidden (s),
-    and the scores before the score mod (t). rr / cc: broadcastable query / key positions
-    (transposed tiles: keys along dim 0). Without a score mod the scale is already in base 2 (s = t =
-    qk * qk_scale, see _base2)."""
-    t = qk * qk_scale
+    """(s, t): the visible, modified scores of a q.k tile, -inf where hidden (s), and the scores
+    before the score mod (t, natural units; with a score mod only). rr / cc: broadcastable query /
+    key positions (transposed tiles: keys along dim 0). With a score mod s is in natural units;
+    without one s is the raw q.k (the base-2 scale is applied with the softmax's subtraction, one
+    FMA: see _base2)."""
+    if HAS_SCORE:
+        t = qk * qk_scale
+    else:
+        t = qk
     s = t
     if HAS_SCORE or APPLY_MASK:
         if BOUNDS:  # positions clamped into the sequences for the mods' lookups
@@ -271,13 +275,13 @@ def _mods(qk, b, h, rr, cc, seqlen_r, seqlen_c, qk_scale, MA0, MA1, MA2, SA0, SA
 
 
 @triton.jit
-def _base2(HAS_SCORE: tl.constexpr):
-    """Factor from the kernels' scores to base 2: log2(e) after a score mod (which sees natural
-    units), 1 without one (the host folds log2(e) into the scale)."""
+def _base2(qk_scale, HAS_SCORE: tl.constexpr):
+    """Factor from _mods' scores to base 2: log2(e) after a score mod (which sees natural units),
+    else the q.k scale (the host folds log2(e) into it)."""
     if HAS_SCORE:
         return LOG2E
     else:
-        return 1.0
+        return qk_scale
 
 
 @triton.jit
@@ -308,7 +312,7 @@ def _fwd_step(
     qk = _mm(q, kT, UPCAST)
     s, t = _mods(qk, b, h, rows[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
                  MASK_MOD, SCORE_MOD, HAS_SCORE, APPLY_MASK, BOUNDS)
-    c2 = _base2(HAS_SCORE)
+    c2 = _base2(qk_scale, HAS_SCORE)
     m_new = tl.maximum(m_i, tl.max(s, 1) * c2)
     if APPLY_MASK or BOUNDS:  # a row without a visible key yet keeps m = -inf: subtract 0 instead
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -461,7 +465,7 @@ def _dkdv_step(
     qkT = _mm(k, qT, UPCAST)
     sT, tT = _mods(qkT, b, h, rows[None, :], cols[:, None], seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1,
                    SA2, MASK_MOD, SCORE_MOD, HAS_SCORE, APPLY_MASK, BOUNDS)
-    pT = tl.exp2(sT * _base2(HAS_SCORE) - lse2[None, :])
+    pT = tl.exp2(sT * _base2(qk_scale, HAS_SCORE) - lse2[None, :])
     dv = _mma(pT.to(do.dtype), do, dv, UPCAST)
     dpT = _mm(v, tl.trans(do), UPCAST)
     dsT = pT * (dpT - delta[None, :])
@@ -572,7 +576,7 @@ def _dq_step(
     qk = _mm(q, kT, UPCAST)
     s, t = _mods(qk, b, h, rows[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
                  MASK_MOD, SCORE_MOD, HAS_SCORE, APPLY_MASK, BOUNDS)
-    p = tl.exp2(s * _base2(HAS_SCORE) - lse2[:, None])
+    p = tl.exp2(s * _base2(qk_scale, HAS_SCORE) - lse2[:, None])
     dp = _mm(do, vT, UPCAST)
     ds = p * (dp - delta[:, None])
     if GRAD:
