@@ -16,8 +16,12 @@ The kernels follow the built-in Triton kernels' structure (``backends/triton/fwd
   lengths are multiples of the block mask's block: ``EVEN``), then its *partial* ones (``mask``
   evaluated); each block-mask block is visited in ``MASK_BLOCK // BLOCK_N`` steps of one flat,
   software-pipelined loop (``num_stages``), the key block's index read from the block mask's
-  list. Empty blocks are never visited. Without a block mask: every key block, unmasked, and a
-  bounds-checked ragged end. Online softmax in base 2 (``exp2(s * log2e - m)``, one FMA).
+  list one step ahead (a loop-carried ``blk``: when this step's index load fed only this step's
+  K/V loads, Triton 3.6's pipeliner made it an indirect async copy with a stage of its own, which
+  left K/V two buffers and a full wait at every step; DUMP=dir scripts/flex_compile_check.py
+  writes the TTGIR). Empty blocks are never visited. Without a block mask: every key block,
+  unmasked, and a bounds-checked ragged end. Online softmax in base 2 (``exp2(s * c - m)``, one
+  FMA).
 * backward: ``delta = rowsum(dO * O)`` (:func:`flex_bwd_preprocess`); a dK/dV pass, one program
   per (batch x kv head, key block) over the query heads of its group and the block mask's
   transposed (per key block) lists; a dQ pass, one program per (batch x head, query block) over
@@ -372,15 +376,21 @@ def flex_fwd(
         if HAS_FULL:  # full blocks: no mask evaluation
             fnum, fidx = _list(FULL_NUM, FULL_IDX, b, h, qb, fbm_sb, fbm_sh, fbm_sn, fbmi_sb, fbmi_sh, fbmi_sn,
                                BM_B, BM_H)
-            for i in range(0, fnum * SUBS):
-                start_n = tl.load(fidx + i // SUBS) * MASK_BLOCK + (i % SUBS) * BLOCK_N
+            nfull = fnum * SUBS
+            blk = tl.load(fidx)
+            for i in range(0, nfull):
+                start_n = blk * MASK_BLOCK + (i % SUBS) * BLOCK_N
+                blk = tl.load(fidx + tl.minimum(i + 1, nfull - 1) // SUBS)
                 acc, l_i, m_i = _fwd_step(
                     acc, l_i, m_i, q, k_base, v_base, start_n, rows, offs_n, offs_d, b, h,
                     stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
                     MASK_MOD, SCORE_MOD, HAS_SCORE, False, not EVEN, PAD_D, HEAD_DIM, UPCAST)
         num, idx = _list(KV_NUM, KV_IDX, b, h, qb, bm_sb, bm_sh, bm_sn, bmi_sb, bmi_sh, bmi_sn, BM_B, BM_H)
-        for i in range(0, num * SUBS):
-            start_n = tl.load(idx + i // SUBS) * MASK_BLOCK + (i % SUBS) * BLOCK_N
+        npart = num * SUBS
+        blk = tl.load(idx)
+        for i in range(0, npart):
+            start_n = blk * MASK_BLOCK + (i % SUBS) * BLOCK_N
+            blk = tl.load(idx + tl.minimum(i + 1, npart - 1) // SUBS)
             acc, l_i, m_i = _fwd_step(
                 acc, l_i, m_i, q, k_base, v_base, start_n, rows, offs_n, offs_d, b, h,
                 stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
@@ -521,15 +531,21 @@ def flex_bwd_dkdv(
             if HAS_FULL:
                 fnum, fidx = _list(FULL_NUM, FULL_IDX, b, h, kb, fbm_sb, fbm_sh, fbm_sn, fbmi_sb, fbmi_sh, fbmi_sn,
                                    BM_B, BM_H)
-                for i in range(0, fnum * SUBS):
-                    start_m = tl.load(fidx + i // SUBS) * MASK_BLOCK + (i % SUBS) * BLOCK_M
+                nfull = fnum * SUBS
+                blk = tl.load(fidx)
+                for i in range(0, nfull):
+                    start_m = blk * MASK_BLOCK + (i % SUBS) * BLOCK_M
+                    blk = tl.load(fidx + tl.minimum(i + 1, nfull - 1) // SUBS)
                     dk, dv = _dkdv_step(
                         dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, cols, offs_m, offs_d, b, h,
                         stride_qs, stride_dos, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
                         MASK_MOD, SCORE_MOD, SCORE_BWD, HAS_SCORE, False, not EVEN, PAD_D, HEAD_DIM, UPCAST)
             num, idx = _list(Q_NUM, Q_IDX, b, h, kb, bm_sb, bm_sh, bm_sn, bmi_sb, bmi_sh, bmi_sn, BM_B, BM_H)
-            for i in range(0, num * SUBS):
-                start_m = tl.load(idx + i // SUBS) * MASK_BLOCK + (i % SUBS) * BLOCK_M
+            npart = num * SUBS
+            blk = tl.load(idx)
+            for i in range(0, npart):
+                start_m = blk * MASK_BLOCK + (i % SUBS) * BLOCK_M
+                blk = tl.load(idx + tl.minimum(i + 1, npart - 1) // SUBS)
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, cols, offs_m, offs_d, b, h,
                     stride_qs, stride_dos, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
@@ -644,16 +660,22 @@ def flex_bwd_dq(
         if HAS_FULL:
             fnum, fidx = _list(FULL_NUM, FULL_IDX, b, h, qb, fbm_sb, fbm_sh, fbm_sn, fbmi_sb, fbmi_sh, fbmi_sn,
                                BM_B, BM_H)
-            for i in range(0, fnum * SUBS):
-                start_n = tl.load(fidx + i // SUBS) * MASK_BLOCK + (i % SUBS) * BLOCK_N
+            nfull = fnum * SUBS
+            blk = tl.load(fidx)
+            for i in range(0, nfull):
+                start_n = blk * MASK_BLOCK + (i % SUBS) * BLOCK_N
+                blk = tl.load(fidx + tl.minimum(i + 1, nfull - 1) // SUBS)
                 dq, g0, g1 = _dq_step(
                     dq, g0, g1, q, do, lse2, delta, k_base, v_base, start_n, m0, rows, offs_n, offs_d, b, h,
                     stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2, G0,
                     MASK_MOD, SCORE_MOD, SCORE_BWD, SCORE_GRAD, HAS_SCORE, GRAD, False, not EVEN, PAD_D, HEAD_DIM,
                     UPCAST, BLOCK_M, BLOCK_N)
         num, idx = _list(KV_NUM, KV_IDX, b, h, qb, bm_sb, bm_sh, bm_sn, bmi_sb, bmi_sh, bmi_sn, BM_B, BM_H)
-        for i in range(0, num * SUBS):
-            start_n = tl.load(idx + i // SUBS) * MASK_BLOCK + (i % SUBS) * BLOCK_N
+        npart = num * SUBS
+        blk = tl.load(idx)
+        for i in range(0, npart):
+            start_n = blk * MASK_BLOCK + (i % SUBS) * BLOCK_N
+            blk = tl.load(idx + tl.minimum(i + 1, npart - 1) // SUBS)
             dq, g0, g1 = _dq_step(
                 dq, g0, g1, q, do, lse2, delta, k_base, v_base, start_n, m0, rows, offs_n, offs_d, b, h,
                 stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2, G0,

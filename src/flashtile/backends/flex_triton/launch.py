@@ -96,19 +96,20 @@ def bwd_cfg(arch: str, d: int, dtype: torch.dtype, mb: int, max_seqlen: int) -> 
 #: score mods that look a captured tensor up per score element (the software pipeliner stages the
 #: gathered tile through shared memory): smaller backward steps, two stages (sm90 compile check,
 #: scripts/flex_compile_check.py: (64,128,128,64,8,3,8,3) spills 248-528 B and the dQ pass needs
-#: 256 KB of shared memory; (32,128,128,32,8,2,8,2) no spills, 115 / 131 KB). NOT measured.
+#: 256 KB of shared memory; (32,128,128,32,8,2,8,2) no spills in the loops, 115 / 131 KB). NOT
+#: measured.
 _GATHER_MODS = ("relative_bias",)
 
 
 def mod_bwd_cfg(cfg: BwdConfig, score_name: str) -> BwdConfig:
-    """The backward config adjusted for the score mod: per-element lookups (:data:`_GATHER_MODS`)
-    take 32-wide steps and two stages; other score mods two stages in the dK/dV pass (its
-    accumulators leave few registers: (64,128,w8,s3) spills 32-48 B with alibi, s2 0-8 B)."""
+    """The backward config adjusted for the flex kernels: the dK/dV pass at most two stages (its
+    dK / dV accumulators leave few registers; compile check at (64,128,w8): 3 stages spill 96-216 B,
+    6-22 local loads / stores a step, 2 stages 0-2), and per-element lookups
+    (:data:`_GATHER_MODS`) 32-wide steps and two stages in both passes."""
+    cfg = replace(cfg, num_stages1=min(cfg.num_stages1, 2))
     if score_name in _GATHER_MODS:
         return replace(cfg, block_m1=min(cfg.block_m1, 32), block_n2=min(cfg.block_n2, 32),
-                       num_stages1=min(cfg.num_stages1, 2), num_stages2=min(cfg.num_stages2, 2))  # fmt: skip
-    if score_name != "no_score":
-        return replace(cfg, num_stages1=min(cfg.num_stages1, 2))
+                       num_stages2=min(cfg.num_stages2, 2))  # fmt: skip
     return cfg
 
 
