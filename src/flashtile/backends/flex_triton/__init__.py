@@ -1,6 +1,7 @@
 """The ``flex_triton`` backend: calls with ``score_mod`` / ``block_mask`` whose mods have Triton
 versions (every mod of :mod:`flashtile.masks`) get a Triton forward kernel with the mods compiled
-in and the block mask's empty blocks skipped (:mod:`.kernels`). The backward is Triton kernels
+in, the block mask's empty blocks skipped and its full blocks computed without the mask_mod
+(:mod:`.kernels`, structured as the built-in Triton kernels). The backward is Triton kernels
 too (a dK / dV pass per key block over the block mask's transposed lists and a dQ pass per query
 block, no atomics; the captured tensor's gradient reduced per program and added with a few fp32
 atomics) when the score_mod has a derivative written beside it (alibi, softcap, relative_bias, or
@@ -8,7 +9,8 @@ none), and for a captured tensor, when the call is not ``deterministic``; otherw
 engine's (correct from the saved out / lse). Launches and tile configs: :mod:`.launch`.
 
 Serves CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``, for tests), fp16 / bf16, head
-dim <= 128, dense (not varlen) calls without dropout or other options; block masks built with
+dim <= 128, dense (not varlen) calls without dropout or other options, softmax_scale > 0 without
+a score_mod; block masks built with
 ``BLOCK_SIZE`` 64 or 128 (flashtile's or torch's). Anything else is refused with the reason, and
 ``auto`` hands it to the torch engine. Importing this module never needs Triton.
 """
