@@ -14,6 +14,12 @@ optionally against compiled FlexAttention's output), stopping at the first failu
 benchmarks/results).
 
     PYTHONPATH=src python benchmarks/bench_flex.py [--seqlen 16384] [--heads 16] [--hdim 128]
+
+Each row records which backward served flashtile's mod path (``flashtile_bwd_path``: the
+flex_triton passes or the torch engine's tile loop). ``FLASHTILE_FLEX_FWD=M,N,W,S`` /
+``FLASHTILE_FLEX_BWD=M1,N1,M2,N2,W1,S1,W2,S2`` force the flex_triton tile configs (with
+``--skip-check --flex-deadline 0`` a quick way to time another config); ``--fwd-cfgs
+"64,64,4,3;128,64,4,3"`` times the forward again with each of these.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 
 import flashtile  # noqa: E402
 from flashtile import create_block_mask, flash_attn_func, flash_attn_varlen_func, flex_attention, masks  # noqa: E402
+from flashtile.backends import torch_tiled  # noqa: E402
 from flashtile.testing import attention_ref, compare_with_oracle, mask_from_mod  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -74,7 +81,7 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, budget_s: float = 4.0, max_reps: int = 20) -> float:
+def timed(fn, budget_s: float = 3.0, max_reps: int = 20) -> float:
     """Median milliseconds of fn() after one warm-up; fewer repetitions for slow functions."""
     fn()
     _sync()
@@ -97,6 +104,10 @@ def fwd_bwd_times(run, inputs):
     diff = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
     bwd = timed(lambda: torch.autograd.grad(out, diff, dout, retain_graph=True))
     return fwd, bwd
+
+
+def _ms(x) -> str:
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
 def torch_flex():
@@ -132,7 +143,7 @@ def check(name, c, tflex, tcbm, s=377, h=4, d=64, vs_flex=False):
     res = compare_with_oracle(fn, oracle, [x.transpose(1, 2).contiguous() if x.dim() == 4 else x for x in inputs])
     msg = "ok"
     if not vs_flex or tflex is None:
-        print(f"check {name}: {msg}", flush=True)
+        print(f"check {name} s={s}: {msg}", flush=True)
         return
     try:
         tbm = tcbm(mm, None, None, s, s, device=DEV)
@@ -142,7 +153,7 @@ def check(name, c, tflex, tcbm, s=377, h=4, d=64, vs_flex=False):
         msg = f"ok (max |flashtile - FlexAttention| = {diff:.3g})"
     except Exception as e:  # noqa: BLE001
         msg = f"ok (FlexAttention comparison failed: {type(e).__name__}: {str(e)[:120]})"
-    print(f"check {name}: {msg}", flush=True)
+    print(f"check {name} s={s}: {msg}", flush=True)
 
 
 def main():
@@ -152,9 +163,11 @@ def main():
     ap.add_argument("--hdim", type=int, default=128)
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--flex-deadline", type=float, default=240.0,
+    ap.add_argument("--flex-deadline", type=float, default=200.0,
                     help="seconds after which FlexAttention rows (a compile each) are skipped")  # fmt: skip
     ap.add_argument("--check-vs-flex", action="store_true", help="also compare outputs with FlexAttention (compiles)")
+    ap.add_argument("--fwd-cfgs", type=lambda x: [c for c in x.split(";") if c], default=[],
+                    help="also time flashtile's forward with these tile configs, 'M,N,W,S;M,N,W,S'")  # fmt: skip
     args = ap.parse_args()
     s, h, d = args.seqlen, args.heads, args.hdim
     t0 = time.perf_counter()
@@ -165,12 +178,16 @@ def main():
         print(f"FlexAttention unavailable: {type(e).__name__}: {e}")
     all_cases = cases(s, h)
     if not args.skip_check:
-        for name, c in cases(377, 4).items():
-            try:
-                check(name, c, tflex, tcbm, vs_flex=args.check_vs_flex)
-            except AssertionError as e:
-                print(f"CORRECTNESS FAILURE in {name}: {e}")
-                sys.exit(1)
+        # 377, head dim 64: ragged lengths (the kernels' bounds-checked path); 2048, head dim d:
+        # multiples of the block mask's block, the unchecked kernels the timed runs then reuse
+        # (16 blocks: the block-mask strides specialise as at 16k, so Triton compiles them once)
+        for sc, dc in ((377, 64), (2048, d)):
+            for name, c in cases(sc, 4).items():
+                try:
+                    check(name, c, tflex, tcbm, s=sc, d=dc, vs_flex=args.check_vs_flex)
+                except AssertionError as e:
+                    print(f"CORRECTNESS FAILURE in {name} (seqlen {sc}): {e}")
+                    sys.exit(1)
     print(f"checks done in {time.perf_counter() - t0:.0f}s", flush=True)
 
     rows = []
@@ -189,10 +206,30 @@ def main():
             return flex_attention(q, k, v, score_mod=sm, block_mask=bm)
 
         ins = (q, k, v) if cap is None else (q, k, v, cap)
+        engine_calls = []
+        engine_bwd = torch_tiled.backend.backward
+        torch_tiled.backend.backward = lambda *a, _f=engine_bwd, _c=engine_calls: _c.append(1) or _f(*a)
         try:
             row["flashtile_fwd_ms"], row["flashtile_bwd_ms"] = fwd_bwd_times(ours, ins)
         except Exception as e:  # noqa: BLE001
             row["flashtile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        finally:
+            torch_tiled.backend.backward = engine_bwd
+        # which backward served the mod path: the Triton passes, or the torch engine's tile loop
+        row["flashtile_bwd_path"] = "torch engine" if engine_calls else "triton"
+        for cfg in args.fwd_cfgs:  # the forward again with other tile configs (forced by env var)
+            old = os.environ.get("FLASHTILE_FLEX_FWD")
+            os.environ["FLASHTILE_FLEX_FWD"] = cfg
+            try:
+                with torch.no_grad():
+                    row[f"flashtile_fwd_ms@{cfg}"] = timed(lambda ours=ours, ins=ins: ours(*ins))
+            except Exception as e:  # noqa: BLE001
+                row[f"flashtile_fwd_ms@{cfg}"] = f"{type(e).__name__}: {str(e)[:120]}"
+            finally:
+                if old is None:
+                    os.environ.pop("FLASHTILE_FLEX_FWD", None)
+                else:
+                    os.environ["FLASHTILE_FLEX_FWD"] = old
         if tflex is not None and time.perf_counter() - t0 > args.flex_deadline:
             row["flex_error"] = f"skipped: past --flex-deadline ({args.flex_deadline:.0f}s; compiles are slow)"
         elif tflex is not None:
@@ -224,6 +261,7 @@ def main():
                 backend_for_mods=flashtile.dispatch.choose(
                     flashtile.spec.Problem(1, s, s, h, h, d, DT, torch.device(DEV)),
                     flashtile.spec.make_call(headdim=d, score_mod=masks.softcap(1.0))),
+                flex_cfg_env={k: os.environ.get(k) for k in ("FLASHTILE_FLEX_FWD", "FLASHTILE_FLEX_BWD")},
                 total_s=time.perf_counter() - t0)  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"flex_{gpu.replace(' ', '_')}_"
@@ -243,7 +281,12 @@ def main():
 
             ratio = f"{fx / ft:7.2f}" if ft and fx else f"{'-':>7}"
             cost = f"{ft / bi - 1:+9.0%}" if ft and bi else f"{'-':>9}"
-            print(f"{r['case']:<12} {p:<4} {f(ft)} {f(fx)} {ratio} {f(bi)} {cost}")
+            bp = r.get("flashtile_bwd_path")
+            path = f"  ({bp})" if p == "bwd" and bp != "triton" else ""
+            print(f"{r['case']:<12} {p:<4} {f(ft)} {f(fx)} {ratio} {f(bi)} {cost}{path}")
+    for cfg in args.fwd_cfgs:
+        print(f"forward with FLASHTILE_FLEX_FWD={cfg}: " + ", ".join(
+            f"{r['case']} {_ms(r.get(f'flashtile_fwd_ms@{cfg}'))}" for r in rows))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,12 +1,19 @@
-"""Compile the flex_triton forward kernel (backends/flex_triton/kernels.py) for sm_90 on this
-machine (no GPU needed) with a few mod combinations, and report registers and spills.
+"""Compile the flex_triton kernels (backends/flex_triton/kernels.py: forward, dK/dV pass, dQ pass)
+for sm_90 on this machine (no GPU needed) for bench_flex.py's mod combinations, with the tile
+configs the launcher picks (backends/flex_triton/launch.py), and report shared memory, registers,
+spills (ptxas -v), and per innermost SASS loop: instructions / HGMMA / MUFU / local-memory ops.
 
-    /work/tri36/bin/python scripts/flex_compile_check.py
+    PYTHONPATH=src /work/tri36/bin/python scripts/flex_compile_check.py [--only fwd|dkdv|dq] [--cfg ...]
+
+``--cfg fwd=M,N,W,S`` / ``--cfg bwd=M1,N1,M2,N2,W1,S1,W2,S2`` overrides the launcher's choice.
+Pointers, strides and sequence lengths are compiled as 16-divisible, as the JIT specialises them
+for the contiguous tensors of a real call (16k tokens).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
+import concurrent.futures as cf
 import os
 import re
 import subprocess
@@ -15,80 +22,141 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: the launcher's choice (backends/flex_triton/__init__.py); W / ST env vars to try others
-WARPS, STAGES = int(os.environ.get("W", 8)), int(os.environ.get("ST", 1))
-BWD_WARPS = int(os.environ.get("BW", 8))
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+# (name, mask, mask arg types, score, score arg types, block mask, block-mask block, head dim, grad)
+VARIANTS = [
+    ("document-16", "document", ("*i64", "i32", "i32"), "no_score", ("i32", "i32", "i32"), True, 128, 128, False),
+    ("prefix-lm", "prefix_lm", ("i32", "i32", "i32"), "no_score", ("i32", "i32", "i32"), True, 128, 128, False),
+    ("sliding-1k", "sliding_window", ("i32", "i32", "i32"), "no_score", ("i32", "i32", "i32"), True, 128, 128, False),
+    ("alibi", "causal", ("i32", "i32", "i32"), "alibi", ("*fp32", "i32", "i32"), True, 128, 128, False),
+    ("bias-table", "causal", ("i32", "i32", "i32"), "relative_bias", ("*fp32", "i32", "i32"), True, 128, 128, True),
+    ("softcap b64 d64", "prefix_lm", ("i32", "i32", "i32"), "softcap", ("i32", "i32", "fp32"), True, 64, 64, False),
+    (
+        "bias, no block mask",
+        "no_mask",
+        ("i32", "i32", "i32"),
+        "relative_bias",
+        ("*fp32", "i32", "i32"),
+        False,
+        128,
+        128,
+        True,
+    ),
+]
 
 
-def _load():
-    path = ROOT / "src" / "flashtile" / "backends" / "flex_triton" / "kernels.py"
-    spec = importlib.util.spec_from_file_location("flex_kernels", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["flex_kernels"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def main() -> int:
+def compile_one(kind: str, v: tuple, cfg: tuple | None) -> dict:
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton_compile_check import _bin, _inner_loops
 
-    K = _load()
-    variants = [  # (mask, mask arg types, score, score arg types, block mask, block, d)
-        ("document", ("*i64", "i32", "i32"), "relative_bias", ("*fp32", "i32", "i32"), True, 128, 128),
-        ("causal", ("i32", "i32", "i32"), "alibi", ("*fp32", "i32", "i32"), True, 128, 128),
-        ("sliding_window", ("i32", "i32", "i32"), "no_score", ("i32", "i32", "i32"), True, 128, 64),
-        ("prefix_lm", ("i32", "i32", "i32"), "softcap", ("i32", "i32", "fp32"), True, 64, 128),
-        ("no_mask", ("i32", "i32", "i32"), "relative_bias", ("*fp32", "i32", "i32"), False, 128, 128),
-    ]
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    ok = True
-    jobs = [(v, "fwd") for v in variants] + [(v, "bwd") for v in variants]
-    for (mask, margs, score, sargs, has_bm, block, d), which in jobs:
-        kern = K.flex_fwd if which == "fwd" else K.flex_bwd
-        sig = {n: "i32" for n in kern.arg_names}
-        for n in ("Q", "K", "V", "O", "DO", "DK", "DV"):
-            if n in sig:
-                sig[n] = "*bf16"
-        for n in ("LSE", "DQ", "DELTA"):
-            if n in sig:
-                sig[n] = "*fp32"
-        for n in ("KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "Q_NUM", "Q_IDX"):
-            if n in sig:
-                sig[n] = "*i32"
-        if "G0" in sig:
-            sig["G0"] = "*fp32" if sargs[0].startswith("*") else "i32"
-        sig["qk_scale"] = "fp32"
-        for n, t in zip(("MA0", "MA1", "MA2"), margs, strict=True):
-            sig[n] = t
-        for n, t in zip(("SA0", "SA1", "SA2"), sargs, strict=True):
-            sig[n] = t
-        extra = {} if which == "fwd" else dict(SCORE_BWD=getattr(K, f"{score}_bwd"), GRAD=sargs[0].startswith("*"))
-        consts = dict(MASK_MOD=getattr(K, mask), SCORE_MOD=getattr(K, score), HAS_BLOCK_MASK=has_bm, **extra,
-                      HAS_FULL=has_bm, BM_B=0, BM_H=0, BLOCK_M=block, BLOCK_N=block, BLOCK_D=d, HEAD_DIM=d,
-                      SUB_N=64, SUB_M=64)  # fmt: skip
-        for n in consts:
+    from flashtile.backends.flex_triton import kernels as K
+    from flashtile.backends.flex_triton import launch as L
+
+    name, mask, margs, score, sargs, has_bm, mb, d, grad = v
+    kern = {"fwd": K.flex_fwd, "dkdv": K.flex_bwd_dkdv, "dq": K.flex_bwd_dq}[kind]
+    if kind == "fwd":
+        c = cfg or tuple(vars(L.fwd_cfg("sm90", d, torch.bfloat16, mb, 16384)).values())
+        bm, bn, warps, stages = c[:4]
+    else:
+        c = cfg or tuple(vars(L.mod_bwd_cfg(L.bwd_cfg("sm90", d, torch.bfloat16, mb, 16384), score)).values())[:8]
+        if kind == "dkdv":
+            bm, bn, warps, stages = c[0], c[1], c[4], c[5]
+        else:
+            bm, bn, warps, stages = c[2], c[3], c[6], c[7]
+    consts = dict(MASK_MOD=getattr(K, mask), SCORE_MOD=getattr(K, score), HAS_MASK=mask != "no_mask",
+                  HAS_SCORE=score != "no_score", HAS_BLOCK_MASK=has_bm, HAS_FULL=has_bm, BM_B=0, BM_H=0,
+                  MASK_BLOCK=mb, EVEN=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, HEAD_DIM=d, UPCAST=False)  # fmt: skip
+    if kind != "fwd":
+        consts["SCORE_BWD"] = getattr(K, f"{score}_bwd")
+    if kind == "dq":
+        g = score if grad else "no"
+        consts.update(SCORE_GRAD=getattr(K, f"{g}_grad"), SCORE_GRAD_END=getattr(K, f"{g}_grad_end"), GRAD=grad)
+    sig, attrs = {}, {}
+    for i, n in enumerate(kern.arg_names):
+        if n in consts:
             sig[n] = "constexpr"
-        name = f"{which} {mask}+{score} block={block} d={d}"
-        try:
-            warps = WARPS if which == "fwd" else BWD_WARPS
-            k = triton.compile(ASTSource(kern, sig, consts), target=GPUTarget("cuda", 90, 32),
-                               options=dict(num_warps=warps, num_stages=STAGES))  # fmt: skip
-        except Exception as e:  # noqa: BLE001
-            print(f"FAIL {name}: {type(e).__name__}: {str(e)[-400:]}")
-            ok = False
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = os.path.join(tmp, "k.ptx")
-            Path(ptx).write_text(k.asm["ptx"])
-            err = subprocess.run([os.path.join(bin_dir, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o",
-                                  os.path.join(tmp, "k.o")], capture_output=True, text=True).stderr  # fmt: skip
-        regs = re.search(r"Used (\d+) registers", err)
-        spill = re.search(r"(\d+) bytes spill stores", err)
-        print(f"ok   {name}: regs={regs.group(1) if regs else '?'} spill={spill.group(1) if spill else '?'} "
-              f"smem={k.metadata.shared}")  # fmt: skip
-    return 0 if ok else 1
+        elif n in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"):
+            sig[n] = "*bf16"
+        elif n in ("LSE", "DELTA"):
+            sig[n] = "*fp32"
+        elif n in ("KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "Q_NUM", "Q_IDX"):
+            sig[n] = "*i32"
+        elif n == "G0":
+            sig[n] = "*fp32" if grad else "i32"
+        elif n in ("qk_scale", "sm_scale"):
+            sig[n] = "fp32"
+        elif n in ("MA0", "MA1", "MA2"):
+            sig[n] = margs[int(n[-1])]
+        elif n in ("SA0", "SA1", "SA2"):
+            sig[n] = sargs[int(n[-1])]
+        else:
+            sig[n] = "i32"
+        if sig[n].startswith("*") or (n.startswith("stride_") or n in ("seqlen_q", "seqlen_k")):
+            if n not in consts:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    label = f"{kind:4} {name:20} b{mb} d{d} cfg=({bm},{bn},w{warps},s{stages})"
+    res = {"name": label}
+    try:
+        k = triton.compile(ASTSource(kern, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=warps, num_stages=stages))  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - reported
+        res["error"] = f"{type(e).__name__}: {str(e).strip()[-600:]}"
+        return res
+    res["smem"] = k.metadata.shared
+    ttgir = k.asm["ttgir"]
+    res["async"] = len(re.findall(r"async_copy_global_to_local", ttgir))
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        Path(ptx).write_text(k.asm["ptx"])
+        out = subprocess.run([_bin("ptxas"), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True).stderr  # fmt: skip
+        cub = os.path.join(tmp, "k.cubin")
+        Path(cub).write_bytes(k.asm["cubin"])
+        sass = subprocess.run([_bin("cuobjdump"), "-sass", cub], capture_output=True, text=True).stdout
+    m = re.search(r"Used (\d+) registers", out)
+    res["regs"] = int(m.group(1)) if m else -1
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    res["spill"] = f"{m.group(1)}/{m.group(2)}" if m else "?"
+    res["loops"] = " | ".join(_inner_loops(sass))
+    if os.environ.get("DUMP"):
+        stem = re.sub(r"[^\w.=+-]+", "_", label)
+        Path(os.environ["DUMP"]).mkdir(parents=True, exist_ok=True)
+        Path(os.environ["DUMP"], f"{stem}.ttgir").write_text(ttgir)
+        Path(os.environ["DUMP"], f"{stem}.sass").write_text(sass)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", action="append", choices=["fwd", "dkdv", "dq"])
+    ap.add_argument("--variant", action="append", help="substring of a variant name")
+    ap.add_argument("--cfg", action="append", default=[], metavar="fwd=M,N,W,S | bwd=M1,N1,M2,N2,W1,S1,W2,S2")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    cfgs = {"fwd": None, "bwd": None}
+    for c in args.cfg:
+        key, val = c.split("=")
+        cfgs[key] = tuple(int(x) for x in val.split(","))
+    kinds = args.only or ["fwd", "dkdv", "dq"]
+    vs = [v for v in VARIANTS if not args.variant or any(s in v[0] for s in args.variant)]
+    jobs = [(kind, v, cfgs["fwd" if kind == "fwd" else "bwd"]) for v in vs for kind in kinds]
+    bad = 0
+    print(f"{'variant':60} {'smem':>7} {'regs':>4} {'spill st/ld':>11} {'async':>5}  innermost loops: "
+          "instructions/HGMMA/MUFU/LDL+STL")  # fmt: skip
+    with cf.ProcessPoolExecutor(args.jobs) as ex:
+        for r in ex.map(compile_one, *zip(*jobs, strict=True)):
+            if "error" in r:
+                bad += 1
+                print(f"{r['name']:60} FAILED: {r['error']}")
+                continue
+            print(f"{r['name']:60} {r['smem']:>7} {r['regs']:>4} {r['spill']:>11} {r['async']:>5}  {r['loops']}",
+                  flush=True)  # fmt: skip
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The ``flex_triton`` backend (Triton forward and backward with flashtile.masks' mods compiled in,
-block-mask skipping, captured-tensor gradients) against the oracle. Runs on a GPU, or on CPU under
+"""The ``flex_triton`` backend (Triton forward, dK/dV and dQ passes with flashtile.masks' mods
+compiled in, block-mask skipping, captured-tensor gradients) against the oracle. Runs on a GPU, or on CPU under
 ``TRITON_INTERPRET=1`` (fp16: the interpreter's bf16 dot is wrong); skipped otherwise."""
 
 from __future__ import annotations
@@ -44,12 +44,15 @@ SCORES = {
 }
 
 
-def run(mask_name, score_name, dtype=torch.float16, b=2, s=150, h=4, hk=2, d=40, block=64):
+def run(mask_name, score_name, dtype=torch.float16, b=2, s=150, h=4, hk=2, d=40, block=64, per_head=False):
+    """One call through flex_triton against the oracle, forward and backward (and the captured
+    tensor's gradient). Under the interpreter the kernels take 32-row / 16-key tiles, so a
+    64-block mask block is visited in several steps."""
     mm = MASKS[mask_name](b, s) if mask_name else None
     make, cap_fn = SCORES[score_name]
     cap = cap_fn(h, b) if cap_fn else None
     q, k, v = qkv_inputs(b, s, s, h, hk, d, dtype, DEV)
-    bm = create_block_mask(mm, b, None, s, s, device=DEV, BLOCK_SIZE=block) if mm else None
+    bm = create_block_mask(mm, b, h if per_head else None, s, s, device=DEV, BLOCK_SIZE=block) if mm else None
     dense = mask_from_mod(mm, b, None, s, s, DEV) if mm else None
     sm = None if make is None else make(cap)
     call = make_call(headdim=d, score_mod=sm, block_mask=bm)
@@ -102,8 +105,30 @@ def test_refusals_name_the_reason():
         assert reason is not None and why in reason, reason
 
 
-def test_deterministic_backward_takes_the_torch_engine(monkeypatch):
-    """The Triton backward adds dQ atomically: deterministic calls use the engine's backward."""
+@pytest.mark.parametrize("score_name", ["none", "relative_bias"])
+def test_even_lengths_fast_path(score_name):
+    """Lengths that are multiples of the block mask's block: the kernels' unchecked path (EVEN),
+    with GQA, full and partial blocks, and for the bias table tiles wholly clamped and inside."""
+    run("prefix_lm", score_name, s=128, h=4, hk=1, d=64, block=64)
+
+
+def test_even_block128_document_bias_table():
+    """Block 128 at an even length: each block-mask block visited in several kernel steps, the
+    document mask's partial blocks and the bias table's clamped and inner tiles."""
+    run("document", "relative_bias", b=1, s=256, h=2, hk=1, d=32, block=128)
+
+
+def test_even_per_head_block_mask_and_no_block_mask():
+    """A block mask with per-batch and per-head lists (read per query head in the dK/dV pass's
+    GQA loop), and a score mod without a block mask, at lengths multiple of 128."""
+    run("sliding_window", "alibi_bh", s=128, h=4, hk=2, d=32, block=64, per_head=True)
+    run(None, "softcap", s=128, h=2, hk=2, d=32)
+
+
+def test_deterministic_backward(monkeypatch):
+    """dQ / dK / dV take no atomics: deterministic calls keep the Triton backward (bitwise equal
+    to the default); a captured tensor's gradient takes atomics, so deterministic calls with one
+    use the torch engine's backward."""
     from flashtile.backends import torch_tiled
 
     calls = []
@@ -111,9 +136,16 @@ def test_deterministic_backward_takes_the_torch_engine(monkeypatch):
     monkeypatch.setattr(torch_tiled.backend, "backward", lambda *a: calls.append(1) or orig(*a))
     q, k, v = (x.requires_grad_() for x in qkv_inputs(1, 70, 70, 2, 2, 16, torch.float16, DEV))
     bm = create_block_mask(masks.causal, None, None, 70, 70, device=DEV, BLOCK_SIZE=64)
+    table = torch.randn(2, 9, device=DEV, requires_grad=True)
     with flashtile.use_backend("flex_triton"):
         a = torch.autograd.grad(flash_attn_func(q, k, v, block_mask=bm).sum(), q)[0]
-        assert calls == []
         b = torch.autograd.grad(flash_attn_func(q, k, v, block_mask=bm, deterministic=True).sum(), q)[0]
+        assert calls == []
+        assert torch.equal(a, b)
+        out = flash_attn_func(q, k, v, block_mask=bm, score_mod=masks.relative_bias(table))
+        ga = torch.autograd.grad(out.sum(), table)[0]
+        assert calls == []
+        out = flash_attn_func(q, k, v, block_mask=bm, score_mod=masks.relative_bias(table), deterministic=True)
+        gb = torch.autograd.grad(out.sum(), table)[0]
         assert calls == [1]
-    torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(ga, gb, atol=2e-3, rtol=1e-2)

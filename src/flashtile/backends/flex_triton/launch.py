@@ -1,0 +1,324 @@
+"""Host side of the ``flex_triton`` backend: tile configs, block-mask lists, kernel launches.
+
+Tile configs come from the built-in Triton kernels' table (``backends/triton/configs.py``, the
+same loop shape), with blocks clipped to the block mask's ``BLOCK_SIZE`` (a program's query rows
+and each step's keys must lie in one block-mask block) and 4 warps for a 64-row program, unless
+:data:`_TABLE` names a config of its own (``FLASHTILE_FLEX_FWD`` / ``FLASHTILE_FLEX_BWD`` force one, to
+measure others on a GPU); on ``OutOfResources`` the launch steps down through
+``configs.fallbacks`` once per key and remembers what fitted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import fields, replace
+
+import torch
+
+from ...spec import AttnCall
+from .. import _device
+from ..triton import configs
+from ..triton.configs import BwdConfig, FwdConfig
+from . import kernels as K
+
+try:  # Triton >= 3.0
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - older layouts
+    from triton.runtime.autotuner import OutOfResources  # type: ignore[no-redef]
+
+LOG2E = 1.4426950408889634
+INTERPRET = type(K.flex_fwd).__name__ == "InterpretedFunction"
+
+#: (arch, block-mask block, head-dim bucket) -> (forward, backward) config overriding the clipped
+#: built-in entry. Empty: the built-in sm90 entries at block 128 are the ones the flex kernels
+#: compile to without spills (scripts/flex_compile_check.py); NOT measured with mods on a GPU.
+_TABLE: dict[tuple[str, int, int], tuple[FwdConfig, BwdConfig]] = {}
+
+# (kernel, key, requested config) -> config that fitted
+_FITTED: dict[tuple, FwdConfig | BwdConfig] = {}
+
+
+def _arch(device: torch.device) -> str:
+    return "interpret" if INTERPRET else _device.info(device).arch
+
+
+def _bd(d: int) -> int:
+    return max(16, 1 << max(0, (d - 1).bit_length()))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _env_cfg(name: str, cls):
+    """A config forced through the environment (for measuring others on a GPU):
+    ``FLASHTILE_FLEX_FWD=M,N,WARPS,STAGES`` / ``FLASHTILE_FLEX_BWD=M1,N1,M2,N2,W1,S1,W2,S2``."""
+    val = os.environ.get(name)
+    if not val:
+        return None
+    try:
+        return cls(*(int(x) for x in val.split(",")))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be {len(fields(cls))} comma-separated ints, got {val!r}") from e
+
+
+def fwd_cfg(arch: str, d: int, dtype: torch.dtype, mb: int, max_seqlen: int) -> FwdConfig:
+    """The forward's tile config for block-mask block ``mb`` (128 without a block mask)."""
+    forced = _env_cfg("FLASHTILE_FLEX_FWD", FwdConfig)
+    if forced is not None and arch != "interpret":
+        return _clip(forced, mb)
+    bd = _bd(d)
+    over = _TABLE.get((arch, mb, configs.bucket(bd)))
+    if over is not None:
+        return over[0]
+    c = configs.fwd_config(arch, bd, dtype, max_seqlen)
+    bm, bn = min(c.block_m, mb), min(c.block_n, mb)
+    warps = min(c.num_warps, 4) if bm < c.block_m and bm <= 64 else c.num_warps
+    return FwdConfig(bm, bn, warps, c.num_stages)
+
+
+def bwd_cfg(arch: str, d: int, dtype: torch.dtype, mb: int, max_seqlen: int) -> BwdConfig:
+    forced = _env_cfg("FLASHTILE_FLEX_BWD", BwdConfig)
+    if forced is not None and arch != "interpret":
+        return _clip(forced, mb)
+    bd = _bd(d)
+    over = _TABLE.get((arch, mb, configs.bucket(bd)))
+    if over is not None:
+        return over[1]
+    c = configs.bwd_config(arch, bd, dtype, max_seqlen)
+    m1, n1, m2, n2 = (min(x, mb) for x in (c.block_m1, c.block_n1, c.block_m2, c.block_n2))
+    w1 = min(c.num_warps1, 4) if n1 < c.block_n1 and n1 <= 64 else c.num_warps1
+    w2 = min(c.num_warps2, 4) if m2 < c.block_m2 and m2 <= 64 else c.num_warps2
+    return BwdConfig(m1, n1, m2, n2, w1, c.num_stages1, w2, c.num_stages2)
+
+
+#: score mods that look a captured tensor up per score element (the software pipeliner stages the
+#: gathered tile through shared memory): smaller backward steps, two stages (sm90 compile check,
+#: scripts/flex_compile_check.py: (64,128,128,64,8,3,8,3) spills 248-528 B and the dQ pass needs
+#: 256 KB of shared memory; (32,128,128,32,8,2,8,2) no spills in the loops, 115 / 131 KB). NOT
+#: measured.
+_GATHER_MODS = ("relative_bias",)
+
+
+def mod_bwd_cfg(cfg: BwdConfig, score_name: str) -> BwdConfig:
+    """The backward config adjusted for the flex kernels: the dK/dV pass at most two stages (its
+    dK / dV accumulators leave few registers; compile check at (64,128,w8): 3 stages spill 96-216 B,
+    6-22 local loads / stores a step, 2 stages 0-2), and per-element lookups
+    (:data:`_GATHER_MODS`) 32-wide steps and two stages in both passes."""
+    cfg = replace(cfg, num_stages1=min(cfg.num_stages1, 2))
+    if score_name in _GATHER_MODS:
+        return replace(cfg, block_m1=min(cfg.block_m1, 32), block_n2=min(cfg.block_n2, 32),
+                       num_stages2=min(cfg.num_stages2, 2))  # fmt: skip
+    return cfg
+
+
+def _clip(cfg, mb: int):
+    """A fallback config with its blocks kept within the block-mask block."""
+    if isinstance(cfg, FwdConfig):
+        return replace(cfg, block_m=min(cfg.block_m, mb), block_n=min(cfg.block_n, mb))
+    return replace(cfg, block_m1=min(cfg.block_m1, mb), block_n1=min(cfg.block_n1, mb),
+                   block_m2=min(cfg.block_m2, mb), block_n2=min(cfg.block_n2, mb))  # fmt: skip
+
+
+def _fit(key: tuple, cfg, mb: int, launch) -> None:
+    """Launch with cfg, stepping down through smaller configs on OutOfResources (once per key)."""
+    fitted = _FITTED.get(key + (cfg,))
+    if fitted is not None:
+        launch(fitted)
+        return
+    err: Exception | None = None
+    for c in configs.fallbacks(cfg):
+        c = _clip(c, mb)
+        try:
+            launch(c)
+        except OutOfResources as e:
+            err = e
+            continue
+        _FITTED[key + (cfg,)] = c
+        return
+    raise RuntimeError(f"flashtile flex_triton: no tile config fits this device ({err})")
+
+
+def _guard(device: torch.device):
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def _twin(fn):
+    return getattr(fn, "_flashtile_triton", None)
+
+
+def _arg(a):
+    return a.detach() if isinstance(a, torch.Tensor) else a
+
+
+def _lists(bm, side: str, device: torch.device):
+    """The block mask's ``side`` ("kv": per query block; "q": per key block, for the dK/dV pass)
+    lists as int32 tensors with unit inner stride, flattened into the kernels' arguments:
+    ``(num, idx, full_num, full_idx, 12 strides, has_full, B > 1, H > 1)``; placeholders without a
+    block mask."""
+    zero = torch.zeros(1, dtype=torch.int32, device=device)
+    ph = (zero.view(1, 1, 1), zero.view(1, 1, 1, 1))
+    if bm is None:
+        num, idx, fnum, fidx, has_full = *ph, *ph, False
+    else:
+
+        def get(name):
+            return getattr(bm, name).to(torch.int32).contiguous()
+
+        num, idx = get(f"{side}_num_blocks"), get(f"{side}_indices")
+        has_full = getattr(bm, f"full_{side}_num_blocks") is not None
+        fnum, fidx = (get(f"full_{side}_num_blocks"), get(f"full_{side}_indices")) if has_full else ph
+    strides = (*num.stride(), *idx.stride()[:3], *fnum.stride(), *fidx.stride()[:3])
+    return (
+        (num, idx, fnum, fidx),
+        strides,
+        dict(HAS_BLOCK_MASK=bm is not None, HAS_FULL=has_full, BM_B=int(num.shape[0] > 1), BM_H=int(num.shape[1] > 1)),
+    )
+
+
+def _geometry(bm, Sq: int, Sk: int) -> tuple[int, bool]:
+    """(block-mask block, EVEN): EVEN when both lengths are multiples of the block and, with a block
+    mask, its lists cover exactly the call's blocks (no list names a block past the end)."""
+    mb = bm.BLOCK_SIZE[0] if bm is not None else 128
+    even = Sq % mb == 0 and Sk % mb == 0
+    if bm is not None:
+        nq, nk = bm.kv_num_blocks.shape[-1], bm.kv_indices.shape[-1]
+        even = even and nq == Sq // mb and nk == Sk // mb
+    return mb, even
+
+
+def _mods(call: AttnCall) -> tuple[dict, tuple, tuple, str]:
+    """The mods' constexpr switches and arguments: (consts, mask args, score args, score name)."""
+    bm = call.block_mask
+    has_mask = bm is not None and bm.mask_mod is not None
+    mask_name, margs = _twin(bm.mask_mod) if has_mask else ("no_mask", (0, 0, 0))
+    has_score = call.score_mod is not None
+    score_name, sargs = _twin(call.score_mod) if has_score else ("no_score", (0, 0, 0))
+    consts = dict(MASK_MOD=getattr(K, mask_name), SCORE_MOD=getattr(K, score_name), HAS_MASK=has_mask,
+                  HAS_SCORE=has_score)  # fmt: skip
+    return consts, tuple(_arg(a) for a in margs), tuple(_arg(a) for a in sargs), score_name
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
+
+
+def _scale(call: AttnCall) -> float:
+    """The kernels' q.k scale: natural units with a score mod (it sees FlexAttention's scores),
+    base 2 without (log2(e) folded in)."""
+    return float(call.softmax_scale) * (1.0 if call.score_mod is not None else LOG2E)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of a call with mods, internal layout ``(B, S, H, D)``; lse ``(B, H, Sq)`` fp32."""
+    B, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    bm = call.block_mask
+    mb, even = _geometry(bm, Sq, Sk)
+    lists, lstrides, bflags = _lists(bm, "kv", q.device)
+    consts, margs, sargs, _ = _mods(call)
+    arch = _arch(q.device)
+    cfg = fwd_cfg(arch, D, q.dtype, mb, max(Sq, Sk))
+
+    def launch(c: FwdConfig) -> None:
+        K.flex_fwd[(B * H, _cdiv(Sq, c.block_m))](
+            q, k, v, out, lse, *lists,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *lstrides,
+            Sq, Sk, H, H // Hk, _scale(call), *margs, *sargs,
+            **consts, **bflags, MASK_BLOCK=mb, EVEN=even, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=_bd(D),
+            HEAD_DIM=D, UPCAST=_upcast(q.dtype), num_warps=c.num_warps, num_stages=c.num_stages,
+        )  # fmt: skip
+
+    with _guard(q.device):
+        _fit(("fwd", arch, q.dtype, D, mb), cfg, mb, launch)
+    return out, lse
+
+
+def backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    call: AttnCall,
+    captured: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """(dq, dk, dv, {"score_mod": (captured tensor's gradient,)}) from the saved out / lse."""
+    B, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    grad = torch.zeros(captured[0].shape, dtype=torch.float32, device=q.device) if captured else None
+
+    def result():
+        return dq, dk, dv, ({"score_mod": (grad.to(captured[0].dtype),)} if captured else {})
+
+    if q.numel() == 0 or k.numel() == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return result()
+    bm = call.block_mask
+    mb, even = _geometry(bm, Sq, Sk)
+    consts, margs, sargs, score_name = _mods(call)
+    arch = _arch(q.device)
+    cfg = bwd_cfg(arch, D, q.dtype, mb, max(Sq, Sk))
+    if not os.environ.get("FLASHTILE_FLEX_BWD"):
+        cfg = mod_bwd_cfg(cfg, score_name)
+    bd = _bd(D)
+    up = _upcast(q.dtype)
+    scale, sm_scale = _scale(call), float(call.softmax_scale)
+    score_bwd = getattr(K, f"{score_name}_bwd")
+    with _guard(q.device):
+        delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+        pre_m = 32 if INTERPRET else 128
+        K.flex_bwd_preprocess[(B * H, _cdiv(Sq, pre_m))](
+            out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+            dout.stride(2), Sq, H, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_m, num_warps=4,
+        )  # fmt: skip
+        qlists, qstrides, bflags = _lists(bm, "q", q.device)
+
+        def dkdv(c: BwdConfig) -> None:
+            K.flex_bwd_dkdv[(B * Hk, _cdiv(Sk, c.block_n1))](
+                q, k, v, dout, dk, dv, lse, delta, *qlists,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+                dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *qstrides,
+                Sq, Sk, H, Hk, H // Hk, scale, sm_scale, *margs, *sargs,
+                **consts, SCORE_BWD=score_bwd, **bflags, MASK_BLOCK=mb, EVEN=even, BLOCK_M=c.block_m1,
+                BLOCK_N=c.block_n1, BLOCK_D=bd, HEAD_DIM=D, UPCAST=up, num_warps=c.num_warps1,
+                num_stages=c.num_stages1,
+            )  # fmt: skip
+
+        _fit(("dkdv", arch, q.dtype, D, mb, score_name), cfg, mb, dkdv)
+        kvlists, kvstrides, bflags = _lists(bm, "kv", q.device)
+        has_grad = grad is not None
+        gname = score_name if has_grad else "no"
+
+        def dqp(c: BwdConfig) -> None:
+            K.flex_bwd_dq[(B * H, _cdiv(Sq, c.block_m2))](
+                q, k, v, dout, dq, lse, delta, *kvlists,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+                dq.stride(0), dq.stride(1), dq.stride(2), *kvstrides,
+                Sq, Sk, H, H // Hk, scale, sm_scale, *margs, *sargs, grad if has_grad else 0,
+                **consts, SCORE_BWD=score_bwd, SCORE_GRAD=getattr(K, f"{gname}_grad"),
+                SCORE_GRAD_END=getattr(K, f"{gname}_grad_end"), GRAD=has_grad, **bflags, MASK_BLOCK=mb, EVEN=even,
+                BLOCK_M=c.block_m2, BLOCK_N=c.block_n2, BLOCK_D=bd, HEAD_DIM=D, UPCAST=up,
+                num_warps=c.num_warps2, num_stages=c.num_stages2,
+            )  # fmt: skip
+
+        if has_grad:  # a retry after OutOfResources must not add the gradient twice
+            _fit(("dq", arch, q.dtype, D, mb, gname), cfg, mb, lambda c: (grad.zero_(), dqp(c)))
+        else:
+            _fit(("dq", arch, q.dtype, D, mb, gname), cfg, mb, dqp)
+    return result()
+
+
+__all__ = ["backward", "bwd_cfg", "forward", "fwd_cfg", "mod_bwd_cfg"]
