@@ -185,18 +185,51 @@ class _Attention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.backend = call, backend
         ctx.mark_non_differentiable(lse)
+        # lse's gradient is never used: without this the engine would allocate and zero-fill
+        # one (a memset kernel on the GPU) on every backward
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        if dout.stride(-1) != 1:
+        if dout is None:  # out received no gradient (not materialised, see forward)
+            dout = torch.zeros_like(out)
+        elif dout.stride(-1) != 1:
             dout = dout.contiguous()
-        dq, dk, dv, *extra = _bwd_run(dout, q, k, v, out, lse, ctx.call, ctx.backend)
+        call = ctx.call
+        dq, dk, dv, field_grads = registry()[ctx.backend].backward(dout, q, k, v, out, lse, call)
+        if not _GRAD_FIELDS:  # pragma: no cover - AttnCall has learnable_sink
+            return dq.contiguous(), dk.contiguous(), dv.contiguous(), None, None
         need = ctx.needs_input_grad[5:]
-        grads = [g if getattr(ctx.call, _FIELDS[i].name) is not None and need[j] else None
-                 for j, (i, g) in enumerate(zip(_GRAD_FIELDS, extra, strict=True))]  # fmt: skip
-        return dq, dk, dv, None, None, *grads
+        grads = []
+        for j, i in enumerate(_GRAD_FIELDS):
+            name = _FIELDS[i].name
+            if getattr(call, name) is None or not need[j]:
+                grads.append(None)
+            elif name not in field_grads:  # pragma: no cover - dispatch only picks backends implementing it
+                raise RuntimeError(f"backend {ctx.backend!r} returned no gradient for {name}")
+            else:
+                grads.append(field_grads[name].contiguous())
+        return dq.contiguous(), dk.contiguous(), dv.contiguous(), None, None, *grads
+
+
+# ``_Attention.apply`` without ``torch.autograd.Function.apply``'s Python wrapper (argument binding
+# for ``setup_context`` functions, which _Attention is not; the functorch check, done by
+# _fast_path; the unwrapping of dead functorch wrappers, done here): the C++ apply itself.
+_unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
+_c_apply = getattr(super(torch.autograd.Function, _Attention), "apply", None)
+if _unwrap_if_dead is None or type(_c_apply).__name__ != "builtin_function_or_method" or \
+        getattr(_c_apply, "__self__", None) is not _Attention:  # fmt: skip
+    _c_apply = None  # pragma: no cover - another torch layout (a Python apply in between): the public apply
+
+
+def _apply(*args):
+    if _c_apply is None:  # pragma: no cover
+        return _Attention.apply(*args)
+    u = _unwrap_if_dead
+    return _c_apply(u(args[0]), u(args[1]), u(args[2]), *args[3:5],
+                    *[a if a is None else u(a) for a in args[5:]])  # fmt: skip
 
 
 def attention(
@@ -215,7 +248,7 @@ def attention(
             q.requires_grad or k.requires_grad or v.requires_grad
             or any(f is not None and f.requires_grad for f in fields)
         ):  # fmt: skip
-            return _Attention.apply(q, k, v, call, backend, *fields)
+            return _apply(q, k, v, call, backend, *fields)
         return _fwd_run(q, k, v, call, backend)
     return attn_fwd(q, k, v, *flatten(call), backend)
 

@@ -28,6 +28,7 @@ Triton compiles (``TRITON_DEBUG``, instrumentation) are read at the first launch
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 from collections.abc import Callable
 from typing import Any
@@ -89,6 +90,11 @@ class FastKernel:
         #: parameters with a default value (taken when the call leaves them out, as Triton binds)
         self.defaults: dict[str, Any] = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
         self.compiled: dict[tuple, Any] = {}
+        #: (number of positional args, keyword names) -> (getter of the other parameters' values from
+        #: the keywords and defaults, whether defaults are needed, the launch options' names and getter)
+        self._calls: dict[tuple, tuple] = {}
+        #: argument types -> getters of (values keyed as they are, ints keyed by class, tensors)
+        self._plans: dict[tuple, tuple] = {}
         self.fast = ENABLED and type(fn).__name__ == "JITFunction" and bool(self.names)
         self.generic_launches = 0  # counted for the tests and benchmarks
         self.fast_launches = 0
@@ -97,26 +103,81 @@ class FastKernel:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def _key_part(self, vals: tuple) -> tuple:
+        """The arguments' part of the key, one entry per parameter (the reference form of
+        :meth:`_fast_key_part`, which computes an equivalent key faster)."""
         return tuple([v if c else _arg_key(v) for v, c in zip(vals, self.const, strict=True)])
+
+    def _call_plan(self, n: int, kwnames: tuple) -> tuple:
+        rest = self.names[n:]
+        missing = [name for name in rest if name not in kwnames]
+        if any(name not in self.defaults for name in missing):
+            raise KeyError(missing)  # a required parameter is missing: Triton raises its own error
+        onames = tuple(name for name in kwnames if name not in self.nameset)  # num_warps, num_stages, ...
+        plan = (_getter(rest), bool(missing), onames, _getter(onames))
+        if len(self._calls) < 256:
+            self._calls[(n, kwnames)] = plan
+        return plan
+
+    def _type_plan(self, types: tuple) -> tuple:
+        """Getters for the positions whose values enter the key as they are (constexprs, and types
+        other than int / float / bool / None / tensors), ints (keyed by class) and tensors (keyed by
+        dtype and alignment); the types themselves are part of the key."""
+        keep, ints, tensors = [], [], []
+        for i, (t, c) in enumerate(zip(types, self.const, strict=True)):
+            if c:
+                keep.append(i)
+            elif issubclass(t, torch.Tensor):
+                tensors.append(i)
+            elif t is int:
+                ints.append(i)
+            elif t not in (float, bool, type(None)):
+                keep.append(i)
+        plan = (_getter(keep), _getter(ints), _getter(tensors))
+        if len(self._plans) < 256:
+            self._plans[types] = plan
+        return plan
+
+    def _fast_key_part(self, vals: tuple) -> tuple:
+        """The arguments' part of the key: equal exactly when :meth:`_key_part`'s is (for the types
+        :func:`_arg_key` distinguishes; stricter on types: ``True`` and ``1`` differ here), computed
+        with C-level gathers and one dict lookup for the ints' classes."""
+        types = tuple(map(type, vals))
+        plan = self._plans.get(types)
+        if plan is None:
+            plan = self._type_plan(types)
+        keep, ints, tensors = plan
+        ivals = ints(vals)
+        iclass = _INT_CLASSES.get(ivals)
+        if iclass is None:
+            iclass = tuple(map(_arg_key, ivals))
+            if len(_INT_CLASSES) >= 4096:
+                _INT_CLASSES.clear()
+            _INT_CLASSES[ivals] = iclass
+        return types, keep(vals), iclass, tuple([(t.dtype, not (t.data_ptr() & 15)) for t in tensors(vals)])
 
     def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
         if not self.fast:
             self.fn[grid](*args, **kwargs)
             return
-        names = self.names
         n = len(args)
-        defaults = self.defaults
+        kwnames = tuple(kwargs)
         try:
-            extra = tuple([kwargs[name] if name in kwargs else defaults[name] for name in names[n:]])
+            plan = self._calls.get((n, kwnames)) or self._call_plan(n, kwnames)
         except KeyError:  # a required parameter is missing: Triton raises its own error
             self.fn[grid](*args, **kwargs)
             return
-        nameset = self.nameset
-        options = tuple(kv for kv in kwargs.items() if kv[0] not in nameset)  # num_warps, num_stages, ...
+        get_rest, needs_defaults, onames, get_options = plan
+        if needs_defaults:
+            merged = self.defaults.copy()
+            merged.update(kwargs)
+            extra = get_rest(merged)
+        else:
+            extra = get_rest(kwargs)
         drv = triton.runtime.driver.active
         device = drv.get_current_device()
+        vals = args + extra
         try:
-            key = (device, self._key_part(args + extra), options)
+            key = (device, self._fast_key_part(vals), onames, get_options(kwargs))
             compiled = self.compiled.get(key)
         except (TypeError, ValueError):  # an unhashable argument, or too many: Triton binds them
             self.fn[grid](*args, **kwargs)
@@ -130,8 +191,23 @@ class FastKernel:
             return
         g = len(grid)
         compiled.run(grid[0], grid[1] if g > 1 else 1, grid[2] if g > 2 else 1, drv.get_current_stream(device),
-                     compiled.function, compiled.packed_metadata, None, None, None, *args, *extra)  # fmt: skip
+                     compiled.function, compiled.packed_metadata, None, None, None, *vals)  # fmt: skip
         self.fast_launches += 1
+
+
+#: ints of a launch (a tuple of values) -> their classes (:func:`_arg_key`), shared by the kernels
+_INT_CLASSES: dict[tuple, tuple] = {}
+
+
+def _getter(idx: Any) -> Callable[[Any], tuple]:
+    """``operator.itemgetter`` that always returns a tuple (of 0, 1 or more items)."""
+    idx = tuple(idx)
+    if not idx:
+        return lambda _: ()
+    if len(idx) == 1:
+        i = idx[0]
+        return lambda x: (x[i],)
+    return operator.itemgetter(*idx)
 
 
 def fast(fn: Any) -> FastKernel:
