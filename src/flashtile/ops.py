@@ -46,9 +46,37 @@ def flatten(call: AttnCall) -> tuple:
     return tuple(getattr(call, f.name) for f in _FIELDS)
 
 
+#: tensor-free flattened calls -> their AttnCall: the ops' implementations get one object per option
+#: set, as eager calls do from make_call (the Triton launchers plan launches per call object)
+_UNFLAT: dict[tuple, AttnCall] = {}
+#: argument types -> whether one is a tensor
+_UNFLAT_TENSOR: dict[tuple, bool] = {}
+
+
 def unflatten(args: tuple) -> AttnCall:
     """The inverse of :func:`flatten`."""
-    return AttnCall(**{f.name: a for f, a in zip(_FIELDS, args, strict=True)})
+    args = tuple(args)
+    types = tuple(map(type, args))
+    tensor = _UNFLAT_TENSOR.get(types)
+    if tensor is None:
+        tensor = any(issubclass(t, torch.Tensor) for t in types)
+        if len(_UNFLAT_TENSOR) < 256:
+            _UNFLAT_TENSOR[types] = tensor
+    key = None
+    if not tensor and not torch.compiler.is_compiling():
+        key = (args, types)  # types too: 1 and 1.0 (and True) are equal keys
+        try:
+            found = _UNFLAT.get(key)
+        except TypeError:  # pragma: no cover - an unhashable value
+            found, key = None, None
+        if found is not None:
+            return found
+    call = AttnCall(**{f.name: a for f, a in zip(_FIELDS, args, strict=True)})
+    if key is not None:
+        if len(_UNFLAT) >= 256:
+            _UNFLAT.clear()
+        _UNFLAT[key] = call
+    return call
 
 
 _lib = torch.library.Library("flashtile", "FRAGMENT")  # kept alive for the module's lifetime

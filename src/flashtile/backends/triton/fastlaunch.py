@@ -95,7 +95,7 @@ class FastKernel:
         self._calls: dict[tuple, tuple] = {}
         #: argument types -> getters of (values keyed as they are, ints keyed by class, tensors)
         self._plans: dict[tuple, tuple] = {}
-        self.fast = ENABLED and type(fn).__name__ == "JITFunction" and bool(self.names)
+        self.fast = ENABLED and type(fn).__name__ in ("JITFunction", "GluonJITFunction") and bool(self.names)
         self.generic_launches = 0  # counted for the tests and benchmarks
         self.fast_launches = 0
 
@@ -122,7 +122,7 @@ class FastKernel:
         """Getters for the positions whose values enter the key as they are (constexprs, and types
         other than int / float / bool / None / tensors), ints (keyed by class) and tensors (keyed by
         dtype and alignment); the types themselves are part of the key."""
-        keep, ints, tensors = [], [], []
+        keep, ints, tensors, descs = [], [], [], []
         for i, (t, c) in enumerate(zip(types, self.const, strict=True)):
             if c:
                 keep.append(i)
@@ -130,9 +130,11 @@ class FastKernel:
                 tensors.append(i)
             elif t is int:
                 ints.append(i)
+            elif t.__name__ == "TensorDescriptor" and t.__module__ in _DESCRIPTOR_MODULES:
+                descs.append(i)
             elif t not in (float, bool, type(None)):
                 keep.append(i)
-        plan = (_getter(keep), _getter(ints), _getter(tensors))
+        plan = (_getter(keep), _getter(ints), _getter(tensors), _getter(descs) if descs else None)
         if len(self._plans) < 256:
             self._plans[types] = plan
         return plan
@@ -145,7 +147,7 @@ class FastKernel:
         plan = self._plans.get(types)
         if plan is None:
             plan = self._type_plan(types)
-        keep, ints, tensors = plan
+        keep, ints, tensors, descs = plan
         ivals = ints(vals)
         iclass = _INT_CLASSES.get(ivals)
         if iclass is None:
@@ -153,7 +155,10 @@ class FastKernel:
             if len(_INT_CLASSES) >= 4096:
                 _INT_CLASSES.clear()
             _INT_CLASSES[ivals] = iclass
-        return types, keep(vals), iclass, tuple([(t.dtype, not (t.data_ptr() & 15)) for t in tensors(vals)])
+        tkey = tuple([(t.dtype, not (t.data_ptr() & 15)) for t in tensors(vals)])
+        if descs is None:
+            return types, keep(vals), iclass, tkey
+        return types, keep(vals), iclass, tkey, tuple(map(_desc_key, descs(vals)))
 
     def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
         if not self.fast:
@@ -193,6 +198,17 @@ class FastKernel:
         compiled.run(grid[0], grid[1] if g > 1 else 1, grid[2] if g > 2 else 1, drv.get_current_stream(device),
                      compiled.function, compiled.packed_metadata, None, None, None, *vals)  # fmt: skip
         self.fast_launches += 1
+
+
+#: modules whose ``TensorDescriptor`` (a TMA descriptor on the host) the key knows (:func:`_desc_key`)
+_DESCRIPTOR_MODULES = ("triton.experimental.gluon.nvidia.hopper",)
+
+
+def _desc_key(d: Any) -> tuple:
+    """The key of a host TensorDescriptor: what Triton specialises it on (Triton 3.6 and 3.9:
+    ``tensordesc<dtype[block_shape],layout>``, no shape or stride), and its padding mode (read by
+    the launcher); the launcher reads its base, shape and strides on every launch."""
+    return d.base.dtype, tuple(d.block_shape), getattr(d, "layout", None), d.padding
 
 
 #: ints of a launch (a tuple of values) -> their classes (:func:`_arg_key`), shared by the kernels
