@@ -203,6 +203,9 @@ def _fast_path(*xs: torch.Tensor) -> bool:
     )
 
 
+_NO_FIELD_GRADS = (None,) * len(_GRAD_FIELDS)
+
+
 class _Attention(torch.autograd.Function):
     """``attn_fwd`` with ``attn_bwd`` as its backward, for the eager fast path. Inputs: q, k, v,
     the call, the backend name, then the call's differentiable fields (for their gradients)."""
@@ -212,6 +215,7 @@ class _Attention(torch.autograd.Function):
         out, lse = _fwd_run(q, k, v, call, backend)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.backend = call, backend
+        ctx.fields_set = any(f is not None for f in grad_fields)  # else the backward's tail is all None
         ctx.mark_non_differentiable(lse)
         # lse's gradient is never used: without this the engine would allocate and zero-fill
         # one (a memset kernel on the GPU) on every backward
@@ -227,8 +231,8 @@ class _Attention(torch.autograd.Function):
             dout = dout.contiguous()
         call = ctx.call
         dq, dk, dv, field_grads = registry()[ctx.backend].backward(dout, q, k, v, out, lse, call)
-        if not _GRAD_FIELDS:  # pragma: no cover - AttnCall has learnable_sink
-            return dq.contiguous(), dk.contiguous(), dv.contiguous(), None, None
+        if not ctx.fields_set:
+            return dq.contiguous(), dk.contiguous(), dv.contiguous(), None, None, *_NO_FIELD_GRADS
         need = ctx.needs_input_grad[5:]
         grads = []
         for j, i in enumerate(_GRAD_FIELDS):
