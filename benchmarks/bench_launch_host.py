@@ -47,7 +47,7 @@ def _fake(kernel):
     """A stand-in with ``kernel``'s parameters, named as FastKernel expects (``JITFunction``)."""
     cls = type("JITFunction", (), {"params": kernel.params})
     fake = cls()
-    cls.__getitem__ = lambda self, grid: (lambda *a, **kw: _Compiled())
+    cls.__getitem__ = lambda self, grid: lambda *a, **kw: _Compiled()
     return fake
 
 

@@ -27,8 +27,9 @@ from .sched import schedule
 
 # The Gluon kernels through the lean launch path (issue 16; host TensorDescriptors are keyed as Triton
 # specialises them, see fastlaunch._desc_key).
-_PLAIN, _WS, _PERSISTENT, _WS_FP8 = (fast(k) for k in (attn_fwd_plain, attn_fwd_ws, attn_fwd_persistent,
-                                                       attn_fwd_ws_fp8))
+_PLAIN, _WS, _PERSISTENT, _WS_FP8 = (
+    fast(k) for k in (attn_fwd_plain, attn_fwd_ws, attn_fwd_persistent, attn_fwd_ws_fp8)
+)
 
 # (schedule key, device) -> (codes, offsets) int32 tensors of the persistent kernel's schedule
 _SCHEDULES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

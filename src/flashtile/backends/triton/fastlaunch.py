@@ -1,4 +1,4 @@
-"""A lean launch path for the Triton kernels: ``fast(kernel)[grid](*args, **constexprs)`` launches
+"""A lean launch path for the Triton (and Gluon) kernels: ``fast(kernel)[grid](*args, **constexprs)`` launches
 like ``kernel[grid](...)``, but after the first launch of a specialisation it calls the compiled
 kernel's own launcher directly instead of Triton's generic per-call work (argument binding, the
 specialisation of every argument, the string cache key, knob reads, the global-value check).
@@ -12,14 +12,19 @@ declaration order, which is exactly the call Triton's ``JITFunction.run`` ends w
 The signature key refines Triton's specialisation, so two launches with the same key get the same
 compiled kernel from Triton: for each tensor its dtype and whether its address is 16-byte aligned;
 for each int whether it is 1, whether it is a multiple of 16 and its integer width class; the type
-of floats and bools; None; the constexpr values; the launch options (``num_warps``, ...); the
-current device. Parameters the call leaves out take their declared defaults, as Triton's binder
+of floats and bools; None; for a Gluon host ``TensorDescriptor`` its dtype, block shape, layout and
+padding (Triton specialises it on ``tensordesc<dtype[block_shape],layout>``; the launcher builds
+the TMA descriptor from its base, shape and strides on every launch); the type of every argument;
+the constexpr values; the launch options (``num_warps``, ...); the current device. The key is
+computed with C-level gathers: per tuple of argument types, ``operator.itemgetter``s pick the
+values keyed as they are, the ints (their classes memoised per tuple of int values) and the
+tensors. Parameters the call leaves out take their declared defaults, as Triton's binder
 does (a kernel whose new parameters have defaults stays on the lean path; found on the H200,
 where such kernels took the generic launch on every call). Tensors never enter the key themselves
 (only their dtype and alignment), whether passed by position or by keyword.
 
 Verified against the source of Triton 3.6.0 (the H200's) and 3.9.0 (``JITFunction.run`` and the
-NVIDIA ``CudaLauncher``); other versions, the interpreter (``TRITON_INTERPRET=1``), launch hooks
+NVIDIA ``CudaLauncher``; ``GluonJITFunction`` shares ``JITFunction.run``); other versions, the interpreter (``TRITON_INTERPRET=1``), launch hooks
 (profilers such as proton add to ``knobs.runtime.launch_enter_hook``) and
 ``FLASHTILE_TRITON_FAST_LAUNCH=0`` take Triton's generic launch every time. Knobs that change how
 Triton compiles (``TRITON_DEBUG``, instrumentation) are read at the first launch of a key only.

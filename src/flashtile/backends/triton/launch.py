@@ -131,7 +131,9 @@ def sink_grad(sink: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> tor
     return torch.exp(sink.detach().view(1, -1, 1) - lse).mul_(delta).sum((0, 2)).neg_()
 
 
-def _fit(key: tuple, cfg: FwdConfig | BwdConfig, launch: Callable[[FwdConfig | BwdConfig], None]) -> FwdConfig | BwdConfig:
+def _fit(
+    key: tuple, cfg: FwdConfig | BwdConfig, launch: Callable[[FwdConfig | BwdConfig], None]
+) -> FwdConfig | BwdConfig:
     """Launch with cfg, stepping down through smaller configs on OutOfResources (once per key);
     returns the config launched."""
     fitted = _FITTED.get(key + (cfg,))
@@ -258,12 +260,12 @@ def forward(
             scal["qk_scale"], scal["cap_out"], scal["alibi_mul"],
             scal["window_left"], scal["window_right"],
             scal["thresh"], scal["drop_scale"], scal["seed_lo"], scal["seed_hi"],
-        )
+        )  # fmt: skip
         kw = dict(
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
             REVERSE_M=call.window_right >= 0, **flags, **_sink_args(call), HEAD_DIM_V=Dv, BLOCK_DV=bdv,
             num_warps=c.num_warps, num_stages=c.num_stages,
-        )
+        )  # fmt: skip
         return grid, ints, kw
 
     def launch(c: FwdConfig) -> None:
@@ -355,7 +357,7 @@ def backward(
         scal["qk_scale"], scal["cap_out"], scal["alibi_mul"], call.softmax_scale,
         scal["window_left"], scal["window_right"],
         scal["thresh"], scal["drop_scale"], scal["seed_lo"], scal["seed_hi"],
-    )
+    )  # fmt: skip
     os_, ds, es = out.stride(), dout.stride(), delta.stride()
     pre = (
         (cdiv(Sq, pre_m), H, B),
