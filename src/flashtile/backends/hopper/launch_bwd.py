@@ -28,13 +28,14 @@ from ...spec import AttnCall
 from .._ints import cdiv
 from ..triton import configs as triton_configs
 from ..triton.fastlaunch import fast
-from ..triton.launch import _BWD_DQ, _BWD_PRE, _flags, _geometry, _scalars, arch, device_guard, score_scales
-from . import configs
-from .bwd import attn_bwd
+from ..triton.launch import _BWD_DQ as _bwd_dq_kernel  # the kernels' lean launch wrappers (issue 16)
+from ..triton.launch import _BWD_PRE as _bwd_preprocess
+from ..triton.launch import _flags, _geometry, _scalars, arch, device_guard, score_scales
+from . import bwd, configs
 from .configs import HopperBwdConfig
 from .launch import _check_launch, _descriptor, tma_compatible
 
-_ATTN_BWD = fast(attn_bwd)  # the lean launch path (issue 16), as the Triton kernels here
+attn_bwd = fast(bwd.attn_bwd)  # the Gluon kernel on the lean launch path too
 
 
 def backward(
@@ -74,7 +75,7 @@ def backward(
 
     with device_guard(q.device):
         pre_m = 64
-        _BWD_PRE[(cdiv(Sq, pre_m), H, B)](
+        _bwd_preprocess[(cdiv(Sq, pre_m), H, B)](
             out, dout, delta,
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
@@ -85,7 +86,7 @@ def backward(
         do_desc = _descriptor(dout, cfg.block_m, varlen)
         k_desc = _descriptor(k, cfg.block_n, varlen)
         v_desc = _descriptor(v, cfg.block_n, varlen)
-        _ATTN_BWD[(cdiv(rows_k, cfg.block_n), Hk, nb)](
+        attn_bwd[(cdiv(rows_k, cfg.block_n), Hk, nb)](
             q_desc, k_desc, v_desc, do_desc, dq_acc, dk, dv, lse, delta, call.cu_seqlens_q, call.cu_seqlens_k,
             0 if varlen else dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
             0 if varlen else dk.stride(0), dk.stride(1), dk.stride(2), stride_lb, lse.stride(1),
@@ -113,7 +114,7 @@ def _triton_dq(q, k, v, dout, lse, delta, dq, call: AttnCall, varlen: bool, nb: 
     def bstr(t: torch.Tensor) -> tuple[int, int, int]:
         return (0 if varlen else t.stride(0), t.stride(1), t.stride(2))
 
-    _BWD_DQ[(cdiv(rows_q, c.block_m2), H, nb)](
+    _bwd_dq_kernel[(cdiv(rows_q, c.block_m2), H, nb)](
         q, k, v, dout, lse, delta, dq, None, call.cu_seqlens_q, call.cu_seqlens_k,
         *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dq),
         0 if varlen else lse.stride(0), lse.stride(1), 0,
