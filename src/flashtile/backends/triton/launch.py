@@ -158,7 +158,8 @@ def _fit(
 # config -- kept per signature, so that a repeated small call allocates its outputs and launches.
 # Keyed by the call's id with the call kept in the entry (checked with ``is``: an id is never
 # reused while the entry holds its object), q's dtype and device, and the shapes and strides of
-# every tensor the arguments come from; bounded (cleared when full).
+# every tensor the arguments come from; bounded (cleared when full). Code that changes the config
+# tables at run time (benchmarks/bench_attention.py's sweep winners) clears it.
 _PLANS: dict[tuple, tuple] = {}
 _PLANS_MAX = 1024
 _TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(AttnCall) if "Tensor" in str(f.type))
