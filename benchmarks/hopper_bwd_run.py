@@ -18,11 +18,12 @@
    (``torch.autograd.grad`` of a retained SDPA graph). Then a short table; JSON to ``$OUT`` (else
    benchmarks/results/).
 
-``--quick``: a smaller correctness set and three benchmark cells (about 2 minutes).
-``--variant block_m=128,dq_chunk=64`` (repeatable): a backward config variant (``HopperBwdConfig``
-fields over the table's, every head dim): its gradients are checked against the default
-config's on a few shapes, then it gets its own benchmark column. A watchdog (from
-``hopper_run.py``) ends the process (exit code 3) if a case or cell hangs.
+``--quick``: a smaller correctness set and three benchmark cells (about 2 minutes); with
+``--full-bench`` the smaller correctness set and the whole benchmark grid.
+``--variant block_m=128,dq_chunk=64`` or ``--variant kernel=plain,block_n=64`` (repeatable): a
+backward config variant (``HopperBwdConfig`` fields over the table's, every head dim): its
+gradients are checked against the default config's on a few shapes, then it gets its own
+benchmark column. A watchdog (from ``hopper_run.py``) ends the process (exit code 3) if a case or cell hangs.
 """
 
 from __future__ import annotations
@@ -338,6 +339,12 @@ def run_bench(quick: bool, variants=()) -> list[dict]:
     return rows
 
 
+def _value(text: str) -> int | str:
+    """A config field's value from the command line: an int, or a string (``kernel=ws``)."""
+    text = text.strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def _geo(rows: list[dict], a: str, b: str) -> str:
     r = [x[a] / x[b] for x in rows if x.get(a) and x.get(b)]
     return f"{math.exp(sum(map(math.log, r)) / len(r)):.2f}x" if r else "n/a"
@@ -347,6 +354,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer correctness cases, three benchmark cells")
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--full-bench", action="store_true", help="the whole benchmark grid even with --quick")
     ap.add_argument("--variant", action="append", default=[], help="bwd config overrides, e.g. block_m=128,dq_chunk=64")
     ap.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT, help="watchdog per case / cell (s)")
     args = ap.parse_args()
@@ -376,7 +384,7 @@ def main() -> int:
     log("correctness: all PASS")
     variants = []
     for text in args.variant:
-        ov = {kv.split("=")[0].strip(): int(kv.split("=")[1]) for kv in text.split(",")}
+        ov = {kv.split("=")[0].strip(): _value(kv.split("=")[1]) for kv in text.split(",")}
         try:
             with watchdog(CASE_TIMEOUT, f"variant {text}"):
                 log(f"PASS variant [{text}]: {_variant_case(ov)}")
@@ -385,7 +393,7 @@ def main() -> int:
             log(f"FAIL variant [{text}] (dropped): {type(e).__name__}: {str(e)[:1000]}")
     if args.no_bench:
         return 0
-    rows = run_bench(args.quick, variants)
+    rows = run_bench(args.quick and not args.full_bench, variants)
     names = ["hopper"] + [f"hopper{lb}" for lb, _ in variants] + ["triton", "sdpa_flash", "sdpa_cudnn"]
     print("\nTFLOP/s (bf16 backward alone, 2.5x forward FLOPs)")
     print(f"{'b':>3} {'h':>3} {'hk':>3} {'s':>6} {'d':>4} {'causal':>6} {'cap':>4} "

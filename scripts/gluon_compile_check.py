@@ -265,15 +265,25 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
         "sm_scale": "fp32", "window_left": "i32", "window_right": "i32",
     }  # fmt: skip
     consts = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
-                  IS_VARLEN=varlen, DQ_CHUNK=cfg.chunk(d), RED_VEC=cfg.red_vec, num_warps=cfg.num_warps,
-                  **BWD_OPTS[opt])  # fmt: skip
+                  IS_VARLEN=varlen, num_warps=cfg.num_warps, **BWD_OPTS[opt])  # fmt: skip
+    if cfg.kernel in ("ws", "ws2"):
+        consts.update(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows)
+        if cfg.kernel == "ws2":
+            consts.update(COMPUTE_REGS=cfg.compute_regs, num_warps=4)
+        else:
+            consts.update(DEFER_DK=bool(cfg.defer_dk))
+        name = name.replace("bwd ", f"bwd_{cfg.kernel} ", 1)
+        res["name"] = name
+    else:
+        consts.update(DQ_CHUNK=cfg.chunk(d), RED_VEC=cfg.red_vec)
     if not varlen:
         consts.update(CU_Q=None, CU_K=None)
     for key in consts:
         sig[key] = "constexpr"
     try:
-        k = triton.compile(GluonASTSource(bwd.attn_bwd, sig, consts), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=cfg.num_warps))  # fmt: skip
+        fn = {"ws": bwd.attn_bwd_ws, "ws2": bwd.attn_bwd_ws2}.get(cfg.kernel, bwd.attn_bwd)
+        k = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=consts["num_warps"]))  # fmt: skip
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         res["trace"] = str(e)
@@ -292,6 +302,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
                     help="override a config field for every variant (block_n=64, num_stages=3)")
     ap.add_argument("--fp8", action="store_true", help="the FP8 kernel (fwd_fp8.py) instead of the 16-bit ones")
+    ap.add_argument("--bwd-kernel", choices=("plain", "ws", "ws2"), help="the backward kernel (default: the table's)")
     args = ap.parse_args()
     overrides = {}
     for kv in args.set:
@@ -309,7 +320,10 @@ def main() -> int:
     if args.only != "fwd":
         bopts = ["none", "causal", "deterministic"] if args.quick else list(BWD_OPTS)
         bwd_over = {k: v for k, v in overrides.items()
-                    if k in ("block_m", "block_n", "num_stages", "dq_chunk", "atomic_dq", "red_vec")}  # fmt: skip
+                    if k in ("block_m", "block_n", "num_stages", "dq_chunk", "atomic_dq", "red_vec", "worker_regs",
+                             "red_rows", "compute_regs", "defer_dk")}  # fmt: skip
+        if args.bwd_kernel:
+            bwd_over["kernel"] = args.bwd_kernel
         jobs += [(compile_bwd, (dt, d, op, vl, bwd_over)) for dt in dtypes for d in dims for op in bopts
                  for vl in (False, True)]  # fmt: skip
     if args.fp8:  # (head dim, mask, varlen, descales given)

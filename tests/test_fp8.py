@@ -246,6 +246,36 @@ def test_fp8_hopper_kernel(d, opts):
     _check(out.cpu(), q8.cpu(), k8.cpu(), v8.cpu(), qd.cpu(), kd.cpu(), vd.cpu(), quantized_p=True, **opts)
 
 
+@pytest.mark.parametrize("sk", [1, 31, 32, 45, 97, 128])
+def test_fp8_transpose_v_key_order(sk):
+    """Dense V^T for the FP8 kernel: keys of each 32-key chunk in the kernel's P-operand order
+    (position 32g + k holds key 32g + perm[k]), padding keys zero; the kernel's reshape/permute of
+    P (mirrored here with torch) reads P's columns in that same order, so P V is unchanged. Varlen
+    V^T keeps the key order."""
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from flashtile.backends.hopper import launch
+
+    perm = launch.key_perm32()
+    assert sorted(perm) == list(range(32)) and perm != list(range(32))
+    v = torch.randn(2, sk, 3, 16).to(E4M3)
+    vt = launch.transpose_v(v, varlen=False)
+    sp = (sk + 31) // 32 * 32
+    assert vt.shape == (2, 3, 16, sp) and vt.dtype == E4M3
+    for pos in range(sp):
+        key = pos // 32 * 32 + perm[pos % 32]
+        got = vt[..., pos].float()  # (B, Hk, D)
+        assert torch.equal(got, v[:, key].float() if key < sk else torch.zeros_like(got)), pos
+    # the kernel's P operand: reshape (g, h, x, c, e) -> permute to (g, h, c, x, e) -> flatten
+    p = torch.randn(4, 64)
+    p_op = p.view(4, 2, 2, 2, 4, 2).permute(0, 1, 2, 4, 3, 5).reshape(4, 64)
+    cols = torch.tensor([g * 32 + k for g in range(2) for k in perm])
+    assert torch.equal(p_op, p[:, cols])
+    v64 = torch.randn(64, 8)
+    torch.testing.assert_close(p_op @ v64[cols], p @ v64)
+    varlen = launch.transpose_v(v[:1], varlen=True)
+    assert torch.equal(varlen[..., :sk].float(), v[0].permute(1, 2, 0).float())
+
+
 def test_fp8_declarations_and_configs():
     from flashtile import dispatch
     from flashtile.backends.hopper import configs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -76,6 +77,21 @@ def test_bwd_check_names_the_problem(overrides, needle):
     assert reason and needle in reason
 
 
+def test_bwd_ws_config_checks_and_shared_memory():
+    """The warp-specialised kernel's fields are checked, and its dQ tile (fp32 block_m x BLOCK_D,
+    only with atomic dQ) counts in shared memory."""
+    ws = configs.HopperBwdConfig(64, 128, 2, kernel="ws")
+    plain = configs.HopperBwdConfig(64, 128, 2)
+    assert configs.bwd_check(ws, 128) is None
+    assert configs.bwd_smem_bytes(ws, 128) == configs.bwd_smem_bytes(plain, 128) + 4 * 64 * 128
+    assert configs.bwd_smem_bytes(replace(ws, atomic_dq=0), 128) == configs.bwd_smem_bytes(plain, 128)
+    for bad, needle in ((dict(kernel="pp"), "kernel"), (dict(worker_regs=20), "worker_regs"),
+                        (dict(red_rows=3), "red_rows"), (dict(red_vec=4), "red_vec"),
+                        (dict(num_stages=4), "shared memory")):  # fmt: skip
+        reason = configs.bwd_check(replace(ws, **bad), 128)
+        assert reason and needle in reason, (bad, reason)
+
+
 def test_bwd_check_refuses_register_hungry_tiles():
     reason = configs.bwd_check(configs.HopperBwdConfig(128, 128, 1), 256)
     assert reason and ("registers" in reason or "shared memory" in reason)
@@ -94,7 +110,14 @@ def test_bwd_kernel_choice_and_env(monkeypatch):
     call = make_call(headdim=128)
     monkeypatch.delenv(hopper.BWD_ENV)
     assert hopper.bwd_kernel(call) == hopper.DEFAULT_BWD == "triton"
-    assert hopper.bwd_kernel(call, 128) == "triton" and hopper.bwd_kernel(call, 256) == "gluon"
+    assert hopper.bwd_kernel(call, 192) == "triton" and hopper.bwd_kernel(call, 256) == "gluon"
+    # head dims 64/128: the Gluon kernels from 2k keys on (below, the Triton backward is faster);
+    # causal head dim 64 from 8k keys
+    assert hopper.bwd_kernel(call, 128, 1024) == "triton" and hopper.bwd_kernel(call, 128, 4096) == "gluon"
+    assert hopper.bwd_kernel(call, 64, 1024) == "triton" and hopper.bwd_kernel(call, 64, 4096) == "gluon"
+    causal = make_call(headdim=64, causal=True)
+    assert hopper.bwd_kernel(causal, 64, 4096) == "triton" and hopper.bwd_kernel(causal, 64, 8192) == "gluon"
+    assert configs.bwd_config(64, masked=True).kernel == "ws2" and configs.bwd_config(64).kernel == "ws"
     monkeypatch.setenv(hopper.BWD_ENV, "gluon")
     assert hopper.bwd_kernel(call) == "gluon"
     monkeypatch.setenv(hopper.BWD_ENV, "triton")
@@ -185,6 +208,8 @@ def lb(monkeypatch):
 
     rec = {"main": _Recorder(fill_dq), "pre": _Recorder(), "dq": _Recorder()}
     monkeypatch.setattr(launch_bwd, "attn_bwd", rec["main"])
+    monkeypatch.setattr(launch_bwd, "attn_bwd_ws", rec["main"])  # (the table picks per head dim)
+    monkeypatch.setattr(launch_bwd, "attn_bwd_ws2", rec["main"])
     monkeypatch.setattr(launch_bwd, "_bwd_preprocess", rec["pre"])
     monkeypatch.setattr(launch_bwd, "_bwd_dq_kernel", rec["dq"])
     monkeypatch.setattr(launch_bwd, "_descriptor", lambda t, rows, varlen: ("desc", tuple(t.shape), rows, varlen))
@@ -212,7 +237,11 @@ def test_launch_bwd_dense_arguments(lb):
     assert args[22] == pytest.approx(0.25 * 1.4426950408889634) and args[23] == 0.0 and args[24] == 0.25
     assert args[25:27] == (-1, 0)
     assert kw["HAS_WR"] and not kw["HAS_WL"] and not kw["HAS_SOFTCAP"] and not kw["IS_VARLEN"]
-    assert kw["ATOMIC_DQ"] and kw["HEAD_DIM"] == 96 and kw["BLOCK_D"] == 128 and kw["DQ_CHUNK"] == 128
+    assert kw["ATOMIC_DQ"] and kw["HEAD_DIM"] == 96 and kw["BLOCK_D"] == 128
+    if cfg.kernel == "ws":
+        assert kw["WORKER_REGS"] == cfg.worker_regs and kw["RED_ROWS"] == cfg.red_rows and "DQ_CHUNK" not in kw
+    else:
+        assert kw["DQ_CHUNK"] == 128 and kw["RED_VEC"] == cfg.red_vec
     assert args[9] is None and args[10] is None
     # the conversion: scale x the accumulator, its first D columns and Sq rows, in q's dtype
     assert dq.dtype == q.dtype and dq.shape == q.shape and torch.all(dq == 0.5)
@@ -247,8 +276,9 @@ def test_launch_bwd_varlen_arguments(lb):
     call = make_call(headdim=D, cu_seqlens_q=cu(lens_q, "cpu"), cu_seqlens_k=cu(lens_k, "cpu"),
                      max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), window_size=(8, 3))  # fmt: skip
     launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(1, H, tq), call)
-    cfg = configs.bwd_config(D)
+    cfg = configs.bwd_config(D, masked=True)  # a window: the masked table (d64: ws2, 4 warps a partition)
     (grid, args, kw), = rec["main"].calls
+    assert kw["num_warps"] == (4 if cfg.kernel == "ws2" else 8)
     assert grid == (-(-max(lens_k) // cfg.block_n), Hk, len(lens_q))
     assert args[4].shape == (1, tq + cfg.block_m, H, D)
     assert args[11] == 0 and args[14] == 0 and args[17] == 0  # no batch strides: rows are global

@@ -278,10 +278,11 @@ def test_dense_calls_do_not_sync_the_host():
 
 def test_warmup_grid_calls_are_valid_api_calls(monkeypatch):
     """Every feature set's calls run (here on the torch engine; on a GPU they compile kernels)."""
-    from flashtile.backends.triton import configs
     from flashtile.cli import warmup
 
-    monkeypatch.setattr(configs, "SHORT_SEQLEN", 40)  # small "long" calls on the CPU
+    short, mid, long = warmup._lengths()
+    assert short < mid < long  # every table gets a call
+    monkeypatch.setattr(warmup, "_lengths", lambda: (16, 24, 40))  # small calls on the CPU
     for fs in warmup.parse_feature_sets("plain,causal+softcap,window+alibi,dropout,varlen+causal,decode+causal"):
         for call in warmup._calls(fs, 16, torch.float32, torch.device("cpu")):
             call()
@@ -463,3 +464,16 @@ def test_gluon_descriptors_keyed_as_triton_specialises_them(fake_driver):
         d = desc(torch.zeros(2, 128 + 16 * i, 4, 64, dtype=torch.float16), [1, 64, 1, 64])
         k[(1,)](d, 5, x, BLOCK=16, FLAG=False)
     assert [e[0] for e in fn.log] == ["generic", "fast", "fast"] and fn.log[2][1][9] is d
+def test_triton_bwd_table_causal_short_rule():
+    """Causal calls of at most CAUSAL_SHORT_SEQLEN tokens at head dim 128 on sm_90 take their own
+    backward tile (measured faster than FA2 there, the table's long tile was not); other calls
+    keep the length tables."""
+    from flashtile.backends.triton import configs
+
+    bf = torch.bfloat16
+    short = configs.bwd_config("sm90", 128, bf, configs.CAUSAL_SHORT_SEQLEN, causal=True)
+    assert short == configs._BWD_CAUSAL_SHORT[("sm90", 128)]
+    assert configs.bwd_config("sm90", 128, bf, 1024) == configs._BWD[("sm90", 128)]
+    assert configs.bwd_config("sm90", 128, bf, 4096, causal=True) == configs._BWD[("sm90", 128)]
+    assert configs.bwd_config("sm90", 64, bf, 1024, causal=True) == configs._BWD[("sm90", 64)]
+    assert configs.bwd_config("sm80", 128, bf, 1024, causal=True) == configs._BWD[("sm80", 128)]

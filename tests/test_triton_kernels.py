@@ -363,3 +363,24 @@ def test_gpu_long(s, d, causal, dtype):
 def test_gpu_fp32():
     run_dense(1, 200, 300, 2, 1, 96, torch.float32, causal=True)
     run_dense(1, 150, 150, 2, 2, 256, torch.float32, softcap=4.0)
+
+
+@pytest.mark.parametrize("varlen,s,d", [(False, 45, 64), (False, 97, 96), (True, 45, 64), (False, 32, 128)])
+def test_fp8_vt_kernel(varlen, s, d):
+    """The hopper backend's V^T pre-pass kernel (plain Triton: runs here under the interpreter):
+    dense keys in the 32-chunk order of ``key_perm32``, zero padding to 32; varlen in key order,
+    padded to 16."""
+    from flashtile.backends.hopper.vt import key_perm32, transpose_v_kernel
+
+    b = 1 if varlen else 2
+    v = torch.randn(b, s, 3, d, device=DEVICE).to(torch.float8_e4m3fn)
+    got = transpose_v_kernel(v, varlen).float()
+    sp = (s + 15) // 16 * 16 if varlen else (s + 31) // 32 * 32
+    perm = list(range(32)) if varlen else key_perm32()
+    want = torch.zeros(b, 3, d, sp, device=DEVICE)
+    for pos in range(sp):
+        key = pos // 32 * 32 + perm[pos % 32]
+        if key < s:
+            want[..., pos] = v[:, key].float()
+    assert got.shape == ((3, d, sp) if varlen else (b, 3, d, sp))
+    assert torch.equal(got, want[0] if varlen else want)

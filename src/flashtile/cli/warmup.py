@@ -42,10 +42,19 @@ def parse_feature_sets(text: str) -> list[tuple[str, ...]]:
     return sets
 
 
+def _lengths() -> tuple[int, int, int]:
+    """(short, mid, long) sequence lengths whose calls compile every config the tables pick: the
+    Triton short table (<= SHORT_SEQLEN), the causal-short one (<= CAUSAL_SHORT_SEQLEN), the long
+    one, and the Gluon backward from its longest key threshold (hopper.GLUON_BWD_MIN_KEYS)."""
+    from ..backends.hopper import GLUON_BWD_MIN_KEYS
+    from ..backends.triton.configs import CAUSAL_SHORT_SEQLEN, SHORT_SEQLEN
+
+    return 128, CAUSAL_SHORT_SEQLEN, max(SHORT_SEQLEN, CAUSAL_SHORT_SEQLEN, *GLUON_BWD_MIN_KEYS.values()) + 64
+
+
 def _calls(features: tuple[str, ...], d: int, dtype: torch.dtype, device: torch.device) -> list:
     """The tiny calls that compile what a grid point uses (functions of no arguments)."""
     from .. import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
-    from ..backends.triton.configs import SHORT_SEQLEN
 
     f = set(features)
     opts: dict = {}
@@ -94,16 +103,16 @@ def _calls(features: tuple[str, ...], d: int, dtype: torch.dtype, device: torch.
 
     if "decode" in f:
         return [decode]
-    long = SHORT_SEQLEN + 64
+    short, mid, long = _lengths()
     if "varlen" in f:
-        return [varlen(128), varlen(2 * long)]
+        return [varlen(short), varlen(2 * mid), varlen(2 * long)]
     # MHA and GQA both: Triton compiles a kernel per value class of the group size (1 or not);
     # the long shape has more query rows than the hopper backend's small-call bound, so on sm_90
     # its Gluon kernels are compiled too (smaller calls run the Triton forward).
     from ..backends.hopper import SMALL_ROWS
 
     batch = SMALL_ROWS // (long * h) + 1
-    return [dense(128, hk), dense(128, h), dense(long, hk, batch), dense(long, h, batch)]
+    return [dense(short, hk), dense(short, h), dense(mid, hk), dense(long, hk, batch), dense(long, h, batch)]
 
 
 def run_warmup(args: argparse.Namespace) -> int:

@@ -174,7 +174,8 @@ class HopperBackend:
         lse: torch.Tensor,
         call: AttnCall,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        if bwd_kernel(call, q.shape[-1]) == "triton":
+        keys = int(call.max_seqlen_k) if call.varlen else k.shape[1]
+        if bwd_kernel(call, q.shape[-1], keys) == "triton":
             from ..triton import backend as triton_backend
 
             return triton_backend.backward(dout, q, k, v, out, lse, call)
@@ -186,23 +187,34 @@ class HopperBackend:
 
 #: Environment variable choosing the backward kernels: ``gluon`` or ``triton``.
 BWD_ENV = "FLASHTILE_HOPPER_BWD"
-#: The default backward: the Triton kernels, except at the head dims in :data:`GLUON_BWD_HEADDIMS`.
-#: The Gluon backward passes every correctness case on the H200 but runs at 0.3-0.5x cuDNN, 0.5x
-#: the Triton backward at head dims 64-128 (``benchmarks/results/hopper_bwd_H200_20261201_*.json``);
-#: at head dim 256 with vector dQ reductions (``red_vec=4``) it is 257 TFLOP/s causal 4k against
-#: Triton's 203 and FA2's 230. ``FLASHTILE_HOPPER_BWD=gluon|triton`` forces one for every head dim.
+#: The default backward: the Triton kernels, except for (head dim, masked) in
+#: :data:`GLUON_BWD_MIN_KEYS` with at least that many keys (the longest sequence's; masked: causal
+#: or windowed). Measured on the H200 (``benchmarks/results/hopper_bwd_H200_20261201_ws*.json``,
+#: backward TFLOP/s, bf16, each against the Triton backward in the same run): head dim 128, the ws
+#: kernel, 410 / 341 at 4k (non-causal / causal) and 457 / 437 at 16k against 391 / 334 and
+#: 403 / 394 (GQA 32/8 8k causal 390 vs 361, softcap 311 vs 300), but 286 / 192 against 335 / 197
+#: at 1k; head dim 64, non-causal (ws, 128-row blocks) 367 / 403 at 4k / 16k against 335 / 327,
+#: 262 vs 283 at 1k; causal (ws2) 289 / 367 against 299 / 341 at 4k / 16k; head dim 256 (plain
+#: Gluon kernel) 282 / 259 against 210 / 205. ``FLASHTILE_HOPPER_BWD=gluon|triton`` forces one.
 DEFAULT_BWD = "triton"
-GLUON_BWD_HEADDIMS = (256,)
+GLUON_BWD_MIN_KEYS: dict[tuple[int, bool], int] = {
+    (64, False): 2048, (64, True): 8192, (96, False): 2048, (96, True): 2048,
+    (128, False): 2048, (128, True): 2048, (256, False): 0, (256, True): 0,
+}
 
 
-def bwd_kernel(call: AttnCall, headdim: int | None = None) -> str:
-    """Which kernels run the backward of ``call`` (q/k head dim ``headdim``): ``gluon``
-    (:mod:`.bwd`) or ``triton`` (the Triton backend's, also the path for anything the Gluon kernel
-    does not serve: a learnable sink). ``FLASHTILE_HOPPER_BWD`` forces one (A/B comparisons)."""
+def bwd_kernel(call: AttnCall, headdim: int | None = None, keys: int | None = None) -> str:
+    """Which kernels run the backward of ``call`` (q/k head dim ``headdim``, ``keys`` keys in the
+    longest sequence; unknown: as long as needed): ``gluon`` (:mod:`.bwd`) or ``triton`` (the
+    Triton backend's, also the path for anything the Gluon kernel does not serve: a learnable
+    sink). ``FLASHTILE_HOPPER_BWD`` forces one (A/B comparisons)."""
     env = os.environ.get(BWD_ENV, "").strip().lower()
     if env and env not in ("gluon", "triton"):
         raise ValueError(f"{BWD_ENV} must be 'gluon' or 'triton', got {env!r}")
-    choice = env or ("gluon" if headdim in GLUON_BWD_HEADDIMS else DEFAULT_BWD)
+    masked = call.window_left >= 0 or call.window_right >= 0
+    min_keys = GLUON_BWD_MIN_KEYS.get((headdim, masked)) if headdim is not None else None
+    auto = "gluon" if min_keys is not None and (keys is None or keys >= min_keys) else DEFAULT_BWD
+    choice = env or auto
     if choice == "triton" or call.learnable_sink is not None:
         return "triton"
     return "gluon"

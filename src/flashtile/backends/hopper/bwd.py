@@ -304,3 +304,480 @@ def attn_bwd(
                 kv_layout)
     _store_rows(DK + kv_off, (dk * sm_scale).to(dtype), k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM,
                 BLOCK_N, BLOCK_D, kv_layout)
+
+
+# ---------------------------------------------------------------------------------------
+# warp-specialised backward (FA3's shape): 2 compute warpgroups + 1 worker warpgroup
+# ---------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, i, b, hk, group, q_start, mb_lo, n_mb,
+                BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
+    """Worker: TMA loads of the Q and dO tiles of iteration ``i`` into ring slot ``i % NUM_STAGES``,
+    both completing on that slot's ``ld_full`` barrier."""
+    stage = i % NUM_STAGES
+    g = i // n_mb
+    row = q_start + (mb_lo + i - g * n_mb) * BLOCK_M
+    h = hk * group + g
+    bar = ld_full.index(stage)
+    mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    _tma_load(q_desc, bar, q_bufs.index(stage), b, row, h, IS_VARLEN)
+    _tma_load(do_desc, bar, do_bufs.index(stage), b, row, h, IS_VARLEN)
+
+
+@gluon.jit
+def _red_smem_v4(base, dq_smem, row0, stride_s, BLOCK_M: gl.constexpr, BLOCK_D: gl.constexpr,
+                 ROWS: gl.constexpr, WARPS: gl.constexpr, NUM_TILES: gl.constexpr):
+    """Worker: add the sum of the ``NUM_TILES`` (1 or 2) fp32 ``[BLOCK_M, BLOCK_D]`` tiles in
+    ``dq_smem`` (``[NUM_TILES, BLOCK_M, BLOCK_D]``) into rows ``row0 ..`` at ``base`` (row stride
+    ``stride_s``) with ``red.global.add.v4.f32``, ``ROWS`` rows at a time (4 consecutive columns a
+    thread: whole 32-byte sectors per warp request)."""
+    TPR: gl.constexpr = BLOCK_D // 4 if BLOCK_D // 4 < 32 else 32
+    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPR, TPR], [WARPS, 1], [1, 0])
+    c = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, layout))
+    r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+    for p in gl.static_range(BLOCK_M // ROWS):
+        x = dq_smem.index(0).slice(p * ROWS, ROWS, dim=0).load(layout)
+        if NUM_TILES == 2:
+            x += dq_smem.index(1).slice(p * ROWS, ROWS, dim=0).load(layout)
+        ptrs = base + gl.expand_dims((row0 + p * ROWS + r).to(gl.int64) * stride_s, 1) + gl.expand_dims(c, 0)
+        gl.inline_asm_elementwise(
+            "red.relaxed.gpu.global.add.v4.f32 [$4], {$8, $9, $10, $11};\n\tmov.b32 $0, 0;\n\tmov.b32 $1, 0;"
+            "\n\tmov.b32 $2, 0;\n\tmov.b32 $3, 0;",
+            "=r,=r,=r,=r,l,l,l,l,f,f,f,f", [ptrs.to(gl.int64), x], dtype=gl.int32, is_pure=False, pack=4)
+
+
+@gluon.jit
+def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
+                   kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
+                   mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
+                   BLOCK_M: gl.constexpr, BLOCK_D: gl.constexpr, NUM_STAGES: gl.constexpr,
+                   IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, RED_ROWS: gl.constexpr,
+                   WORKER_WARPS: gl.constexpr, NUM_TILES: gl.constexpr = 1):
+    """The worker warpgroup: every TMA load (K and V once, then Q / dO of each iteration into the
+    ring, a slot refilled once the compute warpgroups released it), and the dQ reductions: each
+    iteration's dQ tile, left in ``dq_smem`` by the compute warpgroups, is added into the fp32
+    accumulator in global memory while they go on with the next query block."""
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    _tma_load(k_desc, kv_bar, k_smem, b, k_start + n0, hk, IS_VARLEN)
+    _tma_load(v_desc, kv_bar, v_smem, b, k_start + n0, hk, IS_VARLEN)
+    for st in gl.static_range(NUM_STAGES):
+        if st < total:
+            _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, st, b, hk, group, q_start, mb_lo, n_mb,
+                        BLOCK_M, NUM_STAGES, IS_VARLEN)
+    for i in range(total):
+        nxt = i + NUM_STAGES
+        if nxt < total:
+            mbarrier.wait(ld_empty.index(i % NUM_STAGES), (i // NUM_STAGES) & 1)
+            _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, nxt, b, hk, group, q_start, mb_lo, n_mb,
+                        BLOCK_M, NUM_STAGES, IS_VARLEN)
+        if ATOMIC_DQ:
+            g = i // n_mb
+            blk = mb_lo + i - g * n_mb
+            h = hk * group + g
+            base = DQ + (b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh)
+            mbarrier.wait(dq_full, i & 1)
+            _red_smem_v4(base, dq_smem, q_start + blk * BLOCK_M, stride_dqs, BLOCK_M, BLOCK_D, RED_ROWS,
+                         WORKER_WARPS, NUM_TILES)
+            mbarrier.arrive(dq_empty)  # (lowered after a barrier of the worker's warps: all reads done)
+
+
+@gluon.jit
+def _lse_delta(LSE, DELTA, i, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh,
+               BLOCK_M: gl.constexpr, qry_layout: gl.constexpr):
+    """lse in base 2 (+inf on rows that see no key and on rows past the sequence: P = 0 there)
+    and delta of iteration ``i``'s query rows."""
+    g = i // n_mb
+    m0 = (mb_lo + i - g * n_mb) * BLOCK_M
+    h = hk * group + g
+    qrows = m0 + gl.arange(0, BLOCK_M, layout=qry_layout)
+    qok = qrows < seqlen_q
+    lrow = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + (q_start + qrows)
+    lse = gl.load(LSE + lrow, mask=qok, other=float("-inf"))
+    delta = gl.load(DELTA + lrow, mask=qok, other=0.0)
+    return gl.where(lse == float("-inf"), float("inf"), lse * LOG2E), delta
+
+
+@gluon.jit
+def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
+                    kv_bar, ld_full, ld_empty, dq_full, dq_empty,
+                    DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb, total,
+                    seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
+                    qk_scale, cap_out, sm_scale, window_left, window_right,
+                    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
+                    HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr, DEFER_DK: gl.constexpr = False):
+    """The two compute warpgroups (the default partition, 8 warps): for each query block of the
+    ring, the five products and the softmax recomputation; dK and dV stay in registers (each
+    warpgroup owns ``BLOCK_N / 2`` keys), dQ goes to ``dq_smem`` for the worker. ``DEFER_DK``
+    (with atomic dQ): dQ is issued before dK and only dQ (and dV) are waited for before the dQ
+    tile is handed to the worker, so dK's wgmma runs under the hand-off."""
+    dtype: gl.constexpr = q_bufs.dtype
+    off = seqlen_k - seqlen_q
+    NW: gl.constexpr = 8
+    SM: gl.constexpr = BLOCK_M // 16 if BLOCK_M // 16 < NW else NW
+    SN: gl.constexpr = NW // SM
+    KM: gl.constexpr = BLOCK_N // 16 if BLOCK_N // 16 < NW else NW
+    KN: gl.constexpr = NW // KM
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[SM, SN],
+                                                       instr_shape=[16, BLOCK_N // SN, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[KM, KN],
+                                                        instr_shape=[16, BLOCK_D // KN, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[SM, SN],
+                                                        instr_shape=[16, BLOCK_D // SN, 16])
+    EARLY_DP: gl.constexpr = not (HAS_SOFTCAP and BLOCK_D >= 128)
+    qry_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+    keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
+    dk = gl.zeros([BLOCK_N, BLOCK_D], gl.float32, kv_layout)
+    dv = gl.zeros([BLOCK_N, BLOCK_D], gl.float32, kv_layout)
+    lse2, delta = _lse_delta(LSE, DELTA, 0, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh,
+                             BLOCK_M, qry_layout)
+    mbarrier.wait(kv_bar, 0)
+    for i in range(total):
+        stage = i % NUM_STAGES
+        g = i // n_mb
+        blk = mb_lo + i - g * n_mb
+        m0 = blk * BLOCK_M
+        q_buf = q_bufs.index(stage)
+        do_buf = do_bufs.index(stage)
+        mbarrier.wait(ld_full.index(stage), (i // NUM_STAGES) & 1)
+        s = warpgroup_mma(q_buf, k_smem.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+        if EARLY_DP:
+            dp = warpgroup_mma(do_buf, v_smem.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                               use_acc=False, is_async=True)
+        # the next iteration's lse and delta, loaded under the wgmmas (the last iteration reloads its own)
+        lse2_n, delta_n = _lse_delta(LSE, DELTA, gl.minimum(i + 1, total - 1), b, hk, group, q_start, mb_lo, n_mb,
+                                     seqlen_q, stride_lb, stride_lh, BLOCK_M, qry_layout)
+        if EARLY_DP:
+            s = warpgroup_mma_wait(1, deps=(s,))
+        else:
+            s = warpgroup_mma_wait(0, deps=(s,))
+        if HAS_SOFTCAP:
+            t = _tanh_fast(s * qk_scale)
+            s2 = t * cap_out
+        else:
+            s2 = s * qk_scale
+        masked = (blk < fu_lo) | (blk >= fu_hi)
+        if masked:
+            qrows = m0 + gl.arange(0, BLOCK_M, layout=qry_layout)
+            c2 = gl.expand_dims(keys, 0)
+            r2 = gl.expand_dims(qrows, 1)
+            vis = c2 < seqlen_k
+            if HAS_WR:
+                vis = vis & (c2 <= r2 + (off + window_right))
+            if HAS_WL:
+                vis = vis & (c2 >= r2 + (off - window_left))
+            s2 = gl.where(vis, s2, float("-inf"))
+        p = gl.exp2(s2 - gl.expand_dims(lse2, 1))
+        p_smem.store(p.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()  # all of P in shared memory before the wgmma reads it
+        dv = warpgroup_mma(p_smem.permute((1, 0)), do_buf, dv, is_async=True)
+        if HAS_SOFTCAP:
+            p = p * (1.0 - t * t)
+        if EARLY_DP:
+            dp = warpgroup_mma_wait(1, deps=(dp,))
+        else:
+            dp = warpgroup_mma(do_buf, v_smem.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                               use_acc=False, is_async=True)
+            dp = warpgroup_mma_wait(0, deps=(dp,))
+        ds = p * (dp - gl.expand_dims(delta, 1))
+        ds_smem.store(ds.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()  # dQ of either warpgroup reads the dS of both
+        if DEFER_DK and ATOMIC_DQ:
+            dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, BLOCK_D], gl.float32, dq_layout), use_acc=False,
+                               is_async=True)
+            dk = warpgroup_mma(ds_smem.permute((1, 0)), q_buf, dk, is_async=True)
+            mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tile
+            dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))  # dV and dQ retired, dK may still run
+            dq_smem.index(0).store(dq)
+            mbarrier.arrive(dq_full)
+            dk = warpgroup_mma_wait(0, deps=(dk,))
+            mbarrier.arrive(ld_empty.index(stage))
+        else:
+            dk = warpgroup_mma(ds_smem.permute((1, 0)), q_buf, dk, is_async=True)
+            if ATOMIC_DQ:
+                dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, BLOCK_D], gl.float32, dq_layout),
+                                   use_acc=False, is_async=True)
+                mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tile
+                dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
+                dq_smem.index(0).store(dq)
+                mbarrier.arrive(dq_full)  # (lowered after a barrier of the 8 warps: the whole tile is stored)
+            else:
+                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+            mbarrier.arrive(ld_empty.index(stage))  # Q and dO of this slot are no longer read
+        lse2 = lse2_n
+        delta = delta_n
+    kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
+    _store_rows(DV + kv_off, dv.to(dtype), k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM, BLOCK_N, BLOCK_D,
+                kv_layout)
+    _store_rows(DK + kv_off, (dk * sm_scale).to(dtype), k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM,
+                BLOCK_N, BLOCK_D, kv_layout)
+
+
+@gluon.jit(do_not_specialize=_NO_SPECIALIZE)
+def attn_bwd_ws(
+    q_desc, k_desc, v_desc, do_desc, DQ, DK, DV, LSE, DELTA, CU_Q, CU_K,
+    stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group, qk_scale, cap_out, sm_scale, window_left, window_right,
+    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+    IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, WORKER_REGS: gl.constexpr, RED_ROWS: gl.constexpr,
+    num_warps: gl.constexpr, DEFER_DK: gl.constexpr = False,
+):
+    """Warp-specialised backward, same arguments and semantics as :func:`attn_bwd` (grid
+    ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``), ``num_warps = 8``: the two compute
+    warpgroups; a worker warpgroup (4 more warps, ``WORKER_REGS`` registers, the compute ones get
+    the rest of the register file) issues the TMA loads and adds the dQ tiles into ``DQ``."""
+    pid_n, hk, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, False,
+                                                                      IS_VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    dtype: gl.constexpr = q_desc.dtype
+    off = seqlen_k - seqlen_q
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
+                                                     element_bitwidth=dtype.primitive_bitwidth, rank=2)
+    ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+    # dQ tile: 16-byte groups of a row permuted by the row index (8 rows a period), so that both the
+    # wgmma-layout stores and the 4-column row reads of the worker are free of bank conflicts
+    dq_slayout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
+    do_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
+    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], ps_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], ps_layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M if ATOMIC_DQ else 8, BLOCK_D], dq_slayout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ld_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    ld_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    dq_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    dq_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    mbarrier.init(dq_full, count=1)
+    mbarrier.init(dq_empty, count=1)
+    for st in gl.static_range(NUM_STAGES):
+        mbarrier.init(ld_full.index(st), count=1)
+        mbarrier.init(ld_empty.index(st), count=1)
+
+    c_hi = gl.minimum(n0 + BLOCK_N, seqlen_k)
+    mb_lo, fu_lo, fu_hi, mb_hi = _block_range(n0, c_hi, seqlen_q, -off, window_right, window_left,
+                                              HAS_WR, HAS_WL, BLOCK_M)
+    if n0 + BLOCK_N > seqlen_k:
+        fu_hi = fu_lo  # ragged key block: every query block takes the masked path (see attn_bwd)
+    n_mb = mb_hi - mb_lo
+    total = n_mb * group
+    gl.warp_specialize([
+        (_bwd_ws_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
+                           kv_bar, ld_full, ld_empty, dq_full, dq_empty,
+                           DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb, total,
+                           seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
+                           qk_scale, cap_out, sm_scale, window_left, window_right,
+                           HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, ATOMIC_DQ,
+                           DEFER_DK)),
+        (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
+                          kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
+                          mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
+                          BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4)),
+    ], [4], [WORKER_REGS])
+
+
+# ---------------------------------------------------------------------------------------
+# two independent compute warpgroups (each its own partition and half of the key block)
+# ---------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _bwd_ws2_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
+                     kv_bar, ld_full, ld_empty, dq_full, dq_empty,
+                     DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb, total,
+                     seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
+                     qk_scale, cap_out, sm_scale, window_left, window_right,
+                     WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
+                     HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr):
+    """Compute warpgroup ``WG`` (4 warps, its own partition): keys ``n0 + WG * BLOCK_N / 2 ..`` of
+    the key block, with its own P / dS tiles and its own dQ partial (dS over its keys times its
+    K rows), so that the two warpgroups synchronise only through the ring and the worker's dQ
+    hand-off, never with each other: one warpgroup's softmax runs under the other's wgmmas."""
+    dtype: gl.constexpr = q_bufs.dtype
+    HN: gl.constexpr = BLOCK_N // 2
+    off = seqlen_k - seqlen_q
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HN, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_D, 16])
+    DQ_CHUNK: gl.constexpr = BLOCK_D if BLOCK_D <= 64 else 64
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DQ_CHUNK, 16])
+    EARLY_DP: gl.constexpr = not (HAS_SOFTCAP and BLOCK_D >= 128)
+    qry_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    k_w = k_smem.slice(WG * HN, HN, dim=0)
+    v_w = v_smem.slice(WG * HN, HN, dim=0)
+    p_w = p_smem.index(WG)
+    ds_w = ds_smem.index(WG)
+    kw0 = n0 + WG * HN
+
+    keys = kw0 + gl.arange(0, HN, layout=key_layout)
+    dk = gl.zeros([HN, BLOCK_D], gl.float32, kv_layout)
+    dv = gl.zeros([HN, BLOCK_D], gl.float32, kv_layout)
+    lse2, delta = _lse_delta(LSE, DELTA, 0, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh,
+                             BLOCK_M, qry_layout)
+    mbarrier.wait(kv_bar, 0)
+    for i in range(total):
+        stage = i % NUM_STAGES
+        g = i // n_mb
+        blk = mb_lo + i - g * n_mb
+        m0 = blk * BLOCK_M
+        q_buf = q_bufs.index(stage)
+        do_buf = do_bufs.index(stage)
+        mbarrier.wait(ld_full.index(stage), (i // NUM_STAGES) & 1)
+        s = warpgroup_mma(q_buf, k_w.permute((1, 0)), gl.zeros([BLOCK_M, HN], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+        if EARLY_DP:
+            dp = warpgroup_mma(do_buf, v_w.permute((1, 0)), gl.zeros([BLOCK_M, HN], gl.float32, s_layout),
+                               use_acc=False, is_async=True)
+        lse2_n, delta_n = _lse_delta(LSE, DELTA, gl.minimum(i + 1, total - 1), b, hk, group, q_start, mb_lo, n_mb,
+                                     seqlen_q, stride_lb, stride_lh, BLOCK_M, qry_layout)
+        if EARLY_DP:
+            s = warpgroup_mma_wait(1, deps=(s,))
+        else:
+            s = warpgroup_mma_wait(0, deps=(s,))
+        if HAS_SOFTCAP:
+            t = _tanh_fast(s * qk_scale)
+            s2 = t * cap_out
+        else:
+            s2 = s * qk_scale
+        masked = (blk < fu_lo) | (blk >= fu_hi)
+        if masked:
+            qrows = m0 + gl.arange(0, BLOCK_M, layout=qry_layout)
+            c2 = gl.expand_dims(keys, 0)
+            r2 = gl.expand_dims(qrows, 1)
+            vis = c2 < seqlen_k
+            if HAS_WR:
+                vis = vis & (c2 <= r2 + (off + window_right))
+            if HAS_WL:
+                vis = vis & (c2 >= r2 + (off - window_left))
+            s2 = gl.where(vis, s2, float("-inf"))
+        p = gl.exp2(s2 - gl.expand_dims(lse2, 1))
+        p_w.store(p.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()  # this warpgroup's 4 warps only
+        dv = warpgroup_mma(p_w.permute((1, 0)), do_buf, dv, is_async=True)
+        if HAS_SOFTCAP:
+            p = p * (1.0 - t * t)
+        if EARLY_DP:
+            dp = warpgroup_mma_wait(1, deps=(dp,))
+        else:
+            dp = warpgroup_mma(do_buf, v_w.permute((1, 0)), gl.zeros([BLOCK_M, HN], gl.float32, s_layout),
+                               use_acc=False, is_async=True)
+            dp = warpgroup_mma_wait(0, deps=(dp,))
+        ds = p * (dp - gl.expand_dims(delta, 1))
+        ds_w.store(ds.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
+        if ATOMIC_DQ:
+            # this warpgroup's share of dQ: dS over its keys times its K rows, in column chunks of
+            # DQ_CHUNK (a whole 64 x 128 fp32 partial beside dK and dV spills)
+            dq_w = dq_smem.index(WG)
+            mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tiles
+            for c in gl.static_range(BLOCK_D // DQ_CHUNK):
+                dq = warpgroup_mma(ds_w, k_w.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1),
+                                   gl.zeros([BLOCK_M, DQ_CHUNK], gl.float32, dq_layout), use_acc=False, is_async=True)
+                dq = warpgroup_mma_wait(0, deps=(dq,))
+                dq_w.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1).store(dq)
+            mbarrier.arrive(dq_full)  # one of the two arrivals the worker waits for
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+        else:
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+        mbarrier.arrive(ld_empty.index(stage))  # one of the two releases of this ring slot
+        lse2 = lse2_n
+        delta = delta_n
+    kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
+    _store_rows(DV + kv_off, dv.to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM, HN, BLOCK_D,
+                kv_layout)
+    _store_rows(DK + kv_off, (dk * sm_scale).to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM,
+                HN, BLOCK_D, kv_layout)
+
+
+@gluon.jit(do_not_specialize=_NO_SPECIALIZE)
+def attn_bwd_ws2(
+    q_desc, k_desc, v_desc, do_desc, DQ, DK, DV, LSE, DELTA, CU_Q, CU_K,
+    stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group, qk_scale, cap_out, sm_scale, window_left, window_right,
+    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+    IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, WORKER_REGS: gl.constexpr, RED_ROWS: gl.constexpr,
+    COMPUTE_REGS: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Same arguments and semantics as :func:`attn_bwd_ws`, ``num_warps = 4``: compute warpgroup 0
+    (the default partition), compute warpgroup 1 (a worker partition with ``COMPUTE_REGS``
+    registers) and the load / dQ worker (4 warps, ``WORKER_REGS``). Each compute warpgroup owns
+    half of the ``BLOCK_N`` keys and leaves its own dQ partial in shared memory; the worker adds
+    the two and reduces the sum into ``DQ``."""
+    pid_n, hk, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, False,
+                                                                      IS_VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    dtype: gl.constexpr = q_desc.dtype
+    off = seqlen_k - seqlen_q
+    HN: gl.constexpr = BLOCK_N // 2
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
+                                                     element_bitwidth=dtype.primitive_bitwidth, rank=2)
+    ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HN], dtype)
+    dq_slayout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
+    do_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
+    p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HN], ps_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HN], ps_layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M if ATOMIC_DQ else 8, BLOCK_D], dq_slayout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ld_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    ld_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    dq_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    dq_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    mbarrier.init(dq_full, count=2)  # both compute warpgroups
+    mbarrier.init(dq_empty, count=1)
+    for st in gl.static_range(NUM_STAGES):
+        mbarrier.init(ld_full.index(st), count=1)
+        mbarrier.init(ld_empty.index(st), count=2)  # both compute warpgroups
+
+    c_hi = gl.minimum(n0 + BLOCK_N, seqlen_k)
+    mb_lo, fu_lo, fu_hi, mb_hi = _block_range(n0, c_hi, seqlen_q, -off, window_right, window_left,
+                                              HAS_WR, HAS_WL, BLOCK_M)
+    if n0 + BLOCK_N > seqlen_k:
+        fu_hi = fu_lo  # ragged key block: every query block takes the masked path (see attn_bwd)
+    n_mb = mb_hi - mb_lo
+    total = n_mb * group
+    gl.warp_specialize([
+        (_bwd_ws2_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
+                            kv_bar, ld_full, ld_empty, dq_full, dq_empty,
+                            DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb, total,
+                            seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
+                            qk_scale, cap_out, sm_scale, window_left, window_right,
+                            0, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
+                            ATOMIC_DQ)),
+        (_bwd_ws2_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
+                            kv_bar, ld_full, ld_empty, dq_full, dq_empty,
+                            DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb, total,
+                            seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
+                            qk_scale, cap_out, sm_scale, window_left, window_right,
+                            1, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
+                            ATOMIC_DQ)),
+        (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
+                          kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
+                          mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
+                          BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 2)),
+    ], [4, 4], [COMPUTE_REGS, WORKER_REGS])

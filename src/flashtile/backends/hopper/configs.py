@@ -200,36 +200,62 @@ class HopperBwdConfig:
     atomic_dq: int = 1
     red_vec: int = 1
     num_warps: int = 8
+    #: "plain": :func:`.bwd.attn_bwd`, one 8-warp partition doing everything; "ws":
+    #: :func:`.bwd.attn_bwd_ws`, the 8 compute warps plus a worker warpgroup (TMA loads, and the
+    #: dQ reductions from a shared-memory tile, off the compute warps' path); "ws2":
+    #: :func:`.bwd.attn_bwd_ws2`, the two compute warpgroups in partitions of their own (half of
+    #: the keys and a dQ partial each; they never wait for each other) plus the worker
+    kernel: str = "plain"
+    #: ws / ws2: registers of the worker warpgroup (ws: the compute warps get the rest, 256 - worker / 2)
+    worker_regs: int = 32
+    #: ws2: registers of each compute warpgroup
+    compute_regs: int = 240
+    #: ws: issue dQ before dK and let dK's wgmma run under the dQ hand-off (1) or wait for all (0)
+    defer_dk: int = 0
+    #: ws: rows of the dQ tile the worker adds per step (its registers: ``red_rows * BLOCK_D / 128`` floats)
+    red_rows: int = 8
 
     def chunk(self, headdim: int) -> int:
         """Columns of dQ computed and added at once (``dq_chunk``; 0: the whole tile)."""
         return self.dq_chunk or block_d(headdim)
 
 
-# NOT measured yet: sized from shared memory and registers (ptxas -v of
-# scripts/gluon_compile_check.py --only bwd: no spills in any variant), waiting for the first
-# H200 run (benchmarks/hopper_bwd_run.py). Registers bind, not shared memory: 8 warps at up to
-# 255 registers fill the register file, so one CTA per SM whatever the tiles; dK + dV take
-# 2 * block_n * BLOCK_D / 256 fp32 registers per thread. block_n = 128 at head dim 128 (FA3's
-# tile) spills 36-276 bytes in one partition, hence 64 there. Extra ring stages are free (one
-# CTA per SM anyway) where shared memory allows.
+# Registers bind, not shared memory: 8 compute warps at up to 240-255 registers fill the register
+# file, so one CTA per SM whatever the tiles; dK + dV take 2 * block_n * BLOCK_D / 256 fp32
+# registers per thread. The plain kernel at block_n = 128, head dim 128 (FA3's tile) spilled
+# 36-276 bytes (its dQ atomics' addresses live beside dK/dV); the ws kernel hands dQ to the worker
+# through shared memory and fits it in 240 registers (ptxas: a few scalar spills, 16-60 bytes).
+# Head dims 192/256 stay on the plain kernel (dK + dV at 128 keys would take 256 registers; at 64
+# keys the ws kernel's extra dQ tile does not fit in shared memory with 2 ring stages).
 _BWD_TABLE: dict[int, HopperBwdConfig] = {
-    64: HopperBwdConfig(64, 128, 3),   # K/V 32 KiB + 3 x (Q, dO) 16 KiB + P, dS 32 KiB = 112 KiB
-    96: HopperBwdConfig(64, 64, 3),    # padded to 128: as 128
-    128: HopperBwdConfig(64, 64, 3),   # K/V 32 KiB + 3 x 32 KiB + P, dS 16 KiB = 144 KiB
+    # d64 (H200, results/hopper_bwd_H200_20261201_ws2.json): 128-row query blocks, 367 / 403 TFLOP/s
+    # non-causal at 4k / 16k against 301 / 326 with 64 rows (Triton 335 / 327); K/V 32 KiB + 2 x
+    # (Q, dO) 32 KiB + P, dS 64 KiB + dQ tile 32 KiB = 192 KiB. Masked calls: _BWD_MASKED.
+    64: HopperBwdConfig(128, 128, 2, kernel="ws", worker_regs=24),
+    96: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24),  # padded to 128: as 128
+    # ws (FA3's tile): K/V 64 KiB + 2 x (Q, dO) 32 KiB + P, dS 32 KiB + dQ tile 32 KiB = 192 KiB;
+    # 410 / 341 TFLOP/s at 4k, 457 / 437 at 16k (non-causal / causal); ws2 (two independent compute
+    # partitions) 388 / 301 and 426 / 383 in the same run: its compute partitions spill
+    128: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24),
     192: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # padded to 256: as 256
     # d256: red_vec=4 measured 257 TFLOP/s causal 4k b4 h8 against red_vec=1's 136 (H200, same run,
-    # results/hopper_bwd_H200_20261201_redvec.json); the default backward at d256 (GLUON_BWD_HEADDIMS)
+    # results/hopper_bwd_H200_20261201_redvec.json); the default backward at d256 (GLUON_BWD_MIN_KEYS)
     256: HopperBwdConfig(64, 64, 2, dq_chunk=64, red_vec=4),  # K/V 64 KiB + 2 x 64 KiB + P, dS 16 KiB = 208 KiB
+}
+#: Entries for causal / windowed calls where they differ: at d64 the ws2 kernel (each compute
+#: warpgroup in its own partition) measured 289 / 367 causal at 4k / 16k against 276-280 / 345-350
+#: for ws with 64- or 128-row blocks (same run as above; Triton 299 / 341).
+_BWD_MASKED: dict[int, HopperBwdConfig] = {
+    64: HopperBwdConfig(64, 128, 3, kernel="ws2", worker_regs=24),
 }
 
 
-def bwd_config(headdim: int, **overrides) -> HopperBwdConfig:
-    """The backward table's config for ``headdim`` (one of :data:`HEADDIMS`), with fields
-    replaced by ``overrides``."""
+def bwd_config(headdim: int, masked: bool = False, **overrides) -> HopperBwdConfig:
+    """The backward table's config for ``headdim`` (one of :data:`HEADDIMS`; ``masked``: a causal or
+    windowed call), with fields replaced by ``overrides``."""
     if headdim not in _BWD_TABLE:
         raise ValueError(f"hopper kernels serve head dims {HEADDIMS}, got {headdim}")
-    cfg = _BWD_TABLE[headdim]
+    cfg = _BWD_MASKED.get(headdim, _BWD_TABLE[headdim]) if masked else _BWD_TABLE[headdim]
     return replace(cfg, **overrides) if overrides else cfg
 
 
@@ -237,7 +263,11 @@ def bwd_smem_bytes(cfg: HopperBwdConfig, headdim: int, elem_bytes: int = 2) -> i
     """Shared memory of the backward's tiles: K and V, the (Q, dO) ring, P and dS (and the dQ
     chunk's layout conversion with ``red_vec = 4``)."""
     d = block_d(headdim)
-    red = 4 * cfg.block_m * cfg.chunk(headdim) if cfg.red_vec == 4 else 0  # layout conversion scratch
+    if cfg.kernel in ("ws", "ws2"):
+        # the dQ tile(s) handed to the worker (ws2: one partial per compute warpgroup)
+        red = (2 if cfg.kernel == "ws2" else 1) * 4 * cfg.block_m * d if cfg.atomic_dq else 0
+    else:
+        red = 4 * cfg.block_m * cfg.chunk(headdim) if cfg.red_vec == 4 else 0  # layout conversion scratch
     tiles = 2 * cfg.block_n * d + 2 * cfg.num_stages * cfg.block_m * d + 2 * cfg.block_n * cfg.block_m
     return elem_bytes * tiles + red
 
@@ -254,7 +284,21 @@ def bwd_accumulator_regs(cfg: HopperBwdConfig, headdim: int) -> int:
 def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
     """Why ``cfg`` cannot work for ``headdim`` (None if it can)."""
     if cfg.num_warps != 8:
-        return "the backward runs 2 warpgroups in one partition: num_warps = 8"
+        return "the backward runs 2 compute warpgroups: num_warps = 8"
+    if cfg.kernel not in ("plain", "ws", "ws2"):
+        return f"kernel must be 'plain', 'ws' or 'ws2', got {cfg.kernel!r}"
+    if cfg.kernel == "ws2" and (cfg.compute_regs % 8 or (2 * cfg.compute_regs + cfg.worker_regs) * 128 > 65536):
+        return (f"registers: 2 x 128 x compute_regs {cfg.compute_regs} + 128 x worker_regs {cfg.worker_regs} "
+                f"> 65536 (or not multiples of 8)")  # fmt: skip
+    if cfg.kernel == "ws2" and cfg.block_n != 128:
+        return "ws2 splits 128 keys between its two compute warpgroups: block_n = 128"
+    if cfg.kernel in ("ws", "ws2"):
+        if cfg.worker_regs % 8 or not 24 <= cfg.worker_regs <= 256:
+            return f"worker_regs must be a multiple of 8 in [24, 256], got {cfg.worker_regs}"
+        if cfg.red_rows not in (4, 8, 16, 32) or cfg.block_m % cfg.red_rows:
+            return f"red_rows must be 4, 8, 16 or 32 and divide block_m, got {cfg.red_rows}"
+        if cfg.dq_chunk or cfg.red_vec != 1:
+            return "the ws kernel computes dQ whole and reduces it from shared memory: no dq_chunk / red_vec"
     if cfg.block_n not in (64, 128):
         return f"block_n (keys per program, the wgmma M of two warpgroups) must be 64 or 128, got {cfg.block_n}"
     if cfg.block_m not in (64, 128):

@@ -48,9 +48,24 @@ _NO_SPECIALIZE_FP8 = _NO_SPECIALIZE + ["sqd_b", "sqd_h", "skd_b", "skd_h", "svd_
 
 
 @gluon.jit
-def _p_operand(p, o_layout: gl.constexpr):
-    """Probabilities ``[SUB_M, BLOCK_N]`` (fp32) rounded to e4m3, as the register A operand of P V."""
-    return gl.convert_layout(p.to(gl.float8e4nv), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4))
+def _p_operand(p, o_layout: gl.constexpr, PERM_P: gl.constexpr = False):
+    """Probabilities ``[SUB_M, BLOCK_N]`` (fp32) rounded to e4m3, as the register A operand of P V.
+
+    ``PERM_P``: the keys are reordered within each 32-key chunk so that the operand is the
+    accumulator's own registers: column ``32g + 16h + 4c + 2x + e`` of the operand is column
+    ``32g + 16h + 8x + 2c + e`` of P (``vt.key_perm32``), which is how the wgmma
+    accumulator layout (2 consecutive columns per thread in each 8-column group) lines up with the
+    8-bit A operand layout (4 consecutive k per register); V^T comes with its keys reordered the
+    same way (``launch.transpose_v``), so P V is unchanged. Without it the conversion shuffles
+    every byte between the threads of a quad (SASS: ~100 SHFL per key block saved)."""
+    x = p.to(gl.float8e4nv)
+    if PERM_P:
+        SUB_M: gl.constexpr = p.shape[0]
+        BLOCK_N: gl.constexpr = p.shape[1]
+        x = gl.reshape(x, [SUB_M, BLOCK_N // 32, 2, 2, 4, 2])  # (g, h, x, c, e): column 32g + 16h + 8x + 2c + e
+        x = gl.permute(x, (0, 1, 2, 4, 3, 5))  # (g, h, c, x, e)
+        x = gl.reshape(x, [SUB_M, BLOCK_N])
+    return gl.convert_layout(x, gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4))
 
 
 @gluon.jit
@@ -58,7 +73,7 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
                rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                CID: gl.constexpr, MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                HAS_SOFTCAP: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-               s_layout: gl.constexpr, o_layout: gl.constexpr):
+               s_layout: gl.constexpr, o_layout: gl.constexpr, PERM_P: gl.constexpr):
     """Key block ``blk`` (not the tile's first), the ``ws`` schedule: on this warpgroup's turn
     issue S = Q K^T and O += P_prev V_prev (FP8 wgmma both), pass the turn, run the softmax of S
     while P_prev V_prev is still on the tensor cores."""
@@ -80,7 +95,7 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
     acc = warpgroup_mma_wait(0, deps=(acc,))  # (8-bit p_op cannot be a wait dep: see the module doc)
     mbarrier.arrive(v_empty.index(pstage))
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-    p_op = _p_operand(p, o_layout)
+    p_op = _p_operand(p, o_layout, PERM_P)
     return acc, l_i, m_i, p_op
 
 
@@ -98,6 +113,7 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_D, 32])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    PERM_P: gl.constexpr = not IS_VARLEN  # dense key blocks start at multiples of 32: see _p_operand
     # descales: folded into the score scale (Q K^T) and the output (P V)
     if QD is not None:
         qk_scale = qk_scale * gl.load(QD + b * sqd_b + hk * sqd_h)
@@ -122,25 +138,25 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
         mbarrier.arrive(k_empty.index(0))
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                             True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout)
-        p_op = _p_operand(p, o_layout)
+        p_op = _p_operand(p, o_layout, PERM_P)
         it = 1
         for blk in range(nb_lo + 1, fu_lo):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout)
+                                             s_layout, o_layout, PERM_P)
             it += 1
         for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout)
+                                             s_layout, o_layout, PERM_P)
             it += 1
         for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout)
+                                             s_layout, o_layout, PERM_P)
             it += 1
         # the last block's P V
         last = n_total - 1

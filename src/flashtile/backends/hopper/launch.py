@@ -24,6 +24,7 @@ from .configs import HopperConfig
 from .fwd import attn_fwd_persistent, attn_fwd_plain, attn_fwd_ws
 from .fwd_fp8 import attn_fwd_ws_fp8
 from .sched import schedule
+from .vt import key_perm32
 
 # The Gluon kernels through the lean launch path (issue 16; host TensorDescriptors are keyed as Triton
 # specialises them, see fastlaunch._desc_key).
@@ -148,23 +149,47 @@ def forward(
     return out, lse
 
 
+_PERM_IDX: dict[tuple[int, str], torch.Tensor] = {}
+
+
 def transpose_v(v: torch.Tensor, varlen: bool) -> torch.Tensor:
     """V^T for the FP8 kernel, whose P V wgmma needs V with the keys contiguous: dense
-    ``(B, Sk, Hk, D)`` -> ``(B, Hk, D, Sk_pad)``, varlen ``(1, total, Hk, D)`` -> ``(Hk, D, total_pad)``,
-    the key dim padded with zeros to a multiple of 16 (TMA strides are multiples of 16 bytes; the
-    padding keys are masked, and zeros keep ``0 * v`` finite). One read and one write of V
-    (1 byte per element), independent of the sequence length per token: at the benchmark's
-    anchors (batch x seqlen = 16k, heads x d = 2048) 2 x 32 MiB, ~20-40 us, against ~2.2 ms of
-    non-causal attention at seqlen 16k (1-2%) but ~0.14 ms at 1k (15-30%: a fused transpose in
-    shared memory would remove it)."""
+    ``(B, Sk, Hk, D)`` -> ``(B, Hk, D, Sk_pad)`` with the keys of every 32-key chunk in the order
+    :func:`key_perm32` (the kernel's P operand comes in that order), ``Sk_pad`` a multiple of 32;
+    varlen ``(1, total, Hk, D)`` -> ``(Hk, D, total_pad)`` in key order, a multiple of 16. Padding
+    keys are zeros (TMA strides are multiples of 16 bytes; the padding keys are masked, and zeros
+    keep ``0 * v`` finite). On CUDA one Triton pass (:mod:`.vt`: coalesced reads of V's rows,
+    transposed in the kernel); torch's strided copy took ~180-200 us for the benchmark's 32 MiB on
+    the H200 (6-20% of an FP8 forward). Elsewhere (CPU tests) this torch version, the reference."""
+    if v.is_cuda:  # one Triton pass (hopper/vt.py); the torch version below is the reference
+        from .vt import transpose_v_kernel
+
+        return transpose_v_kernel(v, varlen)
     x = v[0].permute(1, 2, 0) if varlen else v.permute(0, 2, 3, 1)  # (..., D, S)
     s = x.shape[-1]
-    sp = (s + 15) // 16 * 16
-    vt = torch.empty((*x.shape[:-1], sp), dtype=v.dtype, device=v.device)
-    vt[..., :s].copy_(x)
-    if sp > s:
-        vt[..., s:].zero_()
-    return vt
+    if varlen:
+        sp = (s + 15) // 16 * 16
+        vt = torch.empty((*x.shape[:-1], sp), dtype=v.dtype, device=v.device)
+        vt[..., :s].copy_(x)
+        if sp > s:
+            vt[..., s:].zero_()
+        return vt
+    sp = (s + 31) // 32 * 32
+    key = (s, str(v.device))
+    idx = _PERM_IDX.get(key)
+    if idx is None:
+        base = torch.tensor(key_perm32(), dtype=torch.int64)
+        idx = (torch.arange(0, sp, 32).view(-1, 1) + base.view(1, -1)).view(-1).clamp_(max=s - 1).to(v.device)
+        if len(_PERM_IDX) > 64:
+            _PERM_IDX.clear()
+        _PERM_IDX[key] = idx
+    raw = x.view(torch.uint8) if v.dtype.itemsize == 1 else x  # (gathers of float8 as bytes)
+    vt = raw.index_select(-1, idx)
+    if sp > s:  # positions holding padding keys (>= s) read key s - 1 above: zero them
+        pad = torch.tensor(key_perm32(), device=v.device) + (sp - 32) >= s
+        tail = vt[..., sp - 32:]
+        tail.masked_fill_(pad, 0)
+    return vt.view(v.dtype) if v.dtype.itemsize == 1 else vt
 
 
 def forward_fp8(

@@ -7,7 +7,9 @@ Works on the internal layout of :mod:`flashtile.backends.base` (dense ``(B, S, H
 Steps:
 
 1. ``delta = rowsum(dO * O)`` (float32, lse's shape): the Triton backend's preprocess kernel.
-2. :func:`.bwd.attn_bwd`, one program per (key block, KV head, batch or sequence): dK and dV
+2. :func:`.bwd.attn_bwd_ws` (config ``kernel="ws"``: two compute warpgroups and a worker
+   warpgroup for the loads and the dQ reductions) or :func:`.bwd.attn_bwd` (``"plain"``: one
+   8-warp partition), one program per (key block, KV head, batch or sequence): dK and dV
    written directly; dQ (unscaled) added with fp32 atomics into a zeroed ``(B, Sq, H, BLOCK_D)``
    buffer (``call.deterministic=False``).
 3. dQ conversion: ``dq = scale * acc[..., :D]`` in q's dtype.
@@ -35,7 +37,8 @@ from . import bwd, configs
 from .configs import HopperBwdConfig
 from .launch import _check_launch, _descriptor, tma_compatible
 
-attn_bwd = fast(bwd.attn_bwd)  # the Gluon kernel on the lean launch path too
+# the Gluon kernels on the lean launch path too
+attn_bwd, attn_bwd_ws, attn_bwd_ws2 = fast(bwd.attn_bwd), fast(bwd.attn_bwd_ws), fast(bwd.attn_bwd_ws2)
 
 
 def backward(
@@ -58,7 +61,7 @@ def backward(
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if nb == 0 or q.numel() == 0 or k.numel() == 0 or rows_q == 0 or rows_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cfg = config or configs.bwd_config(D)
+    cfg = config or configs.bwd_config(D, call.window_left >= 0 or call.window_right >= 0)
     _check_launch(call, lse, cfg, D, configs.bwd_check, "backward config")
     q, k, v, dout = (x if tma_compatible(x) else x.contiguous() for x in (q, k, v, dout))
     if out.stride(-1) != 1:
@@ -86,15 +89,23 @@ def backward(
         do_desc = _descriptor(dout, cfg.block_m, varlen)
         k_desc = _descriptor(k, cfg.block_n, varlen)
         v_desc = _descriptor(v, cfg.block_n, varlen)
-        attn_bwd[(cdiv(rows_k, cfg.block_n), Hk, nb)](
+        warps = cfg.num_warps
+        if cfg.kernel == "ws":
+            kernel, extra = attn_bwd_ws, dict(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows,
+                                              DEFER_DK=bool(cfg.defer_dk))
+        elif cfg.kernel == "ws2":  # the default partition is one compute warpgroup
+            kernel, warps = attn_bwd_ws2, 4
+            extra = dict(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows, COMPUTE_REGS=cfg.compute_regs)
+        else:
+            kernel, extra = attn_bwd, dict(DQ_CHUNK=cfg.chunk(D), RED_VEC=cfg.red_vec)
+        kernel[(cdiv(rows_k, cfg.block_n), Hk, nb)](
             q_desc, k_desc, v_desc, do_desc, dq_acc, dk, dv, lse, delta, call.cu_seqlens_q, call.cu_seqlens_k,
             0 if varlen else dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
             0 if varlen else dk.stride(0), dk.stride(1), dk.stride(2), stride_lb, lse.stride(1),
             Sq, Sk, H // Hk, qk_scale, cap_out, call.softmax_scale, call.window_left, call.window_right,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
             HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
-            IS_VARLEN=varlen, ATOMIC_DQ=atomic, DQ_CHUNK=cfg.chunk(D), RED_VEC=cfg.red_vec,
-            num_warps=cfg.num_warps,
+            IS_VARLEN=varlen, ATOMIC_DQ=atomic, **extra, num_warps=warps,
         )  # fmt: skip
         if atomic:
             dq.copy_(dq_acc[:, :Sq, :, :D].mul_(call.softmax_scale))
@@ -108,7 +119,7 @@ def _triton_dq(q, k, v, dout, lse, delta, dq, call: AttnCall, varlen: bool, nb: 
     """The deterministic dQ: the Triton backend's dQ kernel (no atomics)."""
     H, D = q.shape[2], q.shape[3]
     bd = configs.block_d(D)
-    c = triton_configs.bwd_config(arch(q.device), bd, q.dtype, max(rows_q, rows_k))
+    c = triton_configs.bwd_config(arch(q.device), bd, q.dtype, max(rows_q, rows_k), call.window_right >= 0)
     scal = _scalars(call)
 
     def bstr(t: torch.Tensor) -> tuple[int, int, int]:

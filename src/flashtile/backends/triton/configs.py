@@ -155,12 +155,28 @@ def fwd_config(arch: str, block_d: int, dtype: torch.dtype, max_seqlen: int = 1 
     return _FWD[key]
 
 
-def bwd_config(arch: str, block_d: int, dtype: torch.dtype, max_seqlen: int = 1 << 30) -> BwdConfig:
+# Causal (or right-windowed) calls of at most CAUSAL_SHORT_SEQLEN tokens, where they differ: H200,
+# d128 causal 1k b16 h16, backward TFLOP/s (benchmarks/triton_bwd_sweep.py, one run with FA2 at
+# 206: results/triton_bwd_sweep_H200_20261201_d128c1k.json): (32,64,64,32,4,2,4,2) 213 |
+# (64,128,128,64,8,2,8,2) 208 | (64,64,64,64,4,2,4,2) 206 | the table's (64,128,128,64,8,3,8,3) 194 |
+# (32,128,128,32,8,2,8,2) 176 | (64,64,128,64,4,3,8,3) 169 | (64,64,64,64,4,3,4,3) 155; at 512 the
+# same tile also led causal in sweep 3 (159 vs 149).
+CAUSAL_SHORT_SEQLEN = 1024
+_BWD_CAUSAL_SHORT: dict[tuple[str, int], BwdConfig] = {
+    ("sm90", 128): BwdConfig(32, 64, 64, 32, 4, 2, 4, 2),
+}
+
+
+def bwd_config(arch: str, block_d: int, dtype: torch.dtype, max_seqlen: int = 1 << 30,
+               causal: bool = False) -> BwdConfig:  # fmt: skip
+    """``causal``: the call masks keys right of the diagonal (causal or a right window)."""
     if arch == "interpret":
         return INTERPRET_BWD
     if dtype == torch.float32:
         return _BWD_FP32[bucket(block_d)]
     key = (arch, bucket(block_d))
+    if causal and max_seqlen <= CAUSAL_SHORT_SEQLEN and key in _BWD_CAUSAL_SHORT:
+        return _BWD_CAUSAL_SHORT[key]
     if max_seqlen <= SHORT_SEQLEN and key in _BWD_SHORT:
         return _BWD_SHORT[key]
     return _BWD[key]

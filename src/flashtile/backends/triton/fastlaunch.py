@@ -60,18 +60,34 @@ except ImportError:  # pragma: no cover - older Triton: never fast
     ENABLED = False
 
 
+_INT_KEYS: dict[int, int] = {}
+
+
+def _int_key(a: int) -> int:
+    width = 0 if -_INT32 <= a < _INT32 else (1 if -(1 << 63) <= a < (1 << 63) else 2)
+    return 3 * width + (0 if a == 1 else (1 if (a & 15) == 0 else 2))
+
+
 def _arg_key(a: Any) -> Any:
-    """The part of the signature key for one non-constexpr argument (see the module docstring)."""
-    if isinstance(a, torch.Tensor):
+    """The part of the signature key for one non-constexpr argument (see the module docstring).
+    Ordered by frequency and cost (``isinstance`` against ``torch.Tensor`` goes through its
+    metaclass: last); int keys are memoised (strides and lengths repeat)."""
+    t = type(a)
+    if t is int:
+        k = _INT_KEYS.get(a)
+        if k is None:
+            k = _int_key(a)
+            if len(_INT_KEYS) < 65536:
+                _INT_KEYS[a] = k
+        return k
+    if t is torch.Tensor:
         return a.dtype, not (a.data_ptr() & 15)
     if a is None:
         return None
-    t = type(a)
-    if t is int:
-        width = 0 if -_INT32 <= a < _INT32 else (1 if -(1 << 63) <= a < (1 << 63) else 2)
-        return 3 * width + (0 if a == 1 else (1 if (a & 15) == 0 else 2))
     if t is float or t is bool:
         return t
+    if isinstance(a, torch.Tensor):  # a subclass (nn.Parameter, ...)
+        return a.dtype, not (a.data_ptr() & 15)
     return t, a  # anything else (numpy scalars, ...): keyed on its value
 
 

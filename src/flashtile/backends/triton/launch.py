@@ -339,7 +339,7 @@ def backward(
     dq_acc = None
     bd, bdv = block_d(D), block_d(Dv)
     ar = arch(dev)
-    cfg = config or configs.bwd_config(ar, max(bd, bdv), q.dtype, max(rows_q, rows_k))
+    cfg = config or configs.bwd_config(ar, max(bd, bdv), q.dtype, max(rows_q, rows_k), call.window_right >= 0)
     flags = _flags(call, q.dtype)
     scal = _scalars(call)
     stride_ab = alibi_slopes.stride(0) if alibi_slopes is not None else 0
@@ -413,9 +413,10 @@ def fwd_config_for(device: torch.device, headdim: int, dtype: torch.dtype, max_s
     return configs.fwd_config(arch(device), block_d(headdim), dtype, max_seqlen)
 
 
-def bwd_config_for(device: torch.device, headdim: int, dtype: torch.dtype, max_seqlen: int = 1 << 30) -> BwdConfig:
+def bwd_config_for(device: torch.device, headdim: int, dtype: torch.dtype, max_seqlen: int = 1 << 30,
+                   causal: bool = False) -> BwdConfig:  # fmt: skip
     """The table's backward config for a call (before any shared-memory fallback)."""
-    return configs.bwd_config(arch(device), block_d(headdim), dtype, max_seqlen)
+    return configs.bwd_config(arch(device), block_d(headdim), dtype, max_seqlen, causal)
 
 
 def describe(device: torch.device, headdim: int, dtype: torch.dtype) -> str:
