@@ -3,7 +3,8 @@
     PYTHONPATH=src python benchmarks/host_profile_gpu.py [--calls 400] [--top 22]
 
 For each call (flash_attn_func b1 s128 h8 d64 causal bf16 forward; the same forward + backward;
-flash_attn_with_kvcache decode b1 8k h32/8 d128): wall time per call (calls between two
+flash_attn_with_kvcache decode b1 8k h32/8 d128; a Gluon-sized forward b1 s4096 h8 d64): wall time
+per call (calls between two
 synchronisations), then ``cProfile`` of the same loop, functions sorted by their own time
 (``tottime``), so that Python frames, torch C++ entry points (``{built-in method ...}``) and
 Triton's launcher show up with microseconds per call. Also the same with the Triton fast launch
@@ -92,21 +93,32 @@ def main() -> None:
         out = flashtile.flash_attn_func(qg, kg, vg, causal=True)
         torch.autograd.grad(out, (qg, kg, vg), g)
 
+    ql, kl, vl = (torch.randn(1, 4096, 8, 64, device=dev, dtype=dt) for _ in range(3))
+
+    def fwd_gluon():  # > hopper.SMALL_ROWS query rows: the Gluon forward (TMA descriptors, lean launch)
+        flashtile.flash_attn_func(ql, kl, vl, causal=True)
+
     def decode():
         flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=8192, causal=True)
 
     def sdpa():
         F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
 
-    cases = {"fwd": fwd, "fwd_bwd": fwd_bwd, "decode": decode, "sdpa": sdpa}
+    cases = {"fwd": fwd, "fwd_bwd": fwd_bwd, "decode": decode, "fwd_gluon": fwd_gluon, "sdpa": sdpa}
     only = [c for c in args.only.split(",") if c] or list(cases)
     for c in only:
         _profile(c, cases[c], args.calls, args.top)
-    from flashtile.backends.triton import launch, launch_decode
+    from flashtile.backends.triton import fastlaunch, launch, launch_decode
 
-    counts = {name: (kern.fast_launches, kern.generic_launches) for name, kern in (
-        ("fwd", launch._FWD), ("bwd_pre", launch._BWD_PRE), ("bwd_dkdv", launch._BWD_DKDV), ("bwd_dq", launch._BWD_DQ),
-        ("decode", launch_decode._DECODE), ("merge", launch_decode._MERGE))}  # fmt: skip
+    mods = [launch, launch_decode]
+    try:
+        from flashtile.backends.hopper import launch as hopper_launch
+
+        mods.append(hopper_launch)
+    except Exception as e:  # noqa: BLE001 - not a Hopper machine
+        print("hopper launch not importable:", e)
+    counts = {n: (k.fast_launches, k.generic_launches) for m in mods for n, k in vars(m).items()
+              if isinstance(k, fastlaunch.FastKernel) and (k.fast_launches or k.generic_launches)}  # fmt: skip
     print("\nTriton launches (fast, generic):", counts)
     if not args.only:
         env = dict(os.environ, FLASHTILE_TRITON_FAST_LAUNCH="0")

@@ -308,6 +308,162 @@ def test_host_int_helpers_match_tritons():
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
 
 
+# ----------------------------------------------------------------------------------------------
+# second pass (helper lean2): the fast launch key, launch plans, the autograd.Function
+
+
+def test_fast_key_equals_the_reference_key():
+    """FastKernel's C-level key (types, gathers, memoised int classes) distinguishes exactly what
+    the per-argument reference key does, for argument tuples of the same types."""
+    fn = JITFunction()
+    k = fastlaunch.fast(fn)
+    base = torch.zeros(64)
+    tensors = [base, base[1:], base[4:], base.half(), base[8:].half()]
+    ints = [0, 1, 2, 16, 17, 32, -16, (1 << 31) + 16, 1 << 40, (1 << 63) + 16]
+    cases = []
+    for t in tensors:
+        for n in ints:
+            for y in (tensors[0], tensors[3]):
+                for z in (None, tensors[1]):
+                    cases.append((t, n, y, 64, True, z, 0))
+    cases += [(base, 5, base, 32, False, None, 1), (base, 5, base, 32, False, None, 2)]
+    for a in cases:
+        for b in cases:
+            if tuple(map(type, a)) != tuple(map(type, b)):
+                continue
+            same_ref = k._key_part(a) == k._key_part(b)
+            assert (k._fast_key_part(a) == k._fast_key_part(b)) == same_ref, (a, b)
+    # types are part of the key: a float where an int was is another signature
+    a, b = (base, 5, base, 32, False, None, 1), (base, 5.0, base, 32, False, None, 1)
+    assert k._fast_key_part(a) != k._fast_key_part(b)
+
+
+def _record(monkeypatch, mod, names):
+    """Replace ``mod``'s kernels with recorders: (kernel, grid, args with tensors as their dtype, kwargs)."""
+    log = []
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def go(*args, **kw):
+                args = tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
+                log.append((self.name, tuple(grid), args, kw))
+
+            return go
+
+    for n in names:
+        monkeypatch.setattr(mod, n, Rec(n))
+    return log
+
+
+@pytest.mark.parametrize("atomic", [False, True])
+def test_launch_plans_repeat_the_first_launch(monkeypatch, atomic):
+    """A repeated tensor-free call takes its plan (no geometry, config or argument work) and
+    launches exactly what the first, unplanned call launched: same kernels, grids, non-tensor
+    arguments, tensor dtypes and keywords; and output shapes."""
+    from flashtile.backends.triton import configs, launch
+    from flashtile.spec import make_call
+
+    log = _record(monkeypatch, launch, ("_FWD", "_BWD_PRE", "_BWD_DKDV", "_BWD_DQ"))
+    monkeypatch.setattr(launch, "arch", lambda device: "sm90")
+    if atomic:
+        cfg = configs.BwdConfig(64, 64, 64, 64, 4, 2, 4, 2, atomic_dq=True)
+        monkeypatch.setattr(configs, "bwd_config", lambda *a, **kw: cfg)
+    launch._PLANS.clear()
+    q, k, v = qkv_inputs(2, 37, 45, 4, 2, 40, torch.float16, "cpu")
+    call = make_call(headdim=40, causal=True, softcap=2.0)
+    runs = []
+    for _ in range(3):
+        n0 = len(log)
+        out, lse = launch.forward(q, k, v, call)
+        dout = torch.randn_like(out)
+        grads = launch.backward(dout, q, k, v, out, lse, call)
+        runs.append((log[n0:], [tuple(t.shape) for t in (out, lse, *grads[:3])]))
+    assert len(launch._PLANS) == 2  # one forward plan, one backward plan
+    assert runs[0] == runs[1] == runs[2]
+    names = [e[0] for e in runs[0][0]]
+    assert names == (["_FWD", "_BWD_PRE", "_BWD_DKDV"] if atomic else ["_FWD", "_BWD_PRE", "_BWD_DKDV", "_BWD_DQ"])
+    # calls holding tensors are not planned (new objects per call), and a planned call's entry
+    # is found only by the same call object
+    alibi = torch.rand(2, 4)
+    launch.forward(q, k, v, make_call(headdim=40, causal=True, alibi_slopes=alibi))
+    assert len(launch._PLANS) == 2
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_plans_repeat_the_first_launch(monkeypatch, splits):
+    from flashtile.backends.triton import launch, launch_decode
+    from flashtile.spec import KVCache, make_call
+
+    log = _record(monkeypatch, launch_decode, ("_DECODE", "_MERGE", "_APPEND"))
+    launch._PLANS.clear()
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+    kc, vc = (torch.randn(2, 300, 2, 64, dtype=torch.float16) for _ in range(2))
+    cache = KVCache(k_cache=kc, v_cache=vc, k_new=None, v_new=None, seqlens=250, batch_idx=None, leftpad=None,
+                    block_table=None, rotary=None, capacity=300, num_splits=splits)  # fmt: skip
+    call = make_call(headdim=64, causal=True)
+    runs = []
+    for _ in range(3):
+        n0 = len(log)
+        out, lse = launch_decode.kvcache(q, cache, call)
+        runs.append((log[n0:], tuple(out.shape), tuple(lse.shape)))
+    assert len(launch._PLANS) == 1
+    assert runs[0] == runs[1] == runs[2]
+    assert [e[0] for e in runs[0][0]] == (["_DECODE"] if splits == 1 else ["_DECODE", "_MERGE"])
+
+
+def test_fast_path_backward_without_materialised_lse_grad():
+    """The autograd.Function does not materialise lse's (unused) gradient; gradients through out
+    are those of the ops, and a graph using lse only has no gradient path (lse is not differentiable)."""
+    q, k, v = (x.requires_grad_() for x in qkv_inputs(1, 9, 11, 2, 1, 8, torch.float32, "cpu"))
+    call = AttnCall(softmax_scale=0.4, window_right=0)
+    out, lse = ops.attention(q, k, v, call, "torch")
+    assert not lse.requires_grad and out.grad_fn is not None
+    g = torch.autograd.grad(out.sum(), (q, k, v))
+    qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+    ref = ops.attn_fwd(qs, ks, vs, *ops.flatten(call), "torch")[0]
+    for a, b in zip(g, torch.autograd.grad(ref.sum(), (qs, ks, vs)), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gluon_descriptors_keyed_as_triton_specialises_them(fake_driver):
+    """Gluon kernels take the lean launch too: a host TensorDescriptor enters the key by what
+    Triton specialises it on (dtype, block shape, layout) and its padding, so new descriptors of
+    new tensors each call stay on one compiled kernel; equal keys mean equal specialisations."""
+    gluon = pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    gl = pytest.importorskip("triton.experimental.gluon.language")
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    def desc(t, block, sw=128):
+        lay = gl.NVMMASharedLayout(swizzle_byte_width=sw, element_bitwidth=8 * t.element_size(), rank=t.dim())
+        return gluon.TensorDescriptor(t, list(t.shape), list(t.stride()), block, lay)
+
+    ds = [desc(torch.zeros(2, 128, 4, 64, dtype=torch.float16), [1, 64, 1, 64]),
+          desc(torch.zeros(3, 100, 2, 64, dtype=torch.float16), [1, 64, 1, 64]),
+          desc(torch.zeros(2, 128, 4, 64, dtype=torch.float16), [1, 128, 1, 64]),
+          desc(torch.zeros(2, 128, 4, 64, dtype=torch.float16), [1, 64, 1, 64], sw=64),
+          desc(torch.zeros(2, 128, 4, 64, dtype=torch.bfloat16), [1, 64, 1, 64]),
+          desc(torch.zeros(2, 128, 4, 32, dtype=torch.float32), [1, 64, 1, 32])]  # fmt: skip
+    for a in ds:
+        for b in ds:
+            if fastlaunch._desc_key(a) == fastlaunch._desc_key(b):
+                assert native_specialize_impl(BaseBackend, a, False, True, True) == \
+                    native_specialize_impl(BaseBackend, b, False, True, True)  # fmt: skip
+    assert len({fastlaunch._desc_key(d) for d in ds}) == 5
+
+    class GluonJITFunction(JITFunction):
+        pass
+
+    fn = GluonJITFunction()
+    k = fastlaunch.fast(fn)
+    x = torch.zeros(8)
+    for i in range(3):
+        d = desc(torch.zeros(2, 128 + 16 * i, 4, 64, dtype=torch.float16), [1, 64, 1, 64])
+        k[(1,)](d, 5, x, BLOCK=16, FLAG=False)
+    assert [e[0] for e in fn.log] == ["generic", "fast", "fast"] and fn.log[2][1][9] is d
 def test_triton_bwd_table_causal_short_rule():
     """Causal calls of at most CAUSAL_SHORT_SEQLEN tokens at head dim 128 on sm_90 take their own
     backward tile (measured faster than FA2 there, the table's long tile was not); other calls

@@ -76,15 +76,23 @@ _order: tuple[tuple, dict[str, Backend]] = ((), {})
 _generation = 0  # bumped whenever the registry changes (part of the dispatch cache's key)
 
 
+_seen_version: int = -1  # the registry's change count when _order was last checked
+
+
 def backends() -> dict[str, Backend]:
     """All registered backends by name, highest priority first (recomputed only when the registry changes)."""
     if not _loaded:
         _load()
-    global _order, _generation
-    items = tuple(registry().items())
+    global _order, _generation, _seen_version
+    reg = registry()
+    version = getattr(reg, "version", None)
+    if version is not None and version == _seen_version:
+        return _order[1]
+    items = tuple(reg.items())
     if items != _order[0]:
         _order = (items, dict(sorted(items, key=lambda kv: -kv[1].capabilities.priority)))
         _generation += 1
+    _seen_version = -1 if version is None else version
     return _order[1]
 
 

@@ -103,6 +103,7 @@ from .spec import (
 )
 
 _Window = Sequence[int]
+_NO_DESCALES = {"q_descale": None, "k_descale": None, "v_descale": None}
 
 
 def _run(
@@ -140,8 +141,11 @@ def _run(
         batch, q4, k4, v4, lens = q.shape[0], q, k, v, {}
     alibi = check_alibi(alibi_slopes, batch, q.shape[-2], q.device)
     sink = check_sink(learnable_sink, q.shape[-2], q.device)
-    descales = check_descales(q.dtype, batch, k.shape[-2], q.device, q_descale=q_descale, k_descale=k_descale,
-                              v_descale=v_descale)  # fmt: skip
+    if q_descale is None and k_descale is None and v_descale is None:
+        descales = _NO_DESCALES  # what check_descales returns for them (not mutated below)
+    else:
+        descales = check_descales(q.dtype, batch, k.shape[-2], q.device, q_descale=q_descale, k_descale=k_descale,
+                                  v_descale=v_descale)  # fmt: skip
     mods = {}
     if score_mod is not None or block_mask is not None:
         from .flex import check_mods

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from .backends.base import registry
 from .fp8 import OUT_DTYPE, compute_dtype, is_fp8
 from .paged import check_block_table, check_rotary_end
 from .rotary import check_rotary_tables
@@ -133,8 +134,9 @@ def flash_attn_with_kvcache(
             alibi_slopes=alibi_slopes, num_splits=num_splits, return_softmax_lse=return_softmax_lse,
             learnable_sink=learnable_sink,
         )  # fmt: skip
-    check_descales(q.dtype, q.shape[0], k_cache.shape[2], q.device, q_descale=q_descale, k_descale=k_descale,
-                   v_descale=v_descale)  # fmt: skip
+    if q_descale is not None or k_descale is not None or v_descale is not None:  # (they apply to FP8 only)
+        check_descales(q.dtype, q.shape[0], k_cache.shape[2], q.device, q_descale=q_descale, k_descale=k_descale,
+                       v_descale=v_descale)  # fmt: skip
     b, sq, h, d = q.shape
     dev = q.device
     paged = block_table is not None
@@ -204,7 +206,8 @@ def flash_attn_with_kvcache(
         check_rotary_end(cache_seqlens + max(sn - 1, sq - 1 if along else 0, 0), rotary_cos.shape[0])
     problem = lambda: Problem(batch=b, seqlen_q=sq, seqlen_k=capacity, nheads=h, nheads_k=hk, headdim=d,  # noqa: E731
                               dtype=q.dtype, device=dev, headdim_v=v_cache.shape[-1])  # fmt: skip
-    backend = dispatch.backends()[dispatch.choose_for(q, k_cache, call, problem, decode=True, v=v_cache)]
+    name = dispatch.choose_for(q, k_cache, call, problem, decode=True, v=v_cache)  # (brings the registry up to date)
+    backend = registry()[name]
     out, lse = backend.decode(q, cache, call)
     return (out, lse) if return_softmax_lse else out
 

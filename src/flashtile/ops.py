@@ -46,9 +46,37 @@ def flatten(call: AttnCall) -> tuple:
     return tuple(getattr(call, f.name) for f in _FIELDS)
 
 
+#: tensor-free flattened calls -> their AttnCall: the ops' implementations get one object per option
+#: set, as eager calls do from make_call (the Triton launchers plan launches per call object)
+_UNFLAT: dict[tuple, AttnCall] = {}
+#: argument types -> whether one is a tensor
+_UNFLAT_TENSOR: dict[tuple, bool] = {}
+
+
 def unflatten(args: tuple) -> AttnCall:
     """The inverse of :func:`flatten`."""
-    return AttnCall(**{f.name: a for f, a in zip(_FIELDS, args, strict=True)})
+    args = tuple(args)
+    types = tuple(map(type, args))
+    tensor = _UNFLAT_TENSOR.get(types)
+    if tensor is None:
+        tensor = any(issubclass(t, torch.Tensor) for t in types)
+        if len(_UNFLAT_TENSOR) < 256:
+            _UNFLAT_TENSOR[types] = tensor
+    key = None
+    if not tensor and not torch.compiler.is_compiling():
+        key = (args, types)  # types too: 1 and 1.0 (and True) are equal keys
+        try:
+            found = _UNFLAT.get(key)
+        except TypeError:  # pragma: no cover - an unhashable value
+            found, key = None, None
+        if found is not None:
+            return found
+    call = AttnCall(**{f.name: a for f, a in zip(_FIELDS, args, strict=True)})
+    if key is not None:
+        if len(_UNFLAT) >= 256:
+            _UNFLAT.clear()
+        _UNFLAT[key] = call
+    return call
 
 
 _lib = torch.library.Library("flashtile", "FRAGMENT")  # kept alive for the module's lifetime
@@ -175,6 +203,9 @@ def _fast_path(*xs: torch.Tensor) -> bool:
     )
 
 
+_NO_FIELD_GRADS = (None,) * len(_GRAD_FIELDS)
+
+
 class _Attention(torch.autograd.Function):
     """``attn_fwd`` with ``attn_bwd`` as its backward, for the eager fast path. Inputs: q, k, v,
     the call, the backend name, then the call's differentiable fields (for their gradients)."""
@@ -184,19 +215,53 @@ class _Attention(torch.autograd.Function):
         out, lse = _fwd_run(q, k, v, call, backend)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.backend = call, backend
+        ctx.fields_set = any(f is not None for f in grad_fields)  # else the backward's tail is all None
         ctx.mark_non_differentiable(lse)
+        # lse's gradient is never used: without this the engine would allocate and zero-fill
+        # one (a memset kernel on the GPU) on every backward
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        if dout.stride(-1) != 1:
+        if dout is None:  # out received no gradient (not materialised, see forward)
+            dout = torch.zeros_like(out)
+        elif dout.stride(-1) != 1:
             dout = dout.contiguous()
-        dq, dk, dv, *extra = _bwd_run(dout, q, k, v, out, lse, ctx.call, ctx.backend)
+        call = ctx.call
+        dq, dk, dv, field_grads = registry()[ctx.backend].backward(dout, q, k, v, out, lse, call)
+        if not ctx.fields_set:
+            return dq.contiguous(), dk.contiguous(), dv.contiguous(), None, None, *_NO_FIELD_GRADS
         need = ctx.needs_input_grad[5:]
-        grads = [g if getattr(ctx.call, _FIELDS[i].name) is not None and need[j] else None
-                 for j, (i, g) in enumerate(zip(_GRAD_FIELDS, extra, strict=True))]  # fmt: skip
-        return dq, dk, dv, None, None, *grads
+        grads = []
+        for j, i in enumerate(_GRAD_FIELDS):
+            name = _FIELDS[i].name
+            if getattr(call, name) is None or not need[j]:
+                grads.append(None)
+            elif name not in field_grads:  # pragma: no cover - dispatch only picks backends implementing it
+                raise RuntimeError(f"backend {ctx.backend!r} returned no gradient for {name}")
+            else:
+                grads.append(field_grads[name].contiguous())
+        return dq.contiguous(), dk.contiguous(), dv.contiguous(), None, None, *grads
+
+
+# ``_Attention.apply`` without ``torch.autograd.Function.apply``'s Python wrapper (argument binding
+# for ``setup_context`` functions, which _Attention is not; the functorch check, done by
+# _fast_path; the unwrapping of dead functorch wrappers, done here): the C++ apply itself.
+_unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
+_c_apply = getattr(super(torch.autograd.Function, _Attention), "apply", None)
+if _unwrap_if_dead is None or type(_c_apply).__name__ != "builtin_function_or_method" or \
+        getattr(_c_apply, "__self__", None) is not _Attention:  # fmt: skip
+    _c_apply = None  # pragma: no cover - another torch layout (a Python apply in between): the public apply
+
+
+def _apply(*args):
+    if _c_apply is None:  # pragma: no cover
+        return _Attention.apply(*args)
+    u = _unwrap_if_dead
+    return _c_apply(u(args[0]), u(args[1]), u(args[2]), *args[3:5],
+                    *[a if a is None else u(a) for a in args[5:]])  # fmt: skip
 
 
 def attention(
@@ -215,7 +280,7 @@ def attention(
             q.requires_grad or k.requires_grad or v.requires_grad
             or any(f is not None and f.requires_grad for f in fields)
         ):  # fmt: skip
-            return _Attention.apply(q, k, v, call, backend, *fields)
+            return _apply(q, k, v, call, backend, *fields)
         return _fwd_run(q, k, v, call, backend)
     return attn_fwd(q, k, v, *flatten(call), backend)
 

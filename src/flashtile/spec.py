@@ -352,19 +352,31 @@ def normalize_window(window_size: Sequence[int], causal: bool) -> tuple[int, int
 
 
 _CALLS: dict[tuple, AttnCall] = {}
+#: the types of a call's options -> whether one is a tensor (such calls are not cached)
+_HAS_TENSOR: dict[tuple, bool] = {}
 
 
 def _cached(make: Callable[..., AttnCall]) -> Callable[..., AttnCall]:
-    """Cache :func:`make_call` for calls without tensors, by every option's value and type (and
-    the types of a tuple's entries, so that ``(-1.0, -1)`` is not ``(-1, -1)``): the
+    """Cache :func:`make_call` for calls without tensors, by every option's name, value and type
+    (and the types of a tuple's entries, so that ``(-1.0, -1)`` is not ``(-1, -1)``): the
     result is a frozen value, the same for the same options (raising calls are not cached; the
     cache is bypassed while torch.compile traces)."""
 
     @functools.wraps(make)
     def cached(**options) -> AttnCall:
-        if torch.compiler.is_compiling() or any(isinstance(x, torch.Tensor) for x in options.values()):
+        if torch.compiler.is_compiling():
             return make(**options)
-        key = tuple((n, type(x), x, tuple(map(type, x)) if type(x) is tuple else ()) for n, x in options.items())
+        items = tuple(options.items())
+        types = tuple(map(type, options.values()))
+        tensor = _HAS_TENSOR.get(types)
+        if tensor is None:
+            tensor = any(issubclass(t, torch.Tensor) for t in types)
+            if len(_HAS_TENSOR) < 256:
+                _HAS_TENSOR[types] = tensor
+        if tensor:
+            return make(**options)
+        key = (items, types, tuple([tuple(map(type, x)) for x in options.values() if type(x) is tuple]) if tuple in
+               types else ())  # fmt: skip
         try:
             found = _CALLS.get(key)
         except TypeError:  # an unhashable option value (e.g. a list): not cached

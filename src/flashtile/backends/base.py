@@ -116,7 +116,47 @@ class Backend(Protocol):
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, Backend] = {}
+class _Registry(dict):
+    """The registry's dict, counting its changes in ``version`` (:mod:`flashtile.dispatch` keeps
+    its priority order until the count moves, instead of comparing the items on every call)."""
+
+    version = 0
+
+    def _changed(self, result=None):
+        self.version += 1
+        return result
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._changed()
+
+    def __ior__(self, other):
+        super().__ior__(other)
+        return self._changed(self)
+
+    def pop(self, *args):
+        return self._changed(super().pop(*args))
+
+    def popitem(self):
+        return self._changed(super().popitem())
+
+    def clear(self):
+        super().clear()
+        self._changed()
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def setdefault(self, key, default=None):
+        return self._changed(super().setdefault(key, default))
+
+
+_REGISTRY: dict[str, Backend] = _Registry()
 
 
 def register(backend: Backend) -> Backend:

@@ -7,6 +7,7 @@ once :meth:`HopperBackend.available` said yes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import torch
@@ -16,6 +17,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ...spec import AttnCall
 from .. import _device
 from .._ints import cdiv
+from ..triton.fastlaunch import fast
 from ..triton.launch import device_guard, forward_outputs, score_scales
 from . import configs
 from .configs import HopperConfig
@@ -23,6 +25,12 @@ from .fwd import attn_fwd_persistent, attn_fwd_plain, attn_fwd_ws
 from .fwd_fp8 import attn_fwd_ws_fp8
 from .sched import schedule
 from .vt import key_perm32
+
+# The Gluon kernels through the lean launch path (issue 16; host TensorDescriptors are keyed as Triton
+# specialises them, see fastlaunch._desc_key).
+_PLAIN, _WS, _PERSISTENT, _WS_FP8 = (
+    fast(k) for k in (attn_fwd_plain, attn_fwd_ws, attn_fwd_persistent, attn_fwd_ws_fp8)
+)
 
 # (schedule key, device) -> (codes, offsets) int32 tensors of the persistent kernel's schedule
 _SCHEDULES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -53,13 +61,19 @@ def _descriptor(t: torch.Tensor, rows: int, varlen: bool) -> TensorDescriptor:
     ``[rows, 1, BLOCK_D]`` (varlen: bounds are the whole packed tensor). ``BLOCK_D`` > D (d = 96,
     192): TMA zero-fills the extra columns on loads and clips them on stores."""
     d = configs.block_d(t.shape[-1])
-    sw = swizzle_bytes(d, t.element_size())
+    es = t.element_size()
     if varlen:
         x = t[0]
-        layout = gl.NVMMASharedLayout(swizzle_byte_width=sw, element_bitwidth=8 * t.element_size(), rank=3)
+        layout = nvmma_layout(swizzle_bytes(d, es), es, 3)
         return TensorDescriptor(x, list(x.shape), list(x.stride()), [rows, 1, d], layout)
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=sw, element_bitwidth=8 * t.element_size(), rank=4)
+    layout = nvmma_layout(swizzle_bytes(d, es), es, 4)
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, d], layout)
+
+
+@functools.lru_cache(maxsize=64)
+def nvmma_layout(swizzle: int, elem_bytes: int, rank: int) -> gl.NVMMASharedLayout:
+    """The shared layout of a TMA tile (a frozen value, built once: ~6 us each on a slow CPU)."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=8 * elem_bytes, rank=rank)
 
 
 def _check_launch(call: AttnCall, lse: torch.Tensor, cfg, headdim: int, check, what: str) -> None:
@@ -116,15 +130,15 @@ def forward(
     )  # fmt: skip
     with device_guard(q.device):
         if cfg.kernel == "plain":
-            attn_fwd_plain[grid](*args, **consts)
+            _PLAIN[grid](*args, **consts)
         elif cfg.kernel == "ws":
-            attn_fwd_ws[grid](*args, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
+            _WS[grid](*args, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
                               NUM_CONSUMERS=cfg.consumers, **consts)
         else:
             tiles, offs = _schedule_tensors(q.device, B, H, Sq, Sk, cfg, call)
             for key in ("IS_VARLEN", "REVERSE_M"):
                 consts.pop(key)
-            attn_fwd_persistent[(offs.shape[0] - 1,)](
+            _PERSISTENT[(offs.shape[0] - 1,)](
                 q_desc, k_desc, v_desc, o_desc, out, lse, tiles, offs,
                 out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
                 Sq, Sk, H // Hk, cdiv(Sq, cfg.block_m), H, qk_scale, cap_out,
@@ -214,7 +228,7 @@ def forward_fp8(
         strides += [0, 0] if d is None else [d.stride(0), d.stride(1)]
     grid = (cdiv(rows_q, cfg.block_m), H, nb)
     with device_guard(q.device):
-        attn_fwd_ws_fp8[grid](
+        _WS_FP8[grid](
             q_desc, k_desc, vt_desc, o_desc, out, lse, call.cu_seqlens_q, call.cu_seqlens_k, *descales, *strides,
             out.stride(1), out.stride(2), 0 if varlen else lse.stride(0), lse.stride(1),
             Sq, Sk, H // Hk, qk_scale, cap_out, call.window_left, call.window_right,

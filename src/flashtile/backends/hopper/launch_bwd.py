@@ -29,12 +29,16 @@ import torch
 from ...spec import AttnCall
 from .._ints import cdiv
 from ..triton import configs as triton_configs
-from ..triton.bwd import _bwd_dq_kernel, _bwd_preprocess
+from ..triton.fastlaunch import fast
+from ..triton.launch import _BWD_DQ as _bwd_dq_kernel  # the kernels' lean launch wrappers (issue 16)
+from ..triton.launch import _BWD_PRE as _bwd_preprocess
 from ..triton.launch import _flags, _geometry, _scalars, arch, device_guard, score_scales
-from . import configs
-from .bwd import attn_bwd, attn_bwd_ws, attn_bwd_ws2
+from . import bwd, configs
 from .configs import HopperBwdConfig
 from .launch import _check_launch, _descriptor, tma_compatible
+
+# the Gluon kernels on the lean launch path too
+attn_bwd, attn_bwd_ws, attn_bwd_ws2 = fast(bwd.attn_bwd), fast(bwd.attn_bwd_ws), fast(bwd.attn_bwd_ws2)
 
 
 def backward(

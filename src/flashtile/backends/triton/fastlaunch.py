@@ -1,4 +1,4 @@
-"""A lean launch path for the Triton kernels: ``fast(kernel)[grid](*args, **constexprs)`` launches
+"""A lean launch path for the Triton (and Gluon) kernels: ``fast(kernel)[grid](*args, **constexprs)`` launches
 like ``kernel[grid](...)``, but after the first launch of a specialisation it calls the compiled
 kernel's own launcher directly instead of Triton's generic per-call work (argument binding, the
 specialisation of every argument, the string cache key, knob reads, the global-value check).
@@ -12,14 +12,19 @@ declaration order, which is exactly the call Triton's ``JITFunction.run`` ends w
 The signature key refines Triton's specialisation, so two launches with the same key get the same
 compiled kernel from Triton: for each tensor its dtype and whether its address is 16-byte aligned;
 for each int whether it is 1, whether it is a multiple of 16 and its integer width class; the type
-of floats and bools; None; the constexpr values; the launch options (``num_warps``, ...); the
-current device. Parameters the call leaves out take their declared defaults, as Triton's binder
+of floats and bools; None; for a Gluon host ``TensorDescriptor`` its dtype, block shape, layout and
+padding (Triton specialises it on ``tensordesc<dtype[block_shape],layout>``; the launcher builds
+the TMA descriptor from its base, shape and strides on every launch); the type of every argument;
+the constexpr values; the launch options (``num_warps``, ...); the current device. The key is
+computed with C-level gathers: per tuple of argument types, ``operator.itemgetter``s pick the
+values keyed as they are, the ints (their classes memoised per tuple of int values) and the
+tensors. Parameters the call leaves out take their declared defaults, as Triton's binder
 does (a kernel whose new parameters have defaults stays on the lean path; found on the H200,
 where such kernels took the generic launch on every call). Tensors never enter the key themselves
 (only their dtype and alignment), whether passed by position or by keyword.
 
 Verified against the source of Triton 3.6.0 (the H200's) and 3.9.0 (``JITFunction.run`` and the
-NVIDIA ``CudaLauncher``); other versions, the interpreter (``TRITON_INTERPRET=1``), launch hooks
+NVIDIA ``CudaLauncher``; ``GluonJITFunction`` shares ``JITFunction.run``); other versions, the interpreter (``TRITON_INTERPRET=1``), launch hooks
 (profilers such as proton add to ``knobs.runtime.launch_enter_hook``) and
 ``FLASHTILE_TRITON_FAST_LAUNCH=0`` take Triton's generic launch every time. Knobs that change how
 Triton compiles (``TRITON_DEBUG``, instrumentation) are read at the first launch of a key only.
@@ -28,6 +33,7 @@ Triton compiles (``TRITON_DEBUG``, instrumentation) are read at the first launch
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 from collections.abc import Callable
 from typing import Any
@@ -102,45 +108,102 @@ class FastKernel:
         self.nameset = frozenset(self.names)
         #: per parameter: whether it is a constexpr (its value is part of the key, not its class)
         self.const: tuple[bool, ...] = tuple(bool(p.is_constexpr) for p in params)
-        #: how many leading parameters are not constexprs
-        self.plain_head = next((i for i, c in enumerate(self.const) if c), len(self.const))
         #: parameters with a default value (taken when the call leaves them out, as Triton binds)
         self.defaults: dict[str, Any] = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
         self.compiled: dict[tuple, Any] = {}
-        self.fast = ENABLED and type(fn).__name__ == "JITFunction" and bool(self.names)
+        #: (number of positional args, keyword names) -> (getter of the other parameters' values from
+        #: the keywords and defaults, whether defaults are needed, the launch options' names and getter)
+        self._calls: dict[tuple, tuple] = {}
+        #: argument types -> getters of (values keyed as they are, ints keyed by class, tensors)
+        self._plans: dict[tuple, tuple] = {}
+        self.fast = ENABLED and type(fn).__name__ in ("JITFunction", "GluonJITFunction") and bool(self.names)
         self.generic_launches = 0  # counted for the tests and benchmarks
         self.fast_launches = 0
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
-    def _key_part(self, args: tuple, extra: tuple) -> tuple:
-        """The arguments' part of the key: constexprs by value, the others by :func:`_arg_key`."""
-        const = self.const
-        if len(args) <= self.plain_head:  # the usual call: positional arguments are all non-constexpr
-            head = tuple(map(_arg_key, args))
-        else:
-            head = tuple([v if c else _arg_key(v) for v, c in zip(args, const[: len(args)], strict=True)])
-        return head + tuple([v if c else _arg_key(v) for v, c in zip(extra, const[len(args):], strict=True)])
+    def _key_part(self, vals: tuple) -> tuple:
+        """The arguments' part of the key, one entry per parameter (the reference form of
+        :meth:`_fast_key_part`, which computes an equivalent key faster)."""
+        return tuple([v if c else _arg_key(v) for v, c in zip(vals, self.const, strict=True)])
+
+    def _call_plan(self, n: int, kwnames: tuple) -> tuple:
+        rest = self.names[n:]
+        missing = [name for name in rest if name not in kwnames]
+        if any(name not in self.defaults for name in missing):
+            raise KeyError(missing)  # a required parameter is missing: Triton raises its own error
+        onames = tuple(name for name in kwnames if name not in self.nameset)  # num_warps, num_stages, ...
+        plan = (_getter(rest), bool(missing), onames, _getter(onames))
+        if len(self._calls) < 256:
+            self._calls[(n, kwnames)] = plan
+        return plan
+
+    def _type_plan(self, types: tuple) -> tuple:
+        """Getters for the positions whose values enter the key as they are (constexprs, and types
+        other than int / float / bool / None / tensors), ints (keyed by class) and tensors (keyed by
+        dtype and alignment); the types themselves are part of the key."""
+        keep, ints, tensors, descs = [], [], [], []
+        for i, (t, c) in enumerate(zip(types, self.const, strict=True)):
+            if c:
+                keep.append(i)
+            elif issubclass(t, torch.Tensor):
+                tensors.append(i)
+            elif t is int:
+                ints.append(i)
+            elif t.__name__ == "TensorDescriptor" and t.__module__ in _DESCRIPTOR_MODULES:
+                descs.append(i)
+            elif t not in (float, bool, type(None)):
+                keep.append(i)
+        plan = (_getter(keep), _getter(ints), _getter(tensors), _getter(descs) if descs else None)
+        if len(self._plans) < 256:
+            self._plans[types] = plan
+        return plan
+
+    def _fast_key_part(self, vals: tuple) -> tuple:
+        """The arguments' part of the key: equal exactly when :meth:`_key_part`'s is (for the types
+        :func:`_arg_key` distinguishes; stricter on types: ``True`` and ``1`` differ here), computed
+        with C-level gathers and one dict lookup for the ints' classes."""
+        types = tuple(map(type, vals))
+        plan = self._plans.get(types)
+        if plan is None:
+            plan = self._type_plan(types)
+        keep, ints, tensors, descs = plan
+        ivals = ints(vals)
+        iclass = _INT_CLASSES.get(ivals)
+        if iclass is None:
+            iclass = tuple(map(_arg_key, ivals))
+            if len(_INT_CLASSES) >= 4096:
+                _INT_CLASSES.clear()
+            _INT_CLASSES[ivals] = iclass
+        tkey = tuple([(t.dtype, not (t.data_ptr() & 15)) for t in tensors(vals)])
+        if descs is None:
+            return types, keep(vals), iclass, tkey
+        return types, keep(vals), iclass, tkey, tuple(map(_desc_key, descs(vals)))
 
     def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
         if not self.fast:
             self.fn[grid](*args, **kwargs)
             return
-        names = self.names
         n = len(args)
-        defaults = self.defaults
+        kwnames = tuple(kwargs)
         try:
-            extra = tuple([kwargs[name] if name in kwargs else defaults[name] for name in names[n:]])
+            plan = self._calls.get((n, kwnames)) or self._call_plan(n, kwnames)
         except KeyError:  # a required parameter is missing: Triton raises its own error
             self.fn[grid](*args, **kwargs)
             return
-        nameset = self.nameset
-        options = tuple(kv for kv in kwargs.items() if kv[0] not in nameset)  # num_warps, num_stages, ...
+        get_rest, needs_defaults, onames, get_options = plan
+        if needs_defaults:
+            merged = self.defaults.copy()
+            merged.update(kwargs)
+            extra = get_rest(merged)
+        else:
+            extra = get_rest(kwargs)
         drv = triton.runtime.driver.active
         device = drv.get_current_device()
+        vals = args + extra
         try:
-            key = (device, self._key_part(args, extra), options)
+            key = (device, self._fast_key_part(vals), onames, get_options(kwargs))
             compiled = self.compiled.get(key)
         except (TypeError, ValueError):  # an unhashable argument, or too many: Triton binds them
             self.fn[grid](*args, **kwargs)
@@ -154,8 +217,34 @@ class FastKernel:
             return
         g = len(grid)
         compiled.run(grid[0], grid[1] if g > 1 else 1, grid[2] if g > 2 else 1, drv.get_current_stream(device),
-                     compiled.function, compiled.packed_metadata, None, None, None, *args, *extra)  # fmt: skip
+                     compiled.function, compiled.packed_metadata, None, None, None, *vals)  # fmt: skip
         self.fast_launches += 1
+
+
+#: modules whose ``TensorDescriptor`` (a TMA descriptor on the host) the key knows (:func:`_desc_key`)
+_DESCRIPTOR_MODULES = ("triton.experimental.gluon.nvidia.hopper",)
+
+
+def _desc_key(d: Any) -> tuple:
+    """The key of a host TensorDescriptor: what Triton specialises it on (Triton 3.6 and 3.9:
+    ``tensordesc<dtype[block_shape],layout>``, no shape or stride), and its padding mode (read by
+    the launcher); the launcher reads its base, shape and strides on every launch."""
+    return d.base.dtype, tuple(d.block_shape), getattr(d, "layout", None), d.padding
+
+
+#: ints of a launch (a tuple of values) -> their classes (:func:`_arg_key`), shared by the kernels
+_INT_CLASSES: dict[tuple, tuple] = {}
+
+
+def _getter(idx: Any) -> Callable[[Any], tuple]:
+    """``operator.itemgetter`` that always returns a tuple (of 0, 1 or more items)."""
+    idx = tuple(idx)
+    if not idx:
+        return lambda _: ()
+    if len(idx) == 1:
+        i = idx[0]
+        return lambda x: (x[i],)
+    return operator.itemgetter(*idx)
 
 
 def fast(fn: Any) -> FastKernel:

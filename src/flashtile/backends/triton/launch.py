@@ -10,6 +10,7 @@ an :class:`~flashtile.call.AttnCall`) live here; :mod:`.launch_decode` uses them
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -46,10 +47,13 @@ def arch(device: torch.device) -> str:
     return "interpret" if INTERPRET else _device.info(device).arch
 
 
+_NULL_GUARD = contextlib.nullcontext()  # reusable (and reentrant): one object for every call
+
+
 def device_guard(device: torch.device):
     """Make ``device`` current for a launch (a no-op when it already is, or off CUDA)."""
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
+        return _NULL_GUARD
     return torch.cuda.device(device)
 
 
@@ -127,12 +131,15 @@ def sink_grad(sink: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> tor
     return torch.exp(sink.detach().view(1, -1, 1) - lse).mul_(delta).sum((0, 2)).neg_()
 
 
-def _fit(key: tuple, cfg: FwdConfig | BwdConfig, launch: Callable[[FwdConfig | BwdConfig], None]) -> None:
-    """Launch with cfg, stepping down through smaller configs on OutOfResources (once per key)."""
+def _fit(
+    key: tuple, cfg: FwdConfig | BwdConfig, launch: Callable[[FwdConfig | BwdConfig], None]
+) -> FwdConfig | BwdConfig:
+    """Launch with cfg, stepping down through smaller configs on OutOfResources (once per key);
+    returns the config launched."""
     fitted = _FITTED.get(key + (cfg,))
     if fitted is not None:
         launch(fitted)
-        return
+        return fitted
     err: Exception | None = None
     for c in configs.fallbacks(cfg):
         try:
@@ -141,8 +148,32 @@ def _fit(key: tuple, cfg: FwdConfig | BwdConfig, launch: Callable[[FwdConfig | B
             err = e
             continue
         _FITTED[key + (cfg,)] = c
-        return
+        return c
     raise RuntimeError(f"flashtile triton: no tile config fits this device ({err})")
+
+
+# Launch plans (issue 16): what a launch of a tensor-free call (no ALiBi, varlen, dropout seed or
+# sink: the AttnCall objects make_call caches and shares) derives from the call and the shapes and
+# strides of its tensors -- output shapes, grids, every non-tensor kernel argument, the fitted
+# config -- kept per signature, so that a repeated small call allocates its outputs and launches.
+# Keyed by the call's id with the call kept in the entry (checked with ``is``: an id is never
+# reused while the entry holds its object), q's dtype and device, and the shapes and strides of
+# every tensor the arguments come from; bounded (cleared when full). Code that changes the config
+# tables at run time (benchmarks/bench_attention.py's sweep winners) clears it.
+_PLANS: dict[tuple, tuple] = {}
+_PLANS_MAX = 1024
+_TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(AttnCall) if "Tensor" in str(f.type))
+
+
+def _plannable(call: AttnCall) -> bool:
+    """Whether launches of ``call`` may be planned: it holds no tensor and no Python mod."""
+    return all(getattr(call, n) is None for n in _TENSOR_FIELDS) and call.score_mod is None and call.block_mask is None
+
+
+def _keep_plan(key: tuple, plan: tuple) -> None:
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    _PLANS[key] = plan
 
 
 def _geometry(q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> tuple[bool, int, int, int, int, int]:
@@ -190,6 +221,18 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) on the internal layout; ``config`` overrides the table (benchmark sweeps).
     v (and out) may have their own head dim."""
+    dev = q.device
+    key = None
+    if config is None:
+        key = ("fwd", id(call), q.dtype, dev, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride())
+        plan = _PLANS.get(key)
+        if plan is not None and plan[0] is call:
+            _, out_shape, lse_shape, grid, ints, kw = plan
+            out = torch.empty(out_shape, dtype=q.dtype, device=dev)
+            lse = torch.empty(lse_shape, dtype=torch.float32, device=dev)
+            with device_guard(dev):
+                _FWD[grid](q, k, v, out, lse, None, None, None, *ints, **kw)
+            return out, lse
     B, Sq, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
     out, lse, geo = forward_outputs(q, k, call, v)
@@ -199,32 +242,41 @@ def forward(
     alibi_slopes, cu_seqlens_q, cu_seqlens_k = call.alibi_slopes, call.cu_seqlens_q, call.cu_seqlens_k
     bd, bdv = block_d(D), block_d(Dv)
     bd_cfg = max(bd, bdv)  # the tile table's bucket: the larger head dim
-    ar = arch(q.device)
+    ar = arch(dev)
     cfg = config or configs.fwd_config(ar, bd_cfg, q.dtype, max(rows_q, rows_k))
     flags = _flags(call, q.dtype)
     scal = _scalars(call)
     stride_ab = alibi_slopes.stride(0) if alibi_slopes is not None else 0
+    qs, ks, vs, os_, ls = q.stride(), k.stride(), v.stride(), out.stride(), lse.stride()
 
-    def launch(c: FwdConfig) -> None:
+    def args(c: FwdConfig) -> tuple[tuple, tuple, dict]:
         grid = (cdiv(rows_q, c.block_m), H, nb)
-        _FWD[grid](
-            q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-            0 if varlen else q.stride(0), q.stride(1), q.stride(2),
-            0 if varlen else k.stride(0), k.stride(1), k.stride(2),
-            0 if varlen else v.stride(0), v.stride(1), v.stride(2),
-            0 if varlen else out.stride(0), out.stride(1), out.stride(2),
-            0 if varlen else lse.stride(0), lse.stride(1), stride_ab,
+        ints = (
+            0 if varlen else qs[0], qs[1], qs[2],
+            0 if varlen else ks[0], ks[1], ks[2],
+            0 if varlen else vs[0], vs[1], vs[2],
+            0 if varlen else os_[0], os_[1], os_[2],
+            0 if varlen else ls[0], ls[1], stride_ab,
             seqlen_q, seqlen_k, H, H // Hk,
             scal["qk_scale"], scal["cap_out"], scal["alibi_mul"],
             scal["window_left"], scal["window_right"],
             scal["thresh"], scal["drop_scale"], scal["seed_lo"], scal["seed_hi"],
+        )  # fmt: skip
+        kw = dict(
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
             REVERSE_M=call.window_right >= 0, **flags, **_sink_args(call), HEAD_DIM_V=Dv, BLOCK_DV=bdv,
             num_warps=c.num_warps, num_stages=c.num_stages,
-        )
+        )  # fmt: skip
+        return grid, ints, kw
 
-    with device_guard(q.device):
-        _fit(("fwd", ar, q.dtype, bd, bdv), cfg, launch)
+    def launch(c: FwdConfig) -> None:
+        grid, ints, kw = args(c)
+        _FWD[grid](q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *ints, **kw)
+
+    with device_guard(dev):
+        used = _fit(("fwd", ar, q.dtype, bd, bdv), cfg, launch)
+    if key is not None and _plannable(call):
+        _keep_plan(key, (call, tuple(out.shape), tuple(lse.shape), *args(used)))
     return out, lse
 
 
@@ -243,18 +295,41 @@ def backward(
     ``learnable_sink``'s gradient when the call has one (the backend contract). Bitwise
     reproducible unless the config fuses dQ with atomics (``atomic_dq``), which
     ``call.deterministic`` switches off."""
+    dev = q.device
+    key = None
+    if config is None:
+        key = ("bwd", id(call), q.dtype, dev, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(),
+               dout.shape, dout.stride(), out.shape, out.stride(), lse.shape, lse.stride())  # fmt: skip
+        plan = _PLANS.get(key)
+        if plan is not None and plan[0] is call:
+            _, pre, dkdv, dq_pass = plan
+            dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+            dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+            dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+            delta = torch.empty(lse.shape, dtype=torch.float32, device=dev)
+            with device_guard(dev):
+                _BWD_PRE[pre[0]](out, dout, delta, *pre[1], **pre[2])
+                if dq_pass is None:  # dQ by atomics into an fp32 buffer
+                    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
+                    _BWD_DKDV[dkdv[0]](q, k, v, dout, lse, delta, dk, dv, dq_acc, None, None, None, *dkdv[1], **dkdv[2])
+                    dq.copy_(dq_acc.mul_(call.softmax_scale))
+                else:
+                    _BWD_DKDV[dkdv[0]](q, k, v, dout, lse, delta, dk, dv, dq, None, None, None, *dkdv[1], **dkdv[2])
+                    _BWD_DQ[dq_pass[0]](q, k, v, dout, lse, delta, dq, None, None, None, *dq_pass[1], **dq_pass[2])
+            return dq, dk, dv, {}
     B, Sq, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
     varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k = _geometry(q, k, call)
     alibi_slopes, cu_seqlens_q, cu_seqlens_k = call.alibi_slopes, call.cu_seqlens_q, call.cu_seqlens_k
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     sink = call.learnable_sink
     if nb == 0 or q.numel() == 0 or k.numel() == 0 or rows_q == 0 or rows_k == 0:
         # no rows, or no keys: out = 0, so delta = rowsum(dout * out) = 0 and so is dsink
         grads = {} if sink is None else {"learnable_sink": torch.zeros_like(sink)}
         return dq.zero_(), dk.zero_(), dv.zero_(), grads
+    normalised = dout.stride(-1) != 1 or out.stride(-1) != 1 or not lse.is_contiguous()
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     if out.stride(-1) != 1:
@@ -263,62 +338,72 @@ def backward(
     delta = torch.empty_like(lse)
     dq_acc = None
     bd, bdv = block_d(D), block_d(Dv)
-    ar = arch(q.device)
+    ar = arch(dev)
     cfg = config or configs.bwd_config(ar, max(bd, bdv), q.dtype, max(rows_q, rows_k), call.window_right >= 0)
     flags = _flags(call, q.dtype)
     scal = _scalars(call)
     stride_ab = alibi_slopes.stride(0) if alibi_slopes is not None else 0
-    stride_lb = 0 if varlen else lse.stride(0)
+    ls = lse.stride()
+    stride_lb = 0 if varlen else ls[0]
     group = H // Hk
+    pre_m = 64 if not INTERPRET else 32
 
     def bstr(t: torch.Tensor) -> tuple[int, int, int]:
-        return (0 if varlen else t.stride(0), t.stride(1), t.stride(2))
+        st = t.stride()
+        return (0 if varlen else st[0], st[1], st[2])
 
     common = (
-        stride_lb, lse.stride(1), stride_ab,
+        stride_lb, ls[1], stride_ab,
         seqlen_q, seqlen_k, H, group,
         scal["qk_scale"], scal["cap_out"], scal["alibi_mul"], call.softmax_scale,
         scal["window_left"], scal["window_right"],
         scal["thresh"], scal["drop_scale"], scal["seed_lo"], scal["seed_hi"],
+    )  # fmt: skip
+    os_, ds, es = out.stride(), dout.stride(), delta.stride()
+    pre = (
+        (cdiv(Sq, pre_m), H, B),
+        (os_[0], os_[1], os_[2], ds[0], ds[1], ds[2], es[0], es[1], Sq),
+        dict(HEAD_DIM=Dv, BLOCK_D=bdv, BLOCK_M=pre_m),
     )
+    qkvd = (*bstr(q), *bstr(k), *bstr(v), *bstr(dout))
+
+    def args(c: BwdConfig) -> tuple[bool, tuple, tuple | None]:
+        """(atomic, the dK/dV pass's (grid, ints, kw), the dQ pass's or None with atomics); dq and
+        the fp32 atomic buffer have the same (contiguous) strides."""
+        atomic = c.atomic_dq and not call.deterministic
+        dkdv = (
+            (cdiv(rows_k, c.block_n1), Hk, nb),
+            (*qkvd, *bstr(dk), *bstr(dv), *bstr(dq), *common),
+            dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m1, BLOCK_N=c.block_n1, ATOMIC_DQ=atomic, **flags,
+                 HEAD_DIM_V=Dv, BLOCK_DV=bdv, num_warps=c.num_warps1, num_stages=c.num_stages1),
+        )  # fmt: skip
+        dq_pass = None if atomic else (
+            (cdiv(rows_q, c.block_m2), H, nb),
+            (*qkvd, *bstr(dq), *common),
+            dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m2, BLOCK_N=c.block_n2, REVERSE_M=call.window_right >= 0,
+                 **flags, HEAD_DIM_V=Dv, BLOCK_DV=bdv, num_warps=c.num_warps2, num_stages=c.num_stages2),
+        )  # fmt: skip
+        return atomic, dkdv, dq_pass
 
     def launch(c: BwdConfig) -> None:
         nonlocal dq_acc
-        atomic = c.atomic_dq and not call.deterministic
+        atomic, dkdv, dq_pass = args(c)
         if atomic:
-            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dq_dst = dq_acc if atomic else dq
-        pre_m = 64 if not INTERPRET else 32
-        _BWD_PRE[(cdiv(Sq, pre_m), H, B)](
-            out, dout, delta,
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            delta.stride(0), delta.stride(1), Sq,
-            HEAD_DIM=Dv, BLOCK_D=bdv, BLOCK_M=pre_m,
-        )
-        _BWD_DKDV[(cdiv(rows_k, c.block_n1), Hk, nb)](
-            q, k, v, dout, lse, delta, dk, dv, dq_dst, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-            *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dk), *bstr(dv), *bstr(dq_dst),
-            *common,
-            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m1, BLOCK_N=c.block_n1, ATOMIC_DQ=atomic, **flags,
-            HEAD_DIM_V=Dv, BLOCK_DV=bdv,
-            num_warps=c.num_warps1, num_stages=c.num_stages1,
-        )
-        if atomic:
-            return
-        _BWD_DQ[(cdiv(rows_q, c.block_m2), H, nb)](
-            q, k, v, dout, lse, delta, dq, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-            *bstr(q), *bstr(k), *bstr(v), *bstr(dout), *bstr(dq),
-            *common,
-            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m2, BLOCK_N=c.block_n2,
-            REVERSE_M=call.window_right >= 0, **flags, HEAD_DIM_V=Dv, BLOCK_DV=bdv,
-            num_warps=c.num_warps2, num_stages=c.num_stages2,
-        )
+            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
+        _BWD_PRE[pre[0]](out, dout, delta, *pre[1], **pre[2])
+        _BWD_DKDV[dkdv[0]](q, k, v, dout, lse, delta, dk, dv, dq_acc if atomic else dq, alibi_slopes, cu_seqlens_q,
+                           cu_seqlens_k, *dkdv[1], **dkdv[2])  # fmt: skip
+        if not atomic:
+            _BWD_DQ[dq_pass[0]](q, k, v, dout, lse, delta, dq, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *dq_pass[1],
+                                **dq_pass[2])  # fmt: skip
 
-    with device_guard(q.device):
-        _fit(("bwd", ar, q.dtype, bd, bdv, call.deterministic), cfg, launch)
+    with device_guard(dev):
+        used = _fit(("bwd", ar, q.dtype, bd, bdv, call.deterministic), cfg, launch)
         if dq_acc is not None:
             dq.copy_(dq_acc.mul_(call.softmax_scale))
+    if key is not None and not normalised and _plannable(call):
+        _, dkdv, dq_pass = args(used)
+        _keep_plan(key, (call, pre, dkdv, dq_pass))
     grads = {} if sink is None else {"learnable_sink": sink_grad(sink, lse, delta)}
     return dq, dk, dv, grads
 

@@ -15,7 +15,7 @@ from .. import _device
 from .._ints import cdiv, next_power_of_2
 from .decode import _append_kernel, _decode_kernel, _merge_kernel
 from .fastlaunch import fast
-from .launch import _sink_args, block_d, device_guard, score_scales, upcast
+from .launch import _PLANS, _keep_plan, _plannable, _sink_args, block_d, device_guard, score_scales, upcast
 
 _APPEND, _DECODE, _MERGE = fast(_append_kernel), fast(_decode_kernel), fast(_merge_kernel)
 
@@ -47,6 +47,7 @@ def choose_splits(programs: int, max_keys: int, block_n: int, slots: int, waves:
 
 
 _ERR: dict[tuple[int, int], torch.Tensor] = {}
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def error_flag(device: torch.device) -> torch.Tensor:
@@ -56,7 +57,10 @@ def error_flag(device: torch.device) -> torch.Tensor:
     captured belongs to that graph (zeroed on each replay) and is not kept."""
     if device.type != "cuda":
         return torch.zeros(1, dtype=torch.int32, device=device)
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    # the raw stream handle (an int, as Triton's launcher reads it): no Stream object per call
+    stream = _raw_stream(index) if _raw_stream is not None else torch.cuda.current_stream(index).cuda_stream
+    key = (index, stream)
     flag = _ERR.get(key)
     if flag is None:
         flag = torch.zeros(1, dtype=torch.int32, device=device)
@@ -157,6 +161,28 @@ def decode(
     :meth:`flashtile.spec.KVCache.rotary_along`).
     ``config``: (BLOCK_N, num_warps, num_stages).
     """
+    dev = q.device
+    key = None
+    if config is None and rotary is None:
+        key = ("decode", id(call), q.dtype, dev, q.shape, q.stride(), k_cache.shape, k_cache.stride(), v_cache.shape,
+               v_cache.stride(), None if table is None else (table.shape, table.stride()), leftpad is None, sn,
+               capacity, n_index, dense, num_splits, rotary_along)  # fmt: skip
+        plan = _PLANS.get(key)
+        if plan is not None and plan[0] is call:
+            _, out_shape, lse_shape, parts, dec, merge = plan
+            out = torch.empty(out_shape, dtype=q.dtype, device=dev)
+            lse_out = torch.empty(lse_shape, dtype=torch.float32, device=dev)
+            if parts is None:  # one piece: the kernel writes out / lse_out (as the views (1, ...) of them)
+                o, lse = out, lse_out
+            else:
+                o = torch.empty(parts[0], dtype=torch.float32, device=dev)
+                lse = torch.empty(parts[1], dtype=torch.float32, device=dev)
+            with device_guard(dev):
+                _DECODE[dec[0]](q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, None, None, *dec[1],
+                                **dec[2])  # fmt: skip
+                if merge is not None:
+                    _MERGE[merge[0]](o, lse, out, lse_out, *merge[1], **merge[2])
+            return out, lse_out
     B, Sq, H, D = q.shape
     Hk, Dv = k_cache.shape[2], v_cache.shape[-1]
     G = H // Hk
@@ -174,7 +200,7 @@ def decode(
     if num_splits > 0:
         splits = num_splits
     elif q.is_cuda:
-        info = _device.info(q.device)
+        info = _device.info(dev)
         sms, smem = info.sm_count, info.smem_per_sm
         per_sm = max(1, min(smem // (2 * block_n * bd * q.element_size() * max(num_stages, 1)), 64 // num_warps))
         gather = kv_mode == 2
@@ -183,29 +209,32 @@ def decode(
         splits = 1
     chunk = cdiv(cdiv(max_keys, splits), block_n) * block_n  # whole key blocks per piece
     splits = cdiv(max_keys, chunk)
-    out = torch.empty((B, Sq, H, Dv), dtype=q.dtype, device=q.device)
-    lse_out = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    out = torch.empty((B, Sq, H, Dv), dtype=q.dtype, device=dev)
+    lse_out = torch.empty((B, H, Sq), dtype=torch.float32, device=dev)
     if splits == 1:  # the kernel writes the result itself
         o, lse = out.unsqueeze(0), lse_out.unsqueeze(0)
     else:
-        o = torch.empty((splits, B, Sq, H, Dv), dtype=torch.float32, device=q.device)
-        lse = torch.empty((splits, B, H, Sq), dtype=torch.float32, device=q.device)
+        o = torch.empty((splits, B, Sq, H, Dv), dtype=torch.float32, device=dev)
+        lse = torch.empty((splits, B, H, Sq), dtype=torch.float32, device=dev)
     cos, sin, interleaved = rotary or (None, None, False)
     qk_scale, cap_out = score_scales(call)
     sink = _sink_args(call)  # in the kernel with one piece, else once in the merge
-    with device_guard(q.device):
-        _DECODE[(B * Hk, splits, row_blocks)](
-            q, k_cache, v_cache, table, seqlens, leftpad, call.alibi_slopes, o, lse, err, cos, sin,
-            q.stride(0), q.stride(1), q.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+    qs, ks, vs, os_, ls = q.stride(), k_cache.stride(), v_cache.stride(), o.stride(), lse.stride()
+    dec = (
+        (B * Hk, splits, row_blocks),
+        (
+            qs[0], qs[1], qs[2],
+            ks[0], ks[1], ks[2],
+            vs[0], vs[1], vs[2],
             table.stride(0) if table is not None else 0,
             cos.stride(0) if rotary else 0, cos.shape[0] if rotary else 0,
-            o.stride(0), o.stride(1), o.stride(2), o.stride(3),
-            lse.stride(0), lse.stride(1), lse.stride(2),
+            os_[0], os_[1], os_[2], os_[3],
+            ls[0], ls[1], ls[2],
             call.alibi_slopes.stride(0) if call.alibi_slopes is not None else 0,
             Sq, sn, capacity, n_index, page, chunk, Hk, G,
             qk_scale, cap_out, call.window_left, call.window_right,
+        ),
+        dict(
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_SOFTCAP=call.softcap > 0, HAS_ALIBI=call.alibi_slopes is not None,
             HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0,
@@ -213,16 +242,24 @@ def decode(
             UPCAST=upcast(q.dtype), KV_MODE=kv_mode,
             ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved, ROT_ALONG=rotary_along,
             **(sink if splits == 1 else {}), HEAD_DIM_V=Dv, BLOCK_DV=bdv, num_warps=num_warps, num_stages=num_stages,
-        )  # fmt: skip
-        if splits > 1:
-            _MERGE[(B * Sq * H,)](
-                o, lse, out, lse_out, splits,
-                o.stride(0), o.stride(1), o.stride(2), o.stride(3),
-                lse.stride(0), lse.stride(1), lse.stride(2),
-                out.stride(0), out.stride(1), out.stride(2),
-                lse_out.stride(0), lse_out.stride(1),
-                H, Sq, HEAD_DIM=Dv, BLOCK_S=max(2, next_power_of_2(splits)), BLOCK_D=bdv, **sink,
-            )  # fmt: skip
+        ),
+    )  # fmt: skip
+    merge = None
+    if splits > 1:
+        us, ls2 = out.stride(), lse_out.stride()
+        merge = (
+            (B * Sq * H,),
+            (splits, os_[0], os_[1], os_[2], os_[3], ls[0], ls[1], ls[2], us[0], us[1], us[2], ls2[0], ls2[1], H, Sq),
+            dict(HEAD_DIM=Dv, BLOCK_S=max(2, next_power_of_2(splits)), BLOCK_D=bdv, **sink),
+        )
+    with device_guard(dev):
+        _DECODE[dec[0]](q, k_cache, v_cache, table, seqlens, leftpad, call.alibi_slopes, o, lse, err, cos, sin,
+                        *dec[1], **dec[2])  # fmt: skip
+        if merge is not None:
+            _MERGE[merge[0]](o, lse, out, lse_out, *merge[1], **merge[2])
+    if key is not None and _plannable(call):
+        parts = None if splits == 1 else (tuple(o.shape), tuple(lse.shape))
+        _keep_plan(key, (call, tuple(out.shape), tuple(lse_out.shape), parts, dec, merge))
     return out, lse_out
 
 
@@ -240,17 +277,19 @@ def kvcache(q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tens
         table = None if cache.batch_idx is None else cache.batch_idx.view(b, 1)
     n_index, dense_cache = cache.k_cache.shape[0], not cache.paged
     err = error_flag(dev)
-    if cache.k_new is not None:
-        append_kv(cache.k_new, cache.v_new, cache.k_cache, cache.v_cache, table, seqlens, cache.leftpad,
+    k_new = cache.k_new
+    if k_new is not None:
+        append_kv(k_new, cache.v_new, cache.k_cache, cache.v_cache, table, seqlens, cache.leftpad,
                   capacity=cache.capacity, n_index=n_index, dense=dense_cache, err=err, rotary=cache.rotary)  # fmt: skip
+    along = cache.rotary_along(call)
     out, lse = decode(q if q.stride(-1) == 1 else q.contiguous(), cache.k_cache, cache.v_cache, table, seqlens,
-                      cache.leftpad, call, sn=cache.seqlen_new, capacity=cache.capacity, n_index=n_index,
-                      dense=dense_cache, err=err, num_splits=cache.num_splits, rotary=cache.rotary,
-                      rotary_along=cache.rotary_along(call))  # fmt: skip
+                      cache.leftpad, call, sn=0 if k_new is None else k_new.shape[1], capacity=cache.capacity,
+                      n_index=n_index, dense=dense_cache, err=err, num_splits=cache.num_splits, rotary=cache.rotary,
+                      rotary_along=along)  # fmt: skip
     if cache.has_index_tensors and not capturing(q):
         if int(err.item()):  # this call's, or stale bits of CUDA graph replays on this stream: check by name
             err.zero_()
-            check_cache_indices(cache, seqlens, sq=q.shape[1], along=cache.rotary_along(call), rotary=True)
+            check_cache_indices(cache, seqlens, sq=q.shape[1], along=along, rotary=True)
     return out, lse
 
 

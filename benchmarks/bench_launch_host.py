@@ -1,0 +1,125 @@
+"""Host cost of the Triton backend's launchers on any machine (issue 16), without a GPU.
+
+    PYTHONPATH=src python benchmarks/bench_launch_host.py [--profile NAME] [--n 2000]
+
+The launchers (``backends/triton/launch.py``, ``launch_decode.py``) run as they do on the GPU --
+geometry, configs, flags, scalars, allocations, the lean launch's signature key
+(``fastlaunch.FastKernel``) -- on small CPU tensors, with each kernel replaced by a fake
+``JITFunction`` of the real kernel's parameters whose compiled launcher does nothing, a fake
+Triton driver (device 0, a fixed stream) and the ``sm90`` config table. What is not measured:
+the CUDA allocator (``torch.empty`` on CUDA costs a few us more than on CPU), the real
+launcher's C code (argument packing, ``cuLaunchKernel``: a few us a kernel) and the device
+guard's CUDA query. Thread CPU time per call, the fastest of 7 loops; ``--profile NAME`` prints a
+cProfile of one row (``fwd``, ``bwd``, ``decode``, ``decode_split``, ``dense_decode``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+import types
+
+import torch
+
+
+def _thread_us(fn, n: int, reps: int = 7) -> float:
+    for _ in range(min(n, 200)):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.thread_time()
+        for _ in range(n):
+            fn()
+        ts.append((time.thread_time() - t0) / n)
+    return min(ts) * 1e6  # the least disturbed loop (a shared machine)
+
+
+class _Compiled:
+    function, packed_metadata = "fn", "meta"
+
+    def run(self, *args):  # the compiled kernel's launcher: nothing to launch here
+        pass
+
+
+def _fake(kernel):
+    """A stand-in with ``kernel``'s parameters, named as FastKernel expects (``JITFunction``)."""
+    cls = type("JITFunction", (), {"params": kernel.params})
+    fake = cls()
+    cls.__getitem__ = lambda self, grid: lambda *a, **kw: _Compiled()
+    return fake
+
+
+def install() -> None:
+    """Point the launchers at fake kernels, a fake driver and the sm90 table (for this process)."""
+    import triton
+
+    from flashtile.backends.triton import fastlaunch, launch, launch_decode
+
+    drv = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 0)
+    triton.runtime.driver = types.SimpleNamespace(active=drv)
+    fastlaunch.ENABLED = True
+    for mod, names in ((launch, ("_FWD", "_BWD_PRE", "_BWD_DKDV", "_BWD_DQ")),
+                       (launch_decode, ("_DECODE", "_MERGE", "_APPEND"))):  # fmt: skip
+        for n in names:
+            setattr(mod, n, fastlaunch.fast(_fake(getattr(mod, n).fn)))
+    launch.arch = lambda device: "sm90"
+
+
+def rows(dtype=torch.float16):
+    from flashtile.backends.triton import launch, launch_decode
+    from flashtile.spec import KVCache, make_call
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 128, 8, 64, dtype=dtype) for _ in range(3))
+    call = make_call(headdim=64, causal=True)
+    out, lse = launch.forward(q, k, v, call)
+    dout = torch.randn_like(out)
+    qd = torch.randn(1, 1, 32, 128, dtype=dtype)
+    kc, vc = (torch.randn(1, 1024, 8, 128, dtype=dtype) for _ in range(2))
+    cache = KVCache(k_cache=kc, v_cache=vc, k_new=None, v_new=None, seqlens=1024, batch_idx=None, leftpad=None,
+                    block_table=None, rotary=None, capacity=1024)  # fmt: skip
+    cache4 = KVCache(**{**cache.__dict__, "num_splits": 4})
+    return {
+        "fwd": ("triton launch.forward (b1 s128 h8 d64 causal)", lambda: launch.forward(q, k, v, call)),
+        "bwd": ("triton launch.backward (same)", lambda: launch.backward(dout, q, k, v, out, lse, call)),
+        "decode": ("launch_decode.kvcache (b1 q1 h32/8 d128, int length, 1 piece)",
+                   lambda: launch_decode.kvcache(qd, cache, call)),
+        "decode_split": ("same, num_splits=4 (decode + merge)", lambda: launch_decode.kvcache(qd, cache4, call)),
+        "dense_decode": ("launch_decode.dense (flash_attn_func q1 over 1k keys)",
+                         lambda: launch_decode.dense(qd, kc, vc, call)),
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--profile", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    install()
+    table = rows()
+    if args.profile:
+        _, fn = table[args.profile]
+        for _ in range(200):
+            fn()
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(args.n):
+            fn()
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+        return
+    print("host cost of the Triton launchers (thread CPU us per call; fake kernels, CPU tensors)")
+    for name, (label, fn) in table.items():
+        print(f"  {label:66s} {_thread_us(fn, args.n):7.1f}   [{name}]")
+    from flashtile.backends.triton import launch, launch_decode
+
+    kerns = [launch._FWD, launch._BWD_PRE, launch._BWD_DKDV, launch._BWD_DQ, launch_decode._DECODE,
+             launch_decode._MERGE]  # fmt: skip
+    assert all(k.generic_launches <= 4 for k in kerns), [(k.generic_launches, k.fast_launches) for k in kerns]
+
+
+if __name__ == "__main__":
+    main()
