@@ -112,7 +112,8 @@ def _calls(features: tuple[str, ...], d: int, dtype: torch.dtype, device: torch.
     from ..backends.hopper import SMALL_ROWS
 
     batch = SMALL_ROWS // (long * h) + 1
-    return [dense(short, hk), dense(short, h), dense(mid, hk), dense(long, hk, batch), dense(long, h, batch)]
+    return [dense(short, hk), dense(short, h), dense(mid, hk), dense(mid, h), dense(long, hk, batch),
+            dense(long, h, batch)]
 
 
 def run_warmup(args: argparse.Namespace) -> int:
