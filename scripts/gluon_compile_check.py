@@ -268,10 +268,10 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
                   IS_VARLEN=varlen, num_warps=cfg.num_warps, **BWD_OPTS[opt])  # fmt: skip
     if cfg.kernel in ("ws", "ws2"):
         consts.update(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows)
-        if cfg.kernel == "ws2":
-            consts.update(COMPUTE_REGS=cfg.compute_regs, num_warps=4)
-        else:
-            consts.update(DEFER_DK=bool(cfg.defer_dk))
+        split = cfg.kernel == "ws2"
+        consts.update(SPLIT=split, COMPUTE_REGS=cfg.compute_regs, DEFER_DK=bool(cfg.defer_dk) and not split)
+        if split:
+            consts.update(num_warps=4)
         name = name.replace("bwd ", f"bwd_{cfg.kernel} ", 1)
         res["name"] = name
     else:
@@ -281,7 +281,7 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
     for key in consts:
         sig[key] = "constexpr"
     try:
-        fn = {"ws": bwd.attn_bwd_ws, "ws2": bwd.attn_bwd_ws2}.get(cfg.kernel, bwd.attn_bwd)
+        fn = bwd.attn_bwd_ws if cfg.kernel in ("ws", "ws2") else bwd.attn_bwd
         k = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=consts["num_warps"]))  # fmt: skip
     except Exception as e:

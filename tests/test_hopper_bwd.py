@@ -209,7 +209,6 @@ def lb(monkeypatch):
     rec = {"main": _Recorder(fill_dq), "pre": _Recorder(), "dq": _Recorder()}
     monkeypatch.setattr(launch_bwd, "attn_bwd", rec["main"])
     monkeypatch.setattr(launch_bwd, "attn_bwd_ws", rec["main"])  # (the table picks per head dim)
-    monkeypatch.setattr(launch_bwd, "attn_bwd_ws2", rec["main"])
     monkeypatch.setattr(launch_bwd, "_bwd_preprocess", rec["pre"])
     monkeypatch.setattr(launch_bwd, "_bwd_dq_kernel", rec["dq"])
     monkeypatch.setattr(launch_bwd, "_descriptor", lambda t, rows, varlen: ("desc", tuple(t.shape), rows, varlen))

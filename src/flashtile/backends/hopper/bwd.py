@@ -78,6 +78,35 @@ def _red_v4(base, x, row0, col0, stride_s, BLOCK_R: gl.constexpr, BLOCK_C: gl.co
 
 
 @gluon.jit
+def _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
+           HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, BLOCK_M: gl.constexpr,
+           qry_layout: gl.constexpr):
+    """P = exp2(score - lse) of a ``[BLOCK_M, keys]`` tile from the raw ``S = Q K^T`` (the forward's
+    score: base 2, softcap, visibility masks when ``masked``; rows past the sequence or seeing no
+    key have ``lse2 = +inf``: P = 0). Returns ``(p, t)``: ``t = tanh`` of the softcap (for dS's
+    ``1 - t^2``), or ``p`` again without softcap (unused)."""
+    if HAS_SOFTCAP:
+        t = _tanh_fast(s * qk_scale)
+        s2 = t * cap_out
+    else:
+        s2 = s * qk_scale
+    if masked:
+        qrows = m0 + gl.arange(0, BLOCK_M, layout=qry_layout)
+        c2 = gl.expand_dims(keys, 0)
+        r2 = gl.expand_dims(qrows, 1)
+        vis = c2 < seqlen_k
+        if HAS_WR:
+            vis = vis & (c2 <= r2 + (off + window_right))
+        if HAS_WL:
+            vis = vis & (c2 >= r2 + (off - window_left))
+        s2 = gl.where(vis, s2, float("-inf"))
+    p = gl.exp2(s2 - gl.expand_dims(lse2, 1))
+    if HAS_SOFTCAP:
+        return p, t
+    return p, p
+
+
+@gluon.jit
 def _issue_q_do(q_desc, do_desc, q_bufs, do_bufs, q_bars, do_bars, i, b, hk, group, q_start, mb_lo, n_mb,
                 BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
     """Start the TMA loads of the Q and dO tiles of loop iteration ``i`` (query head
@@ -225,22 +254,8 @@ def attn_bwd(
         else:
             s = warpgroup_mma_wait(0, deps=(s,))
 
-        if HAS_SOFTCAP:
-            t = _tanh_fast(s * qk_scale)
-            s2 = t * cap_out
-        else:
-            s2 = s * qk_scale
-        masked = (blk < fu_lo) | (blk >= fu_hi)
-        if masked:
-            c2 = gl.expand_dims(keys, 0)
-            r2 = gl.expand_dims(qrows, 1)
-            vis = c2 < seqlen_k
-            if HAS_WR:
-                vis = vis & (c2 <= r2 + (off + window_right))
-            if HAS_WL:
-                vis = vis & (c2 >= r2 + (off - window_left))
-            s2 = gl.where(vis, s2, float("-inf"))
-        p = gl.exp2(s2 - gl.expand_dims(lse2, 1))
+        p, t = _bwd_p(s, lse2, keys, m0, (blk < fu_lo) | (blk >= fu_hi), seqlen_k, off, window_left, window_right,
+                      qk_scale, cap_out, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_M, qry_layout)
         p_smem.store(p.to(dtype))
         fence_async_shared()
         gl.thread_barrier()  # all of P is in shared memory before either warpgroup reads it
@@ -405,34 +420,55 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
                     DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb, total,
                     seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
                     qk_scale, cap_out, sm_scale, window_left, window_right,
-                    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
-                    HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr, DEFER_DK: gl.constexpr = False):
-    """The two compute warpgroups (the default partition, 8 warps): for each query block of the
-    ring, the five products and the softmax recomputation; dK and dV stay in registers (each
-    warpgroup owns ``BLOCK_N / 2`` keys), dQ goes to ``dq_smem`` for the worker. ``DEFER_DK``
-    (with atomic dQ): dQ is issued before dK and only dQ (and dV) are waited for before the dQ
-    tile is handed to the worker, so dK's wgmma runs under the hand-off."""
+                    WG: gl.constexpr, SPLIT: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr,
+                    HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
+                    DEFER_DK: gl.constexpr):
+    """Compute warps of the ws kernel: for each query block of the ring, the five products and
+    the softmax recomputation, dK and dV in registers, the dQ tile left in ``dq_smem`` for the
+    worker.
+
+    ``SPLIT=False`` (kernel ``ws``): one partition of 8 warps (two warpgroups) over the whole key
+    block; each warpgroup owns ``BLOCK_N / 2`` keys of dK / dV, dQ is split by columns (both read
+    all of dS: a barrier of the 8 warps before it). ``SPLIT=True`` (``ws2``): this partition is
+    warpgroup ``WG`` alone (4 warps) with keys ``n0 + WG * BLOCK_N / 2 ..``, its own P / dS tiles
+    and its own dQ partial (dS over its keys times its K rows, in 64-column chunks), so the two
+    warpgroups only meet at the ring and the worker's dQ hand-off, never at a barrier.
+    ``DEFER_DK`` (ws, atomic dQ): dQ is waited for before dK, so dK's wgmma runs under the
+    hand-off."""
     dtype: gl.constexpr = q_bufs.dtype
+    NW: gl.constexpr = 4 if SPLIT else 8
+    KEYS: gl.constexpr = BLOCK_N // 2 if SPLIT else BLOCK_N
     off = seqlen_k - seqlen_q
-    NW: gl.constexpr = 8
     SM: gl.constexpr = BLOCK_M // 16 if BLOCK_M // 16 < NW else NW
     SN: gl.constexpr = NW // SM
-    KM: gl.constexpr = BLOCK_N // 16 if BLOCK_N // 16 < NW else NW
+    KM: gl.constexpr = KEYS // 16 if KEYS // 16 < NW else NW
     KN: gl.constexpr = NW // KM
+    # dQ in column chunks with SPLIT (a whole 64 x 128 fp32 partial beside dK and dV spills)
+    DQ_CHUNK: gl.constexpr = BLOCK_D if not SPLIT or BLOCK_D <= 64 else 64
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[SM, SN],
-                                                       instr_shape=[16, BLOCK_N // SN, 16])
+                                                       instr_shape=[16, KEYS // SN, 16])
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[KM, KN],
                                                         instr_shape=[16, BLOCK_D // KN, 16])
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[SM, SN],
-                                                        instr_shape=[16, BLOCK_D // SN, 16])
+                                                        instr_shape=[16, DQ_CHUNK // SN, 16])
     EARLY_DP: gl.constexpr = not (HAS_SOFTCAP and BLOCK_D >= 128)
     qry_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    if SPLIT:
+        k_w = k_smem.slice(WG * KEYS, KEYS, dim=0)
+        v_w = v_smem.slice(WG * KEYS, KEYS, dim=0)
+    else:
+        k_w = k_smem
+        v_w = v_smem
+    p_w = p_smem.index(WG)
+    ds_w = ds_smem.index(WG)
+    dq_w = dq_smem.index(WG)
+    kw0 = n0 + WG * KEYS
 
-    keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
-    dk = gl.zeros([BLOCK_N, BLOCK_D], gl.float32, kv_layout)
-    dv = gl.zeros([BLOCK_N, BLOCK_D], gl.float32, kv_layout)
+    keys = kw0 + gl.arange(0, KEYS, layout=key_layout)
+    dk = gl.zeros([KEYS, BLOCK_D], gl.float32, kv_layout)
+    dv = gl.zeros([KEYS, BLOCK_D], gl.float32, kv_layout)
     lse2, delta = _lse_delta(LSE, DELTA, 0, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh,
                              BLOCK_M, qry_layout)
     mbarrier.wait(kv_bar, 0)
@@ -440,14 +476,13 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
         stage = i % NUM_STAGES
         g = i // n_mb
         blk = mb_lo + i - g * n_mb
-        m0 = blk * BLOCK_M
         q_buf = q_bufs.index(stage)
         do_buf = do_bufs.index(stage)
         mbarrier.wait(ld_full.index(stage), (i // NUM_STAGES) & 1)
-        s = warpgroup_mma(q_buf, k_smem.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+        s = warpgroup_mma(q_buf, k_w.permute((1, 0)), gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout),
                           use_acc=False, is_async=True)
         if EARLY_DP:
-            dp = warpgroup_mma(do_buf, v_smem.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+            dp = warpgroup_mma(do_buf, v_w.permute((1, 0)), gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout),
                                use_acc=False, is_async=True)
         # the next iteration's lse and delta, loaded under the wgmmas (the last iteration reloads its own)
         lse2_n, delta_n = _lse_delta(LSE, DELTA, gl.minimum(i + 1, total - 1), b, hk, group, q_start, mb_lo, n_mb,
@@ -456,68 +491,63 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
             s = warpgroup_mma_wait(1, deps=(s,))
         else:
             s = warpgroup_mma_wait(0, deps=(s,))
-        if HAS_SOFTCAP:
-            t = _tanh_fast(s * qk_scale)
-            s2 = t * cap_out
-        else:
-            s2 = s * qk_scale
-        masked = (blk < fu_lo) | (blk >= fu_hi)
-        if masked:
-            qrows = m0 + gl.arange(0, BLOCK_M, layout=qry_layout)
-            c2 = gl.expand_dims(keys, 0)
-            r2 = gl.expand_dims(qrows, 1)
-            vis = c2 < seqlen_k
-            if HAS_WR:
-                vis = vis & (c2 <= r2 + (off + window_right))
-            if HAS_WL:
-                vis = vis & (c2 >= r2 + (off - window_left))
-            s2 = gl.where(vis, s2, float("-inf"))
-        p = gl.exp2(s2 - gl.expand_dims(lse2, 1))
-        p_smem.store(p.to(dtype))
+        p, t = _bwd_p(s, lse2, keys, blk * BLOCK_M, (blk < fu_lo) | (blk >= fu_hi), seqlen_k, off, window_left,
+                      window_right, qk_scale, cap_out, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_M, qry_layout)
+        p_w.store(p.to(dtype))
         fence_async_shared()
-        gl.thread_barrier()  # all of P in shared memory before the wgmma reads it
-        dv = warpgroup_mma(p_smem.permute((1, 0)), do_buf, dv, is_async=True)
+        gl.thread_barrier()  # all of P in shared memory before the wgmma reads it (this partition's warps)
+        dv = warpgroup_mma(p_w.permute((1, 0)), do_buf, dv, is_async=True)
         if HAS_SOFTCAP:
             p = p * (1.0 - t * t)
         if EARLY_DP:
             dp = warpgroup_mma_wait(1, deps=(dp,))
         else:
-            dp = warpgroup_mma(do_buf, v_smem.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+            dp = warpgroup_mma(do_buf, v_w.permute((1, 0)), gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout),
                                use_acc=False, is_async=True)
             dp = warpgroup_mma_wait(0, deps=(dp,))
         ds = p * (dp - gl.expand_dims(delta, 1))
-        ds_smem.store(ds.to(dtype))
+        ds_w.store(ds.to(dtype))
         fence_async_shared()
-        gl.thread_barrier()  # dQ of either warpgroup reads the dS of both
-        if DEFER_DK and ATOMIC_DQ:
-            dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, BLOCK_D], gl.float32, dq_layout), use_acc=False,
-                               is_async=True)
-            dk = warpgroup_mma(ds_smem.permute((1, 0)), q_buf, dk, is_async=True)
-            mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tile
-            dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))  # dV and dQ retired, dK may still run
-            dq_smem.index(0).store(dq)
-            mbarrier.arrive(dq_full)
-            dk = warpgroup_mma_wait(0, deps=(dk,))
-            mbarrier.arrive(ld_empty.index(stage))
-        else:
-            dk = warpgroup_mma(ds_smem.permute((1, 0)), q_buf, dk, is_async=True)
-            if ATOMIC_DQ:
-                dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, BLOCK_D], gl.float32, dq_layout),
-                                   use_acc=False, is_async=True)
+        gl.thread_barrier()  # (ws) dQ of either warpgroup reads the dS of both
+        if ATOMIC_DQ and BLOCK_D == DQ_CHUNK:
+            if DEFER_DK:
+                dq = warpgroup_mma(ds_w, k_w, gl.zeros([BLOCK_M, BLOCK_D], gl.float32, dq_layout), use_acc=False,
+                                   is_async=True)
+                dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
+                mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tile
+                dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))  # dV and dQ retired, dK may still run
+                dq_w.store(dq)
+                mbarrier.arrive(dq_full)
+                dk = warpgroup_mma_wait(0, deps=(dk,))
+            else:
+                dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
+                dq = warpgroup_mma(ds_w, k_w, gl.zeros([BLOCK_M, BLOCK_D], gl.float32, dq_layout), use_acc=False,
+                                   is_async=True)
                 mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tile
                 dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
-                dq_smem.index(0).store(dq)
-                mbarrier.arrive(dq_full)  # (lowered after a barrier of the 8 warps: the whole tile is stored)
-            else:
-                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-            mbarrier.arrive(ld_empty.index(stage))  # Q and dO of this slot are no longer read
+                dq_w.store(dq)
+                mbarrier.arrive(dq_full)  # (lowered after a barrier of the partition: the whole tile is stored)
+        elif ATOMIC_DQ:
+            dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
+            mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tiles
+            for c in gl.static_range(BLOCK_D // DQ_CHUNK):
+                dq = warpgroup_mma(ds_w, k_w.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1),
+                                   gl.zeros([BLOCK_M, DQ_CHUNK], gl.float32, dq_layout), use_acc=False, is_async=True)
+                dq = warpgroup_mma_wait(0, deps=(dq,))
+                dq_w.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1).store(dq)
+            mbarrier.arrive(dq_full)  # one of the arrivals the worker waits for
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+        else:
+            dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+        mbarrier.arrive(ld_empty.index(stage))  # Q and dO of this slot are no longer read (by this partition)
         lse2 = lse2_n
         delta = delta_n
     kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
-    _store_rows(DV + kv_off, dv.to(dtype), k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM, BLOCK_N, BLOCK_D,
+    _store_rows(DV + kv_off, dv.to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM, KEYS, BLOCK_D,
                 kv_layout)
-    _store_rows(DK + kv_off, (dk * sm_scale).to(dtype), k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM,
-                BLOCK_N, BLOCK_D, kv_layout)
+    _store_rows(DK + kv_off, (dk * sm_scale).to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM,
+                KEYS, BLOCK_D, kv_layout)
 
 
 @gluon.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -528,12 +558,17 @@ def attn_bwd_ws(
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, WORKER_REGS: gl.constexpr, RED_ROWS: gl.constexpr,
-    num_warps: gl.constexpr, DEFER_DK: gl.constexpr = False,
+    num_warps: gl.constexpr, DEFER_DK: gl.constexpr = False, SPLIT: gl.constexpr = False,
+    COMPUTE_REGS: gl.constexpr = 240,
 ):
     """Warp-specialised backward, same arguments and semantics as :func:`attn_bwd` (grid
-    ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``), ``num_warps = 8``: the two compute
-    warpgroups; a worker warpgroup (4 more warps, ``WORKER_REGS`` registers, the compute ones get
-    the rest of the register file) issues the TMA loads and adds the dQ tiles into ``DQ``."""
+    ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``), and a worker warpgroup (4 more warps,
+    ``WORKER_REGS`` registers) that issues the TMA loads and adds the dQ tiles into ``DQ``.
+    ``SPLIT=False`` (``ws``): ``num_warps = 8``, the two compute warpgroups in the default
+    partition (they get the rest of the register file). ``SPLIT=True`` (``ws2``): ``num_warps =
+    4``, compute warpgroup 0 in the default partition and warpgroup 1 in a worker partition with
+    ``COMPUTE_REGS`` registers, each over half of the keys with its own dQ partial; the worker adds
+    the two partials (see :func:`_bwd_ws_compute`)."""
     pid_n, hk, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, False,
                                                                       IS_VARLEN)
     n0 = pid_n * BLOCK_N
@@ -541,30 +576,32 @@ def attn_bwd_ws(
         return
     dtype: gl.constexpr = q_desc.dtype
     off = seqlen_k - seqlen_q
+    NT: gl.constexpr = 2 if SPLIT else 1  # compute partitions: P / dS / dQ tiles, and arrivals per barrier
+    KEYS: gl.constexpr = BLOCK_N // NT
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
                                                      element_bitwidth=dtype.primitive_bitwidth, rank=2)
-    ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
-    # dQ tile: 16-byte groups of a row permuted by the row index (8 rows a period), so that both the
-    # wgmma-layout stores and the 4-column row reads of the worker are free of bank conflicts
+    ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, KEYS], dtype)
+    # dQ tile(s): 16-byte groups of a row permuted by the row index (8 rows a period), so that both
+    # the wgmma-layout stores and the 4-column row reads of the worker are free of bank conflicts
     dq_slayout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
     q_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
     do_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
-    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], ps_layout)
-    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], ps_layout)
-    dq_smem = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M if ATOMIC_DQ else 8, BLOCK_D], dq_slayout)
+    p_smem = gl.allocate_shared_memory(dtype, [NT, BLOCK_M, KEYS], ps_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [NT, BLOCK_M, KEYS], ps_layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [NT, BLOCK_M if ATOMIC_DQ else 8, BLOCK_D], dq_slayout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ld_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     ld_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     dq_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     dq_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
-    mbarrier.init(dq_full, count=1)
+    mbarrier.init(dq_full, count=NT)  # one arrival per compute partition
     mbarrier.init(dq_empty, count=1)
     for st in gl.static_range(NUM_STAGES):
         mbarrier.init(ld_full.index(st), count=1)
-        mbarrier.init(ld_empty.index(st), count=1)
+        mbarrier.init(ld_empty.index(st), count=NT)
 
     c_hi = gl.minimum(n0 + BLOCK_N, seqlen_k)
     mb_lo, fu_lo, fu_hi, mb_hi = _block_range(n0, c_hi, seqlen_q, -off, window_right, window_left,
@@ -573,211 +610,39 @@ def attn_bwd_ws(
         fu_hi = fu_lo  # ragged key block: every query block takes the masked path (see attn_bwd)
     n_mb = mb_hi - mb_lo
     total = n_mb * group
-    gl.warp_specialize([
-        (_bwd_ws_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
-                           kv_bar, ld_full, ld_empty, dq_full, dq_empty,
-                           DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb, total,
-                           seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
-                           qk_scale, cap_out, sm_scale, window_left, window_right,
-                           HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, ATOMIC_DQ,
-                           DEFER_DK)),
-        (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
-                          kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
-                          mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
-                          BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4)),
-    ], [4], [WORKER_REGS])
-
-
-# ---------------------------------------------------------------------------------------
-# two independent compute warpgroups (each its own partition and half of the key block)
-# ---------------------------------------------------------------------------------------
-
-
-@gluon.jit
-def _bwd_ws2_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
-                     kv_bar, ld_full, ld_empty, dq_full, dq_empty,
-                     DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb, total,
-                     seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
-                     qk_scale, cap_out, sm_scale, window_left, window_right,
-                     WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
-                     BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
-                     HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr):
-    """Compute warpgroup ``WG`` (4 warps, its own partition): keys ``n0 + WG * BLOCK_N / 2 ..`` of
-    the key block, with its own P / dS tiles and its own dQ partial (dS over its keys times its
-    K rows), so that the two warpgroups synchronise only through the ring and the worker's dQ
-    hand-off, never with each other: one warpgroup's softmax runs under the other's wgmmas."""
-    dtype: gl.constexpr = q_bufs.dtype
-    HN: gl.constexpr = BLOCK_N // 2
-    off = seqlen_k - seqlen_q
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HN, 16])
-    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BLOCK_D, 16])
-    DQ_CHUNK: gl.constexpr = BLOCK_D if BLOCK_D <= 64 else 64
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, DQ_CHUNK, 16])
-    EARLY_DP: gl.constexpr = not (HAS_SOFTCAP and BLOCK_D >= 128)
-    qry_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-    k_w = k_smem.slice(WG * HN, HN, dim=0)
-    v_w = v_smem.slice(WG * HN, HN, dim=0)
-    p_w = p_smem.index(WG)
-    ds_w = ds_smem.index(WG)
-    kw0 = n0 + WG * HN
-
-    keys = kw0 + gl.arange(0, HN, layout=key_layout)
-    dk = gl.zeros([HN, BLOCK_D], gl.float32, kv_layout)
-    dv = gl.zeros([HN, BLOCK_D], gl.float32, kv_layout)
-    lse2, delta = _lse_delta(LSE, DELTA, 0, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh,
-                             BLOCK_M, qry_layout)
-    mbarrier.wait(kv_bar, 0)
-    for i in range(total):
-        stage = i % NUM_STAGES
-        g = i // n_mb
-        blk = mb_lo + i - g * n_mb
-        m0 = blk * BLOCK_M
-        q_buf = q_bufs.index(stage)
-        do_buf = do_bufs.index(stage)
-        mbarrier.wait(ld_full.index(stage), (i // NUM_STAGES) & 1)
-        s = warpgroup_mma(q_buf, k_w.permute((1, 0)), gl.zeros([BLOCK_M, HN], gl.float32, s_layout),
-                          use_acc=False, is_async=True)
-        if EARLY_DP:
-            dp = warpgroup_mma(do_buf, v_w.permute((1, 0)), gl.zeros([BLOCK_M, HN], gl.float32, s_layout),
-                               use_acc=False, is_async=True)
-        lse2_n, delta_n = _lse_delta(LSE, DELTA, gl.minimum(i + 1, total - 1), b, hk, group, q_start, mb_lo, n_mb,
-                                     seqlen_q, stride_lb, stride_lh, BLOCK_M, qry_layout)
-        if EARLY_DP:
-            s = warpgroup_mma_wait(1, deps=(s,))
-        else:
-            s = warpgroup_mma_wait(0, deps=(s,))
-        if HAS_SOFTCAP:
-            t = _tanh_fast(s * qk_scale)
-            s2 = t * cap_out
-        else:
-            s2 = s * qk_scale
-        masked = (blk < fu_lo) | (blk >= fu_hi)
-        if masked:
-            qrows = m0 + gl.arange(0, BLOCK_M, layout=qry_layout)
-            c2 = gl.expand_dims(keys, 0)
-            r2 = gl.expand_dims(qrows, 1)
-            vis = c2 < seqlen_k
-            if HAS_WR:
-                vis = vis & (c2 <= r2 + (off + window_right))
-            if HAS_WL:
-                vis = vis & (c2 >= r2 + (off - window_left))
-            s2 = gl.where(vis, s2, float("-inf"))
-        p = gl.exp2(s2 - gl.expand_dims(lse2, 1))
-        p_w.store(p.to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()  # this warpgroup's 4 warps only
-        dv = warpgroup_mma(p_w.permute((1, 0)), do_buf, dv, is_async=True)
-        if HAS_SOFTCAP:
-            p = p * (1.0 - t * t)
-        if EARLY_DP:
-            dp = warpgroup_mma_wait(1, deps=(dp,))
-        else:
-            dp = warpgroup_mma(do_buf, v_w.permute((1, 0)), gl.zeros([BLOCK_M, HN], gl.float32, s_layout),
-                               use_acc=False, is_async=True)
-            dp = warpgroup_mma_wait(0, deps=(dp,))
-        ds = p * (dp - gl.expand_dims(delta, 1))
-        ds_w.store(ds.to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
-        if ATOMIC_DQ:
-            # this warpgroup's share of dQ: dS over its keys times its K rows, in column chunks of
-            # DQ_CHUNK (a whole 64 x 128 fp32 partial beside dK and dV spills)
-            dq_w = dq_smem.index(WG)
-            mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tiles
-            for c in gl.static_range(BLOCK_D // DQ_CHUNK):
-                dq = warpgroup_mma(ds_w, k_w.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1),
-                                   gl.zeros([BLOCK_M, DQ_CHUNK], gl.float32, dq_layout), use_acc=False, is_async=True)
-                dq = warpgroup_mma_wait(0, deps=(dq,))
-                dq_w.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1).store(dq)
-            mbarrier.arrive(dq_full)  # one of the two arrivals the worker waits for
-            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-        else:
-            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-        mbarrier.arrive(ld_empty.index(stage))  # one of the two releases of this ring slot
-        lse2 = lse2_n
-        delta = delta_n
-    kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
-    _store_rows(DV + kv_off, dv.to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM, HN, BLOCK_D,
-                kv_layout)
-    _store_rows(DK + kv_off, (dk * sm_scale).to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM,
-                HN, BLOCK_D, kv_layout)
-
-
-@gluon.jit(do_not_specialize=_NO_SPECIALIZE)
-def attn_bwd_ws2(
-    q_desc, k_desc, v_desc, do_desc, DQ, DK, DV, LSE, DELTA, CU_Q, CU_K,
-    stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group, qk_scale, cap_out, sm_scale, window_left, window_right,
-    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-    IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, WORKER_REGS: gl.constexpr, RED_ROWS: gl.constexpr,
-    COMPUTE_REGS: gl.constexpr, num_warps: gl.constexpr,
-):
-    """Same arguments and semantics as :func:`attn_bwd_ws`, ``num_warps = 4``: compute warpgroup 0
-    (the default partition), compute warpgroup 1 (a worker partition with ``COMPUTE_REGS``
-    registers) and the load / dQ worker (4 warps, ``WORKER_REGS``). Each compute warpgroup owns
-    half of the ``BLOCK_N`` keys and leaves its own dQ partial in shared memory; the worker adds
-    the two and reduces the sum into ``DQ``."""
-    pid_n, hk, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, False,
-                                                                      IS_VARLEN)
-    n0 = pid_n * BLOCK_N
-    if n0 >= seqlen_k:
-        return
-    dtype: gl.constexpr = q_desc.dtype
-    off = seqlen_k - seqlen_q
-    HN: gl.constexpr = BLOCK_N // 2
-    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
-                                                     element_bitwidth=dtype.primitive_bitwidth, rank=2)
-    ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HN], dtype)
-    dq_slayout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
-    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
-    q_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
-    do_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
-    p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HN], ps_layout)
-    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HN], ps_layout)
-    dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M if ATOMIC_DQ else 8, BLOCK_D], dq_slayout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ld_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    ld_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    dq_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    dq_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    mbarrier.init(dq_full, count=2)  # both compute warpgroups
-    mbarrier.init(dq_empty, count=1)
-    for st in gl.static_range(NUM_STAGES):
-        mbarrier.init(ld_full.index(st), count=1)
-        mbarrier.init(ld_empty.index(st), count=2)  # both compute warpgroups
-
-    c_hi = gl.minimum(n0 + BLOCK_N, seqlen_k)
-    mb_lo, fu_lo, fu_hi, mb_hi = _block_range(n0, c_hi, seqlen_q, -off, window_right, window_left,
-                                              HAS_WR, HAS_WL, BLOCK_M)
-    if n0 + BLOCK_N > seqlen_k:
-        fu_hi = fu_lo  # ragged key block: every query block takes the masked path (see attn_bwd)
-    n_mb = mb_hi - mb_lo
-    total = n_mb * group
-    gl.warp_specialize([
-        (_bwd_ws2_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
-                            kv_bar, ld_full, ld_empty, dq_full, dq_empty,
-                            DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb, total,
-                            seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
-                            qk_scale, cap_out, sm_scale, window_left, window_right,
-                            0, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                            ATOMIC_DQ)),
-        (_bwd_ws2_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
-                            kv_bar, ld_full, ld_empty, dq_full, dq_empty,
-                            DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb, total,
-                            seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
-                            qk_scale, cap_out, sm_scale, window_left, window_right,
-                            1, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                            ATOMIC_DQ)),
-        (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
-                          kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
-                          mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
-                          BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 2)),
-    ], [4, 4], [COMPUTE_REGS, WORKER_REGS])
+    # (tuples spelled out in the call, one list per partition count: see fwd.attn_fwd_ws)
+    if SPLIT:
+        gl.warp_specialize([
+            (_bwd_ws_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
+                               kv_bar, ld_full, ld_empty, dq_full, dq_empty,
+                               DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb,
+                               total, seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
+                               qk_scale, cap_out, sm_scale, window_left, window_right,
+                               0, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
+                               ATOMIC_DQ, False)),
+            (_bwd_ws_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
+                               kv_bar, ld_full, ld_empty, dq_full, dq_empty,
+                               DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb,
+                               total, seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
+                               qk_scale, cap_out, sm_scale, window_left, window_right,
+                               1, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
+                               ATOMIC_DQ, False)),
+            (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
+                              kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
+                              mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
+                              BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 2)),
+        ], [4, 4], [COMPUTE_REGS, WORKER_REGS])
+    else:
+        gl.warp_specialize([
+            (_bwd_ws_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
+                               kv_bar, ld_full, ld_empty, dq_full, dq_empty,
+                               DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb,
+                               total, seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
+                               qk_scale, cap_out, sm_scale, window_left, window_right,
+                               0, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
+                               ATOMIC_DQ, DEFER_DK)),
+            (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
+                              kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
+                              mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
+                              BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 1)),
+        ], [4], [WORKER_REGS])

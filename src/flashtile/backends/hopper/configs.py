@@ -203,7 +203,7 @@ class HopperBwdConfig:
     #: "plain": :func:`.bwd.attn_bwd`, one 8-warp partition doing everything; "ws":
     #: :func:`.bwd.attn_bwd_ws`, the 8 compute warps plus a worker warpgroup (TMA loads, and the
     #: dQ reductions from a shared-memory tile, off the compute warps' path); "ws2":
-    #: :func:`.bwd.attn_bwd_ws2`, the two compute warpgroups in partitions of their own (half of
+    #: :func:`.bwd.attn_bwd_ws` with ``SPLIT``, the two compute warpgroups in partitions of their own (half of
     #: the keys and a dQ partial each; they never wait for each other) plus the worker
     kernel: str = "plain"
     #: ws / ws2: registers of the worker warpgroup (ws: the compute warps get the rest, 256 - worker / 2)

@@ -38,7 +38,7 @@ from .configs import HopperBwdConfig
 from .launch import _check_launch, _descriptor, tma_compatible
 
 # the Gluon kernels on the lean launch path too
-attn_bwd, attn_bwd_ws, attn_bwd_ws2 = fast(bwd.attn_bwd), fast(bwd.attn_bwd_ws), fast(bwd.attn_bwd_ws2)
+attn_bwd, attn_bwd_ws = fast(bwd.attn_bwd), fast(bwd.attn_bwd_ws)
 
 
 def backward(
@@ -90,12 +90,11 @@ def backward(
         k_desc = _descriptor(k, cfg.block_n, varlen)
         v_desc = _descriptor(v, cfg.block_n, varlen)
         warps = cfg.num_warps
-        if cfg.kernel == "ws":
-            kernel, extra = attn_bwd_ws, dict(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows,
-                                              DEFER_DK=bool(cfg.defer_dk))
-        elif cfg.kernel == "ws2":  # the default partition is one compute warpgroup
-            kernel, warps = attn_bwd_ws2, 4
-            extra = dict(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows, COMPUTE_REGS=cfg.compute_regs)
+        if cfg.kernel in ("ws", "ws2"):  # ws2: the default partition is one compute warpgroup
+            split = cfg.kernel == "ws2"
+            kernel, warps = attn_bwd_ws, (4 if split else warps)
+            extra = dict(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows, DEFER_DK=bool(cfg.defer_dk) and not split,
+                         SPLIT=split, COMPUTE_REGS=cfg.compute_regs)  # fmt: skip
         else:
             kernel, extra = attn_bwd, dict(DQ_CHUNK=cfg.chunk(D), RED_VEC=cfg.red_vec)
         kernel[(cdiv(rows_k, cfg.block_n), Hk, nb)](
