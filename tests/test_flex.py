@@ -447,11 +447,14 @@ def test_hidden_captured_tensor_is_refused():
 
 
 def test_torch_compile_graph_breaks_around_mod_calls():
+    """Mod calls the traced path does not take (here: dropout) run eagerly as a graph break: a
+    plain compile matches eager, ``fullgraph=True`` refuses."""
     table = torch.randn(2, 9, requires_grad=True)
     q, k, v = (torch.randn(1, 12, 2, 8) for _ in range(3))
 
     def f(q, k, v):
-        return flash_attn_func(q * 2, k, v, score_mod=masks.relative_bias(table)).sum()
+        torch.manual_seed(0)
+        return flash_attn_func(q * 2, k, v, score_mod=masks.relative_bias(table), dropout_p=0.2).sum()
 
     eager = f(q, k, v)
     compiled = torch.compile(f, backend="eager")(q, k, v)
@@ -460,10 +463,48 @@ def test_torch_compile_graph_breaks_around_mod_calls():
     assert table.grad is not None and table.grad.abs().max() > 0
 
     def g(q, k, v):  # a fresh code object: the cache of f's non-fullgraph compile would serve it
-        return flash_attn_func(q, k, v, score_mod=masks.relative_bias(table)).sum()
+        return flash_attn_func(q, k, v, score_mod=masks.relative_bias(table), dropout_p=0.2).sum()
 
     with pytest.raises(Exception, match="score_mod / block_mask run eagerly"):
         torch.compile(g, backend="eager", fullgraph=True)(q, k, v)
+
+
+@pytest.mark.parametrize("kind", ["flash_attn_func", "flex_attention"])
+def test_torch_compile_fullgraph_traces_dense_mod_calls(kind):
+    """Dense mod calls are traced under ``torch.compile(fullgraph=True)``: outputs and gradients
+    (q, k, v and the score_mod's captured tensors) match eager, with causal + a bias table through
+    flash_attn_func and a document block mask + ALiBi slopes (GQA) through flex_attention."""
+    torch.manual_seed(0)
+    if kind == "flash_attn_func":
+        table = torch.randn(2, 41, requires_grad=True)
+        q = torch.randn(2, 21, 2, 8, requires_grad=True)  # 21 queries, 17 keys, causal: 4 rows see no key
+        k, v = (torch.randn(2, 17, 2, 8, requires_grad=True) for _ in range(2))
+        captured = table
+
+        def f(q, k, v):
+            return flash_attn_func(q, k, v, score_mod=masks.relative_bias(table), causal=True, softcap=3.0)
+    else:
+        ids = torch.cat([torch.zeros(30, dtype=torch.long), torch.ones(40, dtype=torch.long)])
+        bm = create_block_mask(masks.document(ids), None, None, 70, 70, device="cpu", BLOCK_SIZE=16)
+        slopes = torch.rand(4, requires_grad=True)
+        q = torch.randn(2, 4, 70, 16, requires_grad=True)
+        k, v = (torch.randn(2, 2, 70, 16, requires_grad=True) for _ in range(2))
+        captured = slopes
+
+        def f(q, k, v):
+            return flex_attention(q, k, v, score_mod=masks.alibi(slopes), block_mask=bm, enable_gqa=True)
+
+    dout = torch.randn_like(f(q, k, v))
+    eager = f(q, k, v)
+    ge = torch.autograd.grad(eager, (q, k, v, captured), dout)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    gc = torch.autograd.grad(compiled, (q, k, v, captured), dout)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    if kind == "flash_attn_func":
+        assert torch.all(compiled[:, :4] == 0) and torch.all(gc[0][:, :4] == 0)  # rows that see no key
+    for a, b in zip(gc, ge, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert ge[3].abs().max() > 0
 
 
 def test_draw_writes_png(tmp_path):

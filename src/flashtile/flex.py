@@ -32,8 +32,10 @@ Backends: the torch engine serves every mod call (forward and backward); on CUDA
 ``flex_triton`` backend serves calls whose mods all come from :mod:`flashtile.masks` (Triton
 versions, and for score mods their derivatives, written beside them).
 
-``torch.compile``: a call with a ``score_mod`` or ``block_mask`` runs eagerly, as a graph break
-(``torch.compiler.disable``); ``fullgraph=True`` is therefore not supported for such calls.
+``torch.compile``: a dense call with a ``score_mod`` or ``block_mask`` (no varlen, dropout, ALiBi,
+sink or FP8) is traced as plain torch ops on the materialised scores (:func:`dense_mod_attention`:
+``fullgraph=True`` works, gradients reach the captured tensors; O(Sq * Sk) memory per head); the
+other mod calls run eagerly, as a graph break (``torch.compiler.disable``).
 """
 
 from __future__ import annotations
@@ -510,13 +512,94 @@ class _ModAttention(torch.autograd.Function):
         return (dq, dk, dv, None, None, None, *extra)
 
 
-@torch.compiler.disable(reason="flashtile: calls with score_mod / block_mask run eagerly (Python callables)")
+def traceable(q: torch.Tensor, v: torch.Tensor, call: Any) -> bool:
+    """Whether a mod call can run as traced torch ops under ``torch.compile`` (:func:`dense_mod_attention`):
+    dense (no varlen), no dropout, ALiBi, sink or FP8, v with q's head dim."""
+    return (not call.varlen and call.dropout_p == 0.0 and call.alibi_slopes is None
+            and call.learnable_sink is None and q.dtype.itemsize > 1 and v.shape[-1] == q.shape[-1])  # fmt: skip
+
+
+def dense_mod_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of a mod call (internal layout ``(B, S, H, D)``) as plain torch ops on the
+    materialised ``(B, H, Sq, Sk)`` float32 scores: what ``torch.compile`` traces for such calls
+    (``fullgraph=True`` included), autograd reaching q, k, v and the score_mod's captured tensors
+    through the traced ops. Same semantics as the engine: score (softcap first), score_mod, the
+    causal / window mask (bottom-right), the block mask (skipped blocks hidden, full visible,
+    partial through its mask_mod); rows that see no key get out 0 and lse ``-inf``. Memory is
+    O(Sq * Sk) per (batch, head): the price of tracing the mods instead of running the tiled
+    kernels (those run in eager mode)."""
+    B, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    G = H // Hk
+    dev = q.device
+    qf = q.float().transpose(1, 2)
+    kf = k.float().transpose(1, 2)
+    vf = v.float().transpose(1, 2)
+    if G > 1:
+        kf, vf = kf.repeat_interleave(G, dim=1), vf.repeat_interleave(G, dim=1)
+    u = torch.matmul(qf, kf.transpose(-1, -2))
+    if call.softcap > 0:
+        s = torch.tanh(u * (call.softmax_scale / call.softcap)) * call.softcap
+    else:
+        s = u * call.softmax_scale
+    b = torch.arange(B, device=dev, dtype=torch.int32).view(B, 1, 1, 1)
+    h = torch.arange(H, device=dev, dtype=torch.int32).view(1, H, 1, 1)
+    qi = torch.arange(Sq, device=dev, dtype=torch.int32).view(1, 1, Sq, 1)
+    ki = torch.arange(Sk, device=dev, dtype=torch.int32).view(1, 1, 1, Sk)
+    if call.score_mod is not None:
+        s = torch.as_tensor(call.score_mod(s, b, h, qi, ki), device=dev).to(torch.float32).expand(s.shape)
+    vis = torch.ones((1, 1, Sq, Sk), dtype=torch.bool, device=dev)
+    off = Sk - Sq
+    if call.window_right >= 0:
+        vis = vis & (ki <= qi + (off + call.window_right))
+    if call.window_left >= 0:
+        vis = vis & (ki >= qi + (off - call.window_left))
+    bm = call.block_mask
+    if bm is not None:
+        st = bm.block_states() if hasattr(bm, "block_states") else None
+        if st is None:
+            from .backends.torch_tiled import _torch_block_states
+
+            st = _torch_block_states(bm)
+        st = st.to(dev)
+        bq, bk = bm.BLOCK_SIZE
+        bi = b.long() if st.shape[0] > 1 else torch.zeros_like(b, dtype=torch.long)
+        hi = h.long() if st.shape[1] > 1 else torch.zeros_like(h, dtype=torch.long)
+        tile = st[bi, hi, qi.long() // bq, ki.long() // bk]
+        keep = tile == 2
+        if bm.mask_mod is not None:
+            keep = keep | ((tile == 1) & torch.as_tensor(bm.mask_mod(b, h, qi, ki), device=dev))
+        else:
+            keep = keep | (tile == 1)
+        vis = vis & keep
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    dead = lse == float("-inf")
+    p = torch.exp(s - torch.where(dead, 0.0, lse).unsqueeze(-1))  # dead rows: exp(-inf) = 0
+    out = torch.matmul(p, vf).transpose(1, 2).to(q.dtype)
+    return out, lse
+
+
 def mod_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Any, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable ``(out, lse)`` of a call with a ``score_mod`` / ``block_mask`` (internal
-    layout): an autograd function whose inputs are q, k, v, the call's differentiable fields and
-    the tensors the score_mod captures (:func:`captured_tensors`), which thus get gradients."""
+    layout). Eager: an autograd function on the chosen backend whose inputs are q, k, v, the
+    call's differentiable fields and the tensors the score_mod captures
+    (:func:`captured_tensors`), which thus get gradients. Under ``torch.compile``:
+    :func:`dense_mod_attention`, traced (``fullgraph=True`` works), for the calls
+    :func:`traceable` accepts; the others run eagerly as a graph break."""
+    if torch.compiler.is_compiling() and traceable(q, v, call):
+        return dense_mod_attention(q, k, v, call)
+    return _mod_attention_eager(q, k, v, call, backend)
+
+
+@torch.compiler.disable(reason="flashtile: calls with score_mod / block_mask run eagerly (Python callables)")
+def _mod_attention_eager(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Any, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     fields = [getattr(call, n) for n in _grad_fields(call)]
     captured = () if call.score_mod is None else captured_tensors(call.score_mod)
     if call.score_mod is not None:
