@@ -36,6 +36,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..triton.common import _block_ptrs as _tile_ptrs
+from ..triton.common import _load_block as _load_tile
 from ..triton.common import _mm, _mma
 
 # fmt: off
@@ -210,37 +212,6 @@ def relative_bias_grad_end(g0, g1, b, h, A0, A1, A2, G0):
 
 # ----------------------------------------------------------------------------------------------
 # shared pieces
-
-
-@triton.jit
-def _tile_ptrs(base, start, offs, offs_d, stride, TRANS: tl.constexpr):
-    """Pointers to rows start + offs of a (rows, head dim) tensor at base; TRANS: (head dim, rows)."""
-    b = base + tl.cast(start, tl.int64) * stride
-    if TRANS:
-        return b + offs[None, :] * stride + offs_d[:, None]
-    else:
-        return b + offs[:, None] * stride + offs_d[None, :]
-
-
-@triton.jit
-def _load_tile(ptrs, idx, n, offs_d, HEAD_DIM: tl.constexpr, BOUNDS: tl.constexpr, PAD_D: tl.constexpr,
-               TRANS: tl.constexpr):
-    """Load a _tile_ptrs tile (rows idx): BOUNDS: rows >= n read 0; padded head-dim columns read 0."""
-    if TRANS:
-        if BOUNDS:
-            x = tl.load(ptrs, mask=(idx[None, :] < n) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        elif PAD_D:
-            x = tl.load(ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        else:
-            x = tl.load(ptrs)
-    else:
-        if BOUNDS:
-            x = tl.load(ptrs, mask=(idx[:, None] < n) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        elif PAD_D:
-            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            x = tl.load(ptrs)
-    return x
 
 
 @triton.jit
