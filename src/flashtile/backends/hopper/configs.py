@@ -295,8 +295,9 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
     if cfg.kernel in ("ws", "ws2"):
         if cfg.worker_regs % 8 or not 24 <= cfg.worker_regs <= 256:
             return f"worker_regs must be a multiple of 8 in [24, 256], got {cfg.worker_regs}"
-        if cfg.red_rows not in (4, 8, 16, 32) or cfg.block_m % cfg.red_rows:
-            return f"red_rows must be 4, 8, 16 or 32 and divide block_m, got {cfg.red_rows}"
+        if cfg.red_rows not in (8, 16, 32) or cfg.block_m % cfg.red_rows:
+            # (8: the dQ tile's swizzle period; a slice across it does not lower)
+            return f"red_rows must be 8, 16 or 32 and divide block_m, got {cfg.red_rows}"
         if cfg.dq_chunk or cfg.red_vec != 1:
             return "the ws kernel computes dQ whole and reduces it from shared memory: no dq_chunk / red_vec"
     if cfg.block_n not in (64, 128):
