@@ -16,9 +16,7 @@ import argparse
 import concurrent.futures as cf
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +50,7 @@ def compile_one(kind: str, v: tuple, cfg: tuple | None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton_compile_check import _bin, _inner_loops
+    from triton_compile_check import _inner_loops, ptxas_and_sass, regs_and_spills
 
     from flashtile.backends.flex_triton import kernels as K
     from flashtile.backends.flex_triton import launch as L
@@ -110,18 +108,9 @@ def compile_one(kind: str, v: tuple, cfg: tuple | None) -> dict:
     res["smem"] = k.metadata.shared
     ttgir = k.asm["ttgir"]
     res["async"] = len(re.findall(r"async_copy_global_to_local", ttgir))
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        Path(ptx).write_text(k.asm["ptx"])
-        out = subprocess.run([_bin("ptxas"), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True).stderr  # fmt: skip
-        cub = os.path.join(tmp, "k.cubin")
-        Path(cub).write_bytes(k.asm["cubin"])
-        sass = subprocess.run([_bin("cuobjdump"), "-sass", cub], capture_output=True, text=True).stdout
-    m = re.search(r"Used (\d+) registers", out)
-    res["regs"] = int(m.group(1)) if m else -1
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
-    res["spill"] = f"{m.group(1)}/{m.group(2)}" if m else "?"
+    out, sass = ptxas_and_sass(k)
+    res["regs"], (st, ld) = regs_and_spills(out)
+    res["spill"] = f"{st}/{ld}" if st >= 0 else "?"
     res["loops"] = " | ".join(_inner_loops(sass))
     if os.environ.get("DUMP"):
         stem = re.sub(r"[^\w.=+-]+", "_", label)

@@ -18,9 +18,7 @@ import concurrent.futures as cf
 import importlib.util
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,12 +53,6 @@ def _load_bwd():
     import importlib
 
     return importlib.import_module("hopper_pkg.bwd")
-
-
-def _bin(tool: str) -> str:
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
 def _desc_sig(dtype: str, rows: int, d: int, varlen: bool, block: list[int] | None = None) -> str:
@@ -201,20 +193,11 @@ def compile_one(kernel: str, dtype: str, d: int, mask: str, varlen: bool, overri
 
 def _analyse(k, res: dict, name: str, dump: str | None) -> dict:
     """ptxas -v registers / spills and SASS counts of a compiled kernel into ``res``."""
+    from triton_compile_check import ptxas_and_sass, regs_and_spills
+
     res["smem"] = k.metadata.shared
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        Path(ptx).write_text(k.asm["ptx"])
-        arch = re.search(r"\.target\s+(sm_\w+)", k.asm["ptx"]).group(1)
-        out = subprocess.run([_bin("ptxas"), f"-arch={arch}", "-v", ptx, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True).stderr  # fmt: skip
-        cub = os.path.join(tmp, "k.cubin")
-        Path(cub).write_bytes(k.asm["cubin"])
-        sass = subprocess.run([_bin("cuobjdump"), "-sass", cub], capture_output=True, text=True).stdout
-    m = re.search(r"Used (\d+) registers", out)
-    res["regs"] = int(m.group(1)) if m else -1
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
-    res["spill"] = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+    out, sass = ptxas_and_sass(k, re.search(r"\.target\s+(sm_\w+)", k.asm["ptx"]).group(1))
+    res["regs"], res["spill"] = regs_and_spills(out)
     res["ptxas_notes"] = [ln.strip() for ln in out.splitlines() if "wgmma" in ln.lower() or "warning" in ln.lower()]
     res["hgmma"] = sorted(set(re.findall(r"[HQ]GMMA\.(\d+x\d+x\d+(?:\.\w+)*)", sass)))
     res["n_hgmma"] = len(re.findall(r"\b[HQ]GMMA\.", sass))  # QGMMA: the fp8 wgmma

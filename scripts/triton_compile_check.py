@@ -38,6 +38,28 @@ def _bin(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
+def ptxas_and_sass(k, arch: str = "sm_90a") -> tuple[str, str]:
+    """``ptxas -v``'s report and ``cuobjdump -sass``'s listing of a compiled kernel ``k`` (shared by
+    the compile-check scripts)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        Path(ptx).write_text(k.asm["ptx"])
+        out = subprocess.run([_bin("ptxas"), f"-arch={arch}", "-v", ptx, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True).stderr  # fmt: skip
+        cub = os.path.join(tmp, "k.cubin")
+        Path(cub).write_bytes(k.asm["cubin"])
+        sass = subprocess.run([_bin("cuobjdump"), "-sass", cub], capture_output=True, text=True).stdout
+    return out, sass
+
+
+def regs_and_spills(ptxas_out: str) -> tuple[int, tuple[int, int]]:
+    """(registers, (spill store bytes, spill load bytes)) from a ``ptxas -v`` report (-1 when absent)."""
+    m = re.search(r"Used (\d+) registers", ptxas_out)
+    regs = int(m.group(1)) if m else -1
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_out)
+    return regs, ((int(m.group(1)), int(m.group(2))) if m else (-1, -1))
+
+
 def _inner_loops(sass: str) -> list[str]:
     """Per innermost loop of the SASS (a backward branch whose range holds no other one): its
     instruction, HGMMA, MUFU and local-memory (spill) counts: the hot-loop cost of a variant."""
@@ -103,18 +125,8 @@ def compile_one(kind: str, d: int, mask: str, softcap: bool, cfg: tuple, dtype: 
         res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         return res
     res["smem"] = k.metadata.shared
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        Path(ptx).write_text(k.asm["ptx"])
-        out = subprocess.run([_bin("ptxas"), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True).stderr  # fmt: skip
-        cub = os.path.join(tmp, "k.cubin")
-        Path(cub).write_bytes(k.asm["cubin"])
-        sass = subprocess.run([_bin("cuobjdump"), "-sass", cub], capture_output=True, text=True).stdout
-    m = re.search(r"Used (\d+) registers", out)
-    res["regs"] = int(m.group(1)) if m else -1
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
-    res["spill"] = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+    out, sass = ptxas_and_sass(k)
+    res["regs"], res["spill"] = regs_and_spills(out)
     res["warn"] = sorted({w.split(":")[-1].strip()[:90] for w in re.findall(r"warning.*", out)})
     res["local"] = len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\b", sass))
     res["hgmma"] = len(re.findall(r"\bHGMMA\.", sass))
