@@ -22,7 +22,7 @@ The kernels follow the built-in Triton kernels' structure (``backends/triton/fwd
   writes the TTGIR). Empty blocks are never visited. Without a block mask: every key block,
   unmasked, and a bounds-checked ragged end. Online softmax in base 2 (``exp2(s * c - m)``, one
   FMA).
-* backward: ``delta = rowsum(dO * O)`` (:func:`flex_bwd_preprocess`); a dK/dV pass, one program
+* backward: ``delta = rowsum(dO * O)`` (the Triton backend's ``_bwd_preprocess``); a dK/dV pass, one program
   per (batch x kv head, key block) over the query heads of its group and the block mask's
   transposed (per key block) lists; a dQ pass, one program per (batch x head, query block) over
   the same lists as the forward. No atomics for dQ / dK / dV (bitwise reproducible). The
@@ -393,23 +393,6 @@ def flex_fwd(
 
 # ----------------------------------------------------------------------------------------------
 # backward
-
-
-@triton.jit
-def flex_bwd_preprocess(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
-                        seqlen, nheads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Grid (batch x heads, row blocks): DELTA (B, H, seqlen) = rowsum(dO * O) in fp32."""
-    bh = tl.program_id(0)
-    b = (bh // nheads).to(tl.int64)
-    h = (bh % nheads).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :], mask=mask,
-                 other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * seqlen + rows, delta, mask=rows < seqlen)
 
 
 @triton.jit

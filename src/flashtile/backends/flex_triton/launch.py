@@ -10,22 +10,21 @@ measure others on a GPU); on ``OutOfResources`` the launch steps down through
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import fields, replace
 
 import torch
 
 from ...spec import AttnCall
-from .. import _device
+from .._ints import cdiv as _cdiv
 from ..triton import configs
+from ..triton.bwd import _bwd_preprocess
 from ..triton.configs import BwdConfig, FwdConfig
+from ..triton.launch import _fit as _triton_fit
+from ..triton.launch import arch as _arch
+from ..triton.launch import block_d as _bd
+from ..triton.launch import device_guard as _guard
 from . import kernels as K
-
-try:  # Triton >= 3.0
-    from triton.runtime.errors import OutOfResources
-except ImportError:  # pragma: no cover - older layouts
-    from triton.runtime.autotuner import OutOfResources  # type: ignore[no-redef]
 
 LOG2E = 1.4426950408889634
 INTERPRET = type(K.flex_fwd).__name__ == "InterpretedFunction"
@@ -35,20 +34,6 @@ INTERPRET = type(K.flex_fwd).__name__ == "InterpretedFunction"
 #: compile to without spills (scripts/flex_compile_check.py); NOT measured with mods on a GPU.
 _TABLE: dict[tuple[str, int, int], tuple[FwdConfig, BwdConfig]] = {}
 
-# (kernel, key, requested config) -> config that fitted
-_FITTED: dict[tuple, FwdConfig | BwdConfig] = {}
-
-
-def _arch(device: torch.device) -> str:
-    return "interpret" if INTERPRET else _device.info(device).arch
-
-
-def _bd(d: int) -> int:
-    return max(16, 1 << max(0, (d - 1).bit_length()))
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _env_cfg(name: str, cls):
@@ -122,28 +107,9 @@ def _clip(cfg, mb: int):
 
 
 def _fit(key: tuple, cfg, mb: int, launch) -> None:
-    """Launch with cfg, stepping down through smaller configs on OutOfResources (once per key)."""
-    fitted = _FITTED.get(key + (cfg,))
-    if fitted is not None:
-        launch(fitted)
-        return
-    err: Exception | None = None
-    for c in configs.fallbacks(cfg):
-        c = _clip(c, mb)
-        try:
-            launch(c)
-        except OutOfResources as e:
-            err = e
-            continue
-        _FITTED[key + (cfg,)] = c
-        return
-    raise RuntimeError(f"flashtile flex_triton: no tile config fits this device ({err})")
-
-
-def _guard(device: torch.device):
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
+    """The Triton launcher's fit-and-remember (:func:`..triton.launch._fit`), each fallback kept
+    within the block-mask block."""
+    _triton_fit(("flex", *key), cfg, launch, adapt=lambda c: _clip(c, mb), who="flex_triton")
 
 
 def _twin(fn):
@@ -278,9 +244,9 @@ def backward(
     with _guard(q.device):
         delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
         pre_m = 32 if INTERPRET else 128
-        K.flex_bwd_preprocess[(B * H, _cdiv(Sq, pre_m))](
+        _bwd_preprocess[(_cdiv(Sq, pre_m), H, B)](
             out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
-            dout.stride(2), Sq, H, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_m, num_warps=4,
+            dout.stride(2), delta.stride(0), delta.stride(1), Sq, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_m, num_warps=4,
         )  # fmt: skip
         qlists, qstrides, bflags = _lists(bm, "q", q.device)
 

@@ -132,16 +132,24 @@ def sink_grad(sink: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> tor
 
 
 def _fit(
-    key: tuple, cfg: FwdConfig | BwdConfig, launch: Callable[[FwdConfig | BwdConfig], None]
+    key: tuple,
+    cfg: FwdConfig | BwdConfig,
+    launch: Callable[[FwdConfig | BwdConfig], None],
+    adapt: Callable[[FwdConfig | BwdConfig], FwdConfig | BwdConfig] | None = None,
+    who: str = "triton",
 ) -> FwdConfig | BwdConfig:
     """Launch with cfg, stepping down through smaller configs on OutOfResources (once per key);
-    returns the config launched."""
+    returns the config launched. ``adapt`` maps each fallback before it is tried (the flex
+    kernels keep their tiles within the block mask's block); ``who`` names the caller in the
+    error. Keys must be distinct between callers (the flex launcher prefixes its own)."""
     fitted = _FITTED.get(key + (cfg,))
     if fitted is not None:
         launch(fitted)
         return fitted
     err: Exception | None = None
     for c in configs.fallbacks(cfg):
+        if adapt is not None:
+            c = adapt(c)
         try:
             launch(c)
         except OutOfResources as e:
@@ -149,7 +157,7 @@ def _fit(
             continue
         _FITTED[key + (cfg,)] = c
         return c
-    raise RuntimeError(f"flashtile triton: no tile config fits this device ({err})")
+    raise RuntimeError(f"flashtile {who}: no tile config fits this device ({err})")
 
 
 # Launch plans (issue 16): what a launch of a tensor-free call (no ALiBi, varlen, dropout seed or
