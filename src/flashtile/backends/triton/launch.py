@@ -232,14 +232,18 @@ def forward(
     dev = q.device
     key = None
     if config is None:
-        key = ("fwd", id(call), q.dtype, dev, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride())
+        key = ("fwd", id(call), q.dtype, k.dtype, v.dtype, dev, q.shape, k.shape, v.shape, q.stride(), k.stride(),
+               v.stride())  # fmt: skip
         plan = _PLANS.get(key)
         if plan is not None and plan[0] is call:
-            _, out_shape, lse_shape, grid, ints, kw = plan
+            _, out_shape, lse_shape, grid, ints, kw, prep = plan
             out = torch.empty(out_shape, dtype=q.dtype, device=dev)
             lse = torch.empty(lse_shape, dtype=torch.float32, device=dev)
             with device_guard(dev):
-                _FWD[grid](q, k, v, out, lse, None, None, None, *ints, **kw)
+                if prep is not None:
+                    prep(q, k, v, out, lse)
+                else:
+                    _FWD[grid](q, k, v, out, lse, None, None, None, *ints, **kw)
             return out, lse
     B, Sq, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
@@ -283,8 +287,10 @@ def forward(
 
     with device_guard(dev):
         used = _fit(("fwd", ar, q.dtype, bd, bdv), cfg, launch)
-    if key is not None and _plannable(call):
-        _keep_plan(key, (call, tuple(out.shape), tuple(lse.shape), *args(used)))
+        if key is not None and _plannable(call):
+            grid, ints, kw = args(used)
+            prep = _FWD.prepare(grid, (q, k, v, out, lse, None, None, None, *ints), kw, 5)
+            _keep_plan(key, (call, tuple(out.shape), tuple(lse.shape), grid, ints, kw, prep))
     return out, lse
 
 
@@ -306,16 +312,28 @@ def backward(
     dev = q.device
     key = None
     if config is None:
-        key = ("bwd", id(call), q.dtype, dev, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(),
-               dout.shape, dout.stride(), out.shape, out.stride(), lse.shape, lse.stride())  # fmt: skip
+        key = ("bwd", id(call), q.dtype, k.dtype, v.dtype, dout.dtype, out.dtype, lse.dtype, dev, q.shape, k.shape,
+               v.shape, q.stride(), k.stride(), v.stride(), dout.shape, dout.stride(), out.shape, out.stride(),
+               lse.shape, lse.stride())  # fmt: skip
         plan = _PLANS.get(key)
         if plan is not None and plan[0] is call:
-            _, pre, dkdv, dq_pass = plan
+            _, pre, dkdv, dq_pass, preps = plan
             dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
             dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
             dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
             delta = torch.empty(lse.shape, dtype=torch.float32, device=dev)
             with device_guard(dev):
+                if preps is not None:  # prepared launches (fastlaunch.FastKernel.prepare)
+                    p_pre, p_dkdv, p_dq = preps
+                    p_pre(out, dout, delta)
+                    if p_dq is None:
+                        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
+                        p_dkdv(q, k, v, dout, lse, delta, dk, dv, dq_acc)
+                        dq.copy_(dq_acc.mul_(call.softmax_scale))
+                    else:
+                        p_dkdv(q, k, v, dout, lse, delta, dk, dv, dq)
+                        p_dq(q, k, v, dout, lse, delta, dq)
+                    return dq, dk, dv, {}
                 _BWD_PRE[pre[0]](out, dout, delta, *pre[1], **pre[2])
                 if dq_pass is None:  # dQ by atomics into an fp32 buffer
                     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
@@ -409,9 +427,18 @@ def backward(
         used = _fit(("bwd", ar, q.dtype, bd, bdv, call.deterministic), cfg, launch)
         if dq_acc is not None:
             dq.copy_(dq_acc.mul_(call.softmax_scale))
-    if key is not None and not normalised and _plannable(call):
-        _, dkdv, dq_pass = args(used)
-        _keep_plan(key, (call, pre, dkdv, dq_pass))
+        if key is not None and not normalised and _plannable(call):
+            _, dkdv, dq_pass = args(used)
+            preps = (
+                _BWD_PRE.prepare(pre[0], (out, dout, delta, *pre[1]), pre[2], 3),
+                _BWD_DKDV.prepare(dkdv[0], (q, k, v, dout, lse, delta, dk, dv, dq if dq_pass else dq_acc, None, None,
+                                            None, *dkdv[1]), dkdv[2], 9),
+                None if dq_pass is None else _BWD_DQ.prepare(
+                    dq_pass[0], (q, k, v, dout, lse, delta, dq, None, None, None, *dq_pass[1]), dq_pass[2], 7),
+            )  # fmt: skip
+            if preps[0] is None or preps[1] is None or (dq_pass is not None and preps[2] is None):
+                preps = None
+            _keep_plan(key, (call, pre, dkdv, dq_pass, preps))
     grads = {} if sink is None else {"learnable_sink": sink_grad(sink, lse, delta)}
     return dq, dk, dv, grads
 
