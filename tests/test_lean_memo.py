@@ -442,7 +442,7 @@ def test_planned_prepared_launches_repeat_the_first(monkeypatch, atomic):
 
 @pytest.mark.parametrize("splits", [1, 3])
 def test_decode_prepared_launches_repeat_the_first(monkeypatch, splits):
-    from flashtile.backends.triton import launch, launch_decode
+    from flashtile.backends.triton import launch_decode
     from flashtile.spec import KVCache, make_call
 
     log = _fake_kernels(monkeypatch)

@@ -36,6 +36,7 @@ import inspect
 import operator
 import os
 from collections.abc import Callable
+from functools import reduce
 from typing import Any
 
 import torch
@@ -257,32 +258,35 @@ class FastKernel:
         if any(a is not None and not isinstance(a, torch.Tensor) for a in head):
             return None
         g = (*grid, 1, 1)[:3]
-        return Prepared(self, grid, args[lead:], kwargs, compiled, device, g,
-                        tuple(a is None for a in head), vals[lead:])  # fmt: skip
+        return Prepared(self, grid, args[lead:], kwargs, compiled, device, g, lead,
+                        [i for i, a in enumerate(head) if a is not None], vals[lead:])  # fmt: skip
 
 
 class Prepared:
     """A launch prepared by :meth:`FastKernel.prepare`; call it with the leading arguments."""
 
-    __slots__ = ("kernel", "grid", "args", "kwargs", "compiled", "device", "g", "none", "lead", "tail")
+    __slots__ = ("kernel", "grid", "args", "kwargs", "compiled", "device", "g", "lead", "tensors", "nones", "none_vals",
+                 "tail")
 
-    def __init__(self, kernel, grid, args, kwargs, compiled, device, g, none, tail) -> None:
+    def __init__(self, kernel, grid, args, kwargs, compiled, device, g, lead, tensors, tail) -> None:
         self.kernel, self.grid, self.args, self.kwargs = kernel, grid, args, kwargs
-        self.compiled, self.device, self.g, self.none, self.tail = compiled, device, g, none, tail
-        self.lead = len(none)
+        self.compiled, self.device, self.g, self.lead, self.tail = compiled, device, g, lead, tail
+        #: getters of the leading tensors and of the leading Nones (C-level gathers)
+        self.tensors = _getter(tensors)
+        nones = [i for i in range(lead) if i not in tensors]
+        self.nones, self.none_vals = _getter(nones), (None,) * len(nones)
 
     def __call__(self, *head: Any) -> None:
         drv = triton.runtime.driver.active
         device = drv.get_current_device()
         rt = _knobs.runtime
-        ok = device == self.device and not _hooked(rt.launch_enter_hook) and not _hooked(rt.launch_exit_hook)
-        if ok and len(head) == self.lead:
-            for i, t in enumerate(head):
-                if (t is None) != self.none[i] or (t is not None and t.data_ptr() & 15):
-                    ok = False
-                    break
-        else:
-            ok = False
+        ok = False
+        if device == self.device and len(head) == self.lead and not _hooked(rt.launch_enter_hook) and \
+                not _hooked(rt.launch_exit_hook) and self.nones(head) == self.none_vals:  # fmt: skip
+            try:  # every leading tensor 16-byte aligned (a non-tensor raises: the generic launch decides)
+                ok = not reduce(_or, map(_data_ptr, self.tensors(head)), 0) & 15
+            except TypeError:
+                ok = False
         if not ok:
             self.kernel.launch(self.grid, head + self.args, self.kwargs)
             return
@@ -290,6 +294,10 @@ class Prepared:
         c.run(g[0], g[1], g[2], drv.get_current_stream(device), c.function, c.packed_metadata, None, None, None,
               *head, *self.tail)  # fmt: skip
         self.kernel.fast_launches += 1
+
+
+_data_ptr = torch.Tensor.data_ptr
+_or = operator.or_
 
 
 #: modules whose ``TensorDescriptor`` (a TMA descriptor on the host) the key knows (:func:`_desc_key`)
