@@ -429,11 +429,13 @@ def test_planned_prepared_launches_repeat_the_first(monkeypatch, atomic):
     q, k, v = qkv_inputs(2, 37, 45, 4, 2, 40, torch.float16, "cpu")
     call = make_call(headdim=40, causal=True, softcap=2.0)
     runs = []
-    for _ in range(3):
+    for i in range(3):
         n0 = len(log)
         out, lse = launch.forward(q, k, v, call)
         launch.backward(torch.randn_like(out), q, k, v, out, lse, call)
         runs.append(log[n0:])
+        if i == 0:  # prepared at the plan's first reuse only (a plan never reused pays nothing for it)
+            assert all(p[-1] is launch.PENDING for p in launch._PLANS.values())
     assert runs[0] == runs[1] == runs[2]
     plans = list(launch._PLANS.values())
     assert len(plans) == 2 and plans[0][-1] is not None and plans[1][-1] is not None  # prepared
