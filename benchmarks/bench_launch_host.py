@@ -154,7 +154,8 @@ def main() -> None:
 
     kerns = [launch._FWD, launch._BWD_PRE, launch._BWD_DKDV, launch._BWD_DQ, launch_decode._DECODE,
              launch_decode._MERGE]  # fmt: skip
-    assert all(k.generic_launches <= 4 for k in kerns), [(k.generic_launches, k.fast_launches) for k in kerns]
+    # (the growing key length of e2e_grow meets each int specialisation once: a few generic launches)
+    assert all(k.generic_launches <= 8 for k in kerns), [(k.generic_launches, k.fast_launches) for k in kerns]
 
 
 if __name__ == "__main__":
