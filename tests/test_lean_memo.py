@@ -161,6 +161,19 @@ def test_dense_rejected_input_still_rejected(torch_backend, count_slow, monkeypa
     assert memo_errors == {name: _error(fn) for name, fn in bad.items()}
 
 
+def test_empty_inputs_with_other_last_strides_are_not_memoised(torch_backend, count_slow):
+    """check_qkv lets a last stride other than 1 through on an empty tensor only: such a signature
+    must not let a later non-empty call through."""
+    q = torch.randn(1, 4, 2, 16)
+    k = torch.randn(1, 0, 2, 32)[..., ::2]  # empty, last stride 2
+    for _ in range(2):
+        flashtile.flash_attn_func(q, k, k)
+    assert not interface._MEMO
+    k2 = torch.randn(1, 5, 2, 32)[..., ::2]
+    with pytest.raises(ValueError, match="contiguous in its last dimension"):
+        flashtile.flash_attn_func(q, k2, k2)
+
+
 def test_packed_entry_points_hit(torch_backend, count_slow):
     qkv = torch.randn(2, 9, 3, 4, 16)
     a = flashtile.flash_attn_qkvpacked_func(qkv, causal=True)

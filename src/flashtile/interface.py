@@ -111,7 +111,7 @@ _NO_DESCALES = {"q_descale": None, "k_descale": None, "v_descale": None}
 # dropout, in plain eager mode (ops.fast_mode(), plain tensors), is keyed by everything its checks
 # (check_qkv, make_call) and dispatch read: the shapes except batch and sequence lengths (checked
 # on a hit: q, k, v the same batch, k and v the same length -- what check_qkv asks of them), the
-# dtypes, devices and last strides of q, k and v, every option with its type (and the types of
+# dtypes and devices of q, k and v (last strides 1, else no memo), every option with its type (and the types of
 # window_size's entries), and dispatch.state(). A hit means the checks pass and dispatch decides
 # the same: the call goes straight to ops.attention_fast with the AttnCall and backend of the
 # first call. Misses take _run, which records the signature once its checks have passed.
@@ -128,12 +128,13 @@ def _memo_key(q, k, v, opts: tuple) -> tuple | None:
     w = opts[3]
     if type(w) is not tuple:
         return None
-    try:
-        strides = (q.stride(-1), k.stride(-1), v.stride(-1))
+    try:  # unit last strides only (check_qkv lets others through on empty tensors only)
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            return None
     except (IndexError, RuntimeError):  # 0-d tensors: the checks raise
         return None
-    return (q.shape[2:], k.shape[2:], v.shape[2:], q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-            strides, opts, tuple(map(type, opts)), tuple(map(type, w)), dispatch.state())  # fmt: skip
+    return (q.shape[2:], k.shape[2:], v.shape[2:], q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, opts,
+            tuple(map(type, opts)), tuple(map(type, w)), dispatch.state())  # fmt: skip
 
 
 def _lean(q, k, v, opts: tuple, return_attn_probs: object):
@@ -144,7 +145,7 @@ def _lean(q, k, v, opts: tuple, return_attn_probs: object):
         return None, None
     try:
         hit = _MEMO.get(key)
-    except TypeError:  # an unhashable option value
+    except (TypeError, ValueError):  # an unhashable option value (or one that compares oddly)
         return None, None
     if hit is None:
         return key, None

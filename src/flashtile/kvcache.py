@@ -235,8 +235,8 @@ def _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
 
 # Signature memo (issue 16): a call without rotary tables, index tensors other than the cache
 # lengths, ALiBi, sinks or descales, in plain eager mode (ops.fast_mode(), plain tensors), is keyed
-# by everything its checks, make_call and dispatch read -- shapes, dtypes, devices and last strides
-# of q, the caches and the new k / v, whether the caches require grad, the cache lengths' kind (an
+# by everything its checks, make_call and dispatch read -- shapes, dtypes and devices of q, the
+# caches and the new k / v (last strides 1, else no memo), whether the caches require grad, the cache lengths' kind (an
 # int, None, or an int32 tensor's dtype, shape and device), every option with its type (and the
 # types of window_size's entries) and dispatch.state() -- except an int cache length's value, which
 # is checked on every hit as the checks do (>= 0, room for the new tokens). A hit builds the
@@ -258,7 +258,12 @@ def _memo_key(q, k_cache, v_cache, k, v, seqlens, opts: tuple) -> tuple | None:
     if k is None and v is None:
         new = None
     elif type(k) is T and type(v) is T:
-        new = (k.shape, v.shape, k.dtype, v.dtype, k.device, v.device, k.stride(-1), v.stride(-1))
+        new = (k.shape, v.shape, k.dtype, v.dtype, k.device, v.device)
+        try:
+            if k.stride(-1) != 1 or v.stride(-1) != 1:
+                return None
+        except (IndexError, RuntimeError):
+            return None
     else:
         return None
     ts = type(seqlens)
@@ -268,12 +273,13 @@ def _memo_key(q, k_cache, v_cache, k, v, seqlens, opts: tuple) -> tuple | None:
         lens = ts
     else:
         return None
-    try:
-        strides = (q.stride(-1), k_cache.stride(-1), v_cache.stride(-1))
+    try:  # unit last strides only (the checks let others through on empty tensors only)
+        if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+            return None
     except (IndexError, RuntimeError):  # 0-d tensors: the checks raise
         return None
     return (q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype, v_cache.dtype, q.device, k_cache.device,
-            v_cache.device, strides, new, lens, opts, tuple(map(type, opts)), tuple(map(type, w)),
+            v_cache.device, new, lens, opts, tuple(map(type, opts)), tuple(map(type, w)),
             dispatch.state())  # fmt: skip
 
 
@@ -285,7 +291,7 @@ def _lean(q, k_cache, v_cache, k, v, seqlens, opts: tuple, return_softmax_lse: o
         return None, None
     try:
         hit = _MEMO.get(key)
-    except TypeError:  # an unhashable option value
+    except (TypeError, ValueError):  # an unhashable option value (or one that compares oddly)
         return None, None
     if hit is None:
         return key, None
