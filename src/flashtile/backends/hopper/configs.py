@@ -214,10 +214,26 @@ class HopperBwdConfig:
     defer_dk: int = 0
     #: ws: rows of the dQ tile the worker adds per step (its registers: ``red_rows * BLOCK_D / 128`` floats)
     red_rows: int = 8
+    #: ws / ws2: FA3's ``SdP_swapAB``: S^T and dP^T with keys along M, P^T / dS^T as register operands
+    #: of the dV / dK products (no P tile in shared memory; lse / delta along the columns)
+    swap: int = 0
+    #: ws / ws2: the worker adds each dQ tile by one TMA reduce-add (``cp.reduce.async.bulk.tensor``)
+    #: instead of ``red.global.add.v4.f32`` from registers
+    dq_tma: int = 0
 
     def chunk(self, headdim: int) -> int:
         """Columns of dQ computed and added at once (``dq_chunk``; 0: the whole tile)."""
         return self.dq_chunk or block_d(headdim)
+
+    def kernel_consts(self, headdim: int) -> dict:
+        """The constexpr arguments this config gives its kernel (beyond the tile sizes), and
+        ``num_warps`` of the launch: one place for the launcher and the compile check."""
+        if self.kernel in ("ws", "ws2"):
+            split = self.kernel == "ws2"
+            return dict(WORKER_REGS=self.worker_regs, RED_ROWS=self.red_rows, SPLIT=split,
+                        DEFER_DK=bool(self.defer_dk) and not split, COMPUTE_REGS=self.compute_regs,
+                        SWAP=bool(self.swap), DQ_TMA=bool(self.dq_tma), num_warps=4 if split else self.num_warps)  # fmt: skip
+        return dict(DQ_CHUNK=self.chunk(headdim), RED_VEC=self.red_vec, num_warps=self.num_warps)
 
 
 # Registers bind, not shared memory: 8 compute warps at up to 240-255 registers fill the register
@@ -268,7 +284,8 @@ def bwd_smem_bytes(cfg: HopperBwdConfig, headdim: int, elem_bytes: int = 2) -> i
         red = (2 if cfg.kernel == "ws2" else 1) * 4 * cfg.block_m * d if cfg.atomic_dq else 0
     else:
         red = 4 * cfg.block_m * cfg.chunk(headdim) if cfg.red_vec == 4 else 0  # layout conversion scratch
-    tiles = 2 * cfg.block_n * d + 2 * cfg.num_stages * cfg.block_m * d + 2 * cfg.block_n * cfg.block_m
+    ps = 1 if cfg.kernel in ("ws", "ws2") and cfg.swap else 2  # P and dS, or dS^T only
+    tiles = 2 * cfg.block_n * d + 2 * cfg.num_stages * cfg.block_m * d + ps * cfg.block_n * cfg.block_m
     return elem_bytes * tiles + red
 
 
@@ -300,6 +317,10 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
             return f"red_rows must be 8, 16 or 32 and divide block_m, got {cfg.red_rows}"
         if cfg.dq_chunk or cfg.red_vec != 1:
             return "the ws kernel computes dQ whole and reduces it from shared memory: no dq_chunk / red_vec"
+        if cfg.swap and cfg.defer_dk:
+            return "swap issues dK from registers before dQ: no defer_dk"
+    elif cfg.swap or cfg.dq_tma:
+        return "swap / dq_tma are options of the ws / ws2 kernels"
     if cfg.block_n not in (64, 128):
         return f"block_n (keys per program, the wgmma M of two warpgroups) must be 64 or 128, got {cfg.block_n}"
     if cfg.block_m not in (64, 128):

@@ -89,14 +89,12 @@ def backward(
         do_desc = _descriptor(dout, cfg.block_m, varlen)
         k_desc = _descriptor(k, cfg.block_n, varlen)
         v_desc = _descriptor(v, cfg.block_n, varlen)
-        warps = cfg.num_warps
-        if cfg.kernel in ("ws", "ws2"):  # ws2: the default partition is one compute warpgroup
-            split = cfg.kernel == "ws2"
-            kernel, warps = attn_bwd_ws, (4 if split else warps)
-            extra = dict(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows, DEFER_DK=bool(cfg.defer_dk) and not split,
-                         SPLIT=split, COMPUTE_REGS=cfg.compute_regs)  # fmt: skip
-        else:
-            kernel, extra = attn_bwd, dict(DQ_CHUNK=cfg.chunk(D), RED_VEC=cfg.red_vec)
+        extra = cfg.kernel_consts(D)  # (ws2: the default partition is one compute warpgroup)
+        kernel = attn_bwd_ws if cfg.kernel in ("ws", "ws2") else attn_bwd
+        if extra.get("DQ_TMA"):
+            extra["DQ_TMA"] = atomic
+            if atomic:  # the dQ accumulator's [block_m, BLOCK_D] fp32 tiles, added by TMA
+                extra["dq_desc"] = _descriptor(dq_acc, cfg.block_m, varlen)
         kernel[(cdiv(rows_k, cfg.block_n), Hk, nb)](
             q_desc, k_desc, v_desc, do_desc, dq_acc, dk, dv, lse, delta, call.cu_seqlens_q, call.cu_seqlens_k,
             0 if varlen else dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
@@ -104,7 +102,7 @@ def backward(
             Sq, Sk, H // Hk, qk_scale, cap_out, call.softmax_scale, call.window_left, call.window_right,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
             HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
-            IS_VARLEN=varlen, ATOMIC_DQ=atomic, **extra, num_warps=warps,
+            IS_VARLEN=varlen, ATOMIC_DQ=atomic, **extra,
         )  # fmt: skip
         if atomic:
             dq.copy_(dq_acc[:, :Sq, :, :D].mul_(call.softmax_scale))
