@@ -232,7 +232,8 @@ class HopperBwdConfig:
             split = self.kernel == "ws2"
             return dict(WORKER_REGS=self.worker_regs, RED_ROWS=self.red_rows, SPLIT=split,
                         DEFER_DK=bool(self.defer_dk) and not split, COMPUTE_REGS=self.compute_regs,
-                        SWAP=bool(self.swap), DQ_TMA=bool(self.dq_tma), num_warps=4 if split else self.num_warps)  # fmt: skip
+                        SWAP=bool(self.swap), DQ_TMA=bool(self.dq_tma),
+                        num_warps=4 if split else self.num_warps)  # fmt: skip
         return dict(DQ_CHUNK=self.chunk(headdim), RED_VEC=self.red_vec, num_warps=self.num_warps)
 
 
