@@ -111,13 +111,17 @@ def test_bwd_kernel_choice_and_env(monkeypatch):
     monkeypatch.delenv(hopper.BWD_ENV)
     assert hopper.bwd_kernel(call) == hopper.DEFAULT_BWD == "triton"
     assert hopper.bwd_kernel(call, 192) == "triton" and hopper.bwd_kernel(call, 256) == "gluon"
-    # head dims 64/128: the Gluon kernels from 2k keys on (below, the Triton backward is faster);
-    # causal head dim 64 from 8k keys
+    # head dims 64/128: the Gluon kernels from 2k keys on (below, the Triton backward is faster),
+    # causal or not
     assert hopper.bwd_kernel(call, 128, 1024) == "triton" and hopper.bwd_kernel(call, 128, 4096) == "gluon"
     assert hopper.bwd_kernel(call, 64, 1024) == "triton" and hopper.bwd_kernel(call, 64, 4096) == "gluon"
     causal = make_call(headdim=64, causal=True)
-    assert hopper.bwd_kernel(causal, 64, 4096) == "triton" and hopper.bwd_kernel(causal, 64, 8192) == "gluon"
-    assert configs.bwd_config(64, masked=True).kernel == "ws2" and configs.bwd_config(64).kernel == "ws"
+    assert hopper.bwd_kernel(causal, 64, 1024) == "triton" and hopper.bwd_kernel(causal, 64, 4096) == "gluon"
+    # the ws kernel with the transposed score tiles and TMA dQ reductions, masked or not
+    for d in (64, 96, 128):
+        for masked in (False, True):
+            cfg = configs.bwd_config(d, masked=masked)
+            assert (cfg.kernel, cfg.swap, cfg.dq_tma) == ("ws", 1, 1) and configs.bwd_check(cfg, d) is None
     monkeypatch.setenv(hopper.BWD_ENV, "gluon")
     assert hopper.bwd_kernel(call) == "gluon"
     monkeypatch.setenv(hopper.BWD_ENV, "triton")
