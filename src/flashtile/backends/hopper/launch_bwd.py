@@ -12,7 +12,7 @@ Steps:
    8-warp partition), one program per (key block, KV head, batch or sequence): dK and dV
    written directly; dQ (unscaled) added with fp32 atomics into a zeroed ``(B, Sq, H, BLOCK_D)``
    buffer (``call.deterministic=False``).
-3. dQ conversion: ``dq = scale * acc[..., :D]`` in q's dtype.
+3. dQ conversion: ``dq = scale * acc[..., :D]`` in q's dtype (one Triton pass, :mod:`.dq`).
 
 ``call.deterministic=True`` (or a config with ``atomic_dq=0``): atomics make the order of the
 dQ additions vary from run to run,
@@ -35,10 +35,16 @@ from ..triton.launch import _BWD_PRE as _bwd_preprocess
 from ..triton.launch import _flags, _geometry, _scalars, arch, device_guard, score_scales
 from . import bwd, configs
 from .configs import HopperBwdConfig
+from .dq import _dq_kernel, convert_dq
 from .launch import _check_launch, _descriptor, tma_compatible
 
-# the Gluon kernels on the lean launch path too
-attn_bwd, attn_bwd_ws = fast(bwd.attn_bwd), fast(bwd.attn_bwd_ws)
+# the Gluon kernels (and the dQ conversion) on the lean launch path too
+attn_bwd, attn_bwd_ws, _dq_fast = fast(bwd.attn_bwd), fast(bwd.attn_bwd_ws), fast(_dq_kernel)
+
+
+def _convert_dq(acc: torch.Tensor, dq: torch.Tensor, scale: float) -> None:
+    """``dq = scale * acc[..., :D]`` in one pass (:func:`.dq.convert_dq`, on the lean launch)."""
+    convert_dq(acc, dq, scale, kernel=_dq_fast)
 
 
 def backward(
@@ -105,7 +111,7 @@ def backward(
             IS_VARLEN=varlen, ATOMIC_DQ=atomic, **extra,
         )  # fmt: skip
         if atomic:
-            dq.copy_(dq_acc[:, :Sq, :, :D].mul_(call.softmax_scale))
+            _convert_dq(dq_acc, dq, call.softmax_scale)
         else:
             _triton_dq(q, k, v, dout, lse, delta, dq, call, varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k)
     return dq, dk, dv
