@@ -386,7 +386,9 @@ def test_fp8_vt_kernel(varlen, s, d):
     assert torch.equal(got, want[0] if varlen else want)
 
 
-@pytest.mark.parametrize("s,h,d,dtype", [(45, 3, 64, torch.float16), (17, 2, 96, torch.float32), (1, 4, 256, torch.float16)])
+@pytest.mark.parametrize(
+    "s,h,d,dtype", [(45, 3, 64, torch.float16), (17, 2, 96, torch.float32), (1, 4, 256, torch.float16)]
+)
 def test_hopper_dq_convert_kernel(s, h, d, dtype):
     """The hopper backward's dQ conversion (plain Triton: runs here under the interpreter):
     ``dq = scale * acc[..., :D]`` from the padded fp32 accumulator into a strided dq."""
