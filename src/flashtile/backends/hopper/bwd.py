@@ -170,9 +170,11 @@ def attn_bwd(
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, DQ_CHUNK: gl.constexpr, RED_VEC: gl.constexpr,
-    num_warps: gl.constexpr,
+    num_warps: gl.constexpr, LPT: gl.constexpr = False,
 ):
-    """Grid ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``, ``num_warps = 8``.
+    """Grid ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``, ``num_warps = 8``; with ``LPT``
+    ``(Hk, B or nseq, cdiv(max_seqlen_k, BLOCK_N))``: key block 0 of every head first (under a causal
+    mask the heaviest: longest-first scheduling, a shorter tail).
 
     q_desc / do_desc: ``[BLOCK_M, BLOCK_D]`` tiles of q / dout; k_desc / v_desc:
     ``[BLOCK_N, BLOCK_D]`` tiles (4-D dense, 3-D varlen descriptors, as the forward's). DK / DV
@@ -183,7 +185,7 @@ def attn_bwd(
     next sequence's); else dQ is left to another kernel. LSE (natural log) and
     DELTA share the strides ``stride_lb`` / ``stride_lh`` (varlen: one row of ``total_q``)."""
     pid_n, hk, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, False,
-                                                                      IS_VARLEN)
+                                                                      IS_VARLEN, LPT)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return
@@ -683,6 +685,7 @@ def attn_bwd_ws(
     IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, WORKER_REGS: gl.constexpr, RED_ROWS: gl.constexpr,
     num_warps: gl.constexpr, DEFER_DK: gl.constexpr = False, SPLIT: gl.constexpr = False,
     COMPUTE_REGS: gl.constexpr = 240, SWAP: gl.constexpr = False, DQ_TMA: gl.constexpr = False, dq_desc=None,
+    LPT: gl.constexpr = False,
 ):
     """Warp-specialised backward, same arguments and semantics as :func:`attn_bwd` (grid
     ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``), and a worker warpgroup (4 more warps,
@@ -694,9 +697,9 @@ def attn_bwd_ws(
     the two partials (see :func:`_bwd_ws_compute`). ``SWAP``: the transposed score tiles (P^T and
     dS^T as register operands; see :func:`_bwd_ws_compute`). ``DQ_TMA``: the worker adds each dQ
     tile by TMA reduce-add through ``dq_desc`` (fp32 ``[BLOCK_M, BLOCK_D]`` blocks of ``DQ``) instead
-    of vector atomics."""
+    of vector atomics. ``LPT``: the grid order of :func:`attn_bwd`'s ``LPT``."""
     pid_n, hk, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, False,
-                                                                      IS_VARLEN)
+                                                                      IS_VARLEN, LPT)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return

@@ -220,6 +220,9 @@ class HopperBwdConfig:
     #: ws / ws2: the worker adds each dQ tile by one TMA reduce-add (``cp.reduce.async.bulk.tensor``)
     #: instead of ``red.global.add.v4.f32`` from registers
     dq_tma: int = 0
+    #: grid (heads, batch, key blocks) instead of (key blocks, heads, batch) for causal calls
+    #: (longest-first: a key block's work falls with its index there); 0: never, 1: causal calls
+    lpt: int = 0
 
     def chunk(self, headdim: int) -> int:
         """Columns of dQ computed and added at once (``dq_chunk``; 0: the whole tile)."""

@@ -101,14 +101,18 @@ def backward(
             extra["DQ_TMA"] = atomic
             if atomic:  # the dQ accumulator's [block_m, BLOCK_D] fp32 tiles, added by TMA
                 extra["dq_desc"] = _descriptor(dq_acc, cfg.block_m, varlen)
-        kernel[(cdiv(rows_k, cfg.block_n), Hk, nb)](
+        n_kb = cdiv(rows_k, cfg.block_n)
+        # causal / right window: key block 0 of every head first (longest first); grid y / z <= 65535
+        lpt = bool(cfg.lpt) and call.window_right >= 0 and nb <= 65535 and n_kb <= 65535
+        grid = (Hk, nb, n_kb) if lpt else (n_kb, Hk, nb)
+        kernel[grid](
             q_desc, k_desc, v_desc, do_desc, dq_acc, dk, dv, lse, delta, call.cu_seqlens_q, call.cu_seqlens_k,
             0 if varlen else dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
             0 if varlen else dk.stride(0), dk.stride(1), dk.stride(2), stride_lb, lse.stride(1),
             Sq, Sk, H // Hk, qk_scale, cap_out, call.softmax_scale, call.window_left, call.window_right,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
             HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
-            IS_VARLEN=varlen, ATOMIC_DQ=atomic, **extra,
+            IS_VARLEN=varlen, ATOMIC_DQ=atomic, LPT=lpt, **extra,
         )  # fmt: skip
         if atomic:
             _convert_dq(dq_acc, dq, call.softmax_scale)
