@@ -16,18 +16,18 @@ key (their P, hence every gradient they feed, is exactly 0). With ``delta = rows
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta) [* (1 - t^2)],  dK = scale * dS^T Q,
     dQ = scale * dS K  (the scale of dQ is applied by the host's conversion).
 
-Orientation: the program computes the *transposed* tiles ``S^T = K Q^T`` and ``dP^T = V dO^T``
-(keys along the wgmma M dimension), so that ``dV += P^T dO`` and ``dK += dS^T Q`` take P^T and
-dS^T straight from registers (wgmma's register A operand) and Q / dO from the ring buffers as
-they landed. ``dQ = dS K`` needs dS with queries along M: dS^T is written to shared memory once
-and read back transposed (an M-major A operand).
+Orientation: ``attn_bwd`` (the plain kernel, head dims 192/256) computes ``S = Q K^T`` and
+``dP = dO V^T`` with queries along the wgmma M dimension, writes P and dS to shared memory and
+reads them back transposed for ``dV += P^T dO`` / ``dK += dS^T Q``. ``attn_bwd_ws`` with ``SWAP``
+(the default at head dims 64-128, FA3's ``SdP_swapAB``) computes the *transposed* tiles
+``S^T = K Q^T`` and ``dP^T = V dO^T`` (keys along M), so that P^T and dS^T feed dV and dK straight
+from registers (wgmma's register A operand); only dS^T goes to shared memory, for ``dQ = dS K``.
 
-Warps: ``num_warps = 8`` (two warpgroups) in one partition. With ``BLOCK_N = 128`` each
-warpgroup owns 64 keys (layout warps ``[8, 1]``); with ``BLOCK_N = 64`` (head dims 192/256) the
-warpgroups split the N dimension of every product (warps ``[4, 2]``). dQ ``[BLOCK_M, D]`` is
-split the same way by its own layout. The loads of the query block ``NUM_STAGES`` ahead are issued
-by the same warps once every warp is done with the slot (a CTA barrier per block, as the forward's
-``plain`` kernel).
+Warps: the plain kernel runs 8 warps (two warpgroups) in one partition; with ``BLOCK_N = 64``
+the warpgroups split the N dimension of every product (warps ``[4, 2]``), the loads of the query
+block ``NUM_STAGES`` ahead issued by the same warps once every warp is done with the slot. The ws
+kernel adds a worker warpgroup for the TMA loads and the dQ reductions (see
+:func:`attn_bwd_ws`).
 """
 
 from __future__ import annotations
