@@ -378,6 +378,8 @@ def test_prepare_declines_unaligned_or_disabled(fake_driver, monkeypatch):
     k[(1,)](x[1:], x, None, 5, BLOCK=16)
     assert k.prepare((1,), (x[1:], x, None, 5), dict(BLOCK=16), 3) is None
     assert k.prepare((1,), (x, x, None, 5), dict(BLOCK=16), 3) is None  # never launched: nothing compiled
+    k[(1,)](x, x, x, 5, BLOCK=16)
+    assert k.prepare((1,), (x, x, x, 5), dict(BLOCK=16), 2) is None  # a tensor after the leading arguments
     monkeypatch.setattr(fastlaunch, "ENABLED", False)
     assert fastlaunch.fast(fn).prepare((1,), (x, x, None, 5), dict(BLOCK=16), 3) is None
 

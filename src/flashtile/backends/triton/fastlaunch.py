@@ -257,6 +257,8 @@ class FastKernel:
             return None
         if any(a is not None and not isinstance(a, torch.Tensor) for a in head):
             return None
+        if any(isinstance(a, torch.Tensor) for a in vals[lead:]):  # a tensor would be kept for later calls
+            return None
         g = (*grid, 1, 1)[:3]
         return Prepared(self, grid, args[lead:], kwargs, compiled, device, g, lead,
                         [i for i, a in enumerate(head) if a is not None], vals[lead:])  # fmt: skip
