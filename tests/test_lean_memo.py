@@ -78,6 +78,17 @@ def test_dense_hit_equals_full_path(torch_backend, count_slow, monkeypatch, grad
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_window_lists_share_the_tuples_signature(torch_backend, count_slow):
+    q, k, v = qkv_inputs(1, 6, 7, 4, 2, 16, torch.float32, "cpu")
+    a = flashtile.flash_attn_func(q, k, v, window_size=(2, 1))
+    b = flashtile.flash_attn_func(q, k, v, window_size=[2, 1])
+    assert count_slow["dense"] == 1
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for bad in ([2.0, 1], [2, 1, 0]):
+        with pytest.raises(ValueError, match="window_size"):
+            flashtile.flash_attn_func(q, k, v, window_size=bad)
+
+
 def test_dense_memo_ignores_batch_and_lengths(torch_backend, count_slow):
     """Batch and sequence lengths are not keyed (checks and dispatch do not depend on them, save
     their relations, checked on every hit): generation's growing key length still hits."""

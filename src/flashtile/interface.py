@@ -127,7 +127,10 @@ def _memo_key(q, k, v, opts: tuple) -> tuple | None:
         return None
     w = opts[3]
     if type(w) is not tuple:
-        return None
+        if type(w) is not list:
+            return None
+        w = tuple(w)  # a list normalises as the tuple of its entries does (their types are keyed)
+        opts = (*opts[:3], w, *opts[4:])
     try:  # unit last strides only (check_qkv lets others through on empty tensors only)
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             return None

@@ -253,8 +253,13 @@ def _memo_key(q, k_cache, v_cache, k, v, seqlens, opts: tuple) -> tuple | None:
     if type(q) is not T or type(k_cache) is not T or type(v_cache) is not T or not fast_mode():
         return None
     w = opts[2]
-    if type(w) is not tuple or k_cache.requires_grad or v_cache.requires_grad:
+    if k_cache.requires_grad or v_cache.requires_grad:
         return None
+    if type(w) is not tuple:
+        if type(w) is not list:
+            return None
+        w = tuple(w)  # a list normalises as the tuple of its entries does (their types are keyed)
+        opts = (*opts[:2], w, *opts[3:])
     if k is None and v is None:
         new = None
     elif type(k) is T and type(v) is T:
