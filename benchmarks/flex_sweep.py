@@ -364,6 +364,40 @@ def main():
                       f"{f(xk, 6)} {f(fx.get('api'), 8)} {f(fx.get('b2b'), 8)} {f(bi.get('api'))}")  # fmt: skip
         if "flex_error" in r:
             print(f"{r['case']:<12} FlexAttention: {r['flex_error'][:100]}")
+    for line in recommend(rows):
+        print(line)
+
+
+def recommend(rows) -> list[str]:
+    """Which forward candidate to put in launch._SHORT (sparse cases) / launch._TABLE (the others):
+    the fastest by kernel time on every case of its group, if it beats the default by > 3% on each."""
+    out = []
+    for label, group in (
+        ("launch._SHORT[('sm90', 128, 128)]", SPARSE),
+        ("launch._TABLE (fwd)", ("prefix-lm", "alibi")),
+    ):
+        rs = [r for r in rows if r["case"] in group]
+        if len(rs) != len(group):
+            continue
+
+        def kern(r, n):
+            v = r["fwd"].get(n, {}).get("kernel")
+            return v if isinstance(v, float) else None
+
+        best, gain = None, 0.0
+        for n in FWD:
+            if n == "default" or any(kern(r, n) is None or kern(r, "default") is None for r in rs):
+                continue
+            g = min(1 - kern(r, n) / kern(r, "default") for r in rs)
+            if g > 0.03 and g > gain:
+                best, gain = n, g
+        if best is None:
+            out.append(f"recommendation for {label}: keep the default (no candidate > 3% faster on all of {group})")
+        else:
+            vals = FWD[best].split(",")
+            cfg = f"FlexFwdConfig({', '.join(vals[:4])}, {vals[4]}, {bool(int(vals[5]))})"
+            out.append(f"recommendation for {label}: {cfg} ({best}: >= {gain:.0%} faster on {group})")
+    return out
 
 
 if __name__ == "__main__":
