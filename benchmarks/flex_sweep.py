@@ -342,10 +342,10 @@ def main():
     print(
         f"bf16 b1 h{h} s{s} d{d}, ms. kernel: launcher alone, back to back (GPU time); api: public call, "
         "synchronised each call (as bench_flex); b2b: public call back to back. x = FlexAttention / ours "
-        "(api vs api; kernel vs FlexAttention's b2b)"
+        "(api vs api; kernel vs FlexAttention's b2b); mod cost = api / built-in option's api - 1"
     )
     print(f"{'case':<12} {'pass':<4} {'config':<22} {'kernel':>7} {'api':>7} {'b2b':>7} {'x api':>6} {'x kern':>6} "
-          f"{'flex api':>8} {'flex b2b':>8} {'builtin':>7}")  # fmt: skip
+          f"{'flex api':>8} {'flex b2b':>8} {'builtin':>7} {'mod cost':>8}")  # fmt: skip
 
     def f(x, w=7):
         return f"{x:{w}.3f}" if isinstance(x, float) else f"{'-':>{w}}"
@@ -359,9 +359,10 @@ def main():
                     print(f"{r['case']:<12} {p:<4} {cname:<22} ERROR {m['error'][:80]}")
                     continue
                 xa = fx["api"] / m["api"] if fx.get("api") else None
-                xk = fx["b2b"] / m["kernel"] if fx.get("b2b") else None
+                xk = fx["b2b"] / m["kernel"] if fx.get("b2b") and m.get("kernel") else None
+                cost = f"{m['api'] / bi['api'] - 1:+8.0%}" if bi.get("api") else f"{'-':>8}"
                 print(f"{r['case']:<12} {p:<4} {cname:<22} {f(m['kernel'])} {f(m['api'])} {f(m['b2b'])} {f(xa, 6)} "
-                      f"{f(xk, 6)} {f(fx.get('api'), 8)} {f(fx.get('b2b'), 8)} {f(bi.get('api'))}")  # fmt: skip
+                      f"{f(xk, 6)} {f(fx.get('api'), 8)} {f(fx.get('b2b'), 8)} {f(bi.get('api'))} {cost}")  # fmt: skip
         if "flex_error" in r:
             print(f"{r['case']:<12} FlexAttention: {r['flex_error'][:100]}")
     for line in recommend(rows):
