@@ -4,8 +4,14 @@ Tile configs come from the built-in Triton kernels' table (``backends/triton/con
 same loop shape), with blocks clipped to the block mask's ``BLOCK_SIZE`` (a program's query rows
 and each step's keys must lie in one block-mask block) and 4 warps for a 64-row program, unless
 :data:`_TABLE` names a config of its own (``FLASHTILE_FLEX_FWD`` / ``FLASHTILE_FLEX_BWD`` force one, to
-measure others on a GPU); on ``OutOfResources`` the launch steps down through
-``configs.fallbacks`` once per key and remembers what fitted.
+measure others on a GPU), or :data:`_SHORT` one for block masks with short rows; the forward's
+config also carries the kernel's grid order and loop order (:class:`FlexFwdConfig`). On
+``OutOfResources`` the launch steps down through ``configs.fallbacks`` once per key and remembers
+what fitted.
+
+Per call the host does little: the kernels launch through the lean path (``fastlaunch``), a block
+mask's lists are converted to the kernels' int32 form once (cached per block mask), and ``out`` is
+allocated contiguous, so the autograd function above does not copy it.
 """
 
 from __future__ import annotations
