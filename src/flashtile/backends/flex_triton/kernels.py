@@ -10,11 +10,13 @@ dK/dV pass), ``b`` / ``h`` scalars (``h`` the query head) and ``s`` the fp32 sca
 
 The kernels follow the built-in Triton kernels' structure (``backends/triton/fwd.py`` / ``bwd.py``):
 
-* forward: one program per (batch x head, query block of ``BLOCK_M`` rows), heads fastest and the
-  last query blocks first (causal-like masks: the heaviest programs start first). It walks the
-  block mask's *full* key blocks first (no mask evaluation, no bounds checks when the sequence
-  lengths are multiples of the block mask's block: ``EVEN``), then its *partial* ones (``mask``
-  evaluated); each block-mask block is visited in ``MASK_BLOCK // BLOCK_N`` steps of one flat,
+* forward: one program per (batch x head, query block of ``BLOCK_M`` rows), by default heads
+  fastest and the last query blocks first (causal-like masks: the heaviest programs start first;
+  ``GRID`` 1 / 2: query blocks fastest, FlexAttention's order). It walks the block mask's *full*
+  key blocks (no mask evaluation, no bounds checks when the sequence lengths are multiples of the
+  block mask's block: ``EVEN``) and its *partial* ones (``mask`` evaluated), full first unless
+  ``PARTIAL_FIRST`` (FlexAttention's order); each block-mask block is visited in
+  ``MASK_BLOCK // BLOCK_N`` steps of one flat,
   software-pipelined loop (``num_stages``), the key block's index read from the block mask's
   list one step ahead (a loop-carried ``blk``: when this step's index load fed only this step's
   K/V loads, Triton 3.6's pipeliner made it an indirect async copy with a stage of its own, which
