@@ -206,3 +206,13 @@ def test_short_row_config_and_env(monkeypatch):
         L.fwd_cfg("sm90", 128, _t.bfloat16, 128, 16384)
     monkeypatch.setenv("FLASHTILE_FLEX_BWD", "64,128,128,64,8,3,8,3")
     assert L.bwd_cfg("sm90", 128, _t.bfloat16, 128, 16384).num_stages1 == 3
+
+
+def test_grid_order_falls_back_past_the_grid_limit():
+    """Grid orders 1 / 2 put batch x heads on the grid's second dimension (at most 65535): beyond
+    that the launcher takes order 0 (its grid shape and the kernel's GRID switch together)."""
+    from flashtile.backends.flex_triton import launch as L
+
+    c = L.FlexFwdConfig(128, 64, 8, 3, 1, True)
+    assert L._grid_order(c, 2, 16) == 1 and L._fwd_grid(c, 2, 16, 1000) == (8, 32)
+    assert L._grid_order(c, 4096, 32) == 0 and L._fwd_grid(c, 4096, 32, 1000) == (4096 * 32, 8)

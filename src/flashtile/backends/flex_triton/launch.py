@@ -276,9 +276,16 @@ def _scale(call: AttnCall) -> float:
     return float(call.softmax_scale) * (1.0 if call.score_mod is not None else LOG2E)
 
 
+def _grid_order(c: FwdConfig, B: int, H: int) -> int:
+    """The config's grid order, or 0 where B * H would exceed CUDA's 65535 limit on the grid's
+    second dimension (orders 1 / 2 put the batch x heads there)."""
+    g = getattr(c, "grid", 0)
+    return g if B * H <= 65535 else 0
+
+
 def _fwd_grid(c: FwdConfig, B: int, H: int, Sq: int) -> tuple[int, int]:
     nq = _cdiv(Sq, c.block_m)
-    return (B * H, nq) if getattr(c, "grid", 0) == 0 else (nq, B * H)
+    return (B * H, nq) if _grid_order(c, B, H) == 0 else (nq, B * H)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,7 +312,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *lstrides,
             Sq, Sk, H, H // Hk, _scale(call), *margs, *sargs,
             **consts, **bflags, MASK_BLOCK=mb, EVEN=even, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=_bd(D),
-            HEAD_DIM=D, UPCAST=_upcast(q.dtype), GRID=getattr(c, "grid", 0),
+            HEAD_DIM=D, UPCAST=_upcast(q.dtype), GRID=_grid_order(c, B, H),
             PARTIAL_FIRST=bool(getattr(c, "partial_first", False)), num_warps=c.num_warps, num_stages=c.num_stages,
         )  # fmt: skip
 
