@@ -5,7 +5,7 @@ spills (ptxas -v), and per innermost SASS loop: instructions / HGMMA / MUFU / lo
 
     PYTHONPATH=src /work/tri36/bin/python scripts/flex_compile_check.py [--only fwd|dkdv|dq] [--cfg ...]
 
-``--cfg fwd=M,N,W,S`` / ``--cfg bwd=M1,N1,M2,N2,W1,S1,W2,S2`` overrides the launcher's choice.
+``--cfg fwd=M,N,W,S[,GRID,PARTIAL_FIRST]`` / ``--cfg bwd=M1,N1,M2,N2,W1,S1,W2,S2`` overrides the launcher's choice.
 Pointers, strides and sequence lengths are compiled as 16-divisible, as the JIT specialises them
 for the contiguous tensors of a real call (16k tokens).
 """
@@ -60,6 +60,7 @@ def compile_one(kind: str, v: tuple, cfg: tuple | None) -> dict:
     if kind == "fwd":
         c = cfg or tuple(vars(L.fwd_cfg("sm90", d, torch.bfloat16, mb, 16384)).values())
         bm, bn, warps, stages = c[:4]
+        grid_order, partial_first = (*c[4:6], 0, 0)[:2] if len(c) > 4 else (0, 0)
     else:
         c = cfg or tuple(vars(L.mod_bwd_cfg(L.bwd_cfg("sm90", d, torch.bfloat16, mb, 16384), score)).values())[:8]
         if kind == "dkdv":
@@ -69,6 +70,8 @@ def compile_one(kind: str, v: tuple, cfg: tuple | None) -> dict:
     consts = dict(MASK_MOD=getattr(K, mask), SCORE_MOD=getattr(K, score), HAS_MASK=mask != "no_mask",
                   HAS_SCORE=score != "no_score", HAS_BLOCK_MASK=has_bm, HAS_FULL=has_bm, BM_B=0, BM_H=0,
                   MASK_BLOCK=mb, EVEN=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, HEAD_DIM=d, UPCAST=False)  # fmt: skip
+    if kind == "fwd":
+        consts.update(GRID=int(grid_order), PARTIAL_FIRST=bool(partial_first))
     if kind != "fwd":
         consts["SCORE_BWD"] = getattr(K, f"{score}_bwd")
     if kind == "dq":
@@ -97,7 +100,8 @@ def compile_one(kind: str, v: tuple, cfg: tuple | None) -> dict:
         if sig[n].startswith("*") or (n.startswith("stride_") or n in ("seqlen_q", "seqlen_k")):
             if n not in consts:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    label = f"{kind:4} {name:20} b{mb} d{d} cfg=({bm},{bn},w{warps},s{stages})"
+    extra = f",g{grid_order},p{int(partial_first)}" if kind == "fwd" else ""
+    label = f"{kind:4} {name:20} b{mb} d{d} cfg=({bm},{bn},w{warps},s{stages}{extra})"
     res = {"name": label}
     try:
         k = triton.compile(ASTSource(kern, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),

@@ -149,3 +149,70 @@ def test_deterministic_backward(monkeypatch):
         gb = torch.autograd.grad(out.sum(), table)[0]
         assert calls == [1]
     torch.testing.assert_close(ga, gb, atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("grid,partial_first", [(1, True), (2, False), (0, True)])
+def test_forward_grid_orders_and_partial_first(monkeypatch, grid, partial_first):
+    """The forward's switches (launch.FlexFwdConfig: grid order, partial blocks before full ones)
+    against the oracle: ragged and even lengths, block 64 and 128, a mask with partial blocks on both
+    sides of the full ones, a score mod; the backward is unchanged (its own config)."""
+    from flashtile.backends.flex_triton import launch as L
+
+    base = L.fwd_cfg
+
+    def cfg(*a, **kw):
+        c = base(*a, **kw)
+        return L.FlexFwdConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, grid, partial_first)
+
+    monkeypatch.setattr(L, "fwd_cfg", cfg)
+    run("sliding_window", "alibi", s=150, h=4, hk=2, d=40, block=64)
+    run("document", "none", b=1, s=256, h=2, hk=1, d=32, block=128)
+
+
+def test_block_mask_lists_cached_per_block_mask():
+    """The int32 lists are converted once per block mask (same tensors on the second call), and a
+    block mask with replaced lists is converted again."""
+    from flashtile.backends.flex_triton import launch as L
+
+    bm = create_block_mask(masks.causal, None, None, 128, 128, device=DEV, BLOCK_SIZE=64)
+    a = L._lists(bm, "kv", DEV)
+    assert L._lists(bm, "kv", DEV) is a
+    assert L._lists(bm, "q", DEV) is not a
+    bm.kv_num_blocks = bm.kv_num_blocks.clone()
+    b = L._lists(bm, "kv", DEV)
+    assert b is not a and b[0][0] is bm.kv_num_blocks
+    assert L._lists(None, "kv", DEV)[2]["HAS_BLOCK_MASK"] is False
+
+
+def test_short_row_config_and_env(monkeypatch):
+    """A short-row entry (launch._SHORT) is taken for block masks whose rows visit few keys, the
+    default for the others; FLASHTILE_FLEX_FWD takes 4 to 6 ints (tile, warps, stages, grid,
+    partial_first) and FLASHTILE_FLEX_BWD 8."""
+    import torch as _t
+
+    from flashtile.backends.flex_triton import launch as L
+
+    short = L.FlexFwdConfig(64, 64, 4, 2, 1, True)
+    monkeypatch.setitem(L._SHORT, ("sm90", 128, 128), short)
+    assert L.fwd_cfg("sm90", 128, _t.bfloat16, 128, 16384, lambda: 1024.0) == short
+    assert L.fwd_cfg("sm90", 128, _t.bfloat16, 128, 16384, lambda: 8192.0) != short
+    sl = create_block_mask(masks.sliding_window(100), None, None, 1024, 1024, device=DEV)
+    assert L._row_keys(sl) <= 2 * 128 + 1
+    assert L._row_keys(create_block_mask(masks.causal, None, None, 1024, 1024, device=DEV)) == 128 * 4.5
+    monkeypatch.setenv("FLASHTILE_FLEX_FWD", "128,64,8,3,1,1")
+    assert L.fwd_cfg("sm90", 128, _t.bfloat16, 64, 16384) == L.FlexFwdConfig(64, 64, 8, 3, 1, True)
+    monkeypatch.setenv("FLASHTILE_FLEX_FWD", "128,64,8")
+    with pytest.raises(ValueError, match="FLASHTILE_FLEX_FWD"):
+        L.fwd_cfg("sm90", 128, _t.bfloat16, 128, 16384)
+    monkeypatch.setenv("FLASHTILE_FLEX_BWD", "64,128,128,64,8,3,8,3")
+    assert L.bwd_cfg("sm90", 128, _t.bfloat16, 128, 16384).num_stages1 == 3
+
+
+def test_grid_order_falls_back_past_the_grid_limit():
+    """Grid orders 1 / 2 put batch x heads on the grid's second dimension (at most 65535): beyond
+    that the launcher takes order 0 (its grid shape and the kernel's GRID switch together)."""
+    from flashtile.backends.flex_triton import launch as L
+
+    c = L.FlexFwdConfig(128, 64, 8, 3, 1, True)
+    assert L._grid_order(c, 2, 16) == 1 and L._fwd_grid(c, 2, 16, 1000) == (8, 32)
+    assert L._grid_order(c, 4096, 32) == 0 and L._fwd_grid(c, 4096, 32, 1000) == (4096 * 32, 8)

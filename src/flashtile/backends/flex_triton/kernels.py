@@ -10,11 +10,13 @@ dK/dV pass), ``b`` / ``h`` scalars (``h`` the query head) and ``s`` the fp32 sca
 
 The kernels follow the built-in Triton kernels' structure (``backends/triton/fwd.py`` / ``bwd.py``):
 
-* forward: one program per (batch x head, query block of ``BLOCK_M`` rows), heads fastest and the
-  last query blocks first (causal-like masks: the heaviest programs start first). It walks the
-  block mask's *full* key blocks first (no mask evaluation, no bounds checks when the sequence
-  lengths are multiples of the block mask's block: ``EVEN``), then its *partial* ones (``mask``
-  evaluated); each block-mask block is visited in ``MASK_BLOCK // BLOCK_N`` steps of one flat,
+* forward: one program per (batch x head, query block of ``BLOCK_M`` rows), by default heads
+  fastest and the last query blocks first (causal-like masks: the heaviest programs start first;
+  ``GRID`` 1 / 2: query blocks fastest, FlexAttention's order). It walks the block mask's *full*
+  key blocks (no mask evaluation, no bounds checks when the sequence lengths are multiples of the
+  block mask's block: ``EVEN``) and its *partial* ones (``mask`` evaluated), full first unless
+  ``PARTIAL_FIRST`` (FlexAttention's order); each block-mask block is visited in
+  ``MASK_BLOCK // BLOCK_N`` steps of one flat,
   software-pipelined loop (``num_stages``), the key block's index read from the block mask's
   list one step ahead (a loop-carried ``blk``: when this step's index load fed only this step's
   K/V loads, Triton 3.6's pipeliner made it an indirect async copy with a stage of its own, which
@@ -303,6 +305,42 @@ def _fwd_step(
 
 
 @triton.jit
+def _fwd_list(
+    acc, l_i, m_i, num, idx, blk, q, k_base, v_base, rows, offs_n, offs_d, b, h,
+    stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
+    MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, HAS_SCORE: tl.constexpr, APPLY_MASK: tl.constexpr,
+    BOUNDS: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+    MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The key blocks of one block-mask list (``num`` blocks at ``idx``, ``blk`` = ``idx[0]``,
+    loaded by the caller ahead of time), ``MASK_BLOCK // BLOCK_N`` steps each, one flat loop; the
+    next step's index is read one step ahead (see the module docstring)."""
+    SUBS: tl.constexpr = MASK_BLOCK // BLOCK_N
+    n = num * SUBS
+    for i in range(0, n):
+        start_n = blk * MASK_BLOCK + (i % SUBS) * BLOCK_N
+        blk = tl.load(idx + tl.minimum(i + 1, n - 1) // SUBS)
+        acc, l_i, m_i = _fwd_step(
+            acc, l_i, m_i, q, k_base, v_base, start_n, rows, offs_n, offs_d, b, h,
+            stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
+            MASK_MOD, SCORE_MOD, HAS_SCORE, APPLY_MASK, BOUNDS, PAD_D, HEAD_DIM, UPCAST)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _program(GRID: tl.constexpr):
+    """(batch x head, query block) of this program. GRID 0: grid (B*H, query blocks), heads
+    fastest, last query blocks first; 1: grid (query blocks, B*H), query blocks fastest in order
+    (FlexAttention's order); 2: as 1 with the last query blocks first."""
+    if GRID == 0:
+        return tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
+    elif GRID == 1:
+        return tl.program_id(1), tl.program_id(0)
+    else:
+        return tl.program_id(1), tl.num_programs(0) - 1 - tl.program_id(0)
+
+
+@triton.jit
 def flex_fwd(
     Q, K, V, O, LSE,
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
@@ -315,16 +353,16 @@ def flex_fwd(
     HAS_BLOCK_MASK: tl.constexpr, HAS_FULL: tl.constexpr, BM_B: tl.constexpr, BM_H: tl.constexpr,
     MASK_BLOCK: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, GRID: tl.constexpr = 0, PARTIAL_FIRST: tl.constexpr = False,
 ):
-    """Grid (batch x heads, query blocks of BLOCK_M rows; BLOCK_M and BLOCK_N divide MASK_BLOCK).
+    """Grid: see _program (GRID); BLOCK_M and BLOCK_N divide MASK_BLOCK.
     Writes out and lse (natural log, (B, H, seqlen_q) contiguous). EVEN: both sequence lengths
     are multiples of MASK_BLOCK (with a block mask, of as many blocks as its lists) or of
-    BLOCK_M / BLOCK_N (without): no bounds checks."""
+    BLOCK_M / BLOCK_N (without): no bounds checks. PARTIAL_FIRST: the block mask's partial
+    blocks before its full ones (FlexAttention's order; default full first). The lists' counts and
+    first indices are read before q, so their latency overlaps q's load."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    SUBS: tl.constexpr = MASK_BLOCK // BLOCK_N
-    bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    bh, pid_m = _program(GRID)
     b = bh // nheads
     h = bh % nheads
     hk = h // groups
@@ -337,35 +375,35 @@ def flex_fwd(
     q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    if HAS_BLOCK_MASK:
+        qb = m0 // MASK_BLOCK
+        num, idx = _list(KV_NUM, KV_IDX, b, h, qb, bm_sb, bm_sh, bm_sn, bmi_sb, bmi_sh, bmi_sn, BM_B, BM_H)
+        blk = tl.load(idx)
+        if HAS_FULL:
+            fnum, fidx = _list(FULL_NUM, FULL_IDX, b, h, qb, fbm_sb, fbm_sh, fbm_sn, fbmi_sb, fbmi_sh, fbmi_sn,
+                               BM_B, BM_H)
+            fblk = tl.load(fidx)
     q = _load_tile(_tile_ptrs(q_base, m0, offs_m, offs_d, stride_qs, False), rows, seqlen_q, offs_d, HEAD_DIM,
                    not EVEN, PAD_D, False)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     if HAS_BLOCK_MASK:
-        qb = m0 // MASK_BLOCK
-        if HAS_FULL:  # full blocks: no mask evaluation
-            fnum, fidx = _list(FULL_NUM, FULL_IDX, b, h, qb, fbm_sb, fbm_sh, fbm_sn, fbmi_sb, fbmi_sh, fbmi_sn,
-                               BM_B, BM_H)
-            nfull = fnum * SUBS
-            blk = tl.load(fidx)
-            for i in range(0, nfull):
-                start_n = blk * MASK_BLOCK + (i % SUBS) * BLOCK_N
-                blk = tl.load(fidx + tl.minimum(i + 1, nfull - 1) // SUBS)
-                acc, l_i, m_i = _fwd_step(
-                    acc, l_i, m_i, q, k_base, v_base, start_n, rows, offs_n, offs_d, b, h,
-                    stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
-                    MASK_MOD, SCORE_MOD, HAS_SCORE, False, not EVEN, PAD_D, HEAD_DIM, UPCAST)
-        num, idx = _list(KV_NUM, KV_IDX, b, h, qb, bm_sb, bm_sh, bm_sn, bmi_sb, bmi_sh, bmi_sn, BM_B, BM_H)
-        npart = num * SUBS
-        blk = tl.load(idx)
-        for i in range(0, npart):
-            start_n = blk * MASK_BLOCK + (i % SUBS) * BLOCK_N
-            blk = tl.load(idx + tl.minimum(i + 1, npart - 1) // SUBS)
-            acc, l_i, m_i = _fwd_step(
-                acc, l_i, m_i, q, k_base, v_base, start_n, rows, offs_n, offs_d, b, h,
+        if PARTIAL_FIRST:  # blocks that need the mask_mod
+            acc, l_i, m_i = _fwd_list(
+                acc, l_i, m_i, num, idx, blk, q, k_base, v_base, rows, offs_n, offs_d, b, h,
                 stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
-                MASK_MOD, SCORE_MOD, HAS_SCORE, HAS_MASK, not EVEN, PAD_D, HEAD_DIM, UPCAST)
+                MASK_MOD, SCORE_MOD, HAS_SCORE, HAS_MASK, not EVEN, PAD_D, HEAD_DIM, UPCAST, MASK_BLOCK, BLOCK_N)
+        if HAS_FULL:  # full blocks: no mask evaluation
+            acc, l_i, m_i = _fwd_list(
+                acc, l_i, m_i, fnum, fidx, fblk, q, k_base, v_base, rows, offs_n, offs_d, b, h,
+                stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
+                MASK_MOD, SCORE_MOD, HAS_SCORE, False, not EVEN, PAD_D, HEAD_DIM, UPCAST, MASK_BLOCK, BLOCK_N)
+        if not PARTIAL_FIRST:
+            acc, l_i, m_i = _fwd_list(
+                acc, l_i, m_i, num, idx, blk, q, k_base, v_base, rows, offs_n, offs_d, b, h,
+                stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
+                MASK_MOD, SCORE_MOD, HAS_SCORE, HAS_MASK, not EVEN, PAD_D, HEAD_DIM, UPCAST, MASK_BLOCK, BLOCK_N)
     else:
         n_even = seqlen_k // BLOCK_N
         for j in range(0, n_even):

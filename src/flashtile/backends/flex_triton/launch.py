@@ -4,14 +4,22 @@ Tile configs come from the built-in Triton kernels' table (``backends/triton/con
 same loop shape), with blocks clipped to the block mask's ``BLOCK_SIZE`` (a program's query rows
 and each step's keys must lie in one block-mask block) and 4 warps for a 64-row program, unless
 :data:`_TABLE` names a config of its own (``FLASHTILE_FLEX_FWD`` / ``FLASHTILE_FLEX_BWD`` force one, to
-measure others on a GPU); on ``OutOfResources`` the launch steps down through
-``configs.fallbacks`` once per key and remembers what fitted.
+measure others on a GPU), or :data:`_SHORT` one for block masks with short rows; the forward's
+config also carries the kernel's grid order and loop order (:class:`FlexFwdConfig`). On
+``OutOfResources`` the launch steps down through ``configs.fallbacks`` once per key and remembers
+what fitted.
+
+Per call the host does little: the kernels launch through the lean path (``fastlaunch``), a block
+mask's lists are converted to the kernels' int32 form once (cached per block mask), and ``out`` is
+allocated contiguous, so the autograd function above does not copy it.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import fields, replace
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -20,6 +28,7 @@ from .._ints import cdiv as _cdiv
 from ..triton import configs
 from ..triton.bwd import _bwd_preprocess
 from ..triton.configs import BwdConfig, FwdConfig
+from ..triton.fastlaunch import fast
 from ..triton.launch import _fit as _triton_fit
 from ..triton.launch import arch as _arch
 from ..triton.launch import block_d as _bd
@@ -29,38 +38,81 @@ from . import kernels as K
 LOG2E = 1.4426950408889634
 INTERPRET = type(K.flex_fwd).__name__ == "InterpretedFunction"
 
+# the kernels on the lean launch path (backends/triton/fastlaunch.py: after the first launch of a
+# signature, the compiled kernel's own launcher instead of Triton's generic per-call binding of ~60
+# arguments; Triton's generic launch under the interpreter)
+_FWD = fast(K.flex_fwd)
+_DKDV = fast(K.flex_bwd_dkdv)
+_DQ = fast(K.flex_bwd_dq)
+_PRE = fast(_bwd_preprocess)
+
+
+@dataclass(frozen=True)
+class FlexFwdConfig(FwdConfig):
+    """The forward's tile config plus the flex kernel's own switches (``kernels.flex_fwd``):
+    ``grid`` (0: heads fastest, last query blocks first; 1: query blocks fastest, in order, as
+    FlexAttention; 2: query blocks fastest, last first) and ``partial_first`` (the block mask's
+    partial blocks before its full ones, as FlexAttention)."""
+
+    grid: int = 0
+    partial_first: bool = False
+
+
 #: (arch, block-mask block, head-dim bucket) -> (forward, backward) config overriding the clipped
 #: built-in entry. Empty: the built-in sm90 entries at block 128 are the ones the flex kernels
-#: compile to without spills (scripts/flex_compile_check.py); NOT measured with mods on a GPU.
+#: compile to without spills (scripts/flex_compile_check.py); candidates for short rows are timed
+#: by benchmarks/flex_sweep.py (NOT yet measured with mods on a GPU).
 _TABLE: dict[tuple[str, int, int], tuple[FwdConfig, BwdConfig]] = {}
 
+#: (arch, block-mask block, head-dim bucket) -> forward config for block masks with short rows: query
+#: blocks visiting on average at most SHORT_ROW_KEYS keys (document, sliding-window masks: a few key
+#: blocks per program, where pipeline fill, q's load and the epilogue weigh). Empty until measured
+#: (benchmarks/flex_sweep.py times the candidates); an entry costs one host sync per block mask
+#: (its mean row length, cached with its lists).
+_SHORT: dict[tuple[str, int, int], FlexFwdConfig] = {}
+SHORT_ROW_KEYS = 2048
 
 
 def _env_cfg(name: str, cls):
     """A config forced through the environment (for measuring others on a GPU):
-    ``FLASHTILE_FLEX_FWD=M,N,WARPS,STAGES`` / ``FLASHTILE_FLEX_BWD=M1,N1,M2,N2,W1,S1,W2,S2``."""
+    ``FLASHTILE_FLEX_FWD=M,N,WARPS,STAGES[,GRID[,PARTIAL_FIRST]]`` /
+    ``FLASHTILE_FLEX_BWD=M1,N1,M2,N2,W1,S1,W2,S2``."""
     val = os.environ.get(name)
     if not val:
         return None
     try:
-        return cls(*(int(x) for x in val.split(",")))
+        vals = [int(x) for x in val.split(",")]
+        if cls is not FlexFwdConfig:
+            return cls(*vals)
+        if not 4 <= len(vals) <= 6:
+            raise ValueError
+        return cls(*vals[:5], *(bool(x) for x in vals[5:]))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be {len(fields(cls))} comma-separated ints, got {val!r}") from e
+        n = "4 to 6" if cls is FlexFwdConfig else str(len(fields(cls)))
+        raise ValueError(f"{name} must be {n} comma-separated ints, got {val!r}") from e
 
 
-def fwd_cfg(arch: str, d: int, dtype: torch.dtype, mb: int, max_seqlen: int) -> FwdConfig:
-    """The forward's tile config for block-mask block ``mb`` (128 without a block mask)."""
-    forced = _env_cfg("FLASHTILE_FLEX_FWD", FwdConfig)
+def fwd_cfg(
+    arch: str, d: int, dtype: torch.dtype, mb: int, max_seqlen: int, row_keys: Callable[[], float] | None = None
+) -> FlexFwdConfig:
+    """The forward's tile config for block-mask block ``mb`` (128 without a block mask).
+    ``row_keys``: the block mask's mean keys per query row (called only where :data:`_SHORT` has an
+    entry for this key)."""
+    forced = _env_cfg("FLASHTILE_FLEX_FWD", FlexFwdConfig)
     if forced is not None and arch != "interpret":
         return _clip(forced, mb)
     bd = _bd(d)
+    short = _SHORT.get((arch, mb, configs.bucket(bd)))
+    if short is not None and row_keys is not None and row_keys() <= SHORT_ROW_KEYS:
+        return _clip(short, mb)
     over = _TABLE.get((arch, mb, configs.bucket(bd)))
     if over is not None:
-        return over[0]
+        c = over[0]
+        return c if isinstance(c, FlexFwdConfig) else FlexFwdConfig(*(getattr(c, f.name) for f in fields(FwdConfig)))
     c = configs.fwd_config(arch, bd, dtype, max_seqlen)
     bm, bn = min(c.block_m, mb), min(c.block_n, mb)
     warps = min(c.num_warps, 4) if bm < c.block_m and bm <= 64 else c.num_warps
-    return FwdConfig(bm, bn, warps, c.num_stages)
+    return FlexFwdConfig(bm, bn, warps, c.num_stages)
 
 
 def bwd_cfg(arch: str, d: int, dtype: torch.dtype, mb: int, max_seqlen: int) -> BwdConfig:
@@ -120,12 +172,27 @@ def _arg(a):
     return a.detach() if isinstance(a, torch.Tensor) else a
 
 
+#: zero placeholders (the lists' stand-ins without a block mask), one per device
+_ZEROS: dict[torch.device, torch.Tensor] = {}
+#: (id(block mask), side, device) -> (weak reference to the block mask, its num tensor, _lists'
+#: result): the int32 / contiguous conversions and strides once per block mask, not per call
+_LISTS: dict[tuple, tuple] = {}
+_LISTS_MAX = 256
+
+
 def _lists(bm, side: str, device: torch.device):
     """The block mask's ``side`` ("kv": per query block; "q": per key block, for the dK/dV pass)
     lists as int32 tensors with unit inner stride, flattened into the kernels' arguments:
     ``(num, idx, full_num, full_idx, 12 strides, has_full, B > 1, H > 1)``; placeholders without a
-    block mask."""
-    zero = torch.zeros(1, dtype=torch.int32, device=device)
+    block mask. Cached per block mask (checked by identity of the object and of its count tensor,
+    so a block mask whose lists are replaced is converted again)."""
+    key = (id(bm), side, device)
+    hit = _LISTS.get(key)
+    if hit is not None and hit[0]() is bm and (bm is None or hit[1] is getattr(bm, f"{side}_num_blocks")):
+        return hit[2]
+    zero = _ZEROS.get(device)
+    if zero is None:
+        zero = _ZEROS[device] = torch.zeros(1, dtype=torch.int32, device=device)
     ph = (zero.view(1, 1, 1), zero.view(1, 1, 1, 1))
     if bm is None:
         num, idx, fnum, fidx, has_full = *ph, *ph, False
@@ -138,11 +205,42 @@ def _lists(bm, side: str, device: torch.device):
         has_full = getattr(bm, f"full_{side}_num_blocks") is not None
         fnum, fidx = (get(f"full_{side}_num_blocks"), get(f"full_{side}_indices")) if has_full else ph
     strides = (*num.stride(), *idx.stride()[:3], *fnum.stride(), *fidx.stride()[:3])
-    return (
+    res = (
         (num, idx, fnum, fidx),
         strides,
         dict(HAS_BLOCK_MASK=bm is not None, HAS_FULL=has_full, BM_B=int(num.shape[0] > 1), BM_H=int(num.shape[1] > 1)),
     )
+    if bm is not None:
+        try:
+            ref = weakref.ref(bm)
+        except TypeError:  # an object without weak references: not cached
+            return res
+        if len(_LISTS) >= _LISTS_MAX:
+            _LISTS.clear()
+        _LISTS[key] = (ref, getattr(bm, f"{side}_num_blocks"), res)
+    return res
+
+
+_ROW_KEYS: dict[int, tuple] = {}
+
+
+def _row_keys(bm) -> float:
+    """The block mask's mean number of visited keys per query block (partial + full blocks, times
+    the block): one host sync per block mask, cached (weakly, as :func:`_lists`)."""
+    hit = _ROW_KEYS.get(id(bm))
+    if hit is not None and hit[0]() is bm and hit[1] is bm.kv_num_blocks:
+        return hit[2]
+    n = bm.kv_num_blocks.float().mean()
+    if bm.full_kv_num_blocks is not None:
+        n = n + bm.full_kv_num_blocks.float().mean()
+    val = float(n.item()) * bm.BLOCK_SIZE[1]
+    try:
+        if len(_ROW_KEYS) >= _LISTS_MAX:
+            _ROW_KEYS.clear()
+        _ROW_KEYS[id(bm)] = (weakref.ref(bm), bm.kv_num_blocks, val)
+    except TypeError:
+        pass
+    return val
 
 
 def _geometry(bm, Sq: int, Sk: int) -> tuple[int, bool]:
@@ -178,11 +276,25 @@ def _scale(call: AttnCall) -> float:
     return float(call.softmax_scale) * (1.0 if call.score_mod is not None else LOG2E)
 
 
+def _grid_order(c: FwdConfig, B: int, H: int) -> int:
+    """The config's grid order, or 0 where B * H would exceed CUDA's 65535 limit on the grid's
+    second dimension (orders 1 / 2 put the batch x heads there)."""
+    g = getattr(c, "grid", 0)
+    return g if B * H <= 65535 else 0
+
+
+def _fwd_grid(c: FwdConfig, B: int, H: int, Sq: int) -> tuple[int, int]:
+    nq = _cdiv(Sq, c.block_m)
+    return (B * H, nq) if _grid_order(c, B, H) == 0 else (nq, B * H)
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of a call with mods, internal layout ``(B, S, H, D)``; lse ``(B, H, Sq)`` fp32."""
+    """(out, lse) of a call with mods, internal layout ``(B, S, H, D)``; lse ``(B, H, Sq)`` fp32.
+    out is contiguous in that layout whatever q's strides (a q viewed from FlexAttention's
+    ``(B, H, S, D)`` would otherwise give an out that the autograd function copies)."""
     B, Sq, H, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -191,16 +303,17 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -
     lists, lstrides, bflags = _lists(bm, "kv", q.device)
     consts, margs, sargs, _ = _mods(call)
     arch = _arch(q.device)
-    cfg = fwd_cfg(arch, D, q.dtype, mb, max(Sq, Sk))
+    cfg = fwd_cfg(arch, D, q.dtype, mb, max(Sq, Sk), None if bm is None else (lambda: _row_keys(bm)))
 
     def launch(c: FwdConfig) -> None:
-        K.flex_fwd[(B * H, _cdiv(Sq, c.block_m))](
+        _FWD[_fwd_grid(c, B, H, Sq)](
             q, k, v, out, lse, *lists,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *lstrides,
             Sq, Sk, H, H // Hk, _scale(call), *margs, *sargs,
             **consts, **bflags, MASK_BLOCK=mb, EVEN=even, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=_bd(D),
-            HEAD_DIM=D, UPCAST=_upcast(q.dtype), num_warps=c.num_warps, num_stages=c.num_stages,
+            HEAD_DIM=D, UPCAST=_upcast(q.dtype), GRID=_grid_order(c, B, H),
+            PARTIAL_FIRST=bool(getattr(c, "partial_first", False)), num_warps=c.num_warps, num_stages=c.num_stages,
         )  # fmt: skip
 
     with _guard(q.device):
@@ -244,14 +357,14 @@ def backward(
     with _guard(q.device):
         delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
         pre_m = 32 if INTERPRET else 128
-        _bwd_preprocess[(_cdiv(Sq, pre_m), H, B)](
+        _PRE[(_cdiv(Sq, pre_m), H, B)](
             out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), delta.stride(0), delta.stride(1), Sq, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_m, num_warps=4,
         )  # fmt: skip
         qlists, qstrides, bflags = _lists(bm, "q", q.device)
 
         def dkdv(c: BwdConfig) -> None:
-            K.flex_bwd_dkdv[(B * Hk, _cdiv(Sk, c.block_n1))](
+            _DKDV[(B * Hk, _cdiv(Sk, c.block_n1))](
                 q, k, v, dout, dk, dv, lse, delta, *qlists,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
@@ -268,7 +381,7 @@ def backward(
         gname = score_name if has_grad else "no"
 
         def dqp(c: BwdConfig) -> None:
-            K.flex_bwd_dq[(B * H, _cdiv(Sq, c.block_m2))](
+            _DQ[(B * H, _cdiv(Sq, c.block_m2))](
                 q, k, v, dout, dq, lse, delta, *kvlists,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
@@ -287,4 +400,4 @@ def backward(
     return result()
 
 
-__all__ = ["backward", "bwd_cfg", "forward", "fwd_cfg", "mod_bwd_cfg"]
+__all__ = ["FlexFwdConfig", "backward", "bwd_cfg", "forward", "fwd_cfg", "mod_bwd_cfg"]
