@@ -95,17 +95,21 @@ class FP8Config(HopperConfig):
     the kernel's constexprs): ``cvt_asm``: P rounded to e4m3 four values at a time by inline PTX and
     carried across the key-block loop as packed 32-bit words (dense calls; ``fwd_fp8._p_pack``);
     ``row_tree``: the softmax's row reductions as trees over the registers (``fwd._row_reduce``): 0
-    off (Triton's sequential chain), 1 the row max, 2 the row max and the row sum."""
+    off (Triton's sequential chain), 1 the row max, 2 the row max and the row sum;
+    ``skip_rescale``: a warp skips the output rescale of a key block in which none of its rows'
+    max rose (a warp vote and a branch in inline PTX; exact: alpha is 1 there)."""
 
     cvt_asm: int = 1
     row_tree: int = 1
+    skip_rescale: int = 1
 
 
 def fp8_flags(cfg: HopperConfig) -> dict[str, bool]:
     """The FP8 kernel's constexpr switches of ``cfg`` (:class:`FP8Config`'s fields; defaults for a
     plain :class:`HopperConfig`)."""
     return dict(CVT_ASM=bool(getattr(cfg, "cvt_asm", FP8Config.cvt_asm)),
-                ROW_TREE=int(getattr(cfg, "row_tree", FP8Config.row_tree)))
+                ROW_TREE=int(getattr(cfg, "row_tree", FP8Config.row_tree)),
+                SKIP_RESCALE=bool(getattr(cfg, "skip_rescale", FP8Config.skip_rescale)))
 
 
 _FP8_TABLE: dict[int, FP8Config] = {
