@@ -16,6 +16,14 @@ epilogue helpers are :mod:`.fwd`'s, shared with the 16-bit kernels. What differs
   or ``(Hk, D, total_pad)`` (varlen) in global memory, and the producer loads ``[D, BLOCK_N]``
   V^T tiles by TMA; the consumers read them through a permuted ``[BLOCK_N, D]`` view. The row
   sums ``l`` use the unrounded p.
+
+Code-path switches (constexprs from ``configs.FP8Config``, so one benchmark run compares them):
+``CVT_ASM`` (P rounded four values at a time by inline ``cvt.rn.satfinite.e4m3x2.f32`` and carried
+across the key-block loop as packed int32 words: :func:`_p_pack`), ``ROW_TREE`` (the softmax's row
+max, and with 2 its row sum, as register trees: ``fwd._row_reduce``), ``SKIP_RESCALE`` (the output
+rescale branched over by a warp none of whose rows' max rose: :func:`_rescale`). SASS of the d128
+dense unmasked key-block loop (per thread, 64 scores): 641 instructions (909 PRMT in the kernel)
+without them, 450 with them (no PRMT), of which 64 FMUL are skipped in most blocks.
 * Epilogue: ``o = acc * v_descale[b, hk] / l`` in bfloat16 (flash-attn 3's output dtype for
   FP8), staged through its own bf16 shared buffer (the FP8 Q buffer is half the size) and
   stored by TMA, or by masked stores for a ragged varlen tile.
