@@ -152,19 +152,20 @@ def _rescale(acc, alpha, o_layout: gl.constexpr, SKIP_RESCALE: gl.constexpr):
     """``acc * alpha`` (alpha per row). ``SKIP_RESCALE``: a warp whose rows all have alpha == 1
     (no row max rose in this key block: most blocks after the first few) skips the multiplies,
     branching on a warp vote (inline PTX, :func:`_rescale_asm`): the same result, 5 instructions
-    instead of BLOCK_D / 2 FMUL per thread when skipped."""
+    instead of BLOCK_D / 2 FMUL per thread when skipped. Not ``is_pure``: the warp-collective vote
+    must not be moved or merged by the compiler."""
     a = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
     if SKIP_RESCALE:
         N: gl.constexpr = acc.shape[0] * acc.shape[1] // 128  # accumulator registers per thread
         if N == 32:
             return gl.inline_asm_elementwise(_RESCALE_32, _RESCALE_C32, [acc, a],
-                                             dtype=gl.float32, is_pure=True, pack=32)
+                                             dtype=gl.float32, is_pure=False, pack=32)
         elif N == 64:
             return gl.inline_asm_elementwise(_RESCALE_64, _RESCALE_C64, [acc, a],
-                                             dtype=gl.float32, is_pure=True, pack=64)
+                                             dtype=gl.float32, is_pure=False, pack=64)
         else:
             return gl.inline_asm_elementwise(_RESCALE_128, _RESCALE_C128, [acc, a],
-                                             dtype=gl.float32, is_pure=True, pack=128)
+                                             dtype=gl.float32, is_pure=False, pack=128)
     else:
         return acc * a
 
