@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import importlib.util
 import os
 import re
@@ -60,7 +61,7 @@ def _desc_sig(dtype: str, rows: int, d: int, varlen: bool, block: list[int] | No
     of any ``block`` (its last dim contiguous)."""
     from triton.experimental.gluon import language as gl
 
-    bits = 8 if dtype.startswith("fp8") else 16
+    bits = 8 if dtype.startswith("fp8") else 32 if dtype == "fp32" else 16
     if block is None:
         block = [rows, 1, d] if varlen else [1, rows, 1, d]
     row = block[-1] * bits // 8
@@ -250,16 +251,15 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
     }  # fmt: skip
     consts = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
                   IS_VARLEN=varlen, num_warps=cfg.num_warps, **BWD_OPTS[opt])  # fmt: skip
+    consts.update(cfg.kernel_consts(d))
     if cfg.kernel in ("ws", "ws2"):
-        consts.update(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows)
-        split = cfg.kernel == "ws2"
-        consts.update(SPLIT=split, COMPUTE_REGS=cfg.compute_regs, DEFER_DK=bool(cfg.defer_dk) and not split)
-        if split:
-            consts.update(num_warps=4)
-        name = name.replace("bwd ", f"bwd_{cfg.kernel} ", 1)
+        name = name.replace("bwd ", f"bwd_{cfg.kernel}{'_swap' if cfg.swap else ''}{'_tma' if cfg.dq_tma else ''} ", 1)
         res["name"] = name
-    else:
-        consts.update(DQ_CHUNK=cfg.chunk(d), RED_VEC=cfg.red_vec)
+        if consts["DQ_TMA"]:
+            if consts["ATOMIC_DQ"]:
+                sig["dq_desc"] = _desc_sig("fp32", cfg.block_m, bd, varlen)
+            else:
+                consts["DQ_TMA"] = False
     if not varlen:
         consts.update(CU_Q=None, CU_K=None)
     for key in consts:
@@ -303,9 +303,8 @@ def main() -> int:
                  for mk in masks for vl in (False, True)]  # fmt: skip
     if args.only != "fwd":
         bopts = ["none", "causal", "deterministic"] if args.quick else list(BWD_OPTS)
-        bwd_over = {k: v for k, v in overrides.items()
-                    if k in ("block_m", "block_n", "num_stages", "dq_chunk", "atomic_dq", "red_vec", "worker_regs",
-                             "red_rows", "compute_regs", "defer_dk")}  # fmt: skip
+        fields = {f.name for f in dataclasses.fields(configs.HopperBwdConfig)}
+        bwd_over = {k: v for k, v in overrides.items() if k in fields}
         if args.bwd_kernel:
             bwd_over["kernel"] = args.bwd_kernel
         jobs += [(compile_bwd, (dt, d, op, vl, bwd_over)) for dt in dtypes for d in dims for op in bopts

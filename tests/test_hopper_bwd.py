@@ -111,13 +111,17 @@ def test_bwd_kernel_choice_and_env(monkeypatch):
     monkeypatch.delenv(hopper.BWD_ENV)
     assert hopper.bwd_kernel(call) == hopper.DEFAULT_BWD == "triton"
     assert hopper.bwd_kernel(call, 192) == "triton" and hopper.bwd_kernel(call, 256) == "gluon"
-    # head dims 64/128: the Gluon kernels from 2k keys on (below, the Triton backward is faster);
-    # causal head dim 64 from 8k keys
+    # head dims 64/128: the Gluon kernels from 2k keys on (below, the Triton backward is faster),
+    # causal or not
     assert hopper.bwd_kernel(call, 128, 1024) == "triton" and hopper.bwd_kernel(call, 128, 4096) == "gluon"
     assert hopper.bwd_kernel(call, 64, 1024) == "triton" and hopper.bwd_kernel(call, 64, 4096) == "gluon"
     causal = make_call(headdim=64, causal=True)
-    assert hopper.bwd_kernel(causal, 64, 4096) == "triton" and hopper.bwd_kernel(causal, 64, 8192) == "gluon"
-    assert configs.bwd_config(64, masked=True).kernel == "ws2" and configs.bwd_config(64).kernel == "ws"
+    assert hopper.bwd_kernel(causal, 64, 1024) == "triton" and hopper.bwd_kernel(causal, 64, 4096) == "gluon"
+    # the ws kernel with the transposed score tiles and TMA dQ reductions, masked or not
+    for d in (64, 96, 128):
+        for masked in (False, True):
+            cfg = configs.bwd_config(d, masked=masked)
+            assert (cfg.kernel, cfg.swap, cfg.dq_tma) == ("ws", 1, 1) and configs.bwd_check(cfg, d) is None
     monkeypatch.setenv(hopper.BWD_ENV, "gluon")
     assert hopper.bwd_kernel(call) == "gluon"
     monkeypatch.setenv(hopper.BWD_ENV, "triton")
@@ -212,6 +216,9 @@ def lb(monkeypatch):
     monkeypatch.setattr(launch_bwd, "_bwd_preprocess", rec["pre"])
     monkeypatch.setattr(launch_bwd, "_bwd_dq_kernel", rec["dq"])
     monkeypatch.setattr(launch_bwd, "_descriptor", lambda t, rows, varlen: ("desc", tuple(t.shape), rows, varlen))
+    # the dQ conversion kernel's arithmetic (the kernel itself: test_triton_kernels.py under the interpreter)
+    monkeypatch.setattr(launch_bwd, "_convert_dq",
+                        lambda acc, dq, scale: dq.copy_(acc[:, : dq.shape[1], :, : dq.shape[3]] * scale))  # fmt: skip
     monkeypatch.setattr(launch_bwd, "arch", lambda device: "sm90")
     return launch_bwd, rec
 
@@ -227,7 +234,7 @@ def test_launch_bwd_dense_arguments(lb):
     call = make_call(headdim=D, causal=True, softmax_scale=0.25)
     dq, dk, dv = launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(B, H, Sq), call)
     cfg = configs.bwd_config(D)
-    (grid, args, kw), = rec["main"].calls
+    (grid, args, kw), *_ = rec["main"].calls
     assert grid == (-(-Sk // cfg.block_n), Hk, B)
     acc = args[4]
     assert acc.dtype == torch.float32 and acc.shape == (B, Sq + cfg.block_m, H, 128)  # spare rows, BLOCK_D wide
@@ -239,13 +246,21 @@ def test_launch_bwd_dense_arguments(lb):
     assert kw["ATOMIC_DQ"] and kw["HEAD_DIM"] == 96 and kw["BLOCK_D"] == 128
     if cfg.kernel == "ws":
         assert kw["WORKER_REGS"] == cfg.worker_regs and kw["RED_ROWS"] == cfg.red_rows and "DQ_CHUNK" not in kw
+        assert kw["SWAP"] == bool(cfg.swap) and kw["DQ_TMA"] == bool(cfg.dq_tma)
+        if cfg.dq_tma:  # the accumulator's TMA descriptor, [block_m, BLOCK_D] tiles
+            assert kw["dq_desc"] == ("desc", tuple(args[4].shape), cfg.block_m, False)
     else:
         assert kw["DQ_CHUNK"] == 128 and kw["RED_VEC"] == cfg.red_vec
-    assert args[9] is None and args[10] is None
+    assert args[9] is None and args[10] is None and not kw["LPT"]
+    # longest-first grid (key blocks slowest) for a causal call when the config asks for it
+    launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(B, H, Sq), call,
+                        config=configs.bwd_config(D, lpt=1))  # fmt: skip
+    grid2, _, kw2 = rec["main"].calls[1]
+    assert grid2 == (Hk, B, -(-Sk // cfg.block_n)) and kw2["LPT"]
     # the conversion: scale x the accumulator, its first D columns and Sq rows, in q's dtype
     assert dq.dtype == q.dtype and dq.shape == q.shape and torch.all(dq == 0.5)
     assert dk.shape == k.shape and dv.shape == v.shape
-    (pgrid, pargs, pkw), = rec["pre"].calls
+    (pgrid, pargs, pkw), *_ = rec["pre"].calls
     assert pgrid[1:] == (H, B) and pkw["HEAD_DIM"] == D
     assert not rec["dq"].calls
 

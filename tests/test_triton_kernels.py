@@ -384,3 +384,19 @@ def test_fp8_vt_kernel(varlen, s, d):
             want[..., pos] = v[:, key].float()
     assert got.shape == ((3, d, sp) if varlen else (b, 3, d, sp))
     assert torch.equal(got, want[0] if varlen else want)
+
+
+@pytest.mark.parametrize(
+    "s,h,d,dtype", [(45, 3, 64, torch.float16), (17, 2, 96, torch.float32), (1, 4, 256, torch.float16)]
+)
+def test_hopper_dq_convert_kernel(s, h, d, dtype):
+    """The hopper backward's dQ conversion (plain Triton: runs here under the interpreter):
+    ``dq = scale * acc[..., :D]`` from the padded fp32 accumulator into a strided dq."""
+    from flashtile.backends.hopper.dq import convert_dq
+
+    b, bd = 2, max(64, 1 << (d - 1).bit_length())
+    acc = torch.randn(b, s + 64, h, bd, device=DEVICE)
+    dq = torch.empty(b, h, s, d, device=DEVICE, dtype=dtype).transpose(1, 2)  # strided like a q view
+    convert_dq(acc, dq, 0.37)
+    want = (acc[:, :s, :, :d] * 0.37).to(dtype)
+    assert torch.equal(dq, want)

@@ -189,16 +189,16 @@ class HopperBackend:
 BWD_ENV = "FLASHTILE_HOPPER_BWD"
 #: The default backward: the Triton kernels, except for (head dim, masked) in
 #: :data:`GLUON_BWD_MIN_KEYS` with at least that many keys (the longest sequence's; masked: causal
-#: or windowed). Measured on the H200 (``benchmarks/results/hopper_bwd_H200_20261201_ws*.json``,
-#: backward TFLOP/s, bf16, each against the Triton backward in the same run): head dim 128, the ws
-#: kernel, 410 / 341 at 4k (non-causal / causal) and 457 / 437 at 16k against 391 / 334 and
-#: 403 / 394 (GQA 32/8 8k causal 390 vs 361, softcap 311 vs 300), but 286 / 192 against 335 / 197
-#: at 1k; head dim 64, non-causal (ws, 128-row blocks) 367 / 403 at 4k / 16k against 335 / 327,
-#: 262 vs 283 at 1k; causal (ws2) 289 / 367 against 299 / 341 at 4k / 16k; head dim 256 (plain
-#: Gluon kernel) 282 / 259 against 210 / 205. ``FLASHTILE_HOPPER_BWD=gluon|triton`` forces one.
+#: or windowed). Measured on the H200 (``benchmarks/results/hopper_bwd_H200_20261201_swap.json``,
+#: backward TFLOP/s, bf16, the ws kernel with ``swap`` and ``dq_tma`` against the Triton backward in
+#: the same run): head dim 128, 459 / 396 at 4k (non-causal / causal) and 487 / 514 at 16k against
+#: 398 / 338 and 413 / 363 (GQA 32/8 8k causal 459 vs 361, softcap 370 vs 299), but 308 / 213
+#: against 336 / 213 at 1k; head dim 64: 388 / 351 at 4k, 431 / 445 at 16k against 316 / 298 and
+#: 349 / 310, 273 / 190 against 289 / 216 at 1k; head dim 256 (plain Gluon kernel) 281 / 257
+#: against 209 / 204. ``FLASHTILE_HOPPER_BWD=gluon|triton`` forces one.
 DEFAULT_BWD = "triton"
 GLUON_BWD_MIN_KEYS: dict[tuple[int, bool], int] = {
-    (64, False): 2048, (64, True): 8192, (96, False): 2048, (96, True): 2048,
+    (64, False): 2048, (64, True): 2048, (96, False): 2048, (96, True): 2048,
     (128, False): 2048, (128, True): 2048, (256, False): 0, (256, True): 0,
 }
 

@@ -16,27 +16,30 @@ key (their P, hence every gradient they feed, is exactly 0). With ``delta = rows
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta) [* (1 - t^2)],  dK = scale * dS^T Q,
     dQ = scale * dS K  (the scale of dQ is applied by the host's conversion).
 
-Orientation: the program computes the *transposed* tiles ``S^T = K Q^T`` and ``dP^T = V dO^T``
-(keys along the wgmma M dimension), so that ``dV += P^T dO`` and ``dK += dS^T Q`` take P^T and
-dS^T straight from registers (wgmma's register A operand) and Q / dO from the ring buffers as
-they landed. ``dQ = dS K`` needs dS with queries along M: dS^T is written to shared memory once
-and read back transposed (an M-major A operand).
+Orientation: ``attn_bwd`` (the plain kernel, head dims 192/256) computes ``S = Q K^T`` and
+``dP = dO V^T`` with queries along the wgmma M dimension, writes P and dS to shared memory and
+reads them back transposed for ``dV += P^T dO`` / ``dK += dS^T Q``. ``attn_bwd_ws`` with ``SWAP``
+(the default at head dims 64-128, FA3's ``SdP_swapAB``) computes the *transposed* tiles
+``S^T = K Q^T`` and ``dP^T = V dO^T`` (keys along M), so that P^T and dS^T feed dV and dK straight
+from registers (wgmma's register A operand); only dS^T goes to shared memory, for ``dQ = dS K``.
 
-Warps: ``num_warps = 8`` (two warpgroups) in one partition. With ``BLOCK_N = 128`` each
-warpgroup owns 64 keys (layout warps ``[8, 1]``); with ``BLOCK_N = 64`` (head dims 192/256) the
-warpgroups split the N dimension of every product (warps ``[4, 2]``). dQ ``[BLOCK_M, D]`` is
-split the same way by its own layout. The loads of the query block ``NUM_STAGES`` ahead are issued
-by the same warps once every warp is done with the slot (a CTA barrier per block, as the forward's
-``plain`` kernel).
+Warps: the plain kernel runs 8 warps (two warpgroups) in one partition; with ``BLOCK_N = 64``
+the warpgroups split the N dimension of every product (warps ``[4, 2]``), the loads of the query
+block ``NUM_STAGES`` ahead issued by the same warps once every warp is done with the slot. The ws
+kernel adds a worker warpgroup for the TMA loads and the dQ reductions (see
+:func:`attn_bwd_ws`).
 """
 
 from __future__ import annotations
 
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
+    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
@@ -47,6 +50,27 @@ LOG2E: gl.constexpr = gl.constexpr(1.4426950408889634)
 TWO_LOG2E: gl.constexpr = gl.constexpr(2.8853900817779268)  # exp(2x) = exp2(this * x)
 _NO_SPECIALIZE = ["stride_dqb", "stride_dqs", "stride_dqh", "stride_dkb", "stride_dks", "stride_dkh",
                   "stride_lb", "stride_lh", "seqlen_q", "seqlen_k", "group", "window_left", "window_right"]
+
+
+@builtin
+def _tma_add(tensor_desc, coord, src, _semantic=None):
+    """TMA reduce-add of the shared-memory tile ``src`` into the tensor of ``tensor_desc`` at
+    ``coord`` (``cp.reduce.async.bulk.tensor ... .add``, sm_90; completes in the bulk group, wait
+    with ``tma.store_wait``). Triton 3.6's Gluon has the IR op but no Python wrapper (later
+    releases call it ``tma.async_atomic_add``)."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+@gluon.jit
+def _tma_reduce_tile(desc, buf, b, row, head, IS_VARLEN: gl.constexpr):
+    """Add the fp32 ``[rows, D]`` tile ``buf`` into the rows ``row ..`` (of batch ``b``; varlen: a
+    global row index) of head ``head`` of the tensor of ``desc`` by TMA."""
+    view = buf._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+    if IS_VARLEN:
+        _tma_add(desc, [row, head, 0], view)
+    else:
+        _tma_add(desc, [b, row, head, 0], view)
 
 
 @gluon.jit
@@ -80,11 +104,13 @@ def _red_v4(base, x, row0, col0, stride_s, BLOCK_R: gl.constexpr, BLOCK_C: gl.co
 @gluon.jit
 def _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
            HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, BLOCK_M: gl.constexpr,
-           qry_layout: gl.constexpr):
+           qry_layout: gl.constexpr, TRANS: gl.constexpr = False):
     """P = exp2(score - lse) of a ``[BLOCK_M, keys]`` tile from the raw ``S = Q K^T`` (the forward's
     score: base 2, softcap, visibility masks when ``masked``; rows past the sequence or seeing no
-    key have ``lse2 = +inf``: P = 0). Returns ``(p, t)``: ``t = tanh`` of the softcap (for dS's
-    ``1 - t^2``), or ``p`` again without softcap (unused)."""
+    key have ``lse2 = +inf``: P = 0). ``TRANS``: the tile is ``S^T = K Q^T`` (``[keys, BLOCK_M]``,
+    lse along the columns) and so is the result. Returns ``(p, t)``: ``t = tanh`` of the softcap
+    (for dS's ``1 - t^2``), or ``p`` again without softcap (unused)."""
+    QAX: gl.constexpr = 0 if TRANS else 1  # the axis expand_dims adds to a per-query vector
     if HAS_SOFTCAP:
         t = _tanh_fast(s * qk_scale)
         s2 = t * cap_out
@@ -92,15 +118,15 @@ def _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, 
         s2 = s * qk_scale
     if masked:
         qrows = m0 + gl.arange(0, BLOCK_M, layout=qry_layout)
-        c2 = gl.expand_dims(keys, 0)
-        r2 = gl.expand_dims(qrows, 1)
+        c2 = gl.expand_dims(keys, 1 - QAX)
+        r2 = gl.expand_dims(qrows, QAX)
         vis = c2 < seqlen_k
         if HAS_WR:
             vis = vis & (c2 <= r2 + (off + window_right))
         if HAS_WL:
             vis = vis & (c2 >= r2 + (off - window_left))
         s2 = gl.where(vis, s2, float("-inf"))
-    p = gl.exp2(s2 - gl.expand_dims(lse2, 1))
+    p = gl.exp2(s2 - gl.expand_dims(lse2, QAX))
     if HAS_SOFTCAP:
         return p, t
     return p, p
@@ -144,9 +170,11 @@ def attn_bwd(
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, DQ_CHUNK: gl.constexpr, RED_VEC: gl.constexpr,
-    num_warps: gl.constexpr,
+    num_warps: gl.constexpr, LPT: gl.constexpr = False,
 ):
-    """Grid ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``, ``num_warps = 8``.
+    """Grid ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``, ``num_warps = 8``; with ``LPT``
+    ``(Hk, B or nseq, cdiv(max_seqlen_k, BLOCK_N))``: key block 0 of every head first (under a causal
+    mask the heaviest: longest-first scheduling, a shorter tail).
 
     q_desc / do_desc: ``[BLOCK_M, BLOCK_D]`` tiles of q / dout; k_desc / v_desc:
     ``[BLOCK_N, BLOCK_D]`` tiles (4-D dense, 3-D varlen descriptors, as the forward's). DK / DV
@@ -157,7 +185,7 @@ def attn_bwd(
     next sequence's); else dQ is left to another kernel. LSE (natural log) and
     DELTA share the strides ``stride_lb`` / ``stride_lh`` (varlen: one row of ``total_q``)."""
     pid_n, hk, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, False,
-                                                                      IS_VARLEN)
+                                                                      IS_VARLEN, LPT)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return
@@ -369,11 +397,13 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
                    mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
                    BLOCK_M: gl.constexpr, BLOCK_D: gl.constexpr, NUM_STAGES: gl.constexpr,
                    IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, RED_ROWS: gl.constexpr,
-                   WORKER_WARPS: gl.constexpr, NUM_TILES: gl.constexpr = 1):
+                   WORKER_WARPS: gl.constexpr, NUM_TILES: gl.constexpr, dq_desc, DQ_TMA: gl.constexpr):
     """The worker warpgroup: every TMA load (K and V once, then Q / dO of each iteration into the
     ring, a slot refilled once the compute warpgroups released it), and the dQ reductions: each
     iteration's dQ tile, left in ``dq_smem`` by the compute warpgroups, is added into the fp32
-    accumulator in global memory while they go on with the next query block."""
+    accumulator in global memory while they go on with the next query block: with
+    ``red.global.add.v4.f32`` from registers, or (``DQ_TMA``) by TMA reduce-adds of the whole tile
+    (``dq_desc``), the worker waiting only until the TMA unit has read the tile."""
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     _tma_load(k_desc, kv_bar, k_smem, b, k_start + n0, hk, IS_VARLEN)
     _tma_load(v_desc, kv_bar, v_smem, b, k_start + n0, hk, IS_VARLEN)
@@ -393,8 +423,13 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
             h = hk * group + g
             base = DQ + (b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh)
             mbarrier.wait(dq_full, i & 1)
-            _red_smem_v4(base, dq_smem, q_start + blk * BLOCK_M, stride_dqs, BLOCK_M, BLOCK_D, RED_ROWS,
-                         WORKER_WARPS, NUM_TILES)
+            if DQ_TMA:
+                for t in gl.static_range(NUM_TILES):
+                    _tma_reduce_tile(dq_desc, dq_smem.index(t), b, q_start + blk * BLOCK_M, h, IS_VARLEN)
+                tma.store_wait(0)  # the TMA unit has read the tile(s)
+            else:
+                _red_smem_v4(base, dq_smem, q_start + blk * BLOCK_M, stride_dqs, BLOCK_M, BLOCK_D, RED_ROWS,
+                             WORKER_WARPS, NUM_TILES)
             mbarrier.arrive(dq_empty)  # (lowered after a barrier of the worker's warps: all reads done)
 
 
@@ -415,7 +450,16 @@ def _lse_delta(LSE, DELTA, i, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stri
 
 
 @gluon.jit
-def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
+def _lse_delta_rows(LSE, DELTA, i, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh,
+                    BLOCK_M: gl.constexpr, NW: gl.constexpr):
+    """:func:`_lse_delta` of iteration ``i`` in a 1-D layout over ``NW`` warps (a register or two a
+    thread), to be staged in shared memory (``SWAP``)."""
+    return _lse_delta(LSE, DELTA, i, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh, BLOCK_M,
+                      gl.BlockedLayout([1], [32], [NW], [0]))
+
+
+@gluon.jit
+def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem,
                     kv_bar, ld_full, ld_empty, dq_full, dq_empty,
                     DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb, total,
                     seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
@@ -423,7 +467,7 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
                     WG: gl.constexpr, SPLIT: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr,
                     HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-                    DEFER_DK: gl.constexpr):
+                    DEFER_DK: gl.constexpr, SWAP: gl.constexpr, DQ_TMA: gl.constexpr):
     """Compute warps of the ws kernel: for each query block of the ring, the five products and
     the softmax recomputation, dK and dV in registers, the dQ tile left in ``dq_smem`` for the
     worker.
@@ -435,7 +479,16 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
     and its own dQ partial (dS over its keys times its K rows, in 64-column chunks), so the two
     warpgroups only meet at the ring and the worker's dQ hand-off, never at a barrier.
     ``DEFER_DK`` (ws, atomic dQ): dQ is waited for before dK, so dK's wgmma runs under the
-    hand-off."""
+    hand-off. ``DQ_TMA``: the worker adds the dQ tile by TMA (a proxy fence after the stores).
+
+    ``SWAP`` (FA3's ``SdP_swapAB``): the transposed tiles ``S^T = K Q^T`` and ``dP^T = V dO^T``,
+    keys along the wgmma M dimension, each warpgroup its own 64 keys; ``P^T`` and ``dS^T`` then
+    feed ``dV += P^T dO`` and ``dK += dS^T Q`` straight from registers (wgmma's register A
+    operand: no P tile in shared memory, no barrier for it); only ``dS^T`` is stored, for
+    ``dQ = dS K`` (read back transposed). lse and delta lie along the columns (a thread needs 16
+    of each at 64 query rows): they are staged in shared memory (``st_smem``, two slots of the
+    partition's four rows: the next block's loaded into a register a thread at the top of an
+    iteration, stored before its barrier) and read right where they are used."""
     dtype: gl.constexpr = q_bufs.dtype
     NW: gl.constexpr = 4 if SPLIT else 8
     KEYS: gl.constexpr = BLOCK_N // 2 if SPLIT else BLOCK_N
@@ -446,15 +499,25 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
     KN: gl.constexpr = NW // KM
     # dQ in column chunks with SPLIT (a whole 64 x 128 fp32 partial beside dK and dV spills)
     DQ_CHUNK: gl.constexpr = BLOCK_D if not SPLIT or BLOCK_D <= 64 else 64
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[SM, SN],
-                                                       instr_shape=[16, KEYS // SN, 16])
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[KM, KN],
                                                         instr_shape=[16, BLOCK_D // KN, 16])
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[SM, SN],
                                                         instr_shape=[16, DQ_CHUNK // SN, 16])
+    if SWAP:
+        # S^T / dP^T [KEYS, BLOCK_M]: rows split like dK / dV's (KN = 1), so that P^T and dS^T are
+        # the A operands of dV / dK without moving between threads
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[KM, KN],
+                                                           instr_shape=[16, BLOCK_M // KN, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+        qry_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+        key_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    else:
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[SM, SN],
+                                                           instr_shape=[16, KEYS // SN, 16])
+        qry_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     EARLY_DP: gl.constexpr = not (HAS_SOFTCAP and BLOCK_D >= 128)
-    qry_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    DEFER: gl.constexpr = DEFER_DK and ATOMIC_DQ and BLOCK_D == DQ_CHUNK and not SWAP
     if SPLIT:
         k_w = k_smem.slice(WG * KEYS, KEYS, dim=0)
         v_w = v_smem.slice(WG * KEYS, KEYS, dim=0)
@@ -469,8 +532,16 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
     keys = kw0 + gl.arange(0, KEYS, layout=key_layout)
     dk = gl.zeros([KEYS, BLOCK_D], gl.float32, kv_layout)
     dv = gl.zeros([KEYS, BLOCK_D], gl.float32, kv_layout)
-    lse2, delta = _lse_delta(LSE, DELTA, 0, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh,
-                             BLOCK_M, qry_layout)
+    if SWAP:
+        ST0: gl.constexpr = 4 * WG  # this partition's rows of st_smem: lse, delta of slot 0, then of slot 1
+        lse_r, delta_r = _lse_delta_rows(LSE, DELTA, 0, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb,
+                                         stride_lh, BLOCK_M, NW)
+        st_smem.index(ST0).store(lse_r)
+        st_smem.index(ST0 + 1).store(delta_r)
+        gl.thread_barrier()
+    else:
+        lse2, delta = _lse_delta(LSE, DELTA, 0, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh,
+                                 BLOCK_M, qry_layout)
     mbarrier.wait(kv_bar, 0)
     for i in range(total):
         stage = i % NUM_STAGES
@@ -478,71 +549,125 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
         blk = mb_lo + i - g * n_mb
         q_buf = q_bufs.index(stage)
         do_buf = do_bufs.index(stage)
+        masked = (blk < fu_lo) | (blk >= fu_hi)
         mbarrier.wait(ld_full.index(stage), (i // NUM_STAGES) & 1)
-        s = warpgroup_mma(q_buf, k_w.permute((1, 0)), gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout),
-                          use_acc=False, is_async=True)
-        if EARLY_DP:
-            dp = warpgroup_mma(do_buf, v_w.permute((1, 0)), gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout),
-                               use_acc=False, is_async=True)
-        # the next iteration's lse and delta, loaded under the wgmmas (the last iteration reloads its own)
-        lse2_n, delta_n = _lse_delta(LSE, DELTA, gl.minimum(i + 1, total - 1), b, hk, group, q_start, mb_lo, n_mb,
-                                     seqlen_q, stride_lb, stride_lh, BLOCK_M, qry_layout)
-        if EARLY_DP:
-            s = warpgroup_mma_wait(1, deps=(s,))
+        if SWAP:
+            s = warpgroup_mma(k_w, q_buf.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
+                              use_acc=False, is_async=True)
+            if EARLY_DP:
+                dp = warpgroup_mma(v_w, do_buf.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
+                                   use_acc=False, is_async=True)
+            # the next block's lse and delta (the last iteration reloads its own into the other slot)
+            lse_r, delta_r = _lse_delta_rows(LSE, DELTA, gl.minimum(i + 1, total - 1), b, hk, group, q_start, mb_lo,
+                                             n_mb, seqlen_q, stride_lb, stride_lh, BLOCK_M, NW)
+            slot = ST0 + 2 * (i & 1)
+            if EARLY_DP:
+                s = warpgroup_mma_wait(1, deps=(s,))
+            else:
+                s = warpgroup_mma_wait(0, deps=(s,))
+            lse2 = st_smem.index(slot).load(qry_layout)
+            p, t = _bwd_p(s, lse2, keys, blk * BLOCK_M, masked, seqlen_k, off, window_left, window_right,
+                          qk_scale, cap_out, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_M, qry_layout, True)
+            pa = gl.convert_layout(p.to(dtype), a_layout)
+            dv = warpgroup_mma(pa, do_buf, dv, is_async=True)
+            if HAS_SOFTCAP:
+                p = p * (1.0 - t * t)
+            if EARLY_DP:
+                dp = warpgroup_mma_wait(1, deps=(dp,))  # groups retire in order: dP done, dV may run
+            else:
+                dp = warpgroup_mma(v_w, do_buf.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
+                                   use_acc=False, is_async=True)
+                dp = warpgroup_mma_wait(0, deps=(dp,))
+            delta = st_smem.index(slot + 1).load(qry_layout)
+            ds = (p * (dp - gl.expand_dims(delta, 0))).to(dtype)
+            ds_w.store(ds)
+            dsa = gl.convert_layout(ds, a_layout)
+            dk = warpgroup_mma(dsa, q_buf, dk, is_async=True)
+            other = 2 * ST0 + 2 - slot  # the other slot: read after this iteration's barrier
+            st_smem.index(other).store(lse_r)
+            st_smem.index(other + 1).store(delta_r)
+            fence_async_shared()
+            gl.thread_barrier()  # (ws) dQ of either warpgroup reads the dS of both
+            ds_t = ds_w.permute((1, 0))
         else:
-            s = warpgroup_mma_wait(0, deps=(s,))
-        p, t = _bwd_p(s, lse2, keys, blk * BLOCK_M, (blk < fu_lo) | (blk >= fu_hi), seqlen_k, off, window_left,
-                      window_right, qk_scale, cap_out, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_M, qry_layout)
-        p_w.store(p.to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()  # all of P in shared memory before the wgmma reads it (this partition's warps)
-        dv = warpgroup_mma(p_w.permute((1, 0)), do_buf, dv, is_async=True)
-        if HAS_SOFTCAP:
-            p = p * (1.0 - t * t)
-        if EARLY_DP:
-            dp = warpgroup_mma_wait(1, deps=(dp,))
-        else:
-            dp = warpgroup_mma(do_buf, v_w.permute((1, 0)), gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout),
-                               use_acc=False, is_async=True)
-            dp = warpgroup_mma_wait(0, deps=(dp,))
-        ds = p * (dp - gl.expand_dims(delta, 1))
-        ds_w.store(ds.to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()  # (ws) dQ of either warpgroup reads the dS of both
+            s = warpgroup_mma(q_buf, k_w.permute((1, 0)), gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout),
+                              use_acc=False, is_async=True)
+            if EARLY_DP:
+                dp = warpgroup_mma(do_buf, v_w.permute((1, 0)), gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout),
+                                   use_acc=False, is_async=True)
+            # the next iteration's lse and delta, loaded under the wgmmas (the last iteration reloads its own)
+            lse2_n, delta_n = _lse_delta(LSE, DELTA, gl.minimum(i + 1, total - 1), b, hk, group, q_start, mb_lo,
+                                         n_mb, seqlen_q, stride_lb, stride_lh, BLOCK_M, qry_layout)
+            if EARLY_DP:
+                s = warpgroup_mma_wait(1, deps=(s,))
+            else:
+                s = warpgroup_mma_wait(0, deps=(s,))
+            p, t = _bwd_p(s, lse2, keys, blk * BLOCK_M, masked, seqlen_k, off, window_left, window_right,
+                          qk_scale, cap_out, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_M, qry_layout)
+            p_w.store(p.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()  # all of P in shared memory before the wgmma reads it (this partition's warps)
+            dv = warpgroup_mma(p_w.permute((1, 0)), do_buf, dv, is_async=True)
+            if HAS_SOFTCAP:
+                p = p * (1.0 - t * t)
+            if EARLY_DP:
+                dp = warpgroup_mma_wait(1, deps=(dp,))
+            else:
+                dp = warpgroup_mma(do_buf, v_w.permute((1, 0)), gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout),
+                                   use_acc=False, is_async=True)
+                dp = warpgroup_mma_wait(0, deps=(dp,))
+            ds = p * (dp - gl.expand_dims(delta, 1))
+            ds_w.store(ds.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()  # (ws) dQ of either warpgroup reads the dS of both
+            ds_t = ds_w
+            if not DEFER:
+                dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
+            lse2 = lse2_n
+            delta = delta_n
+        # ds_t: dS [BLOCK_M, KEYS] in shared memory (a view); dK has been issued unless DEFER
         if ATOMIC_DQ and BLOCK_D == DQ_CHUNK:
-            if DEFER_DK:
-                dq = warpgroup_mma(ds_w, k_w, gl.zeros([BLOCK_M, BLOCK_D], gl.float32, dq_layout), use_acc=False,
-                                   is_async=True)
+            dq = warpgroup_mma(ds_t, k_w, gl.zeros([BLOCK_M, BLOCK_D], gl.float32, dq_layout), use_acc=False,
+                               is_async=True)
+            if DEFER:
                 dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
                 mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tile
                 dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))  # dV and dQ retired, dK may still run
                 dq_w.store(dq)
+                if DQ_TMA:
+                    fence_async_shared()
                 mbarrier.arrive(dq_full)
                 dk = warpgroup_mma_wait(0, deps=(dk,))
             else:
-                dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
-                dq = warpgroup_mma(ds_w, k_w, gl.zeros([BLOCK_M, BLOCK_D], gl.float32, dq_layout), use_acc=False,
-                                   is_async=True)
                 mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tile
-                dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
+                if SWAP:
+                    dq, dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dq, dv, dk, pa, dsa))
+                else:
+                    dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
                 dq_w.store(dq)
+                if DQ_TMA:
+                    fence_async_shared()  # generic-proxy stores before the TMA unit reads the tile
                 mbarrier.arrive(dq_full)  # (lowered after a barrier of the partition: the whole tile is stored)
         elif ATOMIC_DQ:
-            dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
             mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tiles
             for c in gl.static_range(BLOCK_D // DQ_CHUNK):
-                dq = warpgroup_mma(ds_w, k_w.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1),
+                dq = warpgroup_mma(ds_t, k_w.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1),
                                    gl.zeros([BLOCK_M, DQ_CHUNK], gl.float32, dq_layout), use_acc=False, is_async=True)
                 dq = warpgroup_mma_wait(0, deps=(dq,))
                 dq_w.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1).store(dq)
+            if DQ_TMA:
+                fence_async_shared()
             mbarrier.arrive(dq_full)  # one of the arrivals the worker waits for
-            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+            if SWAP:
+                dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dv, dk, pa, dsa))
+            else:
+                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
         else:
-            dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
-            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+            if SWAP:
+                dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dv, dk, pa, dsa))
+            else:
+                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
         mbarrier.arrive(ld_empty.index(stage))  # Q and dO of this slot are no longer read (by this partition)
-        lse2 = lse2_n
-        delta = delta_n
     kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
     _store_rows(DV + kv_off, dv.to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM, KEYS, BLOCK_D,
                 kv_layout)
@@ -559,7 +684,8 @@ def attn_bwd_ws(
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, WORKER_REGS: gl.constexpr, RED_ROWS: gl.constexpr,
     num_warps: gl.constexpr, DEFER_DK: gl.constexpr = False, SPLIT: gl.constexpr = False,
-    COMPUTE_REGS: gl.constexpr = 240,
+    COMPUTE_REGS: gl.constexpr = 240, SWAP: gl.constexpr = False, DQ_TMA: gl.constexpr = False, dq_desc=None,
+    LPT: gl.constexpr = False,
 ):
     """Warp-specialised backward, same arguments and semantics as :func:`attn_bwd` (grid
     ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``), and a worker warpgroup (4 more warps,
@@ -568,9 +694,12 @@ def attn_bwd_ws(
     partition (they get the rest of the register file). ``SPLIT=True`` (``ws2``): ``num_warps =
     4``, compute warpgroup 0 in the default partition and warpgroup 1 in a worker partition with
     ``COMPUTE_REGS`` registers, each over half of the keys with its own dQ partial; the worker adds
-    the two partials (see :func:`_bwd_ws_compute`)."""
+    the two partials (see :func:`_bwd_ws_compute`). ``SWAP``: the transposed score tiles (P^T and
+    dS^T as register operands; see :func:`_bwd_ws_compute`). ``DQ_TMA``: the worker adds each dQ
+    tile by TMA reduce-add through ``dq_desc`` (fp32 ``[BLOCK_M, BLOCK_D]`` blocks of ``DQ``) instead
+    of vector atomics. ``LPT``: the grid order of :func:`attn_bwd`'s ``LPT``."""
     pid_n, hk, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, False,
-                                                                      IS_VARLEN)
+                                                                      IS_VARLEN, LPT)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return
@@ -580,17 +709,31 @@ def attn_bwd_ws(
     KEYS: gl.constexpr = BLOCK_N // NT
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
                                                      element_bitwidth=dtype.primitive_bitwidth, rank=2)
-    ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, KEYS], dtype)
-    # dQ tile(s): 16-byte groups of a row permuted by the row index (8 rows a period), so that both
-    # the wgmma-layout stores and the 4-column row reads of the worker are free of bank conflicts
-    dq_slayout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
+    if DQ_TMA:
+        # dQ tile(s) in the TMA tile layout (128-byte swizzle: the wgmma-layout stores are free of
+        # bank conflicts too)
+        dq_slayout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    else:
+        # dQ tile(s): 16-byte groups of a row permuted by the row index (8 rows a period), so that
+        # both the wgmma-layout stores and the 4-column row reads of the worker are free of bank
+        # conflicts
+        dq_slayout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
     q_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
     do_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
-    p_smem = gl.allocate_shared_memory(dtype, [NT, BLOCK_M, KEYS], ps_layout)
-    ds_smem = gl.allocate_shared_memory(dtype, [NT, BLOCK_M, KEYS], ps_layout)
+    if SWAP:  # dS^T only (P^T stays in registers); p_smem is not read
+        ds_smem = gl.allocate_shared_memory(dtype, [NT, KEYS, BLOCK_M],
+                                            gl.NVMMASharedLayout.get_default_for([KEYS, BLOCK_M], dtype))
+        p_smem = ds_smem
+    else:
+        ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, KEYS], dtype)
+        p_smem = gl.allocate_shared_memory(dtype, [NT, BLOCK_M, KEYS], ps_layout)
+        ds_smem = gl.allocate_shared_memory(dtype, [NT, BLOCK_M, KEYS], ps_layout)
     dq_smem = gl.allocate_shared_memory(gl.float32, [NT, BLOCK_M if ATOMIC_DQ else 8, BLOCK_D], dq_slayout)
+    # SWAP: lse / delta rows staged for the compute partitions (two slots of two rows each)
+    st_smem = gl.allocate_shared_memory(gl.float32, [4 * NT if SWAP else 1, BLOCK_M],
+                                        gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ld_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     ld_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -613,36 +756,36 @@ def attn_bwd_ws(
     # (tuples spelled out in the call, one list per partition count: see fwd.attn_fwd_ws)
     if SPLIT:
         gl.warp_specialize([
-            (_bwd_ws_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
+            (_bwd_ws_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem,
                                kv_bar, ld_full, ld_empty, dq_full, dq_empty,
                                DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb,
                                total, seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
                                qk_scale, cap_out, sm_scale, window_left, window_right,
                                0, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                               ATOMIC_DQ, False)),
-            (_bwd_ws_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
+                               ATOMIC_DQ, False, SWAP, DQ_TMA)),
+            (_bwd_ws_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem,
                                kv_bar, ld_full, ld_empty, dq_full, dq_empty,
                                DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb,
                                total, seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
                                qk_scale, cap_out, sm_scale, window_left, window_right,
                                1, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                               ATOMIC_DQ, False)),
+                               ATOMIC_DQ, False, SWAP, DQ_TMA)),
             (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
                               kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
                               mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
-                              BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 2)),
+                              BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 2, dq_desc, DQ_TMA)),
         ], [4, 4], [COMPUTE_REGS, WORKER_REGS])
     else:
         gl.warp_specialize([
-            (_bwd_ws_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem,
+            (_bwd_ws_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem,
                                kv_bar, ld_full, ld_empty, dq_full, dq_empty,
                                DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb,
                                total, seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
                                qk_scale, cap_out, sm_scale, window_left, window_right,
                                0, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                               ATOMIC_DQ, DEFER_DK)),
+                               ATOMIC_DQ, DEFER_DK, SWAP, DQ_TMA)),
             (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
                               kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
                               mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
-                              BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 1)),
+                              BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 1, dq_desc, DQ_TMA)),
         ], [4], [WORKER_REGS])

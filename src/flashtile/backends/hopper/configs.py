@@ -238,10 +238,30 @@ class HopperBwdConfig:
     defer_dk: int = 0
     #: ws: rows of the dQ tile the worker adds per step (its registers: ``red_rows * BLOCK_D / 128`` floats)
     red_rows: int = 8
+    #: ws / ws2: FA3's ``SdP_swapAB``: S^T and dP^T with keys along M, P^T / dS^T as register operands
+    #: of the dV / dK products (no P tile in shared memory; lse / delta along the columns)
+    swap: int = 0
+    #: ws / ws2: the worker adds each dQ tile by one TMA reduce-add (``cp.reduce.async.bulk.tensor``)
+    #: instead of ``red.global.add.v4.f32`` from registers
+    dq_tma: int = 0
+    #: grid (heads, batch, key blocks) instead of (key blocks, heads, batch) for causal calls
+    #: (longest-first: a key block's work falls with its index there); 0: never, 1: causal calls
+    lpt: int = 0
 
     def chunk(self, headdim: int) -> int:
         """Columns of dQ computed and added at once (``dq_chunk``; 0: the whole tile)."""
         return self.dq_chunk or block_d(headdim)
+
+    def kernel_consts(self, headdim: int) -> dict:
+        """The constexpr arguments this config gives its kernel (beyond the tile sizes), and
+        ``num_warps`` of the launch: one place for the launcher and the compile check."""
+        if self.kernel in ("ws", "ws2"):
+            split = self.kernel == "ws2"
+            return dict(WORKER_REGS=self.worker_regs, RED_ROWS=self.red_rows, SPLIT=split,
+                        DEFER_DK=bool(self.defer_dk) and not split, COMPUTE_REGS=self.compute_regs,
+                        SWAP=bool(self.swap), DQ_TMA=bool(self.dq_tma),
+                        num_warps=4 if split else self.num_warps)  # fmt: skip
+        return dict(DQ_CHUNK=self.chunk(headdim), RED_VEC=self.red_vec, num_warps=self.num_warps)
 
 
 # Registers bind, not shared memory: 8 compute warps at up to 240-255 registers fill the register
@@ -252,26 +272,27 @@ class HopperBwdConfig:
 # Head dims 192/256 stay on the plain kernel (dK + dV at 128 keys would take 256 registers; at 64
 # keys the ws kernel's extra dQ tile does not fit in shared memory with 2 ring stages).
 _BWD_TABLE: dict[int, HopperBwdConfig] = {
-    # d64 (H200, results/hopper_bwd_H200_20261201_ws2.json): 128-row query blocks, 367 / 403 TFLOP/s
-    # non-causal at 4k / 16k against 301 / 326 with 64 rows (Triton 335 / 327); K/V 32 KiB + 2 x
-    # (Q, dO) 32 KiB + P, dS 64 KiB + dQ tile 32 KiB = 192 KiB. Masked calls: _BWD_MASKED.
-    64: HopperBwdConfig(128, 128, 2, kernel="ws", worker_regs=24),
-    96: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24),  # padded to 128: as 128
-    # ws (FA3's tile): K/V 64 KiB + 2 x (Q, dO) 32 KiB + P, dS 32 KiB + dQ tile 32 KiB = 192 KiB;
-    # 410 / 341 TFLOP/s at 4k, 457 / 437 at 16k (non-causal / causal); ws2 (two independent compute
-    # partitions) 388 / 301 and 426 / 383 in the same run: its compute partitions spill
-    128: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24),
+    # d64: 128-row query blocks (367 / 403 TFLOP/s non-causal at 4k / 16k against 301 / 326 with 64
+    # rows, results/hopper_bwd_H200_20261201_ws2.json); K/V 32 KiB + 2 x (Q, dO) 32 KiB + dS^T 32 KiB
+    # + dQ tile 32 KiB. swap + dq_tma (results/hopper_bwd_H200_20261201_swap.json, same run):
+    # 388 / 431 non-causal, 351 / 445 causal at 4k / 16k against 370 / 404 and 288 / 371 without
+    # (ws2 for causal: 291 / 367)
+    64: HopperBwdConfig(128, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1),
+    96: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1),  # padded to 128: as 128
+    # ws (FA3's tile): K/V 64 KiB + 2 x (Q, dO) 32 KiB + dS^T 16 KiB + dQ tile 32 KiB; swap + dq_tma:
+    # 459 / 396 at 4k, 487 / 514 at 16k (non-causal / causal) against 411 / 338 and 455 / 436 without
+    # (swap alone 452 / 388, 501 / 502; dq_tma alone 413 / 352, 457 / 456); ws2 + swap + dq_tma 376 /
+    # 327, 395 / 407 (same run)
+    128: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1),
     192: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # padded to 256: as 256
     # d256: red_vec=4 measured 257 TFLOP/s causal 4k b4 h8 against red_vec=1's 136 (H200, same run,
     # results/hopper_bwd_H200_20261201_redvec.json); the default backward at d256 (GLUON_BWD_MIN_KEYS)
     256: HopperBwdConfig(64, 64, 2, dq_chunk=64, red_vec=4),  # K/V 64 KiB + 2 x 64 KiB + P, dS 16 KiB = 208 KiB
 }
-#: Entries for causal / windowed calls where they differ: at d64 the ws2 kernel (each compute
-#: warpgroup in its own partition) measured 289 / 367 causal at 4k / 16k against 276-280 / 345-350
-#: for ws with 64- or 128-row blocks (same run as above; Triton 299 / 341).
-_BWD_MASKED: dict[int, HopperBwdConfig] = {
-    64: HopperBwdConfig(64, 128, 3, kernel="ws2", worker_regs=24),
-}
+#: Entries for causal / windowed calls where they differ from :data:`_BWD_TABLE` (none since the
+#: swap variant: ws2, the d64 entry here before, measured 291 / 367 causal at 4k / 16k against
+#: swap's 351 / 445).
+_BWD_MASKED: dict[int, HopperBwdConfig] = {}
 
 
 def bwd_config(headdim: int, masked: bool = False, **overrides) -> HopperBwdConfig:
@@ -292,7 +313,8 @@ def bwd_smem_bytes(cfg: HopperBwdConfig, headdim: int, elem_bytes: int = 2) -> i
         red = (2 if cfg.kernel == "ws2" else 1) * 4 * cfg.block_m * d if cfg.atomic_dq else 0
     else:
         red = 4 * cfg.block_m * cfg.chunk(headdim) if cfg.red_vec == 4 else 0  # layout conversion scratch
-    tiles = 2 * cfg.block_n * d + 2 * cfg.num_stages * cfg.block_m * d + 2 * cfg.block_n * cfg.block_m
+    ps = 1 if cfg.kernel in ("ws", "ws2") and cfg.swap else 2  # P and dS, or dS^T only
+    tiles = 2 * cfg.block_n * d + 2 * cfg.num_stages * cfg.block_m * d + ps * cfg.block_n * cfg.block_m
     return elem_bytes * tiles + red
 
 
@@ -324,6 +346,12 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
             return f"red_rows must be 8, 16 or 32 and divide block_m, got {cfg.red_rows}"
         if cfg.dq_chunk or cfg.red_vec != 1:
             return "the ws kernel computes dQ whole and reduces it from shared memory: no dq_chunk / red_vec"
+        if cfg.swap and cfg.defer_dk:
+            return "swap issues dK from registers before dQ: no defer_dk"
+        if cfg.swap and cfg.block_n != 128:
+            return "swap gives each compute warpgroup 64 whole keys (the wgmma M): block_n = 128"
+    elif cfg.swap or cfg.dq_tma:
+        return "swap / dq_tma are options of the ws / ws2 kernels"
     if cfg.block_n not in (64, 128):
         return f"block_n (keys per program, the wgmma M of two warpgroups) must be 64 or 128, got {cfg.block_n}"
     if cfg.block_m not in (64, 128):

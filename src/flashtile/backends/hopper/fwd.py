@@ -309,13 +309,23 @@ def _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, m0, q_start, seqlen_q
 
 
 @gluon.jit
-def _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, REVERSE_M: gl.constexpr, IS_VARLEN: gl.constexpr):
-    """(pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k) of this program (varlen: per sequence)."""
-    pid_m = gl.program_id(0)
+def _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, REVERSE_M: gl.constexpr, IS_VARLEN: gl.constexpr,
+                 BLOCKS_LAST: gl.constexpr = False):
+    """(pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k) of this program (varlen: per sequence).
+    Grid ``(blocks, heads, batch)``, or with ``BLOCKS_LAST`` ``(heads, batch, blocks)``: programs
+    start in launch order (x fastest), so the block index then varies slowest and every head's
+    block 0 starts before any block 1 (longest-first over the whole grid when block 0 is the
+    heaviest, as the backward's key blocks under a causal mask)."""
+    if BLOCKS_LAST:
+        pid_m = gl.program_id(2)
+        h = gl.program_id(0)
+        b = gl.program_id(1)
+    else:
+        pid_m = gl.program_id(0)
+        h = gl.program_id(1)
+        b = gl.program_id(2)
     if REVERSE_M:  # causal / windowed: the heaviest query tiles (last rows) start first
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    h = gl.program_id(1)
-    b = gl.program_id(2)
+        pid_m = gl.num_programs(2 if BLOCKS_LAST else 0) - 1 - pid_m
     if IS_VARLEN:
         q_start = gl.load(CU_Q + b)
         seqlen_q = gl.load(CU_Q + b + 1) - q_start

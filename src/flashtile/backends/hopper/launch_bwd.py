@@ -12,7 +12,7 @@ Steps:
    8-warp partition), one program per (key block, KV head, batch or sequence): dK and dV
    written directly; dQ (unscaled) added with fp32 atomics into a zeroed ``(B, Sq, H, BLOCK_D)``
    buffer (``call.deterministic=False``).
-3. dQ conversion: ``dq = scale * acc[..., :D]`` in q's dtype.
+3. dQ conversion: ``dq = scale * acc[..., :D]`` in q's dtype (one Triton pass, :mod:`.dq`).
 
 ``call.deterministic=True`` (or a config with ``atomic_dq=0``): atomics make the order of the
 dQ additions vary from run to run,
@@ -35,10 +35,16 @@ from ..triton.launch import _BWD_PRE as _bwd_preprocess
 from ..triton.launch import _flags, _geometry, _scalars, arch, device_guard, score_scales
 from . import bwd, configs
 from .configs import HopperBwdConfig
+from .dq import _dq_kernel, convert_dq
 from .launch import _check_launch, _descriptor, tma_compatible
 
-# the Gluon kernels on the lean launch path too
-attn_bwd, attn_bwd_ws = fast(bwd.attn_bwd), fast(bwd.attn_bwd_ws)
+# the Gluon kernels (and the dQ conversion) on the lean launch path too
+attn_bwd, attn_bwd_ws, _dq_fast = fast(bwd.attn_bwd), fast(bwd.attn_bwd_ws), fast(_dq_kernel)
+
+
+def _convert_dq(acc: torch.Tensor, dq: torch.Tensor, scale: float) -> None:
+    """``dq = scale * acc[..., :D]`` in one pass (:func:`.dq.convert_dq`, on the lean launch)."""
+    convert_dq(acc, dq, scale, kernel=_dq_fast)
 
 
 def backward(
@@ -89,25 +95,27 @@ def backward(
         do_desc = _descriptor(dout, cfg.block_m, varlen)
         k_desc = _descriptor(k, cfg.block_n, varlen)
         v_desc = _descriptor(v, cfg.block_n, varlen)
-        warps = cfg.num_warps
-        if cfg.kernel in ("ws", "ws2"):  # ws2: the default partition is one compute warpgroup
-            split = cfg.kernel == "ws2"
-            kernel, warps = attn_bwd_ws, (4 if split else warps)
-            extra = dict(WORKER_REGS=cfg.worker_regs, RED_ROWS=cfg.red_rows, DEFER_DK=bool(cfg.defer_dk) and not split,
-                         SPLIT=split, COMPUTE_REGS=cfg.compute_regs)  # fmt: skip
-        else:
-            kernel, extra = attn_bwd, dict(DQ_CHUNK=cfg.chunk(D), RED_VEC=cfg.red_vec)
-        kernel[(cdiv(rows_k, cfg.block_n), Hk, nb)](
+        extra = cfg.kernel_consts(D)  # (ws2: the default partition is one compute warpgroup)
+        kernel = attn_bwd_ws if cfg.kernel in ("ws", "ws2") else attn_bwd
+        if extra.get("DQ_TMA"):
+            extra["DQ_TMA"] = atomic
+            if atomic:  # the dQ accumulator's [block_m, BLOCK_D] fp32 tiles, added by TMA
+                extra["dq_desc"] = _descriptor(dq_acc, cfg.block_m, varlen)
+        n_kb = cdiv(rows_k, cfg.block_n)
+        # causal / right window: key block 0 of every head first (longest first); grid y / z <= 65535
+        lpt = bool(cfg.lpt) and call.window_right >= 0 and nb <= 65535 and n_kb <= 65535
+        grid = (Hk, nb, n_kb) if lpt else (n_kb, Hk, nb)
+        kernel[grid](
             q_desc, k_desc, v_desc, do_desc, dq_acc, dk, dv, lse, delta, call.cu_seqlens_q, call.cu_seqlens_k,
             0 if varlen else dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
             0 if varlen else dk.stride(0), dk.stride(1), dk.stride(2), stride_lb, lse.stride(1),
             Sq, Sk, H // Hk, qk_scale, cap_out, call.softmax_scale, call.window_left, call.window_right,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
             HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
-            IS_VARLEN=varlen, ATOMIC_DQ=atomic, **extra, num_warps=warps,
+            IS_VARLEN=varlen, ATOMIC_DQ=atomic, LPT=lpt, **extra,
         )  # fmt: skip
         if atomic:
-            dq.copy_(dq_acc[:, :Sq, :, :D].mul_(call.softmax_scale))
+            _convert_dq(dq_acc, dq, call.softmax_scale)
         else:
             _triton_dq(q, k, v, dout, lse, delta, dq, call, varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k)
     return dq, dk, dv
