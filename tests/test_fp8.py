@@ -320,6 +320,39 @@ def test_fp8_inline_ptx_strings():
         assert max(int(x) for x in re.findall(r"\$(\d+)", text)) == 3 * n - 1  # n out, n acc, n alpha
 
 
+def _linear_layout(layout, shape):
+    """A Gluon layout as Triton's linear layout (register / lane / warp bases), on the CPU."""
+    gluon_ir = pytest.importorskip("triton._C.libtriton.gluon_ir")
+    from triton._C.libtriton import ir
+    from triton.experimental.gluon.language import _semantic
+
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    try:
+        sem = _semantic.GluonSemantic(gluon_ir.GluonOpBuilder(ctx))
+        return sem.to_linear_layout(layout, shape).value
+    except (AttributeError, TypeError) as e:  # another Triton's internals
+        pytest.skip(f"no linear-layout query in this Triton: {e}")
+
+
+def test_fp8_kernel_layout_facts():
+    """What the FP8 kernel's inline PTX relies on, from Triton's own layouts: in the e4m3 A operand
+    (k_width 4) registers 4i .. 4i + 3 are k = 4q .. 4q + 3 of one row (``_p_pack`` / ``_p_unpack``
+    pack them into one word); in the accumulator, register bit 1 is row + 8 (``_rescale_asm``
+    votes on elements 0 and 2) and the top column bit is a register bit (``fwd._halve_cols``)."""
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from triton.experimental.gluon import language as gl
+
+    for d in (64, 128, 256):
+        acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, d, 32])
+        ll = _linear_layout(acc, [64, d])
+        assert ll.reg_bases[0] == [0, 1] and ll.reg_bases[1] == [8, 0]
+        assert [0, d // 2] in ll.reg_bases  # top column bit: a register
+        assert all(b[0] == 0 for b in ll.reg_bases[2:])  # two rows per thread: r, r + 8
+        op = _linear_layout(gl.DotOperandLayout(operand_index=0, parent=acc, k_width=4), [64, 128])
+        assert op.reg_bases[:2] == [[0, 1], [0, 2]]
+
+
 def test_fp8_declarations_and_configs():
     from flashtile import dispatch
     from flashtile.backends.hopper import configs
