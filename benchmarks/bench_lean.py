@@ -106,8 +106,16 @@ def host_profile() -> list[tuple[str, float]]:
         out = ops.attn_fwd(qg, kg, vg, *args, "null")[0]
         torch.autograd.grad(out, (qg, kg, vg), dout)
 
+    from flashtile import interface, kvcache
+
+    def kv_full(lens):  # flash_attn_with_kvcache without its signature memo
+        return kvcache._kvcache(q[:, :1], kc, vc, None, None, None, None, lens, None, None, None, None, False,
+                                (-1, -1), 0.0, True, None, 0, False, None, None, None, None, None)  # fmt: skip
+
     rows = [
         ("flash_attn_func forward, whole call", lambda: flashtile.flash_attn_func(q, k, v, causal=True)),
+        ("  same, memo off (checks, make_call, dispatch)",
+         lambda: interface._run(q, k, v, causal=True, alibi_slopes=None, return_attn_probs=False)),
         ("  check_qkv", lambda: check_qkv(q, k, v, varlen=False)),
         ("  make_call", lambda: make_call(headdim=16, causal=True)),
         ("  Problem.of (built on a dispatch-cache miss only)", lambda: Problem.of(q, k, call)),
@@ -125,6 +133,7 @@ def host_profile() -> list[tuple[str, float]]:
                                                                                                  cache_seqlens=60)),
         ("flash_attn_with_kvcache, int32 tensor lengths", lambda: flashtile.flash_attn_with_kvcache(
             q[:, :1], kc, vc, cache_seqlens=seqlens)),
+        ("  same, memo off", lambda: kv_full(seqlens)),
     ]  # fmt: skip
     with flashtile.use_backend("null"):
         out = [(name, _thread_us(fn, n=1000 if "backward" in name else 3000)) for name, fn in rows]
@@ -242,6 +251,11 @@ def checks() -> None:
     close("decode (tensor cache lengths)", out, ref, 2e-2)
     out_int = flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=n)
     close("decode (int cache length)", out_int, ref, 2e-2)
+    for lens_ in (lens, n):  # later calls: the signature memo and the prepared launches
+        again = [flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens_) for _ in range(3)]
+        if not all(torch.equal(a, out) for a in again):
+            raise AssertionError("check failed: repeated decode calls differ from the first")
+    print("  ok  repeated decode calls (memo, prepared launches) repeat the first bitwise")
     if DEV == "cuda":
         graph, static_out = _graph(lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens))
         graph.replay()

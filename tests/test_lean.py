@@ -353,6 +353,9 @@ def _record(monkeypatch, mod, names):
 
             return go
 
+        def prepare(self, grid, args, kw, lead):  # no prepared launch: plans launch through __getitem__
+            return None
+
     for n in names:
         monkeypatch.setattr(mod, n, Rec(n))
     return log

@@ -144,8 +144,7 @@ def _env_key(generation: int) -> tuple:
     if _env_names[0] != generation:
         names = sorted({n for be in registry().values() for n in getattr(be, "dispatch_env", ())})
         _env_names = (generation, tuple(_encode(n) for n in (ENV_VAR, *names)))
-    environ = _ENVIRON
-    return tuple(environ.get(n) for n in _env_names[1])
+    return tuple(map(_ENVIRON.get, _env_names[1]))
 
 
 def _key(device, dtype, nheads: int, nheads_k: int, headdim: int, headdim_v: int, call: AttnCall,
@@ -236,8 +235,24 @@ def backend_for(problem: Problem, call: AttnCall, *, decode: bool = False) -> Ba
 
 
 def clear_cache() -> None:
-    """Forget the cached decisions (they are keyed on everything they depend on; for tests)."""
+    """Forget the cached decisions (they are keyed on everything they depend on; for tests), and
+    those the entry points' signature memos keep (:func:`state` changes)."""
+    global _clears
     _CACHE.clear()
+    _clears += 1
+
+
+_clears = 0  # clear_cache() calls: part of state()
+
+
+def state() -> tuple:
+    """What a decision depends on besides the call itself: the backend asked for, the registry,
+    the environment variables backends name, and :func:`clear_cache` calls. The entry points'
+    signature memos (:mod:`flashtile.interface`, :mod:`flashtile.kvcache`) key on it next to
+    everything the call's checks and dispatch read."""
+    if not _loaded or getattr(registry(), "version", None) != _seen_version or _seen_version == -1:
+        backends()  # the registry's generation is current
+    return _override, _generation, _clears, _env_key(_generation)
 
 
 def report() -> list[tuple[str, str | None]]:

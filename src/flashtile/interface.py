@@ -87,10 +87,12 @@ if TYPE_CHECKING:  # flashtile.flex imports torch._dynamo: only for type checker
 
 from . import dispatch, fp8
 from .backends.torch_tiled import attention_probs
-from .ops import attention
+from .ops import attention, attention_fast
+from .ops import fast_mode as _fast_mode
 from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
 from .rng import draw_seed
 from .spec import (
+    SUPPORTED_DTYPES,
     check_alibi,
     check_cu_seqlens_meta,
     check_cu_seqlens_values,
@@ -104,6 +106,63 @@ from .spec import (
 
 _Window = Sequence[int]
 _NO_DESCALES = {"q_descale": None, "k_descale": None, "v_descale": None}
+
+# Signature memo of the dense entry points (issue 16). A call without optional tensors, mods or
+# dropout, in plain eager mode (ops.fast_mode(), plain tensors), is keyed by everything its checks
+# (check_qkv, make_call) and dispatch read: the shapes except batch and sequence lengths (checked
+# on a hit: q, k, v the same batch, k and v the same length -- what check_qkv asks of them), the
+# dtypes and devices of q, k and v (last strides 1, else no memo), every option with its type (and the types of
+# window_size's entries), and dispatch.state(). A hit means the checks pass and dispatch decides
+# the same: the call goes straight to ops.attention_fast with the AttnCall and backend of the
+# first call. Misses take _run, which records the signature once its checks have passed.
+_MEMO: dict[tuple, tuple] = {}
+_MEMO_MAX = 256
+_Tensor = torch.Tensor
+_ZERO_TYPES = (float, int)  # dropout_p's types the memo takes (others, e.g. arrays, take _run's checks)
+
+
+def _memo_key(q, k, v, opts: tuple) -> tuple | None:
+    """The signature of a dense call (see above), or None where the memo does not apply."""
+    if type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor or not _fast_mode():
+        return None
+    w = opts[3]
+    if type(w) is not tuple:
+        if type(w) is not list:
+            return None
+        w = tuple(w)  # a list normalises as the tuple of its entries does (their types are keyed)
+        opts = (*opts[:3], w, *opts[4:])
+    try:  # unit last strides only (check_qkv lets others through on empty tensors only)
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            return None
+    except (IndexError, RuntimeError):  # 0-d tensors: the checks raise
+        return None
+    return (q.shape[2:], k.shape[2:], v.shape[2:], q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, opts,
+            tuple(map(type, opts)), tuple(map(type, w)), dispatch.state())  # fmt: skip
+
+
+def _lean(q, k, v, opts: tuple, return_attn_probs: object):
+    """A dense call through the memo: ``(key, None)`` on a miss (record with that key), ``(None,
+    result)`` on a hit, ``(None, None)`` where the memo does not apply."""
+    key = _memo_key(q, k, v, opts)
+    if key is None:
+        return None, None
+    try:
+        hit = _MEMO.get(key)
+    except (TypeError, ValueError):  # an unhashable option value (or one that compares oddly)
+        return None, None
+    if hit is None:
+        return key, None
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if qs[0] != ks[0] or ks[0] != vs[0] or ks[1] != vs[1]:
+        return None, None  # the checks raise (the slow path)
+    out, lse = attention_fast(q, k, v, hit[0], hit[1])
+    return None, ((out, lse, None) if return_attn_probs else out)
+
+
+def _remember(key: tuple, call, backend: str) -> None:
+    if len(_MEMO) >= _MEMO_MAX:
+        _MEMO.clear()
+    _MEMO[key] = (call, backend)
 
 
 def _run(
@@ -125,6 +184,7 @@ def _run(
     score_mod: Callable[..., torch.Tensor] | None = None,
     block_mask: BlockMask | None = None,
     probs: bool = True,
+    memo: tuple | None = None,
     **options,
 ):
     """Every public function's path: validate, build the call (``options``: the scalar options of
@@ -158,6 +218,9 @@ def _run(
     if call.dropout_p > 0:
         call = dataclasses.replace(call, seed=draw_seed(q.device))
     backend = dispatch.choose_for(q4, k4, call, v=v4)
+    if memo is not None and not varlen and call.dropout_p == 0 and not mods and descales is _NO_DESCALES and \
+            alibi is None and sink is None and q.dtype in SUPPORTED_DTYPES:  # fmt: skip
+        _remember(memo, call, backend)  # the checks passed: the signature's later calls skip them
     out, lse = attention(q4, k4, v4, call, backend)
     if varlen:
         out, lse = out.squeeze(0), lse.squeeze(0)
@@ -203,12 +266,20 @@ def flash_attn_func(
         out ``(batch, seqlen_q, nheads, headdim)``; with ``return_attn_probs=True``,
         ``(out, softmax_lse (batch, nheads, seqlen_q) float32, attn_probs or None)``.
     """
+    memo = None
+    if alibi_slopes is None and learnable_sink is None and q_descale is None and k_descale is None and \
+            v_descale is None and score_mod is None and block_mask is None and type(dropout_p) in _ZERO_TYPES \
+            and not dropout_p:  # fmt: skip
+        memo, res = _lean(q, k, v, (dropout_p, softmax_scale, causal, window_size, softcap, deterministic),
+                          return_attn_probs)  # fmt: skip
+        if res is not None:
+            return res
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
         return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
         q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-        score_mod=score_mod, block_mask=block_mask,
+        score_mod=score_mod, block_mask=block_mask, memo=memo,
     )  # fmt: skip
 
 
@@ -230,11 +301,17 @@ def flash_attn_qkvpacked_func(
     The gradient flows back to ``qkv``.
     """
     q, k, v = unbind_packed(qkv, "qkv", 3, 2)
+    memo = None
+    if alibi_slopes is None and learnable_sink is None and type(dropout_p) in _ZERO_TYPES and not dropout_p:
+        memo, res = _lean(q, k, v, (dropout_p, softmax_scale, causal, window_size, softcap, deterministic),
+                          return_attn_probs)  # fmt: skip
+        if res is not None:
+            return res
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
         return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
-        names=("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]"),
+        names=("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]"), memo=memo,
     )  # fmt: skip
 
 
@@ -257,11 +334,17 @@ def flash_attn_kvpacked_func(
     Returns out ``(batch, seqlen_q, nheads, headdim)`` (and lse, probs as in :func:`flash_attn_func`).
     """
     k, v = unbind_packed(kv, "kv", 2, 2)
+    memo = None
+    if alibi_slopes is None and learnable_sink is None and type(dropout_p) in _ZERO_TYPES and not dropout_p:
+        memo, res = _lean(q, k, v, (dropout_p, softmax_scale, causal, window_size, softcap, deterministic),
+                          return_attn_probs)  # fmt: skip
+        if res is not None:
+            return res
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
         return_attn_probs=return_attn_probs, learnable_sink=learnable_sink,
-        names=("q", "kv[:, :, 0]", "kv[:, :, 1]"),
+        names=("q", "kv[:, :, 0]", "kv[:, :, 1]"), memo=memo,
     )  # fmt: skip
 
 

@@ -24,6 +24,7 @@ import torch
 from . import dispatch
 from .backends.base import registry
 from .fp8 import OUT_DTYPE, compute_dtype, is_fp8
+from .ops import fast_mode
 from .paged import check_block_table, check_rotary_end
 from .rotary import check_rotary_tables
 from .spec import KVCache, Problem, as_int, check_alibi, check_descales, check_qkv, check_sink, make_call
@@ -121,6 +122,24 @@ def flash_attn_with_kvcache(
     Returns:
         out ``(batch, seqlen_q, nheads, headdim_v)``, or ``(out, lse)``.
     """
+    memo = None
+    if rotary_cos is None and rotary_sin is None and cache_batch_idx is None and cache_leftpad is None and \
+            block_table is None and alibi_slopes is None and learnable_sink is None and q_descale is None and \
+            k_descale is None and v_descale is None:  # fmt: skip
+        memo, res = _lean(q, k_cache, v_cache, k, v, cache_seqlens, (softmax_scale, causal, window_size, softcap,
+                                                                     num_splits), return_softmax_lse)  # fmt: skip
+        if res is not None:
+            return res
+    return _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                    block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes,
+                    num_splits, return_softmax_lse, learnable_sink, q_descale, k_descale, v_descale, memo)  # fmt: skip
+
+
+def _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+             block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
+             return_softmax_lse, learnable_sink, q_descale, k_descale, v_descale, memo):  # fmt: skip
+    """:func:`flash_attn_with_kvcache`'s checks and call; ``memo``: the signature to record once
+    the checks have passed (see :func:`_lean`)."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q must be a 4-D tensor (batch, seqlen_q, nheads, headdim), got "
                          f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")  # fmt: skip
@@ -207,9 +226,101 @@ def flash_attn_with_kvcache(
     problem = lambda: Problem(batch=b, seqlen_q=sq, seqlen_k=capacity, nheads=h, nheads_k=hk, headdim=d,  # noqa: E731
                               dtype=q.dtype, device=dev, headdim_v=v_cache.shape[-1])  # fmt: skip
     name = dispatch.choose_for(q, k_cache, call, problem, decode=True, v=v_cache)  # (brings the registry up to date)
+    if memo is not None:  # (no rotary, index tensors but the lengths, ALiBi, sink or descales: see _lean)
+        _remember(memo, (call, name, capacity, sn, num_splits))  # the checks passed: later calls skip them
     backend = registry()[name]
     out, lse = backend.decode(q, cache, call)
     return (out, lse) if return_softmax_lse else out
+
+
+# Signature memo (issue 16): a call without rotary tables, index tensors other than the cache
+# lengths, ALiBi, sinks or descales, in plain eager mode (ops.fast_mode(), plain tensors), is keyed
+# by everything its checks, make_call and dispatch read -- shapes, dtypes and devices of q, the
+# caches and the new k / v (last strides 1, else no memo), whether the caches require grad, the cache lengths' kind (an
+# int, None, or an int32 tensor's dtype, shape and device), every option with its type (and the
+# types of window_size's entries) and dispatch.state() -- except an int cache length's value, which
+# is checked on every hit as the checks do (>= 0, room for the new tokens). A hit builds the
+# KVCache and calls the backend chosen for the first call; misses take _kvcache, which records the
+# signature once its checks have passed.
+_MEMO: dict[tuple, tuple] = {}
+_MEMO_MAX = 256
+_Tensor = torch.Tensor
+
+
+def _memo_key(q, k_cache, v_cache, k, v, seqlens, opts: tuple) -> tuple | None:
+    """The signature of a call (see above), or None where the memo does not apply."""
+    T = _Tensor
+    if type(q) is not T or type(k_cache) is not T or type(v_cache) is not T or not fast_mode():
+        return None
+    w = opts[2]
+    if k_cache.requires_grad or v_cache.requires_grad:
+        return None
+    if type(w) is not tuple:
+        if type(w) is not list:
+            return None
+        w = tuple(w)  # a list normalises as the tuple of its entries does (their types are keyed)
+        opts = (*opts[:2], w, *opts[3:])
+    if k is None and v is None:
+        new = None
+    elif type(k) is T and type(v) is T:
+        new = (k.shape, v.shape, k.dtype, v.dtype, k.device, v.device)
+        try:
+            if k.stride(-1) != 1 or v.stride(-1) != 1:
+                return None
+        except (IndexError, RuntimeError):
+            return None
+    else:
+        return None
+    ts = type(seqlens)
+    if ts is T:
+        lens = (seqlens.dtype, seqlens.shape, seqlens.device)
+    elif ts is int or seqlens is None:
+        lens = ts
+    else:
+        return None
+    try:  # unit last strides only (the checks let others through on empty tensors only)
+        if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+            return None
+    except (IndexError, RuntimeError):  # 0-d tensors: the checks raise
+        return None
+    return (q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype, v_cache.dtype, q.device, k_cache.device,
+            v_cache.device, new, lens, opts, tuple(map(type, opts)), tuple(map(type, w)),
+            dispatch.state())  # fmt: skip
+
+
+def _lean(q, k_cache, v_cache, k, v, seqlens, opts: tuple, return_softmax_lse: object):
+    """A call through the memo: ``(key, None)`` on a miss (record with that key), ``(None,
+    result)`` on a hit, ``(None, None)`` where the memo does not apply."""
+    key = _memo_key(q, k_cache, v_cache, k, v, seqlens, opts)
+    if key is None:
+        return None, None
+    try:
+        hit = _MEMO.get(key)
+    except (TypeError, ValueError):  # an unhashable option value (or one that compares oddly)
+        return None, None
+    if hit is None:
+        return key, None
+    call, name, capacity, sn, num_splits = hit
+    if seqlens is None:
+        seqlens = capacity - sn
+    elif type(seqlens) is int and (seqlens < 0 or seqlens + sn > capacity):
+        return None, None  # the checks raise (the slow path)
+    cache = _new(KVCache)
+    # a frozen dataclass: its fields set as its __init__ sets them (object.__setattr__), in one update
+    cache.__dict__.update(k_cache=k_cache, v_cache=v_cache, k_new=k, v_new=v, seqlens=seqlens, batch_idx=None,
+                          leftpad=None, block_table=None, rotary=None, capacity=capacity,
+                          num_splits=num_splits)  # fmt: skip
+    out, lse = registry()[name].decode(q, cache, call)
+    return None, ((out, lse) if return_softmax_lse else out)
+
+
+_new = object.__new__
+
+
+def _remember(key: tuple, entry: tuple) -> None:
+    if len(_MEMO) >= _MEMO_MAX:
+        _MEMO.clear()
+    _MEMO[key] = entry
 
 
 def _fp8_kvcache(q, k_cache, v_cache, k, v, q_descale, k_descale, v_descale, **options):

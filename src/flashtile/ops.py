@@ -203,6 +203,18 @@ def _fast_path(*xs: torch.Tensor) -> bool:
     )
 
 
+def fast_mode() -> bool:
+    """:func:`_fast_path`'s conditions that do not depend on the tensors (the entry points' memos
+    check the tensors' types themselves)."""
+    return (
+        _FAST
+        and not torch.autograd.profiler._is_profiler_enabled
+        and not torch.compiler.is_compiling()
+        and not _transforms_active()
+        and _dispatch_stack_len() == 0
+    )
+
+
 _NO_FIELD_GRADS = (None,) * len(_GRAD_FIELDS)
 
 
@@ -283,6 +295,18 @@ def attention(
             return _apply(q, k, v, call, backend, *fields)
         return _fwd_run(q, k, v, call, backend)
     return attn_fwd(q, k, v, *flatten(call), backend)
+
+
+def attention_fast(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention` for a call known to take the eager fast path (the entry points' memos:
+    plain tensors, :func:`fast_mode`, no score_mod / block_mask, no differentiable field set,
+    not FP8, not varlen): the same work without re-deciding it."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _apply(q, k, v, call, backend, *_NO_FIELD_GRADS)
+    out, lse = registry()[backend].forward(q, k, v, call)
+    return out.contiguous(), lse.contiguous()
 
 
 def attention_backward(

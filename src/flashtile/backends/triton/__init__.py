@@ -14,6 +14,7 @@ imported first. Calls are bitwise deterministic: the backward uses no atomics.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -40,6 +41,21 @@ def _interpreter_too_late() -> bool:
     (Triton reads the switch at import): interpreted kernels would then fail."""
     std = sys.modules.get("triton.language.standard")
     return std is not None and type(getattr(std, "zeros", None)).__name__ != "InterpretedFunction"
+
+
+# The launcher modules, imported on first use (they import Triton); kept here after that, since an
+# import statement in a function costs ~1 us per call (issue 16).
+_LAUNCH = _LAUNCH_DECODE = None
+
+
+def _import(name: str):
+    global _LAUNCH, _LAUNCH_DECODE
+    mod = importlib.import_module(f"{__name__}.{name}")
+    if name == "launch":
+        _LAUNCH = mod
+    else:
+        _LAUNCH_DECODE = mod
+    return mod
 
 
 class TritonBackend:
@@ -89,12 +105,8 @@ class TritonBackend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not call.varlen and call.dropout_p == 0.0 and q.shape[1] * (q.shape[2] // k.shape[2]) <= DECODE_SHAPED_ROWS \
                 and k.shape[1] > 0 and q.numel() > 0:  # fmt: skip
-            from . import launch_decode
-
-            return launch_decode.dense(q, k, v, call)
-        from . import launch
-
-        return launch.forward(q, k, v, call)
+            return (_LAUNCH_DECODE or _import("launch_decode")).dense(q, k, v, call)
+        return (_LAUNCH or _import("launch")).forward(q, k, v, call)
 
     def backward(
         self,
@@ -106,14 +118,10 @@ class TritonBackend:
         lse: torch.Tensor,
         call: AttnCall,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        from . import launch
-
-        return launch.backward(dout, q, k, v, out, lse, call)
+        return (_LAUNCH or _import("launch")).backward(dout, q, k, v, out, lse, call)
 
     def decode(self, q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
-        from . import launch_decode
-
-        return launch_decode.kvcache(q, cache, call)
+        return (_LAUNCH_DECODE or _import("launch_decode")).kvcache(q, cache, call)
 
 
 backend = register(TritonBackend())

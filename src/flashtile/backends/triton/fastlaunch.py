@@ -36,6 +36,7 @@ import inspect
 import operator
 import os
 from collections.abc import Callable
+from functools import reduce
 from typing import Any
 
 import torch
@@ -219,6 +220,86 @@ class FastKernel:
         compiled.run(grid[0], grid[1] if g > 1 else 1, grid[2] if g > 2 else 1, drv.get_current_stream(device),
                      compiled.function, compiled.packed_metadata, None, None, None, *vals)  # fmt: skip
         self.fast_launches += 1
+
+
+    def prepare(self, grid: tuple[int, ...], args: tuple, kwargs: dict, lead: int) -> Prepared | None:
+        """A launcher of this kernel with these arguments, except the first ``lead`` positional ones
+        (tensors or None), which each call passes anew: ``prepare(grid, args, kwargs, n)(*args[:n])``
+        launches like ``self[grid](*args, **kwargs)`` without recomputing the signature key. Call it
+        right after such a launch (the compiled kernel is looked up under its key); None where the
+        lean launch does not apply (see :meth:`launch`), or for a launch with an unaligned tensor
+        among the leading arguments. The launcher checks on every call what the key read from them
+        (each tensor 16-byte aligned, None where None was; their dtypes are the caller's to key),
+        the current device, and that no launch hook is set; otherwise it takes :meth:`launch`."""
+        if not self.fast:
+            return None
+        n = len(args)
+        try:
+            plan = self._calls.get((n, tuple(kwargs))) or self._call_plan(n, tuple(kwargs))
+        except KeyError:
+            return None
+        get_rest, needs_defaults, onames, get_options = plan
+        if needs_defaults:
+            merged = self.defaults.copy()
+            merged.update(kwargs)
+            extra = get_rest(merged)
+        else:
+            extra = get_rest(kwargs)
+        drv = triton.runtime.driver.active
+        device = drv.get_current_device()
+        vals = args + extra
+        try:
+            compiled = self.compiled.get((device, self._fast_key_part(vals), onames, get_options(kwargs)))
+        except (TypeError, ValueError):
+            return None
+        head = args[:lead]
+        if compiled is None or any(a is not None and a.data_ptr() & 15 for a in head):
+            return None
+        if any(a is not None and not isinstance(a, torch.Tensor) for a in head):
+            return None
+        if any(isinstance(a, torch.Tensor) for a in vals[lead:]):  # a tensor would be kept for later calls
+            return None
+        g = (*grid, 1, 1)[:3]
+        return Prepared(self, grid, args[lead:], kwargs, compiled, device, g, lead,
+                        [i for i, a in enumerate(head) if a is not None], vals[lead:])  # fmt: skip
+
+
+class Prepared:
+    """A launch prepared by :meth:`FastKernel.prepare`; call it with the leading arguments."""
+
+    __slots__ = ("kernel", "grid", "args", "kwargs", "compiled", "device", "g", "lead", "tensors", "nones", "none_vals",
+                 "tail")
+
+    def __init__(self, kernel, grid, args, kwargs, compiled, device, g, lead, tensors, tail) -> None:
+        self.kernel, self.grid, self.args, self.kwargs = kernel, grid, args, kwargs
+        self.compiled, self.device, self.g, self.lead, self.tail = compiled, device, g, lead, tail
+        #: getters of the leading tensors and of the leading Nones (C-level gathers)
+        self.tensors = _getter(tensors)
+        nones = [i for i in range(lead) if i not in tensors]
+        self.nones, self.none_vals = _getter(nones), (None,) * len(nones)
+
+    def __call__(self, *head: Any) -> None:
+        drv = triton.runtime.driver.active
+        device = drv.get_current_device()
+        rt = _knobs.runtime
+        ok = False
+        if device == self.device and len(head) == self.lead and not _hooked(rt.launch_enter_hook) and \
+                not _hooked(rt.launch_exit_hook) and self.nones(head) == self.none_vals:  # fmt: skip
+            try:  # every leading tensor 16-byte aligned (a non-tensor raises: the generic launch decides)
+                ok = not reduce(_or, map(_data_ptr, self.tensors(head)), 0) & 15
+            except TypeError:
+                ok = False
+        if not ok:
+            self.kernel.launch(self.grid, head + self.args, self.kwargs)
+            return
+        c, g = self.compiled, self.g
+        c.run(g[0], g[1], g[2], drv.get_current_stream(device), c.function, c.packed_metadata, None, None, None,
+              *head, *self.tail)  # fmt: skip
+        self.kernel.fast_launches += 1
+
+
+_data_ptr = torch.Tensor.data_ptr
+_or = operator.or_
 
 
 #: modules whose ``TensorDescriptor`` (a TMA descriptor on the host) the key knows (:func:`_desc_key`)

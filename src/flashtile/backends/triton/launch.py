@@ -170,6 +170,10 @@ def _fit(
 # tables at run time (benchmarks/bench_attention.py's sweep winners) clears it.
 _PLANS: dict[tuple, tuple] = {}
 _PLANS_MAX = 1024
+#: A plan's last entry before its first reuse: the launches are prepared then
+#: (``fastlaunch.FastKernel.prepare``), so that a plan made once and never reused (Hugging Face
+#: generate's calls, a key length new every step) does not pay for it.
+PENDING = object()
 _TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(AttnCall) if "Tensor" in str(f.type))
 
 
@@ -232,14 +236,21 @@ def forward(
     dev = q.device
     key = None
     if config is None:
-        key = ("fwd", id(call), q.dtype, dev, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride())
+        key = ("fwd", id(call), q.dtype, k.dtype, v.dtype, dev, q.shape, k.shape, v.shape, q.stride(), k.stride(),
+               v.stride())  # fmt: skip
         plan = _PLANS.get(key)
         if plan is not None and plan[0] is call:
-            _, out_shape, lse_shape, grid, ints, kw = plan
+            _, out_shape, lse_shape, grid, ints, kw, prep = plan
             out = torch.empty(out_shape, dtype=q.dtype, device=dev)
             lse = torch.empty(lse_shape, dtype=torch.float32, device=dev)
             with device_guard(dev):
-                _FWD[grid](q, k, v, out, lse, None, None, None, *ints, **kw)
+                if prep is not None and prep is not PENDING:
+                    prep(q, k, v, out, lse)
+                else:
+                    args = (q, k, v, out, lse, None, None, None, *ints)
+                    _FWD[grid](*args, **kw)
+                    if prep is PENDING:  # the plan's first reuse: its launch prepared for the next ones
+                        _PLANS[key] = (*plan[:-1], _FWD.prepare(grid, args, kw, 5))
             return out, lse
     B, Sq, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
@@ -284,7 +295,7 @@ def forward(
     with device_guard(dev):
         used = _fit(("fwd", ar, q.dtype, bd, bdv), cfg, launch)
     if key is not None and _plannable(call):
-        _keep_plan(key, (call, tuple(out.shape), tuple(lse.shape), *args(used)))
+        _keep_plan(key, (call, tuple(out.shape), tuple(lse.shape), *args(used), PENDING))
     return out, lse
 
 
@@ -306,24 +317,48 @@ def backward(
     dev = q.device
     key = None
     if config is None:
-        key = ("bwd", id(call), q.dtype, dev, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(),
-               dout.shape, dout.stride(), out.shape, out.stride(), lse.shape, lse.stride())  # fmt: skip
+        key = ("bwd", id(call), q.dtype, k.dtype, v.dtype, dout.dtype, out.dtype, lse.dtype, dev, q.shape, k.shape,
+               v.shape, q.stride(), k.stride(), v.stride(), dout.shape, dout.stride(), out.shape, out.stride(),
+               lse.shape, lse.stride())  # fmt: skip
         plan = _PLANS.get(key)
         if plan is not None and plan[0] is call:
-            _, pre, dkdv, dq_pass = plan
+            _, pre, dkdv, dq_pass, preps = plan
             dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
             dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
             dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
             delta = torch.empty(lse.shape, dtype=torch.float32, device=dev)
             with device_guard(dev):
-                _BWD_PRE[pre[0]](out, dout, delta, *pre[1], **pre[2])
+                if preps is not None and preps is not PENDING:  # prepared launches (FastKernel.prepare)
+                    p_pre, p_dkdv, p_dq = preps
+                    p_pre(out, dout, delta)
+                    if p_dq is None:
+                        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
+                        p_dkdv(q, k, v, dout, lse, delta, dk, dv, dq_acc)
+                        dq.copy_(dq_acc.mul_(call.softmax_scale))
+                    else:
+                        p_dkdv(q, k, v, dout, lse, delta, dk, dv, dq)
+                        p_dq(q, k, v, dout, lse, delta, dq)
+                    return dq, dk, dv, {}
+                pre_args = (out, dout, delta, *pre[1])
+                _BWD_PRE[pre[0]](*pre_args, **pre[2])
+                dq_args = None
                 if dq_pass is None:  # dQ by atomics into an fp32 buffer
                     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
-                    _BWD_DKDV[dkdv[0]](q, k, v, dout, lse, delta, dk, dv, dq_acc, None, None, None, *dkdv[1], **dkdv[2])
+                    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, dq_acc, None, None, None, *dkdv[1])
+                    _BWD_DKDV[dkdv[0]](*dkdv_args, **dkdv[2])
                     dq.copy_(dq_acc.mul_(call.softmax_scale))
                 else:
-                    _BWD_DKDV[dkdv[0]](q, k, v, dout, lse, delta, dk, dv, dq, None, None, None, *dkdv[1], **dkdv[2])
-                    _BWD_DQ[dq_pass[0]](q, k, v, dout, lse, delta, dq, None, None, None, *dq_pass[1], **dq_pass[2])
+                    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, dq, None, None, None, *dkdv[1])
+                    _BWD_DKDV[dkdv[0]](*dkdv_args, **dkdv[2])
+                    dq_args = (q, k, v, dout, lse, delta, dq, None, None, None, *dq_pass[1])
+                    _BWD_DQ[dq_pass[0]](*dq_args, **dq_pass[2])
+                if preps is PENDING:  # the plan's first reuse: its launches prepared for the next ones
+                    preps = (_BWD_PRE.prepare(pre[0], pre_args, pre[2], 3),
+                             _BWD_DKDV.prepare(dkdv[0], dkdv_args, dkdv[2], 9),
+                             None if dq_pass is None else _BWD_DQ.prepare(dq_pass[0], dq_args, dq_pass[2], 7))  # fmt: skip
+                    if preps[0] is None or preps[1] is None or (dq_pass is not None and preps[2] is None):
+                        preps = None
+                    _PLANS[key] = (*plan[:-1], preps)
             return dq, dk, dv, {}
     B, Sq, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
@@ -411,7 +446,7 @@ def backward(
             dq.copy_(dq_acc.mul_(call.softmax_scale))
     if key is not None and not normalised and _plannable(call):
         _, dkdv, dq_pass = args(used)
-        _keep_plan(key, (call, pre, dkdv, dq_pass))
+        _keep_plan(key, (call, pre, dkdv, dq_pass, PENDING))
     grads = {} if sink is None else {"learnable_sink": sink_grad(sink, lse, delta)}
     return dq, dk, dv, grads
 

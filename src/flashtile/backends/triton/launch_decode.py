@@ -15,7 +15,7 @@ from .. import _device
 from .._ints import cdiv, next_power_of_2
 from .decode import _append_kernel, _decode_kernel, _merge_kernel
 from .fastlaunch import fast
-from .launch import _PLANS, _keep_plan, _plannable, _sink_args, block_d, device_guard, score_scales, upcast
+from .launch import _PLANS, PENDING, _keep_plan, _plannable, _sink_args, block_d, device_guard, score_scales, upcast
 
 _APPEND, _DECODE, _MERGE = fast(_append_kernel), fast(_decode_kernel), fast(_merge_kernel)
 
@@ -164,12 +164,12 @@ def decode(
     dev = q.device
     key = None
     if config is None and rotary is None:
-        key = ("decode", id(call), q.dtype, dev, q.shape, q.stride(), k_cache.shape, k_cache.stride(), v_cache.shape,
+        key = ("decode", id(call), q.dtype, k_cache.dtype, v_cache.dtype, dev, q.shape, q.stride(), k_cache.shape, k_cache.stride(), v_cache.shape,
                v_cache.stride(), None if table is None else (table.shape, table.stride()), leftpad is None, sn,
                capacity, n_index, dense, num_splits, rotary_along)  # fmt: skip
         plan = _PLANS.get(key)
         if plan is not None and plan[0] is call:
-            _, out_shape, lse_shape, parts, dec, merge = plan
+            _, out_shape, lse_shape, parts, dec, merge, preps = plan
             out = torch.empty(out_shape, dtype=q.dtype, device=dev)
             lse_out = torch.empty(lse_shape, dtype=torch.float32, device=dev)
             if parts is None:  # one piece: the kernel writes out / lse_out (as the views (1, ...) of them)
@@ -178,10 +178,22 @@ def decode(
                 o = torch.empty(parts[0], dtype=torch.float32, device=dev)
                 lse = torch.empty(parts[1], dtype=torch.float32, device=dev)
             with device_guard(dev):
-                _DECODE[dec[0]](q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, None, None, *dec[1],
-                                **dec[2])  # fmt: skip
+                if preps is not None and preps is not PENDING:  # prepared launches (FastKernel.prepare)
+                    preps[0](q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err)
+                    if preps[1] is not None:
+                        preps[1](o, lse, out, lse_out)
+                    return out, lse_out
+                dec_args = (q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, None, None, *dec[1])
+                _DECODE[dec[0]](*dec_args, **dec[2])
                 if merge is not None:
-                    _MERGE[merge[0]](o, lse, out, lse_out, *merge[1], **merge[2])
+                    merge_args = (o, lse, out, lse_out, *merge[1])
+                    _MERGE[merge[0]](*merge_args, **merge[2])
+                if preps is PENDING:  # the plan's first reuse: its launches prepared for the next ones
+                    preps = (_DECODE.prepare(dec[0], dec_args, dec[2], 10),
+                             None if merge is None else _MERGE.prepare(merge[0], merge_args, merge[2], 4))  # fmt: skip
+                    if preps[0] is None or (merge is not None and preps[1] is None):
+                        preps = None
+                    _PLANS[key] = (*plan[:-1], preps)
             return out, lse_out
     B, Sq, H, D = q.shape
     Hk, Dv = k_cache.shape[2], v_cache.shape[-1]
@@ -259,7 +271,7 @@ def decode(
             _MERGE[merge[0]](o, lse, out, lse_out, *merge[1], **merge[2])
     if key is not None and _plannable(call):
         parts = None if splits == 1 else (tuple(o.shape), tuple(lse.shape))
-        _keep_plan(key, (call, tuple(out.shape), tuple(lse_out.shape), parts, dec, merge))
+        _keep_plan(key, (call, tuple(out.shape), tuple(lse_out.shape), parts, dec, merge, PENDING))
     return out, lse_out
 
 
