@@ -1,6 +1,6 @@
 """One H200 run of the FP8 (e4m3) forward of the Hopper backend: correctness first, then speed.
 
-    PYTHONPATH=src python benchmarks/fp8_run.py [--quick] [--no-bench] [--variant block_n=256] [--case-timeout 180]
+    PYTHONPATH=src python benchmarks/fp8_run.py [--quick] [--no-bench] [--variant num_stages=3] [--case-timeout 180]
 
 1. Correctness of ``flashtile.backends.hopper.launch.forward_fp8`` (called directly, so short
    query lengths are not routed to the decode path) on small odd shapes: seqlen 1 and 17, 113 vs
@@ -9,8 +9,11 @@
    ``(1, 1)`` and None. Oracle: ``flashtile.testing.attention_ref`` in float32 on the dequantised
    inputs; bound: ``flashtile.testing.fp8_error_bound(quantized_p=True)`` elementwise (bf16
    output rounding, e4m3 rounding of P: ``2^-4 (P |V|)`` plus a subnormal term); lse within
-   ``5e-3 + 5e-4 |lse|``, ``-inf`` exactly where the oracle has it, out 0 there, no NaN. Stops at
-   the first failure (exit 1), naming the case. Then the public API (``auto`` picks hopper; a
+   ``5e-3 + 5e-4 |lse|``, ``-inf`` exactly where the oracle has it, out 0 there, no NaN. The
+   table's config stops at its first failure, naming the case (exit status 1 at the end, its
+   benchmark column dropped); each ``--variant k=v[,k=v]`` (FP8 config fields: ``num_stages``,
+   ``cvt_asm``, ``row_tree``, ``skip_rescale``, ...) is checked on :func:`variant_cases` first and
+   dropped if one fails, so one run compares code paths. Then the public API (``auto`` picks hopper; a
    backward raises) and an accuracy table: RMSE against fp32 attention on the original inputs,
    Gaussian and with 0.1% outliers of magnitude 10-100 in q and k, for bf16 (hopper), FP8
    per-head scales, and FP8 after incoherent processing (``flashtile.fp8.rotate_qk``).
@@ -171,13 +174,24 @@ def correctness_cases(quick: bool) -> list[tuple[str, dict]]:
     ]
 
 
+def variant_cases() -> list[tuple[str, dict]]:
+    """A ``--variant``'s correctness cases: one per kernel specialisation its benchmark cells run
+    (d128 plain and causal, d256 plain), with odd lengths, dead rows, GQA and a (1, 1) scale."""
+    return [
+        ("113 q vs 203 k", dict(sq=113, sk=203)),
+        ("203 q vs 113 k causal (dead rows), GQA 4/2", dict(sq=203, sk=113, h=4, hk=2, causal=True)),
+        ("GQA 8/2 causal, one scale (1, 1)", dict(sq=203, sk=203, h=8, hk=2, causal=True, kind="scalar")),
+        ("d=256 300 q vs 203 k", dict(sq=300, sk=203, d=256)),
+    ]
+
+
 SKIP: list[str] = []  # set from --skip
 
 
-def run_correctness(quick: bool, overrides: dict | None = None, label: str = "default") -> bool:
+def run_correctness(quick: bool, overrides: dict | None = None, label: str = "default", cases=None) -> bool:
     from flashtile.backends.hopper import configs
 
-    for name, kw in correctness_cases(quick):
+    for name, kw in cases if cases is not None else correctness_cases(quick):
         if any(part in name for part in SKIP):
             log(f"SKIP [{label}] {name} (--skip)")
             continue
@@ -263,7 +277,7 @@ def bench_cells(quick: bool) -> list[tuple[int, int, int, int, bool]]:
             for d in (64, 128, 256) for s in (1024, 4096, 16384) for c in (False, True)]  # fmt: skip
 
 
-def _contenders(b, h, s, d, causal, variants) -> dict:
+def _contenders(b, h, s, d, causal, variants, default_ok=True) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from flashtile.backends.hopper import configs, launch
@@ -278,7 +292,7 @@ def _contenders(b, h, s, d, causal, variants) -> dict:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
 
-    fns = {"fp8": lambda: launch.forward_fp8(q8, k8, v8, call8)}
+    fns = {"fp8": lambda: launch.forward_fp8(q8, k8, v8, call8)} if default_ok else {}
     for label, ov in variants:
         cfg = configs.fp8_config(d, **ov)
         if not configs.check_fp8(cfg, d):
@@ -291,13 +305,13 @@ def _contenders(b, h, s, d, causal, variants) -> dict:
     return fns
 
 
-def run_bench(quick: bool, variants: list[tuple[str, dict]]) -> list[dict]:
+def run_bench(quick: bool, variants: list[tuple[str, dict]], default_ok: bool = True) -> list[dict]:
     import triton
 
     rows = []
     for b, h, s, d, causal in bench_cells(quick):
         row = {"b": b, "h": h, "s": s, "d": d, "causal": causal}
-        for name, fn in _contenders(b, h, s, d, causal, variants).items():
+        for name, fn in _contenders(b, h, s, d, causal, variants, default_ok).items():
             try:
                 with watchdog(CASE_TIMEOUT, f"bench {name} b{b} h{h} s{s} d{d} causal={causal}"):
                     fn()
@@ -324,7 +338,8 @@ def main() -> int:
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT, help="watchdog per case / cell (s)")
     ap.add_argument("--variant", action="append", default=[],
-                    help="FP8 config overrides benchmarked as extra columns, e.g. block_n=256 or num_stages=3")
+                    help="FP8 config overrides benchmarked as extra columns (each checked first on "
+                         "variant_cases(); failing ones dropped), e.g. num_stages=3 or cvt_asm=0,row_tree=0")
     args = ap.parse_args()
     SKIP[:] = args.skip
     variants = []
@@ -341,29 +356,35 @@ def main() -> int:
     from flashtile.backends.hopper import configs
 
     log(f"FP8 configs: {', '.join(f'd={d}: {configs.fp8_config(d)}' for d in configs.HEADDIMS)}")
+    default_ok = True
+    acc = []
     try:
-        if not run_correctness(args.quick):
-            return 1
+        # the table's config: the whole (or quick) set; a failure is reported, and the variants
+        # that pass are still measured (so one run compares code paths even if the default breaks)
+        default_ok = run_correctness(args.quick)
+        if not default_ok:
+            log("FAIL the default FP8 config failed a correctness case (above): its column is dropped")
         kept = []
-        for label, ov in variants:  # the quick set for each variant; a failing one is dropped
-            if run_correctness(True, ov, label):
+        for label, ov in variants:  # each variant: variant_cases(); a failing one is dropped
+            if run_correctness(True, ov, label, variant_cases()):
                 kept.append((label, ov))
             else:
                 log(f"variant {label} dropped")
         variants = kept
-        with watchdog(CASE_TIMEOUT, "public API check"):
-            run_api_check()
-        with watchdog(CASE_TIMEOUT, "accuracy"):
-            acc = run_accuracy()
+        if default_ok:
+            with watchdog(CASE_TIMEOUT, "public API check"):
+                run_api_check()
+            with watchdog(CASE_TIMEOUT, "accuracy"):
+                acc = run_accuracy()
     except Exception as e:  # a compile or launch error is a failure too; show it whole
         import traceback
 
         traceback.print_exc()
         log(f"FAIL {type(e).__name__}: {e}")
         return 1
-    if args.no_bench:
-        return 0
-    rows = run_bench(args.quick, variants)
+    if args.no_bench or not (default_ok or variants):
+        return 0 if default_ok else 1
+    rows = run_bench(args.quick, variants, default_ok)
     print("\nRMSE vs fp32 attention on the original inputs (b1 s4096 h16 d128)")
     for r in acc:
         print("  " + "  ".join(f"{k}={v:.3e}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
@@ -383,7 +404,7 @@ def main() -> int:
     r = [x["fp8/bf16"] for x in rows if x.get("fp8/bf16")]
     geo = f"{math.exp(sum(map(math.log, r)) / len(r)):.2f}x" if r else "n/a"
     log(f"done in {time.time() - T0:.0f} s (geomean fp8/bf16: {geo})")
-    return 0
+    return 0 if default_ok else 1
 
 
 if __name__ == "__main__":

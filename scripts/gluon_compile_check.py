@@ -103,7 +103,8 @@ def compile_one_fp8(d: int, mask: str, varlen: bool, descales: bool, overrides: 
     }  # fmt: skip
     consts = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
                   IS_VARLEN=varlen, REVERSE_M=MASKS[mask]["HAS_WR"], num_warps=cfg.num_warps,
-                  CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, **MASKS[mask])  # fmt: skip
+                  CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, **MASKS[mask],
+                  **configs.fp8_flags(cfg))  # fmt: skip
     if not varlen:
         consts.update(CU_Q=None, CU_K=None)
     if not descales:

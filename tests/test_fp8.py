@@ -276,6 +276,83 @@ def test_fp8_transpose_v_key_order(sk):
     assert torch.equal(varlen[..., :sk].float(), v[0].permute(1, 2, 0).float())
 
 
+def test_fp8_kernel_switches():
+    """The FP8 kernel's code-path switches: config fields with defaults, turned into constexprs; a
+    plain HopperConfig gets the defaults; overrides (``--variant cvt_asm=0``) pass the checks."""
+    from flashtile.backends.hopper import configs
+
+    cfg = configs.fp8_config(128)
+    assert isinstance(cfg, configs.FP8Config)
+    assert configs.fp8_flags(cfg) == dict(CVT_ASM=True, ROW_TREE=1, SKIP_RESCALE=True)
+    assert configs.fp8_flags(configs.HopperConfig(128, 128, 2)) == configs.fp8_flags(cfg)
+    old = configs.fp8_config(128, cvt_asm=0, row_tree=0, skip_rescale=0)
+    assert configs.fp8_flags(old) == dict(CVT_ASM=False, ROW_TREE=0, SKIP_RESCALE=False)
+    assert configs.check_fp8(old, 128) is None and configs.check_fp8(configs.fp8_config(128, row_tree=2), 128) is None
+
+
+def test_fp8_inline_ptx_strings():
+    """The inline PTX of the FP8 kernel, modelled: the e4m3x4 pack puts input ``$1 .. $4`` in
+    bytes 0 .. 3 (``cvt.rn.satfinite.e4m3x2.f32 d, a, b`` writes a to the high byte, b to the low
+    one), as ``fwd_fp8._p_pack`` passes the keys 4q .. 4q + 3; the rescale multiplies every
+    accumulator register by its own alpha, branching over all of them on a warp vote of the two
+    rows' alphas (registers 0 and 2: rows r and r + 8 of the wgmma accumulator)."""
+    import re
+
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from flashtile.backends.hopper import fwd_fp8
+
+    asm = str(fwd_fp8._CVT_E4M3X4)
+    cvts = re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32 (\w+), \$(\d), \$(\d);", asm)
+    halves = {d: (int(a), int(b)) for d, a, b in cvts}  # d: (high byte's input, low byte's input)
+    lo, hi = re.search(r"mov\.b32 \$0, \{(\w+), (\w+)\};", asm).groups()
+    # bytes from low to high: (low byte, high byte) of the low half, then of the high half
+    order = [halves[lo][1], halves[lo][0], halves[hi][1], halves[hi][0]]
+    assert order == [1, 2, 3, 4]
+    for n in (32, 64, 128):
+        text = fwd_fp8._rescale_asm(n)
+        movs = re.findall(r"mov\.b32 \$(\d+), \$(\d+);", text)
+        muls = re.findall(r"mul\.f32 \$(\d+), \$(\d+), \$(\d+);", text)
+        assert [(int(a), int(b)) for a, b in movs] == [(i, n + i) for i in range(n)]
+        assert [tuple(map(int, m)) for m in muls] == [(i, i, 2 * n + i) for i in range(n)]
+        votes = re.findall(r"setp\.neu\.f32 \w, \$(\d+), 0f3F800000;", text)
+        assert votes == [str(2 * n), str(2 * n + 2)] and "vote.sync.any.pred" in text
+        assert text.index("@!p bra SKIP;") < text.index("mul.f32") and text.rstrip().endswith("SKIP: }")
+        assert max(int(x) for x in re.findall(r"\$(\d+)", text)) == 3 * n - 1  # n out, n acc, n alpha
+
+
+def _linear_layout(layout, shape):
+    """A Gluon layout as Triton's linear layout (register / lane / warp bases), on the CPU."""
+    gluon_ir = pytest.importorskip("triton._C.libtriton.gluon_ir")
+    from triton._C.libtriton import ir
+    from triton.experimental.gluon.language import _semantic
+
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    try:
+        sem = _semantic.GluonSemantic(gluon_ir.GluonOpBuilder(ctx))
+        return sem.to_linear_layout(layout, shape).value
+    except (AttributeError, TypeError) as e:  # another Triton's internals
+        pytest.skip(f"no linear-layout query in this Triton: {e}")
+
+
+def test_fp8_kernel_layout_facts():
+    """What the FP8 kernel's inline PTX relies on, from Triton's own layouts: in the e4m3 A operand
+    (k_width 4) registers 4i .. 4i + 3 are k = 4q .. 4q + 3 of one row (``_p_pack`` / ``_p_unpack``
+    pack them into one word); in the accumulator, register bit 1 is row + 8 (``_rescale_asm``
+    votes on elements 0 and 2) and the top column bit is a register bit (``fwd._halve_cols``)."""
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from triton.experimental.gluon import language as gl
+
+    for d in (64, 128, 256):
+        acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, d, 32])
+        ll = _linear_layout(acc, [64, d])
+        assert ll.reg_bases[0] == [0, 1] and ll.reg_bases[1] == [8, 0]
+        assert [0, d // 2] in ll.reg_bases  # top column bit: a register
+        assert all(b[0] == 0 for b in ll.reg_bases[2:])  # two rows per thread: r, r + 8
+        op = _linear_layout(gl.DotOperandLayout(operand_index=0, parent=acc, k_width=4), [64, 128])
+        assert op.reg_bases[:2] == [[0, 1], [0, 2]]
+
+
 def test_fp8_declarations_and_configs():
     from flashtile import dispatch
     from flashtile.backends.hopper import configs

@@ -88,16 +88,40 @@ def config_for(headdim: int, *, causal: bool, seqlen_q: int) -> HopperConfig:
 # block_n (a multiple of 32 for e4m3). Shared memory adds the bf16 output staging tile
 # (2 x 64 x BLOCK_D x 2 bytes). NOT measured yet: sized from shared memory and registers
 # (scripts/gluon_compile_check.py --fp8 reports no spills), waiting for benchmarks/fp8_run.py.
-_FP8_TABLE: dict[int, HopperConfig] = {
-    64: HopperConfig(128, 128, 3),  # 8 KiB Q + 3 x 16 KiB K/V^T + 16 KiB O = 72 KiB
-    96: HopperConfig(128, 128, 2),  # padded to 128: 16 KiB Q + 2 x 32 KiB + 32 KiB O = 112 KiB
-    128: HopperConfig(128, 128, 2),  # 16 KiB Q + 2 x 32 KiB + 32 KiB O = 112 KiB
-    192: HopperConfig(128, 64, 2),  # padded to 256: 32 KiB Q + 2 x 32 KiB + 64 KiB O = 160 KiB
-    256: HopperConfig(128, 64, 2),  # 32 KiB Q + 2 x 32 KiB + 64 KiB O = 160 KiB (acc: 128 regs/thread)
+@dataclass(frozen=True)
+class FP8Config(HopperConfig):
+    """A :class:`HopperConfig` of the FP8 kernel plus its code-path switches (0/1 ints, so that a
+    benchmark ``--variant cvt_asm=0`` compares them in one run; :func:`fp8_flags` turns them into
+    the kernel's constexprs): ``cvt_asm``: P rounded to e4m3 four values at a time by inline PTX and
+    carried across the key-block loop as packed 32-bit words (dense calls; ``fwd_fp8._p_pack``);
+    ``row_tree``: the softmax's row reductions as trees over the registers (``fwd._row_reduce``): 0
+    off (Triton's sequential chain), 1 the row max, 2 the row max and the row sum;
+    ``skip_rescale``: a warp skips the output rescale of a key block in which none of its rows'
+    max rose (a warp vote and a branch in inline PTX; exact: alpha is 1 there)."""
+
+    cvt_asm: int = 1
+    row_tree: int = 1
+    skip_rescale: int = 1
+
+
+def fp8_flags(cfg: HopperConfig) -> dict[str, bool]:
+    """The FP8 kernel's constexpr switches of ``cfg`` (:class:`FP8Config`'s fields; defaults for a
+    plain :class:`HopperConfig`)."""
+    return dict(CVT_ASM=bool(getattr(cfg, "cvt_asm", FP8Config.cvt_asm)),
+                ROW_TREE=int(getattr(cfg, "row_tree", FP8Config.row_tree)),
+                SKIP_RESCALE=bool(getattr(cfg, "skip_rescale", FP8Config.skip_rescale)))
+
+
+_FP8_TABLE: dict[int, FP8Config] = {
+    64: FP8Config(128, 128, 3),  # 8 KiB Q + 3 x 16 KiB K/V^T + 16 KiB O = 72 KiB
+    96: FP8Config(128, 128, 2),  # padded to 128: 16 KiB Q + 2 x 32 KiB + 32 KiB O = 112 KiB
+    128: FP8Config(128, 128, 2),  # 16 KiB Q + 2 x 32 KiB + 32 KiB O = 112 KiB
+    192: FP8Config(128, 64, 2),  # padded to 256: 32 KiB Q + 2 x 32 KiB + 64 KiB O = 160 KiB
+    256: FP8Config(128, 64, 2),  # 32 KiB Q + 2 x 32 KiB + 64 KiB O = 160 KiB (acc: 128 regs/thread)
 }
 
 
-def fp8_config(headdim: int, **overrides) -> HopperConfig:
+def fp8_config(headdim: int, **overrides) -> FP8Config:
     """The FP8 table's config for ``headdim`` (kernel ``ws`` always), with ``overrides``."""
     if headdim not in _FP8_TABLE:
         raise ValueError(f"hopper FP8 kernels serve head dims {HEADDIMS}, got {headdim}")

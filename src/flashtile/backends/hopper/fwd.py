@@ -153,13 +153,53 @@ def _issue_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, stage, blk, b, hk,
 
 
 @gluon.jit
+def _halve_cols(x, IS_MAX: gl.constexpr):
+    """``[M, N]`` -> ``[M, N / 2]``: the max (or sum) of the two column halves, elementwise. In the
+    wgmma accumulator layout the top column bit is a register bit (N >= 16), so this is register
+    renaming plus N / 2 independent instructions per row (``_row_reduce``)."""
+    M: gl.constexpr = x.shape[0]
+    N: gl.constexpr = x.shape[1]
+    a, b = gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), (0, 2, 1)))
+    if IS_MAX:
+        return gl.maximum(a, b)
+    else:
+        return a + b
+
+
+@gluon.jit
+def _row_reduce(x, IS_MAX: gl.constexpr, TREE: gl.constexpr, s_layout: gl.constexpr):
+    """Row max (or sum) of ``x`` ``[M, N]`` in the wgmma accumulator layout. ``TREE``: halve the
+    columns held in registers first (a tree: depth log2 instead of one dependent chain of N / 4
+    instructions per row in each thread, the same instruction count), then Triton's reduction over
+    the last 8 columns (2 per thread, 4 lanes). Returns ``[M]`` in ``SliceLayout(1, s_layout)``."""
+    if TREE:
+        N: gl.constexpr = x.shape[1]
+        if N >= 256:
+            x = _halve_cols(x, IS_MAX)
+        if N >= 128:
+            x = _halve_cols(x, IS_MAX)
+        if N >= 64:
+            x = _halve_cols(x, IS_MAX)
+        if N >= 32:
+            x = _halve_cols(x, IS_MAX)
+        if N >= 16:
+            x = _halve_cols(x, IS_MAX)
+    if IS_MAX:
+        r = gl.max(x, 1)
+    else:
+        r = gl.sum(x, 1)
+    return gl.convert_layout(r, gl.SliceLayout(1, s_layout))  # (the same rows: no data movement)
+
+
+@gluon.jit
 def _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                    MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                   BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+                   BLOCK_N: gl.constexpr, s_layout: gl.constexpr, ROW_TREE: gl.constexpr = 0):
     """Online-softmax update for one block of raw scores ``s = Q K^T`` ``[BLOCK_M, BLOCK_N]``
     (fp32, wgmma accumulator layout). ``m_i`` is the running row max in scaled base-2 units.
     Returns ``(p, alpha, m_new, l_new)``: unnormalised probabilities, the factor to rescale the
-    output accumulator by, the new max and row sum."""
+    output accumulator by, the new max and row sum. ``ROW_TREE`` (the FP8 kernel's switch; the
+    16-bit kernels leave it 0): 1 = the row max as a tree (:func:`_row_reduce`), 2 = the row sum too."""
     if HAS_SOFTCAP:
         s = _tanh(s * qk_scale) * cap_out
     if MASKED:
@@ -172,11 +212,15 @@ def _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_
         if HAS_WL:
             vis = vis & (c2 >= r2 + (off - wl))
         s = gl.where(vis, s, float("-inf"))
+    if ROW_TREE > 0:
+        s_max = _row_reduce(s, True, True, s_layout)
+    else:
+        s_max = gl.max(s, 1)
     if HAS_SOFTCAP:
-        m_new = gl.maximum(m_i, gl.max(s, 1))
+        m_new = gl.maximum(m_i, s_max)
     else:
         # qk_scale > 0 (checked on the host): the max of raw scores scales to the scaled max
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        m_new = gl.maximum(m_i, s_max * qk_scale)
     if MASKED:
         # rows that have seen no visible key keep m = -inf: subtract 0 instead (no NaN)
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -187,7 +231,10 @@ def _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_
     else:
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
     alpha = gl.exp2(m_i - m_use)
-    l_new = l_i * alpha + gl.sum(p, 1)
+    if ROW_TREE > 1:
+        l_new = l_i * alpha + _row_reduce(p, False, True, s_layout)
+    else:
+        l_new = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_new
 
 

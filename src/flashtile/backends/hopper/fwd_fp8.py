@@ -16,6 +16,14 @@ epilogue helpers are :mod:`.fwd`'s, shared with the 16-bit kernels. What differs
   or ``(Hk, D, total_pad)`` (varlen) in global memory, and the producer loads ``[D, BLOCK_N]``
   V^T tiles by TMA; the consumers read them through a permuted ``[BLOCK_N, D]`` view. The row
   sums ``l`` use the unrounded p.
+
+Code-path switches (constexprs from ``configs.FP8Config``, so one benchmark run compares them):
+``CVT_ASM`` (P rounded four values at a time by inline ``cvt.rn.satfinite.e4m3x2.f32`` and carried
+across the key-block loop as packed int32 words: :func:`_p_pack`), ``ROW_TREE`` (the softmax's row
+max, and with 2 its row sum, as register trees: ``fwd._row_reduce``), ``SKIP_RESCALE`` (the output
+rescale branched over by a warp none of whose rows' max rose: :func:`_rescale`). SASS of the d128
+dense unmasked key-block loop (per thread, 64 scores): 641 instructions (909 PRMT in the kernel)
+without them, 450 with them (no PRMT), of which 64 FMUL are skipped in most blocks.
 * Epilogue: ``o = acc * v_descale[b, hk] / l`` in bfloat16 (flash-attn 3's output dtype for
   FP8), staged through its own bf16 shared buffer (the FP8 Q buffer is half the size) and
   stored by TMA, or by masked stores for a ragged varlen tile.
@@ -68,12 +76,107 @@ def _p_operand(p, o_layout: gl.constexpr, PERM_P: gl.constexpr = False):
     return gl.convert_layout(x, gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4))
 
 
+_CVT_E4M3X4: gl.constexpr = gl.constexpr(
+    "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; "
+    "mov.b32 $0, {lo, hi}; }")
+
+
+@gluon.jit
+def _p_pack(p, o_layout: gl.constexpr, PERM_P: gl.constexpr, CVT_ASM: gl.constexpr):
+    """Probabilities ``[SUB_M, BLOCK_N]`` (fp32) rounded to e4m3 for the next P V, in the form the
+    key-block loop carries them: with ``CVT_ASM`` (dense only: needs ``PERM_P``) an int32
+    ``[SUB_M, BLOCK_N // 4]`` tensor of packed e4m3x4 words, k = 4q + b in byte b of word q (inline
+    PTX: two ``cvt.rn.satfinite.e4m3x2.f32`` per word). Triton carries an 8-bit tensor across a loop
+    as one register per byte (unpacked after the conversion, repacked before the wgmma: ~180 PRMT /
+    LOP3 / SHF per key block in the d128 SASS); a 32-bit carrier avoids both. Without
+    ``CVT_ASM``: :func:`_p_operand` (the 8-bit operand itself). :func:`_p_unpack` gives the operand."""
+    if PERM_P and CVT_ASM:
+        SUB_M: gl.constexpr = p.shape[0]
+        BLOCK_N: gl.constexpr = p.shape[1]
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        # the key order of _p_operand's PERM_P, done on the fp32 values (register renaming), then the
+        # operand's register order (a register permutation for 32-bit values)
+        y = gl.reshape(p, [SUB_M, BLOCK_N // 32, 2, 2, 4, 2])
+        y = gl.permute(y, (0, 1, 2, 4, 3, 5))
+        y = gl.convert_layout(gl.reshape(y, [SUB_M, BLOCK_N]), op_layout)
+        y = gl.reshape(y, [SUB_M, BLOCK_N // 4, 2, 2])  # (q, i, j): k = 4q + 2i + j
+        y0, y1 = gl.split(y)
+        v00, v10 = gl.split(y0)
+        v01, v11 = gl.split(y1)
+        return gl.inline_asm_elementwise(_CVT_E4M3X4, "=r,r,r,r,r", [v00, v01, v10, v11], dtype=gl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        return _p_operand(p, o_layout, PERM_P)
+
+
+@gluon.jit
+def _p_unpack(x, o_layout: gl.constexpr, PERM_P: gl.constexpr, CVT_ASM: gl.constexpr):
+    """The e4m3 A operand of P V from :func:`_p_pack`'s carrier (no instructions with ``CVT_ASM``:
+    each packed word is the operand's register, the inline ``mov`` folds away)."""
+    if PERM_P and CVT_ASM:
+        SUB_M: gl.constexpr = x.shape[0]
+        BLOCK_N: gl.constexpr = x.shape[1] * 4
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        z = gl.join(x, x)
+        z = gl.reshape(gl.join(z, z), [SUB_M, BLOCK_N])  # word q at k = 4q .. 4q + 3
+        z = gl.convert_layout(z, op_layout)
+        return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r,r,r", [z], dtype=gl.float8e4nv, is_pure=True,
+                                         pack=4)
+    else:
+        return x
+
+
+def _rescale_asm(n: int) -> str:
+    """Inline PTX of :func:`_rescale` for ``n`` accumulator registers per thread: operands ``$0..``
+    the outputs, ``$n..`` the accumulator, ``$2n..`` each element's alpha (elements 0, 1 are row r,
+    2, 3 row r + 8, and so on: the wgmma accumulator layout, 2 rows per thread). The warp votes
+    whether any of its rows has alpha != 1; if none has, the multiplies are branched over (labels
+    inside ``{ }`` are local to the block, so the string can be inlined several times)."""
+    mov = " ".join(f"mov.b32 ${i}, ${n + i};" for i in range(n))
+    mul = " ".join(f"mul.f32 ${i}, ${i}, ${2 * n + i};" for i in range(n))
+    return ("{ .reg .pred p, q; "
+            f"setp.neu.f32 p, ${2 * n}, 0f3F800000; setp.neu.f32 q, ${2 * n + 2}, 0f3F800000; or.pred p, p, q; "
+            f"vote.sync.any.pred p, p, 0xffffffff; {mov} @!p bra SKIP; {mul} SKIP: }}")  # fmt: skip
+
+
+_RESCALE_32: gl.constexpr = gl.constexpr(_rescale_asm(32))
+_RESCALE_64: gl.constexpr = gl.constexpr(_rescale_asm(64))
+_RESCALE_128: gl.constexpr = gl.constexpr(_rescale_asm(128))
+_RESCALE_C32: gl.constexpr = gl.constexpr(",".join(["=f"] * 32 + ["f"] * 64))
+_RESCALE_C64: gl.constexpr = gl.constexpr(",".join(["=f"] * 64 + ["f"] * 128))
+_RESCALE_C128: gl.constexpr = gl.constexpr(",".join(["=f"] * 128 + ["f"] * 256))
+
+
+@gluon.jit
+def _rescale(acc, alpha, o_layout: gl.constexpr, SKIP_RESCALE: gl.constexpr):
+    """``acc * alpha`` (alpha per row). ``SKIP_RESCALE``: a warp whose rows all have alpha == 1
+    (no row max rose in this key block: most blocks after the first few) skips the multiplies,
+    branching on a warp vote (inline PTX, :func:`_rescale_asm`): the same result, 5 instructions
+    instead of BLOCK_D / 2 FMUL per thread when skipped. Not ``is_pure``: the warp-collective vote
+    must not be moved or merged by the compiler."""
+    a = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    if SKIP_RESCALE:
+        N: gl.constexpr = acc.shape[0] * acc.shape[1] // 128  # accumulator registers per thread
+        if N == 32:
+            return gl.inline_asm_elementwise(_RESCALE_32, _RESCALE_C32, [acc, a],
+                                             dtype=gl.float32, is_pure=False, pack=32)
+        elif N == 64:
+            return gl.inline_asm_elementwise(_RESCALE_64, _RESCALE_C64, [acc, a],
+                                             dtype=gl.float32, is_pure=False, pack=64)
+        else:
+            return gl.inline_asm_elementwise(_RESCALE_128, _RESCALE_C128, [acc, a],
+                                             dtype=gl.float32, is_pure=False, pack=128)
+    else:
+        return acc * a
+
+
 @gluon.jit
 def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full, k_empty, v_empty, turn,
                rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                CID: gl.constexpr, MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                HAS_SOFTCAP: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-               s_layout: gl.constexpr, o_layout: gl.constexpr, PERM_P: gl.constexpr):
+               s_layout: gl.constexpr, o_layout: gl.constexpr, PERM_P: gl.constexpr, CVT_ASM: gl.constexpr,
+               ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr):
     """Key block ``blk`` (not the tile's first), the ``ws`` schedule: on this warpgroup's turn
     issue S = Q K^T and O += P_prev V_prev (FP8 wgmma both), pass the turn, run the softmax of S
     while P_prev V_prev is still on the tensor cores."""
@@ -86,16 +189,17 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
     s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
     s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s0, use_acc=False, is_async=True)
     mbarrier.wait(v_full.index(pstage), pphase)
-    acc = warpgroup_mma(p_op, vt_bufs.index(pstage).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(_p_unpack(p_op, o_layout, PERM_P, CVT_ASM), vt_bufs.index(pstage).permute((1, 0)), acc,
+                        is_async=True)
     _turn_pass(turn, CID, 2)
     s = warpgroup_mma_wait(1, deps=(s,))
     mbarrier.arrive(k_empty.index(stage))
     p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                        MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout)
+                                        MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout, ROW_TREE)
     acc = warpgroup_mma_wait(0, deps=(acc,))  # (8-bit p_op cannot be a wait dep: see the module doc)
     mbarrier.arrive(v_empty.index(pstage))
-    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-    p_op = _p_operand(p, o_layout, PERM_P)
+    acc = _rescale(acc, alpha, o_layout, SKIP_RESCALE)
+    p_op = _p_pack(p, o_layout, PERM_P, CVT_ASM)
     return acc, l_i, m_i, p_op
 
 
@@ -106,7 +210,8 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
                   nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                   CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
-                  HAS_SOFTCAP: gl.constexpr, IS_VARLEN: gl.constexpr):
+                  HAS_SOFTCAP: gl.constexpr, IS_VARLEN: gl.constexpr, CVT_ASM: gl.constexpr,
+                  ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr):
     """One consumer warpgroup: query rows ``m0 + CID * SUB_M ..`` over the tile's key blocks."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
@@ -137,32 +242,33 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0))
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                            True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout)
-        p_op = _p_operand(p, o_layout, PERM_P)
+                                            True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout, ROW_TREE)
+        p_op = _p_pack(p, o_layout, PERM_P, CVT_ASM)
         it = 1
         for blk in range(nb_lo + 1, fu_lo):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout, PERM_P)
+                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE)
             it += 1
         for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout, PERM_P)
+                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE)
             it += 1
         for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout, PERM_P)
+                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE)
             it += 1
         # the last block's P V
         last = n_total - 1
         lstage = last % NUM_STAGES
         mbarrier.wait(v_full.index(lstage), (last // NUM_STAGES) & 1)
-        acc = warpgroup_mma(p_op, vt_bufs.index(lstage).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(_p_unpack(p_op, o_layout, PERM_P, CVT_ASM), vt_bufs.index(lstage).permute((1, 0)), acc,
+                            is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))  # (8-bit p_op cannot be a wait dep: see the module doc)
         mbarrier.arrive(v_empty.index(lstage))
     if VD is not None:
@@ -182,7 +288,7 @@ def attn_fwd_ws_fp8(
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     IS_VARLEN: gl.constexpr, REVERSE_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-    num_warps: gl.constexpr,
+    CVT_ASM: gl.constexpr, ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (+ 4 + 1 in the
     other partitions). q_desc / k_desc: e4m3 ``[rows, D]`` tiles as the 16-bit kernels'; vt_desc:
@@ -231,12 +337,14 @@ def attn_fwd_ws_fp8(
                          o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
                          b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
                          nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
-                         0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN)),
+                         0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                         CVT_ASM, ROW_TREE, SKIP_RESCALE)),
         (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
                          o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
                          b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
                          nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
-                         1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN)),
+                         1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                         CVT_ASM, ROW_TREE, SKIP_RESCALE)),
         (_ws_producer, (q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
                         b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
                         2, True)),

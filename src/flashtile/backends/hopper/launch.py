@@ -235,7 +235,7 @@ def forward_fp8(
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
             HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
             IS_VARLEN=varlen, REVERSE_M=call.window_right >= 0, CONSUMER_REGS=cfg.consumer_regs,
-            PRODUCER_REGS=cfg.producer_regs, num_warps=cfg.num_warps,
+            PRODUCER_REGS=cfg.producer_regs, num_warps=cfg.num_warps, **configs.fp8_flags(cfg),
         )  # fmt: skip
     return out, lse
 
