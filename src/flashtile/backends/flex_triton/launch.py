@@ -66,10 +66,13 @@ _TABLE: dict[tuple[str, int, int], tuple[FwdConfig, BwdConfig]] = {}
 
 #: (arch, block-mask block, head-dim bucket) -> forward config for block masks with short rows: query
 #: blocks visiting on average at most SHORT_ROW_KEYS keys (document, sliding-window masks: a few key
-#: blocks per program, where pipeline fill, q's load and the epilogue weigh). Empty until measured
-#: (benchmarks/flex_sweep.py times the candidates); an entry costs one host sync per block mask
-#: (its mean row length, cached with its lists).
-_SHORT: dict[tuple[str, int, int], FlexFwdConfig] = {}
+#: blocks per program, where pipeline fill, q's load and the epilogue weigh); an entry costs one host
+#: sync per block mask (its mean row length, cached with its lists). sm90 d128: 64x64, 4 warps, 3
+#: stages measured 0.406 / 0.372 ms GPU time on document-16 / sliding-1k (b1 h16 s16k) against the
+#: default tile's 0.438 / 0.410 (H200, benchmarks/flex_sweep.py, results/flex_sweep_H200_20261201-2353.json)
+_SHORT: dict[tuple[str, int, int], FlexFwdConfig] = {
+    ("sm90", 128, 128): FlexFwdConfig(64, 64, 4, 3, 0, False),
+}
 SHORT_ROW_KEYS = 2048
 
 

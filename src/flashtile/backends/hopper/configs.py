@@ -117,7 +117,9 @@ _FP8_TABLE: dict[int, FP8Config] = {
     96: FP8Config(128, 128, 2),  # padded to 128: 16 KiB Q + 2 x 32 KiB + 32 KiB O = 112 KiB
     128: FP8Config(128, 128, 2),  # 16 KiB Q + 2 x 32 KiB + 32 KiB O = 112 KiB
     192: FP8Config(128, 64, 2),  # padded to 256: 32 KiB Q + 2 x 32 KiB + 64 KiB O = 160 KiB
-    256: FP8Config(128, 64, 2),  # 32 KiB Q + 2 x 32 KiB + 64 KiB O = 160 KiB (acc: 128 regs/thread)
+    # d256: 128-key blocks (FA3's FP8 tile) measured 1200 TFLOP/s at 16k against 1137 with 64 (H200,
+    # results/fp8_H200_20261201_softmax.json): 32 KiB Q + 2 x 64 KiB + 64 KiB O = 224 KiB
+    256: FP8Config(128, 128, 2),
 }
 
 
