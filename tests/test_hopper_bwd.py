@@ -111,12 +111,11 @@ def test_bwd_kernel_choice_and_env(monkeypatch):
     monkeypatch.delenv(hopper.BWD_ENV)
     assert hopper.bwd_kernel(call) == hopper.DEFAULT_BWD == "triton"
     assert hopper.bwd_kernel(call, 192) == "triton" and hopper.bwd_kernel(call, 256) == "gluon"
-    # head dims 64/128: the Gluon kernels from 2k keys on (below, the Triton backward is faster),
-    # causal or not
-    assert hopper.bwd_kernel(call, 128, 1024) == "triton" and hopper.bwd_kernel(call, 128, 4096) == "gluon"
-    assert hopper.bwd_kernel(call, 64, 1024) == "triton" and hopper.bwd_kernel(call, 64, 4096) == "gluon"
+    # head dims 64/128: the Gluon kernels from 1k keys on (the shortest measured), causal or not
+    assert hopper.bwd_kernel(call, 128, 512) == "triton" and hopper.bwd_kernel(call, 128, 1024) == "gluon"
+    assert hopper.bwd_kernel(call, 64, 512) == "triton" and hopper.bwd_kernel(call, 64, 4096) == "gluon"
     causal = make_call(headdim=64, causal=True)
-    assert hopper.bwd_kernel(causal, 64, 1024) == "triton" and hopper.bwd_kernel(causal, 64, 4096) == "gluon"
+    assert hopper.bwd_kernel(causal, 64, 512) == "triton" and hopper.bwd_kernel(causal, 64, 1024) == "gluon"
     # the ws kernel with the transposed score tiles and TMA dQ reductions, masked or not
     for d in (64, 96, 128):
         for masked in (False, True):

@@ -189,17 +189,17 @@ class HopperBackend:
 BWD_ENV = "FLASHTILE_HOPPER_BWD"
 #: The default backward: the Triton kernels, except for (head dim, masked) in
 #: :data:`GLUON_BWD_MIN_KEYS` with at least that many keys (the longest sequence's; masked: causal
-#: or windowed). Measured on the H200 (``benchmarks/results/hopper_bwd_H200_20261201_swap.json``,
-#: backward TFLOP/s, bf16, the ws kernel with ``swap`` and ``dq_tma`` against the Triton backward in
-#: the same run): head dim 128, 459 / 396 at 4k (non-causal / causal) and 487 / 514 at 16k against
-#: 398 / 338 and 413 / 363 (GQA 32/8 8k causal 459 vs 361, softcap 370 vs 299), but 308 / 213
-#: against 336 / 213 at 1k; head dim 64: 388 / 351 at 4k, 431 / 445 at 16k against 316 / 298 and
-#: 349 / 310, 273 / 190 against 289 / 216 at 1k; head dim 256 (plain Gluon kernel) 281 / 257
-#: against 209 / 204. ``FLASHTILE_HOPPER_BWD=gluon|triton`` forces one.
+#: or windowed). Measured on the H200 (``benchmarks/results/hopper_bwd_H200_20261202_final.json``,
+#: backward TFLOP/s, bf16, the ws kernel (swap, TMA dQ reductions) against the Triton backward in
+#: the same run): head dim 128, 350 / 255 at 1k (non-causal / causal), 471 / 410 at 4k, 509 / 509 at
+#: 16k against 334 / 213, 390 / 335, 413 / 393 (GQA 32/8 8k causal 469 vs 361, softcap 382 vs 298);
+#: head dim 64: 304 / 222, 405 / 377, 436 / 447 against 282 / 213, 332 / 293, 348 / 342; head dim
+#: 256 (plain Gluon kernel) 289 / 270 at 4k against 209 / 204. Below 1k keys (not measured) the
+#: Triton backward stays. ``FLASHTILE_HOPPER_BWD=gluon|triton`` forces one.
 DEFAULT_BWD = "triton"
 GLUON_BWD_MIN_KEYS: dict[tuple[int, bool], int] = {
-    (64, False): 2048, (64, True): 2048, (96, False): 2048, (96, True): 2048,
-    (128, False): 2048, (128, True): 2048, (256, False): 0, (256, True): 0,
+    (64, False): 1024, (64, True): 1024, (96, False): 1024, (96, True): 1024,
+    (128, False): 1024, (128, True): 1024, (256, False): 0, (256, True): 0,
 }
 
 
