@@ -140,9 +140,12 @@ def _memo_key(q, k, v, opts: tuple) -> tuple | None:
             tuple(map(type, opts)), tuple(map(type, w)), dispatch.state())  # fmt: skip
 
 
-def _lean(q, k, v, opts: tuple, return_attn_probs: object):
+def _lean(q, k, v, opts: tuple, return_attn_probs: object, *unset):
     """A dense call through the memo: ``(key, None)`` on a miss (record with that key), ``(None,
-    result)`` on a hit, ``(None, None)`` where the memo does not apply."""
+    result)`` on a hit, ``(None, None)`` where the memo does not apply: dropout (``opts[0]``), or
+    any of the optional arguments ``unset`` given (the memo serves calls without them)."""
+    if unset.count(None) != len(unset) or type(opts[0]) not in _ZERO_TYPES or opts[0]:
+        return None, None
     key = _memo_key(q, k, v, opts)
     if key is None:
         return None, None
@@ -266,14 +269,11 @@ def flash_attn_func(
         out ``(batch, seqlen_q, nheads, headdim)``; with ``return_attn_probs=True``,
         ``(out, softmax_lse (batch, nheads, seqlen_q) float32, attn_probs or None)``.
     """
-    memo = None
-    if alibi_slopes is None and learnable_sink is None and q_descale is None and k_descale is None and \
-            v_descale is None and score_mod is None and block_mask is None and type(dropout_p) in _ZERO_TYPES \
-            and not dropout_p:  # fmt: skip
-        memo, res = _lean(q, k, v, (dropout_p, softmax_scale, causal, window_size, softcap, deterministic),
-                          return_attn_probs)  # fmt: skip
-        if res is not None:
-            return res
+    memo, res = _lean(q, k, v, (dropout_p, softmax_scale, causal, window_size, softcap, deterministic),
+                      return_attn_probs, alibi_slopes, learnable_sink, q_descale, k_descale, v_descale, score_mod,
+                      block_mask)  # fmt: skip
+    if res is not None:
+        return res
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
@@ -301,12 +301,10 @@ def flash_attn_qkvpacked_func(
     The gradient flows back to ``qkv``.
     """
     q, k, v = unbind_packed(qkv, "qkv", 3, 2)
-    memo = None
-    if alibi_slopes is None and learnable_sink is None and type(dropout_p) in _ZERO_TYPES and not dropout_p:
-        memo, res = _lean(q, k, v, (dropout_p, softmax_scale, causal, window_size, softcap, deterministic),
-                          return_attn_probs)  # fmt: skip
-        if res is not None:
-            return res
+    memo, res = _lean(q, k, v, (dropout_p, softmax_scale, causal, window_size, softcap, deterministic),
+                      return_attn_probs, alibi_slopes, learnable_sink)  # fmt: skip
+    if res is not None:
+        return res
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
@@ -334,12 +332,10 @@ def flash_attn_kvpacked_func(
     Returns out ``(batch, seqlen_q, nheads, headdim)`` (and lse, probs as in :func:`flash_attn_func`).
     """
     k, v = unbind_packed(kv, "kv", 2, 2)
-    memo = None
-    if alibi_slopes is None and learnable_sink is None and type(dropout_p) in _ZERO_TYPES and not dropout_p:
-        memo, res = _lean(q, k, v, (dropout_p, softmax_scale, causal, window_size, softcap, deterministic),
-                          return_attn_probs)  # fmt: skip
-        if res is not None:
-            return res
+    memo, res = _lean(q, k, v, (dropout_p, softmax_scale, causal, window_size, softcap, deterministic),
+                      return_attn_probs, alibi_slopes, learnable_sink)  # fmt: skip
+    if res is not None:
+        return res
     return _run(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,

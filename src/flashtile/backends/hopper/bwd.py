@@ -459,6 +459,21 @@ def _lse_delta_rows(LSE, DELTA, i, b, hk, group, q_start, mb_lo, n_mb, seqlen_q,
 
 
 @gluon.jit
+def _score_mma(kv_rows, tile, SWAP: gl.constexpr, KEYS: gl.constexpr, BLOCK_M: gl.constexpr,
+               layout: gl.constexpr):
+    """Issue (async) the score-shaped product of a query-side ring tile (Q or dO, ``[BLOCK_M, D]``)
+    and this partition's key-side rows (K or V, ``[KEYS, D]``): ``S = Q K^T`` ``[BLOCK_M, KEYS]``,
+    or with ``SWAP`` its transpose ``K Q^T`` ``[KEYS, BLOCK_M]`` (keys along the wgmma M)."""
+    if SWAP:  # (one return: a jit function's returns must share a type, even across a constexpr branch)
+        acc = warpgroup_mma(kv_rows, tile.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, layout),
+                            use_acc=False, is_async=True)
+    else:
+        acc = warpgroup_mma(tile, kv_rows.permute((1, 0)), gl.zeros([BLOCK_M, KEYS], gl.float32, layout),
+                            use_acc=False, is_async=True)
+    return acc
+
+
+@gluon.jit
 def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem,
                     kv_bar, ld_full, ld_empty, dq_full, dq_empty,
                     DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb, total,
@@ -551,12 +566,10 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
         do_buf = do_bufs.index(stage)
         masked = (blk < fu_lo) | (blk >= fu_hi)
         mbarrier.wait(ld_full.index(stage), (i // NUM_STAGES) & 1)
+        s = _score_mma(k_w, q_buf, SWAP, KEYS, BLOCK_M, s_layout)
+        if EARLY_DP:  # dP under the softmax
+            dp = _score_mma(v_w, do_buf, SWAP, KEYS, BLOCK_M, s_layout)
         if SWAP:
-            s = warpgroup_mma(k_w, q_buf.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
-                              use_acc=False, is_async=True)
-            if EARLY_DP:
-                dp = warpgroup_mma(v_w, do_buf.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
-                                   use_acc=False, is_async=True)
             # the next block's lse and delta (the last iteration reloads its own into the other slot)
             lse_r, delta_r = _lse_delta_rows(LSE, DELTA, gl.minimum(i + 1, total - 1), b, hk, group, q_start, mb_lo,
                                              n_mb, seqlen_q, stride_lb, stride_lh, BLOCK_M, NW)
@@ -575,8 +588,7 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
             if EARLY_DP:
                 dp = warpgroup_mma_wait(1, deps=(dp,))  # groups retire in order: dP done, dV may run
             else:
-                dp = warpgroup_mma(v_w, do_buf.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
-                                   use_acc=False, is_async=True)
+                dp = _score_mma(v_w, do_buf, SWAP, KEYS, BLOCK_M, s_layout)
                 dp = warpgroup_mma_wait(0, deps=(dp,))
             delta = st_smem.index(slot + 1).load(qry_layout)
             ds = (p * (dp - gl.expand_dims(delta, 0))).to(dtype)
@@ -590,11 +602,6 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
             gl.thread_barrier()  # (ws) dQ of either warpgroup reads the dS of both
             ds_t = ds_w.permute((1, 0))
         else:
-            s = warpgroup_mma(q_buf, k_w.permute((1, 0)), gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout),
-                              use_acc=False, is_async=True)
-            if EARLY_DP:
-                dp = warpgroup_mma(do_buf, v_w.permute((1, 0)), gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout),
-                                   use_acc=False, is_async=True)
             # the next iteration's lse and delta, loaded under the wgmmas (the last iteration reloads its own)
             lse2_n, delta_n = _lse_delta(LSE, DELTA, gl.minimum(i + 1, total - 1), b, hk, group, q_start, mb_lo,
                                          n_mb, seqlen_q, stride_lb, stride_lh, BLOCK_M, qry_layout)
@@ -613,8 +620,7 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
             if EARLY_DP:
                 dp = warpgroup_mma_wait(1, deps=(dp,))
             else:
-                dp = warpgroup_mma(do_buf, v_w.permute((1, 0)), gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout),
-                                   use_acc=False, is_async=True)
+                dp = _score_mma(v_w, do_buf, SWAP, KEYS, BLOCK_M, s_layout)
                 dp = warpgroup_mma_wait(0, deps=(dp,))
             ds = p * (dp - gl.expand_dims(delta, 1))
             ds_w.store(ds.to(dtype))

@@ -182,18 +182,14 @@ class FastKernel:
             return types, keep(vals), iclass, tkey
         return types, keep(vals), iclass, tkey, tuple(map(_desc_key, descs(vals)))
 
-    def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
-        if not self.fast:
-            self.fn[grid](*args, **kwargs)
-            return
+    def _resolve(self, args: tuple, kwargs: dict) -> tuple:
+        """``(driver, device, key, values)`` of a launch: the compiled kernel's key and every
+        positional value (defaults filled as Triton binds them). Raises KeyError (a required
+        parameter missing), TypeError / ValueError (an unhashable argument, or too many): the
+        callers then leave the launch to Triton, which binds them or raises its own error."""
         n = len(args)
         kwnames = tuple(kwargs)
-        try:
-            plan = self._calls.get((n, kwnames)) or self._call_plan(n, kwnames)
-        except KeyError:  # a required parameter is missing: Triton raises its own error
-            self.fn[grid](*args, **kwargs)
-            return
-        get_rest, needs_defaults, onames, get_options = plan
+        get_rest, needs_defaults, onames, get_options = self._calls.get((n, kwnames)) or self._call_plan(n, kwnames)
         if needs_defaults:
             merged = self.defaults.copy()
             merged.update(kwargs)
@@ -203,10 +199,16 @@ class FastKernel:
         drv = triton.runtime.driver.active
         device = drv.get_current_device()
         vals = args + extra
+        return drv, device, (device, self._fast_key_part(vals), onames, get_options(kwargs)), vals
+
+    def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        if not self.fast:
+            self.fn[grid](*args, **kwargs)
+            return
         try:
-            key = (device, self._fast_key_part(vals), onames, get_options(kwargs))
+            drv, device, key, vals = self._resolve(args, kwargs)
             compiled = self.compiled.get(key)
-        except (TypeError, ValueError):  # an unhashable argument, or too many: Triton binds them
+        except (KeyError, TypeError, ValueError):  # see _resolve
             self.fn[grid](*args, **kwargs)
             return
         rt = _knobs.runtime
@@ -233,24 +235,10 @@ class FastKernel:
         the current device, and that no launch hook is set; otherwise it takes :meth:`launch`."""
         if not self.fast:
             return None
-        n = len(args)
         try:
-            plan = self._calls.get((n, tuple(kwargs))) or self._call_plan(n, tuple(kwargs))
-        except KeyError:
-            return None
-        get_rest, needs_defaults, onames, get_options = plan
-        if needs_defaults:
-            merged = self.defaults.copy()
-            merged.update(kwargs)
-            extra = get_rest(merged)
-        else:
-            extra = get_rest(kwargs)
-        drv = triton.runtime.driver.active
-        device = drv.get_current_device()
-        vals = args + extra
-        try:
-            compiled = self.compiled.get((device, self._fast_key_part(vals), onames, get_options(kwargs)))
-        except (TypeError, ValueError):
+            _, device, key, vals = self._resolve(args, kwargs)
+            compiled = self.compiled.get(key)
+        except (KeyError, TypeError, ValueError):  # see _resolve
             return None
         head = args[:lead]
         if compiled is None or any(a is not None and a.data_ptr() & 15 for a in head):
