@@ -107,3 +107,37 @@ def test_strided_inputs(monkeypatch):
         res[fused] = (out, lse, *tt.backend.backward(dout, q, k, v, out, lse, call)[:3])
     for a, r in zip(res[True], res[False], strict=True):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_threads_follow_the_idle_cores(monkeypatch):
+    """The torch engine's CPU thread count: torch's setting on an idle machine, fewer threads when
+    other tasks keep cores busy, a passing task (seen once, gone on the confirming look) ignored,
+    FLASHTILE_TORCH_THREADS fixing it."""
+    import os
+
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) != os.cpu_count():
+        pytest.skip("the automatic count applies where the affinity is the whole machine")
+    ncpu = os.cpu_count()
+    monkeypatch.delenv(tt._ENV_THREADS, raising=False)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(ncpu)
+    try:
+        looks = []
+
+        def run(counts):
+            looks.clear()
+            it = iter(counts)
+            monkeypatch.setattr(tt, "_running_tasks", lambda: looks.append(1) or next(it))
+            monkeypatch.setattr(tt, "_last_check", (-1.0, None))
+            return tt.engine_threads()
+
+        assert run([0]) == ncpu and len(looks) == 1  # idle: no second look
+        if ncpu > 1:
+            assert run([1, 1]) == ncpu - 1 and len(looks) == 2  # a competitor, confirmed
+            assert run([1, 0]) == ncpu  # a passing task: gone on the second look
+            assert run([ncpu + 3, ncpu + 3]) == 1  # never below one thread
+        assert run([None]) == ncpu  # unknown: torch's setting
+        monkeypatch.setenv(tt._ENV_THREADS, "3")
+        assert tt.engine_threads() == 3
+    finally:
+        torch.set_num_threads(prev)

@@ -75,6 +75,10 @@ class _Seq:
 # own running threads. Only where that count describes the CPUs this process may use (Linux,
 # affinity = every CPU of the machine, i.e. not a container slice of a larger host); elsewhere,
 # torch's own setting. FLASHTILE_TORCH_THREADS=N fixes the count (0 or unset: automatic).
+# A count that would lower the threads is confirmed by a second look ~1 ms later (the lower of
+# the two counts is used): one look can catch a short-lived task (a shell, a monitor), and a
+# decision lasts a whole call -- seconds at 16k tokens, where one such look cost 2x (measured on
+# the idle 2-core VM: 16k forward 3.4 s with 2 threads, 6.3-7.0 s in the repeats that got 1).
 _ENV_THREADS = "FLASHTILE_TORCH_THREADS"
 
 
@@ -109,7 +113,12 @@ def engine_threads() -> int:
     global _last_check
     now = time.monotonic()
     if now - _last_check[0] > 0.2:  # a fresh look at most 5 times a second (it costs ~50-100 us)
-        _last_check = (now, _running_tasks())
+        others = _running_tasks()
+        if others is not None and ncpu - others < want:  # confirm a reduction (see above)
+            time.sleep(0.001)
+            again = _running_tasks()
+            others = others if again is None else min(others, again)
+        _last_check = (now, others)
     others = _last_check[1]
     if others is None:
         return want
