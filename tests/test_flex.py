@@ -446,6 +446,47 @@ def test_hidden_captured_tensor_is_refused():
         flex_attention(q, k, v, score_mod=sm)
 
 
+def test_library_mods_skip_the_probe_and_keep_gradients():
+    """check_captured does not probe a mod with a Triton twin (the library's: its tensors are
+    known) and still probes others; the library's captured tensors still get gradients."""
+    from flashtile import flex as flex_mod
+
+    calls = []
+
+    def user_mod(score, b, h, qi, ki):
+        calls.append(1)
+        return score
+
+    def twin_mod(score, b, h, qi, ki):
+        calls.append(2)
+        return score
+
+    twin_mod._flashtile_triton = ("softcap", (0, 0, 1.0))
+    flex_mod.check_captured(twin_mod, (), torch.device("cpu"))
+    assert calls == []
+    flex_mod.check_captured(user_mod, (), torch.device("cpu"))
+    assert calls == [1]
+    slopes = torch.rand(4, requires_grad=True)
+    q, k, v = (torch.randn(1, 4, 8, 8, requires_grad=True) for _ in range(3))
+    flex_attention(q, k, v, score_mod=masks.alibi(slopes)).square().sum().backward()
+    assert slopes.grad is not None and torch.isfinite(slopes.grad).all() and slopes.grad.abs().sum() > 0
+
+
+def test_mod_backward_takes_a_strided_dout():
+    """A dout that is not contiguous (out's (B, H, S, D) view, transposed) gives the gradients of
+    its contiguous copy."""
+    q, k, v = (torch.randn(1, 4, 12, 8, requires_grad=True) for _ in range(3))
+    sm = masks.softcap(5.0)
+    out = flex_attention(q, k, v, score_mod=sm)
+    g = torch.randn(1, 12, 4, 8).transpose(1, 2)  # last dim contiguous, the rest strided
+    assert not g.is_contiguous()
+    got = torch.autograd.grad(out, (q, k, v), g)
+    out2 = flex_attention(q, k, v, score_mod=sm)
+    want = torch.autograd.grad(out2, (q, k, v), g.contiguous())
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_torch_compile_graph_breaks_around_mod_calls():
     """Mod calls the traced path does not take (here: dropout) run eagerly as a graph break: a
     plain compile matches eager, ``fullgraph=True`` refuses."""

@@ -446,8 +446,11 @@ def _code_names(code: types.CodeType) -> set[str]:
 
 def check_captured(score_mod: Callable, captured: tuple[torch.Tensor, ...], device: torch.device) -> None:
     """Refuse a score_mod whose result depends on a tensor requiring grad that
-    :func:`captured_tensors` did not find (its gradient would be lost): probed on one score."""
-    if not torch.is_grad_enabled():
+    :func:`captured_tensors` did not find (its gradient would be lost): probed on one score.
+    :mod:`flashtile.masks`' mods with a Triton twin are not probed (a few tiny kernels and an
+    autograd graph a call): they close over exactly the tensors their twin names, which
+    :func:`captured_tensors` finds."""
+    if not torch.is_grad_enabled() or getattr(score_mod, "_flashtile_triton", None) is not None:
         return
     z = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=device)
     x = torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=device, requires_grad=True)
@@ -506,7 +509,9 @@ class _ModAttention(torch.autograd.Function):
 
         q, k, v, out, lse = ctx.saved_tensors
         call = ctx.call
-        dq, dk, dv, fg = registry()[ctx.backend].backward(dout.contiguous(), q, k, v, out, lse, call)
+        if dout.stride(-1) != 1:  # the backends take any other strides (a copy of a 16k-token dout: ~40 us)
+            dout = dout.contiguous()
+        dq, dk, dv, fg = registry()[ctx.backend].backward(dout, q, k, v, out, lse, call)
         extra = [fg.get(name) for name in _grad_fields(call)]
         extra += list(fg.get("score_mod", ()))
         return (dq, dk, dv, None, None, None, *extra)
