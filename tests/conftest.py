@@ -199,3 +199,19 @@ def dense_oracle(**opts):
         return attention_ref(q, k, v, upcast=upcast, **opts)
 
     return oracle
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    """Triton's active driver replaced by a stand-in (device 0, stream 1234) and the lean launch
+    path enabled: the fake JITFunctions of tests/test_lean.py then run through FastKernel."""
+    import types
+
+    import triton
+
+    from flashtile.backends.triton import fastlaunch
+
+    drv = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 1234)
+    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
+    monkeypatch.setattr(fastlaunch, "ENABLED", True)
+    return drv

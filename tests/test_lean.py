@@ -134,13 +134,6 @@ class JITFunction:  # the name the launcher checks; params as Triton's KernelPar
         return launch
 
 
-@pytest.fixture
-def fake_driver(monkeypatch):
-    drv = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 1234)
-    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
-    monkeypatch.setattr(fastlaunch, "ENABLED", True)
-
-
 def test_second_launch_calls_the_compiled_kernel_in_declaration_order(fake_driver):
     fn = JITFunction()
     k = fastlaunch.fast(fn)

@@ -313,47 +313,15 @@ def test_kvcache_keyed_attributes_miss(torch_backend, count_slow, change):
 # prepared launches (fastlaunch.FastKernel.prepare)
 
 triton = pytest.importorskip("triton")
+from test_lean import JITFunction as _LeanJIT  # noqa: E402  (the fake kernel; fake_driver: conftest)
+from test_lean import _param  # noqa: E402
+
 from flashtile.backends.triton import fastlaunch  # noqa: E402
 
 
-class _Compiled:
-    function, packed_metadata = "fn-handle", "meta"
-
-    def __init__(self, log):
-        self.log = log
-
-    def run(self, *args):
-        self.log.append(("fast", args))
-
-
-def _param(name, const=False, default=None, has_default=False):
-    import inspect
-
-    return types.SimpleNamespace(name=name, is_constexpr=const,
-                                 default=default if has_default else inspect.Parameter.empty)  # fmt: skip
-
-
-class JITFunction:  # the name the launcher checks
-    params = [_param("x"), _param("y"), _param("z"), _param("n"), _param("BLOCK", True),
-              _param("W", has_default=True), _param("FLAG", True, False, True)]  # fmt: skip
-
-    def __init__(self):
-        self.log = []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.log.append(("generic", grid, args, kwargs))
-            return _Compiled(self.log)
-
-        return launch
-
-
-@pytest.fixture
-def fake_driver(monkeypatch):
-    drv = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 77)
-    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
-    monkeypatch.setattr(fastlaunch, "ENABLED", True)
-    return drv
+class JITFunction(_LeanJIT):  # (the name the launcher checks) test_lean's fake with these parameters
+    params = [_param("x"), _param("y"), _param("z"), _param("n"), _param("BLOCK", True), _param("W", default=None),
+              _param("FLAG", True, default=False)]  # fmt: skip
 
 
 def test_prepared_launch_equals_the_lean_launch(fake_driver, monkeypatch):
@@ -367,7 +335,7 @@ def test_prepared_launch_equals_the_lean_launch(fake_driver, monkeypatch):
     k[(3, 2)](x2, y2, None, 5, BLOCK=16, num_warps=4)  # the lean launch
     prep(x2, y2, None)
     assert [e[0] for e in fn.log] == ["generic", "fast", "fast"]
-    assert fn.log[1][1] == fn.log[2][1] == (3, 2, 1, 77, "fn-handle", "meta", None, None, None, x2, y2, None, 5, 16,
+    assert fn.log[1][1] == fn.log[2][1] == (3, 2, 1, 1234, "fn-handle", "meta", None, None, None, x2, y2, None, 5, 16,
                                             None, False)  # fmt: skip
     # what the key read from the leading arguments changed: the launch takes FastKernel.launch
     prep(x[1:], y, None)  # unaligned

@@ -87,7 +87,7 @@ if TYPE_CHECKING:  # flashtile.flex imports torch._dynamo: only for type checker
 
 from . import dispatch, fp8
 from .backends.torch_tiled import attention_probs
-from .ops import attention, attention_fast
+from .ops import Memo, attention, attention_fast
 from .ops import fast_mode as _fast_mode
 from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
 from .rng import draw_seed
@@ -115,8 +115,7 @@ _NO_DESCALES = {"q_descale": None, "k_descale": None, "v_descale": None}
 # window_size's entries), and dispatch.state(). A hit means the checks pass and dispatch decides
 # the same: the call goes straight to ops.attention_fast with the AttnCall and backend of the
 # first call. Misses take _run, which records the signature once its checks have passed.
-_MEMO: dict[tuple, tuple] = {}
-_MEMO_MAX = 256
+_MEMO = Memo(256)
 _Tensor = torch.Tensor
 _ZERO_TYPES = (float, int)  # dropout_p's types the memo takes (others, e.g. arrays, take _run's checks)
 
@@ -146,13 +145,7 @@ def _lean(q, k, v, opts: tuple, return_attn_probs: object, *unset):
     any of the optional arguments ``unset`` given (the memo serves calls without them)."""
     if unset.count(None) != len(unset) or type(opts[0]) not in _ZERO_TYPES or opts[0]:
         return None, None
-    key = _memo_key(q, k, v, opts)
-    if key is None:
-        return None, None
-    try:
-        hit = _MEMO.get(key)
-    except (TypeError, ValueError):  # an unhashable option value (or one that compares oddly)
-        return None, None
+    key, hit = _MEMO.lookup(_memo_key(q, k, v, opts))
     if hit is None:
         return key, None
     qs, ks, vs = q.shape, k.shape, v.shape
@@ -163,9 +156,7 @@ def _lean(q, k, v, opts: tuple, return_attn_probs: object, *unset):
 
 
 def _remember(key: tuple, call, backend: str) -> None:
-    if len(_MEMO) >= _MEMO_MAX:
-        _MEMO.clear()
-    _MEMO[key] = (call, backend)
+    _MEMO.record(key, (call, backend))
 
 
 def _run(

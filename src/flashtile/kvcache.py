@@ -24,7 +24,7 @@ import torch
 from . import dispatch
 from .backends.base import registry
 from .fp8 import OUT_DTYPE, compute_dtype, is_fp8
-from .ops import fast_mode
+from .ops import Memo, fast_mode
 from .paged import check_block_table, check_rotary_end
 from .rotary import check_rotary_tables
 from .spec import KVCache, Problem, as_int, check_alibi, check_descales, check_qkv, check_sink, make_call
@@ -242,8 +242,7 @@ def _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
 # is checked on every hit as the checks do (>= 0, room for the new tokens). A hit builds the
 # KVCache and calls the backend chosen for the first call; misses take _kvcache, which records the
 # signature once its checks have passed.
-_MEMO: dict[tuple, tuple] = {}
-_MEMO_MAX = 256
+_MEMO = Memo(256)
 _Tensor = torch.Tensor
 
 
@@ -291,13 +290,7 @@ def _memo_key(q, k_cache, v_cache, k, v, seqlens, opts: tuple) -> tuple | None:
 def _lean(q, k_cache, v_cache, k, v, seqlens, opts: tuple, return_softmax_lse: object):
     """A call through the memo: ``(key, None)`` on a miss (record with that key), ``(None,
     result)`` on a hit, ``(None, None)`` where the memo does not apply."""
-    key = _memo_key(q, k_cache, v_cache, k, v, seqlens, opts)
-    if key is None:
-        return None, None
-    try:
-        hit = _MEMO.get(key)
-    except (TypeError, ValueError):  # an unhashable option value (or one that compares oddly)
-        return None, None
+    key, hit = _MEMO.lookup(_memo_key(q, k_cache, v_cache, k, v, seqlens, opts))
     if hit is None:
         return key, None
     call, name, capacity, sn, num_splits = hit
@@ -318,9 +311,7 @@ _new = object.__new__
 
 
 def _remember(key: tuple, entry: tuple) -> None:
-    if len(_MEMO) >= _MEMO_MAX:
-        _MEMO.clear()
-    _MEMO[key] = entry
+    _MEMO.record(key, entry)
 
 
 def _fp8_kvcache(q, k_cache, v_cache, k, v, q_descale, k_descale, v_descale, **options):

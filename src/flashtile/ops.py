@@ -215,6 +215,31 @@ def fast_mode() -> bool:
     )
 
 
+class Memo(dict):
+    """A signature memo of an entry point (issue 16): ``key -> entry``, cleared when full."""
+
+    def __init__(self, maxsize: int = 256) -> None:
+        super().__init__()
+        self.maxsize = maxsize
+
+    def lookup(self, key: tuple | None) -> tuple:
+        """``(key, None)`` on a miss (record with that key once the checks passed), ``(None,
+        entry)`` on a hit, ``(None, None)`` where the memo does not apply (``key`` None, or a key
+        that cannot be hashed or compared: an odd option value)."""
+        if key is None:
+            return None, None
+        try:
+            hit = self.get(key)
+        except (TypeError, ValueError):
+            return None, None
+        return (key, None) if hit is None else (None, hit)
+
+    def record(self, key: tuple, entry: tuple) -> None:
+        if len(self) >= self.maxsize:
+            self.clear()
+        self[key] = entry
+
+
 _NO_FIELD_GRADS = (None,) * len(_GRAD_FIELDS)
 
 
