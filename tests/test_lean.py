@@ -388,18 +388,25 @@ def test_launch_plans_repeat_the_first_launch(monkeypatch, atomic):
     assert len(launch._PLANS) == 2
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_decode_plans_repeat_the_first_launch(monkeypatch, splits):
-    from flashtile.backends.triton import launch, launch_decode
+def decode_case(splits: int):
+    """(q, cache, call) of a small fp16 decode (2 x 1 query, 300-token cache of which 250 filled,
+    h8 / hk2, d64, causal) with ``splits`` key splits: the lean-launch decode tests' call."""
     from flashtile.spec import KVCache, make_call
 
-    log = _record(monkeypatch, launch_decode, ("_DECODE", "_MERGE", "_APPEND"))
-    launch._PLANS.clear()
     q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
     kc, vc = (torch.randn(2, 300, 2, 64, dtype=torch.float16) for _ in range(2))
     cache = KVCache(k_cache=kc, v_cache=vc, k_new=None, v_new=None, seqlens=250, batch_idx=None, leftpad=None,
                     block_table=None, rotary=None, capacity=300, num_splits=splits)  # fmt: skip
-    call = make_call(headdim=64, causal=True)
+    return q, cache, make_call(headdim=64, causal=True)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_plans_repeat_the_first_launch(monkeypatch, splits):
+    from flashtile.backends.triton import launch, launch_decode
+
+    log = _record(monkeypatch, launch_decode, ("_DECODE", "_MERGE", "_APPEND"))
+    launch._PLANS.clear()
+    q, cache, call = decode_case(splits)
     runs = []
     for _ in range(3):
         n0 = len(log)

@@ -314,7 +314,7 @@ def test_kvcache_keyed_attributes_miss(torch_backend, count_slow, change):
 
 triton = pytest.importorskip("triton")
 from test_lean import JITFunction as _LeanJIT  # noqa: E402  (the fake kernel; fake_driver: conftest)
-from test_lean import _param  # noqa: E402
+from test_lean import _param, decode_case  # noqa: E402
 
 from flashtile.backends.triton import fastlaunch  # noqa: E402
 
@@ -439,14 +439,9 @@ def test_planned_prepared_launches_repeat_the_first(monkeypatch, atomic):
 @pytest.mark.parametrize("splits", [1, 3])
 def test_decode_prepared_launches_repeat_the_first(monkeypatch, splits):
     from flashtile.backends.triton import launch_decode
-    from flashtile.spec import KVCache, make_call
 
     log = _fake_kernels(monkeypatch)
-    q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
-    kc, vc = (torch.randn(2, 300, 2, 64, dtype=torch.float16) for _ in range(2))
-    cache = KVCache(k_cache=kc, v_cache=vc, k_new=None, v_new=None, seqlens=250, batch_idx=None, leftpad=None,
-                    block_table=None, rotary=None, capacity=300, num_splits=splits)  # fmt: skip
-    call = make_call(headdim=64, causal=True)
+    q, cache, call = decode_case(splits)
     runs = []
     for _ in range(3):
         n0 = len(log)
