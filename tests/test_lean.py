@@ -271,10 +271,14 @@ def test_dense_calls_do_not_sync_the_host():
 
 def test_warmup_grid_calls_are_valid_api_calls(monkeypatch):
     """Every feature set's calls run (here on the torch engine; on a GPU they compile kernels)."""
+    from flashtile.backends.hopper import GLUON_BWD_MIN_KEYS
+    from flashtile.backends.triton.configs import CAUSAL_SHORT_SEQLEN, SHORT_SEQLEN
     from flashtile.cli import warmup
 
     short, mid, long = warmup._lengths()
-    assert short < mid < long  # every table gets a call
+    assert short <= SHORT_SEQLEN < mid <= CAUSAL_SHORT_SEQLEN < long  # every Triton table gets a call
+    # the mid call stays on the Triton backward on sm_90; the long one reaches the Gluon one
+    assert all(mid < n <= long for n in GLUON_BWD_MIN_KEYS.values() if n > 0)
     monkeypatch.setattr(warmup, "_lengths", lambda: (16, 24, 40))  # small calls on the CPU
     for fs in warmup.parse_feature_sets("plain,causal+softcap,window+alibi,dropout,varlen+causal,decode+causal"):
         for call in warmup._calls(fs, 16, torch.float32, torch.device("cpu")):

@@ -44,12 +44,16 @@ def parse_feature_sets(text: str) -> list[tuple[str, ...]]:
 
 def _lengths() -> tuple[int, int, int]:
     """(short, mid, long) sequence lengths whose calls compile every config the tables pick: the
-    Triton short table (<= SHORT_SEQLEN), the causal-short one (<= CAUSAL_SHORT_SEQLEN), the long
-    one, and the Gluon backward from its longest key threshold (hopper.GLUON_BWD_MIN_KEYS)."""
+    Triton short table (<= SHORT_SEQLEN), the causal-short one (SHORT_SEQLEN < keys <=
+    CAUSAL_SHORT_SEQLEN, below the shortest Gluon backward threshold so that the Triton backward
+    runs it on sm_90 too), the long one, and the Gluon backward from its longest key threshold
+    (hopper.GLUON_BWD_MIN_KEYS)."""
     from ..backends.hopper import GLUON_BWD_MIN_KEYS
     from ..backends.triton.configs import CAUSAL_SHORT_SEQLEN, SHORT_SEQLEN
 
-    return 128, CAUSAL_SHORT_SEQLEN, max(SHORT_SEQLEN, CAUSAL_SHORT_SEQLEN, *GLUON_BWD_MIN_KEYS.values()) + 64
+    gluon = [n for n in GLUON_BWD_MIN_KEYS.values() if n > 0]
+    mid = min(CAUSAL_SHORT_SEQLEN, *(n - 64 for n in gluon))
+    return 128, max(mid, SHORT_SEQLEN + 64), max(SHORT_SEQLEN, CAUSAL_SHORT_SEQLEN, *gluon) + 64
 
 
 def _calls(features: tuple[str, ...], d: int, dtype: torch.dtype, device: torch.device) -> list:
