@@ -44,7 +44,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .fwd import _block_range, _tile_coords, _tma_load
+from .fwd import _block_range, _tile_coords, _tma_load, _visible
 
 LOG2E: gl.constexpr = gl.constexpr(1.4426950408889634)
 TWO_LOG2E: gl.constexpr = gl.constexpr(2.8853900817779268)  # exp(2x) = exp2(this * x)
@@ -118,13 +118,8 @@ def _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, 
         s2 = s * qk_scale
     if masked:
         qrows = m0 + gl.arange(0, BLOCK_M, layout=qry_layout)
-        c2 = gl.expand_dims(keys, 1 - QAX)
-        r2 = gl.expand_dims(qrows, QAX)
-        vis = c2 < seqlen_k
-        if HAS_WR:
-            vis = vis & (c2 <= r2 + (off + window_right))
-        if HAS_WL:
-            vis = vis & (c2 >= r2 + (off - window_left))
+        vis = _visible(gl.expand_dims(keys, 1 - QAX), gl.expand_dims(qrows, QAX), seqlen_k, off, window_left,
+                       window_right, HAS_WL, HAS_WR)
         s2 = gl.where(vis, s2, float("-inf"))
     p = gl.exp2(s2 - gl.expand_dims(lse2, QAX))
     if HAS_SOFTCAP:

@@ -192,6 +192,20 @@ def _row_reduce(x, IS_MAX: gl.constexpr, TREE: gl.constexpr, s_layout: gl.conste
 
 
 @gluon.jit
+def _visible(c2, r2, seqlen_k, off, wl, wr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr):
+    """Whether query row ``r2`` sees key ``c2`` (broadcastable index tensors, any orientation):
+    a real key and, with windows, ``r2 + off - wl <= c2 <= r2 + off + wr`` (``off = seqlen_k -
+    seqlen_q``: bottom-right aligned). The one statement of the rule for the forward and backward
+    kernels."""
+    vis = c2 < seqlen_k
+    if HAS_WR:
+        vis = vis & (c2 <= r2 + (off + wr))
+    if HAS_WL:
+        vis = vis & (c2 >= r2 + (off - wl))
+    return vis
+
+
+@gluon.jit
 def _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                    MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                    BLOCK_N: gl.constexpr, s_layout: gl.constexpr, ROW_TREE: gl.constexpr = 0):
@@ -204,13 +218,7 @@ def _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_
         s = _tanh(s * qk_scale) * cap_out
     if MASKED:
         cols = blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        c2 = gl.expand_dims(cols, 0)
-        r2 = gl.expand_dims(rows, 1)
-        vis = c2 < seqlen_k
-        if HAS_WR:
-            vis = vis & (c2 <= r2 + (off + wr))
-        if HAS_WL:
-            vis = vis & (c2 >= r2 + (off - wl))
+        vis = _visible(gl.expand_dims(cols, 0), gl.expand_dims(rows, 1), seqlen_k, off, wl, wr, HAS_WL, HAS_WR)
         s = gl.where(vis, s, float("-inf"))
     if ROW_TREE > 0:
         s_max = _row_reduce(s, True, True, s_layout)
