@@ -20,22 +20,16 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import time
 import types
 
 import torch
 
 
-def _thread_us(fn, n: int, reps: int = 7) -> float:
-    for _ in range(min(n, 200)):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.thread_time()
-        for _ in range(n):
-            fn()
-        ts.append((time.thread_time() - t0) / n)
-    return min(ts) * 1e6  # the least disturbed loop (a shared machine)
+def _thread_us(fn, n: int) -> float:
+    """bench_lean's timer, the least disturbed loop (a shared machine)."""
+    from bench_lean import _thread_us as thread_us  # (this script's folder is on sys.path)
+
+    return thread_us(fn, n, stat=min)
 
 
 class _Compiled:
