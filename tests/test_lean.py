@@ -358,22 +358,31 @@ def _record(monkeypatch, mod, names):
     return log
 
 
+def plan_case(monkeypatch, atomic: bool):
+    """(q, k, v, call) of the lean-launch forward/backward tests: fp16 2 x 37 / 45 tokens, h4 / hk2,
+    d40, causal + softcap; ``atomic``: the Triton backward table answers with an atomic-dQ config."""
+    from flashtile.backends.triton import configs
+    from flashtile.spec import make_call
+
+    if atomic:
+        cfg = configs.BwdConfig(64, 64, 64, 64, 4, 2, 4, 2, atomic_dq=True)
+        monkeypatch.setattr(configs, "bwd_config", lambda *a, **kw: cfg)
+    q, k, v = qkv_inputs(2, 37, 45, 4, 2, 40, torch.float16, "cpu")
+    return q, k, v, make_call(headdim=40, causal=True, softcap=2.0)
+
+
 @pytest.mark.parametrize("atomic", [False, True])
 def test_launch_plans_repeat_the_first_launch(monkeypatch, atomic):
     """A repeated tensor-free call takes its plan (no geometry, config or argument work) and
     launches exactly what the first, unplanned call launched: same kernels, grids, non-tensor
     arguments, tensor dtypes and keywords; and output shapes."""
-    from flashtile.backends.triton import configs, launch
+    from flashtile.backends.triton import launch
     from flashtile.spec import make_call
 
     log = _record(monkeypatch, launch, ("_FWD", "_BWD_PRE", "_BWD_DKDV", "_BWD_DQ"))
     monkeypatch.setattr(launch, "arch", lambda device: "sm90")
-    if atomic:
-        cfg = configs.BwdConfig(64, 64, 64, 64, 4, 2, 4, 2, atomic_dq=True)
-        monkeypatch.setattr(configs, "bwd_config", lambda *a, **kw: cfg)
     launch._PLANS.clear()
-    q, k, v = qkv_inputs(2, 37, 45, 4, 2, 40, torch.float16, "cpu")
-    call = make_call(headdim=40, causal=True, softcap=2.0)
+    q, k, v, call = plan_case(monkeypatch, atomic)
     runs = []
     for _ in range(3):
         n0 = len(log)

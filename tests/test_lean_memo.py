@@ -314,7 +314,7 @@ def test_kvcache_keyed_attributes_miss(torch_backend, count_slow, change):
 
 triton = pytest.importorskip("triton")
 from test_lean import JITFunction as _LeanJIT  # noqa: E402  (the fake kernel; fake_driver: conftest)
-from test_lean import _param, decode_case  # noqa: E402
+from test_lean import _param, decode_case, plan_case  # noqa: E402
 
 from flashtile.backends.triton import fastlaunch  # noqa: E402
 
@@ -413,15 +413,10 @@ def _fake_kernels(monkeypatch):
 def test_planned_prepared_launches_repeat_the_first(monkeypatch, atomic):
     """Forward and backward: the first (unplanned, generic) launch, the planned prepared launches
     of later calls -- same kernels, grids, streams and arguments (tensors by dtype and size)."""
-    from flashtile.backends.triton import configs, launch
-    from flashtile.spec import make_call
+    from flashtile.backends.triton import launch
 
     log = _fake_kernels(monkeypatch)
-    if atomic:
-        cfg = configs.BwdConfig(64, 64, 64, 64, 4, 2, 4, 2, atomic_dq=True)
-        monkeypatch.setattr(configs, "bwd_config", lambda *a, **kw: cfg)
-    q, k, v = qkv_inputs(2, 37, 45, 4, 2, 40, torch.float16, "cpu")
-    call = make_call(headdim=40, causal=True, softcap=2.0)
+    q, k, v, call = plan_case(monkeypatch, atomic)
     runs = []
     for i in range(3):
         n0 = len(log)
