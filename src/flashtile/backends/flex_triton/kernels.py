@@ -478,6 +478,30 @@ def _dkdv_step(
 
 
 @triton.jit
+def _dkdv_list(
+    dk, dv, num, idx, k, v, q_base, do_base, lse_base, delta_base, cols, offs_m, offs_d, b, h,
+    stride_qs, stride_dos, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
+    MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_BWD: tl.constexpr, HAS_SCORE: tl.constexpr,
+    APPLY_MASK: tl.constexpr, BOUNDS: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """The query blocks of one transposed block-mask list (``num`` blocks at ``idx``),
+    ``MASK_BLOCK // BLOCK_M`` steps each, one flat loop, the next index read a step ahead (as
+    :func:`_fwd_list`)."""
+    SUBS: tl.constexpr = MASK_BLOCK // BLOCK_M
+    n = num * SUBS
+    blk = tl.load(idx)
+    for i in range(0, n):
+        start_m = blk * MASK_BLOCK + (i % SUBS) * BLOCK_M
+        blk = tl.load(idx + tl.minimum(i + 1, n - 1) // SUBS)
+        dk, dv = _dkdv_step(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, cols, offs_m, offs_d, b, h,
+            stride_qs, stride_dos, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
+            MASK_MOD, SCORE_MOD, SCORE_BWD, HAS_SCORE, APPLY_MASK, BOUNDS, PAD_D, HEAD_DIM, UPCAST)
+    return dk, dv
+
+
+@triton.jit
 def flex_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA,
     Q_NUM, Q_IDX, FULL_NUM, FULL_IDX,
@@ -496,7 +520,6 @@ def flex_bwd_dkdv(
     dK / dV of those keys over the query heads of the group and the query blocks the block mask's
     transposed lists name for their key block (full ones first, no mask), BLOCK_M rows a step."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    SUBS: tl.constexpr = MASK_BLOCK // BLOCK_M
     bhk = tl.program_id(0)
     b = bhk // nheads_k
     hk = bhk % nheads_k
@@ -520,28 +543,20 @@ def flex_bwd_dkdv(
         lse_base = LSE + (b * nheads + h).to(tl.int64) * seqlen_q
         delta_base = DELTA + (b * nheads + h).to(tl.int64) * seqlen_q
         if HAS_BLOCK_MASK:
-            if HAS_FULL:
+            if HAS_FULL:  # full blocks first: no mask evaluation
                 fnum, fidx = _list(FULL_NUM, FULL_IDX, b, h, kb, fbm_sb, fbm_sh, fbm_sn, fbmi_sb, fbmi_sh, fbmi_sn,
                                    BM_B, BM_H)
-                nfull = fnum * SUBS
-                blk = tl.load(fidx)
-                for i in range(0, nfull):
-                    start_m = blk * MASK_BLOCK + (i % SUBS) * BLOCK_M
-                    blk = tl.load(fidx + tl.minimum(i + 1, nfull - 1) // SUBS)
-                    dk, dv = _dkdv_step(
-                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, cols, offs_m, offs_d, b, h,
-                        stride_qs, stride_dos, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
-                        MASK_MOD, SCORE_MOD, SCORE_BWD, HAS_SCORE, False, not EVEN, PAD_D, HEAD_DIM, UPCAST)
-            num, idx = _list(Q_NUM, Q_IDX, b, h, kb, bm_sb, bm_sh, bm_sn, bmi_sb, bmi_sh, bmi_sn, BM_B, BM_H)
-            npart = num * SUBS
-            blk = tl.load(idx)
-            for i in range(0, npart):
-                start_m = blk * MASK_BLOCK + (i % SUBS) * BLOCK_M
-                blk = tl.load(idx + tl.minimum(i + 1, npart - 1) // SUBS)
-                dk, dv = _dkdv_step(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, cols, offs_m, offs_d, b, h,
+                dk, dv = _dkdv_list(
+                    dk, dv, fnum, fidx, k, v, q_base, do_base, lse_base, delta_base, cols, offs_m, offs_d, b, h,
                     stride_qs, stride_dos, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
-                    MASK_MOD, SCORE_MOD, SCORE_BWD, HAS_SCORE, HAS_MASK, not EVEN, PAD_D, HEAD_DIM, UPCAST)
+                    MASK_MOD, SCORE_MOD, SCORE_BWD, HAS_SCORE, False, not EVEN, PAD_D, HEAD_DIM, UPCAST,
+                    MASK_BLOCK, BLOCK_M)
+            num, idx = _list(Q_NUM, Q_IDX, b, h, kb, bm_sb, bm_sh, bm_sn, bmi_sb, bmi_sh, bmi_sn, BM_B, BM_H)
+            dk, dv = _dkdv_list(
+                dk, dv, num, idx, k, v, q_base, do_base, lse_base, delta_base, cols, offs_m, offs_d, b, h,
+                stride_qs, stride_dos, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2,
+                MASK_MOD, SCORE_MOD, SCORE_BWD, HAS_SCORE, HAS_MASK, not EVEN, PAD_D, HEAD_DIM, UPCAST,
+                MASK_BLOCK, BLOCK_M)
         else:
             n_even = seqlen_q // BLOCK_M
             for j in range(0, n_even):
@@ -602,6 +617,30 @@ def _dq_step(
 
 
 @triton.jit
+def _dq_list(
+    dq, g0, g1, num, idx, q, do, lse2, delta, k_base, v_base, m0, rows, offs_n, offs_d, b, h,
+    stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2, G0,
+    MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_BWD: tl.constexpr, SCORE_GRAD: tl.constexpr,
+    HAS_SCORE: tl.constexpr, GRAD: tl.constexpr, APPLY_MASK: tl.constexpr, BOUNDS: tl.constexpr,
+    PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The key blocks of one block-mask list for the dQ pass (as :func:`_fwd_list`)."""
+    SUBS: tl.constexpr = MASK_BLOCK // BLOCK_N
+    n = num * SUBS
+    blk = tl.load(idx)
+    for i in range(0, n):
+        start_n = blk * MASK_BLOCK + (i % SUBS) * BLOCK_N
+        blk = tl.load(idx + tl.minimum(i + 1, n - 1) // SUBS)
+        dq, g0, g1 = _dq_step(
+            dq, g0, g1, q, do, lse2, delta, k_base, v_base, start_n, m0, rows, offs_n, offs_d, b, h,
+            stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2, G0,
+            MASK_MOD, SCORE_MOD, SCORE_BWD, SCORE_GRAD, HAS_SCORE, GRAD, APPLY_MASK, BOUNDS, PAD_D, HEAD_DIM,
+            UPCAST, BLOCK_M, BLOCK_N)
+    return dq, g0, g1
+
+
+@triton.jit
 def flex_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA,
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
@@ -620,7 +659,6 @@ def flex_bwd_dq(
     """Grid (batch x heads, query blocks of BLOCK_M rows), the forward's walk: dQ of those rows,
     and with GRAD the captured tensor's gradient (fp32 buffer G0, a few atomics per program)."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    SUBS: tl.constexpr = MASK_BLOCK // BLOCK_N
     bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = bh // nheads
@@ -649,30 +687,20 @@ def flex_bwd_dq(
     g1 = sm_scale * 0.0
     if HAS_BLOCK_MASK:
         qb = m0 // MASK_BLOCK
-        if HAS_FULL:
+        if HAS_FULL:  # full blocks first: no mask evaluation
             fnum, fidx = _list(FULL_NUM, FULL_IDX, b, h, qb, fbm_sb, fbm_sh, fbm_sn, fbmi_sb, fbmi_sh, fbmi_sn,
                                BM_B, BM_H)
-            nfull = fnum * SUBS
-            blk = tl.load(fidx)
-            for i in range(0, nfull):
-                start_n = blk * MASK_BLOCK + (i % SUBS) * BLOCK_N
-                blk = tl.load(fidx + tl.minimum(i + 1, nfull - 1) // SUBS)
-                dq, g0, g1 = _dq_step(
-                    dq, g0, g1, q, do, lse2, delta, k_base, v_base, start_n, m0, rows, offs_n, offs_d, b, h,
-                    stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2, G0,
-                    MASK_MOD, SCORE_MOD, SCORE_BWD, SCORE_GRAD, HAS_SCORE, GRAD, False, not EVEN, PAD_D, HEAD_DIM,
-                    UPCAST, BLOCK_M, BLOCK_N)
-        num, idx = _list(KV_NUM, KV_IDX, b, h, qb, bm_sb, bm_sh, bm_sn, bmi_sb, bmi_sh, bmi_sn, BM_B, BM_H)
-        npart = num * SUBS
-        blk = tl.load(idx)
-        for i in range(0, npart):
-            start_n = blk * MASK_BLOCK + (i % SUBS) * BLOCK_N
-            blk = tl.load(idx + tl.minimum(i + 1, npart - 1) // SUBS)
-            dq, g0, g1 = _dq_step(
-                dq, g0, g1, q, do, lse2, delta, k_base, v_base, start_n, m0, rows, offs_n, offs_d, b, h,
+            dq, g0, g1 = _dq_list(
+                dq, g0, g1, fnum, fidx, q, do, lse2, delta, k_base, v_base, m0, rows, offs_n, offs_d, b, h,
                 stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2, G0,
-                MASK_MOD, SCORE_MOD, SCORE_BWD, SCORE_GRAD, HAS_SCORE, GRAD, HAS_MASK, not EVEN, PAD_D, HEAD_DIM,
-                UPCAST, BLOCK_M, BLOCK_N)
+                MASK_MOD, SCORE_MOD, SCORE_BWD, SCORE_GRAD, HAS_SCORE, GRAD, False, not EVEN, PAD_D, HEAD_DIM,
+                UPCAST, BLOCK_M, MASK_BLOCK, BLOCK_N)
+        num, idx = _list(KV_NUM, KV_IDX, b, h, qb, bm_sb, bm_sh, bm_sn, bmi_sb, bmi_sh, bmi_sn, BM_B, BM_H)
+        dq, g0, g1 = _dq_list(
+            dq, g0, g1, num, idx, q, do, lse2, delta, k_base, v_base, m0, rows, offs_n, offs_d, b, h,
+            stride_ks, stride_vs, seqlen_q, seqlen_k, qk_scale, MA0, MA1, MA2, SA0, SA1, SA2, G0,
+            MASK_MOD, SCORE_MOD, SCORE_BWD, SCORE_GRAD, HAS_SCORE, GRAD, HAS_MASK, not EVEN, PAD_D, HEAD_DIM,
+            UPCAST, BLOCK_M, MASK_BLOCK, BLOCK_N)
     else:
         n_even = seqlen_k // BLOCK_N
         for j in range(0, n_even):
