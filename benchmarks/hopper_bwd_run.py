@@ -337,8 +337,9 @@ def _kernel_times(fn, calls: int = 5) -> list[tuple[str, float]]:
 def run_breakdown() -> list[dict]:
     """Per-kernel GPU time of our backward and cuDNN's at d128 / d64, 4k and 16k."""
     out = []
-    for b, h, hk, s, d, causal, softcap in [(4, 16, 16, 4096, 128, False, 0.0), (1, 16, 16, 16384, 128, False, 0.0),
-                                            (4, 16, 16, 4096, 128, True, 0.0), (4, 32, 32, 4096, 64, False, 0.0)]:  # fmt: skip
+    cells = [(4, 16, 16, 4096, 128, False, 0.0), (1, 16, 16, 16384, 128, False, 0.0),
+             (4, 16, 16, 4096, 128, True, 0.0), (4, 32, 32, 4096, 64, False, 0.0)]  # fmt: skip
+    for b, h, hk, s, d, causal, softcap in cells:
         fns = _contenders(b, h, hk, s, d, causal, softcap)
         for name in ("hopper", "sdpa_cudnn"):
             if name not in fns:
