@@ -267,23 +267,29 @@ class Prepared:
         self.nones, self.none_vals = _getter(nones), (None,) * len(nones)
 
     def __call__(self, *head: Any) -> None:
+        if not self.go(*head):
+            self.kernel.launch(self.grid, head + self.args, self.kwargs)
+
+    def go(self, *head: Any) -> bool:
+        """Launch through the compiled kernel's launcher if what the key read still holds (see
+        :meth:`FastKernel.prepare`), and say whether it did; launches nothing otherwise (the caller
+        then takes :meth:`__call__` or its own slow path, e.g. with the device made current)."""
         drv = triton.runtime.driver.active
         device = drv.get_current_device()
         rt = _knobs.runtime
-        ok = False
-        if device == self.device and len(head) == self.lead and not _hooked(rt.launch_enter_hook) and \
-                not _hooked(rt.launch_exit_hook) and self.nones(head) == self.none_vals:  # fmt: skip
-            try:  # every leading tensor 16-byte aligned (a non-tensor raises: the generic launch decides)
-                ok = not reduce(_or, map(_data_ptr, self.tensors(head)), 0) & 15
-            except TypeError:
-                ok = False
-        if not ok:
-            self.kernel.launch(self.grid, head + self.args, self.kwargs)
-            return
+        if device != self.device or len(head) != self.lead or _hooked(rt.launch_enter_hook) or \
+                _hooked(rt.launch_exit_hook) or self.nones(head) != self.none_vals:  # fmt: skip
+            return False
+        try:  # every leading tensor 16-byte aligned (a non-tensor raises: the generic launch decides)
+            if reduce(_or, map(_data_ptr, self.tensors(head)), 0) & 15:
+                return False
+        except TypeError:
+            return False
         c, g = self.compiled, self.g
         c.run(g[0], g[1], g[2], drv.get_current_stream(device), c.function, c.packed_metadata, None, None, None,
               *head, *self.tail)  # fmt: skip
         self.kernel.fast_launches += 1
+        return True
 
 
 _data_ptr = torch.Tensor.data_ptr
