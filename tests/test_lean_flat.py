@@ -366,3 +366,46 @@ def test_adopt_needs_exactly_this_call():
     assert base.adopt([((x, y, z, None), (o,), runner)], (x, y, z), (o,)) is None
     res, offers = base.recording(lambda: base.OFFERS.append(1) or 5)
     assert res == 5 and offers == [1] and base.OFFERS is None
+
+
+class CudaLauncher:  # Triton 3.6's launcher, as far as _direct relies on it (its __call__, reduced)
+    def __init__(self, scratch=0):
+        self.calls = []
+        self.global_scratch_size, self.profile_scratch_size = scratch, 0
+        self.launch_cooperative_grid, self.launch_pdl = 0, 1
+
+    def launch(self, *args):
+        self.calls.append(args)
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+        # 3.6: scratch buffers allocated only when their sizes are > 0 (None otherwise)
+        assert self.global_scratch_size == 0 and self.profile_scratch_size == 0
+        self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid, self.launch_pdl,
+                    None, None, *args)  # fmt: skip
+
+
+def test_direct_launch_passes_what_the_launcher_would(monkeypatch):
+    monkeypatch.setattr(fastlaunch, "DIRECT_VERSIONS", (".".join(triton.__version__.split(".")[:2]),))
+    launcher = CudaLauncher()
+    compiled = types.SimpleNamespace(run=launcher, function="fn", packed_metadata=(4, 1, 0))
+    direct = fastlaunch._direct(compiled)
+    assert direct is not None and direct[1:] == (0, 1)
+    x, y = torch.zeros(8), torch.zeros(8)
+    kernel = fastlaunch.FastKernel(types.SimpleNamespace())
+    prep = fastlaunch.Prepared(kernel, (3, 2), (5, "c"), {}, compiled, 0, (3, 2, 1), 2, [0, 1], (5, "c"), direct)
+    drv = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 99)
+    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
+    assert prep.go(x, y)
+    launcher(3, 2, 1, 99, "fn", (4, 1, 0), None, None, None, x, y, 5, "c")  # the launcher's own way
+    assert len(launcher.calls) == 2 and launcher.calls[0] == launcher.calls[1]
+    # not skipped: scratch buffers, another __call__ signature, another version
+    assert fastlaunch._direct(types.SimpleNamespace(run=CudaLauncher(scratch=64))) is None
+
+    class Other(CudaLauncher):
+        def __call__(self, gridX, gridY, gridZ, stream, function, kernel_metadata, *args):
+            pass
+
+    Other.__name__ = "CudaLauncher"
+    assert fastlaunch._direct(types.SimpleNamespace(run=Other())) is None
+    monkeypatch.setattr(fastlaunch, "DIRECT_VERSIONS", ())
+    assert fastlaunch._direct(compiled) is None

@@ -249,18 +249,19 @@ class FastKernel:
             return None
         g = (*grid, 1, 1)[:3]
         return Prepared(self, grid, args[lead:], kwargs, compiled, device, g, lead,
-                        [i for i, a in enumerate(head) if a is not None], vals[lead:])  # fmt: skip
+                        [i for i, a in enumerate(head) if a is not None], vals[lead:], _direct(compiled))  # fmt: skip
 
 
 class Prepared:
     """A launch prepared by :meth:`FastKernel.prepare`; call it with the leading arguments."""
 
     __slots__ = ("kernel", "grid", "args", "kwargs", "compiled", "device", "g", "lead", "tensors", "nones", "none_vals",
-                 "tail")
+                 "tail", "direct")
 
-    def __init__(self, kernel, grid, args, kwargs, compiled, device, g, lead, tensors, tail) -> None:
+    def __init__(self, kernel, grid, args, kwargs, compiled, device, g, lead, tensors, tail, direct=None) -> None:
         self.kernel, self.grid, self.args, self.kwargs = kernel, grid, args, kwargs
         self.compiled, self.device, self.g, self.lead, self.tail = compiled, device, g, lead, tail
+        self.direct = direct  # (launch, cooperative, pdl) of the C launcher (see _direct), or None
         #: getters of the leading tensors and of the leading Nones (C-level gathers)
         self.tensors = _getter(tensors)
         nones = [i for i in range(lead) if i not in tensors]
@@ -285,11 +286,43 @@ class Prepared:
                 return False
         except TypeError:
             return False
-        c, g = self.compiled, self.g
-        c.run(g[0], g[1], g[2], drv.get_current_stream(device), c.function, c.packed_metadata, None, None, None,
-              *head, *self.tail)  # fmt: skip
+        c, g, d = self.compiled, self.g, self.direct
+        if d is not None:  # what CudaLauncher.__call__ would pass its C launcher (see _direct)
+            d[0](g[0], g[1], g[2], drv.get_current_stream(device), c.function, d[1], d[2], None, None,
+                 c.packed_metadata, None, None, None, *head, *self.tail)  # fmt: skip
+        else:
+            c.run(g[0], g[1], g[2], drv.get_current_stream(device), c.function, c.packed_metadata, None, None, None,
+                  *head, *self.tail)  # fmt: skip
         self.kernel.fast_launches += 1
         return True
+
+
+#: Triton versions whose ``CudaLauncher.__call__`` :func:`_direct` may skip (checked against the source)
+DIRECT_VERSIONS = ("3.6",)
+_CALL_ARGS = ("self", "gridX", "gridY", "gridZ", "stream", "function")
+
+
+def _direct(compiled: Any) -> tuple | None:
+    """``(launch, launch_cooperative_grid, launch_pdl)`` of a compiled kernel's launcher when a
+    prepared launch may call its C ``launch`` itself: Triton 3.6's NVIDIA ``CudaLauncher.__call__(gridX,
+    gridY, gridZ, stream, function, *args)`` only allocates the global and profile scratch buffers
+    (none when their sizes are 0: it passes None) and calls ``self.launch(gridX, gridY, gridZ, stream,
+    function, launch_cooperative_grid, launch_pdl, global_scratch, profile_scratch, *args)``; skipping
+    it saves a Python frame, a closure and two calls per launch. None elsewhere (other versions,
+    another ``__call__`` signature, a kernel with scratch, no such attributes): the launcher's call."""
+    if ".".join(triton.__version__.split(".")[:2]) not in DIRECT_VERSIONS:
+        return None
+    try:
+        launcher = compiled.run
+        code = type(launcher).__call__.__code__
+        if type(launcher).__name__ != "CudaLauncher" or code.co_varnames[:6] != _CALL_ARGS or \
+                code.co_argcount != 6 or not code.co_flags & inspect.CO_VARARGS:  # fmt: skip
+            return None
+        if launcher.global_scratch_size != 0 or launcher.profile_scratch_size != 0:
+            return None
+        return launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl
+    except AttributeError:
+        return None
 
 
 _data_ptr = torch.Tensor.data_ptr
