@@ -409,3 +409,29 @@ def test_direct_launch_passes_what_the_launcher_would(monkeypatch):
     assert fastlaunch._direct(types.SimpleNamespace(run=Other())) is None
     monkeypatch.setattr(fastlaunch, "DIRECT_VERSIONS", ())
     assert fastlaunch._direct(compiled) is None
+
+
+def test_prepared_launch_reads_the_device_as_torch_does(monkeypatch):
+    """Where Triton's driver asks torch.cuda.current_device, a prepared launch calls its C getter once
+    torch.cuda is initialised, and the driver's getter otherwise."""
+    asked = []
+
+    def current_device():  # stands for torch.cuda.current_device
+        asked.append("python")
+        return 0
+
+    monkeypatch.setattr(fastlaunch, "_torch_current_device", current_device)
+    monkeypatch.setattr(fastlaunch, "_cuda_get_device", lambda: asked.append("c") or 0)
+    flag = types.SimpleNamespace(_initialized=True)
+    monkeypatch.setattr(fastlaunch, "_torch_cuda", flag)
+    drv = types.SimpleNamespace(get_current_device=current_device, get_current_stream=lambda d: 5)
+    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
+    compiled = types.SimpleNamespace(run=lambda *a: None, function="fn", packed_metadata="m")
+    prep = fastlaunch.Prepared(fastlaunch.FastKernel(types.SimpleNamespace()), (1,), (), {}, compiled, 0, (1, 1, 1),
+                               1, [0], ())  # fmt: skip
+    x = torch.zeros(4)
+    assert prep.go(x) and asked == ["c"]
+    flag._initialized = False
+    assert prep.go(x) and asked == ["c", "python"]
+    drv.get_current_device = lambda: 1  # another getter (e.g. another driver): asked, and another device
+    assert not prep.go(x)

@@ -276,7 +276,9 @@ class Prepared:
         :meth:`FastKernel.prepare`), and say whether it did; launches nothing otherwise (the caller
         then takes :meth:`__call__` or its own slow path, e.g. with the device made current)."""
         drv = triton.runtime.driver.active
-        device = drv.get_current_device()
+        get = drv.get_current_device
+        # torch.cuda.current_device() once CUDA is initialised is _cuda_getDevice() (its lazy-init check skipped)
+        device = _cuda_get_device() if get is _torch_current_device and _torch_cuda._initialized else get()
         rt = _knobs.runtime
         if device != self.device or len(head) != self.lead or _hooked(rt.launch_enter_hook) or \
                 _hooked(rt.launch_exit_hook) or self.nones(head) != self.none_vals:  # fmt: skip
@@ -326,6 +328,12 @@ def _direct(compiled: Any) -> tuple | None:
 
 
 _data_ptr = torch.Tensor.data_ptr
+_torch_cuda = torch.cuda
+_cuda_get_device = getattr(torch._C, "_cuda_getDevice", None)
+#: Triton's driver's device getter, when it is torch.cuda.current_device (Triton 3.6 and 3.9), which
+#: prepared launches replace by its C call once torch.cuda is initialised (its lazy-init check passed)
+_torch_current_device = torch.cuda.current_device if _cuda_get_device is not None and \
+    hasattr(torch.cuda, "_initialized") else object()  # fmt: skip
 _or = operator.or_
 
 
