@@ -94,10 +94,14 @@ def _scratch_key(dev: torch.device) -> tuple | None:
     return dev, _raw_stream(dev.index if dev.index is not None else torch.cuda.current_device()), _thread()
 
 
-def lens_vector(dev: torch.device, b: int, n: int) -> torch.Tensor:
+_ASK = object()  # (the default of ``key`` below: computed there)
+
+
+def lens_vector(dev: torch.device, b: int, n: int, key: tuple | None | object = _ASK) -> torch.Tensor:
     """int32 ``(b,)`` filled with ``n`` (the kernels read cache lengths from a device vector): kept
-    between calls (see above), refilled only when ``n`` changes."""
-    key = _scratch_key(dev)
+    between calls (see above), refilled only when ``n`` changes. ``key``: :func:`_scratch_key`'s, if known."""
+    if key is _ASK:
+        key = _scratch_key(dev)
     if key is None:
         return torch.full((b,), n, dtype=torch.int32, device=dev)
     key = (*key, "lens", b)
@@ -114,10 +118,11 @@ def lens_vector(dev: torch.device, b: int, n: int) -> torch.Tensor:
     return ent[1]
 
 
-def partials(dev: torch.device, parts: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+def partials(dev: torch.device, parts: tuple, key: tuple | None | object = _ASK) -> tuple[torch.Tensor, torch.Tensor]:
     """The fp32 ``(out pieces, lse pieces)`` of a split call, shapes ``parts``: kept between calls
     (see above) up to a size, written by the decode kernel and read by the merge of the same call."""
-    key = _scratch_key(dev)
+    if key is _ASK:
+        key = _scratch_key(dev)
     if key is not None:
         key = (*key, parts)
         ent = _SCRATCH.get(key)
@@ -136,13 +141,13 @@ def _plan_runner(out_shape, lse_shape, parts, dtype, dev, pdec, pmerge):
     """A decode plan's prepared launches as one function of the per-call tensors."""
     empty, f32 = torch.empty, torch.float32
 
-    def run(q, k_cache, v_cache, table, seqlens, leftpad, err):
+    def run(q, k_cache, v_cache, table, seqlens, leftpad, err, key=_ASK):
         out = empty(out_shape, dtype=dtype, device=dev)
         lse_out = empty(lse_shape, dtype=f32, device=dev)
         if parts is None:  # one piece: the kernel writes out / lse_out (as the views (1, ...) of them)
             o, lse = out, lse_out
         else:
-            o, lse = partials(dev, parts)
+            o, lse = partials(dev, parts, key)
         if not pdec.go(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err):
             with device_guard(dev):
                 pdec(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err)
@@ -419,9 +424,10 @@ def _kv_runner(run, cache: KVCache, along: bool, tensor_lens: bool):
         if _launch._EPOCH is not epoch:
             return None
         dev = q.device
-        seqlens = lens if tensor_lens else lens_vector(dev, q.shape[0], lens)
+        key = _scratch_key(dev)
+        seqlens = lens if tensor_lens else lens_vector(dev, q.shape[0], lens, key)
         err = error_flag(dev)
-        out, lse = run(q, k_cache, v_cache, None, seqlens, None, err)
+        out, lse = run(q, k_cache, v_cache, None, seqlens, None, err, key)
         if tensor_lens and not capturing(q) and int(err.item()):  # as kvcache(): check by name
             err.zero_()
             full = KVCache(k_cache=k_cache, v_cache=v_cache, k_new=None, v_new=None, seqlens=lens, batch_idx=None,
@@ -456,6 +462,7 @@ def _dense_runner(run, b: int, sk: int):
         if _launch._EPOCH is not epoch:
             return None
         dev = q.device
-        return run(q, k, v, None, lens_vector(dev, b, sk), None, error_flag(dev))
+        key = _scratch_key(dev)
+        return run(q, k, v, None, lens_vector(dev, b, sk, key), None, error_flag(dev), key)
 
     return go
