@@ -12,7 +12,7 @@ launcher's C code (argument packing, ``cuLaunchKernel``: a few us a kernel) and 
 guard's CUDA query. Thread CPU time per call, the fastest of 7 loops, and the Python function calls
 per call (cProfile's count: what a busy machine does not disturb); ``--rows a,b`` times those rows
 only; ``--profile NAME`` prints a
-cProfile of one row (``e2e_fwd``, ``e2e_fwd_bwd``, ``e2e_kv_int``, ``e2e_kv_tensor``, ``e2e_grow``
+cProfile of one row (``e2e_fwd``, ``e2e_fwd_bwd``, ``e2e_kv_int``, ``e2e_kv_tensor``, ``e2e_kv_split``, ``e2e_grow``
 (the public functions through the triton backend, with the same fakes), ``fwd``, ``bwd``, ``decode``,
 ``decode_split``, ``dense_decode``).
 """
@@ -122,6 +122,9 @@ def rows(dtype=torch.float16):
                        lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=1000, causal=True)),
         "e2e_kv_tensor": ("same, int32 tensor lengths",
                           lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=lens, causal=True)),
+        "e2e_kv_split": ("same, int length, num_splits=4 (decode + merge kernels)",
+                         lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=1000, causal=True,
+                                                                  num_splits=4)),
         "e2e_grow": ("flash_attn_func q1, key length growing per call (HF generate)", e2e_grow),
         "fwd": ("triton launch.forward (b1 s128 h8 d64 causal)", lambda: launch.forward(q, k, v, call)),
         "bwd": ("triton launch.backward (same)", lambda: launch.backward(dout, q, k, v, out, lse, call)),
