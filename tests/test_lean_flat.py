@@ -435,3 +435,24 @@ def test_prepared_launch_reads_the_device_as_torch_does(monkeypatch):
     assert prep.go(x) and asked == ["c", "python"]
     drv.get_current_device = lambda: 1  # another getter (e.g. another driver): asked, and another device
     assert not prep.go(x)
+
+
+def test_prepared_launch_and_launch_hooks(monkeypatch):
+    """An empty hook chain (Triton >= 3.5's default) is no hook; a chain with a hook, or a hook
+    function on either side, sends the launch to the generic path."""
+    drv = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 5)
+    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
+    compiled = types.SimpleNamespace(run=lambda *a: None, function="fn", packed_metadata="m")
+    prep = fastlaunch.Prepared(fastlaunch.FastKernel(types.SimpleNamespace()), (1,), (), {}, compiled, 0, (1, 1, 1),
+                               1, [0], ())  # fmt: skip
+    x = torch.zeros(4)
+    rt = triton.knobs.runtime
+    for side in ("launch_enter_hook", "launch_exit_hook"):
+        monkeypatch.setattr(rt, side, types.SimpleNamespace(calls=[]))
+        assert prep.go(x)
+        monkeypatch.setattr(rt, side, types.SimpleNamespace(calls=[print]))
+        assert not prep.go(x)
+        monkeypatch.setattr(rt, side, lambda *a: None)
+        assert not prep.go(x)
+        monkeypatch.setattr(rt, side, None)
+        assert prep.go(x)

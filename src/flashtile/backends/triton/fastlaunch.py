@@ -280,8 +280,9 @@ class Prepared:
         # torch.cuda.current_device() once CUDA is initialised is _cuda_getDevice() (its lazy-init check skipped)
         device = _cuda_get_device() if get is _torch_current_device and _torch_cuda._initialized else get()
         rt = _knobs.runtime
-        if device != self.device or len(head) != self.lead or _hooked(rt.launch_enter_hook) or \
-                _hooked(rt.launch_exit_hook) or self.nones(head) != self.none_vals:  # fmt: skip
+        enter, leave = rt.launch_enter_hook, rt.launch_exit_hook  # (_hooked, inline)
+        if device != self.device or len(head) != self.lead or (enter is not None and getattr(enter, "calls", True)) \
+                or (leave is not None and getattr(leave, "calls", True)) or self.nones(head) != self.none_vals:  # fmt: skip
             return False
         try:  # every leading tensor 16-byte aligned (a non-tensor raises: the generic launch decides)
             if reduce(_or, map(_data_ptr, self.tensors(head)), 0) & 15:

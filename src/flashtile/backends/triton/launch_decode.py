@@ -97,6 +97,12 @@ def _scratch_key(dev: torch.device) -> tuple | None:
 _ASK = object()  # (the default of ``key`` below: computed there)
 
 
+def _flag(dev: torch.device, key: tuple | None) -> torch.Tensor:
+    """:func:`error_flag`, looked up with the stream :func:`_scratch_key` already read."""
+    flag = None if key is None or dev.type != "cuda" else _ERR.get((dev.index, key[1]))
+    return error_flag(dev) if flag is None else flag
+
+
 def lens_vector(dev: torch.device, b: int, n: int, key: tuple | None | object = _ASK) -> torch.Tensor:
     """int32 ``(b,)`` filled with ``n`` (the kernels read cache lengths from a device vector): kept
     between calls (see above), refilled only when ``n`` changes. ``key``: :func:`_scratch_key`'s, if known."""
@@ -426,7 +432,7 @@ def _kv_runner(run, cache: KVCache, along: bool, tensor_lens: bool):
         dev = q.device
         key = _scratch_key(dev)
         seqlens = lens if tensor_lens else lens_vector(dev, q.shape[0], lens, key)
-        err = error_flag(dev)
+        err = _flag(dev, key)
         out, lse = run(q, k_cache, v_cache, None, seqlens, None, err, key)
         if tensor_lens and not capturing(q) and int(err.item()):  # as kvcache(): check by name
             err.zero_()
@@ -463,6 +469,6 @@ def _dense_runner(run, b: int, sk: int):
             return None
         dev = q.device
         key = _scratch_key(dev)
-        return run(q, k, v, None, lens_vector(dev, b, sk, key), None, error_flag(dev), key)
+        return run(q, k, v, None, lens_vector(dev, b, sk, key), None, _flag(dev, key), key)
 
     return go
