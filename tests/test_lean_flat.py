@@ -187,6 +187,7 @@ def test_flat_dense_rejected_input_still_rejected(fakes, monkeypatch):
         "heads": lambda: flashtile.flash_attn_func(q[:, :, :3], k, v),
         "dtype": lambda: flashtile.flash_attn_func(q, k.float(), v),
         "scale list": lambda: flashtile.flash_attn_func(q, k, v, softmax_scale=[0.5]),
+        "sparse": lambda: flashtile.flash_attn_func(q.to_sparse(), k, v),  # (stride() raises)
     }
     for _ in range(4):
         flashtile.flash_attn_func(q, k, v)
@@ -306,6 +307,7 @@ def test_flat_kvcache_rejected_input_still_rejected(fakes, monkeypatch):
         "int64 lens": lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([1, 2])),
         "splits": lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=5, num_splits=-1),
         "batch": lambda: flashtile.flash_attn_with_kvcache(q, kc[:1], vc[:1], cache_seqlens=5),
+        "sparse": lambda: flashtile.flash_attn_with_kvcache(q.to_sparse(), kc, vc, cache_seqlens=5),
     }
     flat_errors = {name: _error(fn) for name, fn in bad.items()}
     _memo_off(monkeypatch)

@@ -145,11 +145,11 @@ def _memo_key(q, k, v, opts: tuple) -> tuple | None:
             return None
         w = tuple(w)  # a list normalises as the tuple of its entries does (their types are keyed)
         opts = (*opts[:3], w, *opts[4:])
-    qt, kt, vt = q.stride(), k.stride(), v.stride()
     try:  # unit last strides only (check_qkv lets others through on empty tensors only)
+        qt, kt, vt = q.stride(), k.stride(), v.stride()
         if qt[-1] != 1 or kt[-1] != 1 or vt[-1] != 1:
             return None
-    except IndexError:  # 0-d tensors: the checks raise
+    except (IndexError, RuntimeError):  # 0-d tensors, layouts without strides: the checks raise
         return None
     qs, ks, vs = q.shape, k.shape, v.shape
     return ((qs[2:], ks[2:], vs[2:], q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, opts,

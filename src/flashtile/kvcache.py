@@ -287,11 +287,11 @@ def _memo_key(q, k_cache, v_cache, k, v, seqlens, opts: tuple) -> tuple | None:
         lens = ts
     else:
         return None
-    qt, kt, vt = q.stride(), k_cache.stride(), v_cache.stride()
     try:  # unit last strides only (the checks let others through on empty tensors only)
+        qt, kt, vt = q.stride(), k_cache.stride(), v_cache.stride()
         if qt[-1] != 1 or kt[-1] != 1 or vt[-1] != 1:
             return None
-    except IndexError:  # 0-d tensors: the checks raise
+    except (IndexError, RuntimeError):  # 0-d tensors, layouts without strides: the checks raise
         return None
     return ((q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype, v_cache.dtype, q.device, k_cache.device,
              v_cache.device, new, lens, opts, tuple(map(type, opts)), tuple(map(type, w)),
