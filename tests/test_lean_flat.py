@@ -356,6 +356,14 @@ def test_lens_vector_and_partials_are_kept_per_thread():
     big = ((64, 64, 1, 32, 256), (64, 64, 32, 1))  # above _SCRATCH_BYTES: allocated per call
     assert launch_decode.partials(dev, big)[0] is not launch_decode.partials(dev, big)[0]
     launch_decode._SCRATCH.clear()
+    launch_decode._held[0] = 0
+    mid = ((7, 64, 1, 32, 128), (7, 64, 32, 1))  # ~7 MiB: four fit in the 32 MiB budget, a fifth clears
+    kept = [launch_decode.partials(dev, mid, (dev, s, 0))[0] for s in range(5)]
+    assert launch_decode._held[0] <= launch_decode._SCRATCH_BUDGET
+    assert launch_decode.partials(dev, mid, (dev, 4, 0))[0] is kept[4]
+    assert launch_decode.partials(dev, mid, (dev, 0, 0))[0] is not kept[0]  # dropped by the clear
+    launch_decode._SCRATCH.clear()
+    launch_decode._held[0] = 0
 
 
 def test_adopt_needs_exactly_this_call():

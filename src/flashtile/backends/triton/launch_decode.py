@@ -80,9 +80,18 @@ _thread = threading.get_ident
 # used them, so reuse never races (another thread has its own; the caching allocator reuses freed
 # memory on its own stream only, so clearing the bound is safe too). Never while a CUDA graph is
 # captured (a graph would keep reading a buffer later calls change): fresh tensors then, as before.
+# Bounded: 64 entries, partials of at most 8 MiB each and 32 MiB in all.
 _SCRATCH: dict[tuple, list] = {}
 _SCRATCH_MAX = 64
 _SCRATCH_BYTES = 8 << 20  # partials above this are allocated per call
+_SCRATCH_BUDGET = 32 << 20  # partials kept in all (cleared, with the rest, when a new one would pass it)
+_held = [0]  # bytes of the partials kept
+
+
+def _make_room(nbytes: int = 0) -> None:
+    if len(_SCRATCH) >= _SCRATCH_MAX or _held[0] + nbytes > _SCRATCH_BUDGET:
+        _SCRATCH.clear()
+        _held[0] = 0
 
 
 def _scratch_key(dev: torch.device) -> tuple | None:
@@ -113,8 +122,7 @@ def lens_vector(dev: torch.device, b: int, n: int, key: tuple | None | object = 
     key = (*key, "lens", b)
     ent = _SCRATCH.get(key)
     if ent is None:
-        if len(_SCRATCH) >= _SCRATCH_MAX:
-            _SCRATCH.clear()
+        _make_room()
         t = torch.full((b,), n, dtype=torch.int32, device=dev)
         _SCRATCH[key] = [n, t]
         return t
@@ -136,10 +144,11 @@ def partials(dev: torch.device, parts: tuple, key: tuple | None | object = _ASK)
             return ent[0], ent[1]
     o = torch.empty(parts[0], dtype=torch.float32, device=dev)
     lse = torch.empty(parts[1], dtype=torch.float32, device=dev)
-    if key is not None and (o.numel() + lse.numel()) * 4 <= _SCRATCH_BYTES:
-        if len(_SCRATCH) >= _SCRATCH_MAX:
-            _SCRATCH.clear()
+    nbytes = (o.numel() + lse.numel()) * 4
+    if key is not None and nbytes <= _SCRATCH_BYTES:
+        _make_room(nbytes)
         _SCRATCH[key] = [o, lse]
+        _held[0] += nbytes
     return o, lse
 
 
