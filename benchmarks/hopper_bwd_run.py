@@ -316,6 +316,43 @@ def _contenders(b, h, hk, s, d, causal, softcap, variants=()) -> dict:
     return fns
 
 
+def _kernel_times(fn, calls: int = 5) -> list[tuple[str, float]]:
+    """GPU time per call of each kernel ``fn`` launches (torch.profiler), largest first: where a
+    backward's time goes (the main kernel against the passes around it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    tot: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            tot[ev.name[:60]] = tot.get(ev.name[:60], 0.0) + ev.device_time / calls
+    return sorted(tot.items(), key=lambda kv: -kv[1])
+
+
+def run_breakdown() -> list[dict]:
+    """Per-kernel GPU time of our backward and cuDNN's at d128 / d64, 4k and 16k."""
+    out = []
+    for b, h, hk, s, d, causal, softcap in [(4, 16, 16, 4096, 128, False, 0.0), (1, 16, 16, 16384, 128, False, 0.0),
+                                            (4, 16, 16, 4096, 128, True, 0.0), (4, 32, 32, 4096, 64, False, 0.0)]:  # fmt: skip
+        fns = _contenders(b, h, hk, s, d, causal, softcap)
+        for name in ("hopper", "sdpa_cudnn"):
+            if name not in fns:
+                continue
+            with watchdog(CASE_TIMEOUT, f"breakdown {name}"):
+                ks = _kernel_times(fns[name])
+            total = sum(t for _, t in ks)
+            log(f"breakdown b{b} h{h} s{s} d{d} causal={causal} {name}: total {total:.1f} us: "
+                + "; ".join(f"{n} {t:.1f}" for n, t in ks[:6]))  # fmt: skip
+            out.append(dict(b=b, h=h, s=s, d=d, causal=causal, name=name, total_us=total, kernels=ks[:8]))
+        torch.cuda.empty_cache()
+    return out
+
+
 def run_bench(quick: bool, variants=()) -> list[dict]:
     import triton
 
@@ -357,6 +394,7 @@ def main() -> int:
     ap.add_argument("--full-bench", action="store_true", help="the whole benchmark grid even with --quick")
     ap.add_argument("--variant", action="append", default=[], help="bwd config overrides, e.g. block_m=128,dq_chunk=64")
     ap.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT, help="watchdog per case / cell (s)")
+    ap.add_argument("--breakdown", action="store_true", help="per-kernel GPU time of ours and cuDNN's (profiler)")
     args = ap.parse_args()
     os.environ[hopper.BWD_ENV] = "gluon"  # the kernels under test (the backend's default is Triton's)
     hopper.SMALL_ROWS = 0  # small checks run the Gluon forward too (not the launch-bound Triton route)
@@ -391,9 +429,10 @@ def main() -> int:
             variants.append((f"[{text}]", ov))
         except Exception as e:  # a failing variant is dropped, the default still benchmarks
             log(f"FAIL variant [{text}] (dropped): {type(e).__name__}: {str(e)[:1000]}")
-    if args.no_bench:
+    breakdown = run_breakdown() if args.breakdown else None
+    if args.no_bench and not breakdown:
         return 0
-    rows = run_bench(args.quick and not args.full_bench, variants)
+    rows = [] if args.no_bench else run_bench(args.quick and not args.full_bench, variants)
     names = ["hopper"] + [f"hopper{lb}" for lb, _ in variants] + ["triton", "sdpa_flash", "sdpa_cudnn"]
     print("\nTFLOP/s (bf16 backward alone, 2.5x forward FLOPs)")
     print(f"{'b':>3} {'h':>3} {'hk':>3} {'s':>6} {'d':>4} {'causal':>6} {'cap':>4} "
@@ -409,7 +448,7 @@ def main() -> int:
     with open(path, "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                    "argv": sys.argv, "configs": {d: str(configs.bwd_config(d)) for d in configs.HEADDIMS},
-                   "rows": rows}, f, indent=1)  # fmt: skip
+                   "rows": rows, "breakdown": breakdown}, f, indent=1)  # fmt: skip
     log(f"wrote {path}")
     log(f"done in {time.time() - hopper_run.T0:.0f} s; geomean hopper/triton {_geo(rows, 'hopper', 'triton')}, "
         f"hopper/cudnn {_geo(rows, 'hopper', 'sdpa_cudnn')}, hopper/flash {_geo(rows, 'hopper', 'sdpa_flash')}")

@@ -6,6 +6,7 @@ Triton kernels on GPUs, a tiled PyTorch engine on every device.
 
 import importlib
 
+from . import _prewarm
 from ._version import __version__
 from .dispatch import BackendUnavailableError, use_backend
 from .interface import (
@@ -19,6 +20,8 @@ from .interface import (
 from .kvcache import flash_attn_with_kvcache
 from .padding import pad_input, unpad_input
 from .sdpa import scaled_dot_product_attention
+
+_prewarm.start()  # Triton's per-process cache key, hashed in the background (start-up; FLASHTILE_PREWARM=0: off)
 
 __all__ = [
     "BackendUnavailableError",
