@@ -281,7 +281,7 @@ def apply_winners(winners, short=False):
     from flashtile.backends.triton import configs, launch
 
     arch = launch.arch(torch.device("cuda"))
-    launch._PLANS.clear()  # launch plans keep the configs they were made with
+    launch.clear_plans()  # launch plans (and runners made from them) keep the configs they were made with
     for (kind, d), cfg in winners.items():
         if short:
             table = configs._FWD_SHORT if kind == "fwd" else configs._BWD_SHORT

@@ -9,8 +9,10 @@ geometry, configs, flags, scalars, allocations, the lean launch's signature key
 Triton driver (device 0, a fixed stream) and the ``sm90`` config table. What is not measured:
 the CUDA allocator (``torch.empty`` on CUDA costs a few us more than on CPU), the real
 launcher's C code (argument packing, ``cuLaunchKernel``: a few us a kernel) and the device
-guard's CUDA query. Thread CPU time per call, the fastest of 7 loops; ``--profile NAME`` prints a
-cProfile of one row (``e2e_fwd``, ``e2e_fwd_bwd``, ``e2e_kv_int``, ``e2e_kv_tensor``, ``e2e_grow``
+guard's CUDA query. Thread CPU time per call, the fastest of 7 loops, and the Python function calls
+per call (cProfile's count: what a busy machine does not disturb); ``--rows a,b`` times those rows
+only; ``--profile NAME`` prints a
+cProfile of one row (``e2e_fwd``, ``e2e_fwd_bwd``, ``e2e_kv_int``, ``e2e_kv_tensor``, ``e2e_kv_split``, ``e2e_grow``
 (the public functions through the triton backend, with the same fakes), ``fwd``, ``bwd``, ``decode``,
 ``decode_split``, ``dense_decode``).
 """
@@ -30,6 +32,19 @@ def _thread_us(fn, n: int) -> float:
     from bench_lean import _thread_us as thread_us  # (this script's folder is on sys.path)
 
     return thread_us(fn, n, stat=min)
+
+
+def _py_calls(fn, n: int = 50) -> int:
+    """Python-level function calls per call of ``fn`` (cProfile's count, warmed up): a measure of the
+    interpreter work that the load on a shared machine does not disturb."""
+    for _ in range(20):
+        fn()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    pr.disable()
+    return round(pstats.Stats(pr).total_calls / n)
 
 
 class _Compiled:
@@ -107,6 +122,9 @@ def rows(dtype=torch.float16):
                        lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=1000, causal=True)),
         "e2e_kv_tensor": ("same, int32 tensor lengths",
                           lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=lens, causal=True)),
+        "e2e_kv_split": ("same, int length, num_splits=4 (decode + merge kernels)",
+                         lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=1000, causal=True,
+                                                                  num_splits=4)),
         "e2e_grow": ("flash_attn_func q1, key length growing per call (HF generate)", e2e_grow),
         "fwd": ("triton launch.forward (b1 s128 h8 d64 causal)", lambda: launch.forward(q, k, v, call)),
         "bwd": ("triton launch.backward (same)", lambda: launch.backward(dout, q, k, v, out, lse, call)),
@@ -122,6 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--profile", default="")
+    ap.add_argument("--rows", default="", help="comma-separated row names to time (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     install()
@@ -141,9 +160,11 @@ def main() -> None:
         pr.disable()
         pstats.Stats(pr).sort_stats("tottime").print_stats(25)
         return
-    print("host cost of the Triton launchers (thread CPU us per call; fake kernels, CPU tensors)")
+    print("host cost of the Triton launchers (thread CPU us, Python calls, per call; fake kernels, CPU tensors)")
     for name, (label, fn) in table.items():
-        print(f"  {label:70s} {_thread_us(fn, args.n):7.1f}   [{name}]")
+        if args.rows and name not in args.rows.split(","):
+            continue
+        print(f"  {label:70s} {_thread_us(fn, args.n):7.1f} {_py_calls(fn):5d}   [{name}]")
     from flashtile.backends.triton import launch, launch_decode
 
     kerns = [launch._FWD, launch._BWD_PRE, launch._BWD_DKDV, launch._BWD_DQ, launch_decode._DECODE,

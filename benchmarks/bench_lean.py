@@ -215,18 +215,45 @@ def checks() -> None:
             pts = [pout.transpose(1, 2), *(x.transpose(1, 2) for x in torch.autograd.grad(pout, (pq, pk, pv),
                                                                                           g.transpose(1, 2)))]
         outs = []
-        for _ in range(3):  # the first launch is Triton's generic one, the later ones the lean path
+        for _ in range(5):  # the first launch is Triton's generic one, the later ones the lean path
+            # (from the 4th call on the entry point's flat path: the runner its memo keeps)
             # deterministic on the long shapes: the Gluon backward's atomic dQ is not bitwise repeatable
             out = flashtile.flash_attn_func(q, k, v, causal=True, deterministic=rel)
             grads = torch.autograd.grad(out, (q, k, v), g)
             outs.append((out, *grads))
+        with torch.no_grad():  # the same signature without autograd: the flat path's runner itself
+            plain = [flashtile.flash_attn_func(q, k, v, causal=True, deterministic=rel) for _ in range(5)]
         close(f"forward b{b} s{s} h{h}/{hk} d{d}", outs[0][0], ref, 2e-2, pts[0], 2.0)
         for name, a, r, pt in zip("qkv", outs[0][1:], rg, pts[1:], strict=True):
             close(f"d{name} b{b} s{s} h{h}/{hk} d{d}", a, r.transpose(1, 2), 6e-2, pt)
-        for a, c in zip(outs[0], outs[2], strict=True):
-            if not torch.equal(a, c):
-                raise AssertionError("check failed: the lean launch path differs from the first launch")
-        print("  ok  lean launches repeat the first launch bitwise")
+        for later in outs[1:]:
+            for a, c in zip(outs[0], later, strict=True):
+                if not torch.equal(a, c):
+                    raise AssertionError("check failed: the lean launch path differs from the first launch")
+        if not all(torch.equal(p, outs[0][0]) for p in plain):
+            raise AssertionError("check failed: the flat path (no grad) differs from the first launch")
+        print("  ok  lean launches and the flat path repeat the first launch bitwise")
+    from flashtile import interface, kvcache
+
+    if DEV == "cuda":
+        if not interface._FLAT:
+            raise AssertionError("check failed: no runner was kept for the flat path (interface._FLAT empty)")
+        q1 = torch.randn(1, 128, 8, 64, device=DEV, dtype=dt)
+        k1, v1 = torch.randn_like(q1), torch.randn_like(q1)
+        ref1 = [flashtile.flash_attn_func(q1, k1, v1, causal=True) for _ in range(5)][0]
+        graph, static_out = _graph(lambda: flashtile.flash_attn_func(q1, k1, v1, causal=True))
+        graph.replay()
+        _sync()
+        close("forward (flat path) replayed from a CUDA graph", static_out, ref1, 0.0)
+        side = torch.cuda.Stream()  # the flat path on another stream (its own scratch and error flag)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            on_side = [flashtile.flash_attn_func(q1, k1, v1, causal=True) for _ in range(3)]
+        torch.cuda.current_stream().wait_stream(side)
+        _sync()
+        if not all(torch.equal(x, ref1) for x in on_side):
+            raise AssertionError("check failed: the flat path on a side stream differs")
+        print("  ok  flat path under CUDA graph capture and on a side stream")
     import flashtile.backends.triton.launch as launch
 
     mods = [launch]
@@ -253,11 +280,20 @@ def checks() -> None:
     close("decode (tensor cache lengths)", out, ref, 2e-2)
     out_int = flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=n)
     close("decode (int cache length)", out_int, ref, 2e-2)
-    for lens_ in (lens, n):  # later calls: the signature memo and the prepared launches
-        again = [flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens_) for _ in range(3)]
+    for lens_ in (lens, n):  # later calls: the signature memo, the prepared launches, the flat path
+        again = [flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens_) for _ in range(5)]
         if not all(torch.equal(a, out) for a in again):
             raise AssertionError("check failed: repeated decode calls differ from the first")
-    print("  ok  repeated decode calls (memo, prepared launches) repeat the first bitwise")
+    if DEV == "cuda" and not kvcache._FLAT:
+        raise AssertionError("check failed: no decode runner was kept for the flat path (kvcache._FLAT empty)")
+    # an int length that changes every call (its length vector is kept and refilled), split pieces
+    for n_ in (1000, 700, 1000, 3, 1024, 999):
+        kn, vn = (x[:, :n_].transpose(1, 2).float() for x in (kc, vc))
+        ref_n = F.scaled_dot_product_attention(qf, kn, vn, enable_gqa=True).transpose(1, 2)
+        for splits in (0, 3):
+            got = flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=n_, num_splits=splits)
+            close(f"decode (int length {n_}, num_splits={splits})", got, ref_n, 2e-2)
+    print("  ok  repeated decode calls (memo, prepared launches, flat path, changing int lengths)")
     if DEV == "cuda":
         graph, static_out = _graph(lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens))
         graph.replay()

@@ -86,8 +86,10 @@ if TYPE_CHECKING:  # flashtile.flex imports torch._dynamo: only for type checker
     from .flex import BlockMask
 
 from . import dispatch, fp8
+from .backends.base import adopt as _adopt
+from .backends.base import recording as _recording
 from .backends.torch_tiled import attention_probs
-from .ops import Memo, attention, attention_fast
+from .ops import _NO_FIELD_GRADS, Memo, _apply, attention, attention_fast
 from .ops import fast_mode as _fast_mode
 from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
 from .rng import draw_seed
@@ -120,8 +122,21 @@ _Tensor = torch.Tensor
 _ZERO_TYPES = (float, int)  # dropout_p's types the memo takes (others, e.g. arrays, take _run's checks)
 
 
+# The flat path (issue 16): per full signature -- the memo's key plus the shapes and strides of q, k
+# and v, i.e. everything the backend's launch plans key on besides the call, which the memo's key
+# determines -- the runner the backend's launcher offered (backends.base.OFFERS: it allocates the
+# outputs and launches the prepared kernels, checking per call what a prepared launch checks:
+# the current device, launch hooks, 16-byte alignment), with the memo's call and backend for calls
+# that need autograd. Recorded from a memo hit (the checks passed for that signature and shapes;
+# the full shapes make the hit path's relation checks hold). A runner that declines (plans
+# cleared) is dropped and the memo's path taken.
+_FLAT = Memo(256)
+_grad_enabled = torch.is_grad_enabled
+
+
 def _memo_key(q, k, v, opts: tuple) -> tuple | None:
-    """The signature of a dense call (see above), or None where the memo does not apply."""
+    """The signature of a dense call for :data:`_FLAT`: ``(memo key, q, k, v shapes, q, k, v
+    strides)``, the memo's key (see above) first; None where the memo does not apply."""
     if type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor or not _fast_mode():
         return None
     w = opts[3]
@@ -131,12 +146,14 @@ def _memo_key(q, k, v, opts: tuple) -> tuple | None:
         w = tuple(w)  # a list normalises as the tuple of its entries does (their types are keyed)
         opts = (*opts[:3], w, *opts[4:])
     try:  # unit last strides only (check_qkv lets others through on empty tensors only)
-        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        qt, kt, vt = q.stride(), k.stride(), v.stride()
+        if qt[-1] != 1 or kt[-1] != 1 or vt[-1] != 1:
             return None
-    except (IndexError, RuntimeError):  # 0-d tensors: the checks raise
+    except (IndexError, RuntimeError):  # 0-d tensors, layouts without strides: the checks raise
         return None
-    return (q.shape[2:], k.shape[2:], v.shape[2:], q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, opts,
-            tuple(map(type, opts)), tuple(map(type, w)), dispatch.state())  # fmt: skip
+    qs, ks, vs = q.shape, k.shape, v.shape
+    return ((qs[2:], ks[2:], vs[2:], q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, opts,
+             tuple(map(type, opts)), tuple(map(type, w)), dispatch.state()), qs, ks, vs, qt, kt, vt)  # fmt: skip
 
 
 def _lean(q, k, v, opts: tuple, return_attn_probs: object, *unset):
@@ -145,13 +162,33 @@ def _lean(q, k, v, opts: tuple, return_attn_probs: object, *unset):
     any of the optional arguments ``unset`` given (the memo serves calls without them)."""
     if unset.count(None) != len(unset) or type(opts[0]) not in _ZERO_TYPES or opts[0]:
         return None, None
-    key, hit = _MEMO.lookup(_memo_key(q, k, v, opts))
+    full = _memo_key(q, k, v, opts)
+    if full is None:
+        return None, None
+    try:
+        flat = _FLAT.get(full)
+    except (TypeError, ValueError):  # an option that cannot be hashed or compared (Memo.lookup)
+        return None, None
+    if flat is not None:  # the flat path: the runner the backend's launcher offered (see _FLAT)
+        runner, call, backend = flat
+        if _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            out, lse = _apply(q, k, v, call, backend, runner, *_NO_FIELD_GRADS)  # (attention_fast's autograd branch)
+            return None, ((out, lse, None) if return_attn_probs else out)
+        res = runner(q, k, v)
+        if res is not None:
+            return None, ((*res, None) if return_attn_probs else res[0])
+        del _FLAT[full]  # the runner declined (its plans were cleared): the memo's path below
+    key, hit = _MEMO.lookup(full[0])
     if hit is None:
         return key, None
-    qs, ks, vs = q.shape, k.shape, v.shape
+    _, qs, ks, vs = full[:4]
     if qs[0] != ks[0] or ks[0] != vs[0] or ks[1] != vs[1]:
         return None, None  # the checks raise (the slow path)
-    out, lse = attention_fast(q, k, v, hit[0], hit[1])
+    (out, lse), offers = _recording(attention_fast, q, k, v, hit[0], hit[1])
+    if offers:
+        runner = _adopt(offers, (q, k, v), (out, lse))
+        if runner is not None:
+            _FLAT.record(full, (runner, hit[0], hit[1]))
     return None, ((out, lse, None) if return_attn_probs else out)
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from .backends.base import adopt as _adopt
+from .backends.base import recording as _recording
 from .backends.base import registry
 from .fp8 import OUT_DTYPE, compute_dtype, is_fp8
 from .ops import Memo, fast_mode
@@ -244,10 +246,18 @@ def _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
 # signature once its checks have passed.
 _MEMO = Memo(256)
 _Tensor = torch.Tensor
+# The flat path (issue 16), for calls without new tokens: per full signature (the memo's key and
+# the strides of q and the caches: with the shapes the memo keys, what the backend's launch plans
+# key on besides the call) the runner the backend's launcher offered (backends.base.OFFERS:
+# ``runner(q, k_cache, v_cache, lens)`` allocates, launches the prepared kernels and reads the error
+# flag as the backend does), and the capacity. Recorded from a memo hit; an int length is checked
+# on every call as on a memo hit. A runner that declines (plans cleared) is dropped.
+_FLAT = Memo(256)
 
 
 def _memo_key(q, k_cache, v_cache, k, v, seqlens, opts: tuple) -> tuple | None:
-    """The signature of a call (see above), or None where the memo does not apply."""
+    """The signature of a call for :data:`_FLAT`: ``(memo key (see above), strides of q, k_cache,
+    v_cache)``; None where the memo does not apply."""
     T = _Tensor
     if type(q) is not T or type(k_cache) is not T or type(v_cache) is not T or not fast_mode():
         return None
@@ -278,19 +288,41 @@ def _memo_key(q, k_cache, v_cache, k, v, seqlens, opts: tuple) -> tuple | None:
     else:
         return None
     try:  # unit last strides only (the checks let others through on empty tensors only)
-        if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        qt, kt, vt = q.stride(), k_cache.stride(), v_cache.stride()
+        if qt[-1] != 1 or kt[-1] != 1 or vt[-1] != 1:
             return None
-    except (IndexError, RuntimeError):  # 0-d tensors: the checks raise
+    except (IndexError, RuntimeError):  # 0-d tensors, layouts without strides: the checks raise
         return None
-    return (q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype, v_cache.dtype, q.device, k_cache.device,
-            v_cache.device, new, lens, opts, tuple(map(type, opts)), tuple(map(type, w)),
-            dispatch.state())  # fmt: skip
+    return ((q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype, v_cache.dtype, q.device, k_cache.device,
+             v_cache.device, new, lens, opts, tuple(map(type, opts)), tuple(map(type, w)),
+             dispatch.state()), qt, kt, vt)  # fmt: skip
 
 
 def _lean(q, k_cache, v_cache, k, v, seqlens, opts: tuple, return_softmax_lse: object):
     """A call through the memo: ``(key, None)`` on a miss (record with that key), ``(None,
     result)`` on a hit, ``(None, None)`` where the memo does not apply."""
-    key, hit = _MEMO.lookup(_memo_key(q, k_cache, v_cache, k, v, seqlens, opts))
+    full = _memo_key(q, k_cache, v_cache, k, v, seqlens, opts)
+    if full is None:
+        return None, None
+    base = full[0]
+    if k is not None:
+        full = None
+    else:  # (no new tokens: v is None too, see _memo_key) the flat path, see _FLAT
+        try:
+            flat = _FLAT.get(full)
+        except (TypeError, ValueError):  # an option that cannot be hashed or compared (Memo.lookup)
+            return None, None
+        if flat is not None:
+            runner, capacity = flat
+            if seqlens is None:
+                seqlens = capacity
+            elif type(seqlens) is int and (seqlens < 0 or seqlens > capacity):
+                return None, None  # the checks raise (the slow path)
+            res = runner(q, k_cache, v_cache, seqlens)
+            if res is not None:
+                return None, (res if return_softmax_lse else res[0])
+            del _FLAT[full]  # the runner declined (its plans were cleared): the memo's path below
+    key, hit = _MEMO.lookup(base)
     if hit is None:
         return key, None
     call, name, capacity, sn, num_splits = hit
@@ -303,7 +335,14 @@ def _lean(q, k_cache, v_cache, k, v, seqlens, opts: tuple, return_softmax_lse: o
     cache.__dict__.update(k_cache=k_cache, v_cache=v_cache, k_new=k, v_new=v, seqlens=seqlens, batch_idx=None,
                           leftpad=None, block_table=None, rotary=None, capacity=capacity,
                           num_splits=num_splits)  # fmt: skip
-    out, lse = registry()[name].decode(q, cache, call)
+    if full is None:
+        out, lse = registry()[name].decode(q, cache, call)
+    else:
+        (out, lse), offers = _recording(registry()[name].decode, q, cache, call)
+        if offers:
+            runner = _adopt(offers, (q, k_cache, v_cache), (out, lse))
+            if runner is not None:
+                _FLAT.record(full, (runner, capacity))
     return None, ((out, lse) if return_softmax_lse else out)
 
 

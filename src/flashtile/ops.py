@@ -245,11 +245,14 @@ _NO_FIELD_GRADS = (None,) * len(_GRAD_FIELDS)
 
 class _Attention(torch.autograd.Function):
     """``attn_fwd`` with ``attn_bwd`` as its backward, for the eager fast path. Inputs: q, k, v,
-    the call, the backend name, then the call's differentiable fields (for their gradients)."""
+    the call, the backend name, a runner of the forward or None (the entry points' flat path:
+    ``runner(q, k, v)`` gives what :func:`_fwd_run` gives, or None), then the call's
+    differentiable fields (for their gradients)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, call, backend, *grad_fields):
-        out, lse = _fwd_run(q, k, v, call, backend)
+    def forward(ctx, q, k, v, call, backend, runner, *grad_fields):
+        res = None if runner is None else runner(q, k, v)
+        out, lse = _fwd_run(q, k, v, call, backend) if res is None else res
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.backend = call, backend
         ctx.fields_set = any(f is not None for f in grad_fields)  # else the backward's tail is all None
@@ -269,8 +272,8 @@ class _Attention(torch.autograd.Function):
         call = ctx.call
         dq, dk, dv, field_grads = registry()[ctx.backend].backward(dout, q, k, v, out, lse, call)
         if not ctx.fields_set:
-            return dq.contiguous(), dk.contiguous(), dv.contiguous(), None, None, *_NO_FIELD_GRADS
-        need = ctx.needs_input_grad[5:]
+            return dq.contiguous(), dk.contiguous(), dv.contiguous(), None, None, None, *_NO_FIELD_GRADS
+        need = ctx.needs_input_grad[6:]
         grads = []
         for j, i in enumerate(_GRAD_FIELDS):
             name = _FIELDS[i].name
@@ -280,7 +283,7 @@ class _Attention(torch.autograd.Function):
                 raise RuntimeError(f"backend {ctx.backend!r} returned no gradient for {name}")
             else:
                 grads.append(field_grads[name].contiguous())
-        return dq.contiguous(), dk.contiguous(), dv.contiguous(), None, None, *grads
+        return dq.contiguous(), dk.contiguous(), dv.contiguous(), None, None, None, *grads
 
 
 # ``_Attention.apply`` without ``torch.autograd.Function.apply``'s Python wrapper (argument binding
@@ -297,8 +300,8 @@ def _apply(*args):
     if _c_apply is None:  # pragma: no cover
         return _Attention.apply(*args)
     u = _unwrap_if_dead
-    return _c_apply(u(args[0]), u(args[1]), u(args[2]), *args[3:5],
-                    *[a if a is None else u(a) for a in args[5:]])  # fmt: skip
+    return _c_apply(u(args[0]), u(args[1]), u(args[2]), *args[3:6],
+                    *[a if a is None else u(a) for a in args[6:]])  # fmt: skip
 
 
 def attention(
@@ -317,7 +320,7 @@ def attention(
             q.requires_grad or k.requires_grad or v.requires_grad
             or any(f is not None and f.requires_grad for f in fields)
         ):  # fmt: skip
-            return _apply(q, k, v, call, backend, *fields)
+            return _apply(q, k, v, call, backend, None, *fields)
         return _fwd_run(q, k, v, call, backend)
     return attn_fwd(q, k, v, *flatten(call), backend)
 
@@ -329,7 +332,7 @@ def attention_fast(
     plain tensors, :func:`fast_mode`, no score_mod / block_mask, no differentiable field set,
     not FP8, not varlen): the same work without re-deciding it."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _apply(q, k, v, call, backend, *_NO_FIELD_GRADS)
+        return _apply(q, k, v, call, backend, None, *_NO_FIELD_GRADS)
     out, lse = registry()[backend].forward(q, k, v, call)
     return out.contiguous(), lse.contiguous()
 

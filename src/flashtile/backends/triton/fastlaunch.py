@@ -249,44 +249,92 @@ class FastKernel:
             return None
         g = (*grid, 1, 1)[:3]
         return Prepared(self, grid, args[lead:], kwargs, compiled, device, g, lead,
-                        [i for i, a in enumerate(head) if a is not None], vals[lead:])  # fmt: skip
+                        [i for i, a in enumerate(head) if a is not None], vals[lead:], _direct(compiled))  # fmt: skip
 
 
 class Prepared:
     """A launch prepared by :meth:`FastKernel.prepare`; call it with the leading arguments."""
 
     __slots__ = ("kernel", "grid", "args", "kwargs", "compiled", "device", "g", "lead", "tensors", "nones", "none_vals",
-                 "tail")
+                 "tail", "direct")
 
-    def __init__(self, kernel, grid, args, kwargs, compiled, device, g, lead, tensors, tail) -> None:
+    def __init__(self, kernel, grid, args, kwargs, compiled, device, g, lead, tensors, tail, direct=None) -> None:
         self.kernel, self.grid, self.args, self.kwargs = kernel, grid, args, kwargs
         self.compiled, self.device, self.g, self.lead, self.tail = compiled, device, g, lead, tail
+        self.direct = direct  # (launch, cooperative, pdl) of the C launcher (see _direct), or None
         #: getters of the leading tensors and of the leading Nones (C-level gathers)
         self.tensors = _getter(tensors)
         nones = [i for i in range(lead) if i not in tensors]
         self.nones, self.none_vals = _getter(nones), (None,) * len(nones)
 
     def __call__(self, *head: Any) -> None:
-        drv = triton.runtime.driver.active
-        device = drv.get_current_device()
-        rt = _knobs.runtime
-        ok = False
-        if device == self.device and len(head) == self.lead and not _hooked(rt.launch_enter_hook) and \
-                not _hooked(rt.launch_exit_hook) and self.nones(head) == self.none_vals:  # fmt: skip
-            try:  # every leading tensor 16-byte aligned (a non-tensor raises: the generic launch decides)
-                ok = not reduce(_or, map(_data_ptr, self.tensors(head)), 0) & 15
-            except TypeError:
-                ok = False
-        if not ok:
+        if not self.go(*head):
             self.kernel.launch(self.grid, head + self.args, self.kwargs)
-            return
-        c, g = self.compiled, self.g
-        c.run(g[0], g[1], g[2], drv.get_current_stream(device), c.function, c.packed_metadata, None, None, None,
-              *head, *self.tail)  # fmt: skip
+
+    def go(self, *head: Any) -> bool:
+        """Launch through the compiled kernel's launcher if what the key read still holds (see
+        :meth:`FastKernel.prepare`), and say whether it did; launches nothing otherwise (the caller
+        then takes :meth:`__call__` or its own slow path, e.g. with the device made current)."""
+        drv = triton.runtime.driver.active
+        get = drv.get_current_device
+        # torch.cuda.current_device() once CUDA is initialised is _cuda_getDevice() (its lazy-init check skipped)
+        device = _cuda_get_device() if get is _torch_current_device and _torch_cuda._initialized else get()
+        rt = _knobs.runtime
+        enter, leave = rt.launch_enter_hook, rt.launch_exit_hook  # (_hooked, inline)
+        if device != self.device or len(head) != self.lead or (enter is not None and getattr(enter, "calls", True)) \
+                or (leave is not None and getattr(leave, "calls", True)) or self.nones(head) != self.none_vals:  # fmt: skip
+            return False
+        try:  # every leading tensor 16-byte aligned (a non-tensor raises: the generic launch decides)
+            if reduce(_or, map(_data_ptr, self.tensors(head)), 0) & 15:
+                return False
+        except TypeError:
+            return False
+        c, g, d = self.compiled, self.g, self.direct
+        if d is not None:  # what CudaLauncher.__call__ would pass its C launcher (see _direct)
+            d[0](g[0], g[1], g[2], drv.get_current_stream(device), c.function, d[1], d[2], None, None,
+                 c.packed_metadata, None, None, None, *head, *self.tail)  # fmt: skip
+        else:
+            c.run(g[0], g[1], g[2], drv.get_current_stream(device), c.function, c.packed_metadata, None, None, None,
+                  *head, *self.tail)  # fmt: skip
         self.kernel.fast_launches += 1
+        return True
+
+
+#: Triton versions whose ``CudaLauncher.__call__`` :func:`_direct` may skip (checked against the source)
+DIRECT_VERSIONS = ("3.6",)
+_CALL_ARGS = ("self", "gridX", "gridY", "gridZ", "stream", "function")
+
+
+def _direct(compiled: Any) -> tuple | None:
+    """``(launch, launch_cooperative_grid, launch_pdl)`` of a compiled kernel's launcher when a
+    prepared launch may call its C ``launch`` itself: Triton 3.6's NVIDIA ``CudaLauncher.__call__(gridX,
+    gridY, gridZ, stream, function, *args)`` only allocates the global and profile scratch buffers
+    (none when their sizes are 0: it passes None) and calls ``self.launch(gridX, gridY, gridZ, stream,
+    function, launch_cooperative_grid, launch_pdl, global_scratch, profile_scratch, *args)``; skipping
+    it saves a Python frame, a closure and two calls per launch. None elsewhere (other versions,
+    another ``__call__`` signature, a kernel with scratch, no such attributes): the launcher's call."""
+    if ".".join(triton.__version__.split(".")[:2]) not in DIRECT_VERSIONS:
+        return None
+    try:
+        launcher = compiled.run
+        code = type(launcher).__call__.__code__
+        if type(launcher).__name__ != "CudaLauncher" or code.co_varnames[:6] != _CALL_ARGS or \
+                code.co_argcount != 6 or not code.co_flags & inspect.CO_VARARGS:  # fmt: skip
+            return None
+        if launcher.global_scratch_size != 0 or launcher.profile_scratch_size != 0:
+            return None
+        return launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl
+    except AttributeError:
+        return None
 
 
 _data_ptr = torch.Tensor.data_ptr
+_torch_cuda = torch.cuda
+_cuda_get_device = getattr(torch._C, "_cuda_getDevice", None)
+#: Triton's driver's device getter, when it is torch.cuda.current_device (Triton 3.6 and 3.9), which
+#: prepared launches replace by its C call once torch.cuda is initialised (its lazy-init check passed)
+_torch_current_device = torch.cuda.current_device if _cuda_get_device is not None and \
+    hasattr(torch.cuda, "_initialized") else object()  # fmt: skip
 _or = operator.or_
 
 

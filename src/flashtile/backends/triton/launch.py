@@ -18,6 +18,7 @@ import torch
 from ...rng import dropout_threshold
 from ...spec import AttnCall
 from .. import _device
+from .. import base as _base
 from .._ints import cdiv, next_power_of_2
 from . import configs
 from .bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess
@@ -177,6 +178,36 @@ PENDING = object()
 _TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(AttnCall) if "Tensor" in str(f.type))
 
 
+def clear_plans() -> None:
+    """Forget every launch plan and the runners made from them (code that changes the config
+    tables at run time calls it)."""
+    global _EPOCH
+    _PLANS.clear()
+    _EPOCH = object()
+
+
+#: replaced by clear_plans(): runners made before (kept by the entry points) then decline
+_EPOCH = object()
+
+
+def _fwd_runner(out_shape: tuple, lse_shape: tuple, dtype: torch.dtype, dev: torch.device, prep) -> Callable:
+    """A forward plan's runner (see :data:`flashtile.backends.base.OFFERS`): the planned, prepared
+    launch of :func:`forward` for inputs of the plan's signature, without the plan lookup."""
+    epoch, empty, f32 = _EPOCH, torch.empty, torch.float32
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if _EPOCH is not epoch:
+            return None
+        out = empty(out_shape, dtype=dtype, device=dev)
+        lse = empty(lse_shape, dtype=f32, device=dev)
+        if not prep.go(q, k, v, out, lse):  # another device current, a launch hook, an unaligned input
+            with device_guard(dev):
+                prep(q, k, v, out, lse)
+        return out, lse
+
+    return run
+
+
 def _plannable(call: AttnCall) -> bool:
     """Whether launches of ``call`` may be planned: it holds no tensor and no Python mod."""
     return all(getattr(call, n) is None for n in _TENSOR_FIELDS) and call.score_mod is None and call.block_mask is None
@@ -245,12 +276,18 @@ def forward(
             lse = torch.empty(lse_shape, dtype=torch.float32, device=dev)
             with device_guard(dev):
                 if prep is not None and prep is not PENDING:
-                    prep(q, k, v, out, lse)
+                    prep[0](q, k, v, out, lse)
+                    if _base.OFFERS is not None:  # an entry point records: it may keep the runner
+                        _base.OFFERS.append(((q, k, v), (out, lse), prep[1]))
                 else:
                     args = (q, k, v, out, lse, None, None, None, *ints)
                     _FWD[grid](*args, **kw)
                     if prep is PENDING:  # the plan's first reuse: its launch prepared for the next ones
-                        _PLANS[key] = (*plan[:-1], _FWD.prepare(grid, args, kw, 5))
+                        p = _FWD.prepare(grid, args, kw, 5)
+                        _PLANS[key] = (
+                            *plan[:-1],
+                            None if p is None else (p, _fwd_runner(out_shape, lse_shape, q.dtype, dev, p)),
+                        )
             return out, lse
     B, Sq, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]

@@ -6,13 +6,16 @@ uses them: :func:`kvcache` (``flash_attn_with_kvcache``) and :func:`dense` (deco
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
 from ...paged import check_cache_indices
 from ...spec import AttnCall, KVCache, capturing
 from .. import _device
+from .. import base as _base
 from .._ints import cdiv, next_power_of_2
+from . import launch as _launch
 from .decode import _append_kernel, _decode_kernel, _merge_kernel
 from .fastlaunch import fast
 from .launch import _PLANS, PENDING, _keep_plan, _plannable, _sink_args, block_d, device_guard, score_scales, upcast
@@ -67,6 +70,120 @@ def error_flag(device: torch.device) -> torch.Tensor:
         if not capturing(flag):
             _ERR[key] = flag
     return flag
+
+
+_capturing_now = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
+_thread = threading.get_ident
+# Per-call scratch kept between calls (issue 16): the int32 length vector of a call with one int
+# cache length, and the split pieces' fp32 partials. Kept per (device, stream, thread, shape): a
+# kernel that reads or writes them is queued on that stream after the previous call's kernels that
+# used them, so reuse never races (another thread has its own; the caching allocator reuses freed
+# memory on its own stream only, so clearing the bound is safe too). Never while a CUDA graph is
+# captured (a graph would keep reading a buffer later calls change): fresh tensors then, as before.
+# Bounded: 64 entries, partials of at most 8 MiB each and 32 MiB in all.
+_SCRATCH: dict[tuple, list] = {}
+_SCRATCH_MAX = 64
+_SCRATCH_BYTES = 8 << 20  # partials above this are allocated per call
+_SCRATCH_BUDGET = 32 << 20  # partials kept in all (cleared, with the rest, when a new one would pass it)
+_held = [0]  # bytes of the partials kept
+
+
+def _make_room(nbytes: int = 0) -> None:
+    if len(_SCRATCH) >= _SCRATCH_MAX or _held[0] + nbytes > _SCRATCH_BUDGET:
+        _SCRATCH.clear()
+        _held[0] = 0
+
+
+def _scratch_key(dev: torch.device) -> tuple | None:
+    """(device, stream, thread), or None while the current stream is being captured."""
+    if dev.type != "cuda":
+        return dev, 0, _thread()
+    if _capturing_now is None or _capturing_now() or _raw_stream is None:
+        return None
+    return dev, _raw_stream(dev.index if dev.index is not None else torch.cuda.current_device()), _thread()
+
+
+_ASK = object()  # (the default of ``key`` below: computed there)
+
+
+def _flag(dev: torch.device, key: tuple | None) -> torch.Tensor:
+    """:func:`error_flag`, looked up with the stream :func:`_scratch_key` already read."""
+    flag = None if key is None or dev.type != "cuda" else _ERR.get((dev.index, key[1]))
+    return error_flag(dev) if flag is None else flag
+
+
+def lens_vector(dev: torch.device, b: int, n: int, key: tuple | None | object = _ASK) -> torch.Tensor:
+    """int32 ``(b,)`` filled with ``n`` (the kernels read cache lengths from a device vector): kept
+    between calls (see above), refilled only when ``n`` changes. ``key``: :func:`_scratch_key`'s, if known."""
+    if key is _ASK:
+        key = _scratch_key(dev)
+    if key is None:
+        return torch.full((b,), n, dtype=torch.int32, device=dev)
+    key = (*key, "lens", b)
+    ent = _SCRATCH.get(key)
+    if ent is None:
+        _make_room()
+        t = torch.full((b,), n, dtype=torch.int32, device=dev)
+        _SCRATCH[key] = [n, t]
+        return t
+    if ent[0] != n:
+        ent[1].fill_(n)
+        ent[0] = n
+    return ent[1]
+
+
+def partials(dev: torch.device, parts: tuple, key: tuple | None | object = _ASK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 ``(out pieces, lse pieces)`` of a split call, shapes ``parts``: kept between calls
+    (see above) up to a size, written by the decode kernel and read by the merge of the same call."""
+    if key is _ASK:
+        key = _scratch_key(dev)
+    if key is not None:
+        key = (*key, parts)
+        ent = _SCRATCH.get(key)
+        if ent is not None:
+            return ent[0], ent[1]
+    o = torch.empty(parts[0], dtype=torch.float32, device=dev)
+    lse = torch.empty(parts[1], dtype=torch.float32, device=dev)
+    nbytes = (o.numel() + lse.numel()) * 4
+    if key is not None and nbytes <= _SCRATCH_BYTES:
+        _make_room(nbytes)
+        _SCRATCH[key] = [o, lse]
+        _held[0] += nbytes
+    return o, lse
+
+
+def _plan_runner(out_shape, lse_shape, parts, dtype, dev, pdec, pmerge):
+    """A decode plan's prepared launches as one function of the per-call tensors."""
+    empty, f32 = torch.empty, torch.float32
+
+    def run(q, k_cache, v_cache, table, seqlens, leftpad, err, key=_ASK):
+        out = empty(out_shape, dtype=dtype, device=dev)
+        lse_out = empty(lse_shape, dtype=f32, device=dev)
+        if parts is None:  # one piece: the kernel writes out / lse_out (as the views (1, ...) of them)
+            o, lse = out, lse_out
+        else:
+            o, lse = partials(dev, parts, key)
+        if not pdec.go(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err):
+            with device_guard(dev):
+                pdec(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err)
+        if pmerge is not None and not pmerge.go(o, lse, out, lse_out):
+            with device_guard(dev):
+                pmerge(o, lse, out, lse_out)
+        return out, lse_out
+
+    return run
+
+
+def _wrap_offer(inputs: tuple, outputs: tuple) -> object | None:
+    """The plan runner :func:`decode` offered for this very call (then withdrawn: the caller offers
+    its own runner in its place), else None (nothing of it is offered)."""
+    offers = _base.OFFERS
+    if offers is None:
+        return None
+    got = _base.adopt(offers[-1:], inputs, outputs) if offers else None
+    if got is not None:
+        offers.pop()
+    return got
 
 
 def _config(D: int, kv_mode: int, max_keys: int, interp: bool) -> tuple[int, int, int]:
@@ -170,19 +287,18 @@ def decode(
         plan = _PLANS.get(key)
         if plan is not None and plan[0] is call:
             _, out_shape, lse_shape, parts, dec, merge, preps = plan
+            if preps is not None and preps is not PENDING:  # prepared launches (FastKernel.prepare)
+                out, lse_out = preps[2](q, k_cache, v_cache, table, seqlens, leftpad, err)
+                if _base.OFFERS is not None:  # for kvcache() / dense() to wrap (see there)
+                    _base.OFFERS.append(((q, k_cache, v_cache, table, seqlens, leftpad, err), (out, lse_out), preps[2]))
+                return out, lse_out
             out = torch.empty(out_shape, dtype=q.dtype, device=dev)
             lse_out = torch.empty(lse_shape, dtype=torch.float32, device=dev)
             if parts is None:  # one piece: the kernel writes out / lse_out (as the views (1, ...) of them)
                 o, lse = out, lse_out
             else:
-                o = torch.empty(parts[0], dtype=torch.float32, device=dev)
-                lse = torch.empty(parts[1], dtype=torch.float32, device=dev)
+                o, lse = partials(dev, parts)
             with device_guard(dev):
-                if preps is not None and preps is not PENDING:  # prepared launches (FastKernel.prepare)
-                    preps[0](q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err)
-                    if preps[1] is not None:
-                        preps[1](o, lse, out, lse_out)
-                    return out, lse_out
                 dec_args = (q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, None, None, *dec[1])
                 _DECODE[dec[0]](*dec_args, **dec[2])
                 if merge is not None:
@@ -193,6 +309,8 @@ def decode(
                              None if merge is None else _MERGE.prepare(merge[0], merge_args, merge[2], 4))  # fmt: skip
                     if preps[0] is None or (merge is not None and preps[1] is None):
                         preps = None
+                    else:
+                        preps = (*preps, _plan_runner(out_shape, lse_shape, parts, q.dtype, dev, *preps))
                     _PLANS[key] = (*plan[:-1], preps)
             return out, lse_out
     B, Sq, H, D = q.shape
@@ -226,8 +344,7 @@ def decode(
     if splits == 1:  # the kernel writes the result itself
         o, lse = out.unsqueeze(0), lse_out.unsqueeze(0)
     else:
-        o = torch.empty((splits, B, Sq, H, Dv), dtype=torch.float32, device=dev)
-        lse = torch.empty((splits, B, H, Sq), dtype=torch.float32, device=dev)
+        o, lse = partials(dev, ((splits, B, Sq, H, Dv), (splits, B, H, Sq)))
     cos, sin, interleaved = rotary or (None, None, False)
     qk_scale, cap_out = score_scales(call)
     sink = _sink_args(call)  # in the kernel with one piece, else once in the merge
@@ -281,8 +398,8 @@ def kvcache(q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tens
     both are queued, so the host sync overlaps the work; the detailed message is worked out only
     on error. No read-back while a CUDA graph is captured (rows with a bad index then come out NaN)."""
     b, dev = q.shape[0], q.device
-    seqlens = cache.seqlens if isinstance(cache.seqlens, torch.Tensor) else \
-        torch.full((b,), cache.seqlens, dtype=torch.int32, device=dev)  # fmt: skip
+    tensor_lens = isinstance(cache.seqlens, torch.Tensor)
+    seqlens = cache.seqlens if tensor_lens else lens_vector(dev, b, cache.seqlens)
     if cache.paged:
         table = cache.block_table
     else:
@@ -302,7 +419,39 @@ def kvcache(q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tens
         if int(err.item()):  # this call's, or stale bits of CUDA graph replays on this stream: check by name
             err.zero_()
             check_cache_indices(cache, seqlens, sq=q.shape[1], along=along, rotary=True)
+    if _base.OFFERS is not None and k_new is None and table is None and cache.leftpad is None and cache.rotary is None:
+        run = _wrap_offer((q, cache.k_cache, cache.v_cache, None, seqlens, None, err), (out, lse))
+        if run is not None:
+            _base.OFFERS.append(
+                ((q, cache.k_cache, cache.v_cache), (out, lse), _kv_runner(run, cache, along, tensor_lens))
+            )
     return out, lse
+
+
+def _kv_runner(run, cache: KVCache, along: bool, tensor_lens: bool):
+    """:func:`kvcache`'s runner (see :data:`flashtile.backends.base.OFFERS`) for calls without new
+    tokens, rotary tables or index tensors other than the lengths: ``runner(q, k_cache, v_cache,
+    lens)``, ``lens`` an int (checked by the caller) or the int32 tensor; the error flag is read as
+    :func:`kvcache` reads it."""
+    epoch, capacity, num_splits = _launch._EPOCH, cache.capacity, cache.num_splits
+
+    def kv(q, k_cache, v_cache, lens):
+        if _launch._EPOCH is not epoch:
+            return None
+        dev = q.device
+        key = _scratch_key(dev)
+        seqlens = lens if tensor_lens else lens_vector(dev, q.shape[0], lens, key)
+        err = _flag(dev, key)
+        out, lse = run(q, k_cache, v_cache, None, seqlens, None, err, key)
+        if tensor_lens and not capturing(q) and int(err.item()):  # as kvcache(): check by name
+            err.zero_()
+            full = KVCache(k_cache=k_cache, v_cache=v_cache, k_new=None, v_new=None, seqlens=lens, batch_idx=None,
+                           leftpad=None, block_table=None, rotary=None, capacity=capacity,
+                           num_splits=num_splits)  # fmt: skip
+            check_cache_indices(full, seqlens, sq=q.shape[1], along=along, rotary=True)
+        return out, lse
+
+    return kv
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,6 +459,25 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> 
     each batch row's keys all of its ``Sk``: same semantics as the forward kernel (bottom-right
     causal alignment)."""
     B, Sk = k.shape[0], k.shape[1]
-    seqlens = torch.full((B,), Sk, dtype=torch.int32, device=q.device)
-    return decode(q, k, v, None, seqlens, None, call, sn=0, capacity=Sk, n_index=B, dense=True,
-                  err=error_flag(q.device))  # fmt: skip
+    seqlens = lens_vector(q.device, B, Sk)
+    err = error_flag(q.device)
+    out, lse = decode(q, k, v, None, seqlens, None, call, sn=0, capacity=Sk, n_index=B, dense=True, err=err)
+    if _base.OFFERS is not None:
+        run = _wrap_offer((q, k, v, None, seqlens, None, err), (out, lse))
+        if run is not None:
+            _base.OFFERS.append(((q, k, v), (out, lse), _dense_runner(run, B, Sk)))
+    return out, lse
+
+
+def _dense_runner(run, b: int, sk: int):
+    """:func:`dense`'s runner (see :data:`flashtile.backends.base.OFFERS`): ``runner(q, k, v)``."""
+    epoch = _launch._EPOCH
+
+    def go(q, k, v):
+        if _launch._EPOCH is not epoch:
+            return None
+        dev = q.device
+        key = _scratch_key(dev)
+        return run(q, k, v, None, lens_vector(dev, b, sk, key), None, _flag(dev, key), key)
+
+    return go

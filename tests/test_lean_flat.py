@@ -1,0 +1,468 @@
+"""The entry points' flat path (issue 16): on a signature-memo hit, the runner the triton launcher
+offered for the full signature allocates and launches. Checked here with the triton launchers'
+kernels replaced by fakes whose compiled launcher writes, into each output, a checksum of the
+inputs and of every scalar argument (so a wrong tensor, stride, scalar or config shows): the flat
+path gives exactly what the full path gives with the memos off, raises the same errors, falls back
+when anything keyed changes or a runner declines, and keeps autograd and the mode checks."""
+
+from __future__ import annotations
+
+import threading
+import types
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+triton = pytest.importorskip("triton")
+
+import flashtile  # noqa: E402
+from flashtile import dispatch, interface, kvcache  # noqa: E402
+from flashtile.backends import base  # noqa: E402
+from flashtile.backends.triton import backend as triton_backend  # noqa: E402
+from flashtile.backends.triton import fastlaunch, launch, launch_decode  # noqa: E402
+
+# output positions (declaration order) of each fake kernel
+_OUTPUTS = {"_FWD": (3, 4), "_DECODE": (7, 8), "_MERGE": (2, 3), "_APPEND": (2, 3), "_BWD_PRE": (2,),
+            "_BWD_DKDV": (6, 7, 8), "_BWD_DQ": (6,)}  # fmt: skip
+_SKIP = {"_DECODE": (9,), "_APPEND": (7,)}  # the error flag: neither input nor output here
+
+
+def _checksum(args, outs, skip) -> float:
+    s = 0.0
+    for i, a in enumerate(args):
+        if i in outs or i in skip:
+            continue
+        if isinstance(a, torch.Tensor):
+            s += float(a.double().sum()) * (i + 1)
+        elif isinstance(a, bool | int | float):
+            s += float(a) * (i + 1)
+    return s
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    """The triton backend on CPU tensors with checksum-writing fake kernels; a log of launches."""
+    log = []
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, *args):
+            kargs = args[9:]
+            outs, skip = _OUTPUTS[self.name], _SKIP.get(self.name, ())
+            s = _checksum(kargs, outs, skip) % 97.0
+            for j, i in enumerate(outs):
+                if isinstance(kargs[i], torch.Tensor):
+                    kargs[i].fill_(s + j)
+            log.append((self.name, args[:3]))
+
+    def fake(name, kernel):
+        cls = type("JITFunction", (), {"params": kernel.params})
+        obj = cls()
+
+        def getitem(self, grid):
+            def go(*a, **kw):  # bound as Triton binds: every parameter in declaration order
+                rest = [kw[p.name] if p.name in kw else p.default for p in kernel.params[len(a):]]
+                Compiled(name).run(*grid, *(1,) * (3 - len(grid)), 77, "fn", "meta", None, None, None, *a, *rest)
+                return Compiled(name)
+
+            return go
+
+        cls.__getitem__ = getitem
+        return obj
+
+    drv = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 77)
+    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
+    monkeypatch.setattr(fastlaunch, "ENABLED", True)
+    for mod, names in ((launch, ("_FWD", "_BWD_PRE", "_BWD_DKDV", "_BWD_DQ")),
+                       (launch_decode, ("_DECODE", "_MERGE", "_APPEND"))):  # fmt: skip
+        for n in names:
+            monkeypatch.setattr(mod, n, fastlaunch.fast(fake(n, getattr(mod, n).fn)))
+    monkeypatch.setattr(launch, "arch", lambda device: "sm90")
+    monkeypatch.setattr(triton_backend, "available", lambda: None)
+    monkeypatch.setattr(triton_backend, "supports", lambda problem, call: None)
+
+    def clear():
+        launch.clear_plans()
+        launch_decode._SCRATCH.clear()
+        for m in (interface._MEMO, interface._FLAT, kvcache._MEMO, kvcache._FLAT):
+            m.clear()
+        dispatch.clear_cache()
+
+    clear()
+    with flashtile.use_backend("triton"):
+        yield types.SimpleNamespace(log=log, drv=drv)
+    clear()
+
+
+def _memo_off(monkeypatch):
+    monkeypatch.setattr(interface, "_memo_key", lambda *a: None)
+    monkeypatch.setattr(kvcache, "_memo_key", lambda *a: None)
+
+
+def _same(a, b):
+    if isinstance(a, tuple | list):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _same(x, y)
+    elif a is None:
+        assert b is None
+    else:
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _dense(seq=37, sk=45, d=40, hk=2, dtype=torch.float16):
+    torch.manual_seed(0)
+    q = torch.randn(2, seq, 4, d, dtype=dtype)
+    k, v = (torch.randn(2, sk, hk, d, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
+# the forward kernel (37 rows) and the decode-shaped forward (1 row per KV head group: split-KV kernel)
+_SHAPES = {"fwd": dict(seq=37), "decode_shaped": dict(seq=1, sk=300)}
+
+
+@pytest.mark.parametrize("shape", list(_SHAPES))
+@pytest.mark.parametrize("probs", [False, True])
+def test_flat_dense_equals_full_path(fakes, monkeypatch, shape, probs):
+    q, k, v = _dense(**_SHAPES[shape])
+    opts = dict(causal=True, softcap=2.0, return_attn_probs=probs)
+    got = [flashtile.flash_attn_func(q, k, v, **opts) for _ in range(5)]
+    assert len(interface._FLAT) == 1  # adopted at a memo hit once the launch plan was prepared
+    n = len(fakes.log)
+    calls, fast = [], interface.attention_fast
+    monkeypatch.setattr(interface, "attention_fast", lambda *a: calls.append(a) or fast(*a))
+    again = flashtile.flash_attn_func(q, k, v, **opts)
+    assert not calls and len(fakes.log) > n  # launched without the memo's path
+    _memo_off(monkeypatch)
+    ref = flashtile.flash_attn_func(q, k, v, **opts)
+    for g in (*got, again):
+        _same(g, ref)
+
+
+def test_flat_dense_falls_back_when_the_signature_changes(fakes, monkeypatch):
+    q, k, v = _dense()
+    for _ in range(4):
+        flashtile.flash_attn_func(q, k, v, causal=True)
+    assert len(interface._FLAT) == 1
+    variants = {
+        "batch": tuple(x[:1] for x in (q, k, v)),
+        "length": (q[:, :20], k, v),
+        "strides": (q.transpose(1, 2).contiguous().transpose(1, 2), k, v),  # same shape, other strides
+        "dtype": tuple(x.float() for x in (q, k, v)),
+    }
+    got = {name: [flashtile.flash_attn_func(*xs, causal=True) for _ in range(4)] for name, xs in variants.items()}
+    got["option"] = [flashtile.flash_attn_func(q, k, v, causal=False) for _ in range(4)]
+    assert len(interface._FLAT) == 1 + len(got)  # each its own signature
+    _memo_off(monkeypatch)
+    for name, xs in variants.items():
+        ref = flashtile.flash_attn_func(*xs, causal=True)
+        for g in got[name]:
+            _same(g, ref)
+    for g in got["option"]:
+        _same(g, flashtile.flash_attn_func(q, k, v, causal=False))
+
+
+def _error(fn):
+    with pytest.raises(Exception) as e:
+        fn()
+    return type(e.value), str(e.value)
+
+
+def test_flat_dense_rejected_input_still_rejected(fakes, monkeypatch):
+    q, k, v = _dense()
+    bad = {
+        "batch": lambda: flashtile.flash_attn_func(q, k[:1], v[:1]),
+        "kv lengths": lambda: flashtile.flash_attn_func(q, k, v[:, :5]),
+        "window floats": lambda: flashtile.flash_attn_func(q, k, v, window_size=(-1.0, -1)),
+        "window list": lambda: flashtile.flash_attn_func(q, k, v, window_size=[1, 2, 3]),
+        "nan softcap": lambda: flashtile.flash_attn_func(q, k, v, softcap=float("nan")),
+        "0-d": lambda: flashtile.flash_attn_func(torch.tensor(1.0), k, v),
+        "strided": lambda: flashtile.flash_attn_func(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v),
+        "heads": lambda: flashtile.flash_attn_func(q[:, :, :3], k, v),
+        "dtype": lambda: flashtile.flash_attn_func(q, k.float(), v),
+        "scale list": lambda: flashtile.flash_attn_func(q, k, v, softmax_scale=[0.5]),
+        "sparse": lambda: flashtile.flash_attn_func(q.to_sparse(), k, v),  # (stride() raises)
+    }
+    for _ in range(4):
+        flashtile.flash_attn_func(q, k, v)
+    assert len(interface._FLAT) == 1
+    flat_errors = {name: _error(fn) for name, fn in bad.items()}
+    _memo_off(monkeypatch)
+    assert flat_errors == {name: _error(fn) for name, fn in bad.items()}
+
+
+def test_flat_runner_declines_after_clear_plans(fakes, monkeypatch):
+    q, k, v = _dense()
+    for _ in range(4):
+        flashtile.flash_attn_func(q, k, v, causal=True)
+    assert len(interface._FLAT) == 1
+    launch.clear_plans()  # e.g. a benchmark changed the config tables
+    a = flashtile.flash_attn_func(q, k, v, causal=True)
+    assert not interface._FLAT  # dropped; the memo's path served the call
+    _memo_off(monkeypatch)
+    _same(a, flashtile.flash_attn_func(q, k, v, causal=True))
+
+
+def test_flat_runner_takes_the_slow_launch_when_prepared_checks_fail(fakes, monkeypatch):
+    """Another current device, a launch hook, an unaligned input: the runner launches through the
+    generic path (as a prepared launch does), with the same result."""
+    q, k, v = _dense()
+    for _ in range(4):
+        ref = flashtile.flash_attn_func(q, k, v, causal=True)
+    assert len(interface._FLAT) == 1
+    fast0 = launch._FWD.fast_launches
+    _same(flashtile.flash_attn_func(q, k, v, causal=True), ref)
+    assert launch._FWD.fast_launches == fast0 + 1
+    fakes.drv.get_current_device = lambda: 1
+    _same(flashtile.flash_attn_func(q, k, v, causal=True), ref)
+    assert launch._FWD.fast_launches == fast0 + 1  # not through the prepared launch
+    fakes.drv.get_current_device = lambda: 0
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype)
+    qu = buf[1:].view(q.shape).copy_(q)  # 2-byte offset: unaligned
+    _same(flashtile.flash_attn_func(qu, k, v, causal=True), ref)
+    assert launch._FWD.fast_launches == fast0 + 1
+
+
+def test_flat_dense_autograd(fakes, monkeypatch):
+    q, k, v = _dense()
+    dout = torch.randn(q.shape, dtype=q.dtype)
+
+    def run():
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = flashtile.flash_attn_func(*xs, causal=True)
+        assert type(out.grad_fn).__name__ == "_AttentionBackward"
+        return out.detach(), torch.autograd.grad(out, xs, dout)
+
+    got = [run() for _ in range(5)]
+    assert len(interface._FLAT) == 1  # adopted from the autograd path too
+    with torch.no_grad():  # the same signature without grad: the runner itself
+        nograd = flashtile.flash_attn_func(q, k, v, causal=True)
+    _memo_off(monkeypatch)
+    ref = run()
+    for g in got:
+        _same(g, ref)
+    _same(nograd, ref[0])
+
+
+def test_flat_path_off_under_modes(fakes, monkeypatch):
+    q, k, v = _dense()
+    for _ in range(4):
+        flashtile.flash_attn_func(q, k, v)
+    assert len(interface._FLAT) == 1
+    runs = []
+    full = interface._run
+    monkeypatch.setattr(interface, "_run", lambda *a, **kw: runs.append(1) or full(*a, **kw))
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        flashtile.flash_attn_func(q, k, v)
+    with torch.autograd.profiler.profile():
+        flashtile.flash_attn_func(q, k, v)
+    flashtile.flash_attn_func(torch.nn.Parameter(q, requires_grad=False), k, v)
+    assert len(runs) == 3
+    flashtile.flash_attn_func(q, k, v)
+    assert len(runs) == 3
+
+
+@pytest.mark.parametrize("lens", ["int", "none", "tensor"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_flat_kvcache_equals_full_path(fakes, monkeypatch, lens, splits):
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+    kc, vc = (torch.randn(2, 300, 2, 64, dtype=torch.float16) for _ in range(2))
+
+    def run(step):
+        n = {"int": 250 + step, "none": None, "tensor": torch.tensor([250 + step, 7], dtype=torch.int32)}[lens]
+        return flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=n, causal=True, num_splits=splits,
+                                                 return_softmax_lse=True)  # fmt: skip
+
+    got = [run(s) for s in range(6)]
+    assert len(kvcache._FLAT) == 1
+    _memo_off(monkeypatch)
+    for s, g in enumerate(got):
+        _same(g, run(s))
+
+
+def test_flat_kvcache_rejected_input_still_rejected(fakes, monkeypatch):
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+    kc, vc = (torch.randn(2, 300, 2, 64, dtype=torch.float16) for _ in range(2))
+    for n in range(4):
+        flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=250 + n)
+    assert len(kvcache._FLAT) == 1
+    bad = {
+        "negative": lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=-1),
+        "over": lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=301),
+        "bool": lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=True),
+        "float": lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=5.0),
+        "int64 lens": lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([1, 2])),
+        "splits": lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=5, num_splits=-1),
+        "batch": lambda: flashtile.flash_attn_with_kvcache(q, kc[:1], vc[:1], cache_seqlens=5),
+        "sparse": lambda: flashtile.flash_attn_with_kvcache(q.to_sparse(), kc, vc, cache_seqlens=5),
+    }
+    flat_errors = {name: _error(fn) for name, fn in bad.items()}
+    _memo_off(monkeypatch)
+    assert flat_errors == {name: _error(fn) for name, fn in bad.items()}
+
+
+def test_flat_kvcache_reads_the_error_flag(fakes, monkeypatch):
+    """With tensor lengths the runner reads the error flag as the backend does: set, it checks the
+    indices by name (here: a length past the cache raises the checks' error) and clears it."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+    kc, vc = (torch.randn(2, 300, 2, 64, dtype=torch.float16) for _ in range(2))
+    ok = torch.tensor([250, 7], dtype=torch.int32)
+    for _ in range(4):
+        flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=ok)
+    assert len(kvcache._FLAT) == 1
+    bad = torch.tensor([250, 400], dtype=torch.int32)
+    err = torch.zeros(1, dtype=torch.int32)
+    monkeypatch.setattr(launch_decode, "error_flag", lambda dev: err)
+
+    def flagged():
+        err.fill_(1)  # what the kernel would set for the row past the cache
+        return _error(lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=bad))
+
+    flat = flagged()
+    assert int(err) == 0 and len(kvcache._FLAT) == 1
+    _memo_off(monkeypatch)
+    assert flagged() == flat and flat[0] is ValueError
+
+
+def test_lens_vector_and_partials_are_kept_per_thread():
+    dev = torch.device("cpu")
+    launch_decode._SCRATCH.clear()
+    a = launch_decode.lens_vector(dev, 3, 5)
+    assert a.tolist() == [5, 5, 5] and a.dtype == torch.int32
+    b = launch_decode.lens_vector(dev, 3, 9)
+    assert b is a and a.tolist() == [9, 9, 9]  # refilled in place
+    other = []
+    t = threading.Thread(target=lambda: other.append(launch_decode.lens_vector(dev, 3, 9)))
+    t.start()
+    t.join()
+    assert other[0] is not a and other[0].tolist() == [9, 9, 9]
+    parts = ((3, 2, 1, 4, 8), (3, 2, 4, 1))
+    o, lse = launch_decode.partials(dev, parts)
+    assert launch_decode.partials(dev, parts)[0] is o and o.shape == parts[0] and lse.shape == parts[1]
+    big = ((64, 64, 1, 32, 256), (64, 64, 32, 1))  # above _SCRATCH_BYTES: allocated per call
+    assert launch_decode.partials(dev, big)[0] is not launch_decode.partials(dev, big)[0]
+    launch_decode._SCRATCH.clear()
+    launch_decode._held[0] = 0
+    mid = ((7, 64, 1, 32, 128), (7, 64, 32, 1))  # ~7 MiB: four fit in the 32 MiB budget, a fifth clears
+    kept = [launch_decode.partials(dev, mid, (dev, s, 0))[0] for s in range(5)]
+    assert launch_decode._held[0] <= launch_decode._SCRATCH_BUDGET
+    assert launch_decode.partials(dev, mid, (dev, 4, 0))[0] is kept[4]
+    assert launch_decode.partials(dev, mid, (dev, 0, 0))[0] is not kept[0]  # dropped by the clear
+    launch_decode._SCRATCH.clear()
+    launch_decode._held[0] = 0
+
+
+def test_adopt_needs_exactly_this_call():
+    x, y, z, o = (torch.zeros(1) for _ in range(4))
+    runner = object()
+    assert base.adopt([((x, y, z), (o,), runner)], (x, y, z), (o,)) is runner
+    assert base.adopt([((x, y, z), (o,), runner)], (x, y, z.clone()), (o,)) is None
+    assert base.adopt([((x, y, z), (o,), runner)], (x, y, z), (o.clone(),)) is None
+    assert base.adopt([((x, y, z), (o,), runner)] * 2, (x, y, z), (o,)) is None
+    assert base.adopt([((x, y, z, None), (o,), runner)], (x, y, z), (o,)) is None
+    res, offers = base.recording(lambda: base.OFFERS.append(1) or 5)
+    assert res == 5 and offers == [1] and base.OFFERS is None
+
+
+class CudaLauncher:  # Triton 3.6's launcher, as far as _direct relies on it (its __call__, reduced)
+    def __init__(self, scratch=0):
+        self.calls = []
+        self.global_scratch_size, self.profile_scratch_size = scratch, 0
+        self.launch_cooperative_grid, self.launch_pdl = 0, 1
+
+    def launch(self, *args):
+        self.calls.append(args)
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+        # 3.6: scratch buffers allocated only when their sizes are > 0 (None otherwise)
+        assert self.global_scratch_size == 0 and self.profile_scratch_size == 0
+        self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid, self.launch_pdl,
+                    None, None, *args)  # fmt: skip
+
+
+def test_direct_launch_passes_what_the_launcher_would(monkeypatch):
+    monkeypatch.setattr(fastlaunch, "DIRECT_VERSIONS", (".".join(triton.__version__.split(".")[:2]),))
+    launcher = CudaLauncher()
+    compiled = types.SimpleNamespace(run=launcher, function="fn", packed_metadata=(4, 1, 0))
+    direct = fastlaunch._direct(compiled)
+    assert direct is not None and direct[1:] == (0, 1)
+    x, y = torch.zeros(8), torch.zeros(8)
+    kernel = fastlaunch.FastKernel(types.SimpleNamespace())
+    prep = fastlaunch.Prepared(kernel, (3, 2), (5, "c"), {}, compiled, 0, (3, 2, 1), 2, [0, 1], (5, "c"), direct)
+    drv = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 99)
+    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
+    assert prep.go(x, y)
+    launcher(3, 2, 1, 99, "fn", (4, 1, 0), None, None, None, x, y, 5, "c")  # the launcher's own way
+    assert len(launcher.calls) == 2 and launcher.calls[0] == launcher.calls[1]
+    # not skipped: scratch buffers, another __call__ signature, another version
+    assert fastlaunch._direct(types.SimpleNamespace(run=CudaLauncher(scratch=64))) is None
+
+    class Other(CudaLauncher):
+        def __call__(self, gridX, gridY, gridZ, stream, function, kernel_metadata, *args):
+            pass
+
+    Other.__name__ = "CudaLauncher"
+    assert fastlaunch._direct(types.SimpleNamespace(run=Other())) is None
+    monkeypatch.setattr(fastlaunch, "DIRECT_VERSIONS", ())
+    assert fastlaunch._direct(compiled) is None
+
+
+def test_prepared_launch_reads_the_device_as_torch_does(monkeypatch):
+    """Where Triton's driver asks torch.cuda.current_device, a prepared launch calls its C getter once
+    torch.cuda is initialised, and the driver's getter otherwise."""
+    asked = []
+
+    def current_device():  # stands for torch.cuda.current_device
+        asked.append("python")
+        return 0
+
+    monkeypatch.setattr(fastlaunch, "_torch_current_device", current_device)
+    monkeypatch.setattr(fastlaunch, "_cuda_get_device", lambda: asked.append("c") or 0)
+    flag = types.SimpleNamespace(_initialized=True)
+    monkeypatch.setattr(fastlaunch, "_torch_cuda", flag)
+    drv = types.SimpleNamespace(get_current_device=current_device, get_current_stream=lambda d: 5)
+    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
+    compiled = types.SimpleNamespace(run=lambda *a: None, function="fn", packed_metadata="m")
+    prep = fastlaunch.Prepared(fastlaunch.FastKernel(types.SimpleNamespace()), (1,), (), {}, compiled, 0, (1, 1, 1),
+                               1, [0], ())  # fmt: skip
+    x = torch.zeros(4)
+    assert prep.go(x) and asked == ["c"]
+    flag._initialized = False
+    assert prep.go(x) and asked == ["c", "python"]
+    drv.get_current_device = lambda: 1  # another getter (e.g. another driver): asked, and another device
+    assert not prep.go(x)
+
+
+def test_prepared_launch_and_launch_hooks(monkeypatch):
+    """An empty hook chain (Triton >= 3.5's default) is no hook; a chain with a hook, or a hook
+    function on either side, sends the launch to the generic path."""
+    drv = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 5)
+    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
+    compiled = types.SimpleNamespace(run=lambda *a: None, function="fn", packed_metadata="m")
+    prep = fastlaunch.Prepared(fastlaunch.FastKernel(types.SimpleNamespace()), (1,), (), {}, compiled, 0, (1, 1, 1),
+                               1, [0], ())  # fmt: skip
+    x = torch.zeros(4)
+    rt = triton.knobs.runtime
+    for side in ("launch_enter_hook", "launch_exit_hook"):
+        monkeypatch.setattr(rt, side, types.SimpleNamespace(calls=[]))
+        assert prep.go(x)
+        monkeypatch.setattr(rt, side, types.SimpleNamespace(calls=[print]))
+        assert not prep.go(x)
+        monkeypatch.setattr(rt, side, lambda *a: None)
+        assert not prep.go(x)
+        monkeypatch.setattr(rt, side, None)
+        assert prep.go(x)
