@@ -389,7 +389,9 @@ def main() -> int:
         jobs.append((compile_one_fp8, (dims[0], masks[0], False, False, overrides)))
     if args.flex:
         fdims = args.headdim or [64, 128]
-        jobs = [(compile_flex, ("bf16", d, v, overrides)) for d in fdims for v in FLEX_VARIANTS]
+        only = os.environ.get("FLEX_ONLY")  # a comma-separated subset of FLEX_VARIANTS' names
+        jobs = [(compile_flex, ("bf16", d, v, overrides)) for d in fdims for v in FLEX_VARIANTS
+                if not only or v[0] in only.split(",")]  # fmt: skip
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
     failed = 0
