@@ -138,17 +138,26 @@ def check_one(name, mk, score, capf, bdims, b, sq, sk, h, hk, d):
         raise AssertionError("the call did not run on the Gluon flex kernel (routing refused it)")
 
 
-def correctness() -> int:
-    shapes = [  # (b, sq, sk, h, hk, d)
-        (2, 113, 203, 4, 2, 128),
-        (1, 1000, 1000, 4, 4, 64),
-        (2, 256, 256, 4, 1, 128),
-        (1, 203, 113, 2, 2, 96),
-    ]
+#: (b, sq, sk, h, hk, d): ragged lengths with sq < sk and GQA (every case), block multiples with MQA,
+#: 1000 tokens at head dim 64, sq > sk at head dim 96 (the cases in SHAPE_CASES)
+SHAPES = [(2, 113, 203, 4, 2, 128), (2, 256, 256, 4, 1, 128), (1, 1000, 1000, 4, 4, 64), (1, 203, 113, 2, 2, 96)]
+SHAPE_CASES = {
+    1: ("causal", "document", "sliding_window", "alibi_bh", "prefix_lm"),
+    2: ("causal", "prefix_lm_per_row", "softcap", "relative_bias"),
+    3: ("causal", "chunked", "bias_no_block_mask"),
+}
+
+
+def correctness(full: bool) -> int:
+    """Every case at SHAPES[0], then SHAPE_CASES' cases at the other shapes (``full``: every case
+    at every shape: more Gluon compiles, minutes)."""
     n = 0
+    cases = check_cases()
     with env(gflex.ENV, "force"):
-        for shape in shapes:
-            for name, mk, score, capf, bdims in check_cases():
+        for i, shape in enumerate(SHAPES):
+            for name, mk, score, capf, bdims in cases:
+                if i > 0 and not full and name not in SHAPE_CASES[i]:
+                    continue
                 t = time.perf_counter()
                 try:
                     check_one(name, mk, score, capf, bdims, *shape)
@@ -235,6 +244,7 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--no-d64", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--full-check", action="store_true", help="every check case at every shape (slow)")
     ap.add_argument("--budget", type=float, default=330.0, help="seconds; d64 and FlexAttention rows stop past it")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args()
@@ -248,7 +258,7 @@ def main():
     if why is not None:
         print(f"the Gluon flex forward does not run here: {why}")
         sys.exit(1)
-    n = 0 if args.skip_check else correctness()
+    n = 0 if args.skip_check else correctness(args.full_check)
     print(f"{n} checks passed in {time.perf_counter() - t0:.0f}s", flush=True)
     try:
         tflex, tcbm = BF.torch_flex()

@@ -116,3 +116,23 @@ def test_gluon_flex_matches_oracle(mask_name):
         return attention_ref(q, k, v, mask=dense, upcast=upcast)
 
     compare_with_oracle(fn, oracle, (q, k, v), grads=False)
+
+
+def test_takes_the_gpu_scripts_cases():
+    """Every case of benchmarks/gflex_run.py's correctness pass is one the Gluon kernel takes
+    (forced: the relative-bias table too), at its ragged GQA shape with sq < sk and with sq > sk."""
+    ids = (torch.rand(2, 300) < 0.02).cumsum(-1)
+    ar = torch.arange(300)
+    mods = [masks.causal, masks.sliding_window(70), masks.document(ids), masks.prefix_lm(70),
+            masks.prefix_lm(torch.tensor([5, 150])), masks.chunked(48),
+            masks.bidirectional_blocks(torch.where((ar // 30) % 3 == 1, ar // 30, -1)), None]  # fmt: skip
+    scores = [None, masks.alibi(torch.rand(4)), masks.alibi(torch.rand(2, 4)), masks.softcap(2.0),
+              masks.relative_bias(torch.randn(4, 65))]  # fmt: skip
+    for sq, sk in ((113, 203), (203, 113)):
+        for i, mm in enumerate(mods):
+            sm = scores[i % len(scores)]
+            if mm is None and sm is None:
+                continue
+            bm = None if mm is None else create_block_mask(mm, 2, 4 if i == 5 else None, sq, sk, device="cpu")
+            call = make_call(headdim=128, score_mod=sm, block_mask=bm)
+            assert reason(call, q=(2, sq, 4, 128), k=(2, sk, 2, 128), mode="force") is None
