@@ -136,3 +136,46 @@ def test_takes_the_gpu_scripts_cases():
             bm = None if mm is None else create_block_mask(mm, 2, 4 if i == 5 else None, sq, sk, device="cpu")
             call = make_call(headdim=128, score_mod=sm, block_mask=bm)
             assert reason(call, q=(2, sq, 4, 128), k=(2, sk, 2, 128), mode="force") is None
+
+
+def test_launch_arguments_bind_and_address_the_lists(monkeypatch):
+    """hopper/flex.py's launch binds to attn_fwd_ws's signature, and the kernel's list addressing
+    (``lb = b * bm_sb + h * bm_sh + pid_m``, indices at ``lb * bm_nk``) reads the block mask's
+    lists for every (batch, head, query block), broadcast dims included. The launch is mocked
+    (the kernel runs on the H200 only)."""
+    import inspect
+
+    try:
+        from flashtile.backends.hopper import fwd as F
+        from flashtile.backends.hopper import launch as HL
+    except Exception as e:  # noqa: BLE001 - no Gluon in this Triton
+        pytest.skip(f"Gluon not importable: {e}")
+    sig = inspect.signature(F.attn_fwd_ws.fn)
+    got = []
+
+    class Mock:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: got.append((grid, sig.bind(*a, **kw).arguments))
+
+    monkeypatch.setattr(HL, "_WS", Mock())
+    b, s, h, hk, d = 2, 300, 4, 2, 64
+    ids = (torch.rand(b, s) < 0.02).cumsum(-1)
+    for bb, bh in ((b, None), (None, h), (b, h)):
+        bm = create_block_mask(masks.document(ids), bb, bh, s, s, device="cpu")
+        q = torch.randn(b, s, h, d, dtype=BF)
+        k = torch.randn(b, s, hk, d, dtype=BF)
+        gf.forward(q, k, k, make_call(headdim=d, score_mod=masks.alibi(torch.rand(h)), block_mask=bm))
+        grid, a = got[-1]
+        assert grid == (3, h, b) and a["FLEX"] and a["HAS_FULL"] and a["BOUNDS"] and a["HAS_MASK"] and a["HAS_SCORE"]
+        nk = a["bm_nk"]
+        for name, num_t, idx_t in (("KV", bm.kv_num_blocks, bm.kv_indices),
+                                   ("FULL", bm.full_kv_num_blocks, bm.full_kv_indices)):  # fmt: skip
+            num, idx = a[f"{name}_NUM"].flatten(), a[f"{name}_IDX"].flatten()
+            for bi in range(b):
+                for hi in range(h):
+                    for m in range(3):
+                        lb = bi * a["bm_sb"] + hi * a["bm_sh"] + m
+                        n = int(num[lb])
+                        ref_b, ref_h = min(bi, num_t.shape[0] - 1), min(hi, num_t.shape[1] - 1)
+                        assert n == int(num_t[ref_b, ref_h, m])
+                        assert idx[lb * nk : lb * nk + n].tolist() == idx_t[ref_b, ref_h, m, :n].tolist()
