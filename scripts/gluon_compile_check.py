@@ -215,7 +215,7 @@ FLEX_VARIANTS = [
     ("bias-table", "causal", ("i32", "i32", "i32"), "relative_bias", ("*fp32", "i32", "i32"), True, False),
     ("softcap odd", "causal", ("i32", "i32", "i32"), "softcap", ("i32", "i32", "fp32"), True, True),
     ("bidir odd", "bidirectional_blocks", ("*i32", "i32", "i32"), "no_score", ("i32", "i32", "i32"), True, True),
-    ("score only", "no_mask", ("i32", "i32", "i32"), "relative_bias", ("*fp32", "i32", "i32"), False, False),
+    ("score only", "no_mask", ("i32", "i32", "i32"), "relative_bias", ("*fp32", "i32", "i32"), True, False),
 ]
 
 
