@@ -8,8 +8,8 @@
    rule (flashtile.testing.compare_with_oracle, forward: out and lse). Every call is checked to run on
    the Gluon kernel (FLASHTILE_FLEX_GLUON=force during the checks, so the relative-bias table too).
 2. Forward timings, b1 h16 s16k bf16, head dim 128 (and 64 while time allows): causal, document-16,
-   prefix-LM, sliding-1k, ALiBi, bias-table: the Gluon flex kernel (default routing, and forced for
-   the bias table), the Triton flex kernel (FLASHTILE_FLEX_GLUON=0), flashtile's built-in option
+   prefix-LM, sliding-1k, ALiBi, bias-table: the Gluon flex kernel (forced for the bias table, and
+   its default routing there too), the Triton flex kernel (FLASHTILE_FLEX_GLUON=0), flashtile's built-in option
    where one exists (causal, window, alibi_slopes, varlen for the documents) and compiled
    FlexAttention; median ms of CUDA-event-timed calls; a table printed last, JSON to $OUT (else
    benchmarks/results).

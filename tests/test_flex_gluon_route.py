@@ -56,7 +56,7 @@ def test_refusals_name_the_reason(kw, why):
     assert r is not None and why in r, r
 
 
-def test_refuses_what_the_kernel_does_not_serve():
+def test_refuses_what_the_kernel_does_not_serve(monkeypatch):
     def custom(b, h, qi, ki):
         return qi >= ki
 
@@ -69,8 +69,10 @@ def test_refuses_what_the_kernel_does_not_serve():
     # a block mask built for fewer query blocks than the call has
     r = reason(make_call(headdim=128, block_mask=_bm(s=128)))
     assert r is not None and "query blocks" in r
-    # the gather score mod stays on Triton unless forced
+    # a score mod listed in SKIP_SCORES stays on Triton unless forced
     call = make_call(headdim=128, score_mod=masks.relative_bias(torch.randn(4, 9)), block_mask=_bm())
+    assert reason(call) is None
+    monkeypatch.setattr(gf, "SKIP_SCORES", ("relative_bias",))
     r = reason(call)
     assert r is not None and "SKIP_SCORES" in r
     assert reason(call, mode="force") is None

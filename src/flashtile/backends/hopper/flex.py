@@ -12,7 +12,7 @@ Gluon kernel. Score mods see FlexAttention's scores (``softmax_scale * q.k``, na
 :func:`gluon_reason` decides, in plain Python (CPU-tested, no Triton import), whether a call runs
 here; ``flex_triton.launch.forward`` asks :func:`use_gluon` first and runs its Triton kernel
 otherwise. ``FLASHTILE_FLEX_GLUON=0`` forces the Triton kernel (A/B comparisons), ``=force`` also
-sends the score mods of :data:`SKIP_SCORES` here.
+sends the score mods of :data:`SKIP_SCORES` (none now) here.
 """
 
 from __future__ import annotations
@@ -27,11 +27,14 @@ from .configs import FLEX_MASK_BLOCK, HEADDIMS
 #: Environment switch: ``0`` / ``off``: the Triton flex kernel always; ``force``: the Gluon kernel
 #: also for :data:`SKIP_SCORES`; unset / ``1``: the rule of :func:`gluon_reason`.
 ENV = "FLASHTILE_FLEX_GLUON"
-#: Score mods left to the Triton kernel by default: a per-element lookup of a captured table
-#: (``relative_bias``) spills in the Gluon consumer (scripts/gluon_compile_check.py --flex, bf16
-#: d128: 172 / 220 bytes spilled, 93 local memory ops; the Triton kernel stages the gather
-#: through its pipeline). NOT measured: benchmarks/gflex_run.py times both (``force``).
-SKIP_SCORES = ("relative_bias",)
+#: Score mods left to the Triton kernel unless ``FLASHTILE_FLEX_GLUON=force`` (none now). The
+#: relative-bias table (a per-element gather) spilled 172 / 220 bytes in the Gluon consumer when its
+#: score mod ran on the whole 64 x 128 tile (scripts/gluon_compile_check.py --flex, bf16 d128);
+#: on the tile's two column halves in turn (``fwd._flex_mods``) the loops over full blocks do not
+#: spill, the partial-block loop a few words per block (96 / 144 bytes in all, most at entry).
+#: NOT measured: benchmarks/gflex_run.py times the Gluon and Triton kernels on the bias table; put
+#: ``"relative_bias"`` back here if the Gluon kernel is the slower.
+SKIP_SCORES: tuple[str, ...] = ()
 DTYPES = (torch.float16, torch.bfloat16)
 
 

@@ -222,7 +222,18 @@ def _flex_mods(s, blk, rows, seqlen_k, qk_scale, fx, MOD_MASK: gl.constexpr, HAS
     qi = gl.expand_dims(gl.minimum(rows, seqlen_q - 1), 1)
     ki = gl.expand_dims(gl.minimum(cols, seqlen_k - 1), 0)
     if HAS_SCORE:
-        s = SCORE_MOD(s * qk_scale, b, h, qi, ki, SA0, SA1, SA2)
+        # the score mod on the tile's two column halves in turn: a mod that gathers per element (a
+        # bias table) has half the addresses live at once (the halves are register renames of the
+        # wgmma layout, as in _halve_cols: no data movement)
+        M: gl.constexpr = s.shape[0]
+        N: gl.constexpr = s.shape[1]
+        s_lo, s_hi = gl.split(gl.permute(gl.reshape(s * qk_scale, [M, 2, N // 2]), (0, 2, 1)))
+        h_layout: gl.constexpr = s_lo.type.layout
+        qh = gl.expand_dims(gl.convert_layout(gl.minimum(rows, seqlen_q - 1), gl.SliceLayout(1, h_layout)), 1)
+        ch = blk * BLOCK_N + gl.arange(0, N // 2, layout=gl.SliceLayout(0, h_layout))
+        s_lo = SCORE_MOD(s_lo, b, h, qh, gl.expand_dims(gl.minimum(ch, seqlen_k - 1), 0), SA0, SA1, SA2)
+        s_hi = SCORE_MOD(s_hi, b, h, qh, gl.expand_dims(gl.minimum(ch + N // 2, seqlen_k - 1), 0), SA0, SA1, SA2)
+        s = gl.convert_layout(gl.reshape(gl.permute(gl.join(s_lo, s_hi), (0, 2, 1)), [M, N]), s_layout)
     if MOD_MASK:
         vis = MASK_MOD(b, h, qi, ki, MA0, MA1, MA2) | unmask
         s = gl.where(vis, s, float("-inf"))
