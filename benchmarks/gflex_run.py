@@ -37,6 +37,8 @@ import bench_flex as BF  # noqa: E402  (its cases, document ids and FlexAttentio
 
 import flashtile  # noqa: E402
 from flashtile import create_block_mask, flash_attn_func, flex_attention, masks  # noqa: E402
+from flashtile.backends import _device  # noqa: E402
+from flashtile.backends.hopper import backend as hopper_backend  # noqa: E402
 from flashtile.backends.hopper import flex as gflex  # noqa: E402
 from flashtile.testing import attention_ref, compare_with_oracle, mask_from_mod, qkv_inputs  # noqa: E402
 
@@ -255,9 +257,9 @@ def main():
     q = torch.empty(1, 128, 1, 128, device=DEV, dtype=DT)
     call = flashtile.spec.make_call(headdim=128, block_mask=create_block_mask(masks.causal, None, None, 128, 128,
                                                                               device=DEV))  # fmt: skip
-    info = flashtile.backends._device.info(DEV)
+    info = _device.info(DEV)
     why = gflex.gluon_reason(call, tuple(q.shape), tuple(q.shape), 128, DT, "cuda", info.major,
-                             flashtile.backends.hopper.backend.available(), gflex.env_mode())  # fmt: skip
+                             hopper_backend.available(), gflex.env_mode())  # fmt: skip
     if why is not None:
         print(f"the Gluon flex forward does not run here: {why}")
         sys.exit(1)
