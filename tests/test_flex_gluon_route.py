@@ -181,3 +181,12 @@ def test_launch_arguments_bind_and_address_the_lists(monkeypatch):
                         ref_b, ref_h = min(bi, num_t.shape[0] - 1), min(hi, num_t.shape[1] - 1)
                         assert n == int(num_t[ref_b, ref_h, m])
                         assert idx[lb * nk : lb * nk + n].tolist() == idx_t[ref_b, ref_h, m, :n].tolist()
+
+
+def test_flex_config_tiles_fit_the_block_mask_block():
+    from flashtile.backends.hopper import configs
+
+    for d in (64, 96, 128):
+        cfg = configs.flex_config(d)
+        assert cfg.block_m == configs.FLEX_MASK_BLOCK and configs.FLEX_MASK_BLOCK % cfg.block_n == 0
+        assert cfg.kernel == "ws" and cfg.consumers == 2 and configs.check(cfg, d) is None

@@ -175,9 +175,7 @@ def flex_config(headdim: int, **overrides) -> HopperConfig:
     """The ws kernel's config for FlexAttention calls (``hopper/flex.py``): the table's tiles with
     two consumer warpgroups of 64 rows (a 128-row tile = one block-mask block, :data:`FLEX_MASK_BLOCK`).
     NOT measured with mods: the built-in options' tiles (``benchmarks/gflex_run.py`` times them)."""
-    cfg = replace(config(headdim), kernel="ws", block_m=FLEX_MASK_BLOCK, consumers=2)
-    if cfg.consumers * cfg.consumer_regs + cfg.producer_regs // 4 > 512:  # (a 3-consumer entry's regs)
-        cfg = replace(cfg, consumer_regs=240)
+    cfg = replace(config(headdim), kernel="ws", block_m=FLEX_MASK_BLOCK, consumers=2)  # (the table's: 2 already)
     return replace(cfg, **overrides) if overrides else cfg
 
 
