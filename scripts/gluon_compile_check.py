@@ -5,6 +5,12 @@ loaded from their files, not through the ``flashtile`` package::
 
     /work/tri36/bin/python scripts/gluon_compile_check.py [--quick] [--jobs 8] [--dump DIR]
     /work/tri36/bin/python scripts/gluon_compile_check.py --fp8 [--quick]   # the FP8 kernel
+    /work/tri36/bin/python scripts/gluon_compile_check.py --flex [--headdim 128]   # the ws kernel's FLEX mode
+
+(``--flex`` flags its small spills too: values live across the partitions' register reallocation
+at kernel entry, once per CTA, and the bias table's gather in the partial-block loop; see
+benchmarks/NOTES.md, "Flex forward on the Gluon Hopper ws kernel". ``FLEX_ONLY=name,..`` compiles
+a subset of FLEX_VARIANTS.)
 
 For every (kernel, dtype, head dim, mask option, varlen) it prints the shared memory, registers
 and spills (``ptxas -v``), whether the SASS has HGMMA (wgmma) and UTMALDG (TMA loads) and any
