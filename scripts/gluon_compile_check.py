@@ -5,6 +5,12 @@ loaded from their files, not through the ``flashtile`` package::
 
     /work/tri36/bin/python scripts/gluon_compile_check.py [--quick] [--jobs 8] [--dump DIR]
     /work/tri36/bin/python scripts/gluon_compile_check.py --fp8 [--quick]   # the FP8 kernel
+    /work/tri36/bin/python scripts/gluon_compile_check.py --flex [--headdim 128]   # the ws kernel's FLEX mode
+
+(``--flex`` flags its small spills too: values live across the partitions' register reallocation
+at kernel entry, once per CTA, and the bias table's gather in the partial-block loop; see
+benchmarks/NOTES.md, "Flex forward on the Gluon Hopper ws kernel". ``FLEX_ONLY=name,..`` compiles
+a subset of FLEX_VARIANTS.)
 
 For every (kernel, dtype, head dim, mask option, varlen) it prints the shared memory, registers
 and spills (``ptxas -v``), whether the SASS has HGMMA (wgmma) and UTMALDG (TMA loads) and any
@@ -183,10 +189,84 @@ def compile_one(kernel: str, dtype: str, d: int, mask: str, varlen: bool, overri
                **{k: "constexpr" for k in consts}}  # fmt: skip
     for k in consts:
         sig[k] = "constexpr"
+    _defaults(fn, sig, consts)
     try:
         k = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=cfg.num_warps))  # fmt: skip
     except Exception as e:  # report, do not stop the other variants
+        res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        res["trace"] = str(e)
+        return res
+    return _analyse(k, res, name, dump)
+
+
+def _defaults(fn, sig: dict, consts: dict) -> None:
+    """Arguments the variant leaves out take their defaults, as constexprs (the ws kernel's flex
+    arguments: None and False when the flex mode is off, as a launch without them compiles)."""
+    import inspect
+
+    for name, par in inspect.signature(fn.fn).parameters.items():
+        if name not in sig and par.default is not inspect.Parameter.empty:
+            sig[name] = "constexpr"
+            consts[name] = par.default
+
+
+#: flex variants of the ws kernel (--flex): (name, mask_mod, its argument types, score_mod, its
+#: argument types, full list, BOUNDS), the mods of flex_triton/kernels.py as bench_flex.py uses them
+FLEX_VARIANTS = [
+    ("document-16", "document", ("*i64", "i32", "i32"), "no_score", ("i32", "i32", "i32"), True, False),
+    ("prefix-lm", "prefix_lm", ("i32", "i32", "i32"), "no_score", ("i32", "i32", "i32"), True, False),
+    ("sliding-1k", "sliding_window", ("i32", "i32", "i32"), "no_score", ("i32", "i32", "i32"), True, False),
+    ("alibi", "causal", ("i32", "i32", "i32"), "alibi", ("*fp32", "i32", "i32"), True, False),
+    ("bias-table", "causal", ("i32", "i32", "i32"), "relative_bias", ("*fp32", "i32", "i32"), True, False),
+    ("softcap odd", "causal", ("i32", "i32", "i32"), "softcap", ("i32", "i32", "fp32"), True, True),
+    ("bidir odd", "bidirectional_blocks", ("*i32", "i32", "i32"), "no_score", ("i32", "i32", "i32"), True, True),
+    ("score only", "no_mask", ("i32", "i32", "i32"), "relative_bias", ("*fp32", "i32", "i32"), True, False),
+]
+
+
+def compile_flex(dtype: str, d: int, variant: tuple, overrides: dict, dump: str | None) -> dict:
+    """Compile the ws kernel's flex mode (fwd.attn_fwd_ws with FLEX) for one mod combination, with
+    the config the flex host side (hopper/flex.py) uses: the table's, 2 consumers."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from flashtile.backends.flex_triton import kernels as K
+
+    configs = _load("hopper_configs", PKG / "configs.py")
+    fwd = _load("hopper_fwd", PKG / "fwd.py")
+    cfg = configs.flex_config(d, **overrides)
+    vname, mask, mtypes, score, stypes, has_full, bounds = variant
+    name = f"flex {dtype} d={d} {vname} {cfg.block_m}x{cfg.block_n}x{cfg.num_stages}"
+    res = {"name": name, "ok": False}
+    bd = configs.block_d(d)
+    sig = {
+        "q_desc": _desc_sig(dtype, cfg.q_rows, bd, False), "k_desc": _desc_sig(dtype, cfg.block_n, bd, False),
+        "v_desc": _desc_sig(dtype, cfg.block_n, bd, False), "o_desc": _desc_sig(dtype, cfg.q_rows, bd, False),
+        "O": f"*{dtype}", "LSE": "*fp32",
+        "stride_os": "i32", "stride_oh": "i32", "stride_lb": "i32", "stride_lh": "i32",
+        "seqlen_q": "i32", "seqlen_k": "i32", "group": "i32", "qk_scale": "fp32", "cap_out": "fp32",
+        "window_left": "i32", "window_right": "i32",
+        "KV_NUM": "*i32", "KV_IDX": "*i32", "bm_sb": "i32", "bm_sh": "i32", "bm_nk": "i32",
+        "MA0": mtypes[0], "MA1": mtypes[1], "MA2": mtypes[2], "SA0": stypes[0], "SA1": stypes[1], "SA2": stypes[2],
+    }  # fmt: skip
+    if has_full:
+        sig.update(FULL_NUM="*i32", FULL_IDX="*i32")
+    consts = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
+                  IS_VARLEN=False, REVERSE_M=True, num_warps=cfg.num_warps, CU_Q=None, CU_K=None,
+                  HAS_WL=False, HAS_WR=False, HAS_SOFTCAP=False, CONSUMER_REGS=cfg.consumer_regs,
+                  PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers, FLEX=True, HAS_FULL=has_full,
+                  SUBS=128 // cfg.block_n, BOUNDS=bounds, HAS_MASK=mask != "no_mask", HAS_SCORE=score != "no_score",
+                  MASK_MOD=getattr(K, mask), SCORE_MOD=getattr(K, score))  # fmt: skip
+    for k in consts:
+        sig[k] = "constexpr"
+    _defaults(fwd.attn_fwd_ws, sig, consts)
+    try:
+        k = triton.compile(GluonASTSource(fwd.attn_fwd_ws, sig, consts), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=cfg.num_warps))  # fmt: skip
+    except Exception as e:
         res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         res["trace"] = str(e)
         return res
@@ -286,6 +366,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
                     help="override a config field for every variant (block_n=64, num_stages=3)")
     ap.add_argument("--fp8", action="store_true", help="the FP8 kernel (fwd_fp8.py) instead of the 16-bit ones")
+    ap.add_argument("--flex", action="store_true", help="the ws kernel's flex mode (FLEX_VARIANTS; bf16)")
     ap.add_argument("--bwd-kernel", choices=("plain", "ws", "ws2"), help="the backward kernel (default: the table's)")
     args = ap.parse_args()
     overrides = {}
@@ -312,6 +393,11 @@ def main() -> int:
     if args.fp8:  # (head dim, mask, varlen, descales given)
         jobs = [(compile_one_fp8, (d, mk, vl, True, overrides)) for d in dims for mk in masks for vl in (False, True)]
         jobs.append((compile_one_fp8, (dims[0], masks[0], False, False, overrides)))
+    if args.flex:
+        fdims = args.headdim or [64, 128]
+        only = os.environ.get("FLEX_ONLY")  # a comma-separated subset of FLEX_VARIANTS' names
+        jobs = [(compile_flex, ("bf16", d, v, overrides)) for d in fdims for v in FLEX_VARIANTS
+                if not only or v[0] in only.split(",")]  # fmt: skip
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
     failed = 0

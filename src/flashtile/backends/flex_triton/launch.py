@@ -25,6 +25,7 @@ import torch
 
 from ...spec import AttnCall
 from .._ints import cdiv as _cdiv
+from ..hopper import flex as _gluon_flex
 from ..triton import configs
 from ..triton.bwd import _bwd_preprocess
 from ..triton.configs import BwdConfig, FwdConfig
@@ -294,7 +295,11 @@ def _fwd_grid(c: FwdConfig, B: int, H: int, Sq: int) -> tuple[int, int]:
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of a call with mods, internal layout ``(B, S, H, D)``; lse ``(B, H, Sq)`` fp32.
     out is contiguous in that layout whatever q's strides (a q viewed from FlexAttention's
-    ``(B, H, S, D)`` would otherwise give an out that the autograd function copies)."""
+    ``(B, H, S, D)`` would otherwise give an out that the autograd function copies).
+    On sm_90 the Gluon ws kernel runs it where it serves the call (``hopper/flex.py``:
+    :func:`~flashtile.backends.hopper.flex.gluon_reason`; ``FLASHTILE_FLEX_GLUON=0``: never)."""
+    if _gluon_flex.use_gluon(q, k, v, call):
+        return _gluon_flex.forward(q, k, v, call)
     B, Sq, H, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -166,6 +166,19 @@ def config(headdim: int, **overrides) -> HopperConfig:
     return replace(cfg, **overrides) if overrides else cfg
 
 
+#: Block-mask block the flex mode of the ws kernel serves (``fwd.attn_fwd_ws`` with ``FLEX``): one
+#: query tile is one block-mask query block, so ``block_m`` equals it and ``block_n`` divides it.
+FLEX_MASK_BLOCK = 128
+
+
+def flex_config(headdim: int, **overrides) -> HopperConfig:
+    """The ws kernel's config for FlexAttention calls (``hopper/flex.py``): the table's tiles with
+    two consumer warpgroups of 64 rows (a 128-row tile = one block-mask block, :data:`FLEX_MASK_BLOCK`).
+    NOT measured with mods: the built-in options' tiles (``benchmarks/gflex_run.py`` times them)."""
+    cfg = replace(config(headdim), kernel="ws", block_m=FLEX_MASK_BLOCK, consumers=2)  # (the table's: 2 already)
+    return replace(cfg, **overrides) if overrides else cfg
+
+
 def block_d(headdim: int) -> int:
     """The tile width of the head dim: ``headdim`` rounded up to a power of two (>= 16)."""
     return max(16, 1 << (headdim - 1).bit_length())

@@ -57,11 +57,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
+LOG2E: gl.constexpr = gl.constexpr(1.4426950408889634)
 NEG_2LOG2E: gl.constexpr = gl.constexpr(-2.8853900817779268)  # exp(-2|x|) = exp2(this * |x|)
 #: Integer arguments that get no value specialisation (== 1, % 16): one compiled kernel serves
 #: every sequence length, window, GQA group and stride, instead of one per divisibility class.
 _NO_SPECIALIZE = ["stride_os", "stride_oh", "stride_lb", "stride_lh", "seqlen_q", "seqlen_k", "group",
                   "window_left", "window_right"]
+#: the ws kernel's flex arguments (None, so not in the compiled kernel, when FLEX is off)
+_FLEX_NO_SPECIALIZE = ["bm_sb", "bm_sh", "bm_nk", "MA1", "MA2", "SA1", "SA2"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -206,14 +209,57 @@ def _visible(c2, r2, seqlen_k, off, wl, wr, HAS_WL: gl.constexpr, HAS_WR: gl.con
 
 
 @gluon.jit
+def _flex_mods(s, blk, rows, seqlen_k, qk_scale, fx, MOD_MASK: gl.constexpr, HAS_SCORE: gl.constexpr,
+               MASK_MOD: gl.constexpr, SCORE_MOD: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    """FlexAttention mods on a raw score tile ``s`` of key block ``blk`` (``BLOCK_N`` units): the
+    ``flex_triton`` kernels' ``@triton.jit`` mods called from Gluon (they compile with the caller's
+    Gluon semantic), with query / key positions as ``[M, 1]`` / ``[1, N]`` tensors in ``s``'s layout,
+    clamped into the sequences for the mods' lookups (rows past the end are never stored; keys past
+    it are hidden by ``_visible``). ``fx = (b, h, seqlen_q, unmask, MA0, MA1, MA2, SA0, SA1, SA2)``;
+    ``unmask``: the block is a full one (a tile's first block goes through the masked path)."""
+    b, h, seqlen_q, unmask, MA0, MA1, MA2, SA0, SA1, SA2 = fx
+    cols = blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    qi = gl.expand_dims(gl.minimum(rows, seqlen_q - 1), 1)
+    ki = gl.expand_dims(gl.minimum(cols, seqlen_k - 1), 0)
+    if HAS_SCORE:
+        # the score mod on the tile's two column halves in turn: a mod that gathers per element (a
+        # bias table) has half the addresses live at once (the halves are register renames of the
+        # wgmma layout, as in _halve_cols: no data movement)
+        M: gl.constexpr = s.shape[0]
+        N: gl.constexpr = s.shape[1]
+        s_lo, s_hi = gl.split(gl.permute(gl.reshape(s * qk_scale, [M, 2, N // 2]), (0, 2, 1)))
+        h_layout: gl.constexpr = s_lo.type.layout
+        qh = gl.expand_dims(gl.convert_layout(gl.minimum(rows, seqlen_q - 1), gl.SliceLayout(1, h_layout)), 1)
+        ch = blk * BLOCK_N + gl.arange(0, N // 2, layout=gl.SliceLayout(0, h_layout))
+        s_lo = SCORE_MOD(s_lo, b, h, qh, gl.expand_dims(gl.minimum(ch, seqlen_k - 1), 0), SA0, SA1, SA2)
+        s_hi = SCORE_MOD(s_hi, b, h, qh, gl.expand_dims(gl.minimum(ch + N // 2, seqlen_k - 1), 0), SA0, SA1, SA2)
+        s = gl.convert_layout(gl.reshape(gl.permute(gl.join(s_lo, s_hi), (0, 2, 1)), [M, N]), s_layout)
+    if MOD_MASK:
+        vis = MASK_MOD(b, h, qi, ki, MA0, MA1, MA2) | unmask
+        s = gl.where(vis, s, float("-inf"))
+    return s
+
+
+@gluon.jit
 def _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                    MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                   BLOCK_N: gl.constexpr, s_layout: gl.constexpr, ROW_TREE: gl.constexpr = 0):
+                   BLOCK_N: gl.constexpr, s_layout: gl.constexpr, ROW_TREE: gl.constexpr = 0,
+                   fx=None, MOD_MASK: gl.constexpr = False, HAS_SCORE: gl.constexpr = False,
+                   MASK_MOD: gl.constexpr = None, SCORE_MOD: gl.constexpr = None):
     """Online-softmax update for one block of raw scores ``s = Q K^T`` ``[BLOCK_M, BLOCK_N]``
     (fp32, wgmma accumulator layout). ``m_i`` is the running row max in scaled base-2 units.
     Returns ``(p, alpha, m_new, l_new)``: unnormalised probabilities, the factor to rescale the
     output accumulator by, the new max and row sum. ``ROW_TREE`` (the FP8 kernel's switch; the
-    16-bit kernels leave it 0): 1 = the row max as a tree (:func:`_row_reduce`), 2 = the row sum too."""
+    16-bit kernels leave it 0): 1 = the row max as a tree (:func:`_row_reduce`), 2 = the row sum too.
+    Flex mods (:func:`_flex_mods`; ``fx`` their runtime arguments): ``HAS_SCORE`` applies
+    ``SCORE_MOD`` to the natural-unit scores (``qk_scale`` is then ``softmax_scale``, the max and the
+    exponent in base 2 through log2(e)); ``MOD_MASK`` hides what ``MASK_MOD`` hides (a partial
+    block of a block mask); ``MASKED`` then adds the key bounds (and the guard of fully hidden rows)."""
+    if HAS_SCORE or MOD_MASK:
+        s = _flex_mods(s, blk, rows, seqlen_k, qk_scale, fx, MOD_MASK, HAS_SCORE, MASK_MOD, SCORE_MOD, BLOCK_N,
+                       s_layout)
+    if HAS_SCORE:  # s is in natural units after the score mod
+        qk_scale = LOG2E
     if HAS_SOFTCAP:
         s = _tanh(s * qk_scale) * cap_out
     if MASKED:
@@ -440,17 +486,36 @@ def attn_fwd_plain(
 
 
 @gluon.jit
+def _flex_blk(j, lists, SUBS: gl.constexpr):
+    """Key block (``BLOCK_N`` units) of a flex tile's step ``j``: steps ``[0, n1)`` walk the block
+    mask's partial list, ``[n1, ..)`` its full list, ``SUBS = MASK_BLOCK // BLOCK_N`` steps per
+    block-mask block. ``lists = (idx1, idx2, n1)``: the two lists' index pointers (int32) and n1."""
+    idx1, idx2, n1 = lists
+    if j < n1:
+        e = j
+        blk = gl.load(idx1 + e // SUBS)
+    else:
+        e = j - n1
+        blk = gl.load(idx2 + e // SUBS)
+    return blk * SUBS + e % SUBS
+
+
+@gluon.jit
 def _ws_load_kv(k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, b, hk, k_start, nb_lo, n_total,
                 it0, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr,
-                V_T: gl.constexpr = False):
+                V_T: gl.constexpr = False, lists=None, FLEX: gl.constexpr = False, SUBS: gl.constexpr = 1):
     """Producer: K and V of key blocks ``nb_lo ..`` (``n_total`` of them) into the ring, from ring
     iteration ``it0`` on; a slot is reloaded once both consumers released it (``k_empty`` /
-    ``v_empty``). A fresh barrier passes a wait on phase 1, so the first NUM_STAGES loads do not wait."""
+    ``v_empty``). A fresh barrier passes a wait on phase 1, so the first NUM_STAGES loads do not wait.
+    ``FLEX``: step ``i`` is the block :func:`_flex_blk` names (``lists``), as the consumers walk them."""
     for i in range(n_total):
         it = it0 + i
         stage = it % NUM_STAGES
         phase = (it // NUM_STAGES) & 1
-        row = k_start + (nb_lo + i) * BLOCK_N
+        if FLEX:
+            row = k_start + _flex_blk(nb_lo + i, lists, SUBS) * BLOCK_N
+        else:
+            row = k_start + (nb_lo + i) * BLOCK_N
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
         mbarrier.expect(k_full.index(stage), k_desc.block_type.nbytes)
         _tma_load(k_desc, k_full.index(stage), k_bufs.index(stage), b, row, hk, IS_VARLEN)
@@ -466,13 +531,14 @@ def _ws_load_kv(k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty
 def _ws_producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
                  b, h, hk, q_start, k_start, m0, nb_lo, n_total,
                  SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr,
-                 NUM_CONSUMERS: gl.constexpr, V_T: gl.constexpr = False):
+                 NUM_CONSUMERS: gl.constexpr, V_T: gl.constexpr = False, lists=None, FLEX: gl.constexpr = False,
+                 SUBS: gl.constexpr = 1):
     """1 warp: TMA loads of every consumer's Q tile, then K and V (``V_T``: V^T) of every key block."""
     for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
         _tma_load(q_desc, q_bars.index(c), q_bufs.index(c), b, q_start + m0 + c * SUB_M, h, IS_VARLEN)
     _ws_load_kv(k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, b, hk, k_start, nb_lo, n_total,
-                0, BLOCK_N, NUM_STAGES, IS_VARLEN, V_T)
+                0, BLOCK_N, NUM_STAGES, IS_VARLEN, V_T, lists, FLEX, SUBS)
 
 
 @gluon.jit
@@ -497,7 +563,9 @@ def _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_fu
               rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
               CID: gl.constexpr, MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
               HAS_SOFTCAP: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-              NUM_CONSUMERS: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+              NUM_CONSUMERS: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+              fx=None, MOD_MASK: gl.constexpr = False, HAS_SCORE: gl.constexpr = False,
+              MASK_MOD: gl.constexpr = None, SCORE_MOD: gl.constexpr = None):
     """Key block ``blk`` (not a tile's first) of one consumer warpgroup, FA3's schedule: on this
     warpgroup's turn issue S = Q K_blk^T and O += P_prev V_prev, hand the turn to the next
     warpgroup, then run the softmax of S while P_prev V_prev is still on the tensor cores.
@@ -517,7 +585,8 @@ def _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_fu
     s = warpgroup_mma_wait(1, deps=(s,))  # groups retire in order: S is done, P V may still run
     mbarrier.arrive(k_empty.index(stage))
     p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                        MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout)
+                                        MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout, 0,
+                                        fx, MOD_MASK, HAS_SCORE, MASK_MOD, SCORE_MOD)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))  # p_op's registers live until P V is done
     mbarrier.arrive(v_empty.index(pstage))
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
@@ -530,10 +599,30 @@ def _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, row
              nb_lo, fu_lo, fu_hi, nb_hi, seqlen_k, off, wl, wr, qk_scale, cap_out,
              CID: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr,
              NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-             NUM_CONSUMERS: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+             NUM_CONSUMERS: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+             fxa=None, lists=None, FLEX: gl.constexpr = False, SUBS: gl.constexpr = 1, BOUNDS: gl.constexpr = False,
+             HAS_MASK: gl.constexpr = False, HAS_SCORE: gl.constexpr = False, MASK_MOD: gl.constexpr = None,
+             SCORE_MOD: gl.constexpr = None):
     """One consumer's attention over key blocks ``[nb_lo, nb_hi)`` (ring iterations ``it0 ..``);
-    Q is in ``q_smem``. Returns the unnormalised ``(acc, l_i, m_i)``."""
+    Q is in ``q_smem``. Returns the unnormalised ``(acc, l_i, m_i)``.
+
+    ``FLEX`` (a block mask's lists): ``nb_lo .. nb_hi`` count steps, not blocks: ``[0, fu_lo)`` the
+    partial list's (``MASK_MOD`` evaluated when ``HAS_MASK``), ``[fu_lo, fu_hi)`` the full list's
+    (no mask; key bounds only with ``BOUNDS``), ``fu_hi == nb_hi``; :func:`_flex_blk` names each
+    step's key block (``lists``), as the producer walks them. ``fxa = (b, h, seqlen_q, MA0, MA1,
+    MA2, SA0, SA1, SA2)``: the mods' arguments."""
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    MOD_MASK: gl.constexpr = FLEX and HAS_MASK
+    FULL_MASKED: gl.constexpr = FLEX and BOUNDS  # the middle run's bounds (dense calls: none)
+    if FLEX:
+        fb, fh, fsq, MA0, MA1, MA2, SA0, SA1, SA2 = fxa
+        fx0 = (fb, fh, fsq, fu_lo == 0, MA0, MA1, MA2, SA0, SA1, SA2)  # a first block from the full list
+        fx1 = (fb, fh, fsq, False, MA0, MA1, MA2, SA0, SA1, SA2)
+        kb0 = _flex_blk(nb_lo, lists, SUBS)
+    else:
+        fx0 = fxa
+        fx1 = fxa
+        kb0 = nb_lo
     m_i = gl.full([SUB_M], float("-inf"), gl.float32, row_layout)
     l_i = gl.zeros([SUB_M], gl.float32, row_layout)
     acc = gl.zeros([SUB_M, BLOCK_D], gl.float32, o_layout)
@@ -548,29 +637,41 @@ def _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, row
         _turn_pass(turn, CID, NUM_CONSUMERS)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(stage))
-        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                            True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout)
+        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, kb0, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout, 0,
+                                            fx0, MOD_MASK, HAS_SCORE, MASK_MOD, SCORE_MOD)
         p_op = gl.convert_layout(p.to(q_smem.dtype),
                                  gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
         it = it0 + 1
         for blk in range(nb_lo + 1, fu_lo):
-            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
+            if FLEX:
+                kb = _flex_blk(blk, lists, SUBS)
+            else:
+                kb = blk
+            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, kb, q_smem, k_bufs, v_bufs, k_full, v_full,
                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                             CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                            NUM_CONSUMERS, s_layout, o_layout)
+                                            NUM_CONSUMERS, s_layout, o_layout,
+                                            fx1, MOD_MASK, HAS_SCORE, MASK_MOD, SCORE_MOD)
             it += 1
         for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
-            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
+            if FLEX:
+                kb = _flex_blk(blk, lists, SUBS)
+            else:
+                kb = blk
+            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, kb, q_smem, k_bufs, v_bufs, k_full, v_full,
                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                            CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                            NUM_CONSUMERS, s_layout, o_layout)
+                                            CID, FULL_MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                            NUM_CONSUMERS, s_layout, o_layout,
+                                            fx1, False, HAS_SCORE, MASK_MOD, SCORE_MOD)
             it += 1
-        for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
-            acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_full,
-                                            k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                            CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                            NUM_CONSUMERS, s_layout, o_layout)
-            it += 1
+        if not FLEX:
+            for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
+                acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full,
+                                                v_full, k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale,
+                                                cap_out, CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N,
+                                                NUM_STAGES, NUM_CONSUMERS, s_layout, o_layout)
+                it += 1
         # the last block's P V
         last = it0 + n_total - 1
         lstage = last % NUM_STAGES
@@ -587,9 +688,14 @@ def _ws_consumer(q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empt
                  nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                  CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
-                 HAS_SOFTCAP: gl.constexpr, IS_VARLEN: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+                 HAS_SOFTCAP: gl.constexpr, IS_VARLEN: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                 lists=None, MA0=None, MA1=None, MA2=None, SA0=None, SA1=None, SA2=None,
+                 FLEX: gl.constexpr = False, SUBS: gl.constexpr = 1, BOUNDS: gl.constexpr = False,
+                 HAS_MASK: gl.constexpr = False, HAS_SCORE: gl.constexpr = False, MASK_MOD: gl.constexpr = None,
+                 SCORE_MOD: gl.constexpr = None):
     """One consumer warpgroup (4 warps): query rows ``m0 + CID * SUB_M ..`` of the tile, over the
-    key blocks of the whole tile (all consumers see the same blocks, so their turns line up)."""
+    key blocks of the whole tile (all consumers see the same blocks, so their turns line up).
+    ``FLEX`` and the rest: see :func:`_ws_tile`."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -599,17 +705,22 @@ def _ws_consumer(q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empt
     r0 = m0 + CID * SUB_M
     rows = r0 + gl.arange(0, SUB_M, layout=row_layout)
     mbarrier.wait(q_bars.index(CID), 0)
+    if FLEX:
+        fxa = (b, h, seqlen_q, MA0, MA1, MA2, SA0, SA1, SA2)
+    else:
+        fxa = None
     acc, l_i, m_i = _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, rows, 0,
                              nb_lo, fu_lo, fu_hi, nb_hi, seqlen_k, off, wl, wr, qk_scale, cap_out,
                              CID, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                             NUM_CONSUMERS, s_layout, o_layout)
+                             NUM_CONSUMERS, s_layout, o_layout,
+                             fxa, lists, FLEX, SUBS, BOUNDS, HAS_MASK, HAS_SCORE, MASK_MOD, SCORE_MOD)
     if r0 < seqlen_q:
         _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, r0, q_start, seqlen_q,
                   stride_os, stride_oh, stride_lb, stride_lh,
                   IS_VARLEN, SUB_M, HEAD_DIM, BLOCK_D, row_layout, o_layout)
 
 
-@gluon.jit(do_not_specialize=_NO_SPECIALIZE)
+@gluon.jit(do_not_specialize=_NO_SPECIALIZE + _FLEX_NO_SPECIALIZE)
 def attn_fwd_ws(
     q_desc, k_desc, v_desc, o_desc, O, LSE, CU_Q, CU_K,
     stride_os, stride_oh, stride_lb, stride_lh,
@@ -618,11 +729,27 @@ def attn_fwd_ws(
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     IS_VARLEN: gl.constexpr, REVERSE_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     NUM_CONSUMERS: gl.constexpr, num_warps: gl.constexpr,
+    KV_NUM=None, KV_IDX=None, FULL_NUM=None, FULL_IDX=None, bm_sb=None, bm_sh=None, bm_nk=None,
+    MA0=None, MA1=None, MA2=None, SA0=None, SA1=None, SA2=None,
+    FLEX: gl.constexpr = False, HAS_FULL: gl.constexpr = False, SUBS: gl.constexpr = 1,
+    BOUNDS: gl.constexpr = False, HAS_MASK: gl.constexpr = False, HAS_SCORE: gl.constexpr = False,
+    MASK_MOD: gl.constexpr = None, SCORE_MOD: gl.constexpr = None,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (the default
     partition: consumer 0) + 4 per further consumer (NUM_CONSUMERS = 2 or 3) + 1 (producer)
     warps. q_desc / o_desc have ``BLOCK_M // NUM_CONSUMERS``-row blocks (one per consumer).
-    Writes o and lse."""
+    Writes o and lse.
+
+    ``FLEX`` (FlexAttention calls, dense, 2 consumers, no window / softcap flags): the key blocks
+    of query tile ``pid_m`` come from a block mask's lists (``BLOCK_M`` = its query block): the
+    partial list (``KV_NUM`` / ``KV_IDX``, int32, the mask_mod evaluated when ``HAS_MASK``), then
+    with ``HAS_FULL`` the full list (``FULL_NUM`` / ``FULL_IDX``, no mask evaluation), each index
+    in key blocks of ``SUBS * BLOCK_N`` keys. Counts at ``b * bm_sb + h * bm_sh + pid_m`` (a stride
+    0 where the block mask broadcasts), indices ``bm_nk`` per count (contiguous lists, both of one
+    shape). ``HAS_SCORE``: ``SCORE_MOD`` on ``qk_scale * q.k`` (``qk_scale`` then the plain softmax
+    scale, natural units), ``MA*`` / ``SA*`` the mods' arguments (``flex_triton.kernels``).
+    ``BOUNDS``: a sequence length is not a multiple of the block mask's block (keys past the end
+    hidden in every block)."""
     pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k,
                                                                      REVERSE_M, IS_VARLEN)
     m0 = pid_m * BLOCK_M
@@ -652,13 +779,49 @@ def attn_fwd_ws(
         mbarrier.init(k_empty.index(i), count=NUM_CONSUMERS)  # one arrival per consumer warpgroup
         mbarrier.init(v_empty.index(i), count=NUM_CONSUMERS)
 
-    r_hi = gl.minimum(m0 + BLOCK_M, seqlen_q)
-    nb_lo, fu_lo, fu_hi, nb_hi = _block_range(m0, r_hi, seqlen_k, off, window_left, window_right,
-                                              HAS_WL, HAS_WR, BLOCK_N)
+    if FLEX:
+        gl.static_assert(NUM_CONSUMERS == 2, "flex calls run 2 consumer warpgroups")
+        lb = b * bm_sb + h * bm_sh + pid_m
+        n1 = gl.load(KV_NUM + lb) * SUBS
+        idx1 = KV_IDX + lb.to(gl.int64) * bm_nk
+        if HAS_FULL:
+            n2 = gl.load(FULL_NUM + lb) * SUBS
+            idx2 = FULL_IDX + lb.to(gl.int64) * bm_nk
+        else:
+            n2 = n1 * 0
+            idx2 = idx1
+        nb_lo = n1 * 0
+        fu_lo = n1
+        fu_hi = n1 + n2
+        nb_hi = n1 + n2
+        lists = (idx1, idx2, n1)
+    else:
+        r_hi = gl.minimum(m0 + BLOCK_M, seqlen_q)
+        nb_lo, fu_lo, fu_hi, nb_hi = _block_range(m0, r_hi, seqlen_k, off, window_left, window_right,
+                                                  HAS_WL, HAS_WR, BLOCK_N)
+        lists = None
     n_total = nb_hi - nb_lo
     # (tuples are spelled out in the call: a tuple assigned to a variable turns its constexprs into
     # tensors; hence one spelled-out list per consumer count)
-    if NUM_CONSUMERS == 3:
+    if FLEX:
+        gl.warp_specialize([
+            (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                            o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
+                            qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                            0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                            NUM_CONSUMERS, lists, MA0, MA1, MA2, SA0, SA1, SA2, FLEX, SUBS, BOUNDS, HAS_MASK,
+                            HAS_SCORE, MASK_MOD, SCORE_MOD)),
+            (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                            o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
+                            qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                            1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                            NUM_CONSUMERS, lists, MA0, MA1, MA2, SA0, SA1, SA2, FLEX, SUBS, BOUNDS, HAS_MASK,
+                            HAS_SCORE, MASK_MOD, SCORE_MOD)),
+            (_ws_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
+                            b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
+                            NUM_CONSUMERS, False, lists, FLEX, SUBS)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    elif NUM_CONSUMERS == 3:
         gl.warp_specialize([
             (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
                             o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,

@@ -1,0 +1,204 @@
+"""FlexAttention forwards (``score_mod`` / ``block_mask``) on the Gluon ws kernel (sm_90).
+
+:func:`forward` has exactly ``flex_triton.launch.forward``'s contract: ``(q, k, v, call) ->
+(out, lse)`` on the internal layout ``(B, S, H, D)``, out contiguous, lse float32 ``(B, H, Sq)``
+in natural log (``-inf``, out 0, on rows that see no key). It runs ``fwd.attn_fwd_ws`` in its
+``FLEX`` mode: each 128-row query tile is one block-mask query block; the producer warp's TMA loads
+and both consumer warpgroups walk the block mask's partial list (mask_mod evaluated on the score
+tile in registers), then its full list (no mask_mod), each block-mask block in ``128 // block_n``
+key steps; the mods are the ``flex_triton`` kernels' ``@triton.jit`` functions, compiled into the
+Gluon kernel. Score mods see FlexAttention's scores (``softmax_scale * q.k``, natural units).
+
+:func:`gluon_reason` decides, in plain Python (CPU-tested, no Triton import), whether a call runs
+here; ``flex_triton.launch.forward`` asks :func:`use_gluon` first and runs its Triton kernel
+otherwise. ``FLASHTILE_FLEX_GLUON=0`` forces the Triton kernel (A/B comparisons), ``=force`` also
+sends the score mods of :data:`SKIP_SCORES` (none now) here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ...spec import AttnCall
+from .configs import FLEX_MASK_BLOCK, HEADDIMS
+
+#: Environment switch: ``0`` / ``off``: the Triton flex kernel always; ``force``: the Gluon kernel
+#: also for :data:`SKIP_SCORES`; unset / ``1``: the rule of :func:`gluon_reason`.
+ENV = "FLASHTILE_FLEX_GLUON"
+#: Score mods left to the Triton kernel unless ``FLASHTILE_FLEX_GLUON=force`` (none now). The
+#: relative-bias table (a per-element gather) spilled 172 / 220 bytes in the Gluon consumer when its
+#: score mod ran on the whole 64 x 128 tile (scripts/gluon_compile_check.py --flex, bf16 d128);
+#: on the tile's two column halves in turn (``fwd._flex_mods``) the loops over full blocks do not
+#: spill, the partial-block loop a few words per block (96 / 144 bytes in all, most at entry).
+#: NOT measured: benchmarks/gflex_run.py times the Gluon and Triton kernels on the bias table; put
+#: ``"relative_bias"`` back here if the Gluon kernel is the slower.
+SKIP_SCORES: tuple[str, ...] = ()
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def env_mode() -> str:
+    """``off``, ``auto`` or ``force`` from :data:`ENV`."""
+    val = os.environ.get(ENV, "").strip().lower()
+    if val in ("", "1", "on", "true", "yes", "auto"):
+        return "auto"
+    if val in ("0", "off", "false", "no"):
+        return "off"
+    if val == "force":
+        return "force"
+    raise ValueError(f"{ENV} must be 0, 1 or force, got {val!r}")
+
+
+def _twin_name(fn) -> str | None:
+    twin = getattr(fn, "_flashtile_triton", None)
+    return None if twin is None else twin[0]
+
+
+def gluon_reason(
+    call: AttnCall,
+    q_shape: tuple[int, ...],
+    k_shape: tuple[int, ...],
+    v_headdim: int,
+    dtype: torch.dtype,
+    device_type: str,
+    capability_major: int | None,
+    unavailable: str | None,
+    mode: str = "auto",
+) -> str | None:
+    """Why a flex forward of this shape does NOT run on the Gluon kernel (None: it does).
+    Shapes are the internal ``(B, S, H, D)``; ``capability_major`` the device's (None: unknown);
+    ``unavailable`` the Hopper backend's :meth:`available` answer (None: available); ``mode``
+    :func:`env_mode`'s."""
+    if mode == "off":
+        return f"{ENV}=0"
+    if unavailable is not None:
+        return f"hopper backend unavailable: {unavailable}"
+    if device_type != "cuda":
+        return f"needs CUDA tensors, got {device_type}"
+    if capability_major != 9:
+        return f"needs compute capability 9.x, got {capability_major}"
+    if dtype not in DTYPES:
+        return f"dtype {dtype} (fp16 / bf16 only)"
+    B, Sq, H, D = q_shape
+    Sk, Hk = k_shape[1], k_shape[2]
+    if D not in HEADDIMS or v_headdim != D:
+        return f"head dim {D} (v {v_headdim}): the Gluon forward serves {HEADDIMS} with equal q/v head dims"
+    if call.varlen or call.dropout_p > 0 or call.learnable_sink is not None:
+        return "varlen, dropout or a learnable sink"
+    if Sq == 0 or Sk == 0 or B * H * Sq >= 2**31:
+        return "empty sequences or an lse past int32 indexing"
+    if H % Hk:
+        return f"{H} query heads are not a multiple of {Hk} kv heads"
+    if call.score_mod is None and not call.softmax_scale > 0:
+        return "softmax_scale must be > 0 without a score_mod"
+    if call.score_mod is not None:
+        name = _twin_name(call.score_mod)
+        if name is None:
+            return "the score_mod has no Triton twin"
+        if name in SKIP_SCORES and mode != "force":
+            return f"score_mod {name} stays on the Triton kernel (SKIP_SCORES)"
+    bm = call.block_mask
+    if bm is not None:
+        if bm.mask_mod is not None and _twin_name(bm.mask_mod) is None:
+            return "the mask_mod has no Triton twin"
+        if tuple(bm.BLOCK_SIZE) != (FLEX_MASK_BLOCK, FLEX_MASK_BLOCK):
+            return f"block mask BLOCK_SIZE {tuple(bm.BLOCK_SIZE)}: the Gluon kernel serves {FLEX_MASK_BLOCK} only"
+        num, idx = bm.kv_num_blocks, bm.kv_indices
+        if num.dim() != 3 or idx.dim() != 4 or tuple(idx.shape[:3]) != tuple(num.shape):
+            return "block-mask lists of unexpected shapes"
+        if num.shape[-1] < -(-Sq // FLEX_MASK_BLOCK):
+            return f"the block mask covers {num.shape[-1]} query blocks, fewer than the call's"
+        if num.shape[0] not in (1, B) or num.shape[1] not in (1, H):
+            return "block mask batch / heads neither 1 nor the call's"
+        fnum, fidx = bm.full_kv_num_blocks, bm.full_kv_indices
+        if fnum is not None and (tuple(fnum.shape) != tuple(num.shape) or tuple(fidx.shape) != tuple(idx.shape)):
+            return "full lists of another shape than the partial lists"
+    return None
+
+
+def use_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> bool:
+    """Whether ``flex_triton.launch.forward`` hands this call to :func:`forward`."""
+    mode = env_mode()
+    if mode == "off" or not q.is_cuda:
+        return False
+    from .. import _device
+    from . import backend
+
+    info = _device.info(q.device)
+    major = None if info is None else info.major
+    return gluon_reason(call, tuple(q.shape), tuple(k.shape), v.shape[-1], q.dtype, q.device.type, major,
+                        backend.available(), mode) is None  # fmt: skip
+
+
+#: (nq, nk, device) -> the lists of "every key block full" (a score_mod without a block mask)
+_ALL: dict[tuple, tuple] = {}
+
+
+def _all_blocks(nq: int, nk: int, device: torch.device) -> tuple:
+    key = (nq, nk, device)
+    hit = _ALL.get(key)
+    if hit is None:
+        num0 = torch.zeros((1, 1, nq), dtype=torch.int32, device=device)
+        idx = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
+        full = torch.full((1, 1, nq), nk, dtype=torch.int32, device=device)
+        hit = (num0, idx, full, idx)
+        if len(_ALL) > 64:
+            _ALL.clear()
+        _ALL[key] = hit
+    return hit
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of a call with mods on the Gluon ws kernel (``flex_triton.launch.forward``'s
+    contract; the caller checked :func:`use_gluon`)."""
+    from ..flex_triton import launch as FL
+    from ..triton.launch import device_guard
+    from . import configs
+    from .launch import _WS, _descriptor, tma_compatible
+
+    B, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    bm = call.block_mask
+    mb = FLEX_MASK_BLOCK
+    if bm is None:
+        nq, nk = -(-Sq // mb), -(-Sk // mb)
+        num, idx, fnum, fidx = _all_blocks(nq, nk, q.device)
+        has_full, bm_b, bm_h = True, False, False
+        even = Sq % mb == 0 and Sk % mb == 0
+    else:
+        (num, idx, fnum, fidx), _, flags = FL._lists(bm, "kv", q.device)
+        has_full, bm_b, bm_h = flags["HAS_FULL"], bool(flags["BM_B"]), bool(flags["BM_H"])
+        _, even = FL._geometry(bm, Sq, Sk)
+    consts, margs, sargs, _ = FL._mods(call)
+    cfg = configs.flex_config(D)
+    q, k, v = (x if tma_compatible(x) else x.contiguous() for x in (q, k, v))
+    q_desc = _descriptor(q, cfg.q_rows, False)
+    k_desc = _descriptor(k, cfg.block_n, False)
+    v_desc = _descriptor(v, cfg.block_n, False)
+    o_desc = _descriptor(out, cfg.q_rows, False)
+    grid = (-(-Sq // cfg.block_m), H, B)
+    with device_guard(q.device):
+        _WS[grid](
+            q_desc, k_desc, v_desc, o_desc, out, lse, None, None,
+            out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            Sq, Sk, H // Hk, FL._scale(call), 0.0, -1, -1,
+            HEAD_DIM=D, BLOCK_D=configs.block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            NUM_STAGES=cfg.num_stages, HAS_WL=False, HAS_WR=False, HAS_SOFTCAP=False, IS_VARLEN=False,
+            REVERSE_M=True, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
+            NUM_CONSUMERS=cfg.consumers, num_warps=cfg.num_warps,
+            KV_NUM=num, KV_IDX=idx, FULL_NUM=fnum if has_full else None, FULL_IDX=fidx if has_full else None,
+            bm_sb=num.stride(0) if bm_b else 0, bm_sh=num.stride(1) if bm_h else 0, bm_nk=idx.shape[-1],
+            MA0=margs[0], MA1=margs[1], MA2=margs[2], SA0=sargs[0], SA1=sargs[1], SA2=sargs[2],
+            FLEX=True, HAS_FULL=has_full, SUBS=mb // cfg.block_n, BOUNDS=not even,
+            HAS_MASK=consts["HAS_MASK"], HAS_SCORE=consts["HAS_SCORE"], MASK_MOD=consts["MASK_MOD"],
+            SCORE_MOD=consts["SCORE_MOD"],
+        )  # fmt: skip
+    return out, lse
+
+
+__all__ = ["ENV", "SKIP_SCORES", "env_mode", "forward", "gluon_reason", "use_gluon"]
