@@ -183,7 +183,7 @@ def flex_lists(bm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tu
     j = torch.arange(width, device=device)
     f = fnum.unsqueeze(-1).long()
     src = torch.where(j < f, j, fw + j - f).clamp_(0, width - 1)
-    merged = torch.gather(torch.cat([fidx, idx], -1), -1, src).contiguous()
+    merged = torch.gather(torch.cat([fidx, idx], -1), -1, src).clamp_(min=0).contiguous()  # (padding: any index)
     cnt = torch.stack([fnum, fnum + num], -1).contiguous()
     Bm, Hm, nkb = num.shape
     res = cnt, merged, (Hm * nkb if Bm > 1 else 0, nkb if Hm > 1 else 0, width)
