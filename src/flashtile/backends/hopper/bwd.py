@@ -819,7 +819,9 @@ def attn_bwd_ws(
         # steps [0, fu_hi) of the list are full blocks, the rest masked; steps per query head n_mb
         row = b * bl_sb + (hk * group) * bl_sh + pid_n
         n_f = gl.load(BL_CNT + 2 * row)
-        n_mb = gl.load(BL_CNT + 2 * row + 1) * LIST_SUBS
+        n_all = gl.load(BL_CNT + 2 * row + 1) * LIST_SUBS
+        total = n_all * group
+        n_mb = gl.maximum(n_all, 1)  # (the prologue's iteration 0 divides by it when the list is empty)
         BL_IDX = BL_IDX + row.to(gl.int64) * bl_w
         mb_lo = n_f * 0
         fu_lo = n_f * 0
@@ -833,7 +835,7 @@ def attn_bwd_ws(
         if n0 + BLOCK_N > seqlen_k:
             fu_hi = fu_lo  # ragged key block: every query block takes the masked path (see attn_bwd)
         n_mb = mb_hi - mb_lo
-    total = n_mb * group
+        total = n_mb * group
     # (tuples spelled out in the call, one list per partition count: see fwd.attn_fwd_ws)
     if SPLIT:
         gl.warp_specialize([

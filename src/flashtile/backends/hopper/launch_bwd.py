@@ -85,6 +85,8 @@ def backward(
     delta = torch.empty_like(lse)
     bd = configs.block_d(D)
     atomic = bool(cfg.atomic_dq) and not call.deterministic
+    if lists is not None and not (atomic and cfg.kernel == "ws" and cfg.swap):
+        raise ValueError("flashtile hopper: the block-list mode needs the ws kernel with swap and atomic dQ")
     # fp32 dQ accumulator, BLOCK_D wide and BLOCK_M rows longer: the kernel's atomics need no
     # masks (rows past a sequence add exact zeros)
     dq_acc = torch.zeros((B, Sq + cfg.block_m, H, bd), dtype=torch.float32, device=q.device) if atomic else dq
