@@ -20,7 +20,7 @@ kernel's block-list mode) on one H200, in one run:
      d64 only when started within ``--d64-until`` seconds.
 3. A table printed last; JSON to $OUT (else benchmarks/results).
 
-    PYTHONPATH=src python benchmarks/gflex_bwd_run.py [--seqlen 16384] [--no-d64] [--budget 300]
+    PYTHONPATH=src python benchmarks/gflex_bwd_run.py [--seqlen 16384] [--no-d64] [--budget 270]
 """
 
 from __future__ import annotations
@@ -254,10 +254,10 @@ def main():
     ap.add_argument("--seqlen", type=int, default=16384)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--no-d64", action="store_true")
-    ap.add_argument("--d64-until", type=float, default=240.0, help="time the d64 cases only if started before (s)")
+    ap.add_argument("--d64-until", type=float, default=200.0, help="time the d64 cases only if started before (s)")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--budget", type=float, default=300.0, help="seconds after which FlexAttention is skipped")
+    ap.add_argument("--budget", type=float, default=270.0, help="seconds after which FlexAttention is skipped")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args()
     t0 = time.perf_counter()
