@@ -121,14 +121,15 @@ CHECKS = [
 ]
 
 
-def check(mask_name, b, sq, sk, h, hk, d, dt, cap, deterministic=False, expect_gluon=True):
-    """One flex call against the oracle; asserts which backward served it."""
+def check(mask_name, b, sq, sk, h, hk, d, dt, cap, deterministic=False, expect_gluon=True, per_head=False):
+    """One flex call against the oracle; asserts which backward served it. ``per_head``: a block
+    mask with a head dimension (lists per query head)."""
     mm = MASKS[mask_name](b, max(sq, sk))
     torch.manual_seed(0)
     q = torch.randn(b, sq, h, d, device=DEV, dtype=dt)
     k = torch.randn(b, sk, hk, d, device=DEV, dtype=dt)
     v = torch.randn(b, sk, hk, d, device=DEV, dtype=dt)
-    bm = create_block_mask(mm, b, None, sq, sk, device=DEV)
+    bm = create_block_mask(mm, b, h if per_head else None, sq, sk, device=DEV)
     dense = mask_from_mod(mm, b, None, sq, sk, DEV)
     sm = masks.softcap(cap) if cap else None
     call = make_call(headdim=d, block_mask=bm, score_mod=sm, deterministic=deterministic)
@@ -272,9 +273,10 @@ def main():
                   f"{str(case[7])[6:]} softcap={case[8]}: ok", flush=True)  # fmt: skip
         try:
             dead_rows()
+            check("document", 2, 389, 389, 4, 4, 128, torch.bfloat16, 0.0, per_head=True)
             check("document", 1, 389, 389, 4, 2, 128, torch.bfloat16, 0.0, deterministic=True, expect_gluon=False)
         except AssertionError as e:
-            print(f"FAILED check (rows that see no key / deterministic): {e}", flush=True)
+            print(f"FAILED check (rows that see no key / per-head block mask / deterministic): {e}", flush=True)
             sys.exit(1)
         print(f"checks ok ({time.perf_counter() - t0:.0f} s)", flush=True)
     s, h = args.seqlen, args.heads

@@ -211,14 +211,15 @@ def _oracle(q, k, v, do, mm, b, score_mod):
 )
 def test_walk_matches_the_oracle(mask_name, sq, sk, h, hk, d, block_m):
     """The lists and the walk the kernel's loads, compute and dQ reductions share give the
-    oracle's gradients (float64; the oracle's lse is float32), for odd lengths, sq != sk and GQA."""
+    oracle's gradients (float64; the oracle's lse is float32), for odd lengths, sq != sk and GQA;
+    without GQA the block mask has a head dimension (lists per query head)."""
     torch.manual_seed(0)
     b = 2
     mm = MASKS[mask_name](b, max(sq, sk))
     q, k, v = qkv_inputs(b, sq, sk, h, hk, d, torch.float64, "cpu")
     do = torch.randn_like(q)
     out, lse, (gq, gk, gv) = _oracle(q, k, v, do, mm, b, None)
-    call = make_call(headdim=d, block_mask=create_block_mask(mm, b, None, sq, sk))
+    call = make_call(headdim=d, block_mask=create_block_mask(mm, b, h if h == hk else None, sq, sk))
     dq, dk, dv = _walk_grads(q, k, v, do, out, lse, call, block_m)
     for name, a, r in (("dq", dq, gq), ("dk", dk, gk), ("dv", dv, gv)):
         assert torch.allclose(a, r, atol=2e-6, rtol=1e-5), (name, (a - r).abs().max().item())
