@@ -303,6 +303,22 @@ def _analyse(k, res: dict, name: str, dump: str | None) -> dict:
 BWD_OPTS = {**{m: dict(f, ATOMIC_DQ=True) for m, f in MASKS.items()},
             "deterministic": dict(HAS_WL=False, HAS_WR=True, HAS_SOFTCAP=False, ATOMIC_DQ=False)}  # fmt: skip
 
+#: the backward's block-list mode (flex block masks, ``bwd.attn_bwd_ws`` with ``LIST_SUBS``): a mask_mod
+#: of ``flex_triton.kernels`` with the types of its three arguments (as ``flex_triton.launch`` passes
+#: them: tensors, ints; an int value: the JIT's constexpr specialisation of 1), and softcap (a softcap
+#: score_mod)
+FLEX_OPTS = {
+    "flex-causal": ("causal", ("i32", "i32", "i32"), False),
+    "flex-sliding": ("sliding_window", ("i32", "i32", "i32"), False),
+    "flex-document": ("document", ("*i64", "i32", 1), False),
+    "flex-document-bidir": ("document", ("*i64", "i32", "i32"), False),
+    "flex-prefix-lm": ("prefix_lm", ("i32", "i32", "i32"), False),
+    "flex-chunked": ("chunked", ("i32", "i32", 1), False),
+    "flex-bidir-blocks": ("bidirectional_blocks", ("*i64", "i32", "i32"), False),
+    "flex-no-mask": ("no_mask", ("i32", "i32", "i32"), False),
+    "flex-prefix-lm+softcap": ("prefix_lm", ("i32", "i32", "i32"), True),
+}
+
 
 def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dump: str | None) -> dict:
     """Compile one variant of the backward kernel (bwd.attn_bwd)."""
@@ -329,8 +345,23 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
         "seqlen_q": "i32", "seqlen_k": "i32", "group": "i32", "qk_scale": "fp32", "cap_out": "fp32",
         "sm_scale": "fp32", "window_left": "i32", "window_right": "i32",
     }  # fmt: skip
+    if opt in FLEX_OPTS:  # block-list mode: no window flags, the mask_mod's Triton function
+        sys.path.insert(0, str(ROOT / "src"))
+        from flashtile.backends.flex_triton import kernels as K
+
+        mask, mtypes, cap = FLEX_OPTS[opt]
+        flags = dict(HAS_WL=False, HAS_WR=False, HAS_SOFTCAP=cap, ATOMIC_DQ=True, LIST_SUBS=128 // cfg.block_m,
+                     MASK_MOD=getattr(K, mask))  # fmt: skip
+        sig.update({"BL_CNT": "*i32", "BL_IDX": "*i32", "bl_sb": "i32", "bl_sh": "i32", "bl_w": "i32"})
+        for i, t in enumerate(mtypes):
+            if isinstance(t, int):
+                flags[f"MA{i}"] = t
+            else:
+                sig[f"MA{i}"] = t
+    else:
+        flags = BWD_OPTS[opt]
     consts = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
-                  IS_VARLEN=varlen, num_warps=cfg.num_warps, **BWD_OPTS[opt])  # fmt: skip
+                  IS_VARLEN=varlen, num_warps=cfg.num_warps, **flags)  # fmt: skip
     consts.update(cfg.kernel_consts(d))
     if cfg.kernel in ("ws", "ws2"):
         name = name.replace("bwd ", f"bwd_{cfg.kernel}{'_swap' if cfg.swap else ''}{'_tma' if cfg.dq_tma else ''} ", 1)
@@ -368,6 +399,8 @@ def main() -> int:
     ap.add_argument("--fp8", action="store_true", help="the FP8 kernel (fwd_fp8.py) instead of the 16-bit ones")
     ap.add_argument("--flex", action="store_true", help="the ws kernel's flex mode (FLEX_VARIANTS; bf16)")
     ap.add_argument("--bwd-kernel", choices=("plain", "ws", "ws2"), help="the backward kernel (default: the table's)")
+    ap.add_argument("--flex", action="store_true",
+                    help="the backward's block-list mode (flex mask_mods, head dims 64/96/128, dense) only")
     args = ap.parse_args()
     overrides = {}
     for kv in args.set:
@@ -388,8 +421,13 @@ def main() -> int:
         bwd_over = {k: v for k, v in overrides.items() if k in fields}
         if args.bwd_kernel:
             bwd_over["kernel"] = args.bwd_kernel
-        jobs += [(compile_bwd, (dt, d, op, vl, bwd_over)) for dt in dtypes for d in dims for op in bopts
-                 for vl in (False, True)]  # fmt: skip
+        if args.flex:
+            fdims = [d for d in (args.headdim or (64, 96, 128)) if d in (64, 96, 128)]
+            fopts = ["flex-causal", "flex-document"] if args.quick else list(FLEX_OPTS)
+            jobs = [(compile_bwd, (dt, d, op, False, bwd_over)) for dt in dtypes for d in fdims for op in fopts]
+        else:
+            jobs += [(compile_bwd, (dt, d, op, vl, bwd_over)) for dt in dtypes for d in dims for op in bopts
+                     for vl in (False, True)]  # fmt: skip
     if args.fp8:  # (head dim, mask, varlen, descales given)
         jobs = [(compile_one_fp8, (d, mk, vl, True, overrides)) for d in dims for mk in masks for vl in (False, True)]
         jobs.append((compile_one_fp8, (dims[0], masks[0], False, False, overrides)))

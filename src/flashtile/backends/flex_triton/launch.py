@@ -329,6 +329,67 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -
     return out, lse
 
 
+#: ``FLASHTILE_FLEX_GLUON=0`` runs calls with mods on the Triton kernels here even where the Gluon
+#: Hopper kernels serve them (A/B comparisons); shared by the forward and the backward (one name and
+#: one parser: :func:`~flashtile.backends.hopper.flex.env_mode`)
+FLEX_GLUON_ENV = _gluon_flex.ENV
+#: score mods the Gluon backward computes (as its built-in softcap; no captured tensor)
+_GLUON_SCORE_MODS = ("softcap",)
+
+
+def _hopper_ready(device: torch.device) -> str | None:
+    """Why the Gluon Hopper kernels cannot run on ``device`` (None: they can): the hopper
+    backend's availability (Triton 3.6 with Gluon, CUDA) and compute capability 9.x."""
+    from ..hopper import backend as hopper
+
+    why = hopper.available()
+    if why is None and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9):
+        why = "needs a compute capability 9.x CUDA device"
+    return why
+
+
+def gluon_bwd_reason(
+    q: torch.Tensor, k: torch.Tensor, call: AttnCall, captured: tuple, hopper_ready: Callable | None = None
+) -> str | None:
+    """Why the backward of this flex call does not run on the Gluon Hopper kernel
+    (``hopper.launch_bwd.flex_backward``; None: it does). Served: a block mask with ``BLOCK_SIZE``
+    128 and its transposed lists, whose mask_mod has a Triton version (or is None); no score_mod
+    or softcap's; no captured tensor gradient; fp16 / bf16; a head dim whose backward config is
+    the ws kernel with swapped tiles (64, 96, 128); not deterministic; a per-head block mask only
+    without GQA; a Hopper GPU with the Gluon backend available (``hopper_ready(device)``, by
+    default :func:`_hopper_ready`); and ``FLASHTILE_FLEX_GLUON`` not ``0``."""
+    from ..hopper import configs as hcfg
+
+    if _gluon_flex.env_mode() == "off":
+        return f"{FLEX_GLUON_ENV}=0"
+    bm = call.block_mask
+    if bm is None or getattr(bm, "q_num_blocks", None) is None:
+        return "no block mask with transposed (per key block) lists"
+    if tuple(bm.BLOCK_SIZE) != (128, 128):
+        return f"block-mask BLOCK_SIZE {tuple(bm.BLOCK_SIZE)} (the Gluon backward walks 128-key blocks)"
+    if bm.mask_mod is not None and (_twin(bm.mask_mod) is None or not hasattr(K, _twin(bm.mask_mod)[0])):
+        return "the mask_mod has no Triton version"
+    if call.score_mod is not None and (_twin(call.score_mod) or ("",))[0] not in _GLUON_SCORE_MODS:
+        return f"score_mod other than {', '.join(_GLUON_SCORE_MODS)}"
+    if captured:
+        return "a captured tensor needs a gradient"
+    if call.deterministic:
+        return "deterministic (the Triton backward adds no atomics)"
+    if call.has_window or call.softcap > 0 or call.dropout_p > 0 or call.varlen or call.alibi_slopes is not None:
+        return "built-in options beside the mods"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype}"
+    d = q.shape[-1]
+    if d not in hcfg.HEADDIMS or k.shape[-1] != d:
+        return f"head dim {d}"
+    c = hcfg.bwd_config(d)
+    if not (c.kernel == "ws" and c.swap and c.block_n == 128 and 128 % c.block_m == 0):
+        return f"head dim {d}: the Hopper backward's config is not the ws kernel with swapped tiles"
+    if bm.q_num_blocks.shape[1] > 1 and q.shape[2] != k.shape[2]:
+        return "a per-head block mask under GQA"
+    return (hopper_ready or _hopper_ready)(q.device)
+
+
 def backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -339,7 +400,13 @@ def backward(
     call: AttnCall,
     captured: tuple[torch.Tensor, ...],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """(dq, dk, dv, {"score_mod": (captured tensor's gradient,)}) from the saved out / lse."""
+    """(dq, dk, dv, {"score_mod": (captured tensor's gradient,)}) from the saved out / lse. On a
+    Hopper GPU the calls :func:`gluon_bwd_reason` accepts run the Gluon kernel instead
+    (``hopper.launch_bwd.flex_backward``, same contract)."""
+    if gluon_bwd_reason(q, k, call, captured) is None:
+        from ..hopper.launch_bwd import flex_backward
+
+        return flex_backward(dout, q, k, v, out, lse, call, captured)
     B, Sq, H, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -102,14 +102,51 @@ def _red_v4(base, x, row0, col0, stride_s, BLOCK_R: gl.constexpr, BLOCK_C: gl.co
 
 
 @gluon.jit
+def _mask_mod_tile(MASK_MOD: gl.constexpr, b, h, qrows, keys, seqlen_q, seqlen_k, MA0, MA1, MA2,
+                   QAX: gl.constexpr):
+    """The visibility of a score tile under a flex ``mask_mod`` (a ``@triton.jit`` function of
+    ``flex_triton.kernels``, ``(b, h, q, kv, A0, A1, A2) -> bool``, compiled here with Gluon's
+    semantics): ``qrows`` / ``keys`` are the tile's query / key positions in slices of its layout,
+    ``QAX`` the axis a per-query vector is expanded on (0: the transposed tile ``S^T``). The mod
+    sees positions clamped into the sequences (its captured tensors are read in bounds); keys past
+    ``seqlen_k`` are hidden (rows past ``seqlen_q`` have P = 0 from their lse)."""
+    qi = gl.expand_dims(gl.minimum(qrows, seqlen_q - 1), QAX)
+    ki = gl.expand_dims(gl.minimum(keys, seqlen_k - 1), 1 - QAX)
+    return MASK_MOD(b, h, qi, ki, MA0, MA1, MA2) & gl.expand_dims(keys < seqlen_k, 1 - QAX)
+
+
+@gluon.jit
+def _list_block(BL_IDX, j, LIST_SUBS: gl.constexpr):
+    """Block-list mode: the query block (of ``BLOCK_M`` rows) of step ``j`` of a program's list at
+    ``BL_IDX`` (block-mask query blocks, ``LIST_SUBS`` steps of ``BLOCK_M`` rows each)."""
+    li = j // LIST_SUBS
+    return gl.load(BL_IDX + li) * LIST_SUBS + (j - li * LIST_SUBS)
+
+
+@gluon.jit
+def _step_block(i, g, mb_lo, n_mb, BL_IDX, LIST_SUBS: gl.constexpr):
+    """The query block (of ``BLOCK_M`` rows) of loop iteration ``i`` of query head ``g`` of the
+    group: ``mb_lo + i - g * n_mb``, or with ``LIST_SUBS`` (block-list mode) step ``i - g * n_mb``
+    of the program's list (:func:`_list_block`)."""
+    if LIST_SUBS:
+        blk = _list_block(BL_IDX, i - g * n_mb, LIST_SUBS)
+    else:
+        blk = mb_lo + i - g * n_mb
+    return blk
+
+
+@gluon.jit
 def _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
            HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, BLOCK_M: gl.constexpr,
-           qry_layout: gl.constexpr, TRANS: gl.constexpr = False):
+           qry_layout: gl.constexpr, TRANS: gl.constexpr = False, MASK_MOD: gl.constexpr = None,
+           b=None, h=None, seqlen_q=None, MA0=None, MA1=None, MA2=None):
     """P = exp2(score - lse) of a ``[BLOCK_M, keys]`` tile from the raw ``S = Q K^T`` (the forward's
     score: base 2, softcap, visibility masks when ``masked``; rows past the sequence or seeing no
     key have ``lse2 = +inf``: P = 0). ``TRANS``: the tile is ``S^T = K Q^T`` (``[keys, BLOCK_M]``,
     lse along the columns) and so is the result. Returns ``(p, t)``: ``t = tanh`` of the softcap
-    (for dS's ``1 - t^2``), or ``p`` again without softcap (unused)."""
+    (for dS's ``1 - t^2``), or ``p`` again without softcap (unused). ``MASK_MOD`` (block-list
+    mode, a flex block mask's ``mask_mod``): the masked tiles evaluate it (:func:`_mask_mod_tile`)
+    instead of the causal / window rule."""
     QAX: gl.constexpr = 0 if TRANS else 1  # the axis expand_dims adds to a per-query vector
     if HAS_SOFTCAP:
         t = _tanh_fast(s * qk_scale)
@@ -118,8 +155,11 @@ def _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, 
         s2 = s * qk_scale
     if masked:
         qrows = m0 + gl.arange(0, BLOCK_M, layout=qry_layout)
-        vis = _visible(gl.expand_dims(keys, 1 - QAX), gl.expand_dims(qrows, QAX), seqlen_k, off, window_left,
-                       window_right, HAS_WL, HAS_WR)
+        if MASK_MOD is None:
+            vis = _visible(gl.expand_dims(keys, 1 - QAX), gl.expand_dims(qrows, QAX), seqlen_k, off, window_left,
+                           window_right, HAS_WL, HAS_WR)
+        else:
+            vis = _mask_mod_tile(MASK_MOD, b, h, qrows, keys, seqlen_q, seqlen_k, MA0, MA1, MA2, QAX)
         s2 = gl.where(vis, s2, float("-inf"))
     p = gl.exp2(s2 - gl.expand_dims(lse2, QAX))
     if HAS_SOFTCAP:
@@ -351,12 +391,13 @@ def attn_bwd(
 
 @gluon.jit
 def _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, i, b, hk, group, q_start, mb_lo, n_mb,
-                BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
+                BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, BL_IDX=None,
+                LIST_SUBS: gl.constexpr = 0):
     """Worker: TMA loads of the Q and dO tiles of iteration ``i`` into ring slot ``i % NUM_STAGES``,
     both completing on that slot's ``ld_full`` barrier."""
     stage = i % NUM_STAGES
     g = i // n_mb
-    row = q_start + (mb_lo + i - g * n_mb) * BLOCK_M
+    row = q_start + _step_block(i, g, mb_lo, n_mb, BL_IDX, LIST_SUBS) * BLOCK_M
     h = hk * group + g
     bar = ld_full.index(stage)
     mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
@@ -392,29 +433,31 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
                    mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
                    BLOCK_M: gl.constexpr, BLOCK_D: gl.constexpr, NUM_STAGES: gl.constexpr,
                    IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, RED_ROWS: gl.constexpr,
-                   WORKER_WARPS: gl.constexpr, NUM_TILES: gl.constexpr, dq_desc, DQ_TMA: gl.constexpr):
+                   WORKER_WARPS: gl.constexpr, NUM_TILES: gl.constexpr, dq_desc, DQ_TMA: gl.constexpr,
+                   BL_IDX, LIST_SUBS: gl.constexpr):
     """The worker warpgroup: every TMA load (K and V once, then Q / dO of each iteration into the
     ring, a slot refilled once the compute warpgroups released it), and the dQ reductions: each
     iteration's dQ tile, left in ``dq_smem`` by the compute warpgroups, is added into the fp32
     accumulator in global memory while they go on with the next query block: with
     ``red.global.add.v4.f32`` from registers, or (``DQ_TMA``) by TMA reduce-adds of the whole tile
-    (``dq_desc``), the worker waiting only until the TMA unit has read the tile."""
+    (``dq_desc``), the worker waiting only until the TMA unit has read the tile. Block-list mode
+    (``LIST_SUBS``): the query blocks of the program's list at ``BL_IDX``."""
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     _tma_load(k_desc, kv_bar, k_smem, b, k_start + n0, hk, IS_VARLEN)
     _tma_load(v_desc, kv_bar, v_smem, b, k_start + n0, hk, IS_VARLEN)
     for st in gl.static_range(NUM_STAGES):
         if st < total:
             _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, st, b, hk, group, q_start, mb_lo, n_mb,
-                        BLOCK_M, NUM_STAGES, IS_VARLEN)
+                        BLOCK_M, NUM_STAGES, IS_VARLEN, BL_IDX, LIST_SUBS)
     for i in range(total):
         nxt = i + NUM_STAGES
         if nxt < total:
             mbarrier.wait(ld_empty.index(i % NUM_STAGES), (i // NUM_STAGES) & 1)
             _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, nxt, b, hk, group, q_start, mb_lo, n_mb,
-                        BLOCK_M, NUM_STAGES, IS_VARLEN)
+                        BLOCK_M, NUM_STAGES, IS_VARLEN, BL_IDX, LIST_SUBS)
         if ATOMIC_DQ:
             g = i // n_mb
-            blk = mb_lo + i - g * n_mb
+            blk = _step_block(i, g, mb_lo, n_mb, BL_IDX, LIST_SUBS)
             h = hk * group + g
             base = DQ + (b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh)
             mbarrier.wait(dq_full, i & 1)
@@ -430,11 +473,11 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
 
 @gluon.jit
 def _lse_delta(LSE, DELTA, i, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh,
-               BLOCK_M: gl.constexpr, qry_layout: gl.constexpr):
+               BLOCK_M: gl.constexpr, qry_layout: gl.constexpr, BL_IDX=None, LIST_SUBS: gl.constexpr = 0):
     """lse in base 2 (+inf on rows that see no key and on rows past the sequence: P = 0 there)
     and delta of iteration ``i``'s query rows."""
     g = i // n_mb
-    m0 = (mb_lo + i - g * n_mb) * BLOCK_M
+    m0 = _step_block(i, g, mb_lo, n_mb, BL_IDX, LIST_SUBS) * BLOCK_M
     h = hk * group + g
     qrows = m0 + gl.arange(0, BLOCK_M, layout=qry_layout)
     qok = qrows < seqlen_q
@@ -446,11 +489,11 @@ def _lse_delta(LSE, DELTA, i, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stri
 
 @gluon.jit
 def _lse_delta_rows(LSE, DELTA, i, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh,
-                    BLOCK_M: gl.constexpr, NW: gl.constexpr):
+                    BLOCK_M: gl.constexpr, NW: gl.constexpr, BL_IDX=None, LIST_SUBS: gl.constexpr = 0):
     """:func:`_lse_delta` of iteration ``i`` in a 1-D layout over ``NW`` warps (a register or two a
     thread), to be staged in shared memory (``SWAP``)."""
     return _lse_delta(LSE, DELTA, i, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh, BLOCK_M,
-                      gl.BlockedLayout([1], [32], [NW], [0]))
+                      gl.BlockedLayout([1], [32], [NW], [0]), BL_IDX, LIST_SUBS)
 
 
 @gluon.jit
@@ -477,7 +520,8 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                     WG: gl.constexpr, SPLIT: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr,
                     HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-                    DEFER_DK: gl.constexpr, SWAP: gl.constexpr, DQ_TMA: gl.constexpr):
+                    DEFER_DK: gl.constexpr, SWAP: gl.constexpr, DQ_TMA: gl.constexpr,
+                    BL_IDX, MA0, MA1, MA2, LIST_SUBS: gl.constexpr, MASK_MOD: gl.constexpr):
     """Compute warps of the ws kernel: for each query block of the ring, the five products and
     the softmax recomputation, dK and dV in registers, the dQ tile left in ``dq_smem`` for the
     worker.
@@ -498,7 +542,10 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
     ``dQ = dS K`` (read back transposed). lse and delta lie along the columns (a thread needs 16
     of each at 64 query rows): they are staged in shared memory (``st_smem``, two slots of the
     partition's four rows: the next block's loaded into a register a thread at the top of an
-    iteration, stored before its barrier) and read right where they are used."""
+    iteration, stored before its barrier) and read right where they are used.
+
+    Block-list mode (``LIST_SUBS``, see :func:`attn_bwd_ws`): the query blocks come from the
+    program's list at ``BL_IDX``; the masked ones evaluate ``MASK_MOD`` (arguments ``MA0..2``)."""
     dtype: gl.constexpr = q_bufs.dtype
     NW: gl.constexpr = 4 if SPLIT else 8
     KEYS: gl.constexpr = BLOCK_N // 2 if SPLIT else BLOCK_N
@@ -545,13 +592,13 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
     if SWAP:
         ST0: gl.constexpr = 4 * WG  # this partition's rows of st_smem: lse, delta of slot 0, then of slot 1
         lse_r, delta_r = _lse_delta_rows(LSE, DELTA, 0, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb,
-                                         stride_lh, BLOCK_M, NW)
+                                         stride_lh, BLOCK_M, NW, BL_IDX, LIST_SUBS)
         st_smem.index(ST0).store(lse_r)
         st_smem.index(ST0 + 1).store(delta_r)
         gl.thread_barrier()
     else:
         lse2, delta = _lse_delta(LSE, DELTA, 0, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh,
-                                 BLOCK_M, qry_layout)
+                                 BLOCK_M, qry_layout, BL_IDX, LIST_SUBS)
     mbarrier.wait(kv_bar, 0)
     for i in range(total):
         stage = i % NUM_STAGES
@@ -560,6 +607,9 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
         q_buf = q_bufs.index(stage)
         do_buf = do_bufs.index(stage)
         masked = (blk < fu_lo) | (blk >= fu_hi)
+        if LIST_SUBS:  # block-list mode: blk is the step of the list; its query rows and head
+            m0 = _list_block(BL_IDX, blk, LIST_SUBS) * BLOCK_M
+            hq = hk * group + g
         mbarrier.wait(ld_full.index(stage), (i // NUM_STAGES) & 1)
         s = _score_mma(k_w, q_buf, SWAP, KEYS, BLOCK_M, s_layout)
         if EARLY_DP:  # dP under the softmax
@@ -567,15 +617,20 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
         if SWAP:
             # the next block's lse and delta (the last iteration reloads its own into the other slot)
             lse_r, delta_r = _lse_delta_rows(LSE, DELTA, gl.minimum(i + 1, total - 1), b, hk, group, q_start, mb_lo,
-                                             n_mb, seqlen_q, stride_lb, stride_lh, BLOCK_M, NW)
+                                             n_mb, seqlen_q, stride_lb, stride_lh, BLOCK_M, NW, BL_IDX, LIST_SUBS)
             slot = ST0 + 2 * (i & 1)
             if EARLY_DP:
                 s = warpgroup_mma_wait(1, deps=(s,))
             else:
                 s = warpgroup_mma_wait(0, deps=(s,))
             lse2 = st_smem.index(slot).load(qry_layout)
-            p, t = _bwd_p(s, lse2, keys, blk * BLOCK_M, masked, seqlen_k, off, window_left, window_right,
-                          qk_scale, cap_out, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_M, qry_layout, True)
+            if LIST_SUBS:
+                p, t = _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
+                              HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_M, qry_layout, True, MASK_MOD, b, hq, seqlen_q,
+                              MA0, MA1, MA2)
+            else:
+                p, t = _bwd_p(s, lse2, keys, blk * BLOCK_M, masked, seqlen_k, off, window_left, window_right,
+                              qk_scale, cap_out, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_M, qry_layout, True)
             pa = gl.convert_layout(p.to(dtype), a_layout)
             dv = warpgroup_mma(pa, do_buf, dv, is_async=True)
             if HAS_SOFTCAP:
@@ -599,7 +654,7 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
         else:
             # the next iteration's lse and delta, loaded under the wgmmas (the last iteration reloads its own)
             lse2_n, delta_n = _lse_delta(LSE, DELTA, gl.minimum(i + 1, total - 1), b, hk, group, q_start, mb_lo,
-                                         n_mb, seqlen_q, stride_lb, stride_lh, BLOCK_M, qry_layout)
+                                         n_mb, seqlen_q, stride_lb, stride_lh, BLOCK_M, qry_layout, BL_IDX, LIST_SUBS)
             if EARLY_DP:
                 s = warpgroup_mma_wait(1, deps=(s,))
             else:
@@ -686,7 +741,8 @@ def attn_bwd_ws(
     IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, WORKER_REGS: gl.constexpr, RED_ROWS: gl.constexpr,
     num_warps: gl.constexpr, DEFER_DK: gl.constexpr = False, SPLIT: gl.constexpr = False,
     COMPUTE_REGS: gl.constexpr = 240, SWAP: gl.constexpr = False, DQ_TMA: gl.constexpr = False, dq_desc=None,
-    LPT: gl.constexpr = False,
+    LPT: gl.constexpr = False, BL_CNT=None, BL_IDX=None, bl_sb=None, bl_sh=None, bl_w=None, MA0=None, MA1=None,
+    MA2=None, LIST_SUBS: gl.constexpr = 0, MASK_MOD: gl.constexpr = None,
 ):
     """Warp-specialised backward, same arguments and semantics as :func:`attn_bwd` (grid
     ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``), and a worker warpgroup (4 more warps,
@@ -698,7 +754,17 @@ def attn_bwd_ws(
     the two partials (see :func:`_bwd_ws_compute`). ``SWAP``: the transposed score tiles (P^T and
     dS^T as register operands; see :func:`_bwd_ws_compute`). ``DQ_TMA``: the worker adds each dQ
     tile by TMA reduce-add through ``dq_desc`` (fp32 ``[BLOCK_M, BLOCK_D]`` blocks of ``DQ``) instead
-    of vector atomics. ``LPT``: the grid order of :func:`attn_bwd`'s ``LPT``."""
+    of vector atomics. ``LPT``: the grid order of :func:`attn_bwd`'s ``LPT``.
+
+    Block-list mode (``LIST_SUBS > 0``; a flex block mask with ``BLOCK_SIZE = BLOCK_N``, dense, with
+    ``SWAP``, not ``SPLIT`` / ``LPT``): the query blocks of key block ``pid_n`` are those of the
+    block mask's transposed lists, merged on the host (``launch_bwd.flex_lists``): list row ``r =
+    b * bl_sb + h * bl_sh + pid_n`` (``h`` the group's first query head; ``bl_sh = 0`` or ``group =
+    1``) has ``BL_CNT[2r]`` full then ``BL_CNT[2r + 1]`` blocks in all at ``BL_IDX + r * bl_w``, each
+    block-mask query block ``LIST_SUBS = BLOCK_SIZE / BLOCK_M`` steps of ``BLOCK_M`` rows; the loads,
+    the compute and the dQ reductions walk the same steps (:func:`_step_block`). Full blocks take no
+    mask; the others (and every block of a ragged key block) evaluate ``MASK_MOD(b, h, q, kv, MA0,
+    MA1, MA2)`` in place of the causal / window rule (``HAS_WL`` / ``HAS_WR`` off)."""
     pid_n, hk, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, False,
                                                                       IS_VARLEN, LPT)
     n0 = pid_n * BLOCK_N
@@ -747,13 +813,29 @@ def attn_bwd_ws(
         mbarrier.init(ld_full.index(st), count=1)
         mbarrier.init(ld_empty.index(st), count=NT)
 
-    c_hi = gl.minimum(n0 + BLOCK_N, seqlen_k)
-    mb_lo, fu_lo, fu_hi, mb_hi = _block_range(n0, c_hi, seqlen_q, -off, window_right, window_left,
-                                              HAS_WR, HAS_WL, BLOCK_M)
-    if n0 + BLOCK_N > seqlen_k:
-        fu_hi = fu_lo  # ragged key block: every query block takes the masked path (see attn_bwd)
-    n_mb = mb_hi - mb_lo
-    total = n_mb * group
+    if LIST_SUBS:
+        gl.static_assert(SWAP and not SPLIT and not LPT and not IS_VARLEN,
+                         "block-list mode: the SWAP ws kernel, dense calls, grid (key blocks, heads, batch)")
+        # steps [0, fu_hi) of the list are full blocks, the rest masked; steps per query head n_mb
+        row = b * bl_sb + (hk * group) * bl_sh + pid_n
+        n_f = gl.load(BL_CNT + 2 * row)
+        n_all = gl.load(BL_CNT + 2 * row + 1) * LIST_SUBS
+        total = n_all * group
+        n_mb = gl.maximum(n_all, 1)  # (the prologue's iteration 0 divides by it when the list is empty)
+        BL_IDX = BL_IDX + row.to(gl.int64) * bl_w
+        mb_lo = n_f * 0
+        fu_lo = n_f * 0
+        fu_hi = n_f * LIST_SUBS
+        if n0 + BLOCK_N > seqlen_k:
+            fu_hi = fu_lo  # ragged key block: every block takes the masked path (keys past the end)
+    else:
+        c_hi = gl.minimum(n0 + BLOCK_N, seqlen_k)
+        mb_lo, fu_lo, fu_hi, mb_hi = _block_range(n0, c_hi, seqlen_q, -off, window_right, window_left,
+                                                  HAS_WR, HAS_WL, BLOCK_M)
+        if n0 + BLOCK_N > seqlen_k:
+            fu_hi = fu_lo  # ragged key block: every query block takes the masked path (see attn_bwd)
+        n_mb = mb_hi - mb_lo
+        total = n_mb * group
     # (tuples spelled out in the call, one list per partition count: see fwd.attn_fwd_ws)
     if SPLIT:
         gl.warp_specialize([
@@ -763,18 +845,19 @@ def attn_bwd_ws(
                                total, seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
                                qk_scale, cap_out, sm_scale, window_left, window_right,
                                0, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                               ATOMIC_DQ, False, SWAP, DQ_TMA)),
+                               ATOMIC_DQ, False, SWAP, DQ_TMA, BL_IDX, MA0, MA1, MA2, LIST_SUBS, MASK_MOD)),
             (_bwd_ws_compute, (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem,
                                kv_bar, ld_full, ld_empty, dq_full, dq_empty,
                                DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb,
                                total, seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
                                qk_scale, cap_out, sm_scale, window_left, window_right,
                                1, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                               ATOMIC_DQ, False, SWAP, DQ_TMA)),
+                               ATOMIC_DQ, False, SWAP, DQ_TMA, BL_IDX, MA0, MA1, MA2, LIST_SUBS, MASK_MOD)),
             (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
                               kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
                               mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
-                              BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 2, dq_desc, DQ_TMA)),
+                              BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 2, dq_desc, DQ_TMA,
+                              BL_IDX, LIST_SUBS)),
         ], [4, 4], [COMPUTE_REGS, WORKER_REGS])
     else:
         gl.warp_specialize([
@@ -784,9 +867,10 @@ def attn_bwd_ws(
                                total, seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
                                qk_scale, cap_out, sm_scale, window_left, window_right,
                                0, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                               ATOMIC_DQ, DEFER_DK, SWAP, DQ_TMA)),
+                               ATOMIC_DQ, DEFER_DK, SWAP, DQ_TMA, BL_IDX, MA0, MA1, MA2, LIST_SUBS, MASK_MOD)),
             (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
                               kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
                               mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
-                              BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 1, dq_desc, DQ_TMA)),
+                              BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 1, dq_desc, DQ_TMA,
+                              BL_IDX, LIST_SUBS)),
         ], [4], [WORKER_REGS])

@@ -20,9 +20,16 @@ so the Gluon kernel runs without them (``ATOMIC_DQ=False``: dK/dV only, which ar
 one program each and so reproducible) and dQ comes from the Triton backend's dQ kernel (one
 program per query block, summing key blocks in a fixed order): bitwise reproducible, at the cost
 of recomputing S and dP once more.
+
+Flex block masks (:func:`flex_backward`): the same launch with the ws kernel's block-list mode
+(``LIST_SUBS``, ``MASK_MOD``: see :func:`.bwd.attn_bwd_ws`), the block mask's transposed lists merged
+once per block mask by :func:`flex_lists`.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import weakref
 
 import torch
 
@@ -57,8 +64,10 @@ def backward(
     call: AttnCall,
     *,
     config: HopperBwdConfig | None = None,
+    lists: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) shaped and typed like (q, k, v). ``config`` overrides the table (sweeps)."""
+    """(dq, dk, dv) shaped and typed like (q, k, v). ``config`` overrides the table (sweeps).
+    ``lists``: the block-list mode's kernel arguments (:func:`flex_backward`)."""
     B, Sq, H, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
     varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k = _geometry(q, k, call)
@@ -76,6 +85,8 @@ def backward(
     delta = torch.empty_like(lse)
     bd = configs.block_d(D)
     atomic = bool(cfg.atomic_dq) and not call.deterministic
+    if lists is not None and not (atomic and cfg.kernel == "ws" and cfg.swap):
+        raise ValueError("flashtile hopper: the block-list mode needs the ws kernel with swap and atomic dQ")
     # fp32 dQ accumulator, BLOCK_D wide and BLOCK_M rows longer: the kernel's atomics need no
     # masks (rows past a sequence add exact zeros)
     dq_acc = torch.zeros((B, Sq + cfg.block_m, H, bd), dtype=torch.float32, device=q.device) if atomic else dq
@@ -103,7 +114,7 @@ def backward(
                 extra["dq_desc"] = _descriptor(dq_acc, cfg.block_m, varlen)
         n_kb = cdiv(rows_k, cfg.block_n)
         # causal / right window: key block 0 of every head first (longest first); grid y / z <= 65535
-        lpt = bool(cfg.lpt) and call.window_right >= 0 and nb <= 65535 and n_kb <= 65535
+        lpt = bool(cfg.lpt) and call.window_right >= 0 and nb <= 65535 and n_kb <= 65535 and lists is None
         grid = (Hk, nb, n_kb) if lpt else (n_kb, Hk, nb)
         kernel[grid](
             q_desc, k_desc, v_desc, do_desc, dq_acc, dk, dv, lse, delta, call.cu_seqlens_q, call.cu_seqlens_k,
@@ -112,7 +123,7 @@ def backward(
             Sq, Sk, H // Hk, qk_scale, cap_out, call.softmax_scale, call.window_left, call.window_right,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
             HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
-            IS_VARLEN=varlen, ATOMIC_DQ=atomic, LPT=lpt, **extra,
+            IS_VARLEN=varlen, ATOMIC_DQ=atomic, LPT=lpt, **extra, **(lists or {}),
         )  # fmt: skip
         if atomic:
             _convert_dq(dq_acc, dq, call.softmax_scale)
@@ -146,4 +157,89 @@ def _triton_dq(q, k, v, dout, lse, delta, dq, call: AttnCall, varlen: bool, nb: 
     )  # fmt: skip
 
 
-__all__ = ["backward"]
+#: (id(block mask), device) -> (weak reference to it, its q_num_blocks tensor, flex_lists' result)
+_FLEX_LISTS: dict[tuple, tuple] = {}
+_FLEX_LISTS_MAX = 256
+
+
+def flex_lists(bm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    """The block mask's transposed lists in the form of the backward's block-list mode:
+    ``(cnt, idx, (bl_sb, bl_sh, bl_w))`` with ``cnt`` int32 ``(Bm, Hm, n_kb, 2)`` (full blocks, all
+    blocks of each key block's list) and ``idx`` int32 ``(Bm, Hm, n_kb, bl_w)``: the full query blocks
+    first, then the partial ones; ``bl_sb`` / ``bl_sh`` the list-row strides of batch and head (0
+    where the block mask broadcasts). Built on the device once per block mask (cached weakly, as
+    ``flex_triton.launch._lists``)."""
+    key = (id(bm), device)
+    hit = _FLEX_LISTS.get(key)
+    if hit is not None and hit[0]() is bm and hit[1] is bm.q_num_blocks:
+        return hit[2]
+    num = bm.q_num_blocks.to(device=device, dtype=torch.int32)
+    idx = bm.q_indices.to(device=device, dtype=torch.int32)
+    if bm.full_q_num_blocks is not None:
+        fnum = bm.full_q_num_blocks.to(device=device, dtype=torch.int32)
+        fidx = bm.full_q_indices.to(device=device, dtype=torch.int32)
+    else:
+        fnum, fidx = torch.zeros_like(num), idx[..., :1]
+    fw = fidx.shape[-1]
+    width = fw + idx.shape[-1]
+    j = torch.arange(width, device=device)
+    f = fnum.unsqueeze(-1).long()
+    src = torch.where(j < f, j, fw + j - f).clamp_(0, width - 1)
+    merged = torch.gather(torch.cat([fidx, idx], -1), -1, src).clamp_(min=0).contiguous()  # (padding: any index)
+    cnt = torch.stack([fnum, fnum + num], -1).contiguous()
+    Bm, Hm, nkb = num.shape
+    res = cnt, merged, (Hm * nkb if Bm > 1 else 0, nkb if Hm > 1 else 0, width)
+    try:
+        ref = weakref.ref(bm)
+    except TypeError:  # an object without weak references: not cached
+        return res
+    if len(_FLEX_LISTS) >= _FLEX_LISTS_MAX:
+        _FLEX_LISTS.clear()
+    _FLEX_LISTS[key] = (ref, bm.q_num_blocks, res)
+    return res
+
+
+def flex_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    call: AttnCall,
+    captured: tuple[torch.Tensor, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """The backward of a flex call (a block mask with ``BLOCK_SIZE`` 128 whose ``mask_mod`` has a
+    Triton version, or none; no score_mod, or flashtile's softcap) on the Gluon ws kernel, with the
+    contract of ``flex_triton.launch.backward``: internal layout ``(B, S, H, D)``, ``out`` / ``lse``
+    of the flex forward (lse natural log, -inf on rows that see no key: zero gradients there);
+    returns ``(dq, dk, dv, {})`` (no captured tensor gets a gradient on this path: ``captured``
+    must be empty). The routing (``flex_triton.launch.gluon_bwd_reason``) checks the rest: head
+    dims of the ws table (64 / 96 / 128), not deterministic, per-head block masks only without GQA."""
+    from ..flex_triton import kernels as K
+
+    bm = call.block_mask
+    if captured or call.deterministic or bm is None or tuple(bm.BLOCK_SIZE) != (128, 128):
+        raise ValueError("flashtile hopper flex_backward: needs a block mask with BLOCK_SIZE 128, no captured "
+                         "tensor gradient and deterministic=False")  # fmt: skip
+    cfg = configs.bwd_config(q.shape[-1])
+    if not (cfg.kernel == "ws" and cfg.swap and cfg.block_n == 128 and 128 % cfg.block_m == 0):
+        raise ValueError(f"flashtile hopper flex_backward: head dim {q.shape[-1]} has no ws / swap config")
+    name, margs = bm.mask_mod._flashtile_triton if bm.mask_mod is not None else ("no_mask", (0, 0, 0))
+    cap = 0.0
+    if call.score_mod is not None:
+        sname, sargs = call.score_mod._flashtile_triton
+        if sname != "softcap":
+            raise ValueError(f"flashtile hopper flex_backward: score_mod {sname!r} (only softcap) ")
+        cap = float(sargs[2])
+    cnt, idx, (sb, sh, width) = flex_lists(bm, q.device)
+    ma = [a.detach() if isinstance(a, torch.Tensor) else a for a in margs]
+    lists = dict(BL_CNT=cnt, BL_IDX=idx, bl_sb=sb, bl_sh=sh, bl_w=width, MA0=ma[0], MA1=ma[1], MA2=ma[2],
+                 LIST_SUBS=128 // cfg.block_m, MASK_MOD=getattr(K, name))  # fmt: skip
+    # the built-in options off: the mask is the block mask's, softcap the score_mod's
+    base = dataclasses.replace(call, score_mod=None, block_mask=None, softcap=cap, window_left=-1, window_right=-1)
+    dq, dk, dv = backward(dout, q, k, v, out, lse, base, config=cfg, lists=lists)
+    return dq, dk, dv, {}
+
+
+__all__ = ["backward", "flex_backward", "flex_lists"]
