@@ -216,7 +216,8 @@ def time_case(name, c, s, h, d, tflex, tcbm, deadline) -> dict:
         out, lse = L.forward(qi, ki, vi, call)
     dout = torch.randn_like(out)
     row["gluon_route"] = L.gluon_bwd_reason(qi, ki, call, ()) or "gluon"
-    for tag, val in (("gluon", None), ("triton", "0")):
+    row["auto_route"] = "gluon" if L._gluon_flex.long_rows(bm, "auto") and row["gluon_route"] == "gluon" else "triton"
+    for tag, val in (("gluon", "force"), ("triton", "0")):
         with env(ENV, val):
             try:
                 row[tag] = _event_median(lambda: L.backward(dout, qi, ki, vi, out, lse, call, ()))
@@ -263,6 +264,7 @@ def main():
     args = ap.parse_args()
     t0 = time.perf_counter()
     if not args.skip_check:
+        os.environ[ENV] = "force"  # small shapes: the Gluon kernel whatever the row-length rule says
         for case in CHECKS:
             try:
                 check(*case)
@@ -278,6 +280,7 @@ def main():
         except AssertionError as e:
             print(f"FAILED check (rows that see no key / per-head block mask / deterministic): {e}", flush=True)
             sys.exit(1)
+        os.environ.pop(ENV, None)
         print(f"checks ok ({time.perf_counter() - t0:.0f} s)", flush=True)
     s, h = args.seqlen, args.heads
     tflex = tcbm = None
@@ -313,7 +316,7 @@ def main():
         ga, fl, bi = r.get("gluon_api"), r.get("flex"), r.get("builtin")
         vs_flex = f"{fl / ga:10.2f}" if isinstance(ga, float) and isinstance(fl, float) else f"{'-':>10}"
         vs_bi = f"{ga / bi:8.2f}" if isinstance(ga, float) and isinstance(bi, float) else f"{'-':>8}"
-        route = "" if r["gluon_route"] == "gluon" else r["gluon_route"]
+        route = ("" if r["gluon_route"] == "gluon" else r["gluon_route"]) + f" auto: {r['auto_route']}"
         print(f"{r['case']:12} {r['d']:>3} {f(r.get('gluon'))} {f(r.get('triton'))} {f(ga)} "
               f"{f(r.get('triton_api'))} {f(bi)} {f(fl)} {vs_flex} {vs_bi}  {route}")  # fmt: skip
 

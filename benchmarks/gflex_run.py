@@ -208,7 +208,7 @@ def bench(s, h, d, tflex, tcbm, t0, flex_deadline, stop_at=None):
             return flex_attention(q, k, v, score_mod=sm, block_mask=bm)
 
         with torch.no_grad():
-            for col, mode in (("gluon", "force" if name == "bias-table" else ""), ("triton", "0")):
+            for col, mode in (("gluon", "force"), ("triton", "0"), ("auto", "")):
                 with env(gflex.ENV, mode):
                     n0 = len(_SERVED)
                     try:
@@ -216,10 +216,6 @@ def bench(s, h, d, tflex, tcbm, t0, flex_deadline, stop_at=None):
                         row[f"{col}_served_by_gluon"] = len(_SERVED) > n0
                     except Exception as e:  # noqa: BLE001
                         row[f"{col}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            if name == "bias-table":  # the default routing too (SKIP_SCORES: Triton)
-                n0 = len(_SERVED)
-                row["default_ms"] = event_ms(ours)
-                row["default_served_by_gluon"] = len(_SERVED) > n0
             if c["builtin"] is not None:
                 qb, kb, vb = (x.transpose(1, 2).contiguous() for x in (q, k, v))
                 try:
@@ -289,21 +285,21 @@ def main():
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"\nwrote {path}; total {meta['total_s']:.0f}s")
-    print(f"forward, bf16, b=1, h={args.heads}, s={args.seqlen}; median ms; x flex = FlexAttention / gluon;"
-          " mod cost = gluon / built-in - 1")  # fmt: skip
-    print(f"{'case':<12} {'d':>3} {'gluon':>8} {'triton':>8} {'built-in':>8} {'flex':>8} {'x flex':>7} {'mod cost':>9}")
+    print(f"forward, bf16, b=1, h={args.heads}, s={args.seqlen}; median ms; gluon forced, auto = the default "
+          "routing; x flex = FlexAttention / auto; mod cost = auto / built-in - 1")  # fmt: skip
+    print(f"{'case':<12} {'d':>3} {'gluon':>8} {'triton':>8} {'auto':>8} {'built-in':>8} {'flex':>8} {'x flex':>7} "
+          f"{'mod cost':>9}")  # fmt: skip
 
     def f(x):
         return f"{x:8.3f}" if isinstance(x, float) else f"{'-':>8}"
 
     for r in rows:
-        g, t, bi, fx = (r.get(k) for k in ("gluon_ms", "triton_ms", "builtin_ms", "flex_ms"))
-        ratio = f"{fx / g:7.2f}" if g and fx else f"{'-':>7}"
-        cost = f"{g / bi - 1:+9.0%}" if g and bi else f"{'-':>9}"
+        g, t, a, bi, fx = (r.get(k) for k in ("gluon_ms", "triton_ms", "auto_ms", "builtin_ms", "flex_ms"))
+        ratio = f"{fx / a:7.2f}" if a and fx else f"{'-':>7}"
+        cost = f"{a / bi - 1:+9.0%}" if a and bi else f"{'-':>9}"
         note = "" if r.get("gluon_served_by_gluon", False) else "  (gluon column NOT served by the Gluon kernel)"
-        if "default_ms" in r:
-            note += f"  default routing {r['default_ms']:.3f} ms"
-        print(f"{r['case']:<12} {r['hdim']:>3} {f(g)} {f(t)} {f(bi)} {f(fx)} {ratio} {cost}{note}")
+        note += f"  auto: {'gluon' if r.get('auto_served_by_gluon') else 'triton'}"
+        print(f"{r['case']:<12} {r['hdim']:>3} {f(g)} {f(t)} {f(a)} {f(bi)} {f(fx)} {ratio} {cost}{note}")
 
 
 if __name__ == "__main__":

@@ -111,8 +111,23 @@ def test_backward_routes_to_the_gluon_path(monkeypatch):
     monkeypatch.setattr(launch_bwd, "flex_backward", lambda *a: seen.append(a) or ("dq", "dk", "dv", {}))
     q, k, v = qkv_inputs(1, 130, 130, 2, 2, 64, torch.float16, "cpu")
     call = _call(masks.causal, 1, 2, 130, 130, d=64)
+    monkeypatch.setenv(FL.FLEX_GLUON_ENV, "force")  # 130 keys: short rows go to Triton unless forced
     res = FL.backward(q, q, k, v, q, torch.zeros(1, 2, 130), call, ())
     assert res == ("dq", "dk", "dv", {}) and len(seen) == 1 and seen[0][6] is call
+
+
+def test_row_length_rule():
+    """Block masks with short rows (fewer than MIN_ROW_KEYS keys a query block on average) stay on
+    the Triton kernels unless forced; no block mask (a score mod alone) means full rows."""
+    from flashtile.backends.hopper import flex as gf
+
+    short = _call(masks.causal, 1, 2, 1024, 1024).block_mask  # 1024 keys at most
+    assert not gf.long_rows(short, "auto") and gf.long_rows(short, "force") and gf.long_rows(None, "auto")
+    n = 2 * gf.MIN_ROW_KEYS + 256
+    bare = _call(masks.causal, 1, 1, n, n).block_mask  # mean (n + 128) / 2 keys a row: just above
+    assert gf.long_rows(bare, "auto")
+    win = _call(masks.sliding_window(gf.MIN_ROW_KEYS // 2), 1, 1, n, n).block_mask
+    assert not gf.long_rows(win, "auto")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -402,8 +402,9 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """(dq, dk, dv, {"score_mod": (captured tensor's gradient,)}) from the saved out / lse. On a
     Hopper GPU the calls :func:`gluon_bwd_reason` accepts run the Gluon kernel instead
-    (``hopper.launch_bwd.flex_backward``, same contract)."""
-    if gluon_bwd_reason(q, k, call, captured) is None:
+    (``hopper.launch_bwd.flex_backward``, same contract) when the block mask's rows are long
+    enough (``hopper.flex.long_rows``)."""
+    if gluon_bwd_reason(q, k, call, captured) is None and _gluon_flex.long_rows(call.block_mask):
         from ..hopper.launch_bwd import flex_backward
 
         return flex_backward(dout, q, k, v, out, lse, call, captured)

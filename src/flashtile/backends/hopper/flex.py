@@ -117,8 +117,31 @@ def gluon_reason(
     return None
 
 
+#: Block masks whose query blocks visit fewer keys than this on average (partial + full blocks)
+#: stay on the Triton flex kernels, forward and backward, unless ``FLASHTILE_FLEX_GLUON=force``.
+#: Measured (H200, b1 h16 s16k bf16, results/gflex_NVIDIA_H200_20261202-0224.json and
+#: gflex_bwd_H200_20261202-0228.json): on sliding-1k and document-16 (~1.1k / 1k keys a row) the
+#: Gluon list walk was slower than the Triton kernels (forward 0.737 / 0.632 ms against 0.627 /
+#: 0.564 at d128; backward at d128 document 1.77 against 1.50, at d64 sliding and document
+#: 0.91 / 1.17 against 0.76 / 1.01); on causal, prefix-LM, ALiBi and the bias table (8k keys a
+#: row and more) it was 1.1-3.8x faster (forward) and 1.12-1.38x (prefix-LM backward).
+MIN_ROW_KEYS = 2048
+
+
+def long_rows(bm, mode: str | None = None) -> bool:
+    """Whether a call with block mask ``bm`` (None: every block) goes to the Gluon kernels by
+    the row-length rule (:data:`MIN_ROW_KEYS`; always with ``mode == "force"``). One host sync
+    per block mask, cached (``flex_triton.launch._row_keys``)."""
+    if bm is None or (mode or env_mode()) == "force":
+        return True
+    from ..flex_triton import launch as FL
+
+    return FL._row_keys(bm) >= MIN_ROW_KEYS
+
+
 def use_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> bool:
-    """Whether ``flex_triton.launch.forward`` hands this call to :func:`forward`."""
+    """Whether ``flex_triton.launch.forward`` hands this call to :func:`forward`: the shapes and
+    options :func:`gluon_reason` accepts, with rows long enough (:func:`long_rows`)."""
     mode = env_mode()
     if mode == "off" or not q.is_cuda:
         return False
@@ -127,8 +150,9 @@ def use_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall)
 
     info = _device.info(q.device)
     major = None if info is None else info.major
-    return gluon_reason(call, tuple(q.shape), tuple(k.shape), v.shape[-1], q.dtype, q.device.type, major,
-                        backend.available(), mode) is None  # fmt: skip
+    ok = gluon_reason(call, tuple(q.shape), tuple(k.shape), v.shape[-1], q.dtype, q.device.type, major,
+                      backend.available(), mode) is None  # fmt: skip
+    return ok and long_rows(call.block_mask, mode)
 
 
 #: (nq, nk, device) -> the lists of "every key block full" (a score_mod without a block mask)
@@ -201,4 +225,4 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -
     return out, lse
 
 
-__all__ = ["ENV", "SKIP_SCORES", "env_mode", "forward", "gluon_reason", "use_gluon"]
+__all__ = ["ENV", "MIN_ROW_KEYS", "SKIP_SCORES", "env_mode", "forward", "gluon_reason", "long_rows", "use_gluon"]
