@@ -33,6 +33,26 @@ def test_prewarm_computes_triton_key(monkeypatch):
     t = _prewarm.start()
     assert t is not None and t.daemon
     assert _prewarm.start() is t  # once per process
-    t.join(60)
-    assert not t.is_alive()
+    _prewarm.wait()  # what a kernel's first launch does
+    assert not t.is_alive() and not _prewarm._PENDING
     assert triton_key.cache_info().currsize == 1  # the first launch finds it computed
+    _prewarm.wait()  # free once done
+
+
+def test_first_launch_waits_for_the_prewarm(monkeypatch):
+    """FastKernel.launch joins a pending prewarm before the kernel's first launch."""
+    pytest.importorskip("triton")
+    from flashtile.backends.triton import fastlaunch
+
+    calls = []
+    monkeypatch.setattr(_prewarm, "_PENDING", True)
+    monkeypatch.setattr(_prewarm, "wait", lambda: calls.append(1))
+
+    class Fn:
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+
+    fk = fastlaunch.FastKernel.__new__(fastlaunch.FastKernel)
+    fk.fast, fk.fn = False, Fn()
+    fk.launch((1,), (), {})
+    assert calls == [1]

@@ -5,9 +5,10 @@ cost ~0.4 s on the H200 host (``benchmarks/first_call_profile.py``): before Trit
 kernel up it computes ``triton.runtime.cache.triton_key()`` once per process, a sha256 over
 Triton's compiler sources and its ~hundreds-of-MB ``libtriton`` shared library. File reads and
 hashing release the GIL, so a daemon thread started by ``import flashtile`` does that work while
-the caller creates its CUDA context, its tensors and its model; the first call then finds the key
-ready (``functools.lru_cache``: whichever thread asks first computes it, a second caller waits
-for nothing worse than the same work).
+the caller creates its CUDA context, its tensors and its model. ``functools.lru_cache`` does not
+make a second caller wait for a computation in flight (it would hash everything again), so
+flashtile's launchers call :func:`wait` before a kernel's first (generic) launch: the first call
+waits for what is left of the background work instead of redoing it.
 
 Only on CUDA builds of torch with Triton installed (nothing to gain elsewhere), never touching
 CUDA itself (no driver initialisation from a background thread), and off with
@@ -21,6 +22,7 @@ import os
 import threading
 
 _THREAD: threading.Thread | None = None
+_PENDING = False  # a started thread not yet joined (wait's fast test)
 
 
 def _work() -> None:
@@ -43,8 +45,19 @@ def wanted() -> bool:
 
 def start() -> threading.Thread | None:
     """Start the background computation once per process (None when not :func:`wanted`)."""
-    global _THREAD
+    global _THREAD, _PENDING
     if _THREAD is None and wanted():
         _THREAD = threading.Thread(target=_work, name="flashtile-prewarm", daemon=True)
+        _PENDING = True
         _THREAD.start()
     return _THREAD
+
+
+def wait(timeout: float = 60.0) -> None:
+    """Let the background computation finish (called before a kernel's first launch; free once
+    it has finished, and when none was started)."""
+    global _PENDING
+    if _PENDING and _THREAD is not None:
+        if _THREAD is not threading.current_thread():
+            _THREAD.join(timeout)
+        _PENDING = _THREAD.is_alive()

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 import triton
 
+from ... import _prewarm
+
 #: Triton versions whose launch path this module was checked against (major.minor).
 VERIFIED = ("3.6", "3.9")
 _INT32 = 1 << 31
@@ -202,6 +204,8 @@ class FastKernel:
         return drv, device, (device, self._fast_key_part(vals), onames, get_options(kwargs)), vals
 
     def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        if _prewarm._PENDING:  # Triton's per-process key, hashed in the background since import
+            _prewarm.wait()
         if not self.fast:
             self.fn[grid](*args, **kwargs)
             return
