@@ -31,6 +31,7 @@ import os
 import sys
 import time
 import warnings
+from unittest import mock
 
 import torch
 
@@ -46,6 +47,12 @@ warnings.filterwarnings("ignore")
 DEV = os.environ.get("BENCH_FLEX_DEVICE", "cuda")  # "cpu": a dry run of the script's logic (tiny sizes)
 DT = torch.bfloat16
 
+
+
+def env(name: str, val: str | None):
+    """Set an environment variable inside a with block (None or "" sets it empty, which
+    flashtile's switches read as unset); the flex benchmark scripts' A/B switch."""
+    return mock.patch.dict(os.environ, {name: val or ""})
 
 def doc_ids(s: int, ndocs: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
     g = torch.Generator().manual_seed(seed)

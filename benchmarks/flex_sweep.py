@@ -123,25 +123,8 @@ def back_to_back(fn, n=20) -> float:
 _CPU_BACKEND = None
 
 
-class env:
-    """Set (or clear, for "") an environment variable inside a with block."""
 
-    def __init__(self, name, val):
-        self.name, self.val = name, val
-
-    def __enter__(self):
-        self.old = os.environ.get(self.name)
-        if self.val:
-            os.environ[self.name] = self.val
-        else:
-            os.environ.pop(self.name, None)
-
-    def __exit__(self, *a):
-        if self.old is None:
-            os.environ.pop(self.name, None)
-        else:
-            os.environ[self.name] = self.old
-
+env = bench_flex.env
 
 def inputs(s, h, d, seed=0):
     g = torch.Generator(device=DEV).manual_seed(seed)

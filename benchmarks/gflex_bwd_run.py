@@ -65,25 +65,8 @@ def _counted(*a, **kw):
 launch_bwd.flex_backward = _counted
 
 
-class env:
-    """Set (or clear, for None) an environment variable inside a with block."""
 
-    def __init__(self, name, val):
-        self.name, self.val = name, val
-
-    def __enter__(self):
-        self.old = os.environ.get(self.name)
-        if self.val is None:
-            os.environ.pop(self.name, None)
-        else:
-            os.environ[self.name] = self.val
-
-    def __exit__(self, *a):
-        if self.old is None:
-            os.environ.pop(self.name, None)
-        else:
-            os.environ[self.name] = self.old
-
+env = bench_flex.env
 
 def _ids(b, s, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -47,25 +47,8 @@ DEV = torch.device("cuda")
 DT = torch.bfloat16
 
 
-class env:
-    """Set an environment variable inside a with block ("" clears it)."""
 
-    def __init__(self, name, val):
-        self.name, self.val = name, val
-
-    def __enter__(self):
-        self.old = os.environ.get(self.name)
-        if self.val:
-            os.environ[self.name] = self.val
-        else:
-            os.environ.pop(self.name, None)
-
-    def __exit__(self, *a):
-        if self.old is None:
-            os.environ.pop(self.name, None)
-        else:
-            os.environ[self.name] = self.old
-
+env = BF.env
 
 #: counts the calls the Gluon flex forward served
 _SERVED = []
