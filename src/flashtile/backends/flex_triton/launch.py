@@ -292,6 +292,14 @@ def _fwd_grid(c: FwdConfig, B: int, H: int, Sq: int) -> tuple[int, int]:
     return (B * H, nq) if _grid_order(c, B, H) == 0 else (nq, B * H)
 
 
+def outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flex forward's ``out`` (q's shape and dtype, contiguous) and ``lse`` (``(B, H, Sq)`` fp32),
+    uninitialised (both flex forwards, Triton and Gluon)."""
+    B, Sq, H, _ = q.shape
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty((B, H, Sq), dtype=torch.float32,
+                                                                             device=q.device)  # fmt: skip
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of a call with mods, internal layout ``(B, S, H, D)``; lse ``(B, H, Sq)`` fp32.
     out is contiguous in that layout whatever q's strides (a q viewed from FlexAttention's
@@ -302,8 +310,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -
         return _gluon_flex.forward(q, k, v, call)
     B, Sq, H, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    out, lse = outputs(q)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     bm = call.block_mask

@@ -183,8 +183,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -
 
     B, Sq, H, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    out, lse = FL.outputs(q)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     bm = call.block_mask
