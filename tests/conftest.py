@@ -215,3 +215,42 @@ def fake_driver(monkeypatch):
     monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
     monkeypatch.setattr(fastlaunch, "ENABLED", True)
     return drv
+
+
+def install_fake_triton_kernels(monkeypatch, compiled):
+    """The triton backend's launchers' kernels (forward, backward passes, decode, merge, append)
+    replaced by fake ``JITFunction``s of their real parameters whose compiled kernel is
+    ``compiled(name)`` (its ``run`` receives Triton's launcher arguments: grid, stream, function,
+    metadata, hooks, then every parameter in declaration order); a fake driver (device 0, stream
+    77; returned, so a test can change what it answers); the fast launch on; the sm90 tile tables.
+    For host-path tests on CPU tensors."""
+    import types
+
+    import triton
+
+    from flashtile.backends.triton import fastlaunch, launch, launch_decode
+
+    def fake(name, kernel):
+        cls = type("JITFunction", (), {"params": kernel.params})
+        obj = cls()
+
+        def getitem(self, grid):
+            def go(*a, **kw):  # bound as Triton binds: every parameter in declaration order
+                rest = [kw[p.name] if p.name in kw else p.default for p in kernel.params[len(a):]]
+                compiled(name).run(*grid, *(1,) * (3 - len(grid)), 77, "fn", "meta", None, None, None, *a, *rest)
+                return compiled(name)
+
+            return go
+
+        cls.__getitem__ = getitem
+        return obj
+
+    drv = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 77)
+    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
+    monkeypatch.setattr(fastlaunch, "ENABLED", True)
+    for mod, names in ((launch, ("_FWD", "_BWD_PRE", "_BWD_DKDV", "_BWD_DQ")),
+                       (launch_decode, ("_DECODE", "_MERGE", "_APPEND"))):  # fmt: skip
+        for n in names:
+            monkeypatch.setattr(mod, n, fastlaunch.fast(fake(n, getattr(mod, n).fn)))
+    monkeypatch.setattr(launch, "arch", lambda device: "sm90")
+    return drv

@@ -16,6 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
 
+from conftest import install_fake_triton_kernels  # noqa: E402
+
 import flashtile  # noqa: E402
 from flashtile import dispatch, interface, kvcache  # noqa: E402
 from flashtile.backends import base  # noqa: E402
@@ -60,29 +62,7 @@ def fakes(monkeypatch):
                     kargs[i].fill_(s + j)
             log.append((self.name, args[:3]))
 
-    def fake(name, kernel):
-        cls = type("JITFunction", (), {"params": kernel.params})
-        obj = cls()
-
-        def getitem(self, grid):
-            def go(*a, **kw):  # bound as Triton binds: every parameter in declaration order
-                rest = [kw[p.name] if p.name in kw else p.default for p in kernel.params[len(a):]]
-                Compiled(name).run(*grid, *(1,) * (3 - len(grid)), 77, "fn", "meta", None, None, None, *a, *rest)
-                return Compiled(name)
-
-            return go
-
-        cls.__getitem__ = getitem
-        return obj
-
-    drv = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 77)
-    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
-    monkeypatch.setattr(fastlaunch, "ENABLED", True)
-    for mod, names in ((launch, ("_FWD", "_BWD_PRE", "_BWD_DKDV", "_BWD_DQ")),
-                       (launch_decode, ("_DECODE", "_MERGE", "_APPEND"))):  # fmt: skip
-        for n in names:
-            monkeypatch.setattr(mod, n, fastlaunch.fast(fake(n, getattr(mod, n).fn)))
-    monkeypatch.setattr(launch, "arch", lambda device: "sm90")
+    drv = install_fake_triton_kernels(monkeypatch, Compiled)
     monkeypatch.setattr(triton_backend, "available", lambda: None)
     monkeypatch.setattr(triton_backend, "supports", lambda problem, call: None)
 

@@ -5,10 +5,9 @@ exactly as the lean launch does."""
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
+from conftest import install_fake_triton_kernels  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import flashtile
@@ -366,7 +365,7 @@ def test_prepare_declines_unaligned_or_disabled(fake_driver, monkeypatch):
 def _fake_kernels(monkeypatch):
     """The Triton launchers' kernels as fake JITFunctions of their real parameters whose compiled
     launcher records its arguments (tensors as dtype and size)."""
-    from flashtile.backends.triton import launch, launch_decode
+    from flashtile.backends.triton import launch
 
     log = []
 
@@ -382,29 +381,7 @@ def _fake_kernels(monkeypatch):
             log.append((self.name, tuple((a.dtype, a.numel()) if isinstance(a, torch.Tensor) else a
                                          for a in args)))  # fmt: skip
 
-    def fake(name, kernel):
-        cls = type("JITFunction", (), {"params": kernel.params})
-        obj = cls()
-
-        def getitem(self, grid):
-            def go(*a, **kw):  # bound as Triton binds: every parameter in declaration order
-                rest = [kw[p.name] if p.name in kw else p.default for p in kernel.params[len(a):]]
-                Compiled(name).run(*grid, *(1,) * (3 - len(grid)), 77, "fn", "meta", None, None, None, *a, *rest)
-                return Compiled(name)
-
-            return go
-
-        cls.__getitem__ = getitem
-        return obj
-
-    drv = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 77)
-    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=drv))
-    monkeypatch.setattr(fastlaunch, "ENABLED", True)
-    for mod, names in ((launch, ("_FWD", "_BWD_PRE", "_BWD_DKDV", "_BWD_DQ")),
-                       (launch_decode, ("_DECODE", "_MERGE", "_APPEND"))):  # fmt: skip
-        for n in names:
-            monkeypatch.setattr(mod, n, fastlaunch.fast(fake(n, getattr(mod, n).fn)))
-    monkeypatch.setattr(launch, "arch", lambda device: "sm90")
+    install_fake_triton_kernels(monkeypatch, Compiled)
     launch._PLANS.clear()
     return log
 
