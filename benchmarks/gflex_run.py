@@ -175,6 +175,25 @@ def event_ms(fn, reps: int = 30) -> float:
     return ts[len(ts) // 2]
 
 
+def event_ms_batched(fn, n: int = 10, reps: int = 7) -> float:
+    """Median ms per call of ``n`` back-to-back calls between two CUDA events: the device's time
+    when the host enqueues faster than the kernel runs (``event_ms`` times one call after a sync,
+    so it also counts the host's preparation of the launch while the GPU waits)."""
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / n)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
 def bench(s, h, d, tflex, tcbm, t0, flex_deadline, stop_at=None):
     rows = []
     allc = BF.cases(s, h)
@@ -208,10 +227,18 @@ def bench(s, h, d, tflex, tcbm, t0, flex_deadline, stop_at=None):
                         row[f"{col}_served_by_gluon"] = len(_SERVED) > n0
                     except Exception as e:  # noqa: BLE001
                         row[f"{col}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            # the same two, 10 calls between the events (device time: the host's launch work hidden)
+            for col, pf in (("gluon", "0"), ("prefetch", "1")):
+                with env(gflex.ENV, "force"), env(gflex.PREFETCH_ENV, pf):
+                    try:
+                        row[f"{col}_dev_ms"] = event_ms_batched(ours)
+                    except Exception as e:  # noqa: BLE001
+                        row[f"{col}_dev_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             if c["builtin"] is not None:
                 qb, kb, vb = (x.transpose(1, 2).contiguous() for x in (q, k, v))
                 try:
                     row["builtin_ms"] = event_ms(lambda c=c, qb=qb, kb=kb, vb=vb: c["builtin"](qb, kb, vb))
+                    row["builtin_dev_ms"] = event_ms_batched(lambda c=c, qb=qb, kb=kb, vb=vb: c["builtin"](qb, kb, vb))
                 except Exception as e:  # noqa: BLE001
                     row["builtin_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             if tflex is not None and time.perf_counter() - t0 < flex_deadline:
@@ -283,9 +310,10 @@ def main():
     print(f"\nwrote {path}; total {meta['total_s']:.0f}s")
     print(f"forward, bf16, b=1, h={args.heads}, s={args.seqlen}; median ms; gluon forced (prefetch: with "
           "FLEX_PREFETCH; pf/g = prefetch / gluon), auto = the default routing; x flex = FlexAttention / auto; "
-          "mod cost = auto / built-in - 1")  # fmt: skip
+          "mod cost = auto / built-in - 1; dev: 10 calls back to back (device time), g/p/b = gluon / prefetch / "
+          "built-in")  # fmt: skip
     print(f"{'case':<12} {'d':>3} {'gluon':>8} {'prefetch':>8} {'pf/g':>6} {'triton':>8} {'auto':>8} {'built-in':>8} "
-          f"{'flex':>8} {'x flex':>7} {'mod cost':>9}")  # fmt: skip
+          f"{'flex':>8} {'x flex':>7} {'mod cost':>9} {'dev g':>7} {'dev p':>7} {'dev b':>7}")  # fmt: skip
 
     def f(x):
         return f"{x:8.3f}" if isinstance(x, float) else f"{'-':>8}"
@@ -299,7 +327,10 @@ def main():
         note = "" if r.get("gluon_served_by_gluon", False) else "  (gluon column NOT served by the Gluon kernel)"
         note += "" if r.get("prefetch_served_by_gluon", False) else "  (prefetch column NOT served by the Gluon kernel)"
         note += f"  auto: {'gluon' if r.get('auto_served_by_gluon') else 'triton'}"
-        print(f"{r['case']:<12} {r['hdim']:>3} {f(g)} {f(p)} {pg} {f(t)} {f(a)} {f(bi)} {f(fx)} {ratio} {cost}{note}")
+        dev = " ".join(f"{r[k]:7.3f}" if isinstance(r.get(k), float) else f"{'-':>7}"
+                       for k in ("gluon_dev_ms", "prefetch_dev_ms", "builtin_dev_ms"))  # fmt: skip
+        cells = f"{f(g)} {f(p)} {pg} {f(t)} {f(a)} {f(bi)} {f(fx)} {ratio} {cost} {dev}"
+        print(f"{r['case']:<12} {r['hdim']:>3} {cells}{note}")
 
 
 if __name__ == "__main__":
