@@ -96,11 +96,13 @@ def test_cpu_tensors_stay_on_triton():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (H200)")
+@pytest.mark.parametrize("prefetch", ["0", "1"])
 @pytest.mark.parametrize("mask_name", ["causal", "document"])
-def test_gluon_flex_matches_oracle(mask_name, monkeypatch):
+def test_gluon_flex_matches_oracle(mask_name, prefetch, monkeypatch):
     from flashtile.testing import attention_ref, compare_with_oracle, mask_from_mod, qkv_inputs
 
     monkeypatch.setenv(gf.ENV, "force")  # 203 tokens: short rows, which the default routes to Triton
+    monkeypatch.setenv(gf.PREFETCH_ENV, prefetch)  # the kernel's FLEX_PREFETCH off / on
 
     dev = torch.device("cuda")
     b, s, h, hk, d = 2, 203, 4, 2, 128
