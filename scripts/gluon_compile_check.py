@@ -6,6 +6,7 @@ loaded from their files, not through the ``flashtile`` package::
     /work/tri36/bin/python scripts/gluon_compile_check.py [--quick] [--jobs 8] [--dump DIR]
     /work/tri36/bin/python scripts/gluon_compile_check.py --fp8 [--quick]   # the FP8 kernel
     /work/tri36/bin/python scripts/gluon_compile_check.py --flex [--headdim 128]   # the ws kernel's FLEX mode
+    /work/tri36/bin/python scripts/gluon_compile_check.py --flex --only fwd --set flex_prefetch=1   # FLEX_PREFETCH
 
 (``--flex`` flags its small spills too: values live across the partitions' register reallocation
 at kernel entry, once per CTA, and the bias table's gather in the partial-block loop; see
@@ -239,7 +240,8 @@ def compile_flex(dtype: str, d: int, variant: tuple, overrides: dict, dump: str 
     fwd = _load("hopper_fwd", PKG / "fwd.py")
     cfg = configs.flex_config(d, **overrides)
     vname, mask, mtypes, score, stypes, has_full, bounds = variant
-    name = f"flex {dtype} d={d} {vname} {cfg.block_m}x{cfg.block_n}x{cfg.num_stages}"
+    pf = " prefetch" if cfg.flex_prefetch else ""
+    name = f"flex {dtype} d={d} {vname}{pf} {cfg.block_m}x{cfg.block_n}x{cfg.num_stages}"
     res = {"name": name, "ok": False}
     bd = configs.block_d(d)
     sig = {
@@ -260,6 +262,8 @@ def compile_flex(dtype: str, d: int, variant: tuple, overrides: dict, dump: str 
                   PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers, FLEX=True, HAS_FULL=has_full,
                   SUBS=128 // cfg.block_n, BOUNDS=bounds, HAS_MASK=mask != "no_mask", HAS_SCORE=score != "no_score",
                   MASK_MOD=getattr(K, mask), SCORE_MOD=getattr(K, score))  # fmt: skip
+    if cfg.flex_prefetch:  # (off: left to the default, as hopper/flex.py's launch compiles the same kernel)
+        consts["FLEX_PREFETCH"] = True
     for k in consts:
         sig[k] = "constexpr"
     _defaults(fwd.attn_fwd_ws, sig, consts)
@@ -397,10 +401,11 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
                     help="override a config field for every variant (block_n=64, num_stages=3)")
     ap.add_argument("--fp8", action="store_true", help="the FP8 kernel (fwd_fp8.py) instead of the 16-bit ones")
-    ap.add_argument("--flex", action="store_true", help="the ws kernel's flex mode (FLEX_VARIANTS; bf16)")
     ap.add_argument("--bwd-kernel", choices=("plain", "ws", "ws2"), help="the backward kernel (default: the table's)")
     ap.add_argument("--flex", action="store_true",
-                    help="the backward's block-list mode (flex mask_mods, head dims 64/96/128, dense) only")
+                    help="the flex modes only: the forward ws kernel's (FLEX_VARIANTS, bf16; --headdim, default "
+                         "64 and 128) and the backward's block-list mode (mask_mods, head dims 64/96/128, dense); "
+                         "--only fwd / bwd picks one")
     args = ap.parse_args()
     overrides = {}
     for kv in args.set:
@@ -431,11 +436,12 @@ def main() -> int:
     if args.fp8:  # (head dim, mask, varlen, descales given)
         jobs = [(compile_one_fp8, (d, mk, vl, True, overrides)) for d in dims for mk in masks for vl in (False, True)]
         jobs.append((compile_one_fp8, (dims[0], masks[0], False, False, overrides)))
-    if args.flex:
+    if args.flex:  # (the backward's flex jobs, unless --only fwd, are in jobs already)
         fdims = args.headdim or [64, 128]
         only = os.environ.get("FLEX_ONLY")  # a comma-separated subset of FLEX_VARIANTS' names
-        jobs = [(compile_flex, ("bf16", d, v, overrides)) for d in fdims for v in FLEX_VARIANTS
-                if not only or v[0] in only.split(",")]  # fmt: skip
+        fwd_jobs = [(compile_flex, ("bf16", d, v, overrides)) for d in fdims for v in FLEX_VARIANTS
+                    if not only or v[0] in only.split(",")]  # fmt: skip
+        jobs = (fwd_jobs if args.only != "bwd" else []) + (jobs if args.only != "fwd" else [])
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
     failed = 0

@@ -96,11 +96,13 @@ def test_cpu_tensors_stay_on_triton():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (H200)")
+@pytest.mark.parametrize("prefetch", ["0", "1"])
 @pytest.mark.parametrize("mask_name", ["causal", "document"])
-def test_gluon_flex_matches_oracle(mask_name, monkeypatch):
+def test_gluon_flex_matches_oracle(mask_name, prefetch, monkeypatch):
     from flashtile.testing import attention_ref, compare_with_oracle, mask_from_mod, qkv_inputs
 
     monkeypatch.setenv(gf.ENV, "force")  # 203 tokens: short rows, which the default routes to Triton
+    monkeypatch.setenv(gf.PREFETCH_ENV, prefetch)  # the kernel's FLEX_PREFETCH off / on
 
     dev = torch.device("cuda")
     b, s, h, hk, d = 2, 203, 4, 2, 128
@@ -192,3 +194,56 @@ def test_flex_config_tiles_fit_the_block_mask_block():
         cfg = configs.flex_config(d)
         assert cfg.block_m == configs.FLEX_MASK_BLOCK and configs.FLEX_MASK_BLOCK % cfg.block_n == 0
         assert cfg.kernel == "ws" and cfg.consumers == 2 and configs.check(cfg, d) is None
+
+
+def test_prefetch_switch_off_by_default_and_from_the_env(monkeypatch):
+    """``FLASHTILE_FLEX_PREFETCH`` picks the kernel's FLEX_PREFETCH (off unset or 0, on with 1) and
+    nothing else: the launch's other arguments and the routing stay as they are."""
+    from flashtile.backends.hopper import configs
+
+    try:
+        from flashtile.backends.hopper import launch as HL
+    except Exception as e:  # noqa: BLE001 - no Gluon in this Triton
+        pytest.skip(f"Gluon not importable: {e}")
+    assert configs.flex_config(128).flex_prefetch == 0
+    assert configs.check(configs.flex_config(128, flex_prefetch=1), 128) is None
+    bad = configs.check(configs.config(128, kernel="plain", flex_prefetch=1), 128)
+    assert bad is not None and "flex_prefetch" in bad
+    got = []
+
+    class Mock:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: got.append((grid, {**dict(enumerate(a)), **kw}))
+
+    monkeypatch.setattr(HL, "_WS", Mock())
+    b, s, h, d = 1, 300, 2, 128
+    bm = create_block_mask(masks.sliding_window(100), None, None, s, s, device="cpu")
+    q = torch.randn(b, s, h, d, dtype=BF)
+    call = make_call(headdim=d, block_mask=bm)
+    runs = {}
+    for val in ("", "0", "1", "on"):
+        monkeypatch.setenv(gf.PREFETCH_ENV, val)
+        assert reason(call, q=q.shape, k=q.shape) is None  # routing unchanged
+        assert gf.long_rows(bm, "auto") == gf.long_rows(bm)
+        gf.forward(q, q, q, call)
+        runs[val] = got[-1]
+    assert runs[""][1]["FLEX_PREFETCH"] is False and runs["0"][1]["FLEX_PREFETCH"] is False
+    assert runs["1"][1]["FLEX_PREFETCH"] is True and runs["on"][1]["FLEX_PREFETCH"] is True
+    # everything else the same launch (positional arguments by position)
+    for val in ("0", "1"):
+        grid, kw = runs[val]
+        assert grid == runs[""][0]
+        for key, ref in runs[""][1].items():
+            if key == "FLEX_PREFETCH":
+                continue
+            x = kw[key]
+            if isinstance(ref, torch.Tensor):  # (out / lse: fresh allocations, compared by shape)
+                assert x.shape == ref.shape and x.dtype == ref.dtype, key
+                assert x.dtype != torch.int32 or torch.equal(x, ref), key  # the block-mask lists
+            elif isinstance(key, int) and key < 4:
+                continue  # (the q / k / v / o descriptors: fresh objects of the same tensors)
+            else:
+                assert x == ref, key
+    monkeypatch.setenv(gf.PREFETCH_ENV, "maybe")
+    with pytest.raises(ValueError, match=gf.PREFETCH_ENV):
+        gf.forward(q, q, q, call)

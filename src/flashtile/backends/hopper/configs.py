@@ -33,7 +33,10 @@ class HopperConfig:
     ``persistent`` only: ``consumers`` consumer warpgroups in ping-pong (2, or 3 as FA3 runs head
     dim 64: more warps share the softmax while one issues its matrix products), and
     ``consumer_regs`` / ``producer_regs`` per thread of the consumer / producer partitions
-    (``setmaxnreg``; consumers x 128 x consumer_regs + 128 x producer_regs <= 65536)."""
+    (``setmaxnreg``; consumers x 128 x consumer_regs + 128 x producer_regs <= 65536);
+    ``flex_prefetch`` (the ws kernel's flex mode only, :func:`flex_config`): the kernel's
+    ``FLEX_PREFETCH``, each step's block-mask list entry loaded one step ahead (off: the kernel as
+    without the switch)."""
 
     block_m: int
     block_n: int
@@ -42,6 +45,9 @@ class HopperConfig:
     consumer_regs: int = 240
     producer_regs: int = 24
     consumers: int = 2
+    #: NOT measured yet (benchmarks/NOTES.md, "Flex forward: list entries one step ahead"); off
+    #: unless ``FLASHTILE_FLEX_PREFETCH=1`` (hopper/flex.py) or an override
+    flex_prefetch: int = 0
 
     @property
     def num_warps(self) -> int:
@@ -197,6 +203,8 @@ def check(cfg: HopperConfig, headdim: int) -> str | None:
         return "the plain kernel runs 2 warpgroups of 64 rows: block_m = 128, consumers = 2"
     if cfg.consumers not in (2, 3):
         return f"consumers must be 2 or 3, got {cfg.consumers}"
+    if cfg.flex_prefetch not in (0, 1) or (cfg.flex_prefetch and (cfg.kernel != "ws" or cfg.consumers != 2)):
+        return f"flex_prefetch (0 or 1, got {cfg.flex_prefetch}) is a switch of the ws kernel's flex mode (2 consumers)"
     if cfg.block_m != 64 * cfg.consumers:
         return f"each consumer warpgroup owns 64 rows: block_m = 64 x consumers = {64 * cfg.consumers}"
     ws = cfg.kernel != "plain"

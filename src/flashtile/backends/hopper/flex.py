@@ -12,7 +12,9 @@ Gluon kernel. Score mods see FlexAttention's scores (``softmax_scale * q.k``, na
 :func:`gluon_reason` decides, in plain Python (CPU-tested, no Triton import), whether a call runs
 here; ``flex_triton.launch.forward`` asks :func:`use_gluon` first and runs its Triton kernel
 otherwise. ``FLASHTILE_FLEX_GLUON=0`` forces the Triton kernel (A/B comparisons), ``=force`` also
-sends the score mods of :data:`SKIP_SCORES` (none now) here.
+sends the score mods of :data:`SKIP_SCORES` (none now) here. ``FLASHTILE_FLEX_PREFETCH=1`` /
+``=0`` turns the kernel's ``FLEX_PREFETCH`` on / off (:data:`PREFETCH_ENV`; unset: the config's,
+off), an A/B switch that changes no routing.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ ENV = "FLASHTILE_FLEX_GLUON"
 #: ``"relative_bias"`` back here if the Gluon kernel is the slower.
 SKIP_SCORES: tuple[str, ...] = ()
 DTYPES = (torch.float16, torch.bfloat16)
+#: Environment switch of the kernel's ``FLEX_PREFETCH`` (``configs.HopperConfig.flex_prefetch``: the
+#: producer's list entries one step ahead): ``1`` on, ``0`` off, unset: :func:`configs.flex_config`'s
+#: (off). Read at each launch (A/B in one process); it changes the kernel, not which calls run here.
+PREFETCH_ENV = "FLASHTILE_FLEX_PREFETCH"
 
 
 def env_mode() -> str:
@@ -48,6 +54,18 @@ def env_mode() -> str:
     if val == "force":
         return "force"
     raise ValueError(f"{ENV} must be 0, 1 or force, got {val!r}")
+
+
+def prefetch_override() -> dict:
+    """The :func:`configs.flex_config` override :data:`PREFETCH_ENV` asks for (``{}``: unset)."""
+    val = os.environ.get(PREFETCH_ENV, "").strip().lower()
+    if val == "":
+        return {}
+    if val in ("1", "on", "true", "yes"):
+        return {"flex_prefetch": 1}
+    if val in ("0", "off", "false", "no"):
+        return {"flex_prefetch": 0}
+    raise ValueError(f"{PREFETCH_ENV} must be 0 or 1, got {val!r}")
 
 
 def _twin_name(fn) -> str | None:
@@ -198,7 +216,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -
         has_full, bm_b, bm_h = flags["HAS_FULL"], bool(flags["BM_B"]), bool(flags["BM_H"])
         _, even = FL._geometry(bm, Sq, Sk)
     consts, margs, sargs, _ = FL._mods(call)
-    cfg = configs.flex_config(D)
+    cfg = configs.flex_config(D, **prefetch_override())
     q, k, v = (x if tma_compatible(x) else x.contiguous() for x in (q, k, v))
     q_desc = _descriptor(q, cfg.q_rows, False)
     k_desc = _descriptor(k, cfg.block_n, False)
@@ -219,9 +237,20 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -
             MA0=margs[0], MA1=margs[1], MA2=margs[2], SA0=sargs[0], SA1=sargs[1], SA2=sargs[2],
             FLEX=True, HAS_FULL=has_full, SUBS=mb // cfg.block_n, BOUNDS=not even,
             HAS_MASK=consts["HAS_MASK"], HAS_SCORE=consts["HAS_SCORE"], MASK_MOD=consts["MASK_MOD"],
-            SCORE_MOD=consts["SCORE_MOD"],
+            SCORE_MOD=consts["SCORE_MOD"], FLEX_PREFETCH=bool(cfg.flex_prefetch),
         )  # fmt: skip
     return out, lse
 
 
-__all__ = ["ENV", "MIN_ROW_KEYS", "SKIP_SCORES", "env_mode", "forward", "gluon_reason", "long_rows", "use_gluon"]
+__all__ = [
+    "ENV",
+    "MIN_ROW_KEYS",
+    "PREFETCH_ENV",
+    "SKIP_SCORES",
+    "env_mode",
+    "forward",
+    "gluon_reason",
+    "long_rows",
+    "prefetch_override",
+    "use_gluon",
+]

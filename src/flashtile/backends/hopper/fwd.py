@@ -501,19 +501,44 @@ def _flex_blk(j, lists, SUBS: gl.constexpr):
 
 
 @gluon.jit
+def _flex_next(j, n_total, lists, SUBS: gl.constexpr):
+    """``FLEX_PREFETCH``: step ``j``'s list entry (``raw``, the block-mask block) and sub-step, for
+    the caller to load one step ahead and turn into the key block (``raw * SUBS + sub``) only when
+    it needs it, so that the load's latency runs under the current step's waits and TMA instead of
+    before them. One load without a branch (its address picked by a select), masked past
+    ``n_total`` (0 there). ``lists = (idx1, idx2, n1, first1, first2)``: as :func:`_flex_blk`'s, and
+    both lists' first entries, loaded together with the row's counts."""
+    idx1, idx2, n1, first1, first2 = lists
+    in1 = j < n1
+    e = gl.where(in1, j, j - n1)
+    raw = gl.load(gl.where(in1, idx1, idx2) + e // SUBS, mask=j < n_total, other=0)
+    return raw, e % SUBS
+
+
+@gluon.jit
 def _ws_load_kv(k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, b, hk, k_start, nb_lo, n_total,
                 it0, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr,
-                V_T: gl.constexpr = False, lists=None, FLEX: gl.constexpr = False, SUBS: gl.constexpr = 1):
+                V_T: gl.constexpr = False, lists=None, FLEX: gl.constexpr = False, SUBS: gl.constexpr = 1,
+                PREFETCH: gl.constexpr = False):
     """Producer: K and V of key blocks ``nb_lo ..`` (``n_total`` of them) into the ring, from ring
     iteration ``it0`` on; a slot is reloaded once both consumers released it (``k_empty`` /
     ``v_empty``). A fresh barrier passes a wait on phase 1, so the first NUM_STAGES loads do not wait.
-    ``FLEX``: step ``i`` is the block :func:`_flex_blk` names (``lists``), as the consumers walk them."""
+    ``FLEX``: step ``i`` is the block :func:`_flex_blk` names (``lists``), as the consumers walk them;
+    with ``PREFETCH`` step ``i + 1``'s entry is loaded before step ``i``'s waits and TMA
+    (:func:`_flex_next`; step 0's came with the counts), so no TMA waits on a list load."""
+    if FLEX and PREFETCH:
+        raw = gl.where(lists[2] > 0, lists[3], lists[4])  # step 0's entry
+        sub = raw * 0
     for i in range(n_total):
         it = it0 + i
         stage = it % NUM_STAGES
         phase = (it // NUM_STAGES) & 1
         if FLEX:
-            row = k_start + _flex_blk(nb_lo + i, lists, SUBS) * BLOCK_N
+            if PREFETCH:
+                row = k_start + (raw * SUBS + sub) * BLOCK_N
+                raw, sub = _flex_next(nb_lo + i + 1, nb_lo + n_total, lists, SUBS)
+            else:
+                row = k_start + _flex_blk(nb_lo + i, lists, SUBS) * BLOCK_N
         else:
             row = k_start + (nb_lo + i) * BLOCK_N
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
@@ -532,13 +557,13 @@ def _ws_producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full,
                  b, h, hk, q_start, k_start, m0, nb_lo, n_total,
                  SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr,
                  NUM_CONSUMERS: gl.constexpr, V_T: gl.constexpr = False, lists=None, FLEX: gl.constexpr = False,
-                 SUBS: gl.constexpr = 1):
+                 SUBS: gl.constexpr = 1, PREFETCH: gl.constexpr = False):
     """1 warp: TMA loads of every consumer's Q tile, then K and V (``V_T``: V^T) of every key block."""
     for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
         _tma_load(q_desc, q_bars.index(c), q_bufs.index(c), b, q_start + m0 + c * SUB_M, h, IS_VARLEN)
     _ws_load_kv(k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, b, hk, k_start, nb_lo, n_total,
-                0, BLOCK_N, NUM_STAGES, IS_VARLEN, V_T, lists, FLEX, SUBS)
+                0, BLOCK_N, NUM_STAGES, IS_VARLEN, V_T, lists, FLEX, SUBS, PREFETCH)
 
 
 @gluon.jit
@@ -733,7 +758,7 @@ def attn_fwd_ws(
     MA0=None, MA1=None, MA2=None, SA0=None, SA1=None, SA2=None,
     FLEX: gl.constexpr = False, HAS_FULL: gl.constexpr = False, SUBS: gl.constexpr = 1,
     BOUNDS: gl.constexpr = False, HAS_MASK: gl.constexpr = False, HAS_SCORE: gl.constexpr = False,
-    MASK_MOD: gl.constexpr = None, SCORE_MOD: gl.constexpr = None,
+    MASK_MOD: gl.constexpr = None, SCORE_MOD: gl.constexpr = None, FLEX_PREFETCH: gl.constexpr = False,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (the default
     partition: consumer 0) + 4 per further consumer (NUM_CONSUMERS = 2 or 3) + 1 (producer)
@@ -749,7 +774,11 @@ def attn_fwd_ws(
     shape). ``HAS_SCORE``: ``SCORE_MOD`` on ``qk_scale * q.k`` (``qk_scale`` then the plain softmax
     scale, natural units), ``MA*`` / ``SA*`` the mods' arguments (``flex_triton.kernels``).
     ``BOUNDS``: a sequence length is not a multiple of the block mask's block (keys past the end
-    hidden in every block)."""
+    hidden in every block). ``FLEX_PREFETCH`` (an A/B switch, off by default: the kernel is then
+    unchanged): both lists' first entries are loaded with the row's counts instead of after them,
+    and the TMA producer loads each next step's entry one step ahead (:func:`_flex_next`), so that
+    the producer's TMAs wait on no list load (the consumers' loads are issued before their
+    ``k_full`` waits and read after the S wgmma already); the same blocks in the same order."""
     pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k,
                                                                      REVERSE_M, IS_VARLEN)
     m0 = pid_m * BLOCK_M
@@ -795,11 +824,18 @@ def attn_fwd_ws(
         fu_hi = n1 + n2
         nb_hi = n1 + n2
         lists = (idx1, idx2, n1)
+        if FLEX_PREFETCH:
+            # the producer's: both lists' first entries, loaded beside the counts, not after them (the
+            # producer picks one: a select here becomes a load predicated on the count, dependent again)
+            plists = (idx1, idx2, n1, gl.load(idx1), gl.load(idx2))
+        else:
+            plists = lists
     else:
         r_hi = gl.minimum(m0 + BLOCK_M, seqlen_q)
         nb_lo, fu_lo, fu_hi, nb_hi = _block_range(m0, r_hi, seqlen_k, off, window_left, window_right,
                                                   HAS_WL, HAS_WR, BLOCK_N)
         lists = None
+        plists = None
     n_total = nb_hi - nb_lo
     # (tuples are spelled out in the call: a tuple assigned to a variable turns its constexprs into
     # tensors; hence one spelled-out list per consumer count)
@@ -819,7 +855,7 @@ def attn_fwd_ws(
                             HAS_SCORE, MASK_MOD, SCORE_MOD)),
             (_ws_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
                             b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
-                            NUM_CONSUMERS, False, lists, FLEX, SUBS)),
+                            NUM_CONSUMERS, False, plists, FLEX, SUBS, FLEX_PREFETCH)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     elif NUM_CONSUMERS == 3:
         gl.warp_specialize([
