@@ -159,20 +159,10 @@ def correctness(full: bool, prefetch: str = "") -> int:
 
 
 def event_ms(fn, reps: int = 30) -> float:
-    """Median ms of fn() timed with CUDA events, one call each (after two warm-ups)."""
+    """Median ms of fn() timed with CUDA events, one call each after a sync (host preparation
+    included: see :func:`event_ms_batched`)."""
     fn()
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
+    return event_ms_batched(fn, n=1, reps=reps)
 
 
 def event_ms_batched(fn, n: int = 10, reps: int = 7) -> float:
