@@ -178,10 +178,36 @@ def _arg(a):
 
 #: zero placeholders (the lists' stand-ins without a block mask), one per device
 _ZEROS: dict[torch.device, torch.Tensor] = {}
-#: (id(block mask), side, device) -> (weak reference to the block mask, its num tensor, _lists'
-#: result): the int32 / contiguous conversions and strides once per block mask, not per call
-_LISTS: dict[tuple, tuple] = {}
-_LISTS_MAX = 256
+
+
+class PerBlockMask:
+    """Values derived from a block mask, kept per (block mask, ``extra`` key): a hit needs the same
+    object (held by a weak reference) and the same ``stamp`` tensor (its count list), so a block
+    mask whose lists are replaced is derived again; cleared when full. Objects without weak
+    references are not cached."""
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self.store: dict[tuple, tuple] = {}
+        self.maxsize = maxsize
+
+    def get(self, bm, extra: tuple, stamp, compute: Callable[[], object]):
+        key = (id(bm), *extra)
+        hit = self.store.get(key)
+        if hit is not None and hit[0]() is bm and hit[1] is stamp:
+            return hit[2]
+        val = compute()
+        try:
+            ref = weakref.ref(bm)
+        except TypeError:
+            return val
+        if len(self.store) >= self.maxsize:
+            self.store.clear()
+        self.store[key] = (ref, stamp, val)
+        return val
+
+
+#: _lists' results: the int32 / contiguous conversions and strides once per block mask, not per call
+_LISTS = PerBlockMask()
 
 
 def _lists(bm, side: str, device: torch.device):
@@ -190,10 +216,12 @@ def _lists(bm, side: str, device: torch.device):
     ``(num, idx, full_num, full_idx, 12 strides, has_full, B > 1, H > 1)``; placeholders without a
     block mask. Cached per block mask (checked by identity of the object and of its count tensor,
     so a block mask whose lists are replaced is converted again)."""
-    key = (id(bm), side, device)
-    hit = _LISTS.get(key)
-    if hit is not None and hit[0]() is bm and (bm is None or hit[1] is getattr(bm, f"{side}_num_blocks")):
-        return hit[2]
+    if bm is None:
+        return _convert_lists(None, side, device)
+    return _LISTS.get(bm, (side, device), getattr(bm, f"{side}_num_blocks"), lambda: _convert_lists(bm, side, device))
+
+
+def _convert_lists(bm, side: str, device: torch.device):
     zero = _ZEROS.get(device)
     if zero is None:
         zero = _ZEROS[device] = torch.zeros(1, dtype=torch.int32, device=device)
@@ -209,42 +237,27 @@ def _lists(bm, side: str, device: torch.device):
         has_full = getattr(bm, f"full_{side}_num_blocks") is not None
         fnum, fidx = (get(f"full_{side}_num_blocks"), get(f"full_{side}_indices")) if has_full else ph
     strides = (*num.stride(), *idx.stride()[:3], *fnum.stride(), *fidx.stride()[:3])
-    res = (
+    return (
         (num, idx, fnum, fidx),
         strides,
         dict(HAS_BLOCK_MASK=bm is not None, HAS_FULL=has_full, BM_B=int(num.shape[0] > 1), BM_H=int(num.shape[1] > 1)),
     )
-    if bm is not None:
-        try:
-            ref = weakref.ref(bm)
-        except TypeError:  # an object without weak references: not cached
-            return res
-        if len(_LISTS) >= _LISTS_MAX:
-            _LISTS.clear()
-        _LISTS[key] = (ref, getattr(bm, f"{side}_num_blocks"), res)
-    return res
 
 
-_ROW_KEYS: dict[int, tuple] = {}
+_ROW_KEYS = PerBlockMask()
 
 
 def _row_keys(bm) -> float:
     """The block mask's mean number of visited keys per query block (partial + full blocks, times
     the block): one host sync per block mask, cached (weakly, as :func:`_lists`)."""
-    hit = _ROW_KEYS.get(id(bm))
-    if hit is not None and hit[0]() is bm and hit[1] is bm.kv_num_blocks:
-        return hit[2]
-    n = bm.kv_num_blocks.float().mean()
-    if bm.full_kv_num_blocks is not None:
-        n = n + bm.full_kv_num_blocks.float().mean()
-    val = float(n.item()) * bm.BLOCK_SIZE[1]
-    try:
-        if len(_ROW_KEYS) >= _LISTS_MAX:
-            _ROW_KEYS.clear()
-        _ROW_KEYS[id(bm)] = (weakref.ref(bm), bm.kv_num_blocks, val)
-    except TypeError:
-        pass
-    return val
+
+    def compute() -> float:
+        n = bm.kv_num_blocks.float().mean()
+        if bm.full_kv_num_blocks is not None:
+            n = n + bm.full_kv_num_blocks.float().mean()
+        return float(n.item()) * bm.BLOCK_SIZE[1]
+
+    return _ROW_KEYS.get(bm, (), bm.kv_num_blocks, compute)
 
 
 def _geometry(bm, Sq: int, Sk: int) -> tuple[int, bool]:

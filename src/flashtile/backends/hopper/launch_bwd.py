@@ -29,12 +29,12 @@ once per block mask by :func:`flex_lists`.
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import torch
 
 from ...spec import AttnCall
 from .._ints import cdiv
+from ..flex_triton.launch import PerBlockMask
 from ..triton import configs as triton_configs
 from ..triton.fastlaunch import fast
 from ..triton.launch import _BWD_DQ as _bwd_dq_kernel  # the kernels' lean launch wrappers (issue 16)
@@ -157,9 +157,6 @@ def _triton_dq(q, k, v, dout, lse, delta, dq, call: AttnCall, varlen: bool, nb: 
     )  # fmt: skip
 
 
-#: (id(block mask), device) -> (weak reference to it, its q_num_blocks tensor, flex_lists' result)
-_FLEX_LISTS: dict[tuple, tuple] = {}
-_FLEX_LISTS_MAX = 256
 
 
 def flex_lists(bm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
@@ -169,10 +166,13 @@ def flex_lists(bm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tu
     first, then the partial ones; ``bl_sb`` / ``bl_sh`` the list-row strides of batch and head (0
     where the block mask broadcasts). Built on the device once per block mask (cached weakly, as
     ``flex_triton.launch._lists``)."""
-    key = (id(bm), device)
-    hit = _FLEX_LISTS.get(key)
-    if hit is not None and hit[0]() is bm and hit[1] is bm.q_num_blocks:
-        return hit[2]
+    return _FLEX_LISTS.get(bm, (device,), bm.q_num_blocks, lambda: _merge_lists(bm, device))
+
+
+_FLEX_LISTS = PerBlockMask()  # flex_lists' results, once per block mask
+
+
+def _merge_lists(bm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
     num = bm.q_num_blocks.to(device=device, dtype=torch.int32)
     idx = bm.q_indices.to(device=device, dtype=torch.int32)
     if bm.full_q_num_blocks is not None:
@@ -188,15 +188,7 @@ def flex_lists(bm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tu
     merged = torch.gather(torch.cat([fidx, idx], -1), -1, src).clamp_(min=0).contiguous()  # (padding: any index)
     cnt = torch.stack([fnum, fnum + num], -1).contiguous()
     Bm, Hm, nkb = num.shape
-    res = cnt, merged, (Hm * nkb if Bm > 1 else 0, nkb if Hm > 1 else 0, width)
-    try:
-        ref = weakref.ref(bm)
-    except TypeError:  # an object without weak references: not cached
-        return res
-    if len(_FLEX_LISTS) >= _FLEX_LISTS_MAX:
-        _FLEX_LISTS.clear()
-    _FLEX_LISTS[key] = (ref, bm.q_num_blocks, res)
-    return res
+    return cnt, merged, (Hm * nkb if Bm > 1 else 0, nkb if Hm > 1 else 0, width)
 
 
 def flex_backward(
