@@ -30,6 +30,7 @@ backward and decode, next to the same call through the custom ops (the path torc
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
 import os
@@ -482,7 +483,10 @@ def first_calls() -> dict:
     return res
 
 
-def hf_generate(new_tokens: int = 128, prompt: int = 1024, layers: int = 8, hidden: int = 2048) -> dict | None:
+def hf_generate(
+    new_tokens: int = 128, prompt: int = 1024, layers: int = 8, hidden: int = 2048, rounds: int = 3,
+    profile: bool = False,
+) -> dict | None:
     try:
         import transformers
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -501,29 +505,57 @@ def hf_generate(new_tokens: int = 128, prompt: int = 1024, layers: int = 8, hidd
     state = base.state_dict()
     del base
     ids = torch.randint(0, cfg.vocab_size, (1, prompt), device=DEV)
-    tokens = {}
+    tokens, models, times = {}, {}, {}
+    kw = dict(do_sample=False, pad_token_id=0)
     for impl in ("flashtile", "sdpa", "eager"):
         try:
             try:
-                model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl, dtype=DT)
+                # a config of its own: _from_config sets the attention implementation on the config
+                model = LlamaForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation=impl, dtype=DT)
             except TypeError:  # transformers < 4.56 names it torch_dtype
-                model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl, torch_dtype=DT)
+                model = LlamaForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation=impl, torch_dtype=DT)
             model.load_state_dict(state)
-            model = model.to(DEV).eval()
-            kw = dict(do_sample=False, pad_token_id=0)
+            models[impl] = model.to(DEV).eval()
             with torch.no_grad():
-                model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
+                models[impl].generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
+            times[impl] = []
+        except Exception as e:  # noqa: BLE001
+            print(f"  generate with {impl}: {type(e).__name__}: {str(e)[:200]}")
+            res[impl] = None
+    # the host's speed drifts within a run (stop 23: eager 76 -> 92 tokens/s between runs): the
+    # implementations take turns, `rounds` times each, and the median is reported
+    for _ in range(rounds):
+        for impl, model in models.items():
+            with torch.no_grad():
                 _sync()
                 t = time.perf_counter()
                 out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
                 _sync()
-                dt = time.perf_counter() - t
+                times[impl].append(time.perf_counter() - t)
             tokens[impl] = out[0, prompt:]
-            res[impl] = new_tokens / dt
-            del model
-        except Exception as e:  # noqa: BLE001
-            print(f"  generate with {impl}: {type(e).__name__}: {str(e)[:200]}")
-            res[impl] = None
+    for impl, model in models.items():  # each model runs the implementation it was built with
+        assert model.config._attn_implementation == impl, (impl, model.config._attn_implementation)
+    for impl, ts in times.items():
+        res[impl] = new_tokens / statistics.median(ts)
+        res[f"{impl}_rounds"] = [round(new_tokens / t, 1) for t in ts]
+    if profile and "flashtile" in models:  # where a generated token's host time goes (cProfile, top 25)
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        with torch.no_grad():
+            prof.enable()
+            models["flashtile"].generate(ids, max_new_tokens=32, min_new_tokens=32, **kw)
+            _sync()
+            prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+        print(buf.getvalue())
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats("flashtile", 25)
+        print(buf.getvalue())
+    del models
     if "eager" in tokens:
         for impl in ("flashtile", "sdpa"):
             if impl in tokens:
@@ -545,6 +577,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: first,hf")
+    ap.add_argument("--only-hf", action="store_true", help="HF generate alone (with a cProfile of flashtile's)")
     ap.add_argument("--dry-cpu", action="store_true", help="smoke-test this script on the CPU (tiny, float32)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     args = ap.parse_args()
@@ -557,7 +590,7 @@ def main() -> None:
         checks()
         small_calls(2, 1)
         decode_calls(2, 1)
-        print("generate:", hf_generate(new_tokens=4, prompt=16, layers=1, hidden=256))
+        print("generate:", hf_generate(new_tokens=4, prompt=16, layers=1, hidden=256, rounds=2, profile=True))
         print("dry run on the CPU: ok")
         return
     if args.host or not torch.cuda.is_available():
@@ -578,6 +611,9 @@ def main() -> None:
     meta.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__)
     skip = set(filter(None, args.skip.split(",")))
     t_start = time.perf_counter()
+    if args.only_hf:
+        print("HF greedy generate, tokens/s:", hf_generate(profile=True))
+        return
     print("== correctness (small shapes)")
     checks()
     print("== small calls")
@@ -585,7 +621,7 @@ def main() -> None:
     print("== decode")
     table += decode_calls(args.calls, args.repeats)
     first = None if "first" in skip else (print("== first calls (fresh processes)"), first_calls())[1]
-    hf = None if "hf" in skip else (print("== HF generate"), hf_generate())[1]
+    hf = None if "hf" in skip else (print("== HF generate"), hf_generate(profile=True))[1]
     meta["seconds"] = time.perf_counter() - t_start
     path = os.path.join(args.out, f"lean_{torch.cuda.get_device_name().replace(' ', '_')}_{_dt.date.today()}.json")
     with open(path, "w") as fh:
