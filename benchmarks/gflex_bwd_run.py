@@ -208,7 +208,8 @@ def time_case(name, c, s, h, d, tflex, tcbm, deadline) -> dict:
         out, lse = L.forward(qi, ki, vi, call)
     dout = torch.randn_like(out)
     row["gluon_route"] = L.gluon_bwd_reason(qi, ki, call, ()) or "gluon"
-    row["auto_route"] = "gluon" if L._gluon_flex.long_rows(bm, "auto") and row["gluon_route"] == "gluon" else "triton"
+    long = L._gluon_flex.long_rows(bm, "auto", d, True, None)
+    row["auto_route"] = "gluon" if long and row["gluon_route"] == "gluon" else "triton"
     for tag, val in (("gluon", "force"), ("triton", "0")):
         with env(ENV, val):
             try:
