@@ -116,6 +116,11 @@ def check_dense(dev) -> None:
                     fail(f"flash_attn_func call {i + 1} != generic launch: {name}")
             if not any(e[0].__qualname__.startswith("_runner.") for e in interface._FLAT.values()):
                 fail(f"the flat path kept no hopper runner: {name}")
+            raw = torch.empty(q.numel() + 8, dtype=q.dtype, device=dev)
+            qu = raw[1 : 1 + q.numel()].view(q.shape)  # contiguous, base not 16-byte aligned
+            qu.copy_(q)
+            if not same(HL.forward(qu, k, v, call), ref):  # (main: TMA's assertion; now an aligned copy)
+                fail(f"an unaligned contiguous q != generic launch: {name}")
         extra = ", flash_attn_func x5 flat" if isinstance(opts, dict) else ""
         ok(f"dense bitwise (launch.forward x4{extra}): {name}")
 

@@ -159,14 +159,19 @@ def test_dense_plan_fallbacks(hfakes, monkeypatch):
     kern = HL._WS if configs.config_for(64, causal=True, seqlen_q=300).kernel == "ws" else HL._PLAIN
     fast0, gen0 = kern.fast_launches, kern.generic_launches
     # an unaligned q (same strides: the plan's key): the runner declines, launching nothing; the
-    # full path then raises as before (a contiguous q is not copied, TMA rejects its base)
+    # full path launches on an aligned copy (tma_ready: contiguous() would return q itself)
     raw = torch.randn(q.numel() + 1).to(q.dtype)
     qu = raw[1:].view(q.shape)
+    qu.copy_(q)
     run = next(p[1] for p in HL._PLANS.values() if callable(p[1]))
     n0 = len(hfakes.log)
     assert run(qu, k, v) is None and len(hfakes.log) == n0
-    with pytest.raises(AssertionError, match="16-byte aligned"):
-        HL.forward(qu, k, v, call)
+    out, lse = HL.forward(qu, k, v, call)
+    args = hfakes.log[-1][1][9:]
+    assert args[0].base is not qu and args[0].base.data_ptr() % 16 == 0 and torch.equal(args[0].base, q)
+    prev = hfakes.log[n0 - 1][1][9:]
+    assert _norm(args, dict(q=args[0].base, k=k, v=v, out=out, lse=lse)) == \
+        _norm(prev, dict(q=q, k=k, v=v, out=prev[4], lse=prev[5]))  # fmt: skip
     # another current device: the prepared launch takes FastKernel.launch (a new key: generic)
     monkeypatch.setattr(hfakes.drv, "get_current_device", lambda: 1)
     HL.forward(q, k, v, call)

@@ -282,7 +282,7 @@ def forward(
         _, even = FL._geometry(bm, Sq, Sk)
     consts, margs, sargs, _ = FL._mods(call)
     cfg = configs.flex_config(D, **prefetch_override())
-    q, k, v = (x if HL.tma_compatible(x) else x.contiguous() for x in (q, k, v))
+    q, k, v = (HL.tma_ready(x) for x in (q, k, v))
     descs = (HL._descriptor(q, cfg.q_rows, False), HL._descriptor(k, cfg.block_n, False),
              HL._descriptor(v, cfg.block_n, False), HL._descriptor(out, cfg.q_rows, False))  # fmt: skip
     grid = (-(-Sq // cfg.block_m), H, B)

@@ -59,6 +59,13 @@ def tma_compatible(t: torch.Tensor) -> bool:
     return all(s > 0 and (s * es) % 16 == 0 for s in t.stride()[:-1])
 
 
+def tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if TMA can read it (:func:`tma_compatible`), else a contiguous copy (a fresh
+    allocation: 16-byte aligned also where ``t`` was contiguous but its base was not, which
+    ``contiguous()`` would have returned as it is)."""
+    return t if tma_compatible(t) else t.clone(memory_format=torch.contiguous_format)
+
+
 def _descriptor(t: torch.Tensor, rows: int, varlen: bool) -> TensorDescriptor:
     """Descriptor of ``t`` (``(B, S, H, D)``) for ``[rows, BLOCK_D]`` tiles of one head: 4-D with
     blocks ``[1, rows, 1, BLOCK_D]`` (dense: bounds per batch), or 3-D over ``t[0]`` with blocks
@@ -225,7 +232,7 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCa
     _check_launch(call, lse, cfg, D, configs.check, "config")
     if varlen and cfg.kernel == "persistent":  # the host knows no sequence lengths to schedule
         cfg = replace(cfg, kernel="ws")
-    q, k, v = (x if tma_compatible(x) else x.contiguous() for x in (q, k, v))
+    q, k, v = (tma_ready(x) for x in (q, k, v))
     qk_scale, cap_out = score_scales(call)
     descs = (_descriptor(q, cfg.q_rows, varlen), _descriptor(k, cfg.block_n, varlen),
              _descriptor(v, cfg.block_n, varlen), _descriptor(out, cfg.q_rows, varlen))  # fmt: skip
@@ -357,7 +364,7 @@ def forward_fp8(
     varlen, nb, _, _, rows_q, _ = geo
     cfg = config or configs.fp8_config(D)
     _check_launch(call, lse, cfg, D, configs.check_fp8, "FP8 config")
-    q, k = (x if tma_compatible(x) else x.contiguous() for x in (q, k))
+    q, k = (tma_ready(x) for x in (q, k))
     vt = transpose_v(v, varlen)
     qk_scale, cap_out = score_scales(call)
     bd = configs.block_d(D)
@@ -414,4 +421,4 @@ def describe(headdim: int) -> str:
     return f"sm90 gluon: {configs.config(headdim)}{extra}"
 
 
-__all__ = ["forward", "forward_fp8", "describe", "swizzle_bytes", "transpose_v", "tma_compatible"]
+__all__ = ["forward", "forward_fp8", "describe", "swizzle_bytes", "transpose_v", "tma_compatible", "tma_ready"]
