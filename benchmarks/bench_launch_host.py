@@ -107,7 +107,8 @@ def install_hopper() -> None:
     def use_gluon(q, k, v, call):  # hopper/flex.py's rule without the CUDA queries
         mode = HF.env_mode()
         return HF.gluon_reason(call, tuple(q.shape), tuple(k.shape), v.shape[-1], q.dtype, "cuda", 9, None,
-                               mode) is None and HF.long_rows(call.block_mask, mode)  # fmt: skip
+                               mode) is None and HF.long_rows(call.block_mask, mode, q.shape[-1], False,
+                                                              call.score_mod)  # fmt: skip
 
     HF.use_gluon = use_gluon
     from flashtile.backends.flex_triton import backend as flex_backend
@@ -198,6 +199,8 @@ def rows(dtype=torch.float16):
     return {
         "e2e_fwd": ("flash_attn_func forward, whole call (triton backend, fake kernel)",
                     lambda: flashtile.flash_attn_func(q, k, v, causal=True)),
+        "e2e_fwd_grad": ("same, inputs requiring grad (the autograd node, no backward)",
+                         lambda: flashtile.flash_attn_func(qg, kg, vg, causal=True)),
         "e2e_fwd_bwd": ("same, forward + backward (autograd.grad)", e2e_fb),
         "e2e_kv_int": ("flash_attn_with_kvcache b1 q1 h32/8 d128, int length, whole call",
                        lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=1000, causal=True)),
