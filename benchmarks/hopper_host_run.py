@@ -245,7 +245,7 @@ def timing(dev, calls: int, rounds: int) -> list:
     }  # fmt: skip
     best: dict = {}
     for r in range(rounds):
-        for on in ((True, False) if r % 2 == 0 else (False, True)):
+        for on in (True, False) if r % 2 == 0 else (False, True):
             lean(on)
             for name, fn in rows.items():
                 for _ in range(20):

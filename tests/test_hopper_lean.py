@@ -229,8 +229,9 @@ def test_flat_path_offers_the_hopper_runner(hfakes, monkeypatch):
             n0 = len(hfakes.log)
             outs.append(flashtile.flash_attn_func(q, k, v, causal=True))
             (got,) = hfakes.log[n0:]
-            assert _norm(got[1], dict(q=q, k=k, v=v, out=outs[-1])) == _norm(hfakes.log[0][1],
-                                                                            dict(q=q, k=k, v=v, out=outs[0]))
+            assert _norm(got[1], dict(q=q, k=k, v=v, out=outs[-1])) == _norm(
+                hfakes.log[0][1], dict(q=q, k=k, v=v, out=outs[0])
+            )
         assert len(interface._FLAT) == 1
         runner = next(iter(interface._FLAT.values()))[0]
         assert runner.__qualname__.startswith("_runner")
