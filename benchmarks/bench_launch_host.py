@@ -15,6 +15,14 @@ only; ``--profile NAME`` prints a
 cProfile of one row (``e2e_fwd``, ``e2e_fwd_bwd``, ``e2e_kv_int``, ``e2e_kv_tensor``, ``e2e_kv_split``, ``e2e_grow``
 (the public functions through the triton backend, with the same fakes), ``fwd``, ``bwd``, ``decode``,
 ``decode_split``, ``dense_decode``).
+
+Rows ``gluon_*`` (``--rows gluon`` selects them all): the Gluon Hopper forwards (``hopper/launch.py``,
+``hopper/flex.py``) with fake kernels (``tests/conftest.py::install_fake_hopper_kernels``' kind):
+the dense forward b1 s4096 h8 d64 causal bf16 (``launch.forward`` alone, and ``flash_attn_func``
+through the hopper backend: the flat path), the flex forward b1 s4096 h4 d128 with a causal block mask
+(``flex_triton.launch.forward``, the route's checks by ``gluon_reason`` / ``long_rows`` as on a GPU;
+``_device.info`` and ``available()`` not counted), each with the lean host path on and off
+(``hopper.launch.LEAN``, flipped around each call of an ``_off`` row).
 """
 
 from __future__ import annotations
@@ -81,6 +89,80 @@ def install() -> None:
 
     backend.available = lambda: None
     backend.supports = lambda problem, call: None
+
+
+def install_hopper() -> None:
+    """The Gluon forward kernels replaced by fakes (as :func:`install` does for the Triton ones); the
+    hopper backend usable on CPU tensors; the flex route's device checks answered as on an H200."""
+    from flashtile.backends.hopper import backend as hopper_backend
+    from flashtile.backends.hopper import flex as HF
+    from flashtile.backends.hopper import launch as HL
+    from flashtile.backends.triton import fastlaunch
+
+    for n in ("_PLAIN", "_WS", "_PERSISTENT"):
+        setattr(HL, n, fastlaunch.fast(_fake(getattr(HL, n).fn)))
+    hopper_backend.available = lambda: None
+    hopper_backend.supports = lambda problem, call: None
+
+    def use_gluon(q, k, v, call):  # hopper/flex.py's rule without the CUDA queries
+        mode = HF.env_mode()
+        return HF.gluon_reason(call, tuple(q.shape), tuple(k.shape), v.shape[-1], q.dtype, "cuda", 9, None,
+                               mode) is None and HF.long_rows(call.block_mask, mode, q.shape[-1], False,
+                                                              call.score_mod)  # fmt: skip
+
+    HF.use_gluon = use_gluon
+    from flashtile.backends.flex_triton import backend as flex_backend
+
+    flex_backend.available = lambda: None
+    flex_backend.supports = lambda problem, call: None
+
+
+def gluon_rows() -> dict:
+    import flashtile
+    from flashtile import masks
+    from flashtile.backends.flex_triton import launch as FL
+    from flashtile.backends.hopper import launch as HL
+    from flashtile.flex import create_block_mask
+    from flashtile.spec import make_call
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4096, 8, 64, dtype=torch.bfloat16) for _ in range(3))
+    call = make_call(headdim=64, causal=True)
+    qf, kf, vf = (torch.randn(1, 4096, 4, 128, dtype=torch.bfloat16) for _ in range(3))
+    bm = create_block_mask(masks.causal, 1, 1, 4096, 4096, device="cpu")  # (rows long enough for Gluon)
+    fcall = make_call(headdim=128, block_mask=bm)
+
+    def off(fn):
+        def run():
+            HL.LEAN = False
+            try:
+                fn()
+            finally:
+                HL.LEAN = True
+
+        return run
+
+    qp, kp, vp = (x.transpose(1, 2) for x in (qf, kf, vf))
+    flex_attention = flashtile.flex_attention  # (a lazy attribute of the package: looked up once)
+
+    def e2e_flex():  # (main() forces the flex_triton backend for the flex rows)
+        flex_attention(qp, kp, vp, block_mask=bm)
+
+    def e2e():  # (main() forces the hopper backend while it times these rows)
+        flashtile.flash_attn_func(q, k, v, causal=True)
+
+    table = {
+        "gluon_fwd": ("hopper launch.forward b1 s4096 h8 d64 causal bf16 (planned)", lambda: HL.forward(q, k, v, call)),
+        "gluon_fwd_off": ("same, lean path off (main's launch)", off(lambda: HL.forward(q, k, v, call))),
+        "gluon_e2e": ("flash_attn_func, same shape, hopper backend (flat path)", e2e),
+        "gluon_e2e_off": ("same, lean path off", off(e2e)),
+        "gluon_flex": ("flex forward b1 s4096 h4 d128 causal block mask, route + Gluon (planned)",
+                       lambda: FL.forward(qf, kf, vf, fcall)),
+        "gluon_flex_off": ("same, lean path off", off(lambda: FL.forward(qf, kf, vf, fcall))),
+        "gluon_flex_e2e": ("flex_attention public, same call", e2e_flex),
+        "gluon_flex_e2e_off": ("same, lean path off", off(e2e_flex)),
+    }  # fmt: skip
+    return table
 
 
 def rows(dtype=torch.float16):
@@ -151,8 +233,23 @@ def main() -> None:
     forced = flashtile.dispatch.use_backend("triton")  # for the whole process (kept referenced)
     forced.__enter__()
     table = rows()
+    if not args.rows or "gluon" in args.rows:
+        install_hopper()
+        table.update(gluon_rows())
+
+    def switch(name: str) -> None:  # the triton backend for the Triton rows, hopper for the gluon rows
+        nonlocal forced
+        want = "flex_triton" if name.startswith("gluon_flex") else "hopper" if name.startswith("gluon") else "triton"
+        if getattr(forced, "_flashtile_name", None) != want:
+            forced.__exit__(None, None, None)
+            forced = flashtile.dispatch.use_backend(want)
+            forced.__enter__()
+            forced._flashtile_name = want
+
+    forced._flashtile_name = "triton"
     if args.profile:
         _, fn = table[args.profile]
+        switch(args.profile)
         for _ in range(200):
             fn()
         pr = cProfile.Profile()
@@ -164,8 +261,10 @@ def main() -> None:
         return
     print("host cost of the Triton launchers (thread CPU us, Python calls, per call; fake kernels, CPU tensors)")
     for name, (label, fn) in table.items():
-        if args.rows and name not in args.rows.split(","):
+        if args.rows and name not in args.rows.split(",") and not (name.startswith("gluon") and "gluon" in
+                                                                        args.rows.split(",")):  # fmt: skip
             continue
+        switch(name)
         print(f"  {label:70s} {_thread_us(fn, args.n):7.1f} {_py_calls(fn):5d}   [{name}]")
     from flashtile.backends.triton import launch, launch_decode
 

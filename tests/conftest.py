@@ -254,3 +254,35 @@ def install_fake_triton_kernels(monkeypatch, compiled):
             monkeypatch.setattr(mod, n, fastlaunch.fast(fake(n, getattr(mod, n).fn)))
     monkeypatch.setattr(launch, "arch", lambda device: "sm90")
     return drv
+
+
+def install_fake_hopper_kernels(monkeypatch, compiled):
+    """The hopper backend's Gluon forward kernels (``launch._PLAIN``, ``_WS``, ``_PERSISTENT``)
+    replaced by fake ``JITFunction``s of their real parameters whose compiled kernel is
+    ``compiled(name)`` (as :func:`install_fake_triton_kernels`, whose fakes and driver it installs
+    too); the hopper launch plans cleared. Imports Gluon (Triton >= 3.6): for host-path tests."""
+    from flashtile.backends.hopper import flex as hflex
+    from flashtile.backends.hopper import launch as hlaunch
+    from flashtile.backends.triton import fastlaunch
+
+    drv = install_fake_triton_kernels(monkeypatch, compiled)
+
+    def fake(name, kernel):
+        cls = type("JITFunction", (), {"params": kernel.params})
+
+        def getitem(self, grid):
+            def go(*a, **kw):
+                rest = [kw[p.name] if p.name in kw else p.default for p in kernel.params[len(a):]]
+                compiled(name).run(*grid, *(1,) * (3 - len(grid)), 77, "fn", "meta", None, None, None, *a, *rest)
+                return compiled(name)
+
+            return go
+
+        cls.__getitem__ = getitem
+        return cls()
+
+    for n in ("_PLAIN", "_WS", "_PERSISTENT"):
+        monkeypatch.setattr(hlaunch, n, fastlaunch.fast(fake(n, getattr(hlaunch, n).fn)))
+    hlaunch.clear_plans()
+    hflex._PLANS.clear()
+    return drv

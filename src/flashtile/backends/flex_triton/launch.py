@@ -319,6 +319,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -
     ``(B, H, S, D)`` would otherwise give an out that the autograd function copies).
     On sm_90 the Gluon ws kernel runs it where it serves the call (``hopper/flex.py``:
     :func:`~flashtile.backends.hopper.flex.gluon_reason`; ``FLASHTILE_FLEX_GLUON=0``: never)."""
+    res = _gluon_flex.planned(q, k, v, call)  # a repeated Gluon call's prepared launch (None: none)
+    if res is not None:
+        return res
     if _gluon_flex.use_gluon(q, k, v, call):
         return _gluon_flex.forward(q, k, v, call)
     B, Sq, H, D = q.shape

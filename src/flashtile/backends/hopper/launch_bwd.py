@@ -43,7 +43,7 @@ from ..triton.launch import _flags, _geometry, _scalars, arch, device_guard, sco
 from . import bwd, configs
 from .configs import HopperBwdConfig
 from .dq import _dq_kernel, convert_dq
-from .launch import _check_launch, _descriptor, tma_compatible
+from .launch import _check_launch, _descriptor, tma_ready
 
 # the Gluon kernels (and the dQ conversion) on the lean launch path too
 attn_bwd, attn_bwd_ws, _dq_fast = fast(bwd.attn_bwd), fast(bwd.attn_bwd_ws), fast(_dq_kernel)
@@ -78,7 +78,7 @@ def backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     cfg = config or configs.bwd_config(D, call.window_left >= 0 or call.window_right >= 0)
     _check_launch(call, lse, cfg, D, configs.bwd_check, "backward config")
-    q, k, v, dout = (x if tma_compatible(x) else x.contiguous() for x in (q, k, v, dout))
+    q, k, v, dout = (tma_ready(x) for x in (q, k, v, dout))
     if out.stride(-1) != 1:
         out = out.contiguous()
     lse = lse.contiguous()

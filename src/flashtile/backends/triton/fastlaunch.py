@@ -228,7 +228,9 @@ class FastKernel:
         self.fast_launches += 1
 
 
-    def prepare(self, grid: tuple[int, ...], args: tuple, kwargs: dict, lead: int) -> Prepared | None:
+    def prepare(
+        self, grid: tuple[int, ...], args: tuple, kwargs: dict, lead: int, descs: int = 0, keep: bool = False
+    ) -> Prepared | None:
         """A launcher of this kernel with these arguments, except the first ``lead`` positional ones
         (tensors or None), which each call passes anew: ``prepare(grid, args, kwargs, n)(*args[:n])``
         launches like ``self[grid](*args, **kwargs)`` without recomputing the signature key. Call it
@@ -236,7 +238,14 @@ class FastKernel:
         lean launch does not apply (see :meth:`launch`), or for a launch with an unaligned tensor
         among the leading arguments. The launcher checks on every call what the key read from them
         (each tensor 16-byte aligned, None where None was; their dtypes are the caller's to key),
-        the current device, and that no launch hook is set; otherwise it takes :meth:`launch`."""
+        the current device, and that no launch hook is set; otherwise it takes :meth:`launch`.
+
+        ``descs``: the first ``descs`` leading arguments are host TensorDescriptors (Gluon's):
+        each call's must have what the key read from the prepared ones (dtype, block shape, layout,
+        padding: the caller builds them alike, e.g. ``hopper/launch.py``'s templates; their bases'
+        alignment is the caller's to check). ``keep``: tensors among the other arguments are kept
+        for every call (the caller keys the plan on those objects, e.g. a block mask's lists);
+        otherwise such a launch is not prepared."""
         if not self.fast:
             return None
         try:
@@ -245,30 +254,36 @@ class FastKernel:
         except (KeyError, TypeError, ValueError):  # see _resolve
             return None
         head = args[:lead]
-        if compiled is None or any(a is not None and a.data_ptr() & 15 for a in head):
+        if compiled is None or any(not _is_desc(a) for a in head[:descs]):
             return None
-        if any(a is not None and not isinstance(a, torch.Tensor) for a in head):
+        rest = head[descs:]
+        if any(a is not None and (not isinstance(a, torch.Tensor) or a.data_ptr() & 15) for a in rest):
             return None
-        if any(isinstance(a, torch.Tensor) for a in vals[lead:]):  # a tensor would be kept for later calls
+        if not keep and any(isinstance(a, torch.Tensor) for a in vals[lead:]):  # kept for later calls
             return None
         g = (*grid, 1, 1)[:3]
         return Prepared(self, grid, args[lead:], kwargs, compiled, device, g, lead,
-                        [i for i, a in enumerate(head) if a is not None], vals[lead:], _direct(compiled))  # fmt: skip
+                        [i for i, a in enumerate(head) if a is not None and i >= descs], vals[lead:],
+                        _direct(compiled, descs), descs)  # fmt: skip
 
 
 class Prepared:
     """A launch prepared by :meth:`FastKernel.prepare`; call it with the leading arguments."""
 
     __slots__ = ("kernel", "grid", "args", "kwargs", "compiled", "device", "g", "lead", "tensors", "nones", "none_vals",
-                 "tail", "direct")
+                 "tail", "direct", "descs")
 
-    def __init__(self, kernel, grid, args, kwargs, compiled, device, g, lead, tensors, tail, direct=None) -> None:
+    def __init__(self, kernel, grid, args, kwargs, compiled, device, g, lead, tensors, tail, direct=None,
+                 descs=0) -> None:  # fmt: skip
         self.kernel, self.grid, self.args, self.kwargs = kernel, grid, args, kwargs
         self.compiled, self.device, self.g, self.lead, self.tail = compiled, device, g, lead, tail
-        self.direct = direct  # (launch, cooperative, pdl) of the C launcher (see _direct), or None
+        #: (launch, cooperative, pdl) of the C launcher, and with descriptors (make_tensordesc_arg,
+        #: their metadata) (see _direct); or None
+        self.direct = direct
+        self.descs = descs  # the number of leading host TensorDescriptors
         #: getters of the leading tensors and of the leading Nones (C-level gathers)
         self.tensors = _getter(tensors)
-        nones = [i for i in range(lead) if i not in tensors]
+        nones = [i for i in range(descs, lead) if i not in tensors]
         self.nones, self.none_vals = _getter(nones), (None,) * len(nones)
 
     def __call__(self, *head: Any) -> None:
@@ -294,12 +309,19 @@ class Prepared:
         except TypeError:
             return False
         c, g, d = self.compiled, self.g, self.direct
-        if d is not None:  # what CudaLauncher.__call__ would pass its C launcher (see _direct)
-            d[0](g[0], g[1], g[2], drv.get_current_stream(device), c.function, d[1], d[2], None, None,
-                 c.packed_metadata, None, None, None, *head, *self.tail)  # fmt: skip
-        else:
+        if d is None:
             c.run(g[0], g[1], g[2], drv.get_current_stream(device), c.function, c.packed_metadata, None, None, None,
                   *head, *self.tail)  # fmt: skip
+        elif self.descs:  # the descriptors expanded as the launcher's wrapper expands them (see _direct)
+            n, mk = self.descs, d[3]
+            x = []
+            for a, m in zip(head[:n], d[4], strict=True):
+                x += mk(a, m)
+            d[0](g[0], g[1], g[2], drv.get_current_stream(device), c.function, d[1], d[2], None, None,
+                 c.packed_metadata, None, None, None, *x, *head[n:], *self.tail)  # fmt: skip
+        else:  # what CudaLauncher.__call__ would pass its C launcher (see _direct)
+            d[0](g[0], g[1], g[2], drv.get_current_stream(device), c.function, d[1], d[2], None, None,
+                 c.packed_metadata, None, None, None, *head, *self.tail)  # fmt: skip
         self.kernel.fast_launches += 1
         return True
 
@@ -309,14 +331,23 @@ DIRECT_VERSIONS = ("3.6",)
 _CALL_ARGS = ("self", "gridX", "gridY", "gridZ", "stream", "function")
 
 
-def _direct(compiled: Any) -> tuple | None:
+def _direct(compiled: Any, descs: int = 0) -> tuple | None:
     """``(launch, launch_cooperative_grid, launch_pdl)`` of a compiled kernel's launcher when a
     prepared launch may call its C ``launch`` itself: Triton 3.6's NVIDIA ``CudaLauncher.__call__(gridX,
     gridY, gridZ, stream, function, *args)`` only allocates the global and profile scratch buffers
     (none when their sizes are 0: it passes None) and calls ``self.launch(gridX, gridY, gridZ, stream,
     function, launch_cooperative_grid, launch_pdl, global_scratch, profile_scratch, *args)``; skipping
     it saves a Python frame, a closure and two calls per launch. None elsewhere (other versions,
-    another ``__call__`` signature, a kernel with scratch, no such attributes): the launcher's call."""
+    another ``__call__`` signature, a kernel with scratch, no such attributes): the launcher's call.
+
+    ``descs`` > 0 (the kernel's first ``descs`` parameters are host TensorDescriptors): Triton 3.6's
+    ``self.launch`` is then ``wrap_handle_tensordesc``'s closure ``inner``, which loops over every
+    argument to replace each descriptor by ``make_tensordesc_arg(desc, meta)`` (the TMA map, shape,
+    strides) before the C launcher; the tuple then is ``(C launch, cooperative, pdl,
+    make_tensordesc_arg, the descriptors' metadata)``, read from the closure, so that a prepared
+    launch expands its descriptors itself (the same function on the same metadata) -- only when the
+    closure is that wrapper (its free variables, the base-argument count 13) and its descriptor
+    positions are exactly the first ``descs``."""
     if ".".join(triton.__version__.split(".")[:2]) not in DIRECT_VERSIONS:
         return None
     try:
@@ -327,9 +358,23 @@ def _direct(compiled: Any) -> tuple | None:
             return None
         if launcher.global_scratch_size != 0 or launcher.profile_scratch_size != 0:
             return None
-        return launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl
-    except AttributeError:
+        if not descs:
+            return launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl
+        inner = launcher.launch
+        cells = dict(zip(inner.__code__.co_freevars, (c.cell_contents for c in inner.__closure__), strict=True))
+        mk = inner.__globals__.get("make_tensordesc_arg")
+        if inner.__name__ != "inner" or set(cells) != _WRAP_VARS or inner.__globals__.get("_BASE_ARGS_FORMAT_LEN") \
+                != 13 or not callable(mk) or set(cells["tensordesc_indices"]) != set(range(descs)):  # fmt: skip
+            return None
+        metas = tuple(cells["tensordesc_meta"])
+        if len(metas) != descs:
+            return None
+        return cells["launcher"], launcher.launch_cooperative_grid, launcher.launch_pdl, mk, metas
+    except (AttributeError, TypeError, ValueError):
         return None
+
+
+_WRAP_VARS = frozenset({"launcher", "tensordesc_indices", "tensordesc_meta"})
 
 
 _data_ptr = torch.Tensor.data_ptr
@@ -344,6 +389,12 @@ _or = operator.or_
 
 #: modules whose ``TensorDescriptor`` (a TMA descriptor on the host) the key knows (:func:`_desc_key`)
 _DESCRIPTOR_MODULES = ("triton.experimental.gluon.nvidia.hopper",)
+
+
+def _is_desc(a: Any) -> bool:
+    """Whether ``a`` is a host TensorDescriptor the key knows (:func:`_desc_key`)."""
+    t = type(a)
+    return t.__name__ == "TensorDescriptor" and t.__module__ in _DESCRIPTOR_MODULES
 
 
 def _desc_key(d: Any) -> tuple:
