@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -480,3 +482,65 @@ def test_split_merge_repeatable_gpu(paged):
                                            return_softmax_lse=True)  # fmt: skip
         torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=0)
         torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=0)
+
+
+_TRITON_DECODE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not _TRITON_DECODE, reason="the Triton decode kernel: a CUDA device or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("case", ["gqa", "sink", "two_row_blocks", "paged", "window_vdim"])
+def test_fused_merge_equals_merge_kernel(monkeypatch, case):
+    """Split pieces merged inside the decode kernel (by the last program of each group to finish,
+    in chunks of pieces) equal the separate merge kernel's result and the oracle; repeated calls
+    are bitwise equal and leave every group counter at zero."""
+    from flashtile.backends.triton import launch, launch_decode
+
+    b, sq, h, hk, d, dv, cap, splits = 2, 1, 8, 2, 16, 16, 96, 7
+    opts = dict(causal=True)
+    if case == "two_row_blocks":  # 10 queries x 4 heads per KV head: two row blocks per group
+        sq = 10
+    if case == "window_vdim":
+        dv, opts = 8, dict(causal=True, window_size=(40, 0), softcap=3.0)
+    if case == "sink":
+        opts["learnable_sink"] = torch.tensor([8.0, -3.0, 0.0, 1.0, 8.0, 2.0, -1.0, 0.5], device=DEV)
+    g = torch.Generator(device="cpu").manual_seed(43)
+    q = torch.randn(b, sq, h, d, generator=g).to(DEV)
+    k = torch.randn(b, cap, hk, d, generator=g).to(DEV)
+    v = torch.randn(b, cap, hk, dv, generator=g).to(DEV)
+    table = None
+    kc, vc = k, v
+    if case == "paged":  # pages of 16 tokens in a shuffled order
+        page, nblk = 16, cap // 16
+        perm = torch.randperm(b * nblk, generator=g).to(DEV)
+        table = perm.view(b, nblk).to(torch.int32)
+        kc = torch.empty(b * nblk, page, hk, d, device=DEV)
+        vc = torch.empty(b * nblk, page, hk, dv, device=DEV)
+        kc[perm] = k.reshape(b * nblk, page, hk, d)
+        vc[perm] = v.reshape(b * nblk, page, hk, dv)
+    lens = torch.tensor([cap, 41], dtype=torch.int32, device=DEV)
+    orig = launch_decode.merge_layout
+    monkeypatch.setattr(launch_decode, "merge_layout", lambda *a: (orig(*a)[0], 2))  # 4 chunks of 2 pieces
+
+    def call():
+        return flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table, num_splits=splits,
+                                       return_softmax_lse=True, **opts)  # fmt: skip
+
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(launch_decode, "FUSED_MERGE", fused)
+        launch.clear_plans()
+        launch_decode._SCRATCH.clear()
+        results[fused] = [call() for _ in range(3)]
+        for out, lse in results[fused][1:]:
+            assert torch.equal(out, results[fused][0][0]) and torch.equal(lse, results[fused][0][1])
+        cnts = [t for key, t in launch_decode._SCRATCH.items() if "cnt" in key]
+        assert len(cnts) == (1 if fused else 0) and all(int(t.abs().sum()) == 0 for t in cnts)
+    (out, lse), (out2, lse2) = results[True][0], results[False][0]
+    torch.testing.assert_close(out, out2, atol=2e-6, rtol=0)
+    torch.testing.assert_close(lse, lse2, atol=2e-6, rtol=0)
+    sink = opts.pop("learnable_sink", None)
+    for i in range(b):  # the oracle, row by row (its keys: the first lens[i] of the cache)
+        n = int(lens[i])
+        ref, ref_lse = attention_ref(q[i : i + 1], k[i : i + 1, :n], v[i : i + 1, :n], learnable_sink=sink, **opts)
+        torch.testing.assert_close(out[i : i + 1], ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(lse[i : i + 1], ref_lse, atol=ATOL, rtol=0)

@@ -25,9 +25,10 @@ from flashtile.backends.triton import backend as triton_backend  # noqa: E402
 from flashtile.backends.triton import fastlaunch, launch, launch_decode  # noqa: E402
 
 # output positions (declaration order) of each fake kernel
-_OUTPUTS = {"_FWD": (3, 4), "_DECODE": (7, 8), "_MERGE": (2, 3), "_APPEND": (2, 3), "_BWD_PRE": (2,),
+_OUTPUTS = {"_FWD": (3, 4), "_DECODE": (7, 8, 10, 11), "_MERGE": (2, 3), "_APPEND": (2, 3), "_BWD_PRE": (2,),
             "_BWD_DKDV": (6, 7, 8), "_BWD_DQ": (6,)}  # fmt: skip
-_SKIP = {"_DECODE": (9,), "_APPEND": (7,)}  # the error flag: neither input nor output here
+# the error flag (and the fused merge's group counters): neither input nor output here
+_SKIP = {"_DECODE": (9, 12), "_APPEND": (7,)}
 
 
 def _checksum(args, outs, skip) -> float:

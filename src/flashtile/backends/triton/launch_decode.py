@@ -152,26 +152,86 @@ def partials(dev: torch.device, parts: tuple, key: tuple | None | object = _ASK)
     return o, lse
 
 
-def _plan_runner(out_shape, lse_shape, parts, dtype, dev, pdec, pmerge):
-    """A decode plan's prepared launches as one function of the per-call tensors."""
+#: Split calls merge their pieces inside the decode kernel (the last program of each group to finish
+#: merges: one launch, see ``decode._merge_pieces``) instead of in a second kernel (``_merge_kernel``).
+#: Read when a launch is planned: call ``launch.clear_plans()`` after changing it.
+FUSED_MERGE = True
+#: The same while a CUDA graph is being captured. Off: a captured call launches the decode and merge
+#: kernels as before (a counter kept between calls cannot be shared with a graph, which may replay on
+#: another stream, and memory from the graph's pool must be zeroed in the graph: one fill kernel).
+CAPTURE_FUSED = False
+
+
+def counters(dev: torch.device, n: int, key: tuple | None | object = _ASK) -> torch.Tensor:
+    """The int32 ``(n,)`` group counters of a fused split call (``decode._merge_pieces``): zero
+    between launches (the merging program resets its group's), so kept per (device, stream,
+    thread) as the other scratch, and never shared with a CUDA graph being captured (zeros made
+    in the graph then: a kernel of the graph fills them on each replay)."""
+    if key is _ASK:
+        key = _scratch_key(dev)
+    if key is None:
+        return torch.zeros(n, dtype=torch.int32, device=dev)
+    key = (*key, "cnt", n)
+    t = _SCRATCH.get(key)
+    if t is None:
+        _make_room()
+        t = _SCRATCH[key] = torch.zeros(n, dtype=torch.int32, device=dev)
+    return t
+
+
+def lse_sink(dev: torch.device, shape: tuple, key: tuple | None) -> torch.Tensor:
+    """A kept fp32 buffer of ``shape`` for an lse nobody reads (``flash_attn_with_kvcache`` without
+    ``return_softmax_lse``): written by the kernels, returned to no one, so reusing it needs no
+    ordering at all; fresh while a CUDA graph is captured (``key`` None)."""
+    if key is None:
+        return torch.empty(shape, dtype=torch.float32, device=dev)
+    key = (*key, "lse", shape)
+    t = _SCRATCH.get(key)
+    if t is None:
+        _make_room()
+        t = _SCRATCH[key] = torch.empty(shape, dtype=torch.float32, device=dev)
+    return t
+
+
+def _plan_runner(out_shape, lse_shape, parts, groups, dtype, dev, pdec, pmerge):
+    """A decode plan's prepared launches as one function of the per-call tensors. ``groups`` > 0:
+    the pieces are merged in the decode kernel (``groups`` counters). ``want_lse`` False: the lse
+    goes to a kept buffer (:func:`lse_sink`; the caller drops it)."""
     empty, f32 = torch.empty, torch.float32
 
-    def run(q, k_cache, v_cache, table, seqlens, leftpad, err, key=_ASK):
+    def run(q, k_cache, v_cache, table, seqlens, leftpad, err, key=_ASK, want_lse=True):
+        if key is _ASK:
+            key = _scratch_key(dev)
         out = empty(out_shape, dtype=dtype, device=dev)
-        lse_out = empty(lse_shape, dtype=f32, device=dev)
+        lse_out = empty(lse_shape, dtype=f32, device=dev) if want_lse else lse_sink(dev, lse_shape, key)
         if parts is None:  # one piece: the kernel writes out / lse_out (as the views (1, ...) of them)
-            o, lse = out, lse_out
+            o, lse, fin = out, lse_out, _NO_FINAL
         else:
             o, lse = partials(dev, parts, key)
-        if not pdec.go(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err):
+            fin = (out, lse_out, counters(dev, groups, key)) if groups else _NO_FINAL
+        if not pdec.go(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, *fin):
             with device_guard(dev):
-                pdec(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err)
+                pdec(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, *fin)
         if pmerge is not None and not pmerge.go(o, lse, out, lse_out):
             with device_guard(dev):
                 pmerge(o, lse, out, lse_out)
         return out, lse_out
 
     return run
+
+
+_NO_FINAL = (None, None, None)  # (OUT, LSE_OUT, CNT) of a decode launch without the fused merge
+
+
+def merge_layout(sq_g: int, block_m: int, splits: int, num_warps: int, bdv: int) -> tuple[int, int]:
+    """(MERGE_M, SPLIT_CHUNK) of a fused merge: rows read per group (the block's real rows, a power
+    of two >= 2) and pieces per read (a power of two: the fp32 piece tile of MERGE_M x SPLIT_CHUNK x
+    BLOCK_DV at most 32 values a thread, 16 from 16 rows on: no spills at sm_90, ptxas -v)."""
+    merge_m = block_m if sq_g > block_m else max(2, next_power_of_2(sq_g))
+    per_thread = 32 if merge_m <= 8 else 16
+    chunk = max(1, per_thread * 32 * num_warps // (merge_m * bdv))
+    chunk = 1 << (chunk.bit_length() - 1)  # (a power of two, rounded down)
+    return merge_m, max(1, min(chunk, next_power_of_2(splits)))
 
 
 def _wrap_offer(inputs: tuple, outputs: tuple) -> object | None:
@@ -279,38 +339,42 @@ def decode(
     ``config``: (BLOCK_N, num_warps, num_stages).
     """
     dev = q.device
+    sk = _scratch_key(dev)  # (None while the stream is captured into a CUDA graph)
+    fuse = FUSED_MERGE and (sk is not None or CAPTURE_FUSED)  # pieces merged in the decode kernel
     key = None
     if config is None and rotary is None:
-        key = ("decode", id(call), q.dtype, k_cache.dtype, v_cache.dtype, dev, q.shape, q.stride(), k_cache.shape, k_cache.stride(), v_cache.shape,
-               v_cache.stride(), None if table is None else (table.shape, table.stride()), leftpad is None, sn,
-               capacity, n_index, dense, num_splits, rotary_along)  # fmt: skip
+        key = ("decode", id(call), q.dtype, k_cache.dtype, v_cache.dtype, dev, q.shape, q.stride(), k_cache.shape,
+               k_cache.stride(), v_cache.shape, v_cache.stride(),
+               None if table is None else (table.shape, table.stride()), leftpad is None, sn, capacity, n_index,
+               dense, num_splits, rotary_along, fuse)  # fmt: skip
         plan = _PLANS.get(key)
         if plan is not None and plan[0] is call:
-            _, out_shape, lse_shape, parts, dec, merge, preps = plan
+            _, out_shape, lse_shape, parts, groups, dec, merge, preps = plan
             if preps is not None and preps is not PENDING:  # prepared launches (FastKernel.prepare)
-                out, lse_out = preps[2](q, k_cache, v_cache, table, seqlens, leftpad, err)
+                out, lse_out = preps[2](q, k_cache, v_cache, table, seqlens, leftpad, err, sk)
                 if _base.OFFERS is not None:  # for kvcache() / dense() to wrap (see there)
                     _base.OFFERS.append(((q, k_cache, v_cache, table, seqlens, leftpad, err), (out, lse_out), preps[2]))
                 return out, lse_out
             out = torch.empty(out_shape, dtype=q.dtype, device=dev)
             lse_out = torch.empty(lse_shape, dtype=torch.float32, device=dev)
             if parts is None:  # one piece: the kernel writes out / lse_out (as the views (1, ...) of them)
-                o, lse = out, lse_out
+                o, lse, fin = out, lse_out, _NO_FINAL
             else:
-                o, lse = partials(dev, parts)
+                o, lse = partials(dev, parts, sk)
+                fin = (out, lse_out, counters(dev, groups, sk)) if groups else _NO_FINAL
             with device_guard(dev):
-                dec_args = (q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, None, None, *dec[1])
+                dec_args = (q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, *fin, None, None, *dec[1])
                 _DECODE[dec[0]](*dec_args, **dec[2])
                 if merge is not None:
                     merge_args = (o, lse, out, lse_out, *merge[1])
                     _MERGE[merge[0]](*merge_args, **merge[2])
                 if preps is PENDING:  # the plan's first reuse: its launches prepared for the next ones
-                    preps = (_DECODE.prepare(dec[0], dec_args, dec[2], 10),
+                    preps = (_DECODE.prepare(dec[0], dec_args, dec[2], 13),
                              None if merge is None else _MERGE.prepare(merge[0], merge_args, merge[2], 4))  # fmt: skip
                     if preps[0] is None or (merge is not None and preps[1] is None):
                         preps = None
                     else:
-                        preps = (*preps, _plan_runner(out_shape, lse_shape, parts, q.dtype, dev, *preps))
+                        preps = (*preps, _plan_runner(out_shape, lse_shape, parts, groups, q.dtype, dev, *preps))
                     _PLANS[key] = (*plan[:-1], preps)
             return out, lse_out
     B, Sq, H, D = q.shape
@@ -341,14 +405,19 @@ def decode(
     splits = cdiv(max_keys, chunk)
     out = torch.empty((B, Sq, H, Dv), dtype=q.dtype, device=dev)
     lse_out = torch.empty((B, H, Sq), dtype=torch.float32, device=dev)
+    fuse = fuse and splits > 1
+    groups = programs if fuse else 0
     if splits == 1:  # the kernel writes the result itself
-        o, lse = out.unsqueeze(0), lse_out.unsqueeze(0)
+        o, lse, fin = out.unsqueeze(0), lse_out.unsqueeze(0), _NO_FINAL
     else:
-        o, lse = partials(dev, ((splits, B, Sq, H, Dv), (splits, B, H, Sq)))
+        o, lse = partials(dev, ((splits, B, Sq, H, Dv), (splits, B, H, Sq)), sk)
+        fin = (out, lse_out, counters(dev, groups, sk)) if fuse else _NO_FINAL
     cos, sin, interleaved = rotary or (None, None, False)
     qk_scale, cap_out = score_scales(call)
-    sink = _sink_args(call)  # in the kernel with one piece, else once in the merge
+    sink = _sink_args(call)  # in the kernel with one piece or a fused merge, else once in the merge kernel
     qs, ks, vs, os_, ls = q.stride(), k_cache.stride(), v_cache.stride(), o.stride(), lse.stride()
+    us, ls2 = out.stride(), lse_out.stride()
+    merge_m, split_chunk = merge_layout(Sq * G, block_m, splits, num_warps, bdv) if fuse else (2, 1)
     dec = (
         (B * Hk, splits, row_blocks),
         (
@@ -360,6 +429,7 @@ def decode(
             os_[0], os_[1], os_[2], os_[3],
             ls[0], ls[1], ls[2],
             call.alibi_slopes.stride(0) if call.alibi_slopes is not None else 0,
+            *((us[0], us[1], us[2], ls2[0], ls2[1]) if fuse else (0, 0, 0, 0, 0)),
             Sq, sn, capacity, n_index, page, chunk, Hk, G,
             qk_scale, cap_out, call.window_left, call.window_right,
         ),
@@ -370,25 +440,26 @@ def decode(
             HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None,
             UPCAST=upcast(q.dtype), KV_MODE=kv_mode,
             ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved, ROT_ALONG=rotary_along,
-            **(sink if splits == 1 else {}), HEAD_DIM_V=Dv, BLOCK_DV=bdv, num_warps=num_warps, num_stages=num_stages,
+            **(sink if splits == 1 or fuse else {}), HEAD_DIM_V=Dv, BLOCK_DV=bdv,
+            **(dict(MERGE=True, MERGE_M=merge_m, SPLIT_CHUNK=split_chunk) if fuse else {}),
+            num_warps=num_warps, num_stages=num_stages,
         ),
     )  # fmt: skip
     merge = None
-    if splits > 1:
-        us, ls2 = out.stride(), lse_out.stride()
+    if splits > 1 and not fuse:
         merge = (
             (B * Sq * H,),
             (splits, os_[0], os_[1], os_[2], os_[3], ls[0], ls[1], ls[2], us[0], us[1], us[2], ls2[0], ls2[1], H, Sq),
             dict(HEAD_DIM=Dv, BLOCK_S=max(2, next_power_of_2(splits)), BLOCK_D=bdv, **sink),
         )
     with device_guard(dev):
-        _DECODE[dec[0]](q, k_cache, v_cache, table, seqlens, leftpad, call.alibi_slopes, o, lse, err, cos, sin,
+        _DECODE[dec[0]](q, k_cache, v_cache, table, seqlens, leftpad, call.alibi_slopes, o, lse, err, *fin, cos, sin,
                         *dec[1], **dec[2])  # fmt: skip
         if merge is not None:
             _MERGE[merge[0]](o, lse, out, lse_out, *merge[1], **merge[2])
     if key is not None and _plannable(call):
         parts = None if splits == 1 else (tuple(o.shape), tuple(lse.shape))
-        _keep_plan(key, (call, tuple(out.shape), tuple(lse_out.shape), parts, dec, merge, PENDING))
+        _keep_plan(key, (call, tuple(out.shape), tuple(lse_out.shape), parts, groups, dec, merge, PENDING))
     return out, lse_out
 
 
@@ -423,27 +494,33 @@ def kvcache(q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tens
         run = _wrap_offer((q, cache.k_cache, cache.v_cache, None, seqlens, None, err), (out, lse))
         if run is not None:
             _base.OFFERS.append(
-                ((q, cache.k_cache, cache.v_cache), (out, lse), _kv_runner(run, cache, along, tensor_lens))
+                ((q, cache.k_cache, cache.v_cache), (out, lse), _kv_runner(run, cache, call, along, tensor_lens))
             )
     return out, lse
 
 
-def _kv_runner(run, cache: KVCache, along: bool, tensor_lens: bool):
+def _kv_runner(run, cache: KVCache, call: AttnCall, along: bool, tensor_lens: bool):
     """:func:`kvcache`'s runner (see :data:`flashtile.backends.base.OFFERS`) for calls without new
     tokens, rotary tables or index tensors other than the lengths: ``runner(q, k_cache, v_cache,
-    lens)``, ``lens`` an int (checked by the caller) or the int32 tensor; the error flag is read as
-    :func:`kvcache` reads it."""
+    lens, want_lse=True)``, ``lens`` an int (checked by the caller) or the int32 tensor; the error
+    flag is read as :func:`kvcache` reads it. ``want_lse`` False: the lse it returns is a kept
+    buffer the caller must drop. While a CUDA graph is captured: :func:`kvcache` itself."""
     epoch, capacity, num_splits = _launch._EPOCH, cache.capacity, cache.num_splits
 
-    def kv(q, k_cache, v_cache, lens):
+    def kv(q, k_cache, v_cache, lens, want_lse=True):
         if _launch._EPOCH is not epoch:
             return None
         dev = q.device
         key = _scratch_key(dev)
+        if key is None:  # captured: the launches a graph may hold (see CAPTURE_FUSED), no read-back
+            full = KVCache(k_cache=k_cache, v_cache=v_cache, k_new=None, v_new=None, seqlens=lens, batch_idx=None,
+                           leftpad=None, block_table=None, rotary=None, capacity=capacity,
+                           num_splits=num_splits)  # fmt: skip
+            return kvcache(q, full, call)
         seqlens = lens if tensor_lens else lens_vector(dev, q.shape[0], lens, key)
         err = _flag(dev, key)
-        out, lse = run(q, k_cache, v_cache, None, seqlens, None, err, key)
-        if tensor_lens and not capturing(q) and int(err.item()):  # as kvcache(): check by name
+        out, lse = run(q, k_cache, v_cache, None, seqlens, None, err, key, want_lse)
+        if tensor_lens and int(err.item()):  # as kvcache(): check by name
             err.zero_()
             full = KVCache(k_cache=k_cache, v_cache=v_cache, k_new=None, v_new=None, seqlens=lens, batch_idx=None,
                            leftpad=None, block_table=None, rotary=None, capacity=capacity,
@@ -465,12 +542,13 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> 
     if _base.OFFERS is not None:
         run = _wrap_offer((q, k, v, None, seqlens, None, err), (out, lse))
         if run is not None:
-            _base.OFFERS.append(((q, k, v), (out, lse), _dense_runner(run, B, Sk)))
+            _base.OFFERS.append(((q, k, v), (out, lse), _dense_runner(run, B, Sk, call)))
     return out, lse
 
 
-def _dense_runner(run, b: int, sk: int):
-    """:func:`dense`'s runner (see :data:`flashtile.backends.base.OFFERS`): ``runner(q, k, v)``."""
+def _dense_runner(run, b: int, sk: int, call: AttnCall):
+    """:func:`dense`'s runner (see :data:`flashtile.backends.base.OFFERS`): ``runner(q, k, v)``;
+    while a CUDA graph is captured, :func:`dense` itself (the launches a graph may hold)."""
     epoch = _launch._EPOCH
 
     def go(q, k, v):
@@ -478,6 +556,8 @@ def _dense_runner(run, b: int, sk: int):
             return None
         dev = q.device
         key = _scratch_key(dev)
+        if key is None:
+            return dense(q, k, v, call)
         return run(q, k, v, None, lens_vector(dev, b, sk, key), None, _flag(dev, key), key)
 
     return go
