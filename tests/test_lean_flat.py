@@ -273,6 +273,55 @@ def test_flat_kvcache_equals_full_path(fakes, monkeypatch, lens, splits):
         _same(g, run(s))
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_flat_kvcache_lse_fresh_only_when_returned(fakes, monkeypatch, splits):
+    """Without return_softmax_lse the flat path's kernels write the lse into one kept buffer (and the
+    fused merge its pieces' counters into another): the output is fresh and equal to the full path's;
+    with it, every call returns a fresh lse."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+    kc, vc = (torch.randn(2, 300, 2, 64, dtype=torch.float16) for _ in range(2))
+
+    def run(lse):
+        return flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=250, causal=True, num_splits=splits,
+                                                 return_softmax_lse=lse)  # fmt: skip
+
+    outs = [run(False) for _ in range(5)]
+    assert len(kvcache._FLAT) == 1 and isinstance(outs[0], torch.Tensor)
+    assert len({o.data_ptr() for o in outs}) == 5  # fresh outputs (all alive here)
+    sinks = [t for key, t in launch_decode._SCRATCH.items() if "lse" in key]
+    assert len(sinks) == 1 and sinks[0].shape == (2, 8, 1)
+    with_lse = [run(True) for _ in range(3)]
+    assert len({r[1].data_ptr() for r in with_lse} | {sinks[0].data_ptr()}) == 4  # fresh lse each call
+    assert len([key for key in launch_decode._SCRATCH if "cnt" in key]) == (1 if splits > 1 else 0)
+    _memo_off(monkeypatch)
+    _same(outs[-1], run(False))
+    _same(with_lse[-1], run(True))
+
+
+@pytest.mark.parametrize("capture_fused", [False, True])
+def test_flat_kvcache_under_capture_takes_the_graph_launches(fakes, monkeypatch, capture_fused):
+    """While a CUDA graph is captured (seen here as no scratch key) the runner hands the call to the
+    backend's kvcache: decode + merge kernels, nothing kept (or, with CAPTURE_FUSED, the fused
+    kernel with fresh counters); the output equals the full path's under the same capture."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+    kc, vc = (torch.randn(2, 300, 2, 64, dtype=torch.float16) for _ in range(2))
+    run = lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=250, num_splits=3)  # noqa: E731
+    eager = [run() for _ in range(4)][-1]
+    assert len(kvcache._FLAT) == 1
+    monkeypatch.setattr(launch_decode, "_scratch_key", lambda dev: None)
+    monkeypatch.setattr(launch_decode, "CAPTURE_FUSED", capture_fused)
+    n = len(fakes.log)
+    captured = run()
+    assert [e[0] for e in fakes.log[n:]] == (["_DECODE"] if capture_fused else ["_DECODE", "_MERGE"])
+    assert len(kvcache._FLAT) == 1  # (the runner stays for the eager calls)
+    _memo_off(monkeypatch)
+    _same(captured, run())
+    if capture_fused:  # the same kernel as the eager calls (the fake's checksum: same launch arguments)
+        _same(captured, eager)
+
+
 def test_flat_kvcache_rejected_input_still_rejected(fakes, monkeypatch):
     torch.manual_seed(0)
     q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
