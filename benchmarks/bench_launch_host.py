@@ -122,7 +122,7 @@ def rows(dtype=torch.float16):
                        lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=1000, causal=True)),
         "e2e_kv_tensor": ("same, int32 tensor lengths",
                           lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=lens, causal=True)),
-        "e2e_kv_split": ("same, int length, num_splits=4 (decode + merge kernels)",
+        "e2e_kv_split": ("same, int length, num_splits=4 (split pieces merged)",
                          lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=1000, causal=True,
                                                                   num_splits=4)),
         "e2e_grow": ("flash_attn_func q1, key length growing per call (HF generate)", e2e_grow),
