@@ -299,6 +299,27 @@ def test_flat_kvcache_lse_fresh_only_when_returned(fakes, monkeypatch, splits):
     _same(with_lse[-1], run(True))
 
 
+@pytest.mark.parametrize("budget", ["kept", "per call"])
+def test_flat_kvcache_scratch_bundle(fakes, monkeypatch, budget):
+    """A runner finds its pieces, counters and lse buffer in one entry (made from the kept scratch)
+    -- unless the pieces are over the size kept, then they are allocated per call, no entry -- and
+    gives what the full path gives either way."""
+    if budget == "per call":
+        monkeypatch.setattr(launch_decode, "_SCRATCH_BYTES", 0)
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+    kc, vc = (torch.randn(2, 300, 2, 64, dtype=torch.float16) for _ in range(2))
+    run = lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=250, num_splits=3)  # noqa: E731
+    got = [run() for _ in range(5)]
+    bundles = [v for k, v in launch_decode._SCRATCH.items() if len(k) == 2 and isinstance(k[0], tuple)]
+    if budget == "kept":
+        assert len(bundles) == 1 and bundles[0][0].shape[0] == 3 and bundles[0][2] is not None
+    else:
+        assert not bundles
+    _memo_off(monkeypatch)
+    _same(got[-1], run())
+
+
 @pytest.mark.parametrize("capture_fused", [False, True])
 def test_flat_kvcache_under_capture_takes_the_graph_launches(fakes, monkeypatch, capture_fused):
     """While a CUDA graph is captured (seen here as no scratch key) the runner hands the call to the

@@ -197,18 +197,21 @@ def _plan_runner(out_shape, lse_shape, parts, groups, dtype, dev, pdec, pmerge):
     """A decode plan's prepared launches as one function of the per-call tensors. ``groups`` > 0:
     the pieces are merged in the decode kernel (``groups`` counters). ``want_lse`` False: the lse
     goes to a kept buffer (:func:`lse_sink`; the caller drops it)."""
-    empty, f32 = torch.empty, torch.float32
+    empty, f32, token = torch.empty, torch.float32, object()
 
     def run(q, k_cache, v_cache, table, seqlens, leftpad, err, key=_ASK, want_lse=True):
         if key is _ASK:
             key = _scratch_key(dev)
         out = empty(out_shape, dtype=dtype, device=dev)
-        lse_out = empty(lse_shape, dtype=f32, device=dev) if want_lse else lse_sink(dev, lse_shape, key)
+        kept = None if key is None else _SCRATCH.get((key, token))
+        if kept is None:
+            kept = _kept(dev, key, token, parts, groups, lse_shape)
+        o, lse, cnt, sink = kept
+        lse_out = empty(lse_shape, dtype=f32, device=dev) if want_lse else sink
         if parts is None:  # one piece: the kernel writes out / lse_out (as the views (1, ...) of them)
             o, lse, fin = out, lse_out, _NO_FINAL
         else:
-            o, lse = partials(dev, parts, key)
-            fin = (out, lse_out, counters(dev, groups, key)) if groups else _NO_FINAL
+            fin = (out, lse_out, cnt) if groups else _NO_FINAL
         if not pdec.go(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, *fin):
             with device_guard(dev):
                 pdec(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, *fin)
@@ -221,6 +224,23 @@ def _plan_runner(out_shape, lse_shape, parts, groups, dtype, dev, pdec, pmerge):
 
 
 _NO_FINAL = (None, None, None)  # (OUT, LSE_OUT, CNT) of a decode launch without the fused merge
+
+
+def _kept(dev: torch.device, key: tuple | None, token: object, parts, groups: int, lse_shape: tuple) -> tuple:
+    """``(pieces, lse pieces, counters, lse sink)`` of a plan runner's call (None where it has none)
+    from :func:`partials`, :func:`counters`, :func:`lse_sink`; also kept together under ``(key,
+    token)`` (one lookup for the next calls, cleared with the rest) when the pieces are kept."""
+    o = lse = cnt = None
+    if parts is not None:
+        o, lse = partials(dev, parts, key)
+        if groups:
+            cnt = counters(dev, groups, key)
+    ent = (o, lse, cnt, lse_sink(dev, lse_shape, key))
+    if key is not None and (parts is None or (_SCRATCH.get((*key, parts)) or (None,))[0] is o):  # (else: per call)
+        if len(_SCRATCH) >= _SCRATCH_MAX:
+            return ent
+        _SCRATCH[(key, token)] = ent
+    return ent
 
 
 def merge_layout(sq_g: int, block_m: int, splits: int, num_warps: int, bdv: int) -> tuple[int, int]:
