@@ -13,14 +13,14 @@ first failure (named):
   of its own, fp16 and bf16;
 * repeated calls bitwise equal (the flat path's runner among them), 300 calls with a new length
   each against the unsplit result, and the group counters left at zero;
-* CUDA graphs: captured with the merge kernel (default) and with the fused merge
-  (``CAPTURE_FUSED``), replays bitwise equal to the eager calls of the same kernels, eager calls
-  interleaved on the same and another stream.
+* CUDA graphs: captured with the decode + merge kernels (``FUSED_MERGE`` off), and in one launch
+  with the spare counters an eager call left or with counters zeroed in the graph; replays bitwise
+  equal to the eager calls of the same kernels, eager calls interleaved on two streams.
 
 Then the timings (bf16, 1 query, 8k cache, h32/8, d128; wall us per call, ``--calls`` calls
 between two synchronisations, median (min-max) of ``--repeats`` loops, fused and separate runs
 interleaved): eager b1 / b8 with an int length and None (bench_lean's row), the fused merge
-against the separate merge kernel, SDPA flash / cuDNN; CUDA-graph replay of both capture modes
+against the separate merge kernel, SDPA flash / cuDNN; CUDA-graph replay in the three modes above
 and of SDPA cuDNN; and the device time of the kernels per call (torch.profiler). Table last, JSON
 under ``$OUT`` (else benchmarks/results/).
 """
@@ -46,14 +46,25 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _set(fused: bool | None = None, capture_fused: bool | None = None) -> None:
+def _set(fused: bool | None = None, spare: bool = True) -> None:
+    """FUSED_MERGE; ``spare``: True = the next eager split call leaves spare zeroed counters for a
+    capture (the kept scratch dropped), False = none (a capture zeroes its own in the graph)."""
     from flashtile.backends.triton import launch, launch_decode
 
     if fused is not None:
         launch_decode.FUSED_MERGE = fused
-    if capture_fused is not None:
-        launch_decode.CAPTURE_FUSED = capture_fused
+    launch_decode._SPARE.clear()
+    launch_decode._SPARE_MAX = 256 if spare else 0
+    if spare:
+        launch_decode._SCRATCH.clear()
     launch.clear_plans()  # (plans and the flat path's runners hold the launches of one mode)
+
+
+_GRAPH_MODES = {  # name -> (FUSED_MERGE, spare counters)
+    "decode + merge kernels": (False, True),
+    "one launch, spare counters": (True, True),
+    "one launch, counters zeroed in the graph": (True, False),
+}
 
 
 def _fail(msg: str):
@@ -168,7 +179,7 @@ def checks() -> int:
         n_checks += 1
         print(f"  ok  {name}: err {max_err(fo, ref):.2g} (PyTorch {max_err(pt, ref):.2g}), fused - separate "
               f"{max_err(fo, uo):.2g}, lse {max_err(fl, ul):.2g}")  # fmt: skip
-    _set(fused=True, capture_fused=False)
+    _set(fused=True)
     # many calls, a new length each (the kept counters and pieces reused 300 times) vs the unsplit kernel
     g = torch.Generator(device="cpu").manual_seed(5)
     q = torch.randn(1, 1, 32, 128, generator=g).to(DEV, torch.bfloat16)
@@ -198,12 +209,13 @@ def checks() -> int:
     for fused in (True, False):
         _set(fused=fused)
         eager[fused] = [call() for _ in range(4)][-1]
-    _set(fused=True)
-    for capture_fused in (False, True):
-        _set(capture_fused=capture_fused)
-        graph, (out, lse) = _graph(call)
-        want = eager[capture_fused]
-        side = torch.cuda.Stream()
+    side = torch.cuda.Stream()
+    for mode, (fused, spare) in _GRAPH_MODES.items():
+        _set(fused=fused, spare=spare)
+        taken = len(launch_decode._CAPTURED)
+        graph, (out, lse) = _graph(call)  # (its warm-up calls leave the spare counters, if asked)
+        if len(launch_decode._CAPTURED) != taken + (1 if fused and spare else 0):
+            _fail(f"graph ({mode}): {len(launch_decode._CAPTURED) - taken} spare counters taken")
         for _ in range(3):
             graph.replay()
             e = call()
@@ -212,12 +224,12 @@ def checks() -> int:
                 s_ = call()
             torch.cuda.current_stream().wait_stream(side)
             _sync()
-            if not (torch.equal(out, want[0]) and torch.equal(lse, want[1])):
-                _fail(f"graph replay (CAPTURE_FUSED={capture_fused}) differs from the eager calls of its kernels")
-            if not (torch.equal(e[0], eager[True][0]) and torch.equal(s_[0], eager[True][0])):
-                _fail(f"eager calls between graph replays (CAPTURE_FUSED={capture_fused}) differ")
-        print(f"  ok  CUDA graph (CAPTURE_FUSED={capture_fused}) replays bitwise equal, eager calls between")
-    _set(capture_fused=False)
+            if not (torch.equal(out, eager[fused][0]) and torch.equal(lse, eager[fused][1])):
+                _fail(f"graph replay ({mode}) differs from the eager calls of its kernels")
+            if not (torch.equal(e[0], eager[fused][0]) and torch.equal(s_[0], eager[fused][0])):
+                _fail(f"eager calls between graph replays ({mode}) differ")
+        print(f"  ok  CUDA graph ({mode}) replays bitwise equal, eager calls between on two streams")
+    _set(fused=True)
     return n_checks
 
 
@@ -329,10 +341,10 @@ def _time_batch(b: int, calls: int, repeats: int) -> list[dict]:
     for name, t in res.items():
         rows.append(dict(call=f"decode b{b} 8k h32/8 d128 bf16 eager: {name}", us=t))
     graphs = {}
-    for capture_fused in (False, True):
-        _set(fused=True, capture_fused=capture_fused)
-        graphs[f"flashtile graph, {'fused merge' if capture_fused else 'merge kernel'}"] = _graph(ft_lens)[0]
-    _set(capture_fused=False)
+    for mode, (fused, spare) in _GRAPH_MODES.items():
+        _set(fused=fused, spare=spare)
+        graphs[f"flashtile graph, {mode}"] = _graph(ft_lens)[0]
+    _set(fused=True)
     try:
         graphs["SDPA cuDNN graph"] = _graph(sd(SDPBackend.CUDNN_ATTENTION))[0]
     except Exception as e:  # noqa: BLE001

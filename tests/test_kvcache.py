@@ -547,15 +547,13 @@ def test_fused_merge_equals_merge_kernel(monkeypatch, case):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("capture_fused", [False, True])
-def test_split_decode_graph_and_streams_gpu(monkeypatch, capture_fused):
-    """A split decode (the fused merge eager) captured in a CUDA graph -- with the merge kernel, or
-    with the fused merge and counters of the graph's own -- replays bitwise equal to the eager
-    calls of the same kernels, interleaved with eager calls on this and another stream (whose kept
-    counters must stay zero), and the fused and separate merges agree."""
+def test_split_decode_graph_and_streams_gpu(monkeypatch):
+    """A split decode (its pieces merged in the kernel) captured in CUDA graphs -- the first with
+    the spare counters the eager calls left, the second with counters zeroed in the graph --
+    replays bitwise equal to the eager calls, interleaved with eager calls on this and another
+    stream (whose kept counters must stay zero); the fused and separate merges agree."""
     from flashtile.backends.triton import launch, launch_decode
 
-    monkeypatch.setattr(launch_decode, "CAPTURE_FUSED", capture_fused)
     g = torch.Generator(device="cpu").manual_seed(47)
     b, s, h, hk, d = 2, 8192, 32, 8, 128
     q = torch.randn(b, 1, h, d, generator=g).to(DEV, torch.bfloat16)
@@ -568,31 +566,36 @@ def test_split_decode_graph_and_streams_gpu(monkeypatch, capture_fused):
     for fused in (False, True):
         monkeypatch.setattr(launch_decode, "FUSED_MERGE", fused)
         launch.clear_plans()
+        launch_decode._SPARE.clear()
         refs[fused] = [call() for _ in range(4)]
         for o, lse in refs[fused][1:]:
             assert torch.equal(o, refs[fused][0][0]) and torch.equal(lse, refs[fused][0][1])
     torch.testing.assert_close(refs[True][0][0].float(), refs[False][0][0].float(), atol=1e-2, rtol=0)
     torch.testing.assert_close(refs[True][0][1], refs[False][0][1], atol=1e-4, rtol=0)
     ref = refs[True][0]
+    assert len(launch_decode._SPARE) == 1  # left by the first eager fused call
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = call()
-    want = ref if capture_fused else refs[False][0]
-    for _ in range(3):
-        graph.replay()
-        e_out, e_lse = call()  # eager, between replays
+    for spare in (True, False):
+        n_taken = len(launch_decode._CAPTURED)
+        side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            s_out, _ = call()
+            for _ in range(3):
+                call()
         torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
-        assert torch.equal(e_out, ref[0]) and torch.equal(e_lse, ref[1]) and torch.equal(s_out, ref[0])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, lse = call()
+        assert len(launch_decode._CAPTURED) == n_taken + spare and not launch_decode._SPARE
+        for _ in range(3):
+            graph.replay()
+            e_out, e_lse = call()  # eager, between replays
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                s_out, _ = call()
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            assert torch.equal(out, ref[0]) and torch.equal(lse, ref[1])
+            assert torch.equal(e_out, ref[0]) and torch.equal(e_lse, ref[1]) and torch.equal(s_out, ref[0])
     for key, t in launch_decode._SCRATCH.items():
         if "cnt" in key:
             assert int(t.abs().sum()) == 0, key

@@ -153,29 +153,43 @@ def partials(dev: torch.device, parts: tuple, key: tuple | None | object = _ASK)
 
 
 #: Split calls merge their pieces inside the decode kernel (the last program of each group to finish
-#: merges: one launch, see ``decode._merge_pieces``) instead of in a second kernel (``_merge_kernel``).
-#: Read when a launch is planned: call ``launch.clear_plans()`` after changing it.
+#: merges: one launch, see ``decode._merge_pieces``) instead of in a second kernel (``_merge_kernel``),
+#: eager and under CUDA graph capture alike (one kernel variant: a capture never compiles or loads
+#: one that the eager calls before it did not). Read when a launch is planned: call
+#: ``launch.clear_plans()`` after changing it.
 FUSED_MERGE = True
-#: The same while a CUDA graph is being captured. Off: a captured call launches the decode and merge
-#: kernels as before (a counter kept between calls cannot be shared with a graph, which may replay on
-#: another stream, and memory from the graph's pool must be zeroed in the graph: one fill kernel).
-CAPTURE_FUSED = False
+#: Zeroed counters made outside any capture, one per (device, count) at most, each taken by the
+#: next capture that needs such counters (a graph keeps them for good: see :func:`counters`).
+_SPARE: dict[tuple, torch.Tensor] = {}
+_SPARE_MAX = 256  # spare counters made at most (counts: a few per model)
+#: counters taken by captured graphs (kept alive: a graph holds device addresses, not tensors)
+_CAPTURED: list[torch.Tensor] = []
 
 
 def counters(dev: torch.device, n: int, key: tuple | None | object = _ASK) -> torch.Tensor:
     """The int32 ``(n,)`` group counters of a fused split call (``decode._merge_pieces``): zero
     between launches (the merging program resets its group's), so kept per (device, stream,
-    thread) as the other scratch, and never shared with a CUDA graph being captured (zeros made
-    in the graph then: a kernel of the graph fills them on each replay)."""
+    thread) as the other scratch. Never shared with a CUDA graph being captured (``key`` None): a
+    replay may run on another stream, concurrently with eager calls. A capture takes the spare
+    zeroed counters the first eager call of this count left (made and synchronised then, outside
+    any capture; kept alive for good in :data:`_CAPTURED`: a few bytes per captured call), else
+    zeros made in the graph (a fill kernel on each replay)."""
     if key is _ASK:
         key = _scratch_key(dev)
     if key is None:
-        return torch.zeros(n, dtype=torch.int32, device=dev)
+        spare = _SPARE.pop((dev, n), None)
+        if spare is None:
+            return torch.zeros(n, dtype=torch.int32, device=dev)
+        _CAPTURED.append(spare)
+        return spare
     key = (*key, "cnt", n)
     t = _SCRATCH.get(key)
     if t is None:
         _make_room()
         t = _SCRATCH[key] = torch.zeros(n, dtype=torch.int32, device=dev)
+        if dev.type == "cuda" and (dev, n) not in _SPARE and len(_SPARE) < _SPARE_MAX:
+            _SPARE[(dev, n)] = torch.zeros(n, dtype=torch.int32, device=dev)
+            torch.cuda.current_stream(dev).synchronize()  # (zero before any graph that takes it replays)
     return t
 
 
@@ -360,7 +374,7 @@ def decode(
     """
     dev = q.device
     sk = _scratch_key(dev)  # (None while the stream is captured into a CUDA graph)
-    fuse = FUSED_MERGE and (sk is not None or CAPTURE_FUSED)  # pieces merged in the decode kernel
+    fuse = FUSED_MERGE  # split pieces merged in the decode kernel
     key = None
     if config is None and rotary is None:
         key = ("decode", id(call), q.dtype, k_cache.dtype, v_cache.dtype, dev, q.shape, q.stride(), k_cache.shape,
@@ -514,17 +528,17 @@ def kvcache(q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tens
         run = _wrap_offer((q, cache.k_cache, cache.v_cache, None, seqlens, None, err), (out, lse))
         if run is not None:
             _base.OFFERS.append(
-                ((q, cache.k_cache, cache.v_cache), (out, lse), _kv_runner(run, cache, call, along, tensor_lens))
+                ((q, cache.k_cache, cache.v_cache), (out, lse), _kv_runner(run, cache, along, tensor_lens))
             )
     return out, lse
 
 
-def _kv_runner(run, cache: KVCache, call: AttnCall, along: bool, tensor_lens: bool):
+def _kv_runner(run, cache: KVCache, along: bool, tensor_lens: bool):
     """:func:`kvcache`'s runner (see :data:`flashtile.backends.base.OFFERS`) for calls without new
     tokens, rotary tables or index tensors other than the lengths: ``runner(q, k_cache, v_cache,
     lens, want_lse=True)``, ``lens`` an int (checked by the caller) or the int32 tensor; the error
     flag is read as :func:`kvcache` reads it. ``want_lse`` False: the lse it returns is a kept
-    buffer the caller must drop. While a CUDA graph is captured: :func:`kvcache` itself."""
+    buffer the caller must drop."""
     epoch, capacity, num_splits = _launch._EPOCH, cache.capacity, cache.num_splits
 
     def kv(q, k_cache, v_cache, lens, want_lse=True):
@@ -532,15 +546,10 @@ def _kv_runner(run, cache: KVCache, call: AttnCall, along: bool, tensor_lens: bo
             return None
         dev = q.device
         key = _scratch_key(dev)
-        if key is None:  # captured: the launches a graph may hold (see CAPTURE_FUSED), no read-back
-            full = KVCache(k_cache=k_cache, v_cache=v_cache, k_new=None, v_new=None, seqlens=lens, batch_idx=None,
-                           leftpad=None, block_table=None, rotary=None, capacity=capacity,
-                           num_splits=num_splits)  # fmt: skip
-            return kvcache(q, full, call)
         seqlens = lens if tensor_lens else lens_vector(dev, q.shape[0], lens, key)
         err = _flag(dev, key)
         out, lse = run(q, k_cache, v_cache, None, seqlens, None, err, key, want_lse)
-        if tensor_lens and int(err.item()):  # as kvcache(): check by name
+        if tensor_lens and not capturing(q) and int(err.item()):  # as kvcache(): check by name
             err.zero_()
             full = KVCache(k_cache=k_cache, v_cache=v_cache, k_new=None, v_new=None, seqlens=lens, batch_idx=None,
                            leftpad=None, block_table=None, rotary=None, capacity=capacity,
@@ -562,13 +571,12 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> 
     if _base.OFFERS is not None:
         run = _wrap_offer((q, k, v, None, seqlens, None, err), (out, lse))
         if run is not None:
-            _base.OFFERS.append(((q, k, v), (out, lse), _dense_runner(run, B, Sk, call)))
+            _base.OFFERS.append(((q, k, v), (out, lse), _dense_runner(run, B, Sk)))
     return out, lse
 
 
-def _dense_runner(run, b: int, sk: int, call: AttnCall):
-    """:func:`dense`'s runner (see :data:`flashtile.backends.base.OFFERS`): ``runner(q, k, v)``;
-    while a CUDA graph is captured, :func:`dense` itself (the launches a graph may hold)."""
+def _dense_runner(run, b: int, sk: int):
+    """:func:`dense`'s runner (see :data:`flashtile.backends.base.OFFERS`): ``runner(q, k, v)``."""
     epoch = _launch._EPOCH
 
     def go(q, k, v):
@@ -576,8 +584,6 @@ def _dense_runner(run, b: int, sk: int, call: AttnCall):
             return None
         dev = q.device
         key = _scratch_key(dev)
-        if key is None:
-            return dense(q, k, v, call)
         return run(q, k, v, None, lens_vector(dev, b, sk, key), None, _flag(dev, key), key)
 
     return go
