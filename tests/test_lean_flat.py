@@ -311,11 +311,15 @@ def test_flat_kvcache_scratch_bundle(fakes, monkeypatch, budget):
     kc, vc = (torch.randn(2, 300, 2, 64, dtype=torch.float16) for _ in range(2))
     run = lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=250, num_splits=3)  # noqa: E731
     got = [run() for _ in range(5)]
-    bundles = [v for k, v in launch_decode._SCRATCH.items() if len(k) == 2 and isinstance(k[0], tuple)]
+    entries = [v for k, v in launch_decode._SCRATCH.items() if len(k) == 2 and isinstance(k[0], tuple)]
+    bundles = [v for v in entries if len(v) == 4]  # the plan runner's (pieces, lse pieces, counters, lse)
     if budget == "kept":
         assert len(bundles) == 1 and bundles[0][0].shape[0] == 3 and bundles[0][2] is not None
     else:
         assert not bundles
+    # the kv runner's (length vector entry, flag: None off CUDA), whatever the pieces
+    (lens_ent, flag), = [v for v in entries if len(v) == 2]
+    assert lens_ent[0] == 250 and lens_ent[1].tolist() == [250, 250] and flag is None
     _memo_off(monkeypatch)
     _same(got[-1], run())
 

@@ -539,15 +539,32 @@ def _kv_runner(run, cache: KVCache, along: bool, tensor_lens: bool):
     lens, want_lse=True)``, ``lens`` an int (checked by the caller) or the int32 tensor; the error
     flag is read as :func:`kvcache` reads it. ``want_lse`` False: the lse it returns is a kept
     buffer the caller must drop."""
-    epoch, capacity, num_splits = _launch._EPOCH, cache.capacity, cache.num_splits
+    epoch, capacity, num_splits, token = _launch._EPOCH, cache.capacity, cache.num_splits, object()
 
     def kv(q, k_cache, v_cache, lens, want_lse=True):
         if _launch._EPOCH is not epoch:
             return None
         dev = q.device
         key = _scratch_key(dev)
-        seqlens = lens if tensor_lens else lens_vector(dev, q.shape[0], lens, key)
-        err = _flag(dev, key)
+        got = None if key is None else _SCRATCH.get((key, token))
+        if got is None:  # (the length vector's entry and the flag kept together: one lookup next time)
+            seqlens = lens if tensor_lens else lens_vector(dev, q.shape[0], lens, key)
+            err = _flag(dev, key)
+            if key is not None and len(_SCRATCH) < _SCRATCH_MAX:
+                ent = None if tensor_lens else _SCRATCH.get((*key, "lens", q.shape[0]))
+                if tensor_lens or ent is not None:  # the flag itself only where it is kept (CUDA)
+                    _SCRATCH[(key, token)] = (ent, err if dev.type == "cuda" else None)
+        else:
+            ent, err = got
+            if err is None:
+                err = _flag(dev, key)
+            if tensor_lens:
+                seqlens = lens
+            else:  # as lens_vector: refilled when the length changes
+                if ent[0] != lens:
+                    ent[1].fill_(lens)
+                    ent[0] = lens
+                seqlens = ent[1]
         out, lse = run(q, k_cache, v_cache, None, seqlens, None, err, key, want_lse)
         if tensor_lens and not capturing(q) and int(err.item()):  # as kvcache(): check by name
             err.zero_()
