@@ -118,9 +118,15 @@ def _ms(x) -> str:
 
 
 def torch_flex():
+    # every case (a new mask_mod / score_mod closure) and head dim is a recompile of the one wrapper:
+    # past dynamo's recompile limit (8) FlexAttention fell back to eager, 100x slower (stop 23's d64 rows)
+    import torch._dynamo.config as dyn
     from torch.nn.attention.flex_attention import create_block_mask as tcbm
     from torch.nn.attention.flex_attention import flex_attention as tfa
 
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dyn, name):
+            setattr(dyn, name, max(getattr(dyn, name), 64))
     return torch.compile(tfa, dynamic=False), tcbm
 
 

@@ -117,6 +117,8 @@ def rows(dtype=torch.float16):
     return {
         "e2e_fwd": ("flash_attn_func forward, whole call (triton backend, fake kernel)",
                     lambda: flashtile.flash_attn_func(q, k, v, causal=True)),
+        "e2e_fwd_grad": ("same, inputs requiring grad (the autograd node, no backward)",
+                         lambda: flashtile.flash_attn_func(qg, kg, vg, causal=True)),
         "e2e_fwd_bwd": ("same, forward + backward (autograd.grad)", e2e_fb),
         "e2e_kv_int": ("flash_attn_with_kvcache b1 q1 h32/8 d128, int length, whole call",
                        lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=1000, causal=True)),

@@ -329,6 +329,15 @@ def small_calls(calls: int, repeats: int) -> list[dict]:
     qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
     gt = g.transpose(1, 2).contiguous()
 
+    qn, kn, vn = (x.detach() for x in (q, k, v))  # inference: no autograd node on either side
+    qtn, ktn, vtn = (x.detach() for x in (qt, kt, vt))
+
+    def ft_inf():
+        return flashtile.flash_attn_func(qn, kn, vn, causal=True)
+
+    def sd_inf():
+        return F.scaled_dot_product_attention(qtn, ktn, vtn, is_causal=True)
+
     def ft_fwd():
         return flashtile.flash_attn_func(q, k, v, causal=True)
 
@@ -341,7 +350,8 @@ def small_calls(calls: int, repeats: int) -> list[dict]:
     def sd_fb():
         torch.autograd.grad(F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), (qt, kt, vt), gt)
 
-    for mode, ft, sd in (("fwd", ft_fwd, sd_fwd), ("fwd+bwd", ft_fb, sd_fb)):
+    for mode, ft, sd in (("fwd, inputs without grad", ft_inf, sd_inf), ("fwd", ft_fwd, sd_fwd),
+                         ("fwd+bwd", ft_fb, sd_fb)):  # fmt: skip
         row = dict(call=f"flash_attn_func b1 s128 h8 d64 causal, {mode}")
         row["flashtile"] = per_call_us(ft, calls, repeats)
         for name, be in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_cudnn", "CUDNN_ATTENTION")):

@@ -170,8 +170,10 @@ def dead_rows():
     check("sliding_40", 1, 203, 113, 4, 2, 128, torch.bfloat16, 0.0)  # the same rows against the oracle
 
 
-def _event_median(fn, reps=15, warm=2) -> float:
-    """Median ms of fn() each between two CUDA events (after ``warm`` calls)."""
+def _event_median(fn, reps=15, warm=2, n=1) -> float:
+    """Median ms per call of ``n`` calls of fn() between two CUDA events (after ``warm`` calls).
+    ``n = 1`` times one call after a sync (the host's preparation counts while the GPU waits);
+    ``n > 1`` back-to-back calls, the device's time when the host keeps ahead."""
     for _ in range(warm):
         fn()
     torch.cuda.synchronize()
@@ -179,12 +181,19 @@ def _event_median(fn, reps=15, warm=2) -> float:
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(n):
+            fn()
         b.record()
         b.synchronize()
-        ts.append(a.elapsed_time(b))
+        ts.append(a.elapsed_time(b) / n)
     ts.sort()
     return ts[len(ts) // 2]
+
+
+def _both(row: dict, tag: str, fn) -> None:
+    """``row[tag]``: one call after a sync; ``row[tag + '_dev']``: 5 back to back (device time)."""
+    row[tag] = _event_median(fn)
+    row[f"{tag}_dev"] = _event_median(fn, reps=7, n=5)
 
 
 def time_case(name, c, s, h, d, tflex, tcbm, deadline) -> dict:
@@ -199,16 +208,15 @@ def time_case(name, c, s, h, d, tflex, tcbm, deadline) -> dict:
         out, lse = L.forward(qi, ki, vi, call)
     dout = torch.randn_like(out)
     row["gluon_route"] = L.gluon_bwd_reason(qi, ki, call, ()) or "gluon"
-    row["auto_route"] = "gluon" if L._gluon_flex.long_rows(bm, "auto") and row["gluon_route"] == "gluon" else "triton"
+    long = L._gluon_flex.long_rows(bm, "auto", d, True, None)
+    row["auto_route"] = "gluon" if long and row["gluon_route"] == "gluon" else "triton"
     for tag, val in (("gluon", "force"), ("triton", "0")):
         with env(ENV, val):
             try:
-                row[tag] = _event_median(lambda: L.backward(dout, qi, ki, vi, out, lse, call, ()))
+                _both(row, tag, lambda: L.backward(dout, qi, ki, vi, out, lse, call, ()))
                 o = flex_attention(q, k, v, block_mask=bm)
                 go = dout.transpose(1, 2)
-                row[f"{tag}_api"] = _event_median(
-                    lambda o=o, go=go: torch.autograd.grad(o, (q, k, v), go, retain_graph=True)
-                )
+                _both(row, f"{tag}_api", lambda o=o, go=go: torch.autograd.grad(o, (q, k, v), go, retain_graph=True))
             except Exception as e:  # noqa: BLE001
                 row[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         print(name, d, tag, row.get(tag), row.get(f"{tag}_api"), row.get(f"{tag}_error", ""), flush=True)
@@ -217,7 +225,7 @@ def time_case(name, c, s, h, d, tflex, tcbm, deadline) -> dict:
         try:
             ob = c["builtin"](qb, kb, vb)
             gb = torch.randn_like(ob)
-            row["builtin"] = _event_median(lambda: torch.autograd.grad(ob, (qb, kb, vb), gb, retain_graph=True))
+            _both(row, "builtin", lambda: torch.autograd.grad(ob, (qb, kb, vb), gb, retain_graph=True))
         except Exception as e:  # noqa: BLE001
             row["builtin_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     if tflex is not None and time.perf_counter() < deadline:
@@ -225,7 +233,7 @@ def time_case(name, c, s, h, d, tflex, tcbm, deadline) -> dict:
             tbm = tcbm(c["mask"], None, None, s, s, device=DEV)
             of = tflex(q, k, v, block_mask=tbm)
             gf = torch.randn_like(of)
-            row["flex"] = _event_median(lambda: torch.autograd.grad(of, (q, k, v), gf, retain_graph=True))
+            _both(row, "flex", lambda: torch.autograd.grad(of, (q, k, v), gf, retain_graph=True))
         except Exception as e:  # noqa: BLE001
             row["flex_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     elif tflex is not None:
@@ -292,16 +300,19 @@ def main():
     def f(x):
         return f"{x:8.3f}" if isinstance(x, float) else f"{'-':>8}"
 
-    print(f"\nflex backward, b1 h{h} s{s} bf16, median ms (CUDA events); JSON: {path}")
-    print(f"{'case':12} {'d':>3} {'gluon':>8} {'triton':>8} {'g_api':>8} {'t_api':>8} {'builtin':>8} {'flex':>8} "
-          f"{'flex/g_api':>10} {'g_api/bi':>8}")  # fmt: skip
-    for r in rows:
-        ga, fl, bi = r.get("gluon_api"), r.get("flex"), r.get("builtin")
-        vs_flex = f"{fl / ga:10.2f}" if isinstance(ga, float) and isinstance(fl, float) else f"{'-':>10}"
-        vs_bi = f"{ga / bi:8.2f}" if isinstance(ga, float) and isinstance(bi, float) else f"{'-':>8}"
-        route = ("" if r["gluon_route"] == "gluon" else r["gluon_route"]) + f" auto: {r['auto_route']}"
-        print(f"{r['case']:12} {r['d']:>3} {f(r.get('gluon'))} {f(r.get('triton'))} {f(ga)} "
-              f"{f(r.get('triton_api'))} {f(bi)} {f(fl)} {vs_flex} {vs_bi}  {route}")  # fmt: skip
+    for sfx, title in (("", "one call after a sync"), ("_dev", "5 calls back to back (device time)")):
+        print(f"\nflex backward, b1 h{h} s{s} bf16, median ms (CUDA events), {title}; JSON: {path}")
+        print(f"{'case':12} {'d':>3} {'gluon':>8} {'triton':>8} {'g_api':>8} {'t_api':>8} {'builtin':>8} {'flex':>8} "
+              f"{'flex/auto':>10} {'auto/bi':>8}")  # fmt: skip
+        for r in rows:
+            auto = r.get(("gluon_api" if r["auto_route"] == "gluon" else "triton_api") + sfx)
+            fl, bi = r.get("flex" + sfx), r.get("builtin" + sfx)
+            vs_flex = f"{fl / auto:10.2f}" if isinstance(auto, float) and isinstance(fl, float) else f"{'-':>10}"
+            vs_bi = f"{auto / bi:8.2f}" if isinstance(auto, float) and isinstance(bi, float) else f"{'-':>8}"
+            route = ("" if r["gluon_route"] == "gluon" else r["gluon_route"]) + f" auto: {r['auto_route']}"
+            keys = ("gluon", "triton", "gluon_api", "triton_api", "builtin", "flex")
+            cells = " ".join(f(r.get(k + sfx)) for k in keys)
+            print(f"{r['case']:12} {r['d']:>3} {cells} {vs_flex} {vs_bi}  {route}")
 
 
 if __name__ == "__main__":

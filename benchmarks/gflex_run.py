@@ -13,8 +13,9 @@
    FLEX_PREFETCH on: ``prefetch``, the two timed in alternation, twice each, the faster round kept;
    and the default routing: ``auto``), the Triton flex kernel (FLASHTILE_FLEX_GLUON=0), flashtile's built-in option
    where one exists (causal, window, alibi_slopes, varlen for the documents) and compiled
-   FlexAttention; median ms of CUDA-event-timed calls; a table printed last, JSON to $OUT (else
-   benchmarks/results).
+   FlexAttention; each timed as one call after a sync (host preparation included) and as 10 calls back
+   to back (device time, ``*_dev_ms``); median ms of CUDA-event-timed calls; two tables printed last,
+   JSON to $OUT (else benchmarks/results).
 
     PYTHONPATH=src python benchmarks/gflex_run.py [--seqlen 16384] [--no-d64] [--skip-check] [--prefetch]
 """
@@ -204,26 +205,24 @@ def bench(s, h, d, tflex, tcbm, t0, flex_deadline, stop_at=None):
             return flex_attention(q, k, v, score_mod=sm, block_mask=bm)
 
         with torch.no_grad():
-            # gluon / prefetch: the forced Gluon kernel with FLEX_PREFETCH off / on, in alternation (A B A B:
-            # the short rows moved 20-35% between runs), the faster round of each kept
+            # every column timed two ways: one call after a sync (`_ms`: the host's preparation of the
+            # launch counts while the GPU waits) and 10 calls back to back (`_dev_ms`: the device's time
+            # when the host keeps ahead, what a training loop sees); gluon / prefetch (the forced Gluon
+            # kernel with FLEX_PREFETCH off / on) in alternation (A B A B: the short rows moved 20-35%
+            # between runs), the faster round of each kept
             cols = (("gluon", "force", "0"), ("prefetch", "force", "1")) * 2 + (("triton", "0", ""), ("auto", "", ""))
             for col, mode, pf in cols:
                 with env(gflex.ENV, mode), env(gflex.PREFETCH_ENV, pf):
                     n0 = len(_SERVED)
                     try:
-                        ms = event_ms(ours)
+                        ms, dev = event_ms(ours), event_ms_batched(ours)
                         row.setdefault(f"{col}_rounds", []).append(ms)
+                        row.setdefault(f"{col}_dev_rounds", []).append(dev)
                         row[f"{col}_ms"] = min(row[f"{col}_rounds"])
+                        row[f"{col}_dev_ms"] = min(row[f"{col}_dev_rounds"])
                         row[f"{col}_served_by_gluon"] = len(_SERVED) > n0
                     except Exception as e:  # noqa: BLE001
                         row[f"{col}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            # the same two, 10 calls between the events (device time: the host's launch work hidden)
-            for col, pf in (("gluon", "0"), ("prefetch", "1")):
-                with env(gflex.ENV, "force"), env(gflex.PREFETCH_ENV, pf):
-                    try:
-                        row[f"{col}_dev_ms"] = event_ms_batched(ours)
-                    except Exception as e:  # noqa: BLE001
-                        row[f"{col}_dev_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             if c["builtin"] is not None:
                 qb, kb, vb = (x.transpose(1, 2).contiguous() for x in (q, k, v))
                 try:
@@ -234,9 +233,11 @@ def bench(s, h, d, tflex, tcbm, t0, flex_deadline, stop_at=None):
             if tflex is not None and time.perf_counter() - t0 < flex_deadline:
                 try:
                     tbm = tcbm(c["mask"], None, None, s, s, device=DEV)
-                    row["flex_ms"] = event_ms(
-                        lambda q=q, k=k, v=v, sm=sm, tbm=tbm: tflex(q, k, v, score_mod=sm, block_mask=tbm)
-                    )
+
+                    def theirs(q=q, k=k, v=v, sm=sm, tbm=tbm):
+                        return tflex(q, k, v, score_mod=sm, block_mask=tbm)
+
+                    row["flex_ms"], row["flex_dev_ms"] = event_ms(theirs), event_ms_batched(theirs)
                 except Exception as e:  # noqa: BLE001
                     row["flex_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             elif tflex is not None:
@@ -298,29 +299,29 @@ def main():
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"\nwrote {path}; total {meta['total_s']:.0f}s")
-    print(f"forward, bf16, b=1, h={args.heads}, s={args.seqlen}; median ms; gluon forced (prefetch: with "
-          "FLEX_PREFETCH; pf/g = prefetch / gluon), auto = the default routing; x flex = FlexAttention / auto; "
-          "mod cost = auto / built-in - 1; dev: 10 calls back to back (device time), g/p/b = gluon / prefetch / "
-          "built-in")  # fmt: skip
-    print(f"{'case':<12} {'d':>3} {'gluon':>8} {'prefetch':>8} {'pf/g':>6} {'triton':>8} {'auto':>8} {'built-in':>8} "
-          f"{'flex':>8} {'x flex':>7} {'mod cost':>9} {'dev g':>7} {'dev p':>7} {'dev b':>7}")  # fmt: skip
+    print(f"forward, bf16, b=1, h={args.heads}, s={args.seqlen}; ms per call, min of rounds of medians; gluon "
+          "forced with FLEX_PREFETCH off / on (prefetch), triton forced, auto = the default routing; x flex = "
+          "FlexAttention / auto, mod cost = auto / built-in - 1. Two tables: one call after a sync (host "
+          "preparation included), then 10 calls back to back (device time)")  # fmt: skip
+    cols = ("gluon", "prefetch", "triton", "auto", "builtin", "flex")
 
     def f(x):
         return f"{x:8.3f}" if isinstance(x, float) else f"{'-':>8}"
 
-    for r in rows:
-        g, p, t, a, bi, fx = (r.get(k) for k in ("gluon_ms", "prefetch_ms", "triton_ms", "auto_ms", "builtin_ms",
-                                                 "flex_ms"))  # fmt: skip
-        ratio = f"{fx / a:7.2f}" if a and fx else f"{'-':>7}"
-        pg = f"{p / g:6.3f}" if p and g else f"{'-':>6}"
-        cost = f"{a / bi - 1:+9.0%}" if a and bi else f"{'-':>9}"
-        note = "" if r.get("gluon_served_by_gluon", False) else "  (gluon column NOT served by the Gluon kernel)"
-        note += "" if r.get("prefetch_served_by_gluon", False) else "  (prefetch column NOT served by the Gluon kernel)"
-        note += f"  auto: {'gluon' if r.get('auto_served_by_gluon') else 'triton'}"
-        dev = " ".join(f"{r[k]:7.3f}" if isinstance(r.get(k), float) else f"{'-':>7}"
-                       for k in ("gluon_dev_ms", "prefetch_dev_ms", "builtin_dev_ms"))  # fmt: skip
-        cells = f"{f(g)} {f(p)} {pg} {f(t)} {f(a)} {f(bi)} {f(fx)} {ratio} {cost} {dev}"
-        print(f"{r['case']:<12} {r['hdim']:>3} {cells}{note}")
+    for suffix, title in (("_ms", "one call"), ("_dev_ms", "back to back (device time)")):
+        print(f"\n{title}")
+        head = " ".join(f"{c:>8}" for c in cols)
+        print(f"{'case':<12} {'d':>3} {head} {'pf/g':>6} {'x flex':>7} {'mod cost':>9}")
+        for r in rows:
+            g, p, t, a, bi, fx = (r.get(c + suffix) for c in cols)
+            ratio = f"{fx / a:7.2f}" if a and fx else f"{'-':>7}"
+            pg = f"{p / g:6.3f}" if p and g else f"{'-':>6}"
+            cost = f"{a / bi - 1:+9.0%}" if a and bi else f"{'-':>9}"
+            note = "" if r.get("gluon_served_by_gluon", False) else "  (gluon column NOT served by the Gluon kernel)"
+            note += "" if r.get("prefetch_served_by_gluon", False) else "  (prefetch: NOT the Gluon kernel)"
+            note += f"  auto: {'gluon' if r.get('auto_served_by_gluon') else 'triton'}"
+            cells = " ".join(f(x) for x in (g, p, t, a, bi, fx))
+            print(f"{r['case']:<12} {r['hdim']:>3} {cells} {pg} {ratio} {cost}{note}")
 
 
 if __name__ == "__main__":

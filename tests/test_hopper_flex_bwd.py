@@ -117,17 +117,35 @@ def test_backward_routes_to_the_gluon_path(monkeypatch):
 
 
 def test_row_length_rule():
-    """Block masks with short rows (fewer than MIN_ROW_KEYS keys a query block on average) stay on
-    the Triton kernels unless forced; no block mask (a score mod alone) means full rows."""
+    """Block masks with short rows stay on the Triton kernels unless forced: fewer than
+    MIN_ROW_KEYS keys a query block on average for gathering mask mods and every d64 backward,
+    MIN_ROW_KEYS_PLAIN for the others at d >= 96; no block mask (a score mod alone) means full
+    rows; the d64 forward is Triton's except for D64_FORWARD_SCORES."""
     from flashtile.backends.hopper import flex as gf
 
-    short = _call(masks.causal, 1, 2, 1024, 1024).block_mask  # 1024 keys at most
+    short = _call(masks.causal, 1, 2, 512, 512).block_mask  # 320 keys a query block on average
     assert not gf.long_rows(short, "auto") and gf.long_rows(short, "force") and gf.long_rows(None, "auto")
     n = 2 * gf.MIN_ROW_KEYS + 256
     bare = _call(masks.causal, 1, 1, n, n).block_mask  # mean (n + 128) / 2 keys a row: just above
-    assert gf.long_rows(bare, "auto")
-    win = _call(masks.sliding_window(gf.MIN_ROW_KEYS // 2), 1, 1, n, n).block_mask
-    assert not gf.long_rows(win, "auto")
+    assert gf.long_rows(bare, "auto") and gf.long_rows(bare, "auto", 64, True)
+    # a window between the two thresholds: Gluon at d >= 96 (no gather), Triton for the d64 backward
+    w = (gf.MIN_ROW_KEYS + gf.MIN_ROW_KEYS_PLAIN) // 2
+    win = _call(masks.sliding_window(w), 1, 1, n, n).block_mask
+    assert gf.MIN_ROW_KEYS_PLAIN <= FL._row_keys(win) < gf.MIN_ROW_KEYS
+    assert gf.long_rows(win, "auto", 128) and gf.long_rows(win, "auto", 128, True)
+    assert gf.long_rows(win, "auto", 96, True) and not gf.long_rows(win, "auto", 64, True)
+    narrow = _call(masks.sliding_window(gf.MIN_ROW_KEYS_PLAIN // 2), 1, 1, n, n).block_mask
+    assert not gf.long_rows(narrow, "auto", 128) and not gf.long_rows(narrow, "auto", 128, True)
+    # documents of the same length per row: a gathering mask, so the higher threshold
+    ids = torch.arange(n) // w
+    doc = _call(masks.document(ids, causal=False), 1, 1, n, n).block_mask
+    assert gf.MIN_ROW_KEYS_PLAIN <= FL._row_keys(doc) < gf.MIN_ROW_KEYS
+    assert not gf.long_rows(doc, "auto", 128) and not gf.long_rows(doc, "auto", 128, True)
+    assert gf.long_rows(doc, "force", 128)
+    # the d64 forward: Triton whatever the rows, except the bias-table score mod
+    table = torch.randn(2 * n - 1)
+    assert not gf.long_rows(bare, "auto", 64) and not gf.long_rows(None, "auto", 64, False, masks.alibi(torch.ones(1)))
+    assert gf.long_rows(bare, "auto", 64, False, masks.relative_bias(table)) and gf.long_rows(bare, "force", 64)
 
 
 # ----------------------------------------------------------------------------------------------

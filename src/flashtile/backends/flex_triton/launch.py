@@ -423,8 +423,10 @@ def backward(
     """(dq, dk, dv, {"score_mod": (captured tensor's gradient,)}) from the saved out / lse. On a
     Hopper GPU the calls :func:`gluon_bwd_reason` accepts run the Gluon kernel instead
     (``hopper.launch_bwd.flex_backward``, same contract) when the block mask's rows are long
-    enough (``hopper.flex.long_rows``)."""
-    if gluon_bwd_reason(q, k, call, captured) is None and _gluon_flex.long_rows(call.block_mask):
+    enough (``hopper.flex.long_rows``, the backward's rule)."""
+    if gluon_bwd_reason(q, k, call, captured) is None and _gluon_flex.long_rows(
+        call.block_mask, None, q.shape[-1], True, call.score_mod
+    ):
         from ..hopper.launch_bwd import flex_backward
 
         return flex_backward(dout, q, k, v, out, lse, call, captured)

@@ -136,25 +136,46 @@ def gluon_reason(
 
 
 #: Block masks whose query blocks visit fewer keys than this on average (partial + full blocks)
-#: stay on the Triton flex kernels, forward and backward, unless ``FLASHTILE_FLEX_GLUON=force``.
-#: Measured (H200, b1 h16 s16k bf16, results/gflex_NVIDIA_H200_20261202-0224.json and
-#: gflex_bwd_H200_20261202-0228.json): on sliding-1k and document-16 (~1.1k / 1k keys a row) the
-#: Gluon list walk was slower than the Triton kernels (forward 0.737 / 0.632 ms against 0.627 /
-#: 0.564 at d128; backward at d128 document 1.77 against 1.50, at d64 sliding and document
-#: 0.91 / 1.17 against 0.76 / 1.01); on causal, prefix-LM, ALiBi and the bias table (8k keys a
-#: row and more) it was 1.1-3.8x faster (forward) and 1.12-1.38x (prefix-LM backward).
+#: stay on the Triton flex kernels unless ``FLASHTILE_FLEX_GLUON=force``: every block mask at head
+#: dim 64 (backward) and those of :data:`GATHER_MASKS`; :data:`MIN_ROW_KEYS_PLAIN` for the others.
+#: Measured (H200, b1 h16 s16k bf16, device time of back-to-back calls,
+#: results/gflex_NVIDIA_H200_20261202-0438.json, -0446.json, gflex_bwd_H200_20261202-0439.json,
+#: -0448.json; forward Gluon / Triton ms): the long rows (causal, prefix-LM, ALiBi, bias table:
+#: 8-9k keys a row) 1.3-4x faster on the Gluon kernels at d128 (prefix-LM backward 6.1 against
+#: 8.0 ms, at d64 3.9 against 4.8); document-16 (1200 keys a row, a mask that reads the document
+#: ids at every key) faster on Triton in both directions (forward 0.43-0.44 either way, backward
+#: 1.38 against 1.48 at d128, 0.83 against 1.02 at d64).
 MIN_ROW_KEYS = 2048
+#: The threshold for mask mods outside :data:`GATHER_MASKS` at head dims >= 96: sliding-1k
+#: (1116 keys a row) ran on the Gluon kernels at least as fast as on Triton's (forward 0.331 / 0.377
+#: against 0.383 / 0.377 ms in two runs; backward 1.155 / 1.167 against 1.256 / 1.270 ms).
+MIN_ROW_KEYS_PLAIN = 768
+#: Mask mods that read a tensor at every key index (document ids, span ids): on short rows their
+#: per-element gathers cost the Gluon consumers more than the Triton kernel's.
+GATHER_MASKS = ("document", "bidirectional_blocks")
+#: At head dim 64 the Gluon flex forward's per-block fixed costs weigh twice as much: it tied or
+#: lost to the Triton flex kernel on every mask (causal 1.330 / 1.342 ms, prefix-LM 1.417 / 1.427,
+#: ALiBi 1.748 / 1.557, document 0.378 / 0.292, sliding 0.270 / 0.253) except the bias-table score
+#: mod (2.45 against 10.8: the Triton kernel's per-element table gather); so the d64 forward runs
+#: on Triton unless its score mod is one of these.
+D64_FORWARD_SCORES = ("relative_bias",)
 
 
-def long_rows(bm, mode: str | None = None) -> bool:
-    """Whether a call with block mask ``bm`` (None: every block) goes to the Gluon kernels by
-    the row-length rule (:data:`MIN_ROW_KEYS`; always with ``mode == "force"``). One host sync
-    per block mask, cached (``flex_triton.launch._row_keys``)."""
-    if bm is None or (mode or env_mode()) == "force":
+def long_rows(bm, mode: str | None = None, headdim: int = 128, backward: bool = False, score_mod=None) -> bool:
+    """Whether a call with block mask ``bm`` (None: every block) and ``score_mod`` at ``headdim``
+    goes to the Gluon kernels (the ``backward``'s or the forward's) by the row-length rules above;
+    always with ``mode == "force"``. One host sync per block mask, cached
+    (``flex_triton.launch._row_keys``)."""
+    if (mode or env_mode()) == "force":
+        return True
+    if headdim < 96 and not backward:
+        return _twin_name(score_mod) in D64_FORWARD_SCORES if score_mod is not None else False
+    if bm is None:
         return True
     from ..flex_triton import launch as FL
 
-    return FL._row_keys(bm) >= MIN_ROW_KEYS
+    plain = headdim >= 96 and (bm.mask_mod is None or _twin_name(bm.mask_mod) not in GATHER_MASKS)
+    return FL._row_keys(bm) >= (MIN_ROW_KEYS_PLAIN if plain else MIN_ROW_KEYS)
 
 
 def use_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> bool:
@@ -170,7 +191,7 @@ def use_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall)
     major = None if info is None else info.major
     ok = gluon_reason(call, tuple(q.shape), tuple(k.shape), v.shape[-1], q.dtype, q.device.type, major,
                       backend.available(), mode) is None  # fmt: skip
-    return ok and long_rows(call.block_mask, mode)
+    return ok and long_rows(call.block_mask, mode, q.shape[-1], False, call.score_mod)
 
 
 #: (nq, nk, device) -> the lists of "every key block full" (a score_mod without a block mask)
@@ -244,7 +265,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -
 
 __all__ = [
     "ENV",
+    "D64_FORWARD_SCORES",
+    "GATHER_MASKS",
     "MIN_ROW_KEYS",
+    "MIN_ROW_KEYS_PLAIN",
     "PREFETCH_ENV",
     "SKIP_SCORES",
     "env_mode",
