@@ -206,7 +206,7 @@ def rows(dtype=torch.float16):
                        lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=1000, causal=True)),
         "e2e_kv_tensor": ("same, int32 tensor lengths",
                           lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=lens, causal=True)),
-        "e2e_kv_split": ("same, int length, num_splits=4 (decode + merge kernels)",
+        "e2e_kv_split": ("same, int length, num_splits=4 (split pieces merged)",
                          lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=1000, causal=True,
                                                                   num_splits=4)),
         "e2e_grow": ("flash_attn_func q1, key length growing per call (HF generate)", e2e_grow),
@@ -214,7 +214,7 @@ def rows(dtype=torch.float16):
         "bwd": ("triton launch.backward (same)", lambda: launch.backward(dout, q, k, v, out, lse, call)),
         "decode": ("launch_decode.kvcache (b1 q1 h32/8 d128, int length, 1 piece)",
                    lambda: launch_decode.kvcache(qd, cache, call)),
-        "decode_split": ("same, num_splits=4 (decode + merge)", lambda: launch_decode.kvcache(qd, cache4, call)),
+        "decode_split": ("same, num_splits=4 (merged in it)", lambda: launch_decode.kvcache(qd, cache4, call)),
         "dense_decode": ("launch_decode.dense (flash_attn_func q1 over 1k keys)",
                          lambda: launch_decode.dense(qd, kc, vc, call)),
     }  # fmt: skip

@@ -44,7 +44,7 @@ def main() -> None:
     cases = {
         "call, cache_seqlens tensor (read-back)": lambda: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens),
         "call, cache_seqlens int (no read-back)": lambda: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=L - 1),
-        "decode() wrapper, splits + merge (2 launches)": lambda: decode(q, kc, vc, None, seqlens, None, spec, sn=0,
+        "decode() wrapper, split (1 launch)": lambda: decode(q, kc, vc, None, seqlens, None, spec, sn=0,
                                                                         capacity=L, n_index=b, dense=True, err=err),
         "decode() wrapper, 1 split": lambda: decode(q, kc, vc, None, seqlens, None, spec, sn=0, capacity=L,
                                                     n_index=b, dense=True, err=err, num_splits=1),

@@ -12,6 +12,7 @@ shared memory and registers; exits 1 if any fails to compile.
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import triton
@@ -40,6 +41,10 @@ def _sig(fn, pointers: dict[str, str], consts: dict) -> dict:
 
 
 def _compile(label: str, fn, pointers: dict[str, str], consts: dict, num_warps: int = 4) -> bool:
+    pointers, consts = dict(pointers), dict(consts)
+    for p in fn.params:  # constexprs left out take their defaults, as a launch binds them
+        if p.is_constexpr and p.name not in consts and p.default is not inspect.Parameter.empty:
+            consts[p.name] = p.default
     for p in list(pointers):
         if pointers[p] is None:
             pointers.pop(p)
@@ -84,11 +89,18 @@ def main() -> int:
         for sink in (False, True):
             tag = f"d={d}/{dv} sink={int(sink)}"
             ptr = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", BT=None, SEQ="*i32", LEFTPAD=None, SLOPES=None, O="*fp32",
-                       LSE="*fp32", ERR="*i32", COS=None, SIN=None, SINK="*fp32" if sink else None)  # fmt: skip
+                       LSE="*fp32", ERR="*i32", OUT=None, LSE_OUT=None, CNT=None, COS=None, SIN=None,
+                       SINK="*fp32" if sink else None)  # fmt: skip
             c = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=16, BLOCK_N=64, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_WL=False,
                      HAS_WR=True, HAS_LEFTPAD=False, HAS_BT=False, UPCAST=False, KV_MODE=0, ROT_DIM=0,
                      INTERLEAVED=False, ROT_ALONG=False, HAS_SINK=sink, HEAD_DIM_V=dv, BLOCK_DV=bdv)  # fmt: skip
             ok &= _compile(f"decode {tag}", decode._decode_kernel, ptr, c, 4)
+            # the split pieces merged in the kernel (launch_decode.FUSED_MERGE), as the 8k decode runs it
+            ptr = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", BT=None, SEQ="*i32", LEFTPAD=None, SLOPES=None, O="*fp32",
+                       LSE="*fp32", ERR="*i32", OUT=f"*{dt}", LSE_OUT="*fp32", CNT="*i32", COS=None, SIN=None,
+                       SINK="*fp32" if sink else None)  # fmt: skip
+            c = dict(c, BLOCK_N=128, MERGE=True, MERGE_M=4, SPLIT_CHUNK=16 * 128 // bdv)
+            ok &= _compile(f"decode merged {tag}", decode._decode_kernel, ptr, c, 8)
             ptr = dict(O="*fp32", LSE="*fp32", OUT=f"*{dt}", LSE_OUT="*fp32", SINK="*fp32" if sink else None)
             c = dict(HEAD_DIM=dv, BLOCK_S=4, BLOCK_D=bdv, HAS_SINK=sink)
             ok &= _compile(f"merge {tag}", decode._merge_kernel, ptr, c, 4)

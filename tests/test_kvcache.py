@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -480,3 +482,120 @@ def test_split_merge_repeatable_gpu(paged):
                                            return_softmax_lse=True)  # fmt: skip
         torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=0)
         torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=0)
+
+
+_TRITON_DECODE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not _TRITON_DECODE, reason="the Triton decode kernel: a CUDA device or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("case", ["gqa", "sink", "two_row_blocks", "paged", "window_vdim"])
+def test_fused_merge_equals_merge_kernel(monkeypatch, case):
+    """Split pieces merged inside the decode kernel (by the last program of each group to finish,
+    in chunks of pieces) equal the separate merge kernel's result and the oracle; repeated calls
+    are bitwise equal and leave every group counter at zero."""
+    from flashtile.backends.triton import launch, launch_decode
+
+    b, sq, h, hk, d, dv, cap, splits = 2, 1, 8, 2, 16, 16, 96, 7
+    opts = dict(causal=True)
+    if case == "two_row_blocks":  # 10 queries x 4 heads per KV head: two row blocks per group
+        sq = 10
+    if case == "window_vdim":
+        dv, opts = 8, dict(causal=True, window_size=(40, 0), softcap=3.0)
+    if case == "sink":
+        opts["learnable_sink"] = torch.tensor([8.0, -3.0, 0.0, 1.0, 8.0, 2.0, -1.0, 0.5], device=DEV)
+    g = torch.Generator(device="cpu").manual_seed(43)
+    q = torch.randn(b, sq, h, d, generator=g).to(DEV)
+    k = torch.randn(b, cap, hk, d, generator=g).to(DEV)
+    v = torch.randn(b, cap, hk, dv, generator=g).to(DEV)
+    table = None
+    kc, vc = k, v
+    if case == "paged":  # pages of 16 tokens in a shuffled order
+        page, nblk = 16, cap // 16
+        perm = torch.randperm(b * nblk, generator=g).to(DEV)
+        table = perm.view(b, nblk).to(torch.int32)
+        kc = torch.empty(b * nblk, page, hk, d, device=DEV)
+        vc = torch.empty(b * nblk, page, hk, dv, device=DEV)
+        kc[perm] = k.reshape(b * nblk, page, hk, d)
+        vc[perm] = v.reshape(b * nblk, page, hk, dv)
+    lens = torch.tensor([cap, 41], dtype=torch.int32, device=DEV)
+    orig = launch_decode.merge_layout
+    monkeypatch.setattr(launch_decode, "merge_layout", lambda *a: (orig(*a)[0], 2))  # 4 chunks of 2 pieces
+
+    def call():
+        return flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table, num_splits=splits,
+                                       return_softmax_lse=True, **opts)  # fmt: skip
+
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(launch_decode, "FUSED_MERGE", fused)
+        launch.clear_plans()
+        launch_decode._SCRATCH.clear()
+        results[fused] = [call() for _ in range(3)]
+        for out, lse in results[fused][1:]:
+            assert torch.equal(out, results[fused][0][0]) and torch.equal(lse, results[fused][0][1])
+        cnts = [t for key, t in launch_decode._SCRATCH.items() if "cnt" in key]
+        assert len(cnts) == (1 if fused else 0) and all(int(t.abs().sum()) == 0 for t in cnts)
+    (out, lse), (out2, lse2) = results[True][0], results[False][0]
+    torch.testing.assert_close(out, out2, atol=2e-6, rtol=0)
+    torch.testing.assert_close(lse, lse2, atol=2e-6, rtol=0)
+    sink = opts.pop("learnable_sink", None)
+    for i in range(b):  # the oracle, row by row (its keys: the first lens[i] of the cache)
+        n = int(lens[i])
+        ref, ref_lse = attention_ref(q[i : i + 1], k[i : i + 1, :n], v[i : i + 1, :n], learnable_sink=sink, **opts)
+        torch.testing.assert_close(out[i : i + 1], ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(lse[i : i + 1], ref_lse, atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_split_decode_graph_and_streams_gpu(monkeypatch):
+    """A split decode (its pieces merged in the kernel) captured in CUDA graphs -- the first with
+    the spare counters the eager calls left, the second with counters zeroed in the graph --
+    replays bitwise equal to the eager calls, interleaved with eager calls on this and another
+    stream (whose kept counters must stay zero); the fused and separate merges agree."""
+    from flashtile.backends.triton import launch, launch_decode
+
+    g = torch.Generator(device="cpu").manual_seed(47)
+    b, s, h, hk, d = 2, 8192, 32, 8, 128
+    q = torch.randn(b, 1, h, d, generator=g).to(DEV, torch.bfloat16)
+    kc = torch.randn(b, s, hk, d, generator=g).to(DEV, torch.bfloat16)
+    vc = torch.randn(b, s, hk, d, generator=g).to(DEV, torch.bfloat16)
+    lens = torch.tensor([8000, 3001], dtype=torch.int32, device=DEV)
+    call = lambda: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=16,  # noqa: E731
+                                           return_softmax_lse=True)  # fmt: skip
+    refs = {}
+    for fused in (False, True):
+        monkeypatch.setattr(launch_decode, "FUSED_MERGE", fused)
+        launch.clear_plans()
+        launch_decode._SPARE.clear()
+        refs[fused] = [call() for _ in range(4)]
+        for o, lse in refs[fused][1:]:
+            assert torch.equal(o, refs[fused][0][0]) and torch.equal(lse, refs[fused][0][1])
+    torch.testing.assert_close(refs[True][0][0].float(), refs[False][0][0].float(), atol=1e-2, rtol=0)
+    torch.testing.assert_close(refs[True][0][1], refs[False][0][1], atol=1e-4, rtol=0)
+    ref = refs[True][0]
+    assert len(launch_decode._SPARE) == 1  # left by the first eager fused call
+    side = torch.cuda.Stream()
+    for spare in (True, False):
+        n_taken = len(launch_decode._CAPTURED)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, lse = call()
+        assert len(launch_decode._CAPTURED) == n_taken + spare and not launch_decode._SPARE
+        for _ in range(3):
+            graph.replay()
+            e_out, e_lse = call()  # eager, between replays
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                s_out, _ = call()
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            assert torch.equal(out, ref[0]) and torch.equal(lse, ref[1])
+            assert torch.equal(e_out, ref[0]) and torch.equal(e_lse, ref[1]) and torch.equal(s_out, ref[0])
+    for key, t in launch_decode._SCRATCH.items():
+        if "cnt" in key:
+            assert int(t.abs().sum()) == 0, key

@@ -413,12 +413,14 @@ def decode_case(splits: int):
     return q, cache, make_call(headdim=64, causal=True)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_decode_plans_repeat_the_first_launch(monkeypatch, splits):
+def test_decode_plans_repeat_the_first_launch(monkeypatch, splits, fused):
     from flashtile.backends.triton import launch, launch_decode
 
     log = _record(monkeypatch, launch_decode, ("_DECODE", "_MERGE", "_APPEND"))
     launch._PLANS.clear()
+    monkeypatch.setattr(launch_decode, "FUSED_MERGE", fused)  # (the merge inside the decode kernel, or its own)
     q, cache, call = decode_case(splits)
     runs = []
     for _ in range(3):
@@ -427,7 +429,7 @@ def test_decode_plans_repeat_the_first_launch(monkeypatch, splits):
         runs.append((log[n0:], tuple(out.shape), tuple(lse.shape)))
     assert len(launch._PLANS) == 1
     assert runs[0] == runs[1] == runs[2]
-    assert [e[0] for e in runs[0][0]] == (["_DECODE"] if splits == 1 else ["_DECODE", "_MERGE"])
+    assert [e[0] for e in runs[0][0]] == (["_DECODE"] if splits == 1 or fused else ["_DECODE", "_MERGE"])
 
 
 def test_fast_path_backward_without_materialised_lse_grad():

@@ -25,9 +25,10 @@ from flashtile.backends.triton import backend as triton_backend  # noqa: E402
 from flashtile.backends.triton import fastlaunch, launch, launch_decode  # noqa: E402
 
 # output positions (declaration order) of each fake kernel
-_OUTPUTS = {"_FWD": (3, 4), "_DECODE": (7, 8), "_MERGE": (2, 3), "_APPEND": (2, 3), "_BWD_PRE": (2,),
+_OUTPUTS = {"_FWD": (3, 4), "_DECODE": (7, 8, 10, 11), "_MERGE": (2, 3), "_APPEND": (2, 3), "_BWD_PRE": (2,),
             "_BWD_DKDV": (6, 7, 8), "_BWD_DQ": (6,)}  # fmt: skip
-_SKIP = {"_DECODE": (9,), "_APPEND": (7,)}  # the error flag: neither input nor output here
+# the error flag (and the fused merge's group counters): neither input nor output here
+_SKIP = {"_DECODE": (9, 12), "_APPEND": (7,)}
 
 
 def _checksum(args, outs, skip) -> float:
@@ -270,6 +271,79 @@ def test_flat_kvcache_equals_full_path(fakes, monkeypatch, lens, splits):
     _memo_off(monkeypatch)
     for s, g in enumerate(got):
         _same(g, run(s))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_flat_kvcache_lse_fresh_only_when_returned(fakes, monkeypatch, splits):
+    """Without return_softmax_lse the flat path's kernels write the lse into one kept buffer (and the
+    fused merge its pieces' counters into another): the output is fresh and equal to the full path's;
+    with it, every call returns a fresh lse."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+    kc, vc = (torch.randn(2, 300, 2, 64, dtype=torch.float16) for _ in range(2))
+
+    def run(lse):
+        return flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=250, causal=True, num_splits=splits,
+                                                 return_softmax_lse=lse)  # fmt: skip
+
+    outs = [run(False) for _ in range(5)]
+    assert len(kvcache._FLAT) == 1 and isinstance(outs[0], torch.Tensor)
+    assert len({o.data_ptr() for o in outs}) == 5  # fresh outputs (all alive here)
+    sinks = [t for key, t in launch_decode._SCRATCH.items() if "lse" in key]
+    assert len(sinks) == 1 and sinks[0].shape == (2, 8, 1)
+    with_lse = [run(True) for _ in range(3)]
+    assert len({r[1].data_ptr() for r in with_lse} | {sinks[0].data_ptr()}) == 4  # fresh lse each call
+    assert len([key for key in launch_decode._SCRATCH if "cnt" in key]) == (1 if splits > 1 else 0)
+    _memo_off(monkeypatch)
+    _same(outs[-1], run(False))
+    _same(with_lse[-1], run(True))
+
+
+@pytest.mark.parametrize("budget", ["kept", "per call"])
+def test_flat_kvcache_scratch_bundle(fakes, monkeypatch, budget):
+    """A runner finds its pieces, counters and lse buffer in one entry (made from the kept scratch)
+    -- unless the pieces are over the size kept, then they are allocated per call, no entry -- and
+    gives what the full path gives either way."""
+    if budget == "per call":
+        monkeypatch.setattr(launch_decode, "_SCRATCH_BYTES", 0)
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+    kc, vc = (torch.randn(2, 300, 2, 64, dtype=torch.float16) for _ in range(2))
+    run = lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=250, num_splits=3)  # noqa: E731
+    got = [run() for _ in range(5)]
+    entries = [v for k, v in launch_decode._SCRATCH.items() if len(k) == 2 and isinstance(k[0], tuple)]
+    bundles = [v for v in entries if len(v) == 4]  # the plan runner's (pieces, lse pieces, counters, lse)
+    if budget == "kept":
+        assert len(bundles) == 1 and bundles[0][0].shape[0] == 3 and bundles[0][2] is not None
+    else:
+        assert not bundles
+    # the kv runner's (length vector entry, flag: None off CUDA), whatever the pieces
+    (lens_ent, flag), = [v for v in entries if len(v) == 2]
+    assert lens_ent[0] == 250 and lens_ent[1].tolist() == [250, 250] and flag is None
+    _memo_off(monkeypatch)
+    _same(got[-1], run())
+
+
+def test_flat_kvcache_under_capture(fakes, monkeypatch):
+    """While a CUDA graph is captured (seen here as no scratch key) the runner launches the same
+    fused kernel as the eager calls (no other variant to compile or load during a capture) with
+    scratch of the call's own (fresh counters: none kept for the CPU), and gives what the eager
+    calls and the full path under the same capture give."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+    kc, vc = (torch.randn(2, 300, 2, 64, dtype=torch.float16) for _ in range(2))
+    run = lambda: flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=250, num_splits=3)  # noqa: E731
+    eager = [run() for _ in range(4)][-1]
+    assert len(kvcache._FLAT) == 1
+    kept = {k: v for k, v in launch_decode._SCRATCH.items()}
+    monkeypatch.setattr(launch_decode, "_scratch_key", lambda dev: None)
+    n = len(fakes.log)
+    captured = run()
+    assert [e[0] for e in fakes.log[n:]] == ["_DECODE"] and len(kvcache._FLAT) == 1
+    assert launch_decode._SCRATCH == kept  # nothing kept taken or added
+    _same(captured, eager)
+    _memo_off(monkeypatch)
+    _same(captured, run())
 
 
 def test_flat_kvcache_rejected_input_still_rejected(fakes, monkeypatch):

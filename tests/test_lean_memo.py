@@ -408,11 +408,13 @@ def test_planned_prepared_launches_repeat_the_first(monkeypatch, atomic):
     assert launch._FWD.fast_launches == 2 and launch._BWD_DKDV.fast_launches == 2
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_decode_prepared_launches_repeat_the_first(monkeypatch, splits):
+def test_decode_prepared_launches_repeat_the_first(monkeypatch, splits, fused):
     from flashtile.backends.triton import launch_decode
 
     log = _fake_kernels(monkeypatch)
+    monkeypatch.setattr(launch_decode, "FUSED_MERGE", fused)  # (the merge inside the decode kernel, or its own)
     q, cache, call = decode_case(splits)
     runs = []
     for _ in range(3):
@@ -420,5 +422,5 @@ def test_decode_prepared_launches_repeat_the_first(monkeypatch, splits):
         launch_decode.kvcache(q, cache, call)
         runs.append(log[n0:])
     assert runs[0] == runs[1] == runs[2]
-    assert [e[0] for e in runs[0]] == (["_DECODE"] if splits == 1 else ["_DECODE", "_MERGE"])
+    assert [e[0] for e in runs[0]] == (["_DECODE"] if splits == 1 or fused else ["_DECODE", "_MERGE"])
     assert launch_decode._DECODE.fast_launches == 2

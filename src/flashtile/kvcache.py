@@ -293,9 +293,20 @@ def _memo_key(q, k_cache, v_cache, k, v, seqlens, opts: tuple) -> tuple | None:
             return None
     except (IndexError, RuntimeError):  # 0-d tensors, layouts without strides: the checks raise
         return None
+    s, c, _, cap, n = opts  # the options' types (and window_size's entries'): one marker for the usual ones
+    if (s is None or type(s) is float) and type(c) is bool and type(cap) is float and type(n) is int and \
+            len(w) == 2 and type(w[0]) is int and type(w[1]) is int:  # fmt: skip
+        types = _USUAL
+    else:
+        types = (tuple(map(type, opts)), tuple(map(type, w)))
     return ((q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype, v_cache.dtype, q.device, k_cache.device,
-             v_cache.device, new, lens, opts, tuple(map(type, opts)), tuple(map(type, w)),
-             dispatch.state()), qt, kt, vt)  # fmt: skip
+             v_cache.device, new, lens, opts, types, dispatch.state()), qt, kt, vt)  # fmt: skip
+
+
+#: :func:`_memo_key`'s stand-in for the types of the usual options (a float or None scale, a bool
+#: causal, a float softcap, an int num_splits, two int window sides): the key tells exactly the
+#: same calls apart as the tuples of types would (it is given for those types and no others)
+_USUAL = ("usual option types",)
 
 
 def _lean(q, k_cache, v_cache, k, v, seqlens, opts: tuple, return_softmax_lse: object):
@@ -318,7 +329,7 @@ def _lean(q, k_cache, v_cache, k, v, seqlens, opts: tuple, return_softmax_lse: o
                 seqlens = capacity
             elif type(seqlens) is int and (seqlens < 0 or seqlens > capacity):
                 return None, None  # the checks raise (the slow path)
-            res = runner(q, k_cache, v_cache, seqlens)
+            res = runner(q, k_cache, v_cache, seqlens, return_softmax_lse)  # (without it: an lse to drop)
             if res is not None:
                 return None, (res if return_softmax_lse else res[0])
             del _FLAT[full]  # the runner declined (its plans were cleared): the memo's path below

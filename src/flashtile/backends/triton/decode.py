@@ -77,7 +77,7 @@ def _rotate(x, xp, COS, SIN, stride_ro, pos, col, sign, in_rot, mask):
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, BT, SEQ, LEFTPAD, SLOPES, O, LSE, ERR, COS, SIN,
+    Q, K, V, BT, SEQ, LEFTPAD, SLOPES, O, LSE, ERR, OUT, LSE_OUT, CNT, COS, SIN,
     stride_qb, stride_qs, stride_qh,
     stride_kblk, stride_kt, stride_kh,
     stride_vblk, stride_vt, stride_vh,
@@ -85,6 +85,7 @@ def _decode_kernel(
     stride_os, stride_ob, stride_oq, stride_oh,
     stride_ls, stride_lb, stride_lh,
     stride_ab,
+    stride_ub, stride_uq, stride_uh, stride_mb, stride_mh,
     seqlen_q, sn, capacity, n_index, page, chunk, Hk, G,
     qk_scale, cap_out, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -92,11 +93,16 @@ def _decode_kernel(
     HAS_LEFTPAD: tl.constexpr, HAS_BT: tl.constexpr, UPCAST: tl.constexpr, KV_MODE: tl.constexpr,
     ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, ROT_ALONG: tl.constexpr,
     SINK=None, HAS_SINK: tl.constexpr = False, HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
+    MERGE: tl.constexpr = False, MERGE_M: tl.constexpr = 2, SPLIT_CHUNK: tl.constexpr = 1,
 ):  # fmt: skip
     """One (batch row, KV head, key piece, block of packed query rows): the piece's (out, lse).
     ``HEAD_DIM_V`` / ``BLOCK_DV``: v's (and out's) head dim and block when it differs (0: the same).
-    ``HAS_SINK`` (only with one piece; split rows get the sink in ``_merge_kernel``): the fp32
-    per-head logits SINK join each row's denominator.
+    ``HAS_SINK`` (with one piece, or with ``MERGE``; split rows without it get the sink in
+    ``_merge_kernel``): the fp32 per-head logits SINK join each row's denominator.
+    ``MERGE`` (more than one piece): the pieces are merged here, by the last program of each
+    (batch row, KV head, row block) group to finish (see :func:`_merge_pieces`), into ``OUT``
+    (B, Sq, H, Dv) and ``LSE_OUT`` (B, H, Sq) (strides ``stride_u*`` / ``stride_m*``), counted in
+    the int32 ``CNT`` (one per group, zero before the launch and left zero after it).
     ``ROT_DIM`` > 0: q is rotated on load to position ``seqlens`` (+ its index when ``ROT_ALONG``),
     flash-attn's (the cache index of the first new token, leftpad included), with the
     (n_ro, ROT_DIM / 2) tables COS / SIN."""
@@ -201,7 +207,7 @@ def _decode_kernel(
 
     code = code | bad_blk
     tl.atomic_or(ERR, code, mask=code != 0)
-    if HAS_SINK:
+    if HAS_SINK and not MERGE:
         acc, l_i, m_i = _softmax_sink(acc, m_i, l_i, tl.load(SINK + head) * LOG2E)
     out, lse = _softmax_end(acc, m_i, l_i, 1.0, True)
     out = tl.where(code == 0, out, float("nan"))
@@ -210,6 +216,79 @@ def _decode_kernel(
     l_off = b * stride_lb + head * stride_lh + t
     tl.store(O + split * stride_os + o_off, out.to(O.dtype.element_ty), mask=o_mask)
     tl.store(LSE + split * stride_ls + l_off, lse, mask=row_ok)
+    if MERGE:
+        _merge_pieces(O, LSE, OUT, LSE_OUT, CNT, SINK, b, kh, pid_bh, pid_m,
+                      stride_os, stride_ob, stride_oq, stride_oh, stride_ls, stride_lb, stride_lh,
+                      stride_ub, stride_uq, stride_uh, stride_mb, stride_mh, seqlen_q, G,
+                      HD_V, BDV, BLOCK_M, HAS_SINK, MERGE_M, SPLIT_CHUNK)  # fmt: skip
+
+
+@triton.jit
+def _merge_pieces(O, LSE, OUT, LSE_OUT, CNT, SINK, b, kh, pid_bh, pid_m,
+                  stride_os, stride_ob, stride_oq, stride_oh, stride_ls, stride_lb, stride_lh,
+                  stride_ub, stride_uq, stride_uh, stride_mb, stride_mh, seqlen_q, G,
+                  HD_V: tl.constexpr, BDV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SINK: tl.constexpr,
+                  MERGE_M: tl.constexpr, SPLIT_CHUNK: tl.constexpr):  # fmt: skip
+    """The end of a split :func:`_decode_kernel` program with ``MERGE``: count this piece as done
+    in its group's counter; the program that completes the group (whichever split it is) merges
+    every piece of the group's rows by log-sum-exp into OUT / LSE_OUT (the rule of
+    ``_merge_kernel``: the sink, if any, once here) and resets the counter to 0 for the next launch.
+
+    Memory ordering (the PTX memory model; the pattern of CUTLASS's split-K semaphore): every
+    thread's partial stores precede the CTA barrier; the counter's ``atom.add.acq_rel.gpu`` is
+    issued by one thread after it, so as a release it orders all of this program's stores before
+    the increment at GPU scope (the barrier puts them before it in causality order). The program
+    that reads ``splits - 1`` acquired every earlier increment, hence every other piece's stores;
+    its threads read the pieces after the barrier through which Triton hands them the atomic's
+    result, and read them with ``.cg`` (from L2, never a stale L1 line). Summation order is fixed
+    (pieces in index order, in chunks), so the result does not depend on which program merges:
+    repeated calls are bitwise equal. The counter is reset with a plain store: no other program
+    of this launch touches it any more, and the next launch on the stream starts after this one."""
+    n_split = tl.num_programs(1)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(CNT + pid_bh * tl.num_programs(2) + pid_m, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_split - 1:
+        tl.store(CNT + pid_bh * tl.num_programs(2) + pid_m, 0)
+        rows = pid_m * BLOCK_M + tl.arange(0, MERGE_M)  # (MERGE_M covers the block's real rows)
+        row_ok = rows < seqlen_q * G
+        t = rows // G
+        head = kh * G + rows % G
+        offs_dv = tl.arange(0, BDV)
+        l_row = b * stride_lb + head * stride_lh + t  # (MERGE_M,)
+        o_row = b * stride_ob + t * stride_oq + head * stride_oh  # (MERGE_M,)
+        d_ok = offs_dv < HD_V
+        m = tl.full([MERGE_M], float("-inf"), tl.float32)
+        tot = tl.zeros([MERGE_M], tl.float32)
+        acc = tl.zeros([MERGE_M, BDV], tl.float32)
+        for s0 in range(0, n_split, SPLIT_CHUNK):  # pieces in chunks, online log-sum-exp over the chunks
+            si = s0 + tl.arange(0, SPLIT_CHUNK)
+            ok2 = (si < n_split)[:, None] & row_ok[None, :]  # (chunk, rows)
+            lse = tl.load(LSE + si[:, None] * stride_ls + l_row[None, :], mask=ok2, other=float("-inf"),
+                          cache_modifier=".cg")  # fmt: skip
+            o = tl.load(O + si[:, None, None] * stride_os + o_row[None, :, None] + offs_dv[None, None, :],
+                        mask=ok2[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")  # fmt: skip
+            m_new = tl.maximum(m, tl.max(lse, 0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_use)
+            w = tl.exp(lse - m_use[None, :])
+            tot = tot * alpha + tl.sum(w, 0)
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
+            m = m_new
+        if HAS_SINK:
+            sink = tl.load(SINK + head)
+            m_new = tl.maximum(m, sink)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_use)
+            tot = tot * alpha + tl.exp(sink - m_use)
+            acc = acc * alpha[:, None]
+            m = m_new
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        tot_safe = tl.where(tot == 0.0, 1.0, tot)  # (no key anywhere: out 0, lse -inf)
+        out = acc / tot_safe[:, None]
+        lse_fin = tl.where(tot == 0.0, float("-inf"), m_use + tl.log(tot_safe))
+        tl.store(OUT + b * stride_ub + t[:, None] * stride_uq + head[:, None] * stride_uh + offs_dv[None, :],
+                 out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+        tl.store(LSE_OUT + b * stride_mb + head * stride_mh + t, lse_fin, mask=row_ok)
 
 
 @triton.jit

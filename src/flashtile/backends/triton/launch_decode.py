@@ -152,26 +152,120 @@ def partials(dev: torch.device, parts: tuple, key: tuple | None | object = _ASK)
     return o, lse
 
 
-def _plan_runner(out_shape, lse_shape, parts, dtype, dev, pdec, pmerge):
-    """A decode plan's prepared launches as one function of the per-call tensors."""
-    empty, f32 = torch.empty, torch.float32
+#: Split calls merge their pieces inside the decode kernel (the last program of each group to finish
+#: merges: one launch, see ``decode._merge_pieces``) instead of in a second kernel (``_merge_kernel``),
+#: eager and under CUDA graph capture alike (one kernel variant: a capture never compiles or loads
+#: one that the eager calls before it did not). Read when a launch is planned: call
+#: ``launch.clear_plans()`` after changing it.
+FUSED_MERGE = True
+#: Zeroed counters made outside any capture, one per (device, count) at most, each taken by the
+#: next capture that needs such counters (a graph keeps them for good: see :func:`counters`).
+_SPARE: dict[tuple, torch.Tensor] = {}
+_SPARE_MAX = 256  # spare counters made at most (counts: a few per model)
+#: counters taken by captured graphs (kept alive: a graph holds device addresses, not tensors)
+_CAPTURED: list[torch.Tensor] = []
 
-    def run(q, k_cache, v_cache, table, seqlens, leftpad, err, key=_ASK):
+
+def counters(dev: torch.device, n: int, key: tuple | None | object = _ASK) -> torch.Tensor:
+    """The int32 ``(n,)`` group counters of a fused split call (``decode._merge_pieces``): zero
+    between launches (the merging program resets its group's), so kept per (device, stream,
+    thread) as the other scratch. Never shared with a CUDA graph being captured (``key`` None): a
+    replay may run on another stream, concurrently with eager calls. A capture takes the spare
+    zeroed counters the first eager call of this count left (made and synchronised then, outside
+    any capture; kept alive for good in :data:`_CAPTURED`: a few bytes per captured call), else
+    zeros made in the graph (a fill kernel on each replay)."""
+    if key is _ASK:
+        key = _scratch_key(dev)
+    if key is None:
+        spare = _SPARE.pop((dev, n), None)
+        if spare is None:
+            return torch.zeros(n, dtype=torch.int32, device=dev)
+        _CAPTURED.append(spare)
+        return spare
+    key = (*key, "cnt", n)
+    t = _SCRATCH.get(key)
+    if t is None:
+        _make_room()
+        t = _SCRATCH[key] = torch.zeros(n, dtype=torch.int32, device=dev)
+        if dev.type == "cuda" and (dev, n) not in _SPARE and len(_SPARE) < _SPARE_MAX:
+            _SPARE[(dev, n)] = torch.zeros(n, dtype=torch.int32, device=dev)
+            torch.cuda.current_stream(dev).synchronize()  # (zero before any graph that takes it replays)
+    return t
+
+
+def lse_sink(dev: torch.device, shape: tuple, key: tuple | None) -> torch.Tensor:
+    """A kept fp32 buffer of ``shape`` for an lse nobody reads (``flash_attn_with_kvcache`` without
+    ``return_softmax_lse``): written by the kernels, returned to no one, so reusing it needs no
+    ordering at all; fresh while a CUDA graph is captured (``key`` None)."""
+    if key is None:
+        return torch.empty(shape, dtype=torch.float32, device=dev)
+    key = (*key, "lse", shape)
+    t = _SCRATCH.get(key)
+    if t is None:
+        _make_room()
+        t = _SCRATCH[key] = torch.empty(shape, dtype=torch.float32, device=dev)
+    return t
+
+
+def _plan_runner(out_shape, lse_shape, parts, groups, dtype, dev, pdec, pmerge):
+    """A decode plan's prepared launches as one function of the per-call tensors. ``groups`` > 0:
+    the pieces are merged in the decode kernel (``groups`` counters). ``want_lse`` False: the lse
+    goes to a kept buffer (:func:`lse_sink`; the caller drops it)."""
+    empty, f32, token = torch.empty, torch.float32, object()
+
+    def run(q, k_cache, v_cache, table, seqlens, leftpad, err, key=_ASK, want_lse=True):
+        if key is _ASK:
+            key = _scratch_key(dev)
         out = empty(out_shape, dtype=dtype, device=dev)
-        lse_out = empty(lse_shape, dtype=f32, device=dev)
+        kept = None if key is None else _SCRATCH.get((key, token))
+        if kept is None:
+            kept = _kept(dev, key, token, parts, groups, lse_shape)
+        o, lse, cnt, sink = kept
+        lse_out = empty(lse_shape, dtype=f32, device=dev) if want_lse else sink
         if parts is None:  # one piece: the kernel writes out / lse_out (as the views (1, ...) of them)
-            o, lse = out, lse_out
+            o, lse, fin = out, lse_out, _NO_FINAL
         else:
-            o, lse = partials(dev, parts, key)
-        if not pdec.go(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err):
+            fin = (out, lse_out, cnt) if groups else _NO_FINAL
+        if not pdec.go(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, *fin):
             with device_guard(dev):
-                pdec(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err)
+                pdec(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, *fin)
         if pmerge is not None and not pmerge.go(o, lse, out, lse_out):
             with device_guard(dev):
                 pmerge(o, lse, out, lse_out)
         return out, lse_out
 
     return run
+
+
+_NO_FINAL = (None, None, None)  # (OUT, LSE_OUT, CNT) of a decode launch without the fused merge
+
+
+def _kept(dev: torch.device, key: tuple | None, token: object, parts, groups: int, lse_shape: tuple) -> tuple:
+    """``(pieces, lse pieces, counters, lse sink)`` of a plan runner's call (None where it has none)
+    from :func:`partials`, :func:`counters`, :func:`lse_sink`; also kept together under ``(key,
+    token)`` (one lookup for the next calls, cleared with the rest) when the pieces are kept."""
+    o = lse = cnt = None
+    if parts is not None:
+        o, lse = partials(dev, parts, key)
+        if groups:
+            cnt = counters(dev, groups, key)
+    ent = (o, lse, cnt, lse_sink(dev, lse_shape, key))
+    if key is not None and (parts is None or (_SCRATCH.get((*key, parts)) or (None,))[0] is o):  # (else: per call)
+        if len(_SCRATCH) >= _SCRATCH_MAX:
+            return ent
+        _SCRATCH[(key, token)] = ent
+    return ent
+
+
+def merge_layout(sq_g: int, block_m: int, splits: int, num_warps: int, bdv: int) -> tuple[int, int]:
+    """(MERGE_M, SPLIT_CHUNK) of a fused merge: rows read per group (the block's real rows, a power
+    of two >= 2) and pieces per read (a power of two: the fp32 piece tile of MERGE_M x SPLIT_CHUNK x
+    BLOCK_DV at most 32 values a thread, 16 from 16 rows on: no spills at sm_90, ptxas -v)."""
+    merge_m = block_m if sq_g > block_m else max(2, next_power_of_2(sq_g))
+    per_thread = 32 if merge_m <= 8 else 16
+    chunk = max(1, per_thread * 32 * num_warps // (merge_m * bdv))
+    chunk = 1 << (chunk.bit_length() - 1)  # (a power of two, rounded down)
+    return merge_m, max(1, min(chunk, next_power_of_2(splits)))
 
 
 def _wrap_offer(inputs: tuple, outputs: tuple) -> object | None:
@@ -279,38 +373,42 @@ def decode(
     ``config``: (BLOCK_N, num_warps, num_stages).
     """
     dev = q.device
+    sk = _scratch_key(dev)  # (None while the stream is captured into a CUDA graph)
+    fuse = FUSED_MERGE  # split pieces merged in the decode kernel
     key = None
     if config is None and rotary is None:
-        key = ("decode", id(call), q.dtype, k_cache.dtype, v_cache.dtype, dev, q.shape, q.stride(), k_cache.shape, k_cache.stride(), v_cache.shape,
-               v_cache.stride(), None if table is None else (table.shape, table.stride()), leftpad is None, sn,
-               capacity, n_index, dense, num_splits, rotary_along)  # fmt: skip
+        key = ("decode", id(call), q.dtype, k_cache.dtype, v_cache.dtype, dev, q.shape, q.stride(), k_cache.shape,
+               k_cache.stride(), v_cache.shape, v_cache.stride(),
+               None if table is None else (table.shape, table.stride()), leftpad is None, sn, capacity, n_index,
+               dense, num_splits, rotary_along, fuse)  # fmt: skip
         plan = _PLANS.get(key)
         if plan is not None and plan[0] is call:
-            _, out_shape, lse_shape, parts, dec, merge, preps = plan
+            _, out_shape, lse_shape, parts, groups, dec, merge, preps = plan
             if preps is not None and preps is not PENDING:  # prepared launches (FastKernel.prepare)
-                out, lse_out = preps[2](q, k_cache, v_cache, table, seqlens, leftpad, err)
+                out, lse_out = preps[2](q, k_cache, v_cache, table, seqlens, leftpad, err, sk)
                 if _base.OFFERS is not None:  # for kvcache() / dense() to wrap (see there)
                     _base.OFFERS.append(((q, k_cache, v_cache, table, seqlens, leftpad, err), (out, lse_out), preps[2]))
                 return out, lse_out
             out = torch.empty(out_shape, dtype=q.dtype, device=dev)
             lse_out = torch.empty(lse_shape, dtype=torch.float32, device=dev)
             if parts is None:  # one piece: the kernel writes out / lse_out (as the views (1, ...) of them)
-                o, lse = out, lse_out
+                o, lse, fin = out, lse_out, _NO_FINAL
             else:
-                o, lse = partials(dev, parts)
+                o, lse = partials(dev, parts, sk)
+                fin = (out, lse_out, counters(dev, groups, sk)) if groups else _NO_FINAL
             with device_guard(dev):
-                dec_args = (q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, None, None, *dec[1])
+                dec_args = (q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, *fin, None, None, *dec[1])
                 _DECODE[dec[0]](*dec_args, **dec[2])
                 if merge is not None:
                     merge_args = (o, lse, out, lse_out, *merge[1])
                     _MERGE[merge[0]](*merge_args, **merge[2])
                 if preps is PENDING:  # the plan's first reuse: its launches prepared for the next ones
-                    preps = (_DECODE.prepare(dec[0], dec_args, dec[2], 10),
+                    preps = (_DECODE.prepare(dec[0], dec_args, dec[2], 13),
                              None if merge is None else _MERGE.prepare(merge[0], merge_args, merge[2], 4))  # fmt: skip
                     if preps[0] is None or (merge is not None and preps[1] is None):
                         preps = None
                     else:
-                        preps = (*preps, _plan_runner(out_shape, lse_shape, parts, q.dtype, dev, *preps))
+                        preps = (*preps, _plan_runner(out_shape, lse_shape, parts, groups, q.dtype, dev, *preps))
                     _PLANS[key] = (*plan[:-1], preps)
             return out, lse_out
     B, Sq, H, D = q.shape
@@ -341,14 +439,19 @@ def decode(
     splits = cdiv(max_keys, chunk)
     out = torch.empty((B, Sq, H, Dv), dtype=q.dtype, device=dev)
     lse_out = torch.empty((B, H, Sq), dtype=torch.float32, device=dev)
+    fuse = fuse and splits > 1
+    groups = programs if fuse else 0
     if splits == 1:  # the kernel writes the result itself
-        o, lse = out.unsqueeze(0), lse_out.unsqueeze(0)
+        o, lse, fin = out.unsqueeze(0), lse_out.unsqueeze(0), _NO_FINAL
     else:
-        o, lse = partials(dev, ((splits, B, Sq, H, Dv), (splits, B, H, Sq)))
+        o, lse = partials(dev, ((splits, B, Sq, H, Dv), (splits, B, H, Sq)), sk)
+        fin = (out, lse_out, counters(dev, groups, sk)) if fuse else _NO_FINAL
     cos, sin, interleaved = rotary or (None, None, False)
     qk_scale, cap_out = score_scales(call)
-    sink = _sink_args(call)  # in the kernel with one piece, else once in the merge
+    sink = _sink_args(call)  # in the kernel with one piece or a fused merge, else once in the merge kernel
     qs, ks, vs, os_, ls = q.stride(), k_cache.stride(), v_cache.stride(), o.stride(), lse.stride()
+    us, ls2 = out.stride(), lse_out.stride()
+    merge_m, split_chunk = merge_layout(Sq * G, block_m, splits, num_warps, bdv) if fuse else (2, 1)
     dec = (
         (B * Hk, splits, row_blocks),
         (
@@ -360,6 +463,7 @@ def decode(
             os_[0], os_[1], os_[2], os_[3],
             ls[0], ls[1], ls[2],
             call.alibi_slopes.stride(0) if call.alibi_slopes is not None else 0,
+            *((us[0], us[1], us[2], ls2[0], ls2[1]) if fuse else (0, 0, 0, 0, 0)),
             Sq, sn, capacity, n_index, page, chunk, Hk, G,
             qk_scale, cap_out, call.window_left, call.window_right,
         ),
@@ -370,25 +474,26 @@ def decode(
             HAS_LEFTPAD=leftpad is not None, HAS_BT=table is not None,
             UPCAST=upcast(q.dtype), KV_MODE=kv_mode,
             ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved, ROT_ALONG=rotary_along,
-            **(sink if splits == 1 else {}), HEAD_DIM_V=Dv, BLOCK_DV=bdv, num_warps=num_warps, num_stages=num_stages,
+            **(sink if splits == 1 or fuse else {}), HEAD_DIM_V=Dv, BLOCK_DV=bdv,
+            **(dict(MERGE=True, MERGE_M=merge_m, SPLIT_CHUNK=split_chunk) if fuse else {}),
+            num_warps=num_warps, num_stages=num_stages,
         ),
     )  # fmt: skip
     merge = None
-    if splits > 1:
-        us, ls2 = out.stride(), lse_out.stride()
+    if splits > 1 and not fuse:
         merge = (
             (B * Sq * H,),
             (splits, os_[0], os_[1], os_[2], os_[3], ls[0], ls[1], ls[2], us[0], us[1], us[2], ls2[0], ls2[1], H, Sq),
             dict(HEAD_DIM=Dv, BLOCK_S=max(2, next_power_of_2(splits)), BLOCK_D=bdv, **sink),
         )
     with device_guard(dev):
-        _DECODE[dec[0]](q, k_cache, v_cache, table, seqlens, leftpad, call.alibi_slopes, o, lse, err, cos, sin,
+        _DECODE[dec[0]](q, k_cache, v_cache, table, seqlens, leftpad, call.alibi_slopes, o, lse, err, *fin, cos, sin,
                         *dec[1], **dec[2])  # fmt: skip
         if merge is not None:
             _MERGE[merge[0]](o, lse, out, lse_out, *merge[1], **merge[2])
     if key is not None and _plannable(call):
         parts = None if splits == 1 else (tuple(o.shape), tuple(lse.shape))
-        _keep_plan(key, (call, tuple(out.shape), tuple(lse_out.shape), parts, dec, merge, PENDING))
+        _keep_plan(key, (call, tuple(out.shape), tuple(lse_out.shape), parts, groups, dec, merge, PENDING))
     return out, lse_out
 
 
@@ -431,18 +536,36 @@ def kvcache(q: torch.Tensor, cache: KVCache, call: AttnCall) -> tuple[torch.Tens
 def _kv_runner(run, cache: KVCache, along: bool, tensor_lens: bool):
     """:func:`kvcache`'s runner (see :data:`flashtile.backends.base.OFFERS`) for calls without new
     tokens, rotary tables or index tensors other than the lengths: ``runner(q, k_cache, v_cache,
-    lens)``, ``lens`` an int (checked by the caller) or the int32 tensor; the error flag is read as
-    :func:`kvcache` reads it."""
-    epoch, capacity, num_splits = _launch._EPOCH, cache.capacity, cache.num_splits
+    lens, want_lse=True)``, ``lens`` an int (checked by the caller) or the int32 tensor; the error
+    flag is read as :func:`kvcache` reads it. ``want_lse`` False: the lse it returns is a kept
+    buffer the caller must drop."""
+    epoch, capacity, num_splits, token = _launch._EPOCH, cache.capacity, cache.num_splits, object()
 
-    def kv(q, k_cache, v_cache, lens):
+    def kv(q, k_cache, v_cache, lens, want_lse=True):
         if _launch._EPOCH is not epoch:
             return None
         dev = q.device
         key = _scratch_key(dev)
-        seqlens = lens if tensor_lens else lens_vector(dev, q.shape[0], lens, key)
-        err = _flag(dev, key)
-        out, lse = run(q, k_cache, v_cache, None, seqlens, None, err, key)
+        got = None if key is None else _SCRATCH.get((key, token))
+        if got is None:  # (the length vector's entry and the flag kept together: one lookup next time)
+            seqlens = lens if tensor_lens else lens_vector(dev, q.shape[0], lens, key)
+            err = _flag(dev, key)
+            if key is not None and len(_SCRATCH) < _SCRATCH_MAX:
+                ent = None if tensor_lens else _SCRATCH.get((*key, "lens", q.shape[0]))
+                if tensor_lens or ent is not None:  # the flag itself only where it is kept (CUDA)
+                    _SCRATCH[(key, token)] = (ent, err if dev.type == "cuda" else None)
+        else:
+            ent, err = got
+            if err is None:
+                err = _flag(dev, key)
+            if tensor_lens:
+                seqlens = lens
+            else:  # as lens_vector: refilled when the length changes
+                if ent[0] != lens:
+                    ent[1].fill_(lens)
+                    ent[0] = lens
+                seqlens = ent[1]
+        out, lse = run(q, k_cache, v_cache, None, seqlens, None, err, key, want_lse)
         if tensor_lens and not capturing(q) and int(err.item()):  # as kvcache(): check by name
             err.zero_()
             full = KVCache(k_cache=k_cache, v_cache=v_cache, k_new=None, v_new=None, seqlens=lens, batch_idx=None,
