@@ -53,6 +53,7 @@ def _set(fused: bool | None = None, spare: bool = True) -> None:
 
     if fused is not None:
         launch_decode.FUSED_MERGE = fused
+        launch_decode.FUSE_MIN_GROUPS = 1  # the A/B of the two merges at every size (the default: >= 64 groups)
     launch_decode._SPARE.clear()
     launch_decode._SPARE_MAX = 256 if spare else 0
     if spare:

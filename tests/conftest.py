@@ -169,6 +169,20 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fused_decode_merge_at_test_sizes(monkeypatch):
+    """The split decode's in-kernel merge serves calls of >= FUSE_MIN_GROUPS (64) groups, more than
+    the tests' small shapes have: the tests exercise it at every size (its threshold has its own test,
+    tests/test_lean_flat.py::test_fused_merge_threshold)."""
+    try:
+        from flashtile.backends.triton import launch_decode
+    except ImportError:  # pragma: no cover - no triton
+        yield
+        return
+    monkeypatch.setattr(launch_decode, "FUSE_MIN_GROUPS", 1)
+    yield
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 # ----------------------------------------------------------------------------------------------

@@ -520,3 +520,22 @@ def test_prepared_launch_and_launch_hooks(monkeypatch):
         assert not prep.go(x)
         monkeypatch.setattr(rt, side, None)
         assert prep.go(x)
+
+
+def test_fused_merge_threshold(fakes, monkeypatch):
+    """Split decode calls of fewer than FUSE_MIN_GROUPS (batch x kv heads x row blocks) groups launch
+    the decode and merge kernels (the fused kernel's serial merge costs device time there), at least
+    that many the fused kernel alone; every call of a shape the same way."""
+    monkeypatch.setattr(launch_decode, "FUSE_MIN_GROUPS", 64)
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16)  # 2 x 2 kv heads x 1 row block: 4 groups
+    kc, vc = (torch.randn(2, 300, 2, 64, dtype=torch.float16) for _ in range(2))
+    for _ in range(3):
+        n = len(fakes.log)
+        flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=250, num_splits=3)
+        assert [e[0] for e in fakes.log[n:]] == ["_DECODE", "_MERGE"]
+    monkeypatch.setattr(launch_decode, "FUSE_MIN_GROUPS", 4)
+    launch.clear_plans()
+    for _ in range(3):
+        n = len(fakes.log)
+        flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=250, num_splits=3)
+        assert [e[0] for e in fakes.log[n:]] == ["_DECODE"]

@@ -152,12 +152,20 @@ def partials(dev: torch.device, parts: tuple, key: tuple | None | object = _ASK)
     return o, lse
 
 
-#: Split calls merge their pieces inside the decode kernel (the last program of each group to finish
-#: merges: one launch, see ``decode._merge_pieces``) instead of in a second kernel (``_merge_kernel``),
-#: eager and under CUDA graph capture alike (one kernel variant: a capture never compiles or loads
-#: one that the eager calls before it did not). Read when a launch is planned: call
-#: ``launch.clear_plans()`` after changing it.
+#: Split calls of at least :data:`FUSE_MIN_GROUPS` (batch x kv heads x row blocks) groups merge their
+#: pieces inside the decode kernel (the last program of each group to finish merges: one launch, see
+#: ``decode._merge_pieces``) instead of in a second kernel (``_merge_kernel``), eager and under CUDA
+#: graph capture alike (one kernel variant per shape: a capture never compiles or loads one that the
+#: eager calls before it did not, and every call of a shape gives the same bits). Read when a launch
+#: is planned: call ``launch.clear_plans()`` after changing either.
 FUSED_MERGE = True
+#: Measured (H200, 8k cache, h32/8, d128, bf16; results/decode_one_launch_NVIDIA_H200_2026-12-02.json):
+#: at b8 (64 groups) the fused kernel's device time equals the two kernels' (65.5 / 65.1 us) and saves
+#: a launch (eager 67.7 / 69.1 us, graph replay 68.6 / 69.3); at b1 (8 groups) its device time is 17.0
+#: against 11.0 us (the merging programs' serial tail), which a CUDA-graph replay shows (19.3 against
+#: 14.1 us) although an eager call, bound by the host, gains (33.2 against 46.6 us). Fewer groups
+#: than this keep the merge kernel.
+FUSE_MIN_GROUPS = 64
 #: Zeroed counters made outside any capture, one per (device, count) at most, each taken by the
 #: next capture that needs such counters (a graph keeps them for good: see :func:`counters`).
 _SPARE: dict[tuple, torch.Tensor] = {}
@@ -439,7 +447,7 @@ def decode(
     splits = cdiv(max_keys, chunk)
     out = torch.empty((B, Sq, H, Dv), dtype=q.dtype, device=dev)
     lse_out = torch.empty((B, H, Sq), dtype=torch.float32, device=dev)
-    fuse = fuse and splits > 1
+    fuse = fuse and splits > 1 and programs >= FUSE_MIN_GROUPS
     groups = programs if fuse else 0
     if splits == 1:  # the kernel writes the result itself
         o, lse, fin = out.unsqueeze(0), lse_out.unsqueeze(0), _NO_FINAL
