@@ -36,6 +36,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_lean import _graph  # (this folder: the script's own; warm-up on a side stream, then capture)
 
 DEV = "cuda"
 DRY = False  # --dry-cpu: the checks on tiny fp32 shapes through Triton's interpreter (TRITON_INTERPRET=1)
@@ -232,20 +233,6 @@ def checks() -> int:
         print(f"  ok  CUDA graph ({mode}) replays bitwise equal, eager calls between on two streams")
     _set(fused=True)
     return n_checks
-
-
-def _graph(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    _sync()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g, out
 
 
 def _loop(fn, calls: int) -> float:
