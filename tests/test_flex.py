@@ -552,3 +552,25 @@ def test_draw_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     p = masks.draw(masks.document(_seq_ids(1, 64).cpu()), 64, 64, tmp_path / "doc.png")
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_block_mask_cache():
+    """flashtile.flex.PerBlockMask: a hit needs the same block mask object and stamp; no block mask
+    (None) is kept as such; discard drops an entry; objects without weak references are not kept."""
+    from flashtile.flex import PerBlockMask
+
+    bm = create_block_mask(lambda b, h, q, k: q >= k, None, None, 256, 256, device="cpu")
+    cache, calls = PerBlockMask(4), []
+    assert cache.get(bm, ("a",), bm.kv_num_blocks, lambda: calls.append(1) or "v") == "v"
+    assert cache.get(bm, ("a",), bm.kv_num_blocks, lambda: calls.append(1) or "w") == "v" and len(calls) == 1
+    assert cache.peek(bm, ("a",), bm.kv_num_blocks.clone()) is None  # replaced lists: derived again
+    assert cache.peek(bm, ("b",), bm.kv_num_blocks) is None
+    cache.put(None, ("a",), None, "none")
+    assert cache.peek(None, ("a",), None) == "none" and cache.peek(bm, ("a",), None) is None
+    cache.discard(bm, ("a",))
+    assert cache.peek(bm, ("a",), bm.kv_num_blocks) is None and len(cache) == 1
+    cache.put((1, 2), ("t",), None, "x")  # a tuple has no weak references: not kept
+    assert cache.peek((1, 2), ("t",), None) is None
+    for i in range(5):  # cleared when full
+        cache.put(None, (i,), None, i)
+    assert len(cache) <= 4

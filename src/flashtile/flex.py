@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,50 @@ __all__ = ["BlockMask", "create_block_mask", "flex_attention", "noop_mask", "and
 
 #: Elements of the mask evaluated at once by :func:`create_block_mask` (bounds its memory).
 _EVAL_ELEMS = 1 << 24
+
+
+class PerBlockMask:
+    """Values derived from a block mask, kept per (block mask, ``extra`` key): a hit needs the same
+    object (held by a weak reference; ``None``, no block mask, is kept as such) and the same
+    ``stamp`` (its count list), so a block mask whose lists are replaced is derived again; cleared
+    when full. Objects without weak references are not kept."""
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self.store: dict[tuple, tuple] = {}
+        self.maxsize = maxsize
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def clear(self) -> None:
+        self.store.clear()
+
+    def peek(self, bm, extra: tuple, stamp) -> Any:
+        """The value kept for (``bm``, ``extra``) with ``stamp``, else None."""
+        hit = self.store.get((id(bm), *extra))
+        if hit is not None and (hit[0] is None if bm is None else hit[0]() is bm) and hit[1] is stamp:
+            return hit[2]
+        return None
+
+    def put(self, bm, extra: tuple, stamp, val) -> None:
+        try:
+            ref = None if bm is None else weakref.ref(bm)
+        except TypeError:
+            return
+        if len(self.store) >= self.maxsize:
+            self.store.clear()
+        self.store[(id(bm), *extra)] = (ref, stamp, val)
+
+    def discard(self, bm, extra: tuple) -> None:
+        self.store.pop((id(bm), *extra), None)
+
+    def get(self, bm, extra: tuple, stamp, compute: Callable[[], Any]) -> Any:
+        """The kept value, or ``compute()``, kept (a None value is computed again each time)."""
+        val = self.peek(bm, extra, stamp)
+        if val is None:
+            val = compute()
+            self.put(bm, extra, stamp, val)
+        return val
 
 
 def noop_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:

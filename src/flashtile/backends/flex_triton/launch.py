@@ -17,12 +17,12 @@ allocated contiguous, so the autograd function above does not copy it.
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
 
+from ...flex import PerBlockMask
 from ...spec import AttnCall
 from .._ints import cdiv as _cdiv
 from ..hopper import flex as _gluon_flex
@@ -178,32 +178,6 @@ def _arg(a):
 
 #: zero placeholders (the lists' stand-ins without a block mask), one per device
 _ZEROS: dict[torch.device, torch.Tensor] = {}
-
-
-class PerBlockMask:
-    """Values derived from a block mask, kept per (block mask, ``extra`` key): a hit needs the same
-    object (held by a weak reference) and the same ``stamp`` tensor (its count list), so a block
-    mask whose lists are replaced is derived again; cleared when full. Objects without weak
-    references are not cached."""
-
-    def __init__(self, maxsize: int = 256) -> None:
-        self.store: dict[tuple, tuple] = {}
-        self.maxsize = maxsize
-
-    def get(self, bm, extra: tuple, stamp, compute: Callable[[], object]):
-        key = (id(bm), *extra)
-        hit = self.store.get(key)
-        if hit is not None and hit[0]() is bm and hit[1] is stamp:
-            return hit[2]
-        val = compute()
-        try:
-            ref = weakref.ref(bm)
-        except TypeError:
-            return val
-        if len(self.store) >= self.maxsize:
-            self.store.clear()
-        self.store[key] = (ref, stamp, val)
-        return val
 
 
 #: _lists' results: the int32 / contiguous conversions and strides once per block mask, not per call

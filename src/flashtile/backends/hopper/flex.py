@@ -20,10 +20,10 @@ off), an A/B switch that changes no routing.
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 
+from ...flex import PerBlockMask
 from ...spec import AttnCall
 from .configs import FLEX_MASK_BLOCK, HEADDIMS
 
@@ -217,14 +217,13 @@ def _all_blocks(nq: int, nk: int, device: torch.device) -> tuple:
 # the route (use_gluon), the block mask's int32 lists, geometry and flags, the mods' switches and
 # arguments, the config, the grid, every other kernel argument, the descriptors' templates, the
 # compiled kernel -- kept per signature, so that a repeated call allocates out and lse, copies four
-# descriptors and launches (``launch._runner``). Keyed by the block mask (weakly, with its count
-# list's identity as ``flex_triton.launch.PerBlockMask`` checks it, and its mask_mod's), the
-# score_mod (kept in the entry, checked with ``is``), every call field the route reads (scale,
-# varlen, dropout, sink), the dtypes, device, shapes and strides of q, k, v, and the two
-# environment switches (read per call, as the unplanned path reads them). Made at a signature's
-# first Gluon call, prepared at its first reuse; only inputs TMA reads as they are.
-_PLANS: dict[tuple, tuple] = {}
-_PLANS_MAX = 64
+# descriptors and launches (``launch._runner``). Kept per block mask (``PerBlockMask``: the same
+# object, weakly, and count list; entries hold its mask_mod and the score_mod, checked with ``is``)
+# and key: every call field the route reads (scale, varlen, dropout, sink), the dtypes, device,
+# shapes and strides of q, k, v, and the two environment switches (read per call, as the unplanned
+# path reads them). Made at a signature's first Gluon call, prepared at its first reuse; only inputs
+# TMA reads as they are. An entry: (mask_mod, score_mod, runner, _PENDING, or None: not preparable).
+_PLANS = PerBlockMask(64)
 _PENDING = object()
 _L: list = []  # the Triton-importing modules, imported at the first forward (this module imports no Triton)
 
@@ -240,21 +239,18 @@ def _mods_loaded():
 
 def _plan_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> tuple:
     env = os.environ.get
-    return (id(call.block_mask), id(call.score_mod), call.softmax_scale, call.cu_seqlens_q is None, call.dropout_p,
+    return (id(call.score_mod), call.softmax_scale, call.cu_seqlens_q is None, call.dropout_p,
             call.learnable_sink is None, q.dtype, k.dtype, v.dtype, q.device, q.shape, k.shape, v.shape, q.stride(),
             k.stride(), v.stride(), env(ENV), env(PREFETCH_ENV))  # fmt: skip
 
 
-def _entry_holds(entry: tuple, call: AttnCall) -> bool:
-    """Whether a plan entry was made for this block mask (the same object, count list and
-    mask_mod) and score_mod."""
-    ref, stamp, mask_mod, score_mod = entry[:4]
+def _entry(call: AttnCall, key: tuple) -> tuple | None:
+    """The plan entry of this block mask (the same object, count list and mask_mod), score_mod and key."""
     bm = call.block_mask
-    if score_mod is not call.score_mod:
-        return False
-    if bm is None:
-        return ref is None
-    return ref is not None and ref() is bm and stamp is bm.kv_num_blocks and mask_mod is bm.mask_mod
+    entry = _PLANS.peek(bm, key, None if bm is None else bm.kv_num_blocks)
+    if entry is None or entry[0] is not (None if bm is None else bm.mask_mod) or entry[1] is not call.score_mod:
+        return None
+    return entry
 
 
 def planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> tuple | None:
@@ -263,17 +259,17 @@ def planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -
     if not _PLANS:
         return None
     key = _plan_key(q, k, v, call)
-    entry = _PLANS.get(key)
-    if entry is None or not _entry_holds(entry, call):
+    entry = _entry(call, key)
+    if entry is None:
         return None
-    run = entry[4]
+    run = entry[2]
     if run is _PENDING:  # the first reuse: the full forward, which prepares the launch
         return forward(q, k, v, call, _key=key)
     if run is None:  # the launch could not be prepared
         return None
     res = run(q, k, v)
     if res is None:  # declined (plans cleared, the lean path off, an unaligned base): planned anew
-        del _PLANS[key]
+        _PLANS.discard(call.block_mask, key)
     return res
 
 
@@ -331,28 +327,17 @@ def forward(
 def _plan(q, k, v, call: AttnCall, key: tuple | None, out, lse, grid, args, kw) -> None:
     """Record this call's plan (pending), or at its first reuse (``key`` given) prepare it."""
     _, HL = _mods_loaded()
+    bm = call.block_mask
+    stamp = None if bm is None else bm.kv_num_blocks
     if key is not None:
-        entry = _PLANS.get(key)
-        if entry is not None and entry[4] is _PENDING:
+        entry = _entry(call, key)
+        if entry is not None and entry[2] is _PENDING:
             prep = HL._WS.prepare(grid, args, kw, 6, descs=4, keep=True)
-            _PLANS[key] = (*entry[:4], None if prep is None else HL._runner(out, lse, prep, args[:4], ()))
+            _PLANS.put(bm, key, stamp, (*entry[:2], None if prep is None else HL._runner(out, lse, prep, args[:4], ())))
         return
     key = _plan_key(q, k, v, call)
-    entry = _PLANS.get(key)
-    if entry is not None and _entry_holds(entry, call):
-        return
-    bm = call.block_mask
-    if bm is None:
-        ref = stamp = mask_mod = None
-    else:
-        try:
-            ref = weakref.ref(bm)
-        except TypeError:  # not weakly referable: no plan (it would keep the block mask alive)
-            return
-        stamp, mask_mod = bm.kv_num_blocks, bm.mask_mod
-    if len(_PLANS) >= _PLANS_MAX:
-        _PLANS.clear()
-    _PLANS[key] = (ref, stamp, mask_mod, call.score_mod, _PENDING)
+    if _entry(call, key) is None:  # (a block mask without weak references is not kept: no plan)
+        _PLANS.put(bm, key, stamp, (None if bm is None else bm.mask_mod, call.score_mod, _PENDING))
 
 
 __all__ = [

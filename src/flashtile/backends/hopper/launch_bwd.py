@@ -32,9 +32,9 @@ import dataclasses
 
 import torch
 
+from ...flex import PerBlockMask
 from ...spec import AttnCall
 from .._ints import cdiv
-from ..flex_triton.launch import PerBlockMask
 from ..triton import configs as triton_configs
 from ..triton.fastlaunch import fast
 from ..triton.launch import _BWD_DQ as _bwd_dq_kernel  # the kernels' lean launch wrappers (issue 16)
