@@ -103,6 +103,26 @@ def timed(fn, budget_s: float = 3.0, max_reps: int = 20) -> float:
     return times[len(times) // 2]
 
 
+def event_ms(fn, n: int = 1, reps: int = 7, warm: int = 1) -> float:
+    """Median ms per call of ``n`` back-to-back calls of fn() between two CUDA events (after ``warm``
+    calls). ``n = 1`` times one call after a sync (the host's preparation of the launch counts
+    while the GPU waits); ``n > 1`` the device's time when the host keeps ahead."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / n)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
 def fwd_bwd_times(run, inputs):
     """(fwd ms, bwd ms) of out = run(*inputs); the backward alone, from a saved graph."""
     fwd = timed(lambda: run(*inputs))

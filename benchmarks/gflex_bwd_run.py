@@ -170,30 +170,10 @@ def dead_rows():
     check("sliding_40", 1, 203, 113, 4, 2, 128, torch.bfloat16, 0.0)  # the same rows against the oracle
 
 
-def _event_median(fn, reps=15, warm=2, n=1) -> float:
-    """Median ms per call of ``n`` calls of fn() between two CUDA events (after ``warm`` calls).
-    ``n = 1`` times one call after a sync (the host's preparation counts while the GPU waits);
-    ``n > 1`` back-to-back calls, the device's time when the host keeps ahead."""
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / n)
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
 def _both(row: dict, tag: str, fn) -> None:
     """``row[tag]``: one call after a sync; ``row[tag + '_dev']``: 5 back to back (device time)."""
-    row[tag] = _event_median(fn)
-    row[f"{tag}_dev"] = _event_median(fn, reps=7, n=5)
+    row[tag] = bench_flex.event_ms(fn, reps=15, warm=2)
+    row[f"{tag}_dev"] = bench_flex.event_ms(fn, n=5, warm=2)
 
 
 def time_case(name, c, s, h, d, tflex, tcbm, deadline) -> dict:

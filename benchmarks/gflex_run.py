@@ -160,29 +160,13 @@ def correctness(full: bool, prefetch: str = "") -> int:
 
 
 def event_ms(fn, reps: int = 30) -> float:
-    """Median ms of fn() timed with CUDA events, one call each after a sync (host preparation
-    included: see :func:`event_ms_batched`)."""
-    fn()
-    return event_ms_batched(fn, n=1, reps=reps)
+    """One call after a sync (host preparation included), median ms (:func:`bench_flex.event_ms`)."""
+    return BF.event_ms(fn, n=1, reps=reps, warm=2)
 
 
 def event_ms_batched(fn, n: int = 10, reps: int = 7) -> float:
-    """Median ms per call of ``n`` back-to-back calls between two CUDA events: the device's time
-    when the host enqueues faster than the kernel runs (``event_ms`` times one call after a sync,
-    so it also counts the host's preparation of the launch while the GPU waits)."""
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / n)
-    ts.sort()
-    return ts[len(ts) // 2]
+    """``n`` calls back to back: the device's time when the host keeps ahead (:func:`bench_flex.event_ms`)."""
+    return BF.event_ms(fn, n=n, reps=reps, warm=1)
 
 
 def bench(s, h, d, tflex, tcbm, t0, flex_deadline, stop_at=None):
