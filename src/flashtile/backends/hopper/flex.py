@@ -170,7 +170,7 @@ def long_rows(bm, mode: str | None = None, headdim: int = 128, backward: bool = 
     if (mode or env_mode()) == "force":
         return True
     if headdim < 96 and not backward:
-        return _twin_name(score_mod) in D64_FORWARD_SCORES if score_mod is not None else False
+        return _twin_name(score_mod) in D64_FORWARD_SCORES  # (None for no score mod)
     if bm is None:
         return True
     from ..flex_triton import launch as FL
