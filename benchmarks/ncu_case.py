@@ -50,6 +50,7 @@ def make_fn(case: str, who: str):
         qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_(what == "bwd") for x in (q, k, v))
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             if what == "fwd":
+
                 def fwd():
                     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                         return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
