@@ -396,6 +396,8 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], help="bwd config overrides, e.g. block_m=128,dq_chunk=64")
     ap.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT, help="watchdog per case / cell (s)")
     ap.add_argument("--breakdown", action="store_true", help="per-kernel GPU time of ours and cuDNN's (profiler)")
+    ap.add_argument("--table", default="", help="overrides applied to the backward table itself before the "
+                    "correctness cases (every head dim where the config stays valid), e.g. stat_ring=1,fold=1")
     args = ap.parse_args()
     os.environ[hopper.BWD_ENV] = "gluon"  # the kernels under test (the backend's default is Triton's)
     hopper.SMALL_ROWS = 0  # small checks run the Gluon forward too (not the launch-bound Triton route)
@@ -409,6 +411,13 @@ def main() -> int:
         return 1
     from flashtile.backends.hopper import configs
 
+    if args.table:
+        from dataclasses import replace
+
+        ov = {kv.split("=")[0].strip(): _value(kv.split("=")[1]) for kv in args.table.split(",")}
+        for d, cfg in list(configs._BWD_TABLE.items()):
+            if not configs.bwd_check(replace(cfg, **ov), d):
+                configs._BWD_TABLE[d] = replace(cfg, **ov)
     log(f"backward configs: {', '.join(f'd={d}: {configs.bwd_config(d)}' for d in configs.HEADDIMS)}")
     try:
         ok = run_correctness(args.quick)

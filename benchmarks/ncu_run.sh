@@ -3,6 +3,7 @@
 #
 #     OUT=/tmp/ncu bash benchmarks/ncu_run.sh bwd128:ours bwd128:cudnn fp8_128:ours ...
 #
+# NCU_CASE_ARGS: more arguments of ncu_case.py (e.g. "--bwd-set stat_ring=1,fold=1").
 # Per case: the .ncu-rep (``--set full``, clocks left alone), its details page as text, the raw
 # metrics as CSV and, for our kernels, the SASS source page with the sampled stall reasons per
 # instruction (CSV). Printed: the lines of every kernel's details page that matter for a
@@ -21,7 +22,7 @@ for spec in "$@"; do
   rep="$WORK/${case_}_${who}"
   echo "=== $case_ $who"
   timeout 300 "$NCU" --profile-from-start off --clock-control none --set full --import-source no -f -o "$rep" \
-    python3 benchmarks/ncu_case.py --case "$case_" --who "$who" > "$rep.log" 2>&1 || { echo "ncu failed:"; tail -5 "$rep.log"; continue; }
+    python3 benchmarks/ncu_case.py --case "$case_" --who "$who" ${NCU_CASE_ARGS:-} > "$rep.log" 2>&1 || { echo "ncu failed:"; tail -5 "$rep.log"; continue; }
   "$NCU" -i "$rep.ncu-rep" --page details --print-units base > "$rep.details.txt" 2>&1
   "$NCU" -i "$rep.ncu-rep" --page raw --csv > "$rep.raw.csv" 2>&1
   if [[ $who == ours ]]; then

@@ -368,8 +368,12 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
                   IS_VARLEN=varlen, num_warps=cfg.num_warps, **flags)  # fmt: skip
     consts.update(cfg.kernel_consts(d))
     if cfg.kernel in ("ws", "ws2"):
-        name = name.replace("bwd ", f"bwd_{cfg.kernel}{'_swap' if cfg.swap else ''}{'_tma' if cfg.dq_tma else ''} ", 1)
+        tag = f"{'_swap' if cfg.swap else ''}{'_tma' if cfg.dq_tma else ''}{'_ring' if cfg.stat_ring else ''}"
+        name = name.replace("bwd ", f"bwd_{cfg.kernel}{tag}{'_fold' if cfg.fold else ''} ", 1)
         res["name"] = name
+        if consts.get("STAT_RING"):  # as the launcher: no fold with softcap; stat_mul a runtime float
+            consts["FOLD"] = consts["FOLD"] and not consts["HAS_SOFTCAP"]
+            sig["stat_mul"] = "fp32"
         if consts["DQ_TMA"]:
             if consts["ATOMIC_DQ"]:
                 sig["dq_desc"] = _desc_sig("fp32", cfg.block_m, bd, varlen)

@@ -139,14 +139,15 @@ def _step_block(i, g, mb_lo, n_mb, BL_IDX, LIST_SUBS: gl.constexpr):
 def _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
            HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, BLOCK_M: gl.constexpr,
            qry_layout: gl.constexpr, TRANS: gl.constexpr = False, MASK_MOD: gl.constexpr = None,
-           b=None, h=None, seqlen_q=None, MA0=None, MA1=None, MA2=None):
+           b=None, h=None, seqlen_q=None, MA0=None, MA1=None, MA2=None, FOLDED: gl.constexpr = False):
     """P = exp2(score - lse) of a ``[BLOCK_M, keys]`` tile from the raw ``S = Q K^T`` (the forward's
     score: base 2, softcap, visibility masks when ``masked``; rows past the sequence or seeing no
     key have ``lse2 = +inf``: P = 0). ``TRANS``: the tile is ``S^T = K Q^T`` (``[keys, BLOCK_M]``,
     lse along the columns) and so is the result. Returns ``(p, t)``: ``t = tanh`` of the softcap
     (for dS's ``1 - t^2``), or ``p`` again without softcap (unused). ``MASK_MOD`` (block-list
     mode, a flex block mask's ``mask_mod``): the masked tiles evaluate it (:func:`_mask_mod_tile`)
-    instead of the causal / window rule."""
+    instead of the causal / window rule. ``FOLDED`` (no softcap): ``s`` already holds ``S - lse /
+    scale`` (the accumulator started from the stats, see ``HopperBwdConfig.fold``): P = exp2(score)."""
     QAX: gl.constexpr = 0 if TRANS else 1  # the axis expand_dims adds to a per-query vector
     if HAS_SOFTCAP:
         t = _tanh_fast(s * qk_scale)
@@ -161,7 +162,10 @@ def _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, 
         else:
             vis = _mask_mod_tile(MASK_MOD, b, h, qrows, keys, seqlen_q, seqlen_k, MA0, MA1, MA2, QAX)
         s2 = gl.where(vis, s2, float("-inf"))
-    p = gl.exp2(s2 - gl.expand_dims(lse2, QAX))
+    if FOLDED:
+        p = gl.exp2(s2)
+    else:
+        p = gl.exp2(s2 - gl.expand_dims(lse2, QAX))
     if HAS_SOFTCAP:
         return p, t
     return p, p
@@ -406,6 +410,20 @@ def _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, i, b, hk, group, q_st
 
 
 @gluon.jit
+def _put_stats(st_smem, i, lse2, delta, stat_mul, NUM_STAGES: gl.constexpr, FOLD: gl.constexpr):
+    """Worker: store iteration ``i``'s lse (base 2) and delta rows into its ring slot's two rows of
+    ``st_smem`` (``[2 * NUM_STAGES, BLOCK_M]``); with ``FOLD`` as the score accumulators' starting
+    values: ``lse2 * stat_mul`` (``stat_mul = -1 / qk_scale``: ``-lse / scale``) and ``-delta``."""
+    stage = i % NUM_STAGES
+    if FOLD:
+        st_smem.index(2 * stage).store(lse2 * stat_mul)
+        st_smem.index(2 * stage + 1).store(-delta)
+    else:
+        st_smem.index(2 * stage).store(lse2)
+        st_smem.index(2 * stage + 1).store(delta)
+
+
+@gluon.jit
 def _red_smem_v4(base, dq_smem, row0, stride_s, BLOCK_M: gl.constexpr, BLOCK_D: gl.constexpr,
                  ROWS: gl.constexpr, WARPS: gl.constexpr, NUM_TILES: gl.constexpr):
     """Worker: add the sum of the ``NUM_TILES`` (1 or 2) fp32 ``[BLOCK_M, BLOCK_D]`` tiles in
@@ -434,14 +452,18 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
                    BLOCK_M: gl.constexpr, BLOCK_D: gl.constexpr, NUM_STAGES: gl.constexpr,
                    IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, RED_ROWS: gl.constexpr,
                    WORKER_WARPS: gl.constexpr, NUM_TILES: gl.constexpr, dq_desc, DQ_TMA: gl.constexpr,
-                   BL_IDX, LIST_SUBS: gl.constexpr):
+                   BL_IDX, LIST_SUBS: gl.constexpr, LSE, DELTA, st_smem, seqlen_q, stride_lb, stride_lh, stat_mul,
+                   STAT_RING: gl.constexpr, FOLD: gl.constexpr):
     """The worker warpgroup: every TMA load (K and V once, then Q / dO of each iteration into the
     ring, a slot refilled once the compute warpgroups released it), and the dQ reductions: each
     iteration's dQ tile, left in ``dq_smem`` by the compute warpgroups, is added into the fp32
     accumulator in global memory while they go on with the next query block: with
     ``red.global.add.v4.f32`` from registers, or (``DQ_TMA``) by TMA reduce-adds of the whole tile
     (``dq_desc``), the worker waiting only until the TMA unit has read the tile. Block-list mode
-    (``LIST_SUBS``): the query blocks of the program's list at ``BL_IDX``."""
+    (``LIST_SUBS``): the query blocks of the program's list at ``BL_IDX``. ``STAT_RING``: each slot's
+    lse and delta rows too (:func:`_put_stats`), loaded before the dQ reduction and stored after
+    it (their latency under it), then a second arrival on the slot's ``ld_full``."""
+    st_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WORKER_WARPS], [0])
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     _tma_load(k_desc, kv_bar, k_smem, b, k_start + n0, hk, IS_VARLEN)
     _tma_load(v_desc, kv_bar, v_smem, b, k_start + n0, hk, IS_VARLEN)
@@ -449,12 +471,23 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
         if st < total:
             _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, st, b, hk, group, q_start, mb_lo, n_mb,
                         BLOCK_M, NUM_STAGES, IS_VARLEN, BL_IDX, LIST_SUBS)
+            if STAT_RING:
+                lse2, delta = _lse_delta(LSE, DELTA, st, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb,
+                                         stride_lh, BLOCK_M, st_layout, BL_IDX, LIST_SUBS)
+                _put_stats(st_smem, st, lse2, delta, stat_mul, NUM_STAGES, FOLD)
+                mbarrier.arrive(ld_full.index(st))
     for i in range(total):
         nxt = i + NUM_STAGES
+        if STAT_RING:  # (defined on both paths of the branch below)
+            lse2 = gl.zeros([BLOCK_M], gl.float32, st_layout)
+            delta = gl.zeros([BLOCK_M], gl.float32, st_layout)
         if nxt < total:
             mbarrier.wait(ld_empty.index(i % NUM_STAGES), (i // NUM_STAGES) & 1)
             _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, nxt, b, hk, group, q_start, mb_lo, n_mb,
                         BLOCK_M, NUM_STAGES, IS_VARLEN, BL_IDX, LIST_SUBS)
+            if STAT_RING:
+                lse2, delta = _lse_delta(LSE, DELTA, nxt, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb,
+                                         stride_lh, BLOCK_M, st_layout, BL_IDX, LIST_SUBS)
         if ATOMIC_DQ:
             g = i // n_mb
             blk = _step_block(i, g, mb_lo, n_mb, BL_IDX, LIST_SUBS)
@@ -468,6 +501,11 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
             else:
                 _red_smem_v4(base, dq_smem, q_start + blk * BLOCK_M, stride_dqs, BLOCK_M, BLOCK_D, RED_ROWS,
                              WORKER_WARPS, NUM_TILES)
+        if STAT_RING:
+            if nxt < total:
+                _put_stats(st_smem, nxt, lse2, delta, stat_mul, NUM_STAGES, FOLD)
+                mbarrier.arrive(ld_full.index(nxt % NUM_STAGES))  # (after a barrier of the worker's warps)
+        if ATOMIC_DQ:
             mbarrier.arrive(dq_empty)  # (lowered after a barrier of the worker's warps: all reads done)
 
 
@@ -521,7 +559,8 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr,
                     HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
                     DEFER_DK: gl.constexpr, SWAP: gl.constexpr, DQ_TMA: gl.constexpr,
-                    BL_IDX, MA0, MA1, MA2, LIST_SUBS: gl.constexpr, MASK_MOD: gl.constexpr):
+                    BL_IDX, MA0, MA1, MA2, LIST_SUBS: gl.constexpr, MASK_MOD: gl.constexpr,
+                    STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False):
     """Compute warps of the ws kernel: for each query block of the ring, the five products and
     the softmax recomputation, dK and dV in registers, the dQ tile left in ``dq_smem`` for the
     worker.
@@ -542,7 +581,10 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
     ``dQ = dS K`` (read back transposed). lse and delta lie along the columns (a thread needs 16
     of each at 64 query rows): they are staged in shared memory (``st_smem``, two slots of the
     partition's four rows: the next block's loaded into a register a thread at the top of an
-    iteration, stored before its barrier) and read right where they are used.
+    iteration, stored before its barrier) and read right where they are used; with ``STAT_RING`` the
+    worker leaves them in the ring slot beside Q and dO instead (no global load here), and with
+    ``FOLD`` they are the starting values of the ``S^T`` / ``dP^T`` accumulators (read before the
+    wgmmas are issued: ``P = exp2(scale * acc)``, ``dS = P * acc``).
 
     Block-list mode (``LIST_SUBS``, see :func:`attn_bwd_ws`): the query blocks come from the
     program's list at ``BL_IDX``; the masked ones evaluate ``MASK_MOD`` (arguments ``MA0..2``)."""
@@ -589,14 +631,14 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
     keys = kw0 + gl.arange(0, KEYS, layout=key_layout)
     dk = gl.zeros([KEYS, BLOCK_D], gl.float32, kv_layout)
     dv = gl.zeros([KEYS, BLOCK_D], gl.float32, kv_layout)
-    if SWAP:
+    if SWAP and not STAT_RING:
         ST0: gl.constexpr = 4 * WG  # this partition's rows of st_smem: lse, delta of slot 0, then of slot 1
         lse_r, delta_r = _lse_delta_rows(LSE, DELTA, 0, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb,
                                          stride_lh, BLOCK_M, NW, BL_IDX, LIST_SUBS)
         st_smem.index(ST0).store(lse_r)
         st_smem.index(ST0 + 1).store(delta_r)
         gl.thread_barrier()
-    else:
+    elif not SWAP:
         lse2, delta = _lse_delta(LSE, DELTA, 0, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh,
                                  BLOCK_M, qry_layout, BL_IDX, LIST_SUBS)
     mbarrier.wait(kv_bar, 0)
@@ -611,26 +653,41 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
             m0 = _list_block(BL_IDX, blk, LIST_SUBS) * BLOCK_M
             hq = hk * group + g
         mbarrier.wait(ld_full.index(stage), (i // NUM_STAGES) & 1)
-        s = _score_mma(k_w, q_buf, SWAP, KEYS, BLOCK_M, s_layout)
-        if EARLY_DP:  # dP under the softmax
-            dp = _score_mma(v_w, do_buf, SWAP, KEYS, BLOCK_M, s_layout)
+        if FOLD:  # the accumulators start from -lse / scale and -delta (the worker's ring slot)
+            acc0 = gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)
+            s = warpgroup_mma(k_w, q_buf.permute((1, 0)),
+                              acc0 + gl.expand_dims(st_smem.index(2 * stage).load(qry_layout), 0), is_async=True)
+            dp = warpgroup_mma(v_w, do_buf.permute((1, 0)),
+                               acc0 + gl.expand_dims(st_smem.index(2 * stage + 1).load(qry_layout), 0), is_async=True)
+        else:
+            s = _score_mma(k_w, q_buf, SWAP, KEYS, BLOCK_M, s_layout)
+            if EARLY_DP:  # dP under the softmax
+                dp = _score_mma(v_w, do_buf, SWAP, KEYS, BLOCK_M, s_layout)
         if SWAP:
-            # the next block's lse and delta (the last iteration reloads its own into the other slot)
-            lse_r, delta_r = _lse_delta_rows(LSE, DELTA, gl.minimum(i + 1, total - 1), b, hk, group, q_start, mb_lo,
-                                             n_mb, seqlen_q, stride_lb, stride_lh, BLOCK_M, NW, BL_IDX, LIST_SUBS)
-            slot = ST0 + 2 * (i & 1)
+            if STAT_RING:
+                slot = 2 * stage  # lse and delta in the ring slot, beside Q and dO
+            else:
+                # the next block's lse and delta (the last iteration reloads its own into the other slot)
+                lse_r, delta_r = _lse_delta_rows(LSE, DELTA, gl.minimum(i + 1, total - 1), b, hk, group, q_start,
+                                                 mb_lo, n_mb, seqlen_q, stride_lb, stride_lh, BLOCK_M, NW, BL_IDX,
+                                                 LIST_SUBS)
+                slot = ST0 + 2 * (i & 1)
             if EARLY_DP:
                 s = warpgroup_mma_wait(1, deps=(s,))
             else:
                 s = warpgroup_mma_wait(0, deps=(s,))
-            lse2 = st_smem.index(slot).load(qry_layout)
+            if FOLD:
+                lse2 = 0.0  # (folded into s)
+            else:
+                lse2 = st_smem.index(slot).load(qry_layout)
             if LIST_SUBS:
                 p, t = _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
                               HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_M, qry_layout, True, MASK_MOD, b, hq, seqlen_q,
-                              MA0, MA1, MA2)
+                              MA0, MA1, MA2, FOLDED=FOLD)
             else:
                 p, t = _bwd_p(s, lse2, keys, blk * BLOCK_M, masked, seqlen_k, off, window_left, window_right,
-                              qk_scale, cap_out, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_M, qry_layout, True)
+                              qk_scale, cap_out, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_M, qry_layout, True,
+                              FOLDED=FOLD)
             pa = gl.convert_layout(p.to(dtype), a_layout)
             dv = warpgroup_mma(pa, do_buf, dv, is_async=True)
             if HAS_SOFTCAP:
@@ -640,14 +697,18 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
             else:
                 dp = _score_mma(v_w, do_buf, SWAP, KEYS, BLOCK_M, s_layout)
                 dp = warpgroup_mma_wait(0, deps=(dp,))
-            delta = st_smem.index(slot + 1).load(qry_layout)
-            ds = (p * (dp - gl.expand_dims(delta, 0))).to(dtype)
+            if FOLD:
+                ds = (p * dp).to(dtype)  # (dp started from -delta)
+            else:
+                delta = st_smem.index(slot + 1).load(qry_layout)
+                ds = (p * (dp - gl.expand_dims(delta, 0))).to(dtype)
             ds_w.store(ds)
             dsa = gl.convert_layout(ds, a_layout)
             dk = warpgroup_mma(dsa, q_buf, dk, is_async=True)
-            other = 2 * ST0 + 2 - slot  # the other slot: read after this iteration's barrier
-            st_smem.index(other).store(lse_r)
-            st_smem.index(other + 1).store(delta_r)
+            if not STAT_RING:
+                other = 2 * ST0 + 2 - slot  # the other slot: read after this iteration's barrier
+                st_smem.index(other).store(lse_r)
+                st_smem.index(other + 1).store(delta_r)
             fence_async_shared()
             gl.thread_barrier()  # (ws) dQ of either warpgroup reads the dS of both
             ds_t = ds_w.permute((1, 0))
@@ -742,7 +803,8 @@ def attn_bwd_ws(
     num_warps: gl.constexpr, DEFER_DK: gl.constexpr = False, SPLIT: gl.constexpr = False,
     COMPUTE_REGS: gl.constexpr = 240, SWAP: gl.constexpr = False, DQ_TMA: gl.constexpr = False, dq_desc=None,
     LPT: gl.constexpr = False, BL_CNT=None, BL_IDX=None, bl_sb=None, bl_sh=None, bl_w=None, MA0=None, MA1=None,
-    MA2=None, LIST_SUBS: gl.constexpr = 0, MASK_MOD: gl.constexpr = None,
+    MA2=None, LIST_SUBS: gl.constexpr = 0, MASK_MOD: gl.constexpr = None, STAT_RING: gl.constexpr = False,
+    FOLD: gl.constexpr = False, stat_mul=1.0,
 ):
     """Warp-specialised backward, same arguments and semantics as :func:`attn_bwd` (grid
     ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``), and a worker warpgroup (4 more warps,
@@ -798,8 +860,10 @@ def attn_bwd_ws(
         p_smem = gl.allocate_shared_memory(dtype, [NT, BLOCK_M, KEYS], ps_layout)
         ds_smem = gl.allocate_shared_memory(dtype, [NT, BLOCK_M, KEYS], ps_layout)
     dq_smem = gl.allocate_shared_memory(gl.float32, [NT, BLOCK_M if ATOMIC_DQ else 8, BLOCK_D], dq_slayout)
-    # SWAP: lse / delta rows staged for the compute partitions (two slots of two rows each)
-    st_smem = gl.allocate_shared_memory(gl.float32, [4 * NT if SWAP else 1, BLOCK_M],
+    # SWAP: lse / delta rows staged for the compute partitions (two slots of two rows each), or
+    # (STAT_RING) two rows per ring slot, filled by the worker
+    ST_ROWS: gl.constexpr = 2 * NUM_STAGES if STAT_RING else (4 * NT if SWAP else 1)
+    st_smem = gl.allocate_shared_memory(gl.float32, [ST_ROWS, BLOCK_M],
                                         gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ld_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -810,9 +874,11 @@ def attn_bwd_ws(
     mbarrier.init(dq_full, count=NT)  # one arrival per compute partition
     mbarrier.init(dq_empty, count=1)
     for st in gl.static_range(NUM_STAGES):
-        mbarrier.init(ld_full.index(st), count=1)
+        mbarrier.init(ld_full.index(st), count=2 if STAT_RING else 1)  # (the TMA's expect, the stats' arrival)
         mbarrier.init(ld_empty.index(st), count=NT)
 
+    gl.static_assert(not STAT_RING or (SWAP and not SPLIT), "stat_ring / fold: the ws kernel with swap")
+    gl.static_assert(not FOLD or (STAT_RING and not HAS_SOFTCAP), "fold: with stat_ring, without softcap")
     if LIST_SUBS:
         gl.static_assert(SWAP and not SPLIT and not LPT and not IS_VARLEN,
                          "block-list mode: the SWAP ws kernel, dense calls, grid (key blocks, heads, batch)")
@@ -857,7 +923,8 @@ def attn_bwd_ws(
                               kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
                               mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
                               BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 2, dq_desc, DQ_TMA,
-                              BL_IDX, LIST_SUBS)),
+                              BL_IDX, LIST_SUBS, LSE, DELTA, st_smem, seqlen_q, stride_lb, stride_lh, stat_mul,
+                              False, False)),
         ], [4, 4], [COMPUTE_REGS, WORKER_REGS])
     else:
         gl.warp_specialize([
@@ -867,10 +934,12 @@ def attn_bwd_ws(
                                total, seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
                                qk_scale, cap_out, sm_scale, window_left, window_right,
                                0, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                               ATOMIC_DQ, DEFER_DK, SWAP, DQ_TMA, BL_IDX, MA0, MA1, MA2, LIST_SUBS, MASK_MOD)),
+                               ATOMIC_DQ, DEFER_DK, SWAP, DQ_TMA, BL_IDX, MA0, MA1, MA2, LIST_SUBS, MASK_MOD,
+                               STAT_RING, FOLD)),
             (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
                               kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
                               mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
                               BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 1, dq_desc, DQ_TMA,
-                              BL_IDX, LIST_SUBS)),
+                              BL_IDX, LIST_SUBS, LSE, DELTA, st_smem, seqlen_q, stride_lb, stride_lh, stat_mul,
+                              STAT_RING, FOLD)),
         ], [4], [WORKER_REGS])

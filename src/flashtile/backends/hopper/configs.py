@@ -270,6 +270,15 @@ class HopperBwdConfig:
     #: grid (heads, batch, key blocks) instead of (key blocks, heads, batch) for causal calls
     #: (longest-first: a key block's work falls with its index there); 0: never, 1: causal calls
     lpt: int = 0
+    #: ws with swap: the worker loads each ring slot's lse and delta rows into shared memory beside
+    #: its Q / dO tiles (they complete the slot's barrier), instead of the compute warps loading the
+    #: next block's from global memory and staging them (a global load on their path each iteration)
+    stat_ring: int = 0
+    #: ws with stat_ring: the score accumulators start from the stats instead of zero (``S^T`` from
+    #: ``-lse / scale``, ``dP^T`` from ``-delta``), so ``P = exp2(scale * acc)`` and ``dS = P * acc``;
+    #: the stats are read before the wgmmas are issued, not after their wait. Calls with softcap (or a
+    #: zero scale) keep the plain form
+    fold: int = 0
 
     def chunk(self, headdim: int) -> int:
         """Columns of dQ computed and added at once (``dq_chunk``; 0: the whole tile)."""
@@ -282,8 +291,8 @@ class HopperBwdConfig:
             split = self.kernel == "ws2"
             return dict(WORKER_REGS=self.worker_regs, RED_ROWS=self.red_rows, SPLIT=split,
                         DEFER_DK=bool(self.defer_dk) and not split, COMPUTE_REGS=self.compute_regs,
-                        SWAP=bool(self.swap), DQ_TMA=bool(self.dq_tma),
-                        num_warps=4 if split else self.num_warps)  # fmt: skip
+                        SWAP=bool(self.swap), DQ_TMA=bool(self.dq_tma), STAT_RING=bool(self.stat_ring),
+                        FOLD=bool(self.fold), num_warps=4 if split else self.num_warps)  # fmt: skip
         return dict(DQ_CHUNK=self.chunk(headdim), RED_VEC=self.red_vec, num_warps=self.num_warps)
 
 
@@ -338,7 +347,8 @@ def bwd_smem_bytes(cfg: HopperBwdConfig, headdim: int, elem_bytes: int = 2) -> i
         red = 4 * cfg.block_m * cfg.chunk(headdim) if cfg.red_vec == 4 else 0  # layout conversion scratch
     ps = 1 if cfg.kernel in ("ws", "ws2") and cfg.swap else 2  # P and dS, or dS^T only
     tiles = 2 * cfg.block_n * d + 2 * cfg.num_stages * cfg.block_m * d + ps * cfg.block_n * cfg.block_m
-    return elem_bytes * tiles + red
+    stats = 4 * 2 * cfg.num_stages * cfg.block_m if cfg.stat_ring else 0  # fp32 lse and delta rows per slot
+    return elem_bytes * tiles + red + stats
 
 
 def bwd_accumulator_regs(cfg: HopperBwdConfig, headdim: int) -> int:
@@ -373,7 +383,11 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
             return "swap issues dK from registers before dQ: no defer_dk"
         if cfg.swap and cfg.block_n != 128:
             return "swap gives each compute warpgroup 64 whole keys (the wgmma M): block_n = 128"
-    elif cfg.swap or cfg.dq_tma:
+        if (cfg.stat_ring or cfg.fold) and not (cfg.kernel == "ws" and cfg.swap):
+            return "stat_ring / fold are options of the ws kernel with swap"
+        if cfg.fold and not cfg.stat_ring:
+            return "fold reads the stats from the worker's ring: stat_ring = 1"
+    elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold:
         return "swap / dq_tma are options of the ws / ws2 kernels"
     if cfg.block_n not in (64, 128):
         return f"block_n (keys per program, the wgmma M of two warpgroups) must be 64 or 128, got {cfg.block_n}"
