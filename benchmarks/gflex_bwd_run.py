@@ -13,6 +13,8 @@ kernel's block-list mode) on one H200, in one run:
    * ``gluon``: ``flex_triton.launch.backward`` (the routing picks the Gluon kernel),
    * ``triton``: the same with ``FLASHTILE_FLEX_GLUON=0`` (the flex Triton passes),
    * ``gluon_api`` / ``triton_api``: the public call's backward from a saved graph (autograd),
+     through the flex kernels (``flex.BUILTIN_ROUTE`` off), and ``auto_api``: the same call as a
+     user makes it (the routing; a library causal / sliding-window mask as the built-in window),
    * ``builtin``: flashtile's built-in option for the mask (sliding: causal + window_size=(1024, 0);
      document: flash_attn_varlen_func, causal), backward from a saved graph,
    * ``flex``: FlexAttention (torch.compile'd), backward from a saved graph (d128 only; skipped
@@ -43,6 +45,7 @@ import bench_flex  # noqa: E402
 
 import flashtile  # noqa: E402
 from flashtile import create_block_mask, flex_attention, masks  # noqa: E402
+from flashtile import flex as flex_mod  # noqa: E402
 from flashtile.backends.flex_triton import launch as L  # noqa: E402
 from flashtile.backends.hopper import launch_bwd  # noqa: E402
 from flashtile.spec import make_call  # noqa: E402
@@ -190,7 +193,17 @@ def time_case(name, c, s, h, d, tflex, tcbm, deadline) -> dict:
     row["gluon_route"] = L.gluon_bwd_reason(qi, ki, call, ()) or "gluon"
     long = L._gluon_flex.long_rows(bm, "auto", d, True, None)
     row["auto_route"] = "gluon" if long and row["gluon_route"] == "gluon" else "triton"
-    for tag, val in (("gluon", "force"), ("triton", "0")):
+    for tag, val in (("gluon", "force"), ("triton", "0"), ("auto", None)):
+        if tag == "auto":  # what a user gets: the routing, and a library causal / sliding mask as the built-in
+            flex_mod.BUILTIN_ROUTE = True
+            try:
+                o = flex_attention(q, k, v, block_mask=bm)
+                go = dout.transpose(1, 2)
+                _both(row, "auto_api", lambda o=o, go=go: torch.autograd.grad(o, (q, k, v), go, retain_graph=True))
+            except Exception as e:  # noqa: BLE001
+                row["auto_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        flex_mod.BUILTIN_ROUTE = False  # the forced kernels themselves
         with env(ENV, val):
             try:
                 _both(row, tag, lambda: L.backward(dout, qi, ki, vi, out, lse, call, ()))
@@ -236,6 +249,7 @@ def main():
     t0 = time.perf_counter()
     if not args.skip_check:
         os.environ[ENV] = "force"  # small shapes: the Gluon kernel whatever the row-length rule says
+        flex_mod.BUILTIN_ROUTE = False  # causal / sliding masks through the flex kernels too
         for case in CHECKS:
             try:
                 check(*case)
@@ -285,7 +299,7 @@ def main():
         print(f"{'case':12} {'d':>3} {'gluon':>8} {'triton':>8} {'g_api':>8} {'t_api':>8} {'builtin':>8} {'flex':>8} "
               f"{'flex/auto':>10} {'auto/bi':>8}")  # fmt: skip
         for r in rows:
-            auto = r.get(("gluon_api" if r["auto_route"] == "gluon" else "triton_api") + sfx)
+            auto = r.get("auto_api" + sfx)  # the public call as a user makes it (routing, built-in twins)
             fl, bi = r.get("flex" + sfx), r.get("builtin" + sfx)
             vs_flex = f"{fl / auto:10.2f}" if isinstance(auto, float) and isinstance(fl, float) else f"{'-':>10}"
             vs_bi = f"{auto / bi:8.2f}" if isinstance(auto, float) and isinstance(bi, float) else f"{'-':>8}"

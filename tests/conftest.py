@@ -183,6 +183,17 @@ def _fused_decode_merge_at_test_sizes(monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _mods_through_the_mod_machinery(monkeypatch):
+    """A library causal / sliding-window block mask runs as the built-in window by default
+    (``flex.builtin_window``); the tests keep such masks on the mod path they were written for (the
+    flex kernels and engine), and the routing has its own tests (tests/test_flex.py::test_builtin_route_*)."""
+    from flashtile import flex
+
+    monkeypatch.setattr(flex, "BUILTIN_ROUTE", False)
+    yield
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 # ----------------------------------------------------------------------------------------------

@@ -574,3 +574,79 @@ def test_per_block_mask_cache():
     for i in range(5):  # cleared when full
         cache.put(None, (i,), None, i)
     assert len(cache) <= 4
+
+
+# ----------------------------------------------------------------------------------------------
+# library masks that are a built-in window run as that option (flex.builtin_window)
+
+
+def _no_mod_path(monkeypatch):
+    """Make the mod path fail loudly: a routed call must not reach it."""
+    from flashtile import flex
+
+    def boom(*a, **k):
+        raise AssertionError("the mod path was taken")
+
+    monkeypatch.setattr(flex, "BUILTIN_ROUTE", True)
+    monkeypatch.setattr(flex, "mod_attention", boom)
+
+
+@pytest.mark.parametrize("window", [None, 0, 11])
+def test_builtin_route_sliding_and_causal(monkeypatch, window):
+    """``masks.causal`` / ``masks.sliding_window(w)`` block masks with seqlen_q == seqlen_k: the built-in
+    window's result exactly, and the oracle's, forward and backward; the mod path is not taken."""
+    _no_mod_path(monkeypatch)
+    s, h = 70, 4
+    mm = masks.causal if window is None else masks.sliding_window(window)
+    bm = create_block_mask(mm, None, None, s, s, device=DEV, BLOCK_SIZE=16)
+    dense = mask_from_mod(mm, 2, None, s, s, DEV)
+    q, k, v = qkv_inputs(2, s, s, h, 2, 16, torch.float32, DEV)
+    left = -1 if window is None else window
+    got = flash_attn_func(q, k, v, block_mask=bm)
+    ref = flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
+    assert torch.equal(got, ref)
+
+    def fn(q, k, v):
+        out, lse, _ = flash_attn_func(q, k, v, block_mask=bm, return_attn_probs=True)
+        return out, lse
+
+    def oracle(q, k, v, upcast):
+        return attention_ref(q, k, v, mask=dense, upcast=upcast)
+
+    compare_with_oracle(fn, oracle, (q, k, v))
+    # flex_attention's layout, and a call window intersected with the mask's
+    qf, kf, vf = (x.transpose(1, 2) for x in (q, k, v))
+    torch.testing.assert_close(flex_attention(qf, kf, vf, block_mask=bm, enable_gqa=True).transpose(1, 2), ref)
+    both = flash_attn_func(q, k, v, block_mask=bm, window_size=(5, 3))
+    torch.testing.assert_close(both, flash_attn_func(q, k, v, window_size=(5 if left < 0 else min(5, left), 0)))
+
+
+def test_builtin_route_only_where_it_is_the_same(monkeypatch):
+    """Not routed (the mod path runs, and agrees with the oracle): seqlen_q != seqlen_k (the mask is
+    top-left aligned, the window bottom-right), with a score_mod, for a block mask not built by
+    create_block_mask, and for other library masks."""
+    from flashtile import flex
+
+    monkeypatch.setattr(flex, "BUILTIN_ROUTE", True)
+    taken = []
+    real = flex.mod_attention
+    monkeypatch.setattr(flex, "mod_attention", lambda *a, **k: taken.append(1) or real(*a, **k))
+    q, k, v = qkv_inputs(1, 40, 56, 2, 2, 16, torch.float32, DEV)
+    mm = masks.sliding_window(9)
+    bm = create_block_mask(mm, None, None, 40, 56, device=DEV, BLOCK_SIZE=16)
+    out = flash_attn_func(q, k, v, block_mask=bm)
+    ref = attention_ref(q, k, v, mask=mask_from_mod(mm, 1, None, 40, 56, DEV))[0]
+    torch.testing.assert_close(out, ref.to(out.dtype), atol=1e-5, rtol=1e-5)
+    assert len(taken) == 1
+    q, k, v = qkv_inputs(1, 40, 40, 2, 2, 16, torch.float32, DEV)
+    bm = create_block_mask(masks.causal, None, None, 40, 40, device=DEV, BLOCK_SIZE=16)
+    flash_attn_func(q, k, v, block_mask=bm, score_mod=masks.softcap(3.0))
+    assert len(taken) == 2
+    lists = flex.BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, BLOCK_SIZE=16, mask_mod=masks.causal,
+                                          seq_lengths=(40, 40))  # fmt: skip
+    flash_attn_func(q, k, v, block_mask=lists)
+    assert len(taken) == 3
+    flash_attn_func(q, k, v, block_mask=create_block_mask(masks.chunked(8), None, None, 40, 40, device=DEV))
+    assert len(taken) == 4
+    flash_attn_func(q, k, v, block_mask=bm.to(DEV))  # a copy keeps its provenance: routed
+    assert len(taken) == 4

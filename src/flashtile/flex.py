@@ -173,6 +173,7 @@ class BlockMask:
         BLOCK_SIZE: tuple[int, int],
         mask_mod: Callable | None,
         seq_lengths: tuple[int, int],
+        exact: bool = False,
     ) -> None:
         self.kv_num_blocks, self.kv_indices = kv_num_blocks, kv_indices
         self.full_kv_num_blocks, self.full_kv_indices = full_kv_num_blocks, full_kv_indices
@@ -181,6 +182,9 @@ class BlockMask:
         self.BLOCK_SIZE = (int(BLOCK_SIZE[0]), int(BLOCK_SIZE[1]))
         self.mask_mod = mask_mod
         self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
+        #: the block lists are ``mask_mod``'s, evaluated everywhere (:func:`create_block_mask`): a
+        #: library mask with a built-in twin may then run as that option (:func:`builtin_window`)
+        self.exact = bool(exact)
 
     @classmethod
     def from_kv_blocks(
@@ -203,7 +207,7 @@ class BlockMask:
         return cls._from_states(partial, full, bs, mask_mod, seq_lengths)
 
     @classmethod
-    def _from_states(cls, partial, full, bs, mask_mod, seq_lengths) -> BlockMask:
+    def _from_states(cls, partial, full, bs, mask_mod, seq_lengths, exact: bool = False) -> BlockMask:
         kn, ki = _first(partial)
         qn, qi = _first(partial.transpose(-1, -2))
         if full is None:
@@ -211,7 +215,7 @@ class BlockMask:
         else:
             fkn, fki = _first(full)
             fqn, fqi = _first(full.transpose(-1, -2))
-        return cls(kn, ki, fkn, fki, qn, qi, fqn, fqi, bs, mask_mod, seq_lengths)
+        return cls(kn, ki, fkn, fki, qn, qi, fqn, fqi, bs, mask_mod, seq_lengths, exact)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -344,7 +348,8 @@ def create_block_mask(
             partial[:, :, qb0:qb1] = anyv & ~allv
         else:
             partial[:, :, qb0:qb1] = anyv
-    return BlockMask._from_states(partial, full if separate_full_blocks else None, bs, mask_mod, (Q_LEN, KV_LEN))
+    return BlockMask._from_states(partial, full if separate_full_blocks else None, bs, mask_mod, (Q_LEN, KV_LEN),
+                                  exact=True)
 
 
 def check_block_mask(block_mask: Any, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, device) -> None:
@@ -367,6 +372,32 @@ def check_block_mask(block_mask: Any, batch: int, nheads: int, seqlen_q: int, se
     bdev, dev = block_mask.kv_num_blocks.device, torch.device(device)
     if bdev.type != dev.type or None not in (bdev.index, dev.index) and bdev.index != dev.index:
         raise ValueError(f"block_mask must be on q's device ({device}), got {block_mask.kv_num_blocks.device}")
+
+
+#: Whether calls whose mods are a built-in window run as that option (:func:`builtin_window`); off:
+#: through the mod machinery like any other mask (benchmarks of the flex kernels, tests of it)
+BUILTIN_ROUTE = True
+#: library mask_mods (:mod:`flashtile.masks`, by their Triton twin's name) that are a built-in window:
+#: name -> the window's left extent from the twin's scalar argument (-1: unbounded); right is 0
+_BUILTIN_WINDOWS = {"causal": lambda a2: -1, "sliding_window": lambda a2: int(a2)}
+
+
+def builtin_window(score_mod: Any, block_mask: Any, seqlen_q: int, seqlen_k: int, varlen: bool) -> int | None:
+    """The left extent of the built-in causal window (``window_size=(left, 0)``, -1 unbounded) that
+    computes the same thing as this call's mods, or None. Only for a block mask that
+    :func:`create_block_mask` built from :func:`flashtile.masks.causal` or
+    :func:`flashtile.masks.sliding_window` (``exact``), no score_mod, a dense call with ``seqlen_q ==
+    seqlen_k`` (FlexAttention aligns the mask to the top-left corner, flash-attn's window to the
+    bottom-right: the same then). Such calls run the built-in kernels, whose window skips blocks
+    without block lists and masks without a mask_mod call."""
+    if not BUILTIN_ROUTE or score_mod is not None or varlen or seqlen_q != seqlen_k:
+        return None
+    if not getattr(block_mask, "exact", False):
+        return None
+    twin = getattr(block_mask.mask_mod, "_flashtile_triton", None)
+    if twin is None or twin[0] not in _BUILTIN_WINDOWS:
+        return None
+    return _BUILTIN_WINDOWS[twin[0]](twin[1][2])
 
 
 def check_mods(score_mod: Any, block_mask: Any, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, device) -> None:

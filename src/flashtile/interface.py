@@ -239,13 +239,17 @@ def _run(
                                   v_descale=v_descale)  # fmt: skip
     mods = {}
     if score_mod is not None or block_mask is not None:
-        from .flex import check_mods
+        from .flex import builtin_window, check_mods
 
         sq, sk = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
         check_mods(score_mod, block_mask, batch, q.shape[-2], sq, sk, q.device)
-        mods = dict(score_mod=score_mod, block_mask=block_mask)
+        left = builtin_window(score_mod, block_mask, sq, sk, varlen)
+        mods = {} if left is not None else dict(score_mod=score_mod, block_mask=block_mask)
     call = make_call(headdim=q.shape[-1], alibi_slopes=alibi, learnable_sink=sink, **lens, **descales, **mods,
                      **options)  # fmt: skip
+    if block_mask is not None and not mods:  # a library causal / sliding-window block mask: the built-in window
+        wl = left if call.window_left < 0 else call.window_left if left < 0 else min(left, call.window_left)
+        call = dataclasses.replace(call, window_left=wl, window_right=0)
     if call.dropout_p > 0:
         call = dataclasses.replace(call, seed=draw_seed(q.device))
     backend = dispatch.choose_for(q4, k4, call, v=v4)
