@@ -594,12 +594,16 @@ def test_flat_merge_equals_chunked_and_merge_kernel(monkeypatch, b, splits, chun
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_split_decode_graph_and_streams_gpu(monkeypatch):
-    """A split decode (its pieces merged in the kernel) captured in CUDA graphs -- the first with
-    the spare counters the eager calls left, the second with counters zeroed in the graph --
-    replays bitwise equal to the eager calls, interleaved with eager calls on this and another
-    stream (whose kept counters must stay zero); the fused and separate merges agree."""
+@pytest.mark.parametrize("flat", [False, True], ids=["chunked", "flat"])
+def test_split_decode_graph_and_streams_gpu(monkeypatch, flat):
+    """A split decode (its pieces merged in the kernel, in either form of ``FLAT_MERGE``) captured
+    in CUDA graphs -- the first with the spare counters the eager calls left, the second with
+    counters zeroed in the graph -- replays bitwise equal to the eager calls, interleaved with eager
+    calls on this and another stream (whose kept counters must stay zero); the fused and separate
+    merges agree."""
     from flashtile.backends.triton import launch, launch_decode
+
+    monkeypatch.setattr(launch_decode, "FLAT_MERGE", flat)
 
     g = torch.Generator(device="cpu").manual_seed(47)
     b, s, h, hk, d = 2, 8192, 32, 8, 128
@@ -614,6 +618,7 @@ def test_split_decode_graph_and_streams_gpu(monkeypatch):
         monkeypatch.setattr(launch_decode, "FUSED_MERGE", fused)
         launch.clear_plans()
         launch_decode._SPARE.clear()
+        launch_decode._SCRATCH.clear()  # (so that the first fused call makes its counters, and a spare)
         refs[fused] = [call() for _ in range(4)]
         for o, lse in refs[fused][1:]:
             assert torch.equal(o, refs[fused][0][0]) and torch.equal(lse, refs[fused][0][1])
