@@ -27,7 +27,9 @@ Then the timings per batch size (bf16, 1 query, 8k cache, h32/8, d128; wall us p
 ``--calls`` calls between two synchronisations, median (min-max) of ``--repeats`` loops, the modes'
 runs interleaved): eager with an int length (bench_lean's row) in the three merge modes and SDPA
 cuDNN; CUDA-graph replay in the three modes (spare counters) and of SDPA cuDNN; the device time of
-the kernels per call (torch.profiler: the decode kernel, the merge kernel, all). Full table, then a
+the kernels per call (torch.profiler: the decode kernel, the merge kernel, all), also of a probe:
+the in-kernel counting (fence, atomic, counter reset) without the merge (``_MERGE_SYNC_ONLY``; its
+result is not one), which splits the in-kernel merge's cost into the synchronisation and the merge. Full table, then a
 short one (one line per batch) last; JSON under ``$OUT`` (else benchmarks/results/).
 """
 
@@ -64,6 +66,7 @@ def _set(fused: bool | None = None, spare: bool = True, flat: bool = False) -> N
     if fused is not None:
         launch_decode.FUSED_MERGE = fused
         launch_decode.FLAT_MERGE = flat
+        launch_decode._MERGE_SYNC_ONLY = False
         launch_decode.FUSE_MIN_GROUPS = 1  # the A/B of the merges at every size (the default: >= 64 groups)
     launch_decode._SPARE.clear()
     launch_decode._SPARE_MAX = 256 if spare else 0
@@ -368,6 +371,18 @@ def _time_batch(b: int, calls: int, repeats: int) -> list[dict]:
         us = None if dev is None else (dev["all"],) * 3
         rows.append(dict(batch=b, kind="device", mode=m, call=f"{tag} device time per call: {m}", us=us,
                          parts=dev))  # fmt: skip
+    # the probe: the in-kernel counting (fence, atomic, reset) without the merge (a wrong result, timed only)
+    _mode("flat")
+    from flashtile.backends.triton import launch, launch_decode
+
+    launch_decode._MERGE_SYNC_ONLY = True
+    launch.clear_plans()
+    dev = _device_us(ft_int)
+    launch_decode._MERGE_SYNC_ONLY = False
+    launch.clear_plans()
+    if dev is not None:
+        rows.append(dict(batch=b, kind="device", mode="sync only", call=f"{tag} device time per call: the in-kernel "
+                         "counting alone (probe, no merge)", us=(dev["all"],) * 3, parts=dev))  # fmt: skip
     dev = _device_us(sd(SDPBackend.CUDNN_ATTENTION)) if "SDPA cuDNN" in fns else None
     if dev is not None:
         rows.append(dict(batch=b, kind="device", mode="SDPA cuDNN", call=f"{tag} device time per call: SDPA cuDNN",
@@ -381,6 +396,7 @@ def summary(rows: list[dict]) -> list[str]:
     """One line per batch: eager / graph / device medians per mode, and the in-kernel forms' device
     time against the merge kernel's (negative: the one launch is faster on the device)."""
     cols = [(k, m) for k in ("eager", "graph", "device") for m in (*MODES, "SDPA cuDNN")]
+    cols.insert(cols.index(("device", "SDPA cuDNN")), ("device", "sync only"))
     head = "| b | groups | " + " | ".join(f"{k} {m}" for k, m in cols) + " | flat - kernel dev | chunked - kernel dev |"
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for b in sorted({r["batch"] for r in rows}):

@@ -1,7 +1,8 @@
 """Compile the split decode kernel for sm_90 as the launcher specialises it for a bf16 decode over an
-8k dense cache, h32/8, d128 (BLOCK_N 128, 8 warps, 3 stages), in its three forms: pieces merged by
-the separate kernel (no ``MERGE``), merged in the kernel in chunks (``FLAT_MERGE`` False) and merged
-flat (``FLAT_MERGE`` True); at b1 (16 pieces, one chunk of 16) and b8 (2 pieces).
+8k dense cache, h32/8, d128 (BLOCK_N 128, 8 warps, 3 stages): pieces merged by the separate kernel
+(no ``MERGE``), merged in the kernel in chunks (``FLAT_MERGE`` False), merged flat (``FLAT_MERGE``
+True), and the counting alone (``_MERGE_SYNC_ONLY``, a probe); at b1 (16 pieces, one chunk of 16)
+and b8 (2 pieces).
 
 Run with a Python that has Triton 3.6 (the device's version)::
 
@@ -38,7 +39,8 @@ def occupancy(regs: int, smem: int, warps: int) -> tuple[int, int, int]:
 
 def build(batch: int, merge: str, warps: int = 8, stages: int = 3):
     """(compiled kernel, ptxas report, SASS) of ``_decode_kernel`` for ``merge`` in ("kernel",
-    "chunked", "flat") at batch ``batch`` (b1: 16 pieces, b8: 2, as ``choose_splits`` picks them)."""
+    "chunked", "flat", "sync": the counting without the merge, a probe) at batch ``batch`` (b1: 16
+    pieces, b8: 2, as ``choose_splits`` picks them)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -65,7 +67,7 @@ def build(batch: int, merge: str, warps: int = 8, stages: int = 3):
     if fused:
         flat = merge == "flat"
         mm, chunk = merge_layout(4, 16, splits, warps, 128, flat)
-        consts.update(MERGE=True, MERGE_M=mm, SPLIT_CHUNK=chunk, MERGE_FLAT=flat)
+        consts.update(MERGE=True, MERGE_M=mm, SPLIT_CHUNK=chunk, MERGE_FLAT=flat, MERGE_SYNC_ONLY=merge == "sync")
     for p in fn.params:  # constexprs left out take their defaults, as a launch binds them
         if p.is_constexpr and p.name not in consts and p.default is not inspect.Parameter.empty:
             consts[p.name] = p.default
@@ -115,7 +117,7 @@ def main() -> int:
     print(f"{'variant':28} {'regs':>4} {'spill st/ld':>11} {'smem':>7} {'CTAs/SM regs/smem/thr':>22}  "
           f"{'main loop':>9}  merging path")  # fmt: skip
     for batch in (1, 8):
-        for merge in ("kernel", "chunked", "flat"):
+        for merge in ("kernel", "chunked", "flat", "sync"):
             k, rep, sass, chunk = build(batch, merge)
             regs, spill = regs_and_spills(rep)
             occ = occupancy(regs, k.metadata.shared, 8)

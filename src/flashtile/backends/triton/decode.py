@@ -94,7 +94,7 @@ def _decode_kernel(
     ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, ROT_ALONG: tl.constexpr,
     SINK=None, HAS_SINK: tl.constexpr = False, HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
     MERGE: tl.constexpr = False, MERGE_M: tl.constexpr = 2, SPLIT_CHUNK: tl.constexpr = 1,
-    MERGE_FLAT: tl.constexpr = False,
+    MERGE_FLAT: tl.constexpr = False, MERGE_SYNC_ONLY: tl.constexpr = False,
 ):  # fmt: skip
     """One (batch row, KV head, key piece, block of packed query rows): the piece's (out, lse).
     ``HEAD_DIM_V`` / ``BLOCK_DV``: v's (and out's) head dim and block when it differs (0: the same).
@@ -104,7 +104,8 @@ def _decode_kernel(
     (batch row, KV head, row block) group to finish (see :func:`_merge_pieces`), into ``OUT``
     (B, Sq, H, Dv) and ``LSE_OUT`` (B, H, Sq) (strides ``stride_u*`` / ``stride_m*``), counted in
     the int32 ``CNT`` (one per group, zero before the launch and left zero after it); ``MERGE_FLAT``:
-    the merge's form (see :func:`_merge_pieces`).
+    the merge's form (see :func:`_merge_pieces`); ``MERGE_SYNC_ONLY``: a benchmark's probe, the
+    counting and the counter reset without the merge (OUT / LSE_OUT not written: a wrong result).
     ``ROT_DIM`` > 0: q is rotated on load to position ``seqlens`` (+ its index when ``ROT_ALONG``),
     flash-attn's (the cache index of the first new token, leftpad included), with the
     (n_ro, ROT_DIM / 2) tables COS / SIN."""
@@ -222,7 +223,7 @@ def _decode_kernel(
         _merge_pieces(O, LSE, OUT, LSE_OUT, CNT, SINK, b, kh, pid_bh, pid_m,
                       stride_os, stride_ob, stride_oq, stride_oh, stride_ls, stride_lb, stride_lh,
                       stride_ub, stride_uq, stride_uh, stride_mb, stride_mh, seqlen_q, G,
-                      HD_V, BDV, BLOCK_M, HAS_SINK, MERGE_M, SPLIT_CHUNK, MERGE_FLAT)  # fmt: skip
+                      HD_V, BDV, BLOCK_M, HAS_SINK, MERGE_M, SPLIT_CHUNK, MERGE_FLAT, MERGE_SYNC_ONLY)  # fmt: skip
 
 
 @triton.jit
@@ -230,7 +231,8 @@ def _merge_pieces(O, LSE, OUT, LSE_OUT, CNT, SINK, b, kh, pid_bh, pid_m,
                   stride_os, stride_ob, stride_oq, stride_oh, stride_ls, stride_lb, stride_lh,
                   stride_ub, stride_uq, stride_uh, stride_mb, stride_mh, seqlen_q, G,
                   HD_V: tl.constexpr, BDV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SINK: tl.constexpr,
-                  MERGE_M: tl.constexpr, SPLIT_CHUNK: tl.constexpr, MERGE_FLAT: tl.constexpr = False):  # fmt: skip
+                  MERGE_M: tl.constexpr, SPLIT_CHUNK: tl.constexpr, MERGE_FLAT: tl.constexpr = False,
+                  MERGE_SYNC_ONLY: tl.constexpr = False):  # fmt: skip
     """The end of a split :func:`_decode_kernel` program with ``MERGE``: count this piece as done
     in its group's counter; the program that completes the group (whichever split it is) merges
     every piece of the group's rows by log-sum-exp into OUT / LSE_OUT (the rule of
@@ -251,35 +253,36 @@ def _merge_pieces(O, LSE, OUT, LSE_OUT, CNT, SINK, b, kh, pid_bh, pid_m,
     ticket = tl.atomic_add(CNT + pid_bh * tl.num_programs(2) + pid_m, 1, sem="acq_rel", scope="gpu")
     if ticket == n_split - 1:
         tl.store(CNT + pid_bh * tl.num_programs(2) + pid_m, 0)
-        rows = pid_m * BLOCK_M + tl.arange(0, MERGE_M)  # (MERGE_M covers the block's real rows)
-        row_ok = rows < seqlen_q * G
-        t = rows // G
-        head = kh * G + rows % G
-        offs_dv = tl.arange(0, BDV)
-        l_row = b * stride_lb + head * stride_lh + t  # (MERGE_M,)
-        o_row = b * stride_ob + t * stride_oq + head * stride_oh  # (MERGE_M,)
-        d_ok = offs_dv < HD_V
-        if MERGE_FLAT:
-            acc, tot, m = _merge_flat(O, LSE, l_row, o_row, offs_dv, row_ok, d_ok, n_split, stride_os, stride_ls,
-                                      MERGE_M, BDV, SPLIT_CHUNK)  # fmt: skip
-        else:
-            acc, tot, m = _merge_chunked(O, LSE, l_row, o_row, offs_dv, row_ok, d_ok, n_split, stride_os, stride_ls,
-                                         MERGE_M, BDV, SPLIT_CHUNK)  # fmt: skip
-        if HAS_SINK:
-            sink = tl.load(SINK + head)
-            m_new = tl.maximum(m, sink)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_use)
-            tot = tot * alpha + tl.exp(sink - m_use)
-            acc = acc * alpha[:, None]
-            m = m_new
-        m_use = tl.where(m == float("-inf"), 0.0, m)
-        tot_safe = tl.where(tot == 0.0, 1.0, tot)  # (no key anywhere: out 0, lse -inf)
-        lse_fin = tl.where(tot == 0.0, float("-inf"), m_use + tl.log(tot_safe))
-        u_ptr = OUT + b * stride_ub + t[:, None] * stride_uq + head[:, None] * stride_uh + offs_dv[None, :]
-        m_off = b * stride_mb + head * stride_mh + t
-        tl.store(u_ptr, (acc / tot_safe[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(LSE_OUT + m_off, lse_fin, mask=row_ok)
+        if not MERGE_SYNC_ONLY:
+            rows = pid_m * BLOCK_M + tl.arange(0, MERGE_M)  # (MERGE_M covers the block's real rows)
+            row_ok = rows < seqlen_q * G
+            t = rows // G
+            head = kh * G + rows % G
+            offs_dv = tl.arange(0, BDV)
+            l_row = b * stride_lb + head * stride_lh + t  # (MERGE_M,)
+            o_row = b * stride_ob + t * stride_oq + head * stride_oh  # (MERGE_M,)
+            d_ok = offs_dv < HD_V
+            if MERGE_FLAT:
+                acc, tot, m = _merge_flat(O, LSE, l_row, o_row, offs_dv, row_ok, d_ok, n_split, stride_os, stride_ls,
+                                          MERGE_M, BDV, SPLIT_CHUNK)  # fmt: skip
+            else:
+                acc, tot, m = _merge_chunked(O, LSE, l_row, o_row, offs_dv, row_ok, d_ok, n_split, stride_os, stride_ls,
+                                             MERGE_M, BDV, SPLIT_CHUNK)  # fmt: skip
+            if HAS_SINK:
+                sink = tl.load(SINK + head)
+                m_new = tl.maximum(m, sink)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m - m_use)
+                tot = tot * alpha + tl.exp(sink - m_use)
+                acc = acc * alpha[:, None]
+                m = m_new
+            m_use = tl.where(m == float("-inf"), 0.0, m)
+            tot_safe = tl.where(tot == 0.0, 1.0, tot)  # (no key anywhere: out 0, lse -inf)
+            lse_fin = tl.where(tot == 0.0, float("-inf"), m_use + tl.log(tot_safe))
+            u_ptr = OUT + b * stride_ub + t[:, None] * stride_uq + head[:, None] * stride_uh + offs_dv[None, :]
+            m_off = b * stride_mb + head * stride_mh + t
+            tl.store(u_ptr, (acc / tot_safe[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(LSE_OUT + m_off, lse_fin, mask=row_ok)
 
 
 @triton.jit

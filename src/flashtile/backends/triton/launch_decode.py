@@ -174,6 +174,9 @@ FUSE_MIN_GROUPS = 64
 #: to fp32 rounding but not bitwise equal to each other (another summation order). Read when a launch
 #: is planned: call ``launch.clear_plans()`` after changing it.
 FLAT_MERGE = False
+#: A benchmark's probe (benchmarks/decode_one_launch.py), never for results: the in-kernel merge's
+#: counting (fence, atomic, counter reset) without the merge itself, OUT / LSE_OUT left unwritten.
+_MERGE_SYNC_ONLY = False
 #: Zeroed counters made outside any capture, one per (device, count) at most, each taken by the
 #: next capture that needs such counters (a graph keeps them for good: see :func:`counters`).
 _SPARE: dict[tuple, torch.Tensor] = {}
@@ -499,7 +502,8 @@ def decode(
             UPCAST=upcast(q.dtype), KV_MODE=kv_mode,
             ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved, ROT_ALONG=rotary_along,
             **(sink if splits == 1 or fuse else {}), HEAD_DIM_V=Dv, BLOCK_DV=bdv,
-            **(dict(MERGE=True, MERGE_M=merge_m, SPLIT_CHUNK=split_chunk, MERGE_FLAT=flat) if fuse else {}),
+            **(dict(MERGE=True, MERGE_M=merge_m, SPLIT_CHUNK=split_chunk, MERGE_FLAT=flat,
+                    **({"MERGE_SYNC_ONLY": True} if _MERGE_SYNC_ONLY else {})) if fuse else {}),
             num_warps=num_warps, num_stages=num_stages,
         ),
     )  # fmt: skip
