@@ -101,6 +101,7 @@ def main() -> int:
                        SINK="*fp32" if sink else None)  # fmt: skip
             c = dict(c, BLOCK_N=128, MERGE=True, MERGE_M=4, SPLIT_CHUNK=16 * 128 // bdv)
             ok &= _compile(f"decode merged {tag}", decode._decode_kernel, ptr, c, 8)
+            ok &= _compile(f"decode merged flat {tag}", decode._decode_kernel, ptr, dict(c, MERGE_FLAT=True), 8)
             ptr = dict(O="*fp32", LSE="*fp32", OUT=f"*{dt}", LSE_OUT="*fp32", SINK="*fp32" if sink else None)
             c = dict(HEAD_DIM=dv, BLOCK_S=4, BLOCK_D=bdv, HAS_SINK=sink)
             ok &= _compile(f"merge {tag}", decode._merge_kernel, ptr, c, 4)

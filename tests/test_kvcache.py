@@ -488,12 +488,16 @@ _TRITON_DECODE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET")
 
 
 @pytest.mark.skipif(not _TRITON_DECODE, reason="the Triton decode kernel: a CUDA device or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("flat", [False, True], ids=["chunked", "flat"])
 @pytest.mark.parametrize("case", ["gqa", "sink", "two_row_blocks", "paged", "window_vdim"])
-def test_fused_merge_equals_merge_kernel(monkeypatch, case):
+def test_fused_merge_equals_merge_kernel(monkeypatch, case, flat):
     """Split pieces merged inside the decode kernel (by the last program of each group to finish,
-    in chunks of pieces) equal the separate merge kernel's result and the oracle; repeated calls
-    are bitwise equal and leave every group counter at zero."""
+    in chunks of pieces; both forms of ``launch_decode.FLAT_MERGE``) equal the separate merge
+    kernel's result and the oracle; repeated calls are bitwise equal and leave every group counter
+    at zero."""
     from flashtile.backends.triton import launch, launch_decode
+
+    monkeypatch.setattr(launch_decode, "FLAT_MERGE", flat)
 
     b, sq, h, hk, d, dv, cap, splits = 2, 1, 8, 2, 16, 16, 96, 7
     opts = dict(causal=True)
@@ -546,13 +550,60 @@ def test_fused_merge_equals_merge_kernel(monkeypatch, case):
         torch.testing.assert_close(lse[i : i + 1], ref_lse, atol=ATOL, rtol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_split_decode_graph_and_streams_gpu(monkeypatch):
-    """A split decode (its pieces merged in the kernel) captured in CUDA graphs -- the first with
-    the spare counters the eager calls left, the second with counters zeroed in the graph --
-    replays bitwise equal to the eager calls, interleaved with eager calls on this and another
-    stream (whose kept counters must stay zero); the fused and separate merges agree."""
+@pytest.mark.skipif(not _TRITON_DECODE, reason="the Triton decode kernel: a CUDA device or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("b, splits, chunk", [(1, 16, 16), (1, 5, 2), (2, 3, 4), (3, 9, 4), (4, 2, 2)])
+def test_flat_merge_equals_chunked_and_merge_kernel(monkeypatch, b, splits, chunk):
+    """The flat in-kernel merge (``FLAT_MERGE``: one tile per piece, unrolled, combined
+    elementwise) over several batches, piece counts and chunk sizes (the last chunk partly empty,
+    rows of different lengths, one of a single key): equal to the chunked in-kernel merge and to
+    the separate merge kernel within fp32 rounding, its repeated calls bitwise equal, the counters
+    left zero."""
     from flashtile.backends.triton import launch, launch_decode
+
+    h, hk, d, cap = 8, 2, 16, 96
+    g = torch.Generator(device="cpu").manual_seed(100 + 7 * b + splits)
+    q = torch.randn(b, 1, h, d, generator=g).to(DEV)
+    kc = torch.randn(b, cap, hk, d, generator=g).to(DEV)
+    vc = torch.randn(b, cap, hk, d, generator=g).to(DEV)
+    lens = torch.tensor([cap, 1, 50, 77][:b], dtype=torch.int32, device=DEV)
+    orig = launch_decode.merge_layout
+    monkeypatch.setattr(launch_decode, "merge_layout", lambda *a: (orig(*a)[0], chunk))
+
+    def call():
+        return flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=splits, causal=True,
+                                       return_softmax_lse=True)  # fmt: skip
+
+    got = {}
+    for mode in ("flat", "chunked", "kernel"):
+        monkeypatch.setattr(launch_decode, "FUSED_MERGE", mode != "kernel")
+        monkeypatch.setattr(launch_decode, "FLAT_MERGE", mode == "flat")
+        launch.clear_plans()
+        launch_decode._SCRATCH.clear()
+        runs = [call() for _ in range(2)]
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), mode
+        assert all(int(t.abs().sum()) == 0 for key, t in launch_decode._SCRATCH.items() if "cnt" in key), mode
+        got[mode] = runs[0]
+    for other in ("chunked", "kernel"):
+        torch.testing.assert_close(got["flat"][0], got[other][0], atol=2e-6, rtol=0)
+        torch.testing.assert_close(got["flat"][1], got[other][1], atol=2e-6, rtol=0)
+    for i in range(b):
+        n = int(lens[i])
+        ref, ref_lse = attention_ref(q[i : i + 1], kc[i : i + 1, :n], vc[i : i + 1, :n], causal=True)
+        torch.testing.assert_close(got["flat"][0][i : i + 1], ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got["flat"][1][i : i + 1], ref_lse, atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("flat", [False, True], ids=["chunked", "flat"])
+def test_split_decode_graph_and_streams_gpu(monkeypatch, flat):
+    """A split decode (its pieces merged in the kernel, in either form of ``FLAT_MERGE``) captured
+    in CUDA graphs -- the first with the spare counters the eager calls left, the second with
+    counters zeroed in the graph -- replays bitwise equal to the eager calls, interleaved with eager
+    calls on this and another stream (whose kept counters must stay zero); the fused and separate
+    merges agree."""
+    from flashtile.backends.triton import launch, launch_decode
+
+    monkeypatch.setattr(launch_decode, "FLAT_MERGE", flat)
 
     g = torch.Generator(device="cpu").manual_seed(47)
     b, s, h, hk, d = 2, 8192, 32, 8, 128
@@ -567,6 +618,7 @@ def test_split_decode_graph_and_streams_gpu(monkeypatch):
         monkeypatch.setattr(launch_decode, "FUSED_MERGE", fused)
         launch.clear_plans()
         launch_decode._SPARE.clear()
+        launch_decode._SCRATCH.clear()  # (so that the first fused call makes its counters, and a spare)
         refs[fused] = [call() for _ in range(4)]
         for o, lse in refs[fused][1:]:
             assert torch.equal(o, refs[fused][0][0]) and torch.equal(lse, refs[fused][0][1])

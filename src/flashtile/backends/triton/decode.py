@@ -94,6 +94,7 @@ def _decode_kernel(
     ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, ROT_ALONG: tl.constexpr,
     SINK=None, HAS_SINK: tl.constexpr = False, HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
     MERGE: tl.constexpr = False, MERGE_M: tl.constexpr = 2, SPLIT_CHUNK: tl.constexpr = 1,
+    MERGE_FLAT: tl.constexpr = False, MERGE_SYNC_ONLY: tl.constexpr = False,
 ):  # fmt: skip
     """One (batch row, KV head, key piece, block of packed query rows): the piece's (out, lse).
     ``HEAD_DIM_V`` / ``BLOCK_DV``: v's (and out's) head dim and block when it differs (0: the same).
@@ -102,7 +103,9 @@ def _decode_kernel(
     ``MERGE`` (more than one piece): the pieces are merged here, by the last program of each
     (batch row, KV head, row block) group to finish (see :func:`_merge_pieces`), into ``OUT``
     (B, Sq, H, Dv) and ``LSE_OUT`` (B, H, Sq) (strides ``stride_u*`` / ``stride_m*``), counted in
-    the int32 ``CNT`` (one per group, zero before the launch and left zero after it).
+    the int32 ``CNT`` (one per group, zero before the launch and left zero after it); ``MERGE_FLAT``:
+    the merge's form (see :func:`_merge_pieces`); ``MERGE_SYNC_ONLY``: a benchmark's probe, the
+    counting and the counter reset without the merge (OUT / LSE_OUT not written: a wrong result).
     ``ROT_DIM`` > 0: q is rotated on load to position ``seqlens`` (+ its index when ``ROT_ALONG``),
     flash-attn's (the cache index of the first new token, leftpad included), with the
     (n_ro, ROT_DIM / 2) tables COS / SIN."""
@@ -220,7 +223,7 @@ def _decode_kernel(
         _merge_pieces(O, LSE, OUT, LSE_OUT, CNT, SINK, b, kh, pid_bh, pid_m,
                       stride_os, stride_ob, stride_oq, stride_oh, stride_ls, stride_lb, stride_lh,
                       stride_ub, stride_uq, stride_uh, stride_mb, stride_mh, seqlen_q, G,
-                      HD_V, BDV, BLOCK_M, HAS_SINK, MERGE_M, SPLIT_CHUNK)  # fmt: skip
+                      HD_V, BDV, BLOCK_M, HAS_SINK, MERGE_M, SPLIT_CHUNK, MERGE_FLAT, MERGE_SYNC_ONLY)  # fmt: skip
 
 
 @triton.jit
@@ -228,7 +231,8 @@ def _merge_pieces(O, LSE, OUT, LSE_OUT, CNT, SINK, b, kh, pid_bh, pid_m,
                   stride_os, stride_ob, stride_oq, stride_oh, stride_ls, stride_lb, stride_lh,
                   stride_ub, stride_uq, stride_uh, stride_mb, stride_mh, seqlen_q, G,
                   HD_V: tl.constexpr, BDV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SINK: tl.constexpr,
-                  MERGE_M: tl.constexpr, SPLIT_CHUNK: tl.constexpr):  # fmt: skip
+                  MERGE_M: tl.constexpr, SPLIT_CHUNK: tl.constexpr, MERGE_FLAT: tl.constexpr = False,
+                  MERGE_SYNC_ONLY: tl.constexpr = False):  # fmt: skip
     """The end of a split :func:`_decode_kernel` program with ``MERGE``: count this piece as done
     in its group's counter; the program that completes the group (whichever split it is) merges
     every piece of the group's rows by log-sum-exp into OUT / LSE_OUT (the rule of
@@ -249,46 +253,98 @@ def _merge_pieces(O, LSE, OUT, LSE_OUT, CNT, SINK, b, kh, pid_bh, pid_m,
     ticket = tl.atomic_add(CNT + pid_bh * tl.num_programs(2) + pid_m, 1, sem="acq_rel", scope="gpu")
     if ticket == n_split - 1:
         tl.store(CNT + pid_bh * tl.num_programs(2) + pid_m, 0)
-        rows = pid_m * BLOCK_M + tl.arange(0, MERGE_M)  # (MERGE_M covers the block's real rows)
-        row_ok = rows < seqlen_q * G
-        t = rows // G
-        head = kh * G + rows % G
-        offs_dv = tl.arange(0, BDV)
-        l_row = b * stride_lb + head * stride_lh + t  # (MERGE_M,)
-        o_row = b * stride_ob + t * stride_oq + head * stride_oh  # (MERGE_M,)
-        d_ok = offs_dv < HD_V
-        m = tl.full([MERGE_M], float("-inf"), tl.float32)
-        tot = tl.zeros([MERGE_M], tl.float32)
-        acc = tl.zeros([MERGE_M, BDV], tl.float32)
-        for s0 in range(0, n_split, SPLIT_CHUNK):  # pieces in chunks, online log-sum-exp over the chunks
-            si = s0 + tl.arange(0, SPLIT_CHUNK)
-            ok2 = (si < n_split)[:, None] & row_ok[None, :]  # (chunk, rows)
-            lse = tl.load(LSE + si[:, None] * stride_ls + l_row[None, :], mask=ok2, other=float("-inf"),
-                          cache_modifier=".cg")  # fmt: skip
-            o = tl.load(O + si[:, None, None] * stride_os + o_row[None, :, None] + offs_dv[None, None, :],
-                        mask=ok2[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")  # fmt: skip
-            m_new = tl.maximum(m, tl.max(lse, 0))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_use)
-            w = tl.exp(lse - m_use[None, :])
-            tot = tot * alpha + tl.sum(w, 0)
-            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
-            m = m_new
-        if HAS_SINK:
-            sink = tl.load(SINK + head)
-            m_new = tl.maximum(m, sink)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_use)
-            tot = tot * alpha + tl.exp(sink - m_use)
-            acc = acc * alpha[:, None]
-            m = m_new
-        m_use = tl.where(m == float("-inf"), 0.0, m)
-        tot_safe = tl.where(tot == 0.0, 1.0, tot)  # (no key anywhere: out 0, lse -inf)
-        out = acc / tot_safe[:, None]
-        lse_fin = tl.where(tot == 0.0, float("-inf"), m_use + tl.log(tot_safe))
-        tl.store(OUT + b * stride_ub + t[:, None] * stride_uq + head[:, None] * stride_uh + offs_dv[None, :],
-                 out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
-        tl.store(LSE_OUT + b * stride_mb + head * stride_mh + t, lse_fin, mask=row_ok)
+        if not MERGE_SYNC_ONLY:
+            rows = pid_m * BLOCK_M + tl.arange(0, MERGE_M)  # (MERGE_M covers the block's real rows)
+            row_ok = rows < seqlen_q * G
+            t = rows // G
+            head = kh * G + rows % G
+            offs_dv = tl.arange(0, BDV)
+            l_row = b * stride_lb + head * stride_lh + t  # (MERGE_M,)
+            o_row = b * stride_ob + t * stride_oq + head * stride_oh  # (MERGE_M,)
+            d_ok = offs_dv < HD_V
+            if MERGE_FLAT:
+                acc, tot, m = _merge_flat(O, LSE, l_row, o_row, offs_dv, row_ok, d_ok, n_split, stride_os, stride_ls,
+                                          MERGE_M, BDV, SPLIT_CHUNK)  # fmt: skip
+            else:
+                acc, tot, m = _merge_chunked(O, LSE, l_row, o_row, offs_dv, row_ok, d_ok, n_split, stride_os, stride_ls,
+                                             MERGE_M, BDV, SPLIT_CHUNK)  # fmt: skip
+            if HAS_SINK:
+                sink = tl.load(SINK + head)
+                m_new = tl.maximum(m, sink)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m - m_use)
+                tot = tot * alpha + tl.exp(sink - m_use)
+                acc = acc * alpha[:, None]
+                m = m_new
+            m_use = tl.where(m == float("-inf"), 0.0, m)
+            tot_safe = tl.where(tot == 0.0, 1.0, tot)  # (no key anywhere: out 0, lse -inf)
+            lse_fin = tl.where(tot == 0.0, float("-inf"), m_use + tl.log(tot_safe))
+            u_ptr = OUT + b * stride_ub + t[:, None] * stride_uq + head[:, None] * stride_uh + offs_dv[None, :]
+            m_off = b * stride_mb + head * stride_mh + t
+            tl.store(u_ptr, (acc / tot_safe[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(LSE_OUT + m_off, lse_fin, mask=row_ok)
+
+
+@triton.jit
+def _merge_chunked(O, LSE, l_row, o_row, offs_dv, row_ok, d_ok, n_split, stride_os, stride_ls,
+                   MERGE_M: tl.constexpr, BDV: tl.constexpr, SPLIT_CHUNK: tl.constexpr):  # fmt: skip
+    """The pieces of ``MERGE_M`` rows read as ``(SPLIT_CHUNK, MERGE_M, BDV)`` tiles, one per chunk,
+    reduced over the pieces with ``tl.max`` / ``tl.sum`` (across warps: shared memory and
+    barriers), online log-sum-exp over the chunks. Returns (acc (MERGE_M, BDV), tot, m (MERGE_M,))."""
+    m = tl.full([MERGE_M], float("-inf"), tl.float32)
+    tot = tl.zeros([MERGE_M], tl.float32)
+    acc = tl.zeros([MERGE_M, BDV], tl.float32)
+    for s0 in range(0, n_split, SPLIT_CHUNK):  # pieces in chunks, online log-sum-exp over the chunks
+        si = s0 + tl.arange(0, SPLIT_CHUNK)
+        ok2 = (si < n_split)[:, None] & row_ok[None, :]  # (chunk, rows)
+        lse = tl.load(LSE + si[:, None] * stride_ls + l_row[None, :], mask=ok2, other=float("-inf"),
+                      cache_modifier=".cg")  # fmt: skip
+        o = tl.load(O + si[:, None, None] * stride_os + o_row[None, :, None] + offs_dv[None, None, :],
+                    mask=ok2[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")  # fmt: skip
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)
+        w = tl.exp(lse - m_use[None, :])
+        tot = tot * alpha + tl.sum(w, 0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
+        m = m_new
+    return acc, tot, m
+
+
+@triton.jit
+def _merge_flat(O, LSE, l_row, o_row, offs_dv, row_ok, d_ok, n_split, stride_os, stride_ls,
+                MERGE_M: tl.constexpr, BDV: tl.constexpr, SPLIT_CHUNK: tl.constexpr):  # fmt: skip
+    """The rule of :func:`_merge_chunked` with each piece read as its own ``(MERGE_M, BDV)`` tile
+    and ``MERGE_M`` lse: a chunk's ``SPLIT_CHUNK`` pieces unrolled, all their loads issued first
+    (one memory round trip), then combined elementwise in piece order (max, weights, sums), so no
+    reduction across warps: no shared memory, no barrier. Returns (acc, tot, m)."""
+    m = tl.full([MERGE_M], float("-inf"), tl.float32)
+    tot = tl.zeros([MERGE_M], tl.float32)
+    acc = tl.zeros([MERGE_M, BDV], tl.float32)
+    o_2d = o_row[:, None] + offs_dv[None, :]
+    ok_o = d_ok[None, :]
+    for s0 in range(0, n_split, SPLIT_CHUNK):
+        lses = ()
+        outs = ()
+        for i in tl.static_range(SPLIT_CHUNK):  # every load of the chunk first
+            here = row_ok & (l_row * 0 + s0 + i < n_split)  # (a vector: the interpreter's scalar & vector is wrong)
+            lses = lses + (tl.load(LSE + (s0 + i) * stride_ls + l_row, mask=here, other=float("-inf"),
+                                   cache_modifier=".cg"),)  # fmt: skip
+            outs = outs + (tl.load(O + (s0 + i) * stride_os + o_2d, mask=ok_o & here[:, None], other=0.0,
+                                   cache_modifier=".cg"),)  # fmt: skip
+        m_new = m
+        for i in tl.static_range(SPLIT_CHUNK):
+            m_new = tl.maximum(m_new, lses[i])
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)
+        tot = tot * alpha
+        acc = acc * alpha[:, None]
+        for i in tl.static_range(SPLIT_CHUNK):  # in piece order
+            w = tl.exp(lses[i] - m_use)
+            tot = tot + w
+            acc = acc + w[:, None] * outs[i]
+        m = m_new
+    return acc, tot, m
 
 
 @triton.jit

@@ -166,6 +166,17 @@ FUSED_MERGE = True
 #: 14.1 us) although an eager call, bound by the host, gains (33.2 against 46.6 us). Fewer groups
 #: than this keep the merge kernel.
 FUSE_MIN_GROUPS = 64
+#: The form of the in-kernel merge (``decode._merge_pieces``; helper wt-dec2, NOT measured on the GPU
+#: yet): False = each chunk of pieces read as one (pieces, rows, dv) tile and reduced over the pieces
+#: across warps (shared memory and ~20 barriers on the merging program's path, the form measured at
+#: 17.0 us b1 device time); True = one (rows, dv) tile per piece, the chunk's pieces unrolled (all
+#: loads in flight together) and combined elementwise (no shared memory, no barrier). Both are exact
+#: to fp32 rounding but not bitwise equal to each other (another summation order). Read when a launch
+#: is planned: call ``launch.clear_plans()`` after changing it.
+FLAT_MERGE = False
+#: A benchmark's probe (benchmarks/decode_one_launch.py), never for results: the in-kernel merge's
+#: counting (fence, atomic, counter reset) without the merge itself, OUT / LSE_OUT left unwritten.
+_MERGE_SYNC_ONLY = False
 #: Zeroed counters made outside any capture, one per (device, count) at most, each taken by the
 #: next capture that needs such counters (a graph keeps them for good: see :func:`counters`).
 _SPARE: dict[tuple, torch.Tensor] = {}
@@ -265,11 +276,18 @@ def _kept(dev: torch.device, key: tuple | None, token: object, parts, groups: in
     return ent
 
 
-def merge_layout(sq_g: int, block_m: int, splits: int, num_warps: int, bdv: int) -> tuple[int, int]:
+def merge_layout(sq_g: int, block_m: int, splits: int, num_warps: int, bdv: int, flat: bool = False) -> tuple[int, int]:
     """(MERGE_M, SPLIT_CHUNK) of a fused merge: rows read per group (the block's real rows, a power
     of two >= 2) and pieces per read (a power of two: the fp32 piece tile of MERGE_M x SPLIT_CHUNK x
-    BLOCK_DV at most 32 values a thread, 16 from 16 rows on: no spills at sm_90, ptxas -v)."""
+    BLOCK_DV at most 32 values a thread, 16 from 16 rows on: no spills at sm_90, ptxas -v).
+    ``flat`` (:data:`FLAT_MERGE`): pieces unrolled per step, each a MERGE_M x BLOCK_DV tile read
+    with its lse at every column: at most 32 piece values a thread in flight, 16 pieces at most."""
     merge_m = block_m if sq_g > block_m else max(2, next_power_of_2(sq_g))
+    if flat:
+        per_piece = max(1, merge_m * bdv // (32 * num_warps))
+        chunk = max(1, min(16, 32 // per_piece))
+        chunk = 1 << (chunk.bit_length() - 1)
+        return merge_m, max(1, min(chunk, next_power_of_2(splits)))
     per_thread = 32 if merge_m <= 8 else 16
     chunk = max(1, per_thread * 32 * num_warps // (merge_m * bdv))
     chunk = 1 << (chunk.bit_length() - 1)  # (a power of two, rounded down)
@@ -459,7 +477,8 @@ def decode(
     sink = _sink_args(call)  # in the kernel with one piece or a fused merge, else once in the merge kernel
     qs, ks, vs, os_, ls = q.stride(), k_cache.stride(), v_cache.stride(), o.stride(), lse.stride()
     us, ls2 = out.stride(), lse_out.stride()
-    merge_m, split_chunk = merge_layout(Sq * G, block_m, splits, num_warps, bdv) if fuse else (2, 1)
+    flat = FLAT_MERGE
+    merge_m, split_chunk = merge_layout(Sq * G, block_m, splits, num_warps, bdv, flat) if fuse else (2, 1)
     dec = (
         (B * Hk, splits, row_blocks),
         (
@@ -483,7 +502,8 @@ def decode(
             UPCAST=upcast(q.dtype), KV_MODE=kv_mode,
             ROT_DIM=2 * cos.shape[1] if rotary else 0, INTERLEAVED=interleaved, ROT_ALONG=rotary_along,
             **(sink if splits == 1 or fuse else {}), HEAD_DIM_V=Dv, BLOCK_DV=bdv,
-            **(dict(MERGE=True, MERGE_M=merge_m, SPLIT_CHUNK=split_chunk) if fuse else {}),
+            **(dict(MERGE=True, MERGE_M=merge_m, SPLIT_CHUNK=split_chunk, MERGE_FLAT=flat,
+                    **({"MERGE_SYNC_ONLY": True} if _MERGE_SYNC_ONLY else {})) if fuse else {}),
             num_warps=num_warps, num_stages=num_stages,
         ),
     )  # fmt: skip
