@@ -171,9 +171,9 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _fused_decode_merge_at_test_sizes(monkeypatch):
-    """The split decode's in-kernel merge serves calls of >= FUSE_MIN_GROUPS (64) groups, more than
-    the tests' small shapes have: the tests exercise it at every size (its threshold has its own test,
-    tests/test_lean_flat.py::test_fused_merge_threshold)."""
+    """The split decode's in-kernel merge serves calls of >= FUSE_MIN_GROUPS groups (1 by default; a
+    raised threshold would leave the tests' small shapes on the merge kernel): the tests exercise it
+    at every size (the threshold has its own test, tests/test_lean_flat.py::test_fused_merge_threshold)."""
     try:
         from flashtile.backends.triton import launch_decode
     except ImportError:  # pragma: no cover - no triton

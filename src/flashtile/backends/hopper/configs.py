@@ -309,22 +309,29 @@ _BWD_TABLE: dict[int, HopperBwdConfig] = {
     # + dQ tile 32 KiB. swap + dq_tma (results/hopper_bwd_H200_20261201_swap.json, same run):
     # 388 / 431 non-causal, 351 / 445 causal at 4k / 16k against 370 / 404 and 288 / 371 without
     # (ws2 for causal: 291 / 367)
-    64: HopperBwdConfig(128, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1),
-    96: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1),  # padded to 128: as 128
+    # stat_ring + fold (results/hopper_bwd_H200_20261202_fold.json, same run, against without): d64
+    # 434 / 464 at 4k / 16k against 399 / 429 non-causal (+8-9%), 1k +8%; causal -1% (below)
+    64: HopperBwdConfig(128, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1),
+    96: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1),  # as 128
     # ws (FA3's tile): K/V 64 KiB + 2 x (Q, dO) 32 KiB + dS^T 16 KiB + dQ tile 32 KiB; swap + dq_tma:
     # 459 / 396 at 4k, 487 / 514 at 16k (non-causal / causal) against 411 / 338 and 455 / 436 without
     # (swap alone 452 / 388, 501 / 502; dq_tma alone 413 / 352, 457 / 456); ws2 + swap + dq_tma 376 /
-    # 327, 395 / 407 (same run)
-    128: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1),
+    # 327, 395 / 407 (same run). stat_ring + fold: 483 / 518 at 4k / 16k against 473 / 506 (+2%), 1k
+    # +3% (results/hopper_bwd_H200_20261202_fold.json; the worker's 24 registers matter: 32 lost
+    # 1-11%, and 3 ring stages 1-4%)
+    128: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1),
     192: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # padded to 256: as 256
     # d256: red_vec=4 measured 257 TFLOP/s causal 4k b4 h8 against red_vec=1's 136 (H200, same run,
     # results/hopper_bwd_H200_20261201_redvec.json); the default backward at d256 (GLUON_BWD_MIN_KEYS)
     256: HopperBwdConfig(64, 64, 2, dq_chunk=64, red_vec=4),  # K/V 64 KiB + 2 x 64 KiB + P, dS 16 KiB = 208 KiB
 }
-#: Entries for causal / windowed calls where they differ from :data:`_BWD_TABLE` (none since the
-#: swap variant: ws2, the d64 entry here before, measured 291 / 367 causal at 4k / 16k against
-#: swap's 351 / 445).
-_BWD_MASKED: dict[int, HopperBwdConfig] = {}
+#: Entries for causal / windowed calls where they differ from :data:`_BWD_TABLE`: without stat_ring /
+#: fold, which measured 0-2% slower on every causal cell (d64 1k / 4k / 16k 219 / 366 / 438 against
+#: 223 / 368 / 442, d128 253 / 428 / 502 against 255 / 432 / 508, same run). (ws2, the d64 entry
+#: here before the swap variant, measured 291 / 367 causal at 4k / 16k against swap's 351 / 445.)
+_BWD_MASKED: dict[int, HopperBwdConfig] = {
+    d: replace(_BWD_TABLE[d], stat_ring=0, fold=0) for d in (64, 96, 128)
+}
 
 
 def bwd_config(headdim: int, masked: bool = False, **overrides) -> HopperBwdConfig:

@@ -161,19 +161,22 @@ def partials(dev: torch.device, parts: tuple, key: tuple | None | object = _ASK)
 FUSED_MERGE = True
 #: Measured (H200, 8k cache, h32/8, d128, bf16; results/decode_one_launch_NVIDIA_H200_2026-12-02.json):
 #: at b8 (64 groups) the fused kernel's device time equals the two kernels' (65.5 / 65.1 us) and saves
-#: a launch (eager 67.7 / 69.1 us, graph replay 68.6 / 69.3); at b1 (8 groups) its device time is 17.0
-#: against 11.0 us (the merging programs' serial tail), which a CUDA-graph replay shows (19.3 against
-#: 14.1 us) although an eager call, bound by the host, gains (33.2 against 46.6 us). Fewer groups
-#: than this keep the merge kernel.
-FUSE_MIN_GROUPS = 64
-#: The form of the in-kernel merge (``decode._merge_pieces``; helper wt-dec2, NOT measured on the GPU
-#: yet): False = each chunk of pieces read as one (pieces, rows, dv) tile and reduced over the pieces
-#: across warps (shared memory and ~20 barriers on the merging program's path, the form measured at
-#: 17.0 us b1 device time); True = one (rows, dv) tile per piece, the chunk's pieces unrolled (all
-#: loads in flight together) and combined elementwise (no shared memory, no barrier). Both are exact
-#: to fp32 rounding but not bitwise equal to each other (another summation order). Read when a launch
-#: is planned: call ``launch.clear_plans()`` after changing it.
-FLAT_MERGE = False
+#: a launch (eager 67.7 / 69.1 us, graph replay 68.6 / 69.3); at b1 (8 groups) its first form's device
+#: time was 17.0 against 11.0 us (the merging program's serial tail: shared memory and ~20 barriers).
+#: With the flat merge (below; results/decode_one_launch_NVIDIA_H200_2026-12-02_flat.json) the fused
+#: kernel is within 0.5 us of decode + merge kernels at every batch (b1 11.5 / 11.0, b2 21.6 / 21.0, b4
+#: 35.9 / 36.2, b8 65.3 / 65.5 device us), a CUDA-graph replay no slower (b1 13.8 / 14.2) and an eager
+#: call a launch cheaper (b1 31.6 / 42.7 us): every split call merges in the kernel. The threshold
+#: stays a knob (split calls of fewer groups than this take the merge kernel).
+FUSE_MIN_GROUPS = 1
+#: The form of the in-kernel merge (``decode._merge_pieces``; helper wt-dec2): False = each chunk of
+#: pieces read as one (pieces, rows, dv) tile and reduced over the pieces across warps (shared memory
+#: and ~20 barriers on the merging program's path: 17.0 us b1 device time); True = one (rows, dv) tile
+#: per piece, the chunk's pieces unrolled (all loads in flight together) and combined elementwise (no
+#: shared memory, no barrier: 11.5 us). Both are exact to fp32 rounding but not bitwise equal to each
+#: other (another summation order). Read when a launch is planned: call ``launch.clear_plans()`` after
+#: changing it.
+FLAT_MERGE = True
 #: A benchmark's probe (benchmarks/decode_one_launch.py), never for results: the in-kernel merge's
 #: counting (fence, atomic, counter reset) without the merge itself, OUT / LSE_OUT left unwritten.
 _MERGE_SYNC_ONLY = False
