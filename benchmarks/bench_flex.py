@@ -106,13 +106,17 @@ def timed(fn, budget_s: float = 3.0, max_reps: int = 20) -> float:
 def event_ms(fn, n: int = 1, reps: int = 7, warm: int = 1) -> float:
     """Median ms per call of ``n`` back-to-back calls of fn() between two CUDA events (after ``warm``
     calls). ``n = 1`` times one call after a sync (the host's preparation of the launch counts
-    while the GPU waits); ``n > 1`` the device's time when the host keeps ahead."""
+    while the GPU waits); ``n > 1`` the device's time when the host keeps ahead: a call not timed
+    is queued first, so the timed calls are prepared while the GPU works (without it the first
+    timed call's host preparation, with the GPU idle, counted for 1 / n of it)."""
     for _ in range(warm):
         fn()
     torch.cuda.synchronize()
     ts = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if n > 1:
+            fn()  # (keeps the GPU busy while the host prepares the first timed call)
         a.record()
         for _ in range(n):
             fn()
