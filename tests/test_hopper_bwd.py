@@ -77,6 +77,23 @@ def test_bwd_check_names_the_problem(overrides, needle):
     assert reason and needle in reason
 
 
+def test_bwd_stat_ring_and_fold_checks_and_tables():
+    """stat_ring / fold: options of the ws kernel with swap (fold needs the ring); the non-causal
+    table uses them at d64 / 96 / 128, the masked one (causal / window) does not."""
+    for d in (64, 96, 128):
+        plain, masked = configs.bwd_config(d), configs.bwd_config(d, masked=True)
+        assert plain.stat_ring and plain.fold and not masked.stat_ring and not masked.fold
+        assert configs.bwd_check(masked, d) is None
+        assert "stat_ring = 1" in configs.bwd_check(configs.bwd_config(d, stat_ring=0), d)
+        assert "swap" in configs.bwd_check(configs.bwd_config(d, swap=0), d)
+    assert "ws / ws2" in configs.bwd_check(configs.bwd_config(256, fold=1, stat_ring=1), 256)
+    ring = configs.bwd_config(128)
+    assert configs.bwd_smem_bytes(ring, 128) - configs.bwd_smem_bytes(replace(ring, stat_ring=0, fold=0), 128) \
+        == 4 * 2 * ring.num_stages * ring.block_m  # fmt: skip
+    k = ring.kernel_consts(128)
+    assert k["STAT_RING"] and k["FOLD"]
+
+
 def test_bwd_ws_config_checks_and_shared_memory():
     """The warp-specialised kernel's fields are checked, and its dQ tile (fp32 block_m x BLOCK_D,
     only with atomic dQ) counts in shared memory."""
@@ -262,6 +279,25 @@ def test_launch_bwd_dense_arguments(lb):
     (pgrid, pargs, pkw), *_ = rec["pre"].calls
     assert pgrid[1:] == (H, B) and pkw["HEAD_DIM"] == D
     assert not rec["dq"].calls
+
+
+def test_launch_bwd_fold_per_call(lb):
+    """The launcher keeps fold for calls it serves (the accumulators start from -lse / scale:
+    stat_mul = -1 / qk_scale) and turns it off with softcap; causal calls take the masked table
+    (no stats ring)."""
+    launch_bwd, rec = lb
+    q, k, v = qkv_inputs(1, 100, 100, 4, 4, 128, torch.bfloat16, "cpu")
+    lse = _lse(1, 4, 100)
+    call = make_call(headdim=128, softmax_scale=0.25)
+    launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, call)
+    kw = rec["main"].calls[-1][2]
+    assert kw["STAT_RING"] and kw["FOLD"] and kw["stat_mul"] == pytest.approx(-1.0 / (0.25 * 1.4426950408889634))
+    launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128, softcap=30.0))
+    kw = rec["main"].calls[-1][2]
+    assert kw["STAT_RING"] and not kw["FOLD"] and kw["stat_mul"] == 1.0
+    launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128, causal=True))
+    kw = rec["main"].calls[-1][2]
+    assert not kw["STAT_RING"] and not kw["FOLD"] and "stat_mul" not in kw
 
 
 def test_launch_bwd_deterministic_uses_the_ordered_dq_pass(lb):
