@@ -283,11 +283,36 @@ def test_fp8_kernel_switches():
 
     cfg = configs.fp8_config(128)
     assert isinstance(cfg, configs.FP8Config)
-    assert configs.fp8_flags(cfg) == dict(CVT_ASM=True, ROW_TREE=1, SKIP_RESCALE=True)
+    assert configs.fp8_flags(cfg) == dict(CVT_ASM=True, ROW_TREE=1, SKIP_RESCALE=True, EXP_POLY=0)
     assert configs.fp8_flags(configs.HopperConfig(128, 128, 2)) == configs.fp8_flags(cfg)
-    old = configs.fp8_config(128, cvt_asm=0, row_tree=0, skip_rescale=0)
-    assert configs.fp8_flags(old) == dict(CVT_ASM=False, ROW_TREE=0, SKIP_RESCALE=False)
+    old = configs.fp8_config(128, cvt_asm=0, row_tree=0, skip_rescale=0, exp_poly=2)
+    assert configs.fp8_flags(old) == dict(CVT_ASM=False, ROW_TREE=0, SKIP_RESCALE=False, EXP_POLY=2)
     assert configs.check_fp8(old, 128) is None and configs.check_fp8(configs.fp8_config(128, row_tree=2), 128) is None
+    assert "exp_poly" in configs.check_fp8(configs.fp8_config(128, exp_poly=3), 128)
+
+
+def test_exp2_poly_model():
+    """``fwd._exp2_poly``'s arithmetic in float32 torch (the kernel's constants): relative error <
+    2e-4 against exp2 on [-126, 0], exactly 1 at 0, exactly 0 at -inf and below -127 (masked
+    scores), never NaN; float32 rounding as the kernel's (the 1.5 * 2^23 trick needs round to
+    nearest, which float32 torch arithmetic does)."""
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from flashtile.backends.hopper import fwd
+
+    c1, c2, c3 = (float(getattr(c, "value", c)) for c in (fwd._EXP2_C1, fwd._EXP2_C2, fwd._EXP2_C3))
+    f32 = torch.float32
+    x = torch.cat([torch.linspace(-126, 0, 200001, dtype=f32), torch.tensor([-float("inf"), -500.0, -127.0, 0.0])])
+    xc = torch.clamp(x, min=-127.0)
+    t = xc + torch.tensor(12582912.0, dtype=f32)
+    f = xc - (t - torch.tensor(12582912.0, dtype=f32))
+    p = 1.0 + f * (c1 + f * (c2 + f * c3))
+    bits = p.view(torch.int32) + (t.view(torch.int32) << 23)
+    y = bits.view(f32)
+    ref = torch.exp2(x.double())
+    assert torch.isfinite(y).all() and (y >= 0).all()
+    rel = ((y.double() - ref) / ref)[:-4].abs()
+    assert rel.max() < 2e-4
+    assert y[-4:].tolist() == [0.0, 0.0, 0.0, 1.0]
 
 
 def test_fp8_inline_ptx_strings():

@@ -103,11 +103,14 @@ class FP8Config(HopperConfig):
     ``row_tree``: the softmax's row reductions as trees over the registers (``fwd._row_reduce``): 0
     off (Triton's sequential chain), 1 the row max, 2 the row max and the row sum;
     ``skip_rescale``: a warp skips the output rescale of a key block in which none of its rows'
-    max rose (a warp vote and a branch in inline PTX; exact: alpha is 1 there)."""
+    max rose (a warp vote and a branch in inline PTX; exact: alpha is 1 there); ``exp_poly``: 1 / 2
+    quarters of the softmax's exponentials by a cubic on the FMA pipe instead of the MUFU
+    (``fwd._exp2_split``; relative error < 2e-4, far below e4m3's rounding of P), 0 none."""
 
     cvt_asm: int = 1
     row_tree: int = 1
     skip_rescale: int = 1
+    exp_poly: int = 0
 
 
 def fp8_flags(cfg: HopperConfig) -> dict[str, bool]:
@@ -115,7 +118,8 @@ def fp8_flags(cfg: HopperConfig) -> dict[str, bool]:
     plain :class:`HopperConfig`)."""
     return dict(CVT_ASM=bool(getattr(cfg, "cvt_asm", FP8Config.cvt_asm)),
                 ROW_TREE=int(getattr(cfg, "row_tree", FP8Config.row_tree)),
-                SKIP_RESCALE=bool(getattr(cfg, "skip_rescale", FP8Config.skip_rescale)))
+                SKIP_RESCALE=bool(getattr(cfg, "skip_rescale", FP8Config.skip_rescale)),
+                EXP_POLY=int(getattr(cfg, "exp_poly", FP8Config.exp_poly)))
 
 
 _FP8_TABLE: dict[int, FP8Config] = {
@@ -148,6 +152,8 @@ def check_fp8(cfg: HopperConfig, headdim: int) -> str | None:
         return f"the FP8 forward is a ws kernel with 2 consumers, got kernel={cfg.kernel!r}, consumers={cfg.consumers}"
     if cfg.block_n % 32 or not 32 <= cfg.block_n <= 256:
         return f"block_n must be a multiple of 32 in [32, 256] (e4m3 wgmma K = 32), got {cfg.block_n}"
+    if getattr(cfg, "exp_poly", 0) not in (0, 1, 2):
+        return f"exp_poly must be 0, 1 or 2 (quarters of the exponentials on the FMA pipe), got {cfg.exp_poly}"
     bad = check(replace(cfg, block_n=16), headdim)  # the shared checks (registers, stages, block_m)
     if bad:
         return bad

@@ -21,7 +21,9 @@ Code-path switches (constexprs from ``configs.FP8Config``, so one benchmark run 
 ``CVT_ASM`` (P rounded four values at a time by inline ``cvt.rn.satfinite.e4m3x2.f32`` and carried
 across the key-block loop as packed int32 words: :func:`_p_pack`), ``ROW_TREE`` (the softmax's row
 max, and with 2 its row sum, as register trees: ``fwd._row_reduce``), ``SKIP_RESCALE`` (the output
-rescale branched over by a warp none of whose rows' max rose: :func:`_rescale`). SASS of the d128
+rescale branched over by a warp none of whose rows' max rose: :func:`_rescale`), ``EXP_POLY`` (a
+quarter or half of the exponentials by a cubic on the FMA pipe, ``fwd._exp2_split``: off by default,
+an A/B switch until measured). SASS of the d128
 dense unmasked key-block loop (per thread, 64 scores): 641 instructions (909 PRMT in the kernel)
 without them, 450 with them (no PRMT), of which 64 FMUL are skipped in most blocks.
 * Epilogue: ``o = acc * v_descale[b, hk] / l`` in bfloat16 (flash-attn 3's output dtype for
@@ -176,7 +178,7 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
                CID: gl.constexpr, MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                HAS_SOFTCAP: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                s_layout: gl.constexpr, o_layout: gl.constexpr, PERM_P: gl.constexpr, CVT_ASM: gl.constexpr,
-               ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr):
+               ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, EXP_POLY: gl.constexpr = 0):
     """Key block ``blk`` (not the tile's first), the ``ws`` schedule: on this warpgroup's turn
     issue S = Q K^T and O += P_prev V_prev (FP8 wgmma both), pass the turn, run the softmax of S
     while P_prev V_prev is still on the tensor cores."""
@@ -195,7 +197,8 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
     s = warpgroup_mma_wait(1, deps=(s,))
     mbarrier.arrive(k_empty.index(stage))
     p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                        MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout, ROW_TREE)
+                                        MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout, ROW_TREE,
+                                        EXP_POLY=EXP_POLY)
     acc = warpgroup_mma_wait(0, deps=(acc,))  # (8-bit p_op cannot be a wait dep: see the module doc)
     mbarrier.arrive(v_empty.index(pstage))
     acc = _rescale(acc, alpha, o_layout, SKIP_RESCALE)
@@ -211,7 +214,7 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
                   CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                   HAS_SOFTCAP: gl.constexpr, IS_VARLEN: gl.constexpr, CVT_ASM: gl.constexpr,
-                  ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr):
+                  ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, EXP_POLY: gl.constexpr = 0):
     """One consumer warpgroup: query rows ``m0 + CID * SUB_M ..`` over the tile's key blocks."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
@@ -242,26 +245,27 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0))
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                            True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout, ROW_TREE)
+                                            True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout, ROW_TREE,
+                                        EXP_POLY=EXP_POLY)
         p_op = _p_pack(p, o_layout, PERM_P, CVT_ASM)
         it = 1
         for blk in range(nb_lo + 1, fu_lo):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE)
+                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)
             it += 1
         for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE)
+                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)
             it += 1
         for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE)
+                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)
             it += 1
         # the last block's P V
         last = n_total - 1
@@ -289,6 +293,7 @@ def attn_fwd_ws_fp8(
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     IS_VARLEN: gl.constexpr, REVERSE_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     CVT_ASM: gl.constexpr, ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, num_warps: gl.constexpr,
+    EXP_POLY: gl.constexpr = 0,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (+ 4 + 1 in the
     other partitions). q_desc / k_desc: e4m3 ``[rows, D]`` tiles as the 16-bit kernels'; vt_desc:
@@ -338,13 +343,13 @@ def attn_fwd_ws_fp8(
                          b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
                          nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                          0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                         CVT_ASM, ROW_TREE, SKIP_RESCALE)),
+                         CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)),
         (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
                          o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
                          b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
                          nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                          1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                         CVT_ASM, ROW_TREE, SKIP_RESCALE)),
+                         CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)),
         (_ws_producer, (q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
                         b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
                         2, True)),
