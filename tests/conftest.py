@@ -242,6 +242,23 @@ def fake_driver(monkeypatch):
     return drv
 
 
+def fake_compiled(run):
+    """A stand-in for a compiled Triton kernel, to give :func:`install_fake_triton_kernels` /
+    :func:`install_fake_hopper_kernels`: ``Compiled(name).run(*args)`` calls ``run(name, args)``
+    (``args``: Triton's launcher arguments)."""
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, *args):
+            return run(self.name, args)
+
+    return Compiled
+
+
 def install_fake_triton_kernels(monkeypatch, compiled):
     """The triton backend's launchers' kernels (forward, backward passes, decode, merge, append)
     replaced by fake ``JITFunction``s of their real parameters whose compiled kernel is

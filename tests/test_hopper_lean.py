@@ -17,7 +17,7 @@ import torch
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
 
-from conftest import install_fake_hopper_kernels  # noqa: E402
+from conftest import fake_compiled, install_fake_hopper_kernels  # noqa: E402
 
 import flashtile  # noqa: E402
 from flashtile import dispatch, interface, masks  # noqa: E402
@@ -38,16 +38,7 @@ TD = HL.TensorDescriptor
 def hfakes(monkeypatch):
     log = []
 
-    class Compiled:
-        function, packed_metadata = "fn", "meta"
-
-        def __init__(self, name):
-            self.name = name
-
-        def run(self, *args):
-            log.append((self.name, args))
-
-    drv = install_fake_hopper_kernels(monkeypatch, Compiled)
+    drv = install_fake_hopper_kernels(monkeypatch, fake_compiled(lambda name, args: log.append((name, args))))
     yield types.SimpleNamespace(log=log, drv=drv)
     HL.clear_plans()
     HF._PLANS.clear()

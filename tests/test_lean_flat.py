@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
 
-from conftest import install_fake_triton_kernels  # noqa: E402
+from conftest import fake_compiled, install_fake_triton_kernels  # noqa: E402
 
 import flashtile  # noqa: E402
 from flashtile import dispatch, interface, kvcache  # noqa: E402
@@ -48,22 +48,16 @@ def fakes(monkeypatch):
     """The triton backend on CPU tensors with checksum-writing fake kernels; a log of launches."""
     log = []
 
-    class Compiled:
-        function, packed_metadata = "fn", "meta"
+    def run(name, args):
+        kargs = args[9:]
+        outs, skip = _OUTPUTS[name], _SKIP.get(name, ())
+        s = _checksum(kargs, outs, skip) % 97.0
+        for j, i in enumerate(outs):
+            if isinstance(kargs[i], torch.Tensor):
+                kargs[i].fill_(s + j)
+        log.append((name, args[:3]))
 
-        def __init__(self, name):
-            self.name = name
-
-        def run(self, *args):
-            kargs = args[9:]
-            outs, skip = _OUTPUTS[self.name], _SKIP.get(self.name, ())
-            s = _checksum(kargs, outs, skip) % 97.0
-            for j, i in enumerate(outs):
-                if isinstance(kargs[i], torch.Tensor):
-                    kargs[i].fill_(s + j)
-            log.append((self.name, args[:3]))
-
-    drv = install_fake_triton_kernels(monkeypatch, Compiled)
+    drv = install_fake_triton_kernels(monkeypatch, fake_compiled(run))
     monkeypatch.setattr(triton_backend, "available", lambda: None)
     monkeypatch.setattr(triton_backend, "supports", lambda problem, call: None)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import install_fake_triton_kernels  # noqa: E402
+from conftest import fake_compiled, install_fake_triton_kernels  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import flashtile
@@ -369,19 +369,12 @@ def _fake_kernels(monkeypatch):
 
     log = []
 
-    class Compiled:
-        function, packed_metadata = "fn", "meta"
+    def run(name, args):
+        # tensors by dtype and size (the one-piece decode plan passes out itself where the first
+        # launch passed its (1, ...) view: same address, strides from the plan)
+        log.append((name, tuple((a.dtype, a.numel()) if isinstance(a, torch.Tensor) else a for a in args)))
 
-        def __init__(self, name):
-            self.name = name
-
-        def run(self, *args):
-            # tensors by dtype and size (the one-piece decode plan passes out itself where the first
-            # launch passed its (1, ...) view: same address, strides from the plan)
-            log.append((self.name, tuple((a.dtype, a.numel()) if isinstance(a, torch.Tensor) else a
-                                         for a in args)))  # fmt: skip
-
-    install_fake_triton_kernels(monkeypatch, Compiled)
+    install_fake_triton_kernels(monkeypatch, fake_compiled(run))
     launch._PLANS.clear()
     return log
 
