@@ -388,6 +388,19 @@ def _geo(rows: list[dict], a: str, b: str) -> str:
     return f"{math.exp(sum(map(math.log, r)) / len(r)):.2f}x" if r else "n/a"
 
 
+def patch_table(text: str) -> None:
+    """Apply ``k=v,...`` overrides to the backward table itself (``configs._BWD_TABLE``), at every
+    head dim where the config stays valid (``--table``; ``ncu_case.py --bwd-set``)."""
+    from dataclasses import replace
+
+    from flashtile.backends.hopper import configs
+
+    ov = {kv.split("=")[0].strip(): _value(kv.split("=")[1]) for kv in text.split(",")}
+    for d, cfg in list(configs._BWD_TABLE.items()):
+        if not configs.bwd_check(replace(cfg, **ov), d):
+            configs._BWD_TABLE[d] = replace(cfg, **ov)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer correctness cases, three benchmark cells")
@@ -412,12 +425,7 @@ def main() -> int:
     from flashtile.backends.hopper import configs
 
     if args.table:
-        from dataclasses import replace
-
-        ov = {kv.split("=")[0].strip(): _value(kv.split("=")[1]) for kv in args.table.split(",")}
-        for d, cfg in list(configs._BWD_TABLE.items()):
-            if not configs.bwd_check(replace(cfg, **ov), d):
-                configs._BWD_TABLE[d] = replace(cfg, **ov)
+        patch_table(args.table)
     log(f"backward configs: {', '.join(f'd={d}: {configs.bwd_config(d)}' for d in configs.HEADDIMS)}")
     try:
         ok = run_correctness(args.quick)

@@ -77,14 +77,10 @@ def main() -> int:
     ap.add_argument("--bwd-set", default="", help="backward table overrides, e.g. stat_ring=1,fold=1")
     args = ap.parse_args()
     if args.bwd_set:
-        from dataclasses import replace
+        sys.path.insert(0, HERE)
+        from hopper_bwd_run import patch_table
 
-        from flashtile.backends.hopper import configs
-
-        ov = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in args.bwd_set.split(",")}
-        for d, cfg in list(configs._BWD_TABLE.items()):
-            if not configs.bwd_check(replace(cfg, **ov), d):
-                configs._BWD_TABLE[d] = replace(cfg, **ov)
+        patch_table(args.bwd_set)
     fn = make_fn(args.case, args.who)
     for _ in range(3):
         fn()

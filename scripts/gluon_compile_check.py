@@ -366,13 +366,12 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
         flags = BWD_OPTS[opt]
     consts = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
                   IS_VARLEN=varlen, num_warps=cfg.num_warps, **flags)  # fmt: skip
-    consts.update(cfg.kernel_consts(d))
+    consts.update(cfg.kernel_consts(d, softcap=bool(flags["HAS_SOFTCAP"]), varlen=varlen))
     if cfg.kernel in ("ws", "ws2"):
         tag = f"{'_swap' if cfg.swap else ''}{'_tma' if cfg.dq_tma else ''}{'_ring' if cfg.stat_ring else ''}"
         name = name.replace("bwd ", f"bwd_{cfg.kernel}{tag}{'_fold' if cfg.fold else ''} ", 1)
         res["name"] = name
-        if consts.get("STAT_RING"):  # as the launcher: no fold with softcap; stat_mul a runtime float
-            consts["FOLD"] = consts["FOLD"] and not consts["HAS_SOFTCAP"]
+        if consts.get("STAT_RING"):  # stat_mul: a runtime float
             sig["stat_mul"] = "fp32"
         if consts["DQ_TMA"]:
             if consts["ATOMIC_DQ"]:

@@ -642,12 +642,10 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
         lse2, delta = _lse_delta(LSE, DELTA, 0, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh,
                                  BLOCK_M, qry_layout, BL_IDX, LIST_SUBS)
     mbarrier.wait(kv_bar, 0)
-    # the query head (of the group) and block of iteration i (i // n_mb and mb_lo + i % n_mb),
-    # stepped instead of divided: an integer division a block sat on the compute warps' path
-    g = n_mb * 0
-    blk = mb_lo
     for i in range(total):
         stage = i % NUM_STAGES
+        g = i // n_mb
+        blk = mb_lo + i - g * n_mb
         q_buf = q_bufs.index(stage)
         do_buf = do_bufs.index(stage)
         masked = (blk < fu_lo) | (blk >= fu_hi)
@@ -787,10 +785,6 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
             else:
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
         mbarrier.arrive(ld_empty.index(stage))  # Q and dO of this slot are no longer read (by this partition)
-        blk = blk + 1
-        wrap = (blk == mb_lo + n_mb).to(gl.int32)
-        g = g + wrap
-        blk = blk - wrap * n_mb
     kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
     _store_rows(DV + kv_off, dv.to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM, KEYS, BLOCK_D,
                 kv_layout)

@@ -106,12 +106,11 @@ def backward(
         do_desc = _descriptor(dout, cfg.block_m, varlen)
         k_desc = _descriptor(k, cfg.block_n, varlen)
         v_desc = _descriptor(v, cfg.block_n, varlen)
-        extra = cfg.kernel_consts(D)  # (ws2: the default partition is one compute warpgroup)
+        # (ws2: the default partition is one compute warpgroup)
+        extra = cfg.kernel_consts(D, softcap=call.softcap > 0, varlen=varlen)
         kernel = attn_bwd_ws if cfg.kernel in ("ws", "ws2") else attn_bwd
-        if varlen and extra.get("STAT_RING"):  # (not yet run on the GPU for varlen calls: the plain form)
-            extra["STAT_RING"] = extra["FOLD"] = False
-        if extra.get("STAT_RING"):  # fold: not with softcap (tanh of the raw score) or a zero scale
-            extra["FOLD"] = extra["FOLD"] and call.softcap == 0 and qk_scale != 0
+        if extra.get("STAT_RING"):  # fold's starting values -lse / scale: not with a zero scale
+            extra["FOLD"] = extra["FOLD"] and qk_scale != 0
             extra["stat_mul"] = -1.0 / qk_scale if extra["FOLD"] else 1.0
         if extra.get("DQ_TMA"):
             extra["DQ_TMA"] = atomic
