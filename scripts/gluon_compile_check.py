@@ -366,7 +366,7 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
         flags = BWD_OPTS[opt]
     consts = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
                   IS_VARLEN=varlen, num_warps=cfg.num_warps, **flags)  # fmt: skip
-    consts.update(cfg.kernel_consts(d, softcap=bool(flags["HAS_SOFTCAP"]), varlen=varlen))
+    consts.update(cfg.kernel_consts(d, softcap=bool(flags["HAS_SOFTCAP"])))
     if cfg.kernel in ("ws", "ws2"):
         tag = f"{'_swap' if cfg.swap else ''}{'_tma' if cfg.dq_tma else ''}{'_ring' if cfg.stat_ring else ''}"
         name = name.replace("bwd ", f"bwd_{cfg.kernel}{tag}{'_fold' if cfg.fold else ''} ", 1)

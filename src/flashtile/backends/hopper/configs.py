@@ -290,14 +290,13 @@ class HopperBwdConfig:
         """Columns of dQ computed and added at once (``dq_chunk``; 0: the whole tile)."""
         return self.dq_chunk or block_d(headdim)
 
-    def kernel_consts(self, headdim: int, softcap: bool = False, varlen: bool = False) -> dict:
+    def kernel_consts(self, headdim: int, softcap: bool = False) -> dict:
         """The constexpr arguments this config gives its kernel (beyond the tile sizes), and
-        ``num_warps`` of the launch, for a call with or without ``softcap`` / ``varlen``: one place
-        for the launcher and the compile check. The stats ring stays off for varlen calls (not yet
-        run on the GPU for them), fold for softcap calls (tanh of the raw score)."""
+        ``num_warps`` of the launch, for a call with or without ``softcap``: one place for the
+        launcher and the compile check. Fold stays off for softcap calls (tanh of the raw score)."""
         if self.kernel in ("ws", "ws2"):
             split = self.kernel == "ws2"
-            ring = bool(self.stat_ring) and not varlen
+            ring = bool(self.stat_ring)
             return dict(WORKER_REGS=self.worker_regs, RED_ROWS=self.red_rows, SPLIT=split,
                         DEFER_DK=bool(self.defer_dk) and not split, COMPUTE_REGS=self.compute_regs,
                         SWAP=bool(self.swap), DQ_TMA=bool(self.dq_tma), STAT_RING=ring,

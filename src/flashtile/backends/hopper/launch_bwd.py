@@ -107,7 +107,7 @@ def backward(
         k_desc = _descriptor(k, cfg.block_n, varlen)
         v_desc = _descriptor(v, cfg.block_n, varlen)
         # (ws2: the default partition is one compute warpgroup)
-        extra = cfg.kernel_consts(D, softcap=call.softcap > 0, varlen=varlen)
+        extra = cfg.kernel_consts(D, softcap=call.softcap > 0)
         kernel = attn_bwd_ws if cfg.kernel in ("ws", "ws2") else attn_bwd
         if extra.get("STAT_RING"):  # fold's starting values -lse / scale: not with a zero scale
             extra["FOLD"] = extra["FOLD"] and qk_scale != 0
