@@ -8,13 +8,18 @@ per call (median of 5 rounds, calls between two synchronisations) of: ``direct``
 launch), ``api`` (``torch.autograd.grad`` through ``flashtile.flex_attention``), ``api_bshd``
 (the same through ``flash_attn_func(block_mask=...)``, no transposes), ``noop_t`` / ``noop_c`` (an
 autograd function of the same tensors whose backward returns ready gradients: the engine alone,
-transposed / contiguous inputs). Then ``torch.profiler``'s CPU table of ``api`` (self CPU time) and
-the thread the backward ran on. Prints text only.
+transposed / contiguous inputs), ``builtin_window`` (the built-in option a library sliding-window
+mask routes to: ``flash_attn_func(causal=True, window_size=(1024, 0))`` at d128, the Hopper
+backward). Then ``torch.profiler``'s CPU table of ``api`` (self CPU time), the thread the backward
+ran on, and ``cProfile`` of ``api`` and ``builtin_window`` (us per call). Prints text only.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import threading
 import time
 
@@ -78,7 +83,11 @@ def main() -> None:
     _Noop.grads = tuple(torch.empty_like(x) for x in (qi, ki, vi))
     on_t = _Noop.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[0]
     on_c = _Noop.apply(qb, kb, vb)[0]
+    qw, kw_, vw = (torch.randn(1, s, h, 128, device=dev, dtype=dt).requires_grad_() for _ in range(3))
+    ow = flashtile.flash_attn_func(qw, kw_, vw, causal=True, window_size=(1024, 0))
+    gw = torch.randn_like(ow)
     cases = {
+        "builtin_window": lambda: torch.autograd.grad(ow, (qw, kw_, vw), gw, retain_graph=True),
         "direct": lambda: L.backward(dout, qi, ki, vi, out, lse, call, ()),
         "api": lambda: torch.autograd.grad(o, (q, k, v), go, retain_graph=True),
         "api_bshd": lambda: torch.autograd.grad(ob, (qb, kb, vb), gb, retain_graph=True),
@@ -106,6 +115,20 @@ def main() -> None:
             cases["api"]()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+    for name in ("api", "builtin_window"):
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(args.calls):
+            cases[name]()
+        torch.cuda.synchronize()
+        pr.disable()
+        out_ = io.StringIO()
+        st = pstats.Stats(pr, stream=out_)
+        rows = sorted(((tt / args.calls * 1e6, ct / args.calls * 1e6, f"{fn[0].split('/')[-1]}:{fn[1]}:{fn[2]}")
+                       for fn, (_, _, tt, ct, _) in st.stats.items()), reverse=True)  # fmt: skip
+        print(f"\n== cProfile {name}: own us, cum us per call ==")
+        for tt, ct, f in rows[:22]:
+            print(f"{tt:8.1f} {ct:8.1f}  {f}")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,27 @@ def check(mask_name, b, sq, sk, h, hk, d, dt, cap, deterministic=False, expect_g
     return res
 
 
+def repeated(route: str) -> None:
+    """A signature's backward four times (the plans of ``flex_triton.launch._BWD_PLANS``: the
+    unplanned call, its pending plan, the prepared launches): the gradients of the later calls
+    equal the first's bitwise on the Triton route (no atomics), within the atomics' rounding
+    (1e-2 relative) on the Gluon route; the first against the oracle by ``check``."""
+    mm = MASKS["document"](1, 1000)
+    q, k, v = (torch.randn(1, 1000, h, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2))
+    bm = create_block_mask(mm, 1, None, 1000, 1000, device=DEV)
+    do = torch.randn(1, 4, 1000, 128, device=DEV, dtype=torch.bfloat16)
+    with env(ENV, "force" if route == "gluon" else "0"):
+        grads = []
+        for _ in range(4):
+            o = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=True)
+            grads.append(torch.autograd.grad(o, (q, k, v), do))
+    for g in grads[1:]:
+        for a, b, n in zip(grads[0], g, "qkv", strict=True):
+            err = ((a.float() - b.float()).abs().max() / a.float().abs().max()).item()
+            if (route == "triton" and err != 0) or err > 1e-2:
+                raise AssertionError(f"repeated {route} backward: d{n} differs from the first call's by {err:.2e}")
+
+
 def _check_deterministic(q, k, v, bm, sm, gqa, dense, oracle):
     """deterministic=True through flash_attn_func (flex_attention has no such argument)."""
 
@@ -262,8 +283,11 @@ def main():
             dead_rows()
             check("document", 2, 389, 389, 4, 4, 128, torch.bfloat16, 0.0, per_head=True)
             check("document", 1, 389, 389, 4, 2, 128, torch.bfloat16, 0.0, deterministic=True, expect_gluon=False)
+            repeated("triton")
+            repeated("gluon")
         except AssertionError as e:
-            print(f"FAILED check (rows that see no key / per-head block mask / deterministic): {e}", flush=True)
+            print(f"FAILED check (rows that see no key / per-head block mask / deterministic / repeated): {e}",
+                  flush=True)  # fmt: skip
             sys.exit(1)
         os.environ.pop(ENV, None)
         print(f"checks ok ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -400,3 +400,85 @@ def test_gpu_flex_backward_matches_the_oracle(mask_name, s, h, hk, d):
         return attention_ref(q, k, v, mask=dense, upcast=upcast)
 
     compare_with_oracle(fn, oracle, (q, k, v))
+
+
+# ----------------------------------------------------------------------------------------------
+# backward plans (flex_triton.launch._BWD_PLANS): a repeated call's route and prepared launches
+
+
+def _flex_recorders(monkeypatch):
+    """FL's three backward kernels replaced by recorders of (kernel, grid, args with tensors as
+    their dtype, kwargs); ``prepare`` gives a launcher that records the same way ("prepared")."""
+    log = []
+
+    def norm(args):
+        return tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: log.append((self.name, tuple(grid), norm(a), kw, "generic"))
+
+        def prepare(self, grid, args, kw, lead, keep=False):
+            assert keep
+            return lambda *head: log.append((self.name, tuple(grid), norm(head + tuple(args[lead:])), kw, "prepared"))
+
+    for n in ("_PRE", "_DKDV", "_DQ"):
+        monkeypatch.setattr(FL, n, Rec(n))
+    monkeypatch.setattr(FL, "_arch", lambda device: "sm90")
+    FL._BWD_PLANS.clear()
+    return log
+
+
+def test_backward_plans_repeat_the_first_launch(monkeypatch):
+    """The Triton route: a signature's first call records a pending plan, its first reuse prepares
+    the three launches, later calls launch them without the route's checks; every call launches
+    the same kernels, grids, non-tensor arguments, tensor dtypes and keywords."""
+    monkeypatch.setenv(FL.FLEX_GLUON_ENV, "0")
+    log = _flex_recorders(monkeypatch)
+    reasons = []
+    real = FL.gluon_bwd_reason
+    monkeypatch.setattr(FL, "gluon_bwd_reason", lambda *a: reasons.append(1) or real(*a))
+    q, k, v = qkv_inputs(1, 200, 200, 4, 2, 64, torch.float16, "cpu")
+    call = _call(masks.document(_ids(1, 200)), 1, 4, 200, 200, d=64)
+    lse = torch.randn(1, 4, 200)
+    runs = []
+    for _ in range(4):
+        n0 = len(log)
+        dq, dk, dv, extra = FL.backward(q, q, k, v, q, lse, call, ())
+        assert (dq.shape, dk.shape, dv.shape, extra) == (q.shape, k.shape, v.shape, {})
+        runs.append(log[n0:])
+    strip = [[e[:4] for e in r] for r in runs]
+    assert strip[0] == strip[1] == strip[2] == strip[3] and [e[0] for e in runs[0]] == ["_PRE", "_DKDV", "_DQ"]
+    assert [e[4] for e in runs[1]] == ["generic"] * 3 and [e[4] for e in runs[3]] == ["prepared"] * 3
+    assert len(reasons) == 1  # the first call only: its entry knows the route
+    assert len(FL._BWD_PLANS) == 1
+    # another block mask object (same mask), another mask_mod, or a captured tensor: not this plan
+    other = _call(masks.document(_ids(1, 200)), 1, 4, 200, 200, d=64)
+    FL.backward(q, q, k, v, q, lse, other, ())
+    assert log[-1][4] == "generic" and len(FL._BWD_PLANS) == 2
+    call.block_mask.mask_mod = masks.document(_ids(1, 200, 5))
+    FL.backward(q, q, k, v, q, lse, call, ())
+    assert log[-1][4] == "generic"
+
+
+def test_backward_plans_keep_the_gluon_route(monkeypatch):
+    """A call routed to the Gluon backward is routed there again without the route's checks."""
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from flashtile.backends.hopper import launch_bwd
+
+    _flex_recorders(monkeypatch)
+    reasons, seen = [], []
+    monkeypatch.setattr(FL, "gluon_bwd_reason", lambda *a: reasons.append(1))
+    monkeypatch.setattr(launch_bwd, "flex_backward", lambda *a: seen.append(a) or ("dq", "dk", "dv", {}))
+    monkeypatch.setenv(FL.FLEX_GLUON_ENV, "force")
+    q, k, v = qkv_inputs(1, 130, 130, 2, 2, 64, torch.float16, "cpu")
+    call = _call(masks.causal, 1, 2, 130, 130, d=64)
+    for _ in range(3):
+        assert FL.backward(q, q, k, v, q, torch.zeros(1, 2, 130), call, ()) == ("dq", "dk", "dv", {})
+    assert len(seen) == 3 and len(reasons) == 1
+    monkeypatch.setenv(FL.FLEX_GLUON_ENV, "0")  # the switch is part of the key: routed anew
+    FL.backward(q, q, k, v, q, torch.zeros(1, 2, 130), call, ())
+    assert len(seen) == 3 and len(reasons) == 2

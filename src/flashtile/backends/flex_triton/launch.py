@@ -401,11 +401,20 @@ def backward(
     Hopper GPU the calls :func:`gluon_bwd_reason` accepts run the Gluon kernel instead
     (``hopper.launch_bwd.flex_backward``, same contract) when the block mask's rows are long
     enough (``hopper.flex.long_rows``, the backward's rule)."""
-    if gluon_bwd_reason(q, k, call, captured) is None and _gluon_flex.long_rows(
-        call.block_mask, None, q.shape[-1], True, call.score_mod
-    ):
+    key = entry = None
+    if not captured:  # (a captured tensor's gradient: never planned)
+        key = _bwd_key(dout, q, k, v, out, lse, call)
+        entry = _bwd_entry(call, key)
+        if entry is not None and isinstance(entry[1], tuple):
+            return _run_planned(entry[1], dout, q, k, v, out, lse)
+    if (entry[1] == "gluon") if entry is not None else (
+        gluon_bwd_reason(q, k, call, captured) is None
+        and _gluon_flex.long_rows(call.block_mask, None, q.shape[-1], True, call.score_mod)
+    ):  # fmt: skip
         from ..hopper.launch_bwd import flex_backward
 
+        if key is not None and entry is None:
+            _bwd_put(call, key, "gluon")
         return flex_backward(dout, q, k, v, out, lse, call, captured)
     B, Sq, H, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
@@ -432,14 +441,20 @@ def backward(
     with _guard(q.device):
         delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
         pre_m = 32 if INTERPRET else 128
-        _PRE[(_cdiv(Sq, pre_m), H, B)](
+        launched = {}  # kernel -> (grid, args, kwargs) of its launch (the plan's templates)
+
+        def go(kernel, grid, *args, **kw) -> None:
+            kernel[grid](*args, **kw)
+            launched[kernel] = (grid, args, kw)
+
+        go(_PRE, (_cdiv(Sq, pre_m), H, B),
             out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), delta.stride(0), delta.stride(1), Sq, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_m, num_warps=4,
         )  # fmt: skip
         qlists, qstrides, bflags = _lists(bm, "q", q.device)
 
         def dkdv(c: BwdConfig) -> None:
-            _DKDV[(B * Hk, _cdiv(Sk, c.block_n1))](
+            go(_DKDV, (B * Hk, _cdiv(Sk, c.block_n1)),
                 q, k, v, dout, dk, dv, lse, delta, *qlists,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
@@ -456,7 +471,7 @@ def backward(
         gname = score_name if has_grad else "no"
 
         def dqp(c: BwdConfig) -> None:
-            _DQ[(B * H, _cdiv(Sq, c.block_m2))](
+            go(_DQ, (B * H, _cdiv(Sq, c.block_m2)),
                 q, k, v, dout, dq, lse, delta, *kvlists,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
@@ -472,7 +487,75 @@ def backward(
             _fit(("dq", arch, q.dtype, D, mb, gname), cfg, mb, lambda c: (grad.zero_(), dqp(c)))
         else:
             _fit(("dq", arch, q.dtype, D, mb, gname), cfg, mb, dqp)
+    if key is not None:
+        _bwd_record(call, key, entry, launched)
     return result()
+
+
+# Flex backward plans (issues 16 and 18), as the forward's (``hopper.flex._PLANS``) and the built-in
+# kernels' (``triton.launch._PLANS``): per block mask and signature, the route, and on the Triton
+# route the three launches, prepared (``FastKernel.prepare``) at the signature's first reuse, so a
+# repeated call allocates its outputs and launches. The key holds every call field the route
+# reads, the dtypes, device, shapes and strides, and the two environment switches; an entry holds
+# the block mask's mask_mod, the score_mod and their Triton versions (checked with ``is``: the
+# launches keep the mods' tensor arguments). Calls whose score_mod captures a tensor are not
+# planned. An entry's last item: "gluon", the prepared (pre, dkdv, dq) launches, _PENDING (made,
+# not yet prepared) or None (not preparable: the Triton route, unplanned); its first item the mods.
+_BWD_PLANS = PerBlockMask(64)
+_PENDING = object()
+
+
+def _bwd_key(dout, q, k, v, out, lse, call: AttnCall) -> tuple:
+    env = os.environ.get
+    return (id(call.score_mod), call.softmax_scale, call.deterministic, call.window_left, call.window_right,
+            call.softcap, call.dropout_p, call.cu_seqlens_q is None, call.alibi_slopes is None, q.dtype, dout.dtype,
+            q.device, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), dout.stride(), out.stride(),
+            lse.stride(), env(FLEX_GLUON_ENV), env("FLASHTILE_FLEX_BWD"))  # fmt: skip
+
+
+def _mods_of(call: AttnCall) -> tuple:
+    mm = None if call.block_mask is None else call.block_mask.mask_mod
+    return mm, call.score_mod, _twin(mm), _twin(call.score_mod)
+
+
+def _bwd_entry(call: AttnCall, key: tuple) -> tuple | None:
+    bm = call.block_mask
+    entry = _BWD_PLANS.peek(bm, key, None if bm is None else bm.q_num_blocks)
+    if entry is None or any(a is not b for a, b in zip(entry[0], _mods_of(call), strict=True)):
+        return None
+    return entry
+
+
+def _bwd_put(call: AttnCall, key: tuple, plan) -> None:
+    bm = call.block_mask
+    _BWD_PLANS.put(bm, key, None if bm is None else bm.q_num_blocks, (_mods_of(call), plan))
+
+
+def _bwd_record(call: AttnCall, key: tuple, entry, launched: dict) -> None:
+    """After an unplanned Triton-route backward: a pending plan at a signature's first call, the
+    prepared launches at its first reuse (None where one cannot be prepared)."""
+    if entry is None:
+        _bwd_put(call, key, _PENDING)
+    elif entry[1] is _PENDING:
+        preps = None
+        if len(launched) == 3:
+            preps = tuple(kern.prepare(*launched[kern], lead, keep=True) for kern, lead in ((_PRE, 3), (_DKDV, 8),
+                                                                                          (_DQ, 7)))  # fmt: skip
+            preps = None if None in preps else preps
+        _bwd_put(call, key, preps)
+
+
+def _run_planned(preps: tuple, dout, q, k, v, out, lse) -> tuple:
+    """A planned Triton-route backward: outputs allocated as the unplanned path does, three prepared launches."""
+    p_pre, p_dkdv, p_dq = preps
+    B, Sq, H, _ = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    with _guard(q.device):
+        p_pre(out, dout, delta)
+        p_dkdv(q, k, v, dout, dk, dv, lse, delta)
+        p_dq(q, k, v, dout, dq, lse, delta)
+    return dq, dk, dv, {}
 
 
 __all__ = ["FlexFwdConfig", "backward", "bwd_cfg", "forward", "fwd_cfg", "mod_bwd_cfg"]
