@@ -54,8 +54,6 @@ DT = torch.bfloat16
 
 env = BF.env
 
-#: masks whose auto column runs the built-in window (flex.builtin_window: library causal / sliding masks)
-BUILTIN_TWINS = ("causal", "sliding-1k")
 #: counts the calls the Gluon flex forward served
 _SERVED = []
 _orig_forward = gflex.forward
@@ -199,6 +197,8 @@ def bench(s, h, d, tflex, tcbm, t0, flex_deadline, stop_at=None):
         sm = c["score"](cap) if c["score"] is not None else None
         bm = create_block_mask(c["mask"], None, None, s, s, device=DEV)
         row = {"case": name, "hdim": d}
+        flex_mod.BUILTIN_ROUTE = True
+        row["auto_builtin"] = sm is None and flex_mod.builtin_window(sm, bm, s, s, False, d, DEV.type) is not None
 
         def ours(sm=sm, bm=bm, q=q, k=k, v=v):
             return flex_attention(q, k, v, score_mod=sm, block_mask=bm)
@@ -323,7 +323,7 @@ def main():
             note = "" if r.get("gluon_served_by_gluon", False) else "  (gluon column NOT served by the Gluon kernel)"
             note += "" if r.get("prefetch_served_by_gluon", False) else "  (prefetch: NOT the Gluon kernel)"
             auto = "gluon" if r.get("auto_served_by_gluon") else "triton"
-            note += f"  auto: {'built-in' if r['case'] in BUILTIN_TWINS else auto}"
+            note += f"  auto: {'built-in' if r.get('auto_builtin') else auto}"
             cells = " ".join(f(x) for x in (g, p, t, a, bi, fx))
             print(f"{r['case']:<12} {r['hdim']:>3} {cells} {pg} {ratio} {cost}{note}")
 
