@@ -4,41 +4,25 @@ backend's launch (issue 18's one-call columns, issue 16), on the GPU machine:
     PYTHONPATH=src python benchmarks/flex_bwd_host.py [--calls 40]
 
 Document-16 block mask, b1 s16k h16 d64 bf16 (the flex kernels, not the built-in route). Wall us
-per call (median of 5 rounds, calls between two synchronisations) of: ``direct`` (the backend's
-launch), ``api`` (``torch.autograd.grad`` through ``flashtile.flex_attention``), ``api_bshd``
-(the same through ``flash_attn_func(block_mask=...)``, no transposes), ``noop_t`` / ``noop_c`` (an
-autograd function of the same tensors whose backward returns ready gradients: the engine alone,
-transposed / contiguous inputs), ``builtin_window`` (the built-in option a library sliding-window
-mask routes to: ``flash_attn_func(causal=True, window_size=(1024, 0))`` at d128, the Hopper
-backward). Then ``torch.profiler``'s CPU table of ``api`` (self CPU time), the thread the backward
-ran on, and ``cProfile`` of ``api`` and ``builtin_window`` (us per call). Prints text only.
+per call (``host_profile_gpu._wall``: median of 5 rounds, calls between two synchronisations) of:
+``direct`` (the backend's launch), ``api`` (``torch.autograd.grad`` through
+``flashtile.flex_attention``), ``api_bshd`` (the same through ``flash_attn_func(block_mask=...)``,
+no transposes), ``noop_t`` / ``noop_c`` (an autograd function of the same tensors whose backward
+returns ready gradients: the engine alone, transposed / contiguous inputs), ``builtin_window``
+(the built-in option a library sliding-window mask routes to at d128:
+``flash_attn_func(causal=True, window_size=(1024, 0))``, the Hopper backward). Then
+``torch.profiler``'s CPU table of ``api`` (self CPU time), the thread the backward ran on, and
+``cProfile`` of ``direct``, ``api`` and ``builtin_window`` (``host_profile_gpu._profile``). Prints
+text only.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import threading
-import time
 
 import torch
-
-
-def _wall(fn, calls: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        ts.append((time.perf_counter() - t0) / calls * 1e6)
-    ts.sort()
-    return ts[2]
+from host_profile_gpu import _profile, _wall  # (benchmarks/ is the script's directory)
 
 
 class _Noop(torch.autograd.Function):
@@ -115,20 +99,8 @@ def main() -> None:
             cases["api"]()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
-    for name in ("api", "builtin_window"):
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(args.calls):
-            cases[name]()
-        torch.cuda.synchronize()
-        pr.disable()
-        out_ = io.StringIO()
-        st = pstats.Stats(pr, stream=out_)
-        rows = sorted(((tt / args.calls * 1e6, ct / args.calls * 1e6, f"{fn[0].split('/')[-1]}:{fn[1]}:{fn[2]}")
-                       for fn, (_, _, tt, ct, _) in st.stats.items()), reverse=True)  # fmt: skip
-        print(f"\n== cProfile {name}: own us, cum us per call ==")
-        for tt, ct, f in rows[:22]:
-            print(f"{tt:8.1f} {ct:8.1f}  {f}")
+    for name in ("direct", "api", "builtin_window"):
+        _profile(name, cases[name], args.calls, 22)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,7 @@
     PYTHONPATH=src python benchmarks/host_profile_gpu.py [--calls 400] [--top 22]
 
 For each call (flash_attn_func b1 s128 h8 d64 causal bf16 forward; the same forward + backward;
-flash_attn_with_kvcache decode b1 8k h32/8 d128; a Gluon-sized forward b1 s4096 h8 d64; the flex
-backward of a document-16 block mask at b1 s16k h16 d64, from a saved graph through the public
-``flex_attention`` (``flexbwd_api``) and as the backend's launch alone (``flexbwd_direct``)): wall time
+flash_attn_with_kvcache decode b1 8k h32/8 d128; a Gluon-sized forward b1 s4096 h8 d64): wall time
 per call (calls between two
 synchronisations), then ``cProfile`` of the same loop, functions sorted by their own time
 (``tottime``), so that Python frames, torch C++ entry points (``{built-in method ...}``) and
@@ -69,37 +67,6 @@ def _profile(name, fn, calls, top):
     return wall
 
 
-def _flex_cases(dev, dt):
-    """The flex backward (document-16 block mask, b1 s16k h16 d64; the flex kernels, not the
-    built-in route): through the public call's autograd graph, and the backend's launch alone."""
-    import flashtile
-    from flashtile import create_block_mask, masks
-    from flashtile import flex as flex_mod
-    from flashtile.backends.flex_triton import launch as L
-    from flashtile.spec import make_call
-
-    flex_mod.BUILTIN_ROUTE = False
-    s, h, d = 16384, 16, 64
-    ids = torch.arange(s, device=dev) // (s // 16)
-    bm = create_block_mask(masks.document(ids), None, None, s, s, device=dev)
-    q, k, v = (torch.randn(1, h, s, d, device=dev, dtype=dt).requires_grad_() for _ in range(3))
-    o = flashtile.flex_attention(q, k, v, block_mask=bm)
-    go = torch.randn_like(o)
-    call = make_call(headdim=d, block_mask=bm)
-    qi, ki, vi = (x.detach().transpose(1, 2) for x in (q, k, v))
-    with torch.no_grad():
-        out, lse = L.forward(qi, ki, vi, call)
-    dout = go.transpose(1, 2)
-
-    def flexbwd_api():
-        torch.autograd.grad(o, (q, k, v), go, retain_graph=True)
-
-    def flexbwd_direct():
-        L.backward(dout, qi, ki, vi, out, lse, call, ())
-
-    return {"flexbwd_api": flexbwd_api, "flexbwd_direct": flexbwd_direct}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=400)
@@ -139,10 +106,8 @@ def main() -> None:
 
     cases = {"fwd": fwd, "fwd_bwd": fwd_bwd, "decode": decode, "fwd_gluon": fwd_gluon, "sdpa": sdpa}
     only = [c for c in args.only.split(",") if c] or list(cases)
-    if any(c.startswith("flexbwd") for c in only):
-        cases.update(_flex_cases(dev, dt))
     for c in only:
-        _profile(c, cases[c], args.calls if not c.startswith("flexbwd") else max(args.calls // 8, 20), args.top)
+        _profile(c, cases[c], args.calls, args.top)
     from flashtile.backends.triton import fastlaunch, launch, launch_decode
 
     mods = [launch, launch_decode]
