@@ -378,6 +378,8 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
                 sig["dq_desc"] = _desc_sig("fp32", cfg.block_m, bd, varlen)
             else:
                 consts["DQ_TMA"] = False
+        if "dq_desc" not in sig:  # (a leading argument without a default: None without DQ_TMA)
+            consts["dq_desc"] = None
     if not varlen:
         consts.update(CU_Q=None, CU_K=None)
     for key in consts:

@@ -227,8 +227,13 @@ def lb(monkeypatch):
             args[4].fill_(2.0)
 
     rec = {"main": _Recorder(fill_dq), "pre": _Recorder(), "dq": _Recorder()}
+
+    class WsMain:  # the ws kernel's dq_desc (after do_desc) recorded as a keyword: one argument list for both
+        def __getitem__(self, grid):
+            return lambda *a, **kw: rec["main"][grid](*a[:4], *a[5:], **kw, dq_desc=a[4])
+
     monkeypatch.setattr(launch_bwd, "attn_bwd", rec["main"])
-    monkeypatch.setattr(launch_bwd, "attn_bwd_ws", rec["main"])  # (the table picks per head dim)
+    monkeypatch.setattr(launch_bwd, "attn_bwd_ws", WsMain())  # (the table picks per head dim)
     monkeypatch.setattr(launch_bwd, "_bwd_preprocess", rec["pre"])
     monkeypatch.setattr(launch_bwd, "_bwd_dq_kernel", rec["dq"])
     monkeypatch.setattr(launch_bwd, "_descriptor", lambda t, rows, varlen: ("desc", tuple(t.shape), rows, varlen))
@@ -236,6 +241,7 @@ def lb(monkeypatch):
     monkeypatch.setattr(launch_bwd, "_convert_dq",
                         lambda acc, dq, scale: dq.copy_(acc[:, : dq.shape[1], :, : dq.shape[3]] * scale))  # fmt: skip
     monkeypatch.setattr(launch_bwd, "arch", lambda device: "sm90")
+    monkeypatch.setattr(launch_bwd.HL, "LEAN", False)  # no launch plans (test_bwd_plans_* test them)
     return launch_bwd, rec
 
 
@@ -506,3 +512,91 @@ def test_gpu_bwd_triton_switch_agrees(monkeypatch):
         grads[mode] = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     for a, b in zip(grads["gluon"], grads["triton"], strict=True):
         assert (a.float() - b.float()).abs().max().item() <= 2e-2 * max(1.0, b.float().abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# launch plans of the dense backward (launch_bwd._runner)
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """launch_bwd's three kernels replaced by recorders of (kernel, grid, args with tensors as their
+    dtype, kwargs, "generic" | "prepared"); ``prepare`` gives a launcher recording the same way."""
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from flashtile.backends.hopper import launch as HL
+    from flashtile.backends.hopper import launch_bwd
+
+    log = []
+
+    def norm(args):
+        return tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: log.append((self.name, tuple(grid), norm(a), kw, "generic"))
+
+        def prepare(self, grid, args, kw, lead, descs=0, keep=False):
+            assert all(isinstance(a, tuple) for a in args[:descs])  # (the fake descriptors)
+            return lambda *head: log.append((self.name, tuple(grid), norm(head + tuple(args[lead:])), kw, "prepared"))
+
+    for n in ("attn_bwd_ws", "attn_bwd", "_bwd_preprocess", "_dq_fast", "_bwd_dq_kernel"):
+        monkeypatch.setattr(launch_bwd, n, Rec(n))
+    monkeypatch.setattr(launch_bwd, "_descriptor", lambda t, rows, varlen: ("desc", tuple(t.shape), t.dtype, rows))
+    monkeypatch.setattr(launch_bwd, "arch", lambda device: "sm90")
+    monkeypatch.setattr(HL, "LEAN", True)
+    HL.clear_plans()
+    yield launch_bwd, log
+    HL.clear_plans()
+
+
+def test_bwd_plans_repeat_the_first_launch(planned):
+    """A signature's first call records a pending plan, its first reuse prepares the three launches,
+    later calls take them: every call launches the same kernels, grids, non-tensor arguments,
+    tensor dtypes, descriptors and keywords, and returns gradients of the inputs' shapes."""
+    from flashtile.backends.hopper import launch as HL
+
+    launch_bwd, log = planned
+    q, k, v = qkv_inputs(2, 200, 230, 4, 2, 128, torch.bfloat16, "cpu")
+    call = make_call(headdim=128, softmax_scale=0.3)
+    dout, out, lse = torch.randn_like(q), torch.randn_like(q), _lse(2, 4, 200)
+    runs = []
+    for _ in range(4):
+        n0 = len(log)
+        dq, dk, dv = launch_bwd.backward(dout, q, k, v, out, lse, call)
+        assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+        runs.append(log[n0:])
+    strip = [[e[:4] for e in r] for r in runs]
+    assert strip[0] == strip[1] == strip[2] == strip[3]
+    assert [e[0] for e in runs[0]] == ["_bwd_preprocess", "attn_bwd_ws", "_dq_fast"]
+    assert [e[4] for e in runs[1]] == ["generic"] * 3 and [e[4] for e in runs[3]] == ["prepared"] * 3
+    main = runs[3][1]
+    assert main[2][4] == ("desc", (2, 200 + configs.bwd_config(128).block_m, 4, 128), torch.float32,
+                          configs.bwd_config(128).block_m)  # fmt: skip
+    # cleared plans: the runner declines and the full path runs (and plans anew)
+    HL.clear_plans()
+    n0 = len(log)
+    launch_bwd.backward(dout, q, k, v, out, lse, call)
+    assert [e[4] for e in log[n0:]] == ["generic"] * 3
+
+
+def test_bwd_plans_only_what_they_can_repeat(planned):
+    """Not planned: deterministic calls (the ordered dQ pass), calls whose inputs TMA cannot read as
+    they are (copied), configs passed by the caller, and calls holding a tensor (ALiBi)."""
+    launch_bwd, log = planned
+    q, k, v = qkv_inputs(1, 130, 130, 2, 2, 64, torch.float16, "cpu")
+    dout, out, lse = torch.randn_like(q), torch.randn_like(q), _lse(1, 2, 130)
+    odd = torch.randn(1, 130, 2, 68, dtype=torch.float16)[..., :64]  # head stride 136 B: not TMA-readable
+    cases = [
+        (make_call(headdim=64, deterministic=True), (dout, q, k, v), {}),
+        (make_call(headdim=64), (dout, odd, k, v), {}),
+        (make_call(headdim=64), (dout, q, k, v), {"config": configs.bwd_config(64)}),
+        (make_call(headdim=64, alibi_slopes=torch.rand(2)), (dout, q, k, v), {}),
+    ]
+    for call, (d, qq, kk, vv), kw in cases:
+        for _ in range(3):
+            n0 = len(log)
+            launch_bwd.backward(d, qq, kk, vv, out, lse, call, **kw)
+            assert all(e[4] == "generic" for e in log[n0:]), call

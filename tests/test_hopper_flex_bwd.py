@@ -346,13 +346,15 @@ def test_flex_backward_arguments(lb, d):
     assert kw["MA0"].data_ptr() == mm._flashtile_triton[1][0].data_ptr() and kw["MA1"] == S and kw["MA2"] == 1
     cnt, idx, (sb, sh, w) = launch_bwd.flex_lists(call.block_mask, q.device)
     assert kw["BL_CNT"] is cnt and kw["BL_IDX"] is idx and (kw["bl_sb"], kw["bl_sh"], kw["bl_w"]) == (sb, sh, w)
-    assert args[22] == pytest.approx(0.1 * 1.4426950408889634) and args[23] == 0.0 and args[25:27] == (-1, -1)
+    # (the ws kernel: dq_desc after do_desc, the dQ accumulator's descriptor with DQ_TMA)
+    assert args[4] == ("desc", tuple(args[5].shape), cfg.block_m, False) and args[5].dtype == torch.float32
+    assert args[23] == pytest.approx(0.1 * 1.4426950408889634) and args[24] == 0.0 and args[26:28] == (-1, -1)
     # softcap as the score_mod: the kernel's softcap
     sc = _call(masks.causal, B, H, S, S, d=d, softmax_scale=0.1, score_mod=masks.softcap(25.0))
     launch_bwd.flex_backward(torch.randn_like(q), q, k, v, q, torch.randn(B, H, S), sc, ())
     _, args2, kw2 = rec.calls[1]
     assert kw2["HAS_SOFTCAP"] and kw2["MASK_MOD"] is K.causal
-    assert args2[22] == pytest.approx(0.1 / 25.0) and args2[23] == pytest.approx(25.0 * 1.4426950408889634)
+    assert args2[23] == pytest.approx(0.1 / 25.0) and args2[24] == pytest.approx(25.0 * 1.4426950408889634)
 
 
 def test_flex_backward_refuses_what_it_cannot_compute(lb):

@@ -794,19 +794,21 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
 
 @gluon.jit(do_not_specialize=_NO_SPECIALIZE)
 def attn_bwd_ws(
-    q_desc, k_desc, v_desc, do_desc, DQ, DK, DV, LSE, DELTA, CU_Q, CU_K,
+    q_desc, k_desc, v_desc, do_desc, dq_desc, DQ, DK, DV, LSE, DELTA, CU_Q, CU_K,
     stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, group, qk_scale, cap_out, sm_scale, window_left, window_right,
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, WORKER_REGS: gl.constexpr, RED_ROWS: gl.constexpr,
     num_warps: gl.constexpr, DEFER_DK: gl.constexpr = False, SPLIT: gl.constexpr = False,
-    COMPUTE_REGS: gl.constexpr = 240, SWAP: gl.constexpr = False, DQ_TMA: gl.constexpr = False, dq_desc=None,
+    COMPUTE_REGS: gl.constexpr = 240, SWAP: gl.constexpr = False, DQ_TMA: gl.constexpr = False,
     LPT: gl.constexpr = False, BL_CNT=None, BL_IDX=None, bl_sb=None, bl_sh=None, bl_w=None, MA0=None, MA1=None,
     MA2=None, LIST_SUBS: gl.constexpr = 0, MASK_MOD: gl.constexpr = None, STAT_RING: gl.constexpr = False,
     FOLD: gl.constexpr = False, stat_mul=1.0,
 ):
-    """Warp-specialised backward, same arguments and semantics as :func:`attn_bwd` (grid
+    """Warp-specialised backward, same arguments and semantics as :func:`attn_bwd` plus ``dq_desc``
+    after ``do_desc`` (None without ``DQ_TMA``; a leading argument, so that a prepared launch passes
+    it per call with the per-call accumulator: ``launch_bwd``'s plans) (grid
     ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``), and a worker warpgroup (4 more warps,
     ``WORKER_REGS`` registers) that issues the TMA loads and adds the dQ tiles into ``DQ``.
     ``SPLIT=False`` (``ws``): ``num_warps = 8``, the two compute warpgroups in the default

@@ -28,20 +28,27 @@ def _dq_kernel(ACC, DQ, n_rows, H, scale, stride_ab, stride_as, stride_ah, strid
     tl.store(dst, x.to(DQ.dtype.element_ty), mask=mask)
 
 
+def dq_launch(acc: torch.Tensor, dq: torch.Tensor, scale: float) -> tuple[tuple, tuple, dict]:
+    """``(grid, args, kwargs)`` of :func:`_dq_kernel`'s launch for :func:`convert_dq` (``acc`` and
+    ``dq`` its first two arguments)."""
+    B, S, H, D = dq.shape
+    block_r = 64
+    return (cdiv(S * H, block_r), B), (
+        acc, dq, S * H, H, scale, acc.stride(0), acc.stride(1), acc.stride(2), dq.stride(0), dq.stride(1),
+        dq.stride(2),
+    ), dict(D=D, BLOCK_D=max(16, next_power_of_2(D)), BLOCK_R=block_r, num_warps=4)  # fmt: skip
+
+
 def convert_dq(acc: torch.Tensor, dq: torch.Tensor, scale: float, kernel=None) -> None:
     """``dq[b, s, h, :] = scale * acc[b, s, h, :D]`` for ``dq`` ``(B, S, H, D)`` (any strides with a
     contiguous head dim) and ``acc`` fp32 ``(B, >= S, H, >= D)`` with a contiguous head dim.
     ``kernel``: a launch wrapper of :func:`_dq_kernel` (the lean launch), else the kernel itself."""
-    B, S, H, D = dq.shape
     if acc.stride(-1) != 1 or dq.stride(-1) != 1:
         raise ValueError("convert_dq: acc and dq need a contiguous last dimension")
-    if B == 0 or S == 0 or H == 0 or D == 0:
+    if dq.numel() == 0:
         return
-    block_r = 64
-    (kernel or _dq_kernel)[(cdiv(S * H, block_r), B)](
-        acc, dq, S * H, H, scale, acc.stride(0), acc.stride(1), acc.stride(2), dq.stride(0), dq.stride(1),
-        dq.stride(2), D=D, BLOCK_D=max(16, next_power_of_2(D)), BLOCK_R=block_r, num_warps=4,
-    )  # fmt: skip
+    grid, args, kw = dq_launch(acc, dq, scale)
+    (kernel or _dq_kernel)[grid](*args, **kw)
 
 
-__all__ = ["convert_dq"]
+__all__ = ["convert_dq", "dq_launch"]

@@ -162,6 +162,14 @@ _PENDING = object()
 _EPOCH = object()
 
 
+def keep_plan(key: tuple, plan: tuple) -> None:
+    """Keep a launch plan (forward or backward: ``launch_bwd``'s keys start with "bwd"), forgetting
+    them all when the store is full."""
+    if len(_PLANS) >= _PLANS_MAX and key not in _PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+
+
 def clear_plans() -> None:
     """Forget every launch plan and the runners made from them (code that changes the config
     tables at run time calls it)."""
@@ -211,9 +219,7 @@ def forward(
     copied = args[0].base is not q or args[1].base is not k or args[2].base is not v  # (TMA needed copies)
     if key is not None and (plan is None or plan[0] is not call) and _plannable(call) and not call.varlen \
             and not copied:  # fmt: skip
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[key] = (call, _PENDING)
+        keep_plan(key, (call, _PENDING))
     return out, lse
 
 

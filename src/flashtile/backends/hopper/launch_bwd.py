@@ -39,10 +39,11 @@ from ..triton import configs as triton_configs
 from ..triton.fastlaunch import fast
 from ..triton.launch import _BWD_DQ as _bwd_dq_kernel  # the kernels' lean launch wrappers (issue 16)
 from ..triton.launch import _BWD_PRE as _bwd_preprocess
-from ..triton.launch import _flags, _geometry, _scalars, arch, device_guard, score_scales
+from ..triton.launch import _flags, _geometry, _plannable, _scalars, arch, device_guard, score_scales
 from . import bwd, configs
+from . import launch as HL
 from .configs import HopperBwdConfig
-from .dq import _dq_kernel, convert_dq
+from .dq import _dq_kernel, convert_dq, dq_launch
 from .launch import _check_launch, _descriptor, tma_ready
 
 # the Gluon kernels (and the dQ conversion) on the lean launch path too
@@ -67,7 +68,17 @@ def backward(
     lists: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shaped and typed like (q, k, v). ``config`` overrides the table (sweeps).
-    ``lists``: the block-list mode's kernel arguments (:func:`flex_backward`)."""
+    ``lists``: the block-list mode's kernel arguments (:func:`flex_backward`). A dense call without
+    either is planned (see :data:`_PLANS`)."""
+    key = plan = None
+    if config is None and lists is None and HL.LEAN:
+        key = ("bwd", id(call), q.dtype, dout.dtype, out.dtype, q.device, q.shape, k.shape, v.shape, q.stride(),
+               k.stride(), v.stride(), dout.stride(), out.stride(), lse.stride())  # fmt: skip
+        plan = HL._PLANS.get(key)
+        if plan is not None and plan[0] is call and plan[1] is not _PENDING and plan[1] is not None:
+            res = plan[1](dout, q, k, v, out, lse)
+            if res is not None:
+                return res
     B, Sq, H, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
     varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k = _geometry(q, k, call)
@@ -78,10 +89,12 @@ def backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     cfg = config or configs.bwd_config(D, call.window_left >= 0 or call.window_right >= 0)
     _check_launch(call, lse, cfg, D, configs.bwd_check, "backward config")
+    inputs = (q, k, v, dout, out, lse)
     q, k, v, dout = (tma_ready(x) for x in (q, k, v, dout))
     if out.stride(-1) != 1:
         out = out.contiguous()
     lse = lse.contiguous()
+    copied = any(a is not b for a, b in zip(inputs, (q, k, v, dout, out, lse), strict=True))
     delta = torch.empty_like(lse)
     bd = configs.block_d(D)
     atomic = bool(cfg.atomic_dq) and not call.deterministic
@@ -95,45 +108,94 @@ def backward(
 
     with device_guard(q.device):
         pre_m = 64
-        _bwd_preprocess[(cdiv(Sq, pre_m), H, B)](
+        pre = ((cdiv(Sq, pre_m), H, B), (
             out, dout, delta,
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             delta.stride(0), delta.stride(1), Sq,
-            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_m,
-        )  # fmt: skip
-        q_desc = _descriptor(q, cfg.block_m, varlen)
-        do_desc = _descriptor(dout, cfg.block_m, varlen)
-        k_desc = _descriptor(k, cfg.block_n, varlen)
-        v_desc = _descriptor(v, cfg.block_n, varlen)
+        ), dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_m))  # fmt: skip
+        _bwd_preprocess[pre[0]](*pre[1], **pre[2])
+        descs = [_descriptor(q, cfg.block_m, varlen), _descriptor(k, cfg.block_n, varlen),
+                 _descriptor(v, cfg.block_n, varlen), _descriptor(dout, cfg.block_m, varlen)]  # fmt: skip
         # (ws2: the default partition is one compute warpgroup)
         extra = cfg.kernel_consts(D, softcap=call.softcap > 0)
-        kernel = attn_bwd_ws if cfg.kernel in ("ws", "ws2") else attn_bwd
+        ws = cfg.kernel in ("ws", "ws2")
+        kernel = attn_bwd_ws if ws else attn_bwd
         if extra.get("STAT_RING"):  # fold's starting values -lse / scale: not with a zero scale
             extra["FOLD"] = extra["FOLD"] and qk_scale != 0
             extra["stat_mul"] = -1.0 / qk_scale if extra["FOLD"] else 1.0
-        if extra.get("DQ_TMA"):
-            extra["DQ_TMA"] = atomic
-            if atomic:  # the dQ accumulator's [block_m, BLOCK_D] fp32 tiles, added by TMA
-                extra["dq_desc"] = _descriptor(dq_acc, cfg.block_m, varlen)
+        if ws:  # the dQ accumulator's [block_m, BLOCK_D] fp32 tiles, added by TMA (DQ_TMA), else None
+            extra["DQ_TMA"] = bool(extra["DQ_TMA"]) and atomic
+            descs.append(_descriptor(dq_acc, cfg.block_m, varlen) if extra["DQ_TMA"] else None)
         n_kb = cdiv(rows_k, cfg.block_n)
         # causal / right window: key block 0 of every head first (longest first); grid y / z <= 65535
         lpt = bool(cfg.lpt) and call.window_right >= 0 and nb <= 65535 and n_kb <= 65535 and lists is None
-        grid = (Hk, nb, n_kb) if lpt else (n_kb, Hk, nb)
-        kernel[grid](
-            q_desc, k_desc, v_desc, do_desc, dq_acc, dk, dv, lse, delta, call.cu_seqlens_q, call.cu_seqlens_k,
+        main = ((Hk, nb, n_kb) if lpt else (n_kb, Hk, nb), (
+            *descs, dq_acc, dk, dv, lse, delta, call.cu_seqlens_q, call.cu_seqlens_k,
             0 if varlen else dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
             0 if varlen else dk.stride(0), dk.stride(1), dk.stride(2), stride_lb, lse.stride(1),
             Sq, Sk, H // Hk, qk_scale, cap_out, call.softmax_scale, call.window_left, call.window_right,
+        ), dict(
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
             HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
             IS_VARLEN=varlen, ATOMIC_DQ=atomic, LPT=lpt, **extra, **(lists or {}),
-        )  # fmt: skip
+        ))  # fmt: skip
+        kernel[main[0]](*main[1], **main[2])
         if atomic:
             _convert_dq(dq_acc, dq, call.softmax_scale)
         else:
             _triton_dq(q, k, v, dout, lse, delta, dq, call, varlen, nb, seqlen_q, seqlen_k, rows_q, rows_k)
+    if key is not None and ws and atomic and not varlen and not copied and _plannable(call):
+        if plan is None or plan[0] is not call:
+            HL.keep_plan(key, (call, _PENDING))
+        elif plan[1] is _PENDING:  # the first reuse: the launches prepared for the next calls
+            HL.keep_plan(key, (call, _runner(kernel, pre, main, len(descs), dq_acc, dq, call.softmax_scale)))
     return dq, dk, dv
+
+
+# Launch plans of the dense backward (issue 16; as the forward's, ``launch._PLANS``, where they are
+# kept under a key that starts with "bwd"): per signature -- the call (by id, checked with ``is``;
+# calls holding no tensor), the dtypes and device, the shapes and strides of q, k, v, dout, out and
+# lse -- the config, grids, every non-tensor argument, the descriptors' templates and the compiled
+# kernels of the three launches (preprocess, the ws kernel, the dQ conversion), prepared at the
+# signature's first reuse. A planned call allocates dq, dk, dv, delta and the zeroed accumulator,
+# makes five descriptors and launches. Only atomic-dQ calls of the ws kernel whose inputs TMA reads
+# as they are (no copies; bases 16-byte aligned, checked per call) are planned.
+_PENDING = object()
+
+
+def _runner(kernel, pre: tuple, main: tuple, n_desc: int, dq_acc: torch.Tensor, dq: torch.Tensor, scale: float):
+    """A backward plan's runner: ``run(dout, q, k, v, out, lse) -> (dq, dk, dv)``, or None (launching
+    nothing) where the plans were cleared, the lean path turned off or a base is not 16-byte
+    aligned; None itself where a launch cannot be prepared."""
+    conv = dq_launch(dq_acc, dq, scale)
+    preps = (_bwd_preprocess.prepare(*pre, 3), kernel.prepare(*main, n_desc + 5, descs=n_desc - (main[1][4] is None)),
+             _dq_fast.prepare(*conv, 2))  # fmt: skip
+    if None in preps:
+        return None
+    p_pre, p_main, p_conv = preps
+    epoch, dev, f32 = HL._EPOCH, dq.device, torch.float32
+    acc_shape, block_m, block_n = tuple(dq_acc.shape), main[2]["BLOCK_M"], main[2]["BLOCK_N"]
+    dq_tma = main[1][4] is not None
+
+    def run(dout, q, k, v, out, lse):
+        if HL._EPOCH is not epoch or not HL.LEAN or (q.data_ptr() | k.data_ptr() | v.data_ptr() | dout.data_ptr()
+                                                       | out.data_ptr() | lse.data_ptr()) & 15:  # fmt: skip
+            return None
+        dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+        delta = torch.empty(lse.shape, dtype=f32, device=dev)
+        acc = torch.zeros(acc_shape, dtype=f32, device=dev)
+        descs = (_descriptor(q, block_m, False), _descriptor(k, block_n, False), _descriptor(v, block_n, False),
+                 _descriptor(dout, block_m, False), _descriptor(acc, block_m, False) if dq_tma else None)  # fmt: skip
+        with device_guard(dev):
+            p_pre(out, dout, delta)
+            p_main(*descs, acc, dk, dv, lse, delta)
+            p_conv(acc, dq)
+        return dq, dk, dv
+
+    return run
 
 
 def _triton_dq(q, k, v, dout, lse, delta, dq, call: AttnCall, varlen: bool, nb: int, seqlen_q: int,
