@@ -24,6 +24,9 @@
 backward config variant (``HopperBwdConfig`` fields over the table's, every head dim): its
 gradients are checked against the default config's on a few shapes, then it gets its own
 benchmark column. A watchdog (from ``hopper_run.py``) ends the process (exit code 3) if a case or cell hangs.
+``--plans``: the dense backward's launch plans on (``launch_bwd.PLANS``) for the whole run, and first
+a check of planned calls: the same signature four times (d64 / d128, causal and not), dK / dV
+bitwise equal to the first call's, dQ within the atomics' rounding, the last two through the plan.
 """
 
 from __future__ import annotations
@@ -401,6 +404,30 @@ def patch_table(text: str) -> None:
             configs._BWD_TABLE[d] = replace(cfg, **ov)
 
 
+def check_plans() -> str:
+    """Planned dense backward calls (``launch_bwd.PLANS``) against the first, unplanned call."""
+    from flashtile.backends.hopper import launch as HL
+    from flashtile.backends.hopper import launch_bwd
+
+    HL.clear_plans()
+    for d, causal in ((64, False), (128, False), (128, True)):
+        q, k, v = (torch.randn(2, 1000, h, d, device="cuda", dtype=torch.bfloat16) for h in (8, 2, 2))
+        call = make_call(headdim=d, causal=causal)
+        out, lse = HL.forward(q, k, v, call)
+        dout = torch.randn_like(out)
+        grads = [launch_bwd.backward(dout, q, k, v, out, lse, call) for _ in range(4)]
+        plans = [p for key, p in HL._PLANS.items() if key[0] == "bwd" and p[0] is call]
+        if len(plans) != 1 or not callable(plans[0][1]):
+            raise AssertionError(f"d{d} causal={causal}: no prepared plan ({plans})")
+        for g in grads[1:]:
+            if not (torch.equal(g[1], grads[0][1]) and torch.equal(g[2], grads[0][2])):
+                raise AssertionError(f"d{d} causal={causal}: dk / dv of a repeated call differ from the first")
+            err = ((g[0].float() - grads[0][0].float()).abs().max() / grads[0][0].float().abs().max()).item()
+            if err > 1e-2:
+                raise AssertionError(f"d{d} causal={causal}: dq of a repeated call off by {err:.2e} (relative)")
+    return "dk / dv bitwise, dq within 1e-2 over 4 calls (the last two planned)"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer correctness cases, three benchmark cells")
@@ -409,6 +436,7 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], help="bwd config overrides, e.g. block_m=128,dq_chunk=64")
     ap.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT, help="watchdog per case / cell (s)")
     ap.add_argument("--breakdown", action="store_true", help="per-kernel GPU time of ours and cuDNN's (profiler)")
+    ap.add_argument("--plans", action="store_true", help="the dense backward's launch plans on (checked first)")
     ap.add_argument("--table", default="", help="overrides applied to the backward table itself before the "
                     "correctness cases (every head dim where the config stays valid), e.g. stat_ring=1,fold=1")
     args = ap.parse_args()
@@ -426,6 +454,16 @@ def main() -> int:
 
     if args.table:
         patch_table(args.table)
+    if args.plans:
+        from flashtile.backends.hopper import launch_bwd
+
+        launch_bwd.PLANS = True
+        try:
+            with watchdog(CASE_TIMEOUT, "plans"):
+                log(f"PASS plans: {check_plans()}")
+        except Exception as e:  # noqa: BLE001
+            log(f"FAIL plans: {type(e).__name__}: {str(e)[:1000]}")
+            return 1
     log(f"backward configs: {', '.join(f'd={d}: {configs.bwd_config(d)}' for d in configs.HEADDIMS)}")
     try:
         ok = run_correctness(args.quick)

@@ -547,6 +547,7 @@ def planned(monkeypatch):
     monkeypatch.setattr(launch_bwd, "_descriptor", lambda t, rows, varlen: ("desc", tuple(t.shape), t.dtype, rows))
     monkeypatch.setattr(launch_bwd, "arch", lambda device: "sm90")
     monkeypatch.setattr(HL, "LEAN", True)
+    monkeypatch.setattr(launch_bwd, "PLANS", True)
     HL.clear_plans()
     yield launch_bwd, log
     HL.clear_plans()
