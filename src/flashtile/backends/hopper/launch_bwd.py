@@ -68,8 +68,8 @@ def backward(
     lists: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shaped and typed like (q, k, v). ``config`` overrides the table (sweeps).
-    ``lists``: the block-list mode's kernel arguments (:func:`flex_backward`). A dense call without
-    either is planned (see :data:`_PLANS`)."""
+    ``lists``: the block-list mode's kernel arguments (:func:`flex_backward`). With :data:`PLANS`
+    on, a dense call without either is planned (see the comment above it)."""
     key = plan = None
     if PLANS and config is None and lists is None and HL.LEAN:
         key = ("bwd", id(call), q.dtype, dout.dtype, out.dtype, q.device, q.shape, k.shape, v.shape, q.stride(),
