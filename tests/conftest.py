@@ -259,6 +259,32 @@ def fake_compiled(run):
     return Compiled
 
 
+def plan_recorders(monkeypatch, module, names) -> list:
+    """``module``'s kernels ``names`` replaced by recorders of launches as (kernel name, grid, args
+    with tensors as their dtype, kwargs, "generic" | "prepared"): ``kernel[grid](*args, **kw)``
+    records "generic", and ``kernel.prepare(grid, args, kw, lead, ...)`` gives a launcher taking the
+    ``lead`` leading arguments that records "prepared" (``FastKernel.prepare``'s contract). For the
+    launch-plan tests: a planned call must record what its unplanned first call recorded."""
+    log: list = []
+
+    def norm(args):
+        return tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: log.append((self.name, tuple(grid), norm(a), kw, "generic"))
+
+        def prepare(self, grid, args, kw, lead, descs=0, keep=False):
+            return lambda *head: log.append((self.name, tuple(grid), norm(head + tuple(args[lead:])), kw, "prepared"))
+
+    for n in names:
+        monkeypatch.setattr(module, n, Rec(n))
+    return log
+
+
 def install_fake_triton_kernels(monkeypatch, compiled):
     """The triton backend's launchers' kernels (forward, backward passes, decode, merge, append)
     replaced by fake ``JITFunction``s of their real parameters whose compiled kernel is

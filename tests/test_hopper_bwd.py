@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import dense_fn, dense_oracle
+from conftest import dense_fn, dense_oracle, plan_recorders
 
 import flashtile
 from flashtile import flash_attn_func, flash_attn_varlen_func
@@ -520,30 +520,13 @@ def test_gpu_bwd_triton_switch_agrees(monkeypatch):
 
 @pytest.fixture
 def planned(monkeypatch):
-    """launch_bwd's three kernels replaced by recorders of (kernel, grid, args with tensors as their
-    dtype, kwargs, "generic" | "prepared"); ``prepare`` gives a launcher recording the same way."""
+    """launch_bwd's kernels replaced by recorders (``conftest.plan_recorders``)."""
     pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
     from flashtile.backends.hopper import launch as HL
     from flashtile.backends.hopper import launch_bwd
 
-    log = []
-
-    def norm(args):
-        return tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
-
-    class Rec:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: log.append((self.name, tuple(grid), norm(a), kw, "generic"))
-
-        def prepare(self, grid, args, kw, lead, descs=0, keep=False):
-            assert all(isinstance(a, tuple) for a in args[:descs])  # (the fake descriptors)
-            return lambda *head: log.append((self.name, tuple(grid), norm(head + tuple(args[lead:])), kw, "prepared"))
-
-    for n in ("attn_bwd_ws", "attn_bwd", "_bwd_preprocess", "_dq_fast", "_bwd_dq_kernel"):
-        monkeypatch.setattr(launch_bwd, n, Rec(n))
+    log = plan_recorders(monkeypatch, launch_bwd, ("attn_bwd_ws", "attn_bwd", "_bwd_preprocess", "_dq_fast",
+                                                   "_bwd_dq_kernel"))  # fmt: skip
     monkeypatch.setattr(launch_bwd, "_descriptor", lambda t, rows, varlen: ("desc", tuple(t.shape), t.dtype, rows))
     monkeypatch.setattr(launch_bwd, "arch", lambda device: "sm90")
     monkeypatch.setattr(HL, "LEAN", True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import plan_recorders
 
 import flashtile
 from flashtile import create_block_mask, masks
@@ -409,26 +410,8 @@ def test_gpu_flex_backward_matches_the_oracle(mask_name, s, h, hk, d):
 
 
 def _flex_recorders(monkeypatch):
-    """FL's three backward kernels replaced by recorders of (kernel, grid, args with tensors as
-    their dtype, kwargs); ``prepare`` gives a launcher that records the same way ("prepared")."""
-    log = []
-
-    def norm(args):
-        return tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
-
-    class Rec:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: log.append((self.name, tuple(grid), norm(a), kw, "generic"))
-
-        def prepare(self, grid, args, kw, lead, keep=False):
-            assert keep
-            return lambda *head: log.append((self.name, tuple(grid), norm(head + tuple(args[lead:])), kw, "prepared"))
-
-    for n in ("_PRE", "_DKDV", "_DQ"):
-        monkeypatch.setattr(FL, n, Rec(n))
+    """FL's three backward kernels replaced by recorders (``conftest.plan_recorders``)."""
+    log = plan_recorders(monkeypatch, FL, ("_PRE", "_DKDV", "_DQ"))
     monkeypatch.setattr(FL, "_arch", lambda device: "sm90")
     FL._BWD_PLANS.clear()
     return log
