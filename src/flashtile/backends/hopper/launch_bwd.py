@@ -29,6 +29,7 @@ once per block mask by :func:`flex_lists`.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -163,9 +164,9 @@ def backward(
 # as they are (no copies; bases 16-byte aligned, checked per call) are planned.
 _PENDING = object()
 #: Whether dense backward calls are planned: off until the plans have run on the GPU (prepared in
-#: stop 26 after the device time ran out; benchmarks/NOTES.md, "Dense Hopper backward plans"); the
-#: CPU tests turn it on.
-PLANS = False
+#: stop 26 after the device time ran out; benchmarks/NOTES.md, "Dense Hopper backward plans");
+#: ``FLASHTILE_HOPPER_BWD_PLANS=1`` at import turns it on (benchmarks), as the CPU tests do.
+PLANS = os.environ.get("FLASHTILE_HOPPER_BWD_PLANS", "0").strip() == "1"
 
 
 def _runner(kernel, pre: tuple, main: tuple, n_desc: int, dq_acc: torch.Tensor, dq: torch.Tensor, scale: float):
