@@ -150,7 +150,7 @@ def backward(
         if plan is None or plan[0] is not call:
             HL.keep_plan(key, (call, _PENDING))
         elif plan[1] is _PENDING:  # the first reuse: the launches prepared for the next calls
-            HL.keep_plan(key, (call, _runner(kernel, pre, main, len(descs), dq_acc, dq, call.softmax_scale)))
+            HL.keep_plan(key, (call, _runner(kernel, pre, main, cfg, extra["DQ_TMA"], dq_acc, dq, call.softmax_scale)))
     return dq, dk, dv
 
 
@@ -169,19 +169,21 @@ _PENDING = object()
 PLANS = os.environ.get("FLASHTILE_HOPPER_BWD_PLANS", "0").strip() == "1"
 
 
-def _runner(kernel, pre: tuple, main: tuple, n_desc: int, dq_acc: torch.Tensor, dq: torch.Tensor, scale: float):
-    """A backward plan's runner: ``run(dout, q, k, v, out, lse) -> (dq, dk, dv)``, or None (launching
-    nothing) where the plans were cleared, the lean path turned off or a base is not 16-byte
-    aligned; None itself where a launch cannot be prepared."""
+def _runner(kernel, pre: tuple, main: tuple, cfg: HopperBwdConfig, dq_tma: bool, dq_acc: torch.Tensor,
+            dq: torch.Tensor, scale: float):  # fmt: skip
+    """A backward plan's runner from this call's launches ``pre`` / ``main`` (``(grid, args,
+    kwargs)``; main's leading arguments: five descriptor slots, the last the accumulator's with
+    ``dq_tma``, else None, then five tensors): ``run(dout, q, k, v, out, lse) -> (dq, dk, dv)``, or
+    None (launching nothing) where the plans were cleared, the lean path turned off or a base is not
+    16-byte aligned; None itself where a launch cannot be prepared."""
     conv = dq_launch(dq_acc, dq, scale)
-    preps = (_bwd_preprocess.prepare(*pre, 3), kernel.prepare(*main, n_desc + 5, descs=n_desc - (main[1][4] is None)),
+    preps = (_bwd_preprocess.prepare(*pre, 3), kernel.prepare(*main, 10, descs=5 if dq_tma else 4),
              _dq_fast.prepare(*conv, 2))  # fmt: skip
     if None in preps:
         return None
     p_pre, p_main, p_conv = preps
     epoch, dev, f32 = HL._EPOCH, dq.device, torch.float32
-    acc_shape, block_m, block_n = tuple(dq_acc.shape), main[2]["BLOCK_M"], main[2]["BLOCK_N"]
-    dq_tma = main[1][4] is not None
+    acc_shape, block_m, block_n = tuple(dq_acc.shape), cfg.block_m, cfg.block_n
 
     def run(dout, q, k, v, out, lse):
         if HL._EPOCH is not epoch or not HL.LEAN or (q.data_ptr() | k.data_ptr() | v.data_ptr() | dout.data_ptr()
