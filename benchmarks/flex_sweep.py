@@ -67,6 +67,9 @@ FWD = {
     "m64 w4 s2 g1p1": "64,64,4,2,1,1",
     "m64 w4 s3": "64,64,4,3,0,0",
     "n128 w8 s2": "128,128,8,2,0,0",
+    "n128 w8 s3": "128,128,8,3,0,0",
+    "m128 w4 s3": "128,64,4,3,0,0",
+    "m64 n128 w4 s3": "64,128,4,3,0,0",
 }
 #: candidates timed on the causal-like cases too (the others: sparse cases only)
 FWD_ALL = ("default", "g1p1 (Flex order)", "m64 w4 s2 (2 CTA/SM)")
@@ -123,8 +126,8 @@ def back_to_back(fn, n=20) -> float:
 _CPU_BACKEND = None
 
 
-
 env = bench_flex.env
+
 
 def inputs(s, h, d, seed=0):
     g = torch.Generator(device=DEV).manual_seed(seed)
@@ -265,6 +268,8 @@ def main():
     )
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
+    ap.add_argument("--no-bwd", action="store_true", help="forward candidates only")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args()
     s, h, d = args.seqlen, args.heads, args.hdim
@@ -277,15 +282,20 @@ def main():
     t0 = time.perf_counter()
     all_cases = bench_flex.cases(s, h)
 
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        ap.error(f"--cases: unknown {unknown}; expected some of {CASES}")
+
     def fwd_for(name):
         return [n for n in FWD if name in SPARSE or n in FWD_ALL]
 
     def bwd_for(name):
-        return [n for n in BWD if name in SPARSE or n in BWD_ALL]
+        return [] if args.no_bwd else [n for n in BWD if name in SPARSE or n in BWD_ALL]
 
     if not args.skip_check:
         small = bench_flex.cases(args.check_seqlen, h)
-        for name in CASES:
+        for name in cases:
             try:
                 check(name, small[name], args.check_seqlen, h, d, fwd_for(name), bwd_for(name))
             except AssertionError as e:
@@ -302,7 +312,7 @@ def main():
         print(f"FlexAttention unavailable: {type(e).__name__}: {e}")
 
     rows = []
-    for name in CASES:
+    for name in cases:
         budget_left = tflex is not None and time.perf_counter() - t0 <= args.budget
         row = run_case(name, all_cases[name], s, h, d, fwd_for(name), bwd_for(name), tflex if budget_left else None,
                        tcbm)  # fmt: skip
@@ -348,16 +358,16 @@ def main():
                       f"{f(xk, 6)} {f(fx.get('api'), 8)} {f(fx.get('b2b'), 8)} {f(bi.get('api'))} {cost}")  # fmt: skip
         if "flex_error" in r:
             print(f"{r['case']:<12} FlexAttention: {r['flex_error'][:100]}")
-    for line in recommend(rows):
+    for line in recommend(rows, d):
         print(line)
 
 
-def recommend(rows) -> list[str]:
+def recommend(rows, d: int = 128) -> list[str]:
     """Which forward candidate to put in launch._SHORT (sparse cases) / launch._TABLE (the others):
     the fastest by kernel time on every case of its group, if it beats the default by > 3% on each."""
     out = []
     for label, group in (
-        ("launch._SHORT[('sm90', 128, 128)]", SPARSE),
+        (f"launch._SHORT[('sm90', 128, {d})]", SPARSE),
         ("launch._TABLE (fwd)", ("prefix-lm", "alibi")),
     ):
         rs = [r for r in rows if r["case"] in group]
