@@ -198,7 +198,7 @@ def bench(s, h, d, tflex, tcbm, t0, flex_deadline, stop_at=None):
         bm = create_block_mask(c["mask"], None, None, s, s, device=DEV)
         row = {"case": name, "hdim": d}
         flex_mod.BUILTIN_ROUTE = True
-        row["auto_builtin"] = sm is None and flex_mod.builtin_window(sm, bm, s, s, False, d, DEV.type) is not None
+        row["auto_builtin"] = sm is None and flex_mod.builtin_window(sm, bm, s, s, False) is not None
 
         def ours(sm=sm, bm=bm, q=q, k=k, v=v):
             return flex_attention(q, k, v, score_mod=sm, block_mask=bm)

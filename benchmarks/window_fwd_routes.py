@@ -6,8 +6,9 @@ sliding-1k row; the hopper backend's forward routing). bf16, b1 h16 s16k, window
    the project's rule (``flashtile.testing.compare_with_oracle``, forward: out and lse).
 2. Forward timings (no grad), ms, median of CUDA-event-timed repeats: one call after a sync (host
    preparation included) and 10 calls back to back (device time):
-   * ``auto``: the default routing (the hopper backend on sm_90);
-   * ``hopper``: the hopper backend forced (its own routing between the Gluon and Triton forwards);
+   * ``auto``: the default routing (the hopper backend on sm_90, with its short-window rule,
+     ``hopper.short_window``);
+   * ``gluon``: the hopper backend without that rule (the Gluon forward);
    * ``triton``: the built-in Triton forward (``use_backend("triton")``);
    * ``flex``: ``flashtile.flex_attention`` with ``masks.sliding_window(1024)`` (the route
      ``flex.builtin_window`` picks at this head dim);
@@ -37,19 +38,27 @@ import bench_flex as BF  # noqa: E402  (event_ms, FlexAttention's compile)
 
 import flashtile  # noqa: E402
 from flashtile import create_block_mask, flash_attn_func, flex_attention, masks  # noqa: E402
+from flashtile.backends import hopper  # noqa: E402
 from flashtile.testing import attention_ref, compare_with_oracle  # noqa: E402
 
 warnings.filterwarnings("ignore")
 DEV = torch.device("cuda")
 DT = torch.bfloat16
-ROUTES = ("auto", "hopper", "triton")
+ROUTES = ("auto", "gluon", "triton")
 
 
 def run_route(route: str, q, k, v, w: int):
     if route == "auto":
         return flash_attn_func(q, k, v, causal=True, window_size=(w, 0), return_attn_probs=True)
-    with flashtile.use_backend(route):
-        return flash_attn_func(q, k, v, causal=True, window_size=(w, 0), return_attn_probs=True)
+    if route == "triton":
+        with flashtile.use_backend("triton"):
+            return flash_attn_func(q, k, v, causal=True, window_size=(w, 0), return_attn_probs=True)
+    span, hopper.TRITON_FWD_WINDOW_SPAN = hopper.TRITON_FWD_WINDOW_SPAN, {}  # (its short-window rule off)
+    try:
+        with flashtile.use_backend("hopper"):
+            return flash_attn_func(q, k, v, causal=True, window_size=(w, 0), return_attn_probs=True)
+    finally:
+        hopper.TRITON_FWD_WINDOW_SPAN = span
 
 
 def check(d: int) -> None:
@@ -85,7 +94,7 @@ def time_dim(d: int, s: int, h: int, w: int, tflex, tcbm) -> dict:
     if tflex is not None:
         tbm = tcbm(mm, None, None, s, s, device=DEV)
         fns["FlexAttention"] = lambda: tflex(qt, kt, vt, block_mask=tbm)
-    row: dict = {"d": d}
+    row: dict = {"d": d, "w": w}
     with torch.no_grad():
         for name, fn in fns.items():
             try:
@@ -101,13 +110,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqlen", type=int, default=16384)
     ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--window", type=int, action="append", help="left window (default 1024; repeatable)")
     ap.add_argument("--headdim", type=int, action="append", help="default: 64 and 128")
     ap.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args()
-    s, h, w = args.seqlen, args.heads, args.window
+    s, h, windows = args.seqlen, args.heads, args.window or [1024]
     dims = args.headdim or [64, 128]
     t0 = time.perf_counter()
     if not args.skip_check:
@@ -119,26 +128,26 @@ def main() -> None:
             tflex, tcbm = BF.torch_flex()
         except Exception as e:  # noqa: BLE001
             print(f"FlexAttention unavailable: {type(e).__name__}: {e}")
-    rows = [time_dim(d, s, h, w, tflex, tcbm) for d in dims]
+    rows = [time_dim(d, s, h, w, tflex, tcbm) for w in windows for d in dims]
     gpu = torch.cuda.get_device_name()
     import triton
 
     meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, date=_dt.datetime.now().isoformat(),
-                seqlen=s, heads=h, window=w, dtype="bf16", wall_s=time.perf_counter() - t0)  # fmt: skip
+                seqlen=s, heads=h, windows=windows, dtype="bf16", wall_s=time.perf_counter() - t0)  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"window_fwd_routes_{gpu.replace(' ', '_')}_{_dt.datetime.now():%Y%m%d-%H%M}.json")
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"\nwrote {path}")
-    print(f"causal window ({w}, 0) forward, b1 h{h} s{s} bf16, ms: one call after a sync / 10 back to back (device)")
+    print(f"causal window (w, 0) forward, b1 h{h} s{s} bf16, ms: one call after a sync / 10 back to back (device)")
     names = [*ROUTES, "flex", "FlexAttention"]
-    print(f"{'d':>4} " + " ".join(f"{n:>17}" for n in names))
+    print(f"{'w':>5} {'d':>4} " + " ".join(f"{n:>17}" for n in names))
     for r in rows:
         cells = []
         for n in names:
             a, b = r.get(n), r.get(n + "_dev")
             cells.append(f"{a:8.3f}/{b:8.3f}" if a is not None and b is not None else f"{'-':>17}")
-        print(f"{r['d']:>4} " + " ".join(cells))
+        print(f"{r['w']:>5} {r['d']:>4} " + " ".join(cells))
 
 
 if __name__ == "__main__":

@@ -650,9 +650,10 @@ def test_builtin_route_only_where_it_is_the_same(monkeypatch):
     assert len(taken) == 4
     flash_attn_func(q, k, v, block_mask=bm.to(DEV))  # a copy keeps its provenance: routed
     assert len(taken) == 4
-    # on CUDA, sliding windows below head dim 96 stay on the flex kernels (faster there); causal does not
+    # the window's left extent from the library mask; anything else is not a built-in window
     sw = create_block_mask(masks.sliding_window(9), None, None, 40, 40, device=DEV, BLOCK_SIZE=16)
-    assert flex.builtin_window(None, sw, 40, 40, False, 64, "cuda") is None
-    assert flex.builtin_window(None, sw, 40, 40, False, 128, "cuda") == 9
-    assert flex.builtin_window(None, sw, 40, 40, False, 64, "cpu") == 9
-    assert flex.builtin_window(None, bm, 40, 40, False, 64, "cuda") == -1
+    assert flex.builtin_window(None, sw, 40, 40, False) == 9
+    assert flex.builtin_window(None, bm, 40, 40, False) == -1
+    assert flex.builtin_window(masks.softcap(3.0), sw, 40, 40, False) is None
+    assert flex.builtin_window(None, sw, 40, 41, False) is None
+    assert flex.builtin_window(None, sw, 40, 40, True) is None

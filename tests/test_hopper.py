@@ -31,6 +31,7 @@ BE = hopper.backend
 def _clean_env(monkeypatch):
     monkeypatch.delenv("FLASHTILE_BACKEND", raising=False)
     monkeypatch.setattr(hopper, "SMALL_ROWS", 0)  # the small test shapes exercise the Gluon kernels
+    monkeypatch.setattr(hopper, "TRITON_FWD_WINDOW_SPAN", {})  # (windows too)
     yield
 
 
@@ -430,3 +431,32 @@ def test_gpu_every_kernel_variant(kernel, consumers, d, opts):
     fin = torch.isfinite(rl)
     assert torch.equal(torch.isfinite(lse), fin)
     assert (lse[fin] - rl[fin]).abs().max().item() <= 2e-3
+
+
+def test_short_windows_at_small_head_dims_run_the_triton_forward(monkeypatch):
+    """hopper.short_window: a fp16 / bf16 forward whose window spans fewer keys than
+    TRITON_FWD_WINDOW_SPAN[head dim] goes to the Triton forward; longer windows, unbounded sides,
+    other head dims and FP8 stay on the Gluon kernels."""
+    from flashtile.backends.hopper import launch
+    from flashtile.backends.triton import backend as triton_backend
+
+    taken: list[str] = []
+    monkeypatch.setattr(triton_backend, "forward", lambda q, k, v, call: taken.append("triton"))
+    monkeypatch.setattr(launch, "forward", lambda q, k, v, call: taken.append("gluon"))
+    monkeypatch.setattr(hopper, "TRITON_FWD_WINDOW_SPAN", {64: 2048})
+
+    def route(d, dtype=torch.bfloat16, **kw):
+        q = torch.empty(1, 2048, 16, d, dtype=dtype)  # 32k rows: past SMALL_ROWS, not decode-shaped
+        BE.forward(q, q, q, make_call(headdim=d, **kw))
+        return taken.pop()
+
+    assert route(64, causal=True, window_size=(1024, 0)) == "triton"
+    assert route(64, torch.float16, window_size=(1000, 1000)) == "triton"  # a span of 2001 keys
+    assert route(64, window_size=(1024, 1024)) == "gluon"  # 2049 keys
+    assert route(64, causal=True, window_size=(2047, 0)) == "gluon"
+    assert route(64, window_size=(512, -1)) == "gluon"  # unbounded on the right
+    assert route(64, causal=True) == "gluon"
+    assert route(128, causal=True, window_size=(1024, 0)) == "gluon"
+    assert route(64, torch.float8_e4m3fn, causal=True, window_size=(1024, 0)) == "gluon"
+    monkeypatch.setattr(hopper, "TRITON_FWD_WINDOW_SPAN", {})
+    assert route(64, causal=True, window_size=(1024, 0)) == "gluon"

@@ -380,33 +380,23 @@ BUILTIN_ROUTE = True
 #: library mask_mods (:mod:`flashtile.masks`, by their Triton twin's name) that are a built-in window:
 #: name -> the window's left extent from the twin's scalar argument (-1: unbounded); right is 0
 _BUILTIN_WINDOWS = {"causal": lambda a2: -1, "sliding_window": lambda a2: int(a2)}
-#: the smallest head dim at which a CUDA call with this library mask takes the built-in window: on
-#: the H200 the built-in d64 sliding-window forward (1k window, 16k tokens) took 0.326 / 0.328 ms
-#: against 0.233 / 0.246 on the flex kernels (results/gflex_NVIDIA_H200_20261202-0940.json, device
-#: time); at d128 the built-in is the faster (stop 25). Causal: the built-in at every head dim.
-_BUILTIN_MIN_HEADDIM_CUDA = {"sliding_window": 96}
 
 
-def builtin_window(
-    score_mod: Any, block_mask: Any, seqlen_q: int, seqlen_k: int, varlen: bool, headdim: int = 128,
-    device_type: str = "cpu",
-) -> int | None:  # fmt: skip
+def builtin_window(score_mod: Any, block_mask: Any, seqlen_q: int, seqlen_k: int, varlen: bool) -> int | None:
     """The left extent of the built-in causal window (``window_size=(left, 0)``, -1 unbounded) that
     computes the same thing as this call's mods, or None. Only for a block mask that
     :func:`create_block_mask` built from :func:`flashtile.masks.causal` or
     :func:`flashtile.masks.sliding_window` (``exact``), no score_mod, a dense call with ``seqlen_q ==
     seqlen_k`` (FlexAttention aligns the mask to the top-left corner, flash-attn's window to the
-    bottom-right: the same then), and on CUDA a head dim where the built-in is the faster
-    (:data:`_BUILTIN_MIN_HEADDIM_CUDA`). Such calls run the built-in kernels, whose window skips
-    blocks without block lists and masks without a mask_mod call."""
+    bottom-right: the same then). Such calls run the built-in kernels, whose window skips blocks
+    without block lists and masks without a mask_mod call (each backend picks its fastest kernel
+    for the window: e.g. the hopper backend's short-window rule, ``hopper.short_window``)."""
     if not BUILTIN_ROUTE or score_mod is not None or varlen or seqlen_q != seqlen_k:
         return None
     if not getattr(block_mask, "exact", False):
         return None
     twin = getattr(block_mask.mask_mod, "_flashtile_triton", None)
     if twin is None or twin[0] not in _BUILTIN_WINDOWS:
-        return None
-    if device_type == "cuda" and headdim < _BUILTIN_MIN_HEADDIM_CUDA.get(twin[0], 0):
         return None
     return _BUILTIN_WINDOWS[twin[0]](twin[1][2])
 

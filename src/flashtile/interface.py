@@ -243,7 +243,7 @@ def _run(
 
         sq, sk = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
         check_mods(score_mod, block_mask, batch, q.shape[-2], sq, sk, q.device)
-        left = builtin_window(score_mod, block_mask, sq, sk, varlen, q.shape[-1], q.device.type)
+        left = builtin_window(score_mod, block_mask, sq, sk, varlen)
         mods = {} if left is not None else dict(score_mod=score_mod, block_mask=block_mask)
     call = make_call(headdim=q.shape[-1], alibi_slopes=alibi, learnable_sink=sink, **lens, **descales, **mods,
                      **options)  # fmt: skip

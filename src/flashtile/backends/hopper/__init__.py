@@ -100,7 +100,8 @@ class HopperBackend:
     Forward calls with few query rows per KV head (decoding-shaped: the triton backend's
     ``DECODE_SHAPED_ROWS`` rule, not varlen) run the triton backend's split-KV decode kernel
     instead: a 128-row tile would be almost empty there. Dense calls of at most
-    :data:`SMALL_ROWS` query rows run the triton backend's forward (launch-bound sizes), and FP8
+    :data:`SMALL_ROWS` query rows run the triton backend's forward (launch-bound sizes), so do
+    fp16 / bf16 calls with a short window at a small head dim (:func:`short_window`), and FP8
     varlen calls the bf16 Gluon kernel on dequantised inputs (the FP8 kernel is dense-only).
     """
 
@@ -158,6 +159,8 @@ class HopperBackend:
             if is_fp8(q.dtype):  # the triton kernels have no FP8: dequantised first
                 return run_upcast(triton_backend.forward, q, k, v, call)
             return triton_backend.forward(q, k, v, call)
+        if not is_fp8(q.dtype) and short_window(call, q.shape[-1]):  # (FP8 keeps its own kernel)
+            return triton_backend.forward(q, k, v, call)
         from . import launch
 
         if is_fp8(q.dtype) and call.varlen:  # the FP8 kernel is dense-only so far: the bf16 kernel, upcast
@@ -183,6 +186,25 @@ class HopperBackend:
 
         dq, dk, dv = launch_bwd.backward(dout, q, k, v, out, lse, call)
         return dq, dk, dv, {}
+
+
+#: head dim -> the window span (keys a query row can see: ``window_left + 1 + window_right``) below
+#: which a windowed fp16 / bf16 forward runs the Triton forward instead of the Gluon kernel: at short
+#: rows the Gluon forward's per-program fixed costs (its pipeline fill, the warp-specialised hand-offs)
+#: weigh most at small head dims. Measured on the H200 (b1 h16 s16k bf16, causal, window (1024, 0),
+#: device time of 10 calls back to back, ``benchmarks/window_fwd_routes.py``,
+#: ``results/window_fwd_routes_NVIDIA_H200_20261202-1056.json``): head dim 64 0.235 ms on Triton
+#: against 0.329 on Gluon; head dim 128 0.408 against 0.287 (Gluon stays).
+TRITON_FWD_WINDOW_SPAN: dict[int, int] = {64: 2048}
+
+
+def short_window(call: AttnCall, headdim: int) -> bool:
+    """Whether ``call``'s window is short enough at ``headdim`` for the Triton forward
+    (:data:`TRITON_FWD_WINDOW_SPAN`): both sides bounded and the span below the entry."""
+    limit = TRITON_FWD_WINDOW_SPAN.get(headdim)
+    if limit is None or call.window_left < 0 or call.window_right < 0:
+        return False
+    return call.window_left + 1 + call.window_right < limit
 
 
 #: Environment variable choosing the backward kernels: ``gluon`` or ``triton``.

@@ -163,10 +163,11 @@ def backward(
 # makes five descriptors and launches. Only atomic-dQ calls of the ws kernel whose inputs TMA reads
 # as they are (no copies; bases 16-byte aligned, checked per call) are planned.
 _PENDING = object()
-#: Whether dense backward calls are planned: off until the plans have run on the GPU (prepared in
-#: stop 26 after the device time ran out; benchmarks/NOTES.md, "Dense Hopper backward plans");
-#: ``FLASHTILE_HOPPER_BWD_PLANS=1`` at import turns it on (benchmarks), as the CPU tests do.
-PLANS = os.environ.get("FLASHTILE_HOPPER_BWD_PLANS", "0").strip() == "1"
+#: Whether dense backward calls are planned (on since stop 27: ``hopper_bwd_run.py --quick --plans``
+#: passed on the H200, and the built-in window's backward fell from 581 to 241 cProfile-us a call in
+#: ``flex_bwd_host.py``; benchmarks/NOTES.md, "Dense Hopper backward plans");
+#: ``FLASHTILE_HOPPER_BWD_PLANS=0`` at import turns it off (A/B runs).
+PLANS = os.environ.get("FLASHTILE_HOPPER_BWD_PLANS", "1").strip() != "0"
 
 
 def _runner(kernel, pre: tuple, main: tuple, cfg: HopperBwdConfig, dq_tma: bool, dq_acc: torch.Tensor,
