@@ -657,3 +657,34 @@ def test_builtin_route_only_where_it_is_the_same(monkeypatch):
     assert flex.builtin_window(masks.softcap(3.0), sw, 40, 40, False) is None
     assert flex.builtin_window(None, sw, 40, 41, False) is None
     assert flex.builtin_window(None, sw, 40, 40, True) is None
+
+
+def test_flex_attention_builtin_window_takes_the_lean_path(monkeypatch):
+    """flex_attention with a library causal / sliding-window block mask runs flash_attn_func's lean
+    path: the first call of a signature through _run, later ones from the signature memo (no _run),
+    with the block mask still checked on every call and gradients as the first call's."""
+    from flashtile import flex, interface
+
+    monkeypatch.setattr(flex, "BUILTIN_ROUTE", True)
+    runs = []
+    real = interface._run
+    monkeypatch.setattr(interface, "_run", lambda *a, **k: runs.append(1) or real(*a, **k))
+    q, k, v = (torch.randn(1, 3, 48, 16, device=DEV, requires_grad=True) for _ in range(3))
+    bm = create_block_mask(masks.sliding_window(7), None, None, 48, 48, device=DEV, BLOCK_SIZE=16)
+    outs = []
+    for _ in range(3):
+        out, lse = flex_attention(q, k, v, block_mask=bm, return_lse=True)
+        outs.append((out, lse, torch.autograd.grad(out.square().sum(), (q, k, v))))
+    assert len(runs) == 1
+    ref = flash_attn_func(*(x.transpose(1, 2) for x in (q, k, v)), causal=True, window_size=(7, 0))
+    torch.testing.assert_close(outs[0][0], ref.transpose(1, 2))
+    for out, lse, g in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+        assert all(torch.equal(a, b) for a, b in zip(g, outs[0][2], strict=True))
+    small = create_block_mask(masks.sliding_window(7), None, None, 32, 32, device=DEV, BLOCK_SIZE=16)
+    with pytest.raises(ValueError, match="block_mask was built for Q_LEN=32"):
+        flex_attention(q, k, v, block_mask=small)
+    # a score_mod, dropout or another mask keep the mod path (through _run)
+    flex_attention(q, k, v, block_mask=bm, score_mod=masks.softcap(5.0))
+    flex_attention(q, k, v, block_mask=create_block_mask(masks.chunked(8), None, None, 48, 48, device=DEV))
+    assert len(runs) == 3

@@ -443,7 +443,7 @@ def test_short_windows_at_small_head_dims_run_the_triton_forward(monkeypatch):
     taken: list[str] = []
     monkeypatch.setattr(triton_backend, "forward", lambda q, k, v, call: taken.append("triton"))
     monkeypatch.setattr(launch, "forward", lambda q, k, v, call: taken.append("gluon"))
-    monkeypatch.setattr(hopper, "TRITON_FWD_WINDOW_SPAN", {64: 2048})
+    monkeypatch.setattr(hopper, "TRITON_FWD_WINDOW_SPAN", {64: 4096})
 
     def route(d, dtype=torch.bfloat16, **kw):
         q = torch.empty(1, 2048, 16, d, dtype=dtype)  # 32k rows: past SMALL_ROWS, not decode-shaped
@@ -451,9 +451,10 @@ def test_short_windows_at_small_head_dims_run_the_triton_forward(monkeypatch):
         return taken.pop()
 
     assert route(64, causal=True, window_size=(1024, 0)) == "triton"
-    assert route(64, torch.float16, window_size=(1000, 1000)) == "triton"  # a span of 2001 keys
-    assert route(64, window_size=(1024, 1024)) == "gluon"  # 2049 keys
-    assert route(64, causal=True, window_size=(2047, 0)) == "gluon"
+    assert route(64, torch.float16, window_size=(2000, 2000)) == "triton"  # a span of 4001 keys
+    assert route(64, window_size=(2048, 2048)) == "gluon"  # 4097 keys
+    assert route(64, causal=True, window_size=(4094, 0)) == "triton"
+    assert route(64, causal=True, window_size=(4095, 0)) == "gluon"
     assert route(64, window_size=(512, -1)) == "gluon"  # unbounded on the right
     assert route(64, causal=True) == "gluon"
     assert route(128, causal=True, window_size=(1024, 0)) == "gluon"

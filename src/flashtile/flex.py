@@ -734,7 +734,7 @@ def flex_attention(
     Returns:
         ``(B, Hq, L, E)`` output in query's dtype; with ``return_lse``, ``(output, lse)``.
     """
-    from .interface import _run
+    from .interface import _lean, _run
 
     for x, n in ((query, "query"), (key, "key"), (value, "value")):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -746,10 +746,25 @@ def flex_attention(
         raise ValueError(f"scale must be a float or None, got {scale!r}")
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out, lse, _ = _run(
-        q, k, v, alibi_slopes=None, return_attn_probs=True, score_mod=score_mod, block_mask=block_mask,
-        softmax_scale=None if scale is None else float(scale), dropout_p=dropout_p,
-        names=("query", "key", "value"), probs=False,
-    )  # fmt: skip
+    sm_scale = None if scale is None else float(scale)
+    names = ("query", "key", "value")
+    left = None
+    if score_mod is None and block_mask is not None and not dropout_p:
+        left = builtin_window(None, block_mask, q.shape[1], k.shape[1], False)
+    if left is not None:
+        # a library causal / sliding-window mask: the built-in window through flash_attn_func's lean
+        # path (its signature memo and launch plans), the block mask checked here instead of by _run
+        check_block_mask(block_mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device)
+        opts = (0.0, sm_scale, True, (left, 0), 0.0, False)
+        memo, res = _lean(q, k, v, opts, True)
+        if res is None:
+            res = _run(q, k, v, alibi_slopes=None, softmax_scale=sm_scale, causal=True, window_size=(left, 0),
+                       return_attn_probs=True, names=names, probs=False, memo=memo)  # fmt: skip
+        out, lse, _ = res
+    else:
+        out, lse, _ = _run(
+            q, k, v, alibi_slopes=None, return_attn_probs=True, score_mod=score_mod, block_mask=block_mask,
+            softmax_scale=sm_scale, dropout_p=dropout_p, names=names, probs=False,
+        )  # fmt: skip
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

@@ -191,11 +191,13 @@ class HopperBackend:
 #: head dim -> the window span (keys a query row can see: ``window_left + 1 + window_right``) below
 #: which a windowed fp16 / bf16 forward runs the Triton forward instead of the Gluon kernel: at short
 #: rows the Gluon forward's per-program fixed costs (its pipeline fill, the warp-specialised hand-offs)
-#: weigh most at small head dims. Measured on the H200 (b1 h16 s16k bf16, causal, window (1024, 0),
+#: weigh most at small head dims. Measured on the H200 (b1 h16 s16k bf16, causal, window (w, 0),
 #: device time of 10 calls back to back, ``benchmarks/window_fwd_routes.py``,
-#: ``results/window_fwd_routes_NVIDIA_H200_20261202-1056.json``): head dim 64 0.235 ms on Triton
-#: against 0.329 on Gluon; head dim 128 0.408 against 0.287 (Gluon stays).
-TRITON_FWD_WINDOW_SPAN: dict[int, int] = {64: 2048}
+#: ``results/window_fwd_routes_NVIDIA_H200_20261202-1103.json``), Triton / Gluon ms: head dim 64,
+#: w = 512 / 1024 / 2048 / 4096: 0.159 / 0.269, 0.234 / 0.328, 0.383 / 0.444, 0.646 / 0.645; head
+#: dim 96: 0.278 / 0.200, 0.432 / 0.292, 0.675 / 0.494, 1.137 / 0.849 (Gluon stays), head dim 128
+#: at 1024: 0.408 / 0.286.
+TRITON_FWD_WINDOW_SPAN: dict[int, int] = {64: 4096}
 
 
 def short_window(call: AttnCall, headdim: int) -> bool:
