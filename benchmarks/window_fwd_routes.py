@@ -12,7 +12,9 @@ sliding-1k row; the hopper backend's forward routing). bf16, b1 h16 s16k, window
    * ``triton``: the built-in Triton forward (``use_backend("triton")``);
    * ``flex``: ``flashtile.flex_attention`` with ``masks.sliding_window(1024)`` (the route
      ``flex.builtin_window`` picks at this head dim);
-   * ``FlexAttention``: compiled ``torch.nn.attention.flex_attention``, the same block mask.
+   * ``FlexAttention``: compiled ``torch.nn.attention.flex_attention``, the same block mask;
+   * ``--cand M,N,WARPS,STAGES`` (repeatable): the built-in Triton forward with that tile config
+     (``triton.launch.forward(config=...)``), checked against the oracle first, timed as ``cfg M,N,W,S``.
    A table is printed last; JSON to $OUT (else benchmarks/results).
 
     PYTHONPATH=src python benchmarks/window_fwd_routes.py [--seqlen 16384] [--window 1024] [--no-flex]
@@ -61,7 +63,16 @@ def run_route(route: str, q, k, v, w: int):
         hopper.TRITON_FWD_WINDOW_SPAN = span
 
 
-def check(d: int) -> None:
+def run_cand(cand: str, q, k, v, w: int):
+    from flashtile.backends.triton import launch as TL
+    from flashtile.backends.triton.configs import FwdConfig
+    from flashtile.spec import make_call
+
+    call = make_call(headdim=q.shape[-1], causal=True, window_size=(w, 0))
+    return TL.forward(q, k, v, call, config=FwdConfig(*(int(x) for x in cand.split(","))))
+
+
+def check(d: int, cands=()) -> None:
     for sq, sk, h, w in ((1500, 1500, 4, 256), (113, 203, 2, 37)):
         g = torch.Generator(device=DEV).manual_seed(sq + d)
         leaves = [torch.randn(1, s, h, d, device=DEV, dtype=DT, generator=g) for s in (sq, sk, sk)]
@@ -69,10 +80,13 @@ def check(d: int) -> None:
         def oracle(q, k, v, *, upcast, w=w):
             return attention_ref(q, k, v, causal=True, window_size=(w, 0), upcast=upcast)
 
-        for route in ROUTES:
+        for route in (*ROUTES, *cands):
 
             def fn(q, k, v, route=route, w=w):
-                out, lse, _ = run_route(route, q, k, v, w)
+                if route in ROUTES:
+                    out, lse, _ = run_route(route, q, k, v, w)
+                else:
+                    out, lse = run_cand(route, q, k, v, w)
                 return out, lse
 
             try:
@@ -83,7 +97,7 @@ def check(d: int) -> None:
     print(f"check d{d}: ok ({', '.join(ROUTES)})", flush=True)
 
 
-def time_dim(d: int, s: int, h: int, w: int, tflex, tcbm) -> dict:
+def time_dim(d: int, s: int, h: int, w: int, tflex, tcbm, cands=()) -> dict:
     g = torch.Generator(device=DEV).manual_seed(d)
     q, k, v = (torch.randn(1, s, h, d, device=DEV, dtype=DT, generator=g) for _ in range(3))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
@@ -91,6 +105,8 @@ def time_dim(d: int, s: int, h: int, w: int, tflex, tcbm) -> dict:
     bm = create_block_mask(mm, None, None, s, s, device=DEV)
     fns = {r: (lambda r=r: run_route(r, q, k, v, w)) for r in ROUTES}
     fns["flex"] = lambda: flex_attention(qt, kt, vt, block_mask=bm)
+    for c in cands:
+        fns["cfg " + c] = lambda c=c: run_cand(c, q, k, v, w)
     if tflex is not None:
         tbm = tcbm(mm, None, None, s, s, device=DEV)
         fns["FlexAttention"] = lambda: tflex(qt, kt, vt, block_mask=tbm)
@@ -114,6 +130,7 @@ def main() -> None:
     ap.add_argument("--headdim", type=int, action="append", help="default: 64 and 128")
     ap.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--cand", action="append", default=[], help="a Triton forward config M,N,WARPS,STAGES to time")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args()
     s, h, windows = args.seqlen, args.heads, args.window or [1024]
@@ -121,14 +138,14 @@ def main() -> None:
     t0 = time.perf_counter()
     if not args.skip_check:
         for d in dims:
-            check(d)
+            check(d, args.cand)
     tflex = tcbm = None
     if not args.no_flex:
         try:
             tflex, tcbm = BF.torch_flex()
         except Exception as e:  # noqa: BLE001
             print(f"FlexAttention unavailable: {type(e).__name__}: {e}")
-    rows = [time_dim(d, s, h, w, tflex, tcbm) for w in windows for d in dims]
+    rows = [time_dim(d, s, h, w, tflex, tcbm, args.cand) for w in windows for d in dims]
     gpu = torch.cuda.get_device_name()
     import triton
 
@@ -140,7 +157,7 @@ def main() -> None:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"\nwrote {path}")
     print(f"causal window (w, 0) forward, b1 h{h} s{s} bf16, ms: one call after a sync / 10 back to back (device)")
-    names = [*ROUTES, "flex", "FlexAttention"]
+    names = [*ROUTES, "flex", "FlexAttention", *("cfg " + c for c in args.cand)]
     print(f"{'w':>5} {'d':>4} " + " ".join(f"{n:>17}" for n in names))
     for r in rows:
         cells = []
