@@ -1,12 +1,15 @@
 """Sweep Triton backward configs on chosen cells (issue 12: no backward cell below FA2).
 
-    PYTHONPATH=src python benchmarks/triton_bwd_sweep.py [--cell b,h,s,d,causal ...] [--cfg M1,N1,M2,N2,W1,S1,W2,S2 ...]
+    PYTHONPATH=src python benchmarks/triton_bwd_sweep.py [--cell b,h,s,d,causal ...] \
+        [--cfg M1,N1,M2,N2,W1,S1,W2,S2[,ATOMIC] ...]
 
 For each cell (default: d128 causal 1k, b16 h16, the one cell below FA2): every candidate
 ``BwdConfig`` of the Triton backward (launched directly with ``config=``) is first checked
 against the table's config (gradients within 1e-2 of the largest), then timed alone (bf16,
 ``do_bench`` median, 2.5x the forward's FLOPs) beside SDPA flash (FA2) and cuDNN in the same
-run. Prints a table; JSON under ``$OUT`` (else benchmarks/results/).
+run; the table's own config is timed too (``default``). ``ATOMIC`` 1: the dQ pass fused into the
+dK/dV pass with fp32 atomics (``BwdConfig.atomic_dq``). Prints a table; JSON under ``$OUT`` (else
+benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ def run_cell(b: int, h: int, s: int, d: int, causal: int, cfgs: list) -> dict:
     def bwd(cfg):
         return launch.backward(dout, q, k, v, out, lse, call, config=cfg)
 
-    for cfg in cfgs:
-        name = ",".join(str(x) for x in (cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2, cfg.num_warps1,
-                                         cfg.num_stages1, cfg.num_warps2, cfg.num_stages2))  # fmt: skip
+    for cfg in [None, *cfgs]:
+        name = "default" if cfg is None else ",".join(
+            str(int(x)) for x in (cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2, cfg.num_warps1,
+                                  cfg.num_stages1, cfg.num_warps2, cfg.num_stages2, cfg.atomic_dq))  # fmt: skip
         try:
             for a, r in zip(bwd(cfg)[:3], ref[:3], strict=True):
                 err, big = (a.float() - r.float()).abs().max().item(), r.float().abs().max().item()
@@ -75,7 +79,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--cell", action="append", default=[], help="b,h,s,d,causal (causal 0/1)")
-    ap.add_argument("--cfg", action="append", default=[], help="M1,N1,M2,N2,W1,S1,W2,S2")
+    ap.add_argument("--cfg", action="append", default=[], help="M1,N1,M2,N2,W1,S1,W2,S2[,ATOMIC]")
     args = ap.parse_args()
     cells = [tuple(int(x) for x in c.split(",")) for c in (args.cell or ["16,16,1024,128,1"])]
     cfgs = [configs.BwdConfig(*(int(x) for x in c.split(","))) for c in (args.cfg or DEFAULT_CFGS)]
