@@ -369,7 +369,8 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
     consts.update(cfg.kernel_consts(d, softcap=bool(flags["HAS_SOFTCAP"])))
     if cfg.kernel in ("ws", "ws2"):
         tag = f"{'_swap' if cfg.swap else ''}{'_tma' if cfg.dq_tma else ''}{'_ring' if cfg.stat_ring else ''}"
-        name = name.replace("bwd ", f"bwd_{cfg.kernel}{tag}{'_fold' if cfg.fold else ''} ", 1)
+        tag += f"{'_fold' if cfg.fold else ''}{'_nbar' if cfg.nbar else ''}"
+        name = name.replace("bwd ", f"bwd_{cfg.kernel}{tag} ", 1)
         res["name"] = name
         if consts.get("STAT_RING"):  # stat_mul: a runtime float
             sig["stat_mul"] = "fp32"
@@ -378,6 +379,8 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
                 sig["dq_desc"] = _desc_sig("fp32", cfg.block_m, bd, varlen)
             else:
                 consts["DQ_TMA"] = False
+        if not consts["ATOMIC_DQ"]:  # (as the launcher: no dQ hand-off to put on named barriers)
+            consts["NBAR"] = False
         if "dq_desc" not in sig:  # (a leading argument without a default: None without DQ_TMA)
             consts["dq_desc"] = None
     if not varlen:

@@ -95,6 +95,27 @@ def test_bwd_stat_ring_and_fold_checks_and_tables():
     assert k["STAT_RING"] and k["FOLD"]
 
 
+def test_bwd_nbar_config_and_constexprs():
+    """nbar (the named-barrier dQ hand-off): off in every table entry, an option of the ws kernel
+    only (bwd_check refuses it on plain and ws2), and it reaches the kernel as the constexpr NBAR
+    (always present for ws / ws2, so nbar=0 compiles the kernel as before)."""
+    for d in configs.HEADDIMS:
+        for masked in (False, True):
+            assert configs.bwd_config(d, masked).nbar == 0
+    ws = configs.bwd_config(128, nbar=1)
+    assert ws.kernel == "ws" and configs.bwd_check(ws, 128) is None
+    assert ws.kernel_consts(128)["NBAR"] is True and ws.kernel_consts(128, softcap=True)["NBAR"] is True
+    assert configs.bwd_config(128).kernel_consts(128)["NBAR"] is False
+    assert configs.bwd_check(configs.bwd_config(64, nbar=1), 64) is None
+    assert configs.bwd_check(configs.bwd_config(64, True, nbar=1), 64) is None  # (the masked table: no ring)
+    assert "ws / ws2" in configs.bwd_check(configs.bwd_config(256, nbar=1), 256)  # plain
+    ws2 = replace(ws, kernel="ws2", stat_ring=0, fold=0)
+    assert configs.bwd_check(replace(ws2, nbar=0), 128) is None
+    assert "not ws2" in configs.bwd_check(ws2, 128)
+    assert ws2.kernel_consts(128)["NBAR"] is False
+    assert "NBAR" not in configs.bwd_config(256).kernel_consts(256)  # the plain kernel has no such constexpr
+
+
 def test_bwd_ws_config_checks_and_shared_memory():
     """The warp-specialised kernel's fields are checked, and its dQ tile (fp32 block_m x BLOCK_D,
     only with atomic dQ) counts in shared memory."""
@@ -312,6 +333,43 @@ def test_launch_bwd_fold_per_call(lb):
     launch_bwd.backward(torch.randn_like(qv), qv, kv_, vv, torch.randn_like(qv), _lse(1, 4, 100), call)
     kw = rec["main"].calls[-1][2]
     assert kw["STAT_RING"] and kw["FOLD"] and kw["IS_VARLEN"]
+
+
+def test_launch_bwd_nbar_where_it_applies(lb):
+    """nbar reaches the ws kernel as NBAR on atomic-dQ calls (dense, varlen, causal, softcap); the
+    launcher turns it off where the kernel hands no dQ tile to the worker (deterministic mode,
+    atomic_dq=0) and refuses it on the plain and ws2 kernels (a config error)."""
+    launch_bwd, rec = lb
+    q, k, v = qkv_inputs(1, 100, 100, 4, 4, 128, torch.bfloat16, "cpu")
+    lse = _lse(1, 4, 100)
+    nb = configs.bwd_config(128, nbar=1)
+    for call in (make_call(headdim=128), make_call(headdim=128, causal=True), make_call(headdim=128, softcap=30.0)):
+        launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, call, config=nb)
+        kw = rec["main"].calls[-1][2]
+        assert kw["NBAR"] is True and kw["ATOMIC_DQ"]
+    launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128))
+    assert rec["main"].calls[-1][2]["NBAR"] is False  # the table: off
+    qv, kv_, vv = (x.reshape(1, 100, 4, 128) for x in (q, k, v))
+    lens = cu([30, 0, 70], "cpu")
+    call = make_call(headdim=128, cu_seqlens_q=lens, cu_seqlens_k=lens, max_seqlen_q=70, max_seqlen_k=70)
+    launch_bwd.backward(torch.randn_like(qv), qv, kv_, vv, torch.randn_like(qv), _lse(1, 4, 100), call, config=nb)
+    kw = rec["main"].calls[-1][2]
+    assert kw["NBAR"] is True and kw["IS_VARLEN"]
+    # no atomic dQ: ignored (the kernel computes dK / dV only)
+    launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse,
+                        make_call(headdim=128, deterministic=True), config=nb)  # fmt: skip
+    kw = rec["main"].calls[-1][2]
+    assert not kw["ATOMIC_DQ"] and kw["NBAR"] is False
+    launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
+                        config=replace(nb, atomic_dq=0))  # fmt: skip
+    kw = rec["main"].calls[-1][2]
+    assert not kw["ATOMIC_DQ"] and kw["NBAR"] is False
+    n = len(rec["main"].calls)
+    for bad in (replace(nb, kernel="ws2", stat_ring=0, fold=0), configs.HopperBwdConfig(64, 64, 2, nbar=1)):
+        with pytest.raises(ValueError, match="nbar (is an option|are options) of the ws"):
+            launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
+                                config=bad)  # fmt: skip
+    assert len(rec["main"].calls) == n
 
 
 def test_launch_bwd_deterministic_uses_the_ordered_dq_pass(lb):

@@ -52,6 +52,38 @@ _NO_SPECIALIZE = ["stride_dqb", "stride_dqs", "stride_dqh", "stride_dkb", "strid
                   "stride_lb", "stride_lh", "seqlen_q", "seqlen_k", "group", "window_left", "window_right"]
 
 
+#: NBAR (``HopperBwdConfig.nbar``): the ws kernel's dQ hand-off on two hardware named barriers instead of
+#: the ``dq_full`` / ``dq_empty`` mbarriers (see :func:`attn_bwd_ws`). Ids: Triton 3.6 gives the
+#: default partition barrier 0, the warp-specialize entry / exit barrier 1 and worker partition ``k``
+#: barrier ``2 + k`` (the compiled ws kernel uses 0, 1 and 2); 14 and 15 are free. Every compute
+#: (8 warps) and worker (4 warps) thread takes part: 384 threads.
+NBAR_FULL: gl.constexpr = gl.constexpr(14)
+NBAR_EMPTY: gl.constexpr = gl.constexpr(15)
+NBAR_THREADS: gl.constexpr = gl.constexpr(32 * (8 + 4))
+
+
+def _nbar_asm(op: str, bar: gl.constexpr) -> gl.constexpr:
+    """``bar.<op> id, 384`` (a dummy output: inline_asm_elementwise needs one)."""
+    return gl.constexpr(f"bar.{op} {bar.value}, {NBAR_THREADS.value};\n\tmov.b32 $0, $1;")
+
+
+_NBAR_ARRIVE_FULL: gl.constexpr = _nbar_asm("arrive", NBAR_FULL)
+_NBAR_SYNC_FULL: gl.constexpr = _nbar_asm("sync", NBAR_FULL)
+_NBAR_ARRIVE_EMPTY: gl.constexpr = _nbar_asm("arrive", NBAR_EMPTY)
+_NBAR_SYNC_EMPTY: gl.constexpr = _nbar_asm("sync", NBAR_EMPTY)
+
+
+@gluon.jit
+def _named_barrier(ASM: gl.constexpr, NW: gl.constexpr):
+    """Run the named-barrier instruction ``ASM`` (``bar.arrive`` / ``bar.sync`` with immediate id and
+    thread count) once in every thread of this ``NW``-warp partition: an elementwise inline asm over a
+    tensor of one element a thread (a barrier counts arrivals per warp, so each warp executes it
+    once, converged). Not pure: kept and not moved across the partition's shared-memory accesses
+    (an LLVM ``asm sideeffect``; ptxas orders memory around ``bar``); the PTX shows it in place."""
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+    gl.inline_asm_elementwise(ASM, "=r,r", [gl.zeros([32 * NW], gl.int32, lay)], dtype=gl.int32, is_pure=False, pack=1)
+
+
 @builtin
 def _tma_add(tensor_desc, coord, src, _semantic=None):
     """TMA reduce-add of the shared-memory tile ``src`` into the tensor of ``tensor_desc`` at
@@ -453,7 +485,7 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
                    IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, RED_ROWS: gl.constexpr,
                    WORKER_WARPS: gl.constexpr, NUM_TILES: gl.constexpr, dq_desc, DQ_TMA: gl.constexpr,
                    BL_IDX, LIST_SUBS: gl.constexpr, LSE, DELTA, st_smem, seqlen_q, stride_lb, stride_lh, stat_mul,
-                   STAT_RING: gl.constexpr, FOLD: gl.constexpr):
+                   STAT_RING: gl.constexpr, FOLD: gl.constexpr, NBAR: gl.constexpr = False):
     """The worker warpgroup: every TMA load (K and V once, then Q / dO of each iteration into the
     ring, a slot refilled once the compute warpgroups released it), and the dQ reductions: each
     iteration's dQ tile, left in ``dq_smem`` by the compute warpgroups, is added into the fp32
@@ -462,7 +494,8 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
     (``dq_desc``), the worker waiting only until the TMA unit has read the tile. Block-list mode
     (``LIST_SUBS``): the query blocks of the program's list at ``BL_IDX``. ``STAT_RING``: each slot's
     lse and delta rows too (:func:`_put_stats`), loaded before the dQ reduction and stored after
-    it (their latency under it), then a second arrival on the slot's ``ld_full``."""
+    it (their latency under it), then a second arrival on the slot's ``ld_full``. ``NBAR``: the dQ
+    hand-off on named barriers (``bar.sync`` full, ``bar.arrive`` empty; see :func:`attn_bwd_ws`)."""
     st_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WORKER_WARPS], [0])
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     _tma_load(k_desc, kv_bar, k_smem, b, k_start + n0, hk, IS_VARLEN)
@@ -493,7 +526,10 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
             blk = _step_block(i, g, mb_lo, n_mb, BL_IDX, LIST_SUBS)
             h = hk * group + g
             base = DQ + (b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh)
-            mbarrier.wait(dq_full, i & 1)
+            if NBAR:
+                _named_barrier(_NBAR_SYNC_FULL, WORKER_WARPS)  # the compute warps stored tile i
+            else:
+                mbarrier.wait(dq_full, i & 1)
             if DQ_TMA:
                 for t in gl.static_range(NUM_TILES):
                     _tma_reduce_tile(dq_desc, dq_smem.index(t), b, q_start + blk * BLOCK_M, h, IS_VARLEN)
@@ -501,11 +537,14 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
             else:
                 _red_smem_v4(base, dq_smem, q_start + blk * BLOCK_M, stride_dqs, BLOCK_M, BLOCK_D, RED_ROWS,
                              WORKER_WARPS, NUM_TILES)
+            if NBAR:
+                if i + 1 < total:  # tile i read: the compute warps may store tile i + 1 (none after the last)
+                    _named_barrier(_NBAR_ARRIVE_EMPTY, WORKER_WARPS)
         if STAT_RING:
             if nxt < total:
                 _put_stats(st_smem, nxt, lse2, delta, stat_mul, NUM_STAGES, FOLD)
                 mbarrier.arrive(ld_full.index(nxt % NUM_STAGES))  # (after a barrier of the worker's warps)
-        if ATOMIC_DQ:
+        if ATOMIC_DQ and not NBAR:
             mbarrier.arrive(dq_empty)  # (lowered after a barrier of the worker's warps: all reads done)
 
 
@@ -550,6 +589,30 @@ def _score_mma(kv_rows, tile, SWAP: gl.constexpr, KEYS: gl.constexpr, BLOCK_M: g
 
 
 @gluon.jit
+def _dq_wait_empty(dq_empty, i, NBAR: gl.constexpr, NW: gl.constexpr):
+    """Compute side of the dQ hand-off, before iteration ``i`` stores its tile: the worker is done
+    with tile ``i - 1``. mbarrier: phase ``(i & 1) ^ 1`` (the first wait passes at once); ``NBAR``:
+    ``bar.sync`` on "empty" from ``i = 1`` on, meeting the worker's ``bar.arrive`` of iteration
+    ``i - 1`` (iteration 0 has nothing to wait for and the worker never arrives for it)."""
+    if NBAR:
+        if i > 0:
+            _named_barrier(_NBAR_SYNC_EMPTY, NW)
+    else:
+        mbarrier.wait(dq_empty, (i & 1) ^ 1)
+
+
+@gluon.jit
+def _dq_put_full(dq_full, NBAR: gl.constexpr, NW: gl.constexpr):
+    """Compute side of the dQ hand-off, once this thread's part of the tile is stored (and fenced for
+    the TMA): the worker may read it. mbarrier: one arrival (after a barrier of the partition);
+    ``NBAR``: ``bar.arrive`` on "full" by every thread, no wait (the worker ``bar.sync`` s there)."""
+    if NBAR:
+        _named_barrier(_NBAR_ARRIVE_FULL, NW)
+    else:
+        mbarrier.arrive(dq_full)
+
+
+@gluon.jit
 def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem,
                     kv_bar, ld_full, ld_empty, dq_full, dq_empty,
                     DK, DV, LSE, DELTA, b, hk, group, q_start, k_start, n0, mb_lo, fu_lo, fu_hi, n_mb, total,
@@ -560,7 +623,7 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                     HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
                     DEFER_DK: gl.constexpr, SWAP: gl.constexpr, DQ_TMA: gl.constexpr,
                     BL_IDX, MA0, MA1, MA2, LIST_SUBS: gl.constexpr, MASK_MOD: gl.constexpr,
-                    STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False):
+                    STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False, NBAR: gl.constexpr = False):
     """Compute warps of the ws kernel: for each query block of the ring, the five products and
     the softmax recomputation, dK and dV in registers, the dQ tile left in ``dq_smem`` for the
     worker.
@@ -587,7 +650,12 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
     wgmmas are issued: ``P = exp2(scale * acc)``, ``dS = P * acc``).
 
     Block-list mode (``LIST_SUBS``, see :func:`attn_bwd_ws`): the query blocks come from the
-    program's list at ``BL_IDX``; the masked ones evaluate ``MASK_MOD`` (arguments ``MA0..2``)."""
+    program's list at ``BL_IDX``; the masked ones evaluate ``MASK_MOD`` (arguments ``MA0..2``).
+
+    ``NBAR`` (ws, atomic dQ): the dQ hand-off on named barriers: ``bar.sync`` on "empty" from the
+    second iteration on where the ``dq_empty`` wait was, ``bar.arrive`` on "full" (no wait) where
+    the ``dq_full`` arrival was, i.e. without that arrival's barrier of the 8 warps (protocol:
+    :func:`attn_bwd_ws`)."""
     dtype: gl.constexpr = q_bufs.dtype
     NW: gl.constexpr = 4 if SPLIT else 8
     KEYS: gl.constexpr = BLOCK_N // 2 if SPLIT else BLOCK_N
@@ -748,15 +816,15 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                                is_async=True)
             if DEFER:
                 dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
-                mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tile
+                _dq_wait_empty(dq_empty, i, NBAR, NW)  # the worker is done with the previous dQ tile
                 dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))  # dV and dQ retired, dK may still run
                 dq_w.store(dq)
                 if DQ_TMA:
                     fence_async_shared()
-                mbarrier.arrive(dq_full)
+                _dq_put_full(dq_full, NBAR, NW)
                 dk = warpgroup_mma_wait(0, deps=(dk,))
             else:
-                mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tile
+                _dq_wait_empty(dq_empty, i, NBAR, NW)  # the worker is done with the previous dQ tile
                 if SWAP:
                     dq, dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dq, dv, dk, pa, dsa))
                 else:
@@ -764,7 +832,9 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                 dq_w.store(dq)
                 if DQ_TMA:
                     fence_async_shared()  # generic-proxy stores before the TMA unit reads the tile
-                mbarrier.arrive(dq_full)  # (lowered after a barrier of the partition: the whole tile is stored)
+                # (mbarrier: lowered after a barrier of the partition, so the whole tile is stored;
+                # NBAR: each thread's own stores, the worker's bar.sync waits for all 256 threads)
+                _dq_put_full(dq_full, NBAR, NW)
         elif ATOMIC_DQ:
             mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tiles
             for c in gl.static_range(BLOCK_D // DQ_CHUNK):
@@ -804,7 +874,7 @@ def attn_bwd_ws(
     COMPUTE_REGS: gl.constexpr = 240, SWAP: gl.constexpr = False, DQ_TMA: gl.constexpr = False,
     LPT: gl.constexpr = False, BL_CNT=None, BL_IDX=None, bl_sb=None, bl_sh=None, bl_w=None, MA0=None, MA1=None,
     MA2=None, LIST_SUBS: gl.constexpr = 0, MASK_MOD: gl.constexpr = None, STAT_RING: gl.constexpr = False,
-    FOLD: gl.constexpr = False, stat_mul=1.0,
+    FOLD: gl.constexpr = False, stat_mul=1.0, NBAR: gl.constexpr = False,
 ):
     """Warp-specialised backward, same arguments and semantics as :func:`attn_bwd` plus ``dq_desc``
     after ``do_desc`` (None without ``DQ_TMA``; a leading argument, so that a prepared launch passes
@@ -828,7 +898,29 @@ def attn_bwd_ws(
     block-mask query block ``LIST_SUBS = BLOCK_SIZE / BLOCK_M`` steps of ``BLOCK_M`` rows; the loads,
     the compute and the dQ reductions walk the same steps (:func:`_step_block`). Full blocks take no
     mask; the others (and every block of a ragged key block) evaluate ``MASK_MOD(b, h, q, kv, MA0,
-    MA1, MA2)`` in place of the causal / window rule (``HAS_WL`` / ``HAS_WR`` off)."""
+    MA1, MA2)`` in place of the causal / window rule (``HAS_WL`` / ``HAS_WR`` off).
+
+    ``NBAR`` (``HopperBwdConfig.nbar``; ws, not ``SPLIT``, with ``ATOMIC_DQ``, else off): the dQ
+    hand-off between the compute warps and the worker on two hardware named barriers of
+    ``NBAR_THREADS = 384`` threads (the 256 compute and 128 worker threads; ids ``NBAR_FULL`` /
+    ``NBAR_EMPTY``) in place of the ``dq_full`` / ``dq_empty`` mbarriers, whose arrival costs the
+    8 compute warps a barrier of their partition each iteration. Protocol, iteration ``i`` of
+    ``total``:
+
+    * compute: if ``i > 0``, ``bar.sync EMPTY`` (the worker has read tile ``i - 1``); wait for the
+      wgmmas; store tile ``i`` into ``dq_smem`` (``DQ_TMA``: then ``fence.proxy.async``, each
+      thread for its own stores); ``bar.arrive FULL`` (no wait).
+    * worker: ``bar.sync FULL`` (every compute thread stored and fenced tile ``i``); add the tile
+      (TMA reduce-add and ``tma.store_wait(0)``: the TMA unit has read it; or the vector atomics,
+      whose shared-memory loads come before them); if ``i + 1 < total``, ``bar.arrive EMPTY``.
+
+    Each barrier sees exactly ``total`` (FULL) and ``total - 1`` (EMPTY) generations, every one
+    completed by one side's arrive and the other's sync (a thread arrives on a barrier at most once
+    per generation: the two barriers alternate, each side's next arrival on one needs the other's
+    completion of the other), and none are left pending at exit, ``total = 0`` included (no
+    operation at all). ``bar.arrive`` / ``bar.sync`` order each thread's earlier shared-memory
+    accesses before the barrier's completion (the PTX producer / consumer pattern), and the asm is
+    not moved across the partition's memory operations (:func:`_named_barrier`)."""
     pid_n, hk, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, False,
                                                                       IS_VARLEN, LPT)
     n0 = pid_n * BLOCK_N
@@ -880,6 +972,11 @@ def attn_bwd_ws(
         mbarrier.init(ld_empty.index(st), count=NT)
 
     gl.static_assert(not STAT_RING or (SWAP and not SPLIT), "stat_ring / fold: the ws kernel with swap")
+    gl.static_assert(
+        not NBAR or (not SPLIT and num_warps == 8 and NBAR_THREADS == 32 * (num_warps + 4)),
+        "nbar: the ws kernel (8 compute warps, a 4-warp worker)",
+    )
+    NB: gl.constexpr = NBAR and ATOMIC_DQ  # (no hand-off without atomic dQ)
     gl.static_assert(not FOLD or (STAT_RING and not HAS_SOFTCAP), "fold: with stat_ring, without softcap")
     if LIST_SUBS:
         gl.static_assert(SWAP and not SPLIT and not LPT and not IS_VARLEN,
@@ -937,11 +1034,11 @@ def attn_bwd_ws(
                                qk_scale, cap_out, sm_scale, window_left, window_right,
                                0, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
                                ATOMIC_DQ, DEFER_DK, SWAP, DQ_TMA, BL_IDX, MA0, MA1, MA2, LIST_SUBS, MASK_MOD,
-                               STAT_RING, FOLD)),
+                               STAT_RING, FOLD, NB)),
             (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
                               kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
                               mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
                               BLOCK_M, BLOCK_D, NUM_STAGES, IS_VARLEN, ATOMIC_DQ, RED_ROWS, 4, 1, dq_desc, DQ_TMA,
                               BL_IDX, LIST_SUBS, LSE, DELTA, st_smem, seqlen_q, stride_lb, stride_lh, stat_mul,
-                              STAT_RING, FOLD)),
+                              STAT_RING, FOLD, NB)),
         ], [4], [WORKER_REGS])

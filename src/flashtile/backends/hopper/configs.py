@@ -285,6 +285,12 @@ class HopperBwdConfig:
     #: the stats are read before the wgmmas are issued, not after their wait. Calls with softcap (or a
     #: zero scale) keep the plain form
     fold: int = 0
+    #: ws with atomic dQ: the dQ hand-off between the compute warps and the worker on two named
+    #: barriers (``bar.arrive`` / ``bar.sync``, FA3's dQFull / dQEmpty) instead of mbarriers, whose
+    #: arrival costs the 8 compute warps a barrier of their partition per iteration. NOT run on the
+    #: GPU yet (benchmarks/NOTES.md, "Named-barrier dQ hand-off"): off. Ignored where dQ is not added
+    #: by the kernel (deterministic mode, ``atomic_dq=0``); ``bwd_check`` rejects it on plain / ws2
+    nbar: int = 0
 
     def chunk(self, headdim: int) -> int:
         """Columns of dQ computed and added at once (``dq_chunk``; 0: the whole tile)."""
@@ -300,7 +306,7 @@ class HopperBwdConfig:
             return dict(WORKER_REGS=self.worker_regs, RED_ROWS=self.red_rows, SPLIT=split,
                         DEFER_DK=bool(self.defer_dk) and not split, COMPUTE_REGS=self.compute_regs,
                         SWAP=bool(self.swap), DQ_TMA=bool(self.dq_tma), STAT_RING=ring,
-                        FOLD=ring and bool(self.fold) and not softcap,
+                        FOLD=ring and bool(self.fold) and not softcap, NBAR=bool(self.nbar) and not split,
                         num_warps=4 if split else self.num_warps)  # fmt: skip
         return dict(DQ_CHUNK=self.chunk(headdim), RED_VEC=self.red_vec, num_warps=self.num_warps)
 
@@ -403,8 +409,10 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
             return "stat_ring / fold are options of the ws kernel with swap"
         if cfg.fold and not cfg.stat_ring:
             return "fold reads the stats from the worker's ring: stat_ring = 1"
-    elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold:
-        return "swap / dq_tma are options of the ws / ws2 kernels"
+        if cfg.nbar and cfg.kernel != "ws":
+            return "nbar is an option of the ws kernel (8 compute warps and the worker; not ws2)"
+    elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold or cfg.nbar:
+        return "swap / dq_tma / stat_ring / fold / nbar are options of the ws / ws2 kernels"
     if cfg.block_n not in (64, 128):
         return f"block_n (keys per program, the wgmma M of two warpgroups) must be 64 or 128, got {cfg.block_n}"
     if cfg.block_m not in (64, 128):
