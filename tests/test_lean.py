@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import flashtile
 from flashtile import dispatch, ops
-from flashtile.spec import AttnCall
+from flashtile.spec import AttnCall, make_call
 from flashtile.testing import qkv_inputs
 
 # ----------------------------------------------------------------------------------------------
@@ -495,3 +495,30 @@ def test_triton_bwd_table_causal_short_rule():
     assert configs.bwd_config("sm90", 128, bf, 4096, causal=True) == configs._BWD[("sm90", 128)]
     assert configs.bwd_config("sm90", 64, bf, 1024, causal=True) == configs._BWD[("sm90", 64)]
     assert configs.bwd_config("sm80", 128, bf, 1024, causal=True) == configs._BWD[("sm80", 128)]
+
+
+def test_triton_fwd_table_short_window_rule(monkeypatch):
+    """Windowed calls whose rows see at most WINDOW_SHORT_SPAN keys take the short-window forward
+    tile where the table has one (sm_90, head dim 64: measured faster there); unbounded or longer
+    windows, other head dims and archs keep the length tables; the launcher passes the span."""
+    from flashtile.backends.triton import configs, launch
+
+    bf = torch.bfloat16
+    short = configs._FWD_WINDOW_SHORT[("sm90", 64)]
+    assert configs.fwd_config("sm90", 64, bf, 16384, 1025) == short
+    assert configs.fwd_config("sm90", 64, bf, 16384, configs.WINDOW_SHORT_SPAN) == short
+    assert configs.fwd_config("sm90", 64, bf, 16384, configs.WINDOW_SHORT_SPAN + 1) == configs._FWD[("sm90", 64)]
+    assert configs.fwd_config("sm90", 64, bf, 16384) == configs._FWD[("sm90", 64)]
+    assert configs.fwd_config("sm90", 128, bf, 16384, 1025) == configs._FWD[("sm90", 128)]
+    assert configs.fwd_config("sm80", 64, bf, 16384, 1025) == configs._FWD[("sm80", 64)]
+    assert configs.fwd_config("sm90", 64, torch.float32, 16384, 1025) == configs._FWD_FP32[64]
+    from conftest import fake_compiled, install_fake_triton_kernels
+
+    install_fake_triton_kernels(monkeypatch, fake_compiled(lambda name, args: None))
+    spans = []
+    real = configs.fwd_config
+    monkeypatch.setattr(configs, "fwd_config", lambda *a: spans.append(a[4]) or real(*a))
+    q = torch.randn(1, 40, 2, 64, dtype=torch.float16)
+    for ws, causal in (((8, 0), True), ((5, 3), False), ((-1, -1), True), ((4, -1), False)):
+        launch.forward(q, q, q, make_call(headdim=64, causal=causal, window_size=ws))
+    assert spans == [9, 9, None, None]

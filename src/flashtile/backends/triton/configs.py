@@ -142,9 +142,25 @@ def bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
-def fwd_config(arch: str, block_d: int, dtype: torch.dtype, max_seqlen: int = 1 << 30) -> FwdConfig:
+# Windowed calls whose rows see at most WINDOW_SHORT_SPAN keys (``window_left + 1 +
+# window_right``, both bounded): a program visits a few key blocks whatever the sequence length, as
+# short sequences do. H200, d64, causal window (1024, 0), b1 h16 s16k, device ms
+# (benchmarks/window_fwd_routes.py --cand, results/window_fwd_routes_NVIDIA_H200_20261202-1129.json):
+# (64,64,4,3) 0.213 | (64,64,4,2) 0.229 | the table's (128,64,4,4) 0.235 | (128,64,4,3) 0.235 |
+# (64,128,4,3) 0.255 | (128,128,8,3) 0.287 | (128,64,8,3) 0.293; FlexAttention 0.232.
+WINDOW_SHORT_SPAN = 2048
+_FWD_WINDOW_SHORT: dict[tuple[str, int], FwdConfig] = {
+    ("sm90", 64): FwdConfig(64, 64, 4, 3),
+}
+
+
+def fwd_config(
+    arch: str, block_d: int, dtype: torch.dtype, max_seqlen: int = 1 << 30, window_span: int | None = None
+) -> FwdConfig:
     """``max_seqlen``: the longer of the (max) query and key lengths; <= SHORT_SEQLEN picks
-    the short-sequence table where it has an entry."""
+    the short-sequence table where it has an entry. ``window_span``: the keys a row can see when
+    the call's window is bounded on both sides (None otherwise); <= WINDOW_SHORT_SPAN picks the
+    short-window table where it has an entry."""
     if arch == "interpret":
         return INTERPRET_FWD
     if dtype == torch.float32:
@@ -152,6 +168,8 @@ def fwd_config(arch: str, block_d: int, dtype: torch.dtype, max_seqlen: int = 1 
     key = (arch, bucket(block_d))
     if max_seqlen <= SHORT_SEQLEN and key in _FWD_SHORT:
         return _FWD_SHORT[key]
+    if window_span is not None and window_span <= WINDOW_SHORT_SPAN and key in _FWD_WINDOW_SHORT:
+        return _FWD_WINDOW_SHORT[key]
     return _FWD[key]
 
 

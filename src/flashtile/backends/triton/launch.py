@@ -299,7 +299,8 @@ def forward(
     bd, bdv = block_d(D), block_d(Dv)
     bd_cfg = max(bd, bdv)  # the tile table's bucket: the larger head dim
     ar = arch(dev)
-    cfg = config or configs.fwd_config(ar, bd_cfg, q.dtype, max(rows_q, rows_k))
+    span = call.window_left + 1 + call.window_right if call.window_left >= 0 and call.window_right >= 0 else None
+    cfg = config or configs.fwd_config(ar, bd_cfg, q.dtype, max(rows_q, rows_k), span)
     flags = _flags(call, q.dtype)
     scal = _scalars(call)
     stride_ab = alibi_slopes.stride(0) if alibi_slopes is not None else 0
