@@ -261,6 +261,8 @@ def main():
     ap.add_argument("--seqlen", type=int, default=16384)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--no-d64", action="store_true")
+    ap.add_argument("--only-d64", action="store_true", help="the d64 cases alone")
+    ap.add_argument("--flex-d64", action="store_true", help="FlexAttention at d64 too (within --budget)")
     ap.add_argument("--d64-until", type=float, default=200.0, help="time the d64 cases only if started before (s)")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
@@ -301,12 +303,13 @@ def main():
     deadline = t0 + args.budget
     all_cases = bench_flex.cases(s, h)
     rows = []
-    for d in (128,) if args.no_d64 else (128, 64):
+    for d in (128,) if args.no_d64 else (64,) if args.only_d64 else (128, 64):
         if d == 64 and time.perf_counter() - t0 > args.d64_until:
             print(f"d64 skipped: {time.perf_counter() - t0:.0f} s spent (--d64-until {args.d64_until})", flush=True)
             break
         for name in ("prefix-lm", "sliding-1k", "document-16"):  # (the FlexAttention target first)
-            rows.append(time_case(name, all_cases[name], s, h, d, tflex if d == 128 else None, tcbm, deadline))
+            fx = tflex if d == 128 or args.flex_d64 else None
+            rows.append(time_case(name, all_cases[name], s, h, d, fx, tcbm, deadline))
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "seqlen": s, "heads": h,
            "rows": rows, "wall_s": time.perf_counter() - t0}  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
