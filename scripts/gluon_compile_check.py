@@ -369,7 +369,7 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
     consts.update(cfg.kernel_consts(d, softcap=bool(flags["HAS_SOFTCAP"])))
     if cfg.kernel in ("ws", "ws2"):
         tag = f"{'_swap' if cfg.swap else ''}{'_tma' if cfg.dq_tma else ''}{'_ring' if cfg.stat_ring else ''}"
-        tag += f"{'_fold' if cfg.fold else ''}{'_nbar' if cfg.nbar else ''}"
+        tag += f"{'_fold' if cfg.fold else ''}{'_nbar' if cfg.nbar else ''}{cfg.nbar if cfg.nbar > 1 else ''}"
         name = name.replace("bwd ", f"bwd_{cfg.kernel}{tag} ", 1)
         res["name"] = name
         if consts.get("STAT_RING"):  # stat_mul: a runtime float
@@ -380,7 +380,7 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
             else:
                 consts["DQ_TMA"] = False
         if not consts["ATOMIC_DQ"]:  # (as the launcher: no dQ hand-off to put on named barriers)
-            consts["NBAR"] = False
+            consts["NBAR"] = 0
         if "dq_desc" not in sig:  # (a leading argument without a default: None without DQ_TMA)
             consts["dq_desc"] = None
     if not varlen:
@@ -407,7 +407,7 @@ def main() -> int:
     ap.add_argument("--only", choices=("fwd", "bwd"), help="only the forward or the backward kernels")
     ap.add_argument("--trace", action="store_true", help="print the full error of failed variants")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
-                    help="override a config field for every variant (block_n=64, num_stages=3)")
+                    help="override config fields for every variant (block_n=64, num_stages=3; a,b=.. or repeated)")
     ap.add_argument("--fp8", action="store_true", help="the FP8 kernel (fwd_fp8.py) instead of the 16-bit ones")
     ap.add_argument("--bwd-kernel", choices=("plain", "ws", "ws2"), help="the backward kernel (default: the table's)")
     ap.add_argument("--flex", action="store_true",
@@ -416,7 +416,7 @@ def main() -> int:
                          "--only fwd / bwd picks one")
     args = ap.parse_args()
     overrides = {}
-    for kv in args.set:
+    for kv in (item for arg in args.set for item in arg.split(",")):  # (--set a=1,b=2 or --set a=1 --set b=2)
         key, val = kv.split("=")
         overrides[key] = val if key == "kernel" else int(val)
     configs = _load("hopper_configs", PKG / "configs.py")

@@ -104,16 +104,36 @@ def test_bwd_nbar_config_and_constexprs():
             assert configs.bwd_config(d, masked).nbar == 0
     ws = configs.bwd_config(128, nbar=1)
     assert ws.kernel == "ws" and configs.bwd_check(ws, 128) is None
-    assert ws.kernel_consts(128)["NBAR"] is True and ws.kernel_consts(128, softcap=True)["NBAR"] is True
-    assert configs.bwd_config(128).kernel_consts(128)["NBAR"] is False
+    assert ws.kernel_consts(128)["NBAR"] == 1 and ws.kernel_consts(128, softcap=True)["NBAR"] == 1
+    assert configs.bwd_config(128).kernel_consts(128)["NBAR"] == 0
     assert configs.bwd_check(configs.bwd_config(64, nbar=1), 64) is None
     assert configs.bwd_check(configs.bwd_config(64, True, nbar=1), 64) is None  # (the masked table: no ring)
     assert "ws / ws2" in configs.bwd_check(configs.bwd_config(256, nbar=1), 256)  # plain
     ws2 = replace(ws, kernel="ws2", stat_ring=0, fold=0)
     assert configs.bwd_check(replace(ws2, nbar=0), 128) is None
     assert "not ws2" in configs.bwd_check(ws2, 128)
-    assert ws2.kernel_consts(128)["NBAR"] is False
+    assert ws2.kernel_consts(128)["NBAR"] == 0
     assert "NBAR" not in configs.bwd_config(256).kernel_consts(256)  # the plain kernel has no such constexpr
+
+
+def test_bwd_nbar2_config_and_constexprs():
+    """nbar=2 (the ring's slot releases on named barriers too) is accepted where nbar=1 is (the ws
+    kernel, either table, any head dim it serves) and reaches the kernel as NBAR=2; refused on plain
+    and ws2 like nbar=1, and any other value is refused."""
+    for d in (64, 96, 128):
+        for masked in (False, True):
+            cfg = configs.bwd_config(d, masked, nbar=2)
+            assert configs.bwd_check(cfg, d) is None
+            assert cfg.kernel_consts(d)["NBAR"] == 2 and cfg.kernel_consts(d, softcap=True)["NBAR"] == 2
+    three = configs.bwd_config(128, nbar=2, num_stages=3)  # (one named barrier per slot: ids 11..13)
+    assert configs.bwd_check(three, 128) is None and three.kernel_consts(128)["NBAR"] == 2
+    assert "num_stages <= 11" in configs.bwd_check(replace(three, num_stages=12), 128)
+    assert "ws / ws2" in configs.bwd_check(configs.bwd_config(256, nbar=2), 256)  # plain
+    ws2 = replace(configs.bwd_config(128, nbar=2), kernel="ws2", stat_ring=0, fold=0)
+    assert "not ws2" in configs.bwd_check(ws2, 128)
+    assert ws2.kernel_consts(128)["NBAR"] == 0
+    for bad in (3, -1):
+        assert "nbar must be 0, 1 or 2" in configs.bwd_check(configs.bwd_config(128, nbar=bad), 128)
 
 
 def test_bwd_ws_config_checks_and_shared_memory():
@@ -346,27 +366,63 @@ def test_launch_bwd_nbar_where_it_applies(lb):
     for call in (make_call(headdim=128), make_call(headdim=128, causal=True), make_call(headdim=128, softcap=30.0)):
         launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, call, config=nb)
         kw = rec["main"].calls[-1][2]
-        assert kw["NBAR"] is True and kw["ATOMIC_DQ"]
+        assert kw["NBAR"] == 1 and kw["ATOMIC_DQ"]
     launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128))
-    assert rec["main"].calls[-1][2]["NBAR"] is False  # the table: off
+    assert rec["main"].calls[-1][2]["NBAR"] == 0  # the table: off
     qv, kv_, vv = (x.reshape(1, 100, 4, 128) for x in (q, k, v))
     lens = cu([30, 0, 70], "cpu")
     call = make_call(headdim=128, cu_seqlens_q=lens, cu_seqlens_k=lens, max_seqlen_q=70, max_seqlen_k=70)
     launch_bwd.backward(torch.randn_like(qv), qv, kv_, vv, torch.randn_like(qv), _lse(1, 4, 100), call, config=nb)
     kw = rec["main"].calls[-1][2]
-    assert kw["NBAR"] is True and kw["IS_VARLEN"]
+    assert kw["NBAR"] == 1 and kw["IS_VARLEN"]
     # no atomic dQ: ignored (the kernel computes dK / dV only)
     launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse,
                         make_call(headdim=128, deterministic=True), config=nb)  # fmt: skip
     kw = rec["main"].calls[-1][2]
-    assert not kw["ATOMIC_DQ"] and kw["NBAR"] is False
+    assert not kw["ATOMIC_DQ"] and kw["NBAR"] == 0
     launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
                         config=replace(nb, atomic_dq=0))  # fmt: skip
     kw = rec["main"].calls[-1][2]
-    assert not kw["ATOMIC_DQ"] and kw["NBAR"] is False
+    assert not kw["ATOMIC_DQ"] and kw["NBAR"] == 0
     n = len(rec["main"].calls)
     for bad in (replace(nb, kernel="ws2", stat_ring=0, fold=0), configs.HopperBwdConfig(64, 64, 2, nbar=1)):
         with pytest.raises(ValueError, match="nbar (is an option|are options) of the ws"):
+            launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
+                                config=bad)  # fmt: skip
+    assert len(rec["main"].calls) == n
+
+
+def test_launch_bwd_nbar2_where_it_applies(lb):
+    """nbar=2 reaches the ws kernel as NBAR=2 wherever nbar=1 does (dense, causal, softcap, varlen, and
+    the block-list mode, whose ring is the same), is turned off (0) without atomic dQ like nbar=1, and
+    is refused on the plain and ws2 kernels."""
+    launch_bwd, rec = lb
+    q, k, v = qkv_inputs(1, 100, 100, 4, 4, 128, torch.bfloat16, "cpu")
+    lse = _lse(1, 4, 100)
+    nb = configs.bwd_config(128, nbar=2)
+    for call in (make_call(headdim=128), make_call(headdim=128, causal=True), make_call(headdim=128, softcap=30.0)):
+        launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, call, config=nb)
+        kw = rec["main"].calls[-1][2]
+        assert kw["NBAR"] == 2 and kw["ATOMIC_DQ"]
+    launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
+                        config=nb, lists=dict(LIST_SUBS=2))  # fmt: skip
+    kw = rec["main"].calls[-1][2]
+    assert kw["NBAR"] == 2 and kw["LIST_SUBS"] == 2
+    qv, kv_, vv = (x.reshape(1, 100, 4, 128) for x in (q, k, v))
+    lens = cu([30, 0, 70], "cpu")
+    call = make_call(headdim=128, cu_seqlens_q=lens, cu_seqlens_k=lens, max_seqlen_q=70, max_seqlen_k=70)
+    launch_bwd.backward(torch.randn_like(qv), qv, kv_, vv, torch.randn_like(qv), _lse(1, 4, 100), call, config=nb)
+    kw = rec["main"].calls[-1][2]
+    assert kw["NBAR"] == 2 and kw["IS_VARLEN"]
+    for call, cfg in ((make_call(headdim=128, deterministic=True), nb), (make_call(headdim=128),
+                                                                        replace(nb, atomic_dq=0))):
+        launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, call, config=cfg)
+        kw = rec["main"].calls[-1][2]
+        assert not kw["ATOMIC_DQ"] and kw["NBAR"] == 0
+    n = len(rec["main"].calls)
+    for bad in (replace(nb, kernel="ws2", stat_ring=0, fold=0), configs.HopperBwdConfig(64, 64, 2, nbar=2),
+                replace(nb, nbar=3)):
+        with pytest.raises(ValueError, match="nbar (is an option|are options) of the ws|nbar must be 0, 1 or 2"):
             launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
                                 config=bad)  # fmt: skip
     assert len(rec["main"].calls) == n

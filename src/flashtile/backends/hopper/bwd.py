@@ -67,6 +67,12 @@ def _nbar_asm(op: str, bar: gl.constexpr) -> gl.constexpr:
     return gl.constexpr(f"bar.{op} {bar.value}, {NBAR_THREADS.value};\n\tmov.b32 $0, $1;")
 
 
+#: NBAR = 2: also the ring's "slot empty" releases, slot ``s`` on named barrier ``NBAR_RING_END -
+#: NUM_STAGES + s`` (ids 12 and 13 at two stages; ``s`` in a register: ``bar.<op> $r, 384``).
+NBAR_RING_END: gl.constexpr = gl.constexpr(14)
+NBAR_RING_MIN: gl.constexpr = gl.constexpr(3)  # (0, 1, 2: Triton's own, see above)
+_NBAR_ARRIVE_RING: gl.constexpr = gl.constexpr(f"bar.arrive $1, {NBAR_THREADS.value};\n\tmov.b32 $0, $1;")
+_NBAR_SYNC_RING: gl.constexpr = gl.constexpr(f"bar.sync $1, {NBAR_THREADS.value};\n\tmov.b32 $0, $1;")
 _NBAR_ARRIVE_FULL: gl.constexpr = _nbar_asm("arrive", NBAR_FULL)
 _NBAR_SYNC_FULL: gl.constexpr = _nbar_asm("sync", NBAR_FULL)
 _NBAR_ARRIVE_EMPTY: gl.constexpr = _nbar_asm("arrive", NBAR_EMPTY)
@@ -82,6 +88,16 @@ def _named_barrier(ASM: gl.constexpr, NW: gl.constexpr):
     (an LLVM ``asm sideeffect``; ptxas orders memory around ``bar``); the PTX shows it in place."""
     lay: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
     gl.inline_asm_elementwise(ASM, "=r,r", [gl.zeros([32 * NW], gl.int32, lay)], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _ring_barrier(ASM: gl.constexpr, stage, NUM_STAGES: gl.constexpr, NW: gl.constexpr):
+    """``NBAR = 2``: run ``ASM`` (:data:`_NBAR_ARRIVE_RING` / :data:`_NBAR_SYNC_RING`) on ring slot
+    ``stage``'s named barrier, once in every thread of this ``NW``-warp partition (as
+    :func:`_named_barrier`; the id a warp-uniform register)."""
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+    bar_id = gl.zeros([32 * NW], gl.int32, lay) + (NBAR_RING_END - NUM_STAGES + stage)
+    gl.inline_asm_elementwise(ASM, "=r,r", [bar_id], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @builtin
@@ -485,7 +501,7 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
                    IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, RED_ROWS: gl.constexpr,
                    WORKER_WARPS: gl.constexpr, NUM_TILES: gl.constexpr, dq_desc, DQ_TMA: gl.constexpr,
                    BL_IDX, LIST_SUBS: gl.constexpr, LSE, DELTA, st_smem, seqlen_q, stride_lb, stride_lh, stat_mul,
-                   STAT_RING: gl.constexpr, FOLD: gl.constexpr, NBAR: gl.constexpr = False):
+                   STAT_RING: gl.constexpr, FOLD: gl.constexpr, NBAR: gl.constexpr = 0):
     """The worker warpgroup: every TMA load (K and V once, then Q / dO of each iteration into the
     ring, a slot refilled once the compute warpgroups released it), and the dQ reductions: each
     iteration's dQ tile, left in ``dq_smem`` by the compute warpgroups, is added into the fp32
@@ -495,7 +511,9 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
     (``LIST_SUBS``): the query blocks of the program's list at ``BL_IDX``. ``STAT_RING``: each slot's
     lse and delta rows too (:func:`_put_stats`), loaded before the dQ reduction and stored after
     it (their latency under it), then a second arrival on the slot's ``ld_full``. ``NBAR``: the dQ
-    hand-off on named barriers (``bar.sync`` full, ``bar.arrive`` empty; see :func:`attn_bwd_ws`)."""
+    hand-off on named barriers (``bar.sync`` full, ``bar.arrive`` empty; see :func:`attn_bwd_ws`);
+    ``NBAR = 2``: also ``bar.sync`` on the slot's named barrier before refilling it, in place of the
+    ``ld_empty`` wait."""
     st_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WORKER_WARPS], [0])
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     _tma_load(k_desc, kv_bar, k_smem, b, k_start + n0, hk, IS_VARLEN)
@@ -515,7 +533,10 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
             lse2 = gl.zeros([BLOCK_M], gl.float32, st_layout)
             delta = gl.zeros([BLOCK_M], gl.float32, st_layout)
         if nxt < total:
-            mbarrier.wait(ld_empty.index(i % NUM_STAGES), (i // NUM_STAGES) & 1)
+            if NBAR == 2:  # every compute thread is done with slot i % NUM_STAGES (arrived for iteration i)
+                _ring_barrier(_NBAR_SYNC_RING, i % NUM_STAGES, NUM_STAGES, WORKER_WARPS)
+            else:
+                mbarrier.wait(ld_empty.index(i % NUM_STAGES), (i // NUM_STAGES) & 1)
             _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, nxt, b, hk, group, q_start, mb_lo, n_mb,
                         BLOCK_M, NUM_STAGES, IS_VARLEN, BL_IDX, LIST_SUBS)
             if STAT_RING:
@@ -623,7 +644,7 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                     HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
                     DEFER_DK: gl.constexpr, SWAP: gl.constexpr, DQ_TMA: gl.constexpr,
                     BL_IDX, MA0, MA1, MA2, LIST_SUBS: gl.constexpr, MASK_MOD: gl.constexpr,
-                    STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False, NBAR: gl.constexpr = False):
+                    STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False, NBAR: gl.constexpr = 0):
     """Compute warps of the ws kernel: for each query block of the ring, the five products and
     the softmax recomputation, dK and dV in registers, the dQ tile left in ``dq_smem`` for the
     worker.
@@ -655,7 +676,9 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
     ``NBAR`` (ws, atomic dQ): the dQ hand-off on named barriers: ``bar.sync`` on "empty" from the
     second iteration on where the ``dq_empty`` wait was, ``bar.arrive`` on "full" (no wait) where
     the ``dq_full`` arrival was, i.e. without that arrival's barrier of the 8 warps (protocol:
-    :func:`attn_bwd_ws`)."""
+    :func:`attn_bwd_ws`). ``NBAR = 2``: also the ring slot's release at the end of the iteration,
+    ``bar.arrive`` on the slot's named barrier (only if the worker refills the slot) in place of
+    the ``ld_empty`` arrival and its barrier of the 8 warps."""
     dtype: gl.constexpr = q_bufs.dtype
     NW: gl.constexpr = 4 if SPLIT else 8
     KEYS: gl.constexpr = BLOCK_N // 2 if SPLIT else BLOCK_N
@@ -854,7 +877,13 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                 dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dv, dk, pa, dsa))
             else:
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-        mbarrier.arrive(ld_empty.index(stage))  # Q and dO of this slot are no longer read (by this partition)
+        # Q and dO (and with STAT_RING the stats) of this slot are no longer read by this partition: every
+        # wgmma reading them retired above, the stats loaded
+        if NBAR == 2:
+            if i + NUM_STAGES < total:  # (only where the worker refills the slot: it bar.syncs there)
+                _ring_barrier(_NBAR_ARRIVE_RING, stage, NUM_STAGES, NW)
+        else:
+            mbarrier.arrive(ld_empty.index(stage))  # (lowered after a barrier of the partition)
     kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
     _store_rows(DV + kv_off, dv.to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM, KEYS, BLOCK_D,
                 kv_layout)
@@ -874,7 +903,7 @@ def attn_bwd_ws(
     COMPUTE_REGS: gl.constexpr = 240, SWAP: gl.constexpr = False, DQ_TMA: gl.constexpr = False,
     LPT: gl.constexpr = False, BL_CNT=None, BL_IDX=None, bl_sb=None, bl_sh=None, bl_w=None, MA0=None, MA1=None,
     MA2=None, LIST_SUBS: gl.constexpr = 0, MASK_MOD: gl.constexpr = None, STAT_RING: gl.constexpr = False,
-    FOLD: gl.constexpr = False, stat_mul=1.0, NBAR: gl.constexpr = False,
+    FOLD: gl.constexpr = False, stat_mul=1.0, NBAR: gl.constexpr = 0,
 ):
     """Warp-specialised backward, same arguments and semantics as :func:`attn_bwd` plus ``dq_desc``
     after ``do_desc`` (None without ``DQ_TMA``; a leading argument, so that a prepared launch passes
@@ -920,7 +949,39 @@ def attn_bwd_ws(
     completion of the other), and none are left pending at exit, ``total = 0`` included (no
     operation at all). ``bar.arrive`` / ``bar.sync`` order each thread's earlier shared-memory
     accesses before the barrier's completion (the PTX producer / consumer pattern), and the asm is
-    not moved across the partition's memory operations (:func:`_named_barrier`)."""
+    not moved across the partition's memory operations (:func:`_named_barrier`).
+
+    ``NBAR = 2`` (same conditions): also the ring's "slot empty" releases, slot ``s`` on named
+    barrier ``NBAR_RING_END - NUM_STAGES + s`` (12 and 13 at two stages; ``num_stages <= 11``,
+    static_asserted) of the same 384 threads, in place of the ``ld_empty`` mbarriers (left unused;
+    the ``ld_full`` side, TMA transaction counts and the stats' arrival, stays on mbarriers).
+    Iteration ``i`` of ``total``, slot ``s = i % NUM_STAGES``:
+
+    * compute, at the end of the iteration: if ``i + NUM_STAGES < total``, ``bar.arrive`` on slot
+      ``s``'s barrier (no wait). That is after the last ``warpgroup_mma_wait`` of the iteration,
+      which retires every wgmma reading ``q_buf`` / ``do_buf`` (S, dP, dV, dK; wgmma reads are
+      asynchronous: the release must not come before that wait), and after every read of the
+      slot's ``st_smem`` rows (``STAT_RING``: lse / delta, loaded into registers before the wgmmas
+      with ``FOLD``, mid-iteration without): the place of the ``ld_empty`` arrival.
+    * worker, at iteration ``i``, before refilling the slot with iteration ``nxt = i + NUM_STAGES``
+      (only if ``nxt < total``): ``bar.sync`` on slot ``s``'s barrier, then the TMA loads (and with
+      ``STAT_RING`` the stats' stores into the slot's ``st_smem`` rows and the second ``ld_full``
+      arrival).
+
+    Arrivals and syncs match one to one: both sides act exactly for the iterations ``i`` with
+    ``i + NUM_STAGES < total`` (``max(total - NUM_STAGES, 0)`` generations over the slots, none
+    when ``total <= NUM_STAGES``, ``total = 0`` included), so nothing is pending at exit. A thread
+    never arrives twice in one generation of a slot's barrier: the compute's next arrival on slot
+    ``s`` (iteration ``i + NUM_STAGES``) comes after its wait on ``ld_full`` for that iteration,
+    whose TMA the worker issues only after its ``bar.sync`` completed the generation of iteration
+    ``i``. Deadlock freedom is the mbarrier protocol's (same places, same conditions; the worker's
+    sync for ``i`` needs only compute iteration ``i`` done, which needs the worker's iterations
+    ``< i``). The 8 compute warps no longer meet at the end of the iteration, but still at the loop
+    head: Triton 3.6 puts a barrier of the partition before the ``ld_full`` wait (seen in the PTX /
+    SASS of every variant, with or without NBAR), and that barrier is what now orders one
+    warpgroup's dQ wgmma reads of ``ds_smem`` (both halves of dS) before the other warpgroup's dS
+    stores of the next iteration (the ``ld_empty`` arrival's barrier did too). Check it is there
+    after a Triton upgrade."""
     pid_n, hk, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k, False,
                                                                       IS_VARLEN, LPT)
     n0 = pid_n * BLOCK_N
@@ -976,7 +1037,10 @@ def attn_bwd_ws(
         not NBAR or (not SPLIT and num_warps == 8 and NBAR_THREADS == 32 * (num_warps + 4)),
         "nbar: the ws kernel (8 compute warps, a 4-warp worker)",
     )
-    NB: gl.constexpr = NBAR and ATOMIC_DQ  # (no hand-off without atomic dQ)
+    gl.static_assert(NBAR == 0 or NBAR == 1 or NBAR == 2, "nbar: 0, 1 or 2")
+    gl.static_assert(NBAR != 2 or NBAR_RING_END - NUM_STAGES >= NBAR_RING_MIN,
+                     "nbar = 2: one named barrier per ring slot, ids 3..13: num_stages <= 11")
+    NB: gl.constexpr = NBAR if ATOMIC_DQ else 0  # (no hand-off without atomic dQ)
     gl.static_assert(not FOLD or (STAT_RING and not HAS_SOFTCAP), "fold: with stat_ring, without softcap")
     if LIST_SUBS:
         gl.static_assert(SWAP and not SPLIT and not LPT and not IS_VARLEN,

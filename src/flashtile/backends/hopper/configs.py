@@ -289,7 +289,10 @@ class HopperBwdConfig:
     #: barriers (``bar.arrive`` / ``bar.sync``, FA3's dQFull / dQEmpty) instead of mbarriers, whose
     #: arrival costs the 8 compute warps a barrier of their partition per iteration. NOT run on the
     #: GPU yet (benchmarks/NOTES.md, "Named-barrier dQ hand-off"): off. Ignored where dQ is not added
-    #: by the kernel (deterministic mode, ``atomic_dq=0``); ``bwd_check`` rejects it on plain / ws2
+    #: by the kernel (deterministic mode, ``atomic_dq=0``); ``bwd_check`` rejects it on plain / ws2.
+    #: 0: mbarriers (the default); 1: the dQ hand-off on named barriers; 2: that, and the Q / dO ring's
+    #: "slot empty" releases too (one named barrier per ring slot, ``num_stages <= 11``; the compute
+    #: warps' barrier of their partition at each slot release goes; also NOT run on the GPU)
     nbar: int = 0
 
     def chunk(self, headdim: int) -> int:
@@ -306,7 +309,7 @@ class HopperBwdConfig:
             return dict(WORKER_REGS=self.worker_regs, RED_ROWS=self.red_rows, SPLIT=split,
                         DEFER_DK=bool(self.defer_dk) and not split, COMPUTE_REGS=self.compute_regs,
                         SWAP=bool(self.swap), DQ_TMA=bool(self.dq_tma), STAT_RING=ring,
-                        FOLD=ring and bool(self.fold) and not softcap, NBAR=bool(self.nbar) and not split,
+                        FOLD=ring and bool(self.fold) and not softcap, NBAR=0 if split else int(self.nbar),
                         num_warps=4 if split else self.num_warps)  # fmt: skip
         return dict(DQ_CHUNK=self.chunk(headdim), RED_VEC=self.red_vec, num_warps=self.num_warps)
 
@@ -409,6 +412,10 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
             return "stat_ring / fold are options of the ws kernel with swap"
         if cfg.fold and not cfg.stat_ring:
             return "fold reads the stats from the worker's ring: stat_ring = 1"
+        if cfg.nbar not in (0, 1, 2):
+            return f"nbar must be 0, 1 or 2, got {cfg.nbar}"
+        if cfg.nbar == 2 and cfg.num_stages > 11:
+            return f"nbar=2 takes a named barrier per ring slot (ids 3..13): num_stages <= 11, got {cfg.num_stages}"
         if cfg.nbar and cfg.kernel != "ws":
             return "nbar is an option of the ws kernel (8 compute warps and the worker; not ws2)"
     elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold or cfg.nbar:

@@ -127,7 +127,7 @@ def backward(
             extra["stat_mul"] = -1.0 / qk_scale if extra["FOLD"] else 1.0
         if ws:  # the dQ accumulator's [block_m, BLOCK_D] fp32 tiles, added by TMA (DQ_TMA), else None
             extra["DQ_TMA"] = bool(extra["DQ_TMA"]) and atomic
-            extra["NBAR"] = bool(extra["NBAR"]) and atomic  # (no dQ hand-off to the worker without atomics)
+            extra["NBAR"] = extra["NBAR"] if atomic else 0  # (no dQ hand-off to the worker without atomics)
             descs.append(_descriptor(dq_acc, cfg.block_m, varlen) if extra["DQ_TMA"] else None)
         n_kb = cdiv(rows_k, cfg.block_n)
         # causal / right window: key block 0 of every head first (longest first); grid y / z <= 65535
