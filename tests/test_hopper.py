@@ -434,8 +434,8 @@ def test_gpu_every_kernel_variant(kernel, consumers, d, opts):
 
 
 def test_short_windows_at_small_head_dims_run_the_triton_forward(monkeypatch):
-    """hopper.short_window: a fp16 / bf16 forward whose window spans fewer keys than
-    TRITON_FWD_WINDOW_SPAN[head dim] goes to the Triton forward; longer windows, unbounded sides,
+    """hopper.short_window: a fp16 / bf16 forward whose window spans at most
+    TRITON_FWD_WINDOW_SPAN[head dim] keys goes to the Triton forward; longer windows, unbounded sides,
     other head dims and FP8 stay on the Gluon kernels."""
     from flashtile.backends.hopper import launch
     from flashtile.backends.triton import backend as triton_backend
@@ -443,7 +443,7 @@ def test_short_windows_at_small_head_dims_run_the_triton_forward(monkeypatch):
     taken: list[str] = []
     monkeypatch.setattr(triton_backend, "forward", lambda q, k, v, call: taken.append("triton"))
     monkeypatch.setattr(launch, "forward", lambda q, k, v, call: taken.append("gluon"))
-    monkeypatch.setattr(hopper, "TRITON_FWD_WINDOW_SPAN", {64: 4096})
+    monkeypatch.setattr(hopper, "TRITON_FWD_WINDOW_SPAN", {64: 4097})
 
     def route(d, dtype=torch.bfloat16, **kw):
         q = torch.empty(1, 2048, 16, d, dtype=dtype)  # 32k rows: past SMALL_ROWS, not decode-shaped
@@ -451,10 +451,10 @@ def test_short_windows_at_small_head_dims_run_the_triton_forward(monkeypatch):
         return taken.pop()
 
     assert route(64, causal=True, window_size=(1024, 0)) == "triton"
-    assert route(64, torch.float16, window_size=(2000, 2000)) == "triton"  # a span of 4001 keys
-    assert route(64, window_size=(2048, 2048)) == "gluon"  # 4097 keys
-    assert route(64, causal=True, window_size=(4094, 0)) == "triton"
-    assert route(64, causal=True, window_size=(4095, 0)) == "gluon"
+    assert route(64, torch.float16, window_size=(2048, 2048)) == "triton"  # a span of 4097 keys
+    assert route(64, window_size=(2048, 2049)) == "gluon"  # 4098 keys
+    assert route(64, causal=True, window_size=(4096, 0)) == "triton"
+    assert route(64, causal=True, window_size=(4097, 0)) == "gluon"
     assert route(64, window_size=(512, -1)) == "gluon"  # unbounded on the right
     assert route(64, causal=True) == "gluon"
     assert route(128, causal=True, window_size=(1024, 0)) == "gluon"

@@ -188,25 +188,26 @@ class HopperBackend:
         return dq, dk, dv, {}
 
 
-#: head dim -> the window span (keys a query row can see: ``window_left + 1 + window_right``) below
-#: which a windowed fp16 / bf16 forward runs the Triton forward instead of the Gluon kernel: at short
-#: rows the Gluon forward's per-program fixed costs (its pipeline fill, the warp-specialised hand-offs)
-#: weigh most at small head dims. Measured on the H200 (b1 h16 s16k bf16, causal, window (w, 0),
-#: device time of 10 calls back to back, ``benchmarks/window_fwd_routes.py``,
-#: ``results/window_fwd_routes_NVIDIA_H200_20261202-1103.json``), Triton / Gluon ms: head dim 64,
-#: w = 512 / 1024 / 2048 / 4096: 0.159 / 0.269, 0.234 / 0.328, 0.383 / 0.444, 0.646 / 0.645; head
-#: dim 96: 0.278 / 0.200, 0.432 / 0.292, 0.675 / 0.494, 1.137 / 0.849 (Gluon stays), head dim 128
-#: at 1024: 0.408 / 0.286.
-TRITON_FWD_WINDOW_SPAN: dict[int, int] = {64: 4096}
+#: head dim -> the largest window span (keys a query row can see: ``window_left + 1 + window_right``)
+#: at which a windowed fp16 / bf16 forward runs the Triton forward instead of the Gluon kernel: at
+#: short rows the Gluon forward's per-program fixed costs (its pipeline fill, the warp-specialised
+#: hand-offs) weigh most at small head dims. Measured on the H200 (b1 h16 s16k bf16, causal, window
+#: (w, 0), device time of 10 calls back to back, ``benchmarks/window_fwd_routes.py``,
+#: ``results/window_fwd_routes_NVIDIA_H200_20261202-{1103,1141}.json``), Triton (with its short-window
+#: tile, ``triton.configs._FWD_WINDOW_SHORT``) / Gluon ms: head dim 64, w = 512 / 1024 / 2048 / 4096:
+#: 0.135 / 0.267, 0.211 / 0.328, 0.361 / 0.439, 0.631 / 0.642; head dim 96 (the Triton table's
+#: tile): 0.278 / 0.200, 0.432 / 0.292, 0.675 / 0.494, 1.137 / 0.849 (Gluon stays), head dim 128 at
+#: 1024: 0.404 / 0.285.
+TRITON_FWD_WINDOW_SPAN: dict[int, int] = {64: 4097}
 
 
 def short_window(call: AttnCall, headdim: int) -> bool:
     """Whether ``call``'s window is short enough at ``headdim`` for the Triton forward
-    (:data:`TRITON_FWD_WINDOW_SPAN`): both sides bounded and the span below the entry."""
+    (:data:`TRITON_FWD_WINDOW_SPAN`): both sides bounded and the span at most the entry."""
     limit = TRITON_FWD_WINDOW_SPAN.get(headdim)
     if limit is None or call.window_left < 0 or call.window_right < 0:
         return False
-    return call.window_left + 1 + call.window_right < limit
+    return call.window_left + 1 + call.window_right <= limit
 
 
 #: Environment variable choosing the backward kernels: ``gluon`` or ``triton``.

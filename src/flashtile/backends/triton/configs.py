@@ -144,11 +144,13 @@ def bucket(block_d: int) -> int:
 
 # Windowed calls whose rows see at most WINDOW_SHORT_SPAN keys (``window_left + 1 +
 # window_right``, both bounded): a program visits a few key blocks whatever the sequence length, as
-# short sequences do. H200, d64, causal window (1024, 0), b1 h16 s16k, device ms
-# (benchmarks/window_fwd_routes.py --cand, results/window_fwd_routes_NVIDIA_H200_20261202-1129.json):
-# (64,64,4,3) 0.213 | (64,64,4,2) 0.229 | the table's (128,64,4,4) 0.235 | (128,64,4,3) 0.235 |
-# (64,128,4,3) 0.255 | (128,128,8,3) 0.287 | (128,64,8,3) 0.293; FlexAttention 0.232.
-WINDOW_SHORT_SPAN = 2048
+# short sequences do. H200, d64, causal window (w, 0), b1 h16 s16k, device ms
+# (benchmarks/window_fwd_routes.py --cand, results/window_fwd_routes_NVIDIA_H200_20261202-1129.json
+# and -1141.json): w = 1024: (64,64,4,3) 0.213 | (64,64,4,2) 0.229 | the table's (128,64,4,4) 0.235 |
+# (128,64,4,3) 0.235 | (64,128,4,3) 0.255 | (128,128,8,3) 0.287 | (128,64,8,3) 0.293 (FlexAttention
+# 0.232); (64,64,4,3) against the table's at w = 512 / 2048 / 4096: 0.135 / 0.157, 0.361 / 0.387,
+# 0.631 / 0.658. Longer windows: not measured.
+WINDOW_SHORT_SPAN = 4097
 _FWD_WINDOW_SHORT: dict[tuple[str, int], FwdConfig] = {
     ("sm90", 64): FwdConfig(64, 64, 4, 3),
 }
