@@ -46,6 +46,7 @@ import bench_flex  # noqa: E402
 import flashtile  # noqa: E402
 from flashtile import create_block_mask, flex_attention, masks  # noqa: E402
 from flashtile import flex as flex_mod  # noqa: E402
+from flashtile.backends.flex_triton import backend as FTB  # noqa: E402
 from flashtile.backends.flex_triton import launch as L  # noqa: E402
 from flashtile.backends.hopper import launch_bwd  # noqa: E402
 from flashtile.spec import make_call  # noqa: E402
@@ -206,19 +207,21 @@ def time_case(name, c, s, h, d, tflex, tcbm, deadline) -> dict:
     q, k, v = (torch.randn(1, h, s, d, device=DEV, dtype=torch.bfloat16, generator=g).requires_grad_()
                for _ in range(3))  # fmt: skip
     bm = create_block_mask(c["mask"], None, None, s, s, device=DEV)
-    call = make_call(headdim=d, block_mask=bm)
+    sm = None if c["score"] is None else c["score"](c["captured"])  # (ALiBi: slopes without grad)
+    call = make_call(headdim=d, block_mask=bm, score_mod=sm)
     qi, ki, vi = (x.detach().transpose(1, 2) for x in (q, k, v))
     with torch.no_grad():
         out, lse = L.forward(qi, ki, vi, call)
     dout = torch.randn_like(out)
-    row["gluon_route"] = L.gluon_bwd_reason(qi, ki, call, ()) or "gluon"
-    long = L._gluon_flex.long_rows(bm, "auto", d, True, None)
+    captured = FTB._triton_backward(call) or ()  # what the public call's backward passes
+    row["gluon_route"] = L.gluon_bwd_reason(qi, ki, call, captured) or "gluon"
+    long = L._gluon_flex.long_rows(bm, "auto", d, True, sm)
     row["auto_route"] = "gluon" if long and row["gluon_route"] == "gluon" else "triton"
     for tag, val in (("gluon", "force"), ("triton", "0"), ("auto", None)):
         if tag == "auto":  # what a user gets: the routing, and a library causal / sliding mask as the built-in
             flex_mod.BUILTIN_ROUTE = True
             try:
-                o = flex_attention(q, k, v, block_mask=bm)
+                o = flex_attention(q, k, v, block_mask=bm, score_mod=sm)
                 go = dout.transpose(1, 2)
                 _both(row, "auto_api", lambda o=o, go=go: torch.autograd.grad(o, (q, k, v), go, retain_graph=True))
             except Exception as e:  # noqa: BLE001
@@ -227,8 +230,8 @@ def time_case(name, c, s, h, d, tflex, tcbm, deadline) -> dict:
         flex_mod.BUILTIN_ROUTE = False  # the forced kernels themselves
         with env(ENV, val):
             try:
-                _both(row, tag, lambda: L.backward(dout, qi, ki, vi, out, lse, call, ()))
-                o = flex_attention(q, k, v, block_mask=bm)
+                _both(row, tag, lambda: L.backward(dout, qi, ki, vi, out, lse, call, captured))
+                o = flex_attention(q, k, v, block_mask=bm, score_mod=sm)
                 go = dout.transpose(1, 2)
                 _both(row, f"{tag}_api", lambda o=o, go=go: torch.autograd.grad(o, (q, k, v), go, retain_graph=True))
             except Exception as e:  # noqa: BLE001
@@ -245,7 +248,7 @@ def time_case(name, c, s, h, d, tflex, tcbm, deadline) -> dict:
     if tflex is not None and time.perf_counter() < deadline:
         try:
             tbm = tcbm(c["mask"], None, None, s, s, device=DEV)
-            of = tflex(q, k, v, block_mask=tbm)
+            of = tflex(q, k, v, block_mask=tbm, score_mod=sm)
             gf = torch.randn_like(of)
             _both(row, "flex", lambda: torch.autograd.grad(of, (q, k, v), gf, retain_graph=True))
         except Exception as e:  # noqa: BLE001
@@ -262,6 +265,8 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--no-d64", action="store_true")
     ap.add_argument("--only-d64", action="store_true", help="the d64 cases alone")
+    ap.add_argument("--cases", default="prefix-lm,sliding-1k,document-16",
+                    help="comma list of bench_flex cases (alibi: a score_mod with captured slopes)")
     ap.add_argument("--flex-d64", action="store_true", help="FlexAttention at d64 too (within --budget)")
     ap.add_argument("--d64-until", type=float, default=200.0, help="time the d64 cases only if started before (s)")
     ap.add_argument("--no-flex", action="store_true")
@@ -307,7 +312,7 @@ def main():
         if d == 64 and time.perf_counter() - t0 > args.d64_until:
             print(f"d64 skipped: {time.perf_counter() - t0:.0f} s spent (--d64-until {args.d64_until})", flush=True)
             break
-        for name in ("prefix-lm", "sliding-1k", "document-16"):  # (the FlexAttention target first)
+        for name in args.cases.split(","):
             fx = tflex if d == 128 or args.flex_d64 else None
             rows.append(time_case(name, all_cases[name], s, h, d, fx, tcbm, deadline))
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "seqlen": s, "heads": h,
