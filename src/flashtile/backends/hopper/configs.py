@@ -287,12 +287,13 @@ class HopperBwdConfig:
     fold: int = 0
     #: ws with atomic dQ: the dQ hand-off between the compute warps and the worker on two named
     #: barriers (``bar.arrive`` / ``bar.sync``, FA3's dQFull / dQEmpty) instead of mbarriers, whose
-    #: arrival costs the 8 compute warps a barrier of their partition per iteration. NOT run on the
-    #: GPU yet (benchmarks/NOTES.md, "Named-barrier dQ hand-off"): off. Ignored where dQ is not added
-    #: by the kernel (deterministic mode, ``atomic_dq=0``); ``bwd_check`` rejects it on plain / ws2.
-    #: 0: mbarriers (the default); 1: the dQ hand-off on named barriers; 2: that, and the Q / dO ring's
-    #: "slot empty" releases too (one named barrier per ring slot, ``num_stages <= 11``; the compute
-    #: warps' barrier of their partition at each slot release goes; also NOT run on the GPU)
+    #: arrival costs the 8 compute warps a barrier of their partition per iteration. Ignored where dQ
+    #: is not added by the kernel (deterministic mode, ``atomic_dq=0``); ``bwd_check`` rejects it on
+    #: plain / ws2. 0: mbarriers (the default); 1: the dQ hand-off on named barriers; 2: that, and the
+    #: Q / dO ring's "slot empty" releases too (one named barrier per ring slot, ``num_stages <= 11``).
+    #: Both correct on the H200 and not faster (stop 27, d128 4k: nbar=1 -1% non-causal, -6% causal;
+    #: nbar=2 +0.7% / -2.4%; benchmarks/NOTES.md, "Named-barrier dQ hand-off"): off, kept as a
+    #: switch for a kernel whose compute warpgroups no longer meet at the loop head
     nbar: int = 0
 
     def chunk(self, headdim: int) -> int:
