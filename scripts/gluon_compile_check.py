@@ -310,7 +310,7 @@ BWD_OPTS = {**{m: dict(f, ATOMIC_DQ=True) for m, f in MASKS.items()},
 #: the backward's block-list mode (flex block masks, ``bwd.attn_bwd_ws`` with ``LIST_SUBS``): a mask_mod
 #: of ``flex_triton.kernels`` with the types of its three arguments (as ``flex_triton.launch`` passes
 #: them: tensors, ints; an int value: the JIT's constexpr specialisation of 1), and softcap (a softcap
-#: score_mod)
+#: score_mod: True) or an additive score_mod (``SCORE_MOD``: its name and argument types)
 FLEX_OPTS = {
     "flex-causal": ("causal", ("i32", "i32", "i32"), False),
     "flex-sliding": ("sliding_window", ("i32", "i32", "i32"), False),
@@ -321,6 +321,8 @@ FLEX_OPTS = {
     "flex-bidir-blocks": ("bidirectional_blocks", ("*i64", "i32", "i32"), False),
     "flex-no-mask": ("no_mask", ("i32", "i32", "i32"), False),
     "flex-prefix-lm+softcap": ("prefix_lm", ("i32", "i32", "i32"), True),
+    "flex-causal+alibi": ("causal", ("i32", "i32", "i32"), ("alibi", ("*fp32", "i32", "i32"))),
+    "flex-causal+bias": ("causal", ("i32", "i32", "i32"), ("relative_bias", ("*fp32", "i32", "i32"))),
 }
 
 
@@ -353,7 +355,8 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
         sys.path.insert(0, str(ROOT / "src"))
         from flashtile.backends.flex_triton import kernels as K
 
-        mask, mtypes, cap = FLEX_OPTS[opt]
+        mask, mtypes, score = FLEX_OPTS[opt]
+        cap = score is True
         flags = dict(HAS_WL=False, HAS_WR=False, HAS_SOFTCAP=cap, ATOMIC_DQ=True, LIST_SUBS=128 // cfg.block_m,
                      MASK_MOD=getattr(K, mask))  # fmt: skip
         sig.update({"BL_CNT": "*i32", "BL_IDX": "*i32", "bl_sb": "i32", "bl_sh": "i32", "bl_w": "i32"})
@@ -362,6 +365,13 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
                 flags[f"MA{i}"] = t
             else:
                 sig[f"MA{i}"] = t
+        if isinstance(score, tuple):  # an additive score_mod (SCORE_MOD, SA0..2)
+            flags["SCORE_MOD"] = getattr(K, score[0])
+            for i, t in enumerate(score[1]):
+                if isinstance(t, int):
+                    flags[f"SA{i}"] = t
+                else:
+                    sig[f"SA{i}"] = t
     else:
         flags = BWD_OPTS[opt]
     consts = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,

@@ -70,6 +70,24 @@ def test_routing_serves_mask_mods_and_softcap(monkeypatch):
         assert FL.gluon_bwd_reason(qd, kd, _call(masks.causal, 1, 4, 300, 300, d=d), (), _READY) is None
 
 
+def test_routing_serves_additive_score_mods_without_captured_gradients(monkeypatch):
+    """ALiBi and the bias table (derivative 1 in the score) run on the Gluon backward when no
+    captured tensor needs a gradient; with one they stay on the Triton backward."""
+    monkeypatch.delenv(FL.FLEX_GLUON_ENV, raising=False)
+    assert set(FL._GLUON_ADDITIVE_SCORES) == {"alibi", "relative_bias"}
+    assert set(FL._GLUON_ADDITIVE_SCORES) < set(FL._GLUON_SCORE_MODS)
+    q, k, _ = qkv_inputs(1, 300, 300, 4, 2, 128, torch.bfloat16, "cpu")
+    for sm in (masks.alibi(torch.rand(4)), masks.alibi(torch.rand(1, 4)), masks.relative_bias(torch.randn(4, 31)),
+               masks.relative_bias(torch.randn(31))):  # fmt: skip
+        call = _call(masks.causal, 1, 4, 300, 300, score_mod=sm)
+        assert FL.gluon_bwd_reason(q, k, call, (), _READY) is None
+    for sm, t in ((masks.alibi, torch.rand(4, requires_grad=True)),
+                  (masks.relative_bias, torch.randn(4, 31, requires_grad=True))):  # fmt: skip
+        call = _call(masks.causal, 1, 4, 300, 300, score_mod=sm(t))
+        why = FL.gluon_bwd_reason(q, k, call, (t,), _READY)
+        assert why is not None and "captured" in why, why
+
+
 def test_routing_refusals_name_the_reason(monkeypatch):
     monkeypatch.delenv(FL.FLEX_GLUON_ENV, raising=False)
     q, k, _ = qkv_inputs(1, 300, 300, 4, 2, 128, torch.bfloat16, "cpu")
@@ -78,7 +96,7 @@ def test_routing_refusals_name_the_reason(monkeypatch):
         (q, k, make_call(headdim=128, score_mod=masks.softcap(20.0)), (), "no block mask"),
         (q, k, _call(masks.causal, 1, 4, 300, 300, block=64), (), "BLOCK_SIZE"),
         (q, k, _call(lambda b, h, qi, ki: qi >= ki, 1, 4, 300, 300), (), "Triton version"),
-        (q, k, _call(masks.causal, 1, 4, 300, 300, score_mod=masks.alibi(torch.rand(4))), (), "score_mod"),
+        (q, k, _call(masks.causal, 1, 4, 300, 300, score_mod=lambda s, b, h, qi, ki: 2 * s), (), "score_mod"),
         (q, k, causal, (torch.zeros(4),), "captured"),
         (q, k, _call(masks.causal, 1, 4, 300, 300, deterministic=True), (), "deterministic"),
         (q.float(), k.float(), causal, (), "dtype"),
@@ -358,6 +376,36 @@ def test_flex_backward_arguments(lb, d):
     assert args2[23] == pytest.approx(0.1 / 25.0) and args2[24] == pytest.approx(25.0 * 1.4426950408889634)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_flex_backward_passes_additive_score_mods(lb, d):
+    """ALiBi / a bias table: SCORE_MOD and SA0..2 as the forward's (the Triton function, the
+    captured tensor detached, stride, scalar), the plain scale (natural units inside the kernel:
+    no softcap), fold as the config's (the bias adds to the folded score as well)."""
+    from flashtile.backends.flex_triton import kernels as K
+
+    launch_bwd, rec = lb
+    B, S, H = 1, 300, 4
+    q, k, v = qkv_inputs(B, S, S, H, H, d, torch.bfloat16, "cpu")
+    slopes, table = torch.rand(H), torch.randn(H, 31)
+    cfg = configs.bwd_config(d)
+    want = cfg.kernel_consts(d)
+    for sm, fn, sa1, sa2 in ((masks.alibi(slopes), K.alibi, 0, 0), (masks.relative_bias(table), K.relative_bias,
+                                                                    31, 15)):  # fmt: skip
+        call = _call(masks.causal, B, H, S, S, d=d, softmax_scale=0.1, score_mod=sm)
+        launch_bwd.flex_backward(torch.randn_like(q), q, k, v, q, torch.randn(B, H, S), call, ())
+        _, args, kw = rec.calls[-1]
+        assert kw["SCORE_MOD"] is fn and kw["MASK_MOD"] is K.causal and not kw["HAS_SOFTCAP"]
+        assert kw["SA0"].data_ptr() == sm._flashtile_triton[1][0].data_ptr() and (kw["SA1"], kw["SA2"]) == (sa1, sa2)
+        assert args[23] == pytest.approx(0.1 * 1.4426950408889634) and args[24] == 0.0 and args[25] == 0.1
+        assert kw["FOLD"] == want["FOLD"] and kw["STAT_RING"] == want["STAT_RING"]
+        if kw["FOLD"]:
+            assert kw["stat_mul"] == pytest.approx(-1.0 / (0.1 * 1.4426950408889634))
+    # without a score mod: no SCORE_MOD argument at all (the kernel's default, None)
+    launch_bwd.flex_backward(torch.randn_like(q), q, k, v, q, torch.randn(B, H, S), _call(masks.causal, B, H, S, S,
+                                                                                          d=d), ())  # fmt: skip
+    assert "SCORE_MOD" not in rec.calls[-1][2] and "SA0" not in rec.calls[-1][2]
+
+
 def test_flex_backward_refuses_what_it_cannot_compute(lb):
     launch_bwd, _ = lb
     q, k, v = qkv_inputs(1, 200, 200, 2, 2, 128, torch.bfloat16, "cpu")
@@ -366,6 +414,13 @@ def test_flex_backward_refuses_what_it_cannot_compute(lb):
         launch_bwd.flex_backward(q, q, k, v, q, lse, _call(masks.causal, 1, 2, 200, 200, deterministic=True), ())
     with pytest.raises(ValueError, match="BLOCK_SIZE"):
         launch_bwd.flex_backward(q, q, k, v, q, lse, _call(masks.causal, 1, 2, 200, 200, block=64), ())
+
+    def other(s, b, h, qi, ki):
+        return 2 * s
+
+    other._flashtile_triton = ("no_score", (0, 0, 0))  # a Triton version, not an additive one
+    with pytest.raises(ValueError, match="score_mod"):
+        launch_bwd.flex_backward(q, q, k, v, q, lse, _call(masks.causal, 1, 2, 200, 200, score_mod=other), ())
 
 
 # ----------------------------------------------------------------------------------------------

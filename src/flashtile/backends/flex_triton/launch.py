@@ -330,8 +330,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -
 #: Hopper kernels serve them (A/B comparisons); shared by the forward and the backward (one name and
 #: one parser: :func:`~flashtile.backends.hopper.flex.env_mode`)
 FLEX_GLUON_ENV = _gluon_flex.ENV
-#: score mods the Gluon backward computes (as its built-in softcap; no captured tensor)
-_GLUON_SCORE_MODS = ("softcap",)
+#: score mods the Gluon backward applies as an added bias (``hopper.bwd._bwd_p``'s ``SCORE_MOD``):
+#: their derivative in the score is 1, so only P's recomputation changes (the mod on the natural-unit
+#: score before the exponent, as the forward's lse has it) and dS = P * (dP - delta) is as without;
+#: only without a captured tensor gradient (the slopes / table then stay on the Triton backward)
+_GLUON_ADDITIVE_SCORES = ("alibi", "relative_bias")
+#: score mods the Gluon backward computes (softcap as its built-in softcap; the additive ones above;
+#: no captured tensor)
+_GLUON_SCORE_MODS = ("softcap", *_GLUON_ADDITIVE_SCORES)
 
 
 def _hopper_ready(device: torch.device) -> str | None:
@@ -350,11 +356,11 @@ def gluon_bwd_reason(
 ) -> str | None:
     """Why the backward of this flex call does not run on the Gluon Hopper kernel
     (``hopper.launch_bwd.flex_backward``; None: it does). Served: a block mask with ``BLOCK_SIZE``
-    128 and its transposed lists, whose mask_mod has a Triton version (or is None); no score_mod
-    or softcap's; no captured tensor gradient; fp16 / bf16; a head dim whose backward config is
-    the ws kernel with swapped tiles (64, 96, 128); not deterministic; a per-head block mask only
-    without GQA; a Hopper GPU with the Gluon backend available (``hopper_ready(device)``, by
-    default :func:`_hopper_ready`); and ``FLASHTILE_FLEX_GLUON`` not ``0``."""
+    128 and its transposed lists, whose mask_mod has a Triton version (or is None); no score_mod,
+    softcap's or one of :data:`_GLUON_ADDITIVE_SCORES`; no captured tensor gradient; fp16 / bf16;
+    a head dim whose backward config is the ws kernel with swapped tiles (64, 96, 128); not
+    deterministic; a per-head block mask only without GQA; a Hopper GPU with the Gluon backend
+    available (``hopper_ready(device)``, by default :func:`_hopper_ready`); and ``FLASHTILE_FLEX_GLUON`` not ``0``."""
     from ..hopper import configs as hcfg
 
     if _gluon_flex.env_mode() == "off":

@@ -164,6 +164,17 @@ def _mask_mod_tile(MASK_MOD: gl.constexpr, b, h, qrows, keys, seqlen_q, seqlen_k
 
 
 @gluon.jit
+def _score_mod_tile(SCORE_MOD: gl.constexpr, x, b, h, qrows, keys, seqlen_q, seqlen_k, SA0, SA1, SA2,
+                    QAX: gl.constexpr):
+    """A flex ``score_mod`` (a ``@triton.jit`` function of ``flex_triton.kernels``, ``(s, b, h, q,
+    kv, A0, A1, A2) -> s``) on the natural-unit score tile ``x``, query / key positions laid out as
+    in :func:`_mask_mod_tile` (clamped into the sequences: its lookups stay in bounds)."""
+    qi = gl.expand_dims(gl.minimum(qrows, seqlen_q - 1), QAX)
+    ki = gl.expand_dims(gl.minimum(keys, seqlen_k - 1), 1 - QAX)
+    return SCORE_MOD(x, b, h, qi, ki, SA0, SA1, SA2)
+
+
+@gluon.jit
 def _list_block(BL_IDX, j, LIST_SUBS: gl.constexpr):
     """Block-list mode: the query block (of ``BLOCK_M`` rows) of step ``j`` of a program's list at
     ``BL_IDX`` (block-mask query blocks, ``LIST_SUBS`` steps of ``BLOCK_M`` rows each)."""
@@ -187,7 +198,8 @@ def _step_block(i, g, mb_lo, n_mb, BL_IDX, LIST_SUBS: gl.constexpr):
 def _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
            HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, BLOCK_M: gl.constexpr,
            qry_layout: gl.constexpr, TRANS: gl.constexpr = False, MASK_MOD: gl.constexpr = None,
-           b=None, h=None, seqlen_q=None, MA0=None, MA1=None, MA2=None, FOLDED: gl.constexpr = False):
+           b=None, h=None, seqlen_q=None, MA0=None, MA1=None, MA2=None, FOLDED: gl.constexpr = False,
+           SCORE_MOD: gl.constexpr = None, SA0=None, SA1=None, SA2=None, sm_scale=None):
     """P = exp2(score - lse) of a ``[BLOCK_M, keys]`` tile from the raw ``S = Q K^T`` (the forward's
     score: base 2, softcap, visibility masks when ``masked``; rows past the sequence or seeing no
     key have ``lse2 = +inf``: P = 0). ``TRANS``: the tile is ``S^T = K Q^T`` (``[keys, BLOCK_M]``,
@@ -195,13 +207,21 @@ def _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, 
     (for dS's ``1 - t^2``), or ``p`` again without softcap (unused). ``MASK_MOD`` (block-list
     mode, a flex block mask's ``mask_mod``): the masked tiles evaluate it (:func:`_mask_mod_tile`)
     instead of the causal / window rule. ``FOLDED`` (no softcap): ``s`` already holds ``S - lse /
-    scale`` (the accumulator started from the stats, see ``HopperBwdConfig.fold``): P = exp2(score)."""
+    scale`` (the accumulator started from the stats, see ``HopperBwdConfig.fold``): P = exp2(score).
+    ``SCORE_MOD`` (block-list mode, no softcap; arguments ``SA0..2``): a flex score mod ADDITIVE in
+    the score (``mod(x) = x + bias(b, h, q, kv)``, derivative 1: ALiBi, a bias table; the host
+    checks), applied as the forward does to the natural-unit score ``sm_scale * S`` (the forward's
+    lse includes it); additive, so it also holds for the folded ``S - lse / scale`` (the mod sees
+    ``sm_scale * S - lse`` in natural log units and adds the same bias)."""
     QAX: gl.constexpr = 0 if TRANS else 1  # the axis expand_dims adds to a per-query vector
     if HAS_SOFTCAP:
         t = _tanh_fast(s * qk_scale)
         s2 = t * cap_out
-    else:
+    elif SCORE_MOD is None:
         s2 = s * qk_scale
+    else:
+        s2 = _score_mod_tile(SCORE_MOD, s * sm_scale, b, h, m0 + gl.arange(0, BLOCK_M, layout=qry_layout), keys,
+                             seqlen_q, seqlen_k, SA0, SA1, SA2, QAX) * LOG2E
     if masked:
         qrows = m0 + gl.arange(0, BLOCK_M, layout=qry_layout)
         if MASK_MOD is None:
@@ -644,7 +664,8 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                     HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
                     DEFER_DK: gl.constexpr, SWAP: gl.constexpr, DQ_TMA: gl.constexpr,
                     BL_IDX, MA0, MA1, MA2, LIST_SUBS: gl.constexpr, MASK_MOD: gl.constexpr,
-                    STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False, NBAR: gl.constexpr = 0):
+                    STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False, NBAR: gl.constexpr = 0,
+                    SA0=None, SA1=None, SA2=None, SCORE_MOD: gl.constexpr = None):
     """Compute warps of the ws kernel: for each query block of the ring, the five products and
     the softmax recomputation, dK and dV in registers, the dQ tile left in ``dq_smem`` for the
     worker.
@@ -671,7 +692,9 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
     wgmmas are issued: ``P = exp2(scale * acc)``, ``dS = P * acc``).
 
     Block-list mode (``LIST_SUBS``, see :func:`attn_bwd_ws`): the query blocks come from the
-    program's list at ``BL_IDX``; the masked ones evaluate ``MASK_MOD`` (arguments ``MA0..2``).
+    program's list at ``BL_IDX``; the masked ones evaluate ``MASK_MOD`` (arguments ``MA0..2``);
+    ``SCORE_MOD`` (arguments ``SA0..2``), an additive flex score mod, applies to every block
+    (:func:`_bwd_p`).
 
     ``NBAR`` (ws, atomic dQ): the dQ hand-off on named barriers: ``bar.sync`` on "empty" from the
     second iteration on where the ``dq_empty`` wait was, ``bar.arrive`` on "full" (no wait) where
@@ -774,7 +797,8 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
             if LIST_SUBS:
                 p, t = _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
                               HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_M, qry_layout, True, MASK_MOD, b, hq, seqlen_q,
-                              MA0, MA1, MA2, FOLDED=FOLD)
+                              MA0, MA1, MA2, FOLDED=FOLD, SCORE_MOD=SCORE_MOD, SA0=SA0, SA1=SA1, SA2=SA2,
+                              sm_scale=sm_scale)
             else:
                 p, t = _bwd_p(s, lse2, keys, blk * BLOCK_M, masked, seqlen_k, off, window_left, window_right,
                               qk_scale, cap_out, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_M, qry_layout, True,
@@ -903,7 +927,8 @@ def attn_bwd_ws(
     COMPUTE_REGS: gl.constexpr = 240, SWAP: gl.constexpr = False, DQ_TMA: gl.constexpr = False,
     LPT: gl.constexpr = False, BL_CNT=None, BL_IDX=None, bl_sb=None, bl_sh=None, bl_w=None, MA0=None, MA1=None,
     MA2=None, LIST_SUBS: gl.constexpr = 0, MASK_MOD: gl.constexpr = None, STAT_RING: gl.constexpr = False,
-    FOLD: gl.constexpr = False, stat_mul=1.0, NBAR: gl.constexpr = 0,
+    FOLD: gl.constexpr = False, stat_mul=1.0, NBAR: gl.constexpr = 0, SA0=None, SA1=None, SA2=None,
+    SCORE_MOD: gl.constexpr = None,
 ):
     """Warp-specialised backward, same arguments and semantics as :func:`attn_bwd` plus ``dq_desc``
     after ``do_desc`` (None without ``DQ_TMA``; a leading argument, so that a prepared launch passes
@@ -927,7 +952,10 @@ def attn_bwd_ws(
     block-mask query block ``LIST_SUBS = BLOCK_SIZE / BLOCK_M`` steps of ``BLOCK_M`` rows; the loads,
     the compute and the dQ reductions walk the same steps (:func:`_step_block`). Full blocks take no
     mask; the others (and every block of a ragged key block) evaluate ``MASK_MOD(b, h, q, kv, MA0,
-    MA1, MA2)`` in place of the causal / window rule (``HAS_WL`` / ``HAS_WR`` off).
+    MA1, MA2)`` in place of the causal / window rule (``HAS_WL`` / ``HAS_WR`` off). ``SCORE_MOD``
+    (block-list mode only, no softcap; arguments ``SA0..2``): a flex score mod whose derivative in
+    the score is 1 (an added bias: ALiBi, a bias table), on every block's natural-unit scores
+    before the exponent, as the forward's (whose lse includes it); dS is unchanged.
 
     ``NBAR`` (``HopperBwdConfig.nbar``; ws, not ``SPLIT``, with ``ATOMIC_DQ``, else off): the dQ
     hand-off between the compute warps and the worker on two hardware named barriers of
@@ -1042,6 +1070,8 @@ def attn_bwd_ws(
                      "nbar = 2: one named barrier per ring slot, ids 3..13: num_stages <= 11")
     NB: gl.constexpr = NBAR if ATOMIC_DQ else 0  # (no hand-off without atomic dQ)
     gl.static_assert(not FOLD or (STAT_RING and not HAS_SOFTCAP), "fold: with stat_ring, without softcap")
+    gl.static_assert(SCORE_MOD is None or (LIST_SUBS > 0 and not HAS_SOFTCAP),
+                     "score_mod: block-list mode, without softcap")
     if LIST_SUBS:
         gl.static_assert(SWAP and not SPLIT and not LPT and not IS_VARLEN,
                          "block-list mode: the SWAP ws kernel, dense calls, grid (key blocks, heads, batch)")
@@ -1098,7 +1128,7 @@ def attn_bwd_ws(
                                qk_scale, cap_out, sm_scale, window_left, window_right,
                                0, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
                                ATOMIC_DQ, DEFER_DK, SWAP, DQ_TMA, BL_IDX, MA0, MA1, MA2, LIST_SUBS, MASK_MOD,
-                               STAT_RING, FOLD, NB)),
+                               STAT_RING, FOLD, NB, SA0, SA1, SA2, SCORE_MOD)),
             (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
                               kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
                               mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,

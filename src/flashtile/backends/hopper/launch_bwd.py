@@ -277,13 +277,15 @@ def flex_backward(
     captured: tuple[torch.Tensor, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """The backward of a flex call (a block mask with ``BLOCK_SIZE`` 128 whose ``mask_mod`` has a
-    Triton version, or none; no score_mod, or flashtile's softcap) on the Gluon ws kernel, with the
+    Triton version, or none; no score_mod, flashtile's softcap, or an additive one of
+    ``flex_triton.launch._GLUON_ADDITIVE_SCORES``: ALiBi, a bias table) on the Gluon ws kernel, with the
     contract of ``flex_triton.launch.backward``: internal layout ``(B, S, H, D)``, ``out`` / ``lse``
     of the flex forward (lse natural log, -inf on rows that see no key: zero gradients there);
     returns ``(dq, dk, dv, {})`` (no captured tensor gets a gradient on this path: ``captured``
     must be empty). The routing (``flex_triton.launch.gluon_bwd_reason``) checks the rest: head
     dims of the ws table (64 / 96 / 128), not deterministic, per-head block masks only without GQA."""
     from ..flex_triton import kernels as K
+    from ..flex_triton.launch import _GLUON_ADDITIVE_SCORES
 
     bm = call.block_mask
     if captured or call.deterministic or bm is None or tuple(bm.BLOCK_SIZE) != (128, 128):
@@ -294,16 +296,24 @@ def flex_backward(
         raise ValueError(f"flashtile hopper flex_backward: head dim {q.shape[-1]} has no ws / swap config")
     name, margs = bm.mask_mod._flashtile_triton if bm.mask_mod is not None else ("no_mask", (0, 0, 0))
     cap = 0.0
+    score = {}
     if call.score_mod is not None:
         sname, sargs = call.score_mod._flashtile_triton
-        if sname != "softcap":
-            raise ValueError(f"flashtile hopper flex_backward: score_mod {sname!r} (only softcap) ")
-        cap = float(sargs[2])
+        if sname == "softcap":
+            cap = float(sargs[2])
+        elif sname in _GLUON_ADDITIVE_SCORES:  # (derivative 1: the kernel adds the bias, dS unchanged)
+            sa = [a.detach() if isinstance(a, torch.Tensor) else a for a in sargs]
+            score = dict(SA0=sa[0], SA1=sa[1], SA2=sa[2], SCORE_MOD=getattr(K, sname))
+        else:
+            raise ValueError(f"flashtile hopper flex_backward: score_mod {sname!r} (softcap or "
+                             f"{', '.join(_GLUON_ADDITIVE_SCORES)} only)")  # fmt: skip
     cnt, idx, (sb, sh, width) = flex_lists(bm, q.device)
     ma = [a.detach() if isinstance(a, torch.Tensor) else a for a in margs]
     lists = dict(BL_CNT=cnt, BL_IDX=idx, bl_sb=sb, bl_sh=sh, bl_w=width, MA0=ma[0], MA1=ma[1], MA2=ma[2],
-                 LIST_SUBS=128 // cfg.block_m, MASK_MOD=getattr(K, name))  # fmt: skip
-    # the built-in options off: the mask is the block mask's, softcap the score_mod's
+                 LIST_SUBS=128 // cfg.block_m, MASK_MOD=getattr(K, name), **score)  # fmt: skip
+    # the built-in options off: the mask is the block mask's, softcap the score_mod's (an additive
+    # score mod keeps the plain scale: the kernel applies it to softmax_scale * q.k, and fold stays
+    # on, the bias being the same added to the folded S - lse / scale)
     base = dataclasses.replace(call, score_mod=None, block_mask=None, softcap=cap, window_left=-1, window_right=-1)
     dq, dk, dv = backward(dout, q, k, v, out, lse, base, config=cfg, lists=lists)
     return dq, dk, dv, {}
