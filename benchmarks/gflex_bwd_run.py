@@ -108,9 +108,11 @@ CHECKS = [
 ]
 
 
-def check(mask_name, b, sq, sk, h, hk, d, dt, cap, deterministic=False, expect_gluon=True, per_head=False):
+def check(mask_name, b, sq, sk, h, hk, d, dt, cap, deterministic=False, expect_gluon=True, per_head=False,
+          score_mod=None):
     """One flex call against the oracle; asserts which backward served it. ``per_head``: a block
-    mask with a head dimension (lists per query head)."""
+    mask with a head dimension (lists per query head). ``score_mod``: this one instead of softcap's
+    (``cap``)."""
     mm = MASKS[mask_name](b, max(sq, sk))
     torch.manual_seed(0)
     q = torch.randn(b, sq, h, d, device=DEV, dtype=dt)
@@ -118,7 +120,7 @@ def check(mask_name, b, sq, sk, h, hk, d, dt, cap, deterministic=False, expect_g
     v = torch.randn(b, sk, hk, d, device=DEV, dtype=dt)
     bm = create_block_mask(mm, b, h if per_head else None, sq, sk, device=DEV)
     dense = mask_from_mod(mm, b, None, sq, sk, DEV)
-    sm = masks.softcap(cap) if cap else None
+    sm = score_mod if score_mod is not None else masks.softcap(cap) if cap else None
     call = make_call(headdim=d, block_mask=bm, score_mod=sm, deterministic=deterministic)
     why = L.gluon_bwd_reason(q, k, call, ())
     if expect_gluon and why is not None:

@@ -355,6 +355,17 @@ def test_launch_bwd_fold_per_call(lb):
     assert kw["STAT_RING"] and kw["FOLD"] and kw["IS_VARLEN"]
 
 
+def _nbar_on_dense_calls(launch_bwd, rec, q, k, v, lse, nbar: int):
+    """The ws config with ``nbar`` on plain, causal and softcap calls: NBAR reaches the kernel with
+    atomic dQ. Returns the config."""
+    nb = configs.bwd_config(128, nbar=nbar)
+    for call in (make_call(headdim=128), make_call(headdim=128, causal=True), make_call(headdim=128, softcap=30.0)):
+        launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, call, config=nb)
+        kw = rec["main"].calls[-1][2]
+        assert kw["NBAR"] == nbar and kw["ATOMIC_DQ"]
+    return nb
+
+
 def test_launch_bwd_nbar_where_it_applies(lb):
     """nbar reaches the ws kernel as NBAR on atomic-dQ calls (dense, varlen, causal, softcap); the
     launcher turns it off where the kernel hands no dQ tile to the worker (deterministic mode,
@@ -362,11 +373,7 @@ def test_launch_bwd_nbar_where_it_applies(lb):
     launch_bwd, rec = lb
     q, k, v = qkv_inputs(1, 100, 100, 4, 4, 128, torch.bfloat16, "cpu")
     lse = _lse(1, 4, 100)
-    nb = configs.bwd_config(128, nbar=1)
-    for call in (make_call(headdim=128), make_call(headdim=128, causal=True), make_call(headdim=128, softcap=30.0)):
-        launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, call, config=nb)
-        kw = rec["main"].calls[-1][2]
-        assert kw["NBAR"] == 1 and kw["ATOMIC_DQ"]
+    nb = _nbar_on_dense_calls(launch_bwd, rec, q, k, v, lse, 1)
     launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128))
     assert rec["main"].calls[-1][2]["NBAR"] == 0  # the table: off
     qv, kv_, vv = (x.reshape(1, 100, 4, 128) for x in (q, k, v))
@@ -399,11 +406,7 @@ def test_launch_bwd_nbar2_where_it_applies(lb):
     launch_bwd, rec = lb
     q, k, v = qkv_inputs(1, 100, 100, 4, 4, 128, torch.bfloat16, "cpu")
     lse = _lse(1, 4, 100)
-    nb = configs.bwd_config(128, nbar=2)
-    for call in (make_call(headdim=128), make_call(headdim=128, causal=True), make_call(headdim=128, softcap=30.0)):
-        launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, call, config=nb)
-        kw = rec["main"].calls[-1][2]
-        assert kw["NBAR"] == 2 and kw["ATOMIC_DQ"]
+    nb = _nbar_on_dense_calls(launch_bwd, rec, q, k, v, lse, 2)
     launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
                         config=nb, lists=dict(LIST_SUBS=2))  # fmt: skip
     kw = rec["main"].calls[-1][2]
