@@ -150,6 +150,16 @@ def _red_v4(base, x, row0, col0, stride_s, BLOCK_R: gl.constexpr, BLOCK_C: gl.co
 
 
 @gluon.jit
+def _mod_positions(qrows, keys, seqlen_q, seqlen_k, QAX: gl.constexpr):
+    """The query / key positions a flex mod sees on a score tile: ``qrows`` / ``keys`` clamped into
+    the sequences (the mods' lookups stay in bounds) and expanded so that a per-query vector lies
+    along axis ``QAX`` (0: the transposed tile ``S^T``)."""
+    qi = gl.expand_dims(gl.minimum(qrows, seqlen_q - 1), QAX)
+    ki = gl.expand_dims(gl.minimum(keys, seqlen_k - 1), 1 - QAX)
+    return qi, ki
+
+
+@gluon.jit
 def _mask_mod_tile(MASK_MOD: gl.constexpr, b, h, qrows, keys, seqlen_q, seqlen_k, MA0, MA1, MA2,
                    QAX: gl.constexpr):
     """The visibility of a score tile under a flex ``mask_mod`` (a ``@triton.jit`` function of
@@ -158,8 +168,7 @@ def _mask_mod_tile(MASK_MOD: gl.constexpr, b, h, qrows, keys, seqlen_q, seqlen_k
     ``QAX`` the axis a per-query vector is expanded on (0: the transposed tile ``S^T``). The mod
     sees positions clamped into the sequences (its captured tensors are read in bounds); keys past
     ``seqlen_k`` are hidden (rows past ``seqlen_q`` have P = 0 from their lse)."""
-    qi = gl.expand_dims(gl.minimum(qrows, seqlen_q - 1), QAX)
-    ki = gl.expand_dims(gl.minimum(keys, seqlen_k - 1), 1 - QAX)
+    qi, ki = _mod_positions(qrows, keys, seqlen_q, seqlen_k, QAX)
     return MASK_MOD(b, h, qi, ki, MA0, MA1, MA2) & gl.expand_dims(keys < seqlen_k, 1 - QAX)
 
 
@@ -169,8 +178,7 @@ def _score_mod_tile(SCORE_MOD: gl.constexpr, x, b, h, qrows, keys, seqlen_q, seq
     """A flex ``score_mod`` (a ``@triton.jit`` function of ``flex_triton.kernels``, ``(s, b, h, q,
     kv, A0, A1, A2) -> s``) on the natural-unit score tile ``x``, query / key positions laid out as
     in :func:`_mask_mod_tile` (clamped into the sequences: its lookups stay in bounds)."""
-    qi = gl.expand_dims(gl.minimum(qrows, seqlen_q - 1), QAX)
-    ki = gl.expand_dims(gl.minimum(keys, seqlen_k - 1), 1 - QAX)
+    qi, ki = _mod_positions(qrows, keys, seqlen_q, seqlen_k, QAX)
     return SCORE_MOD(x, b, h, qi, ki, SA0, SA1, SA2)
 
 

@@ -285,7 +285,7 @@ def flex_backward(
     must be empty). The routing (``flex_triton.launch.gluon_bwd_reason``) checks the rest: head
     dims of the ws table (64 / 96 / 128), not deterministic, per-head block masks only without GQA."""
     from ..flex_triton import kernels as K
-    from ..flex_triton.launch import _GLUON_ADDITIVE_SCORES
+    from ..flex_triton.launch import _GLUON_ADDITIVE_SCORES, _arg
 
     bm = call.block_mask
     if captured or call.deterministic or bm is None or tuple(bm.BLOCK_SIZE) != (128, 128):
@@ -302,13 +302,13 @@ def flex_backward(
         if sname == "softcap":
             cap = float(sargs[2])
         elif sname in _GLUON_ADDITIVE_SCORES:  # (derivative 1: the kernel adds the bias, dS unchanged)
-            sa = [a.detach() if isinstance(a, torch.Tensor) else a for a in sargs]
+            sa = [_arg(a) for a in sargs]
             score = dict(SA0=sa[0], SA1=sa[1], SA2=sa[2], SCORE_MOD=getattr(K, sname))
         else:
             raise ValueError(f"flashtile hopper flex_backward: score_mod {sname!r} (softcap or "
                              f"{', '.join(_GLUON_ADDITIVE_SCORES)} only)")  # fmt: skip
     cnt, idx, (sb, sh, width) = flex_lists(bm, q.device)
-    ma = [a.detach() if isinstance(a, torch.Tensor) else a for a in margs]
+    ma = [_arg(a) for a in margs]
     lists = dict(BL_CNT=cnt, BL_IDX=idx, bl_sb=sb, bl_sh=sh, bl_w=width, MA0=ma[0], MA1=ma[1], MA2=ma[2],
                  LIST_SUBS=128 // cfg.block_m, MASK_MOD=getattr(K, name), **score)  # fmt: skip
     # the built-in options off: the mask is the block mask's, softcap the score_mod's (an additive
