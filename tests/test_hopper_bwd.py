@@ -356,13 +356,19 @@ def test_launch_bwd_fold_per_call(lb):
 
 
 def _nbar_on_dense_calls(launch_bwd, rec, q, k, v, lse, nbar: int):
-    """The ws config with ``nbar`` on plain, causal and softcap calls: NBAR reaches the kernel with
-    atomic dQ. Returns the config."""
+    """The ws config with ``nbar`` on plain, causal, softcap and varlen calls: NBAR reaches the
+    kernel with atomic dQ. Returns the config."""
     nb = configs.bwd_config(128, nbar=nbar)
     for call in (make_call(headdim=128), make_call(headdim=128, causal=True), make_call(headdim=128, softcap=30.0)):
         launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, call, config=nb)
         kw = rec["main"].calls[-1][2]
         assert kw["NBAR"] == nbar and kw["ATOMIC_DQ"]
+    qv, kv_, vv = (x.reshape(1, 100, 4, 128) for x in (q, k, v))
+    lens = cu([30, 0, 70], "cpu")
+    call = make_call(headdim=128, cu_seqlens_q=lens, cu_seqlens_k=lens, max_seqlen_q=70, max_seqlen_k=70)
+    launch_bwd.backward(torch.randn_like(qv), qv, kv_, vv, torch.randn_like(qv), _lse(1, 4, 100), call, config=nb)
+    kw = rec["main"].calls[-1][2]
+    assert kw["NBAR"] == nbar and kw["IS_VARLEN"]
     return nb
 
 
@@ -376,12 +382,6 @@ def test_launch_bwd_nbar_where_it_applies(lb):
     nb = _nbar_on_dense_calls(launch_bwd, rec, q, k, v, lse, 1)
     launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128))
     assert rec["main"].calls[-1][2]["NBAR"] == 0  # the table: off
-    qv, kv_, vv = (x.reshape(1, 100, 4, 128) for x in (q, k, v))
-    lens = cu([30, 0, 70], "cpu")
-    call = make_call(headdim=128, cu_seqlens_q=lens, cu_seqlens_k=lens, max_seqlen_q=70, max_seqlen_k=70)
-    launch_bwd.backward(torch.randn_like(qv), qv, kv_, vv, torch.randn_like(qv), _lse(1, 4, 100), call, config=nb)
-    kw = rec["main"].calls[-1][2]
-    assert kw["NBAR"] == 1 and kw["IS_VARLEN"]
     # no atomic dQ: ignored (the kernel computes dK / dV only)
     launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse,
                         make_call(headdim=128, deterministic=True), config=nb)  # fmt: skip
@@ -411,12 +411,6 @@ def test_launch_bwd_nbar2_where_it_applies(lb):
                         config=nb, lists=dict(LIST_SUBS=2))  # fmt: skip
     kw = rec["main"].calls[-1][2]
     assert kw["NBAR"] == 2 and kw["LIST_SUBS"] == 2
-    qv, kv_, vv = (x.reshape(1, 100, 4, 128) for x in (q, k, v))
-    lens = cu([30, 0, 70], "cpu")
-    call = make_call(headdim=128, cu_seqlens_q=lens, cu_seqlens_k=lens, max_seqlen_q=70, max_seqlen_k=70)
-    launch_bwd.backward(torch.randn_like(qv), qv, kv_, vv, torch.randn_like(qv), _lse(1, 4, 100), call, config=nb)
-    kw = rec["main"].calls[-1][2]
-    assert kw["NBAR"] == 2 and kw["IS_VARLEN"]
     for call, cfg in ((make_call(headdim=128, deterministic=True), nb), (make_call(headdim=128),
                                                                         replace(nb, atomic_dq=0))):
         launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, call, config=cfg)
