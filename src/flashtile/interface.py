@@ -135,8 +135,9 @@ _grad_enabled = torch.is_grad_enabled
 
 
 def _memo_key(q, k, v, opts: tuple) -> tuple | None:
-    """The signature of a dense call for :data:`_FLAT`: ``(memo key, q, k, v shapes, q, k, v
-    strides)``, the memo's key (see above) first; None where the memo does not apply."""
+    """The signature of a dense call for :data:`_FLAT`, one flat tuple: ``(q, k, v shapes, q, k, v
+    strides, dtypes, devices, options, their types, dispatch.state())``; :func:`_memo_of` derives
+    the memo's key (see above) from it. None where the memo does not apply."""
     if type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor or not _fast_mode():
         return None
     w = opts[3]
@@ -151,9 +152,26 @@ def _memo_key(q, k, v, opts: tuple) -> tuple | None:
             return None
     except (IndexError, RuntimeError):  # 0-d tensors, layouts without strides: the checks raise
         return None
-    qs, ks, vs = q.shape, k.shape, v.shape
-    return ((qs[2:], ks[2:], vs[2:], q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, opts,
-             tuple(map(type, opts)), tuple(map(type, w)), dispatch.state()), qs, ks, vs, qt, kt, vt)  # fmt: skip
+    d, s, c, _, cap, det = opts  # the options' types (and window_size's entries'): one marker for the usual ones
+    if type(d) is float and (s is None or type(s) is float) and type(c) is bool and type(cap) is float and \
+            type(det) is bool and len(w) == 2 and type(w[0]) is int and type(w[1]) is int:  # fmt: skip
+        types = _USUAL
+    else:
+        types = (tuple(map(type, opts)), tuple(map(type, w)))
+    return (q.shape, k.shape, v.shape, qt, kt, vt, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, opts,
+            types, dispatch.state())  # fmt: skip
+
+
+#: :func:`_memo_key`'s stand-in for the types of the usual options (a float dropout_p and softcap, a
+#: float or None scale, bool causal and deterministic, two int window sides): the key tells exactly
+#: the same calls apart as the tuples of types would (it is given for those types and no others)
+_USUAL = ("usual option types",)
+
+
+def _memo_of(full: tuple) -> tuple:
+    """The memo's key of a :func:`_memo_key` signature: the shapes without batch and sequence
+    lengths, the strides dropped."""
+    return (full[0][2:], full[1][2:], full[2][2:], *full[6:])
 
 
 def _lean(q, k, v, opts: tuple, return_attn_probs: object, *unset):
@@ -178,10 +196,10 @@ def _lean(q, k, v, opts: tuple, return_attn_probs: object, *unset):
         if res is not None:
             return None, ((*res, None) if return_attn_probs else res[0])
         del _FLAT[full]  # the runner declined (its plans were cleared): the memo's path below
-    key, hit = _MEMO.lookup(full[0])
+    key, hit = _MEMO.lookup(_memo_of(full))
     if hit is None:
         return key, None
-    _, qs, ks, vs = full[:4]
+    qs, ks, vs = full[:3]
     if qs[0] != ks[0] or ks[0] != vs[0] or ks[1] != vs[1]:
         return None, None  # the checks raise (the slow path)
     (out, lse), offers = _recording(attention_fast, q, k, v, hit[0], hit[1])
