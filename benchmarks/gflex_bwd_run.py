@@ -268,7 +268,8 @@ def main():
     ap.add_argument("--no-d64", action="store_true")
     ap.add_argument("--only-d64", action="store_true", help="the d64 cases alone")
     ap.add_argument("--cases", default="prefix-lm,sliding-1k,document-16",
-                    help="comma list of bench_flex cases (alibi: a score_mod with captured slopes)")
+                    help="comma list of bench_flex cases (alibi: a score_mod with captured slopes; "
+                         "bias-table-frozen: the bias table without a gradient)")
     ap.add_argument("--flex-d64", action="store_true", help="FlexAttention at d64 too (within --budget)")
     ap.add_argument("--d64-until", type=float, default=200.0, help="time the d64 cases only if started before (s)")
     ap.add_argument("--no-flex", action="store_true")
@@ -309,6 +310,9 @@ def main():
             print(f"FlexAttention unavailable: {type(e).__name__}: {e}", flush=True)
     deadline = t0 + args.budget
     all_cases = bench_flex.cases(s, h)
+    # the bias table with no gradient: the Gluon backward's additive-score route (with one, Triton's)
+    table = all_cases["bias-table"]
+    all_cases["bias-table-frozen"] = {**table, "captured": table["captured"].detach()}
     rows = []
     for d in (128,) if args.no_d64 else (64,) if args.only_d64 else (128, 64):
         if d == 64 and time.perf_counter() - t0 > args.d64_until:
