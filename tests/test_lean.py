@@ -371,17 +371,20 @@ def plan_case(monkeypatch, atomic: bool):
     return q, k, v, make_call(headdim=40, causal=True, softcap=2.0)
 
 
-@pytest.mark.parametrize("atomic", [False, True])
-def test_launch_plans_repeat_the_first_launch(monkeypatch, atomic):
+@pytest.mark.parametrize("mode", ["three", "atomic", "one"])
+def test_launch_plans_repeat_the_first_launch(monkeypatch, mode):
     """A repeated tensor-free call takes its plan (no geometry, config or argument work) and
     launches exactly what the first, unplanned call launched: same kernels, grids, non-tensor
-    arguments, tensor dtypes and keywords; and output shapes."""
+    arguments, tensor dtypes and keywords; and output shapes. Modes of the backward: the three
+    passes, atomic dQ (two), and one pass (the keys fit in one block: the dK/dV kernel alone)."""
     from flashtile.backends.triton import launch
     from flashtile.spec import make_call
 
     log = _record(monkeypatch, launch, ("_FWD", "_BWD_PRE", "_BWD_DKDV", "_BWD_DQ"))
     monkeypatch.setattr(launch, "arch", lambda device: "sm90")
+    monkeypatch.setattr(launch, "ONE_PASS", mode == "one")
     launch._PLANS.clear()
+    atomic = mode == "atomic"
     q, k, v, call = plan_case(monkeypatch, atomic)
     runs = []
     for _ in range(3):
@@ -393,7 +396,8 @@ def test_launch_plans_repeat_the_first_launch(monkeypatch, atomic):
     assert len(launch._PLANS) == 2  # one forward plan, one backward plan
     assert runs[0] == runs[1] == runs[2]
     names = [e[0] for e in runs[0][0]]
-    assert names == (["_FWD", "_BWD_PRE", "_BWD_DKDV"] if atomic else ["_FWD", "_BWD_PRE", "_BWD_DKDV", "_BWD_DQ"])
+    assert names == {"atomic": ["_FWD", "_BWD_PRE", "_BWD_DKDV"], "three": ["_FWD", "_BWD_PRE", "_BWD_DKDV", "_BWD_DQ"],
+                     "one": ["_FWD", "_BWD_DKDV"]}[mode]  # fmt: skip
     # calls holding tensors are not planned (new objects per call), and a planned call's entry
     # is found only by the same call object
     alibi = torch.rand(2, 4)
@@ -522,3 +526,56 @@ def test_triton_fwd_table_short_window_rule(monkeypatch):
     for ws, causal in (((8, 0), True), ((5, 3), False), ((-1, -1), True), ((4, -1), False)):
         launch.forward(q, q, q, make_call(headdim=64, causal=causal, window_size=ws))
     assert spans == [9, 9, None, None]
+
+
+def test_triton_one_pass_backward_rule(monkeypatch):
+    """Dense backwards whose keys fit in one key block run as one launch of the dK/dV kernel
+    (ONE_PASS, grid (1, nheads_k, batch), out in delta's slot, dq itself as DQ) on the sm_90 table,
+    fp16 / bf16, at most ONE_PASS_MAX_ROWS query rows x group a program; the plan replays it as one
+    prepared launch. Longer keys, more rows, fp32, sinks, dout with other strides than out, and
+    ONE_PASS = False keep the three passes."""
+    from conftest import plan_recorders
+
+    from flashtile.backends.triton import configs, launch
+
+    bf = torch.bfloat16
+    one = configs._BWD_ONE_PASS[("sm90", 64)]
+    assert configs.one_pass_config("sm90", 64, bf, 128, 128, 1) == one
+    assert configs.one_pass_config("sm90", 64, bf, 128, one.block_n1 + 1, 1) is None
+    assert configs.one_pass_config("sm90", 64, bf, configs.ONE_PASS_MAX_ROWS // 4, 64, 4) == one
+    assert configs.one_pass_config("sm90", 64, bf, configs.ONE_PASS_MAX_ROWS // 4 + 1, 64, 4) is None
+    assert configs.one_pass_config("sm90", 64, torch.float32, 128, 128, 1) is None
+    assert configs.one_pass_config("sm80", 64, bf, 128, 128, 1) is None
+    assert configs.one_pass_config("sm90", 256, bf, 128, 128, 1) is None
+    monkeypatch.setattr(launch, "arch", lambda device: "sm90")
+    log = plan_recorders(monkeypatch, launch, ("_BWD_PRE", "_BWD_DKDV", "_BWD_DQ"))
+
+    def kernels(sq=128, sk=128, h=8, hk=8, dtype=torch.float16, sink=None, dout_t=False, **opts):
+        launch.clear_plans()
+        log.clear()
+        q, k = torch.randn(1, sq, h, 64, dtype=dtype), torch.randn(1, sk, hk, 64, dtype=dtype)
+        out, lse = torch.randn_like(q), torch.randn(1, h, sq)
+        dout = torch.randn(1, h, sq, 64, dtype=dtype).transpose(1, 2) if dout_t else torch.randn_like(q)
+        call = make_call(headdim=64, causal=True, learnable_sink=sink, **opts)
+        launch.backward(dout, q, k, k, out, lse, call)
+        return [(name, grid, kw.get("ONE_PASS", False)) for name, grid, _, kw, _ in log], (q, out, log)
+
+    got, (q, out, raw) = kernels()
+    assert got == [("_BWD_DKDV", (1, 8, 1), True)]
+    args = raw[0][2]
+    assert args[5] == out.dtype and args[8] == q.dtype  # out in delta's slot, dq (not an fp32 buffer) as DQ
+    for three in (dict(sk=129), dict(sq=1024 + 1), dict(sq=257, hk=2), dict(dtype=torch.float32),
+                  dict(sink=torch.zeros(8)), dict(dout_t=True)):  # fmt: skip
+        assert [n for n, _, _ in kernels(**three)[0]][0] == "_BWD_PRE", three
+    monkeypatch.setattr(launch, "ONE_PASS", False)
+    assert [n for n, _, _ in kernels()[0]][0] == "_BWD_PRE"
+    monkeypatch.setattr(launch, "ONE_PASS", True)
+    # planned: the second call replays the plan (generic), the third prepared; one launch each
+    launch.clear_plans()
+    q, k = torch.randn(1, 128, 8, 64, dtype=bf), torch.randn(1, 128, 8, 64, dtype=bf)
+    out, lse, call = torch.randn_like(q), torch.randn(1, 8, 128), make_call(headdim=64, causal=True)
+    log.clear()
+    for _ in range(3):
+        launch.backward(out, q, k, k, out, lse, call)
+    assert [(e[0], e[4]) for e in log] == [("_BWD_DKDV", "generic")] * 2 + [("_BWD_DKDV", "prepared")]
+    assert log[0][1:4] == log[2][1:4]

@@ -212,6 +212,69 @@ def test_atomic_dq(kw):
     run_dense(2, sq, sk, 4, 2, 40, torch.float16, bwd_config=_atomic_config(40, torch.float16), **kw)
 
 
+class _Forbidden:
+    """Stands in for a kernel that must not launch."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} launched")
+
+    def prepare(self, *a, **kw):
+        raise AssertionError(f"{self.name} prepared")
+
+
+_ONE_PASS_CASES = {  # (b, sq, sk, h, hk, d, options): keys within one key block (32 interpreted, 128 on the GPU)
+    "gqa-causal": (2, 17, 17, 4, 2, 40, dict(causal=True)),
+    "rows-without-keys": (1, 45, 9, 2, 2, 64, dict(causal=True)),
+    "window-softcap-alibi-dropout": (2, 20, 30, 2, 1, 72, dict(window=(5, 3), softcap=2.0, alibi="h", dropout_p=0.2)),
+    "one-key": (1, 3, 1, 2, 2, 64, {}),
+}
+if ON_GPU:
+    _ONE_PASS_CASES.update({"gpu-s128": (2, 128, 128, 8, 2, 64, dict(causal=True)),
+                            "gpu-203x113": (1, 203, 113, 4, 4, 128, dict(window=(40, 0)))})  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(_ONE_PASS_CASES))
+def test_one_pass_backward(name, monkeypatch):
+    # dense calls whose keys fit in one key block: the dK/dV kernel alone (ONE_PASS), no preprocess or dQ pass
+    from flashtile.backends.triton import launch
+
+    b, sq, sk, h, hk, d, kw = _ONE_PASS_CASES[name]
+    launch.clear_plans()
+    monkeypatch.setattr(launch, "_BWD_PRE", _Forbidden("preprocess"))
+    monkeypatch.setattr(launch, "_BWD_DQ", _Forbidden("dQ pass"))
+    for dtype in DTYPES:
+        run_dense(b, sq, sk, h, hk, d, dtype, **kw)
+
+
+def test_one_pass_backward_is_reproducible_and_planned(monkeypatch):
+    from flashtile.backends.triton import launch
+
+    torch.manual_seed(7)
+    q, k, v = qkv_inputs(2, 23, 19, 4, 2, 64, torch.float16, DEVICE)
+    out, lse, call = _call(q, k, v, _spec(64, causal=True))
+    dout = torch.randn_like(out)
+    launch.clear_plans()
+    first = backend.backward(dout, q, k, v, out, lse, call)[:3]
+    monkeypatch.setattr(launch, "_BWD_PRE", _Forbidden("preprocess"))
+    for _ in range(3):  # the plan: made, then prepared at its first reuse, then the prepared launch
+        again = backend.backward(dout, q, k, v, out, lse, call)[:3]
+        assert all(torch.equal(a, b_) for a, b_ in zip(first, again, strict=True))
+    monkeypatch.undo()
+    launch.clear_plans()
+    monkeypatch.setattr(launch, "ONE_PASS", False)  # the three passes: the same gradients up to rounding
+    three = backend.backward(dout, q, k, v, out, lse, call)[:3]
+    for a, b_ in zip(first, three, strict=True):
+        assert max_err(a, b_) < 1e-2 * max(b_.abs().max().item(), 1.0)
+    launch.clear_plans()
+    monkeypatch.setattr(launch, "ONE_PASS", True)
+    monkeypatch.setattr(launch, "_BWD_PRE", _Forbidden("preprocess"))
+    with pytest.raises(AssertionError, match="preprocess launched"):  # dout's strides differ from out's
+        backend.backward(dout.transpose(1, 2).contiguous().transpose(1, 2), q, k, v, out, lse, call)
+
+
 def test_bf16_interpreter_workaround():
     # the interpreter's bf16 dot is wrong; the kernels upcast bf16 operands there (on GPUs: native)
     run_dense(1, 33, 33, 2, 2, 64, torch.bfloat16, causal=True)

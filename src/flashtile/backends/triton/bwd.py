@@ -5,7 +5,10 @@ block of keys of one key/value head and loops over every query head of its GQA g
 the group's dK/dV sum stays in registers; the dQ pass owns one block of query rows. By
 default no pass uses atomics and the backward is bitwise reproducible. The faster option
 (``ATOMIC_DQ``, used only when ``deterministic=False`` and the config asks for it) fuses the
-dQ pass into the dK/dV pass, adding dQ tiles into an fp32 buffer with atomics.
+dQ pass into the dK/dV pass, adding dQ tiles into an fp32 buffer with atomics. ``ONE_PASS``
+(dense calls whose keys fit in one key block: small calls, issue 16) does the whole backward in
+the dK/dV pass, one launch: delta from O and dO per query block, and each dQ tile stored once
+(there is no other key block to add to it): no preprocess or dQ launch, no atomics, reproducible.
 
 With dropout, Z the keep mask and r = 1 / (1 - p):
     dV = (P * Z * r)^T dO,  dP = (dO V^T) * Z * r,  dS = P * (dP - delta),
@@ -89,18 +92,25 @@ def _dkdv_step(
     MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    offs_dv, PAD_DV: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    offs_dv, PAD_DV: tl.constexpr, HEAD_DIM_V: tl.constexpr, ONE_PASS: tl.constexpr, sm_scale,
 ):
     """One block of query rows against this program's key block, in transposed orientation
     (keys along dim 0): returns the updated (dk, dv). ATOMIC_DQ: also adds this tile's share
     of dQ (unscaled, fp32) into dq_base with relaxed atomics (not bitwise reproducible).
+    ONE_PASS: delta_base is the output O's rows (dO's strides; delta = rowsum(dO * O) here) and
+    this tile's dQ, the whole of it, is stored scaled into dq_base (dq's dtype).
     dO, v and dv have v's head dim HEAD_DIM_V (columns offs_dv)."""
     rows = start_m + offs_m
     qT_ptrs = _block_ptrs(q_base, start_m, offs_m, offs_d, stride_qs, True)
     do_ptrs = _block_ptrs(do_base, start_m, offs_m, offs_dv, stride_dos, False)
     qT = _load_block(qT_ptrs, rows, seqlen_q, offs_d, HEAD_DIM, MASKED, PAD_D, True)
     do = _load_block(do_ptrs, rows, seqlen_q, offs_dv, HEAD_DIM_V, MASKED, PAD_DV, False)
-    if MASKED:
+    if ONE_PASS:
+        o = _load_block(_block_ptrs(delta_base, start_m, offs_m, offs_dv, stride_dos, False), rows, seqlen_q, offs_dv,
+                        HEAD_DIM_V, MASKED, PAD_DV, False)  # fmt: skip
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        lse2 = _load_lse2(lse_base + rows, rows < seqlen_q)
+    elif MASKED:
         row_ok = rows < seqlen_q
         lse2 = _load_lse2(lse_base + rows, row_ok)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
@@ -124,7 +134,11 @@ def _dkdv_step(
     dv = _mma(pdT.to(do.dtype), do, dv, UPCAST)
     dsT = _dscores(pT, dpT, delta[None, :], tT, HAS_SOFTCAP).to(qT.dtype)
     dk = _mma(dsT, tl.trans(qT), dk, UPCAST)
-    if ATOMIC_DQ:
+    if ONE_PASS:
+        dq = _mm(tl.trans(dsT), k, UPCAST) * sm_scale
+        dq_ptrs = _block_ptrs(dq_base, start_m, offs_m, offs_d, stride_dqs, False)
+        tl.store(dq_ptrs, dq.to(dq_base.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+    elif ATOMIC_DQ:
         dq = _mm(tl.trans(dsT), k, UPCAST)
         dq_ptrs = _block_ptrs(dq_base, start_m, offs_m, offs_d, stride_dqs, False)
         if MASKED:
@@ -134,6 +148,14 @@ def _dkdv_step(
         else:
             tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
+
+
+@triton.jit
+def _store_rows(base, start_m, offs_m, offs_d, stride_s, seqlen, HEAD_DIM: tl.constexpr, x):
+    """x into rows ``start_m + offs_m`` (those < seqlen) and columns offs_d (< HEAD_DIM) of base."""
+    rows = start_m + offs_m
+    tl.store(_block_ptrs(base, start_m, offs_m, offs_d, stride_s, False), x,
+             mask=(rows[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM))  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "thresh", "seed_lo", "seed_hi"])
@@ -154,11 +176,14 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
+    HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0, ONE_PASS: tl.constexpr = False,
 ):
     """Grid (key blocks, nheads_k, batch or sequences). DELTA has LSE's strides. ATOMIC_DQ:
     DQ is a zeroed fp32 buffer that collects the unscaled dQ (the dQ kernel is then skipped).
-    HEAD_DIM_V / BLOCK_DV: v's head dim and block when it differs from q/k's (0: the same)."""
+    HEAD_DIM_V / BLOCK_DV: v's head dim and block when it differs from q/k's (0: the same).
+    ONE_PASS (dense calls with seqlen_k <= BLOCK_N: grid (1, nheads_k, batch)): DELTA is the
+    output O, with dO's strides; DQ is dq itself (q's dtype), every row of it written here (rows
+    of query blocks that see no key get zeros), so no preprocess and no dQ launch."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     HD_V: tl.constexpr = HEAD_DIM_V if HEAD_DIM_V > 0 else HEAD_DIM
     BDV: tl.constexpr = BLOCK_DV if BLOCK_DV > 0 else BLOCK_D
@@ -198,7 +223,10 @@ def _bwd_dkdv_kernel(
         do_base = _row_ptr(DO, b64, h, q_row0, stride_dob, stride_doh, stride_dos)
         dq_base = _row_ptr(DQ, b64, h, q_row0, stride_dqb, stride_dqh, stride_dqs)
         lse_base = _head_ptr(LSE, b64, h, stride_lb, stride_lh) + q_start
-        delta_base = _head_ptr(DELTA, b64, h, stride_lb, stride_lh) + q_start
+        if ONE_PASS:  # DELTA is O (dO's strides)
+            delta_base = _row_ptr(DELTA, b64, h, q_row0, stride_dob, stride_doh, stride_dos)
+        else:
+            delta_base = _head_ptr(DELTA, b64, h, stride_lb, stride_lh) + q_start
         slope2 = _alibi_slope(ALIBI, b64, h, stride_ab, alibi_mul, HAS_ALIBI)
         bh = b * nheads + h
         for blk in range(fu_lo, fu_hi):
@@ -207,7 +235,7 @@ def _bwd_dkdv_kernel(
                 stride_qs, stride_dos, stride_dqs, seqlen_q, seqlen_k, off, window_left, window_right,
                 qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
                 False, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, ATOMIC_DQ,
-                offs_dv, PAD_DV, HD_V)
+                offs_dv, PAD_DV, HD_V, ONE_PASS, sm_scale)
         for i in range(0, n_masked):
             blk = _masked_block(i, n_a, mb_lo, fu_hi)
             dk, dv = _dkdv_step(
@@ -215,7 +243,13 @@ def _bwd_dkdv_kernel(
                 stride_qs, stride_dos, stride_dqs, seqlen_q, seqlen_k, off, window_left, window_right,
                 qk_scale, cap_out, slope2, bh, seed_lo, seed_hi, thresh, drop_scale,
                 True, PAD_D, HEAD_DIM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, ATOMIC_DQ,
-                offs_dv, PAD_DV, HD_V)
+                offs_dv, PAD_DV, HD_V, ONE_PASS, sm_scale)
+        if ONE_PASS:  # query blocks that see no key of the call: dQ = 0 there
+            zero = tl.zeros([BLOCK_M, BLOCK_D], dtype=DQ.dtype.element_ty)
+            for blk in range(0, mb_lo):
+                _store_rows(dq_base, blk * BLOCK_M, offs_m, offs_d, stride_dqs, seqlen_q, HEAD_DIM, zero)
+            for blk in range(mb_hi, tl.cdiv(seqlen_q, BLOCK_M)):
+                _store_rows(dq_base, blk * BLOCK_M, offs_m, offs_d, stride_dqs, seqlen_q, HEAD_DIM, zero)
 
     dk = dk * sm_scale
     dk_ptrs = _tile_ptrs(DK, b64, hk, kv_row0, offs_n, offs_d, stride_dkb, stride_dkh, stride_dks)

@@ -187,6 +187,33 @@ _BWD_CAUSAL_SHORT: dict[tuple[str, int], BwdConfig] = {
 }
 
 
+# One-pass backward (``bwd.ONE_PASS``): dense calls whose keys fit in one key block run the whole
+# backward as one launch of the dK/dV kernel (no preprocess, no dQ pass). One program per KV head
+# and batch walks every query row of its GQA group, so it is for small calls only: at most
+# ONE_PASS_MAX_ROWS query rows times the group per program. fp16 / bf16 on the GPU (the tiles of
+# the table's short-sequence entries, with 128 keys a block); the interpreter's tile for the tests.
+ONE_PASS_MAX_ROWS = 1024
+_BWD_ONE_PASS: dict[tuple[str, int], BwdConfig] = {
+    ("sm90", 64): BwdConfig(64, 128, 64, 64, 8, 2, 8, 2),
+    ("sm90", 128): BwdConfig(64, 128, 64, 64, 8, 2, 8, 2),
+}
+
+
+def one_pass_config(arch: str, block_d: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int,
+                    group: int) -> BwdConfig | None:  # fmt: skip
+    """The one-pass backward's config for a dense call, or None where it does not apply (keys
+    beyond one block, too many query rows for one program, no table entry)."""
+    if arch == "interpret":
+        cfg = INTERPRET_BWD
+    elif dtype == torch.float32:
+        return None
+    else:
+        cfg = _BWD_ONE_PASS.get((arch, bucket(block_d)))
+    if cfg is None or seqlen_k > cfg.block_n1 or seqlen_q * group > ONE_PASS_MAX_ROWS:
+        return None
+    return cfg
+
+
 def bwd_config(arch: str, block_d: int, dtype: torch.dtype, max_seqlen: int = 1 << 30,
                causal: bool = False) -> BwdConfig:  # fmt: skip
     """``causal``: the call masks keys right of the diagonal (causal or a right window)."""

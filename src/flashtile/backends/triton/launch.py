@@ -48,6 +48,9 @@ def arch(device: torch.device) -> str:
     return "interpret" if INTERPRET else _device.info(device).arch
 
 
+#: Dense backwards whose keys fit in one key block run as one launch of the dK/dV kernel
+#: (``ONE_PASS``, see :mod:`.bwd` and ``configs.one_pass_config``); False: always the three passes
+ONE_PASS = True
 _NULL_GUARD = contextlib.nullcontext()  # reusable (and reentrant): one object for every call
 
 
@@ -364,6 +367,17 @@ def backward(
             dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
             dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
             dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+            if pre is None:  # one pass (ONE_PASS): the dK/dV kernel alone, out in delta's place
+                with device_guard(dev):
+                    if preps is not None and preps is not PENDING:
+                        preps[1](q, k, v, dout, lse, out, dk, dv, dq)
+                        return dq, dk, dv, {}
+                    dkdv_args = (q, k, v, dout, lse, out, dk, dv, dq, None, None, None, *dkdv[1])
+                    _BWD_DKDV[dkdv[0]](*dkdv_args, **dkdv[2])
+                    if preps is PENDING:
+                        p = _BWD_DKDV.prepare(dkdv[0], dkdv_args, dkdv[2], 9)
+                        _PLANS[key] = (*plan[:-1], None if p is None else (None, p, None))
+                return dq, dk, dv, {}
             delta = torch.empty(lse.shape, dtype=torch.float32, device=dev)
             with device_guard(dev):
                 if preps is not None and preps is not PENDING:  # prepared launches (FastKernel.prepare)
@@ -416,17 +430,20 @@ def backward(
     if out.stride(-1) != 1:
         out = out.contiguous()
     lse = lse.contiguous()
-    delta = torch.empty_like(lse)
     dq_acc = None
     bd, bdv = block_d(D), block_d(Dv)
     ar = arch(dev)
-    cfg = config or configs.bwd_config(ar, max(bd, bdv), q.dtype, max(rows_q, rows_k), call.window_right >= 0)
+    group = H // Hk
+    one = None  # the one-pass config (dense, no sink: its gradient needs delta; O read with dO's strides)
+    if config is None and ONE_PASS and not varlen and sink is None and out.stride() == dout.stride():
+        one = configs.one_pass_config(ar, max(bd, bdv), q.dtype, rows_q, rows_k, group)
+    delta = None if one is not None else torch.empty_like(lse)
+    cfg = config or one or configs.bwd_config(ar, max(bd, bdv), q.dtype, max(rows_q, rows_k), call.window_right >= 0)
     flags = _flags(call, q.dtype)
     scal = _scalars(call)
     stride_ab = alibi_slopes.stride(0) if alibi_slopes is not None else 0
     ls = lse.stride()
     stride_lb = 0 if varlen else ls[0]
-    group = H // Hk
     pre_m = 64 if not INTERPRET else 32
 
     def bstr(t: torch.Tensor) -> tuple[int, int, int]:
@@ -440,7 +457,8 @@ def backward(
         scal["window_left"], scal["window_right"],
         scal["thresh"], scal["drop_scale"], scal["seed_lo"], scal["seed_hi"],
     )  # fmt: skip
-    os_, ds, es = out.stride(), dout.stride(), delta.stride()
+    os_, ds = out.stride(), dout.stride()
+    es = delta.stride() if delta is not None else ls
     pre = (
         (cdiv(Sq, pre_m), H, B),
         (os_[0], os_[1], os_[2], ds[0], ds[1], ds[2], es[0], es[1], Sq),
@@ -449,15 +467,19 @@ def backward(
     qkvd = (*bstr(q), *bstr(k), *bstr(v), *bstr(dout))
 
     def args(c: BwdConfig) -> tuple[bool, tuple, tuple | None]:
-        """(atomic, the dK/dV pass's (grid, ints, kw), the dQ pass's or None with atomics); dq and
-        the fp32 atomic buffer have the same (contiguous) strides."""
-        atomic = c.atomic_dq and not call.deterministic
+        """(atomic, the dK/dV pass's (grid, ints, kw), the dQ pass's or None with atomics or in
+        one pass); dq and the fp32 atomic buffer have the same (contiguous) strides."""
+        single = one is not None and rows_k <= c.block_n1  # (a fallback tile may be too small for one pass)
+        atomic = c.atomic_dq and not call.deterministic and not single
         dkdv = (
             (cdiv(rows_k, c.block_n1), Hk, nb),
             (*qkvd, *bstr(dk), *bstr(dv), *bstr(dq), *common),
             dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=c.block_m1, BLOCK_N=c.block_n1, ATOMIC_DQ=atomic, **flags,
-                 HEAD_DIM_V=Dv, BLOCK_DV=bdv, num_warps=c.num_warps1, num_stages=c.num_stages1),
+                 HEAD_DIM_V=Dv, BLOCK_DV=bdv, num_warps=c.num_warps1, num_stages=c.num_stages1,
+                 **({"ONE_PASS": True} if single else {})),
         )  # fmt: skip
+        if single:
+            return False, dkdv, None
         dq_pass = None if atomic else (
             (cdiv(rows_q, c.block_m2), H, nb),
             (*qkvd, *bstr(dq), *common),
@@ -467,8 +489,13 @@ def backward(
         return atomic, dkdv, dq_pass
 
     def launch(c: BwdConfig) -> None:
-        nonlocal dq_acc
+        nonlocal dq_acc, delta
         atomic, dkdv, dq_pass = args(c)
+        if dq_pass is None and not atomic:  # one pass: out in delta's place
+            _BWD_DKDV[dkdv[0]](q, k, v, dout, lse, out, dk, dv, dq, alibi_slopes, None, None, *dkdv[1], **dkdv[2])
+            return
+        if delta is None:  # (a fallback tile too small for one pass)
+            delta = torch.empty_like(lse)
         if atomic:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
         _BWD_PRE[pre[0]](out, dout, delta, *pre[1], **pre[2])
@@ -479,12 +506,13 @@ def backward(
                                 **dq_pass[2])  # fmt: skip
 
     with device_guard(dev):
-        used = _fit(("bwd", ar, q.dtype, bd, bdv, call.deterministic), cfg, launch)
+        used = _fit(("bwd1" if one is not None else "bwd", ar, q.dtype, bd, bdv, call.deterministic), cfg, launch)
         if dq_acc is not None:
             dq.copy_(dq_acc.mul_(call.softmax_scale))
     if key is not None and not normalised and _plannable(call):
-        _, dkdv, dq_pass = args(used)
-        _keep_plan(key, (call, pre, dkdv, dq_pass, PENDING))
+        atomic, dkdv, dq_pass = args(used)
+        single = dq_pass is None and not atomic
+        _keep_plan(key, (call, None if single else pre, dkdv, dq_pass, PENDING))
     grads = {} if sink is None else {"learnable_sink": sink_grad(sink, lse, delta)}
     return dq, dk, dv, grads
 
