@@ -299,32 +299,25 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
 @gluon.jit
 def _row_reduce2(a, b, IS_MAX: gl.constexpr, TREE: gl.constexpr, s_layout: gl.constexpr):
     """Row max (or sum) over the columns of two accumulator tiles ``a`` ``[M, N]`` and ``b``
-    ``[M, N2]`` (``N2 <= N``, powers of two). ``TREE``: ``a``'s register columns halved down to
-    ``N2`` (:func:`.fwd._halve_cols`), combined with ``b`` elementwise (the same rows and columns per
-    thread: no data movement) and the rest as :func:`.fwd._row_reduce`'s tree, so the lane shuffles
-    are paid once for both parts. Returns ``[M]`` in ``SliceLayout(1, s_layout)``."""
-    if TREE:
-        N: gl.constexpr = a.shape[1]
-        N2: gl.constexpr = b.shape[1]
-        if N >= 8 * N2:
-            a = _halve_cols(a, IS_MAX)
-        if N >= 4 * N2:
-            a = _halve_cols(a, IS_MAX)
-        if N >= 2 * N2:
-            a = _halve_cols(a, IS_MAX)
-        b = gl.convert_layout(b, a.type.layout)
-        if IS_MAX:
-            x = gl.maximum(a, b)
-        else:
-            x = a + b
-        return _row_reduce(x, IS_MAX, True, s_layout)
+    ``[M, N2]`` (``N2 <= N``, powers of two): ``a``'s register columns halved down to ``N2``
+    (:func:`.fwd._halve_cols`), combined with ``b`` elementwise (the same rows and columns per
+    thread: no data movement), then :func:`.fwd._row_reduce` (``TREE``: as a tree), so the lane
+    shuffles of the reduction are paid once for both parts. Returns ``[M]`` in
+    ``SliceLayout(1, s_layout)``."""
+    N: gl.constexpr = a.shape[1]
+    N2: gl.constexpr = b.shape[1]
+    if N >= 8 * N2:
+        a = _halve_cols(a, IS_MAX)
+    if N >= 4 * N2:
+        a = _halve_cols(a, IS_MAX)
+    if N >= 2 * N2:
+        a = _halve_cols(a, IS_MAX)
+    b = gl.convert_layout(b, a.type.layout)
+    if IS_MAX:
+        x = gl.maximum(a, b)
     else:
-        ra = _row_reduce(a, IS_MAX, False, s_layout)
-        rb = _row_reduce(b, IS_MAX, False, s_layout)
-        if IS_MAX:
-            return gl.maximum(ra, rb)
-        else:
-            return ra + rb
+        x = a + b
+    return _row_reduce(x, IS_MAX, TREE, s_layout)
 
 
 @gluon.jit
