@@ -25,7 +25,10 @@ rescale branched over by a warp none of whose rows' max rose: :func:`_rescale`),
 quarter or half of the exponentials by a cubic on the FMA pipe, ``fwd._exp2_split``: off by default,
 an A/B switch until measured). SASS of the d128
 dense unmasked key-block loop (per thread, 64 scores): 641 instructions (909 PRMT in the kernel)
-without them, 450 with them (no PRMT), of which 64 FMUL are skipped in most blocks.
+without them, 450 with them (no PRMT), of which 64 FMUL are skipped in most blocks. ``BLOCK_N2``
+(dense calls; off by default, NOT measured): key blocks of ``BLOCK_N + BLOCK_N2`` keys (192 at d128)
+as two parts with their own TMA boxes, S accumulators and P operands, one softmax over both
+(:func:`_fp8_consumer2`): 620 instructions per 192 keys in that loop (3.23 a key against 3.52).
 * Epilogue: ``o = acc * v_descale[b, hk] / l`` in bfloat16 (flash-attn 3's output dtype for
   FP8), staged through its own bf16 shared buffer (the FP8 Q buffer is half the size) and
   stored by TMA, or by masked stores for a ragged varlen tile.
