@@ -110,7 +110,8 @@ class FP8Config(HopperConfig):
     keys, at most ``block_n``) its own K / V^T TMA boxes and S accumulator, one softmax over both
     (``fwd_fp8._fp8_consumer2``: 192-key blocks at d128 as 128 + 64, as Gluon tensors have
     power-of-two shapes); dense calls only (``launch.forward_fp8`` runs varlen calls without it).
-    NOT measured (benchmarks/NOTES.md, "FP8 d128: 192-key blocks")."""
+    Correct on the H200 and 2-6% slower at d128 (stop 28: 841 against 857 TFLOP/s at 16k; benchmarks/NOTES.md,
+    "FP8 d128: 192-key blocks"): off, kept as a switch."""
 
     cvt_asm: int = 1
     row_tree: int = 1
