@@ -553,18 +553,33 @@ def hf_generate(
         import io
         import pstats
 
-        prof = cProfile.Profile()
-        with torch.no_grad():
-            prof.enable()
-            models["flashtile"].generate(ids, max_new_tokens=32, min_new_tokens=32, **kw)
-            _sync()
-            prof.disable()
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
-        print(buf.getvalue())
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats("flashtile", 25)
-        print(buf.getvalue())
+        cum = {}
+        for impl in models:  # each implementation's generate profiled alike, for the comparison below
+            prof = cProfile.Profile()
+            with torch.no_grad():
+                prof.enable()
+                models[impl].generate(ids, max_new_tokens=32, min_new_tokens=32, **kw)
+                _sync()
+                prof.disable()
+            st = pstats.Stats(prof)
+            cum[impl] = {f"{f.split('site-packages/')[-1]}:{line}({name})": (v[3], v[1])
+                         for (f, line, name), v in st.stats.items()}  # fmt: skip
+            print(f"  {impl}: generate of 32 tokens under cProfile {st.total_tt:.3f} s, {st.total_calls} calls")
+            if impl != "flashtile":
+                continue
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+            print(buf.getvalue())
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats("flashtile", 25)
+            print(buf.getvalue())
+        if "sdpa" in cum:  # the functions whose cumulative time differs most between flashtile and sdpa
+            a, b_ = cum["flashtile"], cum["sdpa"]
+            diff = sorted(set(a) | set(b_), key=lambda f: -abs(a.get(f, (0, 0))[0] - b_.get(f, (0, 0))[0]))
+            print("  cumulative s (calls), flashtile vs sdpa, largest differences first:")
+            for f in diff[:30]:
+                (ta, na), (tb, nb) = a.get(f, (0.0, 0)), b_.get(f, (0.0, 0))
+                print(f"    {ta:8.4f} ({na:5d})  {tb:8.4f} ({nb:5d})  {f}")
     del models
     if "eager" in tokens:
         for impl in ("flashtile", "sdpa"):
