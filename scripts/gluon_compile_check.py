@@ -87,9 +87,7 @@ def compile_one_fp8(d: int, mask: str, varlen: bool, descales: bool, overrides: 
     _load("hopper_fwd", PKG / "fwd.py")
     fwd8 = _load_fp8()
     cfg = configs.fp8_config(d, **overrides)
-    if varlen and cfg.block_n2:  # (the launcher runs varlen calls without the second key part)
-        cfg = dataclasses.replace(cfg, block_n2=0)
-    tiles = f"{cfg.block_m}x{cfg.block_n}{f'+{cfg.block_n2}' if cfg.block_n2 else ''}x{cfg.num_stages}"
+    tiles = f"{cfg.block_m}x{cfg.block_n}x{cfg.num_stages}"
     name = f"fp8 ws e4m3 d={d} {mask}{' varlen' if varlen else ''}{'' if descales else ' no-descale'} {tiles}"
     res = {"name": name, "ok": False}
     bad = configs.check_fp8(cfg, d)
@@ -114,11 +112,6 @@ def compile_one_fp8(d: int, mask: str, varlen: bool, descales: bool, overrides: 
                   IS_VARLEN=varlen, REVERSE_M=MASKS[mask]["HAS_WR"], num_warps=cfg.num_warps,
                   CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, **MASKS[mask],
                   **configs.fp8_flags(cfg))  # fmt: skip
-    if cfg.block_n2:  # the second key part's boxes (launch.forward_fp8)
-        sig["k2_desc"] = _desc_sig("fp8e4nv", cfg.block_n2, bd, varlen)
-        sig["vt2_desc"] = _desc_sig("fp8e4nv", 0, bd, varlen, [1, 1, bd, cfg.block_n2])
-    else:
-        consts.update(k2_desc=None, vt2_desc=None)
     if not varlen:
         consts.update(CU_Q=None, CU_K=None)
     if not descales:

@@ -283,66 +283,12 @@ def test_fp8_kernel_switches():
 
     cfg = configs.fp8_config(128)
     assert isinstance(cfg, configs.FP8Config)
-    assert configs.fp8_flags(cfg) == dict(CVT_ASM=True, ROW_TREE=1, SKIP_RESCALE=True, EXP_POLY=0, BLOCK_N2=0)
+    assert configs.fp8_flags(cfg) == dict(CVT_ASM=True, ROW_TREE=1, SKIP_RESCALE=True, EXP_POLY=0)
     assert configs.fp8_flags(configs.HopperConfig(128, 128, 2)) == configs.fp8_flags(cfg)
     old = configs.fp8_config(128, cvt_asm=0, row_tree=0, skip_rescale=0, exp_poly=2)
-    assert configs.fp8_flags(old) == dict(CVT_ASM=False, ROW_TREE=0, SKIP_RESCALE=False, EXP_POLY=2, BLOCK_N2=0)
+    assert configs.fp8_flags(old) == dict(CVT_ASM=False, ROW_TREE=0, SKIP_RESCALE=False, EXP_POLY=2)
     assert configs.check_fp8(old, 128) is None and configs.check_fp8(configs.fp8_config(128, row_tree=2), 128) is None
     assert "exp_poly" in configs.check_fp8(configs.fp8_config(128, exp_poly=3), 128)
-
-
-def test_fp8_block_n2_config():
-    """``block_n2`` (two-part key blocks, off by default): 192-key blocks at d128 as 128 + 64 keys
-    (144 KiB of shared memory: Q 16 + 2 x (K 24 + V^T 24) + O 32), passed as the BLOCK_N2
-    constexpr; parts of 32 / 64 / 128 keys up to block_n; d256 has no shared memory for it."""
-    from flashtile.backends.hopper import configs
-
-    assert configs.fp8_config(128).block_n2 == 0 and configs.fp8_config(128).keys_per_block == 128
-    cfg = configs.fp8_config(128, block_n2=64)
-    assert cfg.keys_per_block == 192 and configs.fp8_flags(cfg)["BLOCK_N2"] == 64
-    assert configs.check_fp8(cfg, 128) is None
-    assert configs.fp8_smem_bytes(cfg, 128) == 144 * 1024
-    assert configs.fp8_smem_bytes(cfg, 128) - configs.fp8_smem_bytes(configs.fp8_config(128), 128) == 32 * 1024
-    for d in (64, 96, 128, 192):
-        assert configs.check_fp8(configs.fp8_config(d, block_n2=32), d) is None, d
-    assert configs.check_fp8(configs.fp8_config(128, block_n2=128), 128) is None  # 256 keys as two halves
-    assert "shared memory" in configs.check_fp8(configs.fp8_config(256, block_n2=64), 256)
-    for bad in (16, 48, 96, 256):
-        assert "block_n2" in configs.check_fp8(configs.fp8_config(128, block_n2=bad), 128), bad
-    assert "block_n2" in configs.check_fp8(configs.fp8_config(192, block_n2=128), 192)  # > block_n (64)
-
-
-def test_fp8_block_n2_launch(monkeypatch):
-    """The launcher with ``block_n2``: the second part's K box ``[1, 64, 1, 128]`` and V^T box
-    ``[1, 1, 128, 64]`` (64-byte swizzle: 64 keys of 1 byte) after the first part's, BLOCK_N2 = 64;
-    None and BLOCK_N2 = 0 without it; varlen calls run without it (``fp8_launch_config``)."""
-    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
-    from flashtile.backends.hopper import configs, launch
-    from flashtile.spec import make_call
-
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *a, **kw: launches.append((grid, a, kw))
-
-    monkeypatch.setattr(launch, "_WS_FP8", Recorder())
-    q, k, v = (torch.randn(2, 300, 4, 128).to(E4M3) for _ in range(3))
-    call = make_call(headdim=128, causal=True)
-    launch.forward_fp8(q, k, v, call, config=configs.fp8_config(128, block_n2=64))
-    launch.forward_fp8(q, k, v, call)
-    (grid, a, kw), (grid0, a0, kw0) = launches
-    assert grid == grid0 == (3, 4, 2)
-    assert kw["BLOCK_N"] == 128 and kw["BLOCK_N2"] == 64 and kw0["BLOCK_N2"] == 0
-    k_desc, vt_desc, k2_desc, vt2_desc = a[1:5]
-    assert list(k_desc.block_shape) == [1, 128, 1, 128] and list(k2_desc.block_shape) == [1, 64, 1, 128]
-    assert list(vt_desc.block_shape) == [1, 1, 128, 128] and list(vt2_desc.block_shape) == [1, 1, 128, 64]
-    assert k2_desc.base is k_desc.base and vt2_desc.base is vt_desc.base
-    assert vt2_desc.layout.swizzle_byte_width == 64 and vt_desc.layout.swizzle_byte_width == 128
-    assert k2_desc.layout == k_desc.layout
-    assert a0[3] is None and a0[4] is None
-    cfg = configs.fp8_config(128, block_n2=64)
-    assert launch.fp8_launch_config(cfg, True).block_n2 == 0 and launch.fp8_launch_config(cfg, False) is cfg
 
 
 def test_exp2_poly_model():

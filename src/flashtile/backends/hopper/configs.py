@@ -105,24 +105,12 @@ class FP8Config(HopperConfig):
     ``skip_rescale``: a warp skips the output rescale of a key block in which none of its rows'
     max rose (a warp vote and a branch in inline PTX; exact: alpha is 1 there); ``exp_poly``: 1 / 2
     quarters of the softmax's exponentials by a cubic on the FMA pipe instead of the MUFU
-    (``fwd._exp2_split``; relative error < 2e-4, far below e4m3's rounding of P), 0 none;
-    ``block_n2`` (0: off): key blocks of ``block_n + block_n2`` keys, the second part (32, 64 or 128
-    keys, at most ``block_n``) its own K / V^T TMA boxes and S accumulator, one softmax over both
-    (``fwd_fp8._fp8_consumer2``: 192-key blocks at d128 as 128 + 64, as Gluon tensors have
-    power-of-two shapes); dense calls only (``launch.forward_fp8`` runs varlen calls without it).
-    Correct on the H200 and 2-6% slower at d128 (stop 28: 841 against 857 TFLOP/s at 16k; benchmarks/NOTES.md,
-    "FP8 d128: 192-key blocks"): off, kept as a switch."""
+    (``fwd._exp2_split``; relative error < 2e-4, far below e4m3's rounding of P), 0 none."""
 
     cvt_asm: int = 1
     row_tree: int = 1
     skip_rescale: int = 1
     exp_poly: int = 0
-    block_n2: int = 0
-
-    @property
-    def keys_per_block(self) -> int:
-        """Keys per key block (per ring slot): ``block_n + block_n2``."""
-        return self.block_n + self.block_n2
 
 
 def fp8_flags(cfg: HopperConfig) -> dict[str, bool]:
@@ -131,8 +119,7 @@ def fp8_flags(cfg: HopperConfig) -> dict[str, bool]:
     return dict(CVT_ASM=bool(getattr(cfg, "cvt_asm", FP8Config.cvt_asm)),
                 ROW_TREE=int(getattr(cfg, "row_tree", FP8Config.row_tree)),
                 SKIP_RESCALE=bool(getattr(cfg, "skip_rescale", FP8Config.skip_rescale)),
-                EXP_POLY=int(getattr(cfg, "exp_poly", FP8Config.exp_poly)),
-                BLOCK_N2=int(getattr(cfg, "block_n2", FP8Config.block_n2)))
+                EXP_POLY=int(getattr(cfg, "exp_poly", FP8Config.exp_poly)))
 
 
 _FP8_TABLE: dict[int, FP8Config] = {
@@ -155,10 +142,8 @@ def fp8_config(headdim: int, **overrides) -> FP8Config:
 
 
 def fp8_smem_bytes(cfg: HopperConfig, headdim: int) -> int:
-    """Shared memory of the FP8 kernel's tiles: e4m3 Q, K and V^T ring (both key parts), bf16
-    output staging."""
-    n2 = 2 * cfg.num_stages * getattr(cfg, "block_n2", 0) * block_d(headdim)
-    return smem_bytes(cfg, headdim, elem_bytes=1) + n2 + 2 * (cfg.block_m // 2) * block_d(headdim) * 2
+    """Shared memory of the FP8 kernel's tiles: e4m3 Q, K and V^T ring, bf16 output staging."""
+    return smem_bytes(cfg, headdim, elem_bytes=1) + 2 * (cfg.block_m // 2) * block_d(headdim) * 2
 
 
 def check_fp8(cfg: HopperConfig, headdim: int) -> str | None:
@@ -167,9 +152,6 @@ def check_fp8(cfg: HopperConfig, headdim: int) -> str | None:
         return f"the FP8 forward is a ws kernel with 2 consumers, got kernel={cfg.kernel!r}, consumers={cfg.consumers}"
     if cfg.block_n % 32 or not 32 <= cfg.block_n <= 256:
         return f"block_n must be a multiple of 32 in [32, 256] (e4m3 wgmma K = 32), got {cfg.block_n}"
-    n2 = getattr(cfg, "block_n2", 0)
-    if n2 and (n2 not in (32, 64, 128) or n2 > cfg.block_n):
-        return f"block_n2 must be 0 (off) or 32, 64 or 128 and at most block_n ({cfg.block_n}), got {n2}"
     if getattr(cfg, "exp_poly", 0) not in (0, 1, 2):
         return f"exp_poly must be 0, 1 or 2 (quarters of the exponentials on the FMA pipe), got {cfg.exp_poly}"
     bad = check(replace(cfg, block_n=16), headdim)  # the shared checks (registers, stages, block_m)

@@ -25,10 +25,7 @@ rescale branched over by a warp none of whose rows' max rose: :func:`_rescale`),
 quarter or half of the exponentials by a cubic on the FMA pipe, ``fwd._exp2_split``: off by default,
 an A/B switch until measured). SASS of the d128
 dense unmasked key-block loop (per thread, 64 scores): 641 instructions (909 PRMT in the kernel)
-without them, 450 with them (no PRMT), of which 64 FMUL are skipped in most blocks. ``BLOCK_N2``
-(dense calls; off by default, NOT measured): key blocks of ``BLOCK_N + BLOCK_N2`` keys (192 at d128)
-as two parts with their own TMA boxes, S accumulators and P operands, one softmax over both
-(:func:`_fp8_consumer2`): 620 instructions per 192 keys in that loop (3.23 a key against 3.52).
+without them, 450 with them (no PRMT), of which 64 FMUL are skipped in most blocks.
 * Epilogue: ``o = acc * v_descale[b, hk] / l`` in bfloat16 (flash-attn 3's output dtype for
   FP8), staged through its own bf16 shared buffer (the FP8 Q buffer is half the size) and
   stored by TMA, or by masked stores for a ragged varlen tile.
@@ -50,17 +47,10 @@ from .fwd import (
     _NO_SPECIALIZE,
     _block_range,
     _epilogue,
-    _exp2_split,
-    _halve_cols,
-    _row_reduce,
     _softmax_block,
-    _tanh,
     _tile_coords,
-    _tma_load,
-    _tma_load_vt,
     _turn_pass,
     _turn_wait,
-    _visible,
     _ws_producer,
 )
 
@@ -293,247 +283,9 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
                   IS_VARLEN, SUB_M, HEAD_DIM, BLOCK_D, row_layout, o_layout)
 
 
-# ---------------------------------------------------------------------------------------
-# BLOCK_N2 > 0 (``FP8Config.block_n2``, dense calls): key blocks of BLOCK_N + BLOCK_N2 keys as two
-# parts (Gluon tensors have power-of-two shapes: 192 = 128 + 64), one online-softmax step over both
-# ---------------------------------------------------------------------------------------
-
-
-@gluon.jit
-def _row_reduce2(a, b, IS_MAX: gl.constexpr, TREE: gl.constexpr, s_layout: gl.constexpr):
-    """Row max (or sum) over the columns of two accumulator tiles ``a`` ``[M, N]`` and ``b``
-    ``[M, N2]`` (``N2 <= N``, powers of two): ``a``'s register columns halved down to ``N2``
-    (:func:`.fwd._halve_cols`), combined with ``b`` elementwise (the same rows and columns per
-    thread: no data movement), then :func:`.fwd._row_reduce` (``TREE``: as a tree), so the lane
-    shuffles of the reduction are paid once for both parts. Returns ``[M]`` in
-    ``SliceLayout(1, s_layout)``."""
-    N: gl.constexpr = a.shape[1]
-    N2: gl.constexpr = b.shape[1]
-    if N >= 8 * N2:
-        a = _halve_cols(a, IS_MAX)
-    if N >= 4 * N2:
-        a = _halve_cols(a, IS_MAX)
-    if N >= 2 * N2:
-        a = _halve_cols(a, IS_MAX)
-    b = gl.convert_layout(b, a.type.layout)
-    if IS_MAX:
-        x = gl.maximum(a, b)
-    else:
-        x = a + b
-    return _row_reduce(x, IS_MAX, TREE, s_layout)
-
-
-@gluon.jit
-def _mask_part(s, c0, rows, seqlen_k, off, wl, wr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
-               layout: gl.constexpr):
-    """``s`` (a part of a key block whose first key is ``c0``) with the keys hidden from each row
-    (:func:`.fwd._visible`) set to -inf."""
-    cols = c0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, layout))
-    r = gl.convert_layout(rows, gl.SliceLayout(1, layout))
-    vis = _visible(gl.expand_dims(cols, 0), gl.expand_dims(r, 1), seqlen_k, off, wl, wr, HAS_WL, HAS_WR)
-    return gl.where(vis, s, float("-inf"))
-
-
-@gluon.jit
-def _softmax_block2(sa, sb, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                    MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                    BLOCK_N: gl.constexpr, BLOCK_N2: gl.constexpr, sa_layout: gl.constexpr,
-                    sb_layout: gl.constexpr, ROW_TREE: gl.constexpr, EXP_POLY: gl.constexpr):
-    """:func:`.fwd._softmax_block` for a key block of two parts: raw scores ``sa`` ``[M, BLOCK_N]``
-    (keys ``blk * (BLOCK_N + BLOCK_N2) ..``) and ``sb`` ``[M, BLOCK_N2]`` (the next ``BLOCK_N2``
-    keys), one row max and one row sum over both (:func:`_row_reduce2`). Returns ``(pa, pb, alpha,
-    m_new, l_new)``; the same arithmetic per score as the one-part softmax."""
-    if HAS_SOFTCAP:
-        sa = _tanh(sa * qk_scale) * cap_out
-        sb = _tanh(sb * qk_scale) * cap_out
-    if MASKED:
-        c0 = blk * (BLOCK_N + BLOCK_N2)
-        sa = _mask_part(sa, c0, rows, seqlen_k, off, wl, wr, HAS_WL, HAS_WR, sa_layout)
-        sb = _mask_part(sb, c0 + BLOCK_N, rows, seqlen_k, off, wl, wr, HAS_WL, HAS_WR, sb_layout)
-    s_max = _row_reduce2(sa, sb, True, ROW_TREE > 0, sa_layout)
-    if HAS_SOFTCAP:
-        m_new = gl.maximum(m_i, s_max)
-    else:
-        # qk_scale > 0 (checked on the host): the max of raw scores scales to the scaled max
-        m_new = gl.maximum(m_i, s_max * qk_scale)
-    if MASKED:
-        # rows that have seen no visible key keep m = -inf: subtract 0 instead (no NaN)
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
-    ma = gl.expand_dims(m_use, 1)
-    mb = gl.expand_dims(gl.convert_layout(m_use, gl.SliceLayout(1, sb_layout)), 1)
-    if HAS_SOFTCAP:
-        xa = sa - ma
-        xb = sb - mb
-    else:
-        xa = sa * qk_scale - ma
-        xb = sb * qk_scale - mb
-    if EXP_POLY > 0:
-        pa = _exp2_split(xa, EXP_POLY, sa_layout)
-        pb = _exp2_split(xb, EXP_POLY, sb_layout)
-    else:
-        pa = gl.exp2(xa)
-        pb = gl.exp2(xb)
-    alpha = gl.exp2(m_i - m_use)
-    l_new = l_i * alpha + _row_reduce2(pa, pb, False, ROW_TREE > 1, sa_layout)
-    return pa, pb, alpha, m_new, l_new
-
-
-@gluon.jit
-def _fp8_block2(acc, l_i, m_i, pa_op, pb_op, it, blk, q_smem, k_bufs, k2_bufs, vt_bufs, vt2_bufs,
-                k_full, v_full, k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                CID: gl.constexpr, MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
-                HAS_SOFTCAP: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_N2: gl.constexpr,
-                NUM_STAGES: gl.constexpr, sa_layout: gl.constexpr, sb_layout: gl.constexpr,
-                o_layout: gl.constexpr, CVT_ASM: gl.constexpr, ROW_TREE: gl.constexpr,
-                SKIP_RESCALE: gl.constexpr, EXP_POLY: gl.constexpr):
-    """:func:`_fp8_block` with two-part key blocks: on this warpgroup's turn issue S_a = Q K_a^T,
-    S_b = Q K_b^T and O += P_a,prev V_a,prev + P_b,prev V_b,prev (4 FP8 wgmmas), pass the turn, wait
-    for the two S, run the softmax over both while the P V pair is in flight."""
-    stage = it % NUM_STAGES
-    phase = (it // NUM_STAGES) & 1
-    pstage = (it - 1) % NUM_STAGES
-    pphase = ((it - 1) // NUM_STAGES) & 1
-    mbarrier.wait(k_full.index(stage), phase)
-    _turn_wait(turn, it, CID)
-    sa = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), gl.zeros([SUB_M, BLOCK_N], gl.float32, sa_layout),
-                       use_acc=False, is_async=True)
-    sb = warpgroup_mma(q_smem, k2_bufs.index(stage).permute((1, 0)),
-                       gl.zeros([SUB_M, BLOCK_N2], gl.float32, sb_layout), use_acc=False, is_async=True)
-    mbarrier.wait(v_full.index(pstage), pphase)
-    acc = warpgroup_mma(_p_unpack(pa_op, o_layout, True, CVT_ASM), vt_bufs.index(pstage).permute((1, 0)), acc,
-                        is_async=True)
-    acc = warpgroup_mma(_p_unpack(pb_op, o_layout, True, CVT_ASM), vt2_bufs.index(pstage).permute((1, 0)), acc,
-                        is_async=True)
-    _turn_pass(turn, CID, 2)
-    sa, sb = warpgroup_mma_wait(2, deps=(sa, sb))
-    mbarrier.arrive(k_empty.index(stage))
-    pa, pb, alpha, m_i, l_i = _softmax_block2(sa, sb, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                              MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, BLOCK_N2, sa_layout,
-                                              sb_layout, ROW_TREE, EXP_POLY)
-    acc = warpgroup_mma_wait(0, deps=(acc,))  # (8-bit P operands cannot be wait deps: see the module doc)
-    mbarrier.arrive(v_empty.index(pstage))
-    acc = _rescale(acc, alpha, o_layout, SKIP_RESCALE)
-    pa_op = _p_pack(pa, o_layout, True, CVT_ASM)
-    pb_op = _p_pack(pb, o_layout, True, CVT_ASM)
-    return acc, l_i, m_i, pa_op, pb_op
-
-
-@gluon.jit
-def _fp8_consumer2(q_bufs, k_bufs, k2_bufs, vt_bufs, vt2_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
-                   o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
-                   b, h, hk, m0, seqlen_q, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                   nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
-                   CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr,
-                   BLOCK_N: gl.constexpr, BLOCK_N2: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr,
-                   HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, CVT_ASM: gl.constexpr, ROW_TREE: gl.constexpr,
-                   SKIP_RESCALE: gl.constexpr, EXP_POLY: gl.constexpr):
-    """:func:`_fp8_consumer` with two-part key blocks (dense calls: the P operands in PERM_P's key
-    order, both parts starting at multiples of 32 keys)."""
-    sa_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BLOCK_N, 32])
-    sb_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BLOCK_N2, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_D, 32])
-    row_layout: gl.constexpr = gl.SliceLayout(1, sa_layout)
-    if QD is not None:
-        qk_scale = qk_scale * gl.load(QD + b * sqd_b + hk * sqd_h)
-    if KD is not None:
-        qk_scale = qk_scale * gl.load(KD + b * skd_b + hk * skd_h)
-    q_smem = q_bufs.index(CID)
-    r0 = m0 + CID * SUB_M
-    rows = r0 + gl.arange(0, SUB_M, layout=row_layout)
-    m_i = gl.full([SUB_M], float("-inf"), gl.float32, row_layout)
-    l_i = gl.zeros([SUB_M], gl.float32, row_layout)
-    acc = gl.zeros([SUB_M, BLOCK_D], gl.float32, o_layout)
-    mbarrier.wait(q_bars.index(CID), 0)
-    n_total = nb_hi - nb_lo
-    if n_total > 0:
-        # first block: S only, with masks
-        mbarrier.wait(k_full.index(0), 0)
-        _turn_wait(turn, 0, CID)
-        sa = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), gl.zeros([SUB_M, BLOCK_N], gl.float32, sa_layout),
-                           use_acc=False, is_async=True)
-        sb = warpgroup_mma(q_smem, k2_bufs.index(0).permute((1, 0)),
-                           gl.zeros([SUB_M, BLOCK_N2], gl.float32, sb_layout), use_acc=False, is_async=True)
-        _turn_pass(turn, CID, 2)
-        sa, sb = warpgroup_mma_wait(0, deps=(sa, sb))
-        mbarrier.arrive(k_empty.index(0))
-        pa, pb, alpha, m_i, l_i = _softmax_block2(sa, sb, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale,
-                                                  cap_out, True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, BLOCK_N2,
-                                                  sa_layout, sb_layout, ROW_TREE, EXP_POLY)
-        pa_op = _p_pack(pa, o_layout, True, CVT_ASM)
-        pb_op = _p_pack(pb, o_layout, True, CVT_ASM)
-        it = 1
-        for blk in range(nb_lo + 1, fu_lo):
-            acc, l_i, m_i, pa_op, pb_op = _fp8_block2(
-                acc, l_i, m_i, pa_op, pb_op, it, blk, q_smem, k_bufs, k2_bufs, vt_bufs, vt2_bufs, k_full, v_full,
-                k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out, CID, True, HAS_WL, HAS_WR,
-                HAS_SOFTCAP, SUB_M, BLOCK_N, BLOCK_N2, NUM_STAGES, sa_layout, sb_layout, o_layout, CVT_ASM, ROW_TREE,
-                SKIP_RESCALE, EXP_POLY)
-            it += 1
-        for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
-            acc, l_i, m_i, pa_op, pb_op = _fp8_block2(
-                acc, l_i, m_i, pa_op, pb_op, it, blk, q_smem, k_bufs, k2_bufs, vt_bufs, vt2_bufs, k_full, v_full,
-                k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out, CID, False, HAS_WL, HAS_WR,
-                HAS_SOFTCAP, SUB_M, BLOCK_N, BLOCK_N2, NUM_STAGES, sa_layout, sb_layout, o_layout, CVT_ASM, ROW_TREE,
-                SKIP_RESCALE, EXP_POLY)
-            it += 1
-        for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
-            acc, l_i, m_i, pa_op, pb_op = _fp8_block2(
-                acc, l_i, m_i, pa_op, pb_op, it, blk, q_smem, k_bufs, k2_bufs, vt_bufs, vt2_bufs, k_full, v_full,
-                k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out, CID, True, HAS_WL, HAS_WR,
-                HAS_SOFTCAP, SUB_M, BLOCK_N, BLOCK_N2, NUM_STAGES, sa_layout, sb_layout, o_layout, CVT_ASM, ROW_TREE,
-                SKIP_RESCALE, EXP_POLY)
-            it += 1
-        # the last block's P V
-        last = n_total - 1
-        lstage = last % NUM_STAGES
-        mbarrier.wait(v_full.index(lstage), (last // NUM_STAGES) & 1)
-        acc = warpgroup_mma(_p_unpack(pa_op, o_layout, True, CVT_ASM), vt_bufs.index(lstage).permute((1, 0)), acc,
-                            is_async=True)
-        acc = warpgroup_mma(_p_unpack(pb_op, o_layout, True, CVT_ASM), vt2_bufs.index(lstage).permute((1, 0)), acc,
-                            is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(v_empty.index(lstage))
-    if VD is not None:
-        acc = acc * gl.load(VD + b * svd_b + hk * svd_h)
-    if r0 < seqlen_q:
-        _epilogue(acc, l_i, m_i, o_bufs.index(CID), o_desc, O, LSE, b, h, r0, 0, seqlen_q,
-                  stride_os, stride_oh, stride_lb, stride_lh,
-                  False, SUB_M, HEAD_DIM, BLOCK_D, row_layout, o_layout)
-
-
-@gluon.jit
-def _fp8_producer2(q_desc, k_desc, k2_desc, vt_desc, vt2_desc, q_bufs, k_bufs, k2_bufs, vt_bufs, vt2_bufs, q_bars,
-                   k_full, v_full, k_empty, v_empty, b, h, hk, m0, nb_lo, n_total,
-                   SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_N2: gl.constexpr, NUM_STAGES: gl.constexpr):
-    """1 warp, dense calls: both consumers' Q tiles, then per key block its two K parts and two V^T
-    parts (two TMA boxes each, ``BLOCK_N`` and ``BLOCK_N2`` keys) counted on one full barrier."""
-    for c in gl.static_range(2):
-        mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
-        _tma_load(q_desc, q_bars.index(c), q_bufs.index(c), b, m0 + c * SUB_M, h, False)
-    K_BYTES: gl.constexpr = k_desc.block_type.nbytes + k2_desc.block_type.nbytes
-    V_BYTES: gl.constexpr = vt_desc.block_type.nbytes + vt2_desc.block_type.nbytes
-    for i in range(n_total):
-        stage = i % NUM_STAGES
-        phase = (i // NUM_STAGES) & 1
-        row = (nb_lo + i) * (BLOCK_N + BLOCK_N2)
-        mbarrier.wait(k_empty.index(stage), phase ^ 1)
-        mbarrier.expect(k_full.index(stage), K_BYTES)
-        _tma_load(k_desc, k_full.index(stage), k_bufs.index(stage), b, row, hk, False)
-        _tma_load(k2_desc, k_full.index(stage), k2_bufs.index(stage), b, row + BLOCK_N, hk, False)
-        mbarrier.wait(v_empty.index(stage), phase ^ 1)
-        mbarrier.expect(v_full.index(stage), V_BYTES)
-        _tma_load_vt(vt_desc, v_full.index(stage), vt_bufs.index(stage), b, row, hk, False)
-        _tma_load_vt(vt2_desc, v_full.index(stage), vt2_bufs.index(stage), b, row + BLOCK_N, hk, False)
-
-
 @gluon.jit(do_not_specialize=_NO_SPECIALIZE_FP8)
 def attn_fwd_ws_fp8(
-    q_desc, k_desc, vt_desc, k2_desc, vt2_desc, o_desc, O, LSE, CU_Q, CU_K, QD, KD, VD,
+    q_desc, k_desc, vt_desc, o_desc, O, LSE, CU_Q, CU_K, QD, KD, VD,
     sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
     stride_os, stride_oh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, group, qk_scale, cap_out, window_left, window_right,
@@ -541,16 +293,12 @@ def attn_fwd_ws_fp8(
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     IS_VARLEN: gl.constexpr, REVERSE_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     CVT_ASM: gl.constexpr, ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, num_warps: gl.constexpr,
-    EXP_POLY: gl.constexpr = 0, BLOCK_N2: gl.constexpr = 0,
+    EXP_POLY: gl.constexpr = 0,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (+ 4 + 1 in the
     other partitions). q_desc / k_desc: e4m3 ``[rows, D]`` tiles as the 16-bit kernels'; vt_desc:
     e4m3 V^T ``[D, BLOCK_N]`` tiles; o_desc: bf16 ``BLOCK_M // 2``-row tiles. QD / KD / VD:
-    float32 descales indexed ``[b * s_b + hk * s_h]``, or None (1). Writes o (bf16) and lse.
-    ``BLOCK_N2`` > 0 (dense calls; ``FP8Config.block_n2``): key blocks of ``BLOCK_N + BLOCK_N2`` keys,
-    K and V^T loaded as two boxes each (k2_desc: ``[BLOCK_N2, D]`` K tiles, vt2_desc: ``[D,
-    BLOCK_N2]`` V^T tiles; None when ``BLOCK_N2`` is 0), two S accumulators and one softmax over
-    both (:func:`_fp8_consumer2`)."""
+    float32 descales indexed ``[b * s_b + hk * s_h]``, or None (1). Writes o (bf16) and lse."""
     pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k,
                                                                      REVERSE_M, IS_VARLEN)
     m0 = pid_m * BLOCK_M
@@ -587,47 +335,22 @@ def attn_fwd_ws_fp8(
 
     r_hi = gl.minimum(m0 + BLOCK_M, seqlen_q)
     nb_lo, fu_lo, fu_hi, nb_hi = _block_range(m0, r_hi, seqlen_k, off, window_left, window_right,
-                                              HAS_WL, HAS_WR, BLOCK_N + BLOCK_N2)
+                                              HAS_WL, HAS_WR, BLOCK_N)
     n_total = nb_hi - nb_lo
-    if BLOCK_N2 > 0:
-        vt2_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=vt2_desc.layout.swizzle_byte_width,
-                                                        element_bitwidth=8, rank=2)
-        k2_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N2, BLOCK_D], qk_layout)
-        vt2_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_D, BLOCK_N2], vt2_layout)
-        gl.warp_specialize([
-            (_fp8_consumer2, (q_bufs, k_bufs, k2_bufs, vt_bufs, vt2_bufs, o_bufs, q_bars, k_full, v_full, k_empty,
-                              v_empty, turn, o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
-                              b, h, hk, m0, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
-                              nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
-                              0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, BLOCK_N2, NUM_STAGES, HAS_WL, HAS_WR,
-                              HAS_SOFTCAP, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)),
-            (_fp8_consumer2, (q_bufs, k_bufs, k2_bufs, vt_bufs, vt2_bufs, o_bufs, q_bars, k_full, v_full, k_empty,
-                              v_empty, turn, o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
-                              b, h, hk, m0, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
-                              nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
-                              1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, BLOCK_N2, NUM_STAGES, HAS_WL, HAS_WR,
-                              HAS_SOFTCAP, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)),
-            (_fp8_producer2, (q_desc, k_desc, k2_desc, vt_desc, vt2_desc, q_bufs, k_bufs, k2_bufs, vt_bufs, vt2_bufs,
-                              q_bars, k_full, v_full, k_empty, v_empty, b, h, hk, m0, nb_lo, n_total,
-                              SUB_M, BLOCK_N, BLOCK_N2, NUM_STAGES)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-    else:
-        gl.warp_specialize([
-            (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
-                             o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
-                             b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
-                             cap_out,
-                             nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
-                             0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                             CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)),
-            (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
-                             o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
-                             b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
-                             cap_out,
-                             nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
-                             1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                             CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)),
-            (_ws_producer, (q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
-                            b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
-                            2, True)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    gl.warp_specialize([
+        (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                         o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
+                         b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
+                         nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                         0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                         CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)),
+        (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                         o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
+                         b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
+                         nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                         1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                         CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)),
+        (_ws_producer, (q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
+                        b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
+                        2, True)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

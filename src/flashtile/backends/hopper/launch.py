@@ -351,22 +351,6 @@ def transpose_v(v: torch.Tensor, varlen: bool) -> torch.Tensor:
     return vt.view(v.dtype) if v.dtype.itemsize == 1 else vt
 
 
-def fp8_launch_config(cfg: HopperConfig, varlen: bool) -> HopperConfig:
-    """The config a (checked) FP8 launch runs: ``cfg``, with ``block_n2`` (two-part key blocks) off on
-    varlen calls (the kernel's two-part path is dense-only: the P operands' key order needs key
-    blocks at multiples of 32 keys, and FP8 varlen calls take the bf16 kernel through the backend)."""
-    if varlen and getattr(cfg, "block_n2", 0):
-        return replace(cfg, block_n2=0)
-    return cfg
-
-
-def _vt_descriptor(vt: torch.Tensor, bd: int, keys: int, varlen: bool) -> TensorDescriptor:
-    """Descriptor of V^T (:func:`transpose_v`) for ``[BLOCK_D, keys]`` tiles (keys contiguous)."""
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle_bytes(keys, 1), element_bitwidth=8, rank=vt.dim())
-    block = [1, bd, keys] if varlen else [1, 1, bd, keys]
-    return TensorDescriptor(vt, list(vt.shape), list(vt.stride()), block, layout)
-
-
 def forward_fp8(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -386,17 +370,16 @@ def forward_fp8(
     varlen, nb, _, _, rows_q, _ = geo
     cfg = config or configs.fp8_config(D)
     _check_launch(call, lse, cfg, D, configs.check_fp8, "FP8 config")
-    cfg = fp8_launch_config(cfg, varlen)
     q, k = (tma_ready(x) for x in (q, k))
     vt = transpose_v(v, varlen)
     qk_scale, cap_out = score_scales(call)
     bd = configs.block_d(D)
-    vt_desc = _vt_descriptor(vt, bd, cfg.block_n, varlen)
+    vt_layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle_bytes(cfg.block_n, 1), element_bitwidth=8,
+                                     rank=vt.dim())  # fmt: skip
+    vt_block = [1, bd, cfg.block_n] if varlen else [1, 1, bd, cfg.block_n]
+    vt_desc = TensorDescriptor(vt, list(vt.shape), list(vt.stride()), vt_block, vt_layout)
     q_desc = _descriptor(q, cfg.q_rows, varlen)
     k_desc = _descriptor(k, cfg.block_n, varlen)
-    n2 = getattr(cfg, "block_n2", 0)  # the second key part's boxes (dense only), else None
-    k2_desc = _descriptor(k, n2, varlen) if n2 else None
-    vt2_desc = _vt_descriptor(vt, bd, n2, varlen) if n2 else None
     o_desc = _descriptor(out, cfg.q_rows, varlen)
     descales, strides = [], []
     for d in (call.q_descale, call.k_descale, call.v_descale):
@@ -405,8 +388,7 @@ def forward_fp8(
     grid = (cdiv(rows_q, cfg.block_m), H, nb)
     with device_guard(q.device):
         _WS_FP8[grid](
-            q_desc, k_desc, vt_desc, k2_desc, vt2_desc, o_desc, out, lse, call.cu_seqlens_q, call.cu_seqlens_k,
-            *descales, *strides,
+            q_desc, k_desc, vt_desc, o_desc, out, lse, call.cu_seqlens_q, call.cu_seqlens_k, *descales, *strides,
             out.stride(1), out.stride(2), 0 if varlen else lse.stride(0), lse.stride(1),
             Sq, Sk, H // Hk, qk_scale, cap_out, call.window_left, call.window_right,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
