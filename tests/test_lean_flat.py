@@ -120,6 +120,31 @@ def test_flat_dense_equals_full_path(fakes, monkeypatch, shape, probs):
         _same(g, ref)
 
 
+@pytest.mark.parametrize("shape", list(_SHAPES))
+def test_flat_dense_without_lse_writes_a_kept_buffer(fakes, monkeypatch, shape):
+    # a flat call that drops the lse (no return_attn_probs, no autograd) has the kernel write it into
+    # one kept buffer (launch_decode.lse_sink, per device / stream / thread) instead of a new tensor
+    # each call; a call that returns it gets a fresh one; while a graph is captured, fresh too
+    q, k, v = _dense(**_SHAPES[shape])
+    for _ in range(4):
+        flashtile.flash_attn_func(q, k, v, causal=True)
+    assert len(interface._FLAT) == 1
+    sinks = lambda: [t for key, t in launch_decode._SCRATCH.items() if "lse" in key]  # noqa: E731
+    assert len(sinks()) == 1
+    sink = sinks()[0]
+    before = sink.clone()
+    sink.fill_(-1.0)
+    out = flashtile.flash_attn_func(q, k, v, causal=True)  # the kernel writes the kept buffer
+    assert sinks() == [sink] and not torch.equal(sink, torch.full_like(sink, -1.0))
+    torch.testing.assert_close(sink, before, rtol=0, atol=0)  # the same lse as the first call's
+    _, lse, _ = flashtile.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert lse.data_ptr() != sink.data_ptr()
+    monkeypatch.setattr(launch_decode, "_scratch_key", lambda dev: None)  # as while a graph is captured
+    sink.fill_(-1.0)
+    assert torch.equal(flashtile.flash_attn_func(q, k, v, causal=True), out)
+    assert torch.equal(sink, torch.full_like(sink, -1.0))  # written elsewhere: a fresh tensor
+
+
 def test_flat_dense_falls_back_when_the_signature_changes(fakes, monkeypatch):
     q, k, v = _dense()
     for _ in range(4):

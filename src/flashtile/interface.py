@@ -192,7 +192,7 @@ def _lean(q, k, v, opts: tuple, return_attn_probs: object, *unset):
         if _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             out, lse = _apply(q, k, v, call, backend, runner, *_NO_FIELD_GRADS)  # (attention_fast's autograd branch)
             return None, ((out, lse, None) if return_attn_probs else out)
-        res = runner(q, k, v)
+        res = runner(q, k, v, bool(return_attn_probs))  # (without it: the lse goes to a kept buffer)
         if res is not None:
             return None, ((*res, None) if return_attn_probs else res[0])
         del _FLAT[full]  # the runner declined (its plans were cleared): the memo's path below

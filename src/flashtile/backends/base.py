@@ -179,6 +179,9 @@ def registry() -> dict[str, Backend]:
 # that launch for this signature (backends route by signature only: shapes, dtypes, the call, as
 # dispatch assumes of supports()), e.g. the hopper backend handing a small call to the triton
 # launcher. Keyed by the entry point on the full signature, and used only where its memo hits.
+# The dense entry points' runners (``runner(q, k, v, want_lse=True)``) take ``want_lse``: False
+# when the caller drops the lse, which then goes to a kept buffer (``triton.launch_decode.lse_sink``,
+# per device, stream and thread; fresh while a CUDA graph is captured) instead of a new allocation.
 OFFERS: list | None = None
 
 

@@ -196,13 +196,15 @@ _EPOCH = object()
 def _fwd_runner(out_shape: tuple, lse_shape: tuple, dtype: torch.dtype, dev: torch.device, prep) -> Callable:
     """A forward plan's runner (see :data:`flashtile.backends.base.OFFERS`): the planned, prepared
     launch of :func:`forward` for inputs of the plan's signature, without the plan lookup."""
+    from . import launch_decode as ld  # (launch_decode imports this module)
+
     epoch, empty, f32 = _EPOCH, torch.empty, torch.float32
 
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, want_lse: bool = True) -> tuple | None:
         if _EPOCH is not epoch:
             return None
         out = empty(out_shape, dtype=dtype, device=dev)
-        lse = empty(lse_shape, dtype=f32, device=dev)
+        lse = empty(lse_shape, dtype=f32, device=dev) if want_lse else ld.lse_sink(dev, lse_shape, ld._scratch_key(dev))
         if not prep.go(q, k, v, out, lse):  # another device current, a launch hook, an unaligned input
             with device_guard(dev):
                 prep(q, k, v, out, lse)

@@ -624,14 +624,15 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> 
 
 
 def _dense_runner(run, b: int, sk: int):
-    """:func:`dense`'s runner (see :data:`flashtile.backends.base.OFFERS`): ``runner(q, k, v)``."""
+    """:func:`dense`'s runner (see :data:`flashtile.backends.base.OFFERS`): ``runner(q, k, v,
+    want_lse=True)``."""
     epoch = _launch._EPOCH
 
-    def go(q, k, v):
+    def go(q, k, v, want_lse=True):
         if _launch._EPOCH is not epoch:
             return None
         dev = q.device
         key = _scratch_key(dev)
-        return run(q, k, v, None, lens_vector(dev, b, sk, key), None, _flag(dev, key), key)
+        return run(q, k, v, None, lens_vector(dev, b, sk, key), None, _flag(dev, key), key, want_lse)
 
     return go
