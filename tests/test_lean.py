@@ -272,14 +272,16 @@ def test_dense_calls_do_not_sync_the_host():
 def test_warmup_grid_calls_are_valid_api_calls(monkeypatch):
     """Every feature set's calls run (here on the torch engine; on a GPU they compile kernels)."""
     from flashtile.backends.hopper import GLUON_BWD_MIN_KEYS
-    from flashtile.backends.triton.configs import CAUSAL_SHORT_SEQLEN, SHORT_SEQLEN
+    from flashtile.backends.triton.configs import _BWD_ONE_PASS, CAUSAL_SHORT_SEQLEN, ONE_PASS_MAX_ROWS, SHORT_SEQLEN
     from flashtile.cli import warmup
 
-    short, mid, long = warmup._lengths()
-    assert short <= SHORT_SEQLEN < mid <= CAUSAL_SHORT_SEQLEN < long  # every Triton table gets a call
+    tiny, short, mid, long = warmup._lengths()
+    one = min(c.block_n1 for c in _BWD_ONE_PASS.values())
+    assert tiny <= one and tiny * 2 <= ONE_PASS_MAX_ROWS  # the one-pass backward, with GQA (the grid's h / hk = 2)
+    assert max(c.block_n1 for c in _BWD_ONE_PASS.values()) < short <= SHORT_SEQLEN < mid <= CAUSAL_SHORT_SEQLEN < long
     # the mid call stays on the Triton backward on sm_90; the long one reaches the Gluon one
     assert all(mid < n <= long for n in GLUON_BWD_MIN_KEYS.values() if n > 0)
-    monkeypatch.setattr(warmup, "_lengths", lambda: (16, 24, 40))  # small calls on the CPU
+    monkeypatch.setattr(warmup, "_lengths", lambda: (8, 16, 24, 40))  # small calls on the CPU
     for fs in warmup.parse_feature_sets("plain,causal+softcap,window+alibi,dropout,varlen+causal,decode+causal"):
         for call in warmup._calls(fs, 16, torch.float32, torch.device("cpu")):
             call()

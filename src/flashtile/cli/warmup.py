@@ -3,7 +3,8 @@
 
 Each grid point runs tiny calls through the public API on the GPU, which compiles exactly the
 variants real calls of that head dim, dtype and feature set use: the forward and backward for
-short (<= the short-sequence config table's bound) and long sequences, with and without GQA, the
+tiny (keys in one block: the one-pass backward), short (<= the short-sequence config table's
+bound) and long sequences, with and without GQA, the
 long ones past the hopper backend's small-call bound (its Gluon kernels), the decode-shaped forward,
 and ``flash_attn_with_kvcache`` (appending, with int and tensor cache lengths). Triton writes
 them to its cache (``TRITON_CACHE_DIR``, default ``~/.triton/cache``). On a machine without CUDA
@@ -42,18 +43,21 @@ def parse_feature_sets(text: str) -> list[tuple[str, ...]]:
     return sets
 
 
-def _lengths() -> tuple[int, int, int]:
-    """(short, mid, long) sequence lengths whose calls compile every config the tables pick: the
-    Triton short table (<= SHORT_SEQLEN), the causal-short one (SHORT_SEQLEN < keys <=
+def _lengths() -> tuple[int, int, int, int]:
+    """(tiny, short, mid, long) sequence lengths whose calls compile every config the tables pick:
+    the one-pass backward (keys within one block), the Triton short table (one key block < keys <=
+    SHORT_SEQLEN), the causal-short one (SHORT_SEQLEN < keys <=
     CAUSAL_SHORT_SEQLEN, below the shortest Gluon backward threshold so that the Triton backward
     runs it on sm_90 too), the long one, and the Gluon backward from its longest key threshold
     (hopper.GLUON_BWD_MIN_KEYS)."""
     from ..backends.hopper import GLUON_BWD_MIN_KEYS
-    from ..backends.triton.configs import CAUSAL_SHORT_SEQLEN, SHORT_SEQLEN
+    from ..backends.triton.configs import _BWD_ONE_PASS, CAUSAL_SHORT_SEQLEN, SHORT_SEQLEN
 
     gluon = [n for n in GLUON_BWD_MIN_KEYS.values() if n > 0]
     mid = min(CAUSAL_SHORT_SEQLEN, *(n - 64 for n in gluon))
-    return 128, max(mid, SHORT_SEQLEN + 64), max(SHORT_SEQLEN, CAUSAL_SHORT_SEQLEN, *gluon) + 64
+    one = min(c.block_n1 for c in _BWD_ONE_PASS.values())
+    return (one // 2, min(SHORT_SEQLEN, 2 * one), max(mid, SHORT_SEQLEN + 64),
+            max(SHORT_SEQLEN, CAUSAL_SHORT_SEQLEN, *gluon) + 64)  # fmt: skip
 
 
 def _calls(features: tuple[str, ...], d: int, dtype: torch.dtype, device: torch.device) -> list:
@@ -107,7 +111,7 @@ def _calls(features: tuple[str, ...], d: int, dtype: torch.dtype, device: torch.
 
     if "decode" in f:
         return [decode]
-    short, mid, long = _lengths()
+    tiny, short, mid, long = _lengths()
     if "varlen" in f:
         return [varlen(short), varlen(2 * mid), varlen(2 * long)]
     # MHA and GQA both: Triton compiles a kernel per value class of the group size (1 or not);
@@ -116,8 +120,8 @@ def _calls(features: tuple[str, ...], d: int, dtype: torch.dtype, device: torch.
     from ..backends.hopper import SMALL_ROWS
 
     batch = SMALL_ROWS // (long * h) + 1
-    return [dense(short, hk), dense(short, h), dense(mid, hk), dense(mid, h), dense(long, hk, batch),
-            dense(long, h, batch)]
+    return [dense(tiny, hk), dense(tiny, h), dense(short, hk), dense(short, h), dense(mid, hk), dense(mid, h),
+            dense(long, hk, batch), dense(long, h, batch)]
 
 
 def run_warmup(args: argparse.Namespace) -> int:
