@@ -278,7 +278,19 @@ def plan_recorders(monkeypatch, module, names) -> list:
             return lambda *a, **kw: log.append((self.name, tuple(grid), norm(a), kw, "generic"))
 
         def prepare(self, grid, args, kw, lead, descs=0, keep=False):
-            return lambda *head: log.append((self.name, tuple(grid), norm(head + tuple(args[lead:])), kw, "prepared"))
+            return Prepared(lambda *head: log.append((self.name, tuple(grid), norm(head + tuple(args[lead:])), kw,
+                                                      "prepared")))  # fmt: skip
+
+    class Prepared:  # called, or its go() (which launches and says so), as fastlaunch.Prepared
+        def __init__(self, rec):
+            self.rec = rec
+
+        def __call__(self, *head):
+            self.rec(*head)
+
+        def go(self, *head) -> bool:
+            self.rec(*head)
+            return True
 
     for n in names:
         monkeypatch.setattr(module, n, Rec(n))

@@ -370,10 +370,13 @@ def backward(
             dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
             dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
             if pre is None:  # one pass (ONE_PASS): the dK/dV kernel alone, out in delta's place
+                if preps is not None and preps is not PENDING:
+                    p = preps[1]
+                    if not p.go(q, k, v, dout, lse, out, dk, dv, dq):  # (another device current, a hook)
+                        with device_guard(dev):
+                            p(q, k, v, dout, lse, out, dk, dv, dq)
+                    return dq, dk, dv, {}
                 with device_guard(dev):
-                    if preps is not None and preps is not PENDING:
-                        preps[1](q, k, v, dout, lse, out, dk, dv, dq)
-                        return dq, dk, dv, {}
                     dkdv_args = (q, k, v, dout, lse, out, dk, dv, dq, None, None, None, *dkdv[1])
                     _BWD_DKDV[dkdv[0]](*dkdv_args, **dkdv[2])
                     if preps is PENDING:
