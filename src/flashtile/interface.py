@@ -89,7 +89,7 @@ from . import dispatch, fp8
 from .backends.base import adopt as _adopt
 from .backends.base import recording as _recording
 from .backends.torch_tiled import attention_probs
-from .ops import _NO_FIELD_GRADS, Memo, _apply, attention, attention_fast
+from .ops import _NO_FIELD_GRADS, Memo, _apply, attention, attention_fast, option_types
 from .ops import fast_mode as _fast_mode
 from .paged import cache_index, check_block_table, check_used_blocks, packed_positions
 from .rng import draw_seed
@@ -152,20 +152,13 @@ def _memo_key(q, k, v, opts: tuple) -> tuple | None:
             return None
     except (IndexError, RuntimeError):  # 0-d tensors, layouts without strides: the checks raise
         return None
-    d, s, c, _, cap, det = opts  # the options' types (and window_size's entries'): one marker for the usual ones
-    if type(d) is float and (s is None or type(s) is float) and type(c) is bool and type(cap) is float and \
-            type(det) is bool and len(w) == 2 and type(w[0]) is int and type(w[1]) is int:  # fmt: skip
-        types = _USUAL
-    else:
-        types = (tuple(map(type, opts)), tuple(map(type, w)))
+    d, s, c, _, cap, det = opts  # usual: float dropout_p / softcap, float or None scale, bool causal /
+    # deterministic, two int window sides
+    types = option_types(opts, w, type(d) is float and (s is None or type(s) is float) and type(c) is bool and
+                         type(cap) is float and type(det) is bool and len(w) == 2 and type(w[0]) is int and
+                         type(w[1]) is int)  # fmt: skip
     return (q.shape, k.shape, v.shape, qt, kt, vt, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, opts,
             types, dispatch.state())  # fmt: skip
-
-
-#: :func:`_memo_key`'s stand-in for the types of the usual options (a float dropout_p and softcap, a
-#: float or None scale, bool causal and deterministic, two int window sides): the key tells exactly
-#: the same calls apart as the tuples of types would (it is given for those types and no others)
-_USUAL = ("usual option types",)
 
 
 def _memo_of(full: tuple) -> tuple:

@@ -26,7 +26,7 @@ from .backends.base import adopt as _adopt
 from .backends.base import recording as _recording
 from .backends.base import registry
 from .fp8 import OUT_DTYPE, compute_dtype, is_fp8
-from .ops import Memo, fast_mode
+from .ops import Memo, fast_mode, option_types
 from .paged import check_block_table, check_rotary_end
 from .rotary import check_rotary_tables
 from .spec import KVCache, Problem, as_int, check_alibi, check_descales, check_qkv, check_sink, make_call
@@ -293,20 +293,12 @@ def _memo_key(q, k_cache, v_cache, k, v, seqlens, opts: tuple) -> tuple | None:
             return None
     except (IndexError, RuntimeError):  # 0-d tensors, layouts without strides: the checks raise
         return None
-    s, c, _, cap, n = opts  # the options' types (and window_size's entries'): one marker for the usual ones
-    if (s is None or type(s) is float) and type(c) is bool and type(cap) is float and type(n) is int and \
-            len(w) == 2 and type(w[0]) is int and type(w[1]) is int:  # fmt: skip
-        types = _USUAL
-    else:
-        types = (tuple(map(type, opts)), tuple(map(type, w)))
+    s, c, _, cap, n = opts  # usual: float or None scale, bool causal, float softcap, int num_splits,
+    # two int window sides
+    types = option_types(opts, w, (s is None or type(s) is float) and type(c) is bool and type(cap) is float and
+                         type(n) is int and len(w) == 2 and type(w[0]) is int and type(w[1]) is int)  # fmt: skip
     return ((q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype, v_cache.dtype, q.device, k_cache.device,
              v_cache.device, new, lens, opts, types, dispatch.state()), qt, kt, vt)  # fmt: skip
-
-
-#: :func:`_memo_key`'s stand-in for the types of the usual options (a float or None scale, a bool
-#: causal, a float softcap, an int num_splits, two int window sides): the key tells exactly the
-#: same calls apart as the tuples of types would (it is given for those types and no others)
-_USUAL = ("usual option types",)
 
 
 def _lean(q, k_cache, v_cache, k, v, seqlens, opts: tuple, return_softmax_lse: object):

@@ -215,6 +215,19 @@ def fast_mode() -> bool:
     )
 
 
+#: The entry points' memos' stand-in for the types of their usual options (each entry point says
+#: which types are usual for it): a key tells exactly the same calls apart as the tuples of types
+#: would, since it is given for those types and no others.
+USUAL_TYPES = ("usual option types",)
+
+
+def option_types(opts: tuple, window: tuple, usual: bool) -> tuple:
+    """The types part of a memo key: :data:`USUAL_TYPES` when ``usual`` (the caller checked that
+    every option has its usual type), else the types of ``opts`` and of ``window``'s entries (1,
+    1.0 and True are equal keys otherwise)."""
+    return USUAL_TYPES if usual else (tuple(map(type, opts)), tuple(map(type, window)))
+
+
 class Memo(dict):
     """A signature memo of an entry point (issue 16): ``key -> entry``, cleared when full."""
 

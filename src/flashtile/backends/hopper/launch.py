@@ -292,7 +292,7 @@ def _runner(out: torch.Tensor, lse: torch.Tensor, prep, descs: tuple, extra: tup
         if _EPOCH is not epoch or not LEAN or (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
             return None
         out = empty(out_shape, dtype=dtype, device=dev)
-        lse = empty(lse_shape, dtype=f32, device=dev) if want_lse else ld.lse_sink(dev, lse_shape, ld._scratch_key(dev))
+        lse = empty(lse_shape, dtype=f32, device=dev) if want_lse else ld.lse_sink(dev, lse_shape)
         if cheap:
             dq, dk, dv, do = new(TD), new(TD), new(TD), new(TD)
             dq.__dict__, dk.__dict__, dv.__dict__ = {**tq, "base": q}, {**tk, "base": k}, {**tv, "base": v}

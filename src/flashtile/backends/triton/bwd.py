@@ -85,6 +85,14 @@ def _dscores(p, dp, delta, t, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _store_rows(base, start_m, offs_m, offs_d, stride_s, seqlen, HEAD_DIM: tl.constexpr, x):
+    """x into rows ``start_m + offs_m`` (those < seqlen) and columns offs_d (< HEAD_DIM) of base."""
+    rows = start_m + offs_m
+    tl.store(_block_ptrs(base, start_m, offs_m, offs_d, stride_s, False), x,
+             mask=(rows[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM))  # fmt: skip
+
+
+@triton.jit
 def _dkdv_step(
     dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, start_m, cols, offs_m, offs_d,
     stride_qs, stride_dos, stride_dqs, seqlen_q, seqlen_k, off, wl, wr,
@@ -136,8 +144,7 @@ def _dkdv_step(
     dk = _mma(dsT, tl.trans(qT), dk, UPCAST)
     if ONE_PASS:
         dq = _mm(tl.trans(dsT), k, UPCAST) * sm_scale
-        dq_ptrs = _block_ptrs(dq_base, start_m, offs_m, offs_d, stride_dqs, False)
-        tl.store(dq_ptrs, dq.to(dq_base.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+        _store_rows(dq_base, start_m, offs_m, offs_d, stride_dqs, seqlen_q, HEAD_DIM, dq.to(dq_base.dtype.element_ty))
     elif ATOMIC_DQ:
         dq = _mm(tl.trans(dsT), k, UPCAST)
         dq_ptrs = _block_ptrs(dq_base, start_m, offs_m, offs_d, stride_dqs, False)
@@ -148,14 +155,6 @@ def _dkdv_step(
         else:
             tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
-
-
-@triton.jit
-def _store_rows(base, start_m, offs_m, offs_d, stride_s, seqlen, HEAD_DIM: tl.constexpr, x):
-    """x into rows ``start_m + offs_m`` (those < seqlen) and columns offs_d (< HEAD_DIM) of base."""
-    rows = start_m + offs_m
-    tl.store(_block_ptrs(base, start_m, offs_m, offs_d, stride_s, False), x,
-             mask=(rows[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM))  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "thresh", "seed_lo", "seed_hi"])

@@ -204,7 +204,7 @@ def _fwd_runner(out_shape: tuple, lse_shape: tuple, dtype: torch.dtype, dev: tor
         if _EPOCH is not epoch:
             return None
         out = empty(out_shape, dtype=dtype, device=dev)
-        lse = empty(lse_shape, dtype=f32, device=dev) if want_lse else ld.lse_sink(dev, lse_shape, ld._scratch_key(dev))
+        lse = empty(lse_shape, dtype=f32, device=dev) if want_lse else ld.lse_sink(dev, lse_shape)
         if not prep.go(q, k, v, out, lse):  # another device current, a launch hook, an unaligned input
             with device_guard(dev):
                 prep(q, k, v, out, lse)

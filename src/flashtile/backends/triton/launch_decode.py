@@ -215,10 +215,13 @@ def counters(dev: torch.device, n: int, key: tuple | None | object = _ASK) -> to
     return t
 
 
-def lse_sink(dev: torch.device, shape: tuple, key: tuple | None) -> torch.Tensor:
+def lse_sink(dev: torch.device, shape: tuple, key: tuple | None | object = _ASK) -> torch.Tensor:
     """A kept fp32 buffer of ``shape`` for an lse nobody reads (``flash_attn_with_kvcache`` without
-    ``return_softmax_lse``): written by the kernels, returned to no one, so reusing it needs no
-    ordering at all; fresh while a CUDA graph is captured (``key`` None)."""
+    ``return_softmax_lse``, the dense runners with ``want_lse=False``): written by the kernels,
+    returned to no one, so reusing it needs no ordering at all; fresh while a CUDA graph is captured
+    (``key`` None). ``key``: :func:`_scratch_key`'s, read here when not given."""
+    if key is _ASK:
+        key = _scratch_key(dev)
     if key is None:
         return torch.empty(shape, dtype=torch.float32, device=dev)
     key = (*key, "lse", shape)
