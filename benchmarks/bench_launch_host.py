@@ -210,6 +210,8 @@ def rows(dtype=torch.float16):
                          lambda: flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=1000, causal=True,
                                                                   num_splits=4)),
         "e2e_grow": ("flash_attn_func q1, key length growing per call (HF generate)", e2e_grow),
+        "e2e_dense": ("flash_attn_func q1 over 1k keys, one length every call, whole call",
+                      lambda: flashtile.flash_attn_func(qd, kc, vc, causal=True)),
         "fwd": ("triton launch.forward (b1 s128 h8 d64 causal)", lambda: launch.forward(q, k, v, call)),
         "bwd": ("triton launch.backward (same)", lambda: launch.backward(dout, q, k, v, out, lse, call)),
         "decode": ("launch_decode.kvcache (b1 q1 h32/8 d128, int length, 1 piece)",

@@ -366,7 +366,47 @@ def small_calls(calls: int, repeats: int) -> list[dict]:
 
 
 def decode_calls(calls: int, repeats: int) -> list[dict]:
-    return [row for b in (1, 8) for row in _decode_rows(b, calls, repeats)]
+    return [row for b in (1, 8) for row in _decode_rows(b, calls, repeats)] + [_growing_row(calls, repeats)]
+
+
+def _growing_row(calls: int, repeats: int, lengths: int = 512) -> dict:
+    """Decode-shaped ``flash_attn_func`` calls whose keys grow by one every call, in Hugging Face's
+    dynamic-cache layout (a fresh ``(b, hk, s, d)`` tensor per step, transposed: new strides every
+    step): ``lengths`` distinct lengths from the cache size on, taken in turn (more than the flat
+    path's 256 signatures, so no call finds its exact shape kept). SDPA gets the same tensors."""
+    import torch.nn.functional as F
+
+    import flashtile
+
+    h, hk, d, n0 = 32, 8, 128, CACHE
+    torch.manual_seed(0)
+    kv = [tuple(torch.randn(1, hk, n0 + i, d, device=DEV, dtype=DT) for _ in range(2)) for i in range(lengths)]
+    q = torch.randn(1, h, 1, d, device=DEV, dtype=DT)
+    qf = q.transpose(1, 2)
+    step = [0]
+
+    def nxt():
+        step[0] = (step[0] + 1) % lengths
+        return kv[step[0]]
+
+    def ft():
+        k, v = nxt()
+        return flashtile.flash_attn_func(qf, k.transpose(1, 2), v.transpose(1, 2), causal=True)
+
+    def sd():
+        k, v = nxt()
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    row = dict(call=f"flash_attn_func decode-shaped b1 h32/8 d128, keys growing per call from {n0 // 1024}k, HF layout")
+    row["flashtile"] = per_call_us(ft, calls, repeats)
+    for name, be in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_cudnn", "CUDNN_ATTENTION")):
+        try:
+            with _sdpa(be):
+                row[name] = per_call_us(sd, calls, repeats)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
+            row[name] = None
+            print(f"  {name} growing: {type(e).__name__}: {str(e)[:100]}")
+    return row
 
 
 def _decode_rows(b: int, calls: int, repeats: int) -> list[dict]:

@@ -283,6 +283,47 @@ def test_flat_calls_without_lse_on_the_gpu(shape):
         assert torch.equal(out2, first) and torch.equal(lse2, lse)
 
 
+@gpu
+@pytest.mark.parametrize("layout", ["hf", "cat"])
+def test_growing_keys_on_the_gpu(layout):
+    """Decode-shaped calls whose keys grow every call (the runners' length-free plans: new strides
+    each step, the tile config changing at 2k keys, the number of pieces changing) give, bitwise,
+    what the memo-free full path gives, and match the fp32 oracle; once planned, no call syncs."""
+    from flashtile import interface, kvcache
+    from flashtile.testing import attention_ref
+
+    torch.manual_seed(0)
+    b, hk, d, dt = 2, 2, 128, torch.bfloat16
+    kbig, vbig = (torch.randn(b, 2100, hk, d, device="cuda", dtype=dt) for _ in range(2))
+    steps = [*range(1, 40), *range(1000, 1010), *range(2040, 2060)]
+    calls = []
+    for n in steps:
+        q = torch.randn(b, 1, 8, d, device="cuda", dtype=dt)
+        if layout == "hf":  # (b, hk, s, d) transposed, as Hugging Face's dynamic cache hands it over
+            k, v = (x[:, :n].transpose(1, 2).contiguous().transpose(1, 2) for x in (kbig, vbig))
+        else:
+            k, v = (torch.cat([x[:, : n - 1], x[:, n - 1 : n]], dim=1) for x in (kbig, vbig))
+        calls.append((q, k, v))
+    for q, k, v in calls:  # plans made (their first calls may synchronise once: counters for graphs)
+        flashtile.flash_attn_func(q, k, v, causal=True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [flashtile.flash_attn_func(q, k, v, causal=True) for q, k, v in calls]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(interface._GROW) >= 1
+    memo_key = (interface._memo_key, kvcache._memo_key)
+    interface._memo_key = kvcache._memo_key = lambda *a: None
+    try:
+        for (q, k, v), g in zip(calls, got, strict=True):
+            assert torch.equal(g, flashtile.flash_attn_func(q, k, v, causal=True))
+            ref = attention_ref(q, k, v, causal=True)[0]
+            low = attention_ref(q, k, v, causal=True, upcast=False)[0]
+            assert (g.float() - ref).abs().max() <= 2 * (low.float() - ref).abs().max() + 1e-3
+    finally:
+        interface._memo_key, kvcache._memo_key = memo_key
+
+
 # ----------------------------------------------------------------------------------------------
 # flashtile warmup
 

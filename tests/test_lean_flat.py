@@ -64,7 +64,7 @@ def fakes(monkeypatch):
     def clear():
         launch.clear_plans()
         launch_decode._SCRATCH.clear()
-        for m in (interface._MEMO, interface._FLAT, kvcache._MEMO, kvcache._FLAT):
+        for m in (interface._MEMO, interface._FLAT, interface._GROW, kvcache._MEMO, kvcache._FLAT):
             m.clear()
         dispatch.clear_cache()
 
@@ -195,6 +195,77 @@ def test_flat_dense_rejected_input_still_rejected(fakes, monkeypatch):
     flat_errors = {name: _error(fn) for name, fn in bad.items()}
     _memo_off(monkeypatch)
     assert flat_errors == {name: _error(fn) for name, fn in bad.items()}
+
+
+def _growing(layout: str, steps: int, start: int = 1, b: int = 2, hk: int = 2, d: int = 40, dtype=torch.float16):
+    """Decode-shaped calls whose keys grow by one each step: q ``(b, 1, 4, d)`` and k / v as a
+    ``torch.cat`` cache (``cat``: contiguous, new strides every step), Hugging Face's dynamic cache
+    (``hf``: ``(b, hk, s, d)`` transposed) or slices of one buffer (``slice``: the same strides)."""
+    torch.manual_seed(1)
+    big = [torch.randn(b, start + steps, hk, d, dtype=dtype) for _ in range(2)]
+    out = []
+    for n in range(start, start + steps):
+        q = torch.randn(b, 1, 4, d, dtype=dtype)
+        if layout == "slice":
+            k, v = (x[:, :n] for x in big)
+        elif layout == "cat":
+            k, v = (torch.cat([x[:, : n - 1], x[:, n - 1 : n]], dim=1) for x in big)
+        else:
+            k, v = (x[:, :n].transpose(1, 2).contiguous().transpose(1, 2) for x in big)
+        out.append((q, k, v))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["cat", "hf", "slice"])
+@pytest.mark.parametrize("pieces", ["one", "several"])
+def test_flat_dense_growing_keys_equal_full_path(fakes, monkeypatch, layout, pieces):
+    # a decode-shaped call whose keys grow every call takes the runner's any_length plan (keyed on
+    # the tile config, the number of pieces and the classes of the length-dependent ints) and gives
+    # what the full path gives at every length: the fakes' checksums cover every int and tensor
+    if pieces == "several":  # as on a GPU: more pieces as the keys grow (fused merge, group counters)
+        pieces_of = launch_decode._pieces
+
+        def several(q, bd, config, programs, max_keys, gather, num_splits=0):
+            return pieces_of(q, bd, (16, *config[1:]), programs, max_keys, gather, 1 + max_keys // 24)
+
+        monkeypatch.setattr(launch_decode, "_pieces", several)
+    calls = _growing(layout, 40)
+    decodes, dec = [], launch_decode.decode
+    monkeypatch.setattr(launch_decode, "decode", lambda *a, **kw: decodes.append(kw.get("grow")) or dec(*a, **kw))
+    got = [flashtile.flash_attn_func(q, k, v, causal=True, softcap=3.0) for q, k, v in calls[:-1]]
+    assert len(interface._GROW) == 1
+    planned = len(decodes)
+    assert planned < len(calls) // 2  # a plan per (pieces, int classes), not per length
+    fast0 = launch_decode._DECODE.fast_launches
+    q, k, v = calls[-1]
+    again = flashtile.flash_attn_func(q, k, v, causal=True, softcap=3.0, return_attn_probs=True)
+    assert launch_decode._DECODE.fast_launches == fast0 + 1
+    _memo_off(monkeypatch)
+    for (q, k, v), g in zip(calls, [*got, again], strict=True):
+        _same(g, flashtile.flash_attn_func(q, k, v, causal=True, softcap=3.0, return_attn_probs=g is again))
+
+
+def test_flat_dense_growing_keys_fall_back(fakes, monkeypatch):
+    # what the length-free key leaves out is checked per call: k and v of different lengths raise
+    # as on the full path; another head count, batch or head dim is another signature; cleared
+    # plans make the runner decline
+    calls = _growing("cat", 8)
+    for q, k, v in calls[:6]:
+        flashtile.flash_attn_func(q, k, v)
+    assert len(interface._GROW) == 1
+    q, k, v = calls[6]
+    with pytest.raises(ValueError, match="same shape except the head dim"):
+        flashtile.flash_attn_func(q, k, v[:, :-1])
+    one = (q, k[:, :, :1], v[:, :, :1])
+    out = flashtile.flash_attn_func(*one)  # 1 KV head: a signature of its own
+    assert len(interface._GROW) == 1
+    (before,) = interface._GROW.values()
+    launch.clear_plans()
+    last = flashtile.flash_attn_func(*calls[7])
+    assert [e[0] for e in interface._GROW.values()] != [before[0]]  # declined, dropped: the memo's path (a new runner)
+    _memo_off(monkeypatch)
+    _same(out, flashtile.flash_attn_func(*one))
+    _same(last, flashtile.flash_attn_func(*calls[7]))
 
 
 def test_flat_runner_declines_after_clear_plans(fakes, monkeypatch):

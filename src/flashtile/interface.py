@@ -131,6 +131,10 @@ _ZERO_TYPES = (float, int)  # dropout_p's types the memo takes (others, e.g. arr
 # the full shapes make the hit path's relation checks hold). A runner that declines (plans
 # cleared) is dropped and the memo's path taken.
 _FLAT = Memo(256)
+# Runners that serve any key length >= 1 (a runner's ``any_length``: decode-shaped calls whose keys
+# grow every call, e.g. Hugging Face's dynamic cache), per signature without k's and v's lengths
+# and strides (:func:`_grow_of`); looked up on a _FLAT miss when k and v have one length >= 1.
+_GROW = Memo(256)
 _grad_enabled = torch.is_grad_enabled
 
 
@@ -167,6 +171,13 @@ def _memo_of(full: tuple) -> tuple:
     return (full[0][2:], full[1][2:], full[2][2:], *full[6:])
 
 
+def _grow_of(full: tuple) -> tuple:
+    """The :data:`_GROW` key of a :func:`_memo_key` signature: k's and v's lengths and strides
+    dropped (their last strides are 1: the signature says so)."""
+    ks, vs = full[1], full[2]
+    return (full[0], ks[0], ks[2:], vs[0], vs[2:], full[3], *full[6:])
+
+
 def _lean(q, k, v, opts: tuple, return_attn_probs: object, *unset):
     """A dense call through the memo: ``(key, None)`` on a miss (record with that key), ``(None,
     result)`` on a hit, ``(None, None)`` where the memo does not apply: dropout (``opts[0]``), or
@@ -176,8 +187,12 @@ def _lean(q, k, v, opts: tuple, return_attn_probs: object, *unset):
     full = _memo_key(q, k, v, opts)
     if full is None:
         return None, None
+    grow = None
     try:
         flat = _FLAT.get(full)
+        if flat is None and full[1][1] == full[2][1] and full[1][1] > 0:
+            grow = _grow_of(full)
+            flat = _GROW.get(grow)
     except (TypeError, ValueError):  # an option that cannot be hashed or compared (Memo.lookup)
         return None, None
     if flat is not None:  # the flat path: the runner the backend's launcher offered (see _FLAT)
@@ -188,7 +203,10 @@ def _lean(q, k, v, opts: tuple, return_attn_probs: object, *unset):
         res = runner(q, k, v, bool(return_attn_probs))  # (without it: the lse goes to a kept buffer)
         if res is not None:
             return None, ((*res, None) if return_attn_probs else res[0])
-        del _FLAT[full]  # the runner declined (its plans were cleared): the memo's path below
+        if grow is None:  # the runner declined (its plans were cleared): the memo's path below
+            del _FLAT[full]
+        else:
+            del _GROW[grow]
     key, hit = _MEMO.lookup(_memo_of(full))
     if hit is None:
         return key, None
@@ -200,6 +218,9 @@ def _lean(q, k, v, opts: tuple, return_attn_probs: object, *unset):
         runner = _adopt(offers, (q, k, v), (out, lse))
         if runner is not None:
             _FLAT.record(full, (runner, hit[0], hit[1]))
+            any_length = getattr(runner, "any_length", None)
+            if any_length is not None:
+                _GROW.record(_grow_of(full), (any_length, hit[0], hit[1]))
     return None, ((out, lse, None) if return_attn_probs else out)
 
 

@@ -32,8 +32,12 @@ ERR_SEQLENS, ERR_LEFTPAD, ERR_ROW, ERR_BLOCK, ERR_ROTARY = 1, 2, 4, 8, 16
 @triton.jit
 def _row_checks(SEQ, LEFTPAD, BT, b, stride_btb, sn, capacity, n_index,
                 HAS_LEFTPAD: tl.constexpr, HAS_BT: tl.constexpr, KV_MODE: tl.constexpr):  # fmt: skip
-    """Per batch row: (tokens in the cache before the new ones, leftpad, dense cache row, error bits)."""
-    sl = tl.load(SEQ + b)
+    """Per batch row: (tokens in the cache before the new ones, leftpad, dense cache row, error bits).
+    ``SEQ`` None: every row holds ``capacity`` tokens (dense k / v of one length: no vector to read)."""
+    if SEQ is None:
+        sl = capacity - sn + b * 0
+    else:
+        sl = tl.load(SEQ + b)
     code = tl.where((sl < 0) | (sl + sn > capacity), 1, 0)
     if HAS_LEFTPAD:
         lp = tl.load(LEFTPAD + b)

@@ -229,7 +229,8 @@ class FastKernel:
 
 
     def prepare(
-        self, grid: tuple[int, ...], args: tuple, kwargs: dict, lead: int, descs: int = 0, keep: bool = False
+        self, grid: tuple[int, ...], args: tuple, kwargs: dict, lead: int, descs: int = 0, keep: bool = False,
+        vary: tuple[int, ...] = (),
     ) -> Prepared | None:
         """A launcher of this kernel with these arguments, except the first ``lead`` positional ones
         (tensors or None), which each call passes anew: ``prepare(grid, args, kwargs, n)(*args[:n])``
@@ -245,7 +246,12 @@ class FastKernel:
         padding: the caller builds them alike, e.g. ``hopper/launch.py``'s templates; their bases'
         alignment is the caller's to check). ``keep``: tensors among the other arguments are kept
         for every call (the caller keys the plan on those objects, e.g. a block mask's lists);
-        otherwise such a launch is not prepared."""
+        otherwise such a launch is not prepared.
+
+        ``vary``: positions (among the positional arguments after the first ``lead``) of ints that
+        each call may pass anew through :meth:`Prepared.go_vary` / :meth:`Prepared.call_vary`; the
+        caller keys the plan on their classes (:func:`int_classes`: what Triton specialises ints on),
+        so that the compiled kernel stays the one for them."""
         if not self.fast:
             return None
         try:
@@ -261,26 +267,30 @@ class FastKernel:
             return None
         if not keep and any(isinstance(a, torch.Tensor) for a in vals[lead:]):  # kept for later calls
             return None
+        if any(not 0 <= i < len(args) - lead or type(args[lead + i]) is not int for i in vary):
+            return None
         g = (*grid, 1, 1)[:3]
         return Prepared(self, grid, args[lead:], kwargs, compiled, device, g, lead,
                         [i for i, a in enumerate(head) if a is not None and i >= descs], vals[lead:],
-                        _direct(compiled, descs), descs)  # fmt: skip
+                        _direct(compiled, descs), descs, tuple(vary))  # fmt: skip
 
 
 class Prepared:
     """A launch prepared by :meth:`FastKernel.prepare`; call it with the leading arguments."""
 
     __slots__ = ("kernel", "grid", "args", "kwargs", "compiled", "device", "g", "lead", "tensors", "nones", "none_vals",
-                 "tail", "direct", "descs")
+                 "tail", "direct", "descs", "vary", "last_vary")
 
     def __init__(self, kernel, grid, args, kwargs, compiled, device, g, lead, tensors, tail, direct=None,
-                 descs=0) -> None:  # fmt: skip
+                 descs=0, vary=()) -> None:  # fmt: skip
         self.kernel, self.grid, self.args, self.kwargs = kernel, grid, args, kwargs
         self.compiled, self.device, self.g, self.lead, self.tail = compiled, device, g, lead, tail
         #: (launch, cooperative, pdl) of the C launcher, and with descriptors (make_tensordesc_arg,
         #: their metadata) (see _direct); or None
         self.direct = direct
         self.descs = descs  # the number of leading host TensorDescriptors
+        self.vary = vary  # positions in args / tail of the ints go_vary takes anew (see FastKernel.prepare)
+        self.last_vary: tuple = (None, None)  # go_vary's last (ints, tail)
         #: getters of the leading tensors and of the leading Nones (C-level gathers)
         self.tensors = _getter(tensors)
         nones = [i for i in range(descs, lead) if i not in tensors]
@@ -290,10 +300,32 @@ class Prepared:
         if not self.go(*head):
             self.kernel.launch(self.grid, head + self.args, self.kwargs)
 
-    def go(self, *head: Any) -> bool:
+    def go_vary(self, head: tuple, ints: tuple) -> bool:
+        """:meth:`go` with the ints at the positions ``vary`` (see :meth:`FastKernel.prepare`) replaced
+        by ``ints``, which must have the classes the caller keyed this launch on."""
+        last = self.last_vary
+        if last[0] is not ints:  # (a caller passes the same tuple again for the same ints)
+            tail = list(self.tail)
+            for i, x in zip(self.vary, ints, strict=True):
+                tail[i] = x
+            self.last_vary = last = (ints, tail)
+        return self.go(*head, tail=last[1])
+
+    def call_vary(self, head: tuple, ints: tuple) -> None:
+        """:meth:`__call__` with ``ints`` at the positions ``vary`` (see :meth:`go_vary`)."""
+        if not self.go_vary(head, ints):
+            args = list(self.args)
+            for i, x in zip(self.vary, ints, strict=True):
+                args[i] = x
+            self.kernel.launch(self.grid, head + tuple(args), self.kwargs)
+
+    def go(self, *head: Any, tail: Any = None) -> bool:
         """Launch through the compiled kernel's launcher if what the key read still holds (see
         :meth:`FastKernel.prepare`), and say whether it did; launches nothing otherwise (the caller
-        then takes :meth:`__call__` or its own slow path, e.g. with the device made current)."""
+        then takes :meth:`__call__` or its own slow path, e.g. with the device made current).
+        ``tail``: the prepared arguments after the leading ones (:meth:`go_vary`'s), else None."""
+        if tail is None:
+            tail = self.tail
         drv = triton.runtime.driver.active
         get = drv.get_current_device
         # torch.cuda.current_device() once CUDA is initialised is _cuda_getDevice() (its lazy-init check skipped)
@@ -311,17 +343,17 @@ class Prepared:
         c, g, d = self.compiled, self.g, self.direct
         if d is None:
             c.run(g[0], g[1], g[2], drv.get_current_stream(device), c.function, c.packed_metadata, None, None, None,
-                  *head, *self.tail)  # fmt: skip
+                  *head, *tail)  # fmt: skip
         elif self.descs:  # the descriptors expanded as the launcher's wrapper expands them (see _direct)
             n, mk = self.descs, d[3]
             x = []
             for a, m in zip(head[:n], d[4], strict=True):
                 x += mk(a, m)
             d[0](g[0], g[1], g[2], drv.get_current_stream(device), c.function, d[1], d[2], None, None,
-                 c.packed_metadata, None, None, None, *x, *head[n:], *self.tail)  # fmt: skip
+                 c.packed_metadata, None, None, None, *x, *head[n:], *tail)  # fmt: skip
         else:  # what CudaLauncher.__call__ would pass its C launcher (see _direct)
             d[0](g[0], g[1], g[2], drv.get_current_stream(device), c.function, d[1], d[2], None, None,
-                 c.packed_metadata, None, None, None, *head, *self.tail)  # fmt: skip
+                 c.packed_metadata, None, None, None, *head, *tail)  # fmt: skip
         self.kernel.fast_launches += 1
         return True
 
@@ -406,6 +438,11 @@ def _desc_key(d: Any) -> tuple:
 
 #: ints of a launch (a tuple of values) -> their classes (:func:`_arg_key`), shared by the kernels
 _INT_CLASSES: dict[tuple, tuple] = {}
+
+
+def int_classes(ints: tuple) -> tuple:
+    """What a launch's key reads of these ints (one class each: see :func:`_arg_key`)."""
+    return tuple([_INT_KEYS.get(a) or _arg_key(a) for a in ints])
 
 
 def _getter(idx: Any) -> Callable[[Any], tuple]:

@@ -17,7 +17,7 @@ from .. import base as _base
 from .._ints import cdiv, next_power_of_2
 from . import launch as _launch
 from .decode import _append_kernel, _decode_kernel, _merge_kernel
-from .fastlaunch import fast
+from .fastlaunch import fast, int_classes
 from .launch import _PLANS, PENDING, _keep_plan, _plannable, _sink_args, block_d, device_guard, score_scales, upcast
 
 _APPEND, _DECODE, _MERGE = fast(_append_kernel), fast(_decode_kernel), fast(_merge_kernel)
@@ -235,10 +235,11 @@ def lse_sink(dev: torch.device, shape: tuple, key: tuple | None | object = _ASK)
 def _plan_runner(out_shape, lse_shape, parts, groups, dtype, dev, pdec, pmerge):
     """A decode plan's prepared launches as one function of the per-call tensors. ``groups`` > 0:
     the pieces are merged in the decode kernel (``groups`` counters). ``want_lse`` False: the lse
-    goes to a kept buffer (:func:`lse_sink`; the caller drops it)."""
+    goes to a kept buffer (:func:`lse_sink`; the caller drops it). ``lens``: the ints at
+    :data:`_LEN_AT` of a length-free plan (:func:`_dense_runner`), else None."""
     empty, f32, token = torch.empty, torch.float32, object()
 
-    def run(q, k_cache, v_cache, table, seqlens, leftpad, err, key=_ASK, want_lse=True):
+    def run(q, k_cache, v_cache, table, seqlens, leftpad, err, key=_ASK, want_lse=True, lens=None):
         if key is _ASK:
             key = _scratch_key(dev)
         out = empty(out_shape, dtype=dtype, device=dev)
@@ -251,7 +252,11 @@ def _plan_runner(out_shape, lse_shape, parts, groups, dtype, dev, pdec, pmerge):
             o, lse, fin = out, lse_out, _NO_FINAL
         else:
             fin = (out, lse_out, cnt) if groups else _NO_FINAL
-        if not pdec.go(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, *fin):
+        if lens is not None:  # a length-free plan (_dense_runner): the ints that follow the key length
+            if not pdec.go_vary((q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, *fin), lens):
+                with device_guard(dev):
+                    pdec.call_vary((q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, *fin), lens)
+        elif not pdec.go(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, *fin):
             with device_guard(dev):
                 pdec(q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, *fin)
         if pmerge is not None and not pmerge.go(o, lse, out, lse_out):
@@ -310,6 +315,25 @@ def _wrap_offer(inputs: tuple, outputs: tuple) -> object | None:
     if got is not None:
         offers.pop()
     return got
+
+
+def _pieces(q: torch.Tensor, bd: int, config: tuple[int, int, int], programs: int, max_keys: int, gather: bool,
+            num_splits: int = 0) -> tuple[int, int]:
+    """``(splits, chunk)``: key pieces per row and whole key blocks per piece (see
+    :func:`choose_splits`; ``num_splits`` > 0: the caller's count)."""
+    block_n, num_warps, num_stages = config
+    if num_splits > 0:
+        splits = num_splits
+    elif q.is_cuda:
+        info = _device.info(q.device)
+        per_sm = max(1, min(info.smem_per_sm // (2 * block_n * bd * q.element_size() * max(num_stages, 1)),
+                            64 // num_warps))  # fmt: skip
+        splits = choose_splits(programs, max_keys, block_n, info.sm_count * per_sm, 8 if gather else 0,
+                               256 if gather else 128)  # fmt: skip
+    else:
+        splits = 1
+    chunk = cdiv(cdiv(max_keys, splits), block_n) * block_n  # whole key blocks per piece
+    return cdiv(max_keys, chunk), chunk
 
 
 def _config(D: int, kv_mode: int, max_keys: int, interp: bool) -> tuple[int, int, int]:
@@ -389,6 +413,7 @@ def decode(
     rotary: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
     rotary_along: bool = False,
     config: tuple[int, int, int] | None = None,
+    grow: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q (B, Sq, H, D)`` over the cache; returns (out like q with v_cache's head dim,
     lse (B, H, Sq) fp32).
@@ -402,17 +427,19 @@ def decode(
     give NaN rows; nothing is read out of bounds. ``rotary = (cos, sin, interleaved)``: q is
     rotated on load to position ``seqlens`` (+ its index when ``rotary_along``: causal or local,
     :meth:`flashtile.spec.KVCache.rotary_along`).
-    ``config``: (BLOCK_N, num_warps, num_stages).
+    ``config``: (BLOCK_N, num_warps, num_stages). ``grow``: the plan key of a dense runner's
+    ``any_length`` (a dense call, ``seqlens`` None; see :func:`_dense_runner`): the launch is planned under it, with the ints that
+    follow the key length (:data:`_LEN_AT`) passed anew by each call of the plan.
     """
     dev = q.device
     sk = _scratch_key(dev)  # (None while the stream is captured into a CUDA graph)
     fuse = FUSED_MERGE  # split pieces merged in the decode kernel
     key = None
-    if config is None and rotary is None:
+    if config is None and rotary is None and grow is None:
         key = ("decode", id(call), q.dtype, k_cache.dtype, v_cache.dtype, dev, q.shape, q.stride(), k_cache.shape,
                k_cache.stride(), v_cache.shape, v_cache.stride(),
-               None if table is None else (table.shape, table.stride()), leftpad is None, sn, capacity, n_index,
-               dense, num_splits, rotary_along, fuse)  # fmt: skip
+               None if table is None else (table.shape, table.stride()), leftpad is None, seqlens is None, sn,
+               capacity, n_index, dense, num_splits, rotary_along, fuse)  # fmt: skip
         plan = _PLANS.get(key)
         if plan is not None and plan[0] is call:
             _, out_shape, lse_shape, parts, groups, dec, merge, preps = plan
@@ -457,18 +484,7 @@ def decode(
     row_blocks = cdiv(Sq * G, block_m)
     max_keys = max(capacity, 1)
     programs = B * Hk * row_blocks
-    if num_splits > 0:
-        splits = num_splits
-    elif q.is_cuda:
-        info = _device.info(dev)
-        sms, smem = info.sm_count, info.smem_per_sm
-        per_sm = max(1, min(smem // (2 * block_n * bd * q.element_size() * max(num_stages, 1)), 64 // num_warps))
-        gather = kv_mode == 2
-        splits = choose_splits(programs, max_keys, block_n, sms * per_sm, 8 if gather else 0, 256 if gather else 128)
-    else:
-        splits = 1
-    chunk = cdiv(cdiv(max_keys, splits), block_n) * block_n  # whole key blocks per piece
-    splits = cdiv(max_keys, chunk)
+    splits, chunk = _pieces(q, bd, (block_n, num_warps, num_stages), programs, max_keys, kv_mode == 2, num_splits)
     out = torch.empty((B, Sq, H, Dv), dtype=q.dtype, device=dev)
     lse_out = torch.empty((B, H, Sq), dtype=torch.float32, device=dev)
     fuse = fuse and splits > 1 and programs >= FUSE_MIN_GROUPS
@@ -525,6 +541,15 @@ def decode(
                         *dec[1], **dec[2])  # fmt: skip
         if merge is not None:
             _MERGE[merge[0]](o, lse, out, lse_out, *merge[1], **merge[2])
+    if grow is not None and _plannable(call) and grow[2:4] == ((block_n, num_warps, num_stages), splits) and \
+            tuple(dec[1][i] for i in _LEN_AT) == (*ks[:3], *vs[:3], capacity, page, chunk):  # (as the runner keyed it)
+        dec_args = (q, k_cache, v_cache, table, seqlens, leftpad, None, o, lse, err, *fin, None, None, *dec[1])
+        pdec = _DECODE.prepare(dec[0], dec_args, dec[2], 13, vary=tuple(2 + i for i in _LEN_AT))  # (after COS, SIN)
+        pmerge = None if merge is None else _MERGE.prepare(merge[0], (o, lse, out, lse_out, *merge[1]), merge[2], 4)
+        if pdec is not None and (merge is None or pmerge is not None):
+            parts = None if splits == 1 else (tuple(o.shape), tuple(lse.shape))
+            _keep_plan(grow, (call, _plan_runner(tuple(out.shape), tuple(lse_out.shape), parts, groups, q.dtype, dev,
+                                                 pdec, pmerge)))  # fmt: skip
     if key is not None and _plannable(call):
         parts = None if splits == 1 else (tuple(o.shape), tuple(lse.shape))
         _keep_plan(key, (call, tuple(out.shape), tuple(lse_out.shape), parts, groups, dec, merge, PENDING))
@@ -613,29 +638,73 @@ def _kv_runner(run, cache: KVCache, along: bool, tensor_lens: bool):
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
     """A decode-shaped forward (few query rows per KV head) over dense ``k, v (B, Sk, Hk, D)``,
-    each batch row's keys all of its ``Sk``: same semantics as the forward kernel (bottom-right
-    causal alignment)."""
+    each batch row's keys all of its ``Sk`` (>= 1): same semantics as the forward kernel
+    (bottom-right causal alignment). Offers the entry points a runner of this signature whose
+    ``any_length`` serves it at any key length (see :func:`_dense_runner`)."""
     B, Sk = k.shape[0], k.shape[1]
-    seqlens = lens_vector(q.device, B, Sk)
     err = error_flag(q.device)
-    out, lse = decode(q, k, v, None, seqlens, None, call, sn=0, capacity=Sk, n_index=B, dense=True, err=err)
+    out, lse = decode(q, k, v, None, None, None, call, sn=0, capacity=Sk, n_index=B, dense=True, err=err)
     if _base.OFFERS is not None:
-        run = _wrap_offer((q, k, v, None, seqlens, None, err), (out, lse))
-        if run is not None:
-            _base.OFFERS.append(((q, k, v), (out, lse), _dense_runner(run, B, Sk)))
+        run = _wrap_offer((q, k, v, None, None, None, err), (out, lse))
+        _base.OFFERS.append(((q, k, v), (out, lse), _dense_runner(run, call, q, k, v)))
     return out, lse
 
 
-def _dense_runner(run, b: int, sk: int):
-    """:func:`dense`'s runner (see :data:`flashtile.backends.base.OFFERS`): ``runner(q, k, v,
-    want_lse=True)``."""
-    epoch = _launch._EPOCH
+#: Positions in a decode launch's ints (``dec[1]`` in :func:`decode`) of those that follow a dense
+#: call's key length: k's and v's three leading strides, ``capacity``, ``page``, ``chunk``.
+_LEN_AT = (3, 4, 5, 6, 7, 8, 27, 29, 30)
 
-    def go(q, k, v, want_lse=True):
+
+def _dense_runner(run, call: AttnCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """:func:`dense`'s runner for calls of the signature of ``q, k, v`` (see
+    :data:`flashtile.backends.base.OFFERS`): ``runner(q, k, v, want_lse=True)`` through the shape's
+    planned launch ``run``, or (None) through ``any_length``.
+
+    ``runner.any_length(q, k, v, want_lse=True)``: the same for k / v of any length >= 1 (issue 16):
+    decode-shaped calls whose keys grow by one every call (a ``torch.cat`` KV cache: Hugging Face's
+    dynamic cache, a user's own generation loop) would otherwise plan a launch per length. Its
+    plans are keyed by what decides the launch besides the signature: the tile config and the number
+    of key pieces this length gets, and the classes Triton specialises the length-dependent ints on
+    (:data:`_LEN_AT`: == 1, multiple of 16, width); their prepared launch takes those ints anew each
+    call (``fastlaunch.Prepared.go_vary``). A class met for the first time plans through
+    :func:`decode`; a call of the previous call's length and strides reuses what that one computed."""
+    epoch = _launch._EPOCH
+    dev, B, Hk, D = q.device, k.shape[0], k.shape[2], k.shape[3]
+    G = q.shape[2] // Hk
+    interp = _interpret()
+    programs = B * Hk * cdiv(q.shape[1] * G, 16 if q.shape[1] * G <= 16 else (32 if interp else 64))  # (decode's)
+    bd, token = block_d(D), object()
+    last: list = [-1]  # the previous call's (length, k strides, v strides, ints, plan)
+
+    def any_length(q, k, v, want_lse=True):
         if _launch._EPOCH is not epoch:
             return None
-        dev = q.device
-        key = _scratch_key(dev)
-        return run(q, k, v, None, lens_vector(dev, b, sk, key), None, _flag(dev, key), key, want_lse)
+        Sk, ks, vs = k.shape[1], k.stride(), v.stride()
+        if Sk == last[0] and ks == last[1] and vs == last[2]:
+            lens, plan = last[3], last[4]
+        else:
+            cfg = _config(D, 0, Sk, interp)
+            splits, chunk = _pieces(q, bd, cfg, programs, Sk, False)
+            lens = (ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], Sk, Sk, chunk)
+            key = ("grow", token, cfg, splits, int_classes(lens))
+            plan = _PLANS.get(key)
+            if plan is None:
+                return decode(q, k, v, None, None, None, call, sn=0, capacity=Sk, n_index=B, dense=True,
+                              err=error_flag(dev), grow=key)  # fmt: skip
+            plan = plan[1]
+            last[:] = Sk, ks, vs, lens, plan
+        sk = _scratch_key(dev)
+        return plan(q, k, v, None, None, None, _flag(dev, sk), sk, want_lse, lens)
 
+    if run is None:
+        go = any_length
+    else:
+
+        def go(q, k, v, want_lse=True):
+            if _launch._EPOCH is not epoch:
+                return None
+            key = _scratch_key(dev)
+            return run(q, k, v, None, None, None, _flag(dev, key), key, want_lse)
+
+    go.any_length = any_length
     return go
