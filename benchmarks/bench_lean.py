@@ -534,7 +534,7 @@ def first_calls() -> dict:
 
 
 def hf_generate(
-    new_tokens: int = 128, prompt: int = 1024, layers: int = 8, hidden: int = 2048, rounds: int = 5,
+    new_tokens: int = 128, prompt: int = 1024, layers: int = 8, hidden: int = 2048, rounds: int = 9,
     profile: bool = False,
 ) -> dict | None:
     try:
@@ -574,8 +574,9 @@ def hf_generate(
             res[impl] = None
     # the host's speed drifts within a run (stop 23: eager 76 -> 92 tokens/s between runs): the
     # implementations take turns, `rounds` times each, and the median is reported
-    for _ in range(rounds):
-        for impl, model in models.items():
+    order = list(models.items())
+    for r in range(rounds):  # the order rotates every round (the host's speed drifts within a round too)
+        for impl, model in order[r % len(order) :] + order[: r % len(order)]:
             with torch.no_grad():
                 _sync()
                 t = time.perf_counter()
@@ -589,6 +590,9 @@ def hf_generate(
         res[impl] = new_tokens / statistics.median(ts)
         res[f"{impl}_rounds"] = [round(new_tokens / t, 1) for t in ts]
         res[f"{impl}_best"] = new_tokens / min(ts)  # (a host-bound loop on a host whose speed drifts)
+    if "flashtile" in times and "sdpa" in times:  # paired per round: the drift between rounds cancels
+        pairs = zip(times["flashtile"], times["sdpa"], strict=True)
+        res["flashtile_over_sdpa"] = statistics.median(s / f for f, s in pairs)  # (tokens/s ratio of one round)
     if profile and "flashtile" in models:  # where a generated token's host time goes (cProfile, top 25)
         import cProfile
         import io

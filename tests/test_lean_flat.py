@@ -629,3 +629,41 @@ def test_fused_merge_threshold(fakes, monkeypatch):
         n = len(fakes.log)
         flashtile.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=250, num_splits=3)
         assert [e[0] for e in fakes.log[n:]] == ["_DECODE"]
+
+
+def _splits_by_keys(programs, max_keys, block_n, slots, waves, min_keys=256):
+    """choose_splits as first written (a loop in keys), the reference of its memoised form."""
+
+    def cdiv(a, b):
+        return (a + b - 1) // b
+
+    if programs >= slots:
+        return 1
+    max_keys = max(max_keys, 1)
+    top = max(1, min(64, cdiv(max_keys, min_keys)))
+    splits = 1
+    for want in range(1, top + 1):
+        chunk = cdiv(cdiv(max_keys, want), block_n) * block_n
+        splits = cdiv(max_keys, chunk)
+        total = programs * splits
+        if total >= waves * slots and total / (slots * cdiv(total, slots)) >= 0.95:
+            break
+    return splits
+
+
+def test_choose_splits_counts_key_blocks():
+    import random
+
+    rng = random.Random(0)
+    lengths = (1, 15, 16, 17, 127, 128, 129, 1000, 8192, 33333)
+    cases = [(p, m, bn, slots, w, mk) for p in (1, 8, 64, 300) for m in lengths for bn in (16, 64, 128)
+             for slots in (132, 264) for w in (0, 8) for mk in (128, 256)]  # fmt: skip
+    cases += [(rng.randint(1, 400), rng.randint(1, 200000), rng.choice((16, 32, 64, 128)), rng.choice((132, 396)),
+               rng.choice((0, 4, 8)), rng.choice((100, 128, 256))) for _ in range(3000)]  # fmt: skip
+    for c in cases:
+        assert launch_decode.choose_splits(*c) == _splits_by_keys(*c), c
+
+
+def test_int_classes_are_the_launch_keys():
+    ints = (0, 1, 2, 15, 16, 17, 32, -16, -1, 2**31 - 16, 2**31, 2**31 + 16, -(2**31), 2**63 - 1, 2**63, 2**64)
+    assert fastlaunch.int_classes(ints) == tuple(fastlaunch._int_key(a) for a in ints)

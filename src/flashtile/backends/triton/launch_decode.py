@@ -27,7 +27,6 @@ def _interpret() -> bool:
     return type(_decode_kernel).__name__ == "InterpretedFunction"
 
 
-@functools.lru_cache(maxsize=4096)
 def choose_splits(programs: int, max_keys: int, block_n: int, slots: int, waves: int, min_keys: int = 256) -> int:
     """Key pieces per row. None when ``programs`` (batch x KV heads x row blocks) already fill
     the ``slots`` (SMs x programs resident per SM). Else the fewest pieces whose programs make
@@ -35,14 +34,22 @@ def choose_splits(programs: int, max_keys: int, block_n: int, slots: int, waves:
     each piece at least ``min_keys`` keys, at most 64 pieces. H200 sweep (benchmarks/NOTES.md,
     "Decode"): reading whole key blocks is fastest with one well-filled wave (``waves=0``) and
     pieces down to 128 keys, gathering a block id per key with about eight (``waves=8``) and
-    pieces of at least 256."""
+    pieces of at least 256. A function of the number of key blocks (memoised on it: calls whose
+    keys grow by one share it for a whole block)."""
     if programs >= slots:
         return 1
     max_keys = max(max_keys, 1)
-    top = max(1, min(64, cdiv(max_keys, min_keys)))
+    return _split_count(programs, cdiv(max_keys, block_n), max(1, min(64, cdiv(max_keys, min_keys))), slots, waves)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_count(programs: int, blocks: int, top: int, slots: int, waves: int) -> int:
+    """:func:`choose_splits` over ``blocks`` key blocks, trying 1 .. ``top`` pieces: ``want`` pieces
+    of ``cdiv(blocks, want)`` blocks each make ``cdiv(blocks, that)`` pieces (the same counts as in
+    keys: ``cdiv(cdiv(m, a), b) == cdiv(m, a * b)``)."""
     splits = 1
     for want in range(1, top + 1):
-        splits = cdiv(max_keys, cdiv(cdiv(max_keys, want), block_n) * block_n)
+        splits = cdiv(blocks, cdiv(blocks, want))
         total = programs * splits
         if total >= waves * slots and total / (slots * cdiv(total, slots)) >= 0.95:
             break
