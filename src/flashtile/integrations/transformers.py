@@ -193,7 +193,8 @@ def flashtile_attention_forward(
         )
     b, h, sq, d = query.shape  # v's head dim may differ (DeepSeek's MLA: 192 / 128): served as it is, never padded
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (b, s, heads, d)
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # (transposes of contiguous tensors: never)
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = (-1, -1)
