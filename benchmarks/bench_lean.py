@@ -354,34 +354,40 @@ def small_calls(calls: int, repeats: int) -> list[dict]:
                          ("fwd+bwd", ft_fb, sd_fb)):  # fmt: skip
         row = dict(call=f"flash_attn_func b1 s128 h8 d64 causal, {mode}")
         row["flashtile"] = per_call_us(ft, calls, repeats)
-        for name, be in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_cudnn", "CUDNN_ATTENTION")):
-            try:
-                with _sdpa(be):
-                    row[name] = per_call_us(sd, calls, repeats)
-            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
-                row[name] = None
-                print(f"  {name} {mode}: {type(e).__name__}: {str(e)[:120]}")
-        rows.append(row)
+        rows.append(_sdpa_peers(row, sd, calls, repeats, mode))
     return rows
+
+
+def _sdpa_peers(row: dict, sd, calls: int, repeats: int, label: str) -> dict:
+    """``row`` with SDPA flash's and cuDNN's per-call times of ``sd`` (None where one cannot run)."""
+    for name, be in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_cudnn", "CUDNN_ATTENTION")):
+        try:
+            with _sdpa(be):
+                row[name] = per_call_us(sd, calls, repeats)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
+            row[name] = None
+            print(f"  {name} {label}: {type(e).__name__}: {str(e)[:120]}")
+    return row
 
 
 def decode_calls(calls: int, repeats: int) -> list[dict]:
     return [row for b in (1, 8) for row in _decode_rows(b, calls, repeats)] + [_growing_row(calls, repeats)]
 
 
-def _growing_row(calls: int, repeats: int, lengths: int = 512) -> dict:
-    """Decode-shaped ``flash_attn_func`` calls whose keys grow by one every call, in Hugging Face's
-    dynamic-cache layout (a fresh ``(b, hk, s, d)`` tensor per step, transposed: new strides every
-    step): ``lengths`` distinct lengths from the cache size on, taken in turn (more than the flat
-    path's 256 signatures, so no call finds its exact shape kept). SDPA gets the same tensors."""
+def growing_calls(b: int, h: int, hk: int, d: int, n0: int, lengths: int = 512, device=None, dtype=None):
+    """``(flashtile call, SDPA call)``, each a function of no argument: decode-shaped attention of one
+    query over keys that grow by one every call, in Hugging Face's dynamic-cache layout (a fresh
+    ``(b, hk, s, d)`` tensor per step, transposed for flashtile: new strides every step), ``lengths``
+    distinct lengths from ``n0`` on, taken in turn (more than the flat path's 256 signatures, so no
+    call finds its exact shape kept); SDPA (``enable_gqa``) gets the same tensors."""
     import torch.nn.functional as F
 
     import flashtile
 
-    h, hk, d, n0 = 32, 8, 128, CACHE
+    device, dtype = device or DEV, dtype or DT
     torch.manual_seed(0)
-    kv = [tuple(torch.randn(1, hk, n0 + i, d, device=DEV, dtype=DT) for _ in range(2)) for i in range(lengths)]
-    q = torch.randn(1, h, 1, d, device=DEV, dtype=DT)
+    kv = [tuple(torch.randn(b, hk, n0 + i, d, device=device, dtype=dtype) for _ in range(2)) for i in range(lengths)]
+    q = torch.randn(b, h, 1, d, device=device, dtype=dtype)
     qf = q.transpose(1, 2)
     step = [0]
 
@@ -397,16 +403,16 @@ def _growing_row(calls: int, repeats: int, lengths: int = 512) -> dict:
         k, v = nxt()
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
-    row = dict(call=f"flash_attn_func decode-shaped b1 h32/8 d128, keys growing per call from {n0 // 1024}k, HF layout")
+    return ft, sd
+
+
+def _growing_row(calls: int, repeats: int) -> dict:
+    """:func:`growing_calls` at b1 h32/8 d128 from the decode rows' cache size."""
+    ft, sd = growing_calls(1, 32, 8, 128, CACHE)
+    row = dict(call=f"flash_attn_func decode-shaped b1 h32/8 d128, keys growing per call from {CACHE // 1024}k, HF "
+                    "layout")
     row["flashtile"] = per_call_us(ft, calls, repeats)
-    for name, be in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_cudnn", "CUDNN_ATTENTION")):
-        try:
-            with _sdpa(be):
-                row[name] = per_call_us(sd, calls, repeats)
-        except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
-            row[name] = None
-            print(f"  {name} growing: {type(e).__name__}: {str(e)[:100]}")
-    return row
+    return _sdpa_peers(row, sd, calls, repeats, "growing")
 
 
 def _decode_rows(b: int, calls: int, repeats: int) -> list[dict]:

@@ -25,7 +25,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 PROFILE = False
 
@@ -62,31 +61,17 @@ def _device_us(fn, calls: int) -> float:
 
 
 def case(b: int, h: int, hk: int, d: int, n0: int, calls: int, repeats: int, lengths: int = 512) -> dict:
+    from bench_lean import growing_calls  # (this script's folder is on sys.path)
+
     import flashtile
 
-    dt = torch.bfloat16
-    torch.manual_seed(0)
-    kv = [tuple(torch.randn(b, hk, n0 + i, d, device="cuda", dtype=dt) for _ in range(2)) for i in range(lengths)]
-    q = torch.randn(b, h, 1, d, device="cuda", dtype=dt)
-    qf = q.transpose(1, 2)
-    step = [0]
-
-    def nxt():
-        step[0] = (step[0] + 1) % lengths
-        return kv[step[0]]
-
-    def ft():
-        k, v = nxt()
-        return flashtile.flash_attn_func(qf, k.transpose(1, 2), v.transpose(1, 2), causal=True)
-
-    kf, vf = (x.transpose(1, 2) for x in kv[0])
+    ft, sd = growing_calls(b, h, hk, d, n0, lengths, device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    qf = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16)
+    kf, vf = (torch.randn(b, n0, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 
     def ft_fixed():
         return flashtile.flash_attn_func(qf, kf, vf, causal=True)
-
-    def sd():
-        k, v = nxt()
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
