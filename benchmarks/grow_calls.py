@@ -47,17 +47,11 @@ def _loop(fn, calls: int, repeats: int) -> tuple[float, float]:
 
 
 def _device_us(fn, calls: int) -> float:
-    from torch.profiler import ProfilerActivity, profile
+    from hopper_bwd_run import _kernel_times  # (this script's folder is on sys.path)
 
     for _ in range(10):
         fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    total = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
-    return total / calls
+    return sum(t for _, t in _kernel_times(fn, calls))
 
 
 def case(b: int, h: int, hk: int, d: int, n0: int, calls: int, repeats: int, lengths: int = 512) -> dict:
