@@ -279,7 +279,7 @@ class Prepared:
     """A launch prepared by :meth:`FastKernel.prepare`; call it with the leading arguments."""
 
     __slots__ = ("kernel", "grid", "args", "kwargs", "compiled", "device", "g", "lead", "tensors", "nones", "none_vals",
-                 "tail", "direct", "descs", "vary", "last_vary")
+                 "tail", "direct", "descs", "vary", "vary_get", "last_vary")
 
     def __init__(self, kernel, grid, args, kwargs, compiled, device, g, lead, tensors, tail, direct=None,
                  descs=0, vary=()) -> None:  # fmt: skip
@@ -291,6 +291,10 @@ class Prepared:
         self.descs = descs  # the number of leading host TensorDescriptors
         self.vary = vary  # positions in args / tail of the ints go_vary takes anew (see FastKernel.prepare)
         self.last_vary: tuple = (None, None)  # go_vary's last (ints, tail)
+        at = list(range(len(tail)))  # the tail with the ints at `vary` taken from after it (tail + ints)
+        for j, i in enumerate(vary):
+            at[i] = len(tail) + j
+        self.vary_get = _getter(at)
         #: getters of the leading tensors and of the leading Nones (C-level gathers)
         self.tensors = _getter(tensors)
         nones = [i for i in range(descs, lead) if i not in tensors]
@@ -305,10 +309,7 @@ class Prepared:
         by ``ints``, which must have the classes the caller keyed this launch on."""
         last = self.last_vary
         if last[0] is not ints:  # (a caller passes the same tuple again for the same ints)
-            tail = list(self.tail)
-            for i, x in zip(self.vary, ints, strict=True):
-                tail[i] = x
-            self.last_vary = last = (ints, tail)
+            self.last_vary = last = (ints, self.vary_get(self.tail + ints))  # (one C-level gather)
         return self.go(*head, tail=last[1])
 
     def call_vary(self, head: tuple, ints: tuple) -> None:
