@@ -435,8 +435,9 @@ def decode(
     rotated on load to position ``seqlens`` (+ its index when ``rotary_along``: causal or local,
     :meth:`flashtile.spec.KVCache.rotary_along`).
     ``config``: (BLOCK_N, num_warps, num_stages). ``grow``: the plan key of a dense runner's
-    ``any_length`` (a dense call, ``seqlens`` None; see :func:`_dense_runner`): the launch is planned under it, with the ints that
-    follow the key length (:data:`_LEN_AT`) passed anew by each call of the plan.
+    ``any_length`` (a dense call, ``seqlens`` None; see :func:`_dense_runner`): the launch is
+    planned under it, the ints that follow the key length (:data:`_LEN_AT`) passed anew by each
+    call of the plan.
     """
     dev = q.device
     sk = _scratch_key(dev)  # (None while the stream is captured into a CUDA graph)
@@ -681,14 +682,15 @@ def _dense_runner(run, call: AttnCall, q: torch.Tensor, k: torch.Tensor, v: torc
     interp = _interpret()
     programs = B * Hk * cdiv(q.shape[1] * G, 16 if q.shape[1] * G <= 16 else (32 if interp else 64))  # (decode's)
     bd, token = block_d(D), object()
-    last: list = [-1]  # the previous call's (length, k strides, v strides, ints, plan)
+    last = [(-1, None, None, None, None)]  # the previous call's (length, k / v strides, ints, plan): one tuple
 
     def any_length(q, k, v, want_lse=True):
         if _launch._EPOCH is not epoch:
             return None
         Sk, ks, vs = k.shape[1], k.stride(), v.stride()
-        if Sk == last[0] and ks == last[1] and vs == last[2]:
-            lens, plan = last[3], last[4]
+        prev = last[0]  # (read once: another thread may replace it)
+        if Sk == prev[0] and ks == prev[1] and vs == prev[2]:
+            lens, plan = prev[3], prev[4]
         else:
             cfg = _config(D, 0, Sk, interp)
             splits, chunk = _pieces(q, bd, cfg, programs, Sk, False)
@@ -699,7 +701,7 @@ def _dense_runner(run, call: AttnCall, q: torch.Tensor, k: torch.Tensor, v: torc
                 return decode(q, k, v, None, None, None, call, sn=0, capacity=Sk, n_index=B, dense=True,
                               err=error_flag(dev), grow=key)  # fmt: skip
             plan = plan[1]
-            last[:] = Sk, ks, vs, lens, plan
+            last[0] = (Sk, ks, vs, lens, plan)
         sk = _scratch_key(dev)
         return plan(q, k, v, None, None, None, _flag(dev, sk), sk, want_lse, lens)
 
