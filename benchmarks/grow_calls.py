@@ -26,8 +26,6 @@ import time
 
 import torch
 
-PROFILE = False
-
 
 def _loop(fn, calls: int, repeats: int) -> tuple[float, float]:
     for _ in range(30):
@@ -54,7 +52,8 @@ def _device_us(fn, calls: int) -> float:
     return sum(t for _, t in _kernel_times(fn, calls))
 
 
-def case(b: int, h: int, hk: int, d: int, n0: int, calls: int, repeats: int, lengths: int = 512) -> dict:
+def case(b: int, h: int, hk: int, d: int, n0: int, calls: int, repeats: int, lengths: int = 512,
+         profile: bool = False) -> dict:
     from bench_lean import growing_calls  # (this script's folder is on sys.path)
 
     import flashtile
@@ -69,23 +68,11 @@ def case(b: int, h: int, hk: int, d: int, n0: int, calls: int, repeats: int, len
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if PROFILE:  # where flashtile's host time goes with growing keys (cProfile, own time per call)
-        import cProfile
-        import pstats
+    if profile:  # where flashtile's host time goes with growing keys (host_profile_gpu's cProfile table)
+        from host_profile_gpu import _profile  # (this script's folder is on sys.path)
 
         with torch.no_grad():
-            for _ in range(50):
-                ft()
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(calls):
-                ft()
-            pr.disable()
-        rows = sorted(((tt, ct, nc, f"{os.path.basename(fn)}:{ln}:{name}") for (fn, ln, name), (_c, nc, tt, ct, _)
-                       in pstats.Stats(pr).stats.items()), reverse=True)[:22]  # fmt: skip
-        print(f"  cProfile, b{b} h{h}/{hk} from {n0}: own us / cumulative us / calls, per call")
-        for tt, ct, nc, f in rows:
-            print(f"    {tt / calls * 1e6:7.2f} {ct / calls * 1e6:7.2f} {nc / calls:5.1f}  {f}")
+            _profile(f"flashtile, keys growing, b{b} h{h}/{hk} from {n0}", ft, calls, 22)
 
     row = dict(shape=f"b{b} h{h}/{hk} d{d}, keys from {n0}")
     with torch.no_grad():
@@ -114,11 +101,10 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also a cProfile of flashtile's growing calls")
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     args = ap.parse_args()
-    global PROFILE
-    PROFILE = args.profile
     import triton
 
-    rows = [case(1, 16, 4, 128, 1024, args.calls, args.repeats), case(1, 32, 8, 128, 8192, args.calls, args.repeats)]
+    rows = [case(1, 16, 4, 128, 1024, args.calls, args.repeats, profile=args.profile),
+            case(1, 32, 8, 128, 8192, args.calls, args.repeats, profile=args.profile)]
     meta = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), gpu=torch.cuda.get_device_name(),
                 torch=torch.__version__, triton=triton.__version__)  # fmt: skip
     os.makedirs(args.out, exist_ok=True)

@@ -442,9 +442,8 @@ _INT_CLASSES: dict[tuple, tuple] = {}
 
 
 def int_classes(ints: tuple) -> tuple:
-    """What a launch's key reads of these ints (one class each: :func:`_int_key`'s, inlined)."""
-    return tuple([(0 if a == 1 else 1 if not a & 15 else 2) + (0 if -_INT32 <= a < _INT32 else
-                  3 if -(1 << 63) <= a < (1 << 63) else 6) for a in ints])  # fmt: skip
+    """What a launch's key reads of these ints (one class each: :func:`_int_key`)."""
+    return tuple(map(_int_key, ints))
 
 
 def _getter(idx: Any) -> Callable[[Any], tuple]:

@@ -324,6 +324,11 @@ def _wrap_offer(inputs: tuple, outputs: tuple) -> object | None:
     return got
 
 
+def _block_m(rows: int, interp: bool) -> int:
+    """Packed query rows (``seqlen_q x`` GQA group) per decode program."""
+    return 16 if rows <= 16 else (32 if interp else 64)
+
+
 def _pieces(q: torch.Tensor, bd: int, config: tuple[int, int, int], programs: int, max_keys: int, gather: bool,
             num_splits: int = 0) -> tuple[int, int]:
     """``(splits, chunk)``: key pieces per row and whole key blocks per piece (see
@@ -487,7 +492,7 @@ def decode(
     kv_mode = 0 if dense else (1 if leftpad is None and page % block_n == 0 else 2)
     if kv_mode == 2:
         block_n, num_warps, num_stages = config or _config(D, 2, capacity, interp)
-    block_m = 16 if Sq * G <= 16 else (32 if interp else 64)
+    block_m = _block_m(Sq * G, interp)
     bd, bdv = block_d(D), block_d(Dv)
     row_blocks = cdiv(Sq * G, block_m)
     max_keys = max(capacity, 1)
@@ -680,7 +685,7 @@ def _dense_runner(run, call: AttnCall, q: torch.Tensor, k: torch.Tensor, v: torc
     dev, B, Hk, D = q.device, k.shape[0], k.shape[2], k.shape[3]
     G = q.shape[2] // Hk
     interp = _interpret()
-    programs = B * Hk * cdiv(q.shape[1] * G, 16 if q.shape[1] * G <= 16 else (32 if interp else 64))  # (decode's)
+    programs = B * Hk * cdiv(q.shape[1] * G, _block_m(q.shape[1] * G, interp))  # (decode's programs)
     bd, token = block_d(D), object()
     last = [(-1, None, None, None, None)]  # the previous call's (length, k / v strides, ints, plan): one tuple
 
