@@ -21,8 +21,9 @@ other kernels are variants: ``--variant kernel=plain`` (step A), ``--variant ker
    ``triton.testing.do_bench`` medians. A short table last; JSON to ``$OUT`` when set.
 
 ``--variant`` (repeatable) adds hopper config variants (``HopperConfig`` fields, applied to every
-head dim, e.g. ``kernel=plain`` or ``block_n=64,num_stages=3``): each gets a quick correctness
-pass, then its own benchmark column. ``--quick``: a smaller correctness set and two benchmark
+head dim on top of the config a default call runs, e.g. ``kernel=plain`` or ``wait_fence=1``): each
+gets a quick correctness pass, then its own benchmark column. ``--full-bench`` with ``--quick``: the
+quick correctness set and the full grid; ``--no-triton``: no column for flashtile's triton backend. ``--quick``: a smaller correctness set and two benchmark
 cells. ``--keep-going``: a failing variant is reported and dropped, the others still run (exit
 code 1 at the end). A watchdog ends the process (exit code 3) if one case or benchmark cell runs
 longer than ``--case-timeout`` seconds (a hung kernel), naming it.
@@ -38,6 +39,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 
@@ -79,6 +81,7 @@ def watchdog(seconds: float, what: str):
 
 CASE_TIMEOUT = 180.0  # set from --case-timeout
 HEADDIMS: list[int] | None = None  # set from --headdim
+WITH_TRITON = True  # unset by --no-triton
 
 
 # ------------------------------------------------------------------------------------------
@@ -239,7 +242,8 @@ def run_correctness(quick: bool, config_overrides: dict | None = None, label: st
             ov = dict(config_overrides)
             if ov.pop("d", kw.get("d", 64)) != kw.get("d", 64):
                 continue  # a variant for another head dim
-            cfg = configs.config(kw.get("d", 64), **ov)
+            cfg = replace(configs.config_for(kw.get("d", 64), causal=bool(kw.get("causal")),
+                                             seqlen_q=kw.get("sq", 0)), **ov)  # as a default call's, overridden
             bad = configs.check(cfg, kw.get("d", 64))
             if bad:
                 log(f"SKIP [{label}] {name}: {bad}")
@@ -333,11 +337,13 @@ def _contenders(c: dict, variants) -> dict:
         ov = dict(ov)
         if ov.pop("d", d) != d:
             continue  # a variant for another head dim
-        cfg = configs.config(d, **ov) if ov else None
+        # the config a default call runs (head dim 64: its consumer count by length), with the overrides
+        cfg = replace(configs.config_for(d, causal=causal, seqlen_q=s), **ov) if ov else None
         if cfg is not None and configs.check(cfg, d):
             continue
         fns[f"hopper{label}"] = lambda cfg=cfg: hlaunch.forward(q, k, v, call, config=cfg)
-    fns["triton"] = lambda: tlaunch.forward(q, k, v, call)
+    if WITH_TRITON:
+        fns["triton"] = lambda: tlaunch.forward(q, k, v, call)
     if c["varlen"]:
         return fns
     # SDPA's (b, h, s, d) as views: no copy timed; GQA: K/V expanded beforehand (not timed)
@@ -398,9 +404,12 @@ def main() -> int:
     ap.add_argument("--keep-going", action="store_true", help="drop a failing variant instead of stopping")
     ap.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT, help="watchdog per case / cell (s)")
     ap.add_argument("--headdim", type=int, action="append", help="benchmark only cells of these head dims")
+    ap.add_argument("--full-bench", action="store_true", help="with --quick: the quick correctness set, the full grid")
+    ap.add_argument("--no-triton", action="store_true", help="leave flashtile's triton backend out of the benchmark")
     args = ap.parse_args()
     globals()["CASE_TIMEOUT"] = args.case_timeout
     globals()["HEADDIMS"] = args.headdim
+    globals()["WITH_TRITON"] = not args.no_triton
     hopper.SMALL_ROWS = 0  # the public-API check runs the Gluon kernel, not the small-call Triton route
     import triton
 
@@ -433,7 +442,7 @@ def main() -> int:
     if args.no_bench or not passed:
         return 1 if failed else 0
     variants = passed
-    rows = run_bench(args.quick, variants)
+    rows = run_bench(args.quick and not args.full_bench, variants)
     keys = ("b", "h", "hk", "s", "d", "causal", "varlen")
     names = list(dict.fromkeys(k for r in rows for k in r if k not in keys))
     print("\nTFLOP/s (bf16 forward; varlen rows: b sequences averaging s tokens)")

@@ -177,7 +177,8 @@ def compile_one(kernel: str, dtype: str, d: int, mask: str, varlen: bool, overri
     if not varlen:
         consts.update(CU_Q=None, CU_K=None)
     if cfg.kernel != "plain":
-        consts.update(CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers)
+        consts.update(CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers,
+                      WAIT_FENCE=bool(cfg.wait_fence))
     if cfg.kernel == "persistent":
         for key in ("CU_Q", "CU_K", "IS_VARLEN", "REVERSE_M"):
             sig.pop(key, None)
@@ -264,6 +265,7 @@ def compile_flex(dtype: str, d: int, variant: tuple, overrides: dict, dump: str 
                   MASK_MOD=getattr(K, mask), SCORE_MOD=getattr(K, score))  # fmt: skip
     if cfg.flex_prefetch:  # (off: left to the default, as hopper/flex.py's launch compiles the same kernel)
         consts["FLEX_PREFETCH"] = True
+    consts["WAIT_FENCE"] = bool(cfg.wait_fence)
     for k in consts:
         sig[k] = "constexpr"
     _defaults(fwd.attn_fwd_ws, sig, consts)
@@ -275,6 +277,28 @@ def compile_flex(dtype: str, d: int, variant: tuple, overrides: dict, dump: str 
         res["trace"] = str(e)
         return res
     return _analyse(k, res, name, dump)
+
+
+def pv_overlap(sass: str) -> tuple[int, int]:
+    """(key-block loops whose wait for the previous P V follows the softmax's exponentials, key-block
+    loops) of a forward kernel's SASS. A key-block loop: an innermost loop with at least 32
+    ``MUFU.EX2`` and a wgmma with a register A operand (P V). The wait: its ``WARPGROUP.DEPBAR.LE
+    gsb0, 0x0``; placed before the last exponentials it serialises P V with the softmax (ptxas
+    hoists it: see ``fwd._wait_fence``)."""
+    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+    loops = [(int(m.group(1), 16), a) for a, t in ins
+             for m in [re.search(r"\bBRA\s+0x([0-9a-f]+)", t)] if m and int(m.group(1), 16) < a]
+    inner = [(lo, hi) for lo, hi in loops if not any(lo <= x < y <= hi and (x, y) != (lo, hi) for x, y in loops)]
+    n = good = 0
+    for lo, hi in inner:
+        body = [t for a, t in ins if lo <= a <= hi]
+        mufu = [i for i, t in enumerate(body) if "MUFU.EX2" in t]
+        if len(mufu) < 32 or not any(re.search(r"[HQ]GMMA\.\S+ R\d+, R\d+,", t) for t in body):
+            continue
+        n += 1
+        dep = [i for i, t in enumerate(body) if re.search(r"DEPBAR\.LE\s+gsb0,\s*0x0", t)]
+        good += bool(dep) and min(dep) > mufu[-3]
+    return good, n
 
 
 def _analyse(k, res: dict, name: str, dump: str | None) -> dict:
@@ -293,6 +317,7 @@ def _analyse(k, res: dict, name: str, dump: str | None) -> dict:
     regs = re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"])
     res["setmaxnreg"] = sorted({int(x) for x in regs})
     res["boxes"] = sorted({tuple(t["block_size"]) for t in (k.metadata.tensordesc_meta or [])})
+    res["pv"] = pv_overlap(sass)
     res["ok"] = (res["n_hgmma"] > 0 and res["utmaldg"] > 0 and res["spill"] == (0, 0) and res["local"] == 0
                  and not res["ptxas_notes"])  # fmt: skip
     if dump:
@@ -482,6 +507,8 @@ def main() -> int:
             boxes = " ".join("x".join(map(str, b)) for b in r["boxes"])
             if r["setmaxnreg"]:
                 boxes += f"  setmaxnreg {'/'.join(map(str, r['setmaxnreg']))}"
+            if r.get("pv", (0, 0))[1]:
+                boxes += "  P V overlapped in {}/{} loops".format(*r["pv"])
             flag = "" if r["ok"] else "  <-- CHECK" + (f" (local mem ops {r['local']})" if r["local"] else "")
             flag += "".join(f"\n    ptxas: {n}" for n in r["ptxas_notes"])
             print(f"{r['name']:58} {r['smem']:>7} {r['regs']:>4} {r['spill'][0]:>4}/{r['spill'][1]:<4} {hg:>22} "

@@ -48,6 +48,10 @@ class HopperConfig:
     #: NOT measured yet (benchmarks/NOTES.md, "Flex forward: list entries one step ahead"); off
     #: unless ``FLASHTILE_FLEX_PREFETCH=1`` (hopper/flex.py) or an override
     flex_prefetch: int = 0
+    #: the ws / persistent kernels' ``WAIT_FENCE`` (``fwd._wait_fence``): a basic-block boundary
+    #: before the wait for the previous P V, so that ptxas keeps the softmax's exponentials ahead of
+    #: it (they overlap P V); 0: the kernels as before the switch
+    wait_fence: int = 0
 
     @property
     def num_warps(self) -> int:
@@ -105,7 +109,8 @@ class FP8Config(HopperConfig):
     ``skip_rescale``: a warp skips the output rescale of a key block in which none of its rows'
     max rose (a warp vote and a branch in inline PTX; exact: alpha is 1 there); ``exp_poly``: 1 / 2
     quarters of the softmax's exponentials by a cubic on the FMA pipe instead of the MUFU
-    (``fwd._exp2_split``; relative error < 2e-4, far below e4m3's rounding of P), 0 none."""
+    (``fwd._exp2_split``; relative error < 2e-4, far below e4m3's rounding of P), 0 none.
+    (``wait_fence``, :class:`HopperConfig`'s, is the FP8 kernel's ``WAIT_FENCE`` too.)"""
 
     cvt_asm: int = 1
     row_tree: int = 1
@@ -119,7 +124,8 @@ def fp8_flags(cfg: HopperConfig) -> dict[str, bool]:
     return dict(CVT_ASM=bool(getattr(cfg, "cvt_asm", FP8Config.cvt_asm)),
                 ROW_TREE=int(getattr(cfg, "row_tree", FP8Config.row_tree)),
                 SKIP_RESCALE=bool(getattr(cfg, "skip_rescale", FP8Config.skip_rescale)),
-                EXP_POLY=int(getattr(cfg, "exp_poly", FP8Config.exp_poly)))
+                EXP_POLY=int(getattr(cfg, "exp_poly", FP8Config.exp_poly)),
+                WAIT_FENCE=bool(cfg.wait_fence))
 
 
 _FP8_TABLE: dict[int, FP8Config] = {
@@ -209,6 +215,10 @@ def check(cfg: HopperConfig, headdim: int) -> str | None:
         return "the plain kernel runs 2 warpgroups of 64 rows: block_m = 128, consumers = 2"
     if cfg.consumers not in (2, 3):
         return f"consumers must be 2 or 3, got {cfg.consumers}"
+    if cfg.wait_fence and (cfg.consumers != 2 or cfg.kernel == "plain"):
+        # 3 consumers at 160 registers spill once P_prev's registers stay live through the softmax
+        # (scripts/gluon_compile_check.py, head dim 64: 8-56 local memory ops); the plain kernel has no turn
+        return f"wait_fence needs a ws / persistent kernel with 2 consumers, got {cfg.kernel!r} x {cfg.consumers}"
     if cfg.flex_prefetch not in (0, 1) or (cfg.flex_prefetch and (cfg.kernel != "ws" or cfg.consumers != 2)):
         return f"flex_prefetch (0 or 1, got {cfg.flex_prefetch}) is a switch of the ws kernel's flex mode (2 consumers)"
     if cfg.block_m != 64 * cfg.consumers:

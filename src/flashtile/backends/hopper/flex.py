@@ -315,7 +315,7 @@ def forward(
         MA0=margs[0], MA1=margs[1], MA2=margs[2], SA0=sargs[0], SA1=sargs[1], SA2=sargs[2],
         FLEX=True, HAS_FULL=has_full, SUBS=mb // cfg.block_n, BOUNDS=not even,
         HAS_MASK=consts["HAS_MASK"], HAS_SCORE=consts["HAS_SCORE"], MASK_MOD=consts["MASK_MOD"],
-        SCORE_MOD=consts["SCORE_MOD"], FLEX_PREFETCH=bool(cfg.flex_prefetch),
+        SCORE_MOD=consts["SCORE_MOD"], FLEX_PREFETCH=bool(cfg.flex_prefetch), WAIT_FENCE=bool(cfg.wait_fence),
     )  # fmt: skip
     with HL.device_guard(q.device):
         HL._WS[grid](*args, **kw)

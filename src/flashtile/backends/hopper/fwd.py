@@ -611,6 +611,20 @@ def _ws_producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full,
 
 
 @gluon.jit
+def _wait_fence(bar, phase, WAIT_FENCE: gl.constexpr):
+    """``WAIT_FENCE``: wait again on ``bar``, an mbarrier whose phase ``phase`` has completed and stays
+    so (a consumer's Q barrier within its tile), right before ``warpgroup_mma_wait(0)`` of the
+    previous block's P V. Its try-wait loop is a basic-block boundary: ptxas schedules a
+    ``wgmma.wait_group`` (no register operands) as early as its block allows, and without the
+    boundary it lands right after the row max's shuffles (SASS: ``WARPGROUP.DEPBAR.LE gsb0, 0x0``
+    before the first ``MUFU.EX2``), so the exponentials wait for P V instead of overlapping it.
+    With it the wait follows the last exponential. Costs a try-wait and a branch per key block.
+    (Not a K / V ring barrier: those may move on by a phase before this point and never pass.)"""
+    if WAIT_FENCE:
+        mbarrier.wait(bar, phase)
+
+
+@gluon.jit
 def _turn_wait(turn, it, CID: gl.constexpr):
     """Wait for consumer ``CID``'s turn at ring iteration ``it``. Turns go round the consumers
     (0, 1, .., N-1, 0, ..), one per key block each; ``turn[c]`` is arrived on by the consumer
@@ -634,10 +648,13 @@ def _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_fu
               HAS_SOFTCAP: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
               NUM_CONSUMERS: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
               fx=None, MOD_MASK: gl.constexpr = False, HAS_SCORE: gl.constexpr = False,
-              MASK_MOD: gl.constexpr = None, SCORE_MOD: gl.constexpr = None):
+              MASK_MOD: gl.constexpr = None, SCORE_MOD: gl.constexpr = None,
+              q_bar=None, q_phase=0, WAIT_FENCE: gl.constexpr = False):
     """Key block ``blk`` (not a tile's first) of one consumer warpgroup, FA3's schedule: on this
     warpgroup's turn issue S = Q K_blk^T and O += P_prev V_prev, hand the turn to the next
-    warpgroup, then run the softmax of S while P_prev V_prev is still on the tensor cores.
+    warpgroup, then run the softmax of S while P_prev V_prev is still on the tensor cores
+    (``WAIT_FENCE``: :func:`_wait_fence` on ``q_bar``, the consumer's Q barrier at ``q_phase``,
+    keeps it so in the SASS).
     ``it`` counts key blocks over the program's life: it picks the ring slot and phase, and the
     turn (each block takes one turn; all consumers visit the same blocks)."""
     stage = it % NUM_STAGES
@@ -656,6 +673,7 @@ def _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full, v_fu
     p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                         MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout, 0,
                                         fx, MOD_MASK, HAS_SCORE, MASK_MOD, SCORE_MOD)
+    _wait_fence(q_bar, q_phase, WAIT_FENCE)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))  # p_op's registers live until P V is done
     mbarrier.arrive(v_empty.index(pstage))
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
@@ -671,9 +689,10 @@ def _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, row
              NUM_CONSUMERS: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
              fxa=None, lists=None, FLEX: gl.constexpr = False, SUBS: gl.constexpr = 1, BOUNDS: gl.constexpr = False,
              HAS_MASK: gl.constexpr = False, HAS_SCORE: gl.constexpr = False, MASK_MOD: gl.constexpr = None,
-             SCORE_MOD: gl.constexpr = None):
+             SCORE_MOD: gl.constexpr = None, q_bar=None, q_phase=0, WAIT_FENCE: gl.constexpr = False):
     """One consumer's attention over key blocks ``[nb_lo, nb_hi)`` (ring iterations ``it0 ..``);
-    Q is in ``q_smem``. Returns the unnormalised ``(acc, l_i, m_i)``.
+    Q is in ``q_smem`` (its barrier ``q_bar`` passed phase ``q_phase``: ``WAIT_FENCE``, see
+    :func:`_wait_fence`). Returns the unnormalised ``(acc, l_i, m_i)``.
 
     ``FLEX`` (a block mask's lists): ``nb_lo .. nb_hi`` count steps, not blocks: ``[0, fu_lo)`` the
     partial list's (``MASK_MOD`` evaluated when ``HAS_MASK``), ``[fu_lo, fu_hi)`` the full list's
@@ -721,7 +740,7 @@ def _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, row
                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                             CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
                                             NUM_CONSUMERS, s_layout, o_layout,
-                                            fx1, MOD_MASK, HAS_SCORE, MASK_MOD, SCORE_MOD)
+                                            fx1, MOD_MASK, HAS_SCORE, MASK_MOD, SCORE_MOD, q_bar, q_phase, WAIT_FENCE)
             it += 1
         for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
             if FLEX:
@@ -732,14 +751,15 @@ def _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, row
                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                             CID, FULL_MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
                                             NUM_CONSUMERS, s_layout, o_layout,
-                                            fx1, False, HAS_SCORE, MASK_MOD, SCORE_MOD)
+                                            fx1, False, HAS_SCORE, MASK_MOD, SCORE_MOD, q_bar, q_phase, WAIT_FENCE)
             it += 1
         if not FLEX:
             for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
                 acc, l_i, m_i, p_op = _ws_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, v_bufs, k_full,
                                                 v_full, k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale,
                                                 cap_out, CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N,
-                                                NUM_STAGES, NUM_CONSUMERS, s_layout, o_layout)
+                                                NUM_STAGES, NUM_CONSUMERS, s_layout, o_layout,
+                                                q_bar=q_bar, q_phase=q_phase, WAIT_FENCE=WAIT_FENCE)
                 it += 1
         # the last block's P V
         last = it0 + n_total - 1
@@ -758,7 +778,7 @@ def _ws_consumer(q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empt
                  CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                  HAS_SOFTCAP: gl.constexpr, IS_VARLEN: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                 lists=None, MA0=None, MA1=None, MA2=None, SA0=None, SA1=None, SA2=None,
+                 WAIT_FENCE: gl.constexpr, lists=None, MA0=None, MA1=None, MA2=None, SA0=None, SA1=None, SA2=None,
                  FLEX: gl.constexpr = False, SUBS: gl.constexpr = 1, BOUNDS: gl.constexpr = False,
                  HAS_MASK: gl.constexpr = False, HAS_SCORE: gl.constexpr = False, MASK_MOD: gl.constexpr = None,
                  SCORE_MOD: gl.constexpr = None):
@@ -782,7 +802,8 @@ def _ws_consumer(q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empt
                              nb_lo, fu_lo, fu_hi, nb_hi, seqlen_k, off, wl, wr, qk_scale, cap_out,
                              CID, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
                              NUM_CONSUMERS, s_layout, o_layout,
-                             fxa, lists, FLEX, SUBS, BOUNDS, HAS_MASK, HAS_SCORE, MASK_MOD, SCORE_MOD)
+                             fxa, lists, FLEX, SUBS, BOUNDS, HAS_MASK, HAS_SCORE, MASK_MOD, SCORE_MOD,
+                             q_bars.index(CID), 0, WAIT_FENCE)
     if r0 < seqlen_q:
         _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, r0, q_start, seqlen_q,
                   stride_os, stride_oh, stride_lb, stride_lh,
@@ -803,6 +824,7 @@ def attn_fwd_ws(
     FLEX: gl.constexpr = False, HAS_FULL: gl.constexpr = False, SUBS: gl.constexpr = 1,
     BOUNDS: gl.constexpr = False, HAS_MASK: gl.constexpr = False, HAS_SCORE: gl.constexpr = False,
     MASK_MOD: gl.constexpr = None, SCORE_MOD: gl.constexpr = None, FLEX_PREFETCH: gl.constexpr = False,
+    WAIT_FENCE: gl.constexpr = False,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (the default
     partition: consumer 0) + 4 per further consumer (NUM_CONSUMERS = 2 or 3) + 1 (producer)
@@ -889,13 +911,13 @@ def attn_fwd_ws(
                             o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
                             qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                             0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                            NUM_CONSUMERS, lists, MA0, MA1, MA2, SA0, SA1, SA2, FLEX, SUBS, BOUNDS, HAS_MASK,
+                            NUM_CONSUMERS, WAIT_FENCE, lists, MA0, MA1, MA2, SA0, SA1, SA2, FLEX, SUBS, BOUNDS, HAS_MASK,
                             HAS_SCORE, MASK_MOD, SCORE_MOD)),
             (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
                             o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
                             qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                             1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                            NUM_CONSUMERS, lists, MA0, MA1, MA2, SA0, SA1, SA2, FLEX, SUBS, BOUNDS, HAS_MASK,
+                            NUM_CONSUMERS, WAIT_FENCE, lists, MA0, MA1, MA2, SA0, SA1, SA2, FLEX, SUBS, BOUNDS, HAS_MASK,
                             HAS_SCORE, MASK_MOD, SCORE_MOD)),
             (_ws_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
                             b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
@@ -907,17 +929,17 @@ def attn_fwd_ws(
                             o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
                             qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                             0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                            NUM_CONSUMERS)),
+                            NUM_CONSUMERS, WAIT_FENCE)),
             (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
                             o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
                             qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                             1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                            NUM_CONSUMERS)),
+                            NUM_CONSUMERS, WAIT_FENCE)),
             (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
                             o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
                             qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                             2, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                            NUM_CONSUMERS)),
+                            NUM_CONSUMERS, WAIT_FENCE)),
             (_ws_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
                             b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
                             NUM_CONSUMERS)),
@@ -928,12 +950,12 @@ def attn_fwd_ws(
                             o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
                             qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                             0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                            NUM_CONSUMERS)),
+                            NUM_CONSUMERS, WAIT_FENCE)),
             (_ws_consumer, (q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
                             o_desc, O, LSE, b, h, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right,
                             qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                             1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                            NUM_CONSUMERS)),
+                            NUM_CONSUMERS, WAIT_FENCE)),
             (_ws_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_full, v_full, k_empty, v_empty,
                             b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
                             NUM_CONSUMERS)),
@@ -991,7 +1013,8 @@ def _pers_consumer(TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full,
                    stride_os, stride_oh, stride_lb, stride_lh,
                    CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr,
                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr,
-                   HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+                   HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                   WAIT_FENCE: gl.constexpr = False):
     """One consumer warpgroup over this program's tiles (rows ``m0 + CID * SUB_M ..`` of each)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -1015,7 +1038,8 @@ def _pers_consumer(TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full,
         acc, l_i, m_i = _ws_tile(q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, turn, rows, it,
                                  nb_lo, fu_lo, fu_hi, nb_hi, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                  CID, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                                 NUM_CONSUMERS, s_layout, o_layout)
+                                 NUM_CONSUMERS, s_layout, o_layout,
+                                 q_bar=q_bars.index(CID), q_phase=j & 1, WAIT_FENCE=WAIT_FENCE)
         if r0 < seqlen_q:
             _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, r0, zero, seqlen_q,
                       stride_os, stride_oh, stride_lb, stride_lh,
@@ -1033,6 +1057,7 @@ def attn_fwd_persistent(
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, NUM_CONSUMERS: gl.constexpr, num_warps: gl.constexpr,
+    WAIT_FENCE: gl.constexpr = False,
 ):
     """Dense calls only. Grid ``(len(OFFS) - 1,)``: program ``p`` runs the tiles
     ``TILES[OFFS[p]:OFFS[p + 1]]`` (int32 codes ``(b * nheads + h) * n_mb + m_block``, from
@@ -1066,17 +1091,17 @@ def attn_fwd_persistent(
                               v_empty, turn, o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, window_left,
                               window_right, qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
                               0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
-                              HAS_SOFTCAP, NUM_CONSUMERS)),
+                              HAS_SOFTCAP, NUM_CONSUMERS, WAIT_FENCE)),
             (_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full, v_full, k_empty,
                               v_empty, turn, o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, window_left,
                               window_right, qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
                               1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
-                              HAS_SOFTCAP, NUM_CONSUMERS)),
+                              HAS_SOFTCAP, NUM_CONSUMERS, WAIT_FENCE)),
             (_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full, v_full, k_empty,
                               v_empty, turn, o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, window_left,
                               window_right, qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
                               2, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
-                              HAS_SOFTCAP, NUM_CONSUMERS)),
+                              HAS_SOFTCAP, NUM_CONSUMERS, WAIT_FENCE)),
             (_pers_producer, (TILES, OFFS, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, q_empty,
                               k_full, v_full, k_empty, v_empty, n_mb, nheads, group, seqlen_q, seqlen_k,
                               window_left, window_right, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
@@ -1088,12 +1113,12 @@ def attn_fwd_persistent(
                               v_empty, turn, o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, window_left,
                               window_right, qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
                               0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
-                              HAS_SOFTCAP, NUM_CONSUMERS)),
+                              HAS_SOFTCAP, NUM_CONSUMERS, WAIT_FENCE)),
             (_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full, v_full, k_empty,
                               v_empty, turn, o_desc, O, LSE, n_mb, nheads, seqlen_q, seqlen_k, window_left,
                               window_right, qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
                               1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
-                              HAS_SOFTCAP, NUM_CONSUMERS)),
+                              HAS_SOFTCAP, NUM_CONSUMERS, WAIT_FENCE)),
             (_pers_producer, (TILES, OFFS, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, q_empty,
                               k_full, v_full, k_empty, v_empty, n_mb, nheads, group, seqlen_q, seqlen_k,
                               window_left, window_right, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,

@@ -51,6 +51,7 @@ from .fwd import (
     _tile_coords,
     _turn_pass,
     _turn_wait,
+    _wait_fence,
     _ws_producer,
 )
 
@@ -178,10 +179,12 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
                CID: gl.constexpr, MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                HAS_SOFTCAP: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                s_layout: gl.constexpr, o_layout: gl.constexpr, PERM_P: gl.constexpr, CVT_ASM: gl.constexpr,
-               ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, EXP_POLY: gl.constexpr = 0):
+               ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, EXP_POLY: gl.constexpr = 0,
+               q_bar=None, WAIT_FENCE: gl.constexpr = False):
     """Key block ``blk`` (not the tile's first), the ``ws`` schedule: on this warpgroup's turn
     issue S = Q K^T and O += P_prev V_prev (FP8 wgmma both), pass the turn, run the softmax of S
-    while P_prev V_prev is still on the tensor cores."""
+    while P_prev V_prev is still on the tensor cores (``WAIT_FENCE``: :func:`fwd._wait_fence` on
+    ``q_bar``, this consumer's Q barrier, keeps it so in the SASS)."""
     stage = it % NUM_STAGES
     phase = (it // NUM_STAGES) & 1
     pstage = (it - 1) % NUM_STAGES
@@ -199,6 +202,7 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
     p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                         MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout, ROW_TREE,
                                         EXP_POLY=EXP_POLY)
+    _wait_fence(q_bar, 0, WAIT_FENCE)
     acc = warpgroup_mma_wait(0, deps=(acc,))  # (8-bit p_op cannot be a wait dep: see the module doc)
     mbarrier.arrive(v_empty.index(pstage))
     acc = _rescale(acc, alpha, o_layout, SKIP_RESCALE)
@@ -214,7 +218,8 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
                   CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                   HAS_SOFTCAP: gl.constexpr, IS_VARLEN: gl.constexpr, CVT_ASM: gl.constexpr,
-                  ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, EXP_POLY: gl.constexpr = 0):
+                  ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, EXP_POLY: gl.constexpr = 0,
+                  WAIT_FENCE: gl.constexpr = False):
     """One consumer warpgroup: query rows ``m0 + CID * SUB_M ..`` over the tile's key blocks."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
@@ -253,19 +258,22 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)
+                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
+                                             q_bars.index(CID), WAIT_FENCE)
             it += 1
         for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)
+                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
+                                             q_bars.index(CID), WAIT_FENCE)
             it += 1
         for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)
+                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
+                                             q_bars.index(CID), WAIT_FENCE)
             it += 1
         # the last block's P V
         last = n_total - 1
@@ -293,7 +301,7 @@ def attn_fwd_ws_fp8(
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     IS_VARLEN: gl.constexpr, REVERSE_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     CVT_ASM: gl.constexpr, ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, num_warps: gl.constexpr,
-    EXP_POLY: gl.constexpr = 0,
+    EXP_POLY: gl.constexpr = 0, WAIT_FENCE: gl.constexpr = False,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (+ 4 + 1 in the
     other partitions). q_desc / k_desc: e4m3 ``[rows, D]`` tiles as the 16-bit kernels'; vt_desc:
@@ -343,13 +351,13 @@ def attn_fwd_ws_fp8(
                          b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
                          nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                          0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                         CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)),
+                         CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE)),
         (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
                          o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
                          b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
                          nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                          1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                         CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY)),
+                         CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE)),
         (_ws_producer, (q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
                         b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
                         2, True)),

@@ -258,7 +258,8 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCa
             call.window_left, call.window_right,
         )  # fmt: skip
         return out, lse, _PERSISTENT, (offs.shape[0] - 1,), args, dict(
-            CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers, **consts
+            CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers,
+            WAIT_FENCE=bool(cfg.wait_fence), **consts
         ), 8  # fmt: skip
     args = (
         *descs, out, lse, call.cu_seqlens_q, call.cu_seqlens_k,
@@ -268,7 +269,8 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCa
     grid = (cdiv(rows_q, cfg.block_m), H, nb)
     if cfg.kernel == "plain":
         return out, lse, _PLAIN, grid, args, consts, 6
-    kw = dict(CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers, **consts)
+    kw = dict(CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers,
+              WAIT_FENCE=bool(cfg.wait_fence), **consts)
     return out, lse, _WS, grid, args, kw, 6
 
 
