@@ -20,7 +20,7 @@
 2. Speed: batch * seqlen = 16384 tokens, nheads * headdim = 2048, head dims 64 / 128 / 256,
    seqlen 1k / 4k / 16k, causal and not: hopper FP8 (the V transpose pre-pass included) vs hopper
    bf16 vs SDPA cuDNN bf16; TFLOP/s = 4 b h s^2 d / t (halved when causal), the bf16 count for
-   all. ``--quick``: d=128 at 4k and 16k and d=256 at 16k. A short table last; JSON to
+   all. ``--quick``: d=128 at 4k and 16k, d=256 and d=64 at 16k. A short table last; JSON to
    ``$OUT/fp8_run.json`` when ``$OUT`` is set, else ``benchmarks/results/``.
 """
 
@@ -176,12 +176,13 @@ def correctness_cases(quick: bool) -> list[tuple[str, dict]]:
 
 def variant_cases() -> list[tuple[str, dict]]:
     """A ``--variant``'s correctness cases: one per kernel specialisation its benchmark cells run
-    (d128 plain and causal, d256 plain), with odd lengths, dead rows, GQA and a (1, 1) scale."""
+    (d128 plain and causal, d256 and d64 plain), with odd lengths, dead rows, GQA and a (1, 1) scale."""
     return [
         ("113 q vs 203 k", dict(sq=113, sk=203)),
         ("203 q vs 113 k causal (dead rows), GQA 4/2", dict(sq=203, sk=113, h=4, hk=2, causal=True)),
         ("GQA 8/2 causal, one scale (1, 1)", dict(sq=203, sk=203, h=8, hk=2, causal=True, kind="scalar")),
         ("d=256 300 q vs 203 k", dict(sq=300, sk=203, d=256)),
+        ("d=64 GQA 8/2 113 q vs 203 k", dict(sq=113, sk=203, h=8, hk=2, d=64)),
     ]
 
 
@@ -272,7 +273,7 @@ def _tflops(b, h, s, d, causal, ms):
 def bench_cells(quick: bool) -> list[tuple[int, int, int, int, bool]]:
     if quick:
         return [(4, 16, 4096, 128, False), (1, 16, 16384, 128, False), (1, 16, 16384, 128, True),
-                (1, 8, 16384, 256, False)]  # fmt: skip
+                (1, 8, 16384, 256, False), (1, 32, 16384, 64, False)]  # fmt: skip
     return [(16384 // s, 2048 // d, s, d, c)
             for d in (64, 128, 256) for s in (1024, 4096, 16384) for c in (False, True)]  # fmt: skip
 

@@ -23,10 +23,11 @@ other kernels are variants: ``--variant kernel=plain`` (step A), ``--variant ker
 ``--variant`` (repeatable) adds hopper config variants (``HopperConfig`` fields, applied to every
 head dim on top of the config a default call runs, e.g. ``kernel=plain`` or ``wait_fence=1``): each
 gets a quick correctness pass, then its own benchmark column. ``--full-bench`` with ``--quick``: the
-quick correctness set and the full grid; ``--no-triton``: no column for flashtile's triton backend. ``--quick``: a smaller correctness set and two benchmark
-cells. ``--keep-going``: a failing variant is reported and dropped, the others still run (exit
-code 1 at the end). A watchdog ends the process (exit code 3) if one case or benchmark cell runs
-longer than ``--case-timeout`` seconds (a hung kernel), naming it.
+quick correctness set and the full grid; ``--no-triton``: no column for flashtile's triton backend.
+``--quick``: a smaller correctness set and two benchmark cells. ``--keep-going``: a failing variant
+is reported and dropped, the others still run (exit code 1 at the end). A watchdog ends the process
+(exit code 3) if one case or benchmark cell runs longer than ``--case-timeout`` seconds (a hung
+kernel), naming it.
 """
 
 from __future__ import annotations

@@ -131,7 +131,9 @@ def fp8_flags(cfg: HopperConfig) -> dict[str, bool]:
 _FP8_TABLE: dict[int, FP8Config] = {
     64: FP8Config(128, 128, 3),  # 8 KiB Q + 3 x 16 KiB K/V^T + 16 KiB O = 72 KiB
     96: FP8Config(128, 128, 2),  # padded to 128: 16 KiB Q + 2 x 32 KiB + 32 KiB O = 112 KiB
-    128: FP8Config(128, 128, 2),  # 16 KiB Q + 2 x 32 KiB + 32 KiB O = 112 KiB
+    # d128: wait_fence (H200, results/fp8_H200_20261202_stop30_wait_fence.json: 4k 791 -> 817, 16k 851 -> 894,
+    # 16k causal 864 -> 860 TFLOP/s; d256 1225 -> 1197, so not there)
+    128: FP8Config(128, 128, 2, wait_fence=1),  # 16 KiB Q + 2 x 32 KiB + 32 KiB O = 112 KiB
     192: FP8Config(128, 64, 2),  # padded to 256: 32 KiB Q + 2 x 32 KiB + 64 KiB O = 160 KiB
     # d256: 128-key blocks (FA3's FP8 tile) measured 1200 TFLOP/s at 16k against 1137 with 64 (H200,
     # results/fp8_H200_20261201_softmax.json): 32 KiB Q + 2 x 64 KiB + 64 KiB O = 224 KiB
