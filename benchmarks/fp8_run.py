@@ -13,8 +13,8 @@
    table's config stops at its first failure, naming the case (exit status 1 at the end, its
    benchmark column dropped); each ``--variant k=v[,k=v]`` (FP8 config fields: ``num_stages``,
    ``cvt_asm``, ``row_tree``, ``skip_rescale``, ...) is checked on :func:`variant_cases` first and
-   dropped if one fails, so one run compares code paths. Then the public API (``auto`` picks hopper; a
-   backward raises) and an accuracy table: RMSE against fp32 attention on the original inputs,
+   dropped if one fails, so one run compares code paths (a ``d=64`` key: that head dim only).
+   Then the public API (``auto`` picks hopper; a backward raises) and an accuracy table: RMSE against fp32 attention on the original inputs,
    Gaussian and with 0.1% outliers of magnitude 10-100 in q and k, for bf16 (hopper), FP8
    per-head scales, and FP8 after incoherent processing (``flashtile.fp8.rotate_qk``).
 2. Speed: batch * seqlen = 16384 tokens, nheads * headdim = 2048, head dims 64 / 128 / 256,
@@ -189,6 +189,15 @@ def variant_cases() -> list[tuple[str, dict]]:
 SKIP: list[str] = []  # set from --skip
 
 
+def _for_headdim(overrides: dict | None, d: int) -> dict | None:
+    """A variant's overrides for head dim ``d``: its ``d`` key, if given, names the one head dim it
+    applies to (None for the others)."""
+    if not overrides or "d" not in overrides:
+        return overrides
+    ov = dict(overrides)
+    return ov if ov.pop("d") == d else None
+
+
 def run_correctness(quick: bool, overrides: dict | None = None, label: str = "default", cases=None) -> bool:
     from flashtile.backends.hopper import configs
 
@@ -197,11 +206,13 @@ def run_correctness(quick: bool, overrides: dict | None = None, label: str = "de
             log(f"SKIP [{label}] {name} (--skip)")
             continue
         d = kw.get("d", 128)
-        if overrides and configs.check_fp8(configs.fp8_config(d, **overrides), d):
+        ov = _for_headdim(overrides, d)
+        if overrides and (ov is None or configs.check_fp8(configs.fp8_config(d, **ov), d)):
             continue
+        overrides_d = ov
         try:
             with watchdog(CASE_TIMEOUT, f"[{label}] {name}"):
-                msg = run_case(name, overrides=overrides, **kw)
+                msg = run_case(name, overrides=overrides_d, **kw)
         except CaseFailure as e:
             log(f"FAIL [{label}] {name} ({kw}): {e}")
             return False
@@ -295,6 +306,9 @@ def _contenders(b, h, s, d, causal, variants, default_ok=True) -> dict:
 
     fns = {"fp8": lambda: launch.forward_fp8(q8, k8, v8, call8)} if default_ok else {}
     for label, ov in variants:
+        ov = _for_headdim(ov, d)
+        if ov is None:
+            continue
         cfg = configs.fp8_config(d, **ov)
         if not configs.check_fp8(cfg, d):
             fns[f"fp8{label}"] = lambda cfg=cfg: launch.forward_fp8(q8, k8, v8, call8, config=cfg)

@@ -284,11 +284,17 @@ def test_fp8_kernel_switches():
     cfg = configs.fp8_config(128)
     assert isinstance(cfg, configs.FP8Config)
     # head dim 128's entry has the wait fence (measured faster there), the dataclass default is off
-    assert configs.fp8_flags(cfg) == dict(CVT_ASM=True, ROW_TREE=1, SKIP_RESCALE=True, EXP_POLY=0, WAIT_FENCE=True)
+    assert configs.fp8_flags(cfg) == dict(CVT_ASM=True, ROW_TREE=1, SKIP_RESCALE=True, EXP_POLY=0, WAIT_FENCE=True,
+                                          NUM_CONSUMERS=2)
     assert configs.fp8_flags(configs.fp8_config(256))["WAIT_FENCE"] is False
     assert configs.fp8_flags(configs.HopperConfig(128, 128, 2)) == {**configs.fp8_flags(cfg), "WAIT_FENCE": False}
     old = configs.fp8_config(128, cvt_asm=0, row_tree=0, skip_rescale=0, exp_poly=2, wait_fence=0)
-    assert configs.fp8_flags(old) == dict(CVT_ASM=False, ROW_TREE=0, SKIP_RESCALE=False, EXP_POLY=2, WAIT_FENCE=False)
+    assert configs.fp8_flags(old) == dict(CVT_ASM=False, ROW_TREE=0, SKIP_RESCALE=False, EXP_POLY=2, WAIT_FENCE=False,
+                                          NUM_CONSUMERS=2)
+    three = configs.fp8_config(64, consumers=3)  # a consumer count brings its tile height and registers
+    assert (three.block_m, three.consumer_regs) == (192, 160) and configs.check_fp8(three, 64) is None
+    assert configs.fp8_flags(three)["NUM_CONSUMERS"] == 3
+    assert "2 consumers" in configs.check_fp8(configs.fp8_config(128, consumers=3), 128)  # the wait fence
     assert configs.check_fp8(old, 128) is None and configs.check_fp8(configs.fp8_config(128, row_tree=2), 128) is None
     assert "exp_poly" in configs.check_fp8(configs.fp8_config(128, exp_poly=3), 128)
 

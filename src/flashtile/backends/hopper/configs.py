@@ -125,7 +125,7 @@ def fp8_flags(cfg: HopperConfig) -> dict[str, bool]:
                 ROW_TREE=int(getattr(cfg, "row_tree", FP8Config.row_tree)),
                 SKIP_RESCALE=bool(getattr(cfg, "skip_rescale", FP8Config.skip_rescale)),
                 EXP_POLY=int(getattr(cfg, "exp_poly", FP8Config.exp_poly)),
-                WAIT_FENCE=bool(cfg.wait_fence))
+                WAIT_FENCE=bool(cfg.wait_fence), NUM_CONSUMERS=cfg.consumers)
 
 
 _FP8_TABLE: dict[int, FP8Config] = {
@@ -146,7 +146,7 @@ def fp8_config(headdim: int, **overrides) -> FP8Config:
     if headdim not in _FP8_TABLE:
         raise ValueError(f"hopper FP8 kernels serve head dims {HEADDIMS}, got {headdim}")
     cfg = _FP8_TABLE[headdim]
-    return replace(cfg, **overrides) if overrides else cfg
+    return replace(cfg, **_consumer_defaults(cfg, overrides)) if overrides else cfg
 
 
 def fp8_smem_bytes(cfg: HopperConfig, headdim: int) -> int:
@@ -156,8 +156,9 @@ def fp8_smem_bytes(cfg: HopperConfig, headdim: int) -> int:
 
 def check_fp8(cfg: HopperConfig, headdim: int) -> str | None:
     """Why ``cfg`` cannot work for the FP8 kernel at ``headdim`` (None if it can)."""
-    if cfg.kernel != "ws" or cfg.consumers != 2:
-        return f"the FP8 forward is a ws kernel with 2 consumers, got kernel={cfg.kernel!r}, consumers={cfg.consumers}"
+    if cfg.kernel != "ws" or cfg.consumers not in (2, 3):
+        return (f"the FP8 forward is a ws kernel with 2 or 3 consumers, got kernel={cfg.kernel!r}, "
+                f"consumers={cfg.consumers}")
     if cfg.block_n % 32 or not 32 <= cfg.block_n <= 256:
         return f"block_n must be a multiple of 32 in [32, 256] (e4m3 wgmma K = 32), got {cfg.block_n}"
     if getattr(cfg, "exp_poly", 0) not in (0, 1, 2):
@@ -177,13 +178,17 @@ def config(headdim: int, **overrides) -> HopperConfig:
     if headdim not in _TABLE:
         raise ValueError(f"hopper kernels serve head dims {HEADDIMS}, got {headdim}")
     cfg = _TABLE[headdim]
+    return replace(cfg, **_consumer_defaults(cfg, overrides)) if overrides else cfg
+
+
+def _consumer_defaults(cfg: HopperConfig, overrides: dict) -> dict:
+    """``overrides`` of ``cfg`` where a new consumer count brings its tile height (64 rows each) and
+    register split (``setmaxnreg``'s budget shared by the consumers) unless they are given too."""
     if "consumers" in overrides and overrides["consumers"] != cfg.consumers:
-        # a new consumer count brings its tile height and register split unless given too
         n = overrides["consumers"]
-        overrides.setdefault("block_m", 64 * n)
         budget = 65536 // 128 - overrides.get("producer_regs", cfg.producer_regs)
-        overrides.setdefault("consumer_regs", min(240, budget // n // 8 * 8))
-    return replace(cfg, **overrides) if overrides else cfg
+        overrides = {"block_m": 64 * n, "consumer_regs": min(240, budget // n // 8 * 8), **overrides}
+    return overrides
 
 
 #: Block-mask block the flex mode of the ws kernel serves (``fwd.attn_fwd_ws`` with ``FLEX``): one

@@ -180,7 +180,7 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
                HAS_SOFTCAP: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                s_layout: gl.constexpr, o_layout: gl.constexpr, PERM_P: gl.constexpr, CVT_ASM: gl.constexpr,
                ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, EXP_POLY: gl.constexpr = 0,
-               q_bar=None, WAIT_FENCE: gl.constexpr = False):
+               q_bar=None, WAIT_FENCE: gl.constexpr = False, NUM_CONSUMERS: gl.constexpr = 2):
     """Key block ``blk`` (not the tile's first), the ``ws`` schedule: on this warpgroup's turn
     issue S = Q K^T and O += P_prev V_prev (FP8 wgmma both), pass the turn, run the softmax of S
     while P_prev V_prev is still on the tensor cores (``WAIT_FENCE``: :func:`fwd._wait_fence` on
@@ -196,7 +196,7 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
     mbarrier.wait(v_full.index(pstage), pphase)
     acc = warpgroup_mma(_p_unpack(p_op, o_layout, PERM_P, CVT_ASM), vt_bufs.index(pstage).permute((1, 0)), acc,
                         is_async=True)
-    _turn_pass(turn, CID, 2)
+    _turn_pass(turn, CID, NUM_CONSUMERS)
     s = warpgroup_mma_wait(1, deps=(s,))
     mbarrier.arrive(k_empty.index(stage))
     p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
@@ -219,7 +219,7 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
                   BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                   HAS_SOFTCAP: gl.constexpr, IS_VARLEN: gl.constexpr, CVT_ASM: gl.constexpr,
                   ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, EXP_POLY: gl.constexpr = 0,
-                  WAIT_FENCE: gl.constexpr = False):
+                  WAIT_FENCE: gl.constexpr = False, NUM_CONSUMERS: gl.constexpr = 2):
     """One consumer warpgroup: query rows ``m0 + CID * SUB_M ..`` over the tile's key blocks."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
@@ -246,7 +246,7 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
         _turn_wait(turn, 0, CID)
         s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
         s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s0, use_acc=False, is_async=True)
-        _turn_pass(turn, CID, 2)
+        _turn_pass(turn, CID, NUM_CONSUMERS)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0))
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
@@ -259,21 +259,21 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
                                              s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
-                                             q_bars.index(CID), WAIT_FENCE)
+                                             q_bars.index(CID), WAIT_FENCE, NUM_CONSUMERS)
             it += 1
         for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
                                              s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
-                                             q_bars.index(CID), WAIT_FENCE)
+                                             q_bars.index(CID), WAIT_FENCE, NUM_CONSUMERS)
             it += 1
         for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
                                              s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
-                                             q_bars.index(CID), WAIT_FENCE)
+                                             q_bars.index(CID), WAIT_FENCE, NUM_CONSUMERS)
             it += 1
         # the last block's P V
         last = n_total - 1
@@ -301,7 +301,7 @@ def attn_fwd_ws_fp8(
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     IS_VARLEN: gl.constexpr, REVERSE_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     CVT_ASM: gl.constexpr, ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, num_warps: gl.constexpr,
-    EXP_POLY: gl.constexpr = 0, WAIT_FENCE: gl.constexpr = False,
+    EXP_POLY: gl.constexpr = 0, WAIT_FENCE: gl.constexpr = False, NUM_CONSUMERS: gl.constexpr = 2,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (+ 4 + 1 in the
     other partitions). q_desc / k_desc: e4m3 ``[rows, D]`` tiles as the 16-bit kernels'; vt_desc:
@@ -312,7 +312,7 @@ def attn_fwd_ws_fp8(
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
-    SUB_M: gl.constexpr = BLOCK_M // 2
+    SUB_M: gl.constexpr = BLOCK_M // NUM_CONSUMERS
     dtype: gl.constexpr = q_desc.dtype
     hk = h // group
     off = seqlen_k - seqlen_q
@@ -322,43 +322,79 @@ def attn_fwd_ws_fp8(
                                                    element_bitwidth=8, rank=2)
     o_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=o_desc.layout.swizzle_byte_width,
                                                   element_bitwidth=16, rank=2)
-    q_bufs = gl.allocate_shared_memory(dtype, [2, SUB_M, BLOCK_D], qk_layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, SUB_M, BLOCK_D], qk_layout)
     k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], qk_layout)
     vt_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_D, BLOCK_N], vt_layout)
-    o_bufs = gl.allocate_shared_memory(o_desc.dtype, [2, SUB_M, BLOCK_D], o_layout)
-    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    o_bufs = gl.allocate_shared_memory(o_desc.dtype, [NUM_CONSUMERS, SUB_M, BLOCK_D], o_layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    for c in gl.static_range(2):
+    for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.init(q_bars.index(c), count=1)
         mbarrier.init(turn.index(c), count=1)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_full.index(i), count=1)
         mbarrier.init(v_full.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
-        mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(k_empty.index(i), count=NUM_CONSUMERS)  # one arrival per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=NUM_CONSUMERS)
 
     r_hi = gl.minimum(m0 + BLOCK_M, seqlen_q)
     nb_lo, fu_lo, fu_hi, nb_hi = _block_range(m0, r_hi, seqlen_k, off, window_left, window_right,
                                               HAS_WL, HAS_WR, BLOCK_N)
     n_total = nb_hi - nb_lo
-    gl.warp_specialize([
-        (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
-                         o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
-                         b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
-                         nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
-                         0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                         CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE)),
-        (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
-                         o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
-                         b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
-                         nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
-                         1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
-                         CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE)),
-        (_ws_producer, (q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
-                        b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
-                        2, True)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    # (tuples spelled out per consumer count, as attn_fwd_ws's)
+    if NUM_CONSUMERS == 3:
+        gl.warp_specialize([
+            (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                             o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
+                             b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
+                             cap_out,
+                             nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                             0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                             CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE,
+                             NUM_CONSUMERS)),
+            (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                             o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
+                             b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
+                             cap_out,
+                             nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                             1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                             CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE,
+                             NUM_CONSUMERS)),
+            (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                             o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
+                             b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
+                             cap_out,
+                             nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                             2, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                             CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE,
+                             NUM_CONSUMERS)),
+            (_ws_producer, (q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
+                            b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
+                            NUM_CONSUMERS, True)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                             o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
+                             b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
+                             cap_out,
+                             nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                             0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                             CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE,
+                             NUM_CONSUMERS)),
+            (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                             o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
+                             b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
+                             cap_out,
+                             nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
+                             1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
+                             CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE,
+                             NUM_CONSUMERS)),
+            (_ws_producer, (q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
+                            b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
+                            NUM_CONSUMERS, True)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
