@@ -14,7 +14,8 @@
    benchmark column dropped); each ``--variant k=v[,k=v]`` (FP8 config fields: ``num_stages``,
    ``cvt_asm``, ``row_tree``, ``skip_rescale``, ...) is checked on :func:`variant_cases` first and
    dropped if one fails, so one run compares code paths (a ``d=64`` key: that head dim only).
-   Then the public API (``auto`` picks hopper; a backward raises) and an accuracy table: RMSE against fp32 attention on the original inputs,
+   Then the public API (``auto`` picks hopper; a backward raises) and an accuracy table: RMSE
+   against fp32 attention on the original inputs,
    Gaussian and with 0.1% outliers of magnitude 10-100 in q and k, for bf16 (hopper), FP8
    per-head scales, and FP8 after incoherent processing (``flashtile.fp8.rotate_qk``).
 2. Speed: batch * seqlen = 16384 tokens, nheads * headdim = 2048, head dims 64 / 128 / 256,
