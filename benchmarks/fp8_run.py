@@ -1,6 +1,7 @@
 """One H200 run of the FP8 (e4m3) forward of the Hopper backend: correctness first, then speed.
 
-    PYTHONPATH=src python benchmarks/fp8_run.py [--quick] [--no-bench] [--variant num_stages=3] [--case-timeout 180]
+    PYTHONPATH=src python benchmarks/fp8_run.py [--quick [--full-bench]] [--no-bench] [--headdim 64]
+        [--variant num_stages=3] [--case-timeout 180]
 
 1. Correctness of ``flashtile.backends.hopper.launch.forward_fp8`` (called directly, so short
    query lengths are not routed to the decode path) on small odd shapes: seqlen 1 and 17, 113 vs
@@ -188,6 +189,7 @@ def variant_cases() -> list[tuple[str, dict]]:
 
 
 SKIP: list[str] = []  # set from --skip
+HEADDIMS: list[int] | None = None  # set from --headdim
 
 
 def _for_headdim(overrides: dict | None, d: int) -> dict | None:
@@ -326,6 +328,8 @@ def run_bench(quick: bool, variants: list[tuple[str, dict]], default_ok: bool = 
 
     rows = []
     for b, h, s, d, causal in bench_cells(quick):
+        if HEADDIMS and d not in HEADDIMS:
+            continue
         row = {"b": b, "h": h, "s": s, "d": d, "causal": causal}
         for name, fn in _contenders(b, h, s, d, causal, variants, default_ok).items():
             try:
@@ -356,8 +360,11 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[],
                     help="FP8 config overrides benchmarked as extra columns (each checked first on "
                          "variant_cases(); failing ones dropped), e.g. num_stages=3 or cvt_asm=0,row_tree=0")
+    ap.add_argument("--full-bench", action="store_true", help="with --quick: the quick correctness set, the full grid")
+    ap.add_argument("--headdim", type=int, action="append", help="benchmark only cells of these head dims")
     args = ap.parse_args()
     SKIP[:] = args.skip
+    globals()["HEADDIMS"] = args.headdim
     variants = []
     for text in args.variant:
         variants.append((f"[{text}]", {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(","))}))
@@ -400,7 +407,7 @@ def main() -> int:
         return 1
     if args.no_bench or not (default_ok or variants):
         return 0 if default_ok else 1
-    rows = run_bench(args.quick, variants, default_ok)
+    rows = run_bench(args.quick and not args.full_bench, variants, default_ok)
     print("\nRMSE vs fp32 attention on the original inputs (b1 s4096 h16 d128)")
     for r in acc:
         print("  " + "  ".join(f"{k}={v:.3e}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))

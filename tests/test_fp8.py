@@ -291,9 +291,17 @@ def test_fp8_kernel_switches():
     old = configs.fp8_config(128, cvt_asm=0, row_tree=0, skip_rescale=0, exp_poly=2, wait_fence=0)
     assert configs.fp8_flags(old) == dict(CVT_ASM=False, ROW_TREE=0, SKIP_RESCALE=False, EXP_POLY=2, WAIT_FENCE=False,
                                           NUM_CONSUMERS=2)
-    three = configs.fp8_config(64, consumers=3)  # a consumer count brings its tile height and registers
-    assert (three.block_m, three.consumer_regs) == (192, 160) and configs.check_fp8(three, 64) is None
+    three = configs.fp8_config(64)  # head dim 64: 3 consumers, 2 on short causal calls (the 16-bit rule)
+    assert (three.consumers, three.block_m, three.consumer_regs) == (3, 192, 160)
+    assert configs.check_fp8(three, 64) is None
     assert configs.fp8_flags(three)["NUM_CONSUMERS"] == 3
+    two = configs.fp8_config_for(64, causal=True, seqlen_q=configs.D64_CAUSAL_THREE_CONSUMERS_FROM - 1)
+    assert two.consumers == 2 and configs.check_fp8(two, 64) is None
+    assert configs.fp8_config_for(64, causal=True, seqlen_q=configs.D64_CAUSAL_THREE_CONSUMERS_FROM) == three
+    assert configs.fp8_config_for(64, causal=False, seqlen_q=1) == three
+    assert configs.fp8_config_for(128, causal=True, seqlen_q=1) == cfg
+    two_again = configs.fp8_config(64, consumers=2)  # a consumer count brings its tile height and registers
+    assert (two_again.block_m, two_again.consumer_regs) == (128, 240) and configs.check_fp8(two_again, 64) is None
     assert "2 consumers" in configs.check_fp8(configs.fp8_config(128, consumers=3), 128)  # the wait fence
     assert configs.check_fp8(old, 128) is None and configs.check_fp8(configs.fp8_config(128, row_tree=2), 128) is None
     assert "exp_poly" in configs.check_fp8(configs.fp8_config(128, exp_poly=3), 128)

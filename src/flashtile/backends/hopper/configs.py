@@ -129,7 +129,9 @@ def fp8_flags(cfg: HopperConfig) -> dict[str, bool]:
 
 
 _FP8_TABLE: dict[int, FP8Config] = {
-    64: FP8Config(128, 128, 3),  # 8 KiB Q + 3 x 16 KiB K/V^T + 16 KiB O = 72 KiB
+    # d64: 3 consumers (FA3's FP8 d64 runs 3 warpgroups too; H200, results/fp8_H200_20261202_stop30_consumers3.json:
+    # 16k 527 -> 678 TFLOP/s); short causal calls keep 2 (fp8_config_for, the 16-bit rule)
+    64: FP8Config(192, 128, 3, consumers=3, consumer_regs=160),  # 12 KiB Q + 3 x 16 KiB K/V^T + 24 KiB O = 84 KiB
     96: FP8Config(128, 128, 2),  # padded to 128: 16 KiB Q + 2 x 32 KiB + 32 KiB O = 112 KiB
     # d128: wait_fence (H200, results/fp8_H200_20261202_stop30_wait_fence.json: 4k 791 -> 817, 16k 851 -> 894,
     # 16k causal 864 -> 860 TFLOP/s; d256 1225 -> 1197, so not there)
@@ -147,6 +149,19 @@ def fp8_config(headdim: int, **overrides) -> FP8Config:
         raise ValueError(f"hopper FP8 kernels serve head dims {HEADDIMS}, got {headdim}")
     cfg = _FP8_TABLE[headdim]
     return replace(cfg, **_consumer_defaults(cfg, overrides)) if overrides else cfg
+
+
+#: FP8 head dim 64 with 2 consumers: causal calls shorter than D64_CAUSAL_THREE_CONSUMERS_FROM rows
+_FP8_D64_TWO = FP8Config(128, 128, 3)  # 8 KiB Q + 3 x 16 KiB K/V^T + 16 KiB O = 72 KiB
+
+
+def fp8_config_for(headdim: int, *, causal: bool, seqlen_q: int) -> FP8Config:
+    """The FP8 config a call runs: the table's, except head dim 64's causal calls shorter than
+    :data:`D64_CAUSAL_THREE_CONSUMERS_FROM` query rows, which keep 2 consumers as :func:`config_for`
+    does for 16-bit calls (192-row tiles put more of a short causal call's work on the diagonal)."""
+    if headdim == 64 and causal and seqlen_q < D64_CAUSAL_THREE_CONSUMERS_FROM:
+        return _FP8_D64_TWO
+    return fp8_config(headdim)
 
 
 def fp8_smem_bytes(cfg: HopperConfig, headdim: int) -> int:

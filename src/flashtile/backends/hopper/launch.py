@@ -371,7 +371,7 @@ def forward_fp8(
         return out.to(torch.bfloat16), lse
     out = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device)
     varlen, nb, _, _, rows_q, _ = geo
-    cfg = config or configs.fp8_config(D)
+    cfg = config or configs.fp8_config_for(D, causal=call.window_right >= 0, seqlen_q=rows_q)
     _check_launch(call, lse, cfg, D, configs.check_fp8, "FP8 config")
     q, k = (tma_ready(x) for x in (q, k))
     vt = transpose_v(v, varlen)
