@@ -126,3 +126,36 @@ def test_key_memo_gives_triton_its_own_key(tmp_path):
     assert runs[0]["memo"] is False and runs[1]["memo"] is True
     assert runs[1]["equal"] and runs[0]["key"] == runs[1]["key"]
     assert len(list(tmp_path.glob("triton_key-*.json"))) == 1
+
+
+def test_prewarm_imports_triton_in_the_callers_thread(monkeypatch):
+    """start() imports Triton before its thread runs, so that the thread never imports a package the
+    caller may be importing at the same time (a half-initialised module for one of them: seen on the
+    H200 as torch._dynamo's import failing with "module 'triton' has no attribute 'backends'")."""
+    pytest.importorskip("triton")
+    import sys
+    import threading
+
+    seen = {}
+
+    def fake_work():
+        seen["thread"] = threading.current_thread().name
+        seen["loaded"] = "triton.runtime.cache" in sys.modules
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.delenv("FLASHTILE_PREWARM", raising=False)
+    monkeypatch.setattr(_prewarm, "_THREAD", None)
+    monkeypatch.setattr(_prewarm, "_PENDING", False)
+    monkeypatch.setattr(_prewarm, "_work", fake_work)
+    monkeypatch.setitem(sys.modules, "triton.runtime.cache", None)  # its import fails: start() tried it itself
+    assert _prewarm.start() is None and _prewarm._THREAD is None and not seen
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.delenv("FLASHTILE_PREWARM", raising=False)
+    monkeypatch.setattr(_prewarm, "_THREAD", None)
+    monkeypatch.setattr(_prewarm, "_PENDING", False)
+    monkeypatch.setattr(_prewarm, "_work", fake_work)
+    t = _prewarm.start()
+    t.join(10)
+    assert seen == {"thread": "flashtile-prewarm", "loaded": True}
+    monkeypatch.setattr(_prewarm, "_PENDING", False)

@@ -164,6 +164,16 @@ def start() -> threading.Thread | None:
     """Start the background computation once per process (None when not :func:`wanted`)."""
     global _THREAD, _PENDING
     if _THREAD is None and wanted():
+        # Triton is imported here, in the caller's thread, never by the background one: a package
+        # imported by two threads at once can hand one of them a half-initialised module (Python's
+        # import-lock deadlock avoidance), seen on the H200 as torch._dynamo's import failing with
+        # "module 'triton' has no attribute 'backends'" while the thread imported Triton. With the
+        # package loaded, the thread's triton_key() imports nothing (its package walk finds every
+        # package in sys.modules).
+        try:
+            import triton.runtime.cache  # noqa: F401
+        except Exception:  # noqa: BLE001 - a broken Triton: no prewarm (the backends say why)
+            return None
         _THREAD = threading.Thread(target=_work, name="flashtile-prewarm", daemon=True)
         _PENDING = True
         _THREAD.start()
