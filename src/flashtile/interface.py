@@ -182,7 +182,10 @@ def _lean(q, k, v, opts: tuple, return_attn_probs: object, *unset):
     """A dense call through the memo: ``(key, None)`` on a miss (record with that key), ``(None,
     result)`` on a hit, ``(None, None)`` where the memo does not apply: dropout (``opts[0]``), or
     any of the optional arguments ``unset`` given (the memo serves calls without them)."""
-    if unset.count(None) != len(unset) or type(opts[0]) not in _ZERO_TYPES or opts[0]:
+    for x in unset:  # (identity only: tuple.count's == on a tensor breaks torch.compile's graph)
+        if x is not None:
+            return None, None
+    if type(opts[0]) not in _ZERO_TYPES or opts[0]:
         return None, None
     full = _memo_key(q, k, v, opts)
     if full is None:
