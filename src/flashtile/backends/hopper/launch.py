@@ -425,6 +425,9 @@ def describe(headdim: int) -> str:
     """One line naming the config a call with this head dim uses (for ``flashtile env``)."""
     extra = f", bwd {configs.bwd_config(headdim)}; fp8: {configs.fp8_config(headdim)}"
     if headdim == 64:
+        two = configs.fp8_config_for(64, causal=True, seqlen_q=0)
+        extra += f" (causal calls shorter than {configs.D64_CAUSAL_THREE_CONSUMERS_FROM}: {two})"
+    if headdim == 64:
         return (f"sm90 gluon: {configs.config_for(64, causal=False, seqlen_q=0)} (causal calls shorter than "
                 f"{configs.D64_CAUSAL_THREE_CONSUMERS_FROM} rows: {configs.config(64)}){extra}")  # fmt: skip
     return f"sm90 gluon: {configs.config(headdim)}{extra}"
