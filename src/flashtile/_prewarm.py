@@ -5,7 +5,10 @@ cost ~0.4 s on the H200 host (``benchmarks/first_call_profile.py``): before Trit
 kernel up it computes ``triton.runtime.cache.triton_key()`` once per process, a sha256 over
 Triton's compiler sources and its ~hundreds-of-MB ``libtriton`` shared library. File reads and
 hashing release the GIL, so a daemon thread started by ``import flashtile`` does that work while
-the caller creates its CUDA context, its tensors and its model. ``functools.lru_cache`` does not
+the caller creates its CUDA context, its tensors and its model. The thread never imports Triton
+(importing flashtile does not, and two threads importing one package can see it half-initialised):
+it reads the kept key below at once, then installs it, or hashes, as soon as the caller's own
+import of Triton has finished (5 ms polls, for up to 10 minutes). ``functools.lru_cache`` does not
 make a second caller wait for a computation in flight (it would hash everything again), so
 flashtile's launchers call :func:`wait` before a kernel's first (generic) launch: the first call
 waits for what is left of the background work instead of redoing it.
@@ -37,6 +40,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 
 _THREAD: threading.Thread | None = None
 _PENDING = False  # a started thread not yet joined (wait's fast test)
@@ -128,20 +132,44 @@ def install_key(cache_module, key: str) -> bool:
     return True
 
 
+#: how long the thread waits for someone else to import Triton, and how often it looks (s)
+IMPORT_WAIT_S = 600.0
+IMPORT_POLL_S = 0.005
+
+
+def _imported(name: str):
+    """Module ``name`` once another thread has finished importing it (else None). The thread never
+    imports Triton itself: a package imported by two threads at once can hand one of them a
+    half-initialised module (Python's import-lock deadlock avoidance), seen on the H200 as
+    ``torch._dynamo``'s import failing with "module 'triton' has no attribute 'backends'" while
+    this thread imported Triton; and importing flashtile must not import Triton (its interpreter
+    switch is read then)."""
+    mod = sys.modules.get(name)
+    spec = getattr(mod, "__spec__", None)
+    if mod is None or spec is None or getattr(spec, "_initializing", False):
+        return None
+    return mod
+
+
 def _work() -> None:
     try:
-        import triton.runtime.cache as cache_module
-
-        root = os.path.dirname(os.path.dirname(os.path.abspath(cache_module.__file__)))
-        memo = KeyMemo(root)
-        try:
+        spec = importlib.util.find_spec("triton")  # (locates the package, does not import it)
+        if spec is None or not spec.submodule_search_locations:
+            return
+        memo = KeyMemo(os.path.abspath(list(spec.submodule_search_locations)[0]))
+        try:  # file metadata only: no import
             sig = memo.signature()
             key = memo.load(sig)
         except OSError:
             sig = key = None
+        deadline = time.monotonic() + IMPORT_WAIT_S
+        while (cache_module := _imported("triton.runtime.cache")) is None or _imported("triton") is None:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(IMPORT_POLL_S)
         if key is not None and install_key(cache_module, key):
             return
-        key = cache_module.triton_key()
+        key = cache_module.triton_key()  # (its package walk imports nothing once triton is loaded)
         if sig is not None:
             try:
                 memo.save(sig, key)
@@ -164,16 +192,6 @@ def start() -> threading.Thread | None:
     """Start the background computation once per process (None when not :func:`wanted`)."""
     global _THREAD, _PENDING
     if _THREAD is None and wanted():
-        # Triton is imported here, in the caller's thread, never by the background one: a package
-        # imported by two threads at once can hand one of them a half-initialised module (Python's
-        # import-lock deadlock avoidance), seen on the H200 as torch._dynamo's import failing with
-        # "module 'triton' has no attribute 'backends'" while the thread imported Triton. With the
-        # package loaded, the thread's triton_key() imports nothing (its package walk finds every
-        # package in sys.modules).
-        try:
-            import triton.runtime.cache  # noqa: F401
-        except Exception:  # noqa: BLE001 - a broken Triton: no prewarm (the backends say why)
-            return None
         _THREAD = threading.Thread(target=_work, name="flashtile-prewarm", daemon=True)
         _PENDING = True
         _THREAD.start()
@@ -185,6 +203,8 @@ def wait(timeout: float = 60.0) -> None:
     it has finished, and when none was started)."""
     global _PENDING
     if _PENDING and _THREAD is not None:
+        if _imported("triton.runtime.cache") is None:
+            return  # (the thread waits for Triton's import: nothing to join yet)
         if _THREAD is not threading.current_thread():
             _THREAD.join(timeout)
         _PENDING = _THREAD.is_alive()
