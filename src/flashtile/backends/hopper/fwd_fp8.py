@@ -1,6 +1,6 @@
 """Gluon FP8 (e4m3) forward attention kernel for Hopper: the ``ws`` kernel's design (1 TMA
-producer warp, two consumer warpgroups in FA3's ping-pong, K/V ring on full/empty mbarriers)
-with both products in FP8 wgmma.
+producer warp, two or three consumer warpgroups taking turns as FA3's ping-pong, K/V ring on
+full/empty mbarriers) with both products in FP8 wgmma.
 
 Kernels only (the host side is :mod:`.launch`); the mask, online-softmax, tile-coordinate and
 epilogue helpers are :mod:`.fwd`'s, shared with the 16-bit kernels. What differs from ``ws``:
@@ -303,8 +303,9 @@ def attn_fwd_ws_fp8(
     CVT_ASM: gl.constexpr, ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, num_warps: gl.constexpr,
     EXP_POLY: gl.constexpr = 0, WAIT_FENCE: gl.constexpr = False, NUM_CONSUMERS: gl.constexpr = 2,
 ):
-    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (+ 4 + 1 in the
-    other partitions). q_desc / k_desc: e4m3 ``[rows, D]`` tiles as the 16-bit kernels'; vt_desc:
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (+ 4 per further
+    consumer warpgroup, ``NUM_CONSUMERS`` = 2 or 3, + 1 producer warp in the other partitions).
+    q_desc / k_desc: e4m3 ``[rows, D]`` tiles as the 16-bit kernels'; vt_desc:
     e4m3 V^T ``[D, BLOCK_N]`` tiles; o_desc: bf16 ``BLOCK_M // 2``-row tiles. QD / KD / VD:
     float32 descales indexed ``[b * s_b + hk * s_h]``, or None (1). Writes o (bf16) and lse."""
     pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k,
