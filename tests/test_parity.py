@@ -60,6 +60,13 @@ def test_tolerance_rule_itself():
         assert_lse_close(torch.tensor([[0.5, 0.0]]), lse_ref, lse_ref, 1e-3)
     with pytest.raises(AssertionError):
         assert_lse_close(torch.tensor([[float("nan"), float("-inf")]]), lse_ref, lse_ref, 1e-3)
+    # a float32 lse may sit a few fp32 steps at its own magnitude from the oracle (its base-2 route:
+    # testing.LSE_BASE2_REL), not many: at |lse| = 25 (one step 1.9e-6) with an exact baseline
+    big = torch.tensor([[25.0]], dtype=torch.float64)
+    step = torch.finfo(torch.float32).eps * 16  # one float32 step in [16, 32)
+    assert_lse_close(torch.tensor([[25.0 + 8 * step]]), big, big, 5e-6)  # 8 steps: within 5e-6 + 8 eps * 25
+    with pytest.raises(AssertionError):
+        assert_lse_close(torch.tensor([[25.0 + 16 * step]]), big, big, 5e-6)
 
 
 # ----------------------------------------------------------------------------------------------

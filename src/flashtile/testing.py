@@ -397,9 +397,11 @@ def _expect(ok: bool | torch.Tensor, message: str) -> None:
 
 
 def assert_close_to_ref(
-    x: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor, factor: float, atol: float, name: str = "tensor"
+    x: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor, factor: float, atol: float, name: str = "tensor",
+    rel: float = 0.0,
 ) -> None:
-    """flash-attn's rule: ``max|x - ref| <= factor * max|pt - ref| + atol`` (compared in fp64).
+    """flash-attn's rule: ``max|x - ref| <= factor * max|pt - ref| + atol`` (compared in fp64),
+    plus ``rel * max|ref|`` (roundings the baseline does not make, at the result's magnitude).
 
     ``ref`` is the fp32 oracle, ``pt`` the same-dtype one. ``x`` must be finite wherever ``ref``
     is (so NaN never passes); non-finite entries of ``ref`` must be matched exactly by ``x``.
@@ -421,7 +423,7 @@ def assert_close_to_ref(
     pt_ok = torch.isfinite(pt)  # an overflowing baseline must not make the bound vacuous
     pt_err = max_err(pt[pt_ok], ref[pt_ok])
     err = max_err(x, ref)
-    bound = tolerance(pt_err, factor, atol) + step * _max_abs(ref)
+    bound = tolerance(pt_err, factor, atol) + (step + rel) * _max_abs(ref)
     _expect(err <= bound, f"{name}: max|x - ref| = {err:.3g} > {factor} * {pt_err:.3g} + {atol:.3g}")
 
 
@@ -432,7 +434,14 @@ def assert_lse_close(lse: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor, ato
     _expect(lse.shape == ref.shape, f"{name}: shape {tuple(lse.shape)} != {tuple(ref.shape)}")
     _expect(torch.equal(torch.isneginf(lse), torch.isneginf(ref)), f"{name}: -inf positions differ from the oracle")
     fin = torch.isfinite(ref)
-    assert_close_to_ref(lse[fin], ref[fin], pt[fin], FWD_FACTOR, atol, name)
+    assert_close_to_ref(lse[fin], ref[fin], pt[fin], FWD_FACTOR, atol, name, rel=LSE_BASE2_REL)
+
+
+#: The kernels compute the lse in base 2 (``scale * log2(e)`` folded into the scores, ALiBi's bias
+#: added there, the row max and ``log2`` of the row sum added, times ``ln 2``): a few more fp32
+#: roundings at ``|lse| * log2(e)`` than the natural-log baseline (a CI run met 1.5e-5 at |lse| ~ 25,
+#: 8 steps of fp32 there, against a bound of 1.3e-5 without this term).
+LSE_BASE2_REL = 8 * torch.finfo(torch.float32).eps
 
 
 #: Largest softmax_scale (times softcap's tanh' <= 1) that any test passes.
