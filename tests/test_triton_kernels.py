@@ -249,6 +249,27 @@ def test_one_pass_backward(name, monkeypatch):
         run_dense(b, sq, sk, h, hk, d, dtype, **kw)
 
 
+def test_one_pass_backward_rows_with_very_negative_lse(monkeypatch):
+    """The key block's padding keys (>= seqlen_k) must not enter the one pass's dQ: with scale 1 a
+    row whose scores are all below ~-11 overflowed exp2(0 - lse) to inf in fp16, and inf times a
+    zero-filled key gave NaN in dQ (found by test_parity.py::test_random_options under the
+    interpreter: fp16, sq 16, sk 1, d 40, scale 1)."""
+    from conftest import dense_fn, dense_oracle
+
+    from flashtile.backends.triton import launch
+    from flashtile.testing import compare_with_oracle
+
+    launch.clear_plans()
+    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
+    monkeypatch.setattr(launch, "_BWD_DQ", _Forbidden("dQ pass"))  # the one pass it is
+    torch.manual_seed(17)
+    q, k, v = qkv_inputs(1, 16, 1, 1, 1, 40, torch.float16, DEVICE)
+    q[0, :4, 0] = -0.6 * k[0, 0, 0]  # rows whose one score is -0.6 |k|^2 (about -24): lse about -24
+    opts = dict(softmax_scale=1.0)
+    compare_with_oracle(dense_fn(**opts), dense_oracle(**opts), (q, k, v))
+    launch.clear_plans()
+
+
 def test_one_pass_backward_is_reproducible_and_planned(monkeypatch):
     from flashtile.backends.triton import launch
 

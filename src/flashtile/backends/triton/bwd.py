@@ -131,6 +131,11 @@ def _dkdv_step(
     sT, tT = _score_tile(k, qT, rows[None, :], cols[:, None], off, seqlen_q, seqlen_k, wl, wr, qk_scale, cap_out,
                          slope2, MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI, UPCAST, FAST_TANH=not UPCAST)
     pT = tl.exp2(sT - lse2[None, :])
+    if ONE_PASS:
+        # the key block's padding keys (>= seqlen_k: zero-filled, so s = 0 where the tile is not
+        # MASKED): their dS enters this tile's dQ here (the dQ kernel of three passes masks them), and
+        # exp2(0 - lse2) overflows fp16 for rows whose lse < ~-11 (inf * a zero key = NaN in dQ)
+        pT = tl.where(cols[:, None] < seqlen_k, pT, 0.0)
     if not HAS_SOFTCAP:
         dpT = _mm(v, tl.trans(do), UPCAST)
     if HAS_DROPOUT:
