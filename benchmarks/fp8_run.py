@@ -190,15 +190,7 @@ def variant_cases() -> list[tuple[str, dict]]:
 
 SKIP: list[str] = []  # set from --skip
 HEADDIMS: list[int] | None = None  # set from --headdim
-
-
-def _for_headdim(overrides: dict | None, d: int) -> dict | None:
-    """A variant's overrides for head dim ``d``: its ``d`` key, if given, names the one head dim it
-    applies to (None for the others)."""
-    if not overrides or "d" not in overrides:
-        return overrides
-    ov = dict(overrides)
-    return ov if ov.pop("d") == d else None
+_for_headdim = hopper_run.for_headdim
 
 
 def run_correctness(quick: bool, overrides: dict | None = None, label: str = "default", cases=None) -> bool:
@@ -212,10 +204,9 @@ def run_correctness(quick: bool, overrides: dict | None = None, label: str = "de
         ov = _for_headdim(overrides, d)
         if overrides and (ov is None or configs.check_fp8(configs.fp8_config(d, **ov), d)):
             continue
-        overrides_d = ov
         try:
             with watchdog(CASE_TIMEOUT, f"[{label}] {name}"):
-                msg = run_case(name, overrides=overrides_d, **kw)
+                msg = run_case(name, overrides=ov, **kw)
         except CaseFailure as e:
             log(f"FAIL [{label}] {name} ({kw}): {e}")
             return False

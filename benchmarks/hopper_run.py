@@ -81,6 +81,15 @@ def watchdog(seconds: float, what: str):
 
 
 CASE_TIMEOUT = 180.0  # set from --case-timeout
+
+
+def for_headdim(overrides: dict | None, d: int) -> dict | None:
+    """A ``--variant``'s overrides for head dim ``d``: its ``d`` key, if given, names the one head
+    dim it applies to (None for the others; fp8_run.py's variants too)."""
+    if not overrides or "d" not in overrides:
+        return overrides
+    ov = dict(overrides)
+    return ov if ov.pop("d") == d else None
 HEADDIMS: list[int] | None = None  # set from --headdim
 WITH_TRITON = True  # unset by --no-triton
 
@@ -240,8 +249,8 @@ def run_correctness(quick: bool, config_overrides: dict | None = None, label: st
     for name, kw in correctness_cases(quick):
         cfg = None
         if config_overrides:
-            ov = dict(config_overrides)
-            if ov.pop("d", kw.get("d", 64)) != kw.get("d", 64):
+            ov = for_headdim(config_overrides, kw.get("d", 64))
+            if ov is None:
                 continue  # a variant for another head dim
             cfg = replace(configs.config_for(kw.get("d", 64), causal=bool(kw.get("causal")),
                                              seqlen_q=kw.get("sq", 0)), **ov)  # as a default call's, overridden
@@ -335,8 +344,8 @@ def _contenders(c: dict, variants) -> dict:
         k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         call = make_call(headdim=d, causal=causal)
     for label, ov in variants:
-        ov = dict(ov)
-        if ov.pop("d", d) != d:
+        ov = for_headdim(ov, d)
+        if ov is None:
             continue  # a variant for another head dim
         # the config a default call runs (head dim 64: its consumer count by length), with the overrides
         cfg = replace(configs.config_for(d, causal=causal, seqlen_q=s), **ov) if ov else None

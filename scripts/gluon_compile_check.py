@@ -288,13 +288,10 @@ def pv_overlap(sass: str) -> tuple[int, int]:
     ``MUFU.EX2`` and a wgmma with a register A operand (P V). The wait: its ``WARPGROUP.DEPBAR.LE
     gsb0, 0x0``; placed before the last exponentials it serialises P V with the softmax (ptxas
     hoists it: see ``fwd._wait_fence``)."""
-    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
-    loops = [(int(m.group(1), 16), a) for a, t in ins
-             for m in [re.search(r"\bBRA\s+0x([0-9a-f]+)", t)] if m and int(m.group(1), 16) < a]
-    inner = [(lo, hi) for lo, hi in loops if not any(lo <= x < y <= hi and (x, y) != (lo, hi) for x, y in loops)]
+    from triton_compile_check import inner_loop_bodies
+
     n = good = 0
-    for lo, hi in inner:
-        body = [t for a, t in ins if lo <= a <= hi]
+    for body in inner_loop_bodies(sass):
         mufu = [i for i, t in enumerate(body) if "MUFU.EX2" in t]
         if len(mufu) < 32 or not any(re.search(r"[HQ]GMMA\.\S+ R\d+, R\d+,", t) for t in body):
             continue

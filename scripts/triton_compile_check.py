@@ -60,9 +60,9 @@ def regs_and_spills(ptxas_out: str) -> tuple[int, tuple[int, int]]:
     return regs, ((int(m.group(1)), int(m.group(2))) if m else (-1, -1))
 
 
-def _inner_loops(sass: str) -> list[str]:
-    """Per innermost loop of the SASS (a backward branch whose range holds no other one): its
-    instruction, HGMMA, MUFU and local-memory (spill) counts: the hot-loop cost of a variant."""
+def inner_loop_bodies(sass: str) -> list[list[str]]:
+    """The instructions of each innermost loop of a ``cuobjdump -sass`` listing (a backward branch
+    whose range holds no other one), in address order."""
     ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
     loops = []
     for a, t in ins:
@@ -70,9 +70,14 @@ def _inner_loops(sass: str) -> list[str]:
         if m and int(m.group(1), 16) < a:
             loops.append((int(m.group(1), 16), a))
     inner = [(lo, hi) for lo, hi in loops if not any(lo <= x < y <= hi and (x, y) != (lo, hi) for x, y in loops)]
+    return [[t for a, t in ins if lo <= a <= hi] for lo, hi in inner]
+
+
+def _inner_loops(sass: str) -> list[str]:
+    """Per innermost loop of the SASS: its instruction, HGMMA, MUFU and local-memory (spill)
+    counts: the hot-loop cost of a variant."""
     out = []
-    for lo, hi in inner:
-        body = [t for a, t in ins if lo <= a <= hi]
+    for body in inner_loop_bodies(sass):
         counts = [sum(1 for t in body if re.search(pat, t)) for pat in (r"HGMMA", r"MUFU", r"\b(?:LDL|STL)\b")]
         out.append("/".join(map(str, [len(body), *counts])))
     return out

@@ -82,13 +82,19 @@ _TABLE: dict[int, HopperConfig] = {
 #: diagonal (H200, `results/hopper_H200_20261201_stepD_consumers3.json`: non-causal 1k-16k
 #: +8-20%, causal 16k +10%, causal 4k +0%, causal 1k -33%).
 D64_CAUSAL_THREE_CONSUMERS_FROM = 8192
+
+
+def _three_consumers(headdim: int, causal: bool, seqlen_q: int) -> bool:
+    """Head dim 64's rule, 16-bit and FP8 alike: 3 consumers except on causal calls shorter than
+    :data:`D64_CAUSAL_THREE_CONSUMERS_FROM` query rows."""
+    return headdim == 64 and (not causal or seqlen_q >= D64_CAUSAL_THREE_CONSUMERS_FROM)
 _D64_THREE = HopperConfig(192, 128, 2, consumers=3, consumer_regs=160)  # 24 KiB Q + 2 x 32 KiB = 88 KiB
 
 
 def config_for(headdim: int, *, causal: bool, seqlen_q: int) -> HopperConfig:
     """The config a call runs: the table's, with head dim 64's consumer count chosen by
     causality and (max) query length (:data:`D64_CAUSAL_THREE_CONSUMERS_FROM`)."""
-    if headdim == 64 and (not causal or seqlen_q >= D64_CAUSAL_THREE_CONSUMERS_FROM):
+    if _three_consumers(headdim, causal, seqlen_q):
         return _D64_THREE
     return config(headdim)
 
@@ -159,7 +165,7 @@ def fp8_config_for(headdim: int, *, causal: bool, seqlen_q: int) -> FP8Config:
     """The FP8 config a call runs: the table's, except head dim 64's causal calls shorter than
     :data:`D64_CAUSAL_THREE_CONSUMERS_FROM` query rows, which keep 2 consumers as :func:`config_for`
     does for 16-bit calls (192-row tiles put more of a short causal call's work on the diagonal)."""
-    if headdim == 64 and causal and seqlen_q < D64_CAUSAL_THREE_CONSUMERS_FROM:
+    if headdim == 64 and not _three_consumers(headdim, causal, seqlen_q):
         return _FP8_D64_TWO
     return fp8_config(headdim)
 

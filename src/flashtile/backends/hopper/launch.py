@@ -247,6 +247,8 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCa
         HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
         IS_VARLEN=varlen, REVERSE_M=call.window_right >= 0, num_warps=cfg.num_warps,
     )  # fmt: skip
+    ws_kw = dict(CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers,
+                 WAIT_FENCE=bool(cfg.wait_fence))  # (the ws and persistent kernels')
     if cfg.kernel == "persistent":
         tiles, offs = _schedule_tensors(q.device, B, H, Sq, Sk, cfg, call)
         for name in ("IS_VARLEN", "REVERSE_M"):
@@ -257,10 +259,7 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCa
             Sq, Sk, H // Hk, cdiv(Sq, cfg.block_m), H, qk_scale, cap_out,
             call.window_left, call.window_right,
         )  # fmt: skip
-        return out, lse, _PERSISTENT, (offs.shape[0] - 1,), args, dict(
-            CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers,
-            WAIT_FENCE=bool(cfg.wait_fence), **consts
-        ), 8  # fmt: skip
+        return out, lse, _PERSISTENT, (offs.shape[0] - 1,), args, dict(**ws_kw, **consts), 8
     args = (
         *descs, out, lse, call.cu_seqlens_q, call.cu_seqlens_k,
         out.stride(1), out.stride(2), 0 if varlen else lse.stride(0), lse.stride(1),
@@ -269,9 +268,7 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCa
     grid = (cdiv(rows_q, cfg.block_m), H, nb)
     if cfg.kernel == "plain":
         return out, lse, _PLAIN, grid, args, consts, 6
-    kw = dict(CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, NUM_CONSUMERS=cfg.consumers,
-              WAIT_FENCE=bool(cfg.wait_fence), **consts)
-    return out, lse, _WS, grid, args, kw, 6
+    return out, lse, _WS, grid, args, dict(**ws_kw, **consts), 6
 
 
 def _runner(out: torch.Tensor, lse: torch.Tensor, prep, descs: tuple, extra: tuple):
@@ -427,7 +424,6 @@ def describe(headdim: int) -> str:
     if headdim == 64:
         two = configs.fp8_config_for(64, causal=True, seqlen_q=0)
         extra += f" (causal calls shorter than {configs.D64_CAUSAL_THREE_CONSUMERS_FROM}: {two})"
-    if headdim == 64:
         return (f"sm90 gluon: {configs.config_for(64, causal=False, seqlen_q=0)} (causal calls shorter than "
                 f"{configs.D64_CAUSAL_THREE_CONSUMERS_FROM} rows: {configs.config(64)}){extra}")  # fmt: skip
     return f"sm90 gluon: {configs.config(headdim)}{extra}"
