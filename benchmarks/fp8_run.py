@@ -22,7 +22,8 @@
 2. Speed: batch * seqlen = 16384 tokens, nheads * headdim = 2048, head dims 64 / 128 / 256,
    seqlen 1k / 4k / 16k, causal and not: hopper FP8 (the V transpose pre-pass included) vs hopper
    bf16 vs SDPA cuDNN bf16; TFLOP/s = 4 b h s^2 d / t (halved when causal), the bf16 count for
-   all. ``--quick``: d=128 at 4k and 16k, d=256 and d=64 at 16k. A short table last; JSON to
+   all (``--headdim 96`` etc.: the full grid at those head dims instead). ``--quick``: d=128 at 4k
+   and 16k, d=256 and d=64 at 16k. A short table last; JSON to
    ``$OUT/fp8_run.json`` when ``$OUT`` is set, else ``benchmarks/results/``.
 """
 
@@ -280,7 +281,7 @@ def bench_cells(quick: bool) -> list[tuple[int, int, int, int, bool]]:
         return [(4, 16, 4096, 128, False), (1, 16, 16384, 128, False), (1, 16, 16384, 128, True),
                 (1, 8, 16384, 256, False), (1, 32, 16384, 64, False)]  # fmt: skip
     return [(16384 // s, 2048 // d, s, d, c)
-            for d in (64, 128, 256) for s in (1024, 4096, 16384) for c in (False, True)]  # fmt: skip
+            for d in (HEADDIMS or (64, 128, 256)) for s in (1024, 4096, 16384) for c in (False, True)]  # fmt: skip
 
 
 def _contenders(b, h, s, d, causal, variants, default_ok=True) -> dict:
