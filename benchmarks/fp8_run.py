@@ -85,8 +85,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _check_dense(out, lse, q8, k8, v8, qd, kd, vd, opts, what=""):
+def _check_dense(out, lse, q8, k8, v8, qd, kd, vd, opts, what="", rounded_to=None):
+    """``rounded_to``: the dtype the path under test computes the dequantised inputs in (the FP8
+    varlen calls' upcast: ``fp8.compute_dtype``), so that the oracle sees the same inputs."""
     qf, kf, vf = fp8_dequantized(q8, qd), fp8_dequantized(k8, kd), fp8_dequantized(v8, vd)
+    if rounded_to is not None:
+        qf, kf, vf = (x.to(rounded_to).float() for x in (qf, kf, vf))
     ref, ref_lse = attention_ref(qf, kf, vf, **opts)
     bound = fp8_error_bound(qf, kf, vf, quantized_p=True, **opts)
     o = out.float()
@@ -139,7 +143,7 @@ def run_case(name, *, b=2, sq=17, sk=17, h=4, hk=None, d=128, causal=False, wind
                 continue
             errs.append(_check_dense(out[:, sl_q], lse[:, :, sl_q], q8[sl_q][None], k8[sl_k][None], v8[sl_k][None],
                                      pick(ds["q_descale"]), pick(ds["k_descale"]), pick(ds["v_descale"]), opts,
-                                     f"seq {i}: "))  # fmt: skip
+                                     f"seq {i}: ", fp8.compute_dtype(dev)))  # fmt: skip
         err = max(errs) if errs else 0.0
     else:
         call = make_call(headdim=d, causal=causal, window_size=window, softcap=softcap,
