@@ -24,6 +24,8 @@
 backward config variant (``HopperBwdConfig`` fields over the table's, every head dim): its
 gradients are checked against the default config's on a few shapes, then it gets its own
 benchmark column. A watchdog (from ``hopper_run.py``) ends the process (exit code 3) if a case or cell hangs.
+``--rounds 5``: the contenders of a cell take turns 5 times (the median round is reported: an A/B of a
+few percent). ``--where d=128,causal=1``: only the benchmark cells whose fields match.
 ``--plans``: the dense backward's launch plans on (``launch_bwd.PLANS``) for the whole run, and first
 a check of planned calls: the same signature four times (d64 / d128, causal and not), dK / dV
 bitwise equal to the first call's, dQ within the atomics' rounding, the last two through the plan.
@@ -360,24 +362,50 @@ def run_breakdown() -> list[dict]:
     return out
 
 
-def run_bench(quick: bool, variants=()) -> list[dict]:
+def _cell_matches(cell: dict, where: str) -> bool:
+    """Whether a cell matches ``--where`` (``d=128,causal=1``: every field equal; empty: all)."""
+    for kv in filter(None, where.split(",")):
+        k, v = (x.strip() for x in kv.split("="))
+        if float(cell[k]) != float(v):
+            return False
+    return True
+
+
+def run_bench(quick: bool, variants=(), rounds: int = 1, where: str = "") -> list[dict]:
+    """TFLOP/s per cell and contender. ``rounds`` > 1: the contenders take turns ``rounds`` times
+    (each a ``do_bench`` of ``100 / rounds`` ms, at least 20), and the median round is reported, so
+    that a clock or neighbour drift during a cell falls on every contender alike."""
+    import statistics
+
     import triton
 
     rows = []
     for b, h, hk, s, d, causal, softcap in bench_cells(quick):
         row = {"b": b, "h": h, "hk": hk, "s": s, "d": d, "causal": causal, "softcap": softcap}
+        if not _cell_matches(row, where):
+            continue
         flops = attention_flops(b, h, s, d, causal, mode="bwd")
-        for name, fn in _contenders(b, h, hk, s, d, causal, softcap, variants).items():
-            try:
-                with watchdog(CASE_TIMEOUT, f"bench {name} {row}"):
-                    fn()
-                    torch.cuda.synchronize()
-                    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                row[name] = round(flops / (ms * 1e-3) / 1e12, 1)
-            except Exception as e:  # one contender failing must not hide the others
-                row[name] = None
-                log(f"{name} failed at {row}: {type(e).__name__}: {str(e)[:200]}")
-        log("bench " + " ".join(f"{k}={v}" for k, v in row.items()))
+        fns = _contenders(b, h, hk, s, d, causal, softcap, variants)
+        runs: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                if runs[name] is None:
+                    continue
+                try:
+                    with watchdog(CASE_TIMEOUT, f"bench {name} {row}"):
+                        fn()
+                        torch.cuda.synchronize()
+                        ms = triton.testing.do_bench(fn, warmup=25 if rounds == 1 else 5,
+                                                     rep=max(20, 100 // rounds), return_mode="median")
+                    runs[name].append(flops / (ms * 1e-3) / 1e12)
+                except Exception as e:  # one contender failing must not hide the others
+                    runs[name] = None
+                    log(f"{name} failed at {row}: {type(e).__name__}: {str(e)[:200]}")
+        for name, vals in runs.items():
+            row[name] = round(statistics.median(vals), 1) if vals else None
+            if vals and rounds > 1:
+                row[f"{name}_rounds"] = [round(v, 1) for v in vals]
+        log("bench " + " ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_rounds")))
         rows.append(row)
         torch.cuda.empty_cache()
     return rows
@@ -442,6 +470,9 @@ def main() -> int:
     ap.add_argument("--plans", action="store_true", help="the dense backward's launch plans on (checked first)")
     ap.add_argument("--table", default="", help="overrides applied to the backward table itself before the "
                     "correctness cases (every head dim where the config stays valid), e.g. stat_ring=1,fold=1")
+    ap.add_argument("--rounds", type=int, default=1, help="contenders take turns this many times per cell "
+                    "(median round reported)")
+    ap.add_argument("--where", default="", help="benchmark only cells whose fields match, e.g. d=128,causal=1")
     args = ap.parse_args()
     os.environ[hopper.BWD_ENV] = "gluon"  # the kernels under test (the backend's default is Triton's)
     hopper.SMALL_ROWS = 0  # small checks run the Gluon forward too (not the launch-bound Triton route)
@@ -491,7 +522,7 @@ def main() -> int:
     breakdown = run_breakdown() if args.breakdown else None
     if args.no_bench and not breakdown:
         return 0
-    rows = [] if args.no_bench else run_bench(args.quick and not args.full_bench, variants)
+    rows = [] if args.no_bench else run_bench(args.quick and not args.full_bench, variants, args.rounds, args.where)
     names = ["hopper"] + [f"hopper{lb}" for lb, _ in variants] + ["triton", "sdpa_flash", "sdpa_cudnn"]
     print("\nTFLOP/s (bf16 backward alone, 2.5x forward FLOPs)")
     print(f"{'b':>3} {'h':>3} {'hk':>3} {'s':>6} {'d':>4} {'causal':>6} {'cap':>4} "

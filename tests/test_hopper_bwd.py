@@ -80,10 +80,11 @@ def test_bwd_check_names_the_problem(overrides, needle):
 
 def test_bwd_stat_ring_and_fold_checks_and_tables():
     """stat_ring / fold: options of the ws kernel with swap (fold needs the ring); the non-causal
-    table uses them at d64 / 96 / 128, the masked one (causal / window) does not."""
+    table uses them at d64 / 96 / 128, the masked one (causal / window) at d96 / 128, not at d64."""
     for d in (64, 96, 128):
         plain, masked = configs.bwd_config(d), configs.bwd_config(d, masked=True)
-        assert plain.stat_ring and plain.fold and not masked.stat_ring and not masked.fold
+        assert plain.stat_ring and plain.fold
+        assert (masked.stat_ring, masked.fold) == ((0, 0) if d == 64 else (1, 1))
         assert configs.bwd_check(masked, d) is None
         assert "stat_ring = 1" in configs.bwd_check(configs.bwd_config(d, stat_ring=0), d)
         assert "swap" in configs.bwd_check(configs.bwd_config(d, swap=0), d)
@@ -344,6 +345,11 @@ def test_launch_bwd_fold_per_call(lb):
     kw = rec["main"].calls[-1][2]
     assert kw["STAT_RING"] and not kw["FOLD"] and kw["stat_mul"] == 1.0
     launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128, causal=True))
+    kw = rec["main"].calls[-1][2]
+    assert kw["STAT_RING"] and kw["FOLD"]  # (causal calls at d128 too, since stop 33)
+    q64, k64, v64 = qkv_inputs(1, 100, 100, 4, 4, 64, torch.bfloat16, "cpu")
+    call64 = make_call(headdim=64, causal=True)
+    launch_bwd.backward(torch.randn_like(q64), q64, k64, v64, torch.randn_like(q64), lse, call64)
     kw = rec["main"].calls[-1][2]
     assert not kw["STAT_RING"] and not kw["FOLD"] and "stat_mul" not in kw
     # non-causal varlen calls take it too (checked on the H200: hopper_bwd_run.py --table stat_ring=1,fold=1)

@@ -777,10 +777,13 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
         mbarrier.wait(ld_full.index(stage), (i // NUM_STAGES) & 1)
         if FOLD:  # the accumulators start from -lse / scale and -delta (the worker's ring slot)
             acc0 = gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)
-            s = warpgroup_mma(k_w, q_buf.permute((1, 0)),
-                              acc0 + gl.expand_dims(st_smem.index(2 * stage).load(qry_layout), 0), is_async=True)
-            dp = warpgroup_mma(v_w, do_buf.permute((1, 0)),
-                               acc0 + gl.expand_dims(st_smem.index(2 * stage + 1).load(qry_layout), 0), is_async=True)
+            s_row = gl.expand_dims(st_smem.index(2 * stage).load(qry_layout), 0)
+            dp_row = gl.expand_dims(st_smem.index(2 * stage + 1).load(qry_layout), 0)
+            # a broadcast, not zeros + row: ptxas keeps an FADD per register for the IEEE 0 + x
+            s0, _ = gl.broadcast(s_row, acc0)
+            dp0, _ = gl.broadcast(dp_row, acc0)
+            s = warpgroup_mma(k_w, q_buf.permute((1, 0)), s0, is_async=True)
+            dp = warpgroup_mma(v_w, do_buf.permute((1, 0)), dp0, is_async=True)
         else:
             s = _score_mma(k_w, q_buf, SWAP, KEYS, BLOCK_M, s_layout)
             if EARLY_DP:  # dP under the softmax

@@ -385,13 +385,16 @@ _BWD_TABLE: dict[int, HopperBwdConfig] = {
     # results/hopper_bwd_H200_20261201_redvec.json); the default backward at d256 (GLUON_BWD_MIN_KEYS)
     256: HopperBwdConfig(64, 64, 2, dq_chunk=64, red_vec=4),  # K/V 64 KiB + 2 x 64 KiB + P, dS 16 KiB = 208 KiB
 }
-#: Entries for causal / windowed calls where they differ from :data:`_BWD_TABLE`: without stat_ring /
-#: fold, which measured 0-2% slower on every causal cell (d64 1k / 4k / 16k 219 / 366 / 438 against
-#: 223 / 368 / 442, d128 253 / 428 / 502 against 255 / 432 / 508, same run). (ws2, the d64 entry
-#: here before the swap variant, measured 291 / 367 causal at 4k / 16k against swap's 351 / 445.)
-_BWD_MASKED: dict[int, HopperBwdConfig] = {
-    d: replace(_BWD_TABLE[d], stat_ring=0, fold=0) for d in (64, 96, 128)
-}
+#: Entries for causal / windowed calls where they differ from :data:`_BWD_TABLE`: d64 without stat_ring /
+#: fold. Stop 25 measured them 0-2% slower on every causal cell (d64 1k / 4k / 16k 219 / 366 / 438 against
+#: 223 / 368 / 442, d128 253 / 428 / 502 against 255 / 432 / 508, same run); since the fold accumulators
+#: start from a broadcast (stop 33) d128 causal gains with them: 5 interleaved rounds, medians, with /
+#: without (results/hopper_bwd_H200_20261203_stop33_causal_fold_rounds5.json): d128 1k / 4k / 16k 258 /
+#: 438 / 530 against 255 / 414 / 508, GQA 32/8 8k 491 / 473, softcap 30 (stat_ring alone) 393 / 383; d64
+#: 222 / 373 / 456 against 223 / 376 / 453 (no gain: d64 stays plain; d96 follows d128's tile).
+#: (ws2, the d64 entry here before the swap variant, measured 291 / 367 causal at 4k / 16k against
+#: swap's 351 / 445.)
+_BWD_MASKED: dict[int, HopperBwdConfig] = {64: replace(_BWD_TABLE[64], stat_ring=0, fold=0)}
 
 
 def bwd_config(headdim: int, masked: bool = False, **overrides) -> HopperBwdConfig:
