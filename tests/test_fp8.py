@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from flashtile import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, fp8
-from flashtile.testing import attention_ref, cu_seqlens, fp8_dequantized, fp8_error_bound
+from flashtile.testing import attention_ref, cu_seqlens, fp8_dequantized, fp8_error_bound, fp8_score_error_bound
 
 E4M3 = torch.float8_e4m3fn
 
@@ -274,6 +274,38 @@ def test_fp8_transpose_v_key_order(sk):
     torch.testing.assert_close(p_op @ v64[cols], p @ v64)
     varlen = launch.transpose_v(v[:1], varlen=True)
     assert torch.equal(varlen[..., :sk].float(), v[0].permute(1, 2, 0).float())
+
+
+def _acc_14_bits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Q K^T (``(B, S, H, D)`` inputs, ``(B, H, Sq, Sk)``) accumulated as the FP8 wgmma is modelled:
+    32-wide k-steps, the running sum cut to 14 significant bits (truncated) after each."""
+    acc = torch.zeros(q.shape[0], q.shape[2], q.shape[1], k.shape[1], dtype=torch.float64)
+    for c in range(0, q.shape[-1], 32):
+        acc = acc + torch.einsum("bthd,bshd->bhts", q[..., c:c + 32].double(), k[..., c:c + 32].double())
+        m, e = torch.frexp(acc)
+        acc = torch.ldexp(torch.trunc(m * 2.0**14) / 2.0**14, e)
+    return acc
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_fp8_score_error_bound_covers_the_accumulation_model(d):
+    """``testing.fp8_score_error_bound`` holds for scores accumulated with 14 bits kept per k-step
+    (the H200's FP8 wgmma, which flagged lse / output bounds that ignored it at head dim 256), and
+    ``fp8_error_bound`` never falls below its former ``2^-8 (P |V|)`` term."""
+    g = torch.Generator().manual_seed(d)
+    q, k, v = (torch.randn(1, 40, 2, d, generator=g) * sc for sc in (2.0, 1.0, 3.0))
+    scale = d**-0.5
+    exact = torch.einsum("bthd,bshd->bhts", q.double(), k.double())
+    err = ((_acc_14_bits(q, k) - exact).abs() * scale).amax(-1)
+    bound = fp8_score_error_bound(q, k)
+    assert bound.shape == (1, 2, 40) and (err <= bound.double()).all()
+    assert (err > bound.double() / 64).any()  # (the bound is not vacuous)
+    b = fp8_error_bound(q, k, v, quantized_p=True)
+    pv_abs, _ = attention_ref(q, k, v.abs())
+    out, _ = attention_ref(q, k, v)
+    vmax = float(v.abs().max())
+    old = 2.0**-8 * out.abs() + 1e-5 * vmax + (2.0**-4 + 2.0**-8) * pv_abs + 2.0**-9 * vmax
+    assert (b >= old - 1e-6).all()
 
 
 def test_fp8_kernel_switches():

@@ -547,6 +547,26 @@ def fp8_dequantized(x: torch.Tensor, descale: torch.Tensor | None, nheads: int |
     return xf * d.view(b, 1, h, 1)
 
 
+#: the FP8 wgmma's accumulation of Q K^T keeps about 14 bits per partial sum: relative error 2^-13 of the
+#: running sum's magnitude per 32-wide k-step (e4m3 wgmma K = 32)
+FP8_ACC_REL = 2.0**-13
+
+
+def fp8_score_error_bound(q: torch.Tensor, k: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
+    """Bound on the error of each row's scores (natural units) from the FP8 kernels' reduced-precision
+    Q K^T accumulation, ``(B, H, Sq)``: ``2^-13 ceil(d / 32) max_j scale sum_i |q_i| |k_ji|`` (one
+    rounding per k-step of the running sum, whose magnitude is at most the sum of the products'
+    magnitudes). A row's lse moves by at most this much (softcap only shrinks it). Dequantised
+    float32 inputs, dense layout ``(B, S, H, D)``, GQA allowed."""
+    d = q.shape[-1]
+    scale = softmax_scale if softmax_scale is not None else d**-0.5
+    kk = k.float().abs().repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    sabs = torch.einsum("bthd,bshd->bhts", q.float().abs(), kk) * scale
+    if sabs.shape[-1] == 0:
+        return sabs.sum(-1)
+    return FP8_ACC_REL * math.ceil(d / 32) * sabs.amax(-1)
+
+
 def fp8_error_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, quantized_p: bool, **options) -> torch.Tensor:
     """Elementwise bound on ``|out - oracle|`` of an FP8 call, from the dequantised float32 inputs
     (dense layout) and the options of :func:`attention_ref` (padding masks included).
@@ -558,15 +578,20 @@ def fp8_error_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, quanti
       this is at most ``2^-4 (P |V|) + 2^-10 sum_{j visible} |v_j| / l``; the second term is
       bounded here by ``2^-9 max|v|`` (independent rounding errors of both signs: their sum grows as
       the square root of the visible keys, and ``l`` grows with them), and the fp8 wgmma's
-      reduced-precision accumulation of Q K^T (about 2^-13 relative per partial sum) adds
-      ``2^-8 (P |V|)``.
+      reduced-precision accumulation of Q K^T (:func:`fp8_score_error_bound`: scores off by at most
+      ``e`` move each softmax weight by a factor within ``exp(+-2e)``, so the output by at most
+      ``~2e (P |V|)``) adds ``max(2^-8, 2e) (P |V|)`` (2^-8 before stop 33; at head dim 256, or with
+      scores of larger magnitude, ``2e`` exceeds it: the H200 runs flagged such cases by ~1% of the
+      bound).
     """
     out, _ = attention_ref(q, k, v, **options)
     vmax = float(v.abs().max()) if v.numel() else 0.0
     bound = BF16_REL * out.abs() + 1e-5 * max(vmax, 1.0)
     if quantized_p:
         pv_abs, _ = attention_ref(q, k, v.abs(), **options)
-        bound = bound + (FP8_REL + 2.0**-8) * pv_abs + 2.0**-9 * vmax
+        e = fp8_score_error_bound(q, k, options.get("softmax_scale"))  # (B, H, Sq)
+        acc = (2 * e).clamp(min=2.0**-8).transpose(1, 2).unsqueeze(-1)  # (B, Sq, H, 1), as the output
+        bound = bound + (FP8_REL + acc) * pv_abs + 2.0**-9 * vmax
     return bound
 
 
