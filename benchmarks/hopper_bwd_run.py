@@ -386,7 +386,7 @@ def run_bench(quick: bool, variants=(), rounds: int = 1, where: str = "") -> lis
             continue
         flops = attention_flops(b, h, s, d, causal, mode="bwd")
         fns = _contenders(b, h, hk, s, d, causal, softcap, variants)
-        runs: dict[str, list[float]] = {name: [] for name in fns}
+        runs: dict[str, list[float] | None] = {name: [] for name in fns}  # None: the contender failed
         for _ in range(rounds):
             for name, fn in fns.items():
                 if runs[name] is None:
