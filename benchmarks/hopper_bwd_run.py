@@ -232,7 +232,7 @@ def _variant_case(overrides: dict) -> str:
     # blocks: programs whose loop runs no / one iteration, e.g. for nbar's barrier counts)
     shapes = [(2, 203, 300, 4, 2, 128, dict(causal=True)), (1, 300, 300, 2, 2, 64, dict(softcap=20.0)),
               (1, 257, 203, 2, 2, 256, dict(window_size=(50, 8))), (2, 130, 130, 4, 4, 96, {}),
-              (1, 113, 300, 2, 2, 128, dict(window_size=(0, 0)))]  # fmt: skip
+              (1, 113, 300, 2, 2, 128, dict(window_size=(0, 0))), (2, 333, 200, 8, 2, 128, {})]  # fmt: skip
     done = []
     for b, sq, sk, h, hk, d, opts in shapes:
         cfg = configs.bwd_config(d, **overrides)

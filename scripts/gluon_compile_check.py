@@ -418,12 +418,22 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
             consts["NBAR"] = 0
         if "dq_desc" not in sig:  # (a leading argument without a default: None without DQ_TMA)
             consts["dq_desc"] = None
+    fn = bwd.attn_bwd_ws if cfg.kernel in ("ws", "ws2") else bwd.attn_bwd
+    if cfg.persistent:  # (dense only: varlen calls keep one program per tile)
+        if varlen:
+            res.update(ok=True, skipped="the persistent backward serves dense calls")
+            return res
+        fn = bwd.attn_bwd_ws_persistent
+        res["name"] = name = name.replace(f"bwd_{cfg.kernel}", f"bwd_{cfg.kernel}_persistent", 1)
+        sig.update(n_kb="i32", n_hk="i32", n_tiles="i32", TILE_CTR="*i32", head_group="i32")
+        if cfg.rotate:  # (the launcher: calls without a right window only)
+            consts["ROT"] = True
+            res["name"] = name = name.replace("_persistent", "_persistent_rot", 1)
     if not varlen:
         consts.update(CU_Q=None, CU_K=None)
     for key in consts:
         sig[key] = "constexpr"
     try:
-        fn = bwd.attn_bwd_ws if cfg.kernel in ("ws", "ws2") else bwd.attn_bwd
         k = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=consts["num_warps"]))  # fmt: skip
     except Exception as e:

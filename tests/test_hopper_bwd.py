@@ -103,7 +103,7 @@ def test_bwd_nbar_config_and_constexprs():
     for d in configs.HEADDIMS:
         for masked in (False, True):
             assert configs.bwd_config(d, masked).nbar == 0
-    ws = configs.bwd_config(128, nbar=1)
+    ws = configs.bwd_config(128, nbar=1, persistent=0)  # (persistent refuses nbar)
     assert ws.kernel == "ws" and configs.bwd_check(ws, 128) is None
     assert ws.kernel_consts(128)["NBAR"] == 1 and ws.kernel_consts(128, softcap=True)["NBAR"] == 1
     assert configs.bwd_config(128).kernel_consts(128)["NBAR"] == 0
@@ -123,10 +123,10 @@ def test_bwd_nbar2_config_and_constexprs():
     and ws2 like nbar=1, and any other value is refused."""
     for d in (64, 96, 128):
         for masked in (False, True):
-            cfg = configs.bwd_config(d, masked, nbar=2)
+            cfg = configs.bwd_config(d, masked, nbar=2, persistent=0)
             assert configs.bwd_check(cfg, d) is None
             assert cfg.kernel_consts(d)["NBAR"] == 2 and cfg.kernel_consts(d, softcap=True)["NBAR"] == 2
-    three = configs.bwd_config(128, nbar=2, num_stages=3)  # (one named barrier per slot: ids 11..13)
+    three = configs.bwd_config(128, nbar=2, num_stages=3, persistent=0)  # (one named barrier per slot: ids 11..13)
     assert configs.bwd_check(three, 128) is None and three.kernel_consts(128)["NBAR"] == 2
     assert "num_stages <= 11" in configs.bwd_check(replace(three, num_stages=12), 128)
     assert "ws / ws2" in configs.bwd_check(configs.bwd_config(256, nbar=2), 256)  # plain
@@ -277,6 +277,8 @@ def lb(monkeypatch):
 
     monkeypatch.setattr(launch_bwd, "attn_bwd", rec["main"])
     monkeypatch.setattr(launch_bwd, "attn_bwd_ws", WsMain())  # (the table picks per head dim)
+    monkeypatch.setattr(launch_bwd, "attn_bwd_ws_persistent", WsMain())  # (told apart by its n_tiles keyword)
+    monkeypatch.setattr(launch_bwd, "_sm_count", lambda device: 132)
     monkeypatch.setattr(launch_bwd, "_bwd_preprocess", rec["pre"])
     monkeypatch.setattr(launch_bwd, "_bwd_dq_kernel", rec["dq"])
     monkeypatch.setattr(launch_bwd, "_descriptor", lambda t, rows, varlen: ("desc", tuple(t.shape), rows, varlen))
@@ -297,8 +299,9 @@ def test_launch_bwd_dense_arguments(lb):
     B, Sq, Sk, H, Hk, D = 2, 70, 90, 4, 2, 96
     q, k, v = qkv_inputs(B, Sq, Sk, H, Hk, D, torch.bfloat16, "cpu")
     call = make_call(headdim=D, causal=True, softmax_scale=0.25)
-    dq, dk, dv = launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(B, H, Sq), call)
-    cfg = configs.bwd_config(D)
+    cfg = configs.bwd_config(D, persistent=0)  # (one program per tile: the persistent test has its grid)
+    dq, dk, dv = launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(B, H, Sq), call,
+                                     config=cfg)
     (grid, args, kw), *_ = rec["main"].calls
     assert grid == (-(-Sk // cfg.block_n), Hk, B)
     acc = args[4]
@@ -319,7 +322,7 @@ def test_launch_bwd_dense_arguments(lb):
     assert args[9] is None and args[10] is None and not kw["LPT"]
     # longest-first grid (key blocks slowest) for a causal call when the config asks for it
     launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(B, H, Sq), call,
-                        config=configs.bwd_config(D, lpt=1))  # fmt: skip
+                        config=configs.bwd_config(D, lpt=1, persistent=0))  # fmt: skip
     grid2, _, kw2 = rec["main"].calls[1]
     assert grid2 == (Hk, B, -(-Sk // cfg.block_n)) and kw2["LPT"]
     # the conversion: scale x the accumulator, its first D columns and Sq rows, in q's dtype
@@ -364,7 +367,7 @@ def test_launch_bwd_fold_per_call(lb):
 def _nbar_on_dense_calls(launch_bwd, rec, q, k, v, lse, nbar: int):
     """The ws config with ``nbar`` on plain, causal, softcap and varlen calls: NBAR reaches the
     kernel with atomic dQ. Returns the config."""
-    nb = configs.bwd_config(128, nbar=nbar)
+    nb = configs.bwd_config(128, nbar=nbar, persistent=0)
     for call in (make_call(headdim=128), make_call(headdim=128, causal=True), make_call(headdim=128, softcap=30.0)):
         launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, call, config=nb)
         kw = rec["main"].calls[-1][2]
@@ -399,7 +402,7 @@ def test_launch_bwd_nbar_where_it_applies(lb):
     assert not kw["ATOMIC_DQ"] and kw["NBAR"] == 0
     n = len(rec["main"].calls)
     for bad in (replace(nb, kernel="ws2", stat_ring=0, fold=0), configs.HopperBwdConfig(64, 64, 2, nbar=1)):
-        with pytest.raises(ValueError, match="nbar (is an option|are options) of the ws"):
+        with pytest.raises(ValueError, match="nbar (/ persistent )?(is an option|are options) of the ws"):
             launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
                                 config=bad)  # fmt: skip
     assert len(rec["main"].calls) == n
@@ -425,7 +428,8 @@ def test_launch_bwd_nbar2_where_it_applies(lb):
     n = len(rec["main"].calls)
     for bad in (replace(nb, kernel="ws2", stat_ring=0, fold=0), configs.HopperBwdConfig(64, 64, 2, nbar=2),
                 replace(nb, nbar=3)):
-        with pytest.raises(ValueError, match="nbar (is an option|are options) of the ws|nbar must be 0, 1 or 2"):
+        with pytest.raises(ValueError,
+                           match="nbar (/ persistent )?(is an option|are options) of the ws|nbar must be 0, 1 or 2"):
             launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
                                 config=bad)  # fmt: skip
     assert len(rec["main"].calls) == n
@@ -437,6 +441,9 @@ def test_launch_bwd_deterministic_uses_the_ordered_dq_pass(lb):
     call = make_call(headdim=128, deterministic=True, softcap=30.0)
     dq, _, _ = launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(1, 8, 200), call)
     (_, args, kw), = rec["main"].calls
+    if "n_tiles" in kw:  # (the persistent kernel: its tile counter after DELTA, args[9] as recorded)
+        assert args[9].dtype == torch.int32 and int(args[9]) == 0
+        args = args[:9] + args[10:]
     assert not kw["ATOMIC_DQ"] and kw["HAS_SOFTCAP"] and args[4] is dq
     assert args[23] == pytest.approx(30.0 * 1.4426950408889634)
     (grid, dargs, dkw), = rec["dq"].calls
@@ -643,8 +650,9 @@ def planned(monkeypatch):
     from flashtile.backends.hopper import launch as HL
     from flashtile.backends.hopper import launch_bwd
 
-    log = plan_recorders(monkeypatch, launch_bwd, ("attn_bwd_ws", "attn_bwd", "_bwd_preprocess", "_dq_fast",
-                                                   "_bwd_dq_kernel"))  # fmt: skip
+    log = plan_recorders(monkeypatch, launch_bwd, ("attn_bwd_ws", "attn_bwd_ws_persistent", "attn_bwd",
+                                                   "_bwd_preprocess", "_dq_fast", "_bwd_dq_kernel"))  # fmt: skip
+    monkeypatch.setattr(launch_bwd, "_sm_count", lambda device: 132)
     monkeypatch.setattr(launch_bwd, "_descriptor", lambda t, rows, varlen: ("desc", tuple(t.shape), t.dtype, rows))
     monkeypatch.setattr(launch_bwd, "arch", lambda device: "sm90")
     monkeypatch.setattr(HL, "LEAN", True)
@@ -654,13 +662,17 @@ def planned(monkeypatch):
     HL.clear_plans()
 
 
-def test_bwd_plans_repeat_the_first_launch(planned):
+@pytest.mark.parametrize("persistent", [0, 1])
+def test_bwd_plans_repeat_the_first_launch(planned, monkeypatch, persistent):
     """A signature's first call records a pending plan, its first reuse prepares the three launches,
     later calls take them: every call launches the same kernels, grids, non-tensor arguments,
-    tensor dtypes, descriptors and keywords, and returns gradients of the inputs' shapes."""
+    tensor dtypes, descriptors and keywords, and returns gradients of the inputs' shapes. The
+    persistent kernel's tile counter is a leading argument (each call's own, zeroed with the
+    accumulator)."""
     from flashtile.backends.hopper import launch as HL
 
     launch_bwd, log = planned
+    monkeypatch.setitem(configs._BWD_TABLE, 128, replace(configs._BWD_TABLE[128], persistent=persistent))
     q, k, v = qkv_inputs(2, 200, 230, 4, 2, 128, torch.bfloat16, "cpu")
     call = make_call(headdim=128, softmax_scale=0.3)
     dout, out, lse = torch.randn_like(q), torch.randn_like(q), _lse(2, 4, 200)
@@ -672,7 +684,10 @@ def test_bwd_plans_repeat_the_first_launch(planned):
         runs.append(log[n0:])
     strip = [[e[:4] for e in r] for r in runs]
     assert strip[0] == strip[1] == strip[2] == strip[3]
-    assert [e[0] for e in runs[0]] == ["_bwd_preprocess", "attn_bwd_ws", "_dq_fast"]
+    main_name = "attn_bwd_ws_persistent" if persistent else "attn_bwd_ws"
+    assert [e[0] for e in runs[0]] == ["_bwd_preprocess", main_name, "_dq_fast"]
+    if persistent:  # (recorded args: 4 descriptors, dq_desc, the accumulator, dk, dv, lse, delta, the counter)
+        assert all(r[1][2][10] == torch.int32 and r[1][3]["n_tiles"] == 2 * 2 * 2 for r in runs)
     assert [e[4] for e in runs[1]] == ["generic"] * 3 and [e[4] for e in runs[3]] == ["prepared"] * 3
     main = runs[3][1]
     assert main[2][4] == ("desc", (2, 200 + configs.bwd_config(128).block_m, 4, 128), torch.float32,
@@ -702,3 +717,49 @@ def test_bwd_plans_only_what_they_can_repeat(planned):
             n0 = len(log)
             launch_bwd.backward(d, qq, kk, vv, out, lse, call, **kw)
             assert all(e[4] == "generic" for e in log[n0:]), call
+
+
+def test_persistent_backward_config_and_launch(lb):
+    """``persistent`` (the d96 / d128 default since stop 34): an option of the ws kernel with swap
+    and stat_ring only; a dense call (causal and windowed too) launches one program per SM (at most one
+    per tile) with the tile counts and a zeroed tile counter, and is never planned; a varlen call keeps
+    one program per tile."""
+    launch_bwd, rec = lb
+    cfg = configs.bwd_config(128, persistent=1)
+    assert configs.bwd_check(cfg, 128) is None
+    assert "persistent" in configs.bwd_check(configs.bwd_config(128, persistent=1, stat_ring=0, fold=0), 128)
+    assert "persistent" in configs.bwd_check(configs.bwd_config(128, persistent=1, nbar=1), 128)
+    assert "ws / ws2" in configs.bwd_check(configs.bwd_config(256, persistent=1), 256)
+    B, S, H, Hk, D = 2, 1000, 8, 4, 128
+    q = torch.randn(B, S, H, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, S, Hk, D, dtype=torch.bfloat16) for _ in range(2))
+    call = make_call(headdim=D)
+    launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(B, H, S), call, config=cfg)
+    grid, _, kw = rec["main"].calls[-1]
+    n_kb = -(-S // cfg.block_n)
+    assert (kw["n_kb"], kw["n_hk"], kw["n_tiles"]) == (n_kb, Hk, n_kb * Hk * B)
+    assert grid == (min(n_kb * Hk * B, 132),) and kw["STAT_RING"] and kw["SWAP"] and not kw["LPT"]
+    assert kw["head_group"] == 1  # (tiles of one length: key block fastest)
+    big = torch.randn(1, 64 * 1024, 2, D, dtype=torch.bfloat16)  # more tiles than SMs: 132 programs
+    launch_bwd.backward(big, big, big, big, big, _lse(1, 2, 64 * 1024), make_call(headdim=D), config=cfg)
+    assert rec["main"].calls[-1][0] == (132,)
+    for masked in (dict(causal=True), dict(window_size=(64, 64))):  # (tiles of unequal length: the counter)
+        launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(B, H, S),
+                            make_call(headdim=D, **masked), config=cfg)  # fmt: skip
+        grid, _, kw = rec["main"].calls[-1]
+        assert grid == (min(n_kb * Hk * B, 132),) and kw["n_tiles"] == n_kb * Hk * B
+        ctr = rec["main"].calls[-1][1][9]  # a fresh zeroed int32 counter per call (after DELTA)
+        assert ctr.dtype == torch.int32 and ctr.shape == (1,) and int(ctr) == 0
+        assert kw["head_group"] == cfg.head_group == 4  # (the table's: 4 heads' key block 0 first)
+    for group, want in ((3, 3), (100, Hk * B), (0, Hk * B)):  # (0: all heads in one group)
+        launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(B, H, S),
+                            make_call(headdim=D, causal=True), config=replace(cfg, head_group=group))
+        assert rec["main"].calls[-1][2]["head_group"] == want
+    assert "head_group" in configs.bwd_check(replace(cfg, head_group=-1), 128)
+    lens = cu([30, 70], "cpu")
+    qv = torch.randn(1, 100, 4, D, dtype=torch.bfloat16)
+    vcall = make_call(headdim=D, cu_seqlens_q=lens, cu_seqlens_k=lens, max_seqlen_q=70, max_seqlen_k=70)
+    launch_bwd.backward(torch.randn_like(qv), qv, qv, qv, torch.randn_like(qv), _lse(1, 4, 100), vcall, config=cfg)
+    grid, _, kw = rec["main"].calls[-1]
+    assert "n_tiles" not in kw and len(grid) == 3
+

@@ -203,6 +203,17 @@ def _step_block(i, g, mb_lo, n_mb, BL_IDX, LIST_SUBS: gl.constexpr):
 
 
 @gluon.jit
+def _rot_step(i, n_mb, rot):
+    """Iteration ``i`` with the query blocks of its head rotated by ``rot`` (``0 <= rot < n_mb``): the
+    step whose block :func:`_step_block` gives (``ROT``: the persistent kernel's non-causal tiles start
+    at different query blocks, so that the programs running at once add into different dQ rows)."""
+    g = i // n_mb
+    j = i - g * n_mb + rot
+    j = gl.where(j >= n_mb, j - n_mb, j)
+    return g * n_mb + j
+
+
+@gluon.jit
 def _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
            HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, BLOCK_M: gl.constexpr,
            qry_layout: gl.constexpr, TRANS: gl.constexpr = False, MASK_MOD: gl.constexpr = None,
@@ -472,10 +483,13 @@ def attn_bwd(
 @gluon.jit
 def _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, i, b, hk, group, q_start, mb_lo, n_mb,
                 BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, BL_IDX=None,
-                LIST_SUBS: gl.constexpr = 0):
-    """Worker: TMA loads of the Q and dO tiles of iteration ``i`` into ring slot ``i % NUM_STAGES``,
-    both completing on that slot's ``ld_full`` barrier."""
-    stage = i % NUM_STAGES
+                LIST_SUBS: gl.constexpr = 0, ring_i=None):
+    """Worker: TMA loads of the Q and dO tiles of iteration ``i`` into ring slot ``ring_i % NUM_STAGES``
+    (``ring_i``: the ring's iteration count, ``i`` unless the ring goes on across tiles), both
+    completing on that slot's ``ld_full`` barrier."""
+    if ring_i is None:
+        ring_i = i
+    stage = ring_i % NUM_STAGES
     g = i // n_mb
     row = q_start + _step_block(i, g, mb_lo, n_mb, BL_IDX, LIST_SUBS) * BLOCK_M
     h = hk * group + g
@@ -529,7 +543,9 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
                    IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, RED_ROWS: gl.constexpr,
                    WORKER_WARPS: gl.constexpr, NUM_TILES: gl.constexpr, dq_desc, DQ_TMA: gl.constexpr,
                    BL_IDX, LIST_SUBS: gl.constexpr, LSE, DELTA, st_smem, seqlen_q, stride_lb, stride_lh, stat_mul,
-                   STAT_RING: gl.constexpr, FOLD: gl.constexpr, NBAR: gl.constexpr = 0):
+                   STAT_RING: gl.constexpr, FOLD: gl.constexpr, NBAR: gl.constexpr = 0,
+                   it0=0, tcount=0, kv_empty=None, PERSIST: gl.constexpr = False, rot=0,
+                   ROT: gl.constexpr = False):
     """The worker warpgroup: every TMA load (K and V once, then Q / dO of each iteration into the
     ring, a slot refilled once the compute warpgroups released it), and the dQ reductions: each
     iteration's dQ tile, left in ``dq_smem`` by the compute warpgroups, is added into the fp32
@@ -541,21 +557,38 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
     it (their latency under it), then a second arrival on the slot's ``ld_full``. ``NBAR``: the dQ
     hand-off on named barriers (``bar.sync`` full, ``bar.arrive`` empty; see :func:`attn_bwd_ws`);
     ``NBAR = 2``: also ``bar.sync`` on the slot's named barrier before refilling it, in place of the
-    ``ld_empty`` wait."""
+    ``ld_empty`` wait.
+
+    ``PERSIST`` (:func:`attn_bwd_ws_persistent`: one call per tile of the program): the ring and the dQ
+    hand-off go on across tiles, so slots, phases and parities follow the program's iteration count
+    ``it0 + i`` (``it0``: iterations of its earlier tiles); the tile's first slots are refilled only once
+    the compute warps released them (their iterations of the tile before), and K / V only once they
+    arrived on ``kv_empty`` (phase of tile ``tcount - 1``)."""
     st_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WORKER_WARPS], [0])
+    if PERSIST:
+        if tcount > 0:
+            mbarrier.wait(kv_empty, (tcount - 1) & 1)
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     _tma_load(k_desc, kv_bar, k_smem, b, k_start + n0, hk, IS_VARLEN)
     _tma_load(v_desc, kv_bar, v_smem, b, k_start + n0, hk, IS_VARLEN)
     for st in gl.static_range(NUM_STAGES):
         if st < total:
-            _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, st, b, hk, group, q_start, mb_lo, n_mb,
-                        BLOCK_M, NUM_STAGES, IS_VARLEN, BL_IDX, LIST_SUBS)
+            gst = it0 + st  # (the ring's iteration: it0 = 0 unless PERSIST)
+            if PERSIST:
+                if gst >= NUM_STAGES:  # the slot's iteration gst - NUM_STAGES (an earlier tile's) released
+                    mbarrier.wait(ld_empty.index(gst % NUM_STAGES), (gst // NUM_STAGES - 1) & 1)
+            sti = st
+            if ROT:
+                sti = _rot_step(st, n_mb, rot)
+            _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, sti, b, hk, group, q_start, mb_lo, n_mb,
+                        BLOCK_M, NUM_STAGES, IS_VARLEN, BL_IDX, LIST_SUBS, gst)
             if STAT_RING:
-                lse2, delta = _lse_delta(LSE, DELTA, st, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb,
+                lse2, delta = _lse_delta(LSE, DELTA, sti, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb,
                                          stride_lh, BLOCK_M, st_layout, BL_IDX, LIST_SUBS)
-                _put_stats(st_smem, st, lse2, delta, stat_mul, NUM_STAGES, FOLD)
-                mbarrier.arrive(ld_full.index(st))
+                _put_stats(st_smem, gst, lse2, delta, stat_mul, NUM_STAGES, FOLD)
+                mbarrier.arrive(ld_full.index(gst % NUM_STAGES))
     for i in range(total):
+        gi = it0 + i
         nxt = i + NUM_STAGES
         if STAT_RING:  # (defined on both paths of the branch below)
             lse2 = gl.zeros([BLOCK_M], gl.float32, st_layout)
@@ -564,21 +597,27 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
             if NBAR == 2:  # every compute thread is done with slot i % NUM_STAGES (arrived for iteration i)
                 _ring_barrier(_NBAR_SYNC_RING, i % NUM_STAGES, NUM_STAGES, WORKER_WARPS)
             else:
-                mbarrier.wait(ld_empty.index(i % NUM_STAGES), (i // NUM_STAGES) & 1)
-            _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, nxt, b, hk, group, q_start, mb_lo, n_mb,
-                        BLOCK_M, NUM_STAGES, IS_VARLEN, BL_IDX, LIST_SUBS)
+                mbarrier.wait(ld_empty.index(gi % NUM_STAGES), (gi // NUM_STAGES) & 1)
+            nxi = nxt
+            if ROT:
+                nxi = _rot_step(nxt, n_mb, rot)
+            _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, nxi, b, hk, group, q_start, mb_lo, n_mb,
+                        BLOCK_M, NUM_STAGES, IS_VARLEN, BL_IDX, LIST_SUBS, gi + NUM_STAGES)
             if STAT_RING:
-                lse2, delta = _lse_delta(LSE, DELTA, nxt, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb,
+                lse2, delta = _lse_delta(LSE, DELTA, nxi, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb,
                                          stride_lh, BLOCK_M, st_layout, BL_IDX, LIST_SUBS)
         if ATOMIC_DQ:
             g = i // n_mb
-            blk = _step_block(i, g, mb_lo, n_mb, BL_IDX, LIST_SUBS)
+            ii = i
+            if ROT:
+                ii = _rot_step(i, n_mb, rot)
+            blk = _step_block(ii, g, mb_lo, n_mb, BL_IDX, LIST_SUBS)
             h = hk * group + g
             base = DQ + (b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh)
             if NBAR:
                 _named_barrier(_NBAR_SYNC_FULL, WORKER_WARPS)  # the compute warps stored tile i
             else:
-                mbarrier.wait(dq_full, i & 1)
+                mbarrier.wait(dq_full, gi & 1)
             if DQ_TMA:
                 for t in gl.static_range(NUM_TILES):
                     _tma_reduce_tile(dq_desc, dq_smem.index(t), b, q_start + blk * BLOCK_M, h, IS_VARLEN)
@@ -591,8 +630,9 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
                     _named_barrier(_NBAR_ARRIVE_EMPTY, WORKER_WARPS)
         if STAT_RING:
             if nxt < total:
-                _put_stats(st_smem, nxt, lse2, delta, stat_mul, NUM_STAGES, FOLD)
-                mbarrier.arrive(ld_full.index(nxt % NUM_STAGES))  # (after a barrier of the worker's warps)
+                _put_stats(st_smem, gi + NUM_STAGES, lse2, delta, stat_mul, NUM_STAGES, FOLD)
+                # (after a barrier of the worker's warps)
+                mbarrier.arrive(ld_full.index((gi + NUM_STAGES) % NUM_STAGES))
         if ATOMIC_DQ and not NBAR:
             mbarrier.arrive(dq_empty)  # (lowered after a barrier of the worker's warps: all reads done)
 
@@ -673,7 +713,9 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                     DEFER_DK: gl.constexpr, SWAP: gl.constexpr, DQ_TMA: gl.constexpr,
                     BL_IDX, MA0, MA1, MA2, LIST_SUBS: gl.constexpr, MASK_MOD: gl.constexpr,
                     STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False, NBAR: gl.constexpr = 0,
-                    SA0=None, SA1=None, SA2=None, SCORE_MOD: gl.constexpr = None):
+                    SA0=None, SA1=None, SA2=None, SCORE_MOD: gl.constexpr = None,
+                    it0=0, kv_phase=0, kv_empty=None, PERSIST: gl.constexpr = False, rot=0,
+                    ROT: gl.constexpr = False):
     """Compute warps of the ws kernel: for each query block of the ring, the five products and
     the softmax recomputation, dK and dV in registers, the dQ tile left in ``dq_smem`` for the
     worker.
@@ -709,7 +751,12 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
     the ``dq_full`` arrival was, i.e. without that arrival's barrier of the 8 warps (protocol:
     :func:`attn_bwd_ws`). ``NBAR = 2``: also the ring slot's release at the end of the iteration,
     ``bar.arrive`` on the slot's named barrier (only if the worker refills the slot) in place of
-    the ``ld_empty`` arrival and its barrier of the 8 warps."""
+    the ``ld_empty`` arrival and its barrier of the 8 warps.
+
+    ``PERSIST`` (:func:`attn_bwd_ws_persistent`, one call per tile): ring slots, phases and the dQ
+    hand-off's parities follow the program's iteration count ``it0 + i``; K / V are waited for at
+    ``kv_phase`` and released on ``kv_empty`` once the tile's last wgmma retired, before dK / dV are
+    stored (so the worker loads the next tile's K / V under the stores)."""
     dtype: gl.constexpr = q_bufs.dtype
     NW: gl.constexpr = 4 if SPLIT else 8
     KEYS: gl.constexpr = BLOCK_N // 2 if SPLIT else BLOCK_N
@@ -763,18 +810,22 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
     elif not SWAP:
         lse2, delta = _lse_delta(LSE, DELTA, 0, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb, stride_lh,
                                  BLOCK_M, qry_layout, BL_IDX, LIST_SUBS)
-    mbarrier.wait(kv_bar, 0)
+    mbarrier.wait(kv_bar, kv_phase)
     for i in range(total):
-        stage = i % NUM_STAGES
+        gi = it0 + i  # (the ring's iteration: it0 = 0 unless PERSIST)
+        stage = gi % NUM_STAGES
         g = i // n_mb
-        blk = mb_lo + i - g * n_mb
+        if ROT:
+            blk = mb_lo + _rot_step(i, n_mb, rot) - g * n_mb
+        else:
+            blk = mb_lo + i - g * n_mb
         q_buf = q_bufs.index(stage)
         do_buf = do_bufs.index(stage)
         masked = (blk < fu_lo) | (blk >= fu_hi)
         if LIST_SUBS:  # block-list mode: blk is the step of the list; its query rows and head
             m0 = _list_block(BL_IDX, blk, LIST_SUBS) * BLOCK_M
             hq = hk * group + g
-        mbarrier.wait(ld_full.index(stage), (i // NUM_STAGES) & 1)
+        mbarrier.wait(ld_full.index(stage), (gi // NUM_STAGES) & 1)
         if FOLD:  # the accumulators start from -lse / scale and -delta (the worker's ring slot)
             acc0 = gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)
             s_row = gl.expand_dims(st_smem.index(2 * stage).load(qry_layout), 0)
@@ -874,7 +925,7 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                                is_async=True)
             if DEFER:
                 dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
-                _dq_wait_empty(dq_empty, i, NBAR, NW)  # the worker is done with the previous dQ tile
+                _dq_wait_empty(dq_empty, gi, NBAR, NW)  # the worker is done with the previous dQ tile
                 dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))  # dV and dQ retired, dK may still run
                 dq_w.store(dq)
                 if DQ_TMA:
@@ -882,7 +933,7 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                 _dq_put_full(dq_full, NBAR, NW)
                 dk = warpgroup_mma_wait(0, deps=(dk,))
             else:
-                _dq_wait_empty(dq_empty, i, NBAR, NW)  # the worker is done with the previous dQ tile
+                _dq_wait_empty(dq_empty, gi, NBAR, NW)  # the worker is done with the previous dQ tile
                 if SWAP:
                     dq, dv, dk, pa, dsa = warpgroup_mma_wait(0, deps=(dq, dv, dk, pa, dsa))
                 else:
@@ -894,7 +945,7 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                 # NBAR: each thread's own stores, the worker's bar.sync waits for all 256 threads)
                 _dq_put_full(dq_full, NBAR, NW)
         elif ATOMIC_DQ:
-            mbarrier.wait(dq_empty, (i & 1) ^ 1)  # the worker is done with the previous dQ tiles
+            mbarrier.wait(dq_empty, (gi & 1) ^ 1)  # the worker is done with the previous dQ tiles
             for c in gl.static_range(BLOCK_D // DQ_CHUNK):
                 dq = warpgroup_mma(ds_t, k_w.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1),
                                    gl.zeros([BLOCK_M, DQ_CHUNK], gl.float32, dq_layout), use_acc=False, is_async=True)
@@ -919,6 +970,8 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                 _ring_barrier(_NBAR_ARRIVE_RING, stage, NUM_STAGES, NW)
         else:
             mbarrier.arrive(ld_empty.index(stage))  # (lowered after a barrier of the partition)
+    if PERSIST:
+        mbarrier.arrive(kv_empty)  # every wgmma reading K / V retired (the loop's last wait)
     kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
     _store_rows(DV + kv_off, dv.to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM, KEYS, BLOCK_D,
                 kv_layout)
@@ -1147,3 +1200,227 @@ def attn_bwd_ws(
                               BL_IDX, LIST_SUBS, LSE, DELTA, st_smem, seqlen_q, stride_lb, stride_lh, stat_mul,
                               STAT_RING, FOLD, NB)),
         ], [4], [WORKER_REGS])
+
+
+# ---------------------------------------------------------------------------------------
+# persistent ws backward (HopperBwdConfig.persistent: the d96 / d128 default for dense calls)
+# ---------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _bwd_tile(t, n_kb, n_hk, n_tiles, head_group, seqlen_q, seqlen_k, window_left, window_right,
+              HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Tile ``t`` of a persistent program: ``(b, hk, n0, mb_lo, fu_lo, fu_hi, n_mb)``, the query-block
+    range of :func:`attn_bwd_ws` (a ragged last key block takes the masked path). The (batch, KV head)
+    pairs go in groups of ``head_group`` (the last one may be smaller); within a group the key block
+    is the slow index and the pair the fast one, so a causal call's long tiles (key block 0) of the
+    group's heads come first. ``head_group = 1``: :func:`attn_bwd_ws`'s grid order (key block fastest,
+    then the KV head, then the batch)."""
+    n_bh = n_tiles // n_kb
+    per = head_group * n_kb
+    g = t // per
+    r = t - g * per
+    size = gl.minimum(head_group, n_bh - g * head_group)
+    pid_n = r // size
+    bh = g * head_group + (r - pid_n * size)
+    hk = bh % n_hk
+    b = bh // n_hk
+    n0 = pid_n * BLOCK_N
+    off = seqlen_k - seqlen_q
+    c_hi = gl.minimum(n0 + BLOCK_N, seqlen_k)
+    mb_lo, fu_lo, fu_hi, mb_hi = _block_range(n0, c_hi, seqlen_q, -off, window_right, window_left,
+                                              HAS_WR, HAS_WL, BLOCK_M)
+    if n0 + BLOCK_N > seqlen_k:
+        fu_hi = fu_lo
+    return b, hk, n0, mb_lo, fu_lo, fu_hi, mb_hi - mb_lo
+
+
+@gluon.jit
+def _tile_rot(n0, n_mb, n_kb, BLOCK_N: gl.constexpr):
+    """The first query block (relative to the tile's first) of the key block at ``n0`` with ``ROT``:
+    key block ``j`` of ``n_kb`` starts ``j * n_mb / n_kb`` blocks in, so the tiles of a head running at
+    once spread over its query blocks."""
+    return ((n0 // BLOCK_N) * n_mb // n_kb) % gl.maximum(n_mb, 1)
+
+
+@gluon.jit
+def _take_tile(tile_smem, tile_full, tile_empty, k, NW: gl.constexpr):
+    """Compute side of the tile hand-off: the index of the program's ``k``-th tile, left in ``tile_smem``
+    by the worker (``tile_full``), then released to it (``tile_empty``)."""
+    mbarrier.wait(tile_full, k & 1)
+    t = gl.max(tile_smem.load(gl.BlockedLayout([1], [32], [NW], [0])), 0)
+    mbarrier.arrive(tile_empty)
+    return t
+
+
+@gluon.jit
+def _give_tile(tile_smem, tile_full, tile_empty, t, k, WORKER_WARPS: gl.constexpr):
+    """Worker side of the tile hand-off: publish ``t`` as the program's ``k``-th tile once the compute
+    warps took the ``k - 1``-th."""
+    if k > 0:
+        mbarrier.wait(tile_empty, (k - 1) & 1)
+    tile_smem.store(gl.full([1], t, gl.int32, gl.BlockedLayout([1], [32], [WORKER_WARPS], [0])))
+    mbarrier.arrive(tile_full)  # (after a barrier of the worker's warps: the store is done)
+
+
+@gluon.jit
+def _bwd_ws_compute_tiles(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem,
+                          kv_bar, ld_full, ld_empty, dq_full, dq_empty, kv_empty, tile_smem, tile_full, tile_empty,
+                          DK, DV, LSE, DELTA, group, seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh,
+                          stride_lb, stride_lh, qk_scale, cap_out, sm_scale, window_left, window_right,
+                          n_kb, n_hk, n_tiles, head_group,
+                          HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                          BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr,
+                          HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
+                          DQ_TMA: gl.constexpr, FOLD: gl.constexpr, ROT: gl.constexpr):
+    """The compute warps of :func:`attn_bwd_ws_persistent`: :func:`_bwd_ws_compute` once per tile the
+    worker hands over (:func:`_take_tile`; an index ``>= n_tiles`` ends the program), the ring's
+    iteration count carried across tiles."""
+    it0 = gl.program_id(0) * 0
+    k = gl.program_id(0) * 0
+    t = _take_tile(tile_smem, tile_full, tile_empty, k, 8)
+    while t < n_tiles:
+        b, hk, n0, mb_lo, fu_lo, fu_hi, n_mb = _bwd_tile(t, n_kb, n_hk, n_tiles, head_group, seqlen_q,
+                                                         seqlen_k, window_left, window_right, HAS_WL, HAS_WR,
+                                                         BLOCK_M, BLOCK_N)
+        total = n_mb * group
+        zero = b * 0
+        _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem,
+                        kv_bar, ld_full, ld_empty, dq_full, dq_empty,
+                        DK, DV, LSE, DELTA, b, hk, group, zero, zero, n0, mb_lo, fu_lo, fu_hi, n_mb,
+                        total, seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
+                        qk_scale, cap_out, sm_scale, window_left, window_right,
+                        0, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
+                        ATOMIC_DQ, False, True, DQ_TMA, None, None, None, None, 0, None,
+                        True, FOLD, 0, None, None, None, None,
+                        it0, k & 1, kv_empty, True, _tile_rot(n0, n_mb, n_kb, BLOCK_N), ROT)
+        it0 += total
+        k += 1
+        t = _take_tile(tile_smem, tile_full, tile_empty, k, 8)
+
+
+@gluon.jit
+def _bwd_ws_worker_tiles(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
+                         kv_bar, ld_full, ld_empty, dq_full, dq_empty, kv_empty, tile_smem, tile_full, tile_empty,
+                         TILE_CTR, DQ, group,
+                         stride_dqb, stride_dqs, stride_dqh, seqlen_q, seqlen_k, window_left, window_right,
+                         n_kb, n_hk, n_tiles, head_group, dq_desc, LSE, DELTA, st_smem, stride_lb, stride_lh,
+                         stat_mul, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
+                         NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
+                         ATOMIC_DQ: gl.constexpr, RED_ROWS: gl.constexpr, DQ_TMA: gl.constexpr,
+                         FOLD: gl.constexpr, ROT: gl.constexpr):
+    """The worker warpgroup of :func:`attn_bwd_ws_persistent`: tiles ``pid`` first, then each one taken
+    from the call's counter ``TILE_CTR`` (``nprog + atomic_add(TILE_CTR, 1)``, once the current tile's
+    loads and dQ adds are issued), handed to the compute warps (:func:`_give_tile`), and
+    :func:`_bwd_ws_worker` once per tile; at the end an index ``>= n_tiles`` tells the compute warps to
+    stop."""
+    it0 = gl.program_id(0) * 0
+    k = gl.program_id(0) * 0
+    t = gl.program_id(0)
+    while t < n_tiles:
+        _give_tile(tile_smem, tile_full, tile_empty, t, k, 4)
+        b, hk, n0, mb_lo, fu_lo, fu_hi, n_mb = _bwd_tile(t, n_kb, n_hk, n_tiles, head_group, seqlen_q,
+                                                         seqlen_k, window_left, window_right, HAS_WL, HAS_WR,
+                                                         BLOCK_M, BLOCK_N)
+        total = n_mb * group
+        zero = b * 0
+        _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
+                       kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, zero, zero, n0,
+                       mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
+                       BLOCK_M, BLOCK_D, NUM_STAGES, False, ATOMIC_DQ, RED_ROWS, 4, 1, dq_desc, DQ_TMA,
+                       None, 0, LSE, DELTA, st_smem, seqlen_q, stride_lb, stride_lh, stat_mul,
+                       True, FOLD, 0, it0, k, kv_empty, True, _tile_rot(n0, n_mb, n_kb, BLOCK_N), ROT)
+        it0 += total
+        k += 1
+        # the next tile, taken once this one's loads and dQ adds are issued (not when it starts: a
+        # program busy with a long tile would hold the one after it while others run out of work)
+        t = gl.num_programs(0) + gl.atomic_add(TILE_CTR, 1, sem="relaxed")
+    _give_tile(tile_smem, tile_full, tile_empty, t, k, 4)  # (>= n_tiles: the compute warps stop)
+
+
+@gluon.jit(do_not_specialize=_NO_SPECIALIZE + ["n_kb", "n_hk", "n_tiles", "head_group"])
+def attn_bwd_ws_persistent(
+    q_desc, k_desc, v_desc, do_desc, dq_desc, DQ, DK, DV, LSE, DELTA, TILE_CTR, CU_Q, CU_K,
+    stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group, qk_scale, cap_out, sm_scale, window_left, window_right,
+    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+    IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, WORKER_REGS: gl.constexpr, RED_ROWS: gl.constexpr,
+    num_warps: gl.constexpr, DEFER_DK: gl.constexpr = False, SPLIT: gl.constexpr = False,
+    COMPUTE_REGS: gl.constexpr = 240, SWAP: gl.constexpr = False, DQ_TMA: gl.constexpr = False,
+    LPT: gl.constexpr = False, STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False, stat_mul=1.0,
+    NBAR: gl.constexpr = 0, n_kb=1, n_hk=1, n_tiles=1, head_group=1, ROT: gl.constexpr = False,
+):
+    """:func:`attn_bwd_ws` (``SWAP`` with ``STAT_RING``, dense, 8 compute warps, no named barriers,
+    no block lists) as a persistent kernel: grid ``(min(n_tiles, SMs),)``; program ``p`` runs the
+    tile ``p`` first, then the next free one of the ``n_tiles = n_kb * n_hk * batch`` key-block tiles
+    (in the order of :func:`_bwd_tile` with ``head_group``) from the call's counter ``TILE_CTR`` (an int32 zero before
+    the launch, advanced by atomic adds): a program that finishes early takes more tiles, as the
+    hardware's block scheduler balances one program per tile (causal tiles differ in length). Same
+    arguments as :func:`attn_bwd_ws` (those it does not serve must keep their defaults) plus ``TILE_CTR``
+    (after ``DELTA``: a leading tensor of the launch plans), ``n_kb`` (key blocks per head), ``n_hk`` (KV
+    heads), ``n_tiles`` and ``head_group``; ``ROT``: each tile walks its query blocks from
+    :func:`_tile_rot`'s on, wrapping around (non-causal calls; an experiment, see HopperBwdConfig.rotate).
+
+    What changes against one program per tile: the Q / dO ring and the dQ hand-off go on from tile to
+    tile (slots and parities from the program's iteration count), and K / V, loaded once per tile,
+    are released by the compute warps on ``kv_empty`` after the tile's last wgmma: the worker loads
+    the next tile's K / V and first Q / dO slots while the compute warps store the tile's dK / dV,
+    and the last dQ reduce-add of a tile runs under the next one's start. No program start, barrier
+    initialisation or register reallocation per tile (stop 33's breakdown: ~14 us per program of the
+    one-program-per-tile kernel against ~0 for cuDNN's persistent grid)."""
+    gl.static_assert(SWAP and STAT_RING and not SPLIT and not IS_VARLEN and NBAR == 0 and not LPT
+                     and not DEFER_DK and num_warps == 8,
+                     "persistent: the ws kernel with swap and stat_ring, dense, without nbar / lpt / ws2")
+    gl.static_assert(not FOLD or not HAS_SOFTCAP, "fold: without softcap")
+    dtype: gl.constexpr = q_desc.dtype
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
+                                                     element_bitwidth=dtype.primitive_bitwidth, rank=2)
+    if DQ_TMA:
+        dq_slayout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    else:
+        dq_slayout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
+    do_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, BLOCK_M],
+                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
+    dq_smem = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M if ATOMIC_DQ else 8, BLOCK_D], dq_slayout)
+    st_smem = gl.allocate_shared_memory(gl.float32, [2 * NUM_STAGES, BLOCK_M],
+                                        gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    tile_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    tile_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    tile_smem = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
+                                                                                 order=[0]))
+    ld_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    ld_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    dq_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    dq_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    mbarrier.init(kv_empty, count=1)
+    mbarrier.init(tile_full, count=1)
+    mbarrier.init(tile_empty, count=1)
+    mbarrier.init(dq_full, count=1)
+    mbarrier.init(dq_empty, count=1)
+    for st in gl.static_range(NUM_STAGES):
+        mbarrier.init(ld_full.index(st), count=2)  # (the TMA's expect, the stats' arrival)
+        mbarrier.init(ld_empty.index(st), count=1)
+    gl.warp_specialize([
+        (_bwd_ws_compute_tiles, (k_smem, v_smem, q_bufs, do_bufs, ds_smem, ds_smem, dq_smem, st_smem,
+                                 kv_bar, ld_full, ld_empty, dq_full, dq_empty, kv_empty, tile_smem, tile_full,
+                                 tile_empty, DK, DV, LSE, DELTA, group, seqlen_q, seqlen_k, stride_dkb, stride_dks,
+                                 stride_dkh, stride_lb, stride_lh, qk_scale, cap_out, sm_scale, window_left,
+                                 window_right, n_kb, n_hk, n_tiles, head_group,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
+                                 ATOMIC_DQ, DQ_TMA, FOLD, ROT)),
+        (_bwd_ws_worker_tiles, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
+                                kv_bar, ld_full, ld_empty, dq_full, dq_empty, kv_empty, tile_smem, tile_full,
+                                tile_empty, TILE_CTR, DQ, group,
+                                stride_dqb, stride_dqs, stride_dqh, seqlen_q, seqlen_k, window_left, window_right,
+                                n_kb, n_hk, n_tiles, head_group, dq_desc, LSE, DELTA, st_smem, stride_lb,
+                                stride_lh, stat_mul, BLOCK_M, BLOCK_N, BLOCK_D, NUM_STAGES, HAS_WL, HAS_WR,
+                                ATOMIC_DQ, RED_ROWS, DQ_TMA, FOLD, ROT)),
+    ], [4], [WORKER_REGS])

@@ -336,6 +336,23 @@ class HopperBwdConfig:
     #: nbar=2 +0.7% / -2.4%; benchmarks/NOTES.md, "Named-barrier dQ hand-off"): off, kept as a
     #: switch for a kernel whose compute warpgroups no longer meet at the loop head
     nbar: int = 0
+    #: ws with swap and stat_ring: :func:`.bwd.attn_bwd_ws_persistent`, one program per SM looping over the
+    #: key-block tiles, the next one taken from a counter as a program finishes one (the ring, the dQ
+    #: hand-off and the next tile's K / V loads go on across tiles; dense calls: varlen calls keep one
+    #: program per tile). d96 / d128 (stop 34: +1-4% non-causal, +2-5% causal against one program per
+    #: tile); d64 spills 48-64 bytes with it and lost 3-7%
+    persistent: int = 0
+    #: persistent, causal / right-window calls: the tile order (:func:`.bwd._bwd_tile`) takes the
+    #: (batch, KV head) pairs in groups of ``head_group`` (0: all in one group), key block 0 of each
+    #: pair in the group first: the long tiles go early and the short ones balance the programs at the
+    #: end. Other calls (tiles of one length) keep key block fastest (``head_group = 1``: the heads
+    #: running at once share their Q / dO and dQ rows in L2)
+    head_group: int = 0
+    #: persistent, calls without a right window: each key block's tile walks its query blocks from
+    #: ``j * n_mb / n_kb`` on (key block j), wrapping around, instead of from the first: the tiles of a
+    #: head running at once (all from query block 0, in step, when their tiles have one length) then
+    #: add into different dQ rows (an experiment, stop 34)
+    rotate: int = 0
 
     def chunk(self, headdim: int) -> int:
         """Columns of dQ computed and added at once (``dq_chunk``; 0: the whole tile)."""
@@ -372,14 +389,21 @@ _BWD_TABLE: dict[int, HopperBwdConfig] = {
     # stat_ring + fold (results/hopper_bwd_H200_20261202_fold.json, same run, against without): d64
     # 434 / 464 at 4k / 16k against 399 / 429 non-causal (+8-9%), 1k +8%; causal -1% (below)
     64: HopperBwdConfig(128, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1),
-    96: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1),  # as 128
+    96: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1,
+                        persistent=1, head_group=4),  # as 128
     # ws (FA3's tile): K/V 64 KiB + 2 x (Q, dO) 32 KiB + dS^T 16 KiB + dQ tile 32 KiB; swap + dq_tma:
     # 459 / 396 at 4k, 487 / 514 at 16k (non-causal / causal) against 411 / 338 and 455 / 436 without
     # (swap alone 452 / 388, 501 / 502; dq_tma alone 413 / 352, 457 / 456); ws2 + swap + dq_tma 376 /
     # 327, 395 / 407 (same run). stat_ring + fold: 483 / 518 at 4k / 16k against 473 / 506 (+2%), 1k
     # +3% (results/hopper_bwd_H200_20261202_fold.json; the worker's 24 registers matter: 32 lost
     # 1-11%, and 3 ring stages 1-4%)
-    128: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1),
+    # persistent, head_group=4 (stop 34, 3 interleaved rounds, medians, against one program per tile;
+    # results/hopper_bwd_H200_20261203_stop34_persistent.json): 1k / 4k / 16k 363 / 503 / 540 against
+    # 352 / 485 / 538 non-causal, causal 264 / 456 / 533 against 259 / 436 / 534, GQA 32/8 8k causal
+    # 509 / 488, softcap 30 420 / 395. head_group 1 (key block fastest) lost 4k causal (421); 0 (all
+    # heads) lost 1k causal (196: every head's Q / dO and dQ rows at once, out of L2)
+    128: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1,
+                         persistent=1, head_group=4),
     192: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # padded to 256: as 256
     # d256: red_vec=4 measured 257 TFLOP/s causal 4k b4 h8 against red_vec=1's 136 (H200, same run,
     # results/hopper_bwd_H200_20261201_redvec.json); the default backward at d256 (GLUON_BWD_MIN_KEYS)
@@ -463,8 +487,15 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
             return f"nbar=2 takes a named barrier per ring slot (ids 3..13): num_stages <= 11, got {cfg.num_stages}"
         if cfg.nbar and cfg.kernel != "ws":
             return "nbar is an option of the ws kernel (8 compute warps and the worker; not ws2)"
-    elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold or cfg.nbar:
-        return "swap / dq_tma / stat_ring / fold / nbar are options of the ws / ws2 kernels"
+        if cfg.persistent and not (cfg.kernel == "ws" and cfg.swap and cfg.stat_ring and not cfg.nbar
+                                   and not cfg.lpt):
+            return "persistent is an option of the ws kernel with swap and stat_ring, without nbar / lpt"
+        if cfg.rotate and not cfg.persistent:
+            return "rotate is an option of the persistent kernel"
+        if cfg.head_group < 0:
+            return f"head_group must be >= 0 (0: all heads in one group), got {cfg.head_group}"
+    elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold or cfg.nbar or cfg.persistent:
+        return "swap / dq_tma / stat_ring / fold / nbar / persistent are options of the ws / ws2 kernels"
     if cfg.block_n not in (64, 128):
         return f"block_n (keys per program, the wgmma M of two warpgroups) must be 64 or 128, got {cfg.block_n}"
     if cfg.block_m not in (64, 128):

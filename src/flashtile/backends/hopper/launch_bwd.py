@@ -29,6 +29,7 @@ once per block mask by :func:`flex_lists`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
@@ -49,11 +50,30 @@ from .launch import _check_launch, _descriptor, tma_ready
 
 # the Gluon kernels (and the dQ conversion) on the lean launch path too
 attn_bwd, attn_bwd_ws, _dq_fast = fast(bwd.attn_bwd), fast(bwd.attn_bwd_ws), fast(_dq_kernel)
+attn_bwd_ws_persistent = fast(bwd.attn_bwd_ws_persistent)
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (the persistent backward's grid), cached per device."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
 
 
 def _convert_dq(acc: torch.Tensor, dq: torch.Tensor, scale: float) -> None:
     """``dq = scale * acc[..., :D]`` in one pass (:func:`.dq.convert_dq`, on the lean launch)."""
     convert_dq(acc, dq, scale, kernel=_dq_fast)
+
+
+def _accumulator(shape: tuple, device: torch.device, counter: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The zeroed fp32 dQ accumulator of ``shape`` and, with ``counter``, the persistent kernel's int32
+    tile counter (zero) behind it in the same buffer: one memset for both (16-byte aligned: the
+    accumulator's rows are BLOCK_D wide)."""
+    n = math.prod(shape)
+    buf = torch.zeros(n + 4 if counter else n, dtype=torch.float32, device=device)
+    return buf[:n].view(shape), buf[n : n + 1].view(torch.int32) if counter else None
 
 
 def backward(
@@ -103,7 +123,13 @@ def backward(
         raise ValueError("flashtile hopper: the block-list mode needs the ws kernel with swap and atomic dQ")
     # fp32 dQ accumulator, BLOCK_D wide and BLOCK_M rows longer: the kernel's atomics need no
     # masks (rows past a sequence add exact zeros)
-    dq_acc = torch.zeros((B, Sq + cfg.block_m, H, bd), dtype=torch.float32, device=q.device) if atomic else dq
+    # persistent (dense ws calls): one program per SM over the n_kb * Hk * B key-block tiles, each
+    # program taking the next free tile from a zeroed int32 counter as it finishes one
+    persistent = bool(cfg.persistent) and cfg.kernel == "ws" and not varlen and lists is None
+    if atomic:
+        dq_acc, ctr = _accumulator((B, Sq + cfg.block_m, H, bd), q.device, persistent)
+    else:
+        dq_acc, ctr = dq, torch.zeros(1, dtype=torch.int32, device=q.device) if persistent else None
     qk_scale, cap_out = score_scales(call)
     stride_lb = 0 if varlen else lse.stride(0)
 
@@ -132,8 +158,17 @@ def backward(
         n_kb = cdiv(rows_k, cfg.block_n)
         # causal / right window: key block 0 of every head first (longest first); grid y / z <= 65535
         lpt = bool(cfg.lpt) and call.window_right >= 0 and nb <= 65535 and n_kb <= 65535 and lists is None
-        main = ((Hk, nb, n_kb) if lpt else (n_kb, Hk, nb), (
-            *descs, dq_acc, dk, dv, lse, delta, call.cu_seqlens_q, call.cu_seqlens_k,
+        grid = (Hk, nb, n_kb) if lpt else (n_kb, Hk, nb)
+        if persistent:
+            kernel = attn_bwd_ws_persistent
+            # causal / right window: the long tiles first (head_group pairs at a time, 0: all)
+            group = (cfg.head_group or Hk * nb) if call.window_right >= 0 else 1
+            extra.update(n_kb=n_kb, n_hk=Hk, n_tiles=n_kb * Hk * nb, head_group=min(group, Hk * nb),
+                         ROT=bool(cfg.rotate) and call.window_right < 0)
+            grid = (min(n_kb * Hk * nb, _sm_count(q.device)),)
+        main = (grid, (
+            *descs, dq_acc, dk, dv, lse, delta, *((ctr,) if persistent else ()), call.cu_seqlens_q,
+            call.cu_seqlens_k,
             0 if varlen else dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
             0 if varlen else dk.stride(0), dk.stride(1), dk.stride(2), stride_lb, lse.stride(1),
             Sq, Sk, H // Hk, qk_scale, cap_out, call.softmax_scale, call.window_left, call.window_right,
@@ -151,7 +186,8 @@ def backward(
         if plan is None or plan[0] is not call:
             HL.keep_plan(key, (call, _PENDING))
         elif plan[1] is _PENDING:  # the first reuse: the launches prepared for the next calls
-            HL.keep_plan(key, (call, _runner(kernel, pre, main, cfg, extra["DQ_TMA"], dq_acc, dq, call.softmax_scale)))
+            HL.keep_plan(key, (call, _runner(kernel, pre, main, cfg, extra["DQ_TMA"], dq_acc, dq, call.softmax_scale,
+                                            persistent)))
     return dq, dk, dv
 
 
@@ -172,19 +208,21 @@ PLANS = os.environ.get("FLASHTILE_HOPPER_BWD_PLANS", "1").strip() != "0"
 
 
 def _runner(kernel, pre: tuple, main: tuple, cfg: HopperBwdConfig, dq_tma: bool, dq_acc: torch.Tensor,
-            dq: torch.Tensor, scale: float):  # fmt: skip
+            dq: torch.Tensor, scale: float, persistent: bool = False):  # fmt: skip
     """A backward plan's runner from this call's launches ``pre`` / ``main`` (``(grid, args,
     kwargs)``; main's leading arguments: five descriptor slots, the last the accumulator's with
-    ``dq_tma``, else None, then five tensors): ``run(dout, q, k, v, out, lse) -> (dq, dk, dv)``, or
+    ``dq_tma``, else None, then five tensors, six with ``persistent``: the tile counter):
+    ``run(dout, q, k, v, out, lse) -> (dq, dk, dv)``, or
     None (launching nothing) where the plans were cleared, the lean path turned off or a base is not
     16-byte aligned; None itself where a launch cannot be prepared."""
     conv = dq_launch(dq_acc, dq, scale)
-    preps = (_bwd_preprocess.prepare(*pre, 3), kernel.prepare(*main, 10, descs=5 if dq_tma else 4),
+    preps = (_bwd_preprocess.prepare(*pre, 3), kernel.prepare(*main, 11 if persistent else 10,
+                                                               descs=5 if dq_tma else 4),
              _dq_fast.prepare(*conv, 2))  # fmt: skip
     if None in preps:
         return None
     p_pre, p_main, p_conv = preps
-    epoch, dev, f32 = HL._EPOCH, dq.device, torch.float32
+    epoch, dev = HL._EPOCH, dq.device
     acc_shape, block_m, block_n = tuple(dq_acc.shape), cfg.block_m, cfg.block_n
 
     def run(dout, q, k, v, out, lse):
@@ -194,13 +232,13 @@ def _runner(kernel, pre: tuple, main: tuple, cfg: HopperBwdConfig, dq_tma: bool,
         dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
         dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
         dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
-        delta = torch.empty(lse.shape, dtype=f32, device=dev)
-        acc = torch.zeros(acc_shape, dtype=f32, device=dev)
+        delta = torch.empty(lse.shape, dtype=torch.float32, device=dev)
+        acc, ctr = _accumulator(acc_shape, dev, persistent)
         descs = (_descriptor(q, block_m, False), _descriptor(k, block_n, False), _descriptor(v, block_n, False),
                  _descriptor(dout, block_m, False), _descriptor(acc, block_m, False) if dq_tma else None)  # fmt: skip
         with device_guard(dev):
             p_pre(out, dout, delta)
-            p_main(*descs, acc, dk, dv, lse, delta)
+            p_main(*descs, acc, dk, dv, lse, delta, *((ctr,) if persistent else ()))
             p_conv(acc, dq)
         return dq, dk, dv
 
