@@ -426,9 +426,6 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
         fn = bwd.attn_bwd_ws_persistent
         res["name"] = name = name.replace(f"bwd_{cfg.kernel}", f"bwd_{cfg.kernel}_persistent", 1)
         sig.update(n_kb="i32", n_hk="i32", n_tiles="i32", TILE_CTR="*i32", head_group="i32")
-        if cfg.rotate:  # (the launcher: calls without a right window only)
-            consts["ROT"] = True
-            res["name"] = name = name.replace("_persistent", "_persistent_rot", 1)
     if not varlen:
         consts.update(CU_Q=None, CU_K=None)
     for key in consts:

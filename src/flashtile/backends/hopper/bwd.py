@@ -203,17 +203,6 @@ def _step_block(i, g, mb_lo, n_mb, BL_IDX, LIST_SUBS: gl.constexpr):
 
 
 @gluon.jit
-def _rot_step(i, n_mb, rot):
-    """Iteration ``i`` with the query blocks of its head rotated by ``rot`` (``0 <= rot < n_mb``): the
-    step whose block :func:`_step_block` gives (``ROT``: the persistent kernel's non-causal tiles start
-    at different query blocks, so that the programs running at once add into different dQ rows)."""
-    g = i // n_mb
-    j = i - g * n_mb + rot
-    j = gl.where(j >= n_mb, j - n_mb, j)
-    return g * n_mb + j
-
-
-@gluon.jit
 def _bwd_p(s, lse2, keys, m0, masked, seqlen_k, off, window_left, window_right, qk_scale, cap_out,
            HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, BLOCK_M: gl.constexpr,
            qry_layout: gl.constexpr, TRANS: gl.constexpr = False, MASK_MOD: gl.constexpr = None,
@@ -544,8 +533,7 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
                    WORKER_WARPS: gl.constexpr, NUM_TILES: gl.constexpr, dq_desc, DQ_TMA: gl.constexpr,
                    BL_IDX, LIST_SUBS: gl.constexpr, LSE, DELTA, st_smem, seqlen_q, stride_lb, stride_lh, stat_mul,
                    STAT_RING: gl.constexpr, FOLD: gl.constexpr, NBAR: gl.constexpr = 0,
-                   it0=0, tcount=0, kv_empty=None, PERSIST: gl.constexpr = False, rot=0,
-                   ROT: gl.constexpr = False):
+                   it0=0, tcount=0, kv_empty=None, PERSIST: gl.constexpr = False):
     """The worker warpgroup: every TMA load (K and V once, then Q / dO of each iteration into the
     ring, a slot refilled once the compute warpgroups released it), and the dQ reductions: each
     iteration's dQ tile, left in ``dq_smem`` by the compute warpgroups, is added into the fp32
@@ -577,13 +565,10 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
             if PERSIST:
                 if gst >= NUM_STAGES:  # the slot's iteration gst - NUM_STAGES (an earlier tile's) released
                     mbarrier.wait(ld_empty.index(gst % NUM_STAGES), (gst // NUM_STAGES - 1) & 1)
-            sti = st
-            if ROT:
-                sti = _rot_step(st, n_mb, rot)
-            _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, sti, b, hk, group, q_start, mb_lo, n_mb,
+            _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, st, b, hk, group, q_start, mb_lo, n_mb,
                         BLOCK_M, NUM_STAGES, IS_VARLEN, BL_IDX, LIST_SUBS, gst)
             if STAT_RING:
-                lse2, delta = _lse_delta(LSE, DELTA, sti, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb,
+                lse2, delta = _lse_delta(LSE, DELTA, st, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb,
                                          stride_lh, BLOCK_M, st_layout, BL_IDX, LIST_SUBS)
                 _put_stats(st_smem, gst, lse2, delta, stat_mul, NUM_STAGES, FOLD)
                 mbarrier.arrive(ld_full.index(gst % NUM_STAGES))
@@ -598,20 +583,14 @@ def _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_b
                 _ring_barrier(_NBAR_SYNC_RING, i % NUM_STAGES, NUM_STAGES, WORKER_WARPS)
             else:
                 mbarrier.wait(ld_empty.index(gi % NUM_STAGES), (gi // NUM_STAGES) & 1)
-            nxi = nxt
-            if ROT:
-                nxi = _rot_step(nxt, n_mb, rot)
-            _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, nxi, b, hk, group, q_start, mb_lo, n_mb,
+            _issue_slot(q_desc, do_desc, q_bufs, do_bufs, ld_full, nxt, b, hk, group, q_start, mb_lo, n_mb,
                         BLOCK_M, NUM_STAGES, IS_VARLEN, BL_IDX, LIST_SUBS, gi + NUM_STAGES)
             if STAT_RING:
-                lse2, delta = _lse_delta(LSE, DELTA, nxi, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb,
+                lse2, delta = _lse_delta(LSE, DELTA, nxt, b, hk, group, q_start, mb_lo, n_mb, seqlen_q, stride_lb,
                                          stride_lh, BLOCK_M, st_layout, BL_IDX, LIST_SUBS)
         if ATOMIC_DQ:
             g = i // n_mb
-            ii = i
-            if ROT:
-                ii = _rot_step(i, n_mb, rot)
-            blk = _step_block(ii, g, mb_lo, n_mb, BL_IDX, LIST_SUBS)
+            blk = _step_block(i, g, mb_lo, n_mb, BL_IDX, LIST_SUBS)
             h = hk * group + g
             base = DQ + (b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh)
             if NBAR:
@@ -714,8 +693,7 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                     BL_IDX, MA0, MA1, MA2, LIST_SUBS: gl.constexpr, MASK_MOD: gl.constexpr,
                     STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False, NBAR: gl.constexpr = 0,
                     SA0=None, SA1=None, SA2=None, SCORE_MOD: gl.constexpr = None,
-                    it0=0, kv_phase=0, kv_empty=None, PERSIST: gl.constexpr = False, rot=0,
-                    ROT: gl.constexpr = False):
+                    it0=0, kv_phase=0, kv_empty=None, PERSIST: gl.constexpr = False):
     """Compute warps of the ws kernel: for each query block of the ring, the five products and
     the softmax recomputation, dK and dV in registers, the dQ tile left in ``dq_smem`` for the
     worker.
@@ -815,10 +793,7 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
         gi = it0 + i  # (the ring's iteration: it0 = 0 unless PERSIST)
         stage = gi % NUM_STAGES
         g = i // n_mb
-        if ROT:
-            blk = mb_lo + _rot_step(i, n_mb, rot) - g * n_mb
-        else:
-            blk = mb_lo + i - g * n_mb
+        blk = mb_lo + i - g * n_mb
         q_buf = q_bufs.index(stage)
         do_buf = do_bufs.index(stage)
         masked = (blk < fu_lo) | (blk >= fu_hi)
@@ -1236,14 +1211,6 @@ def _bwd_tile(t, n_kb, n_hk, n_tiles, head_group, seqlen_q, seqlen_k, window_lef
 
 
 @gluon.jit
-def _tile_rot(n0, n_mb, n_kb, BLOCK_N: gl.constexpr):
-    """The first query block (relative to the tile's first) of the key block at ``n0`` with ``ROT``:
-    key block ``j`` of ``n_kb`` starts ``j * n_mb / n_kb`` blocks in, so the tiles of a head running at
-    once spread over its query blocks."""
-    return ((n0 // BLOCK_N) * n_mb // n_kb) % gl.maximum(n_mb, 1)
-
-
-@gluon.jit
 def _take_tile(tile_smem, tile_full, tile_empty, k, NW: gl.constexpr):
     """Compute side of the tile hand-off: the index of the program's ``k``-th tile, left in ``tile_smem``
     by the worker (``tile_full``), then released to it (``tile_empty``)."""
@@ -1272,7 +1239,7 @@ def _bwd_ws_compute_tiles(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_s
                           HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr,
                           HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-                          DQ_TMA: gl.constexpr, FOLD: gl.constexpr, ROT: gl.constexpr):
+                          DQ_TMA: gl.constexpr, FOLD: gl.constexpr):
     """The compute warps of :func:`attn_bwd_ws_persistent`: :func:`_bwd_ws_compute` once per tile the
     worker hands over (:func:`_take_tile`; an index ``>= n_tiles`` ends the program), the ring's
     iteration count carried across tiles."""
@@ -1293,7 +1260,7 @@ def _bwd_ws_compute_tiles(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_s
                         0, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
                         ATOMIC_DQ, False, True, DQ_TMA, None, None, None, None, 0, None,
                         True, FOLD, 0, None, None, None, None,
-                        it0, k & 1, kv_empty, True, _tile_rot(n0, n_mb, n_kb, BLOCK_N), ROT)
+                        it0, k & 1, kv_empty, True)
         it0 += total
         k += 1
         t = _take_tile(tile_smem, tile_full, tile_empty, k, 8)
@@ -1308,7 +1275,7 @@ def _bwd_ws_worker_tiles(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs
                          stat_mul, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
                          NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                          ATOMIC_DQ: gl.constexpr, RED_ROWS: gl.constexpr, DQ_TMA: gl.constexpr,
-                         FOLD: gl.constexpr, ROT: gl.constexpr):
+                         FOLD: gl.constexpr):
     """The worker warpgroup of :func:`attn_bwd_ws_persistent`: tiles ``pid`` first, then each one taken
     from the call's counter ``TILE_CTR`` (``nprog + atomic_add(TILE_CTR, 1)``, once the current tile's
     loads and dQ adds are issued), handed to the compute warps (:func:`_give_tile`), and
@@ -1329,7 +1296,7 @@ def _bwd_ws_worker_tiles(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs
                        mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
                        BLOCK_M, BLOCK_D, NUM_STAGES, False, ATOMIC_DQ, RED_ROWS, 4, 1, dq_desc, DQ_TMA,
                        None, 0, LSE, DELTA, st_smem, seqlen_q, stride_lb, stride_lh, stat_mul,
-                       True, FOLD, 0, it0, k, kv_empty, True, _tile_rot(n0, n_mb, n_kb, BLOCK_N), ROT)
+                       True, FOLD, 0, it0, k, kv_empty, True)
         it0 += total
         k += 1
         # the next tile, taken once this one's loads and dQ adds are issued (not when it starts: a
@@ -1349,7 +1316,7 @@ def attn_bwd_ws_persistent(
     num_warps: gl.constexpr, DEFER_DK: gl.constexpr = False, SPLIT: gl.constexpr = False,
     COMPUTE_REGS: gl.constexpr = 240, SWAP: gl.constexpr = False, DQ_TMA: gl.constexpr = False,
     LPT: gl.constexpr = False, STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False, stat_mul=1.0,
-    NBAR: gl.constexpr = 0, n_kb=1, n_hk=1, n_tiles=1, head_group=1, ROT: gl.constexpr = False,
+    NBAR: gl.constexpr = 0, n_kb=1, n_hk=1, n_tiles=1, head_group=1,
 ):
     """:func:`attn_bwd_ws` (``SWAP`` with ``STAT_RING``, dense, 8 compute warps, no named barriers,
     no block lists) as a persistent kernel: grid ``(min(n_tiles, SMs),)``; program ``p`` runs the
@@ -1359,8 +1326,7 @@ def attn_bwd_ws_persistent(
     hardware's block scheduler balances one program per tile (causal tiles differ in length). Same
     arguments as :func:`attn_bwd_ws` (those it does not serve must keep their defaults) plus ``TILE_CTR``
     (after ``DELTA``: a leading tensor of the launch plans), ``n_kb`` (key blocks per head), ``n_hk`` (KV
-    heads), ``n_tiles`` and ``head_group``; ``ROT``: each tile walks its query blocks from
-    :func:`_tile_rot`'s on, wrapping around (non-causal calls; an experiment, see HopperBwdConfig.rotate).
+    heads), ``n_tiles`` and ``head_group``.
 
     What changes against one program per tile: the Q / dO ring and the dQ hand-off go on from tile to
     tile (slots and parities from the program's iteration count), and K / V, loaded once per tile,
@@ -1415,12 +1381,12 @@ def attn_bwd_ws_persistent(
                                  stride_dkh, stride_lb, stride_lh, qk_scale, cap_out, sm_scale, window_left,
                                  window_right, n_kb, n_hk, n_tiles, head_group,
                                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                                 ATOMIC_DQ, DQ_TMA, FOLD, ROT)),
+                                 ATOMIC_DQ, DQ_TMA, FOLD)),
         (_bwd_ws_worker_tiles, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
                                 kv_bar, ld_full, ld_empty, dq_full, dq_empty, kv_empty, tile_smem, tile_full,
                                 tile_empty, TILE_CTR, DQ, group,
                                 stride_dqb, stride_dqs, stride_dqh, seqlen_q, seqlen_k, window_left, window_right,
                                 n_kb, n_hk, n_tiles, head_group, dq_desc, LSE, DELTA, st_smem, stride_lb,
                                 stride_lh, stat_mul, BLOCK_M, BLOCK_N, BLOCK_D, NUM_STAGES, HAS_WL, HAS_WR,
-                                ATOMIC_DQ, RED_ROWS, DQ_TMA, FOLD, ROT)),
+                                ATOMIC_DQ, RED_ROWS, DQ_TMA, FOLD)),
     ], [4], [WORKER_REGS])

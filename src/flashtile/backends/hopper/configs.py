@@ -348,11 +348,6 @@ class HopperBwdConfig:
     #: end. Other calls (tiles of one length) keep key block fastest (``head_group = 1``: the heads
     #: running at once share their Q / dO and dQ rows in L2)
     head_group: int = 0
-    #: persistent, calls without a right window: each key block's tile walks its query blocks from
-    #: ``j * n_mb / n_kb`` on (key block j), wrapping around, instead of from the first: the tiles of a
-    #: head running at once (all from query block 0, in step, when their tiles have one length) then
-    #: add into different dQ rows (an experiment, stop 34)
-    rotate: int = 0
 
     def chunk(self, headdim: int) -> int:
         """Columns of dQ computed and added at once (``dq_chunk``; 0: the whole tile)."""
@@ -490,8 +485,6 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
         if cfg.persistent and not (cfg.kernel == "ws" and cfg.swap and cfg.stat_ring and not cfg.nbar
                                    and not cfg.lpt):
             return "persistent is an option of the ws kernel with swap and stat_ring, without nbar / lpt"
-        if cfg.rotate and not cfg.persistent:
-            return "rotate is an option of the persistent kernel"
         if cfg.head_group < 0:
             return f"head_group must be >= 0 (0: all heads in one group), got {cfg.head_group}"
     elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold or cfg.nbar or cfg.persistent:

@@ -163,8 +163,7 @@ def backward(
             kernel = attn_bwd_ws_persistent
             # causal / right window: the long tiles first (head_group pairs at a time, 0: all)
             group = (cfg.head_group or Hk * nb) if call.window_right >= 0 else 1
-            extra.update(n_kb=n_kb, n_hk=Hk, n_tiles=n_kb * Hk * nb, head_group=min(group, Hk * nb),
-                         ROT=bool(cfg.rotate) and call.window_right < 0)
+            extra.update(n_kb=n_kb, n_hk=Hk, n_tiles=n_kb * Hk * nb, head_group=min(group, Hk * nb))
             grid = (min(n_kb * Hk * nb, _sm_count(q.device)),)
         main = (grid, (
             *descs, dq_acc, dk, dv, lse, delta, *((ctr,) if persistent else ()), call.cu_seqlens_q,
