@@ -36,6 +36,7 @@ import torch
 
 from ...flex import PerBlockMask
 from ...spec import AttnCall
+from .. import _device
 from .._ints import cdiv
 from ..triton import configs as triton_configs
 from ..triton.fastlaunch import fast
@@ -51,15 +52,12 @@ from .launch import _check_launch, _descriptor, tma_ready
 # the Gluon kernels (and the dQ conversion) on the lean launch path too
 attn_bwd, attn_bwd_ws, _dq_fast = fast(bwd.attn_bwd), fast(bwd.attn_bwd_ws), fast(_dq_kernel)
 attn_bwd_ws_persistent = fast(bwd.attn_bwd_ws_persistent)
-_SMS: dict[int, int] = {}
 
 
 def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (the persistent backward's grid), cached per device."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
+    """Streaming multiprocessors of ``device`` (the persistent backward's grid; as the forward's)."""
+    info = _device.info(device)
+    return info.sm_count if info is not None else 132
 
 
 def _convert_dq(acc: torch.Tensor, dq: torch.Tensor, scale: float) -> None:
