@@ -954,6 +954,56 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                 KEYS, BLOCK_D, kv_layout)
 
 
+@gluon.jit
+def _ws_buffers(q_desc, NT: gl.constexpr, KEYS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                BLOCK_D: gl.constexpr, NUM_STAGES: gl.constexpr, SWAP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
+                DQ_TMA: gl.constexpr, STAT_RING: gl.constexpr, ST_ROWS: gl.constexpr):
+    """Shared memory and mbarriers of the ws kernels (:func:`attn_bwd_ws`, :func:`attn_bwd_ws_persistent`),
+    allocated and initialised: ``(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem,
+    kv_bar, ld_full, ld_empty, dq_full, dq_empty)`` for ``NT`` compute partitions of ``KEYS`` keys each
+    and ``ST_ROWS`` rows of staged softmax statistics."""
+    dtype: gl.constexpr = q_desc.dtype
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
+                                                     element_bitwidth=dtype.primitive_bitwidth, rank=2)
+    if DQ_TMA:
+        # dQ tile(s) in the TMA tile layout (128-byte swizzle: the wgmma-layout stores are free of
+        # bank conflicts too)
+        dq_slayout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    else:
+        # dQ tile(s): 16-byte groups of a row permuted by the row index (8 rows a period), so that
+        # both the wgmma-layout stores and the 4-column row reads of the worker are free of bank
+        # conflicts
+        dq_slayout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
+    do_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
+    if SWAP:  # dS^T only (P^T stays in registers); p_smem is not read
+        ds_smem = gl.allocate_shared_memory(dtype, [NT, KEYS, BLOCK_M],
+                                            gl.NVMMASharedLayout.get_default_for([KEYS, BLOCK_M], dtype))
+        p_smem = ds_smem
+    else:
+        ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, KEYS], dtype)
+        p_smem = gl.allocate_shared_memory(dtype, [NT, BLOCK_M, KEYS], ps_layout)
+        ds_smem = gl.allocate_shared_memory(dtype, [NT, BLOCK_M, KEYS], ps_layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [NT, BLOCK_M if ATOMIC_DQ else 8, BLOCK_D], dq_slayout)
+    st_smem = gl.allocate_shared_memory(gl.float32, [ST_ROWS, BLOCK_M],
+                                        gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ld_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    ld_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    dq_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    dq_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    mbarrier.init(dq_full, count=NT)  # one arrival per compute partition
+    mbarrier.init(dq_empty, count=1)
+    for st in gl.static_range(NUM_STAGES):
+        mbarrier.init(ld_full.index(st), count=2 if STAT_RING else 1)  # (the TMA's expect, the stats' arrival)
+        mbarrier.init(ld_empty.index(st), count=NT)
+    return (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem, kv_bar, ld_full, ld_empty, dq_full,
+            dq_empty)
+
+
 @gluon.jit(do_not_specialize=_NO_SPECIALIZE)
 def attn_bwd_ws(
     q_desc, k_desc, v_desc, do_desc, dq_desc, DQ, DK, DV, LSE, DELTA, CU_Q, CU_K,
@@ -1054,50 +1104,15 @@ def attn_bwd_ws(
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return
-    dtype: gl.constexpr = q_desc.dtype
     off = seqlen_k - seqlen_q
     NT: gl.constexpr = 2 if SPLIT else 1  # compute partitions: P / dS / dQ tiles, and arrivals per barrier
     KEYS: gl.constexpr = BLOCK_N // NT
-    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
-                                                     element_bitwidth=dtype.primitive_bitwidth, rank=2)
-    if DQ_TMA:
-        # dQ tile(s) in the TMA tile layout (128-byte swizzle: the wgmma-layout stores are free of
-        # bank conflicts too)
-        dq_slayout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-    else:
-        # dQ tile(s): 16-byte groups of a row permuted by the row index (8 rows a period), so that
-        # both the wgmma-layout stores and the 4-column row reads of the worker are free of bank
-        # conflicts
-        dq_slayout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
-    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
-    q_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
-    do_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
-    if SWAP:  # dS^T only (P^T stays in registers); p_smem is not read
-        ds_smem = gl.allocate_shared_memory(dtype, [NT, KEYS, BLOCK_M],
-                                            gl.NVMMASharedLayout.get_default_for([KEYS, BLOCK_M], dtype))
-        p_smem = ds_smem
-    else:
-        ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, KEYS], dtype)
-        p_smem = gl.allocate_shared_memory(dtype, [NT, BLOCK_M, KEYS], ps_layout)
-        ds_smem = gl.allocate_shared_memory(dtype, [NT, BLOCK_M, KEYS], ps_layout)
-    dq_smem = gl.allocate_shared_memory(gl.float32, [NT, BLOCK_M if ATOMIC_DQ else 8, BLOCK_D], dq_slayout)
     # SWAP: lse / delta rows staged for the compute partitions (two slots of two rows each), or
     # (STAT_RING) two rows per ring slot, filled by the worker
     ST_ROWS: gl.constexpr = 2 * NUM_STAGES if STAT_RING else (4 * NT if SWAP else 1)
-    st_smem = gl.allocate_shared_memory(gl.float32, [ST_ROWS, BLOCK_M],
-                                        gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ld_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    ld_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    dq_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    dq_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    mbarrier.init(dq_full, count=NT)  # one arrival per compute partition
-    mbarrier.init(dq_empty, count=1)
-    for st in gl.static_range(NUM_STAGES):
-        mbarrier.init(ld_full.index(st), count=2 if STAT_RING else 1)  # (the TMA's expect, the stats' arrival)
-        mbarrier.init(ld_empty.index(st), count=NT)
+    (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem, kv_bar, ld_full, ld_empty, dq_full,
+     dq_empty) = _ws_buffers(q_desc, NT, KEYS, BLOCK_M, BLOCK_N, BLOCK_D, NUM_STAGES, SWAP, ATOMIC_DQ, DQ_TMA,
+                             STAT_RING, ST_ROWS)  # fmt: skip
 
     gl.static_assert(not STAT_RING or (SWAP and not SPLIT), "stat_ring / fold: the ws kernel with swap")
     gl.static_assert(
@@ -1339,41 +1354,18 @@ def attn_bwd_ws_persistent(
                      and not DEFER_DK and num_warps == 8,
                      "persistent: the ws kernel with swap and stat_ring, dense, without nbar / lpt / ws2")
     gl.static_assert(not FOLD or not HAS_SOFTCAP, "fold: without softcap")
-    dtype: gl.constexpr = q_desc.dtype
-    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
-                                                     element_bitwidth=dtype.primitive_bitwidth, rank=2)
-    if DQ_TMA:
-        dq_slayout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-    else:
-        dq_slayout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
-    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
-    q_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
-    do_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], smem_layout)
-    ds_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, BLOCK_M],
-                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
-    dq_smem = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M if ATOMIC_DQ else 8, BLOCK_D], dq_slayout)
-    st_smem = gl.allocate_shared_memory(gl.float32, [2 * NUM_STAGES, BLOCK_M],
-                                        gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem, kv_bar, ld_full, ld_empty, dq_full,
+     dq_empty) = _ws_buffers(q_desc, 1, BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_D, NUM_STAGES, True, ATOMIC_DQ, DQ_TMA,
+                             True, 2 * NUM_STAGES)  # fmt: skip
+    # the persistent kernel's own: K / V released for the next tile, and the tile hand-off
     kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     tile_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     tile_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     tile_smem = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
                                                                                  order=[0]))
-    ld_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    ld_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    dq_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    dq_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
     mbarrier.init(kv_empty, count=1)
     mbarrier.init(tile_full, count=1)
     mbarrier.init(tile_empty, count=1)
-    mbarrier.init(dq_full, count=1)
-    mbarrier.init(dq_empty, count=1)
-    for st in gl.static_range(NUM_STAGES):
-        mbarrier.init(ld_full.index(st), count=2)  # (the TMA's expect, the stats' arrival)
-        mbarrier.init(ld_empty.index(st), count=1)
     gl.warp_specialize([
         (_bwd_ws_compute_tiles, (k_smem, v_smem, q_bufs, do_bufs, ds_smem, ds_smem, dq_smem, st_smem,
                                  kv_bar, ld_full, ld_empty, dq_full, dq_empty, kv_empty, tile_smem, tile_full,
