@@ -339,8 +339,8 @@ class HopperBwdConfig:
     #: ws with swap and stat_ring: :func:`.bwd.attn_bwd_ws_persistent`, one program per SM looping over the
     #: key-block tiles, the next one taken from a counter as a program finishes one (the ring, the dQ
     #: hand-off and the next tile's K / V loads go on across tiles; dense calls: varlen calls keep one
-    #: program per tile). d96 / d128 (stop 34: +1-4% non-causal, +2-5% causal against one program per
-    #: tile); d64 spills 48-64 bytes with it and lost 3-7%
+    #: program per tile). On at d96 / d128 (measurements beside :data:`_BWD_TABLE`'s d128 entry); d64
+    #: spills 48-64 bytes with it and lost 3-7%
     persistent: int = 0
     #: persistent, causal / right-window calls: the tile order (:func:`.bwd._bwd_tile`) takes the
     #: (batch, KV head) pairs in groups of ``head_group`` (0: all in one group), key block 0 of each
