@@ -21,7 +21,7 @@
 ``--quick``: a smaller correctness set and three benchmark cells (about 2 minutes); with
 ``--full-bench`` the smaller correctness set and the whole benchmark grid.
 ``--variant block_m=128,dq_chunk=64`` or ``--variant kernel=plain,block_n=64`` (repeatable): a
-backward config variant (``HopperBwdConfig`` fields over the table's, every head dim): its
+backward config variant (``HopperBwdConfig`` fields over the cell's default config, every head dim): its
 gradients are checked against the default config's on a few shapes, then it gets its own
 benchmark column. A watchdog (from ``hopper_run.py``) ends the process (exit code 3) if a case or cell hangs.
 ``--rounds 5``: the contenders of a cell take turns 5 times (the median round is reported: an A/B of a
@@ -302,7 +302,7 @@ def _contenders(b, h, hk, s, d, causal, softcap, variants=()) -> dict:
 
     fns = {"hopper": lambda: launch_bwd.backward(dout, q, k, v, out, lse, call)}
     for label, ov in variants:
-        cfg = configs.bwd_config(d, **ov)
+        cfg = configs.bwd_config(d, causal, **ov)  # (over the cell's default: the masked table's if causal)
         if not configs.bwd_check(cfg, d):
             fns[f"hopper{label}"] = lambda cfg=cfg: launch_bwd.backward(dout, q, k, v, out, lse, call, config=cfg)
     fns["triton"] = lambda: tlaunch.backward(dout, q, k, v, out, lse, call)

@@ -351,6 +351,12 @@ FLEX_OPTS = {
 }
 
 
+def _aligned_pointers(fn, sig: dict) -> dict:
+    """The specialisation a launch gives its 16-byte aligned tensors (every pointer argument here: the
+    launchers' are torch allocations or checked), so that vectorised accesses compile as they run."""
+    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
+
+
 def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dump: str | None) -> dict:
     """Compile one variant of the backward kernel (bwd.attn_bwd)."""
     import triton
@@ -359,6 +365,8 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
 
     configs = _load("hopper_configs", PKG / "configs.py")
     bwd = _load_bwd()
+    overrides = dict(overrides)
+    tile_trace = bool(overrides.pop("tile_trace", 0))  # (--set tile_trace=1: the persistent kernel's TRACE)
     cfg = configs.bwd_config(d, **overrides)
     name = f"bwd {dtype} d={d} {opt}{' varlen' if varlen else ''} {cfg.block_m}x{cfg.block_n}x{cfg.num_stages}"
     res = {"name": name, "ok": False}
@@ -426,13 +434,17 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
         fn = bwd.attn_bwd_ws_persistent
         res["name"] = name = name.replace(f"bwd_{cfg.kernel}", f"bwd_{cfg.kernel}_persistent", 1)
         sig.update(n_kb="i32", n_hk="i32", n_tiles="i32", TILE_CTR="*i32", head_group="i32")
+        if tile_trace:
+            sig.update(TRACE_BUF="*i64", TRACE_CAP="i32")
+            consts["TRACE"] = True
+            res["name"] = name = name.replace("_persistent", "_persistent_trace", 1)
     if not varlen:
         consts.update(CU_Q=None, CU_K=None)
     for key in consts:
         sig[key] = "constexpr"
     try:
-        k = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=consts["num_warps"]))  # fmt: skip
+        k = triton.compile(GluonASTSource(fn, sig, consts, _aligned_pointers(fn, sig)),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=consts["num_warps"]))  # fmt: skip
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         res["trace"] = str(e)
@@ -473,7 +485,7 @@ def main() -> int:
     if args.only != "fwd":
         bopts = ["none", "causal", "deterministic"] if args.quick else list(BWD_OPTS)
         fields = {f.name for f in dataclasses.fields(configs.HopperBwdConfig)}
-        bwd_over = {k: v for k, v in overrides.items() if k in fields}
+        bwd_over = {k: v for k, v in overrides.items() if k in fields or k == "tile_trace"}
         if args.bwd_kernel:
             bwd_over["kernel"] = args.bwd_kernel
         if args.flex:

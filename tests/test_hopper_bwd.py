@@ -126,7 +126,7 @@ def test_bwd_nbar2_config_and_constexprs():
             cfg = configs.bwd_config(d, masked, nbar=2, persistent=0)
             assert configs.bwd_check(cfg, d) is None
             assert cfg.kernel_consts(d)["NBAR"] == 2 and cfg.kernel_consts(d, softcap=True)["NBAR"] == 2
-    three = configs.bwd_config(128, nbar=2, num_stages=3, persistent=0)  # (one named barrier per slot: ids 11..13)
+    three = configs.bwd_config(128, nbar=2, num_stages=3, persistent=0, epi=0)  # (a named barrier a slot: ids 11..13)
     assert configs.bwd_check(three, 128) is None and three.kernel_consts(128)["NBAR"] == 2
     assert "num_stages <= 11" in configs.bwd_check(replace(three, num_stages=12), 128)
     assert "ws / ws2" in configs.bwd_check(configs.bwd_config(256, nbar=2), 256)  # plain
@@ -402,7 +402,7 @@ def test_launch_bwd_nbar_where_it_applies(lb):
     assert not kw["ATOMIC_DQ"] and kw["NBAR"] == 0
     n = len(rec["main"].calls)
     for bad in (replace(nb, kernel="ws2", stat_ring=0, fold=0), configs.HopperBwdConfig(64, 64, 2, nbar=1)):
-        with pytest.raises(ValueError, match="nbar (/ persistent )?(is an option|are options) of the ws"):
+        with pytest.raises(ValueError, match="nbar (/ [a-z_]+ )*(is an option|are options) of the ws"):
             launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
                                 config=bad)  # fmt: skip
     assert len(rec["main"].calls) == n
@@ -429,7 +429,7 @@ def test_launch_bwd_nbar2_where_it_applies(lb):
     for bad in (replace(nb, kernel="ws2", stat_ring=0, fold=0), configs.HopperBwdConfig(64, 64, 2, nbar=2),
                 replace(nb, nbar=3)):
         with pytest.raises(ValueError,
-                           match="nbar (/ persistent )?(is an option|are options) of the ws|nbar must be 0, 1 or 2"):
+                           match="nbar (/ [a-z_]+ )*(is an option|are options) of the ws|nbar must be 0, 1 or 2"):
             launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
                                 config=bad)  # fmt: skip
     assert len(rec["main"].calls) == n
@@ -763,3 +763,26 @@ def test_persistent_backward_config_and_launch(lb):
     grid, _, kw = rec["main"].calls[-1]
     assert "n_tiles" not in kw and len(grid) == 3
 
+
+
+def test_epi_config_and_launch(lb):
+    """``epi`` (dK / dV through a shared staging tile; the d64 / d96 / d128 default since stop 35): an
+    option of the ws kernel only, counted in the shared-memory budget (``block_n x BLOCK_D`` elements),
+    and handed to the kernel as ``EPI`` on the persistent and the one-program-per-tile launches alike."""
+    launch_bwd, rec = lb
+    for d in (64, 96, 128):
+        base = configs.bwd_config(d, epi=0)
+        cfg = replace(base, epi=1)
+        assert configs.bwd_check(cfg, d) is None
+        assert configs.bwd_smem_bytes(cfg, d) - configs.bwd_smem_bytes(base, d) == 2 * base.block_n * configs.block_d(d)
+        assert not base.kernel_consts(d)["EPI"] and cfg.kernel_consts(d)["EPI"]
+    assert "epi" in configs.bwd_check(configs.bwd_config(256, epi=1), 256)
+    ws2 = configs.bwd_config(64, kernel="ws2", epi=1, swap=0, stat_ring=0, fold=0)  # (ignored there)
+    assert configs.bwd_check(ws2, 64) is None and not ws2.kernel_consts(64)["EPI"]
+    assert configs.bwd_smem_bytes(ws2, 64) == configs.bwd_smem_bytes(replace(ws2, epi=0), 64)
+    B, S, H, D = 1, 300, 2, 128
+    q, k, v = (torch.randn(B, S, H, D, dtype=torch.bfloat16) for _ in range(3))
+    for cfg in (configs.bwd_config(128, epi=1), configs.bwd_config(128, epi=1, persistent=0)):
+        launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(B, H, S), make_call(headdim=D),
+                            config=cfg)  # fmt: skip
+        assert rec["main"].calls[-1][2]["EPI"] is True

@@ -277,6 +277,26 @@ def _store_rows(PTR, x, row0, n_rows, stride_s, HEAD_DIM: gl.constexpr, BLOCK_R:
     gl.store(ptrs, x, mask=mask)
 
 
+@gluon.jit
+def _store_rows_smem(PTR, x, ep, row0, n_rows, stride_s, HEAD_DIM: gl.constexpr, BLOCK_R: gl.constexpr,
+                     BLOCK_D: gl.constexpr, NW: gl.constexpr):
+    """:func:`_store_rows` through the shared-memory tile ``ep`` (``[BLOCK_R, BLOCK_D]``, free on entry and
+    on return; ``NW`` warps, the calling partition's): ``x`` stored there from its (wgmma) layout, read
+    back as 16-byte row vectors and written to global memory whole rows a warp, instead of the wgmma
+    layout's 4-byte pieces of 8 rows an instruction (8 partial sectors each). ``PTR`` and ``stride_s``:
+    multiples of 16 bytes (dK / dV, the launcher's contiguous tensors with head dims a multiple of 8)."""
+    VEC: gl.constexpr = 128 // ep.dtype.primitive_bitwidth
+    TC: gl.constexpr = BLOCK_D // VEC  # threads along a row
+    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TC, TC], [NW, 1], [1, 0])
+    ep.store(x)
+    gl.thread_barrier()  # the whole tile in shared memory
+    y = ep.load(layout)
+    gl.thread_barrier()  # every thread read its part: the tile may be stored into again
+    # (the stride's divisibility spelled out: Triton 3.6 drops multiple_of on a scalar, and the strides
+    # are not specialised, so the stores would be 2-byte ones)
+    _store_rows(PTR, y, row0, n_rows, stride_s // VEC * VEC, HEAD_DIM, BLOCK_R, BLOCK_D, layout)
+
+
 @gluon.jit(do_not_specialize=_NO_SPECIALIZE)
 def attn_bwd(
     q_desc, k_desc, v_desc, do_desc, DQ, DK, DV, LSE, DELTA, CU_Q, CU_K,
@@ -693,7 +713,8 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                     BL_IDX, MA0, MA1, MA2, LIST_SUBS: gl.constexpr, MASK_MOD: gl.constexpr,
                     STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False, NBAR: gl.constexpr = 0,
                     SA0=None, SA1=None, SA2=None, SCORE_MOD: gl.constexpr = None,
-                    it0=0, kv_phase=0, kv_empty=None, PERSIST: gl.constexpr = False):
+                    it0=0, kv_phase=0, kv_empty=None, PERSIST: gl.constexpr = False, ep_smem=None,
+                    EPI: gl.constexpr = False):
     """Compute warps of the ws kernel: for each query block of the ring, the five products and
     the softmax recomputation, dK and dV in registers, the dQ tile left in ``dq_smem`` for the
     worker.
@@ -734,7 +755,9 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
     ``PERSIST`` (:func:`attn_bwd_ws_persistent`, one call per tile): ring slots, phases and the dQ
     hand-off's parities follow the program's iteration count ``it0 + i``; K / V are waited for at
     ``kv_phase`` and released on ``kv_empty`` once the tile's last wgmma retired, before dK / dV are
-    stored (so the worker loads the next tile's K / V under the stores)."""
+    stored (so the worker loads the next tile's K / V under the stores).
+
+    ``EPI`` (not ``SPLIT``): dV and dK stored through ``ep_smem`` (:func:`_store_rows_smem`)."""
     dtype: gl.constexpr = q_bufs.dtype
     NW: gl.constexpr = 4 if SPLIT else 8
     KEYS: gl.constexpr = BLOCK_N // 2 if SPLIT else BLOCK_N
@@ -948,20 +971,29 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
     if PERSIST:
         mbarrier.arrive(kv_empty)  # every wgmma reading K / V retired (the loop's last wait)
     kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
-    _store_rows(DV + kv_off, dv.to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM, KEYS, BLOCK_D,
-                kv_layout)
-    _store_rows(DK + kv_off, (dk * sm_scale).to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM,
-                KEYS, BLOCK_D, kv_layout)
+    if EPI:
+        gl.static_assert(not SPLIT, "epi: the ws kernel's one compute partition")
+        kv_off = gl.multiple_of(kv_off, 128 // dtype.primitive_bitwidth)
+        _store_rows_smem(DV + kv_off, dv.to(dtype), ep_smem, k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM,
+                         KEYS, BLOCK_D, NW)
+        _store_rows_smem(DK + kv_off, (dk * sm_scale).to(dtype), ep_smem, k_start + kw0, seqlen_k - kw0,
+                         stride_dks, HEAD_DIM, KEYS, BLOCK_D, NW)
+    else:
+        _store_rows(DV + kv_off, dv.to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM, KEYS, BLOCK_D,
+                    kv_layout)
+        _store_rows(DK + kv_off, (dk * sm_scale).to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM,
+                    KEYS, BLOCK_D, kv_layout)
 
 
 @gluon.jit
 def _ws_buffers(q_desc, NT: gl.constexpr, KEYS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 BLOCK_D: gl.constexpr, NUM_STAGES: gl.constexpr, SWAP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-                DQ_TMA: gl.constexpr, STAT_RING: gl.constexpr, ST_ROWS: gl.constexpr):
+                DQ_TMA: gl.constexpr, STAT_RING: gl.constexpr, ST_ROWS: gl.constexpr, EPI: gl.constexpr):
     """Shared memory and mbarriers of the ws kernels (:func:`attn_bwd_ws`, :func:`attn_bwd_ws_persistent`),
     allocated and initialised: ``(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem,
-    kv_bar, ld_full, ld_empty, dq_full, dq_empty)`` for ``NT`` compute partitions of ``KEYS`` keys each
-    and ``ST_ROWS`` rows of staged softmax statistics."""
+    kv_bar, ld_full, ld_empty, dq_full, dq_empty, ep_smem)`` for ``NT`` compute partitions of ``KEYS`` keys
+    each and ``ST_ROWS`` rows of staged softmax statistics; ``ep_smem``: with ``EPI`` the dK / dV staging
+    tile ``[BLOCK_N, BLOCK_D]`` (:func:`_store_rows_smem`), else ``ds_smem`` again (unused)."""
     dtype: gl.constexpr = q_desc.dtype
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
                                                      element_bitwidth=dtype.primitive_bitwidth, rank=2)
@@ -1000,8 +1032,12 @@ def _ws_buffers(q_desc, NT: gl.constexpr, KEYS: gl.constexpr, BLOCK_M: gl.conste
     for st in gl.static_range(NUM_STAGES):
         mbarrier.init(ld_full.index(st), count=2 if STAT_RING else 1)  # (the TMA's expect, the stats' arrival)
         mbarrier.init(ld_empty.index(st), count=NT)
+    if EPI:
+        ep_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], smem_layout)
+    else:
+        ep_smem = ds_smem  # (not used: a jit function returns no None inside a tuple)
     return (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem, kv_bar, ld_full, ld_empty, dq_full,
-            dq_empty)
+            dq_empty, ep_smem)
 
 
 @gluon.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -1017,7 +1053,7 @@ def attn_bwd_ws(
     LPT: gl.constexpr = False, BL_CNT=None, BL_IDX=None, bl_sb=None, bl_sh=None, bl_w=None, MA0=None, MA1=None,
     MA2=None, LIST_SUBS: gl.constexpr = 0, MASK_MOD: gl.constexpr = None, STAT_RING: gl.constexpr = False,
     FOLD: gl.constexpr = False, stat_mul=1.0, NBAR: gl.constexpr = 0, SA0=None, SA1=None, SA2=None,
-    SCORE_MOD: gl.constexpr = None,
+    SCORE_MOD: gl.constexpr = None, EPI: gl.constexpr = False,
 ):
     """Warp-specialised backward, same arguments and semantics as :func:`attn_bwd` plus ``dq_desc``
     after ``do_desc`` (None without ``DQ_TMA``; a leading argument, so that a prepared launch passes
@@ -1111,8 +1147,8 @@ def attn_bwd_ws(
     # (STAT_RING) two rows per ring slot, filled by the worker
     ST_ROWS: gl.constexpr = 2 * NUM_STAGES if STAT_RING else (4 * NT if SWAP else 1)
     (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem, kv_bar, ld_full, ld_empty, dq_full,
-     dq_empty) = _ws_buffers(q_desc, NT, KEYS, BLOCK_M, BLOCK_N, BLOCK_D, NUM_STAGES, SWAP, ATOMIC_DQ, DQ_TMA,
-                             STAT_RING, ST_ROWS)  # fmt: skip
+     dq_empty, ep_smem) = _ws_buffers(q_desc, NT, KEYS, BLOCK_M, BLOCK_N, BLOCK_D, NUM_STAGES, SWAP, ATOMIC_DQ,
+                                      DQ_TMA, STAT_RING, ST_ROWS, EPI and not SPLIT)  # fmt: skip
 
     gl.static_assert(not STAT_RING or (SWAP and not SPLIT), "stat_ring / fold: the ws kernel with swap")
     gl.static_assert(
@@ -1182,7 +1218,7 @@ def attn_bwd_ws(
                                qk_scale, cap_out, sm_scale, window_left, window_right,
                                0, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
                                ATOMIC_DQ, DEFER_DK, SWAP, DQ_TMA, BL_IDX, MA0, MA1, MA2, LIST_SUBS, MASK_MOD,
-                               STAT_RING, FOLD, NB, SA0, SA1, SA2, SCORE_MOD)),
+                               STAT_RING, FOLD, NB, SA0, SA1, SA2, SCORE_MOD, 0, 0, None, False, ep_smem, EPI)),
             (_bwd_ws_worker, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
                               kv_bar, ld_full, ld_empty, dq_full, dq_empty, DQ, b, hk, group, q_start, k_start, n0,
                               mb_lo, n_mb, total, stride_dqb, stride_dqs, stride_dqh,
@@ -1226,6 +1262,20 @@ def _bwd_tile(t, n_kb, n_hk, n_tiles, head_group, seqlen_q, seqlen_k, window_lef
 
 
 @gluon.jit
+def _stamp(TRACE_BUF, slot, value, NW: gl.constexpr):
+    """Debug (``TRACE``): ``TRACE_BUF[slot] = value`` (int64), or with ``value = None`` the SM's global
+    timer in ns (``%globaltimer``), written by every thread of the partition (the same value)."""
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+    z = gl.full([1], 0, gl.int64, lay)
+    if value is None:
+        x = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,l", [z], dtype=gl.int64, is_pure=False,
+                                      pack=1)
+    else:
+        x = z + value
+    gl.store(TRACE_BUF + slot + gl.arange(0, 1, lay), x)
+
+
+@gluon.jit
 def _take_tile(tile_smem, tile_full, tile_empty, k, NW: gl.constexpr):
     """Compute side of the tile hand-off: the index of the program's ``k``-th tile, left in ``tile_smem``
     by the worker (``tile_full``), then released to it (``tile_empty``)."""
@@ -1254,7 +1304,8 @@ def _bwd_ws_compute_tiles(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_s
                           HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr,
                           HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-                          DQ_TMA: gl.constexpr, FOLD: gl.constexpr):
+                          DQ_TMA: gl.constexpr, FOLD: gl.constexpr, TRACE_BUF, TRACE_CAP, TRACE: gl.constexpr,
+                          ep_smem, EPI: gl.constexpr):
     """The compute warps of :func:`attn_bwd_ws_persistent`: :func:`_bwd_ws_compute` once per tile the
     worker hands over (:func:`_take_tile`; an index ``>= n_tiles`` ends the program), the ring's
     iteration count carried across tiles."""
@@ -1267,6 +1318,11 @@ def _bwd_ws_compute_tiles(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_s
                                                          BLOCK_M, BLOCK_N)
         total = n_mb * group
         zero = b * 0
+        if TRACE:
+            row = (gl.program_id(0) * TRACE_CAP + gl.minimum(k, TRACE_CAP - 1)) * 6
+            _stamp(TRACE_BUF, row, t, 8)
+            _stamp(TRACE_BUF, row + 1, total, 8)
+            _stamp(TRACE_BUF, row + 2, None, 8)
         _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem,
                         kv_bar, ld_full, ld_empty, dq_full, dq_empty,
                         DK, DV, LSE, DELTA, b, hk, group, zero, zero, n0, mb_lo, fu_lo, fu_hi, n_mb,
@@ -1275,7 +1331,9 @@ def _bwd_ws_compute_tiles(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_s
                         0, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
                         ATOMIC_DQ, False, True, DQ_TMA, None, None, None, None, 0, None,
                         True, FOLD, 0, None, None, None, None,
-                        it0, k & 1, kv_empty, True)
+                        it0, k & 1, kv_empty, True, ep_smem, EPI)
+        if TRACE:
+            _stamp(TRACE_BUF, (gl.program_id(0) * TRACE_CAP + gl.minimum(k, TRACE_CAP - 1)) * 6 + 3, None, 8)
         it0 += total
         k += 1
         t = _take_tile(tile_smem, tile_full, tile_empty, k, 8)
@@ -1290,7 +1348,7 @@ def _bwd_ws_worker_tiles(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs
                          stat_mul, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
                          NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                          ATOMIC_DQ: gl.constexpr, RED_ROWS: gl.constexpr, DQ_TMA: gl.constexpr,
-                         FOLD: gl.constexpr):
+                         FOLD: gl.constexpr, TRACE_BUF, TRACE_CAP, TRACE: gl.constexpr):
     """The worker warpgroup of :func:`attn_bwd_ws_persistent`: tiles ``pid`` first, then each one taken
     from the call's counter ``TILE_CTR`` (``nprog + atomic_add(TILE_CTR, 1)``, once the current tile's
     loads and dQ adds are issued), handed to the compute warps (:func:`_give_tile`), and
@@ -1301,6 +1359,8 @@ def _bwd_ws_worker_tiles(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs
     t = gl.program_id(0)
     while t < n_tiles:
         _give_tile(tile_smem, tile_full, tile_empty, t, k, 4)
+        if TRACE:
+            _stamp(TRACE_BUF, (gl.program_id(0) * TRACE_CAP + gl.minimum(k, TRACE_CAP - 1)) * 6 + 4, None, 4)
         b, hk, n0, mb_lo, fu_lo, fu_hi, n_mb = _bwd_tile(t, n_kb, n_hk, n_tiles, head_group, seqlen_q,
                                                          seqlen_k, window_left, window_right, HAS_WL, HAS_WR,
                                                          BLOCK_M, BLOCK_N)
@@ -1312,6 +1372,8 @@ def _bwd_ws_worker_tiles(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs
                        BLOCK_M, BLOCK_D, NUM_STAGES, False, ATOMIC_DQ, RED_ROWS, 4, 1, dq_desc, DQ_TMA,
                        None, 0, LSE, DELTA, st_smem, seqlen_q, stride_lb, stride_lh, stat_mul,
                        True, FOLD, 0, it0, k, kv_empty, True)
+        if TRACE:
+            _stamp(TRACE_BUF, (gl.program_id(0) * TRACE_CAP + gl.minimum(k, TRACE_CAP - 1)) * 6 + 5, None, 4)
         it0 += total
         k += 1
         # the next tile, taken once this one's loads and dQ adds are issued (not when it starts: a
@@ -1331,7 +1393,8 @@ def attn_bwd_ws_persistent(
     num_warps: gl.constexpr, DEFER_DK: gl.constexpr = False, SPLIT: gl.constexpr = False,
     COMPUTE_REGS: gl.constexpr = 240, SWAP: gl.constexpr = False, DQ_TMA: gl.constexpr = False,
     LPT: gl.constexpr = False, STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False, stat_mul=1.0,
-    NBAR: gl.constexpr = 0, n_kb=1, n_hk=1, n_tiles=1, head_group=1,
+    NBAR: gl.constexpr = 0, n_kb=1, n_hk=1, n_tiles=1, head_group=1, TRACE_BUF=None, TRACE_CAP=1,
+    TRACE: gl.constexpr = False, EPI: gl.constexpr = False,
 ):
     """:func:`attn_bwd_ws` (``SWAP`` with ``STAT_RING``, dense, 8 compute warps, no named barriers,
     no block lists) as a persistent kernel: grid ``(min(n_tiles, SMs),)``; program ``p`` runs the
@@ -1341,7 +1404,10 @@ def attn_bwd_ws_persistent(
     hardware's block scheduler balances one program per tile (causal tiles differ in length). Same
     arguments as :func:`attn_bwd_ws` (those it does not serve must keep their defaults) plus ``TILE_CTR``
     (after ``DELTA``: a leading tensor of the launch plans), ``n_kb`` (key blocks per head), ``n_hk`` (KV
-    heads), ``n_tiles`` and ``head_group``.
+    heads), ``n_tiles`` and ``head_group``. ``TRACE`` (debug, ``launch_bwd.TRACE``): per program and
+    tile ``k < TRACE_CAP``, six int64 at ``TRACE_BUF[(pid * TRACE_CAP + k) * 6]``: the tile, its
+    iterations, the compute warps' timer when they take it and when they are done with it (dK / dV
+    stored), the worker's when it hands it over and when it has issued its loads and dQ adds.
 
     What changes against one program per tile: the Q / dO ring and the dQ hand-off go on from tile to
     tile (slots and parities from the program's iteration count), and K / V, loaded once per tile,
@@ -1355,8 +1421,8 @@ def attn_bwd_ws_persistent(
                      "persistent: the ws kernel with swap and stat_ring, dense, without nbar / lpt / ws2")
     gl.static_assert(not FOLD or not HAS_SOFTCAP, "fold: without softcap")
     (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem, kv_bar, ld_full, ld_empty, dq_full,
-     dq_empty) = _ws_buffers(q_desc, 1, BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_D, NUM_STAGES, True, ATOMIC_DQ, DQ_TMA,
-                             True, 2 * NUM_STAGES)  # fmt: skip
+     dq_empty, ep_smem) = _ws_buffers(q_desc, 1, BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_D, NUM_STAGES, True, ATOMIC_DQ,
+                                      DQ_TMA, True, 2 * NUM_STAGES, EPI)  # fmt: skip
     # the persistent kernel's own: K / V released for the next tile, and the tile hand-off
     kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     tile_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -1373,12 +1439,12 @@ def attn_bwd_ws_persistent(
                                  stride_dkh, stride_lb, stride_lh, qk_scale, cap_out, sm_scale, window_left,
                                  window_right, n_kb, n_hk, n_tiles, head_group,
                                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                                 ATOMIC_DQ, DQ_TMA, FOLD)),
+                                 ATOMIC_DQ, DQ_TMA, FOLD, TRACE_BUF, TRACE_CAP, TRACE, ep_smem, EPI)),
         (_bwd_ws_worker_tiles, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
                                 kv_bar, ld_full, ld_empty, dq_full, dq_empty, kv_empty, tile_smem, tile_full,
                                 tile_empty, TILE_CTR, DQ, group,
                                 stride_dqb, stride_dqs, stride_dqh, seqlen_q, seqlen_k, window_left, window_right,
                                 n_kb, n_hk, n_tiles, head_group, dq_desc, LSE, DELTA, st_smem, stride_lb,
                                 stride_lh, stat_mul, BLOCK_M, BLOCK_N, BLOCK_D, NUM_STAGES, HAS_WL, HAS_WR,
-                                ATOMIC_DQ, RED_ROWS, DQ_TMA, FOLD)),
+                                ATOMIC_DQ, RED_ROWS, DQ_TMA, FOLD, TRACE_BUF, TRACE_CAP, TRACE)),
     ], [4], [WORKER_REGS])

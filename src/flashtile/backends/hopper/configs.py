@@ -348,6 +348,10 @@ class HopperBwdConfig:
     #: end. Other calls (tiles of one length) keep key block fastest (``head_group = 1``: the heads
     #: running at once share their Q / dO and dQ rows in L2)
     head_group: int = 0
+    #: ws (ws2: ignored): dK / dV stored through a shared-memory tile (``block_n x BLOCK_D``, 16-byte row
+    #: vectors to global memory) instead of straight from the wgmma layout (2-byte stores there: the
+    #: strides are not specialised). On at d64 / d96 / d128 (measurements beside :data:`_BWD_TABLE`)
+    epi: int = 0
 
     def chunk(self, headdim: int) -> int:
         """Columns of dQ computed and added at once (``dq_chunk``; 0: the whole tile)."""
@@ -364,7 +368,7 @@ class HopperBwdConfig:
                         DEFER_DK=bool(self.defer_dk) and not split, COMPUTE_REGS=self.compute_regs,
                         SWAP=bool(self.swap), DQ_TMA=bool(self.dq_tma), STAT_RING=ring,
                         FOLD=ring and bool(self.fold) and not softcap, NBAR=0 if split else int(self.nbar),
-                        num_warps=4 if split else self.num_warps)  # fmt: skip
+                        EPI=bool(self.epi) and not split, num_warps=4 if split else self.num_warps)  # fmt: skip
         return dict(DQ_CHUNK=self.chunk(headdim), RED_VEC=self.red_vec, num_warps=self.num_warps)
 
 
@@ -383,9 +387,11 @@ _BWD_TABLE: dict[int, HopperBwdConfig] = {
     # (ws2 for causal: 291 / 367)
     # stat_ring + fold (results/hopper_bwd_H200_20261202_fold.json, same run, against without): d64
     # 434 / 464 at 4k / 16k against 399 / 429 non-causal (+8-9%), 1k +8%; causal -1% (below)
-    64: HopperBwdConfig(128, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1),
+    # epi (stop 35, 3 interleaved rounds, medians, against without; results/hopper_bwd_H200_20261203_stop35_epi.json):
+    # 1k / 4k / 16k 377 / 464 / 482 against 328 / 441 / 485, causal 272 / 414 / 469 against 223 / 379 / 457
+    64: HopperBwdConfig(128, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1, epi=1),
     96: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1,
-                        persistent=1, head_group=4),  # as 128
+                        persistent=1, head_group=4, epi=1),  # as 128
     # ws (FA3's tile): K/V 64 KiB + 2 x (Q, dO) 32 KiB + dS^T 16 KiB + dQ tile 32 KiB; swap + dq_tma:
     # 459 / 396 at 4k, 487 / 514 at 16k (non-causal / causal) against 411 / 338 and 455 / 436 without
     # (swap alone 452 / 388, 501 / 502; dq_tma alone 413 / 352, 457 / 456); ws2 + swap + dq_tma 376 /
@@ -397,8 +403,11 @@ _BWD_TABLE: dict[int, HopperBwdConfig] = {
     # 352 / 485 / 538 non-causal, causal 264 / 456 / 533 against 259 / 436 / 534, GQA 32/8 8k causal
     # 509 / 488, softcap 30 420 / 395. head_group 1 (key block fastest) lost 4k causal (421); 0 (all
     # heads) lost 1k causal (196: every head's Q / dO and dQ rows at once, out of L2)
+    # epi (stop 35, as d64's): 1k / 4k / 16k 435 / 525 / 547 against 360 / 485 / 536, causal 321 / 493 / 546
+    # against 264 / 448 / 534, GQA 32/8 8k causal 518 / 511, softcap 30 413 / 416; the tile's fixed cost
+    # (benchmarks/bwd_tile_trace.py) 12.2 -> 3.9 us
     128: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1,
-                         persistent=1, head_group=4),
+                         persistent=1, head_group=4, epi=1),
     192: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # padded to 256: as 256
     # d256: red_vec=4 measured 257 TFLOP/s causal 4k b4 h8 against red_vec=1's 136 (H200, same run,
     # results/hopper_bwd_H200_20261201_redvec.json); the default backward at d256 (GLUON_BWD_MIN_KEYS)
@@ -427,7 +436,7 @@ def bwd_config(headdim: int, masked: bool = False, **overrides) -> HopperBwdConf
 
 def bwd_smem_bytes(cfg: HopperBwdConfig, headdim: int, elem_bytes: int = 2) -> int:
     """Shared memory of the backward's tiles: K and V, the (Q, dO) ring, P and dS (and the dQ
-    chunk's layout conversion with ``red_vec = 4``)."""
+    chunk's layout conversion with ``red_vec = 4``; the dK / dV staging tile with ``epi``)."""
     d = block_d(headdim)
     if cfg.kernel in ("ws", "ws2"):
         # the dQ tile(s) handed to the worker (ws2: one partial per compute warpgroup)
@@ -437,7 +446,8 @@ def bwd_smem_bytes(cfg: HopperBwdConfig, headdim: int, elem_bytes: int = 2) -> i
     ps = 1 if cfg.kernel in ("ws", "ws2") and cfg.swap else 2  # P and dS, or dS^T only
     tiles = 2 * cfg.block_n * d + 2 * cfg.num_stages * cfg.block_m * d + ps * cfg.block_n * cfg.block_m
     stats = 4 * 2 * cfg.num_stages * cfg.block_m if cfg.stat_ring else 0  # fp32 lse and delta rows per slot
-    return elem_bytes * tiles + red + stats
+    epi = cfg.block_n * d if cfg.epi and cfg.kernel == "ws" else 0  # the dK / dV staging tile
+    return elem_bytes * (tiles + epi) + red + stats
 
 
 def bwd_accumulator_regs(cfg: HopperBwdConfig, headdim: int) -> int:
@@ -487,8 +497,8 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
             return "persistent is an option of the ws kernel with swap and stat_ring, without nbar / lpt"
         if cfg.head_group < 0:
             return f"head_group must be >= 0 (0: all heads in one group), got {cfg.head_group}"
-    elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold or cfg.nbar or cfg.persistent:
-        return "swap / dq_tma / stat_ring / fold / nbar / persistent are options of the ws / ws2 kernels"
+    elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold or cfg.nbar or cfg.persistent or cfg.epi:
+        return "swap / dq_tma / stat_ring / fold / nbar / persistent / epi are options of the ws / ws2 kernels"
     if cfg.block_n not in (64, 128):
         return f"block_n (keys per program, the wgmma M of two warpgroups) must be 64 or 128, got {cfg.block_n}"
     if cfg.block_m not in (64, 128):

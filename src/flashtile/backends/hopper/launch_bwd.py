@@ -65,6 +65,11 @@ def _convert_dq(acc: torch.Tensor, dq: torch.Tensor, scale: float) -> None:
     convert_dq(acc, dq, scale, kernel=_dq_fast)
 
 
+#: Debug: an int64 tensor ``(SMs, cap, 6)`` (zeroed by the caller) makes the persistent backward
+#: record its tiles (see :func:`.bwd.attn_bwd_ws_persistent`'s ``TRACE``); None (the default): off.
+TRACE: torch.Tensor | None = None
+
+
 def _accumulator(shape: tuple, device: torch.device, counter: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The zeroed fp32 dQ accumulator of ``shape`` and, with ``counter``, the persistent kernel's int32
     tile counter (zero) behind it in the same buffer: one memset for both (16-byte aligned: the
@@ -162,6 +167,8 @@ def backward(
             # causal / right window: the long tiles first (head_group pairs at a time, 0: all)
             group = (cfg.head_group or Hk * nb) if call.window_right >= 0 else 1
             extra.update(n_kb=n_kb, n_hk=Hk, n_tiles=n_kb * Hk * nb, head_group=min(group, Hk * nb))
+            if TRACE is not None:  # (debug: benchmarks/bwd_tile_trace.py)
+                extra.update(TRACE_BUF=TRACE, TRACE_CAP=TRACE.shape[1], TRACE=True)
             grid = (min(n_kb * Hk * nb, _sm_count(q.device)),)
         main = (grid, (
             *descs, dq_acc, dk, dv, lse, delta, *((ctr,) if persistent else ()), call.cu_seqlens_q,
