@@ -402,7 +402,7 @@ def test_launch_bwd_nbar_where_it_applies(lb):
     assert not kw["ATOMIC_DQ"] and kw["NBAR"] == 0
     n = len(rec["main"].calls)
     for bad in (replace(nb, kernel="ws2", stat_ring=0, fold=0), configs.HopperBwdConfig(64, 64, 2, nbar=1)):
-        with pytest.raises(ValueError, match="nbar (/ [a-z_]+ )*(is an option|are options) of the ws"):
+        with pytest.raises(ValueError, match="nbar (/ persistent )?(is an option|are options) of the ws"):
             launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
                                 config=bad)  # fmt: skip
     assert len(rec["main"].calls) == n
@@ -429,7 +429,7 @@ def test_launch_bwd_nbar2_where_it_applies(lb):
     for bad in (replace(nb, kernel="ws2", stat_ring=0, fold=0), configs.HopperBwdConfig(64, 64, 2, nbar=2),
                 replace(nb, nbar=3)):
         with pytest.raises(ValueError,
-                           match="nbar (/ [a-z_]+ )*(is an option|are options) of the ws|nbar must be 0, 1 or 2"):
+                           match="nbar (/ persistent )?(is an option|are options) of the ws|nbar must be 0, 1 or 2"):
             launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
                                 config=bad)  # fmt: skip
     assert len(rec["main"].calls) == n
@@ -766,9 +766,10 @@ def test_persistent_backward_config_and_launch(lb):
 
 
 def test_epi_config_and_launch(lb):
-    """``epi`` (dK / dV through a shared staging tile; the d64 / d96 / d128 default since stop 35): an
-    option of the ws kernel only, counted in the shared-memory budget (``block_n x BLOCK_D`` elements),
-    and handed to the kernel as ``EPI`` on the persistent and the one-program-per-tile launches alike."""
+    """``epi`` (dK / dV through shared memory; the d64 / d96 / d128 default since stop 35): on the ws
+    kernel a staging tile counted in the shared-memory budget (``block_n x BLOCK_D`` elements), handed to
+    the kernel as ``EPI`` on the persistent and the one-program-per-tile launches alike; on the plain
+    kernel K's and V's tiles (no more shared memory); ignored on ws2."""
     launch_bwd, rec = lb
     for d in (64, 96, 128):
         base = configs.bwd_config(d, epi=0)
@@ -776,7 +777,9 @@ def test_epi_config_and_launch(lb):
         assert configs.bwd_check(cfg, d) is None
         assert configs.bwd_smem_bytes(cfg, d) - configs.bwd_smem_bytes(base, d) == 2 * base.block_n * configs.block_d(d)
         assert not base.kernel_consts(d)["EPI"] and cfg.kernel_consts(d)["EPI"]
-    assert "epi" in configs.bwd_check(configs.bwd_config(256, epi=1), 256)
+    plain = configs.bwd_config(256, epi=1)  # (plain: through K's and V's tiles, no more shared memory)
+    assert configs.bwd_check(plain, 256) is None and plain.kernel_consts(256)["EPI"]
+    assert configs.bwd_smem_bytes(plain, 256) == configs.bwd_smem_bytes(replace(plain, epi=0), 256)
     ws2 = configs.bwd_config(64, kernel="ws2", epi=1, swap=0, stat_ring=0, fold=0)  # (ignored there)
     assert configs.bwd_check(ws2, 64) is None and not ws2.kernel_consts(64)["EPI"]
     assert configs.bwd_smem_bytes(ws2, 64) == configs.bwd_smem_bytes(replace(ws2, epi=0), 64)

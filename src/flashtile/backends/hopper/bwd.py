@@ -305,7 +305,7 @@ def attn_bwd(
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     IS_VARLEN: gl.constexpr, ATOMIC_DQ: gl.constexpr, DQ_CHUNK: gl.constexpr, RED_VEC: gl.constexpr,
-    num_warps: gl.constexpr, LPT: gl.constexpr = False,
+    num_warps: gl.constexpr, LPT: gl.constexpr = False, EPI: gl.constexpr = False,
 ):
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``, ``num_warps = 8``; with ``LPT``
     ``(Hk, B or nseq, cdiv(max_seqlen_k, BLOCK_N))``: key block 0 of every head first (under a causal
@@ -478,10 +478,17 @@ def attn_bwd(
         mbarrier.invalidate(q_bars.index(st))
         mbarrier.invalidate(do_bars.index(st))
     kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
-    _store_rows(DV + kv_off, dv.to(dtype), k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM, BLOCK_N, BLOCK_D,
-                kv_layout)
-    _store_rows(DK + kv_off, (dk * sm_scale).to(dtype), k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM,
-                BLOCK_N, BLOCK_D, kv_layout)
+    if EPI:  # through K's and V's tiles: no wgmma reads them any more, no load refills them
+        kv_off = gl.multiple_of(kv_off, 128 // dtype.primitive_bitwidth)
+        _store_rows_smem(DV + kv_off, dv.to(dtype), v_smem, k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM,
+                         BLOCK_N, BLOCK_D, num_warps)
+        _store_rows_smem(DK + kv_off, (dk * sm_scale).to(dtype), k_smem, k_start + n0, seqlen_k - n0, stride_dks,
+                         HEAD_DIM, BLOCK_N, BLOCK_D, num_warps)
+    else:
+        _store_rows(DV + kv_off, dv.to(dtype), k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM, BLOCK_N, BLOCK_D,
+                    kv_layout)
+        _store_rows(DK + kv_off, (dk * sm_scale).to(dtype), k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM,
+                    BLOCK_N, BLOCK_D, kv_layout)
 
 
 # ---------------------------------------------------------------------------------------

@@ -348,9 +348,10 @@ class HopperBwdConfig:
     #: end. Other calls (tiles of one length) keep key block fastest (``head_group = 1``: the heads
     #: running at once share their Q / dO and dQ rows in L2)
     head_group: int = 0
-    #: ws (ws2: ignored): dK / dV stored through a shared-memory tile (``block_n x BLOCK_D``, 16-byte row
-    #: vectors to global memory) instead of straight from the wgmma layout (2-byte stores there: the
-    #: strides are not specialised). On at d64 / d96 / d128 (measurements beside :data:`_BWD_TABLE`)
+    #: ws, plain (ws2: ignored): dK / dV stored through shared memory (16-byte row vectors to global
+    #: memory) instead of straight from the wgmma layout (2-byte stores there: the strides are not
+    #: specialised); ws: a ``block_n x BLOCK_D`` staging tile of its own, plain: K's and V's tiles, free
+    #: after the loop. On at every head dim (measurements beside :data:`_BWD_TABLE`)
     epi: int = 0
 
     def chunk(self, headdim: int) -> int:
@@ -369,7 +370,7 @@ class HopperBwdConfig:
                         SWAP=bool(self.swap), DQ_TMA=bool(self.dq_tma), STAT_RING=ring,
                         FOLD=ring and bool(self.fold) and not softcap, NBAR=0 if split else int(self.nbar),
                         EPI=bool(self.epi) and not split, num_warps=4 if split else self.num_warps)  # fmt: skip
-        return dict(DQ_CHUNK=self.chunk(headdim), RED_VEC=self.red_vec, num_warps=self.num_warps)
+        return dict(DQ_CHUNK=self.chunk(headdim), RED_VEC=self.red_vec, EPI=bool(self.epi), num_warps=self.num_warps)
 
 
 # Registers bind, not shared memory: 8 compute warps at up to 240-255 registers fill the register
@@ -408,10 +409,12 @@ _BWD_TABLE: dict[int, HopperBwdConfig] = {
     # (benchmarks/bwd_tile_trace.py) 12.2 -> 3.9 us
     128: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1,
                          persistent=1, head_group=4, epi=1),
-    192: HopperBwdConfig(64, 64, 2, dq_chunk=64),  # padded to 256: as 256
+    192: HopperBwdConfig(64, 64, 2, dq_chunk=64, epi=1),  # padded to 256: as 256
     # d256: red_vec=4 measured 257 TFLOP/s causal 4k b4 h8 against red_vec=1's 136 (H200, same run,
-    # results/hopper_bwd_H200_20261201_redvec.json); the default backward at d256 (GLUON_BWD_MIN_KEYS)
-    256: HopperBwdConfig(64, 64, 2, dq_chunk=64, red_vec=4),  # K/V 64 KiB + 2 x 64 KiB + P, dS 16 KiB = 208 KiB
+    # results/hopper_bwd_H200_20261201_redvec.json); the default backward at d256 (GLUON_BWD_MIN_KEYS).
+    # epi (through K's and V's tiles; stop 35, 3 rounds, results/hopper_bwd_H200_20261203_stop35_epi_d256.json):
+    # 4k b4 h8 294 / 282 (causal) against 284 / 265
+    256: HopperBwdConfig(64, 64, 2, dq_chunk=64, red_vec=4, epi=1),  # K/V 64 KiB + 2 x 64 KiB + P, dS 16 KiB = 208 KiB
 }
 #: Entries for causal / windowed calls where they differ from :data:`_BWD_TABLE`: d64 without stat_ring /
 #: fold. Stop 25 measured them 0-2% slower on every causal cell (d64 1k / 4k / 16k 219 / 366 / 438 against
@@ -497,8 +500,8 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
             return "persistent is an option of the ws kernel with swap and stat_ring, without nbar / lpt"
         if cfg.head_group < 0:
             return f"head_group must be >= 0 (0: all heads in one group), got {cfg.head_group}"
-    elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold or cfg.nbar or cfg.persistent or cfg.epi:
-        return "swap / dq_tma / stat_ring / fold / nbar / persistent / epi are options of the ws / ws2 kernels"
+    elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold or cfg.nbar or cfg.persistent:
+        return "swap / dq_tma / stat_ring / fold / nbar / persistent are options of the ws / ws2 kernels"
     if cfg.block_n not in (64, 128):
         return f"block_n (keys per program, the wgmma M of two warpgroups) must be 64 or 128, got {cfg.block_n}"
     if cfg.block_m not in (64, 128):
