@@ -732,8 +732,10 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
     warpgroup ``WG`` alone (4 warps) with keys ``n0 + WG * BLOCK_N / 2 ..``, its own P / dS tiles
     and its own dQ partial (dS over its keys times its K rows, in 64-column chunks), so the two
     warpgroups only meet at the ring and the worker's dQ hand-off, never at a barrier.
-    ``DEFER_DK`` (ws, atomic dQ): dQ is waited for before dK, so dK's wgmma runs under the
-    hand-off. ``DQ_TMA``: the worker adds the dQ tile by TMA (a proxy fence after the stores).
+    ``DEFER_DK`` (ws, atomic dQ): dK's wgmma is issued after dQ's and dQ is waited for alone, so dK's
+    wgmma runs under the dQ hand-off (the tile's stores, the proxy fence, the partition's barrier);
+    with ``SWAP`` its register operand (dS^T) stays live until then. ``DQ_TMA``: the worker adds the dQ
+    tile by TMA (a proxy fence after the stores).
 
     ``SWAP`` (FA3's ``SdP_swapAB``): the transposed tiles ``S^T = K Q^T`` and ``dP^T = V dO^T``,
     keys along the wgmma M dimension, each warpgroup its own 64 keys; ``P^T`` and ``dS^T`` then
@@ -793,7 +795,7 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
         qry_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     EARLY_DP: gl.constexpr = not (HAS_SOFTCAP and BLOCK_D >= 128)
-    DEFER: gl.constexpr = DEFER_DK and ATOMIC_DQ and BLOCK_D == DQ_CHUNK and not SWAP
+    DEFER: gl.constexpr = DEFER_DK and ATOMIC_DQ and BLOCK_D == DQ_CHUNK
     if SPLIT:
         k_w = k_smem.slice(WG * KEYS, KEYS, dim=0)
         v_w = v_smem.slice(WG * KEYS, KEYS, dim=0)
@@ -886,7 +888,8 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                 ds = (p * (dp - gl.expand_dims(delta, 0))).to(dtype)
             ds_w.store(ds)
             dsa = gl.convert_layout(ds, a_layout)
-            dk = warpgroup_mma(dsa, q_buf, dk, is_async=True)
+            if not DEFER:
+                dk = warpgroup_mma(dsa, q_buf, dk, is_async=True)
             if not STAT_RING:
                 other = 2 * ST0 + 2 - slot  # the other slot: read after this iteration's barrier
                 st_smem.index(other).store(lse_r)
@@ -929,14 +932,23 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
             dq = warpgroup_mma(ds_t, k_w, gl.zeros([BLOCK_M, BLOCK_D], gl.float32, dq_layout), use_acc=False,
                                is_async=True)
             if DEFER:
-                dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
+                if SWAP:  # (dS^T from registers: they stay live until dK's wgmma retired)
+                    dk = warpgroup_mma(dsa, q_buf, dk, is_async=True)
+                else:
+                    dk = warpgroup_mma(ds_w.permute((1, 0)), q_buf, dk, is_async=True)
                 _dq_wait_empty(dq_empty, gi, NBAR, NW)  # the worker is done with the previous dQ tile
-                dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))  # dV and dQ retired, dK may still run
+                if SWAP:
+                    dq, dv, pa = warpgroup_mma_wait(1, deps=(dq, dv, pa))  # dV and dQ retired, dK may still run
+                else:
+                    dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))  # dV and dQ retired, dK may still run
                 dq_w.store(dq)
                 if DQ_TMA:
                     fence_async_shared()
                 _dq_put_full(dq_full, NBAR, NW)
-                dk = warpgroup_mma_wait(0, deps=(dk,))
+                if SWAP:
+                    dk, dsa = warpgroup_mma_wait(0, deps=(dk, dsa))
+                else:
+                    dk = warpgroup_mma_wait(0, deps=(dk,))
             else:
                 _dq_wait_empty(dq_empty, gi, NBAR, NW)  # the worker is done with the previous dQ tile
                 if SWAP:
@@ -1312,7 +1324,7 @@ def _bwd_ws_compute_tiles(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_s
                           BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr,
                           HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
                           DQ_TMA: gl.constexpr, FOLD: gl.constexpr, TRACE_BUF, TRACE_CAP, TRACE: gl.constexpr,
-                          ep_smem, EPI: gl.constexpr):
+                          ep_smem, EPI: gl.constexpr, DEFER_DK: gl.constexpr):
     """The compute warps of :func:`attn_bwd_ws_persistent`: :func:`_bwd_ws_compute` once per tile the
     worker hands over (:func:`_take_tile`; an index ``>= n_tiles`` ends the program), the ring's
     iteration count carried across tiles."""
@@ -1336,7 +1348,7 @@ def _bwd_ws_compute_tiles(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_s
                         total, seqlen_q, seqlen_k, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
                         qk_scale, cap_out, sm_scale, window_left, window_right,
                         0, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                        ATOMIC_DQ, False, True, DQ_TMA, None, None, None, None, 0, None,
+                        ATOMIC_DQ, DEFER_DK, True, DQ_TMA, None, None, None, None, 0, None,
                         True, FOLD, 0, None, None, None, None,
                         it0, k & 1, kv_empty, True, ep_smem, EPI)
         if TRACE:
@@ -1424,7 +1436,7 @@ def attn_bwd_ws_persistent(
     initialisation or register reallocation per tile (stop 33's breakdown: ~14 us per program of the
     one-program-per-tile kernel against ~0 for cuDNN's persistent grid)."""
     gl.static_assert(SWAP and STAT_RING and not SPLIT and not IS_VARLEN and NBAR == 0 and not LPT
-                     and not DEFER_DK and num_warps == 8,
+                     and num_warps == 8,
                      "persistent: the ws kernel with swap and stat_ring, dense, without nbar / lpt / ws2")
     gl.static_assert(not FOLD or not HAS_SOFTCAP, "fold: without softcap")
     (k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem, kv_bar, ld_full, ld_empty, dq_full,
@@ -1446,7 +1458,7 @@ def attn_bwd_ws_persistent(
                                  stride_dkh, stride_lb, stride_lh, qk_scale, cap_out, sm_scale, window_left,
                                  window_right, n_kb, n_hk, n_tiles, head_group,
                                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                                 ATOMIC_DQ, DQ_TMA, FOLD, TRACE_BUF, TRACE_CAP, TRACE, ep_smem, EPI)),
+                                 ATOMIC_DQ, DQ_TMA, FOLD, TRACE_BUF, TRACE_CAP, TRACE, ep_smem, EPI, DEFER_DK)),
         (_bwd_ws_worker_tiles, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
                                 kv_bar, ld_full, ld_empty, dq_full, dq_empty, kv_empty, tile_smem, tile_full,
                                 tile_empty, TILE_CTR, DQ, group,

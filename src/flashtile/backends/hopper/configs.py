@@ -304,7 +304,8 @@ class HopperBwdConfig:
     worker_regs: int = 32
     #: ws2: registers of each compute warpgroup
     compute_regs: int = 240
-    #: ws: issue dQ before dK and let dK's wgmma run under the dQ hand-off (1) or wait for all (0)
+    #: ws: issue dQ before dK and let dK's wgmma run under the dQ hand-off (1) or wait for all (0); with
+    #: swap dK's register operand stays live until then (on at d96 / d128)
     defer_dk: int = 0
     #: ws: rows of the dQ tile the worker adds per step (its registers: ``red_rows * BLOCK_D / 128`` floats)
     red_rows: int = 8
@@ -392,7 +393,7 @@ _BWD_TABLE: dict[int, HopperBwdConfig] = {
     # 1k / 4k / 16k 377 / 464 / 482 against 328 / 441 / 485, causal 272 / 414 / 469 against 223 / 379 / 457
     64: HopperBwdConfig(128, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1, epi=1),
     96: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1,
-                        persistent=1, head_group=4, epi=1),  # as 128
+                        persistent=1, head_group=4, epi=1, defer_dk=1),  # as 128
     # ws (FA3's tile): K/V 64 KiB + 2 x (Q, dO) 32 KiB + dS^T 16 KiB + dQ tile 32 KiB; swap + dq_tma:
     # 459 / 396 at 4k, 487 / 514 at 16k (non-causal / causal) against 411 / 338 and 455 / 436 without
     # (swap alone 452 / 388, 501 / 502; dq_tma alone 413 / 352, 457 / 456); ws2 + swap + dq_tma 376 /
@@ -406,9 +407,11 @@ _BWD_TABLE: dict[int, HopperBwdConfig] = {
     # heads) lost 1k causal (196: every head's Q / dO and dQ rows at once, out of L2)
     # epi (stop 35, as d64's): 1k / 4k / 16k 435 / 525 / 547 against 360 / 485 / 536, causal 321 / 493 / 546
     # against 264 / 448 / 534, GQA 32/8 8k causal 518 / 511, softcap 30 413 / 416; the tile's fixed cost
-    # (benchmarks/bwd_tile_trace.py) 12.2 -> 3.9 us
+    # (benchmarks/bwd_tile_trace.py) 12.2 -> 3.9 us. defer_dk (stop 35, 3 rounds, against without;
+    # results/hopper_bwd_H200_20261203_stop35_defer_dk.json): 1k / 4k / 16k 445 / 518 / 551 against 437 / 521 /
+    # 546, causal 326 / 514 / 552 against 323 / 488 / 548, GQA 32/8 8k causal 528 / 518 (d64 lost 2-3%: off there)
     128: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1,
-                         persistent=1, head_group=4, epi=1),
+                         persistent=1, head_group=4, epi=1, defer_dk=1),
     192: HopperBwdConfig(64, 64, 2, dq_chunk=64, epi=1),  # padded to 256: as 256
     # d256: red_vec=4 measured 257 TFLOP/s causal 4k b4 h8 against red_vec=1's 136 (H200, same run,
     # results/hopper_bwd_H200_20261201_redvec.json); the default backward at d256 (GLUON_BWD_MIN_KEYS).
@@ -481,8 +484,6 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
             return f"red_rows must be 8, 16 or 32 and divide block_m, got {cfg.red_rows}"
         if cfg.dq_chunk or cfg.red_vec != 1:
             return "the ws kernel computes dQ whole and reduces it from shared memory: no dq_chunk / red_vec"
-        if cfg.swap and cfg.defer_dk:
-            return "swap issues dK from registers before dQ: no defer_dk"
         if cfg.swap and cfg.block_n != 128:
             return "swap gives each compute warpgroup 64 whole keys (the wgmma M): block_n = 128"
         if (cfg.stat_ring or cfg.fold) and not (cfg.kernel == "ws" and cfg.swap):
