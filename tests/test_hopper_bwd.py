@@ -789,3 +789,18 @@ def test_epi_config_and_launch(lb):
         launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(B, H, S), make_call(headdim=D),
                             config=cfg)  # fmt: skip
         assert rec["main"].calls[-1][2]["EPI"] is True
+
+
+def test_defer_dk_with_swap(lb):
+    """``defer_dk`` with swap (the d96 / d128 default since stop 35, off at d64): accepted by the check and
+    handed to the ws kernels as ``DEFER_DK``, the persistent one included."""
+    launch_bwd, rec = lb
+    assert configs.bwd_config(128).defer_dk and configs.bwd_config(96).defer_dk and not configs.bwd_config(64).defer_dk
+    for d in (64, 128):
+        cfg = configs.bwd_config(d, defer_dk=1)
+        assert cfg.swap and configs.bwd_check(cfg, d) is None and cfg.kernel_consts(d)["DEFER_DK"]
+    q, k, v = (torch.randn(1, 300, 2, 128, dtype=torch.bfloat16) for _ in range(3))
+    for cfg in (configs.bwd_config(128), configs.bwd_config(128, persistent=0)):
+        launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(1, 2, 300), make_call(headdim=128),
+                            config=cfg)  # fmt: skip
+        assert rec["main"].calls[-1][2]["DEFER_DK"] is True
