@@ -282,9 +282,11 @@ def _store_rows_smem(PTR, x, ep, row0, n_rows, stride_s, HEAD_DIM: gl.constexpr,
                      BLOCK_D: gl.constexpr, NW: gl.constexpr):
     """:func:`_store_rows` through the shared-memory tile ``ep`` (``[BLOCK_R, BLOCK_D]``, free on entry and
     on return; ``NW`` warps, the calling partition's): ``x`` stored there from its (wgmma) layout, read
-    back as 16-byte row vectors and written to global memory whole rows a warp, instead of the wgmma
-    layout's 4-byte pieces of 8 rows an instruction (8 partial sectors each). ``PTR`` and ``stride_s``:
-    multiples of 16 bytes (dK / dV, the launcher's contiguous tensors with head dims a multiple of 8)."""
+    back as 16-byte row vectors and written to global memory whole rows a warp, instead of stored from the
+    wgmma layout (2-byte stores over 8 rows an instruction: the strides are not specialised, so nothing
+    proves two neighbouring columns 4-byte aligned; stop 35 measured ~8 us a 64 KiB dK / dV tile).
+    ``PTR`` and ``stride_s``: multiples of 16 bytes (dK / dV, the launcher's contiguous tensors with head
+    dims a multiple of 8)."""
     VEC: gl.constexpr = 128 // ep.dtype.primitive_bitwidth
     TC: gl.constexpr = BLOCK_D // VEC  # threads along a row
     layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TC, TC], [NW, 1], [1, 0])
@@ -309,7 +311,8 @@ def attn_bwd(
 ):
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), Hk, B or nseq)``, ``num_warps = 8``; with ``LPT``
     ``(Hk, B or nseq, cdiv(max_seqlen_k, BLOCK_N))``: key block 0 of every head first (under a causal
-    mask the heaviest: longest-first scheduling, a shorter tail).
+    mask the heaviest: longest-first scheduling, a shorter tail). ``EPI``: dV and dK stored through V's
+    and K's tiles after the loop (:func:`_store_rows_smem`).
 
     q_desc / do_desc: ``[BLOCK_M, BLOCK_D]`` tiles of q / dout; k_desc / v_desc:
     ``[BLOCK_N, BLOCK_D]`` tiles (4-D dense, 3-D varlen descriptors, as the forward's). DK / DV
@@ -1086,7 +1089,8 @@ def attn_bwd_ws(
     the two partials (see :func:`_bwd_ws_compute`). ``SWAP``: the transposed score tiles (P^T and
     dS^T as register operands; see :func:`_bwd_ws_compute`). ``DQ_TMA``: the worker adds each dQ
     tile by TMA reduce-add through ``dq_desc`` (fp32 ``[BLOCK_M, BLOCK_D]`` blocks of ``DQ``) instead
-    of vector atomics. ``LPT``: the grid order of :func:`attn_bwd`'s ``LPT``.
+    of vector atomics. ``LPT``: the grid order of :func:`attn_bwd`'s ``LPT``. ``EPI`` (not ``SPLIT``):
+    dV and dK stored through a staging tile of their own (:func:`_store_rows_smem`).
 
     Block-list mode (``LIST_SUBS > 0``; a flex block mask with ``BLOCK_SIZE = BLOCK_N``, dense, with
     ``SWAP``, not ``SPLIT`` / ``LPT``): the query blocks of key block ``pid_n`` are those of the
