@@ -77,6 +77,12 @@ def _desc_sig(dtype: str, rows: int, d: int, varlen: bool, block: list[int] | No
     return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
 
 
+def _aligned_pointers(fn, sig: dict) -> dict:
+    """The specialisation a launch gives its 16-byte aligned tensors (every pointer argument here: the
+    launchers' are torch allocations or checked), so that vectorised accesses compile as they run."""
+    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
+
+
 def compile_one_fp8(d: int, mask: str, varlen: bool, descales: bool, overrides: dict, dump: str | None) -> dict:
     """Compile one variant of the FP8 kernel (fwd_fp8.attn_fwd_ws_fp8)."""
     import triton
@@ -122,8 +128,9 @@ def compile_one_fp8(d: int, mask: str, varlen: bool, descales: bool, overrides: 
     for k in consts:
         sig[k] = "constexpr"
     try:
-        k = triton.compile(GluonASTSource(fwd8.attn_fwd_ws_fp8, sig, consts), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=cfg.num_warps))  # fmt: skip
+        fn = fwd8.attn_fwd_ws_fp8
+        k = triton.compile(GluonASTSource(fn, sig, consts, _aligned_pointers(fn, sig)),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps))  # fmt: skip
     except Exception as e:  # report, do not stop the other variants
         res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         res["trace"] = str(e)
@@ -196,8 +203,8 @@ def compile_one(kernel: str, dtype: str, d: int, mask: str, varlen: bool, overri
         sig[k] = "constexpr"
     _defaults(fn, sig, consts)
     try:
-        k = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=cfg.num_warps))  # fmt: skip
+        k = triton.compile(GluonASTSource(fn, sig, consts, _aligned_pointers(fn, sig)),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps))  # fmt: skip
     except Exception as e:  # report, do not stop the other variants
         res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         res["trace"] = str(e)
@@ -273,8 +280,9 @@ def compile_flex(dtype: str, d: int, variant: tuple, overrides: dict, dump: str 
         sig[k] = "constexpr"
     _defaults(fwd.attn_fwd_ws, sig, consts)
     try:
-        k = triton.compile(GluonASTSource(fwd.attn_fwd_ws, sig, consts), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=cfg.num_warps))  # fmt: skip
+        fn = fwd.attn_fwd_ws
+        k = triton.compile(GluonASTSource(fn, sig, consts, _aligned_pointers(fn, sig)),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps))  # fmt: skip
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         res["trace"] = str(e)
@@ -349,12 +357,6 @@ FLEX_OPTS = {
     "flex-causal+alibi": ("causal", ("i32", "i32", "i32"), ("alibi", ("*fp32", "i32", "i32"))),
     "flex-causal+bias": ("causal", ("i32", "i32", "i32"), ("relative_bias", ("*fp32", "i32", "i32"))),
 }
-
-
-def _aligned_pointers(fn, sig: dict) -> dict:
-    """The specialisation a launch gives its 16-byte aligned tensors (every pointer argument here: the
-    launchers' are torch allocations or checked), so that vectorised accesses compile as they run."""
-    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
 
 
 def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dump: str | None) -> dict:
