@@ -429,7 +429,7 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
         if "dq_desc" not in sig:  # (a leading argument without a default: None without DQ_TMA)
             consts["dq_desc"] = None
     fn = bwd.attn_bwd_ws if cfg.kernel in ("ws", "ws2") else bwd.attn_bwd
-    if cfg.persistent:  # (dense only: varlen calls keep one program per tile)
+    if cfg.persistent and opt not in FLEX_OPTS:  # (dense only: varlen and block-list calls keep one program per tile)
         if varlen:
             res.update(ok=True, skipped="the persistent backward serves dense calls")
             return res
