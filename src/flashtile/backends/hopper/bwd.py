@@ -299,6 +299,28 @@ def _store_rows_smem(PTR, x, ep, row0, n_rows, stride_s, HEAD_DIM: gl.constexpr,
     _store_rows(PTR, y, row0, n_rows, stride_s // VEC * VEC, HEAD_DIM, BLOCK_R, BLOCK_D, layout)
 
 
+@gluon.jit
+def _store_dkdv(DK, DV, kv_off, dk, dv, sm_scale, ep_k, ep_v, row0, n_rows, stride_s, HEAD_DIM: gl.constexpr,
+                BLOCK_R: gl.constexpr, BLOCK_D: gl.constexpr, layout: gl.constexpr, NW: gl.constexpr,
+                EPI: gl.constexpr):
+    """The backward's epilogue: dV and ``sm_scale * dK`` (fp32 ``[BLOCK_R, BLOCK_D]`` in ``layout``) in the
+    inputs' dtype at rows ``row0 ..`` (``< n_rows``) of ``DV + kv_off`` / ``DK + kv_off``; with ``EPI``
+    through the shared tiles ``ep_v`` then ``ep_k`` (:func:`_store_rows_smem`; the same tile twice is
+    fine), else straight from ``layout`` (:func:`_store_rows`)."""
+    dtype: gl.constexpr = DK.dtype.element_ty
+    if EPI:
+        VEC: gl.constexpr = 128 // dtype.primitive_bitwidth
+        kv_off = kv_off // VEC * VEC  # (a multiple of VEC already; spelled so that the stores vectorise:
+        # multiple_of on a function's argument is dropped, as on a scalar)
+        _store_rows_smem(DV + kv_off, dv.to(dtype), ep_v, row0, n_rows, stride_s, HEAD_DIM, BLOCK_R, BLOCK_D, NW)
+        _store_rows_smem(DK + kv_off, (dk * sm_scale).to(dtype), ep_k, row0, n_rows, stride_s, HEAD_DIM, BLOCK_R,
+                         BLOCK_D, NW)
+    else:
+        _store_rows(DV + kv_off, dv.to(dtype), row0, n_rows, stride_s, HEAD_DIM, BLOCK_R, BLOCK_D, layout)
+        _store_rows(DK + kv_off, (dk * sm_scale).to(dtype), row0, n_rows, stride_s, HEAD_DIM, BLOCK_R, BLOCK_D,
+                    layout)
+
+
 @gluon.jit(do_not_specialize=_NO_SPECIALIZE)
 def attn_bwd(
     q_desc, k_desc, v_desc, do_desc, DQ, DK, DV, LSE, DELTA, CU_Q, CU_K,
@@ -481,17 +503,9 @@ def attn_bwd(
         mbarrier.invalidate(q_bars.index(st))
         mbarrier.invalidate(do_bars.index(st))
     kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
-    if EPI:  # through K's and V's tiles: no wgmma reads them any more, no load refills them
-        kv_off = gl.multiple_of(kv_off, 128 // dtype.primitive_bitwidth)
-        _store_rows_smem(DV + kv_off, dv.to(dtype), v_smem, k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM,
-                         BLOCK_N, BLOCK_D, num_warps)
-        _store_rows_smem(DK + kv_off, (dk * sm_scale).to(dtype), k_smem, k_start + n0, seqlen_k - n0, stride_dks,
-                         HEAD_DIM, BLOCK_N, BLOCK_D, num_warps)
-    else:
-        _store_rows(DV + kv_off, dv.to(dtype), k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM, BLOCK_N, BLOCK_D,
-                    kv_layout)
-        _store_rows(DK + kv_off, (dk * sm_scale).to(dtype), k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM,
-                    BLOCK_N, BLOCK_D, kv_layout)
+    # (EPI: through K's and V's tiles: no wgmma reads them any more, no load refills them)
+    _store_dkdv(DK, DV, kv_off, dk, dv, sm_scale, k_smem, v_smem, k_start + n0, seqlen_k - n0, stride_dks, HEAD_DIM,
+                BLOCK_N, BLOCK_D, kv_layout, num_warps, EPI)
 
 
 # ---------------------------------------------------------------------------------------
@@ -993,18 +1007,9 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
     if PERSIST:
         mbarrier.arrive(kv_empty)  # every wgmma reading K / V retired (the loop's last wait)
     kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
-    if EPI:
-        gl.static_assert(not SPLIT, "epi: the ws kernel's one compute partition")
-        kv_off = gl.multiple_of(kv_off, 128 // dtype.primitive_bitwidth)
-        _store_rows_smem(DV + kv_off, dv.to(dtype), ep_smem, k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM,
-                         KEYS, BLOCK_D, NW)
-        _store_rows_smem(DK + kv_off, (dk * sm_scale).to(dtype), ep_smem, k_start + kw0, seqlen_k - kw0,
-                         stride_dks, HEAD_DIM, KEYS, BLOCK_D, NW)
-    else:
-        _store_rows(DV + kv_off, dv.to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM, KEYS, BLOCK_D,
-                    kv_layout)
-        _store_rows(DK + kv_off, (dk * sm_scale).to(dtype), k_start + kw0, seqlen_k - kw0, stride_dks, HEAD_DIM,
-                    KEYS, BLOCK_D, kv_layout)
+    gl.static_assert(not EPI or not SPLIT, "epi: the ws kernel's one compute partition")
+    _store_dkdv(DK, DV, kv_off, dk, dv, sm_scale, ep_smem, ep_smem, k_start + kw0, seqlen_k - kw0, stride_dks,
+                HEAD_DIM, KEYS, BLOCK_D, kv_layout, NW, EPI)
 
 
 @gluon.jit
