@@ -436,6 +436,12 @@ def compile_bwd(dtype: str, d: int, opt: str, varlen: bool, overrides: dict, dum
         fn = bwd.attn_bwd_ws_persistent
         res["name"] = name = name.replace(f"bwd_{cfg.kernel}", f"bwd_{cfg.kernel}_persistent", 1)
         sig.update(n_kb="i32", n_hk="i32", n_tiles="i32", TILE_CTR="*i32", head_group="i32")
+        if cfg.tail and flags.get("ATOMIC_DQ") and not (flags.get("HAS_WL") or flags.get("HAS_WR")):  # (launcher)
+            sig.update(WS="*fp32", t_full="i32", n_split="i32", split_mb="i32")
+            consts["TAIL"] = True
+            res["name"] = name = name.replace("_persistent", "_persistent_tail", 1)
+        else:
+            consts["WS"] = None
         if tile_trace:
             sig.update(TRACE_BUF="*i64", TRACE_CAP="i32")
             consts["TRACE"] = True

@@ -252,6 +252,41 @@ def test_configs_module_is_torch_free():
 # tile schedule of the persistent kernel (sched.py)
 
 
+@pytest.mark.parametrize("n_split,n_mb,g", [(68, 64, 132), (68, 256, 132), (5, 2000, 132), (88, 32, 132),
+                                             (3, 40, 7), (1, 16, 1)])
+def test_tail_parts_cover_the_split_tiles_once(n_split, n_mb, g):
+    """The split tail's pieces (``sched.tail_parts``, the kernel's ``_tail_code``): one or two parts each,
+    none empty, within a tile, codes within TAIL_BITS; together every query block of the split tiles
+    exactly once, and no piece longer than its share rounded up."""
+    seen = [[0] * n_mb for _ in range(n_split)]
+    for p in range(g):
+        parts = sched.tail_parts(p, n_split, n_mb, g)
+        assert 1 <= len(parts) <= 2
+        assert sum(hi - lo for _, lo, hi in parts) <= -(-n_split * n_mb // g)
+        for j, lo, hi in parts:
+            assert 0 <= j < n_split and 0 <= lo < hi <= n_mb < 1 << sched.TAIL_BITS
+            for m in range(lo, hi):
+                seen[j][m] += 1
+        if len(parts) == 2:  # the end of one tile, then the start of the next
+            assert parts[0][2] == n_mb and parts[1] == (parts[0][0] + 1, 0, parts[1][2])
+    assert all(c == 1 for row in seen for c in row)
+
+
+def test_tail_split_rule():
+    """Split where a last round of whole tiles would leave programs idle: 2048 tiles of 64 query blocks on
+    132 SMs (68 in the last round); not without a whole first round, with an even last round, a nearly full
+    one, pieces shorter than TAIL_MIN_BLOCKS blocks, or more blocks than a code holds."""
+    assert sched.tail_split(2048, 132, 64) == 68
+    assert sched.tail_split(2048, 132, 256) == 68
+    assert sched.tail_split(352, 132, 32) == 88
+    assert sched.tail_split(200, 132, 64) == 0  # (no whole first round for every program)
+    assert sched.tail_split(132 * 16, 132, 64) == 0
+    assert sched.tail_split(132 * 15 + 130, 132, 64) == 0  # (a full last round: > TAIL_MAX_FILL)
+    assert sched.tail_split(2048, 132, 16) == 0  # (68 x 16 blocks: pieces of 8)
+    assert sched.tail_split(2048, 132, 1 << sched.TAIL_BITS) == 0
+    assert sched.tail_split(2048, 0, 64) == 0
+
+
 def _visible(i: int, j: int, sq: int, sk: int, wl: int, wr: int) -> bool:
     off = sk - sq
     return 0 <= j < sk and (wl < 0 or j >= i + off - wl) and (wr < 0 or j <= i + off + wr)

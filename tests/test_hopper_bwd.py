@@ -269,7 +269,7 @@ def lb(monkeypatch):
         if kw["ATOMIC_DQ"]:
             args[4].fill_(2.0)
 
-    rec = {"main": _Recorder(fill_dq), "pre": _Recorder(), "dq": _Recorder()}
+    rec = {"main": _Recorder(fill_dq), "pre": _Recorder(), "dq": _Recorder(), "tail": _Recorder()}
 
     class WsMain:  # the ws kernel's dq_desc (after do_desc) recorded as a keyword: one argument list for both
         def __getitem__(self, grid):
@@ -281,6 +281,7 @@ def lb(monkeypatch):
     monkeypatch.setattr(launch_bwd, "_sm_count", lambda device: 132)
     monkeypatch.setattr(launch_bwd, "_bwd_preprocess", rec["pre"])
     monkeypatch.setattr(launch_bwd, "_bwd_dq_kernel", rec["dq"])
+    monkeypatch.setattr(launch_bwd, "_dkdv_fast", rec["tail"])
     monkeypatch.setattr(launch_bwd, "_descriptor", lambda t, rows, varlen: ("desc", tuple(t.shape), rows, varlen))
     # the dQ conversion kernel's arithmetic (the kernel itself: test_triton_kernels.py under the interpreter)
     monkeypatch.setattr(launch_bwd, "_convert_dq",
@@ -402,7 +403,7 @@ def test_launch_bwd_nbar_where_it_applies(lb):
     assert not kw["ATOMIC_DQ"] and kw["NBAR"] == 0
     n = len(rec["main"].calls)
     for bad in (replace(nb, kernel="ws2", stat_ring=0, fold=0), configs.HopperBwdConfig(64, 64, 2, nbar=1)):
-        with pytest.raises(ValueError, match="nbar (/ persistent )?(is an option|are options) of the ws"):
+        with pytest.raises(ValueError, match="nbar (/ persistent / tail )?(is an option|are options) of the ws"):
             launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
                                 config=bad)  # fmt: skip
     assert len(rec["main"].calls) == n
@@ -428,8 +429,8 @@ def test_launch_bwd_nbar2_where_it_applies(lb):
     n = len(rec["main"].calls)
     for bad in (replace(nb, kernel="ws2", stat_ring=0, fold=0), configs.HopperBwdConfig(64, 64, 2, nbar=2),
                 replace(nb, nbar=3)):
-        with pytest.raises(ValueError,
-                           match="nbar (/ persistent )?(is an option|are options) of the ws|nbar must be 0, 1 or 2"):
+        with pytest.raises(ValueError, match="nbar (/ persistent / tail )?(is an option|are options) of the ws"
+                                             "|nbar must be 0, 1 or 2"):
             launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
                                 config=bad)  # fmt: skip
     assert len(rec["main"].calls) == n
@@ -441,9 +442,9 @@ def test_launch_bwd_deterministic_uses_the_ordered_dq_pass(lb):
     call = make_call(headdim=128, deterministic=True, softcap=30.0)
     dq, _, _ = launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(1, 8, 200), call)
     (_, args, kw), = rec["main"].calls
-    if "n_tiles" in kw:  # (the persistent kernel: its tile counter after DELTA, args[9] as recorded)
-        assert args[9].dtype == torch.int32 and int(args[9]) == 0
-        args = args[:9] + args[10:]
+    if "n_tiles" in kw:  # (the persistent kernel: its tile counter and tail workspace after DELTA, args[9:11])
+        assert args[9].dtype == torch.int32 and int(args[9]) == 0 and args[10] is None
+        args = args[:9] + args[11:]
     assert not kw["ATOMIC_DQ"] and kw["HAS_SOFTCAP"] and args[4] is dq
     assert args[23] == pytest.approx(30.0 * 1.4426950408889634)
     (grid, dargs, dkw), = rec["dq"].calls
@@ -539,6 +540,31 @@ def test_gpu_bwd_parity_dense(dtype, sq, sk, h, hk, d, opts):
     dead = torch.isneginf(res["ref_lse"])
     if dead.any():  # rows that see no key: dq exactly 0
         assert res["grads"][0].permute(0, 2, 1, 3)[dead].abs().max().item() == 0
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("sq,sk,h,hk", [(2048, 2048, 11, 11), (2040, 2000, 22, 11)])
+def test_gpu_bwd_tail_split(sq, sk, h, hk, monkeypatch):
+    """The persistent backward's split tail (``tail``): 352 tiles on 132 SMs, the last 88 as one piece a
+    program (pieces spanning two tiles; a ragged last key block and query block; GQA): gradients within
+    the oracle's tolerance, and the tail's conversion ran."""
+    from flashtile.backends.hopper import launch_bwd, sched
+
+    cfg = configs.bwd_config(128, tail=1)
+    n_tiles = 2 * hk * -(-sk // cfg.block_n)
+    if not sched.tail_split(n_tiles, launch_bwd._sm_count(torch.device("cuda")), -(-sq // cfg.block_m)):
+        pytest.skip("this GPU's SM count leaves no tail to split at these shapes")
+    monkeypatch.setitem(configs._BWD_TABLE, 128, cfg)
+    seen = []
+    real = launch_bwd.dkdv_tail
+    monkeypatch.setattr(launch_bwd, "dkdv_tail", lambda ws, *a, **kw: (seen.append(ws.shape), real(ws, *a, **kw)))
+    q, k, v = qkv_inputs(2, sq, sk, h, hk, 128, torch.bfloat16, "cuda")
+    with flashtile.use_backend("hopper"):
+        res = compare_with_oracle(dense_fn(), dense_oracle(), (q, k, v))
+    assert seen and seen[0][0] == n_tiles % 132
+    for g in res["grads"]:
+        assert torch.isfinite(g).all()
 
 
 def _varlen_oracle(lens_q, lens_k, causal):
@@ -651,7 +677,8 @@ def planned(monkeypatch):
     from flashtile.backends.hopper import launch_bwd
 
     log = plan_recorders(monkeypatch, launch_bwd, ("attn_bwd_ws", "attn_bwd_ws_persistent", "attn_bwd",
-                                                   "_bwd_preprocess", "_dq_fast", "_bwd_dq_kernel"))  # fmt: skip
+                                                   "_bwd_preprocess", "_dq_fast", "_bwd_dq_kernel",
+                                                   "_dkdv_fast"))  # fmt: skip
     monkeypatch.setattr(launch_bwd, "_sm_count", lambda device: 132)
     monkeypatch.setattr(launch_bwd, "_descriptor", lambda t, rows, varlen: ("desc", tuple(t.shape), t.dtype, rows))
     monkeypatch.setattr(launch_bwd, "arch", lambda device: "sm90")
@@ -804,3 +831,57 @@ def test_defer_dk_with_swap(lb):
         launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(1, 2, 300), make_call(headdim=128),
                             config=cfg)  # fmt: skip
         assert rec["main"].calls[-1][2]["DEFER_DK"] is True
+
+
+def _tail_inputs(causal=False, **kw):
+    """A dense d128 call of 2 x 11 KV heads x 16 key blocks = 352 tiles: 88 past two rounds of 132."""
+    B, S, H, Hk, D = 2, 2048, 11, 11, 128
+    q, k, v = (torch.randn(B, S, n, D, dtype=torch.bfloat16) for n in (H, Hk, Hk))
+    return (torch.randn_like(q), q, k, v, torch.randn_like(q), _lse(B, H, S), make_call(headdim=D, causal=causal,
+                                                                                         **kw))  # fmt: skip
+
+
+def test_tail_config_and_launch(lb):
+    """``tail`` (the persistent kernel's split last round): an option of the persistent kernel; a dense
+    call without mask or window whose tiles leave a short last round (``sched.tail_split``) gets ``TAIL``,
+    the split's bounds and a zeroed fp32 workspace after the tile counter, and the workspace's conversion
+    into dK / dV after the kernel; causal, windowed and deterministic calls, and configs without ``tail``,
+    run without (the workspace argument None)."""
+    launch_bwd, rec = lb
+    cfg = configs.bwd_config(128, tail=1)
+    assert configs.bwd_check(cfg, 128) is None
+    assert "tail" in configs.bwd_check(configs.bwd_config(128, tail=1, persistent=0), 128)
+    assert "ws / ws2" in configs.bwd_check(configs.bwd_config(256, tail=1), 256)
+    dout, q, k, v, out, lse, call = _tail_inputs()
+    _, dk, dv = launch_bwd.backward(dout, q, k, v, out, lse, call, config=cfg)
+    grid, args, kw = rec["main"].calls[-1]
+    assert grid == (132,) and kw["TAIL"] and kw["n_tiles"] == 352
+    assert (kw["t_full"], kw["n_split"], kw["split_mb"]) == (264, 88, 2048 // cfg.block_m)
+    ws = args[10]  # (after the tile counter)
+    assert ws.dtype == torch.float32 and ws.shape == (88, 2, cfg.block_n, 128) and not ws.any()
+    (tgrid, targs, tkw), = rec["tail"].calls
+    assert tgrid == (88,) and targs[0] is ws and targs[1] is dk and targs[2] is dv and targs[3:5] == (264, 16)
+    assert tkw["BLOCK_N"] == cfg.block_n and tkw["D"] == 128
+    for other, c in ((_tail_inputs(causal=True), cfg), (_tail_inputs(window_size=(512, 512)), cfg),
+                     (_tail_inputs(deterministic=True), cfg), (_tail_inputs(), replace(cfg, tail=0))):  # fmt: skip
+        launch_bwd.backward(*other, config=c)
+        _, args, kw = rec["main"].calls[-1]
+        assert "TAIL" not in kw and args[10] is None
+    assert len(rec["tail"].calls) == 1
+
+
+def test_tail_plans_repeat_the_first_launch(planned, monkeypatch):
+    """A planned call with the split tail launches what its first call did: the persistent kernel with a
+    fresh workspace, then the tail's conversion, then dQ's."""
+    launch_bwd, log = planned
+    monkeypatch.setitem(configs._BWD_TABLE, 128, replace(configs._BWD_TABLE[128], persistent=1, tail=1))
+    dout, q, k, v, out, lse, call = _tail_inputs()
+    runs = []
+    for _ in range(4):
+        n0 = len(log)
+        launch_bwd.backward(dout, q, k, v, out, lse, call)
+        runs.append(log[n0:])
+    assert [e[0] for e in runs[0]] == ["_bwd_preprocess", "attn_bwd_ws_persistent", "_dkdv_fast", "_dq_fast"]
+    assert [[e[:4] for e in r] for r in runs[1:]] == [[e[:4] for e in runs[0]]] * 3
+    assert [e[4] for e in runs[3]] == ["prepared"] * 4
+    assert runs[3][1][2][11] == torch.float32 and runs[3][1][3]["TAIL"]  # (the workspace: a leading argument)

@@ -484,3 +484,30 @@ def test_hopper_dq_convert_kernel(s, h, d, dtype):
     convert_dq(acc, dq, 0.37)
     want = (acc[:, :s, :, :d] * 0.37).to(dtype)
     assert torch.equal(dq, want)
+
+
+@pytest.mark.parametrize("sk,hk,d,block_n", [(300, 3, 96, 128), (128, 2, 64, 64), (257, 1, 128, 128)])
+def test_hopper_dkdv_tail_kernel(sk, hk, d, block_n):
+    """The persistent hopper backward's split tail (plain Triton: runs here under the interpreter): the
+    fp32 sums of tiles ``t_full ..`` (key block fastest, then the KV head, then the batch) into dV / dK's
+    rows of their key blocks (rows past seqlen_k and columns past D left alone), every other row untouched."""
+    from flashtile.backends.hopper.dq import dkdv_tail
+
+    b, bd = 2, max(64, 1 << (d - 1).bit_length())
+    n_kb = -(-sk // block_n)
+    n_tiles = b * hk * n_kb
+    t_full = n_tiles - min(3, n_tiles)
+    ws = torch.randn(n_tiles - t_full, 2, block_n, bd, device=DEVICE)
+    # (fp16 / fp32: the interpreter's fp32 -> bf16 conversion does not round as torch's does)
+    dk = torch.full((b, hk, sk, d), 7.0, device=DEVICE, dtype=torch.float16).transpose(1, 2)  # strided
+    dv = torch.full((b, sk, hk, d), 7.0, device=DEVICE, dtype=torch.float32)
+    want_k, want_v = dk.clone(), dv.clone()
+    for j in range(n_tiles - t_full):
+        t = t_full + j
+        bh, kb = divmod(t, n_kb)
+        bb, h = divmod(bh, hk)
+        r0, r1 = kb * block_n, min(kb * block_n + block_n, sk)
+        want_v[bb, r0:r1, h] = ws[j, 0, : r1 - r0, :d].to(dv.dtype)
+        want_k[bb, r0:r1, h] = ws[j, 1, : r1 - r0, :d].to(dk.dtype)
+    dkdv_tail(ws, dk, dv, t_full, n_kb)
+    assert torch.equal(dk, want_k) and torch.equal(dv, want_v)

@@ -44,7 +44,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .fwd import _block_range, _tile_coords, _tma_load, _visible
+from .fwd import _block_range, _store_rows, _store_rows_smem, _tile_coords, _tma_load, _visible
 
 LOG2E: gl.constexpr = gl.constexpr(1.4426950408889634)
 TWO_LOG2E: gl.constexpr = gl.constexpr(2.8853900817779268)  # exp(2x) = exp2(this * x)
@@ -262,41 +262,6 @@ def _issue_q_do(q_desc, do_desc, q_bufs, do_bufs, q_bars, do_bars, i, b, hk, gro
     _tma_load(q_desc, q_bar, q_bufs.index(stage), b, row, h, IS_VARLEN)
     mbarrier.expect(do_bar, do_desc.block_type.nbytes)
     _tma_load(do_desc, do_bar, do_bufs.index(stage), b, row, h, IS_VARLEN)
-
-
-@gluon.jit
-def _store_rows(PTR, x, row0, n_rows, stride_s, HEAD_DIM: gl.constexpr, BLOCK_R: gl.constexpr,
-                BLOCK_D: gl.constexpr, layout: gl.constexpr):
-    """Store the ``[BLOCK_R, BLOCK_D]`` tile ``x`` (in ``layout``) at rows ``row0 ..`` of a
-    row-major tensor at ``PTR`` (row stride ``stride_s``), rows ``< n_rows`` and columns
-    ``< HEAD_DIM`` only."""
-    r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, layout))
-    c = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, layout))
-    ptrs = PTR + gl.expand_dims((row0 + r).to(gl.int64) * stride_s, 1) + gl.expand_dims(c, 0)
-    mask = gl.expand_dims(r < n_rows, 1) & gl.expand_dims(c < HEAD_DIM, 0)
-    gl.store(ptrs, x, mask=mask)
-
-
-@gluon.jit
-def _store_rows_smem(PTR, x, ep, row0, n_rows, stride_s, HEAD_DIM: gl.constexpr, BLOCK_R: gl.constexpr,
-                     BLOCK_D: gl.constexpr, NW: gl.constexpr):
-    """:func:`_store_rows` through the shared-memory tile ``ep`` (``[BLOCK_R, BLOCK_D]``, free on entry and
-    on return; ``NW`` warps, the calling partition's): ``x`` stored there from its (wgmma) layout, read
-    back as 16-byte row vectors and written to global memory whole rows a warp, instead of stored from the
-    wgmma layout (2-byte stores over 8 rows an instruction: the strides are not specialised, so nothing
-    proves two neighbouring columns 4-byte aligned; stop 35 measured ~8 us a 64 KiB dK / dV tile).
-    ``PTR`` and ``stride_s``: multiples of 16 bytes (dK / dV, the launcher's contiguous tensors with head
-    dims a multiple of 8)."""
-    VEC: gl.constexpr = 128 // ep.dtype.primitive_bitwidth
-    TC: gl.constexpr = BLOCK_D // VEC  # threads along a row
-    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TC, TC], [NW, 1], [1, 0])
-    ep.store(x)
-    gl.thread_barrier()  # the whole tile in shared memory
-    y = ep.load(layout)
-    gl.thread_barrier()  # every thread read its part: the tile may be stored into again
-    # (the stride's divisibility spelled out: Triton 3.6 drops multiple_of on a scalar, and the strides
-    # are not specialised, so the stores would be 2-byte ones)
-    _store_rows(PTR, y, row0, n_rows, stride_s // VEC * VEC, HEAD_DIM, BLOCK_R, BLOCK_D, layout)
 
 
 @gluon.jit
@@ -738,7 +703,7 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
                     STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False, NBAR: gl.constexpr = 0,
                     SA0=None, SA1=None, SA2=None, SCORE_MOD: gl.constexpr = None,
                     it0=0, kv_phase=0, kv_empty=None, PERSIST: gl.constexpr = False, ep_smem=None,
-                    EPI: gl.constexpr = False):
+                    EPI: gl.constexpr = False, WS=None, part=0, TAIL: gl.constexpr = False):
     """Compute warps of the ws kernel: for each query block of the ring, the five products and
     the softmax recomputation, dK and dV in registers, the dQ tile left in ``dq_smem`` for the
     worker.
@@ -783,7 +748,10 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
     ``kv_phase`` and released on ``kv_empty`` once the tile's last wgmma retired, before dK / dV are
     stored (so the worker loads the next tile's K / V under the stores).
 
-    ``EPI`` (not ``SPLIT``): dV and dK stored through ``ep_smem`` (:func:`_store_rows_smem`)."""
+    ``EPI`` (not ``SPLIT``): dV and dK stored through ``ep_smem`` (:func:`_store_rows_smem`). ``TAIL``
+    (persistent): with ``part >= 0`` the unit is part of a split tail tile (:func:`_bwd_unit`) and dK / dV
+    are partials, added into that tile's fp32 workspace ``WS + part * 2 * BLOCK_N * BLOCK_D``
+    (:func:`_add_dkdv`) instead of stored."""
     dtype: gl.constexpr = q_bufs.dtype
     NW: gl.constexpr = 4 if SPLIT else 8
     KEYS: gl.constexpr = BLOCK_N // 2 if SPLIT else BLOCK_N
@@ -1008,8 +976,16 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
         mbarrier.arrive(kv_empty)  # every wgmma reading K / V retired (the loop's last wait)
     kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
     gl.static_assert(not EPI or not SPLIT, "epi: the ws kernel's one compute partition")
-    _store_dkdv(DK, DV, kv_off, dk, dv, sm_scale, ep_smem, ep_smem, k_start + kw0, seqlen_k - kw0, stride_dks,
-                HEAD_DIM, KEYS, BLOCK_D, kv_layout, NW, EPI)
+    if TAIL:
+        if part >= 0:
+            _add_dkdv(WS + part.to(gl.int64) * (2 * BLOCK_N * BLOCK_D), dk, dv, sm_scale, kw0 - n0, BLOCK_N, BLOCK_D,
+                      KEYS, kv_layout)
+        else:
+            _store_dkdv(DK, DV, kv_off, dk, dv, sm_scale, ep_smem, ep_smem, k_start + kw0, seqlen_k - kw0,
+                        stride_dks, HEAD_DIM, KEYS, BLOCK_D, kv_layout, NW, EPI)
+    else:
+        _store_dkdv(DK, DV, kv_off, dk, dv, sm_scale, ep_smem, ep_smem, k_start + kw0, seqlen_k - kw0, stride_dks,
+                    HEAD_DIM, KEYS, BLOCK_D, kv_layout, NW, EPI)
 
 
 @gluon.jit
@@ -1289,6 +1265,93 @@ def _bwd_tile(t, n_kb, n_hk, n_tiles, head_group, seqlen_q, seqlen_k, window_lef
     return b, hk, n0, mb_lo, fu_lo, fu_hi, mb_hi - mb_lo
 
 
+#: bits of a tail piece's code (:func:`_tail_code`): its first and end query block within the tile
+TAIL_BITS: gl.constexpr = gl.constexpr(11)
+
+
+@gluon.jit
+def _tail_code(t, sub, t_full, n_split, split_mb):
+    """Worker of :func:`attn_bwd_ws_persistent` with ``TAIL``: the unit code of part ``sub`` (0 or 1) of
+    ticket ``t`` and whether the ticket has a part after it. Tickets below ``t_full`` are whole tiles
+    (code ``t``); ticket ``t_full + p`` (``p < nprog``) is piece ``p`` of the tail: the ``p``-th of
+    ``nprog`` equal ranges of the ``n_split * split_mb`` query blocks of the last ``n_split`` tiles
+    taken one after another, so it spans the end of one tile and maybe the start of the next (two
+    parts). A part's code is ``t_full + (j << 22 | lo << 11 | hi)``: query blocks ``[lo, hi)`` of tile
+    ``t_full + j``. Mirrors ``sched.tail_parts``."""
+    p = t - t_full
+    nprog = gl.num_programs(0)
+    w = n_split * split_mb
+    a = p * w // nprog
+    e = (p + 1) * w // nprog
+    j = a // split_mb
+    end = (j + 1) * split_mb
+    lo = a - j * split_mb
+    hi = gl.minimum(e, end) - j * split_mb
+    if sub > 0:
+        j = j + 1
+        lo = lo * 0
+        hi = e - end
+    code = t_full + ((j << (2 * TAIL_BITS)) | (lo << TAIL_BITS) | hi)
+    more = (sub == 0) & (e > end)
+    if t < t_full:
+        code = t
+        more = sub < 0
+    return code, more
+
+
+@gluon.jit
+def _bwd_unit(code, t_full, n_kb, n_hk, n_tiles, head_group, seqlen_q, seqlen_k, window_left, window_right,
+              HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              TAIL: gl.constexpr):
+    """A persistent program's unit of work from its code: :func:`_bwd_tile`'s ``(b, hk, n0, mb_lo, fu_lo,
+    fu_hi, n_mb)`` plus ``part``: -1 for a whole tile, else (``TAIL``, a code ``>= t_full`` from
+    :func:`_tail_code`) the index ``j`` of the tail tile whose query blocks ``[lo, hi)`` it covers (the
+    range restricted to them; dK / dV are partials, added into the tail's workspace)."""
+    tile = code
+    part = code * 0 - 1
+    lo = part * 0
+    hi = lo
+    if TAIL:
+        if code >= t_full:
+            x = code - t_full
+            part = x >> (2 * TAIL_BITS)
+            lo = (x >> TAIL_BITS) & ((1 << TAIL_BITS) - 1)
+            hi = x & ((1 << TAIL_BITS) - 1)
+            tile = t_full + part
+    b, hk, n0, mb_lo, fu_lo, fu_hi, n_mb = _bwd_tile(tile, n_kb, n_hk, n_tiles, head_group, seqlen_q, seqlen_k,
+                                                     window_left, window_right, HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
+    if TAIL:
+        if part >= 0:
+            r_lo = mb_lo + lo
+            r_hi = mb_lo + hi
+            fu_lo = gl.minimum(gl.maximum(fu_lo, r_lo), r_hi)
+            fu_hi = gl.minimum(gl.maximum(fu_hi, fu_lo), r_hi)
+            mb_lo = r_lo
+            n_mb = hi - lo
+    return b, hk, n0, mb_lo, fu_lo, fu_hi, n_mb, part
+
+
+@gluon.jit
+def _add_dkdv(WS, dk, dv, sm_scale, row0, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, KEYS: gl.constexpr,
+              layout: gl.constexpr):
+    """A tail part's dK / dV partials (``[KEYS, BLOCK_D]`` fp32 in the wgmma ``layout``, rows ``row0 ..`` of
+    the tile) added into its workspace tile ``WS`` (``[2, BLOCK_N, BLOCK_D]`` fp32: dV, then dK already
+    scaled by ``sm_scale``) with ``red.global.add.v2.f32`` (a thread's accumulator registers come in
+    pairs of neighbouring columns)."""
+    r = row0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, layout))
+    c = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, layout))
+    offs = gl.expand_dims(r * BLOCK_D, 1) + gl.expand_dims(c, 0)
+    for which in gl.static_range(2):
+        if which == 0:
+            x = dv
+        else:
+            x = dk * sm_scale
+        ptrs = WS + which * (BLOCK_N * BLOCK_D) + offs
+        gl.inline_asm_elementwise(
+            "red.relaxed.gpu.global.add.v2.f32 [$2], {$4, $5};\n\tmov.b32 $0, 0;\n\tmov.b32 $1, 0;",
+            "=r,=r,l,l,f,f", [ptrs.to(gl.int64), x], dtype=gl.int32, is_pure=False, pack=2)
+
+
 @gluon.jit
 def _stamp(TRACE_BUF, slot, value, NW: gl.constexpr):
     """Debug (``TRACE``): ``TRACE_BUF[slot] = value`` (int64), or with ``value = None`` the SM's global
@@ -1333,17 +1396,17 @@ def _bwd_ws_compute_tiles(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_s
                           BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr,
                           HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
                           DQ_TMA: gl.constexpr, FOLD: gl.constexpr, TRACE_BUF, TRACE_CAP, TRACE: gl.constexpr,
-                          ep_smem, EPI: gl.constexpr, DEFER_DK: gl.constexpr):
-    """The compute warps of :func:`attn_bwd_ws_persistent`: :func:`_bwd_ws_compute` once per tile the
-    worker hands over (:func:`_take_tile`; an index ``>= n_tiles`` ends the program), the ring's
-    iteration count carried across tiles."""
+                          ep_smem, EPI: gl.constexpr, DEFER_DK: gl.constexpr, WS, t_full, TAIL: gl.constexpr):
+    """The compute warps of :func:`attn_bwd_ws_persistent`: :func:`_bwd_ws_compute` once per unit (a tile,
+    or with ``TAIL`` a part of a tail tile: :func:`_bwd_unit`) the worker hands over (:func:`_take_tile`;
+    a negative code ends the program), the ring's iteration count carried across units."""
     it0 = gl.program_id(0) * 0
     k = gl.program_id(0) * 0
     t = _take_tile(tile_smem, tile_full, tile_empty, k, 8)
-    while t < n_tiles:
-        b, hk, n0, mb_lo, fu_lo, fu_hi, n_mb = _bwd_tile(t, n_kb, n_hk, n_tiles, head_group, seqlen_q,
-                                                         seqlen_k, window_left, window_right, HAS_WL, HAS_WR,
-                                                         BLOCK_M, BLOCK_N)
+    while t >= 0:
+        b, hk, n0, mb_lo, fu_lo, fu_hi, n_mb, part = _bwd_unit(t, t_full, n_kb, n_hk, n_tiles, head_group, seqlen_q,
+                                                               seqlen_k, window_left, window_right, HAS_WL, HAS_WR,
+                                                               BLOCK_M, BLOCK_N, TAIL)
         total = n_mb * group
         zero = b * 0
         if TRACE:
@@ -1359,7 +1422,7 @@ def _bwd_ws_compute_tiles(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_s
                         0, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
                         ATOMIC_DQ, DEFER_DK, True, DQ_TMA, None, None, None, None, 0, None,
                         True, FOLD, 0, None, None, None, None,
-                        it0, k & 1, kv_empty, True, ep_smem, EPI)
+                        it0, k & 1, kv_empty, True, ep_smem, EPI, WS, part, TAIL)
         if TRACE:
             _stamp(TRACE_BUF, (gl.program_id(0) * TRACE_CAP + gl.minimum(k, TRACE_CAP - 1)) * 6 + 3, None, 8)
         it0 += total
@@ -1376,22 +1439,32 @@ def _bwd_ws_worker_tiles(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs
                          stat_mul, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
                          NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                          ATOMIC_DQ: gl.constexpr, RED_ROWS: gl.constexpr, DQ_TMA: gl.constexpr,
-                         FOLD: gl.constexpr, TRACE_BUF, TRACE_CAP, TRACE: gl.constexpr):
-    """The worker warpgroup of :func:`attn_bwd_ws_persistent`: tiles ``pid`` first, then each one taken
-    from the call's counter ``TILE_CTR`` (``nprog + atomic_add(TILE_CTR, 1)``, once the current tile's
-    loads and dQ adds are issued), handed to the compute warps (:func:`_give_tile`), and
-    :func:`_bwd_ws_worker` once per tile; at the end an index ``>= n_tiles`` tells the compute warps to
-    stop."""
+                         FOLD: gl.constexpr, TRACE_BUF, TRACE_CAP, TRACE: gl.constexpr, t_full, n_split,
+                         split_mb, TAIL: gl.constexpr):
+    """The worker warpgroup of :func:`attn_bwd_ws_persistent`: ticket ``pid`` first, then each one taken
+    from the call's counter ``TILE_CTR`` (``nprog + atomic_add(TILE_CTR, 1)``, once the current unit's
+    loads and dQ adds are issued); a ticket is a tile, or with ``TAIL`` a piece of the tail of one or two
+    parts (:func:`_tail_code`); each unit's code is handed to the compute warps (:func:`_give_tile`),
+    then :func:`_bwd_ws_worker` runs once per unit; at the end code -1 tells the compute warps to stop."""
     it0 = gl.program_id(0) * 0
     k = gl.program_id(0) * 0
     t = gl.program_id(0)
-    while t < n_tiles:
-        _give_tile(tile_smem, tile_full, tile_empty, t, k, 4)
+    sub = k
+    n_codes = n_tiles
+    if TAIL:
+        n_codes = t_full + gl.num_programs(0)
+    while t < n_codes:
+        if TAIL:
+            code, more = _tail_code(t, sub, t_full, n_split, split_mb)
+        else:
+            code = t
+            more = sub < 0
+        _give_tile(tile_smem, tile_full, tile_empty, code, k, 4)
         if TRACE:
             _stamp(TRACE_BUF, (gl.program_id(0) * TRACE_CAP + gl.minimum(k, TRACE_CAP - 1)) * 6 + 4, None, 4)
-        b, hk, n0, mb_lo, fu_lo, fu_hi, n_mb = _bwd_tile(t, n_kb, n_hk, n_tiles, head_group, seqlen_q,
-                                                         seqlen_k, window_left, window_right, HAS_WL, HAS_WR,
-                                                         BLOCK_M, BLOCK_N)
+        b, hk, n0, mb_lo, fu_lo, fu_hi, n_mb, part = _bwd_unit(code, t_full, n_kb, n_hk, n_tiles, head_group,
+                                                               seqlen_q, seqlen_k, window_left, window_right, HAS_WL,
+                                                               HAS_WR, BLOCK_M, BLOCK_N, TAIL)
         total = n_mb * group
         zero = b * 0
         _bwd_ws_worker(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
@@ -1404,15 +1477,20 @@ def _bwd_ws_worker_tiles(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs
             _stamp(TRACE_BUF, (gl.program_id(0) * TRACE_CAP + gl.minimum(k, TRACE_CAP - 1)) * 6 + 5, None, 4)
         it0 += total
         k += 1
-        # the next tile, taken once this one's loads and dQ adds are issued (not when it starts: a
-        # program busy with a long tile would hold the one after it while others run out of work)
-        t = gl.num_programs(0) + gl.atomic_add(TILE_CTR, 1, sem="relaxed")
-    _give_tile(tile_smem, tile_full, tile_empty, t, k, 4)  # (>= n_tiles: the compute warps stop)
+        if more:  # the ticket's second part
+            sub = sub + 1
+        else:
+            sub = sub * 0
+            # the next ticket, taken once this unit's loads and dQ adds are issued (not when it starts: a
+            # program busy with a long tile would hold the one after it while others run out of work)
+            t = gl.num_programs(0) + gl.atomic_add(TILE_CTR, 1, sem="relaxed")
+    _give_tile(tile_smem, tile_full, tile_empty, k * 0 - 1, k, 4)  # (-1: the compute warps stop)
 
 
-@gluon.jit(do_not_specialize=_NO_SPECIALIZE + ["n_kb", "n_hk", "n_tiles", "head_group"])
+@gluon.jit(do_not_specialize=_NO_SPECIALIZE + ["n_kb", "n_hk", "n_tiles", "head_group", "t_full", "n_split",
+                                                "split_mb"])
 def attn_bwd_ws_persistent(
-    q_desc, k_desc, v_desc, do_desc, dq_desc, DQ, DK, DV, LSE, DELTA, TILE_CTR, CU_Q, CU_K,
+    q_desc, k_desc, v_desc, do_desc, dq_desc, DQ, DK, DV, LSE, DELTA, TILE_CTR, WS, CU_Q, CU_K,
     stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, group, qk_scale, cap_out, sm_scale, window_left, window_right,
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -1422,7 +1500,8 @@ def attn_bwd_ws_persistent(
     COMPUTE_REGS: gl.constexpr = 240, SWAP: gl.constexpr = False, DQ_TMA: gl.constexpr = False,
     LPT: gl.constexpr = False, STAT_RING: gl.constexpr = False, FOLD: gl.constexpr = False, stat_mul=1.0,
     NBAR: gl.constexpr = 0, n_kb=1, n_hk=1, n_tiles=1, head_group=1, TRACE_BUF=None, TRACE_CAP=1,
-    TRACE: gl.constexpr = False, EPI: gl.constexpr = False,
+    TRACE: gl.constexpr = False, EPI: gl.constexpr = False, t_full=0, n_split=0, split_mb=1,
+    TAIL: gl.constexpr = False,
 ):
     """:func:`attn_bwd_ws` (``SWAP`` with ``STAT_RING``, dense, 8 compute warps, no named barriers,
     no block lists) as a persistent kernel: grid ``(min(n_tiles, SMs),)``; program ``p`` runs the
@@ -1443,7 +1522,14 @@ def attn_bwd_ws_persistent(
     the next tile's K / V and first Q / dO slots while the compute warps store the tile's dK / dV,
     and the last dQ reduce-add of a tile runs under the next one's start. No program start, barrier
     initialisation or register reallocation per tile (stop 33's breakdown: ~14 us per program of the
-    one-program-per-tile kernel against ~0 for cuDNN's persistent grid)."""
+    one-program-per-tile kernel against ~0 for cuDNN's persistent grid).
+
+    ``TAIL`` (calls whose tiles all cost the same, ``HopperBwdConfig.tail``, ``sched.tail_split``): the last
+    ``n_split`` tiles (``t_full = n_tiles - n_split`` on) are not handed out whole but as ``nprog`` equal
+    pieces of their ``n_split * split_mb`` query blocks (:func:`_tail_code`), so that the programs finish
+    together instead of ``n_split`` of them running a last whole tile while the others idle. The parts'
+    dK / dV partials are added into ``WS`` (fp32, zeroed, ``[n_split, 2, BLOCK_N, BLOCK_D]``: dV, then dK
+    scaled), converted into dK / dV after the kernel (``dq.dkdv_tail``)."""
     gl.static_assert(SWAP and STAT_RING and not SPLIT and not IS_VARLEN and NBAR == 0 and not LPT
                      and num_warps == 8,
                      "persistent: the ws kernel with swap and stat_ring, dense, without nbar / lpt / ws2")
@@ -1467,12 +1553,14 @@ def attn_bwd_ws_persistent(
                                  stride_dkh, stride_lb, stride_lh, qk_scale, cap_out, sm_scale, window_left,
                                  window_right, n_kb, n_hk, n_tiles, head_group,
                                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP,
-                                 ATOMIC_DQ, DQ_TMA, FOLD, TRACE_BUF, TRACE_CAP, TRACE, ep_smem, EPI, DEFER_DK)),
+                                 ATOMIC_DQ, DQ_TMA, FOLD, TRACE_BUF, TRACE_CAP, TRACE, ep_smem, EPI, DEFER_DK,
+                                 WS, t_full, TAIL)),
         (_bwd_ws_worker_tiles, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs, do_bufs, dq_smem,
                                 kv_bar, ld_full, ld_empty, dq_full, dq_empty, kv_empty, tile_smem, tile_full,
                                 tile_empty, TILE_CTR, DQ, group,
                                 stride_dqb, stride_dqs, stride_dqh, seqlen_q, seqlen_k, window_left, window_right,
                                 n_kb, n_hk, n_tiles, head_group, dq_desc, LSE, DELTA, st_smem, stride_lb,
                                 stride_lh, stat_mul, BLOCK_M, BLOCK_N, BLOCK_D, NUM_STAGES, HAS_WL, HAS_WR,
-                                ATOMIC_DQ, RED_ROWS, DQ_TMA, FOLD, TRACE_BUF, TRACE_CAP, TRACE)),
+                                ATOMIC_DQ, RED_ROWS, DQ_TMA, FOLD, TRACE_BUF, TRACE_CAP, TRACE, t_full, n_split,
+                                split_mb, TAIL)),
     ], [4], [WORKER_REGS])

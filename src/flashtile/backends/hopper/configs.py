@@ -354,6 +354,11 @@ class HopperBwdConfig:
     #: specialised); ws: a ``block_n x BLOCK_D`` staging tile of its own, plain: K's and V's tiles, free
     #: after the loop. On at every head dim (measurements beside :data:`_BWD_TABLE`)
     epi: int = 0
+    #: persistent, calls whose tiles all cost the same (no causal mask or window; atomic dQ): the last
+    #: ``n_tiles % programs`` tiles handed out as one equal piece of their query blocks per program, dK / dV
+    #: of the pieces added in fp32 and converted after the kernel (``sched.tail_split`` decides where it
+    #: pays), instead of a last round of whole tiles that leaves the other programs idle
+    tail: int = 0
 
     def chunk(self, headdim: int) -> int:
         """Columns of dQ computed and added at once (``dq_chunk``; 0: the whole tile)."""
@@ -499,10 +504,12 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
         if cfg.persistent and not (cfg.kernel == "ws" and cfg.swap and cfg.stat_ring and not cfg.nbar
                                    and not cfg.lpt):
             return "persistent is an option of the ws kernel with swap and stat_ring, without nbar / lpt"
+        if cfg.tail and not cfg.persistent:
+            return "tail is an option of the persistent kernel"
         if cfg.head_group < 0:
             return f"head_group must be >= 0 (0: all heads in one group), got {cfg.head_group}"
-    elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold or cfg.nbar or cfg.persistent:
-        return "swap / dq_tma / stat_ring / fold / nbar / persistent are options of the ws / ws2 kernels"
+    elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold or cfg.nbar or cfg.persistent or cfg.tail:
+        return "swap / dq_tma / stat_ring / fold / nbar / persistent / tail are options of the ws / ws2 kernels"
     if cfg.block_n not in (64, 128):
         return f"block_n (keys per program, the wgmma M of two warpgroups) must be 64 or 128, got {cfg.block_n}"
     if cfg.block_m not in (64, 128):

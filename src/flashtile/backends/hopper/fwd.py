@@ -142,6 +142,41 @@ def _tma_store(desc, buf, b, row, head, IS_VARLEN: gl.constexpr):
 
 
 @gluon.jit
+def _store_rows(PTR, x, row0, n_rows, stride_s, HEAD_DIM: gl.constexpr, BLOCK_R: gl.constexpr,
+                BLOCK_D: gl.constexpr, layout: gl.constexpr):
+    """Store the ``[BLOCK_R, BLOCK_D]`` tile ``x`` (in ``layout``) at rows ``row0 ..`` of a
+    row-major tensor at ``PTR`` (row stride ``stride_s``), rows ``< n_rows`` and columns
+    ``< HEAD_DIM`` only."""
+    r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, layout))
+    c = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, layout))
+    ptrs = PTR + gl.expand_dims((row0 + r).to(gl.int64) * stride_s, 1) + gl.expand_dims(c, 0)
+    mask = gl.expand_dims(r < n_rows, 1) & gl.expand_dims(c < HEAD_DIM, 0)
+    gl.store(ptrs, x, mask=mask)
+
+
+@gluon.jit
+def _store_rows_smem(PTR, x, ep, row0, n_rows, stride_s, HEAD_DIM: gl.constexpr, BLOCK_R: gl.constexpr,
+                     BLOCK_D: gl.constexpr, NW: gl.constexpr):
+    """:func:`_store_rows` through the shared-memory tile ``ep`` (``[BLOCK_R, BLOCK_D]``, free on entry and
+    on return; ``NW`` warps, the calling partition's): ``x`` stored there from its (wgmma) layout, read
+    back as 16-byte row vectors and written to global memory whole rows a warp, instead of stored from the
+    wgmma layout (2-byte stores over 8 rows an instruction: the strides are not specialised, so nothing
+    proves two neighbouring columns 4-byte aligned; stop 35 measured ~8 us a 64 KiB dK / dV tile).
+    ``PTR`` and ``stride_s``: multiples of 16 bytes (dK / dV, the launcher's contiguous tensors with head
+    dims a multiple of 8)."""
+    VEC: gl.constexpr = 128 // ep.dtype.primitive_bitwidth
+    TC: gl.constexpr = BLOCK_D // VEC  # threads along a row
+    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TC, TC], [NW, 1], [1, 0])
+    ep.store(x)
+    gl.thread_barrier()  # the whole tile in shared memory
+    y = ep.load(layout)
+    gl.thread_barrier()  # every thread read its part: the tile may be stored into again
+    # (the stride's divisibility spelled out: Triton 3.6 drops multiple_of on a scalar, and the strides
+    # are not specialised, so the stores would be 2-byte ones)
+    _store_rows(PTR, y, row0, n_rows, stride_s // VEC * VEC, HEAD_DIM, BLOCK_R, BLOCK_D, layout)
+
+
+@gluon.jit
 def _issue_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, stage, blk, b, hk, k_start,
               BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr):
     """Start the TMA loads of key block ``blk`` into ring slot ``stage`` (K and V on their own
@@ -392,12 +427,10 @@ def _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, m0, q_start, seqlen_q
             gl.thread_barrier()
             _tma_store(o_desc, q_smem, b, q_start + m0, h, IS_VARLEN)
             tma.store_wait(0)
-        else:
-            orow = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-            ocol = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, o_layout))
-            base = O + h.to(gl.int64) * stride_oh
-            ptrs = base + gl.expand_dims((q_start + orow).to(gl.int64) * stride_os, 1) + gl.expand_dims(ocol, 0)
-            gl.store(ptrs, o, mask=gl.expand_dims(orow < seqlen_q, 1) & gl.expand_dims(ocol < HEAD_DIM, 0))
+        else:  # the sequence's last, partial tile: masked 16-byte row stores through q_smem
+            NW: gl.constexpr = o_layout.warps_per_cta[0] * o_layout.warps_per_cta[1]
+            base = O + gl.multiple_of(h.to(gl.int64) * stride_oh, 128 // q_smem.dtype.primitive_bitwidth)
+            _store_rows_smem(base, o, q_smem, q_start + m0, seqlen_q - m0, stride_os, HEAD_DIM, BLOCK_M, BLOCK_D, NW)
     else:
         q_smem.store(o)
         fence_async_shared()

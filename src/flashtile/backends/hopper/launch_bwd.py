@@ -43,15 +43,15 @@ from ..triton.fastlaunch import fast
 from ..triton.launch import _BWD_DQ as _bwd_dq_kernel  # the kernels' lean launch wrappers (issue 16)
 from ..triton.launch import _BWD_PRE as _bwd_preprocess
 from ..triton.launch import _flags, _geometry, _plannable, _scalars, arch, device_guard, score_scales
-from . import bwd, configs
+from . import bwd, configs, sched
 from . import launch as HL
 from .configs import HopperBwdConfig
-from .dq import _dq_kernel, convert_dq, dq_launch
+from .dq import _dkdv_tail_kernel, _dq_kernel, convert_dq, dkdv_tail, dkdv_tail_launch, dq_launch
 from .launch import _check_launch, _descriptor, tma_ready
 
 # the Gluon kernels (and the dQ conversion) on the lean launch path too
 attn_bwd, attn_bwd_ws, _dq_fast = fast(bwd.attn_bwd), fast(bwd.attn_bwd_ws), fast(_dq_kernel)
-attn_bwd_ws_persistent = fast(bwd.attn_bwd_ws_persistent)
+attn_bwd_ws_persistent, _dkdv_fast = fast(bwd.attn_bwd_ws_persistent), fast(_dkdv_tail_kernel)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -70,13 +70,15 @@ def _convert_dq(acc: torch.Tensor, dq: torch.Tensor, scale: float) -> None:
 TRACE: torch.Tensor | None = None
 
 
-def _accumulator(shape: tuple, device: torch.device, counter: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The zeroed fp32 dQ accumulator of ``shape`` and, with ``counter``, the persistent kernel's int32
-    tile counter (zero) behind it in the same buffer: one memset for both (16-byte aligned: the
-    accumulator's rows are BLOCK_D wide)."""
-    n = math.prod(shape)
-    buf = torch.zeros(n + 4 if counter else n, dtype=torch.float32, device=device)
-    return buf[:n].view(shape), buf[n : n + 1].view(torch.int32) if counter else None
+def _accumulator(shape: tuple, device: torch.device, counter: bool,
+                 tail: tuple = ()) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """The zeroed fp32 dQ accumulator of ``shape``, with ``counter`` the persistent kernel's int32 tile
+    counter (zero) behind it, and with a ``tail`` shape the split tail's fp32 workspace (zero) behind
+    that, else None: one memset for all (16-byte aligned: the accumulator's rows are BLOCK_D wide)."""
+    n, m = math.prod(shape), math.prod(tail) if tail else 0
+    buf = torch.zeros(n + (4 if counter else 0) + m, dtype=torch.float32, device=device)
+    ws = buf[n + 4 :].view(tail) if tail else None
+    return buf[:n].view(shape), buf[n : n + 1].view(torch.int32) if counter else None, ws
 
 
 def backward(
@@ -129,8 +131,15 @@ def backward(
     # persistent (dense ws calls): one program per SM over the n_kb * Hk * B key-block tiles, each
     # program taking the next free tile from a zeroed int32 counter as it finishes one
     persistent = bool(cfg.persistent) and cfg.kernel == "ws" and not varlen and lists is None
+    n_kb = cdiv(rows_k, cfg.block_n)
+    n_tiles, n_prog = n_kb * Hk * nb, (_sm_count(q.device) if persistent else 0)
+    # the split tail (tiles of one cost: no mask or window; atomic dQ, whose order varies anyway)
+    n_split = sched.tail_split(n_tiles, n_prog, cdiv(Sq, cfg.block_m)) if (
+        persistent and atomic and cfg.tail and call.window_left < 0 and call.window_right < 0) else 0
+    tail = (n_split, 2, cfg.block_n, bd) if n_split else ()
+    ws_tail = None
     if atomic:
-        dq_acc, ctr = _accumulator((B, Sq + cfg.block_m, H, bd), q.device, persistent)
+        dq_acc, ctr, ws_tail = _accumulator((B, Sq + cfg.block_m, H, bd), q.device, persistent, tail)
     else:
         dq_acc, ctr = dq, torch.zeros(1, dtype=torch.int32, device=q.device) if persistent else None
     qk_scale, cap_out = score_scales(call)
@@ -158,7 +167,6 @@ def backward(
             extra["DQ_TMA"] = bool(extra["DQ_TMA"]) and atomic
             extra["NBAR"] = extra["NBAR"] if atomic else 0  # (no dQ hand-off to the worker without atomics)
             descs.append(_descriptor(dq_acc, cfg.block_m, varlen) if extra["DQ_TMA"] else None)
-        n_kb = cdiv(rows_k, cfg.block_n)
         # causal / right window: key block 0 of every head first (longest first); grid y / z <= 65535
         lpt = bool(cfg.lpt) and call.window_right >= 0 and nb <= 65535 and n_kb <= 65535 and lists is None
         grid = (Hk, nb, n_kb) if lpt else (n_kb, Hk, nb)
@@ -166,12 +174,14 @@ def backward(
             kernel = attn_bwd_ws_persistent
             # causal / right window: the long tiles first (head_group pairs at a time, 0: all)
             group = (cfg.head_group or Hk * nb) if call.window_right >= 0 else 1
-            extra.update(n_kb=n_kb, n_hk=Hk, n_tiles=n_kb * Hk * nb, head_group=min(group, Hk * nb))
+            extra.update(n_kb=n_kb, n_hk=Hk, n_tiles=n_tiles, head_group=min(group, Hk * nb))
+            if n_split:
+                extra.update(t_full=n_tiles - n_split, n_split=n_split, split_mb=cdiv(Sq, cfg.block_m), TAIL=True)
             if TRACE is not None:  # (debug: benchmarks/bwd_tile_trace.py)
                 extra.update(TRACE_BUF=TRACE, TRACE_CAP=TRACE.shape[1], TRACE=True)
-            grid = (min(n_kb * Hk * nb, _sm_count(q.device)),)
+            grid = (min(n_tiles, n_prog),)
         main = (grid, (
-            *descs, dq_acc, dk, dv, lse, delta, *((ctr,) if persistent else ()), call.cu_seqlens_q,
+            *descs, dq_acc, dk, dv, lse, delta, *((ctr, ws_tail) if persistent else ()), call.cu_seqlens_q,
             call.cu_seqlens_k,
             0 if varlen else dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
             0 if varlen else dk.stride(0), dk.stride(1), dk.stride(2), stride_lb, lse.stride(1),
@@ -182,6 +192,8 @@ def backward(
             IS_VARLEN=varlen, ATOMIC_DQ=atomic, LPT=lpt, **extra, **(lists or {}),
         ))  # fmt: skip
         kernel[main[0]](*main[1], **main[2])
+        if n_split:
+            dkdv_tail(ws_tail, dk, dv, n_tiles - n_split, n_kb, kernel=_dkdv_fast)
         if atomic:
             _convert_dq(dq_acc, dq, call.softmax_scale)
         else:
@@ -191,7 +203,7 @@ def backward(
             HL.keep_plan(key, (call, _PENDING))
         elif plan[1] is _PENDING:  # the first reuse: the launches prepared for the next calls
             HL.keep_plan(key, (call, _runner(kernel, pre, main, cfg, extra["DQ_TMA"], dq_acc, dq, call.softmax_scale,
-                                            persistent)))
+                                            persistent, ws_tail, dk, dv, n_tiles - n_split, n_kb)))
     return dq, dk, dv
 
 
@@ -212,22 +224,29 @@ PLANS = os.environ.get("FLASHTILE_HOPPER_BWD_PLANS", "1").strip() != "0"
 
 
 def _runner(kernel, pre: tuple, main: tuple, cfg: HopperBwdConfig, dq_tma: bool, dq_acc: torch.Tensor,
-            dq: torch.Tensor, scale: float, persistent: bool = False):  # fmt: skip
+            dq: torch.Tensor, scale: float, persistent: bool = False, ws_tail: torch.Tensor | None = None,
+            dk: torch.Tensor | None = None, dv: torch.Tensor | None = None, t_full: int = 0,
+            n_kb: int = 0):  # fmt: skip
     """A backward plan's runner from this call's launches ``pre`` / ``main`` (``(grid, args,
     kwargs)``; main's leading arguments: five descriptor slots, the last the accumulator's with
-    ``dq_tma``, else None, then five tensors, six with ``persistent``: the tile counter):
+    ``dq_tma``, else None, then five tensors, seven with ``persistent``: the tile counter and the split
+    tail's workspace ``ws_tail`` (or None; with it the tail's conversion into ``dk`` / ``dv``, tiles
+    ``t_full ..`` of ``n_kb`` key blocks a head, is a fourth launch)):
     ``run(dout, q, k, v, out, lse) -> (dq, dk, dv)``, or
     None (launching nothing) where the plans were cleared, the lean path turned off or a base is not
     16-byte aligned; None itself where a launch cannot be prepared."""
     conv = dq_launch(dq_acc, dq, scale)
-    preps = (_bwd_preprocess.prepare(*pre, 3), kernel.prepare(*main, 11 if persistent else 10,
+    preps = (_bwd_preprocess.prepare(*pre, 3), kernel.prepare(*main, 12 if persistent else 10,
                                                                descs=5 if dq_tma else 4),
-             _dq_fast.prepare(*conv, 2))  # fmt: skip
+             _dq_fast.prepare(*conv, 2),
+             _dkdv_fast.prepare(*dkdv_tail_launch(ws_tail, dk, dv, t_full, n_kb, cfg.block_n), 3)
+             if ws_tail is not None else False)  # fmt: skip
     if None in preps:
         return None
-    p_pre, p_main, p_conv = preps
+    p_pre, p_main, p_conv, p_tail = preps
     epoch, dev = HL._EPOCH, dq.device
     acc_shape, block_m, block_n = tuple(dq_acc.shape), cfg.block_m, cfg.block_n
+    tail = tuple(ws_tail.shape) if ws_tail is not None else ()
 
     def run(dout, q, k, v, out, lse):
         if HL._EPOCH is not epoch or not HL.LEAN or (q.data_ptr() | k.data_ptr() | v.data_ptr() | dout.data_ptr()
@@ -237,12 +256,14 @@ def _runner(kernel, pre: tuple, main: tuple, cfg: HopperBwdConfig, dq_tma: bool,
         dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
         dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
         delta = torch.empty(lse.shape, dtype=torch.float32, device=dev)
-        acc, ctr = _accumulator(acc_shape, dev, persistent)
+        acc, ctr, ws = _accumulator(acc_shape, dev, persistent, tail)
         descs = (_descriptor(q, block_m, False), _descriptor(k, block_n, False), _descriptor(v, block_n, False),
                  _descriptor(dout, block_m, False), _descriptor(acc, block_m, False) if dq_tma else None)  # fmt: skip
         with device_guard(dev):
             p_pre(out, dout, delta)
-            p_main(*descs, acc, dk, dv, lse, delta, *((ctr,) if persistent else ()))
+            p_main(*descs, acc, dk, dv, lse, delta, *((ctr, ws) if persistent else ()))
+            if p_tail:
+                p_tail(ws, dk, dv)
             p_conv(acc, dq)
         return dq, dk, dv
 

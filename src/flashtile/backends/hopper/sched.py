@@ -104,3 +104,48 @@ def makespan(codes: tuple[int, ...], offsets: tuple[int, ...], cost_of) -> int:
     """The largest per-program total cost of a schedule (``cost_of(code)`` gives a tile's cost)."""
     return max((sum(cost_of(c) for c in codes[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)),
                default=0)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# The persistent backward's tail (``HopperBwdConfig.tail``): tiles of one cost handed out by a counter
+# end in a last round of ``n_tiles % programs`` whole tiles while the other programs idle (2048 tiles on
+# 132 SMs: 68 of them run a 16th tile, the makespan 16 tiles against a mean of 15.5). Split, those last
+# tiles become one equal piece of their query blocks per program.
+
+#: the tail is split only where its tiles fill at most this share of a round (a fuller round loses
+#: little, and the pieces' partial sums and conversion cost about a tenth of a tile)
+TAIL_MAX_FILL = 0.8
+#: ... and where each piece gets at least this many query blocks (shorter pieces are mostly the fixed
+#: cost of a unit: K / V, the ring's fill and drain, the partial dK / dV adds)
+TAIL_MIN_BLOCKS = 16
+#: bits of a part's first / end query block in its code (``bwd.TAIL_BITS``)
+TAIL_BITS = 11
+
+
+def tail_split(n_tiles: int, n_programs: int, n_mb: int) -> int:
+    """The number of last tiles (in tile order) the persistent backward splits into ``n_programs``
+    pieces, for ``n_tiles`` tiles of ``n_mb`` query blocks each; 0: none. Needs a whole first round
+    (every program's first ticket a whole tile), a tail filling at most :data:`TAIL_MAX_FILL` of a
+    round, pieces of at least :data:`TAIL_MIN_BLOCKS` query blocks, and ``n_mb`` within a code's
+    :data:`TAIL_BITS`."""
+    if n_programs <= 0 or n_tiles < 2 * n_programs or not 0 < n_mb < 1 << TAIL_BITS:
+        return 0
+    r = n_tiles % n_programs
+    if r == 0 or r > TAIL_MAX_FILL * n_programs or r * n_mb < TAIL_MIN_BLOCKS * n_programs:
+        return 0
+    return r
+
+
+def tail_parts(piece: int, n_split: int, n_mb: int, n_programs: int) -> list[tuple[int, int, int]]:
+    """The parts ``(j, lo, hi)`` of tail piece ``piece`` (of ``n_programs``): query blocks ``[lo, hi)`` of
+    the ``j``-th split tile, one or two of them. The twin of the kernel's ``bwd._tail_code``: piece ``p``
+    covers blocks ``[p * W // P, (p + 1) * W // P)`` of the ``W = n_split * n_mb`` blocks of the split
+    tiles taken one after another."""
+    w = n_split * n_mb
+    a, e = piece * w // n_programs, (piece + 1) * w // n_programs
+    j = a // n_mb
+    end = (j + 1) * n_mb
+    parts = [(j, a - j * n_mb, min(e, end) - j * n_mb)]
+    if e > end:
+        parts.append((j + 1, 0, e - end))
+    return parts
