@@ -403,7 +403,7 @@ def test_launch_bwd_nbar_where_it_applies(lb):
     assert not kw["ATOMIC_DQ"] and kw["NBAR"] == 0
     n = len(rec["main"].calls)
     for bad in (replace(nb, kernel="ws2", stat_ring=0, fold=0), configs.HopperBwdConfig(64, 64, 2, nbar=1)):
-        with pytest.raises(ValueError, match="nbar (/ persistent / tail )?(is an option|are options) of the ws"):
+        with pytest.raises(ValueError, match="nbar (/ persistent )?(is an option|are options) of the ws"):
             launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
                                 config=bad)  # fmt: skip
     assert len(rec["main"].calls) == n
@@ -429,7 +429,7 @@ def test_launch_bwd_nbar2_where_it_applies(lb):
     n = len(rec["main"].calls)
     for bad in (replace(nb, kernel="ws2", stat_ring=0, fold=0), configs.HopperBwdConfig(64, 64, 2, nbar=2),
                 replace(nb, nbar=3)):
-        with pytest.raises(ValueError, match="nbar (/ persistent / tail )?(is an option|are options) of the ws"
+        with pytest.raises(ValueError, match="nbar (/ persistent )?(is an option|are options) of the ws"
                                              "|nbar must be 0, 1 or 2"):
             launch_bwd.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, make_call(headdim=128),
                                 config=bad)  # fmt: skip
@@ -544,27 +544,42 @@ def test_gpu_bwd_parity_dense(dtype, sq, sk, h, hk, d, opts):
 
 @pytest.mark.gpu
 @gpu_only
-@pytest.mark.parametrize("sq,sk,h,hk", [(2048, 2048, 11, 11), (2040, 2000, 22, 11)])
-def test_gpu_bwd_tail_split(sq, sk, h, hk, monkeypatch):
+@pytest.mark.parametrize("sq,sk,h,hk,d", [(2048, 2048, 11, 11, 128), (2040, 2000, 22, 11, 128),
+                                          (2048, 2048, 11, 11, 96)])  # fmt: skip
+def test_gpu_bwd_tail_split(sq, sk, h, hk, d, monkeypatch):
     """The persistent backward's split tail (``tail``): 352 tiles on 132 SMs, the last 88 as one piece a
     program (pieces spanning two tiles; a ragged last key block and query block; GQA): gradients within
     the oracle's tolerance, and the tail's conversion ran."""
     from flashtile.backends.hopper import launch_bwd, sched
 
-    cfg = configs.bwd_config(128, tail=1)
+    cfg = configs.bwd_config(d, tail=1)
     n_tiles = 2 * hk * -(-sk // cfg.block_n)
     if not sched.tail_split(n_tiles, launch_bwd._sm_count(torch.device("cuda")), -(-sq // cfg.block_m)):
         pytest.skip("this GPU's SM count leaves no tail to split at these shapes")
-    monkeypatch.setitem(configs._BWD_TABLE, 128, cfg)
+    monkeypatch.setitem(configs._BWD_TABLE, d, cfg)
     seen = []
     real = launch_bwd.dkdv_tail
     monkeypatch.setattr(launch_bwd, "dkdv_tail", lambda ws, *a, **kw: (seen.append(ws.shape), real(ws, *a, **kw)))
-    q, k, v = qkv_inputs(2, sq, sk, h, hk, 128, torch.bfloat16, "cuda")
+    q, k, v = qkv_inputs(2, sq, sk, h, hk, d, torch.bfloat16, "cuda")
     with flashtile.use_backend("hopper"):
         res = compare_with_oracle(dense_fn(), dense_oracle(), (q, k, v))
     assert seen and seen[0][0] == n_tiles % 132
     for g in res["grads"]:
         assert torch.isfinite(g).all()
+    # a launch plan (the same call four times: the third and fourth through the prepared launches, the
+    # tail's conversion among them) gives the first call's gradients within the atomics' rounding
+    from flashtile.backends.hopper import launch as hlaunch
+
+    call = make_call(headdim=d)
+    out, lse = hlaunch.forward(q, k, v, call)
+    dout = torch.randn_like(q)
+    grads = [launch_bwd.backward(dout, q, k, v, out, lse, call) for _ in range(4)]
+    if hlaunch.LEAN and launch_bwd.PLANS:  # (the plan was prepared: its runner is kept)
+        assert any(key[0] == "bwd" and key[1] == id(call) and callable(plan[1])
+                   for key, plan in hlaunch._PLANS.items())  # fmt: skip
+    for later in grads[1:]:
+        for a, b in zip(later, grads[0], strict=True):
+            assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max()
 
 
 def _varlen_oracle(lens_q, lens_k, causal):
@@ -849,9 +864,9 @@ def test_tail_config_and_launch(lb):
     run without (the workspace argument None)."""
     launch_bwd, rec = lb
     cfg = configs.bwd_config(128, tail=1)
-    assert configs.bwd_check(cfg, 128) is None
-    assert "tail" in configs.bwd_check(configs.bwd_config(128, tail=1, persistent=0), 128)
-    assert "ws / ws2" in configs.bwd_check(configs.bwd_config(256, tail=1), 256)
+    assert configs.bwd_check(cfg, 128) is None and configs.bwd_config(96).tail and not configs.bwd_config(64).tail
+    for d, other in ((128, configs.bwd_config(128, tail=1, persistent=0)), (256, configs.bwd_config(256, tail=1))):
+        assert configs.bwd_check(other, d) is None  # (ignored by the other kernels)
     dout, q, k, v, out, lse, call = _tail_inputs()
     _, dk, dv = launch_bwd.backward(dout, q, k, v, out, lse, call, config=cfg)
     grid, args, kw = rec["main"].calls[-1]
@@ -863,10 +878,11 @@ def test_tail_config_and_launch(lb):
     assert tgrid == (88,) and targs[0] is ws and targs[1] is dk and targs[2] is dv and targs[3:5] == (264, 16)
     assert tkw["BLOCK_N"] == cfg.block_n and tkw["D"] == 128
     for other, c in ((_tail_inputs(causal=True), cfg), (_tail_inputs(window_size=(512, 512)), cfg),
-                     (_tail_inputs(deterministic=True), cfg), (_tail_inputs(), replace(cfg, tail=0))):  # fmt: skip
+                     (_tail_inputs(deterministic=True), cfg), (_tail_inputs(), replace(cfg, tail=0)),
+                     (_tail_inputs(), replace(cfg, persistent=0))):  # fmt: skip
         launch_bwd.backward(*other, config=c)
         _, args, kw = rec["main"].calls[-1]
-        assert "TAIL" not in kw and args[10] is None
+        assert "TAIL" not in kw and (args[10] is None if c.persistent else "n_tiles" not in kw)
     assert len(rec["tail"].calls) == 1
 
 

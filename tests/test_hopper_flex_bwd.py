@@ -41,8 +41,9 @@ MASKS = {
 _READY = lambda device: None  # noqa: E731  (a Hopper GPU, for the routing tests)
 
 
-def _call(mm, b, h, sq, sk, d=128, per_head=False, block=128, **kw):
-    bm = create_block_mask(mm, b, h if per_head else None, sq, sk, BLOCK_SIZE=block)
+def _call(mm, b, h, sq, sk, d=128, per_head=False, block=128, device="cpu", **kw):
+    # (device: create_block_mask's default is CUDA where there is one; these tests' masks index CPU tensors)
+    bm = create_block_mask(mm, b, h if per_head else None, sq, sk, BLOCK_SIZE=block, device=device)
     return make_call(headdim=d, block_mask=bm, **kw)
 
 
@@ -61,7 +62,7 @@ def test_routing_serves_mask_mods_and_softcap(monkeypatch):
     # a block mask without a mask_mod (block-level sparsity only)
     from flashtile.flex import BlockMask
 
-    bm = create_block_mask(masks.causal, 1, None, 300, 300)
+    bm = create_block_mask(masks.causal, 1, None, 300, 300, device="cpu")
     bare = BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, BLOCK_SIZE=128)
     assert bare.mask_mod is None
     assert FL.gluon_bwd_reason(q, k, make_call(headdim=128, block_mask=bare), (), _READY) is None
@@ -271,7 +272,7 @@ def test_walk_matches_the_oracle(mask_name, sq, sk, h, hk, d, block_m):
     q, k, v = qkv_inputs(b, sq, sk, h, hk, d, torch.float64, "cpu")
     do = torch.randn_like(q)
     out, lse, (gq, gk, gv) = _oracle(q, k, v, do, mm, b, None)
-    call = make_call(headdim=d, block_mask=create_block_mask(mm, b, h if h == hk else None, sq, sk))
+    call = make_call(headdim=d, block_mask=create_block_mask(mm, b, h if h == hk else None, sq, sk, device="cpu"))
     dq, dk, dv = _walk_grads(q, k, v, do, out, lse, call, block_m)
     for name, a, r in (("dq", dq, gq), ("dk", dk, gk), ("dv", dv, gv)):
         assert torch.allclose(a, r, atol=2e-6, rtol=1e-5), (name, (a - r).abs().max().item())
@@ -291,7 +292,7 @@ def test_walk_softcap_and_a_query_row_that_sees_nothing():
     sc = masks.softcap(3.0)
     out, lse, (gq, gk, gv) = _oracle(q, k, v, do, mm, b, sc)
     assert torch.isinf(lse[0, :, 5]).all() and torch.isinf(lse[0, :, 200]).all()
-    call = make_call(headdim=d, block_mask=create_block_mask(mm, b, None, s, s), score_mod=sc)
+    call = make_call(headdim=d, block_mask=create_block_mask(mm, b, None, s, s, device="cpu"), score_mod=sc)
     dq, dk, dv = _walk_grads(q, k, v, do, out, lse, call, 128)
     assert torch.isfinite(dq).all() and torch.all(dq[0, 5] == 0) and torch.all(dq[0, 200] == 0)
     for a, r in ((dq, gq), (dk, gk), (dv, gv)):
@@ -302,7 +303,7 @@ def test_flex_lists_order_and_cache():
     from flashtile.backends.hopper.launch_bwd import flex_lists
 
     mm = masks.document(_ids(2, 700, 5))
-    bm = create_block_mask(mm, 2, None, 700, 700)
+    bm = create_block_mask(mm, 2, None, 700, 700, device="cpu")
     cnt, idx, (sb, sh, w) = flex_lists(bm, torch.device("cpu"))
     nkb = bm.q_num_blocks.shape[-1]
     assert cnt.shape == (2, 1, nkb, 2) and idx.shape[:3] == (2, 1, nkb) and idx.dtype == torch.int32

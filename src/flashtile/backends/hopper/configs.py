@@ -357,7 +357,8 @@ class HopperBwdConfig:
     #: persistent, calls whose tiles all cost the same (no causal mask or window; atomic dQ): the last
     #: ``n_tiles % programs`` tiles handed out as one equal piece of their query blocks per program, dK / dV
     #: of the pieces added in fp32 and converted after the kernel (``sched.tail_split`` decides where it
-    #: pays), instead of a last round of whole tiles that leaves the other programs idle
+    #: pays), instead of a last round of whole tiles that leaves the other programs idle; ignored by the
+    #: other kernels (on at d96 / d128)
     tail: int = 0
 
     def chunk(self, headdim: int) -> int:
@@ -398,7 +399,7 @@ _BWD_TABLE: dict[int, HopperBwdConfig] = {
     # 1k / 4k / 16k 377 / 464 / 482 against 328 / 441 / 485, causal 272 / 414 / 469 against 223 / 379 / 457
     64: HopperBwdConfig(128, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1, epi=1),
     96: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1,
-                        persistent=1, head_group=4, epi=1, defer_dk=1),  # as 128
+                        persistent=1, head_group=4, epi=1, defer_dk=1, tail=1),  # as 128
     # ws (FA3's tile): K/V 64 KiB + 2 x (Q, dO) 32 KiB + dS^T 16 KiB + dQ tile 32 KiB; swap + dq_tma:
     # 459 / 396 at 4k, 487 / 514 at 16k (non-causal / causal) against 411 / 338 and 455 / 436 without
     # (swap alone 452 / 388, 501 / 502; dq_tma alone 413 / 352, 457 / 456); ws2 + swap + dq_tma 376 /
@@ -415,8 +416,10 @@ _BWD_TABLE: dict[int, HopperBwdConfig] = {
     # (benchmarks/bwd_tile_trace.py) 12.2 -> 3.9 us. defer_dk (stop 35, 3 rounds, against without;
     # results/hopper_bwd_H200_20261203_stop35_defer_dk.json): 1k / 4k / 16k 445 / 518 / 551 against 437 / 521 /
     # 546, causal 326 / 514 / 552 against 323 / 488 / 548, GQA 32/8 8k causal 528 / 518 (d64 lost 2-3%: off there)
+    # tail (stop 36, 5 interleaved rounds, medians, against without; results/hopper_bwd_H200_20261203_stop36_tail.json):
+    # non-causal 4k / 16k 534 / 558 against 510 / 549 (2048 tiles: 68 in the last round); 1k splits nothing (446 / 440)
     128: HopperBwdConfig(64, 128, 2, kernel="ws", worker_regs=24, swap=1, dq_tma=1, stat_ring=1, fold=1,
-                         persistent=1, head_group=4, epi=1, defer_dk=1),
+                         persistent=1, head_group=4, epi=1, defer_dk=1, tail=1),
     192: HopperBwdConfig(64, 64, 2, dq_chunk=64, epi=1),  # padded to 256: as 256
     # d256: red_vec=4 measured 257 TFLOP/s causal 4k b4 h8 against red_vec=1's 136 (H200, same run,
     # results/hopper_bwd_H200_20261201_redvec.json); the default backward at d256 (GLUON_BWD_MIN_KEYS).
@@ -504,12 +507,10 @@ def bwd_check(cfg: HopperBwdConfig, headdim: int) -> str | None:
         if cfg.persistent and not (cfg.kernel == "ws" and cfg.swap and cfg.stat_ring and not cfg.nbar
                                    and not cfg.lpt):
             return "persistent is an option of the ws kernel with swap and stat_ring, without nbar / lpt"
-        if cfg.tail and not cfg.persistent:
-            return "tail is an option of the persistent kernel"
         if cfg.head_group < 0:
             return f"head_group must be >= 0 (0: all heads in one group), got {cfg.head_group}"
-    elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold or cfg.nbar or cfg.persistent or cfg.tail:
-        return "swap / dq_tma / stat_ring / fold / nbar / persistent / tail are options of the ws / ws2 kernels"
+    elif cfg.swap or cfg.dq_tma or cfg.stat_ring or cfg.fold or cfg.nbar or cfg.persistent:
+        return "swap / dq_tma / stat_ring / fold / nbar / persistent are options of the ws / ws2 kernels"
     if cfg.block_n not in (64, 128):
         return f"block_n (keys per program, the wgmma M of two warpgroups) must be 64 or 128, got {cfg.block_n}"
     if cfg.block_m not in (64, 128):
