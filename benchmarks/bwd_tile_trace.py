@@ -3,7 +3,8 @@
     PYTHONPATH=src python benchmarks/bwd_tile_trace.py [--cells 4096:0,4096:1,16384:0]
 
 Each cell (bf16, head dim 128, batch x seqlen = 16k, 16 heads; ``seqlen:causal``) runs the backward
-once with ``launch_bwd.TRACE`` set: every program records, per tile, its
+once with ``launch_bwd.TRACE`` set: every program records, per unit (a tile, or with the split tail,
+``HopperBwdConfig.tail``, a part of a tail tile: ``tiles`` counts units), its
 iterations and four ``%globaltimer`` stamps (the compute warps taking the tile and being done with it,
 dK / dV stored; the worker handing it over and having issued its loads and dQ adds). Printed per cell:
 
@@ -31,7 +32,7 @@ import torch
 
 
 def trace_cell(s: int, causal: bool, overrides: dict | None = None) -> dict:
-    from flashtile.backends.hopper import configs, launch_bwd
+    from flashtile.backends.hopper import configs, launch_bwd, sched
     from flashtile.backends.hopper import launch as HL
     from flashtile.spec import make_call
 
@@ -72,16 +73,25 @@ def trace_cell(s: int, causal: bool, overrides: dict | None = None) -> dict:
         if prev_end is not None:
             busy.append(total_busy / 1e3)
             ends.append((prev_end - t_min) / 1e3)
-    seen = sorted(t for prog in rows for t, *_ in (r for r in prog if r[2]))
-    if len(seen) != n_tiles or len(set(seen)) != n_tiles:
-        raise SystemExit(f"s={s} causal={causal}: {len(seen)} tiles traced, {len(set(seen))} distinct, "
-                         f"expected {n_tiles} (a tile past TRACE_CAP, or the counter)")
+    # every tile once: whole (code < t_full), or with the split tail (cfg.tail) in parts covering its query
+    # blocks once (codes t_full + (j << 2 * bits | lo << bits | hi))
+    n_mb = -(-s // cfg.block_m)
+    n_split = sched.tail_split(n_tiles, sms, n_mb) if cfg.tail and not causal else 0
+    t_full, bits = n_tiles - n_split, sched.TAIL_BITS
+    codes = [t for prog in rows for t, *_ in (r for r in prog if r[2])]
+    whole = sorted(t for t in codes if t < t_full)
+    blocks = sorted((t - t_full) >> 2 * bits for t in codes if t >= t_full
+                    for _ in range(((t - t_full) & (1 << bits) - 1) - ((t - t_full) >> bits & (1 << bits) - 1)))
+    if whole != list(range(t_full)) or blocks != sorted(j for j in range(n_split) for _ in range(n_mb)):
+        raise SystemExit(f"s={s} causal={causal}: {len(whole)} whole tiles traced ({len(set(whole))} distinct, "
+                         f"expected {t_full}) and {len(blocks)} query blocks of {n_split} split tiles (expected "
+                         f"{n_split * n_mb}): a unit past TRACE_CAP, or the counter")
     xs, ys = [t[0] for t in tiles], [t[1] for t in tiles]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     a = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else float("nan")
     c = my - a * mx if sxx else my
-    res = dict(seqlen=s, causal=causal, overrides=overrides or {}, tiles=len(tiles), us_per_iteration=a,
+    res = dict(seqlen=s, causal=causal, overrides=overrides or {}, tiles=len(tiles), split=n_split, us_per_iteration=a,
                us_per_tile_fixed=c,
                tile_us_median=statistics.median(ys), handoff_gap_us_median=statistics.median(gaps) if gaps else 0.0,
                worker_minus_compute_end_us_median=statistics.median(lead),
