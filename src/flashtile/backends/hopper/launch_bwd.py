@@ -12,7 +12,9 @@ Steps:
    8-warp partition), one program per (key block, KV head, batch or sequence): dK and dV
    written directly; dQ (unscaled) added with fp32 atomics into a zeroed ``(B, Sq, H, BLOCK_D)``
    buffer (``call.deterministic=False``).
-3. dQ conversion: ``dq = scale * acc[..., :D]`` in q's dtype (one Triton pass, :mod:`.dq`).
+3. dQ conversion: ``dq = scale * acc[..., :D]`` in q's dtype (one Triton pass, :mod:`.dq`); with the
+   persistent kernel's split tail (``HopperBwdConfig.tail``, :func:`.sched.tail_split`) first the tail
+   tiles' fp32 dK / dV sums into dK / dV (:func:`.dq.dkdv_tail`).
 
 ``call.deterministic=True`` (or a config with ``atomic_dq=0``): atomics make the order of the
 dQ additions vary from run to run,
@@ -75,9 +77,9 @@ def _accumulator(shape: tuple, device: torch.device, counter: bool,
     """The zeroed fp32 dQ accumulator of ``shape``, with ``counter`` the persistent kernel's int32 tile
     counter (zero) behind it, and with a ``tail`` shape the split tail's fp32 workspace (zero) behind
     that, else None: one memset for all (16-byte aligned: the accumulator's rows are BLOCK_D wide)."""
-    n, m = math.prod(shape), math.prod(tail) if tail else 0
-    buf = torch.zeros(n + (4 if counter else 0) + m, dtype=torch.float32, device=device)
-    ws = buf[n + 4 :].view(tail) if tail else None
+    n, m, c = math.prod(shape), math.prod(tail) if tail else 0, 4 if counter else 0
+    buf = torch.zeros(n + c + m, dtype=torch.float32, device=device)
+    ws = buf[n + c :].view(tail) if tail else None
     return buf[:n].view(shape), buf[n : n + 1].view(torch.int32) if counter else None, ws
 
 
