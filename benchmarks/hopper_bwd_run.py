@@ -24,8 +24,9 @@
 backward config variant (``HopperBwdConfig`` fields over the cell's default config, every head dim): its
 gradients are checked against the default config's on a few shapes, then it gets its own
 benchmark column. A watchdog (from ``hopper_run.py``) ends the process (exit code 3) if a case or cell hangs.
-``--rounds 5``: the contenders of a cell take turns 5 times (the median round is reported: an A/B of a
-few percent). ``--where d=128,causal=1``: only the benchmark cells whose fields match.
+``--rounds 5``: the contenders of a cell take turns 5 times, each round starting with the next one (the
+median round is reported: an A/B of a few percent); ``--rep-ms 200``: each turn that long.
+``--where d=128,causal=1``: only the benchmark cells whose fields match.
 ``--plans``: the dense backward's launch plans on (``launch_bwd.PLANS``) for the whole run, and first
 a check of planned calls: the same signature four times (d64 / d128, causal and not), dK / dV
 bitwise equal to the first call's, dQ within the atomics' rounding, the last two through the plan.
@@ -371,10 +372,12 @@ def _cell_matches(cell: dict, where: str) -> bool:
     return True
 
 
-def run_bench(quick: bool, variants=(), rounds: int = 1, where: str = "") -> list[dict]:
+def run_bench(quick: bool, variants=(), rounds: int = 1, where: str = "", rep_ms: int = 0) -> list[dict]:
     """TFLOP/s per cell and contender. ``rounds`` > 1: the contenders take turns ``rounds`` times
-    (each a ``do_bench`` of ``100 / rounds`` ms, at least 20), and the median round is reported, so
-    that a clock or neighbour drift during a cell falls on every contender alike."""
+    (each a ``do_bench`` of ``rep_ms`` ms, by default ``100 / rounds``, at least 20; round ``r`` starts
+    with the ``r``-th contender, so that no contender always runs first after another's load), and the
+    median round is reported, so that a clock or neighbour drift during a cell falls on every contender
+    alike."""
     import statistics
 
     import triton
@@ -387,8 +390,9 @@ def run_bench(quick: bool, variants=(), rounds: int = 1, where: str = "") -> lis
         flops = attention_flops(b, h, s, d, causal, mode="bwd")
         fns = _contenders(b, h, hk, s, d, causal, softcap, variants)
         runs: dict[str, list[float] | None] = {name: [] for name in fns}  # None: the contender failed
-        for _ in range(rounds):
-            for name, fn in fns.items():
+        order = list(fns.items())
+        for r in range(rounds):
+            for name, fn in order[r % len(order):] + order[: r % len(order)]:
                 if runs[name] is None:
                     continue
                 try:
@@ -396,7 +400,7 @@ def run_bench(quick: bool, variants=(), rounds: int = 1, where: str = "") -> lis
                         fn()
                         torch.cuda.synchronize()
                         ms = triton.testing.do_bench(fn, warmup=25 if rounds == 1 else 5,
-                                                     rep=max(20, 100 // rounds), return_mode="median")
+                                                     rep=rep_ms or max(20, 100 // rounds), return_mode="median")
                     runs[name].append(flops / (ms * 1e-3) / 1e12)
                 except Exception as e:  # one contender failing must not hide the others
                     runs[name] = None
@@ -472,6 +476,8 @@ def main() -> int:
                     "correctness cases (every head dim where the config stays valid), e.g. stat_ring=1,fold=1")
     ap.add_argument("--rounds", type=int, default=1, help="contenders take turns this many times per cell "
                     "(median round reported)")
+    ap.add_argument("--rep-ms", type=int, default=0, help="do_bench's time per contender and round (ms; "
+                    "default 100 / rounds, at least 20): longer rounds for a cell of a few ms")
     ap.add_argument("--where", default="", help="benchmark only cells whose fields match, e.g. d=128,causal=1")
     args = ap.parse_args()
     os.environ[hopper.BWD_ENV] = "gluon"  # the kernels under test (the backend's default is Triton's)
@@ -522,7 +528,8 @@ def main() -> int:
     breakdown = run_breakdown() if args.breakdown else None
     if args.no_bench and not breakdown:
         return 0
-    rows = [] if args.no_bench else run_bench(args.quick and not args.full_bench, variants, args.rounds, args.where)
+    rows = [] if args.no_bench else run_bench(args.quick and not args.full_bench, variants, args.rounds, args.where,
+                                              args.rep_ms)
     names = ["hopper"] + [f"hopper{lb}" for lb, _ in variants] + ["triton", "sdpa_flash", "sdpa_cudnn"]
     print("\nTFLOP/s (bf16 backward alone, 2.5x forward FLOPs)")
     print(f"{'b':>3} {'h':>3} {'hk':>3} {'s':>6} {'d':>4} {'causal':>6} {'cap':>4} "
