@@ -138,9 +138,9 @@ def tail_split(n_tiles: int, n_programs: int, n_mb: int) -> int:
 
 def tail_parts(piece: int, n_split: int, n_mb: int, n_programs: int) -> list[tuple[int, int, int]]:
     """The parts ``(j, lo, hi)`` of tail piece ``piece`` (of ``n_programs``): query blocks ``[lo, hi)`` of
-    the ``j``-th split tile, one or two of them. The twin of the kernel's ``bwd._tail_code``: piece ``p``
-    covers blocks ``[p * W // P, (p + 1) * W // P)`` of the ``W = n_split * n_mb`` blocks of the split
-    tiles taken one after another."""
+    the ``j``-th split tile, one or two of them (``n_split < n_programs``, as :func:`tail_split` gives).
+    The twin of the kernel's ``bwd._tail_code``: piece ``p`` covers blocks ``[p * W // P, (p + 1) * W //
+    P)`` of the ``W = n_split * n_mb`` blocks of the split tiles taken one after another."""
     w = n_split * n_mb
     a, e = piece * w // n_programs, (piece + 1) * w // n_programs
     j = a // n_mb
