@@ -1353,9 +1353,12 @@ def _add_dkdv(WS, dk, dv, sm_scale, row0, BLOCK_N: gl.constexpr, BLOCK_D: gl.con
 
 
 @gluon.jit
-def _stamp(TRACE_BUF, slot, value, NW: gl.constexpr):
-    """Debug (``TRACE``): ``TRACE_BUF[slot] = value`` (int64), or with ``value = None`` the SM's global
-    timer in ns (``%globaltimer``), written by every thread of the partition (the same value)."""
+def _stamp(TRACE_BUF, TRACE_CAP, k, field: gl.constexpr, value, NW: gl.constexpr):
+    """Debug (``TRACE``): field ``field`` of the program's ``k``-th unit (the last row once ``k >=
+    TRACE_CAP``), ``TRACE_BUF[(pid * TRACE_CAP + k) * 6 + field] = value`` (int64), or with ``value = None``
+    the SM's global timer in ns (``%globaltimer``), written by every thread of the partition (the same
+    value)."""
+    slot = (gl.program_id(0) * TRACE_CAP + gl.minimum(k, TRACE_CAP - 1)) * 6 + field
     lay: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
     z = gl.full([1], 0, gl.int64, lay)
     if value is None:
@@ -1410,10 +1413,9 @@ def _bwd_ws_compute_tiles(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_s
         total = n_mb * group
         zero = b * 0
         if TRACE:
-            row = (gl.program_id(0) * TRACE_CAP + gl.minimum(k, TRACE_CAP - 1)) * 6
-            _stamp(TRACE_BUF, row, t, 8)
-            _stamp(TRACE_BUF, row + 1, total, 8)
-            _stamp(TRACE_BUF, row + 2, None, 8)
+            _stamp(TRACE_BUF, TRACE_CAP, k, 0, t, 8)
+            _stamp(TRACE_BUF, TRACE_CAP, k, 1, total, 8)
+            _stamp(TRACE_BUF, TRACE_CAP, k, 2, None, 8)
         _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, st_smem,
                         kv_bar, ld_full, ld_empty, dq_full, dq_empty,
                         DK, DV, LSE, DELTA, b, hk, group, zero, zero, n0, mb_lo, fu_lo, fu_hi, n_mb,
@@ -1424,7 +1426,7 @@ def _bwd_ws_compute_tiles(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_s
                         True, FOLD, 0, None, None, None, None,
                         it0, k & 1, kv_empty, True, ep_smem, EPI, WS, part, TAIL)
         if TRACE:
-            _stamp(TRACE_BUF, (gl.program_id(0) * TRACE_CAP + gl.minimum(k, TRACE_CAP - 1)) * 6 + 3, None, 8)
+            _stamp(TRACE_BUF, TRACE_CAP, k, 3, None, 8)
         it0 += total
         k += 1
         t = _take_tile(tile_smem, tile_full, tile_empty, k, 8)
@@ -1461,7 +1463,7 @@ def _bwd_ws_worker_tiles(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs
             more = sub < 0
         _give_tile(tile_smem, tile_full, tile_empty, code, k, 4)
         if TRACE:
-            _stamp(TRACE_BUF, (gl.program_id(0) * TRACE_CAP + gl.minimum(k, TRACE_CAP - 1)) * 6 + 4, None, 4)
+            _stamp(TRACE_BUF, TRACE_CAP, k, 4, None, 4)
         b, hk, n0, mb_lo, fu_lo, fu_hi, n_mb, part = _bwd_unit(code, t_full, n_kb, n_hk, n_tiles, head_group,
                                                                seqlen_q, seqlen_k, window_left, window_right, HAS_WL,
                                                                HAS_WR, BLOCK_M, BLOCK_N, TAIL)
@@ -1474,7 +1476,7 @@ def _bwd_ws_worker_tiles(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_bufs
                        None, 0, LSE, DELTA, st_smem, seqlen_q, stride_lb, stride_lh, stat_mul,
                        True, FOLD, 0, it0, k, kv_empty, True)
         if TRACE:
-            _stamp(TRACE_BUF, (gl.program_id(0) * TRACE_CAP + gl.minimum(k, TRACE_CAP - 1)) * 6 + 5, None, 4)
+            _stamp(TRACE_BUF, TRACE_CAP, k, 5, None, 4)
         it0 += total
         k += 1
         if more:  # the ticket's second part

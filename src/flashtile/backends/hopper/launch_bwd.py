@@ -134,9 +134,9 @@ def backward(
     # program taking the next free tile from a zeroed int32 counter as it finishes one
     persistent = bool(cfg.persistent) and cfg.kernel == "ws" and not varlen and lists is None
     n_kb = cdiv(rows_k, cfg.block_n)
-    n_tiles, n_prog = n_kb * Hk * nb, (_sm_count(q.device) if persistent else 0)
+    n_tiles, n_prog, n_mb = n_kb * Hk * nb, (_sm_count(q.device) if persistent else 0), cdiv(Sq, cfg.block_m)
     # the split tail (tiles of one cost: no mask or window; atomic dQ, whose order varies anyway)
-    n_split = sched.tail_split(n_tiles, n_prog, cdiv(Sq, cfg.block_m)) if (
+    n_split = sched.tail_split(n_tiles, n_prog, n_mb) if (
         persistent and atomic and cfg.tail and call.window_left < 0 and call.window_right < 0) else 0
     tail = (n_split, 2, cfg.block_n, bd) if n_split else ()
     ws_tail = None
@@ -178,7 +178,7 @@ def backward(
             group = (cfg.head_group or Hk * nb) if call.window_right >= 0 else 1
             extra.update(n_kb=n_kb, n_hk=Hk, n_tiles=n_tiles, head_group=min(group, Hk * nb))
             if n_split:
-                extra.update(t_full=n_tiles - n_split, n_split=n_split, split_mb=cdiv(Sq, cfg.block_m), TAIL=True)
+                extra.update(t_full=n_tiles - n_split, n_split=n_split, split_mb=n_mb, TAIL=True)
             if TRACE is not None:  # (debug: benchmarks/bwd_tile_trace.py)
                 extra.update(TRACE_BUF=TRACE, TRACE_CAP=TRACE.shape[1], TRACE=True)
             grid = (min(n_tiles, n_prog),)
