@@ -35,6 +35,7 @@ def main() -> int:
 
     from flashtile.backends.hopper import launch as hlaunch
     from flashtile.spec import make_call
+    from flashtile.testing import attention_flops
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tag", default="run")
@@ -58,7 +59,7 @@ def main() -> int:
                 fn()
                 torch.cuda.synchronize()
                 ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-                flops = sum(4 * n * n * d * h // (2 if causal else 1) for n in lens)
+                flops = sum(attention_flops(1, h, n, d, causal) for n in lens)
                 row = dict(d=d, h=h, lens=f"{lo}-{hi}", n_seqs=len(lens), causal=causal, us=round(ms * 1e3, 1),
                            tflops=round(flops / ms / 1e9, 1))
                 print(row, flush=True)

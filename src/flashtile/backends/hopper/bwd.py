@@ -45,6 +45,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .fwd import _block_range, _store_rows, _store_rows_smem, _tile_coords, _tma_load, _visible
+from .sched import TAIL_BITS as _SCHED_TAIL_BITS
 
 LOG2E: gl.constexpr = gl.constexpr(1.4426950408889634)
 TWO_LOG2E: gl.constexpr = gl.constexpr(2.8853900817779268)  # exp(2x) = exp2(this * x)
@@ -1266,7 +1267,8 @@ def _bwd_tile(t, n_kb, n_hk, n_tiles, head_group, seqlen_q, seqlen_k, window_lef
 
 
 #: bits of a tail piece's code (:func:`_tail_code`): its first and end query block within the tile
-TAIL_BITS: gl.constexpr = gl.constexpr(11)
+#: (``sched.TAIL_BITS``, which the host's rule checks the query blocks against)
+TAIL_BITS: gl.constexpr = gl.constexpr(_SCHED_TAIL_BITS)
 
 
 @gluon.jit

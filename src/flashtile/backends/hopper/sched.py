@@ -118,7 +118,7 @@ TAIL_MAX_FILL = 0.8
 #: ... and where each piece gets at least this many query blocks (shorter pieces are mostly the fixed
 #: cost of a unit: K / V, the ring's fill and drain, the partial dK / dV adds)
 TAIL_MIN_BLOCKS = 16
-#: bits of a part's first / end query block in its code (``bwd.TAIL_BITS``)
+#: bits of a part's first / end query block in its code (the kernel's ``bwd.TAIL_BITS`` is this one)
 TAIL_BITS = 11
 
 
