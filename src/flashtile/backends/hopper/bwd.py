@@ -977,13 +977,9 @@ def _bwd_ws_compute(k_smem, v_smem, q_bufs, do_bufs, p_smem, ds_smem, dq_smem, s
         mbarrier.arrive(kv_empty)  # every wgmma reading K / V retired (the loop's last wait)
     kv_off = b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh
     gl.static_assert(not EPI or not SPLIT, "epi: the ws kernel's one compute partition")
-    if TAIL:
-        if part >= 0:
-            _add_dkdv(WS + part.to(gl.int64) * (2 * BLOCK_N * BLOCK_D), dk, dv, sm_scale, kw0 - n0, BLOCK_N, BLOCK_D,
-                      KEYS, kv_layout)
-        else:
-            _store_dkdv(DK, DV, kv_off, dk, dv, sm_scale, ep_smem, ep_smem, k_start + kw0, seqlen_k - kw0,
-                        stride_dks, HEAD_DIM, KEYS, BLOCK_D, kv_layout, NW, EPI)
+    if TAIL and part >= 0:
+        _add_dkdv(WS + part.to(gl.int64) * (2 * BLOCK_N * BLOCK_D), dk, dv, sm_scale, kw0 - n0, BLOCK_N, BLOCK_D,
+                  KEYS, kv_layout)
     else:
         _store_dkdv(DK, DV, kv_off, dk, dv, sm_scale, ep_smem, ep_smem, k_start + kw0, seqlen_k - kw0, stride_dks,
                     HEAD_DIM, KEYS, BLOCK_D, kv_layout, NW, EPI)
