@@ -27,6 +27,9 @@ benchmark column. A watchdog (from ``hopper_run.py``) ends the process (exit cod
 ``--rounds 5``: the contenders of a cell take turns 5 times, each round starting with the next one (the
 median round is reported: an A/B of a few percent); ``--rep-ms 200``: each turn that long.
 ``--where d=128,causal=1``: only the benchmark cells whose fields match.
+``--fwd-bwd``: also forward + backward at 16k (d64 / d128, causal and not) through the public
+``flash_attn_func`` against SDPA flash and cuDNN, TFLOP/s (3.5x the forward's FLOPs) and peak memory
+of one forward + backward beyond its inputs (``torch.cuda.max_memory_allocated``), same rounds.
 ``--plans``: the dense backward's launch plans on (``launch_bwd.PLANS``) for the whole run, and first
 a check of planned calls: the same signature four times (d64 / d128, causal and not), dK / dV
 bitwise equal to the first call's, dQ within the atomics' rounding, the last two through the plan.
@@ -325,6 +328,90 @@ def _contenders(b, h, hk, s, d, causal, softcap, variants=()) -> dict:
     return fns
 
 
+def _fwd_bwd_contenders(b, h, s, d, causal) -> tuple[dict, list]:
+    """name -> zero-argument function running one forward + backward (fresh gradients each call, the
+    inputs requiring grad): ``flash_attn_func`` on the hopper backend, SDPA flash, SDPA cuDNN."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashtile import dispatch
+
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn_like(q)
+
+    def ours():
+        with dispatch.use_backend("hopper"):
+            o = flash_attn_func(q, k, v, causal=causal)
+        return torch.autograd.grad(o, (q, k, v), dout)
+
+    fns = {"hopper": ours}
+    qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    dt = dout.transpose(1, 2)
+
+    def sdpa(backend):
+        def fn():
+            with sdpa_kernel(backend):
+                o = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+            return torch.autograd.grad(o, (qt, kt, vt), dt)
+
+        return fn
+
+    fns["sdpa_flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
+    fns["sdpa_cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+    return fns, [q, k, v, qt, kt, vt, dout]
+
+
+def _peak_mib(fn) -> float:
+    """Peak memory of one call beyond what was allocated before it (MiB)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_fwd_bwd(rounds: int = 1, rep_ms: int = 0) -> list[dict]:
+    """Forward + backward at 16k tokens (b1, h x d = 2048), d64 / d128, causal and not: TFLOP/s (3.5x
+    the forward's FLOPs; rounds as :func:`run_bench`) and peak MiB of one call, per contender."""
+    import statistics
+
+    import triton
+
+    rows = []
+    for d in (64, 128):
+        for causal in (False, True):
+            b, h, s = 1, 2048 // d, 16384
+            row = dict(b=b, h=h, s=s, d=d, causal=causal)
+            flops = attention_flops(b, h, s, d, causal, mode="fwd_bwd")
+            fns, _keep = _fwd_bwd_contenders(b, h, s, d, causal)
+            runs = {name: [] for name in fns}
+            order = list(fns.items())
+            for name, fn in order:
+                try:
+                    with watchdog(CASE_TIMEOUT, f"fwd+bwd peak {name} {row}"):
+                        row[f"{name}_peak_mib"] = round(_peak_mib(fn), 1)
+                except Exception as e:  # noqa: BLE001
+                    log(f"{name} fwd+bwd failed at {row}: {type(e).__name__}: {str(e)[:200]}")
+                    runs.pop(name)
+            order = [(n, f) for n, f in order if n in runs]
+            for r in range(rounds):
+                for name, fn in order[r % len(order):] + order[: r % len(order)]:
+                    with watchdog(CASE_TIMEOUT, f"fwd+bwd {name} {row}"):
+                        ms = triton.testing.do_bench(fn, warmup=5, rep=rep_ms or max(20, 100 // rounds),
+                                                     return_mode="median")
+                    runs[name].append(flops / (ms * 1e-3) / 1e12)
+            for name, vals in runs.items():
+                row[name] = round(statistics.median(vals), 1)
+                row[f"{name}_rounds"] = [round(x, 1) for x in vals]
+            log("fwd+bwd " + " ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_rounds")))
+            rows.append(row)
+            del fns, _keep
+            torch.cuda.empty_cache()
+    return rows
+
+
 def _kernel_times(fn, calls: int = 5) -> list[tuple[str, float]]:
     """GPU time per call of each kernel ``fn`` launches (torch.profiler), largest first: where a
     backward's time goes (the main kernel against the passes around it)."""
@@ -471,6 +558,7 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], help="bwd config overrides, e.g. block_m=128,dq_chunk=64")
     ap.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT, help="watchdog per case / cell (s)")
     ap.add_argument("--breakdown", action="store_true", help="per-kernel GPU time of ours and cuDNN's (profiler)")
+    ap.add_argument("--fwd-bwd", action="store_true", help="also forward + backward at 16k with peak memory")
     ap.add_argument("--plans", action="store_true", help="the dense backward's launch plans on (checked first)")
     ap.add_argument("--table", default="", help="overrides applied to the backward table itself before the "
                     "correctness cases (every head dim where the config stays valid), e.g. stat_ring=1,fold=1")
@@ -526,7 +614,8 @@ def main() -> int:
         except Exception as e:  # a failing variant is dropped, the default still benchmarks
             log(f"FAIL variant [{text}] (dropped): {type(e).__name__}: {str(e)[:1000]}")
     breakdown = run_breakdown() if args.breakdown else None
-    if args.no_bench and not breakdown:
+    fwd_bwd = run_fwd_bwd(args.rounds, args.rep_ms) if args.fwd_bwd else None
+    if args.no_bench and not breakdown and not fwd_bwd:
         return 0
     rows = [] if args.no_bench else run_bench(args.quick and not args.full_bench, variants, args.rounds, args.where,
                                               args.rep_ms)
@@ -539,13 +628,20 @@ def main() -> int:
         ratio = f"{r['hopper'] / r['sdpa_cudnn']:.2f}" if r.get("hopper") and r.get("sdpa_cudnn") else "-"
         print(f"{r['b']:>3} {r['h']:>3} {r['hk']:>3} {r['s']:>6} {r['d']:>4} {str(r['causal']):>6} "
               f"{r['softcap']:>4g} {vals}  {ratio:>12}")  # fmt: skip
+    if fwd_bwd:
+        print("\nforward + backward, TFLOP/s (3.5x forward FLOPs) and peak MiB beyond the inputs")
+        for r in fwd_bwd:
+            cols = (f"{n} {r.get(n, '-')} ({r.get(n + '_peak_mib', '-')} MiB)" for n in ("hopper", "sdpa_flash",
+                                                                                         "sdpa_cudnn"))
+            print(f"d{r['d']} s{r['s']} causal={r['causal']}: " + "; ".join(cols))
     out_dir = os.environ.get("OUT") or os.path.join(HERE, "results")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "hopper_bwd_run.json")
     with open(path, "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                    "argv": sys.argv, "configs": {d: str(configs.bwd_config(d)) for d in configs.HEADDIMS},
-                   "rows": rows, "breakdown": breakdown}, f, indent=1)  # fmt: skip
+                   "rows": rows, "breakdown": breakdown, "fwd_bwd": fwd_bwd,
+                   "date": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=1)  # fmt: skip
     log(f"wrote {path}")
     log(f"done in {time.time() - hopper_run.T0:.0f} s; geomean hopper/triton {_geo(rows, 'hopper', 'triton')}, "
         f"hopper/cudnn {_geo(rows, 'hopper', 'sdpa_cudnn')}, hopper/flash {_geo(rows, 'hopper', 'sdpa_flash')}")
