@@ -320,7 +320,12 @@ def _contenders(b, h, s, d, causal, variants, default_ok=True) -> dict:
     return fns
 
 
-def run_bench(quick: bool, variants: list[tuple[str, dict]], default_ok: bool = True) -> list[dict]:
+def run_bench(quick: bool, variants: list[tuple[str, dict]], default_ok: bool = True, rounds: int = 1,
+              rep_ms: int = 100) -> list[dict]:
+    """TFLOP/s per cell and contender: ``rounds`` turns each (``do_bench`` of ``rep_ms`` ms; round ``r``
+    starts with contender ``r``, so none always runs first on a cool GPU), the median reported."""
+    import statistics
+
     import triton
 
     rows = []
@@ -328,22 +333,34 @@ def run_bench(quick: bool, variants: list[tuple[str, dict]], default_ok: bool = 
         if HEADDIMS and d not in HEADDIMS:
             continue
         row = {"b": b, "h": h, "s": s, "d": d, "causal": causal}
-        for name, fn in _contenders(b, h, s, d, causal, variants, default_ok).items():
-            try:
-                with watchdog(CASE_TIMEOUT, f"bench {name} b{b} h{h} s{s} d{d} causal={causal}"):
-                    fn()
-                    torch.cuda.synchronize()
-                    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                if name == "_vt":
-                    row["vt_us"] = round(ms * 1e3, 1)
-                else:
-                    row[name] = round(_tflops(b, h, s, d, causal, ms), 1)
-            except Exception as e:  # one contender failing must not hide the others
+        order = list(_contenders(b, h, s, d, causal, variants, default_ok).items())
+        runs: dict[str, list | None] = {name: [] for name, _ in order}
+        for r in range(rounds):
+            for name, fn in order[r % len(order):] + order[: r % len(order)]:
+                if runs[name] is None:
+                    continue
+                try:
+                    with watchdog(CASE_TIMEOUT, f"bench {name} b{b} h{h} s{s} d{d} causal={causal}"):
+                        fn()
+                        torch.cuda.synchronize()
+                        ms = triton.testing.do_bench(fn, warmup=25 if rounds == 1 else 5, rep=rep_ms,
+                                                     return_mode="median")
+                    runs[name].append(ms)
+                except Exception as e:  # one contender failing must not hide the others
+                    runs[name] = None
+                    log(f"{name} failed at b{b} h{h} s{s} d{d} causal={causal}: {type(e).__name__}: {str(e)[:300]}")
+        for name, vals in runs.items():
+            if not vals:
                 row[name.lstrip("_")] = None
-                log(f"{name} failed at b{b} h{h} s{s} d{d} causal={causal}: {type(e).__name__}: {str(e)[:300]}")
+            elif name == "_vt":
+                row["vt_us"] = round(statistics.median(vals) * 1e3, 1)
+            else:
+                row[name] = round(statistics.median(_tflops(b, h, s, d, causal, ms) for ms in vals), 1)
+                if rounds > 1:
+                    row[f"{name}_rounds"] = [round(_tflops(b, h, s, d, causal, ms), 1) for ms in vals]
         if row.get("fp8") and row.get("bf16"):
             row["fp8/bf16"] = round(row["fp8"] / row["bf16"], 2)
-        log("bench " + " ".join(f"{k}={v}" for k, v in row.items()))
+        log("bench " + " ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_rounds")))
         rows.append(row)
     return rows
 
@@ -359,6 +376,9 @@ def main() -> int:
                          "variant_cases(); failing ones dropped), e.g. num_stages=3 or cvt_asm=0,row_tree=0")
     ap.add_argument("--full-bench", action="store_true", help="with --quick: the quick correctness set, the full grid")
     ap.add_argument("--headdim", type=int, action="append", help="benchmark only cells of these head dims")
+    ap.add_argument("--rounds", type=int, default=1, help="contenders take turns this many times per cell, each "
+                    "round starting with the next one (median reported)")
+    ap.add_argument("--rep-ms", type=int, default=100, help="do_bench's time per contender and round (ms)")
     args = ap.parse_args()
     SKIP[:] = args.skip
     globals()["HEADDIMS"] = args.headdim
@@ -404,7 +424,7 @@ def main() -> int:
         return 1
     if args.no_bench or not (default_ok or variants):
         return 0 if default_ok else 1
-    rows = run_bench(args.quick and not args.full_bench, variants, default_ok)
+    rows = run_bench(args.quick and not args.full_bench, variants, default_ok, args.rounds, args.rep_ms)
     print("\nRMSE vs fp32 attention on the original inputs (b1 s4096 h16 d128)")
     for r in acc:
         print("  " + "  ".join(f"{k}={v:.3e}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))

@@ -92,9 +92,12 @@ def compile_one_fp8(d: int, mask: str, varlen: bool, descales: bool, overrides: 
     configs = _load("hopper_configs", PKG / "configs.py")
     _load("hopper_fwd", PKG / "fwd.py")
     fwd8 = _load_fp8()
+    overrides = dict(overrides)
+    trace = bool(overrides.pop("fp8_trace", 0))  # (--set fp8_trace=1: the kernel's TRACE, launch.FP8_TRACE)
     cfg = configs.fp8_config(d, **overrides)
     tiles = f"{cfg.block_m}x{cfg.block_n}x{cfg.num_stages}"
     name = f"fp8 ws e4m3 d={d} {mask}{' varlen' if varlen else ''}{'' if descales else ' no-descale'} {tiles}"
+    name += " trace" if trace else ""
     res = {"name": name, "ok": False}
     bad = configs.check_fp8(cfg, d)
     if bad:
@@ -125,10 +128,14 @@ def compile_one_fp8(d: int, mask: str, varlen: bool, descales: bool, overrides: 
         consts.update(CU_Q=None, CU_K=None)
     if not descales:
         consts.update(QD=None, KD=None, VD=None)
+    if trace:
+        sig.update(TRACE_BUF="*i64", TRACE_CAP="i32", TRACE_PROGS="i32")
+        consts["TRACE"] = True
     for k in consts:
         sig[k] = "constexpr"
     try:
         fn = fwd8.attn_fwd_ws_fp8
+        _defaults(fn, sig, consts)
         k = triton.compile(GluonASTSource(fn, sig, consts, _aligned_pointers(fn, sig)),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps))  # fmt: skip
     except Exception as e:  # report, do not stop the other variants

@@ -111,7 +111,8 @@ class FP8Config(HopperConfig):
     the kernel's constexprs): ``cvt_asm``: P rounded to e4m3 four values at a time by inline PTX and
     carried across the key-block loop as packed 32-bit words (dense calls; ``fwd_fp8._p_pack``);
     ``row_tree``: the softmax's row reductions as trees over the registers (``fwd._row_reduce``): 0
-    off (Triton's sequential chain), 1 the row max, 2 the row max and the row sum;
+    off (Triton's sequential chain), 1 the row max, 2 the row max and the row sum, 3 the row max and
+    the row sum kept per lane across key blocks (``fwd._row_parts``: the quad's shuffles once, at the end);
     ``skip_rescale``: a warp skips the output rescale of a key block in which none of its rows'
     max rose (a warp vote and a branch in inline PTX; exact: alpha is 1 there); ``exp_poly``: 1 / 2
     quarters of the softmax's exponentials by a cubic on the FMA pipe instead of the MUFU
@@ -185,6 +186,8 @@ def check_fp8(cfg: HopperConfig, headdim: int) -> str | None:
                 f"consumers={cfg.consumers}")
     if cfg.block_n % 32 or not 32 <= cfg.block_n <= 256:
         return f"block_n must be a multiple of 32 in [32, 256] (e4m3 wgmma K = 32), got {cfg.block_n}"
+    if getattr(cfg, "row_tree", 1) not in (0, 1, 2, 3):
+        return f"row_tree must be 0, 1, 2 or 3 (see FP8Config), got {cfg.row_tree}"
     if getattr(cfg, "exp_poly", 0) not in (0, 1, 2):
         return f"exp_poly must be 0, 1 or 2 (quarters of the exponentials on the FMA pipe), got {cfg.exp_poly}"
     bad = check(replace(cfg, block_n=16), headdim)  # the shared checks (registers, stages, block_m)

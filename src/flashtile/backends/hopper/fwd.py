@@ -268,6 +268,18 @@ def _row_reduce(x, IS_MAX: gl.constexpr, TREE: gl.constexpr, s_layout: gl.conste
 
 
 @gluon.jit
+def _row_parts(x):
+    """``[M, N]`` (wgmma accumulator layout, ``N >= 8``) -> ``[M, 4]``: each lane's partial row sums over
+    the columns it holds (column ``8j + 2t + e`` of a row is register ``(j, e)`` of lane ``t`` of its quad:
+    sums over ``j`` and ``e``, within the thread, no shuffles). A running row sum kept this way needs the
+    quad's reduction once, at the end (``gl.sum(parts, 1)``), not once per key block (FA3 reduces its row
+    sums in ``finalize`` only). The within-thread sums are chains the compiler interleaves with the
+    exponentials, as ``gl.sum``'s own."""
+    y = gl.reshape(x, [x.shape[0], x.shape[1] // 8, 4, 2])
+    return gl.sum(gl.sum(y, 3), 1)
+
+
+@gluon.jit
 def _visible(c2, r2, seqlen_k, off, wl, wr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr):
     """Whether query row ``r2`` sees key ``c2`` (broadcastable index tensors, any orientation):
     a real key and, with windows, ``r2 + off - wl <= c2 <= r2 + off + wr`` (``off = seqlen_k -
@@ -323,7 +335,9 @@ def _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_
     (fp32, wgmma accumulator layout). ``m_i`` is the running row max in scaled base-2 units.
     Returns ``(p, alpha, m_new, l_new)``: unnormalised probabilities, the factor to rescale the
     output accumulator by, the new max and row sum. ``ROW_TREE`` (the FP8 kernel's switch; the
-    16-bit kernels leave it 0): 1 = the row max as a tree (:func:`_row_reduce`), 2 = the row sum too.
+    16-bit kernels leave it 0): 1 = the row max as a tree (:func:`_row_reduce`), 2 = the row sum too,
+    3 = the row max as a tree and the row sum kept as per-lane partials: ``l_i`` is then ``[M, 4]``
+    (:func:`_row_parts`; the caller starts it from ``_row_parts`` of zeros and sums it at the end).
     Flex mods (:func:`_flex_mods`; ``fx`` their runtime arguments): ``HAS_SCORE`` applies
     ``SCORE_MOD`` to the natural-unit scores (``qk_scale`` is then ``softmax_scale``, the max and the
     exponent in base 2 through log2(e)); ``MOD_MASK`` hides what ``MASK_MOD`` hides (a partial
@@ -364,7 +378,9 @@ def _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_
     else:
         p = gl.exp2(x)
     alpha = gl.exp2(m_i - m_use)
-    if ROW_TREE > 1:
+    if ROW_TREE == 3:
+        l_new = l_i * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout)), 1) + _row_parts(p)
+    elif ROW_TREE > 1:
         l_new = l_i * alpha + _row_reduce(p, False, True, s_layout)
     else:
         l_new = l_i * alpha + gl.sum(p, 1)
@@ -655,6 +671,14 @@ def _wait_fence(bar, phase, WAIT_FENCE: gl.constexpr):
     (Not a K / V ring barrier: those may move on by a phase before this point and never pass.)"""
     if WAIT_FENCE:
         mbarrier.wait(bar, phase)
+
+
+@gluon.jit
+def _pin(x):
+    """``x`` unchanged, through a side-effecting inline ``mov``: the values feeding ``x`` are computed before
+    this point and the compiler cannot sink them past a later basic-block boundary (:func:`_wait_fence`),
+    as it does with values that are only used after it."""
+    return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=1)
 
 
 @gluon.jit

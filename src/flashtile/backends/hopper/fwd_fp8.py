@@ -20,7 +20,8 @@ epilogue helpers are :mod:`.fwd`'s, shared with the 16-bit kernels. What differs
 Code-path switches (constexprs from ``configs.FP8Config``, so one benchmark run compares them):
 ``CVT_ASM`` (P rounded four values at a time by inline ``cvt.rn.satfinite.e4m3x2.f32`` and carried
 across the key-block loop as packed int32 words: :func:`_p_pack`), ``ROW_TREE`` (the softmax's row
-max, and with 2 its row sum, as register trees: ``fwd._row_reduce``), ``SKIP_RESCALE`` (the output
+max, and with 2 its row sum, as register trees: ``fwd._row_reduce``; with 3 the row sum kept as per-lane
+partials, reduced across the quad once before the epilogue: ``fwd._row_parts``), ``SKIP_RESCALE`` (the output
 rescale branched over by a warp none of whose rows' max rose: :func:`_rescale`), ``EXP_POLY`` (a
 quarter or half of the exponentials by a cubic on the FMA pipe, ``fwd._exp2_split``: off by default,
 an A/B switch until measured). SASS of the d128
@@ -47,6 +48,8 @@ from .fwd import (
     _NO_SPECIALIZE,
     _block_range,
     _epilogue,
+    _pin,
+    _row_parts,
     _softmax_block,
     _tile_coords,
     _turn_pass,
@@ -174,13 +177,27 @@ def _rescale(acc, alpha, o_layout: gl.constexpr, SKIP_RESCALE: gl.constexpr):
 
 
 @gluon.jit
+def _clk(tr, k, field: gl.constexpr):
+    """Debug (``TRACE``, :func:`attn_fwd_ws_fp8`): the SM's cycle counter (``%clock64``) into field ``field``
+    of key block ``k`` of this consumer's trace, ``tr = (TRACE_BUF, base, cap)`` (``base < 0``: not a traced
+    program; a masked store, no branch). Written by every thread of the warpgroup (the same address)."""
+    TRACE_BUF, base, cap = tr
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    z = gl.full([1], 0, gl.int64, lay)
+    x = gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,l", [z], dtype=gl.int64, is_pure=False, pack=1)
+    slot = (base + gl.minimum(k, cap - 1)) * 4 + field
+    gl.store(TRACE_BUF + slot + gl.arange(0, 1, lay), x, mask=(z + base) >= 0)
+
+
+@gluon.jit
 def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full, k_empty, v_empty, turn,
                rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                CID: gl.constexpr, MASKED: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                HAS_SOFTCAP: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                s_layout: gl.constexpr, o_layout: gl.constexpr, PERM_P: gl.constexpr, CVT_ASM: gl.constexpr,
                ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, EXP_POLY: gl.constexpr = 0,
-               q_bar=None, WAIT_FENCE: gl.constexpr = False, NUM_CONSUMERS: gl.constexpr = 2):
+               q_bar=None, WAIT_FENCE: gl.constexpr = False, NUM_CONSUMERS: gl.constexpr = 2, tr=None,
+               TRACE: gl.constexpr = False):
     """Key block ``blk`` (not the tile's first), the ``ws`` schedule: on this warpgroup's turn
     issue S = Q K^T and O += P_prev V_prev (FP8 wgmma both), pass the turn, run the softmax of S
     while P_prev V_prev is still on the tensor cores (``WAIT_FENCE``: :func:`fwd._wait_fence` on
@@ -191,6 +208,8 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
     pphase = ((it - 1) // NUM_STAGES) & 1
     mbarrier.wait(k_full.index(stage), phase)
     _turn_wait(turn, it, CID)
+    if TRACE:
+        _clk(tr, it, 0)  # (issue)
     s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
     s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s0, use_acc=False, is_async=True)
     mbarrier.wait(v_full.index(pstage), pphase)
@@ -198,15 +217,23 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
                         is_async=True)
     _turn_pass(turn, CID, NUM_CONSUMERS)
     s = warpgroup_mma_wait(1, deps=(s,))
+    if TRACE:
+        _clk(tr, it, 1)  # (S ready)
     mbarrier.arrive(k_empty.index(stage))
     p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                         MASKED, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout, ROW_TREE,
                                         EXP_POLY=EXP_POLY)
+    if TRACE:
+        _clk(tr, it, 2)  # (softmax issued)
+    if ROW_TREE == 3:  # (the per-lane sums are plain adds: pinned, or LLVM sinks them and their
+        l_i = _pin(l_i)  # exponentials past the fence, and the P V wait lands among the exponentials)
     _wait_fence(q_bar, 0, WAIT_FENCE)
     acc = warpgroup_mma_wait(0, deps=(acc,))  # (8-bit p_op cannot be a wait dep: see the module doc)
     mbarrier.arrive(v_empty.index(pstage))
     acc = _rescale(acc, alpha, o_layout, SKIP_RESCALE)
     p_op = _p_pack(p, o_layout, PERM_P, CVT_ASM)
+    if TRACE:
+        _clk(tr, it, 3)  # (P V waited for, O rescaled, P packed)
     return acc, l_i, m_i, p_op
 
 
@@ -219,8 +246,15 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
                   BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr,
                   HAS_SOFTCAP: gl.constexpr, IS_VARLEN: gl.constexpr, CVT_ASM: gl.constexpr,
                   ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, EXP_POLY: gl.constexpr = 0,
-                  WAIT_FENCE: gl.constexpr = False, NUM_CONSUMERS: gl.constexpr = 2):
-    """One consumer warpgroup: query rows ``m0 + CID * SUB_M ..`` over the tile's key blocks."""
+                  WAIT_FENCE: gl.constexpr = False, NUM_CONSUMERS: gl.constexpr = 2, TRACE_BUF=None, TRACE_CAP=1,
+                  trace_prog=-1, TRACE: gl.constexpr = False):
+    """One consumer warpgroup: query rows ``m0 + CID * SUB_M ..`` over the tile's key blocks. ``TRACE``:
+    stamps of each key block (:func:`_clk`) when ``trace_prog >= 0`` (the traced program's index)."""
+    tr = None
+    if TRACE:  # (base -1 << 30 for an untraced program: its stores are masked off)
+        on = (trace_prog >= 0).to(gl.int32)
+        tr = (TRACE_BUF, on * (trace_prog * (NUM_CONSUMERS * TRACE_CAP) + CID * TRACE_CAP) - (1 - on) * (1 << 30),
+              TRACE_CAP)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -236,7 +270,10 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
     r0 = m0 + CID * SUB_M
     rows = r0 + gl.arange(0, SUB_M, layout=row_layout)
     m_i = gl.full([SUB_M], float("-inf"), gl.float32, row_layout)
-    l_i = gl.zeros([SUB_M], gl.float32, row_layout)
+    if ROW_TREE == 3:  # the row sums as per-lane partials, reduced once before the epilogue
+        l_i = _row_parts(gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout))
+    else:
+        l_i = gl.zeros([SUB_M], gl.float32, row_layout)
     acc = gl.zeros([SUB_M, BLOCK_D], gl.float32, o_layout)
     mbarrier.wait(q_bars.index(CID), 0)
     n_total = nb_hi - nb_lo
@@ -259,21 +296,21 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
                                              s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
-                                             q_bars.index(CID), WAIT_FENCE, NUM_CONSUMERS)
+                                             q_bars.index(CID), WAIT_FENCE, NUM_CONSUMERS, tr, TRACE)
             it += 1
         for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
                                              s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
-                                             q_bars.index(CID), WAIT_FENCE, NUM_CONSUMERS)
+                                             q_bars.index(CID), WAIT_FENCE, NUM_CONSUMERS, tr, TRACE)
             it += 1
         for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
                                              k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
                                              CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
                                              s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
-                                             q_bars.index(CID), WAIT_FENCE, NUM_CONSUMERS)
+                                             q_bars.index(CID), WAIT_FENCE, NUM_CONSUMERS, tr, TRACE)
             it += 1
         # the last block's P V
         last = n_total - 1
@@ -285,8 +322,12 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
         mbarrier.arrive(v_empty.index(lstage))
     if VD is not None:
         acc = acc * gl.load(VD + b * svd_b + hk * svd_h)
+    if ROW_TREE == 3:
+        l_row = gl.convert_layout(gl.sum(l_i, 1), row_layout)
+    else:
+        l_row = l_i
     if r0 < seqlen_q:
-        _epilogue(acc, l_i, m_i, o_bufs.index(CID), o_desc, O, LSE, b, h, r0, q_start, seqlen_q,
+        _epilogue(acc, l_row, m_i, o_bufs.index(CID), o_desc, O, LSE, b, h, r0, q_start, seqlen_q,
                   stride_os, stride_oh, stride_lb, stride_lh,
                   IS_VARLEN, SUB_M, HEAD_DIM, BLOCK_D, row_layout, o_layout)
 
@@ -302,12 +343,17 @@ def attn_fwd_ws_fp8(
     IS_VARLEN: gl.constexpr, REVERSE_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     CVT_ASM: gl.constexpr, ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, num_warps: gl.constexpr,
     EXP_POLY: gl.constexpr = 0, WAIT_FENCE: gl.constexpr = False, NUM_CONSUMERS: gl.constexpr = 2,
+    TRACE_BUF=None, TRACE_CAP=1, TRACE_PROGS=0, TRACE: gl.constexpr = False,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B or nseq)``, ``num_warps = 4`` (+ 4 per further
     consumer warpgroup, ``NUM_CONSUMERS`` = 2 or 3, + 1 producer warp in the other partitions).
     q_desc / k_desc: e4m3 ``[rows, D]`` tiles as the 16-bit kernels'; vt_desc:
     e4m3 V^T ``[D, BLOCK_N]`` tiles; o_desc: bf16 ``BLOCK_M // 2``-row tiles. QD / KD / VD:
-    float32 descales indexed ``[b * s_b + hk * s_h]``, or None (1). Writes o (bf16) and lse."""
+    float32 descales indexed ``[b * s_b + hk * s_h]``, or None (1). Writes o (bf16) and lse.
+    ``TRACE`` (debug, ``launch.FP8_TRACE``, ``benchmarks/fp8_trace.py``): the programs of head 0, batch 0
+    with ``pid_m < TRACE_PROGS`` record four ``%clock64`` stamps per key block after the first and
+    consumer, int64 ``TRACE_BUF[((pid_m * NUM_CONSUMERS + c) * TRACE_CAP + it) * 4 + f]``: turn taken (f 0),
+    S ready (1), softmax issued (2), P V waited for and P packed (3)."""
     pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k,
                                                                      REVERSE_M, IS_VARLEN)
     m0 = pid_m * BLOCK_M
@@ -346,6 +392,9 @@ def attn_fwd_ws_fp8(
     nb_lo, fu_lo, fu_hi, nb_hi = _block_range(m0, r_hi, seqlen_k, off, window_left, window_right,
                                               HAS_WL, HAS_WR, BLOCK_N)
     n_total = nb_hi - nb_lo
+    trace_prog = -1
+    if TRACE:
+        trace_prog = ((h == 0) & (b == 0) & (pid_m < TRACE_PROGS)).to(gl.int32) * (pid_m + 1) - 1
     # (tuples spelled out per consumer count, as attn_fwd_ws's)
     if NUM_CONSUMERS == 3:
         gl.warp_specialize([
@@ -356,7 +405,7 @@ def attn_fwd_ws_fp8(
                              nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                              0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
                              CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE,
-                             NUM_CONSUMERS)),
+                             NUM_CONSUMERS, TRACE_BUF, TRACE_CAP, trace_prog, TRACE)),
             (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
                              o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
                              b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
@@ -364,7 +413,7 @@ def attn_fwd_ws_fp8(
                              nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                              1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
                              CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE,
-                             NUM_CONSUMERS)),
+                             NUM_CONSUMERS, TRACE_BUF, TRACE_CAP, trace_prog, TRACE)),
             (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
                              o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
                              b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
@@ -372,7 +421,7 @@ def attn_fwd_ws_fp8(
                              nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                              2, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
                              CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE,
-                             NUM_CONSUMERS)),
+                             NUM_CONSUMERS, TRACE_BUF, TRACE_CAP, trace_prog, TRACE)),
             (_ws_producer, (q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
                             b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
                             NUM_CONSUMERS, True)),
@@ -386,7 +435,7 @@ def attn_fwd_ws_fp8(
                              nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                              0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
                              CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE,
-                             NUM_CONSUMERS)),
+                             NUM_CONSUMERS, TRACE_BUF, TRACE_CAP, trace_prog, TRACE)),
             (_fp8_consumer, (q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_empty, v_empty, turn,
                              o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
                              b, h, hk, m0, q_start, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
@@ -394,7 +443,7 @@ def attn_fwd_ws_fp8(
                              nb_lo, fu_lo, fu_hi, nb_hi, stride_os, stride_oh, stride_lb, stride_lh,
                              1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, IS_VARLEN,
                              CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE,
-                             NUM_CONSUMERS)),
+                             NUM_CONSUMERS, TRACE_BUF, TRACE_CAP, trace_prog, TRACE)),
             (_ws_producer, (q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
                             b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
                             NUM_CONSUMERS, True)),

@@ -351,6 +351,12 @@ def transpose_v(v: torch.Tensor, varlen: bool) -> torch.Tensor:
     return vt.view(v.dtype) if v.dtype.itemsize == 1 else vt
 
 
+#: Debug: an int64 CUDA tensor ``[programs, consumers, cap, 4]`` makes the FP8 kernel record per key block
+#: the ``%clock64`` stamps of its first ``programs`` query tiles of head 0, batch 0
+#: (:func:`.fwd_fp8.attn_fwd_ws_fp8`'s ``TRACE``; ``benchmarks/fp8_trace.py``); None (the default): off.
+FP8_TRACE: torch.Tensor | None = None
+
+
 def forward_fp8(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -386,6 +392,9 @@ def forward_fp8(
         descales.append(d)
         strides += [0, 0] if d is None else [d.stride(0), d.stride(1)]
     grid = (cdiv(rows_q, cfg.block_m), H, nb)
+    extra = {}
+    if FP8_TRACE is not None:  # (debug: benchmarks/fp8_trace.py)
+        extra = dict(TRACE_BUF=FP8_TRACE, TRACE_CAP=FP8_TRACE.shape[2], TRACE_PROGS=FP8_TRACE.shape[0], TRACE=True)
     with device_guard(q.device):
         _WS_FP8[grid](
             q_desc, k_desc, vt_desc, o_desc, out, lse, call.cu_seqlens_q, call.cu_seqlens_k, *descales, *strides,
@@ -394,7 +403,7 @@ def forward_fp8(
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
             HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
             IS_VARLEN=varlen, REVERSE_M=call.window_right >= 0, CONSUMER_REGS=cfg.consumer_regs,
-            PRODUCER_REGS=cfg.producer_regs, num_warps=cfg.num_warps, **configs.fp8_flags(cfg),
+            PRODUCER_REGS=cfg.producer_regs, num_warps=cfg.num_warps, **configs.fp8_flags(cfg), **extra,
         )  # fmt: skip
     return out, lse
 
