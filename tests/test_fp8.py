@@ -337,6 +337,29 @@ def test_fp8_kernel_switches():
     assert "2 consumers" in configs.check_fp8(configs.fp8_config(128, consumers=3), 128)  # the wait fence
     assert configs.check_fp8(old, 128) is None and configs.check_fp8(configs.fp8_config(128, row_tree=2), 128) is None
     assert "exp_poly" in configs.check_fp8(configs.fp8_config(128, exp_poly=3), 128)
+    assert configs.check_fp8(configs.fp8_config(128, row_tree=3), 128) is None  # (row sums kept per lane)
+    assert "row_tree" in configs.check_fp8(configs.fp8_config(128, row_tree=4), 128)
+
+
+def test_fp8_trace_analysis():
+    """``benchmarks/fp8_trace.py``'s reading of the kernel's stamps (turn taken, S ready, softmax issued, P V
+    done; per tile, consumer and key block): the medians of each interval, the other consumer's offset and
+    the share of a consumer's softmax that overlaps the other's; unwritten rows (zeros) are left out."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fp8_trace
+
+    def rows(start, shift):
+        return [[0, 0, 0, 0]] + [[start + 100 * i, start + 100 * i + 30, start + 100 * i + 30 + shift,
+                                  start + 100 * i + 90] for i in range(1, 20)] + [[0, 0, 0, 0]]
+
+    apart = fp8_trace.analyse([[rows(0, 40), rows(50, 40)]])
+    assert apart == dict(issue_to_s=30, softmax=40, tail=20, to_next=10, period=100, s_offset=50,
+                         softmax_overlap=0.0)
+    together = fp8_trace.analyse([[rows(0, 40), rows(20, 40)]])  # softmaxes [30, 70] and [50, 90]: half shared
+    assert together["s_offset"] == 20 and together["softmax_overlap"] == 0.5
 
 
 def test_exp2_poly_model():
