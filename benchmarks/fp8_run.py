@@ -326,29 +326,13 @@ def run_bench(quick: bool, variants: list[tuple[str, dict]], default_ok: bool = 
     starts with contender ``r``, so none always runs first on a cool GPU), the median reported."""
     import statistics
 
-    import triton
-
     rows = []
     for b, h, s, d, causal in bench_cells(quick):
         if HEADDIMS and d not in HEADDIMS:
             continue
         row = {"b": b, "h": h, "s": s, "d": d, "causal": causal}
-        order = list(_contenders(b, h, s, d, causal, variants, default_ok).items())
-        runs: dict[str, list | None] = {name: [] for name, _ in order}
-        for r in range(rounds):
-            for name, fn in order[r % len(order):] + order[: r % len(order)]:
-                if runs[name] is None:
-                    continue
-                try:
-                    with watchdog(CASE_TIMEOUT, f"bench {name} b{b} h{h} s{s} d{d} causal={causal}"):
-                        fn()
-                        torch.cuda.synchronize()
-                        ms = triton.testing.do_bench(fn, warmup=25 if rounds == 1 else 5, rep=rep_ms,
-                                                     return_mode="median")
-                    runs[name].append(ms)
-                except Exception as e:  # one contender failing must not hide the others
-                    runs[name] = None
-                    log(f"{name} failed at b{b} h{h} s{s} d{d} causal={causal}: {type(e).__name__}: {str(e)[:300]}")
+        runs = hopper_run.timed_rounds(_contenders(b, h, s, d, causal, variants, default_ok), rounds, rep_ms,
+                                       f"b{b} h{h} s{s} d{d} causal={causal}", CASE_TIMEOUT)
         for name, vals in runs.items():
             if not vals:
                 row[name.lstrip("_")] = None

@@ -377,7 +377,6 @@ def run_fwd_bwd(rounds: int = 1, rep_ms: int = 0) -> list[dict]:
     the forward's FLOPs; rounds as :func:`run_bench`) and peak MiB of one call, per contender."""
     import statistics
 
-    import triton
 
     rows = []
     for d in (64, 128):
@@ -386,22 +385,15 @@ def run_fwd_bwd(rounds: int = 1, rep_ms: int = 0) -> list[dict]:
             row = dict(b=b, h=h, s=s, d=d, causal=causal)
             flops = attention_flops(b, h, s, d, causal, mode="fwd_bwd")
             fns, _keep = _fwd_bwd_contenders(b, h, s, d, causal)
-            runs = {name: [] for name in fns}
-            order = list(fns.items())
-            for name, fn in order:
+            for name, fn in list(fns.items()):
                 try:
                     with watchdog(CASE_TIMEOUT, f"fwd+bwd peak {name} {row}"):
                         row[f"{name}_peak_mib"] = round(_peak_mib(fn), 1)
                 except Exception as e:  # noqa: BLE001
                     log(f"{name} fwd+bwd failed at {row}: {type(e).__name__}: {str(e)[:200]}")
-                    runs.pop(name)
-            order = [(n, f) for n, f in order if n in runs]
-            for r in range(rounds):
-                for name, fn in order[r % len(order):] + order[: r % len(order)]:
-                    with watchdog(CASE_TIMEOUT, f"fwd+bwd {name} {row}"):
-                        ms = triton.testing.do_bench(fn, warmup=5, rep=rep_ms or max(20, 100 // rounds),
-                                                     return_mode="median")
-                    runs[name].append(flops / (ms * 1e-3) / 1e12)
+                    fns.pop(name)
+            ms = hopper_run.timed_rounds(fns, rounds, rep_ms or max(20, 100 // rounds), f"fwd+bwd {row}", CASE_TIMEOUT)
+            runs = {name: [flops / (t * 1e-3) / 1e12 for t in v] for name, v in ms.items() if v}
             for name, vals in runs.items():
                 row[name] = round(statistics.median(vals), 1)
                 row[f"{name}_rounds"] = [round(x, 1) for x in vals]
@@ -467,7 +459,6 @@ def run_bench(quick: bool, variants=(), rounds: int = 1, where: str = "", rep_ms
     alike."""
     import statistics
 
-    import triton
 
     rows = []
     for b, h, hk, s, d, causal, softcap in bench_cells(quick):
@@ -475,23 +466,9 @@ def run_bench(quick: bool, variants=(), rounds: int = 1, where: str = "", rep_ms
         if not _cell_matches(row, where):
             continue
         flops = attention_flops(b, h, s, d, causal, mode="bwd")
-        fns = _contenders(b, h, hk, s, d, causal, softcap, variants)
-        runs: dict[str, list[float] | None] = {name: [] for name in fns}  # None: the contender failed
-        order = list(fns.items())
-        for r in range(rounds):
-            for name, fn in order[r % len(order):] + order[: r % len(order)]:
-                if runs[name] is None:
-                    continue
-                try:
-                    with watchdog(CASE_TIMEOUT, f"bench {name} {row}"):
-                        fn()
-                        torch.cuda.synchronize()
-                        ms = triton.testing.do_bench(fn, warmup=25 if rounds == 1 else 5,
-                                                     rep=rep_ms or max(20, 100 // rounds), return_mode="median")
-                    runs[name].append(flops / (ms * 1e-3) / 1e12)
-                except Exception as e:  # one contender failing must not hide the others
-                    runs[name] = None
-                    log(f"{name} failed at {row}: {type(e).__name__}: {str(e)[:200]}")
+        runs = hopper_run.timed_rounds(_contenders(b, h, hk, s, d, causal, softcap, variants), rounds,
+                                       rep_ms or max(20, 100 // rounds), str(row), CASE_TIMEOUT)
+        runs = {name: None if ms is None else [flops / (t * 1e-3) / 1e12 for t in ms] for name, ms in runs.items()}
         for name, vals in runs.items():
             row[name] = round(statistics.median(vals), 1) if vals else None
             if vals and rounds > 1:

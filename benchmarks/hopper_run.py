@@ -83,6 +83,32 @@ def watchdog(seconds: float, what: str):
 CASE_TIMEOUT = 180.0  # set from --case-timeout
 
 
+def timed_rounds(fns: dict, rounds: int, rep_ms: int, what: str, timeout: float) -> dict[str, list[float] | None]:
+    """Milliseconds per call (``do_bench`` medians of ``rep_ms`` ms) of each contender of ``fns`` (name ->
+    zero-argument function) in ``rounds`` turns, round ``r`` starting with contender ``r`` (none always runs
+    first on a cool GPU: the first turn reads 5-10% higher than throttled later ones). A contender that
+    raises is logged and gets None (the others go on); ``timeout`` s per turn (:func:`watchdog`)."""
+    import triton
+
+    runs: dict[str, list[float] | None] = {name: [] for name in fns}
+    order = list(fns.items())
+    for r in range(rounds):
+        for name, fn in order[r % len(order):] + order[: r % len(order)]:
+            if runs[name] is None:
+                continue
+            try:
+                with watchdog(timeout, f"bench {name} {what}"):
+                    fn()
+                    torch.cuda.synchronize()
+                    ms = triton.testing.do_bench(fn, warmup=25 if rounds == 1 else 5, rep=rep_ms,
+                                                 return_mode="median")
+                runs[name].append(ms)
+            except Exception as e:  # one contender failing must not hide the others
+                runs[name] = None
+                log(f"{name} failed at {what}: {type(e).__name__}: {str(e)[:300]}")
+    return runs
+
+
 def for_headdim(overrides: dict | None, d: int) -> dict | None:
     """A ``--variant``'s overrides for head dim ``d``: its ``d`` key, if given, names the one head
     dim it applies to (None for the others; fp8_run.py's variants too)."""
