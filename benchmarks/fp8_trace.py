@@ -4,14 +4,16 @@
 
 Runs the FP8 (e4m3) forward (b x s = 16k, h x d = 2048) once untimed with ``launch.FP8_TRACE`` set: the
 first ``--progs`` query tiles of head 0 record, per key block after the first and per consumer
-warpgroup, four ``%clock64`` stamps (``fwd_fp8._clk``): 0 turn taken (the block's wgmmas about to be
-issued), 1 S ready, 2 softmax issued, 3 P V waited for, O rescaled and P packed. Printed per config
-(medians over the blocks of the traced tiles, the first and last 4 blocks of a tile left out), in SM
-cycles:
+warpgroup, eight ``%clock64`` stamps (``fwd_fp8._clk``): 0 turn taken (the block's wgmmas about to be
+issued), 1 S ready, 2 softmax issued, 3 P V waited for, O rescaled and P packed, 4 block start, 5 K
+ready, 6 S issued, 7 P V issued and the turn passed. Printed per config (medians over the blocks of the
+traced tiles, the first and last 4 blocks of a tile left out), in SM cycles:
 
 * ``issue->S``: 0 -> 1 (the S wgmma behind whatever the tensor cores had queued), ``softmax``: 1 -> 2,
   ``tail``: 2 -> 3 (the P V wait, the rescale, P's packing), ``to next``: 3 -> the next block's 0 (the K
   wait and the turn), ``period``: 0 -> the next block's 0;
+* the parts of those: ``k_wait`` 4 -> 5, ``turn_wait`` 5 -> 0, ``s_issue`` 0 -> 6 (S's four wgmma
+  instructions), ``pv_issue`` 6 -> 7 (the V wait, P V's four, the turn's arrival), ``s_wait`` 7 -> 1;
 * the other consumer's offset: its "S ready" minus this one's, same block (a 2-consumer tile);
 * how much of a consumer's softmax interval overlaps the other's (their exponentials share the MUFU).
 
@@ -48,7 +50,8 @@ def _overlap(a: tuple[int, int], bs: list[tuple[int, int]]) -> int:
 def analyse(buf: list, skip: int = 4) -> dict:
     """Medians of the stamps' differences over every traced tile, consumer and block (see the module doc)."""
     out: dict[str, list[float]] = {k: [] for k in ("issue_to_s", "softmax", "tail", "to_next", "period",
-                                                   "s_offset", "softmax_overlap")}
+                                                   "s_offset", "softmax_overlap", "k_wait", "turn_wait",
+                                                   "s_issue", "pv_issue", "s_wait")}
     for tile in buf:  # [consumers][cap][4]
         n_c = len(tile)
         for c in range(n_c):
@@ -58,6 +61,10 @@ def analyse(buf: list, skip: int = 4) -> dict:
             spans = [(r[1], r[2]) for r in other]
             for i, r in enumerate(rows):
                 out["issue_to_s"].append(r[1] - r[0])
+                if len(r) >= 8:
+                    for name, a, b in (("k_wait", 4, 5), ("turn_wait", 5, 0), ("s_issue", 0, 6), ("pv_issue", 6, 7),
+                                       ("s_wait", 7, 1)):
+                        out[name].append(r[b] - r[a])
                 out["softmax"].append(r[2] - r[1])
                 out["tail"].append(r[3] - r[2])
                 if i + 1 < len(rows):
@@ -90,7 +97,7 @@ def run(d: int, s: int, causal: bool, progs: int, overrides: dict | None) -> dic
     fn()
     torch.cuda.synchronize()
     untraced = flops / (triton.testing.do_bench(fn, warmup=10, rep=200, return_mode="median") * 1e-3) / 1e12
-    buf = torch.zeros(progs, cfg.consumers, cap, 4, dtype=torch.int64, device="cuda")
+    buf = torch.zeros(progs, cfg.consumers, cap, 8, dtype=torch.int64, device="cuda")
     launch.FP8_TRACE = buf
     try:
         fn()

@@ -357,7 +357,11 @@ def test_fp8_trace_analysis():
 
     apart = fp8_trace.analyse([[rows(0, 40), rows(50, 40)]])
     assert apart == dict(issue_to_s=30, softmax=40, tail=20, to_next=10, period=100, s_offset=50,
-                         softmax_overlap=0.0)
+                         softmax_overlap=0.0, k_wait=None, turn_wait=None, s_issue=None, pv_issue=None, s_wait=None)
+    eight = [[r + [r[0] - 8, r[0] - 3, r[0] + 10, r[0] + 20] if any(r) else [0] * 8 for r in rows(0, 40)]] * 2
+    parts = fp8_trace.analyse([eight])
+    names = ("k_wait", "turn_wait", "s_issue", "pv_issue", "s_wait")
+    assert tuple(parts[k] for k in names) == (5, 3, 10, 10, 10)
     together = fp8_trace.analyse([[rows(0, 40), rows(20, 40)]])  # softmaxes [30, 70] and [50, 90]: half shared
     assert together["s_offset"] == 20 and together["softmax_overlap"] == 0.5
 

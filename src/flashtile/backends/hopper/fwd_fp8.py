@@ -185,7 +185,7 @@ def _clk(tr, k, field: gl.constexpr):
     lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     z = gl.full([1], 0, gl.int64, lay)
     x = gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,l", [z], dtype=gl.int64, is_pure=False, pack=1)
-    slot = (base + gl.minimum(k, cap - 1)) * 4 + field
+    slot = (base + gl.minimum(k, cap - 1)) * 8 + field
     gl.store(TRACE_BUF + slot + gl.arange(0, 1, lay), x, mask=(z + base) >= 0)
 
 
@@ -206,16 +206,24 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
     phase = (it // NUM_STAGES) & 1
     pstage = (it - 1) % NUM_STAGES
     pphase = ((it - 1) // NUM_STAGES) & 1
+    if TRACE:
+        _clk(tr, it, 4)  # (block start)
     mbarrier.wait(k_full.index(stage), phase)
+    if TRACE:
+        _clk(tr, it, 5)  # (K ready)
     _turn_wait(turn, it, CID)
     if TRACE:
-        _clk(tr, it, 0)  # (issue)
+        _clk(tr, it, 0)  # (turn taken)
     s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
     s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s0, use_acc=False, is_async=True)
+    if TRACE:
+        _clk(tr, it, 6)  # (S issued)
     mbarrier.wait(v_full.index(pstage), pphase)
     acc = warpgroup_mma(_p_unpack(p_op, o_layout, PERM_P, CVT_ASM), vt_bufs.index(pstage).permute((1, 0)), acc,
                         is_async=True)
     _turn_pass(turn, CID, NUM_CONSUMERS)
+    if TRACE:
+        _clk(tr, it, 7)  # (P V issued, turn passed)
     s = warpgroup_mma_wait(1, deps=(s,))
     if TRACE:
         _clk(tr, it, 1)  # (S ready)
@@ -351,9 +359,10 @@ def attn_fwd_ws_fp8(
     e4m3 V^T ``[D, BLOCK_N]`` tiles; o_desc: bf16 ``BLOCK_M // 2``-row tiles. QD / KD / VD:
     float32 descales indexed ``[b * s_b + hk * s_h]``, or None (1). Writes o (bf16) and lse.
     ``TRACE`` (debug, ``launch.FP8_TRACE``, ``benchmarks/fp8_trace.py``): the programs of head 0, batch 0
-    with ``pid_m < TRACE_PROGS`` record four ``%clock64`` stamps per key block after the first and
-    consumer, int64 ``TRACE_BUF[((pid_m * NUM_CONSUMERS + c) * TRACE_CAP + it) * 4 + f]``: turn taken (f 0),
-    S ready (1), softmax issued (2), P V waited for and P packed (3)."""
+    with ``pid_m < TRACE_PROGS`` record eight ``%clock64`` stamps per key block after the first and
+    consumer, int64 ``TRACE_BUF[((pid_m * NUM_CONSUMERS + c) * TRACE_CAP + it) * 8 + f]``: turn taken (f 0),
+    S ready (1), softmax issued (2), P V waited for and P packed (3), block start (4), K ready (5), S issued
+    (6), P V issued and the turn passed (7)."""
     pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k,
                                                                      REVERSE_M, IS_VARLEN)
     m0 = pid_m * BLOCK_M

@@ -351,7 +351,7 @@ def transpose_v(v: torch.Tensor, varlen: bool) -> torch.Tensor:
     return vt.view(v.dtype) if v.dtype.itemsize == 1 else vt
 
 
-#: Debug: an int64 CUDA tensor ``[programs, consumers, cap, 4]`` makes the FP8 kernel record per key block
+#: Debug: an int64 CUDA tensor ``[programs, consumers, cap, 8]`` makes the FP8 kernel record per key block
 #: the ``%clock64`` stamps of its first ``programs`` query tiles of head 0, batch 0
 #: (:func:`.fwd_fp8.attn_fwd_ws_fp8`'s ``TRACE``; ``benchmarks/fp8_trace.py``); None (the default): off.
 FP8_TRACE: torch.Tensor | None = None
