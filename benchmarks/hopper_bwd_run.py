@@ -372,12 +372,23 @@ def _peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def _time_row(row: dict, fns: dict, flops: float, rounds: int, rep_ms: int, what: str) -> None:
+    """``row[name]``: the median TFLOP/s of each contender of ``fns`` over ``rounds`` rotated turns
+    (:func:`hopper_run.timed_rounds`; ``rep_ms`` ms each, by default ``100 / rounds`` and at least 20),
+    None for one that failed; with ``rounds > 1`` also ``row[name + "_rounds"]``, every round's figure."""
+    import statistics
+
+    runs = hopper_run.timed_rounds(fns, rounds, rep_ms or max(20, 100 // rounds), what, CASE_TIMEOUT)
+    for name, ms in runs.items():
+        vals = [flops / (t * 1e-3) / 1e12 for t in ms or ()]
+        row[name] = round(statistics.median(vals), 1) if vals else None
+        if vals and rounds > 1:
+            row[f"{name}_rounds"] = [round(v, 1) for v in vals]
+
+
 def run_fwd_bwd(rounds: int = 1, rep_ms: int = 0) -> list[dict]:
     """Forward + backward at 16k tokens (b1, h x d = 2048), d64 / d128, causal and not: TFLOP/s (3.5x
     the forward's FLOPs; rounds as :func:`run_bench`) and peak MiB of one call, per contender."""
-    import statistics
-
-
     rows = []
     for d in (64, 128):
         for causal in (False, True):
@@ -392,11 +403,7 @@ def run_fwd_bwd(rounds: int = 1, rep_ms: int = 0) -> list[dict]:
                 except Exception as e:  # noqa: BLE001
                     log(f"{name} fwd+bwd failed at {row}: {type(e).__name__}: {str(e)[:200]}")
                     fns.pop(name)
-            ms = hopper_run.timed_rounds(fns, rounds, rep_ms or max(20, 100 // rounds), f"fwd+bwd {row}", CASE_TIMEOUT)
-            runs = {name: [flops / (t * 1e-3) / 1e12 for t in v] for name, v in ms.items() if v}
-            for name, vals in runs.items():
-                row[name] = round(statistics.median(vals), 1)
-                row[f"{name}_rounds"] = [round(x, 1) for x in vals]
+            _time_row(row, fns, flops, rounds, rep_ms, f"fwd+bwd {row}")
             log("fwd+bwd " + " ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_rounds")))
             rows.append(row)
             del fns, _keep
@@ -457,22 +464,13 @@ def run_bench(quick: bool, variants=(), rounds: int = 1, where: str = "", rep_ms
     with the ``r``-th contender, so that no contender always runs first after another's load), and the
     median round is reported, so that a clock or neighbour drift during a cell falls on every contender
     alike."""
-    import statistics
-
-
     rows = []
     for b, h, hk, s, d, causal, softcap in bench_cells(quick):
         row = {"b": b, "h": h, "hk": hk, "s": s, "d": d, "causal": causal, "softcap": softcap}
         if not _cell_matches(row, where):
             continue
         flops = attention_flops(b, h, s, d, causal, mode="bwd")
-        runs = hopper_run.timed_rounds(_contenders(b, h, hk, s, d, causal, softcap, variants), rounds,
-                                       rep_ms or max(20, 100 // rounds), str(row), CASE_TIMEOUT)
-        runs = {name: None if ms is None else [flops / (t * 1e-3) / 1e12 for t in ms] for name, ms in runs.items()}
-        for name, vals in runs.items():
-            row[name] = round(statistics.median(vals), 1) if vals else None
-            if vals and rounds > 1:
-                row[f"{name}_rounds"] = [round(v, 1) for v in vals]
+        _time_row(row, _contenders(b, h, hk, s, d, causal, softcap, variants), flops, rounds, rep_ms, str(row))
         log("bench " + " ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_rounds")))
         rows.append(row)
         torch.cuda.empty_cache()
