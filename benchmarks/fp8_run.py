@@ -423,7 +423,8 @@ def main() -> int:
     path = os.path.join(out_dir, "fp8_run.json")
     with open(path, "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                   "argv": sys.argv, "accuracy": acc, "rows": rows}, f, indent=1)  # fmt: skip
+                   "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "accuracy": acc, "rows": rows},
+                  f, indent=1)  # fmt: skip
     log(f"wrote {path}")
     r = [x["fp8/bf16"] for x in rows if x.get("fp8/bf16")]
     geo = f"{math.exp(sum(map(math.log, r)) / len(r)):.2f}x" if r else "n/a"
