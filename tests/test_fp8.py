@@ -311,6 +311,8 @@ def test_fp8_score_error_bound_covers_the_accumulation_model(d):
 def test_fp8_kernel_switches():
     """The FP8 kernel's code-path switches: config fields with defaults, turned into constexprs; a
     plain HopperConfig gets the defaults; overrides (``--variant cvt_asm=0``) pass the checks."""
+    from dataclasses import replace
+
     from flashtile.backends.hopper import configs
 
     cfg = configs.fp8_config(128)
@@ -330,8 +332,15 @@ def test_fp8_kernel_switches():
     two = configs.fp8_config_for(64, causal=True, seqlen_q=configs.D64_CAUSAL_THREE_CONSUMERS_FROM - 1)
     assert two.consumers == 2 and configs.check_fp8(two, 64) is None
     assert configs.fp8_config_for(64, causal=True, seqlen_q=configs.D64_CAUSAL_THREE_CONSUMERS_FROM) == three
-    assert configs.fp8_config_for(64, causal=False, seqlen_q=1) == three
+    # calls without a right window keep the row sums per lane at the measured head dims; causal ones do not
+    assert configs.fp8_config_for(64, causal=False, seqlen_q=1) == replace(three, row_tree=3)
     assert configs.fp8_config_for(128, causal=True, seqlen_q=1) == cfg
+    assert configs.fp8_config_for(128, causal=False, seqlen_q=1) == replace(cfg, row_tree=3)
+    assert configs.fp8_config_for(256, causal=False, seqlen_q=1).row_tree == 3
+    for d in (96, 192):  # not measured there: the table's row_tree
+        assert configs.fp8_config_for(d, causal=False, seqlen_q=1) == configs.fp8_config(d)
+    assert all(configs.fp8_flags(configs.fp8_config_for(d, causal=c, seqlen_q=4096))["ROW_TREE"] == (1 if c else 3)
+               for d in configs.FP8_ROW_PARTS_HEADDIMS for c in (False, True))
     two_again = configs.fp8_config(64, consumers=2)  # a consumer count brings its tile height and registers
     assert (two_again.block_m, two_again.consumer_regs) == (128, 240) and configs.check_fp8(two_again, 64) is None
     assert "2 consumers" in configs.check_fp8(configs.fp8_config(128, consumers=3), 128)  # the wait fence

@@ -165,13 +165,26 @@ def fp8_config(headdim: int, **overrides) -> FP8Config:
 _FP8_D64_TWO = FP8Config(128, 128, 3)  # 8 KiB Q + 3 x 16 KiB K/V^T + 16 KiB O = 72 KiB
 
 
+#: head dims whose calls without a right window keep the softmax's row sums per lane (``row_tree=3``):
+#: H200, one run each, TFLOP/s row_tree 1 / 3 (stop 37, ``results/fp8_H200_20261203_stop37_row_tree3.json``):
+#: d128 16k 881 / 903, 4k 831 / 829, d256 16k 1225 / 1234, d64 16k 672 / 676; causal d128 16k 901 / 874
+#: (so causal calls keep 1); stop 38 (``results/fp8_H200_20261203_stop38_row_tree_rule.json``) in NOTES
+FP8_ROW_PARTS_HEADDIMS = (64, 128, 256)
+
+
 def fp8_config_for(headdim: int, *, causal: bool, seqlen_q: int) -> FP8Config:
     """The FP8 config a call runs: the table's, except head dim 64's causal calls shorter than
     :data:`D64_CAUSAL_THREE_CONSUMERS_FROM` query rows, which keep 2 consumers as :func:`config_for`
-    does for 16-bit calls (192-row tiles put more of a short causal call's work on the diagonal)."""
+    does for 16-bit calls (192-row tiles put more of a short causal call's work on the diagonal);
+    and calls with no right window (not causal) at :data:`FP8_ROW_PARTS_HEADDIMS` keep the row sums
+    per lane (``row_tree=3``, measured faster there and slower on causal calls)."""
     if headdim == 64 and not _three_consumers(headdim, causal, seqlen_q):
-        return _FP8_D64_TWO
-    return fp8_config(headdim)
+        cfg = _FP8_D64_TWO
+    else:
+        cfg = fp8_config(headdim)
+    if not causal and headdim in FP8_ROW_PARTS_HEADDIMS:
+        cfg = replace(cfg, row_tree=3)
+    return cfg
 
 
 def fp8_smem_bytes(cfg: HopperConfig, headdim: int) -> int:
