@@ -430,8 +430,9 @@ def _schedule_tensors(
 def describe(headdim: int) -> str:
     """One line naming the config a call with this head dim uses (for ``flashtile env``)."""
     extra = f", bwd {configs.bwd_config(headdim)}; fp8: {configs.fp8_config(headdim)}"
-    if headdim in configs.FP8_ROW_PARTS_HEADDIMS:
-        extra += " (row_tree=3 on calls without a right window)"
+    open_rt = configs.fp8_config_for(headdim, causal=False, seqlen_q=1 << 30).row_tree  # (the rule's, not spelled here)
+    if open_rt != configs.fp8_config(headdim).row_tree:
+        extra += f" (row_tree={open_rt} on calls without a right window)"
     if headdim == 64:
         two = configs.fp8_config_for(64, causal=True, seqlen_q=0)
         extra += f" (causal calls shorter than {configs.D64_CAUSAL_THREE_CONSUMERS_FROM}: {two})"
