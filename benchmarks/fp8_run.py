@@ -24,7 +24,8 @@
    bf16 vs SDPA cuDNN bf16; TFLOP/s = 4 b h s^2 d / t (halved when causal), the bf16 count for
    all (``--headdim 96`` etc.: the full grid at those head dims instead). ``--quick``: d=128 at 4k
    and 16k, d=256 and d=64 at 16k. A short table last; JSON to
-   ``$OUT/fp8_run.json`` when ``$OUT`` is set, else ``benchmarks/results/``.
+   ``$OUT/fp8_run.json`` when ``$OUT`` is set, else ``benchmarks/results/``. ``--clocks``: per contender
+   also the SM clock and board power while it ran, and its share of the dense tensor peak at that clock.
 """
 
 from __future__ import annotations
@@ -320,19 +321,31 @@ def _contenders(b, h, s, d, causal, variants, default_ok=True) -> dict:
     return fns
 
 
+#: dense tensor-core FLOPs per SM and clock on sm_90 (H100 / H200: 989 bf16 TFLOP/s at 1830 MHz on 132 SMs)
+SM90_FLOPS_PER_CLOCK = {"bf16": 4096, "fp8": 8192}
+
+
 def run_bench(quick: bool, variants: list[tuple[str, dict]], default_ok: bool = True, rounds: int = 1,
-              rep_ms: int = 100) -> list[dict]:
+              rep_ms: int = 100, clocks: bool = False) -> list[dict]:
     """TFLOP/s per cell and contender: ``rounds`` turns each (``do_bench`` of ``rep_ms`` ms; round ``r``
-    starts with contender ``r``, so none always runs first on a cool GPU), the median reported."""
+    starts with contender ``r``, so none always runs first on a cool GPU), the median reported. With
+    ``clocks``: per contender the SM clock and board power while it ran (``hopper_run.ClockLog``, medians
+    over its turns) and its share of the tensor cores' dense peak at that clock (``<name>_peak``)."""
     import statistics
 
     rows = []
+    log_ = hopper_run.ClockLog() if clocks else None
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for b, h, s, d, causal in bench_cells(quick):
         if HEADDIMS and d not in HEADDIMS:
             continue
         row = {"b": b, "h": h, "s": s, "d": d, "causal": causal}
+        if log_:
+            log_.windows.clear()
         runs = hopper_run.timed_rounds(_contenders(b, h, s, d, causal, variants, default_ok), rounds, rep_ms,
-                                       f"b{b} h{h} s{s} d{d} causal={causal}", CASE_TIMEOUT)
+                                       f"b{b} h{h} s{s} d{d} causal={causal}", CASE_TIMEOUT, log_)
+        for name, c in (log_.summary() if log_ else {}).items():
+            row[f"{name.lstrip('_')}_mhz"], row[f"{name.lstrip('_')}_w"] = c["mhz"], c["w"]
         for name, vals in runs.items():
             if not vals:
                 row[name.lstrip("_")] = None
@@ -342,6 +355,10 @@ def run_bench(quick: bool, variants: list[tuple[str, dict]], default_ok: bool = 
                 row[name] = round(statistics.median(_tflops(b, h, s, d, causal, ms) for ms in vals), 1)
                 if rounds > 1:
                     row[f"{name}_rounds"] = [round(_tflops(b, h, s, d, causal, ms), 1) for ms in vals]
+        for name in runs:
+            if row.get(name) and row.get(f"{name}_mhz"):
+                per_clock = SM90_FLOPS_PER_CLOCK["fp8" if name.startswith("fp8") else "bf16"]
+                row[f"{name}_peak"] = round(row[name] * 1e12 / (row[f"{name}_mhz"] * 1e6 * sms * per_clock), 3)
         if row.get("fp8") and row.get("bf16"):
             row["fp8/bf16"] = round(row["fp8"] / row["bf16"], 2)
         log("bench " + " ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_rounds")))
@@ -363,6 +380,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="contenders take turns this many times per cell, each "
                     "round starting with the next one (median reported)")
     ap.add_argument("--rep-ms", type=int, default=100, help="do_bench's time per contender and round (ms)")
+    ap.add_argument("--clocks", action="store_true", help="sample the SM clock and power (nvidia-smi) while each "
+                    "contender runs; report them and each one's share of the dense tensor peak at that clock")
     args = ap.parse_args()
     SKIP[:] = args.skip
     globals()["HEADDIMS"] = args.headdim
@@ -408,7 +427,7 @@ def main() -> int:
         return 1
     if args.no_bench or not (default_ok or variants):
         return 0 if default_ok else 1
-    rows = run_bench(args.quick and not args.full_bench, variants, default_ok, args.rounds, args.rep_ms)
+    rows = run_bench(args.quick and not args.full_bench, variants, default_ok, args.rounds, args.rep_ms, args.clocks)
     print("\nRMSE vs fp32 attention on the original inputs (b1 s4096 h16 d128)")
     for r in acc:
         print("  " + "  ".join(f"{k}={v:.3e}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
@@ -418,6 +437,12 @@ def main() -> int:
     for r in rows:
         vals = " ".join(f"{('-' if r.get(n) is None else r[n]):>{max(10, len(n))}}" for n in names)
         print(f"{r['b']:>3} {r['h']:>3} {r['s']:>6} {r['d']:>4} {str(r['causal']):>6} {vals}")
+    if args.clocks:
+        print("\nSM clock MHz / board W / share of the dense tensor peak at that clock, per contender")
+        for r in rows:
+            cols = [f"{n}: {r[n + '_mhz']} / {r[n + '_w']} / {r.get(n + '_peak', '-')}"
+                    for n in names if r.get(f"{n}_mhz")]  # fmt: skip
+            print(f"  s{r['s']} d{r['d']} causal={r['causal']}  " + "  ".join(cols))
     out_dir = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "fp8_run.json")

@@ -39,7 +39,7 @@ import os
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
 import torch
@@ -83,11 +83,70 @@ def watchdog(seconds: float, what: str):
 CASE_TIMEOUT = 180.0  # set from --case-timeout
 
 
-def timed_rounds(fns: dict, rounds: int, rep_ms: int, what: str, timeout: float) -> dict[str, list[float] | None]:
+class ClockLog:
+    """The GPU's SM clock (MHz) and board power (W) sampled by ``nvidia-smi -lms`` in a background
+    reader while it is open, and labelled time windows (:meth:`window`) to average them over: a
+    benchmark's TFLOP/s divided by the clock it ran at is its work per cycle, which tells a faster
+    kernel from a cooler GPU (the H200 holds its 700 W cap under these loads, moving the clock
+    1.6-2.0 GHz). Without ``nvidia-smi`` it records nothing and :meth:`summary` is empty."""
+
+    def __init__(self, period_ms: int = 50):
+        import shutil
+        import subprocess
+
+        self.samples: list[tuple[float, float, float]] = []  # (monotonic s, MHz, W)
+        self.windows: list[tuple[str, float, float]] = []
+        self._proc = None
+        if shutil.which("nvidia-smi"):
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                 f"-lms={period_ms}", f"--id={torch.cuda.current_device()}"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            try:
+                mhz, watts = (float(x) for x in line.split(","))
+            except ValueError:
+                continue
+            self.samples.append((time.monotonic(), mhz, watts))
+
+    @contextmanager
+    def window(self, label: str):
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.windows.append((label, t0, time.monotonic()))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per label: the median over its windows of the mean clock (``mhz``) and power (``w``) sampled
+        inside each window (windows without a sample are skipped)."""
+        import statistics
+
+        per: dict[str, list[tuple[float, float]]] = {}
+        for label, t0, t1 in self.windows:
+            inside = [(m, w) for t, m, w in self.samples if t0 <= t <= t1]
+            if inside:
+                per.setdefault(label, []).append((statistics.fmean(m for m, _ in inside),
+                                                  statistics.fmean(w for _, w in inside)))  # fmt: skip
+        med = statistics.median
+        return {label: {"mhz": round(med(m for m, _ in v)), "w": round(med(w for _, w in v))}
+                for label, v in per.items()}
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+
+
+def timed_rounds(fns: dict, rounds: int, rep_ms: int, what: str, timeout: float,
+                 clocks: ClockLog | None = None) -> dict[str, list[float] | None]:
     """Milliseconds per call (``do_bench`` medians of ``rep_ms`` ms) of each contender of ``fns`` (name ->
     zero-argument function) in ``rounds`` turns, round ``r`` starting with contender ``r`` (none always runs
     first on a cool GPU: the first turn reads 5-10% higher than throttled later ones). A contender that
-    raises is logged and gets None (the others go on); ``timeout`` s per turn (:func:`watchdog`)."""
+    raises is logged and gets None (the others go on); ``timeout`` s per turn (:func:`watchdog`). With
+    ``clocks``, each turn's ``do_bench`` is a :meth:`ClockLog.window` labelled with the contender's name."""
     import triton
 
     runs: dict[str, list[float] | None] = {name: [] for name in fns}
@@ -100,8 +159,9 @@ def timed_rounds(fns: dict, rounds: int, rep_ms: int, what: str, timeout: float)
                 with watchdog(timeout, f"bench {name} {what}"):
                     fn()
                     torch.cuda.synchronize()
-                    ms = triton.testing.do_bench(fn, warmup=25 if rounds == 1 else 5, rep=rep_ms,
-                                                 return_mode="median")
+                    with clocks.window(name) if clocks else nullcontext():
+                        ms = triton.testing.do_bench(fn, warmup=25 if rounds == 1 else 5, rep=rep_ms,
+                                                     return_mode="median")
                 runs[name].append(ms)
             except Exception as e:  # one contender failing must not hide the others
                 runs[name] = None
