@@ -15,7 +15,11 @@ traced tiles, the first and last 4 blocks of a tile left out), in SM cycles:
 * the parts of those: ``k_wait`` 4 -> 5, ``turn_wait`` 5 -> 0, ``s_issue`` 0 -> 6 (S's four wgmma
   instructions), ``pv_issue`` 6 -> 7 (the V wait, P V's four, the turn's arrival), ``s_wait`` 7 -> 1;
 * the other consumer's offset: its "S ready" minus this one's, same block (a 2-consumer tile);
-* how much of a consumer's softmax interval overlaps the other's (their exponentials share the MUFU).
+* how much of a consumer's softmax interval overlaps the other's (their exponentials share the MUFU);
+* per tile and consumer (slot 0 of its trace, :data:`TILE_PARTS`): ``q_wait`` (start -> Q ready, the
+  descale loads within), ``first_block`` (its S and masked softmax), ``loop`` (-> the last P V waited for;
+  ``loop_per_block`` that over the traced blocks), ``last_pv`` (the last block's end -> that wait),
+  ``epilogue`` (the v descale, the normalisation, the bf16 store) and ``tile`` (start -> epilogue done).
 
 Then the same call untraced and traced, timed (TFLOP/s): how much the stamps perturb the kernel. Each
 ``--set`` is a config (``FP8Config`` fields over the table's), traced and timed in turn after the
@@ -47,15 +51,28 @@ def _overlap(a: tuple[int, int], bs: list[tuple[int, int]]) -> int:
     return sum(max(0, min(a[1], e) - max(a[0], s)) for s, e in bs)
 
 
+#: the tile's own stamps (slot 0 of each consumer's trace): 0 consumer start, 1 Q ready (after the descale
+#: loads), 2 the first key block's softmax done (the loop starts), 3 the last P V waited for, 4 the epilogue done
+TILE_PARTS = ("q_wait", "first_block", "loop", "last_pv", "epilogue", "tile", "loop_per_block")
+
+
 def analyse(buf: list, skip: int = 4) -> dict:
     """Medians of the stamps' differences over every traced tile, consumer and block (see the module doc)."""
     out: dict[str, list[float]] = {k: [] for k in ("issue_to_s", "softmax", "tail", "to_next", "period",
                                                    "s_offset", "softmax_overlap", "k_wait", "turn_wait",
-                                                   "s_issue", "pv_issue", "s_wait")}
-    for tile in buf:  # [consumers][cap][4]
+                                                   "s_issue", "pv_issue", "s_wait", *TILE_PARTS)}
+    for tile in buf:  # [consumers][cap][8]: slot 0 the tile's stamps, slots 1.. the key blocks'
         n_c = len(tile)
         for c in range(n_c):
-            rows = [r for r in tile[c] if all(r)]
+            t = tile[c][0]
+            blocks = [r for r in tile[c][1:] if all(r)]
+            if all(t[:5]) and blocks:  # (a consumer with key blocks; traced by a kernel with the tile stamps)
+                for name, a, b in (("q_wait", 0, 1), ("first_block", 1, 2), ("loop", 2, 3), ("epilogue", 3, 4),
+                                   ("tile", 0, 4)):
+                    out[name].append(t[b] - t[a])
+                out["last_pv"].append(t[3] - blocks[-1][3])
+                out["loop_per_block"].append((t[3] - t[2]) / len(blocks))
+            rows = blocks
             rows = rows[skip:-skip] if len(rows) > 2 * skip + 2 else rows
             other = [r for r in tile[(c + 1) % n_c] if all(r)] if n_c > 1 else []
             spans = [(r[1], r[2]) for r in other]
@@ -73,7 +90,7 @@ def analyse(buf: list, skip: int = 4) -> dict:
                 if spans:
                     out["softmax_overlap"].append(_overlap((r[1], r[2]), spans) / max(1, r[2] - r[1]))
             if c == 0 and n_c > 1:
-                for r0, r1 in zip(tile[0], tile[1], strict=True):
+                for r0, r1 in zip(tile[0][1:], tile[1][1:], strict=True):
                     if all(r0) and all(r1):
                         out["s_offset"].append(r1[1] - r0[1])
     return {k: round(statistics.median(v), 3 if k == "softmax_overlap" else 0) if v else None for k, v in out.items()}

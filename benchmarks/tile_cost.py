@@ -2,8 +2,9 @@
 
     PYTHONPATH=src python benchmarks/tile_cost.py [--d 128] [--sq 16384] [--h 16] [--rounds 3]
 
-Times the FP8 (e4m3, its V^T pre-pass timed apart and subtracted) and the bf16 forward of the Hopper
-backend, non-causal, with the same queries (so the same tiles and waves) and key lengths 2k .. 32k, and
+Times the FP8 (e4m3, its V^T pre-pass timed apart and subtracted; ``fp8`` with descales per (batch, KV head),
+``fp8_nodesc`` without, so the kernel loads none) and the bf16 forward of the Hopper backend, non-causal,
+with the same queries (so the same tiles and waves) and key lengths 2k .. 32k, and
 fits ``t = a + b * n`` over ``n`` key blocks of 128 keys (least squares). Per SM the grid runs
 ``waves = ceil(tiles / SMs)`` tiles one after the other (one CTA per SM: shared memory), so ``b /
 waves`` is one key block's time in the steady loop and ``a / waves`` a tile's cost outside it (its
@@ -67,6 +68,7 @@ def main() -> int:
         q8, k8, v8, qd, kd, vd = fp8.quantize(q, k, v)
         call, call8 = make_call(headdim=d), make_call(headdim=d, q_descale=qd, k_descale=kd, v_descale=vd)
         fns[f"fp8 {sk}"] = lambda q8=q8, k8=k8, v8=v8, c=call8: launch.forward_fp8(q8, k8, v8, c)
+        fns[f"fp8_nodesc {sk}"] = lambda q8=q8, k8=k8, v8=v8, c=call: launch.forward_fp8(q8, k8, v8, c)
         fns[f"vt {sk}"] = lambda v8=v8: launch.transpose_v(v8, False)
         fns[f"bf16 {sk}"] = lambda k=k, v=v, c=call: launch.forward(q, k, v, c)
     runs = hopper_run.timed_rounds(fns, args.rounds, args.rep_ms, f"s_q {sq} d {d}", 120.0, clocks)
@@ -74,12 +76,13 @@ def main() -> int:
     clocks.close()
     med = {name: sorted(v)[len(v) // 2] for name, v in runs.items() if v}
     rows = []
-    for kind, block_m in (("fp8", configs.fp8_config_for(d, causal=False, seqlen_q=sq).block_m),
+    fp8_m = configs.fp8_config_for(d, causal=False, seqlen_q=sq).block_m
+    for kind, block_m in (("fp8", fp8_m), ("fp8_nodesc", fp8_m),
                           ("bf16", configs.config_for(d, causal=False, seqlen_q=sq).block_m)):
         tiles = math.ceil(sq / block_m) * h
         waves = math.ceil(tiles / sms)
         ks = [sk for sk in args.keys if f"{kind} {sk}" in med]
-        ts = [med[f"{kind} {sk}"] - (med.get(f"vt {sk}", 0.0) if kind == "fp8" else 0.0) for sk in ks]
+        ts = [med[f"{kind} {sk}"] - (med.get(f"vt {sk}", 0.0) if kind.startswith("fp8") else 0.0) for sk in ks]
         nbs = [sk / BLOCK_N for sk in ks]
         a, b = fit(nbs, ts)  # ms, ms per key block (all waves)
         mhz = [clock[f"{kind} {sk}"]["mhz"] for sk in ks if f"{kind} {sk}" in clock]

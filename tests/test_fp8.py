@@ -366,13 +366,20 @@ def test_fp8_trace_analysis():
 
     apart = fp8_trace.analyse([[rows(0, 40), rows(50, 40)]])
     assert apart == dict(issue_to_s=30, softmax=40, tail=20, to_next=10, period=100, s_offset=50,
-                         softmax_overlap=0.0, k_wait=None, turn_wait=None, s_issue=None, pv_issue=None, s_wait=None)
+                         softmax_overlap=0.0, k_wait=None, turn_wait=None, s_issue=None, pv_issue=None, s_wait=None,
+                         **dict.fromkeys(fp8_trace.TILE_PARTS))
     eight = [[r + [r[0] - 8, r[0] - 3, r[0] + 10, r[0] + 20] if any(r) else [0] * 8 for r in rows(0, 40)]] * 2
     parts = fp8_trace.analyse([eight])
     names = ("k_wait", "turn_wait", "s_issue", "pv_issue", "s_wait")
     assert tuple(parts[k] for k in names) == (5, 3, 10, 10, 10)
     together = fp8_trace.analyse([[rows(0, 40), rows(20, 40)]])  # softmaxes [30, 70] and [50, 90]: half shared
     assert together["s_offset"] == 20 and together["softmax_overlap"] == 0.5
+    # slot 0: the tile's own stamps (start, Q ready, first block done, last P V waited for, epilogue done)
+    tiled = [[[-300, -200, 50, 2100, 2400, 0, 0, 0]] + rows(0, 40)[1:]] * 2
+    t = fp8_trace.analyse([tiled])
+    assert (t["q_wait"], t["first_block"], t["loop"], t["epilogue"], t["tile"]) == (100, 250, 2050, 300, 2700)
+    assert t["last_pv"] == 2100 - (1900 + 90) and t["loop_per_block"] == round(2050 / 19)
+    assert t["period"] == 100  # (the block rows read as before)
 
 
 def test_exp2_poly_model():

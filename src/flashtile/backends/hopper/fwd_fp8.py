@@ -263,6 +263,7 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
         on = (trace_prog >= 0).to(gl.int32)
         tr = (TRACE_BUF, on * (trace_prog * (NUM_CONSUMERS * TRACE_CAP) + CID * TRACE_CAP) - (1 - on) * (1 << 30),
               TRACE_CAP)
+        _clk(tr, 0, 0)  # (the tile's stamps in slot 0: consumer start)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -274,6 +275,8 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
         qk_scale = qk_scale * gl.load(QD + b * sqd_b + hk * sqd_h)
     if KD is not None:
         qk_scale = qk_scale * gl.load(KD + b * skd_b + hk * skd_h)
+    if VD is not None:  # (loaded here, where its latency hides under Q's: at the epilogue it is on the tile's path)
+        v_descale = gl.load(VD + b * svd_b + hk * svd_h)
     q_smem = q_bufs.index(CID)
     r0 = m0 + CID * SUB_M
     rows = r0 + gl.arange(0, SUB_M, layout=row_layout)
@@ -284,6 +287,8 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
         l_i = gl.zeros([SUB_M], gl.float32, row_layout)
     acc = gl.zeros([SUB_M, BLOCK_D], gl.float32, o_layout)
     mbarrier.wait(q_bars.index(CID), 0)
+    if TRACE:
+        _clk(tr, 0, 1)  # (Q ready, the descales loaded)
     n_total = nb_hi - nb_lo
     if n_total > 0:
         # first block: S only, with masks
@@ -298,6 +303,8 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
                                             True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout, ROW_TREE,
                                         EXP_POLY=EXP_POLY)
         p_op = _p_pack(p, o_layout, PERM_P, CVT_ASM)
+        if TRACE:
+            _clk(tr, 0, 2)  # (the first key block's softmax done)
         it = 1
         for blk in range(nb_lo + 1, fu_lo):
             acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
@@ -328,8 +335,10 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
                             is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))  # (8-bit p_op cannot be a wait dep: see the module doc)
         mbarrier.arrive(v_empty.index(lstage))
+        if TRACE:
+            _clk(tr, 0, 3)  # (the last P V waited for)
     if VD is not None:
-        acc = acc * gl.load(VD + b * svd_b + hk * svd_h)
+        acc = acc * v_descale
     if ROW_TREE == 3:
         l_row = gl.convert_layout(gl.sum(l_i, 1), row_layout)
     else:
@@ -338,6 +347,8 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
         _epilogue(acc, l_row, m_i, o_bufs.index(CID), o_desc, O, LSE, b, h, r0, q_start, seqlen_q,
                   stride_os, stride_oh, stride_lb, stride_lh,
                   IS_VARLEN, SUB_M, HEAD_DIM, BLOCK_D, row_layout, o_layout)
+    if TRACE:
+        _clk(tr, 0, 4)  # (the epilogue done)
 
 
 @gluon.jit(do_not_specialize=_NO_SPECIALIZE_FP8)
@@ -362,7 +373,8 @@ def attn_fwd_ws_fp8(
     with ``pid_m < TRACE_PROGS`` record eight ``%clock64`` stamps per key block after the first and
     consumer, int64 ``TRACE_BUF[((pid_m * NUM_CONSUMERS + c) * TRACE_CAP + it) * 8 + f]``: turn taken (f 0),
     S ready (1), softmax issued (2), P V waited for and P packed (3), block start (4), K ready (5), S issued
-    (6), P V issued and the turn passed (7)."""
+    (6), P V issued and the turn passed (7); and in slot ``it = 0`` the tile's: consumer start (0), Q ready
+    (1), the first block's softmax done (2), the last P V waited for (3), the epilogue done (4)."""
     pid_m, h, b, q_start, k_start, seqlen_q, seqlen_k = _tile_coords(CU_Q, CU_K, seqlen_q, seqlen_k,
                                                                      REVERSE_M, IS_VARLEN)
     m0 = pid_m * BLOCK_M
