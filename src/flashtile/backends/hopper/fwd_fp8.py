@@ -197,11 +197,12 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
                s_layout: gl.constexpr, o_layout: gl.constexpr, PERM_P: gl.constexpr, CVT_ASM: gl.constexpr,
                ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, EXP_POLY: gl.constexpr = 0,
                q_bar=None, WAIT_FENCE: gl.constexpr = False, NUM_CONSUMERS: gl.constexpr = 2, tr=None,
-               TRACE: gl.constexpr = False):
+               TRACE: gl.constexpr = False, q_phase=0):
     """Key block ``blk`` (not the tile's first), the ``ws`` schedule: on this warpgroup's turn
     issue S = Q K^T and O += P_prev V_prev (FP8 wgmma both), pass the turn, run the softmax of S
     while P_prev V_prev is still on the tensor cores (``WAIT_FENCE``: :func:`fwd._wait_fence` on
-    ``q_bar``, this consumer's Q barrier, keeps it so in the SASS)."""
+    ``q_bar``, this consumer's Q barrier at ``q_phase``, keeps it so in the SASS). ``it`` counts key
+    blocks over the program's life (ring slot, phase and turn)."""
     stage = it % NUM_STAGES
     phase = (it // NUM_STAGES) & 1
     pstage = (it - 1) % NUM_STAGES
@@ -235,7 +236,7 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
         _clk(tr, it, 2)  # (softmax issued)
     if ROW_TREE == 3:  # (the per-lane sums are plain adds: pinned, or LLVM sinks them and their
         l_i = _pin(l_i)  # exponentials past the fence, and the P V wait lands among the exponentials)
-    _wait_fence(q_bar, 0, WAIT_FENCE)
+    _wait_fence(q_bar, q_phase, WAIT_FENCE)
     acc = warpgroup_mma_wait(0, deps=(acc,))  # (8-bit p_op cannot be a wait dep: see the module doc)
     mbarrier.arrive(v_empty.index(pstage))
     acc = _rescale(acc, alpha, o_layout, SKIP_RESCALE)
@@ -243,6 +244,80 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
     if TRACE:
         _clk(tr, it, 3)  # (P V waited for, O rescaled, P packed)
     return acc, l_i, m_i, p_op
+
+
+@gluon.jit
+def _fp8_tile(q_smem, q_bar, q_phase, k_bufs, vt_bufs, k_full, v_full, k_empty, v_empty, turn, it0,
+              rows, seqlen_k, off, wl, wr, qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi,
+              CID: gl.constexpr, SUB_M: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_N: gl.constexpr,
+              NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+              s_layout: gl.constexpr, o_layout: gl.constexpr, row_layout: gl.constexpr, PERM_P: gl.constexpr,
+              CVT_ASM: gl.constexpr, ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, EXP_POLY: gl.constexpr,
+              WAIT_FENCE: gl.constexpr, NUM_CONSUMERS: gl.constexpr, tr=None, TRACE: gl.constexpr = False):
+    """One consumer warpgroup's query rows ``rows`` (Q landed in ``q_smem``, ``q_bar`` at ``q_phase``
+    completed) over key blocks ``nb_lo .. nb_hi`` (``fu_lo .. fu_hi`` without masks), from ring
+    iteration ``it0`` on (each block one ring slot and one turn): (acc, l, m), acc not normalised
+    and not yet multiplied by the v descale; acc 0 and l 0 when there is no key block."""
+    m_i = gl.full([SUB_M], float("-inf"), gl.float32, row_layout)
+    if ROW_TREE == 3:  # the row sums as per-lane partials, reduced once before the epilogue
+        l_i = _row_parts(gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout))
+    else:
+        l_i = gl.zeros([SUB_M], gl.float32, row_layout)
+    acc = gl.zeros([SUB_M, BLOCK_D], gl.float32, o_layout)
+    n_total = nb_hi - nb_lo
+    if n_total > 0:
+        # first block: S only, with masks
+        stage0 = it0 % NUM_STAGES
+        mbarrier.wait(k_full.index(stage0), (it0 // NUM_STAGES) & 1)
+        _turn_wait(turn, it0, CID)
+        s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
+        s = warpgroup_mma(q_smem, k_bufs.index(stage0).permute((1, 0)), s0, use_acc=False, is_async=True)
+        _turn_pass(turn, CID, NUM_CONSUMERS)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        mbarrier.arrive(k_empty.index(stage0))
+        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                            True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout, ROW_TREE,
+                                            EXP_POLY=EXP_POLY)
+        p_op = _p_pack(p, o_layout, PERM_P, CVT_ASM)
+        if TRACE:
+            _clk(tr, 0, 2)  # (the first key block's softmax done)
+        it = it0 + 1
+        for blk in range(nb_lo + 1, fu_lo):
+            acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
+                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                             CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
+                                             q_bar, WAIT_FENCE, NUM_CONSUMERS, tr, TRACE, q_phase)
+            it += 1
+        for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
+            acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
+                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                             CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
+                                             q_bar, WAIT_FENCE, NUM_CONSUMERS, tr, TRACE, q_phase)
+            it += 1
+        for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
+            acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
+                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                             CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
+                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
+                                             q_bar, WAIT_FENCE, NUM_CONSUMERS, tr, TRACE, q_phase)
+            it += 1
+        # the last block's P V
+        last = it0 + n_total - 1
+        lstage = last % NUM_STAGES
+        mbarrier.wait(v_full.index(lstage), (last // NUM_STAGES) & 1)
+        acc = warpgroup_mma(_p_unpack(p_op, o_layout, PERM_P, CVT_ASM), vt_bufs.index(lstage).permute((1, 0)), acc,
+                            is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))  # (8-bit p_op cannot be a wait dep: see the module doc)
+        mbarrier.arrive(v_empty.index(lstage))
+        if TRACE:
+            _clk(tr, 0, 3)  # (the last P V waited for)
+    if ROW_TREE == 3:
+        l_row = gl.convert_layout(gl.sum(l_i, 1), row_layout)
+    else:
+        l_row = l_i
+    return acc, l_row, m_i
 
 
 @gluon.jit
@@ -280,69 +355,16 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
     q_smem = q_bufs.index(CID)
     r0 = m0 + CID * SUB_M
     rows = r0 + gl.arange(0, SUB_M, layout=row_layout)
-    m_i = gl.full([SUB_M], float("-inf"), gl.float32, row_layout)
-    if ROW_TREE == 3:  # the row sums as per-lane partials, reduced once before the epilogue
-        l_i = _row_parts(gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout))
-    else:
-        l_i = gl.zeros([SUB_M], gl.float32, row_layout)
-    acc = gl.zeros([SUB_M, BLOCK_D], gl.float32, o_layout)
     mbarrier.wait(q_bars.index(CID), 0)
     if TRACE:
         _clk(tr, 0, 1)  # (Q ready, the descales loaded)
-    n_total = nb_hi - nb_lo
-    if n_total > 0:
-        # first block: S only, with masks
-        mbarrier.wait(k_full.index(0), 0)
-        _turn_wait(turn, 0, CID)
-        s0 = gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout)
-        s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s0, use_acc=False, is_async=True)
-        _turn_pass(turn, CID, NUM_CONSUMERS)
-        s = warpgroup_mma_wait(0, deps=(s,))
-        mbarrier.arrive(k_empty.index(0))
-        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, nb_lo, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                            True, HAS_WL, HAS_WR, HAS_SOFTCAP, BLOCK_N, s_layout, ROW_TREE,
-                                        EXP_POLY=EXP_POLY)
-        p_op = _p_pack(p, o_layout, PERM_P, CVT_ASM)
-        if TRACE:
-            _clk(tr, 0, 2)  # (the first key block's softmax done)
-        it = 1
-        for blk in range(nb_lo + 1, fu_lo):
-            acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
-                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                             CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
-                                             q_bars.index(CID), WAIT_FENCE, NUM_CONSUMERS, tr, TRACE)
-            it += 1
-        for blk in range(gl.maximum(fu_lo, nb_lo + 1), fu_hi):
-            acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
-                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                             CID, False, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
-                                             q_bars.index(CID), WAIT_FENCE, NUM_CONSUMERS, tr, TRACE)
-            it += 1
-        for blk in range(gl.maximum(fu_hi, nb_lo + 1), nb_hi):
-            acc, l_i, m_i, p_op = _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_full,
-                                             k_empty, v_empty, turn, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
-                                             CID, True, HAS_WL, HAS_WR, HAS_SOFTCAP, SUB_M, BLOCK_N, NUM_STAGES,
-                                             s_layout, o_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY,
-                                             q_bars.index(CID), WAIT_FENCE, NUM_CONSUMERS, tr, TRACE)
-            it += 1
-        # the last block's P V
-        last = n_total - 1
-        lstage = last % NUM_STAGES
-        mbarrier.wait(v_full.index(lstage), (last // NUM_STAGES) & 1)
-        acc = warpgroup_mma(_p_unpack(p_op, o_layout, PERM_P, CVT_ASM), vt_bufs.index(lstage).permute((1, 0)), acc,
-                            is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc,))  # (8-bit p_op cannot be a wait dep: see the module doc)
-        mbarrier.arrive(v_empty.index(lstage))
-        if TRACE:
-            _clk(tr, 0, 3)  # (the last P V waited for)
+    acc, l_row, m_i = _fp8_tile(q_smem, q_bars.index(CID), 0, k_bufs, vt_bufs, k_full, v_full, k_empty, v_empty,
+                                turn, 0, rows, seqlen_k, off, wl, wr, qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi,
+                                CID, SUB_M, BLOCK_D, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR, HAS_SOFTCAP, s_layout,
+                                o_layout, row_layout, PERM_P, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE,
+                                NUM_CONSUMERS, tr, TRACE)
     if VD is not None:
         acc = acc * v_descale
-    if ROW_TREE == 3:
-        l_row = gl.convert_layout(gl.sum(l_i, 1), row_layout)
-    else:
-        l_row = l_i
     if r0 < seqlen_q:
         _epilogue(acc, l_row, m_i, o_bufs.index(CID), o_desc, O, LSE, b, h, r0, q_start, seqlen_q,
                   stride_os, stride_oh, stride_lb, stride_lh,
