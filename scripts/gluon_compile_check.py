@@ -106,6 +106,9 @@ def compile_one_fp8(d: int, mask: str, varlen: bool, descales: bool, overrides: 
     if varlen and cfg.consumers == 3:  # (spills at 160 registers without the packed-P path of dense calls)
         res.update(ok=True, skipped="FP8 varlen calls run the bf16 kernel on dequantised inputs (hopper backend)")
         return res
+    if cfg.persistent and (varlen or trace):
+        res.update(ok=True, skipped="the persistent FP8 kernel serves dense calls, without the trace")
+        return res
     bd = configs.block_d(d)
     vt_block = [1, bd, cfg.block_n] if varlen else [1, 1, bd, cfg.block_n]
     ptr = "*fp32" if descales else "constexpr"
@@ -131,10 +134,20 @@ def compile_one_fp8(d: int, mask: str, varlen: bool, descales: bool, overrides: 
     if trace:
         sig.update(TRACE_BUF="*i64", TRACE_CAP="i32", TRACE_PROGS="i32")
         consts["TRACE"] = True
+    if cfg.persistent:  # attn_fwd_persistent_fp8: the tile list instead of cu_seqlens; n_mb and nheads added
+        order = ("q_desc", "k_desc", "vt_desc", "o_desc", "O", "LSE", "TILES", "OFFS", "QD", "KD", "VD", "sqd_b",
+                 "sqd_h", "skd_b", "skd_h", "svd_b", "svd_h", "stride_os", "stride_oh", "stride_lb", "stride_lh",
+                 "seqlen_q", "seqlen_k", "group", "n_mb", "nheads", "qk_scale", "cap_out", "window_left",
+                 "window_right")  # fmt: skip
+        sig = {k: {"TILES": "*i32", "OFFS": "*i32", "n_mb": "i32", "nheads": "i32"}.get(k) or sig[k] for k in order}
+        for k in ("CU_Q", "CU_K", "IS_VARLEN", "REVERSE_M"):
+            consts.pop(k, None)
+        consts["Q_BUFS"] = configs.fp8_q_buffers(cfg, d)
+        res["name"] = name = name.replace("fp8 ws", f"fp8 persistent q{consts['Q_BUFS']}")
     for k in consts:
         sig[k] = "constexpr"
     try:
-        fn = fwd8.attn_fwd_ws_fp8
+        fn = fwd8.attn_fwd_persistent_fp8 if cfg.persistent else fwd8.attn_fwd_ws_fp8
         _defaults(fn, sig, consts)
         k = triton.compile(GluonASTSource(fn, sig, consts, _aligned_pointers(fn, sig)),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps))  # fmt: skip

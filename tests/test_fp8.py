@@ -246,6 +246,33 @@ def test_fp8_hopper_kernel(d, opts):
     _check(out.cpu(), q8.cpu(), k8.cpu(), v8.cpu(), qd.cpu(), kd.cpu(), vd.cpu(), quantized_p=True, **opts)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper_usable(), reason="needs an sm_90 GPU with the hopper backend usable")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window_size=(100, 30)), dict(softcap=20.0)])
+def test_fp8_persistent_kernel_matches_ws(d, opts):
+    """The persistent FP8 kernel (one program per SM over the host's tile list, two Q buffers per consumer,
+    the ring and the turns running on across tiles) computes exactly what the one-program-per-tile kernel
+    does: many tiles per program (b4 h8, 517 query rows: ragged last tiles), GQA, s_q != s_k, causal rows
+    that see no key, and no descales."""
+    from dataclasses import replace
+
+    from flashtile.backends.hopper import configs, launch
+    from flashtile.spec import make_call
+
+    for sq, sk, with_descales in ((517, 333, True), (333, 1100, True), (640, 640, False)):
+        q8, k8, v8, qd, kd, vd = _fp8_inputs(4, sq, sk, 8, 2, d, device="cuda")
+        kw = dict(q_descale=qd, k_descale=kd, v_descale=vd) if with_descales else {}
+        call = make_call(headdim=d, causal=opts.get("causal", False), window_size=opts.get("window_size", (-1, -1)),
+                         softcap=opts.get("softcap", 0.0), **kw)
+        ws = configs.fp8_config_for(d, causal=call.window_right >= 0, seqlen_q=sq)
+        out0, lse0 = launch.forward_fp8(q8, k8, v8, call, config=replace(ws, persistent=0))
+        out1, lse1 = launch.forward_fp8(q8, k8, v8, call, config=replace(ws, persistent=1))
+        assert torch.equal(out0, out1), (sq, sk, (out0.float() - out1.float()).abs().max())
+        assert torch.equal(lse0, lse1), (sq, sk)
+        assert torch.isfinite(out1.float()).all()
+
+
 @pytest.mark.parametrize("sk", [1, 31, 32, 45, 97, 128])
 def test_fp8_transpose_v_key_order(sk):
     """Dense V^T for the FP8 kernel: keys of each 32-key chunk in the kernel's P-operand order
@@ -333,10 +360,11 @@ def test_fp8_kernel_switches():
     assert two.consumers == 2 and configs.check_fp8(two, 64) is None
     assert configs.fp8_config_for(64, causal=True, seqlen_q=configs.D64_CAUSAL_THREE_CONSUMERS_FROM) == three
     # calls without a right window keep the row sums per lane at the measured head dims; causal ones do not
-    assert configs.fp8_config_for(64, causal=False, seqlen_q=1) == replace(three, row_tree=3)
+    # and run the persistent kernel at d64 / d128 (not d256: one Q buffer fits there; not causal: measured slower)
+    assert configs.fp8_config_for(64, causal=False, seqlen_q=1) == replace(three, row_tree=3, persistent=1)
     assert configs.fp8_config_for(128, causal=True, seqlen_q=1) == cfg
-    assert configs.fp8_config_for(128, causal=False, seqlen_q=1) == replace(cfg, row_tree=3)
-    assert configs.fp8_config_for(256, causal=False, seqlen_q=1).row_tree == 3
+    assert configs.fp8_config_for(128, causal=False, seqlen_q=1) == replace(cfg, row_tree=3, persistent=1)
+    assert configs.fp8_config_for(256, causal=False, seqlen_q=1) == replace(configs.fp8_config(256), row_tree=3)
     for d in (96, 192):  # not measured there: the table's row_tree
         assert configs.fp8_config_for(d, causal=False, seqlen_q=1) == configs.fp8_config(d)
     assert all(configs.fp8_flags(configs.fp8_config_for(d, causal=c, seqlen_q=4096))["ROW_TREE"] == (1 if c else 3)
@@ -346,6 +374,12 @@ def test_fp8_kernel_switches():
     assert "2 consumers" in configs.check_fp8(configs.fp8_config(128, consumers=3), 128)  # the wait fence
     assert configs.check_fp8(old, 128) is None and configs.check_fp8(configs.fp8_config(128, row_tree=2), 128) is None
     assert "exp_poly" in configs.check_fp8(configs.fp8_config(128, exp_poly=3), 128)
+    # the persistent kernel: two Q buffers per consumer where shared memory has room, one at head dim 256
+    assert [configs.fp8_q_buffers(configs.fp8_config(d), d) for d in configs.HEADDIMS] == [2, 2, 2, 2, 1]
+    assert configs.check_fp8(configs.fp8_config(128, persistent=1), 128) is None
+    assert "persistent" in configs.check_fp8(configs.fp8_config(128, persistent=2), 128)
+    assert all(configs.fp8_smem_bytes(configs.fp8_config(d), d, configs.fp8_q_buffers(configs.fp8_config(d), d))
+               <= configs.SM90_SMEM_LIMIT for d in configs.HEADDIMS)
     assert configs.check_fp8(configs.fp8_config(128, row_tree=3), 128) is None  # (row sums kept per lane)
     assert "row_tree" in configs.check_fp8(configs.fp8_config(128, row_tree=4), 128)
 

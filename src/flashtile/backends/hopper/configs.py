@@ -116,13 +116,17 @@ class FP8Config(HopperConfig):
     ``skip_rescale``: a warp skips the output rescale of a key block in which none of its rows'
     max rose (a warp vote and a branch in inline PTX; exact: alpha is 1 there); ``exp_poly``: 1 / 2
     quarters of the softmax's exponentials by a cubic on the FMA pipe instead of the MUFU
-    (``fwd._exp2_split``; relative error < 2e-4, far below e4m3's rounding of P), 0 none.
+    (``fwd._exp2_split``; relative error < 2e-4, far below e4m3's rounding of P), 0 none;
+    ``persistent``: dense calls run ``attn_fwd_persistent_fp8`` (one program per SM over the host's
+    tile list, :func:`fp8_q_buffers` Q buffers per consumer so that the next tile's Q lands during this
+    one) instead of one program per tile (varlen calls: the ws kernel either way).
     (``wait_fence``, :class:`HopperConfig`'s, is the FP8 kernel's ``WAIT_FENCE`` too.)"""
 
     cvt_asm: int = 1
     row_tree: int = 1
     skip_rescale: int = 1
     exp_poly: int = 0
+    persistent: int = 0
 
 
 def fp8_flags(cfg: HopperConfig) -> dict[str, bool]:
@@ -170,6 +174,11 @@ _FP8_D64_TWO = FP8Config(128, 128, 3)  # 8 KiB Q + 3 x 16 KiB K/V^T + 16 KiB O =
 #: d128 16k 881 / 903, 4k 831 / 829, d256 16k 1225 / 1234, d64 16k 672 / 676; causal d128 16k 901 / 874
 #: (so causal calls keep 1); stop 38 (``results/fp8_H200_20261203_stop38_row_tree_rule.json``) in NOTES
 FP8_ROW_PARTS_HEADDIMS = (64, 128, 256)
+#: head dims whose calls without a right window run the persistent FP8 kernel (``persistent=1``): H200, one
+#: run (stop 39, ``results/fp8_H200_20261203_stop39_persistent.json``), TFLOP/s ws / persistent, both with
+#: row_tree=3: d128 4k 828 / 861, 16k 900 / 913, d64 16k 674 / 681; not d256 (one Q buffer fits: 1275 / 1197)
+#: nor causal calls (d128 16k 870 / 799 with row_tree=1)
+FP8_PERSISTENT_HEADDIMS = (64, 128)
 
 
 def fp8_config_for(headdim: int, *, causal: bool, seqlen_q: int) -> FP8Config:
@@ -177,19 +186,34 @@ def fp8_config_for(headdim: int, *, causal: bool, seqlen_q: int) -> FP8Config:
     :data:`D64_CAUSAL_THREE_CONSUMERS_FROM` query rows, which keep 2 consumers as :func:`config_for`
     does for 16-bit calls (192-row tiles put more of a short causal call's work on the diagonal);
     and calls with no right window (not causal) at :data:`FP8_ROW_PARTS_HEADDIMS` keep the row sums
-    per lane (``row_tree=3``, measured faster there and slower on causal calls)."""
+    per lane (``row_tree=3``, measured faster there and slower on causal calls), and at
+    :data:`FP8_PERSISTENT_HEADDIMS` run the persistent kernel (dense calls; varlen ones run ws)."""
     if headdim == 64 and not _three_consumers(headdim, causal, seqlen_q):
         cfg = _FP8_D64_TWO
     else:
         cfg = fp8_config(headdim)
     if not causal and headdim in FP8_ROW_PARTS_HEADDIMS:
         cfg = replace(cfg, row_tree=3)
+    if not causal and headdim in FP8_PERSISTENT_HEADDIMS:
+        cfg = replace(cfg, persistent=1)
     return cfg
 
 
-def fp8_smem_bytes(cfg: HopperConfig, headdim: int) -> int:
-    """Shared memory of the FP8 kernel's tiles: e4m3 Q, K and V^T ring, bf16 output staging."""
-    return smem_bytes(cfg, headdim, elem_bytes=1) + 2 * (cfg.block_m // 2) * block_d(headdim) * 2
+def fp8_smem_bytes(cfg: HopperConfig, headdim: int, q_buffers: int = 1) -> int:
+    """Shared memory of the FP8 kernel's tiles: e4m3 Q (``q_buffers`` per consumer), K and V^T ring, bf16
+    output staging (one tile per consumer)."""
+    q_extra = (q_buffers - 1) * cfg.block_m * block_d(headdim)
+    return smem_bytes(cfg, headdim, elem_bytes=1) + cfg.block_m * block_d(headdim) * 2 + q_extra
+
+
+#: shared memory kept free for the kernels' mbarriers (a few dozen bytes; ptxas reports ~100 B more)
+_BARRIER_BYTES = 1024
+
+
+def fp8_q_buffers(cfg: HopperConfig, headdim: int) -> int:
+    """Q buffers per consumer of the persistent FP8 kernel: 2 where they fit in shared memory (the next
+    tile's Q loads during this one), else 1 (head dim 256: 224 KiB with one)."""
+    return 2 if fp8_smem_bytes(cfg, headdim, 2) + _BARRIER_BYTES <= SM90_SMEM_LIMIT else 1
 
 
 def check_fp8(cfg: HopperConfig, headdim: int) -> str | None:
@@ -203,6 +227,8 @@ def check_fp8(cfg: HopperConfig, headdim: int) -> str | None:
         return f"row_tree must be 0, 1, 2 or 3 (see FP8Config), got {cfg.row_tree}"
     if getattr(cfg, "exp_poly", 0) not in (0, 1, 2):
         return f"exp_poly must be 0, 1 or 2 (quarters of the exponentials on the FMA pipe), got {cfg.exp_poly}"
+    if getattr(cfg, "persistent", 0) not in (0, 1):
+        return f"persistent must be 0 or 1, got {cfg.persistent}"
     bad = check(replace(cfg, block_n=16), headdim)  # the shared checks (registers, stages, block_m)
     if bad:
         return bad

@@ -423,10 +423,12 @@ def _plain_step(acc, l_i, m_i, it, blk, q_smem, k_bufs, v_bufs, k_bars, v_bars, 
 def _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, m0, q_start, seqlen_q,
               stride_os, stride_oh, stride_lb, stride_lh,
               IS_VARLEN: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
-              row_layout: gl.constexpr, o_layout: gl.constexpr):
+              row_layout: gl.constexpr, o_layout: gl.constexpr, STORE_AHEAD: gl.constexpr = False):
     """Normalise and write one query tile: o (TMA store when the tile may be written whole,
     else masked stores) and lse (natural log; -inf and o = 0 for rows that saw no key).
-    ``q_smem`` is reused as the staging buffer of the TMA store."""
+    ``q_smem`` is reused as the staging buffer of the TMA store. ``STORE_AHEAD`` (dense only; a staging
+    buffer of its own, reused tile after tile): the store is left in flight, and the wait for the
+    previous one comes before the buffer is written; the caller waits (``tma.store_wait(0)``) at the end."""
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
     lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
@@ -448,11 +450,15 @@ def _epilogue(acc, l_i, m_i, q_smem, o_desc, O, LSE, b, h, m0, q_start, seqlen_q
             base = O + gl.multiple_of(h.to(gl.int64) * stride_oh, 128 // q_smem.dtype.primitive_bitwidth)
             _store_rows_smem(base, o, q_smem, q_start + m0, seqlen_q - m0, stride_os, HEAD_DIM, BLOCK_M, BLOCK_D, NW)
     else:
+        if STORE_AHEAD:  # (the previous tile's store out of this buffer: issued by one thread, seen by all)
+            tma.store_wait(0)
+            gl.thread_barrier()
         q_smem.store(o)
         fence_async_shared()
         gl.thread_barrier()
         _tma_store(o_desc, q_smem, b, m0, h, IS_VARLEN)
-        tma.store_wait(0)
+        if not STORE_AHEAD:
+            tma.store_wait(0)
 
 
 @gluon.jit

@@ -31,6 +31,13 @@ without them, 450 with them (no PRMT), of which 64 FMUL are skipped in most bloc
   FP8), staged through its own bf16 shared buffer (the FP8 Q buffer is half the size) and
   stored by TMA, or by masked stores for a ragged varlen tile.
 
+``attn_fwd_persistent_fp8`` (dense calls; ``configs.FP8Config.persistent``, the default without a right
+window at head dims 64 / 128): the same partitions over a host-computed tile list, one program per SM.
+The K/V^T ring and the turns run on across tiles, each consumer has two Q buffers (one at head dim 256),
+so the producer loads the next tile's Q while this tile's last blocks run, and the output's TMA store
+stays in flight until the next epilogue: a tile's start (Q from HBM, ~2100 cycles at d128) and
+epilogue no longer sit between two tiles' loops.
+
 The turns (``_turn_wait`` / ``_turn_pass``) are the 16-bit kernels', with 2 consumers. A
 descale argument passed as None means 1 (a constexpr: no load). Descales must be positive (the
 softmax takes the max of raw scores times the scale). ``warpgroup_mma_wait`` cannot take the 8-bit
@@ -42,19 +49,22 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from .fwd import (
     _NO_SPECIALIZE,
     _block_range,
     _epilogue,
+    _pers_tile,
     _pin,
     _row_parts,
     _softmax_block,
     _tile_coords,
+    _tma_load,
     _turn_pass,
     _turn_wait,
     _wait_fence,
+    _ws_load_kv,
     _ws_producer,
 )
 
@@ -490,4 +500,194 @@ def attn_fwd_ws_fp8(
             (_ws_producer, (q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, k_full, v_full, k_empty, v_empty,
                             b, h, hk, q_start, k_start, m0, nb_lo, n_total, SUB_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
                             NUM_CONSUMERS, True)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# ---------------------------------------------------------------------------------------
+# persistent: the ws partitions over a host-computed tile list (dense calls)
+# ---------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _fp8_pers_producer(TILES, OFFS, q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, q_empty,
+                       k_full, v_full, k_empty, v_empty, n_mb, nheads, group, seqlen_q, seqlen_k, wl, wr,
+                       SUB_M: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                       HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                       Q_BUFS: gl.constexpr):
+    """1 warp, for each tile of this program: every consumer's Q share into its buffer ``j % Q_BUFS``
+    (once that buffer's previous tile released it, ``q_empty``), then the tile's K / V^T blocks into the
+    ring, which runs on across tiles. With 2 Q buffers the next tile's Q lands while this one's last
+    blocks still run, so no consumer waits for it."""
+    pid = gl.program_id(0)
+    start = gl.load(OFFS + pid)
+    end = gl.load(OFFS + pid + 1)
+    it = 0
+    for t in range(start, end):
+        j = t - start
+        b, h, m0, nb_lo, fu_lo, fu_hi, nb_hi = _pers_tile(TILES, t, n_mb, nheads, seqlen_q, seqlen_k, wl, wr,
+                                                          HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
+        for c in gl.static_range(NUM_CONSUMERS):
+            qi = c * Q_BUFS + j % Q_BUFS
+            mbarrier.wait(q_empty.index(qi), ((j // Q_BUFS) & 1) ^ 1)
+            mbarrier.expect(q_bars.index(qi), q_desc.block_type.nbytes)
+            _tma_load(q_desc, q_bars.index(qi), q_bufs.index(qi), b, m0 + c * SUB_M, h, False)
+        n_total = nb_hi - nb_lo
+        _ws_load_kv(k_desc, vt_desc, k_bufs, vt_bufs, k_full, v_full, k_empty, v_empty, b, h // group, 0, nb_lo,
+                    n_total, it, BLOCK_N, NUM_STAGES, False, True)
+        it += n_total
+
+
+@gluon.jit
+def _fp8_pers_consumer(TILES, OFFS, q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, q_empty, k_full, v_full, k_empty,
+                       v_empty, turn, o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
+                       n_mb, nheads, group, seqlen_q, seqlen_k, wl, wr, qk_scale0, cap_out,
+                       stride_os, stride_oh, stride_lb, stride_lh,
+                       CID: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, SUB_M: gl.constexpr,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                       HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                       CVT_ASM: gl.constexpr, ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr,
+                       EXP_POLY: gl.constexpr, WAIT_FENCE: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                       Q_BUFS: gl.constexpr):
+    """One consumer warpgroup over this program's tiles (rows ``m0 + CID * SUB_M ..`` of each), each as
+    :func:`_fp8_consumer`'s tile; the ring iteration and the turns run on across tiles, the Q buffer is
+    released once the tile's products are waited for, and the output's TMA store is left in flight
+    until the next tile's epilogue (``_epilogue``'s ``STORE_AHEAD``)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_D, 32])
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    pid = gl.program_id(0)
+    start = gl.load(OFFS + pid)
+    end = gl.load(OFFS + pid + 1)
+    off = seqlen_k - seqlen_q
+    zero = pid * 0
+    it = 0
+    for t in range(start, end):
+        j = t - start
+        b, h, m0, nb_lo, fu_lo, fu_hi, nb_hi = _pers_tile(TILES, t, n_mb, nheads, seqlen_q, seqlen_k, wl, wr,
+                                                          HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
+        hk = h // group
+        qk_scale = qk_scale0
+        if QD is not None:
+            qk_scale = qk_scale * gl.load(QD + b * sqd_b + hk * sqd_h)
+        if KD is not None:
+            qk_scale = qk_scale * gl.load(KD + b * skd_b + hk * skd_h)
+        if VD is not None:
+            v_descale = gl.load(VD + b * svd_b + hk * svd_h)
+        r0 = m0 + CID * SUB_M
+        rows = r0 + gl.arange(0, SUB_M, layout=row_layout)
+        qi = CID * Q_BUFS + j % Q_BUFS
+        q_phase = (j // Q_BUFS) & 1
+        mbarrier.wait(q_bars.index(qi), q_phase)
+        acc, l_row, m_i = _fp8_tile(q_bufs.index(qi), q_bars.index(qi), q_phase, k_bufs, vt_bufs, k_full, v_full,
+                                    k_empty, v_empty, turn, it, rows, seqlen_k, off, wl, wr, qk_scale, cap_out,
+                                    nb_lo, fu_lo, fu_hi, nb_hi, CID, SUB_M, BLOCK_D, BLOCK_N, NUM_STAGES, HAS_WL,
+                                    HAS_WR, HAS_SOFTCAP, s_layout, o_layout, row_layout, True, CVT_ASM, ROW_TREE,
+                                    SKIP_RESCALE, EXP_POLY, WAIT_FENCE, NUM_CONSUMERS)
+        mbarrier.arrive(q_empty.index(qi))  # (every product reading this Q was waited for in the tile)
+        if VD is not None:
+            acc = acc * v_descale
+        if r0 < seqlen_q:
+            _epilogue(acc, l_row, m_i, o_bufs.index(CID), o_desc, O, LSE, b, h, r0, zero, seqlen_q,
+                      stride_os, stride_oh, stride_lb, stride_lh,
+                      False, SUB_M, HEAD_DIM, BLOCK_D, row_layout, o_layout, STORE_AHEAD=True)
+        it += nb_hi - nb_lo
+    tma.store_wait(0)
+
+
+@gluon.jit(do_not_specialize=_NO_SPECIALIZE_FP8 + ["n_mb", "nheads"])
+def attn_fwd_persistent_fp8(
+    q_desc, k_desc, vt_desc, o_desc, O, LSE, TILES, OFFS, QD, KD, VD,
+    sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h,
+    stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group, n_mb, nheads, qk_scale, cap_out, window_left, window_right,
+    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr, HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    CVT_ASM: gl.constexpr, ROW_TREE: gl.constexpr, SKIP_RESCALE: gl.constexpr, num_warps: gl.constexpr,
+    EXP_POLY: gl.constexpr = 0, WAIT_FENCE: gl.constexpr = False, NUM_CONSUMERS: gl.constexpr = 2,
+    Q_BUFS: gl.constexpr = 2,
+):
+    """Dense calls only. Grid ``(len(OFFS) - 1,)``: program ``p`` runs the tiles ``TILES[OFFS[p]:OFFS[p + 1]]``
+    (int32 codes ``(b * nheads + h) * n_mb + m_block``, :func:`flashtile.backends.hopper.sched.schedule`) with
+    :func:`attn_fwd_ws_fp8`'s partitions and arguments; ``Q_BUFS`` (1 or 2) Q buffers per consumer."""
+    SUB_M: gl.constexpr = BLOCK_M // NUM_CONSUMERS
+    dtype: gl.constexpr = q_desc.dtype
+    qk_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=q_desc.layout.swizzle_byte_width,
+                                                   element_bitwidth=8, rank=2)
+    vt_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=vt_desc.layout.swizzle_byte_width,
+                                                   element_bitwidth=8, rank=2)
+    o_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=o_desc.layout.swizzle_byte_width,
+                                                  element_bitwidth=16, rank=2)
+    q_bufs = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS * Q_BUFS, SUB_M, BLOCK_D], qk_layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], qk_layout)
+    vt_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_D, BLOCK_N], vt_layout)
+    o_bufs = gl.allocate_shared_memory(o_desc.dtype, [NUM_CONSUMERS, SUB_M, BLOCK_D], o_layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS * Q_BUFS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS * Q_BUFS, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(NUM_CONSUMERS * Q_BUFS):
+        mbarrier.init(q_bars.index(c), count=1)
+        mbarrier.init(q_empty.index(c), count=1)
+    for c in gl.static_range(NUM_CONSUMERS):
+        mbarrier.init(turn.index(c), count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=NUM_CONSUMERS)  # one arrival per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=NUM_CONSUMERS)
+    # (tuples spelled out per consumer count, as attn_fwd_ws_fp8's)
+    if NUM_CONSUMERS == 3:
+        gl.warp_specialize([
+            (_fp8_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, q_empty, k_full, v_full,
+                                  k_empty, v_empty, turn, o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h,
+                                  svd_b, svd_h, n_mb, nheads, group, seqlen_q, seqlen_k, window_left, window_right,
+                                  qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
+                                  0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
+                                  HAS_SOFTCAP, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE, NUM_CONSUMERS,
+                                  Q_BUFS)),
+            (_fp8_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, q_empty, k_full, v_full,
+                                  k_empty, v_empty, turn, o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h,
+                                  svd_b, svd_h, n_mb, nheads, group, seqlen_q, seqlen_k, window_left, window_right,
+                                  qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
+                                  1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
+                                  HAS_SOFTCAP, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE, NUM_CONSUMERS,
+                                  Q_BUFS)),
+            (_fp8_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, q_empty, k_full, v_full,
+                                  k_empty, v_empty, turn, o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h,
+                                  svd_b, svd_h, n_mb, nheads, group, seqlen_q, seqlen_k, window_left, window_right,
+                                  qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
+                                  2, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
+                                  HAS_SOFTCAP, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE, NUM_CONSUMERS,
+                                  Q_BUFS)),
+            (_fp8_pers_producer, (TILES, OFFS, q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, q_empty,
+                                  k_full, v_full, k_empty, v_empty, n_mb, nheads, group, seqlen_q, seqlen_k,
+                                  window_left, window_right, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
+                                  NUM_CONSUMERS, Q_BUFS)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_fp8_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, q_empty, k_full, v_full,
+                                  k_empty, v_empty, turn, o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h,
+                                  svd_b, svd_h, n_mb, nheads, group, seqlen_q, seqlen_k, window_left, window_right,
+                                  qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
+                                  0, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
+                                  HAS_SOFTCAP, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE, NUM_CONSUMERS,
+                                  Q_BUFS)),
+            (_fp8_pers_consumer, (TILES, OFFS, q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, q_empty, k_full, v_full,
+                                  k_empty, v_empty, turn, o_desc, O, LSE, QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h,
+                                  svd_b, svd_h, n_mb, nheads, group, seqlen_q, seqlen_k, window_left, window_right,
+                                  qk_scale, cap_out, stride_os, stride_oh, stride_lb, stride_lh,
+                                  1, HEAD_DIM, BLOCK_D, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
+                                  HAS_SOFTCAP, CVT_ASM, ROW_TREE, SKIP_RESCALE, EXP_POLY, WAIT_FENCE, NUM_CONSUMERS,
+                                  Q_BUFS)),
+            (_fp8_pers_producer, (TILES, OFFS, q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_bufs, q_bars, q_empty,
+                                  k_full, v_full, k_empty, v_empty, n_mb, nheads, group, seqlen_q, seqlen_k,
+                                  window_left, window_right, SUB_M, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_WL, HAS_WR,
+                                  NUM_CONSUMERS, Q_BUFS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

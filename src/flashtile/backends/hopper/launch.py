@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 import triton
@@ -26,14 +26,14 @@ from ..triton.launch import _plannable, device_guard, forward_outputs, score_sca
 from . import configs
 from .configs import HopperConfig
 from .fwd import attn_fwd_persistent, attn_fwd_plain, attn_fwd_ws
-from .fwd_fp8 import attn_fwd_ws_fp8
+from .fwd_fp8 import attn_fwd_persistent_fp8, attn_fwd_ws_fp8
 from .sched import schedule
 from .vt import key_perm32
 
 # The Gluon kernels through the lean launch path (issue 16; host TensorDescriptors are keyed as Triton
 # specialises them, see fastlaunch._desc_key).
-_PLAIN, _WS, _PERSISTENT, _WS_FP8 = (
-    fast(k) for k in (attn_fwd_plain, attn_fwd_ws, attn_fwd_persistent, attn_fwd_ws_fp8)
+_PLAIN, _WS, _PERSISTENT, _WS_FP8, _PERSISTENT_FP8 = (
+    fast(k) for k in (attn_fwd_plain, attn_fwd_ws, attn_fwd_persistent, attn_fwd_ws_fp8, attn_fwd_persistent_fp8)
 )
 
 # (schedule key, device) -> (codes, offsets) int32 tensors of the persistent kernel's schedule
@@ -391,6 +391,22 @@ def forward_fp8(
     for d in (call.q_descale, call.k_descale, call.v_descale):
         descales.append(d)
         strides += [0, 0] if d is None else [d.stride(0), d.stride(1)]
+    consts = dict(
+        HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
+        HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
+        CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, num_warps=cfg.num_warps,
+        **configs.fp8_flags(cfg),
+    )  # fmt: skip
+    if getattr(cfg, "persistent", 0) and not varlen and FP8_TRACE is None:
+        tiles, offs = _schedule_tensors(q.device, B, H, Sq, Sk, cfg, call)
+        with device_guard(q.device):
+            _PERSISTENT_FP8[(offs.shape[0] - 1,)](
+                q_desc, k_desc, vt_desc, o_desc, out, lse, tiles, offs, *descales, *strides,
+                out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+                Sq, Sk, H // Hk, cdiv(Sq, cfg.block_m), H, qk_scale, cap_out, call.window_left, call.window_right,
+                Q_BUFS=configs.fp8_q_buffers(cfg, D), **consts,
+            )  # fmt: skip
+        return out, lse
     grid = (cdiv(rows_q, cfg.block_m), H, nb)
     extra = {}
     if FP8_TRACE is not None:  # (debug: benchmarks/fp8_trace.py)
@@ -400,10 +416,7 @@ def forward_fp8(
             q_desc, k_desc, vt_desc, o_desc, out, lse, call.cu_seqlens_q, call.cu_seqlens_k, *descales, *strides,
             out.stride(1), out.stride(2), 0 if varlen else lse.stride(0), lse.stride(1),
             Sq, Sk, H // Hk, qk_scale, cap_out, call.window_left, call.window_right,
-            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
-            HAS_WL=call.window_left >= 0, HAS_WR=call.window_right >= 0, HAS_SOFTCAP=call.softcap > 0,
-            IS_VARLEN=varlen, REVERSE_M=call.window_right >= 0, CONSUMER_REGS=cfg.consumer_regs,
-            PRODUCER_REGS=cfg.producer_regs, num_warps=cfg.num_warps, **configs.fp8_flags(cfg), **extra,
+            IS_VARLEN=varlen, REVERSE_M=call.window_right >= 0, **consts, **extra,
         )  # fmt: skip
     return out, lse
 
@@ -430,9 +443,11 @@ def _schedule_tensors(
 def describe(headdim: int) -> str:
     """One line naming the config a call with this head dim uses (for ``flashtile env``)."""
     extra = f", bwd {configs.bwd_config(headdim)}; fp8: {configs.fp8_config(headdim)}"
-    open_rt = configs.fp8_config_for(headdim, causal=False, seqlen_q=1 << 30).row_tree  # (the rule's, not spelled here)
-    if open_rt != configs.fp8_config(headdim).row_tree:
-        extra += f" (row_tree={open_rt} on calls without a right window)"
+    table, open_cfg = configs.fp8_config(headdim), configs.fp8_config_for(headdim, causal=False, seqlen_q=1 << 30)
+    changed = [f"{f.name}={getattr(open_cfg, f.name)}" for f in fields(open_cfg)  # (the rule's, not spelled here)
+               if getattr(open_cfg, f.name) != getattr(table, f.name)]
+    if changed:
+        extra += f" ({', '.join(changed)} on calls without a right window)"
     if headdim == 64:
         two = configs.fp8_config_for(64, causal=True, seqlen_q=0)
         extra += f" (causal calls shorter than {configs.D64_CAUSAL_THREE_CONSUMERS_FROM}: {two})"
