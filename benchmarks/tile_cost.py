@@ -5,7 +5,7 @@
 Times the FP8 (e4m3, its V^T pre-pass timed apart and subtracted; ``fp8`` with descales per (batch, KV head),
 ``fp8_nodesc`` without, so the kernel loads none) and the bf16 forward of the Hopper backend, non-causal,
 with the same queries (so the same tiles and waves) and key lengths 2k .. 32k, and
-fits ``t = a + b * n`` over ``n`` key blocks of 128 keys (least squares). Per SM the grid runs
+fits ``t = a + b * n`` over ``n`` key blocks (the config's ``block_n`` keys each) by least squares. Per SM the grid runs
 ``waves = ceil(tiles / SMs)`` tiles one after the other (one CTA per SM: shared memory), so ``b /
 waves`` is one key block's time in the steady loop and ``a / waves`` a tile's cost outside it (its
 start, its first block's softmax, the last P V, the epilogue, the CTA's launch and the last wave's
@@ -34,8 +34,6 @@ import hopper_run  # noqa: E402
 
 from flashtile import fp8  # noqa: E402
 from flashtile.spec import make_call  # noqa: E402
-
-BLOCK_N = 128  # keys per key block of both kernels at the head dims this serves (configs.py)
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -76,26 +74,27 @@ def main() -> int:
     clocks.close()
     med = {name: sorted(v)[len(v) // 2] for name, v in runs.items() if v}
     rows = []
-    fp8_m = configs.fp8_config_for(d, causal=False, seqlen_q=sq).block_m
-    for kind, block_m in (("fp8", fp8_m), ("fp8_nodesc", fp8_m),
-                          ("bf16", configs.config_for(d, causal=False, seqlen_q=sq).block_m)):
+    fp8_cfg = configs.fp8_config_for(d, causal=False, seqlen_q=sq)
+    for kind, cfg in (("fp8", fp8_cfg), ("fp8_nodesc", fp8_cfg),
+                      ("bf16", configs.config_for(d, causal=False, seqlen_q=sq))):
+        block_m, block_n = cfg.block_m, cfg.block_n
         tiles = math.ceil(sq / block_m) * h
         waves = math.ceil(tiles / sms)
         ks = [sk for sk in args.keys if f"{kind} {sk}" in med]
         ts = [med[f"{kind} {sk}"] - (med.get(f"vt {sk}", 0.0) if kind.startswith("fp8") else 0.0) for sk in ks]
-        nbs = [sk / BLOCK_N for sk in ks]
+        nbs = [sk / block_n for sk in ks]
         a, b = fit(nbs, ts)  # ms, ms per key block (all waves)
         mhz = [clock[f"{kind} {sk}"]["mhz"] for sk in ks if f"{kind} {sk}" in clock]
         mhz_med = sorted(mhz)[len(mhz) // 2] if mhz else None
         block_us = b / waves * 1e3
-        flops_block = 4 * sq * h * d * BLOCK_N  # one key block of every tile
-        t_at = a + b * sq / BLOCK_N
-        row = {"kind": kind, "block_m": block_m, "tiles": tiles, "waves": waves, "keys": ks,
+        flops_block = 4 * sq * h * d * block_n  # one key block of every tile
+        t_at = a + b * sq / block_n
+        row = {"kind": kind, "block_m": block_m, "block_n": block_n, "tiles": tiles, "waves": waves, "keys": ks,
                "ms": [round(t, 4) for t in ts], "mhz": mhz_med, "per_tile_outside_us": round(a / waves * 1e3, 2),
                "key_block_ns": round(block_us * 1e3, 1),
                "key_block_cycles": round(block_us * mhz_med) if mhz_med else None,
                "loop_tflops": round(flops_block / (b * 1e-3) / 1e12, 1),
-               "tflops_at_sq": round(flops_block * sq / BLOCK_N / (t_at * 1e-3) / 1e12, 1),
+               "tflops_at_sq": round(flops_block * sq / block_n / (t_at * 1e-3) / 1e12, 1),
                "outside_share_at_sq": round(a / t_at, 3),
                "fit_max_rel_residual": round(max(abs(t - a - b * n) / t for t, n in zip(ts, nbs, strict=True)), 4)}
         rows.append(row)

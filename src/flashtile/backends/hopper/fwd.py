@@ -1031,6 +1031,14 @@ def attn_fwd_ws(
 
 
 @gluon.jit
+def _pers_range(OFFS):
+    """This program's slice ``[start, end)`` of the persistent kernels' tile list (``OFFS``: one offset per
+    program and one past the last)."""
+    pid = gl.program_id(0)
+    return gl.load(OFFS + pid), gl.load(OFFS + pid + 1)
+
+
+@gluon.jit
 def _pers_tile(TILES, t, n_mb, nheads, seqlen_q, seqlen_k, wl, wr,
                HAS_WL: gl.constexpr, HAS_WR: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
     """Decode tile ``TILES[t]`` (``(b * nheads + h) * n_mb + m_block``): ``(b, h, m0, key block range)``."""
@@ -1052,9 +1060,7 @@ def _pers_producer(TILES, OFFS, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, 
     """1 warp, for each tile of this program: every consumer's Q share (once the consumers released the
     previous tile's Q buffer, ``q_empty``), then its K/V blocks into the ring; the ring runs on
     across tiles, so the next tile's loads overlap the current tile's last blocks and epilogue."""
-    pid = gl.program_id(0)
-    start = gl.load(OFFS + pid)
-    end = gl.load(OFFS + pid + 1)
+    start, end = _pers_range(OFFS)
     it = 0
     for t in range(start, end):
         j = t - start
@@ -1085,11 +1091,9 @@ def _pers_consumer(TILES, OFFS, q_bufs, k_bufs, v_bufs, q_bars, q_empty, k_full,
                                                        instr_shape=[16, BLOCK_D, 16])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     q_smem = q_bufs.index(CID)
-    pid = gl.program_id(0)
-    start = gl.load(OFFS + pid)
-    end = gl.load(OFFS + pid + 1)
+    start, end = _pers_range(OFFS)
     off = seqlen_k - seqlen_q
-    zero = pid * 0
+    zero = start * 0
     it = 0
     for t in range(start, end):
         j = t - start

@@ -55,6 +55,7 @@ from .fwd import (
     _NO_SPECIALIZE,
     _block_range,
     _epilogue,
+    _pers_range,
     _pers_tile,
     _pin,
     _row_parts,
@@ -257,6 +258,21 @@ def _fp8_block(acc, l_i, m_i, p_op, it, blk, q_smem, k_bufs, vt_bufs, k_full, v_
 
 
 @gluon.jit
+def _fp8_scales(QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h, b, hk, qk_scale):
+    """(score scale, v descale) of batch ``b``, KV head ``hk``: q's and k's descales folded into the score
+    scale (Q K^T), v's for the output (P V; 1.0 without ``VD``). Loaded at a tile's start, where their
+    latency hides under Q's (at the epilogue v's sat on the tile's path)."""
+    if QD is not None:
+        qk_scale = qk_scale * gl.load(QD + b * sqd_b + hk * sqd_h)
+    if KD is not None:
+        qk_scale = qk_scale * gl.load(KD + b * skd_b + hk * skd_h)
+    v_descale = 1.0
+    if VD is not None:
+        v_descale = gl.load(VD + b * svd_b + hk * svd_h)
+    return qk_scale, v_descale
+
+
+@gluon.jit
 def _fp8_tile(q_smem, q_bar, q_phase, k_bufs, vt_bufs, k_full, v_full, k_empty, v_empty, turn, it0,
               rows, seqlen_k, off, wl, wr, qk_scale, cap_out, nb_lo, fu_lo, fu_hi, nb_hi,
               CID: gl.constexpr, SUB_M: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -355,13 +371,7 @@ def _fp8_consumer(q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, k_full, v_full, k_emp
                                                        instr_shape=[16, BLOCK_D, 32])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     PERM_P: gl.constexpr = not IS_VARLEN  # dense key blocks start at multiples of 32: see _p_operand
-    # descales: folded into the score scale (Q K^T) and the output (P V)
-    if QD is not None:
-        qk_scale = qk_scale * gl.load(QD + b * sqd_b + hk * sqd_h)
-    if KD is not None:
-        qk_scale = qk_scale * gl.load(KD + b * skd_b + hk * skd_h)
-    if VD is not None:  # (loaded here, where its latency hides under Q's: at the epilogue it is on the tile's path)
-        v_descale = gl.load(VD + b * svd_b + hk * svd_h)
+    qk_scale, v_descale = _fp8_scales(QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h, b, hk, qk_scale)
     q_smem = q_bufs.index(CID)
     r0 = m0 + CID * SUB_M
     rows = r0 + gl.arange(0, SUB_M, layout=row_layout)
@@ -518,9 +528,7 @@ def _fp8_pers_producer(TILES, OFFS, q_desc, k_desc, vt_desc, q_bufs, k_bufs, vt_
     (once that buffer's previous tile released it, ``q_empty``), then the tile's K / V^T blocks into the
     ring, which runs on across tiles. With 2 Q buffers the next tile's Q lands while this one's last
     blocks still run, so no consumer waits for it."""
-    pid = gl.program_id(0)
-    start = gl.load(OFFS + pid)
-    end = gl.load(OFFS + pid + 1)
+    start, end = _pers_range(OFFS)
     it = 0
     for t in range(start, end):
         j = t - start
@@ -557,24 +565,16 @@ def _fp8_pers_consumer(TILES, OFFS, q_bufs, k_bufs, vt_bufs, o_bufs, q_bars, q_e
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_D, 32])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    pid = gl.program_id(0)
-    start = gl.load(OFFS + pid)
-    end = gl.load(OFFS + pid + 1)
+    start, end = _pers_range(OFFS)
     off = seqlen_k - seqlen_q
-    zero = pid * 0
+    zero = start * 0
     it = 0
     for t in range(start, end):
         j = t - start
         b, h, m0, nb_lo, fu_lo, fu_hi, nb_hi = _pers_tile(TILES, t, n_mb, nheads, seqlen_q, seqlen_k, wl, wr,
                                                           HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
         hk = h // group
-        qk_scale = qk_scale0
-        if QD is not None:
-            qk_scale = qk_scale * gl.load(QD + b * sqd_b + hk * sqd_h)
-        if KD is not None:
-            qk_scale = qk_scale * gl.load(KD + b * skd_b + hk * skd_h)
-        if VD is not None:
-            v_descale = gl.load(VD + b * svd_b + hk * svd_h)
+        qk_scale, v_descale = _fp8_scales(QD, KD, VD, sqd_b, sqd_h, skd_b, skd_h, svd_b, svd_h, b, hk, qk_scale0)
         r0 = m0 + CID * SUB_M
         rows = r0 + gl.arange(0, SUB_M, layout=row_layout)
         qi = CID * Q_BUFS + j % Q_BUFS
